@@ -1,0 +1,36 @@
+"""persistence: chat sessions, ordered messages and file records behind one async API."""
+
+from __future__ import annotations
+
+import logging
+
+from persistence.errors import (
+    ConfigError,
+    InvalidDataError,
+    MigrationError,
+    PersistenceError,
+    SchemaVersionError,
+    StorageConnectionError,
+)
+from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
+from persistence.sql.backend import PostgreSQLSessionStorage, SQLiteSessionStorage
+from persistence.storage import SessionStorage, StorageCounts, UnitOfWork
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "ChatMessage",
+    "ChatSession",
+    "ConfigError",
+    "InvalidDataError",
+    "MigrationError",
+    "PersistenceError",
+    "PostgreSQLSessionStorage",
+    "SQLiteSessionStorage",
+    "SchemaVersionError",
+    "SessionStorage",
+    "StorageConnectionError",
+    "StorageCounts",
+    "UnitOfWork",
+    "UploadedFileRecord",
+]

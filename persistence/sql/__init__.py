@@ -1,0 +1,1 @@
+"""The SQL family: one SQLAlchemy code path for SQLite and PostgreSQL."""

@@ -1,0 +1,132 @@
+"""Engines and URLs for SQLite (aiosqlite) and PostgreSQL (asyncpg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, event, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from persistence.errors import InvalidDataError
+
+_POSTGRESQL_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
+_SQLITE_SCHEMES = {"sqlite", "sqlite+aiosqlite"}
+
+
+def postgresql_url(connection_string: str) -> URL:
+    """Accepts `postgresql://`, `postgres://` and `postgresql+asyncpg://`; returns asyncpg's.
+
+    Raises:
+        InvalidDataError: for any other scheme (the password is never repeated).
+    """
+    try:
+        url = make_url(connection_string)
+    except ArgumentError:
+        raise InvalidDataError(
+            "connection_string: not a database URL (expected postgresql://user@host/db)"
+        ) from None
+    if url.drivername not in _POSTGRESQL_SCHEMES:
+        raise InvalidDataError(
+            f"connection_string: scheme {url.drivername!r} is not PostgreSQL"
+            " (use postgresql://, postgres:// or postgresql+asyncpg://)"
+        )
+    return url.set(drivername="postgresql+asyncpg")
+
+
+def sqlite_path_from_url(connection_string: str) -> Path:
+    """Returns the file of a `sqlite:///path` or `sqlite+aiosqlite:///path` URL.
+
+    Raises:
+        InvalidDataError: for another scheme or a URL without a file path.
+    """
+    try:
+        url = make_url(connection_string)
+    except ArgumentError:
+        raise InvalidDataError("connection_string: not a sqlite:///path URL") from None
+    if url.drivername not in _SQLITE_SCHEMES:
+        raise InvalidDataError(f"connection_string: scheme {url.drivername!r} is not SQLite")
+    if not url.database or url.database == ":memory:":
+        raise InvalidDataError("connection_string: a SQLite URL must name a file (sqlite:///path)")
+    return Path(url.database)
+
+
+def sqlite_url(path: Path) -> URL:
+    return URL.create("sqlite+aiosqlite", database=str(path))
+
+
+def sqlite_engine(url: URL, pragmas: dict[str, Any], busy_timeout: float) -> AsyncEngine:
+    engine = create_async_engine(url, connect_args={"timeout": busy_timeout}, hide_parameters=True)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # SQLAlchemy, not the sqlite3 module, decides where transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        for name, value in pragmas.items():
+            cursor.execute(f"PRAGMA {name}={value}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        options = connection.get_execution_options()
+        if options.get("persistence_read"):
+            # The driver runs in autocommit mode: each read sees the latest commit.
+            return
+        # Writers take the lock up front: a concurrent writer then waits on the busy
+        # timeout instead of failing when a deferred transaction tries to upgrade.
+        connection.exec_driver_sql(
+            "BEGIN IMMEDIATE" if options.get("persistence_write") else "BEGIN"
+        )
+
+    return engine
+
+
+# Reads need no transaction of their own: no BEGIN / ROLLBACK round trips.
+# (SQLite's AUTOCOMMIT level would hand the sqlite3 module its implicit BEGINs back.)
+READ_OPTIONS: dict[str, dict[str, Any]] = {
+    "sqlite": {"persistence_read": True},
+    "postgresql": {"isolation_level": "AUTOCOMMIT"},
+}
+WRITE_OPTIONS: dict[str, Any] = {"persistence_write": True}
+
+
+def postgresql_engine(
+    url: URL,
+    min_pool_size: int,
+    max_pool_size: int,
+    *,
+    statement_timeout: float | None,
+    command_timeout: float | None,
+    connect_timeout: float,
+    pool_timeout: float,
+) -> AsyncEngine:
+    connect_args: dict[str, Any] = {"timeout": connect_timeout}
+    if command_timeout is not None:
+        connect_args["command_timeout"] = command_timeout
+    if statement_timeout is not None:
+        connect_args["server_settings"] = {"statement_timeout": str(int(statement_timeout * 1000))}
+    return create_async_engine(
+        url,
+        pool_size=max(min_pool_size, 1),
+        max_overflow=max_pool_size - max(min_pool_size, 1),
+        pool_timeout=pool_timeout,
+        connect_args=connect_args,
+        hide_parameters=True,
+    )
+
+
+def async_driver_url(connection_string: str) -> URL:
+    """Returns the async-driver URL for any SQLite or PostgreSQL URL form of the library.
+
+    Raises:
+        InvalidDataError: for a scheme that is neither.
+    """
+    scheme = connection_string.split(":", 1)[0].lower()
+    if scheme in _SQLITE_SCHEMES:
+        return sqlite_url(sqlite_path_from_url(connection_string))
+    return postgresql_url(connection_string)

@@ -1,0 +1,79 @@
+"""Driver errors -> PersistenceError, at the SQL backend boundary."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from persistence.errors import PersistenceError, StorageConnectionError
+
+# SQLite result codes that mean the file cannot be reached at all.
+_SQLITE_UNREACHABLE = {sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH}
+_SQLITE_DESCRIPTIONS = {
+    sqlite3.SQLITE_FULL: "the disk is full or the file size limit was reached",
+    sqlite3.SQLITE_NOTADB: "the file is not a SQLite database",
+    sqlite3.SQLITE_CORRUPT: "the database file is corrupt",
+    sqlite3.SQLITE_BUSY: "the database stayed locked by another writer past the busy timeout",
+    sqlite3.SQLITE_IOERR: "a disk I/O error occurred",
+    sqlite3.SQLITE_READONLY: "the database is read-only",
+}
+
+
+def _driver_detail(exc: BaseException) -> str:
+    """Names the driver's error without its SQL or parameters (never a password)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        base = code & 0xFF
+        return _SQLITE_DESCRIPTIONS.get(base, f"{type(orig).__name__}: {orig}")
+    first_line = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first_line[:200]}" if first_line else type(orig).__name__
+
+
+def _unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | TimeoutError | PoolTimeoutError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _SQLITE_UNREACHABLE
+        return isinstance(exc, OperationalError) or isinstance(exc.orig, OSError)
+    return False
+
+
+def translate(exc: BaseException, action: str) -> PersistenceError:
+    """Returns the library error for a driver or SQLAlchemy error (chain it with `from`)."""
+    if isinstance(exc, PoolTimeoutError):
+        return StorageConnectionError(
+            f"{action}: no database connection free within the pool timeout (pool exhausted)"
+        )
+    if _unreachable(exc):
+        return StorageConnectionError(f"{action}: database unreachable ({_driver_detail(exc)})")
+    return PersistenceError(f"{action} failed: {_driver_detail(exc)}")
+
+
+@contextmanager
+def sql_errors(action: str) -> Iterator[None]:
+    """Translates what the driver raises inside the block.
+
+    Raises:
+        StorageConnectionError: the server or file cannot be reached.
+        PersistenceError: any other backend failure, with the driver's error chained.
+    """
+    try:
+        yield
+    except PersistenceError:
+        raise
+    except (SQLAlchemyError, sqlite3.Error, OSError, TimeoutError) as exc:
+        raise translate(exc, action) from exc

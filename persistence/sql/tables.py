@@ -1,0 +1,99 @@
+"""The SQL schema as declarative models; alembic revisions create it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from persistence.sql.types import JsonObject, RowId, UtcDateTime
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class SessionRow(Base):
+    __tablename__ = "chat_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    message_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonObject)
+    status: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'archived', 'expired')", name="status"),
+        CheckConstraint("message_count >= 0", name="message_count"),
+        # list_sessions: newest first, ties by session_id, with or without a status.
+        Index("ix_chat_sessions_updated", "updated_at", "session_id"),
+        Index("ix_chat_sessions_status_updated", "status", "updated_at", "session_id"),
+    )
+
+
+class MessageRow(Base):
+    __tablename__ = "chat_messages"
+
+    # An integer key gives FTS5 a stable rowid for its external-content index.
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(255), unique=True)
+    session_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("chat_sessions.session_id", ondelete="CASCADE")
+    )
+    # Order is by position, never by time: equal timestamps keep insertion order.
+    position: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonObject)
+
+    __table_args__ = (
+        CheckConstraint("role IN ('user', 'assistant', 'system', 'tool')", name="role"),
+        Index("ix_chat_messages_session_position", "session_id", "position", unique=True),
+    )
+
+
+class FileRow(Base):
+    __tablename__ = "uploaded_files"
+
+    file_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    gemini_file_name: Mapped[str] = mapped_column(Text)
+    gemini_file_uri: Mapped[str] = mapped_column(Text)
+    display_name: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mime_type: Mapped[str] = mapped_column(Text)
+    uploaded_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonObject)
+
+    __table_args__ = (
+        CheckConstraint("size >= 0", name="size"),
+        Index("ix_uploaded_files_uploaded", "uploaded_at", "file_id"),
+    )
+
+
+# Created by the revisions with dialect-specific DDL, so the ORM does not declare them.
+SEARCH_OBJECTS = frozenset(
+    {"chat_messages_fts", "ix_chat_messages_content_tsv"}
+    | {f"chat_messages_fts_{suffix}" for suffix in ("data", "idx", "docsize", "config", "content")}
+)

@@ -1,0 +1,190 @@
+"""The one interface every backend implements: SessionStorage and its unit of work."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Protocol, Self
+
+from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
+
+BackendName = Literal["sqlite", "postgresql", "mongodb"]
+
+
+@dataclass(frozen=True, slots=True)
+class StorageCounts:
+    """What a store holds, counted inside the database."""
+
+    sessions_by_status: dict[str, int]
+    messages: int
+    files: int
+    expired_files: int
+
+    @property
+    def total_sessions(self) -> int:
+        return sum(self.sessions_by_status.values())
+
+
+class SessionRepository(Protocol):
+    """The sessions of one unit of work."""
+
+    async def get(self, session_id: str) -> ChatSession | None: ...
+
+    async def add(self, session: ChatSession) -> None: ...
+
+    async def delete(self, session_id: str) -> bool: ...
+
+
+class FileRecordRepository(Protocol):
+    """The file records of one unit of work."""
+
+    async def get(self, file_id: str) -> UploadedFileRecord | None: ...
+
+    async def add(self, record: UploadedFileRecord) -> None: ...
+
+    async def delete(self, file_id: str) -> bool: ...
+
+
+class UnitOfWork(ABC):
+    """Changes that are committed together or not at all.
+
+    Leaving the `async with` block without `commit()` rolls everything back.
+    """
+
+    sessions: SessionRepository
+    files: FileRecordRepository
+
+    @abstractmethod
+    async def commit(self) -> None:
+        """Makes every change of this unit of work durable."""
+
+    @abstractmethod
+    async def rollback(self) -> None:
+        """Discards every change not yet committed."""
+
+    @abstractmethod
+    async def __aenter__(self) -> Self: ...
+
+    @abstractmethod
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class SessionStorage(ABC):
+    """Chat sessions, their ordered messages and uploaded-file records in one store."""
+
+    backend_name: BackendName
+
+    async def __aenter__(self) -> Self:
+        await self.initialize()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def initialize(self) -> None:
+        """Connects and brings the schema to head.
+
+        Raises:
+            StorageConnectionError: if the server cannot be reached.
+            SchemaVersionError: if the store was written by a newer version.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Releases every connection; calling it twice is harmless."""
+
+    @abstractmethod
+    def unit_of_work(self) -> UnitOfWork:
+        """Returns a new unit of work over this store."""
+
+    @abstractmethod
+    async def save_session(self, session: ChatSession) -> bool:
+        """Upserts the session's fields and inserts the messages not stored yet.
+
+        Raises:
+            InvalidDataError: if a message belongs to another session.
+            PersistenceError: if the backend fails.
+        """
+
+    @abstractmethod
+    async def load_session(self, session_id: str) -> ChatSession | None:
+        """Returns the session with its whole history in order, or None."""
+
+    @abstractmethod
+    async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
+        """Returns the sessions among `session_ids` that exist, with their messages."""
+
+    @abstractmethod
+    async def list_sessions(
+        self, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[ChatSession]:
+        """Returns a page of sessions, newest `updated_at` first, without messages."""
+
+    @abstractmethod
+    async def delete_session(self, session_id: str) -> bool:
+        """Removes the session and its messages; False if it did not exist."""
+
+    @abstractmethod
+    async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
+        """Upserts a file record."""
+
+    @abstractmethod
+    async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
+        """Returns the file record, or None."""
+
+    @abstractmethod
+    async def list_file_records(self, limit: int = 100) -> list[UploadedFileRecord]:
+        """Returns file records, newest `uploaded_at` first."""
+
+    @abstractmethod
+    async def delete_expired_files(self) -> int:
+        """Deletes the file records whose `expires_at` has passed; returns how many."""
+
+    @abstractmethod
+    async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
+        """Full-text search over message content, newest first; never a syntax error."""
+
+    @abstractmethod
+    def iter_sessions(
+        self, batch_size: int = 500, *, with_messages: bool = True
+    ) -> AsyncIterator[list[ChatSession]]:
+        """Yields every session in batches, in `session_id` order (keyset paging)."""
+
+    @abstractmethod
+    def iter_file_records(self, batch_size: int = 500) -> AsyncIterator[list[UploadedFileRecord]]:
+        """Yields every file record in batches, in `file_id` order."""
+
+    @abstractmethod
+    async def count(self) -> StorageCounts:
+        """Counts sessions by status, messages, files and expired files in the database."""
+
+    @abstractmethod
+    async def expire_sessions(self, updated_before: datetime) -> int:
+        """Marks active sessions last updated before the cutoff `expired`; returns how many."""
+
+    @abstractmethod
+    async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
+        """Sets the status of the given sessions in one statement; returns how many changed."""
+
+    @abstractmethod
+    async def copy_to_file(self, target: Path) -> bool:
+        """Writes a consistent native copy of the whole store to `target`.
+
+        Returns False where the backend has no native file copy (the caller then
+        falls back to the export format).
+        """

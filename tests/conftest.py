@@ -1,0 +1,108 @@
+"""Backend fixtures on real servers: a SQLite temp file, PostgreSQL, MongoDB."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from persistence import PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
+from tests import servers
+
+BACKENDS = ["sqlite", "postgresql", "mongodb"]
+
+
+@pytest.fixture(scope="session")
+def postgresql_admin_url() -> Iterator[str]:
+    """A PostgreSQL server on which the tests may create databases."""
+    url = os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    with servers.container_url("postgresql") as started:
+        if started is None:
+            servers.unavailable(
+                "postgresql",
+                "no PERSISTENCE_TEST_POSTGRES_URL and no Docker engine for testcontainers",
+            )
+        assert started is not None
+        yield started
+
+
+@pytest.fixture(scope="session")
+def postgresql_url(postgresql_admin_url: str) -> Iterator[str]:
+    """One throwaway database for the session, emptied before every test that uses it."""
+    with servers.throwaway_postgresql_database(postgresql_admin_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mongodb_url() -> Iterator[str]:
+    url = os.environ.get("PERSISTENCE_TEST_MONGODB_URL")
+    if url:
+        yield url
+        return
+    with servers.container_url("mongodb") as started:
+        if started is None:
+            servers.unavailable(
+                "mongodb",
+                "no MongoDB server: set PERSISTENCE_TEST_MONGODB_URL (no Docker engine"
+                " answers for testcontainers, and no MongoDB can run on this machine)",
+            )
+        assert started is not None
+        yield started
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    return tmp_path / "sessions.db"
+
+
+@pytest.fixture
+async def sqlite_storage(sqlite_path: Path) -> AsyncIterator[SQLiteSessionStorage]:
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    yield storage
+    await storage.close()
+
+
+@pytest.fixture
+async def postgresql_storage(postgresql_url: str) -> AsyncIterator[PostgreSQLSessionStorage]:
+    storage = PostgreSQLSessionStorage(postgresql_url, min_pool_size=1, max_pool_size=10)
+    await storage.initialize()
+    async with storage.engine.begin() as connection:
+        await connection.execute(
+            text("TRUNCATE chat_messages, chat_sessions, uploaded_files RESTART IDENTITY CASCADE")
+        )
+    yield storage
+    await storage.close()
+
+
+@pytest.fixture
+async def mongodb_storage(mongodb_url: str) -> AsyncIterator[SessionStorage]:
+    from persistence.mongo.backend import MongoDBSessionStorage
+
+    storage = MongoDBSessionStorage(
+        mongodb_url, database_name=f"persistence_test_{uuid.uuid4().hex[:12]}"
+    )
+    await storage.initialize()
+    yield storage
+    await storage.drop_database()
+    await storage.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def storage(request: pytest.FixtureRequest) -> SessionStorage:
+    # Plain def: it only picks which async fixture pytest should build.
+    request.applymarker(getattr(pytest.mark, request.param))
+    return request.getfixturevalue(f"{request.param}_storage")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_storage(request: pytest.FixtureRequest) -> SessionStorage:
+    request.applymarker(getattr(pytest.mark, request.param))
+    return request.getfixturevalue(f"{request.param}_storage")  # type: ignore[no-any-return]
