@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 
