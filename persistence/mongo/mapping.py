@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import bson
+from bson import ObjectId
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
@@ -68,7 +69,10 @@ def save_update(session: ChatSession, new: Sequence[ChatMessage]) -> dict[str, A
     """
     update: dict[str, Any] = {"$set": session_fields(session)}
     if new:
-        update["$push"] = {"messages": {"$each": [document_from_message(m) for m in new]}}
+        # `seq` orders equal timestamps across sessions by when they were stored, as the
+        # SQL backends' message ids do; it never leaves the store.
+        pushed = [{**document_from_message(m), "seq": ObjectId()} for m in new]
+        update["$push"] = {"messages": {"$each": pushed}}
         update["$inc"] = {"message_count": len(new)}
     else:
         update["$setOnInsert"] = {"messages": [], "message_count": 0}

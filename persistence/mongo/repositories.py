@@ -56,6 +56,15 @@ def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
     return [items[i : i + _IN_CHUNK] for i in range(0, len(items), _IN_CHUNK)]
 
 
+def check_session(session: ChatSession, token: str) -> None:
+    """Refuses, before any I/O, messages a save of `session` could never store.
+
+    Raises:
+        InvalidDataError: if a message belongs to another session or repeats an id.
+    """
+    _check_owned(session, session.unstored_messages(token)[0])
+
+
 def _check_owned(session: ChatSession, new: Sequence[ChatMessage]) -> None:
     seen: set[str] = set()
     for message in new:
@@ -421,7 +430,7 @@ def search_pipeline(words: Sequence[str], limit: int) -> list[dict[str, Any]]:
                 ]
             }
         },
-        {"$sort": {"messages.created_at": -1, "_id": -1, "position": -1}},
+        {"$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}},
         {"$limit": limit},
     ]
 

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, ReadPreference
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from persistence.errors import PersistenceError
@@ -40,6 +40,8 @@ class _MongoSessions:
     async def add(self, session: ChatSession) -> None:
         snapshot = _snapshot(session)
         token = self._uow.token
+        # Bad input is refused here, even where the write itself waits for commit().
+        repositories.check_session(snapshot, token)
 
         async def write(client_session: AsyncClientSession) -> None:
             await repositories.write_session(self._uow.docs, client_session, snapshot, token)
@@ -176,7 +178,8 @@ class MongoUnitOfWork(UnitOfWork):
         with mongo_errors("begin unit of work"):
             self._session = self._client.start_session()
             if self.transactional:
-                await self._session.start_transaction()
+                # A transaction reads from the primary, whatever the client's preference.
+                await self._session.start_transaction(read_preference=ReadPreference.PRIMARY)
         return self
 
     async def __aexit__(

@@ -87,7 +87,9 @@ def test_pipeline_keeps_messages_holding_every_word_newest_first() -> None:
         ]
     }
     assert {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}} in pipeline
-    assert pipeline[-2] == {"$sort": {"messages.created_at": -1, "_id": -1, "position": -1}}
+    assert pipeline[-2] == {
+        "$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}
+    }
     assert pipeline[-1] == {"$limit": 7}
     # Only the history is carried through the stages after the text match.
     assert pipeline[0] == {"$project": {"messages": 1}}

@@ -85,7 +85,7 @@ async def test_session_is_one_document_with_its_messages_embedded_in_order(
     assert raw["message_count"] == 3
     assert [m["message_id"] for m in raw["messages"]] == [m.message_id for m in session.messages]
     assert all(
-        set(m) == {"message_id", "role", "content", "created_at", "metadata"}
+        set(m) == {"message_id", "role", "content", "created_at", "metadata", "seq"}
         for m in raw["messages"]
     )
     assert type(raw["metadata"]["n"]) is int

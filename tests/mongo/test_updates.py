@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from bson import ObjectId
+
 from persistence.models import ChatSession
 from persistence.mongo.mapping import document_from_message, save_filter, save_update
 
@@ -30,8 +32,20 @@ def test_save_after_one_message_pushes_only_that_message() -> None:
     assert certain is True
     assert new == [added]
     assert set(update) == {"$set", "$push", "$inc"}
-    assert update["$push"] == {"messages": {"$each": [document_from_message(added)]}}
+    (pushed,) = update["$push"]["messages"]["$each"]
+    assert set(update["$push"]) == {"messages"} and set(update["$push"]["messages"]) == {"$each"}
+    assert {k: v for k, v in pushed.items() if k != "seq"} == document_from_message(added)
+    assert isinstance(pushed["seq"], ObjectId)
     assert update["$inc"] == {"message_count": 1}
+
+
+def test_each_pushed_message_gets_a_later_store_sequence() -> None:
+    session = _stored_session(0)
+    for i in range(3):
+        session.add_message("user", f"m{i}")
+    pushed = save_update(session, session.messages)["$push"]["messages"]["$each"]
+    assert [m["content"] for m in pushed] == ["m0", "m1", "m2"]
+    assert pushed[0]["seq"] < pushed[1]["seq"] < pushed[2]["seq"]
 
 
 def test_save_sets_only_the_session_fields_never_the_history_or_its_count() -> None:
