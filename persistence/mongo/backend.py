@@ -113,28 +113,31 @@ class MongoDBSessionStorage(SessionStorage):
         driver_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_connection_string(connection_string)
+        # Kept for tools that open the same store again; repr and errors show it redacted.
+        self.connection_string = connection_string
         self.database_name = check_database_name(database_name)
         self._display_url = redact(connection_string)
         self._token = uuid.uuid4().hex
-        options = client_options(connection_string, server_selection_timeout)
+        self._options = client_options(connection_string, server_selection_timeout)
         if read_preference is not None:
-            options["readPreference"] = read_preference
+            self._options["readPreference"] = read_preference
         # Anything else of AsyncMongoClient's (TLS files, event listeners, pool sizes).
-        options.update(driver_options or {})
+        self._options.update(driver_options or {})
+        self._client: AsyncMongoClient[dict[str, Any]] | None = self._new_client()
+        self._docs: DocumentSet | None = None
+        self._closed = False
+        self.supports_transactions = False
+
+    def _new_client(self) -> AsyncMongoClient[dict[str, Any]]:
         try:
             with warnings.catch_warnings():
                 # An unknown URL option is a mistake to report, not a warning to miss.
                 warnings.simplefilter("error", UserWarning)
-                self._client: AsyncMongoClient[dict[str, Any]] | None = AsyncMongoClient(
-                    connection_string, **options
-                )
+                return AsyncMongoClient(self.connection_string, **self._options)
         except (ConfigurationError, UserWarning, ValueError, TypeError) as exc:
             raise InvalidDataError(
                 f"connection_string: {redact(str(exc))} ({self._display_url})"
             ) from None
-        self._docs: DocumentSet | None = None
-        self._closed = False
-        self.supports_transactions = False
 
     def __repr__(self) -> str:
         return f"MongoDBSessionStorage({self._display_url!r}, database_name={self.database_name!r})"
@@ -193,9 +196,21 @@ class MongoDBSessionStorage(SessionStorage):
                 await client.close()
 
     async def drop_database(self) -> None:
-        """Drops this storage's database (tests and tools only)."""
+        """Drops this storage's database (tests and tools only); works after close() too.
+
+        Raises:
+            StorageConnectionError: if the server cannot be reached.
+        """
+        client = self._client if not self._closed and self._client is not None else None
         with mongo_errors("drop database"):
-            await self.client.drop_database(self.database_name)
+            if client is not None:
+                await client.drop_database(self.database_name)
+                return
+            client = self._new_client()
+            try:
+                await client.drop_database(self.database_name)
+            finally:
+                await client.close()
 
     def unit_of_work(self) -> MongoUnitOfWork:
         return MongoUnitOfWork(

@@ -50,15 +50,21 @@ def document_from_session(session: ChatSession) -> dict[str, Any]:
     }
 
 
-def save_filter(session_id: str, new: Sequence[ChatMessage]) -> dict[str, Any]:
-    """Matches the session only while it holds none of `new`.
+def save_filter(
+    session_id: str, new: Sequence[ChatMessage], stored_before: int = 0
+) -> dict[str, Any]:
+    """Matches the session only while it holds none of `new` and at least `stored_before`.
 
-    If another writer stored one of them meanwhile, nothing matches and the upsert
-    collides on `_id` instead of pushing a message twice.
+    If another writer stored one of `new` meanwhile, or the session was deleted since
+    this object saw `stored_before` messages stored, nothing matches: the save then
+    checks what is stored instead of pushing a message twice or a history with a hole.
     """
-    if not new:
-        return {"_id": session_id}
-    return {"_id": session_id, "messages.message_id": {"$nin": [m.message_id for m in new]}}
+    query: dict[str, Any] = {"_id": session_id}
+    if stored_before:
+        query["message_count"] = {"$gte": stored_before}
+    if new:
+        query["messages.message_id"] = {"$nin": [m.message_id for m in new]}
+    return query
 
 
 def save_update(session: ChatSession, new: Sequence[ChatMessage]) -> dict[str, Any]:

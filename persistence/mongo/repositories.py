@@ -43,6 +43,8 @@ _IN_CHUNK = 1000
 _SAVE_ATTEMPTS = 3
 # Words beyond this many add nothing a person meant and only slow the engine down.
 MAX_QUERY_WORDS = 32
+# The server refuses longer regular expressions; no message is searched for a longer word.
+MAX_WORD_LENGTH = 1000
 _WORD = re.compile(r"\w+")
 # Python's \w, spelled so the server's PCRE reads it the same way: MongoDB's \w and \b
 # know only ASCII (SERVER-23881), while \p{L} and \p{N} are Unicode properties.
@@ -56,16 +58,12 @@ def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
     return [items[i : i + _IN_CHUNK] for i in range(0, len(items), _IN_CHUNK)]
 
 
-def check_session(session: ChatSession, token: str) -> None:
+def check_messages(session: ChatSession, new: Sequence[ChatMessage]) -> None:
     """Refuses, before any I/O, messages a save of `session` could never store.
 
     Raises:
         InvalidDataError: if a message belongs to another session or repeats an id.
     """
-    _check_owned(session, session.unstored_messages(token)[0])
-
-
-def _check_owned(session: ChatSession, new: Sequence[ChatMessage]) -> None:
     seen: set[str] = set()
     for message in new:
         if message.session_id != session.session_id:
@@ -121,17 +119,25 @@ async def _messages_not_stored(
     return [message for message in candidates if message.message_id not in stored]
 
 
-async def _upsert(
+async def _update(
     docs: DocumentSet,
     client_session: AsyncClientSession | None,
     session: ChatSession,
     new: Sequence[ChatMessage],
-) -> None:
+    stored_before: int,
+) -> bool:
+    """Sends one save; False if the session did not hold what `stored_before` says.
+
+    With nothing stored before, the update may create the session (an upsert).
+    """
     update = save_update(session, new)
     check_save_size(session.session_id, update)
-    await docs.sessions.find_one(
-        save_filter(session.session_id, new), session=client_session
-    ).update(update, session=client_session, upsert=True)
+    result = await docs.sessions.find_one(
+        save_filter(session.session_id, new, stored_before), session=client_session
+    ).update(update, session=client_session, upsert=stored_before == 0)
+    if not isinstance(result, UpdateResult):
+        raise PersistenceError(f"save session: unexpected result {type(result).__name__}")
+    return stored_before == 0 or result.matched_count > 0
 
 
 async def write_session(
@@ -142,34 +148,53 @@ async def write_session(
 ) -> None:
     """Upserts the session's fields and appends only the messages the store lacks.
 
-    When the object is known to match what this store holds, one update does it all.
-    Otherwise the stored ids are read first. A collision with a concurrent writer
-    (the `$nin` guard or the unique message index) re-reads and tries again; inside
-    a transaction the server has aborted it already, so the error is raised.
-
     Raises:
         InvalidDataError: if a message belongs to another session or repeats an id,
             or the session would cross the 16 MiB document limit.
     """
     new, certain = session.unstored_messages(token)
-    _check_owned(session, new)
+    await write_messages(docs, client_session, session, new, certain)
+
+
+async def write_messages(
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    session: ChatSession,
+    new: Sequence[ChatMessage],
+    certain: bool,
+) -> None:
+    """Saves `session`, whose messages before `new` are stored if `certain`.
+
+    When certain, one update does it all. Otherwise, or when that update finds the
+    store holding less than expected (deleted meanwhile, or a concurrent writer's
+    collision on the `$nin` guard or the unique message index), the stored ids are
+    read and only the missing messages pushed, in the object's order. Inside a
+    transaction a collision has aborted it already, so the error is raised.
+
+    Raises:
+        InvalidDataError: if a message belongs to another session or repeats an id,
+            or the session would cross the 16 MiB document limit.
+    """
+    check_messages(session, new)
     in_transaction = client_session is not None and client_session.in_transaction
+    candidates: Sequence[ChatMessage] = new
     if certain:
         try:
-            await _upsert(docs, client_session, session, new)
-            return
+            if await _update(docs, client_session, session, new, len(session.messages) - len(new)):
+                return
         except DuplicateKeyError:
             if in_transaction:
                 raise
+        candidates = session.messages
+        check_messages(session, candidates)
     for attempt in range(1, _SAVE_ATTEMPTS + 1):
-        missing = await _messages_not_stored(docs, client_session, session.session_id, new)
+        missing = await _messages_not_stored(docs, client_session, session.session_id, candidates)
         try:
-            await _upsert(docs, client_session, session, missing)
+            await _update(docs, client_session, session, missing, 0)
             return
         except DuplicateKeyError:
             if in_transaction or attempt == _SAVE_ATTEMPTS:
                 raise
-    raise PersistenceError("save session: unreachable")  # pragma: no cover
 
 
 async def read_session(
@@ -438,8 +463,8 @@ def search_pipeline(words: Sequence[str], limit: int) -> list[dict[str, Any]]:
 async def search_messages(
     docs: DocumentSet, client_session: AsyncClientSession | None, query: str, limit: int
 ) -> list[ChatMessage]:
-    words = query_words(query)
-    if not words or limit <= 0:
+    words = list(dict.fromkeys(query_words(query)))
+    if not words or limit <= 0 or any(len(word) > MAX_WORD_LENGTH for word in words):
         return []
     rows = (
         await docs.sessions.find({"$text": {"$search": text_search(words)}}, session=client_session)

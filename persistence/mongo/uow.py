@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
@@ -17,11 +18,15 @@ from persistence.mongo.errors import mongo_errors
 from persistence.storage import UnitOfWork
 
 _Write = Callable[[AsyncClientSession], Awaitable[Any]]
+_Marker = tuple[int, str | None] | None
 
 
 def _snapshot(session: ChatSession) -> ChatSession:
-    """The session as it is now: appending to the caller's object later changes nothing."""
-    return session.model_copy(update={"messages": list(session.messages)})
+    """The session as it is now, with a record of its own of what is stored where."""
+    fields = {name: getattr(session, name) for name in ChatSession.model_fields}
+    fields["messages"] = list(session.messages)
+    fields["metadata"] = copy.deepcopy(session.metadata)
+    return ChatSession.model_construct(**fields)
 
 
 class _MongoSessions:
@@ -29,39 +34,55 @@ class _MongoSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
+        uow = self._uow
+        if session_id in uow.deleted_sessions:
+            return None
+        pending = uow.added_sessions.get(session_id)
+        if pending is not None:
+            # Held back until commit: this unit of work sees its own write.
+            session = _snapshot(pending)
+            uow.stored_until_rollback(session)
+            return session
         with mongo_errors("load session"):
-            session = await repositories.read_session(
-                self._uow.docs, self._uow.client_session(), session_id
-            )
-        if session is not None:
-            session.mark_stored(self._uow.token)
-        return session
+            loaded = await repositories.read_session(uow.docs, uow.client_session(), session_id)
+        if loaded is not None:
+            loaded.mark_stored(uow.token)
+        return loaded
 
     async def add(self, session: ChatSession) -> None:
-        snapshot = _snapshot(session)
-        token = self._uow.token
+        uow = self._uow
+        new, certain = session.unstored_messages(uow.token)
         # Bad input is refused here, even where the write itself waits for commit().
-        repositories.check_session(snapshot, token)
+        repositories.check_messages(session, new)
+        snapshot = _snapshot(session)
+        docs = uow.docs
 
         async def write(client_session: AsyncClientSession) -> None:
-            await repositories.write_session(self._uow.docs, client_session, snapshot, token)
+            await repositories.write_messages(docs, client_session, snapshot, new, certain)
 
-        await self._uow.write("save session", write)
-        self._uow.stored_on_commit(session, len(snapshot.messages))
+        await uow.write("save session", write)
+        uow.stored_until_rollback(session)
+        if not uow.transactional:
+            uow.deleted_sessions.discard(session.session_id)
+            uow.added_sessions[session.session_id] = snapshot
 
     async def delete(self, session_id: str) -> bool:
-        docs = self._uow.docs
+        uow = self._uow
+        docs = uow.docs
 
         async def write(client_session: AsyncClientSession) -> bool:
             return await repositories.delete_session_document(docs, client_session, session_id)
 
-        if self._uow.transactional:
-            return bool(await self._uow.write("delete session", write))
-        with mongo_errors("delete session"):
-            existed = await repositories.session_exists(
-                docs, self._uow.client_session(), session_id
-            )
-        await self._uow.write("delete session", write)
+        if uow.transactional:
+            return bool(await uow.write("delete session", write))
+        if session_id in uow.deleted_sessions:
+            return False
+        existed = uow.added_sessions.pop(session_id, None) is not None
+        if not existed:
+            with mongo_errors("delete session"):
+                existed = await repositories.session_exists(docs, uow.client_session(), session_id)
+        await uow.write("delete session", write)
+        uow.deleted_sessions.add(session_id)
         return existed
 
 
@@ -70,30 +91,43 @@ class _MongoFiles:
         self._uow = uow
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
+        uow = self._uow
+        if file_id in uow.deleted_files:
+            return None
+        if file_id in uow.added_files:
+            return uow.added_files[file_id]
         with mongo_errors("load file record"):
-            return await repositories.read_file_record(
-                self._uow.docs, self._uow.client_session(), file_id
-            )
+            return await repositories.read_file_record(uow.docs, uow.client_session(), file_id)
 
     async def add(self, record: UploadedFileRecord) -> None:
-        docs = self._uow.docs
+        uow = self._uow
+        docs = uow.docs
 
         async def write(client_session: AsyncClientSession) -> None:
             await repositories.write_file_record(docs, client_session, record)
 
-        await self._uow.write("save file record", write)
+        await uow.write("save file record", write)
+        if not uow.transactional:
+            uow.deleted_files.discard(record.file_id)
+            uow.added_files[record.file_id] = record
 
     async def delete(self, file_id: str) -> bool:
-        docs = self._uow.docs
+        uow = self._uow
+        docs = uow.docs
 
         async def write(client_session: AsyncClientSession) -> bool:
             return await repositories.delete_file_document(docs, client_session, file_id)
 
-        if self._uow.transactional:
-            return bool(await self._uow.write("delete file record", write))
-        with mongo_errors("delete file record"):
-            existed = await repositories.file_exists(docs, self._uow.client_session(), file_id)
-        await self._uow.write("delete file record", write)
+        if uow.transactional:
+            return bool(await uow.write("delete file record", write))
+        if file_id in uow.deleted_files:
+            return False
+        existed = uow.added_files.pop(file_id, None) is not None
+        if not existed:
+            with mongo_errors("delete file record"):
+                existed = await repositories.file_exists(docs, uow.client_session(), file_id)
+        await uow.write("delete file record", write)
+        uow.deleted_files.add(file_id)
         return existed
 
 
@@ -108,12 +142,13 @@ class MongoUnitOfWork(UnitOfWork):
     unit of work) rather than interleave.
 
     A standalone server has no transactions. There the writes are held back and sent,
-    in order, by `commit()`; leaving the block without `commit()` sends nothing. What
-    is guaranteed: each write is atomic on its own document (a session save appends
-    its messages and bumps the count in one update), and nothing is written without
-    `commit()`. What is not: all-or-nothing across writes (if `commit()` fails half
-    way, the writes before the failure stay), and isolation (reads inside the unit
-    of work see the store, not this unit's pending writes).
+    in order, by `commit()`; leaving the block without `commit()` sends nothing, and
+    reads inside the unit of work see its own pending writes. What is guaranteed:
+    nothing is written without `commit()`, and each write is atomic on its own
+    document (a session save appends its messages and bumps the count in one update).
+    What is not: all-or-nothing across writes (if `commit()` fails half way, the
+    writes before the failure stay), and isolation from other writers between the
+    reads of the unit of work and its commit.
     """
 
     def __init__(
@@ -125,8 +160,13 @@ class MongoUnitOfWork(UnitOfWork):
         self._client = client
         self._session: AsyncClientSession | None = None
         self._deferred: list[tuple[str, _Write]] = []
-        self._pending: dict[int, tuple[ChatSession, int]] = {}
+        self._undo: dict[int, tuple[ChatSession, _Marker]] = {}
         self._committed = False
+        # Without a transaction: what this unit of work wrote but has not sent yet.
+        self.added_sessions: dict[str, ChatSession] = {}
+        self.deleted_sessions: set[str] = set()
+        self.added_files: dict[str, UploadedFileRecord] = {}
+        self.deleted_files: set[str] = set()
         self.sessions = _MongoSessions(self)
         self.files = _MongoFiles(self)
 
@@ -146,8 +186,11 @@ class MongoUnitOfWork(UnitOfWork):
         with mongo_errors(action):
             return await write(client_session)
 
-    def stored_on_commit(self, session: ChatSession, stored: int) -> None:
-        self._pending[id(session)] = (session, stored)
+    def stored_until_rollback(self, session: ChatSession) -> None:
+        """Marks the session's messages stored now; a rollback restores the old marker."""
+        if id(session) not in self._undo:
+            self._undo[id(session)] = (session, session.stored_marker(self.token))
+        session.mark_stored(self.token)
 
     async def commit(self) -> None:
         client_session = self.client_session()
@@ -160,16 +203,18 @@ class MongoUnitOfWork(UnitOfWork):
                 with mongo_errors(action):
                     await write(client_session)
         self._committed = True
-        # Only now does the store hold these messages: later saves may skip them. A
-        # session appended to after `add` is left uncertain, so its next save checks.
-        for session, stored in self._pending.values():
-            if len(session.messages) == stored:
-                session.mark_stored(self.token)
-        self._pending.clear()
+        self._undo.clear()
 
     async def rollback(self) -> None:
-        self._pending.clear()
+        # The store holds none of this unit's messages: later saves must send them again.
+        for session, marker in self._undo.values():
+            session.restore_stored_marker(self.token, marker)
+        self._undo.clear()
         self._deferred.clear()
+        self.added_sessions.clear()
+        self.deleted_sessions.clear()
+        self.added_files.clear()
+        self.deleted_files.clear()
         if self._session is not None and self._session.in_transaction:
             with mongo_errors("rollback"):
                 await self._session.abort_transaction()

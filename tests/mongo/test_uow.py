@@ -15,6 +15,7 @@ from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatMessage, ChatSession
 from persistence.mongo.documents import bind_documents
 from persistence.mongo.uow import MongoUnitOfWork
+from tests.factories import file_record
 
 TOKEN = "storage-token"
 
@@ -70,3 +71,43 @@ async def test_a_unit_of_work_must_be_entered(
     uow = _standalone(client)
     with pytest.raises(PersistenceError, match="async with"):
         await uow.sessions.add(ChatSession.create("m"))
+
+
+async def test_without_transactions_the_unit_of_work_reads_its_own_pending_writes(
+    client: AsyncMongoClient[dict[str, object]],
+) -> None:
+    session = ChatSession.create("m", session_id="s-1")
+    session.add_message("user", "hello")
+    record = file_record(file_id="f-1")
+    async with _standalone(client) as uow:
+        await uow.sessions.add(session)
+        await uow.files.add(record)
+        seen = await uow.sessions.get("s-1")
+        assert seen == session and seen is not session
+        assert await uow.files.get("f-1") == record
+
+        assert await uow.sessions.delete("s-1") is True
+        assert await uow.files.delete("f-1") is True
+        assert await uow.sessions.get("s-1") is None
+        assert await uow.files.get("f-1") is None
+        assert await uow.sessions.delete("s-1") is False
+        assert await uow.files.delete("f-1") is False
+
+
+async def test_a_second_add_in_one_unit_of_work_holds_only_the_new_messages(
+    client: AsyncMongoClient[dict[str, object]],
+) -> None:
+    session = ChatSession.create("m", session_id="s-1")
+    session.add_message("user", "one")
+    session.mark_stored(TOKEN)
+    async with _standalone(client) as uow:
+        session.add_message("user", "two")
+        await uow.sessions.add(session)
+        assert session.unstored_messages(TOKEN) == ([], True)
+        added = session.add_message("user", "three")
+        await uow.sessions.add(session)
+        assert session.unstored_messages(TOKEN) == ([], True)
+        pending = await uow.sessions.get("s-1")
+        assert pending is not None and pending.messages[-1] == added
+    # Rolled back: only what was stored before the unit of work counts as stored.
+    assert session.unstored_messages(TOKEN) == (session.messages[1:], True)

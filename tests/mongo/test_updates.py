@@ -104,3 +104,15 @@ def test_filter_refuses_to_push_a_message_the_session_already_holds() -> None:
         "messages.message_id": {"$nin": [added.message_id]},
     }
     assert save_filter("s-1", []) == {"_id": "s-1"}
+
+
+def test_filter_expects_the_history_this_object_saw_stored() -> None:
+    session = _stored_session(3)
+    added = session.add_message("user", "fourth")
+    # Fewer stored (deleted meanwhile): no match, so the save re-sends the history.
+    assert save_filter("s-1", [added], 3) == {
+        "_id": "s-1",
+        "message_count": {"$gte": 3},
+        "messages.message_id": {"$nin": [added.message_id]},
+    }
+    assert save_filter("s-1", [], 3) == {"_id": "s-1", "message_count": {"$gte": 3}}
