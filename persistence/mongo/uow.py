@@ -206,6 +206,13 @@ class MongoUnitOfWork(UnitOfWork):
         self._undo.clear()
 
     async def rollback(self) -> None:
+        await self._discard()
+        if self.transactional and self._session is not None and not self._committed:
+            # As on SQL, work after a rollback runs in a new transaction, not unguarded.
+            with mongo_errors("rollback"):
+                await self._session.start_transaction(read_preference=ReadPreference.PRIMARY)
+
+    async def _discard(self) -> None:
         # The store holds none of this unit's messages: later saves must send them again.
         for session, marker in self._undo.values():
             session.restore_stored_marker(self.token, marker)
@@ -235,7 +242,7 @@ class MongoUnitOfWork(UnitOfWork):
     ) -> None:
         try:
             if not self._committed:
-                await self.rollback()
+                await self._discard()
         finally:
             if self._session is not None:
                 with mongo_errors("close unit of work"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import regex
 
 from persistence.mongo.repositories import (
     MAX_QUERY_WORDS,
@@ -12,9 +13,8 @@ from persistence.mongo.repositories import (
     word_pattern,
 )
 
-# The server's regex engine is PCRE; the `regex` module reads the same \p{..} classes,
-# lookbehinds and case folding, so the pattern's meaning can be checked here.
-regex = pytest.importorskip("regex")
+# The server's regex engine is PCRE; the `regex` module (a dev dependency) reads the same
+# \p{..} classes, lookbehinds and case folding, so the pattern's meaning is checked here.
 
 HOSTILE = [
     '"unbalanced',

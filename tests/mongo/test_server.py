@@ -108,7 +108,9 @@ async def test_save_after_one_message_sends_one_update_with_only_that_message(
 
     assert [name for name, _ in commands.sent] == ["update"]
     (statement,) = commands.named("update")[0]["updates"]
-    assert statement["upsert"] is True
+    # The session must still hold the 50 messages this object saw: no upsert of a stub.
+    assert statement["q"]["message_count"] == {"$gte": 50}
+    assert not statement.get("upsert")
     update = statement["u"]
     assert [m["message_id"] for m in update["$push"]["messages"]["$each"]] == [added.message_id]
     assert update["$inc"] == {"message_count": 1}
@@ -395,6 +397,7 @@ async def test_counts_are_computed_by_aggregation(
     async with _second(
         mongodb_url, mongo.database_name, driver_options={"event_listeners": [commands]}
     ) as watched:
+        commands.sent.clear()
         counts = await watched.count()
     assert counts.sessions_by_status == {"active": 1, "archived": 1, "expired": 0}
     assert counts.messages == 5
