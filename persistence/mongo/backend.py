@@ -14,7 +14,7 @@ from beanie import init_beanie
 from bson.codec_options import TypeDecoder, TypeRegistry
 from bson.int64 import Int64
 from pymongo import AsyncMongoClient
-from pymongo.errors import ConfigurationError
+from pymongo.errors import ConfigurationError, OperationFailure
 
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, PersistenceError
@@ -29,6 +29,7 @@ _SCHEMES = ("mongodb://", "mongodb+srv://")
 # MongoDB's rules for database names (characters, and 64 bytes at most).
 _BAD_DATABASE_CHARACTERS = set('/\\. "$*<>:|?\x00')
 _DATABASE_NAME_BYTES = 63
+_COMMAND_NOT_FOUND = 59
 
 
 class _Int64AsInt(TypeDecoder):
@@ -97,8 +98,22 @@ def client_options(connection_string: str, server_selection_timeout: float) -> d
 class MongoDBSessionStorage(SessionStorage):
     """MongoDB: one document per session with its messages embedded, one per file record.
 
-    A session is limited by MongoDB's 16 MiB document size: the save that would cross
-    it is refused with InvalidDataError and nothing of it is written.
+    Built on Beanie 2 over PyMongo's own `AsyncMongoClient` (no Motor). The client is
+    tz-aware (datetimes come back in UTC) and decodes int64 as plain `int`, so values
+    round-trip exactly as on SQLite and PostgreSQL. The server must answer within
+    `server_selection_timeout` seconds (5 by default, unless the URL sets
+    `serverSelectionTimeoutMS`), or StorageConnectionError is raised.
+
+    Limits:
+        A session, with its whole history, is one document, so MongoDB's 16 MiB
+        document limit bounds it: the save that would cross it is refused with
+        InvalidDataError and nothing of that save is written.
+        Search matches whole words as Python's regular expressions split them; the text index finds
+        candidate sessions, so a word glued to a symbol MongoDB's tokenizer does not
+        split on (e.g. `a€b`) is not found. Words longer than 1000 characters match
+        nothing.
+        The unit of work is transactional on a replica set or sharded cluster only;
+        see MongoUnitOfWork for what a standalone server guarantees.
     """
 
     backend_name: BackendName = "mongodb"
@@ -169,7 +184,13 @@ class MongoDBSessionStorage(SessionStorage):
         """
         client = self.client
         with mongo_errors("initialize"):
-            hello = await client.admin.command("hello")
+            try:
+                hello = await client.admin.command("hello")
+            except OperationFailure as exc:
+                # 4.4.0 and 4.4.1, which PyMongo still supports, only know the old name.
+                if exc.code != _COMMAND_NOT_FOUND:
+                    raise
+                hello = await client.admin.command("isMaster")
             # Transactions need a replica set member or a mongos router.
             self.supports_transactions = bool(
                 "logicalSessionTimeoutMinutes" in hello
