@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from beanie.odm.utils.projection import get_projection
+from pymongo import IndexModel
 
 from persistence.mongo.documents import (
     FILE_INDEXES,
@@ -17,19 +20,18 @@ from persistence.mongo.documents import (
 )
 
 
-def _by_name(indexes: list[object]) -> dict[str, dict[str, object]]:
-    documents = [index.document for index in indexes]  # type: ignore[attr-defined]
-    return {document["name"]: document for document in documents}
+def _by_name(indexes: list[IndexModel]) -> dict[str, dict[str, Any]]:
+    return {index.document["name"]: index.document for index in indexes}
 
 
 def test_session_listing_indexes_follow_the_page_order() -> None:
     indexes = _by_name(list(SESSION_INDEXES))
-    assert list(indexes["ix_chat_sessions_status_updated"]["key"].items()) == [  # type: ignore[attr-defined]
+    assert list(indexes["ix_chat_sessions_status_updated"]["key"].items()) == [
         ("status", 1),
         ("updated_at", -1),
         ("_id", -1),
     ]
-    assert list(indexes["ix_chat_sessions_updated"]["key"].items()) == [  # type: ignore[attr-defined]
+    assert list(indexes["ix_chat_sessions_updated"]["key"].items()) == [
         ("updated_at", -1),
         ("_id", -1),
     ]
@@ -53,7 +55,7 @@ def test_message_ids_are_unique_across_sessions_without_colliding_on_empty_histo
 def test_file_indexes_serve_expiry_and_listing() -> None:
     indexes = _by_name(list(FILE_INDEXES))
     assert indexes["ix_uploaded_files_expires_at"]["key"] == {"expires_at": 1}
-    assert list(indexes["ix_uploaded_files_uploaded"]["key"].items()) == [  # type: ignore[attr-defined]
+    assert list(indexes["ix_uploaded_files_uploaded"]["key"].items()) == [
         ("uploaded_at", -1),
         ("_id", -1),
     ]

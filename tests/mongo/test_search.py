@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import regex
+import regex  # type: ignore[import-untyped]  # the package ships no type stubs
 
 from persistence.mongo.repositories import (
     MAX_QUERY_WORDS,
