@@ -26,7 +26,7 @@ from persistence.mongo.uow import MongoUnitOfWork
 from persistence.storage import BackendName, SessionStorage, StorageCounts
 
 _SCHEMES = ("mongodb://", "mongodb+srv://")
-# MongoDB's rules for database names (characters, and 64 bytes at most).
+# MongoDB's rules for database names: these characters, and fewer than 64 bytes.
 _BAD_DATABASE_CHARACTERS = set('/\\. "$*<>:|?\x00')
 _DATABASE_NAME_BYTES = 63
 _COMMAND_NOT_FOUND = 59
