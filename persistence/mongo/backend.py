@@ -95,6 +95,17 @@ def client_options(connection_string: str, server_selection_timeout: float) -> d
     return options
 
 
+def has_transactions(hello: Mapping[str, Any]) -> bool:
+    """Whether the server that sent this `hello` reply runs multi-document transactions.
+
+    A replica set member (`setName`) or a mongos router (`msg: isdbgrid`) with logical
+    sessions does; a standalone server does not.
+    """
+    return "logicalSessionTimeoutMinutes" in hello and (
+        "setName" in hello or hello.get("msg") == "isdbgrid"
+    )
+
+
 class MongoDBSessionStorage(SessionStorage):
     """MongoDB: one document per session with its messages embedded, one per file record.
 
@@ -191,11 +202,7 @@ class MongoDBSessionStorage(SessionStorage):
                 if exc.code != _COMMAND_NOT_FOUND:
                     raise
                 hello = await client.admin.command("isMaster")
-            # Transactions need a replica set member or a mongos router.
-            self.supports_transactions = bool(
-                "logicalSessionTimeoutMinutes" in hello
-                and ("setName" in hello or hello.get("msg") == "isdbgrid")
-            )
+            self.supports_transactions = has_transactions(hello)
             docs = bind_documents()
             # Beanie would also create the indexes of the shared parent classes: one
             # createIndexes per collection, sent here, does the same work once.

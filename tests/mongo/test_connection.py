@@ -8,7 +8,7 @@ import pytest
 from pymongo.errors import ServerSelectionTimeoutError
 
 from persistence.errors import InvalidDataError, PersistenceError, StorageConnectionError
-from persistence.mongo.backend import MongoDBSessionStorage, client_options
+from persistence.mongo.backend import MongoDBSessionStorage, client_options, has_transactions
 
 SECRET = "s3cr3t-Pa55"
 # Port 1 on loopback: nothing listens, so the connection is refused at once.
@@ -145,3 +145,27 @@ async def test_bad_arguments_are_refused_before_any_io() -> None:
         await storage.set_status(["a"], "gone")  # type: ignore[arg-type]
     assert await storage.copy_to_file(Path("unused")) is False
     await storage.close()
+
+
+@pytest.mark.parametrize(
+    ("hello", "expected"),
+    [
+        ({"isWritablePrimary": True, "logicalSessionTimeoutMinutes": 30, "ok": 1.0}, False),
+        (
+            {
+                "isWritablePrimary": True,
+                "setName": "rs0",
+                "logicalSessionTimeoutMinutes": 30,
+                "ok": 1.0,
+            },
+            True,
+        ),
+        ({"isWritablePrimary": True, "msg": "isdbgrid", "logicalSessionTimeoutMinutes": 30}, True),
+        ({"isWritablePrimary": True, "setName": "rs0"}, False),
+    ],
+    ids=["standalone", "replica-set", "mongos", "no-sessions"],
+)
+def test_transactions_are_used_only_where_the_server_has_them(
+    hello: dict[str, object], expected: bool
+) -> None:
+    assert has_transactions(hello) is expected
