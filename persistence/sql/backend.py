@@ -90,9 +90,13 @@ class SqlSessionStorage(SessionStorage):
         return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self._token)
 
     async def save_session(self, session: ChatSession) -> bool:
-        await self._run(
-            repositories.write_session(session, self._token), "save session", write=True
-        )
+        try:
+            await self._run(
+                repositories.write_session(session, self._token), "save session", write=True
+            )
+        except BaseException:
+            session.forget_stored(self._token)
+            raise
         session.mark_stored(self._token)
         return True
 

@@ -88,8 +88,15 @@ class SqlUnitOfWork(UnitOfWork):
         session.mark_stored(self.token)
 
     async def commit(self) -> None:
-        with sql_errors("commit"):
-            await self._session.commit()
+        try:
+            with sql_errors("commit"):
+                await self._session.commit()
+        except BaseException:
+            # The commit may have landed before the error: later saves must check.
+            for session, _marker in self._undo.values():
+                session.forget_stored(self.token)
+            self._undo.clear()
+            raise
         self._committed = True
         self._undo.clear()
 
