@@ -17,6 +17,7 @@ memory is validated and imported without ever being held whole.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,9 @@ FORMAT_VERSION = 1
 _HEADER_KEYS = ("format", "version", "exported_at", "backend")
 _KNOWN_KEYS = frozenset({*_HEADER_KEYS, "sessions", "file_records", "counts"})
 _SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "string"})
+# A JSON escape of a UTF-16 surrogate; a false positive only costs the slower parser.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SCAN_CHUNK = 1 << 20
 _OPENING = {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}
 
 
@@ -149,9 +153,36 @@ def _build(events: Iterator[tuple[str, Any]], event: str, value: Any) -> Any:
     return builder.value
 
 
+def _parser_for(stream: IO[bytes]) -> Any:
+    """Picks the ijson backend for this file, then rewinds it.
+
+    yajl (the fast C backend) turns an escaped lone surrogate such as \\ud800 into
+    "?", which would alter data silently. Only a file holding surrogate escapes is
+    read with the pure-Python backend, which keeps them so validation refuses them;
+    our own exports never contain any (they are written as UTF-8, not escaped).
+
+    Raises:
+        InvalidDataError: if the file is empty.
+    """
+    start = stream.tell()
+    tail = b""
+    found, empty = False, True
+    while chunk := stream.read(_SCAN_CHUNK):
+        empty = False
+        if _SURROGATE_ESCAPE.search(tail + chunk):
+            found = True
+            break
+        tail = chunk[-8:]
+    stream.seek(start)
+    if empty:
+        raise InvalidDataError("the file is empty")
+    return ijson.get_backend("python") if found else ijson
+
+
 def _events(stream: IO[bytes]) -> Iterator[tuple[str, Any]]:
+    parser = _parser_for(stream)
     # Floats, not Decimals: metadata must come back as the float it was exported from.
-    return iter(ijson.basic_parse(stream, use_float=True))
+    return iter(parser.basic_parse(stream, use_float=True))
 
 
 def _raw_items(stream: IO[bytes]) -> Iterator[tuple[str, Any]]:
@@ -159,7 +190,7 @@ def _raw_items(stream: IO[bytes]) -> Iterator[tuple[str, Any]]:
     events = _events(stream)
     first = next(events, None)
     if first is None:
-        raise InvalidDataError("the file is empty")
+        raise InvalidDataError("not valid JSON (truncated file)")
     if first[0] != "start_map":
         raise InvalidDataError("not an export file: the document is not a JSON object")
     for event, value in events:
@@ -205,7 +236,10 @@ def _describe(exc: ValidationError) -> str:
 
 def _label(kind: str, index: int, value: Any, key: str) -> str:
     identifier = value.get(key) if isinstance(value, dict) else None
-    return f"{kind}[{index}]" + (f" ({identifier!r})" if isinstance(identifier, str) else "")
+    if not isinstance(identifier, str):
+        return f"{kind}[{index}]"
+    shown = identifier if len(identifier) <= 60 else identifier[:57] + "..."
+    return f"{kind}[{index}] ({shown!r})"
 
 
 def session_from_document(value: Any, index: int) -> ChatSession:
