@@ -118,19 +118,33 @@ async def write_session(connection: AsyncConnection, session: ChatSession, token
     _check_owned(session, new)
     if certain:
         count = await _upsert_session(connection, session, len(new))
+        base = count - len(new)
+        if base >= len(session.messages) - len(new):
+            await _insert_messages(connection, session.session_id, new, base)
+            return
+        # Fewer rows than this object saw stored: the session was deleted meanwhile,
+        # and its earlier messages with it.
+        new = session.messages
+        _check_owned(session, new)
     else:
-        count = await _upsert_session(connection, session, 0)
-        new = await _messages_not_stored(connection, session.session_id, new)
-        if new:
-            await connection.execute(
-                update(sessions)
-                .where(sessions.c.session_id == session.session_id)
-                .values(message_count=sessions.c.message_count + len(new))
-            )
-            count += len(new)
+        base = await _upsert_session(connection, session, 0)
+    new = await _messages_not_stored(connection, session.session_id, new)
     if new:
-        rows = rows_from_messages(session.session_id, new, count - len(new))
-        await connection.execute(insert(messages), rows)
+        await connection.execute(
+            update(sessions)
+            .where(sessions.c.session_id == session.session_id)
+            .values(message_count=base + len(new))
+        )
+        await _insert_messages(connection, session.session_id, new, base)
+
+
+async def _insert_messages(
+    connection: AsyncConnection, session_id: str, new: Sequence[ChatMessage], first_position: int
+) -> None:
+    if new:
+        await connection.execute(
+            insert(messages), rows_from_messages(session_id, new, first_position)
+        )
 
 
 async def read_messages(

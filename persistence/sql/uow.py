@@ -28,7 +28,7 @@ class _SqlSessions:
     async def add(self, session: ChatSession) -> None:
         with sql_errors("save session"):
             await repositories.write_session(await self._uow.connection(), session, self._uow.token)
-        self._uow.stored_on_commit(session)
+        self._uow.stored_until_rollback(session)
 
     async def delete(self, session_id: str) -> bool:
         with sql_errors("delete session"):
@@ -62,7 +62,7 @@ class SqlUnitOfWork(UnitOfWork):
     def __init__(self, engine: AsyncEngine, token: str) -> None:
         self.token = token
         self._session = AsyncSession(bind=engine, expire_on_commit=False)
-        self._pending: dict[int, ChatSession] = {}
+        self._undo: dict[int, tuple[ChatSession, tuple[int, str | None] | None]] = {}
         self._committed = False
         self.sessions = _SqlSessions(self)
         self.files = _SqlFiles(self)
@@ -72,20 +72,23 @@ class SqlUnitOfWork(UnitOfWork):
             raise PersistenceError("unit of work already committed: start a new one")
         return await self._session.connection()
 
-    def stored_on_commit(self, session: ChatSession) -> None:
-        self._pending[id(session)] = session
+    def stored_until_rollback(self, session: ChatSession) -> None:
+        """Marks the session's messages stored now; a rollback restores the old marker."""
+        if id(session) not in self._undo:
+            self._undo[id(session)] = (session, session.stored_marker(self.token))
+        session.mark_stored(self.token)
 
     async def commit(self) -> None:
         with sql_errors("commit"):
             await self._session.commit()
         self._committed = True
-        # Only now does the store hold these messages: later saves may skip them.
-        for session in self._pending.values():
-            session.mark_stored(self.token)
-        self._pending.clear()
+        self._undo.clear()
 
     async def rollback(self) -> None:
-        self._pending.clear()
+        # The store holds none of this unit's messages: later saves must send them again.
+        for session, marker in self._undo.values():
+            session.restore_stored_marker(self.token, marker)
+        self._undo.clear()
         with sql_errors("rollback"):
             await self._session.rollback()
 
