@@ -2,42 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import os
 import shlex
-import sys
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from persistence import formats
-from persistence.clock import utc_now
-from persistence.config import (
-    StorageConfig,
-    config_from_url,
-    create_storage,
-    load_config,
-    mask_secrets,
+from persistence import cli_transfer, formats
+from persistence.cli_support import (
+    ConfigOption,
+    JsonOption,
+    Target,
+    UrlOption,
+    VerboseOption,
+    echo_json,
+    fail,
+    out,
+    run,
 )
-from persistence.errors import PersistenceError
+from persistence.clock import utc_now
+from persistence.config import StorageConfig
 from persistence.manager import SessionManager
 from persistence.models import UploadedFileRecord
 from persistence.storage import SessionStorage
-
-T = TypeVar("T")
-logger = logging.getLogger(__name__)
 
 app = typer.Typer(
     name="persistence",
@@ -60,148 +53,6 @@ class FormatChoice(StrEnum):
     json = "json"
     text = "text"
     markdown = "markdown"
-
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML or TOML file with a `storage` section (default: $PERSISTENCE_CONFIG,"
-        " else ./persistence.yaml|.yml|.toml if present).",
-        show_default=False,
-    ),
-]
-UrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--url",
-        help="Database URL: sqlite:///path, postgresql://..., mongodb://...;"
-        " overrides the configured store.",
-        show_default=False,
-    ),
-]
-VerboseOption = Annotated[
-    int, typer.Option("--verbose", "-v", count=True, help="Log to stderr: -v info, -vv debug.")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-@dataclass
-class Target:
-    """Which store a command works on, from the global and the command's options."""
-
-    config_file: Path | None = None
-    url: str | None = None
-    verbose: int = 0
-
-    def merged(self, config_file: Path | None, url: str | None, verbose: int) -> Target:
-        return Target(config_file or self.config_file, url or self.url, verbose or self.verbose)
-
-    def load(self) -> StorageConfig:
-        config = load_config(self.config_file)
-        return config if self.url is None else config_from_url(self.url, base=config)
-
-    def command_prefix(self) -> str:
-        """How to repeat this store's options on another command line."""
-        words = ["persistence"]
-        if self.config_file is not None:
-            words += ["--config", str(self.config_file)]
-        if self.url is not None:
-            words += ["--url", mask_secrets(self.url)]
-        return shlex.join(words)
-
-
-@contextmanager
-def _logging(verbose: int) -> Iterator[None]:
-    """Sends the library's (and alembic's) log records to stderr while a command runs."""
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    detail = "%(asctime)s " if verbose > 1 else ""
-    handler.setFormatter(logging.Formatter(f"{detail}%(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(level)
-    loggers = [logging.getLogger(name) for name in ("persistence", "alembic")]
-    previous = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(level)
-    try:
-        yield
-    finally:
-        for logger, old in zip(loggers, previous, strict=True):
-            logger.removeHandler(handler)
-            logger.setLevel(old)
-
-
-def _out() -> Console:
-    console = Console(highlight=False, soft_wrap=True)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # Piped output: room for full session ids instead of rich's 80 columns.
-        console.width = 160
-    return console
-
-
-def fail(message: str) -> NoReturn:
-    """Prints one error line on stderr and exits with status 1."""
-    Console(stderr=True, highlight=False).print(
-        f"[red]error:[/] {escape(mask_secrets(message))}", soft_wrap=True
-    )
-    raise typer.Exit(1)
-
-
-def echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str))
-
-
-def run(
-    ctx: typer.Context,
-    options: tuple[Path | None, str | None, int],
-    work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
-    *,
-    must_exist: bool = False,
-) -> T:
-    """Runs `work` on the configured store, turning every expected error into one line."""
-    target = (ctx.find_object(Target) or Target()).merged(*options)
-    with _logging(target.verbose):
-        return _run(target, work, must_exist)
-
-
-def _run(
-    target: Target,
-    work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
-    must_exist: bool,
-) -> T:
-    try:
-        config = target.load()
-        logger.info("store: %s", config.display_url)
-        if must_exist and config.backend == "sqlite" and not config.database_path.exists():
-            fail(
-                f"no database at {config.database_path}: nothing stored yet"
-                " (create one with `persistence upgrade` or `persistence demo`)"
-            )
-        storage = create_storage(config)
-        return asyncio.run(_open_and_run(storage, config, target, work))
-    except typer.Exit:
-        raise
-    except (PersistenceError, ValueError) as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted")
-    except Exception as exc:
-        logger.debug("unexpected error", exc_info=True)
-        fail(f"unexpected {type(exc).__name__}: {exc} (run with -vv for the traceback)")
-
-
-async def _open_and_run(
-    storage: SessionStorage,
-    config: StorageConfig,
-    target: Target,
-    work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
-) -> T:
-    async with storage:
-        return await work(storage, config, target)
 
 
 @app.callback()
@@ -230,12 +81,12 @@ def upgrade(
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         if cfg.backend == "mongodb":
-            _out().print(f"{cfg.display_url}: collections and indexes are in place")
+            out().print(f"{cfg.display_url}: collections and indexes are in place")
             return
         from persistence.sql.schema import script_directory
 
         head = script_directory().get_current_head()
-        _out().print(f"{cfg.display_url}: schema is at head (revision {head})")
+        out().print(f"{cfg.display_url}: schema is at head (revision {head})")
 
     run(ctx, (config, url, verbose), work)
 
@@ -269,7 +120,7 @@ def sessions_list(
             echo_json([_session_row(session) for session in page])
             return
         if not page:
-            _out().print("No sessions." if offset == 0 else "No sessions at this offset.")
+            out().print("No sessions." if offset == 0 else "No sessions at this offset.")
             return
         table = Table(title=f"Sessions in {cfg.display_url}", title_justify="left")
         table.add_column("Session ID", no_wrap=True)
@@ -285,7 +136,7 @@ def sessions_list(
                 str(session.message_count),
                 f"{session.updated_at:%Y-%m-%d %H:%M:%S}",
             )
-        console = _out()
+        console = out()
         console.print(table)
         if len(page) == limit:
             console.print(f"More may follow: --offset {offset + limit}")
@@ -311,7 +162,7 @@ def sessions_show(
         if as_json:
             typer.echo(formats.render_json(session), nl=False)
             return
-        console = _out()
+        console = out()
         console.print(Text(f"Session {session.session_id}", style="bold"))
         fields = [
             ("Model", session.model),
@@ -364,7 +215,7 @@ def export(
             return
         if not await manager.export_to_file(session_id, output, format.value):
             fail(f"session {session_id!r} not found in {cfg.display_url}")
-        _out().print(f"Wrote the {format.value} export of session {session_id} to {output}")
+        out().print(f"Wrote the {format.value} export of session {session_id} to {output}")
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
@@ -392,7 +243,7 @@ def stats(
         table.add_column("Value", justify="right")
         for key, value in statistics.items():
             table.add_row(key.replace("_", " "), Text(str(value)))
-        _out().print(table)
+        out().print(table)
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
@@ -419,7 +270,7 @@ def cleanup(
         if as_json:
             echo_json({"expired_sessions": expired, "expired_files_deleted": files})
             return
-        _out().print(
+        out().print(
             f"Expired {expired} session(s) not updated for {hours:g} hours;"
             f" deleted {files} expired file record(s)."
         )
@@ -472,7 +323,7 @@ def demo(
         where = str(cfg.database_path.resolve()) if cfg.backend == "sqlite" else cfg.display_url
         prefix = target.command_prefix()
         sid = shlex.quote(session.session_id)
-        console = _out()
+        console = out()
         console.print(f"Stored in {cfg.backend} at {escape(where)}:")
         console.print(
             f"  session {session.session_id} (model {session.model})"
@@ -492,3 +343,6 @@ def demo(
             console.print(f"  {escape(prefix)} {command}")
 
     run(ctx, (config, url, verbose), work)
+
+
+cli_transfer.register(app)
