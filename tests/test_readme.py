@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -50,7 +51,7 @@ def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_the_readme_has_the_examples_this_file_runs() -> None:
-    assert len(blocks("python")) >= 3
+    assert len(blocks("python")) >= 4
     assert len(blocks("shell")) == 1
     assert {"markdown", "text", "json", "yaml", "toml", "sh"} <= {lang for lang, _ in BLOCKS}
 
@@ -128,11 +129,17 @@ def test_cli_examples_run_as_written(clean: Path, monkeypatch: pytest.MonkeyPatc
     assert session_id is not None
     monkeypatch.setenv("SESSION_ID", session_id.group(1))
     for line in lines[1:]:
-        words = shlex.split(os.path.expandvars(line))
+        words = []
+        for word in shlex.split(os.path.expandvars(line)):
+            # What the shell's globbing would do.
+            words += sorted(glob.glob(word)) if "*" in word else [word]
         assert words[0] == "persistence"
         result = runner.invoke(app, words[1:])
         assert result.exit_code == 0, f"{line}\n{result.output}"
     assert (clean / "session.md").read_text(encoding="utf-8").startswith("# Chat Session: ")
+    for copy in ("copy.db", "imported.db", "restored.db"):
+        stats = runner.invoke(app, ["stats", "--json", "--url", f"sqlite:///{copy}"])
+        assert json.loads(stats.stdout)["total_messages"] == 4, copy
 
 
 def test_alembic_examples_run_from_a_project_root(tmp_path: Path) -> None:
