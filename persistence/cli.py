@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -324,7 +323,7 @@ def demo(
         prefix = target.command_prefix()
         sid = shlex.quote(session.session_id)
         console = out()
-        console.print(f"Stored in {cfg.backend} at {escape(where)}:")
+        console.print(f"Stored in {cfg.backend} at {where}:")
         console.print(
             f"  session {session.session_id} (model {session.model})"
             f" with {len(session.messages)} messages"
@@ -340,7 +339,7 @@ def demo(
             f"export {sid} --format markdown",
             "stats --json",
         ):
-            console.print(f"  {escape(prefix)} {command}")
+            console.print(f"  {prefix} {command}")
 
     run(ctx, (config, url, verbose), work)
 

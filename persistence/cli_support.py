@@ -103,7 +103,8 @@ def _logging(verbose: int) -> Iterator[None]:
 
 
 def out() -> Console:
-    console = Console(highlight=False, soft_wrap=True)
+    """The console for results on stdout: no markup, so stored text prints as it is."""
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         # Piped output: room for full session ids instead of rich's 80 columns.
         console.width = 160

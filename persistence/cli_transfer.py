@@ -126,7 +126,6 @@ def migrate(
                 f"Migrated {_counts(*counts)} from {cfg.display_url}"
                 f" to {destination_config.display_url} in {result['duration_seconds']:.1f} s"
                 f"{checked}",
-                markup=False,
             )
         if problem:
             fail(problem)
@@ -154,7 +153,6 @@ def backup(
         out().print(
             f"Backed up {counts} of {cfg.display_url} to {result['path']}"
             f" ({result['kind']}, {result['bytes']} bytes)",
-            markup=False,
         )
 
     run(ctx, (config, url, verbose), work, must_exist=True)
@@ -180,7 +178,6 @@ def restore(
         checked = "; verified" if result.get("verified") else ""
         out().print(
             f"Restored {_counts(*counts)} from {backup_file} into {cfg.display_url}{checked}",
-            markup=False,
         )
 
     run(ctx, (config, url, verbose), work)
@@ -208,7 +205,6 @@ def export_all(
         counts = _counts(result["sessions"], result["messages"], result["files"])
         out().print(
             f"Exported {counts} of {cfg.display_url} to {result['path']} ({result['bytes']} bytes)",
-            markup=False,
         )
 
     run(ctx, (config, url, verbose), work, must_exist=True)
@@ -234,9 +230,7 @@ def import_file(
             echo_json(result)
             return
         counts = (result[f"{n}_imported"] for n in ("sessions", "messages", "files"))
-        out().print(
-            f"Imported {_counts(*counts)} from {input_file} into {cfg.display_url}", markup=False
-        )
+        out().print(f"Imported {_counts(*counts)} from {input_file} into {cfg.display_url}")
 
     run(ctx, (config, url, verbose), work)
 

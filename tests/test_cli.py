@@ -267,3 +267,28 @@ def test_python_dash_m_and_the_console_script_run_the_same_app(workdir: Path) ->
     assert result.returncode == 0, result.stderr
     assert "Look at them with:" in result.stdout
     assert (workdir / "gemini_sessions.db").is_file()
+
+
+@pytest.mark.sqlite
+def test_stored_text_that_looks_like_rich_markup_prints_as_it_is(tmp_path: Path) -> None:
+    import asyncio
+
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    database = tmp_path / "[x].db"
+
+    async def store() -> str:
+        async with SQLiteSessionStorage(database) as storage:
+            session = ChatSession.create("[bold]model[/bold]")
+            session.add_message("user", "[red]not red[/red] and [link=x]y[/link]")
+            await storage.save_session(session)
+            return session.session_id
+
+    session_id = asyncio.run(store())
+    url = f"sqlite:///{database}"
+    assert "[bold]model[/bold]" in ok("sessions", "list", "--url", url).stdout
+    shown = ok("sessions", "show", session_id, "--url", url).stdout
+    assert "[red]not red[/red] and [link=x]y[/link]" in shown
+    target = tmp_path / "[out].md"
+    assert str(target) in ok("export", session_id, "-o", str(target), "--url", url).stdout
+    assert f"sqlite:///{database}: schema is at head" in ok("upgrade", "--url", url).stdout
