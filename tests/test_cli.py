@@ -292,3 +292,38 @@ def test_stored_text_that_looks_like_rich_markup_prints_as_it_is(tmp_path: Path)
     target = tmp_path / "[out].md"
     assert str(target) in ok("export", session_id, "-o", str(target), "--url", url).stdout
     assert f"sqlite:///{database}: schema is at head" in ok("upgrade", "--url", url).stdout
+
+
+@pytest.mark.sqlite
+def test_console_script_demo_in_a_fresh_venv(tmp_path: Path) -> None:
+    # --system-site-packages lends the dependencies; the project itself is installed fresh.
+    venv = tmp_path / "venv"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "PYTHONPATH" and not k.upper().startswith("STORAGE_")
+    }
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env
+    )
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    home = tmp_path / "fresh"
+    home.mkdir()
+    for args in (["demo"], ["stats", "--json"]):
+        done = subprocess.run(
+            [str(venv / "bin" / "persistence"), *args],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total_messages"] == 4
+    assert (home / "gemini_sessions.db").is_file()
