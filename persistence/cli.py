@@ -340,6 +340,8 @@ def demo(
             "stats --json",
         ):
             console.print(f"  {prefix} {command}")
+        if prefix != target.command_prefix(reveal=True):
+            console.print("  (*** stands for the password of --url)")
 
     run(ctx, (config, url, verbose), work)
 

@@ -71,13 +71,13 @@ class Target:
         config = load_config(self.config_file)
         return config if self.url is None else config_from_url(self.url, base=config)
 
-    def command_prefix(self) -> str:
-        """How to repeat this store's options on another command line."""
+    def command_prefix(self, *, reveal: bool = False) -> str:
+        """How to repeat this store's options on another command line (password masked)."""
         words = ["persistence"]
         if self.config_file is not None:
             words += ["--config", str(self.config_file)]
         if self.url is not None:
-            words += ["--url", mask_secrets(self.url)]
+            words += ["--url", self.url if reveal else mask_secrets(self.url)]
         return shlex.join(words)
 
 

@@ -120,8 +120,10 @@ class SessionManager:
             victim_id, victim = next(iter(self._cache.items()))
             if victim.dirty():
                 # Saved before it goes: on failure it stays cached and the error surfaces.
+                # Other tasks may use the cache during the save, so look again after it.
                 await self._write(victim)
-            self._cache.pop(victim_id, None)
+                continue
+            del self._cache[victim_id]
         return entry
 
     async def startup(self) -> dict[str, Any]:

@@ -240,14 +240,24 @@ def test_demo_and_friends_on_postgresql(postgresql_url: str) -> None:
                 await connection.execute(statement)
 
     asyncio.run(empty())
-    result = ok("--url", postgresql_url, "demo")
+    # The local server trusts every connection, so any password works and none may show.
+    from sqlalchemy import make_url
+
+    url = make_url(postgresql_url).set(password=SECRET).render_as_string(hide_password=False)
+    result = ok("--url", url, "demo", "-v")
+    assert SECRET not in result.output
+    masked = shlex.quote(url.replace(SECRET, "***"))
+    assert f"persistence --url {masked} sessions list" in result.stdout
+    assert "*** stands for the password" in result.stdout
     session_id = _demo_session_id(result.stdout)
-    assert session_id in ok("sessions", "list", "--url", postgresql_url).stdout
-    stats = json.loads(ok("stats", "--json", "--url", postgresql_url).stdout)
+    listing = ok("sessions", "list", "--url", url).stdout
+    assert session_id in listing and SECRET not in listing
+    stats = json.loads(ok("stats", "--json", "--url", url).stdout)
     assert (stats["backend"], stats["total_sessions"], stats["total_files"]) == ("postgresql", 1, 1)
-    text = ok("export", session_id, "-f", "text", "--url", postgresql_url).stdout
+    assert stats["database"] == url.replace(SECRET, "***")
+    text = ok("export", session_id, "-f", "text", "--url", url).stdout
     assert text.startswith(f"Chat Session: {session_id}\n")
-    assert "schema is at head" in ok("upgrade", "--url", postgresql_url).stdout
+    assert "schema is at head" in ok("upgrade", "--url", url).stdout
 
 
 def test_python_dash_m_and_the_console_script_run_the_same_app(workdir: Path) -> None:
