@@ -59,7 +59,10 @@ def temp_file(directory: Path, prefix: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        for leftover in (path, *(path.with_name(path.name + s) for s in ("-journal", "-wal"))):
+        for leftover in (
+            path,
+            *(path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm")),
+        ):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
 
@@ -96,6 +99,20 @@ def replace_with(temp: Path, target: Path) -> None:
         raise file_error("cannot write", target, exc) from exc
 
 
+def _take_name(temp: Path, target: Path) -> None:
+    """Moves `temp` to `target`; FileExistsError if anything is at `target`."""
+    try:
+        os.link(temp, target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # No hard links here: reserve the name (O_EXCL never follows a link), then rename.
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
+        os.replace(temp, target)
+    else:
+        temp.unlink()
+
+
 def link_new_name(temp: Path, directory: Path, stem: str, suffix: str) -> Path:
     """Gives `temp` the first free name `stem[-n]suffix` in `directory`; returns it.
 
@@ -112,14 +129,11 @@ def link_new_name(temp: Path, directory: Path, stem: str, suffix: str) -> Path:
     for attempt in range(_MAX_NAME_ATTEMPTS):
         target = directory / (f"{stem}{suffix}" if attempt == 0 else f"{stem}-{attempt}{suffix}")
         try:
-            os.link(temp, target, follow_symlinks=False)
+            _take_name(temp, target)
         except FileExistsError:
             continue
         except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise file_error("cannot create hard links in", directory, exc) from exc
             raise file_error("cannot write", target, exc) from exc
-        temp.unlink()
         _sync_directory(directory)
         return target
     raise MigrationError(f"no free file name for {stem}{suffix} in {directory}")

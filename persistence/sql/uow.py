@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from persistence.errors import PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories
 from persistence.sql.errors import sql_errors
+from persistence.sql.runner import Work, run_on_connection
 from persistence.storage import UnitOfWork
+
+T = TypeVar("T")
 
 
 class _SqlSessions:
@@ -19,20 +22,17 @@ class _SqlSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
-        with sql_errors("load session"):
-            session = await repositories.read_session(await self._uow.connection(), session_id)
+        session = await self._uow.run(repositories.read_session(session_id), "load session")
         if session is not None:
             session.mark_stored(self._uow.token)
         return session
 
     async def add(self, session: ChatSession) -> None:
-        with sql_errors("save session"):
-            await repositories.write_session(await self._uow.connection(), session, self._uow.token)
+        await self._uow.run(repositories.write_session(session, self._uow.token), "save session")
         self._uow.stored_until_rollback(session)
 
     async def delete(self, session_id: str) -> bool:
-        with sql_errors("delete session"):
-            return await repositories.delete_session_row(await self._uow.connection(), session_id)
+        return await self._uow.run(repositories.delete_session(session_id), "delete session")
 
 
 class _SqlFiles:
@@ -40,16 +40,13 @@ class _SqlFiles:
         self._uow = uow
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
-        with sql_errors("load file record"):
-            return await repositories.read_file_record(await self._uow.connection(), file_id)
+        return await self._uow.run(repositories.read_file_record(file_id), "load file record")
 
     async def add(self, record: UploadedFileRecord) -> None:
-        with sql_errors("save file record"):
-            await repositories.write_file_record(await self._uow.connection(), record)
+        await self._uow.run(repositories.write_file_record(record), "save file record")
 
     async def delete(self, file_id: str) -> bool:
-        with sql_errors("delete file record"):
-            return await repositories.delete_file_row(await self._uow.connection(), file_id)
+        return await self._uow.run(repositories.delete_file_record(file_id), "delete file record")
 
 
 class SqlUnitOfWork(UnitOfWork):
@@ -67,10 +64,13 @@ class SqlUnitOfWork(UnitOfWork):
         self.sessions = _SqlSessions(self)
         self.files = _SqlFiles(self)
 
-    async def connection(self) -> AsyncConnection:
+    async def run(self, work: Work[T], action: str) -> T:
+        """Runs repository work in this unit's transaction."""
         if self._committed:
+            work.close()
             raise PersistenceError("unit of work already committed: start a new one")
-        return await self._session.connection()
+        with sql_errors(action):
+            return await run_on_connection(await self._session.connection(), work)
 
     def stored_until_rollback(self, session: ChatSession) -> None:
         """Marks the session's messages stored now; a rollback restores the old marker."""

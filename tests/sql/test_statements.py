@@ -4,30 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from persistence import ChatSession, SessionStorage
 from persistence.sql.backend import SqlSessionStorage
+from persistence.sql.runner import traced
 
 
 @contextmanager
 def statements(storage: SessionStorage) -> Iterator[list[str]]:
-    """Records every SQL statement the storage's engine sends, BEGIN and COMMIT included."""
+    """Records every SQL statement the storage sends (transaction control aside)."""
     assert isinstance(storage, SqlSessionStorage)
     seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    sync_engine = storage.engine.sync_engine
-    event.listen(sync_engine, "before_cursor_execute", record)
-    try:
+    with traced(seen.append):
         yield seen
-    finally:
-        event.remove(sync_engine, "before_cursor_execute", record)
 
 
 async def _session_with(storage: SessionStorage, count: int) -> ChatSession:

@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 
 from persistence import ChatSession, InvalidDataError, MigrationError, SessionStorage
-from persistence.transfer import FORMAT_NAME, export_to_json, import_from_json
+from persistence.transfer import (
+    FORMAT_NAME,
+    export_to_json,
+    import_from_json,
+    validate_export_file,
+)
 from tests.transfer.data import build_sessions, populate, snapshot
 
 
@@ -271,3 +276,16 @@ async def test_export_and_import_stream_instead_of_holding_the_file(
     assert exported_peak < size / 4
     assert imported_peak < size / 4
     assert (await sqlite_storage.count()).messages == 150
+
+
+async def test_validate_export_file_checks_without_writing(exported: Path, tmp_path: Path) -> None:
+    assert validate_export_file(exported) == {
+        "format_version": 1,
+        "sessions": 10,
+        "messages": sum(len(s.messages) for s in build_sessions()),
+        "files": 3,
+    }
+    bad = tmp_path / "bad.json"
+    _write_mutated(exported, bad, lambda raw: raw[:-10])
+    with pytest.raises(InvalidDataError, match="truncated"):
+        validate_export_file(bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,34 @@ async def test_migration_refuses_the_same_storage_on_both_sides(
 ) -> None:
     with pytest.raises(InvalidDataError, match="same storage"):
         await migrate_storage(sqlite_storage, sqlite_storage)
+
+
+async def _migration_peak(directory: Path, sessions: int) -> int:
+    async with (
+        SQLiteSessionStorage(directory / f"source-{sessions}.db") as source,
+        SQLiteSessionStorage(directory / f"destination-{sessions}.db") as destination,
+    ):
+        async with source.unit_of_work() as uow:
+            for index in range(sessions):
+                session = ChatSession.create("m", session_id=f"s{index:05d}")
+                for _ in range(5):
+                    session.add_message("user", "x" * 2000)
+                await uow.sessions.add(session)
+            await uow.commit()
+        tracemalloc.start()
+        try:
+            await migrate_storage(source, destination, batch_size=20)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+
+async def test_migration_memory_does_not_grow_with_the_store(tmp_path: Path) -> None:
+    await _migration_peak(tmp_path, 20)  # warms caches that any first run fills
+
+    small = await _migration_peak(tmp_path, 100)
+    large = await _migration_peak(tmp_path, 800)
+
+    # 800 sessions carry about 8 MB of content; one batch of 20 about 200 kB.
+    assert large < small * 1.5
+    assert large < 4_000_000
