@@ -99,6 +99,10 @@ def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
         elif isinstance(item, float):
             if not math.isfinite(item):
                 raise InvalidDataError(f"{path}: {item} is not a JSON number")
+            if item == 0 and math.copysign(1.0, item) < 0:
+                raise InvalidDataError(
+                    f"{path}: -0.0 would come back from PostgreSQL as 0.0; store 0.0"
+                )
             if item.is_integer() and abs(item) >= _FLOAT_INTEGRAL_LIMIT:
                 raise InvalidDataError(
                     f"{path}: float {item!r} would come back from PostgreSQL as an integer;"
@@ -112,7 +116,10 @@ def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
 def _utc_millisecond(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("datetime must be timezone-aware (a naive datetime is ambiguous)")
-    return truncate_to_millisecond(value.astimezone(utc_now().tzinfo))
+    try:
+        return truncate_to_millisecond(value.astimezone(utc_now().tzinfo))
+    except OverflowError:
+        raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from None
 
 
 def _identifier(value: str) -> str:
@@ -227,6 +234,14 @@ class ChatSession(_DomainModel):
         """Records that storage `token` now holds every message this object carries."""
         last = self.messages[-1].message_id if self.messages else None
         self._stored[token] = (len(self.messages), last)
+
+    def forget_stored(self, token: str) -> None:
+        """Records that a save to storage `token` may or may not have landed.
+
+        A commit whose acknowledgement was lost (connection dropped, task cancelled)
+        may still have landed, so the next save must check what the store holds.
+        """
+        self._stored.pop(token, None)
 
     def stored_marker(self, token: str) -> tuple[int, str | None] | None:
         """Returns what storage `token` is known to hold, to restore after a rollback."""

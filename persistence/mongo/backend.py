@@ -18,12 +18,18 @@ from pymongo.errors import ConfigurationError, OperationFailure
 
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo import repositories
 from persistence.mongo.documents import DocumentSet, bind_documents
 from persistence.mongo.errors import mongo_errors, redact
 from persistence.mongo.uow import MongoUnitOfWork
-from persistence.storage import BackendName, SessionStorage, StorageCounts
+from persistence.storage import (
+    BackendName,
+    SessionStorage,
+    StorageCounts,
+    check_page,
+    check_status,
+)
 
 _SCHEMES = ("mongodb://", "mongodb+srv://")
 # MongoDB's rules for database names: these characters, and fewer than 64 bytes.
@@ -268,8 +274,8 @@ class MongoDBSessionStorage(SessionStorage):
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[ChatSession]:
-        checked = _check_status(status)
-        _check_page(limit, offset)
+        checked = check_status(status)
+        check_page(limit, offset)
         with mongo_errors("list sessions"):
             return await repositories.read_session_page(self.docs, None, checked, limit, offset)
 
@@ -287,7 +293,7 @@ class MongoDBSessionStorage(SessionStorage):
             return await repositories.read_file_record(self.docs, None, file_id)
 
     async def list_file_records(self, limit: int = 100) -> list[UploadedFileRecord]:
-        _check_page(limit)
+        check_page(limit)
         with mongo_errors("list file records"):
             return await repositories.read_file_records_page(self.docs, None, limit)
 
@@ -296,7 +302,7 @@ class MongoDBSessionStorage(SessionStorage):
             return await repositories.delete_files_expired_by(self.docs, None, utc_now())
 
     async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
-        _check_page(limit)
+        check_page(limit)
         with mongo_errors("search messages"):
             return await repositories.search_messages(self.docs, None, query, limit)
 
@@ -344,7 +350,7 @@ class MongoDBSessionStorage(SessionStorage):
             return await repositories.expire_sessions_before(self.docs, None, updated_before)
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
-        checked = _check_status(status)
+        checked = check_status(status)
         assert checked is not None
         with mongo_errors("set session status"):
             return await repositories.set_sessions_status(self.docs, None, session_ids, checked)
@@ -352,16 +358,3 @@ class MongoDBSessionStorage(SessionStorage):
     async def copy_to_file(self, target: Path) -> bool:
         """MongoDB has no native single-file copy: the caller falls back to the export."""
         return False
-
-
-def _check_status(status: str | None) -> Status | None:
-    if status is not None and status not in STATUSES:
-        raise InvalidDataError(f"status: {status!r} is not one of {', '.join(STATUSES)}")
-    return status
-
-
-def _check_page(limit: int, offset: int = 0) -> None:
-    if limit < 0:
-        raise InvalidDataError(f"limit: must be >= 0, got {limit}")
-    if offset < 0:
-        raise InvalidDataError(f"offset: must be >= 0, got {offset}")

@@ -35,17 +35,14 @@ from persistence.mongo.mapping import (
     save_update,
     session_from_view,
 )
-from persistence.storage import StorageCounts
+from persistence.storage import StorageCounts, search_words
 
 # Ids per `$in`: commands stay far below the 16 MiB message limit.
 _IN_CHUNK = 1000
 # A save that collided with a concurrent writer re-reads what is stored and tries again.
 _SAVE_ATTEMPTS = 3
-# Words beyond this many add nothing a person meant and only slow the engine down.
-MAX_QUERY_WORDS = 32
 # The server refuses longer regular expressions; no message is searched for a longer word.
 MAX_WORD_LENGTH = 1000
-_WORD = re.compile(r"\w+")
 # Python's \w, spelled so the server's PCRE reads it the same way: MongoDB's \w and \b
 # know only ASCII (SERVER-23881), while \p{L} and \p{N} are Unicode properties.
 _WORD_CHAR = r"[\p{L}\p{N}_]"
@@ -422,12 +419,6 @@ async def set_sessions_status(
     return changed
 
 
-def query_words(query: str) -> list[str]:
-    """Returns the words of a typed query, without characters no engine can take."""
-    cleaned = query.encode("utf-8", "ignore").decode("utf-8").replace("\x00", " ")
-    return _WORD.findall(cleaned)[:MAX_QUERY_WORDS]
-
-
 def text_search(words: Sequence[str]) -> str:
     """Quotes every word, so the text index ANDs them and nothing is query syntax."""
     return " ".join(f'"{word}"' for word in words)
@@ -463,7 +454,7 @@ def search_pipeline(words: Sequence[str], limit: int) -> list[dict[str, Any]]:
 async def search_messages(
     docs: DocumentSet, client_session: AsyncClientSession | None, query: str, limit: int
 ) -> list[ChatMessage]:
-    words = list(dict.fromkeys(query_words(query)))
+    words = list(dict.fromkeys(search_words(query)))
     if not words or limit <= 0 or any(len(word) > MAX_WORD_LENGTH for word in words):
         return []
     rows = (

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.sql import repositories
 from persistence.sql.engines import (
     WRITE_OPTIONS,
@@ -29,22 +29,15 @@ from persistence.sql.errors import connection_lost, sql_errors
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
 from persistence.sql.schema import upgrade_to_head
 from persistence.sql.uow import SqlUnitOfWork
-from persistence.storage import BackendName, SessionStorage, StorageCounts
+from persistence.storage import (
+    BackendName,
+    SessionStorage,
+    StorageCounts,
+    check_page,
+    check_status,
+)
 
 T = TypeVar("T")
-
-
-def _check_status(status: str | None) -> Status | None:
-    if status is not None and status not in STATUSES:
-        raise InvalidDataError(f"status: {status!r} is not one of {', '.join(STATUSES)}")
-    return status
-
-
-def _check_page(limit: int, offset: int = 0) -> None:
-    if limit < 0:
-        raise InvalidDataError(f"limit: must be >= 0, got {limit}")
-    if offset < 0:
-        raise InvalidDataError(f"offset: must be >= 0, got {offset}")
 
 
 class SqlSessionStorage(SessionStorage):
@@ -97,9 +90,13 @@ class SqlSessionStorage(SessionStorage):
         return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self._token)
 
     async def save_session(self, session: ChatSession) -> bool:
-        await self._run(
-            repositories.write_session(session, self._token), "save session", write=True
-        )
+        try:
+            await self._run(
+                repositories.write_session(session, self._token), "save session", write=True
+            )
+        except BaseException:
+            session.forget_stored(self._token)
+            raise
         session.mark_stored(self._token)
         return True
 
@@ -122,8 +119,8 @@ class SqlSessionStorage(SessionStorage):
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[ChatSession]:
-        checked = _check_status(status)
-        _check_page(limit, offset)
+        checked = check_status(status)
+        check_page(limit, offset)
         return await self._run(
             repositories.read_session_page(checked, limit, offset), "list sessions", write=False
         )
@@ -143,7 +140,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def list_file_records(self, limit: int = 100) -> list[UploadedFileRecord]:
-        _check_page(limit)
+        check_page(limit)
         return await self._run(
             repositories.read_file_record_page(limit), "list file records", write=False
         )
@@ -154,7 +151,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
-        _check_page(limit)
+        check_page(limit)
         return await self._run(
             repositories.search_messages(query, limit), "search messages", write=False
         )
@@ -205,7 +202,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
-        checked = _check_status(status)
+        checked = check_status(status)
         assert checked is not None
         return await self._run(
             repositories.set_sessions_status(session_ids, checked),

@@ -28,6 +28,11 @@ _SQLITE_DESCRIPTIONS = {
 }
 
 
+# PostgreSQL SQLSTATEs of a lost or refused connection: class 08 (connection exception)
+# and 57P01-57P03 (server shut down, crashed, or not accepting connections yet).
+_PG_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
+
+
 def _driver_detail(exc: BaseException) -> str:
     """Names the driver's error without its SQL or parameters (never a password)."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -71,6 +76,9 @@ def connection_lost(exc: BaseException) -> bool:
 
 def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError | PoolTimeoutError | InterfaceError):
+        return True
+    sqlstate = getattr(exc.orig if isinstance(exc, DBAPIError) else exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(_PG_UNREACHABLE_STATES):
         return True
     if isinstance(exc, _ASYNCPG_ERRORS):
         return connection_lost(exc)

@@ -29,10 +29,10 @@ from persistence.sql.mapping import (
     session_from_row,
 )
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
-from persistence.sql.search import search_statement, search_words
+from persistence.sql.search import search_statement
 from persistence.sql.statements import Statement
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
-from persistence.storage import StorageCounts
+from persistence.storage import StorageCounts, search_words
 
 sessions = cast(Table, SessionRow.__table__)
 messages = cast(Table, MessageRow.__table__)

@@ -7,16 +7,11 @@ dialect gets those words in a form that its engine cannot read as syntax, so no 
 
 from __future__ import annotations
 
-import re
-
 from sqlalchemy import Dialect, String, TypeDecorator, bindparam, text
 from sqlalchemy.sql import ClauseElement
 
 from persistence.sql.tables import MessageRow
 
-# Words beyond this many add nothing a person meant and only slow the engine down.
-MAX_QUERY_WORDS = 32
-_WORD = re.compile(r"\w+")
 # Typed result columns, so timestamps and JSON come back as from any other select.
 _RESULT_COLUMNS = tuple(
     MessageRow.__table__.c[name]
@@ -34,12 +29,6 @@ _POSTGRESQL_SEARCH = (
     " @@ plainto_tsquery('simple'::regconfig, :query)"
     " ORDER BY id DESC LIMIT :limit"
 )
-
-
-def search_words(query: str) -> list[str]:
-    """Returns the words of a typed query, without characters no engine can take."""
-    cleaned = query.encode("utf-8", "ignore").decode("utf-8").replace("\x00", " ")
-    return _WORD.findall(cleaned)[:MAX_QUERY_WORDS]
 
 
 class SearchWords(TypeDecorator[list[str]]):

@@ -11,7 +11,7 @@ from persistence.errors import PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories
 from persistence.sql.errors import sql_errors
-from persistence.sql.runner import Work, run_on_connection
+from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_connection
 from persistence.storage import UnitOfWork
 
 T = TypeVar("T")
@@ -70,7 +70,16 @@ class SqlUnitOfWork(UnitOfWork):
             work.close()
             raise PersistenceError("unit of work already committed: start a new one")
         with sql_errors(action):
-            return await run_on_connection(await self._session.connection(), work)
+            connection = await self._session.connection()
+            if connection.dialect.name == "sqlite":
+                # Inside the transaction SQLAlchemy began (BEGIN IMMEDIATE), in one hop.
+                driver = (await connection.get_raw_connection()).driver_connection
+                assert driver is not None
+                result: T = await run_in_thread(
+                    driver, run_in_sqlite_thread, connection.dialect, work, None
+                )
+                return result
+            return await run_on_connection(connection, work)
 
     def stored_until_rollback(self, session: ChatSession) -> None:
         """Marks the session's messages stored now; a rollback restores the old marker."""
@@ -79,8 +88,15 @@ class SqlUnitOfWork(UnitOfWork):
         session.mark_stored(self.token)
 
     async def commit(self) -> None:
-        with sql_errors("commit"):
-            await self._session.commit()
+        try:
+            with sql_errors("commit"):
+                await self._session.commit()
+        except BaseException:
+            # The commit may have landed before the error: later saves must check.
+            for session, _marker in self._undo.values():
+                session.forget_stored(self.token)
+            self._undo.clear()
+            raise
         self._committed = True
         self._undo.clear()
 

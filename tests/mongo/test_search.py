@@ -6,12 +6,11 @@ import pytest
 import regex  # type: ignore[import-untyped]  # the package ships no type stubs
 
 from persistence.mongo.repositories import (
-    MAX_QUERY_WORDS,
-    query_words,
     search_pipeline,
     text_search,
     word_pattern,
 )
+from persistence.storage import MAX_QUERY_WORDS, search_words
 
 # The server's regex engine is PCRE; the `regex` module (a dev dependency) reads the same
 # \p{..} classes, lookbehinds and case folding, so the pattern's meaning is checked here.
@@ -34,7 +33,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("query", HOSTILE)
 def test_any_typed_text_reduces_to_plain_words(query: str) -> None:
-    words = query_words(query)
+    words = search_words(query)
     assert all(regex.fullmatch(r"\w+", word) for word in words)
     search = text_search(words)
     # Only the quotes we add: the text index reads nothing as negation or syntax.
@@ -43,11 +42,11 @@ def test_any_typed_text_reduces_to_plain_words(query: str) -> None:
 
 
 def test_words_are_quoted_so_the_text_index_ands_them() -> None:
-    assert text_search(query_words("Hello, wörld! 42")) == '"Hello" "wörld" "42"'
+    assert text_search(search_words("Hello, wörld! 42")) == '"Hello" "wörld" "42"'
 
 
 def test_queries_are_capped() -> None:
-    assert len(query_words(" ".join(f"w{i}" for i in range(100)))) == MAX_QUERY_WORDS
+    assert len(search_words(" ".join(f"w{i}" for i in range(100)))) == MAX_QUERY_WORDS
 
 
 def _matches(word: str, content: str) -> bool:
