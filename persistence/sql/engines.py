@@ -11,7 +11,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from persistence.errors import InvalidDataError
-from persistence.sql.types import json_loads
+from persistence.sql.types import json_dumps, json_loads
 
 _POSTGRESQL_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
 _SQLITE_SCHEMES = {"sqlite", "sqlite+aiosqlite"}
@@ -100,6 +100,7 @@ def sqlite_engine(url: URL, pragmas: dict[str, Any], busy_timeout: float) -> Asy
         connect_args={"timeout": busy_timeout},
         hide_parameters=True,
         json_deserializer=json_loads,
+        json_serializer=json_dumps,
     )
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -151,6 +152,7 @@ def postgresql_engine(
         connect_args=connect_args,
         hide_parameters=True,
         json_deserializer=json_loads,
+        json_serializer=json_dumps,
     )
 
 

@@ -98,7 +98,7 @@ def run_in_sqlite_thread(
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             _trace(compiled.sql)
-            connection.executemany(compiled.sql, [compiled.bind(row)[1] for row in request.rows])
+            connection.executemany(compiled.sql, [compiled.values(row) for row in request.rows])
             return None
         sql, params = compiled.bind(request.params)
         _trace(sql)
@@ -142,7 +142,7 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
             if isinstance(request, ExecuteMany):
                 _trace(compiled.sql)
                 await connection.executemany(
-                    compiled.sql, [compiled.bind(row)[1] for row in request.rows]
+                    compiled.sql, [compiled.values(row) for row in request.rows]
                 )
                 reply = None
                 continue
@@ -169,7 +169,7 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
             request = work.send(reply)
             compiled = request.statement.compile(dialect)
             if isinstance(request, ExecuteMany):
-                rows = [compiled.bind(row)[1] for row in request.rows]
+                rows = [compiled.values(row) for row in request.rows]
                 _trace(compiled.sql)
                 if rows:
                     await connection.exec_driver_sql(compiled.sql, rows)

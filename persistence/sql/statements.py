@@ -28,6 +28,7 @@ class Compiled:
     defaults: Mapping[str, Any]
     expanding: bool
     bind_processors: Mapping[str, Processor]
+    plan: tuple[tuple[str, Processor], ...]
     processed_columns: tuple[tuple[int, Callable[[Any], Any]], ...]
     returns_rows: bool
 
@@ -35,14 +36,21 @@ class Compiled:
         """Returns the SQL and its positional parameters, processed for the driver."""
         if self.expanding:
             state = self.compiled.construct_expanded_state(params)
-            sql, names, values = state.statement, state.positiontup or (), state.parameters
-        else:
-            sql, names, values = self.sql, self.names, {**self.defaults, **params}
-        processors = self.bind_processors
-        return sql, tuple(
-            value if (process := processors.get(name)) is None else process(value)
-            for name in names
-            for value in (values[name],)
+            processors = self.bind_processors
+            return state.statement, tuple(
+                value if (process := processors.get(name)) is None else process(value)
+                for name in state.positiontup or ()
+                for value in (state.parameters[name],)
+            )
+        return self.sql, self.values(params)
+
+    def values(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The positional parameters of a statement without expanding (IN) parameters."""
+        if self.defaults:
+            params = {**self.defaults, **params}
+        return tuple(
+            params[name] if process is None else process(params[name])
+            for name, process in self.plan
         )
 
     def decode(self, rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
@@ -92,16 +100,19 @@ def _compile(element: ClauseElement, dialect: Dialect) -> Compiled:
     columns = list(getattr(element, "selected_columns", None) or [])
     if not columns:
         columns = list(getattr(element, "_returning", ()) or ())
+    bind_processors = {
+        name: bind.type.dialect_impl(dialect).bind_processor(dialect)
+        for name, bind in binds.items()
+    }
+    names = tuple(compiled.positiontup or ())
     return Compiled(
         compiled=compiled,
         sql=compiled.string,
-        names=tuple(compiled.positiontup or ()),
+        names=names,
         defaults=defaults,
         expanding=any(bind.expanding for bind in binds.values()),
-        bind_processors={
-            name: bind.type.dialect_impl(dialect).bind_processor(dialect)
-            for name, bind in binds.items()
-        },
+        bind_processors=bind_processors,
+        plan=tuple((name, bind_processors.get(name)) for name in names),
         processed_columns=tuple(
             (index, _none_safe(process) if getattr(column, "nullable", True) else process)
             for index, column in enumerate(columns)
