@@ -220,6 +220,14 @@ class ChatSession(_DomainModel):
         last = self.messages[-1].message_id if self.messages else None
         self._stored[token] = (len(self.messages), last)
 
+    def forget_stored(self, token: str) -> None:
+        """Records that a save to storage `token` may or may not have landed.
+
+        A commit whose acknowledgement was lost (connection dropped, task cancelled)
+        may still have landed, so the next save must check what the store holds.
+        """
+        self._stored.pop(token, None)
+
     def unstored_messages(self, token: str) -> tuple[list[ChatMessage], bool]:
         """Returns the messages storage `token` may lack, and whether that is certain.
 

@@ -107,8 +107,12 @@ class SqlSessionStorage(SessionStorage):
         return SqlUnitOfWork(self._writer(), self._token)
 
     async def save_session(self, session: ChatSession) -> bool:
-        async with self._write("save session") as connection:
-            await repositories.write_session(connection, session, self._token)
+        try:
+            async with self._write("save session") as connection:
+                await repositories.write_session(connection, session, self._token)
+        except BaseException:
+            session.forget_stored(self._token)
+            raise
         session.mark_stored(self._token)
         return True
 

@@ -76,8 +76,14 @@ class SqlUnitOfWork(UnitOfWork):
         self._pending[id(session)] = session
 
     async def commit(self) -> None:
-        with sql_errors("commit"):
-            await self._session.commit()
+        try:
+            with sql_errors("commit"):
+                await self._session.commit()
+        except BaseException:
+            # The commit may have landed before its acknowledgement was lost.
+            for session in self._pending.values():
+                session.forget_stored(self.token)
+            raise
         self._committed = True
         # Only now does the store hold these messages: later saves may skip them.
         for session in self._pending.values():
