@@ -16,6 +16,7 @@ from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.sql import repositories
+from persistence.sql.completion import run_to_completion
 from persistence.sql.engines import (
     READ_OPTIONS,
     WRITE_OPTIONS,
@@ -94,6 +95,9 @@ class SqlSessionStorage(SessionStorage):
             raise PersistenceError(f"{self.backend_name} storage is closed")
         if self._engine is None:
             self._engine = self._create_engine()
+        await run_to_completion(self._initialize())
+
+    async def _initialize(self) -> None:
         async with self._write("initialize schema") as connection:
             await connection.run_sync(upgrade_to_head)
 
@@ -108,13 +112,16 @@ class SqlSessionStorage(SessionStorage):
 
     async def save_session(self, session: ChatSession) -> bool:
         try:
-            async with self._write("save session") as connection:
-                await repositories.write_session(connection, session, self._token)
+            await run_to_completion(self._save_session(session))
         except BaseException:
             session.forget_stored(self._token)
             raise
         session.mark_stored(self._token)
         return True
+
+    async def _save_session(self, session: ChatSession) -> None:
+        async with self._write("save session") as connection:
+            await repositories.write_session(connection, session, self._token)
 
     async def load_session(self, session_id: str) -> ChatSession | None:
         async with self._read("load session") as connection:
@@ -139,13 +146,19 @@ class SqlSessionStorage(SessionStorage):
             return await repositories.read_session_page(connection, checked, limit, offset)
 
     async def delete_session(self, session_id: str) -> bool:
+        return await run_to_completion(self._delete_session(session_id))
+
+    async def _delete_session(self, session_id: str) -> bool:
         async with self._write("delete session") as connection:
             return await repositories.delete_session_row(connection, session_id)
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
+        await run_to_completion(self._save_file_record(file_record))
+        return True
+
+    async def _save_file_record(self, file_record: UploadedFileRecord) -> None:
         async with self._write("save file record") as connection:
             await repositories.write_file_record(connection, file_record)
-        return True
 
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
         async with self._read("load file record") as connection:
@@ -157,6 +170,9 @@ class SqlSessionStorage(SessionStorage):
             return await repositories.read_file_records_page(connection, limit)
 
     async def delete_expired_files(self) -> int:
+        return await run_to_completion(self._delete_expired_files())
+
+    async def _delete_expired_files(self) -> int:
         async with self._write("delete expired files") as connection:
             return await repositories.delete_files_expired_by(connection, utc_now())
 
@@ -204,14 +220,20 @@ class SqlSessionStorage(SessionStorage):
             return await repositories.count_store(connection, utc_now())
 
     async def expire_sessions(self, updated_before: datetime) -> int:
+        return await run_to_completion(self._expire_sessions(updated_before))
+
+    async def _expire_sessions(self, updated_before: datetime) -> int:
         async with self._write("expire sessions") as connection:
             return await repositories.expire_sessions_before(connection, updated_before)
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         checked = _check_status(status)
         assert checked is not None
+        return await run_to_completion(self._set_status(session_ids, checked))
+
+    async def _set_status(self, session_ids: Sequence[str], status: Status) -> int:
         async with self._write("set session status") as connection:
-            return await repositories.set_sessions_status(connection, session_ids, checked)
+            return await repositories.set_sessions_status(connection, session_ids, status)
 
     async def copy_to_file(self, target: Path) -> bool:
         return False

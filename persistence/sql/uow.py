@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from persistence.errors import PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories
+from persistence.sql.completion import run_to_completion
 from persistence.sql.errors import sql_errors
 from persistence.storage import UnitOfWork
+
+T = TypeVar("T")
 
 
 class _SqlSessions:
@@ -20,19 +24,19 @@ class _SqlSessions:
 
     async def get(self, session_id: str) -> ChatSession | None:
         with sql_errors("load session"):
-            session = await repositories.read_session(await self._uow.connection(), session_id)
+            session = await self._uow.run(repositories.read_session, session_id)
         if session is not None:
             session.mark_stored(self._uow.token)
         return session
 
     async def add(self, session: ChatSession) -> None:
         with sql_errors("save session"):
-            await repositories.write_session(await self._uow.connection(), session, self._uow.token)
+            await self._uow.run(repositories.write_session, session, self._uow.token)
         self._uow.stored_on_commit(session)
 
     async def delete(self, session_id: str) -> bool:
         with sql_errors("delete session"):
-            return await repositories.delete_session_row(await self._uow.connection(), session_id)
+            return await self._uow.run(repositories.delete_session_row, session_id)
 
 
 class _SqlFiles:
@@ -41,15 +45,15 @@ class _SqlFiles:
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
         with sql_errors("load file record"):
-            return await repositories.read_file_record(await self._uow.connection(), file_id)
+            return await self._uow.run(repositories.read_file_record, file_id)
 
     async def add(self, record: UploadedFileRecord) -> None:
         with sql_errors("save file record"):
-            await repositories.write_file_record(await self._uow.connection(), record)
+            await self._uow.run(repositories.write_file_record, record)
 
     async def delete(self, file_id: str) -> bool:
         with sql_errors("delete file record"):
-            return await repositories.delete_file_row(await self._uow.connection(), file_id)
+            return await self._uow.run(repositories.delete_file_row, file_id)
 
 
 class SqlUnitOfWork(UnitOfWork):
@@ -72,13 +76,21 @@ class SqlUnitOfWork(UnitOfWork):
             raise PersistenceError("unit of work already committed: start a new one")
         return await self._session.connection()
 
+    async def run(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Runs a repository function on this unit's connection, to completion."""
+
+        async def call() -> T:
+            return await operation(await self.connection(), *args)
+
+        return await run_to_completion(call())
+
     def stored_on_commit(self, session: ChatSession) -> None:
         self._pending[id(session)] = session
 
     async def commit(self) -> None:
         try:
             with sql_errors("commit"):
-                await self._session.commit()
+                await run_to_completion(self._session.commit())
         except BaseException:
             # The commit may have landed before its acknowledgement was lost.
             for session in self._pending.values():
@@ -93,7 +105,7 @@ class SqlUnitOfWork(UnitOfWork):
     async def rollback(self) -> None:
         self._pending.clear()
         with sql_errors("rollback"):
-            await self._session.rollback()
+            await run_to_completion(self._session.rollback())
 
     async def __aenter__(self) -> Self:
         return self
@@ -104,6 +116,9 @@ class SqlUnitOfWork(UnitOfWork):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await run_to_completion(self._finish())
+
+    async def _finish(self) -> None:
         try:
             if not self._committed:
                 await self.rollback()
