@@ -112,7 +112,10 @@ def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
 def _utc_millisecond(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("datetime must be timezone-aware (a naive datetime is ambiguous)")
-    return truncate_to_millisecond(value.astimezone(utc_now().tzinfo))
+    try:
+        return truncate_to_millisecond(value.astimezone(utc_now().tzinfo))
+    except OverflowError:
+        raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from None
 
 
 def _identifier(value: str) -> str:
