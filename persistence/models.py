@@ -99,6 +99,10 @@ def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
         elif isinstance(item, float):
             if not math.isfinite(item):
                 raise InvalidDataError(f"{path}: {item} is not a JSON number")
+            if item == 0 and math.copysign(1.0, item) < 0:
+                raise InvalidDataError(
+                    f"{path}: -0.0 would come back from PostgreSQL as 0.0; store 0.0"
+                )
             if item.is_integer() and abs(item) >= _FLOAT_INTEGRAL_LIMIT:
                 raise InvalidDataError(
                     f"{path}: float {item!r} would come back from PostgreSQL as an integer;"
