@@ -23,7 +23,7 @@ def postgresql_url(connection_string: str) -> URL:
     """
     try:
         url = make_url(connection_string)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise InvalidDataError(
             "connection_string: not a database URL (expected postgresql://user@host/db)"
         ) from None
@@ -43,7 +43,7 @@ def sqlite_path_from_url(connection_string: str) -> Path:
     """
     try:
         url = make_url(connection_string)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise InvalidDataError("connection_string: not a sqlite:///path URL") from None
     if url.drivername not in _SQLITE_SCHEMES:
         raise InvalidDataError(f"connection_string: scheme {url.drivername!r} is not SQLite")
