@@ -28,6 +28,11 @@ _SQLITE_DESCRIPTIONS = {
 }
 
 
+# PostgreSQL SQLSTATEs of a lost or refused connection: class 08 (connection exception)
+# and 57P01-57P03 (server shut down, crashed, or not accepting connections yet).
+_PG_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
+
+
 def _driver_detail(exc: BaseException) -> str:
     """Names the driver's error without its SQL or parameters (never a password)."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -44,6 +49,9 @@ def _unreachable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_PG_UNREACHABLE_STATES):
             return True
         code = getattr(exc.orig, "sqlite_errorcode", None)
         if code is not None:
