@@ -102,7 +102,7 @@ async def test_connections_terminated_under_load_fail_cleanly_and_the_pool_recov
     async def terminate() -> None:
         nonlocal terminated
         for _ in range(rounds):
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.1)
             killed = await admin.fetch(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = $1 AND pid <> pg_backend_pid()",

@@ -61,7 +61,7 @@ MODES = ["storable", "hostile"]
 
 def _examples(scale: Scale) -> settings:
     return settings(
-        max_examples=scale.n(40, 2000),
+        max_examples=scale.n(25, 2000),
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
         database=None,

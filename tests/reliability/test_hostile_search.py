@@ -84,7 +84,7 @@ def test_any_query_never_raises_and_matches_exactly_the_messages_with_its_words(
     tried = exact = 0
 
     @settings(
-        max_examples=scale.n(150, 3000),
+        max_examples=scale.n(100, 3000),
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
