@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from persistence.errors import (
     ConfigError,
@@ -16,7 +17,20 @@ from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.backend import PostgreSQLSessionStorage, SQLiteSessionStorage
 from persistence.storage import SessionStorage, StorageCounts, UnitOfWork
 
+if TYPE_CHECKING:
+    from persistence.mongo.backend import MongoDBSessionStorage
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    # MongoDB's drivers are the optional `mongodb` extra: import them on first use only.
+    if name == "MongoDBSessionStorage":
+        from persistence.mongo.backend import MongoDBSessionStorage
+
+        return MongoDBSessionStorage
+    raise AttributeError(f"module 'persistence' has no attribute {name!r}")
+
 
 __all__ = [
     "ChatMessage",
@@ -24,6 +38,7 @@ __all__ = [
     "ConfigError",
     "InvalidDataError",
     "MigrationError",
+    "MongoDBSessionStorage",
     "PersistenceError",
     "PostgreSQLSessionStorage",
     "SQLiteSessionStorage",

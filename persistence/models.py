@@ -181,6 +181,14 @@ class ChatSession(_DomainModel):
     # It lets a save send only the new messages without reading the history back.
     _stored: dict[str, tuple[int, str | None]] = PrivateAttr(default_factory=dict)
 
+    def __eq__(self, other: object) -> bool:
+        # Fields only: which storages hold the messages is bookkeeping, not data.
+        if not isinstance(other, ChatSession):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model
+
     @classmethod
     def create(
         cls,
@@ -234,6 +242,17 @@ class ChatSession(_DomainModel):
         may still have landed, so the next save must check what the store holds.
         """
         self._stored.pop(token, None)
+
+    def stored_marker(self, token: str) -> tuple[int, str | None] | None:
+        """Returns what storage `token` is known to hold, to restore after a rollback."""
+        return self._stored.get(token)
+
+    def restore_stored_marker(self, token: str, marker: tuple[int, str | None] | None) -> None:
+        """Puts back a marker from `stored_marker` (the writes it covered were undone)."""
+        if marker is None:
+            self._stored.pop(token, None)
+        else:
+            self._stored[token] = marker
 
     def unstored_messages(self, token: str) -> tuple[list[ChatMessage], bool]:
         """Returns the messages storage `token` may lack, and whether that is certain.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -10,9 +11,47 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, Self
 
-from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.errors import InvalidDataError
+from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 
 BackendName = Literal["sqlite", "postgresql", "mongodb"]
+
+# Words beyond this many add nothing a person meant and only slow the engine down.
+MAX_QUERY_WORDS = 32
+_WORD = re.compile(r"\w+")
+
+
+def search_words(query: str) -> list[str]:
+    """Returns the words of a typed query, the only part of it any engine is given.
+
+    Characters no engine can take (NUL, lone surrogates) are dropped, so a query is
+    never a syntax error and never matches by accident of syntax.
+    """
+    cleaned = query.encode("utf-8", "ignore").decode("utf-8").replace("\x00", " ")
+    return _WORD.findall(cleaned)[:MAX_QUERY_WORDS]
+
+
+def check_status(status: str | None) -> Status | None:
+    """Returns `status` if it is one of STATUSES (or None).
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if status is not None and status not in STATUSES:
+        raise InvalidDataError(f"status: {status!r} is not one of {', '.join(STATUSES)}")
+    return status
+
+
+def check_page(limit: int, offset: int = 0) -> None:
+    """Refuses a negative limit or offset.
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if limit < 0:
+        raise InvalidDataError(f"limit: must be >= 0, got {limit}")
+    if offset < 0:
+        raise InvalidDataError(f"offset: must be >= 0, got {offset}")
 
 
 @dataclass(frozen=True, slots=True)

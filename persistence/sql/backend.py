@@ -5,48 +5,43 @@ from __future__ import annotations
 import uuid
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+import aiosqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.sql import repositories
-from persistence.sql.completion import run_to_completion
 from persistence.sql.engines import (
-    READ_OPTIONS,
     WRITE_OPTIONS,
+    open_sqlite,
     postgresql_engine,
     postgresql_url,
     sqlite_engine,
+    sqlite_pragmas,
     sqlite_url,
 )
-from persistence.sql.errors import sql_errors
+from persistence.sql.errors import connection_lost, sql_errors
+from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
 from persistence.sql.schema import upgrade_to_head
-from persistence.sql.search import search
 from persistence.sql.uow import SqlUnitOfWork
-from persistence.storage import BackendName, SessionStorage, StorageCounts
+from persistence.storage import (
+    BackendName,
+    SessionStorage,
+    StorageCounts,
+    check_page,
+    check_status,
+)
 
-
-def _check_status(status: str | None) -> Status | None:
-    if status is not None and status not in STATUSES:
-        raise InvalidDataError(f"status: {status!r} is not one of {', '.join(STATUSES)}")
-    return status
-
-
-def _check_page(limit: int, offset: int = 0) -> None:
-    if limit < 0:
-        raise InvalidDataError(f"limit: must be >= 0, got {limit}")
-    if offset < 0:
-        raise InvalidDataError(f"offset: must be >= 0, got {offset}")
+T = TypeVar("T")
 
 
 class SqlSessionStorage(SessionStorage):
-    """The SessionStorage of the SQL family; subclasses only build the engine."""
+    """The SessionStorage of the SQL family; subclasses only say how work is run."""
 
     def __init__(self) -> None:
         # Identifies this storage in each session's record of what is stored where.
@@ -56,6 +51,10 @@ class SqlSessionStorage(SessionStorage):
 
     @abstractmethod
     def _create_engine(self) -> AsyncEngine: ...
+
+    @abstractmethod
+    async def _run(self, work: Work[T], action: str, *, write: bool) -> T:
+        """Runs `work` as one transaction (write) or one consistent read."""
 
     @property
     def engine(self) -> AsyncEngine:
@@ -72,34 +71,14 @@ class SqlSessionStorage(SessionStorage):
             )
         return self._engine
 
-    def _writer(self) -> AsyncEngine:
-        return self.engine.execution_options(**WRITE_OPTIONS)
-
-    def _reader(self) -> AsyncEngine:
-        return self.engine.execution_options(**READ_OPTIONS[self.backend_name])
-
-    @asynccontextmanager
-    async def _write(self, action: str) -> AsyncIterator[AsyncConnection]:
-        with sql_errors(action):
-            async with self._writer().begin() as connection:
-                yield connection
-
-    @asynccontextmanager
-    async def _read(self, action: str) -> AsyncIterator[AsyncConnection]:
-        with sql_errors(action):
-            async with self._reader().connect() as connection:
-                yield connection
-
     async def initialize(self) -> None:
         if self._closed:
             raise PersistenceError(f"{self.backend_name} storage is closed")
         if self._engine is None:
             self._engine = self._create_engine()
-        await run_to_completion(self._initialize())
-
-    async def _initialize(self) -> None:
-        async with self._write("initialize schema") as connection:
-            await connection.run_sync(upgrade_to_head)
+        with sql_errors("initialize schema"):
+            async with self._engine.execution_options(**WRITE_OPTIONS).begin() as connection:
+                await connection.run_sync(upgrade_to_head)
 
     async def close(self) -> None:
         engine, self._engine, self._closed = self._engine, None, True
@@ -108,31 +87,31 @@ class SqlSessionStorage(SessionStorage):
                 await engine.dispose()
 
     def unit_of_work(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self._writer(), self._token)
+        return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self._token)
 
     async def save_session(self, session: ChatSession) -> bool:
         try:
-            await run_to_completion(self._save_session(session))
+            await self._run(
+                repositories.write_session(session, self._token), "save session", write=True
+            )
         except BaseException:
             session.forget_stored(self._token)
             raise
         session.mark_stored(self._token)
         return True
 
-    async def _save_session(self, session: ChatSession) -> None:
-        async with self._write("save session") as connection:
-            await repositories.write_session(connection, session, self._token)
-
     async def load_session(self, session_id: str) -> ChatSession | None:
-        async with self._read("load session") as connection:
-            session = await repositories.read_session(connection, session_id)
+        session = await self._run(
+            repositories.read_session(session_id), "load session", write=False
+        )
         if session is not None:
             session.mark_stored(self._token)
         return session
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
-        async with self._read("load sessions") as connection:
-            loaded = await repositories.read_sessions(connection, session_ids)
+        loaded = await self._run(
+            repositories.read_sessions(session_ids), "load sessions", write=False
+        )
         for session in loaded:
             session.mark_stored(self._token)
         return loaded
@@ -140,59 +119,55 @@ class SqlSessionStorage(SessionStorage):
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[ChatSession]:
-        checked = _check_status(status)
-        _check_page(limit, offset)
-        async with self._read("list sessions") as connection:
-            return await repositories.read_session_page(connection, checked, limit, offset)
+        checked = check_status(status)
+        check_page(limit, offset)
+        return await self._run(
+            repositories.read_session_page(checked, limit, offset), "list sessions", write=False
+        )
 
     async def delete_session(self, session_id: str) -> bool:
-        return await run_to_completion(self._delete_session(session_id))
-
-    async def _delete_session(self, session_id: str) -> bool:
-        async with self._write("delete session") as connection:
-            return await repositories.delete_session_row(connection, session_id)
+        return await self._run(
+            repositories.delete_session(session_id), "delete session", write=True
+        )
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
-        await run_to_completion(self._save_file_record(file_record))
+        await self._run(repositories.write_file_record(file_record), "save file record", write=True)
         return True
 
-    async def _save_file_record(self, file_record: UploadedFileRecord) -> None:
-        async with self._write("save file record") as connection:
-            await repositories.write_file_record(connection, file_record)
-
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
-        async with self._read("load file record") as connection:
-            return await repositories.read_file_record(connection, file_id)
+        return await self._run(
+            repositories.read_file_record(file_id), "load file record", write=False
+        )
 
     async def list_file_records(self, limit: int = 100) -> list[UploadedFileRecord]:
-        _check_page(limit)
-        async with self._read("list file records") as connection:
-            return await repositories.read_file_records_page(connection, limit)
+        check_page(limit)
+        return await self._run(
+            repositories.read_file_record_page(limit), "list file records", write=False
+        )
 
     async def delete_expired_files(self) -> int:
-        return await run_to_completion(self._delete_expired_files())
-
-    async def _delete_expired_files(self) -> int:
-        async with self._write("delete expired files") as connection:
-            return await repositories.delete_files_expired_by(connection, utc_now())
+        return await self._run(
+            repositories.delete_files_expired_by(utc_now()), "delete expired files", write=True
+        )
 
     async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
-        _check_page(limit)
-        async with self._read("search messages") as connection:
-            return await search(connection, query, limit)
+        check_page(limit)
+        return await self._run(
+            repositories.search_messages(query, limit), "search messages", write=False
+        )
 
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True
     ) -> AsyncIterator[list[ChatSession]]:
         if batch_size <= 0:
             raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
-        after: str | None = None
+        after = ""
         while True:
-            async with self._read("iterate sessions") as connection:
-                ids = await repositories.read_session_ids_after(connection, after, batch_size)
-                batch = await repositories.read_sessions(
-                    connection, ids, with_messages=with_messages
-                )
+            ids, batch = await self._run(
+                repositories.read_session_batch(after, batch_size, with_messages),
+                "iterate sessions",
+                write=False,
+            )
             if not ids:
                 return
             if with_messages:
@@ -206,34 +181,34 @@ class SqlSessionStorage(SessionStorage):
     ) -> AsyncIterator[list[UploadedFileRecord]]:
         if batch_size <= 0:
             raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
-        after: str | None = None
+        after = ""
         while True:
-            async with self._read("iterate file records") as connection:
-                batch = await repositories.read_file_records_after(connection, after, batch_size)
+            batch = await self._run(
+                repositories.read_file_record_batch(after, batch_size),
+                "iterate file records",
+                write=False,
+            )
             if not batch:
                 return
             yield batch
             after = batch[-1].file_id
 
     async def count(self) -> StorageCounts:
-        async with self._read("count") as connection:
-            return await repositories.count_store(connection, utc_now())
+        return await self._run(repositories.count_store(utc_now()), "count", write=False)
 
     async def expire_sessions(self, updated_before: datetime) -> int:
-        return await run_to_completion(self._expire_sessions(updated_before))
-
-    async def _expire_sessions(self, updated_before: datetime) -> int:
-        async with self._write("expire sessions") as connection:
-            return await repositories.expire_sessions_before(connection, updated_before)
+        return await self._run(
+            repositories.expire_sessions_before(updated_before), "expire sessions", write=True
+        )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
-        checked = _check_status(status)
+        checked = check_status(status)
         assert checked is not None
-        return await run_to_completion(self._set_status(session_ids, checked))
-
-    async def _set_status(self, session_ids: Sequence[str], status: Status) -> int:
-        async with self._write("set session status") as connection:
-            return await repositories.set_sessions_status(connection, session_ids, status)
+        return await self._run(
+            repositories.set_sessions_status(session_ids, checked),
+            "set session status",
+            write=True,
+        )
 
     async def copy_to_file(self, target: Path) -> bool:
         return False
@@ -243,7 +218,8 @@ class SQLiteSessionStorage(SqlSessionStorage):
     """The embedded default: one SQLite file, WAL, foreign keys on, busy timeout.
 
     Every write transaction takes the write lock when it begins, so concurrent
-    writers (tasks or processes) wait for each other instead of failing.
+    writers (tasks or processes) wait for each other instead of failing. Each call
+    runs whole inside the aiosqlite connection's thread: one hop per call.
     """
 
     backend_name: BackendName = "sqlite"
@@ -260,10 +236,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self.database_path = Path(database_path)
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise InvalidDataError(f"synchronous: {synchronous!r} is not FULL, NORMAL or EXTRA")
-        self._pragmas: dict[str, Any] = {"synchronous": synchronous.upper()}
-        if cache_size is not None:
-            self._pragmas["cache_size"] = int(cache_size)
+        self._pragmas = sqlite_pragmas(synchronous.upper(), cache_size, busy_timeout)
         self._busy_timeout = busy_timeout
+        self._connection: aiosqlite.Connection | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStorage({str(self.database_path)!r})"
@@ -272,21 +247,51 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self.database_path.parent.mkdir(parents=True, exist_ok=True)
         return sqlite_engine(sqlite_url(self.database_path), self._pragmas, self._busy_timeout)
 
+    async def initialize(self) -> None:
+        await super().initialize()
+        if self._connection is None:
+            with sql_errors("open database"):
+                self._connection = await open_sqlite(
+                    self.database_path, self._pragmas, self._busy_timeout
+                )
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        try:
+            if connection is not None:
+                with sql_errors("close"):
+                    await connection.close()
+        finally:
+            await super().close()
+
+    async def _run(self, work: Work[T], action: str, *, write: bool) -> T:
+        dialect = self.engine.dialect
+        connection = self._connection
+        if connection is None:
+            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        with sql_errors(action):
+            result: T = await run_in_thread(
+                connection,
+                run_in_sqlite_thread,
+                dialect,
+                work,
+                "BEGIN IMMEDIATE" if write else "BEGIN",
+            )
+            return result
+
     async def copy_to_file(self, target: Path) -> bool:
         """Copies the database with SQLite's online backup API (consistent under writers)."""
-        import aiosqlite
-
-        async with self._read("back up database") as connection:
-            raw = await connection.get_raw_connection()
-            source = raw.driver_connection
-            assert isinstance(source, aiosqlite.Connection)
+        connection = self._connection
+        if connection is None:
+            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        with sql_errors("back up database"):
             async with aiosqlite.connect(target) as destination:
-                await source.backup(destination)
+                await connection.backup(destination)
         return True
 
 
 class PostgreSQLSessionStorage(SqlSessionStorage):
-    """PostgreSQL through an asyncpg connection pool."""
+    """PostgreSQL through a pool of asyncpg connections (SQLAlchemy's pool)."""
 
     backend_name: BackendName = "postgresql"
 
@@ -304,7 +309,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         super().__init__()
         if min_pool_size < 0 or max_pool_size < 1 or min_pool_size > max_pool_size:
             raise InvalidDataError(
-                f"pool sizes: need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1,"
+                "pool sizes: need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1,"
                 f" got {min_pool_size} and {max_pool_size}"
             )
         self.url = postgresql_url(connection_string)
@@ -328,3 +333,21 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             connect_timeout=self._connect_timeout,
             pool_timeout=self._pool_timeout,
         )
+
+    async def _run(self, work: Work[T], action: str, *, write: bool) -> T:
+        engine = self.engine
+        with sql_errors(action):
+            async with engine.connect() as pooled:
+                driver = (await pooled.get_raw_connection()).driver_connection
+                assert driver is not None
+                try:
+                    if not write:
+                        # Autocommit reads: no BEGIN / COMMIT round trips.
+                        return await run_on_asyncpg(driver, engine.dialect, work)
+                    async with driver.transaction():
+                        return await run_on_asyncpg(driver, engine.dialect, work)
+                except BaseException as exc:
+                    if connection_lost(exc) or not isinstance(exc, Exception):
+                        # Cancelled mid-query or cut off: never lend this connection again.
+                        await pooled.invalidate()
+                    raise

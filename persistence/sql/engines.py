@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 from sqlalchemy import URL, event, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from persistence.errors import InvalidDataError
+from persistence.sql.types import json_loads
 
 _POSTGRESQL_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
 _SQLITE_SCHEMES = {"sqlite", "sqlite+aiosqlite"}
@@ -56,42 +58,67 @@ def sqlite_url(path: Path) -> URL:
     return URL.create("sqlite+aiosqlite", database=str(path))
 
 
+def sqlite_pragmas(synchronous: str, cache_size: int | None, busy_timeout: float) -> dict[str, Any]:
+    """The settings of every connection to the file, in the order they are applied."""
+    pragmas: dict[str, Any] = {
+        "journal_mode": "WAL",
+        "foreign_keys": "ON",
+        "busy_timeout": int(busy_timeout * 1000),
+        "synchronous": synchronous,
+    }
+    if cache_size is not None:
+        pragmas["cache_size"] = int(cache_size)
+    return pragmas
+
+
+def _apply_pragmas(connection: Any, pragmas: dict[str, Any]) -> None:
+    for name, value in pragmas.items():
+        connection.execute(f"PRAGMA {name}={value}")
+
+
+async def open_sqlite(
+    path: Path, pragmas: dict[str, Any], busy_timeout: float
+) -> aiosqlite.Connection:
+    """Opens the connection that runs each call whole in its own thread.
+
+    isolation_level=None: the library, not the sqlite3 module, begins transactions.
+    """
+    connection = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+    try:
+        for name, value in pragmas.items():
+            await connection.execute(f"PRAGMA {name}={value}")
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
+
+
 def sqlite_engine(url: URL, pragmas: dict[str, Any], busy_timeout: float) -> AsyncEngine:
-    engine = create_async_engine(url, connect_args={"timeout": busy_timeout}, hide_parameters=True)
+    """The engine of migrations and units of work, set up like `open_sqlite`."""
+    engine = create_async_engine(
+        url,
+        connect_args={"timeout": busy_timeout},
+        hide_parameters=True,
+        json_deserializer=json_loads,
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
-        # SQLAlchemy, not the sqlite3 module, decides where transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-        for name, value in pragmas.items():
-            cursor.execute(f"PRAGMA {name}={value}")
+        _apply_pragmas(cursor, pragmas)
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(connection: Any) -> None:
-        options = connection.get_execution_options()
-        if options.get("persistence_read"):
-            # The driver runs in autocommit mode: each read sees the latest commit.
-            return
         # Writers take the lock up front: a concurrent writer then waits on the busy
         # timeout instead of failing when a deferred transaction tries to upgrade.
-        connection.exec_driver_sql(
-            "BEGIN IMMEDIATE" if options.get("persistence_write") else "BEGIN"
-        )
+        write = connection.get_execution_options().get("persistence_write")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
 
 
-# Reads need no transaction of their own: no BEGIN / ROLLBACK round trips.
-# (SQLite's AUTOCOMMIT level would hand the sqlite3 module its implicit BEGINs back.)
-READ_OPTIONS: dict[str, dict[str, Any]] = {
-    "sqlite": {"persistence_read": True},
-    "postgresql": {"isolation_level": "AUTOCOMMIT"},
-}
 WRITE_OPTIONS: dict[str, Any] = {"persistence_write": True}
 
 
@@ -117,6 +144,7 @@ def postgresql_engine(
         pool_timeout=pool_timeout,
         connect_args=connect_args,
         hide_parameters=True,
+        json_deserializer=json_loads,
     )
 
 

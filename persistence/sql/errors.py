@@ -44,14 +44,46 @@ def _driver_detail(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {first_line[:200]}" if first_line else type(orig).__name__
 
 
+try:
+    from asyncpg import InterfaceError as _AsyncpgInterfaceError
+    from asyncpg import PostgresError as _PostgresError
+    from asyncpg.exceptions import PostgresConnectionError as _PostgresConnectionError
+
+    _ASYNCPG_ERRORS: tuple[type[BaseException], ...] = (_PostgresError, _AsyncpgInterfaceError)
+    _ASYNCPG_LOST: tuple[type[BaseException], ...] = (
+        _AsyncpgInterfaceError,
+        _PostgresConnectionError,
+    )
+except ImportError:  # asyncpg is the optional postgresql extra
+    _ASYNCPG_ERRORS = _ASYNCPG_LOST = ()
+
+
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    SQLAlchemyError,
+    sqlite3.Error,
+    OSError,
+    TimeoutError,
+    *_ASYNCPG_ERRORS,
+)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True if the error means the connection it came from cannot be used again."""
+    return isinstance(exc, (OSError, TimeoutError, *_ASYNCPG_LOST)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
 def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError | PoolTimeoutError | InterfaceError):
         return True
+    sqlstate = getattr(exc.orig if isinstance(exc, DBAPIError) else exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(_PG_UNREACHABLE_STATES):
+        return True
+    if isinstance(exc, _ASYNCPG_ERRORS):
+        return connection_lost(exc)
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
-            return True
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_PG_UNREACHABLE_STATES):
             return True
         code = getattr(exc.orig, "sqlite_errorcode", None)
         if code is not None:
@@ -83,5 +115,5 @@ def sql_errors(action: str) -> Iterator[None]:
         yield
     except PersistenceError:
         raise
-    except (SQLAlchemyError, sqlite3.Error, OSError, TimeoutError) as exc:
+    except _DRIVER_ERRORS as exc:
         raise translate(exc, action) from exc

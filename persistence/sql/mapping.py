@@ -1,13 +1,17 @@
 """Rows <-> domain models, as pure functions.
 
-On the way out, rows become domain objects without re-validation: the schema and
-the validation on the way in already guarantee every value.
+On the way out, rows become domain objects without re-validation: the schema and the
+validation on the way in already guarantee every value. Loading a history builds
+thousands of messages, so they are built the way pydantic's `model_construct` builds
+them, without its per-call overhead (tests/sql/test_mapping.py holds the two equal).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
@@ -41,42 +45,109 @@ FILE_COLUMNS = (
     FileRow.metadata_,
 )
 
+Model = TypeVar("Model", bound=BaseModel)
+_MESSAGE_FIELDS = frozenset(ChatMessage.model_fields)
+_SESSION_FIELDS = frozenset(ChatSession.model_fields)
+_FILE_FIELDS = frozenset(UploadedFileRecord.model_fields)
 
-def session_from_row(row: Sequence[Any], messages: list[ChatMessage]) -> ChatSession:
-    return ChatSession.model_construct(
-        session_id=row[0],
-        model=row[1],
-        created_at=row[2],
-        updated_at=row[3],
-        message_count=row[4],
-        messages=messages,
-        metadata=row[5],
-        status=row[6],
-    )
+
+def _private_defaults(cls: type[BaseModel]) -> Callable[[], dict[str, Any] | None]:
+    """What model_construct gives a model's private attributes, resolved once per class."""
+    attributes = dict(cls.__private_attributes__)
+    if not attributes:
+        return lambda: None
+    for attribute in attributes.values():
+        if attribute.default_factory is None:
+            raise TypeError(f"{cls.__name__}: private attributes need a default_factory")
+    return lambda: {
+        name: attr.default_factory()  # type: ignore[call-arg,misc]  # checked above: no-arg
+        for name, attr in attributes.items()
+    }
+
+
+_PRIVATE: dict[type[BaseModel], Callable[[], dict[str, Any] | None]] = {
+    model: _private_defaults(model) for model in (ChatMessage, ChatSession, UploadedFileRecord)
+}
+
+
+_set_attribute = object.__setattr__
+
+
+def _trusted(cls: type[Model], fields: frozenset[str], values: dict[str, Any]) -> Model:
+    """Builds a model from values the database guarantees valid, as model_construct does."""
+    instance = cls.__new__(cls)
+    _set_attribute(instance, "__dict__", values)
+    _set_attribute(instance, "__pydantic_fields_set__", set(fields))
+    _set_attribute(instance, "__pydantic_extra__", None)
+    _set_attribute(instance, "__pydantic_private__", _PRIVATE[cls]())
+    return instance
 
 
 def message_from_row(row: Sequence[Any]) -> ChatMessage:
-    return ChatMessage.model_construct(
-        message_id=row[0],
-        session_id=row[1],
-        role=row[2],
-        content=row[3],
-        created_at=row[4],
-        metadata=row[5],
+    # The hottest builder (a history is thousands of them), so _trusted is inlined; a
+    # frozen model never changes its fields-set, so every message may share one.
+    message = _new_message(ChatMessage)
+    _set_attribute(
+        message,
+        "__dict__",
+        {
+            "message_id": row[0],
+            "session_id": row[1],
+            "role": row[2],
+            "content": row[3],
+            "created_at": row[4],
+            "metadata": row[5],
+        },
+    )
+    _set_attribute(message, "__pydantic_fields_set__", _MESSAGE_FIELDS_SET)
+    _set_attribute(message, "__pydantic_extra__", None)
+    _set_attribute(message, "__pydantic_private__", None)
+    return message
+
+
+_new_message = ChatMessage.__new__
+_MESSAGE_FIELDS_SET = set(ChatMessage.model_fields)
+
+
+def session_from_row(row: Sequence[Any], messages: list[ChatMessage] | None) -> ChatSession:
+    """A session; `messages` None means a listing (count from the row, no history)."""
+    return _trusted(
+        ChatSession,
+        _SESSION_FIELDS,
+        {
+            "session_id": row[0],
+            "model": row[1],
+            "created_at": row[2],
+            "updated_at": row[3],
+            "message_count": row[4] if messages is None else len(messages),
+            "messages": [] if messages is None else messages,
+            "metadata": row[5],
+            "status": row[6],
+        },
     )
 
 
 def file_record_from_row(row: Sequence[Any]) -> UploadedFileRecord:
-    return UploadedFileRecord.model_construct(
-        file_id=row[0],
-        gemini_file_name=row[1],
-        gemini_file_uri=row[2],
-        display_name=row[3],
-        size=row[4],
-        mime_type=row[5],
-        uploaded_at=row[6],
-        expires_at=row[7],
-        metadata=row[8],
+    return _trusted(
+        UploadedFileRecord,
+        _FILE_FIELDS,
+        dict(
+            zip(
+                (
+                    "file_id",
+                    "gemini_file_name",
+                    "gemini_file_uri",
+                    "display_name",
+                    "size",
+                    "mime_type",
+                    "uploaded_at",
+                    "expires_at",
+                    "metadata",
+                ),
+                row,
+                strict=True,
+            )
+        ),
     )
 
 

@@ -1,7 +1,9 @@
-"""Reads and writes of sessions, messages and file records, as Core statements.
+"""Reads and writes of sessions, messages and file records, written once for both dialects.
 
-Every function takes the connection of the caller's transaction, so a plain save and
-a unit of work run exactly the same statements.
+Each function returns a Work generator: it yields Core statements (statements.py) with
+their parameters and receives the results, and runner.py drives it on SQLite, on
+PostgreSQL, or inside a unit of work. A plain save and a unit of work therefore run
+exactly the same statements.
 """
 
 from __future__ import annotations
@@ -10,9 +12,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, case, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.errors import InvalidDataError
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
@@ -27,8 +28,11 @@ from persistence.sql.mapping import (
     rows_from_messages,
     session_from_row,
 )
+from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
+from persistence.sql.search import search_statement
+from persistence.sql.statements import Statement
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
-from persistence.storage import StorageCounts
+from persistence.storage import StorageCounts, search_words
 
 sessions = cast(Table, SessionRow.__table__)
 messages = cast(Table, MessageRow.__table__)
@@ -38,61 +42,124 @@ files = cast(Table, FileRow.__table__)
 _IN_CHUNK = 500
 
 
-def _insert(connection: AsyncConnection, table: Any) -> Any:
-    """The dialect's INSERT, which knows ON CONFLICT on both SQLite and PostgreSQL."""
-    if connection.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+def _binds(table: Table, *names: str) -> dict[str, Any]:
+    return {name: bindparam(name, type_=table.c[name].type) for name in names}
+
+
+def _upsert(table: Table, key: str, increment: str | None = None) -> Statement:
+    """INSERT ... ON CONFLICT DO UPDATE: the same SQL on SQLite and PostgreSQL."""
+    names = [column.name for column in table.columns if column.name != "id"]
+
+    def build(dialect: str) -> Any:
+        statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+        statement = statement.values(_binds(table, *names))
+        updates: dict[str, Any] = {
+            name: statement.excluded[name] for name in names if name not in (key, increment)
+        }
+        if increment is not None:
+            updates[increment] = table.c[increment] + statement.excluded[increment]
+            return statement.on_conflict_do_update(
+                index_elements=[table.c[key]], set_=updates
+            ).returning(table.c[increment])
+        return statement.on_conflict_do_update(index_elements=[table.c[key]], set_=updates)
+
+    return Statement(build)
+
+
+UPSERT_SESSION = _upsert(sessions, "session_id", increment="message_count")
+INSERT_MESSAGES = Statement(
+    insert(messages).values(_binds(messages, *(c.name for c in messages.columns if c.name != "id")))
+)
+SET_MESSAGE_COUNT = Statement(
+    update(sessions)
+    .where(sessions.c.session_id == bindparam("session_id"))
+    .values(message_count=bindparam("message_count"))
+)
+MESSAGE_OWNERS = Statement(
+    select(messages.c.message_id, messages.c.session_id).where(
+        messages.c.message_id.in_(bindparam("ids", expanding=True))
+    )
+)
+SELECT_SESSION = Statement(
+    select(*SESSION_COLUMNS).where(sessions.c.session_id == bindparam("session_id"))
+)
+SELECT_MESSAGES = Statement(
+    select(*MESSAGE_COLUMNS)
+    .where(messages.c.session_id == bindparam("session_id"))
+    .order_by(messages.c.position)
+)
+SELECT_SESSIONS_IN = Statement(
+    select(*SESSION_COLUMNS).where(sessions.c.session_id.in_(bindparam("ids", expanding=True)))
+)
+SELECT_MESSAGES_IN = Statement(
+    select(*MESSAGE_COLUMNS)
+    .where(messages.c.session_id.in_(bindparam("ids", expanding=True)))
+    .order_by(messages.c.session_id, messages.c.position)
+)
+_NEWEST_FIRST = (sessions.c.updated_at.desc(), sessions.c.session_id.desc())
+SESSION_PAGE = Statement(
+    select(*SESSION_COLUMNS)
+    .order_by(*_NEWEST_FIRST)
+    .limit(bindparam("limit"))
+    .offset(bindparam("offset"))
+)
+SESSION_PAGE_BY_STATUS = Statement(
+    select(*SESSION_COLUMNS)
+    .where(sessions.c.status == bindparam("status"))
+    .order_by(*_NEWEST_FIRST)
+    .limit(bindparam("limit"))
+    .offset(bindparam("offset"))
+)
+SESSION_IDS_AFTER = Statement(
+    select(sessions.c.session_id)
+    .where(sessions.c.session_id > bindparam("after"))
+    .order_by(sessions.c.session_id)
+    .limit(bindparam("limit"))
+)
+DELETE_SESSION = Statement(delete(sessions).where(sessions.c.session_id == bindparam("session_id")))
+EXPIRE_SESSIONS = Statement(
+    update(sessions)
+    .where(sessions.c.status == "active", sessions.c.updated_at < bindparam("cutoff"))
+    .values(status="expired")
+)
+SET_STATUS = Statement(
+    update(sessions)
+    .where(
+        sessions.c.session_id.in_(bindparam("ids", expanding=True)),
+        sessions.c.status != bindparam("status"),
+    )
+    .values(status=bindparam("status"))
+)
+COUNT_BY_STATUS = Statement(select(sessions.c.status, func.count()).group_by(sessions.c.status))
+# message_count always equals the rows stored, and summing it reads one row a session.
+SUM_MESSAGES = Statement(select(func.coalesce(func.sum(sessions.c.message_count), 0)))
+COUNT_FILES = Statement(
+    select(
+        func.count(),
+        func.coalesce(func.sum(case((files.c.expires_at <= bindparam("now"), 1), else_=0)), 0),
+    ).select_from(files)
+)
+
+UPSERT_FILE = _upsert(files, "file_id")
+SELECT_FILE = Statement(select(*FILE_COLUMNS).where(files.c.file_id == bindparam("file_id")))
+FILE_PAGE = Statement(
+    select(*FILE_COLUMNS)
+    .order_by(files.c.uploaded_at.desc(), files.c.file_id.desc())
+    .limit(bindparam("limit"))
+)
+FILES_AFTER = Statement(
+    select(*FILE_COLUMNS)
+    .where(files.c.file_id > bindparam("after"))
+    .order_by(files.c.file_id)
+    .limit(bindparam("limit"))
+)
+DELETE_FILE = Statement(delete(files).where(files.c.file_id == bindparam("file_id")))
+DELETE_EXPIRED_FILES = Statement(delete(files).where(files.c.expires_at <= bindparam("now")))
+SEARCH = Statement(search_statement)
 
 
 def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
     return [items[i : i + _IN_CHUNK] for i in range(0, len(items), _IN_CHUNK)]
-
-
-async def _upsert_session(connection: AsyncConnection, session: ChatSession, added: int) -> int:
-    """Upserts the session row, adds `added` to its count, returns the new count.
-
-    The row lock this takes (PostgreSQL) or the write lock the transaction holds
-    (SQLite) serialises writers of one session, so positions never collide.
-    """
-    statement = _insert(connection, sessions).values(row_from_session(session, added))
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
-        index_elements=[sessions.c.session_id],
-        set_={
-            "model": excluded.model,
-            "created_at": excluded.created_at,
-            "updated_at": excluded.updated_at,
-            "metadata": excluded.metadata,
-            "status": excluded.status,
-            "message_count": sessions.c.message_count + excluded.message_count,
-        },
-    ).returning(sessions.c.message_count)
-    return int((await connection.execute(statement)).scalar_one())
-
-
-async def _messages_not_stored(
-    connection: AsyncConnection, session_id: str, candidates: Sequence[ChatMessage]
-) -> list[ChatMessage]:
-    """Returns the candidates not stored yet.
-
-    Raises:
-        InvalidDataError: if a message id is already stored in another session.
-    """
-    stored: dict[str, str] = {}
-    for chunk in _chunks([message.message_id for message in candidates]):
-        result = await connection.execute(
-            select(messages.c.message_id, messages.c.session_id).where(
-                messages.c.message_id.in_(chunk)
-            )
-        )
-        stored.update({row[0]: row[1] for row in result})
-    for message_id, owner in stored.items():
-        if owner != session_id:
-            raise InvalidDataError(
-                f"message_id {message_id!r} is already stored in another session ({owner!r})"
-            )
-    return [message for message in candidates if message.message_id not in stored]
 
 
 def _check_owned(session: ChatSession, new: Sequence[ChatMessage]) -> None:
@@ -108,8 +175,32 @@ def _check_owned(session: ChatSession, new: Sequence[ChatMessage]) -> None:
         seen.add(message.message_id)
 
 
-async def write_session(connection: AsyncConnection, session: ChatSession, token: str) -> None:
+def _messages_not_stored(
+    session_id: str, candidates: Sequence[ChatMessage]
+) -> Work[list[ChatMessage]]:
+    """Returns the candidates not stored yet.
+
+    Raises:
+        InvalidDataError: if a message id is already stored in another session.
+    """
+    stored: dict[str, str] = {}
+    for chunk in _chunks([message.message_id for message in candidates]):
+        rows = yield Fetch(MESSAGE_OWNERS, {"ids": list(chunk)})
+        stored.update({row[0]: row[1] for row in rows})
+    for message_id, owner in stored.items():
+        if owner != session_id:
+            raise InvalidDataError(
+                f"message_id {message_id!r} is already stored in another session ({owner!r})"
+            )
+    return [message for message in candidates if message.message_id not in stored]
+
+
+def write_session(session: ChatSession, token: str) -> Work[None]:
     """Upserts the session and inserts only the messages the store does not hold.
+
+    The upsert takes the session row's lock (PostgreSQL) inside a transaction that
+    holds the write lock (SQLite), so writers of one session never collide on a
+    position, and the stored order is the order in which writes commit.
 
     Raises:
         InvalidDataError: if a message belongs to another session or repeats an id.
@@ -117,163 +208,113 @@ async def write_session(connection: AsyncConnection, session: ChatSession, token
     new, certain = session.unstored_messages(token)
     _check_owned(session, new)
     if certain:
-        count = await _upsert_session(connection, session, len(new))
+        rows = yield Fetch(UPSERT_SESSION, row_from_session(session, len(new)))
+        base = rows[0][0] - len(new)
+        if base >= len(session.messages) - len(new):
+            if new:
+                yield ExecuteMany(
+                    INSERT_MESSAGES, rows_from_messages(session.session_id, new, base)
+                )
+            return
+        # Fewer rows than this object saw stored: the session was deleted meanwhile,
+        # and its earlier messages with it.
+        new = session.messages
+        _check_owned(session, new)
     else:
-        count = await _upsert_session(connection, session, 0)
-        new = await _messages_not_stored(connection, session.session_id, new)
-        if new:
-            await connection.execute(
-                update(sessions)
-                .where(sessions.c.session_id == session.session_id)
-                .values(message_count=sessions.c.message_count + len(new))
-            )
-            count += len(new)
+        rows = yield Fetch(UPSERT_SESSION, row_from_session(session, 0))
+        base = rows[0][0]
+    new = yield from _messages_not_stored(session.session_id, new)
     if new:
-        rows = rows_from_messages(session.session_id, new, count - len(new))
-        await connection.execute(insert(messages), rows)
-
-
-async def read_messages(
-    connection: AsyncConnection, session_ids: Sequence[str]
-) -> dict[str, list[ChatMessage]]:
-    """Returns the messages of the given sessions, each list in stored order."""
-    grouped: dict[str, list[ChatMessage]] = {session_id: [] for session_id in session_ids}
-    for chunk in _chunks(list(session_ids)):
-        result = await connection.execute(
-            select(*MESSAGE_COLUMNS)
-            .where(messages.c.session_id.in_(chunk))
-            .order_by(messages.c.session_id, messages.c.position)
+        yield Execute(
+            SET_MESSAGE_COUNT,
+            {"session_id": session.session_id, "message_count": base + len(new)},
         )
-        for row in result:
-            grouped[row[1]].append(message_from_row(row))
-    return grouped
+        yield ExecuteMany(INSERT_MESSAGES, rows_from_messages(session.session_id, new, base))
 
 
-async def read_session(connection: AsyncConnection, session_id: str) -> ChatSession | None:
-    row = (
-        await connection.execute(
-            select(*SESSION_COLUMNS).where(sessions.c.session_id == session_id)
-        )
-    ).first()
-    if row is None:
+def read_session(session_id: str) -> Work[ChatSession | None]:
+    rows = yield Fetch(SELECT_SESSION, {"session_id": session_id})
+    if not rows:
         return None
-    result = await connection.execute(
-        select(*MESSAGE_COLUMNS)
-        .where(messages.c.session_id == session_id)
-        .order_by(messages.c.position)
-    )
-    return session_from_row(row, [message_from_row(message) for message in result])
+    history = yield Fetch(SELECT_MESSAGES, {"session_id": session_id})
+    return session_from_row(rows[0], [message_from_row(row) for row in history])
 
 
-async def read_sessions(
-    connection: AsyncConnection, session_ids: Sequence[str], *, with_messages: bool = True
-) -> list[ChatSession]:
+def read_sessions(
+    session_ids: Sequence[str], with_messages: bool = True
+) -> Work[list[ChatSession]]:
     """Returns the sessions that exist, in the order of `session_ids`."""
-    rows: dict[str, Any] = {}
+    found: dict[str, Any] = {}
+    history: dict[str, list[ChatMessage]] = {}
     for chunk in _chunks(list(session_ids)):
-        result = await connection.execute(
-            select(*SESSION_COLUMNS).where(sessions.c.session_id.in_(chunk))
-        )
-        rows.update({row[0]: row for row in result})
-    found = [session_id for session_id in session_ids if session_id in rows]
-    history = await read_messages(connection, found) if with_messages else {}
-    return [session_from_row(rows[sid], history.get(sid, [])) for sid in found]
+        for row in (yield Fetch(SELECT_SESSIONS_IN, {"ids": list(chunk)})):
+            found[row[0]] = row
+        if with_messages:
+            for row in (yield Fetch(SELECT_MESSAGES_IN, {"ids": list(chunk)})):
+                history.setdefault(row[1], []).append(message_from_row(row))
+    return [
+        session_from_row(found[sid], history.get(sid, []) if with_messages else None)
+        for sid in session_ids
+        if sid in found
+    ]
 
 
-async def read_session_page(
-    connection: AsyncConnection, status: Status | None, limit: int, offset: int
-) -> list[ChatSession]:
-    statement = select(*SESSION_COLUMNS)
-    if status is not None:
-        statement = statement.where(sessions.c.status == status)
-    statement = (
-        statement.order_by(sessions.c.updated_at.desc(), sessions.c.session_id.desc())
-        .limit(limit)
-        .offset(offset)
-    )
-    return [session_from_row(row, []) for row in await connection.execute(statement)]
+def read_session_page(status: Status | None, limit: int, offset: int) -> Work[list[ChatSession]]:
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if status is None:
+        rows = yield Fetch(SESSION_PAGE, params)
+    else:
+        rows = yield Fetch(SESSION_PAGE_BY_STATUS, {**params, "status": status})
+    return [session_from_row(row, None) for row in rows]
 
 
-async def read_session_ids_after(
-    connection: AsyncConnection, after: str | None, limit: int
-) -> list[str]:
-    statement = select(sessions.c.session_id).order_by(sessions.c.session_id).limit(limit)
-    if after is not None:
-        statement = statement.where(sessions.c.session_id > after)
-    return list((await connection.execute(statement)).scalars())
+def read_session_batch(
+    after: str, limit: int, with_messages: bool
+) -> Work[tuple[list[str], list[ChatSession]]]:
+    """The next `limit` sessions in session_id order after `after` ("" for the first)."""
+    rows = yield Fetch(SESSION_IDS_AFTER, {"after": after, "limit": limit})
+    ids = [row[0] for row in rows]
+    batch = yield from read_sessions(ids, with_messages)
+    return ids, batch
 
 
-async def delete_session_row(connection: AsyncConnection, session_id: str) -> bool:
+def delete_session(session_id: str) -> Work[bool]:
     # Messages go by ON DELETE CASCADE (foreign keys are on in every SQLite connection).
-    result = await connection.execute(delete(sessions).where(sessions.c.session_id == session_id))
-    return bool(result.rowcount)
+    return bool((yield Execute(DELETE_SESSION, {"session_id": session_id})))
 
 
-async def write_file_record(connection: AsyncConnection, record: UploadedFileRecord) -> None:
-    row = row_from_file_record(record)
-    statement = _insert(connection, files).values(row)
-    statement = statement.on_conflict_do_update(
-        index_elements=[files.c.file_id],
-        set_={key: statement.excluded[key] for key in row if key != "file_id"},
-    )
-    await connection.execute(statement)
+def write_file_record(record: UploadedFileRecord) -> Work[None]:
+    yield Execute(UPSERT_FILE, row_from_file_record(record))
 
 
-async def read_file_record(connection: AsyncConnection, file_id: str) -> UploadedFileRecord | None:
-    row = (
-        await connection.execute(select(*FILE_COLUMNS).where(files.c.file_id == file_id))
-    ).first()
-    return None if row is None else file_record_from_row(row)
+def read_file_record(file_id: str) -> Work[UploadedFileRecord | None]:
+    rows = yield Fetch(SELECT_FILE, {"file_id": file_id})
+    return file_record_from_row(rows[0]) if rows else None
 
 
-async def read_file_records_page(
-    connection: AsyncConnection, limit: int
-) -> list[UploadedFileRecord]:
-    result = await connection.execute(
-        select(*FILE_COLUMNS)
-        .order_by(files.c.uploaded_at.desc(), files.c.file_id.desc())
-        .limit(limit)
-    )
-    return [file_record_from_row(row) for row in result]
+def read_file_record_page(limit: int) -> Work[list[UploadedFileRecord]]:
+    rows = yield Fetch(FILE_PAGE, {"limit": limit})
+    return [file_record_from_row(row) for row in rows]
 
 
-async def read_file_records_after(
-    connection: AsyncConnection, after: str | None, limit: int
-) -> list[UploadedFileRecord]:
-    statement = select(*FILE_COLUMNS).order_by(files.c.file_id).limit(limit)
-    if after is not None:
-        statement = statement.where(files.c.file_id > after)
-    return [file_record_from_row(row) for row in await connection.execute(statement)]
+def read_file_record_batch(after: str, limit: int) -> Work[list[UploadedFileRecord]]:
+    rows = yield Fetch(FILES_AFTER, {"after": after, "limit": limit})
+    return [file_record_from_row(row) for row in rows]
 
 
-async def delete_file_row(connection: AsyncConnection, file_id: str) -> bool:
-    result = await connection.execute(delete(files).where(files.c.file_id == file_id))
-    return bool(result.rowcount)
+def delete_file_record(file_id: str) -> Work[bool]:
+    return bool((yield Execute(DELETE_FILE, {"file_id": file_id})))
 
 
-async def delete_files_expired_by(connection: AsyncConnection, now: datetime) -> int:
-    result = await connection.execute(delete(files).where(files.c.expires_at <= now))
-    return int(result.rowcount)
+def delete_files_expired_by(now: datetime) -> Work[int]:
+    return int((yield Execute(DELETE_EXPIRED_FILES, {"now": now})))
 
 
-async def count_store(connection: AsyncConnection, now: datetime) -> StorageCounts:
+def count_store(now: datetime) -> Work[StorageCounts]:
     """Counts sessions by status, messages, files and expired files in the database."""
-    by_status = {
-        row[0]: int(row[1])
-        for row in await connection.execute(
-            select(sessions.c.status, func.count()).group_by(sessions.c.status)
-        )
-    }
-    # message_count always equals the rows stored, and summing it reads one row a session.
-    message_total = (
-        await connection.execute(select(func.coalesce(func.sum(sessions.c.message_count), 0)))
-    ).scalar_one()
-    expired = case((files.c.expires_at <= now, 1), else_=0)
-    file_total, expired_total = (
-        await connection.execute(
-            select(func.count(), func.coalesce(func.sum(expired), 0)).select_from(files)
-        )
-    ).one()
+    by_status = {row[0]: int(row[1]) for row in (yield Fetch(COUNT_BY_STATUS, {}))}
+    message_total = (yield Fetch(SUM_MESSAGES, {}))[0][0]
+    file_total, expired_total = (yield Fetch(COUNT_FILES, {"now": now}))[0]
     return StorageCounts(
         sessions_by_status={status: by_status.get(status, 0) for status in STATUSES},
         messages=int(message_total),
@@ -282,24 +323,20 @@ async def count_store(connection: AsyncConnection, now: datetime) -> StorageCoun
     )
 
 
-async def expire_sessions_before(connection: AsyncConnection, cutoff: datetime) -> int:
-    result = await connection.execute(
-        update(sessions)
-        .where(sessions.c.status == "active", sessions.c.updated_at < cutoff)
-        .values(status="expired")
-    )
-    return int(result.rowcount)
+def expire_sessions_before(cutoff: datetime) -> Work[int]:
+    return int((yield Execute(EXPIRE_SESSIONS, {"cutoff": cutoff})))
 
 
-async def set_sessions_status(
-    connection: AsyncConnection, session_ids: Sequence[str], status: Status
-) -> int:
+def set_sessions_status(session_ids: Sequence[str], status: Status) -> Work[int]:
     changed = 0
     for chunk in _chunks(list(session_ids)):
-        result = await connection.execute(
-            update(sessions)
-            .where(sessions.c.session_id.in_(chunk), sessions.c.status != status)
-            .values(status=status)
-        )
-        changed += int(result.rowcount)
+        changed += yield Execute(SET_STATUS, {"ids": list(chunk), "status": status})
     return changed
+
+
+def search_messages(query: str, limit: int) -> Work[list[ChatMessage]]:
+    words = search_words(query)
+    if not words or limit <= 0:
+        return []
+    rows = yield Fetch(SEARCH, {"query": words, "limit": limit})
+    return [message_from_row(row) for row in rows]

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from persistence.errors import PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories
-from persistence.sql.completion import run_to_completion
 from persistence.sql.errors import sql_errors
+from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_connection
 from persistence.storage import UnitOfWork
 
 T = TypeVar("T")
@@ -23,20 +22,17 @@ class _SqlSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
-        with sql_errors("load session"):
-            session = await self._uow.run(repositories.read_session, session_id)
+        session = await self._uow.run(repositories.read_session(session_id), "load session")
         if session is not None:
             session.mark_stored(self._uow.token)
         return session
 
     async def add(self, session: ChatSession) -> None:
-        with sql_errors("save session"):
-            await self._uow.run(repositories.write_session, session, self._uow.token)
-        self._uow.stored_on_commit(session)
+        await self._uow.run(repositories.write_session(session, self._uow.token), "save session")
+        self._uow.stored_until_rollback(session)
 
     async def delete(self, session_id: str) -> bool:
-        with sql_errors("delete session"):
-            return await self._uow.run(repositories.delete_session_row, session_id)
+        return await self._uow.run(repositories.delete_session(session_id), "delete session")
 
 
 class _SqlFiles:
@@ -44,16 +40,13 @@ class _SqlFiles:
         self._uow = uow
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
-        with sql_errors("load file record"):
-            return await self._uow.run(repositories.read_file_record, file_id)
+        return await self._uow.run(repositories.read_file_record(file_id), "load file record")
 
     async def add(self, record: UploadedFileRecord) -> None:
-        with sql_errors("save file record"):
-            await self._uow.run(repositories.write_file_record, record)
+        await self._uow.run(repositories.write_file_record(record), "save file record")
 
     async def delete(self, file_id: str) -> bool:
-        with sql_errors("delete file record"):
-            return await self._uow.run(repositories.delete_file_row, file_id)
+        return await self._uow.run(repositories.delete_file_record(file_id), "delete file record")
 
 
 class SqlUnitOfWork(UnitOfWork):
@@ -66,46 +59,54 @@ class SqlUnitOfWork(UnitOfWork):
     def __init__(self, engine: AsyncEngine, token: str) -> None:
         self.token = token
         self._session = AsyncSession(bind=engine, expire_on_commit=False)
-        self._pending: dict[int, ChatSession] = {}
+        self._undo: dict[int, tuple[ChatSession, tuple[int, str | None] | None]] = {}
         self._committed = False
         self.sessions = _SqlSessions(self)
         self.files = _SqlFiles(self)
 
-    async def connection(self) -> AsyncConnection:
+    async def run(self, work: Work[T], action: str) -> T:
+        """Runs repository work in this unit's transaction."""
         if self._committed:
+            work.close()
             raise PersistenceError("unit of work already committed: start a new one")
-        return await self._session.connection()
+        with sql_errors(action):
+            connection = await self._session.connection()
+            if connection.dialect.name == "sqlite":
+                # Inside the transaction SQLAlchemy began (BEGIN IMMEDIATE), in one hop.
+                driver = (await connection.get_raw_connection()).driver_connection
+                assert driver is not None
+                result: T = await run_in_thread(
+                    driver, run_in_sqlite_thread, connection.dialect, work, None
+                )
+                return result
+            return await run_on_connection(connection, work)
 
-    async def run(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Runs a repository function on this unit's connection, to completion."""
-
-        async def call() -> T:
-            return await operation(await self.connection(), *args)
-
-        return await run_to_completion(call())
-
-    def stored_on_commit(self, session: ChatSession) -> None:
-        self._pending[id(session)] = session
+    def stored_until_rollback(self, session: ChatSession) -> None:
+        """Marks the session's messages stored now; a rollback restores the old marker."""
+        if id(session) not in self._undo:
+            self._undo[id(session)] = (session, session.stored_marker(self.token))
+        session.mark_stored(self.token)
 
     async def commit(self) -> None:
         try:
             with sql_errors("commit"):
-                await run_to_completion(self._session.commit())
+                await self._session.commit()
         except BaseException:
-            # The commit may have landed before its acknowledgement was lost.
-            for session in self._pending.values():
+            # The commit may have landed before the error: later saves must check.
+            for session, _marker in self._undo.values():
                 session.forget_stored(self.token)
+            self._undo.clear()
             raise
         self._committed = True
-        # Only now does the store hold these messages: later saves may skip them.
-        for session in self._pending.values():
-            session.mark_stored(self.token)
-        self._pending.clear()
+        self._undo.clear()
 
     async def rollback(self) -> None:
-        self._pending.clear()
+        # The store holds none of this unit's messages: later saves must send them again.
+        for session, marker in self._undo.values():
+            session.restore_stored_marker(self.token, marker)
+        self._undo.clear()
         with sql_errors("rollback"):
-            await run_to_completion(self._session.rollback())
+            await self._session.rollback()
 
     async def __aenter__(self) -> Self:
         return self
@@ -116,9 +117,6 @@ class SqlUnitOfWork(UnitOfWork):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await run_to_completion(self._finish())
-
-    async def _finish(self) -> None:
         try:
             if not self._committed:
                 await self.rollback()

@@ -1,0 +1,1 @@
+"""The MongoDB backend: Beanie 2 on PyMongo's async client (the `mongodb` extra)."""

@@ -1,0 +1,99 @@
+"""PyMongo and BSON errors -> PersistenceError, at the MongoDB backend boundary."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bson.errors import BSONError, InvalidDocument
+from pymongo.errors import (
+    ConfigurationError,
+    ConnectionFailure,
+    DocumentTooLarge,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
+
+from persistence.errors import InvalidDataError, PersistenceError, StorageConnectionError
+
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+# Server error codes (src/mongo/base/error_codes.yml and uassert locations).
+_AUTHENTICATION_FAILED = 18
+_OVERFLOW = 15  # nesting deeper than the server keeps
+_TOO_LARGE = {
+    10334,  # BSONObjectTooLarge: an inserted or upserted document
+    17419,  # "Resulting document after update is larger than 16777216"
+}
+_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Replaces the user info of every MongoDB URL in `text` (never a password out)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _detail(exc: BaseException) -> str:
+    """Names the driver's error in one short line, without user info."""
+    text = str(exc).strip()
+    # A server selection message goes on with the whole topology description.
+    text = text.split(", Timeout:", 1)[0].split("\n", 1)[0][:200]
+    name = type(exc).__name__
+    code = getattr(exc, "code", None)
+    if code is not None:
+        name = f"{name} {code}"
+    return f"{name}: {redact(text)}" if text else name
+
+
+def too_large(action: str) -> InvalidDataError:
+    return InvalidDataError(
+        f"{action}: the session document would exceed MongoDB's 16 MiB document limit;"
+        " nothing was written (start a new session, or store large content elsewhere)"
+    )
+
+
+def translate(exc: BaseException, action: str) -> PersistenceError:
+    """Returns the library error for a PyMongo or BSON error (chain it with `from`)."""
+    if isinstance(exc, DocumentTooLarge):
+        return too_large(action)
+    if isinstance(exc, InvalidDocument):
+        return InvalidDataError(f"{action}: MongoDB cannot store the value ({_detail(exc)})")
+    if isinstance(exc, ConnectionFailure | OSError | TimeoutError):
+        return StorageConnectionError(f"{action}: MongoDB unreachable ({_detail(exc)})")
+    if isinstance(exc, ConfigurationError):
+        return StorageConnectionError(f"{action}: MongoDB cannot be used ({_detail(exc)})")
+    if isinstance(exc, DuplicateKeyError):
+        return PersistenceError(
+            f"{action} failed: a session, message or file id is already stored"
+            f" ({type(exc).__name__})"
+        )
+    if isinstance(exc, OperationFailure):
+        if exc.code == _AUTHENTICATION_FAILED:
+            return StorageConnectionError(f"{action}: MongoDB authentication failed")
+        if exc.code in _TOO_LARGE:
+            return too_large(action)
+        if exc.code == _OVERFLOW:
+            return InvalidDataError(f"{action}: nested deeper than MongoDB keeps")
+        if exc.has_error_label("TransientTransactionError"):
+            return PersistenceError(
+                f"{action} failed: transaction conflict, retry the unit of work ({_detail(exc)})"
+            )
+    return PersistenceError(f"{action} failed: {_detail(exc)}")
+
+
+@contextmanager
+def mongo_errors(action: str) -> Iterator[None]:
+    """Translates what PyMongo and BSON raise inside the block.
+
+    Raises:
+        StorageConnectionError: the server cannot be reached or refused the credentials.
+        InvalidDataError: a value MongoDB cannot store (too large, too deep).
+        PersistenceError: any other backend failure, with the driver's error chained.
+    """
+    try:
+        yield
+    except PersistenceError:
+        raise
+    except (PyMongoError, BSONError, OSError, TimeoutError) as exc:
+        raise translate(exc, action) from exc

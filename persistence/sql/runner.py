@@ -1,0 +1,188 @@
+"""Drives the repositories' work on a connection: one code path, three ways to run it.
+
+A unit of work is a generator that yields requests (Fetch, Execute, ExecuteMany) and
+receives their results, so the logic of a save or a load is written once and run:
+
+- on SQLite, whole, inside the aiosqlite connection's own thread: one thread hop for a
+  whole transaction instead of several per statement;
+- on PostgreSQL, on the asyncpg connection the SQLAlchemy pool lends;
+- in a unit of work, through the SQLAlchemy connection that owns the transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiosqlite
+from sqlalchemy import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.sql.statements import Statement
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Runs a statement that returns rows; the reply is a list of decoded tuples."""
+
+    statement: Statement
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """Runs a statement that returns no rows; the reply is the number of rows it changed."""
+
+    statement: Statement
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteMany:
+    """Runs one statement for each parameter set; the reply is None."""
+
+    statement: Statement
+    rows: Sequence[Mapping[str, Any]]
+
+
+Request = Fetch | Execute | ExecuteMany
+Work = Generator[Request, Any, T]
+
+
+# Callbacks that see the SQL of every request the runners send (tests count statements).
+_tracers: list[Callable[[str], None]] = []
+
+
+@contextmanager
+def traced(callback: Callable[[str], None]) -> Iterator[None]:
+    """Calls `callback(sql)` for every statement the runners send inside the block."""
+    _tracers.append(callback)
+    try:
+        yield
+    finally:
+        _tracers.remove(callback)
+
+
+def _trace(sql: str) -> None:
+    for callback in _tracers:
+        callback(sql)
+
+
+def _finish(work: Work[T], step: Any) -> T:
+    """Feeds replies to `work` until it returns; `step` answers each request."""
+    reply: Any = None
+    try:
+        while True:
+            reply = step(work.send(reply))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        work.close()
+
+
+def run_in_sqlite_thread(
+    connection: sqlite3.Connection, dialect: Dialect, work: Work[T], begin: str | None
+) -> T:
+    """Runs `work` synchronously; meant to run in the aiosqlite connection's thread.
+
+    With `begin` (BEGIN IMMEDIATE for writes, BEGIN for reads) the work is one
+    transaction: committed if it returns, rolled back if anything raises.
+    """
+
+    def step(request: Request) -> Any:
+        compiled = request.statement.compile(dialect)
+        if isinstance(request, ExecuteMany):
+            _trace(compiled.sql)
+            connection.executemany(compiled.sql, [compiled.bind(row)[1] for row in request.rows])
+            return None
+        sql, params = compiled.bind(request.params)
+        _trace(sql)
+        cursor = connection.execute(sql, params)
+        if isinstance(request, Fetch):
+            return compiled.decode(cursor.fetchall())
+        return cursor.rowcount
+
+    if begin is None:
+        return _finish(work, step)
+    connection.execute(begin)
+    try:
+        result = _finish(work, step)
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return result
+
+
+async def run_in_thread(connection: aiosqlite.Connection, fn: Any, *args: Any) -> Any:
+    """Calls `fn(sqlite3_connection, *args)` in the aiosqlite connection's own thread.
+
+    aiosqlite runs every call of its API as one such function on its thread; its
+    `_execute` lets a whole transaction be one of them (SQLAlchemy's aiosqlite
+    adapter queues functions on the same thread in the same way).
+    """
+    return await connection._execute(  # type: ignore[no-untyped-call]  # untyped in aiosqlite
+        lambda: fn(connection._conn, *args)
+    )
+
+
+async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
+    """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
+    reply: Any = None
+    try:
+        while True:
+            request = work.send(reply)
+            compiled = request.statement.compile(dialect)
+            if isinstance(request, ExecuteMany):
+                _trace(compiled.sql)
+                await connection.executemany(
+                    compiled.sql, [compiled.bind(row)[1] for row in request.rows]
+                )
+                reply = None
+                continue
+            sql, params = compiled.bind(request.params)
+            _trace(sql)
+            if isinstance(request, Fetch):
+                reply = compiled.decode(await connection.fetch(sql, *params))
+            else:
+                # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
+                status = await connection.execute(sql, *params)
+                reply = int(status.rsplit(" ", 1)[-1])
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        work.close()
+
+
+async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
+    """Runs `work` through a SQLAlchemy connection (a unit of work's transaction)."""
+    dialect = connection.dialect
+    reply: Any = None
+    try:
+        while True:
+            request = work.send(reply)
+            compiled = request.statement.compile(dialect)
+            if isinstance(request, ExecuteMany):
+                rows = [compiled.bind(row)[1] for row in request.rows]
+                _trace(compiled.sql)
+                if rows:
+                    await connection.exec_driver_sql(compiled.sql, rows)
+                reply = None
+                continue
+            sql, params = compiled.bind(request.params)
+            _trace(sql)
+            result = await connection.exec_driver_sql(sql, params)
+            if isinstance(request, Fetch):
+                reply = compiled.decode(result.fetchall())
+            else:
+                reply = result.rowcount
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        work.close()

@@ -1,0 +1,115 @@
+"""Core statements, compiled once per dialect, with SQLAlchemy's own type processing.
+
+The hot paths send these compiled strings straight to the driver (see runner.py), so a
+save or a load pays for no statement building, compiling or result-object machinery,
+yet every value is bound and decoded exactly as SQLAlchemy would do it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Dialect
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+Processor = Callable[[Any], Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """One statement as one dialect's driver takes it."""
+
+    compiled: SQLCompiler
+    sql: str
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any]
+    expanding: bool
+    bind_processors: Mapping[str, Processor]
+    processed_columns: tuple[tuple[int, Callable[[Any], Any]], ...]
+    returns_rows: bool
+
+    def bind(self, params: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        """Returns the SQL and its positional parameters, processed for the driver."""
+        if self.expanding:
+            state = self.compiled.construct_expanded_state(params)
+            sql, names, values = state.statement, state.positiontup or (), state.parameters
+        else:
+            sql, names, values = self.sql, self.names, {**self.defaults, **params}
+        processors = self.bind_processors
+        return sql, tuple(
+            value if (process := processors.get(name)) is None else process(value)
+            for name in names
+            for value in (values[name],)
+        )
+
+    def decode(self, rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+        """Returns driver rows with SQLAlchemy's result processing applied.
+
+        Column by column, with `map`: a history is thousands of rows, and this keeps
+        the per-row interpreter work to the processors themselves.
+        """
+        if not self.processed_columns or not rows:
+            return rows
+        columns: list[Any] = list(zip(*rows, strict=True))
+        for index, process in self.processed_columns:
+            columns[index] = map(process, columns[index])
+        return list(zip(*columns, strict=True))
+
+
+class Statement:
+    """A Core statement with named bind parameters, compiled lazily per dialect.
+
+    `element` is the statement, or a function of the dialect's name that builds it
+    where the two dialects need different constructs (ON CONFLICT, full-text search).
+    """
+
+    def __init__(self, element: ClauseElement | Callable[[str], ClauseElement]) -> None:
+        self._element = element
+        self._compiled: dict[str, Compiled] = {}
+
+    def compile(self, dialect: Dialect) -> Compiled:
+        cached = self._compiled.get(dialect.name)
+        if cached is None:
+            element = self._element
+            if not isinstance(element, ClauseElement):
+                element = element(dialect.name)
+            cached = self._compiled[dialect.name] = _compile(element, dialect)
+        return cached
+
+
+def _compile(element: ClauseElement, dialect: Dialect) -> Compiled:
+    compiled = element.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)
+    binds = compiled.binds
+    defaults = {
+        name: bind.effective_value
+        for name, bind in binds.items()
+        if bind.value is not None or bind.callable is not None
+    }
+    columns = list(getattr(element, "selected_columns", None) or [])
+    if not columns:
+        columns = list(getattr(element, "_returning", ()) or ())
+    return Compiled(
+        compiled=compiled,
+        sql=compiled.string,
+        names=tuple(compiled.positiontup or ()),
+        defaults=defaults,
+        expanding=any(bind.expanding for bind in binds.values()),
+        bind_processors={
+            name: bind.type.dialect_impl(dialect).bind_processor(dialect)
+            for name, bind in binds.items()
+        },
+        processed_columns=tuple(
+            (index, _none_safe(process) if getattr(column, "nullable", True) else process)
+            for index, column in enumerate(columns)
+            if (process := column.type.dialect_impl(dialect).result_processor(dialect, None))
+        ),
+        returns_rows=bool(columns),
+    )
+
+
+def _none_safe(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else process(value)

@@ -1,0 +1,52 @@
+"""File records: upsert, load, list, expiry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from persistence import SessionStorage
+from tests.factories import file_record
+
+
+async def test_file_record_round_trips(storage: SessionStorage) -> None:
+    record = file_record(metadata={"pages": 12, "nested": {"ok": True}})
+
+    assert await storage.save_file_record(record) is True
+
+    assert await storage.load_file_record(record.file_id) == record
+    assert await storage.load_file_record("missing") is None
+
+
+async def test_saving_a_file_record_again_replaces_it(storage: SessionStorage) -> None:
+    record = file_record()
+    await storage.save_file_record(record)
+    changed = record.model_copy(update={"display_name": "renamed.pdf", "size": 2048})
+
+    await storage.save_file_record(changed)
+
+    assert await storage.load_file_record(record.file_id) == changed
+    assert (await storage.count()).files == 1
+
+
+async def test_list_file_records_newest_upload_first(storage: SessionStorage) -> None:
+    base = datetime(2025, 5, 1, tzinfo=UTC)
+    records = [file_record(uploaded_at=base + timedelta(hours=i)) for i in range(5)]
+    for record in records:
+        await storage.save_file_record(record)
+
+    listed = await storage.list_file_records(limit=3)
+
+    assert listed == list(reversed(records))[:3]
+
+
+async def test_delete_expired_files_removes_only_expired(storage: SessionStorage) -> None:
+    fresh = file_record(expires_in=timedelta(hours=1))
+    stale = [file_record(expires_in=timedelta(seconds=-1)) for _ in range(3)]
+    for record in [fresh, *stale]:
+        await storage.save_file_record(record)
+    assert (await storage.count()).expired_files == 3
+
+    assert await storage.delete_expired_files() == 3
+    assert await storage.delete_expired_files() == 0
+
+    assert [r.file_id for r in await storage.list_file_records()] == [fresh.file_id]

@@ -1,0 +1,121 @@
+"""Whatever one backend accepts, every backend returns unchanged; the rest is refused."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from persistence import ChatSession, SessionStorage
+from tests.factories import file_record
+
+UNUSUAL_METADATA: dict[str, Any] = {
+    "ключ": "значение",
+    "emoji 🙂": ["🚀", {"deep": {"deeper": {"deepest": [1, 2.5, None, True, False]}}}],
+    "empty": {},
+    "list": [],
+    "big": 2**63 - 1,
+    "small": -(2**63),
+    "float": 0.1,
+    "tiny": 1e-300,
+    "one": 1.0,
+    "quote": 'she said "hi" \\ ok',
+    "newline": "a\nb\r\nc\t",
+    "": "empty key",
+    "with space": " padded ",
+}
+
+
+async def test_unusual_values_round_trip(storage: SessionStorage) -> None:
+    session = ChatSession.create("model/with:odd chars", metadata=UNUSUAL_METADATA)
+    session.add_message("system", "🙂 emoji, ünïcödé, 日本語, RTL עברית", metadata=UNUSUAL_METADATA)
+    session.add_message("tool", "", metadata={"empty content": True})
+    session.add_message("assistant", "x" * 1_000_000)
+    await storage.save_session(session)
+
+    loaded = await storage.load_session(session.session_id)
+
+    assert loaded == session
+    assert loaded is not None
+    assert loaded.metadata == UNUSUAL_METADATA
+    assert type(loaded.messages[0].metadata["one"]) is float
+    assert type(loaded.messages[0].metadata["big"]) is int
+
+
+async def test_datetimes_come_back_utc_to_the_millisecond(storage: SessionStorage) -> None:
+    plus_five = timezone(timedelta(hours=5, minutes=30))
+    created = datetime(2025, 10, 16, 15, 30, 1, 123456, tzinfo=plus_five)
+    session = ChatSession.create("m")
+    session.created_at = created
+    session.updated_at = created
+    record = file_record(uploaded_at=created, expires_at=created + timedelta(days=2))
+    await storage.save_session(session)
+    await storage.save_file_record(record)
+
+    loaded = await storage.load_session(session.session_id)
+    loaded_record = await storage.load_file_record(record.file_id)
+
+    assert loaded is not None and loaded_record is not None
+    expected = datetime(2025, 10, 16, 10, 0, 1, 123000, tzinfo=UTC)
+    assert loaded.created_at == expected and loaded.created_at.utcoffset() == timedelta(0)
+    assert loaded_record.uploaded_at == expected
+
+
+async def test_hostile_identifiers_round_trip(storage: SessionStorage) -> None:
+    for session_id in ["../../etc/passwd", "a/b\\c", "'; DROP TABLE x; --", '"quoted"', "x" * 255]:
+        session = ChatSession.create("m", session_id=session_id)
+        session.add_message("user", session_id)
+        await storage.save_session(session)
+        assert await storage.load_session(session_id) == session
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda s: s.add_message("user", "nul \x00 inside"), "content"),
+        (lambda s: s.add_message("user", "lone \ud800 surrogate"), "content"),
+        (lambda s: s.add_message("wizard", "hi"), "role"),
+        (lambda s: s.add_message("user", "hi", metadata={"$where": 1}), "metadata"),
+        (lambda s: s.add_message("user", "hi", metadata={"a.b": 1}), "metadata"),
+        (lambda s: s.add_message("user", "hi", metadata={"n": float("nan")}), "metadata"),
+        (lambda s: s.add_message("user", "hi", metadata={"n": 2**64}), "metadata"),
+        (lambda s: s.add_message("user", "hi", metadata={"n": 1e20}), "metadata"),
+        (lambda s: s.add_message("user", "hi", metadata={"k": "nul\x00"}), "metadata"),
+        (lambda s: s.add_message("user", "hi", metadata={"k": object()}), "metadata"),
+        (lambda s: setattr(s, "status", "deleted"), "status"),
+        (lambda s: setattr(s, "metadata", {"k\x00": 1}), "metadata"),
+        (lambda s: setattr(s, "updated_at", datetime(2025, 1, 1)), "updated_at"),
+        (lambda s: setattr(s, "model", ""), "model"),
+    ],
+)
+def test_values_no_backend_can_keep_are_refused_naming_the_field(build: Any, field: str) -> None:
+    session = ChatSession.create("m")
+
+    with pytest.raises(ValidationError) as raised:
+        build(session)
+
+    assert field in str(raised.value)
+    assert session.messages == []
+
+
+def test_metadata_nested_too_deep_is_refused_without_recursion_error() -> None:
+    deep: dict[str, Any] = {}
+    cursor = deep
+    for _ in range(1000):
+        cursor["d"] = {}
+        cursor = cursor["d"]
+
+    with pytest.raises(ValidationError, match="nested deeper"):
+        ChatSession.create("m", metadata=deep)
+
+
+def test_an_id_longer_than_255_characters_is_refused() -> None:
+    with pytest.raises(ValidationError, match="session_id"):
+        ChatSession.create("m", session_id="x" * 10_000)
+
+
+def test_negative_file_size_is_refused() -> None:
+    with pytest.raises(ValidationError, match="size"):
+        file_record(size=-1)

@@ -1,0 +1,113 @@
+"""Store-wide helpers (batches, counts, bulk status) and the storage's life cycle."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from persistence import PersistenceError, SessionStorage
+from tests.factories import conversation, file_record
+
+
+async def test_iter_sessions_yields_every_session_in_batches(storage: SessionStorage) -> None:
+    sessions = [conversation(i % 4) for i in range(11)]
+    for session in sessions:
+        await storage.save_session(session)
+
+    batches = [batch async for batch in storage.iter_sessions(batch_size=4)]
+
+    assert [len(batch) for batch in batches] == [4, 4, 3]
+    seen = [s for batch in batches for s in batch]
+    assert [s.session_id for s in seen] == sorted(s.session_id for s in sessions)
+    by_id = {s.session_id: s for s in sessions}
+    assert all(s == by_id[s.session_id] for s in seen)
+
+
+async def test_iter_sessions_without_messages_keeps_counts(storage: SessionStorage) -> None:
+    await storage.save_session(conversation(3))
+
+    batches = [batch async for batch in storage.iter_sessions(with_messages=False)]
+
+    assert [(s.message_count, s.messages) for s in batches[0]] == [(3, [])]
+
+
+async def test_iter_file_records_and_load_sessions(storage: SessionStorage) -> None:
+    records = [file_record() for _ in range(5)]
+    for record in records:
+        await storage.save_file_record(record)
+    sessions = [conversation(2) for _ in range(3)]
+    for session in sessions:
+        await storage.save_session(session)
+
+    batches = [batch async for batch in storage.iter_file_records(batch_size=2)]
+    loaded = await storage.load_sessions(
+        [sessions[2].session_id, "missing", sessions[0].session_id]
+    )
+
+    assert [r for batch in batches for r in batch] == sorted(records, key=lambda r: r.file_id)
+    assert loaded == [sessions[2], sessions[0]]
+
+
+async def test_count_happens_in_the_database(storage: SessionStorage) -> None:
+    for status, turns in [("active", 2), ("active", 1), ("archived", 3), ("expired", 0)]:
+        session = conversation(turns)
+        session.status = status  # type: ignore[assignment]
+        await storage.save_session(session)
+    await storage.save_file_record(file_record())
+    await storage.save_file_record(file_record(expires_in=timedelta(seconds=-5)))
+
+    counts = await storage.count()
+
+    assert counts.sessions_by_status == {"active": 2, "archived": 1, "expired": 1}
+    assert (counts.total_sessions, counts.messages, counts.files, counts.expired_files) == (
+        4,
+        6,
+        2,
+        1,
+    )
+
+
+async def test_expire_sessions_marks_only_stale_active_ones(storage: SessionStorage) -> None:
+    now = datetime.now(UTC)
+    stale, fresh, archived = conversation(1), conversation(1), conversation(1)
+    stale.updated_at = now - timedelta(days=5)
+    archived.updated_at = now - timedelta(days=5)
+    archived.status = "archived"
+    for session in (stale, fresh, archived):
+        await storage.save_session(session)
+
+    assert await storage.expire_sessions(now - timedelta(days=3)) == 1
+    assert await storage.expire_sessions(now - timedelta(days=3)) == 0
+
+    statuses = {s.session_id: s.status for s in await storage.list_sessions()}
+    assert statuses == {
+        stale.session_id: "expired",
+        fresh.session_id: "active",
+        archived.session_id: "archived",
+    }
+
+
+async def test_set_status_changes_many_sessions_at_once(storage: SessionStorage) -> None:
+    sessions = [conversation(1) for _ in range(3)]
+    for session in sessions:
+        await storage.save_session(session)
+    ids = [s.session_id for s in sessions[:2]]
+
+    assert await storage.set_status([*ids, "missing"], "archived") == 2
+    assert await storage.set_status(ids, "archived") == 0
+
+    archived = await storage.list_sessions(status="archived")
+    assert sorted(s.session_id for s in archived) == sorted(ids)
+
+
+async def test_close_twice_is_harmless_and_a_closed_storage_refuses_use(
+    storage: SessionStorage,
+) -> None:
+    await storage.close()
+    await storage.close()
+
+    with pytest.raises(PersistenceError, match="closed"):
+        await storage.load_session("x")
+    with pytest.raises(PersistenceError, match="closed"):
+        await storage.initialize()

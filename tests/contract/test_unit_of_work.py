@@ -1,0 +1,112 @@
+"""The unit of work: everything commits together or not at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from persistence import PersistenceError, SessionStorage
+from tests.contract.conftest import Reopen
+from tests.factories import conversation, file_record
+
+
+async def test_commit_makes_sessions_and_files_durable_together(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session, record = conversation(2), file_record()
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.files.add(record)
+        await uow.commit()
+
+    async with reopen(storage) as fresh:
+        assert await fresh.load_session(session.session_id) == session
+        assert await fresh.load_file_record(record.file_id) == record
+
+
+async def test_leaving_without_commit_rolls_back(storage: SessionStorage, reopen: Reopen) -> None:
+    session, record = conversation(2), file_record()
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.files.add(record)
+
+    async with reopen(storage) as fresh:
+        assert await fresh.load_session(session.session_id) is None
+        assert await fresh.load_file_record(record.file_id) is None
+
+
+async def test_an_error_inside_rolls_everything_back(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    stored = conversation(1)
+    await storage.save_session(stored)
+    fresh_session = conversation(1)
+
+    with pytest.raises(RuntimeError):
+        async with storage.unit_of_work() as uow:
+            loaded = await uow.sessions.get(stored.session_id)
+            assert loaded is not None
+            loaded.add_message("user", "never committed")
+            await uow.sessions.add(loaded)
+            await uow.sessions.add(fresh_session)
+            raise RuntimeError("boom")
+
+    async with reopen(storage) as fresh:
+        assert await fresh.load_session(fresh_session.session_id) is None
+        reloaded = await fresh.load_session(stored.session_id)
+        assert reloaded is not None and reloaded.message_count == 1
+
+
+async def test_messages_of_a_rolled_back_save_are_sent_again_later(
+    storage: SessionStorage,
+) -> None:
+    session = conversation(1)
+    await storage.save_session(session)
+    session.add_message("user", "first attempt rolled back")
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.rollback()
+
+    await storage.save_session(session)
+
+    loaded = await storage.load_session(session.session_id)
+    assert loaded is not None
+    assert [m.content for m in loaded.messages] == ["message 0", "first attempt rolled back"]
+
+
+async def test_get_add_commit_appends_through_the_unit_of_work(storage: SessionStorage) -> None:
+    session = conversation(1)
+    await storage.save_session(session)
+
+    async with storage.unit_of_work() as uow:
+        loaded = await uow.sessions.get(session.session_id)
+        assert loaded is not None
+        loaded.add_message("user", "Hello!")
+        await uow.sessions.add(loaded)
+        await uow.sessions.add(loaded)
+        await uow.commit()
+
+    reloaded = await storage.load_session(session.session_id)
+    assert reloaded is not None
+    assert [m.content for m in reloaded.messages] == ["message 0", "Hello!"]
+
+
+async def test_delete_through_the_unit_of_work(storage: SessionStorage) -> None:
+    session, record = conversation(1), file_record()
+    await storage.save_session(session)
+    await storage.save_file_record(record)
+
+    async with storage.unit_of_work() as uow:
+        assert await uow.sessions.delete(session.session_id) is True
+        assert await uow.files.delete(record.file_id) is True
+        assert await uow.files.get(record.file_id) is None
+        await uow.commit()
+
+    assert await storage.load_session(session.session_id) is None
+    assert await storage.load_file_record(record.file_id) is None
+
+
+async def test_a_committed_unit_of_work_refuses_more_work(storage: SessionStorage) -> None:
+    async with storage.unit_of_work() as uow:
+        await uow.commit()
+        with pytest.raises(PersistenceError):
+            await uow.sessions.add(conversation(1))

@@ -1,0 +1,77 @@
+"""Driver failures reach the caller as the library's errors, quickly and without secrets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from persistence import (
+    ChatSession,
+    InvalidDataError,
+    PersistenceError,
+    PostgreSQLSessionStorage,
+    SQLiteSessionStorage,
+    StorageConnectionError,
+)
+
+
+async def test_an_unreachable_postgresql_server_fails_fast_without_the_password() -> None:
+    storage = PostgreSQLSessionStorage(
+        "postgresql://app:canary-secret@127.0.0.1:1/app", connect_timeout=3
+    )
+    started = time.monotonic()
+
+    with pytest.raises(StorageConnectionError) as raised:
+        await storage.initialize()
+
+    assert time.monotonic() - started < 5
+    assert "canary-secret" not in str(raised.value)
+    assert "canary-secret" not in repr(storage)
+    assert raised.value.__cause__ is not None
+    await storage.close()
+
+
+def test_postgresql_url_forms_are_accepted_and_others_refused() -> None:
+    for url in (
+        "postgresql://u@h/db",
+        "postgresql+asyncpg://u@h/db",
+        "postgres://u@h/db",
+    ):
+        assert PostgreSQLSessionStorage(url).url.drivername == "postgresql+asyncpg"
+    with pytest.raises(InvalidDataError, match="not PostgreSQL"):
+        PostgreSQLSessionStorage("mysql://u:secret@h/db")
+    with pytest.raises(InvalidDataError, match="pool sizes"):
+        PostgreSQLSessionStorage("postgresql://u@h/db", min_pool_size=5, max_pool_size=2)
+
+
+async def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-db.db"
+    path.write_bytes(b"this is not a SQLite database, just some text" * 100)
+
+    with pytest.raises(PersistenceError, match="not a SQLite database"):
+        await SQLiteSessionStorage(path).initialize()
+
+
+async def test_a_database_in_an_unreadable_place_is_a_connection_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+
+    with pytest.raises((StorageConnectionError, OSError)):
+        await SQLiteSessionStorage(blocker / "sessions.db").initialize()
+
+
+async def test_using_a_storage_before_initialize_is_a_clear_error(tmp_path: Path) -> None:
+    storage = SQLiteSessionStorage(tmp_path / "s.db")
+
+    with pytest.raises(PersistenceError, match="initialize"):
+        await storage.save_session(ChatSession.create("m"))
+
+
+async def test_the_context_manager_initializes_and_closes(tmp_path: Path) -> None:
+    async with SQLiteSessionStorage(tmp_path / "s.db") as storage:
+        await storage.save_session(ChatSession.create("m"))
+
+    with pytest.raises(PersistenceError, match="closed"):
+        await storage.list_sessions()

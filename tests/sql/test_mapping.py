@@ -1,0 +1,78 @@
+"""Rows become domain objects without re-validation, yet exactly as validation makes them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from persistence import ChatMessage, ChatSession, UploadedFileRecord
+from persistence.sql.mapping import (
+    file_record_from_row,
+    message_from_row,
+    row_from_file_record,
+    row_from_session,
+    rows_from_messages,
+    session_from_row,
+)
+
+MOMENT = datetime(2025, 10, 16, 10, 0, 1, 123000, tzinfo=UTC)
+
+
+def test_a_message_built_from_a_row_equals_a_validated_one() -> None:
+    validated = ChatMessage(
+        message_id="m1",
+        session_id="s1",
+        role="tool",
+        content="hi",
+        created_at=MOMENT,
+        metadata={"k": [1, 2]},
+    )
+    row = rows_from_messages("s1", [validated], 0)[0]
+
+    built = message_from_row(
+        [
+            row[key]
+            for key in ("message_id", "session_id", "role", "content", "created_at", "metadata")
+        ]
+    )
+
+    assert built == validated
+    assert built.model_dump() == validated.model_dump()
+    assert built.model_fields_set == validated.model_fields_set
+
+
+def test_a_session_built_from_a_row_behaves_like_a_validated_one() -> None:
+    validated = ChatSession.create("m", session_id="s1", metadata={"a": 1})
+    row = row_from_session(validated, 0)
+    values = [
+        row[key]
+        for key in (
+            "session_id",
+            "model",
+            "created_at",
+            "updated_at",
+            "message_count",
+            "metadata",
+            "status",
+        )
+    ]
+
+    built = session_from_row(values, [])
+
+    assert built == validated
+    built.add_message("user", "still works")
+    assert built.message_count == 1 and built.unstored_messages("token")[1] is False
+
+
+def test_a_file_record_built_from_a_row_equals_a_validated_one() -> None:
+    validated = UploadedFileRecord(
+        file_id="f",
+        gemini_file_name="n",
+        gemini_file_uri="u",
+        display_name="d",
+        size=3,
+        mime_type="text/plain",
+        uploaded_at=MOMENT,
+        expires_at=MOMENT,
+    )
+
+    assert file_record_from_row(list(row_from_file_record(validated).values())) == validated

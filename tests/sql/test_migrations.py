@@ -1,0 +1,146 @@
+"""Alembic owns the schema: upgrade, downgrade, no drift, unknown revisions refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from persistence import PostgreSQLSessionStorage, SchemaVersionError, SQLiteSessionStorage
+from persistence.sql.engines import async_driver_url
+from persistence.sql.tables import SEARCH_OBJECTS, Base
+from tests import servers
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {"chat_sessions", "chat_messages", "uploaded_files"}
+T = TypeVar("T")
+
+
+def alembic(url: str, *args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", *args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+def user_tables(connection: Connection) -> set[str]:
+    return {name for name in inspect(connection).get_table_names() if name != "alembic_version"}
+
+
+def _include(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    return not (name or "").startswith(tuple(SEARCH_OBJECTS))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database on each SQL backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    admin = request.getfixturevalue("postgresql_admin_url")
+    with servers.throwaway_postgresql_database(admin) as url:
+        yield url
+
+
+async def _on(url: str, inspect_with: Callable[[Connection], T]) -> T:
+    engine = create_async_engine(async_driver_url(url))
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(inspect_with)
+    finally:
+        await engine.dispose()
+
+
+def _diff(connection: Connection) -> list[object]:
+    context = MigrationContext.configure(
+        connection, opts={"include_object": _include, "compare_type": True}
+    )
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_upgrade_downgrade_upgrade_from_the_repo_root(fresh_url: str) -> None:
+    alembic(fresh_url, "upgrade", "head")
+    assert await _on(fresh_url, user_tables) >= TABLES
+
+    alembic(fresh_url, "downgrade", "base")
+    assert await _on(fresh_url, user_tables) == set()
+
+    alembic(fresh_url, "upgrade", "head")
+    assert await _on(fresh_url, user_tables) >= TABLES
+
+
+async def test_the_migrated_schema_matches_the_models(fresh_url: str) -> None:
+    alembic(fresh_url, "upgrade", "head")
+
+    assert await _on(fresh_url, _diff) == []
+
+
+async def test_initialize_brings_a_fresh_database_to_head_and_is_idempotent(
+    fresh_url: str,
+) -> None:
+    for _ in range(2):
+        storage = _storage(fresh_url)
+        async with storage:
+            assert await storage.list_sessions() == []
+
+    assert await _on(fresh_url, _diff) == []
+
+
+async def test_initialize_refuses_a_revision_it_does_not_know(fresh_url: str) -> None:
+    async with _storage(fresh_url) as storage, storage.engine.begin() as connection:
+        await connection.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+
+    with pytest.raises(SchemaVersionError, match="f00dfeed"):
+        await _storage(fresh_url).initialize()
+
+
+async def test_initialize_after_alembic_upgrade_changes_nothing(fresh_url: str) -> None:
+    alembic(fresh_url, "upgrade", "head")
+
+    async with _storage(fresh_url) as storage:
+        assert (await storage.count()).total_sessions == 0
+
+
+def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:
+    if url.startswith("sqlite"):
+        return SQLiteSessionStorage(url.removeprefix("sqlite:///"))
+    return PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2)
+
+
+def test_revisions_ship_in_a_plain_install(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    script = (
+        "import asyncio, persistence, sys\n"
+        "assert 'site-packages' in persistence.__file__, persistence.__file__\n"
+        "async def main():\n"
+        "    async with persistence.SQLiteSessionStorage('new.db') as storage:\n"
+        "        s = persistence.ChatSession.create('m'); s.add_message('user', 'hi')\n"
+        "        await storage.save_session(s)\n"
+        "        print((await storage.count()).messages)\n"
+        "asyncio.run(main())\n"
+    )
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    done = subprocess.run(
+        [str(python), "-c", script], cwd=workdir, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "1"

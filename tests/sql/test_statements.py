@@ -1,0 +1,116 @@
+"""Structural cost: statements per call do not grow with history or store size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import text
+
+from persistence import ChatSession, SessionStorage
+from persistence.sql.backend import SqlSessionStorage
+from persistence.sql.runner import traced
+
+
+@contextmanager
+def statements(storage: SessionStorage) -> Iterator[list[str]]:
+    """Records every SQL statement the storage sends (transaction control aside)."""
+    assert isinstance(storage, SqlSessionStorage)
+    seen: list[str] = []
+    with traced(seen.append):
+        yield seen
+
+
+async def _session_with(storage: SessionStorage, count: int) -> ChatSession:
+    session = ChatSession.create("m")
+    for index in range(count):
+        session.add_message("user", f"message {index}")
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.commit()
+    return session
+
+
+async def _statements_of_one_append(storage: SessionStorage, session: ChatSession) -> list[str]:
+    session.add_message("assistant", "one more")
+    with statements(storage) as seen:
+        await storage.save_session(session)
+    return seen
+
+
+async def test_save_after_one_message_costs_the_same_at_10_and_10000_messages(
+    sql_storage: SessionStorage,
+) -> None:
+    short = await _session_with(sql_storage, 10)
+    long = await _session_with(sql_storage, 10_000)
+
+    at_10 = await _statements_of_one_append(sql_storage, short)
+    at_10000 = await _statements_of_one_append(sql_storage, long)
+
+    assert at_10 == at_10000
+    # The upsert of the session row and one insert of the new message, nothing else.
+    touching = [s.split()[0:3] for s in at_10 if "chat_" in s]
+    assert touching == [
+        ["INSERT", "INTO", "chat_sessions"],
+        ["INSERT", "INTO", "chat_messages"],
+    ]
+    loaded = await sql_storage.load_session(long.session_id)
+    assert loaded is not None and loaded.message_count == 10_001
+
+
+async def test_list_sessions_is_one_statement_whatever_the_store_size(
+    sql_storage: SessionStorage,
+) -> None:
+    for _ in range(3):
+        await _session_with(sql_storage, 1)
+    with statements(sql_storage) as small:
+        await sql_storage.list_sessions(limit=2)
+    for _ in range(50):
+        await _session_with(sql_storage, 1)
+    with statements(sql_storage) as large:
+        page = await sql_storage.list_sessions(limit=2)
+
+    assert len(page) == 2
+    assert len([s for s in small if "chat_sessions" in s]) == 1
+    assert small == large
+
+
+async def test_search_uses_the_full_text_index(sql_storage: SessionStorage) -> None:
+    await _session_with(sql_storage, 20)
+    assert isinstance(sql_storage, SqlSessionStorage)
+    async with sql_storage.engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            plan = await connection.execute(
+                text(
+                    "EXPLAIN QUERY PLAN SELECT m.id FROM chat_messages_fts JOIN chat_messages m"
+                    " ON m.id = chat_messages_fts.rowid WHERE chat_messages_fts MATCH '\"message\"'"
+                )
+            )
+            assert "VIRTUAL TABLE INDEX" in " ".join(str(row[-1]) for row in plan)
+        else:
+            await connection.execute(text("SET enable_seqscan = off"))
+            plan = await connection.execute(
+                text(
+                    "EXPLAIN SELECT id FROM chat_messages WHERE to_tsvector('simple'::regconfig,"
+                    " left(content, 100000)) @@ plainto_tsquery('simple'::regconfig, 'message')"
+                )
+            )
+            assert "ix_chat_messages_content_tsv" in " ".join(row[0] for row in plan)
+
+
+@pytest.mark.parametrize("count", [0, 1, 25])
+async def test_message_count_always_equals_rows_stored(
+    sql_storage: SessionStorage, count: int
+) -> None:
+    session = await _session_with(sql_storage, count)
+    assert isinstance(sql_storage, SqlSessionStorage)
+    async with sql_storage.engine.connect() as connection:
+        rows = (
+            await connection.execute(
+                text("SELECT count(*) FROM chat_messages WHERE session_id = :id"),
+                {"id": session.session_id},
+            )
+        ).scalar_one()
+    counts = await sql_storage.count()
+    assert rows == count == counts.messages

@@ -1,0 +1,83 @@
+"""The domain models: what a session and its messages are before any backend sees them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from pydantic import ValidationError
+
+from persistence import ChatMessage, ChatSession
+
+
+def test_create_starts_an_empty_active_session() -> None:
+    session = ChatSession.create("gemini-2.5-flash", metadata={"user": "ada"})
+
+    assert (session.model, session.status, session.message_count) == (
+        "gemini-2.5-flash",
+        "active",
+        0,
+    )
+    assert session.messages == [] and session.metadata == {"user": "ada"}
+    assert session.created_at == session.updated_at
+    assert session.created_at.tzinfo is not None
+
+
+def test_add_message_appends_counts_and_touches_updated_at() -> None:
+    session = ChatSession.create("m", session_id="abc-123")
+    before = session.updated_at
+
+    message = session.add_message("user", "Hello!", metadata={"lang": "en"})
+
+    assert session.messages == [message] and session.message_count == 1
+    assert message.session_id == "abc-123" and message.role == "user"
+    assert len(message.message_id) == 32 and int(message.message_id, 16) >= 0
+    assert session.updated_at >= before and session.updated_at == message.created_at
+
+
+def test_a_message_is_immutable() -> None:
+    message = ChatSession.create("m").add_message("user", "hi")
+
+    with pytest.raises(ValidationError):
+        message.content = "edited"  # type: ignore[misc]
+
+
+def test_naive_datetimes_are_refused() -> None:
+    with pytest.raises(ValidationError, match="timezone-aware"):
+        ChatMessage(session_id="s", role="user", content="x", created_at=datetime(2025, 1, 1))
+
+
+def test_datetimes_become_utc_truncated_to_the_millisecond() -> None:
+    local = datetime(2025, 1, 1, 12, 0, 0, 999999, tzinfo=timezone(timedelta(hours=-3)))
+
+    message = ChatMessage(session_id="s", role="user", content="x", created_at=local)
+
+    assert message.created_at == datetime(2025, 1, 1, 15, 0, 0, 999000, tzinfo=UTC)
+    assert message.created_at.utcoffset() == timedelta(0)
+
+
+def test_iso_strings_with_an_offset_are_accepted() -> None:
+    message = ChatMessage.model_validate(
+        {
+            "session_id": "s",
+            "role": "assistant",
+            "content": "x",
+            "created_at": "2025-10-16T10:00:01.5+02:00",
+        }
+    )
+
+    assert message.created_at.isoformat() == "2025-10-16T08:00:01.500000+00:00"
+
+
+def test_unknown_fields_are_refused() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        ChatSession.model_validate({"model": "m", "colour": "blue"})
+
+
+def test_equality_ignores_where_a_session_is_stored() -> None:
+    session = ChatSession.create("m")
+    session.add_message("user", "hi")
+    copy = ChatSession.model_validate(session.model_dump())
+    session.mark_stored("some-storage")
+
+    assert copy == session
