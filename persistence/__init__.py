@@ -13,6 +13,7 @@ from persistence.errors import (
     SchemaVersionError,
     StorageConnectionError,
 )
+from persistence.manager import SessionManager
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.backend import PostgreSQLSessionStorage, SQLiteSessionStorage
 from persistence.storage import SessionStorage, StorageCounts, UnitOfWork
@@ -43,6 +44,7 @@ __all__ = [
     "PostgreSQLSessionStorage",
     "SQLiteSessionStorage",
     "SchemaVersionError",
+    "SessionManager",
     "SessionStorage",
     "StorageConnectionError",
     "StorageCounts",

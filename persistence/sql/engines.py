@@ -135,8 +135,14 @@ def postgresql_engine(
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if command_timeout is not None:
         connect_args["command_timeout"] = command_timeout
+    # asyncpg prepares and caches every statement. A generic plan made while a table
+    # was nearly empty keeps scanning it whole once it is large, until ANALYZE runs
+    # (never, with autovacuum off): a bulk load into a fresh database went quadratic.
+    # Sent in the startup packet, so it costs no round trip.
+    server_settings = {"plan_cache_mode": "force_custom_plan"}
     if statement_timeout is not None:
-        connect_args["server_settings"] = {"statement_timeout": str(int(statement_timeout * 1000))}
+        server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
+    connect_args["server_settings"] = server_settings
     return create_async_engine(
         url,
         pool_size=max(min_pool_size, 1),

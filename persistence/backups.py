@@ -1,0 +1,159 @@
+"""backup_storage and restore_backup: a timestamped, consistent file of the whole store."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from persistence.atomic_files import file_error, link_new_name, private_directory, temp_file
+from persistence.clock import utc_now
+from persistence.errors import InvalidDataError
+from persistence.exchange import import_from_json, open_input, write_document
+from persistence.migration import DEFAULT_BATCH_SIZE, ProgressCallback, elapsed, migrate_storage
+from persistence.storage import SessionStorage
+from persistence.verification import counts_summary
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+async def _sqlite_file_counts(path: Path) -> dict[str, Any]:
+    from persistence.sql.backend import SQLiteSessionStorage
+
+    async with SQLiteSessionStorage(path) as copy:
+        return counts_summary(await copy.count())
+
+
+async def backup_storage(
+    storage: SessionStorage,
+    backup_dir: str | Path,
+    *,
+    progress_callback: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Writes a consistent, timestamped backup file of the whole store into `backup_dir`.
+
+    SQLite copies itself with its online backup API (consistent while writers run);
+    other backends write the export document. The directory is created 0700 if
+    missing, the file is 0600, and an existing entry (a planted symlink included) is
+    never overwritten or followed: the backup then takes the next free name.
+
+    Returns:
+        {"path", "kind" ("sqlite" or "json"), "sessions", "messages", "files",
+        "bytes", "created_at", "duration_seconds"}.
+
+    Raises:
+        MigrationError: if the directory or file cannot be written.
+        PersistenceError: if the store fails.
+    """
+    started = time.perf_counter()
+    directory = private_directory(Path(backup_dir))
+    now = utc_now()
+    stem = f"persistence-{storage.backend_name}-{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z"
+    with temp_file(directory, "backup") as temp:
+        if await storage.copy_to_file(temp):
+            kind, suffix = "sqlite", ".sqlite3"
+            counts = await _sqlite_file_counts(temp)
+        else:
+            kind, suffix = "json", ".json"
+            written, _ = await write_document(storage, temp, DEFAULT_BATCH_SIZE, progress_callback)
+            counts = written.as_dict()
+        size = temp.stat().st_size
+        path = link_new_name(temp, directory, stem, suffix)
+    return {
+        "path": str(path),
+        "kind": kind,
+        "sessions": counts["sessions"],
+        "messages": counts["messages"],
+        "files": counts["files"],
+        "bytes": size,
+        "created_at": now.isoformat(timespec="milliseconds"),
+        "duration_seconds": elapsed(started),
+    }
+
+
+def _backup_kind(path: Path) -> str:
+    with open_input(path) as stream:
+        head = stream.read(len(_SQLITE_MAGIC))
+    if head == _SQLITE_MAGIC:
+        return "sqlite"
+    if head.lstrip()[:1] == b"{":
+        return "json"
+    raise InvalidDataError(f"{path}: not a backup (neither a SQLite database nor an export file)")
+
+
+def _check_sqlite_backup(path: Path) -> None:
+    """Refuses a corrupt SQLite file, or one that is not a persistence store."""
+    try:
+        with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            check = db.execute("PRAGMA quick_check").fetchone()
+        db.close()
+    except sqlite3.DatabaseError as exc:
+        raise InvalidDataError(f"not a readable SQLite backup: {exc}") from exc
+    if not {"alembic_version", "chat_sessions", "chat_messages"} <= tables:
+        raise InvalidDataError("a SQLite database, but not a persistence backup")
+    if check is None or check[0] != "ok":
+        raise InvalidDataError(f"the SQLite backup is corrupt: {check[0] if check else '?'}")
+
+
+async def _restore_sqlite(
+    storage: SessionStorage, path: Path, progress_callback: ProgressCallback | None
+) -> dict[str, Any]:
+    from persistence.sql.backend import SQLiteSessionStorage
+
+    # Opening a database may bring its schema to head: work on a copy, never the backup.
+    with tempfile.TemporaryDirectory(prefix="persistence-restore-") as scratch:
+        copy = Path(scratch) / "backup.sqlite3"
+        try:
+            await asyncio.to_thread(shutil.copyfile, path, copy)
+        except OSError as exc:
+            raise file_error("cannot read", path, exc) from exc
+        _check_sqlite_backup(copy)
+        async with SQLiteSessionStorage(copy) as source:
+            return await migrate_storage(source, storage, True, progress_callback)
+
+
+async def restore_backup(
+    storage: SessionStorage,
+    backup_path: str | Path,
+    *,
+    progress_callback: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Loads a `backup_storage` file (either kind) into `storage`, additively.
+
+    The backup file itself is never modified.
+
+    Returns:
+        {"path", "kind", "sessions_restored", "messages_restored", "files_restored",
+        "verified" (SQLite backups are verified against the restored store),
+        "duration_seconds"}.
+
+    Raises:
+        InvalidDataError: for a missing, corrupt or foreign file; nothing is written.
+        SchemaVersionError: for a SQLite backup written by a newer version.
+        PersistenceError: if the store fails.
+    """
+    started = time.perf_counter()
+    path = Path(backup_path)
+    kind = _backup_kind(path)
+    if kind == "json":
+        imported = await import_from_json(storage, path, progress_callback=progress_callback)
+        counts = [imported[f"{name}_imported"] for name in ("sessions", "messages", "files")]
+        verified = None
+    else:
+        migrated = await _restore_sqlite(storage, path, progress_callback)
+        counts = [migrated[f"{name}_migrated"] for name in ("sessions", "messages", "files")]
+        verified = migrated["verified"]
+    return {
+        "path": str(path),
+        "kind": kind,
+        "sessions_restored": counts[0],
+        "messages_restored": counts[1],
+        "files_restored": counts[2],
+        "verified": verified,
+        "duration_seconds": elapsed(started),
+    }

@@ -1,0 +1,349 @@
+"""The `persistence` command line: look at, export, clean and move stored sessions."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from persistence import cli_transfer, formats
+from persistence.cli_support import (
+    ConfigOption,
+    JsonOption,
+    Target,
+    UrlOption,
+    VerboseOption,
+    echo_json,
+    fail,
+    out,
+    run,
+)
+from persistence.clock import utc_now
+from persistence.config import StorageConfig
+from persistence.manager import SessionManager
+from persistence.models import UploadedFileRecord
+from persistence.storage import SessionStorage
+
+app = typer.Typer(
+    name="persistence",
+    help="Chat sessions, messages and file records on SQLite, PostgreSQL or MongoDB.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+sessions_app = typer.Typer(help="List and show stored sessions.", no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
+
+
+class StatusChoice(StrEnum):
+    active = "active"
+    archived = "archived"
+    expired = "expired"
+
+
+class FormatChoice(StrEnum):
+    json = "json"
+    text = "text"
+    markdown = "markdown"
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Chat sessions, messages and file records on SQLite, PostgreSQL or MongoDB.
+
+    The store comes from --url, else STORAGE_* variables, else the config file,
+    else ./gemini_sessions.db. --config, --url and -v also work after the command.
+    """
+    ctx.obj = Target(config, url, verbose)
+
+
+@app.command()
+def upgrade(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Bring the store's schema to head (as `alembic upgrade head` does)."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        if cfg.backend == "mongodb":
+            out().print(f"{cfg.display_url}: collections and indexes are in place")
+            return
+        from persistence.sql.schema import script_directory
+
+        head = script_directory().get_current_head()
+        out().print(f"{cfg.display_url}: schema is at head (revision {head})")
+
+    run(ctx, (config, url, verbose), work)
+
+
+def _session_row(session: Any) -> dict[str, Any]:
+    document = formats.session_document(session)
+    document.pop("messages")
+    return document
+
+
+@sessions_app.command("list")
+def sessions_list(
+    ctx: typer.Context,
+    status: Annotated[
+        StatusChoice | None, typer.Option(help="Only sessions with this status.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=0, help="How many sessions to show.")] = 20,
+    offset: Annotated[int, typer.Option(min=0, help="How many to skip (newest first).")] = 0,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """List sessions, most recently updated first."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        page = await storage.list_sessions(
+            status=status.value if status else None, limit=limit, offset=offset
+        )
+        if as_json:
+            echo_json([_session_row(session) for session in page])
+            return
+        if not page:
+            out().print("No sessions." if offset == 0 else "No sessions at this offset.")
+            return
+        table = Table(title=f"Sessions in {cfg.display_url}", title_justify="left")
+        table.add_column("Session ID", no_wrap=True)
+        table.add_column("Model")
+        table.add_column("Status")
+        table.add_column("Messages", justify="right")
+        table.add_column("Updated (UTC)", no_wrap=True)
+        for session in page:
+            table.add_row(
+                Text(session.session_id),
+                Text(session.model),
+                session.status,
+                str(session.message_count),
+                f"{session.updated_at:%Y-%m-%d %H:%M:%S}",
+            )
+        console = out()
+        console.print(table)
+        if len(page) == limit:
+            console.print(f"More may follow: --offset {offset + limit}")
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@sessions_app.command("show")
+def sessions_show(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON export.")] = False,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Show one session and its messages."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        session = await storage.load_session(session_id)
+        if session is None:
+            fail(f"session {session_id!r} not found in {cfg.display_url}")
+        if as_json:
+            typer.echo(formats.render_json(session), nl=False)
+            return
+        console = out()
+        console.print(Text(f"Session {session.session_id}", style="bold"))
+        fields = [
+            ("Model", session.model),
+            ("Status", session.status),
+            ("Created", f"{session.created_at:%Y-%m-%d %H:%M:%S} UTC"),
+            ("Updated", f"{session.updated_at:%Y-%m-%d %H:%M:%S} UTC"),
+            ("Messages", str(session.message_count)),
+        ]
+        if session.metadata:
+            fields.append(("Metadata", json.dumps(session.metadata, ensure_ascii=False)))
+        for name, value in fields:
+            console.print(Text.assemble((f"{name}: ", "bold"), value))
+        for message in session.messages:
+            console.print()
+            console.print(
+                Text.assemble(
+                    (f"[{message.created_at:%Y-%m-%d %H:%M:%S}] ", "dim"),
+                    (message.role.upper(), "bold cyan"),
+                )
+            )
+            console.print(Text(message.content))
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    format: Annotated[FormatChoice, typer.Option("--format", "-f", help="Export format.")] = (
+        FormatChoice.json
+    ),
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write to this file (atomically), not stdout."),
+    ] = None,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Export one session as JSON, plain text or markdown."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        manager = SessionManager(storage, auto_save_enabled=False)
+        if output is None:
+            rendered = await manager.export_session(session_id, format.value)
+            if rendered is None:
+                fail(f"session {session_id!r} not found in {cfg.display_url}")
+            typer.echo(rendered, nl=False)
+            return
+        if not await manager.export_to_file(session_id, output, format.value):
+            fail(f"session {session_id!r} not found in {cfg.display_url}")
+        out().print(f"Wrote the {format.value} export of session {session_id} to {output}")
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@app.command()
+def stats(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Count sessions by status, messages and file records (inside the database)."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        statistics = await SessionManager(storage).get_statistics()
+        statistics = {"database": cfg.display_url, **statistics}
+        for key in ("cached_sessions", "unsaved_sessions", "auto_save_enabled", "expiry_hours"):
+            statistics.pop(key, None)
+        if as_json:
+            echo_json(statistics)
+            return
+        table = Table(title="Store statistics", title_justify="left", show_header=False)
+        table.add_column("What")
+        table.add_column("Value", justify="right")
+        for key, value in statistics.items():
+            table.add_row(key.replace("_", " "), Text(str(value)))
+        out().print(table)
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@app.command()
+def cleanup(
+    ctx: typer.Context,
+    expiry_hours: Annotated[
+        float | None,
+        typer.Option(help="Expire active sessions idle this many hours (default: config)."),
+    ] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Mark idle active sessions expired and delete expired file records."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        hours = cfg.expiry_hours if expiry_hours is None else expiry_hours
+        manager = SessionManager(storage, auto_save_enabled=False, expiry_hours=hours)
+        expired = await manager.cleanup_expired_sessions()
+        files = await storage.delete_expired_files()
+        if as_json:
+            echo_json({"expired_sessions": expired, "expired_files_deleted": files})
+            return
+        out().print(
+            f"Expired {expired} session(s) not updated for {hours:g} hours;"
+            f" deleted {files} expired file record(s)."
+        )
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+DEMO_CONVERSATION = (
+    ("user", "Hello! Can you summarise the file I just uploaded?"),
+    ("assistant", "Sure. It lists three tasks: buy milk, write the report, call Sam."),
+    ("user", "Which one is the most urgent?"),
+    ("assistant", "Writing the report: its deadline is today."),
+)
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Store a short conversation and a file record, then show how to look at them."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        manager = SessionManager(
+            storage, auto_save_enabled=cfg.auto_save, expiry_hours=cfg.expiry_hours
+        )
+        await manager.startup()
+        session = await manager.create_session(
+            "gemini-2.5-flash", metadata={"source": "persistence demo"}
+        )
+        for role, content in DEMO_CONVERSATION:
+            session.add_message(role, content)
+        await manager.save_session(session)
+        now = utc_now()
+        record = UploadedFileRecord(
+            file_id=f"demo-{session.session_id[:8]}",
+            gemini_file_name=f"files/demo-{session.session_id[:8]}",
+            gemini_file_uri=f"https://example.invalid/files/demo-{session.session_id[:8]}",
+            display_name="tasks.txt",
+            size=52,
+            mime_type="text/plain",
+            uploaded_at=now,
+            expires_at=now + timedelta(hours=48),
+            metadata={"session_id": session.session_id},
+        )
+        await storage.save_file_record(record)
+        await manager.shutdown()
+        where = str(cfg.database_path.resolve()) if cfg.backend == "sqlite" else cfg.display_url
+        prefix = target.command_prefix()
+        sid = shlex.quote(session.session_id)
+        console = out()
+        console.print(f"Stored in {cfg.backend} at {where}:")
+        console.print(
+            f"  session {session.session_id} (model {session.model})"
+            f" with {len(session.messages)} messages"
+        )
+        console.print(
+            f"  file record {record.file_id} ({record.display_name}, {record.size} bytes,"
+            f" expires {record.expires_at:%Y-%m-%d %H:%M} UTC)"
+        )
+        console.print("Look at them with:")
+        for command in (
+            "sessions list",
+            f"sessions show {sid}",
+            f"export {sid} --format markdown",
+            "stats --json",
+        ):
+            console.print(f"  {prefix} {command}")
+        if prefix != target.command_prefix(reveal=True):
+            console.print("  (*** stands for the password of --url)")
+
+    run(ctx, (config, url, verbose), work)
+
+
+cli_transfer.register(app)

@@ -1,0 +1,174 @@
+"""What every `persistence` command shares: options, the store, logging, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from persistence.config import (
+    StorageConfig,
+    config_from_url,
+    create_storage,
+    load_config,
+    mask_secrets,
+)
+from persistence.errors import PersistenceError
+from persistence.storage import SessionStorage
+
+T = TypeVar("T")
+logger = logging.getLogger("persistence.cli")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML or TOML file with a `storage` section (default: $PERSISTENCE_CONFIG,"
+        " else ./persistence.yaml|.yml|.toml if present).",
+        show_default=False,
+    ),
+]
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Database URL: sqlite:///path, postgresql://..., mongodb://...;"
+        " overrides the configured store.",
+        show_default=False,
+    ),
+]
+VerboseOption = Annotated[
+    int, typer.Option("--verbose", "-v", count=True, help="Log to stderr: -v info, -vv debug.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@dataclass
+class Target:
+    """Which store a command works on, from the global and the command's options."""
+
+    config_file: Path | None = None
+    url: str | None = None
+    verbose: int = 0
+
+    def merged(self, config_file: Path | None, url: str | None, verbose: int) -> Target:
+        return Target(config_file or self.config_file, url or self.url, verbose or self.verbose)
+
+    def load(self) -> StorageConfig:
+        config = load_config(self.config_file)
+        return config if self.url is None else config_from_url(self.url, base=config)
+
+    def command_prefix(self, *, reveal: bool = False) -> str:
+        """How to repeat this store's options on another command line (password masked)."""
+        words = ["persistence"]
+        if self.config_file is not None:
+            words += ["--config", str(self.config_file)]
+        if self.url is not None:
+            words += ["--url", self.url if reveal else mask_secrets(self.url)]
+        return shlex.join(words)
+
+
+@contextmanager
+def _logging(verbose: int) -> Iterator[None]:
+    """Sends the library's (and alembic's) log records to stderr while a command runs."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    detail = "%(asctime)s " if verbose > 1 else ""
+    handler.setFormatter(logging.Formatter(f"{detail}%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    loggers = [logging.getLogger(name) for name in ("persistence", "alembic")]
+    previous = [log.level for log in loggers]
+    for log in loggers:
+        log.addHandler(handler)
+        log.setLevel(level)
+    try:
+        yield
+    finally:
+        for log, old in zip(loggers, previous, strict=True):
+            log.removeHandler(handler)
+            log.setLevel(old)
+
+
+def out() -> Console:
+    """The console for results on stdout: no markup, so stored text prints as it is."""
+    console = Console(highlight=False, soft_wrap=True, markup=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped output: room for full session ids instead of rich's 80 columns.
+        console.width = 160
+    return console
+
+
+def fail(message: str) -> NoReturn:
+    """Prints one error line on stderr and exits with status 1."""
+    line = " ".join(mask_secrets(message).splitlines())
+    Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str))
+
+
+def run(
+    ctx: typer.Context,
+    options: tuple[Path | None, str | None, int],
+    work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
+    *,
+    must_exist: bool = False,
+) -> T:
+    """Runs `work` on the configured store, turning every expected error into one line."""
+    target = (ctx.find_object(Target) or Target()).merged(*options)
+    with _logging(target.verbose):
+        return _run(target, work, must_exist)
+
+
+def _run(
+    target: Target,
+    work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
+    must_exist: bool,
+) -> T:
+    try:
+        config = target.load()
+        logger.info("store: %s", config.display_url)
+        if must_exist and config.backend == "sqlite" and not config.database_path.exists():
+            fail(
+                f"no database at {config.database_path}: nothing stored yet"
+                " (create one with `persistence upgrade` or `persistence demo`)"
+            )
+        storage = create_storage(config)
+        return asyncio.run(_open_and_run(storage, config, target, work))
+    except typer.Exit:
+        raise
+    except (PersistenceError, ValueError) as exc:
+        # Notes say how far a long operation got before it stopped.
+        fail("; ".join([str(exc), *getattr(exc, "__notes__", [])]))
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted")
+    except Exception as exc:
+        logger.debug("unexpected error", exc_info=True)
+        fail(f"unexpected {type(exc).__name__}: {exc} (run with -vv for the traceback)")
+
+
+async def _open_and_run(
+    storage: SessionStorage,
+    config: StorageConfig,
+    target: Target,
+    work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
+) -> T:
+    async with storage:
+        return await work(storage, config, target)

@@ -1,0 +1,411 @@
+"""StorageConfig, load_config and create_storage: which store to use, and how.
+
+Sources, highest priority first: `STORAGE_*` environment variables, the `storage`
+section of a YAML or TOML file, then defaults (SQLite at ./gemini_sessions.db).
+A connection string's password never appears in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from persistence.config_sources import (
+    CONFIG_FILE_VARIABLE,
+    DISCOVERED_FILES,
+    config_file_path,
+    read_environment,
+    read_file,
+)
+from persistence.errors import ConfigError
+from persistence.storage import SessionStorage
+
+__all__ = [
+    "CONFIG_FILE_VARIABLE",
+    "DISCOVERED_FILES",
+    "MongoDBOptions",
+    "PostgreSQLOptions",
+    "SQLiteOptions",
+    "StorageConfig",
+    "config_file_path",
+    "config_from_url",
+    "create_storage",
+    "load_config",
+    "mask_secrets",
+    "mask_url",
+    "sql_url",
+]
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["sqlite", "postgresql", "mongodb"]
+DEFAULT_DATABASE_PATH = Path("gemini_sessions.db")
+SCHEMES: dict[str, tuple[str, ...]] = {
+    "sqlite": ("sqlite", "sqlite+aiosqlite"),
+    "postgresql": ("postgresql", "postgresql+asyncpg", "postgres"),
+    "mongodb": ("mongodb", "mongodb+srv"),
+}
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*?):([^/?#]*)@")
+_ANY_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s'\"]*):[^@\s'\"]*@")
+# Where each setting came from, for error messages; set by load_config.
+_SOURCES: ContextVar[dict[str, str] | None] = ContextVar("_SOURCES", default=None)
+
+
+def mask_url(url: str) -> str:
+    """Returns the URL with its password replaced by `***`."""
+    return _USERINFO.sub(r"\1\2:***@", url, count=1)
+
+
+def mask_secrets(text: str) -> str:
+    """Masks the password of every URL in `text`."""
+    return _ANY_CREDENTIALS.sub(r"\1:***@", text)
+
+
+def _scheme(url: str) -> str | None:
+    head, separator, _ = url.partition("://")
+    return head.lower() if separator and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", head) else None
+
+
+class _SettingError(ValueError):
+    """A refused value, with the name of the setting it belongs to."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(problem)
+        self.setting = setting
+        self.problem = problem
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SQLiteOptions(_Options):
+    synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
+    cache_size: int | None = None
+    busy_timeout: float = Field(30.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("synchronous"), str):
+            return {**data, "synchronous": data["synchronous"].upper()}
+        return data
+
+
+class PostgreSQLOptions(_Options):
+    statement_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    command_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    connect_timeout: float = Field(10.0, gt=0, allow_inf_nan=False)
+    pool_timeout: float = Field(30.0, gt=0, allow_inf_nan=False)
+
+
+class MongoDBOptions(_Options):
+    database_name: str = Field("gemini_mcp", min_length=1)
+    read_preference: (
+        Literal["primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest"] | None
+    ) = None
+
+
+OPTION_MODELS: dict[str, type[_Options]] = {
+    "sqlite": SQLiteOptions,
+    "postgresql": PostgreSQLOptions,
+    "mongodb": MongoDBOptions,
+}
+
+
+def _check_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    model = OPTION_MODELS[backend]
+    known = ", ".join(model.model_fields)
+    for key in options:
+        if key not in model.model_fields:
+            raise _SettingError(
+                f"options.{key}", f"unknown option for backend {backend} (known: {known})"
+            )
+    try:
+        checked = model(**options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(part) for part in error["loc"])
+        raise _SettingError(f"options.{name}", f"{error['msg']}, got {error['input']!r}") from None
+    return checked.model_dump(include=set(options))
+
+
+class StorageConfig(BaseModel):
+    """Which store to use and how to tune it.
+
+    Takes exactly what it is given; `load_config()` adds the environment and a file.
+    For SQLite, a `sqlite:///path` connection string sets `database_path`. For the
+    other backends the backend may be left out: the connection string's scheme names it.
+
+    Raises:
+        ConfigError: naming the setting, for any value that cannot be used.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Backend = "sqlite"
+    database_path: Path = DEFAULT_DATABASE_PATH
+    connection_string: SecretStr | None = None
+    min_pool_size: int = Field(5, ge=0)
+    max_pool_size: int = Field(20, ge=1)
+    auto_save: bool = True
+    expiry_hours: float = Field(72, gt=0, allow_inf_nan=False)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            # `from None`: pydantic's error repeats the raw input, password included.
+            raise ConfigError(_describe(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_backend(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("backend") is not None:
+            return data
+        url = data.get("connection_string")
+        if isinstance(url, SecretStr):
+            url = url.get_secret_value()
+        scheme = _scheme(url) if isinstance(url, str) else None
+        for backend, schemes in SCHEMES.items():
+            if scheme in schemes:
+                return {**data, "backend": backend}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StorageConfig:
+        url = self.connection_string.get_secret_value() if self.connection_string else None
+        if url is not None:
+            scheme = _scheme(url)
+            if scheme is None:
+                raise _SettingError(
+                    "connection_string", "not a URL (expected scheme://...; see the README)"
+                )
+            if scheme not in SCHEMES[self.backend]:
+                allowed = ", ".join(f"{s}://" for s in SCHEMES[self.backend])
+                raise _SettingError(
+                    "connection_string",
+                    f"scheme {scheme}:// does not fit backend {self.backend} (use {allowed})",
+                )
+            if self.backend == "sqlite":
+                object.__setattr__(self, "database_path", _sqlite_path(url))
+        elif self.backend != "sqlite":
+            raise _SettingError("connection_string", f"required for backend {self.backend}")
+        if str(self.database_path) in ("", ":memory:"):
+            raise _SettingError("database_path", "must name a file")
+        object.__setattr__(self, "database_path", self.database_path.expanduser())
+        if self.min_pool_size > self.max_pool_size:
+            raise _SettingError(
+                "min_pool_size",
+                f"{self.min_pool_size} is greater than max_pool_size {self.max_pool_size}",
+            )
+        object.__setattr__(self, "options", _check_options(self.backend, self.options))
+        return self
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name == "connection_string" and value is not None:
+                yield name, mask_url(value.get_secret_value())
+            else:
+                yield name, value
+
+    @property
+    def display_url(self) -> str:
+        """The store's URL with the password masked, for messages and logs."""
+        if self.backend == "sqlite":
+            return f"sqlite:///{self.database_path}"
+        assert self.connection_string is not None
+        return mask_url(self.connection_string.get_secret_value())
+
+    def typed_options(self) -> Any:
+        """The options as the backend's options model, defaults filled in."""
+        return OPTION_MODELS[self.backend](**self.options)
+
+
+def _sqlite_path(url: str) -> Path:
+    rest = url.partition("://")[2]
+    if not rest.startswith("/"):
+        raise _SettingError("connection_string", "a SQLite URL is sqlite:///path")
+    path = rest[1:].partition("?")[0]
+    if not path or path == ":memory:":
+        raise _SettingError("connection_string", "a SQLite URL must name a file (sqlite:///path)")
+    return Path(path)
+
+
+def _describe(exc: ValidationError) -> str:
+    sources = _SOURCES.get() or {}
+    problems = []
+    for error in exc.errors():
+        original = (error.get("ctx") or {}).get("error")
+        if isinstance(original, _SettingError):
+            setting, problem = original.setting, original.problem
+        else:
+            setting = ".".join(str(part) for part in error["loc"]) or "storage"
+            problem = error["msg"]
+            if setting.split(".")[0] not in ("connection_string", "storage"):
+                value = error.get("input")
+                problem += f", got {str(value)[:80]!r}" if isinstance(value, str) else ""
+        source = sources.get(setting) or sources.get(setting.split(".")[0])
+        where = f" (from {source})" if source else ""
+        problems.append(f"storage setting {setting}{where}: {problem}")
+    return mask_secrets("; ".join(problems))
+
+
+def load_config(path: str | Path | None = None) -> StorageConfig:
+    """Reads STORAGE_* variables over a config file's `storage` section over defaults.
+
+    Raises:
+        ConfigError: naming the setting and where it came from.
+    """
+    file_path = config_file_path(path)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if file_path is not None:
+        values = read_file(file_path, StorageConfig.model_fields)
+        for key in values:
+            sources[key] = f"config file {file_path}, key storage.{key}"
+        for key in values.get("options") or {}:
+            sources[f"options.{key}"] = f"config file {file_path}, key storage.options.{key}"
+    environment, env_sources = read_environment()
+    options = {**(values.get("options") or {}), **environment.pop("options", {})}
+    values.update(environment)
+    sources.update(env_sources)
+    if options:
+        values["options"] = options
+    token = _SOURCES.set(sources)
+    try:
+        config = StorageConfig(**values)
+    finally:
+        _SOURCES.reset(token)
+    logger.debug("configuration: %r (file: %s)", config, file_path or "none")
+    return config
+
+
+def config_from_url(url: str, *, base: StorageConfig | None = None) -> StorageConfig:
+    """Returns the configuration of the store at `url`.
+
+    Accepts sqlite:///path, sqlite+aiosqlite:///path, postgresql://, postgres://,
+    postgresql+asyncpg://, mongodb:// and mongodb+srv://. Pool sizes, auto-save and
+    expiry come from `base` (and its options when the backend is the same).
+
+    Raises:
+        ConfigError: for any other scheme (the URL's password is never repeated).
+    """
+    scheme = _scheme(url)
+    backend = next((name for name, schemes in SCHEMES.items() if scheme in schemes), None)
+    if backend is None:
+        known = ", ".join(f"{s}://" for schemes in SCHEMES.values() for s in schemes)
+        got = f"scheme {scheme}://" if scheme else "no scheme"
+        raise ConfigError(f"URL: {got} is not a database URL this library knows ({known})")
+    fields: dict[str, Any] = {"backend": backend}
+    if base is not None:
+        fields |= base.model_dump(include={"min_pool_size", "max_pool_size"})
+        fields |= base.model_dump(include={"auto_save", "expiry_hours"})
+        if base.backend == backend:
+            fields["options"] = base.options
+    if backend == "sqlite":
+        try:
+            fields["database_path"] = _sqlite_path(url)
+        except _SettingError as exc:
+            raise ConfigError(f"URL: {exc.problem}") from None
+    else:
+        fields["connection_string"] = url
+    return StorageConfig(**fields)
+
+
+def sql_url(config: StorageConfig) -> str:
+    """The SQLAlchemy URL of a SQLite or PostgreSQL configuration, password included.
+
+    Raises:
+        ConfigError: for a MongoDB configuration.
+    """
+    if config.backend == "sqlite":
+        return f"sqlite:///{config.database_path}"
+    if config.backend == "postgresql":
+        assert config.connection_string is not None
+        url = config.connection_string.get_secret_value()
+        if _scheme(url) == "postgres":
+            url = "postgresql" + url[len("postgres") :]
+        return url
+    raise ConfigError("backend mongodb has no SQL schema: alembic manages SQLite and PostgreSQL")
+
+
+def _mongodb_url(url: str, config: StorageConfig, options: MongoDBOptions) -> str:
+    extra = {"minPoolSize": str(config.min_pool_size), "maxPoolSize": str(config.max_pool_size)}
+    if options.read_preference:
+        extra["readPreference"] = options.read_preference
+    base, _, query = url.partition("?")
+    if "/" not in base.partition("://")[2]:
+        base += "/"
+    present = {pair.partition("=")[0].lower() for pair in query.split("&") if pair}
+    added = [f"{key}={value}" for key, value in extra.items() if key.lower() not in present]
+    return base + "?" + "&".join(part for part in [query, *added] if part)
+
+
+def create_storage(config: StorageConfig) -> SessionStorage:
+    """Builds the configured backend (not yet initialized).
+
+    Raises:
+        ConfigError: if the backend's driver is not installed (names the extra).
+    """
+    if config.backend == "sqlite":
+        sqlite = SQLiteOptions(**config.options)
+        from persistence.sql.backend import SQLiteSessionStorage
+
+        return SQLiteSessionStorage(
+            config.database_path,
+            synchronous=sqlite.synchronous,
+            cache_size=sqlite.cache_size,
+            busy_timeout=sqlite.busy_timeout,
+        )
+    assert config.connection_string is not None
+    url = config.connection_string.get_secret_value()
+    if config.backend == "postgresql":
+        pg = PostgreSQLOptions(**config.options)
+        try:
+            importlib.import_module("asyncpg")
+        except ImportError:
+            raise ConfigError(
+                "backend postgresql needs the asyncpg driver: install persistence[postgresql]"
+            ) from None
+        from persistence.sql.backend import PostgreSQLSessionStorage
+
+        return PostgreSQLSessionStorage(
+            url,
+            config.min_pool_size,
+            config.max_pool_size,
+            statement_timeout=pg.statement_timeout,
+            command_timeout=pg.command_timeout,
+            connect_timeout=pg.connect_timeout,
+            pool_timeout=pg.pool_timeout,
+        )
+    mongo = MongoDBOptions(**config.options)
+    try:
+        module = importlib.import_module("persistence.mongo.backend")
+    except ImportError as exc:
+        if (exc.name or "").startswith("persistence"):
+            raise ConfigError(
+                "backend mongodb: this installation of persistence has no MongoDB backend"
+            ) from None
+        raise ConfigError(
+            f"backend mongodb needs beanie and pymongo ({exc.name or 'a module'} is missing):"
+            " install persistence[mongodb]"
+        ) from None
+    storage: SessionStorage = module.MongoDBSessionStorage(
+        _mongodb_url(url, config, mongo), database_name=mongo.database_name
+    )
+    return storage

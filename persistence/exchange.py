@@ -1,0 +1,181 @@
+"""export_to_json and import_from_json: the whole store to and from one JSON file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from persistence.atomic_files import file_error, replace_with, temp_file
+from persistence.clock import utc_now
+from persistence.errors import InvalidDataError, MigrationError, PersistenceError
+from persistence.exchange_format import DocumentCounts, DocumentWriter, iter_records
+from persistence.exchange_format import validate_document as _validate_document
+from persistence.migration import (
+    DEFAULT_BATCH_SIZE,
+    Progress,
+    ProgressCallback,
+    check_batch_size,
+    elapsed,
+    session_batches,
+    write_file_records,
+    write_sessions,
+)
+from persistence.models import ChatSession, UploadedFileRecord
+from persistence.storage import SessionStorage
+
+
+def _open_no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+
+
+def _open_output(path: Path) -> IO[str]:
+    # Opening a local file does not wait on anything worth a thread hop.
+    try:
+        return open(path, "w", encoding="utf-8", opener=_open_no_follow)
+    except OSError as exc:
+        raise file_error("cannot write", path, exc) from exc
+
+
+def open_input(path: Path) -> IO[bytes]:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InvalidDataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise file_error("cannot read", path, exc) from exc
+
+
+async def write_document(
+    storage: SessionStorage,
+    path: Path,
+    batch_size: int,
+    progress_callback: ProgressCallback | None,
+) -> tuple[DocumentCounts, str]:
+    """Streams the store into an export document at `path` (a fresh temp file)."""
+    exported_at = utc_now()
+    progress = Progress(progress_callback, (await storage.count()).total_sessions)
+    try:
+        with _open_output(path) as stream:
+            writer = DocumentWriter(stream, backend=storage.backend_name, exported_at=exported_at)
+            async for batch in session_batches(storage, batch_size):
+                writer.write_sessions(batch)
+                progress.add_sessions(batch)
+            writer.start_file_records()
+            async for records in storage.iter_file_records(batch_size):
+                writer.write_file_records(records)
+            writer.finish()
+    except OSError as exc:
+        raise file_error("cannot write", path, exc) from exc
+    return writer.counts, exported_at.isoformat(timespec="milliseconds")
+
+
+async def export_to_json(
+    storage: SessionStorage,
+    output_path: str | Path,
+    *,
+    progress_callback: ProgressCallback | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """Writes the whole store to one JSON export document, atomically, mode 0600.
+
+    Returns:
+        {"path", "sessions", "messages", "files", "bytes", "exported_at", "duration_seconds"}.
+
+    Raises:
+        MigrationError: if the file cannot be written (nothing is left behind).
+        PersistenceError: if the store fails.
+    """
+    check_batch_size(batch_size)
+    started = time.perf_counter()
+    target = Path(output_path)
+    if not target.parent.is_dir():
+        raise MigrationError(f"cannot write {target}: {target.parent} is not a directory")
+    with temp_file(target.parent, target.name) as temp:
+        counts, exported_at = await write_document(storage, temp, batch_size, progress_callback)
+        size = temp.stat().st_size
+        replace_with(temp, target)
+    return {
+        "path": str(target),
+        **counts.as_dict(),
+        "bytes": size,
+        "exported_at": exported_at,
+        "duration_seconds": elapsed(started),
+    }
+
+
+async def import_from_json(
+    storage: SessionStorage,
+    input_path: str | Path,
+    *,
+    progress_callback: ProgressCallback | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """Loads an export document into the store: validated whole first, then written.
+
+    Additive and idempotent like `migrate_storage`.
+
+    Returns:
+        {"sessions_imported", "messages_imported", "files_imported", "format_version",
+        "exported_at", "duration_seconds"}.
+
+    Raises:
+        InvalidDataError: for a missing, truncated or malformed file, a foreign or
+            newer format, a record failing validation or a duplicate id; nothing
+            is written then.
+        PersistenceError: if the store fails; batches already written stay.
+    """
+    check_batch_size(batch_size)
+    started = time.perf_counter()
+    path = Path(input_path)
+    with open_input(path) as stream:
+        # One open file for both passes: the second reads what the first validated.
+        summary = await asyncio.to_thread(_validate_document, stream)
+        stream.seek(0)
+        progress = Progress(progress_callback, summary.counts.sessions)
+        sessions: list[ChatSession] = []
+        records: list[UploadedFileRecord] = []
+        try:
+            for record in iter_records(stream):
+                if isinstance(record, ChatSession):
+                    sessions.append(record)
+                    if len(sessions) >= batch_size:
+                        await write_sessions(storage, sessions)
+                        progress.add_sessions(sessions)
+                        sessions = []
+                else:
+                    records.append(record)
+                    if len(records) >= batch_size:
+                        await write_file_records(storage, records)
+                        progress.files += len(records)
+                        records = []
+            if sessions:
+                await write_sessions(storage, sessions)
+                progress.add_sessions(sessions)
+            if records:
+                await write_file_records(storage, records)
+                progress.files += len(records)
+        except PersistenceError as exc:
+            progress.stopped(exc)
+            raise
+    return {
+        "sessions_imported": progress.sessions,
+        "messages_imported": progress.messages,
+        "files_imported": progress.files,
+        "format_version": summary.version,
+        "exported_at": summary.exported_at.isoformat(timespec="milliseconds"),
+        "duration_seconds": elapsed(started),
+    }
+
+
+def validate_export_file(input_path: str | Path) -> dict[str, Any]:
+    """Checks an export document without writing anything; returns what it holds.
+
+    Raises:
+        InvalidDataError: as `import_from_json` would, before writing.
+    """
+    with open_input(Path(input_path)) as stream:
+        summary = _validate_document(stream)
+    return {"format_version": summary.version, **summary.counts.as_dict()}

@@ -1,0 +1,200 @@
+"""Renders a session as a JSON document, a markdown transcript or a plain-text transcript.
+
+Transcripts write each message's content as given, except for the few lines that
+would otherwise change the transcript's structure (start a new section or swallow
+the sections after it); those are escaped, so every message stays in its section.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any, Literal, get_args
+
+from persistence.errors import InvalidDataError
+from persistence.models import ChatMessage, ChatSession, Role
+
+ExportFormat = Literal["json", "text", "markdown"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+_ROLE_TITLES: dict[Role, str] = {
+    "user": "👤 User",
+    "assistant": "🤖 Assistant",
+    "system": "⚙️ System",
+    "tool": "🔧 Tool",
+}
+TEXT_RULE = "=" * 80
+
+# Markdown lines that would open a heading (ATX or setext) or an HTML block that runs
+# past the end of the message: escaped with a backslash, which renders nothing.
+_MD_HEADING = re.compile(r"^( {0,3}(?:>[ \t]?|[-*+][ \t]+|\d{1,9}[.)][ \t]+)*)(#{1,6}(?:[ \t]|$))")
+_MD_SETEXT = re.compile(r"^( {0,3})([=-]+[ \t]*)$")
+_MD_HTML_BLOCK = re.compile(
+    r"^( {0,3})(<(?:script|pre|style|textarea)(?:[\s>]|$)|<!--|<\?|<![A-Za-z]|<!\[CDATA\[)",
+    re.IGNORECASE,
+)
+_MD_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+# A plain-text line that looks like a message header: indented so that it cannot be one.
+_TEXT_HEADER = re.compile(r"^\[(?:\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}\] ")
+_LINE_BREAK = re.compile(r"(\r\n|\n|\r)")
+
+
+def _split_lines(content: str) -> tuple[list[str], list[str]]:
+    """Splits on line breaks, keeping each break so that the content is rebuilt as given."""
+    pieces = _LINE_BREAK.split(content)
+    return pieces[0::2], pieces[1::2]
+
+
+def _join_lines(lines: list[str], breaks: list[str]) -> str:
+    out = [lines[0]]
+    for line, brk in zip(lines[1:], breaks, strict=False):
+        out += [brk, line]
+    out += ["\n" + line for line in lines[len(breaks) + 1 :]]
+    return "".join(out)
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat(timespec="milliseconds")
+
+
+def message_document(message: ChatMessage) -> dict[str, Any]:
+    """Returns a message as a JSON-ready dict (datetimes ISO 8601 with offset)."""
+    return {
+        "message_id": message.message_id,
+        "session_id": message.session_id,
+        "role": message.role,
+        "content": message.content,
+        "created_at": _iso(message.created_at),
+        "metadata": message.metadata,
+    }
+
+
+def session_document(session: ChatSession) -> dict[str, Any]:
+    """Returns a session and its messages in order as a JSON-ready dict.
+
+    `ChatSession.model_validate(session_document(session))` gives the session back.
+    """
+    return {
+        "session_id": session.session_id,
+        "model": session.model,
+        "status": session.status,
+        "created_at": _iso(session.created_at),
+        "updated_at": _iso(session.updated_at),
+        "message_count": session.message_count,
+        "metadata": session.metadata,
+        "messages": [message_document(message) for message in session.messages],
+    }
+
+
+def render_json(session: ChatSession) -> str:
+    """Renders the session as an indented JSON document."""
+    return json.dumps(session_document(session), ensure_ascii=False, indent=2) + "\n"
+
+
+def _one_line(value: str) -> str:
+    # A header value (an id, a model name) must not start a line of its own.
+    return value.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _clock(value: datetime, day: datetime) -> str:
+    """HH:MM:SS, with the date in front when the message is not from the session's day."""
+    if value.date() == day.date():
+        return value.strftime("%H:%M:%S")
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _markdown_body(content: str) -> str:
+    lines, breaks = _split_lines(content)
+    out: list[str] = []
+    fence: tuple[str, int] | None = None
+    for line in lines:
+        match = _MD_FENCE.match(line)
+        if fence is not None:
+            out.append(line)
+            if (
+                match
+                and match.group(1)[0] == fence[0]
+                and len(match.group(1)) >= fence[1]
+                and not match.group(2).strip()
+            ):
+                fence = None
+            continue
+        if match and not (match.group(1)[0] == "`" and "`" in match.group(2)):
+            fence = (match.group(1)[0], len(match.group(1)))
+            out.append(line)
+            continue
+        for pattern in (_MD_HEADING, _MD_SETEXT, _MD_HTML_BLOCK):
+            escaped = pattern.match(line)
+            if escaped:
+                line = f"{escaped.group(1)}\\{line[len(escaped.group(1)) :]}"
+                break
+        out.append(line)
+    if fence is not None:
+        # An unclosed code fence would swallow every later section.
+        out.append(fence[0] * fence[1])
+    return _join_lines(out, breaks)
+
+
+def render_markdown(session: ChatSession) -> str:
+    """Renders the session as a markdown transcript, times in UTC."""
+    parts = [
+        f"# Chat Session: {_one_line(session.session_id)}",
+        "",
+        f"**Model:** {_one_line(session.model)}",
+        f"**Created:** {session.created_at:%Y-%m-%d %H:%M:%S}",
+        f"**Messages:** {len(session.messages)}",
+        "",
+        "---",
+    ]
+    for message in session.messages:
+        title = _ROLE_TITLES[message.role]
+        parts += [
+            "",
+            f"### {title} ({_clock(message.created_at, session.created_at)})",
+            "",
+            _markdown_body(message.content),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def _text_body(content: str) -> str:
+    lines, breaks = _split_lines(content)
+    escaped = [f"  {line}" if _TEXT_HEADER.match(line) else line for line in lines]
+    return _join_lines(escaped, breaks)
+
+
+def render_text(session: ChatSession) -> str:
+    """Renders the session as a plain-text transcript, times in UTC."""
+    parts = [
+        f"Chat Session: {_one_line(session.session_id)}",
+        f"Model: {_one_line(session.model)}",
+        f"Created: {session.created_at:%Y-%m-%d %H:%M:%S}",
+        f"Messages: {len(session.messages)}",
+        "",
+        TEXT_RULE,
+    ]
+    for message in session.messages:
+        clock = _clock(message.created_at, session.created_at)
+        parts += ["", f"[{clock}] {message.role.upper()}:", _text_body(message.content)]
+    return "\n".join(parts) + "\n"
+
+
+def check_format(format: str) -> None:
+    """Raises InvalidDataError unless `format` is one of EXPORT_FORMATS."""
+    if format not in EXPORT_FORMATS:
+        raise InvalidDataError(f"format: {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+
+
+def render(session: ChatSession, format: str = "json") -> str:
+    """Renders the session in one of EXPORT_FORMATS.
+
+    Raises:
+        InvalidDataError: for an unknown format.
+    """
+    check_format(format)
+    if format == "markdown":
+        return render_markdown(session)
+    if format == "text":
+        return render_text(session)
+    return render_json(session)

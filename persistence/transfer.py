@@ -1,0 +1,28 @@
+"""Moving data: migrate and verify between stores, export/import, backup/restore.
+
+The public functions of API.md "Moving data", gathered from their modules:
+`migration` (batches, migrate_storage), `verification`, `exchange` and
+`exchange_format` (the JSON file), `backups`, `atomic_files`.
+"""
+
+from __future__ import annotations
+
+from persistence.backups import backup_storage, restore_backup
+from persistence.exchange import export_to_json, import_from_json, validate_export_file
+from persistence.exchange_format import FORMAT_NAME, FORMAT_VERSION
+from persistence.migration import DEFAULT_BATCH_SIZE, ProgressCallback, migrate_storage
+from persistence.verification import verify_migration
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ProgressCallback",
+    "backup_storage",
+    "export_to_json",
+    "import_from_json",
+    "migrate_storage",
+    "restore_backup",
+    "validate_export_file",
+    "verify_migration",
+]

@@ -1,0 +1,303 @@
+"""verify_migration: does the destination hold what the source holds, field for field?
+
+Both stores are walked in batches through `SessionStorage` alone: each batch of source
+sessions is compared with the same ids loaded from the destination, so memory stays
+flat and the comparison does not depend on how either database orders strings. The
+destination is walked for extra records only when its counts say some exist.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from persistence.errors import InvalidDataError
+from persistence.models import ChatSession
+from persistence.storage import SessionStorage, StorageCounts
+
+# The report lists at most this many mismatches one by one; the totals count them all.
+MISMATCH_LIMIT = 1000
+_SHOWN_CHARACTERS = 200
+
+SESSION_FIELDS = ("model", "created_at", "updated_at", "message_count", "metadata", "status")
+MESSAGE_FIELDS = ("role", "content", "created_at", "metadata")
+FILE_FIELDS = (
+    "gemini_file_name",
+    "gemini_file_uri",
+    "display_name",
+    "size",
+    "mime_type",
+    "uploaded_at",
+    "expires_at",
+    "metadata",
+)
+_RESULT_TOTALS = (
+    "sessions_checked",
+    "messages_checked",
+    "files_checked",
+    "missing_sessions",
+    "extra_sessions",
+    "differing_sessions",
+    "misordered_sessions",
+    "missing_messages",
+    "extra_messages",
+    "differing_messages",
+    "missing_files",
+    "extra_files",
+    "differing_files",
+)
+_TOTAL_NAMES = {
+    "missing": "missing",
+    "extra": "extra",
+    "different": "differing",
+    "out_of_order": "misordered",
+}
+
+
+def counts_summary(counts: StorageCounts) -> dict[str, Any]:
+    """A StorageCounts as plain JSON-ready values."""
+    return {
+        "sessions": counts.total_sessions,
+        "sessions_by_status": dict(counts.sessions_by_status),
+        "messages": counts.messages,
+        "files": counts.files,
+    }
+
+
+def _canonical(value: Any) -> str:
+    # Key order is not data (JSONB reorders keys), but 1, 1.0 and true are distinct.
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def same_value(left: Any, right: Any) -> bool:
+    if isinstance(left, dict) or isinstance(right, dict):
+        return _canonical(left) == _canonical(right)
+    return type(left) is type(right) and bool(left == right)
+
+
+def _shown(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="milliseconds")
+    if isinstance(value, dict):
+        value = _canonical(value)
+    if isinstance(value, str) and len(value) > _SHOWN_CHARACTERS:
+        return f"{value[:_SHOWN_CHARACTERS]}... ({len(value)} characters)"
+    return value
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.mismatches: list[dict[str, Any]] = []
+        self.mismatch_count = 0
+        self.totals: Counter[str] = Counter()
+
+    def add(self, kind: str, problem: str, identifier: str, **details: Any) -> None:
+        self.mismatch_count += 1
+        if len(self.mismatches) < MISMATCH_LIMIT:
+            entry = {"kind": kind, "problem": problem, "id": identifier}
+            entry.update({key: _shown(value) for key, value in details.items()})
+            self.mismatches.append(entry)
+
+    def tally(self, kind: str, problem: str, amount: int = 1) -> None:
+        self.totals[f"{_TOTAL_NAMES[problem]}_{kind}s"] += amount
+
+    def fields(
+        self,
+        kind: str,
+        identifier: str,
+        names: tuple[str, ...],
+        source: Any,
+        destination: Any,
+        **context: Any,
+    ) -> bool:
+        differs = False
+        for name in names:
+            left, right = getattr(source, name), getattr(destination, name)
+            if not same_value(left, right):
+                differs = True
+                self.add(
+                    kind,
+                    "different",
+                    identifier,
+                    field=name,
+                    source=left,
+                    destination=right,
+                    **context,
+                )
+        return differs
+
+
+def _compare_sessions(
+    report: _Report, source: ChatSession, destination: ChatSession, *, additive: bool
+) -> None:
+    sid = source.session_id
+    source_ids = {message.message_id for message in source.messages}
+    stored = {message.message_id: message for message in destination.messages}
+    extra = [message for message in destination.messages if message.message_id not in source_ids]
+
+    # Additive: a destination session updated later than the source's keeps its own fields.
+    if not (additive and destination.updated_at > source.updated_at):
+        expected = source
+        if additive and extra:
+            expected = source.model_copy(
+                update={"message_count": source.message_count + len(extra)}
+            )
+        if report.fields("session", sid, SESSION_FIELDS, expected, destination):
+            report.tally("session", "different")
+
+    for message in source.messages:
+        found = stored.get(message.message_id)
+        if found is None:
+            report.tally("message", "missing")
+            report.add("message", "missing", message.message_id, session_id=sid)
+        elif report.fields(
+            "message", message.message_id, MESSAGE_FIELDS, message, found, session_id=sid
+        ):
+            report.tally("message", "different")
+
+    source_order = [
+        message.message_id for message in source.messages if message.message_id in stored
+    ]
+    stored_order = [
+        message.message_id for message in destination.messages if message.message_id in source_ids
+    ]
+    if source_order != stored_order:
+        report.tally("session", "out_of_order")
+        report.add("session", "out_of_order", sid, field="messages")
+
+    report.tally("message", "extra", len(extra))
+    if not additive:
+        for message in extra:
+            report.add("message", "extra", message.message_id, session_id=sid)
+
+
+async def _compare_all_sessions(
+    report: _Report,
+    source: SessionStorage,
+    destination: SessionStorage,
+    *,
+    additive: bool,
+    batch_size: int,
+) -> int:
+    """Compares every source session with the destination's; returns how many it found."""
+    found = 0
+    async for batch in source.iter_sessions(batch_size, with_messages=True):
+        stored = {
+            session.session_id: session
+            for session in await destination.load_sessions([s.session_id for s in batch])
+        }
+        for session in batch:
+            report.totals["sessions_checked"] += 1
+            report.totals["messages_checked"] += len(session.messages)
+            counterpart = stored.get(session.session_id)
+            if counterpart is None:
+                report.tally("session", "missing")
+                report.tally("message", "missing", len(session.messages))
+                report.add("session", "missing", session.session_id, messages=len(session.messages))
+            else:
+                found += 1
+                _compare_sessions(report, session, counterpart, additive=additive)
+    return found
+
+
+async def _find_extra_sessions(
+    report: _Report, source: SessionStorage, destination: SessionStorage, batch_size: int
+) -> None:
+    async for batch in destination.iter_sessions(batch_size, with_messages=False):
+        known = {s.session_id for s in await source.load_sessions([s.session_id for s in batch])}
+        for session in batch:
+            if session.session_id not in known:
+                report.tally("session", "extra")
+                report.tally("message", "extra", session.message_count)
+                report.add("session", "extra", session.session_id, messages=session.message_count)
+
+
+async def _compare_files(
+    report: _Report, source: SessionStorage, destination: SessionStorage, batch_size: int
+) -> int:
+    found = 0
+    async for batch in source.iter_file_records(batch_size):
+        for record in batch:
+            report.totals["files_checked"] += 1
+            counterpart = await destination.load_file_record(record.file_id)
+            if counterpart is None:
+                report.tally("file", "missing")
+                report.add("file", "missing", record.file_id)
+                continue
+            found += 1
+            if report.fields("file", record.file_id, FILE_FIELDS, record, counterpart):
+                report.tally("file", "different")
+    return found
+
+
+async def _find_extra_files(
+    report: _Report, source: SessionStorage, destination: SessionStorage, batch_size: int
+) -> None:
+    async for batch in destination.iter_file_records(batch_size):
+        for record in batch:
+            if await source.load_file_record(record.file_id) is None:
+                report.tally("file", "extra")
+                report.add("file", "extra", record.file_id)
+
+
+async def verify_migration(
+    source: SessionStorage,
+    destination: SessionStorage,
+    *,
+    additive: bool = False,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """Compares two stores: every session, message and file record, field by field.
+
+    With `additive=True` (what `migrate_storage` checks) records only the destination
+    holds, and the fields of a destination session updated after the source's, are
+    expected and do not make the result fail; they are still counted.
+
+    Returns:
+        {"ok", "mismatches" (at most MISMATCH_LIMIT entries, each with kind, problem,
+        id and, for a differing field, field/source/destination), "mismatch_count",
+        "mismatches_truncated", totals such as "missing_sessions", "extra_messages",
+        "differing_files", "misordered_sessions", the counts of both stores and
+        "duration_seconds"}.
+
+    Raises:
+        InvalidDataError: if batch_size is not positive.
+        PersistenceError: if either store fails.
+    """
+    if batch_size <= 0:
+        raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+    started = time.perf_counter()
+    report = _Report()
+    source_counts = await source.count()
+    destination_counts = await destination.count()
+
+    found_sessions = await _compare_all_sessions(
+        report, source, destination, additive=additive, batch_size=batch_size
+    )
+    found_files = await _compare_files(report, source, destination, batch_size)
+    extra_sessions = destination_counts.total_sessions - found_sessions
+    extra_files = destination_counts.files - found_files
+    if additive:
+        report.totals["extra_sessions"] += max(extra_sessions, 0)
+        report.totals["extra_files"] += max(extra_files, 0)
+    else:
+        if extra_sessions > 0:
+            await _find_extra_sessions(report, source, destination, batch_size)
+        if extra_files > 0:
+            await _find_extra_files(report, source, destination, batch_size)
+
+    result: dict[str, Any] = {
+        "ok": report.mismatch_count == 0,
+        "mismatch_count": report.mismatch_count,
+        "mismatches": report.mismatches,
+        "mismatches_truncated": report.mismatch_count > len(report.mismatches),
+    }
+    for name in _RESULT_TOTALS:
+        result[name] = report.totals[name]
+    result["source_counts"] = counts_summary(source_counts)
+    result["destination_counts"] = counts_summary(destination_counts)
+    result["duration_seconds"] = round(time.perf_counter() - started, 3)
+    return result

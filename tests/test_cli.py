@@ -1,0 +1,339 @@
+"""The `persistence` command line, through typer's CliRunner on real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from persistence.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "Sup3r-s3cret-pw"
+COMMANDS = [
+    [],
+    ["upgrade"],
+    ["sessions"],
+    ["sessions", "list"],
+    ["sessions", "show"],
+    ["export"],
+    ["stats"],
+    ["cleanup"],
+    ["demo"],
+]
+
+
+@pytest.fixture(autouse=True)
+def workdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """An empty current directory and no STORAGE_* variables: a fresh machine."""
+    for name in list(os.environ):
+        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
+            monkeypatch.delenv(name)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield work
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+def ok(*args: str) -> Result:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def failed(*args: str) -> str:
+    """Runs a command that must fail: exit 1, one error line, no traceback."""
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _demo_session_id(output: str) -> str:
+    line = next(line for line in output.splitlines() if line.strip().startswith("session "))
+    return line.split()[1]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "app")
+def test_help_on_every_command(command: list[str]) -> None:
+    result = ok(*command, "--help")
+    assert "Usage:" in result.output
+    if command and command != ["sessions"]:
+        assert "--config" in result.output and "--url" in result.output
+
+
+@pytest.mark.sqlite
+def test_demo_on_a_fresh_machine_then_look_at_it(workdir: Path) -> None:
+    result = ok("demo")
+    database = workdir / "gemini_sessions.db"
+    assert database.is_file()
+    assert str(database) in result.stdout
+    session_id = _demo_session_id(result.stdout)
+    assert "with 4 messages" in result.stdout
+    assert "file record demo-" in result.stdout
+
+    listing = ok("sessions", "list")
+    assert session_id in listing.stdout and "gemini-2.5-flash" in listing.stdout
+    shown = ok("sessions", "show", session_id)
+    assert "Hello! Can you summarise the file I just uploaded?" in shown.stdout
+    markdown = ok("export", session_id, "--format", "markdown").stdout
+    assert markdown.startswith(f"# Chat Session: {session_id}\n")
+    assert markdown.count("### 👤 User") == 2 and markdown.count("### 🤖 Assistant") == 2
+    stats = json.loads(ok("stats", "--json").stdout)
+    assert stats["backend"] == "sqlite"
+    assert (stats["total_sessions"], stats["total_messages"], stats["total_files"]) == (1, 4, 1)
+
+
+@pytest.mark.sqlite
+def test_the_commands_demo_suggests_run_as_printed(tmp_path: Path) -> None:
+    config = tmp_path / "conf.yaml"
+    config.write_text(f"storage:\n  database_path: {tmp_path / 'chat.db'}\n")
+    result = ok("--config", str(config), "demo")
+    suggested = [
+        line.strip()
+        for line in result.stdout.splitlines()
+        if line.strip().startswith("persistence ")
+    ]
+    assert len(suggested) == 4
+    for line in suggested:
+        words = shlex.split(line)[1:]
+        assert ok(*words).stdout.strip()
+    assert not Path("gemini_sessions.db").exists()
+
+
+@pytest.mark.sqlite
+def test_sessions_list_pages_filters_and_prints_json(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ids = [_demo_session_id(ok("demo", "--url", url).stdout) for _ in range(3)]
+    listed = json.loads(ok("sessions", "list", "--json", "--url", url).stdout)
+    assert [s["session_id"] for s in listed] == ids[::-1]
+    assert all(s["message_count"] == 4 and "messages" not in s for s in listed)
+    page = json.loads(
+        ok("--url", url, "sessions", "list", "--json", "--limit", "1", "--offset", "1").stdout
+    )
+    assert [s["session_id"] for s in page] == [ids[1]]
+    assert (
+        json.loads(ok("sessions", "list", "--status", "archived", "--json", "--url", url).stdout)
+        == []
+    )
+    assert (
+        "More may follow: --offset 2" in ok("sessions", "list", "--limit", "2", "--url", url).stdout
+    )
+    assert invoke("sessions", "list", "--status", "gone", "--url", url).exit_code == 2
+
+
+@pytest.mark.sqlite
+def test_export_to_a_file_in_each_format(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    session_id = _demo_session_id(ok("demo", "--url", url).stdout)
+    for fmt, marker in (("json", '"messages"'), ("text", "] ASSISTANT:"), ("markdown", "### 🤖")):
+        target = tmp_path / f"out.{fmt}"
+        result = ok("export", session_id, "--format", fmt, "--output", str(target), "--url", url)
+        assert str(target) in result.stdout
+        assert marker in target.read_text(encoding="utf-8")
+    document = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert document["session_id"] == session_id and len(document["messages"]) == 4
+    line = failed("export", "nope", "--url", url, "-o", str(tmp_path / "nope.json"))
+    assert "session 'nope' not found" in line
+    assert not (tmp_path / "nope.json").exists()
+    assert "session 'nope' not found" in failed("sessions", "show", "nope", "--url", url)
+
+
+@pytest.mark.sqlite
+def test_cleanup_expires_idle_sessions(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok("demo", "--url", url)
+    result = json.loads(ok("cleanup", "--json", "--url", url).stdout)
+    assert result == {"expired_sessions": 0, "expired_files_deleted": 0}
+    # Any session is idle for longer than a millisecond.
+    result = json.loads(ok("cleanup", "--json", "--expiry-hours", "0.0000001", "--url", url).stdout)
+    assert result["expired_sessions"] == 1
+    assert json.loads(ok("stats", "--json", "--url", url).stdout)["expired_sessions"] == 1
+    assert "Expired 0 session(s)" in ok("cleanup", "--url", url).stdout
+    assert "expiry_hours" in failed("cleanup", "--expiry-hours", "0", "--url", url)
+
+
+@pytest.mark.sqlite
+def test_upgrade_brings_a_fresh_database_to_head_and_refuses_an_unknown_revision(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "x.db"
+    url = f"sqlite:///{database}"
+    assert "schema is at head" in ok("upgrade", "--url", url).stdout
+    with sqlite3.connect(database) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        assert {"chat_sessions", "chat_messages", "uploaded_files"} <= tables
+        connection.execute("UPDATE alembic_version SET version_num = 'f00dfeed'")
+    line = failed("upgrade", "--url", url)
+    assert "f00dfeed" in line and "newer version" in line
+    assert "f00dfeed" in failed("stats", "--url", url)
+
+
+@pytest.mark.sqlite
+def test_reading_commands_do_not_create_a_database(workdir: Path) -> None:
+    for command in (["stats"], ["sessions", "list"], ["cleanup"], ["export", "x"]):
+        assert "no database at gemini_sessions.db" in failed(*command)
+    assert list(workdir.iterdir()) == []
+
+
+def test_wrong_configuration_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "not found" in failed("stats", "--config", str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("storage:\n  max_pool_size: many\n")
+    line = failed("--config", str(bad), "stats")
+    assert "max_pool_size" in line and "bad.yaml" in line
+    assert "scheme mysql://" in failed("stats", "--url", "mysql://u@h/db")
+    monkeypatch.setenv("STORAGE_BACKEND", "oracle")
+    assert "STORAGE_BACKEND" in failed("demo")
+
+
+@pytest.mark.postgresql
+def test_unreachable_server_is_one_line_without_the_password() -> None:
+    url = f"postgresql://app:{SECRET}@127.0.0.1:1/app"
+    for args in (["stats", "--url", url], ["-vv", "upgrade", "--url", url]):
+        result = invoke(*args)
+        assert result.exit_code == 1
+        assert "database unreachable" in result.stderr
+        assert SECRET not in result.output
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.sqlite
+def test_verbose_logs_to_stderr(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    quiet = ok("upgrade", "--url", url)
+    assert quiet.stderr == ""
+    loud = ok("upgrade", "--url", url, "-v")
+    assert "store: sqlite:///" in loud.stderr
+    assert loud.stdout == quiet.stdout
+
+
+@pytest.mark.postgresql
+def test_demo_and_friends_on_postgresql(postgresql_url: str) -> None:
+    import asyncio
+
+    from persistence import PostgreSQLSessionStorage
+
+    async def empty() -> None:
+        from sqlalchemy import text
+
+        async with PostgreSQLSessionStorage(postgresql_url, 1, 1) as storage:
+            statement = text("TRUNCATE chat_messages, chat_sessions, uploaded_files CASCADE")
+            async with storage.engine.begin() as connection:
+                await connection.execute(statement)
+
+    asyncio.run(empty())
+    # The local server trusts every connection, so any password works and none may show.
+    from sqlalchemy import make_url
+
+    url = make_url(postgresql_url).set(password=SECRET).render_as_string(hide_password=False)
+    result = ok("--url", url, "demo", "-v")
+    assert SECRET not in result.output
+    masked = shlex.quote(url.replace(SECRET, "***"))
+    assert f"persistence --url {masked} sessions list" in result.stdout
+    assert "*** stands for the password" in result.stdout
+    session_id = _demo_session_id(result.stdout)
+    listing = ok("sessions", "list", "--url", url).stdout
+    assert session_id in listing and SECRET not in listing
+    stats = json.loads(ok("stats", "--json", "--url", url).stdout)
+    assert (stats["backend"], stats["total_sessions"], stats["total_files"]) == ("postgresql", 1, 1)
+    assert stats["database"] == url.replace(SECRET, "***")
+    text = ok("export", session_id, "-f", "text", "--url", url).stdout
+    assert text.startswith(f"Chat Session: {session_id}\n")
+    assert "schema is at head" in ok("upgrade", "--url", url).stdout
+
+
+def test_python_dash_m_and_the_console_script_run_the_same_app(workdir: Path) -> None:
+    (script,) = entry_points(group="console_scripts", name="persistence")
+    assert script.value == "persistence.cli:app"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STORAGE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "persistence", "demo"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Look at them with:" in result.stdout
+    assert (workdir / "gemini_sessions.db").is_file()
+
+
+@pytest.mark.sqlite
+def test_stored_text_that_looks_like_rich_markup_prints_as_it_is(tmp_path: Path) -> None:
+    import asyncio
+
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    database = tmp_path / "[x].db"
+
+    async def store() -> str:
+        async with SQLiteSessionStorage(database) as storage:
+            session = ChatSession.create("[bold]model[/bold]")
+            session.add_message("user", "[red]not red[/red] and [link=x]y[/link]")
+            await storage.save_session(session)
+            return session.session_id
+
+    session_id = asyncio.run(store())
+    url = f"sqlite:///{database}"
+    assert "[bold]model[/bold]" in ok("sessions", "list", "--url", url).stdout
+    shown = ok("sessions", "show", session_id, "--url", url).stdout
+    assert "[red]not red[/red] and [link=x]y[/link]" in shown
+    target = tmp_path / "[out].md"
+    assert str(target) in ok("export", session_id, "-o", str(target), "--url", url).stdout
+    assert f"sqlite:///{database}: schema is at head" in ok("upgrade", "--url", url).stdout
+
+
+@pytest.mark.sqlite
+def test_console_script_demo_in_a_fresh_venv(tmp_path: Path) -> None:
+    # --system-site-packages lends the dependencies; the project itself is installed fresh.
+    venv = tmp_path / "venv"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "PYTHONPATH" and not k.upper().startswith("STORAGE_")
+    }
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env
+    )
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    home = tmp_path / "fresh"
+    home.mkdir()
+    for args in (["demo"], ["stats", "--json"]):
+        done = subprocess.run(
+            [str(venv / "bin" / "persistence"), *args],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total_messages"] == 4
+    assert (home / "gemini_sessions.db").is_file()

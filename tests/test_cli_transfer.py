@@ -1,0 +1,216 @@
+"""The data-moving commands end to end on SQLite and PostgreSQL, through CliRunner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner, Result
+
+from persistence import PostgreSQLSessionStorage
+from persistence.cli import app
+
+SECRET = "Sup3r-s3cret-pw"
+
+
+@pytest.fixture(autouse=True)
+def workdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    for name in list(os.environ):
+        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
+            monkeypatch.delenv(name)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield work
+
+
+async def _reset(url: str, revision: str | None = None) -> None:
+    truncate = text("TRUNCATE chat_messages, chat_sessions, uploaded_files CASCADE")
+    async with PostgreSQLSessionStorage(url, 1, 1) as storage, storage.engine.begin() as db:
+        await db.execute(truncate)
+        if revision is not None:
+            await db.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+
+
+@pytest.fixture
+def pg_url(postgresql_url: str) -> Iterator[str]:
+    """The test database, emptied, at head again afterwards."""
+    asyncio.run(_reset(postgresql_url))
+    yield postgresql_url
+    asyncio.run(_restore_head(postgresql_url))
+
+
+async def _restore_head(url: str) -> None:
+    import asyncpg
+
+    from persistence.sql.schema import script_directory
+
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(
+            "UPDATE alembic_version SET version_num = $1", script_directory().get_current_head()
+        )
+    finally:
+        await connection.close()
+
+
+def ok(*args: str) -> Result:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def failed(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def stats(url: str) -> dict[str, object]:
+    return json.loads(ok("stats", "--json", "--url", url).stdout)  # type: ignore[no-any-return]
+
+
+def counts(url: str) -> tuple[object, object, object]:
+    s = stats(url)
+    return s["total_sessions"], s["total_messages"], s["total_files"]
+
+
+def _filled(tmp_path: Path, sessions: int = 3) -> str:
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    for _ in range(sessions):
+        ok("demo", "--url", url)
+    return url
+
+
+@pytest.mark.sqlite
+def test_migrate_sqlite_to_a_fresh_sqlite_file_twice(tmp_path: Path) -> None:
+    source = _filled(tmp_path)
+    destination = f"sqlite:///{tmp_path / 'new' / 'copy.db'}"
+    line = ok("migrate", "--from", source, "--to", destination).stdout
+    assert "Migrated 3 session(s), 12 message(s) and 3 file record(s)" in line
+    assert line.rstrip().endswith("; verified")
+    assert counts(destination) == (3, 12, 3)
+    again = json.loads(ok("migrate", "--from", source, "--to", destination, "--json").stdout)
+    assert again["verified"] is True
+    assert counts(destination) == (3, 12, 3)
+
+
+@pytest.mark.sqlite
+def test_migrate_takes_the_configured_store_as_source(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=1)
+    destination = f"sqlite:///{tmp_path / 'copy.db'}"
+    ok("--url", source, "migrate", "--to", destination, "--no-verify", "--batch-size", "1")
+    assert counts(destination) == (1, 4, 1)
+    assert "same store" in failed("--url", source, "migrate", "--to", source)
+    assert "no database at" in failed("migrate", "--to", destination)
+
+
+@pytest.mark.postgresql
+def test_migrate_sqlite_to_postgresql_and_back(tmp_path: Path, pg_url: str) -> None:
+    source = _filled(tmp_path)
+    ok("migrate", "--from", source, "--to", pg_url)
+    assert counts(pg_url) == (3, 12, 3)
+    back = f"sqlite:///{tmp_path / 'back.db'}"
+    result = json.loads(ok("migrate", "--from", pg_url, "--to", back, "--json").stdout)
+    assert (result["sessions_migrated"], result["verified"]) == (3, True)
+    assert counts(back) == (3, 12, 3)
+
+
+@pytest.mark.postgresql
+def test_migrate_refuses_a_destination_at_an_unknown_revision(
+    tmp_path: Path, postgresql_url: str
+) -> None:
+    source = _filled(tmp_path, sessions=1)
+    asyncio.run(_reset(postgresql_url, revision="f00dfeed"))
+    try:
+        line = failed("migrate", "--from", source, "--to", postgresql_url)
+        assert "f00dfeed" in line and "newer version" in line
+    finally:
+        asyncio.run(_restore_head(postgresql_url))
+    assert counts(postgresql_url) == (0, 0, 0)
+
+
+@pytest.mark.sqlite
+def test_migrate_refuses_a_sqlite_destination_at_an_unknown_revision(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=1)
+    destination = tmp_path / "newer.db"
+    ok("upgrade", "--url", f"sqlite:///{destination}")
+    with sqlite3.connect(destination) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'f00dfeed'")
+    assert "f00dfeed" in failed("migrate", "--from", source, "--to", f"sqlite:///{destination}")
+    with sqlite3.connect(destination) as connection:
+        assert connection.execute("SELECT count(*) FROM chat_sessions").fetchone() == (0,)
+
+
+@pytest.mark.postgresql
+def test_unreachable_destination_is_one_line_without_the_password(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=1)
+    line = failed("migrate", "--from", source, "--to", f"postgresql://u:{SECRET}@127.0.0.1:1/x")
+    assert "unreachable" in line and SECRET not in line
+
+
+@pytest.mark.postgresql
+def test_export_all_then_import_into_postgresql(tmp_path: Path, pg_url: str) -> None:
+    source = _filled(tmp_path)
+    export = tmp_path / "all.json"
+    line = ok("export-all", str(export), "--url", source).stdout
+    assert f"Exported 3 session(s), 12 message(s) and 3 file record(s) of {source}" in line
+    assert json.loads(export.read_text(encoding="utf-8"))
+    imported = json.loads(ok("import", str(export), "--url", pg_url, "--json").stdout)
+    assert (imported["sessions_imported"], imported["messages_imported"]) == (3, 12)
+    ok("import", str(export), "--url", pg_url)
+    assert counts(pg_url) == (3, 12, 3)
+
+
+@pytest.mark.sqlite
+def test_import_refuses_a_truncated_or_foreign_file_before_writing(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=2)
+    export = tmp_path / "all.json"
+    ok("export-all", str(export), "--url", source)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_bytes(export.read_bytes()[: export.stat().st_size // 2])
+    target = f"sqlite:///{tmp_path / 'target.db'}"
+    assert failed("import", str(truncated), "--url", target)
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"hello": "world"}')
+    assert failed("import", str(foreign), "--url", target)
+    assert failed("import", str(tmp_path / "missing.json"), "--url", target)
+    assert counts(target) == (0, 0, 0)
+
+
+@pytest.mark.postgresql
+def test_backup_and_restore_on_sqlite_and_postgresql(tmp_path: Path, pg_url: str) -> None:
+    source = _filled(tmp_path)
+    backups = tmp_path / "backups"
+    sqlite_backup = json.loads(ok("backup", str(backups), "--url", source, "--json").stdout)
+    assert sqlite_backup["kind"] == "sqlite" and sqlite_backup["sessions"] == 3
+    line = ok("restore", sqlite_backup["path"], "--url", pg_url).stdout
+    assert "Restored 3 session(s), 12 message(s) and 3 file record(s)" in line
+    assert counts(pg_url) == (3, 12, 3)
+
+    line = ok("backup", str(backups), "--url", pg_url).stdout
+    assert line.startswith(
+        f"Backed up 3 session(s), 12 message(s) and 3 file record(s) of {pg_url}"
+    )
+    (json_backup,) = [p for p in backups.iterdir() if p.suffix == ".json"]
+    restored = f"sqlite:///{tmp_path / 'restored.db'}"
+    ok("restore", str(json_backup), "--url", restored)
+    assert counts(restored) == (3, 12, 3)
+    not_a_backup = tmp_path / "notes.txt"
+    not_a_backup.write_text("hello")
+    assert "not a backup" in failed("restore", str(not_a_backup), "--url", restored)
+
+
+def test_data_moving_commands_have_help() -> None:
+    for command in ("migrate", "backup", "restore", "export-all", "import"):
+        result = ok(command, "--help")
+        assert "--config" in result.output and "--url" in result.output

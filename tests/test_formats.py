@@ -1,0 +1,159 @@
+"""Export renderers: the JSON document, the markdown and plain-text transcripts."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+
+import pytest
+
+from persistence import ChatMessage, ChatSession, InvalidDataError
+from persistence.formats import render, render_json, render_markdown, render_text
+
+
+def _session(*messages: tuple[str, str, datetime]) -> ChatSession:
+    created = datetime(2025, 10, 16, 10, 0, 0, tzinfo=UTC)
+    session = ChatSession(
+        session_id="abc-123", model="gemini-2.5-flash", created_at=created, updated_at=created
+    )
+    for role, content, at in messages:
+        session.messages.append(
+            ChatMessage(session_id="abc-123", role=role, content=content, created_at=at)
+        )
+    session.message_count = len(session.messages)
+    return session
+
+
+def _at(second: int, day: int = 16) -> datetime:
+    return datetime(2025, 10, day, 10, 0, second, tzinfo=UTC)
+
+
+EXAMPLE = _session(("user", "Hello!", _at(1)), ("assistant", "Hi there!", _at(2)))
+
+
+def test_markdown_matches_the_documented_example() -> None:
+    assert render_markdown(EXAMPLE) == (
+        "# Chat Session: abc-123\n"
+        "\n"
+        "**Model:** gemini-2.5-flash\n"
+        "**Created:** 2025-10-16 10:00:00\n"
+        "**Messages:** 2\n"
+        "\n"
+        "---\n"
+        "\n"
+        "### 👤 User (10:00:01)\n"
+        "\n"
+        "Hello!\n"
+        "\n"
+        "### 🤖 Assistant (10:00:02)\n"
+        "\n"
+        "Hi there!\n"
+    )
+
+
+def test_text_matches_the_documented_example() -> None:
+    assert render_text(EXAMPLE) == (
+        "Chat Session: abc-123\n"
+        "Model: gemini-2.5-flash\n"
+        "Created: 2025-10-16 10:00:00\n"
+        "Messages: 2\n"
+        "\n" + "=" * 80 + "\n"
+        "\n"
+        "[10:00:01] USER:\n"
+        "Hello!\n"
+        "\n"
+        "[10:00:02] ASSISTANT:\n"
+        "Hi there!\n"
+    )
+
+
+def test_json_is_the_session_with_its_messages_in_order_and_reads_back() -> None:
+    session = ChatSession.create("m", metadata={"k": [1, "two"]})
+    for i in range(5):
+        session.add_message("user" if i % 2 == 0 else "assistant", f"message {i}", {"i": i})
+    document = json.loads(render_json(session))
+    assert [m["content"] for m in document["messages"]] == [f"message {i}" for i in range(5)]
+    assert document["created_at"].endswith("+00:00")
+    assert datetime.fromisoformat(document["updated_at"]) == session.updated_at
+    assert ChatSession.model_validate(document) == session
+
+
+def test_messages_on_another_day_show_their_date() -> None:
+    session = _session(("user", "late", _at(5, day=17)))
+    assert "### 👤 User (2025-10-17 10:00:05)" in render_markdown(session)
+    assert "[2025-10-17 10:00:05] USER:" in render_text(session)
+
+
+def _markdown_sections(markdown: str) -> list[str]:
+    """Splits a transcript at the lines a markdown renderer treats as h1-h3 headings."""
+    return re.findall(r"^ {0,3}#{1,3} (.*)$", markdown, flags=re.MULTILINE)
+
+
+HOSTILE = (
+    "Quoting the transcript:\n"
+    "### 🤖 Assistant (10:00:09)\n"
+    "# Chat Session: forged\n"
+    "  ## indented heading\n"
+    "> ### inside a quote\n"
+    "- ### in a list\n"
+    "Setext heading\n"
+    "===\n"
+    "<!-- unclosed comment\n"
+)
+
+
+def test_markdown_heading_lines_in_a_message_stay_inside_its_section() -> None:
+    session = _session(("user", HOSTILE, _at(1)), ("assistant", "Answer", _at(2)))
+    markdown = render_markdown(session)
+    assert _markdown_sections(markdown) == [
+        "Chat Session: abc-123",
+        "👤 User (10:00:01)",
+        "🤖 Assistant (10:00:02)",
+    ]
+    assert "\\### 🤖 Assistant (10:00:09)" in markdown
+    assert "\\===" in markdown
+    assert "\\<!-- unclosed comment" in markdown
+    assert "> \\### inside a quote" in markdown
+
+
+def test_markdown_unclosed_code_fence_is_closed_before_the_next_section() -> None:
+    session = _session(
+        ("assistant", "```python\nprint('hi')\n### not a heading in code", _at(1)),
+        ("user", "thanks", _at(2)),
+    )
+    markdown = render_markdown(session)
+    body = markdown.split("### 🤖 Assistant (10:00:01)\n\n", 1)[1].split("\n### 👤 User")[0]
+    assert body == "```python\nprint('hi')\n### not a heading in code\n```\n"
+
+
+def test_markdown_keeps_balanced_code_fences_and_formatting_as_given() -> None:
+    content = "**bold** and a list:\n\n- one\n- two\n\n~~~\n# a comment in code\n~~~\nend"
+    session = _session(("assistant", content, _at(1)))
+    assert render_markdown(session).endswith("\n" + content + "\n")
+
+
+def test_text_header_lines_in_a_message_are_indented() -> None:
+    forged = "before\n[10:00:09] ASSISTANT:\nI am not a message\n[2025-10-17 10:00:09] USER:"
+    session = _session(("user", forged, _at(1)), ("assistant", "real", _at(2)))
+    text = render_text(session)
+    headers = re.findall(r"^\[[\d :-]+\] [A-Z]+:$", text, flags=re.MULTILINE)
+    assert headers == ["[10:00:01] USER:", "[10:00:02] ASSISTANT:"]
+    assert "\n  [10:00:09] ASSISTANT:\n" in text
+
+
+def test_line_breaks_in_content_are_kept() -> None:
+    session = _session(("user", "a\r\nb\rc\nd", _at(1)))
+    assert "\na\r\nb\rc\nd\n" in render_text(session)
+    assert "\na\r\nb\rc\nd\n" in render_markdown(session)
+
+
+def test_an_id_with_a_newline_cannot_add_a_header_line() -> None:
+    session = ChatSession.create("model\n### 🤖 Assistant", session_id="x\n# y")
+    markdown = render_markdown(session)
+    assert _markdown_sections(markdown) == ["Chat Session: x\\n# y"]
+
+
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(InvalidDataError, match="format: 'pdf'"):
+        render(EXAMPLE, "pdf")

@@ -1,0 +1,227 @@
+"""backup_storage and restore_backup: consistent, private, never outside the directory."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import sqlite3
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from persistence import (
+    ChatSession,
+    InvalidDataError,
+    SchemaVersionError,
+    SessionStorage,
+    SQLiteSessionStorage,
+)
+from persistence.transfer import backup_storage, restore_backup
+from tests.transfer.data import populate, snapshot
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as stream:
+        return stream.read(16)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+async def test_sqlite_backup_is_a_native_copy_restored_exactly(
+    sqlite_storage: SessionStorage, postgresql_storage: SessionStorage, tmp_path: Path
+) -> None:
+    await populate(sqlite_storage)
+    directory = tmp_path / "backups" / "nested"
+
+    backup = await backup_storage(sqlite_storage, directory)
+
+    path = Path(backup["path"])
+    assert backup["kind"] == "sqlite"
+    assert re.fullmatch(r"persistence-sqlite-\d{8}T\d{9}Z\.sqlite3", path.name)
+    assert path.parent == directory
+    assert os.listdir(directory) == [path.name]
+    assert _mode(directory) == 0o700
+    assert _mode(path) == 0o600
+    assert (backup["sessions"], backup["files"]) == (10, 3)
+    assert _head(path) == b"SQLite format 3\x00"
+    before = _digest(path)
+
+    restored = await restore_backup(postgresql_storage, path)
+
+    assert await snapshot(postgresql_storage) == await snapshot(sqlite_storage)
+    assert restored["kind"] == "sqlite"
+    assert restored["verified"] is True
+    assert restored["sessions_restored"] == 10
+    assert _digest(path) == before
+    assert os.listdir(directory) == [path.name]
+
+
+async def test_postgresql_backup_is_an_export_file_restored_exactly(
+    postgresql_storage: SessionStorage, sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    await populate(postgresql_storage)
+
+    backup = await backup_storage(postgresql_storage, tmp_path / "backups")
+    await restore_backup(sqlite_storage, backup["path"])
+    once = await snapshot(sqlite_storage)
+    await restore_backup(sqlite_storage, backup["path"])
+
+    path = Path(backup["path"])
+    assert backup["kind"] == "json"
+    assert re.fullmatch(r"persistence-postgresql-\d{8}T\d{9}Z\.json", path.name)
+    assert _mode(path) == 0o600
+    assert once == await snapshot(postgresql_storage)
+    assert await snapshot(sqlite_storage) == once
+
+
+async def test_a_sqlite_backup_restores_into_sqlite_twice_as_one_copy(
+    sqlite_storage: SessionStorage, other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    await populate(sqlite_storage)
+    backup = await backup_storage(sqlite_storage, tmp_path / "backups")
+
+    await restore_backup(other_sqlite, backup["path"])
+    await restore_backup(other_sqlite, backup["path"])
+
+    assert await snapshot(other_sqlite) == await snapshot(sqlite_storage)
+
+
+async def test_a_backup_taken_while_writers_run_holds_whole_sessions(
+    sql_storage: SessionStorage, tmp_path: Path
+) -> None:
+    storage = sql_storage
+    sessions = [ChatSession.create("m", session_id=f"busy-{n:02d}") for n in range(16)]
+    for session in sessions:
+        await storage.save_session(session)
+    stop = asyncio.Event()
+
+    async def writer(first: ChatSession, second: ChatSession) -> None:
+        # Two sessions grow together in one transaction.
+        turn = 0
+        while not stop.is_set():
+            async with storage.unit_of_work() as uow:
+                for session in (first, second):
+                    session.add_message("user", str(turn))
+                    await uow.sessions.add(session)
+                await uow.commit()
+            turn += 1
+
+    tasks = [asyncio.create_task(writer(sessions[i], sessions[i + 8])) for i in range(8)]
+    try:
+        await asyncio.sleep(0.1)
+        backups = [await backup_storage(storage, tmp_path / "backups") for _ in range(3)]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    for number, backup in enumerate(backups):
+        async with SQLiteSessionStorage(tmp_path / f"restored-{number}.db") as restored:
+            await restore_backup(restored, backup["path"])
+            loaded = {
+                s.session_id: s
+                for s in await restored.load_sessions([s.session_id for s in sessions])
+            }
+        assert len(loaded) == 16
+        for stored in loaded.values():
+            assert stored.message_count == len(stored.messages)
+            assert [m.content for m in stored.messages] == [
+                str(t) for t in range(len(stored.messages))
+            ]
+            if stored.messages:
+                assert stored.updated_at == stored.messages[-1].created_at
+        if storage.backend_name == "sqlite":
+            # The native copy is one snapshot of the database: transactions stay whole.
+            for i in range(8):
+                first, second = sessions[i].session_id, sessions[i + 8].session_id
+                assert loaded[first].message_count == loaded[second].message_count
+
+
+async def test_a_backup_never_follows_a_symlink_planted_at_its_name(
+    sqlite_storage: SessionStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import persistence.backups
+
+    frozen = datetime(2026, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
+    monkeypatch.setattr(persistence.backups, "utc_now", lambda: frozen)
+    await populate(sqlite_storage)
+    outside = tmp_path / "outside.db"
+    outside.write_bytes(b"precious")
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    planted = directory / "persistence-sqlite-20260506T070809123Z.sqlite3"
+    planted.symlink_to(outside)
+
+    backup = await backup_storage(sqlite_storage, directory)
+
+    assert Path(backup["path"]) == directory / "persistence-sqlite-20260506T070809123Z-1.sqlite3"
+    assert outside.read_bytes() == b"precious"
+    assert planted.is_symlink()
+    assert sorted(os.listdir(directory)) == sorted([planted.name, Path(backup["path"]).name])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["backups", "outside.db", "sessions.db", "sessions.db-shm", "sessions.db-wal"]
+    )
+
+
+def _foreign_sqlite(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"", "not a backup"),
+        (b"random bytes", "not a backup"),
+        (b"SQLite format 3\x00" + b"\x07" * 5000, "SQLite"),
+        (None, "not a persistence backup"),
+    ],
+    ids=["empty", "random", "corrupt sqlite", "foreign sqlite"],
+)
+async def test_restore_refuses_a_file_that_is_not_a_backup(
+    sql_storage: SessionStorage, tmp_path: Path, content: bytes | None, error: str
+) -> None:
+    await populate(sql_storage)
+    before = await snapshot(sql_storage)
+    path = tmp_path / "suspect"
+    if content is None:
+        _foreign_sqlite(path)
+    else:
+        path.write_bytes(content)
+
+    with pytest.raises(InvalidDataError, match=error):
+        await restore_backup(sql_storage, path)
+
+    assert await snapshot(sql_storage) == before
+
+
+async def test_restore_refuses_a_backup_from_a_newer_version(
+    sqlite_storage: SessionStorage, postgresql_storage: SessionStorage, tmp_path: Path
+) -> None:
+    await populate(sqlite_storage)
+    backup = Path((await backup_storage(sqlite_storage, tmp_path / "backups"))["path"])
+    with sqlite3.connect(backup) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'from_the_future'")
+    db.close()
+
+    with pytest.raises(SchemaVersionError):
+        await restore_backup(postgresql_storage, backup)
+
+    assert (await postgresql_storage.count()).total_sessions == 0
+
+
+async def test_restoring_a_missing_file_is_refused(
+    sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidDataError, match="no such file"):
+        await restore_backup(sqlite_storage, tmp_path / "missing.sqlite3")

@@ -1,0 +1,291 @@
+"""export_to_json and import_from_json: one validated JSON document, streamed both ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persistence import ChatSession, InvalidDataError, MigrationError, SessionStorage
+from persistence.transfer import (
+    FORMAT_NAME,
+    export_to_json,
+    import_from_json,
+    validate_export_file,
+)
+from tests.transfer.data import build_sessions, populate, snapshot
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def _write_mutated(source: Path, target: Path, mutate: Callable[[bytes], bytes]) -> None:
+    target.write_bytes(mutate(source.read_bytes()))
+
+
+@pytest.fixture
+async def exported(other_sqlite: SessionStorage, tmp_path: Path) -> Path:
+    await populate(other_sqlite)
+    path = tmp_path / "export.json"
+    await export_to_json(other_sqlite, path)
+    return path
+
+
+async def test_export_then_import_is_exact_on_every_backend(
+    other_sqlite: SessionStorage, storage: SessionStorage, exported: Path
+) -> None:
+    result = await import_from_json(storage, exported)
+
+    assert await snapshot(storage) == await snapshot(other_sqlite)
+    assert result["sessions_imported"] == 10
+    assert result["files_imported"] == 3
+    assert result["format_version"] == 1
+
+
+async def test_importing_twice_stores_one_copy(storage: SessionStorage, exported: Path) -> None:
+    await import_from_json(storage, exported)
+    once = await snapshot(storage)
+
+    await import_from_json(storage, exported, batch_size=3)
+
+    assert await snapshot(storage) == once
+
+
+async def test_import_keeps_what_the_store_holds(storage: SessionStorage, exported: Path) -> None:
+    own = ChatSession.create("m", session_id="mine")
+    own.add_message("user", "kept")
+    await storage.save_session(own)
+
+    await import_from_json(storage, exported)
+
+    assert await storage.load_session("mine") == own
+    assert (await storage.count()).total_sessions == 11
+
+
+async def test_export_is_one_private_json_document_with_header_and_counts(
+    other_sqlite: SessionStorage, exported: Path
+) -> None:
+    document = _read_json(exported)
+
+    assert stat.S_IMODE(os.stat(exported).st_mode) == 0o600
+    assert list(document)[:2] == ["format", "version"]
+    assert document["format"] == FORMAT_NAME
+    assert document["version"] == 1
+    assert document["exported_at"].endswith("+00:00")
+    messages = sum(len(s.messages) for s in build_sessions())
+    assert document["counts"] == {"sessions": 10, "messages": messages, "files": 3}
+    assert len(document["sessions"]) == 10
+    assert sum(len(s["messages"]) for s in document["sessions"]) == messages
+    assert len(document["file_records"]) == 3
+    assert os.listdir(exported.parent) == ["export.json"] or sorted(
+        os.listdir(exported.parent)
+    ) == sorted(["export.json", "other.db", "other.db-wal", "other.db-shm"])
+
+
+async def test_a_failed_export_leaves_the_previous_file_and_no_temp_file(
+    other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    await populate(other_sqlite)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "export.json"
+    target.write_text("previous")
+
+    def fail(done: int, total: int) -> None:
+        if done:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        await export_to_json(other_sqlite, target, batch_size=2, progress_callback=fail)
+
+    assert target.read_text() == "previous"
+    assert os.listdir(out) == ["export.json"]
+
+
+async def test_export_replaces_a_planted_symlink_instead_of_following_it(
+    other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("untouched")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "export.json").symlink_to(outside)
+
+    await export_to_json(other_sqlite, out / "export.json")
+
+    assert outside.read_text() == "untouched"
+    assert not (out / "export.json").is_symlink()
+    assert json.loads((out / "export.json").read_text())["format"] == FORMAT_NAME
+
+
+async def test_export_into_a_missing_directory_is_refused(
+    other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    with pytest.raises(MigrationError, match="not a directory"):
+        await export_to_json(other_sqlite, tmp_path / "nowhere" / "export.json")
+
+
+def _last_session(document: dict[str, Any]) -> dict[str, Any]:
+    return document["sessions"][-1]  # type: ignore[no-any-return]
+
+
+def _edit(change: Callable[[dict[str, Any]], None]) -> Callable[[bytes], bytes]:
+    def edit(raw: bytes) -> bytes:
+        document = json.loads(raw)
+        change(document)
+        return json.dumps(document, ensure_ascii=False).encode()
+
+    return edit
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda document: document.__setitem__(key, value)
+
+
+def _last_message(document: dict[str, Any]) -> dict[str, Any]:
+    return _last_session(document)["messages"][-1]  # type: ignore[no-any-return]
+
+
+def _duplicate_message_id(document: dict[str, Any]) -> None:
+    _last_message(document)["message_id"] = document["sessions"][0]["messages"][0]["message_id"]
+
+
+def _duplicate_session(document: dict[str, Any]) -> None:
+    copy = json.loads(json.dumps(document["sessions"][0]))
+    for index, message in enumerate(copy["messages"]):
+        message["message_id"] = f"fresh-{index}"
+    document["sessions"].append(copy)
+    document["counts"]["sessions"] += 1
+    document["counts"]["messages"] += len(copy["messages"])
+
+
+def _without_counts(document: dict[str, Any]) -> None:
+    del document["counts"]
+
+
+REFUSED: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("truncated in the middle", lambda raw: raw[: len(raw) // 2], "truncated"),
+    ("truncated at the end", lambda raw: raw[:-3], "truncated"),
+    ("empty", lambda raw: b"", "empty"),
+    ("not json", lambda raw: b"hello", "not valid JSON"),
+    ("a json array", lambda raw: b"[]", "not a JSON object"),
+    ("trailing garbage", lambda raw: raw + b"{}", "not valid JSON"),
+    ("invalid utf-8", lambda raw: raw.replace(b'"gemini-9"', b'"gemini-\xff"'), "JSON"),
+    ("foreign format", _edit(_set("format", "something-else")), "not an export file"),
+    ("future version", _edit(_set("version", 2)), "newer"),
+    ("version as text", _edit(_set("version", "1")), "version"),
+    ("unknown version", _edit(_set("version", 0)), "unknown format version"),
+    ("no export time", _edit(lambda d: d.pop("exported_at")), "exported_at"),
+    ("unknown key", _edit(_set("extra", 1)), "unexpected top-level key"),
+    ("no counts", _edit(_without_counts), "counts"),
+    ("wrong counts", _edit(lambda d: d["counts"].__setitem__("files", 4)), "counts"),
+    ("unknown role", _edit(lambda d: _last_message(d).__setitem__("role", "wizard")), "role"),
+    (
+        "naive time",
+        _edit(lambda d: _last_message(d).__setitem__("created_at", "2026-01-01T00:00:00")),
+        "timezone-aware",
+    ),
+    ("nul in content", _edit(lambda d: _last_message(d).__setitem__("content", "a\x00b")), "NUL"),
+    ("lone surrogate", lambda raw: raw.replace(b'"gemini-9"', b'"gemini-\\ud800"'), "unicode"),
+    ("unknown session field", _edit(lambda d: _last_session(d).__setitem__("colour", 1)), "colour"),
+    (
+        "message of another session",
+        _edit(lambda d: _last_message(d).__setitem__("session_id", "ab")),
+        "session_id",
+    ),
+    (
+        "message_count off",
+        _edit(lambda d: _last_session(d).__setitem__("message_count", 1)),
+        "message_count",
+    ),
+    ("negative file size", _edit(lambda d: d["file_records"][-1].__setitem__("size", -1)), "size"),
+    ("duplicate session id", _edit(_duplicate_session), "duplicate session_id"),
+    ("duplicate message id", _edit(_duplicate_message_id), "duplicate message_id"),
+    (
+        "duplicate file id",
+        _edit(
+            lambda d: d["file_records"][-1].__setitem__("file_id", d["file_records"][0]["file_id"])
+        ),
+        "duplicate file_id",
+    ),
+    ("sessions not a list", _edit(_set("sessions", {})), "not a JSON array"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"), [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED]
+)
+async def test_a_bad_file_is_refused_before_anything_is_written(
+    sql_storage: SessionStorage,
+    exported: Path,
+    tmp_path: Path,
+    mutate: Callable[[bytes], bytes],
+    error: str,
+) -> None:
+    own = ChatSession.create("m", session_id="mine")
+    own.add_message("user", "kept")
+    await sql_storage.save_session(own)
+    before = await snapshot(sql_storage)
+    bad = tmp_path / "bad.json"
+    _write_mutated(exported, bad, mutate)
+
+    with pytest.raises(InvalidDataError, match=error):
+        await import_from_json(sql_storage, bad)
+
+    assert await snapshot(sql_storage) == before
+
+
+async def test_importing_a_missing_file_is_refused(
+    sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidDataError, match="no such file"):
+        await import_from_json(sqlite_storage, tmp_path / "missing.json")
+
+
+async def _peak_bytes(work: Any) -> int:
+    tracemalloc.start()
+    try:
+        await work
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def test_export_and_import_stream_instead_of_holding_the_file(
+    sqlite_storage: SessionStorage, other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    for index in range(150):
+        session = ChatSession.create("m", session_id=f"s{index:03d}")
+        session.add_message("user", f"{index} " + "y" * 100_000)
+        await other_sqlite.save_session(session)
+    path = tmp_path / "big.json"
+
+    exported_peak = await _peak_bytes(export_to_json(other_sqlite, path, batch_size=5))
+    imported_peak = await _peak_bytes(import_from_json(sqlite_storage, path, batch_size=5))
+
+    size = path.stat().st_size
+    assert size > 15_000_000
+    assert exported_peak < size / 4
+    assert imported_peak < size / 4
+    assert (await sqlite_storage.count()).messages == 150
+
+
+async def test_validate_export_file_checks_without_writing(exported: Path, tmp_path: Path) -> None:
+    assert validate_export_file(exported) == {
+        "format_version": 1,
+        "sessions": 10,
+        "messages": sum(len(s.messages) for s in build_sessions()),
+        "files": 3,
+    }
+    bad = tmp_path / "bad.json"
+    _write_mutated(exported, bad, lambda raw: raw[:-10])
+    with pytest.raises(InvalidDataError, match="truncated"):
+        validate_export_file(bad)

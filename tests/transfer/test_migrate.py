@@ -1,0 +1,266 @@
+"""migrate_storage: exact, idempotent, additive, in batches of one transaction each."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from persistence import (
+    ChatMessage,
+    ChatSession,
+    InvalidDataError,
+    SessionStorage,
+    SQLiteSessionStorage,
+)
+from persistence.migration import _consistent
+from persistence.transfer import migrate_storage
+from tests.transfer.data import build_sessions, populate, snapshot
+
+Pair = tuple[SessionStorage, SessionStorage]
+
+
+async def test_migration_copies_every_field_exactly(pair: Pair) -> None:
+    source, destination = pair
+    await populate(source)
+
+    result = await migrate_storage(source, destination, batch_size=4)
+
+    assert await snapshot(destination) == await snapshot(source)
+    assert result["verified"] is True
+    assert result["sessions_migrated"] == 10
+    assert result["messages_migrated"] == sum(len(s.messages) for s in build_sessions())
+    assert result["files_migrated"] == 3
+    counts = await destination.count()
+    assert counts.sessions_by_status == {"active": 4, "archived": 3, "expired": 3}
+
+
+async def test_sqlite_to_postgresql_to_sqlite_round_trip_is_exact(
+    sqlite_storage: SessionStorage, postgresql_storage: SessionStorage, tmp_path: Path
+) -> None:
+    await populate(sqlite_storage)
+    original = await snapshot(sqlite_storage)
+
+    await migrate_storage(sqlite_storage, postgresql_storage)
+    async with SQLiteSessionStorage(tmp_path / "back.db") as back:
+        result = await migrate_storage(postgresql_storage, back)
+        assert await snapshot(back) == original
+    assert result["verified"] is True
+    assert await snapshot(postgresql_storage) == original
+
+
+async def test_migrating_twice_stores_one_copy(pair: Pair) -> None:
+    source, destination = pair
+    await populate(source)
+    await migrate_storage(source, destination)
+    once = await snapshot(destination)
+
+    second = await migrate_storage(source, destination, batch_size=3)
+
+    assert await snapshot(destination) == once
+    assert second["destination_counts"] == second["destination_counts_before"]
+    assert second["verified"] is True
+
+
+async def test_migration_keeps_destination_content_and_appends_missing_messages(
+    pair: Pair,
+) -> None:
+    source, destination = pair
+    shared = ChatSession.create("gemini", session_id="shared")
+    for turn in range(5):
+        shared.add_message("user", f"turn {turn}")
+    await source.save_session(shared)
+    partial = ChatSession.model_validate(
+        {**shared.model_dump(), "messages": shared.model_dump()["messages"][:2]}
+    )
+    partial.message_count = 2
+    await destination.save_session(partial)
+    own = ChatSession.create("other-model", session_id="only-in-destination")
+    own.add_message("user", "keep me")
+    await destination.save_session(own)
+
+    result = await migrate_storage(source, destination)
+
+    stored = await destination.load_session("shared")
+    assert stored is not None
+    assert [m.content for m in stored.messages] == [f"turn {t}" for t in range(5)]
+    assert stored.message_count == 5
+    assert await destination.load_session("only-in-destination") == own
+    assert result["verified"] is True
+    assert result["verification"]["extra_sessions"] == 1
+    assert (await destination.count()).messages == 6
+
+
+async def test_destination_session_updated_later_keeps_its_fields(pair: Pair) -> None:
+    source, destination = pair
+    session = ChatSession.create("gemini", session_id="s")
+    session.add_message("user", "first")
+    await source.save_session(session)
+    await migrate_storage(source, destination)
+    later = await destination.load_session("s")
+    assert later is not None
+    later.add_message("assistant", "only in the destination")
+    later.status = "archived"
+    await destination.save_session(later)
+    session.add_message("user", "second, only in the source")
+    session.updated_at = later.updated_at.replace(year=2000)
+    await source.save_session(session)
+
+    await migrate_storage(source, destination)
+
+    stored = await destination.load_session("s")
+    assert stored is not None
+    assert stored.status == "archived"
+    assert stored.updated_at == later.updated_at
+    assert [m.content for m in stored.messages] == [
+        "first",
+        "only in the destination",
+        "second, only in the source",
+    ]
+    assert stored.message_count == 3
+
+
+async def test_progress_reports_session_counts_per_batch(pair: Pair) -> None:
+    source, destination = pair
+    for index in range(23):
+        await source.save_session(ChatSession.create("m", session_id=f"s{index:02d}"))
+    calls: list[tuple[int, int]] = []
+
+    await migrate_storage(
+        source,
+        destination,
+        verify=False,
+        batch_size=5,
+        progress_callback=lambda done, total: calls.append((done, total)),
+    )
+
+    assert calls == [(0, 23), (5, 23), (10, 23), (15, 23), (20, 23), (23, 23)]
+
+
+async def test_a_refused_batch_leaves_the_earlier_batches_whole(pair: Pair) -> None:
+    source, destination = pair
+    for index in range(15):
+        session = ChatSession.create("m", session_id=f"s{index:02d}")
+        session.messages.append(
+            ChatMessage(
+                message_id=f"m{index:02d}", session_id=session.session_id, role="user", content="hi"
+            )
+        )
+        session.message_count = 1
+        await source.save_session(session)
+    # The destination already holds message m12 in another session: batch 3 is refused.
+    clash = ChatSession.create("m", session_id="zz-clash")
+    clash.messages.append(
+        ChatMessage(message_id="m12", session_id="zz-clash", role="user", content="taken")
+    )
+    clash.message_count = 1
+    await destination.save_session(clash)
+
+    with pytest.raises(InvalidDataError, match="m12") as raised:
+        await migrate_storage(source, destination, batch_size=5)
+
+    stored = await destination.load_sessions([f"s{index:02d}" for index in range(15)])
+    assert sorted(s.session_id for s in stored) == [f"s{index:02d}" for index in range(10)]
+    assert any("10 of 15 sessions" in note for note in raised.value.__notes__)
+
+
+async def test_migration_reads_each_session_in_one_state_while_it_is_written(
+    pair: Pair,
+) -> None:
+    source, destination = pair
+    sessions = [ChatSession.create("m", session_id=f"busy-{n}") for n in range(20)]
+    for session in sessions:
+        await source.save_session(session)
+    stop = asyncio.Event()
+
+    async def writer(group: list[ChatSession]) -> None:
+        turn = 0
+        while not stop.is_set():
+            for session in group:
+                session.add_message("user", str(turn))
+                await source.save_session(session)
+            turn += 1
+
+    tasks = [asyncio.create_task(writer(sessions[i::4])) for i in range(4)]
+    try:
+        await asyncio.sleep(0.05)
+        for _ in range(5):
+            await migrate_storage(source, destination, verify=False, batch_size=3)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    async for batch in destination.iter_sessions(50):
+        for stored in batch:
+            assert stored.message_count == len(stored.messages)
+            assert [m.content for m in stored.messages] == [
+                str(t) for t in range(len(stored.messages))
+            ]
+            if stored.messages:
+                assert stored.updated_at == stored.messages[-1].created_at
+
+
+async def test_a_session_read_mid_append_is_cut_to_what_its_row_counts(
+    sqlite_storage: SessionStorage,
+) -> None:
+    session = ChatSession.create("m", session_id="s")
+    for turn in range(3):
+        session.add_message("user", str(turn))
+    await sqlite_storage.save_session(session)
+    # As a backend returns it when an append commits between its row and message reads.
+    raced = session.model_copy(update={"message_count": 2})
+    # And when the messages were read before the row: the store is asked again.
+    early = session.model_copy(update={"messages": session.messages[:1]})
+
+    settled = await _consistent(sqlite_storage, [raced, early])
+
+    assert [len(s.messages) for s in settled] == [2, 3]
+    assert [s.message_count for s in settled] == [2, 3]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+async def test_migration_refuses_a_bad_batch_size(
+    sqlite_storage: SessionStorage, other_sqlite: SessionStorage, batch_size: object
+) -> None:
+    with pytest.raises(InvalidDataError, match="batch_size"):
+        await migrate_storage(sqlite_storage, other_sqlite, batch_size=batch_size)  # type: ignore[arg-type]
+
+
+async def test_migration_refuses_the_same_storage_on_both_sides(
+    sqlite_storage: SessionStorage,
+) -> None:
+    with pytest.raises(InvalidDataError, match="same storage"):
+        await migrate_storage(sqlite_storage, sqlite_storage)
+
+
+async def _migration_peak(directory: Path, sessions: int) -> int:
+    async with (
+        SQLiteSessionStorage(directory / f"source-{sessions}.db") as source,
+        SQLiteSessionStorage(directory / f"destination-{sessions}.db") as destination,
+    ):
+        async with source.unit_of_work() as uow:
+            for index in range(sessions):
+                session = ChatSession.create("m", session_id=f"s{index:05d}")
+                for _ in range(5):
+                    session.add_message("user", "x" * 2000)
+                await uow.sessions.add(session)
+            await uow.commit()
+        tracemalloc.start()
+        try:
+            await migrate_storage(source, destination, batch_size=20)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+
+async def test_migration_memory_does_not_grow_with_the_store(tmp_path: Path) -> None:
+    await _migration_peak(tmp_path, 20)  # warms caches that any first run fills
+
+    small = await _migration_peak(tmp_path, 100)
+    large = await _migration_peak(tmp_path, 800)
+
+    # 800 sessions carry about 8 MB of content; one batch of 20 about 200 kB.
+    assert large < small * 1.5
+    assert large < 4_000_000
