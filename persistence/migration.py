@@ -14,14 +14,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from persistence.errors import InvalidDataError, MigrationError, PersistenceError
+from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
 from persistence.verification import counts_summary, same_value, verify_migration
 
 ProgressCallback = Callable[[int, int], object]
 DEFAULT_BATCH_SIZE = 500
-_RELOAD_ATTEMPTS = 3
 _SESSION_FIELDS = ("model", "created_at", "updated_at", "metadata", "status")
 
 
@@ -34,55 +33,36 @@ def elapsed(started: float) -> float:
     return round(time.perf_counter() - started, 3)
 
 
-def _as_of_row(session: ChatSession) -> ChatSession | None:
-    """The session as its row was read, or None if its messages were read too early.
+def _as_of_row(row: ChatSession, loaded: ChatSession) -> ChatSession:
+    """The session as `row` (read without messages) describes it, history included.
 
-    A backend may read a session's row and its messages in separate statements while
-    writers append. Messages are append-only and ordered, so the first
-    `message_count` of them are exactly what the row describes.
+    A backend may read a session's fields and its messages in separate statements
+    while writers append, so a loaded session can pair older fields with newer
+    messages. `row` was read first, and messages are append-only and ordered: the
+    first `row.message_count` of the later-loaded history are exactly the messages
+    the row describes.
     """
-    if len(session.messages) == session.message_count:
-        return session
-    if len(session.messages) < session.message_count:
-        return None
+    if len(loaded.messages) < row.message_count:
+        # Deleted and saved again meanwhile: the loaded state is the only one left.
+        return loaded
     return ChatSession.model_construct(
-        **{name: getattr(session, name) for name in (*_SESSION_FIELDS, "session_id")},
-        message_count=session.message_count,
-        messages=session.messages[: session.message_count],
-    )
-
-
-async def _consistent(storage: SessionStorage, batch: list[ChatSession]) -> list[ChatSession]:
-    """Returns the batch with every session as one consistent state (never half of one).
-
-    Raises:
-        MigrationError: if a session keeps counting more messages than it holds.
-    """
-    result: list[ChatSession] = []
-    pending: list[ChatSession] = batch
-    for _ in range(_RELOAD_ATTEMPTS + 1):
-        retry: list[str] = []
-        for session in pending:
-            settled = _as_of_row(session)
-            if settled is None:
-                retry.append(session.session_id)
-            else:
-                result.append(settled)
-        if not retry:
-            return result
-        # Sessions deleted meanwhile simply do not come back.
-        pending = await storage.load_sessions(retry)
-    raise MigrationError(
-        f"session {pending[0].session_id!r}: message_count says {pending[0].message_count}"
-        f" but only {len(pending[0].messages)} messages are stored"
+        **{name: getattr(row, name) for name in (*_SESSION_FIELDS, "session_id")},
+        message_count=row.message_count,
+        messages=loaded.messages[: row.message_count],
     )
 
 
 async def session_batches(
     storage: SessionStorage, batch_size: int
 ) -> AsyncIterator[list[ChatSession]]:
-    async for batch in storage.iter_sessions(batch_size, with_messages=True):
-        yield await _consistent(storage, batch)
+    """Yields every session of the store in batches, each as one consistent state."""
+    async for rows in storage.iter_sessions(batch_size, with_messages=False):
+        loaded = {
+            session.session_id: session
+            for session in await storage.load_sessions([row.session_id for row in rows])
+        }
+        # A session deleted between the two reads is simply gone.
+        yield [_as_of_row(row, loaded[row.session_id]) for row in rows if row.session_id in loaded]
 
 
 def _merged(incoming: ChatSession, stored: ChatSession | None) -> ChatSession | None:

@@ -15,7 +15,7 @@ from persistence import (
     SessionStorage,
     SQLiteSessionStorage,
 )
-from persistence.migration import _consistent
+from persistence.migration import _as_of_row
 from persistence.transfer import migrate_storage
 from tests.transfer.data import build_sessions, populate, snapshot
 
@@ -202,22 +202,18 @@ async def test_migration_reads_each_session_in_one_state_while_it_is_written(
                 assert stored.updated_at == stored.messages[-1].created_at
 
 
-async def test_a_session_read_mid_append_is_cut_to_what_its_row_counts(
-    sqlite_storage: SessionStorage,
-) -> None:
+def test_a_session_loaded_mid_append_is_cut_to_what_its_row_counts() -> None:
     session = ChatSession.create("m", session_id="s")
     for turn in range(3):
         session.add_message("user", str(turn))
-    await sqlite_storage.save_session(session)
-    # As a backend returns it when an append commits between its row and message reads.
-    raced = session.model_copy(update={"message_count": 2})
-    # And when the messages were read before the row: the store is asked again.
-    early = session.model_copy(update={"messages": session.messages[:1]})
+    # The row as read first, and the history as loaded after one more append.
+    row = session.model_copy(update={"messages": [], "message_count": 2, "status": "archived"})
+    loaded = session.model_copy(update={"status": "active"})
 
-    settled = await _consistent(sqlite_storage, [raced, early])
+    settled = _as_of_row(row, loaded)
 
-    assert [len(s.messages) for s in settled] == [2, 3]
-    assert [s.message_count for s in settled] == [2, 3]
+    assert [m.content for m in settled.messages] == ["0", "1"]
+    assert (settled.message_count, settled.status) == (2, "archived")
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
