@@ -4,6 +4,9 @@ Modes:
     load DB PROC WRITERS SECONDS ACKS SHARED...   writers append until the deadline
     kill DB ACKS SEED                             saves forever; the parent SIGKILLs it
     diskfull DB ACKS HEADROOM                     saves under RLIMIT_FSIZE until refused
+    exportfull DB OUT LIMIT                       exports and backs up under RLIMIT_FSIZE
+    import DB FILE BATCH                          imports an export file (the parent kills it)
+    migrate DB URL BATCH                          migrates DB to URL (the parent kills it)
 
 Every acknowledgement is one JSON line {"s": session, "m": [message ids]} written after
 save_session returned; `kill` and `diskfull` fsync it before going on, so the parent
@@ -143,9 +146,67 @@ async def diskfull(db: str, acks_path: str, limit: str) -> None:
     print(json.dumps(outcome), flush=True)
 
 
+async def exportfull(db: str, out: str, limit: str) -> None:
+    from persistence import SessionManager
+    from persistence.transfer import backup_storage, export_to_json
+
+    outcome: dict[str, Any] = {}
+    async with SQLiteSessionStorage(db) as storage:
+        await storage.initialize()
+        first = (await storage.list_sessions(limit=1))[0].session_id
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+        attempts = {
+            "export_to_json": lambda: export_to_json(storage, os.path.join(out, "all.json")),
+            "backup_storage": lambda: backup_storage(storage, os.path.join(out, "backups")),
+            "export_to_file": lambda: SessionManager(storage).export_to_file(
+                first, os.path.join(out, "one.json")
+            ),
+        }
+        for name, attempt in attempts.items():
+            try:
+                await attempt()
+            except Exception as exc:
+                outcome[name] = [type(exc).__name__, str(exc), isinstance(exc, PersistenceError)]
+            else:
+                outcome[name] = None
+    print(json.dumps(outcome), flush=True)
+
+
+async def import_(db: str, path: str, batch: str) -> None:
+    from persistence.transfer import import_from_json
+
+    async with SQLiteSessionStorage(db) as storage:
+        await storage.initialize()
+        ready()
+        result = await import_from_json(storage, path, batch_size=int(batch))
+    print(json.dumps(result), flush=True)
+
+
+async def migrate(db: str, url: str, batch: str) -> None:
+    from persistence import PostgreSQLSessionStorage
+    from persistence.transfer import migrate_storage
+
+    async with SQLiteSessionStorage(db) as source, PostgreSQLSessionStorage(url, 1, 2) as dest:
+        await source.initialize()
+        await dest.initialize()
+        ready()
+        result = await migrate_storage(source, dest, verify=False, batch_size=int(batch))
+    print(json.dumps(result), flush=True)
+
+
+MODES = {
+    "load": load,
+    "kill": kill,
+    "diskfull": diskfull,
+    "exportfull": exportfull,
+    "import": import_,
+    "migrate": migrate,
+}
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
-    asyncio.run({"load": load, "kill": kill, "diskfull": diskfull}[mode](*args))
+    asyncio.run(MODES[mode](*args))
 
 
 if __name__ == "__main__":
