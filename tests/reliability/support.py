@@ -343,3 +343,10 @@ class Backends:
 
         self.run(close_all())
         self.runner.close()
+
+
+async def state_of(storage: Any) -> StoreState:
+    """The whole store as another client sees it (SQLite file or PostgreSQL database)."""
+    if storage.backend_name == "sqlite":
+        return sqlite_state(storage.database_path)
+    return await postgresql_state(storage.url.render_as_string(hide_password=False))
