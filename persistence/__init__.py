@@ -17,6 +17,14 @@ from persistence.manager import SessionManager
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.backend import PostgreSQLSessionStorage, SQLiteSessionStorage
 from persistence.storage import SessionStorage, StorageCounts, UnitOfWork
+from persistence.transfer import (
+    backup_storage,
+    export_to_json,
+    import_from_json,
+    migrate_storage,
+    restore_backup,
+    verify_migration,
+)
 
 if TYPE_CHECKING:
     from persistence.mongo.backend import MongoDBSessionStorage
@@ -50,4 +58,10 @@ __all__ = [
     "StorageCounts",
     "UnitOfWork",
     "UploadedFileRecord",
+    "backup_storage",
+    "export_to_json",
+    "import_from_json",
+    "migrate_storage",
+    "restore_backup",
+    "verify_migration",
 ]

@@ -73,6 +73,30 @@ def test_python_example_runs(index: int, tmp_path: Path) -> None:
     assert result.stdout.strip()
 
 
+@pytest.mark.postgresql
+def test_the_quick_start_runs_as_written_on_postgresql(tmp_path: Path, postgresql_url: str) -> None:
+    quick_start = blocks("python")[0]
+    assert 'SQLiteSessionStorage("quickstart.db")' in quick_start
+    script = tmp_path / "example.py"
+    script.write_text(
+        quick_start.replace("SQLiteSessionStorage", "PostgreSQLSessionStorage").replace(
+            '"quickstart.db"', repr(postgresql_url)
+        ),
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris is the capital of France." in result.stdout
+
+
 def test_set_up_commands_are_the_ci_ones() -> None:
     set_up = blocks("sh")[:2]
     assert set_up[0].strip() == 'python -m pip install -e ".[dev]" && persistence demo'

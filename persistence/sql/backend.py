@@ -55,8 +55,12 @@ class SqlSessionStorage(SessionStorage):
     def _create_engine(self) -> AsyncEngine: ...
 
     @abstractmethod
-    async def _run(self, work: Work[T], action: str, *, write: bool) -> T:
-        """Runs `work` as one transaction (write) or one consistent read."""
+    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+        """Runs `work` as one transaction (write), or as a read.
+
+        A read with `snapshot` sees one consistent state across its statements (a
+        session row and its history); other reads are single statements.
+        """
 
     @property
     def engine(self) -> AsyncEngine:
@@ -121,7 +125,7 @@ class SqlSessionStorage(SessionStorage):
 
     async def load_session(self, session_id: str) -> ChatSession | None:
         session = await self._run(
-            repositories.read_session(session_id), "load session", write=False
+            repositories.read_session(session_id), "load session", write=False, snapshot=True
         )
         if session is not None:
             session.mark_stored(self._token)
@@ -129,7 +133,7 @@ class SqlSessionStorage(SessionStorage):
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
         loaded = await self._run(
-            repositories.read_sessions(session_ids), "load sessions", write=False
+            repositories.read_sessions(session_ids), "load sessions", write=False, snapshot=True
         )
         for session in loaded:
             session.mark_stored(self._token)
@@ -186,6 +190,7 @@ class SqlSessionStorage(SessionStorage):
                 repositories.read_session_batch(after, batch_size, with_messages),
                 "iterate sessions",
                 write=False,
+                snapshot=True,
             )
             if not ids:
                 return
@@ -213,7 +218,9 @@ class SqlSessionStorage(SessionStorage):
             after = batch[-1].file_id
 
     async def count(self) -> StorageCounts:
-        return await self._run(repositories.count_store(utc_now()), "count", write=False)
+        return await self._run(
+            repositories.count_store(utc_now()), "count", write=False, snapshot=True
+        )
 
     async def expire_sessions(self, updated_before: datetime) -> int:
         return await self._run(
@@ -283,7 +290,8 @@ class SQLiteSessionStorage(SqlSessionStorage):
         finally:
             await super().close()
 
-    async def _run(self, work: Work[T], action: str, *, write: bool) -> T:
+    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+        # Reads too run in a transaction: it costs nothing within the one thread hop.
         dialect = self.engine.dialect
         connection = self._connection
         if connection is None:
@@ -353,18 +361,21 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             pool_timeout=self._pool_timeout,
         )
 
-    async def _run(self, work: Work[T], action: str, *, write: bool) -> T:
+    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
         engine = self.engine
         with sql_errors(action):
             async with engine.connect() as pooled:
                 driver = (await pooled.get_raw_connection()).driver_connection
                 assert driver is not None
                 try:
-                    if not write:
-                        # Autocommit reads: no BEGIN / COMMIT round trips.
-                        return await run_on_asyncpg(driver, engine.dialect, work)
-                    async with driver.transaction():
-                        return await run_on_asyncpg(driver, engine.dialect, work)
+                    if write:
+                        async with driver.transaction():
+                            return await run_on_asyncpg(driver, engine.dialect, work)
+                    if snapshot:
+                        async with driver.transaction(isolation="repeatable_read", readonly=True):
+                            return await run_on_asyncpg(driver, engine.dialect, work)
+                    # A single statement needs no BEGIN / COMMIT round trips.
+                    return await run_on_asyncpg(driver, engine.dialect, work)
                 except BaseException as exc:
                     if connection_lost(exc) or not isinstance(exc, Exception):
                         # Cancelled mid-query or cut off: never lend this connection again.
