@@ -27,10 +27,19 @@ from typing import Any, TextIO
 from persistence import ChatSession, PersistenceError, SQLiteSessionStorage
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
 class Acks:
     def __init__(self, path: str, durable: bool) -> None:
         self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115
         self._durable = durable
+        # A process killed mid-line left a torn ack: end it, so it stays on a line of its own.
+        if os.path.getsize(path) and not _ends_with_newline(path):
+            self._file.write("\n")
 
     def write(self, session: ChatSession, **extra: Any) -> None:
         record = {"s": session.session_id, "m": [m.message_id for m in session.messages]}

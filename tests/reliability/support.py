@@ -57,13 +57,21 @@ def wait_ready(process: subprocess.Popen[str]) -> None:
 
 
 def read_acks(path: Path) -> list[dict[str, Any]]:
-    """Returns the acknowledgements a child fsynced; a torn last line was never acked."""
+    """Returns the acknowledgements a child fsynced.
+
+    A line torn by a kill was never acknowledged (the child had not finished writing
+    it); the next child ends it with a newline, so it never merges with a whole one.
+    """
     if not path.exists():
         return []
     acks = []
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.endswith("\n"):
+        if not line.endswith("\n"):
+            continue
+        try:
             acks.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return acks
 
 
