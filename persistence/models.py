@@ -230,10 +230,15 @@ class ChatSession(_DomainModel):
         self.__dict__["updated_at"] = message.created_at
         return message
 
-    def mark_stored(self, token: str) -> None:
-        """Records that storage `token` now holds every message this object carries."""
-        last = self.messages[-1].message_id if self.messages else None
-        self._stored[token] = (len(self.messages), last)
+    def mark_stored(self, token: str, count: int | None = None) -> None:
+        """Records that storage `token` now holds this object's first `count` messages.
+
+        `count` defaults to all of them; a save passes the number it sent, since
+        messages appended while it was in flight were not part of it.
+        """
+        count = len(self.messages) if count is None else count
+        last = self.messages[count - 1].message_id if count else None
+        self._stored[token] = (count, last)
 
     def forget_stored(self, token: str) -> None:
         """Records that a save to storage `token` may or may not have landed.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Sequence
@@ -48,6 +49,7 @@ class SqlSessionStorage(SessionStorage):
         self._token = uuid.uuid4().hex
         self._engine: AsyncEngine | None = None
         self._closed = False
+        self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
 
     @abstractmethod
     def _create_engine(self) -> AsyncEngine: ...
@@ -94,6 +96,23 @@ class SqlSessionStorage(SessionStorage):
         return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self._token)
 
     async def save_session(self, session: ChatSession) -> bool:
+        # Saves of one object take turns: two at once would both send the same new
+        # messages, and the second would fail on their ids.
+        key = id(session)
+        lock, users = self._saving.get(key, (asyncio.Lock(), 0))
+        self._saving[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._save_session(session)
+        finally:
+            lock, users = self._saving[key]
+            if users == 1:
+                del self._saving[key]
+            else:
+                self._saving[key] = (lock, users - 1)
+
+    async def _save_session(self, session: ChatSession) -> bool:
+        sent = len(session.messages)
         try:
             await self._run(
                 repositories.write_session(session, self._token), "save session", write=True
@@ -101,7 +120,7 @@ class SqlSessionStorage(SessionStorage):
         except BaseException:
             session.forget_stored(self._token)
             raise
-        session.mark_stored(self._token)
+        session.mark_stored(self._token, sent)
         return True
 
     async def load_session(self, session_id: str) -> ChatSession | None:

@@ -47,12 +47,28 @@ def _driver_detail(exc: BaseException) -> str:
 try:
     from asyncpg import InterfaceError as _AsyncpgInterfaceError
     from asyncpg import PostgresError as _PostgresError
+    from asyncpg.exceptions import (
+        AdminShutdownError,
+        CannotConnectNowError,
+        CrashShutdownError,
+        InternalClientError,
+    )
     from asyncpg.exceptions import PostgresConnectionError as _PostgresConnectionError
 
-    _ASYNCPG_ERRORS: tuple[type[BaseException], ...] = (_PostgresError, _AsyncpgInterfaceError)
+    _ASYNCPG_ERRORS: tuple[type[BaseException], ...] = (
+        _PostgresError,
+        _AsyncpgInterfaceError,
+        InternalClientError,
+    )
+    # After these the connection cannot be lent again: the server ended the session
+    # (pg_terminate_backend, shutdown, crash) or the protocol state is broken.
     _ASYNCPG_LOST: tuple[type[BaseException], ...] = (
         _AsyncpgInterfaceError,
         _PostgresConnectionError,
+        AdminShutdownError,
+        CrashShutdownError,
+        CannotConnectNowError,
+        InternalClientError,
     )
 except ImportError:  # asyncpg is the optional postgresql extra
     _ASYNCPG_ERRORS = _ASYNCPG_LOST = ()

@@ -202,15 +202,26 @@ def write_session(session: ChatSession, token: str) -> Work[None]:
     holds the write lock (SQLite), so writers of one session never collide on a
     position, and the stored order is the order in which writes commit.
 
+    The messages to send are taken now, when the work is made: a message appended
+    while the save is in flight belongs to the next save, which the caller's
+    `mark_stored(token, count)` leaves it to.
+
     Raises:
         InvalidDataError: if a message belongs to another session or repeats an id.
     """
+    messages = list(session.messages)
     new, certain = session.unstored_messages(token)
     _check_owned(session, new)
+    return _write_session(session, messages, new, certain)
+
+
+def _write_session(
+    session: ChatSession, messages: list[ChatMessage], new: list[ChatMessage], certain: bool
+) -> Work[None]:
     if certain:
         rows = yield Fetch(UPSERT_SESSION, row_from_session(session, len(new)))
         base = rows[0][0] - len(new)
-        if base >= len(session.messages) - len(new):
+        if base >= len(messages) - len(new):
             if new:
                 yield ExecuteMany(
                     INSERT_MESSAGES, rows_from_messages(session.session_id, new, base)
@@ -218,7 +229,7 @@ def write_session(session: ChatSession, token: str) -> Work[None]:
             return
         # Fewer rows than this object saw stored: the session was deleted meanwhile,
         # and its earlier messages with it.
-        new = session.messages
+        new = messages
         _check_owned(session, new)
     else:
         rows = yield Fetch(UPSERT_SESSION, row_from_session(session, 0))

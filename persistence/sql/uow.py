@@ -28,8 +28,9 @@ class _SqlSessions:
         return session
 
     async def add(self, session: ChatSession) -> None:
+        sent = len(session.messages)
         await self._uow.run(repositories.write_session(session, self._uow.token), "save session")
-        self._uow.stored_until_rollback(session)
+        self._uow.stored_until_rollback(session, sent)
 
     async def delete(self, session_id: str) -> bool:
         return await self._uow.run(repositories.delete_session(session_id), "delete session")
@@ -81,11 +82,11 @@ class SqlUnitOfWork(UnitOfWork):
                 return result
             return await run_on_connection(connection, work)
 
-    def stored_until_rollback(self, session: ChatSession) -> None:
-        """Marks the session's messages stored now; a rollback restores the old marker."""
+    def stored_until_rollback(self, session: ChatSession, count: int) -> None:
+        """Marks the first `count` messages stored now; a rollback restores the old marker."""
         if id(session) not in self._undo:
             self._undo[id(session)] = (session, session.stored_marker(self.token))
-        session.mark_stored(self.token)
+        session.mark_stored(self.token, count)
 
     async def commit(self) -> None:
         try:

@@ -1,0 +1,216 @@
+"""Task cancellation at every await point of a save and of a unit of work.
+
+The task is cancelled after k event-loop steps, k = 1, 2, ... until it finishes
+before the cancel arrives. After each cancel the session is whole (all of the save
+or none of it), no pooled connection stays checked out, no connection keeps a
+transaction (or SQLite's write lock) open, and a retry completes the save.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from persistence import ChatSession, SessionStorage, UploadedFileRecord
+from persistence.clock import utc_now
+from persistence.sql.backend import SqlSessionStorage
+from tests.reliability.conftest import Figures, Scale
+from tests.reliability.support import Probe, postgresql_state, sqlite_state
+
+# Stop once the operation finished before the cancel this many times in a row.
+_DONE_IN_A_ROW = 3
+_MAX_STEPS = 3000
+
+
+@pytest.fixture
+async def probe(sql_storage: SessionStorage) -> AsyncIterator[Probe]:
+    opened = await Probe.open(sql_storage)
+    yield opened
+    await opened.close()
+
+
+def _steps(scale: Scale) -> Iterator[int]:
+    """k = 1, 2, ...: every k in the soak; in CI every k up to 60, then every ~5% more."""
+    steps = 1
+    while steps < _MAX_STEPS:
+        yield steps
+        steps += 1 if scale.soak or steps < 60 else max(1, steps // 20)
+
+
+async def _cancel_after(steps: int, operation: Callable[[], Awaitable[Any]]) -> bool:
+    """Runs the operation, cancels it after `steps` loop steps; True if it finished first."""
+    task = asyncio.ensure_future(operation())
+    for _ in range(steps):
+        if task.done():
+            break
+        await asyncio.sleep(0)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return False
+    return True
+
+
+async def _settled(storage: SessionStorage, probe: Probe) -> None:
+    """Waits for the pool to take connections back, then checks none is left busy."""
+    assert isinstance(storage, SqlSessionStorage)
+    pool = storage.engine.pool
+    for _ in range(300):
+        if pool.checkedout() == 0 and await probe.nothing_holds_a_transaction():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(
+        f"after a cancel: {pool.checkedout()} connections checked out,"
+        f" transaction left open: {not await probe.nothing_holds_a_transaction()}"
+    )
+
+
+async def _sweep(
+    storage: SessionStorage,
+    scale: Scale,
+    probe: Probe,
+    prepare: Callable[[int], Awaitable[Callable[[], Awaitable[Any]]]],
+    check: Callable[[int, bool], Awaitable[None]],
+) -> tuple[int, int]:
+    """Cancels at k = 1.. steps; returns (cancelled, finished) counts."""
+    cancelled = finished = in_a_row = 0
+    for steps in _steps(scale):
+        operation = await prepare(steps)
+        done = await _cancel_after(steps, operation)
+        await _settled(storage, probe)
+        await check(steps, done)
+        if done:
+            finished += 1
+            in_a_row += 1
+            if in_a_row >= _DONE_IN_A_ROW:
+                return cancelled, finished
+        else:
+            cancelled += 1
+            in_a_row = 0
+    raise AssertionError(f"the operation never finished within {_MAX_STEPS} steps")
+
+
+async def _whole_store_is_consistent(storage: SessionStorage) -> None:
+    assert isinstance(storage, SqlSessionStorage)
+    if storage.backend_name == "sqlite":
+        state = sqlite_state(storage.database_path)  # type: ignore[attr-defined]
+    else:
+        state = await postgresql_state(storage.url.render_as_string(hide_password=False))  # type: ignore[attr-defined]
+    assert state.problems == []
+
+
+async def test_cancelled_save_session_is_all_or_nothing_and_leaks_no_connection(
+    sql_storage: SessionStorage, probe: Probe, scale: Scale, figures: Figures
+) -> None:
+    sessions: dict[int, ChatSession] = {}
+    before: dict[int, list[str]] = {}
+
+    async def prepare(steps: int) -> Callable[[], Awaitable[Any]]:
+        session = ChatSession.create("cancel", session_id=f"cancel-{steps}")
+        session.add_message("user", "stored before")
+        await sql_storage.save_session(session)
+        before[steps] = [m.message_id for m in session.messages]
+        for index in range(3):
+            session.add_message("assistant", f"new {index}")
+        sessions[steps] = session
+        return lambda: sql_storage.save_session(session)
+
+    async def check(steps: int, done: bool) -> None:
+        count, stored = await probe.session(f"cancel-{steps}")
+        whole = [m.message_id for m in sessions[steps].messages]
+        assert count == len(stored)
+        assert stored == whole if done else stored in (before[steps], whole)
+
+    cancelled, finished = await _sweep(sql_storage, scale, probe, prepare, check)
+    # A retry after any cancel completes the save, without a duplicate.
+    for steps, session in sessions.items():
+        await sql_storage.save_session(session)
+        count, stored = await probe.session(f"cancel-{steps}")
+        assert stored == [m.message_id for m in session.messages] and count == len(stored)
+    await _whole_store_is_consistent(sql_storage)
+    figures["cancel_points_tried"] = cancelled + finished
+    figures["cancelled"] = cancelled
+    figures["half_written"] = 0
+    figures["leaked_connections"] = 0
+
+
+async def test_cancelled_unit_of_work_is_all_or_nothing_and_leaks_no_connection(
+    sql_storage: SessionStorage, probe: Probe, scale: Scale, figures: Figures
+) -> None:
+    now = utc_now()
+
+    async def prepare(steps: int) -> Callable[[], Awaitable[Any]]:
+        session_id = f"uow-{steps}"
+        await sql_storage.save_session(ChatSession.create("cancel", session_id=session_id))
+
+        async def operation() -> None:
+            async with sql_storage.unit_of_work() as uow:
+                session = await uow.sessions.get(session_id)
+                assert session is not None
+                session.add_message("user", "together")
+                await uow.sessions.add(session)
+                await uow.files.add(
+                    UploadedFileRecord(
+                        file_id=f"file-{steps}",
+                        gemini_file_name="n",
+                        gemini_file_uri="u",
+                        display_name="d",
+                        size=1,
+                        mime_type="text/plain",
+                        uploaded_at=now,
+                        expires_at=now + timedelta(days=1),
+                    )
+                )
+                await uow.commit()
+
+        return operation
+
+    async def check(steps: int, done: bool) -> None:
+        count, stored = await probe.session(f"uow-{steps}")
+        assert count == len(stored) and len(stored) in (0, 1)
+        assert bool(stored) == await probe.file_exists(f"file-{steps}"), "half a unit of work"
+        if done:
+            assert stored
+
+    cancelled, finished = await _sweep(sql_storage, scale, probe, prepare, check)
+    await _whole_store_is_consistent(sql_storage)
+    figures["cancel_points_tried"] = cancelled + finished
+    figures["cancelled"] = cancelled
+    figures["half_written"] = 0
+    figures["leaked_connections"] = 0
+
+
+@pytest.mark.sqlite
+async def test_cancelled_load_session_never_pins_the_wal(
+    sqlite_storage: SessionStorage, scale: Scale, figures: Figures
+) -> None:
+    """A read cancelled at any step leaves no connection holding a snapshot (WAL pinned)."""
+    assert isinstance(sqlite_storage, SqlSessionStorage)
+    session = ChatSession.create("cancel", session_id="long")
+    for index in range(500):
+        session.add_message("user", f"message {index} " + "z" * 200)
+    await sqlite_storage.save_session(session)
+    probe = sqlite3.connect(sqlite_storage.database_path, timeout=0)  # type: ignore[attr-defined]
+    blocked = cancelled = in_a_row = tried = 0
+    try:
+        for steps in _steps(scale):
+            tried += 1
+            done = await _cancel_after(steps, lambda: sqlite_storage.load_session("long"))
+            await sqlite_storage.save_session(ChatSession.create("cancel"))
+            blocked += probe.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            cancelled += not done
+            in_a_row = in_a_row + 1 if done else 0
+            if in_a_row >= _DONE_IN_A_ROW:
+                break
+    finally:
+        probe.close()
+    figures["cancel_points_tried"] = tried
+    figures["cancelled"] = cancelled
+    figures["checkpoints_blocked"] = blocked
+    assert cancelled and blocked == 0

@@ -1,0 +1,234 @@
+"""PostgreSQL connections killed and the server cut off under load.
+
+The operation in flight fails with StorageConnectionError (or succeeds), the pool
+recovers, and nothing is half written: every save either landed whole or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+from sqlalchemy import make_url
+
+from persistence import ChatSession, PostgreSQLSessionStorage, StorageConnectionError
+from tests.reliability.conftest import Figures, Scale
+from tests.reliability.support import TcpProxy, postgresql_state
+from tests.servers import plain_postgresql_url
+
+pytestmark = pytest.mark.postgresql
+
+MakeStorage = Callable[..., Awaitable[PostgreSQLSessionStorage]]
+WRITERS = 8
+
+
+@dataclass
+class Load:
+    """Writers appending to own and shared sessions until told to stop."""
+
+    storage: PostgreSQLSessionStorage
+    saves: int = 0
+    failures: list[BaseException] = field(default_factory=list)
+    sessions: list[ChatSession] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def writer(self, index: int) -> None:
+        own = ChatSession.create("faults", session_id=f"writer-{index}")
+        shared = ChatSession.create("faults", session_id="shared")
+        self.sessions += [own, shared]
+        rng = random.Random(index)
+        seq = 0
+        while not self.stop.is_set():
+            target = own if rng.random() < 0.5 else shared
+            target.add_message("user", f"writer-{index} {seq}")
+            seq += 1
+            try:
+                await self.storage.save_session(target)
+            except StorageConnectionError as exc:
+                self.failures.append(exc)
+                await asyncio.sleep(0.005)
+                continue
+            self.saves += 1
+        for target in (own, shared):
+            await self.save_after_recovery(target)
+
+    async def save_after_recovery(self, session: ChatSession) -> None:
+        """The pool must recover: a few attempts drain connections that died in it."""
+        for _ in range(self.storage.max_pool_size + 3):
+            try:
+                await self.storage.save_session(session)
+                return
+            except StorageConnectionError as exc:
+                self.failures.append(exc)
+                await asyncio.sleep(0.05)
+        raise AssertionError("the pool did not recover")
+
+    async def run(self, disrupt: Callable[[], Awaitable[None]]) -> None:
+        writers = [asyncio.ensure_future(self.writer(i)) for i in range(WRITERS)]
+        try:
+            await disrupt()
+        finally:
+            self.stop.set()
+        await asyncio.gather(*writers)
+
+    async def check_nothing_half_written(self, url: str) -> int:
+        state = await postgresql_state(url)
+        assert state.problems == []
+        expected = {m.message_id for session in self.sessions for m in session.messages}
+        stored = {m for ids in state.messages.values() for m in ids}
+        assert stored == expected
+        assert state.rows == len(expected)
+        assert self.storage.engine.pool.checkedout() == 0
+        return state.rows
+
+
+def _url(storage: PostgreSQLSessionStorage) -> str:
+    return storage.url.render_as_string(hide_password=False)
+
+
+async def test_connections_terminated_under_load_fail_cleanly_and_the_pool_recovers(
+    make_postgresql: MakeStorage, postgresql_url: str, scale: Scale, figures: Figures
+) -> None:
+    storage = await make_postgresql(min_pool_size=2, max_pool_size=4)
+    database = make_url(postgresql_url).database
+    admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
+    rounds = scale.n(15, 300)
+    terminated = 0
+
+    async def terminate() -> None:
+        nonlocal terminated
+        for _ in range(rounds):
+            await asyncio.sleep(0.1)
+            killed = await admin.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+            terminated += sum(1 for row in killed if row[0])
+
+    load = Load(storage)
+    try:
+        await load.run(terminate)
+    finally:
+        await admin.close()
+    rows = await load.check_nothing_half_written(_url(storage))
+    assert terminated > 0
+    assert all(isinstance(f, StorageConnectionError) for f in load.failures)
+    assert load.saves > 0
+    figures["writers"] = WRITERS
+    figures["kill_rounds"] = rounds
+    figures["backends_terminated"] = terminated
+    figures["saves_acknowledged"] = load.saves
+    figures["saves_failed_cleanly"] = len(load.failures)
+    figures["messages"] = rows
+    figures["lost"] = 0
+
+
+async def test_server_cut_off_and_restored_fails_cleanly_and_the_pool_recovers(
+    make_postgresql: MakeStorage, postgresql_url: str, scale: Scale, figures: Figures
+) -> None:
+    target = make_url(postgresql_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    through_proxy = target.set(host="127.0.0.1", port=proxy.port)
+    storage = await make_postgresql(
+        through_proxy.render_as_string(hide_password=False),
+        min_pool_size=2,
+        max_pool_size=4,
+        connect_timeout=2,
+    )
+    cuts = scale.n(8, 100)
+
+    async def cut_and_restore() -> None:
+        for _ in range(cuts):
+            await asyncio.sleep(0.1)
+            await proxy.cut()
+            await asyncio.sleep(0.1)
+            await proxy.restore()
+
+    load = Load(storage)
+    try:
+        await load.run(cut_and_restore)
+        rows = await load.check_nothing_half_written(postgresql_url)
+    finally:
+        await proxy.close()
+    assert load.failures, "cutting the server off made no operation fail"
+    assert all(isinstance(f, StorageConnectionError) for f in load.failures)
+    figures["writers"] = WRITERS
+    figures["cuts"] = cuts
+    figures["saves_acknowledged"] = load.saves
+    figures["saves_failed_cleanly"] = len(load.failures)
+    figures["messages"] = rows
+    figures["lost"] = 0
+
+
+async def _through_proxy(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> tuple[PostgreSQLSessionStorage, TcpProxy]:
+    target = make_url(postgresql_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    return await make_postgresql(url, min_pool_size=1, max_pool_size=2), proxy
+
+
+async def _stored_message_ids(url: str, session_id: str) -> list[str]:
+    state = await postgresql_state(url)
+    assert state.problems == []
+    return state.messages.get(session_id, [])
+
+
+async def test_a_save_whose_commit_ack_was_lost_is_retried_without_duplicates(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> None:
+    storage, proxy = await _through_proxy(make_postgresql, postgresql_url)
+    try:
+        session = ChatSession.create("faults")
+        session.add_message("user", "first")
+        await storage.save_session(session)
+        session.add_message("user", "landed, ack lost")
+        proxy.lose_next_commit_ack()
+        with pytest.raises(StorageConnectionError):
+            await storage.save_session(session)
+        landed = await _stored_message_ids(postgresql_url, session.session_id)
+        assert landed == [m.message_id for m in session.messages]
+        session.add_message("user", "third")
+        await storage.save_session(session)
+        loaded = await storage.load_session(session.session_id)
+    finally:
+        await proxy.close()
+    assert loaded is not None
+    assert [m.content for m in loaded.messages] == ["first", "landed, ack lost", "third"]
+    assert loaded.message_count == 3
+
+
+async def test_a_unit_of_work_whose_commit_ack_was_lost_is_retried_without_duplicates(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> None:
+    storage, proxy = await _through_proxy(make_postgresql, postgresql_url)
+    try:
+        session = ChatSession.create("faults")
+        session.add_message("user", "first")
+        await storage.save_session(session)
+        session.add_message("user", "landed, ack lost")
+        proxy.lose_next_commit_ack()
+        with pytest.raises(StorageConnectionError):
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(session)
+                await uow.commit()
+        landed = await _stored_message_ids(postgresql_url, session.session_id)
+        assert landed == [m.message_id for m in session.messages]
+        session.add_message("user", "third")
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(session)
+            await uow.commit()
+        loaded = await storage.load_session(session.session_id)
+    finally:
+        await proxy.close()
+    assert loaded is not None
+    assert [m.content for m in loaded.messages] == ["first", "landed, ack lost", "third"]
+    assert loaded.message_count == 3

@@ -1,0 +1,123 @@
+"""SQLite files that are not databases, truncated or damaged: a clear error, no crash."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from persistence import (
+    ChatSession,
+    PersistenceError,
+    SQLiteSessionStorage,
+    StorageConnectionError,
+)
+from tests.reliability.conftest import Figures
+
+pytestmark = pytest.mark.sqlite
+
+
+async def _every_operation(path: Path) -> list[str]:
+    """Runs each public operation; returns the library errors (anything else propagates)."""
+    errors: list[str] = []
+    storage = SQLiteSessionStorage(path)
+    try:
+        await storage.initialize()
+    except PersistenceError as exc:
+        errors.append(str(exc))
+        await storage.close()
+        return errors
+    session = ChatSession.create("m", session_id="after-damage")
+    session.add_message("user", "hello")
+    operations = [
+        lambda: storage.list_sessions(),
+        lambda: storage.load_session("s-1"),
+        lambda: storage.search_messages("message"),
+        lambda: storage.count(),
+        lambda: storage.list_file_records(),
+        lambda: storage.save_session(session),
+        lambda: storage.delete_session("s-2"),
+    ]
+    for operation in operations:
+        try:
+            await operation()
+        except PersistenceError as exc:
+            errors.append(str(exc))
+    await storage.close()
+    return errors
+
+
+async def _filled(path: Path, sessions: int = 200) -> None:
+    async with SQLiteSessionStorage(path) as storage:
+        await storage.initialize()
+        for index in range(sessions):
+            session = ChatSession.create("m", session_id=f"s-{index}")
+            for turn in range(5):
+                session.add_message("user", f"message {index} {turn} " + "w" * 300)
+            await storage.save_session(session)
+
+
+async def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "notes.db"
+    original = b"these are my notes, not a database\n" * 1000
+    path.write_bytes(original)
+    storage = SQLiteSessionStorage(path)
+    with pytest.raises(PersistenceError, match="not a SQLite database") as caught:
+        await storage.initialize()
+    assert not isinstance(caught.value, StorageConnectionError)
+    await storage.close()
+    assert path.read_bytes() == original
+
+
+async def test_a_directory_in_place_of_the_file_is_a_clear_error(tmp_path: Path) -> None:
+    storage = SQLiteSessionStorage(tmp_path)
+    with pytest.raises(PersistenceError, match="initialize schema"):
+        await storage.initialize()
+    await storage.close()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 0.999])
+async def test_a_truncated_database_gives_clear_errors_or_works(
+    tmp_path: Path, fraction: float, figures: Figures
+) -> None:
+    path = tmp_path / "truncated.db"
+    await _filled(path)
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        handle.truncate(int(size * fraction))
+    errors = await _every_operation(path)
+    # SQLite notices a missing page only when it reads it; whatever it notices is clear.
+    assert all("corrupt" in e or "not a SQLite database" in e for e in errors), errors
+    if 0 < fraction <= 0.5:
+        assert errors, "half the file is gone and nothing noticed"
+    figures["errors"] = len(errors)
+
+
+async def test_damaged_pages_give_clear_errors_never_a_crash(
+    tmp_path: Path, figures: Figures
+) -> None:
+    path = tmp_path / "damaged.db"
+    await _filled(path)
+    pristine = path.read_bytes()
+    rng = random.Random(11)
+    outcomes = {"errors": 0, "unnoticed": 0}
+    for _ in range(12):
+        damaged = bytearray(pristine)
+        for _ in range(rng.randint(1, 4)):
+            offset = rng.randrange(100, len(damaged) - 64)
+            damaged[offset : offset + 64] = rng.randbytes(64)
+        path.write_bytes(bytes(damaged))
+        errors = await _every_operation(path)
+        assert all(isinstance(e, str) and e for e in errors)
+        outcomes["errors" if errors else "unnoticed"] += 1
+    figures["damaged_files"] = 12
+    figures["with_clear_errors"] = outcomes["errors"]
+
+
+async def test_an_empty_file_becomes_a_fresh_database(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    assert await _every_operation(path) == []
