@@ -113,6 +113,7 @@ async def run_job(job: dict[str, Any]) -> dict[str, Any]:
                     await target.close()
     return out | {
         "status": "ok",
+        "load_average": os.getloadavg(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_s": round(time.perf_counter() - started, 2),
     }
@@ -201,14 +202,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str | None:
+def git_commit(folder: Path) -> str | None:
+    """The commit of the measured `persistence` checkout, if it is one."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).resolve().parent,
+            cwd=folder,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -232,10 +234,12 @@ def describe_run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}",
         "platform": platform.platform(),
         "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(Path(persistence.__file__).parent),
         "persistence_path": str(Path(persistence.__file__).parent),
         "versions": versions(),
         "postgresql": args.pg_url.split("@")[-1],
+        # Other work on the machine skews every timing: keep a record of how busy it was.
+        "load_average_at_start": os.getloadavg(),
     }
 
 
@@ -320,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = run_all(plan_jobs(args, p, urls), parallel)
     meta["total_s"] = round(time.perf_counter() - started, 1)
+    meta["load_average_at_end"] = os.getloadavg()
     print(markdown(results, p, meta))
     if args.json:
         document = {"meta": meta, "params": p, "summary": summary(results, p), "results": results}

@@ -105,9 +105,9 @@ class Library(Target):
     async def search_plan(self, query: str, limit: int) -> str:
         if self.backend == "mongodb":
             raise Skip("no EXPLAIN through the MongoDB backend's public API")
-        from benchkit.sqlplan import explain_captured
+        from benchkit.sqlplan import explain_search
 
-        return await explain_captured(self.storage.engine, self.search(query, limit))
+        return await explain_search(self.storage.engine, self.search(query, limit), query.split())
 
     async def add_file_records(self, count: int, expired: int, prefix: str = "") -> None:
         now = datetime.now(UTC)

@@ -1,9 +1,15 @@
-"""Statements a SQLAlchemy engine issues, and the plan of a captured one."""
+"""The statements the library sends, and the query plan of its search.
+
+The library's SQL core sends its hot-path statements straight to the driver and
+reports each one to `persistence.sql.runner.traced`; older cores went through
+SQLAlchemy, whose `before_cursor_execute` event sees them. Both are listened to.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from sqlalchemy import event
@@ -11,40 +17,45 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 @contextmanager
-def captured_statements(engine: AsyncEngine) -> Iterator[list[tuple[str, Any]]]:
-    """Collects (SQL, parameters) of every statement sent through `engine` meanwhile."""
-    captured: list[tuple[str, Any]] = []
+def captured_sql(engine: AsyncEngine) -> Iterator[list[str]]:
+    """Collects the SQL of every statement the library sends meanwhile."""
+    captured: list[str] = []
+    with ExitStack() as stack:
+        try:
+            runner = importlib.import_module("persistence.sql.runner")
+            stack.enter_context(runner.traced(captured.append))
+        except (ModuleNotFoundError, AttributeError):
+            # No runner: every statement goes through SQLAlchemy's cursor events.
+            def listener(*args: Any) -> None:
+                captured.append(args[2])
 
-    def listener(*args: Any) -> None:
-        _connection, _cursor, statement, parameters = args[:4]
-        captured.append((statement, parameters))
-
-    event.listen(engine.sync_engine, "before_cursor_execute", listener)
-    try:
+            event.listen(engine.sync_engine, "before_cursor_execute", listener)
+            stack.callback(event.remove, engine.sync_engine, "before_cursor_execute", listener)
         yield captured
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", listener)
 
 
 async def count_statements(engine: AsyncEngine, call: Awaitable[Any]) -> list[str]:
     """Runs `call`; returns the first words of each statement it sent, in order."""
-    with captured_statements(engine) as captured:
+    with captured_sql(engine) as captured:
         await call
-    return [" ".join(statement.split()[:4]) for statement, _ in captured]
+    return [" ".join(statement.split()[:4]) for statement in captured]
 
 
-async def explain_captured(engine: AsyncEngine, call: Awaitable[Any]) -> str:
-    """Runs `call`, then EXPLAINs the last SELECT it sent, with the same parameters."""
-    with captured_statements(engine) as captured:
+async def explain_search(engine: AsyncEngine, call: Awaitable[Any], words: list[str]) -> str:
+    """Runs the search `call`, then EXPLAINs the SELECT it sent with the same words.
+
+    Both engines' search statements take the query, then the limit.
+    """
+    with captured_sql(engine) as captured:
         await call
-    selects = [
-        (sql, params) for sql, params in captured if sql.lstrip().upper().startswith("SELECT")
-    ]
+    selects = [sql for sql in captured if sql.lstrip().upper().startswith("SELECT")]
     if not selects:
         return "no SELECT captured"
-    statement, parameters = selects[-1]
-    prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    if engine.dialect.name == "sqlite":
+        prefix, query = "EXPLAIN QUERY PLAN ", " ".join(f'"{word}"' for word in words)
+    else:
+        prefix, query = "EXPLAIN ", " ".join(words)
     async with engine.connect() as connection:
-        result = await connection.exec_driver_sql(prefix + statement, tuple(parameters))
+        result = await connection.exec_driver_sql(prefix + selects[-1], (query, 50))
         rows = result.fetchall()
     return "\n".join(" ".join(str(value) for value in row) for row in rows)
