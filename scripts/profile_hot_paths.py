@@ -6,10 +6,16 @@ For W1 (append to a session of 1,000 messages), W2 (load 1,000 messages) and W3
 
 - driver round trips per call: aiosqlite thread hops (every `Connection._execute`),
   asyncpg messages written to the server socket (each one waits for its answer);
-- SQL statements per call (SQLAlchemy's `before_cursor_execute`);
+- SQL statements per call (the SQL runner's tracer; SQLAlchemy's events on older cores);
 - the functions that take the time, by cProfile over many calls.
 
     python scripts/profile_hot_paths.py [--backends sqlite,postgresql] [--calls 300]
+    py-spy record --format raw -o stacks.txt -- \\
+        python scripts/profile_hot_paths.py --backends sqlite --only W2 --sample 20
+    python scripts/profile_hot_paths.py --collapsed stacks.txt   # top functions of it
+
+cProfile sees only the event loop's thread; on SQLite the statements, row decoding and
+object building run in aiosqlite's thread, which py-spy samples too.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import cProfile
 import io
 import pstats
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -106,12 +113,30 @@ async def hot_paths(target: Library, texts: Texts) -> dict[str, Call]:
     }
 
 
-async def run_backend(backend: str, urls: dict[str, str], calls: int, top: int) -> None:
+async def keep_calling(name: str, call: Call, seconds: float) -> None:
+    """Runs one hot path for `seconds`, for an outside sampler such as py-spy."""
+    deadline = time.monotonic() + seconds
+    calls = 0
+    while time.monotonic() < deadline:
+        await call()
+        calls += 1
+    print(f"{name}: {calls} calls in {seconds:g} s ({seconds / calls * 1000:.3f} ms each)")
+
+
+async def run_backend(backend: str, urls: dict[str, str], args: argparse.Namespace) -> None:
+    calls, top = args.calls, args.top
     async with fresh_store(backend, urls, "profile") as location:
         target = Library(backend, urls)
         await target.open(location)
         try:
             paths = await hot_paths(target, Texts(300))
+            if args.only:
+                paths = {name: call for name, call in paths.items() if name.startswith(args.only)}
+            if args.sample:
+                print("SAMPLE-START", flush=True)
+                for name, call in paths.items():
+                    await keep_calling(name, call, args.sample)
+                return
             for name, call in paths.items():
                 for _ in range(5):
                     await call()
@@ -124,16 +149,51 @@ async def run_backend(backend: str, urls: dict[str, str], calls: int, top: int) 
             await target.close()
 
 
+def summarise_collapsed(path: Path, top: int) -> None:
+    """Prints the functions with most samples (self and inclusive) in py-spy raw output."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        frames = [
+            frame.split(" (")[0] + " " + frame.rsplit("/", 1)[-1].rstrip(")")
+            for frame in stack.split(";")
+            if frame
+        ]
+        if not frames:
+            continue
+        count = int(count_text)
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    for title, counter in (("self", own), ("inclusive", inclusive)):
+        print(f"--- {title} (% of {total} samples)")
+        for frame, count in counter.most_common(top):
+            print(f"{100 * count / total:5.1f}%  {frame}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--only", help="W1, W2 or W3: profile that hot path only")
+    parser.add_argument(
+        "--sample",
+        type=float,
+        help="no cProfile: run each path this many seconds for py-spy (sees aiosqlite's thread)",
+    )
+    parser.add_argument("--collapsed", type=Path, help="summarise a py-spy --format raw file")
     args = parser.parse_args()
+    if args.collapsed:
+        summarise_collapsed(args.collapsed, args.top)
+        return
     urls = {"postgresql": args.pg_url}
     for backend in args.backends.split(","):
-        asyncio.run(run_backend(backend, urls, args.calls, args.top))
+        asyncio.run(run_backend(backend, urls, args))
 
 
 if __name__ == "__main__":

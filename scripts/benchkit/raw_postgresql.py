@@ -65,6 +65,8 @@ SELECT_PAGE = (
     f"SELECT {SESSION_COLUMNS} FROM chat_sessions"
     " ORDER BY updated_at DESC, session_id DESC LIMIT $1"
 )
+# SessionManager's default max_cached_sessions: its startup warms that many.
+WARM_SESSIONS = 1000
 SEARCH = (
     f"SELECT {MESSAGE_COLUMNS} FROM chat_messages"
     " WHERE to_tsvector('simple'::regconfig, left(content, 100000))"
@@ -200,6 +202,7 @@ class RawPostgreSQL(Target):
                 files = await connection.execute(
                     "DELETE FROM uploaded_files WHERE expires_at <= $1", now
                 )
+            await self._warm_cache(connection, WARM_SESSIONS)
             rows = await connection.fetch(
                 "SELECT status, count(*) FROM chat_sessions GROUP BY status"
             )
@@ -210,6 +213,19 @@ class RawPostgreSQL(Target):
             "active_sessions": counts.get("active", 0),
             "total_sessions": sum(counts.values()),
         }
+
+    async def _warm_cache(self, connection: Any, limit: int) -> int:
+        """What SessionManager.startup warms: the newest active sessions, with history."""
+        page = await connection.fetch(
+            SELECT_PAGE.replace("ORDER BY", "WHERE status = 'active' ORDER BY"), limit
+        )
+        ids = [row[0] for row in page]
+        rows = await connection.fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE session_id = ANY($1)"
+            " ORDER BY session_id, position",
+            ids,
+        )
+        return len([message_dict(row) for row in rows])
 
     def transfer_operations(self) -> tuple[str, ...]:
         return ("export",)

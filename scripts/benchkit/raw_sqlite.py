@@ -75,6 +75,8 @@ SELECT_PAGE = (
     "SELECT session_id, model, created_at, updated_at, message_count, metadata, status"
     " FROM chat_sessions ORDER BY updated_at DESC, session_id DESC LIMIT ?"
 )
+# SessionManager's default max_cached_sessions: its startup warms that many.
+WARM_SESSIONS = 1000
 SEARCH = (
     "SELECT m.message_id, m.session_id, m.role, m.content, m.created_at, m.metadata"
     " FROM chat_messages_fts JOIN chat_messages AS m ON m.id = chat_messages_fts.rowid"
@@ -233,6 +235,7 @@ class RawSQLite(Target):
                 "DELETE FROM uploaded_files WHERE expires_at <= ?", (stamp(now),)
             )
             await self.db.execute("COMMIT")
+        await self._warm_cache(WARM_SESSIONS)
         counts = dict(
             await self.db.execute_fetchall(
                 "SELECT status, count(*) FROM chat_sessions GROUP BY status"
@@ -244,6 +247,22 @@ class RawSQLite(Target):
             "active_sessions": counts.get("active", 0),
             "total_sessions": sum(counts.values()),
         }
+
+    async def _warm_cache(self, limit: int) -> int:
+        """What SessionManager.startup warms: the newest active sessions, with history."""
+        page = await self.db.execute_fetchall(
+            SELECT_PAGE.replace("ORDER BY", "WHERE status = 'active' ORDER BY"), (limit,)
+        )
+        ids = [row[0] for row in page]
+        loaded = 0
+        for first in range(0, len(ids), 500):
+            chunk = ids[first : first + 500]
+            marks = ", ".join("?" for _ in chunk)
+            rows = await self.db.execute_fetchall(
+                SELECT_MESSAGES.replace("session_id = ?", f"session_id IN ({marks})"), chunk
+            )
+            loaded += len([message_dict(row) for row in rows])
+        return loaded
 
     def transfer_operations(self) -> tuple[str, ...]:
         return ("export",)

@@ -64,7 +64,7 @@ class Target:
         raise NotImplementedError
 
     async def startup(self, expiry_hours: float) -> dict[str, Any]:
-        """The start-of-service sweep: expire stale sessions, drop expired files, count."""
+        """The start-of-service sweep: expire stale sessions, drop expired files, warm, count."""
         raise NotImplementedError
 
     async def after_startup(self) -> None:
