@@ -69,7 +69,7 @@ QUICK: dict[str, Any] = {
     "w5_count": 5,
     "w6_sizes": [100, 300],
     "w6_stale": 10,
-    "w7_sizes": [20, 50],
+    "w7_sizes": [20],
     "w7_messages": 5,
     "w8_messages": 2000,
     "worker_timeout": 120.0,
