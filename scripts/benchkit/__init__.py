@@ -1,0 +1,1 @@
+"""Pieces of scripts/bench.py: stores, targets (persistence and raw drivers), workloads."""
