@@ -265,10 +265,14 @@ class ChatSession(_DomainModel):
         Certain means every earlier message is known to be stored there, so the
         returned ones are exactly the new ones; otherwise the caller must check.
         """
-        count, last = self._stored.get(token, (0, None))
+        marker = self._stored.get(token)
+        if marker is None:
+            return list(self.messages), not self.messages
+        count, last = marker
         if count and (count > len(self.messages) or self.messages[count - 1].message_id != last):
             return list(self.messages), False
-        return self.messages[count:], count > 0 or not self.messages
+        # A session saved empty is known to hold nothing: its first messages are new.
+        return self.messages[count:], True
 
 
 class UploadedFileRecord(_DomainModel):
