@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from persistence import PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
 from tests import servers
@@ -72,27 +70,14 @@ async def sqlite_storage(sqlite_path: Path) -> AsyncIterator[SQLiteSessionStorag
 
 @pytest.fixture
 async def postgresql_storage(postgresql_url: str) -> AsyncIterator[PostgreSQLSessionStorage]:
-    storage = PostgreSQLSessionStorage(postgresql_url, min_pool_size=1, max_pool_size=10)
-    await storage.initialize()
-    async with storage.engine.begin() as connection:
-        await connection.execute(
-            text("TRUNCATE chat_messages, chat_sessions, uploaded_files RESTART IDENTITY CASCADE")
-        )
-    yield storage
-    await storage.close()
+    async with servers.emptied_postgresql(postgresql_url) as storage:
+        yield storage
 
 
 @pytest.fixture
 async def mongodb_storage(mongodb_url: str) -> AsyncIterator[SessionStorage]:
-    from persistence.mongo.backend import MongoDBSessionStorage
-
-    storage = MongoDBSessionStorage(
-        mongodb_url, database_name=f"persistence_test_{uuid.uuid4().hex[:12]}"
-    )
-    await storage.initialize()
-    yield storage
-    await storage.drop_database()
-    await storage.close()
+    async with servers.throwaway_mongodb(mongodb_url) as storage:
+        yield storage
 
 
 @pytest.fixture(params=BACKENDS)

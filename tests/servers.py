@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import pytest
 
@@ -88,3 +89,37 @@ def throwaway_postgresql_database(admin_url: str) -> Iterator[str]:
         yield with_database(plain_postgresql_url(admin_url), name)
     finally:
         asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+_TABLES = "chat_messages, chat_sessions, uploaded_files"
+
+
+@asynccontextmanager
+async def emptied_postgresql(url: str) -> AsyncIterator[Any]:
+    """A PostgreSQLSessionStorage on `url`, at head and with every table emptied."""
+    from sqlalchemy import text
+
+    from persistence import PostgreSQLSessionStorage
+
+    async with PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=10) as storage:
+        async with storage.engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "TRUNCATE chat_messages, chat_sessions, uploaded_files RESTART IDENTITY CASCADE"
+                )
+            )
+        yield storage
+
+
+@asynccontextmanager
+async def throwaway_mongodb(url: str) -> AsyncIterator[Any]:
+    """A MongoDBSessionStorage on a database of its own, dropped afterwards."""
+    from persistence.mongo.backend import MongoDBSessionStorage
+
+    storage = MongoDBSessionStorage(url, database_name=f"persistence_test_{uuid.uuid4().hex[:12]}")
+    await storage.initialize()
+    try:
+        yield storage
+    finally:
+        await storage.drop_database()
+        await storage.close()

@@ -41,6 +41,20 @@ def _environment() -> dict[str, str]:
     return env
 
 
+def _run_example(source: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    script = directory / "example.py"
+    script.write_text(source, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, str(script)],
+        cwd=directory,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.fixture
 def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     for name in list(os.environ):
@@ -58,17 +72,7 @@ def test_the_readme_has_the_examples_this_file_runs() -> None:
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_python_example_runs(index: int, tmp_path: Path) -> None:
-    script = tmp_path / "example.py"
-    script.write_text(blocks("python")[index], encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=_environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _run_example(blocks("python")[index], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
@@ -77,22 +81,8 @@ def test_python_example_runs(index: int, tmp_path: Path) -> None:
 def test_the_quick_start_runs_as_written_on_postgresql(tmp_path: Path, postgresql_url: str) -> None:
     quick_start = blocks("python")[0]
     assert 'SQLiteSessionStorage("quickstart.db")' in quick_start
-    script = tmp_path / "example.py"
-    script.write_text(
-        quick_start.replace("SQLiteSessionStorage", "PostgreSQLSessionStorage").replace(
-            '"quickstart.db"', repr(postgresql_url)
-        ),
-        encoding="utf-8",
-    )
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=_environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    on_postgresql = quick_start.replace("SQLiteSessionStorage", "PostgreSQLSessionStorage")
+    result = _run_example(on_postgresql.replace('"quickstart.db"', repr(postgresql_url)), tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Paris is the capital of France." in result.stdout
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from persistence import PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
 from tests import servers
@@ -39,27 +37,14 @@ async def other_sqlite(tmp_path: Path) -> AsyncIterator[SQLiteSessionStorage]:
 
 @pytest.fixture
 async def other_postgresql(other_postgresql_url: str) -> AsyncIterator[PostgreSQLSessionStorage]:
-    storage = PostgreSQLSessionStorage(other_postgresql_url, min_pool_size=1, max_pool_size=10)
-    await storage.initialize()
-    async with storage.engine.begin() as connection:
-        await connection.execute(
-            text("TRUNCATE chat_messages, chat_sessions, uploaded_files RESTART IDENTITY CASCADE")
-        )
-    yield storage
-    await storage.close()
+    async with servers.emptied_postgresql(other_postgresql_url) as storage:
+        yield storage
 
 
 @pytest.fixture
 async def other_mongodb(mongodb_url: str) -> AsyncIterator[SessionStorage]:
-    from persistence.mongo.backend import MongoDBSessionStorage
-
-    storage = MongoDBSessionStorage(
-        mongodb_url, database_name=f"persistence_test_{uuid.uuid4().hex[:12]}"
-    )
-    await storage.initialize()
-    yield storage
-    await storage.drop_database()
-    await storage.close()
+    async with servers.throwaway_mongodb(mongodb_url) as storage:
+        yield storage
 
 
 def _store(request: pytest.FixtureRequest, backend: str, *, other: bool) -> SessionStorage:
