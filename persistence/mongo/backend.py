@@ -252,9 +252,16 @@ class MongoDBSessionStorage(SessionStorage):
         )
 
     async def save_session(self, session: ChatSession) -> bool:
-        with mongo_errors("save session"):
-            await repositories.write_session(self.docs, None, session, self._token)
-        session.mark_stored(self._token)
+        # A message appended while this save is in flight is not part of it.
+        sent = len(session.messages)
+        try:
+            with mongo_errors("save session"):
+                await repositories.write_session(self.docs, None, session, self._token)
+        except BaseException:
+            # It may have landed before the error: the next save checks the store.
+            session.forget_stored(self._token)
+            raise
+        session.mark_stored(self._token, sent)
         return True
 
     async def load_session(self, session_id: str) -> ChatSession | None:

@@ -61,7 +61,8 @@ class _MongoSessions:
             await repositories.write_messages(docs, client_session, snapshot, new, certain)
 
         await uow.write("save session", write)
-        uow.stored_until_rollback(session)
+        # Only what the snapshot held: a message appended meanwhile is the next save's.
+        uow.stored_until_rollback(session, len(snapshot.messages))
         if not uow.transactional:
             uow.deleted_sessions.discard(session.session_id)
             uow.added_sessions[session.session_id] = snapshot
@@ -186,11 +187,11 @@ class MongoUnitOfWork(UnitOfWork):
         with mongo_errors(action):
             return await write(client_session)
 
-    def stored_until_rollback(self, session: ChatSession) -> None:
-        """Marks the session's messages stored now; a rollback restores the old marker."""
+    def stored_until_rollback(self, session: ChatSession, count: int | None = None) -> None:
+        """Marks the first `count` messages (default all) stored; a rollback undoes it."""
         if id(session) not in self._undo:
             self._undo[id(session)] = (session, session.stored_marker(self.token))
-        session.mark_stored(self.token)
+        session.mark_stored(self.token, count)
 
     async def commit(self) -> None:
         client_session = self.client_session()
