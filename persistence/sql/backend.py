@@ -99,7 +99,7 @@ class SqlSessionStorage(SessionStorage):
         # Saves of one object take turns: two at once would both send the same new
         # messages, and the second would fail on their ids.
         key = id(session)
-        lock, users = self._saving.get(key, (asyncio.Lock(), 0))
+        lock, users = self._saving.get(key) or (asyncio.Lock(), 0)
         self._saving[key] = (lock, users + 1)
         try:
             async with lock:

@@ -12,7 +12,7 @@ receives their results, so the logic of a save or a load is written once and run
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -132,57 +132,57 @@ async def run_in_thread(connection: aiosqlite.Connection, fn: Any, *args: Any) -
     )
 
 
-async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
-    """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
+async def _finish_async(work: Work[T], step: Callable[[Request], Awaitable[Any]]) -> T:
+    """Feeds replies to `work` until it returns; `step` answers each request, awaited."""
     reply: Any = None
     try:
         while True:
-            request = work.send(reply)
-            compiled = request.statement.compile(dialect)
-            if isinstance(request, ExecuteMany):
-                _trace(compiled.sql)
-                await connection.executemany(
-                    compiled.sql, [compiled.values(row) for row in request.rows]
-                )
-                reply = None
-                continue
-            sql, params = compiled.bind(request.params)
-            _trace(sql)
-            if isinstance(request, Fetch):
-                reply = compiled.decode(await connection.fetch(sql, *params))
-            else:
-                # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
-                status = await connection.execute(sql, *params)
-                reply = int(status.rsplit(" ", 1)[-1])
+            reply = await step(work.send(reply))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     finally:
         work.close()
+
+
+async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
+    """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
+
+    async def step(request: Request) -> Any:
+        compiled = request.statement.compile(dialect)
+        if isinstance(request, ExecuteMany):
+            _trace(compiled.sql)
+            await connection.executemany(
+                compiled.sql, [compiled.values(row) for row in request.rows]
+            )
+            return None
+        sql, params = compiled.bind(request.params)
+        _trace(sql)
+        if isinstance(request, Fetch):
+            return compiled.decode(await connection.fetch(sql, *params))
+        # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
+        status = await connection.execute(sql, *params)
+        return int(status.rsplit(" ", 1)[-1])
+
+    return await _finish_async(work, step)
 
 
 async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
     """Runs `work` through a SQLAlchemy connection (a unit of work's transaction)."""
     dialect = connection.dialect
-    reply: Any = None
-    try:
-        while True:
-            request = work.send(reply)
-            compiled = request.statement.compile(dialect)
-            if isinstance(request, ExecuteMany):
-                rows = [compiled.values(row) for row in request.rows]
-                _trace(compiled.sql)
-                if rows:
-                    await connection.exec_driver_sql(compiled.sql, rows)
-                reply = None
-                continue
-            sql, params = compiled.bind(request.params)
-            _trace(sql)
-            result = await connection.exec_driver_sql(sql, params)
-            if isinstance(request, Fetch):
-                reply = compiled.decode(result.fetchall())
-            else:
-                reply = result.rowcount
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    finally:
-        work.close()
+
+    async def step(request: Request) -> Any:
+        compiled = request.statement.compile(dialect)
+        if isinstance(request, ExecuteMany):
+            rows = [compiled.values(row) for row in request.rows]
+            _trace(compiled.sql)
+            if rows:
+                await connection.exec_driver_sql(compiled.sql, rows)
+            return None
+        sql, params = compiled.bind(request.params)
+        _trace(sql)
+        result = await connection.exec_driver_sql(sql, params)
+        if isinstance(request, Fetch):
+            return compiled.decode(result.fetchall())
+        return result.rowcount
+
+    return await _finish_async(work, step)

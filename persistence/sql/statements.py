@@ -24,13 +24,11 @@ class Compiled:
 
     compiled: SQLCompiler
     sql: str
-    names: tuple[str, ...]
     defaults: Mapping[str, Any]
     expanding: bool
     bind_processors: Mapping[str, Processor]
     plan: tuple[tuple[str, Processor], ...]
     processed_columns: tuple[tuple[int, Callable[[Any], Any]], ...]
-    returns_rows: bool
 
     def bind(self, params: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
         """Returns the SQL and its positional parameters, processed for the driver."""
@@ -108,7 +106,6 @@ def _compile(element: ClauseElement, dialect: Dialect) -> Compiled:
     return Compiled(
         compiled=compiled,
         sql=compiled.string,
-        names=names,
         defaults=defaults,
         expanding=any(bind.expanding for bind in binds.values()),
         bind_processors=bind_processors,
@@ -118,7 +115,6 @@ def _compile(element: ClauseElement, dialect: Dialect) -> Compiled:
             for index, column in enumerate(columns)
             if (process := column.type.dialect_impl(dialect).result_processor(dialect, None))
         ),
-        returns_rows=bool(columns),
     )
 
 
