@@ -159,7 +159,7 @@ async def test_an_export_into_a_missing_directory_is_a_clear_error(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="atomic_files.private_directory uses mkdir(parents=True), which creates the"
+    reason="transfer.files.private_directory uses mkdir(parents=True), which creates the"
     " missing parents with the default mode (0777 & ~umask), not 0700",
 )
 async def test_missing_parent_directories_of_a_backup_are_0700_too(

@@ -149,10 +149,10 @@ async def test_a_backup_taken_while_writers_run_holds_whole_sessions(
 async def test_a_backup_never_follows_a_symlink_planted_at_its_name(
     sqlite_storage: SessionStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import persistence.backups
+    import persistence.transfer.backups
 
     frozen = datetime(2026, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
-    monkeypatch.setattr(persistence.backups, "utc_now", lambda: frozen)
+    monkeypatch.setattr(persistence.transfer.backups, "utc_now", lambda: frozen)
     await populate(sqlite_storage)
     outside = tmp_path / "outside.db"
     outside.write_bytes(b"precious")

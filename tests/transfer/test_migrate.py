@@ -15,8 +15,8 @@ from persistence import (
     SessionStorage,
     SQLiteSessionStorage,
 )
-from persistence.migration import _as_of_row
 from persistence.transfer import migrate_storage
+from persistence.transfer.migration import _as_of_row
 from tests.transfer.data import build_sessions, populate, snapshot
 
 Pair = tuple[SessionStorage, SessionStorage]

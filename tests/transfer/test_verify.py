@@ -242,9 +242,9 @@ async def test_a_long_mismatch_list_is_cut_but_fully_counted(
     other_sqlite: SessionStorage,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import persistence.verification
+    import persistence.transfer.verification
 
-    monkeypatch.setattr(persistence.verification, "MISMATCH_LIMIT", 4)
+    monkeypatch.setattr(persistence.transfer.verification, "MISMATCH_LIMIT", 4)
     await populate(sqlite_storage)
 
     report = await verify_migration(sqlite_storage, other_sqlite)

@@ -2,16 +2,16 @@
 
 The public functions of API.md "Moving data", gathered from their modules:
 `migration` (batches, migrate_storage), `verification`, `exchange` and
-`exchange_format` (the JSON file), `backups`, `atomic_files`.
+`exchange_format` (the JSON file), `backups`, `files` (atomic writes).
 """
 
 from __future__ import annotations
 
-from persistence.backups import backup_storage, restore_backup
-from persistence.exchange import export_to_json, import_from_json, validate_export_file
-from persistence.exchange_format import FORMAT_NAME, FORMAT_VERSION
-from persistence.migration import DEFAULT_BATCH_SIZE, ProgressCallback, migrate_storage
-from persistence.verification import verify_migration
+from persistence.transfer.backups import backup_storage, restore_backup
+from persistence.transfer.exchange import export_to_json, import_from_json, validate_export_file
+from persistence.transfer.exchange_format import FORMAT_NAME, FORMAT_VERSION
+from persistence.transfer.migration import DEFAULT_BATCH_SIZE, ProgressCallback, migrate_storage
+from persistence.transfer.verification import verify_migration
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

@@ -18,7 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from persistence.cli_support import (
+from persistence.cli.output import (
     ConfigOption,
     JsonOption,
     Target,

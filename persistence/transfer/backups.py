@@ -10,13 +10,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from persistence.atomic_files import file_error, link_new_name, private_directory, temp_file
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
-from persistence.exchange import import_from_json, open_input, write_document
-from persistence.migration import DEFAULT_BATCH_SIZE, ProgressCallback, elapsed, migrate_storage
 from persistence.storage import SessionStorage
-from persistence.verification import counts_summary
+from persistence.transfer.exchange import import_from_json, open_input, write_document
+from persistence.transfer.files import file_error, link_new_name, private_directory, temp_file
+from persistence.transfer.migration import (
+    DEFAULT_BATCH_SIZE,
+    ProgressCallback,
+    elapsed,
+    migrate_storage,
+)
+from persistence.transfer.verification import counts_summary
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 

@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from persistence.atomic_files import file_error, replace_with, temp_file
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, MigrationError, PersistenceError
-from persistence.exchange_format import DocumentCounts, DocumentWriter, iter_records
-from persistence.exchange_format import validate_document as _validate_document
-from persistence.migration import (
+from persistence.models import ChatSession, UploadedFileRecord
+from persistence.storage import SessionStorage
+from persistence.transfer.exchange_format import DocumentCounts, DocumentWriter, iter_records
+from persistence.transfer.exchange_format import validate_document as _validate_document
+from persistence.transfer.files import file_error, replace_with, temp_file
+from persistence.transfer.migration import (
     DEFAULT_BATCH_SIZE,
     Progress,
     ProgressCallback,
@@ -23,8 +25,6 @@ from persistence.migration import (
     write_file_records,
     write_sessions,
 )
-from persistence.models import ChatSession, UploadedFileRecord
-from persistence.storage import SessionStorage
 
 
 def _open_no_follow(path: str, flags: int) -> int:

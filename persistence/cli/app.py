@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from datetime import timedelta
-from enum import StrEnum
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from persistence import cli_transfer, formats
-from persistence.cli_support import (
+from persistence.cli import sessions, transfer
+from persistence.cli.output import (
     ConfigOption,
     JsonOption,
     Target,
     UrlOption,
     VerboseOption,
     echo_json,
-    fail,
     out,
     run,
 )
@@ -38,20 +34,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-sessions_app = typer.Typer(help="List and show stored sessions.", no_args_is_help=True)
-app.add_typer(sessions_app, name="sessions")
-
-
-class StatusChoice(StrEnum):
-    active = "active"
-    archived = "archived"
-    expired = "expired"
-
-
-class FormatChoice(StrEnum):
-    json = "json"
-    text = "text"
-    markdown = "markdown"
 
 
 @app.callback()
@@ -88,135 +70,6 @@ def upgrade(
         out().print(f"{cfg.display_url}: schema is at head (revision {head})")
 
     run(ctx, (config, url, verbose), work)
-
-
-def _session_row(session: Any) -> dict[str, Any]:
-    document = formats.session_document(session)
-    document.pop("messages")
-    return document
-
-
-@sessions_app.command("list")
-def sessions_list(
-    ctx: typer.Context,
-    status: Annotated[
-        StatusChoice | None, typer.Option(help="Only sessions with this status.")
-    ] = None,
-    limit: Annotated[int, typer.Option(min=0, help="How many sessions to show.")] = 20,
-    offset: Annotated[int, typer.Option(min=0, help="How many to skip (newest first).")] = 0,
-    as_json: JsonOption = False,
-    config: ConfigOption = None,
-    url: UrlOption = None,
-    verbose: VerboseOption = 0,
-) -> None:
-    """List sessions, most recently updated first."""
-
-    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        page = await storage.list_sessions(
-            status=status.value if status else None, limit=limit, offset=offset
-        )
-        if as_json:
-            echo_json([_session_row(session) for session in page])
-            return
-        if not page:
-            out().print("No sessions." if offset == 0 else "No sessions at this offset.")
-            return
-        table = Table(title=f"Sessions in {cfg.display_url}", title_justify="left")
-        table.add_column("Session ID", no_wrap=True)
-        table.add_column("Model")
-        table.add_column("Status")
-        table.add_column("Messages", justify="right")
-        table.add_column("Updated (UTC)", no_wrap=True)
-        for session in page:
-            table.add_row(
-                Text(session.session_id),
-                Text(session.model),
-                session.status,
-                str(session.message_count),
-                f"{session.updated_at:%Y-%m-%d %H:%M:%S}",
-            )
-        console = out()
-        console.print(table)
-        if len(page) == limit:
-            console.print(f"More may follow: --offset {offset + limit}")
-
-    run(ctx, (config, url, verbose), work, must_exist=True)
-
-
-@sessions_app.command("show")
-def sessions_show(
-    ctx: typer.Context,
-    session_id: Annotated[str, typer.Argument(help="The session's id.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON export.")] = False,
-    config: ConfigOption = None,
-    url: UrlOption = None,
-    verbose: VerboseOption = 0,
-) -> None:
-    """Show one session and its messages."""
-
-    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        session = await storage.load_session(session_id)
-        if session is None:
-            fail(f"session {session_id!r} not found in {cfg.display_url}")
-        if as_json:
-            typer.echo(formats.render_json(session), nl=False)
-            return
-        console = out()
-        console.print(Text(f"Session {session.session_id}", style="bold"))
-        fields = [
-            ("Model", session.model),
-            ("Status", session.status),
-            ("Created", f"{session.created_at:%Y-%m-%d %H:%M:%S} UTC"),
-            ("Updated", f"{session.updated_at:%Y-%m-%d %H:%M:%S} UTC"),
-            ("Messages", str(session.message_count)),
-        ]
-        if session.metadata:
-            fields.append(("Metadata", json.dumps(session.metadata, ensure_ascii=False)))
-        for name, value in fields:
-            console.print(Text.assemble((f"{name}: ", "bold"), value))
-        for message in session.messages:
-            console.print()
-            console.print(
-                Text.assemble(
-                    (f"[{message.created_at:%Y-%m-%d %H:%M:%S}] ", "dim"),
-                    (message.role.upper(), "bold cyan"),
-                )
-            )
-            console.print(Text(message.content))
-
-    run(ctx, (config, url, verbose), work, must_exist=True)
-
-
-@app.command()
-def export(
-    ctx: typer.Context,
-    session_id: Annotated[str, typer.Argument(help="The session's id.")],
-    format: Annotated[FormatChoice, typer.Option("--format", "-f", help="Export format.")] = (
-        FormatChoice.json
-    ),
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Write to this file (atomically), not stdout."),
-    ] = None,
-    config: ConfigOption = None,
-    url: UrlOption = None,
-    verbose: VerboseOption = 0,
-) -> None:
-    """Export one session as JSON, plain text or markdown."""
-
-    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        manager = SessionManager(storage, auto_save_enabled=False)
-        if output is None:
-            rendered = await manager.export_session(session_id, format.value)
-            if rendered is None:
-                fail(f"session {session_id!r} not found in {cfg.display_url}")
-            typer.echo(rendered, nl=False)
-            return
-        if not await manager.export_to_file(session_id, output, format.value):
-            fail(f"session {session_id!r} not found in {cfg.display_url}")
-        out().print(f"Wrote the {format.value} export of session {session_id} to {output}")
-
-    run(ctx, (config, url, verbose), work, must_exist=True)
 
 
 @app.command()
@@ -346,4 +199,5 @@ def demo(
     run(ctx, (config, url, verbose), work)
 
 
-cli_transfer.register(app)
+sessions.register(app)
+transfer.register(app)

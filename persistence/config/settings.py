@@ -1,4 +1,4 @@
-"""StorageConfig, load_config and create_storage: which store to use, and how.
+"""StorageConfig and load_config: which store to use, and how.
 
 Sources, highest priority first: `STORAGE_*` environment variables, the `storage`
 section of a YAML or TOML file, then defaults (SQLite at ./gemini_sessions.db).
@@ -7,7 +7,6 @@ A connection string's password never appears in a repr, a log line or an error.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from contextvars import ContextVar
@@ -23,31 +22,13 @@ from pydantic import (
     model_validator,
 )
 
-from persistence.config_sources import (
-    CONFIG_FILE_VARIABLE,
-    DISCOVERED_FILES,
+from persistence.config.masking import mask_secrets, mask_url
+from persistence.config.sources import (
     config_file_path,
     read_environment,
     read_file,
 )
 from persistence.errors import ConfigError
-from persistence.storage import SessionStorage
-
-__all__ = [
-    "CONFIG_FILE_VARIABLE",
-    "DISCOVERED_FILES",
-    "MongoDBOptions",
-    "PostgreSQLOptions",
-    "SQLiteOptions",
-    "StorageConfig",
-    "config_file_path",
-    "config_from_url",
-    "create_storage",
-    "load_config",
-    "mask_secrets",
-    "mask_url",
-    "sql_url",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +39,11 @@ SCHEMES: dict[str, tuple[str, ...]] = {
     "postgresql": ("postgresql", "postgresql+asyncpg", "postgres"),
     "mongodb": ("mongodb", "mongodb+srv"),
 }
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*?):([^/?#]*)@")
-_ANY_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s'\"]*):[^@\s'\"]*@")
 # Where each setting came from, for error messages; set by load_config.
 _SOURCES: ContextVar[dict[str, str] | None] = ContextVar("_SOURCES", default=None)
 
 
-def mask_url(url: str) -> str:
-    """Returns the URL with its password replaced by `***`."""
-    return _USERINFO.sub(r"\1\2:***@", url, count=1)
-
-
-def mask_secrets(text: str) -> str:
-    """Masks the password of every URL in `text`."""
-    return _ANY_CREDENTIALS.sub(r"\1:***@", text)
-
-
-def _scheme(url: str) -> str | None:
+def scheme_of(url: str) -> str | None:
     head, separator, _ = url.partition("://")
     return head.lower() if separator and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", head) else None
 
@@ -180,7 +149,7 @@ class StorageConfig(BaseModel):
         url = data.get("connection_string")
         if isinstance(url, SecretStr):
             url = url.get_secret_value()
-        scheme = _scheme(url) if isinstance(url, str) else None
+        scheme = scheme_of(url) if isinstance(url, str) else None
         for backend, schemes in SCHEMES.items():
             if scheme in schemes:
                 return {**data, "backend": backend}
@@ -190,7 +159,7 @@ class StorageConfig(BaseModel):
     def _consistent(self) -> StorageConfig:
         url = self.connection_string.get_secret_value() if self.connection_string else None
         if url is not None:
-            scheme = _scheme(url)
+            scheme = scheme_of(url)
             if scheme is None:
                 raise _SettingError(
                     "connection_string", "not a URL (expected scheme://...; see the README)"
@@ -305,7 +274,7 @@ def config_from_url(url: str, *, base: StorageConfig | None = None) -> StorageCo
     Raises:
         ConfigError: for any other scheme (the URL's password is never repeated).
     """
-    scheme = _scheme(url)
+    scheme = scheme_of(url)
     backend = next((name for name, schemes in SCHEMES.items() if scheme in schemes), None)
     if backend is None:
         known = ", ".join(f"{s}://" for schemes in SCHEMES.values() for s in schemes)
@@ -325,87 +294,3 @@ def config_from_url(url: str, *, base: StorageConfig | None = None) -> StorageCo
     else:
         fields["connection_string"] = url
     return StorageConfig(**fields)
-
-
-def sql_url(config: StorageConfig) -> str:
-    """The SQLAlchemy URL of a SQLite or PostgreSQL configuration, password included.
-
-    Raises:
-        ConfigError: for a MongoDB configuration.
-    """
-    if config.backend == "sqlite":
-        return f"sqlite:///{config.database_path}"
-    if config.backend == "postgresql":
-        assert config.connection_string is not None
-        url = config.connection_string.get_secret_value()
-        if _scheme(url) == "postgres":
-            url = "postgresql" + url[len("postgres") :]
-        return url
-    raise ConfigError("backend mongodb has no SQL schema: alembic manages SQLite and PostgreSQL")
-
-
-def _mongodb_url(url: str, config: StorageConfig, options: MongoDBOptions) -> str:
-    extra = {"minPoolSize": str(config.min_pool_size), "maxPoolSize": str(config.max_pool_size)}
-    if options.read_preference:
-        extra["readPreference"] = options.read_preference
-    base, _, query = url.partition("?")
-    if "/" not in base.partition("://")[2]:
-        base += "/"
-    present = {pair.partition("=")[0].lower() for pair in query.split("&") if pair}
-    added = [f"{key}={value}" for key, value in extra.items() if key.lower() not in present]
-    return base + "?" + "&".join(part for part in [query, *added] if part)
-
-
-def create_storage(config: StorageConfig) -> SessionStorage:
-    """Builds the configured backend (not yet initialized).
-
-    Raises:
-        ConfigError: if the backend's driver is not installed (names the extra).
-    """
-    if config.backend == "sqlite":
-        sqlite = SQLiteOptions(**config.options)
-        from persistence.sql.backend import SQLiteSessionStorage
-
-        return SQLiteSessionStorage(
-            config.database_path,
-            synchronous=sqlite.synchronous,
-            cache_size=sqlite.cache_size,
-            busy_timeout=sqlite.busy_timeout,
-        )
-    assert config.connection_string is not None
-    url = config.connection_string.get_secret_value()
-    if config.backend == "postgresql":
-        pg = PostgreSQLOptions(**config.options)
-        try:
-            importlib.import_module("asyncpg")
-        except ImportError:
-            raise ConfigError(
-                "backend postgresql needs the asyncpg driver: install persistence[postgresql]"
-            ) from None
-        from persistence.sql.backend import PostgreSQLSessionStorage
-
-        return PostgreSQLSessionStorage(
-            url,
-            config.min_pool_size,
-            config.max_pool_size,
-            statement_timeout=pg.statement_timeout,
-            command_timeout=pg.command_timeout,
-            connect_timeout=pg.connect_timeout,
-            pool_timeout=pg.pool_timeout,
-        )
-    mongo = MongoDBOptions(**config.options)
-    try:
-        module = importlib.import_module("persistence.mongo.backend")
-    except ImportError as exc:
-        if (exc.name or "").startswith("persistence"):
-            raise ConfigError(
-                "backend mongodb: this installation of persistence has no MongoDB backend"
-            ) from None
-        raise ConfigError(
-            f"backend mongodb needs beanie and pymongo ({exc.name or 'a module'} is missing):"
-            " install persistence[mongodb]"
-        ) from None
-    storage: SessionStorage = module.MongoDBSessionStorage(
-        _mongodb_url(url, config, mongo), database_name=mongo.database_name
-    )
-    return storage

@@ -17,7 +17,7 @@ from typing import Any
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
-from persistence.verification import counts_summary, same_value, verify_migration
+from persistence.transfer.verification import counts_summary, same_value, verify_migration
 
 ProgressCallback = Callable[[int, int], object]
 DEFAULT_BATCH_SIZE = 500

@@ -1,0 +1,99 @@
+"""create_storage: the configured backend, imported only when it is the one asked for."""
+
+from __future__ import annotations
+
+import importlib
+
+from persistence.config.settings import (
+    MongoDBOptions,
+    PostgreSQLOptions,
+    SQLiteOptions,
+    StorageConfig,
+    scheme_of,
+)
+from persistence.errors import ConfigError
+from persistence.storage import SessionStorage
+
+
+def sql_url(config: StorageConfig) -> str:
+    """The SQLAlchemy URL of a SQLite or PostgreSQL configuration, password included.
+
+    Raises:
+        ConfigError: for a MongoDB configuration.
+    """
+    if config.backend == "sqlite":
+        return f"sqlite:///{config.database_path}"
+    if config.backend == "postgresql":
+        assert config.connection_string is not None
+        url = config.connection_string.get_secret_value()
+        if scheme_of(url) == "postgres":
+            url = "postgresql" + url[len("postgres") :]
+        return url
+    raise ConfigError("backend mongodb has no SQL schema: alembic manages SQLite and PostgreSQL")
+
+
+def _mongodb_url(url: str, config: StorageConfig, options: MongoDBOptions) -> str:
+    extra = {"minPoolSize": str(config.min_pool_size), "maxPoolSize": str(config.max_pool_size)}
+    if options.read_preference:
+        extra["readPreference"] = options.read_preference
+    base, _, query = url.partition("?")
+    if "/" not in base.partition("://")[2]:
+        base += "/"
+    present = {pair.partition("=")[0].lower() for pair in query.split("&") if pair}
+    added = [f"{key}={value}" for key, value in extra.items() if key.lower() not in present]
+    return base + "?" + "&".join(part for part in [query, *added] if part)
+
+
+def create_storage(config: StorageConfig) -> SessionStorage:
+    """Builds the configured backend (not yet initialized).
+
+    Raises:
+        ConfigError: if the backend's driver is not installed (names the extra).
+    """
+    if config.backend == "sqlite":
+        sqlite = SQLiteOptions(**config.options)
+        from persistence.sql.backend import SQLiteSessionStorage
+
+        return SQLiteSessionStorage(
+            config.database_path,
+            synchronous=sqlite.synchronous,
+            cache_size=sqlite.cache_size,
+            busy_timeout=sqlite.busy_timeout,
+        )
+    assert config.connection_string is not None
+    url = config.connection_string.get_secret_value()
+    if config.backend == "postgresql":
+        pg = PostgreSQLOptions(**config.options)
+        try:
+            importlib.import_module("asyncpg")
+        except ImportError:
+            raise ConfigError(
+                "backend postgresql needs the asyncpg driver: install persistence[postgresql]"
+            ) from None
+        from persistence.sql.backend import PostgreSQLSessionStorage
+
+        return PostgreSQLSessionStorage(
+            url,
+            config.min_pool_size,
+            config.max_pool_size,
+            statement_timeout=pg.statement_timeout,
+            command_timeout=pg.command_timeout,
+            connect_timeout=pg.connect_timeout,
+            pool_timeout=pg.pool_timeout,
+        )
+    mongo = MongoDBOptions(**config.options)
+    try:
+        module = importlib.import_module("persistence.mongo.backend")
+    except ImportError as exc:
+        if (exc.name or "").startswith("persistence"):
+            raise ConfigError(
+                "backend mongodb: this installation of persistence has no MongoDB backend"
+            ) from None
+        raise ConfigError(
+            f"backend mongodb needs beanie and pymongo ({exc.name or 'a module'} is missing):"
+            " install persistence[mongodb]"
+        ) from None
+    storage: SessionStorage = module.MongoDBSessionStorage(
+        _mongodb_url(url, config, mongo), database_name=mongo.database_name
+    )
+    return storage
