@@ -8,6 +8,7 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -160,6 +161,7 @@ def row_from_session(session: ChatSession, message_count: int) -> dict[str, Any]
         "message_count": message_count,
         "metadata": session.metadata,
         "status": session.status,
+        "incarnation": uuid.uuid4().hex,
     }
 
 

@@ -66,14 +66,36 @@ def _upsert(table: Table, key: str, increment: str | None = None) -> Statement:
     return Statement(build)
 
 
-UPSERT_SESSION = _upsert(sessions, "session_id", increment="message_count")
+def _session_upsert(dialect: str) -> Any:
+    names = [c.name for c in sessions.columns if c.name not in ("revision", "next_position")]
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(sessions)
+    statement = statement.values(
+        {**_binds(sessions, *names), "revision": 1, "next_position": bindparam("message_count")}
+    )
+    excluded = statement.excluded
+    fields = ("model", "created_at", "updated_at", "metadata", "status")
+    return statement.on_conflict_do_update(
+        index_elements=[sessions.c.session_id],
+        set_={
+            **{name: excluded[name] for name in fields},
+            "message_count": sessions.c.message_count + excluded.message_count,
+            "next_position": sessions.c.next_position + excluded.message_count,
+            "revision": sessions.c.revision + 1,
+        },
+    ).returning(sessions.c.message_count, sessions.c.next_position)
+
+
+UPSERT_SESSION = Statement(_session_upsert)
 INSERT_MESSAGES = Statement(
     insert(messages).values(_binds(messages, *(c.name for c in messages.columns if c.name != "id")))
 )
-SET_MESSAGE_COUNT = Statement(
+ADD_MESSAGE_COUNT = Statement(
     update(sessions)
     .where(sessions.c.session_id == bindparam("session_id"))
-    .values(message_count=bindparam("message_count"))
+    .values(
+        message_count=sessions.c.message_count + bindparam("added"),
+        next_position=sessions.c.next_position + bindparam("added"),
+    )
 )
 MESSAGE_OWNERS = Statement(
     select(messages.c.message_id, messages.c.session_id).where(
@@ -220,8 +242,8 @@ def _write_session(
 ) -> Work[None]:
     if certain:
         rows = yield Fetch(UPSERT_SESSION, row_from_session(session, len(new)))
-        base = rows[0][0] - len(new)
-        if base >= len(messages) - len(new):
+        base = rows[0][1] - len(new)
+        if rows[0][0] - len(new) >= len(messages) - len(new):
             if new:
                 yield ExecuteMany(
                     INSERT_MESSAGES, rows_from_messages(session.session_id, new, base)
@@ -233,13 +255,10 @@ def _write_session(
         _check_owned(session, new)
     else:
         rows = yield Fetch(UPSERT_SESSION, row_from_session(session, 0))
-        base = rows[0][0]
+        base = rows[0][1]
     new = yield from _messages_not_stored(session.session_id, new)
     if new:
-        yield Execute(
-            SET_MESSAGE_COUNT,
-            {"session_id": session.session_id, "message_count": base + len(new)},
-        )
+        yield Execute(ADD_MESSAGE_COUNT, {"session_id": session.session_id, "added": len(new)})
         yield ExecuteMany(INSERT_MESSAGES, rows_from_messages(session.session_id, new, base))
 
 

@@ -41,10 +41,18 @@ class SessionRow(Base):
     message_count: Mapped[int] = mapped_column(BigInteger, default=0)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonObject)
     status: Mapped[str] = mapped_column(String(16))
+    # Incremented by every write; holders compare it with the one they last saw.
+    revision: Mapped[int] = mapped_column(BigInteger)
+    # Drawn when the row is created: a session deleted and created again is another one.
+    incarnation: Mapped[str] = mapped_column(String(32))
+    # The position of the next appended message (removed messages leave gaps).
+    next_position: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (
         CheckConstraint("status IN ('active', 'archived', 'expired')", name="status"),
         CheckConstraint("message_count >= 0", name="message_count"),
+        CheckConstraint("revision >= 1", name="revision"),
+        CheckConstraint("next_position >= message_count", name="next_position"),
         # list_sessions: newest first, ties by session_id, with or without a status.
         Index("ix_chat_sessions_updated", "updated_at", "session_id"),
         Index("ix_chat_sessions_status_updated", "status", "updated_at", "session_id"),

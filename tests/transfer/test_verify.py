@@ -55,6 +55,9 @@ async def _extra_session(connection: AsyncConnection) -> None:
             message_count=0,
             metadata={},
             status="active",
+            revision=1,
+            incarnation="planted",
+            next_position=0,
         )
     )
 
