@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -14,9 +13,14 @@ import aiosqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.clock import utc_now
-from persistence.errors import InvalidDataError, PersistenceError
+from persistence.errors import (
+    InvalidDataError,
+    PersistenceError,
+    SessionConflictError,
+    SessionDeletedError,
+)
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.sql import repositories
+from persistence.sql import repositories, writes
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     open_sqlite,
@@ -26,14 +30,15 @@ from persistence.sql.engines import (
     sqlite_pragmas,
     sqlite_url,
 )
-from persistence.sql.errors import connection_lost, sql_errors
+from persistence.sql.errors import connection_lost, sql_errors, unique_violation
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
 from persistence.sql.schema import upgrade_to_head
-from persistence.sql.uow import SqlUnitOfWork
+from persistence.sql.uow import SqlUnitOfWork, open_units_of_work
 from persistence.storage import (
     BackendName,
     SessionStorage,
     StorageCounts,
+    check_last,
     check_page,
     check_status,
 )
@@ -45,8 +50,6 @@ class SqlSessionStorage(SessionStorage):
     """The SessionStorage of the SQL family; subclasses only say how work is run."""
 
     def __init__(self) -> None:
-        # Identifies this storage in each session's record of what is stored where.
-        self._token = uuid.uuid4().hex
         self._engine: AsyncEngine | None = None
         self._closed = False
         self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
@@ -93,11 +96,10 @@ class SqlSessionStorage(SessionStorage):
                 await engine.dispose()
 
     def unit_of_work(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self._token)
+        return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self.token)
 
     async def save_session(self, session: ChatSession) -> bool:
-        # Saves of one object take turns: two at once would both send the same new
-        # messages, and the second would fail on their ids.
+        # Saves of one object take turns: each plans from the base the previous one left.
         key = id(session)
         lock, users = self._saving.get(key) or (asyncio.Lock(), 0)
         self._saving[key] = (lock, users + 1)
@@ -112,32 +114,57 @@ class SqlSessionStorage(SessionStorage):
                 self._saving[key] = (lock, users - 1)
 
     async def _save_session(self, session: ChatSession) -> bool:
-        sent = len(session.messages)
+        plan = session.plan_save(self.token)
+        if plan.writes_nothing and plan.certain:
+            if not await self._run(writes.still_there(plan), "save session", write=False):
+                raise SessionDeletedError(session.session_id)
+            return True
         try:
-            await self._run(
-                repositories.write_session(session, self._token), "save session", write=True
-            )
-        except BaseException:
-            session.forget_stored(self._token)
+            saved = await self._run(writes.write_plan(plan), "save session", write=True)
+        except (InvalidDataError, SessionConflictError, SessionDeletedError):
+            raise  # refused before anything was written
+        except PersistenceError as exc:
+            session.save_failed(self.token)
+            if unique_violation(exc):
+                raise await self._duplicate_message(plan.session_id, plan.appends) from exc
             raise
-        session.mark_stored(self._token, sent)
+        except BaseException:
+            # Cancelled or cut off: it may have landed, so the next save checks.
+            session.save_failed(self.token)
+            raise
+        session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True
 
-    async def load_session(self, session_id: str) -> ChatSession | None:
-        session = await self._run(
-            repositories.read_session(session_id), "load session", write=False, snapshot=True
+    async def _duplicate_message(
+        self, session_id: str, appended: Sequence[ChatMessage]
+    ) -> PersistenceError:
+        """Names the new message whose id the store already holds (a unique violation)."""
+        owners = await self._run(
+            writes.message_owners([message.message_id for message in appended]),
+            "save session",
+            write=False,
         )
-        if session is not None:
-            session.mark_stored(self._token)
-        return session
+        for message_id, owner in owners.items():
+            where = "this session" if owner == session_id else f"another session ({owner!r})"
+            return InvalidDataError(f"message_id {message_id!r} is already stored in {where}")
+        return PersistenceError("save session failed: a unique key was violated")
+
+    async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
+        check_last(last)
+        return await self._run(
+            repositories.read_session(session_id, self.token, last),
+            "load session",
+            write=False,
+            snapshot=True,
+        )
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
-        loaded = await self._run(
-            repositories.read_sessions(session_ids), "load sessions", write=False, snapshot=True
+        return await self._run(
+            repositories.read_sessions(session_ids, self.token),
+            "load sessions",
+            write=False,
+            snapshot=True,
         )
-        for session in loaded:
-            session.mark_stored(self._token)
-        return loaded
 
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
@@ -145,7 +172,9 @@ class SqlSessionStorage(SessionStorage):
         checked = check_status(status)
         check_page(limit, offset)
         return await self._run(
-            repositories.read_session_page(checked, limit, offset), "list sessions", write=False
+            repositories.read_session_page(checked, limit, offset, self.token),
+            "list sessions",
+            write=False,
         )
 
     async def delete_session(self, session_id: str) -> bool:
@@ -187,16 +216,13 @@ class SqlSessionStorage(SessionStorage):
         after = ""
         while True:
             ids, batch = await self._run(
-                repositories.read_session_batch(after, batch_size, with_messages),
+                repositories.read_session_batch(after, batch_size, with_messages, self.token),
                 "iterate sessions",
                 write=False,
                 snapshot=True,
             )
             if not ids:
                 return
-            if with_messages:
-                for session in batch:
-                    session.mark_stored(self._token)
             yield batch
             after = ids[-1]
 
@@ -228,6 +254,8 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
+        if isinstance(session_ids, str):
+            raise InvalidDataError("session_ids: a sequence of ids, not one string")
         checked = check_status(status)
         assert checked is not None
         return await self._run(
@@ -296,6 +324,13 @@ class SQLiteSessionStorage(SqlSessionStorage):
         connection = self._connection
         if connection is None:
             raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        if write and self.token in open_units_of_work():
+            work.close()
+            raise PersistenceError(
+                f"{action}: called while this task holds an open unit_of_work() of the same"
+                " SQLite storage, whose write lock it would wait for until the busy timeout;"
+                " do it through the unit of work (uow.sessions / uow.files) or after it"
+            )
         with sql_errors(action):
             result: T = await run_in_thread(
                 connection,

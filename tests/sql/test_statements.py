@@ -49,10 +49,10 @@ async def test_save_after_one_message_costs_the_same_at_10_and_10000_messages(
     at_10000 = await _statements_of_one_append(sql_storage, long)
 
     assert at_10 == at_10000
-    # The upsert of the session row and one insert of the new message, nothing else.
+    # One guarded update of the session row and one insert of the new message.
     touching = [s.split()[0:3] for s in at_10 if "chat_" in s]
     assert touching == [
-        ["INSERT", "INTO", "chat_sessions"],
+        ["UPDATE", "chat_sessions", "SET"],
         ["INSERT", "INTO", "chat_messages"],
     ]
     loaded = await sql_storage.load_session(long.session_id)
