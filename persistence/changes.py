@@ -65,6 +65,12 @@ class MessageList(list["ChatMessage"]):
             self.first_foreign = what
 
     def _describe(self, index: Any) -> str:
+        if isinstance(index, slice):
+            touched = self[index]
+            index = index.start or 0
+            if not touched:
+                return f"position {index}"
+            return f"message {touched[0].message_id!r} (position {index})"
         try:
             return f"message {self[index].message_id!r} (position {index})"
         except (IndexError, TypeError):
