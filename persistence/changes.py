@@ -218,6 +218,7 @@ class SavePlan:
     messages_sent: int
     log_at: int
     foreign_at: int
+    epoch: int
 
     @property
     def is_new(self) -> bool:

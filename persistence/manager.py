@@ -19,9 +19,6 @@ from persistence.storage import SessionStorage
 
 logger = logging.getLogger(__name__)
 
-# Reload-and-reapply rounds before a save that keeps conflicting gives up.
-_CONFLICT_ATTEMPTS = 5
-
 
 class SessionManager:
     """The everyday front of a store: cached sessions, auto-save, expiry and exports.
@@ -46,6 +43,7 @@ class SessionManager:
         self.expiry_hours = expiry_hours
         self.max_cached_sessions = max_cached_sessions
         self._cache: OrderedDict[str, ChatSession] = OrderedDict()
+        self._writing: dict[int, tuple[asyncio.Lock, int]] = {}
 
     @property
     def cached_session_ids(self) -> list[str]:
@@ -68,41 +66,55 @@ class SessionManager:
         """Saves the session, resolving conflicts; False if it was deleted meanwhile.
 
         On a conflict the session is reloaded and this manager's pending changes are
-        applied over it (its values win for what it changed), then saved again.
+        applied over it (its values win for what it changed), then saved again. Saves
+        of one object take turns here, so no save is in flight while it is rebased.
         """
-        for _ in range(_CONFLICT_ATTEMPTS):
-            try:
-                await self.storage.save_session(session)
-                return True
-            except SessionConflictError as exc:
-                logger.warning(
-                    "session %s: %s changed by another writer too; reloading and reapplying"
-                    " this manager's changes (they win)",
-                    session.session_id,
-                    ", ".join(exc.conflicts),
-                )
-                # Edits need the messages they touch: reload the whole history for them.
-                whole = session.omitted_messages == 0 or session.has_history_changes(
-                    self.storage.token
-                )
-                fresh = await self.storage.load_session(
-                    session.session_id, last=None if whole else len(session.messages)
-                )
-                if fresh is None:
-                    return self._deleted(session)
-                dropped = session.rebase(self.storage.token, fresh)
-                if dropped:
-                    logger.warning(
-                        "session %s: edits of messages another writer removed were dropped: %s",
-                        session.session_id,
-                        ", ".join(dropped),
-                    )
-            except SessionDeletedError:
-                return self._deleted(session)
-        raise PersistenceError(
-            f"session {session.session_id!r}: still changed by other writers after"
-            f" {_CONFLICT_ATTEMPTS} attempts to reapply this manager's changes"
+        key = id(session)
+        lock, users = self._writing.get(key) or (asyncio.Lock(), 0)
+        self._writing[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._write_resolving(session)
+        finally:
+            lock, users = self._writing[key]
+            if users == 1:
+                del self._writing[key]
+            else:
+                self._writing[key] = (lock, users - 1)
+
+    async def _write_resolving(self, session: ChatSession) -> bool:
+        try:
+            await self.storage.save_session(session)
+            return True
+        except SessionDeletedError:
+            return self._deleted(session)
+        except SessionConflictError as exc:
+            logger.warning(
+                "session %s: %s changed by another writer too; reloading and reapplying"
+                " this manager's changes (they win)",
+                session.session_id,
+                ", ".join(exc.conflicts),
+            )
+        # Edits need the messages they touch: reload the whole history for them.
+        whole = session.omitted_messages == 0 or session.has_history_changes(self.storage.token)
+        fresh = await self.storage.load_session(
+            session.session_id, last=None if whole else len(session.messages)
         )
+        if fresh is None:
+            return self._deleted(session)
+        dropped = session.rebase(self.storage.token, fresh)
+        if dropped:
+            logger.warning(
+                "session %s: edits of messages another writer removed were dropped: %s",
+                session.session_id,
+                ", ".join(dropped),
+            )
+        # Writers may have changed it again since the reload: this manager's values win.
+        try:
+            await self.storage.save_session(session, force=True)
+        except SessionDeletedError:
+            return self._deleted(session)
+        return True
 
     def _deleted(self, session: ChatSession) -> bool:
         logger.warning(

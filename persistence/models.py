@@ -211,6 +211,8 @@ class ChatSession(_DomainModel):
     # Stored messages older than the first one this object carries (a partial load).
     _omitted: int = PrivateAttr(default=0)
     _revision: int | None = PrivateAttr(default=None)
+    # Incremented by `rebase`: a plan taken before it no longer describes the list.
+    _epoch: int = PrivateAttr(default=0)
 
     def __eq__(self, other: object) -> bool:
         # Fields only: which storages hold the messages is bookkeeping, not data.
@@ -256,6 +258,7 @@ class ChatSession(_DomainModel):
                 "_log_start": source._log_start,
                 "_omitted": source._omitted,
                 "_revision": source._revision,
+                "_epoch": source._epoch,
             },
         )
 
@@ -480,6 +483,7 @@ class ChatSession(_DomainModel):
                 messages_sent=len(messages),
                 log_at=log_at,
                 foreign_at=messages.foreign_changes,
+                epoch=self._epoch,
             )
         if messages.foreign_changes != base.foreign_at:
             raise InvalidDataError(
@@ -517,6 +521,7 @@ class ChatSession(_DomainModel):
             messages_sent=len(messages),
             log_at=log_at,
             foreign_at=messages.foreign_changes,
+            epoch=self._epoch,
         )
 
     def saved_to(
@@ -536,6 +541,11 @@ class ChatSession(_DomainModel):
         work may still roll back to it).
         """
         self._revision = revision
+        if plan.epoch != self._epoch:
+            # Rebased while this save was in flight: the plan no longer describes the
+            # list. It landed, so the rebased base is behind: the next save checks.
+            self.save_failed(token)
+            return
         self._bases[token] = Base(
             revision=revision,
             incarnation=incarnation,
@@ -593,6 +603,7 @@ class ChatSession(_DomainModel):
         self.__dict__["message_count"] = fresh._omitted + len(messages)
         self._omitted = fresh._omitted
         self._revision = fresh._revision
+        self._epoch += 1
         self._bases[token] = base
         self._trim_log()
         return list(edited)

@@ -175,7 +175,7 @@ class SessionStorage(ABC):
         """Returns a new unit of work over this store."""
 
     @abstractmethod
-    async def save_session(self, session: ChatSession) -> bool:
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         """Writes what this object changed since it last loaded or saved it here.
 
         New messages are appended after whatever the store holds; edits and removals
@@ -184,9 +184,15 @@ class SessionStorage(ABC):
         object (never loaded or saved here) creates the session, or adds its messages
         and fields to the one stored under its id.
 
+        With `force`, this object's values win over another writer's for what it
+        changed, instead of a conflict (edits of messages removed meanwhile are
+        skipped): last writer wins, for callers that decided so (SessionManager, after
+        reloading).
+
         Raises:
             SessionConflictError: another writer changed the same field, metadata key or
-                message since this object's last load or save (nothing written).
+                message since this object's last load or save (nothing written; never
+                with `force`).
             SessionDeletedError: the session was deleted since (nothing written).
             InvalidDataError: a change the model cannot express, or a message that
                 belongs to another session or repeats an id (nothing written).

@@ -98,14 +98,14 @@ class SqlSessionStorage(SessionStorage):
     def unit_of_work(self) -> SqlUnitOfWork:
         return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self.token)
 
-    async def save_session(self, session: ChatSession) -> bool:
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         # Saves of one object take turns: each plans from the base the previous one left.
         key = id(session)
         lock, users = self._saving.get(key) or (asyncio.Lock(), 0)
         self._saving[key] = (lock, users + 1)
         try:
             async with lock:
-                return await self._save_session(session)
+                return await self._save_session(session, force)
         finally:
             lock, users = self._saving[key]
             if users == 1:
@@ -113,14 +113,16 @@ class SqlSessionStorage(SessionStorage):
             else:
                 self._saving[key] = (lock, users - 1)
 
-    async def _save_session(self, session: ChatSession) -> bool:
+    async def _save_session(self, session: ChatSession, force: bool) -> bool:
         plan = session.plan_save(self.token)
         if plan.writes_nothing and plan.certain:
             if not await self._run(writes.still_there(plan), "save session", write=False):
                 raise SessionDeletedError(session.session_id)
             return True
         try:
-            saved = await self._run(writes.write_plan(plan), "save session", write=True)
+            saved = await self._run(
+                writes.write_plan(plan, force=force), "save session", write=True
+            )
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except PersistenceError as exc:

@@ -7,9 +7,10 @@ picks the cheapest statement that keeps every guarantee:
   deleted session is never brought back) and one INSERT of the messages;
 - other changes from a holder whose base is exact: the same UPDATE guarded also by
   the revision it saw (compare-and-set), then the message edits and removals;
-- otherwise (someone wrote since, or an earlier save's outcome is unknown): the row
-  is locked and read, conflicts are looked for field by field, key by key and
-  message by message, and the holder's changes are merged into what is stored.
+- otherwise (someone wrote since, the base merged others' work, or an earlier save's
+  outcome is unknown): the row is locked and read, conflicts are looked for field by
+  field, key by key and message by message, and the holder's changes are merged into
+  what is stored. A base is exact again only after a save nobody else wrote beside.
 
 A new object creates the row, or merges into the row stored under its id.
 """
@@ -225,11 +226,15 @@ def still_there(plan: SavePlan) -> Work[bool]:
     return bool(rows) and rows[0][0] == plan.incarnation
 
 
-def write_plan(plan: SavePlan) -> Work[Saved]:
+def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
     """Writes `plan` in the caller's transaction.
 
+    With `force`, the plan's values win over another writer's for what it changed
+    (edits of messages removed meanwhile are skipped) instead of a conflict.
+
     Raises:
-        SessionConflictError: another writer changed what the plan changes.
+        SessionConflictError: another writer changed what the plan changes (not with
+            `force`).
         SessionDeletedError: the session the plan's base came from is gone.
         InvalidDataError: a new message's id is stored in another session.
     """
@@ -268,7 +273,7 @@ def write_plan(plan: SavePlan) -> Work[Saved]:
             yield from _edit(plan)
             yield from _insert(plan.session_id, plan.appends, next_position - len(plan.appends))
             return Saved(revision, plan.incarnation, exact=True)
-    return (yield from _locked_write(plan))
+    return (yield from _locked_write(plan, force))
 
 
 def _field_values(plan: SavePlan, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -326,13 +331,15 @@ def _stored_versions(plan: SavePlan) -> Work[dict[str, ChatMessage]]:
     return found
 
 
-def _locked_write(plan: SavePlan) -> Work[Saved]:
+def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
     rows = yield Fetch(LOCK, {"session_id": plan.session_id})
     if not rows or rows[0][1] != plan.incarnation:
         raise SessionDeletedError(plan.session_id)
     revision, _, model, status, created_at, metadata_text, count, next_position = rows[0]
     stored_metadata = json_loads(metadata_text)
-    if revision != plan.revision or not plan.certain:
+    if not force:
+        # Checked even when the revision is the one the holder saw: a base that merged
+        # other writers' work (not exact) does not know what they changed.
         stored_fields = {"model": model, "status": status, "created_at": created_at}
         stored_messages = yield from _stored_versions(plan)
         found = conflicts(plan, stored_fields, stored_metadata, stored_messages)
@@ -361,8 +368,13 @@ def _locked_write(plan: SavePlan) -> Work[Saved]:
             "revision": revision + 1,
         },
     )
+    # Exact again only if nobody else wrote since an exact, certain base and the stored
+    # fields are the holder's: then what it carries is what the store holds.
     exact = (
-        merged == plan.metadata
+        plan.exact
+        and plan.certain
+        and revision == plan.revision
+        and merged == plan.metadata
         and values["model"] == plan.model
         and values["status"] == plan.status
         and values["created_at"] == plan.created_at
@@ -407,7 +419,8 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
                 "revision": revision + 1,
             },
         )
-        return Saved(revision + 1, stored_incarnation, exact=merged == plan.metadata)
+        # Messages it shares with the stored session may differ there: not exact.
+        return Saved(revision + 1, stored_incarnation, exact=False)
     raise InvalidDataError(
         f"session {plan.session_id!r}: created and deleted by other writers"
         f" {_CREATE_ATTEMPTS} times during this save; nothing was written"

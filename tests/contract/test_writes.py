@@ -541,3 +541,58 @@ async def test_a_conflict_leaves_the_object_as_it_was(
                 await other.save_session(copy)
         assert copy.model_dump() == before
         assert other.has_unsaved_changes(copy)
+
+
+async def test_a_forced_save_makes_this_holders_values_win(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=3)
+    target = session.messages[1].message_id
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+        session.metadata["title"] = "A"
+        session.status = "archived"
+        session.edit_message(target, content="A's edit")
+        await storage.save_session(session)
+
+        copy.metadata["title"] = "B"
+        copy.edit_message(target, content="B's edit")
+        copy.edit_message(copy.messages[0].message_id, content="B's first")
+        await other.save_session(copy, force=True)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.metadata == {"title": "B"}
+    assert loaded.status == "archived"  # B did not change it
+    assert [m.content for m in loaded.messages] == ["B's first", "B's edit", "message 2"]
+
+
+async def test_a_holder_whose_save_merged_others_work_still_sees_their_edits_and_removals(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=4)
+    first, last = session.messages[0].message_id, session.messages[-1].message_id
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+        session.edit_message(first, content="edited by A")
+        session.pop_message()
+        await storage.save_session(session)
+
+        copy.add_message("user", "B appends")  # lands beside A's work
+        await other.save_session(copy)
+        copy.metadata["k"] = 1  # a save that merges: B's base no longer equals the store
+        await other.save_session(copy)
+
+        copy.edit_message(first, content="edited by B")
+        with pytest.raises(SessionConflictError, match=f"message '{first}'"):
+            await other.save_session(copy)
+
+        again = await _load(other, session.session_id)
+        assert last not in [m.message_id for m in again.messages]
+        stale = copy.model_copy()
+        stale.rewind(stale.messages[-3].message_id)  # B's view: drops `last`, already gone
+        with pytest.raises(SessionConflictError):
+            await other.save_session(stale)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.message_count == len(loaded.messages) == (await storage.count()).messages
+    assert loaded.messages[0].content == "edited by A"
