@@ -57,12 +57,25 @@ class SqlSessionStorage(SessionStorage):
     @abstractmethod
     def _create_engine(self) -> AsyncEngine: ...
 
+    # Whether an appends-only save is one statement (PostgreSQL's data-modifying CTE).
+    _one_statement_appends = False
+
     @abstractmethod
-    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
         """Runs `work` as one transaction (write), or as a read.
 
         A read with `snapshot` sees one consistent state across its statements (a
-        session row and its history); other reads are single statements.
+        session row and its history); other reads are single statements. A write that
+        is `single` is one statement, atomic without BEGIN/COMMIT where the server
+        allows it.
         """
 
     @property
@@ -120,9 +133,19 @@ class SqlSessionStorage(SessionStorage):
                 raise SessionDeletedError(session.session_id)
             return True
         try:
-            saved = await self._run(
-                writes.write_plan(plan, force=force), "save session", write=True
-            )
+            if (
+                self._one_statement_appends
+                and plan.certain
+                and plan.appends
+                and (not plan.is_new and plan.appends_only)
+            ):
+                saved = await self._run(
+                    writes.append_in_one_statement(plan), "save session", write=True, single=True
+                )
+            else:
+                saved = await self._run(
+                    writes.write_plan(plan, force=force), "save session", write=True
+                )
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except PersistenceError as exc:
@@ -320,7 +343,15 @@ class SQLiteSessionStorage(SqlSessionStorage):
         finally:
             await super().close()
 
-    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
         # Reads too run in a transaction: it costs nothing within the one thread hop.
         dialect = self.engine.dialect
         connection = self._connection
@@ -358,6 +389,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     """PostgreSQL through a pool of asyncpg connections (SQLAlchemy's pool)."""
 
     backend_name: BackendName = "postgresql"
+    _one_statement_appends = True
 
     def __init__(
         self,
@@ -398,14 +430,22 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             pool_timeout=self._pool_timeout,
         )
 
-    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
         engine = self.engine
         with sql_errors(action):
             async with engine.connect() as pooled:
                 driver = (await pooled.get_raw_connection()).driver_connection
                 assert driver is not None
                 try:
-                    if write:
+                    if write and not single:
                         async with driver.transaction():
                             return await run_on_asyncpg(driver, engine.dialect, work)
                     if snapshot:

@@ -22,7 +22,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    String,
+    Table,
+    Text,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ColumnElement
 
@@ -33,7 +45,7 @@ from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
 from persistence.sql.statements import Statement
 from persistence.sql.tables import MessageRow, SessionRow
-from persistence.sql.types import json_loads
+from persistence.sql.types import json_dumps, json_loads
 
 sessions = cast(Table, SessionRow.__table__)
 messages = cast(Table, MessageRow.__table__)
@@ -183,6 +195,91 @@ MESSAGE_OWNERS = Statement(
         messages.c.message_id.in_(bindparam("ids", expanding=True))
     )
 )
+
+
+def _append_in_one_statement(dialect: str) -> Any:
+    """PostgreSQL: the session row's update and the messages' insert as one statement.
+
+    A data-modifying CTE: the UPDATE (guarded by the incarnation) yields the positions,
+    the INSERT takes the messages from arrays, one per column. One statement is atomic
+    without BEGIN/COMMIT, so an append costs one round trip. Its columns are those of
+    `rows_from_messages`, so a column added there is carried here too.
+    """
+    assert dialect == "postgresql", dialect
+    columns = [name for name in _message_row_keys() if name not in ("session_id", "position")]
+    arrays, selected, binds = [], [], []
+    for name in columns:
+        column = messages.c[name]
+        if isinstance(column.type.dialect_impl(_POSTGRESQL), postgresql.JSONB):
+            element, cast_back = "text", "::jsonb"
+            bind_type: Any = postgresql.ARRAY(Text)
+        else:
+            element = column.type.compile(dialect=_POSTGRESQL)
+            cast_back = ""
+            bind_type = postgresql.ARRAY(column.type)
+        arrays.append(f"CAST(:c_{name} AS {element}[])")
+        selected.append(f"u.{name}{cast_back}")
+        binds.append(bindparam(f"c_{name}", type_=bind_type))
+    # Column names come from the table; every value is bound.
+    sql = (
+        "WITH s AS (UPDATE chat_sessions SET"  # noqa: S608
+        " updated_at = greatest(updated_at, :updated_at),"
+        " message_count = message_count + :added, next_position = next_position + :added,"
+        " revision = revision + 1"
+        " WHERE session_id = :session_id AND incarnation = :incarnation"
+        " RETURNING next_position, revision),"
+        f" m AS (INSERT INTO chat_messages (session_id, position, {', '.join(columns)})"
+        f" SELECT :session_id, s.next_position - :added + u.ord - 1, {', '.join(selected)}"
+        f" FROM s, unnest({', '.join(arrays)}) WITH ORDINALITY AS u({', '.join(columns)}, ord))"
+        " SELECT next_position, revision FROM s"
+    )
+    return (
+        text(sql)
+        .bindparams(
+            bindparam("updated_at", type_=sessions.c.updated_at.type),
+            bindparam("added", type_=BigInteger()),
+            bindparam("session_id", type_=String()),
+            bindparam("incarnation", type_=String()),
+            *binds,
+        )
+        .columns(sessions.c.next_position, sessions.c.revision)
+    )
+
+
+def _message_row_keys() -> list[str]:
+    sample = ChatMessage(session_id="s", role="user", content="")
+    return list(rows_from_messages("s", [sample], 0)[0])
+
+
+_POSTGRESQL = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
+APPEND_IN_ONE_STATEMENT = Statement(_append_in_one_statement)
+
+
+def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
+    """The appends-only save of a certain plan as one PostgreSQL statement.
+
+    Raises:
+        SessionDeletedError: the session the plan's base came from is gone.
+    """
+    assert plan.incarnation is not None and plan.revision is not None
+    rows = rows_from_messages(plan.session_id, plan.appends, 0)
+    params: dict[str, Any] = {
+        "session_id": plan.session_id,
+        "incarnation": plan.incarnation,
+        "updated_at": plan.updated_at,
+        "added": len(plan.appends),
+    }
+    for name in rows[0]:
+        if name not in ("session_id", "position"):
+            values = [row[name] for row in rows]
+            if isinstance(values[0], dict):
+                values = [json_dumps(value) for value in values]
+            params[f"c_{name}"] = values
+    found = yield Fetch(APPEND_IN_ONE_STATEMENT, params)
+    if not found:
+        raise SessionDeletedError(plan.session_id)
+    _, revision = found[0]
+    return Saved(revision, plan.incarnation, plan.exact and revision == plan.revision + 1)
 
 
 def chunks(items: Sequence[str]) -> list[Sequence[str]]:
