@@ -186,7 +186,8 @@ class Bookkeeping:
             log_at=plan.log_at,
             foreign_at=plan.foreign_at,
         )
-        self._trim_log()
+        if not keep_log:
+            self._trim_log()
 
     def rebase(self, token: str, fresh: ChatSession) -> list[str]:
         """Makes `fresh` (just loaded from storage `token`) this object's base, in place.

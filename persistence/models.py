@@ -94,9 +94,10 @@ class ChatSession(_DomainModel, Bookkeeping):
     status: Status = "active"
 
     # Per storage token: what that storage held when this object last loaded or saved.
-    _bases: dict[str, Base] = PrivateAttr(default_factory=dict)
+    # Lambdas, not `dict`/`list`: pydantic inspects a builtin factory on every construct.
+    _bases: dict[str, Base] = PrivateAttr(default_factory=lambda: {})
     # Edits and cuts since the oldest base, with their absolute log positions.
-    _log: list[LogEntry] = PrivateAttr(default_factory=list)
+    _log: list[LogEntry] = PrivateAttr(default_factory=lambda: [])
     _log_start: int = PrivateAttr(default=0)
     # Stored messages older than the first one this object carries (a partial load).
     _omitted: int = PrivateAttr(default=0)

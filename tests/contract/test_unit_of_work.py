@@ -110,3 +110,20 @@ async def test_a_committed_unit_of_work_refuses_more_work(storage: SessionStorag
         await uow.commit()
         with pytest.raises(PersistenceError):
             await uow.sessions.add(conversation(1))
+
+
+async def test_a_rolled_back_unit_of_work_leaves_earlier_edits_pending(
+    storage: SessionStorage,
+) -> None:
+    session = conversation(3)
+    await storage.save_session(session)
+    first = session.messages[0].message_id
+    session.edit_message(first, content="edited before the unit of work")
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        # left without commit: rolled back
+    assert storage.has_unsaved_changes(session)
+    await storage.save_session(session)
+    loaded = await storage.load_session(session.session_id)
+    assert loaded is not None
+    assert loaded.messages[0].content == "edited before the unit of work"
