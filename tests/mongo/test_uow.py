@@ -33,6 +33,14 @@ def _standalone(client: AsyncMongoClient[dict[str, object]]) -> MongoUnitOfWork:
     return MongoUnitOfWork(client, bind_documents(), TOKEN, transactional=False)
 
 
+def _stored(session_id: str = "s-1", messages: int = 1) -> ChatSession:
+    session = ChatSession.create("m", session_id=session_id)
+    for index in range(messages):
+        session.add_message("user", f"message {index}")
+    session.saved_to(TOKEN, session.plan_save(TOKEN), 4, "inc", exact=True)
+    return session
+
+
 async def test_without_transactions_nothing_is_sent_before_commit(
     client: AsyncMongoClient[dict[str, object]],
 ) -> None:
@@ -43,7 +51,21 @@ async def test_without_transactions_nothing_is_sent_before_commit(
         session.add_message("user", "after add")
         await uow.sessions.add(session)
     # Rolled back: the store is not assumed to hold anything.
-    assert session.unstored_messages(TOKEN) == (session.messages, False)
+    assert session.revision is None
+    assert session.plan_save(TOKEN).is_new
+
+
+async def test_a_rolled_back_unit_of_work_leaves_the_objects_pending(
+    client: AsyncMongoClient[dict[str, object]],
+) -> None:
+    session = _stored()
+    session.metadata["title"] = "t"
+    added = session.add_message("user", "in the unit")
+    async with _standalone(client) as uow:
+        await uow.sessions.add(session)
+    plan = session.plan_save(TOKEN)
+    assert plan.revision == 4 and plan.appends == (added,)
+    assert set(plan.metadata_changes) == {"title"}
 
 
 async def test_bad_input_is_refused_at_add_even_when_writes_wait_for_commit(
@@ -53,6 +75,16 @@ async def test_bad_input_is_refused_at_add_even_when_writes_wait_for_commit(
     session.messages.append(ChatMessage(session_id="someone-else", role="user", content="x"))
     async with _standalone(client) as uow:
         with pytest.raises(InvalidDataError, match="someone-else"):
+            await uow.sessions.add(session)
+
+
+async def test_a_history_changed_behind_the_models_back_is_refused_at_add(
+    client: AsyncMongoClient[dict[str, object]],
+) -> None:
+    session = _stored(messages=2)
+    session.messages.reverse()
+    async with _standalone(client) as uow:
+        with pytest.raises(InvalidDataError, match="directly in `messages`"):
             await uow.sessions.add(session)
 
 
@@ -82,8 +114,8 @@ async def test_without_transactions_the_unit_of_work_reads_its_own_pending_write
     async with _standalone(client) as uow:
         await uow.sessions.add(session)
         await uow.files.add(record)
-        seen = await uow.sessions.get("s-1")
-        assert seen == session and seen is not session
+        # The object held for saving itself: changing and adding it again holds the newer plan.
+        assert await uow.sessions.get("s-1") is session
         assert await uow.files.get("f-1") == record
 
         assert await uow.sessions.delete("s-1") is True
@@ -94,20 +126,20 @@ async def test_without_transactions_the_unit_of_work_reads_its_own_pending_write
         assert await uow.files.delete("f-1") is False
 
 
-async def test_a_second_add_in_one_unit_of_work_holds_only_the_new_messages(
+async def test_a_second_add_of_one_object_holds_one_save_with_all_its_changes(
     client: AsyncMongoClient[dict[str, object]],
 ) -> None:
-    session = ChatSession.create("m", session_id="s-1")
-    session.add_message("user", "one")
-    session.mark_stored(TOKEN)
+    session = _stored()
     async with _standalone(client) as uow:
-        session.add_message("user", "two")
+        two = session.add_message("user", "two")
         await uow.sessions.add(session)
-        assert session.unstored_messages(TOKEN) == ([], True)
-        added = session.add_message("user", "three")
+        three = session.add_message("user", "three")
         await uow.sessions.add(session)
-        assert session.unstored_messages(TOKEN) == ([], True)
+        held = [item for item in uow._held if item.session is session]
+        assert len(held) == 1
+        plan = held[0].plan
+        assert plan is not None and plan.appends == (two, three)
         pending = await uow.sessions.get("s-1")
-        assert pending is not None and pending.messages[-1] == added
+        assert pending is session and pending.messages[-1] == three
     # Rolled back: only what was stored before the unit of work counts as stored.
-    assert session.unstored_messages(TOKEN) == (session.messages[1:], True)
+    assert session.plan_save(TOKEN).appends == (two, three)
