@@ -10,7 +10,7 @@ from typing import Any, Self
 from pymongo import AsyncMongoClient, ReadPreference
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from persistence.changes import Base, SavePlan
+from persistence.changes import SavePlan
 from persistence.errors import (
     InvalidDataError,
     PersistenceError,
@@ -29,7 +29,7 @@ _Write = Callable[[AsyncClientSession], Awaitable[Any]]
 
 @dataclass(slots=True)
 class _Held:
-    """A write held back until commit (no transactions): a save, or another command."""
+    """A write held back until commit: a session's save, or another command."""
 
     action: str
     session_id: str | None = None
@@ -45,14 +45,13 @@ class _MongoSessions:
     async def get(self, session_id: str) -> ChatSession | None:
         uow = self._uow
         client_session = uow.client_session()
-        if not uow.transactional:
-            if session_id in uow.deleted_sessions:
-                return None
-            pending = uow.added_sessions.get(session_id)
-            if pending is not None:
-                # Held back until commit: the object itself, so adding it again after
-                # more changes holds its newer plan.
-                return pending
+        if session_id in uow.deleted_sessions:
+            return None
+        pending = uow.added_sessions.get(session_id)
+        if pending is not None:
+            # The object held for saving itself: changed and added again, it holds its
+            # newer plan.
+            return pending
         with mongo_errors("load session"):
             return await repositories.read_session(
                 uow.docs, client_session, session_id, token=uow.token
@@ -60,23 +59,14 @@ class _MongoSessions:
 
     async def add(self, session: ChatSession) -> None:
         uow = self._uow
-        client_session = uow.client_session()
-        # Bad input is refused here, even where the write itself waits for commit().
-        plan = session.plan_save(uow.token)
-        if not uow.transactional:
-            uow.hold_save(session, plan)
-            return
-        with mongo_errors("save session"):
-            saved = await writes.write_plan(uow.docs, client_session, plan)
-        uow.saved_until_rollback(session, plan, saved)
+        uow.client_session()
+        # Bad input is refused here, although the write itself waits for commit().
+        uow.hold_save(session, session.plan_save(uow.token))
 
     async def delete(self, session_id: str) -> bool:
         uow = self._uow
         docs = uow.docs
         client_session = uow.client_session()
-        if uow.transactional:
-            with mongo_errors("delete session"):
-                return await repositories.delete_session_document(docs, client_session, session_id)
         if session_id in uow.deleted_sessions:
             return False
         existed = uow.added_sessions.pop(session_id, None) is not None
@@ -98,12 +88,13 @@ class _MongoFiles:
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
         uow = self._uow
+        client_session = uow.client_session()
         if file_id in uow.deleted_files:
             return None
         if file_id in uow.added_files:
             return uow.added_files[file_id]
         with mongo_errors("load file record"):
-            return await repositories.read_file_record(uow.docs, uow.client_session(), file_id)
+            return await repositories.read_file_record(uow.docs, client_session, file_id)
 
     async def add(self, record: UploadedFileRecord) -> None:
         uow = self._uow
@@ -112,27 +103,25 @@ class _MongoFiles:
         async def write(client_session: AsyncClientSession) -> None:
             await repositories.write_file_record(docs, client_session, record)
 
-        await uow.write("save file record", write)
-        if not uow.transactional:
-            uow.deleted_files.discard(record.file_id)
-            uow.added_files[record.file_id] = record
+        uow.hold(_Held("save file record", write=write))
+        uow.deleted_files.discard(record.file_id)
+        uow.added_files[record.file_id] = record
 
     async def delete(self, file_id: str) -> bool:
         uow = self._uow
         docs = uow.docs
-
-        async def write(client_session: AsyncClientSession) -> bool:
-            return await repositories.delete_file_document(docs, client_session, file_id)
-
-        if uow.transactional:
-            return bool(await uow.write("delete file record", write))
+        client_session = uow.client_session()
         if file_id in uow.deleted_files:
             return False
         existed = uow.added_files.pop(file_id, None) is not None
         if not existed:
             with mongo_errors("delete file record"):
-                existed = await repositories.file_exists(docs, uow.client_session(), file_id)
-        await uow.write("delete file record", write)
+                existed = await repositories.file_exists(docs, client_session, file_id)
+
+        async def write(client_session: AsyncClientSession) -> bool:
+            return await repositories.delete_file_document(docs, client_session, file_id)
+
+        uow.hold(_Held("delete file record", write=write))
         uow.deleted_files.add(file_id)
         return existed
 
@@ -140,32 +129,30 @@ class _MongoFiles:
 class MongoUnitOfWork(UnitOfWork):
     """Changes through `sessions` and `files`, committed together where the server can.
 
-    One `AsyncClientSession` carries every Beanie call of the unit of work.
+    One `AsyncClientSession` carries every Beanie call of the unit of work. Writes are
+    held back until `commit()`: leaving the block without it sends nothing, and reads
+    inside the unit of work see its own pending writes (`sessions.get` returns the
+    very object held for saving; adding it again after more changes holds its newer
+    plan). A save's bad input is refused by `add`; everything that depends on the
+    store is checked by `commit()`, which first reads (one round trip per chunk of
+    sessions) what every held save needs and checks all of them (conflicts, deleted
+    sessions, message ids stored in other sessions or added twice, the 16 MiB limit)
+    before it sends any write, then sends the writes in order, each guarded by the
+    revision it checked. Objects count as saved once the commit succeeded.
 
-    On a replica set or a sharded cluster, everything runs in one multi-document
+    On a replica set or a sharded cluster, all of it runs in one multi-document
     transaction: committed together or not at all, invisible to other readers until
-    `commit()`, and a conflicting concurrent writer makes it fail (retry the whole
-    unit of work) rather than interleave. Each save is checked (revision, conflicts,
-    message ids) before it is written, so a refusal never aborts the transaction
-    behind the caller's back: roll back, or leave out what was refused.
+    `commit()` returns, and a conflicting concurrent writer makes it fail (retry the
+    whole unit of work) rather than interleave.
 
-    A standalone server has no transactions. There the writes are held back, and
-    reads inside the unit of work see its own pending writes (`sessions.get` returns
-    the very object held for saving). What `commit()` guarantees:
-
-    - Before sending anything, it reads (one round trip per chunk of sessions) what
-      every held save needs and checks all of them: conflicts, deleted sessions,
-      message ids stored in other sessions or added twice, the 16 MiB limit. Any
-      refusal found there raises with nothing written, so a unit of work (a migration
-      batch) that holds one refused session writes none of its sessions.
-    - Then it sends the writes in order, each atomic on its own document and guarded
-      by the revision it checked.
-
-    What it does not guarantee: a concurrent writer that changes a session between
-    that check and its write makes that write check and try again on its own, and a
-    refusal then (or a connection lost half way) leaves the writes sent before it;
-    the same holds for a second object of one session held in the same unit of
-    work, which is checked against the first only when sent. Nothing isolates the
+    A standalone server has no transactions. There a refusal found by the checks
+    raises with nothing written, so a unit of work (a migration batch) that holds one
+    refused session writes none of its sessions. What is not guaranteed: a concurrent
+    writer that changes a session between the checks and its write makes that write
+    check and try again on its own, and a refusal then (or a connection lost half way)
+    leaves the writes sent before it; the same holds for a second object of one
+    session held in the same unit of work, which is checked against the first only
+    when sent. Each write is atomic on its own document, and nothing isolates the
     unit of work from other writers or readers while its writes are sent.
     """
 
@@ -178,9 +165,10 @@ class MongoUnitOfWork(UnitOfWork):
         self._client = client
         self._session: AsyncClientSession | None = None
         self._held: list[_Held] = []
-        self._undo: dict[int, tuple[ChatSession, Base | None]] = {}
+        # Saves sent inside the transaction: confirmed to their objects once it commits.
+        self._sent: list[tuple[ChatSession, SavePlan, Saved]] = []
         self._committed = False
-        # Without a transaction: what this unit of work wrote but has not sent yet.
+        # What this unit of work wrote but has not sent yet.
         self.added_sessions: dict[str, ChatSession] = {}
         self.deleted_sessions: set[str] = set()
         self.added_files: dict[str, UploadedFileRecord] = {}
@@ -195,16 +183,8 @@ class MongoUnitOfWork(UnitOfWork):
             raise PersistenceError("unit of work not entered: use `async with`")
         return self._session
 
-    async def write(self, action: str, write: _Write) -> Any:
-        """Runs `write` now inside the transaction, or holds it back until commit."""
-        client_session = self.client_session()
-        if not self.transactional:
-            self.hold(_Held(action, write=write))
-            return None
-        with mongo_errors(action):
-            return await write(client_session)
-
     def hold(self, held: _Held) -> None:
+        self.client_session()
         self._held.append(held)
 
     def hold_save(self, session: ChatSession, plan: SavePlan) -> None:
@@ -218,39 +198,29 @@ class MongoUnitOfWork(UnitOfWork):
         self.deleted_sessions.discard(session.session_id)
         self.added_sessions[session.session_id] = session
 
-    def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:
-        """Takes the save as stored now; a rollback gives the object back its old base."""
-        if id(session) not in self._undo:
-            self._undo[id(session)] = (session, session.base_for(self.token))
-        session.saved_to(
-            self.token,
-            plan,
-            saved.revision,
-            saved.incarnation,
-            exact=saved.exact,
-            keep_log=True,
-        )
-
     async def commit(self) -> None:
         client_session = self.client_session()
+        held, self._held = self._held, []
+        await self._send(client_session, held)
         if self.transactional:
             try:
                 with mongo_errors("commit"):
                     await client_session.commit_transaction()
             except BaseException:
                 # The commit may have landed before the error: later saves must check.
-                for session, _base in self._undo.values():
+                for session, _plan, _saved in self._sent:
                     session.save_failed(self.token)
-                self._undo.clear()
+                self._sent.clear()
                 raise
-        else:
-            held, self._held = self._held, []
-            await self._send(client_session, held)
+            for session, plan, saved in self._sent:
+                session.saved_to(
+                    self.token, plan, saved.revision, saved.incarnation, exact=saved.exact
+                )
+            self._sent.clear()
         self._committed = True
-        self._undo.clear()
 
     async def _send(self, client_session: AsyncClientSession, held: list[_Held]) -> None:
-        """Checks every held save, then sends the held writes in order (no transaction)."""
+        """Checks every held save, then sends the held writes in order."""
         deleted: set[str] = set()
         checked: list[_Held] = []
         for item in held:
@@ -264,9 +234,7 @@ class MongoUnitOfWork(UnitOfWork):
             prepared = await writes.prepare_all(
                 self.docs, client_session, [item.plan for item in checked if item.plan is not None]
             )
-        ready: dict[int, Write] = {
-            id(item): write for item, write in zip(checked, prepared, strict=True)
-        }
+        ready = {id(item): write for item, write in zip(checked, prepared, strict=True)}
         for item in held:
             if item.plan is not None and item.session is not None:
                 await self._send_save(client_session, item.session, item.plan, ready.get(id(item)))
@@ -287,9 +255,14 @@ class MongoUnitOfWork(UnitOfWork):
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before this save wrote anything
         except BaseException:
-            session.save_failed(self.token)
+            if not self.transactional:
+                # It may have landed; in a transaction nothing lands without the commit.
+                session.save_failed(self.token)
             raise
-        session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
+        if self.transactional:
+            self._sent.append((session, plan, saved))
+        else:
+            session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
 
     async def rollback(self) -> None:
         await self._discard()
@@ -299,11 +272,9 @@ class MongoUnitOfWork(UnitOfWork):
                 await self._session.start_transaction(read_preference=ReadPreference.PRIMARY)
 
     async def _discard(self) -> None:
-        # The store holds none of this unit's changes: later saves must send them again.
-        for session, base in self._undo.values():
-            session.restore_base(self.token, base)
-        self._undo.clear()
+        # Nothing held was confirmed to its object: later saves send it again.
         self._held.clear()
+        self._sent.clear()
         self.added_sessions.clear()
         self.deleted_sessions.clear()
         self.added_files.clear()
