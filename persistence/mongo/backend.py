@@ -136,6 +136,11 @@ class MongoDBSessionStorage(SessionStorage):
         nothing.
         The unit of work is transactional on a replica set or sharded cluster only;
         see MongoUnitOfWork for what a standalone server guarantees.
+
+    Writes (persistence.mongo.writes): each session document carries a `revision`
+    that every write increments and an `incarnation` drawn when it is created.
+    Documents written before revisions read as revision 1 of incarnation "" and
+    their first write stores both.
     """
 
     backend_name: BackendName = "mongodb"

@@ -30,7 +30,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from persistence.changes import SavePlan
-from persistence.errors import PersistenceError
+from persistence.errors import InvalidDataError, PersistenceError
 from persistence.mongo import inspection, updates
 from persistence.mongo.documents import LEGACY_INCARNATION, DocumentSet
 from persistence.mongo.updates import Saved, Write
@@ -175,10 +175,10 @@ async def write_checked(
         try:
             if await send(docs, client_session, write):
                 return write.saved
-        except DuplicateKeyError:
+        except DuplicateKeyError as exc:
             # A new id or message id taken since the read; a transaction is aborted.
             if in_transaction(client_session):
-                raise
+                raise await _taken_error(docs, plan) from exc
     raise PersistenceError(
         f"save session {plan.session_id!r}: other writers changed it {ATTEMPTS} times"
         " during this save; nothing was written (save again)"
@@ -196,10 +196,25 @@ async def send_prepared(
         try:
             if await send(docs, client_session, write):
                 return write.saved
-        except DuplicateKeyError:
+        except DuplicateKeyError as exc:
             if in_transaction(client_session):
-                raise
+                raise await _taken_error(docs, plan) from exc
     return await write_checked(docs, client_session, plan)
+
+
+async def _taken_error(docs: DocumentSet, plan: SavePlan) -> PersistenceError:
+    """Names the new message id another session took, once a duplicate key aborted a
+    transaction (read outside it: the aborted transaction can read nothing more)."""
+    taken = (await inspect(docs, None, [plan])).taken(plan)
+    for message_id, holder in taken.items():
+        return InvalidDataError(
+            f"message_id {message_id!r} is already stored in another session ({holder!r});"
+            " the transaction was aborted, nothing of it was written"
+        )
+    return PersistenceError(
+        f"save session {plan.session_id!r}: another writer stored the same id meanwhile;"
+        " the transaction was aborted, nothing of it was written (retry the unit of work)"
+    )
 
 
 def _chunks(plans: Sequence[SavePlan]) -> list[list[SavePlan]]:

@@ -192,3 +192,21 @@ def test_a_summary_counts_every_stored_message_as_omitted() -> None:
     assert listed.omitted_messages == 3 and listed.message_count == 3
     added = listed.add_message("user", "from a listing")
     assert listed.plan_save(TOKEN).appends == (added,)
+
+
+def test_a_loaded_session_is_built_as_model_construct_builds_it() -> None:
+    document = _through_bson(document_from_session(_session()))
+    first = session_from_view(SessionView.model_validate(document), TOKEN)
+    second = session_from_view(SessionView.model_validate(document), TOKEN)
+    constructed = ChatSession.model_construct(
+        **{name: getattr(first, name) for name in ChatSession.model_fields}
+    )
+    assert first.__pydantic_fields_set__ == constructed.__pydantic_fields_set__
+    assert first.__pydantic_private__ is not None and constructed.__pydantic_private__ is not None
+    assert first.__pydantic_private__.keys() == constructed.__pydantic_private__.keys()
+    # Each object's bookkeeping is its own.
+    assert first.__pydantic_private__["_bases"] is not second.__pydantic_private__["_bases"]
+    assert first.__pydantic_private__["_log"] is not second.__pydantic_private__["_log"]
+    assert first.model_dump() == constructed.model_dump() == second.model_dump()
+    first.messages[0] = first.messages[1]
+    assert second.plan_save(TOKEN).appends == ()

@@ -132,13 +132,20 @@ async def test_load_last_slices_on_the_server(
     assert tail.message_count == 30 and tail.omitted_messages == 28
 
 
-def _standalone(storage: MongoDBSessionStorage) -> MongoUnitOfWork:
-    # What a standalone server gets, whatever the test server is.
-    return MongoUnitOfWork(storage.client, storage.docs, storage.token, transactional=False)
+@pytest.fixture(params=[False, True], ids=["standalone", "transaction"])
+def transactional(request: pytest.FixtureRequest, mongo: MongoDBSessionStorage) -> bool:
+    if request.param and not mongo.supports_transactions:
+        pytest.skip("mongodb: this server has no transactions (a standalone server)")
+    return bool(request.param)
 
 
-async def test_a_standalone_commit_that_hits_a_refused_session_writes_none_of_them(
-    mongo: MongoDBSessionStorage,
+def _unit(storage: MongoDBSessionStorage, transactional: bool) -> MongoUnitOfWork:
+    # Without a transaction is what a standalone server gets, whatever the test server is.
+    return MongoUnitOfWork(storage.client, storage.docs, storage.token, transactional=transactional)
+
+
+async def test_a_commit_that_hits_a_refused_session_writes_none_of_them(
+    mongo: MongoDBSessionStorage, transactional: bool
 ) -> None:
     owner = _conversation(1, "owner")
     await mongo.save_session(owner)
@@ -150,7 +157,7 @@ async def test_a_standalone_commit_that_hits_a_refused_session_writes_none_of_th
         content="clash",
     )
     batch[2].messages.append(taken)
-    async with _standalone(mongo) as uow:
+    async with _unit(mongo, transactional) as uow:
         for session in batch:
             await uow.sessions.add(session)
         with pytest.raises(InvalidDataError, match=taken.message_id):
@@ -159,8 +166,8 @@ async def test_a_standalone_commit_that_hits_a_refused_session_writes_none_of_th
     assert all(session.revision is None for session in batch)
 
 
-async def test_a_standalone_commit_that_hits_a_conflict_writes_none_of_the_batch(
-    mongo: MongoDBSessionStorage, mongodb_url: str
+async def test_a_commit_that_hits_a_conflict_writes_none_of_the_batch(
+    mongo: MongoDBSessionStorage, mongodb_url: str, transactional: bool
 ) -> None:
     for index in range(3):
         await mongo.save_session(_conversation(1, f"c-{index}"))
@@ -170,7 +177,7 @@ async def test_a_standalone_commit_that_hits_a_conflict_writes_none_of_the_batch
         assert theirs is not None
         theirs.metadata["title"] = "theirs"
         await other.save_session(theirs)
-    async with _standalone(mongo) as uow:
+    async with _unit(mongo, transactional) as uow:
         for session in held:
             assert session is not None
             session.metadata["title"] = "mine"
@@ -184,15 +191,15 @@ async def test_a_standalone_commit_that_hits_a_conflict_writes_none_of_the_batch
         assert raw["metadata"].get("title") == ("theirs" if index == 1 else None)
 
 
-async def test_a_standalone_commit_sends_checked_writes_and_confirms_each_object(
-    mongo: MongoDBSessionStorage,
+async def test_a_commit_sends_checked_writes_and_confirms_each_object(
+    mongo: MongoDBSessionStorage, transactional: bool
 ) -> None:
     await mongo.save_session(_conversation(1, "existing"))
     existing = await mongo.load_session("existing")
     assert existing is not None
     existing.add_message("user", "more")
     fresh = _conversation(2, "fresh")
-    async with _standalone(mongo) as uow:
+    async with _unit(mongo, transactional) as uow:
         await uow.sessions.add(existing)
         await uow.sessions.add(fresh)
         await uow.commit()
