@@ -263,11 +263,11 @@ class MongoDBSessionStorage(SessionStorage):
             self.client, self.docs, self._token, transactional=self.supports_transactions
         )
 
-    async def save_session(self, session: ChatSession) -> bool:
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         async with self._turns.of(session):
-            return await self._save_session(session)
+            return await self._save_session(session, force)
 
-    async def _save_session(self, session: ChatSession) -> bool:
+    async def _save_session(self, session: ChatSession, force: bool) -> bool:
         plan = session.plan_save(self._token)
         docs = self.docs
         if plan.writes_nothing and plan.certain:
@@ -277,7 +277,7 @@ class MongoDBSessionStorage(SessionStorage):
             return True
         try:
             with mongo_errors("save session"):
-                saved = await writes.write_plan(docs, None, plan)
+                saved = await writes.write_plan(docs, None, plan, force=force)
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except BaseException:

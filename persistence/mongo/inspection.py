@@ -86,9 +86,10 @@ class Inspection:
                 taken[message.message_id] = holder
         return taken
 
-    def prepare(self, plan: SavePlan, incarnation: str) -> Write:
+    def prepare(self, plan: SavePlan, incarnation: str, *, force: bool = False) -> Write:
         """`prepare` for one of the plans this inspection was run for."""
-        return prepare(plan, self.stored(plan.session_id), self.taken(plan), incarnation)
+        stored = self.stored(plan.session_id)
+        return prepare(plan, stored, self.taken(plan), incarnation, force=force)
 
 
 def _refuse_taken(plan: SavePlan, taken: Mapping[str, str]) -> None:
@@ -115,16 +116,24 @@ def _stored_messages(plan: SavePlan, stored: Stored) -> dict[str, ChatMessage]:
 
 
 def prepare(
-    plan: SavePlan, stored: Stored | None, taken: Mapping[str, str], incarnation: str
+    plan: SavePlan,
+    stored: Stored | None,
+    taken: Mapping[str, str],
+    incarnation: str,
+    *,
+    force: bool = False,
 ) -> Write:
     """Refuses the plan, or builds its write against what an inspection read.
 
     `taken` maps the plan's new message ids that other sessions hold to those
     sessions; `incarnation` is the one a new object's session gets if it creates it.
+    With `force`, the plan's values win over another writer's for what it changed
+    (edits of messages removed meanwhile change nothing) instead of a conflict.
 
     Raises:
         SessionDeletedError: the session the plan's base came from is gone.
-        SessionConflictError: another writer changed what the plan changes.
+        SessionConflictError: another writer changed what the plan changes (not with
+            `force`).
         InvalidDataError: a new message's id is stored in another session (or, for a
             holder certain of its base, already in this one), or a write crosses 16 MiB.
     """
@@ -135,7 +144,9 @@ def prepare(
         return _merge_new(plan, stored)
     if stored is None or stored.incarnation != plan.incarnation:
         raise SessionDeletedError(plan.session_id)
-    if stored.revision != plan.revision or not plan.certain:
+    if not force:
+        # Checked even at the revision the holder saw: a base that merged other writers'
+        # work (not exact) does not know what they changed.
         found = conflicts(plan, stored.fields, stored.metadata, _stored_messages(plan, stored))
         if found:
             raise SessionConflictError(plan.session_id, found)
@@ -150,8 +161,16 @@ def prepare(
     appends = [message for message in plan.appends if message.message_id not in stored.messages]
     fields = {name: new for name, (_old, new) in plan.field_changes.items()}
     merged = merge_metadata(stored.metadata, plan.metadata_changes)
-    exact = same_value(merged, plan.metadata) and all(
-        fields.get(name, stored.fields[name]) == getattr(plan, name) for name in TRACKED_FIELDS
+    # Exact again only if nobody wrote since an exact, certain base and the stored values
+    # are the holder's: then what it carries is what the store holds.
+    exact = (
+        plan.exact
+        and plan.certain
+        and stored.revision == plan.revision
+        and same_value(merged, plan.metadata)
+        and all(
+            fields.get(name, stored.fields[name]) == getattr(plan, name) for name in TRACKED_FIELDS
+        )
     )
     metadata = merged if plan.metadata_changes else None
     return guarded(plan, stored, fields, metadata, appends, exact)
@@ -162,7 +181,8 @@ def _merge_new(plan: SavePlan, stored: Stored) -> Write:
     merged = {**stored.metadata, **plan.metadata}
     appends = [message for message in plan.appends if message.message_id not in stored.messages]
     fields = {name: getattr(plan, name) for name in TRACKED_FIELDS}
-    return guarded(plan, stored, fields, merged, appends, same_value(merged, plan.metadata))
+    # Messages it shares with the stored session may differ there: never exact.
+    return guarded(plan, stored, fields, merged, appends, exact=False)
 
 
 def refuse_shared_ids(plans: Sequence[SavePlan]) -> None:

@@ -92,12 +92,20 @@ async def still_there(
 
 
 async def write_plan(
-    docs: DocumentSet, client_session: AsyncClientSession | None, plan: SavePlan
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    plan: SavePlan,
+    *,
+    force: bool = False,
 ) -> Saved:
     """Writes `plan` (in the caller's transaction, if `client_session` has one).
 
+    With `force`, the plan's values win over another writer's for what it changed
+    (edits of messages removed meanwhile change nothing) instead of a conflict.
+
     Raises:
-        SessionConflictError: another writer changed what the plan changes.
+        SessionConflictError: another writer changed what the plan changes (not with
+            `force`).
         SessionDeletedError: the session the plan's base came from is gone.
         InvalidDataError: a new message's id is stored in another session, or the
             session would cross the 16 MiB document limit.
@@ -107,7 +115,7 @@ async def write_plan(
         saved = await _direct(docs, client_session, plan)
         if saved is not None:
             return saved
-    return await write_checked(docs, client_session, plan)
+    return await write_checked(docs, client_session, plan, force=force)
 
 
 async def _direct(
@@ -166,12 +174,16 @@ async def inspect(
 
 
 async def write_checked(
-    docs: DocumentSet, client_session: AsyncClientSession | None, plan: SavePlan
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    plan: SavePlan,
+    *,
+    force: bool = False,
 ) -> Saved:
     """The checked path: read, refuse or merge, write guarded by what was read; repeat."""
     for _ in range(ATTEMPTS):
         seen = await inspect(docs, client_session, [plan])
-        write = seen.prepare(plan, new_incarnation())
+        write = seen.prepare(plan, new_incarnation(), force=force)
         try:
             if await send(docs, client_session, write):
                 return write.saved

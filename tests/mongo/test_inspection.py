@@ -82,7 +82,8 @@ def test_the_same_value_set_by_both_is_no_conflict() -> None:
     session = stored(1)
     session.status = "archived"
     write = prepared(session, row(session, revision=9, status="archived"))
-    assert write.saved == updates.Saved(10, INCARNATION, exact=True)
+    # Another writer wrote since: the holder no longer knows all that is stored.
+    assert write.saved == updates.Saved(10, INCARNATION, exact=False)
 
 
 def test_a_field_set_to_another_value_by_another_writer_conflicts() -> None:
@@ -223,3 +224,33 @@ def test_prepare_refuses_a_deleted_session_before_looking_at_anything_else() -> 
     session.add_message("user", "x")
     with pytest.raises(SessionDeletedError):
         prepare(session.plan_save(TOKEN), None, {"any": "s-2"}, "x")
+
+
+def test_with_force_the_holders_values_win_for_what_it_changed() -> None:
+    session = stored(2)
+    gone = session.messages[1]
+    session.metadata["title"] = "mine"
+    session.status = "expired"
+    session.edit_message(gone.message_id, content="edited after it was removed")
+    theirs = row(session, revision=4, status="archived", metadata={"topic": "x", "title": "theirs"})
+
+    write = Inspection([theirs]).prepare(session.plan_save(TOKEN), "x", force=True)
+
+    values = write.pipeline[0]["$set"]
+    assert values["status"] == {"$literal": "expired"}
+    assert values["metadata"] == {"$literal": {"topic": "x", "title": "mine"}}
+    # The edit of a message removed meanwhile replaces nothing: $map finds no such id.
+    replace = values["messages"]["$map"]["in"]["$let"]
+    assert replace["vars"]["at"]["$indexOfArray"][0] == {"$literal": [gone.message_id]}
+    assert write.saved == updates.Saved(5, INCARNATION, exact=False)
+
+
+def test_a_base_that_merged_others_work_is_checked_even_at_its_own_revision() -> None:
+    session = stored(1)
+    plan = session.plan_save(TOKEN)
+    # A save that merged other writers' work: the base is not exact.
+    session.saved_to(TOKEN, plan, 5, INCARNATION, exact=False)
+    session.metadata["title"] = "mine"
+    theirs = row(session, revision=5, metadata={"topic": "x", "title": "set by the merge"})
+    with pytest.raises(SessionConflictError, match="title"):
+        prepared(session, theirs)
