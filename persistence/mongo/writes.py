@@ -19,6 +19,7 @@ key) would abort the whole transaction, so nothing is sent that may fail.
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -35,8 +36,10 @@ from persistence.mongo import inspection, updates
 from persistence.mongo.documents import LEGACY_INCARNATION, DocumentSet
 from persistence.mongo.updates import Saved, Write
 
-# A checked save that loses the race to other writers this many times gives up.
+# A checked save that loses the race to other writers this many times gives up; it
+# waits up to _BACKOFF * 2**attempt seconds before each new attempt (0.5 s in all).
 ATTEMPTS = 10
+_BACKOFF = 0.0005
 # Plans and message ids per inspection: its command stays far below 16 MiB.
 _INSPECT_PLANS = 200
 _INSPECT_IDS = 5000
@@ -181,7 +184,10 @@ async def write_checked(
     force: bool = False,
 ) -> Saved:
     """The checked path: read, refuse or merge, write guarded by what was read; repeat."""
-    for _ in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            # Lost the race (appenders move the revision too): back off a little, at random.
+            await asyncio.sleep(random.uniform(0, _BACKOFF * 2**attempt))  # noqa: S311
         seen = await inspect(docs, client_session, [plan])
         write = seen.prepare(plan, new_incarnation(), force=force)
         try:
