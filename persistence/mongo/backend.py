@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -17,9 +16,14 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConfigurationError, OperationFailure
 
 from persistence.clock import utc_now
-from persistence.errors import InvalidDataError, PersistenceError
+from persistence.errors import (
+    InvalidDataError,
+    PersistenceError,
+    SessionConflictError,
+    SessionDeletedError,
+)
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.mongo import repositories
+from persistence.mongo import repositories, writes
 from persistence.mongo.documents import DocumentSet, bind_documents
 from persistence.mongo.errors import mongo_errors, redact
 from persistence.mongo.uow import MongoUnitOfWork
@@ -27,6 +31,7 @@ from persistence.storage import (
     BackendName,
     SessionStorage,
     StorageCounts,
+    check_last,
     check_page,
     check_status,
 )
@@ -131,6 +136,11 @@ class MongoDBSessionStorage(SessionStorage):
         nothing.
         The unit of work is transactional on a replica set or sharded cluster only;
         see MongoUnitOfWork for what a standalone server guarantees.
+
+    Writes (persistence.mongo.writes): each session document carries a `revision`
+    that every write increments and an `incarnation` drawn when it is created.
+    Documents written before revisions read as revision 1 of incarnation "" and
+    their first write stores both.
     """
 
     backend_name: BackendName = "mongodb"
@@ -149,7 +159,8 @@ class MongoDBSessionStorage(SessionStorage):
         self.connection_string = connection_string
         self.database_name = check_database_name(database_name)
         self._display_url = redact(connection_string)
-        self._token = uuid.uuid4().hex
+        # The bookkeeping token of SessionStorage, under the name the unit of work takes.
+        self._token = self.token
         self._options = client_options(connection_string, server_selection_timeout)
         if read_preference is not None:
             self._options["readPreference"] = read_preference
@@ -159,6 +170,7 @@ class MongoDBSessionStorage(SessionStorage):
         self._docs: DocumentSet | None = None
         self._closed = False
         self.supports_transactions = False
+        self._turns = writes.Turns()
 
     def _new_client(self) -> AsyncMongoClient[dict[str, Any]]:
         try:
@@ -251,32 +263,40 @@ class MongoDBSessionStorage(SessionStorage):
             self.client, self.docs, self._token, transactional=self.supports_transactions
         )
 
-    async def save_session(self, session: ChatSession) -> bool:
-        # A message appended while this save is in flight is not part of it.
-        sent = len(session.messages)
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+        async with self._turns.of(session):
+            return await self._save_session(session, force)
+
+    async def _save_session(self, session: ChatSession, force: bool) -> bool:
+        plan = session.plan_save(self._token)
+        docs = self.docs
+        if plan.writes_nothing and plan.certain:
+            with mongo_errors("save session"):
+                if not await writes.still_there(docs, None, plan):
+                    raise SessionDeletedError(session.session_id)
+            return True
         try:
             with mongo_errors("save session"):
-                await repositories.write_session(self.docs, None, session, self._token)
+                saved = await writes.write_plan(docs, None, plan, force=force)
+        except (InvalidDataError, SessionConflictError, SessionDeletedError):
+            raise  # refused before anything was written
         except BaseException:
-            # It may have landed before the error: the next save checks the store.
-            session.forget_stored(self._token)
+            # Cut off, cancelled or failed: it may have landed, so the next save checks.
+            session.save_failed(self._token)
             raise
-        session.mark_stored(self._token, sent)
+        session.saved_to(self._token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True
 
-    async def load_session(self, session_id: str) -> ChatSession | None:
+    async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
+        check_last(last)
         with mongo_errors("load session"):
-            session = await repositories.read_session(self.docs, None, session_id)
-        if session is not None:
-            session.mark_stored(self._token)
-        return session
+            return await repositories.read_session(
+                self.docs, None, session_id, token=self._token, last=last
+            )
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
         with mongo_errors("load sessions"):
-            loaded = await repositories.read_sessions(self.docs, None, session_ids)
-        for session in loaded:
-            session.mark_stored(self._token)
-        return loaded
+            return await repositories.read_sessions(self.docs, None, session_ids, token=self._token)
 
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
@@ -284,7 +304,9 @@ class MongoDBSessionStorage(SessionStorage):
         checked = check_status(status)
         check_page(limit, offset)
         with mongo_errors("list sessions"):
-            return await repositories.read_session_page(self.docs, None, checked, limit, offset)
+            return await repositories.read_session_page(
+                self.docs, None, checked, limit, offset, token=self._token
+            )
 
     async def delete_session(self, session_id: str) -> bool:
         with mongo_errors("delete session"):
@@ -322,13 +344,15 @@ class MongoDBSessionStorage(SessionStorage):
         while True:
             with mongo_errors("iterate sessions"):
                 batch = await repositories.read_session_batch_after(
-                    self.docs, None, after, batch_size, with_messages=with_messages
+                    self.docs,
+                    None,
+                    after,
+                    batch_size,
+                    token=self._token,
+                    with_messages=with_messages,
                 )
             if not batch:
                 return
-            if with_messages:
-                for session in batch:
-                    session.mark_stored(self._token)
             yield batch
             after = batch[-1].session_id
 

@@ -23,6 +23,10 @@ from persistence.models import Role, Status
 
 SESSIONS_COLLECTION = "chat_sessions"
 FILES_COLLECTION = "uploaded_files"
+# Documents written before revisions carry neither field: they read as revision 1 of a
+# fixed incarnation, and their first write stores both (API.md, Writes).
+LEGACY_REVISION = 1
+LEGACY_INCARNATION = ""
 
 # The domain models validate on the way in; reads trust what was written.
 _VIEW_CONFIG = ConfigDict(populate_by_name=True, extra="ignore")
@@ -85,6 +89,10 @@ class SessionDocument(Document):
     metadata: dict[str, Any] = Field(default_factory=dict)
     status: str = "active"
     messages: list[MessageDocument] = Field(default_factory=list)
+    # Incremented by every write; the incarnation is drawn when the document is created,
+    # so a session deleted and created again is told apart from the one a holder saw.
+    revision: int = LEGACY_REVISION
+    incarnation: str = LEGACY_INCARNATION
 
     class Settings:
         name = SESSIONS_COLLECTION
@@ -121,6 +129,8 @@ class SessionSummary(BaseModel):
     message_count: int
     metadata: dict[str, Any]
     status: Status
+    revision: int = LEGACY_REVISION
+    incarnation: str = LEGACY_INCARNATION
 
 
 class SessionView(SessionSummary):

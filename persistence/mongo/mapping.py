@@ -1,32 +1,19 @@
-"""Documents <-> domain models, and the update a save sends, as pure functions.
+"""Documents <-> domain models, as pure functions.
 
 On the way out, views become domain objects without re-validation: the validation
-on the way in already guarantees every value.
+on the way in already guarantees every value. Every session read carries the
+bookkeeping of that load (revision, incarnation, a snapshot of the metadata).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import pickle
+import uuid
 from typing import Any
 
-import bson
-from bson import ObjectId
-
-from persistence.errors import InvalidDataError
+from persistence.changes import MessageList, Snapshot
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.mongo.documents import FileRecordView, MessageDocument, SessionSummary, SessionView
-from persistence.mongo.errors import MAX_DOCUMENT_BYTES
-
-
-def session_fields(session: ChatSession) -> dict[str, Any]:
-    """The session's own fields, as a save `$set`s them (never the history or its count)."""
-    return {
-        "model": session.model,
-        "created_at": session.created_at,
-        "updated_at": session.updated_at,
-        "metadata": session.metadata,
-        "status": session.status,
-    }
 
 
 def document_from_message(message: ChatMessage) -> dict[str, Any]:
@@ -40,68 +27,48 @@ def document_from_message(message: ChatMessage) -> dict[str, Any]:
     }
 
 
-def document_from_session(session: ChatSession) -> dict[str, Any]:
-    """The whole document of a session whose store holds exactly what it carries."""
+def document_from_session(session: ChatSession, incarnation: str | None = None) -> dict[str, Any]:
+    """The whole document of a new session: revision 1 of a fresh incarnation."""
     return {
         "_id": session.session_id,
-        **session_fields(session),
+        "model": session.model,
+        "created_at": session.created_at,
+        "updated_at": session.updated_at,
+        "metadata": session.metadata,
+        "status": session.status,
         "message_count": len(session.messages),
         "messages": [document_from_message(message) for message in session.messages],
+        "revision": 1,
+        "incarnation": uuid.uuid4().hex if incarnation is None else incarnation,
     }
 
 
-def save_filter(
-    session_id: str, new: Sequence[ChatMessage], stored_before: int = 0
-) -> dict[str, Any]:
-    """Matches the session only while it holds none of `new` and at least `stored_before`.
+class _PickledSnapshot(Snapshot):
+    """Stored metadata kept as pickle bytes of our own making, unpickled if a save needs it."""
 
-    If another writer stored one of `new` meanwhile, or the session was deleted since
-    this object saw `stored_before` messages stored, nothing matches: the save then
-    checks what is stored instead of pushing a message twice or a history with a hole.
+    __slots__ = ("_loaded", "_pickled")
+
+    def __init__(self, pickled: bytes) -> None:
+        super().__init__()
+        self._pickled = pickled
+        self._loaded: dict[str, Any] | None = None
+
+    def value(self) -> dict[str, Any]:
+        if self._loaded is None:
+            self._loaded = pickle.loads(self._pickled)  # noqa: S301  # bytes pickled just above
+        return self._loaded
+
+
+def metadata_snapshot(metadata: dict[str, Any]) -> Snapshot:
+    """The stored metadata as a snapshot the loaded object does not share.
+
+    Pickling costs a fraction of a deep copy (or of JSON text), keeps every type
+    exactly, and the copy is made only if a save needs it: a page of sessions pays
+    a few microseconds each for its bookkeeping.
     """
-    query: dict[str, Any] = {"_id": session_id}
-    if stored_before:
-        query["message_count"] = {"$gte": stored_before}
-    if new:
-        query["messages.message_id"] = {"$nin": [m.message_id for m in new]}
-    return query
-
-
-def save_update(session: ChatSession, new: Sequence[ChatMessage]) -> dict[str, Any]:
-    """The update of a save: the session's fields, and only the messages not stored yet.
-
-    `$push` appends under the document lock and `$inc` counts exactly what it pushed,
-    so concurrent writers both keep their messages and the count stays exact.
-    """
-    update: dict[str, Any] = {"$set": session_fields(session)}
-    if new:
-        # `seq` orders equal timestamps across sessions by when they were stored, as the
-        # SQL backends' message ids do; it never leaves the store.
-        pushed = [{**document_from_message(m), "seq": ObjectId()} for m in new]
-        update["$push"] = {"messages": {"$each": pushed}}
-        update["$inc"] = {"message_count": len(new)}
-    else:
-        update["$setOnInsert"] = {"messages": [], "message_count": 0}
-    return update
-
-
-def check_save_size(session_id: str, update: dict[str, Any]) -> None:
-    """Refuses, before anything is sent, a save whose own content crosses 16 MiB.
-
-    The stored document is at least as large as the fields and messages one save
-    sends; growth of a document already near the limit is refused by the server
-    atomically (code 17419) and translated to the same error.
-
-    Raises:
-        InvalidDataError: naming the session and the limit.
-    """
-    pushed = update.get("$push", {}).get("messages", {}).get("$each", [])
-    lower_bound = len(bson.encode({"_id": session_id, **update["$set"], "messages": pushed}))
-    if lower_bound > MAX_DOCUMENT_BYTES:
-        raise InvalidDataError(
-            f"session {session_id!r}: {lower_bound} bytes of BSON exceed MongoDB's"
-            f" 16 MiB document limit ({MAX_DOCUMENT_BYTES} bytes); nothing was written"
-        )
+    if not metadata:
+        return Snapshot(value={})
+    return _PickledSnapshot(pickle.dumps(metadata, pickle.HIGHEST_PROTOCOL))
 
 
 def message_from_document(session_id: str, document: MessageDocument) -> ChatMessage:
@@ -115,19 +82,58 @@ def message_from_document(session_id: str, document: MessageDocument) -> ChatMes
     )
 
 
-def session_from_view(view: SessionSummary) -> ChatSession:
-    """A session from a full view (with its history) or a summary (without)."""
-    history = view.messages if isinstance(view, SessionView) else []
-    return ChatSession.model_construct(
-        session_id=view.session_id,
-        model=view.model,
-        created_at=view.created_at,
-        updated_at=view.updated_at,
-        message_count=view.message_count,
-        messages=[message_from_document(view.session_id, m) for m in history],
-        metadata=view.metadata,
-        status=view.status,
+_SESSION_FIELDS = frozenset(ChatSession.model_fields)
+# What model_construct gives a session's private attributes, resolved once: pydantic
+# inspects every default factory's signature on each model_construct (about 2 ms a
+# session here), which a page of sessions would pay a hundred times.
+_PRIVATE_DEFAULTS = {
+    name: attribute.default_factory or (lambda value=attribute.default: value)
+    for name, attribute in ChatSession.__private_attributes__.items()
+}
+_set_attribute = object.__setattr__
+
+
+def _trusted_session(values: dict[str, Any]) -> ChatSession:
+    """A session from values the store guarantees valid, as model_construct builds it."""
+    session = ChatSession.__new__(ChatSession)
+    _set_attribute(session, "__dict__", values)
+    _set_attribute(session, "__pydantic_fields_set__", set(_SESSION_FIELDS))
+    _set_attribute(session, "__pydantic_extra__", None)
+    _set_attribute(
+        session,
+        "__pydantic_private__",
+        {name: make() for name, make in _PRIVATE_DEFAULTS.items()},  # type: ignore[call-arg]
     )
+    return session
+
+
+def session_from_view(view: SessionSummary, token: str) -> ChatSession:
+    """A session as storage `token` holds it, with the bookkeeping of that load.
+
+    A summary (a listing) carries no history; a view may carry only the newest
+    messages (`last=`): `message_count` is always the stored count.
+    """
+    history = view.messages if isinstance(view, SessionView) else []
+    session = _trusted_session(
+        {
+            "session_id": view.session_id,
+            "model": view.model,
+            "created_at": view.created_at,
+            "updated_at": view.updated_at,
+            "message_count": view.message_count,
+            "messages": MessageList(message_from_document(view.session_id, m) for m in history),
+            "metadata": view.metadata,
+            "status": view.status,
+        }
+    )
+    session.loaded_from(
+        token,
+        view.revision,
+        view.incarnation,
+        metadata_snapshot(view.metadata),
+        view.message_count - len(history),
+    )
+    return session
 
 
 def document_from_file_record(record: UploadedFileRecord) -> dict[str, Any]:

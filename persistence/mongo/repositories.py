@@ -2,7 +2,8 @@
 
 Every function takes the `AsyncClientSession` of the caller (None outside a unit of
 work) and passes it to every Beanie call, so a plain save and a unit of work send
-exactly the same commands.
+exactly the same commands. A save of a session is writes.py's; every session read
+here carries the bookkeeping of storage `token`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from datetime import datetime
 from typing import Any
 
 from beanie import SortDirection
+from beanie.odm.utils.projection import get_projection
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import DuplicateKeyError
 from pymongo.results import UpdateResult
 
-from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo.documents import (
+    LEGACY_INCARNATION,
+    LEGACY_REVISION,
     DocumentSet,
     FileRecordView,
     MessageDocument,
@@ -27,20 +29,15 @@ from persistence.mongo.documents import (
     SessionView,
 )
 from persistence.mongo.mapping import (
-    check_save_size,
     document_from_file_record,
     file_record_from_view,
     message_from_document,
-    save_filter,
-    save_update,
     session_from_view,
 )
 from persistence.storage import StorageCounts, search_words
 
 # Ids per `$in`: commands stay far below the 16 MiB message limit.
 _IN_CHUNK = 1000
-# A save that collided with a concurrent writer re-reads what is stored and tries again.
-_SAVE_ATTEMPTS = 3
 # The server refuses longer regular expressions; no message is searched for a longer word.
 MAX_WORD_LENGTH = 1000
 # Python's \w, spelled so the server's PCRE reads it the same way: MongoDB's \w and \b
@@ -55,152 +52,35 @@ def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
     return [items[i : i + _IN_CHUNK] for i in range(0, len(items), _IN_CHUNK)]
 
 
-def check_messages(session: ChatSession, new: Sequence[ChatMessage]) -> None:
-    """Refuses, before any I/O, messages a save of `session` could never store.
-
-    Raises:
-        InvalidDataError: if a message belongs to another session or repeats an id.
-    """
-    seen: set[str] = set()
-    for message in new:
-        if message.session_id != session.session_id:
-            raise InvalidDataError(
-                f"message {message.message_id!r} has session_id {message.session_id!r},"
-                f" not {session.session_id!r}"
-            )
-        if message.message_id in seen:
-            raise InvalidDataError(f"message_id {message.message_id!r} appears twice")
-        seen.add(message.message_id)
-
-
-async def _messages_not_stored(
-    docs: DocumentSet,
-    client_session: AsyncClientSession | None,
-    session_id: str,
-    candidates: Sequence[ChatMessage],
-) -> list[ChatMessage]:
-    """Returns the candidates not stored yet; only matching ids cross the network.
-
-    Raises:
-        InvalidDataError: if a message id is already stored in another session.
-    """
-    stored: set[str] = set()
-    for chunk in _chunks([message.message_id for message in candidates]):
-        ids = list(chunk)
-        rows = (
-            await docs.sessions.find({"messages.message_id": {"$in": ids}}, session=client_session)
-            .aggregate(
-                [
-                    {
-                        "$project": {
-                            "ids": {
-                                "$filter": {
-                                    "input": "$messages.message_id",
-                                    "cond": {"$in": ["$$this", ids]},
-                                }
-                            }
-                        }
-                    }
-                ],
-                session=client_session,
-            )
-            .to_list()
-        )
-        for row in rows:
-            if row["_id"] != session_id:
-                raise InvalidDataError(
-                    f"message_id {row['ids'][0]!r} is already stored in another session"
-                    f" ({row['_id']!r})"
-                )
-            stored.update(row["ids"])
-    return [message for message in candidates if message.message_id not in stored]
-
-
-async def _update(
-    docs: DocumentSet,
-    client_session: AsyncClientSession | None,
-    session: ChatSession,
-    new: Sequence[ChatMessage],
-    stored_before: int,
-) -> bool:
-    """Sends one save; False if the session did not hold what `stored_before` says.
-
-    With nothing stored before, the update may create the session (an upsert).
-    """
-    update = save_update(session, new)
-    check_save_size(session.session_id, update)
-    result = await docs.sessions.find_one(
-        save_filter(session.session_id, new, stored_before), session=client_session
-    ).update(update, session=client_session, upsert=stored_before == 0)
-    if not isinstance(result, UpdateResult):
-        raise PersistenceError(f"save session: unexpected result {type(result).__name__}")
-    return stored_before == 0 or result.matched_count > 0
-
-
-async def write_session(
-    docs: DocumentSet,
-    client_session: AsyncClientSession | None,
-    session: ChatSession,
-    token: str,
-) -> None:
-    """Upserts the session's fields and appends only the messages the store lacks.
-
-    Raises:
-        InvalidDataError: if a message belongs to another session or repeats an id,
-            or the session would cross the 16 MiB document limit.
-    """
-    new, certain = session.unstored_messages(token)
-    await write_messages(docs, client_session, session, new, certain)
-
-
-async def write_messages(
-    docs: DocumentSet,
-    client_session: AsyncClientSession | None,
-    session: ChatSession,
-    new: Sequence[ChatMessage],
-    certain: bool,
-) -> None:
-    """Saves `session`, whose messages before `new` are stored if `certain`.
-
-    When certain, one update does it all. Otherwise, or when that update finds the
-    store holding less than expected (deleted meanwhile, or a concurrent writer's
-    collision on the `$nin` guard or the unique message index), the stored ids are
-    read and only the missing messages pushed, in the object's order. Inside a
-    transaction a collision has aborted it already, so the error is raised.
-
-    Raises:
-        InvalidDataError: if a message belongs to another session or repeats an id,
-            or the session would cross the 16 MiB document limit.
-    """
-    check_messages(session, new)
-    in_transaction = client_session is not None and client_session.in_transaction
-    candidates: Sequence[ChatMessage] = new
-    if certain:
-        try:
-            if await _update(docs, client_session, session, new, len(session.messages) - len(new)):
-                return
-        except DuplicateKeyError:
-            if in_transaction:
-                raise
-        candidates = session.messages
-        check_messages(session, candidates)
-    for attempt in range(1, _SAVE_ATTEMPTS + 1):
-        missing = await _messages_not_stored(docs, client_session, session.session_id, candidates)
-        try:
-            await _update(docs, client_session, session, missing, 0)
-            return
-        except DuplicateKeyError:
-            if in_transaction or attempt == _SAVE_ATTEMPTS:
-                raise
+# The newest `last` messages only: `$slice` keeps a partial load flat in history length.
+_SUMMARY_PROJECTION = get_projection(SessionSummary)
 
 
 async def read_session(
-    docs: DocumentSet, client_session: AsyncClientSession | None, session_id: str
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    session_id: str,
+    *,
+    token: str,
+    last: int | None = None,
 ) -> ChatSession | None:
-    view = await docs.sessions.find_one(
-        {"_id": session_id}, projection_model=SessionView, session=client_session
-    )
-    return None if view is None else session_from_view(view)
+    view: SessionSummary | None
+    if last is None:
+        view = await docs.sessions.find_one(
+            {"_id": session_id}, projection_model=SessionView, session=client_session
+        )
+    elif last == 0:
+        view = await docs.sessions.find_one(
+            {"_id": session_id}, projection_model=SessionSummary, session=client_session
+        )
+    else:
+        row = await docs.sessions.get_pymongo_collection().find_one(
+            {"_id": session_id},
+            {**(_SUMMARY_PROJECTION or {}), "messages": {"$slice": -last}},
+            session=client_session,
+        )
+        view = None if row is None else SessionView.model_validate(row)
+    return None if view is None else session_from_view(view, token)
 
 
 async def read_sessions(
@@ -208,6 +88,7 @@ async def read_sessions(
     client_session: AsyncClientSession | None,
     session_ids: Sequence[str],
     *,
+    token: str,
     with_messages: bool = True,
 ) -> list[ChatSession]:
     """Returns the sessions that exist, in the order of `session_ids`."""
@@ -217,7 +98,7 @@ async def read_sessions(
         views = await docs.sessions.find(
             {"_id": {"$in": list(chunk)}}, projection_model=model, session=client_session
         ).to_list()
-        found.update({view.session_id: session_from_view(view) for view in views})
+        found.update({view.session_id: session_from_view(view, token) for view in views})
     return [found[sid] for sid in session_ids if sid in found]
 
 
@@ -227,6 +108,8 @@ async def read_session_page(
     status: Status | None,
     limit: int,
     offset: int,
+    *,
+    token: str,
 ) -> list[ChatSession]:
     if limit == 0:
         return []
@@ -239,7 +122,7 @@ async def read_session_page(
         limit=limit,
         session=client_session,
     ).to_list()
-    return [session_from_view(view) for view in views]
+    return [session_from_view(view, token) for view in views]
 
 
 async def read_session_batch_after(
@@ -248,6 +131,7 @@ async def read_session_batch_after(
     after: str | None,
     limit: int,
     *,
+    token: str,
     with_messages: bool,
 ) -> list[ChatSession]:
     """The next `limit` sessions in `_id` order after `after` (keyset paging)."""
@@ -256,7 +140,7 @@ async def read_session_batch_after(
     views = await docs.sessions.find(
         query, projection_model=model, sort=_BY_ID, limit=limit, session=client_session
     ).to_list()
-    return [session_from_view(view) for view in views]
+    return [session_from_view(view, token) for view in views]
 
 
 async def delete_session_document(
@@ -395,12 +279,31 @@ def _modified(result: object) -> int:
     return int(result.modified_count) if isinstance(result, UpdateResult) else 0
 
 
+def status_update(status: Status) -> list[dict[str, Any]]:
+    """Sets the status as a write of its own: the revision moves, so holders notice.
+
+    A document written before revisions goes from revision 1 to 2 and gets the fixed
+    incarnation it was read with.
+    """
+    return [
+        {
+            "$set": {
+                "status": {"$literal": status},
+                "revision": {"$add": [{"$ifNull": ["$revision", LEGACY_REVISION]}, 1]},
+                "incarnation": {"$ifNull": ["$incarnation", LEGACY_INCARNATION]},
+            }
+        }
+    ]
+
+
 async def expire_sessions_before(
     docs: DocumentSet, client_session: AsyncClientSession | None, cutoff: datetime
 ) -> int:
-    result = await docs.sessions.find(
-        {"status": "active", "updated_at": {"$lt": cutoff}}, session=client_session
-    ).update_many({"$set": {"status": "expired"}}, session=client_session)
+    result = await docs.sessions.get_pymongo_collection().update_many(
+        {"status": "active", "updated_at": {"$lt": cutoff}},
+        status_update("expired"),
+        session=client_session,
+    )
     return _modified(result)
 
 
@@ -412,9 +315,11 @@ async def set_sessions_status(
 ) -> int:
     changed = 0
     for chunk in _chunks(list(session_ids)):
-        result = await docs.sessions.find(
-            {"_id": {"$in": list(chunk)}, "status": {"$ne": status}}, session=client_session
-        ).update_many({"$set": {"status": status}}, session=client_session)
+        result = await docs.sessions.get_pymongo_collection().update_many(
+            {"_id": {"$in": list(chunk)}, "status": {"$ne": status}},
+            status_update(status),
+            session=client_session,
+        )
         changed += _modified(result)
     return changed
 

@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
 from pymongo import AsyncMongoClient, ReadPreference
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from persistence.errors import PersistenceError
+from persistence.changes import SavePlan
+from persistence.errors import (
+    InvalidDataError,
+    PersistenceError,
+    SessionConflictError,
+    SessionDeletedError,
+)
 from persistence.models import ChatSession, UploadedFileRecord
-from persistence.mongo import repositories
+from persistence.mongo import repositories, writes
 from persistence.mongo.documents import DocumentSet
 from persistence.mongo.errors import mongo_errors
+from persistence.mongo.updates import Saved, Write
 from persistence.storage import UnitOfWork
 
 _Write = Callable[[AsyncClientSession], Awaitable[Any]]
-_Marker = tuple[int, str | None] | None
 
 
-def _snapshot(session: ChatSession) -> ChatSession:
-    """The session as it is now, with a record of its own of what is stored where."""
-    fields = {name: getattr(session, name) for name in ChatSession.model_fields}
-    fields["messages"] = list(session.messages)
-    fields["metadata"] = copy.deepcopy(session.metadata)
-    return ChatSession.model_construct(**fields)
+@dataclass(slots=True)
+class _Held:
+    """A write held back until commit: a session's save, or another command."""
+
+    action: str
+    session_id: str | None = None
+    session: ChatSession | None = None
+    plan: SavePlan | None = None
+    write: _Write | None = None
 
 
 class _MongoSessions:
@@ -35,54 +44,40 @@ class _MongoSessions:
 
     async def get(self, session_id: str) -> ChatSession | None:
         uow = self._uow
+        client_session = uow.client_session()
         if session_id in uow.deleted_sessions:
             return None
         pending = uow.added_sessions.get(session_id)
         if pending is not None:
-            # Held back until commit: this unit of work sees its own write.
-            session = _snapshot(pending)
-            uow.stored_until_rollback(session)
-            return session
+            # The object held for saving itself: changed and added again, it holds its
+            # newer plan.
+            return pending
         with mongo_errors("load session"):
-            loaded = await repositories.read_session(uow.docs, uow.client_session(), session_id)
-        if loaded is not None:
-            loaded.mark_stored(uow.token)
-        return loaded
+            return await repositories.read_session(
+                uow.docs, client_session, session_id, token=uow.token
+            )
 
     async def add(self, session: ChatSession) -> None:
         uow = self._uow
-        new, certain = session.unstored_messages(uow.token)
-        # Bad input is refused here, even where the write itself waits for commit().
-        repositories.check_messages(session, new)
-        snapshot = _snapshot(session)
-        docs = uow.docs
-
-        async def write(client_session: AsyncClientSession) -> None:
-            await repositories.write_messages(docs, client_session, snapshot, new, certain)
-
-        await uow.write("save session", write)
-        # Only what the snapshot held: a message appended meanwhile is the next save's.
-        uow.stored_until_rollback(session, len(snapshot.messages))
-        if not uow.transactional:
-            uow.deleted_sessions.discard(session.session_id)
-            uow.added_sessions[session.session_id] = snapshot
+        uow.client_session()
+        # Bad input is refused here, although the write itself waits for commit().
+        uow.hold_save(session, session.plan_save(uow.token))
 
     async def delete(self, session_id: str) -> bool:
         uow = self._uow
         docs = uow.docs
-
-        async def write(client_session: AsyncClientSession) -> bool:
-            return await repositories.delete_session_document(docs, client_session, session_id)
-
-        if uow.transactional:
-            return bool(await uow.write("delete session", write))
+        client_session = uow.client_session()
         if session_id in uow.deleted_sessions:
             return False
         existed = uow.added_sessions.pop(session_id, None) is not None
         if not existed:
             with mongo_errors("delete session"):
-                existed = await repositories.session_exists(docs, uow.client_session(), session_id)
-        await uow.write("delete session", write)
+                existed = await repositories.session_exists(docs, client_session, session_id)
+
+        async def write(client_session: AsyncClientSession) -> bool:
+            return await repositories.delete_session_document(docs, client_session, session_id)
+
+        uow.hold(_Held("delete session", session_id=session_id, write=write))
         uow.deleted_sessions.add(session_id)
         return existed
 
@@ -93,12 +88,13 @@ class _MongoFiles:
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
         uow = self._uow
+        client_session = uow.client_session()
         if file_id in uow.deleted_files:
             return None
         if file_id in uow.added_files:
             return uow.added_files[file_id]
         with mongo_errors("load file record"):
-            return await repositories.read_file_record(uow.docs, uow.client_session(), file_id)
+            return await repositories.read_file_record(uow.docs, client_session, file_id)
 
     async def add(self, record: UploadedFileRecord) -> None:
         uow = self._uow
@@ -107,27 +103,25 @@ class _MongoFiles:
         async def write(client_session: AsyncClientSession) -> None:
             await repositories.write_file_record(docs, client_session, record)
 
-        await uow.write("save file record", write)
-        if not uow.transactional:
-            uow.deleted_files.discard(record.file_id)
-            uow.added_files[record.file_id] = record
+        uow.hold(_Held("save file record", write=write))
+        uow.deleted_files.discard(record.file_id)
+        uow.added_files[record.file_id] = record
 
     async def delete(self, file_id: str) -> bool:
         uow = self._uow
         docs = uow.docs
-
-        async def write(client_session: AsyncClientSession) -> bool:
-            return await repositories.delete_file_document(docs, client_session, file_id)
-
-        if uow.transactional:
-            return bool(await uow.write("delete file record", write))
+        client_session = uow.client_session()
         if file_id in uow.deleted_files:
             return False
         existed = uow.added_files.pop(file_id, None) is not None
         if not existed:
             with mongo_errors("delete file record"):
-                existed = await repositories.file_exists(docs, uow.client_session(), file_id)
-        await uow.write("delete file record", write)
+                existed = await repositories.file_exists(docs, client_session, file_id)
+
+        async def write(client_session: AsyncClientSession) -> bool:
+            return await repositories.delete_file_document(docs, client_session, file_id)
+
+        uow.hold(_Held("delete file record", write=write))
         uow.deleted_files.add(file_id)
         return existed
 
@@ -135,21 +129,31 @@ class _MongoFiles:
 class MongoUnitOfWork(UnitOfWork):
     """Changes through `sessions` and `files`, committed together where the server can.
 
-    One `AsyncClientSession` carries every Beanie call of the unit of work.
+    One `AsyncClientSession` carries every Beanie call of the unit of work. Writes are
+    held back until `commit()`: leaving the block without it sends nothing, and reads
+    inside the unit of work see its own pending writes (`sessions.get` returns the
+    very object held for saving; adding it again after more changes holds its newer
+    plan). A save's bad input is refused by `add`; everything that depends on the
+    store is checked by `commit()`, which first reads (one round trip per chunk of
+    sessions) what every held save needs and checks all of them (conflicts, deleted
+    sessions, message ids stored in other sessions or added twice, the 16 MiB limit)
+    before it sends any write, then sends the writes in order, each guarded by the
+    revision it checked. Objects count as saved once the commit succeeded.
 
-    On a replica set or a sharded cluster, everything runs in one multi-document
+    On a replica set or a sharded cluster, all of it runs in one multi-document
     transaction: committed together or not at all, invisible to other readers until
-    `commit()`, and a conflicting concurrent writer makes it fail (retry the whole
-    unit of work) rather than interleave.
+    `commit()` returns, and a conflicting concurrent writer makes it fail (retry the
+    whole unit of work) rather than interleave.
 
-    A standalone server has no transactions. There the writes are held back and sent,
-    in order, by `commit()`; leaving the block without `commit()` sends nothing, and
-    reads inside the unit of work see its own pending writes. What is guaranteed:
-    nothing is written without `commit()`, and each write is atomic on its own
-    document (a session save appends its messages and bumps the count in one update).
-    What is not: all-or-nothing across writes (if `commit()` fails half way, the
-    writes before the failure stay), and isolation from other writers between the
-    reads of the unit of work and its commit.
+    A standalone server has no transactions. There a refusal found by the checks
+    raises with nothing written, so a unit of work (a migration batch) that holds one
+    refused session writes none of its sessions. What is not guaranteed: a concurrent
+    writer that changes a session between the checks and its write makes that write
+    check and try again on its own, and a refusal then (or a connection lost half way)
+    leaves the writes sent before it; the same holds for a second object of one
+    session held in the same unit of work, which is checked against the first only
+    when sent. Each write is atomic on its own document, and nothing isolates the
+    unit of work from other writers or readers while its writes are sent.
     """
 
     def __init__(
@@ -160,10 +164,11 @@ class MongoUnitOfWork(UnitOfWork):
         self.transactional = transactional
         self._client = client
         self._session: AsyncClientSession | None = None
-        self._deferred: list[tuple[str, _Write]] = []
-        self._undo: dict[int, tuple[ChatSession, _Marker]] = {}
+        self._held: list[_Held] = []
+        # Saves sent inside the transaction: confirmed to their objects once it commits.
+        self._sent: list[tuple[ChatSession, SavePlan, Saved]] = []
         self._committed = False
-        # Without a transaction: what this unit of work wrote but has not sent yet.
+        # What this unit of work wrote but has not sent yet.
         self.added_sessions: dict[str, ChatSession] = {}
         self.deleted_sessions: set[str] = set()
         self.added_files: dict[str, UploadedFileRecord] = {}
@@ -178,33 +183,86 @@ class MongoUnitOfWork(UnitOfWork):
             raise PersistenceError("unit of work not entered: use `async with`")
         return self._session
 
-    async def write(self, action: str, write: _Write) -> Any:
-        """Runs `write` now inside the transaction, or holds it back until commit."""
-        client_session = self.client_session()
-        if not self.transactional:
-            self._deferred.append((action, write))
-            return None
-        with mongo_errors(action):
-            return await write(client_session)
+    def hold(self, held: _Held) -> None:
+        self.client_session()
+        self._held.append(held)
 
-    def stored_until_rollback(self, session: ChatSession, count: int | None = None) -> None:
-        """Marks the first `count` messages (default all) stored; a rollback undoes it."""
-        if id(session) not in self._undo:
-            self._undo[id(session)] = (session, session.stored_marker(self.token))
-        session.mark_stored(self.token, count)
+    def hold_save(self, session: ChatSession, plan: SavePlan) -> None:
+        """Holds a save until commit; a newer plan of the same object replaces its older one.
+
+        Until commit the object's base does not move, so its newer plan holds every
+        change of the older one.
+        """
+        self._held = [held for held in self._held if held.session is not session]
+        self._held.append(_Held("save session", session.session_id, session, plan))
+        self.deleted_sessions.discard(session.session_id)
+        self.added_sessions[session.session_id] = session
 
     async def commit(self) -> None:
         client_session = self.client_session()
+        held, self._held = self._held, []
+        await self._send(client_session, held)
         if self.transactional:
-            with mongo_errors("commit"):
-                await client_session.commit_transaction()
-        else:
-            deferred, self._deferred = self._deferred, []
-            for action, write in deferred:
-                with mongo_errors(action):
-                    await write(client_session)
+            try:
+                with mongo_errors("commit"):
+                    await client_session.commit_transaction()
+            except BaseException:
+                # The commit may have landed before the error: later saves must check.
+                for session, _plan, _saved in self._sent:
+                    session.save_failed(self.token)
+                self._sent.clear()
+                raise
+            for session, plan, saved in self._sent:
+                session.saved_to(
+                    self.token, plan, saved.revision, saved.incarnation, exact=saved.exact
+                )
+            self._sent.clear()
         self._committed = True
-        self._undo.clear()
+
+    async def _send(self, client_session: AsyncClientSession, held: list[_Held]) -> None:
+        """Checks every held save, then sends the held writes in order."""
+        deleted: set[str] = set()
+        checked: list[_Held] = []
+        for item in held:
+            if item.plan is None:
+                if item.session_id is not None:
+                    deleted.add(item.session_id)
+            elif item.session_id not in deleted:
+                # A save after a delete of its session in this unit is checked when sent.
+                checked.append(item)
+        with mongo_errors("commit"):
+            prepared = await writes.prepare_all(
+                self.docs, client_session, [item.plan for item in checked if item.plan is not None]
+            )
+        ready = {id(item): write for item, write in zip(checked, prepared, strict=True)}
+        for item in held:
+            if item.plan is not None and item.session is not None:
+                await self._send_save(client_session, item.session, item.plan, ready.get(id(item)))
+            elif item.write is not None:
+                with mongo_errors(item.action):
+                    await item.write(client_session)
+
+    async def _send_save(
+        self,
+        client_session: AsyncClientSession,
+        session: ChatSession,
+        plan: SavePlan,
+        write: Write | None,
+    ) -> None:
+        try:
+            with mongo_errors("save session"):
+                saved = await writes.send_prepared(self.docs, client_session, plan, write)
+        except (InvalidDataError, SessionConflictError, SessionDeletedError):
+            raise  # refused before this save wrote anything
+        except BaseException:
+            if not self.transactional:
+                # It may have landed; in a transaction nothing lands without the commit.
+                session.save_failed(self.token)
+            raise
+        if self.transactional:
+            self._sent.append((session, plan, saved))
+        else:
+            session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
 
     async def rollback(self) -> None:
         await self._discard()
@@ -214,11 +272,9 @@ class MongoUnitOfWork(UnitOfWork):
                 await self._session.start_transaction(read_preference=ReadPreference.PRIMARY)
 
     async def _discard(self) -> None:
-        # The store holds none of this unit's messages: later saves must send them again.
-        for session, marker in self._undo.values():
-            session.restore_stored_marker(self.token, marker)
-        self._undo.clear()
-        self._deferred.clear()
+        # Nothing held was confirmed to its object: later saves send it again.
+        self._held.clear()
+        self._sent.clear()
         self.added_sessions.clear()
         self.deleted_sessions.clear()
         self.added_files.clear()

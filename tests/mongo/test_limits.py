@@ -8,9 +8,11 @@ from pydantic import ValidationError
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
+from persistence.mongo import updates
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
-from persistence.mongo.mapping import check_save_size, document_from_session, save_update
 from persistence.validation import MAX_METADATA_DEPTH
+
+TOKEN = "storage-token"
 
 
 def _session_with(content_bytes: int) -> ChatSession:
@@ -19,29 +21,43 @@ def _session_with(content_bytes: int) -> ChatSession:
     return session
 
 
-def test_a_save_crossing_16_mib_is_refused_naming_the_limit() -> None:
+def test_a_new_session_crossing_16_mib_is_refused_naming_the_limit() -> None:
     session = _session_with(MAX_DOCUMENT_BYTES)
-    update = save_update(session, session.messages)
     with pytest.raises(InvalidDataError, match="16 MiB") as raised:
-        check_save_size(session.session_id, update)
+        updates.new_document(session.plan_save(TOKEN), "inc")
     assert "'big'" in str(raised.value)
 
 
-def test_a_save_just_under_16_mib_is_sent() -> None:
+def test_a_new_session_just_under_16_mib_is_sent() -> None:
     session = _session_with(MAX_DOCUMENT_BYTES - 4096)
-    update = save_update(session, session.messages)
-    check_save_size(session.session_id, update)
-    assert len(bson.encode(document_from_session(session))) <= MAX_DOCUMENT_BYTES
+    document = updates.new_document(session.plan_save(TOKEN), "inc")
+    assert len(bson.encode(document)) <= MAX_DOCUMENT_BYTES
 
 
 def test_the_size_check_counts_the_pushed_messages_together() -> None:
     session = ChatSession.create("gemini-pro", session_id="many")
+    session.saved_to(TOKEN, session.plan_save(TOKEN), 1, "inc", exact=True)
     for _ in range(3):
         session.add_message("user", "y" * (MAX_DOCUMENT_BYTES // 3))
     with pytest.raises(InvalidDataError, match="16 MiB"):
-        check_save_size(session.session_id, save_update(session, session.messages))
-    # One of them alone fits.
-    check_save_size(session.session_id, save_update(session, session.messages[:1]))
+        updates.append(session.plan_save(TOKEN))
+
+
+def test_one_message_that_fits_is_pushed() -> None:
+    session = ChatSession.create("gemini-pro", session_id="one")
+    session.saved_to(TOKEN, session.plan_save(TOKEN), 1, "inc", exact=True)
+    session.add_message("user", "y" * (MAX_DOCUMENT_BYTES // 3))
+    _query, update = updates.append(session.plan_save(TOKEN))
+    assert len(update["$push"]["messages"]["$each"]) == 1
+
+
+def test_an_edit_crossing_16_mib_is_refused_before_anything_is_sent() -> None:
+    session = ChatSession.create("gemini-pro", session_id="edit")
+    first = session.add_message("user", "short")
+    session.saved_to(TOKEN, session.plan_save(TOKEN), 1, "inc", exact=True)
+    session.edit_message(first.message_id, content="z" * MAX_DOCUMENT_BYTES)
+    with pytest.raises(InvalidDataError, match="16 MiB"):
+        updates.compare_and_set(session.plan_save(TOKEN))
 
 
 @pytest.mark.parametrize("key", ["$where", "a.b", "$", ".", "x."])

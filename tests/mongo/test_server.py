@@ -90,6 +90,7 @@ async def test_session_is_one_document_with_its_messages_embedded_in_order(
     )
     assert type(raw["metadata"]["n"]) is int
     assert raw["created_at"].tzinfo is UTC
+    assert raw["revision"] == 1 and len(raw["incarnation"]) == 32
 
 
 async def test_save_after_one_message_sends_one_update_with_only_that_message(
@@ -105,18 +106,25 @@ async def test_save_after_one_message_sends_one_update_with_only_that_message(
         added = session.add_message("user", "only me")
         commands.sent.clear()
         await watched.save_session(session)
+        # Before the client closes: closing sends endSessions, as it would to any server.
+        sent = list(commands.sent)
 
-    assert [name for name, _ in commands.sent] == ["update"]
-    (statement,) = commands.named("update")[0]["updates"]
-    # The session must still hold the 50 messages this object saw: no upsert of a stub.
-    assert statement["q"]["message_count"] == {"$gte": 50}
-    assert not statement.get("upsert")
-    update = statement["u"]
+    assert [name for name, _ in sent] == ["findAndModify"]
+    command = sent[0][1]
+    # Appends never conflict: guarded by the incarnation seen, not by the revision.
+    assert command["query"] == {
+        "_id": "s-1",
+        "incarnation": session.plan_save(watched.token).incarnation,
+        "messages.message_id": {"$nin": [added.message_id]},
+    }
+    assert not command.get("upsert")
+    update = command["update"]
     assert [m["message_id"] for m in update["$push"]["messages"]["$each"]] == [added.message_id]
-    assert update["$inc"] == {"message_count": 1}
-    assert "messages" not in update["$set"]
+    assert update["$inc"] == {"revision": 1, "message_count": 1}
+    assert "$set" not in update
     raw = await _raw(mongo, "s-1")
     assert raw is not None and raw["message_count"] == len(raw["messages"]) == 51
+    assert raw["revision"] == 2 == session.revision
 
 
 async def test_saving_twice_stores_nothing_twice(mongo: MongoDBSessionStorage) -> None:
@@ -363,13 +371,13 @@ async def test_transactions_are_used_where_the_server_has_them(
             await uow.sessions.add(_conversation(1))
             await uow.commit()
         transactional = watched.supports_transactions
-    updates = commands.named("update")
-    assert updates, "the unit of work sent no update"
-    sent_in_transaction = all(command.get("autocommit") is False for command in updates)
+    writes = commands.named("insert", "update", "findAndModify", "aggregate")
+    assert commands.named("insert"), "the unit of work sent no insert"
+    sent_in_transaction = all(command.get("autocommit") is False for command in writes)
     assert sent_in_transaction is transactional
     assert bool(commands.named("commitTransaction")) is transactional
-    # Every command of the unit of work carried the same logical session.
-    assert len({str(command["lsid"]) for command in updates}) == 1
+    # Every command of the unit of work (its checks and its writes) carried one session.
+    assert len({str(command["lsid"]) for command in writes}) == 1
 
 
 async def test_storages_on_two_databases_do_not_share_documents(
@@ -399,6 +407,8 @@ async def test_counts_are_computed_by_aggregation(
     ) as watched:
         commands.sent.clear()
         counts = await watched.count()
+        # Before the client closes: closing sends endSessions, as it would to any server.
+        sent = [name for name, _ in commands.sent]
     assert counts.sessions_by_status == {"active": 1, "archived": 1, "expired": 0}
     assert counts.messages == 5
-    assert [name for name, _ in commands.sent] == ["aggregate", "aggregate"]
+    assert sent == ["aggregate", "aggregate"]

@@ -1,4 +1,4 @@
-"""The standalone-server unit of work, without a server.
+"""The unit of work without a server: with and without a transaction, writes wait for commit.
 
 Its client points at a port where nothing listens, so any command it tried to send
 would fail: a block that leaves without error sent nothing.
@@ -29,61 +29,98 @@ async def client() -> AsyncIterator[AsyncMongoClient[dict[str, object]]]:
     await client.close()
 
 
-def _standalone(client: AsyncMongoClient[dict[str, object]]) -> MongoUnitOfWork:
-    return MongoUnitOfWork(client, bind_documents(), TOKEN, transactional=False)
+@pytest.fixture(params=[False, True], ids=["standalone", "transaction"])
+def transactional(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
 
 
-async def test_without_transactions_nothing_is_sent_before_commit(
-    client: AsyncMongoClient[dict[str, object]],
+def _unit(client: AsyncMongoClient[dict[str, object]], transactional: bool) -> MongoUnitOfWork:
+    return MongoUnitOfWork(client, bind_documents(), TOKEN, transactional=transactional)
+
+
+def _stored(session_id: str = "s-1", messages: int = 1) -> ChatSession:
+    session = ChatSession.create("m", session_id=session_id)
+    for index in range(messages):
+        session.add_message("user", f"message {index}")
+    session.saved_to(TOKEN, session.plan_save(TOKEN), 4, "inc", exact=True)
+    return session
+
+
+async def test_nothing_is_sent_before_commit(
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
 ) -> None:
     session = ChatSession.create("m", session_id="s-1")
     session.add_message("user", "hello")
-    async with _standalone(client) as uow:
+    async with _unit(client, transactional) as uow:
         await uow.sessions.add(session)
         session.add_message("user", "after add")
         await uow.sessions.add(session)
     # Rolled back: the store is not assumed to hold anything.
-    assert session.unstored_messages(TOKEN) == (session.messages, False)
+    assert session.revision is None
+    assert session.plan_save(TOKEN).is_new
+
+
+async def test_a_rolled_back_unit_of_work_leaves_the_objects_pending(
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
+) -> None:
+    session = _stored()
+    session.metadata["title"] = "t"
+    added = session.add_message("user", "in the unit")
+    async with _unit(client, transactional) as uow:
+        await uow.sessions.add(session)
+    plan = session.plan_save(TOKEN)
+    assert plan.revision == 4 and plan.appends == (added,)
+    assert set(plan.metadata_changes) == {"title"}
 
 
 async def test_bad_input_is_refused_at_add_even_when_writes_wait_for_commit(
-    client: AsyncMongoClient[dict[str, object]],
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
 ) -> None:
     session = ChatSession.create("m", session_id="s-1")
     session.messages.append(ChatMessage(session_id="someone-else", role="user", content="x"))
-    async with _standalone(client) as uow:
+    async with _unit(client, transactional) as uow:
         with pytest.raises(InvalidDataError, match="someone-else"):
             await uow.sessions.add(session)
 
 
-async def test_a_committed_unit_of_work_cannot_be_reused(
-    client: AsyncMongoClient[dict[str, object]],
+async def test_a_history_changed_behind_the_models_back_is_refused_at_add(
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
 ) -> None:
-    async with _standalone(client) as uow:
+    session = _stored(messages=2)
+    session.messages.reverse()
+    async with _unit(client, transactional) as uow:
+        with pytest.raises(InvalidDataError, match="directly in `messages`"):
+            await uow.sessions.add(session)
+
+
+async def test_a_committed_unit_of_work_cannot_be_reused(
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
+) -> None:
+    async with _unit(client, transactional) as uow:
         await uow.commit()
         with pytest.raises(PersistenceError, match="already committed"):
             await uow.sessions.add(ChatSession.create("m"))
 
 
 async def test_a_unit_of_work_must_be_entered(
-    client: AsyncMongoClient[dict[str, object]],
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
 ) -> None:
-    uow = _standalone(client)
+    uow = _unit(client, transactional)
     with pytest.raises(PersistenceError, match="async with"):
         await uow.sessions.add(ChatSession.create("m"))
 
 
-async def test_without_transactions_the_unit_of_work_reads_its_own_pending_writes(
-    client: AsyncMongoClient[dict[str, object]],
+async def test_the_unit_of_work_reads_its_own_pending_writes(
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
 ) -> None:
     session = ChatSession.create("m", session_id="s-1")
     session.add_message("user", "hello")
     record = file_record(file_id="f-1")
-    async with _standalone(client) as uow:
+    async with _unit(client, transactional) as uow:
         await uow.sessions.add(session)
         await uow.files.add(record)
-        seen = await uow.sessions.get("s-1")
-        assert seen == session and seen is not session
+        # The object held for saving itself: changing and adding it again holds the newer plan.
+        assert await uow.sessions.get("s-1") is session
         assert await uow.files.get("f-1") == record
 
         assert await uow.sessions.delete("s-1") is True
@@ -94,20 +131,35 @@ async def test_without_transactions_the_unit_of_work_reads_its_own_pending_write
         assert await uow.files.delete("f-1") is False
 
 
-async def test_a_second_add_in_one_unit_of_work_holds_only_the_new_messages(
-    client: AsyncMongoClient[dict[str, object]],
+async def test_a_second_add_of_one_object_holds_one_save_with_all_its_changes(
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
 ) -> None:
-    session = ChatSession.create("m", session_id="s-1")
-    session.add_message("user", "one")
-    session.mark_stored(TOKEN)
-    async with _standalone(client) as uow:
-        session.add_message("user", "two")
+    session = _stored()
+    async with _unit(client, transactional) as uow:
+        two = session.add_message("user", "two")
         await uow.sessions.add(session)
-        assert session.unstored_messages(TOKEN) == ([], True)
-        added = session.add_message("user", "three")
+        three = session.add_message("user", "three")
         await uow.sessions.add(session)
-        assert session.unstored_messages(TOKEN) == ([], True)
+        held = [item for item in uow._held if item.session is session]
+        assert len(held) == 1
+        plan = held[0].plan
+        assert plan is not None and plan.appends == (two, three)
         pending = await uow.sessions.get("s-1")
-        assert pending is not None and pending.messages[-1] == added
+        assert pending is session and pending.messages[-1] == three
     # Rolled back: only what was stored before the unit of work counts as stored.
-    assert session.unstored_messages(TOKEN) == (session.messages[1:], True)
+    assert session.plan_save(TOKEN).appends == (two, three)
+
+
+async def test_a_rolled_back_transaction_leaves_every_change_pending(
+    client: AsyncMongoClient[dict[str, object]], transactional: bool
+) -> None:
+    session = _stored(messages=2)
+    session.edit_message(session.messages[0].message_id, content="edited")
+    session.pop_message()
+    async with MongoUnitOfWork(client, bind_documents(), TOKEN, transactional=True) as uow:
+        await uow.sessions.add(session)
+        await uow.rollback()
+        # Rolled back: the unit no longer holds it, and the object was never confirmed.
+        assert uow.added_sessions == {}
+    plan = session.plan_save(TOKEN)
+    assert (len(plan.edits), len(plan.removals), plan.revision) == (1, 1, 4)
