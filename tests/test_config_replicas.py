@@ -127,3 +127,28 @@ def test_replicas_of_a_backend_without_them_are_dropped_with_a_warning(
 def test_replica_options_out_of_range_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=f"options.{next(iter(options))}"):
         StorageConfig(connection_string=PRIMARY, options=options)
+
+
+def test_the_deploying_at_scale_examples_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_readme import blocks
+
+    monkeypatch.setenv("DB_PASSWORD", SECRET)
+    marker = "# persistence.yaml of every instance"
+    examples = [block for block in blocks("yaml") if marker in block]
+    assert len(examples) == 2
+    postgresql, mongodb = (load_config(_write(tmp_path, text)) for text in examples)
+    assert [url.get_secret_value() for url in postgresql.read_replicas] == [
+        f"postgresql://app:{SECRET}@replica-{n}:5432/app" for n in (1, 2)
+    ]
+    assert postgresql.options["max_replica_lag"] == 10
+    assert mongodb.backend == "mongodb"
+    storage = create_storage(mongodb)
+    assert repr(getattr(storage, "read_preference", None)).startswith("SecondaryPreferred")
+
+
+def _write(directory: Path, text: str) -> Path:
+    path = directory / f"example-{abs(hash(text))}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path

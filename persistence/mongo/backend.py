@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 from beanie import init_beanie
 from bson.codec_options import TypeDecoder, TypeRegistry
 from bson.int64 import Int64
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConfigurationError, OperationFailure
@@ -121,6 +121,19 @@ def has_transactions(hello: Mapping[str, Any]) -> bool:
     return "logicalSessionTimeoutMinutes" in hello and (
         "setName" in hello or hello.get("msg") == "isdbgrid"
     )
+
+
+def indexes_to_create(indexes: Sequence[IndexModel], *, sharded_cluster: bool) -> list[IndexModel]:
+    """The indexes to create; on a sharded cluster, no unique one.
+
+    MongoDB keeps a unique index on a sharded collection only where the shard key
+    prefixes it, so the one on message ids would stop `chat_sessions` being sharded
+    by `_id`. There a message id stays unique within its session through the saves'
+    own guard; across sessions nothing enforces it (ids are random UUIDs).
+    """
+    if not sharded_cluster:
+        return list(indexes)
+    return [index for index in indexes if not index.document.get("unique")]
 
 
 class MongoDBSessionStorage(SessionStorage):
@@ -237,9 +250,12 @@ class MongoDBSessionStorage(SessionStorage):
                 document_models=docs.models,
                 skip_indexes=True,
             )
+            router = hello.get("msg") == "isdbgrid"
             for model in docs.models:
                 indexes = [field.index for field in model.get_settings().indexes]
-                await model.get_pymongo_collection().create_indexes(indexes)
+                await model.get_pymongo_collection().create_indexes(
+                    indexes_to_create(indexes, sharded_cluster=router)
+                )
             reading = docs
             if self.read_preference is not None:
                 reading = bind_documents()

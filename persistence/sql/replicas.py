@@ -5,15 +5,18 @@ exports) on a hot standby (standby.py: health and lag) and reports a miss whenev
 none can serve one, so that the caller reads from the primary instead: no replica
 trouble ever reaches the caller.
 
-Read-your-writes: the storage counts its own writes (which costs no round trip). At
-the first replica read after new writes it asks the primary for its WAL insert
-position, which lies at or after the commit of every write counted so far, and
-reads from a replica only once that replica's replay position has passed it.
+Read-your-writes: the storage counts its own writes (which costs no round trip).
+A replica read after new writes goes to the primary, and starts, in the background,
+one question to the primary for its WAL insert position, which lies at or after the
+commit of every write counted so far, and one to each replica for its replay
+position; reads go to a replica again once its replay position has passed it.
+No read ever waits for these questions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -36,6 +39,7 @@ from persistence.sql.statements import Statement
 from persistence.sql.uow import SqlUnitOfWork
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # At or after the end of every commit so far, also of one not yet flushed to disk.
 PRIMARY_POSITION = Statement(text("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"))
@@ -61,6 +65,11 @@ class WriteClock:
     def settled(self) -> bool:
         return self._covered >= self._writes
 
+    @property
+    def known_position(self) -> int:
+        """The position that covers every write counted when it was last asked."""
+        return self._position
+
     async def position(self, ask_primary: Callable[[], Awaitable[int]]) -> int:
         """The position that covers every write noted before this call."""
         needed = self._writes
@@ -85,6 +94,7 @@ class ReplicaSet:
         self.clock = WriteClock()
         self._replicas: list[Replica] = []
         self._primary: AsyncEngine | None = None
+        self._settling: asyncio.Task[None] | None = None
         self._next = 0
 
     @property
@@ -92,7 +102,8 @@ class ReplicaSet:
         return [url.render_as_string(hide_password=True) for url in self.urls]
 
     def states(self) -> list[ReplicaState]:
-        return [replica.state() for replica in self._replicas]
+        position = self.clock.known_position if self.clock.settled() else None
+        return [replica.state(position) for replica in self._replicas]
 
     async def start(self, primary: AsyncEngine, statement_timeout: float | None) -> None:
         """Binds the replicas to the primary (just migrated) and checks each of them once."""
@@ -143,11 +154,12 @@ class ReplicaSet:
         return [self._replicas[(start + i) % count] for i in range(count)]
 
     async def read(self, make_work: Callable[[], Work[T]], snapshot: bool) -> tuple[T] | None:
-        """Runs the work on a replica that is up, current enough and has this storage's
-        writes; None when there is none (read from the primary then).
+        """Runs the work on a replica that is up, current enough and holds this storage's
+        writes; None when there is none (the caller reads from the primary then).
 
-        Raises:
-            Whatever the primary raises when asked for its WAL position.
+        Never waits for a check: what it needs to know and does not (the primary's
+        position after new writes, a replica's progress) is asked in the background,
+        and the read goes to the primary meanwhile.
         """
         in_turn = self._in_turn()
         for replica in in_turn:
@@ -155,25 +167,13 @@ class ReplicaSet:
         candidates = [replica for replica in in_turn if replica.serves()]
         if not candidates:
             return None
-        checked: set[int] = set()
-        if self.clock.settled():
-            position = await self.clock.position(self._primary_position)
-        else:
-            # New writes: ask the primary for its position and the first replica for
-            # its own at once, so that the two questions cost one round trip's wait.
-            checking = asyncio.ensure_future(candidates[0].check())
-            checked.add(id(candidates[0]))
-            try:
-                position = await self.clock.position(self._primary_position)
-            except BaseException:
-                checking.cancel()
-                await asyncio.wait({checking})
-                raise
-            await checking
+        if not self.clock.settled():
+            self._settle()
+            return None
+        position = self.clock.known_position
         for replica in candidates:
-            if not replica.caught_up_with(position) and id(replica) not in checked:
-                await replica.check()
-            if not (replica.serves() and replica.caught_up_with(position)):
+            if not replica.caught_up_with(position):
+                replica.check_soon()
                 continue
             try:
                 return (await replica.run(make_work(), snapshot),)
@@ -181,7 +181,26 @@ class ReplicaSet:
                 continue
         return None
 
+    def _settle(self) -> None:
+        """Asks, in the background, where the primary stands and how far each replica is."""
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.get_running_loop().create_task(self._settle_now())
+
+    async def _settle_now(self) -> None:
+        try:
+            position = await self.clock.position(self._primary_position)
+        except Exception as exc:
+            # The primary's own failures reach callers through their reads.
+            logger.debug("read replicas: the primary's WAL position is unknown (%r)", exc)
+            return
+        behind = [r for r in self._replicas if r.up and not r.caught_up_with(position)]
+        await asyncio.gather(*(replica.check() for replica in behind))
+
     async def close(self) -> None:
+        settling, self._settling = self._settling, None
+        if settling is not None and not settling.done():
+            settling.cancel()
+            await asyncio.wait({settling})
         replicas, self._replicas = self._replicas, []
         await asyncio.gather(*(replica.close() for replica in replicas))
 

@@ -79,6 +79,8 @@ class ReplicaState:
     lagging: bool
     lag_seconds: float | None
     replayed: int | None
+    # Known to hold every write of this storage (else its reads go to the primary).
+    holds_own_writes: bool = False
 
 
 class Unavailable(Exception):
@@ -192,8 +194,10 @@ class Replica:
             raise
         return connection
 
-    def state(self) -> ReplicaState:
-        return ReplicaState(self.url, self.up, self.lagging, self.lag, self.replayed)
+    def state(self, position: int | None) -> ReplicaState:
+        """What is known of the replica; `position`: of this storage's writes, if known."""
+        holds = position is not None and self.caught_up_with(position)
+        return ReplicaState(self.url, self.up, self.lagging, self.lag, self.replayed, holds)
 
     def serves(self) -> bool:
         """Up, checked, and not too far behind when last checked."""
@@ -205,6 +209,11 @@ class Replica:
     def refresh_if_old(self) -> None:
         """Starts a background check when the last one is older than the check interval."""
         if self.up and time.monotonic() - self.checked_at > self._settings.check_interval:
+            self._tend(check_first=True)
+
+    def check_soon(self) -> None:
+        """Starts a background check now (unless one runs): the replica is behind."""
+        if self.up:
             self._tend(check_first=True)
 
     def _tend(self, *, check_first: bool) -> None:
@@ -320,7 +329,11 @@ class Replica:
                 self._note_refusal(exc)
                 raise Unavailable(_describe(exc)) from exc
             raise
-        self._pool.give_back(connection)
+        if self.up:
+            self._pool.give_back(connection)
+        else:
+            # Marked down meanwhile: its idle connections were dropped, and so is this one.
+            self._pool.drop(connection)
         return result
 
     async def _execute(self, connection: Any, work: Work[T], snapshot: bool) -> T:

@@ -90,6 +90,19 @@ def _ids(sessions: list[ChatSession]) -> set[str]:
     return {session.session_id for session in sessions}
 
 
+async def _routable(storage: PostgreSQLSessionStorage) -> None:
+    """Reads until the standby is known to hold this storage's writes.
+
+    A read after new writes goes to the primary and has the standby's progress
+    checked in the background; reads go to the standby once it is known.
+    """
+    deadline = time.monotonic() + 10
+    while not all(state.holds_own_writes for state in storage.replica_states()):
+        assert time.monotonic() < deadline, f"never routable: {storage.replica_states()}"
+        await storage.list_sessions()
+        await asyncio.sleep(0.02)
+
+
 async def test_list_search_count_and_exports_are_served_by_the_standby(
     pair: ReplicationPair, open_storage: OpenStorage
 ) -> None:
@@ -97,6 +110,11 @@ async def test_list_search_count_and_exports_are_served_by_the_standby(
     seeded = await _seed(writer, 5, "routed")
     await wait_caught_up(pair)
     reader = await open_storage()
+    await _routable(reader)
+    # A backend publishes its counters up to 10 s late unless it exits: close the
+    # connections that served the writes and the set-up, so none lands in the count.
+    await writer.engine.dispose()
+    await reader.engine.dispose()
     primary_before = await commits_settled(pair.primary)
     standby_before = await commits_settled(pair.standby)
 
@@ -114,8 +132,7 @@ async def test_list_search_count_and_exports_are_served_by_the_standby(
     standby_after = await commits_settled(pair.standby, at_least=standby_before + reads)
     primary_after = await commits_settled(pair.primary)
     assert standby_after - standby_before >= reads
-    # The primary answered once: where its WAL stood after the migration check.
-    assert primary_after - primary_before <= 3
+    assert primary_after - primary_before <= 2, "reads went to the primary"
 
 
 async def test_loads_writes_and_units_of_work_use_the_primary(
@@ -174,45 +191,45 @@ async def test_a_storage_reads_its_own_writes_while_the_standby_replay_is_paused
 
     # Caught up, this storage reads from the standby again: a write by another
     # storage made while replay is paused again is not in what it lists.
-    assert _ids(await mine.list_sessions()) == expected
+    await _routable(mine)
     async with replay_paused(pair):
         (elsewhere,) = await _seed(other, 1, "elsewhere")
         assert _ids(await mine.list_sessions()) == expected
         assert elsewhere.session_id in _ids(await other.list_sessions())
 
 
-async def test_a_write_costs_no_extra_statement_and_a_list_after_it_one(
+async def test_a_write_costs_no_extra_statement_and_a_burst_of_them_one_question(
     pair: ReplicationPair, open_storage: OpenStorage
 ) -> None:
     plain = await open_storage(replicas=False)
     routed = await open_storage()
-    await routed.list_sessions()  # settles the position of the migration check
+    await _routable(routed)
 
-    def statements_of_a_save(storage: PostgreSQLSessionStorage) -> Awaitable[list[str]]:
-        async def save() -> list[str]:
-            session = ChatSession.create("model")
-            session.add_message("user", "one message")
-            sent: list[str] = []
-            with traced(sent.append):
-                await storage.save_session(session)
-            return sent
-
-        return save()
+    async def statements_of_a_save(storage: PostgreSQLSessionStorage) -> list[str]:
+        session = ChatSession.create("model")
+        session.add_message("user", "one message")
+        sent: list[str] = []
+        with traced(sent.append):
+            await storage.save_session(session)
+        return sent
 
     assert await statements_of_a_save(routed) == await statements_of_a_save(plain)
+    for _ in range(4):
+        await statements_of_a_save(routed)
 
-    listed: list[str] = []
-    with traced(listed.append):
-        await routed.list_sessions()
-    assert sum("pg_current_wal_insert_lsn" in sql for sql in listed) == 1
-    listed.clear()
-    with traced(listed.append):
-        await routed.list_sessions()
-    assert not any("pg_current_wal_insert_lsn" in sql for sql in listed)
-    listed.clear()
-    with traced(listed.append):
+    sent: list[str] = []
+    with traced(sent.append):
+        for _ in range(5):
+            await routed.list_sessions()
+        await _routable(routed)
+        for _ in range(5):
+            await routed.list_sessions()
+    # One question to the primary for five writes and ten lists.
+    assert sum("pg_current_wal_insert_lsn" in sql for sql in sent) == 1
+    sent.clear()
+    with traced(sent.append):
         await plain.list_sessions()
-    assert not any("pg_current_wal" in sql or "pg_is_in_recovery" in sql for sql in listed)
+    assert not any("pg_current_wal" in sql or "pg_is_in_recovery" in sql for sql in sent)
 
 
 async def test_a_standby_lagging_beyond_the_bound_is_skipped_with_one_log_line(
@@ -264,6 +281,7 @@ async def _served_by_the_standby_again(
         assert time.monotonic() < deadline, "the standby was never taken back"
         await asyncio.sleep(0.1)
     await wait_caught_up(pair)
+    await _routable(storage)
     before = _ids(await storage.list_sessions())
     async with replay_paused(pair):
         await _seed(writer, 1, "unseen")
@@ -278,6 +296,7 @@ async def test_reads_go_on_from_the_primary_when_the_standby_is_frozen(
     storage = await open_storage(replica_retry_interval=0.5)
     expected = _ids(await _seed(writer, 3, "frozen"))
     await wait_caught_up(pair)
+    await _routable(storage)
     assert _ids(await storage.list_sessions()) == expected  # a connection waits idle
     pair.freeze(pair.standby)
     try:
@@ -322,6 +341,7 @@ async def test_reads_go_on_from_the_primary_when_the_standby_is_shut_down(
     storage = await open_storage(replica_retry_interval=0.5)
     expected = _ids(await _seed(writer, 3, "stopped"))
     await wait_caught_up(pair)
+    await _routable(storage)
     assert _ids(await storage.list_sessions()) == expected
     pair.stop(pair.standby)
     try:
