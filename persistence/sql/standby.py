@@ -81,6 +81,7 @@ class ReplicaState:
     replayed: int | None
     # Known to hold every write of this storage (else its reads go to the primary).
     holds_own_writes: bool = False
+    reads_served: int = 0
 
 
 class Unavailable(Exception):
@@ -177,6 +178,7 @@ class Replica:
         self.lag: float | None = None
         self.replayed: int | None = None
         self.checked_at = -math.inf
+        self.served = 0
         self._task: asyncio.Task[None] | None = None
         self._refused: set[str] = set()
 
@@ -197,7 +199,9 @@ class Replica:
     def state(self, position: int | None) -> ReplicaState:
         """What is known of the replica; `position`: of this storage's writes, if known."""
         holds = position is not None and self.caught_up_with(position)
-        return ReplicaState(self.url, self.up, self.lagging, self.lag, self.replayed, holds)
+        return ReplicaState(
+            self.url, self.up, self.lagging, self.lag, self.replayed, holds, self.served
+        )
 
     def serves(self) -> bool:
         """Up, checked, and not too far behind when last checked."""
@@ -329,6 +333,7 @@ class Replica:
                 self._note_refusal(exc)
                 raise Unavailable(_describe(exc)) from exc
             raise
+        self.served += 1
         if self.up:
             self._pool.give_back(connection)
         else:

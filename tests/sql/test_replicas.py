@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
@@ -196,6 +197,52 @@ async def test_a_storage_reads_its_own_writes_while_the_standby_replay_is_paused
         (elsewhere,) = await _seed(other, 1, "elsewhere")
         assert _ids(await mine.list_sessions()) == expected
         assert elsewhere.session_id in _ids(await other.list_sessions())
+
+
+async def test_concurrent_tasks_of_one_storage_always_read_their_own_writes(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    storage = await open_storage()
+    await _routable(storage)
+    served_before = storage.replica_states()[0].reads_served
+    written: list[str] = []
+
+    async def write(word: str) -> ChatSession:
+        session = ChatSession.create("model")
+        session.add_message("user", word)
+        await storage.save_session(session)
+        written.append(session.session_id)
+        return session
+
+    async def sees(session: ChatSession, word: str) -> None:
+        assert session.session_id in _ids(await storage.list_sessions(limit=1000))
+        assert [m.session_id for m in await storage.search_messages(word)] == [session.session_id]
+
+    async def reader(session: ChatSession, word: str) -> None:
+        for _ in range(8):
+            await sees(session, word)
+            # Reads right after the writes, and once the standby has replayed them.
+            await asyncio.sleep(random.choice([0, 0.002, 0.01, 0.03]))
+
+    async def interloper(round_: int) -> None:
+        # Writes while the others read: each of its writes unsettles their reads.
+        for step in range(3):
+            await asyncio.sleep(random.choice([0.005, 0.02, 0.04]))
+            word = f"interloper{round_}x{step}"
+            await sees(await write(word), word)
+
+    for round_ in range(6):
+        words = [f"racer{round_}x{number}" for number in range(6)]
+        sessions = await asyncio.gather(*(write(word) for word in words))
+        await asyncio.gather(
+            interloper(round_),
+            *(reader(session, word) for session, word in zip(sessions, words, strict=True)),
+        )
+    assert _ids(await storage.list_sessions(limit=1000)) == set(written)
+    # Many of those reads were the standby's: the race was really run.
+    served = storage.replica_states()[0].reads_served - served_before
+    print(f"concurrent tasks: the standby served {served} of the reads")
+    assert served >= 20, f"only {served} reads raced the standby"
 
 
 async def test_a_write_costs_no_extra_statement_and_a_burst_of_them_one_question(
