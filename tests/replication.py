@@ -216,6 +216,10 @@ def replication_pair() -> Iterator[ReplicationPair]:
     root = Path(tempfile.mkdtemp(prefix="persistence-replication-"))
     pair = ReplicationPair(root, bindir)
     atexit.register(pair.destroy)
+    # A run stopped by SIGTERM (a CI timeout) unwinds through `finally` too.
+    stopping = signal.getsignal(signal.SIGTERM)
+    if stopping == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if pair.as_postgres:
             shutil.chown(root, user="postgres")
@@ -226,6 +230,12 @@ def replication_pair() -> Iterator[ReplicationPair]:
     finally:
         pair.destroy()
         atexit.unregister(pair.destroy)
+        if stopping == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 async def _connect(url: str) -> Any:
