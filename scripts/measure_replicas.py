@@ -10,7 +10,8 @@ sessions, then times, with and without the standby as a read replica:
                 write asks the primary for its WAL position once (read-your-writes)
 
 Each figure is the median (and p95) of the durations of every call, in milliseconds,
-over `--rounds` rounds of `--ops` calls, the two configurations taking turns.
+over `--rounds` rounds of `--ops` calls, the two configurations taking turns call by
+call.
 
 Usage:
     python scripts/measure_replicas.py [--sessions 10000] [--ops 200] [--rounds 5]
@@ -53,13 +54,18 @@ async def _conversation(storage: PostgreSQLSessionStorage) -> ChatSession:
     return session
 
 
-async def _time(ops: int, operation: Callable[[], Awaitable[object]]) -> list[float]:
-    """The duration of each of `ops` calls, in milliseconds."""
-    durations = []
-    for _ in range(ops):
-        started = time.perf_counter()
-        await operation()
-        durations.append((time.perf_counter() - started) * 1000)
+async def _time(
+    ops: int, operations: dict[str, Callable[[], Awaitable[object]]]
+) -> dict[str, list[float]]:
+    """The duration of each call in milliseconds, the configurations taking turns call
+    by call (the first one alternating), so that a change of load hits both alike."""
+    durations: dict[str, list[float]] = {name: [] for name in operations}
+    names = list(operations)
+    for call in range(ops):
+        for name in names if call % 2 == 0 else reversed(names):
+            started = time.perf_counter()
+            await operations[name]()
+            durations[name].append((time.perf_counter() - started) * 1000)
     return durations
 
 
@@ -96,17 +102,16 @@ async def measure(pair: ReplicationPair, sessions: int, ops: int, rounds: int) -
 
             return run
 
-        for round_ in range(rounds):
-            order = ["plain", "routed"] if round_ % 2 == 0 else ["routed", "plain"]
-            for name in order:
-                for workload, make in (
-                    ("W1 append", append),
-                    ("W3 list", listing),
-                    ("write+list", write_then_list),
-                ):
-                    figures = await _time(ops, make(name))
-                    results.setdefault(workload, {}).setdefault(name, []).extend(figures)
-                    await wait_caught_up(pair)
+        for _ in range(rounds):
+            for workload, make in (
+                ("W1 append", append),
+                ("W3 list", listing),
+                ("write+list", write_then_list),
+            ):
+                figures = await _time(ops, {name: make(name) for name in storages})
+                for name, values in figures.items():
+                    results.setdefault(workload, {}).setdefault(name, []).extend(values)
+                await wait_caught_up(pair)
         states = routed.replica_states()
     finally:
         await plain.close()
