@@ -11,6 +11,8 @@ from persistence.errors import (
     MigrationError,
     PersistenceError,
     SchemaVersionError,
+    SessionConflictError,
+    SessionDeletedError,
     StorageConnectionError,
 )
 from persistence.manager import SessionManager
@@ -52,6 +54,8 @@ __all__ = [
     "PostgreSQLSessionStorage",
     "SQLiteSessionStorage",
     "SchemaVersionError",
+    "SessionConflictError",
+    "SessionDeletedError",
     "SessionManager",
     "SessionStorage",
     "StorageConnectionError",

@@ -3,66 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from persistence import formats
 from persistence.clock import utc_now
-from persistence.errors import PersistenceError
-from persistence.models import ChatSession, Status
+from persistence.errors import PersistenceError, SessionConflictError, SessionDeletedError
+from persistence.models import ChatSession
 from persistence.storage import SessionStorage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Saved:
-    """What the store held of a session when the manager last wrote or read it."""
-
-    message_count: int
-    last_message_id: str | None
-    updated_at: datetime
-    status: Status
-    model: str
-    metadata: dict[str, Any]
-
-
-def _snapshot(session: ChatSession) -> _Saved:
-    return _Saved(
-        message_count=len(session.messages),
-        last_message_id=session.messages[-1].message_id if session.messages else None,
-        updated_at=session.updated_at,
-        status=session.status,
-        model=session.model,
-        metadata=copy.deepcopy(session.metadata),
-    )
-
-
-@dataclass(slots=True)
-class _Entry:
-    session: ChatSession
-    saved: _Saved | None  # None: never written by this manager nor read from the store
-
-    def dirty(self) -> bool:
-        saved, session = self.saved, self.session
-        if saved is None:
-            return True
-        last = session.messages[-1].message_id if session.messages else None
-        return (
-            len(session.messages) != saved.message_count
-            or last != saved.last_message_id
-            or session.updated_at != saved.updated_at
-            or session.status != saved.status
-            or session.model != saved.model
-            or session.metadata != saved.metadata
-        )
 
 
 class SessionManager:
@@ -87,7 +42,8 @@ class SessionManager:
         self.auto_save_enabled = auto_save_enabled
         self.expiry_hours = expiry_hours
         self.max_cached_sessions = max_cached_sessions
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._cache: OrderedDict[str, ChatSession] = OrderedDict()
+        self._writing: dict[int, tuple[asyncio.Lock, int]] = {}
 
     @property
     def cached_session_ids(self) -> list[str]:
@@ -96,35 +52,94 @@ class SessionManager:
 
     def has_unsaved_changes(self, session_id: str) -> bool:
         """Whether the cached copy of the session holds changes the store lacks."""
-        entry = self._cache.get(session_id)
-        return entry is not None and entry.dirty()
+        session = self._cache.get(session_id)
+        return session is not None and self.storage.has_unsaved_changes(session)
 
-    async def _write(self, entry: _Entry) -> None:
-        await self.storage.save_session(entry.session)
-        entry.saved = _snapshot(entry.session)
+    def _dirty(self, session: ChatSession) -> bool:
+        return self.storage.has_unsaved_changes(session)
 
-    async def _remember(self, session: ChatSession, saved: _Saved | None) -> _Entry:
+    def _drop(self, session: ChatSession) -> None:
+        if self._cache.get(session.session_id) is session:
+            del self._cache[session.session_id]
+
+    async def _write(self, session: ChatSession) -> bool:
+        """Saves the session, resolving conflicts; False if it was deleted meanwhile.
+
+        On a conflict the session is reloaded and this manager's pending changes are
+        applied over it (its values win for what it changed), then saved again. Saves
+        of one object take turns here, so no save is in flight while it is rebased.
+        """
+        key = id(session)
+        lock, users = self._writing.get(key) or (asyncio.Lock(), 0)
+        self._writing[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._write_resolving(session)
+        finally:
+            lock, users = self._writing[key]
+            if users == 1:
+                del self._writing[key]
+            else:
+                self._writing[key] = (lock, users - 1)
+
+    async def _write_resolving(self, session: ChatSession) -> bool:
+        try:
+            await self.storage.save_session(session)
+            return True
+        except SessionDeletedError:
+            return self._deleted(session)
+        except SessionConflictError as exc:
+            logger.warning(
+                "session %s: %s changed by another writer too; reloading and reapplying"
+                " this manager's changes (they win)",
+                session.session_id,
+                ", ".join(exc.conflicts),
+            )
+        # Edits need the messages they touch: reload the whole history for them.
+        whole = session.omitted_messages == 0 or session.has_history_changes(self.storage.token)
+        fresh = await self.storage.load_session(
+            session.session_id, last=None if whole else len(session.messages)
+        )
+        if fresh is None:
+            return self._deleted(session)
+        dropped = session.rebase(self.storage.token, fresh)
+        if dropped:
+            logger.warning(
+                "session %s: edits of messages another writer removed were dropped: %s",
+                session.session_id,
+                ", ".join(dropped),
+            )
+        # Writers may have changed it again since the reload: this manager's values win.
+        try:
+            await self.storage.save_session(session, force=True)
+        except SessionDeletedError:
+            return self._deleted(session)
+        return True
+
+    def _deleted(self, session: ChatSession) -> bool:
+        logger.warning(
+            "session %s was deleted by another writer; dropped from the cache, not saved",
+            session.session_id,
+        )
+        self._drop(session)
+        return False
+
+    async def _remember(self, session: ChatSession) -> None:
         """Caches the session as most recently used, evicting (and saving) beyond the bound."""
-        entry = self._cache.get(session.session_id)
-        if entry is not None and entry.session is session:
-            if saved is not None:
-                entry.saved = saved
-        else:
-            if entry is not None and entry.dirty():
-                # Another object of the same session: keep what it holds before replacing it.
-                await self._write(entry)
-            entry = _Entry(session, saved)
-            self._cache[session.session_id] = entry
+        cached = self._cache.get(session.session_id)
+        if cached is not None and cached is not session and self._dirty(cached):
+            # Another object of the same session: keep what it holds before replacing it.
+            await self._write(cached)
+        self._cache[session.session_id] = session
         self._cache.move_to_end(session.session_id)
         while len(self._cache) > self.max_cached_sessions:
             victim_id, victim = next(iter(self._cache.items()))
-            if victim.dirty():
+            if self._dirty(victim) and await self._write(victim):
                 # Saved before it goes: on failure it stays cached and the error surfaces.
                 # Other tasks may use the cache during the save, so look again after it.
-                await self._write(victim)
                 continue
-            del self._cache[victim_id]
-        return entry
+            if self._cache.get(victim_id) is victim:
+                del self._cache[victim_id]
 
     async def startup(self) -> dict[str, Any]:
         """Recovers after a restart: expiry sweep, expired file records, cache warm-up.
@@ -145,7 +160,7 @@ class SessionManager:
         # likely to be evicted, and sessions already in use stay ahead of them all.
         for session in loaded:
             if session.session_id not in self._cache:
-                self._cache[session.session_id] = _Entry(session, _snapshot(session))
+                self._cache[session.session_id] = session
                 self._cache.move_to_end(session.session_id, last=False)
         counts = await self.storage.count()
         result = {
@@ -169,40 +184,62 @@ class SessionManager:
             PersistenceError: if the backend fails.
         """
         session = ChatSession.create(model, metadata=metadata)
-        entry = await self._remember(session, None)
+        await self._remember(session)
         if self.auto_save_enabled:
-            await self._write(entry)
+            await self._write(session)
         logger.debug("created session %s (%s)", session.session_id, model)
         return session
 
-    async def get_session(self, session_id: str) -> ChatSession | None:
+    async def get_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
         """Returns the session (from the cache, else the store), or None.
 
+        With `last=N` a session not cached is loaded with its newest N messages only
+        (`message_count` the full count); it can be appended to and saved. A cached
+        copy is returned as it is, unless it carries fewer than N messages and holds
+        no unsaved changes, in which case it is loaded again.
+
         Raises:
+            InvalidDataError: if `last` is negative.
             PersistenceError: if the backend fails.
         """
-        entry = self._cache.get(session_id)
-        if entry is None:
-            loaded = await self.storage.load_session(session_id)
-            if loaded is None:
-                return None
-            # Another task may have cached it while this one was loading.
-            entry = self._cache.get(session_id)
-            if entry is None:
-                entry = await self._remember(loaded, _snapshot(loaded))
-        self._cache.move_to_end(session_id)
-        return entry.session
+        cached = self._cache.get(session_id)
+        if cached is not None and not self._too_short(cached, last):
+            self._cache.move_to_end(session_id)
+            return cached
+        loaded = await self.storage.load_session(session_id, last=last)
+        if loaded is None:
+            if cached is not None and not self._dirty(cached):
+                self._drop(cached)
+            return None
+        # Another task may have cached it while this one was loading.
+        cached = self._cache.get(session_id)
+        if cached is not None and not self._too_short(cached, last):
+            self._cache.move_to_end(session_id)
+            return cached
+        await self._remember(loaded)
+        return loaded
+
+    def _too_short(self, session: ChatSession, last: int | None) -> bool:
+        """A cached copy missing messages a caller asks for, that can be replaced."""
+        carried = len(session.messages)
+        wanted = session.message_count if last is None else min(last, session.message_count)
+        return session.omitted_messages > 0 and carried < wanted and not self._dirty(session)
 
     async def save_session(self, session: ChatSession) -> bool:
         """Saves the session now, whatever the auto-save setting, and caches it.
 
+        Conflicts with other writers are resolved (see `auto_save`).
+
+        Returns:
+            False if the session was deleted by another writer (it leaves the cache).
+
         Raises:
-            InvalidDataError: if a message belongs to another session.
+            InvalidDataError: if a message belongs to another session, or `messages` was
+                changed in a way the model cannot express.
             PersistenceError: if the backend fails.
         """
-        entry = await self._remember(session, None)
-        await self._write(entry)
-        return True
+        await self._remember(session)
+        return await self._write(session)
 
     async def delete_session(self, session_id: str) -> bool:
         """Deletes the session and its messages from the store and drops it from the cache.
@@ -219,16 +256,22 @@ class SessionManager:
     async def auto_save(self, session: ChatSession) -> bool:
         """Saves the session if auto-save is on; with auto-save off writes nothing.
 
+        Only what changed since the last load or save is written. If another writer
+        changed the same field, metadata key or message meanwhile, the session is
+        reloaded and this manager's changes are applied over it (its values win, logged
+        at WARNING) and saved.
+
         Returns:
-            True if the session was written.
+            True if the store holds the session's changes; False with auto-save off, or
+            if another writer deleted the session (it leaves the cache, logged).
 
         Raises:
             PersistenceError: if the backend fails.
         """
         if not self.auto_save_enabled:
             return False
-        entry = self._cache.get(session.session_id)
-        if entry is not None and entry.session is session and not entry.dirty():
+        cached = self._cache.get(session.session_id)
+        if cached is session and not self._dirty(session):
             self._cache.move_to_end(session.session_id)
             return True
         return await self.save_session(session)
@@ -242,19 +285,13 @@ class SessionManager:
         Raises:
             PersistenceError: if the backend fails.
         """
-        entry = self._cache.get(session_id)
-        if entry is not None and entry.dirty():
-            entry.session.status = "archived"
-            await self._write(entry)
+        cached = self._cache.get(session_id)
+        if cached is not None:
+            cached.status = "archived"
+            return await self._write(cached)
+        if await self.storage.set_status([session_id], "archived"):
             return True
-        changed = await self.storage.set_status([session_id], "archived")
-        if entry is not None:
-            entry.session.status = "archived"
-            if entry.saved is not None:
-                entry.saved.status = "archived"
-        if changed:
-            return True
-        return entry is not None or await self.storage.load_session(session_id) is not None
+        return await self.storage.load_session(session_id, last=0) is not None
 
     async def cleanup_expired_sessions(self) -> int:
         """Marks active sessions not updated for `expiry_hours` expired, in the store.
@@ -273,12 +310,16 @@ class SessionManager:
             await self._save_dirty()
         cutoff = utc_now() - timedelta(hours=self.expiry_hours)
         expired = await self.storage.expire_sessions(cutoff)
-        for entry in self._cache.values():
-            session = entry.session
-            if session.status == "active" and session.updated_at < cutoff:
+        token = self.storage.token
+        for session in self._cache.values():
+            stored = session.stored_updated_at(token)
+            if session.status != "active" or stored is None or stored >= cutoff:
+                continue
+            # The sweep expired it in the store; a copy used since keeps its own status,
+            # which its next save writes back.
+            session.note_stored_status(token, "expired")
+            if session.updated_at < cutoff:
                 session.status = "expired"
-                if entry.saved is not None and entry.saved.status == "active":
-                    entry.saved.status = "expired"
         if expired:
             logger.info("expired %d sessions not updated since %s", expired, cutoff.isoformat())
         return expired
@@ -328,18 +369,18 @@ class SessionManager:
             "total_files": counts.files,
             "expired_files": counts.expired_files,
             "cached_sessions": len(self._cache),
-            "unsaved_sessions": sum(1 for entry in self._cache.values() if entry.dirty()),
+            "unsaved_sessions": sum(1 for session in self._cache.values() if self._dirty(session)),
             "auto_save_enabled": self.auto_save_enabled,
             "expiry_hours": self.expiry_hours,
         }
 
     async def _save_dirty(self) -> list[tuple[str, PersistenceError]]:
         failures: list[tuple[str, PersistenceError]] = []
-        for session_id, entry in list(self._cache.items()):
-            if not entry.dirty():
+        for session_id, session in list(self._cache.items()):
+            if not self._dirty(session):
                 continue
             try:
-                await self._write(entry)
+                await self._write(session)
             except PersistenceError as exc:
                 logger.error("could not save session %s: %s", session_id, exc)
                 failures.append((session_id, exc))

@@ -6,9 +6,8 @@ keep identically (API.md, Round trips), so any store can be migrated to any othe
 
 from __future__ import annotations
 
-import math
+import copy
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -20,118 +19,23 @@ from pydantic import (
     field_validator,
 )
 
-from persistence.clock import truncate_to_millisecond, utc_now
+from persistence.bookkeeping import Bookkeeping
+from persistence.changes import Base, LogEntry, MessageList
+from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
+from persistence.validation import (
+    INT64_MAX,
+    MAX_ID_LENGTH,
+    Identifier,
+    UtcDatetime,
+    check_json_object,
+    check_text,
+)
 
 Role = Literal["user", "assistant", "system", "tool"]
 Status = Literal["active", "archived", "expired"]
 ROLES: tuple[Role, ...] = ("user", "assistant", "system", "tool")
 STATUSES: tuple[Status, ...] = ("active", "archived", "expired")
-
-MAX_ID_LENGTH = 255
-# MongoDB refuses documents nested deeper than 100 levels; a message's metadata sits
-# three levels down in its session document, so every backend stops well before.
-MAX_METADATA_DEPTH = 64
-# BSON integers are 64-bit; PostgreSQL JSONB and SQLite would keep larger ones.
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# PostgreSQL JSONB prints an integral float such as 1e16 without exponent or point, so
-# it would come back as an int; floats below this magnitude keep their decimal point.
-_FLOAT_INTEGRAL_LIMIT = 1e16
-
-
-def check_text(value: str, field: str) -> str:
-    """Refuses text that some backend would alter: NUL characters and lone surrogates.
-
-    Raises:
-        InvalidDataError: naming the field.
-    """
-    if "\x00" in value:
-        raise InvalidDataError(
-            f"{field}: NUL characters cannot be stored (PostgreSQL refuses them)"
-        )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidDataError(
-            f"{field}: lone surrogate characters are not valid UTF-8 and cannot be stored"
-        ) from None
-    return value
-
-
-def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
-    """Refuses metadata that some backend could not return unchanged.
-
-    Walks iteratively, so hostile nesting cannot exhaust the interpreter's stack.
-
-    Raises:
-        InvalidDataError: naming the field and the path of the offending value.
-    """
-    stack: list[tuple[Any, str, int]] = [(value, field, 1)]
-    while stack:
-        item, path, depth = stack.pop()
-        if isinstance(item, dict):
-            if depth > MAX_METADATA_DEPTH:
-                raise InvalidDataError(
-                    f"{path}: nested deeper than {MAX_METADATA_DEPTH} levels"
-                    " (MongoDB cannot keep it)"
-                )
-            for key, child in item.items():
-                if not isinstance(key, str):
-                    raise InvalidDataError(f"{path}: key {key!r} is not a string")
-                check_text(key, f"{path} key {key!r}")
-                if key.startswith("$") or "." in key:
-                    raise InvalidDataError(
-                        f"{path}: key {key!r} starts with '$' or contains '.',"
-                        " which MongoDB cannot keep"
-                    )
-                stack.append((child, f"{path}.{key}", depth + 1))
-        elif isinstance(item, list):
-            if depth > MAX_METADATA_DEPTH:
-                raise InvalidDataError(f"{path}: nested deeper than {MAX_METADATA_DEPTH} levels")
-            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
-        elif isinstance(item, str):
-            check_text(item, path)
-        elif isinstance(item, bool) or item is None:
-            continue
-        elif isinstance(item, int):
-            if not _INT64_MIN <= item <= _INT64_MAX:
-                raise InvalidDataError(f"{path}: integer {item} does not fit in 64 bits")
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise InvalidDataError(f"{path}: {item} is not a JSON number")
-            if item == 0 and math.copysign(1.0, item) < 0:
-                raise InvalidDataError(
-                    f"{path}: -0.0 would come back from PostgreSQL as 0.0; store 0.0"
-                )
-            if item.is_integer() and abs(item) >= _FLOAT_INTEGRAL_LIMIT:
-                raise InvalidDataError(
-                    f"{path}: float {item!r} would come back from PostgreSQL as an integer;"
-                    " store it as an int or a string"
-                )
-        else:
-            raise InvalidDataError(f"{path}: {type(item).__name__} is not a JSON value")
-    return value
-
-
-def _utc_millisecond(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("datetime must be timezone-aware (a naive datetime is ambiguous)")
-    try:
-        return truncate_to_millisecond(value.astimezone(utc_now().tzinfo))
-    except OverflowError:
-        raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from None
-
-
-def _identifier(value: str) -> str:
-    if not value:
-        raise ValueError("must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise ValueError(f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
-    return value
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(_utc_millisecond)]
-Identifier = Annotated[str, AfterValidator(_identifier)]
 
 
 def new_id() -> str:
@@ -165,21 +69,40 @@ class ChatMessage(_DomainModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class ChatSession(_DomainModel):
-    """A conversation with its ordered messages."""
+def _message_list(value: list[ChatMessage]) -> MessageList:
+    return value if type(value) is MessageList else MessageList(value)
+
+
+class ChatSession(_DomainModel, Bookkeeping):
+    """A conversation with its ordered messages.
+
+    Its history changes through `add_message`, `edit_message`, `rewind` and
+    `pop_message`; the next save writes exactly those changes. For every storage
+    that holds it, the object remembers the revision and the values it last loaded
+    or saved there (bookkeeping: not part of equality, exports or migration).
+    """
 
     session_id: Identifier = Field(default_factory=lambda: str(uuid.uuid4()))
     model: Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
     created_at: UtcDatetime = Field(default_factory=utc_now)
     updated_at: UtcDatetime = Field(default_factory=utc_now)
-    message_count: Annotated[int, Field(ge=0, le=_INT64_MAX)] = 0
-    messages: list[ChatMessage] = Field(default_factory=list)
+    message_count: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0
+    messages: Annotated[list[ChatMessage], AfterValidator(_message_list)] = Field(
+        default_factory=MessageList
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
     status: Status = "active"
 
-    # Which leading messages each storage already holds: storage token -> (count, last id).
-    # It lets a save send only the new messages without reading the history back.
-    _stored: dict[str, tuple[int, str | None]] = PrivateAttr(default_factory=dict)
+    # Per storage token: what that storage held when this object last loaded or saved.
+    _bases: dict[str, Base] = PrivateAttr(default_factory=dict)
+    # Edits and cuts since the oldest base, with their absolute log positions.
+    _log: list[LogEntry] = PrivateAttr(default_factory=list)
+    _log_start: int = PrivateAttr(default=0)
+    # Stored messages older than the first one this object carries (a partial load).
+    _omitted: int = PrivateAttr(default=0)
+    _revision: int | None = PrivateAttr(default=None)
+    # Incremented by `rebase`: a plan taken before it no longer describes the list.
+    _epoch: int = PrivateAttr(default=0)
 
     def __eq__(self, other: object) -> bool:
         # Fields only: which storages hold the messages is bookkeeping, not data.
@@ -188,6 +111,46 @@ class ChatSession(_DomainModel):
         return self.__dict__ == other.__dict__
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "messages":
+            super().__setattr__(name, value)
+            return
+        old = self.__dict__.get("messages")
+        super().__setattr__(name, value)
+        new = self.__dict__["messages"]
+        if isinstance(old, MessageList) and new is not old:
+            # A whole new list: an append if it starts with exactly the old messages.
+            new.foreign_changes = old.foreign_changes
+            new.first_foreign = old.first_foreign
+            for index, message in enumerate(old):
+                if index >= len(new) or new[index] is not message:
+                    new.mark_foreign(f"the list replaced (position {index} differs)")
+                    break
+
+    def __copy__(self) -> Self:
+        # A copy is another holder that knows what this one knew: nothing is shared.
+        copied = super().__copy__()
+        object.__setattr__(copied, "__dict__", dict(self.__dict__))
+        copied.__dict__["messages"] = copy.copy(self._messages())
+        copied.__dict__["metadata"] = copy.deepcopy(self.metadata)
+        object.__setattr__(copied, "__pydantic_private__", None)
+        copied._adopt_bookkeeping(self)
+        return copied
+
+    def _adopt_bookkeeping(self, source: ChatSession) -> None:
+        object.__setattr__(
+            self,
+            "__pydantic_private__",
+            {
+                "_bases": {token: base.copy() for token, base in source._bases.items()},
+                "_log": list(source._log),
+                "_log_start": source._log_start,
+                "_omitted": source._omitted,
+                "_revision": source._revision,
+                "_epoch": source._epoch,
+            },
+        )
 
     @classmethod
     def create(
@@ -210,6 +173,32 @@ class ChatSession(_DomainModel):
             fields["metadata"] = metadata
         return cls(**fields)
 
+    @property
+    def revision(self) -> int | None:
+        """The stored revision this object last loaded or saved (None: never stored)."""
+        return self._revision
+
+    @property
+    def omitted_messages(self) -> int:
+        """How many older stored messages this object does not carry (`load_session(last=)`)."""
+        return self._omitted
+
+    def _messages(self) -> MessageList:
+        messages = self.__dict__["messages"]
+        if type(messages) is not MessageList:
+            # Built without validation (model_construct): track from now on.
+            messages = self.__dict__["messages"] = MessageList(messages)
+        assert isinstance(messages, MessageList)
+        return messages
+
+    def _touch(self) -> None:
+        # Always valid: skip validate_assignment on the hot path.
+        self.__dict__["updated_at"] = max(utc_now(), self.updated_at)
+
+    def _log_entry(self, entry: LogEntry) -> None:
+        if self._bases:
+            self._log.append(entry)
+
     def add_message(
         self, role: str, content: str, metadata: dict[str, Any] | None = None
     ) -> ChatMessage:
@@ -224,55 +213,105 @@ class ChatSession(_DomainModel):
             content=content,
             metadata={} if metadata is None else metadata,
         )
-        self.messages.append(message)
+        self._messages().append(message)
         # Both values are valid by construction: skip validate_assignment on the hot path.
         self.__dict__["message_count"] = self.message_count + 1
         self.__dict__["updated_at"] = message.created_at
         return message
 
-    def mark_stored(self, token: str, count: int | None = None) -> None:
-        """Records that storage `token` now holds this object's first `count` messages.
+    def _index_of(self, message_id: str) -> int:
+        messages = self._messages()
+        for index in range(len(messages) - 1, -1, -1):
+            if messages[index].message_id == message_id:
+                return index
+        if self._omitted:
+            raise InvalidDataError(
+                f"message {message_id!r} is not among the {len(messages)} newest messages this"
+                f" object carries (it was loaded with last=; {self._omitted} older ones omitted)"
+            )
+        raise InvalidDataError(f"message {message_id!r} is not in session {self.session_id!r}")
 
-        `count` defaults to all of them; a save passes the number it sent, since
-        messages appended while it was in flight were not part of it.
+    def edit_message(
+        self,
+        message_id: str,
+        *,
+        content: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatMessage:
+        """Replaces a message's content and/or metadata; the next save writes the edit.
+
+        The message keeps its id, role, position and `created_at`; `updated_at` is set
+        to now.
+
+        Returns:
+            The edited copy, now in `messages`.
+
+        Raises:
+            InvalidDataError: if the object carries no such message.
+            pydantic.ValidationError: if a value cannot be stored faithfully.
         """
-        count = len(self.messages) if count is None else count
-        last = self.messages[count - 1].message_id if count else None
-        self._stored[token] = (count, last)
+        index = self._index_of(message_id)
+        messages = self._messages()
+        old = messages[index]
+        edited = ChatMessage(
+            message_id=old.message_id,
+            session_id=old.session_id,
+            role=old.role,
+            content=old.content if content is None else content,
+            created_at=old.created_at,
+            metadata=old.metadata if metadata is None else metadata,
+        )
+        list.__setitem__(messages, index, edited)
+        self._log_entry(("edit", index, old, edited))
+        self._touch()
+        return edited
 
-    def forget_stored(self, token: str) -> None:
-        """Records that a save to storage `token` may or may not have landed.
+    def rewind(self, message_id: str | None) -> list[ChatMessage]:
+        """Keeps the messages up to and including `message_id` (None: keeps none).
 
-        A commit whose acknowledgement was lost (connection dropped, task cancelled)
-        may still have landed, so the next save must check what the store holds.
+        The next save removes the others from the store. On an object loaded with
+        `last=`, only messages it carries can be removed.
+
+        Returns:
+            The removed messages, oldest first.
+
+        Raises:
+            InvalidDataError: if the object carries no such message, or `None` is given
+                to an object that does not carry the whole history.
         """
-        self._stored.pop(token, None)
-
-    def stored_marker(self, token: str) -> tuple[int, str | None] | None:
-        """Returns what storage `token` is known to hold, to restore after a rollback."""
-        return self._stored.get(token)
-
-    def restore_stored_marker(self, token: str, marker: tuple[int, str | None] | None) -> None:
-        """Puts back a marker from `stored_marker` (the writes it covered were undone)."""
-        if marker is None:
-            self._stored.pop(token, None)
+        messages = self._messages()
+        if message_id is None:
+            if self._omitted:
+                raise InvalidDataError(
+                    f"rewind(None): this object carries only the newest {len(messages)} of"
+                    f" {self._omitted + len(messages)} messages; it cannot remove the"
+                    " others (load the whole session to clear it)"
+                )
+            keep = 0
         else:
-            self._stored[token] = marker
+            keep = self._index_of(message_id) + 1
+        return self._cut(keep)
 
-    def unstored_messages(self, token: str) -> tuple[list[ChatMessage], bool]:
-        """Returns the messages storage `token` may lack, and whether that is certain.
+    def pop_message(self) -> ChatMessage | None:
+        """Removes the last message (the next save removes it from the store).
 
-        Certain means every earlier message is known to be stored there, so the
-        returned ones are exactly the new ones; otherwise the caller must check.
+        Returns:
+            The removed message, or None if the object carries none.
         """
-        marker = self._stored.get(token)
-        if marker is None:
-            return list(self.messages), not self.messages
-        count, last = marker
-        if count and (count > len(self.messages) or self.messages[count - 1].message_id != last):
-            return list(self.messages), False
-        # A session saved empty is known to hold nothing: its first messages are new.
-        return self.messages[count:], True
+        messages = self._messages()
+        if not messages:
+            return None
+        return self._cut(len(messages) - 1)[0]
+
+    def _cut(self, keep: int) -> list[ChatMessage]:
+        messages = self._messages()
+        removed = list(messages[keep:])
+        if removed:
+            list.__delitem__(messages, slice(keep, None))
+            self._log_entry(("cut", keep, None, tuple(removed)))
+            self.__dict__["message_count"] = max(self.message_count - len(removed), 0)
+            self._touch()
+        return removed
 
 
 class UploadedFileRecord(_DomainModel):
@@ -282,7 +321,7 @@ class UploadedFileRecord(_DomainModel):
     gemini_file_name: str
     gemini_file_uri: str
     display_name: str
-    size: Annotated[int, Field(ge=0, le=_INT64_MAX)]
+    size: Annotated[int, Field(ge=0, le=INT64_MAX)]
     mime_type: str
     uploaded_at: UtcDatetime
     expires_at: UtcDatetime

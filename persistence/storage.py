@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,16 @@ def check_status(status: str | None) -> Status | None:
     if status is not None and status not in STATUSES:
         raise InvalidDataError(f"status: {status!r} is not one of {', '.join(STATUSES)}")
     return status
+
+
+def check_last(last: int | None) -> None:
+    """Refuses a negative `last`.
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if last is not None and last < 0:
+        raise InvalidDataError(f"last: must be >= 0, got {last}")
 
 
 def check_page(limit: int, offset: int = 0) -> None:
@@ -122,6 +133,18 @@ class SessionStorage(ABC):
 
     backend_name: BackendName
 
+    @property
+    def token(self) -> str:
+        """Identifies this storage in each session's record of what it holds."""
+        token: str | None = self.__dict__.get("_bookkeeping_token")
+        if token is None:
+            token = self.__dict__["_bookkeeping_token"] = uuid.uuid4().hex
+        return token
+
+    def has_unsaved_changes(self, session: ChatSession) -> bool:
+        """Whether this store lacks something of `session` (True if it never held it)."""
+        return session.has_changes_for(self.token)
+
     async def __aenter__(self) -> Self:
         await self.initialize()
         return self
@@ -152,17 +175,40 @@ class SessionStorage(ABC):
         """Returns a new unit of work over this store."""
 
     @abstractmethod
-    async def save_session(self, session: ChatSession) -> bool:
-        """Upserts the session's fields and inserts the messages not stored yet.
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+        """Writes what this object changed since it last loaded or saved it here.
+
+        New messages are appended after whatever the store holds; edits and removals
+        (`edit_message`, `rewind`, `pop_message`) and changed fields are written;
+        metadata merges per top-level key; `updated_at` never moves backwards. A new
+        object (never loaded or saved here) creates the session, or adds its messages
+        and fields to the one stored under its id.
+
+        With `force`, this object's values win over another writer's for what it
+        changed, instead of a conflict (edits of messages removed meanwhile are
+        skipped): last writer wins, for callers that decided so (SessionManager, after
+        reloading).
 
         Raises:
-            InvalidDataError: if a message belongs to another session.
+            SessionConflictError: another writer changed the same field, metadata key or
+                message since this object's last load or save (nothing written; never
+                with `force`).
+            SessionDeletedError: the session was deleted since (nothing written).
+            InvalidDataError: a change the model cannot express, or a message that
+                belongs to another session or repeats an id (nothing written).
             PersistenceError: if the backend fails.
         """
 
     @abstractmethod
-    async def load_session(self, session_id: str) -> ChatSession | None:
-        """Returns the session with its whole history in order, or None."""
+    async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
+        """Returns the session with its history in order, or None.
+
+        With `last=N`, only the newest N messages (cost flat in the history's length),
+        `message_count` still the full count.
+
+        Raises:
+            InvalidDataError: if `last` is negative.
+        """
 
     @abstractmethod
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:

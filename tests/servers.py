@@ -123,3 +123,27 @@ async def throwaway_mongodb(url: str) -> AsyncIterator[Any]:
     finally:
         await storage.drop_database()
         await storage.close()
+
+
+@asynccontextmanager
+async def second_holder(storage: Any) -> AsyncIterator[Any]:
+    """The same store through a storage of its own (its connections and bookkeeping),
+    as another server process would see it."""
+    from persistence import PostgreSQLSessionStorage, SQLiteSessionStorage
+
+    other: Any
+    if isinstance(storage, SQLiteSessionStorage):
+        other = SQLiteSessionStorage(storage.database_path)
+    elif isinstance(storage, PostgreSQLSessionStorage):
+        other = PostgreSQLSessionStorage(
+            storage.url.render_as_string(hide_password=False), min_pool_size=1, max_pool_size=2
+        )
+    else:
+        from persistence.mongo.backend import MongoDBSessionStorage
+
+        assert isinstance(storage, MongoDBSessionStorage)
+        other = MongoDBSessionStorage(
+            storage.connection_string, database_name=storage.database_name
+        )
+    async with other:
+        yield other

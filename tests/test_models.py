@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from persistence import ChatMessage, ChatSession
+from persistence.changes import Snapshot
 
 
 def test_create_starts_an_empty_active_session() -> None:
@@ -78,6 +79,7 @@ def test_equality_ignores_where_a_session_is_stored() -> None:
     session = ChatSession.create("m")
     session.add_message("user", "hi")
     copy = ChatSession.model_validate(session.model_dump())
-    session.mark_stored("some-storage")
+    session.loaded_from("some-storage", 3, "incarnation", Snapshot(value={}))
 
     assert copy == session
+    assert session.revision == 3 and copy.revision is None

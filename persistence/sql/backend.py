@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
@@ -15,9 +14,14 @@ import aiosqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.clock import utc_now
-from persistence.errors import InvalidDataError, PersistenceError
+from persistence.errors import (
+    InvalidDataError,
+    PersistenceError,
+    SessionConflictError,
+    SessionDeletedError,
+)
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.sql import repositories
+from persistence.sql import repositories, writes
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     open_sqlite,
@@ -27,16 +31,17 @@ from persistence.sql.engines import (
     sqlite_pragmas,
     sqlite_url,
 )
-from persistence.sql.errors import connection_lost, sql_errors
+from persistence.sql.errors import connection_lost, sql_errors, unique_violation
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
 from persistence.sql.schema import upgrade_to_head
 from persistence.sql.standby import ReplicaSettings, ReplicaState
-from persistence.sql.uow import SqlUnitOfWork
+from persistence.sql.uow import SqlUnitOfWork, open_units_of_work
 from persistence.storage import (
     BackendName,
     SessionStorage,
     StorageCounts,
+    check_last,
     check_page,
     check_status,
 )
@@ -48,8 +53,6 @@ class SqlSessionStorage(SessionStorage):
     """The SessionStorage of the SQL family; subclasses only say how work is run."""
 
     def __init__(self) -> None:
-        # Identifies this storage in each session's record of what is stored where.
-        self._token = uuid.uuid4().hex
         self._engine: AsyncEngine | None = None
         self._closed = False
         self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
@@ -57,12 +60,25 @@ class SqlSessionStorage(SessionStorage):
     @abstractmethod
     def _create_engine(self) -> AsyncEngine: ...
 
+    # Whether an appends-only save is one statement (PostgreSQL's data-modifying CTE).
+    _one_statement_appends = False
+
     @abstractmethod
-    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
         """Runs `work` as one transaction (write), or as a read.
 
         A read with `snapshot` sees one consistent state across its statements (a
-        session row and its history); other reads are single statements.
+        session row and its history); other reads are single statements. A write that
+        is `single` is one statement, atomic without BEGIN/COMMIT where the server
+        allows it.
         """
 
     async def _run_stale(
@@ -106,17 +122,16 @@ class SqlSessionStorage(SessionStorage):
                 await engine.dispose()
 
     def unit_of_work(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self._token)
+        return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self.token)
 
-    async def save_session(self, session: ChatSession) -> bool:
-        # Saves of one object take turns: two at once would both send the same new
-        # messages, and the second would fail on their ids.
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+        # Saves of one object take turns: each plans from the base the previous one left.
         key = id(session)
         lock, users = self._saving.get(key) or (asyncio.Lock(), 0)
         self._saving[key] = (lock, users + 1)
         try:
             async with lock:
-                return await self._save_session(session)
+                return await self._save_session(session, force)
         finally:
             lock, users = self._saving[key]
             if users == 1:
@@ -124,33 +139,70 @@ class SqlSessionStorage(SessionStorage):
             else:
                 self._saving[key] = (lock, users - 1)
 
-    async def _save_session(self, session: ChatSession) -> bool:
-        sent = len(session.messages)
+    async def _save_session(self, session: ChatSession, force: bool) -> bool:
+        plan = session.plan_save(self.token)
+        if plan.writes_nothing and plan.certain:
+            if not await self._run(writes.still_there(plan), "save session", write=False):
+                raise SessionDeletedError(session.session_id)
+            return True
         try:
-            await self._run(
-                repositories.write_session(session, self._token), "save session", write=True
-            )
-        except BaseException:
-            session.forget_stored(self._token)
+            if (
+                self._one_statement_appends
+                and plan.certain
+                and plan.appends
+                and (not plan.is_new and plan.appends_only)
+            ):
+                saved = await self._run(
+                    writes.append_in_one_statement(plan), "save session", write=True, single=True
+                )
+            else:
+                saved = await self._run(
+                    writes.write_plan(plan, force=force), "save session", write=True
+                )
+        except (InvalidDataError, SessionConflictError, SessionDeletedError):
+            raise  # refused before anything was written
+        except PersistenceError as exc:
+            session.save_failed(self.token)
+            if unique_violation(exc):
+                raise await self._duplicate_message(plan.session_id, plan.appends) from exc
             raise
-        session.mark_stored(self._token, sent)
+        except BaseException:
+            # Cancelled or cut off: it may have landed, so the next save checks.
+            session.save_failed(self.token)
+            raise
+        session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True
 
-    async def load_session(self, session_id: str) -> ChatSession | None:
-        session = await self._run(
-            repositories.read_session(session_id), "load session", write=False, snapshot=True
+    async def _duplicate_message(
+        self, session_id: str, appended: Sequence[ChatMessage]
+    ) -> PersistenceError:
+        """Names the new message whose id the store already holds (a unique violation)."""
+        owners = await self._run(
+            writes.message_owners([message.message_id for message in appended]),
+            "save session",
+            write=False,
         )
-        if session is not None:
-            session.mark_stored(self._token)
-        return session
+        for message_id, owner in owners.items():
+            where = "this session" if owner == session_id else f"another session ({owner!r})"
+            return InvalidDataError(f"message_id {message_id!r} is already stored in {where}")
+        return PersistenceError("save session failed: a unique key was violated")
+
+    async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
+        check_last(last)
+        return await self._run(
+            repositories.read_session(session_id, self.token, last),
+            "load session",
+            write=False,
+            snapshot=True,
+        )
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
-        loaded = await self._run(
-            repositories.read_sessions(session_ids), "load sessions", write=False, snapshot=True
+        return await self._run(
+            repositories.read_sessions(session_ids, self.token),
+            "load sessions",
+            write=False,
+            snapshot=True,
         )
-        for session in loaded:
-            session.mark_stored(self._token)
-        return loaded
 
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
@@ -158,7 +210,8 @@ class SqlSessionStorage(SessionStorage):
         checked = check_status(status)
         check_page(limit, offset)
         return await self._run_stale(
-            partial(repositories.read_session_page, checked, limit, offset), "list sessions"
+            partial(repositories.read_session_page, checked, limit, offset, self.token),
+            "list sessions",
         )
 
     async def delete_session(self, session_id: str) -> bool:
@@ -199,16 +252,16 @@ class SqlSessionStorage(SessionStorage):
             raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
         after = ""
         while True:
+            batch_work = partial(
+                repositories.read_session_batch, after, batch_size, with_messages, self.token
+            )
             ids, batch = await self._run_stale(
-                partial(repositories.read_session_batch, after, batch_size, with_messages),
+                batch_work,
                 "iterate sessions",
                 snapshot=True,
             )
             if not ids:
                 return
-            if with_messages:
-                for session in batch:
-                    session.mark_stored(self._token)
             yield batch
             after = ids[-1]
 
@@ -239,6 +292,8 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
+        if isinstance(session_ids, str):
+            raise InvalidDataError("session_ids: a sequence of ids, not one string")
         checked = check_status(status)
         assert checked is not None
         return await self._run(
@@ -301,12 +356,27 @@ class SQLiteSessionStorage(SqlSessionStorage):
         finally:
             await super().close()
 
-    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
         # Reads too run in a transaction: it costs nothing within the one thread hop.
         dialect = self.engine.dialect
         connection = self._connection
         if connection is None:
             raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        if write and self.token in open_units_of_work():
+            work.close()
+            raise PersistenceError(
+                f"{action}: called while this task holds an open unit_of_work() of the same"
+                " SQLite storage, whose write lock it would wait for until the busy timeout;"
+                " do it through the unit of work (uow.sessions / uow.files) or after it"
+            )
         with sql_errors(action):
             result: T = await run_in_thread(
                 connection,
@@ -339,6 +409,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     """
 
     backend_name: BackendName = "postgresql"
+    _one_statement_appends = True
 
     def __init__(
         self,
@@ -415,7 +486,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         if self._replicas is None:
             return super().unit_of_work()
         engine = self.engine.execution_options(**WRITE_OPTIONS)
-        return self._replicas.unit_of_work(engine, self._token)
+        return self._replicas.unit_of_work(engine, self.token)
 
     async def _run_stale(
         self, make_work: Callable[[], Work[T]], action: str, *, snapshot: bool = False
@@ -429,17 +500,29 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 return found[0]
         return await self._run(make_work(), action, write=False, snapshot=snapshot)
 
-    async def _run(self, work: Work[T], action: str, *, write: bool, snapshot: bool = False) -> T:
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
         if write and self._replicas is not None:
             try:
-                return await self._run_on_primary(work, action, write=True, snapshot=snapshot)
+                return await self._run_on_primary(
+                    work, action, write=True, snapshot=snapshot, single=single
+                )
             finally:
                 # Counted whatever the outcome: a write that failed may have committed.
                 self._replicas.note_write()
-        return await self._run_on_primary(work, action, write=write, snapshot=snapshot)
+        return await self._run_on_primary(
+            work, action, write=write, snapshot=snapshot, single=single
+        )
 
     async def _run_on_primary(
-        self, work: Work[T], action: str, *, write: bool, snapshot: bool
+        self, work: Work[T], action: str, *, write: bool, snapshot: bool, single: bool
     ) -> T:
         engine = self.engine
         with sql_errors(action):
@@ -447,7 +530,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 driver = (await pooled.get_raw_connection()).driver_connection
                 assert driver is not None
                 try:
-                    if write:
+                    if write and not single:
                         async with driver.transaction():
                             return await run_on_asyncpg(driver, engine.dialect, work)
                     if snapshot:

@@ -54,7 +54,9 @@ try:
         InternalClientError,
     )
     from asyncpg.exceptions import PostgresConnectionError as _PostgresConnectionError
+    from asyncpg.exceptions import UniqueViolationError as _AsyncpgUniqueViolation
 
+    _UNIQUE_VIOLATIONS: tuple[type[BaseException], ...] = (_AsyncpgUniqueViolation,)
     _ASYNCPG_ERRORS: tuple[type[BaseException], ...] = (
         _PostgresError,
         _AsyncpgInterfaceError,
@@ -71,7 +73,9 @@ try:
         InternalClientError,
     )
 except ImportError:  # asyncpg is the optional postgresql extra
-    _ASYNCPG_ERRORS = _ASYNCPG_LOST = ()
+    _ASYNCPG_ERRORS = _ASYNCPG_LOST = _UNIQUE_VIOLATIONS = ()
+
+_SQLITE_UNIQUE = {sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY}
 
 
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
@@ -81,6 +85,18 @@ _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     *_ASYNCPG_ERRORS,
 )
+
+
+def unique_violation(exc: BaseException | None) -> bool:
+    """True if the error (or the driver error it wraps) is a unique-key violation."""
+    while exc is not None:
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(orig, _UNIQUE_VIOLATIONS):
+            return True
+        if isinstance(orig, sqlite3.IntegrityError):
+            return getattr(orig, "sqlite_errorcode", None) in _SQLITE_UNIQUE
+        exc = exc.__cause__
+    return False
 
 
 def connection_lost(exc: BaseException) -> bool:

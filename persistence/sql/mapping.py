@@ -8,23 +8,30 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
+from sqlalchemy import Text, cast
 
+from persistence.changes import MessageList, Snapshot
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
+from persistence.sql.types import json_loads
 
+# Metadata comes as its JSON text: the object parses it, and its bookkeeping keeps the
+# text as the stored snapshot, so a load copies nothing for it.
+SESSION_METADATA_TEXT = cast(SessionRow.metadata_, Text).label("metadata_text")
 SESSION_COLUMNS = (
     SessionRow.session_id,
     SessionRow.model,
     SessionRow.created_at,
     SessionRow.updated_at,
     SessionRow.message_count,
-    SessionRow.metadata_,
+    SESSION_METADATA_TEXT,
     SessionRow.status,
+    SessionRow.revision,
+    SessionRow.incarnation,
 )
 MESSAGE_COLUMNS = (
     MessageRow.message_id,
@@ -57,13 +64,11 @@ def _private_defaults(cls: type[BaseModel]) -> Callable[[], dict[str, Any] | Non
     attributes = dict(cls.__private_attributes__)
     if not attributes:
         return lambda: None
-    for attribute in attributes.values():
-        if attribute.default_factory is None:
-            raise TypeError(f"{cls.__name__}: private attributes need a default_factory")
-    return lambda: {
-        name: attr.default_factory()  # type: ignore[call-arg,misc]  # checked above: no-arg
+    factories = {
+        name: attr.default_factory or (lambda value=attr.default: value)
         for name, attr in attributes.items()
     }
+    return lambda: {name: make() for name, make in factories.items()}  # type: ignore[call-arg]
 
 
 _PRIVATE: dict[type[BaseModel], Callable[[], dict[str, Any] | None]] = {
@@ -110,9 +115,16 @@ _new_message = ChatMessage.__new__
 _MESSAGE_FIELDS_SET = set(ChatMessage.model_fields)
 
 
-def session_from_row(row: Sequence[Any], messages: list[ChatMessage] | None) -> ChatSession:
-    """A session; `messages` None means a listing (count from the row, no history)."""
-    return _trusted(
+def session_from_row(
+    row: Sequence[Any], messages: list[ChatMessage] | None, token: str
+) -> ChatSession:
+    """A session as storage `token` holds it, with the bookkeeping of that load.
+
+    `messages` None means a listing (no history); fewer messages than the row's count
+    means a partial load (`last=`): `message_count` is always the stored count.
+    """
+    history = MessageList() if messages is None else MessageList(messages)
+    session = _trusted(
         ChatSession,
         _SESSION_FIELDS,
         {
@@ -120,12 +132,14 @@ def session_from_row(row: Sequence[Any], messages: list[ChatMessage] | None) -> 
             "model": row[1],
             "created_at": row[2],
             "updated_at": row[3],
-            "message_count": row[4] if messages is None else len(messages),
-            "messages": [] if messages is None else messages,
-            "metadata": row[5],
+            "message_count": row[4],
+            "messages": history,
+            "metadata": json_loads(row[5]),
             "status": row[6],
         },
     )
+    session.loaded_from(token, row[7], row[8], Snapshot(text=row[5]), row[4] - len(history))
+    return session
 
 
 def file_record_from_row(row: Sequence[Any]) -> UploadedFileRecord:
@@ -150,19 +164,6 @@ def file_record_from_row(row: Sequence[Any]) -> UploadedFileRecord:
             )
         ),
     )
-
-
-def row_from_session(session: ChatSession, message_count: int) -> dict[str, Any]:
-    return {
-        "session_id": session.session_id,
-        "model": session.model,
-        "created_at": session.created_at,
-        "updated_at": session.updated_at,
-        "message_count": message_count,
-        "metadata": session.metadata,
-        "status": session.status,
-        "incarnation": uuid.uuid4().hex,
-    }
 
 
 def rows_from_messages(

@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from persistence.errors import InvalidDataError
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.sql.mapping import (
     FILE_COLUMNS,
@@ -24,84 +23,37 @@ from persistence.sql.mapping import (
     file_record_from_row,
     message_from_row,
     row_from_file_record,
-    row_from_session,
-    rows_from_messages,
     session_from_row,
 )
-from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
+from persistence.sql.runner import Execute, Fetch, Work
 from persistence.sql.search import search_statement
 from persistence.sql.statements import Statement
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
+from persistence.sql.writes import chunks
 from persistence.storage import StorageCounts, search_words
 
 sessions = cast(Table, SessionRow.__table__)
 messages = cast(Table, MessageRow.__table__)
 files = cast(Table, FileRow.__table__)
 
-# Bound parameters per statement stay well under SQLite's and asyncpg's limits.
-_IN_CHUNK = 500
-
 
 def _binds(table: Table, *names: str) -> dict[str, Any]:
     return {name: bindparam(name, type_=table.c[name].type) for name in names}
 
 
-def _upsert(table: Table, key: str, increment: str | None = None) -> Statement:
+def _upsert(table: Table, key: str) -> Statement:
     """INSERT ... ON CONFLICT DO UPDATE: the same SQL on SQLite and PostgreSQL."""
     names = [column.name for column in table.columns if column.name != "id"]
 
     def build(dialect: str) -> Any:
         statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
         statement = statement.values(_binds(table, *names))
-        updates: dict[str, Any] = {
-            name: statement.excluded[name] for name in names if name not in (key, increment)
-        }
-        if increment is not None:
-            updates[increment] = table.c[increment] + statement.excluded[increment]
-            return statement.on_conflict_do_update(
-                index_elements=[table.c[key]], set_=updates
-            ).returning(table.c[increment])
+        updates = {name: statement.excluded[name] for name in names if name != key}
         return statement.on_conflict_do_update(index_elements=[table.c[key]], set_=updates)
 
     return Statement(build)
 
 
-def _session_upsert(dialect: str) -> Any:
-    names = [c.name for c in sessions.columns if c.name not in ("revision", "next_position")]
-    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(sessions)
-    statement = statement.values(
-        {**_binds(sessions, *names), "revision": 1, "next_position": bindparam("message_count")}
-    )
-    excluded = statement.excluded
-    fields = ("model", "created_at", "updated_at", "metadata", "status")
-    return statement.on_conflict_do_update(
-        index_elements=[sessions.c.session_id],
-        set_={
-            **{name: excluded[name] for name in fields},
-            "message_count": sessions.c.message_count + excluded.message_count,
-            "next_position": sessions.c.next_position + excluded.message_count,
-            "revision": sessions.c.revision + 1,
-        },
-    ).returning(sessions.c.message_count, sessions.c.next_position)
-
-
-UPSERT_SESSION = Statement(_session_upsert)
-INSERT_MESSAGES = Statement(
-    insert(messages).values(_binds(messages, *(c.name for c in messages.columns if c.name != "id")))
-)
-ADD_MESSAGE_COUNT = Statement(
-    update(sessions)
-    .where(sessions.c.session_id == bindparam("session_id"))
-    .values(
-        message_count=sessions.c.message_count + bindparam("added"),
-        next_position=sessions.c.next_position + bindparam("added"),
-    )
-)
-MESSAGE_OWNERS = Statement(
-    select(messages.c.message_id, messages.c.session_id).where(
-        messages.c.message_id.in_(bindparam("ids", expanding=True))
-    )
-)
 SELECT_SESSION = Statement(
     select(*SESSION_COLUMNS).where(sessions.c.session_id == bindparam("session_id"))
 )
@@ -109,6 +61,13 @@ SELECT_MESSAGES = Statement(
     select(*MESSAGE_COLUMNS)
     .where(messages.c.session_id == bindparam("session_id"))
     .order_by(messages.c.position)
+)
+# The newest `last`, newest first (read backwards through the (session_id, position) index).
+SELECT_NEWEST_MESSAGES = Statement(
+    select(*MESSAGE_COLUMNS)
+    .where(messages.c.session_id == bindparam("session_id"))
+    .order_by(messages.c.position.desc())
+    .limit(bindparam("last"))
 )
 SELECT_SESSIONS_IN = Statement(
     select(*SESSION_COLUMNS).where(sessions.c.session_id.in_(bindparam("ids", expanding=True)))
@@ -142,7 +101,7 @@ DELETE_SESSION = Statement(delete(sessions).where(sessions.c.session_id == bindp
 EXPIRE_SESSIONS = Statement(
     update(sessions)
     .where(sessions.c.status == "active", sessions.c.updated_at < bindparam("cutoff"))
-    .values(status="expired")
+    .values(status="expired", revision=sessions.c.revision + 1)
 )
 SET_STATUS = Statement(
     update(sessions)
@@ -150,7 +109,7 @@ SET_STATUS = Statement(
         sessions.c.session_id.in_(bindparam("ids", expanding=True)),
         sessions.c.status != bindparam("status"),
     )
-    .values(status=bindparam("status"))
+    .values(status=bindparam("status"), revision=sessions.c.revision + 1)
 )
 COUNT_BY_STATUS = Statement(select(sessions.c.status, func.count()).group_by(sessions.c.status))
 # message_count always equals the rows stored, and summing it reads one row a session.
@@ -180,131 +139,54 @@ DELETE_EXPIRED_FILES = Statement(delete(files).where(files.c.expires_at <= bindp
 SEARCH = Statement(search_statement)
 
 
-def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
-    return [items[i : i + _IN_CHUNK] for i in range(0, len(items), _IN_CHUNK)]
-
-
-def _check_owned(session: ChatSession, new: Sequence[ChatMessage]) -> None:
-    seen: set[str] = set()
-    for message in new:
-        if message.session_id != session.session_id:
-            raise InvalidDataError(
-                f"message {message.message_id!r} has session_id {message.session_id!r},"
-                f" not {session.session_id!r}"
-            )
-        if message.message_id in seen:
-            raise InvalidDataError(f"message_id {message.message_id!r} appears twice")
-        seen.add(message.message_id)
-
-
-def _messages_not_stored(
-    session_id: str, candidates: Sequence[ChatMessage]
-) -> Work[list[ChatMessage]]:
-    """Returns the candidates not stored yet.
-
-    Raises:
-        InvalidDataError: if a message id is already stored in another session.
-    """
-    stored: dict[str, str] = {}
-    for chunk in _chunks([message.message_id for message in candidates]):
-        rows = yield Fetch(MESSAGE_OWNERS, {"ids": list(chunk)})
-        stored.update({row[0]: row[1] for row in rows})
-    for message_id, owner in stored.items():
-        if owner != session_id:
-            raise InvalidDataError(
-                f"message_id {message_id!r} is already stored in another session ({owner!r})"
-            )
-    return [message for message in candidates if message.message_id not in stored]
-
-
-def write_session(session: ChatSession, token: str) -> Work[None]:
-    """Upserts the session and inserts only the messages the store does not hold.
-
-    The upsert takes the session row's lock (PostgreSQL) inside a transaction that
-    holds the write lock (SQLite), so writers of one session never collide on a
-    position, and the stored order is the order in which writes commit.
-
-    The messages to send are taken now, when the work is made: a message appended
-    while the save is in flight belongs to the next save, which the caller's
-    `mark_stored(token, count)` leaves it to.
-
-    Raises:
-        InvalidDataError: if a message belongs to another session or repeats an id.
-    """
-    messages = list(session.messages)
-    new, certain = session.unstored_messages(token)
-    _check_owned(session, new)
-    return _write_session(session, messages, new, certain)
-
-
-def _write_session(
-    session: ChatSession, messages: list[ChatMessage], new: list[ChatMessage], certain: bool
-) -> Work[None]:
-    if certain:
-        rows = yield Fetch(UPSERT_SESSION, row_from_session(session, len(new)))
-        base = rows[0][1] - len(new)
-        if rows[0][0] - len(new) >= len(messages) - len(new):
-            if new:
-                yield ExecuteMany(
-                    INSERT_MESSAGES, rows_from_messages(session.session_id, new, base)
-                )
-            return
-        # Fewer rows than this object saw stored: the session was deleted meanwhile,
-        # and its earlier messages with it.
-        new = messages
-        _check_owned(session, new)
-    else:
-        rows = yield Fetch(UPSERT_SESSION, row_from_session(session, 0))
-        base = rows[0][1]
-    new = yield from _messages_not_stored(session.session_id, new)
-    if new:
-        yield Execute(ADD_MESSAGE_COUNT, {"session_id": session.session_id, "added": len(new)})
-        yield ExecuteMany(INSERT_MESSAGES, rows_from_messages(session.session_id, new, base))
-
-
-def read_session(session_id: str) -> Work[ChatSession | None]:
+def read_session(session_id: str, token: str, last: int | None) -> Work[ChatSession | None]:
     rows = yield Fetch(SELECT_SESSION, {"session_id": session_id})
     if not rows:
         return None
-    history = yield Fetch(SELECT_MESSAGES, {"session_id": session_id})
-    return session_from_row(rows[0], [message_from_row(row) for row in history])
+    if last is None:
+        history = yield Fetch(SELECT_MESSAGES, {"session_id": session_id})
+        return session_from_row(rows[0], [message_from_row(row) for row in history], token)
+    newest = yield Fetch(SELECT_NEWEST_MESSAGES, {"session_id": session_id, "last": last})
+    return session_from_row(rows[0], [message_from_row(row) for row in reversed(newest)], token)
 
 
 def read_sessions(
-    session_ids: Sequence[str], with_messages: bool = True
+    session_ids: Sequence[str], token: str, with_messages: bool = True
 ) -> Work[list[ChatSession]]:
     """Returns the sessions that exist, in the order of `session_ids`."""
     found: dict[str, Any] = {}
     history: dict[str, list[ChatMessage]] = {}
-    for chunk in _chunks(list(session_ids)):
+    for chunk in chunks(list(session_ids)):
         for row in (yield Fetch(SELECT_SESSIONS_IN, {"ids": list(chunk)})):
             found[row[0]] = row
         if with_messages:
             for row in (yield Fetch(SELECT_MESSAGES_IN, {"ids": list(chunk)})):
                 history.setdefault(row[1], []).append(message_from_row(row))
     return [
-        session_from_row(found[sid], history.get(sid, []) if with_messages else None)
+        session_from_row(found[sid], history.get(sid, []) if with_messages else None, token)
         for sid in session_ids
         if sid in found
     ]
 
 
-def read_session_page(status: Status | None, limit: int, offset: int) -> Work[list[ChatSession]]:
+def read_session_page(
+    status: Status | None, limit: int, offset: int, token: str
+) -> Work[list[ChatSession]]:
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if status is None:
         rows = yield Fetch(SESSION_PAGE, params)
     else:
         rows = yield Fetch(SESSION_PAGE_BY_STATUS, {**params, "status": status})
-    return [session_from_row(row, None) for row in rows]
+    return [session_from_row(row, None, token) for row in rows]
 
 
 def read_session_batch(
-    after: str, limit: int, with_messages: bool
+    after: str, limit: int, with_messages: bool, token: str
 ) -> Work[tuple[list[str], list[ChatSession]]]:
     """The next `limit` sessions in session_id order after `after` ("" for the first)."""
     rows = yield Fetch(SESSION_IDS_AFTER, {"after": after, "limit": limit})
     ids = [row[0] for row in rows]
-    batch = yield from read_sessions(ids, with_messages)
+    batch = yield from read_sessions(ids, token, with_messages)
     return ids, batch
 
 
@@ -359,7 +241,7 @@ def expire_sessions_before(cutoff: datetime) -> Work[int]:
 
 def set_sessions_status(session_ids: Sequence[str], status: Status) -> Work[int]:
     changed = 0
-    for chunk in _chunks(list(session_ids)):
+    for chunk in chunks(list(session_ids)):
         changed += yield Execute(SET_STATUS, {"ids": list(chunk), "status": status})
     return changed
 

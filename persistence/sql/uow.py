@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from persistence.errors import PersistenceError
+from persistence.changes import Base, SavePlan
+from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
-from persistence.sql import repositories
-from persistence.sql.errors import sql_errors
+from persistence.sql import repositories, writes
+from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_connection
+from persistence.sql.writes import Saved
 from persistence.storage import UnitOfWork
 
 T = TypeVar("T")
+
+
+# The tokens of the storages whose unit of work the current task holds open.
+_OPEN: ContextVar[frozenset[str]] = ContextVar("_OPEN", default=frozenset())
+
+
+def open_units_of_work() -> frozenset[str]:
+    """Tokens of the storages with a unit of work open in the current task."""
+    return _OPEN.get()
 
 
 class _SqlSessions:
@@ -22,15 +34,24 @@ class _SqlSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
-        session = await self._uow.run(repositories.read_session(session_id), "load session")
-        if session is not None:
-            session.mark_stored(self._uow.token)
-        return session
+        return await self._uow.run(
+            repositories.read_session(session_id, self._uow.token, None), "load session"
+        )
 
     async def add(self, session: ChatSession) -> None:
-        sent = len(session.messages)
-        await self._uow.run(repositories.write_session(session, self._uow.token), "save session")
-        self._uow.stored_until_rollback(session, sent)
+        uow = self._uow
+        plan = session.plan_save(uow.token)
+        try:
+            saved = await uow.run(writes.write_plan(plan), "save session")
+        except PersistenceError as exc:
+            if unique_violation(exc):
+                ids = ", ".join(repr(message.message_id) for message in plan.appends[:3])
+                raise InvalidDataError(
+                    f"session {session.session_id!r}: a new message's id is already stored"
+                    f" (one of {ids}); roll this unit of work back"
+                ) from exc
+            raise
+        uow.saved_until_rollback(session, plan, saved)
 
     async def delete(self, session_id: str) -> bool:
         return await self._uow.run(repositories.delete_session(session_id), "delete session")
@@ -60,8 +81,9 @@ class SqlUnitOfWork(UnitOfWork):
     def __init__(self, engine: AsyncEngine, token: str) -> None:
         self.token = token
         self._session = AsyncSession(bind=engine, expire_on_commit=False)
-        self._undo: dict[int, tuple[ChatSession, tuple[int, str | None] | None]] = {}
+        self._undo: dict[int, tuple[ChatSession, Base | None]] = {}
         self._committed = False
+        self._open: Token[frozenset[str]] | None = None
         self.sessions = _SqlSessions(self)
         self.files = _SqlFiles(self)
 
@@ -82,11 +104,18 @@ class SqlUnitOfWork(UnitOfWork):
                 return result
             return await run_on_connection(connection, work)
 
-    def stored_until_rollback(self, session: ChatSession, count: int) -> None:
-        """Marks the first `count` messages stored now; a rollback restores the old marker."""
+    def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:
+        """Takes the save as stored now; a rollback gives the object back its old base."""
         if id(session) not in self._undo:
-            self._undo[id(session)] = (session, session.stored_marker(self.token))
-        session.mark_stored(self.token, count)
+            self._undo[id(session)] = (session, session.base_for(self.token))
+        session.saved_to(
+            self.token,
+            plan,
+            saved.revision,
+            saved.incarnation,
+            exact=saved.exact,
+            keep_log=True,
+        )
 
     async def commit(self) -> None:
         try:
@@ -94,22 +123,23 @@ class SqlUnitOfWork(UnitOfWork):
                 await self._session.commit()
         except BaseException:
             # The commit may have landed before the error: later saves must check.
-            for session, _marker in self._undo.values():
-                session.forget_stored(self.token)
+            for session, _base in self._undo.values():
+                session.save_failed(self.token)
             self._undo.clear()
             raise
         self._committed = True
         self._undo.clear()
 
     async def rollback(self) -> None:
-        # The store holds none of this unit's messages: later saves must send them again.
-        for session, marker in self._undo.values():
-            session.restore_stored_marker(self.token, marker)
+        # The store holds none of this unit's changes: later saves must send them again.
+        for session, base in self._undo.values():
+            session.restore_base(self.token, base)
         self._undo.clear()
         with sql_errors("rollback"):
             await self._session.rollback()
 
     async def __aenter__(self) -> Self:
+        self._open = _OPEN.set(_OPEN.get() | {self.token})
         return self
 
     async def __aexit__(
@@ -122,5 +152,8 @@ class SqlUnitOfWork(UnitOfWork):
             if not self._committed:
                 await self.rollback()
         finally:
+            if self._open is not None:
+                _OPEN.reset(self._open)
+                self._open = None
             with sql_errors("close unit of work"):
                 await self._session.close()

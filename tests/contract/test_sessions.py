@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from persistence import ChatSession, InvalidDataError, SessionStorage
+from persistence import ChatSession, InvalidDataError, SessionDeletedError, SessionStorage
 from tests.factories import conversation
 
 
@@ -195,16 +195,37 @@ async def test_delete_removes_the_session_and_its_messages(storage: SessionStora
     assert await storage.search_messages("message") == keep.messages
 
 
-async def test_a_deleted_session_saved_again_starts_afresh(storage: SessionStorage) -> None:
+async def test_a_deleted_session_is_not_brought_back_by_the_object_that_saved_it(
+    storage: SessionStorage,
+) -> None:
     session = conversation(2)
     await storage.save_session(session)
     await storage.delete_session(session.session_id)
 
+    with pytest.raises(SessionDeletedError):
+        await storage.save_session(session)
+    session.add_message("user", "still there?")
+    with pytest.raises(SessionDeletedError):
+        await storage.save_session(session)
+
+    assert await storage.load_session(session.session_id) is None
+
+
+async def test_a_new_object_under_a_deleted_id_creates_a_new_session(
+    storage: SessionStorage,
+) -> None:
+    session = conversation(2)
     await storage.save_session(session)
+    await storage.delete_session(session.session_id)
+
+    again = ChatSession.create("m", session_id=session.session_id)
+    again.add_message("user", "a fresh start")
+    await storage.save_session(again)
 
     loaded = await storage.load_session(session.session_id)
     assert loaded is not None
-    assert loaded.message_count == 2
+    assert [m.content for m in loaded.messages] == ["a fresh start"]
+    assert loaded.message_count == 1
 
 
 async def test_list_sessions_pages_newest_first_with_counts_and_no_messages(

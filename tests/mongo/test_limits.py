@@ -7,9 +7,10 @@ import pytest
 from pydantic import ValidationError
 
 from persistence.errors import InvalidDataError
-from persistence.models import MAX_METADATA_DEPTH, ChatSession
+from persistence.models import ChatSession
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
 from persistence.mongo.mapping import check_save_size, document_from_session, save_update
+from persistence.validation import MAX_METADATA_DEPTH
 
 
 def _session_with(content_bytes: int) -> ChatSession:

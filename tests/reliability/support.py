@@ -171,7 +171,8 @@ class TcpProxy:
 
     `lose_next_commit_ack()` makes it deliver the next COMMIT to the server, then drop
     the link before the server's answer reaches the client: a commit that landed but
-    whose acknowledgement was lost.
+    whose acknowledgement was lost. `lose_next_answer()` does the same to whatever the
+    client sends next (a single-statement write, which needs no COMMIT).
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -181,6 +182,7 @@ class TcpProxy:
         self._links: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lose_commit_ack = False
+        self._lose_answer = False
         self.connections = 0
 
     async def start(self) -> None:
@@ -189,6 +191,9 @@ class TcpProxy:
 
     def lose_next_commit_ack(self) -> None:
         self._lose_commit_ack = True
+
+    def lose_next_answer(self) -> None:
+        self._lose_answer = True
 
     async def cut(self) -> None:
         """Stops listening and resets every open link, as a network failure would."""
@@ -232,8 +237,10 @@ class TcpProxy:
             while data := await source.read(65536):
                 sink.write(data)
                 await sink.drain()
-                if client is not None and self._lose_commit_ack and b"COMMIT" in data:
-                    self._lose_commit_ack = False
+                if client is not None and (
+                    self._lose_answer or (self._lose_commit_ack and b"COMMIT" in data)
+                ):
+                    self._lose_commit_ack = self._lose_answer = False
                     # The client loses the link now; the server reads the COMMIT, then EOF.
                     client.transport.abort()
                     sink.close()

@@ -182,7 +182,7 @@ async def _stored_message_ids(url: str, session_id: str) -> list[str]:
     return state.messages.get(session_id, [])
 
 
-async def test_a_save_whose_commit_ack_was_lost_is_retried_without_duplicates(
+async def test_a_save_whose_acknowledgement_was_lost_is_retried_without_duplicates(
     make_postgresql: MakeStorage, postgresql_url: str
 ) -> None:
     storage, proxy = await _through_proxy(make_postgresql, postgresql_url)
@@ -190,8 +190,11 @@ async def test_a_save_whose_commit_ack_was_lost_is_retried_without_duplicates(
         session = ChatSession.create("faults")
         session.add_message("user", "first")
         await storage.save_session(session)
+        session.add_message("user", "warms the append's prepared statement")
+        await storage.save_session(session)
+        # An append is one statement (no COMMIT): the server runs it, the answer is lost.
         session.add_message("user", "landed, ack lost")
-        proxy.lose_next_commit_ack()
+        proxy.lose_next_answer()
         with pytest.raises(StorageConnectionError):
             await storage.save_session(session)
         landed = await _stored_message_ids(postgresql_url, session.session_id)
@@ -202,8 +205,13 @@ async def test_a_save_whose_commit_ack_was_lost_is_retried_without_duplicates(
     finally:
         await proxy.close()
     assert loaded is not None
-    assert [m.content for m in loaded.messages] == ["first", "landed, ack lost", "third"]
-    assert loaded.message_count == 3
+    assert [m.content for m in loaded.messages] == [
+        "first",
+        "warms the append's prepared statement",
+        "landed, ack lost",
+        "third",
+    ]
+    assert loaded.message_count == 4
 
 
 async def test_a_unit_of_work_whose_commit_ack_was_lost_is_retried_without_duplicates(

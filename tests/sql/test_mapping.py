@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 from persistence import ChatMessage, ChatSession, UploadedFileRecord
@@ -9,7 +10,6 @@ from persistence.sql.mapping import (
     file_record_from_row,
     message_from_row,
     row_from_file_record,
-    row_from_session,
     rows_from_messages,
     session_from_row,
 )
@@ -42,25 +42,26 @@ def test_a_message_built_from_a_row_equals_a_validated_one() -> None:
 
 def test_a_session_built_from_a_row_behaves_like_a_validated_one() -> None:
     validated = ChatSession.create("m", session_id="s1", metadata={"a": 1})
-    row = row_from_session(validated, 0)
     values = [
-        row[key]
-        for key in (
-            "session_id",
-            "model",
-            "created_at",
-            "updated_at",
-            "message_count",
-            "metadata",
-            "status",
-        )
+        validated.session_id,
+        validated.model,
+        validated.created_at,
+        validated.updated_at,
+        0,
+        json.dumps(validated.metadata),
+        validated.status,
+        7,
+        "incarnation",
     ]
 
-    built = session_from_row(values, [])
+    built = session_from_row(values, [], "token")
 
     assert built == validated
+    assert built.revision == 7 and not built.has_changes_for("token")
     built.add_message("user", "still works")
-    assert built.message_count == 1 and built.unstored_messages("token")[1] is False
+    assert built.message_count == 1
+    plan = built.plan_save("token")
+    assert [m.content for m in plan.appends] == ["still works"] and plan.appends_only
 
 
 def test_a_file_record_built_from_a_row_equals_a_validated_one() -> None:

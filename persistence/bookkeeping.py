@@ -1,0 +1,325 @@
+"""Per-storage bookkeeping of a ChatSession: what each store holds of it, what a save sends.
+
+Storages call these around their reads and writes: `loaded_from` after a load,
+`plan_save` before a save, `saved_to` or `save_failed` after it. `rebase` is the
+reload-and-reapply of SessionManager. Mixed into `ChatSession`, whose edit operations
+feed the log that `plan_save` replays (see changes.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from persistence.changes import (
+    TRACKED_FIELDS,
+    Base,
+    Edit,
+    LogEntry,
+    MessageList,
+    SavePlan,
+    Snapshot,
+    merge_metadata,
+    metadata_changes,
+    replay,
+    same_value,
+)
+from persistence.errors import InvalidDataError
+
+if TYPE_CHECKING:
+    from persistence.models import ChatMessage, ChatSession, Status
+
+
+class Bookkeeping:
+    """The bookkeeping half of `ChatSession` (its fields and private state live there)."""
+
+    if TYPE_CHECKING:
+        session_id: str
+        model: str
+        status: Status
+        created_at: datetime
+        updated_at: datetime
+        message_count: int
+        metadata: dict[str, Any]
+        _bases: dict[str, Base]
+        _log: list[LogEntry]
+        _log_start: int
+        _omitted: int
+        _revision: int | None
+        _epoch: int
+
+        def _messages(self) -> MessageList: ...
+
+    def loaded_from(
+        self, token: str, revision: int, incarnation: str, metadata: Snapshot, omitted: int = 0
+    ) -> None:
+        """Records that storage `token` holds this object's state at `revision`.
+
+        `metadata` is the stored metadata as a snapshot the object does not share.
+        """
+        messages = self._messages()
+        self._omitted = omitted
+        self._revision = revision
+        self._bases[token] = Base(
+            revision=revision,
+            incarnation=incarnation,
+            exact=True,
+            certain=True,
+            model=self.model,
+            status=self.status,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            metadata=metadata,
+            synced=len(messages),
+            log_at=self._log_start + len(self._log),
+            foreign_at=messages.foreign_changes,
+        )
+
+    def plan_save(self, token: str) -> SavePlan:
+        """What a save to storage `token` must send: the changes since its base.
+
+        Raises:
+            InvalidDataError: if `messages` was changed in a way the model cannot express,
+                or a new message belongs to another session or repeats an id.
+        """
+        messages = self._messages()
+        base = self._bases.get(token)
+        log_at = self._log_start + len(self._log)
+        if base is None:
+            appends = tuple(messages)
+            _check_new_messages(self.session_id, appends)
+            return SavePlan(
+                session_id=self.session_id,
+                revision=None,
+                incarnation=None,
+                certain=True,
+                exact=False,
+                model=self.model,
+                status=self.status,
+                created_at=self.created_at,
+                updated_at=self.updated_at,
+                metadata=copy.deepcopy(self.metadata),
+                field_changes={},
+                metadata_changes={},
+                edits=(),
+                removals=(),
+                appends=appends,
+                updated_at_changed=True,
+                messages_sent=len(messages),
+                log_at=log_at,
+                foreign_at=messages.foreign_changes,
+                epoch=self._epoch,
+            )
+        if messages.foreign_changes != base.foreign_at:
+            raise InvalidDataError(
+                f"session {self.session_id!r}: {messages.first_foreign} directly in"
+                " `messages`, which a save cannot express; use add_message, edit_message,"
+                " rewind or pop_message, or load the session again"
+            )
+        pending = replay(base, self._log[base.log_at - self._log_start :])
+        appends = tuple(messages[pending.synced :])
+        _check_new_messages(self.session_id, appends)
+        field_changes = {
+            name: (getattr(base, name), self.__dict__[name])
+            for name in TRACKED_FIELDS
+            if getattr(base, name) != self.__dict__[name]
+        }
+        stored_metadata = base.metadata.value()
+        changes = metadata_changes(stored_metadata, self.metadata)
+        return SavePlan(
+            session_id=self.session_id,
+            revision=base.revision,
+            incarnation=base.incarnation,
+            certain=base.certain,
+            exact=base.exact,
+            model=self.model,
+            status=self.status,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            metadata=copy.deepcopy(self.metadata) if changes else stored_metadata,
+            field_changes=field_changes,
+            metadata_changes=changes,
+            edits=tuple(pending.edits.values()),
+            removals=tuple(pending.removed.values()),
+            appends=appends,
+            updated_at_changed=self.updated_at != base.updated_at,
+            messages_sent=len(messages),
+            log_at=log_at,
+            foreign_at=messages.foreign_changes,
+            epoch=self._epoch,
+        )
+
+    def saved_to(
+        self,
+        token: str,
+        plan: SavePlan,
+        revision: int,
+        incarnation: str,
+        *,
+        exact: bool,
+        keep_log: bool = False,
+    ) -> None:
+        """Records that storage `token` confirmed `plan` at `revision`.
+
+        Changes made while the save was in flight stay pending: the new base is the
+        object as the plan saw it. `keep_log` keeps what an older base needs (a unit of
+        work may still roll back to it).
+        """
+        self._revision = revision
+        if plan.epoch != self._epoch:
+            # Rebased while this save was in flight: the plan no longer describes the
+            # list. It landed, so the rebased base is behind: the next save checks.
+            self.save_failed(token)
+            return
+        self._bases[token] = Base(
+            revision=revision,
+            incarnation=incarnation,
+            exact=exact,
+            certain=True,
+            model=plan.model,
+            status=plan.status,
+            created_at=plan.created_at,
+            updated_at=plan.updated_at,
+            metadata=Snapshot(value=plan.metadata),
+            synced=plan.messages_sent,
+            log_at=plan.log_at,
+            foreign_at=plan.foreign_at,
+        )
+        self._trim_log()
+
+    def rebase(self, token: str, fresh: ChatSession) -> list[str]:
+        """Makes `fresh` (just loaded from storage `token`) this object's base, in place.
+
+        This object's own pending changes are applied over it: its values win for the
+        fields, metadata keys and messages it changed; messages others added are kept.
+        Edits of messages another writer removed are dropped.
+
+        Returns:
+            The ids of edited messages that were dropped.
+
+        Raises:
+            InvalidDataError: if `messages` was changed in a way the model cannot express.
+        """
+        plan = self.plan_save(token)
+        base = fresh._bases[token].copy()
+        removed_ids = {message.message_id for message in plan.removals}
+        edited = {edit.current.message_id: edit.current for edit in plan.edits}
+        kept: list[ChatMessage] = []
+        for message in fresh.messages:
+            if message.message_id in removed_ids:
+                base.removed[message.message_id] = message
+                continue
+            current = edited.pop(message.message_id, None)
+            if current is not None:
+                base.edits[message.message_id] = Edit(message, current)
+            kept.append(current or message)
+        stored_ids = {message.message_id for message in fresh.messages}
+        appends = [m for m in plan.appends if m.message_id not in stored_ids]
+        values = {name: fresh.__dict__[name] for name in TRACKED_FIELDS}
+        values.update({name: new for name, (_old, new) in plan.field_changes.items()})
+        messages = self._messages()
+        list.__setitem__(messages, slice(None), [*kept, *appends])
+        base.synced = len(kept)
+        base.log_at = self._log_start + len(self._log)
+        base.foreign_at = messages.foreign_changes
+        self.__dict__.update(values)
+        self.__dict__["metadata"] = merge_metadata(fresh.metadata, plan.metadata_changes)
+        self.__dict__["updated_at"] = max(self.updated_at, fresh.updated_at)
+        self.__dict__["message_count"] = fresh._omitted + len(messages)
+        self._omitted = fresh._omitted
+        self._revision = fresh._revision
+        self._epoch += 1
+        self._bases[token] = base
+        self._trim_log()
+        return list(edited)
+
+    def stored_updated_at(self, token: str) -> datetime | None:
+        """The `updated_at` storage `token` held at this object's last load or save there."""
+        base = self._bases.get(token)
+        return None if base is None else base.updated_at
+
+    def base_for(self, token: str) -> Base | None:
+        """A copy of what storage `token` held of this object (for a unit of work's undo)."""
+        base = self._bases.get(token)
+        return None if base is None else base.copy()
+
+    def restore_base(self, token: str, base: Base | None) -> None:
+        """Puts back a base from `base_for`: the writes since were rolled back."""
+        if base is None:
+            self._bases.pop(token, None)
+        else:
+            self._bases[token] = base
+
+    def save_failed(self, token: str) -> None:
+        """Records that a save to `token` may or may not have landed: the next one checks."""
+        base = self._bases.get(token)
+        if base is not None:
+            base.certain = False
+
+    def has_changes_for(self, token: str) -> bool:
+        """Whether storage `token` lacks something of this object (True if it never held it)."""
+        base = self._bases.get(token)
+        if base is None or not base.certain:
+            return True
+        messages = self._messages()
+        if (
+            messages.foreign_changes != base.foreign_at
+            or len(self._log) > base.log_at - self._log_start
+        ):
+            return True
+        return (
+            len(messages) != base.synced
+            or base.edits != {}
+            or base.removed != {}
+            or self.updated_at != base.updated_at
+            or any(getattr(base, name) != self.__dict__[name] for name in TRACKED_FIELDS)
+            or not same_value(base.metadata.value(), self.metadata)
+        )
+
+    def has_history_changes(self, token: str) -> bool:
+        """Whether edits or removals are pending for storage `token`."""
+        base = self._bases.get(token)
+        if base is None:
+            return False
+        pending = replay(base, self._log[base.log_at - self._log_start :])
+        return bool(pending.edits or pending.removed)
+
+    def note_stored_status(self, token: str, status: Status) -> None:
+        """Records a status the store set by itself (an expiry sweep), without a save.
+
+        The object's own status is left alone: if it differs, the next save writes it.
+        """
+        base = self._bases.get(token)
+        if base is not None:
+            base.status = status
+            base.exact = False
+
+    def _trim_log(self) -> None:
+        if not self._bases:
+            self._log_start += len(self._log)
+            self._log.clear()
+            return
+        oldest = min(base.log_at for base in self._bases.values())
+        drop = oldest - self._log_start
+        if drop > 0:
+            del self._log[:drop]
+            self._log_start = oldest
+
+
+def _check_new_messages(session_id: str, messages: tuple[ChatMessage, ...]) -> None:
+    """Refuses new messages that belong to another session or repeat an id.
+
+    Raises:
+        InvalidDataError: naming the message.
+    """
+    seen: set[str] = set()
+    for message in messages:
+        if message.session_id != session_id:
+            raise InvalidDataError(
+                f"message {message.message_id!r} has session_id {message.session_id!r},"
+                f" not {session_id!r}"
+            )
+        if message.message_id in seen:
+            raise InvalidDataError(f"message_id {message.message_id!r} appears twice")
+        seen.add(message.message_id)

@@ -1,0 +1,336 @@
+"""What a holder changed since it last loaded or saved a session: the plan of a save.
+
+A `ChatSession` keeps, for every storage that holds it, a `Base`: the revision and the
+field values it last saw there, how many of its leading messages that storage holds,
+and the edits and removals made since. Appends need no record: they are the messages
+after the stored prefix. Edits and removals go to a small log with the position they
+had, so a save that is in flight while the object changes leaves exactly the later
+changes pending. A save takes a `SavePlan` from the object before any I/O and, when
+the store confirms it, the `Base` that plan leads to.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex, overload
+
+if TYPE_CHECKING:
+    from persistence.models import ChatMessage
+
+
+class _Missing:
+    """A metadata key that is absent (distinct from a key holding None)."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Missing:
+        return self
+
+
+MISSING: Final = _Missing()
+
+# The session fields a save writes as the holder set them (updated_at only moves forward).
+TRACKED_FIELDS = ("model", "status", "created_at")
+
+
+class MessageList(list["ChatMessage"]):
+    """A session's history: a list that notices changes the model cannot express.
+
+    Appending is an append. Replacing, inserting, deleting or reordering elements
+    directly would leave a save unable to tell what changed, so each such change is
+    counted (with the first message it touched) and the next save refuses.
+    """
+
+    __slots__ = ("first_foreign", "foreign_changes")
+
+    def __init__(self, messages: Iterable[ChatMessage] = ()) -> None:
+        super().__init__(messages)
+        self.foreign_changes = 0
+        self.first_foreign: str | None = None
+
+    def mark_foreign(self, what: str) -> None:
+        self.foreign_changes += 1
+        if self.first_foreign is None:
+            self.first_foreign = what
+
+    def _describe(self, index: Any) -> str:
+        if isinstance(index, slice):
+            touched = self[index]
+            index = index.start or 0
+            if not touched:
+                return f"position {index}"
+            return f"message {touched[0].message_id!r} (position {index})"
+        try:
+            return f"message {self[index].message_id!r} (position {index})"
+        except (IndexError, TypeError):
+            return f"position {index!r}"
+
+    @overload
+    def __setitem__(self, index: SupportsIndex, value: ChatMessage) -> None: ...
+
+    @overload
+    def __setitem__(self, index: slice, value: Iterable[ChatMessage]) -> None: ...
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.mark_foreign(f"{self._describe(index)} replaced")
+        super().__setitem__(index, value)
+
+    def __delitem__(self, index: Any) -> None:
+        self.mark_foreign(f"{self._describe(index)} deleted")
+        super().__delitem__(index)
+
+    def insert(self, index: SupportsIndex, value: ChatMessage) -> None:
+        self.mark_foreign(f"message {value.message_id!r} inserted at position {index}")
+        super().insert(index, value)
+
+    def remove(self, value: ChatMessage) -> None:
+        self.mark_foreign(f"message {getattr(value, 'message_id', value)!r} removed")
+        super().remove(value)
+
+    def pop(self, index: SupportsIndex = -1) -> ChatMessage:
+        self.mark_foreign(f"{self._describe(index)} popped from the list")
+        return super().pop(index)
+
+    def clear(self) -> None:
+        self.mark_foreign("the list cleared")
+        super().clear()
+
+    def sort(self, *args: Any, **kwargs: Any) -> None:
+        self.mark_foreign("the list sorted")
+        super().sort(*args, **kwargs)
+
+    def reverse(self) -> None:
+        self.mark_foreign("the list reversed")
+        super().reverse()
+
+    def __imul__(self, count: SupportsIndex) -> MessageList:
+        if int(count) != 1:
+            self.mark_foreign("the list repeated")
+        super().__imul__(count)
+        return self
+
+    def __copy__(self) -> MessageList:
+        copied = MessageList(self)
+        copied.foreign_changes, copied.first_foreign = self.foreign_changes, self.first_foreign
+        return copied
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (_rebuild_list, (list(self), self.foreign_changes, self.first_foreign))
+
+
+def _rebuild_list(items: list[ChatMessage], changes: int, first: str | None) -> MessageList:
+    rebuilt = MessageList(items)
+    rebuilt.foreign_changes, rebuilt.first_foreign = changes, first
+    return rebuilt
+
+
+class Snapshot:
+    """A metadata object as a store held it, apart from the holder's own mutable copy.
+
+    Loads keep the JSON text the row carried and parse it only if a save needs it, so a
+    page of sessions pays no copy for bookkeeping.
+    """
+
+    __slots__ = ("_text", "_value")
+
+    def __init__(self, *, text: str | None = None, value: dict[str, Any] | None = None) -> None:
+        self._text = text
+        self._value = value
+
+    def value(self) -> dict[str, Any]:
+        """The snapshot's object; never mutate it."""
+        if self._value is None:
+            self._value = json.loads(self._text or "{}")
+        return self._value
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """A stored message as the store holds it (`original`) and as this holder made it."""
+
+    original: ChatMessage
+    current: ChatMessage
+
+
+@dataclass(slots=True)
+class Base:
+    """What one storage held of a session when this object last loaded or saved it there."""
+
+    revision: int
+    incarnation: str
+    # The fields equal the store's at `revision` (False after a save merged others' work).
+    exact: bool
+    # False after a save that failed in a way that may have landed: check, do not assume.
+    certain: bool
+    model: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    metadata: Snapshot
+    # The object's first `synced` messages are stored there (as of log position `log_at`).
+    synced: int
+    log_at: int
+    foreign_at: int
+    edits: dict[str, Edit] = field(default_factory=dict)
+    removed: dict[str, ChatMessage] = field(default_factory=dict)
+
+    def copy(self) -> Base:
+        return replace(self, edits=dict(self.edits), removed=dict(self.removed))
+
+
+# Log entries: ("edit", index, old, new) and ("cut", index, removed messages).
+LogEntry = tuple[str, int, Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SavePlan:
+    """Everything one save sends, taken from the object before any I/O."""
+
+    session_id: str
+    # None: this holder never loaded or saved the session in this storage (a new object).
+    revision: int | None
+    incarnation: str | None
+    certain: bool
+    exact: bool
+    model: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    metadata: dict[str, Any]
+    field_changes: Mapping[str, tuple[Any, Any]]
+    metadata_changes: Mapping[str, tuple[Any, Any]]
+    edits: tuple[Edit, ...]
+    removals: tuple[ChatMessage, ...]
+    appends: tuple[ChatMessage, ...]
+    updated_at_changed: bool
+    # Where the object stood when the plan was taken, for the base a success leads to.
+    messages_sent: int
+    log_at: int
+    foreign_at: int
+    epoch: int
+
+    @property
+    def is_new(self) -> bool:
+        return self.revision is None
+
+    @property
+    def appends_only(self) -> bool:
+        """Only new messages (and `updated_at`): nothing that can conflict."""
+        return not (self.field_changes or self.metadata_changes or self.edits or self.removals)
+
+    @property
+    def writes_nothing(self) -> bool:
+        return self.appends_only and not self.appends and not self.updated_at_changed
+
+
+@dataclass(slots=True)
+class Pending:
+    """A base with the logged changes since it replayed: what a save must send."""
+
+    synced: int
+    edits: dict[str, Edit]
+    removed: dict[str, ChatMessage]
+
+
+def replay(base: Base, entries: Iterable[LogEntry]) -> Pending:
+    """Applies the edits and cuts logged since `base` to what it knows is stored."""
+    synced = base.synced
+    edits = dict(base.edits)
+    removed = dict(base.removed)
+    for kind, index, first, second in entries:
+        if kind == "edit":
+            if index < synced:
+                old: ChatMessage = first
+                known = edits.get(old.message_id)
+                edits[old.message_id] = Edit(known.original if known else old, second)
+        else:
+            for offset, message in enumerate(second):
+                if index + offset < synced:
+                    known = edits.pop(message.message_id, None)
+                    removed[message.message_id] = known.original if known else message
+            synced = min(synced, index)
+    return Pending(synced, edits, removed)
+
+
+def same_value(left: Any, right: Any) -> bool:
+    """JSON equality that tells 1, 1.0 and True apart, as every backend stores them."""
+    if type(left) is not type(right):
+        return False
+    if isinstance(left, dict):
+        return left.keys() == right.keys() and all(same_value(left[k], right[k]) for k in left)
+    if isinstance(left, list):
+        return len(left) == len(right) and all(map(same_value, left, right))
+    return bool(left == right)
+
+
+def metadata_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """Per top-level key: (value before or MISSING, value after or MISSING), changed keys only."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in before.keys() | after.keys():
+        old, new = before.get(key, MISSING), after.get(key, MISSING)
+        if not same_value(old, new):
+            changes[key] = (old, new)
+    return changes
+
+
+def merge_metadata(
+    stored: Mapping[str, Any], changes: Mapping[str, tuple[Any, Any]]
+) -> dict[str, Any]:
+    """The stored metadata with this holder's per-key changes applied."""
+    merged = dict(stored)
+    for key, (_old, new) in changes.items():
+        if new is MISSING:
+            merged.pop(key, None)
+        else:
+            merged[key] = new
+    return merged
+
+
+def conflicts(
+    plan: SavePlan,
+    stored_fields: Mapping[str, Any],
+    stored_metadata: Mapping[str, Any],
+    stored_messages: Mapping[str, ChatMessage],
+) -> list[str]:
+    """What this holder and another writer both changed since the holder's base.
+
+    A value another writer set to exactly what this holder sets is no conflict.
+    `stored_messages` holds the stored versions of the edited and removed messages
+    (absent: removed by another writer).
+    """
+    found: list[str] = []
+    for name, (old, new) in plan.field_changes.items():
+        if stored_fields[name] not in (old, new):
+            found.append(name)
+    for key, (old, new) in plan.metadata_changes.items():
+        value = stored_metadata.get(key, MISSING)
+        if not (same_value(value, old) or same_value(value, new)):
+            found.append(f"metadata[{key!r}]")
+    for edit in plan.edits:
+        stored = stored_messages.get(edit.original.message_id)
+        if stored is None:
+            found.append(f"message {edit.original.message_id!r} (removed by another writer)")
+        elif not (_same_message(stored, edit.original) or _same_message(stored, edit.current)):
+            found.append(f"message {edit.original.message_id!r} (edited by another writer)")
+    for original in plan.removals:
+        stored = stored_messages.get(original.message_id)
+        if stored is not None and not _same_message(stored, original):
+            found.append(f"message {original.message_id!r} (edited by another writer)")
+    return found
+
+
+def _same_message(left: ChatMessage, right: ChatMessage) -> bool:
+    return left.content == right.content and same_value(left.metadata, right.metadata)

@@ -1,0 +1,524 @@
+"""A save of a session, as one transaction that checks revisions (API.md, Writes).
+
+The work takes a `SavePlan` (what the holder changed since its last load or save) and
+picks the cheapest statement that keeps every guarantee:
+
+- appends only: one UPDATE of the session row (guarded by its incarnation, so a
+  deleted session is never brought back) and one INSERT of the messages;
+- other changes from a holder whose base is exact: the same UPDATE guarded also by
+  the revision it saw (compare-and-set), then the message edits and removals;
+- otherwise (someone wrote since, the base merged others' work, or an earlier save's
+  outcome is unknown): the row is locked and read, conflicts are looked for field by
+  field, key by key and message by message, and the holder's changes are merged into
+  what is stored. A base is exact again only after a save nobody else wrote beside.
+
+A new object creates the row, or merges into the row stored under its id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import (
+    BigInteger,
+    String,
+    Table,
+    Text,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import ColumnElement
+
+from persistence.changes import SavePlan, conflicts, merge_metadata
+from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
+from persistence.models import ChatMessage
+from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
+from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
+from persistence.sql.statements import Statement
+from persistence.sql.tables import MessageRow, SessionRow
+from persistence.sql.types import json_dumps, json_loads
+
+sessions = cast(Table, SessionRow.__table__)
+messages = cast(Table, MessageRow.__table__)
+
+# Bound parameters per statement stay well under SQLite's and asyncpg's limits.
+IN_CHUNK = 500
+# A new object whose row vanishes between its insert and its merge tries again.
+_CREATE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """What the store confirmed: the new revision, and whether it equals the plan's state."""
+
+    revision: int
+    incarnation: str
+    exact: bool
+
+
+def _bind(table: Table, name: str) -> Any:
+    return bindparam(name, type_=table.c[name].type)
+
+
+def _later(dialect: str) -> ColumnElement[Any]:
+    """updated_at never moves backwards: the later of the stored and the given one."""
+    function = func.greatest if dialect == "postgresql" else func.max
+    return cast(
+        ColumnElement[Any],
+        function(sessions.c.updated_at, _bind(sessions, "updated_at")),
+    )
+
+
+_FIELDS = ("model", "status", "created_at")
+_RETURNED = (sessions.c.next_position, sessions.c.revision)
+
+
+def _insert_new(dialect: str) -> Any:
+    names = [column.name for column in sessions.columns]
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(sessions)
+    return (
+        statement.values({name: _bind(sessions, name) for name in names})
+        .on_conflict_do_nothing(index_elements=[sessions.c.session_id])
+        .returning(sessions.c.revision)
+    )
+
+
+def _append(dialect: str) -> Any:
+    return (
+        update(sessions)
+        .where(
+            sessions.c.session_id == bindparam("session_id"),
+            sessions.c.incarnation == bindparam("incarnation"),
+        )
+        .values(
+            updated_at=_later(dialect),
+            message_count=sessions.c.message_count + bindparam("added"),
+            next_position=sessions.c.next_position + bindparam("added"),
+            revision=sessions.c.revision + 1,
+        )
+        .returning(*_RETURNED)
+    )
+
+
+def _compare_and_set(dialect: str) -> Any:
+    return (
+        update(sessions)
+        .where(
+            sessions.c.session_id == bindparam("session_id"),
+            sessions.c.incarnation == bindparam("incarnation"),
+            sessions.c.revision == bindparam("revision"),
+        )
+        .values(
+            {name: _bind(sessions, name) for name in _FIELDS}
+            | {
+                "metadata": _bind(sessions, "metadata"),
+                "updated_at": _later(dialect),
+                "message_count": sessions.c.message_count
+                + bindparam("added")
+                - bindparam("removed"),
+                "next_position": sessions.c.next_position + bindparam("added"),
+                "revision": sessions.c.revision + 1,
+            }
+        )
+        .returning(*_RETURNED)
+    )
+
+
+def _overwrite(dialect: str) -> Any:
+    return (
+        update(sessions)
+        .where(sessions.c.session_id == bindparam("session_id"))
+        .values(
+            {
+                name: _bind(sessions, name)
+                for name in (*_FIELDS, "metadata", "message_count", "next_position", "revision")
+            }
+            | {"updated_at": _later(dialect)}
+        )
+    )
+
+
+INSERT_NEW = Statement(_insert_new)
+APPEND = Statement(_append)
+COMPARE_AND_SET = Statement(_compare_and_set)
+OVERWRITE = Statement(_overwrite)
+LOCK = Statement(
+    select(
+        sessions.c.revision,
+        sessions.c.incarnation,
+        sessions.c.model,
+        sessions.c.status,
+        sessions.c.created_at,
+        SESSION_METADATA_TEXT,
+        sessions.c.message_count,
+        sessions.c.next_position,
+    )
+    .where(sessions.c.session_id == bindparam("session_id"))
+    .with_for_update()
+)
+INSERT_MESSAGES = Statement(
+    insert(messages).values(
+        {c.name: _bind(messages, c.name) for c in messages.columns if c.name != "id"}
+    )
+)
+EDIT_MESSAGE = Statement(
+    update(messages)
+    .where(
+        messages.c.session_id == bindparam("session_id"),
+        messages.c.message_id == bindparam("message_id"),
+    )
+    .values(content=_bind(messages, "content"), metadata=_bind(messages, "metadata"))
+)
+DELETE_MESSAGES = Statement(
+    delete(messages).where(
+        messages.c.session_id == bindparam("session_id"),
+        messages.c.message_id.in_(bindparam("ids", expanding=True)),
+    )
+)
+SESSION_MESSAGES = Statement(
+    select(messages.c.message_id, messages.c.content, messages.c.metadata).where(
+        messages.c.session_id == bindparam("session_id"),
+        messages.c.message_id.in_(bindparam("ids", expanding=True)),
+    )
+)
+MESSAGE_OWNERS = Statement(
+    select(messages.c.message_id, messages.c.session_id).where(
+        messages.c.message_id.in_(bindparam("ids", expanding=True))
+    )
+)
+
+
+def _append_in_one_statement(dialect: str) -> Any:
+    """PostgreSQL: the session row's update and the messages' insert as one statement.
+
+    A data-modifying CTE: the UPDATE (guarded by the incarnation) yields the positions,
+    the INSERT takes the messages from arrays, one per column. One statement is atomic
+    without BEGIN/COMMIT, so an append costs one round trip. Its columns are those of
+    `rows_from_messages`, so a column added there is carried here too.
+    """
+    assert dialect == "postgresql", dialect
+    columns = [name for name in _message_row_keys() if name not in ("session_id", "position")]
+    arrays, selected, binds = [], [], []
+    for name in columns:
+        column = messages.c[name]
+        if isinstance(column.type.dialect_impl(_POSTGRESQL), postgresql.JSONB):
+            element, cast_back = "text", "::jsonb"
+            bind_type: Any = postgresql.ARRAY(Text)
+        else:
+            element = column.type.compile(dialect=_POSTGRESQL)
+            cast_back = ""
+            bind_type = postgresql.ARRAY(column.type)
+        arrays.append(f"CAST(:c_{name} AS {element}[])")
+        selected.append(f"u.{name}{cast_back}")
+        binds.append(bindparam(f"c_{name}", type_=bind_type))
+    # Column names come from the table; every value is bound.
+    sql = (
+        "WITH s AS (UPDATE chat_sessions SET"  # noqa: S608
+        " updated_at = greatest(updated_at, :updated_at),"
+        " message_count = message_count + :added, next_position = next_position + :added,"
+        " revision = revision + 1"
+        " WHERE session_id = :session_id AND incarnation = :incarnation"
+        " RETURNING next_position, revision),"
+        f" m AS (INSERT INTO chat_messages (session_id, position, {', '.join(columns)})"
+        f" SELECT :session_id, s.next_position - :added + u.ord - 1, {', '.join(selected)}"
+        f" FROM s, unnest({', '.join(arrays)}) WITH ORDINALITY AS u({', '.join(columns)}, ord))"
+        " SELECT next_position, revision FROM s"
+    )
+    return (
+        text(sql)
+        .bindparams(
+            bindparam("updated_at", type_=sessions.c.updated_at.type),
+            bindparam("added", type_=BigInteger()),
+            bindparam("session_id", type_=String()),
+            bindparam("incarnation", type_=String()),
+            *binds,
+        )
+        .columns(sessions.c.next_position, sessions.c.revision)
+    )
+
+
+def _message_row_keys() -> list[str]:
+    sample = ChatMessage(session_id="s", role="user", content="")
+    return list(rows_from_messages("s", [sample], 0)[0])
+
+
+_POSTGRESQL = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
+APPEND_IN_ONE_STATEMENT = Statement(_append_in_one_statement)
+
+
+def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
+    """The appends-only save of a certain plan as one PostgreSQL statement.
+
+    Raises:
+        SessionDeletedError: the session the plan's base came from is gone.
+    """
+    assert plan.incarnation is not None and plan.revision is not None
+    rows = rows_from_messages(plan.session_id, plan.appends, 0)
+    params: dict[str, Any] = {
+        "session_id": plan.session_id,
+        "incarnation": plan.incarnation,
+        "updated_at": plan.updated_at,
+        "added": len(plan.appends),
+    }
+    for name in rows[0]:
+        if name not in ("session_id", "position"):
+            values = [row[name] for row in rows]
+            if isinstance(values[0], dict):
+                values = [json_dumps(value) for value in values]
+            params[f"c_{name}"] = values
+    found = yield Fetch(APPEND_IN_ONE_STATEMENT, params)
+    if not found:
+        raise SessionDeletedError(plan.session_id)
+    _, revision = found[0]
+    return Saved(revision, plan.incarnation, plan.exact and revision == plan.revision + 1)
+
+
+def chunks(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + IN_CHUNK] for i in range(0, len(items), IN_CHUNK)]
+
+
+def message_owners(message_ids: Sequence[str]) -> Work[dict[str, str]]:
+    """Which session stores each of `message_ids` (ids not stored are absent)."""
+    owners: dict[str, str] = {}
+    for chunk in chunks(message_ids):
+        rows = yield Fetch(MESSAGE_OWNERS, {"ids": list(chunk)})
+        owners.update({row[0]: row[1] for row in rows})
+    return owners
+
+
+def _not_stored(session_id: str, candidates: Sequence[ChatMessage]) -> Work[list[ChatMessage]]:
+    """The candidates the store does not hold yet.
+
+    Raises:
+        InvalidDataError: if a message id is already stored in another session.
+    """
+    owners = yield from message_owners([message.message_id for message in candidates])
+    for message_id, owner in owners.items():
+        if owner != session_id:
+            raise InvalidDataError(
+                f"message_id {message_id!r} is already stored in another session ({owner!r})"
+            )
+    return [message for message in candidates if message.message_id not in owners]
+
+
+STILL_THERE = Statement(
+    select(sessions.c.incarnation).where(sessions.c.session_id == bindparam("session_id"))
+)
+
+
+def still_there(plan: SavePlan) -> Work[bool]:
+    """Whether the session a plan with nothing to write came from is still stored."""
+    if plan.is_new:
+        return False
+    rows = yield Fetch(STILL_THERE, {"session_id": plan.session_id})
+    return bool(rows) and rows[0][0] == plan.incarnation
+
+
+def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
+    """Writes `plan` in the caller's transaction.
+
+    With `force`, the plan's values win over another writer's for what it changed
+    (edits of messages removed meanwhile are skipped) instead of a conflict.
+
+    Raises:
+        SessionConflictError: another writer changed what the plan changes (not with
+            `force`).
+        SessionDeletedError: the session the plan's base came from is gone.
+        InvalidDataError: a new message's id is stored in another session.
+    """
+    if plan.is_new:
+        return (yield from _create_or_merge(plan))
+    assert plan.revision is not None and plan.incarnation is not None
+    if plan.certain and plan.appends_only:
+        rows = yield Fetch(
+            APPEND,
+            {
+                "session_id": plan.session_id,
+                "incarnation": plan.incarnation,
+                "updated_at": plan.updated_at,
+                "added": len(plan.appends),
+            },
+        )
+        if not rows:
+            raise SessionDeletedError(plan.session_id)
+        next_position, revision = rows[0]
+        yield from _insert(plan.session_id, plan.appends, next_position - len(plan.appends))
+        return Saved(revision, plan.incarnation, plan.exact and revision == plan.revision + 1)
+    if plan.certain and plan.exact:
+        rows = yield Fetch(
+            COMPARE_AND_SET,
+            _field_values(plan, plan.metadata)
+            | {
+                "incarnation": plan.incarnation,
+                "revision": plan.revision,
+                "added": len(plan.appends),
+                "removed": len(plan.removals),
+            },
+        )
+        if rows:
+            next_position, revision = rows[0]
+            yield from _remove(plan)
+            yield from _edit(plan)
+            yield from _insert(plan.session_id, plan.appends, next_position - len(plan.appends))
+            return Saved(revision, plan.incarnation, exact=True)
+    return (yield from _locked_write(plan, force))
+
+
+def _field_values(plan: SavePlan, metadata: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "session_id": plan.session_id,
+        "model": plan.model,
+        "status": plan.status,
+        "created_at": plan.created_at,
+        "updated_at": plan.updated_at,
+        "metadata": metadata,
+    }
+
+
+def _insert(session_id: str, new: Sequence[ChatMessage], first_position: int) -> Work[None]:
+    if new:
+        yield ExecuteMany(INSERT_MESSAGES, rows_from_messages(session_id, new, first_position))
+
+
+def _remove(plan: SavePlan) -> Work[int]:
+    removed = 0
+    for chunk in chunks([message.message_id for message in plan.removals]):
+        removed += yield Execute(
+            DELETE_MESSAGES, {"session_id": plan.session_id, "ids": list(chunk)}
+        )
+    return removed
+
+
+def _edit(plan: SavePlan) -> Work[None]:
+    if plan.edits:
+        yield ExecuteMany(
+            EDIT_MESSAGE,
+            [
+                {
+                    "session_id": plan.session_id,
+                    "message_id": edit.current.message_id,
+                    "content": edit.current.content,
+                    "metadata": edit.current.metadata,
+                }
+                for edit in plan.edits
+            ],
+        )
+
+
+def _stored_versions(plan: SavePlan) -> Work[dict[str, ChatMessage]]:
+    """The stored content and metadata of the messages the plan edits or removes."""
+    originals = {edit.original.message_id: edit.original for edit in plan.edits}
+    originals.update({message.message_id: message for message in plan.removals})
+    found: dict[str, ChatMessage] = {}
+    for chunk in chunks(list(originals)):
+        rows = yield Fetch(SESSION_MESSAGES, {"session_id": plan.session_id, "ids": list(chunk)})
+        for message_id, content, metadata in rows:
+            found[message_id] = originals[message_id].model_copy(
+                update={"content": content, "metadata": metadata}
+            )
+    return found
+
+
+def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
+    rows = yield Fetch(LOCK, {"session_id": plan.session_id})
+    if not rows or rows[0][1] != plan.incarnation:
+        raise SessionDeletedError(plan.session_id)
+    revision, _, model, status, created_at, metadata_text, count, next_position = rows[0]
+    stored_metadata = json_loads(metadata_text)
+    if not force:
+        # Checked even when the revision is the one the holder saw: a base that merged
+        # other writers' work (not exact) does not know what they changed.
+        stored_fields = {"model": model, "status": status, "created_at": created_at}
+        stored_messages = yield from _stored_versions(plan)
+        found = conflicts(plan, stored_fields, stored_metadata, stored_messages)
+        if found:
+            raise SessionConflictError(plan.session_id, found)
+    appends: Sequence[ChatMessage] = plan.appends
+    if not plan.certain and appends:
+        appends = yield from _not_stored(plan.session_id, appends)
+    removed = yield from _remove(plan)
+    yield from _edit(plan)
+    yield from _insert(plan.session_id, appends, next_position)
+    merged = merge_metadata(stored_metadata, plan.metadata_changes)
+    values = _field_values(plan, merged)
+    if "model" not in plan.field_changes:
+        values["model"] = model
+    if "status" not in plan.field_changes:
+        values["status"] = status
+    if "created_at" not in plan.field_changes:
+        values["created_at"] = created_at
+    yield Execute(
+        OVERWRITE,
+        values
+        | {
+            "message_count": count - removed + len(appends),
+            "next_position": next_position + len(appends),
+            "revision": revision + 1,
+        },
+    )
+    # Exact again only if nobody else wrote since an exact, certain base and the stored
+    # fields are the holder's: then what it carries is what the store holds.
+    exact = (
+        plan.exact
+        and plan.certain
+        and revision == plan.revision
+        and merged == plan.metadata
+        and values["model"] == plan.model
+        and values["status"] == plan.status
+        and values["created_at"] == plan.created_at
+    )
+    return Saved(revision + 1, rows[0][1], exact)
+
+
+def _create_or_merge(plan: SavePlan) -> Work[Saved]:
+    """Creates the session of a new object, or merges the object into the stored one.
+
+    A new object's values win for the fields it carries; metadata keys it does not
+    carry are kept; only messages the store lacks are added.
+    """
+    for _ in range(_CREATE_ATTEMPTS):
+        incarnation = uuid.uuid4().hex
+        rows = yield Fetch(
+            INSERT_NEW,
+            _field_values(plan, plan.metadata)
+            | {
+                "message_count": len(plan.appends),
+                "next_position": len(plan.appends),
+                "revision": 1,
+                "incarnation": incarnation,
+            },
+        )
+        if rows:
+            yield from _insert(plan.session_id, plan.appends, 0)
+            return Saved(1, incarnation, exact=True)
+        rows = yield Fetch(LOCK, {"session_id": plan.session_id})
+        if not rows:
+            continue
+        revision, stored_incarnation, _, _, _, metadata_text, count, next_position = rows[0]
+        appends = yield from _not_stored(plan.session_id, plan.appends)
+        yield from _insert(plan.session_id, appends, next_position)
+        merged = {**json_loads(metadata_text), **plan.metadata}
+        yield Execute(
+            OVERWRITE,
+            _field_values(plan, merged)
+            | {
+                "message_count": count + len(appends),
+                "next_position": next_position + len(appends),
+                "revision": revision + 1,
+            },
+        )
+        # Messages it shares with the stored session may differ there: not exact.
+        return Saved(revision + 1, stored_incarnation, exact=False)
+    raise InvalidDataError(
+        f"session {plan.session_id!r}: created and deleted by other writers"
+        f" {_CREATE_ATTEMPTS} times during this save; nothing was written"
+    )

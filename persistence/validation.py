@@ -1,0 +1,121 @@
+"""What every backend can store faithfully: checks of text, JSON and datetimes.
+
+The domain models run these before any I/O (API.md, Round trips), so any store can be
+migrated to any other.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+
+from persistence.clock import truncate_to_millisecond, utc_now
+from persistence.errors import InvalidDataError
+
+MAX_ID_LENGTH = 255
+# MongoDB refuses documents nested deeper than 100 levels; a message's metadata sits
+# three levels down in its session document, so every backend stops well before.
+MAX_METADATA_DEPTH = 64
+# BSON integers are 64-bit; PostgreSQL JSONB and SQLite would keep larger ones.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# PostgreSQL JSONB prints an integral float such as 1e16 without exponent or point, so
+# it would come back as an int; floats below this magnitude keep their decimal point.
+_FLOAT_INTEGRAL_LIMIT = 1e16
+
+
+def check_text(value: str, field: str) -> str:
+    """Refuses text that some backend would alter: NUL characters and lone surrogates.
+
+    Raises:
+        InvalidDataError: naming the field.
+    """
+    if "\x00" in value:
+        raise InvalidDataError(
+            f"{field}: NUL characters cannot be stored (PostgreSQL refuses them)"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidDataError(
+            f"{field}: lone surrogate characters are not valid UTF-8 and cannot be stored"
+        ) from None
+    return value
+
+
+def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
+    """Refuses metadata that some backend could not return unchanged.
+
+    Walks iteratively, so hostile nesting cannot exhaust the interpreter's stack.
+
+    Raises:
+        InvalidDataError: naming the field and the path of the offending value.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, field, 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > MAX_METADATA_DEPTH:
+                raise InvalidDataError(
+                    f"{path}: nested deeper than {MAX_METADATA_DEPTH} levels"
+                    " (MongoDB cannot keep it)"
+                )
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidDataError(f"{path}: key {key!r} is not a string")
+                check_text(key, f"{path} key {key!r}")
+                if key.startswith("$") or "." in key:
+                    raise InvalidDataError(
+                        f"{path}: key {key!r} starts with '$' or contains '.',"
+                        " which MongoDB cannot keep"
+                    )
+                stack.append((child, f"{path}.{key}", depth + 1))
+        elif isinstance(item, list):
+            if depth > MAX_METADATA_DEPTH:
+                raise InvalidDataError(f"{path}: nested deeper than {MAX_METADATA_DEPTH} levels")
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, str):
+            check_text(item, path)
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not INT64_MIN <= item <= INT64_MAX:
+                raise InvalidDataError(f"{path}: integer {item} does not fit in 64 bits")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidDataError(f"{path}: {item} is not a JSON number")
+            if item == 0 and math.copysign(1.0, item) < 0:
+                raise InvalidDataError(
+                    f"{path}: -0.0 would come back from PostgreSQL as 0.0; store 0.0"
+                )
+            if item.is_integer() and abs(item) >= _FLOAT_INTEGRAL_LIMIT:
+                raise InvalidDataError(
+                    f"{path}: float {item!r} would come back from PostgreSQL as an integer;"
+                    " store it as an int or a string"
+                )
+        else:
+            raise InvalidDataError(f"{path}: {type(item).__name__} is not a JSON value")
+    return value
+
+
+def _utc_millisecond(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("datetime must be timezone-aware (a naive datetime is ambiguous)")
+    try:
+        return truncate_to_millisecond(value.astimezone(utc_now().tzinfo))
+    except OverflowError:
+        raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from None
+
+
+def _identifier(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc_millisecond)]
+Identifier = Annotated[str, AfterValidator(_identifier)]

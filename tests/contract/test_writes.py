@@ -1,0 +1,598 @@
+"""Several holders of one session: revisions, merges, conflicts, deletes and edits.
+
+Each test has a second holder open the same store through its own storage (its own
+connections and bookkeeping), as another server process would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from persistence import (
+    ChatSession,
+    InvalidDataError,
+    SessionConflictError,
+    SessionDeletedError,
+    SessionStorage,
+)
+from tests.contract.conftest import Reopen
+from tests.factories import conversation
+
+
+async def _stored(storage: SessionStorage, turns: int = 2, **fields: object) -> ChatSession:
+    session = conversation(turns, **fields)  # type: ignore[arg-type]
+    await storage.save_session(session)
+    return session
+
+
+async def _load(storage: SessionStorage, session_id: str) -> ChatSession:
+    loaded = await storage.load_session(session_id)
+    assert loaded is not None
+    return loaded
+
+
+async def test_every_write_increments_the_revision_and_the_holder_remembers_it(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage)
+    first = session.revision
+    assert first is not None
+
+    session.add_message("user", "again")
+    await storage.save_session(session)
+    assert session.revision == first + 1
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.revision == first + 1
+    loaded.metadata["title"] = "t"
+    await storage.save_session(loaded)
+    assert loaded.revision == first + 2
+    assert await storage.set_status([session.session_id], "archived") == 1
+    assert (await _load(storage, session.session_id)).revision == first + 3
+
+
+async def test_a_save_with_nothing_changed_writes_nothing(storage: SessionStorage) -> None:
+    session = await _stored(storage)
+    revision = session.revision
+
+    assert await storage.save_session(session) is True
+    assert await storage.save_session(session) is True
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.revision == revision and loaded.message_count == 2
+
+
+async def test_a_stale_copy_keeps_what_another_writer_set(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage)
+    async with reopen(storage) as other:
+        stale = await _load(other, session.session_id)
+
+        session.metadata["title"] = "Trip plans"
+        session.status = "archived"
+        await storage.save_session(session)
+
+        stale.add_message("user", "one more thing")
+        await other.save_session(stale)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.status == "archived"
+    assert loaded.metadata == {"title": "Trip plans"}
+    assert [m.content for m in loaded.messages] == ["message 0", "message 1", "one more thing"]
+    assert loaded.message_count == 3
+
+
+async def test_metadata_merges_per_top_level_key(storage: SessionStorage, reopen: Reopen) -> None:
+    session = await _stored(storage, metadata={"keep": 1, "drop": 2})
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+
+        session.metadata["title"] = "A"
+        del session.metadata["drop"]
+        await storage.save_session(session)
+
+        copy.metadata["tags"] = ["b"]
+        await other.save_session(copy)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.metadata == {"keep": 1, "title": "A", "tags": ["b"]}
+
+
+async def test_the_same_key_changed_by_two_holders_is_a_conflict_and_nothing_is_written(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage)
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+
+        session.metadata["title"] = "from A"
+        await storage.save_session(session)
+
+        copy.metadata["title"] = "from B"
+        copy.metadata["tags"] = ["b"]
+        copy.add_message("user", "B's message")
+        with pytest.raises(SessionConflictError, match=r"metadata\['title'\]") as raised:
+            await other.save_session(copy)
+        assert raised.value.conflicts == ["metadata['title']"]
+
+        # Nothing of B's save landed, and B's object still holds its changes.
+        loaded = await _load(storage, session.session_id)
+        assert loaded.metadata == {"title": "from A"}
+        assert loaded.message_count == 2
+        assert copy.metadata == {"title": "from B", "tags": ["b"]}
+        assert [m.content for m in copy.messages][-1] == "B's message"
+
+        # Reload and reapply.
+        again = await _load(other, session.session_id)
+        again.metadata["title"] = "from B"
+        again.add_message("user", "B's message")
+        await other.save_session(again)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.metadata == {"title": "from B"}
+    assert loaded.message_count == 3
+
+
+async def test_the_same_field_set_to_different_values_conflicts_and_to_the_same_does_not(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage)
+    async with reopen(storage) as other:
+        same = await _load(other, session.session_id)
+        different = await _load(other, session.session_id)
+
+        session.status = "archived"
+        await storage.save_session(session)
+
+        same.status = "archived"
+        await other.save_session(same)
+
+        different.status = "expired"
+        with pytest.raises(SessionConflictError, match="status"):
+            await other.save_session(different)
+
+    assert (await _load(storage, session.session_id)).status == "archived"
+
+
+async def test_updated_at_never_moves_backwards(storage: SessionStorage, reopen: Reopen) -> None:
+    session = await _stored(storage)
+    async with reopen(storage) as other:
+        stale = await _load(other, session.session_id)
+        stale.updated_at = stale.updated_at - timedelta(days=3)
+
+        session.add_message("user", "recent activity")
+        await storage.save_session(session)
+        newest = session.updated_at
+
+        stale.metadata["note"] = "only metadata"
+        await other.save_session(stale)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.updated_at == newest
+    assert loaded.metadata == {"note": "only metadata"}
+
+
+async def test_appends_from_several_holders_all_land_in_commit_order(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=0)
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+        for turn in range(3):
+            session.add_message("user", f"A{turn}")
+            await storage.save_session(session)
+            copy.add_message("assistant", f"B{turn}")
+            await other.save_session(copy)
+
+        loaded = await _load(storage, session.session_id)
+        assert [m.content for m in loaded.messages] == ["A0", "B0", "A1", "B1", "A2", "B2"]
+        assert loaded.message_count == 6
+        assert (await storage.count()).messages == 6
+
+
+async def test_concurrent_appends_from_many_holders_never_conflict(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=1)
+    async with reopen(storage) as other:
+        copies = [await _load(other, session.session_id) for _ in range(4)]
+
+        async def append(copy: ChatSession, holder: SessionStorage, tag: int) -> None:
+            for turn in range(5):
+                copy.add_message("user", f"{tag}-{turn}")
+                await holder.save_session(copy)
+
+        await asyncio.gather(*(append(c, other, i) for i, c in enumerate(copies)))
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.message_count == 21 == len(loaded.messages)
+    assert len({m.message_id for m in loaded.messages}) == 21
+
+
+async def test_a_session_deleted_by_another_holder_is_never_brought_back(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=3)
+    async with reopen(storage) as other:
+        stale = await _load(other, session.session_id)
+        assert await storage.delete_session(session.session_id)
+
+        stale.add_message("user", "are you there?")
+        with pytest.raises(SessionDeletedError):
+            await other.save_session(stale)
+        stale.metadata["title"] = "x"
+        with pytest.raises(SessionDeletedError):
+            await other.save_session(stale)
+
+    assert await storage.load_session(session.session_id) is None
+    assert (await storage.count()).messages == 0
+
+
+async def test_a_stale_copy_of_a_deleted_and_recreated_session_is_refused(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage)
+    async with reopen(storage) as other:
+        stale = await _load(other, session.session_id)
+        await storage.delete_session(session.session_id)
+        fresh = ChatSession.create("m", session_id=session.session_id)
+        fresh.add_message("user", "new conversation")
+        await storage.save_session(fresh)
+        for _ in range(3):
+            fresh.add_message("user", "more")
+            await storage.save_session(fresh)
+
+        stale.add_message("user", "from the old one")
+        with pytest.raises(SessionDeletedError):
+            await other.save_session(stale)
+
+    loaded = await _load(storage, session.session_id)
+    assert [m.content for m in loaded.messages] == ["new conversation", "more", "more", "more"]
+
+
+async def test_edit_message_writes_the_edit_and_search_sees_the_new_text(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage, turns=0)
+    session.add_message("system", "You are terse. zebraword")
+    session.add_message("user", "hello")
+    await storage.save_session(session)
+    first = session.messages[0]
+
+    edited = session.edit_message(first.message_id, content="You are kind. yakword")
+    assert edited.message_id == first.message_id and edited.created_at == first.created_at
+    await storage.save_session(session)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.messages[0].content == "You are kind. yakword"
+    assert loaded.message_count == 2 == len(loaded.messages)
+    assert [m.message_id for m in await storage.search_messages("yakword")] == [first.message_id]
+    assert await storage.search_messages("zebraword") == []
+
+    session.edit_message(first.message_id, metadata={"v": 2})
+    await storage.save_session(session)
+    loaded = await _load(storage, session.session_id)
+    assert loaded.messages[0].metadata == {"v": 2}
+    assert loaded.messages[0].content == "You are kind. yakword"
+
+
+async def test_rewind_and_pop_remove_messages_from_the_store(storage: SessionStorage) -> None:
+    session = await _stored(storage, turns=5)
+    keep = session.messages[1]
+
+    removed = session.rewind(keep.message_id)
+    assert [m.content for m in removed] == ["message 2", "message 3", "message 4"]
+    assert session.message_count == 2
+    await storage.save_session(session)
+    loaded = await _load(storage, session.session_id)
+    assert [m.content for m in loaded.messages] == ["message 0", "message 1"]
+    assert loaded.message_count == 2 and (await storage.count()).messages == 2
+
+    # Regenerate: drop the last reply and add another.
+    popped = session.pop_message()
+    assert popped is not None and popped.content == "message 1"
+    session.add_message("assistant", "a better answer")
+    await storage.save_session(session)
+    loaded = await _load(storage, session.session_id)
+    assert [m.content for m in loaded.messages] == ["message 0", "a better answer"]
+
+    session.rewind(None)
+    await storage.save_session(session)
+    loaded = await _load(storage, session.session_id)
+    assert loaded.messages == [] and loaded.message_count == 0
+    session.add_message("user", "start over")
+    await storage.save_session(session)
+    assert [m.content for m in (await _load(storage, session.session_id)).messages] == [
+        "start over"
+    ]
+
+
+async def test_edits_and_removals_of_unsaved_messages_are_just_appends(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage, turns=1)
+    draft = session.add_message("assistant", "draft")
+    session.edit_message(draft.message_id, content="final")
+    session.add_message("user", "oops")
+    session.pop_message()
+    await storage.save_session(session)
+
+    loaded = await _load(storage, session.session_id)
+    assert [m.content for m in loaded.messages] == ["message 0", "final"]
+
+
+async def test_editing_a_message_another_holder_edited_or_removed_conflicts(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=3)
+    target = session.messages[1].message_id
+    async with reopen(storage) as other:
+        editor = await _load(other, session.session_id)
+        remover = await _load(other, session.session_id)
+
+        session.edit_message(target, content="A's edit")
+        await storage.save_session(session)
+
+        editor.edit_message(target, content="B's edit")
+        with pytest.raises(SessionConflictError, match=f"message '{target}'"):
+            await other.save_session(editor)
+
+        remover.rewind(remover.messages[0].message_id)
+        with pytest.raises(SessionConflictError, match="edited by another writer"):
+            await other.save_session(remover)
+
+        session.rewind(session.messages[0].message_id)
+        await storage.save_session(session)
+        late = await _load(other, session.session_id)
+        assert len(late.messages) == 1
+        editor2 = editor.model_copy()
+        editor2.edit_message(target, content="too late")
+        with pytest.raises(SessionConflictError, match="removed by another writer"):
+            await other.save_session(editor2)
+
+    loaded = await _load(storage, session.session_id)
+    assert [m.content for m in loaded.messages] == ["message 0"]
+
+
+async def test_a_message_replaced_directly_is_refused_and_nothing_is_written(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage, turns=2)
+    revision = session.revision
+    prompt = session.messages[0]
+    session.add_message("user", "pending")
+    session.messages[0] = prompt.model_copy(update={"content": "new system prompt"})
+
+    with pytest.raises(InvalidDataError, match=f"message '{prompt.message_id}'.*replaced"):
+        await storage.save_session(session)
+    with pytest.raises(InvalidDataError):
+        await storage.save_session(session)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.revision == revision
+    assert [m.content for m in loaded.messages] == ["message 0", "message 1"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.messages.reverse(),
+        lambda s: s.messages.insert(0, s.messages[-1]),
+        lambda s: s.messages.pop(0),
+        lambda s: s.messages.clear(),
+        lambda s: setattr(s, "messages", list(reversed(s.messages))),
+        lambda s: s.messages.__delitem__(slice(0, 1)),
+    ],
+    ids=["reverse", "insert", "list-pop", "clear", "reassign", "del"],
+)
+async def test_a_history_reordered_or_cut_directly_is_refused(
+    storage: SessionStorage, change: object
+) -> None:
+    session = await _stored(storage, turns=3)
+    change(session)  # type: ignore[operator]
+
+    with pytest.raises(InvalidDataError, match="directly in `messages`"):
+        await storage.save_session(session)
+    assert (await _load(storage, session.session_id)).message_count == 3
+
+
+async def test_messages_appended_to_the_list_directly_are_saved(storage: SessionStorage) -> None:
+    session = await _stored(storage, turns=1)
+    extra = conversation(1).messages[0].model_copy(update={"session_id": session.session_id})
+    session.messages.append(extra)
+    session.messages = [*session.messages]
+    await storage.save_session(session)
+
+    loaded = await _load(storage, session.session_id)
+    assert [m.message_id for m in loaded.messages][-1] == extra.message_id
+
+
+async def test_a_new_message_whose_id_another_session_stores_is_invalid_data(
+    storage: SessionStorage,
+) -> None:
+    owner = await _stored(storage, turns=1)
+    session = await _stored(storage, turns=1)
+    stolen = owner.messages[0].model_copy(update={"session_id": session.session_id})
+    session.messages.append(stolen)
+
+    with pytest.raises(InvalidDataError, match=repr(stolen.message_id)):
+        await storage.save_session(session)
+    assert (await _load(storage, session.session_id)).message_count == 1
+
+    fresh = ChatSession.create("m")
+    fresh.messages.append(stolen.model_copy(update={"session_id": fresh.session_id}))
+    with pytest.raises(InvalidDataError, match=repr(stolen.message_id)):
+        await storage.save_session(fresh)
+
+
+async def test_a_message_added_while_a_save_is_in_flight_stays_pending(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage, turns=1)
+    session.add_message("user", "sent")
+    saving = asyncio.create_task(storage.save_session(session))
+    await asyncio.sleep(0)  # the save has taken what it sends
+    session.add_message("assistant", "added meanwhile")
+    await saving
+
+    assert storage.has_unsaved_changes(session)
+    assert [m.content for m in (await _load(storage, session.session_id)).messages] == [
+        "message 0",
+        "sent",
+    ]
+    await storage.save_session(session)
+    assert not storage.has_unsaved_changes(session)
+    assert (await _load(storage, session.session_id)).message_count == 3
+
+
+async def test_an_edit_made_while_a_save_is_in_flight_stays_pending(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage, turns=1)
+    reply = session.add_message("assistant", "first draft")
+    saving = asyncio.create_task(storage.save_session(session))
+    await asyncio.sleep(0)
+    session.edit_message(reply.message_id, content="second draft")
+    await saving
+
+    assert storage.has_unsaved_changes(session)
+    await storage.save_session(session)
+    loaded = await _load(storage, session.session_id)
+    assert [m.content for m in loaded.messages] == ["message 0", "second draft"]
+
+
+async def test_a_new_object_under_a_stored_id_adds_to_it(storage: SessionStorage) -> None:
+    session = await _stored(storage, turns=2, metadata={"a": 1, "b": 2})
+    newcomer = ChatSession.create("other-model", session_id=session.session_id)
+    newcomer.metadata = {"b": 3, "c": 4}
+    newcomer.add_message("user", "hello from elsewhere")
+    await storage.save_session(newcomer)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.model == "other-model"
+    assert loaded.metadata == {"a": 1, "b": 3, "c": 4}
+    assert [m.content for m in loaded.messages][-1] == "hello from elsewhere"
+    assert loaded.message_count == 3
+
+
+async def test_load_last_returns_the_newest_messages_with_the_full_count(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage, turns=10)
+
+    tail = await storage.load_session(session.session_id, last=3)
+    assert tail is not None
+    assert [m.content for m in tail.messages] == ["message 7", "message 8", "message 9"]
+    assert tail.message_count == 10 and tail.omitted_messages == 7
+    none = await storage.load_session(session.session_id, last=0)
+    assert none is not None and none.messages == [] and none.message_count == 10
+    everything = await storage.load_session(session.session_id, last=50)
+    assert everything is not None and len(everything.messages) == 10
+    with pytest.raises(InvalidDataError, match="last"):
+        await storage.load_session(session.session_id, last=-1)
+
+
+async def test_a_partial_session_appends_and_rewinds_within_what_it_carries(
+    storage: SessionStorage,
+) -> None:
+    session = await _stored(storage, turns=10)
+    tail = await storage.load_session(session.session_id, last=3)
+    assert tail is not None
+
+    tail.add_message("user", "message 10")
+    await storage.save_session(tail)
+    assert tail.message_count == 11
+    loaded = await _load(storage, session.session_id)
+    assert loaded.message_count == 11 and loaded.messages[-1].content == "message 10"
+
+    tail.rewind(tail.messages[0].message_id)  # keeps message 7
+    await storage.save_session(tail)
+    loaded = await _load(storage, session.session_id)
+    assert [m.content for m in loaded.messages] == [f"message {i}" for i in range(8)]
+    assert loaded.message_count == 8
+
+    with pytest.raises(InvalidDataError, match="newest"):
+        tail.rewind(session.messages[2].message_id)
+    with pytest.raises(InvalidDataError, match="carries only"):
+        tail.rewind(None)
+    assert tail.pop_message() is not None
+    await storage.save_session(tail)
+    assert (await _load(storage, session.session_id)).message_count == 7
+
+
+async def test_a_conflict_leaves_the_object_as_it_was(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=2)
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+        session.model = "model-a"
+        await storage.save_session(session)
+
+        copy.model = "model-b"
+        copy.add_message("user", "b")
+        before = copy.model_dump()
+        for _ in range(2):
+            with pytest.raises(SessionConflictError, match="model"):
+                await other.save_session(copy)
+        assert copy.model_dump() == before
+        assert other.has_unsaved_changes(copy)
+
+
+async def test_a_forced_save_makes_this_holders_values_win(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=3)
+    target = session.messages[1].message_id
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+        session.metadata["title"] = "A"
+        session.status = "archived"
+        session.edit_message(target, content="A's edit")
+        await storage.save_session(session)
+
+        copy.metadata["title"] = "B"
+        copy.edit_message(target, content="B's edit")
+        copy.edit_message(copy.messages[0].message_id, content="B's first")
+        await other.save_session(copy, force=True)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.metadata == {"title": "B"}
+    assert loaded.status == "archived"  # B did not change it
+    assert [m.content for m in loaded.messages] == ["B's first", "B's edit", "message 2"]
+
+
+async def test_a_holder_whose_save_merged_others_work_still_sees_their_edits_and_removals(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    session = await _stored(storage, turns=4)
+    first, last = session.messages[0].message_id, session.messages[-1].message_id
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+        session.edit_message(first, content="edited by A")
+        session.pop_message()
+        await storage.save_session(session)
+
+        copy.add_message("user", "B appends")  # lands beside A's work
+        await other.save_session(copy)
+        copy.metadata["k"] = 1  # a save that merges: B's base no longer equals the store
+        await other.save_session(copy)
+
+        copy.edit_message(first, content="edited by B")
+        with pytest.raises(SessionConflictError, match=f"message '{first}'"):
+            await other.save_session(copy)
+
+        again = await _load(other, session.session_id)
+        assert last not in [m.message_id for m in again.messages]
+        stale = copy.model_copy()
+        stale.rewind(stale.messages[-3].message_id)  # B's view: drops `last`, already gone
+        with pytest.raises(SessionConflictError):
+            await other.save_session(stale)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.message_count == len(loaded.messages) == (await storage.count()).messages
+    assert loaded.messages[0].content == "edited by A"

@@ -1,0 +1,213 @@
+"""Two SessionManagers on one store, as two server processes: nothing lost, undone or revived."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from persistence import ChatSession, SessionStorage
+from persistence.manager import SessionManager
+from tests import servers
+from tests.factories import conversation
+
+
+async def _load(storage: SessionStorage, session_id: str) -> ChatSession:
+    loaded = await storage.load_session(session_id)
+    assert loaded is not None
+    return loaded
+
+
+async def _shared(storage: SessionStorage, turns: int = 2) -> ChatSession:
+    session = conversation(turns)
+    await storage.save_session(session)
+    return session
+
+
+async def test_a_stale_manager_keeps_another_managers_archive_and_title(
+    sql_storage: SessionStorage,
+) -> None:
+    shared = await _shared(sql_storage)
+    async with servers.second_holder(sql_storage) as other_storage:
+        a, b = SessionManager(sql_storage), SessionManager(other_storage)
+        in_a = await a.get_session(shared.session_id)
+        in_b = await b.get_session(shared.session_id)
+        assert in_a is not None and in_b is not None
+
+        in_a.metadata["title"] = "Holiday"
+        assert await a.auto_save(in_a)
+        assert await a.archive_session(shared.session_id)
+
+        in_b.add_message("user", "and the hotel?")
+        assert await b.auto_save(in_b) is True
+        assert not b.has_unsaved_changes(shared.session_id)
+
+    stored = await _load(sql_storage, shared.session_id)
+    assert stored.status == "archived" and stored.metadata == {"title": "Holiday"}
+    assert [m.content for m in stored.messages][-1] == "and the hotel?"
+    assert stored.message_count == 3
+
+
+async def test_the_manager_resolves_a_conflict_and_its_own_values_win(
+    sql_storage: SessionStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = await _shared(sql_storage)
+    async with servers.second_holder(sql_storage) as other_storage:
+        a, b = SessionManager(sql_storage), SessionManager(other_storage)
+        in_a = await a.get_session(shared.session_id)
+        in_b = await b.get_session(shared.session_id)
+        assert in_a is not None and in_b is not None
+
+        in_a.metadata.update(title="A's title", tags=["a"])
+        in_a.add_message("assistant", "from A")
+        assert await a.auto_save(in_a)
+
+        in_b.metadata["title"] = "B's title"
+        in_b.add_message("user", "from B")
+        with caplog.at_level(logging.WARNING, logger="persistence.manager"):
+            assert await b.auto_save(in_b) is True
+
+        assert "metadata['title']" in caplog.text
+        # B's object now holds the merged state, and nothing is pending.
+        assert in_b.metadata == {"title": "B's title", "tags": ["a"]}
+        assert [m.content for m in in_b.messages][-2:] == ["from A", "from B"]
+        assert not b.has_unsaved_changes(shared.session_id)
+
+    stored = await _load(sql_storage, shared.session_id)
+    assert stored.metadata == {"title": "B's title", "tags": ["a"]}
+    assert [m.content for m in stored.messages] == ["message 0", "message 1", "from A", "from B"]
+
+
+async def test_a_conflicting_edit_is_reapplied_over_the_reloaded_session(
+    sql_storage: SessionStorage,
+) -> None:
+    shared = await _shared(sql_storage, turns=3)
+    target = shared.messages[0].message_id
+    async with servers.second_holder(sql_storage) as other_storage:
+        a, b = SessionManager(sql_storage), SessionManager(other_storage)
+        in_a = await a.get_session(shared.session_id)
+        in_b = await b.get_session(shared.session_id)
+        assert in_a is not None and in_b is not None
+
+        in_a.edit_message(target, content="A's prompt")
+        in_a.add_message("user", "after A's edit")
+        assert await a.auto_save(in_a)
+
+        in_b.edit_message(target, content="B's prompt")
+        in_b.pop_message()
+        assert await b.auto_save(in_b)
+
+    stored = await _load(sql_storage, shared.session_id)
+    assert [m.content for m in stored.messages] == [
+        "B's prompt",
+        "message 1",
+        "after A's edit",
+    ]
+    assert stored.message_count == 3
+
+
+async def test_a_session_deleted_elsewhere_is_dropped_and_never_saved_again(
+    sql_storage: SessionStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = await _shared(sql_storage)
+    async with servers.second_holder(sql_storage) as other_storage:
+        a, b = SessionManager(sql_storage), SessionManager(other_storage)
+        in_b = await b.get_session(shared.session_id)
+        assert in_b is not None
+        assert await a.delete_session(shared.session_id)
+
+        in_b.add_message("user", "hello?")
+        with caplog.at_level(logging.WARNING, logger="persistence.manager"):
+            assert await b.auto_save(in_b) is False
+        assert "deleted by another writer" in caplog.text
+        assert shared.session_id not in b.cached_session_ids
+        await b.shutdown()
+
+    assert await sql_storage.load_session(shared.session_id) is None
+    assert (await sql_storage.count()).messages == 0
+
+
+async def test_a_message_added_while_a_save_is_in_flight_is_not_recorded_as_saved(
+    sql_storage: SessionStorage,
+) -> None:
+    manager = SessionManager(sql_storage)
+    session = await manager.create_session("m")
+    session.add_message("user", "first")
+    saving = asyncio.create_task(manager.auto_save(session))
+    await asyncio.sleep(0)
+    session.add_message("assistant", "added during the save")
+    assert await saving is True
+
+    assert manager.has_unsaved_changes(session.session_id)
+    assert (await manager.get_statistics())["unsaved_sessions"] == 1
+    await manager.shutdown()
+
+    stored = await _load(sql_storage, session.session_id)
+    assert [m.content for m in stored.messages] == ["first", "added during the save"]
+
+
+async def test_eviction_saves_a_message_added_while_a_save_was_in_flight(
+    sql_storage: SessionStorage,
+) -> None:
+    manager = SessionManager(sql_storage, max_cached_sessions=1)
+    first = await manager.create_session("m")
+    first.add_message("user", "one")
+    saving = asyncio.create_task(manager.auto_save(first))
+    await asyncio.sleep(0)
+    first.add_message("assistant", "two")
+    await saving
+
+    await manager.create_session("m")  # evicts `first`
+    assert first.session_id not in manager.cached_session_ids
+    stored = await _load(sql_storage, first.session_id)
+    assert [m.content for m in stored.messages] == ["one", "two"]
+
+
+async def test_get_session_last_gives_a_partial_session_that_saves(
+    sql_storage: SessionStorage,
+) -> None:
+    shared = await _shared(sql_storage, turns=30)
+    manager = SessionManager(sql_storage)
+
+    tail = await manager.get_session(shared.session_id, last=5)
+    assert tail is not None
+    assert len(tail.messages) == 5 and tail.message_count == 30
+    tail.add_message("user", "message 30")
+    assert await manager.auto_save(tail)
+
+    whole = await manager.get_session(shared.session_id)
+    assert whole is not None and whole is not tail
+    assert len(whole.messages) == 31 == whole.message_count
+
+
+async def test_cleanup_expires_idle_cached_sessions_and_keeps_a_used_one_active(
+    sql_storage: SessionStorage,
+) -> None:
+    from datetime import timedelta
+
+    from persistence.clock import utc_now
+
+    old = conversation(1)
+    old.updated_at = utc_now() - timedelta(hours=100)
+    await sql_storage.save_session(old)
+    manager = SessionManager(sql_storage, auto_save_enabled=False, expiry_hours=72)
+    idle = await manager.get_session(old.session_id)
+    used = await manager.get_session(old.session_id)
+    assert idle is used is not None
+
+    assert await manager.cleanup_expired_sessions() == 1
+    assert used.status == "expired"
+    assert not manager.has_unsaved_changes(old.session_id)
+
+    # A copy used after its stored activity went stale keeps its own status.
+    other = conversation(1)
+    other.updated_at = utc_now() - timedelta(hours=100)
+    await sql_storage.save_session(other)
+    active = await manager.get_session(other.session_id)
+    assert active is not None
+    active.add_message("user", "back again")
+    assert await manager.cleanup_expired_sessions() == 1
+    assert active.status == "active"
+    await manager.save_session(active)
+    assert (await _load(sql_storage, other.session_id)).status == "active"
