@@ -32,10 +32,8 @@ def sql_url(config: StorageConfig) -> str:
     raise ConfigError("backend mongodb has no SQL schema: alembic manages SQLite and PostgreSQL")
 
 
-def _mongodb_url(url: str, config: StorageConfig, options: MongoDBOptions) -> str:
+def _mongodb_url(url: str, config: StorageConfig) -> str:
     extra = {"minPoolSize": str(config.min_pool_size), "maxPoolSize": str(config.max_pool_size)}
-    if options.read_preference:
-        extra["readPreference"] = options.read_preference
     base, _, query = url.partition("?")
     if "/" not in base.partition("://")[2]:
         base += "/"
@@ -76,10 +74,14 @@ def create_storage(config: StorageConfig) -> SessionStorage:
             url,
             config.min_pool_size,
             config.max_pool_size,
+            read_replicas=[replica.get_secret_value() for replica in config.read_replicas],
             statement_timeout=pg.statement_timeout,
             command_timeout=pg.command_timeout,
             connect_timeout=pg.connect_timeout,
             pool_timeout=pg.pool_timeout,
+            max_replica_lag=pg.max_replica_lag,
+            replica_timeout=pg.replica_timeout,
+            replica_retry_interval=pg.replica_retry_interval,
         )
     mongo = MongoDBOptions(**config.options)
     try:
@@ -93,7 +95,10 @@ def create_storage(config: StorageConfig) -> SessionStorage:
             f"backend mongodb needs beanie and pymongo ({exc.name or 'a module'} is missing):"
             " install persistence[mongodb]"
         ) from None
+    # The read preference routes only the reads that may be stale (not the whole client).
     storage: SessionStorage = module.MongoDBSessionStorage(
-        _mongodb_url(url, config, mongo), database_name=mongo.database_name
+        _mongodb_url(url, config),
+        database_name=mongo.database_name,
+        read_preference=mongo.read_preference,
     )
     return storage

@@ -79,6 +79,9 @@ class PostgreSQLOptions(_Options):
     command_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     connect_timeout: float = Field(10.0, gt=0, allow_inf_nan=False)
     pool_timeout: float = Field(30.0, gt=0, allow_inf_nan=False)
+    max_replica_lag: float = Field(10.0, gt=0, allow_inf_nan=False)
+    replica_timeout: float = Field(1.0, gt=0, allow_inf_nan=False)
+    replica_retry_interval: float = Field(5.0, gt=0, allow_inf_nan=False)
 
 
 class MongoDBOptions(_Options):
@@ -128,6 +131,7 @@ class StorageConfig(BaseModel):
     backend: Backend = "sqlite"
     database_path: Path = DEFAULT_DATABASE_PATH
     connection_string: SecretStr | None = None
+    read_replicas: tuple[SecretStr, ...] = ()
     min_pool_size: int = Field(5, ge=0)
     max_pool_size: int = Field(20, ge=1)
     auto_save: bool = True
@@ -144,6 +148,10 @@ class StorageConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _infer_backend(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("read_replicas"), str):
+            # STORAGE_READ_REPLICAS: URLs separated by commas.
+            urls = [url.strip() for url in data["read_replicas"].split(",")]
+            data = {**data, "read_replicas": tuple(url for url in urls if url)}
         if not isinstance(data, dict) or data.get("backend") is not None:
             return data
         url = data.get("connection_string")
@@ -174,6 +182,7 @@ class StorageConfig(BaseModel):
                 object.__setattr__(self, "database_path", _sqlite_path(url))
         elif self.backend != "sqlite":
             raise _SettingError("connection_string", f"required for backend {self.backend}")
+        self._check_read_replicas()
         if str(self.database_path) in ("", ":memory:"):
             raise _SettingError("database_path", "must name a file")
         object.__setattr__(self, "database_path", self.database_path.expanduser())
@@ -185,10 +194,33 @@ class StorageConfig(BaseModel):
         object.__setattr__(self, "options", _check_options(self.backend, self.options))
         return self
 
+    def _check_read_replicas(self) -> None:
+        if not self.read_replicas:
+            return
+        if self.backend != "postgresql":
+            logger.warning(
+                "storage setting read_replicas ignored: backend %s has no read replicas"
+                " (MongoDB reads from secondaries with options.read_preference)",
+                self.backend,
+            )
+            object.__setattr__(self, "read_replicas", ())
+            return
+        for index, url in enumerate(self.read_replicas, start=1):
+            scheme = scheme_of(url.get_secret_value())
+            if scheme not in SCHEMES["postgresql"]:
+                got = f"scheme {scheme}://" if scheme else "not a URL"
+                raise _SettingError(
+                    "read_replicas",
+                    f"item {index}: {got} is not PostgreSQL"
+                    " (use postgresql://, postgres:// or postgresql+asyncpg://)",
+                )
+
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
             if name == "connection_string" and value is not None:
                 yield name, mask_url(value.get_secret_value())
+            elif name == "read_replicas":
+                yield name, tuple(mask_url(url.get_secret_value()) for url in value)
             else:
                 yield name, value
 

@@ -35,6 +35,7 @@ class _EnvironmentSettings(BaseSettings):
     backend: str | None = None
     database_path: str | None = None
     connection_string: str | None = None
+    read_replicas: str | None = None
     min_pool_size: str | None = None
     max_pool_size: str | None = None
     auto_save: str | None = None

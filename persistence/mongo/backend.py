@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from urllib.parse import parse_qsl, urlsplit
 from beanie import init_beanie
 from bson.codec_options import TypeDecoder, TypeRegistry
 from bson.int64 import Int64
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConfigurationError, OperationFailure
 
 from persistence.clock import utc_now
@@ -26,6 +29,14 @@ from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRec
 from persistence.mongo import repositories, writes
 from persistence.mongo.documents import DocumentSet, bind_documents
 from persistence.mongo.errors import mongo_errors, redact
+from persistence.mongo.reads import (
+    CausalClock,
+    ObservedUnitOfWork,
+    ReadPreference,
+    split_read_preference,
+    stale_reading,
+    writing,
+)
 from persistence.mongo.uow import MongoUnitOfWork
 from persistence.storage import (
     BackendName,
@@ -117,6 +128,19 @@ def has_transactions(hello: Mapping[str, Any]) -> bool:
     )
 
 
+def indexes_to_create(indexes: Sequence[IndexModel], *, sharded_cluster: bool) -> list[IndexModel]:
+    """The indexes to create; on a sharded cluster, no unique one.
+
+    MongoDB keeps a unique index on a sharded collection only where the shard key
+    prefixes it, so the one on message ids would stop `chat_sessions` being sharded
+    by `_id`. There a message id stays unique within its session through the saves'
+    own guard; across sessions nothing enforces it (ids are random UUIDs).
+    """
+    if not sharded_cluster:
+        return list(indexes)
+    return [index for index in indexes if not index.document.get("unique")]
+
+
 class MongoDBSessionStorage(SessionStorage):
     """MongoDB: one document per session with its messages embedded, one per file record.
 
@@ -141,6 +165,11 @@ class MongoDBSessionStorage(SessionStorage):
     that every write increments and an `incarnation` drawn when it is created.
     Documents written before revisions read as revision 1 of incarnation "" and
     their first write stores both.
+
+    Reads from secondaries: `read_preference` (or the URL's `readPreference`) applies
+    to listing, search, counts and exports only, with read-your-writes through
+    causally consistent sessions (see persistence.mongo.reads); everything else
+    uses the primary.
     """
 
     backend_name: BackendName = "mongodb"
@@ -161,13 +190,17 @@ class MongoDBSessionStorage(SessionStorage):
         self._display_url = redact(connection_string)
         # The bookkeeping token of SessionStorage, under the name the unit of work takes.
         self._token = self.token
-        self._options = client_options(connection_string, server_selection_timeout)
-        if read_preference is not None:
-            self._options["readPreference"] = read_preference
+        # The client reads from the primary; the read preference routes stale reads only.
+        self._client_url, self.read_preference = split_read_preference(
+            connection_string, read_preference
+        )
+        self._clock = CausalClock() if self.read_preference is not None else None
+        self._options = client_options(self._client_url, server_selection_timeout)
         # Anything else of AsyncMongoClient's (TLS files, event listeners, pool sizes).
         self._options.update(driver_options or {})
         self._client: AsyncMongoClient[dict[str, Any]] | None = self._new_client()
         self._docs: DocumentSet | None = None
+        self._reading: DocumentSet | None = None
         self._closed = False
         self.supports_transactions = False
         self._turns = writes.Turns()
@@ -177,7 +210,7 @@ class MongoDBSessionStorage(SessionStorage):
             with warnings.catch_warnings():
                 # An unknown URL option is a mistake to report, not a warning to miss.
                 warnings.simplefilter("error", UserWarning)
-                return AsyncMongoClient(self.connection_string, **self._options)
+                return AsyncMongoClient(self._client_url, **self._options)
         except (ConfigurationError, UserWarning, ValueError, TypeError) as exc:
             raise InvalidDataError(
                 f"connection_string: {redact(str(exc))} ({self._display_url})"
@@ -229,14 +262,38 @@ class MongoDBSessionStorage(SessionStorage):
                 document_models=docs.models,
                 skip_indexes=True,
             )
+            router = hello.get("msg") == "isdbgrid"
             for model in docs.models:
                 indexes = [field.index for field in model.get_settings().indexes]
-                await model.get_pymongo_collection().create_indexes(indexes)
-        self._docs = docs
+                await model.get_pymongo_collection().create_indexes(
+                    indexes_to_create(indexes, sharded_cluster=router)
+                )
+            reading = docs
+            if self.read_preference is not None:
+                reading = bind_documents()
+                await init_beanie(
+                    database=self.reading_database(),
+                    document_models=reading.models,
+                    skip_indexes=True,
+                )
+        self._docs, self._reading = docs, reading
+
+    def reading_database(self) -> AsyncDatabase[dict[str, Any]]:
+        """The database as the routed reads see it: with the configured read preference."""
+        preference: ReadPreference | None = self.read_preference
+        return self.client.get_database(self.database_name, read_preference=preference)
+
+    def _writing(self) -> AbstractAsyncContextManager[AsyncClientSession | None]:
+        return writing(self.client, self._clock)
+
+    def _stale_reading(
+        self,
+    ) -> AbstractAsyncContextManager[tuple[DocumentSet, AsyncClientSession | None]]:
+        return stale_reading(self.client, self._clock, self.docs, self._reading)
 
     async def close(self) -> None:
         client, self._client, self._closed = self._client, None, True
-        self._docs = None
+        self._docs = self._reading = None
         if client is not None:
             with mongo_errors("close"):
                 await client.close()
@@ -259,8 +316,8 @@ class MongoDBSessionStorage(SessionStorage):
                 await client.close()
 
     def unit_of_work(self) -> MongoUnitOfWork:
-        return MongoUnitOfWork(
-            self.client, self.docs, self._token, transactional=self.supports_transactions
+        return ObservedUnitOfWork(
+            self.client, self.docs, self._token, self.supports_transactions, self._clock
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
@@ -272,12 +329,15 @@ class MongoDBSessionStorage(SessionStorage):
         docs = self.docs
         if plan.writes_nothing and plan.certain:
             with mongo_errors("save session"):
-                if not await writes.still_there(docs, None, plan):
+                async with self._writing() as client_session:
+                    found = await writes.still_there(docs, client_session, plan)
+                if not found:
                     raise SessionDeletedError(session.session_id)
             return True
         try:
             with mongo_errors("save session"):
-                saved = await writes.write_plan(docs, None, plan, force=force)
+                async with self._writing() as client_session:
+                    saved = await writes.write_plan(docs, client_session, plan, force=force)
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except BaseException:
@@ -304,17 +364,22 @@ class MongoDBSessionStorage(SessionStorage):
         checked = check_status(status)
         check_page(limit, offset)
         with mongo_errors("list sessions"):
-            return await repositories.read_session_page(
-                self.docs, None, checked, limit, offset, token=self._token
-            )
+            async with self._stale_reading() as (docs, client_session):
+                return await repositories.read_session_page(
+                    docs, client_session, checked, limit, offset, token=self._token
+                )
 
     async def delete_session(self, session_id: str) -> bool:
         with mongo_errors("delete session"):
-            return await repositories.delete_session_document(self.docs, None, session_id)
+            async with self._writing() as client_session:
+                return await repositories.delete_session_document(
+                    self.docs, client_session, session_id
+                )
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
         with mongo_errors("save file record"):
-            await repositories.write_file_record(self.docs, None, file_record)
+            async with self._writing() as client_session:
+                await repositories.write_file_record(self.docs, client_session, file_record)
         return True
 
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
@@ -328,12 +393,16 @@ class MongoDBSessionStorage(SessionStorage):
 
     async def delete_expired_files(self) -> int:
         with mongo_errors("delete expired files"):
-            return await repositories.delete_files_expired_by(self.docs, None, utc_now())
+            async with self._writing() as client_session:
+                return await repositories.delete_files_expired_by(
+                    self.docs, client_session, utc_now()
+                )
 
     async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
         check_page(limit)
         with mongo_errors("search messages"):
-            return await repositories.search_messages(self.docs, None, query, limit)
+            async with self._stale_reading() as (docs, client_session):
+                return await repositories.search_messages(docs, client_session, query, limit)
 
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True
@@ -343,14 +412,15 @@ class MongoDBSessionStorage(SessionStorage):
         after: str | None = None
         while True:
             with mongo_errors("iterate sessions"):
-                batch = await repositories.read_session_batch_after(
-                    self.docs,
-                    None,
-                    after,
-                    batch_size,
-                    token=self._token,
-                    with_messages=with_messages,
-                )
+                async with self._stale_reading() as (docs, client_session):
+                    batch = await repositories.read_session_batch_after(
+                        docs,
+                        client_session,
+                        after,
+                        batch_size,
+                        token=self._token,
+                        with_messages=with_messages,
+                    )
             if not batch:
                 return
             yield batch
@@ -364,9 +434,10 @@ class MongoDBSessionStorage(SessionStorage):
         after: str | None = None
         while True:
             with mongo_errors("iterate file records"):
-                batch = await repositories.read_file_records_after(
-                    self.docs, None, after, batch_size
-                )
+                async with self._stale_reading() as (docs, client_session):
+                    batch = await repositories.read_file_records_after(
+                        docs, client_session, after, batch_size
+                    )
             if not batch:
                 return
             yield batch
@@ -374,17 +445,24 @@ class MongoDBSessionStorage(SessionStorage):
 
     async def count(self) -> StorageCounts:
         with mongo_errors("count"):
-            return await repositories.count_store(self.docs, None, utc_now())
+            async with self._stale_reading() as (docs, client_session):
+                return await repositories.count_store(docs, client_session, utc_now())
 
     async def expire_sessions(self, updated_before: datetime) -> int:
         with mongo_errors("expire sessions"):
-            return await repositories.expire_sessions_before(self.docs, None, updated_before)
+            async with self._writing() as client_session:
+                return await repositories.expire_sessions_before(
+                    self.docs, client_session, updated_before
+                )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         checked = check_status(status)
         assert checked is not None
         with mongo_errors("set session status"):
-            return await repositories.set_sessions_status(self.docs, None, session_ids, checked)
+            async with self._writing() as client_session:
+                return await repositories.set_sessions_status(
+                    self.docs, client_session, session_ids, checked
+                )
 
     async def copy_to_file(self, target: Path) -> bool:
         """MongoDB has no native single-file copy: the caller falls back to the export."""

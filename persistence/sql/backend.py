@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,8 +32,10 @@ from persistence.sql.engines import (
     sqlite_url,
 )
 from persistence.sql.errors import connection_lost, sql_errors, unique_violation
+from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
 from persistence.sql.schema import upgrade_to_head
+from persistence.sql.standby import ReplicaSettings, ReplicaState
 from persistence.sql.uow import SqlUnitOfWork, open_units_of_work
 from persistence.storage import (
     BackendName,
@@ -77,6 +80,16 @@ class SqlSessionStorage(SessionStorage):
         is `single` is one statement, atomic without BEGIN/COMMIT where the server
         allows it.
         """
+
+    async def _run_stale(
+        self, make_work: Callable[[], Work[T]], action: str, *, snapshot: bool = False
+    ) -> T:
+        """Runs a read that may see slightly stale data (a read replica's, if any).
+
+        It takes a function that makes the work, so that a read a replica could not
+        finish can be run again on the primary.
+        """
+        return await self._run(make_work(), action, write=False, snapshot=snapshot)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -196,10 +209,9 @@ class SqlSessionStorage(SessionStorage):
     ) -> list[ChatSession]:
         checked = check_status(status)
         check_page(limit, offset)
-        return await self._run(
-            repositories.read_session_page(checked, limit, offset, self.token),
+        return await self._run_stale(
+            partial(repositories.read_session_page, checked, limit, offset, self.token),
             "list sessions",
-            write=False,
         )
 
     async def delete_session(self, session_id: str) -> bool:
@@ -229,8 +241,8 @@ class SqlSessionStorage(SessionStorage):
 
     async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
         check_page(limit)
-        return await self._run(
-            repositories.search_messages(query, limit), "search messages", write=False
+        return await self._run_stale(
+            partial(repositories.search_messages, query, limit), "search messages"
         )
 
     async def iter_sessions(
@@ -240,10 +252,12 @@ class SqlSessionStorage(SessionStorage):
             raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
         after = ""
         while True:
-            ids, batch = await self._run(
-                repositories.read_session_batch(after, batch_size, with_messages, self.token),
+            batch_work = partial(
+                repositories.read_session_batch, after, batch_size, with_messages, self.token
+            )
+            ids, batch = await self._run_stale(
+                batch_work,
                 "iterate sessions",
-                write=False,
                 snapshot=True,
             )
             if not ids:
@@ -258,10 +272,9 @@ class SqlSessionStorage(SessionStorage):
             raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
         after = ""
         while True:
-            batch = await self._run(
-                repositories.read_file_record_batch(after, batch_size),
+            batch = await self._run_stale(
+                partial(repositories.read_file_record_batch, after, batch_size),
                 "iterate file records",
-                write=False,
             )
             if not batch:
                 return
@@ -269,8 +282,8 @@ class SqlSessionStorage(SessionStorage):
             after = batch[-1].file_id
 
     async def count(self) -> StorageCounts:
-        return await self._run(
-            repositories.count_store(utc_now()), "count", write=False, snapshot=True
+        return await self._run_stale(
+            partial(repositories.count_store, utc_now()), "count", snapshot=True
         )
 
     async def expire_sessions(self, updated_before: datetime) -> int:
@@ -386,7 +399,14 @@ class SQLiteSessionStorage(SqlSessionStorage):
 
 
 class PostgreSQLSessionStorage(SqlSessionStorage):
-    """PostgreSQL through a pool of asyncpg connections (SQLAlchemy's pool)."""
+    """PostgreSQL through a pool of asyncpg connections (SQLAlchemy's pool).
+
+    With `read_replicas` (hot standbys of the primary), listing, search, counts and
+    exports read from a replica; writes, loads, units of work and migrations use the
+    primary. The storage always sees its own writes; a replica that is down, cannot
+    be reached, hangs, or lags more than `max_replica_lag` seconds is skipped (see
+    persistence.sql.replicas).
+    """
 
     backend_name: BackendName = "postgresql"
     _one_statement_appends = True
@@ -397,10 +417,14 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         min_pool_size: int = 5,
         max_pool_size: int = 20,
         *,
+        read_replicas: Sequence[str] = (),
         statement_timeout: float | None = None,
         command_timeout: float | None = None,
         connect_timeout: float = 10.0,
         pool_timeout: float = 30.0,
+        max_replica_lag: float = 10.0,
+        replica_timeout: float = 1.0,
+        replica_retry_interval: float = 5.0,
     ) -> None:
         super().__init__()
         if min_pool_size < 0 or max_pool_size < 1 or min_pool_size > max_pool_size:
@@ -415,9 +439,25 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
+        self._replicas = replica_set(
+            read_replicas,
+            ReplicaSettings(
+                timeout=replica_timeout,
+                max_lag=max_replica_lag,
+                retry_interval=replica_retry_interval,
+                max_connections=max_pool_size,
+            ),
+        )
 
     def __repr__(self) -> str:
-        return f"PostgreSQLSessionStorage({self.url.render_as_string(hide_password=True)!r})"
+        shown = repr(self.url.render_as_string(hide_password=True))
+        if self._replicas is not None:
+            shown += f", read_replicas={self._replicas.displayed!r}"
+        return f"PostgreSQLSessionStorage({shown})"
+
+    def replica_states(self) -> list[ReplicaState]:
+        """What this storage last learnt of each replica: up, lagging, replay position."""
+        return [] if self._replicas is None else self._replicas.states()
 
     def _create_engine(self) -> AsyncEngine:
         return postgresql_engine(
@@ -430,6 +470,36 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             pool_timeout=self._pool_timeout,
         )
 
+    async def initialize(self) -> None:
+        await super().initialize()
+        if self._replicas is not None:
+            await self._replicas.start(self.engine, self._statement_timeout)
+
+    async def close(self) -> None:
+        try:
+            if self._replicas is not None:
+                await self._replicas.close()
+        finally:
+            await super().close()
+
+    def unit_of_work(self) -> SqlUnitOfWork:
+        if self._replicas is None:
+            return super().unit_of_work()
+        engine = self.engine.execution_options(**WRITE_OPTIONS)
+        return self._replicas.unit_of_work(engine, self.token)
+
+    async def _run_stale(
+        self, make_work: Callable[[], Work[T]], action: str, *, snapshot: bool = False
+    ) -> T:
+        replicas = self._replicas
+        if replicas is not None:
+            self.engine  # noqa: B018  # raises if closed or not initialized
+            with sql_errors(action):
+                found = await replicas.read(make_work, snapshot)
+            if found is not None:
+                return found[0]
+        return await self._run(make_work(), action, write=False, snapshot=snapshot)
+
     async def _run(
         self,
         work: Work[T],
@@ -438,6 +508,21 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         write: bool,
         snapshot: bool = False,
         single: bool = False,
+    ) -> T:
+        if write and self._replicas is not None:
+            try:
+                return await self._run_on_primary(
+                    work, action, write=True, snapshot=snapshot, single=single
+                )
+            finally:
+                # Counted whatever the outcome: a write that failed may have committed.
+                self._replicas.note_write()
+        return await self._run_on_primary(
+            work, action, write=write, snapshot=snapshot, single=single
+        )
+
+    async def _run_on_primary(
+        self, work: Work[T], action: str, *, write: bool, snapshot: bool, single: bool
     ) -> T:
         engine = self.engine
         with sql_errors(action):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from sqlalchemy import URL, event, make_url
+from sqlalchemy import URL, Dialect, event, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -123,16 +123,10 @@ def sqlite_engine(url: URL, pragmas: dict[str, Any], busy_timeout: float) -> Asy
 WRITE_OPTIONS: dict[str, Any] = {"persistence_write": True}
 
 
-def postgresql_engine(
-    url: URL,
-    min_pool_size: int,
-    max_pool_size: int,
-    *,
-    statement_timeout: float | None,
-    command_timeout: float | None,
-    connect_timeout: float,
-    pool_timeout: float,
-) -> AsyncEngine:
+def postgresql_connect_args(
+    *, statement_timeout: float | None, command_timeout: float | None, connect_timeout: float
+) -> dict[str, Any]:
+    """Keyword arguments of `asyncpg.connect` shared by the primary and the replicas."""
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if command_timeout is not None:
         connect_args["command_timeout"] = command_timeout
@@ -144,6 +138,51 @@ def postgresql_engine(
     if statement_timeout is not None:
         server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
     connect_args["server_settings"] = server_settings
+    return connect_args
+
+
+# asyncpg's own options that a URL may carry (`?statement_cache_size=0` behind PgBouncer
+# in transaction mode): a URL's query gives strings, asyncpg compares numbers.
+_ASYNCPG_INTEGER_OPTIONS = (
+    "statement_cache_size",
+    "max_cached_statement_lifetime",
+    "max_cacheable_statement_size",
+)
+
+
+def _integer_query_options(url: URL) -> dict[str, int]:
+    options: dict[str, int] = {}
+    for name in _ASYNCPG_INTEGER_OPTIONS:
+        value = url.query.get(name)
+        if isinstance(value, str):
+            try:
+                options[name] = int(value)
+            except ValueError:
+                raise InvalidDataError(
+                    f"connection_string: {name}={value!r} is not a whole number"
+                ) from None
+    return options
+
+
+def postgresql_engine(
+    url: URL,
+    min_pool_size: int,
+    max_pool_size: int,
+    *,
+    statement_timeout: float | None,
+    command_timeout: float | None,
+    connect_timeout: float,
+    pool_timeout: float,
+) -> AsyncEngine:
+    connect_args = postgresql_connect_args(
+        statement_timeout=statement_timeout,
+        command_timeout=command_timeout,
+        connect_timeout=connect_timeout,
+    )
+    integers = _integer_query_options(url)
+    if integers:
+        url = url.difference_update_query(integers)
+        connect_args.update(integers)
     return create_async_engine(
         url,
         pool_size=max(min_pool_size, 1),
@@ -154,6 +193,33 @@ def postgresql_engine(
         json_deserializer=json_loads,
         json_serializer=json_dumps,
     )
+
+
+def replica_connect_args(
+    url: URL, dialect: Dialect, *, statement_timeout: float | None, connect_timeout: float
+) -> dict[str, Any]:
+    """Keyword arguments of `asyncpg.connect` for a read replica at `url`.
+
+    The same host, credentials, TLS and server settings as the engine would use,
+    with the replica's own short connect timeout. Queries are timed by the caller,
+    which drops a connection that hangs rather than asking the server to cancel.
+    """
+    _, given = dialect.create_connect_args(url)
+    options = dict(given)
+    # SQLAlchemy's adapter takes these; asyncpg itself knows other names.
+    options.pop("prepared_statement_name_func", None)
+    cache_size = options.pop("prepared_statement_cache_size", None)
+    options.update(_integer_query_options(url))
+    if cache_size is not None and "statement_cache_size" not in options:
+        options["statement_cache_size"] = int(cache_size)
+    options.update(
+        postgresql_connect_args(
+            statement_timeout=statement_timeout,
+            command_timeout=None,
+            connect_timeout=connect_timeout,
+        )
+    )
+    return options
 
 
 def async_driver_url(connection_string: str) -> URL:

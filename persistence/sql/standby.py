@@ -1,0 +1,392 @@
+"""One PostgreSQL hot standby used for reads: its connections, health and lag.
+
+- Lag: the standby reports how far behind it is at most every `check_interval`
+  seconds (checked in the background); one beyond `max_lag` serves no reads until
+  it catches up.
+- Health: a standby that refuses, cannot be reached or hangs (a partition, a frozen
+  server) is marked down and serves no reads; a background task checks it again
+  every `retry_interval` seconds. Connecting gives up after `timeout` seconds. A
+  query that runs longer than `timeout` makes the standby prove it is alive on
+  another connection; if it cannot, the hung connection is dropped (its socket
+  closed: the server is never asked to cancel) and the read goes elsewhere.
+- Each change of state is logged once, the URL's password masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import URL, Dialect, text
+
+from persistence.sql.errors import connection_lost
+from persistence.sql.runner import Fetch, Work, run_on_asyncpg
+from persistence.sql.statements import Statement
+
+T = TypeVar("T")
+logger = logging.getLogger("persistence.sql.replicas")
+
+# A standby that has replayed all it received while its WAL receiver runs is current;
+# otherwise its lag is the age of the last transaction it replayed (NULL: unknown).
+# Positions are byte offsets in the WAL (pg_lsn as a number).
+STATUS = Statement(
+    text(
+        """
+SELECT pg_is_in_recovery(),
+       (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint,
+       CASE
+         WHEN NOT pg_is_in_recovery() THEN 0.0
+         WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+              AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0.0
+         ELSE extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8
+       END
+"""
+    )
+)
+
+
+def fetch_one(statement: Statement) -> Work[Any]:
+    """The work of a statement that returns one row."""
+    rows = yield Fetch(statement, {})
+    return rows[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSettings:
+    """How replicas are used; every time is in seconds."""
+
+    timeout: float = 1.0
+    max_lag: float = 10.0
+    retry_interval: float = 5.0
+    max_connections: int = 20
+
+    @property
+    def check_interval(self) -> float:
+        return min(1.0, self.max_lag / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaState:
+    """What the storage last learnt about one replica (for operators and tests)."""
+
+    url: str
+    up: bool
+    lagging: bool
+    lag_seconds: float | None
+    replayed: int | None
+    # Known to hold every write of this storage (else its reads go to the primary).
+    holds_own_writes: bool = False
+    reads_served: int = 0
+
+
+class Unavailable(Exception):
+    """This replica cannot serve this read: the caller reads from the primary."""
+
+
+class _Adapted:
+    """What SQLAlchemy's asyncpg codec set-up expects of a connection."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Connections:
+    """A replica's own small pool of raw asyncpg connections.
+
+    Its own, not SQLAlchemy's: a connection to a replica that hangs must be closed
+    without a word to the server, and every idle one dropped when the replica goes
+    down, neither of which a pool that closes connections politely can do.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[Any]], size: int) -> None:
+        self._connect = connect
+        self._size = size
+        self._idle: list[Any] = []
+        self._lent = 0
+        self._closed = False
+
+    def full(self) -> bool:
+        return self._lent >= self._size
+
+    async def take(self, within: float) -> Any:
+        """An idle connection, or a new one within `within` seconds."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.is_closed():
+                self._lent += 1
+                return connection
+        self._lent += 1
+        try:
+            async with asyncio.timeout(within):
+                return await self._connect()
+        except BaseException:
+            self._lent -= 1
+            raise
+
+    def give_back(self, connection: Any) -> None:
+        self._lent -= 1
+        if self._closed or connection.is_closed():
+            connection.terminate()
+        else:
+            self._idle.append(connection)
+
+    def drop(self, connection: Any) -> None:
+        """Closes the socket at once: nothing is sent, nothing awaited."""
+        self._lent -= 1
+        connection.terminate()
+
+    def drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.terminate()
+
+    async def close(self, within: float) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+
+        async def close_one(connection: Any) -> None:
+            try:
+                await connection.close(timeout=within)
+            except (Exception, asyncio.CancelledError):
+                connection.terminate()
+
+        await asyncio.gather(*(close_one(connection) for connection in idle))
+
+
+class Replica:
+    """One hot standby: its connections, what it last reported, whether it is up."""
+
+    def __init__(
+        self, url: URL, connect_args: dict[str, Any], dialect: Dialect, settings: ReplicaSettings
+    ) -> None:
+        self.url = url.render_as_string(hide_password=True)
+        self._settings = settings
+        self._dialect = dialect
+        self._pool = _Connections(lambda: self._connect(connect_args), settings.max_connections)
+        self.up = True
+        self.lagging = False
+        self.lag: float | None = None
+        self.replayed: int | None = None
+        self.checked_at = -math.inf
+        self.served = 0
+        self._task: asyncio.Task[None] | None = None
+        self._refused: set[str] = set()
+
+    async def _connect(self, connect_args: dict[str, Any]) -> Any:
+        import asyncpg
+
+        connection = await asyncpg.connect(**connect_args)
+        try:
+            # The primary's engine decodes JSON this way: rows must not differ by server.
+            dialect: Any = self._dialect
+            await dialect.setup_asyncpg_json_codec(_Adapted(connection))
+            await dialect.setup_asyncpg_jsonb_codec(_Adapted(connection))
+        except BaseException:
+            connection.terminate()
+            raise
+        return connection
+
+    def state(self, position: int | None) -> ReplicaState:
+        """What is known of the replica; `position`: of this storage's writes, if known."""
+        holds = position is not None and self.caught_up_with(position)
+        return ReplicaState(
+            self.url, self.up, self.lagging, self.lag, self.replayed, holds, self.served
+        )
+
+    def serves(self) -> bool:
+        """Up, checked, and not too far behind when last checked."""
+        return self.up and not self.lagging and self.checked_at > -math.inf
+
+    def caught_up_with(self, position: int) -> bool:
+        return position == 0 or (self.replayed is not None and self.replayed >= position)
+
+    def refresh_if_old(self) -> None:
+        """Starts a background check when the last one is older than the check interval."""
+        if self.up and time.monotonic() - self.checked_at > self._settings.check_interval:
+            self._tend(check_first=True)
+
+    def check_soon(self) -> None:
+        """Starts a background check now (unless one runs): the replica is behind."""
+        if self.up:
+            self._tend(check_first=True)
+
+    def _tend(self, *, check_first: bool) -> None:
+        """Runs the one background task of this replica, unless it runs already.
+
+        It checks the replica (if asked), then, as long as the replica is down,
+        checks again every retry interval.
+        """
+        if self._task is not None and not self._task.done():
+            return
+        self._task = asyncio.get_running_loop().create_task(self._background(check_first))
+
+    async def _background(self, check_first: bool) -> None:
+        if check_first:
+            await self.check()
+        while not self.up:
+            await asyncio.sleep(self._settings.retry_interval)
+            await self.check()
+
+    async def check(self) -> bool:
+        """Asks the replica how far it has replayed and how far behind it is.
+
+        Returns whether it answered; one that does not is marked down.
+        """
+        try:
+            connection = await self._pool.take(self._settings.timeout)
+        except Exception as exc:
+            self._mark_down(exc)
+            return False
+        try:
+            async with asyncio.timeout(self._settings.timeout):
+                standby, replayed, lag = await run_on_asyncpg(
+                    connection, self._dialect, fetch_one(STATUS)
+                )
+        except BaseException as exc:
+            self._pool.drop(connection)
+            if isinstance(exc, Exception):
+                self._mark_down(exc)
+                return False
+            raise
+        self._pool.give_back(connection)
+        self._learn(bool(standby), replayed, lag)
+        return True
+
+    def _learn(self, standby: bool, replayed: int | None, lag: float | None) -> None:
+        self.checked_at = time.monotonic()
+        # A server out of recovery (promoted, or the primary itself) cannot show that
+        # it holds this storage's writes: it serves only reads that need none of them.
+        if standby and replayed is not None:
+            self.replayed = max(replayed, self.replayed or 0)
+        else:
+            self.replayed = None
+        self.lag = lag
+        lagging = lag is None or lag > self._settings.max_lag
+        if lagging and not self.lagging:
+            behind = "an unknown time" if lag is None else f"{lag:.1f} s"
+            logger.warning(
+                "read replica %s is %s behind (more than %.1f s): reads go to the primary"
+                " until it catches up",
+                self.url,
+                behind,
+                self._settings.max_lag,
+            )
+        elif self.lagging and not lagging:
+            logger.info("read replica %s has caught up: reads go to it again", self.url)
+        self.lagging = lagging
+        if not self.up:
+            self.up = True
+            logger.info("read replica %s answers again: reads go to it again", self.url)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self._pool.drop_idle()
+        if not self.up:
+            return
+        self.up = False
+        logger.warning(
+            "read replica %s is unreachable (%s): reads go to the primary; retrying every %.0f s",
+            self.url,
+            _describe(exc),
+            self._settings.retry_interval,
+        )
+        self._tend(check_first=False)
+
+    async def run(self, work: Work[T], snapshot: bool) -> T:
+        """Runs `work` here.
+
+        Raises:
+            Unavailable: the replica cannot serve it (the caller reads from the primary).
+        """
+        if self._pool.full():
+            work.close()
+            raise Unavailable("every connection to the replica is busy")
+        try:
+            connection = await self._pool.take(self._settings.timeout)
+        except Exception as exc:
+            work.close()
+            self._mark_down(exc)
+            raise Unavailable(_describe(exc)) from exc
+        try:
+            result = await self._watch(connection, self._execute(connection, work, snapshot))
+        except BaseException as exc:
+            lost = not isinstance(exc, Exception) or connection_lost(exc)
+            if lost or connection.is_closed():
+                self._pool.drop(connection)
+            else:
+                self._pool.give_back(connection)
+            if isinstance(exc, TimeoutError) or (
+                isinstance(exc, Exception) and connection_lost(exc)
+            ):
+                self._mark_down(exc)
+                raise Unavailable(_describe(exc)) from exc
+            if _refused_by_server(exc):
+                self._note_refusal(exc)
+                raise Unavailable(_describe(exc)) from exc
+            raise
+        self.served += 1
+        if self.up:
+            self._pool.give_back(connection)
+        else:
+            # Marked down meanwhile: its idle connections were dropped, and so is this one.
+            self._pool.drop(connection)
+        return result
+
+    async def _execute(self, connection: Any, work: Work[T], snapshot: bool) -> T:
+        if snapshot:
+            async with connection.transaction(isolation="repeatable_read", readonly=True):
+                return await run_on_asyncpg(connection, self._dialect, work)
+        return await run_on_asyncpg(connection, self._dialect, work)
+
+    async def _watch(self, connection: Any, query: Coroutine[Any, Any, T]) -> T:
+        """Awaits `query`; while it runs past the timeout, the replica must prove it lives.
+
+        A slow query on a live replica goes on; one on a replica that no longer
+        answers (frozen, cut off) is abandoned with asyncio.TimeoutError. An abandoned
+        query's connection is closed first: a polite cancel or ROLLBACK would wait
+        for a server that does not answer.
+        """
+        task = asyncio.ensure_future(query)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._settings.timeout)
+                if done:
+                    return task.result()
+                if not await self.check():
+                    raise TimeoutError("the replica stopped answering")
+        finally:
+            if not task.done():
+                connection.terminate()
+                task.cancel()
+                await asyncio.wait({task})
+
+    def _note_refusal(self, exc: BaseException) -> None:
+        state = str(getattr(exc, "sqlstate", "") or type(exc).__name__)
+        log = logger.debug if state in self._refused else logger.warning
+        self._refused.add(state)
+        log("read replica %s refused a read (%s): read from the primary", self.url, _describe(exc))
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        await self._pool.close(self._settings.timeout)
+
+
+def _refused_by_server(exc: BaseException) -> bool:
+    """A server error on this read only (a recovery conflict, a schema not replayed)."""
+    try:
+        from asyncpg import PostgresError
+    except ImportError:  # pragma: no cover - asyncpg is the postgresql extra
+        return False
+    return isinstance(exc, PostgresError)

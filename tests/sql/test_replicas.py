@@ -1,0 +1,410 @@
+"""Read replicas on a real primary and hot standby of the tests' own (tests/replication.py).
+
+Proves where reads go (the standby's own statistics count them), read-your-writes
+while the standby's replay is paused, the lag bound, and that a frozen or stopped
+standby costs the caller neither an error nor a timeout per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from persistence import ChatSession, PostgreSQLSessionStorage
+from persistence.sql.runner import traced
+from tests import servers
+from tests.replication import (
+    ReplicationPair,
+    ReplicationUnavailable,
+    commits,
+    commits_settled,
+    fetchval,
+    replay_paused,
+    replication_pair,
+    wait_caught_up,
+)
+
+pytestmark = pytest.mark.postgresql
+
+OpenStorage = Callable[..., Awaitable[PostgreSQLSessionStorage]]
+LOGGER = "persistence.sql.replicas"
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[ReplicationPair]:
+    with ExitStack() as stack:
+        try:
+            built = stack.enter_context(replication_pair())
+        except ReplicationUnavailable as exc:
+            servers.unavailable("postgresql", f"cannot start a primary and standby pair: {exc}")
+            raise
+        yield built
+
+
+@pytest.fixture
+async def open_storage(pair: ReplicationPair) -> AsyncIterator[OpenStorage]:
+    """Opens storages on the pair (the standby as replica unless told otherwise)."""
+    pair.thaw(pair.standby)
+    if pair.standby.postmaster_pid() is None:
+        pair.start(pair.standby)
+    async with servers.emptied_postgresql(pair.primary.url()):
+        pass
+    await fetchval(pair.standby.url(), "SELECT pg_wal_replay_resume()")
+    await wait_caught_up(pair)
+    opened: list[PostgreSQLSessionStorage] = []
+
+    async def open_one(*, replicas: bool = True, **options: float) -> PostgreSQLSessionStorage:
+        storage = PostgreSQLSessionStorage(
+            pair.primary.url(),
+            1,
+            5,
+            read_replicas=[pair.standby.url()] if replicas else [],
+            **options,
+        )
+        opened.append(storage)
+        await storage.initialize()
+        return storage
+
+    yield open_one
+    pair.thaw(pair.standby)
+    for storage in opened:
+        await storage.close()
+
+
+async def _seed(storage: PostgreSQLSessionStorage, count: int, word: str) -> list[ChatSession]:
+    sessions = []
+    for index in range(count):
+        session = ChatSession.create("model", metadata={"index": index})
+        session.add_message("user", f"{word} number {index}")
+        await storage.save_session(session)
+        sessions.append(session)
+    return sessions
+
+
+def _ids(sessions: list[ChatSession]) -> set[str]:
+    return {session.session_id for session in sessions}
+
+
+async def _routable(storage: PostgreSQLSessionStorage) -> None:
+    """Reads until the standby is known to hold this storage's writes.
+
+    A read after new writes goes to the primary and has the standby's progress
+    checked in the background; reads go to the standby once it is known.
+    """
+    deadline = time.monotonic() + 10
+    while not all(state.holds_own_writes for state in storage.replica_states()):
+        assert time.monotonic() < deadline, f"never routable: {storage.replica_states()}"
+        await storage.list_sessions()
+        await asyncio.sleep(0.02)
+
+
+async def test_list_search_count_and_exports_are_served_by_the_standby(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    writer = await open_storage(replicas=False)
+    seeded = await _seed(writer, 5, "routed")
+    await wait_caught_up(pair)
+    reader = await open_storage()
+    await _routable(reader)
+    # A backend publishes its counters up to 10 s late unless it exits: close the
+    # connections that served the writes and the set-up, so none lands in the count.
+    await writer.engine.dispose()
+    await reader.engine.dispose()
+    primary_before = await commits_settled(pair.primary)
+    standby_before = await commits_settled(pair.standby)
+
+    for _ in range(20):
+        assert _ids(await reader.list_sessions()) == _ids(seeded)
+        assert len(await reader.search_messages("routed")) == 5
+    for _ in range(5):
+        assert (await reader.count()).total_sessions == 5
+    exported = [session async for batch in reader.iter_sessions() for session in batch]
+    assert _ids(exported) == _ids(seeded)
+    assert [record async for batch in reader.iter_file_records() for record in batch] == []
+    await reader.close()  # its standby backends exit and publish their counters
+
+    reads = 20 + 20 + 5 + 2 + 1
+    standby_after = await commits_settled(pair.standby, at_least=standby_before + reads)
+    primary_after = await commits_settled(pair.primary)
+    assert standby_after - standby_before >= reads
+    assert primary_after - primary_before <= 2, "reads went to the primary"
+
+
+async def test_loads_writes_and_units_of_work_use_the_primary(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    storage = await open_storage()
+    (session,) = await _seed(storage, 1, "primary")
+    await wait_caught_up(pair)
+    async with replay_paused(pair):
+        session.add_message("assistant", "written while the standby stands still")
+        await storage.save_session(session)
+        loaded = await storage.load_session(session.session_id)
+        assert loaded is not None and loaded.message_count == 2
+        assert [s.session_id for s in await storage.load_sessions([session.session_id])] == [
+            session.session_id
+        ]
+        async with storage.unit_of_work() as uow:
+            in_uow = await uow.sessions.get(session.session_id)
+            assert in_uow is not None and in_uow.message_count == 2
+        standby_holds = await fetchval(pair.standby.url(), "SELECT count(*) FROM chat_messages")
+        assert standby_holds == 1
+
+
+async def test_a_storage_reads_its_own_writes_while_the_standby_replay_is_paused(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    mine = await open_storage()
+    other = await open_storage()
+    kept, gone = await _seed(mine, 2, "seeded")
+    await wait_caught_up(pair)
+    assert len(await other.list_sessions()) == 2
+
+    async with replay_paused(pair):
+        (fresh,) = await _seed(mine, 1, "paused")
+        assert await mine.delete_session(gone.session_id)
+        async with mine.unit_of_work() as uow:
+            in_uow = ChatSession.create("model")
+            in_uow.add_message("user", "paused through a unit of work")
+            await uow.sessions.add(in_uow)
+            await uow.commit()
+
+        expected = {kept.session_id, fresh.session_id, in_uow.session_id}
+        assert _ids(await mine.list_sessions()) == expected
+        assert {m.session_id for m in await mine.search_messages("paused")} == {
+            fresh.session_id,
+            in_uow.session_id,
+        }
+        assert (await mine.count()).total_sessions == 3
+        # The standby really is behind, and another storage reading it sees so.
+        assert await fetchval(pair.standby.url(), "SELECT count(*) FROM chat_sessions") == 2
+        assert _ids(await other.list_sessions()) == {kept.session_id, gone.session_id}
+        assert await other.search_messages("paused") == []
+
+    await wait_caught_up(pair)
+    assert _ids(await other.list_sessions()) == expected
+
+    # Caught up, this storage reads from the standby again: a write by another
+    # storage made while replay is paused again is not in what it lists.
+    await _routable(mine)
+    async with replay_paused(pair):
+        (elsewhere,) = await _seed(other, 1, "elsewhere")
+        assert _ids(await mine.list_sessions()) == expected
+        assert elsewhere.session_id in _ids(await other.list_sessions())
+
+
+async def test_concurrent_tasks_of_one_storage_always_read_their_own_writes(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    storage = await open_storage()
+    await _routable(storage)
+    served_before = storage.replica_states()[0].reads_served
+    written: list[str] = []
+
+    async def write(word: str) -> ChatSession:
+        session = ChatSession.create("model")
+        session.add_message("user", word)
+        await storage.save_session(session)
+        written.append(session.session_id)
+        return session
+
+    async def sees(session: ChatSession, word: str) -> None:
+        assert session.session_id in _ids(await storage.list_sessions(limit=1000))
+        assert [m.session_id for m in await storage.search_messages(word)] == [session.session_id]
+
+    async def reader(session: ChatSession, word: str) -> None:
+        for _ in range(8):
+            await sees(session, word)
+            # Reads right after the writes, and once the standby has replayed them.
+            await asyncio.sleep(random.choice([0, 0.002, 0.01, 0.03]))
+
+    async def interloper(round_: int) -> None:
+        # Writes while the others read: each of its writes unsettles their reads.
+        for step in range(3):
+            await asyncio.sleep(random.choice([0.005, 0.02, 0.04]))
+            word = f"interloper{round_}x{step}"
+            await sees(await write(word), word)
+
+    for round_ in range(6):
+        words = [f"racer{round_}x{number}" for number in range(6)]
+        sessions = await asyncio.gather(*(write(word) for word in words))
+        await asyncio.gather(
+            interloper(round_),
+            *(reader(session, word) for session, word in zip(sessions, words, strict=True)),
+        )
+    assert _ids(await storage.list_sessions(limit=1000)) == set(written)
+    # Many of those reads were the standby's: the race was really run.
+    served = storage.replica_states()[0].reads_served - served_before
+    print(f"concurrent tasks: the standby served {served} of the reads")
+    assert served >= 20, f"only {served} reads raced the standby"
+
+
+async def test_a_write_costs_no_extra_statement_and_a_burst_of_them_one_question(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    plain = await open_storage(replicas=False)
+    routed = await open_storage()
+    await _routable(routed)
+
+    async def statements_of_a_save(storage: PostgreSQLSessionStorage) -> list[str]:
+        session = ChatSession.create("model")
+        session.add_message("user", "one message")
+        sent: list[str] = []
+        with traced(sent.append):
+            await storage.save_session(session)
+        return sent
+
+    assert await statements_of_a_save(routed) == await statements_of_a_save(plain)
+    for _ in range(4):
+        await statements_of_a_save(routed)
+
+    sent: list[str] = []
+    with traced(sent.append):
+        for _ in range(5):
+            await routed.list_sessions()
+        await _routable(routed)
+        for _ in range(5):
+            await routed.list_sessions()
+    # One question to the primary for five writes and ten lists.
+    assert sum("pg_current_wal_insert_lsn" in sql for sql in sent) == 1
+    sent.clear()
+    with traced(sent.append):
+        await plain.list_sessions()
+    assert not any("pg_current_wal" in sql or "pg_is_in_recovery" in sql for sql in sent)
+
+
+async def test_a_standby_lagging_beyond_the_bound_is_skipped_with_one_log_line(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    writer = await open_storage(replicas=False)
+    reader = await open_storage(max_replica_lag=0.5)
+    assert await reader.list_sessions() == []
+    async with replay_paused(pair):
+        (fresh,) = await _seed(writer, 1, "lagging")
+        deadline = time.monotonic() + 3
+        while fresh.session_id not in _ids(await reader.list_sessions()):
+            assert time.monotonic() < deadline, "reads stayed on a standby far behind"
+            await asyncio.sleep(0.05)
+        for _ in range(10):
+            assert fresh.session_id in _ids(await reader.list_sessions())
+            await asyncio.sleep(0.05)
+        assert reader.replica_states()[0].lagging
+    await wait_caught_up(pair)
+    deadline = time.monotonic() + 3
+    while reader.replica_states()[0].lagging:
+        assert time.monotonic() < deadline, "a standby that caught up stayed skipped"
+        await reader.list_sessions()
+        await asyncio.sleep(0.05)
+    behind = [r for r in caplog.records if "behind" in r.getMessage()]
+    assert len(behind) == 1 and behind[0].levelno == logging.WARNING
+    assert sum("has caught up" in r.getMessage() for r in caplog.records) == 1
+
+
+async def _reads_stay_fast(storage: PostgreSQLSessionStorage, expected: set[str]) -> float:
+    """The time of the first list, after checking that 20 more take under 2 s."""
+    started = time.monotonic()
+    assert _ids(await storage.list_sessions()) == expected
+    first = time.monotonic() - started
+    started = time.monotonic()
+    for _ in range(20):
+        assert _ids(await storage.list_sessions()) == expected
+    assert time.monotonic() - started < 2.0
+    assert (await storage.count()).total_sessions == len(expected)
+    return first
+
+
+async def _served_by_the_standby_again(
+    pair: ReplicationPair, storage: PostgreSQLSessionStorage, writer: PostgreSQLSessionStorage
+) -> None:
+    deadline = time.monotonic() + 10
+    while not storage.replica_states()[0].up:
+        assert time.monotonic() < deadline, "the standby was never taken back"
+        await asyncio.sleep(0.1)
+    await wait_caught_up(pair)
+    await _routable(storage)
+    before = _ids(await storage.list_sessions())
+    async with replay_paused(pair):
+        await _seed(writer, 1, "unseen")
+        assert _ids(await storage.list_sessions()) == before
+
+
+async def test_reads_go_on_from_the_primary_when_the_standby_is_frozen(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    writer = await open_storage(replicas=False)
+    storage = await open_storage(replica_retry_interval=0.5)
+    expected = _ids(await _seed(writer, 3, "frozen"))
+    await wait_caught_up(pair)
+    await _routable(storage)
+    assert _ids(await storage.list_sessions()) == expected  # a connection waits idle
+    pair.freeze(pair.standby)
+    try:
+        first = await _reads_stay_fast(storage, expected)
+        assert first < 3.0
+        assert len(await storage.search_messages("frozen")) == 3
+    finally:
+        pair.thaw(pair.standby)
+    print(f"frozen standby: first read after {first:.2f} s")
+    await _served_by_the_standby_again(pair, storage, writer)
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 1 and unreachable[0].levelno == logging.WARNING
+    assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_storage_opened_while_the_standby_is_frozen_starts_and_reads_quickly(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 2, "opened"))
+    pair.freeze(pair.standby)
+    try:
+        started = time.monotonic()
+        storage = await open_storage()
+        opened = time.monotonic() - started
+        first = await _reads_stay_fast(storage, expected)
+        started = time.monotonic()
+        await storage.close()
+        closing = time.monotonic() - started
+    finally:
+        pair.thaw(pair.standby)
+    print(f"frozen standby: initialize {opened:.2f} s, first read {first:.2f} s")
+    assert opened < 3.0 and first < 3.0
+    assert closing < 3.0
+
+
+async def test_reads_go_on_from_the_primary_when_the_standby_is_shut_down(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    writer = await open_storage(replicas=False)
+    storage = await open_storage(replica_retry_interval=0.5)
+    expected = _ids(await _seed(writer, 3, "stopped"))
+    await wait_caught_up(pair)
+    await _routable(storage)
+    assert _ids(await storage.list_sessions()) == expected
+    pair.stop(pair.standby)
+    try:
+        first = await _reads_stay_fast(storage, expected)
+        assert first < 3.0
+    finally:
+        pair.start(pair.standby)
+    print(f"stopped standby: first read after {first:.2f} s")
+    await _served_by_the_standby_again(pair, storage, writer)
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 1
+
+
+async def test_commits_counter_reads_the_test_database(pair: ReplicationPair) -> None:
+    # The proofs above count transactions in this database only: check that they do.
+    before = await commits(pair.primary)
+    for _ in range(5):
+        await fetchval(pair.primary.url(), "SELECT 1")
+    assert await commits_settled(pair.primary, at_least=before + 5) >= before + 5
