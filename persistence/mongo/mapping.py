@@ -16,6 +16,7 @@ from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.mongo.documents import FileRecordView, MessageDocument, SessionSummary, SessionView
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
+from persistence.search import search_document
 
 
 def session_fields(session: ChatSession) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def document_from_message(message: ChatMessage) -> dict[str, Any]:
         "content": message.content,
         "created_at": message.created_at,
         "metadata": message.metadata,
+        "search_tokens": search_document(message.content).split(),
     }
 
 

@@ -35,6 +35,7 @@ from persistence.storage import (
     SessionStorage,
     StorageCounts,
     check_page,
+    check_role,
     check_status,
 )
 
@@ -173,10 +174,20 @@ class SqlSessionStorage(SessionStorage):
             repositories.delete_files_expired_by(utc_now()), "delete expired files", write=True
         )
 
-    async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
+    async def search_messages(
+        self,
+        query: str,
+        limit: int = 50,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+    ) -> list[ChatMessage]:
         check_page(limit)
+        checked = check_role(role)
         return await self._run(
-            repositories.search_messages(query, limit), "search messages", write=False
+            repositories.search_messages(self.backend_name, query, limit, session_id, checked),
+            "search messages",
+            write=False,
         )
 
     async def iter_sessions(

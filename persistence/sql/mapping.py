@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
+from persistence.search import search_document
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 
 SESSION_COLUMNS = (
@@ -177,6 +178,7 @@ def rows_from_messages(
             "content": message.content,
             "created_at": message.created_at,
             "metadata": message.metadata,
+            "search_text": search_document(message.content),
         }
         for offset, message in enumerate(messages)
     ]

@@ -27,7 +27,9 @@ def test_a_save_crossing_16_mib_is_refused_naming_the_limit() -> None:
 
 
 def test_a_save_just_under_16_mib_is_sent() -> None:
-    session = _session_with(MAX_DOCUMENT_BYTES - 4096)
+    # One word repeated: its search tokens add a few bytes, not a second copy.
+    session = ChatSession.create("gemini-pro", session_id="big")
+    session.add_message("user", "x " * ((MAX_DOCUMENT_BYTES - 4096) // 2))
     update = save_update(session, session.messages)
     check_save_size(session.session_id, update)
     assert len(bson.encode(document_from_session(session))) <= MAX_DOCUMENT_BYTES
