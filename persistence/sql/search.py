@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ARRAY, Text, bindparam, text
+from sqlalchemy import ARRAY, BigInteger, Text, bindparam, column, text
 from sqlalchemy.sql import ClauseElement
 
 from persistence.models import ChatMessage
@@ -88,47 +88,54 @@ def _tests(dialect: str, prefix: str = "") -> list[str]:
     ]
 
 
-def _edge(shape: Shape, dialect: str) -> str:
-    """The id (position) of the `:skip + 1`-th newest row at or below :below, if any."""
-    where = [f"{shape.key} <= :below"]
-    if shape.session:
-        where.append("m.session_id = :session_id")
+def _edge(shape: Shape) -> str:
+    """The id (position) of the `:skip + 1`-th newest row at or below :below (NULL: none)."""
+    key = shape.key.replace("m.", "n.")
+    session = " AND n.session_id = :session_id" if shape.session else ""
     return (
-        f"SELECT {shape.key} FROM chat_messages AS m WHERE {' AND '.join(where)}"
-        f" ORDER BY {shape.key} DESC LIMIT 1 OFFSET :skip"
+        f"(SELECT {key} FROM chat_messages AS n WHERE {key} <= :below{session}"
+        f" ORDER BY {key} DESC LIMIT 1 OFFSET :skip)"
     )
 
 
 def _scan(shape: Shape, dialect: str) -> str:
-    """The matches among the rows from :edge to :below, newest first."""
-    where = [f"{shape.key} <= :below", f"{shape.key} >= :edge", *_filters(shape)]
+    """The matches among the `:skip + 1` newest rows at or below :below, newest first.
+
+    Each row also carries the edge of that window (-1 when it reached the first row).
+    """
+    where = [f"{shape.key} <= :below", f"{shape.key} >= e.edge", *_filters(shape)]
     where += _tests(dialect)
     return (
-        f"SELECT {_COLUMNS} FROM chat_messages AS m WHERE {' AND '.join(where)}"
-        f" ORDER BY {shape.key} DESC LIMIT :limit"
+        f"SELECT {_COLUMNS}, e.edge FROM (SELECT coalesce({_edge(shape)}, -1) AS edge) AS e,"
+        f" chat_messages AS m WHERE {' AND '.join(where)} ORDER BY {shape.key} DESC LIMIT :limit"
     )
 
 
 def _index(shape: Shape, dialect: str) -> str:
-    """The matches at or below :below, found through the index, newest first."""
+    """The matches below :edge, found through the index, newest first.
+
+    Without :edge, below the edge of the window a scan with the same :below and :skip
+    read (a scan that matched nothing does not say where it stopped).
+    """
+    below = f"< coalesce(CAST(:edge AS BIGINT), {_edge(shape)})"
     if dialect == "postgresql":
         # A document indexed as OVERFLOW holds only that term: it is tested word by word.
         everything = " AND ".join(_tests(dialect))
         where = [
             "m.search_terms @@ CAST(:match AS tsquery)",
-            f"{shape.key} <= :below",
+            f"({shape.key} + 0) {below}",
             *_filters(shape),
             f"(NOT m.search_terms @@ CAST(:overflow AS tsquery) OR ({everything}))",
             *_tests(dialect, "recheck_"),
         ]
         source = "chat_messages AS m"
-        # Ordered by an expression, so the planner reads the index instead of walking
-        # the primary key: the probe found these words rare among the newest rows.
+        # Bounded and ordered by expressions, so the planner reads the GIN index instead
+        # of walking the primary key: the probe found these words rare among the newest.
         order = f"({shape.key} + 0) DESC"
     elif shape.session:
         where = [
             "m.id IN (SELECT rowid FROM chat_messages_fts WHERE chat_messages_fts MATCH :match)",
-            "m.position <= :below",
+            f"m.position {below}",
             *_filters(shape),
             *_tests(dialect, "recheck_"),
         ]
@@ -138,7 +145,7 @@ def _index(shape: Shape, dialect: str) -> str:
         # first and the LIMIT stops it (ordering by m.id would sort every match).
         where = [
             "chat_messages_fts MATCH :match",
-            "chat_messages_fts.rowid <= :below",
+            f"chat_messages_fts.rowid {below}",
             *_filters(shape),
             *_tests(dialect, "recheck_"),
         ]
@@ -149,7 +156,7 @@ def _index(shape: Shape, dialect: str) -> str:
     )
 
 
-def _statement(build: Any, shape: Shape, rows: bool = True) -> Statement:
+def _statement(build: Any, shape: Shape, rows: bool = True, edge: bool = False) -> Statement:
     def element(dialect: str) -> ClauseElement:
         sql = build(shape, dialect)
         arrays = ARRAY(Text) if dialect == "postgresql" else Text()
@@ -158,21 +165,23 @@ def _statement(build: Any, shape: Shape, rows: bool = True) -> Statement:
             for name in sorted(set(_PARAMETER.findall(sql)))
         ]
         statement = text(sql).bindparams(*binds)
-        return statement.columns(*_RESULT_COLUMNS) if rows else statement
+        if not rows:
+            return statement
+        extra = [column("edge", BigInteger())] if edge else []
+        return statement.columns(*_RESULT_COLUMNS, *extra)
 
     return Statement(element)
 
 
 _PARAMETER = re.compile(r"(?<!:):([a-z_]+)")
 _SHAPES = [Shape(session, role) for session in (False, True) for role in (False, True)]
-_EDGE = {shape: _statement(_edge, shape, rows=False) for shape in _SHAPES}
-_SCAN = {shape: _statement(_scan, shape) for shape in _SHAPES}
+_SCAN = {shape: _statement(_scan, shape, edge=True) for shape in _SHAPES}
 _INDEX = {shape: _statement(_index, shape) for shape in _SHAPES}
 
 
 def _counts(shape: Shape, dialect: str) -> str:
-    """How many rows from :edge to :below each word of :starts and :contains matches."""
-    where = [f"{shape.key} >= :edge", f"{shape.key} <= :below"]
+    """How many of the `:skip + 1` newest rows each word of :starts and :contains matches."""
+    where = [f"{shape.key} >= coalesce({_edge(shape)}, -1)"]
     if shape.session:
         where.append("m.session_id = :session_id")
     if dialect == "postgresql":
@@ -249,32 +258,34 @@ def find_messages(
         contains=[word.text for word in contains],
     )
     found: list[ChatMessage] = []
-    below, scanned, budget, probed = _TOP, 0, PROBE_ROWS, _TOP
-    while budget > 0:
-        edges = yield Fetch(_EDGE[shape], {**common, "below": below, "skip": budget - 1})
-        edge = edges[0][0] if edges else -1
-        params = {**common, "below": below, "edge": edge, "limit": limit - len(found)}
-        found += [message_from_row(row) for row in (yield Fetch(_SCAN[shape], params))]
-        if len(found) >= limit or not edges:
+    below, scanned, budget = _TOP, 0, PROBE_ROWS
+    edge: int | None = None
+    while True:
+        params = {**common, "below": below, "skip": budget - 1, "limit": limit - len(found)}
+        rows = yield Fetch(_SCAN[shape], params)
+        found += [message_from_row(row) for row in rows]
+        edge = rows[0][-1] if rows else None
+        if len(found) >= limit or edge == -1:
             return found
-        probed = min(probed, edge)
-        below, scanned = edge - 1, scanned + budget
+        scanned += budget
         # Read on newest first only while the matches so far say the page fills within
         # MAX_SCAN_ROWS rows; otherwise the words are rare and the index finds them.
         wanted = math.ceil(2 * (limit - len(found)) * scanned / len(found)) if found else 0
-        budget = wanted if wanted <= MAX_SCAN_ROWS - scanned else 0
+        if edge is None or wanted > MAX_SCAN_ROWS - scanned:
+            break
+        below, budget = edge - 1, wanted
     # The index looks for the word rarest among the rows read (then the longest): one
     # word's terms keep the index's work small, and the recheck decides the rest.
     chosen = query.words[0]
     if len(query.words) > 1:
-        params = {**common, "edge": probed, "below": _TOP}
+        params = {**common, "below": _TOP, "skip": scanned - 1}
         counts = {
             (kind, int(n)): int(count) for kind, n, count in (yield Fetch(_COUNTS[shape], params))
         }
         hits = {word: counts[("starts", n)] for n, word in enumerate(starts)}
         hits |= {word: counts[("contains", n)] for n, word in enumerate(contains)}
         chosen = min(query.words, key=lambda word: (hits[word], -len(word.text)))
-    params = {**common, "below": below, "limit": limit - len(found)}
-    params |= _index_parameters(dialect, list(query.words), chosen)
+    params = {**common, "below": below, "skip": budget - 1, "edge": edge}
+    params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
     found += [message_from_row(row) for row in (yield Fetch(_INDEX[shape], params))]
     return found
