@@ -31,8 +31,8 @@ import regex  # type: ignore[import-untyped]  # ships no type stubs
 
 # A message's first 1 MiB of characters (at least 1 MiB of its UTF-8) is searchable.
 MAX_SEARCHABLE_CHARS = 1 << 20
-# Query words used as index terms; further words are only rechecked (the longest
-# words, the most selective, go to the index).
+# Query words an index may look up (the longest, the most selective); every word is
+# still tested against each candidate.
 MAX_INDEXED_WORDS = 32
 # Substrings of this length index the words of scripts written without spaces.
 GRAM = 2
@@ -120,17 +120,14 @@ class QueryWord:
 class SearchQuery:
     """A typed query as the engines take it.
 
-    A message matches when it holds every index term (prefix terms as prefixes,
-    gram terms exactly), each word of `starts` begins one of its document's tokens,
-    and each word of `contains` occurs in its document.
+    `words` decide: a message matches when each of them matches it (longest first).
+    The index terms are what an index can look up for the first MAX_INDEXED_WORDS of
+    them: a message holding them all is a candidate, which the words then decide.
     """
 
     words: tuple[QueryWord, ...]
     prefix_terms: tuple[str, ...]
     gram_terms: tuple[str, ...]
-    # Words the index terms do not decide, rechecked against the search document.
-    starts: tuple[str, ...]
-    contains: tuple[str, ...]
 
 
 def _implied(word: QueryWord, others: Iterable[QueryWord]) -> bool:
@@ -158,17 +155,11 @@ def parse_query(query: str) -> SearchQuery | None:
     )
     if not kept:
         return None
-    indexed, rest = kept[:MAX_INDEXED_WORDS], kept[MAX_INDEXED_WORDS:]
+    indexed = kept[:MAX_INDEXED_WORDS]
     prefix_terms = [term for word in indexed if (term := word.prefix_term()) is not None]
     gram_terms = [term for word in indexed for term in word.gram_terms()]
-    starts = [word.text for word in rest if not word.anywhere]
-    contains = [
-        word.text for word in kept if word.anywhere and (word in rest or len(word.text) > GRAM)
-    ]
     return SearchQuery(
         words=tuple(kept),
         prefix_terms=tuple(prefix_terms),
         gram_terms=tuple(dict.fromkeys(gram_terms)),
-        starts=tuple(starts),
-        contains=tuple(contains),
     )

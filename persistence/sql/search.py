@@ -29,7 +29,7 @@ from sqlalchemy import ARRAY, BigInteger, Text, bindparam, column, text
 from sqlalchemy.sql import ClauseElement
 
 from persistence.models import ChatMessage
-from persistence.search import GRAM_MARK, QueryWord, SearchQuery
+from persistence.search import GRAM_MARK, MAX_INDEXED_WORDS, QueryWord, SearchQuery
 from persistence.sql.mapping import message_from_row
 from persistence.sql.runner import Fetch, Work
 from persistence.sql.statements import Statement
@@ -249,13 +249,11 @@ def find_messages(
 ) -> Work[list[ChatMessage]]:
     """The newest `limit` messages matching `query`, newest first (stored order)."""
     shape = Shape(session=session_id is not None, role=role is not None)
-    starts = [word for word in query.words if not word.anywhere]
-    contains = [word for word in query.words if word.anywhere]
     common: dict[str, Any] = {"session_id": session_id, "role": role}
     common |= _arrays(
         dialect,
-        starts=[word.text for word in starts],
-        contains=[word.text for word in contains],
+        starts=[word.text for word in query.words if not word.anywhere],
+        contains=[word.text for word in query.words if word.anywhere],
     )
     found: list[ChatMessage] = []
     below, scanned, budget = _TOP, 0, PROBE_ROWS
@@ -276,15 +274,24 @@ def find_messages(
         below, budget = edge - 1, wanted
     # The index looks for the word rarest among the rows read (then the longest): one
     # word's terms keep the index's work small, and the recheck decides the rest.
-    chosen = query.words[0]
-    if len(query.words) > 1:
-        params = {**common, "below": _TOP, "skip": scanned - 1}
+    # Candidates are the longest words (query.words comes longest first).
+    candidates = query.words[:MAX_INDEXED_WORDS]
+    chosen = candidates[0]
+    if len(candidates) > 1:
+        starts = [word for word in candidates if not word.anywhere]
+        contains = [word for word in candidates if word.anywhere]
+        params = {"session_id": session_id, "below": _TOP, "skip": scanned - 1}
+        params |= _arrays(
+            dialect,
+            starts=[word.text for word in starts],
+            contains=[word.text for word in contains],
+        )
         counts = {
             (kind, int(n)): int(count) for kind, n, count in (yield Fetch(_COUNTS[shape], params))
         }
         hits = {word: counts[("starts", n)] for n, word in enumerate(starts)}
         hits |= {word: counts[("contains", n)] for n, word in enumerate(contains)}
-        chosen = min(query.words, key=lambda word: (hits[word], -len(word.text)))
+        chosen = min(candidates, key=lambda word: (hits[word], -len(word.text)))
     params = {**common, "below": below, "skip": budget - 1, "edge": edge}
     params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
     found += [message_from_row(row) for row in (yield Fetch(_INDEX[shape], params))]
