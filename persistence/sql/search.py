@@ -102,12 +102,15 @@ def _scan(shape: Shape, dialect: str) -> str:
     """The matches among the `:skip + 1` newest rows at or below :below, newest first.
 
     Each row also carries the edge of that window (-1 when it reached the first row).
+    The edge is a constant subquery, computed once, so the rows are read through the
+    key's index newest first and the LIMIT stops the reading.
     """
-    where = [f"{shape.key} <= :below", f"{shape.key} >= e.edge", *_filters(shape)]
+    edge = f"coalesce({_edge(shape)}, -1)"
+    where = [f"{shape.key} <= :below", f"{shape.key} >= {edge}", *_filters(shape)]
     where += _tests(dialect)
     return (
-        f"SELECT {_COLUMNS}, e.edge FROM (SELECT coalesce({_edge(shape)}, -1) AS edge) AS e,"
-        f" chat_messages AS m WHERE {' AND '.join(where)} ORDER BY {shape.key} DESC LIMIT :limit"
+        f"SELECT {_COLUMNS}, {edge} AS edge FROM chat_messages AS m"
+        f" WHERE {' AND '.join(where)} ORDER BY {shape.key} DESC LIMIT :limit"
     )
 
 

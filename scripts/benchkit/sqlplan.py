@@ -61,12 +61,11 @@ async def explain_search(engine: AsyncEngine, call: Awaitable[Any], words: list[
         arrays |= {"recheck_starts": "[]", "recheck_contains": "[]"}
         match, prefix = f'"{word}"*', "EXPLAIN QUERY PLAN "
     plans = []
+    window = {"below": 2**62, "skip": module.PROBE_ROWS - 1, "limit": 50}
     async with engine.connect() as connection:
-        top = (await connection.exec_driver_sql("SELECT max(id) FROM chat_messages")).scalar()
-        edge = int(top or 0) - module.PROBE_ROWS
         for name, statement, params in (
-            ("scan", module._SCAN[shape], {"below": 2**62, "edge": edge, "limit": 50}),
-            ("index", module._INDEX[shape], {"below": edge - 1, "limit": 50, "match": match}),
+            ("scan", module._SCAN[shape], window),
+            ("index", module._INDEX[shape], {**window, "edge": None, "match": match}),
         ):
             sql = str(statement.compile(engine.dialect).compiled.statement)
             params = {**params, **arrays, "overflow": "'\u00a7\u00a7'"}
