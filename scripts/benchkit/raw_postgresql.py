@@ -37,17 +37,21 @@ CREATE TABLE chat_messages (
   search_text TEXT NOT NULL DEFAULT '');
 CREATE UNIQUE INDEX ix_messages_session_position ON chat_messages (session_id, position);
 CREATE FUNCTION persistence_search_terms(document text) RETURNS tsvector
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE
-        WHEN count(*) = 0 THEN ''::tsvector
-        WHEN sum(octet_length(term)) <= 1000000 THEN array_to_tsvector(array_agg(term))
-        ELSE array_to_tsvector(ARRAY[chr(167) || chr(167)])
-    END
-    FROM (
-        SELECT DISTINCT left(token, 200) AS term
-        FROM unnest(string_to_array(document, ' ')) AS token
-        WHERE token <> ''
-    ) AS terms
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    terms text[];
+BEGIN
+    SELECT array_agg(DISTINCT left(token, 200)) INTO terms
+    FROM unnest(string_to_array(document, ' ')) AS token
+    WHERE token <> '';
+    IF terms IS NULL THEN
+        RETURN ''::tsvector;
+    END IF;
+    IF (SELECT sum(octet_length(term)) FROM unnest(terms) AS term) > 1000000 THEN
+        RETURN array_to_tsvector(ARRAY[chr(167) || chr(167)]);
+    END IF;
+    RETURN array_to_tsvector(terms);
+END
 $$;
 ALTER TABLE chat_messages ADD COLUMN search_terms tsvector
   GENERATED ALWAYS AS (persistence_search_terms(search_text)) STORED;

@@ -99,20 +99,25 @@ SQLITE_FTS_0002 = [
 # array_to_tsvector checks neither: terms are cut to 200 characters (800 bytes at
 # most), and a document whose terms exceed 1,000,000 bytes is indexed as the single
 # term '§§' (no gram or word is that), which every query also matches and then
-# rechecks against the document.
+# rechecks against the document. PL/pgSQL, whose plans a session keeps: a SQL
+# function with a FROM clause would be planned again for every row written.
 POSTGRESQL_TERMS_FUNCTION = """
 CREATE FUNCTION persistence_search_terms(document text) RETURNS tsvector
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE
-        WHEN count(*) = 0 THEN ''::tsvector
-        WHEN sum(octet_length(term)) <= 1000000 THEN array_to_tsvector(array_agg(term))
-        ELSE array_to_tsvector(ARRAY[chr(167) || chr(167)])
-    END
-    FROM (
-        SELECT DISTINCT left(token, 200) AS term
-        FROM unnest(string_to_array(document, ' ')) AS token
-        WHERE token <> ''
-    ) AS terms
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    terms text[];
+BEGIN
+    SELECT array_agg(DISTINCT left(token, 200)) INTO terms
+    FROM unnest(string_to_array(document, ' ')) AS token
+    WHERE token <> '';
+    IF terms IS NULL THEN
+        RETURN ''::tsvector;
+    END IF;
+    IF (SELECT sum(octet_length(term)) FROM unnest(terms) AS term) > 1000000 THEN
+        RETURN array_to_tsvector(ARRAY[chr(167) || chr(167)]);
+    END IF;
+    RETURN array_to_tsvector(terms);
+END
 $$
 """
 
