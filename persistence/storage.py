@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
@@ -13,23 +12,17 @@ from types import TracebackType
 from typing import Literal, Protocol, Self
 
 from persistence.errors import InvalidDataError
-from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.models import (
+    ROLES,
+    STATUSES,
+    ChatMessage,
+    ChatSession,
+    Role,
+    Status,
+    UploadedFileRecord,
+)
 
 BackendName = Literal["sqlite", "postgresql", "mongodb"]
-
-# Words beyond this many add nothing a person meant and only slow the engine down.
-MAX_QUERY_WORDS = 32
-_WORD = re.compile(r"\w+")
-
-
-def search_words(query: str) -> list[str]:
-    """Returns the words of a typed query, the only part of it any engine is given.
-
-    Characters no engine can take (NUL, lone surrogates) are dropped, so a query is
-    never a syntax error and never matches by accident of syntax.
-    """
-    cleaned = query.encode("utf-8", "ignore").decode("utf-8").replace("\x00", " ")
-    return _WORD.findall(cleaned)[:MAX_QUERY_WORDS]
 
 
 def check_status(status: str | None) -> Status | None:
@@ -51,6 +44,17 @@ def check_last(last: int | None) -> None:
     """
     if last is not None and last < 0:
         raise InvalidDataError(f"last: must be >= 0, got {last}")
+
+
+def check_role(role: str | None) -> Role | None:
+    """Returns `role` if it is one of ROLES (or None).
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if role is not None and role not in ROLES:
+        raise InvalidDataError(f"role: {role!r} is not one of {', '.join(ROLES)}")
+    return role
 
 
 def check_page(limit: int, offset: int = 0) -> None:
@@ -241,8 +245,35 @@ class SessionStorage(ABC):
         """Deletes the file records whose `expires_at` has passed; returns how many."""
 
     @abstractmethod
-    async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
-        """Full-text search over message content, newest first; never a syntax error."""
+    async def search_messages(
+        self,
+        query: str,
+        limit: int = 50,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+    ) -> list[ChatMessage]:
+        """Returns the newest `limit` messages that match `query`, newest first.
+
+        One rule on every backend (persistence.search): text and query are compared
+        after NFKC, case folding and removal of accents from Latin, Greek and Cyrillic
+        letters; words are runs of letters, marks and digits; a message matches when
+        every query word begins one of its words (`capit` finds `capital`), or, for a
+        word of Han, Hiragana, Katakana or Thai, occurs anywhere in it (`日本語` finds
+        `日本語のテキスト`). A message's first 1 MiB of characters is searchable.
+        Newest first is stored order. A query without words finds nothing; no query
+        raises.
+
+        Args:
+            query: what a person typed; any text.
+            limit: at most this many messages (>= 0).
+            session_id: only messages of this session.
+            role: only messages of this role (user, assistant, system or tool).
+
+        Raises:
+            InvalidDataError: for a negative limit or an unknown role.
+            PersistenceError: if the backend fails.
+        """
 
     @abstractmethod
     def iter_sessions(

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from persistence.cli import search as search_command
 from persistence.cli import sessions, transfer
 from persistence.cli.output import (
     ConfigOption,
@@ -201,3 +202,4 @@ def demo(
 
 sessions.register(app)
 transfer.register(app)
+search_command.register(app)

@@ -44,6 +44,7 @@ from persistence.storage import (
     StorageCounts,
     check_last,
     check_page,
+    check_role,
     check_status,
 )
 
@@ -154,10 +155,10 @@ class MongoDBSessionStorage(SessionStorage):
         A session, with its whole history, is one document, so MongoDB's 16 MiB
         document limit bounds it: the save that would cross it is refused with
         InvalidDataError and nothing of that save is written.
-        Search matches whole words as Python's regular expressions split them; the text index finds
-        candidate sessions, so a word glued to a symbol MongoDB's tokenizer does not
-        split on (e.g. `a€b`) is not found. Words longer than 1000 characters match
-        nothing.
+        Search follows the one rule of persistence.search through each message's
+        `search_tokens`; a query word of a script without spaces longer than
+        16,000 characters matches nothing (the server's regular expressions are bounded).
+        A message's tokens count towards its session's 16 MiB.
         The unit of work is transactional on a replica set or sharded cluster only;
         see MongoUnitOfWork for what a standalone server guarantees.
 
@@ -398,11 +399,21 @@ class MongoDBSessionStorage(SessionStorage):
                     self.docs, client_session, utc_now()
                 )
 
-    async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
+    async def search_messages(
+        self,
+        query: str,
+        limit: int = 50,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+    ) -> list[ChatMessage]:
         check_page(limit)
+        checked = check_role(role)
         with mongo_errors("search messages"):
             async with self._stale_reading() as (docs, client_session):
-                return await repositories.search_messages(docs, client_session, query, limit)
+                return await repositories.search_messages(
+                    docs, client_session, query, limit, session_id=session_id, role=checked
+                )
 
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from beanie import Document
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING, DESCENDING, TEXT, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel
 
 from persistence.models import Role, Status
 
@@ -47,14 +47,9 @@ SESSION_INDEXES = [
         unique=True,
         partialFilterExpression={"messages.message_id": {"$exists": True}},
     ),
-    # No stemming and no stop words, like SQLite FTS5 unicode61 and PostgreSQL 'simple'.
-    # No document has the override field, so no stored value can pick a language.
-    IndexModel(
-        [("messages.content", TEXT)],
-        name="tx_chat_sessions_content",
-        default_language="none",
-        language_override="_text_language",
-    ),
+    # Search: each message's `search_tokens` (persistence.search), multikey; a query's
+    # terms are ranges (prefixes) and equalities on them, so the index bounds them.
+    IndexModel([("messages.search_tokens", ASCENDING)], name="ix_chat_sessions_search_tokens"),
 ]
 
 FILE_INDEXES = [
@@ -75,6 +70,8 @@ class MessageDocument(BaseModel):
     content: str
     created_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # The tokens of the message's search document, written with its content.
+    search_tokens: list[str] = Field(default_factory=list, exclude=True)
 
 
 class SessionDocument(Document):
@@ -137,6 +134,17 @@ class SessionView(SessionSummary):
     """A session with its whole history."""
 
     messages: list[MessageDocument]
+
+    class Settings:
+        # Each message without its search tokens: only searches read those.
+        projection: ClassVar[dict[str, int]] = {
+            **{field.alias or name: 1 for name, field in SessionSummary.model_fields.items()},
+            **{
+                f"messages.{name}": 1
+                for name in MessageDocument.model_fields
+                if name != "search_tokens"
+            },
+        }
 
 
 class FileRecordView(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any
 from persistence.changes import MessageList, Snapshot
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.mongo.documents import FileRecordView, MessageDocument, SessionSummary, SessionView
+from persistence.search import search_document
 
 
 def document_from_message(message: ChatMessage) -> dict[str, Any]:
@@ -24,6 +25,7 @@ def document_from_message(message: ChatMessage) -> dict[str, Any]:
         "content": message.content,
         "created_at": message.created_at,
         "metadata": message.metadata,
+        "search_tokens": search_document(message.content).split(),
     }
 
 

@@ -34,15 +34,16 @@ from persistence.mongo.mapping import (
     message_from_document,
     session_from_view,
 )
-from persistence.storage import StorageCounts, search_words
+from persistence.search import SearchQuery, parse_query
+from persistence.storage import StorageCounts
 
 # Ids per `$in`: commands stay far below the 16 MiB message limit.
 _IN_CHUNK = 1000
-# The server refuses longer regular expressions; no message is searched for a longer word.
-MAX_WORD_LENGTH = 1000
-# Python's \w, spelled so the server's PCRE reads it the same way: MongoDB's \w and \b
-# know only ASCII (SERVER-23881), while \p{L} and \p{N} are Unicode properties.
-_WORD_CHAR = r"[\p{L}\p{N}_]"
+# Above every character: `word` <= t < word + _LAST is "t begins with word".
+_LAST = "\U0010ffff"
+# The server refuses longer regular expressions (a word of a script without spaces
+# this long is looked for in no message).
+MAX_PATTERN_CHARS = 16_000
 _NEWEST_UPDATED = [("updated_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _NEWEST_UPLOADED = [("uploaded_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _BY_ID = [("_id", SortDirection.ASCENDING)]
@@ -324,47 +325,64 @@ async def set_sessions_status(
     return changed
 
 
-def text_search(words: Sequence[str]) -> str:
-    """Quotes every word, so the text index ANDs them and nothing is query syntax."""
-    return " ".join(f'"{word}"' for word in words)
+def _begins(word: str) -> dict[str, Any]:
+    # A range on one element ($elemMatch), which the multikey index bounds.
+    return {"$elemMatch": {"$gte": word, "$lt": word + _LAST}}
 
 
-def word_pattern(word: str) -> str:
-    """A case-insensitive PCRE for `word` as a whole word (`word` is \\w+ only)."""
-    return f"(?<!{_WORD_CHAR}){re.escape(word)}(?!{_WORD_CHAR})"
+def _holds(word: str) -> dict[str, Any]:
+    return {"$regex": re.escape(word)}
 
 
-def search_pipeline(words: Sequence[str], limit: int) -> list[dict[str, Any]]:
-    """Stages after the `$text` match: the messages holding every word, newest first.
+def session_filter(query: SearchQuery, session_id: str | None) -> dict[str, Any]:
+    """Sessions holding every index term of `query`: what the index can find."""
+    tokens = "messages.search_tokens"
+    terms: list[dict[str, Any]] = [{tokens: _begins(term)} for term in query.prefix_terms]
+    terms += [{tokens: term} for term in query.gram_terms]
+    found: dict[str, Any] = {"$and": terms}
+    if session_id is not None:
+        found["_id"] = session_id
+    return found
 
-    The text index finds the sessions; it matches whole documents, so every message
-    of those sessions is checked again on the server, word by word.
+
+def search_pipeline(query: SearchQuery, limit: int, role: str | None) -> list[dict[str, Any]]:
+    """Stages after the sessions' match: their messages that match, newest first.
+
+    Each message is tested against every query word, exactly as the rule says.
     """
+    tokens = "messages.search_tokens"
+    tests: list[dict[str, Any]] = [
+        {tokens: _holds(word.text) if word.anywhere else _begins(word.text)} for word in query.words
+    ]
+    if role is not None:
+        tests.append({"messages.role": role})
     return [
         {"$project": {"messages": 1}},
         {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}},
-        {
-            "$match": {
-                "$and": [
-                    {"messages.content": {"$regex": word_pattern(word), "$options": "i"}}
-                    for word in words
-                ]
-            }
-        },
+        {"$match": {"$and": tests}},
         {"$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}},
         {"$limit": limit},
+        {"$project": {"messages.search_tokens": 0}},
     ]
 
 
 async def search_messages(
-    docs: DocumentSet, client_session: AsyncClientSession | None, query: str, limit: int
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    query: str,
+    limit: int,
+    *,
+    session_id: str | None = None,
+    role: str | None = None,
 ) -> list[ChatMessage]:
-    words = list(dict.fromkeys(search_words(query)))
-    if not words or limit <= 0 or any(len(word) > MAX_WORD_LENGTH for word in words):
+    parsed = parse_query(query)
+    if parsed is None or limit <= 0:
+        return []
+    if any(word.anywhere and len(word.text) > MAX_PATTERN_CHARS for word in parsed.words):
         return []
     rows = (
-        await docs.sessions.find({"$text": {"$search": text_search(words)}}, session=client_session)
-        .aggregate(search_pipeline(words, limit), session=client_session)
+        await docs.sessions.find(session_filter(parsed, session_id), session=client_session)
+        .aggregate(search_pipeline(parsed, limit, role), session=client_session)
         .to_list()
     )
     return [

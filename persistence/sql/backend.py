@@ -43,6 +43,7 @@ from persistence.storage import (
     StorageCounts,
     check_last,
     check_page,
+    check_role,
     check_status,
 )
 
@@ -239,10 +240,21 @@ class SqlSessionStorage(SessionStorage):
             repositories.delete_files_expired_by(utc_now()), "delete expired files", write=True
         )
 
-    async def search_messages(self, query: str, limit: int = 50) -> list[ChatMessage]:
+    async def search_messages(
+        self,
+        query: str,
+        limit: int = 50,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+    ) -> list[ChatMessage]:
         check_page(limit)
+        checked = check_role(role)
         return await self._run_stale(
-            partial(repositories.search_messages, query, limit), "search messages"
+            partial(
+                repositories.search_messages, self.backend_name, query, limit, session_id, checked
+            ),
+            "search messages",
         )
 
     async def iter_sessions(

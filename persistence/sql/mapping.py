@@ -16,6 +16,7 @@ from sqlalchemy import Text, cast
 
 from persistence.changes import MessageList, Snapshot
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
+from persistence.search import search_document
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.sql.types import json_loads
 
@@ -178,6 +179,7 @@ def rows_from_messages(
             "content": message.content,
             "created_at": message.created_at,
             "metadata": message.metadata,
+            "search_text": search_document(message.content),
         }
         for offset, message in enumerate(messages)
     ]

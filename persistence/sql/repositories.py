@@ -16,6 +16,7 @@ from sqlalchemy import Table, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.search import parse_query
 from persistence.sql.mapping import (
     FILE_COLUMNS,
     MESSAGE_COLUMNS,
@@ -26,11 +27,11 @@ from persistence.sql.mapping import (
     session_from_row,
 )
 from persistence.sql.runner import Execute, Fetch, Work
-from persistence.sql.search import search_statement
+from persistence.sql.search import find_messages
 from persistence.sql.statements import Statement
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.sql.writes import chunks
-from persistence.storage import StorageCounts, search_words
+from persistence.storage import StorageCounts
 
 sessions = cast(Table, SessionRow.__table__)
 messages = cast(Table, MessageRow.__table__)
@@ -136,7 +137,6 @@ FILES_AFTER = Statement(
 )
 DELETE_FILE = Statement(delete(files).where(files.c.file_id == bindparam("file_id")))
 DELETE_EXPIRED_FILES = Statement(delete(files).where(files.c.expires_at <= bindparam("now")))
-SEARCH = Statement(search_statement)
 
 
 def read_session(session_id: str, token: str, last: int | None) -> Work[ChatSession | None]:
@@ -246,9 +246,11 @@ def set_sessions_status(session_ids: Sequence[str], status: Status) -> Work[int]
     return changed
 
 
-def search_messages(query: str, limit: int) -> Work[list[ChatMessage]]:
-    words = search_words(query)
-    if not words or limit <= 0:
+def search_messages(
+    dialect: str, query: str, limit: int, session_id: str | None, role: str | None
+) -> Work[list[ChatMessage]]:
+    """The newest `limit` messages matching `query` (persistence.search), newest first."""
+    parsed = parse_query(query)
+    if parsed is None or limit <= 0:
         return []
-    rows = yield Fetch(SEARCH, {"query": words, "limit": limit})
-    return [message_from_row(row) for row in rows]
+    return (yield from find_messages(dialect, parsed, limit, session_id, role))

@@ -1,55 +1,301 @@
-"""Full-text search: FTS5 on SQLite, a tsvector GIN index on PostgreSQL.
+# ruff: noqa: S608  # every statement here is built from constants; values are bound
+"""Search on SQL: newest rows first while the words are common, then the index.
 
-A person's query is reduced to its words before it reaches either engine, and each
-dialect gets those words in a form that its engine cannot read as syntax, so no input
-(quotes, `*`, `-`, `NEAR`, `:`, parentheses, NUL) raises or matches by accident.
+Both engines index the tokens of each message's search document (persistence.search)
+as they are, with no parser of their own: FTS5 with its `ascii` tokenizer on SQLite, a
+generated tsvector (revision 0003) with a GIN index on PostgreSQL. And on both, the
+rule itself is a test of the stored document, exact for any word `w`:
+
+- `w` begins a word of the message: `' ' || document` holds `' ' || w`;
+- `w` (a script without spaces) occurs in the message: `document` holds `w`.
+
+A search reads the newest rows first and tests each (`_SCAN`), a small probe first:
+a common word's newest matches are all there, and the reading stops at the limit. When
+the probe says the words are rare, the index finds the older matches (`_INDEX`): FTS5
+walks its index in descending rowid order, and PostgreSQL reads the GIN index (its
+planner never has to guess which of the two a word needs). Index terms come from
+persistence.search, quoted for FTS5 and tsquery, so nothing a person types is syntax.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Dialect, String, TypeDecorator, bindparam, text
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ARRAY, BigInteger, Text, bindparam, column, text
 from sqlalchemy.sql import ClauseElement
 
+from persistence.models import ChatMessage
+from persistence.search import GRAM_MARK, MAX_INDEXED_WORDS, QueryWord, SearchQuery
+from persistence.sql.mapping import message_from_row
+from persistence.sql.runner import Fetch, Work
+from persistence.sql.statements import Statement
 from persistence.sql.tables import MessageRow
 
-# Typed result columns, so timestamps and JSON come back as from any other select.
+# Rows the first probe reads newest first: a word in at least 40% of the messages
+# fills a page of 50 from it.
+PROBE_ROWS = 128
+# Rows read newest first in all, when the probe's matches say that is enough for the page.
+MAX_SCAN_ROWS = 2048
+# PostgreSQL cuts index terms to this many characters (revision 0003's
+# persistence_search_terms), and indexes a document whose terms pass 1 MB as OVERFLOW.
+POSTGRESQL_TERM_CHARS = 200
+OVERFLOW_TERM = GRAM_MARK * 2
+# Above every row id and position.
+_TOP = 2**62
+
 _RESULT_COLUMNS = tuple(
     MessageRow.__table__.c[name]
     for name in ("message_id", "session_id", "role", "content", "created_at", "metadata")
 )
-_SQLITE_SEARCH = (
-    "SELECT m.message_id, m.session_id, m.role, m.content, m.created_at, m.metadata"
-    " FROM chat_messages_fts JOIN chat_messages AS m ON m.id = chat_messages_fts.rowid"
-    " WHERE chat_messages_fts MATCH :query ORDER BY m.id DESC LIMIT :limit"
-)
-# The expression matches the index's exactly (see revision 0001), so the index is used.
-_POSTGRESQL_SEARCH = (
-    "SELECT message_id, session_id, role, content, created_at, metadata FROM chat_messages"
-    " WHERE to_tsvector('simple'::regconfig, left(content, 100000))"
-    " @@ plainto_tsquery('simple'::regconfig, :query)"
-    " ORDER BY id DESC LIMIT :limit"
-)
+_COLUMNS = ", ".join(f"m.{column.name}" for column in _RESULT_COLUMNS)
 
 
-class SearchWords(TypeDecorator[list[str]]):
-    """Binds a list of words as each engine's query: quoted FTS5 strings, or plain text."""
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Which filters a statement carries; within a session, order is by position."""
 
-    impl = String
-    cache_ok = True
+    session: bool
+    role: bool
 
-    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> str | None:
-        if value is None:
-            return None
-        if dialect.name == "sqlite":
-            # Every word an FTS5 string: ANDed, and nothing in it is syntax.
-            return " ".join('"' + word.replace('"', '""') + '"' for word in value)
-        return " ".join(value)
+    @property
+    def key(self) -> str:
+        return "m.position" if self.session else "m.id"
 
 
-def search_statement(dialect: str) -> ClauseElement:
-    sql = _POSTGRESQL_SEARCH if dialect == "postgresql" else _SQLITE_SEARCH
+def _filters(shape: Shape) -> list[str]:
+    where = ["m.session_id = :session_id"] if shape.session else []
+    return [*where, "m.role = :role"] if shape.role else where
+
+
+def _tests(dialect: str, prefix: str = "") -> list[str]:
+    """The rule as SQL: every word of :starts begins a word, every one of :contains occurs.
+
+    With `prefix` "recheck_", the words the index terms do not decide alone.
+    """
+    if dialect == "postgresql":
+        words, value, find = "unnest(CAST(:{} AS text[])) AS w", "w", "strpos"
+    else:
+        words, value, find = "json_each(:{}) AS w", "w.value", "instr"
+    starts, contains = words.format(f"{prefix}starts"), words.format(f"{prefix}contains")
+    return [
+        f"NOT EXISTS (SELECT 1 FROM {starts}"
+        f" WHERE {find}(' ' || m.search_text, ' ' || {value}) = 0)",
+        f"NOT EXISTS (SELECT 1 FROM {contains} WHERE {find}(m.search_text, {value}) = 0)",
+    ]
+
+
+def _edge(shape: Shape) -> str:
+    """The id (position) of the `:skip + 1`-th newest row at or below :below (NULL: none)."""
+    key = shape.key.replace("m.", "n.")
+    session = " AND n.session_id = :session_id" if shape.session else ""
     return (
-        text(sql)
-        .bindparams(bindparam("query", type_=SearchWords()), bindparam("limit"))
-        .columns(*_RESULT_COLUMNS)
+        f"(SELECT {key} FROM chat_messages AS n WHERE {key} <= :below{session}"
+        f" ORDER BY {key} DESC LIMIT 1 OFFSET :skip)"
     )
+
+
+def _scan(shape: Shape, dialect: str) -> str:
+    """The matches among the `:skip + 1` newest rows at or below :below, newest first.
+
+    Each row also carries the edge of that window (-1 when it reached the first row).
+    The edge is a constant subquery, computed once, so the rows are read through the
+    key's index newest first and the LIMIT stops the reading.
+    """
+    edge = f"coalesce({_edge(shape)}, -1)"
+    where = [f"{shape.key} <= :below", f"{shape.key} >= {edge}", *_filters(shape)]
+    where += _tests(dialect)
+    return (
+        f"SELECT {_COLUMNS}, {edge} AS edge FROM chat_messages AS m"
+        f" WHERE {' AND '.join(where)} ORDER BY {shape.key} DESC LIMIT :limit"
+    )
+
+
+def _index(shape: Shape, dialect: str) -> str:
+    """The matches below :edge, found through the index, newest first.
+
+    Without :edge, below the edge of the window a scan with the same :below and :skip
+    read (a scan that matched nothing does not say where it stopped).
+    """
+    below = f"< coalesce(CAST(:edge AS BIGINT), {_edge(shape)})"
+    if dialect == "postgresql":
+        # A document indexed as OVERFLOW holds only that term: it is tested word by word.
+        everything = " AND ".join(_tests(dialect))
+        where = [
+            "m.search_terms @@ CAST(:match AS tsquery)",
+            f"({shape.key} + 0) {below}",
+            *_filters(shape),
+            f"(NOT m.search_terms @@ CAST(:overflow AS tsquery) OR ({everything}))",
+            *_tests(dialect, "recheck_"),
+        ]
+        source = "chat_messages AS m"
+        # Bounded and ordered by expressions, so the planner reads the GIN index instead
+        # of walking the primary key: the probe found these words rare among the newest.
+        order = f"({shape.key} + 0) DESC"
+    elif shape.session:
+        where = [
+            "m.id IN (SELECT rowid FROM chat_messages_fts WHERE chat_messages_fts MATCH :match)",
+            f"m.position {below}",
+            *_filters(shape),
+            *_tests(dialect, "recheck_"),
+        ]
+        source, order = "chat_messages AS m", "m.position DESC"
+    else:
+        # Ordered by the FTS5 table's own rowid: FTS5 then walks its index newest
+        # first and the LIMIT stops it (ordering by m.id would sort every match).
+        where = [
+            "chat_messages_fts MATCH :match",
+            f"chat_messages_fts.rowid {below}",
+            *_filters(shape),
+            *_tests(dialect, "recheck_"),
+        ]
+        source = "chat_messages_fts JOIN chat_messages AS m ON m.id = chat_messages_fts.rowid"
+        order = "chat_messages_fts.rowid DESC"
+    return (
+        f"SELECT {_COLUMNS} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT :limit"
+    )
+
+
+def _statement(build: Any, shape: Shape, rows: bool = True, edge: bool = False) -> Statement:
+    def element(dialect: str) -> ClauseElement:
+        sql = build(shape, dialect)
+        arrays = ARRAY(Text) if dialect == "postgresql" else Text()
+        binds = [
+            bindparam(name, type_=arrays if name.endswith(("starts", "contains")) else None)
+            for name in sorted(set(_PARAMETER.findall(sql)))
+        ]
+        statement = text(sql).bindparams(*binds)
+        if not rows:
+            return statement
+        extra = [column("edge", BigInteger())] if edge else []
+        return statement.columns(*_RESULT_COLUMNS, *extra)
+
+    return Statement(element)
+
+
+_PARAMETER = re.compile(r"(?<!:):([a-z_]+)")
+_SHAPES = [Shape(session, role) for session in (False, True) for role in (False, True)]
+_SCAN = {shape: _statement(_scan, shape, edge=True) for shape in _SHAPES}
+_INDEX = {shape: _statement(_index, shape) for shape in _SHAPES}
+
+
+def _counts(shape: Shape, dialect: str) -> str:
+    """How many of the `:skip + 1` newest rows each word of :starts and :contains matches."""
+    where = [f"{shape.key} >= coalesce({_edge(shape)}, -1)"]
+    if shape.session:
+        where.append("m.session_id = :session_id")
+    if dialect == "postgresql":
+        words = "unnest(CAST(:{} AS text[])) WITH ORDINALITY AS w(value, n)"
+        find, number = "strpos", "w.n - 1"
+    else:
+        words, find, number = "json_each(:{}) AS w", "instr", "w.key"
+    tests = {
+        "starts": f"{find}(' ' || m.search_text, ' ' || w.value) > 0",
+        "contains": f"{find}(m.search_text, w.value) > 0",
+    }
+    return " UNION ALL ".join(
+        f"SELECT '{kind}', {number}, (SELECT count(*) FROM chat_messages AS m"
+        f" WHERE {' AND '.join([*where, test])}) FROM {words.format(kind)}"
+        for kind, test in tests.items()
+    )
+
+
+_COUNTS = {shape: _statement(_counts, shape, rows=False) for shape in _SHAPES}
+
+
+def _index_terms(word: QueryWord, dialect: str) -> str:
+    """The word as FTS5 MATCH or tsquery terms (all of them must hold)."""
+    if word.prefix_term() is not None:
+        term = str(word.prefix_term())
+        if dialect == "postgresql":
+            return f"'{term[:POSTGRESQL_TERM_CHARS]}':*"
+        return f'"{term}"*'
+    terms = word.gram_terms()
+    if dialect == "postgresql":
+        return " & ".join(f"'{term}'" for term in terms)
+    return " AND ".join(f'"{term}"' for term in terms)
+
+
+def _index_parameters(dialect: str, words: list[QueryWord], chosen: QueryWord) -> dict[str, Any]:
+    """The index finds `chosen`; the recheck decides every other word, and `chosen` too
+    where its terms alone do not."""
+    starts = [word.text for word in words if not word.anywhere and word != chosen]
+    contains = [word.text for word in words if word.anywhere and word != chosen]
+    if chosen.anywhere and chosen.prefix_term() is None:
+        contains.append(chosen.text)
+    if dialect == "postgresql":
+        if not chosen.anywhere and len(chosen.text) > POSTGRESQL_TERM_CHARS:
+            starts.append(chosen.text)
+        return {
+            "match": f"({_index_terms(chosen, dialect)}) | '{OVERFLOW_TERM}'",
+            "overflow": f"'{OVERFLOW_TERM}'",
+            "recheck_starts": starts,
+            "recheck_contains": contains,
+        }
+    return {
+        "match": _index_terms(chosen, dialect),
+        **_arrays(dialect, recheck_starts=starts, recheck_contains=contains),
+    }
+
+
+def _arrays(dialect: str, **words: list[str]) -> dict[str, Any]:
+    if dialect == "postgresql":
+        return dict(words)
+    return {name: json.dumps(value) for name, value in words.items()}
+
+
+def find_messages(
+    dialect: str, query: SearchQuery, limit: int, session_id: str | None, role: str | None
+) -> Work[list[ChatMessage]]:
+    """The newest `limit` messages matching `query`, newest first (stored order)."""
+    shape = Shape(session=session_id is not None, role=role is not None)
+    common: dict[str, Any] = {"session_id": session_id, "role": role}
+    common |= _arrays(
+        dialect,
+        starts=[word.text for word in query.words if not word.anywhere],
+        contains=[word.text for word in query.words if word.anywhere],
+    )
+    found: list[ChatMessage] = []
+    below, scanned, budget = _TOP, 0, PROBE_ROWS
+    edge: int | None = None
+    while True:
+        params = {**common, "below": below, "skip": budget - 1, "limit": limit - len(found)}
+        rows = yield Fetch(_SCAN[shape], params)
+        found += [message_from_row(row) for row in rows]
+        edge = rows[0][-1] if rows else None
+        if len(found) >= limit or edge == -1:
+            return found
+        scanned += budget
+        # Read on newest first only while the matches so far say the page fills within
+        # MAX_SCAN_ROWS rows; otherwise the words are rare and the index finds them.
+        wanted = math.ceil(2 * (limit - len(found)) * scanned / len(found)) if found else 0
+        if edge is None or wanted > MAX_SCAN_ROWS - scanned:
+            break
+        below, budget = edge - 1, wanted
+    # The index looks for the word rarest among the rows read (then the longest): one
+    # word's terms keep the index's work small, and the recheck decides the rest.
+    # Candidates are the longest words (query.words comes longest first).
+    candidates = query.words[:MAX_INDEXED_WORDS]
+    chosen = candidates[0]
+    if len(candidates) > 1:
+        starts = [word for word in candidates if not word.anywhere]
+        contains = [word for word in candidates if word.anywhere]
+        params = {"session_id": session_id, "below": _TOP, "skip": scanned - 1}
+        params |= _arrays(
+            dialect,
+            starts=[word.text for word in starts],
+            contains=[word.text for word in contains],
+        )
+        counts = {
+            (kind, int(n)): int(count) for kind, n, count in (yield Fetch(_COUNTS[shape], params))
+        }
+        hits = {word: counts[("starts", n)] for n, word in enumerate(starts)}
+        hits |= {word: counts[("contains", n)] for n, word in enumerate(contains)}
+        chosen = min(candidates, key=lambda word: (hits[word], -len(word.text)))
+    params = {**common, "below": below, "skip": budget - 1, "edge": edge}
+    params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
+    found += [message_from_row(row) for row in (yield Fetch(_INDEX[shape], params))]
+    return found

@@ -74,6 +74,9 @@ class MessageRow(Base):
     content: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonObject)
+    # The search document of `content` (persistence.search.search_document), written
+    # with it; FTS5 (SQLite) and a generated tsvector (PostgreSQL) index its tokens.
+    search_text: Mapped[str] = mapped_column(Text, server_default="")
 
     __table_args__ = (
         CheckConstraint("role IN ('user', 'assistant', 'system', 'tool')", name="role"),
@@ -100,8 +103,10 @@ class FileRow(Base):
     )
 
 
-# Created by the revisions with dialect-specific DDL, so the ORM does not declare them.
+# Created by the revisions with dialect-specific DDL, so the ORM does not declare them:
+# SQLite's FTS5 table (and its shadow tables), PostgreSQL's generated tsvector column,
+# its GIN index and the function that computes it.
 SEARCH_OBJECTS = frozenset(
-    {"chat_messages_fts", "ix_chat_messages_content_tsv"}
+    {"chat_messages_fts", "search_terms", "ix_chat_messages_search_terms"}
     | {f"chat_messages_fts_{suffix}" for suffix in ("data", "idx", "docsize", "config", "content")}
 )

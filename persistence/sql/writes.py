@@ -41,6 +41,7 @@ from sqlalchemy.sql import ColumnElement
 from persistence.changes import SavePlan, conflicts, merge_metadata
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage
+from persistence.search import search_document
 from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
 from persistence.sql.statements import Statement
@@ -176,7 +177,11 @@ EDIT_MESSAGE = Statement(
         messages.c.session_id == bindparam("session_id"),
         messages.c.message_id == bindparam("message_id"),
     )
-    .values(content=_bind(messages, "content"), metadata=_bind(messages, "metadata"))
+    .values(
+        content=_bind(messages, "content"),
+        metadata=_bind(messages, "metadata"),
+        search_text=_bind(messages, "search_text"),
+    )
 )
 DELETE_MESSAGES = Statement(
     delete(messages).where(
@@ -408,6 +413,7 @@ def _edit(plan: SavePlan) -> Work[None]:
                     "message_id": edit.current.message_id,
                     "content": edit.current.content,
                     "metadata": edit.current.metadata,
+                    "search_text": search_document(edit.current.content),
                 }
                 for edit in plan.edits
             ],

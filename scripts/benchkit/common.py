@@ -14,6 +14,8 @@ ROLES = ("user", "assistant")
 # Sprinkled into every RARE_EVERY-th message, so W8 has a selective query too.
 RARE_WORD = "zeppelin"
 RARE_EVERY = 1000
+# W8's common word: in every second message (50,000 of W8's 100,000).
+HALF_WORD = "kestrel"
 
 Message = tuple[str, str]
 
@@ -74,10 +76,11 @@ class Texts:
         *("restarts", "under", "load", "with", "many", "users"),
     )
 
-    def __init__(self, size: int, seed: int = 7) -> None:
+    def __init__(self, size: int, seed: int = 7, *, half_word: bool = False) -> None:
         self._rng = random.Random(seed)
         self._size = size
         self._count = 0
+        self._half_word = half_word
 
     def one(self) -> Message:
         words: list[str] = []
@@ -89,6 +92,8 @@ class Texts:
         self._count += 1
         if self._count % RARE_EVERY == 0:
             words[0] = RARE_WORD
+        if self._half_word and self._count % 2 == 0 and len(words) > 1:
+            words[1] = HALF_WORD
         role = ROLES[self._count % 2]
         return role, f"[{self._count}] " + " ".join(words)[: self._size]
 

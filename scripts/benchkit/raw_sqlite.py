@@ -19,6 +19,7 @@ from typing import Any
 from benchkit.common import Message, Texts
 from benchkit.raw_common import RawHandle, export_stream
 from benchkit.target import Target
+from persistence.search import search_document, words
 
 SCHEMA = """
 CREATE TABLE chat_sessions (
@@ -34,7 +35,8 @@ CREATE TABLE chat_messages (
     REFERENCES chat_sessions (session_id) ON DELETE CASCADE,
   position BIGINT NOT NULL,
   role VARCHAR(16) NOT NULL CHECK (role IN ('user', 'assistant', 'system', 'tool')),
-  content TEXT NOT NULL, created_at DATETIME NOT NULL, metadata JSON NOT NULL);
+  content TEXT NOT NULL, created_at DATETIME NOT NULL, metadata JSON NOT NULL,
+  search_text TEXT NOT NULL DEFAULT '');
 CREATE UNIQUE INDEX ix_messages_session_position ON chat_messages (session_id, position);
 CREATE TABLE uploaded_files (
   file_id VARCHAR(255) NOT NULL PRIMARY KEY, gemini_file_name TEXT NOT NULL,
@@ -43,14 +45,14 @@ CREATE TABLE uploaded_files (
   metadata JSON NOT NULL);
 CREATE INDEX ix_files_expires ON uploaded_files (expires_at);
 CREATE VIRTUAL TABLE chat_messages_fts USING fts5(
-  content, content='chat_messages', content_rowid='id',
-  tokenize='unicode61 remove_diacritics 0');
+  search_text, content='chat_messages', content_rowid='id',
+  tokenize='ascii', detail='none', columnsize=0);
 CREATE TRIGGER chat_messages_fts_insert AFTER INSERT ON chat_messages BEGIN
-  INSERT INTO chat_messages_fts(rowid, content) VALUES (new.id, new.content);
+  INSERT INTO chat_messages_fts(rowid, search_text) VALUES (new.id, new.search_text);
 END;
 CREATE TRIGGER chat_messages_fts_delete AFTER DELETE ON chat_messages BEGIN
-  INSERT INTO chat_messages_fts(chat_messages_fts, rowid, content)
-  VALUES ('delete', old.id, old.content);
+  INSERT INTO chat_messages_fts(chat_messages_fts, rowid, search_text)
+  VALUES ('delete', old.id, old.search_text);
 END;
 """
 
@@ -60,7 +62,7 @@ INSERT_SESSION = (
 )
 INSERT_MESSAGE = (
     "INSERT INTO chat_messages (message_id, session_id, position, role, content, created_at,"
-    " metadata) VALUES (?, ?, ?, ?, ?, ?, '{}')"
+    " metadata, search_text) VALUES (?, ?, ?, ?, ?, ?, '{}', ?)"
 )
 UPDATE_SESSION = "UPDATE chat_sessions SET message_count = ?, updated_at = ? WHERE session_id = ?"
 SELECT_SESSION = (
@@ -77,10 +79,11 @@ SELECT_PAGE = (
 )
 # SessionManager's default max_cached_sessions: its startup warms that many.
 WARM_SESSIONS = 1000
+# The library's index, queried in one statement: every word a prefix term, newest first.
 SEARCH = (
     "SELECT m.message_id, m.session_id, m.role, m.content, m.created_at, m.metadata"
     " FROM chat_messages_fts JOIN chat_messages AS m ON m.id = chat_messages_fts.rowid"
-    " WHERE chat_messages_fts MATCH ? ORDER BY m.id DESC LIMIT ?"
+    " WHERE chat_messages_fts MATCH ? ORDER BY chat_messages_fts.rowid DESC LIMIT ?"
 )
 
 
@@ -155,7 +158,15 @@ class RawSQLite(Target):
     async def add_messages(self, handle: RawHandle, messages: list[Message]) -> None:
         now = stamp()
         rows = [
-            (uuid.uuid4().hex, handle.session_id, handle.count + offset, role, content, now)
+            (
+                uuid.uuid4().hex,
+                handle.session_id,
+                handle.count + offset,
+                role,
+                content,
+                now,
+                search_document(content),
+            )
             for offset, (role, content) in enumerate(messages)
         ]
         count = handle.count + len(rows)
@@ -181,7 +192,15 @@ class RawSQLite(Target):
                 session_id, now = str(uuid.uuid4()), stamp()
                 sessions.append((session_id, "bench-model", now, stamp(updated_at), per_session))
                 messages += [
-                    (uuid.uuid4().hex, session_id, position, role, content, now)
+                    (
+                        uuid.uuid4().hex,
+                        session_id,
+                        position,
+                        role,
+                        content,
+                        now,
+                        search_document(content),
+                    )
                     for position, (role, content) in enumerate(texts.many(per_session))
                 ]
             await self._transaction(
@@ -194,12 +213,12 @@ class RawSQLite(Target):
         return [(row[0], row[4]) for row in page]
 
     async def search(self, query: str, limit: int) -> int:
-        quoted = " ".join('"' + word.replace('"', '""') + '"' for word in query.split())
+        quoted = " ".join(f'"{word}"*' for word in words(query))
         rows = await self.db.execute_fetchall(SEARCH, (quoted, limit))
         return len([message_dict(row) for row in rows])
 
     async def search_plan(self, query: str, limit: int) -> str:
-        quoted = " ".join(f'"{word}"' for word in query.split())
+        quoted = " ".join(f'"{word}"*' for word in words(query))
         rows = await self.db.execute_fetchall("EXPLAIN QUERY PLAN " + SEARCH, (quoted, limit))
         return "\n".join(" ".join(str(value) for value in row) for row in rows)
 

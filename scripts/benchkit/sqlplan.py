@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 
@@ -42,20 +42,33 @@ async def count_statements(engine: AsyncEngine, call: Awaitable[Any]) -> list[st
 
 
 async def explain_search(engine: AsyncEngine, call: Awaitable[Any], words: list[str]) -> str:
-    """Runs the search `call`, then EXPLAINs the SELECT it sent with the same words.
+    """Runs the search `call`, then EXPLAINs the statements it sent for `words`.
 
-    Both engines' search statements take the query, then the limit.
+    The library reads the newest rows, then (for rare words) its index: both plans
+    are shown, with the parameters the library binds for the first word.
     """
-    with captured_sql(engine) as captured:
-        await call
-    selects = [sql for sql in captured if sql.lstrip().upper().startswith("SELECT")]
-    if not selects:
-        return "no SELECT captured"
-    if engine.dialect.name == "sqlite":
-        prefix, query = "EXPLAIN QUERY PLAN ", " ".join(f'"{word}"' for word in words)
+    await call
+    module = importlib.import_module("persistence.sql.search")
+    dialect = engine.dialect.name
+    shape = module.Shape(session=False, role=False)
+    word = words[0].lower()
+    if dialect == "postgresql":
+        arrays: dict[str, Any] = {"starts": [word], "contains": []}
+        arrays |= {"recheck_starts": [], "recheck_contains": []}
+        match, prefix = f"'{word}':* | '\u00a7\u00a7'", "EXPLAIN "
     else:
-        prefix, query = "EXPLAIN ", " ".join(words)
+        arrays = {"starts": f'["{word}"]', "contains": "[]"}
+        arrays |= {"recheck_starts": "[]", "recheck_contains": "[]"}
+        match, prefix = f'"{word}"*', "EXPLAIN QUERY PLAN "
+    plans = []
+    window = {"below": 2**62, "skip": module.PROBE_ROWS - 1, "limit": 50}
     async with engine.connect() as connection:
-        result = await connection.exec_driver_sql(prefix + selects[-1], (query, 50))
-        rows = result.fetchall()
-    return "\n".join(" ".join(str(value) for value in row) for row in rows)
+        for name, statement, params in (
+            ("scan", module._SCAN[shape], window),
+            ("index", module._INDEX[shape], {**window, "edge": None, "match": match}),
+        ):
+            sql = str(statement.compile(engine.dialect).compiled.statement)
+            params = {**params, **arrays, "overflow": "'\u00a7\u00a7'"}
+            rows = (await connection.execute(text(prefix + sql), params)).fetchall()
+            plans.append(f"{name}: " + " | ".join(" ".join(str(v) for v in r) for r in rows))
+    return "\n".join(plans)

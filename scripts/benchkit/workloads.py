@@ -11,7 +11,15 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from benchkit.common import RARE_EVERY, RARE_WORD, Texts, repeat_timed, summary_ms, timed
+from benchkit.common import (
+    HALF_WORD,
+    RARE_EVERY,
+    RARE_WORD,
+    Texts,
+    repeat_timed,
+    summary_ms,
+    timed,
+)
 from benchkit.target import Target
 
 
@@ -172,14 +180,22 @@ async def w6_startup(target: Target, p: dict[str, Any]) -> dict[str, Any]:
 
 
 async def w8_search(target: Target, p: dict[str, Any]) -> dict[str, Any]:
-    """search_messages over a store of `w8_messages` messages, rare and common words."""
-    texts = Texts(p["msg_bytes"])
+    """search_messages over a store of `w8_messages` messages: rare and common words.
+
+    `common_half` is the word in every second message (50,000 of 100,000): its newest
+    50 matches must come back without reading all of them.
+    """
+    texts = Texts(p["msg_bytes"], half_word=True)
     sessions = max(1, p["w8_messages"] // 1000)
     seed_s, _ = await timed(
         lambda: target.seed_sessions(sessions, p["w8_messages"] // sessions, texts)
     )
-    queries = {"rare": RARE_WORD, "common": "session storage"}
-    expected = {"rare": min(50, p["w8_messages"] // RARE_EVERY), "common": 50}
+    queries = {"rare": RARE_WORD, "common": "session storage", "common_half": HALF_WORD}
+    expected = {
+        "rare": min(50, p["w8_messages"] // RARE_EVERY),
+        "common": 50,
+        "common_half": min(50, p["w8_messages"] // 2),
+    }
     out: dict[str, Any] = {"seed_s": round(seed_s, 2), "messages": p["w8_messages"]}
     for name, query in queries.items():
         times, found = await repeat_timed(lambda q=query: target.search(q, 50), p["repeats"])
@@ -188,6 +204,8 @@ async def w8_search(target: Target, p: dict[str, Any]) -> dict[str, Any]:
             "found": found,
             "ok": found == expected[name],
         }
+        if name == "common_half":
+            out[name]["matches"] = p["w8_messages"] // 2
     out["plan"] = await target.search_plan(RARE_WORD, 50)
     return out
 

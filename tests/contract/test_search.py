@@ -1,10 +1,10 @@
-"""Full-text search with each backend's own engine: plain words, no syntax errors."""
+"""search_messages on every backend: the one rule, its filters, no syntax errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from persistence import ChatSession, SessionStorage
+from persistence import ChatSession, InvalidDataError, SessionStorage
 
 HOSTILE = [
     "",
@@ -99,3 +99,114 @@ async def test_syntax_words_do_not_match_by_accident(
     assert await storage.search_messages("NEAR(quick lazy)") == []
     assert await storage.search_messages("quick OR nothing") == []
     assert await storage.search_messages("-quick") != []
+    assert await storage.search_messages("qu*") != []
+    assert await storage.search_messages("qu* zzz") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "content"),
+    [
+        ("capit", "The capital of France"),
+        ("3.14", "pi is 3.14159"),
+        ("14", "pi is 3.14"),
+        ("alice", "mail alice@example.com"),
+        ("example.com", "mail alice@example.com"),
+        ("bin", "ls /usr/local/bin"),
+        ("1.2.3", "upgrade to 1.2.3 now"),
+        ("numbatword", "foo.bar.numbatword()"),
+        ("alert", "<script>alert(1)</script>"),
+        ("नमस्ते", "नमस्ते दुनिया"),
+        ("日本語", "日本語のテキスト"),
+        ("テキスト", "日本語のテキスト"),
+        ("ecole", "École"),
+        ("naïve", "nai\u0308ve"),
+        ("full", "\uff26\uff55\uff4c\uff4c"),
+        ("σοφια", "ΣΟΦΊΑ"),
+        ("strasse", "Straße"),
+    ],
+)
+async def test_search_finds_what_a_person_typed(
+    storage: SessionStorage, query: str, content: str
+) -> None:
+    session = ChatSession.create("m")
+    message = session.add_message("user", content)
+    session.add_message("user", "something else entirely")
+    await storage.save_session(session)
+
+    found = await storage.search_messages(query)
+
+    assert [m.message_id for m in found] == [message.message_id]
+
+
+@pytest.mark.parametrize(
+    ("query", "content"),
+    [
+        ("apital", "The capital of France"),
+        ("2024", "東京2024年"),
+        ("capitals", "The capital of France"),
+        ("foo_bar", "foo bar"),
+    ],
+)
+async def test_a_word_must_begin_a_word_of_the_message(
+    storage: SessionStorage, query: str, content: str
+) -> None:
+    session = ChatSession.create("m")
+    session.add_message("user", content)
+    await storage.save_session(session)
+
+    # foo_bar is two words, foo and bar: both begin words, so it is found.
+    expected = 1 if query == "foo_bar" else 0
+    assert len(await storage.search_messages(query)) == expected
+
+
+async def test_search_within_one_session(storage: SessionStorage) -> None:
+    first, second = ChatSession.create("m"), ChatSession.create("m")
+    mine = [first.add_message("user", f"report draft {n}") for n in range(3)]
+    second.add_message("user", "report final")
+    await storage.save_session(first)
+    await storage.save_session(second)
+
+    found = await storage.search_messages("report", session_id=first.session_id)
+    none = await storage.search_messages("report", session_id="no-such-session")
+
+    assert [m.message_id for m in found] == [m.message_id for m in reversed(mine)]
+    assert none == []
+
+
+async def test_search_by_role(storage: SessionStorage) -> None:
+    session = ChatSession.create("m")
+    asked = session.add_message("user", "how do I deploy?")
+    answered = session.add_message("assistant", "deploy with the script")
+    session.add_message("tool", "deploy log")
+    await storage.save_session(session)
+
+    users = await storage.search_messages("deploy", role="user")
+    assistants = await storage.search_messages(
+        "deploy", role="assistant", session_id=session.session_id
+    )
+
+    assert [m.message_id for m in users] == [asked.message_id]
+    assert [m.message_id for m in assistants] == [answered.message_id]
+    assert await storage.search_messages("deploy", role="system") == []
+
+
+async def test_an_unknown_role_or_negative_limit_is_refused(storage: SessionStorage) -> None:
+    with pytest.raises(InvalidDataError, match="role"):
+        await storage.search_messages("x", role="robot")
+    with pytest.raises(InvalidDataError, match="limit"):
+        await storage.search_messages("x", limit=-1)
+
+
+async def test_newest_first_across_sessions_and_the_limit(storage: SessionStorage) -> None:
+    older, newer = ChatSession.create("m"), ChatSession.create("m")
+    kept = []
+    for n in range(4):
+        kept.append(older.add_message("user", f"topic {n}"))
+    await storage.save_session(older)
+    for n in range(4):
+        kept.append(newer.add_message("user", f"topic {n + 4}"))
+    await storage.save_session(newer)
+
+    found = await storage.search_messages("topic", limit=5)
+
+    assert [m.message_id for m in found] == [m.message_id for m in reversed(kept)][:5]

@@ -37,12 +37,11 @@ def test_session_listing_indexes_follow_the_page_order() -> None:
     ]
 
 
-def test_text_index_covers_message_content_without_stemming() -> None:
-    text = _by_name(list(SESSION_INDEXES))["tx_chat_sessions_content"]
-    assert text["key"] == {"messages.content": "text"}
-    assert text["default_language"] == "none"
-    # No stored field can switch a document to a stemming language.
-    assert text["language_override"] not in {"language", "content", "metadata", "role"}
+def test_search_tokens_have_an_ascending_index_that_bounds_prefix_ranges() -> None:
+    indexes = _by_name(list(SESSION_INDEXES))
+    assert indexes["ix_chat_sessions_search_tokens"]["key"] == {"messages.search_tokens": 1}
+    # No text index is left to keep in step on every write.
+    assert not any("text" in index["key"].values() for index in indexes.values())
 
 
 def test_message_ids_are_unique_across_sessions_without_colliding_on_empty_histories() -> None:
@@ -73,7 +72,12 @@ def test_listing_projection_leaves_messages_out() -> None:
     full = get_projection(SessionView)
     assert summary is not None and full is not None
     assert "messages" not in summary
-    assert full == {**summary, "messages": 1}
+    # The history without the search tokens, which only searches read.
+    assert full == {
+        **summary,
+        **{f"messages.{field}": 1 for field in ("message_id", "role", "content")},
+        **{f"messages.{field}": 1 for field in ("created_at", "metadata")},
+    }
     assert summary["_id"] == 1
 
 

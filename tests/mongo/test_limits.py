@@ -17,7 +17,8 @@ TOKEN = "storage-token"
 
 def _session_with(content_bytes: int) -> ChatSession:
     session = ChatSession.create("gemini-pro", session_id="big")
-    session.add_message("user", "x" * content_bytes)
+    # One short word repeated: its search tokens add a few bytes, not a second copy.
+    session.add_message("user", "x " * (content_bytes // 2))
     return session
 
 

@@ -1,94 +1,74 @@
-"""How a typed query becomes a text search and a per-message filter, without a server."""
+"""How a typed query becomes an index filter and per-message tests, without a server."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
-import regex  # type: ignore[import-untyped]  # the package ships no type stubs
 
-from persistence.mongo.repositories import (
-    search_pipeline,
-    text_search,
-    word_pattern,
-)
-from persistence.storage import MAX_QUERY_WORDS, search_words
+from persistence.models import ChatSession
+from persistence.mongo.mapping import document_from_message
+from persistence.mongo.repositories import _LAST, search_pipeline, session_filter
+from persistence.search import parse_query, search_document
 
-# The server's regex engine is PCRE; the `regex` module (a dev dependency) reads the same
-# \p{..} classes, lookbehinds and case folding, so the pattern's meaning is checked here.
+HOSTILE = ['"unbalanced', "a -b", "NEAR(a b)", "x:y", "\\", "$where", '(* ")', "\x00null\x00"]
+HOSTILE += ["\ud800lone", "🙂", "a.b*c?d+e[f]g{h}i|j^k$l"]
 
-HOSTILE = [
-    '"unbalanced',
-    "a -b",
-    "NEAR(a b)",
-    "x:y",
-    "\\",
-    "$where",
-    '(* ")',
-    "\x00null\x00",
-    "\ud800lone",
-    "   ",
-    "",
-    "🙂",
-]
+
+def _parsed(query: str):  # type: ignore[no-untyped-def]
+    parsed = parse_query(query)
+    assert parsed is not None
+    return parsed
+
+
+def test_a_message_document_carries_its_search_tokens() -> None:
+    message = ChatSession.create("m").add_message("user", "Café 日本 cafe")
+    document = document_from_message(message)
+    assert document["search_tokens"] == search_document("Café 日本 cafe").split()
+    assert document["search_tokens"][:2] == ["cafe", "日本"]
 
 
 @pytest.mark.parametrize("query", HOSTILE)
-def test_any_typed_text_reduces_to_plain_words(query: str) -> None:
-    words = search_words(query)
-    assert all(regex.fullmatch(r"\w+", word) for word in words)
-    search = text_search(words)
-    # Only the quotes we add: the text index reads nothing as negation or syntax.
-    assert search.count('"') == 2 * len(words)
-    assert "-" not in search
+def test_any_typed_text_reduces_to_tokens_and_escaped_patterns(query: str) -> None:
+    parsed = parse_query(query)
+    if parsed is None:
+        return
+    pipeline = search_pipeline(parsed, 10, None)
+    tests = pipeline[2]["$match"]["$and"]
+    for test, word in zip(tests, parsed.words, strict=True):
+        condition = test["messages.search_tokens"]
+        if word.anywhere:
+            # Escaped: the server's PCRE reads the word as itself.
+            assert re.fullmatch(condition["$regex"], word.text)
+        else:
+            assert condition == {"$elemMatch": {"$gte": word.text, "$lt": word.text + _LAST}}
+    assert not any(key.startswith("$where") for key in str(session_filter(parsed, None)))
 
 
-def test_words_are_quoted_so_the_text_index_ands_them() -> None:
-    assert text_search(search_words("Hello, wörld! 42")) == '"Hello" "wörld" "42"'
+def test_index_terms_are_prefix_ranges_and_exact_grams() -> None:
+    parsed = _parsed("Capit 日本語")
+    found = session_filter(parsed, "s-1")
+    assert found["_id"] == "s-1"
+    assert found["$and"] == [
+        {"messages.search_tokens": {"$elemMatch": {"$gte": "capit", "$lt": "capit" + _LAST}}},
+        {"messages.search_tokens": "§日本"},
+        {"messages.search_tokens": "§本語"},
+    ]
 
 
-def test_queries_are_capped() -> None:
-    assert len(search_words(" ".join(f"w{i}" for i in range(100)))) == MAX_QUERY_WORDS
-
-
-def _matches(word: str, content: str) -> bool:
-    return regex.search(word_pattern(word), content, regex.IGNORECASE) is not None
-
-
-@pytest.mark.parametrize(
-    ("word", "content", "expected"),
-    [
-        ("cat", "the cat sat", True),
-        ("cat", "The CAT sat", True),
-        ("CAT", "a cat.", True),
-        ("cat", "concatenate", False),
-        ("cat", "cats", False),
-        ("cat", "cat_food", False),
-        ("cat", "(cat)", True),
-        ("wörld", "Hello WÖRLD!", True),
-        ("öl", "Köln", False),
-        ("日本", "日本", True),
-        ("42", "answer: 42.", True),
-        ("42", "1420", False),
-    ],
-)
-def test_word_pattern_matches_whole_words_case_insensitively(
-    word: str, content: str, expected: bool
-) -> None:
-    assert _matches(word, content) is expected
-
-
-def test_pipeline_keeps_messages_holding_every_word_newest_first() -> None:
-    pipeline = search_pipeline(["alpha", "beta"], 7)
-    match = next(stage["$match"] for stage in pipeline if "$match" in stage)
-    assert match == {
-        "$and": [
-            {"messages.content": {"$regex": word_pattern("alpha"), "$options": "i"}},
-            {"messages.content": {"$regex": word_pattern("beta"), "$options": "i"}},
-        ]
-    }
+def test_pipeline_tests_every_word_filters_the_role_and_keeps_tokens_out() -> None:
+    pipeline = search_pipeline(_parsed("alpha テキスト"), 7, "user")
+    match = pipeline[2]["$match"]["$and"]
+    assert {"messages.role": "user"} in match
+    assert {"messages.search_tokens": {"$regex": "テキスト"}} in match
     assert {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}} in pipeline
-    assert pipeline[-2] == {
-        "$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}
-    }
-    assert pipeline[-1] == {"$limit": 7}
-    # Only the history is carried through the stages after the text match.
+    assert pipeline[3] == {"$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}}
+    assert pipeline[4] == {"$limit": 7}
+    assert pipeline[-1] == {"$project": {"messages.search_tokens": 0}}
     assert pipeline[0] == {"$project": {"messages": 1}}
+
+
+def test_a_prefix_range_holds_exactly_the_words_that_begin_with_it() -> None:
+    words = ["cap", "capit", "capital", "capitulate", "capj", "cao", "cap\U0010fffd"]
+    selected = [w for w in words if "capit" <= w < "capit" + _LAST]
+    assert selected == ["capit", "capital", "capitulate"]

@@ -256,13 +256,13 @@ async def test_listing_projects_messages_out(
     assert find["limit"] == 100
 
 
-async def test_search_uses_the_text_index_and_matches_whole_words(
+async def test_search_uses_the_token_index_and_the_one_rule(
     mongo: MongoDBSessionStorage, mongodb_url: str
 ) -> None:
     session = ChatSession.create("m", session_id="s-1")
     session.add_message("user", "The quick brown Fox")
     session.add_message("assistant", "concatenate the cats")
-    session.add_message("user", "fox and cat together")
+    session.add_message("user", "fox and cat together 日本語のテキスト")
     await mongo.save_session(session)
     commands = _Commands()
     async with _second(
@@ -270,13 +270,29 @@ async def test_search_uses_the_text_index_and_matches_whole_words(
     ) as watched:
         found = await watched.search_messages("FOX")
         both = await watched.search_messages("cat fox")
+        prefix = await watched.search_messages("cat")
+        anywhere = await watched.search_messages("テキスト")
         none = await watched.search_messages("cat dog")
-    assert [m.content for m in found] == ["fox and cat together", "The quick brown Fox"]
-    assert [m.content for m in both] == ["fox and cat together"]
-    assert none == []
+        mine = await watched.search_messages("fox", session_id="s-2")
+        users = await watched.search_messages("cat", role="assistant")
+    assert [m.content for m in found] == [
+        "fox and cat together 日本語のテキスト",
+        "The quick brown Fox",
+    ]
+    assert [m.content for m in both] == ["fox and cat together 日本語のテキスト"]
+    assert [m.content for m in prefix] == [
+        "fox and cat together 日本語のテキスト",
+        "concatenate the cats",
+    ]
+    assert [m.content for m in anywhere] == ["fox and cat together 日本語のテキスト"]
+    assert none == [] and mine == []
+    assert [m.content for m in users] == ["concatenate the cats"]
     assert all(m.session_id == "s-1" for m in found)
     (aggregate, *_) = commands.named("aggregate")
-    assert "$text" in aggregate["pipeline"][0]["$match"]
+    first = aggregate["pipeline"][0]["$match"]
+    assert "messages.search_tokens" in str(first)
+    plan = await mongo.docs.sessions.get_pymongo_collection().find(first).explain()
+    assert "ix_chat_sessions_search_tokens" in str(plan)
 
 
 @pytest.mark.parametrize("query", ['"', "-", "a -b", "(", "\\", "$where", "\x00", "🙂", ""])

@@ -89,19 +89,18 @@ async def test_search_uses_the_full_text_index(sql_storage: SessionStorage) -> N
             plan = await connection.execute(
                 text(
                     "EXPLAIN QUERY PLAN SELECT m.id FROM chat_messages_fts JOIN chat_messages m"
-                    " ON m.id = chat_messages_fts.rowid WHERE chat_messages_fts MATCH '\"message\"'"
+                    " ON m.id = chat_messages_fts.rowid WHERE chat_messages_fts MATCH '\"mess\"*'"
+                    " ORDER BY chat_messages_fts.rowid DESC"
                 )
             )
-            assert "VIRTUAL TABLE INDEX" in " ".join(str(row[-1]) for row in plan)
+            steps = " ".join(str(row[-1]) for row in plan)
+            assert "VIRTUAL TABLE INDEX" in steps and "TEMP B-TREE" not in steps
         else:
             await connection.execute(text("SET enable_seqscan = off"))
             plan = await connection.execute(
-                text(
-                    "EXPLAIN SELECT id FROM chat_messages WHERE to_tsvector('simple'::regconfig,"
-                    " left(content, 100000)) @@ plainto_tsquery('simple'::regconfig, 'message')"
-                )
+                text("EXPLAIN SELECT id FROM chat_messages WHERE search_terms @@ 'mess:*'")
             )
-            assert "ix_chat_messages_content_tsv" in " ".join(row[0] for row in plan)
+            assert "ix_chat_messages_search_terms" in " ".join(row[0] for row in plan)
 
 
 @pytest.mark.parametrize("count", [0, 1, 25])

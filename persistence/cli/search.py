@@ -1,0 +1,89 @@
+"""`persistence search QUERY`: the messages a person's words find, newest first."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from persistence import formats
+from persistence.cli.output import (
+    ConfigOption,
+    JsonOption,
+    Target,
+    UrlOption,
+    VerboseOption,
+    echo_json,
+    out,
+    run,
+)
+from persistence.config import StorageConfig
+from persistence.storage import SessionStorage
+
+# Characters of a message shown in the table; --json prints the whole content.
+_EXCERPT = 120
+
+
+class RoleChoice(StrEnum):
+    user = "user"
+    assistant = "assistant"
+    system = "system"
+    tool = "tool"
+
+
+def _excerpt(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= _EXCERPT else line[: _EXCERPT - 1] + "…"
+
+
+def search(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="Words to find; each begins a word of a match.")],
+    session: Annotated[
+        str | None, typer.Option("--session", help="Only messages of this session.")
+    ] = None,
+    role: Annotated[RoleChoice | None, typer.Option(help="Only messages of this role.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="How many messages to show.")] = 20,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Search message content, newest first (the rule of the README's Search section)."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        found = await storage.search_messages(
+            query, limit, session_id=session, role=role.value if role else None
+        )
+        if as_json:
+            echo_json([formats.message_document(message) for message in found])
+            return
+        if not found:
+            out().print("No messages found.")
+            return
+        table = Table(title=f"Messages matching {query!r}", title_justify="left")
+        table.add_column("Created (UTC)", no_wrap=True)
+        table.add_column("Session ID", no_wrap=True)
+        table.add_column("Role")
+        table.add_column("Content")
+        for message in found:
+            table.add_row(
+                f"{message.created_at:%Y-%m-%d %H:%M:%S}",
+                Text(message.session_id),
+                message.role,
+                Text(_excerpt(message.content)),
+            )
+        console = out()
+        console.print(table)
+        if len(found) == limit:
+            console.print(f"More may match: --limit {limit * 2}")
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds `search` to the application."""
+    app.command()(search)

@@ -1,0 +1,167 @@
+"""The one search rule: normalise, tokenise, build queries' terms.
+
+Every backend compares a query with a message through the functions here, so the
+rule is implemented once:
+
+- Text and query are compared after NFKC, case folding, and removal of the combining
+  marks (accents) carried by Latin, Greek and Cyrillic letters.
+- Words are runs of Unicode letters, marks and digits (categories L, M, N); every
+  other character separates words.
+- A message matches when every query word begins some word of the message, except that
+  a query word holding a letter of a script written without spaces (Han, Hiragana,
+  Katakana, Thai) matches anywhere inside a word.
+- The first MAX_SEARCHABLE_CHARS characters of a message are searchable.
+
+At write time a message gets its *search document* (`search_document`): its distinct
+normalised words in order of first appearance, then, for each word that holds a letter
+of a script written without spaces, every substring of GRAM characters of it (marked
+with GRAM_MARK, which no word can contain). The engines index the document's
+space-separated tokens as they are, so a query word becomes a prefix term (`capit*`),
+or for the scripts without spaces, gram terms. A gram term alone decides a query word
+of at most GRAM characters; a longer one is rechecked exactly against the document.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import regex  # type: ignore[import-untyped]  # ships no type stubs
+
+# A message's first 1 MiB of characters (at least 1 MiB of its UTF-8) is searchable.
+MAX_SEARCHABLE_CHARS = 1 << 20
+# Query words an index may look up (the longest, the most selective); every word is
+# still tested against each candidate.
+MAX_INDEXED_WORDS = 32
+# Substrings of this length index the words of scripts written without spaces.
+GRAM = 2
+# Marks gram tokens: a separator (category Po), so never inside a word, and not ASCII,
+# so SQLite FTS5's ascii tokenizer keeps it inside the token.
+GRAM_MARK = "\u00a7"
+
+_WORD = regex.compile(r"[\p{L}\p{M}\p{N}]+")
+# The ASCII case, by far the commonest, through the faster standard engine.
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
+_LGC_ACCENTS = regex.compile(r"([\p{Latin}\p{Greek}\p{Cyrillic}])\p{M}+")
+_SPACELESS = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}]")
+
+
+def normalise(text: str) -> str:
+    """Returns `text` as the rule compares it: NFKC, case-folded, Latin/Greek/Cyrillic
+    letters without their combining marks.
+
+    The result is stable: normalising it again changes nothing.
+    """
+    if text.isascii():
+        return text.lower()
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    stripped = _LGC_ACCENTS.sub(r"\1", unicodedata.normalize("NFD", folded))
+    return unicodedata.normalize("NFKC", stripped)
+
+
+def words(text: str) -> list[str]:
+    """Returns the distinct normalised words of `text`, in order of first appearance."""
+    normalised = normalise(text)
+    pattern = _ASCII_WORD if normalised.isascii() else _WORD
+    return list(dict.fromkeys(pattern.findall(normalised)))
+
+
+def is_spaceless(word: str) -> bool:
+    """True when `word` holds a letter of a script written without spaces."""
+    return not word.isascii() and _SPACELESS.search(word) is not None
+
+
+def grams(word: str) -> list[str]:
+    """The substrings of GRAM characters starting at each position (shorter at the end)."""
+    return [word[i : i + GRAM] for i in range(len(word))]
+
+
+def search_document(content: str) -> str:
+    """Returns the search document of a message's content, as stored and indexed.
+
+    The one function every write of a message's content calls (inserts and edits);
+    its result goes into the `search_text` column (SQL) or the message's
+    `search_tokens` (MongoDB, split on spaces).
+    """
+    found = words(content[:MAX_SEARCHABLE_CHARS])
+    if content.isascii():
+        return " ".join(found)
+    marked = dict.fromkeys(
+        GRAM_MARK + gram for word in found if is_spaceless(word) for gram in grams(word)
+    )
+    return " ".join([*found, *marked])
+
+
+@dataclass(frozen=True, slots=True)
+class QueryWord:
+    """One normalised query word and how it matches."""
+
+    text: str
+    # True: the word may match anywhere inside a message's word (scripts without
+    # spaces); False: it must begin one.
+    anywhere: bool
+
+    def prefix_term(self) -> str | None:
+        """The index term whose prefix matches decide this word alone, if there is one."""
+        if not self.anywhere:
+            return self.text
+        return GRAM_MARK + self.text if len(self.text) <= GRAM else None
+
+    def gram_terms(self) -> list[str]:
+        """Exact gram terms every match holds (a word longer than GRAM), else none."""
+        if not self.anywhere or len(self.text) <= GRAM:
+            return []
+        return list(
+            dict.fromkeys(GRAM_MARK + self.text[i : i + GRAM] for i in range(len(self.text) - 1))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """A typed query as the engines take it.
+
+    `words` decide: a message matches when each of them matches it (longest first).
+    The index terms are what an index can look up for the first MAX_INDEXED_WORDS of
+    them: a message holding them all is a candidate, which the words then decide.
+    """
+
+    words: tuple[QueryWord, ...]
+    prefix_terms: tuple[str, ...]
+    gram_terms: tuple[str, ...]
+
+
+def _implied(word: QueryWord, others: Iterable[QueryWord]) -> bool:
+    """True when another query word matching implies that `word` matches."""
+    for other in others:
+        if other.text == word.text or len(other.text) <= len(word.text):
+            continue
+        if word.anywhere and word.text in other.text:
+            return True
+        if not word.anywhere and not other.anywhere and other.text.startswith(word.text):
+            return True
+    return False
+
+
+def parse_query(query: str) -> SearchQuery | None:
+    """Returns the query's words and terms, or None when it has no words.
+
+    Never raises: any text (NUL, lone surrogates, operators of any engine) reduces
+    to words of letters, marks and digits.
+    """
+    found = [QueryWord(word, is_spaceless(word)) for word in words(query)]
+    kept = sorted(
+        (word for word in found if not _implied(word, found)),
+        key=lambda word: (-len(word.text), word.text),
+    )
+    if not kept:
+        return None
+    indexed = kept[:MAX_INDEXED_WORDS]
+    prefix_terms = [term for word in indexed if (term := word.prefix_term()) is not None]
+    gram_terms = [term for word in indexed for term in word.gram_terms()]
+    return SearchQuery(
+        words=tuple(kept),
+        prefix_terms=tuple(prefix_terms),
+        gram_terms=tuple(dict.fromkeys(gram_terms)),
+    )

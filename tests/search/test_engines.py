@@ -1,0 +1,201 @@
+"""What each SQL engine does with a search: plans, limits, locales, big messages."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+
+from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage
+from persistence.search import QueryWord, parse_query
+from persistence.sql import search as search_module
+from persistence.sql.backend import SqlSessionStorage
+from persistence.sql.runner import traced
+from persistence.sql.search import _INDEX, _SCAN, PROBE_ROWS, Shape
+from tests import servers
+from tests.search.test_parity import OVERFLOW_TEXT
+
+
+async def _fill(storage: SessionStorage, count: int, rare_every: int = 0) -> ChatSession:
+    session = ChatSession.create("m")
+    for n in range(count):
+        rare = " zeppelin" if rare_every and n % rare_every == 0 else ""
+        session.add_message("user", f"common words in message {n}{rare}")
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.commit()
+    return session
+
+
+def _statements(sql: list[str]) -> list[str]:
+    return ["index" if "search_terms @@" in s or "MATCH" in s else "read" for s in sql]
+
+
+async def test_a_common_word_reads_only_the_newest_rows(sql_storage: SessionStorage) -> None:
+    await _fill(sql_storage, 3 * PROBE_ROWS)
+    sent: list[str] = []
+    with traced(sent.append):
+        found = await sql_storage.search_messages("common", limit=50)
+
+    assert [m.content for m in found] == [
+        f"common words in message {n}" for n in range(3 * PROBE_ROWS - 1, 3 * PROBE_ROWS - 51, -1)
+    ]
+    # The matches among the newest rows: no index, no sort of all matches.
+    assert _statements(sent) == ["read"]
+
+
+async def test_a_rare_word_goes_to_the_index_after_one_probe(sql_storage: SessionStorage) -> None:
+    await _fill(sql_storage, 3 * PROBE_ROWS, rare_every=100)
+    sent: list[str] = []
+    with traced(sent.append):
+        found = await sql_storage.search_messages("zeppelin", limit=50)
+
+    assert [m.content for m in found] == [
+        f"common words in message {n} zeppelin" for n in (300, 200, 100, 0)
+    ]
+    assert _statements(sent) == ["read", "index"]
+
+
+async def test_the_index_looks_for_the_rarest_word_of_the_query(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _fill(sql_storage, 3 * PROBE_ROWS, rare_every=100)
+    chosen: list[str] = []
+    choose = search_module._index_parameters
+
+    def spy(dialect: str, words: list[QueryWord], word: QueryWord) -> dict[str, object]:
+        chosen.append(word.text)
+        return choose(dialect, words, word)
+
+    monkeypatch.setattr(search_module, "_index_parameters", spy)
+    found = await sql_storage.search_messages("message zeppelin words", limit=50)
+
+    assert len(found) == 4
+    # Shorter than "message" but the rarest: the index reads its few entries only.
+    assert chosen == ["zeppelin"]
+
+
+async def _plan(storage: SessionStorage, sql: str, params: dict[str, object]) -> str:
+    assert isinstance(storage, SqlSessionStorage)
+    async with storage.engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            rows = await connection.execute(text("EXPLAIN QUERY PLAN " + sql), params)
+            return " | ".join(str(row[-1]) for row in rows)
+        await connection.execute(text("ANALYZE chat_messages"))
+        rows = await connection.execute(text("EXPLAIN " + sql), params)
+        return " | ".join(row[0] for row in rows)
+
+
+def _compiled(storage: SessionStorage, statement: object) -> str:
+    assert isinstance(storage, SqlSessionStorage)
+    return str(statement.compile(storage.engine.dialect).compiled.statement)  # type: ignore[attr-defined]
+
+
+async def test_the_plans_read_newest_first_and_the_index(sql_storage: SessionStorage) -> None:
+    await _fill(sql_storage, 2000, rare_every=500)
+    dialect = "postgresql" if isinstance(sql_storage, PostgreSQLSessionStorage) else "sqlite"
+    arrays: dict[str, object] = (
+        {"starts": ["zeppelin"], "contains": [], "recheck_starts": [], "recheck_contains": []}
+        if dialect == "postgresql"
+        else {"starts": '["zeppelin"]', "contains": "[]", "recheck_starts": "[]"}
+        | {"recheck_contains": "[]"}
+    )
+    shape = Shape(session=False, role=False)
+    scan = await _plan(
+        sql_storage,
+        _compiled(sql_storage, _SCAN[shape]),
+        {"below": 2**62, "skip": PROBE_ROWS - 1, "limit": 50, **arrays},
+    )
+    match = "'zeppelin':* | '§§'" if dialect == "postgresql" else '"zeppelin"*'
+    index = await _plan(
+        sql_storage,
+        _compiled(sql_storage, _INDEX[shape]),
+        {"below": 2**62, "skip": PROBE_ROWS - 1, "edge": None, "limit": 50, "match": match}
+        | {"overflow": "'§§'", **arrays},
+    )
+
+    if dialect == "sqlite":
+        assert "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in scan, scan
+        assert "VIRTUAL TABLE INDEX" in index and "TEMP B-TREE" not in index, index
+    else:
+        assert "Index Scan Backward using pk_chat_messages" in scan, scan
+        assert "ix_chat_messages_search_terms" in index, index
+
+
+@pytest.fixture
+async def c_locale_storage(postgresql_admin_url: str) -> AsyncIterator[PostgreSQLSessionStorage]:
+    name = f"persistence_test_c_{uuid.uuid4().hex[:10]}"
+    await servers._admin(
+        postgresql_admin_url,
+        f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'"
+        " LC_COLLATE 'C' LC_CTYPE 'C'",
+    )
+    url = servers.with_database(servers.plain_postgresql_url(postgresql_admin_url), name)
+    try:
+        async with PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2) as storage:
+            yield storage
+    finally:
+        await servers._admin(postgresql_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.postgresql
+async def test_a_c_locale_database_finds_accented_greek_and_hindi_words(
+    c_locale_storage: PostgreSQLSessionStorage,
+) -> None:
+    async with c_locale_storage.engine.connect() as connection:
+        ctype = (await connection.execute(text("SHOW lc_ctype"))).scalar_one()
+    assert ctype == "C"
+    session = ChatSession.create("m")
+    session.add_message("user", "École über σοφία नमस्ते 日本語のテキスト")
+    await c_locale_storage.save_session(session)
+
+    for query in ("école", "ÜBER", "σοφια", "नमस्ते", "テキスト", "eco"):
+        found = await c_locale_storage.search_messages(query)
+        assert [m.message_id for m in found] == [session.messages[0].message_id], query
+
+
+@pytest.mark.postgresql
+async def test_terms_past_one_megabyte_are_indexed_as_overflow_and_still_found(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    session = ChatSession.create("m")
+    big = session.add_message("user", OVERFLOW_TEXT + " tail")
+    session.add_message("user", "small 尾巴")
+    await postgresql_storage.save_session(session)
+    async with postgresql_storage.engine.connect() as connection:
+        terms = (
+            await connection.execute(
+                text("SELECT search_terms::text FROM chat_messages WHERE message_id = :id"),
+                {"id": big.message_id},
+            )
+        ).scalar_one()
+    assert terms == "'§§'"
+
+    for query in ("tail", OVERFLOW_TEXT[7:9], OVERFLOW_TEXT[100:140], "ta"):
+        found = await postgresql_storage.search_messages(query)
+        assert [m.message_id for m in found] == [big.message_id], query[:10]
+    assert await postgresql_storage.search_messages("tails") == []
+    assert len(await postgresql_storage.search_messages("尾巴")) == 1
+
+
+async def test_a_megabyte_of_distinct_words_is_stored_and_searchable_to_its_end(
+    sql_storage: SessionStorage,
+) -> None:
+    words = [f"w{n:x}" for n in range(158_000)]
+    content = " ".join(words)
+    assert 1_000_000 <= len(content) <= 1 << 20
+    session = ChatSession.create("m")
+    message = session.add_message("user", content)
+    await sql_storage.save_session(session)
+
+    for query in (words[-1], words[80_000], "w1", words[-1] + " " + words[0]):
+        found = await sql_storage.search_messages(query)
+        assert [m.message_id for m in found] == [message.message_id], query
+
+
+def test_every_query_reduces_to_terms_no_engine_reads_as_syntax() -> None:
+    parsed = parse_query('NEAR(a b) "x" y* -z col:w (p | q) & !r')
+    assert parsed is not None
+    assert all(term.isalnum() for term in parsed.prefix_terms)

@@ -1,0 +1,99 @@
+# ruff: noqa: RUF001  # look-alike characters (full-width, compatibility forms) are the point
+"""persistence/search.py: the rule's pieces, without a database."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from persistence.search import (
+    GRAM_MARK,
+    MAX_INDEXED_WORDS,
+    MAX_SEARCHABLE_CHARS,
+    QueryWord,
+    normalise,
+    parse_query,
+    search_document,
+    words,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("alice@example.com", ["alice", "example", "com"]),
+        ("3.14", ["3", "14"]),
+        ("/usr/local/bin", ["usr", "local", "bin"]),
+        ("foo.bar.numbatword()", ["foo", "bar", "numbatword"]),
+        ("<script>alert(1)</script>", ["script", "alert", "1"]),
+        ("snake_case", ["snake", "case"]),
+        ("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]),
+        ("École ÜBER nai\u0308ve", ["ecole", "uber", "naive"]),
+        ("Ｆｕｌｌ１２", ["full12"]),
+        ("ΣΟΦΊΑ σοφία", ["σοφια"]),
+        ("Straße ﬁx", ["strasse", "fix"]),
+        ("Йогурт ёж", ["иогурт", "еж"]),
+        ("Øresund Łódź", ["øresund", "łodz"]),
+        ("日本語のテキスト、東京", ["日本語のテキスト", "東京"]),
+        ("が", ["が"]),
+        ("a a A", ["a"]),
+        ("", []),
+        ("\x00\ud800 🙂", []),
+    ],
+)
+def test_words_are_runs_of_letters_marks_and_digits_after_folding(
+    text: str, expected: list[str]
+) -> None:
+    assert words(text) == expected
+
+
+def test_normalising_twice_changes_nothing_for_any_character() -> None:
+    changed = [
+        hex(code)
+        for code in range(sys.maxunicode + 1)
+        if not 0xD800 <= code <= 0xDFFF and normalise(normalise(chr(code))) != normalise(chr(code))
+    ]
+    assert changed == []
+
+
+def test_the_search_document_holds_words_then_marked_pieces() -> None:
+    assert search_document("The capital, the CAPITAL") == "the capital"
+    pieces = ["東京", "京タ", "タワ", "ワー", "ー"]
+    assert search_document("東京タワー x") == " ".join(
+        ["東京タワー", "x", *(GRAM_MARK + piece for piece in pieces)]
+    )
+    past = "a " * (MAX_SEARCHABLE_CHARS // 2) + "late"
+    assert "late" not in search_document(past).split()
+
+
+def test_a_query_keeps_the_words_no_other_implies_longest_first() -> None:
+    parsed = parse_query("cap capital 日本 日本語 c 語")
+    assert parsed is not None
+    assert parsed.words == (
+        QueryWord("capital", anywhere=False),
+        QueryWord("日本語", anywhere=True),
+    )
+    assert parsed.prefix_terms == ("capital",)
+    assert parsed.gram_terms == (f"{GRAM_MARK}日本", f"{GRAM_MARK}本語")
+
+
+def test_short_words_of_scripts_without_spaces_are_prefix_terms_of_pieces() -> None:
+    parsed = parse_query("キ")
+    assert parsed is not None
+    assert parsed.prefix_terms == (f"{GRAM_MARK}キ",)
+    assert parsed.gram_terms == ()
+
+
+@pytest.mark.parametrize("query", ["", "   ", "@@@", "\x00", "\ud800", "-", '"', "*"])
+def test_a_query_without_words_is_none(query: str) -> None:
+    assert parse_query(query) is None
+
+
+def test_only_the_longest_words_become_index_terms() -> None:
+    query = " ".join(f"w{n:03d}" + "x" * (n % 7) for n in range(100))
+    parsed = parse_query(query)
+    assert parsed is not None
+    assert len(parsed.words) == 100
+    assert len(parsed.prefix_terms) == MAX_INDEXED_WORDS
+    assert min(map(len, parsed.prefix_terms)) >= max(len(w.text) for w in parsed.words[32:])

@@ -1,0 +1,76 @@
+"""`persistence search`: finds messages by the one rule, filters, JSON, never writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from persistence import ChatSession, SQLiteSessionStorage
+from tests.test_cli import failed, invoke, ok, workdir  # noqa: F401  # fixture: a fresh machine
+
+pytestmark = pytest.mark.sqlite
+
+
+def _store(path: Path) -> tuple[ChatSession, ChatSession]:
+    first, second = ChatSession.create("m"), ChatSession.create("m")
+    first.add_message("user", "How do I deploy the capital service?")
+    first.add_message("assistant", "Deploy it with `make deploy` — 日本語のテキスト")
+    second.add_message("user", "deploy failed: alice@example.com")
+
+    async def save() -> None:
+        async with SQLiteSessionStorage(path) as storage:
+            for session in (first, second):
+                await storage.save_session(session)
+
+    asyncio.run(save())
+    return first, second
+
+
+def test_search_prints_matches_newest_first_as_json(tmp_path: Path) -> None:
+    first, second = _store(tmp_path / "s.db")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+
+    found = json.loads(ok("search", "DEPLOY", "--json", "--url", url).stdout)
+    in_session = json.loads(
+        ok("search", "deploy", "--session", first.session_id, "--json", "--url", url).stdout
+    )
+    by_role = json.loads(ok("search", "dep", "--role", "user", "--json", "--url", url).stdout)
+    one = json.loads(ok("--url", url, "search", "deploy", "--limit", "1", "--json").stdout)
+
+    assert [m["content"] for m in found] == [
+        "deploy failed: alice@example.com",
+        "Deploy it with `make deploy` — 日本語のテキスト",
+        "How do I deploy the capital service?",
+    ]
+    assert [m["session_id"] for m in in_session] == [first.session_id] * 2
+    assert [m["role"] for m in by_role] == ["user", "user"]
+    assert [m["session_id"] for m in one] == [second.session_id]
+    assert set(found[0]) == {
+        "message_id",
+        "session_id",
+        "role",
+        "content",
+        "created_at",
+        "metadata",
+    }
+
+
+def test_search_prints_a_table_and_says_when_nothing_matches(tmp_path: Path) -> None:
+    _store(tmp_path / "s.db")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+
+    table = ok("search", "テキスト", "--url", url).stdout
+    nothing = ok("search", "NEAR(x) -y", "--url", url).stdout
+
+    assert "日本語のテキスト" in table and "assistant" in table
+    assert "No messages found." in nothing
+    assert invoke("search", "x", "--role", "robot", "--url", url).exit_code == 2
+
+
+def test_search_on_a_missing_database_creates_nothing(workdir: Path) -> None:  # noqa: F811
+    line = failed("search", "anything")
+    assert "no database" in line
+    assert list(workdir.iterdir()) == []
