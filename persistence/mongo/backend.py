@@ -19,7 +19,7 @@ from pymongo.errors import ConfigurationError, OperationFailure
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.mongo import repositories
+from persistence.mongo import bulk, repositories
 from persistence.mongo.documents import DocumentSet, bind_documents
 from persistence.mongo.errors import mongo_errors, redact
 from persistence.mongo.uow import MongoUnitOfWork
@@ -361,6 +361,19 @@ class MongoDBSessionStorage(SessionStorage):
         assert checked is not None
         with mongo_errors("set session status"):
             return await repositories.set_sessions_status(self.docs, None, session_ids, checked)
+
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        documents = bulk.documents_for_insert(sessions)
+        if not documents:
+            return True
+        with mongo_errors("insert sessions"):
+            return await bulk.insert_documents(
+                self.client, self.docs, documents, transactional=self.supports_transactions
+            )
+
+    async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
+        with mongo_errors("load file records"):
+            return await repositories.read_file_records(self.docs, None, file_ids)
 
     async def copy_to_file(self, target: Path) -> bool:
         """MongoDB has no native single-file copy: the caller falls back to the export."""

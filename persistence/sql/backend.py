@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.sql import repositories
+from persistence.sql import new_sessions, repositories
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     open_sqlite,
@@ -234,6 +234,25 @@ class SqlSessionStorage(SessionStorage):
             repositories.set_sessions_status(session_ids, checked),
             "set session status",
             write=True,
+        )
+
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        new_sessions.check_new_sessions(sessions)
+        if not sessions:
+            return True
+        try:
+            await self._run(
+                new_sessions.insert_new_sessions(sessions), "insert sessions", write=True
+            )
+        except PersistenceError as exc:
+            if new_sessions.is_duplicate_key(exc):
+                return False
+            raise
+        return True
+
+    async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
+        return await self._run(
+            repositories.read_file_records(file_ids), "load file records", write=False
         )
 
     async def copy_to_file(self, target: Path) -> bool:

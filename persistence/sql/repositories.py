@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persistence.errors import InvalidDataError
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.sql.bulk import BulkInsert
 from persistence.sql.mapping import (
     FILE_COLUMNS,
     MESSAGE_COLUMNS,
@@ -86,9 +87,8 @@ def _session_upsert(dialect: str) -> Any:
 
 
 UPSERT_SESSION = Statement(_session_upsert)
-INSERT_MESSAGES = Statement(
-    insert(messages).values(_binds(messages, *(c.name for c in messages.columns if c.name != "id")))
-)
+# Sent as one multi-row statement however many messages a save carries (bulk.py).
+INSERT_MESSAGES = BulkInsert(messages)
 ADD_MESSAGE_COUNT = Statement(
     update(sessions)
     .where(sessions.c.session_id == bindparam("session_id"))
@@ -164,6 +164,9 @@ COUNT_FILES = Statement(
 
 UPSERT_FILE = _upsert(files, "file_id")
 SELECT_FILE = Statement(select(*FILE_COLUMNS).where(files.c.file_id == bindparam("file_id")))
+SELECT_FILES_IN = Statement(
+    select(*FILE_COLUMNS).where(files.c.file_id.in_(bindparam("ids", expanding=True)))
+)
 FILE_PAGE = Statement(
     select(*FILE_COLUMNS)
     .order_by(files.c.uploaded_at.desc(), files.c.file_id.desc())
@@ -320,6 +323,15 @@ def write_file_record(record: UploadedFileRecord) -> Work[None]:
 def read_file_record(file_id: str) -> Work[UploadedFileRecord | None]:
     rows = yield Fetch(SELECT_FILE, {"file_id": file_id})
     return file_record_from_row(rows[0]) if rows else None
+
+
+def read_file_records(file_ids: Sequence[str]) -> Work[list[UploadedFileRecord]]:
+    """Returns the file records among `file_ids` that exist, in the order of `file_ids`."""
+    found: dict[str, UploadedFileRecord] = {}
+    for chunk in _chunks(list(file_ids)):
+        for row in (yield Fetch(SELECT_FILES_IN, {"ids": list(chunk)})):
+            found[row[0]] = file_record_from_row(row)
+    return [found[file_id] for file_id in file_ids if file_id in found]
 
 
 def read_file_record_page(limit: int) -> Work[list[UploadedFileRecord]]:

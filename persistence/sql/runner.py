@@ -21,6 +21,7 @@ import aiosqlite
 from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from persistence.sql.bulk import BulkInsert
 from persistence.sql.statements import Statement
 
 T = TypeVar("T")
@@ -148,6 +149,13 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
     """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
 
     async def step(request: Request) -> Any:
+        if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
+            # One statement for all the rows (see bulk.py), not one per row.
+            sql, arrays = request.statement.columnar(dialect, request.rows)
+            _trace(sql)
+            if request.rows:
+                await connection.execute(sql, *arrays)
+            return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             _trace(compiled.sql)
@@ -171,6 +179,16 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
     dialect = connection.dialect
 
     async def step(request: Request) -> Any:
+        if (
+            isinstance(request, ExecuteMany)
+            and isinstance(request.statement, BulkInsert)
+            and dialect.name == "postgresql"
+        ):
+            sql, arrays = request.statement.columnar(dialect, request.rows)
+            _trace(sql)
+            if request.rows:
+                await connection.exec_driver_sql(sql, tuple(arrays))
+            return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             rows = [compiled.values(row) for row in request.rows]

@@ -1,0 +1,64 @@
+"""Many rows in one statement: the bulk form of an INSERT.
+
+`BulkInsert` is an INSERT of every column of a table but its generated key. The
+runners (runner.py) send it for many rows at once in the dialect's bulk form:
+
+- SQLite: one `executemany` inside the connection's own thread (the driver loops in
+  C over one prepared statement, all within the one thread hop of the transaction);
+- PostgreSQL: one `INSERT ... SELECT * FROM unnest($1::type[], ...)`, one round trip
+  whatever the number of rows, each column bound as one array.
+
+Either way every row still goes through the table's triggers and indexes, so the
+full-text index is kept in the same transaction as the rows it indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Dialect, Table, bindparam, insert
+
+from persistence.sql.statements import Statement
+
+Processor = Callable[[Any], Any] | None
+
+
+class BulkInsert(Statement):
+    """An INSERT of all of `table`'s columns but its generated key, one row or many."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        generated = table.autoincrement_column
+        self.names = tuple(column.name for column in table.columns if column is not generated)
+        super().__init__(
+            insert(table).values(
+                {name: bindparam(name, type_=table.c[name].type) for name in self.names}
+            )
+        )
+        self._columnar: dict[str, tuple[str, tuple[tuple[str, Processor], ...]]] = {}
+
+    def columnar(
+        self, dialect: Dialect, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, list[Any]]:
+        """The PostgreSQL form: the SQL and one array parameter per column."""
+        cached = self._columnar.get(dialect.name)
+        if cached is None:
+            columns = [self.table.c[name] for name in self.names]
+            arrays = ", ".join(
+                f"${index}::{column.type.compile(dialect=dialect)}[]"
+                for index, column in enumerate(columns, start=1)
+            )
+            # Table and column names come from the schema, never from input.
+            target = f"{self.table.name} ({', '.join(self.names)})"
+            sql = f"INSERT INTO {target} SELECT * FROM unnest({arrays})"  # noqa: S608
+            plan: tuple[tuple[str, Processor], ...] = tuple(
+                (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
+                for column in columns
+            )
+            cached = self._columnar[dialect.name] = (sql, plan)
+        sql, plan = cached
+        return sql, [
+            [row[name] for row in rows] if process is None else [process(row[name]) for row in rows]
+            for name, process in plan
+        ]
