@@ -3,8 +3,11 @@
 `BulkInsert` is an INSERT of every column of a table but its generated key. The
 runners (runner.py) send it for many rows at once in the dialect's bulk form:
 
-- SQLite: one `executemany` inside the connection's own thread (the driver loops in
-  C over one prepared statement, all within the one thread hop of the transaction);
+- SQLite: multi-row `INSERT ... VALUES (...), (...), ...` of up to 500 rows each,
+  within the one thread hop of the transaction. Not `executemany`: FTS5 flushes its
+  pending index data at the end of every statement (its savepoint), so one
+  statement per row wrote one index segment per row, and the merges cost more than
+  the rows; one statement per 500 rows indexes them in the same statement batch.
 - PostgreSQL: one `INSERT ... SELECT * FROM unnest($1::type[], ...)`, one round trip
   whatever the number of rows, each column bound as one array.
 
@@ -14,7 +17,7 @@ full-text index is kept in the same transaction as the rows it indexes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Dialect, Table, bindparam, insert
@@ -22,6 +25,10 @@ from sqlalchemy import Dialect, Table, bindparam, insert
 from persistence.sql.statements import Statement
 
 Processor = Callable[[Any], Any] | None
+# Rows per SQLite statement: 500 x the columns stays under SQLite's default limit of
+# 32,766 bound parameters. Smaller statements take power-of-two sizes, so only a
+# few distinct SQL texts exist and the driver's statement cache keeps them prepared.
+ROWS_PER_STATEMENT = 500
 
 
 class BulkInsert(Statement):
@@ -62,3 +69,25 @@ class BulkInsert(Statement):
             [row[name] for row in rows] if process is None else [process(row[name]) for row in rows]
             for name, process in plan
         ]
+
+    def multirow(
+        self, dialect: Dialect, rows: Sequence[Mapping[str, Any]]
+    ) -> Iterator[tuple[str, list[Any]]]:
+        """The SQLite form: multi-row INSERT statements and their flat parameters."""
+        compiled = self.compile(dialect)
+        head, _, group = compiled.sql.partition(" VALUES ")
+        start = 0
+        while start < len(rows):
+            size = _statement_rows(len(rows) - start)
+            sql = f"{head} VALUES {', '.join([group] * size)}"
+            yield (
+                sql,
+                [value for row in rows[start : start + size] for value in compiled.values(row)],
+            )
+            start += size
+
+
+def _statement_rows(remaining: int) -> int:
+    if remaining >= ROWS_PER_STATEMENT:
+        return ROWS_PER_STATEMENT
+    return 1 << (remaining.bit_length() - 1)

@@ -96,6 +96,12 @@ def run_in_sqlite_thread(
     """
 
     def step(request: Request) -> Any:
+        if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
+            # A few multi-row statements instead of one per row (see bulk.py).
+            for bulk_sql, values in request.statement.multirow(dialect, request.rows):
+                _trace(bulk_sql)
+                connection.execute(bulk_sql, values)
+            return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             _trace(compiled.sql)
@@ -179,15 +185,16 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
     dialect = connection.dialect
 
     async def step(request: Request) -> Any:
-        if (
-            isinstance(request, ExecuteMany)
-            and isinstance(request.statement, BulkInsert)
-            and dialect.name == "postgresql"
-        ):
-            sql, arrays = request.statement.columnar(dialect, request.rows)
-            _trace(sql)
+        if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
+            if dialect.name != "postgresql":
+                for bulk_sql, values in request.statement.multirow(dialect, request.rows):
+                    _trace(bulk_sql)
+                    await connection.exec_driver_sql(bulk_sql, tuple(values))
+                return None
+            bulk_sql, arrays = request.statement.columnar(dialect, request.rows)
+            _trace(bulk_sql)
             if request.rows:
-                await connection.exec_driver_sql(sql, tuple(arrays))
+                await connection.exec_driver_sql(bulk_sql, tuple(arrays))
             return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):

@@ -23,9 +23,9 @@ from persistence.transfer.migration import (
     ProgressCallback,
     check_batch_size,
     elapsed,
-    read_ahead,
     session_batches,
 )
+from persistence.transfer.streams import read_ahead
 
 
 def _open_no_follow(path: str, flags: int) -> int:

@@ -10,20 +10,19 @@ lacks, and keeps its own fields if it was updated after the incoming copy.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
 from persistence.storage import SessionStorage
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
+from persistence.transfer.streams import read_ahead
 from persistence.transfer.verification import counts_summary, verify_migration
 
 ProgressCallback = Callable[[int, int], object]
 DEFAULT_BATCH_SIZE = 500
-T = TypeVar("T")
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -33,32 +32,6 @@ def check_batch_size(batch_size: int) -> None:
 
 def elapsed(started: float) -> float:
     return round(time.perf_counter() - started, 3)
-
-
-async def read_ahead(batches: AsyncIterator[T]) -> AsyncIterator[T]:
-    """Yields what `batches` yields, reading the next item while the caller works.
-
-    Reading the source and writing the destination then overlap; at most two
-    batches are held at once, so memory stays bounded by the batch size.
-    """
-    iterator = aiter(batches)
-    pending = asyncio.ensure_future(anext(iterator))
-    try:
-        while True:
-            try:
-                item = await pending
-            except StopAsyncIteration:
-                return
-            pending = asyncio.ensure_future(anext(iterator))
-            yield item
-    finally:
-        if not pending.done():
-            pending.cancel()
-        # Retrieved, so an unread failure is not logged as never retrieved.
-        await asyncio.gather(pending, return_exceptions=True)
-        close = getattr(iterator, "aclose", None)
-        if close is not None:
-            await close()
 
 
 def session_batches(storage: SessionStorage, batch_size: int) -> AsyncIterator[list[ChatSession]]:
