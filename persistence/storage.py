@@ -217,6 +217,14 @@ class SessionStorage(ABC):
         """Counts sessions by status, messages, files and expired files in the database."""
 
     @abstractmethod
+    async def count_sessions(self) -> dict[str, int]:
+        """Counts sessions per status (every status a key); cheap whatever the store's size.
+
+        What `SessionManager.startup` needs, without the table scans of `count`: the
+        SQL backends keep these counts in step with every write (revision 0003).
+        """
+
+    @abstractmethod
     async def expire_sessions(self, updated_before: datetime) -> int:
         """Marks active sessions last updated before the cutoff `expired`; returns how many."""
 

@@ -352,6 +352,10 @@ class MongoDBSessionStorage(SessionStorage):
         with mongo_errors("count"):
             return await repositories.count_store(self.docs, None, utc_now())
 
+    async def count_sessions(self) -> dict[str, int]:
+        with mongo_errors("count sessions"):
+            return await repositories.count_sessions_by_status(self.docs, None)
+
     async def expire_sessions(self, updated_before: datetime) -> int:
         with mongo_errors("expire sessions"):
             return await repositories.expire_sessions_before(self.docs, None, updated_before)

@@ -404,6 +404,17 @@ async def count_store(
     )
 
 
+async def count_sessions_by_status(
+    docs: DocumentSet, client_session: AsyncClientSession | None
+) -> dict[str, int]:
+    """Sessions per status, one `count_documents` each: counted on the status index."""
+    collection = docs.sessions.get_pymongo_collection()
+    return {
+        status: int(await collection.count_documents({"status": status}, session=client_session))
+        for status in STATUSES
+    }
+
+
 def _modified(result: object) -> int:
     return int(result.modified_count) if isinstance(result, UpdateResult) else 0
 

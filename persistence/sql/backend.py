@@ -222,6 +222,11 @@ class SqlSessionStorage(SessionStorage):
             repositories.count_store(utc_now()), "count", write=False, snapshot=True
         )
 
+    async def count_sessions(self) -> dict[str, int]:
+        return await self._run(
+            repositories.count_sessions_by_status(), "count sessions", write=False
+        )
+
     async def expire_sessions(self, updated_before: datetime) -> int:
         return await self._run(
             repositories.expire_sessions_before(updated_before), "expire sessions", write=True
