@@ -66,7 +66,7 @@ class _Lines:
         line += f" {seconds:.0f} s elapsed"
         if done < total:
             line += f", about {seconds * (total - done) / done:.0f} s left"
-        self._console.print(line, markup=False, highlight=False)
+        self._console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @dataclass
@@ -117,6 +117,7 @@ def progress_bar(description: str, *, stopped: str) -> Iterator[Callable[[int, i
                 f" sessions done; {stopped}",
                 markup=False,
                 highlight=False,
+                soft_wrap=True,
             )
             raise
 

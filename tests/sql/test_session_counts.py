@@ -7,7 +7,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
@@ -16,11 +15,6 @@ from persistence.sql.runner import traced
 from tests.sql.test_migrations import alembic, fresh_url  # noqa: F401  # the fixture
 
 EMPTY = {"active": 0, "archived": 0, "expired": 0}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sql_storage(request: pytest.FixtureRequest) -> SessionStorage:
-    return request.getfixturevalue(f"{request.param}_storage")  # type: ignore[no-any-return]
 
 
 async def _counted_by_scan(storage: Any) -> dict[str, int]:

@@ -15,6 +15,7 @@ from persistence import (
     SessionStorage,
     SQLiteSessionStorage,
 )
+from persistence.sql.runner import traced
 from persistence.transfer import migrate_storage
 from tests.transfer.data import build_sessions, populate, snapshot
 
@@ -61,6 +62,80 @@ async def test_migrating_twice_stores_one_copy(pair: Pair) -> None:
     assert await snapshot(destination) == once
     assert second["destination_counts"] == second["destination_counts_before"]
     assert second["verified"] is True
+    messages = sum(len(s.messages) for s in build_sessions())
+    assert [second[f"{n}_migrated"] for n in ("sessions", "messages", "files")] == [0, 0, 0]
+    assert [second[f"{n}_already_present"] for n in ("sessions", "messages", "files")] == [
+        10,
+        messages,
+        3,
+    ]
+
+
+async def test_a_partial_rerun_counts_only_what_it_wrote(pair: Pair) -> None:
+    source, destination = pair
+    await populate(source)
+    await migrate_storage(source, destination)
+    grown = await source.load_session("ab")
+    assert grown is not None
+    grown.add_message("user", "one more in the source")
+    await source.save_session(grown)
+    await source.save_session(ChatSession.create("m", session_id="brand-new"))
+
+    result = await migrate_storage(source, destination, batch_size=4)
+
+    assert (result["sessions_migrated"], result["messages_migrated"]) == (2, 1)
+    assert (result["sessions_already_present"], result["files_already_present"]) == (9, 3)
+    assert result["verified"] is True
+    assert await snapshot(destination) == await snapshot(source)
+
+
+async def test_new_sessions_cost_a_few_statements_per_batch_not_per_session(
+    sql_pair: Pair,
+) -> None:
+    source, destination = sql_pair
+    for start in range(0, 60, 20):
+        batch = [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(start, start + 20)]
+        for session in batch:
+            session.add_message("user", "hello")
+        await source.insert_sessions(batch)
+    statements: list[str] = []
+
+    with traced(statements.append):
+        await migrate_storage(source, destination, verify=False, batch_size=20)
+
+    session_inserts = [sql for sql in statements if sql.startswith("INSERT INTO chat_sessions")]
+    if destination.backend_name == "postgresql":
+        assert len(session_inserts) == 3
+    else:
+        assert len(session_inserts) == 3 * 2  # 16 + 4 rows per batch
+    assert not any("ON CONFLICT" in sql for sql in statements)
+
+
+async def test_an_interrupted_migration_says_how_far_it_got_and_resumes(pair: Pair) -> None:
+    source, destination = pair
+    for start in range(0, 30, 10):
+        await source.insert_sessions(
+            [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(start, start + 10)]
+        )
+    written = asyncio.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done >= 10:
+            written.set()
+
+    task = asyncio.create_task(
+        migrate_storage(source, destination, progress_callback=progress, batch_size=10)
+    )
+    await written.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+
+    note = " ".join(raised.value.__notes__)
+    assert "of 30 sessions were copied" in note and "resumes" in note
+    result = await migrate_storage(source, destination, batch_size=10)
+    assert result["sessions_migrated"] + result["sessions_already_present"] == 30
+    assert result["verified"] is True
 
 
 async def test_migration_keeps_destination_content_and_appends_missing_messages(
