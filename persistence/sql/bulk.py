@@ -8,8 +8,9 @@ runners (runner.py) send it for many rows at once in the dialect's bulk form:
   pending index data at the end of every statement (its savepoint), so one
   statement per row wrote one index segment per row, and the merges cost more than
   the rows; one statement per 500 rows indexes them in the same statement batch.
-- PostgreSQL: one `INSERT ... SELECT * FROM unnest($1::type[], ...)`, one round trip
-  whatever the number of rows, each column bound as one array.
+- PostgreSQL: one `INSERT ... SELECT ... FROM unnest($1::type[], ...)`, one round trip
+  whatever the number of rows, each column bound as one array (from
+  MIN_COLUMNAR_ROWS rows on; fewer go as one prepared INSERT, executemany).
 
 Either way every row still goes through the table's triggers and indexes, so the
 full-text index is kept in the same transaction as the rows it indexes.
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Dialect, Table, bindparam, insert
+from sqlalchemy import JSON, Dialect, Table, bindparam, insert
 
 from persistence.sql.statements import Statement
 
@@ -29,6 +30,10 @@ Processor = Callable[[Any], Any] | None
 # 32,766 bound parameters. Smaller statements take power-of-two sizes, so only a
 # few distinct SQL texts exist and the driver's statement cache keeps them prepared.
 ROWS_PER_STATEMENT = 500
+# PostgreSQL sends fewer rows than this as before (one prepared INSERT, executemany):
+# the unnest form costs its prepare on every new connection, which an append of one
+# message would pay after each reconnect for no gain.
+MIN_COLUMNAR_ROWS = 32
 
 
 class BulkInsert(Statement):
@@ -45,6 +50,10 @@ class BulkInsert(Statement):
         )
         self._columnar: dict[str, tuple[str, tuple[tuple[str, Processor], ...]]] = {}
 
+    def is_columnar(self, dialect: Dialect, rows: Sequence[Any]) -> bool:
+        """Whether these rows go in the PostgreSQL form (see MIN_COLUMNAR_ROWS)."""
+        return dialect.name == "postgresql" and len(rows) >= MIN_COLUMNAR_ROWS
+
     def columnar(
         self, dialect: Dialect, rows: Sequence[Mapping[str, Any]]
     ) -> tuple[str, list[Any]]:
@@ -52,13 +61,25 @@ class BulkInsert(Statement):
         cached = self._columnar.get(dialect.name)
         if cached is None:
             columns = [self.table.c[name] for name in self.names]
-            arrays = ", ".join(
-                f"${index}::{column.type.compile(dialect=dialect)}[]"
-                for index, column in enumerate(columns, start=1)
+            # JSON goes as text[] and is cast per row: a jsonb[] parameter would make
+            # asyncpg introspect the array type on every new connection.
+            types = [
+                "TEXT" if _is_json(column) else column.type.compile(dialect=dialect)
+                for column in columns
+            ]
+            arrays = ", ".join(f"${index}::{name}[]" for index, name in enumerate(types, start=1))
+            selected = ", ".join(
+                f"{column.name}::{column.type.compile(dialect=dialect)}"
+                if _is_json(column)
+                else column.name
+                for column in columns
             )
             # Table and column names come from the schema, never from input.
             target = f"{self.table.name} ({', '.join(self.names)})"
-            sql = f"INSERT INTO {target} SELECT * FROM unnest({arrays})"  # noqa: S608
+            sql = (
+                f"INSERT INTO {target} SELECT {selected}"  # noqa: S608
+                f" FROM unnest({arrays}) AS rows ({', '.join(self.names)})"
+            )
             plan: tuple[tuple[str, Processor], ...] = tuple(
                 (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
                 for column in columns
@@ -91,3 +112,7 @@ def _statement_rows(remaining: int) -> int:
     if remaining >= ROWS_PER_STATEMENT:
         return ROWS_PER_STATEMENT
     return 1 << (remaining.bit_length() - 1)
+
+
+def _is_json(column: Any) -> bool:
+    return isinstance(column.type, JSON)

@@ -155,12 +155,15 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
     """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
 
     async def step(request: Request) -> Any:
-        if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
+        if (
+            isinstance(request, ExecuteMany)
+            and isinstance(request.statement, BulkInsert)
+            and request.statement.is_columnar(dialect, request.rows)
+        ):
             # One statement for all the rows (see bulk.py), not one per row.
             sql, arrays = request.statement.columnar(dialect, request.rows)
             _trace(sql)
-            if request.rows:
-                await connection.execute(sql, *arrays)
+            await connection.execute(sql, *arrays)
             return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
@@ -191,11 +194,11 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
                     _trace(bulk_sql)
                     await connection.exec_driver_sql(bulk_sql, tuple(values))
                 return None
-            bulk_sql, arrays = request.statement.columnar(dialect, request.rows)
-            _trace(bulk_sql)
-            if request.rows:
+            if request.statement.is_columnar(dialect, request.rows):
+                bulk_sql, arrays = request.statement.columnar(dialect, request.rows)
+                _trace(bulk_sql)
                 await connection.exec_driver_sql(bulk_sql, tuple(arrays))
-            return None
+                return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             rows = [compiled.values(row) for row in request.rows]
