@@ -111,7 +111,13 @@ def run_in_sqlite_thread(
         _trace(sql)
         cursor = connection.execute(sql, params)
         if isinstance(request, Fetch):
-            return compiled.decode(cursor.fetchall())
+            try:
+                return compiled.decode(cursor.fetchall())
+            except ValueError as exc:
+                # Only a damaged file holds a value its column cannot read back.
+                raise sqlite3.DatabaseError(
+                    "the database file is corrupt: a stored value cannot be read"
+                ) from exc
         return cursor.rowcount
 
     if begin is None:
