@@ -162,13 +162,14 @@ class SessionManager:
             if session.session_id not in self._cache:
                 self._cache[session.session_id] = session
                 self._cache.move_to_end(session.session_id, last=False)
-        counts = await self.storage.count()
+        # Per status only: counting messages would scan the whole store.
+        by_status = await self.storage.count_sessions()
         result = {
             "backend": self.storage.backend_name,
-            "active_sessions": counts.sessions_by_status.get("active", 0),
+            "active_sessions": by_status.get("active", 0),
             "expired_sessions": expired,
             "expired_files_deleted": files_deleted,
-            "total_sessions": counts.total_sessions,
+            "total_sessions": sum(by_status.values()),
             "cached_sessions": len(self._cache),
         }
         logger.info("startup: %s", result)

@@ -279,7 +279,11 @@ class SessionStorage(ABC):
     def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True
     ) -> AsyncIterator[list[ChatSession]]:
-        """Yields every session in batches, in `session_id` order (keyset paging)."""
+        """Yields every session in batches, in `session_id` order (keyset paging).
+
+        Each batch is read as one consistent state: a session's fields, count and
+        history always belong together, even while writers append.
+        """
 
     @abstractmethod
     def iter_file_records(self, batch_size: int = 500) -> AsyncIterator[list[UploadedFileRecord]]:
@@ -290,12 +294,46 @@ class SessionStorage(ABC):
         """Counts sessions by status, messages, files and expired files in the database."""
 
     @abstractmethod
+    async def count_sessions(self) -> dict[str, int]:
+        """Counts sessions per status (every status a key); cheap whatever the store's size.
+
+        What `SessionManager.startup` needs, without the table scans of `count`: the
+        SQL backends keep these counts in step with every write (revision 0004).
+        """
+
+    @abstractmethod
     async def expire_sessions(self, updated_before: datetime) -> int:
         """Marks active sessions last updated before the cutoff `expired`; returns how many."""
 
     @abstractmethod
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         """Sets the status of the given sessions in one statement; returns how many changed."""
+
+    @abstractmethod
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        """Inserts sessions the store does not hold yet, with their histories, in one go.
+
+        The bulk path of migrations and imports: every session and message of the
+        batch in one transaction, as multi-row statements (one `insert_many` on
+        MongoDB), each stored as a new session (revision 1, positions 0..n-1, its
+        `message_count` the messages it carries). The objects are not marked as
+        stored: this is for data on its way in, not for objects an application keeps
+        saving.
+
+        Returns:
+            True if everything was inserted; False, with nothing written, if the store
+            already holds one of the session ids or message ids (the caller then
+            merges those sessions the careful way).
+
+        Raises:
+            InvalidDataError: if a message names another session or an id repeats
+                within the batch.
+            PersistenceError: if the backend fails.
+        """
+
+    @abstractmethod
+    async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
+        """Returns the file records among `file_ids` that exist, in one round trip per chunk."""
 
     @abstractmethod
     async def copy_to_file(self, target: Path) -> bool:

@@ -101,7 +101,28 @@ def test_migrate_sqlite_to_a_fresh_sqlite_file_twice(tmp_path: Path) -> None:
     assert counts(destination) == (3, 12, 3)
     again = json.loads(ok("migrate", "--from", source, "--to", destination, "--json").stdout)
     assert again["verified"] is True
+    assert (again["sessions_migrated"], again["sessions_already_present"]) == (0, 3)
     assert counts(destination) == (3, 12, 3)
+    rerun = ok("migrate", "--from", source, "--to", destination).stdout
+    assert "Migrated 0 session(s), 0 message(s) and 0 file record(s)" in rerun
+    assert "(3 session(s) and 3 file record(s) already present)" in rerun
+
+
+@pytest.mark.sqlite
+def test_progress_is_printed_as_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    for _ in range(10):
+        ok("demo", "--url", source)
+    destination = f"sqlite:///{tmp_path / 'copy.db'}"
+
+    result = ok("migrate", "--from", source, "--to", destination, "--batch-size", "3")
+
+    copying = [line for line in result.stderr.splitlines() if line.startswith("Copying")]
+    verifying = [line for line in result.stderr.splitlines() if line.startswith("Verifying")]
+    # Per session, though batches hold 3: one line per tenth, each with what is left.
+    assert [line.split(":")[1].split()[0] for line in copying] == [f"{n}/10" for n in range(1, 11)]
+    assert "s elapsed, about" in copying[0] and "left" in copying[0]
+    assert verifying and verifying[-1].startswith("Verifying: 10/10 sessions (100%)")
 
 
 @pytest.mark.sqlite
@@ -214,3 +235,55 @@ def test_data_moving_commands_have_help() -> None:
     for command in ("migrate", "backup", "restore", "export-all", "import"):
         result = ok(command, "--help")
         assert "--config" in result.output and "--url" in result.output
+
+
+async def _many_sessions(path: Path, count: int) -> None:
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    async with SQLiteSessionStorage(path) as storage:
+        for start in range(0, count, 500):
+            batch = [ChatSession.create("m") for _ in range(start, min(count, start + 500))]
+            for session in batch:
+                for turn in range(5):
+                    session.add_message("user", f"turn {turn}")
+            assert await storage.insert_sessions(batch)
+
+
+@pytest.mark.sqlite
+def test_ctrl_c_during_migrate_says_how_far_it_got_and_a_rerun_resumes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    asyncio.run(_many_sessions(tmp_path / "big.db", 4000))
+    source, destination = f"sqlite:///{tmp_path / 'big.db'}", f"sqlite:///{tmp_path / 'to.db'}"
+    command = [
+        sys.executable,
+        "-m",
+        "persistence",
+        "migrate",
+        "--from",
+        source,
+        "--to",
+        destination,
+    ]
+    process = subprocess.Popen(
+        [*command, "--batch-size", "20"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stderr is not None
+    first = process.stderr.readline()
+    assert first.startswith("Copying sessions: "), first
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 1
+
+    interrupted = [line for line in rest.splitlines() if line.startswith("Interrupted")]
+    assert len(interrupted) == 1, rest
+    done = int(interrupted[0].split(": ")[1].split(" of ")[0])
+    assert 0 < done < 4000
+    assert interrupted[0].endswith("running the same command again resumes safely")
+    assert rest.rstrip().endswith("error: interrupted")
+    result = json.loads(ok("migrate", "--from", source, "--to", destination, "--json").stdout)
+    assert result["verified"] is True
+    assert result["sessions_already_present"] >= done
+    assert result["sessions_migrated"] + result["sessions_already_present"] == 4000

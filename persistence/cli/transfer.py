@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +19,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 from persistence.cli.output import (
@@ -37,35 +41,104 @@ from persistence.transfer import (
     import_from_json,
     migrate_storage,
     restore_backup,
+    verify_migration,
 )
 
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
 
 
+class _Lines:
+    """Progress as plain lines, for a stderr that is not a terminal (a log, a pipe)."""
+
+    def __init__(self, console: Console, description: str) -> None:
+        self._console = console
+        self._description = description
+        self._started = time.monotonic()
+        self._shown = -1
+
+    def update(self, done: int, total: int) -> None:
+        tenth = 10 * done // total if total else 10
+        if done == 0 or tenth == self._shown:
+            return
+        self._shown = tenth
+        seconds = time.monotonic() - self._started
+        line = f"{self._description}: {done}/{total} sessions ({100 * done // max(total, 1)}%),"
+        line += f" {seconds:.0f} s elapsed"
+        if done < total:
+            line += f", about {seconds * (total - done) / done:.0f} s left"
+        self._console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class Phase:
+    """What a progress display last showed: how far the operation got."""
+
+    description: str
+    done: int = 0
+    total: int = 0
+
+
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr (a terminal only); yields the progress callback."""
+def progress_bar(description: str, *, stopped: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress display on stderr; yields the progress callback.
+
+    On a terminal, a bar with an estimate of the time left; otherwise a line at each
+    tenth. If the user interrupts (Ctrl-C), says how far it got, then `stopped`.
+    """
     console = Console(stderr=True)
+    phase = Phase(description)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=console,
         transient=True,
         disable=not console.is_terminal,
     ) as progress:
         task = progress.add_task(description, total=None)
+        lines = None if console.is_terminal else _Lines(console, description)
 
         def update(done: int, total: int) -> None:
+            phase.done, phase.total = done, total
             progress.update(task, completed=done, total=total)
+            if lines is not None:
+                lines.update(done, total)
 
-        yield update
+        try:
+            yield update
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            progress.stop()
+            console.print(
+                f"Interrupted during {description.lower()}: {phase.done} of {phase.total}"
+                f" sessions done; {stopped}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise
+
+
+RESUMES = "what was written stays, and running the same command again resumes safely"
+NOTHING_WRITTEN = "nothing was written (the file only takes its name once complete)"
 
 
 def _counts(sessions: int, messages: int, files: int) -> str:
     return f"{sessions} session(s), {messages} message(s) and {files} file record(s)"
+
+
+def _written(result: dict[str, Any], verb: str) -> str:
+    """What was written, and what the destination already held: exact counts."""
+    written = _counts(*(result[f"{n}_{verb}"] for n in ("sessions", "messages", "files")))
+    present = [
+        f"{result[f'{n}_already_present']} {label}"
+        for n, label in (("sessions", "session(s)"), ("files", "file record(s)"))
+        if result.get(f"{n}_already_present")
+    ]
+    return written + (f" ({' and '.join(present)} already present)" if present else "")
 
 
 def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
@@ -112,18 +185,30 @@ def migrate(
         if _same_store(cfg, destination_config):
             fail("--from and --to name the same store")
         async with create_storage(destination_config) as destination:
-            with progress_bar("Migrating sessions") as update:
+            with progress_bar("Copying sessions", stopped=RESUMES) as update:
                 result = await migrate_storage(
-                    source, destination, verify, progress_callback=update, batch_size=batch_size
+                    source, destination, False, progress_callback=update, batch_size=batch_size
+                )
+            if verify:
+                with progress_bar("Verifying", stopped="the copy itself is complete") as update:
+                    report = await verify_migration(
+                        source,
+                        destination,
+                        additive=True,
+                        batch_size=batch_size,
+                        progress_callback=update,
+                    )
+                result["verification"], result["verified"] = report, report["ok"]
+                result["duration_seconds"] = round(
+                    result["duration_seconds"] + report["duration_seconds"], 3
                 )
         problem = _verification_problem(result)
         if as_json:
             echo_json(result)
         else:
-            counts = (result[f"{n}_migrated"] for n in ("sessions", "messages", "files"))
             checked = "; verified" if result["verified"] else ""
             out().print(
-                f"Migrated {_counts(*counts)} from {cfg.display_url}"
+                f"Migrated {_written(result, 'migrated')} from {cfg.display_url}"
                 f" to {destination_config.display_url} in {result['duration_seconds']:.1f} s"
                 f"{checked}",
             )
@@ -144,7 +229,7 @@ def backup(
     """Write a consistent, timestamped backup file of the whole store into DIRECTORY."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        with progress_bar("Backing up sessions") as update:
+        with progress_bar("Backing up sessions", stopped=NOTHING_WRITTEN) as update:
             result = await backup_storage(storage, directory, progress_callback=update)
         if as_json:
             echo_json(result)
@@ -169,15 +254,15 @@ def restore(
     """Load a backup file into the store, keeping what it already holds."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        with progress_bar("Restoring sessions") as update:
+        with progress_bar("Restoring sessions", stopped=RESUMES) as update:
             result = await restore_backup(storage, backup_file, progress_callback=update)
         if as_json:
             echo_json(result)
             return
-        counts = (result[f"{n}_restored"] for n in ("sessions", "messages", "files"))
         checked = "; verified" if result.get("verified") else ""
         out().print(
-            f"Restored {_counts(*counts)} from {backup_file} into {cfg.display_url}{checked}",
+            f"Restored {_written(result, 'restored')} from {backup_file}"
+            f" into {cfg.display_url}{checked}",
         )
 
     run(ctx, (config, url, verbose), work)
@@ -195,7 +280,7 @@ def export_all(
     """Write every session, message and file record to one JSON export file."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        with progress_bar("Exporting sessions") as update:
+        with progress_bar("Exporting sessions", stopped=NOTHING_WRITTEN) as update:
             result = await export_to_json(
                 storage, output, progress_callback=update, batch_size=batch_size
             )
@@ -222,15 +307,16 @@ def import_file(
     """Load a JSON export file into the store (validated first; idempotent)."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        with progress_bar("Importing sessions") as update:
+        with progress_bar("Importing sessions", stopped=RESUMES) as update:
             result = await import_from_json(
                 storage, input_file, progress_callback=update, batch_size=batch_size
             )
         if as_json:
             echo_json(result)
             return
-        counts = (result[f"{n}_imported"] for n in ("sessions", "messages", "files"))
-        out().print(f"Imported {_counts(*counts)} from {input_file} into {cfg.display_url}")
+        out().print(
+            f"Imported {_written(result, 'imported')} from {input_file} into {cfg.display_url}"
+        )
 
     run(ctx, (config, url, verbose), work)
 

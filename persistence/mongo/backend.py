@@ -26,7 +26,7 @@ from persistence.errors import (
     SessionDeletedError,
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.mongo import repositories, writes
+from persistence.mongo import bulk, repositories, writes
 from persistence.mongo.documents import DocumentSet, bind_documents
 from persistence.mongo.errors import mongo_errors, redact
 from persistence.mongo.reads import (
@@ -459,6 +459,10 @@ class MongoDBSessionStorage(SessionStorage):
             async with self._stale_reading() as (docs, client_session):
                 return await repositories.count_store(docs, client_session, utc_now())
 
+    async def count_sessions(self) -> dict[str, int]:
+        with mongo_errors("count sessions"):
+            return await repositories.count_sessions_by_status(self.docs, None)
+
     async def expire_sessions(self, updated_before: datetime) -> int:
         with mongo_errors("expire sessions"):
             async with self._writing() as client_session:
@@ -474,6 +478,19 @@ class MongoDBSessionStorage(SessionStorage):
                 return await repositories.set_sessions_status(
                     self.docs, client_session, session_ids, checked
                 )
+
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        documents = bulk.documents_for_insert(sessions)
+        if not documents:
+            return True
+        with mongo_errors("insert sessions"):
+            return await bulk.insert_documents(
+                self.client, self.docs, documents, transactional=self.supports_transactions
+            )
+
+    async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
+        with mongo_errors("load file records"):
+            return await repositories.read_file_records(self.docs, None, file_ids)
 
     async def copy_to_file(self, target: Path) -> bool:
         """MongoDB has no native single-file copy: the caller falls back to the export."""

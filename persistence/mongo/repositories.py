@@ -178,6 +178,19 @@ async def read_file_record(
     return None if view is None else file_record_from_view(view)
 
 
+async def read_file_records(
+    docs: DocumentSet, client_session: AsyncClientSession | None, file_ids: Sequence[str]
+) -> list[UploadedFileRecord]:
+    """Returns the file records among `file_ids` that exist, in the order of `file_ids`."""
+    found: dict[str, UploadedFileRecord] = {}
+    for chunk in _chunks(list(file_ids)):
+        views = await docs.files.find(
+            {"_id": {"$in": list(chunk)}}, projection_model=FileRecordView, session=client_session
+        ).to_list()
+        found.update({view.file_id: file_record_from_view(view) for view in views})
+    return [found[file_id] for file_id in file_ids if file_id in found]
+
+
 async def read_file_records_page(
     docs: DocumentSet, client_session: AsyncClientSession | None, limit: int
 ) -> list[UploadedFileRecord]:
@@ -274,6 +287,17 @@ async def count_store(
         files=files,
         expired_files=expired,
     )
+
+
+async def count_sessions_by_status(
+    docs: DocumentSet, client_session: AsyncClientSession | None
+) -> dict[str, int]:
+    """Sessions per status, one `count_documents` each: counted on the status index."""
+    collection = docs.sessions.get_pymongo_collection()
+    return {
+        status: int(await collection.count_documents({"status": status}, session=client_session))
+        for status in STATUSES
+    }
 
 
 def _modified(result: object) -> int:

@@ -21,7 +21,7 @@ from persistence.errors import (
     SessionDeletedError,
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.sql import repositories, writes
+from persistence.sql import new_sessions, repositories, writes
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     open_sqlite,
@@ -298,6 +298,11 @@ class SqlSessionStorage(SessionStorage):
             partial(repositories.count_store, utc_now()), "count", snapshot=True
         )
 
+    async def count_sessions(self) -> dict[str, int]:
+        return await self._run(
+            repositories.count_sessions_by_status(), "count sessions", write=False
+        )
+
     async def expire_sessions(self, updated_before: datetime) -> int:
         return await self._run(
             repositories.expire_sessions_before(updated_before), "expire sessions", write=True
@@ -312,6 +317,25 @@ class SqlSessionStorage(SessionStorage):
             repositories.set_sessions_status(session_ids, checked),
             "set session status",
             write=True,
+        )
+
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        new_sessions.check_new_sessions(sessions)
+        if not sessions:
+            return True
+        try:
+            await self._run(
+                new_sessions.insert_new_sessions(sessions), "insert sessions", write=True
+            )
+        except PersistenceError as exc:
+            if new_sessions.is_duplicate_key(exc):
+                return False
+            raise
+        return True
+
+    async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
+        return await self._run(
+            repositories.read_file_records(file_ids), "load file records", write=False
         )
 
     async def copy_to_file(self, target: Path) -> bool:

@@ -8,6 +8,7 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -165,6 +166,21 @@ def file_record_from_row(row: Sequence[Any]) -> UploadedFileRecord:
             )
         ),
     )
+
+
+def row_from_session(session: ChatSession, message_count: int) -> dict[str, Any]:
+    """A new session's row (the caller sets `revision` and `next_position`)."""
+    return {
+        "session_id": session.session_id,
+        "model": session.model,
+        "created_at": session.created_at,
+        "updated_at": session.updated_at,
+        "message_count": message_count,
+        "metadata": session.metadata,
+        "status": session.status,
+        # Drawn when the row is created: a session deleted and created again is another.
+        "incarnation": uuid.uuid4().hex,
+    }
 
 
 def rows_from_messages(

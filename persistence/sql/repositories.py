@@ -29,13 +29,14 @@ from persistence.sql.mapping import (
 from persistence.sql.runner import Execute, Fetch, Work
 from persistence.sql.search import find_messages
 from persistence.sql.statements import Statement
-from persistence.sql.tables import FileRow, MessageRow, SessionRow
+from persistence.sql.tables import FileRow, MessageRow, SessionCountRow, SessionRow
 from persistence.sql.writes import chunks
 from persistence.storage import StorageCounts
 
 sessions = cast(Table, SessionRow.__table__)
 messages = cast(Table, MessageRow.__table__)
 files = cast(Table, FileRow.__table__)
+session_counts = cast(Table, SessionCountRow.__table__)
 
 
 def _binds(table: Table, *names: str) -> dict[str, Any]:
@@ -112,7 +113,12 @@ SET_STATUS = Statement(
     )
     .values(status=bindparam("status"), revision=sessions.c.revision + 1)
 )
-COUNT_BY_STATUS = Statement(select(sessions.c.status, func.count()).group_by(sessions.c.status))
+# Kept by triggers (revision 0004): a few rows to sum, whatever the size of the store.
+COUNT_BY_STATUS = Statement(
+    select(session_counts.c.status, func.sum(session_counts.c.sessions)).group_by(
+        session_counts.c.status
+    )
+)
 # message_count always equals the rows stored, and summing it reads one row a session.
 SUM_MESSAGES = Statement(select(func.coalesce(func.sum(sessions.c.message_count), 0)))
 COUNT_FILES = Statement(
@@ -124,6 +130,9 @@ COUNT_FILES = Statement(
 
 UPSERT_FILE = _upsert(files, "file_id")
 SELECT_FILE = Statement(select(*FILE_COLUMNS).where(files.c.file_id == bindparam("file_id")))
+SELECT_FILES_IN = Statement(
+    select(*FILE_COLUMNS).where(files.c.file_id.in_(bindparam("ids", expanding=True)))
+)
 FILE_PAGE = Statement(
     select(*FILE_COLUMNS)
     .order_by(files.c.uploaded_at.desc(), files.c.file_id.desc())
@@ -204,6 +213,15 @@ def read_file_record(file_id: str) -> Work[UploadedFileRecord | None]:
     return file_record_from_row(rows[0]) if rows else None
 
 
+def read_file_records(file_ids: Sequence[str]) -> Work[list[UploadedFileRecord]]:
+    """Returns the file records among `file_ids` that exist, in the order of `file_ids`."""
+    found: dict[str, UploadedFileRecord] = {}
+    for chunk in chunks(list(file_ids)):
+        for row in (yield Fetch(SELECT_FILES_IN, {"ids": list(chunk)})):
+            found[row[0]] = file_record_from_row(row)
+    return [found[file_id] for file_id in file_ids if file_id in found]
+
+
 def read_file_record_page(limit: int) -> Work[list[UploadedFileRecord]]:
     rows = yield Fetch(FILE_PAGE, {"limit": limit})
     return [file_record_from_row(row) for row in rows]
@@ -222,13 +240,19 @@ def delete_files_expired_by(now: datetime) -> Work[int]:
     return int((yield Execute(DELETE_EXPIRED_FILES, {"now": now})))
 
 
+def count_sessions_by_status() -> Work[dict[str, int]]:
+    """Sessions per status (every status present), from the counts the triggers keep."""
+    by_status = {row[0]: int(row[1]) for row in (yield Fetch(COUNT_BY_STATUS, {}))}
+    return {status: by_status.get(status, 0) for status in STATUSES}
+
+
 def count_store(now: datetime) -> Work[StorageCounts]:
     """Counts sessions by status, messages, files and expired files in the database."""
-    by_status = {row[0]: int(row[1]) for row in (yield Fetch(COUNT_BY_STATUS, {}))}
+    by_status = yield from count_sessions_by_status()
     message_total = (yield Fetch(SUM_MESSAGES, {}))[0][0]
     file_total, expired_total = (yield Fetch(COUNT_FILES, {"now": now}))[0]
     return StorageCounts(
-        sessions_by_status={status: by_status.get(status, 0) for status in STATUSES},
+        sessions_by_status=by_status,
         messages=int(message_total),
         files=int(file_total),
         expired_files=int(expired_total),

@@ -21,6 +21,7 @@ import aiosqlite
 from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from persistence.sql.bulk import BulkInsert
 from persistence.sql.statements import Statement
 
 T = TypeVar("T")
@@ -95,6 +96,12 @@ def run_in_sqlite_thread(
     """
 
     def step(request: Request) -> Any:
+        if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
+            # A few multi-row statements instead of one per row (see bulk.py).
+            for bulk_sql, values in request.statement.multirow(dialect, request.rows):
+                _trace(bulk_sql)
+                connection.execute(bulk_sql, values)
+            return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             _trace(compiled.sql)
@@ -104,7 +111,13 @@ def run_in_sqlite_thread(
         _trace(sql)
         cursor = connection.execute(sql, params)
         if isinstance(request, Fetch):
-            return compiled.decode(cursor.fetchall())
+            try:
+                return compiled.decode(cursor.fetchall())
+            except ValueError as exc:
+                # Only a damaged file holds a value its column cannot read back.
+                raise sqlite3.DatabaseError(
+                    "the database file is corrupt: a stored value cannot be read"
+                ) from exc
         return cursor.rowcount
 
     if begin is None:
@@ -148,6 +161,16 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
     """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
 
     async def step(request: Request) -> Any:
+        if (
+            isinstance(request, ExecuteMany)
+            and isinstance(request.statement, BulkInsert)
+            and request.statement.is_columnar(dialect, request.rows)
+        ):
+            # One statement for all the rows (see bulk.py), not one per row.
+            sql, arrays = request.statement.columnar(dialect, request.rows)
+            _trace(sql)
+            await connection.execute(sql, *arrays)
+            return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             _trace(compiled.sql)
@@ -171,6 +194,17 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
     dialect = connection.dialect
 
     async def step(request: Request) -> Any:
+        if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
+            if dialect.name != "postgresql":
+                for bulk_sql, values in request.statement.multirow(dialect, request.rows):
+                    _trace(bulk_sql)
+                    await connection.exec_driver_sql(bulk_sql, tuple(values))
+                return None
+            if request.statement.is_columnar(dialect, request.rows):
+                bulk_sql, arrays = request.statement.columnar(dialect, request.rows)
+                _trace(bulk_sql)
+                await connection.exec_driver_sql(bulk_sql, tuple(arrays))
+                return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
             rows = [compiled.values(row) for row in request.rows]

@@ -10,6 +10,7 @@ from sqlalchemy import (
     CheckConstraint,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Text,
@@ -82,6 +83,16 @@ class MessageRow(Base):
         CheckConstraint("role IN ('user', 'assistant', 'system', 'tool')", name="role"),
         Index("ix_chat_messages_session_position", "session_id", "position", unique=True),
     )
+
+
+class SessionCountRow(Base):
+    """Sessions per status, spread over slots; triggers keep it exact (revision 0004)."""
+
+    __tablename__ = "chat_session_counts"
+
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    sessions: Mapped[int] = mapped_column(BigInteger)
 
 
 class FileRow(Base):

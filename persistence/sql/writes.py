@@ -30,7 +30,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     select,
     text,
     update,
@@ -42,6 +41,7 @@ from persistence.changes import SavePlan, conflicts, merge_metadata
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage
 from persistence.search import search_document
+from persistence.sql.bulk import BulkInsert
 from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
 from persistence.sql.statements import Statement
@@ -166,11 +166,8 @@ LOCK = Statement(
     .where(sessions.c.session_id == bindparam("session_id"))
     .with_for_update()
 )
-INSERT_MESSAGES = Statement(
-    insert(messages).values(
-        {c.name: _bind(messages, c.name) for c in messages.columns if c.name != "id"}
-    )
-)
+# One multi-row statement however many messages a save carries (bulk.py).
+INSERT_MESSAGES = BulkInsert(messages)
 EDIT_MESSAGE = Statement(
     update(messages)
     .where(

@@ -133,9 +133,10 @@ async def restore_backup(
     The backup file itself is never modified.
 
     Returns:
-        {"path", "kind", "sessions_restored", "messages_restored", "files_restored",
-        "verified" (SQLite backups are verified against the restored store),
-        "duration_seconds"}.
+        {"path", "kind", "sessions_restored", "messages_restored", "files_restored"
+        (what was written), "sessions_already_present", "messages_already_present",
+        "files_already_present", "verified" (SQLite backups are verified against the
+        restored store), "duration_seconds"}.
 
     Raises:
         InvalidDataError: for a missing, corrupt or foreign file; nothing is written.
@@ -146,19 +147,22 @@ async def restore_backup(
     path = Path(backup_path)
     kind = _backup_kind(path)
     if kind == "json":
-        imported = await import_from_json(storage, path, progress_callback=progress_callback)
-        counts = [imported[f"{name}_imported"] for name in ("sessions", "messages", "files")]
-        verified = None
+        result = await import_from_json(storage, path, progress_callback=progress_callback)
+        verb, verified = "imported", None
     else:
-        migrated = await _restore_sqlite(storage, path, progress_callback)
-        counts = [migrated[f"{name}_migrated"] for name in ("sessions", "messages", "files")]
-        verified = migrated["verified"]
+        result = await _restore_sqlite(storage, path, progress_callback)
+        verb, verified = "migrated", result["verified"]
     return {
         "path": str(path),
         "kind": kind,
-        "sessions_restored": counts[0],
-        "messages_restored": counts[1],
-        "files_restored": counts[2],
+        **{
+            f"{name}_restored": result[f"{name}_{verb}"]
+            for name in ("sessions", "messages", "files")
+        },
+        **{
+            f"{name}_already_present": result[f"{name}_already_present"]
+            for name in ("sessions", "messages", "files")
+        },
         "verified": verified,
         "duration_seconds": elapsed(started),
     }

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from persistence.clock import utc_now
-from persistence.errors import InvalidDataError, MigrationError, PersistenceError
+from persistence.errors import InvalidDataError, MigrationError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
+from persistence.transfer.batches import Tally, write_file_records, write_sessions
 from persistence.transfer.exchange_format import DocumentCounts, DocumentWriter, iter_records
 from persistence.transfer.exchange_format import validate_document as _validate_document
 from persistence.transfer.files import file_error, replace_with, temp_file
@@ -22,9 +24,8 @@ from persistence.transfer.migration import (
     check_batch_size,
     elapsed,
     session_batches,
-    write_file_records,
-    write_sessions,
 )
+from persistence.transfer.streams import read_ahead
 
 
 def _open_no_follow(path: str, flags: int) -> int:
@@ -62,7 +63,9 @@ async def write_document(
             writer = DocumentWriter(stream, backend=storage.backend_name, exported_at=exported_at)
             async for batch in session_batches(storage, batch_size):
                 writer.write_sessions(batch)
-                progress.add_sessions(batch)
+                progress.add(
+                    Tally(sessions=len(batch), messages=sum(len(s.messages) for s in batch))
+                )
             writer.start_file_records()
             async for records in storage.iter_file_records(batch_size):
                 writer.write_file_records(records)
@@ -118,8 +121,9 @@ async def import_from_json(
     Additive and idempotent like `migrate_storage`.
 
     Returns:
-        {"sessions_imported", "messages_imported", "files_imported", "format_version",
-        "exported_at", "duration_seconds"}.
+        {"sessions_imported", "messages_imported", "files_imported" (what was
+        written), "sessions_already_present", "messages_already_present",
+        "files_already_present", "format_version", "exported_at", "duration_seconds"}.
 
     Raises:
         InvalidDataError: for a missing, truncated or malformed file, a foreign or
@@ -135,39 +139,51 @@ async def import_from_json(
         summary = await asyncio.to_thread(_validate_document, stream)
         stream.seek(0)
         progress = Progress(progress_callback, summary.counts.sessions)
-        sessions: list[ChatSession] = []
-        records: list[UploadedFileRecord] = []
         try:
-            for record in iter_records(stream):
-                if isinstance(record, ChatSession):
-                    sessions.append(record)
-                    if len(sessions) >= batch_size:
-                        await write_sessions(storage, sessions)
-                        progress.add_sessions(sessions)
-                        sessions = []
-                else:
-                    records.append(record)
-                    if len(records) >= batch_size:
-                        await write_file_records(storage, records)
-                        progress.files += len(records)
-                        records = []
-            if sessions:
-                await write_sessions(storage, sessions)
-                progress.add_sessions(sessions)
-            if records:
-                await write_file_records(storage, records)
-                progress.files += len(records)
-        except PersistenceError as exc:
+            async for sessions, records in read_ahead(_file_batches(stream, batch_size)):
+                if sessions:
+                    progress.add(await write_sessions(storage, sessions))
+                if records:
+                    progress.add(await write_file_records(storage, records))
+        except BaseException as exc:
+            # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
             progress.stopped(exc)
             raise
     return {
-        "sessions_imported": progress.sessions,
-        "messages_imported": progress.messages,
-        "files_imported": progress.files,
+        **progress.summary("imported"),
         "format_version": summary.version,
         "exported_at": summary.exported_at.isoformat(timespec="milliseconds"),
         "duration_seconds": elapsed(started),
     }
+
+
+def _take_batch(
+    records: Iterator[ChatSession | UploadedFileRecord], batch_size: int
+) -> tuple[list[ChatSession], list[UploadedFileRecord]]:
+    sessions: list[ChatSession] = []
+    files: list[UploadedFileRecord] = []
+    for record in records:
+        if isinstance(record, ChatSession):
+            sessions.append(record)
+            if len(sessions) >= batch_size:
+                break
+        else:
+            files.append(record)
+            if len(files) >= batch_size:
+                break
+    return sessions, files
+
+
+async def _file_batches(
+    stream: IO[bytes], batch_size: int
+) -> AsyncIterator[tuple[list[ChatSession], list[UploadedFileRecord]]]:
+    """Yields the validated records of the file in batches, parsed in a worker thread."""
+    records = iter_records(stream)
+    while True:
+        sessions, files = await asyncio.to_thread(_take_batch, records, batch_size)
+        if not sessions and not files:
+            return
+        yield sessions, files
 
 
 def validate_export_file(input_path: str | Path) -> dict[str, Any]:

@@ -54,9 +54,16 @@ async def test_importing_twice_stores_one_copy(storage: SessionStorage, exported
     await import_from_json(storage, exported)
     once = await snapshot(storage)
 
-    await import_from_json(storage, exported, batch_size=3)
+    second = await import_from_json(storage, exported, batch_size=3)
 
     assert await snapshot(storage) == once
+    messages = sum(len(s.messages) for s in build_sessions())
+    assert [second[f"{n}_imported"] for n in ("sessions", "messages", "files")] == [0, 0, 0]
+    assert [second[f"{n}_already_present"] for n in ("sessions", "messages", "files")] == [
+        10,
+        messages,
+        3,
+    ]
 
 
 async def test_import_keeps_what_the_store_holds(storage: SessionStorage, exported: Path) -> None:

@@ -15,8 +15,8 @@ from persistence import (
     SessionStorage,
     SQLiteSessionStorage,
 )
+from persistence.sql.runner import traced
 from persistence.transfer import migrate_storage
-from persistence.transfer.migration import _as_of_row
 from tests.transfer.data import build_sessions, populate, snapshot
 
 Pair = tuple[SessionStorage, SessionStorage]
@@ -62,6 +62,80 @@ async def test_migrating_twice_stores_one_copy(pair: Pair) -> None:
     assert await snapshot(destination) == once
     assert second["destination_counts"] == second["destination_counts_before"]
     assert second["verified"] is True
+    messages = sum(len(s.messages) for s in build_sessions())
+    assert [second[f"{n}_migrated"] for n in ("sessions", "messages", "files")] == [0, 0, 0]
+    assert [second[f"{n}_already_present"] for n in ("sessions", "messages", "files")] == [
+        10,
+        messages,
+        3,
+    ]
+
+
+async def test_a_partial_rerun_counts_only_what_it_wrote(pair: Pair) -> None:
+    source, destination = pair
+    await populate(source)
+    await migrate_storage(source, destination)
+    grown = await source.load_session("ab")
+    assert grown is not None
+    grown.add_message("user", "one more in the source")
+    await source.save_session(grown)
+    await source.save_session(ChatSession.create("m", session_id="brand-new"))
+
+    result = await migrate_storage(source, destination, batch_size=4)
+
+    assert (result["sessions_migrated"], result["messages_migrated"]) == (2, 1)
+    assert (result["sessions_already_present"], result["files_already_present"]) == (9, 3)
+    assert result["verified"] is True
+    assert await snapshot(destination) == await snapshot(source)
+
+
+async def test_new_sessions_cost_a_few_statements_per_batch_not_per_session(
+    sql_pair: Pair,
+) -> None:
+    source, destination = sql_pair
+    for start in range(0, 60, 20):
+        batch = [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(start, start + 20)]
+        for session in batch:
+            session.add_message("user", "hello")
+        await source.insert_sessions(batch)
+    statements: list[str] = []
+
+    with traced(statements.append):
+        await migrate_storage(source, destination, verify=False, batch_size=20)
+
+    session_inserts = [sql for sql in statements if sql.startswith("INSERT INTO chat_sessions")]
+    if destination.backend_name == "postgresql":
+        assert len(session_inserts) == 3
+    else:
+        assert len(session_inserts) == 3 * 2  # 16 + 4 rows per batch
+    assert not any("ON CONFLICT" in sql for sql in statements)
+
+
+async def test_an_interrupted_migration_says_how_far_it_got_and_resumes(pair: Pair) -> None:
+    source, destination = pair
+    for start in range(0, 30, 10):
+        await source.insert_sessions(
+            [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(start, start + 10)]
+        )
+    written = asyncio.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done >= 10:
+            written.set()
+
+    task = asyncio.create_task(
+        migrate_storage(source, destination, progress_callback=progress, batch_size=10)
+    )
+    await written.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+
+    note = " ".join(raised.value.__notes__)
+    assert "of 30 sessions were copied" in note and "resumes" in note
+    result = await migrate_storage(source, destination, batch_size=10)
+    assert result["sessions_migrated"] + result["sessions_already_present"] == 30
+    assert result["verified"] is True
 
 
 async def test_migration_keeps_destination_content_and_appends_missing_messages(
@@ -122,7 +196,7 @@ async def test_destination_session_updated_later_keeps_its_fields(pair: Pair) ->
     assert stored.message_count == 3
 
 
-async def test_progress_reports_session_counts_per_batch(pair: Pair) -> None:
+async def test_progress_reports_every_session_once_its_batch_is_written(pair: Pair) -> None:
     source, destination = pair
     for index in range(23):
         await source.save_session(ChatSession.create("m", session_id=f"s{index:02d}"))
@@ -136,7 +210,7 @@ async def test_progress_reports_session_counts_per_batch(pair: Pair) -> None:
         progress_callback=lambda done, total: calls.append((done, total)),
     )
 
-    assert calls == [(0, 23), (5, 23), (10, 23), (15, 23), (20, 23), (23, 23)]
+    assert calls == [(done, 23) for done in range(24)]
 
 
 async def test_a_refused_batch_leaves_the_earlier_batches_whole(pair: Pair) -> None:
@@ -200,20 +274,6 @@ async def test_migration_reads_each_session_in_one_state_while_it_is_written(
             ]
             if stored.messages:
                 assert stored.updated_at == stored.messages[-1].created_at
-
-
-def test_a_session_loaded_mid_append_is_cut_to_what_its_row_counts() -> None:
-    session = ChatSession.create("m", session_id="s")
-    for turn in range(3):
-        session.add_message("user", str(turn))
-    # The row as read first, and the history as loaded after one more append.
-    row = session.model_copy(update={"messages": [], "message_count": 2, "status": "archived"})
-    loaded = session.model_copy(update={"status": "active"})
-
-    settled = _as_of_row(row, loaded)
-
-    assert [m.content for m in settled.messages] == ["0", "1"]
-    assert (settled.message_count, settled.status) == (2, "archived")
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])

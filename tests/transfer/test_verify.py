@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import Table, delete, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence import SessionStorage
+from persistence import ChatSession, SessionStorage
+from persistence.sql.runner import traced
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.transfer import migrate_storage, verify_migration
 from tests.transfer import data
@@ -273,3 +274,30 @@ async def test_a_long_content_difference_is_shown_shortened(
     (entry,) = report["mismatches"]
     assert entry["source"].endswith(f"({len(data.LARGE_CONTENT)} characters)")
     assert len(entry["source"]) < 300
+
+
+async def _statements_of_verification(pair: tuple[SessionStorage, SessionStorage], n: int) -> int:
+    source, destination = pair
+    sessions = [ChatSession.create("m", session_id=f"v{n}-{i:03d}") for i in range(n)]
+    for session in sessions:
+        session.add_message("user", "hello")
+    await source.insert_sessions(sessions)
+    for index in range(n):
+        await source.save_file_record(
+            data.build_file_records()[0].model_copy(update={"file_id": f"f{n}-{index}"})
+        )
+    await migrate_storage(source, destination, verify=False)
+    statements: list[str] = []
+    with traced(statements.append):
+        report = await verify_migration(source, destination, batch_size=100)
+    assert report["ok"] is True
+    return len(statements)
+
+
+async def test_verification_costs_the_same_statements_for_10_or_60_sessions_and_files(
+    sql_pair: tuple[SessionStorage, SessionStorage],
+) -> None:
+    few = await _statements_of_verification(sql_pair, 10)
+    many = await _statements_of_verification(sql_pair, 50)
+
+    assert many == few

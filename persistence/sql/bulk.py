@@ -1,0 +1,118 @@
+"""Many rows in one statement: the bulk form of an INSERT.
+
+`BulkInsert` is an INSERT of every column of a table but its generated key. The
+runners (runner.py) send it for many rows at once in the dialect's bulk form:
+
+- SQLite: multi-row `INSERT ... VALUES (...), (...), ...` of up to 500 rows each,
+  within the one thread hop of the transaction. Not `executemany`: FTS5 flushes its
+  pending index data at the end of every statement (its savepoint), so one
+  statement per row wrote one index segment per row, and the merges cost more than
+  the rows; one statement per 500 rows indexes them in the same statement batch.
+- PostgreSQL: one `INSERT ... SELECT ... FROM unnest($1::type[], ...)`, one round trip
+  whatever the number of rows, each column bound as one array (from
+  MIN_COLUMNAR_ROWS rows on; fewer go as one prepared INSERT, executemany).
+
+Either way every row still goes through the table's triggers and indexes, so the
+full-text index is kept in the same transaction as the rows it indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import JSON, Dialect, Table, bindparam, insert
+
+from persistence.sql.statements import Statement
+
+Processor = Callable[[Any], Any] | None
+# Rows per SQLite statement: 500 x the columns stays under SQLite's default limit of
+# 32,766 bound parameters. Smaller statements take power-of-two sizes, so only a
+# few distinct SQL texts exist and the driver's statement cache keeps them prepared.
+ROWS_PER_STATEMENT = 500
+# PostgreSQL sends fewer rows than this as before (one prepared INSERT, executemany):
+# the unnest form costs its prepare on every new connection, which an append of one
+# message would pay after each reconnect for no gain.
+MIN_COLUMNAR_ROWS = 32
+
+
+class BulkInsert(Statement):
+    """An INSERT of all of `table`'s columns but its generated key, one row or many."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        generated = table.autoincrement_column
+        self.names = tuple(column.name for column in table.columns if column is not generated)
+        super().__init__(
+            insert(table).values(
+                {name: bindparam(name, type_=table.c[name].type) for name in self.names}
+            )
+        )
+        self._columnar: dict[str, tuple[str, tuple[tuple[str, Processor], ...]]] = {}
+
+    def is_columnar(self, dialect: Dialect, rows: Sequence[Any]) -> bool:
+        """Whether these rows go in the PostgreSQL form (see MIN_COLUMNAR_ROWS)."""
+        return dialect.name == "postgresql" and len(rows) >= MIN_COLUMNAR_ROWS
+
+    def columnar(
+        self, dialect: Dialect, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, list[Any]]:
+        """The PostgreSQL form: the SQL and one array parameter per column."""
+        cached = self._columnar.get(dialect.name)
+        if cached is None:
+            columns = [self.table.c[name] for name in self.names]
+            # JSON goes as text[] and is cast per row: a jsonb[] parameter would make
+            # asyncpg introspect the array type on every new connection.
+            types = [
+                "TEXT" if _is_json(column) else column.type.compile(dialect=dialect)
+                for column in columns
+            ]
+            arrays = ", ".join(f"${index}::{name}[]" for index, name in enumerate(types, start=1))
+            selected = ", ".join(
+                f"{column.name}::{column.type.compile(dialect=dialect)}"
+                if _is_json(column)
+                else column.name
+                for column in columns
+            )
+            # Table and column names come from the schema, never from input.
+            target = f"{self.table.name} ({', '.join(self.names)})"
+            sql = (
+                f"INSERT INTO {target} SELECT {selected}"  # noqa: S608
+                f" FROM unnest({arrays}) AS rows ({', '.join(self.names)})"
+            )
+            plan: tuple[tuple[str, Processor], ...] = tuple(
+                (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
+                for column in columns
+            )
+            cached = self._columnar[dialect.name] = (sql, plan)
+        sql, plan = cached
+        return sql, [
+            [row[name] for row in rows] if process is None else [process(row[name]) for row in rows]
+            for name, process in plan
+        ]
+
+    def multirow(
+        self, dialect: Dialect, rows: Sequence[Mapping[str, Any]]
+    ) -> Iterator[tuple[str, list[Any]]]:
+        """The SQLite form: multi-row INSERT statements and their flat parameters."""
+        compiled = self.compile(dialect)
+        head, _, group = compiled.sql.partition(" VALUES ")
+        start = 0
+        while start < len(rows):
+            size = _statement_rows(len(rows) - start)
+            sql = f"{head} VALUES {', '.join([group] * size)}"
+            yield (
+                sql,
+                [value for row in rows[start : start + size] for value in compiled.values(row)],
+            )
+            start += size
+
+
+def _statement_rows(remaining: int) -> int:
+    if remaining >= ROWS_PER_STATEMENT:
+        return ROWS_PER_STATEMENT
+    return 1 << (remaining.bit_length() - 1)
+
+
+def _is_json(column: Any) -> bool:
+    return isinstance(column.type, JSON)

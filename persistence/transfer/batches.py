@@ -1,0 +1,149 @@
+"""Writing batches into a destination store: what migration, import and restore share.
+
+A batch of sessions costs a fixed number of round trips, whatever it holds: one
+read of what the destination already has of them, then one bulk insert of the
+sessions it lacks (`SessionStorage.insert_sessions`). Sessions the destination
+already holds are merged the careful way, in one unit of work: the destination
+keeps what it holds and gets only the messages it lacks, and keeps its own fields
+if it was updated after the incoming copy.
+
+A batch is written in one transaction. Everything is counted as written only once
+its transaction has committed, and a session or file record the destination held
+already, identical, is counted as present, not as written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
+from persistence.storage import SessionStorage
+from persistence.transfer.verification import FILE_FIELDS, same_value
+
+_SESSION_FIELDS = ("model", "created_at", "updated_at", "metadata", "status")
+
+
+@dataclass
+class Tally:
+    """What a transfer wrote, and what the destination already held."""
+
+    sessions: int = 0
+    messages: int = 0
+    files: int = 0
+    sessions_present: int = 0
+    messages_present: int = 0
+    files_present: int = 0
+
+    def add(self, other: Tally) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Merge:
+    save: ChatSession | None  # None: the destination's copy already has it all
+    added: list[ChatMessage]
+    present: int
+
+
+def _merged(incoming: ChatSession, stored: ChatSession) -> _Merge:
+    """What to save for `incoming`, given the destination's copy."""
+    known = {message.message_id for message in stored.messages}
+    missing = [message for message in incoming.messages if message.message_id not in known]
+    present = len(incoming.messages) - len(missing)
+    if stored.updated_at > incoming.updated_at:
+        if not missing:
+            return _Merge(None, [], present)
+        # `stored` was loaded from the destination, so its save sends only these.
+        stored.messages.extend(missing)
+        stored.message_count = len(stored.messages)
+        return _Merge(stored, missing, present)
+    same_fields = all(same_value(getattr(incoming, n), getattr(stored, n)) for n in _SESSION_FIELDS)
+    if same_fields and not missing:
+        return _Merge(None, [], present)
+    return _Merge(incoming, missing, present)
+
+
+async def _plan(
+    destination: SessionStorage, sessions: Sequence[ChatSession]
+) -> tuple[list[ChatSession], list[_Merge]]:
+    """The sessions the destination lacks, and the merges of those it holds."""
+    stored = {
+        session.session_id: session
+        for session in await destination.load_sessions([s.session_id for s in sessions])
+    }
+    new = [session for session in sessions if session.session_id not in stored]
+    merges = [
+        _merged(session, stored[session.session_id])
+        for session in sessions
+        if session.session_id in stored
+    ]
+    return new, merges
+
+
+async def _save_in_one_unit(
+    destination: SessionStorage, new: Sequence[ChatSession], merges: Sequence[_Merge]
+) -> Tally:
+    """The careful path: every session saved through one unit of work."""
+    changes = [*new, *(merge.save for merge in merges if merge.save is not None)]
+    if changes:
+        async with destination.unit_of_work() as uow:
+            for change in changes:
+                await uow.sessions.add(change)
+            await uow.commit()
+    changed = [merge for merge in merges if merge.save is not None]
+    return Tally(
+        sessions=len(new) + len(changed),
+        messages=sum(len(s.messages) for s in new) + sum(len(m.added) for m in changed),
+        sessions_present=len(merges) - len(changed),
+        messages_present=sum(merge.present for merge in merges),
+    )
+
+
+async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
+    """Adds one batch of sessions to the destination, in one transaction.
+
+    Returns:
+        What was written and what the destination held already.
+
+    Raises:
+        InvalidDataError: if the destination refuses a record (a message id it
+            holds in another session); nothing of the batch is written then.
+        PersistenceError: if the destination fails; nothing of the batch is written.
+    """
+    new, merges = await _plan(destination, sessions)
+    if any(merge.save is not None for merge in merges):
+        return await _save_in_one_unit(destination, new, merges)
+    if new and not await destination.insert_sessions(new):
+        # Another writer created one of them meanwhile, or one of their message ids
+        # is taken: the careful path merges the one and names the other.
+        return await _save_in_one_unit(destination, *(await _plan(destination, sessions)))
+    return Tally(
+        sessions=len(new),
+        messages=sum(len(session.messages) for session in new),
+        sessions_present=len(merges),
+        messages_present=sum(merge.present for merge in merges),
+    )
+
+
+async def write_file_records(
+    destination: SessionStorage, records: Sequence[UploadedFileRecord]
+) -> Tally:
+    """Upserts the records the destination lacks or holds differently, in one unit of work."""
+    stored = {
+        record.file_id: record
+        for record in await destination.load_file_records([r.file_id for r in records])
+    }
+    changed = [
+        record
+        for record in records
+        if (counterpart := stored.get(record.file_id)) is None
+        or not all(same_value(getattr(record, n), getattr(counterpart, n)) for n in FILE_FIELDS)
+    ]
+    if changed:
+        async with destination.unit_of_work() as uow:
+            for record in changed:
+                await uow.files.add(record)
+            await uow.commit()
+    return Tally(files=len(changed), files_present=len(records) - len(changed))

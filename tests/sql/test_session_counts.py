@@ -1,0 +1,126 @@
+"""Session counts per status are kept by triggers (revision 0004): exact, and cheap to read."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
+from persistence.clock import utc_now
+from persistence.sql.runner import traced
+from tests.sql.test_migrations import alembic, fresh_url  # noqa: F401  # the fixture
+
+EMPTY = {"active": 0, "archived": 0, "expired": 0}
+
+
+async def _counted_by_scan(storage: Any) -> dict[str, int]:
+    async with storage.engine.connect() as connection:
+        rows = await connection.execute(
+            text("SELECT status, count(*) FROM chat_sessions GROUP BY status")
+        )
+        return {**EMPTY, **{row[0]: row[1] for row in rows}}
+
+
+async def test_counts_follow_creation_status_changes_upserts_and_deletes(
+    sql_storage: SessionStorage,
+) -> None:
+    assert await sql_storage.count_sessions() == EMPTY
+    sessions = [ChatSession.create("m", session_id=f"s{n}") for n in range(6)]
+    for session in sessions:
+        await sql_storage.save_session(session)
+    assert await sql_storage.insert_sessions([ChatSession.create("m", session_id="bulk")])
+    sessions[0].status = "archived"
+    await sql_storage.save_session(sessions[0])
+    await sql_storage.set_status(["s1", "s2"], "archived")
+    sessions[3].updated_at = utc_now() - timedelta(days=30)
+    await sql_storage.save_session(sessions[3])
+    await sql_storage.expire_sessions(utc_now() - timedelta(days=1))
+    await sql_storage.delete_session("s4")
+    await sql_storage.delete_session("s4")
+
+    counts = await sql_storage.count_sessions()
+
+    assert counts == {"active": 2, "archived": 3, "expired": 1}
+    assert counts == await _counted_by_scan(sql_storage)
+    assert (await sql_storage.count()).sessions_by_status == counts
+
+
+async def test_appending_messages_never_touches_the_counts(sql_storage: SessionStorage) -> None:
+    session = ChatSession.create("m")
+    await sql_storage.save_session(session)
+    statements: list[str] = []
+
+    with traced(statements.append):
+        for turn in range(3):
+            session.add_message("user", str(turn))
+            await sql_storage.save_session(session)
+
+    assert not any("chat_session_counts" in sql for sql in statements)
+    storage: Any = sql_storage
+    async with storage.engine.connect() as connection:
+        before = (
+            await connection.execute(text("SELECT sum(sessions) FROM chat_session_counts"))
+        ).scalar()
+    session.add_message("user", "one more")
+    await sql_storage.save_session(session)
+    async with storage.engine.connect() as connection:
+        after = (
+            await connection.execute(text("SELECT sum(sessions) FROM chat_session_counts"))
+        ).scalar()
+    assert before == after == 1
+
+
+async def test_sessions_created_at_once_by_many_writers_are_all_counted(
+    sql_storage: SessionStorage,
+) -> None:
+    async def create(worker: int) -> None:
+        for n in range(10):
+            await sql_storage.save_session(ChatSession.create("m", session_id=f"w{worker}-{n}"))
+
+    await asyncio.gather(*(create(worker) for worker in range(8)))
+
+    assert await sql_storage.count_sessions() == {**EMPTY, "active": 80}
+
+
+async def test_postgresql_truncate_empties_the_counts(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    await postgresql_storage.save_session(ChatSession.create("m"))
+    async with postgresql_storage.engine.begin() as connection:
+        await connection.execute(text("TRUNCATE chat_sessions CASCADE"))
+
+    assert await postgresql_storage.count_sessions() == EMPTY
+
+
+async def test_revision_0004_counts_the_sessions_a_0003_store_holds(fresh_url: str) -> None:  # noqa: F811
+    alembic(fresh_url, "upgrade", "0003")
+    storage: SQLiteSessionStorage | PostgreSQLSessionStorage
+    if fresh_url.startswith("sqlite"):
+        storage = SQLiteSessionStorage(Path(fresh_url.removeprefix("sqlite:///")))
+    else:
+        storage = PostgreSQLSessionStorage(fresh_url, min_pool_size=1, max_pool_size=2)
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from persistence.sql.engines import async_driver_url
+
+    engine = create_async_engine(async_driver_url(fresh_url))
+    async with engine.begin() as connection:
+        for n, status in enumerate(["active", "active", "archived", "expired", "active"]):
+            await connection.execute(
+                text(
+                    "INSERT INTO chat_sessions (session_id, model, created_at, updated_at,"
+                    " message_count, metadata, status, revision, incarnation, next_position)"
+                    " VALUES (:id, 'm', :now, :now, 0, '{}', :status, 1, 'x', 0)"
+                ),
+                {"id": f"old-{n}", "now": utc_now(), "status": status},
+            )
+    await engine.dispose()
+
+    async with storage:
+        assert await storage.count_sessions() == {"active": 3, "archived": 1, "expired": 1}
+        await storage.delete_session("old-0")
+        assert await storage.count_sessions() == {"active": 2, "archived": 1, "expired": 1}
