@@ -30,14 +30,14 @@ async def test_counts_follow_creation_status_changes_upserts_and_deletes(
 ) -> None:
     assert await sql_storage.count_sessions() == EMPTY
     sessions = [ChatSession.create("m", session_id=f"s{n}") for n in range(6)]
+    # updated_at never moves backwards in the store: s3 is idle from its first save.
+    sessions[3].updated_at = utc_now() - timedelta(days=30)
     for session in sessions:
         await sql_storage.save_session(session)
     assert await sql_storage.insert_sessions([ChatSession.create("m", session_id="bulk")])
     sessions[0].status = "archived"
     await sql_storage.save_session(sessions[0])
     await sql_storage.set_status(["s1", "s2"], "archived")
-    sessions[3].updated_at = utc_now() - timedelta(days=30)
-    await sql_storage.save_session(sessions[3])
     await sql_storage.expire_sessions(utc_now() - timedelta(days=1))
     await sql_storage.delete_session("s4")
     await sql_storage.delete_session("s4")
