@@ -42,7 +42,6 @@ class Bookkeeping:
         updated_at: datetime
         message_count: int
         metadata: dict[str, Any]
-        _bases: dict[str, Base]
         _log: list[LogEntry]
         _log_start: int
         _omitted: int
@@ -50,6 +49,16 @@ class Bookkeeping:
         _epoch: int
 
         def _messages(self) -> MessageList: ...
+
+    def _known(self) -> dict[str, Base]:
+        """The bases per storage token (making the one `from_store` recorded, if any)."""
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[attr-defined]
+        loaded = private["_loaded"]
+        if loaded is not None:
+            private["_loaded"] = None
+            private["_bases"].setdefault(loaded[0], Base(*loaded[1:]))
+        bases: dict[str, Base] = private["_bases"]
+        return bases
 
     def loaded_from(
         self, token: str, revision: int, incarnation: str, metadata: Snapshot, omitted: int = 0
@@ -61,7 +70,7 @@ class Bookkeeping:
         messages = self._messages()
         self._omitted = omitted
         self._revision = revision
-        self._bases[token] = Base(
+        self._known()[token] = Base(
             revision=revision,
             incarnation=incarnation,
             exact=True,
@@ -84,7 +93,7 @@ class Bookkeeping:
                 or a new message belongs to another session or repeats an id.
         """
         messages = self._messages()
-        base = self._bases.get(token)
+        base = self._known().get(token)
         log_at = self._log_start + len(self._log)
         if base is None:
             appends = tuple(messages)
@@ -172,7 +181,7 @@ class Bookkeeping:
             # list. It landed, so the rebased base is behind: the next save checks.
             self.save_failed(token)
             return
-        self._bases[token] = Base(
+        self._known()[token] = Base(
             revision=revision,
             incarnation=incarnation,
             exact=exact,
@@ -203,7 +212,7 @@ class Bookkeeping:
             InvalidDataError: if `messages` was changed in a way the model cannot express.
         """
         plan = self.plan_save(token)
-        base = fresh._bases[token].copy()
+        base = fresh._known()[token].copy()
         removed_ids = {message.message_id for message in plan.removals}
         edited = {edit.current.message_id: edit.current for edit in plan.edits}
         kept: list[ChatMessage] = []
@@ -231,36 +240,36 @@ class Bookkeeping:
         self._omitted = fresh._omitted
         self._revision = fresh._revision
         self._epoch += 1
-        self._bases[token] = base
+        self._known()[token] = base
         self._trim_log()
         return list(edited)
 
     def stored_updated_at(self, token: str) -> datetime | None:
         """The `updated_at` storage `token` held at this object's last load or save there."""
-        base = self._bases.get(token)
+        base = self._known().get(token)
         return None if base is None else base.updated_at
 
     def base_for(self, token: str) -> Base | None:
         """A copy of what storage `token` held of this object (for a unit of work's undo)."""
-        base = self._bases.get(token)
+        base = self._known().get(token)
         return None if base is None else base.copy()
 
     def restore_base(self, token: str, base: Base | None) -> None:
         """Puts back a base from `base_for`: the writes since were rolled back."""
         if base is None:
-            self._bases.pop(token, None)
+            self._known().pop(token, None)
         else:
-            self._bases[token] = base
+            self._known()[token] = base
 
     def save_failed(self, token: str) -> None:
         """Records that a save to `token` may or may not have landed: the next one checks."""
-        base = self._bases.get(token)
+        base = self._known().get(token)
         if base is not None:
             base.certain = False
 
     def has_changes_for(self, token: str) -> bool:
         """Whether storage `token` lacks something of this object (True if it never held it)."""
-        base = self._bases.get(token)
+        base = self._known().get(token)
         if base is None or not base.certain:
             return True
         messages = self._messages()
@@ -280,7 +289,7 @@ class Bookkeeping:
 
     def has_history_changes(self, token: str) -> bool:
         """Whether edits or removals are pending for storage `token`."""
-        base = self._bases.get(token)
+        base = self._known().get(token)
         if base is None:
             return False
         pending = replay(base, self._log[base.log_at - self._log_start :])
@@ -291,17 +300,17 @@ class Bookkeeping:
 
         The object's own status is left alone: if it differs, the next save writes it.
         """
-        base = self._bases.get(token)
+        base = self._known().get(token)
         if base is not None:
             base.status = status
             base.exact = False
 
     def _trim_log(self) -> None:
-        if not self._bases:
+        if not self._known():
             self._log_start += len(self._log)
             self._log.clear()
             return
-        oldest = min(base.log_at for base in self._bases.values())
+        oldest = min(base.log_at for base in self._known().values())
         drop = oldest - self._log_start
         if drop > 0:
             del self._log[:drop]

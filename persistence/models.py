@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from persistence.bookkeeping import Bookkeeping
-from persistence.changes import Base, LogEntry, MessageList
+from persistence.changes import Base, LogEntry, MessageList, Snapshot
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.validation import (
@@ -96,6 +96,8 @@ class ChatSession(_DomainModel, Bookkeeping):
     # Per storage token: what that storage held when this object last loaded or saved.
     # Lambdas, not `dict`/`list`: pydantic inspects a builtin factory on every construct.
     _bases: dict[str, Base] = PrivateAttr(default_factory=lambda: {})
+    # A base recorded by from_store as the arguments of Base, made on first use (_known).
+    _loaded: tuple[Any, ...] | None = PrivateAttr(default=None)
     # Edits and cuts since the oldest base, with their absolute log positions.
     _log: list[LogEntry] = PrivateAttr(default_factory=lambda: [])
     _log_start: int = PrivateAttr(default=0)
@@ -144,7 +146,8 @@ class ChatSession(_DomainModel, Bookkeeping):
             self,
             "__pydantic_private__",
             {
-                "_bases": {token: base.copy() for token, base in source._bases.items()},
+                "_bases": {token: base.copy() for token, base in source._known().items()},
+                "_loaded": None,
                 "_log": list(source._log),
                 "_log_start": source._log_start,
                 "_omitted": source._omitted,
@@ -152,6 +155,51 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_epoch": source._epoch,
             },
         )
+
+    @classmethod
+    def from_store(
+        cls,
+        values: dict[str, Any],
+        token: str,
+        revision: int,
+        incarnation: str,
+        metadata: Snapshot,
+    ) -> Self:
+        """A session as storage `token` holds it, from values the store guarantees valid.
+
+        Builds it as `model_construct` would, with the bookkeeping of that load, without
+        pydantic's per-attribute machinery: a page of sessions is built on every list.
+        `values["messages"]` is a MessageList of the messages loaded (a listing: none).
+        """
+        messages: MessageList = values["messages"]
+        session = cls.__new__(cls)
+        _set_attribute(session, "__dict__", values)
+        _set_attribute(session, "__pydantic_fields_set__", _SESSION_FIELDS)
+        _set_attribute(session, "__pydantic_extra__", None)
+        # The base is made on first use: most listed or loaded sessions are never saved.
+        loaded = (token, revision, incarnation, True, True, values["model"], values["status"])
+        _set_attribute(
+            session,
+            "__pydantic_private__",
+            {
+                "_bases": {},
+                "_loaded": (
+                    *loaded,
+                    values["created_at"],
+                    values["updated_at"],
+                    metadata,
+                    len(messages),
+                    0,
+                    messages.foreign_changes,
+                ),
+                "_log": [],
+                "_log_start": 0,
+                "_omitted": values["message_count"] - len(messages),
+                "_revision": revision,
+                "_epoch": 0,
+            },
+        )
+        return session
 
     @classmethod
     def create(
@@ -197,7 +245,7 @@ class ChatSession(_DomainModel, Bookkeeping):
         self.__dict__["updated_at"] = max(utc_now(), self.updated_at)
 
     def _log_entry(self, entry: LogEntry) -> None:
-        if self._bases:
+        if self._known():
             self._log.append(entry)
 
     def add_message(
@@ -327,3 +375,18 @@ class UploadedFileRecord(_DomainModel):
     uploaded_at: UtcDatetime
     expires_at: UtcDatetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+_set_attribute = object.__setattr__
+# Shared: every field of a session built from the store is set, so the set never grows.
+_SESSION_FIELDS = set(ChatSession.model_fields)
+# from_store builds the private state itself: it must name every private attribute.
+assert set(ChatSession.__private_attributes__) == {
+    "_bases",
+    "_loaded",
+    "_log",
+    "_log_start",
+    "_omitted",
+    "_revision",
+    "_epoch",
+}, "ChatSession.from_store must build every private attribute"

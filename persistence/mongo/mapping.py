@@ -116,7 +116,7 @@ def session_from_view(view: SessionSummary, token: str) -> ChatSession:
     messages (`last=`): `message_count` is always the stored count.
     """
     history = view.messages if isinstance(view, SessionView) else []
-    session = _trusted_session(
+    return ChatSession.from_store(
         {
             "session_id": view.session_id,
             "model": view.model,
@@ -126,16 +126,12 @@ def session_from_view(view: SessionSummary, token: str) -> ChatSession:
             "messages": MessageList(message_from_document(view.session_id, m) for m in history),
             "metadata": view.metadata,
             "status": view.status,
-        }
-    )
-    session.loaded_from(
+        },
         token,
         view.revision,
         view.incarnation,
         metadata_snapshot(view.metadata),
-        view.message_count - len(history),
     )
-    return session
 
 
 def document_from_file_record(record: UploadedFileRecord) -> dict[str, Any]:

@@ -125,23 +125,23 @@ def session_from_row(
     `messages` None means a listing (no history); fewer messages than the row's count
     means a partial load (`last=`): `message_count` is always the stored count.
     """
-    history = MessageList() if messages is None else MessageList(messages)
-    session = _trusted(
-        ChatSession,
-        _SESSION_FIELDS,
+    text = row[5]
+    return ChatSession.from_store(
         {
             "session_id": row[0],
             "model": row[1],
             "created_at": row[2],
             "updated_at": row[3],
             "message_count": row[4],
-            "messages": history,
-            "metadata": json_loads(row[5]),
+            "messages": MessageList() if messages is None else MessageList(messages),
+            "metadata": json_loads(text),
             "status": row[6],
         },
+        token,
+        row[7],
+        row[8],
+        Snapshot(text=text),
     )
-    session.loaded_from(token, row[7], row[8], Snapshot(text=row[5]), row[4] - len(history))
-    return session
 
 
 def file_record_from_row(row: Sequence[Any]) -> UploadedFileRecord:
