@@ -84,31 +84,6 @@ def message_from_document(session_id: str, document: MessageDocument) -> ChatMes
     )
 
 
-_SESSION_FIELDS = frozenset(ChatSession.model_fields)
-# What model_construct gives a session's private attributes, resolved once: pydantic
-# inspects every default factory's signature on each model_construct (about 2 ms a
-# session here), which a page of sessions would pay a hundred times.
-_PRIVATE_DEFAULTS = {
-    name: attribute.default_factory or (lambda value=attribute.default: value)
-    for name, attribute in ChatSession.__private_attributes__.items()
-}
-_set_attribute = object.__setattr__
-
-
-def _trusted_session(values: dict[str, Any]) -> ChatSession:
-    """A session from values the store guarantees valid, as model_construct builds it."""
-    session = ChatSession.__new__(ChatSession)
-    _set_attribute(session, "__dict__", values)
-    _set_attribute(session, "__pydantic_fields_set__", set(_SESSION_FIELDS))
-    _set_attribute(session, "__pydantic_extra__", None)
-    _set_attribute(
-        session,
-        "__pydantic_private__",
-        {name: make() for name, make in _PRIVATE_DEFAULTS.items()},  # type: ignore[call-arg]
-    )
-    return session
-
-
 def session_from_view(view: SessionSummary, token: str) -> ChatSession:
     """A session as storage `token` holds it, with the bookkeeping of that load.
 
