@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchkit.common import RESULT_TAG, Skip, peak_rss_mb
 from benchkit.report import markdown, summary
 
-ALL_WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8")
+ALL_WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "w9")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 FULL: dict[str, Any] = {
@@ -55,6 +55,7 @@ FULL: dict[str, Any] = {
     "w7_sizes": [1000, 20_000],
     "w7_messages": 50,
     "w8_messages": 100_000,
+    "w9_sizes": [100, 100_000],
     "worker_timeout": 3600.0,
 }
 QUICK: dict[str, Any] = {
@@ -72,9 +73,10 @@ QUICK: dict[str, Any] = {
     "w7_sizes": [20],
     "w7_messages": 5,
     "w8_messages": 2000,
+    "w9_sizes": [100, 2000],
     "worker_timeout": 120.0,
 }
-SIZE_OPTIONS = ("w1_sizes", "w2_sizes", "w3_sizes", "w6_sizes", "w7_sizes")
+SIZE_OPTIONS = ("w1_sizes", "w2_sizes", "w3_sizes", "w6_sizes", "w7_sizes", "w9_sizes")
 COUNT_OPTIONS = ("w2_noise", "w4_total", "w5_count", "w7_messages", "w8_messages", "repeats")
 
 

@@ -73,8 +73,8 @@ class Library(Target):
             await uow.sessions.add(handle)
             await uow.commit()
 
-    async def load(self, handle: Any) -> int:
-        session = await self.storage.load_session(handle.session_id)
+    async def load(self, handle: Any, last: int | None = None) -> int:
+        session = await self.storage.load_session(handle.session_id, last=last)
         return len(session.messages)
 
     def _new_session(self, messages: list[Message], updated_at: datetime | None) -> Any:

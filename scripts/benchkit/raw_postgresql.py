@@ -81,6 +81,10 @@ MESSAGE_COLUMNS = "message_id, session_id, role, content, created_at, metadata"
 SELECT_MESSAGES = (
     f"SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE session_id = $1 ORDER BY position"
 )
+SELECT_NEWEST_MESSAGES = (
+    f"SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE session_id = $1"
+    " ORDER BY position DESC LIMIT $2"
+)
 SELECT_PAGE = (
     f"SELECT {SESSION_COLUMNS} FROM chat_sessions"
     " ORDER BY updated_at DESC, session_id DESC LIMIT $1"
@@ -171,10 +175,14 @@ class RawPostgreSQL(Target):
             await connection.execute(UPDATE_SESSION, count, now, handle.session_id)
         handle.count = count
 
-    async def load(self, handle: RawHandle) -> int:
+    async def load(self, handle: RawHandle, last: int | None = None) -> int:
         async with self.pool.acquire() as connection:
             session = await connection.fetchrow(SELECT_SESSION, handle.session_id)
-            rows = await connection.fetch(SELECT_MESSAGES, handle.session_id)
+            if last is None:
+                rows = await connection.fetch(SELECT_MESSAGES, handle.session_id)
+            else:
+                newest = await connection.fetch(SELECT_NEWEST_MESSAGES, handle.session_id, last)
+                rows = list(reversed(newest))
         messages = [message_dict(row) for row in rows]
         assert session is not None and json.loads(session[5]) == {}
         return len(messages)

@@ -73,6 +73,10 @@ SELECT_MESSAGES = (
     "SELECT message_id, session_id, role, content, created_at, metadata FROM chat_messages"
     " WHERE session_id = ? ORDER BY position"
 )
+SELECT_NEWEST_MESSAGES = (
+    "SELECT message_id, session_id, role, content, created_at, metadata FROM chat_messages"
+    " WHERE session_id = ? ORDER BY position DESC LIMIT ?"
+)
 SELECT_PAGE = (
     "SELECT session_id, model, created_at, updated_at, message_count, metadata, status"
     " FROM chat_sessions ORDER BY updated_at DESC, session_id DESC LIMIT ?"
@@ -176,9 +180,15 @@ class RawSQLite(Target):
         await self._transaction([insert, (UPDATE_SESSION, (count, now, handle.session_id), False)])
         handle.count = count
 
-    async def load(self, handle: RawHandle) -> int:
+    async def load(self, handle: RawHandle, last: int | None = None) -> int:
         session = list(await self.db.execute_fetchall(SELECT_SESSION, (handle.session_id,)))
-        rows = await self.db.execute_fetchall(SELECT_MESSAGES, (handle.session_id,))
+        if last is None:
+            rows = await self.db.execute_fetchall(SELECT_MESSAGES, (handle.session_id,))
+        else:
+            newest = await self.db.execute_fetchall(
+                SELECT_NEWEST_MESSAGES, (handle.session_id, last)
+            )
+            rows = list(reversed(list(newest)))
         messages = [message_dict(row) for row in rows]
         assert session and json.loads(session[0][5]) == {}
         return len(messages)

@@ -20,6 +20,7 @@ TARGETS = {
     "w6": "100k within 1.2x of 10k",
     "w7": "1k and 20k peaks within 50 MB",
     "w8": "rare <= 1.5x raw; common 50 of 50k+ <= 5 ms",
+    "w9": "t(newest 20 of 100k) <= 2x t(of 100)",
 }
 
 
@@ -74,6 +75,10 @@ def rows_for(p: dict[str, Any]) -> list[Row]:
             "time",
         )
     )
+    for n in p["w9_sizes"]:
+        label = f"newest 20 of {n:,} messages (ms)"
+        rows.append(("w9", label, _dig("per_size", str(n), "median_ms"), "time"))
+    rows.append(("w9", "growth t(max)/t(min)", _dig("growth"), "growth"))
     return rows
 
 

@@ -39,8 +39,9 @@ class Target:
         """Stores many messages in one transaction (the bulk path)."""
         raise NotImplementedError
 
-    async def load(self, handle: Any) -> int:
-        """Loads the session with its whole history; returns how many messages came back."""
+    async def load(self, handle: Any, last: int | None = None) -> int:
+        """Loads the session with its whole history (or its newest `last` messages);
+        returns how many messages came back."""
         raise NotImplementedError
 
     async def seed_sessions(

@@ -1,4 +1,4 @@
-"""W1-W4, W6 and W8 of issue 8; each runs on one target in one fresh store.
+"""W1-W4, W6, W8 (issue 8) and W9 (issue 14); each runs on one target in one fresh store.
 
 W5 and W7 start processes of their own and live in `processes.py`.
 """
@@ -94,6 +94,18 @@ async def w2_load(target: Target, p: dict[str, Any]) -> dict[str, Any]:
             "statements": statements,
         }
     return {"per_size": per_size, "noise_messages": p["w2_noise"]}
+
+
+async def w9_tail(target: Target, p: dict[str, Any]) -> dict[str, Any]:
+    """load_session(last=20) of sessions of 100 and 100,000 messages: flat in history."""
+    texts = Texts(p["msg_bytes"])
+    per_size: dict[str, Any] = {}
+    for size in p["w9_sizes"]:
+        handle = await target.create_session()
+        await seed_history(target, handle, size, texts)
+        times, loaded = await repeat_timed(lambda h=handle: target.load(h, last=20), p["repeats"])
+        per_size[str(size)] = summary_ms(times) | {"loaded": loaded, "ok": loaded == 20}
+    return {"per_size": per_size, "growth": growth(per_size)}
 
 
 async def w3_list(target: Target, p: dict[str, Any]) -> dict[str, Any]:
@@ -217,4 +229,5 @@ WORKLOADS: dict[str, Callable[[Target, dict[str, Any]], Awaitable[dict[str, Any]
     "w4": w4_bulk,
     "w6": w6_startup,
     "w8": w8_search,
+    "w9": w9_tail,
 }
