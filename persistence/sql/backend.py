@@ -36,6 +36,7 @@ from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
 from persistence.sql.schema import upgrade_to_head
 from persistence.sql.standby import ReplicaSettings, ReplicaState
+from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
 from persistence.sql.uow import SqlUnitOfWork, open_units_of_work
 from persistence.storage import (
     BackendName,
@@ -475,6 +476,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
+        self._bulk_statistics = BulkLoadStatistics()
         self._replicas = replica_set(
             read_replicas,
             ReplicaSettings(
@@ -517,6 +519,13 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 await self._replicas.close()
         finally:
             await super().close()
+
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        inserted = await super().insert_sessions(sessions)
+        rows = len(sessions) + sum(len(session.messages) for session in sessions)
+        if inserted and self._bulk_statistics.added(rows):
+            await self._run(analyze_tables(), "analyse tables after bulk inserts", write=True)
+        return inserted
 
     def unit_of_work(self) -> SqlUnitOfWork:
         if self._replicas is None:

@@ -74,11 +74,35 @@ SELECT_NEWEST_MESSAGES = Statement(
 SELECT_SESSIONS_IN = Statement(
     select(*SESSION_COLUMNS).where(sessions.c.session_id.in_(bindparam("ids", expanding=True)))
 )
-SELECT_MESSAGES_IN = Statement(
-    select(*MESSAGE_COLUMNS)
-    .where(messages.c.session_id.in_(bindparam("ids", expanding=True)))
-    .order_by(messages.c.session_id, messages.c.position)
-)
+
+
+def _messages_in(dialect: str) -> Any:
+    """The histories of many sessions, each in order, through the (session_id, position) index.
+
+    On PostgreSQL `session_id IN (...)` is planned as a scan of the whole messages
+    table once the list is long (1,000 ids: 15 ms at 100k messages, growing with the
+    table, with or without statistics); a join from the unnested ids walks the index
+    once per id (3.5 ms) whatever the statistics say.
+    """
+    if dialect != "postgresql":
+        return (
+            select(*MESSAGE_COLUMNS)
+            .where(messages.c.session_id.in_(bindparam("ids", expanding=True)))
+            .order_by(messages.c.session_id, messages.c.position)
+        )
+    ids = (
+        func.unnest(bindparam("ids", type_=postgresql.ARRAY(messages.c.session_id.type)))
+        .table_valued("id", with_ordinality="ord")
+        .render_derived(name="ids")
+    )
+    return (
+        select(*MESSAGE_COLUMNS)
+        .select_from(ids.join(messages, messages.c.session_id == ids.c.id))
+        .order_by(ids.c.ord, messages.c.position)
+    )
+
+
+SELECT_MESSAGES_IN = Statement(_messages_in)
 _NEWEST_FIRST = (sessions.c.updated_at.desc(), sessions.c.session_id.desc())
 SESSION_PAGE = Statement(
     select(*SESSION_COLUMNS)
