@@ -22,6 +22,7 @@ from persistence.errors import (
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.sql import new_sessions, repositories, writes
+from persistence.sql.checkout import driver_connection
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     open_sqlite,
@@ -31,7 +32,7 @@ from persistence.sql.engines import (
     sqlite_pragmas,
     sqlite_url,
 )
-from persistence.sql.errors import connection_lost, sql_errors, unique_violation
+from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
 from persistence.sql.schema import upgrade_to_head
@@ -571,20 +572,12 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     ) -> T:
         engine = self.engine
         with sql_errors(action):
-            async with engine.connect() as pooled:
-                driver = (await pooled.get_raw_connection()).driver_connection
-                assert driver is not None
-                try:
-                    if write and not single:
-                        async with driver.transaction():
-                            return await run_on_asyncpg(driver, engine.dialect, work)
-                    if snapshot:
-                        async with driver.transaction(isolation="repeatable_read", readonly=True):
-                            return await run_on_asyncpg(driver, engine.dialect, work)
-                    # A single statement needs no BEGIN / COMMIT round trips.
-                    return await run_on_asyncpg(driver, engine.dialect, work)
-                except BaseException as exc:
-                    if connection_lost(exc) or not isinstance(exc, Exception):
-                        # Cancelled mid-query or cut off: never lend this connection again.
-                        await pooled.invalidate()
-                    raise
+            async with driver_connection(engine) as driver:
+                if write and not single:
+                    async with driver.transaction():
+                        return await run_on_asyncpg(driver, engine.dialect, work)
+                if snapshot:
+                    async with driver.transaction(isolation="repeatable_read", readonly=True):
+                        return await run_on_asyncpg(driver, engine.dialect, work)
+                # A single statement needs no BEGIN / COMMIT round trips.
+                return await run_on_asyncpg(driver, engine.dialect, work)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,27 @@ async def test_the_context_manager_initializes_and_closes(tmp_path: Path) -> Non
 
     with pytest.raises(PersistenceError, match="closed"):
         await storage.list_sessions()
+
+
+@pytest.mark.postgresql
+async def test_a_connection_that_cannot_be_opened_mid_life_is_a_library_error(
+    postgresql_admin_url: str,
+) -> None:
+    # Reads and writes check connections out of the pool themselves (sql/checkout.py):
+    # the driver's refusal of a new connection must still reach the caller translated.
+    from tests import servers
+
+    name = f"persistence_test_{uuid.uuid4().hex[:12]}"
+    await servers._admin(postgresql_admin_url, f'CREATE DATABASE "{name}"')
+    url = servers.with_database(servers.plain_postgresql_url(postgresql_admin_url), name)
+    storage = PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2)
+    try:
+        await storage.initialize()
+        await storage.engine.dispose()  # no idle connection left to lend
+        await servers._admin(postgresql_admin_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+        with pytest.raises(PersistenceError) as raised:
+            await storage.load_session("anything")
+        assert "does not exist" in str(raised.value)
+    finally:
+        await storage.close()
+        await servers._admin(postgresql_admin_url, f'DROP DATABASE IF EXISTS "{name}"')
