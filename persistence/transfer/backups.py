@@ -99,7 +99,9 @@ def _check_sqlite_backup(path: Path) -> None:
         db.close()
     except sqlite3.DatabaseError as exc:
         raise InvalidDataError(f"not a readable SQLite backup: {exc}") from exc
-    if not {"alembic_version", "chat_sessions", "chat_messages"} <= tables:
+    # Version table: our own, or alembic's default in stores made before it had one.
+    versioned = bool(tables & {"persistence_alembic_version", "alembic_version"})
+    if not versioned or not {"chat_sessions", "chat_messages"} <= tables:
         raise InvalidDataError("a SQLite database, but not a persistence backup")
     if check is None or check[0] != "ok":
         raise InvalidDataError(f"the SQLite backup is corrupt: {check[0] if check else '?'}")
