@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.clock import utc_now
 from persistence.errors import (
+    ConfigError,
     InvalidDataError,
     PersistenceError,
     SessionConflictError,
@@ -550,6 +551,13 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         version_table: str = VERSION_TABLE,
     ) -> None:
         super().__init__(version_table)
+        try:
+            import asyncpg  # noqa: F401  # the driver SQLAlchemy loads when the engine is made
+        except ImportError:
+            raise ConfigError(
+                "PostgreSQLSessionStorage needs the asyncpg driver, which is not installed:"
+                " pip install 'persistence[postgresql]'"
+            ) from None
         if min_pool_size < 0 or max_pool_size < 1 or min_pool_size > max_pool_size:
             raise InvalidDataError(
                 "pool sizes: need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1,"
