@@ -37,8 +37,15 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 def __getattr__(name: str) -> Any:
     # MongoDB's drivers are the optional `mongodb` extra: import them on first use only.
     if name == "MongoDBSessionStorage":
-        from persistence.mongo.backend import MongoDBSessionStorage
-
+        try:
+            from persistence.mongo.backend import MongoDBSessionStorage
+        except ImportError as exc:
+            if (exc.name or "").startswith("persistence"):
+                raise
+            raise ConfigError(
+                f"MongoDBSessionStorage needs beanie and pymongo ({exc.name or 'a module'}"
+                " is missing): pip install 'persistence[mongodb]'"
+            ) from None
         return MongoDBSessionStorage
     raise AttributeError(f"module 'persistence' has no attribute {name!r}")
 

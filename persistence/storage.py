@@ -163,11 +163,28 @@ class SessionStorage(ABC):
 
     @abstractmethod
     async def initialize(self) -> None:
-        """Connects and brings the schema to head.
+        """Connects and brings the schema of an empty or older store to head.
 
         Raises:
             StorageConnectionError: if the server cannot be reached.
             SchemaVersionError: if the store was written by a newer version.
+            MigrationError: if the database holds another application's tables or
+                version table; nothing is written then.
+        """
+
+    @abstractmethod
+    async def open_for_reading(self) -> None:
+        """Connects to an existing store at head, writing nothing (not even a schema).
+
+        Use it instead of `initialize()` where only reads follow: the storage then
+        refuses writes. A SQLite file is opened read-only, so it may sit on a
+        read-only disk.
+
+        Raises:
+            StorageConnectionError: if the server or file cannot be reached.
+            SchemaVersionError: if the store was written by a newer version.
+            MigrationError: if the database is empty, at an older revision (run
+                `persistence upgrade`), or another application's.
         """
 
     @abstractmethod

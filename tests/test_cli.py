@@ -180,7 +180,7 @@ def test_upgrade_brings_a_fresh_database_to_head_and_refuses_an_unknown_revision
     with sqlite3.connect(database) as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
         assert {"chat_sessions", "chat_messages", "uploaded_files"} <= tables
-        connection.execute("UPDATE alembic_version SET version_num = 'f00dfeed'")
+        connection.execute("UPDATE persistence_alembic_version SET version_num = 'f00dfeed'")
     line = failed("upgrade", "--url", url)
     assert "f00dfeed" in line and "newer version" in line
     assert "f00dfeed" in failed("stats", "--url", url)

@@ -35,7 +35,9 @@ async def _reset(url: str, revision: str | None = None) -> None:
     async with PostgreSQLSessionStorage(url, 1, 1) as storage, storage.engine.begin() as db:
         await db.execute(truncate)
         if revision is not None:
-            await db.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+            await db.execute(
+                text("UPDATE persistence_alembic_version SET version_num = :v"), {"v": revision}
+            )
 
 
 @pytest.fixture
@@ -54,7 +56,8 @@ async def _restore_head(url: str) -> None:
     connection = await asyncpg.connect(url)
     try:
         await connection.execute(
-            "UPDATE alembic_version SET version_num = $1", script_directory().get_current_head()
+            "UPDATE persistence_alembic_version SET version_num = $1",
+            script_directory().get_current_head(),
         )
     finally:
         await connection.close()
@@ -166,7 +169,7 @@ def test_migrate_refuses_a_sqlite_destination_at_an_unknown_revision(tmp_path: P
     destination = tmp_path / "newer.db"
     ok("upgrade", "--url", f"sqlite:///{destination}")
     with sqlite3.connect(destination) as connection:
-        connection.execute("UPDATE alembic_version SET version_num = 'f00dfeed'")
+        connection.execute("UPDATE persistence_alembic_version SET version_num = 'f00dfeed'")
     assert "f00dfeed" in failed("migrate", "--from", source, "--to", f"sqlite:///{destination}")
     with sqlite3.connect(destination) as connection:
         assert connection.execute("SELECT count(*) FROM chat_sessions").fetchone() == (0,)

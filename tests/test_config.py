@@ -454,7 +454,9 @@ async def _alembic_version(url: str) -> str | None:
 
     connection = await asyncpg.connect(url)
     try:
-        version: str | None = await connection.fetchval("SELECT version_num FROM alembic_version")
+        version: str | None = await connection.fetchval(
+            "SELECT version_num FROM persistence_alembic_version"
+        )
         return version
     finally:
         await connection.close()

@@ -179,7 +179,7 @@ def test_alembic_examples_run_from_a_project_root(tmp_path: Path) -> None:
         ran += 1
     assert ran == 3
     with sqlite3.connect(tmp_path / "sessions.db") as connection:
-        assert connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        assert connection.execute("SELECT version_num FROM persistence_alembic_version").fetchone()
     with sqlite3.connect(tmp_path / "gemini_sessions.db") as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     assert "chat_sessions" not in tables  # downgrade base left an empty schema

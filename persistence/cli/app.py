@@ -98,7 +98,7 @@ def stats(
             table.add_row(key.replace("_", " "), Text(str(value)))
         out().print(table)
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 @app.command()

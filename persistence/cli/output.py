@@ -128,19 +128,31 @@ def run(
     work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
     *,
     must_exist: bool = False,
+    read_only: bool = False,
+    check_first: Callable[[], object] | None = None,
 ) -> T:
-    """Runs `work` on the configured store, turning every expected error into one line."""
+    """Runs `work` on the configured store, turning every expected error into one line.
+
+    With `read_only`, the store is opened without writing (no schema is created or
+    migrated), and must already be a persistence store at head. `check_first` runs
+    before the store is opened (validating an input file), so that a bad input
+    leaves no new database behind.
+    """
     target = (ctx.find_object(Target) or Target()).merged(*options)
     with _logging(target.verbose):
-        return _run(target, work, must_exist)
+        return _run(target, work, must_exist, read_only, check_first)
 
 
 def _run(
     target: Target,
     work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
     must_exist: bool,
+    read_only: bool = False,
+    check_first: Callable[[], object] | None = None,
 ) -> T:
     try:
+        if check_first is not None:
+            check_first()
         config = target.load()
         logger.info("store: %s", config.display_url)
         if must_exist and config.backend == "sqlite" and not config.database_path.exists():
@@ -149,7 +161,7 @@ def _run(
                 " (create one with `persistence upgrade` or `persistence demo`)"
             )
         storage = create_storage(config)
-        return asyncio.run(_open_and_run(storage, config, target, work))
+        return asyncio.run(_open_and_run(storage, config, target, work, read_only))
     except typer.Exit:
         raise
     except (PersistenceError, ValueError) as exc:
@@ -169,6 +181,13 @@ async def _open_and_run(
     config: StorageConfig,
     target: Target,
     work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
+    read_only: bool = False,
 ) -> T:
-    async with storage:
+    if not read_only:
+        async with storage:
+            return await work(storage, config, target)
+    try:
+        await storage.open_for_reading()
         return await work(storage, config, target)
+    finally:
+        await storage.close()

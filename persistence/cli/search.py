@@ -81,7 +81,7 @@ def search(
         if len(found) == limit:
             console.print(f"More may match: --limit {limit * 2}")
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -92,7 +92,7 @@ def sessions_list(
         if len(page) == limit:
             console.print(f"More may follow: --offset {offset + limit}")
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 @sessions_app.command("show")
@@ -136,7 +136,7 @@ def sessions_show(
             )
             console.print(Text(message.content))
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 def export(
@@ -167,7 +167,7 @@ def export(
             fail(f"session {session_id!r} not found in {cfg.display_url}")
         out().print(f"Wrote the {format.value} export of session {session_id} to {output}")
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 def register(app: typer.Typer) -> None:

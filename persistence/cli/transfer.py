@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +42,8 @@ from persistence.transfer import (
     import_from_json,
     migrate_storage,
     restore_backup,
+    validate_backup_file,
+    validate_export_file,
     verify_migration,
 )
 
@@ -215,7 +218,7 @@ def migrate(
         if problem:
             fail(problem)
 
-    run(ctx, (config, source_url or url, verbose), work, must_exist=True)
+    run(ctx, (config, source_url or url, verbose), work, must_exist=True, read_only=True)
 
 
 def backup(
@@ -240,7 +243,7 @@ def backup(
             f" ({result['kind']}, {result['bytes']} bytes)",
         )
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 def restore(
@@ -265,7 +268,7 @@ def restore(
             f" into {cfg.display_url}{checked}",
         )
 
-    run(ctx, (config, url, verbose), work)
+    run(ctx, (config, url, verbose), work, check_first=partial(validate_backup_file, backup_file))
 
 
 def export_all(
@@ -292,7 +295,7 @@ def export_all(
             f"Exported {counts} of {cfg.display_url} to {result['path']} ({result['bytes']} bytes)",
         )
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 def import_file(
@@ -318,7 +321,9 @@ def import_file(
             f"Imported {_written(result, 'imported')} from {input_file} into {cfg.display_url}"
         )
 
-    run(ctx, (config, url, verbose), work)
+    # A bad file must leave no new store behind: check it before opening the store.
+    check = None if str(input_file) == "-" else partial(validate_export_file, input_file)
+    run(ctx, (config, url, verbose), work, check_first=check)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,13 +21,19 @@ from pymongo.errors import ConfigurationError, OperationFailure
 from persistence.clock import utc_now
 from persistence.errors import (
     InvalidDataError,
+    MigrationError,
     PersistenceError,
     SessionConflictError,
     SessionDeletedError,
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo import bulk, repositories, writes
-from persistence.mongo.documents import DocumentSet, bind_documents
+from persistence.mongo.documents import (
+    FILES_COLLECTION,
+    SESSIONS_COLLECTION,
+    DocumentSet,
+    bind_documents,
+)
 from persistence.mongo.errors import mongo_errors, redact
 from persistence.mongo.reads import (
     CausalClock,
@@ -203,6 +209,7 @@ class MongoDBSessionStorage(SessionStorage):
         self._docs: DocumentSet | None = None
         self._reading: DocumentSet | None = None
         self._closed = False
+        self._reading_only = False
         self.supports_transactions = False
         self._turns = writes.Turns()
 
@@ -245,6 +252,22 @@ class MongoDBSessionStorage(SessionStorage):
         Raises:
             StorageConnectionError: if the server cannot be reached within the timeout.
         """
+        if self._docs is not None and self._reading_only:
+            raise PersistenceError("mongodb storage was opened for reading: open another to write")
+        await self._connect(create_indexes=True)
+
+    async def open_for_reading(self) -> None:
+        """Connects to a database that holds a store, creating nothing (not even indexes).
+
+        Raises:
+            StorageConnectionError: if the server cannot be reached within the timeout.
+            MigrationError: if the database holds no persistence collections.
+        """
+        if self._docs is None:
+            self._reading_only = True
+        await self._connect(create_indexes=False)
+
+    async def _connect(self, *, create_indexes: bool) -> None:
         client = self.client
         with mongo_errors("initialize"):
             try:
@@ -255,16 +278,21 @@ class MongoDBSessionStorage(SessionStorage):
                     raise
                 hello = await client.admin.command("isMaster")
             self.supports_transactions = has_transactions(hello)
+            database = client[self.database_name]
+            if not create_indexes:
+                names = set(await database.list_collection_names())
+                if not names & {SESSIONS_COLLECTION, FILES_COLLECTION}:
+                    raise MigrationError(
+                        f"database {self.database_name!r} at {self._display_url} holds no"
+                        f" persistence collections ({SESSIONS_COLLECTION}, {FILES_COLLECTION}):"
+                        " create them with `persistence upgrade` (or any command that writes)"
+                    )
             docs = bind_documents()
             # Beanie would also create the indexes of the shared parent classes: one
             # createIndexes per collection, sent here, does the same work once.
-            await init_beanie(
-                database=client[self.database_name],
-                document_models=docs.models,
-                skip_indexes=True,
-            )
+            await init_beanie(database=database, document_models=docs.models, skip_indexes=True)
             router = hello.get("msg") == "isdbgrid"
-            for model in docs.models:
+            for model in docs.models if create_indexes else ():
                 indexes = [field.index for field in model.get_settings().indexes]
                 await model.get_pymongo_collection().create_indexes(
                     indexes_to_create(indexes, sharded_cluster=router)
@@ -279,12 +307,20 @@ class MongoDBSessionStorage(SessionStorage):
                 )
         self._docs, self._reading = docs, reading
 
+    def _refuse_writes(self) -> None:
+        if self._reading_only:
+            raise PersistenceError(
+                f"mongodb storage {self._display_url} was opened for reading"
+                " (open_for_reading()), which never writes"
+            )
+
     def reading_database(self) -> AsyncDatabase[dict[str, Any]]:
         """The database as the routed reads see it: with the configured read preference."""
         preference: ReadPreference | None = self.read_preference
         return self.client.get_database(self.database_name, read_preference=preference)
 
     def _writing(self) -> AbstractAsyncContextManager[AsyncClientSession | None]:
+        self._refuse_writes()
         return writing(self.client, self._clock)
 
     def _stale_reading(
@@ -317,6 +353,7 @@ class MongoDBSessionStorage(SessionStorage):
                 await client.close()
 
     def unit_of_work(self) -> MongoUnitOfWork:
+        self._refuse_writes()
         return ObservedUnitOfWork(
             self.client, self.docs, self._token, self.supports_transactions, self._clock
         )
@@ -483,6 +520,7 @@ class MongoDBSessionStorage(SessionStorage):
         documents = bulk.documents_for_insert(sessions)
         if not documents:
             return True
+        self._refuse_writes()
         with mongo_errors("insert sessions"):
             return await bulk.insert_documents(
                 self.client, self.docs, documents, transactional=self.supports_transactions

@@ -15,27 +15,32 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.clock import utc_now
 from persistence.errors import (
+    ConfigError,
     InvalidDataError,
     PersistenceError,
     SessionConflictError,
     SessionDeletedError,
+    StorageConnectionError,
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.sql import new_sessions, repositories, writes
 from persistence.sql.checkout import driver_connection
 from persistence.sql.engines import (
     WRITE_OPTIONS,
+    check_sqlite_path,
     open_sqlite,
     postgresql_engine,
     postgresql_url,
+    reading_pragmas,
     sqlite_engine,
     sqlite_pragmas,
+    sqlite_reading_target,
     sqlite_url,
 )
 from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_asyncpg
-from persistence.sql.schema import upgrade_to_head
+from persistence.sql.schema import VERSION_TABLE, check_readable, upgrade_to_head
 from persistence.sql.standby import ReplicaSettings, ReplicaState
 from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
 from persistence.sql.uow import SqlUnitOfWork, open_units_of_work
@@ -55,13 +60,22 @@ T = TypeVar("T")
 class SqlSessionStorage(SessionStorage):
     """The SessionStorage of the SQL family; subclasses only say how work is run."""
 
-    def __init__(self) -> None:
+    def __init__(self, version_table: str = VERSION_TABLE) -> None:
+        if not version_table.isidentifier():
+            raise InvalidDataError(f"version_table: {version_table!r} is not a plain table name")
         self._engine: AsyncEngine | None = None
         self._closed = False
+        self._reading_only = False
         self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
+        self.version_table = version_table
 
     @abstractmethod
-    def _create_engine(self) -> AsyncEngine: ...
+    def _create_engine(self, *, read_only: bool) -> AsyncEngine: ...
+
+    @property
+    @abstractmethod
+    def _where(self) -> str:
+        """Names the database in errors (never with its password)."""
 
     # Whether an appends-only save is one statement (PostgreSQL's data-modifying CTE).
     _one_statement_appends = False
@@ -110,13 +124,47 @@ class SqlSessionStorage(SessionStorage):
         return self._engine
 
     async def initialize(self) -> None:
+        await self._open(read_only=False)
+
+    async def open_for_reading(self) -> None:
+        await self._open(read_only=True)
+
+    async def _open(self, *, read_only: bool) -> None:
         if self._closed:
             raise PersistenceError(f"{self.backend_name} storage is closed")
+        if self._engine is not None and self._reading_only and not read_only:
+            raise PersistenceError(
+                f"{self.backend_name} storage was opened for reading: open another to write"
+            )
         if self._engine is None:
-            self._engine = self._create_engine()
-        with sql_errors("initialize schema"):
-            async with self._engine.execution_options(**WRITE_OPTIONS).begin() as connection:
-                await connection.run_sync(upgrade_to_head)
+            self._engine = self._create_engine(read_only=read_only)
+            self._reading_only = read_only
+        where, table = self._where, self.version_table
+        try:
+            with sql_errors("open database" if read_only else "initialize schema"):
+                if read_only:
+                    async with self._engine.connect() as connection:
+                        await connection.run_sync(
+                            partial(check_readable, version_table=table, where=where)
+                        )
+                    return
+                async with self._engine.execution_options(**WRITE_OPTIONS).begin() as connection:
+                    await connection.run_sync(
+                        partial(upgrade_to_head, version_table=table, where=where)
+                    )
+        except BaseException:
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                with sql_errors("close"):
+                    await engine.dispose()
+            raise
+
+    def _refuse_writes(self, action: str) -> None:
+        if self._reading_only:
+            raise PersistenceError(
+                f"{action}: {self._where} was opened for reading (open_for_reading()),"
+                " which never writes"
+            )
 
     async def close(self) -> None:
         engine, self._engine, self._closed = self._engine, None, True
@@ -125,6 +173,7 @@ class SqlSessionStorage(SessionStorage):
                 await engine.dispose()
 
     def unit_of_work(self) -> SqlUnitOfWork:
+        self._refuse_writes("unit of work")
         return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self.token)
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
@@ -361,29 +410,65 @@ class SQLiteSessionStorage(SqlSessionStorage):
         synchronous: str = "FULL",
         cache_size: int | None = None,
         busy_timeout: float = 30.0,
+        version_table: str = VERSION_TABLE,
     ) -> None:
-        super().__init__()
+        super().__init__(version_table)
         self.database_path = Path(database_path)
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise InvalidDataError(f"synchronous: {synchronous!r} is not FULL, NORMAL or EXTRA")
         self._pragmas = sqlite_pragmas(synchronous.upper(), cache_size, busy_timeout)
         self._busy_timeout = busy_timeout
         self._connection: aiosqlite.Connection | None = None
+        self._reading_target = ""
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStorage({str(self.database_path)!r})"
 
-    def _create_engine(self) -> AsyncEngine:
-        self.database_path.parent.mkdir(parents=True, exist_ok=True)
-        return sqlite_engine(sqlite_url(self.database_path), self._pragmas, self._busy_timeout)
+    @property
+    def _where(self) -> str:
+        return str(self.database_path)
 
-    async def initialize(self) -> None:
-        await super().initialize()
+    def _create_engine(self, *, read_only: bool) -> AsyncEngine:
+        url = sqlite_url(self.database_path)
+        if read_only:
+            return sqlite_engine(
+                url,
+                reading_pragmas(self._pragmas),
+                self._busy_timeout,
+                target=self._reading_target,
+                uri=True,
+            )
+        return sqlite_engine(url, self._pragmas, self._busy_timeout)
+
+    async def _open(self, *, read_only: bool) -> None:
+        if self._closed:
+            raise PersistenceError("sqlite storage is closed")
+        if self._engine is None:
+            exists = check_sqlite_path(self.database_path, must_exist=read_only)
+            if read_only:
+                self._reading_target = sqlite_reading_target(self.database_path)
+            elif not exists:
+                try:
+                    self.database_path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StorageConnectionError(
+                        f"cannot create {self.database_path}:"
+                        f" {exc.strerror or type(exc).__name__} ({exc.filename})"
+                    ) from None
+        await super()._open(read_only=read_only)
         if self._connection is None:
             with sql_errors("open database"):
-                self._connection = await open_sqlite(
-                    self.database_path, self._pragmas, self._busy_timeout
-                )
+                if self._reading_only:
+                    self._connection = await open_sqlite(
+                        self._reading_target,
+                        reading_pragmas(self._pragmas),
+                        self._busy_timeout,
+                        uri=True,
+                    )
+                else:
+                    self._connection = await open_sqlite(
+                        self.database_path, self._pragmas, self._busy_timeout
+                    )
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -408,6 +493,8 @@ class SQLiteSessionStorage(SqlSessionStorage):
         connection = self._connection
         if connection is None:
             raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        if write:
+            self._refuse_writes(action)
         if write and self.token in open_units_of_work():
             work.close()
             raise PersistenceError(
@@ -463,8 +550,16 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         max_replica_lag: float = 10.0,
         replica_timeout: float = 1.0,
         replica_retry_interval: float = 5.0,
+        version_table: str = VERSION_TABLE,
     ) -> None:
-        super().__init__()
+        super().__init__(version_table)
+        try:
+            import asyncpg  # noqa: F401  # the driver SQLAlchemy loads when the engine is made
+        except ImportError:
+            raise ConfigError(
+                "PostgreSQLSessionStorage needs the asyncpg driver, which is not installed:"
+                " pip install 'persistence[postgresql]'"
+            ) from None
         if min_pool_size < 0 or max_pool_size < 1 or min_pool_size > max_pool_size:
             raise InvalidDataError(
                 "pool sizes: need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1,"
@@ -498,7 +593,11 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         """What this storage last learnt of each replica: up, lagging, replay position."""
         return [] if self._replicas is None else self._replicas.states()
 
-    def _create_engine(self) -> AsyncEngine:
+    @property
+    def _where(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    def _create_engine(self, *, read_only: bool) -> AsyncEngine:
         return postgresql_engine(
             self.url,
             self.min_pool_size,
@@ -509,8 +608,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             pool_timeout=self._pool_timeout,
         )
 
-    async def initialize(self) -> None:
-        await super().initialize()
+    async def _open(self, *, read_only: bool) -> None:
+        await super()._open(read_only=read_only)
         if self._replicas is not None:
             await self._replicas.start(self.engine, self._statement_timeout)
 
@@ -529,6 +628,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         return inserted
 
     def unit_of_work(self) -> SqlUnitOfWork:
+        self._refuse_writes("unit of work")
         if self._replicas is None:
             return super().unit_of_work()
         engine = self.engine.execution_options(**WRITE_OPTIONS)
@@ -555,6 +655,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         snapshot: bool = False,
         single: bool = False,
     ) -> T:
+        if write:
+            self._refuse_writes(action)
         if write and self._replicas is not None:
             try:
                 return await self._run_on_primary(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import stat
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 from sqlalchemy import URL, Dialect, event, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from persistence.errors import InvalidDataError
+from persistence.errors import InvalidDataError, StorageConnectionError
 from persistence.sql.types import json_dumps, json_loads
 
 _POSTGRESQL_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
@@ -71,19 +75,115 @@ def sqlite_pragmas(synchronous: str, cache_size: int | None, busy_timeout: float
     return pragmas
 
 
+def reading_pragmas(pragmas: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a read-only connection: the journal mode is the file's own."""
+    return {name: value for name, value in pragmas.items() if name != "journal_mode"}
+
+
 def _apply_pragmas(connection: Any, pragmas: dict[str, Any]) -> None:
     for name, value in pragmas.items():
         connection.execute(f"PRAGMA {name}={value}")
 
 
-async def open_sqlite(
-    path: Path, pragmas: dict[str, Any], busy_timeout: float
+def _first_file_ancestor(path: Path) -> Path | None:
+    for ancestor in reversed(path.absolute().parents):
+        if ancestor.exists() and not ancestor.is_dir():
+            return ancestor
+    return None
+
+
+def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
+    """Refuses a path SQLite must not open or create; returns whether the file exists.
+
+    A symlink to a regular file is followed (SQLite keeps its journal beside the
+    target); anything that is not a regular file is refused, never replaced.
+
+    Raises:
+        StorageConnectionError: for a directory, a FIFO, device or socket, a dangling
+            symlink, a parent that is not a directory, or (with `must_exist`) no file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise StorageConnectionError(
+                f"{path} is a symlink to {os.readlink(path)}, which does not exist:"
+                " refusing to create a database through it"
+            ) from None
+        ancestor = _first_file_ancestor(path)
+        if ancestor is not None:
+            raise StorageConnectionError(
+                f"cannot open {path}: {ancestor} is a file, not a directory"
+            ) from None
+        if must_exist:
+            raise StorageConnectionError(f"no database at {path}: nothing stored yet") from None
+        return False
+    except NotADirectoryError:
+        ancestor = _first_file_ancestor(path)
+        raise StorageConnectionError(
+            f"cannot open {path}: {ancestor or 'a parent'} is a file, not a directory"
+        ) from None
+    except OSError as exc:
+        raise StorageConnectionError(
+            f"cannot open {path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    if stat.S_ISDIR(mode):
+        raise StorageConnectionError(
+            f"{path} is a directory, not a database file (name a file: sqlite:///dir/name.db)"
+        )
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )
+        raise StorageConnectionError(f"{path} is {kind}, not a database file: refusing to open it")
+    return True
+
+
+def sqlite_reading_target(path: Path) -> str:
+    """The URI that opens the file read-only (`mode=ro`): nothing is ever written.
+
+    A WAL database needs its -shm file: where the directory is read-only and the
+    file has no -wal (so no writer can be at work in it), the file is opened as
+    immutable, which needs neither.
+    """
+    absolute = path.absolute()
+    target = f"file:{quote(str(absolute))}?mode=ro"
+    wal = absolute.with_name(absolute.name + "-wal")
+    if not os.access(absolute.parent, os.W_OK) and not wal.exists():
+        target += "&immutable=1"
+    return target
+
+
+async def connect_sqlite(
+    target: str | Path, *, uri: bool = False, busy_timeout: float
 ) -> aiosqlite.Connection:
-    """Opens the connection that runs each call whole in its own thread.
+    """Opens an aiosqlite connection; a failed open leaves no thread behind.
 
     isolation_level=None: the library, not the sqlite3 module, begins transactions.
     """
-    connection = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+    connection = aiosqlite.connect(target, isolation_level=None, timeout=busy_timeout, uri=uri)
+    # Like SQLAlchemy's own aiosqlite adapter: a forgotten connection never blocks exit.
+    connection._thread.daemon = True
+    try:
+        return await connection
+    except BaseException:
+        # aiosqlite then stops its thread, which reports back to this event loop: wait
+        # for it, or it reports to a closed loop ("Event loop is closed") at exit.
+        await asyncio.shield(asyncio.to_thread(connection._thread.join, 5))
+        raise
+
+
+async def open_sqlite(
+    target: str | Path, pragmas: dict[str, Any], busy_timeout: float, *, uri: bool = False
+) -> aiosqlite.Connection:
+    """Opens the connection that runs each call whole in its own thread."""
+    connection = await connect_sqlite(target, uri=uri, busy_timeout=busy_timeout)
     try:
         for name, value in pragmas.items():
             await connection.execute(f"PRAGMA {name}={value}")
@@ -93,11 +193,27 @@ async def open_sqlite(
     return connection
 
 
-def sqlite_engine(url: URL, pragmas: dict[str, Any], busy_timeout: float) -> AsyncEngine:
-    """The engine of migrations and units of work, set up like `open_sqlite`."""
+def sqlite_engine(
+    url: URL,
+    pragmas: dict[str, Any],
+    busy_timeout: float,
+    *,
+    target: str | Path | None = None,
+    uri: bool = False,
+) -> AsyncEngine:
+    """The engine of migrations and units of work, set up like `open_sqlite`.
+
+    `target` (a path, or a `file:` URI with `uri`) is what is opened; `url` only
+    names the dialect and the file.
+    """
+    opened = target if target is not None else url.database or ""
+
+    async def connect() -> Any:
+        return await connect_sqlite(opened, uri=uri, busy_timeout=busy_timeout)
+
     engine = create_async_engine(
         url,
-        connect_args={"timeout": busy_timeout},
+        async_creator=connect,
         hide_parameters=True,
         json_deserializer=json_loads,
         json_serializer=json_dumps,

@@ -1,7 +1,15 @@
-"""Runs the packaged alembic revisions on a live connection."""
+"""Runs the packaged alembic revisions on a live connection, and checks what it finds.
+
+Persistence keeps its schema revision in its own version table
+(`persistence_alembic_version`), so that it can share a database or schema with an
+application that uses alembic itself. Stores made before that kept it in alembic's
+default `alembic_version`: holding one of our revision ids there, they are ours, and
+are moved to our table by the next upgrade.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,14 +17,17 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 
-from persistence.errors import SchemaVersionError
+from persistence.errors import MigrationError, SchemaVersionError
 from persistence.sql.tables import Base
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+VERSION_TABLE = "persistence_alembic_version"
+LEGACY_VERSION_TABLE = "alembic_version"
 # Any constant works: it only has to be the same for every process of this library.
 _PG_MIGRATION_LOCK = 7_274_551_337
+_SHOWN_TABLES = 5
 
 
 def script_directory() -> ScriptDirectory:
@@ -26,36 +37,132 @@ def script_directory() -> ScriptDirectory:
     return ScriptDirectory.from_config(config)
 
 
-def check_known_revision(connection: Connection, script: ScriptDirectory) -> tuple[str, ...]:
-    """Returns the database's current heads.
+@dataclass(frozen=True)
+class SchemaState:
+    """What a database holds, as far as persistence's schema is concerned."""
+
+    heads: tuple[str, ...]
+    """Our revision(s) the database is at; empty for an empty database."""
+    legacy: bool = False
+    """The revision sits in `alembic_version`, not yet in our own version table."""
+
+
+def _heads(connection: Connection, version_table: str) -> tuple[str, ...]:
+    context = MigrationContext.configure(connection, opts={"version_table": version_table})
+    return tuple(context.get_current_heads())
+
+
+def _listed(names: list[str] | tuple[str, ...]) -> str:
+    shown = ", ".join(sorted(names)[:_SHOWN_TABLES])
+    return shown + (f" and {len(names) - _SHOWN_TABLES} more" if len(names) > _SHOWN_TABLES else "")
+
+
+def examine(
+    connection: Connection,
+    script: ScriptDirectory,
+    *,
+    version_table: str = VERSION_TABLE,
+    where: str = "the database",
+) -> SchemaState:
+    """Says whether the database is empty or ours, and at which revision; writes nothing.
 
     Raises:
-        SchemaVersionError: if a head is a revision this code does not know.
+        SchemaVersionError: our version table holds a revision this code does not know
+            (the store was written by a newer version).
+        MigrationError: the database holds tables of another application, or
+            another application's `alembic_version`.
     """
-    heads = MigrationContext.configure(connection).get_current_heads()
+    inspector = inspect(connection)
+    names = set(inspector.get_table_names()) | set(inspector.get_view_names())
     known = {rev.revision for rev in script.walk_revisions()}
-    unknown = [head for head in heads if head not in known]
-    if unknown:
-        raise SchemaVersionError(
-            f"database schema is at revision {', '.join(unknown)}, which this version of"
-            f" persistence does not know (known head: {script.get_current_head()});"
-            " it was written by a newer version: upgrade persistence"
+    if version_table in names:
+        heads = _heads(connection, version_table)
+        unknown = [head for head in heads if head not in known]
+        if unknown:
+            raise SchemaVersionError(
+                f"{where}: the schema is at revision {', '.join(unknown)}, which this"
+                f" version of persistence does not know (known head:"
+                f" {script.get_current_head()}); it was written by a newer version:"
+                " upgrade persistence"
+            )
+        return SchemaState(heads)
+    if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
+        heads = _heads(connection, LEGACY_VERSION_TABLE)
+        if heads and all(head in known for head in heads):
+            return SchemaState(heads, legacy=True)
+        raise MigrationError(
+            f"{where} holds tables of another application: its {LEGACY_VERSION_TABLE}"
+            f" is at revision {', '.join(heads) or '(none)'}, which is not a persistence"
+            " revision; persistence neither reads nor changes it (use a database of its"
+            " own, or create persistence's tables beside it with `alembic upgrade head`)"
         )
-    return tuple(heads)
+    if names:
+        raise MigrationError(
+            f"{where} holds tables of another application ({_listed(list(names))}) and no"
+            f" persistence schema ({version_table}); persistence neither reads nor changes"
+            " it (use a database of its own, or create persistence's tables beside them"
+            " with `alembic upgrade head`)"
+        )
+    return SchemaState(())
 
 
-def upgrade_to_head(connection: Connection) -> None:
-    """Brings the schema to head in the connection's transaction.
+def check_readable(
+    connection: Connection, *, version_table: str = VERSION_TABLE, where: str = "the database"
+) -> None:
+    """Checks that the database is a persistence store at head, without writing.
 
     Raises:
-        SchemaVersionError: if the database is at a revision this code does not know.
+        SchemaVersionError: the store was written by a newer version.
+        MigrationError: the database is empty, older than this code, or another
+            application's.
+    """
+    script = script_directory()
+    head = script.get_current_head()
+    state = examine(connection, script, version_table=version_table, where=where)
+    if not state.heads:
+        raise MigrationError(
+            f"{where} has no persistence schema: create it with `persistence upgrade`"
+            " (or any command that writes)"
+        )
+    if state.heads != (head,):
+        raise MigrationError(
+            f"{where} is at schema revision {', '.join(state.heads)} and this version of"
+            f" persistence reads revision {head}: run `persistence upgrade` first"
+        )
+
+
+def adopt_legacy_version(connection: Connection, version_table: str = VERSION_TABLE) -> None:
+    """Moves our revision from `alembic_version` into our own version table.
+
+    Only called when `alembic_version` holds nothing but our revision ids.
+    """
+    heads = _heads(connection, LEGACY_VERSION_TABLE)
+    context = MigrationContext.configure(connection, opts={"version_table": version_table})
+    script = script_directory()
+    for head in heads:
+        context.stamp(script, head)
+    connection.execute(text(f"DROP TABLE {LEGACY_VERSION_TABLE}"))
+
+
+def upgrade_to_head(
+    connection: Connection, *, version_table: str = VERSION_TABLE, where: str = "the database"
+) -> None:
+    """Brings the schema of an empty or older store to head in the connection's transaction.
+
+    Raises:
+        SchemaVersionError: if the database is at a revision of ours this code does
+            not know.
+        MigrationError: if the database holds another application's tables or
+            version table (nothing is written then).
     """
     if connection.dialect.name == "postgresql":
         # Two processes initialising one fresh database must not both create tables.
         connection.execute(text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
     script = script_directory()
-    heads = check_known_revision(connection, script)
-    if heads == (script.get_current_head(),):
+    state = examine(connection, script, version_table=version_table, where=where)
+    if state.legacy:
+        adopt_legacy_version(connection, version_table)
+    if state.heads == (script.get_current_head(),):
         return
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -68,5 +175,6 @@ def upgrade_to_head(connection: Connection) -> None:
             connection=connection,
             target_metadata=Base.metadata,
             render_as_batch=connection.dialect.name == "sqlite",
+            version_table=version_table,
         )
         env.run_migrations()

@@ -7,7 +7,7 @@ The public functions of API.md "Moving data", gathered from their modules:
 
 from __future__ import annotations
 
-from persistence.transfer.backups import backup_storage, restore_backup
+from persistence.transfer.backups import backup_storage, restore_backup, validate_backup_file
 from persistence.transfer.exchange import export_to_json, import_from_json, validate_export_file
 from persistence.transfer.exchange_format import FORMAT_NAME, FORMAT_VERSION
 from persistence.transfer.migration import DEFAULT_BATCH_SIZE, ProgressCallback, migrate_storage
@@ -23,6 +23,7 @@ __all__ = [
     "import_from_json",
     "migrate_storage",
     "restore_backup",
+    "validate_backup_file",
     "validate_export_file",
     "verify_migration",
 ]

@@ -13,7 +13,12 @@ from typing import Any
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.storage import SessionStorage
-from persistence.transfer.exchange import import_from_json, open_input, write_document
+from persistence.transfer.exchange import (
+    import_from_json,
+    open_input,
+    validate_export_file,
+    write_document,
+)
 from persistence.transfer.files import file_error, link_new_name, private_directory, temp_file
 from persistence.transfer.migration import (
     DEFAULT_BATCH_SIZE,
@@ -90,16 +95,38 @@ def _backup_kind(path: Path) -> str:
     raise InvalidDataError(f"{path}: not a backup (neither a SQLite database nor an export file)")
 
 
-def _check_sqlite_backup(path: Path) -> None:
-    """Refuses a corrupt SQLite file, or one that is not a persistence store."""
+def validate_backup_file(backup_path: str | Path) -> str:
+    """Checks a backup file without writing anything (not even beside it); returns its kind.
+
+    Raises:
+        InvalidDataError: for a missing, corrupt, truncated or foreign file, as
+            `restore_backup` would before writing.
+    """
+    path = Path(backup_path)
+    kind = _backup_kind(path)
+    if kind == "json":
+        validate_export_file(path)
+    else:
+        _check_sqlite_backup(path, immutable=True)
+    return kind
+
+
+def _check_sqlite_backup(path: Path, *, immutable: bool = False) -> None:
+    """Refuses a corrupt SQLite file, or one that is not a persistence store.
+
+    `immutable`: read the file as it is, creating no -wal or -shm beside it.
+    """
+    uri = f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
-        with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as db:
+        with sqlite3.connect(uri, uri=True) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
             check = db.execute("PRAGMA quick_check").fetchone()
         db.close()
     except sqlite3.DatabaseError as exc:
         raise InvalidDataError(f"not a readable SQLite backup: {exc}") from exc
-    if not {"alembic_version", "chat_sessions", "chat_messages"} <= tables:
+    # Version table: our own, or alembic's default in stores made before it had one.
+    versioned = bool(tables & {"persistence_alembic_version", "alembic_version"})
+    if not versioned or not {"chat_sessions", "chat_messages"} <= tables:
         raise InvalidDataError("a SQLite database, but not a persistence backup")
     if check is None or check[0] != "ok":
         raise InvalidDataError(f"the SQLite backup is corrupt: {check[0] if check else '?'}")

@@ -362,6 +362,11 @@ class _Validation:
             raise InvalidDataError(f"{where}: duplicate {kind} {identifier!r} in the file")
 
     def item(self, key: str, value: Any) -> None:
+        if key == "session_id":
+            raise InvalidDataError(
+                "this is a single-session export (top-level 'session_id', from `persistence"
+                " export ID`); import takes a file written by `persistence export-all`"
+            )
         if key not in _KNOWN_KEYS:
             raise InvalidDataError(f"unexpected top-level key {key!r}")
         if key in _RECORD_KEYS:

@@ -157,7 +157,7 @@ async def test_downgrade_to_0002_restores_its_index_and_to_base_empties(url: str
             {},
         ),
     )
-    assert [name for (name,) in tables if name != "alembic_version"] == []
+    assert [name for (name,) in tables if name != "persistence_alembic_version"] == []
     if not url.startswith("sqlite"):
         (functions,) = await _execute(
             url, ("SELECT proname FROM pg_proc WHERE proname LIKE 'persistence%'", {})

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from persistence import PostgreSQLSessionStorage, SchemaVersionError, SQLiteSessionStorage
 from persistence.sql.engines import async_driver_url
+from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 from tests import servers
 
@@ -34,7 +35,11 @@ def alembic(url: str, *args: str) -> None:
 
 
 def user_tables(connection: Connection) -> set[str]:
-    return {name for name in inspect(connection).get_table_names() if name != "alembic_version"}
+    return {
+        name
+        for name in inspect(connection).get_table_names()
+        if name != "persistence_alembic_version"
+    }
 
 
 def _include(
@@ -65,7 +70,8 @@ async def _on(url: str, inspect_with: Callable[[Connection], T]) -> T:
 
 def _diff(connection: Connection) -> list[object]:
     context = MigrationContext.configure(
-        connection, opts={"include_object": _include, "compare_type": True}
+        connection,
+        opts={"include_object": _include, "compare_type": True, "version_table": VERSION_TABLE},
     )
     return list(compare_metadata(context, Base.metadata))
 
@@ -100,7 +106,9 @@ async def test_initialize_brings_a_fresh_database_to_head_and_is_idempotent(
 
 async def test_initialize_refuses_a_revision_it_does_not_know(fresh_url: str) -> None:
     async with _storage(fresh_url) as storage, storage.engine.begin() as connection:
-        await connection.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+        await connection.execute(
+            text("UPDATE persistence_alembic_version SET version_num = 'f00dfeed'")
+        )
 
     with pytest.raises(SchemaVersionError, match="f00dfeed"):
         await _storage(fresh_url).initialize()

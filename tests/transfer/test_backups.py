@@ -211,7 +211,7 @@ async def test_restore_refuses_a_backup_from_a_newer_version(
     await populate(sqlite_storage)
     backup = Path((await backup_storage(sqlite_storage, tmp_path / "backups"))["path"])
     with sqlite3.connect(backup) as db:
-        db.execute("UPDATE alembic_version SET version_num = 'from_the_future'")
+        db.execute("UPDATE persistence_alembic_version SET version_num = 'from_the_future'")
     db.close()
 
     with pytest.raises(SchemaVersionError):

@@ -1,0 +1,226 @@
+"""A database that is not a persistence store is refused, never altered; reads never write."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from persistence import (
+    ChatSession,
+    MigrationError,
+    PersistenceError,
+    PostgreSQLSessionStorage,
+    SchemaVersionError,
+    SQLiteSessionStorage,
+)
+from persistence.sql.engines import async_driver_url
+from persistence.sql.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, script_directory
+from tests import servers
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAD = script_directory().get_current_head()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database on each SQL backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    admin = request.getfixturevalue("postgresql_admin_url")
+    with servers.throwaway_postgresql_database(admin) as url:
+        yield url
+
+
+def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:
+    if url.startswith("sqlite"):
+        return SQLiteSessionStorage(url.removeprefix("sqlite:///"))
+    return PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2)
+
+
+async def _execute(url: str, *statements: str) -> list[list[tuple[object, ...]]]:
+    engine = create_async_engine(async_driver_url(url))
+    results = []
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                result = await connection.execute(text(statement))
+                results.append([tuple(row) for row in result] if result.returns_rows else [])
+    finally:
+        await engine.dispose()
+    return results
+
+
+async def _tables(url: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every table and its rows: what an application would see of the database."""
+    listing = (
+        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view', 'index', 'trigger')"
+        if url.startswith("sqlite")
+        else "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    )
+    (names,) = await _execute(url, listing)
+    contents = {}
+    for (name,) in sorted(names):  # type: ignore[type-var]
+        if url.startswith("sqlite") and str(name).startswith("sqlite_autoindex"):
+            contents[str(name)] = []
+            continue
+        try:
+            (rows,) = await _execute(url, f'SELECT * FROM "{name}"')
+        except Exception:
+            rows = []  # an index or trigger
+        contents[str(name)] = sorted(rows, key=repr)
+    return contents
+
+
+def alembic(url: str, *args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", *args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+async def _other_application(url: str, *, its_alembic: bool) -> None:
+    statements = ["CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)"]
+    statements.append("INSERT INTO orders VALUES (1, 'tea')")
+    if its_alembic:
+        statements.append("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        statements.append("INSERT INTO alembic_version VALUES ('abc123def')")
+    await _execute(url, *statements)
+
+
+@pytest.mark.parametrize("its_alembic", [False, True], ids=["tables", "alembic_version"])
+async def test_another_applications_database_is_refused_and_left_as_it_was(
+    fresh_url: str, its_alembic: bool
+) -> None:
+    await _other_application(fresh_url, its_alembic=its_alembic)
+    before = await _tables(fresh_url)
+
+    for opening in ("initialize", "open_for_reading"):
+        storage = _storage(fresh_url)
+        with pytest.raises(MigrationError, match="another application") as caught:
+            await getattr(storage, opening)()
+        await storage.close()
+        assert not isinstance(caught.value, SchemaVersionError)
+        assert "newer version" not in str(caught.value)
+        if its_alembic:
+            assert "abc123def" in str(caught.value)
+
+    assert await _tables(fresh_url) == before
+
+
+async def test_persistence_shares_a_database_with_an_alembic_application(fresh_url: str) -> None:
+    await _other_application(fresh_url, its_alembic=True)
+    alembic(fresh_url, "upgrade", "head")
+
+    async with _storage(fresh_url) as storage:
+        session = ChatSession.create("m")
+        session.add_message("user", "hi")
+        await storage.save_session(session)
+    reader = _storage(fresh_url)
+    await reader.open_for_reading()
+    try:
+        assert (await reader.count()).messages == 1
+    finally:
+        await reader.close()
+
+    alembic_rows, version_rows, orders = await _execute(
+        fresh_url,
+        f"SELECT version_num FROM {LEGACY_VERSION_TABLE}",
+        f"SELECT version_num FROM {VERSION_TABLE}",
+        "SELECT * FROM orders",
+    )
+    assert alembic_rows == [("abc123def",)]
+    assert version_rows == [(HEAD,)]
+    assert orders == [(1, "tea")]
+
+
+async def test_reading_an_empty_database_creates_nothing(fresh_url: str) -> None:
+    if fresh_url.startswith("sqlite"):
+        await _execute(fresh_url, "PRAGMA user_version = 0")  # an empty file that exists
+    before = await _tables(fresh_url)
+    storage = _storage(fresh_url)
+
+    with pytest.raises(MigrationError, match=r"has no persistence schema.*persistence upgrade"):
+        await storage.open_for_reading()
+    await storage.close()
+
+    assert await _tables(fresh_url) == before == {}
+
+
+async def test_reading_an_older_store_asks_for_an_upgrade_and_changes_nothing(
+    fresh_url: str,
+) -> None:
+    alembic(fresh_url, "upgrade", "0002")
+    before = await _tables(fresh_url)
+    storage = _storage(fresh_url)
+
+    with pytest.raises(MigrationError, match=r"revision 0002.*persistence upgrade"):
+        await storage.open_for_reading()
+    await storage.close()
+
+    assert await _tables(fresh_url) == before
+
+
+async def test_reading_a_newer_store_raises_schema_version_error(fresh_url: str) -> None:
+    async with _storage(fresh_url):
+        pass
+    await _execute(fresh_url, f"UPDATE {VERSION_TABLE} SET version_num = '0099'")
+    storage = _storage(fresh_url)
+
+    with pytest.raises(SchemaVersionError, match=r"0099.*newer version"):
+        await storage.open_for_reading()
+    await storage.close()
+
+
+async def test_a_storage_opened_for_reading_refuses_writes(fresh_url: str) -> None:
+    async with _storage(fresh_url):
+        pass
+    storage = _storage(fresh_url)
+    await storage.open_for_reading()
+    try:
+        with pytest.raises(PersistenceError, match="opened for reading"):
+            await storage.save_session(ChatSession.create("m"))
+        with pytest.raises(PersistenceError, match="opened for reading"):
+            storage.unit_of_work()
+        with pytest.raises(PersistenceError, match="opened for reading"):
+            await storage.initialize()
+    finally:
+        await storage.close()
+    async with _storage(fresh_url) as storage:
+        assert (await storage.count()).total_sessions == 0
+
+
+@pytest.mark.parametrize("revision", ["0002", HEAD])
+async def test_a_store_versioned_in_alembic_version_is_ours_and_moved_over(
+    fresh_url: str, revision: str
+) -> None:
+    # Stores made before persistence had its own version table kept it in alembic's.
+    alembic(fresh_url, "-x", f"version_table={LEGACY_VERSION_TABLE}", "upgrade", revision)
+
+    async with _storage(fresh_url) as storage:
+        session = ChatSession.create("m")
+        session.add_message("user", "hello")
+        await storage.save_session(session)
+        assert [m.content for m in await storage.search_messages("hello")] == ["hello"]
+
+    (versions,) = await _execute(fresh_url, f"SELECT version_num FROM {VERSION_TABLE}")
+    assert versions == [(HEAD,)]
+    assert LEGACY_VERSION_TABLE not in await _tables(fresh_url)
+
+
+async def test_alembic_upgrade_head_moves_a_legacy_version_table_too(fresh_url: str) -> None:
+    alembic(fresh_url, "-x", f"version_table={LEGACY_VERSION_TABLE}", "upgrade", "0003")
+
+    alembic(fresh_url, "upgrade", "head")
+
+    (versions,) = await _execute(fresh_url, f"SELECT version_num FROM {VERSION_TABLE}")
+    assert versions == [(HEAD,)]
+    assert LEGACY_VERSION_TABLE not in await _tables(fresh_url)

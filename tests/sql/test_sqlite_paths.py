@@ -1,0 +1,100 @@
+"""SQLite paths: what is not a database file is refused clearly, never replaced."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from persistence import ChatSession, SQLiteSessionStorage, StorageConnectionError
+
+pytestmark = pytest.mark.sqlite
+
+
+async def _refused(path: Path, match: str) -> None:
+    for opening in ("initialize", "open_for_reading"):
+        storage = SQLiteSessionStorage(path)
+        with pytest.raises(StorageConnectionError, match=match):
+            await getattr(storage, opening)()
+        await storage.close()
+
+
+async def test_a_directory_is_refused(tmp_path: Path) -> None:
+    await _refused(tmp_path, "is a directory")
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_parent_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "notes.txt"
+    parent.write_text("mine")
+
+    await _refused(parent / "sessions.db", "notes.txt is a file, not a directory")
+    assert parent.read_text() == "mine"
+
+
+async def test_a_fifo_is_refused_and_left_in_place(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    await _refused(fifo, "is a FIFO")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+async def test_a_symlink_to_a_fifo_or_to_nothing_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-pipe").symlink_to(tmp_path / "pipe")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing.db")
+
+    await _refused(tmp_path / "to-pipe", "is a FIFO")
+    await _refused(tmp_path / "dangling", "does not exist")
+    assert not (tmp_path / "missing.db").exists()
+    assert (tmp_path / "dangling").is_symlink()
+
+
+async def test_a_symlink_to_a_database_file_is_followed(tmp_path: Path) -> None:
+    async with SQLiteSessionStorage(tmp_path / "real.db") as storage:
+        await storage.save_session(ChatSession.create("m"))
+    (tmp_path / "link.db").symlink_to(tmp_path / "real.db")
+
+    async with SQLiteSessionStorage(tmp_path / "link.db") as storage:
+        assert (await storage.count()).total_sessions == 1
+    assert (tmp_path / "link.db").is_symlink()
+
+
+async def test_reading_a_missing_file_creates_nothing(tmp_path: Path) -> None:
+    await _refused_reading(tmp_path / "nothing.db")
+    assert os.listdir(tmp_path) == []
+
+
+async def _refused_reading(path: Path) -> None:
+    storage = SQLiteSessionStorage(path)
+    with pytest.raises(StorageConnectionError, match="no database at"):
+        await storage.open_for_reading()
+    await storage.close()
+
+
+async def test_a_read_only_database_is_read_without_writing_it(tmp_path: Path) -> None:
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    path = directory / "sessions.db"
+    async with SQLiteSessionStorage(path) as storage:
+        session = ChatSession.create("m")
+        session.add_message("user", "kept")
+        await storage.save_session(session)
+    before = path.read_bytes()
+    path.chmod(0o444)
+    directory.chmod(0o555)
+    try:
+        storage = SQLiteSessionStorage(path)
+        await storage.open_for_reading()
+        try:
+            assert (await storage.count()).messages == 1
+            assert [s.session_id for s in await storage.list_sessions()] == [session.session_id]
+        finally:
+            await storage.close()
+    finally:
+        directory.chmod(0o755)
+        path.chmod(0o644)
+    assert path.read_bytes() == before

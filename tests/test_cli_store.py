@@ -1,0 +1,206 @@
+"""How the CLI opens a store: reading commands never write, bad inputs leave nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from persistence.cli import app
+from tests import servers
+
+ROOT = Path(__file__).resolve().parents[1]
+READING = [
+    ["stats"],
+    ["sessions", "list"],
+    ["sessions", "show", "abc"],
+    ["export", "abc"],
+    ["search", "hello"],
+]
+
+
+@pytest.fixture
+def workdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    for name in list(os.environ):
+        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
+            monkeypatch.delenv(name)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield work
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+def failed(*args: str) -> str:
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def _reading_commands(workdir: Path) -> list[list[str]]:
+    return [*READING, ["export-all", str(workdir / "all.json")], ["backup", str(workdir / "bk")]]
+
+
+@pytest.mark.sqlite
+def test_reading_commands_leave_another_applications_sqlite_file_byte_identical(
+    workdir: Path,
+) -> None:
+    other = workdir / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+        db.execute("INSERT INTO orders VALUES (1, 'tea')")
+    db.close()
+    before, listing = other.read_bytes(), sorted(os.listdir(workdir))
+
+    for command in _reading_commands(workdir):
+        assert "another application" in failed(*command, "--url", f"sqlite:///{other}")
+
+    assert other.read_bytes() == before
+    assert sorted(os.listdir(workdir)) == listing
+
+
+@pytest.mark.postgresql
+def test_reading_commands_add_no_table_to_another_applications_postgresql_database(
+    workdir: Path, postgresql_admin_url: str
+) -> None:
+    with servers.throwaway_postgresql_database(postgresql_admin_url) as url:
+        asyncio.run(_pg(url, "CREATE TABLE orders (id int)"))
+        for command in _reading_commands(workdir):
+            assert "another application" in failed(*command, "--url", url)
+        assert asyncio.run(_pg_tables(url)) == ["orders"]
+
+
+async def _pg(url: str, statement: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def _pg_tables(url: str) -> list[str]:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        rows = await connection.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+        )
+        return [row[0] for row in rows]
+    finally:
+        await connection.close()
+
+
+@pytest.mark.sqlite
+def test_reading_commands_on_an_empty_sqlite_file_ask_for_an_upgrade(workdir: Path) -> None:
+    empty = workdir / "empty.db"
+    sqlite3.connect(empty).close()
+
+    for command in READING:
+        assert "persistence upgrade" in failed(*command, "--url", f"sqlite:///{empty}")
+    assert empty.read_bytes() == b""
+
+
+@pytest.mark.sqlite
+def test_a_read_only_store_can_be_read(workdir: Path) -> None:
+    store = workdir / "ro" / "sessions.db"
+    assert invoke("demo", "--url", f"sqlite:///{store}").exit_code == 0
+    before = store.read_bytes()
+    store.chmod(0o444)
+    try:
+        for command in (["stats", "--json"], ["sessions", "list"]):
+            result = invoke(*command, "--url", f"sqlite:///{store}")
+            assert result.exit_code == 0, result.output
+    finally:
+        store.chmod(0o644)
+    assert store.read_bytes() == before
+
+
+@pytest.mark.sqlite
+def test_a_directory_url_says_so_in_one_line_without_a_thread_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORAGE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "persistence", "stats", "--url", f"sqlite:///{tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path} is a directory, not a database file (name a file:"
+        " sqlite:///dir/name.db)"
+    ]
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("command", ["import", "restore"])
+@pytest.mark.parametrize("content", [None, b'{"format": ', b"not json at all"])
+def test_a_failed_import_or_restore_leaves_no_database(
+    workdir: Path, command: str, content: bytes | None
+) -> None:
+    source = workdir / "input.json"
+    if content is not None:
+        source.write_bytes(content)
+    store = workdir / "new.db"
+
+    failed(command, str(source), "--url", f"sqlite:///{store}")
+
+    assert not store.exists()
+    assert sorted(os.listdir(workdir)) == ([] if content is None else ["input.json"])
+
+
+@pytest.mark.sqlite
+def test_importing_a_single_session_export_gives_a_hint(workdir: Path) -> None:
+    store = workdir / "s.db"
+    assert invoke("demo", "--url", f"sqlite:///{store}").exit_code == 0
+    listed = json.loads(invoke("sessions", "list", "--json", "--url", f"sqlite:///{store}").stdout)
+    single = workdir / "one.json"
+    result = invoke("export", listed[0]["session_id"], "--url", f"sqlite:///{store}")
+    single.write_text(result.stdout)
+
+    line = failed("import", str(single), "--url", f"sqlite:///{workdir / 'other.db'}")
+
+    assert "single-session export" in line and "export-all" in line
+    assert not (workdir / "other.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("blocked", "expression", "extra"),
+    [
+        ("asyncpg", "persistence.PostgreSQLSessionStorage('postgresql://u@h/d')", "postgresql"),
+        ("pymongo", "persistence.MongoDBSessionStorage", "mongodb"),
+    ],
+)
+def test_a_missing_driver_names_the_extra_to_install(
+    blocked: str, expression: str, extra: str
+) -> None:
+    # A None entry in sys.modules makes `import asyncpg` raise ImportError.
+    script = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        "import persistence\n"
+        "try:\n"
+        f"    {expression}\n"
+        "except persistence.ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert f"pip install 'persistence[{extra}]'" in result.stdout
