@@ -28,6 +28,7 @@ from persistence.errors import (
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo import bulk, repositories, writes
+from persistence.mongo.backfill import backfill_search_tokens
 from persistence.mongo.documents import (
     FILES_COLLECTION,
     SESSIONS_COLLECTION,
@@ -297,6 +298,8 @@ class MongoDBSessionStorage(SessionStorage):
                 await model.get_pymongo_collection().create_indexes(
                     indexes_to_create(indexes, sharded_cluster=router)
                 )
+            if create_indexes:
+                await backfill_search_tokens(database)
             reading = docs
             if self.read_preference is not None:
                 reading = bind_documents()
