@@ -24,6 +24,7 @@ from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRec
 from persistence.sql import new_sessions, repositories, writes
 from persistence.sql.engines import (
     WRITE_OPTIONS,
+    displayed,
     open_sqlite,
     postgresql_engine,
     postgresql_url,
@@ -486,7 +487,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         )
 
     def __repr__(self) -> str:
-        shown = repr(self.url.render_as_string(hide_password=True))
+        shown = repr(displayed(self.url))
         if self._replicas is not None:
             shown += f", read_replicas={self._replicas.displayed!r}"
         return f"PostgreSQLSessionStorage({shown})"
