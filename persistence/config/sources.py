@@ -101,8 +101,9 @@ def read_environment(
         environment.sources[f"options.{key}"] = f"environment variable {variable}"
     for name in names:
         if os.environ[name] == "":
-            key = name[len(ENVIRONMENT_PREFIX) :].lower()
-            environment.cleared.add(key.replace("options__", "options.", 1))
+            key = name[len(ENVIRONMENT_PREFIX) :].lower().replace("options__", "options.", 1)
+            environment.cleared.add(key)
+            environment.sources[key] = f"empty environment variable {name}"
     return environment
 
 
