@@ -1,8 +1,8 @@
-"""StorageConfig and load_config: which store to use, and how.
+"""StorageConfig: which store to use, and how; config_from_url for one URL.
 
-Sources, highest priority first: `STORAGE_*` environment variables, the `storage`
-section of a YAML or TOML file, then defaults (SQLite at ./gemini_sessions.db).
-A connection string's password never appears in a repr, a log line or an error.
+`load_config` (loading.py) gathers the values from the environment and a file.
+A connection string's password never appears in a repr, a log line or an error, and
+a user name or password that is not percent-encoded is refused (persistence.urls).
 """
 
 from __future__ import annotations
