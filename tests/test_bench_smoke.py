@@ -14,7 +14,7 @@ import pytest
 from tests import servers
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8"]
+WORKLOADS = ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "w9"]
 # A workload may be skipped only for these reasons, never fail or hang.
 ACCEPTED_STATUSES = {"ok", "skipped", "n/a"}
 
@@ -65,3 +65,4 @@ def test_quick_benchmark_runs_every_workload_and_writes_json(tmp_path: Path) -> 
                 assert not _failed_checks(result), (where, _failed_checks(result))
             assert results["w1"]["status"] == "ok"
             assert results["w8"]["status"] == "ok"
+            assert results["w9"]["status"] == "ok"

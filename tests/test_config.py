@@ -197,7 +197,8 @@ def test_unset_variable_without_default_is_named(
             r"expiry_hours \(from config file .*key storage\.expiry_hours\).*number",
         ),
         (
-            {"STORAGE_MIN_POOL_SIZE": "30"},
+            # Two explicit bounds in conflict (one alone moves the other's default).
+            {"STORAGE_MIN_POOL_SIZE": "30", "STORAGE_MAX_POOL_SIZE": "20"},
             None,
             r"min_pool_size \(from environment variable STORAGE_MIN_POOL_SIZE\): 30 is greater",
         ),

@@ -20,11 +20,11 @@ from rich.markup import escape
 
 from persistence.config import (
     StorageConfig,
-    config_from_url,
     create_storage,
     load_config,
     mask_secrets,
 )
+from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
 from persistence.storage import SessionStorage
 
@@ -68,8 +68,8 @@ class Target:
         return Target(config_file or self.config_file, url or self.url, verbose or self.verbose)
 
     def load(self) -> StorageConfig:
-        config = load_config(self.config_file)
-        return config if self.url is None else config_from_url(self.url, base=config)
+        # A --url is the store: the configured store's settings are not even read.
+        return load_config(self.config_file, url=self.url)
 
     def command_prefix(self, *, reveal: bool = False) -> str:
         """How to repeat this store's options on another command line (password masked)."""
@@ -83,22 +83,25 @@ class Target:
 
 @contextmanager
 def _logging(verbose: int) -> Iterator[None]:
-    """Sends the library's (and alembic's) log records to stderr while a command runs."""
+    """Sends the library's (and alembic's) log records, and every other library's
+    warnings, to stderr while a command runs, every URL's password masked."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     detail = "%(asctime)s " if verbose > 1 else ""
-    handler.setFormatter(logging.Formatter(f"{detail}%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(MaskingFormatter(f"{detail}%(levelname)s %(name)s: %(message)s"))
     handler.setLevel(level)
+    # On the root logger: SQLAlchemy's, asyncpg's and PyMongo's records pass it too.
+    root = logging.getLogger()
     loggers = [logging.getLogger(name) for name in ("persistence", "alembic")]
     previous = [log.level for log in loggers]
+    root.addHandler(handler)
     for log in loggers:
-        log.addHandler(handler)
         log.setLevel(level)
     try:
         yield
     finally:
+        root.removeHandler(handler)
         for log, old in zip(loggers, previous, strict=True):
-            log.removeHandler(handler)
             log.setLevel(old)
 
 

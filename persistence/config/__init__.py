@@ -4,6 +4,7 @@ how passwords stay hidden (masking), and building the store (factory)."""
 from __future__ import annotations
 
 from persistence.config.factory import create_storage, sql_url
+from persistence.config.loading import load_config
 from persistence.config.masking import mask_secrets, mask_url
 from persistence.config.settings import (
     MongoDBOptions,
@@ -11,7 +12,6 @@ from persistence.config.settings import (
     SQLiteOptions,
     StorageConfig,
     config_from_url,
-    load_config,
 )
 from persistence.config.sources import CONFIG_FILE_VARIABLE, DISCOVERED_FILES, config_file_path
 

@@ -1,18 +1,21 @@
-"""Passwords out of sight: URLs and free text with every password masked."""
+"""Passwords out of sight: URLs, free text and log records with every password masked.
+
+The URL rules live in `persistence.urls` (the backends use them too); this module adds
+the log formatter the command line puts on every handler it installs.
+"""
 
 from __future__ import annotations
 
-import re
+import logging
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*?):([^/?#]*)@")
-_ANY_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s'\"]*):[^@\s'\"]*@")
+from persistence.urls import mask_secrets, mask_url, userinfo_problem
 
-
-def mask_url(url: str) -> str:
-    """Returns the URL with its password replaced by `***`."""
-    return _USERINFO.sub(r"\1\2:***@", url, count=1)
+__all__ = ["MaskingFormatter", "mask_secrets", "mask_url", "userinfo_problem"]
 
 
-def mask_secrets(text: str) -> str:
-    """Masks the password of every URL in `text`."""
-    return _ANY_CREDENTIALS.sub(r"\1:***@", text)
+class MaskingFormatter(logging.Formatter):
+    """A Formatter whose every line (tracebacks included) has its URLs' passwords masked,
+    whichever logger the record came from (SQLAlchemy, asyncpg, PyMongo, alembic, ours)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record))

@@ -1,8 +1,8 @@
-"""StorageConfig and load_config: which store to use, and how.
+"""StorageConfig: which store to use, and how; config_from_url for one URL.
 
-Sources, highest priority first: `STORAGE_*` environment variables, the `storage`
-section of a YAML or TOML file, then defaults (SQLite at ./gemini_sessions.db).
-A connection string's password never appears in a repr, a log line or an error.
+`load_config` (loading.py) gathers the values from the environment and a file.
+A connection string's password never appears in a repr, a log line or an error, and
+a user name or password that is not percent-encoded is refused (persistence.urls).
 """
 
 from __future__ import annotations
@@ -22,18 +22,15 @@ from pydantic import (
     model_validator,
 )
 
-from persistence.config.masking import mask_secrets, mask_url
-from persistence.config.sources import (
-    config_file_path,
-    read_environment,
-    read_file,
-)
+from persistence.config.masking import mask_secrets, mask_url, userinfo_problem
 from persistence.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["sqlite", "postgresql", "mongodb"]
 DEFAULT_DATABASE_PATH = Path("gemini_sessions.db")
+DEFAULT_MIN_POOL_SIZE = 5
+DEFAULT_MAX_POOL_SIZE = 20
 SCHEMES: dict[str, tuple[str, ...]] = {
     "sqlite": ("sqlite", "sqlite+aiosqlite"),
     "postgresql": ("postgresql", "postgresql+asyncpg", "postgres"),
@@ -132,8 +129,8 @@ class StorageConfig(BaseModel):
     database_path: Path = DEFAULT_DATABASE_PATH
     connection_string: SecretStr | None = None
     read_replicas: tuple[SecretStr, ...] = ()
-    min_pool_size: int = Field(5, ge=0)
-    max_pool_size: int = Field(20, ge=1)
+    min_pool_size: int = Field(DEFAULT_MIN_POOL_SIZE, ge=0)
+    max_pool_size: int = Field(DEFAULT_MAX_POOL_SIZE, ge=1)
     auto_save: bool = True
     expiry_hours: float = Field(72, gt=0, allow_inf_nan=False)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -144,6 +141,23 @@ class StorageConfig(BaseModel):
         except ValidationError as exc:
             # `from None`: pydantic's error repeats the raw input, password included.
             raise ConfigError(_describe(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_pool_bound(cls, data: Any) -> Any:
+        """With one pool bound given, the other's default follows it where they conflict."""
+        if not isinstance(data, dict) or ("min_pool_size" in data) == ("max_pool_size" in data):
+            return data
+        given = "min_pool_size" if "min_pool_size" in data else "max_pool_size"
+        try:
+            size = int(data[given])
+        except (TypeError, ValueError):
+            return data  # the field's own check names the problem
+        if given == "max_pool_size" and 1 <= size < DEFAULT_MIN_POOL_SIZE:
+            return {**data, "min_pool_size": size}
+        if given == "min_pool_size" and size > DEFAULT_MAX_POOL_SIZE:
+            return {**data, "max_pool_size": size}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -180,6 +194,8 @@ class StorageConfig(BaseModel):
                 )
             if self.backend == "sqlite":
                 object.__setattr__(self, "database_path", _sqlite_path(url))
+            elif (problem := userinfo_problem(url)) is not None:
+                raise _SettingError("connection_string", problem)
         elif self.backend != "sqlite":
             raise _SettingError("connection_string", f"required for backend {self.backend}")
         self._check_read_replicas()
@@ -214,6 +230,8 @@ class StorageConfig(BaseModel):
                     f"item {index}: {got} is not PostgreSQL"
                     " (use postgresql://, postgres:// or postgresql+asyncpg://)",
                 )
+            if (problem := userinfo_problem(url.get_secret_value())) is not None:
+                raise _SettingError("read_replicas", f"item {index}: {problem}")
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
@@ -266,34 +284,40 @@ def _describe(exc: ValidationError) -> str:
     return mask_secrets("; ".join(problems))
 
 
-def load_config(path: str | Path | None = None) -> StorageConfig:
-    """Reads STORAGE_* variables over a config file's `storage` section over defaults.
+def backend_of(url: str) -> str | None:
+    """The backend a URL's scheme names, or None."""
+    scheme = scheme_of(url)
+    return next((name for name, schemes in SCHEMES.items() if scheme in schemes), None)
+
+
+def url_settings(url: str) -> dict[str, Any]:
+    """The settings that say where the store at `url` is: backend and URL or path.
 
     Raises:
-        ConfigError: naming the setting and where it came from.
+        ConfigError: for a scheme this library does not know (the password is never
+            repeated).
     """
-    file_path = config_file_path(path)
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    if file_path is not None:
-        values = read_file(file_path, StorageConfig.model_fields)
-        for key in values:
-            sources[key] = f"config file {file_path}, key storage.{key}"
-        for key in values.get("options") or {}:
-            sources[f"options.{key}"] = f"config file {file_path}, key storage.options.{key}"
-    environment, env_sources = read_environment()
-    options = {**(values.get("options") or {}), **environment.pop("options", {})}
-    values.update(environment)
-    sources.update(env_sources)
-    if options:
-        values["options"] = options
+    backend = backend_of(url)
+    if backend is None:
+        scheme = scheme_of(url)
+        known = ", ".join(f"{s}://" for schemes in SCHEMES.values() for s in schemes)
+        got = f"scheme {scheme}://" if scheme else "no scheme"
+        raise ConfigError(f"URL: {got} is not a database URL this library knows ({known})")
+    if backend != "sqlite":
+        return {"backend": backend, "connection_string": url}
+    try:
+        return {"backend": backend, "database_path": _sqlite_path(url)}
+    except _SettingError as exc:
+        raise ConfigError(f"URL: {exc.problem}") from None
+
+
+def build_config(values: dict[str, Any], sources: dict[str, str]) -> StorageConfig:
+    """StorageConfig(**values), its errors naming where each setting came from."""
     token = _SOURCES.set(sources)
     try:
-        config = StorageConfig(**values)
+        return StorageConfig(**values)
     finally:
         _SOURCES.reset(token)
-    logger.debug("configuration: %r (file: %s)", config, file_path or "none")
-    return config
 
 
 def config_from_url(url: str, *, base: StorageConfig | None = None) -> StorageConfig:
@@ -306,23 +330,11 @@ def config_from_url(url: str, *, base: StorageConfig | None = None) -> StorageCo
     Raises:
         ConfigError: for any other scheme (the URL's password is never repeated).
     """
-    scheme = scheme_of(url)
-    backend = next((name for name, schemes in SCHEMES.items() if scheme in schemes), None)
-    if backend is None:
-        known = ", ".join(f"{s}://" for schemes in SCHEMES.values() for s in schemes)
-        got = f"scheme {scheme}://" if scheme else "no scheme"
-        raise ConfigError(f"URL: {got} is not a database URL this library knows ({known})")
-    fields: dict[str, Any] = {"backend": backend}
+    fields = url_settings(url)
+    sources = {key: "the URL" for key in fields}
     if base is not None:
         fields |= base.model_dump(include={"min_pool_size", "max_pool_size"})
         fields |= base.model_dump(include={"auto_save", "expiry_hours"})
-        if base.backend == backend:
+        if base.backend == fields["backend"]:
             fields["options"] = base.options
-    if backend == "sqlite":
-        try:
-            fields["database_path"] = _sqlite_path(url)
-        except _SettingError as exc:
-            raise ConfigError(f"URL: {exc.problem}") from None
-    else:
-        fields["connection_string"] = url
-    return StorageConfig(**fields)
+    return build_config(fields, sources)

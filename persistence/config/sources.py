@@ -6,12 +6,15 @@ parses and checks them, so that every error names the setting and where it came 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from pydantic import ValidationError
@@ -23,6 +26,10 @@ CONFIG_FILE_VARIABLE = "PERSISTENCE_CONFIG"
 DISCOVERED_FILES = ("persistence.yaml", "persistence.yml", "persistence.toml")
 _VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+ENVIRONMENT_PREFIX = "STORAGE_"
+# Settings whose values are database URLs: a ${VAR} in their user info is encoded.
+URL_SETTINGS = ("connection_string", "read_replicas")
 
 
 class _EnvironmentSettings(BaseSettings):
@@ -43,55 +50,130 @@ class _EnvironmentSettings(BaseSettings):
     options: dict[str, Any] | None = None
 
 
-def read_environment() -> tuple[dict[str, Any], dict[str, str]]:
+@dataclass
+class Environment:
+    """What the STORAGE_* variables say: values, where each came from, and the settings
+    an empty variable clears (back to its default, whatever a file says)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    cleared: set[str] = field(default_factory=set)
+
+
+def _check_names(known: Collection[str]) -> list[str]:
+    """The STORAGE_* variables set; an unknown one is an error naming it."""
+    names = [name for name in os.environ if name.upper().startswith(ENVIRONMENT_PREFIX)]
+    allowed = [f"{ENVIRONMENT_PREFIX}{key.upper()}" for key in known]
+    for name in names:
+        upper = name.upper()
+        if upper in allowed or upper.startswith(f"{ENVIRONMENT_PREFIX}OPTIONS__"):
+            continue
+        close = difflib.get_close_matches(upper, allowed, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(
+            f"environment variable {name}: unknown storage setting"
+            f" ({hint}known: {', '.join(allowed)}, {ENVIRONMENT_PREFIX}OPTIONS__<option>)"
+        )
+    return names
+
+
+def read_environment(
+    known: Collection[str] = tuple(_EnvironmentSettings.model_fields),
+) -> Environment:
+    """Reads the STORAGE_* variables (names case-insensitive, as pydantic-settings reads them).
+
+    Raises:
+        ConfigError: for an unknown STORAGE_* variable, or STORAGE_OPTIONS not JSON.
+    """
+    names = _check_names(_EnvironmentSettings.model_fields)
     try:
         raw = _EnvironmentSettings().model_dump(exclude_none=True)
     except (ValidationError, SettingsError):
         raise ConfigError(
             "storage setting options (from environment variable STORAGE_OPTIONS): not a JSON object"
         ) from None
-    names = {key.upper() for key in os.environ}
-    sources = {key: f"environment variable STORAGE_{key.upper()}" for key in raw}
+    environment = Environment(values=raw)
+    upper_names = {name.upper() for name in names}
+    environment.sources = {key: f"environment variable STORAGE_{key.upper()}" for key in raw}
     for key in raw.get("options", {}):
         nested = f"STORAGE_OPTIONS__{key.upper()}"
-        variable = nested if nested in names else "STORAGE_OPTIONS"
-        sources[f"options.{key}"] = f"environment variable {variable}"
-    return raw, sources
+        variable = nested if nested in upper_names else "STORAGE_OPTIONS"
+        environment.sources[f"options.{key}"] = f"environment variable {variable}"
+    for name in names:
+        if os.environ[name] == "":
+            key = name[len(ENVIRONMENT_PREFIX) :].lower().replace("options__", "options.", 1)
+            environment.cleared.add(key)
+            environment.sources[key] = f"empty environment variable {name}"
+    return environment
 
 
-def expand(value: Any, where: str) -> Any:
-    """Expands ${VAR} and ${VAR:-default} in every string of a file's values."""
+def _userinfo_span(template: str) -> tuple[int, int] | None:
+    """Where a URL template's user info lies: from `://` to its last literal `@`."""
+    head, separator, _ = template.partition("://")
+    if not separator or not _SCHEME.fullmatch(head):
+        return None
+    start = len(head) + len(separator)
+    references = [match.span() for match in _VARIABLE.finditer(template)]
+    ats = [
+        index
+        for index in range(start, len(template))
+        if template[index] == "@" and not any(a <= index < b for a, b in references)
+    ]
+    return (start, ats[-1]) if ats else None
+
+
+def expand(value: Any, where: str, *, url: bool = False) -> Any:
+    """Expands ${VAR} and ${VAR:-default} in every string of a file's values.
+
+    With `url` (the values are database URLs), a reference inside a URL's user info
+    (`scheme://${USER}:${PASSWORD}@host`) is inserted percent-encoded: the variable
+    holds the user name or password as it is, `@`, `/`, `?`, `#` and `%` included.
+    """
     if isinstance(value, dict):
-        return {key: expand(item, f"{where}.{key}") for key, item in value.items()}
+        return {key: expand(item, f"{where}.{key}", url=url) for key, item in value.items()}
     if isinstance(value, list):
-        return [expand(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [expand(item, f"{where}[{i}]", url=url) for i, item in enumerate(value)]
     if not isinstance(value, str):
         return value
+    span = _userinfo_span(value) if url else None
 
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$${":
             return "${"
-        if match.group(1) is None:
-            raise ConfigError(f"{where}: unterminated ${{ (write $${{ for a literal one)")
-        name, has_default, default = match.group(1).partition(":-")
-        if not _VARIABLE_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: ${{{name}}} is not a valid variable reference")
-        found = os.environ.get(name)
-        if found:
-            return found
-        if has_default:
-            return default
-        if found is not None:
-            return found
-        raise ConfigError(
-            f"{where}: environment variable {name} is not set"
-            f" (write ${{{name}:-default}} to give a default)"
-        )
+        found = _resolve(match, where)
+        if span is not None and span[0] <= match.start() and match.end() <= span[1]:
+            return quote(found, safe="")
+        return found
 
     return _VARIABLE.sub(substitute, value)
 
 
+def _resolve(match: re.Match[str], where: str) -> str:
+    if match.group(1) is None:
+        raise ConfigError(f"{where}: unterminated ${{ (write $${{ for a literal one)")
+    name, has_default, default = match.group(1).partition(":-")
+    if not _VARIABLE_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: ${{{name}}} is not a valid variable reference")
+    found = os.environ.get(name)
+    if found:
+        return found
+    if has_default:
+        return default
+    if found is not None:
+        return found
+    raise ConfigError(
+        f"{where}: environment variable {name} is not set"
+        f" (write ${{{name}:-default}} to give a default)"
+    )
+
+
 def read_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
+    """The file's `storage` section as written: `expand_file_values` expands its ${VAR}s
+    (only those of the settings used, so an unset variable elsewhere is no error).
+
+    Raises:
+        ConfigError: naming the file and the problem.
+    """
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"config file {path}: unknown type (use .yaml, .yml or .toml)")
@@ -128,8 +210,20 @@ def read_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
     options = section.get("options", {})
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"config file {path}: storage.options must be a mapping")
-    expanded: dict[str, Any] = expand(section, f"config file {path}: storage")
-    return expanded
+    return dict(section)
+
+
+def expand_file_values(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Expands the ${VAR}s of a file's settings (see `expand`).
+
+    Raises:
+        ConfigError: for an unset variable without a default, naming it and the setting.
+    """
+    where = f"config file {path}: storage"
+    return {
+        key: expand(value, f"{where}.{key}", url=key in URL_SETTINGS)
+        for key, value in values.items()
+    }
 
 
 def config_file_path(path: str | Path | None = None) -> Path | None:

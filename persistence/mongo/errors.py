@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +16,7 @@ from pymongo.errors import (
 )
 
 from persistence.errors import InvalidDataError, PersistenceError, StorageConnectionError
+from persistence.urls import mask_secrets
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 # Server error codes (src/mongo/base/error_codes.yml and uassert locations).
@@ -26,12 +26,12 @@ _TOO_LARGE = {
     10334,  # BSONObjectTooLarge: an inserted or upserted document
     17419,  # "Resulting document after update is larger than 16777216"
 }
-_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """Replaces the user info of every MongoDB URL in `text` (never a password out)."""
-    return _USERINFO.sub(r"\1***@", text)
+    """Replaces the user info of every URL in `text` (never a password out), up to the
+    last `@` of each URL: a password typed with a raw `@` is hidden whole."""
+    return mask_secrets(text, hide_user=True)
 
 
 def _detail(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ from persistence.sql.checkout import driver_connection
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     check_sqlite_path,
+    displayed,
     open_sqlite,
     postgresql_engine,
     postgresql_url,
@@ -584,7 +585,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         )
 
     def __repr__(self) -> str:
-        shown = repr(self.url.render_as_string(hide_password=True))
+        shown = repr(displayed(self.url))
         if self._replicas is not None:
             shown += f", read_replicas={self._replicas.displayed!r}"
         return f"PostgreSQLSessionStorage({shown})"

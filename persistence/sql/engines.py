@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from persistence.errors import InvalidDataError, StorageConnectionError
 from persistence.sql.types import json_dumps, json_loads
+from persistence.urls import mask_url, userinfo_problem
 
 _POSTGRESQL_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
 _SQLITE_SCHEMES = {"sqlite", "sqlite+aiosqlite"}
@@ -25,8 +26,12 @@ def postgresql_url(connection_string: str) -> URL:
     """Accepts `postgresql://`, `postgres://` and `postgresql+asyncpg://`; returns asyncpg's.
 
     Raises:
-        InvalidDataError: for any other scheme (the password is never repeated).
+        InvalidDataError: for any other scheme, or a user name or password that is not
+            percent-encoded (the password is never repeated).
     """
+    problem = userinfo_problem(connection_string)
+    if problem is not None:
+        raise InvalidDataError(f"connection_string: {problem}")
     try:
         url = make_url(connection_string)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
@@ -39,6 +44,11 @@ def postgresql_url(connection_string: str) -> URL:
             " (use postgresql://, postgres:// or postgresql+asyncpg://)"
         )
     return url.set(drivername="postgresql+asyncpg")
+
+
+def displayed(url: URL) -> str:
+    """The URL for reprs and messages: password and `password=` parameters masked."""
+    return mask_url(url.render_as_string(hide_password=False))
 
 
 def sqlite_path_from_url(connection_string: str) -> Path:

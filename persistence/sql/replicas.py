@@ -25,7 +25,7 @@ from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.errors import InvalidDataError
-from persistence.sql.engines import postgresql_url, replica_connect_args
+from persistence.sql.engines import displayed, postgresql_url, replica_connect_args
 from persistence.sql.errors import connection_lost
 from persistence.sql.runner import Work, run_on_asyncpg
 from persistence.sql.standby import (
@@ -99,7 +99,7 @@ class ReplicaSet:
 
     @property
     def displayed(self) -> list[str]:
-        return [url.render_as_string(hide_password=True) for url in self.urls]
+        return [displayed(url) for url in self.urls]
 
     def states(self) -> list[ReplicaState]:
         position = self.clock.known_position if self.clock.settled() else None

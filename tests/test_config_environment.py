@@ -1,0 +1,291 @@
+"""The environment over the file, completely where it speaks; --url over both.
+
+Unknown STORAGE_* variables are errors; an empty variable clears the file's value;
+STORAGE_BACKEND switches a file's store; one pool bound moves the other's default;
+${VAR} in a URL's user info is percent-encoded; --url never reads the file's store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from typer.testing import CliRunner
+
+from persistence import ConfigError
+from persistence.cli import app
+from persistence.config import StorageConfig, load_config
+
+PG_FILE = (
+    "storage:\n"
+    "  backend: postgresql\n"
+    "  connection_string: postgresql://app:pw@db.example/app\n"
+    "  read_replicas: [postgresql://app:pw@replica.example/app]\n"
+    "  min_pool_size: 2\n"
+    "  options:\n"
+    "    statement_timeout: 5\n"
+    "    synchronous: NORMAL\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    for name in list(os.environ):
+        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
+            monkeypatch.delenv(name)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield work
+
+
+def _file(tmp_path: Path, text: str, name: str = "app.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# Item 3: unknown STORAGE_* variables.
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("STORAGE_DATABASEPATH", "did you mean STORAGE_DATABASE_PATH"),
+        ("STORAGE_POOL", None),
+        ("storage_max_pool", "did you mean STORAGE_MAX_POOL_SIZE"),
+    ],
+)
+def test_an_unknown_storage_variable_is_an_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, hint: str | None
+) -> None:
+    monkeypatch.setenv(name, "/srv/x.db")
+    with pytest.raises(ConfigError, match=f"environment variable {name}: unknown") as caught:
+        load_config()
+    assert "STORAGE_DATABASE_PATH" in str(caught.value)  # the known ones are listed
+    if hint:
+        assert hint in str(caught.value)
+
+
+def test_every_documented_variable_and_other_prefixes_are_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        "STORAGE_BACKEND": "sqlite",
+        "STORAGE_CONNECTION_STRING": "",
+        "STORAGE_DATABASE_PATH": "/srv/chat.db",
+        "STORAGE_MIN_POOL_SIZE": "1",
+        "STORAGE_MAX_POOL_SIZE": "2",
+        "STORAGE_AUTO_SAVE": "false",
+        "STORAGE_EXPIRY_HOURS": "3",
+        "STORAGE_READ_REPLICAS": "",
+        "STORAGE_OPTIONS": '{"busy_timeout": 5}',
+        "STORAGE_OPTIONS__SYNCHRONOUS": "NORMAL",
+        "PERSISTENCE_TEST_WHATEVER": "x",
+        "MY_STORAGE_THING": "x",
+    }.items():
+        monkeypatch.setenv(name, value)
+    config = load_config()
+    assert config.database_path == Path("/srv/chat.db")
+    assert config.options == {"busy_timeout": 5.0, "synchronous": "NORMAL"}
+
+
+# Item 4: the environment overrides the file completely where it speaks.
+
+
+def test_storage_backend_sqlite_switches_a_files_postgresql_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("STORAGE_BACKEND", "sqlite")
+    monkeypatch.setenv("STORAGE_DATABASE_PATH", str(tmp_path / "local.db"))
+    with caplog.at_level(logging.WARNING, logger="persistence"):
+        config = load_config(_file(tmp_path, PG_FILE))
+    assert config.backend == "sqlite"
+    assert config.connection_string is None
+    assert config.database_path == tmp_path / "local.db"
+    assert config.options == {"synchronous": "NORMAL"}
+    assert config.min_pool_size == 2  # what applies to every backend stays
+    warnings = " ".join(record.getMessage() for record in caplog.records)
+    for dropped in ("connection_string", "read_replicas", "statement_timeout"):
+        assert dropped in warnings
+    assert "pw" not in warnings
+
+
+def test_storage_backend_sqlite_gets_past_an_unset_variable_of_the_dropped_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _file(tmp_path, "storage:\n  connection_string: postgresql://a:${UNSET_PW}@db/x\n")
+    monkeypatch.setenv("STORAGE_BACKEND", "sqlite")
+    assert load_config(path).backend == "sqlite"
+
+
+def test_an_environment_url_of_another_backend_wins_over_the_files_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", f"sqlite:///{tmp_path / 'env.db'}")
+    config = load_config(_file(tmp_path, PG_FILE))
+    assert (config.backend, config.database_path) == ("sqlite", tmp_path / "env.db")
+
+
+def test_storage_backend_postgresql_drops_the_files_sqlite_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _file(tmp_path, "storage:\n  options: {synchronous: NORMAL, cache_size: 100}\n")
+    monkeypatch.setenv("STORAGE_BACKEND", "postgresql")
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "postgresql://app@db/app")
+    config = load_config(path)
+    assert (config.backend, config.options) == ("postgresql", {})
+
+
+def test_conflicts_inside_the_environment_stay_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STORAGE_BACKEND", "sqlite")
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "postgresql://app@db/app")
+    with pytest.raises(ConfigError, match="does not fit backend sqlite"):
+        load_config()
+
+
+def test_an_empty_variable_clears_the_files_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _file(
+        tmp_path,
+        "storage:\n  backend: sqlite\n  connection_string: sqlite:////srv/file.db\n"
+        "  expiry_hours: 5\n  options: {synchronous: NORMAL}\n",
+    )
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "")
+    monkeypatch.setenv("STORAGE_EXPIRY_HOURS", "")
+    monkeypatch.setenv("STORAGE_OPTIONS__SYNCHRONOUS", "")
+    config = load_config(path)
+    assert config.connection_string is None
+    assert config.database_path == Path("gemini_sessions.db")
+    assert (config.expiry_hours, config.options) == (72, {})
+
+
+def test_an_empty_connection_string_and_sqlite_backend_leave_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "")
+    with pytest.raises(ConfigError, match=r"connection_string .*required for backend postgresql"):
+        load_config(_file(tmp_path, PG_FILE))
+    monkeypatch.setenv("STORAGE_BACKEND", "sqlite")
+    assert load_config(_file(tmp_path, PG_FILE)).backend == "sqlite"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"STORAGE_MAX_POOL_SIZE": "3"}, (3, 3)),
+        ({"STORAGE_MAX_POOL_SIZE": "8"}, (5, 8)),
+        ({"STORAGE_MIN_POOL_SIZE": "30"}, (30, 30)),
+        ({"STORAGE_MIN_POOL_SIZE": "1"}, (1, 20)),
+    ],
+)
+def test_one_pool_bound_moves_the_others_default(
+    monkeypatch: pytest.MonkeyPatch, given: dict[str, str], expected: tuple[int, int]
+) -> None:
+    monkeypatch.setenv("STORAGE_BACKEND", "postgresql")
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "postgresql://app@db/app")
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    config = load_config()
+    assert (config.min_pool_size, config.max_pool_size) == expected
+    assert StorageConfig(max_pool_size=3).min_pool_size == 3
+
+
+def test_two_explicit_conflicting_pool_bounds_stay_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_MAX_POOL_SIZE", "3")
+    path = _file(tmp_path, "storage:\n  min_pool_size: 10\n")
+    with pytest.raises(ConfigError, match=r"min_pool_size \(from config file .*greater"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="greater than max_pool_size"):
+        StorageConfig(min_pool_size=9, max_pool_size=2)
+
+
+# Item 2: ${VAR} in a URL's user info is percent-encoded.
+
+
+@pytest.mark.parametrize("password", ["p@ss/w?rd#x", "100%", "plain", "a:b c"])
+def test_a_variable_in_the_user_info_is_percent_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    monkeypatch.setenv("DB_USER", "app@tenant")
+    monkeypatch.setenv("DB_PASSWORD", password)
+    monkeypatch.setenv("DB_HOST", "db.example:5432")
+    path = _file(
+        tmp_path,
+        "storage:\n"
+        "  connection_string: postgresql://${DB_USER}:${DB_PASSWORD}@${DB_HOST}/app\n"
+        "  read_replicas: ['postgresql://app:${DB_PASSWORD}@replica/app']\n",
+    )
+    config = load_config(path)
+    assert config.connection_string is not None
+    encoded = quote(password, safe="")
+    assert config.connection_string.get_secret_value() == (
+        f"postgresql://app%40tenant:{encoded}@db.example:5432/app"
+    )
+    assert config.read_replicas[0].get_secret_value() == f"postgresql://app:{encoded}@replica/app"
+
+
+def test_a_whole_url_variable_and_other_settings_are_inserted_as_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:p%40ss@db/app")
+    monkeypatch.setenv("NAME", "a@b")
+    path = _file(
+        tmp_path,
+        "storage:\n  connection_string: ${DATABASE_URL}\n"
+        "  options: {statement_timeout: 3}\n  database_path: /srv/${NAME}.db\n",
+    )
+    config = load_config(path)
+    assert config.connection_string is not None
+    assert config.connection_string.get_secret_value() == "postgresql://app:p%40ss@db/app"
+    assert config.database_path == Path("/srv/a@b.db")
+
+
+def test_a_raw_password_written_in_a_file_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "storage:\n  connection_string: 'postgresql://app:p@ss#x@db/app'\n")
+    with pytest.raises(ConfigError, match=r"connection_string \(from config file .*%40") as caught:
+        load_config(path)
+    assert "p@ss" not in str(caught.value)
+
+
+# Item 5: --url replaces the configured store without reading it.
+
+
+def test_url_gets_past_a_file_whose_store_variable_is_unset(tmp_path: Path) -> None:
+    path = _file(
+        tmp_path,
+        "storage:\n  backend: postgresql\n"
+        "  connection_string: postgresql://app:${UNSET_DB_PASSWORD}@db/app\n"
+        "  read_replicas: ['${UNSET_REPLICA}']\n"
+        "  expiry_hours: 7\n  options: {statement_timeout: 5}\n",
+    )
+    with pytest.raises(ConfigError, match="UNSET_DB_PASSWORD is not set"):
+        load_config(path)
+    target = tmp_path / "other.db"
+    config = load_config(path, url=f"sqlite:///{target}")
+    assert (config.backend, config.database_path, config.expiry_hours) == ("sqlite", target, 7)
+    assert config.options == {}
+    result = CliRunner().invoke(
+        app, ["--config", str(path), "--url", f"sqlite:///{target}", "demo"]
+    )
+    assert result.exit_code == 0, result.output
+    assert target.exists()
+
+
+def test_url_ignores_the_environments_store_but_keeps_same_backend_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_BACKEND", "mongodb")
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "mongodb://${broken")
+    monkeypatch.setenv("STORAGE_OPTIONS__SYNCHRONOUS", "NORMAL")
+    config = load_config(url=f"sqlite:///{tmp_path / 'x.db'}")
+    assert (config.backend, config.options) == ("sqlite", {"synchronous": "NORMAL"})
+    with pytest.raises(ConfigError, match="scheme mysql://"):
+        load_config(url="mysql://app@db/app")

@@ -1,0 +1,220 @@
+"""A password with every reserved URL character never reaches any output.
+
+Tried percent-encoded (as it must be written) and typed raw (which is refused, without
+repeating it): masking, reprs, config errors, log lines of every logger at -v and -vv,
+`stats --json`, backup, migrate and export summaries, and one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy import make_url
+from typer.testing import CliRunner
+
+from persistence import ConfigError, InvalidDataError, PostgreSQLSessionStorage
+from persistence.cli import app
+from persistence.config import StorageConfig, config_from_url, load_config, mask_secrets, mask_url
+from persistence.config.masking import MaskingFormatter
+
+# Pieces joined by every character that ends or splits a URL's parts.
+PIECES = ("Zq7", "Kx9", "Wm4", "Tr2", "Yp5", "Ab6", "Cd8")
+PASSWORD = "Zq7@Kx9/Wm4?Tr2#Yp5:Ab6%Cd8"
+ENCODED = quote(PASSWORD, safe="")
+RAW_URLS = [
+    f"postgresql://u:{PASSWORD}@db.example:5432/app",
+    f"postgres://u:{PASSWORD}@db.example/app",
+    f"mongodb://u:{PASSWORD}@h1.example,h2.example/app?replicaSet=rs",
+    f"mongodb+srv://u:{PASSWORD}@cluster.example/",
+    "postgresql://u:p@ss/w?rd#x@db.example/app",
+]
+ENCODED_URLS = [
+    f"postgresql://u:{ENCODED}@db.example:5432/app",
+    f"postgresql+asyncpg://u:{ENCODED}@db.example/app?password={ENCODED}&sslmode=require",
+    f"postgresql://u@db.example/app?password={ENCODED}",
+    f"mongodb://u:{ENCODED}@h1.example,h2.example/app?tlsCertificateKeyFilePassword={ENCODED}",
+    f"mongodb+srv://u:{ENCODED}@cluster.example/",
+]
+
+
+def assert_hidden(text: str, pieces: tuple[str, ...] = PIECES) -> None:
+    for piece in pieces:
+        assert piece not in text, f"password fragment {piece!r} in: {text[-600:]}"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    for name in list(os.environ):
+        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
+            monkeypatch.delenv(name)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield work
+
+
+@pytest.mark.parametrize("url", RAW_URLS + ENCODED_URLS)
+def test_mask_url_and_mask_secrets_hide_every_fragment(url: str) -> None:
+    pieces = ("p@ss", "w?rd", "rd#x") if "p@ss" in url else PIECES
+    assert_hidden(mask_url(url), pieces)
+    assert_hidden(mask_secrets(f"error: cannot reach {url} (timeout)"), pieces)
+    assert_hidden(mask_secrets(f"config: StorageConfig(connection_string='{url}')"), pieces)
+    assert "db.example" in mask_url(url) or "example" in mask_url(url)
+
+
+def test_masking_keeps_what_is_not_a_secret() -> None:
+    assert mask_url(f"postgresql://app:{ENCODED}@db:5432/chat?sslmode=require") == (
+        "postgresql://app:***@db:5432/chat?sslmode=require"
+    )
+    assert mask_url("postgresql://app@db/chat") == "postgresql://app@db/chat"
+    assert mask_url("sqlite:///srv/a@b.db") == "sqlite:///srv/a@b.db"
+    # The raw password's @, / and ? are inside the user info: up to the LAST @.
+    assert mask_url("postgresql://u:p@ss/w?rd#x@host/db") == "postgresql://u:***@host/db"
+
+
+@pytest.mark.parametrize("url", RAW_URLS)
+def test_a_raw_reserved_character_is_refused_without_repeating_the_password(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"connection_string.*percent-encode") as caught:
+        StorageConfig(connection_string=url)
+    assert_hidden(str(caught.value), ("p@ss", "w?rd", *PIECES))
+    with pytest.raises(ConfigError) as caught:
+        config_from_url(url)
+    assert_hidden(str(caught.value), ("p@ss", "w?rd", *PIECES))
+
+
+def test_a_raw_password_in_a_read_replica_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"read_replicas.*item 1.*percent-encode") as caught:
+        StorageConfig(connection_string=ENCODED_URLS[0], read_replicas=[RAW_URLS[0]])
+    assert_hidden(str(caught.value))
+
+
+@pytest.mark.parametrize("url", ENCODED_URLS)
+def test_configs_reprs_and_display_urls_hide_the_password(url: str) -> None:
+    config = StorageConfig(connection_string=url)
+    for text in (repr(config), str(config), config.display_url, repr(config.model_dump())):
+        assert_hidden(text)
+
+
+def test_postgresql_storage_repr_hides_passwords_of_primary_replicas_and_query() -> None:
+    storage = PostgreSQLSessionStorage(ENCODED_URLS[1], read_replicas=[ENCODED_URLS[0]])
+    assert_hidden(repr(storage))
+    assert "db.example" in repr(storage)
+    with pytest.raises(InvalidDataError, match="percent-encode") as caught:
+        PostgreSQLSessionStorage(RAW_URLS[0])
+    assert_hidden(str(caught.value))
+
+
+def test_mongodb_storage_repr_and_bad_url_errors_hide_the_password() -> None:
+    backend = pytest.importorskip("persistence.mongo.backend")
+    storage = backend.MongoDBSessionStorage(ENCODED_URLS[3])
+    assert_hidden(repr(storage))
+    for url in (
+        f"mongodb://u:{PASSWORD}@h.example/app",  # raw: the driver refuses it
+        f"mongodb://u:{ENCODED}@h.example/app?noSuchOption=1",
+        f"mongodb://u:{ENCODED}@h.example/app?w=notanumber&password={ENCODED}",
+    ):
+        with pytest.raises(Exception) as caught:
+            backend.MongoDBSessionStorage(url)
+        assert_hidden(f"{caught.value} {caught.value!r}")
+        assert "***@cret" not in str(caught.value)
+
+
+def test_the_masking_formatter_masks_every_logger_and_tracebacks() -> None:
+    formatter = MaskingFormatter("%(name)s: %(message)s")
+    try:
+        raise RuntimeError(f"connect to {ENCODED_URLS[0]} failed")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "sqlalchemy.engine",
+            logging.WARNING,
+            __file__,
+            1,
+            "url %s",
+            (RAW_URLS[0],),
+            sys.exc_info(),
+        )
+    assert_hidden(formatter.format(record))
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, args, env=env)
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        text += repr(result.exception)
+    return result.exit_code, text
+
+
+def test_a_raw_password_on_the_command_line_is_one_masked_error_line() -> None:
+    for url in RAW_URLS:
+        code, text = _run(["stats", "--url", url, "-vv"])
+        assert code == 1, text
+        assert "percent-encode" in text
+        assert_hidden(text, ("p@ss", "w?rd", *PIECES))
+    code, text = _run(["migrate", "--to", RAW_URLS[0]])
+    assert code == 1
+    assert_hidden(text)
+
+
+@pytest.mark.postgresql
+def test_every_command_and_log_level_hides_an_encoded_password(
+    postgresql_url: str, tmp_path: Path
+) -> None:
+    # Trust authentication: the server takes any password for this user.
+    url = make_url(postgresql_url).set(password=PASSWORD).render_as_string(hide_password=False)
+    assert ENCODED in url
+    for level in ([], ["-v"], ["-vv"]):
+        commands = [
+            ["upgrade", "--url", url],
+            ["demo", "--url", url],
+            ["stats", "--json", "--url", url],
+            ["stats", "--url", url],
+            ["sessions", "list", "--url", url],
+            ["export-all", str(tmp_path / f"all{len(level)}.json"), "--url", url],
+            ["backup", str(tmp_path / f"backups{len(level)}"), "--url", url],
+            ["migrate", "--from", url, "--to", f"sqlite:///{tmp_path / f'c{len(level)}.db'}"],
+            ["migrate", "--to", url, "--url", f"sqlite:///{tmp_path / f'c{len(level)}.db'}"],
+            ["cleanup", "--url", url],
+        ]
+        for args in commands:
+            code, text = _run([*args, *level])
+            assert code == 0, (args, text[-800:])
+            assert_hidden(text)
+        code, text = _run(["sessions", "show", "nothing-here", "--url", url, *level])
+        assert code == 1
+        assert_hidden(text)
+    code, text = _run(["stats", "--json", "--url", url])
+    assert json.loads(text)["database"].startswith("postgresql://postgres:***@")
+    # The same store through a config file and through the environment.
+    config = tmp_path / "persistence.yaml"
+    config.write_text(f"storage:\n  connection_string: '{url}'\n", encoding="utf-8")
+    code, text = _run(["stats", "--json", "--config", str(config), "-vv"])
+    assert code == 0, text
+    assert_hidden(text)
+    code, text = _run(["stats", "-vv"], env={"STORAGE_CONNECTION_STRING": url})
+    assert code == 0, text
+    assert_hidden(text)
+
+
+@pytest.mark.postgresql
+def test_a_password_expanded_from_the_environment_connects_and_stays_hidden(
+    postgresql_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = make_url(postgresql_url)
+    template = parsed.set(password="PLACEHOLDER").render_as_string(hide_password=False)
+    template = template.replace("PLACEHOLDER", "${DB_PASSWORD}")
+    config = tmp_path / "persistence.yaml"
+    config.write_text(f"storage:\n  connection_string: '{template}'\n", encoding="utf-8")
+    monkeypatch.setenv("DB_PASSWORD", PASSWORD)  # as it is: the expansion encodes it
+    loaded = load_config(config)
+    assert loaded.connection_string is not None
+    assert ENCODED in loaded.connection_string.get_secret_value()
+    code, text = _run(["stats", "--json", "--config", str(config), "-vv"])
+    assert code == 0, text
+    assert_hidden(text)
