@@ -133,10 +133,26 @@ def test_sessions_list_pages_filters_and_prints_json(tmp_path: Path) -> None:
         json.loads(ok("sessions", "list", "--status", "archived", "--json", "--url", url).stdout)
         == []
     )
-    assert (
-        "More may follow: --offset 2" in ok("sessions", "list", "--limit", "2", "--url", url).stdout
-    )
+    assert "More follow: --offset 2" in ok("sessions", "list", "--limit", "2", "--url", url).stdout
+    assert "More" not in ok("sessions", "list", "--limit", "3", "--url", url).stdout
     assert invoke("sessions", "list", "--status", "gone", "--url", url).exit_code == 2
+
+
+@pytest.mark.sqlite
+def test_list_limits_are_bounded_and_exact(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok("demo", "--url", url)
+    # Exactly one session and --limit 1: nothing more to follow.
+    listed = ok("sessions", "list", "--limit", "1", "--url", url).stdout
+    assert "gemini-2.5-flash" in listed and "More" not in listed
+    for command in (["sessions", "list"], ["search", "milk"]):
+        for limit in ("0", "100000000000000000000", "-1"):
+            result = invoke(*command, "--limit", limit, "--url", url)
+            assert result.exit_code == 2, result.output
+            assert "Invalid value for '--limit'" in result.output
+            assert "OverflowError" not in result.output
+    huge = invoke("sessions", "list", "--offset", "100000000000000000000", "--url", url)
+    assert huge.exit_code == 2 and "Invalid value for '--offset'" in huge.output
 
 
 @pytest.mark.sqlite

@@ -54,6 +54,10 @@ VerboseOption = Annotated[
     int, typer.Option("--verbose", "-v", count=True, help="Log to stderr: -v info, -vv debug.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# Bounds of --limit and --offset: a clear usage error instead of an integer no
+# database column (64-bit) can hold.
+MAX_LIMIT = 1_000_000
+MAX_OFFSET = 2**62
 
 
 @dataclass

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from persistence import formats
 from persistence.cli.output import (
+    MAX_LIMIT,
     ConfigOption,
     JsonOption,
     Target,
@@ -46,7 +47,9 @@ def search(
         str | None, typer.Option("--session", help="Only messages of this session.")
     ] = None,
     role: Annotated[RoleChoice | None, typer.Option(help="Only messages of this role.")] = None,
-    limit: Annotated[int, typer.Option(min=0, help="How many messages to show.")] = 20,
+    limit: Annotated[
+        int, typer.Option(min=1, max=MAX_LIMIT, help="How many messages to show.")
+    ] = 20,
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -56,8 +59,9 @@ def search(
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         found = await storage.search_messages(
-            query, limit, session_id=session, role=role.value if role else None
+            query, limit + 1, session_id=session, role=role.value if role else None
         )
+        more, found = len(found) > limit, found[:limit]
         if as_json:
             echo_json([formats.message_document(message) for message in found])
             return
@@ -78,7 +82,7 @@ def search(
             )
         console = out()
         console.print(table)
-        if len(found) == limit:
+        if more:
             console.print(f"More may match: --limit {limit * 2}")
 
     run(ctx, (config, url, verbose), work, must_exist=True)

@@ -13,6 +13,8 @@ from rich.text import Text
 
 from persistence import formats
 from persistence.cli.output import (
+    MAX_LIMIT,
+    MAX_OFFSET,
     ConfigOption,
     JsonOption,
     Target,
@@ -54,8 +56,12 @@ def sessions_list(
     status: Annotated[
         StatusChoice | None, typer.Option(help="Only sessions with this status.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=0, help="How many sessions to show.")] = 20,
-    offset: Annotated[int, typer.Option(min=0, help="How many to skip (newest first).")] = 0,
+    limit: Annotated[
+        int, typer.Option(min=1, max=MAX_LIMIT, help="How many sessions to show.")
+    ] = 20,
+    offset: Annotated[
+        int, typer.Option(min=0, max=MAX_OFFSET, help="How many to skip (newest first).")
+    ] = 0,
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -64,9 +70,11 @@ def sessions_list(
     """List sessions, most recently updated first."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        # One more than asked: "More may follow" only when there is more.
         page = await storage.list_sessions(
-            status=status.value if status else None, limit=limit, offset=offset
+            status=status.value if status else None, limit=limit + 1, offset=offset
         )
+        more, page = len(page) > limit, page[:limit]
         if as_json:
             echo_json([_session_row(session) for session in page])
             return
@@ -89,8 +97,8 @@ def sessions_list(
             )
         console = out()
         console.print(table)
-        if len(page) == limit:
-            console.print(f"More may follow: --offset {offset + limit}")
+        if more:
+            console.print(f"More follow: --offset {offset + limit}")
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
