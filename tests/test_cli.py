@@ -25,6 +25,8 @@ COMMANDS = [
     ["sessions"],
     ["sessions", "list"],
     ["sessions", "show"],
+    ["sessions", "delete"],
+    ["sessions", "archive"],
     ["export"],
     ["stats"],
     ["cleanup"],
@@ -353,3 +355,22 @@ def test_console_script_demo_in_a_fresh_venv(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["total_messages"] == 4
     assert (home / "gemini_sessions.db").is_file()
+
+
+@pytest.mark.sqlite
+def test_sessions_archive_and_delete(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    kept, gone = (_demo_session_id(ok("demo", "--url", url).stdout) for _ in range(2))
+    assert f"Archived session {kept}." in ok("sessions", "archive", kept, "--url", url).stdout
+    assert "already archived" in ok("sessions", "archive", kept, "--url", url).stdout
+    archived = json.loads(
+        ok("sessions", "list", "--status", "archived", "--json", "--url", url).stdout
+    )
+    assert [s["session_id"] for s in archived] == [kept]
+
+    assert f"Deleted session {gone}" in ok("sessions", "delete", gone, "--url", url).stdout
+    assert "not found" in failed("sessions", "delete", gone, "--url", url)
+    assert "not found" in failed("sessions", "archive", gone, "--url", url)
+    listed = json.loads(ok("sessions", "list", "--json", "--url", url).stdout)
+    assert [s["session_id"] for s in listed] == [kept]
+    assert json.loads(ok("stats", "--json", "--url", url).stdout)["total_messages"] == 4

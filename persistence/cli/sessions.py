@@ -29,7 +29,9 @@ from persistence.config import StorageConfig
 from persistence.manager import SessionManager
 from persistence.storage import SessionStorage
 
-sessions_app = typer.Typer(help="List and show stored sessions.", no_args_is_help=True)
+sessions_app = typer.Typer(
+    help="List, show, archive and delete stored sessions.", no_args_is_help=True
+)
 
 
 class StatusChoice(StrEnum):
@@ -143,6 +145,46 @@ def sessions_show(
                 )
             )
             console.print(Text(message.content))
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@sessions_app.command("delete")
+def sessions_delete(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Delete one session and its messages (no question asked; exit 1 if not found)."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        if not await storage.delete_session(session_id):
+            fail(f"session {session_id!r} not found in {cfg.display_url}: nothing deleted")
+        out().print(Text(f"Deleted session {session_id} and its messages."))
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@sessions_app.command("archive")
+def sessions_archive(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Set one session's status to archived (exit 1 if not found)."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        if await storage.set_status([session_id], "archived"):
+            out().print(Text(f"Archived session {session_id}."))
+            return
+        # Nothing changed: already archived, or no such session.
+        if await storage.load_session(session_id, last=0) is None:
+            fail(f"session {session_id!r} not found in {cfg.display_url}")
+        out().print(Text(f"Session {session_id} was already archived."))
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
