@@ -374,3 +374,26 @@ def test_sessions_archive_and_delete(tmp_path: Path) -> None:
     listed = json.loads(ok("sessions", "list", "--json", "--url", url).stdout)
     assert [s["session_id"] for s in listed] == [kept]
     assert json.loads(ok("stats", "--json", "--url", url).stdout)["total_messages"] == 4
+
+
+@pytest.mark.sqlite
+def test_store_options_work_at_every_level_and_choices_ignore_case(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    session_id = _demo_session_id(ok("demo", "--url", url).stdout)
+    for args in (
+        ["--url", url, "sessions", "list", "--json"],
+        ["sessions", "--url", url, "list", "--json"],
+        ["sessions", "list", "--url", url, "--json"],
+        ["sessions", "-v", "--url", url, "list", "--json"],
+        # The innermost wins: the top-level URL names no database.
+        ["--url", "sqlite:///missing.db", "sessions", "--url", url, "list", "--json"],
+    ):
+        listed = json.loads(ok(*args).stdout)
+        assert [s["session_id"] for s in listed] == [session_id], args
+    assert "no database at missing.db" in failed(
+        "sessions", "--url", url, "list", "--url", "sqlite:///missing.db"
+    )
+    markdown = ok("export", session_id, "-f", "MARKDOWN", "--url", url).stdout
+    assert markdown.startswith(f"# Chat Session: {session_id}")
+    assert json.loads(ok("sessions", "list", "--status", "Active", "--json", "--url", url).stdout)
+    assert ok("search", "milk", "--role", "ASSISTANT", "--url", url).exit_code == 0

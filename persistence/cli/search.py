@@ -46,7 +46,10 @@ def search(
     session: Annotated[
         str | None, typer.Option("--session", help="Only messages of this session.")
     ] = None,
-    role: Annotated[RoleChoice | None, typer.Option(help="Only messages of this role.")] = None,
+    role: Annotated[
+        RoleChoice | None,
+        typer.Option(case_sensitive=False, help="Only messages of this role."),
+    ] = None,
     limit: Annotated[
         int, typer.Option(min=1, max=MAX_LIMIT, help="How many messages to show.")
     ] = 20,

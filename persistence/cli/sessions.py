@@ -34,6 +34,20 @@ sessions_app = typer.Typer(
 )
 
 
+@sessions_app.callback()
+def sessions_options(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """List, show, archive and delete stored sessions.
+
+    --config, --url and -v work before `sessions`, after it, or after the command.
+    """
+    ctx.obj = (ctx.find_object(Target) or Target()).merged(config, url, verbose)
+
+
 class StatusChoice(StrEnum):
     active = "active"
     archived = "archived"
@@ -56,7 +70,8 @@ def _session_row(session: Any) -> dict[str, Any]:
 def sessions_list(
     ctx: typer.Context,
     status: Annotated[
-        StatusChoice | None, typer.Option(help="Only sessions with this status.")
+        StatusChoice | None,
+        typer.Option(case_sensitive=False, help="Only sessions with this status."),
     ] = None,
     limit: Annotated[
         int, typer.Option(min=1, max=MAX_LIMIT, help="How many sessions to show.")
@@ -192,9 +207,9 @@ def sessions_archive(
 def export(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(help="The session's id.")],
-    format: Annotated[FormatChoice, typer.Option("--format", "-f", help="Export format.")] = (
-        FormatChoice.json
-    ),
+    format: Annotated[
+        FormatChoice, typer.Option("--format", "-f", case_sensitive=False, help="Export format.")
+    ] = (FormatChoice.json),
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Write to this file (atomically), not stdout."),
