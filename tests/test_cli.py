@@ -397,3 +397,40 @@ def test_store_options_work_at_every_level_and_choices_ignore_case(tmp_path: Pat
     assert markdown.startswith(f"# Chat Session: {session_id}")
     assert json.loads(ok("sessions", "list", "--status", "Active", "--json", "--url", url).stdout)
     assert ok("search", "milk", "--role", "ASSISTANT", "--url", url).exit_code == 0
+
+
+DRIVERS = ("sqlalchemy", "alembic", "aiosqlite", "asyncpg", "pymongo", "beanie", "motor")
+# Runs `python -m persistence ARGS` in this process, then lists the drivers it loaded.
+LOADED_DRIVERS = f"""
+import runpy, sys
+sys.argv = ["persistence", *sys.argv[1:]]
+try:
+    runpy.run_module("persistence", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print("LOADED", sorted(m for m in {DRIVERS!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sessions", "--help"]])
+def test_help_and_version_import_no_backend(workdir: Path, args: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STORAGE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_DRIVERS, *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout, done.stdout
+    assert ("Usage:" if "--help" in args else "persistence ") in done.stdout
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    assert ok("--version").stdout == f"persistence {version('persistence')}\n"
