@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import IO, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -115,6 +116,21 @@ def out() -> Console:
     return console
 
 
+STDIO = Path("-")
+
+
+@contextmanager
+def stdout_text() -> Iterator[IO[str]]:
+    """Standard output as a UTF-8 text stream, for data written where `-` is given."""
+    stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    sys.stdout.flush()
+    try:
+        yield stream
+        stream.flush()
+    finally:
+        stream.detach()  # leaves sys.stdout open
+
+
 def fail(message: str) -> NoReturn:
     """Prints one error line on stderr and exits with status 1."""
     line = " ".join(mask_secrets(message).splitlines())
@@ -122,8 +138,8 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str))
+def echo_json(value: Any, *, err: bool = False) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str), err=err)
 
 
 def run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +16,7 @@ from persistence import formats
 from persistence.cli.output import (
     MAX_LIMIT,
     MAX_OFFSET,
+    STDIO,
     ConfigOption,
     JsonOption,
     Target,
@@ -28,6 +30,7 @@ from persistence.cli.output import (
 from persistence.config import StorageConfig
 from persistence.manager import SessionManager
 from persistence.storage import SessionStorage
+from persistence.transfer.files import write_text
 
 sessions_app = typer.Typer(
     help="List, show, archive and delete stored sessions.", no_args_is_help=True
@@ -212,7 +215,12 @@ def export(
     ] = (FormatChoice.json),
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write to this file (atomically), not stdout."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write to this file (atomically; a FIFO or device is written through,"
+            " a symlink refused), not stdout; - is stdout.",
+        ),
     ] = None,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -221,16 +229,16 @@ def export(
     """Export one session as JSON, plain text or markdown."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        manager = SessionManager(storage, auto_save_enabled=False)
-        if output is None:
-            rendered = await manager.export_session(session_id, format.value)
-            if rendered is None:
-                fail(f"session {session_id!r} not found in {cfg.display_url}")
+        rendered = await SessionManager(storage, auto_save_enabled=False).export_session(
+            session_id, format.value
+        )
+        if rendered is None:
+            fail(f"session {session_id!r} not found in {cfg.display_url}")
+        if output is None or output == STDIO:
             typer.echo(rendered, nl=False)
             return
-        if not await manager.export_to_file(session_id, output, format.value):
-            fail(f"session {session_id!r} not found in {cfg.display_url}")
-        out().print(f"Wrote the {format.value} export of session {session_id} to {output}")
+        await asyncio.to_thread(write_text, output, rendered)
+        out().print(Text(f"Wrote the {format.value} export of session {session_id} to {output}"))
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
