@@ -434,3 +434,49 @@ def test_version_prints_the_installed_version() -> None:
     from importlib.metadata import version
 
     assert ok("--version").stdout == f"persistence {version('persistence')}\n"
+
+
+HOSTILE = "\x1b[31mred\x1b[0m \x1b]0;owned\x07 bell\x07 back\x08 csi\x9b2J [bold]x[/bold]"
+
+
+@pytest.mark.sqlite
+def test_terminal_escapes_in_stored_text_print_visibly(tmp_path: Path) -> None:
+    import asyncio
+
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    database = tmp_path / "x.db"
+
+    async def store() -> str:
+        async with SQLiteSessionStorage(database) as storage:
+            session = ChatSession.create("model\x1b[5m", metadata={"title": "t\x1b]0;x\x07"})
+            session.add_message("user", f"line one\n{HOSTILE}\ttab\r\nlast")
+            await storage.save_session(session)
+            return session.session_id
+
+    session_id = asyncio.run(store())
+    url = f"sqlite:///{database}"
+    outputs = {
+        "show": ok("sessions", "show", session_id, "--url", url).stdout,
+        "list": ok("sessions", "list", "--url", url).stdout,
+        "search": ok("search", "bell", "--url", url).stdout,
+        "text": ok("export", session_id, "-f", "text", "--url", url).stdout,
+        "markdown": ok("export", session_id, "-f", "markdown", "--url", url).stdout,
+    }
+    target = tmp_path / "out.md"
+    ok("export", session_id, "-f", "markdown", "-o", str(target), "--url", url)
+    outputs["markdown file"] = target.read_text(encoding="utf-8")
+    for name, text in outputs.items():
+        for control in ("\x1b", "\x07", "\x08", "\x9b"):
+            assert control not in text, (name, control)
+        assert "\\x1b" in text, name
+    for name in ("show", "text", "markdown", "markdown file"):
+        assert (
+            "\\x1b[31mred\\x1b[0m \\x1b]0;owned\\x07 bell\\x07 back\\x08 csi\\x9b2J"
+            in (outputs[name])
+        )
+        assert "[bold]x[/bold]" in outputs[name] and "tab\nlast" in outputs[name]
+    # JSON keeps every character exactly.
+    exported = json.loads(ok("export", session_id, "-f", "json", "--url", url).stdout)
+    assert exported["messages"][0]["content"] == f"line one\n{HOSTILE}\ttab\r\nlast"
+    assert exported["model"] == "model\x1b[5m"

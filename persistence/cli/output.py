@@ -27,6 +27,7 @@ from persistence.config import (
     mask_secrets,
 )
 from persistence.errors import PersistenceError
+from persistence.formats import visible
 from persistence.storage import SessionStorage
 
 T = TypeVar("T")
@@ -133,7 +134,7 @@ def stdout_text() -> Iterator[IO[str]]:
 
 def fail(message: str) -> NoReturn:
     """Prints one error line on stderr and exits with status 1."""
-    line = " ".join(mask_secrets(message).splitlines())
+    line = visible(" ".join(mask_secrets(message).splitlines()))
     Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
     raise typer.Exit(1)
 

@@ -22,6 +22,7 @@ from persistence.cli.output import (
     run,
 )
 from persistence.config import StorageConfig
+from persistence.formats import visible
 from persistence.storage import SessionStorage
 
 # Characters of a message shown in the table; --json prints the whole content.
@@ -36,7 +37,7 @@ class RoleChoice(StrEnum):
 
 
 def _excerpt(content: str) -> str:
-    line = " ".join(content.split())
+    line = visible(" ".join(content.split()))
     return line if len(line) <= _EXCERPT else line[: _EXCERPT - 1] + "…"
 
 
@@ -71,7 +72,7 @@ def search(
         if not found:
             out().print("No messages found.")
             return
-        table = Table(title=f"Messages matching {query!r}", title_justify="left")
+        table = Table(title=visible(f"Messages matching {query!r}"), title_justify="left")
         table.add_column("Created (UTC)", no_wrap=True)
         table.add_column("Session ID", no_wrap=True)
         table.add_column("Role")
@@ -79,7 +80,7 @@ def search(
         for message in found:
             table.add_row(
                 f"{message.created_at:%Y-%m-%d %H:%M:%S}",
-                Text(message.session_id),
+                Text(visible(message.session_id)),
                 message.role,
                 Text(_excerpt(message.content)),
             )

@@ -28,6 +28,7 @@ from persistence.cli.output import (
     run,
 )
 from persistence.config import StorageConfig
+from persistence.formats import visible
 from persistence.manager import SessionManager
 from persistence.storage import SessionStorage
 from persistence.transfer.files import write_text
@@ -109,8 +110,8 @@ def sessions_list(
         table.add_column("Updated (UTC)", no_wrap=True)
         for session in page:
             table.add_row(
-                Text(session.session_id),
-                Text(session.model),
+                Text(visible(session.session_id)),
+                Text(visible(session.model)),
                 session.status,
                 str(session.message_count),
                 f"{session.updated_at:%Y-%m-%d %H:%M:%S}",
@@ -142,16 +143,16 @@ def sessions_show(
             typer.echo(formats.render_json(session), nl=False)
             return
         console = out()
-        console.print(Text(f"Session {session.session_id}", style="bold"))
+        console.print(Text(f"Session {visible(session.session_id)}", style="bold"))
         fields = [
-            ("Model", session.model),
+            ("Model", visible(session.model)),
             ("Status", session.status),
             ("Created", f"{session.created_at:%Y-%m-%d %H:%M:%S} UTC"),
             ("Updated", f"{session.updated_at:%Y-%m-%d %H:%M:%S} UTC"),
             ("Messages", str(session.message_count)),
         ]
         if session.metadata:
-            fields.append(("Metadata", json.dumps(session.metadata, ensure_ascii=False)))
+            fields.append(("Metadata", visible(json.dumps(session.metadata, ensure_ascii=False))))
         for name, value in fields:
             console.print(Text.assemble((f"{name}: ", "bold"), value))
         for message in session.messages:
@@ -162,7 +163,7 @@ def sessions_show(
                     (message.role.upper(), "bold cyan"),
                 )
             )
-            console.print(Text(message.content))
+            console.print(Text(visible(message.content)))
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
@@ -180,7 +181,7 @@ def sessions_delete(
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         if not await storage.delete_session(session_id):
             fail(f"session {session_id!r} not found in {cfg.display_url}: nothing deleted")
-        out().print(Text(f"Deleted session {session_id} and its messages."))
+        out().print(Text(visible(f"Deleted session {session_id} and its messages.")))
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
@@ -197,12 +198,12 @@ def sessions_archive(
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         if await storage.set_status([session_id], "archived"):
-            out().print(Text(f"Archived session {session_id}."))
+            out().print(Text(visible(f"Archived session {session_id}.")))
             return
         # Nothing changed: already archived, or no such session.
         if await storage.load_session(session_id, last=0) is None:
             fail(f"session {session_id!r} not found in {cfg.display_url}")
-        out().print(Text(f"Session {session_id} was already archived."))
+        out().print(Text(visible(f"Session {session_id} was already archived.")))
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
@@ -238,7 +239,9 @@ def export(
             typer.echo(rendered, nl=False)
             return
         await asyncio.to_thread(write_text, output, rendered)
-        out().print(Text(f"Wrote the {format.value} export of session {session_id} to {output}"))
+        out().print(
+            Text(visible(f"Wrote the {format.value} export of session {session_id} to {output}"))
+        )
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
