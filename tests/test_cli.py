@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from persistence.cli import app
+from tests.installs import clean_environment, fresh_install
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "Sup3r-s3cret-pw"
@@ -324,22 +325,8 @@ def test_stored_text_that_looks_like_rich_markup_prints_as_it_is(tmp_path: Path)
 
 @pytest.mark.sqlite
 def test_console_script_demo_in_a_fresh_venv(tmp_path: Path) -> None:
-    # --system-site-packages lends the dependencies; the project itself is installed fresh.
-    venv = tmp_path / "venv"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "PYTHONPATH" and not k.upper().startswith("STORAGE_")
-    }
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env
-    )
-    subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
+    venv = fresh_install(tmp_path)
+    env = clean_environment()
     home = tmp_path / "fresh"
     home.mkdir()
     for args in (["demo"], ["stats", "--json"]):
