@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,6 @@ from persistence.errors import (
 )
 from persistence.manager import SessionManager
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
-from persistence.sql.backend import PostgreSQLSessionStorage, SQLiteSessionStorage
 from persistence.storage import SessionStorage, StorageCounts, UnitOfWork
 from persistence.transfer import (
     backup_storage,
@@ -30,24 +30,36 @@ from persistence.transfer import (
 
 if TYPE_CHECKING:
     from persistence.mongo.backend import MongoDBSessionStorage
+    from persistence.sql.backend import PostgreSQLSessionStorage, SQLiteSessionStorage
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+# The backends and their drivers (SQLAlchemy, asyncpg, PyMongo, Beanie) load on first
+# use, so `import persistence` and `persistence --help` stay quick; the MongoDB
+# drivers are besides the optional `mongodb` extra.
+_BACKENDS = {
+    "SQLiteSessionStorage": "persistence.sql.backend",
+    "PostgreSQLSessionStorage": "persistence.sql.backend",
+    "MongoDBSessionStorage": "persistence.mongo.backend",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # MongoDB's drivers are the optional `mongodb` extra: import them on first use only.
-    if name == "MongoDBSessionStorage":
-        try:
-            from persistence.mongo.backend import MongoDBSessionStorage
-        except ImportError as exc:
-            if (exc.name or "").startswith("persistence"):
-                raise
-            raise ConfigError(
-                f"MongoDBSessionStorage needs beanie and pymongo ({exc.name or 'a module'}"
-                " is missing): pip install 'persistence[mongodb]'"
-            ) from None
-        return MongoDBSessionStorage
-    raise AttributeError(f"module 'persistence' has no attribute {name!r}")
+    module = _BACKENDS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'persistence' has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        # MongoDB's drivers are the optional `mongodb` extra.
+        if name != "MongoDBSessionStorage" or (exc.name or "").startswith("persistence"):
+            raise
+        raise ConfigError(
+            f"MongoDBSessionStorage needs beanie and pymongo ({exc.name or 'a module'}"
+            " is missing): pip install 'persistence[mongodb]'"
+        ) from None
+    globals()[name] = value
+    return value
 
 
 __all__ = [

@@ -3,6 +3,10 @@
 Transcripts write each message's content as given, except for the few lines that
 would otherwise change the transcript's structure (start a new section or swallow
 the sections after it); those are escaped, so every message stays in its section.
+Transcripts are for reading, on a terminal or in a file: control characters that a
+terminal would act on (ESC sequences for colours or the window title, BEL, other C0
+and C1 controls) are written visibly, as `\x1b`. The JSON document keeps
+every character exactly.
 """
 
 from __future__ import annotations
@@ -38,6 +42,17 @@ _MD_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 # A plain-text line that looks like a message header: indented so that it cannot be one.
 _TEXT_HEADER = re.compile(r"^\[(?:\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}\] ")
 _LINE_BREAK = re.compile(r"(\r\n|\n|\r)")
+# What a terminal acts on rather than prints; tabs and line breaks (LF, CR, CRLF) stay.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """Returns `text` with terminal control characters written as `\\x1b`-style escapes.
+
+    ESC (colours, `ESC]0;title BEL`), BEL, backspace, the other C0 and C1 controls,
+    and DEL; tabs and line breaks (LF, CR, CRLF) are kept.
+    """
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _split_lines(content: str) -> tuple[list[str], list[str]]:
@@ -94,7 +109,7 @@ def render_json(session: ChatSession) -> str:
 
 def _one_line(value: str) -> str:
     # A header value (an id, a model name) must not start a line of its own.
-    return value.replace("\r", "\\r").replace("\n", "\\n")
+    return visible(value.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def _clock(value: datetime, day: datetime) -> str:
@@ -105,7 +120,7 @@ def _clock(value: datetime, day: datetime) -> str:
 
 
 def _markdown_body(content: str) -> str:
-    lines, breaks = _split_lines(content)
+    lines, breaks = _split_lines(visible(content))
     out: list[str] = []
     fence: tuple[str, int] | None = None
     for line in lines:
@@ -159,7 +174,7 @@ def render_markdown(session: ChatSession) -> str:
 
 
 def _text_body(content: str) -> str:
-    lines, breaks = _split_lines(content)
+    lines, breaks = _split_lines(visible(content))
     escaped = [f"  {line}" if _TEXT_HEADER.match(line) else line for line in lines]
     return _join_lines(escaped, breaks)
 

@@ -413,13 +413,20 @@ def write_atomically(path: Path, text: str) -> None:
     Raises:
         OSError: if the directory cannot be written.
     """
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        # Named after the caller's path, not the temp file it never asked for.
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise

@@ -36,6 +36,20 @@ def check_status(status: str | None) -> Status | None:
     return status
 
 
+def check_session_ids(session_ids: Sequence[str]) -> Sequence[str]:
+    """Returns `session_ids` if it is a sequence of ids, not one id given as a string.
+
+    Raises:
+        InvalidDataError: for a str or bytes (whose characters would pass as ids).
+    """
+    if isinstance(session_ids, str | bytes):
+        raise InvalidDataError(
+            f"session_ids: expected a sequence of ids, got one string {session_ids!r}"
+            " (wrap it in a list: [session_id])"
+        )
+    return session_ids
+
+
 def check_last(last: int | None) -> None:
     """Refuses a negative `last`.
 

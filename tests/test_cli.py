@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from persistence.cli import app
+from tests.installs import clean_environment, fresh_install
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "Sup3r-s3cret-pw"
@@ -25,6 +26,8 @@ COMMANDS = [
     ["sessions"],
     ["sessions", "list"],
     ["sessions", "show"],
+    ["sessions", "delete"],
+    ["sessions", "archive"],
     ["export"],
     ["stats"],
     ["cleanup"],
@@ -133,10 +136,26 @@ def test_sessions_list_pages_filters_and_prints_json(tmp_path: Path) -> None:
         json.loads(ok("sessions", "list", "--status", "archived", "--json", "--url", url).stdout)
         == []
     )
-    assert (
-        "More may follow: --offset 2" in ok("sessions", "list", "--limit", "2", "--url", url).stdout
-    )
+    assert "More follow: --offset 2" in ok("sessions", "list", "--limit", "2", "--url", url).stdout
+    assert "More" not in ok("sessions", "list", "--limit", "3", "--url", url).stdout
     assert invoke("sessions", "list", "--status", "gone", "--url", url).exit_code == 2
+
+
+@pytest.mark.sqlite
+def test_list_limits_are_bounded_and_exact(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok("demo", "--url", url)
+    # Exactly one session and --limit 1: nothing more to follow.
+    listed = ok("sessions", "list", "--limit", "1", "--url", url).stdout
+    assert "gemini-2.5-flash" in listed and "More" not in listed
+    for command in (["sessions", "list"], ["search", "milk"]):
+        for limit in ("0", "100000000000000000000", "-1"):
+            result = invoke(*command, "--limit", limit, "--url", url)
+            assert result.exit_code == 2, result.output
+            assert "Invalid value for '--limit'" in result.output
+            assert "OverflowError" not in result.output
+    huge = invoke("sessions", "list", "--offset", "100000000000000000000", "--url", url)
+    assert huge.exit_code == 2 and "Invalid value for '--offset'" in huge.output
 
 
 @pytest.mark.sqlite
@@ -306,22 +325,8 @@ def test_stored_text_that_looks_like_rich_markup_prints_as_it_is(tmp_path: Path)
 
 @pytest.mark.sqlite
 def test_console_script_demo_in_a_fresh_venv(tmp_path: Path) -> None:
-    # --system-site-packages lends the dependencies; the project itself is installed fresh.
-    venv = tmp_path / "venv"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "PYTHONPATH" and not k.upper().startswith("STORAGE_")
-    }
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env
-    )
-    subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
+    venv = fresh_install(tmp_path)
+    env = clean_environment()
     home = tmp_path / "fresh"
     home.mkdir()
     for args in (["demo"], ["stats", "--json"]):
@@ -337,3 +342,128 @@ def test_console_script_demo_in_a_fresh_venv(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["total_messages"] == 4
     assert (home / "gemini_sessions.db").is_file()
+
+
+@pytest.mark.sqlite
+def test_sessions_archive_and_delete(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    kept, gone = (_demo_session_id(ok("demo", "--url", url).stdout) for _ in range(2))
+    assert f"Archived session {kept}." in ok("sessions", "archive", kept, "--url", url).stdout
+    assert "already archived" in ok("sessions", "archive", kept, "--url", url).stdout
+    archived = json.loads(
+        ok("sessions", "list", "--status", "archived", "--json", "--url", url).stdout
+    )
+    assert [s["session_id"] for s in archived] == [kept]
+
+    assert f"Deleted session {gone}" in ok("sessions", "delete", gone, "--url", url).stdout
+    assert "not found" in failed("sessions", "delete", gone, "--url", url)
+    assert "not found" in failed("sessions", "archive", gone, "--url", url)
+    listed = json.loads(ok("sessions", "list", "--json", "--url", url).stdout)
+    assert [s["session_id"] for s in listed] == [kept]
+    assert json.loads(ok("stats", "--json", "--url", url).stdout)["total_messages"] == 4
+
+
+@pytest.mark.sqlite
+def test_store_options_work_at_every_level_and_choices_ignore_case(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    session_id = _demo_session_id(ok("demo", "--url", url).stdout)
+    for args in (
+        ["--url", url, "sessions", "list", "--json"],
+        ["sessions", "--url", url, "list", "--json"],
+        ["sessions", "list", "--url", url, "--json"],
+        ["sessions", "-v", "--url", url, "list", "--json"],
+        # The innermost wins: the top-level URL names no database.
+        ["--url", "sqlite:///missing.db", "sessions", "--url", url, "list", "--json"],
+    ):
+        listed = json.loads(ok(*args).stdout)
+        assert [s["session_id"] for s in listed] == [session_id], args
+    assert "no database at missing.db" in failed(
+        "sessions", "--url", url, "list", "--url", "sqlite:///missing.db"
+    )
+    markdown = ok("export", session_id, "-f", "MARKDOWN", "--url", url).stdout
+    assert markdown.startswith(f"# Chat Session: {session_id}")
+    assert json.loads(ok("sessions", "list", "--status", "Active", "--json", "--url", url).stdout)
+    assert ok("search", "milk", "--role", "ASSISTANT", "--url", url).exit_code == 0
+
+
+DRIVERS = ("sqlalchemy", "alembic", "aiosqlite", "asyncpg", "pymongo", "beanie", "motor")
+# Runs `python -m persistence ARGS` in this process, then lists the drivers it loaded.
+LOADED_DRIVERS = f"""
+import runpy, sys
+sys.argv = ["persistence", *sys.argv[1:]]
+try:
+    runpy.run_module("persistence", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print("LOADED", sorted(m for m in {DRIVERS!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sessions", "--help"]])
+def test_help_and_version_import_no_backend(workdir: Path, args: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STORAGE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_DRIVERS, *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout, done.stdout
+    assert ("Usage:" if "--help" in args else "persistence ") in done.stdout
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    assert ok("--version").stdout == f"persistence {version('persistence')}\n"
+
+
+HOSTILE = "\x1b[31mred\x1b[0m \x1b]0;owned\x07 bell\x07 back\x08 csi\x9b2J [bold]x[/bold]"
+
+
+@pytest.mark.sqlite
+def test_terminal_escapes_in_stored_text_print_visibly(tmp_path: Path) -> None:
+    import asyncio
+
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    database = tmp_path / "x.db"
+
+    async def store() -> str:
+        async with SQLiteSessionStorage(database) as storage:
+            session = ChatSession.create("model\x1b[5m", metadata={"title": "t\x1b]0;x\x07"})
+            session.add_message("user", f"line one\n{HOSTILE}\ttab\r\nlast")
+            await storage.save_session(session)
+            return session.session_id
+
+    session_id = asyncio.run(store())
+    url = f"sqlite:///{database}"
+    outputs = {
+        "show": ok("sessions", "show", session_id, "--url", url).stdout,
+        "list": ok("sessions", "list", "--url", url).stdout,
+        "search": ok("search", "bell", "--url", url).stdout,
+        "text": ok("export", session_id, "-f", "text", "--url", url).stdout,
+        "markdown": ok("export", session_id, "-f", "markdown", "--url", url).stdout,
+    }
+    target = tmp_path / "out.md"
+    ok("export", session_id, "-f", "markdown", "-o", str(target), "--url", url)
+    outputs["markdown file"] = target.read_text(encoding="utf-8")
+    for name, text in outputs.items():
+        for control in ("\x1b", "\x07", "\x08", "\x9b"):
+            assert control not in text, (name, control)
+        assert "\\x1b" in text, name
+    for name in ("show", "text", "markdown", "markdown file"):
+        assert (
+            "\\x1b[31mred\\x1b[0m \\x1b]0;owned\\x07 bell\\x07 back\\x08 csi\\x9b2J"
+            in (outputs[name])
+        )
+        assert "[bold]x[/bold]" in outputs[name] and "tab\nlast" in outputs[name]
+    # JSON keeps every character exactly.
+    exported = json.loads(ok("export", session_id, "-f", "json", "--url", url).stdout)
+    assert exported["messages"][0]["content"] == f"line one\n{HOSTILE}\ttab\r\nlast"
+    assert exported["model"] == "model\x1b[5m"

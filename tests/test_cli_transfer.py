@@ -290,3 +290,93 @@ def test_ctrl_c_during_migrate_says_how_far_it_got_and_a_rerun_resumes(tmp_path:
     assert result["verified"] is True
     assert result["sessions_already_present"] >= done
     assert result["sessions_migrated"] + result["sessions_already_present"] == 4000
+
+
+@pytest.mark.sqlite
+def test_export_all_and_import_through_standard_output_and_input(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=2)
+    result = ok("export-all", "-", "--url", source)
+    document = json.loads(result.stdout)
+    assert document["counts"] == {"sessions": 2, "messages": 8, "files": 2}
+    assert "Exported 2 session(s), 8 message(s) and 2 file record(s)" in result.stderr
+    assert "to standard output" in result.stderr
+    assert not Path("-").exists()
+    as_json = ok("export-all", "-", "--json", "--url", source)
+    assert json.loads(as_json.stdout)["counts"]["sessions"] == 2
+    summary = as_json.stderr[as_json.stderr.index("{") :]
+    assert json.loads(summary)["sessions"] == 2
+
+    destination = f"sqlite:///{tmp_path / 'copy.db'}"
+    imported = CliRunner().invoke(app, ["import", "-", "--url", destination], input=result.stdout)
+    assert imported.exit_code == 0, imported.output
+    assert "Imported 2 session(s), 8 message(s) and 2 file record(s) from standard input" in (
+        imported.stdout
+    )
+    assert counts(destination) == (2, 8, 2)
+    assert not Path("-").exists()
+
+
+@pytest.mark.sqlite
+def test_output_files_refuse_symlinks_and_write_through_devices(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=1)
+    session_id = json.loads(ok("sessions", "list", "--json", "--url", source).stdout)[0][
+        "session_id"
+    ]
+    outside = tmp_path / "outside.json"
+    outside.write_text("untouched")
+    link = tmp_path / "link.json"
+    link.symlink_to(outside)
+    for command in (["export-all", str(link)], ["export", session_id, "-o", str(link)]):
+        error = failed(*command, "--url", source)
+        assert f"{link}: it is a symbolic link" in error, error
+        assert ".tmp" not in error
+    assert link.is_symlink() and outside.read_text() == "untouched"
+
+    # A full device: the system's reason, naming the device; never "Exported".
+    for command in (["export-all", "/dev/full"], ["export", session_id, "-o", "/dev/full"]):
+        full = CliRunner().invoke(app, [*command, "--url", source])
+        assert full.exit_code == 1, full.output
+        last = full.stderr.strip().splitlines()[-1]
+        assert last == "error: cannot write /dev/full: No space left on device", full.stderr
+        assert "Exported" not in full.output and "Wrote" not in full.output
+    assert os.path.exists("/dev/full") and not Path("/dev/full").is_file()
+
+    # A FIFO is written through and stays a FIFO.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    import threading
+
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    ok("export", session_id, "-f", "markdown", "-o", str(fifo), "--url", source)
+    reader.join(timeout=30)
+    assert received[0].startswith(f"# Chat Session: {session_id}")
+    assert fifo.exists() and not fifo.is_file()
+
+    shown = ok("export", session_id, "-o", "-", "--url", source).stdout
+    assert json.loads(shown)["session_id"] == session_id
+    assert not Path("-").exists()
+    # A directory: one line naming it.
+    assert f"cannot write {tmp_path}: it is a directory" in failed(
+        "export-all", str(tmp_path), "--url", source
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.sqlite
+def test_backup_refuses_a_symlink_or_a_file_as_its_directory(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=1)
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "backups"
+    link.symlink_to(real)
+    error = failed("backup", str(link), "--url", source)
+    assert f"into {link}: it is a symbolic link (to {real})" in error
+    assert list(real.iterdir()) == []
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert f"{a_file} exists and is not a directory" in failed(
+        "backup", str(a_file), "--url", source
+    )
+    assert a_file.read_text() == "x"

@@ -410,14 +410,16 @@ def test_config_from_url_keeps_tuning_from_a_base() -> None:
     assert (other.expiry_hours, other.options) == (5, {})
 
 
-def _alembic(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _alembic(environment: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STORAGE_")}
     env.pop("PERSISTENCE_CONFIG", None)
     env["PYTHONPATH"] = str(ROOT)
     env.update(environment)
+    # From an empty directory: a ./gemini_sessions.db the checkout may hold (left by
+    # `persistence demo`) is neither used nor mistaken for one this test made.
     return subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
+        [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -428,7 +430,9 @@ def _alembic(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_alembic_upgrade_head_follows_the_storage_variables_on_sqlite(tmp_path: Path) -> None:
     target = tmp_path / "from-env.db"
-    result = _alembic({"STORAGE_DATABASE_PATH": str(target)})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _alembic({"STORAGE_DATABASE_PATH": str(target)}, elsewhere)
     assert result.returncode == 0, result.stderr
     engine = create_engine(f"sqlite:///{target}")
     try:
@@ -437,15 +441,17 @@ def test_alembic_upgrade_head_follows_the_storage_variables_on_sqlite(tmp_path: 
         )
     finally:
         engine.dispose()
-    assert not (ROOT / "gemini_sessions.db").exists()
+    assert not (elsewhere / "gemini_sessions.db").exists()
 
 
 @pytest.mark.postgresql
 def test_alembic_upgrade_head_follows_the_storage_variables_on_postgresql(
-    postgresql_admin_url: str,
+    postgresql_admin_url: str, tmp_path: Path
 ) -> None:
     with servers.throwaway_postgresql_database(postgresql_admin_url) as url:
-        result = _alembic({"STORAGE_BACKEND": "postgresql", "STORAGE_CONNECTION_STRING": url})
+        result = _alembic(
+            {"STORAGE_BACKEND": "postgresql", "STORAGE_CONNECTION_STRING": url}, tmp_path
+        )
         assert result.returncode == 0, result.stderr
         assert asyncio.run(_alembic_version(url))
 

@@ -157,3 +157,12 @@ def test_an_id_with_a_newline_cannot_add_a_header_line() -> None:
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(InvalidDataError, match="format: 'pdf'"):
         render(EXAMPLE, "pdf")
+
+
+def test_terminal_controls_are_written_visibly_in_transcripts_not_in_json() -> None:
+    content = "\x1b[31mred\x1b]0;title\x07\x01\x7f\x9b\tkept\nnext"
+    session = _session(("user", content, _at(1)))
+    for rendered in (render_text(session), render_markdown(session)):
+        assert "\\x1b[31mred\\x1b]0;title\\x07\\x01\\x7f\\x9b\tkept\nnext" in rendered
+        assert not any(c in rendered for c in "\x1b\x07\x01\x7f\x9b")
+    assert json.loads(render(session, "json"))["messages"][0]["content"] == content

@@ -293,9 +293,17 @@ async def test_export_to_file_replaces_atomically_and_refuses_unknown_sessions(
     with pytest.raises(ValueError, match="format"):
         await manager.export_to_file(session.session_id, target, "pdf")
     assert target.read_text(encoding="utf-8").startswith("# Chat Session")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as raised:
         await manager.export_to_file(session.session_id, exports / "no" / "dir.json")
+    assert raised.value.filename == str(exports / "no" / "dir.json")
     assert sorted(p.name for p in exports.iterdir()) == ["out.md"]
+    # A failed rename names the caller's path, never the temp file.
+    (exports / "a-dir").mkdir()
+    with pytest.raises(OSError) as raised:
+        await manager.export_to_file(session.session_id, exports / "a-dir")
+    assert raised.value.filename == str(exports / "a-dir")
+    assert ".tmp" not in str(raised.value)
+    assert sorted(p.name for p in exports.iterdir()) == ["a-dir", "out.md"]
 
 
 async def test_shutdown_saves_every_changed_session_even_when_one_save_fails(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import IO, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +27,7 @@ from persistence.config import (
 )
 from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
+from persistence.formats import visible
 from persistence.storage import SessionStorage
 
 T = TypeVar("T")
@@ -54,6 +56,10 @@ VerboseOption = Annotated[
     int, typer.Option("--verbose", "-v", count=True, help="Log to stderr: -v info, -vv debug.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# Bounds of --limit and --offset: a clear usage error instead of an integer no
+# database column (64-bit) can hold.
+MAX_LIMIT = 1_000_000
+MAX_OFFSET = 2**62
 
 
 @dataclass
@@ -114,15 +120,30 @@ def out() -> Console:
     return console
 
 
+STDIO = Path("-")
+
+
+@contextmanager
+def stdout_text() -> Iterator[IO[str]]:
+    """Standard output as a UTF-8 text stream, for data written where `-` is given."""
+    stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    sys.stdout.flush()
+    try:
+        yield stream
+        stream.flush()
+    finally:
+        stream.detach()  # leaves sys.stdout open
+
+
 def fail(message: str) -> NoReturn:
     """Prints one error line on stderr and exits with status 1."""
-    line = " ".join(mask_secrets(message).splitlines())
+    line = visible(" ".join(mask_secrets(message).splitlines()))
     Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
-def echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str))
+def echo_json(value: Any, *, err: bool = False) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str), err=err)
 
 
 def run(

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from persistence import formats
 from persistence.cli.output import (
+    MAX_LIMIT,
     ConfigOption,
     JsonOption,
     Target,
@@ -21,6 +22,7 @@ from persistence.cli.output import (
     run,
 )
 from persistence.config import StorageConfig
+from persistence.formats import visible
 from persistence.storage import SessionStorage
 
 # Characters of a message shown in the table; --json prints the whole content.
@@ -35,7 +37,7 @@ class RoleChoice(StrEnum):
 
 
 def _excerpt(content: str) -> str:
-    line = " ".join(content.split())
+    line = visible(" ".join(content.split()))
     return line if len(line) <= _EXCERPT else line[: _EXCERPT - 1] + "…"
 
 
@@ -45,8 +47,13 @@ def search(
     session: Annotated[
         str | None, typer.Option("--session", help="Only messages of this session.")
     ] = None,
-    role: Annotated[RoleChoice | None, typer.Option(help="Only messages of this role.")] = None,
-    limit: Annotated[int, typer.Option(min=0, help="How many messages to show.")] = 20,
+    role: Annotated[
+        RoleChoice | None,
+        typer.Option(case_sensitive=False, help="Only messages of this role."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=MAX_LIMIT, help="How many messages to show.")
+    ] = 20,
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -56,15 +63,16 @@ def search(
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         found = await storage.search_messages(
-            query, limit, session_id=session, role=role.value if role else None
+            query, limit + 1, session_id=session, role=role.value if role else None
         )
+        more, found = len(found) > limit, found[:limit]
         if as_json:
             echo_json([formats.message_document(message) for message in found])
             return
         if not found:
             out().print("No messages found.")
             return
-        table = Table(title=f"Messages matching {query!r}", title_justify="left")
+        table = Table(title=visible(f"Messages matching {query!r}"), title_justify="left")
         table.add_column("Created (UTC)", no_wrap=True)
         table.add_column("Session ID", no_wrap=True)
         table.add_column("Role")
@@ -72,13 +80,13 @@ def search(
         for message in found:
             table.add_row(
                 f"{message.created_at:%Y-%m-%d %H:%M:%S}",
-                Text(message.session_id),
+                Text(visible(message.session_id)),
                 message.role,
                 Text(_excerpt(message.content)),
             )
         console = out()
         console.print(table)
-        if len(found) == limit:
+        if more:
             console.print(f"More may match: --limit {limit * 2}")
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)

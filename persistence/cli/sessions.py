@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from enum import StrEnum
 from pathlib import Path
@@ -13,6 +14,9 @@ from rich.text import Text
 
 from persistence import formats
 from persistence.cli.output import (
+    MAX_LIMIT,
+    MAX_OFFSET,
+    STDIO,
     ConfigOption,
     JsonOption,
     Target,
@@ -24,10 +28,28 @@ from persistence.cli.output import (
     run,
 )
 from persistence.config import StorageConfig
+from persistence.formats import visible
 from persistence.manager import SessionManager
 from persistence.storage import SessionStorage
+from persistence.transfer.files import write_text
 
-sessions_app = typer.Typer(help="List and show stored sessions.", no_args_is_help=True)
+sessions_app = typer.Typer(
+    help="List, show, archive and delete stored sessions.", no_args_is_help=True
+)
+
+
+@sessions_app.callback()
+def sessions_options(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """List, show, archive and delete stored sessions.
+
+    --config, --url and -v work before `sessions`, after it, or after the command.
+    """
+    ctx.obj = (ctx.find_object(Target) or Target()).merged(config, url, verbose)
 
 
 class StatusChoice(StrEnum):
@@ -52,10 +74,15 @@ def _session_row(session: Any) -> dict[str, Any]:
 def sessions_list(
     ctx: typer.Context,
     status: Annotated[
-        StatusChoice | None, typer.Option(help="Only sessions with this status.")
+        StatusChoice | None,
+        typer.Option(case_sensitive=False, help="Only sessions with this status."),
     ] = None,
-    limit: Annotated[int, typer.Option(min=0, help="How many sessions to show.")] = 20,
-    offset: Annotated[int, typer.Option(min=0, help="How many to skip (newest first).")] = 0,
+    limit: Annotated[
+        int, typer.Option(min=1, max=MAX_LIMIT, help="How many sessions to show.")
+    ] = 20,
+    offset: Annotated[
+        int, typer.Option(min=0, max=MAX_OFFSET, help="How many to skip (newest first).")
+    ] = 0,
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -64,9 +91,11 @@ def sessions_list(
     """List sessions, most recently updated first."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        # One more than asked: "More may follow" only when there is more.
         page = await storage.list_sessions(
-            status=status.value if status else None, limit=limit, offset=offset
+            status=status.value if status else None, limit=limit + 1, offset=offset
         )
+        more, page = len(page) > limit, page[:limit]
         if as_json:
             echo_json([_session_row(session) for session in page])
             return
@@ -81,16 +110,16 @@ def sessions_list(
         table.add_column("Updated (UTC)", no_wrap=True)
         for session in page:
             table.add_row(
-                Text(session.session_id),
-                Text(session.model),
+                Text(visible(session.session_id)),
+                Text(visible(session.model)),
                 session.status,
                 str(session.message_count),
                 f"{session.updated_at:%Y-%m-%d %H:%M:%S}",
             )
         console = out()
         console.print(table)
-        if len(page) == limit:
-            console.print(f"More may follow: --offset {offset + limit}")
+        if more:
+            console.print(f"More follow: --offset {offset + limit}")
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
@@ -114,16 +143,16 @@ def sessions_show(
             typer.echo(formats.render_json(session), nl=False)
             return
         console = out()
-        console.print(Text(f"Session {session.session_id}", style="bold"))
+        console.print(Text(f"Session {visible(session.session_id)}", style="bold"))
         fields = [
-            ("Model", session.model),
+            ("Model", visible(session.model)),
             ("Status", session.status),
             ("Created", f"{session.created_at:%Y-%m-%d %H:%M:%S} UTC"),
             ("Updated", f"{session.updated_at:%Y-%m-%d %H:%M:%S} UTC"),
             ("Messages", str(session.message_count)),
         ]
         if session.metadata:
-            fields.append(("Metadata", json.dumps(session.metadata, ensure_ascii=False)))
+            fields.append(("Metadata", visible(json.dumps(session.metadata, ensure_ascii=False))))
         for name, value in fields:
             console.print(Text.assemble((f"{name}: ", "bold"), value))
         for message in session.messages:
@@ -134,7 +163,47 @@ def sessions_show(
                     (message.role.upper(), "bold cyan"),
                 )
             )
-            console.print(Text(message.content))
+            console.print(Text(visible(message.content)))
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@sessions_app.command("delete")
+def sessions_delete(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Delete one session and its messages (no question asked; exit 1 if not found)."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        if not await storage.delete_session(session_id):
+            fail(f"session {session_id!r} not found in {cfg.display_url}: nothing deleted")
+        out().print(Text(visible(f"Deleted session {session_id} and its messages.")))
+
+    run(ctx, (config, url, verbose), work, must_exist=True)
+
+
+@sessions_app.command("archive")
+def sessions_archive(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Set one session's status to archived (exit 1 if not found)."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        if await storage.set_status([session_id], "archived"):
+            out().print(Text(visible(f"Archived session {session_id}.")))
+            return
+        # Nothing changed: already archived, or no such session.
+        if await storage.load_session(session_id, last=0) is None:
+            fail(f"session {session_id!r} not found in {cfg.display_url}")
+        out().print(Text(visible(f"Session {session_id} was already archived.")))
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
@@ -142,12 +211,17 @@ def sessions_show(
 def export(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(help="The session's id.")],
-    format: Annotated[FormatChoice, typer.Option("--format", "-f", help="Export format.")] = (
-        FormatChoice.json
-    ),
+    format: Annotated[
+        FormatChoice, typer.Option("--format", "-f", case_sensitive=False, help="Export format.")
+    ] = (FormatChoice.json),
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write to this file (atomically), not stdout."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write to this file (atomically; a FIFO or device is written through,"
+            " a symlink refused), not stdout; - is stdout.",
+        ),
     ] = None,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -156,16 +230,18 @@ def export(
     """Export one session as JSON, plain text or markdown."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        manager = SessionManager(storage, auto_save_enabled=False)
-        if output is None:
-            rendered = await manager.export_session(session_id, format.value)
-            if rendered is None:
-                fail(f"session {session_id!r} not found in {cfg.display_url}")
+        rendered = await SessionManager(storage, auto_save_enabled=False).export_session(
+            session_id, format.value
+        )
+        if rendered is None:
+            fail(f"session {session_id!r} not found in {cfg.display_url}")
+        if output is None or output == STDIO:
             typer.echo(rendered, nl=False)
             return
-        if not await manager.export_to_file(session_id, output, format.value):
-            fail(f"session {session_id!r} not found in {cfg.display_url}")
-        out().print(f"Wrote the {format.value} export of session {session_id} to {output}")
+        await asyncio.to_thread(write_text, output, rendered)
+        out().print(
+            Text(visible(f"Wrote the {format.value} export of session {session_id} to {output}"))
+        )
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 

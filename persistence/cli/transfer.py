@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +27,7 @@ from rich.progress import (
 )
 
 from persistence.cli.output import (
+    STDIO,
     ConfigOption,
     JsonOption,
     Target,
@@ -33,13 +37,16 @@ from persistence.cli.output import (
     fail,
     out,
     run,
+    stdout_text,
 )
 from persistence.config import StorageConfig, config_from_url, create_storage
 from persistence.storage import SessionStorage
 from persistence.transfer import (
     backup_storage,
     export_to_json,
+    export_to_stream,
     import_from_json,
+    import_from_stream,
     migrate_storage,
     restore_backup,
     validate_backup_file,
@@ -273,7 +280,10 @@ def restore(
 
 def export_all(
     ctx: typer.Context,
-    output: Annotated[Path, typer.Argument(help="The JSON file to write (atomically).")],
+    output: Annotated[
+        Path,
+        typer.Argument(help="The JSON file to write (atomically); - for standard output."),
+    ],
     batch_size: BatchOption = 500,
     as_json: JsonOption = False,
     config: ConfigOption = None,
@@ -283,16 +293,30 @@ def export_all(
     """Write every session, message and file record to one JSON export file."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        with progress_bar("Exporting sessions", stopped=NOTHING_WRITTEN) as update:
-            result = await export_to_json(
-                storage, output, progress_callback=update, batch_size=batch_size
-            )
+        if output == STDIO:
+            # The document goes to stdout, so the summary goes to stderr.
+            with (
+                progress_bar("Exporting sessions", stopped="the output is incomplete") as update,
+                stdout_text() as stream,
+            ):
+                result = await export_to_stream(
+                    storage, stream, progress_callback=update, batch_size=batch_size
+                )
+            result = {"path": "-", **result}
+            where, console = "standard output", Console(stderr=True, highlight=False)
+        else:
+            with progress_bar("Exporting sessions", stopped=NOTHING_WRITTEN) as update:
+                result = await export_to_json(
+                    storage, output, progress_callback=update, batch_size=batch_size
+                )
+            where, console = result["path"], out()
         if as_json:
-            echo_json(result)
+            echo_json(result, err=output == STDIO)
             return
         counts = _counts(result["sessions"], result["messages"], result["files"])
-        out().print(
-            f"Exported {counts} of {cfg.display_url} to {result['path']} ({result['bytes']} bytes)",
+        console.print(
+            f"Exported {counts} of {cfg.display_url} to {where} ({result['bytes']} bytes)",
+            markup=False,
         )
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
@@ -300,7 +324,10 @@ def export_all(
 
 def import_file(
     ctx: typer.Context,
-    input_file: Annotated[Path, typer.Argument(help="A file written by `persistence export-all`.")],
+    input_file: Annotated[
+        Path,
+        typer.Argument(help="A file written by `persistence export-all`; - for standard input."),
+    ],
     batch_size: BatchOption = 500,
     as_json: JsonOption = False,
     config: ConfigOption = None,
@@ -311,19 +338,43 @@ def import_file(
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         with progress_bar("Importing sessions", stopped=RESUMES) as update:
-            result = await import_from_json(
-                storage, input_file, progress_callback=update, batch_size=batch_size
-            )
+            if input_file == STDIO:
+                with _seekable_stdin() as stream:
+                    result = await import_from_stream(
+                        storage, stream, progress_callback=update, batch_size=batch_size
+                    )
+            else:
+                result = await import_from_json(
+                    storage, input_file, progress_callback=update, batch_size=batch_size
+                )
         if as_json:
             echo_json(result)
             return
+        source = "standard input" if input_file == STDIO else input_file
         out().print(
-            f"Imported {_written(result, 'imported')} from {input_file} into {cfg.display_url}"
+            f"Imported {_written(result, 'imported')} from {source} into {cfg.display_url}",
+            markup=False,
         )
 
     # A bad file must leave no new store behind: check it before opening the store.
     check = None if str(input_file) == "-" else partial(validate_export_file, input_file)
     run(ctx, (config, url, verbose), work, check_first=check)
+
+
+@contextmanager
+def _seekable_stdin() -> Iterator[IO[bytes]]:
+    """Standard input, copied to an anonymous temp file first if it is a pipe.
+
+    An import reads its file twice (checked whole, then written).
+    """
+    stdin = sys.stdin.buffer
+    if stdin.seekable():
+        yield stdin
+        return
+    with tempfile.TemporaryFile() as spool:
+        shutil.copyfileobj(stdin, spool)
+        spool.seek(0)
+        yield spool
 
 
 def register(app: typer.Typer) -> None:

@@ -52,6 +52,7 @@ from persistence.storage import (
     check_last,
     check_page,
     check_role,
+    check_session_ids,
     check_status,
 )
 
@@ -511,6 +512,7 @@ class MongoDBSessionStorage(SessionStorage):
                 )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
+        check_session_ids(session_ids)
         checked = check_status(status)
         assert checked is not None
         with mongo_errors("set session status"):

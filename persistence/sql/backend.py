@@ -52,6 +52,7 @@ from persistence.storage import (
     check_last,
     check_page,
     check_role,
+    check_session_ids,
     check_status,
 )
 
@@ -361,8 +362,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
-        if isinstance(session_ids, str):
-            raise InvalidDataError("session_ids: a sequence of ids, not one string")
+        check_session_ids(session_ids)
         checked = check_status(status)
         assert checked is not None
         return await self._run(

@@ -8,7 +8,13 @@ The public functions of API.md "Moving data", gathered from their modules:
 from __future__ import annotations
 
 from persistence.transfer.backups import backup_storage, restore_backup, validate_backup_file
-from persistence.transfer.exchange import export_to_json, import_from_json, validate_export_file
+from persistence.transfer.exchange import (
+    export_to_json,
+    export_to_stream,
+    import_from_json,
+    import_from_stream,
+    validate_export_file,
+)
 from persistence.transfer.exchange_format import FORMAT_NAME, FORMAT_VERSION
 from persistence.transfer.migration import DEFAULT_BATCH_SIZE, ProgressCallback, migrate_storage
 from persistence.transfer.verification import verify_migration
@@ -20,7 +26,9 @@ __all__ = [
     "ProgressCallback",
     "backup_storage",
     "export_to_json",
+    "export_to_stream",
     "import_from_json",
+    "import_from_stream",
     "migrate_storage",
     "restore_backup",
     "validate_backup_file",

@@ -69,7 +69,14 @@ async def backup_storage(
             counts = await _sqlite_file_counts(temp)
         else:
             kind, suffix = "json", ".json"
-            written, _ = await write_document(storage, temp, DEFAULT_BATCH_SIZE, progress_callback)
+            try:
+                # Opening a local file does not wait on anything worth a thread hop.
+                with open(temp, "w", encoding="utf-8", newline="") as stream:  # noqa: ASYNC230
+                    written, _, _ = await write_document(
+                        storage, stream, DEFAULT_BATCH_SIZE, progress_callback
+                    )
+            except OSError as exc:
+                raise file_error("cannot write a backup in", directory, exc) from exc
             counts = written.as_dict()
         size = temp.stat().st_size
         path = link_new_name(temp, directory, stem, suffix)

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from persistence.clock import utc_now
-from persistence.errors import InvalidDataError, MigrationError
+from persistence.errors import InvalidDataError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
 from persistence.transfer.exchange_format import DocumentCounts, DocumentWriter, iter_records
 from persistence.transfer.exchange_format import validate_document as _validate_document
-from persistence.transfer.files import file_error, replace_with, temp_file
+from persistence.transfer.files import file_error, output_file, output_kind
 from persistence.transfer.migration import (
     DEFAULT_BATCH_SIZE,
     Progress,
@@ -28,18 +27,6 @@ from persistence.transfer.migration import (
 from persistence.transfer.streams import read_ahead
 
 
-def _open_no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
-
-
-def _open_output(path: Path) -> IO[str]:
-    # Opening a local file does not wait on anything worth a thread hop.
-    try:
-        return open(path, "w", encoding="utf-8", opener=_open_no_follow)
-    except OSError as exc:
-        raise file_error("cannot write", path, exc) from exc
-
-
 def open_input(path: Path) -> IO[bytes]:
     try:
         return open(path, "rb")
@@ -49,30 +36,46 @@ def open_input(path: Path) -> IO[bytes]:
         raise file_error("cannot read", path, exc) from exc
 
 
+class _CountingStream:
+    """A text stream's `write`, counting the UTF-8 bytes that went through."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self.bytes = 0
+
+    def write(self, text: str) -> int:
+        self.bytes += len(text.encode("utf-8", "surrogatepass"))
+        return self._stream.write(text)
+
+
 async def write_document(
     storage: SessionStorage,
-    path: Path,
+    stream: IO[str],
     batch_size: int,
     progress_callback: ProgressCallback | None,
-) -> tuple[DocumentCounts, str]:
-    """Streams the store into an export document at `path` (a fresh temp file)."""
+) -> tuple[DocumentCounts, str, int]:
+    """Streams the store into an export document on `stream`.
+
+    Returns:
+        What was written, when the export started (ISO 8601), and how many bytes.
+    """
     exported_at = utc_now()
     progress = Progress(progress_callback, (await storage.count()).total_sessions)
-    try:
-        with _open_output(path) as stream:
-            writer = DocumentWriter(stream, backend=storage.backend_name, exported_at=exported_at)
-            async for batch in session_batches(storage, batch_size):
-                writer.write_sessions(batch)
-                progress.add(
-                    Tally(sessions=len(batch), messages=sum(len(s.messages) for s in batch))
-                )
-            writer.start_file_records()
-            async for records in storage.iter_file_records(batch_size):
-                writer.write_file_records(records)
-            writer.finish()
-    except OSError as exc:
-        raise file_error("cannot write", path, exc) from exc
-    return writer.counts, exported_at.isoformat(timespec="milliseconds")
+    counting = _CountingStream(stream)
+    writer = DocumentWriter(
+        counting,  # type: ignore[arg-type]
+        backend=storage.backend_name,
+        exported_at=exported_at,
+    )
+    async for batch in session_batches(storage, batch_size):
+        writer.write_sessions(batch)
+        progress.add(Tally(sessions=len(batch), messages=sum(len(s.messages) for s in batch)))
+    writer.start_file_records()
+    async for records in storage.iter_file_records(batch_size):
+        writer.write_file_records(records)
+    writer.finish()
+    stream.flush()
+    return writer.counts, exported_at.isoformat(timespec="milliseconds"), counting.bytes
 
 
 async def export_to_json(
@@ -84,24 +87,54 @@ async def export_to_json(
 ) -> dict[str, Any]:
     """Writes the whole store to one JSON export document, atomically, mode 0600.
 
+    A symlink at `output_path` is refused; a FIFO or character device is written
+    through (not atomically: what it received stays if the export fails).
+
     Returns:
         {"path", "sessions", "messages", "files", "bytes", "exported_at", "duration_seconds"}.
 
     Raises:
-        MigrationError: if the file cannot be written (nothing is left behind).
+        MigrationError: naming `output_path`, if it cannot be written (a file is
+            then left as it was).
+        PersistenceError: if the store fails.
+    """
+    check_batch_size(batch_size)
+    target = Path(output_path)
+    output_kind(target)  # refuses a symlink or a directory before reading the store
+    started = time.perf_counter()
+    with output_file(target) as stream:
+        counts, exported_at, size = await write_document(
+            storage, stream, batch_size, progress_callback
+        )
+    return {
+        "path": str(target),
+        **counts.as_dict(),
+        "bytes": size,
+        "exported_at": exported_at,
+        "duration_seconds": elapsed(started),
+    }
+
+
+async def export_to_stream(
+    storage: SessionStorage,
+    stream: IO[str],
+    *,
+    progress_callback: ProgressCallback | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """Writes the whole store as one JSON export document to an open text stream.
+
+    Returns:
+        {"sessions", "messages", "files", "bytes", "exported_at", "duration_seconds"}.
+
+    Raises:
+        OSError: if the stream fails.
         PersistenceError: if the store fails.
     """
     check_batch_size(batch_size)
     started = time.perf_counter()
-    target = Path(output_path)
-    if not target.parent.is_dir():
-        raise MigrationError(f"cannot write {target}: {target.parent} is not a directory")
-    with temp_file(target.parent, target.name) as temp:
-        counts, exported_at = await write_document(storage, temp, batch_size, progress_callback)
-        size = temp.stat().st_size
-        replace_with(temp, target)
+    counts, exported_at, size = await write_document(storage, stream, batch_size, progress_callback)
     return {
-        "path": str(target),
         **counts.as_dict(),
         "bytes": size,
         "exported_at": exported_at,
@@ -132,23 +165,40 @@ async def import_from_json(
         PersistenceError: if the store fails; batches already written stay.
     """
     check_batch_size(batch_size)
+    with open_input(Path(input_path)) as stream:
+        return await import_from_stream(
+            storage, stream, progress_callback=progress_callback, batch_size=batch_size
+        )
+
+
+async def import_from_stream(
+    storage: SessionStorage,
+    stream: IO[bytes],
+    *,
+    progress_callback: ProgressCallback | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """`import_from_json` from an open, seekable binary stream (read twice: checked, then written).
+
+    Raises:
+        InvalidDataError, PersistenceError: as `import_from_json`.
+    """
+    check_batch_size(batch_size)
     started = time.perf_counter()
-    path = Path(input_path)
-    with open_input(path) as stream:
-        # One open file for both passes: the second reads what the first validated.
-        summary = await asyncio.to_thread(_validate_document, stream)
-        stream.seek(0)
-        progress = Progress(progress_callback, summary.counts.sessions)
-        try:
-            async for sessions, records in read_ahead(_file_batches(stream, batch_size)):
-                if sessions:
-                    progress.add(await write_sessions(storage, sessions))
-                if records:
-                    progress.add(await write_file_records(storage, records))
-        except BaseException as exc:
-            # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
-            progress.stopped(exc)
-            raise
+    # One open file for both passes: the second reads what the first validated.
+    summary = await asyncio.to_thread(_validate_document, stream)
+    stream.seek(0)
+    progress = Progress(progress_callback, summary.counts.sessions)
+    try:
+        async for sessions, records in read_ahead(_file_batches(stream, batch_size)):
+            if sessions:
+                progress.add(await write_sessions(storage, sessions))
+            if records:
+                progress.add(await write_file_records(storage, records))
+    except BaseException as exc:
+        # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
+        progress.stopped(exc)
+        raise
     return {
         **progress.summary("imported"),
         "format_version": summary.version,

@@ -1,8 +1,11 @@
-"""Private output files written atomically, never through a planted symlink.
+"""Private output files written atomically, never through a symlink.
 
 Every file starts as a fresh temp file (O_CREAT | O_EXCL, mode 0600) in the target's
-own directory and only then takes its final name, so a reader never sees half a file
-and a symlink waiting at the final name is replaced or refused, never followed.
+own directory and only then takes its final name, so a reader never sees half a file.
+A symlink at the target is refused, never followed or replaced; a FIFO or a character
+device (`/dev/stdout`, `/dev/full`, a named pipe) is written through, as a shell's `>`
+would, and a failed write there is an error like any other. Errors name the user's
+path, never the temp file.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Literal
 
 from persistence.errors import MigrationError
 
@@ -28,12 +33,108 @@ def file_error(action: str, path: Path, exc: OSError) -> MigrationError:
     return MigrationError(f"{action} {path}: {reason}")
 
 
+def _symlink_refused(path: Path, what: str) -> MigrationError:
+    try:
+        points_to = f" (to {os.readlink(path)})"
+    except OSError:
+        points_to = ""
+    return MigrationError(
+        f"refusing to write {what} {path}: it is a symbolic link{points_to};"
+        " give the path it stands for"
+    )
+
+
+def output_kind(target: Path) -> Literal["new", "file", "stream"]:
+    """What writing to `target` means: a new file, replacing a regular file, or a stream.
+
+    Raises:
+        MigrationError: for a symlink (refused, never followed or replaced), a
+            directory, a socket or block device, or a missing parent directory.
+    """
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise MigrationError(
+                f"cannot write {target}: {target.parent} is not a directory"
+            ) from None
+        return "new"
+    except OSError as exc:
+        raise file_error("cannot write", target, exc) from exc
+    if stat.S_ISLNK(mode):
+        raise _symlink_refused(target, "to")
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return "stream"
+    if stat.S_ISDIR(mode):
+        raise MigrationError(f"cannot write {target}: it is a directory")
+    raise MigrationError(f"refusing to write {target}: not a file, FIFO or character device")
+
+
+def _open_through(target: Path) -> IO[str]:
+    """Opens an existing FIFO or character device for writing, never creating a file."""
+    fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            raise OSError(errno.EEXIST, "replaced while being opened", str(target))
+        return open(fd, "w", encoding="utf-8", newline="")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_new(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, FILE_MODE)
+
+
+@contextmanager
+def output_file(target: Path) -> Iterator[IO[str]]:
+    """Yields a text stream for `target`: atomically replaced, or written through.
+
+    A regular or new file is written to a 0600 temp file beside it, which takes the
+    name only once complete (nothing is left behind on failure); a FIFO or character
+    device is written directly; a symlink is refused.
+
+    Raises:
+        MigrationError: naming `target` and the reason, if it cannot be written.
+    """
+    if output_kind(target) == "stream":
+        try:
+            with _open_through(target) as stream:
+                yield stream
+        except OSError as exc:
+            raise file_error("cannot write", target, exc) from exc
+        return
+    with temp_file(target.parent, target.name) as temp:
+        try:
+            with open(temp, "w", encoding="utf-8", newline="", opener=_open_new) as stream:
+                yield stream
+        except OSError as exc:
+            raise file_error("cannot write", target, exc) from exc
+        replace_with(temp, target)
+
+
+def write_text(target: Path, text: str) -> None:
+    """Writes `text` to `target` as `output_file` does.
+
+    Raises:
+        MigrationError: naming `target`, if it cannot be written.
+    """
+    with output_file(target) as stream:
+        stream.write(text)
+
+
 def private_directory(directory: Path) -> Path:
     """Returns `directory`, creating it (and its parents) with mode 0700 if missing.
 
     Raises:
-        MigrationError: if it cannot be created or is not a directory.
+        MigrationError: if it cannot be created, is not a directory, or is a symlink
+            (refused, as for files: give the directory it stands for).
     """
+    if directory.is_symlink():
+        raise _symlink_refused(directory, "into")
     try:
         directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
     except FileExistsError as exc:
@@ -89,7 +190,7 @@ def replace_with(temp: Path, target: Path) -> None:
     """Gives `temp` the name `target`, replacing what is there (a symlink itself, not its target).
 
     Raises:
-        MigrationError: if the rename fails.
+        MigrationError: naming `target`, if the rename fails.
     """
     try:
         sync_file(temp)
@@ -125,7 +226,7 @@ def link_new_name(temp: Path, directory: Path, stem: str, suffix: str) -> Path:
     try:
         sync_file(temp)
     except OSError as exc:
-        raise file_error("cannot write", temp, exc) from exc
+        raise file_error("cannot write in", directory, exc) from exc
     for attempt in range(_MAX_NAME_ATTEMPTS):
         target = directory / (f"{stem}{suffix}" if attempt == 0 else f"{stem}-{attempt}{suffix}")
         try:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from persistence import PersistenceError, SessionStorage
+from persistence import InvalidDataError, PersistenceError, SessionStorage
 from tests.factories import conversation, file_record
 
 
@@ -99,6 +99,16 @@ async def test_set_status_changes_many_sessions_at_once(storage: SessionStorage)
 
     archived = await storage.list_sessions(status="archived")
     assert sorted(s.session_id for s in archived) == sorted(ids)
+
+
+async def test_set_status_refuses_one_id_given_as_a_string(storage: SessionStorage) -> None:
+    session = conversation(1)
+    await storage.save_session(session)
+    # A str is a sequence of its characters: never taken as ids one letter long.
+    with pytest.raises(InvalidDataError, match="sequence of ids, got one string"):
+        await storage.set_status(session.session_id, "archived")
+    loaded = await storage.load_session(session.session_id)
+    assert loaded is not None and loaded.status == "active"
 
 
 async def test_close_twice_is_harmless_and_a_closed_storage_refuses_use(

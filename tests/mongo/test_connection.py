@@ -143,6 +143,8 @@ async def test_bad_arguments_are_refused_before_any_io() -> None:
         await anext(storage.iter_sessions(batch_size=0))
     with pytest.raises(InvalidDataError, match="status"):
         await storage.set_status(["a"], "gone")  # type: ignore[arg-type]
+    with pytest.raises(InvalidDataError, match="one string 'abc'"):
+        await storage.set_status("abc", "archived")
     assert await storage.copy_to_file(Path("unused")) is False
     await storage.close()
 

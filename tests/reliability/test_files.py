@@ -82,13 +82,17 @@ async def test_a_planted_symlink_at_the_export_path_is_never_followed(
     targets = {"all.json": None, "one.json": "json", "one.md": "markdown"}
     for name in targets:
         (exports / name).symlink_to(victim)
-    await export_to_json(sql_storage, exports / "all.json")
+    # export_to_json (and the CLI's output files) refuse the link, leaving it as it is.
+    with pytest.raises(MigrationError, match="symbolic link"):
+        await export_to_json(sql_storage, exports / "all.json")
+    assert (exports / "all.json").is_symlink()
+    # SessionManager.export_to_file replaces the link itself.
     manager = SessionManager(sql_storage)
     for name, fmt in targets.items():
         if fmt is not None:
             await manager.export_to_file(session_id, exports / name, fmt)
     assert victim.read_text() == VICTIM_TEXT
-    for name in targets:
+    for name in ("one.json", "one.md"):
         assert not (exports / name).is_symlink(), name
         assert (exports / name).stat().st_size > 0
     assert _tree(outside) == {"victim": "file"}

@@ -19,6 +19,7 @@ from persistence.sql.engines import async_driver_url
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 from tests import servers
+from tests.installs import clean_environment, fresh_install
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"chat_sessions", "chat_messages", "uploaded_files"}
@@ -128,14 +129,7 @@ def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:
 
 
 def test_revisions_ship_in_a_plain_install(tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
-        check=True,
-        capture_output=True,
-    )
+    python = fresh_install(tmp_path) / "bin" / "python"
     script = (
         "import asyncio, persistence, sys\n"
         "assert 'site-packages' in persistence.__file__, persistence.__file__\n"
@@ -149,6 +143,12 @@ def test_revisions_ship_in_a_plain_install(tmp_path: Path) -> None:
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     done = subprocess.run(
-        [str(python), "-c", script], cwd=workdir, capture_output=True, text=True, check=True
+        [str(python), "-c", script],
+        cwd=workdir,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"

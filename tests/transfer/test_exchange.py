@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -116,7 +117,7 @@ async def test_a_failed_export_leaves_the_previous_file_and_no_temp_file(
     assert os.listdir(out) == ["export.json"]
 
 
-async def test_export_replaces_a_planted_symlink_instead_of_following_it(
+async def test_export_refuses_a_symlink_and_leaves_it_and_its_target_alone(
     other_sqlite: SessionStorage, tmp_path: Path
 ) -> None:
     outside = tmp_path / "outside.txt"
@@ -125,11 +126,39 @@ async def test_export_replaces_a_planted_symlink_instead_of_following_it(
     out.mkdir()
     (out / "export.json").symlink_to(outside)
 
-    await export_to_json(other_sqlite, out / "export.json")
+    with pytest.raises(MigrationError, match=r"export\.json: it is a symbolic link"):
+        await export_to_json(other_sqlite, out / "export.json")
 
     assert outside.read_text() == "untouched"
-    assert not (out / "export.json").is_symlink()
-    assert json.loads((out / "export.json").read_text())["format"] == FORMAT_NAME
+    assert (out / "export.json").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == ["export.json"]
+
+
+async def test_export_writes_through_a_fifo(other_sqlite: SessionStorage, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    result = await export_to_json(other_sqlite, fifo)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still the FIFO, not a file in its place
+    assert json.loads(received[0])["format"] == FORMAT_NAME
+    assert result["bytes"] == len(received[0])
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+async def test_export_to_a_full_device_fails_naming_it(other_sqlite: SessionStorage) -> None:
+    with pytest.raises(MigrationError, match="cannot write /dev/full: No space left on device"):
+        await export_to_json(other_sqlite, "/dev/full")
+    assert stat.S_ISCHR(os.lstat("/dev/full").st_mode)
+
+
+async def test_export_to_a_directory_is_refused(
+    other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    with pytest.raises(MigrationError, match="it is a directory"):
+        await export_to_json(other_sqlite, tmp_path)
 
 
 async def test_export_into_a_missing_directory_is_refused(
