@@ -165,7 +165,7 @@ def sessions_show(
             )
             console.print(Text(visible(message.content)))
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
 @sessions_app.command("delete")
@@ -205,7 +205,7 @@ def sessions_archive(
             fail(f"session {session_id!r} not found in {cfg.display_url}")
         out().print(Text(visible(f"Session {session_id} was already archived.")))
 
-    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
+    run(ctx, (config, url, verbose), work, must_exist=True)
 
 
 def export(
