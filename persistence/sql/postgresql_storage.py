@@ -1,0 +1,196 @@
+"""PostgreSQLSessionStorage: a pool of asyncpg connections, optional read replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from persistence.errors import (
+    ConfigError,
+    InvalidDataError,
+)
+from persistence.models import ChatSession
+from persistence.sql.checkout import driver_connection
+from persistence.sql.engines import (
+    WRITE_OPTIONS,
+    displayed,
+    postgresql_engine,
+    postgresql_url,
+)
+from persistence.sql.errors import sql_errors
+from persistence.sql.replicas import replica_set
+from persistence.sql.runner import Work, run_on_asyncpg
+from persistence.sql.schema import VERSION_TABLE
+from persistence.sql.sql_storage import SqlSessionStorage
+from persistence.sql.standby import ReplicaSettings, ReplicaState
+from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
+from persistence.sql.uow import SqlUnitOfWork
+from persistence.storage import (
+    BackendName,
+)
+
+T = TypeVar("T")
+
+
+class PostgreSQLSessionStorage(SqlSessionStorage):
+    """PostgreSQL through a pool of asyncpg connections (SQLAlchemy's pool).
+
+    With `read_replicas` (hot standbys of the primary), listing, search, counts and
+    exports read from a replica; writes, loads, units of work and migrations use the
+    primary. The storage always sees its own writes; a replica that is down, cannot
+    be reached, hangs, or lags more than `max_replica_lag` seconds is skipped (see
+    persistence.sql.replicas).
+    """
+
+    backend_name: BackendName = "postgresql"
+    _one_statement_appends = True
+
+    def __init__(
+        self,
+        connection_string: str,
+        min_pool_size: int = 5,
+        max_pool_size: int = 20,
+        *,
+        read_replicas: Sequence[str] = (),
+        statement_timeout: float | None = None,
+        command_timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        pool_timeout: float = 30.0,
+        max_replica_lag: float = 10.0,
+        replica_timeout: float = 1.0,
+        replica_retry_interval: float = 5.0,
+        version_table: str = VERSION_TABLE,
+    ) -> None:
+        super().__init__(version_table)
+        try:
+            import asyncpg  # noqa: F401  # the driver SQLAlchemy loads when the engine is made
+        except ImportError:
+            raise ConfigError(
+                "PostgreSQLSessionStorage needs the asyncpg driver, which is not installed:"
+                " pip install 'persistence[postgresql]'"
+            ) from None
+        if min_pool_size < 0 or max_pool_size < 1 or min_pool_size > max_pool_size:
+            raise InvalidDataError(
+                "pool sizes: need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1,"
+                f" got {min_pool_size} and {max_pool_size}"
+            )
+        self.url = postgresql_url(connection_string)
+        self.min_pool_size = min_pool_size
+        self.max_pool_size = max_pool_size
+        self._statement_timeout = statement_timeout
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._pool_timeout = pool_timeout
+        self._bulk_statistics = BulkLoadStatistics()
+        self._replicas = replica_set(
+            read_replicas,
+            ReplicaSettings(
+                timeout=replica_timeout,
+                max_lag=max_replica_lag,
+                retry_interval=replica_retry_interval,
+                max_connections=max_pool_size,
+            ),
+        )
+
+    def __repr__(self) -> str:
+        shown = repr(displayed(self.url))
+        if self._replicas is not None:
+            shown += f", read_replicas={self._replicas.displayed!r}"
+        return f"PostgreSQLSessionStorage({shown})"
+
+    def replica_states(self) -> list[ReplicaState]:
+        """What this storage last learnt of each replica: up, lagging, replay position."""
+        return [] if self._replicas is None else self._replicas.states()
+
+    @property
+    def _where(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    def _create_engine(self, *, read_only: bool) -> AsyncEngine:
+        return postgresql_engine(
+            self.url,
+            self.min_pool_size,
+            self.max_pool_size,
+            statement_timeout=self._statement_timeout,
+            command_timeout=self._command_timeout,
+            connect_timeout=self._connect_timeout,
+            pool_timeout=self._pool_timeout,
+        )
+
+    async def _open(self, *, read_only: bool) -> None:
+        await super()._open(read_only=read_only)
+        if self._replicas is not None:
+            await self._replicas.start(self.engine, self._statement_timeout)
+
+    async def close(self) -> None:
+        try:
+            if self._replicas is not None:
+                await self._replicas.close()
+        finally:
+            await super().close()
+
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        inserted = await super().insert_sessions(sessions)
+        rows = len(sessions) + sum(len(session.messages) for session in sessions)
+        if inserted and self._bulk_statistics.added(rows):
+            await self._run(analyze_tables(), "analyse tables after bulk inserts", write=True)
+        return inserted
+
+    def unit_of_work(self) -> SqlUnitOfWork:
+        self._refuse_writes("unit of work")
+        if self._replicas is None:
+            return super().unit_of_work()
+        engine = self.engine.execution_options(**WRITE_OPTIONS)
+        return self._replicas.unit_of_work(engine, self.token)
+
+    async def _run_stale(
+        self, make_work: Callable[[], Work[T]], action: str, *, snapshot: bool = False
+    ) -> T:
+        replicas = self._replicas
+        if replicas is not None:
+            self.engine  # noqa: B018  # raises if closed or not initialized
+            with sql_errors(action):
+                found = await replicas.read(make_work, snapshot)
+            if found is not None:
+                return found[0]
+        return await self._run(make_work(), action, write=False, snapshot=snapshot)
+
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
+        if write:
+            self._refuse_writes(action)
+        if write and self._replicas is not None:
+            try:
+                return await self._run_on_primary(
+                    work, action, write=True, snapshot=snapshot, single=single
+                )
+            finally:
+                # Counted whatever the outcome: a write that failed may have committed.
+                self._replicas.note_write()
+        return await self._run_on_primary(
+            work, action, write=write, snapshot=snapshot, single=single
+        )
+
+    async def _run_on_primary(
+        self, work: Work[T], action: str, *, write: bool, snapshot: bool, single: bool
+    ) -> T:
+        engine = self.engine
+        with sql_errors(action):
+            async with driver_connection(engine) as driver:
+                if write and not single:
+                    async with driver.transaction():
+                        return await run_on_asyncpg(driver, engine.dialect, work)
+                if snapshot:
+                    async with driver.transaction(isolation="repeatable_read", readonly=True):
+                        return await run_on_asyncpg(driver, engine.dialect, work)
+                # A single statement needs no BEGIN / COMMIT round trips.
+                return await run_on_asyncpg(driver, engine.dialect, work)

@@ -1,0 +1,380 @@
+"""The SQL family's SessionStorage: one SQLAlchemy code path for SQLite and PostgreSQL.
+
+Each public method validates its input, then runs a Work generator (repositories.py,
+writes.py) through `_run`, which the dialect's subclass implements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from persistence.clock import utc_now
+from persistence.errors import (
+    InvalidDataError,
+    PersistenceError,
+    SessionConflictError,
+    SessionDeletedError,
+)
+from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.sql import new_sessions, repositories, writes
+from persistence.sql.engines import (
+    WRITE_OPTIONS,
+)
+from persistence.sql.errors import sql_errors, unique_violation
+from persistence.sql.runner import Work
+from persistence.sql.schema import VERSION_TABLE, check_readable, upgrade_to_head
+from persistence.sql.uow import SqlUnitOfWork
+from persistence.storage import (
+    SessionStorage,
+    StorageCounts,
+    check_last,
+    check_page,
+    check_role,
+    check_session_ids,
+    check_status,
+)
+
+T = TypeVar("T")
+
+
+class SqlSessionStorage(SessionStorage):
+    """The SessionStorage of the SQL family; subclasses only say how work is run."""
+
+    def __init__(self, version_table: str = VERSION_TABLE) -> None:
+        if not version_table.isidentifier():
+            raise InvalidDataError(f"version_table: {version_table!r} is not a plain table name")
+        self._engine: AsyncEngine | None = None
+        self._closed = False
+        self._reading_only = False
+        self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
+        self.version_table = version_table
+
+    @abstractmethod
+    def _create_engine(self, *, read_only: bool) -> AsyncEngine: ...
+
+    @property
+    @abstractmethod
+    def _where(self) -> str:
+        """Names the database in errors (never with its password)."""
+
+    # Whether an appends-only save is one statement (PostgreSQL's data-modifying CTE).
+    _one_statement_appends = False
+
+    @abstractmethod
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
+        """Runs `work` as one transaction (write), or as a read.
+
+        A read with `snapshot` sees one consistent state across its statements (a
+        session row and its history); other reads are single statements. A write that
+        is `single` is one statement, atomic without BEGIN/COMMIT where the server
+        allows it.
+        """
+
+    async def _run_stale(
+        self, make_work: Callable[[], Work[T]], action: str, *, snapshot: bool = False
+    ) -> T:
+        """Runs a read that may see slightly stale data (a read replica's, if any).
+
+        It takes a function that makes the work, so that a read a replica could not
+        finish can be run again on the primary.
+        """
+        return await self._run(make_work(), action, write=False, snapshot=snapshot)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine, for tests and tools that need the database itself.
+
+        Raises:
+            PersistenceError: if the storage is closed or not initialized.
+        """
+        if self._closed:
+            raise PersistenceError(f"{self.backend_name} storage is closed")
+        if self._engine is None:
+            raise PersistenceError(
+                f"{self.backend_name} storage is not initialized: await initialize() first"
+            )
+        return self._engine
+
+    async def initialize(self) -> None:
+        await self._open(read_only=False)
+
+    async def open_for_reading(self) -> None:
+        await self._open(read_only=True)
+
+    async def _open(self, *, read_only: bool) -> None:
+        if self._closed:
+            raise PersistenceError(f"{self.backend_name} storage is closed")
+        if self._engine is not None and self._reading_only and not read_only:
+            raise PersistenceError(
+                f"{self.backend_name} storage was opened for reading: open another to write"
+            )
+        if self._engine is None:
+            self._engine = self._create_engine(read_only=read_only)
+            self._reading_only = read_only
+        where, table = self._where, self.version_table
+        try:
+            with sql_errors("open database" if read_only else "initialize schema"):
+                if read_only:
+                    async with self._engine.connect() as connection:
+                        await connection.run_sync(
+                            partial(check_readable, version_table=table, where=where)
+                        )
+                    return
+                async with self._engine.execution_options(**WRITE_OPTIONS).begin() as connection:
+                    await connection.run_sync(
+                        partial(upgrade_to_head, version_table=table, where=where)
+                    )
+        except BaseException:
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                with sql_errors("close"):
+                    await engine.dispose()
+            raise
+
+    def _refuse_writes(self, action: str) -> None:
+        if self._reading_only:
+            raise PersistenceError(
+                f"{action}: {self._where} was opened for reading (open_for_reading()),"
+                " which never writes"
+            )
+
+    async def close(self) -> None:
+        engine, self._engine, self._closed = self._engine, None, True
+        if engine is not None:
+            with sql_errors("close"):
+                await engine.dispose()
+
+    def unit_of_work(self) -> SqlUnitOfWork:
+        self._refuse_writes("unit of work")
+        return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self.token)
+
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+        # Saves of one object take turns: each plans from the base the previous one left.
+        key = id(session)
+        lock, users = self._saving.get(key) or (asyncio.Lock(), 0)
+        self._saving[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._save_session(session, force)
+        finally:
+            lock, users = self._saving[key]
+            if users == 1:
+                del self._saving[key]
+            else:
+                self._saving[key] = (lock, users - 1)
+
+    async def _save_session(self, session: ChatSession, force: bool) -> bool:
+        plan = session.plan_save(self.token)
+        if plan.writes_nothing and plan.certain:
+            if not await self._run(writes.still_there(plan), "save session", write=False):
+                raise SessionDeletedError(session.session_id)
+            return True
+        try:
+            if (
+                self._one_statement_appends
+                and plan.certain
+                and plan.appends
+                and (not plan.is_new and plan.appends_only)
+            ):
+                saved = await self._run(
+                    writes.append_in_one_statement(plan), "save session", write=True, single=True
+                )
+            else:
+                saved = await self._run(
+                    writes.write_plan(plan, force=force), "save session", write=True
+                )
+        except (InvalidDataError, SessionConflictError, SessionDeletedError):
+            raise  # refused before anything was written
+        except PersistenceError as exc:
+            session.save_failed(self.token)
+            if unique_violation(exc):
+                raise await self._duplicate_message(plan.session_id, plan.appends) from exc
+            raise
+        except BaseException:
+            # Cancelled or cut off: it may have landed, so the next save checks.
+            session.save_failed(self.token)
+            raise
+        session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
+        return True
+
+    async def _duplicate_message(
+        self, session_id: str, appended: Sequence[ChatMessage]
+    ) -> PersistenceError:
+        """Names the new message whose id the store already holds (a unique violation)."""
+        owners = await self._run(
+            writes.message_owners([message.message_id for message in appended]),
+            "save session",
+            write=False,
+        )
+        for message_id, owner in owners.items():
+            where = "this session" if owner == session_id else f"another session ({owner!r})"
+            return InvalidDataError(f"message_id {message_id!r} is already stored in {where}")
+        return PersistenceError("save session failed: a unique key was violated")
+
+    async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
+        check_last(last)
+        return await self._run(
+            repositories.read_session(session_id, self.token, last),
+            "load session",
+            write=False,
+            snapshot=True,
+        )
+
+    async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
+        return await self._run(
+            repositories.read_sessions(session_ids, self.token),
+            "load sessions",
+            write=False,
+            snapshot=True,
+        )
+
+    async def list_sessions(
+        self, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[ChatSession]:
+        checked = check_status(status)
+        check_page(limit, offset)
+        return await self._run_stale(
+            partial(repositories.read_session_page, checked, limit, offset, self.token),
+            "list sessions",
+        )
+
+    async def delete_session(self, session_id: str) -> bool:
+        return await self._run(
+            repositories.delete_session(session_id), "delete session", write=True
+        )
+
+    async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
+        await self._run(repositories.write_file_record(file_record), "save file record", write=True)
+        return True
+
+    async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
+        return await self._run(
+            repositories.read_file_record(file_id), "load file record", write=False
+        )
+
+    async def list_file_records(self, limit: int = 100) -> list[UploadedFileRecord]:
+        check_page(limit)
+        return await self._run(
+            repositories.read_file_record_page(limit), "list file records", write=False
+        )
+
+    async def delete_expired_files(self) -> int:
+        return await self._run(
+            repositories.delete_files_expired_by(utc_now()), "delete expired files", write=True
+        )
+
+    async def search_messages(
+        self,
+        query: str,
+        limit: int = 50,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+    ) -> list[ChatMessage]:
+        check_page(limit)
+        checked = check_role(role)
+        return await self._run_stale(
+            partial(
+                repositories.search_messages, self.backend_name, query, limit, session_id, checked
+            ),
+            "search messages",
+        )
+
+    async def iter_sessions(
+        self, batch_size: int = 500, *, with_messages: bool = True
+    ) -> AsyncIterator[list[ChatSession]]:
+        if batch_size <= 0:
+            raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+        after = ""
+        while True:
+            batch_work = partial(
+                repositories.read_session_batch, after, batch_size, with_messages, self.token
+            )
+            ids, batch = await self._run_stale(
+                batch_work,
+                "iterate sessions",
+                snapshot=True,
+            )
+            if not ids:
+                return
+            yield batch
+            after = ids[-1]
+
+    async def iter_file_records(
+        self, batch_size: int = 500
+    ) -> AsyncIterator[list[UploadedFileRecord]]:
+        if batch_size <= 0:
+            raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+        after = ""
+        while True:
+            batch = await self._run_stale(
+                partial(repositories.read_file_record_batch, after, batch_size),
+                "iterate file records",
+            )
+            if not batch:
+                return
+            yield batch
+            after = batch[-1].file_id
+
+    async def count(self) -> StorageCounts:
+        return await self._run_stale(
+            partial(repositories.count_store, utc_now()), "count", snapshot=True
+        )
+
+    async def count_sessions(self) -> dict[str, int]:
+        return await self._run(
+            repositories.count_sessions_by_status(), "count sessions", write=False
+        )
+
+    async def expire_sessions(self, updated_before: datetime) -> int:
+        return await self._run(
+            repositories.expire_sessions_before(updated_before), "expire sessions", write=True
+        )
+
+    async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
+        check_session_ids(session_ids)
+        checked = check_status(status)
+        assert checked is not None
+        return await self._run(
+            repositories.set_sessions_status(session_ids, checked),
+            "set session status",
+            write=True,
+        )
+
+    async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        new_sessions.check_new_sessions(sessions)
+        if not sessions:
+            return True
+        try:
+            await self._run(
+                new_sessions.insert_new_sessions(sessions), "insert sessions", write=True
+            )
+        except PersistenceError as exc:
+            if new_sessions.is_duplicate_key(exc):
+                return False
+            raise
+        return True
+
+    async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
+        return await self._run(
+            repositories.read_file_records(file_ids), "load file records", write=False
+        )
+
+    async def copy_to_file(self, target: Path) -> bool:
+        return False

@@ -1,0 +1,164 @@
+"""SQLiteSessionStorage: one file, a thread per connection (aiosqlite), WAL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import aiosqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from persistence.errors import (
+    InvalidDataError,
+    PersistenceError,
+    StorageConnectionError,
+)
+from persistence.sql.engines import (
+    check_sqlite_path,
+    open_sqlite,
+    reading_pragmas,
+    sqlite_engine,
+    sqlite_pragmas,
+    sqlite_reading_target,
+    sqlite_url,
+)
+from persistence.sql.errors import sql_errors
+from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread
+from persistence.sql.schema import VERSION_TABLE
+from persistence.sql.sql_storage import SqlSessionStorage
+from persistence.sql.uow import open_units_of_work
+from persistence.storage import (
+    BackendName,
+)
+
+T = TypeVar("T")
+
+
+class SQLiteSessionStorage(SqlSessionStorage):
+    """The embedded default: one SQLite file, WAL, foreign keys on, busy timeout.
+
+    Every write transaction takes the write lock when it begins, so concurrent
+    writers (tasks or processes) wait for each other instead of failing. Each call
+    runs whole inside the aiosqlite connection's thread: one hop per call.
+    """
+
+    backend_name: BackendName = "sqlite"
+
+    def __init__(
+        self,
+        database_path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        cache_size: int | None = None,
+        busy_timeout: float = 30.0,
+        version_table: str = VERSION_TABLE,
+    ) -> None:
+        super().__init__(version_table)
+        self.database_path = Path(database_path)
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise InvalidDataError(f"synchronous: {synchronous!r} is not FULL, NORMAL or EXTRA")
+        self._pragmas = sqlite_pragmas(synchronous.upper(), cache_size, busy_timeout)
+        self._busy_timeout = busy_timeout
+        self._connection: aiosqlite.Connection | None = None
+        self._reading_target = ""
+
+    def __repr__(self) -> str:
+        return f"SQLiteSessionStorage({str(self.database_path)!r})"
+
+    @property
+    def _where(self) -> str:
+        return str(self.database_path)
+
+    def _create_engine(self, *, read_only: bool) -> AsyncEngine:
+        url = sqlite_url(self.database_path)
+        if read_only:
+            return sqlite_engine(
+                url,
+                reading_pragmas(self._pragmas),
+                self._busy_timeout,
+                target=self._reading_target,
+                uri=True,
+            )
+        return sqlite_engine(url, self._pragmas, self._busy_timeout)
+
+    async def _open(self, *, read_only: bool) -> None:
+        if self._closed:
+            raise PersistenceError("sqlite storage is closed")
+        if self._engine is None:
+            exists = check_sqlite_path(self.database_path, must_exist=read_only)
+            if read_only:
+                self._reading_target = sqlite_reading_target(self.database_path)
+            elif not exists:
+                try:
+                    self.database_path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StorageConnectionError(
+                        f"cannot create {self.database_path}:"
+                        f" {exc.strerror or type(exc).__name__} ({exc.filename})"
+                    ) from None
+        await super()._open(read_only=read_only)
+        if self._connection is None:
+            with sql_errors("open database"):
+                if self._reading_only:
+                    self._connection = await open_sqlite(
+                        self._reading_target,
+                        reading_pragmas(self._pragmas),
+                        self._busy_timeout,
+                        uri=True,
+                    )
+                else:
+                    self._connection = await open_sqlite(
+                        self.database_path, self._pragmas, self._busy_timeout
+                    )
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        try:
+            if connection is not None:
+                with sql_errors("close"):
+                    await connection.close()
+        finally:
+            await super().close()
+
+    async def _run(
+        self,
+        work: Work[T],
+        action: str,
+        *,
+        write: bool,
+        snapshot: bool = False,
+        single: bool = False,
+    ) -> T:
+        # Reads too run in a transaction: it costs nothing within the one thread hop.
+        dialect = self.engine.dialect
+        connection = self._connection
+        if connection is None:
+            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        if write:
+            self._refuse_writes(action)
+        if write and self.token in open_units_of_work():
+            work.close()
+            raise PersistenceError(
+                f"{action}: called while this task holds an open unit_of_work() of the same"
+                " SQLite storage, whose write lock it would wait for until the busy timeout;"
+                " do it through the unit of work (uow.sessions / uow.files) or after it"
+            )
+        with sql_errors(action):
+            result: T = await run_in_thread(
+                connection,
+                run_in_sqlite_thread,
+                dialect,
+                work,
+                "BEGIN IMMEDIATE" if write else "BEGIN",
+            )
+            return result
+
+    async def copy_to_file(self, target: Path) -> bool:
+        """Copies the database with SQLite's online backup API (consistent under writers)."""
+        connection = self._connection
+        if connection is None:
+            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        with sql_errors("back up database"):
+            async with aiosqlite.connect(target) as destination:
+                await connection.backup(destination)
+        return True
