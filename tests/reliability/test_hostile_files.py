@@ -74,7 +74,7 @@ async def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(
 
 async def test_a_directory_in_place_of_the_file_is_a_clear_error(tmp_path: Path) -> None:
     storage = SQLiteSessionStorage(tmp_path)
-    with pytest.raises(PersistenceError, match="initialize schema"):
+    with pytest.raises(PersistenceError, match="is a directory, not a database file"):
         await storage.initialize()
     await storage.close()
 
