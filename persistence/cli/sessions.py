@@ -6,13 +6,13 @@ import asyncio
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from persistence import formats
+from persistence.cli.listing import JsonRows, TextRows, newest_first
 from persistence.cli.output import (
     MAX_LIMIT,
     MAX_OFFSET,
@@ -22,7 +22,6 @@ from persistence.cli.output import (
     Target,
     UrlOption,
     VerboseOption,
-    echo_json,
     fail,
     out,
     run,
@@ -64,12 +63,6 @@ class FormatChoice(StrEnum):
     markdown = "markdown"
 
 
-def _session_row(session: Any) -> dict[str, Any]:
-    document = formats.session_document(session)
-    document.pop("messages")
-    return document
-
-
 @sessions_app.command("list")
 def sessions_list(
     ctx: typer.Context,
@@ -91,35 +84,22 @@ def sessions_list(
     """List sessions, most recently updated first."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        # One more than asked: "More may follow" only when there is more.
-        page = await storage.list_sessions(
-            status=status.value if status else None, limit=limit + 1, offset=offset
-        )
-        more, page = len(page) > limit, page[:limit]
-        if as_json:
-            echo_json([_session_row(session) for session in page])
-            return
-        if not page:
-            out().print("No sessions." if offset == 0 else "No sessions at this offset.")
-            return
-        table = Table(title=f"Sessions in {cfg.display_url}", title_justify="left")
-        table.add_column("Session ID", no_wrap=True)
-        table.add_column("Model")
-        table.add_column("Status")
-        table.add_column("Messages", justify="right")
-        table.add_column("Updated (UTC)", no_wrap=True)
-        for session in page:
-            table.add_row(
-                Text(visible(session.session_id)),
-                Text(visible(session.model)),
-                session.status,
-                str(session.message_count),
-                f"{session.updated_at:%Y-%m-%d %H:%M:%S}",
-            )
-        console = out()
-        console.print(table)
-        if more:
-            console.print(f"More follow: --offset {offset + limit}")
+        rows = JsonRows() if as_json else TextRows(cfg.display_url)
+        more = False
+        async for page in newest_first(
+            storage, status.value if status else None, limit=limit, offset=offset
+        ):
+            if isinstance(page, bool):
+                more = page  # the last item
+                continue
+            for session in page:
+                rows.add(session)
+        if isinstance(rows, JsonRows):
+            rows.close()
+        elif rows.count == 0:
+            typer.echo("No sessions." if offset == 0 else "No sessions at this offset.")
+        elif more:
+            typer.echo(f"More follow: --offset {offset + limit}")
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 

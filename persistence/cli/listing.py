@@ -1,0 +1,86 @@
+"""`sessions list` streamed: rows are printed page by page as they are read.
+
+The first page is small, so the first line appears at once however long the listing;
+later pages are larger, so a long listing costs few queries. Pages follow each other
+by offset in the newest-first order: a session updated while the listing runs may
+appear twice or not at all, as with any paged listing of a live store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import typer
+
+from persistence import formats
+from persistence.formats import visible
+from persistence.models import ChatSession, Status
+from persistence.storage import SessionStorage
+
+FIRST_PAGE = 100
+PAGE = 1000
+
+
+async def newest_first(
+    storage: SessionStorage, status: Status | None, limit: int, offset: int
+) -> AsyncIterator[list[ChatSession] | bool]:
+    """Yields pages of at most `limit` sessions in all, then whether more follow."""
+    shown, size = 0, FIRST_PAGE
+    while True:
+        want = min(size, limit - shown)
+        # One more than asked: "more follow" only when there is more.
+        page = await storage.list_sessions(status=status, limit=want + 1, offset=offset + shown)
+        more = len(page) > want
+        if page[:want]:
+            yield page[:want]
+        shown += min(len(page), want)
+        if not more or shown >= limit:
+            yield more
+            return
+        size = PAGE
+
+
+def session_row(session: ChatSession) -> dict[str, Any]:
+    """A listed session as JSON: the export document without its messages."""
+    document = formats.session_document(session)
+    document.pop("messages")
+    return document
+
+
+class JsonRows:
+    """A JSON array written element by element (the same text `json.dumps(indent=2)` gives)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, session: ChatSession) -> None:
+        text = json.dumps(session_row(session), ensure_ascii=False, indent=2, default=str)
+        indented = "\n".join("  " + line for line in text.splitlines())
+        typer.echo(("[\n" if self.count == 0 else ",\n") + indented, nl=False)
+        self.count += 1
+
+    def close(self) -> None:
+        typer.echo("[]" if self.count == 0 else "\n]")
+
+
+class TextRows:
+    """Aligned plain-text rows under a heading, control characters shown visibly."""
+
+    HEADER = f"{'Session ID':<36}  {'Model':<24}  {'Status':<8}  {'Messages':>8}  Updated (UTC)"
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.count = 0
+
+    def add(self, session: ChatSession) -> None:
+        if self.count == 0:
+            typer.echo(visible(f"Sessions in {self.where}"))
+            typer.echo(self.HEADER)
+        typer.echo(
+            f"{visible(session.session_id):<36}  {visible(session.model):<24}"
+            f"  {session.status:<8}  {session.message_count:>8}"
+            f"  {session.updated_at:%Y-%m-%d %H:%M:%S}"
+        )
+        self.count += 1

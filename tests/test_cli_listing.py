@@ -1,0 +1,73 @@
+"""`sessions list` streams: each page is printed before the next one is read."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from persistence.cli import app, listing
+from persistence.sql.sqlite_storage import SQLiteSessionStorage
+
+
+def _ok(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'list.db'}"
+    for _ in range(7):
+        _ok("demo", "--url", url)
+    return url
+
+
+@pytest.fixture
+def pages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
+    """Each list_sessions call: (limit, offset, what stdout held when it was made)."""
+    monkeypatch.setattr(listing, "FIRST_PAGE", 2)
+    monkeypatch.setattr(listing, "PAGE", 3)
+    calls: list[tuple[int, int, str]] = []
+    original = SQLiteSessionStorage.list_sessions
+
+    async def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sys.stdout.flush()
+        written = sys.stdout.buffer.getvalue().decode()  # type: ignore[attr-defined]
+        calls.append((kwargs["limit"], kwargs["offset"], written))
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLiteSessionStorage, "list_sessions", recording)
+    return calls
+
+
+def test_rows_are_printed_before_the_next_page_is_read(
+    store: str, pages: list[tuple[int, int, str]]
+) -> None:
+    listed = json.loads(_ok("sessions", "list", "--json", "--url", store))
+    everything = [row["session_id"] for row in listed]
+    pages.clear()
+    output = _ok("sessions", "list", "--limit", "6", "--url", store)
+
+    assert [(limit, offset) for limit, offset, _ in pages] == [(3, 0), (4, 2), (2, 5)]
+    _, _, before_second = pages[1]
+    assert everything[0] in before_second and everything[1] in before_second
+    assert everything[2] not in before_second
+    assert all(session_id in output for session_id in everything[:6])
+    assert everything[6] not in output
+    assert "More follow: --offset 6" in output
+
+
+def test_streamed_json_is_the_same_array(store: str, pages: list[tuple[int, int, str]]) -> None:
+    streamed = json.loads(_ok("sessions", "list", "--json", "--limit", "7", "--url", store))
+    assert len(streamed) == 7 and len(pages) == 3  # pages of 2, 3 and the last 2
+    whole = json.loads(
+        _ok("sessions", "list", "--json", "--limit", "7", "--offset", "0", "--url", store)
+    )
+    assert streamed == whole
+    assert json.loads(_ok("sessions", "list", "--json", "--offset", "7", "--url", store)) == []
