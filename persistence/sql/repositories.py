@@ -15,6 +15,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from persistence.garbage_collection import collection_paused
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.search import parse_query
 from persistence.sql.mapping import (
@@ -178,9 +179,11 @@ def read_session(session_id: str, token: str, last: int | None) -> Work[ChatSess
         return None
     if last is None:
         history = yield Fetch(SELECT_MESSAGES, {"session_id": session_id})
-        return session_from_row(rows[0], [message_from_row(row) for row in history], token)
+        with collection_paused():
+            return session_from_row(rows[0], [message_from_row(row) for row in history], token)
     newest = yield Fetch(SELECT_NEWEST_MESSAGES, {"session_id": session_id, "last": last})
-    return session_from_row(rows[0], [message_from_row(row) for row in reversed(newest)], token)
+    with collection_paused():
+        return session_from_row(rows[0], [message_from_row(row) for row in reversed(newest)], token)
 
 
 def read_sessions(
@@ -193,8 +196,10 @@ def read_sessions(
         for row in (yield Fetch(SELECT_SESSIONS_IN, {"ids": list(chunk)})):
             found[row[0]] = row
         if with_messages:
-            for row in (yield Fetch(SELECT_MESSAGES_IN, {"ids": list(chunk)})):
-                history.setdefault(row[1], []).append(message_from_row(row))
+            rows = yield Fetch(SELECT_MESSAGES_IN, {"ids": list(chunk)})
+            with collection_paused():
+                for row in rows:
+                    history.setdefault(row[1], []).append(message_from_row(row))
     return [
         session_from_row(found[sid], history.get(sid, []) if with_messages else None, token)
         for sid in session_ids
