@@ -135,8 +135,15 @@ def private_directory(directory: Path) -> Path:
     """
     if directory.is_symlink():
         raise _symlink_refused(directory, "into")
+    # Each missing level made here, outermost first: mkdir(parents=True) would give the
+    # parents the default mode (0777 & ~umask), not 0700. mkdir's mode is still masked
+    # by the umask, which never adds permissions.
+    missing = [level for level in (directory, *directory.parents) if not level.exists()]
     try:
-        directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        for level in reversed(missing):
+            level.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
+        if not directory.is_dir():
+            raise FileExistsError(directory)
     except FileExistsError as exc:
         raise MigrationError(f"{directory} exists and is not a directory") from exc
     except OSError as exc:

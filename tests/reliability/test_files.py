@@ -161,11 +161,6 @@ async def test_an_export_into_a_missing_directory_is_a_clear_error(
     assert _tree(tmp_path) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transfer.files.private_directory uses mkdir(parents=True), which creates the"
-    " missing parents with the default mode (0777 & ~umask), not 0700",
-)
 async def test_missing_parent_directories_of_a_backup_are_0700_too(
     sqlite_storage: SessionStorage, tmp_path: Path, open_umask: None
 ) -> None:
