@@ -15,7 +15,8 @@ from dataclasses import dataclass
 MASK = "***"
 # Where a URL starts in free text; the URL itself is split below, not by a pattern.
 _URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+# A URL scheme (RFC 3986): what comes before `://`.
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 # Characters that end a URL in free text (messages quote URLs or end them with a space).
 _URL_END = frozenset(" \t\r\n'\"`<>")
 # Characters that end or split a URL's parts: they must be percent-encoded in user info.
@@ -45,7 +46,7 @@ class UrlParts:
 def split_url(url: str) -> UrlParts | None:
     """Cuts `url` into scheme, user info and the rest; None if it is not `scheme://...`."""
     head, separator, tail = url.partition("://")
-    if not separator or not _SCHEME.fullmatch(head):
+    if not separator or not SCHEME.fullmatch(head):
         return None
     userinfo, at, rest = tail.rpartition("@")
     if not at:

@@ -56,6 +56,18 @@ def mongodb_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def workdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """An empty current directory, and no STORAGE_* variable or config file leaking in."""
+    for name in list(os.environ):
+        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
+            monkeypatch.delenv(name)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield work
+
+
+@pytest.fixture
 def sqlite_path(tmp_path: Path) -> Path:
     return tmp_path / "sessions.db"
 

@@ -8,7 +8,6 @@ import shlex
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -17,6 +16,9 @@ from typer.testing import CliRunner, Result
 
 from persistence.cli import app
 from tests.installs import clean_environment, fresh_install
+
+# An empty current directory and no STORAGE_* variable or config file: a fresh machine.
+pytestmark = pytest.mark.usefixtures("workdir")
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "Sup3r-s3cret-pw"
@@ -33,18 +35,6 @@ COMMANDS = [
     ["cleanup"],
     ["demo"],
 ]
-
-
-@pytest.fixture(autouse=True)
-def workdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """An empty current directory and no STORAGE_* variables: a fresh machine."""
-    for name in list(os.environ):
-        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
-            monkeypatch.delenv(name)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    yield work
 
 
 def invoke(*args: str) -> Result:

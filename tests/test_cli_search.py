@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from persistence import ChatSession, SQLiteSessionStorage
-from tests.test_cli import failed, invoke, ok, workdir  # noqa: F401  # fixture: a fresh machine
+from tests.test_cli import failed, invoke, ok  # fixture: a fresh machine
 
-pytestmark = pytest.mark.sqlite
+# On a fresh machine: an empty current directory, no STORAGE_* variable.
+pytestmark = [pytest.mark.sqlite, pytest.mark.usefixtures("workdir")]
 
 
 def _store(path: Path) -> tuple[ChatSession, ChatSession]:
@@ -70,7 +71,7 @@ def test_search_prints_a_table_and_says_when_nothing_matches(tmp_path: Path) -> 
     assert invoke("search", "x", "--role", "robot", "--url", url).exit_code == 2
 
 
-def test_search_on_a_missing_database_creates_nothing(workdir: Path) -> None:  # noqa: F811
+def test_search_on_a_missing_database_creates_nothing(workdir: Path) -> None:
     line = failed("search", "anything")
     assert "no database" in line
     assert list(workdir.iterdir()) == []

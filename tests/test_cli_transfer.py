@@ -16,18 +16,10 @@ from typer.testing import CliRunner, Result
 from persistence import PostgreSQLSessionStorage
 from persistence.cli import app
 
+# An empty current directory and no STORAGE_* variable or config file: a fresh machine.
+pytestmark = pytest.mark.usefixtures("workdir")
+
 SECRET = "Sup3r-s3cret-pw"
-
-
-@pytest.fixture(autouse=True)
-def workdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    for name in list(os.environ):
-        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
-            monkeypatch.delenv(name)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    yield work
 
 
 async def _reset(url: str, revision: str | None = None) -> None:

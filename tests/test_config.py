@@ -24,21 +24,12 @@ from persistence.config import (
 )
 from tests import servers
 
+# An empty current directory and no STORAGE_* variable or config file: a fresh machine.
+pytestmark = pytest.mark.usefixtures("workdir")
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "Sup3r-s3cret-pw"
 PG_URL = f"postgresql://app:{SECRET}@db.example:5432/app"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """No STORAGE_* variable and no config file leak in; the cwd is an empty directory."""
-    for name in list(os.environ):
-        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
-            monkeypatch.delenv(name)
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    yield work
 
 
 def _write(path: Path, text_: str) -> Path:
@@ -132,9 +123,9 @@ def test_sqlite_path_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_config_file_is_found_by_variable_then_in_the_current_directory(
-    clean_environment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _write(clean_environment / "persistence.yaml", "storage:\n  expiry_hours: 5\n")
+    _write(workdir / "persistence.yaml", "storage:\n  expiry_hours: 5\n")
     assert load_config().expiry_hours == 5
     named = _write(tmp_path / "named.toml", "[storage]\nexpiry_hours = 7\n")
     monkeypatch.setenv("PERSISTENCE_CONFIG", str(named))

@@ -8,8 +8,6 @@ ${VAR} in a URL's user info is percent-encoded; --url never reads the file's sto
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,6 +17,9 @@ from typer.testing import CliRunner
 from persistence import ConfigError
 from persistence.cli import app
 from persistence.config import StorageConfig, load_config
+
+# An empty current directory and no STORAGE_* variable or config file: a fresh machine.
+pytestmark = pytest.mark.usefixtures("workdir")
 
 PG_FILE = (
     "storage:\n"
@@ -30,17 +31,6 @@ PG_FILE = (
     "    statement_timeout: 5\n"
     "    synchronous: NORMAL\n"
 )
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    for name in list(os.environ):
-        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
-            monkeypatch.delenv(name)
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    yield work
 
 
 def _file(tmp_path: Path, text: str, name: str = "app.yaml") -> Path:

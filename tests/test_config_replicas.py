@@ -4,8 +4,6 @@ masked everywhere, and what reaches the storage."""
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,22 +11,13 @@ import pytest
 from persistence import ConfigError, PostgreSQLSessionStorage
 from persistence.config import StorageConfig, config_from_url, create_storage, load_config
 
+# An empty current directory and no STORAGE_* variable or config file: a fresh machine.
+pytestmark = pytest.mark.usefixtures("workdir")
+
 SECRET = "R3plica-s3cret"
 PRIMARY = f"postgresql://app:{SECRET}@primary.example:5432/app"
 REPLICA_1 = f"postgresql://reader:{SECRET}@replica1.example:5432/app"
 REPLICA_2 = f"postgres://reader:{SECRET}@replica2.example/app"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """No STORAGE_* variable and no config file leak in; the cwd is an empty directory."""
-    for name in list(os.environ):
-        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
-            monkeypatch.delenv(name)
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    yield work
 
 
 def _urls(config: StorageConfig) -> list[str]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,6 +21,9 @@ from persistence import ConfigError, InvalidDataError, PostgreSQLSessionStorage
 from persistence.cli import app
 from persistence.config import StorageConfig, config_from_url, load_config, mask_secrets, mask_url
 from persistence.config.masking import MaskingFormatter
+
+# An empty current directory and no STORAGE_* variable or config file: a fresh machine.
+pytestmark = pytest.mark.usefixtures("workdir")
 
 # Pieces joined by every character that ends or splits a URL's parts.
 PIECES = ("Zq7", "Kx9", "Wm4", "Tr2", "Yp5", "Ab6", "Cd8")
@@ -47,17 +48,6 @@ ENCODED_URLS = [
 def assert_hidden(text: str, pieces: tuple[str, ...] = PIECES) -> None:
     for piece in pieces:
         assert piece not in text, f"password fragment {piece!r} in: {text[-600:]}"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    for name in list(os.environ):
-        if name.upper().startswith("STORAGE_") or name == "PERSISTENCE_CONFIG":
-            monkeypatch.delenv(name)
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    yield work
 
 
 @pytest.mark.parametrize("url", RAW_URLS + ENCODED_URLS)

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,14 +45,14 @@ from persistence.transfer import (
     backup_storage,
     export_to_json,
     export_to_stream,
-    import_from_json,
     import_from_stream,
     migrate_storage,
     restore_backup,
     validate_backup_file,
-    validate_export_file,
     verify_migration,
 )
+from persistence.transfer.exchange import open_input
+from persistence.transfer.exchange_format import DocumentSummary, validate_document
 
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
 
@@ -336,17 +336,24 @@ def import_file(
 ) -> None:
     """Load a JSON export file into the store (validated first; idempotent)."""
 
+    inputs = ExitStack()
+    checked: list[tuple[IO[bytes], DocumentSummary]] = []
+
+    def check() -> None:
+        # A bad file must leave no new store behind: it is checked, whole, before the
+        # store is opened, and that check is the import's own (the file is not read a
+        # second time before writing).
+        stream = inputs.enter_context(
+            _seekable_stdin() if input_file == STDIO else open_input(input_file)
+        )
+        checked.append((stream, validate_document(stream)))
+
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        ((stream, summary),) = checked
         with progress_bar("Importing sessions", stopped=RESUMES) as update:
-            if input_file == STDIO:
-                with _seekable_stdin() as stream:
-                    result = await import_from_stream(
-                        storage, stream, progress_callback=update, batch_size=batch_size
-                    )
-            else:
-                result = await import_from_json(
-                    storage, input_file, progress_callback=update, batch_size=batch_size
-                )
+            result = await import_from_stream(
+                storage, stream, progress_callback=update, batch_size=batch_size, checked=summary
+            )
         if as_json:
             echo_json(result)
             return
@@ -356,9 +363,8 @@ def import_file(
             markup=False,
         )
 
-    # A bad file must leave no new store behind: check it before opening the store.
-    check = None if str(input_file) == "-" else partial(validate_export_file, input_file)
-    run(ctx, (config, url, verbose), work, check_first=check)
+    with inputs:
+        run(ctx, (config, url, verbose), work, check_first=check)
 
 
 @contextmanager

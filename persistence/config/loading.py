@@ -58,12 +58,13 @@ def load_config(path: str | Path | None = None, *, url: str | None = None) -> St
             if key != "options" and not key.startswith("options."):
                 file_values.pop(key, None)
         _clear_options(file_values, environment.cleared)
+    located = url_settings(url) if url is not None else {}
     if url is not None:
         for key in STORE_SETTINGS:
             file_values.pop(key, None)
             env_values.pop(key, None)
             sources.pop(key, None)
-        chosen: str | None = url_settings(url)["backend"]
+        chosen: str | None = located["backend"]
     else:
         chosen = _environment_backend(env_values)
     where = f"config file {file_path}"
@@ -80,10 +81,8 @@ def load_config(path: str | Path | None = None, *, url: str | None = None) -> St
     options = {**(file_values.get("options") or {}), **env_values.get("options", {})}
     if options:
         values["options"] = options
-    if url is not None:
-        located = url_settings(url)
-        values.update(located)
-        sources.update({key: "the URL" for key in located})
+    values.update(located)
+    sources.update({key: "the URL" for key in located})
     config = build_config(values, sources)
     logger.debug("configuration: %r (file: %s)", config, file_path or "none")
     return config

@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from persistence.errors import ConfigError
+from persistence.urls import SCHEME
 
 CONFIG_FILE_VARIABLE = "PERSISTENCE_CONFIG"
 DISCOVERED_FILES = ("persistence.yaml", "persistence.yml", "persistence.toml")
 _VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 ENVIRONMENT_PREFIX = "STORAGE_"
 # Settings whose values are database URLs: a ${VAR} in their user info is encoded.
 URL_SETTINGS = ("connection_string", "read_replicas")
@@ -77,9 +77,7 @@ def _check_names(known: Collection[str]) -> list[str]:
     return names
 
 
-def read_environment(
-    known: Collection[str] = tuple(_EnvironmentSettings.model_fields),
-) -> Environment:
+def read_environment() -> Environment:
     """Reads the STORAGE_* variables (names case-insensitive, as pydantic-settings reads them).
 
     Raises:
@@ -110,7 +108,7 @@ def read_environment(
 def _userinfo_span(template: str) -> tuple[int, int] | None:
     """Where a URL template's user info lies: from `://` to its last literal `@`."""
     head, separator, _ = template.partition("://")
-    if not separator or not _SCHEME.fullmatch(head):
+    if not separator or not SCHEME.fullmatch(head):
         return None
     start = len(head) + len(separator)
     references = [match.span() for match in _VARIABLE.finditer(template)]

@@ -9,13 +9,14 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import Text, cast
 
 from persistence.changes import MessageList, Snapshot
+from persistence.garbage_collection import collection_paused
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.search import search_document
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
@@ -111,6 +112,13 @@ def message_from_row(row: Sequence[Any]) -> ChatMessage:
     _set_attribute(message, "__pydantic_extra__", None)
     _set_attribute(message, "__pydantic_private__", None)
     return message
+
+
+def messages_from_rows(rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
+    """The messages of `rows`, in order, built with the cyclic collector paused
+    (persistence.garbage_collection: a history is thousands of tracked objects)."""
+    with collection_paused():
+        return [message_from_row(row) for row in rows]
 
 
 _new_message = ChatMessage.__new__

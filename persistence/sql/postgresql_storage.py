@@ -106,9 +106,9 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
 
     @property
     def _where(self) -> str:
-        return self.url.render_as_string(hide_password=True)
+        return displayed(self.url)
 
-    def _create_engine(self, *, read_only: bool) -> AsyncEngine:
+    def _create_engine(self) -> AsyncEngine:
         return postgresql_engine(
             self.url,
             self.min_pool_size,

@@ -15,7 +15,6 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from persistence.garbage_collection import collection_paused
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.search import parse_query
 from persistence.sql.mapping import (
@@ -23,7 +22,7 @@ from persistence.sql.mapping import (
     MESSAGE_COLUMNS,
     SESSION_COLUMNS,
     file_record_from_row,
-    message_from_row,
+    messages_from_rows,
     row_from_file_record,
     session_from_row,
 )
@@ -179,11 +178,9 @@ def read_session(session_id: str, token: str, last: int | None) -> Work[ChatSess
         return None
     if last is None:
         history = yield Fetch(SELECT_MESSAGES, {"session_id": session_id})
-        with collection_paused():
-            return session_from_row(rows[0], [message_from_row(row) for row in history], token)
+        return session_from_row(rows[0], messages_from_rows(history), token)
     newest = yield Fetch(SELECT_NEWEST_MESSAGES, {"session_id": session_id, "last": last})
-    with collection_paused():
-        return session_from_row(rows[0], [message_from_row(row) for row in reversed(newest)], token)
+    return session_from_row(rows[0], messages_from_rows(reversed(newest)), token)
 
 
 def read_sessions(
@@ -197,9 +194,8 @@ def read_sessions(
             found[row[0]] = row
         if with_messages:
             rows = yield Fetch(SELECT_MESSAGES_IN, {"ids": list(chunk)})
-            with collection_paused():
-                for row in rows:
-                    history.setdefault(row[1], []).append(message_from_row(row))
+            for message in messages_from_rows(rows):
+                history.setdefault(message.session_id, []).append(message)
     return [
         session_from_row(found[sid], history.get(sid, []) if with_messages else None, token)
         for sid in session_ids

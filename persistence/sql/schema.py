@@ -9,6 +9,7 @@ are moved to our table by the next upgrade.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ _PG_MIGRATION_LOCK = 7_274_551_337
 _SHOWN_TABLES = 5
 
 
+@functools.cache
 def script_directory() -> ScriptDirectory:
     """Returns the revisions that ship inside the package."""
     config = Config()

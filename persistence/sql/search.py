@@ -30,7 +30,7 @@ from sqlalchemy.sql import ClauseElement
 
 from persistence.models import ChatMessage
 from persistence.search import GRAM_MARK, MAX_INDEXED_WORDS, QueryWord, SearchQuery
-from persistence.sql.mapping import message_from_row
+from persistence.sql.mapping import messages_from_rows
 from persistence.sql.runner import Fetch, Work
 from persistence.sql.statements import Statement
 from persistence.sql.tables import MessageRow
@@ -264,7 +264,7 @@ def find_messages(
     while True:
         params = {**common, "below": below, "skip": budget - 1, "limit": limit - len(found)}
         rows = yield Fetch(_SCAN[shape], params)
-        found += [message_from_row(row) for row in rows]
+        found += messages_from_rows(rows)
         edge = rows[0][-1] if rows else None
         if len(found) >= limit or edge == -1:
             return found
@@ -297,5 +297,5 @@ def find_messages(
         chosen = min(candidates, key=lambda word: (hits[word], -len(word.text)))
     params = {**common, "below": below, "skip": budget - 1, "edge": edge}
     params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
-    found += [message_from_row(row) for row in (yield Fetch(_INDEX[shape], params))]
+    found += messages_from_rows((yield Fetch(_INDEX[shape], params)))
     return found

@@ -58,7 +58,7 @@ class SqlSessionStorage(SessionStorage):
         self.version_table = version_table
 
     @abstractmethod
-    def _create_engine(self, *, read_only: bool) -> AsyncEngine: ...
+    def _create_engine(self) -> AsyncEngine: ...
 
     @property
     @abstractmethod
@@ -125,7 +125,7 @@ class SqlSessionStorage(SessionStorage):
                 f"{self.backend_name} storage was opened for reading: open another to write"
             )
         if self._engine is None:
-            self._engine = self._create_engine(read_only=read_only)
+            self._engine = self._create_engine()
             self._reading_only = read_only
         where, table = self._where, self.version_table
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -60,7 +60,12 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._pragmas = sqlite_pragmas(synchronous.upper(), cache_size, busy_timeout)
         self._busy_timeout = busy_timeout
         self._connection: aiosqlite.Connection | None = None
-        self._reading_target = ""
+        # What the engine and the connection open: the file, or a read-only URI.
+        self._opened: tuple[str | Path, dict[str, Any], bool] = (
+            self.database_path,
+            self._pragmas,
+            False,
+        )
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStorage({str(self.database_path)!r})"
@@ -69,17 +74,10 @@ class SQLiteSessionStorage(SqlSessionStorage):
     def _where(self) -> str:
         return str(self.database_path)
 
-    def _create_engine(self, *, read_only: bool) -> AsyncEngine:
+    def _create_engine(self) -> AsyncEngine:
+        target, pragmas, uri = self._opened
         url = sqlite_url(self.database_path)
-        if read_only:
-            return sqlite_engine(
-                url,
-                reading_pragmas(self._pragmas),
-                self._busy_timeout,
-                target=self._reading_target,
-                uri=True,
-            )
-        return sqlite_engine(url, self._pragmas, self._busy_timeout)
+        return sqlite_engine(url, pragmas, self._busy_timeout, target=target, uri=uri)
 
     async def _open(self, *, read_only: bool) -> None:
         if self._closed:
@@ -87,7 +85,11 @@ class SQLiteSessionStorage(SqlSessionStorage):
         if self._engine is None:
             exists = check_sqlite_path(self.database_path, must_exist=read_only)
             if read_only:
-                self._reading_target = sqlite_reading_target(self.database_path)
+                self._opened = (
+                    sqlite_reading_target(self.database_path),
+                    reading_pragmas(self._pragmas),
+                    True,
+                )
             elif not exists:
                 try:
                     self.database_path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,18 +100,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
                     ) from None
         await super()._open(read_only=read_only)
         if self._connection is None:
+            opened, pragmas, uri = self._opened
             with sql_errors("open database"):
-                if self._reading_only:
-                    self._connection = await open_sqlite(
-                        self._reading_target,
-                        reading_pragmas(self._pragmas),
-                        self._busy_timeout,
-                        uri=True,
-                    )
-                else:
-                    self._connection = await open_sqlite(
-                        self.database_path, self._pragmas, self._busy_timeout
-                    )
+                self._connection = await open_sqlite(opened, pragmas, self._busy_timeout, uri=uri)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

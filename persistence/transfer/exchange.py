@@ -13,7 +13,12 @@ from persistence.errors import InvalidDataError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
-from persistence.transfer.exchange_format import DocumentCounts, DocumentWriter, iter_records
+from persistence.transfer.exchange_format import (
+    DocumentCounts,
+    DocumentSummary,
+    DocumentWriter,
+    iter_records,
+)
 from persistence.transfer.exchange_format import validate_document as _validate_document
 from persistence.transfer.files import file_error, output_file, output_kind
 from persistence.transfer.migration import (
@@ -177,8 +182,13 @@ async def import_from_stream(
     *,
     progress_callback: ProgressCallback | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    checked: DocumentSummary | None = None,
 ) -> dict[str, Any]:
     """`import_from_json` from an open, seekable binary stream (read twice: checked, then written).
+
+    `checked` is the stream's `validate_document` summary where the caller has already
+    checked it (the command line does, before it opens the store): it is not checked
+    again.
 
     Raises:
         InvalidDataError, PersistenceError: as `import_from_json`.
@@ -186,7 +196,9 @@ async def import_from_stream(
     check_batch_size(batch_size)
     started = time.perf_counter()
     # One open file for both passes: the second reads what the first validated.
-    summary = await asyncio.to_thread(_validate_document, stream)
+    summary = checked
+    if summary is None:
+        summary = await asyncio.to_thread(_validate_document, stream)
     stream.seek(0)
     progress = Progress(progress_callback, summary.counts.sessions)
     try:

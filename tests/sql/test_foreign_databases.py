@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,21 +20,9 @@ from persistence import (
 )
 from persistence.sql.engines import async_driver_url
 from persistence.sql.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, script_directory
-from tests import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = script_directory().get_current_head()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty database on each SQL backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    admin = request.getfixturevalue("postgresql_admin_url")
-    with servers.throwaway_postgresql_database(admin) as url:
-        yield url
 
 
 def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,7 +18,6 @@ from persistence import PostgreSQLSessionStorage, SchemaVersionError, SQLiteSess
 from persistence.sql.engines import async_driver_url
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.tables import SEARCH_OBJECTS, Base
-from tests import servers
 from tests.installs import clean_environment, fresh_install
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,17 +46,6 @@ def _include(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
     return not (name or "").startswith(tuple(SEARCH_OBJECTS))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty database on each SQL backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    admin = request.getfixturevalue("postgresql_admin_url")
-    with servers.throwaway_postgresql_database(admin) as url:
-        yield url
 
 
 async def _on(url: str, inspect_with: Callable[[Connection], T]) -> T:

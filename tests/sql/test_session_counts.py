@@ -12,7 +12,7 @@ from sqlalchemy import text
 from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
 from persistence.clock import utc_now
 from persistence.sql.runner import traced
-from tests.sql.test_migrations import alembic, fresh_url  # noqa: F401  # the fixture
+from tests.sql.test_migrations import alembic
 
 EMPTY = {"active": 0, "archived": 0, "expired": 0}
 
@@ -96,7 +96,7 @@ async def test_postgresql_truncate_empties_the_counts(
     assert await postgresql_storage.count_sessions() == EMPTY
 
 
-async def test_revision_0004_counts_the_sessions_a_0003_store_holds(fresh_url: str) -> None:  # noqa: F811
+async def test_revision_0004_counts_the_sessions_a_0003_store_holds(fresh_url: str) -> None:
     alembic(fresh_url, "upgrade", "0003")
     storage: SQLiteSessionStorage | PostgreSQLSessionStorage
     if fresh_url.startswith("sqlite"):
