@@ -131,6 +131,15 @@ class SearchQuery:
     prefix_terms: tuple[str, ...]
     gram_terms: tuple[str, ...]
 
+    def matches(self, document: str) -> bool:
+        """True when a message of this search document matches: the rule as the SQL
+        engines test it on the stored document (persistence.sql.search)."""
+        spaced = " " + document
+        return all(
+            (word.text in document) if word.anywhere else (" " + word.text in spaced)
+            for word in self.words
+        )
+
 
 def _implied(word: QueryWord, others: Iterable[QueryWord]) -> bool:
     """True when another query word matching implies that `word` matches."""

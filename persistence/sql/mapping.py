@@ -192,8 +192,10 @@ def row_from_session(session: ChatSession, message_count: int) -> dict[str, Any]
 
 
 def rows_from_messages(
-    session_id: str, messages: Sequence[ChatMessage], first_position: int
+    session_id: str, messages: Sequence[ChatMessage], first_position: int, *, documents: bool
 ) -> list[dict[str, Any]]:
+    """Message rows; without `documents`, pending (search documents written later:
+    persistence.sql.indexing)."""
     return [
         {
             "message_id": message.message_id,
@@ -203,7 +205,7 @@ def rows_from_messages(
             "content": message.content,
             "created_at": message.created_at,
             "metadata": message.metadata,
-            "search_text": search_document(message.content),
+            "search_text": search_document(message.content) if documents else None,
         }
         for offset, message in enumerate(messages)
     ]

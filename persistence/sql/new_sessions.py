@@ -15,6 +15,7 @@ from sqlalchemy import Table
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
 from persistence.sql.bulk import BulkInsert
+from persistence.sql.indexing import documents_now
 from persistence.sql.mapping import row_from_session, rows_from_messages
 from persistence.sql.runner import ExecuteMany, Work
 from persistence.sql.tables import MessageRow, SessionRow
@@ -78,12 +79,15 @@ def insert_new_sessions(batch: Sequence[ChatSession]) -> Work[int]:
     """
     session_rows = []
     message_rows: list[dict[str, Any]] = []
+    documents = yield from documents_now(sum(len(session.messages) for session in batch))
     for session in batch:
         count = len(session.messages)
         session_rows.append(
             {**row_from_session(session, count), "revision": 1, "next_position": count}
         )
-        message_rows += rows_from_messages(session.session_id, session.messages, 0)
+        message_rows += rows_from_messages(
+            session.session_id, session.messages, 0, documents=documents
+        )
     if session_rows:
         yield ExecuteMany(INSERT_SESSIONS, session_rows)
     if message_rows:

@@ -27,7 +27,7 @@ from persistence.sql.mapping import (
     session_from_row,
 )
 from persistence.sql.runner import Execute, Fetch, Work
-from persistence.sql.search import find_messages
+from persistence.sql.search import Found, find_messages
 from persistence.sql.statements import Statement
 from persistence.sql.tables import FileRow, MessageRow, SessionCountRow, SessionRow
 from persistence.sql.writes import chunks
@@ -296,10 +296,17 @@ def set_sessions_status(session_ids: Sequence[str], status: Status) -> Work[int]
 
 
 def search_messages(
-    dialect: str, query: str, limit: int, session_id: str | None, role: str | None
-) -> Work[list[ChatMessage]]:
-    """The newest `limit` messages matching `query` (persistence.search), newest first."""
+    dialect: str,
+    query: str,
+    limit: int,
+    session_id: str | None,
+    role: str | None,
+    *,
+    may_index: bool,
+) -> Work[Found | None]:
+    """The newest `limit` messages matching `query` (persistence.search), newest first
+    (None: index the pending messages first; see find_messages)."""
     parsed = parse_query(query)
     if parsed is None or limit <= 0:
-        return []
-    return (yield from find_messages(dialect, parsed, limit, session_id, role))
+        return Found([], 0)
+    return (yield from find_messages(dialect, parsed, limit, session_id, role, may_index=may_index))

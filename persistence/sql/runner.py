@@ -51,7 +51,14 @@ class ExecuteMany:
     rows: Sequence[Mapping[str, Any]]
 
 
-Request = Fetch | Execute | ExecuteMany
+@dataclass(frozen=True, slots=True)
+class WhichDialect:
+    """Asks which database the work runs on; the reply is the dialect's name."""
+
+
+# What the runners send to the database; a request is one of these or a question.
+Query = Fetch | Execute | ExecuteMany
+Request = Query | WhichDialect
 Work = Generator[Request, Any, T]
 
 
@@ -74,12 +81,13 @@ def _trace(sql: str) -> None:
         callback(sql)
 
 
-def _finish(work: Work[T], step: Any) -> T:
+def _finish(work: Work[T], step: Any, dialect: Dialect) -> T:
     """Feeds replies to `work` until it returns; `step` answers each request."""
     reply: Any = None
     try:
         while True:
-            reply = step(work.send(reply))
+            request = work.send(reply)
+            reply = dialect.name if isinstance(request, WhichDialect) else step(request)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     finally:
@@ -95,7 +103,7 @@ def run_in_sqlite_thread(
     transaction: committed if it returns, rolled back if anything raises.
     """
 
-    def step(request: Request) -> Any:
+    def step(request: Query) -> Any:
         if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
             # A few multi-row statements instead of one per row (see bulk.py).
             for bulk_sql, values in request.statement.multirow(dialect, request.rows):
@@ -121,10 +129,10 @@ def run_in_sqlite_thread(
         return cursor.rowcount
 
     if begin is None:
-        return _finish(work, step)
+        return _finish(work, step, dialect)
     connection.execute(begin)
     try:
-        result = _finish(work, step)
+        result = _finish(work, step, dialect)
     except BaseException:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
@@ -145,12 +153,18 @@ async def run_in_thread(connection: aiosqlite.Connection, fn: Any, *args: Any) -
     )
 
 
-async def _finish_async(work: Work[T], step: Callable[[Request], Awaitable[Any]]) -> T:
+async def _finish_async(
+    work: Work[T], step: Callable[[Query], Awaitable[Any]], dialect: Dialect
+) -> T:
     """Feeds replies to `work` until it returns; `step` answers each request, awaited."""
     reply: Any = None
     try:
         while True:
-            reply = await step(work.send(reply))
+            request = work.send(reply)
+            if isinstance(request, WhichDialect):
+                reply = dialect.name
+            else:
+                reply = await step(request)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     finally:
@@ -160,7 +174,7 @@ async def _finish_async(work: Work[T], step: Callable[[Request], Awaitable[Any]]
 async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
     """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
 
-    async def step(request: Request) -> Any:
+    async def step(request: Query) -> Any:
         if (
             isinstance(request, ExecuteMany)
             and isinstance(request.statement, BulkInsert)
@@ -186,14 +200,14 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
         status = await connection.execute(sql, *params)
         return int(status.rsplit(" ", 1)[-1])
 
-    return await _finish_async(work, step)
+    return await _finish_async(work, step, dialect)
 
 
 async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
     """Runs `work` through a SQLAlchemy connection (a unit of work's transaction)."""
     dialect = connection.dialect
 
-    async def step(request: Request) -> Any:
+    async def step(request: Query) -> Any:
         if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
             if dialect.name != "postgresql":
                 for bulk_sql, values in request.statement.multirow(dialect, request.rows):
@@ -219,4 +233,4 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
             return compiled.decode(result.fetchall())
         return result.rowcount
 
-    return await _finish_async(work, step)
+    return await _finish_async(work, step, dialect)

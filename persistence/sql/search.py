@@ -15,6 +15,11 @@ the probe says the words are rare, the index finds the older matches (`_INDEX`):
 walks its index in descending rowid order, and PostgreSQL reads the GIN index (its
 planner never has to guess which of the two a word needs). Index terms come from
 persistence.search, quoted for FTS5 and tsquery, so nothing a person types is syntax.
+
+Messages a bulk insert left *pending* (no document yet, SQLite only:
+persistence.sql.indexing) are in neither: the search reads them newest first, tests
+each in Python with the same rule (`SearchQuery.matches`), and merges them into the
+page by their place in the stored order.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +35,14 @@ from sqlalchemy import ARRAY, BigInteger, Text, bindparam, column, text
 from sqlalchemy.sql import ClauseElement
 
 from persistence.models import ChatMessage
-from persistence.search import GRAM_MARK, MAX_INDEXED_WORDS, QueryWord, SearchQuery
+from persistence.search import (
+    GRAM_MARK,
+    MAX_INDEXED_WORDS,
+    QueryWord,
+    SearchQuery,
+    search_document,
+)
+from persistence.sql.indexing import defers
 from persistence.sql.mapping import messages_from_rows
 from persistence.sql.runner import Fetch, Work
 from persistence.sql.statements import Statement
@@ -107,9 +120,10 @@ def _scan(shape: Shape, dialect: str) -> str:
     """
     edge = f"coalesce({_edge(shape)}, -1)"
     where = [f"{shape.key} <= :below", f"{shape.key} >= {edge}", *_filters(shape)]
-    where += _tests(dialect)
+    # A pending message (no document yet) is tested by _pending_matches instead.
+    where += ["m.search_text IS NOT NULL", *_tests(dialect)]
     return (
-        f"SELECT {_COLUMNS}, {edge} AS edge FROM chat_messages AS m"
+        f"SELECT {_COLUMNS}, {shape.key} AS sort_key, {edge} AS edge FROM chat_messages AS m"
         f" WHERE {' AND '.join(where)} ORDER BY {shape.key} DESC LIMIT :limit"
     )
 
@@ -155,7 +169,17 @@ def _index(shape: Shape, dialect: str) -> str:
         source = "chat_messages_fts JOIN chat_messages AS m ON m.id = chat_messages_fts.rowid"
         order = "chat_messages_fts.rowid DESC"
     return (
-        f"SELECT {_COLUMNS} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT :limit"
+        f"SELECT {_COLUMNS}, {shape.key} AS sort_key FROM {source}"
+        f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT :limit"
+    )
+
+
+def _pending(shape: Shape, dialect: str) -> str:
+    """Pending messages (persistence.sql.indexing) below :below, newest first."""
+    where = ["m.search_text IS NULL", f"{shape.key} < :below", *_filters(shape)]
+    return (
+        f"SELECT {_COLUMNS}, {shape.key} AS sort_key FROM chat_messages AS m"
+        f" WHERE {' AND '.join(where)} ORDER BY {shape.key} DESC LIMIT :limit"
     )
 
 
@@ -170,7 +194,8 @@ def _statement(build: Any, shape: Shape, rows: bool = True, edge: bool = False) 
         statement = text(sql).bindparams(*binds)
         if not rows:
             return statement
-        extra = [column("edge", BigInteger())] if edge else []
+        extra = [column("sort_key", BigInteger())]
+        extra += [column("edge", BigInteger())] if edge else []
         return statement.columns(*_RESULT_COLUMNS, *extra)
 
     return Statement(element)
@@ -180,6 +205,7 @@ _PARAMETER = re.compile(r"(?<!:):([a-z_]+)")
 _SHAPES = [Shape(session, role) for session in (False, True) for role in (False, True)]
 _SCAN = {shape: _statement(_scan, shape, edge=True) for shape in _SHAPES}
 _INDEX = {shape: _statement(_index, shape) for shape in _SHAPES}
+_PENDING = {shape: _statement(_pending, shape) for shape in _SHAPES}
 
 
 def _counts(shape: Shape, dialect: str) -> str:
@@ -247,24 +273,104 @@ def _arrays(dialect: str, **words: list[str]) -> dict[str, Any]:
     return {name: json.dumps(value) for name, value in words.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A search's page, and how many pending messages it tested one by one."""
+
+    messages: list[ChatMessage]
+    pending: int
+
+
 def find_messages(
-    dialect: str, query: SearchQuery, limit: int, session_id: str | None, role: str | None
-) -> Work[list[ChatMessage]]:
-    """The newest `limit` messages matching `query`, newest first (stored order)."""
+    dialect: str,
+    query: SearchQuery,
+    limit: int,
+    session_id: str | None,
+    role: str | None,
+    *,
+    may_index: bool,
+) -> Work[Found | None]:
+    """The newest `limit` messages matching `query`, newest first (stored order).
+
+    None when `may_index` and more than a batch of pending messages would have to be
+    tested one by one: the caller indexes them (persistence.sql.indexing) and asks again.
+    """
     shape = Shape(session=session_id is not None, role=role is not None)
+    indexed = yield from _indexed_matches(dialect, shape, query, limit, session_id, role)
+    if not defers(dialect):
+        return Found(messages_from_rows(indexed), 0)
+    pending = yield from _pending_matches(shape, query, limit, session_id, role, indexed, may_index)
+    if pending is None:
+        return None
+    matched, tested = pending
+    if matched:
+        indexed = sorted([*indexed, *matched], key=_sort_key, reverse=True)[:limit]
+    return Found(messages_from_rows(indexed), tested)
+
+
+def _sort_key(row: Sequence[Any]) -> int:
+    return int(row[_SORT_KEY])
+
+
+_SORT_KEY = len(_RESULT_COLUMNS)
+# Pending messages read per statement.
+PENDING_BATCH = 500
+
+
+def _pending_matches(
+    shape: Shape,
+    query: SearchQuery,
+    limit: int,
+    session_id: str | None,
+    role: str | None,
+    indexed: list[Sequence[Any]],
+    may_index: bool,
+) -> Work[tuple[list[Sequence[Any]], int] | None]:
+    """The pending messages that match and may enter the page, newest first, and how
+    many were tested (None: a full batch, and `may_index`)."""
+    # Only messages newer than the page's oldest indexed match can enter a full page.
+    floor = _sort_key(indexed[limit - 1]) if len(indexed) >= limit else -1
+    params: dict[str, Any] = {"session_id": session_id, "role": role, "limit": PENDING_BATCH}
+    below, tested = _TOP, 0
+    matched: list[Sequence[Any]] = []
+    while len(matched) < limit:
+        rows = yield Fetch(_PENDING[shape], {**params, "below": below})
+        if may_index and len(rows) == PENDING_BATCH:
+            return None
+        for row in rows:
+            if _sort_key(row) <= floor:
+                return matched, tested
+            tested += 1
+            if query.matches(search_document(row[3])):
+                matched.append(row)
+        if len(rows) < PENDING_BATCH:
+            break
+        below = _sort_key(rows[-1])
+    return matched, tested
+
+
+def _indexed_matches(
+    dialect: str,
+    shape: Shape,
+    query: SearchQuery,
+    limit: int,
+    session_id: str | None,
+    role: str | None,
+) -> Work[list[Sequence[Any]]]:
+    """The newest `limit` indexed messages matching `query`, as rows, newest first."""
     common: dict[str, Any] = {"session_id": session_id, "role": role}
     common |= _arrays(
         dialect,
         starts=[word.text for word in query.words if not word.anywhere],
         contains=[word.text for word in query.words if word.anywhere],
     )
-    found: list[ChatMessage] = []
+    found: list[Sequence[Any]] = []
     below, scanned, budget = _TOP, 0, PROBE_ROWS
     edge: int | None = None
     while True:
         params = {**common, "below": below, "skip": budget - 1, "limit": limit - len(found)}
         rows = yield Fetch(_SCAN[shape], params)
-        found += messages_from_rows(rows)
+        found += rows
         edge = rows[0][-1] if rows else None
         if len(found) >= limit or edge == -1:
             return found
@@ -297,5 +403,5 @@ def find_messages(
         chosen = min(candidates, key=lambda word: (hits[word], -len(word.text)))
     params = {**common, "below": below, "skip": budget - 1, "edge": edge}
     params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
-    found += messages_from_rows((yield Fetch(_INDEX[shape], params)))
+    found += yield Fetch(_INDEX[shape], params)
     return found

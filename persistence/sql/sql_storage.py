@@ -24,7 +24,7 @@ from persistence.errors import (
     SessionDeletedError,
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.sql import new_sessions, repositories, writes
+from persistence.sql import indexing, new_sessions, repositories, writes
 from persistence.sql.engines import (
     WRITE_OPTIONS,
 )
@@ -289,12 +289,31 @@ class SqlSessionStorage(SessionStorage):
     ) -> list[ChatMessage]:
         check_page(limit)
         checked = check_role(role)
-        return await self._run_stale(
-            partial(
-                repositories.search_messages, self.backend_name, query, limit, session_id, checked
-            ),
-            "search messages",
+        search = partial(
+            repositories.search_messages, self.backend_name, query, limit, session_id, checked
         )
+        may_index = self._may_index()
+        found = await self._run_stale(partial(search, may_index=may_index), "search messages")
+        if found is None:
+            # Many messages are pending: index them, then search through the index.
+            await self._index_pending()
+            found = await self._run_stale(partial(search, may_index=False), "search messages")
+        elif found.pending and may_index:
+            await self._index_pending()
+        assert found is not None  # a search that may not index always finds
+        return found.messages
+
+    def _may_index(self) -> bool:
+        """Whether a search may write the documents of pending messages (indexing.py)."""
+        return not self._reading_only
+
+    async def _index_pending(self) -> None:
+        """Writes the search documents of every pending message, a batch per transaction."""
+        while (
+            await self._run(indexing.index_some(self.backend_name), "index messages", write=True)
+            == indexing.BATCH
+        ):
+            pass
 
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True

@@ -113,6 +113,11 @@ class SQLiteSessionStorage(SqlSessionStorage):
         finally:
             await super().close()
 
+    def _may_index(self) -> bool:
+        # A task holding a unit of work holds the write lock: its searches test pending
+        # messages one by one, and leave the indexing to a later search.
+        return super()._may_index() and self.token not in open_units_of_work()
+
     async def _run(
         self,
         work: Work[T],

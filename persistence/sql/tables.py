@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -75,13 +76,20 @@ class MessageRow(Base):
     content: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonObject)
-    # The search document of `content` (persistence.search.search_document), written
-    # with it; FTS5 (SQLite) and a generated tsvector (PostgreSQL) index its tokens.
-    search_text: Mapped[str] = mapped_column(Text, server_default="")
+    # The search document of `content` (persistence.search.search_document); FTS5
+    # (SQLite) and a generated tsvector (PostgreSQL) index its tokens. NULL: not yet
+    # indexed (a bulk insert leaves it to the next search: persistence.sql.indexing).
+    search_text: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         CheckConstraint("role IN ('user', 'assistant', 'system', 'tool')", name="role"),
         Index("ix_chat_messages_session_position", "session_id", "position", unique=True),
+        Index(
+            "ix_chat_messages_pending",
+            "id",
+            sqlite_where=text("search_text IS NULL"),
+            postgresql_where=text("search_text IS NULL"),
+        ),
     )
 
 

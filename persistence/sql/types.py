@@ -56,7 +56,11 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 def _sqlite_text(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat(" ", "microseconds")
+    if value is None:
+        return None
+    # The models hold UTC already (persistence.validation): no conversion to make.
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    return utc.isoformat(" ", "microseconds")
 
 
 _SQLITE_FORMAT = (

@@ -42,6 +42,7 @@ from persistence.errors import InvalidDataError, SessionConflictError, SessionDe
 from persistence.models import ChatMessage
 from persistence.search import search_document
 from persistence.sql.bulk import BulkInsert
+from persistence.sql.indexing import documents_now
 from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
 from persistence.sql.statements import Statement
@@ -250,7 +251,7 @@ def _append_in_one_statement(dialect: str) -> Any:
 
 def _message_row_keys() -> list[str]:
     sample = ChatMessage(session_id="s", role="user", content="")
-    return list(rows_from_messages("s", [sample], 0)[0])
+    return list(rows_from_messages("s", [sample], 0, documents=True)[0])
 
 
 _POSTGRESQL = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
@@ -264,7 +265,8 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
         SessionDeletedError: the session the plan's base came from is gone.
     """
     assert plan.incarnation is not None and plan.revision is not None
-    rows = rows_from_messages(plan.session_id, plan.appends, 0)
+    # PostgreSQL's: documents are always written with the messages (indexing.defers).
+    rows = rows_from_messages(plan.session_id, plan.appends, 0, documents=True)
     params: dict[str, Any] = {
         "session_id": plan.session_id,
         "incarnation": plan.incarnation,
@@ -388,7 +390,9 @@ def _field_values(plan: SavePlan, metadata: dict[str, Any]) -> dict[str, Any]:
 
 def _insert(session_id: str, new: Sequence[ChatMessage], first_position: int) -> Work[None]:
     if new:
-        yield ExecuteMany(INSERT_MESSAGES, rows_from_messages(session_id, new, first_position))
+        documents = yield from documents_now(len(new))
+        rows = rows_from_messages(session_id, new, first_position, documents=documents)
+        yield ExecuteMany(INSERT_MESSAGES, rows)
 
 
 def _remove(plan: SavePlan) -> Work[int]:

@@ -53,6 +53,10 @@ def rows_for(p: dict[str, Any]) -> list[Row]:
         )
     rows.append(("w3", "growth t(max)/t(min)", _dig("growth"), "growth"))
     rows.append(("w4", f"bulk insert {p['w4_total']:,} (msgs/s)", _dig("msgs_per_s"), "rate"))
+    rows.append(("w4", "then the first search (ms)", _dig("first_search_ms"), "time"))
+    rows.append(
+        ("w4", "bulk + first search (msgs/s)", _dig("with_first_search_msgs_per_s"), "rate")
+    )
     rows.append(("w5", "2 proc x 4 tasks (appends/s)", _dig("appends_per_s"), "rate"))
     rows.append(("w5", "errors + lost appends", _w5_failures, "growth"))
     for n in p["w6_sizes"]:

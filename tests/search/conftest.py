@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from persistence import PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
+from persistence.sql.sql_storage import SqlSessionStorage
 from tests import servers
 
 
@@ -30,6 +33,41 @@ class Stores:
             self.storages.append(MongoDBSessionStorage(mongodb_url, database_name=database))
         for storage in self.storages:
             self.run(storage.initialize())
+        # Where searches go: these storages, or copies opened for reading (read_only()).
+        self.searchers: list[SessionStorage] = list(self.storages)
+        # How a test module writes what it searches (test_parity.WRITES).
+        self.writes = "documents-at-write"
+
+    def pending(self) -> dict[str, int]:
+        """Messages each SQL store holds without a search document yet."""
+
+        async def count(storage: SqlSessionStorage) -> int:
+            async with storage.engine.connect() as connection:
+                query = text("SELECT count(*) FROM chat_messages WHERE search_text IS NULL")
+                return int((await connection.execute(query)).scalar_one())
+
+        return {
+            storage.backend_name: self.run(count(storage))
+            for storage in self.storages
+            if isinstance(storage, SqlSessionStorage)
+        }
+
+    def read_only(self) -> None:
+        """Searches from now on go to the same stores opened for reading (never writing)."""
+        sqlite, postgresql = self.storages[:2]
+        assert isinstance(sqlite, SQLiteSessionStorage)
+        assert isinstance(postgresql, PostgreSQLSessionStorage)
+        self.searchers = [
+            SQLiteSessionStorage(sqlite.database_path),
+            PostgreSQLSessionStorage(
+                postgresql.url.render_as_string(hide_password=False),
+                min_pool_size=1,
+                max_pool_size=2,
+            ),
+            *self.storages[2:],
+        ]
+        for storage in self.searchers[:2]:
+            self.run(storage.open_for_reading())
 
     def run(self, coroutine: Any) -> Any:
         return self.runner.run(coroutine)
@@ -50,7 +88,7 @@ class Stores:
                 storage.backend_name: [
                     m.message_id for m in await storage.search_messages(query, **options)
                 ]
-                for storage in self.storages
+                for storage in self.searchers
             }
 
         found: dict[str, list[str]] = self.run(search_all())
@@ -58,6 +96,9 @@ class Stores:
 
     def close(self) -> None:
         async def close_all() -> None:
+            for storage in self.searchers[:2]:
+                if storage not in self.storages:
+                    await storage.close()
             for storage in self.storages:
                 if storage.backend_name == "mongodb":
                     await storage.drop_database()  # type: ignore[attr-defined]
@@ -67,8 +108,10 @@ class Stores:
         self.runner.close()
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory, postgresql_admin_url: str) -> Iterator[Stores]:
+@contextmanager
+def opened_stores(
+    tmp_path_factory: pytest.TempPathFactory, postgresql_admin_url: str
+) -> Iterator[Stores]:
     mongodb_url = os.environ.get("PERSISTENCE_TEST_MONGODB_URL")
     with servers.throwaway_postgresql_database(postgresql_admin_url) as url:
         opened = Stores(tmp_path_factory.mktemp("search") / "sessions.db", url, mongodb_url)
@@ -76,3 +119,21 @@ def stores(tmp_path_factory: pytest.TempPathFactory, postgresql_admin_url: str) 
             yield opened
         finally:
             opened.close()
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory, postgresql_admin_url: str) -> Iterator[Stores]:
+    with opened_stores(tmp_path_factory, postgresql_admin_url) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database on each SQL backend, for alembic to migrate."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    with servers.throwaway_postgresql_database(
+        request.getfixturevalue("postgresql_admin_url")
+    ) as database:
+        yield database

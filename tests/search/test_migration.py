@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,14 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from persistence import ChatSession, PostgreSQLSessionStorage, SQLiteSessionStorage
+from persistence import (
+    ChatSession,
+    PostgreSQLSessionStorage,
+    SessionStorage,
+    SQLiteSessionStorage,
+)
 from persistence.search import search_document
 from persistence.sql.engines import async_driver_url
-from tests import servers
 from tests.search import oracle
 from tests.search.test_parity import CORPUS
 from tests.sql.test_migrations import alembic
@@ -39,17 +42,6 @@ def _revision() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    with servers.throwaway_postgresql_database(
-        request.getfixturevalue("postgresql_admin_url")
-    ) as database:
-        yield database
 
 
 async def _execute(url: str, *statements: tuple[str, Any]) -> list[Any]:
@@ -112,14 +104,23 @@ async def test_upgrade_backfills_every_message_and_search_finds_them(url: str) -
     assert len(rows) == len(CONTENTS)
     assert all(document == search_document(content) for content, document in rows)
     async with _storage(url) as storage:
-        for query in ("ünïcödé", "row 42", "日本語", "3.14", "capit", "numbatword"):
-            found = [m.message_id for m in await storage.search_messages(query, limit=500)]
-            expected = [
-                message_id
-                for message_id, content in reversed(list(zip(ids, CONTENTS, strict=True)))
-                if oracle.matches(query, content)
-            ]
-            assert found == expected, query
+        await search_agrees_with_the_rule(
+            storage, ids, ["ünïcödé", "row 42", "日本語", "3.14", "capit", "numbatword"]
+        )
+
+
+async def search_agrees_with_the_rule(
+    storage: SessionStorage, ids: list[str], queries: list[str]
+) -> None:
+    """Each query finds exactly the CONTENTS (stored as `ids`) the rule says, newest first."""
+    for query in queries:
+        found = [m.message_id for m in await storage.search_messages(query, limit=500)]
+        expected = [
+            message_id
+            for message_id, content in reversed(list(zip(ids, CONTENTS, strict=True)))
+            if oracle.matches(query, content)
+        ]
+        assert found == expected, query
 
 
 async def test_downgrade_to_0002_restores_its_index_and_to_base_empties(url: str) -> None:

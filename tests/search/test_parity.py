@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import pytest
 
 from persistence import ChatSession
+from persistence.sql.indexing import DEFERRED_FROM
 from tests.search import oracle
-from tests.search.conftest import Stores
+from tests.search.conftest import Stores, opened_stores
 
 pytestmark = [pytest.mark.sqlite, pytest.mark.postgresql]
 
@@ -202,13 +203,43 @@ class Corpus:
         return hits[:limit]
 
 
+# How the corpus is written and searched: documents written with the messages (small
+# saves); left pending by a bulk insert (persistence.sql.indexing), then written by the
+# first search; or still pending, searched by stores opened for reading, which test
+# the pending messages one by one.
+WRITES = ["documents-at-write", "pending-first-search-indexes", "pending-read-only"]
+
+
+@pytest.fixture(scope="module", params=WRITES)
+def stores(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    postgresql_admin_url: str,
+) -> Iterator[Stores]:
+    """Stores of their own for each way of writing the corpus."""
+    with opened_stores(tmp_path_factory, postgresql_admin_url) as opened:
+        opened.writes = request.param
+        yield opened
+
+
 @pytest.fixture(scope="module")
 def corpus(stores: Stores) -> Iterator[Corpus]:
     first = ChatSession.create("parity", session_id="parity-1")
     second = ChatSession.create("parity", session_id="parity-2")
+    if stores.writes != "documents-at-write":
+        # Messages without words (never a hit) make each save a bulk insert.
+        for _ in range(DEFERRED_FROM):
+            first.add_message("system", "")
+            second.add_message("system", "")
     for index, (role, content) in enumerate(CORPUS):
         (first if index % 3 else second).add_message(role, content)
     stores.save(first, second)
+    messages = len(first.messages) + len(second.messages)
+    # Only SQLite leaves documents pending (persistence.sql.indexing.defers).
+    pending = 0 if stores.writes == "documents-at-write" else messages
+    assert stores.pending() == {"sqlite": pending, "postgresql": 0}
+    if stores.writes == "pending-read-only":
+        stores.read_only()
     messages = [*first.messages, *second.messages]
     yield Corpus(
         ids=[m.message_id for m in messages],
@@ -266,3 +297,12 @@ def test_the_corpus_exercises_what_the_issue_found_missed(corpus: Corpus) -> Non
         assert by_query.get(query, len(corpus.expected(query))) >= 1, query
     assert by_query["beyondthelimit"] == 0
     assert by_query[""] == by_query["@@@"] == 0
+
+
+def test_searches_index_what_is_pending_unless_they_only_read(
+    stores: Stores, corpus: Corpus
+) -> None:
+    stores.search("capit")
+
+    left = len(corpus.ids) if stores.writes == "pending-read-only" else 0
+    assert stores.pending() == {"sqlite": left, "postgresql": 0}

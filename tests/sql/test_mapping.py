@@ -26,7 +26,7 @@ def test_a_message_built_from_a_row_equals_a_validated_one() -> None:
         created_at=MOMENT,
         metadata={"k": [1, 2]},
     )
-    row = rows_from_messages("s1", [validated], 0)[0]
+    row = rows_from_messages("s1", [validated], 0, documents=True)[0]
 
     built = message_from_row(
         [

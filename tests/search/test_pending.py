@@ -1,0 +1,255 @@
+"""Documents a bulk insert leaves pending on SQLite (persistence.sql.indexing): never
+missed, written by the first search that may write, never corrupting the index.
+
+The same scenarios run on PostgreSQL, which writes documents with the rows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from sqlalchemy import text
+
+from persistence import (
+    ChatSession,
+    PostgreSQLSessionStorage,
+    SessionStorage,
+    SQLiteSessionStorage,
+)
+from persistence.sql.indexing import BATCH, DEFERRED_FROM
+from persistence.sql.runner import traced
+from persistence.sql.search import PENDING_BATCH
+from persistence.sql.sql_storage import SqlSessionStorage
+
+
+def _sql(storage: SessionStorage) -> SqlSessionStorage:
+    assert isinstance(storage, SqlSessionStorage)
+    return storage
+
+
+async def _scalar(storage: SessionStorage, sql: str) -> int:
+    async with _sql(storage).engine.connect() as connection:
+        return int((await connection.execute(text(sql))).scalar_one())
+
+
+def _if_deferred(storage: SessionStorage, count: int) -> int:
+    """`count` where bulk inserts leave documents pending (SQLite), else 0."""
+    return count if isinstance(storage, SQLiteSessionStorage) else 0
+
+
+async def _pending(storage: SessionStorage) -> int:
+    return await _scalar(storage, "SELECT count(*) FROM chat_messages WHERE search_text IS NULL")
+
+
+async def _check_index(storage: SessionStorage) -> None:
+    """SQLite: FTS5 compares its index with the documents (a NULL one indexes nothing);
+    PostgreSQL: every row's tsvector is the one its document generates."""
+    async with _sql(storage).engine.begin() as connection:
+        if connection.dialect.name == "sqlite":
+            await connection.execute(
+                text(
+                    "INSERT INTO chat_messages_fts(chat_messages_fts, rank)"
+                    " VALUES ('integrity-check', 1)"
+                )
+            )
+        else:
+            wrong = await connection.execute(
+                text(
+                    "SELECT count(*) FROM chat_messages WHERE search_terms IS DISTINCT FROM"
+                    " persistence_search_terms(search_text)"
+                )
+            )
+            assert wrong.scalar_one() == 0
+
+
+@asynccontextmanager
+async def _same_store(storage: SessionStorage, *, reading: bool) -> AsyncIterator[SessionStorage]:
+    """Another storage object (its own connections) on the store `storage` opened."""
+    other: SessionStorage
+    if isinstance(storage, SQLiteSessionStorage):
+        other = SQLiteSessionStorage(storage.database_path)
+    else:
+        assert isinstance(storage, PostgreSQLSessionStorage)
+        url = storage.url.render_as_string(hide_password=False)
+        other = PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2)
+    await (other.open_for_reading() if reading else other.initialize())
+    try:
+        yield other
+    finally:
+        await other.close()
+
+
+async def _bulk(storage: SessionStorage, contents: list[str], session_id: str = "bulk") -> None:
+    session = ChatSession.create("m", session_id=session_id)
+    for content in contents:
+        session.add_message("user", content)
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.commit()
+
+
+def _numbered(count: int, word: str = "common") -> list[str]:
+    return [f"{word} message number{n}" for n in range(count)]
+
+
+async def test_a_bulk_insert_leaves_its_documents_to_the_first_search(
+    sql_storage: SessionStorage,
+) -> None:
+    await _bulk(sql_storage, _numbered(DEFERRED_FROM))
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, DEFERRED_FROM)
+
+    found = await sql_storage.search_messages("number7")
+
+    assert [m.content for m in found] == ["common message number7"]
+    assert await _pending(sql_storage) == 0
+    await _check_index(sql_storage)
+
+
+async def test_a_smaller_save_writes_its_documents_itself(sql_storage: SessionStorage) -> None:
+    session = ChatSession.create("m")
+    for content in _numbered(DEFERRED_FROM - 1):
+        session.add_message("user", content)
+    await sql_storage.save_session(session)
+    session.add_message("user", "one more")
+    await sql_storage.save_session(session)
+
+    assert await _pending(sql_storage) == 0
+
+
+async def test_a_search_that_only_reads_tests_pending_messages_one_by_one(
+    sql_storage: SessionStorage,
+) -> None:
+    # More than one batch of the pending read, the matches spread over all of them.
+    count = 2 * PENDING_BATCH + 7
+    await _bulk(sql_storage, _numbered(count))
+    await _bulk(sql_storage, _numbered(DEFERRED_FROM, "other"), session_id="second")
+
+    async with _same_store(sql_storage, reading=True) as reader:
+        newest = await reader.search_messages("common", limit=3)
+        rare = await reader.search_messages("number1000 common")
+        every = await reader.search_messages("common number1", limit=1000)
+        in_session = await reader.search_messages("message", session_id="second", limit=5)
+        by_role = await reader.search_messages("message", role="assistant")
+
+    assert [m.content for m in newest] == [f"common message number{n}" for n in (1006, 1005, 1004)]
+    assert [m.content for m in rare] == ["common message number1000"]
+    expected = [n for n in range(count - 1, -1, -1) if str(n).startswith("1")]
+    assert [m.content for m in every] == [f"common message number{n}" for n in expected]
+    assert [m.content for m in in_session] == [
+        f"other message number{n}" for n in range(31, 26, -1)
+    ]
+    assert by_role == []
+    # A store opened for reading never writes.
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, count + DEFERRED_FROM)
+
+
+async def test_many_pending_messages_are_indexed_before_the_search(
+    sql_storage: SessionStorage,
+) -> None:
+    count = BATCH * 2 + 1
+    await _bulk(sql_storage, _numbered(count))
+    sent: list[str] = []
+
+    with traced(sent.append):
+        found = await sql_storage.search_messages("number1000")
+
+    assert [m.content for m in found] == ["common message number1000"]
+    writes = [sql for sql in sent if sql.startswith("UPDATE chat_messages SET search_text")]
+    assert len(writes) == _if_deferred(sql_storage, 3)  # a batch per transaction
+    assert await _pending(sql_storage) == 0
+    await _check_index(sql_storage)
+
+
+async def test_pending_and_indexed_matches_merge_newest_first(sql_storage: SessionStorage) -> None:
+    session = ChatSession.create("m", session_id="mixed")
+    session.add_message("user", "needle indexed early")
+    await sql_storage.save_session(session)
+    for content in _numbered(DEFERRED_FROM, "filler"):
+        session.add_message("user", content)
+    session.add_message("user", "needle pending")
+    await sql_storage.save_session(session)
+    session.add_message("user", "needle indexed late")
+    await sql_storage.save_session(session)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, DEFERRED_FROM + 1)
+
+    async with _same_store(sql_storage, reading=True) as reader:
+        for session_id in (None, "mixed"):
+            found = await reader.search_messages("needle", session_id=session_id)
+            assert [m.content for m in found] == [
+                "needle indexed late",
+                "needle pending",
+                "needle indexed early",
+            ]
+            two = await reader.search_messages("needle", session_id=session_id, limit=2)
+            assert [m.content for m in two] == ["needle indexed late", "needle pending"]
+
+
+async def test_an_edited_pending_message_is_found_by_its_new_words_only(
+    sql_storage: SessionStorage,
+) -> None:
+    session = ChatSession.create("m")
+    for content in _numbered(DEFERRED_FROM):
+        session.add_message("user", content)
+    await sql_storage.save_session(session)
+    edited = session.messages[3].message_id
+    session.edit_message(edited, content="rewritten zeppelin")
+    await sql_storage.save_session(session)
+
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, DEFERRED_FROM - 1)
+    assert [m.message_id for m in await sql_storage.search_messages("zeppelin")] == [edited]
+    old_words = await sql_storage.search_messages("number3")
+    assert old_words and edited not in [m.message_id for m in old_words]
+    await _check_index(sql_storage)
+
+
+async def test_removed_pending_messages_leave_the_index_intact(
+    sql_storage: SessionStorage,
+) -> None:
+    session = ChatSession.create("m", session_id="removed")
+    for content in _numbered(DEFERRED_FROM * 2):
+        session.add_message("user", content)
+    await sql_storage.save_session(session)
+    session.rewind(session.messages[DEFERRED_FROM - 1].message_id)
+    session.pop_message()
+    await sql_storage.save_session(session)
+    await _check_index(sql_storage)
+
+    found = await sql_storage.search_messages("common", limit=100)
+    assert len(found) == DEFERRED_FROM - 1
+    await _check_index(sql_storage)
+
+    await _bulk(sql_storage, _numbered(DEFERRED_FROM, "gone"), session_id="deleted")
+    assert await sql_storage.delete_session("deleted")
+    await _check_index(sql_storage)
+    assert await sql_storage.search_messages("gone") == []
+
+
+async def test_two_stores_indexing_at_once_agree(sql_storage: SessionStorage) -> None:
+    await _bulk(sql_storage, _numbered(BATCH * 3))
+
+    async with _same_store(sql_storage, reading=False) as other:
+        first, second = await asyncio.gather(
+            sql_storage.search_messages("number777"), other.search_messages("number777")
+        )
+
+    assert [m.content for m in first] == [m.content for m in second]
+    assert [m.content for m in first] == ["common message number777"]
+    assert await _pending(sql_storage) == 0
+    await _check_index(sql_storage)
+
+
+@pytest.mark.sqlite
+async def test_a_search_inside_a_unit_of_work_finds_pending_messages(
+    sqlite_storage: SQLiteSessionStorage,
+) -> None:
+    await _bulk(sqlite_storage, _numbered(DEFERRED_FROM))
+
+    async with sqlite_storage.unit_of_work() as uow:
+        # This task holds the write lock: the search reads, and leaves the indexing.
+        found = await sqlite_storage.search_messages("number5")
+        await uow.commit()
+
+    assert [m.content for m in found] == ["common message number5"]
+    assert await _pending(sqlite_storage) == DEFERRED_FROM
