@@ -7,6 +7,8 @@ Modes:
     exportfull DB OUT LIMIT                       exports and backs up under RLIMIT_FSIZE
     import DB FILE BATCH                          imports an export file (the parent kills it)
     migrate DB URL BATCH                          migrates DB to URL (the parent kills it)
+    index DB COUNT                                bulk-inserts COUNT messages, then searches:
+                                                  writes their documents (the parent kills it)
 
 Every acknowledgement is one JSON line {"s": session, "m": [message ids]} written after
 save_session returned; `kill` and `diskfull` fsync it before going on, so the parent
@@ -203,6 +205,22 @@ async def migrate(db: str, url: str, batch: str) -> None:
     print(json.dumps(result), flush=True)
 
 
+async def index(db: str, count: str) -> None:
+    storage = SQLiteSessionStorage(db)
+    await storage.initialize()
+    session = ChatSession.create("index", session_id="index")
+    for n in range(int(count)):
+        session.add_message("user", f"bulk message word{n}")
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.commit()
+    ready()
+    # More pending than a search tests one by one: it writes them all, then answers.
+    await storage.search_messages("word7")
+    print("indexed", flush=True)
+    await asyncio.sleep(3600)
+
+
 MODES = {
     "load": load,
     "kill": kill,
@@ -210,6 +228,7 @@ MODES = {
     "exportfull": exportfull,
     "import": import_,
     "migrate": migrate,
+    "index": index,
 }
 
 
