@@ -94,14 +94,8 @@ def _finish(work: Work[T], step: Any, dialect: Dialect) -> T:
         work.close()
 
 
-def run_in_sqlite_thread(
-    connection: sqlite3.Connection, dialect: Dialect, work: Work[T], begin: str | None
-) -> T:
-    """Runs `work` synchronously; meant to run in the aiosqlite connection's thread.
-
-    With `begin` (BEGIN IMMEDIATE for writes, BEGIN for reads) the work is one
-    transaction: committed if it returns, rolled back if anything raises.
-    """
+def _sqlite_step(connection: sqlite3.Connection, dialect: Dialect) -> Callable[[Query], Any]:
+    """Answers each query of a work on a sqlite3 connection, in its own thread."""
 
     def step(request: Query) -> Any:
         if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
@@ -128,6 +122,19 @@ def run_in_sqlite_thread(
                 ) from exc
         return cursor.rowcount
 
+    return step
+
+
+def run_in_sqlite_thread(
+    connection: sqlite3.Connection, dialect: Dialect, work: Work[T], begin: str | None
+) -> T:
+    """Runs `work` synchronously; meant to run in the aiosqlite connection's thread.
+
+    With `begin` (BEGIN IMMEDIATE for writes, BEGIN for reads) the work is one
+    transaction: committed if it returns, rolled back if anything raises.
+    """
+
+    step = _sqlite_step(connection, dialect)
     if begin is None:
         return _finish(work, step, dialect)
     connection.execute(begin)
@@ -139,6 +146,31 @@ def run_in_sqlite_thread(
         raise
     connection.execute("COMMIT")
     return result
+
+
+def run_unless_locked(
+    connection: sqlite3.Connection, dialect: Dialect, work: Work[T], busy_timeout_ms: int
+) -> tuple[bool, T | None]:
+    """Runs `work` as one write transaction, as run_in_sqlite_thread does, if the write
+    lock is free now; (False, None) without waiting when another writer holds it."""
+    connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+            raise
+        work.close()
+        return False, None
+    finally:
+        connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    try:
+        result = _finish(work, _sqlite_step(connection, dialect), dialect)
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return True, result
 
 
 async def run_in_thread(connection: aiosqlite.Connection, fn: Any, *args: Any) -> Any:

@@ -295,7 +295,8 @@ class SqlSessionStorage(SessionStorage):
         may_index = self._may_index()
         found = await self._run_stale(partial(search, may_index=may_index), "search messages")
         if found is None:
-            # Many messages are pending: index them, then search through the index.
+            # Many messages are pending: index them, then search through the index (or
+            # test them one by one, where another writer holds the store meanwhile).
             await self._index_pending()
             found = await self._run_stale(partial(search, may_index=False), "search messages")
         elif found.pending and may_index:
@@ -308,12 +309,15 @@ class SqlSessionStorage(SessionStorage):
         return not self._reading_only
 
     async def _index_pending(self) -> None:
-        """Writes the search documents of every pending message, a batch per transaction."""
-        while (
-            await self._run(indexing.index_some(self.backend_name), "index messages", write=True)
-            == indexing.BATCH
-        ):
+        """Writes the search documents of every pending message, a batch per transaction,
+        unless another writer holds the store (the next search then tries again)."""
+        while (written := await self._index_batch()) is not None and written == indexing.BATCH:
             pass
+
+    async def _index_batch(self) -> int | None:
+        """Writes the documents of a batch of pending messages; returns how many were
+        pending (None: the store was locked, nothing written)."""
+        return await self._run(indexing.index_some(self.backend_name), "index messages", write=True)
 
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True

@@ -13,6 +13,7 @@ from persistence.errors import (
     PersistenceError,
     StorageConnectionError,
 )
+from persistence.sql import indexing
 from persistence.sql.engines import (
     check_sqlite_path,
     open_sqlite,
@@ -23,7 +24,7 @@ from persistence.sql.engines import (
     sqlite_url,
 )
 from persistence.sql.errors import sql_errors
-from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread
+from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_unless_locked
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.uow import open_units_of_work
@@ -117,6 +118,21 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # A task holding a unit of work holds the write lock: its searches test pending
         # messages one by one, and leave the indexing to a later search.
         return super()._may_index() and self.token not in open_units_of_work()
+
+    async def _index_batch(self) -> int | None:
+        # Without waiting for the write lock: a search never queues behind a writer.
+        connection = self._connection
+        if connection is None:
+            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        with sql_errors("index messages"):
+            ran, written = await run_in_thread(
+                connection,
+                run_unless_locked,
+                self.engine.dialect,
+                indexing.index_some(self.backend_name),
+                int(self._busy_timeout * 1000),
+            )
+        return written if ran else None
 
     async def _run(
         self,

@@ -6,6 +6,7 @@ The same scenarios run on PostgreSQL, which writes documents with the rows."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -253,3 +254,24 @@ async def test_a_search_inside_a_unit_of_work_finds_pending_messages(
 
     assert [m.content for m in found] == ["common message number5"]
     assert await _pending(sqlite_storage) == DEFERRED_FROM
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("count", [DEFERRED_FROM, PENDING_BATCH + 1])
+async def test_a_search_never_waits_for_another_writer(
+    sqlite_storage: SQLiteSessionStorage, count: int
+) -> None:
+    await _bulk(sqlite_storage, _numbered(count))
+    writer = sqlite3.connect(sqlite_storage.database_path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # held until the search has answered
+    try:
+        # Were the search to wait for the write lock, it would wait for this block.
+        found = await asyncio.wait_for(sqlite_storage.search_messages(f"number{count - 1}"), 60)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+    assert [m.content for m in found] == [f"common message number{count - 1}"]
+    assert await _pending(sqlite_storage) == count
+    assert len(await sqlite_storage.search_messages(f"number{count - 1}")) == 1
+    assert await _pending(sqlite_storage) == 0
