@@ -306,6 +306,21 @@ class SessionStorage(ABC):
             PersistenceError: if the backend fails.
         """
 
+    async def index_for_search(self) -> int:
+        """Writes the search documents that bulk inserts left pending; returns how many.
+
+        On SQLite a bulk insert (32 messages or more in one statement) leaves them to
+        the first search, which writes them before it answers; until then every search
+        tests those messages one by one, and a store opened for reading never writes
+        them. Tools that load a store call this at the end (the CLI's import, migrate
+        and restore) so that its searches are fast at once. Other backends write the
+        documents with the messages and return 0.
+
+        Raises:
+            PersistenceError: if the backend fails, or a SQL store was opened for reading.
+        """
+        return 0
+
     @abstractmethod
     def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True

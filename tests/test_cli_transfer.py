@@ -372,3 +372,38 @@ def test_backup_refuses_a_symlink_or_a_file_as_its_directory(tmp_path: Path) -> 
         "backup", str(a_file), "--url", source
     )
     assert a_file.read_text() == "x"
+
+
+def _pending_documents(url: str) -> int:
+    connection = sqlite3.connect(url.removeprefix("sqlite:///"))
+    try:
+        query = "SELECT count(*) FROM chat_messages WHERE search_text IS NULL"
+        return int(connection.execute(query).fetchone()[0])
+    finally:
+        connection.close()
+
+
+@pytest.mark.sqlite
+def test_loading_commands_leave_no_search_document_pending(tmp_path: Path) -> None:
+    # 40 messages go in as one bulk insert, which on SQLite leaves their documents to
+    # a later search; the commands write them before they finish.
+    source = _filled(tmp_path, sessions=10)
+    migrated = f"sqlite:///{tmp_path / 'migrated.db'}"
+    line = ok("migrate", "--from", source, "--to", migrated).stdout
+    assert line.rstrip().endswith("; verified; 40 messages indexed for search"), line
+    ok("export-all", str(tmp_path / "all.json"), "--url", source)
+    imported = f"sqlite:///{tmp_path / 'imported.db'}"
+    result = json.loads(
+        ok("import", str(tmp_path / "all.json"), "--url", imported, "--json").stdout
+    )
+    assert result["indexed_for_search"] == 40
+    ok("backup", str(tmp_path / "backups"), "--url", source)
+    (backup_file,) = (tmp_path / "backups").iterdir()
+    restored = f"sqlite:///{tmp_path / 'restored.db'}"
+    line = ok("restore", str(backup_file), "--url", restored).stdout
+    assert "40 messages indexed for search" in line, line
+
+    for url in (migrated, imported, restored):
+        assert _pending_documents(url) == 0
+        found = json.loads(ok("search", "urgent", "--url", url, "--json").stdout)
+        assert len(found) == 10

@@ -159,6 +159,21 @@ def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
     return a.display_url == b.display_url
 
 
+async def _index_for_search(storage: SessionStorage) -> int:
+    """Writes the search documents the load left pending (SessionStorage.index_for_search),
+    so that searches of the store, even opened for reading, use the index at once."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return await storage.index_for_search()
+    with console.status("Indexing for search"):
+        return await storage.index_for_search()
+
+
+def _indexed(result: dict[str, Any]) -> str:
+    count = result["indexed_for_search"]
+    return f"; {count:,} messages indexed for search" if count else ""
+
+
 def _verification_problem(result: dict[str, Any]) -> str | None:
     report = result.get("verification")
     if not report or report.get("ok"):
@@ -199,6 +214,7 @@ def migrate(
                 result = await migrate_storage(
                     source, destination, False, progress_callback=update, batch_size=batch_size
                 )
+            result["indexed_for_search"] = await _index_for_search(destination)
             if verify:
                 with progress_bar("Verifying", stopped="the copy itself is complete") as update:
                     report = await verify_migration(
@@ -220,7 +236,7 @@ def migrate(
             out().print(
                 f"Migrated {_written(result, 'migrated')} from {cfg.display_url}"
                 f" to {destination_config.display_url} in {result['duration_seconds']:.1f} s"
-                f"{checked}",
+                f"{checked}{_indexed(result)}",
             )
         if problem:
             fail(problem)
@@ -266,13 +282,14 @@ def restore(
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         with progress_bar("Restoring sessions", stopped=RESUMES) as update:
             result = await restore_backup(storage, backup_file, progress_callback=update)
+        result["indexed_for_search"] = await _index_for_search(storage)
         if as_json:
             echo_json(result)
             return
         checked = "; verified" if result.get("verified") else ""
         out().print(
             f"Restored {_written(result, 'restored')} from {backup_file}"
-            f" into {cfg.display_url}{checked}",
+            f" into {cfg.display_url}{checked}{_indexed(result)}",
         )
 
     run(ctx, (config, url, verbose), work, check_first=partial(validate_backup_file, backup_file))
@@ -354,12 +371,14 @@ def import_file(
             result = await import_from_stream(
                 storage, stream, progress_callback=update, batch_size=batch_size, checked=summary
             )
+        result["indexed_for_search"] = await _index_for_search(storage)
         if as_json:
             echo_json(result)
             return
         source = "standard input" if input_file == STDIO else input_file
         out().print(
-            f"Imported {_written(result, 'imported')} from {source} into {cfg.display_url}",
+            f"Imported {_written(result, 'imported')} from {source} into {cfg.display_url}"
+            f"{_indexed(result)}",
             markup=False,
         )
 

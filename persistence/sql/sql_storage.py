@@ -304,6 +304,17 @@ class SqlSessionStorage(SessionStorage):
         assert found is not None  # a search that may not index always finds
         return found.messages
 
+    async def index_for_search(self) -> int:
+        self._refuse_writes("index for search")
+        written = 0
+        while True:
+            pending = await self._run(
+                indexing.index_some(self.backend_name), "index for search", write=True
+            )
+            written += pending
+            if pending < indexing.BATCH:
+                return written
+
     def _may_index(self) -> bool:
         """Whether a search may write the documents of pending messages (indexing.py)."""
         return not self._reading_only

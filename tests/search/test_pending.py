@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from persistence import (
     ChatSession,
+    PersistenceError,
     PostgreSQLSessionStorage,
     SessionStorage,
     SQLiteSessionStorage,
@@ -275,3 +276,18 @@ async def test_a_search_never_waits_for_another_writer(
     assert await _pending(sqlite_storage) == count
     assert len(await sqlite_storage.search_messages(f"number{count - 1}")) == 1
     assert await _pending(sqlite_storage) == 0
+
+
+async def test_index_for_search_writes_every_pending_document(
+    sql_storage: SessionStorage,
+) -> None:
+    count = BATCH + 3
+    await _bulk(sql_storage, _numbered(count))
+    async with _same_store(sql_storage, reading=True) as reader:
+        with pytest.raises(PersistenceError, match="opened for reading"):
+            await reader.index_for_search()
+
+    assert await sql_storage.index_for_search() == _if_deferred(sql_storage, count)
+    assert await _pending(sql_storage) == 0
+    assert await sql_storage.index_for_search() == 0
+    await _check_index(sql_storage)
