@@ -76,6 +76,10 @@ async def _populate(path: Path, sessions: int, messages: int) -> None:
                     for session in batch:
                         await uow.sessions.add(session)
                     await uow.commit()
+        if hasattr(storage, "index_for_search"):
+            # A store as it is once searched: the raw copy then carries every search
+            # document, as the library's copy writes them (not the NULLs of pending ones).
+            await storage.index_for_search()
 
 
 async def _admin(url: str, statement: str) -> None:
