@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 
 MASK = "***"
-# Where a URL starts in free text; the URL itself is split below, not by a pattern.
-_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # A URL scheme (RFC 3986): what comes before `://`.
 SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+# Where a URL starts in free text; the URL itself is split below, not by a pattern.
+_URL_START = re.compile(SCHEME.pattern + "://")
 # Characters that end a URL in free text (messages quote URLs or end them with a space).
 _URL_END = frozenset(" \t\r\n'\"`<>")
 # Characters that end or split a URL's parts: they must be percent-encoded in user info.

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -163,9 +163,7 @@ async def _index_for_search(storage: SessionStorage) -> int:
     """Writes the search documents the load left pending (SessionStorage.index_for_search),
     so that searches of the store, even opened for reading, use the index at once."""
     console = Console(stderr=True)
-    if not console.is_terminal:
-        return await storage.index_for_search()
-    with console.status("Indexing for search"):
+    with console.status("Indexing for search") if console.is_terminal else nullcontext():
         return await storage.index_for_search()
 
 

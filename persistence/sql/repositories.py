@@ -296,7 +296,6 @@ def set_sessions_status(session_ids: Sequence[str], status: Status) -> Work[int]
 
 
 def search_messages(
-    dialect: str,
     query: str,
     limit: int,
     session_id: str | None,
@@ -309,4 +308,4 @@ def search_messages(
     parsed = parse_query(query)
     if parsed is None or limit <= 0:
         return Found([], 0)
-    return (yield from find_messages(dialect, parsed, limit, session_id, role, may_index=may_index))
+    return (yield from find_messages(parsed, limit, session_id, role, may_index=may_index))

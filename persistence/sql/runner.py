@@ -134,12 +134,17 @@ def run_in_sqlite_thread(
     transaction: committed if it returns, rolled back if anything raises.
     """
 
-    step = _sqlite_step(connection, dialect)
     if begin is None:
-        return _finish(work, step, dialect)
+        return _finish(work, _sqlite_step(connection, dialect), dialect)
     connection.execute(begin)
+    return _finish_transaction(connection, dialect, work)
+
+
+def _finish_transaction(connection: sqlite3.Connection, dialect: Dialect, work: Work[T]) -> T:
+    """Runs `work` in the transaction just begun: committed if it returns, rolled back
+    if anything raises."""
     try:
-        result = _finish(work, step, dialect)
+        result = _finish(work, _sqlite_step(connection, dialect), dialect)
     except BaseException:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
@@ -163,14 +168,7 @@ def run_unless_locked(
         return False, None
     finally:
         connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    try:
-        result = _finish(work, _sqlite_step(connection, dialect), dialect)
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
-    return True, result
+    return True, _finish_transaction(connection, dialect, work)
 
 
 async def run_in_thread(connection: aiosqlite.Connection, fn: Any, *args: Any) -> Any:

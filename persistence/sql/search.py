@@ -44,7 +44,7 @@ from persistence.search import (
 )
 from persistence.sql.indexing import defers
 from persistence.sql.mapping import messages_from_rows
-from persistence.sql.runner import Fetch, Work
+from persistence.sql.runner import Fetch, WhichDialect, Work
 from persistence.sql.statements import Statement
 from persistence.sql.tables import MessageRow
 
@@ -282,7 +282,6 @@ class Found:
 
 
 def find_messages(
-    dialect: str,
     query: SearchQuery,
     limit: int,
     session_id: str | None,
@@ -295,6 +294,7 @@ def find_messages(
     None when `may_index` and more than a batch of pending messages would have to be
     tested one by one: the caller indexes them (persistence.sql.indexing) and asks again.
     """
+    dialect = yield WhichDialect()
     shape = Shape(session=session_id is not None, role=role is not None)
     indexed = yield from _indexed_matches(dialect, shape, query, limit, session_id, role)
     if not defers(dialect):

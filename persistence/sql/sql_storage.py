@@ -289,46 +289,41 @@ class SqlSessionStorage(SessionStorage):
     ) -> list[ChatMessage]:
         check_page(limit)
         checked = check_role(role)
-        search = partial(
-            repositories.search_messages, self.backend_name, query, limit, session_id, checked
-        )
+        search = partial(repositories.search_messages, query, limit, session_id, checked)
         may_index = self._may_index()
         found = await self._run_stale(partial(search, may_index=may_index), "search messages")
+        if may_index and (found is None or found.pending):
+            # Pending messages were tested one by one: write their documents, so the
+            # next searches use the index (unless another writer holds the store).
+            await self._index_pending(wait=False)
         if found is None:
-            # Many messages are pending: index them, then search through the index (or
-            # test them one by one, where another writer holds the store meanwhile).
-            await self._index_pending()
+            # Too many to test one by one: search again, through what is indexed now.
             found = await self._run_stale(partial(search, may_index=False), "search messages")
-        elif found.pending and may_index:
-            await self._index_pending()
         assert found is not None  # a search that may not index always finds
         return found.messages
 
     async def index_for_search(self) -> int:
         self._refuse_writes("index for search")
-        written = 0
-        while True:
-            pending = await self._run(
-                indexing.index_some(self.backend_name), "index for search", write=True
-            )
-            written += pending
-            if pending < indexing.BATCH:
-                return written
+        return await self._index_pending(wait=True)
 
     def _may_index(self) -> bool:
         """Whether a search may write the documents of pending messages (indexing.py)."""
         return not self._reading_only
 
-    async def _index_pending(self) -> None:
-        """Writes the search documents of every pending message, a batch per transaction,
-        unless another writer holds the store (the next search then tries again)."""
-        while (written := await self._index_batch()) is not None and written == indexing.BATCH:
-            pass
+    async def _index_pending(self, *, wait: bool) -> int:
+        """Writes the search documents of every pending message, a batch per transaction;
+        returns how many. Without `wait`, it stops where another writer holds the store."""
+        written = 0
+        while (batch := await self._index_batch(wait=wait)) is not None:
+            written += batch
+            if batch < indexing.BATCH:
+                break
+        return written
 
-    async def _index_batch(self) -> int | None:
+    async def _index_batch(self, *, wait: bool) -> int | None:
         """Writes the documents of a batch of pending messages; returns how many were
-        pending (None: the store was locked, nothing written)."""
-        return await self._run(indexing.index_some(self.backend_name), "index messages", write=True)
+        pending (None: `wait` was false and the store was locked, nothing written)."""
+        return await self._run(indexing.index_some(), "index messages", write=True)
 
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True

@@ -119,7 +119,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # messages one by one, and leave the indexing to a later search.
         return super()._may_index() and self.token not in open_units_of_work()
 
-    async def _index_batch(self) -> int | None:
+    async def _index_batch(self, *, wait: bool) -> int | None:
+        if wait:
+            return await super()._index_batch(wait=True)
         # Without waiting for the write lock: a search never queues behind a writer.
         connection = self._connection
         if connection is None:
@@ -129,7 +131,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 connection,
                 run_unless_locked,
                 self.engine.dialect,
-                indexing.index_some(self.backend_name),
+                indexing.index_some(),
                 int(self._busy_timeout * 1000),
             )
         return written if ran else None

@@ -265,8 +265,8 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
         SessionDeletedError: the session the plan's base came from is gone.
     """
     assert plan.incarnation is not None and plan.revision is not None
-    # PostgreSQL's: documents are always written with the messages (indexing.defers).
-    rows = rows_from_messages(plan.session_id, plan.appends, 0, documents=True)
+    documents = yield from documents_now(len(plan.appends))
+    rows = rows_from_messages(plan.session_id, plan.appends, 0, documents=documents)
     params: dict[str, Any] = {
         "session_id": plan.session_id,
         "incarnation": plan.incarnation,

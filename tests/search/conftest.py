@@ -17,6 +17,16 @@ from persistence.sql.sql_storage import SqlSessionStorage
 from tests import servers
 
 
+def same_store(storage: SessionStorage) -> SessionStorage:
+    """Another storage object, with connections of its own, on the SQL store `storage`
+    opened (not opened yet)."""
+    if isinstance(storage, SQLiteSessionStorage):
+        return SQLiteSessionStorage(storage.database_path)
+    assert isinstance(storage, PostgreSQLSessionStorage)
+    url = storage.url.render_as_string(hide_password=False)
+    return PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2)
+
+
 class Stores:
     """SQLite, PostgreSQL (a database of its own) and, with a URL, MongoDB."""
 
@@ -54,18 +64,8 @@ class Stores:
 
     def read_only(self) -> None:
         """Searches from now on go to the same stores opened for reading (never writing)."""
-        sqlite, postgresql = self.storages[:2]
-        assert isinstance(sqlite, SQLiteSessionStorage)
-        assert isinstance(postgresql, PostgreSQLSessionStorage)
-        self.searchers = [
-            SQLiteSessionStorage(sqlite.database_path),
-            PostgreSQLSessionStorage(
-                postgresql.url.render_as_string(hide_password=False),
-                min_pool_size=1,
-                max_pool_size=2,
-            ),
-            *self.storages[2:],
-        ]
+        self.searchers = [same_store(storage) for storage in self.storages[:2]]
+        self.searchers += self.storages[2:]
         for storage in self.searchers[:2]:
             self.run(storage.open_for_reading())
 

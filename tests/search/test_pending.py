@@ -16,7 +16,6 @@ from sqlalchemy import text
 from persistence import (
     ChatSession,
     PersistenceError,
-    PostgreSQLSessionStorage,
     SessionStorage,
     SQLiteSessionStorage,
 )
@@ -24,6 +23,7 @@ from persistence.sql.indexing import BATCH, DEFERRED_FROM
 from persistence.sql.runner import traced
 from persistence.sql.search import PENDING_BATCH
 from persistence.sql.sql_storage import SqlSessionStorage
+from tests.search.conftest import same_store
 
 
 def _sql(storage: SessionStorage) -> SqlSessionStorage:
@@ -69,13 +69,7 @@ async def _check_index(storage: SessionStorage) -> None:
 @asynccontextmanager
 async def _same_store(storage: SessionStorage, *, reading: bool) -> AsyncIterator[SessionStorage]:
     """Another storage object (its own connections) on the store `storage` opened."""
-    other: SessionStorage
-    if isinstance(storage, SQLiteSessionStorage):
-        other = SQLiteSessionStorage(storage.database_path)
-    else:
-        assert isinstance(storage, PostgreSQLSessionStorage)
-        url = storage.url.render_as_string(hide_password=False)
-        other = PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2)
+    other = same_store(storage)
     await (other.open_for_reading() if reading else other.initialize())
     try:
         yield other

@@ -22,6 +22,7 @@ Create Date: 2026-12-01
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -57,23 +58,6 @@ SQLITE_FTS_TRIGGERS = [
         SELECT new.id, new.search_text WHERE new.search_text IS NOT NULL;
     END""",
 ]
-# The triggers of revision 0003, for the downgrade.
-SQLITE_FTS_TRIGGERS_0004 = [
-    """CREATE TRIGGER chat_messages_fts_insert AFTER INSERT ON chat_messages BEGIN
-        INSERT INTO chat_messages_fts(rowid, search_text) VALUES (new.id, new.search_text);
-    END""",
-    """CREATE TRIGGER chat_messages_fts_delete AFTER DELETE ON chat_messages BEGIN
-        INSERT INTO chat_messages_fts(chat_messages_fts, rowid, search_text)
-        VALUES ('delete', old.id, old.search_text);
-    END""",
-    """CREATE TRIGGER chat_messages_fts_update AFTER UPDATE ON chat_messages
-    WHEN old.search_text IS NOT new.search_text OR old.id IS NOT new.id BEGIN
-        INSERT INTO chat_messages_fts(chat_messages_fts, rowid, search_text)
-        VALUES ('delete', old.id, old.search_text);
-        INSERT INTO chat_messages_fts(rowid, search_text) VALUES (new.id, new.search_text);
-    END""",
-]
-
 _COLUMNS = "id, message_id, session_id, position, role, content, created_at, metadata, search_text"
 
 
@@ -128,7 +112,8 @@ def _rebuild_sqlite_messages(document_required: bool) -> None:
         unique=True,
     )
     if document_required:
-        triggers = SQLITE_FTS_TRIGGERS_0004
+        # Revision 0003's triggers (its SQLITE_FTS: the FTS5 table, then its triggers).
+        triggers = _revision_0003().SQLITE_FTS[1:]
     else:
         triggers = SQLITE_FTS_TRIGGERS
         op.execute(f"CREATE INDEX {PENDING_INDEX} ON chat_messages (id) WHERE search_text IS NULL")
@@ -145,9 +130,14 @@ def upgrade() -> None:
     op.execute(f"CREATE INDEX {PENDING_INDEX} ON chat_messages (id) WHERE search_text IS NULL")
 
 
+def _revision_0003() -> Any:
+    """Revision 0003's module: its search rule and FTS5 triggers, as they stood."""
+    return importlib.import_module("persistence.sql.migrations.versions.0003_search_documents")
+
+
 def _index_pending_with_the_0003_rule() -> None:
     """Writes the document of every message that has none, by revision 0003's rule."""
-    rule = importlib.import_module("persistence.sql.migrations.versions.0003_search_documents")
+    rule = _revision_0003()
     connection = op.get_bind()
     select = sa.text(
         "SELECT id, content FROM chat_messages WHERE search_text IS NULL ORDER BY id LIMIT :batch"
