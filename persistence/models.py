@@ -23,6 +23,7 @@ from persistence.bookkeeping import Bookkeeping
 from persistence.changes import Base, LogEntry, MessageList, Snapshot
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
+from persistence.identifiers import random_hex_id
 from persistence.validation import (
     INT64_MAX,
     MAX_ID_LENGTH,
@@ -40,7 +41,7 @@ STATUSES: tuple[Status, ...] = ("active", "archived", "expired")
 
 def new_id() -> str:
     """Returns a fresh random identifier (uuid4, hex)."""
-    return uuid.uuid4().hex
+    return random_hex_id()
 
 
 class _DomainModel(BaseModel):
@@ -67,6 +68,63 @@ class ChatMessage(_DomainModel):
     content: str
     created_at: UtcDatetime = Field(default_factory=utc_now)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+# The fields add_message gives the model (the others are defaults). Shared by every
+# message it builds: a frozen model never changes its fields-set.
+_MESSAGE_FIELDS_GIVEN = {"session_id", "role", "content", "metadata"}
+
+
+def _appended_message(
+    session_id: str, role: Any, content: Any, metadata: dict[str, Any] | None
+) -> ChatMessage:
+    """The message `add_message` appends: equal to `ChatMessage(...)` of these values.
+
+    When every value is plainly valid (the case of nearly every call) the message is
+    built without pydantic's machinery, after the same checks: a bulk insert makes
+    thousands, and validation cost more than all the rest of it. Anything else goes
+    through the model, which raises its ValidationError.
+    """
+    if (
+        type(role) is str
+        and role in ROLES
+        and type(content) is str
+        and (metadata is None or type(metadata) is dict)
+    ):
+        try:
+            check_text(content, "content")
+            # Validation copies the dict (not its values): so does this.
+            copied = {} if metadata is None else check_json_object(dict(metadata), "metadata")
+        except InvalidDataError:
+            pass  # the model raises it, as a ValidationError
+        else:
+            message = _new_message(ChatMessage)
+            _set_attribute(
+                message,
+                "__dict__",
+                {
+                    "message_id": random_hex_id(),
+                    "session_id": session_id,
+                    "role": role,
+                    "content": content,
+                    "created_at": utc_now(),
+                    "metadata": copied,
+                },
+            )
+            _set_attribute(message, "__pydantic_fields_set__", _MESSAGE_FIELDS_GIVEN)
+            _set_attribute(message, "__pydantic_extra__", None)
+            _set_attribute(message, "__pydantic_private__", None)
+            return message
+    return ChatMessage(
+        session_id=session_id,
+        role=role,
+        content=content,
+        metadata={} if metadata is None else metadata,
+    )
+
+
+_new_message = ChatMessage.__new__
+_set_attribute = object.__setattr__
 
 
 def _message_list(value: list[ChatMessage]) -> MessageList:
@@ -256,12 +314,7 @@ class ChatSession(_DomainModel, Bookkeeping):
         Raises:
             pydantic.ValidationError: if the role is unknown or a value cannot be stored.
         """
-        message = ChatMessage(
-            session_id=self.session_id,
-            role=role,
-            content=content,
-            metadata={} if metadata is None else metadata,
-        )
+        message = _appended_message(self.session_id, role, content, metadata)
         self._messages().append(message)
         # Both values are valid by construction: skip validate_assignment on the hot path.
         self.__dict__["message_count"] = self.message_count + 1
@@ -377,7 +430,6 @@ class UploadedFileRecord(_DomainModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-_set_attribute = object.__setattr__
 # Shared: every field of a session built from the store is set, so the set never grows.
 _SESSION_FIELDS = set(ChatSession.model_fields)
 # from_store builds the private state itself: it must name every private attribute.
