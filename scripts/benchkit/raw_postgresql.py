@@ -7,6 +7,7 @@ INSERT message; UPDATE session.
 
 from __future__ import annotations
 
+import importlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from benchkit.stores import plain_postgresql_url
 from benchkit.target import Target
 from persistence.search import search_document, words
 
-SCHEMA = """
+SCHEMA_TEMPLATE = """
 CREATE TABLE chat_sessions (
   session_id VARCHAR(255) NOT NULL PRIMARY KEY, model VARCHAR(255) NOT NULL,
   created_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL,
@@ -36,23 +37,7 @@ CREATE TABLE chat_messages (
   content TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, metadata JSONB NOT NULL,
   search_text TEXT NOT NULL DEFAULT '');
 CREATE UNIQUE INDEX ix_messages_session_position ON chat_messages (session_id, position);
-CREATE FUNCTION persistence_search_terms(document text) RETURNS tsvector
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-DECLARE
-    terms text[];
-BEGIN
-    SELECT array_agg(DISTINCT left(token, 200)) INTO terms
-    FROM unnest(string_to_array(document, ' ')) AS token
-    WHERE token <> '';
-    IF terms IS NULL THEN
-        RETURN ''::tsvector;
-    END IF;
-    IF (SELECT sum(octet_length(term)) FROM unnest(terms) AS term) > 1000000 THEN
-        RETURN array_to_tsvector(ARRAY[chr(167) || chr(167)]);
-    END IF;
-    RETURN array_to_tsvector(terms);
-END
-$$;
+{search_terms_function};
 ALTER TABLE chat_messages ADD COLUMN search_terms tsvector
   GENERATED ALWAYS AS (persistence_search_terms(search_text)) STORED;
 CREATE INDEX ix_messages_search_terms ON chat_messages USING gin (search_terms);
@@ -63,6 +48,13 @@ CREATE TABLE uploaded_files (
   metadata JSONB NOT NULL);
 CREATE INDEX ix_files_expires ON uploaded_files (expires_at);
 """
+# The library's own function (its newest revision), so both sides index alike.
+SCHEMA = SCHEMA_TEMPLATE.replace(
+    "{search_terms_function}",
+    importlib.import_module(
+        "persistence.sql.migrations.versions.0006_search_terms_fast_path"
+    ).FAST_PATH_FUNCTION.strip(),
+)
 
 INSERT_SESSION = (
     "INSERT INTO chat_sessions (session_id, model, created_at, updated_at, message_count,"
