@@ -24,7 +24,13 @@ from persistence.sql.engines import (
     sqlite_url,
 )
 from persistence.sql.errors import sql_errors
-from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_unless_locked
+from persistence.sql.runner import (
+    Work,
+    read_in_sqlite_thread,
+    run_in_sqlite_thread,
+    run_in_thread,
+    run_unless_locked,
+)
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.uow import open_units_of_work
@@ -162,7 +168,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         with sql_errors(action):
             result: T = await run_in_thread(
                 connection,
-                run_in_sqlite_thread,
+                run_in_sqlite_thread if write else read_in_sqlite_thread,
                 dialect,
                 work,
                 "BEGIN IMMEDIATE" if write else "BEGIN",
