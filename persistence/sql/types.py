@@ -56,11 +56,23 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 def _sqlite_text(value: datetime | None) -> str | None:
+    global _last_text
     if value is None:
         return None
+    # A bulk insert's messages mostly share their millisecond: the last text is reused
+    # (equal aware datetimes are one instant, so one UTC text).
+    last_value, last_text = _last_text
+    if value == last_value:
+        return last_text
     # The models hold UTC already (persistence.validation): no conversion to make.
     utc = value if value.tzinfo is UTC else value.astimezone(UTC)
-    return utc.isoformat(" ", "microseconds")
+    text = utc.isoformat(" ", "microseconds")
+    _last_text = (value, text)
+    return text
+
+
+# One tuple, swapped whole: threads never see a value with another's text.
+_last_text: tuple[datetime | None, str] = (None, "")
 
 
 _SQLITE_FORMAT = (
