@@ -263,7 +263,7 @@ def test_ctrl_c_during_migrate_says_how_far_it_got_and_a_rerun_resumes(tmp_path:
         destination,
     ]
     process = subprocess.Popen(
-        [*command, "--batch-size", "20"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [*command, "--batch-size", "2"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert process.stderr is not None
     first = process.stderr.readline()

@@ -160,8 +160,10 @@ async def test_loads_writes_and_units_of_work_use_the_primary(
 async def test_a_storage_reads_its_own_writes_while_the_standby_replay_is_paused(
     pair: ReplicationPair, open_storage: OpenStorage
 ) -> None:
-    mine = await open_storage()
-    other = await open_storage()
+    # What is read where, not the lag bound (tested below): a slow machine must not
+    # push the paused standby past it.
+    mine = await open_storage(max_replica_lag=3600)
+    other = await open_storage(max_replica_lag=3600)
     kept, gone = await _seed(mine, 2, "seeded")
     await wait_caught_up(pair)
     assert len(await other.list_sessions()) == 2
