@@ -50,7 +50,7 @@ class BulkInsert(Statement):
                 {name: bindparam(name, type_=table.c[name].type) for name in self.names}
             )
         )
-        self._columnar: dict[str, tuple[str, tuple[tuple[str, Processor], ...]]] = {}
+        self._columnar: dict[str, str] = {}
 
     def is_columnar(self, dialect: Dialect, rows: Sequence[Any]) -> bool:
         """Whether these rows go in the PostgreSQL form (see MIN_COLUMNAR_ROWS)."""
@@ -82,13 +82,10 @@ class BulkInsert(Statement):
                 f"INSERT INTO {target} SELECT {selected}"  # noqa: S608
                 f" FROM unnest({arrays}) AS rows ({', '.join(self.names)})"
             )
-            plan: tuple[tuple[str, Processor], ...] = tuple(
-                (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
-                for column in columns
-            )
-            cached = self._columnar[dialect.name] = (sql, plan)
-        sql, plan = cached
-        return sql, [list(values) for values in _processed_columns(plan, rows)]
+            cached = self._columnar[dialect.name] = sql
+        # The compiled INSERT binds the same columns in the same order, the same types.
+        plan = self.compile(dialect).plan
+        return cached, [list(values) for values in _processed_columns(plan, rows)]
 
     def multirow(
         self, dialect: Dialect, rows: Sequence[Mapping[str, Any]]

@@ -1,4 +1,3 @@
-# every statement here is built from constants; values are bound
 """Search documents written later: a bulk insert leaves them to the next search.
 
 Writing a message's search document (persistence.search) and indexing it (FTS5 on
@@ -9,7 +8,7 @@ NULL, *pending* (revision 0005), and smaller ones (appends) index at once.
 
 Nothing is missed meanwhile: a search tests the pending messages one by one
 (persistence.sql.search), and a search on a store that may write first writes their
-documents (`index_pending`, in batches, each its own short transaction), so the
+documents (`index_some`, in batches, each its own short transaction), so the
 searches after it use the index. A document is written only where it is still
 missing, so two processes indexing at once do the same work twice at worst, never
 overwrite an edit.

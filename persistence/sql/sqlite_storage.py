@@ -125,13 +125,16 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # messages one by one, and leave the indexing to a later search.
         return super()._may_index() and self.token not in open_units_of_work()
 
+    def _opened_connection(self) -> aiosqlite.Connection:
+        if self._connection is None:
+            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        return self._connection
+
     async def _index_batch(self, *, wait: bool) -> int | None:
         if wait:
             return await super()._index_batch(wait=True)
         # Without waiting for the write lock: a search never queues behind a writer.
-        connection = self._connection
-        if connection is None:
-            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        connection = self._opened_connection()
         with sql_errors("index messages"):
             ran, written = await run_in_thread(
                 connection,
@@ -153,9 +156,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
     ) -> T:
         # Reads too run in a transaction: it costs nothing within the one thread hop.
         dialect = self.engine.dialect
-        connection = self._connection
-        if connection is None:
-            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        connection = self._opened_connection()
         if write:
             self._refuse_writes(action)
         if write and self.token in open_units_of_work():
@@ -177,9 +178,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
 
     async def copy_to_file(self, target: Path) -> bool:
         """Copies the database with SQLite's online backup API (consistent under writers)."""
-        connection = self._connection
-        if connection is None:
-            raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        connection = self._opened_connection()
         with sql_errors("back up database"):
             async with aiosqlite.connect(target) as destination:
                 await connection.backup(destination)

@@ -27,31 +27,32 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
+
+def _replacing(function: str) -> str:
+    """`function`'s CREATE as a CREATE OR REPLACE of the same signature."""
+    return function.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+
+
+# Revision 0003's function as it stood (0005 then made it STRICT).
+_REVISION_0003 = importlib.import_module(
+    "persistence.sql.migrations.versions.0003_search_documents"
+).POSTGRESQL_TERMS_FUNCTION
 # The tokens of a document are separated by single spaces (persistence.search); no
 # token of the fast path is longer than the old path's cut, and the bytes of its
 # distinct terms cannot exceed the document's own.
-FAST_PATH_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION persistence_search_terms(document text) RETURNS tsvector
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
-DECLARE
-    terms text[];
-BEGIN
+_FAST_PATH = """BEGIN
     IF octet_length(document) <= 1000000 AND document !~ '[^ ]{201}' THEN
         RETURN array_to_tsvector(array_remove(string_to_array(document, ' '), ''));
     END IF;
-    SELECT array_agg(DISTINCT left(token, 200)) INTO terms
-    FROM unnest(string_to_array(document, ' ')) AS token
-    WHERE token <> '';
-    IF terms IS NULL THEN
-        RETURN ''::tsvector;
-    END IF;
-    IF (SELECT sum(octet_length(term)) FROM unnest(terms) AS term) > 1000000 THEN
-        RETURN array_to_tsvector(ARRAY[chr(167) || chr(167)]);
-    END IF;
-    RETURN array_to_tsvector(terms);
-END
-$$
 """
+# 0003's function, STRICT, with the fast path first and 0003's body as the way for
+# every other document.
+FAST_PATH_FUNCTION = (
+    _replacing(_REVISION_0003)
+    .replace("IMMUTABLE", "IMMUTABLE STRICT", 1)
+    .replace("BEGIN\n", _FAST_PATH, 1)
+)
+assert FAST_PATH_FUNCTION.count("STRICT") == 1 and FAST_PATH_FUNCTION.count("!~") == 1
 
 
 def upgrade() -> None:
@@ -61,9 +62,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        previous = importlib.import_module(
-            "persistence.sql.migrations.versions.0003_search_documents"
-        ).POSTGRESQL_TERMS_FUNCTION
-        op.execute(previous.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
+        op.execute(_replacing(_REVISION_0003))
         # As revision 0005 left it.
         op.execute("ALTER FUNCTION persistence_search_terms(text) STRICT")
