@@ -1,23 +1,26 @@
-"""Search documents written later: a bulk insert leaves them to the next search.
+"""Search documents written later: on SQLite, every insert leaves them to a search.
 
 Writing a message's search document (persistence.search) and indexing it (FTS5 on
 SQLite; the tsvector and its GIN index on PostgreSQL) costs more than storing the
-message: with it, bulk inserts ran at a fifth of the raw driver's speed. So a
-statement that inserts DEFERRED_FROM messages or more stores them with `search_text`
-NULL, *pending* (revision 0005), and smaller ones (appends) index at once.
+message: with it, bulk inserts ran at a fifth of the raw driver's speed, and an
+append's own FTS5 segment cost about as much as the rest of its statements. So on
+SQLite an insert stores its messages with `search_text` NULL, *pending* (revision
+0005), and the documents are written later, many per statement.
 
 Nothing is missed meanwhile: a search tests the pending messages one by one
 (persistence.sql.search), and a search on a store that may write first writes their
 documents (`index_some`, in batches, each its own short transaction), so the
-searches after it use the index. A document is written only where it is still
-missing, so two processes indexing at once do the same work twice at worst, never
-overwrite an edit.
+searches after it use the index. A storage's saves keep what they leave bounded:
+once they have left SAVES_INDEX_AT documents pending, its next save also writes the
+oldest pending ones, in its own transaction (`then_index`). A document is written
+only where it is still missing, so two processes indexing at once do the same work
+twice at worst, never overwrite an edit.
 """
 
 from __future__ import annotations
 
 import json
-from typing import cast
+from typing import TypeVar, cast
 
 from sqlalchemy import Table, text
 
@@ -27,30 +30,32 @@ from persistence.sql.statements import Statement
 from persistence.sql.tables import MessageRow
 
 messages = cast(Table, MessageRow.__table__)
+T = TypeVar("T")
 
-# SQLite inserts of this many messages or more in one statement leave their documents
-# pending.
-DEFERRED_FROM = 32
-# Pending messages indexed per transaction.
+# Pending messages indexed per transaction by a search.
 BATCH = 1000
+# A storage's saves write pending documents once they have left this many...
+SAVES_INDEX_AT = 64
+# ... at most this many in the save's transaction: a save after a bulk insert stays short.
+SAVE_BATCH = 4 * SAVES_INDEX_AT
 
 
 def defers(dialect: str) -> bool:
-    """Whether bulk inserts on `dialect` leave their documents pending.
+    """Whether inserts on `dialect` leave their documents pending.
 
     Only SQLite's: writing a pending document is an UPDATE, and on PostgreSQL an UPDATE
     writes a new version of the whole row, into every index. Measured on 100,000
     messages, PostgreSQL's bulk inserts ran 2.9x faster pending, but the first search
     then took 38 s to write the documents, twice the time the inserts had saved;
     SQLite's ran 1.26-1.5x faster, and the first search took back that and 5-15% more.
+    An append's document written later costs far less than its own FTS5 segment.
     """
     return dialect == "sqlite"
 
 
-def documents_now(rows: int) -> Work[bool]:
-    """Whether an insert of `rows` messages writes their search documents itself."""
-    dialect = yield WhichDialect()
-    return rows < DEFERRED_FROM or not defers(dialect)
+def documents_now() -> Work[bool]:
+    """Whether an insert writes its messages' search documents itself."""
+    return not defers((yield WhichDialect()))
 
 
 PENDING = Statement(
@@ -71,13 +76,21 @@ SET_DOCUMENTS = Statement(
 )
 
 
-def index_some() -> Work[int]:
-    """Writes the documents of the oldest BATCH pending messages; returns how many were
+def index_some(batch: int = BATCH) -> Work[int]:
+    """Writes the documents of the oldest `batch` pending messages; returns how many were
     pending (0: none left, or a database whose inserts never leave any)."""
     if not defers((yield WhichDialect())):
         return 0
-    rows = yield Fetch(PENDING, {"batch": BATCH})
+    rows = yield Fetch(PENDING, {"batch": batch})
     if rows:
         documents = [(row[0], search_document(row[1])) for row in rows]
         yield Execute(SET_DOCUMENTS, {"documents": json.dumps(documents)})
     return len(rows)
+
+
+def then_index(work: Work[T]) -> Work[T]:
+    """`work`, then the documents of the oldest SAVE_BATCH pending messages, in the same
+    transaction (a save that its storage's earlier saves made due to index)."""
+    result = yield from work
+    yield from index_some(SAVE_BATCH)
+    return result

@@ -79,7 +79,7 @@ def insert_new_sessions(batch: Sequence[ChatSession]) -> Work[int]:
     """
     session_rows = []
     message_rows: list[dict[str, Any]] = []
-    documents = yield from documents_now(sum(len(session.messages) for session in batch))
+    documents = yield from documents_now()
     for session in batch:
         count = len(session.messages)
         session_rows.append(

@@ -55,6 +55,8 @@ class SqlSessionStorage(SessionStorage):
         self._closed = False
         self._reading_only = False
         self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
+        # Search documents this storage's saves left pending since they last wrote some.
+        self._left_pending = 0
         self.version_table = version_table
 
     @abstractmethod
@@ -196,9 +198,13 @@ class SqlSessionStorage(SessionStorage):
                     writes.append_in_one_statement(plan), "save session", write=True, single=True
                 )
             else:
-                saved = await self._run(
-                    writes.write_plan(plan, force=force), "save session", write=True
-                )
+                work = writes.write_plan(plan, force=force)
+                left = self._left_pending
+                if left >= indexing.SAVES_INDEX_AT:
+                    work, left = indexing.then_index(work), 0
+                saved = await self._run(work, "save session", write=True)
+                if indexing.defers(self.engine.dialect.name):
+                    self._left_pending = left + len(plan.appends)
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except PersistenceError as exc:

@@ -265,7 +265,7 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
         SessionDeletedError: the session the plan's base came from is gone.
     """
     assert plan.incarnation is not None and plan.revision is not None
-    documents = yield from documents_now(len(plan.appends))
+    documents = yield from documents_now()
     rows = rows_from_messages(plan.session_id, plan.appends, 0, documents=documents)
     params: dict[str, Any] = {
         "session_id": plan.session_id,
@@ -390,7 +390,7 @@ def _field_values(plan: SavePlan, metadata: dict[str, Any]) -> dict[str, Any]:
 
 def _insert(session_id: str, new: Sequence[ChatMessage], first_position: int) -> Work[None]:
     if new:
-        documents = yield from documents_now(len(new))
+        documents = yield from documents_now()
         rows = rows_from_messages(session_id, new, first_position, documents=documents)
         yield ExecuteMany(INSERT_MESSAGES, rows)
 

@@ -46,7 +46,7 @@ class Stores:
         # Where searches go: these storages, or copies opened for reading (read_only()).
         self.searchers: list[SessionStorage] = list(self.storages)
         # How a test module writes what it searches (test_parity.WRITES).
-        self.writes = "documents-at-write"
+        self.writes = "documents-indexed"
 
     def pending(self) -> dict[str, int]:
         """Messages each SQL store holds without a search document yet."""
@@ -61,6 +61,15 @@ class Stores:
             for storage in self.storages
             if isinstance(storage, SqlSessionStorage)
         }
+
+    def index_for_search(self) -> None:
+        """Writes every pending search document (SessionStorage.index_for_search)."""
+
+        async def index_all() -> None:
+            for storage in self.storages:
+                await storage.index_for_search()
+
+        self.run(index_all())
 
     def read_only(self) -> None:
         """Searches from now on go to the same stores opened for reading (never writing)."""

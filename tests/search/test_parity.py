@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import pytest
 
 from persistence import ChatSession
-from persistence.sql.indexing import DEFERRED_FROM
 from tests.search import oracle
 from tests.search.conftest import Stores, opened_stores
 
@@ -203,11 +202,11 @@ class Corpus:
         return hits[:limit]
 
 
-# How the corpus is written and searched: documents written with the messages (small
-# saves); left pending by a bulk insert (persistence.sql.indexing), then written by the
-# first search; or still pending, searched by stores opened for reading, which test
-# the pending messages one by one.
-WRITES = ["documents-at-write", "pending-first-search-indexes", "pending-read-only"]
+# How the corpus is written and searched: documents written before any search
+# (index_for_search); left pending by the saves (persistence.sql.indexing), then written
+# by the first search; or still pending, searched by stores opened for reading, which
+# test the pending messages one by one.
+WRITES = ["documents-indexed", "pending-first-search-indexes", "pending-read-only"]
 
 
 @pytest.fixture(scope="module", params=WRITES)
@@ -226,17 +225,14 @@ def stores(
 def corpus(stores: Stores) -> Iterator[Corpus]:
     first = ChatSession.create("parity", session_id="parity-1")
     second = ChatSession.create("parity", session_id="parity-2")
-    if stores.writes != "documents-at-write":
-        # Messages without words (never a hit) make each save a bulk insert.
-        for _ in range(DEFERRED_FROM):
-            first.add_message("system", "")
-            second.add_message("system", "")
     for index, (role, content) in enumerate(CORPUS):
         (first if index % 3 else second).add_message(role, content)
     stores.save(first, second)
     messages = len(first.messages) + len(second.messages)
+    if stores.writes == "documents-indexed":
+        stores.index_for_search()
     # Only SQLite leaves documents pending (persistence.sql.indexing.defers).
-    pending = 0 if stores.writes == "documents-at-write" else messages
+    pending = 0 if stores.writes == "documents-indexed" else messages
     assert stores.pending() == {"sqlite": pending, "postgresql": 0}
     if stores.writes == "pending-read-only":
         stores.read_only()

@@ -1,5 +1,6 @@
-"""Documents a bulk insert leaves pending on SQLite (persistence.sql.indexing): never
-missed, written by the first search that may write, never corrupting the index.
+"""Documents every insert leaves pending on SQLite (persistence.sql.indexing): never
+missed, written by the first search that may write or by a later save, never
+corrupting the index.
 
 The same scenarios run on PostgreSQL, which writes documents with the rows."""
 
@@ -19,7 +20,7 @@ from persistence import (
     SessionStorage,
     SQLiteSessionStorage,
 )
-from persistence.sql.indexing import BATCH, DEFERRED_FROM
+from persistence.sql.indexing import BATCH, SAVE_BATCH, SAVES_INDEX_AT
 from persistence.sql.runner import traced
 from persistence.sql.search import PENDING_BATCH
 from persistence.sql.sql_storage import SqlSessionStorage
@@ -36,8 +37,12 @@ async def _scalar(storage: SessionStorage, sql: str) -> int:
         return int((await connection.execute(text(sql))).scalar_one())
 
 
+# Messages of a bulk insert in these tests (any number: every insert leaves them).
+BULK = 40
+
+
 def _if_deferred(storage: SessionStorage, count: int) -> int:
-    """`count` where bulk inserts leave documents pending (SQLite), else 0."""
+    """`count` where inserts leave documents pending (SQLite), else 0."""
     return count if isinstance(storage, SQLiteSessionStorage) else 0
 
 
@@ -93,8 +98,8 @@ def _numbered(count: int, word: str = "common") -> list[str]:
 async def test_a_bulk_insert_leaves_its_documents_to_the_first_search(
     sql_storage: SessionStorage,
 ) -> None:
-    await _bulk(sql_storage, _numbered(DEFERRED_FROM))
-    assert await _pending(sql_storage) == _if_deferred(sql_storage, DEFERRED_FROM)
+    await _bulk(sql_storage, _numbered(BULK))
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, BULK)
 
     found = await sql_storage.search_messages("number7")
 
@@ -103,15 +108,58 @@ async def test_a_bulk_insert_leaves_its_documents_to_the_first_search(
     await _check_index(sql_storage)
 
 
-async def test_a_smaller_save_writes_its_documents_itself(sql_storage: SessionStorage) -> None:
+async def test_an_append_leaves_its_document_to_the_first_search(
+    sql_storage: SessionStorage,
+) -> None:
     session = ChatSession.create("m")
-    for content in _numbered(DEFERRED_FROM - 1):
-        session.add_message("user", content)
+    session.add_message("user", "the first zeppelin")
     await sql_storage.save_session(session)
-    session.add_message("user", "one more")
+    session.add_message("assistant", "a second zeppelin")
     await sql_storage.save_session(session)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, 2)
 
+    found = await sql_storage.search_messages("zeppelin")
+
+    assert [m.content for m in found] == ["a second zeppelin", "the first zeppelin"]
     assert await _pending(sql_storage) == 0
+    await _check_index(sql_storage)
+
+
+async def test_saves_write_the_oldest_pending_documents_once_they_left_enough(
+    sql_storage: SessionStorage,
+) -> None:
+    # A bulk insert's documents wait; the saves after it count only their own.
+    await _bulk(sql_storage, _numbered(BATCH, "bulk"))
+    session = ChatSession.create("m", session_id="appends")
+    await sql_storage.save_session(session)
+    for n in range(SAVES_INDEX_AT):
+        session.add_message("user", f"append number{n}")
+        await sql_storage.save_session(session)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, BATCH + SAVES_INDEX_AT)
+    sent: list[str] = []
+
+    session.add_message("user", "one more")
+    with traced(sent.append):
+        await sql_storage.save_session(session)
+
+    # In the save's own transaction: its insert, then the oldest pending documents.
+    writes = [sql for sql in sent if sql.startswith("UPDATE chat_messages SET search_text")]
+    assert len(writes) == _if_deferred(sql_storage, 1)
+    left = BATCH + SAVES_INDEX_AT + 1 - SAVE_BATCH
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, left)
+    oldest = await _scalar(
+        sql_storage,
+        "SELECT coalesce(min(position), 0) FROM chat_messages"
+        " WHERE search_text IS NULL AND session_id = 'bulk'",
+    )
+    assert oldest == _if_deferred(sql_storage, SAVE_BATCH)
+    # The count starts again: the next saves leave theirs pending.
+    session.add_message("user", "and another")
+    await sql_storage.save_session(session)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, left + 1)
+    await _check_index(sql_storage)
+    found = await sql_storage.search_messages("number1")
+    assert found[0].content == "append number19"
 
 
 async def test_a_search_that_only_reads_tests_pending_messages_one_by_one(
@@ -120,7 +168,7 @@ async def test_a_search_that_only_reads_tests_pending_messages_one_by_one(
     # More than one batch of the pending read, the matches spread over all of them.
     count = 2 * PENDING_BATCH + 7
     await _bulk(sql_storage, _numbered(count))
-    await _bulk(sql_storage, _numbered(DEFERRED_FROM, "other"), session_id="second")
+    await _bulk(sql_storage, _numbered(BULK, "other"), session_id="second")
 
     async with _same_store(sql_storage, reading=True) as reader:
         newest = await reader.search_messages("common", limit=3)
@@ -134,11 +182,11 @@ async def test_a_search_that_only_reads_tests_pending_messages_one_by_one(
     expected = [n for n in range(count - 1, -1, -1) if str(n).startswith("1")]
     assert [m.content for m in every] == [f"common message number{n}" for n in expected]
     assert [m.content for m in in_session] == [
-        f"other message number{n}" for n in range(31, 26, -1)
+        f"other message number{n}" for n in range(BULK - 1, BULK - 6, -1)
     ]
     assert by_role == []
     # A store opened for reading never writes.
-    assert await _pending(sql_storage) == _if_deferred(sql_storage, count + DEFERRED_FROM)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, count + BULK)
 
 
 async def test_many_pending_messages_are_indexed_before_the_search(
@@ -162,13 +210,16 @@ async def test_pending_and_indexed_matches_merge_newest_first(sql_storage: Sessi
     session = ChatSession.create("m", session_id="mixed")
     session.add_message("user", "needle indexed early")
     await sql_storage.save_session(session)
-    for content in _numbered(DEFERRED_FROM, "filler"):
+    await sql_storage.index_for_search()
+    for content in _numbered(BULK, "filler"):
         session.add_message("user", content)
     session.add_message("user", "needle pending")
+    session.add_message("user", "to be edited")
     await sql_storage.save_session(session)
-    session.add_message("user", "needle indexed late")
+    # An edit writes its message's document.
+    session.edit_message(session.messages[-1].message_id, content="needle indexed late")
     await sql_storage.save_session(session)
-    assert await _pending(sql_storage) == _if_deferred(sql_storage, DEFERRED_FROM + 1)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, BULK + 1)
 
     async with _same_store(sql_storage, reading=True) as reader:
         for session_id in (None, "mixed"):
@@ -186,14 +237,14 @@ async def test_an_edited_pending_message_is_found_by_its_new_words_only(
     sql_storage: SessionStorage,
 ) -> None:
     session = ChatSession.create("m")
-    for content in _numbered(DEFERRED_FROM):
+    for content in _numbered(BULK):
         session.add_message("user", content)
     await sql_storage.save_session(session)
     edited = session.messages[3].message_id
     session.edit_message(edited, content="rewritten zeppelin")
     await sql_storage.save_session(session)
 
-    assert await _pending(sql_storage) == _if_deferred(sql_storage, DEFERRED_FROM - 1)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, BULK - 1)
     assert [m.message_id for m in await sql_storage.search_messages("zeppelin")] == [edited]
     old_words = await sql_storage.search_messages("number3")
     assert old_words and edited not in [m.message_id for m in old_words]
@@ -204,19 +255,19 @@ async def test_removed_pending_messages_leave_the_index_intact(
     sql_storage: SessionStorage,
 ) -> None:
     session = ChatSession.create("m", session_id="removed")
-    for content in _numbered(DEFERRED_FROM * 2):
+    for content in _numbered(BULK * 2):
         session.add_message("user", content)
     await sql_storage.save_session(session)
-    session.rewind(session.messages[DEFERRED_FROM - 1].message_id)
+    session.rewind(session.messages[BULK - 1].message_id)
     session.pop_message()
     await sql_storage.save_session(session)
     await _check_index(sql_storage)
 
     found = await sql_storage.search_messages("common", limit=100)
-    assert len(found) == DEFERRED_FROM - 1
+    assert len(found) == BULK - 1
     await _check_index(sql_storage)
 
-    await _bulk(sql_storage, _numbered(DEFERRED_FROM, "gone"), session_id="deleted")
+    await _bulk(sql_storage, _numbered(BULK, "gone"), session_id="deleted")
     assert await sql_storage.delete_session("deleted")
     await _check_index(sql_storage)
     assert await sql_storage.search_messages("gone") == []
@@ -240,7 +291,7 @@ async def test_two_stores_indexing_at_once_agree(sql_storage: SessionStorage) ->
 async def test_a_search_inside_a_unit_of_work_finds_pending_messages(
     sqlite_storage: SQLiteSessionStorage,
 ) -> None:
-    await _bulk(sqlite_storage, _numbered(DEFERRED_FROM))
+    await _bulk(sqlite_storage, _numbered(BULK))
 
     async with sqlite_storage.unit_of_work() as uow:
         # This task holds the write lock: the search reads, and leaves the indexing.
@@ -248,11 +299,11 @@ async def test_a_search_inside_a_unit_of_work_finds_pending_messages(
         await uow.commit()
 
     assert [m.content for m in found] == ["common message number5"]
-    assert await _pending(sqlite_storage) == DEFERRED_FROM
+    assert await _pending(sqlite_storage) == BULK
 
 
 @pytest.mark.sqlite
-@pytest.mark.parametrize("count", [DEFERRED_FROM, PENDING_BATCH + 1])
+@pytest.mark.parametrize("count", [BULK, PENDING_BATCH + 1])
 async def test_a_search_never_waits_for_another_writer(
     sqlite_storage: SQLiteSessionStorage, count: int
 ) -> None:
