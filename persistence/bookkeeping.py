@@ -50,9 +50,14 @@ class Bookkeeping:
 
         def _messages(self) -> MessageList: ...
 
+    def _private(self) -> dict[str, Any]:
+        """pydantic's dict of this object's private attributes (`_log`, `_epoch`...)."""
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[attr-defined]
+        return private
+
     def _known(self) -> dict[str, Base]:
         """The bases per storage token (making the one `from_store` recorded, if any)."""
-        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[attr-defined]
+        private = self._private()
         loaded = private["_loaded"]
         if loaded is not None:
             private["_loaded"] = None
@@ -94,7 +99,12 @@ class Bookkeeping:
         """
         messages = self._messages()
         base = self._known().get(token)
-        log_at = self._log_start + len(self._log)
+        # Private attributes straight from pydantic's dict: each `self._x` would go
+        # through BaseModel.__getattr__, and a save is on the hot path.
+        private = self._private()
+        log = private["_log"]
+        log_start = private["_log_start"]
+        log_at = log_start + len(log)
         if base is None:
             appends = tuple(messages)
             _check_new_messages(self.session_id, appends)
@@ -118,7 +128,7 @@ class Bookkeeping:
                 messages_sent=len(messages),
                 log_at=log_at,
                 foreign_at=messages.foreign_changes,
-                epoch=self._epoch,
+                epoch=private["_epoch"],
             )
         if messages.foreign_changes != base.foreign_at:
             raise InvalidDataError(
@@ -126,7 +136,7 @@ class Bookkeeping:
                 " `messages`, which a save cannot express; use add_message, edit_message,"
                 " rewind or pop_message, or load the session again"
             )
-        pending = replay(base, self._log[base.log_at - self._log_start :])
+        pending = replay(base, log[base.log_at - log_start :])
         appends = tuple(messages[pending.synced :])
         _check_new_messages(self.session_id, appends)
         field_changes = {
@@ -156,7 +166,7 @@ class Bookkeeping:
             messages_sent=len(messages),
             log_at=log_at,
             foreign_at=messages.foreign_changes,
-            epoch=self._epoch,
+            epoch=private["_epoch"],
         )
 
     def saved_to(
@@ -175,8 +185,9 @@ class Bookkeeping:
         object as the plan saw it. `keep_log` keeps what an older base needs (a unit of
         work may still roll back to it).
         """
-        self._revision = revision
-        if plan.epoch != self._epoch:
+        private = self._private()
+        private["_revision"] = revision
+        if plan.epoch != private["_epoch"]:
             # Rebased while this save was in flight: the plan no longer describes the
             # list. It landed, so the rebased base is behind: the next save checks.
             self.save_failed(token)
@@ -306,15 +317,18 @@ class Bookkeeping:
             base.exact = False
 
     def _trim_log(self) -> None:
-        if not self._known():
-            self._log_start += len(self._log)
-            self._log.clear()
+        private = self._private()
+        log: list[LogEntry] = private["_log"]
+        bases = self._known()
+        if not bases:
+            private["_log_start"] += len(log)
+            log.clear()
             return
-        oldest = min(base.log_at for base in self._known().values())
-        drop = oldest - self._log_start
+        oldest = min(base.log_at for base in bases.values())
+        drop = oldest - private["_log_start"]
         if drop > 0:
-            del self._log[:drop]
-            self._log_start = oldest
+            del log[:drop]
+            private["_log_start"] = oldest
 
 
 def _check_new_messages(session_id: str, messages: tuple[ChatMessage, ...]) -> None:

@@ -1,20 +1,21 @@
-"""Search documents written later: on SQLite, every insert leaves them to a search.
+"""Search documents written later: on SQLite, every insert leaves them for later.
 
 Writing a message's search document (persistence.search) and indexing it (FTS5 on
 SQLite; the tsvector and its GIN index on PostgreSQL) costs more than storing the
 message: with it, bulk inserts ran at a fifth of the raw driver's speed, and an
-append's own FTS5 segment cost about as much as the rest of its statements. So on
-SQLite an insert stores its messages with `search_text` NULL, *pending* (revision
-0005), and the documents are written later, many per statement.
+append's own FTS5 segment cost about a third of the append. So on SQLite an insert
+stores its messages with `search_text` NULL, *pending* (revision 0005), and their
+documents are written later, many per statement.
 
 Nothing is missed meanwhile: a search tests the pending messages one by one
-(persistence.sql.search), and a search on a store that may write first writes their
-documents (`index_some`, in batches, each its own short transaction), so the
-searches after it use the index. A storage's saves keep what they leave bounded:
-once they have left SAVES_INDEX_AT documents pending, its next save also writes the
-oldest pending ones, in its own transaction (`then_index`). A document is written
-only where it is still missing, so two processes indexing at once do the same work
-twice at worst, never overwrite an edit.
+(persistence.sql.search). A search that tested SAVES_INDEX_AT or more, on a store
+that may write, then writes the documents (`index_some`, in batches, each its own
+short transaction), so the searches after it use the index; fewer cost less to test
+than a write transaction. A storage's saves keep what they leave bounded: once they
+have left SAVES_INDEX_AT documents pending, its next save also writes the oldest
+pending ones, in its own transaction (`then_index`). A document is written only
+where it is still missing, so two processes indexing at once do the same work twice
+at worst, never overwrite an edit.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ T = TypeVar("T")
 
 # Pending messages indexed per transaction by a search.
 BATCH = 1000
-# A storage's saves write pending documents once they have left this many...
-SAVES_INDEX_AT = 64
+# A storage's saves write pending documents once they have left this many, and a
+# search that tested this many writes them (about 13 us each to test in a search)...
+SAVES_INDEX_AT = 16
 # ... at most this many in the save's transaction: a save after a bulk insert stays short.
-SAVE_BATCH = 4 * SAVES_INDEX_AT
+SAVE_BATCH = 2 * SAVES_INDEX_AT
 
 
 def defers(dialect: str) -> bool:

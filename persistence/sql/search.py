@@ -16,7 +16,7 @@ walks its index in descending rowid order, and PostgreSQL reads the GIN index (i
 planner never has to guess which of the two a word needs). Index terms come from
 persistence.search, quoted for FTS5 and tsquery, so nothing a person types is syntax.
 
-Messages a bulk insert left *pending* (no document yet, SQLite only:
+Messages left *pending* (no document yet; every insert on SQLite:
 persistence.sql.indexing) are in neither: the search reads them newest first, tests
 each in Python with the same rule (`SearchQuery.matches`), and merges them into the
 page by their place in the stored order.

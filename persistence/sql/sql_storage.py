@@ -298,9 +298,10 @@ class SqlSessionStorage(SessionStorage):
         search = partial(repositories.search_messages, query, limit, session_id, checked)
         may_index = self._may_index()
         found = await self._run_stale(partial(search, may_index=may_index), "search messages")
-        if may_index and (found is None or found.pending):
-            # Pending messages were tested one by one: write their documents, so the
-            # next searches use the index (unless another writer holds the store).
+        if may_index and (found is None or found.pending >= indexing.SAVES_INDEX_AT):
+            # Many pending messages were tested one by one: write their documents, so the
+            # next searches use the index (unless another writer holds the store). Fewer
+            # cost less to test than a write transaction; the saves write those.
             await self._index_pending(wait=False)
         if found is None:
             # Too many to test one by one: search again, through what is indexed now.

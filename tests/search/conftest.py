@@ -81,11 +81,21 @@ class Stores:
     def run(self, coroutine: Any) -> Any:
         return self.runner.run(coroutine)
 
-    def save(self, *sessions: Any) -> None:
+    def save(self, *sessions: Any, unit_of_work: bool = False) -> None:
+        """Saves `sessions` in every store: one save_session each, or all in one unit of
+        work (whose inserts never make a save write pending documents, indexing.py)."""
+
         async def save_all() -> None:
             for storage in self.storages:
-                for session in sessions:
-                    await storage.save_session(session.model_copy(deep=True))
+                copies = [session.model_copy(deep=True) for session in sessions]
+                if not unit_of_work:
+                    for copy in copies:
+                        await storage.save_session(copy)
+                    continue
+                async with storage.unit_of_work() as uow:
+                    for copy in copies:
+                        await uow.sessions.add(copy)
+                    await uow.commit()
 
         self.run(save_all())
 

@@ -227,7 +227,7 @@ def corpus(stores: Stores) -> Iterator[Corpus]:
     second = ChatSession.create("parity", session_id="parity-2")
     for index, (role, content) in enumerate(CORPUS):
         (first if index % 3 else second).add_message(role, content)
-    stores.save(first, second)
+    stores.save(first, second, unit_of_work=True)
     messages = len(first.messages) + len(second.messages)
     if stores.writes == "documents-indexed":
         stores.index_for_search()
