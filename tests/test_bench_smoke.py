@@ -66,3 +66,20 @@ def test_quick_benchmark_runs_every_workload_and_writes_json(tmp_path: Path) -> 
             assert results["w1"]["status"] == "ok"
             assert results["w8"]["status"] == "ok"
             assert results["w9"]["status"] == "ok"
+
+
+@pytest.mark.sqlite
+def test_the_pending_appends_measure_runs_and_checks_its_searches(tmp_path: Path) -> None:
+    # The script raises if a search right after an append misses that message.
+    command = [sys.executable, str(ROOT / "scripts" / "measure_pending_appends.py")]
+    command += ["--appends", "40", "--synchronous", "NORMAL"]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False
+    )
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout)
+    assert result["appends"] == 40
+    assert set(result["appends_alone"]) == {"median_ms", "mean_ms", "p99_ms"}
+    assert result["append_then_search"]["both_median_ms"] > 0
+    assert list(tmp_path.iterdir()) == []

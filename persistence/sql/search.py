@@ -40,7 +40,6 @@ from persistence.search import (
     MAX_INDEXED_WORDS,
     QueryWord,
     SearchQuery,
-    search_document,
 )
 from persistence.sql.indexing import defers
 from persistence.sql.mapping import messages_from_rows
@@ -341,7 +340,7 @@ def _pending_matches(
             if _sort_key(row) <= floor:
                 return matched, tested
             tested += 1
-            if query.matches(search_document(row[3])):
+            if query.matches_content(row[3]):
                 matched.append(row)
         if len(rows) < PENDING_BATCH:
             break

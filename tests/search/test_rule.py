@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from persistence.search import (
     GRAM_MARK,
@@ -97,3 +99,48 @@ def test_only_the_longest_words_become_index_terms() -> None:
     assert len(parsed.words) == 100
     assert len(parsed.prefix_terms) == MAX_INDEXED_WORDS
     assert min(map(len, parsed.prefix_terms)) >= max(len(w.text) for w in parsed.words[32:])
+
+
+# Texts whose words often meet: a few ASCII words, look-alikes and other scripts.
+_PIECES = st.sampled_from(
+    [
+        "cat",
+        "Cat",
+        "catalog",
+        "dog",
+        "1",
+        "_",
+        " ",
+        ".",
+        "-",
+        "Ｃａｔ",
+        "ca\u0301t",
+        "日本",
+        "ß",
+        "x" * 5,
+    ]
+)
+_TEXTS = st.lists(st.one_of(_PIECES, st.characters(codec="utf-8")), max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_TEXTS, _TEXTS)
+def test_matching_a_content_is_matching_its_document(content: str, query: str) -> None:
+    parsed = parse_query(query)
+    assume(parsed is not None)
+    assert parsed is not None
+    expected = parsed.matches(search_document(content))
+    assert parsed.matches_content(content) is expected
+
+
+def test_matching_a_long_ascii_content_looks_only_as_far_as_its_document() -> None:
+    content = "a" * MAX_SEARCHABLE_CHARS + " zebra"
+    parsed = parse_query("zebra")
+    assert parsed is not None
+    assert parsed.matches(search_document(content)) is False
+    assert parsed.matches_content(content) is False
+    assert parsed.matches_content("Zebra crossing") is True
+    assert parsed.matches_content("a zebr") is False
+    assert parsed.matches_content("2zebra zebrafish") is True
+    assert parsed.matches_content("2zebra") is False
+    assert parsed.matches_content("snake_zebra") is True
