@@ -36,7 +36,7 @@ T = TypeVar("T")
 # Pending messages indexed per transaction by a search.
 BATCH = 1000
 # A storage's saves write pending documents once they have left this many, and a
-# search that tested this many writes them (about 13 us each to test in a search)...
+# search that tested this many writes them (fewer cost less to test each time)...
 SAVES_INDEX_AT = 16
 # ... at most this many in the save's transaction: a save after a bulk insert stays short.
 SAVE_BATCH = 2 * SAVES_INDEX_AT

@@ -18,8 +18,8 @@ persistence.search, quoted for FTS5 and tsquery, so nothing a person types is sy
 
 Messages left *pending* (no document yet; every insert on SQLite:
 persistence.sql.indexing) are in neither: the search reads them newest first, tests
-each in Python with the same rule (`SearchQuery.matches`), and merges them into the
-page by their place in the stored order.
+each in Python with the same rule (`SearchQuery.matches_content`), and merges them
+into the page by their place in the stored order.
 """
 
 from __future__ import annotations
