@@ -143,15 +143,15 @@ class SearchQuery:
     def matches_content(self, content: str) -> bool:
         """`matches(search_document(content))`, without the document where it can.
 
-        An ASCII message's document is the runs of letters and digits of its
-        lower-cased text, so a word begins one of them exactly where the word occurs in
-        that text after no letter or digit: a search that tests pending messages one by
-        one decides those (nearly all) with `str.find`.
+        An ASCII message's document is the runs of letters and digits (_ASCII_WORD) of
+        its normalised text, so a word begins one of them exactly where the word occurs
+        in that text after no letter or digit: a search that tests pending messages one
+        by one decides those (nearly all) with `str.find`.
         """
         if not content.isascii():
             return self.matches(search_document(content))
-        lowered = content[:MAX_SEARCHABLE_CHARS].lower()
-        return all(_begins_a_word(word.text, lowered) for word in self.words)
+        normalised = normalise(content[:MAX_SEARCHABLE_CHARS])
+        return all(_begins_a_word(word.text, normalised) for word in self.words)
 
 
 def _begins_a_word(word: str, text: str) -> bool:

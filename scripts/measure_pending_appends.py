@@ -18,47 +18,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit.common import Texts, median_ms, percentile_ms
+
 import persistence
-
-# Chat-like text, as ../shared/bench/run.py makes it.
-SENTENCE = (
-    "the model said that session storage must keep every message in order and"
-    " never lose one when the server restarts under load with many users"
-)
-WORDS = SENTENCE.split()
-
-
-def _text(rng: random.Random, size: int) -> str:
-    words: list[str] = []
-    while sum(len(word) + 1 for word in words) < size:
-        words.append(rng.choice(WORDS))
-    return " ".join(words)[:size]
 
 
 def _summary(seconds: list[float]) -> dict[str, float]:
-    ordered = sorted(seconds)
     return {
-        "median_ms": round(statistics.median(ordered) * 1e3, 3),
-        "mean_ms": round(statistics.mean(ordered) * 1e3, 3),
-        "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1e3, 3),
+        "median_ms": round(median_ms(seconds), 3),
+        "mean_ms": round(statistics.mean(seconds) * 1e3, 3),
+        "p99_ms": round(percentile_ms(seconds, 0.99), 3),
     }
 
 
-async def _store(directory: str, synchronous: str, rng: random.Random, size: int) -> Any:
+async def _store(directory: str, synchronous: str, texts: Texts) -> Any:
     storage = persistence.SQLiteSessionStorage(
         Path(directory) / "sessions.db", synchronous=synchronous
     )
     await storage.initialize()
     session = persistence.ChatSession.create(model="bench")
-    for n in range(1000):
-        session.add_message("user" if n % 2 else "assistant", _text(rng, size))
+    for role, content in texts.many(1000):
+        session.add_message(role, content)
     async with storage.unit_of_work() as uow:
         await uow.sessions.add(session)
         await uow.commit()
@@ -67,24 +56,24 @@ async def _store(directory: str, synchronous: str, rng: random.Random, size: int
 
 
 async def measure(appends: int, size: int, synchronous: str) -> dict[str, Any]:
-    rng = random.Random(7)
+    texts = Texts(size)
     result: dict[str, Any] = {"appends": appends, "message_chars": size, "sync": synchronous}
     with tempfile.TemporaryDirectory() as directory:
-        storage, session = await _store(directory, synchronous, rng, size)
+        storage, session = await _store(directory, synchronous, texts)
         times = []
         for _ in range(appends):
             started = time.perf_counter()
-            session.add_message("user", _text(rng, size))
+            session.add_message(*texts.one())
             await storage.save_session(session)
             times.append(time.perf_counter() - started)
         result["appends_alone"] = _summary(times)
         await storage.close()
     with tempfile.TemporaryDirectory() as directory:
-        storage, session = await _store(directory, synchronous, rng, size)
+        storage, session = await _store(directory, synchronous, texts)
         appended, searched = [], []
         for n in range(appends // 4):
             started = time.perf_counter()
-            session.add_message("user", f"question {n} about quokkas: {_text(rng, size)}")
+            session.add_message("user", f"question {n} about quokkas: {texts.one()[1]}")
             await storage.save_session(session)
             middle = time.perf_counter()
             found = await storage.search_messages("quokkas", limit=10)

@@ -55,7 +55,8 @@ class SqlSessionStorage(SessionStorage):
         self._closed = False
         self._reading_only = False
         self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
-        # Search documents this storage's saves left pending since they last wrote some.
+        # Messages this storage's saves inserted since they last wrote pending search
+        # documents (indexing.then_index; where inserts write them, that writes none).
         self._left_pending = 0
         self.version_table = version_table
 
@@ -203,8 +204,7 @@ class SqlSessionStorage(SessionStorage):
                 if left >= indexing.SAVES_INDEX_AT:
                     work, left = indexing.then_index(work), 0
                 saved = await self._run(work, "save session", write=True)
-                if indexing.defers(self.engine.dialect.name):
-                    self._left_pending = left + len(plan.appends)
+                self._left_pending = left + len(plan.appends)
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except PersistenceError as exc:
