@@ -22,6 +22,7 @@ from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.garbage_collection import collection_paused
+from persistence.sql import plans
 from persistence.sql.bulk import BulkInsert
 from persistence.sql.statements import Statement
 
@@ -227,10 +228,13 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
             and isinstance(request.statement, BulkInsert)
             and request.statement.is_columnar(dialect, request.rows)
         ):
-            # One statement for all the rows (see bulk.py), not one per row.
+            # One statement for all the rows (see bulk.py), not one per row, whose
+            # triggers' queries are planned once (plans.py).
             sql, arrays = request.statement.columnar(dialect, request.rows)
+            before = await step(Fetch(plans.KEEP_PLANS, {}))
             _trace(sql)
             await connection.execute(sql, *arrays)
+            await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
             return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
@@ -263,8 +267,10 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
                 return None
             if request.statement.is_columnar(dialect, request.rows):
                 bulk_sql, arrays = request.statement.columnar(dialect, request.rows)
+                before = await step(Fetch(plans.KEEP_PLANS, {}))
                 _trace(bulk_sql)
                 await connection.exec_driver_sql(bulk_sql, tuple(arrays))
+                await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
                 return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
