@@ -44,6 +44,9 @@ MESSAGE_COLUMNS = (
     MessageRow.created_at,
     MessageRow.metadata_,
 )
+# One session's history: every row's session_id is the one asked for, so it is not read
+# (a column fewer to fetch, and one string shared by the messages instead of one each).
+HISTORY_COLUMNS = tuple(column for column in MESSAGE_COLUMNS if column is not MessageRow.session_id)
 FILE_COLUMNS = (
     FileRow.file_id,
     FileRow.gemini_file_name,
@@ -92,7 +95,9 @@ def _trusted(cls: type[Model], fields: frozenset[str], values: dict[str, Any]) -
     return instance
 
 
-def message_from_row(row: Sequence[Any]) -> ChatMessage:
+def _message(
+    message_id: str, session_id: str, role: str, content: str, created_at: Any, metadata: Any
+) -> ChatMessage:
     # The hottest builder (a history is thousands of them), so _trusted is inlined; a
     # frozen model never changes its fields-set, so every message may share one.
     message = _new_message(ChatMessage)
@@ -100,12 +105,12 @@ def message_from_row(row: Sequence[Any]) -> ChatMessage:
         message,
         "__dict__",
         {
-            "message_id": row[0],
-            "session_id": row[1],
-            "role": row[2],
-            "content": row[3],
-            "created_at": row[4],
-            "metadata": row[5],
+            "message_id": message_id,
+            "session_id": session_id,
+            "role": role,
+            "content": content,
+            "created_at": created_at,
+            "metadata": metadata,
         },
     )
     _set_attribute(message, "__pydantic_fields_set__", _MESSAGE_FIELDS_SET)
@@ -115,10 +120,21 @@ def message_from_row(row: Sequence[Any]) -> ChatMessage:
 
 
 def messages_from_rows(rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
-    """The messages of `rows`, in order, built with the cyclic collector paused
-    (persistence.garbage_collection: a history is thousands of tracked objects)."""
+    """The messages of `rows` (MESSAGE_COLUMNS first; a search's rows carry more), in
+    order, built with the cyclic collector paused (persistence.garbage_collection: a
+    history is thousands of tracked objects)."""
     with collection_paused():
-        return [message_from_row(row) for row in rows]
+        return [_message(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
+
+
+def history_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
+    """The messages of one session from rows of HISTORY_COLUMNS, in order, as
+    messages_from_rows builds them; every message holds the one `session_id`."""
+    with collection_paused():
+        return [
+            _message(message_id, session_id, role, content, created_at, metadata)
+            for message_id, role, content, created_at, metadata in rows
+        ]
 
 
 _new_message = ChatMessage.__new__

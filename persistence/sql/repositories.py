@@ -19,9 +19,11 @@ from persistence.models import STATUSES, ChatMessage, ChatSession, Status, Uploa
 from persistence.search import parse_query
 from persistence.sql.mapping import (
     FILE_COLUMNS,
+    HISTORY_COLUMNS,
     MESSAGE_COLUMNS,
     SESSION_COLUMNS,
     file_record_from_row,
+    history_from_rows,
     messages_from_rows,
     row_from_file_record,
     session_from_row,
@@ -60,13 +62,13 @@ SELECT_SESSION = Statement(
     select(*SESSION_COLUMNS).where(sessions.c.session_id == bindparam("session_id"))
 )
 SELECT_MESSAGES = Statement(
-    select(*MESSAGE_COLUMNS)
+    select(*HISTORY_COLUMNS)
     .where(messages.c.session_id == bindparam("session_id"))
     .order_by(messages.c.position)
 )
 # The newest `last`, newest first (read backwards through the (session_id, position) index).
 SELECT_NEWEST_MESSAGES = Statement(
-    select(*MESSAGE_COLUMNS)
+    select(*HISTORY_COLUMNS)
     .where(messages.c.session_id == bindparam("session_id"))
     .order_by(messages.c.position.desc())
     .limit(bindparam("last"))
@@ -178,9 +180,9 @@ def read_session(session_id: str, token: str, last: int | None) -> Work[ChatSess
         return None
     if last is None:
         history = yield Fetch(SELECT_MESSAGES, {"session_id": session_id})
-        return session_from_row(rows[0], messages_from_rows(history), token)
+        return session_from_row(rows[0], history_from_rows(session_id, history), token)
     newest = yield Fetch(SELECT_NEWEST_MESSAGES, {"session_id": session_id, "last": last})
-    return session_from_row(rows[0], messages_from_rows(reversed(newest)), token)
+    return session_from_row(rows[0], history_from_rows(session_id, reversed(newest)), token)
 
 
 def read_sessions(

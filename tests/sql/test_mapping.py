@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from persistence import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.mapping import (
     file_record_from_row,
-    message_from_row,
+    history_from_rows,
+    messages_from_rows,
     row_from_file_record,
     rows_from_messages,
     session_from_row,
@@ -27,17 +28,17 @@ def test_a_message_built_from_a_row_equals_a_validated_one() -> None:
         metadata={"k": [1, 2]},
     )
     row = rows_from_messages("s1", [validated], 0, documents=True)[0]
+    columns = ("message_id", "session_id", "role", "content", "created_at", "metadata")
+    history_columns = tuple(name for name in columns if name != "session_id")
 
-    built = message_from_row(
-        [
-            row[key]
-            for key in ("message_id", "session_id", "role", "content", "created_at", "metadata")
-        ]
-    )
+    # Of many sessions (every row names its session), and of one (no row does).
+    (built,) = messages_from_rows([[row[key] for key in columns]])
+    (from_history,) = history_from_rows("s1", [[row[key] for key in history_columns]])
 
-    assert built == validated
-    assert built.model_dump() == validated.model_dump()
-    assert built.model_fields_set == validated.model_fields_set
+    for message in (built, from_history):
+        assert message == validated
+        assert message.model_dump() == validated.model_dump()
+        assert message.model_fields_set == validated.model_fields_set
 
 
 def test_a_session_built_from_a_row_behaves_like_a_validated_one() -> None:
