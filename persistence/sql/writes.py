@@ -200,44 +200,33 @@ MESSAGE_OWNERS = Statement(
 )
 
 
+# The message columns `persistence_append` takes (revision 0007), in its order.
+_APPENDED_COLUMNS = ("message_id", "role", "content", "created_at", "metadata", "search_text")
+
+
 def _append_in_one_statement(dialect: str) -> Any:
     """PostgreSQL: the session row's update and the messages' insert as one statement.
 
-    A data-modifying CTE: the UPDATE (guarded by the incarnation) yields the positions,
-    the INSERT takes the messages from arrays, one per column. One statement is atomic
-    without BEGIN/COMMIT, so an append costs one round trip. Its columns are those of
-    `rows_from_messages`, so a column added there is carried here too.
+    `persistence_append` (revision 0007) runs the UPDATE (guarded by the incarnation),
+    which yields the positions, and the INSERT of the messages, taken from arrays, one
+    per column; its statements keep their plans. One statement is atomic without
+    BEGIN/COMMIT, so an append costs one round trip.
     """
     assert dialect == "postgresql", dialect
     columns = [name for name in _message_row_keys() if name not in ("session_id", "position")]
-    arrays, selected, binds = [], [], []
+    # A column added to the message rows needs a revision that replaces the function.
+    assert tuple(columns) == _APPENDED_COLUMNS, columns
+    binds = []
     for name in columns:
         column = messages.c[name]
-        if isinstance(column.type.dialect_impl(_POSTGRESQL), postgresql.JSONB):
-            element, cast_back = "text", "::jsonb"
-            bind_type: Any = postgresql.ARRAY(Text)
-        else:
-            element = column.type.compile(dialect=_POSTGRESQL)
-            cast_back = ""
-            bind_type = postgresql.ARRAY(column.type)
-        arrays.append(f"CAST(:c_{name} AS {element}[])")
-        selected.append(f"u.{name}{cast_back}")
-        binds.append(bindparam(f"c_{name}", type_=bind_type))
-    # Column names come from the table; every value is bound.
-    sql = (
-        "WITH s AS (UPDATE chat_sessions SET"  # noqa: S608
-        " updated_at = greatest(updated_at, :updated_at),"
-        " message_count = message_count + :added, next_position = next_position + :added,"
-        " revision = revision + 1"
-        " WHERE session_id = :session_id AND incarnation = :incarnation"
-        " RETURNING next_position, revision),"
-        f" m AS (INSERT INTO chat_messages (session_id, position, {', '.join(columns)})"
-        f" SELECT :session_id, s.next_position - :added + u.ord - 1, {', '.join(selected)}"
-        f" FROM s, unnest({', '.join(arrays)}) WITH ORDINALITY AS u({', '.join(columns)}, ord))"
-        " SELECT next_position, revision FROM s"
-    )
+        json = isinstance(column.type.dialect_impl(_POSTGRESQL), postgresql.JSONB)
+        binds.append(bindparam(f"c_{name}", type_=postgresql.ARRAY(Text if json else column.type)))
     return (
-        text(sql)
+        text(
+            "SELECT next_position, revision FROM persistence_append(:session_id, :incarnation,"
+            " :updated_at, :added, :c_message_id, :c_role, :c_content, :c_created_at,"
+            " :c_metadata, :c_search_text)"
+        )
         .bindparams(
             bindparam("updated_at", type_=sessions.c.updated_at.type),
             bindparam("added", type_=BigInteger()),
