@@ -219,6 +219,17 @@ async def _finish_async(
         work.close()
 
 
+async def _with_plans_kept(
+    step: Callable[[Query], Awaitable[Any]], send: Callable[[], Awaitable[Any]], sql: str
+) -> None:
+    """Sends a PostgreSQL bulk statement (`send`, whose SQL is `sql`) with the planner
+    settings of plans.py around it, through `step` (the runner's own)."""
+    before = await step(Fetch(plans.KEEP_PLANS, {}))
+    _trace(sql)
+    await send()
+    await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
+
+
 async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
     """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
 
@@ -228,13 +239,9 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
             and isinstance(request.statement, BulkInsert)
             and request.statement.is_columnar(dialect, request.rows)
         ):
-            # One statement for all the rows (see bulk.py), not one per row, whose
-            # triggers' queries are planned once (plans.py).
+            # One statement for all the rows (see bulk.py), not one per row.
             sql, arrays = request.statement.columnar(dialect, request.rows)
-            before = await step(Fetch(plans.KEEP_PLANS, {}))
-            _trace(sql)
-            await connection.execute(sql, *arrays)
-            await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
+            await _with_plans_kept(step, lambda: connection.execute(sql, *arrays), sql)
             return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
@@ -267,10 +274,9 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
                 return None
             if request.statement.is_columnar(dialect, request.rows):
                 bulk_sql, arrays = request.statement.columnar(dialect, request.rows)
-                before = await step(Fetch(plans.KEEP_PLANS, {}))
-                _trace(bulk_sql)
-                await connection.exec_driver_sql(bulk_sql, tuple(arrays))
-                await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
+                await _with_plans_kept(
+                    step, lambda: connection.exec_driver_sql(bulk_sql, tuple(arrays)), bulk_sql
+                )
                 return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
