@@ -52,8 +52,8 @@ CREATE INDEX ix_files_expires ON uploaded_files (expires_at);
 SCHEMA = SCHEMA_TEMPLATE.replace(
     "{search_terms_function}",
     importlib.import_module(
-        "persistence.sql.migrations.versions.0006_search_terms_fast_path"
-    ).FAST_PATH_FUNCTION.strip(),
+        "persistence.sql.migrations.versions.0008_search_terms_cut_by_cast"
+    ).CUT_BY_CAST_FUNCTION.strip(),
 )
 
 INSERT_SESSION = (

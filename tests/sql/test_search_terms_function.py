@@ -1,9 +1,11 @@
-"""Revision 0006: PostgreSQL's search terms take a fast path that must change nothing.
+"""Revisions 0006 and 0008: PostgreSQL's search terms take fast paths that must change
+nothing.
 
-The new `persistence_search_terms` is compared, document by document, with revision
+The head's `persistence_search_terms` is compared, document by document, with revision
 0003's function (installed beside it under another name) over documents that reach
 every branch: duplicates, empty tokens, tokens at and past the 200-character cut
-(in ASCII and in multibyte text), and documents past a megabyte.
+(in ASCII and in multibyte text, alone and cut to one shared term), and documents past
+a megabyte. Going down and up again keeps every stored term.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def _documents() -> list[str]:
             f"short {'y' * length} words",
             f"{'é' * length} and {'日' * length}",
             f"{'z' * length} {'z' * length}",
+            # Two tokens that differ only past the cut become one term.
+            f"{'k' * length}1 {'k' * length}2 k",
         ]
     # Past a megabyte: small terms (the fast path may not take it, the sum decides),
     # and distinct long terms (the overflow term).
@@ -105,15 +109,21 @@ async def test_down_to_0005_and_up_again_keeps_every_stored_term(fresh_url: str)
     alembic(fresh_url, "upgrade", "head")
     (at_head,) = await _execute(fresh_url, select)
     ((body, strict),) = (await _execute(fresh_url, (source, {})))[0]
-    assert "!~" in body and strict
+    assert "varchar(200)[]" in body and "!~" not in body and strict
     # New rows at head get the same terms as the rows written at 0005.
     await _execute(fresh_url, ("UPDATE chat_messages SET search_text = search_text || ''", {}))
     (rewritten,) = await _execute(fresh_url, select)
+
+    alembic(fresh_url, "downgrade", "0007")
+    ((body, strict),) = (await _execute(fresh_url, (source, {})))[0]
+    assert "!~" in body and "varchar(200)[]" not in body and strict
+    await _execute(fresh_url, ("UPDATE chat_messages SET search_text = search_text || ''", {}))
+    (rewritten_at_0007,) = await _execute(fresh_url, select)
 
     alembic(fresh_url, "downgrade", "0005")
     (after_downgrade,) = await _execute(fresh_url, select)
     ((body, strict),) = (await _execute(fresh_url, (source, {})))[0]
     assert "!~" not in body and "array_agg" in body and strict
 
-    assert at_head == rewritten == after_downgrade == at_0005
+    assert at_head == rewritten == rewritten_at_0007 == after_downgrade == at_0005
     assert len(at_0005) == len(_documents())
