@@ -219,14 +219,23 @@ async def _finish_async(
         work.close()
 
 
-async def _with_plans_kept(
-    step: Callable[[Query], Awaitable[Any]], send: Callable[[], Awaitable[Any]], sql: str
+async def _copy(
+    step: Callable[[Query], Awaitable[Any]],
+    connection: Any,
+    dialect: Dialect,
+    statement: BulkInsert,
+    rows: Sequence[Mapping[str, Any]],
 ) -> None:
-    """Sends a PostgreSQL bulk statement (`send`, whose SQL is `sql`) with the planner
-    settings of plans.py around it, through `step` (the runner's own)."""
+    """COPYs `rows` into the statement's table on the asyncpg `connection`, with the
+    planner settings of plans.py around it, set through `step` (the runner's own)."""
+    records = statement.records(dialect, rows)
+    # The settings are local to the transaction the COPY must run in.
     before = await step(Fetch(plans.KEEP_PLANS, {}))
-    _trace(sql)
-    await send()
+    assert connection.is_in_transaction(), "a bulk insert runs in a transaction"
+    _trace(statement.copy_sql())
+    await connection.copy_records_to_table(
+        statement.table.name, records=records, columns=statement.names
+    )
     await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
 
 
@@ -237,11 +246,10 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
         if (
             isinstance(request, ExecuteMany)
             and isinstance(request.statement, BulkInsert)
-            and request.statement.is_columnar(dialect, request.rows)
+            and request.statement.copies(dialect, request.rows)
         ):
-            # One statement for all the rows (see bulk.py), not one per row.
-            sql, arrays = request.statement.columnar(dialect, request.rows)
-            await _with_plans_kept(step, lambda: connection.execute(sql, *arrays), sql)
+            # One COPY for all the rows (see bulk.py), not one statement per row.
+            await _copy(step, connection, dialect, request.statement, request.rows)
             return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):
@@ -272,11 +280,10 @@ async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
                     _trace(bulk_sql)
                     await connection.exec_driver_sql(bulk_sql, tuple(values))
                 return None
-            if request.statement.is_columnar(dialect, request.rows):
-                bulk_sql, arrays = request.statement.columnar(dialect, request.rows)
-                await _with_plans_kept(
-                    step, lambda: connection.exec_driver_sql(bulk_sql, tuple(arrays)), bulk_sql
-                )
+            if request.statement.copies(dialect, request.rows):
+                # asyncpg's own connection, in the transaction SQLAlchemy began.
+                driver = (await connection.get_raw_connection()).driver_connection
+                await _copy(step, driver, dialect, request.statement, request.rows)
                 return None
         compiled = request.statement.compile(dialect)
         if isinstance(request, ExecuteMany):

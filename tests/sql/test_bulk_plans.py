@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from persistence import ChatSession, InvalidDataError, PostgreSQLSessionStorage
-from persistence.sql.bulk import MIN_COLUMNAR_ROWS
+from persistence.sql.bulk import MIN_COPIED_ROWS
 from persistence.sql.runner import Fetch, Work, traced
 from persistence.sql.statements import Statement
 
@@ -37,7 +37,7 @@ async def test_the_rest_of_a_unit_of_work_plans_as_before(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
     session = ChatSession.create("m")
-    _add(session, MIN_COLUMNAR_ROWS)
+    _add(session, MIN_COPIED_ROWS)
     sent: list[str] = []
     async with postgresql_storage.unit_of_work() as uow:
         assert await uow.run(_fetch(SETTINGS), "read") == ("force_custom_plan", "on")
@@ -46,13 +46,11 @@ async def test_the_rest_of_a_unit_of_work_plans_as_before(
         assert await uow.run(_fetch(SETTINGS), "read") == ("force_custom_plan", "on")
         await uow.commit()
     # The insert ran between the change and the restore.
-    insert = next(
-        index for index, sql in enumerate(sent) if sql.startswith("INSERT INTO chat_messages")
-    )
+    insert = next(index for index, sql in enumerate(sent) if sql.startswith("COPY chat_messages"))
     assert "set_config('plan_cache_mode', 'auto', true)" in sent[insert - 1]
     assert sent[insert + 1].startswith("SELECT set_config('plan_cache_mode', $1")
     loaded = await postgresql_storage.load_session(session.session_id)
-    assert loaded is not None and len(loaded.messages) == MIN_COLUMNAR_ROWS
+    assert loaded is not None and len(loaded.messages) == MIN_COPIED_ROWS
 
 
 async def test_a_failed_bulk_insert_leaves_the_next_transaction_planning_as_before(
@@ -62,7 +60,7 @@ async def test_a_failed_bulk_insert_leaves_the_next_transaction_planning_as_befo
     _add(stored, 1)
     assert await postgresql_storage.save_session(stored)
     session = ChatSession.create("m")
-    _add(session, MIN_COLUMNAR_ROWS)
+    _add(session, MIN_COPIED_ROWS)
     # The last message collides with a stored one: the insert fails after the change.
     session.messages[-1] = stored.messages[0].model_copy(update={"session_id": session.session_id})
     sent: list[str] = []
@@ -72,7 +70,7 @@ async def test_a_failed_bulk_insert_leaves_the_next_transaction_planning_as_befo
             await uow.commit()
     # The insert failed after the change, and its error is the one raised: the
     # aborted transaction undid the change, and no restore was sent into it.
-    assert sent[-1].startswith("INSERT INTO chat_messages")
+    assert sent[-1].startswith("COPY chat_messages")
     assert "set_config('plan_cache_mode', 'auto', true)" in sent[-2]
     async with postgresql_storage.unit_of_work() as uow:
         assert await uow.run(_fetch(SETTINGS), "read") == ("force_custom_plan", "on")
@@ -99,7 +97,7 @@ async def _bulk_insert(storage: PostgreSQLSessionStorage, session: ChatSession) 
     The server's per-transaction counters also hold earlier transactions' counts until
     it flushes them (at most once a second), so the insert's own are a difference.
     """
-    _add(session, 2 * MIN_COLUMNAR_ROWS)
+    _add(session, 2 * MIN_COPIED_ROWS)
     async with storage.unit_of_work() as uow:
         (before,) = await uow.run(_fetch(SEQUENTIAL_SCANS), "read")
         await uow.sessions.add(session)

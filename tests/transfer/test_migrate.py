@@ -103,7 +103,11 @@ async def test_new_sessions_cost_a_few_statements_per_batch_not_per_session(
     with traced(statements.append):
         await migrate_storage(source, destination, verify=False, batch_size=20)
 
-    session_inserts = [sql for sql in statements if sql.startswith("INSERT INTO chat_sessions")]
+    session_inserts = [
+        sql
+        for sql in statements
+        if sql.startswith(("INSERT INTO chat_sessions", "COPY chat_sessions"))
+    ]
     if destination.backend_name == "postgresql":
         assert len(session_inserts) == 3
     else:
