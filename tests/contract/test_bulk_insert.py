@@ -105,3 +105,62 @@ async def test_a_batch_that_could_never_be_stored_is_refused_before_writing(
 async def test_an_empty_batch_is_a_no_op(storage: SessionStorage) -> None:
     assert await storage.insert_sessions([]) is True
     assert (await storage.count()).total_sessions == 0
+
+
+# Values a bulk path could mangle: COPY's and CSV's special characters, every plane of
+# Unicode, empty and long text, and metadata of every JSON type.
+_HOSTILE_CONTENTS = [
+    "tab\there, newline\nthere, carriage\rreturn",
+    "back\\slash \\N \\. end-of-copy marker alone on a line:\n\\.\n",
+    "quotes ' \" ` and a comma, ; semicolon",
+    "emoji 😀🧪 astral \U0001d518\U0001d52b, CJK 漢字かなカナ,"
+    " RTL עברית العربية, e\u0301 combining",
+    "",
+    "x" * 100_000,
+]
+_HOSTILE_METADATA = {
+    "nested": {"list": [1, -2, 3.25, None, True, False, "s", {"deep": ["é"]}]},
+    "big": 2**62,
+    "negative": -(2**62),
+    "float": 1e-300,
+    "unicode key ключ": "värde",
+    "empty": {},
+    "empty list": [],
+}
+
+
+async def test_a_large_batch_of_hostile_values_reads_back_exactly(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    # Enough sessions and messages that every backend takes its bulk form for both.
+    batch = [_session(f"s{n:02d}", 1) for n in range(64)]
+    long = batch[0]
+    long.metadata = dict(_HOSTILE_METADATA)
+    for turn in range(64):
+        content = _HOSTILE_CONTENTS[turn % len(_HOSTILE_CONTENTS)]
+        long.add_message("tool" if turn % 5 == 0 else "user", content, _HOSTILE_METADATA)
+
+    assert await storage.insert_sessions(batch) is True
+
+    async with reopen(storage) as other:
+        assert await other.load_sessions([s.session_id for s in batch]) == batch
+        found = await other.search_messages("עברית")
+        assert len(found) == len([c for c in long.messages if "עברית" in c.content]) > 0
+
+
+async def test_a_large_batch_holding_a_stored_message_id_writes_nothing(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    owner = _session("owner", 1)
+    await storage.save_session(owner)
+    batch = [_session(f"s{n:02d}", 2) for n in range(64)]
+    # The last message of the last session is already stored: the bulk write fails late.
+    last = batch[-1]
+    last.messages.append(owner.messages[0].model_copy(update={"session_id": last.session_id}))
+    last.message_count += 1
+
+    assert await storage.insert_sessions(batch) is False
+
+    async with reopen(storage) as other:
+        assert await other.load_sessions([s.session_id for s in batch]) == []
+        assert (await other.count()).total_sessions == 1
