@@ -3,8 +3,9 @@
 A bulk insert names thousands of messages; `uuid.uuid4()` makes one system call and
 one UUID object for each (about 2.7 us, most of a message's cost in a bulk insert
 next to the Agents SDK's whole 14 us). Here one `os.urandom` call draws POOL ids at
-once (0.6 us each). The ids are the same kind: 122 random bits from the OS's
-cryptographic source, with uuid4's version and variant bits.
+once, and their fixed bits are set for all of them in C (0.25 us an id; 0.7 when each
+was formatted from an integer). The ids are the same kind: 122 random bits from the
+OS's cryptographic source, with uuid4's version and variant bits.
 
 A forked child starts with an empty pool, so parent and child never hand out the
 same ids; list `pop` and `extend` are atomic, so threads never share one either.
@@ -15,20 +16,20 @@ from __future__ import annotations
 import os
 
 POOL = 256
-# uuid4's fixed bits: version 4 (bits 76-79) and the RFC 4122 variant (bits 62-63).
-_FIXED_MASK = ~((0xF000 << 64) | (0xC000 << 48))
-_FIXED_BITS = (0x4000 << 64) | (0x8000 << 48)
+# uuid4's fixed bits, set in the raw bytes of all POOL ids at once (C loops):
+# byte 6 holds the version (4) in its high nibble, byte 8 the RFC 4122 variant (10xx).
+_VERSION = bytes((value & 0x0F) | 0x40 for value in range(256))
+_VARIANT = bytes((value & 0x3F) | 0x80 for value in range(256))
 
 _pool: list[str] = []
 
 
 def _draw(count: int) -> list[str]:
-    raw = os.urandom(16 * count)
-    from_bytes = int.from_bytes
-    return [
-        "%032x" % (from_bytes(raw[start : start + 16]) & _FIXED_MASK | _FIXED_BITS)
-        for start in range(0, 16 * count, 16)
-    ]
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = raw[6::16].translate(_VERSION)
+    raw[8::16] = raw[8::16].translate(_VARIANT)
+    digits = raw.hex()
+    return [digits[start : start + 32] for start in range(0, 32 * count, 32)]
 
 
 def random_hex_id() -> str:
