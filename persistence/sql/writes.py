@@ -44,7 +44,7 @@ from persistence.search import search_document
 from persistence.sql.bulk import BulkInsert
 from persistence.sql.indexing import documents_now
 from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
-from persistence.sql.runner import Execute, ExecuteMany, Fetch, Work
+from persistence.sql.runner import Execute, ExecuteMany, Fetch, WhichDialect, Work
 from persistence.sql.statements import Statement
 from persistence.sql.tables import MessageRow, SessionRow
 from persistence.sql.types import json_dumps, json_loads
@@ -332,6 +332,9 @@ def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
         return (yield from _create_or_merge(plan))
     assert plan.revision is not None and plan.incarnation is not None
     if plan.certain and plan.appends_only:
+        if plan.appends and (yield WhichDialect()) == "postgresql":
+            # One statement (revision 0007), as save_session sends it outside a unit of work.
+            return (yield from append_in_one_statement(plan))
         rows = yield Fetch(
             APPEND,
             {

@@ -79,24 +79,26 @@ async def test_a_failed_bulk_insert_leaves_the_next_transaction_planning_as_befo
 async def test_a_plan_kept_while_the_sessions_were_few_never_scans_them_all(
     one_connection: PostgreSQLSessionStorage, analysed_alone: ChatSession
 ) -> None:
-    storage, session = one_connection, analysed_alone
+    storage = one_connection
     # The foreign-key check of every message is planned now, with the statistics of
     # one session, and kept for the later bulk inserts of this server process.
-    await _bulk_insert(storage, session)
+    await _bulk_insert(storage)
     # The sessions grow, and nothing analyses them (autovacuum is off for the table).
     others = [ChatSession.create("m") for _ in range(3_000)]
     assert await storage.insert_sessions(others)
-    # Without sequential scans disabled, the kept plan read all 3,001 sessions for each
+    # Without sequential scans disabled, the kept plan read all 3,00x sessions for each
     # message.
-    assert await _bulk_insert(storage, session) == 0
+    assert await _bulk_insert(storage) == 0
 
 
-async def _bulk_insert(storage: PostgreSQLSessionStorage, session: ChatSession) -> int:
-    """Bulk-inserts messages into `session`; the sequential scans of chat_sessions it took.
+async def _bulk_insert(storage: PostgreSQLSessionStorage) -> int:
+    """Bulk-inserts a new session's messages (a COPY; appends to a stored session are one
+    statement of their own); the sequential scans of chat_sessions it took.
 
     The server's per-transaction counters also hold earlier transactions' counts until
     it flushes them (at most once a second), so the insert's own are a difference.
     """
+    session = ChatSession.create("m")
     _add(session, 2 * MIN_COPIED_ROWS)
     async with storage.unit_of_work() as uow:
         (before,) = await uow.run(_fetch(SEQUENTIAL_SCANS), "read")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from persistence import ChatSession, SessionStorage
@@ -19,11 +20,13 @@ def _message_inserts(statements: list[str]) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("stored", [True, False], ids=["stored session", "new session"])
 async def test_a_save_of_many_new_messages_sends_few_statements_and_keeps_search_right(
-    sql_storage: SessionStorage,
+    sql_storage: SessionStorage, stored: bool
 ) -> None:
     session = ChatSession.create("m")
-    await sql_storage.save_session(session)
+    if stored:
+        await sql_storage.save_session(session)
     for turn in range(1200):
         session.add_message("user", f"message {turn} word{turn}")
     statements: list[str] = []
@@ -34,7 +37,11 @@ async def test_a_save_of_many_new_messages_sends_few_statements_and_keeps_search
             await uow.commit()
 
     inserts = _message_inserts(statements)
-    if sql_storage.backend_name == "postgresql":
+    if sql_storage.backend_name == "postgresql" and stored:
+        # Appends to a stored session: one statement (revision 0007's function).
+        assert inserts == []
+        assert len([sql for sql in statements if "FROM persistence_append(" in sql]) == 1
+    elif sql_storage.backend_name == "postgresql":
         assert inserts == [
             "COPY chat_messages (message_id, session_id, position, role, content,"
             " created_at, metadata, search_text) FROM STDIN (FORMAT binary)"
