@@ -13,7 +13,8 @@ runners (runner.py) send it for many rows at once in the dialect's bulk form:
   It replaced one `INSERT ... SELECT ... FROM unnest($1::type[], ...)`, each column
   bound as one array: asyncpg tested every element of those arrays for being an array
   itself, and the server projected the rows out of them. 1,000 messages took 28.5-31.3
-  ms by COPY against 34.9-37.7 ms by the arrays, alternated on two equal stores.
+  ms by COPY against 34.9-37.7 ms by the arrays, alternated on two equal stores
+  (scripts/results/2026-12-01-copy-vs-unnest.md).
 
 Either way every row still goes through the table's triggers and indexes, so the
 full-text index is kept in the same transaction as the rows it indexes.
