@@ -11,6 +11,7 @@ receives their results, so the logic of a save or a load is written once and run
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -233,10 +234,48 @@ async def _copy(
     before = await step(Fetch(plans.KEEP_PLANS, {}))
     assert connection.is_in_transaction(), "a bulk insert runs in a transaction"
     _trace(statement.copy_sql())
-    await connection.copy_records_to_table(
-        statement.table.name, records=records, columns=statement.names
-    )
+    await _copy_unless_lost(connection, statement.table.name, records, statement.names)
     await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
+
+
+async def _copy_unless_lost(
+    connection: Any, table: str, records: list[tuple[Any, ...]], columns: Sequence[str]
+) -> None:
+    """asyncpg's `copy_records_to_table`, raising when the connection is lost meanwhile.
+
+    Between chunks of data asyncpg waits for the socket to take more, and that wait
+    never ends once the server has closed the connection (the backend terminated, the
+    server restarted): the COPY hung for ever. So it races the connection's end.
+
+    Raises:
+        asyncpg.ConnectionDoesNotExistError: the connection closed during the COPY.
+    """
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_termination(_: Any) -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    connection.add_termination_listener(on_termination)
+    copy = asyncio.ensure_future(
+        connection.copy_records_to_table(table, records=records, columns=columns)
+    )
+    try:
+        await asyncio.wait((copy, lost), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # asyncpg aborts the COPY when its task is cancelled; let it, then go on.
+        copy.cancel()
+        await asyncio.wait((copy,))
+        raise
+    finally:
+        connection.remove_termination_listener(on_termination)
+    if not copy.done():
+        from asyncpg import ConnectionDoesNotExistError  # the optional postgresql extra
+
+        copy.cancel()
+        await asyncio.wait((copy,))
+        raise ConnectionDoesNotExistError(f"the connection closed during the COPY into {table}")
+    copy.result()
 
 
 async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:

@@ -150,7 +150,13 @@ class SqlUnitOfWork(UnitOfWork):
     ) -> None:
         try:
             if not self._committed:
-                await self.rollback()
+                try:
+                    await self.rollback()
+                except PersistenceError:
+                    if exc is None:
+                        raise
+                    # The block's own error goes on: it says what failed. A rollback
+                    # fails when the connection is gone, and its transaction with it.
         finally:
             if self._open is not None:
                 _OPEN.reset(self._open)
