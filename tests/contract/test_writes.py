@@ -213,27 +213,45 @@ async def test_concurrent_appends_from_many_holders_never_conflict(
     assert len({m.message_id for m in loaded.messages}) == 21
 
 
+async def _save_via(holder: SessionStorage, session: ChatSession, via: str) -> None:
+    if via == "save_session":
+        await holder.save_session(session)
+        return
+    async with holder.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.commit()
+
+
+# Appends alone take each backend's shortest way (one statement on PostgreSQL), also in
+# a unit of work and for many messages at once: each must still see the deletion.
+VIA = pytest.mark.parametrize("via", ["save_session", "unit_of_work"])
+
+
+@VIA
+@pytest.mark.parametrize("appended", [1, 40])
 async def test_a_session_deleted_by_another_holder_is_never_brought_back(
-    storage: SessionStorage, reopen: Reopen
+    storage: SessionStorage, reopen: Reopen, via: str, appended: int
 ) -> None:
     session = await _stored(storage, turns=3)
     async with reopen(storage) as other:
         stale = await _load(other, session.session_id)
         assert await storage.delete_session(session.session_id)
 
-        stale.add_message("user", "are you there?")
+        for turn in range(appended):
+            stale.add_message("user", f"are you there? {turn}")
         with pytest.raises(SessionDeletedError):
-            await other.save_session(stale)
+            await _save_via(other, stale, via)
         stale.metadata["title"] = "x"
         with pytest.raises(SessionDeletedError):
-            await other.save_session(stale)
+            await _save_via(other, stale, via)
 
     assert await storage.load_session(session.session_id) is None
     assert (await storage.count()).messages == 0
 
 
+@VIA
 async def test_a_stale_copy_of_a_deleted_and_recreated_session_is_refused(
-    storage: SessionStorage, reopen: Reopen
+    storage: SessionStorage, reopen: Reopen, via: str
 ) -> None:
     session = await _stored(storage)
     async with reopen(storage) as other:
@@ -248,7 +266,7 @@ async def test_a_stale_copy_of_a_deleted_and_recreated_session_is_refused(
 
         stale.add_message("user", "from the old one")
         with pytest.raises(SessionDeletedError):
-            await other.save_session(stale)
+            await _save_via(other, stale, via)
 
     loaded = await _load(storage, session.session_id)
     assert [m.content for m in loaded.messages] == ["new conversation", "more", "more", "more"]
