@@ -262,18 +262,16 @@ async def _copy_unless_lost(
     )
     try:
         await asyncio.wait((copy, lost), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        # asyncpg aborts the COPY when its task is cancelled; let it, then go on.
-        copy.cancel()
-        await asyncio.wait((copy,))
-        raise
     finally:
         connection.remove_termination_listener(on_termination)
-    if not copy.done():
+        if not copy.done():
+            # This task was cancelled, or the connection ended: asyncpg aborts the COPY
+            # when its own task is cancelled.
+            copy.cancel()
+            await asyncio.wait((copy,))
+    if copy.cancelled():
         from asyncpg import ConnectionDoesNotExistError  # the optional postgresql extra
 
-        copy.cancel()
-        await asyncio.wait((copy,))
         raise ConnectionDoesNotExistError(f"the connection closed during the COPY into {table}")
     copy.result()
 

@@ -189,12 +189,8 @@ class SqlSessionStorage(SessionStorage):
                 raise SessionDeletedError(session.session_id)
             return True
         try:
-            if (
-                self._one_statement_appends
-                and plan.certain
-                and plan.appends
-                and (not plan.is_new and plan.appends_only)
-            ):
+            if self._one_statement_appends and writes.appends_alone(plan):
+                # One statement: no BEGIN / COMMIT round trips around it.
                 saved = await self._run(
                     writes.append_in_one_statement(plan), "save session", write=True, single=True
                 )

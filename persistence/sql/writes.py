@@ -247,8 +247,14 @@ _POSTGRESQL = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped i
 APPEND_IN_ONE_STATEMENT = Statement(_append_in_one_statement)
 
 
+def appends_alone(plan: SavePlan) -> bool:
+    """Whether the plan only appends messages to a stored session it is certain of: on
+    PostgreSQL one statement (`append_in_one_statement`), in a transaction or not."""
+    return plan.certain and bool(plan.appends) and not plan.is_new and plan.appends_only
+
+
 def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
-    """The appends-only save of a certain plan as one PostgreSQL statement.
+    """The save of a plan that `appends_alone`, as one PostgreSQL statement.
 
     Raises:
         SessionDeletedError: the session the plan's base came from is gone.
@@ -262,12 +268,11 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
         "updated_at": plan.updated_at,
         "added": len(plan.appends),
     }
-    for name in rows[0]:
-        if name not in ("session_id", "position"):
-            values = [row[name] for row in rows]
-            if isinstance(values[0], dict):
-                values = [json_dumps(value) for value in values]
-            params[f"c_{name}"] = values
+    for name in _APPENDED_COLUMNS:
+        values = [row[name] for row in rows]
+        if isinstance(values[0], dict):
+            values = [json_dumps(value) for value in values]
+        params[f"c_{name}"] = values
     found = yield Fetch(APPEND_IN_ONE_STATEMENT, params)
     if not found:
         raise SessionDeletedError(plan.session_id)
@@ -331,10 +336,9 @@ def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
     if plan.is_new:
         return (yield from _create_or_merge(plan))
     assert plan.revision is not None and plan.incarnation is not None
+    if appends_alone(plan) and (yield WhichDialect()) == "postgresql":
+        return (yield from append_in_one_statement(plan))
     if plan.certain and plan.appends_only:
-        if plan.appends and (yield WhichDialect()) == "postgresql":
-            # One statement (revision 0007), as save_session sends it outside a unit of work.
-            return (yield from append_in_one_statement(plan))
         rows = yield Fetch(
             APPEND,
             {
