@@ -8,13 +8,15 @@ runners (runner.py) send it for many rows at once in the dialect's bulk form:
   pending index data at the end of every statement (its savepoint), so one
   statement per row wrote one index segment per row, and the merges cost more than
   the rows; one statement per 500 rows indexes them in the same statement batch.
-- PostgreSQL: one `COPY ... FROM STDIN (FORMAT binary)` whatever the number of rows
-  (from MIN_COPIED_ROWS rows on; fewer go as one prepared INSERT, executemany).
-  It replaced one `INSERT ... SELECT ... FROM unnest($1::type[], ...)`, each column
-  bound as one array: asyncpg tested every element of those arrays for being an array
-  itself, and the server projected the rows out of them. 1,000 messages took 28.5-31.3
-  ms by COPY against 34.9-37.7 ms by the arrays, alternated on two equal stores
-  (scripts/results/2026-12-01-copy-vs-unnest.md).
+- PostgreSQL: `COPY ... FROM STDIN (FORMAT binary)` (from MIN_COPIED_ROWS rows on;
+  fewer go as one prepared INSERT, executemany). It replaced one `INSERT ... SELECT
+  ... FROM unnest($1::type[], ...)`, each column bound as one array: asyncpg tested
+  every element of those arrays for being an array itself, and the server projected
+  the rows out of them. 1,000 messages took 28.5-31.3 ms by COPY against 34.9-37.7 ms
+  by the arrays, alternated on two equal stores
+  (scripts/results/2026-12-01-copy-vs-unnest.md). The rows go in parts
+  (`copied_parts`): the client builds a part's rows while the server stores the part
+  before, where one COPY left each waiting for the other.
 
 Either way every row still goes through the table's triggers and indexes, so the
 full-text index is kept in the same transaction as the rows it indexes.
@@ -40,6 +42,25 @@ ROWS_PER_STATEMENT = 500
 # costs the prepare of asyncpg's column query on every new connection, which a save of
 # a few messages would pay after each reconnect for no gain.
 MIN_COPIED_ROWS = 32
+
+
+# A PostgreSQL bulk insert is sent as several COPYs: the first of FIRST_COPIED_PART
+# rows, each next one twice as large up to LARGEST_COPIED_PART. The runner builds a
+# part's records (search documents and all) while the server stores the part before,
+# so the two work at once; the first part is small to set the server working soon.
+# Larger parts gained nothing: a part must fit the socket's buffer to be on its way
+# while the next one is built.
+FIRST_COPIED_PART = 64
+LARGEST_COPIED_PART = 256
+
+
+def copied_parts(total: int) -> Iterator[tuple[int, int]]:
+    """The [start, stop) bounds of the COPYs that send `total` rows, in order."""
+    start, size = 0, FIRST_COPIED_PART
+    while start < total:
+        yield start, min(total, start + size)
+        start += size
+        size = min(2 * size, LARGEST_COPIED_PART)
 
 
 class BulkInsert(Statement):

@@ -9,8 +9,9 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 from __future__ import annotations
 
 import uuid
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
 from sqlalchemy import Text, cast
@@ -225,6 +226,61 @@ def rows_from_messages(
         }
         for offset, message in enumerate(messages)
     ]
+
+
+class MessageRows(Sequence[dict[str, Any]]):
+    """The rows of `rows_from_messages` for one or more histories, each slice built when
+    it is read.
+
+    `histories` are (session_id, messages, first position) triples. A PostgreSQL bulk
+    insert sends its rows in parts and builds the next part, search documents and all,
+    while the server stores the one before (runner.py); a SQLite one builds each
+    multi-row statement's rows as it sends it.
+    """
+
+    def __init__(
+        self,
+        histories: Iterable[tuple[str, Sequence[ChatMessage], int]],
+        *,
+        documents: bool,
+    ) -> None:
+        # (index of the first row, session_id, messages, first position), non-empty.
+        self._parts: list[tuple[int, str, Sequence[ChatMessage], int]] = []
+        total = 0
+        for session_id, messages, first_position in histories:
+            if messages:
+                self._parts.append((total, session_id, messages, first_position))
+                total += len(messages)
+        self._starts = [part[0] for part in self._parts]
+        self._length = total
+        self._documents = documents
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, int):
+            row = range(self._length)[index]  # IndexError when out of range
+            return self[row : row + 1][0]
+        start, stop, stride = index.indices(self._length)
+        if stride != 1:
+            raise ValueError("message rows are sliced in order")
+        rows: list[dict[str, Any]] = []
+        part = bisect_right(self._starts, start) - 1
+        while start < stop:
+            first_row, session_id, messages, first_position = self._parts[part]
+            begin, end = start - first_row, min(len(messages), stop - first_row)
+            rows += rows_from_messages(
+                session_id, messages[begin:end], first_position + begin, documents=self._documents
+            )
+            start, part = first_row + end, part + 1
+        return rows
 
 
 def row_from_file_record(record: UploadedFileRecord) -> dict[str, Any]:

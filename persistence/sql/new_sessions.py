@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 from sqlalchemy import Table
 
@@ -16,7 +16,7 @@ from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
 from persistence.sql.bulk import BulkInsert
 from persistence.sql.indexing import documents_now
-from persistence.sql.mapping import row_from_session, rows_from_messages
+from persistence.sql.mapping import MessageRows, row_from_session
 from persistence.sql.runner import ExecuteMany, Work
 from persistence.sql.tables import MessageRow, SessionRow
 
@@ -78,16 +78,15 @@ def insert_new_sessions(batch: Sequence[ChatSession]) -> Work[int]:
     message id the store already holds) aborts the caller's transaction.
     """
     session_rows = []
-    message_rows: list[dict[str, Any]] = []
-    documents = yield from documents_now()
     for session in batch:
         count = len(session.messages)
         session_rows.append(
             {**row_from_session(session, count), "revision": 1, "next_position": count}
         )
-        message_rows += rows_from_messages(
-            session.session_id, session.messages, 0, documents=documents
-        )
+    documents = yield from documents_now()
+    message_rows = MessageRows(
+        [(session.session_id, session.messages, 0) for session in batch], documents=documents
+    )
     if session_rows:
         yield ExecuteMany(INSERT_SESSIONS, session_rows)
     if message_rows:

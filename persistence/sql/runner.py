@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -24,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.garbage_collection import collection_paused
 from persistence.sql import plans
-from persistence.sql.bulk import BulkInsert
+from persistence.sql.bulk import BulkInsert, copied_parts
 from persistence.sql.statements import Statement
 
 T = TypeVar("T")
@@ -228,20 +237,42 @@ async def _copy(
     rows: Sequence[Mapping[str, Any]],
 ) -> None:
     """COPYs `rows` into the statement's table on the asyncpg `connection`, with the
-    planner settings of plans.py around it, set through `step` (the runner's own)."""
-    records = statement.records(dialect, rows)
+    planner settings of plans.py around it, set through `step` (the runner's own).
+
+    The rows go in parts (bulk.copied_parts), and each part's records are built while
+    the server stores the part before: `rows` may build its rows only when sliced
+    (mapping.MessageRows), so the search documents are computed then too.
+    """
+    parts = copied_parts(len(rows))
+
+    def records_of(bounds: tuple[int, int] | None) -> list[tuple[Any, ...]]:
+        return [] if bounds is None else statement.records(dialect, rows[slice(*bounds)])
+
+    records = records_of(next(parts, None))
     # The settings are local to the transaction the COPY must run in.
     before = await step(Fetch(plans.KEEP_PLANS, {}))
     assert connection.is_in_transaction(), "a bulk insert runs in a transaction"
-    _trace(statement.copy_sql())
-    await _copy_unless_lost(connection, statement.table.name, records, statement.names)
+    while records:
+        _trace(statement.copy_sql())
+        records = await _copy_unless_lost(
+            connection,
+            statement.table.name,
+            records,
+            statement.names,
+            partial(records_of, next(parts, None)),
+        )
     await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
 
 
 async def _copy_unless_lost(
-    connection: Any, table: str, records: list[tuple[Any, ...]], columns: Sequence[str]
-) -> None:
-    """asyncpg's `copy_records_to_table`, raising when the connection is lost meanwhile.
+    connection: Any,
+    table: str,
+    records: list[tuple[Any, ...]],
+    columns: Sequence[str],
+    meanwhile: Callable[[], T],
+) -> T:
+    """asyncpg's `copy_records_to_table`, raising when the connection is lost meanwhile;
+    returns `meanwhile()`, called while the server stores the records once they are sent.
 
     Between chunks of data asyncpg waits for the socket to take more, and that wait
     never ends once the server has closed the connection (the backend terminated, the
@@ -250,17 +281,30 @@ async def _copy_unless_lost(
     Raises:
         asyncpg.ConnectionDoesNotExistError: the connection closed during the COPY.
     """
-    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    lost: asyncio.Future[None] = loop.create_future()
+    sent: asyncio.Future[None] = loop.create_future()
 
     def on_termination(_: Any) -> None:
         if not lost.done():
             lost.set_result(None)
 
+    async def feed() -> AsyncIterator[tuple[Any, ...]]:
+        for record in records:
+            yield record
+        # asyncpg now writes the last data and the end of the COPY, then waits for the
+        # server: the records are on their way when this task next runs.
+        sent.set_result(None)
+
     connection.add_termination_listener(on_termination)
     copy = asyncio.ensure_future(
-        connection.copy_records_to_table(table, records=records, columns=columns)
+        connection.copy_records_to_table(table, records=feed(), columns=columns)
     )
+    built: list[T] = []
     try:
+        await asyncio.wait((copy, lost, sent), return_when=asyncio.FIRST_COMPLETED)
+        if not copy.done() and not lost.done():
+            built.append(meanwhile())
         await asyncio.wait((copy, lost), return_when=asyncio.FIRST_COMPLETED)
     finally:
         connection.remove_termination_listener(on_termination)
@@ -274,6 +318,7 @@ async def _copy_unless_lost(
 
         raise ConnectionDoesNotExistError(f"the connection closed during the COPY into {table}")
     copy.result()
+    return built[0] if built else meanwhile()
 
 
 async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:

@@ -43,7 +43,7 @@ from persistence.models import ChatMessage
 from persistence.search import search_document
 from persistence.sql.bulk import BulkInsert
 from persistence.sql.indexing import documents_now
-from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
+from persistence.sql.mapping import SESSION_METADATA_TEXT, MessageRows, rows_from_messages
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, WhichDialect, Work
 from persistence.sql.statements import Statement
 from persistence.sql.tables import MessageRow, SessionRow
@@ -247,10 +247,21 @@ _POSTGRESQL = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped i
 APPEND_IN_ONE_STATEMENT = Statement(_append_in_one_statement)
 
 
+# From this many messages on, an append to a stored session goes by COPY, in parts built
+# while the server stores the part before (runner.py), not as one statement.
+COPIED_APPENDS = 256
+
+
 def appends_alone(plan: SavePlan) -> bool:
-    """Whether the plan only appends messages to a stored session it is certain of: on
-    PostgreSQL one statement (`append_in_one_statement`), in a transaction or not."""
-    return plan.certain and bool(plan.appends) and not plan.is_new and plan.appends_only
+    """Whether the plan only appends fewer than COPIED_APPENDS messages to a stored
+    session it is certain of: on PostgreSQL one statement (`append_in_one_statement`),
+    in a transaction or not."""
+    return (
+        plan.certain
+        and 0 < len(plan.appends) < COPIED_APPENDS
+        and not plan.is_new
+        and plan.appends_only
+    )
 
 
 def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
@@ -387,7 +398,7 @@ def _field_values(plan: SavePlan, metadata: dict[str, Any]) -> dict[str, Any]:
 def _insert(session_id: str, new: Sequence[ChatMessage], first_position: int) -> Work[None]:
     if new:
         documents = yield from documents_now()
-        rows = rows_from_messages(session_id, new, first_position, documents=documents)
+        rows = MessageRows([(session_id, new, first_position)], documents=documents)
         yield ExecuteMany(INSERT_MESSAGES, rows)
 
 

@@ -222,13 +222,15 @@ async def _save_via(holder: SessionStorage, session: ChatSession, via: str) -> N
         await uow.commit()
 
 
-# Appends alone take each backend's shortest way (one statement on PostgreSQL), also in
-# a unit of work and for many messages at once: each must still see the deletion.
+# Appends alone take each backend's shortest way (one statement on PostgreSQL; from
+# writes.COPIED_APPENDS messages on, a COPY sent in parts), also in a unit of work and
+# for many messages at once: each must still see the deletion.
 VIA = pytest.mark.parametrize("via", ["save_session", "unit_of_work"])
+APPENDED = pytest.mark.parametrize("appended", [1, 40, 600])
 
 
 @VIA
-@pytest.mark.parametrize("appended", [1, 40])
+@APPENDED
 async def test_a_session_deleted_by_another_holder_is_never_brought_back(
     storage: SessionStorage, reopen: Reopen, via: str, appended: int
 ) -> None:
@@ -250,8 +252,9 @@ async def test_a_session_deleted_by_another_holder_is_never_brought_back(
 
 
 @VIA
+@APPENDED
 async def test_a_stale_copy_of_a_deleted_and_recreated_session_is_refused(
-    storage: SessionStorage, reopen: Reopen, via: str
+    storage: SessionStorage, reopen: Reopen, via: str, appended: int
 ) -> None:
     session = await _stored(storage)
     async with reopen(storage) as other:
@@ -264,7 +267,8 @@ async def test_a_stale_copy_of_a_deleted_and_recreated_session_is_refused(
             fresh.add_message("user", "more")
             await storage.save_session(fresh)
 
-        stale.add_message("user", "from the old one")
+        for turn in range(appended):
+            stale.add_message("user", f"from the old one {turn}")
         with pytest.raises(SessionDeletedError):
             await _save_via(other, stale, via)
 
@@ -445,6 +449,30 @@ async def test_a_new_message_whose_id_another_session_stores_is_invalid_data(
     fresh.messages.append(stolen.model_copy(update={"session_id": fresh.session_id}))
     with pytest.raises(InvalidDataError, match=repr(stolen.message_id)):
         await storage.save_session(fresh)
+
+
+@VIA
+async def test_a_large_append_whose_last_id_another_session_stores_writes_nothing(
+    storage: SessionStorage, reopen: Reopen, via: str
+) -> None:
+    owner = await _stored(storage, turns=1)
+    session = await _stored(storage, turns=1)
+    for turn in range(599):
+        session.add_message("user", f"turn {turn} quince{turn}")
+    # The last of 600 new messages: on PostgreSQL, in the last part of the COPY.
+    session.messages.append(owner.messages[0].model_copy(update={"session_id": session.session_id}))
+
+    with pytest.raises(InvalidDataError, match="already stored"):
+        await _save_via(storage, session, via)
+
+    async with reopen(storage) as other:
+        loaded = await _load(other, session.session_id)
+        assert loaded.messages == session.messages[:1]
+        assert await other.search_messages("quince598") == []
+        assert (await other.count()).messages == 2
+        loaded.add_message("user", "still writable")
+        await other.save_session(loaded)
+        assert (await _load(other, session.session_id)).message_count == 2
 
 
 async def test_a_message_added_while_a_save_is_in_flight_stays_pending(

@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy import text
 
 from persistence import ChatSession, SessionStorage
-from persistence.sql.bulk import ROWS_PER_STATEMENT
+from persistence.sql.bulk import ROWS_PER_STATEMENT, copied_parts
 from persistence.sql.runner import traced
+from persistence.sql.writes import COPIED_APPENDS
 
 
 def _message_inserts(statements: list[str]) -> list[str]:
@@ -37,15 +38,15 @@ async def test_a_save_of_many_new_messages_sends_few_statements_and_keeps_search
             await uow.commit()
 
     inserts = _message_inserts(statements)
-    if sql_storage.backend_name == "postgresql" and stored:
-        # Appends to a stored session: one statement (revision 0007's function).
-        assert inserts == []
-        assert len([sql for sql in statements if "FROM persistence_append(" in sql]) == 1
-    elif sql_storage.backend_name == "postgresql":
-        assert inserts == [
+    if sql_storage.backend_name == "postgresql":
+        # Stored or new: a COPY in parts of 64, 128, 256, 256, 256 and 240 rows, each
+        # part built while the server stores the one before.
+        assert list(copied_parts(1200))[:3] == [(0, 64), (64, 192), (192, 448)]
+        assert inserts == len(list(copied_parts(1200))) * [
             "COPY chat_messages (message_id, session_id, position, role, content,"
             " created_at, metadata, search_text) FROM STDIN (FORMAT binary)"
         ]
+        assert not [sql for sql in statements if "FROM persistence_append(" in sql]
     else:
         # 500 + 500 + 128 + 64 + 8 rows: power-of-two sizes keep the SQL texts few.
         assert len(inserts) == 5
@@ -104,7 +105,35 @@ async def test_inserting_a_batch_costs_a_few_statements_whatever_its_size(
         assert await sql_storage.insert_sessions(sessions)
 
     inserts = [sql for sql in statements if sql.startswith(("INSERT", "COPY"))]
-    # PostgreSQL: one statement per table. SQLite: 256 + 32 + 8 + 4 rows per table.
-    per_table = 1 if sql_storage.backend_name == "postgresql" else 4
+    # PostgreSQL: a COPY of 64 + 128 + 108 rows per table. SQLite: 256 + 32 + 8 + 4.
+    per_table = 3 if sql_storage.backend_name == "postgresql" else 4
     assert len([sql for sql in inserts if "chat_sessions" in sql]) == per_table
     assert len(inserts) == 2 * per_table
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("via", ["save_session", "unit_of_work"])
+async def test_an_append_goes_by_copy_from_copied_appends_messages_on(
+    postgresql_storage: SessionStorage, via: str
+) -> None:
+    session = ChatSession.create("m")
+    await postgresql_storage.save_session(session)
+    for appended in (COPIED_APPENDS - 1, COPIED_APPENDS):
+        for turn in range(appended):
+            session.add_message("user", f"turn {turn}")
+        statements: list[str] = []
+        with traced(statements.append):
+            if via == "save_session":
+                await postgresql_storage.save_session(session)
+            else:
+                async with postgresql_storage.unit_of_work() as uow:
+                    await uow.sessions.add(session)
+                    await uow.commit()
+        functions = [sql for sql in statements if "FROM persistence_append(" in sql]
+        copies = _message_inserts(statements)
+        if appended < COPIED_APPENDS:
+            assert (len(functions), copies) == (1, [])
+        else:
+            assert (functions, len(copies)) == ([], len(list(copied_parts(appended))))
+    loaded = await postgresql_storage.load_session(session.session_id)
+    assert loaded is not None and loaded.messages == session.messages

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
+
 from persistence import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql.mapping import (
+    MessageRows,
     file_record_from_row,
     history_from_rows,
     messages_from_rows,
@@ -78,3 +81,28 @@ def test_a_file_record_built_from_a_row_equals_a_validated_one() -> None:
     )
 
     assert file_record_from_row(list(row_from_file_record(validated).values())) == validated
+
+
+def test_message_rows_build_any_slice_as_rows_from_messages_does() -> None:
+    histories = []
+    for size in (0, 3, 0, 1, 7, 2):
+        session = ChatSession.create("m")
+        for turn in range(size):
+            session.add_message("user", f"turn {turn} \u6f22\u5b57 Straße")
+        histories.append((session.session_id, session.messages, 5 * size))
+    for documents in (True, False):
+        expected = [
+            row
+            for session_id, messages, first in histories
+            for row in rows_from_messages(session_id, messages, first, documents=documents)
+        ]
+        rows = MessageRows(histories, documents=documents)
+        assert len(rows) == len(expected) == 13
+        assert list(rows) == expected
+        assert (rows[0], rows[-1], rows[6]) == (expected[0], expected[-1], expected[6])
+        for start in range(-14, 15):
+            for stop in range(-14, 15):
+                assert rows[start:stop] == expected[start:stop], (start, stop)
+    with pytest.raises(IndexError):
+        MessageRows(histories, documents=True)[13]
+    assert len(MessageRows([], documents=True)) == 0
