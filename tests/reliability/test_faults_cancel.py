@@ -109,22 +109,27 @@ async def _whole_store_is_consistent(storage: SessionStorage) -> None:
     assert state.problems == []
 
 
-# A new session of 64 messages takes the bulk form of a save (a COPY on PostgreSQL);
-# appends to a stored one are a single statement there.
-@pytest.mark.parametrize("bulk", [False, True], ids=["appends", "bulk"])
+# The shapes of a save: 3 messages appended to a stored session (a single statement on
+# PostgreSQL); a new session of 64 messages (the bulk form: one COPY); 300 appended to
+# a stored session (a COPY in three parts, each built while the one before is stored).
+SHAPES = {"appends": (True, 3), "bulk": (False, 64), "parts": (True, 300)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 async def test_cancelled_save_session_is_all_or_nothing_and_leaks_no_connection(
-    sql_storage: SessionStorage, probe: Probe, scale: Scale, figures: Figures, bulk: bool
+    sql_storage: SessionStorage, probe: Probe, scale: Scale, figures: Figures, shape: str
 ) -> None:
+    stored_first, appended = SHAPES[shape]
     sessions: dict[int, ChatSession] = {}
     before: dict[int, list[str]] = {}
 
     async def prepare(steps: int) -> Callable[[], Awaitable[Any]]:
         session = ChatSession.create("cancel", session_id=f"cancel-{steps}")
-        if not bulk:
+        if stored_first:
             session.add_message("user", "stored before")
             await sql_storage.save_session(session)
         before[steps] = [m.message_id for m in session.messages]
-        for index in range(64 if bulk else 3):
+        for index in range(appended):
             session.add_message("assistant", f"new {index}")
         sessions[steps] = session
         return lambda: sql_storage.save_session(session)
@@ -135,11 +140,12 @@ async def test_cancelled_save_session_is_all_or_nothing_and_leaks_no_connection(
         assert count == len(stored) or (count is None and not stored)
         assert stored == whole if done else stored in (before[steps], whole)
 
-    if bulk and sql_storage.backend_name == "postgresql":
+    if shape != "appends" and sql_storage.backend_name == "postgresql":
         sent: list[str] = []
         with traced(sent.append):
             await (await prepare(0))()
-        assert any(sql.startswith("COPY chat_messages") for sql in sent)
+        copies = [sql for sql in sent if sql.startswith("COPY chat_messages")]
+        assert len(copies) == (3 if shape == "parts" else 1)
     cancelled, finished = await _sweep(sql_storage, scale, probe, prepare, check)
     # A retry after any cancel completes the save, without a duplicate.
     for steps, session in sessions.items():
