@@ -132,11 +132,12 @@ _HOSTILE_METADATA = {
 async def test_a_large_batch_of_hostile_values_reads_back_exactly(
     storage: SessionStorage, reopen: Reopen
 ) -> None:
-    # Enough sessions and messages that every backend takes its bulk form for both.
+    # Enough sessions and messages that every backend takes its bulk form for both, and
+    # PostgreSQL's COPY of the messages goes in three parts (bulk.copied_parts).
     batch = [_session(f"s{n:02d}", 1) for n in range(64)]
     long = batch[0]
     long.metadata = dict(_HOSTILE_METADATA)
-    for turn in range(64):
+    for turn in range(300):
         content = _HOSTILE_CONTENTS[turn % len(_HOSTILE_CONTENTS)]
         long.add_message("tool" if turn % 5 == 0 else "user", content, _HOSTILE_METADATA)
 
