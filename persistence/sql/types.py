@@ -46,6 +46,10 @@ class UtcDateTime(TypeDecorator[datetime]):
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
         if dialect.name == "sqlite":
             return datetime.fromisoformat
+        if dialect.driver == "asyncpg":
+            # asyncpg returns a timestamptz aware, in UTC: nothing to do for each value
+            # (a history's load called a no-op for every message).
+            return None
         return super().result_processor(dialect, coltype)
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
