@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
@@ -244,15 +245,10 @@ class MessageRows(Sequence[dict[str, Any]]):
         *,
         documents: bool,
     ) -> None:
-        # (index of the first row, session_id, messages, first position), non-empty.
-        self._parts: list[tuple[int, str, Sequence[ChatMessage], int]] = []
-        total = 0
-        for session_id, messages, first_position in histories:
-            if messages:
-                self._parts.append((total, session_id, messages, first_position))
-                total += len(messages)
-        self._starts = [part[0] for part in self._parts]
-        self._length = total
+        # The non-empty histories, and the index of each one's first row.
+        self._histories = [history for history in histories if history[1]]
+        self._starts = list(accumulate((len(h[1]) for h in self._histories[:-1]), initial=0))
+        self._length = sum(len(history[1]) for history in self._histories)
         self._documents = documents
 
     def __len__(self) -> int:
@@ -274,7 +270,8 @@ class MessageRows(Sequence[dict[str, Any]]):
         rows: list[dict[str, Any]] = []
         part = bisect_right(self._starts, start) - 1
         while start < stop:
-            first_row, session_id, messages, first_position = self._parts[part]
+            first_row = self._starts[part]
+            session_id, messages, first_position = self._histories[part]
             begin, end = start - first_row, min(len(messages), stop - first_row)
             rows += rows_from_messages(
                 session_id, messages[begin:end], first_position + begin, documents=self._documents

@@ -24,7 +24,6 @@ from collections.abc import (
 )
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -243,23 +242,17 @@ async def _copy(
     the server stores the part before: `rows` may build its rows only when sliced
     (mapping.MessageRows), so the search documents are computed then too.
     """
-    parts = copied_parts(len(rows))
-
-    def records_of(bounds: tuple[int, int] | None) -> list[tuple[Any, ...]]:
-        return [] if bounds is None else statement.records(dialect, rows[slice(*bounds)])
-
-    records = records_of(next(parts, None))
+    parts = (
+        statement.records(dialect, rows[start:stop]) for start, stop in copied_parts(len(rows))
+    )
+    records = next(parts, [])
     # The settings are local to the transaction the COPY must run in.
     before = await step(Fetch(plans.KEEP_PLANS, {}))
     assert connection.is_in_transaction(), "a bulk insert runs in a transaction"
     while records:
         _trace(statement.copy_sql())
         records = await _copy_unless_lost(
-            connection,
-            statement.table.name,
-            records,
-            statement.names,
-            partial(records_of, next(parts, None)),
+            connection, statement.table.name, records, statement.names, lambda: next(parts, [])
         )
     await step(Fetch(plans.RESTORE_PLANS, plans.restoring(before)))
 
@@ -330,7 +323,7 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
             and isinstance(request.statement, BulkInsert)
             and request.statement.copies(dialect, request.rows)
         ):
-            # One COPY for all the rows (see bulk.py), not one statement per row.
+            # A COPY in parts for all the rows (see bulk.py), not one statement per row.
             await _copy(step, connection, dialect, request.statement, request.rows)
             return None
         compiled = request.statement.compile(dialect)

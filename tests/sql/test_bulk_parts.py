@@ -4,6 +4,7 @@ part before (persistence.sql.bulk `copied_parts`, runner `_copy_unless_lost`).""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from itertools import pairwise
 
 import asyncpg
@@ -31,60 +32,62 @@ def test_the_parts_cover_every_row_once_small_first_then_doubling_to_the_largest
 STORING_SECONDS = 0.4
 
 
+@pytest.fixture
+async def connection(postgresql_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection to the test database; the tables the tests make go with it."""
+    opened = await asyncpg.connect(plain_postgresql_url(postgresql_url))
+    try:
+        yield opened
+    finally:
+        await opened.execute(
+            "DROP TABLE IF EXISTS slow_parts, failing_parts;"
+            " DROP FUNCTION IF EXISTS slow_parts_stored()"
+        )
+        await opened.close()
+
+
 @pytest.mark.postgresql
 async def test_the_next_part_is_built_while_the_server_stores_the_part_before(
-    postgresql_url: str,
+    connection: asyncpg.Connection,
 ) -> None:
-    connection = await asyncpg.connect(plain_postgresql_url(postgresql_url))
-    try:
-        await connection.execute(
-            "CREATE TABLE slow_parts (n integer);"
-            " CREATE FUNCTION slow_parts_stored() RETURNS trigger LANGUAGE plpgsql AS"
-            f" $$ BEGIN PERFORM pg_sleep({STORING_SECONDS}); RETURN NULL; END $$;"
-            " CREATE TRIGGER slow_parts AFTER INSERT ON slow_parts"
-            " FOR EACH STATEMENT EXECUTE FUNCTION slow_parts_stored()"
-        )
-        built_at: list[float] = []
+    await connection.execute(
+        "CREATE TABLE slow_parts (n integer);"
+        " CREATE FUNCTION slow_parts_stored() RETURNS trigger LANGUAGE plpgsql AS"
+        f" $$ BEGIN PERFORM pg_sleep({STORING_SECONDS}); RETURN NULL; END $$;"
+        " CREATE TRIGGER slow_parts AFTER INSERT ON slow_parts"
+        " FOR EACH STATEMENT EXECUTE FUNCTION slow_parts_stored()"
+    )
+    built_at: list[float] = []
 
-        def build_the_next_part() -> list[tuple[int]]:
-            built_at.append(time.monotonic())
-            return [(3,)]
+    def build_the_next_part() -> list[tuple[int]]:
+        built_at.append(time.monotonic())
+        return [(3,)]
 
-        async with connection.transaction():
-            following = await _copy_unless_lost(
-                connection, "slow_parts", [(1,), (2,)], ["n"], build_the_next_part
-            )
-            stored_at = time.monotonic()
-            assert await connection.fetchval("SELECT count(*) FROM slow_parts") == 2
-        assert following == [(3,)] and len(built_at) == 1
-        # Built once the rows were sent, while the server still stored them: the COPY
-        # returned most of the server's time after it.
-        assert stored_at - built_at[0] > STORING_SECONDS / 2
-    finally:
-        await connection.execute(
-            "DROP TABLE IF EXISTS slow_parts; DROP FUNCTION IF EXISTS slow_parts_stored()"
+    async with connection.transaction():
+        following = await _copy_unless_lost(
+            connection, "slow_parts", [(1,), (2,)], ["n"], build_the_next_part
         )
-        await connection.close()
+        stored_at = time.monotonic()
+        assert await connection.fetchval("SELECT count(*) FROM slow_parts") == 2
+    assert following == [(3,)] and len(built_at) == 1
+    # Built once the rows were sent, while the server still stored them: the COPY
+    # returned most of the server's time after it.
+    assert stored_at - built_at[0] > STORING_SECONDS / 2
 
 
 @pytest.mark.postgresql
 async def test_a_part_that_fails_to_build_ends_the_copy_and_raises_its_error(
-    postgresql_url: str,
+    connection: asyncpg.Connection,
 ) -> None:
-    connection = await asyncpg.connect(plain_postgresql_url(postgresql_url))
-    try:
-        await connection.execute("CREATE TABLE failing_parts (n integer)")
+    await connection.execute("CREATE TABLE failing_parts (n integer)")
 
-        def build_the_next_part() -> list[tuple[int]]:
-            raise ValueError("cannot build the next part")
+    def build_the_next_part() -> list[tuple[int]]:
+        raise ValueError("cannot build the next part")
 
-        with pytest.raises(ValueError, match="cannot build the next part"):
-            async with connection.transaction():
-                await _copy_unless_lost(
-                    connection, "failing_parts", [(1,), (2,)], ["n"], build_the_next_part
-                )
-        assert await connection.fetchval("SELECT count(*) FROM failing_parts") == 0
-        assert await connection.fetchval("SELECT 1") == 1
-    finally:
-        await connection.execute("DROP TABLE IF EXISTS failing_parts")
-        await connection.close()
+    with pytest.raises(ValueError, match="cannot build the next part"):
+        async with connection.transaction():
+            await _copy_unless_lost(
+                connection, "failing_parts", [(1,), (2,)], ["n"], build_the_next_part
+            )
+    assert await connection.fetchval("SELECT count(*) FROM failing_parts") == 0
+    assert await connection.fetchval("SELECT 1") == 1
