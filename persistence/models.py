@@ -24,6 +24,7 @@ from persistence.changes import Base, LogEntry, MessageList, Snapshot
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.identifiers import random_hex_id
+from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.validation import (
     INT64_MAX,
     MAX_ID_LENGTH,
@@ -99,9 +100,8 @@ def _appended_message(
             pass  # the model raises it, as a ValidationError
         else:
             message = _new_message(ChatMessage)
-            _set_attribute(
+            set_dict(
                 message,
-                "__dict__",
                 {
                     "message_id": random_hex_id(),
                     "session_id": session_id,
@@ -111,9 +111,9 @@ def _appended_message(
                     "metadata": copied,
                 },
             )
-            _set_attribute(message, "__pydantic_fields_set__", _MESSAGE_FIELDS_GIVEN)
-            _set_attribute(message, "__pydantic_extra__", None)
-            _set_attribute(message, "__pydantic_private__", None)
+            set_fields_set(message, _MESSAGE_FIELDS_GIVEN)
+            set_extra(message, None)
+            set_private(message, None)
             return message
     return ChatMessage(
         session_id=session_id,
@@ -124,7 +124,6 @@ def _appended_message(
 
 
 _new_message = ChatMessage.__new__
-_set_attribute = object.__setattr__
 
 
 def _message_list(value: list[ChatMessage]) -> MessageList:
@@ -231,14 +230,13 @@ class ChatSession(_DomainModel, Bookkeeping):
         """
         messages: MessageList = values["messages"]
         session = cls.__new__(cls)
-        _set_attribute(session, "__dict__", values)
-        _set_attribute(session, "__pydantic_fields_set__", _SESSION_FIELDS)
-        _set_attribute(session, "__pydantic_extra__", None)
+        set_dict(session, values)
+        set_fields_set(session, _SESSION_FIELDS)
+        set_extra(session, None)
         # The base is made on first use: most listed or loaded sessions are never saved.
         loaded = (token, revision, incarnation, True, True, values["model"], values["status"])
-        _set_attribute(
+        set_private(
             session,
-            "__pydantic_private__",
             {
                 "_bases": {},
                 "_loaded": (

@@ -8,6 +8,7 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 
 from __future__ import annotations
 
+import json
 import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
@@ -19,10 +20,13 @@ from sqlalchemy import Text, cast
 
 from persistence.changes import MessageList, Snapshot
 from persistence.garbage_collection import collection_paused
+from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.search import search_document
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.sql.types import json_loads
+
+_json_loads = json.loads
 
 # Metadata comes as its JSON text: the object parses it, and its bookkeeping keeps the
 # text as the stored snapshot, so a load copies nothing for it.
@@ -38,13 +42,16 @@ SESSION_COLUMNS = (
     SessionRow.revision,
     SessionRow.incarnation,
 )
+# A message's metadata too: on PostgreSQL the driver's JSONB codec called a Python
+# function per row, and the builder answers the empty object of most messages inline.
+MESSAGE_METADATA_TEXT = cast(MessageRow.metadata_, Text).label("metadata_text")
 MESSAGE_COLUMNS = (
     MessageRow.message_id,
     MessageRow.session_id,
     MessageRow.role,
     MessageRow.content,
     MessageRow.created_at,
-    MessageRow.metadata_,
+    MESSAGE_METADATA_TEXT,
 )
 # One session's history: every row's session_id is the one asked for, so it is not read
 # (a column fewer to fetch, and one string shared by the messages instead of one each).
@@ -84,40 +91,37 @@ _PRIVATE: dict[type[BaseModel], Callable[[], dict[str, Any] | None]] = {
 }
 
 
-_set_attribute = object.__setattr__
-
-
 def _trusted(cls: type[Model], fields: frozenset[str], values: dict[str, Any]) -> Model:
     """Builds a model from values the database guarantees valid, as model_construct does."""
     instance = cls.__new__(cls)
-    _set_attribute(instance, "__dict__", values)
-    _set_attribute(instance, "__pydantic_fields_set__", set(fields))
-    _set_attribute(instance, "__pydantic_extra__", None)
-    _set_attribute(instance, "__pydantic_private__", _PRIVATE[cls]())
+    set_dict(instance, values)
+    set_fields_set(instance, set(fields))
+    set_extra(instance, None)
+    set_private(instance, _PRIVATE[cls]())
     return instance
 
 
 def _message(
-    message_id: str, session_id: str, role: str, content: str, created_at: Any, metadata: Any
+    message_id: str, session_id: str, role: str, content: str, created_at: Any, metadata: str
 ) -> ChatMessage:
-    # The hottest builder (a history is thousands of them), so _trusted is inlined; a
-    # frozen model never changes its fields-set, so every message may share one.
+    # The hottest builder (a history is thousands of them), so _trusted and json_loads
+    # are inlined; a frozen model never changes its fields-set, so every message may
+    # share one. `metadata` is the column's JSON text.
     message = _new_message(ChatMessage)
-    _set_attribute(
+    set_dict(
         message,
-        "__dict__",
         {
             "message_id": message_id,
             "session_id": session_id,
             "role": role,
             "content": content,
             "created_at": created_at,
-            "metadata": metadata,
+            "metadata": {} if metadata == "{}" else _json_loads(metadata),
         },
     )
-    _set_attribute(message, "__pydantic_fields_set__", _MESSAGE_FIELDS_SET)
-    _set_attribute(message, "__pydantic_extra__", None)
-    _set_attribute(message, "__pydantic_private__", None)
+    set_fields_set(message, _MESSAGE_FIELDS_SET)
+    set_extra(message, None)
+    set_private(message, None)
     return message
 
 
@@ -130,13 +134,10 @@ def messages_from_rows(rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
 
 
 def history_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
-    """The messages of one session from rows of HISTORY_COLUMNS, in order, as
-    messages_from_rows builds them; every message holds the one `session_id`."""
+    """The messages of one session from rows of HISTORY_COLUMNS (more may follow), in
+    order, as messages_from_rows builds them; every message holds the one `session_id`."""
     with collection_paused():
-        return [
-            _message(message_id, session_id, role, content, created_at, metadata)
-            for message_id, role, content, created_at, metadata in rows
-        ]
+        return [_message(row[0], session_id, row[1], row[2], row[3], row[4]) for row in rows]
 
 
 _new_message = ChatMessage.__new__

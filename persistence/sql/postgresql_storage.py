@@ -46,6 +46,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
 
     backend_name: BackendName = "postgresql"
     _one_statement_appends = True
+    _one_statement_loads = True
 
     def __init__(
         self,

@@ -12,7 +12,22 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, case, delete, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal_column,
+    null,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
@@ -22,6 +37,7 @@ from persistence.sql.mapping import (
     HISTORY_COLUMNS,
     MESSAGE_COLUMNS,
     SESSION_COLUMNS,
+    SESSION_METADATA_TEXT,
     file_record_from_row,
     history_from_rows,
     messages_from_rows,
@@ -73,6 +89,48 @@ SELECT_NEWEST_MESSAGES = Statement(
     .order_by(messages.c.position.desc())
     .limit(bindparam("last"))
 )
+
+
+def _session_with_history(newest: bool) -> Any:
+    """PostgreSQL: a session's row and its history (the newest :last with `newest`) as
+    one statement, so one snapshot without a transaction around it: 4 round trips a
+    load became 1. The messages come first by position, in HISTORY_COLUMNS' places;
+    the session's row comes last (its NULL position sorts last) and carries its columns
+    in the places whose types match (SESSION_FROM_UNION reorders them).
+    """
+    history = select(
+        *HISTORY_COLUMNS,
+        # Labelled: a subquery (`newest`) would take unnamed columns for one.
+        null().cast(DateTime(timezone=True)).label("updated_at"),
+        null().cast(Integer).label("message_count"),
+        null().cast(BigInteger).label("revision"),
+        null().cast(String).label("incarnation"),
+        messages.c.position.label("sort_position"),
+    ).where(messages.c.session_id == bindparam("session_id"))
+    if newest:
+        newest_first = (
+            history.order_by(messages.c.position.desc()).limit(bindparam("last")).subquery()
+        )
+        history = select(*newest_first.c)
+    session = select(
+        sessions.c.session_id,
+        sessions.c.model,
+        SESSION_METADATA_TEXT,
+        sessions.c.created_at,
+        sessions.c.status,
+        sessions.c.updated_at,
+        sessions.c.message_count,
+        sessions.c.revision,
+        sessions.c.incarnation,
+        null().cast(BigInteger),
+    ).where(sessions.c.session_id == bindparam("session_id"))
+    return union_all(history, session).order_by(literal_column("sort_position"))
+
+
+SELECT_SESSION_WITH_HISTORY = Statement(_session_with_history(newest=False))
+SELECT_SESSION_WITH_NEWEST = Statement(_session_with_history(newest=True))
+# Where SESSION_COLUMNS' values sit in the session's row of those statements.
+SESSION_FROM_UNION = (0, 1, 3, 5, 6, 2, 4, 7, 8)
 SELECT_SESSIONS_IN = Statement(
     select(*SESSION_COLUMNS).where(sessions.c.session_id.in_(bindparam("ids", expanding=True)))
 )
@@ -183,6 +241,22 @@ def read_session(session_id: str, token: str, last: int | None) -> Work[ChatSess
         return session_from_row(rows[0], history_from_rows(session_id, history), token)
     newest = yield Fetch(SELECT_NEWEST_MESSAGES, {"session_id": session_id, "last": last})
     return session_from_row(rows[0], history_from_rows(session_id, reversed(newest)), token)
+
+
+def read_session_in_one_statement(
+    session_id: str, token: str, last: int | None
+) -> Work[ChatSession | None]:
+    """read_session on PostgreSQL, as one statement (run it without a transaction)."""
+    if last is None:
+        rows = yield Fetch(SELECT_SESSION_WITH_HISTORY, {"session_id": session_id})
+    else:
+        rows = yield Fetch(SELECT_SESSION_WITH_NEWEST, {"session_id": session_id, "last": last})
+    # A message's session always exists (the foreign key): no rows, no session.
+    if not rows:
+        return None
+    row = rows[-1]
+    history = history_from_rows(session_id, rows[:-1])
+    return session_from_row([row[index] for index in SESSION_FROM_UNION], history, token)
 
 
 def read_sessions(

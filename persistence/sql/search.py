@@ -59,11 +59,18 @@ OVERFLOW_TERM = GRAM_MARK * 2
 # Above every row id and position.
 _TOP = 2**62
 
-_RESULT_COLUMNS = tuple(
-    MessageRow.__table__.c[name]
-    for name in ("message_id", "session_id", "role", "content", "created_at", "metadata")
+# mapping.MESSAGE_COLUMNS, as text: the metadata as its JSON text, which the builder reads.
+_RESULT_COLUMNS = (
+    *(
+        MessageRow.__table__.c[name]
+        for name in ("message_id", "session_id", "role", "content", "created_at")
+    ),
+    column("metadata_text", Text()),
 )
-_COLUMNS = ", ".join(f"m.{column.name}" for column in _RESULT_COLUMNS)
+_COLUMNS = (
+    ", ".join(f"m.{column.name}" for column in _RESULT_COLUMNS[:-1])
+    + ", CAST(m.metadata AS TEXT) AS metadata_text"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,8 @@ class SqlSessionStorage(SessionStorage):
 
     # Whether an appends-only save is one statement (PostgreSQL's data-modifying CTE).
     _one_statement_appends = False
+    # Whether a load is one statement (PostgreSQL: a UNION of the row and the history).
+    _one_statement_loads = False
 
     @abstractmethod
     async def _run(
@@ -231,6 +233,13 @@ class SqlSessionStorage(SessionStorage):
 
     async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
         check_last(last)
+        if self._one_statement_loads:
+            # Its own snapshot: no transaction around it.
+            return await self._run(
+                repositories.read_session_in_one_statement(session_id, self.token, last),
+                "load session",
+                write=False,
+            )
         return await self._run(
             repositories.read_session(session_id, self.token, last),
             "load session",

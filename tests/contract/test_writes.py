@@ -542,6 +542,42 @@ async def test_load_last_returns_the_newest_messages_with_the_full_count(
         await storage.load_session(session.session_id, last=-1)
 
 
+async def test_a_load_sees_one_moment_while_another_holder_writes(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    """The row (counts, metadata, revision) and the history come from one snapshot."""
+    session = ChatSession.create("m")
+    await storage.save_session(session)
+    loads = 0
+
+    async def write(other: SessionStorage) -> None:
+        held = await _load(other, session.session_id)
+        for turn in range(1, 41):
+            held.add_message("user", f"turn {turn}")
+            held.metadata["turns"] = turn
+            await other.save_session(held)
+            await asyncio.sleep(0)
+
+    def check(loaded: ChatSession | None, last: int | None) -> None:
+        assert loaded is not None
+        turns = loaded.metadata.get("turns", 0)
+        assert loaded.message_count == turns
+        expected = [f"turn {n}" for n in range(1, turns + 1)]
+        assert [m.content for m in loaded.messages] == (expected[-last:] if last else expected)
+
+    async with reopen(storage) as other:
+        writer = asyncio.ensure_future(write(other))
+        try:
+            while not writer.done():
+                for last in (None, 5):
+                    check(await storage.load_session(session.session_id, last=last), last)
+                    loads += 1
+        finally:
+            await writer
+    check(await storage.load_session(session.session_id), None)
+    assert loads >= 10
+
+
 async def test_a_partial_session_appends_and_rewinds_within_what_it_carries(
     storage: SessionStorage,
 ) -> None:

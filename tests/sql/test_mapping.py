@@ -30,7 +30,11 @@ def test_a_message_built_from_a_row_equals_a_validated_one() -> None:
         created_at=MOMENT,
         metadata={"k": [1, 2]},
     )
-    row = rows_from_messages("s1", [validated], 0, documents=True)[0]
+    # The metadata column is read as its JSON text (mapping.MESSAGE_METADATA_TEXT).
+    row = {
+        **rows_from_messages("s1", [validated], 0, documents=True)[0],
+        "metadata": json.dumps(validated.metadata),
+    }
     columns = ("message_id", "session_id", "role", "content", "created_at", "metadata")
     history_columns = tuple(name for name in columns if name != "session_id")
 
@@ -42,6 +46,16 @@ def test_a_message_built_from_a_row_equals_a_validated_one() -> None:
         assert message == validated
         assert message.model_dump() == validated.model_dump()
         assert message.model_fields_set == validated.model_fields_set
+
+
+def test_messages_with_empty_metadata_each_get_their_own_dict() -> None:
+    rows = [[f"m{n}", "s1", "user", "hi", MOMENT, "{}"] for n in range(2)]
+
+    first, second = messages_from_rows(rows)
+    first.metadata["mine"] = 1
+
+    assert second.metadata == {}
+    assert history_from_rows("s1", [row[:1] + row[2:] for row in rows])[1].metadata == {}
 
 
 def test_a_session_built_from_a_row_behaves_like_a_validated_one() -> None:

@@ -63,6 +63,23 @@ async def test_save_after_one_message_costs_the_same_at_10_and_10000_messages(
     assert loaded is not None and loaded.message_count == 10_001
 
 
+async def test_a_load_is_one_statement_on_postgresql(sql_storage: SessionStorage) -> None:
+    session = await _session_with(sql_storage, 30)
+
+    for last in (None, 5):
+        with statements(sql_storage) as seen:
+            loaded = await sql_storage.load_session(session.session_id, last=last)
+        assert loaded is not None and loaded.message_count == 30
+        assert len(loaded.messages) == (last or 30)
+        touching = [s for s in seen if "chat_" in s]
+        if sql_storage.backend_name == "postgresql":
+            # Its own snapshot: the row and the history in one UNION, no transaction.
+            assert len(seen) == 1 and "UNION ALL" in seen[0]
+        else:
+            # Two reads in one transaction, in the one hop to the connection's thread.
+            assert len(touching) == 2
+
+
 async def test_list_sessions_is_one_statement_whatever_the_store_size(
     sql_storage: SessionStorage,
 ) -> None:
