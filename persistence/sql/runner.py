@@ -1,12 +1,13 @@
-"""Drives the repositories' work on a connection: one code path, three ways to run it.
+"""Drives the repositories' work on a connection: one code path, two ways to run it.
 
 A unit of work is a generator that yields requests (Fetch, Execute, ExecuteMany) and
 receives their results, so the logic of a save or a load is written once and run:
 
 - on SQLite, whole, inside the aiosqlite connection's own thread: one thread hop for a
   whole transaction instead of several per statement;
-- on PostgreSQL, on the asyncpg connection the SQLAlchemy pool lends;
-- in a unit of work, through the SQLAlchemy connection that owns the transaction.
+- on PostgreSQL, on the asyncpg connection the SQLAlchemy pool lends.
+
+A unit of work runs its works the same ways, on a connection it holds until it ends.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any, TypeVar
 
 import aiosqlite
 from sqlalchemy import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.garbage_collection import collection_paused
 from persistence.sql import plans
@@ -137,18 +137,32 @@ def _sqlite_step(connection: sqlite3.Connection, dialect: Dialect) -> Callable[[
 
 
 def run_in_sqlite_thread(
-    connection: sqlite3.Connection, dialect: Dialect, work: Work[T], begin: str | None
+    connection: sqlite3.Connection,
+    dialect: Dialect,
+    work: Work[T],
+    begin: str | None,
+    end: bool = True,
 ) -> T:
     """Runs `work` synchronously; meant to run in the aiosqlite connection's thread.
 
     With `begin` (BEGIN IMMEDIATE for writes, BEGIN for reads) the work is one
-    transaction: committed if it returns, rolled back if anything raises.
+    transaction: committed if it returns, rolled back if anything raises. Without
+    `end` the transaction is left open (a unit of work's first work), for
+    end_sqlite_transaction.
     """
 
     if begin is None:
         return _finish(work, _sqlite_step(connection, dialect), dialect)
     connection.execute(begin)
+    if not end:
+        return _finish(work, _sqlite_step(connection, dialect), dialect)
     return _finish_transaction(connection, dialect, work)
+
+
+def end_sqlite_transaction(connection: sqlite3.Connection, verb: str) -> None:
+    """COMMIT or ROLLBACK the connection's open transaction, if it has one."""
+    if connection.in_transaction:
+        connection.execute(verb)
 
 
 def read_in_sqlite_thread(
@@ -340,38 +354,5 @@ async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
         # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
         status = await connection.execute(sql, *params)
         return int(status.rsplit(" ", 1)[-1])
-
-    return await _finish_async(work, step, dialect)
-
-
-async def run_on_connection(connection: AsyncConnection, work: Work[T]) -> T:
-    """Runs `work` through a SQLAlchemy connection (a unit of work's transaction)."""
-    dialect = connection.dialect
-
-    async def step(request: Query) -> Any:
-        if isinstance(request, ExecuteMany) and isinstance(request.statement, BulkInsert):
-            if dialect.name != "postgresql":
-                for bulk_sql, values in request.statement.multirow(dialect, request.rows):
-                    _trace(bulk_sql)
-                    await connection.exec_driver_sql(bulk_sql, tuple(values))
-                return None
-            if request.statement.copies(dialect, request.rows):
-                # asyncpg's own connection, in the transaction SQLAlchemy began.
-                driver = (await connection.get_raw_connection()).driver_connection
-                await _copy(step, driver, dialect, request.statement, request.rows)
-                return None
-        compiled = request.statement.compile(dialect)
-        if isinstance(request, ExecuteMany):
-            rows = [compiled.values(row) for row in request.rows]
-            _trace(compiled.sql)
-            if rows:
-                await connection.exec_driver_sql(compiled.sql, rows)
-            return None
-        sql, params = compiled.bind(request.params)
-        _trace(sql)
-        result = await connection.exec_driver_sql(sql, params)
-        if isinstance(request, Fetch):
-            return compiled.decode(result.fetchall())
-        return result.rowcount
 
     return await _finish_async(work, step, dialect)

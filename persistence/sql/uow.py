@@ -1,19 +1,27 @@
-"""The SQL unit of work: one AsyncSession, one transaction, all or nothing."""
+"""The SQL unit of work: one pooled connection, one transaction, all or nothing."""
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.changes import Base, SavePlan
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
-from persistence.sql.errors import sql_errors, unique_violation
-from persistence.sql.runner import Work, run_in_sqlite_thread, run_in_thread, run_on_connection
+from persistence.sql.checkout import driver_connection
+from persistence.sql.errors import connection_lost, sql_errors, unique_violation
+from persistence.sql.runner import (
+    Work,
+    end_sqlite_transaction,
+    run_in_sqlite_thread,
+    run_in_thread,
+    run_on_asyncpg,
+)
 from persistence.sql.writes import Saved
 from persistence.storage import UnitOfWork
 
@@ -74,13 +82,24 @@ class _SqlFiles:
 class SqlUnitOfWork(UnitOfWork):
     """Everything done through `sessions` and `files` commits together or not at all.
 
-    On SQLite the transaction takes the write lock when it begins (BEGIN IMMEDIATE),
-    so a concurrent writer waits for it instead of failing half way.
+    It borrows a driver connection from the engine's pool at its first work and gives it
+    back when it commits, rolls back or closes (sql/checkout.py), and drives that
+    connection itself, as a storage's own calls do, without SQLAlchemy's Session and
+    Connection around it: each of those calls cost a greenlet hop, and on SQLite the
+    transaction's BEGIN alone three hops to the connection's thread. On SQLite the
+    transaction takes the write lock when it begins (BEGIN IMMEDIATE, sent with the first
+    work in one hop), so a concurrent writer waits for it instead of failing half way.
     """
 
     def __init__(self, engine: AsyncEngine, token: str) -> None:
         self.token = token
-        self._session = AsyncSession(bind=engine, expire_on_commit=False)
+        self._engine = engine
+        self._lent: AbstractAsyncContextManager[Any] | None = None
+        self._driver: Any = None
+        self._transaction: Any = None  # asyncpg's, on PostgreSQL
+        # What interrupted a call on the connection (a cancel, a lost connection): it is
+        # then dropped, not ended, and its transaction dies with it.
+        self._interrupted: BaseException | None = None
         self._undo: dict[int, tuple[ChatSession, Base | None]] = {}
         self._committed = False
         self._open: Token[frozenset[str]] | None = None
@@ -88,21 +107,35 @@ class SqlUnitOfWork(UnitOfWork):
         self.files = _SqlFiles(self)
 
     async def run(self, work: Work[T], action: str) -> T:
-        """Runs repository work in this unit's transaction."""
+        """Runs repository work in this unit's transaction, begun with the first work."""
         if self._committed:
             work.close()
             raise PersistenceError("unit of work already committed: start a new one")
+        if self._interrupted is not None:
+            work.close()
+            raise PersistenceError("unit of work interrupted: leave it and start a new one")
+        dialect = self._engine.dialect
         with sql_errors(action):
-            connection = await self._session.connection()
-            if connection.dialect.name == "sqlite":
-                # Inside the transaction SQLAlchemy began (BEGIN IMMEDIATE), in one hop.
-                driver = (await connection.get_raw_connection()).driver_connection
-                assert driver is not None
-                result: T = await run_in_thread(
-                    driver, run_in_sqlite_thread, connection.dialect, work, None
-                )
-                return result
-            return await run_on_connection(connection, work)
+            begin = None
+            if self._driver is None:
+                lent = driver_connection(self._engine)
+                self._driver = await lent.__aenter__()
+                self._lent = lent
+                begin = "BEGIN IMMEDIATE"
+            try:
+                if dialect.name == "sqlite":
+                    result: T = await run_in_thread(
+                        self._driver, run_in_sqlite_thread, dialect, work, begin, False
+                    )
+                    return result
+                if begin is not None:
+                    self._transaction = self._driver.transaction()
+                    await self._transaction.start()
+                return await run_on_asyncpg(self._driver, dialect, work)
+            except BaseException as exc:
+                if connection_lost(exc) or not isinstance(exc, Exception):
+                    self._interrupted = exc
+                raise
 
     def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:
         """Takes the save as stored now; a rollback gives the object back its old base."""
@@ -120,23 +153,61 @@ class SqlUnitOfWork(UnitOfWork):
     async def commit(self) -> None:
         try:
             with sql_errors("commit"):
-                await self._session.commit()
-        except BaseException:
+                await self._end("COMMIT")
+        except BaseException as exc:
             # The commit may have landed before the error: later saves must check.
             for session, _base in self._undo.values():
                 session.save_failed(self.token)
             self._undo.clear()
+            await self._give_back(exc)
             raise
         self._committed = True
         self._undo.clear()
+        await self._give_back(None)
 
     async def rollback(self) -> None:
         # The store holds none of this unit's changes: later saves must send them again.
         for session, base in self._undo.values():
             session.restore_base(self.token, base)
         self._undo.clear()
-        with sql_errors("rollback"):
-            await self._session.rollback()
+        try:
+            with sql_errors("rollback"):
+                await self._end("ROLLBACK")
+        except BaseException as exc:
+            await self._give_back(exc)
+            raise
+        await self._give_back(None)
+
+    async def _end(self, verb: str) -> None:
+        """Commits or rolls back the transaction, if one was begun."""
+        if self._driver is None:
+            return
+        if self._interrupted is not None:
+            if verb == "COMMIT":
+                raise PersistenceError("unit of work interrupted: nothing was committed")
+            return  # dropping the connection rolls the transaction back
+        try:
+            if self._transaction is not None:
+                transaction, self._transaction = self._transaction, None
+                await (transaction.commit() if verb == "COMMIT" else transaction.rollback())
+            elif self._engine.dialect.name == "sqlite":
+                await run_in_thread(self._driver, end_sqlite_transaction, verb)
+        except BaseException as exc:
+            if connection_lost(exc) or not isinstance(exc, Exception):
+                self._interrupted = exc
+            raise
+
+    async def _give_back(self, error: BaseException | None) -> None:
+        """Returns the connection to the pool; after `error`, one that may be unusable
+        (lost, or cancelled mid-call) is dropped instead (sql/checkout.py)."""
+        lent, self._lent, self._driver, self._transaction = self._lent, None, None, None
+        error = self._interrupted or error
+        if lent is not None:
+            with sql_errors("close unit of work"):
+                if error is None:
+                    await lent.__aexit__(None, None, None)
+                else:
+                    await lent.__aexit__(type(error), error, error.__traceback__)
 
     async def __aenter__(self) -> Self:
         self._open = _OPEN.set(_OPEN.get() | {self.token})
@@ -161,5 +232,5 @@ class SqlUnitOfWork(UnitOfWork):
             if self._open is not None:
                 _OPEN.reset(self._open)
                 self._open = None
-            with sql_errors("close unit of work"):
-                await self._session.close()
+            # Still lent only if the rollback itself was interrupted.
+            await self._give_back(exc)

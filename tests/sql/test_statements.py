@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import aiosqlite
 import pytest
 from sqlalchemy import text
 
-from persistence import ChatSession, SessionStorage
+from persistence import ChatSession, SessionStorage, SQLiteSessionStorage
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.runner import traced
 
@@ -134,3 +136,30 @@ async def test_message_count_always_equals_rows_stored(
         ).scalar_one()
     counts = await sql_storage.count()
     assert rows == count == counts.messages
+
+
+async def test_a_sqlite_unit_of_work_of_one_save_is_three_hops_to_the_thread(
+    sqlite_storage: SQLiteSessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BEGIN IMMEDIATE with the first work, the COMMIT, the pool's reset: not six hops."""
+    session = ChatSession.create("m")
+    await sqlite_storage.save_session(session)
+    async with sqlite_storage.unit_of_work() as uow:  # the pool's connection is opened
+        await uow.commit()
+    hops: list[object] = []
+    execute = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn)
+        return await execute(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    session.add_message("user", "one")
+    async with sqlite_storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        await uow.commit()
+    monkeypatch.undo()
+
+    assert len(hops) == 3
+    loaded = await sqlite_storage.load_session(session.session_id)
+    assert loaded is not None and [m.content for m in loaded.messages] == ["one"]
