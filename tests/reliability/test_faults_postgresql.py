@@ -15,7 +15,12 @@ import asyncpg
 import pytest
 from sqlalchemy import make_url
 
-from persistence import ChatSession, PostgreSQLSessionStorage, StorageConnectionError
+from persistence import (
+    ChatSession,
+    PersistenceError,
+    PostgreSQLSessionStorage,
+    StorageConnectionError,
+)
 from tests.reliability.conftest import Figures, Scale
 from tests.reliability.support import TcpProxy, postgresql_state
 from tests.servers import plain_postgresql_url
@@ -240,3 +245,39 @@ async def test_a_unit_of_work_whose_commit_ack_was_lost_is_retried_without_dupli
     assert loaded is not None
     assert [m.content for m in loaded.messages] == ["first", "landed, ack lost", "third"]
     assert loaded.message_count == 3
+
+
+async def test_a_unit_of_work_whose_connection_was_killed_between_works_commits_nothing(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> None:
+    storage = await make_postgresql(min_pool_size=1, max_pool_size=2)
+    first = ChatSession.create("faults")
+    first.add_message("user", "in the unit")
+    second = ChatSession.create("faults")
+    admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
+    try:
+        with pytest.raises(StorageConnectionError):
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(first)
+                killed = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND state LIKE 'idle in transaction%'"
+                )
+                assert killed == 1
+                try:
+                    await uow.sessions.add(second)
+                finally:
+                    # The unit refuses more work on a connection it knows is gone.
+                    with pytest.raises(PersistenceError, match="interrupted"):
+                        await uow.files.delete("any")
+    finally:
+        await admin.close()
+
+    assert await storage.load_session(first.session_id) is None
+    assert await storage.load_session(second.session_id) is None
+    # The connection was dropped, not given back: the pool goes on, and the rolled
+    # back unit's messages are sent again by the next save.
+    await storage.save_session(first)
+    loaded = await storage.load_session(first.session_id)
+    assert loaded is not None and [m.content for m in loaded.messages] == ["in the unit"]
