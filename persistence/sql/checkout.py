@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
-from persistence.sql.errors import connection_lost
+from persistence.sql.errors import connection_unusable
 
 
 @asynccontextmanager
@@ -31,7 +31,7 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
     try:
         yield pooled.driver_connection
     except BaseException as exc:
-        if connection_lost(exc) or not isinstance(exc, Exception):
+        if connection_unusable(exc):
             # Cancelled mid-query or cut off: never lend this connection again.
             await greenlet_spawn(pooled.invalidate)
         raise

@@ -106,6 +106,12 @@ def connection_lost(exc: BaseException) -> bool:
     )
 
 
+def connection_unusable(exc: BaseException) -> bool:
+    """True if, after `exc`, the connection it came from must be dropped, never lent
+    again: it was lost, or a cancel (or another BaseException) stopped a call midway."""
+    return connection_lost(exc) or not isinstance(exc, Exception)
+
+
 def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError | PoolTimeoutError | InterfaceError):
         return True

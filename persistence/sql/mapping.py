@@ -8,7 +8,6 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 
 from __future__ import annotations
 
-import json
 import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
@@ -26,8 +25,6 @@ from persistence.search import search_document
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.sql.types import json_loads
 
-_json_loads = json.loads
-
 # Metadata comes as its JSON text: the object parses it, and its bookkeeping keeps the
 # text as the stored snapshot, so a load copies nothing for it.
 SESSION_METADATA_TEXT = cast(SessionRow.metadata_, Text).label("metadata_text")
@@ -43,7 +40,7 @@ SESSION_COLUMNS = (
     SessionRow.incarnation,
 )
 # A message's metadata too: on PostgreSQL the driver's JSONB codec called a Python
-# function per row, and the builder answers the empty object of most messages inline.
+# function per row; json_loads answers the empty object of most messages at once.
 MESSAGE_METADATA_TEXT = cast(MessageRow.metadata_, Text).label("metadata_text")
 MESSAGE_COLUMNS = (
     MessageRow.message_id,
@@ -104,9 +101,9 @@ def _trusted(cls: type[Model], fields: frozenset[str], values: dict[str, Any]) -
 def _message(
     message_id: str, session_id: str, role: str, content: str, created_at: Any, metadata: str
 ) -> ChatMessage:
-    # The hottest builder (a history is thousands of them), so _trusted and json_loads
-    # are inlined; a frozen model never changes its fields-set, so every message may
-    # share one. `metadata` is the column's JSON text.
+    # The hottest builder (a history is thousands of them), so _trusted is inlined; a
+    # frozen model never changes its fields-set, so every message may share one.
+    # `metadata` is the column's JSON text.
     message = _new_message(ChatMessage)
     set_dict(
         message,
@@ -116,7 +113,7 @@ def _message(
             "role": role,
             "content": content,
             "created_at": created_at,
-            "metadata": {} if metadata == "{}" else _json_loads(metadata),
+            "metadata": json_loads(metadata),
         },
     )
     set_fields_set(message, _MESSAGE_FIELDS_SET)

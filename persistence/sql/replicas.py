@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.errors import InvalidDataError
 from persistence.sql.engines import displayed, postgresql_url, replica_connect_args
-from persistence.sql.errors import connection_lost
+from persistence.sql.errors import connection_unusable
 from persistence.sql.runner import Work, run_on_asyncpg
 from persistence.sql.standby import (
     Replica,
@@ -143,7 +143,7 @@ class ReplicaSet:
                     driver, self._primary.dialect, fetch_one(PRIMARY_POSITION)
                 )
             except BaseException as exc:
-                if connection_lost(exc) or not isinstance(exc, Exception):
+                if connection_unusable(exc):
                     await pooled.invalidate()
                 raise
         return int(position)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -96,7 +97,7 @@ def _session_with_history(newest: bool) -> Any:
     one statement, so one snapshot without a transaction around it: 4 round trips a
     load became 1. The messages come first by position, in HISTORY_COLUMNS' places;
     the session's row comes last (its NULL position sorts last) and carries its columns
-    in the places whose types match (SESSION_FROM_UNION reorders them).
+    in the places whose types match (_SESSION_IN_UNION).
     """
     history = select(
         *HISTORY_COLUMNS,
@@ -112,25 +113,30 @@ def _session_with_history(newest: bool) -> Any:
             history.order_by(messages.c.position.desc()).limit(bindparam("last")).subquery()
         )
         history = select(*newest_first.c)
-    session = select(
-        sessions.c.session_id,
-        sessions.c.model,
-        SESSION_METADATA_TEXT,
-        sessions.c.created_at,
-        sessions.c.status,
-        sessions.c.updated_at,
-        sessions.c.message_count,
-        sessions.c.revision,
-        sessions.c.incarnation,
-        null().cast(BigInteger),
-    ).where(sessions.c.session_id == bindparam("session_id"))
+    session = select(*_SESSION_IN_UNION, null().cast(BigInteger)).where(
+        sessions.c.session_id == bindparam("session_id")
+    )
     return union_all(history, session).order_by(literal_column("sort_position"))
 
 
+# The session's columns in the union's places, each of the type of the history's there.
+_SESSION_IN_UNION = (
+    sessions.c.session_id,
+    sessions.c.model,
+    SESSION_METADATA_TEXT,
+    sessions.c.created_at,
+    sessions.c.status,
+    sessions.c.updated_at,
+    sessions.c.message_count,
+    sessions.c.revision,
+    sessions.c.incarnation,
+)
 SELECT_SESSION_WITH_HISTORY = Statement(_session_with_history(newest=False))
 SELECT_SESSION_WITH_NEWEST = Statement(_session_with_history(newest=True))
-# Where SESSION_COLUMNS' values sit in the session's row of those statements.
-SESSION_FROM_UNION = (0, 1, 3, 5, 6, 2, 4, 7, 8)
+# The session's row of those statements, reordered as SESSION_COLUMNS.
+_session_row_of_union = itemgetter(
+    *([placed.key for placed in _SESSION_IN_UNION].index(column.key) for column in SESSION_COLUMNS)
+)
 SELECT_SESSIONS_IN = Statement(
     select(*SESSION_COLUMNS).where(sessions.c.session_id.in_(bindparam("ids", expanding=True)))
 )
@@ -254,9 +260,8 @@ def read_session_in_one_statement(
     # A message's session always exists (the foreign key): no rows, no session.
     if not rows:
         return None
-    row = rows[-1]
     history = history_from_rows(session_id, rows[:-1])
-    return session_from_row([row[index] for index in SESSION_FROM_UNION], history, token)
+    return session_from_row(_session_row_of_union(rows[-1]), history, token)
 
 
 def read_sessions(

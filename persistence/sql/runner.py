@@ -151,12 +151,11 @@ def run_in_sqlite_thread(
     end_sqlite_transaction.
     """
 
-    if begin is None:
-        return _finish(work, _sqlite_step(connection, dialect), dialect)
-    connection.execute(begin)
-    if not end:
-        return _finish(work, _sqlite_step(connection, dialect), dialect)
-    return _finish_transaction(connection, dialect, work)
+    if begin is not None:
+        connection.execute(begin)
+        if end:
+            return _finish_transaction(connection, dialect, work)
+    return _finish(work, _sqlite_step(connection, dialect), dialect)
 
 
 def end_sqlite_transaction(connection: sqlite3.Connection, verb: str) -> None:
@@ -187,8 +186,7 @@ def _finish_transaction(connection: sqlite3.Connection, dialect: Dialect, work: 
     try:
         result = _finish(work, _sqlite_step(connection, dialect), dialect)
     except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
+        end_sqlite_transaction(connection, "ROLLBACK")
         raise
     connection.execute("COMMIT")
     return result

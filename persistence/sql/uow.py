@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -14,7 +15,7 @@ from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
 from persistence.sql.checkout import driver_connection
-from persistence.sql.errors import connection_lost, sql_errors, unique_violation
+from persistence.sql.errors import connection_unusable, sql_errors, unique_violation
 from persistence.sql.runner import (
     Work,
     end_sqlite_transaction,
@@ -122,7 +123,7 @@ class SqlUnitOfWork(UnitOfWork):
                 self._driver = await lent.__aenter__()
                 self._lent = lent
                 begin = "BEGIN IMMEDIATE"
-            try:
+            with self._noting_interruption():
                 if dialect.name == "sqlite":
                     result: T = await run_in_thread(
                         self._driver, run_in_sqlite_thread, dialect, work, begin, False
@@ -132,10 +133,6 @@ class SqlUnitOfWork(UnitOfWork):
                     self._transaction = self._driver.transaction()
                     await self._transaction.start()
                 return await run_on_asyncpg(self._driver, dialect, work)
-            except BaseException as exc:
-                if connection_lost(exc) or not isinstance(exc, Exception):
-                    self._interrupted = exc
-                raise
 
     def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:
         """Takes the save as stored now; a rollback gives the object back its old base."""
@@ -186,14 +183,20 @@ class SqlUnitOfWork(UnitOfWork):
             if verb == "COMMIT":
                 raise PersistenceError("unit of work interrupted: nothing was committed")
             return  # dropping the connection rolls the transaction back
-        try:
+        with self._noting_interruption():
             if self._transaction is not None:
                 transaction, self._transaction = self._transaction, None
                 await (transaction.commit() if verb == "COMMIT" else transaction.rollback())
             elif self._engine.dialect.name == "sqlite":
                 await run_in_thread(self._driver, end_sqlite_transaction, verb)
+
+    @contextmanager
+    def _noting_interruption(self) -> Iterator[None]:
+        """Records an error that leaves the connection unusable (sql.errors)."""
+        try:
+            yield
         except BaseException as exc:
-            if connection_lost(exc) or not isinstance(exc, Exception):
+            if connection_unusable(exc):
                 self._interrupted = exc
             raise
 
