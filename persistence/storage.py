@@ -307,14 +307,15 @@ class SessionStorage(ABC):
         """
 
     async def index_for_search(self) -> int:
-        """Writes the search documents that bulk inserts left pending; returns how many.
+        """Writes the search documents or terms that inserts left pending; returns how many.
 
-        On SQLite a bulk insert (32 messages or more in one statement) leaves them to
-        the first search, which writes them before it answers; until then every search
-        tests those messages one by one, and a store opened for reading never writes
-        them. Tools that load a store call this at the end (the CLI's import, migrate
-        and restore) so that its searches are fast at once. Other backends write the
-        documents with the messages and return 0.
+        On SQLite every insert leaves its documents to later, and on PostgreSQL an
+        insert of more than 32 messages in one statement leaves its index terms (the
+        document is written with the row). The first search that needs them writes
+        them before it answers; until then searches test those messages one by one,
+        and a store opened for reading never writes them. Tools that load a store call
+        this at the end (the CLI's import, migrate and restore) so that its searches
+        are fast at once. MongoDB writes everything with the messages and returns 0.
 
         Raises:
             PersistenceError: if the backend fails, or a SQL store was opened for reading.

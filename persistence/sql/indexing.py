@@ -1,4 +1,4 @@
-"""Search documents written later: on SQLite, every insert leaves them for later.
+"""Search documents and terms written later: SQLite's inserts, PostgreSQL's bulk inserts.
 
 Writing a message's search document (persistence.search) and indexing it (FTS5 on
 SQLite; the tsvector and its GIN index on PostgreSQL) costs more than storing the
@@ -16,11 +16,19 @@ have left SAVES_INDEX_AT documents pending, its next save also writes the oldest
 pending ones, in its own transaction (`then_index`). A document is written only
 where it is still missing, so two processes indexing at once do the same work twice
 at worst, never overwrite an edit.
+
+PostgreSQL writes every document with its row, but keeps the index terms in a table of
+their own (revision 0009): an INSERT of more than a few rows records its range of row
+ids as pending, and a search on the primary first writes their terms
+(`write_pending_terms`, many ranges per statement). Until then a search tests the
+pending rows against their documents (persistence.sql.search). Neither engine's saves
+write what a bulk insert left: that is the work the insert did not do.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from sqlalchemy import Table, text
@@ -78,7 +86,47 @@ SET_DOCUMENTS = Statement(
 )
 
 
-def index_some(batch: int = BATCH) -> Work[int]:
+# PostgreSQL: the oldest pending ranges, taken (SKIP LOCKED: two searches at once take
+# different ones), and the terms of the rows they hold that still have a document. A row
+# of another writer inside a range and not yet visible has a range of its own, or got its
+# terms in its own statement; an edited row's terms are already written (DO NOTHING).
+WRITE_PENDING_TERMS = Statement(
+    text(
+        "WITH taken AS (DELETE FROM chat_terms_pending WHERE pending IN"
+        " (SELECT pending FROM chat_terms_pending ORDER BY pending LIMIT :ranges"
+        " FOR UPDATE SKIP LOCKED) RETURNING first_id, last_id),"
+        " written AS (INSERT INTO chat_message_terms (id, terms)"
+        " SELECT m.id, persistence_search_terms(m.search_text)"
+        " FROM taken JOIN chat_messages AS m ON m.id BETWEEN taken.first_id AND taken.last_id"
+        " WHERE m.search_text IS NOT NULL ON CONFLICT (id) DO NOTHING RETURNING 1)"
+        " SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM written)"
+    )
+)
+# Pending ranges a statement takes: a bulk insert records one per part of at most 256
+# rows (persistence.sql.bulk), so about 4,000 rows.
+TERMS_RANGES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Indexed:
+    """What a batch of indexing wrote."""
+
+    written: int
+    # The batch was full: more may be pending.
+    more: bool
+
+
+def index_some() -> Work[Indexed]:
+    """Writes the documents (SQLite) or terms (PostgreSQL) of a batch of the oldest
+    pending messages."""
+    if (yield WhichDialect()) == "postgresql":
+        ranges, written = (yield Fetch(WRITE_PENDING_TERMS, {"ranges": TERMS_RANGES}))[0]
+        return Indexed(int(written), more=ranges == TERMS_RANGES)
+    written = yield from _write_documents(BATCH)
+    return Indexed(written, more=written == BATCH)
+
+
+def _write_documents(batch: int) -> Work[int]:
     """Writes the documents of the oldest `batch` pending messages; returns how many were
     pending (0: none left, or a database whose inserts never leave any)."""
     if not defers((yield WhichDialect())):
@@ -94,5 +142,5 @@ def then_index(work: Work[T]) -> Work[T]:
     """`work`, then the documents of the oldest SAVE_BATCH pending messages, in the same
     transaction (a save that its storage's earlier saves made due to index)."""
     result = yield from work
-    yield from index_some(SAVE_BATCH)
+    yield from _write_documents(SAVE_BATCH)
     return result

@@ -3,7 +3,8 @@
 
 Both engines index the tokens of each message's search document (persistence.search)
 as they are, with no parser of their own: FTS5 with its `ascii` tokenizer on SQLite, a
-generated tsvector (revision 0003) with a GIN index on PostgreSQL. And on both, the
+tsvector (revision 0003's terms, in a table of their own since 0009) with a GIN index on
+PostgreSQL. And on both, the
 rule itself is a test of the stored document, exact for any word `w`:
 
 - `w` begins a word of the message: `' ' || document` holds `' ' || w`;
@@ -19,7 +20,9 @@ persistence.search, quoted for FTS5 and tsquery, so nothing a person types is sy
 Messages left *pending* (no document yet; every insert on SQLite:
 persistence.sql.indexing) are in neither: the search reads them newest first, tests
 each in Python with the same rule (`SearchQuery.matches_content`), and merges them
-into the page by their place in the stored order.
+into the page by their place in the stored order. PostgreSQL's rows always carry their
+document; rows whose terms a bulk insert left pending are tested against it in the
+index's own statement.
 """
 
 from __future__ import annotations
@@ -142,20 +145,8 @@ def _index(shape: Shape, dialect: str) -> str:
     """
     below = f"< coalesce(CAST(:edge AS BIGINT), {_edge(shape)})"
     if dialect == "postgresql":
-        # A document indexed as OVERFLOW holds only that term: it is tested word by word.
-        everything = " AND ".join(_tests(dialect))
-        where = [
-            "m.search_terms @@ CAST(:match AS tsquery)",
-            f"({shape.key} + 0) {below}",
-            *_filters(shape),
-            f"(NOT m.search_terms @@ CAST(:overflow AS tsquery) OR ({everything}))",
-            *_tests(dialect, "recheck_"),
-        ]
-        source = "chat_messages AS m"
-        # Bounded and ordered by expressions, so the planner reads the GIN index instead
-        # of walking the primary key: the probe found these words rare among the newest.
-        order = f"({shape.key} + 0) DESC"
-    elif shape.session:
+        return _index_postgresql(shape, below)
+    if shape.session:
         where = [
             "m.id IN (SELECT rowid FROM chat_messages_fts WHERE chat_messages_fts MATCH :match)",
             f"m.position {below}",
@@ -177,6 +168,43 @@ def _index(shape: Shape, dialect: str) -> str:
     return (
         f"SELECT {_COLUMNS}, {shape.key} AS sort_key FROM {source}"
         f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT :limit"
+    )
+
+
+def _index_postgresql(shape: Shape, below: str) -> str:
+    """PostgreSQL's index: the terms table's GIN index (read by a function that never
+    scans the table, revision 0009), and the rows whose terms are still pending, tested
+    against their documents."""
+    # A document indexed as OVERFLOW holds only that term: it is tested word by word.
+    everything = " AND ".join(_tests("postgresql"))
+    # Bounded by an expression, so the planner probes the rows the GIN index found
+    # instead of walking the primary key: the probe found these words rare among the
+    # newest.
+    indexed = [
+        f"({shape.key} + 0) {below}",
+        *_filters(shape),
+        f"(NOT t.overflowed OR ({everything}))",
+        *_tests("postgresql", "recheck_"),
+    ]
+    # Few rows, or none: the next search on the primary writes their terms first.
+    pending = [
+        # An array, computed once: the rows are then read by their key, and none at all
+        # when nothing is pending.
+        "m.id = ANY (ARRAY(SELECT generate_series(p.first_id, p.last_id)"
+        " FROM chat_terms_pending AS p))",
+        "NOT EXISTS (SELECT 1 FROM chat_message_terms AS t WHERE t.id = m.id)",
+        f"{shape.key} {below}",
+        *_filters(shape),
+        "m.search_text IS NOT NULL",
+        everything,
+    ]
+    return (
+        f"SELECT {_COLUMNS}, {shape.key} AS sort_key"
+        " FROM persistence_terms_matching(CAST(:match AS tsquery), CAST(:overflow AS tsquery))"
+        " AS t JOIN chat_messages AS m ON m.id = t.id"
+        f" WHERE {' AND '.join(indexed)}"
+        f" UNION ALL SELECT {_COLUMNS}, {shape.key} AS sort_key FROM chat_messages AS m"
+        f" WHERE {' AND '.join(pending)} ORDER BY sort_key DESC LIMIT :limit"
     )
 
 
@@ -236,6 +264,7 @@ def _counts(shape: Shape, dialect: str) -> str:
 
 
 _COUNTS = {shape: _statement(_counts, shape, rows=False) for shape in _SHAPES}
+_ANY_PENDING_TERMS = Statement(text("SELECT EXISTS (SELECT 1 FROM chat_terms_pending)"))
 
 
 def _index_terms(word: QueryWord, dialect: str) -> str:
@@ -298,11 +327,14 @@ def find_messages(
     """The newest `limit` messages matching `query`, newest first (stored order).
 
     None when `may_index` and more than a batch of pending messages would have to be
-    tested one by one: the caller indexes them (persistence.sql.indexing) and asks again.
+    tested one by one (SQLite), or the index is needed while terms are pending
+    (PostgreSQL): the caller indexes them (persistence.sql.indexing) and asks again.
     """
     dialect = yield WhichDialect()
     shape = Shape(session=session_id is not None, role=role is not None)
-    indexed = yield from _indexed_matches(dialect, shape, query, limit, session_id, role)
+    indexed = yield from _indexed_matches(dialect, shape, query, limit, session_id, role, may_index)
+    if indexed is None:
+        return None
     if not defers(dialect):
         return Found(messages_from_rows(indexed), 0)
     pending = yield from _pending_matches(shape, query, limit, session_id, role, indexed, may_index)
@@ -362,8 +394,13 @@ def _indexed_matches(
     limit: int,
     session_id: str | None,
     role: str | None,
-) -> Work[list[Sequence[Any]]]:
-    """The newest `limit` indexed messages matching `query`, as rows, newest first."""
+    may_index: bool,
+) -> Work[list[Sequence[Any]] | None]:
+    """The newest `limit` indexed messages matching `query`, as rows, newest first.
+
+    None when the index is needed, `may_index`, and PostgreSQL holds pending terms: the
+    caller writes them (persistence.sql.indexing) and asks again.
+    """
     common: dict[str, Any] = {"session_id": session_id, "role": role}
     common |= _arrays(
         dialect,
@@ -387,6 +424,8 @@ def _indexed_matches(
         if edge is None or wanted > MAX_SCAN_ROWS - scanned:
             break
         below, budget = edge - 1, wanted
+    if may_index and dialect == "postgresql" and (yield Fetch(_ANY_PENDING_TERMS, {}))[0][0]:
+        return None
     # The index looks for the word rarest among the rows read (then the longest): one
     # word's terms keep the index's work small, and the recheck decides the rest.
     # Candidates are the longest words (query.words comes longest first).

@@ -319,22 +319,24 @@ class SqlSessionStorage(SessionStorage):
         return await self._index_pending(wait=True)
 
     def _may_index(self) -> bool:
-        """Whether a search may write the documents of pending messages (indexing.py)."""
+        """Whether a search may write the documents or terms of pending messages
+        (indexing.py)."""
         return not self._reading_only
 
     async def _index_pending(self, *, wait: bool) -> int:
-        """Writes the search documents of every pending message, a batch per transaction;
-        returns how many. Without `wait`, it stops where another writer holds the store."""
+        """Writes the search documents (SQLite) or terms (PostgreSQL) of every pending
+        message, a batch per transaction; returns how many. Without `wait`, it stops
+        where another writer holds the store."""
         written = 0
         while (batch := await self._index_batch(wait=wait)) is not None:
-            written += batch
-            if batch < indexing.BATCH:
+            written += batch.written
+            if not batch.more:
                 break
         return written
 
-    async def _index_batch(self, *, wait: bool) -> int | None:
-        """Writes the documents of a batch of pending messages; returns how many were
-        pending (None: `wait` was false and the store was locked, nothing written)."""
+    async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:
+        """Writes the documents or terms of a batch of pending messages (None: `wait` was
+        false and the store was locked, nothing written)."""
         return await self._run(indexing.index_some(), "index messages", write=True)
 
     async def iter_sessions(

@@ -130,7 +130,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
             raise PersistenceError("sqlite storage is not initialized: await initialize() first")
         return self._connection
 
-    async def _index_batch(self, *, wait: bool) -> int | None:
+    async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:
         if wait:
             return await super()._index_batch(wait=True)
         # Without waiting for the write lock: a search never queues behind a writer.

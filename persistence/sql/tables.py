@@ -77,8 +77,8 @@ class MessageRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonObject)
     # The search document of `content` (persistence.search.search_document); FTS5
-    # (SQLite) and a generated tsvector (PostgreSQL) index its tokens. NULL: not yet
-    # indexed (a bulk insert leaves it to the next search: persistence.sql.indexing).
+    # (SQLite) and a tsvector in chat_message_terms (PostgreSQL) index its tokens. NULL:
+    # not yet written (SQLite's inserts leave it to later: persistence.sql.indexing).
     search_text: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
@@ -123,9 +123,11 @@ class FileRow(Base):
 
 
 # Created by the revisions with dialect-specific DDL, so the ORM does not declare them:
-# SQLite's FTS5 table (and its shadow tables), PostgreSQL's generated tsvector column,
-# its GIN index and the function that computes it.
+# SQLite's FTS5 table (and its shadow tables), PostgreSQL's terms table with its GIN
+# index, its pending ranges, and the function that computes the terms (revision 0009;
+# before it, a generated tsvector column and its index).
 SEARCH_OBJECTS = frozenset(
     {"chat_messages_fts", "search_terms", "ix_chat_messages_search_terms"}
+    | {"chat_message_terms", "chat_terms_pending", "ix_chat_message_terms_terms"}
     | {f"chat_messages_fts_{suffix}" for suffix in ("data", "idx", "docsize", "config", "content")}
 )

@@ -26,24 +26,33 @@ async def _fill(storage: SessionStorage, count: int, rare_every: int = 0) -> Cha
     async with storage.unit_of_work() as uow:
         await uow.sessions.add(session)
         await uow.commit()
-    # A bulk insert leaves the documents to the first search (persistence.sql.indexing).
-    assert len(await storage.search_messages("common", limit=1)) == 1
+    # A bulk insert leaves the documents (SQLite) or terms (PostgreSQL) to the first
+    # search that needs them (persistence.sql.indexing).
+    assert isinstance(storage, SqlSessionStorage)
+    await storage.index_for_search()
     return session
 
 
 def _with_pending_read(storage: SessionStorage, statements: list[str]) -> list[str]:
-    """SQLite's searches end with a read of the pending messages (indexing.defers)."""
-    return [*statements, "pending"] if storage.backend_name == "sqlite" else statements
+    """SQLite's searches end with a read of the pending messages (indexing.defers);
+    PostgreSQL's ask whether any terms are pending before they read the index."""
+    if storage.backend_name == "sqlite":
+        return [*statements, "pending"]
+    return [
+        s for step in statements for s in (["pending terms"] if step == "index" else []) + [step]
+    ]
 
 
 def _statements(sql: list[str]) -> list[str]:
     """Each statement a search sent: the index, a read of the newest rows, or the read
-    of the pending messages (none here: the fill's first search indexed them)."""
+    of the pending messages or terms (none here: the fill indexed them)."""
     return [
         "pending"
         if "search_text IS NULL" in s
+        else "pending terms"
+        if s.startswith("SELECT EXISTS (SELECT 1 FROM chat_terms_pending)")
         else "index"
-        if "search_terms @@" in s or "MATCH" in s
+        if "persistence_terms_matching" in s or "MATCH" in s
         else "read"
         for s in sql
     ]
@@ -99,7 +108,7 @@ async def _plan(storage: SessionStorage, sql: str, params: dict[str, object]) ->
         if connection.dialect.name == "sqlite":
             rows = await connection.execute(text("EXPLAIN QUERY PLAN " + sql), params)
             return " | ".join(str(row[-1]) for row in rows)
-        await connection.execute(text("ANALYZE chat_messages"))
+        await connection.execute(text("ANALYZE chat_messages, chat_message_terms"))
         rows = await connection.execute(text("EXPLAIN " + sql), params)
         return " | ".join(row[0] for row in rows)
 
@@ -137,7 +146,27 @@ async def test_the_plans_read_newest_first_and_the_index(sql_storage: SessionSto
         assert "VIRTUAL TABLE INDEX" in index and "TEMP B-TREE" not in index, index
     else:
         assert "Index Scan Backward using pk_chat_messages" in scan, scan
-        assert "ix_chat_messages_search_terms" in index, index
+        # The function's rows are probed by their key; the function itself plans its
+        # query with sequential scans off, so it reads the GIN index.
+        assert "Function Scan on persistence_terms_matching" in index, index
+        assert "Index Scan using pk_chat_messages" in index, index
+        async with sql_storage.engine.begin() as connection:
+            (settings,) = (
+                await connection.execute(
+                    text(
+                        "SELECT proconfig FROM pg_proc WHERE proname = 'persistence_terms_matching'"
+                    )
+                )
+            ).one()
+            assert settings == ["enable_seqscan=off"]
+            await connection.execute(text("SET LOCAL enable_seqscan = off"))
+            rows = await connection.execute(
+                text(
+                    "EXPLAIN SELECT id FROM chat_message_terms WHERE terms @@ CAST(:m AS tsquery)"
+                ),
+                {"m": match},
+            )
+            assert "ix_chat_message_terms_terms" in " | ".join(row[0] for row in rows)
 
 
 @pytest.fixture
@@ -183,7 +212,10 @@ async def test_terms_past_one_megabyte_are_indexed_as_overflow_and_still_found(
     async with postgresql_storage.engine.connect() as connection:
         terms = (
             await connection.execute(
-                text("SELECT search_terms::text FROM chat_messages WHERE message_id = :id"),
+                text(
+                    "SELECT t.terms::text FROM chat_message_terms AS t"
+                    " JOIN chat_messages AS m ON m.id = t.id WHERE m.message_id = :id"
+                ),
                 {"id": big.message_id},
             )
         ).scalar_one()

@@ -116,9 +116,9 @@ async def test_search_uses_the_full_text_index(sql_storage: SessionStorage) -> N
         else:
             await connection.execute(text("SET enable_seqscan = off"))
             plan = await connection.execute(
-                text("EXPLAIN SELECT id FROM chat_messages WHERE search_terms @@ 'mess:*'")
+                text("EXPLAIN SELECT id FROM chat_message_terms WHERE terms @@ 'mess:*'")
             )
-            assert "ix_chat_messages_search_terms" in " ".join(row[0] for row in plan)
+            assert "ix_chat_message_terms_terms" in " ".join(row[0] for row in plan)
 
 
 @pytest.mark.parametrize("count", [0, 1, 25])

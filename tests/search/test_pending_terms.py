@@ -1,0 +1,238 @@
+"""PostgreSQL's search terms in a table of their own (revision 0009): a bulk insert
+leaves them pending, searches never miss those rows, the first search on the primary
+writes them, and edits, removals and writes from outside the library keep them exact."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from persistence import ChatSession, PostgreSQLSessionStorage
+from persistence.search import search_document
+from persistence.sql.indexing import WRITE_PENDING_TERMS
+from persistence.sql.search import PROBE_ROWS
+from tests.search.test_pending import _bulk, _check_index, _same_store, _scalar
+
+pytestmark = pytest.mark.postgresql
+
+# More than a probe reads, so that a rare word goes to the index.
+BULK = 3 * PROBE_ROWS
+
+
+def _url(storage: PostgreSQLSessionStorage) -> str:
+    return storage.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _pending_ranges(storage: PostgreSQLSessionStorage) -> int:
+    return await _scalar(storage, "SELECT count(*) FROM chat_terms_pending")
+
+
+async def _terms(storage: PostgreSQLSessionStorage) -> int:
+    return await _scalar(storage, "SELECT count(*) FROM chat_message_terms")
+
+
+def _with_rare_word(count: int, every: int = 100) -> list[str]:
+    return [f"common words {n}" + (" zeppelin" if n % every == 0 else "") for n in range(count)]
+
+
+async def test_a_bulk_insert_leaves_its_terms_to_the_first_search_that_needs_them(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    await _bulk(postgresql_storage, _with_rare_word(BULK))
+    assert await _terms(postgresql_storage) == 0
+    assert await _pending_ranges(postgresql_storage) > 0
+    await _check_index(postgresql_storage)
+
+    # A common word: the newest rows answer, through their documents; nothing written.
+    assert len(await postgresql_storage.search_messages("common", limit=5)) == 5
+    assert await _terms(postgresql_storage) == 0
+
+    # A rare word needs the index: the search writes the pending terms first.
+    found = await postgresql_storage.search_messages("zeppelin")
+    assert [m.content for m in found] == [
+        f"common words {n} zeppelin" for n in range(BULK - 1, -1, -1) if n % 100 == 0
+    ]
+    assert await _pending_ranges(postgresql_storage) == 0
+    assert await _terms(postgresql_storage) == BULK
+    await _check_index(postgresql_storage)
+
+
+async def test_a_store_opened_for_reading_finds_rows_whose_terms_are_pending(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    indexed = ChatSession.create("m", session_id="indexed")
+    indexed.add_message("user", "an early zeppelin")
+    indexed.add_message("assistant", "an assistant zeppelin")
+    await postgresql_storage.save_session(indexed)
+    await _bulk(postgresql_storage, _with_rare_word(BULK), session_id="bulk")
+    expected = [f"common words {n} zeppelin" for n in range(BULK - 1, -1, -1) if n % 100 == 0]
+
+    async with _same_store(postgresql_storage, reading=True) as reader:
+        everywhere = await reader.search_messages("zeppelin")
+        two = await reader.search_messages("zeppelin", limit=2)
+        in_session = await reader.search_messages("zeppelin", session_id="indexed")
+        by_role = await reader.search_messages("zeppelin", role="assistant")
+        both_words = await reader.search_messages("zeppelin words 100")
+
+    assert [m.content for m in everywhere] == [
+        *expected,
+        "an assistant zeppelin",
+        "an early zeppelin",
+    ]
+    assert [m.content for m in two] == expected[:2]
+    assert [m.content for m in in_session] == ["an assistant zeppelin", "an early zeppelin"]
+    assert [m.content for m in by_role] == ["an assistant zeppelin"]
+    assert [m.content for m in both_words] == ["common words 100 zeppelin"]
+    # A store opened for reading writes nothing.
+    assert await _pending_ranges(postgresql_storage) > 0
+    await _check_index(postgresql_storage)
+
+
+async def test_appends_and_small_units_of_work_write_their_terms_at_once(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    session = ChatSession.create("m")
+    session.add_message("user", "first")
+    await postgresql_storage.save_session(session)
+    for n in range(32):
+        session.add_message("user", f"many {n}")
+    await postgresql_storage.save_session(session)
+    await _bulk(postgresql_storage, [f"small {n}" for n in range(5)], session_id="small")
+
+    assert await _terms(postgresql_storage) == 1 + 32 + 5
+    assert await _pending_ranges(postgresql_storage) == 0
+    await _check_index(postgresql_storage)
+
+
+async def test_edits_and_removals_keep_the_terms_exact(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    session = ChatSession.create("m", session_id="edited")
+    for content in _with_rare_word(BULK):
+        session.add_message("user", content)
+    await postgresql_storage.save_session(session)
+    # One edit while the terms are pending, one after they are written.
+    session.edit_message(session.messages[5].message_id, content="pending rewritten quagga")
+    await postgresql_storage.save_session(session)
+    assert await _pending_ranges(postgresql_storage) > 0
+    assert await postgresql_storage.index_for_search() == BULK - 1
+    session.edit_message(session.messages[7].message_id, content="indexed rewritten quagga")
+    await postgresql_storage.save_session(session)
+    await _check_index(postgresql_storage)
+
+    found = await postgresql_storage.search_messages("quagga")
+    assert [m.content for m in found] == ["indexed rewritten quagga", "pending rewritten quagga"]
+    old_words = await postgresql_storage.search_messages("common words", limit=BULK)
+    assert len(old_words) == BULK - 2
+    assert {m.message_id for m in found}.isdisjoint(m.message_id for m in old_words)
+
+    # Removed messages take their terms with them.
+    session.rewind(session.messages[99].message_id)
+    await postgresql_storage.save_session(session)
+    assert await _terms(postgresql_storage) == 100
+    assert await postgresql_storage.search_messages("zeppelin") == [session.messages[0]]
+    await _bulk(postgresql_storage, _with_rare_word(BULK), session_id="deleted")
+    assert await postgresql_storage.delete_session("deleted")
+    assert await postgresql_storage.delete_session("edited")
+    assert await _terms(postgresql_storage) == 0
+    assert await postgresql_storage.search_messages("zeppelin") == []
+    await _check_index(postgresql_storage)
+
+
+async def test_rows_written_outside_the_library_are_found(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    session = ChatSession.create("m", session_id="outside")
+    await postgresql_storage.save_session(session)
+    now = datetime.now(UTC)
+    contents = _with_rare_word(BULK)
+    rows = [
+        (f"outside-{n}", "outside", n, "user", content, now, "{}", search_document(content))
+        for n, content in enumerate(contents)
+    ]
+    connection = await asyncpg.connect(_url(postgresql_storage))
+    try:
+        await connection.copy_records_to_table(
+            "chat_messages",
+            records=rows,
+            columns=[
+                "message_id",
+                "session_id",
+                "position",
+                "role",
+                "content",
+                "created_at",
+                "metadata",
+                "search_text",
+            ],
+        )
+        await connection.execute(
+            "INSERT INTO chat_messages (message_id, session_id, position, role, content,"
+            " created_at, metadata, search_text) VALUES ('one-row', 'outside', $1, 'user',"
+            " 'a lone zeppelin', now(), '{}', 'a lone zeppelin')",
+            BULK,
+        )
+    finally:
+        await connection.close()
+    expected = ["a lone zeppelin", *(c for c in reversed(contents) if "zeppelin" in c)]
+
+    async with _same_store(postgresql_storage, reading=True) as reader:
+        assert [m.content for m in await reader.search_messages("zeppelin")] == expected
+    assert [m.content for m in await postgresql_storage.search_messages("zeppelin")] == expected
+    assert await _pending_ranges(postgresql_storage) == 0
+    await _check_index(postgresql_storage)
+
+
+@pytest.mark.parametrize("first", ["search", "edit"])
+async def test_an_edit_racing_the_search_that_writes_terms_keeps_the_new_terms(
+    postgresql_storage: PostgreSQLSessionStorage, first: str
+) -> None:
+    """The search's write and the edit's meet on the terms' primary key: whichever
+    commits second sees the other's row, and only the edit overwrites one."""
+    await _bulk(postgresql_storage, _with_rare_word(BULK), session_id="raced")
+    url = _url(postgresql_storage)
+    indexer, editor = await asyncpg.connect(url), await asyncpg.connect(url)
+    # The statement a search sends, as the driver gets it.
+    write_terms, ranges = WRITE_PENDING_TERMS.compile(postgresql_storage.engine.dialect).bind(
+        {"ranges": 64}
+    )
+    edit = (
+        "UPDATE chat_messages SET content = 'raced quagga', search_text = 'raced quagga'"
+        " WHERE session_id = 'raced' AND position = 3"
+    )
+    try:
+        for connection in (indexer, editor):
+            await connection.execute("BEGIN")
+        if first == "search":
+            await indexer.fetch(write_terms, *ranges)  # reads the old document
+            editing = asyncio.ensure_future(editor.execute(edit))
+            await asyncio.sleep(0.3)
+            assert not editing.done()  # waits on the search's uncommitted terms
+            await indexer.execute("COMMIT")
+            await editing
+            await editor.execute("COMMIT")
+        else:
+            await editor.execute(edit)
+            indexing = asyncio.ensure_future(indexer.fetch(write_terms, *ranges))
+            await asyncio.sleep(0.3)
+            assert not indexing.done()  # waits on the edit's uncommitted terms
+            await editor.execute("COMMIT")
+            await indexing
+            await indexer.execute("COMMIT")
+    finally:
+        await indexer.close()
+        await editor.close()
+
+    assert await _pending_ranges(postgresql_storage) == 0
+    await _check_index(postgresql_storage)
+    found = await postgresql_storage.search_messages("quagga")
+    assert [m.content for m in found] == ["raced quagga"]
+    # Through the index (a rare word), not the newest rows: the old words are gone.
+    old_words = await postgresql_storage.search_messages("words zeppelin", limit=BULK)
+    assert len(old_words) == 4
+    old_words = await postgresql_storage.search_messages("common words", limit=BULK)
+    assert len(old_words) == BULK - 1
+    assert found[0].message_id not in {m.message_id for m in old_words}
