@@ -69,6 +69,13 @@ def test_the_search_document_holds_words_then_marked_pieces() -> None:
     assert "late" not in search_document(past).split()
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=300))
+def test_an_ascii_document_is_the_words_of_the_rule(content: str) -> None:
+    # search_document's own ASCII path (a byte table) against words(), the rule.
+    assert search_document(content) == " ".join(words(content))
+
+
 def test_a_query_keeps_the_words_no_other_implies_longest_first() -> None:
     parsed = parse_query("cap capital 日本 日本語 c 語")
     assert parsed is not None
