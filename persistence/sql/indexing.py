@@ -87,7 +87,9 @@ SET_DOCUMENTS = Statement(
 
 
 # PostgreSQL: the oldest pending ranges, taken (SKIP LOCKED: two searches at once take
-# different ones), and the terms of the rows they hold that still have a document. A row
+# different ones), and the terms of the rows they hold that still have a document, read
+# range by range through the primary key (OFFSET 0 keeps the planner from joining the
+# ranges to a scan of the whole table: 200 ms for 16 ranges at 50,000 rows, not 26). A row
 # of another writer inside a range and not yet visible has a range of its own, or got its
 # terms in its own statement; an edited row's terms are already written (DO NOTHING).
 WRITE_PENDING_TERMS = Statement(
@@ -96,9 +98,10 @@ WRITE_PENDING_TERMS = Statement(
         " (SELECT pending FROM chat_terms_pending ORDER BY pending LIMIT :ranges"
         " FOR UPDATE SKIP LOCKED) RETURNING first_id, last_id),"
         " written AS (INSERT INTO chat_message_terms (id, terms)"
-        " SELECT m.id, persistence_search_terms(m.search_text)"
-        " FROM taken JOIN chat_messages AS m ON m.id BETWEEN taken.first_id AND taken.last_id"
-        " WHERE m.search_text IS NOT NULL ON CONFLICT (id) DO NOTHING RETURNING 1)"
+        " SELECT m.id, persistence_search_terms(m.search_text) FROM taken CROSS JOIN LATERAL"
+        " (SELECT m.id, m.search_text FROM chat_messages AS m"
+        " WHERE m.id BETWEEN taken.first_id AND taken.last_id AND m.search_text IS NOT NULL"
+        " OFFSET 0) AS m ON CONFLICT (id) DO NOTHING RETURNING 1)"
         " SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM written)"
     )
 )

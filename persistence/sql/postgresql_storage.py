@@ -25,7 +25,7 @@ from persistence.sql.runner import Work, run_on_asyncpg
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.standby import ReplicaSettings, ReplicaState
-from persistence.sql.statistics import BulkLoadStatistics, analyze_tables, analyze_terms
+from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
 from persistence.sql.uow import SqlUnitOfWork
 from persistence.storage import (
     BackendName,
@@ -85,7 +85,6 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
         self._bulk_statistics = BulkLoadStatistics()
-        self._terms_statistics = BulkLoadStatistics()
         self._replicas = replica_set(
             read_replicas,
             ReplicaSettings(
@@ -139,12 +138,6 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         if inserted and self._bulk_statistics.added(rows):
             await self._run(analyze_tables(), "analyse tables after bulk inserts", write=True)
         return inserted
-
-    async def _index_pending(self, *, wait: bool) -> int:
-        written = await super()._index_pending(wait=wait)
-        if written and self._terms_statistics.added(written):
-            await self._run(analyze_terms(), "analyse search terms", write=True)
-        return written
 
     def unit_of_work(self) -> SqlUnitOfWork:
         self._refuse_writes("unit of work")

@@ -32,6 +32,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import ARRAY, BigInteger, Text, bindparam, column, text
@@ -137,15 +138,16 @@ def _scan(shape: Shape, dialect: str) -> str:
     )
 
 
-def _index(shape: Shape, dialect: str) -> str:
+def _index(shape: Shape, dialect: str, pending: bool = False) -> str:
     """The matches below :edge, found through the index, newest first.
 
     Without :edge, below the edge of the window a scan with the same :below and :skip
-    read (a scan that matched nothing does not say where it stopped).
+    read (a scan that matched nothing does not say where it stopped). With `pending`
+    (PostgreSQL), also the rows whose terms are still pending.
     """
     below = f"< coalesce(CAST(:edge AS BIGINT), {_edge(shape)})"
     if dialect == "postgresql":
-        return _index_postgresql(shape, below)
+        return _index_postgresql(shape, below, pending)
     if shape.session:
         where = [
             "m.id IN (SELECT rowid FROM chat_messages_fts WHERE chat_messages_fts MATCH :match)",
@@ -171,10 +173,10 @@ def _index(shape: Shape, dialect: str) -> str:
     )
 
 
-def _index_postgresql(shape: Shape, below: str) -> str:
-    """PostgreSQL's index: the terms table's GIN index (read by a function that never
-    scans the table, revision 0009), and the rows whose terms are still pending, tested
-    against their documents."""
+def _index_postgresql(shape: Shape, below: str, pending: bool) -> str:
+    """PostgreSQL's index: the terms table's GIN index, read by a function that never
+    scans the table (revision 0009); with `pending`, also the rows whose terms are
+    still pending, tested against their documents."""
     # A document indexed as OVERFLOW holds only that term: it is tested word by word.
     everything = " AND ".join(_tests("postgresql"))
     # Bounded by an expression, so the planner probes the rows the GIN index found
@@ -186,26 +188,27 @@ def _index_postgresql(shape: Shape, below: str) -> str:
         f"(NOT t.overflowed OR ({everything}))",
         *_tests("postgresql", "recheck_"),
     ]
-    # Few rows, or none: the next search on the primary writes their terms first.
-    pending = [
-        # An array, computed once: the rows are then read by their key, and none at all
-        # when nothing is pending.
-        "m.id = ANY (ARRAY(SELECT generate_series(p.first_id, p.last_id)"
-        " FROM chat_terms_pending AS p))",
-        "NOT EXISTS (SELECT 1 FROM chat_message_terms AS t WHERE t.id = m.id)",
-        f"{shape.key} {below}",
-        *_filters(shape),
-        "m.search_text IS NOT NULL",
-        everything,
-    ]
-    return (
+    sql = (
         f"SELECT {_COLUMNS}, {shape.key} AS sort_key"
         " FROM persistence_terms_matching(CAST(:match AS tsquery), CAST(:overflow AS tsquery))"
-        " AS t JOIN chat_messages AS m ON m.id = t.id"
-        f" WHERE {' AND '.join(indexed)}"
-        f" UNION ALL SELECT {_COLUMNS}, {shape.key} AS sort_key FROM chat_messages AS m"
-        f" WHERE {' AND '.join(pending)} ORDER BY sort_key DESC LIMIT :limit"
+        f" AS t JOIN chat_messages AS m ON m.id = t.id WHERE {' AND '.join(indexed)}"
     )
+    if pending:
+        untermed = [
+            # An array, computed once: the rows are then read by their key.
+            "m.id = ANY (ARRAY(SELECT generate_series(p.first_id, p.last_id)"
+            " FROM chat_terms_pending AS p))",
+            "NOT EXISTS (SELECT 1 FROM chat_message_terms AS t WHERE t.id = m.id)",
+            f"{shape.key} {below}",
+            *_filters(shape),
+            "m.search_text IS NOT NULL",
+            everything,
+        ]
+        sql += (
+            f" UNION ALL SELECT {_COLUMNS}, {shape.key} AS sort_key FROM chat_messages AS m"
+            f" WHERE {' AND '.join(untermed)}"
+        )
+    return f"{sql} ORDER BY sort_key DESC LIMIT :limit"
 
 
 def _pending(shape: Shape, dialect: str) -> str:
@@ -239,6 +242,9 @@ _PARAMETER = re.compile(r"(?<!:):([a-z_]+)")
 _SHAPES = [Shape(session, role) for session in (False, True) for role in (False, True)]
 _SCAN = {shape: _statement(_scan, shape, edge=True) for shape in _SHAPES}
 _INDEX = {shape: _statement(_index, shape) for shape in _SHAPES}
+# PostgreSQL, where a search may not write the pending terms (replicas, stores opened
+# for reading), or found none pending before it read the index.
+_INDEX_AND_PENDING = {shape: _statement(partial(_index, pending=True), shape) for shape in _SHAPES}
 _PENDING = {shape: _statement(_pending, shape) for shape in _SHAPES}
 
 
@@ -424,8 +430,14 @@ def _indexed_matches(
         if edge is None or wanted > MAX_SCAN_ROWS - scanned:
             break
         below, budget = edge - 1, wanted
-    if may_index and dialect == "postgresql" and (yield Fetch(_ANY_PENDING_TERMS, {}))[0][0]:
-        return None
+    index = _INDEX
+    if dialect == "postgresql":
+        # A search that may write them writes pending terms first; one that may not
+        # tests the pending rows against their documents.
+        if not may_index:
+            index = _INDEX_AND_PENDING
+        elif (yield Fetch(_ANY_PENDING_TERMS, {}))[0][0]:
+            return None
     # The index looks for the word rarest among the rows read (then the longest): one
     # word's terms keep the index's work small, and the recheck decides the rest.
     # Candidates are the longest words (query.words comes longest first).
@@ -448,5 +460,5 @@ def _indexed_matches(
         chosen = min(candidates, key=lambda word: (hits[word], -len(word.text)))
     params = {**common, "below": below, "skip": budget - 1, "edge": edge}
     params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
-    found += yield Fetch(_INDEX[shape], params)
+    found += yield Fetch(index[shape], params)
     return found

@@ -41,12 +41,3 @@ class BulkLoadStatistics:
 def analyze_tables() -> Work[None]:
     # Fetch: ANALYZE reports no row count for Execute to read.
     yield Fetch(ANALYZE, {})
-
-
-# Bulk inserts leave their search terms to the first search (revision 0009), so the
-# terms table grows when searches write them, and is analysed as they do.
-ANALYZE_TERMS = Statement(text("ANALYZE chat_message_terms"))
-
-
-def analyze_terms() -> Work[None]:
-    yield Fetch(ANALYZE_TERMS, {})
