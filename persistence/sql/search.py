@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, Text, bindparam, column, text
+from sqlalchemy import ARRAY, BigInteger, Boolean, Text, bindparam, column, text
 from sqlalchemy.sql import ClauseElement
 
 from persistence.models import ChatMessage
@@ -138,16 +138,17 @@ def _scan(shape: Shape, dialect: str) -> str:
     )
 
 
-def _index(shape: Shape, dialect: str, pending: bool = False) -> str:
+def _index(shape: Shape, dialect: str, pending: bool = False, asking: bool = False) -> str:
     """The matches below :edge, found through the index, newest first.
 
     Without :edge, below the edge of the window a scan with the same :below and :skip
-    read (a scan that matched nothing does not say where it stopped). With `pending`
-    (PostgreSQL), also the rows whose terms are still pending.
+    read (a scan that matched nothing does not say where it stopped). PostgreSQL: with
+    `pending`, also the rows whose terms are still pending; with `asking`, a last column
+    says whether any are.
     """
     below = f"< coalesce(CAST(:edge AS BIGINT), {_edge(shape)})"
     if dialect == "postgresql":
-        return _index_postgresql(shape, below, pending)
+        return _index_postgresql(shape, below, pending, asking)
     if shape.session:
         where = [
             "m.id IN (SELECT rowid FROM chat_messages_fts WHERE chat_messages_fts MATCH :match)",
@@ -173,7 +174,7 @@ def _index(shape: Shape, dialect: str, pending: bool = False) -> str:
     )
 
 
-def _index_postgresql(shape: Shape, below: str, pending: bool) -> str:
+def _index_postgresql(shape: Shape, below: str, pending: bool, asking: bool) -> str:
     """PostgreSQL's index: the terms table's GIN index, read by a function that never
     scans the table (revision 0009); with `pending`, also the rows whose terms are
     still pending, tested against their documents."""
@@ -188,8 +189,9 @@ def _index_postgresql(shape: Shape, below: str, pending: bool) -> str:
         f"(NOT t.overflowed OR ({everything}))",
         *_tests("postgresql", "recheck_"),
     ]
+    asked = ", EXISTS (SELECT 1 FROM chat_terms_pending) AS terms_pending" if asking else ""
     sql = (
-        f"SELECT {_COLUMNS}, {shape.key} AS sort_key"
+        f"SELECT {_COLUMNS}, {shape.key} AS sort_key{asked}"
         " FROM persistence_terms_matching(CAST(:match AS tsquery), CAST(:overflow AS tsquery))"
         f" AS t JOIN chat_messages AS m ON m.id = t.id WHERE {' AND '.join(indexed)}"
     )
@@ -220,7 +222,9 @@ def _pending(shape: Shape, dialect: str) -> str:
     )
 
 
-def _statement(build: Any, shape: Shape, rows: bool = True, edge: bool = False) -> Statement:
+def _statement(
+    build: Any, shape: Shape, rows: bool = True, edge: bool = False, asking: bool = False
+) -> Statement:
     def element(dialect: str) -> ClauseElement:
         sql = build(shape, dialect)
         arrays = ARRAY(Text) if dialect == "postgresql" else Text()
@@ -233,6 +237,7 @@ def _statement(build: Any, shape: Shape, rows: bool = True, edge: bool = False) 
             return statement
         extra = [column("sort_key", BigInteger())]
         extra += [column("edge", BigInteger())] if edge else []
+        extra += [column("terms_pending", Boolean())] if asking else []
         return statement.columns(*_RESULT_COLUMNS, *extra)
 
     return Statement(element)
@@ -243,8 +248,13 @@ _SHAPES = [Shape(session, role) for session in (False, True) for role in (False,
 _SCAN = {shape: _statement(_scan, shape, edge=True) for shape in _SHAPES}
 _INDEX = {shape: _statement(_index, shape) for shape in _SHAPES}
 # PostgreSQL, where a search may not write the pending terms (replicas, stores opened
-# for reading), or found none pending before it read the index.
+# for reading), or where one that may found some pending: the rows are tested too.
 _INDEX_AND_PENDING = {shape: _statement(partial(_index, pending=True), shape) for shape in _SHAPES}
+# PostgreSQL, where a search may write pending terms: each row also says whether any
+# are pending (no round trip of its own unless no row came back).
+_INDEX_ASKING = {
+    shape: _statement(partial(_index, asking=True), shape, asking=True) for shape in _SHAPES
+}
 _PENDING = {shape: _statement(_pending, shape) for shape in _SHAPES}
 
 
@@ -430,14 +440,7 @@ def _indexed_matches(
         if edge is None or wanted > MAX_SCAN_ROWS - scanned:
             break
         below, budget = edge - 1, wanted
-    index = _INDEX
-    if dialect == "postgresql":
-        # A search that may write them writes pending terms first; one that may not
-        # tests the pending rows against their documents.
-        if not may_index:
-            index = _INDEX_AND_PENDING
-        elif (yield Fetch(_ANY_PENDING_TERMS, {}))[0][0]:
-            return None
+
     # The index looks for the word rarest among the rows read (then the longest): one
     # word's terms keep the index's work small, and the recheck decides the rest.
     # Candidates are the longest words (query.words comes longest first).
@@ -460,5 +463,15 @@ def _indexed_matches(
         chosen = min(candidates, key=lambda word: (hits[word], -len(word.text)))
     params = {**common, "below": below, "skip": budget - 1, "edge": edge}
     params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
-    found += yield Fetch(index[shape], params)
+    if dialect != "postgresql":
+        found += yield Fetch(_INDEX[shape], params)
+    elif not may_index:
+        # A search that may not write pending terms tests their rows' documents.
+        found += yield Fetch(_INDEX_AND_PENDING[shape], params)
+    else:
+        # One that may writes them first (the caller does, then asks again).
+        rows = yield Fetch(_INDEX_ASKING[shape], params)
+        if rows[0][-1] if rows else (yield Fetch(_ANY_PENDING_TERMS, {}))[0][0]:
+            return None
+        found += rows
     return found

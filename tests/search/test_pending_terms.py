@@ -13,6 +13,7 @@ import pytest
 from persistence import ChatSession, PostgreSQLSessionStorage
 from persistence.search import search_document
 from persistence.sql.indexing import WRITE_PENDING_TERMS
+from persistence.sql.runner import traced
 from persistence.sql.search import PROBE_ROWS
 from tests.search.test_pending import _bulk, _check_index, _same_store, _scalar
 
@@ -58,6 +59,24 @@ async def test_a_bulk_insert_leaves_its_terms_to_the_first_search_that_needs_the
     assert await _pending_ranges(postgresql_storage) == 0
     assert await _terms(postgresql_storage) == BULK
     await _check_index(postgresql_storage)
+
+
+async def test_a_search_the_index_answers_with_nothing_still_writes_the_pending_terms(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    await _bulk(postgresql_storage, _with_rare_word(BULK))
+    sent: list[str] = []
+
+    with traced(sent.append):
+        assert await postgresql_storage.search_messages("quokka") == []
+
+    # No row came back to say whether terms were pending: the search asked, wrote
+    # them, and read the index again.
+    asked = [sql for sql in sent if sql.startswith("SELECT EXISTS (SELECT 1 FROM chat_terms")]
+    assert len(asked) == 1
+    assert await _pending_ranges(postgresql_storage) == 0
+    assert await _terms(postgresql_storage) == BULK
+    assert len(await postgresql_storage.search_messages("zeppelin")) == 4
 
 
 async def test_a_store_opened_for_reading_finds_rows_whose_terms_are_pending(
