@@ -19,8 +19,8 @@ at worst, never overwrite an edit.
 
 PostgreSQL writes every document with its row, but keeps the index terms in a table of
 their own (revision 0009): an INSERT of more than a few rows records its range of row
-ids as pending, and a search on the primary first writes their terms
-(`write_pending_terms`, many ranges per statement). Until then a search tests the
+ids as pending, and a search on the primary first writes their terms (`index_some`,
+many ranges per statement). Until then a search tests the
 pending rows against their documents (persistence.sql.search). Neither engine's saves
 write what a bulk insert left: that is the work the insert did not do.
 """

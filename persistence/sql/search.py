@@ -174,6 +174,10 @@ def _index(shape: Shape, dialect: str, pending: bool = False, asking: bool = Fal
     )
 
 
+# Whether a bulk insert left terms pending (revision 0009).
+_TERMS_PENDING = "EXISTS (SELECT 1 FROM chat_terms_pending)"
+
+
 def _index_postgresql(shape: Shape, below: str, pending: bool, asking: bool) -> str:
     """PostgreSQL's index: the terms table's GIN index, read by a function that never
     scans the table (revision 0009); with `pending`, also the rows whose terms are
@@ -189,7 +193,7 @@ def _index_postgresql(shape: Shape, below: str, pending: bool, asking: bool) -> 
         f"(NOT t.overflowed OR ({everything}))",
         *_tests("postgresql", "recheck_"),
     ]
-    asked = ", EXISTS (SELECT 1 FROM chat_terms_pending) AS terms_pending" if asking else ""
+    asked = f", {_TERMS_PENDING} AS terms_pending" if asking else ""
     sql = (
         f"SELECT {_COLUMNS}, {shape.key} AS sort_key{asked}"
         " FROM persistence_terms_matching(CAST(:match AS tsquery), CAST(:overflow AS tsquery))"
@@ -280,7 +284,7 @@ def _counts(shape: Shape, dialect: str) -> str:
 
 
 _COUNTS = {shape: _statement(_counts, shape, rows=False) for shape in _SHAPES}
-_ANY_PENDING_TERMS = Statement(text("SELECT EXISTS (SELECT 1 FROM chat_terms_pending)"))
+_ANY_PENDING_TERMS = Statement(text(f"SELECT {_TERMS_PENDING}"))
 
 
 def _index_terms(word: QueryWord, dialect: str) -> str:
@@ -440,7 +444,6 @@ def _indexed_matches(
         if edge is None or wanted > MAX_SCAN_ROWS - scanned:
             break
         below, budget = edge - 1, wanted
-
     # The index looks for the word rarest among the rows read (then the longest): one
     # word's terms keep the index's work small, and the recheck decides the rest.
     # Candidates are the longest words (query.words comes longest first).

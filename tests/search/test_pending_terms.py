@@ -15,6 +15,7 @@ from persistence.search import search_document
 from persistence.sql.indexing import WRITE_PENDING_TERMS
 from persistence.sql.runner import traced
 from persistence.sql.search import PROBE_ROWS
+from tests import servers
 from tests.search.test_pending import _bulk, _check_index, _same_store, _scalar
 
 pytestmark = pytest.mark.postgresql
@@ -24,7 +25,7 @@ BULK = 3 * PROBE_ROWS
 
 
 def _url(storage: PostgreSQLSessionStorage) -> str:
-    return storage.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return servers.plain_postgresql_url(storage.url.render_as_string(hide_password=False))
 
 
 async def _pending_ranges(storage: PostgreSQLSessionStorage) -> int:
@@ -222,25 +223,21 @@ async def test_an_edit_racing_the_search_that_writes_terms_keeps_the_new_terms(
         "UPDATE chat_messages SET content = 'raced quagga', search_text = 'raced quagga'"
         " WHERE session_id = 'raced' AND position = 3"
     )
+    statements = {
+        indexer: lambda: indexer.fetch(write_terms, *ranges),  # reads the old document
+        editor: lambda: editor.execute(edit),
+    }
+    first_to_write, second = (indexer, editor) if first == "search" else (editor, indexer)
     try:
         for connection in (indexer, editor):
             await connection.execute("BEGIN")
-        if first == "search":
-            await indexer.fetch(write_terms, *ranges)  # reads the old document
-            editing = asyncio.ensure_future(editor.execute(edit))
-            await asyncio.sleep(0.3)
-            assert not editing.done()  # waits on the search's uncommitted terms
-            await indexer.execute("COMMIT")
-            await editing
-            await editor.execute("COMMIT")
-        else:
-            await editor.execute(edit)
-            indexing = asyncio.ensure_future(indexer.fetch(write_terms, *ranges))
-            await asyncio.sleep(0.3)
-            assert not indexing.done()  # waits on the edit's uncommitted terms
-            await editor.execute("COMMIT")
-            await indexing
-            await indexer.execute("COMMIT")
+        await statements[first_to_write]()
+        waiting = asyncio.ensure_future(statements[second]())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # waits on the other's uncommitted terms
+        await first_to_write.execute("COMMIT")
+        await waiting
+        await second.execute("COMMIT")
     finally:
         await indexer.close()
         await editor.close()
