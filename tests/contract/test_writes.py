@@ -542,6 +542,24 @@ async def test_load_last_returns_the_newest_messages_with_the_full_count(
         await storage.load_session(session.session_id, last=-1)
 
 
+async def test_load_last_after_removals_returns_the_newest_that_remain(
+    storage: SessionStorage,
+) -> None:
+    """Removed messages leave their positions unused: the newest N skip those gaps."""
+    session = await _stored(storage, turns=30)
+    session.rewind(session.messages[19].message_id)  # removes "message 20" .. "message 29"
+    for index in range(30, 35):
+        session.add_message("user", f"message {index}")
+    session.pop_message()  # removes "message 34"
+    await storage.save_session(session)
+
+    kept = [f"message {index}" for index in (*range(20), 30, 31, 32, 33)]
+    for last in (1, 5, 8, 24, 25):
+        tail = await storage.load_session(session.session_id, last=last)
+        assert tail is not None and tail.message_count == 24
+        assert [m.content for m in tail.messages] == kept[-last:]
+
+
 async def test_a_load_sees_one_moment_while_another_holder_writes(
     storage: SessionStorage, reopen: Reopen
 ) -> None:
