@@ -173,6 +173,33 @@ async def test_search_within_one_session(storage: SessionStorage) -> None:
     assert none == []
 
 
+async def test_search_within_a_long_session_with_gaps_reads_on_past_every_window(
+    storage: SessionStorage,
+) -> None:
+    """Matches spread over a history longer than a search's first windows, with the
+    positions of removed messages unused, and another session's matches beside it."""
+    session, other = ChatSession.create("m"), ChatSession.create("m")
+    for n in range(1000):
+        session.add_message("user", f"turn {n}" + (" needle" if n % 97 == 0 else ""))
+    session.rewind(session.messages[599].message_id)  # positions 600-999 stay unused
+    for n in range(1000, 1700):
+        session.add_message("user", f"turn {n}" + (" needle" if n % 97 == 0 else ""))
+    for n in range(300):
+        other.add_message("user", f"needle elsewhere {n}")
+    await storage.save_session(session)
+    await storage.save_session(other)
+    matching = [m.message_id for m in reversed(session.messages) if "needle" in m.content]
+    assert len(matching) == 14
+
+    for limit in (1, 5, 14, 50):
+        found = await storage.search_messages("needle", limit, session_id=session.session_id)
+        assert [m.message_id for m in found] == matching[:limit]
+    common = await storage.search_messages("turn", 300, session_id=session.session_id)
+    assert [m.message_id for m in common] == [m.message_id for m in reversed(session.messages)][
+        :300
+    ]
+
+
 async def test_search_by_role(storage: SessionStorage) -> None:
     session = ChatSession.create("m")
     asked = session.add_message("user", "how do I deploy?")
