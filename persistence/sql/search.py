@@ -128,11 +128,11 @@ def _edge(shape: Shape) -> str:
     )
 
 
-# The first window (:below above every position) ends at the session's `:skip + 1`-th
-# newest row, which lies at or above its count less :skip + 1: positions are distinct
-# and never negative. Later windows are not bounded: a bound there must count the rows
-# above :below, and with it the planner left the index for a costlier read even where
-# its statistics were right (searches 11-27% slower).
+# The first window (:below above every position) is the session's newest :skip + 1
+# rows, bounded as a partial load's newest are (repositories._NEWEST_LOWEST_POSITION).
+# Later windows are not bounded: a bound there must count the rows above :below, and
+# with it the planner left the index for a costlier read even where its statistics
+# were right (searches 11-27% slower).
 _LOWEST_EDGE = (
     f"CASE WHEN :below >= {_TOP} THEN (SELECT s.message_count FROM chat_sessions AS s"
     " WHERE s.session_id = :session_id) - :skip - 1 ELSE -1 END"
@@ -462,6 +462,7 @@ def _indexed_matches(
         if edge is None or wanted > MAX_SCAN_ROWS - scanned:
             break
         below, budget = edge - 1, wanted
+
     # The index looks for the word rarest among the rows read (then the longest): one
     # word's terms keep the index's work small, and the recheck decides the rest.
     # Candidates are the longest words (query.words comes longest first).

@@ -188,16 +188,15 @@ async def test_search_within_a_long_session_with_gaps_reads_on_past_every_window
         other.add_message("user", f"needle elsewhere {n}")
     await storage.save_session(session)
     await storage.save_session(other)
-    matching = [m.message_id for m in reversed(session.messages) if "needle" in m.content]
+    newest_first = list(reversed(session.messages))
+    matching = [m.message_id for m in newest_first if "needle" in m.content]
     assert len(matching) == 14
 
     for limit in (1, 5, 14, 50):
         found = await storage.search_messages("needle", limit, session_id=session.session_id)
         assert [m.message_id for m in found] == matching[:limit]
     common = await storage.search_messages("turn", 300, session_id=session.session_id)
-    assert [m.message_id for m in common] == [m.message_id for m in reversed(session.messages)][
-        :300
-    ]
+    assert [m.message_id for m in common] == [m.message_id for m in newest_first[:300]]
 
 
 async def test_search_by_role(storage: SessionStorage) -> None:

@@ -5,7 +5,6 @@ planner, which read and sorted all of it for each of them."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from sqlalchemy import text
 
 from persistence import ChatSession, PostgreSQLSessionStorage
 from persistence.sql import repositories, search
+from persistence.sql.checkout import driver_connection
 from persistence.sql.statements import Statement
 
 pytestmark = pytest.mark.postgresql
@@ -28,19 +28,17 @@ async def _rows_read(
 ) -> int:
     """The rows of chat_messages that `statement` reads, from EXPLAIN ANALYZE."""
     sql, values = statement.compile(storage.engine.dialect).bind(params)
-    async with storage.engine.connect() as connection:
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
+    async with driver_connection(storage.engine) as driver:
+        # The engine's connections decode the JSON plan themselves.
         plan = await driver.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *values)
 
     def rows_read(node: dict[str, Any]) -> int:
         own = node["Actual Rows"] * node["Actual Loops"]
-        own = own if node.get("Relation Name") == "chat_messages" else 0
+        if node.get("Relation Name") != "chat_messages":
+            own = 0
         return own + sum(rows_read(child) for child in node.get("Plans", ()))
 
-    # The engine's connections decode JSON themselves.
-    tree = plan if isinstance(plan, list) else json.loads(plan)
-    return rows_read(tree[0]["Plan"])
+    return rows_read(plan[0]["Plan"])
 
 
 @pytest.fixture
