@@ -253,10 +253,14 @@ def test_ctrl_c_during_migrate_says_how_far_it_got_and_a_rerun_resumes(tmp_path:
 
     asyncio.run(_many_sessions(tmp_path / "big.db", 4000))
     source, destination = f"sqlite:///{tmp_path / 'big.db'}", f"sqlite:///{tmp_path / 'to.db'}"
+    # Started without job control (a background job of a script, as some CI runners
+    # start theirs), a process inherits SIGINT ignored, and Python leaves it so: the CLI
+    # runs with the handler a terminal's Ctrl-C finds, whatever this process inherited.
     command = [
         sys.executable,
-        "-m",
-        "persistence",
+        "-c",
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+        " runpy.run_module('persistence', run_name='__main__', alter_sys=True)",
         "migrate",
         "--from",
         source,
