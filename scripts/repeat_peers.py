@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""The peer harness run again and again: each workload's ratios as medians over runs.
+
+`../shared/bench/run.py` measures each adapter in a process of its own, once. On this
+machine a process now and then runs a whole workload 1.5-2x slower than the same code
+in the next process (a phase of the host, not of the code: every step slows alike,
+the thread's statements as much as the collector), so one run decides "ahead" or
+"behind" by which process drew the slow phase. This script runs the harness `--runs`
+times with the same arguments and reports, per adapter and workload, the ratio to the
+raw driver of each run (run.py's own `ratios`) and their median, and for each of this
+project's adapters its ratio to the fastest peer of its backend in each run.
+
+Run it with an interpreter that has the peers' requirements; arguments after `--` go
+to run.py unchanged:
+
+    <peers venv>/bin/python scripts/repeat_peers.py --runs 7 --json out.json -- \\
+        --adapter-python persistence_=$(which python) \\
+        --adapters raw_sqlite,agents_sqlite,persistence_sqlite --workloads w1,w2 \\
+        --pg-url postgresql://postgres@127.0.0.1:5432/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = "persistence_"
+RAW = "raw_"
+
+
+def run_harness(harness: Path, python: str, argv: list[str], out: Path) -> dict[str, Any]:
+    """One run of run.py with `argv`; its JSON (results, params, ratios)."""
+    subprocess.run(
+        [python, str(harness), *argv, "--json", str(out)],
+        cwd=harness.parent,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def against_fastest_peer(run: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per project adapter and metric: its ratio over the lowest peer ratio of its
+    backend in this run (> 1: slower than the fastest peer). Raw drivers are no peers."""
+    backends = {name: result["backend"] for name, result in run["results"].items()}
+    found: dict[str, dict[str, float]] = {}
+    for name, ratios in run["ratios"].items():
+        if not name.startswith(OURS):
+            continue
+        peers = [
+            other
+            for other in run["ratios"]
+            if backends[other] == backends[name] and not other.startswith((OURS, RAW))
+        ]
+        for metric, ratio in ratios.items():
+            best = [run["ratios"][p][metric] for p in peers if metric in run["ratios"][p]]
+            if best:
+                found.setdefault(name, {})[metric] = ratio / min(best)
+    return found
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every run's ratios and the medians over runs, by adapter and metric."""
+    by_raw: dict[str, dict[str, list[float]]] = {}
+    by_peer: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for name, ratios in run["ratios"].items():
+            for metric, ratio in ratios.items():
+                by_raw.setdefault(name, {}).setdefault(metric, []).append(ratio)
+        for name, ratios in against_fastest_peer(run).items():
+            for metric, ratio in ratios.items():
+                by_peer.setdefault(name, {}).setdefault(metric, []).append(ratio)
+
+    def medians(table: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+        return {
+            name: {
+                metric: {"runs": values, "median": statistics.median(values)}
+                for metric, values in metrics.items()
+            }
+            for name, metrics in table.items()
+        }
+
+    return {"vs_raw": medians(by_raw), "vs_fastest_peer": medians(by_peer)}
+
+
+def markdown(summary: dict[str, Any], runs: int) -> str:
+    lines = [f"# The peer harness, {runs} runs: medians of the per-run ratios", ""]
+    for title, key in (
+        ("Slowdown against the raw driver (1.0 = raw, lower is faster)", "vs_raw"),
+        ("Against the fastest peer of the backend (< 1: ahead of it)", "vs_fastest_peer"),
+    ):
+        lines += [f"## {title}", "", "| adapter | metric | median | runs |", "|---|---|---|---|"]
+        for name, metrics in summary[key].items():
+            for metric, cell in metrics.items():
+                values = ", ".join(f"{value:.2f}" for value in cell["runs"])
+                lines.append(f"| {name} | {metric} | {cell['median']:.2f} | {values} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--harness",
+        type=Path,
+        default=ROOT.parent / "shared" / "bench" / "run.py",
+        help="the peer harness (default: ../shared/bench/run.py)",
+    )
+    parser.add_argument("--json", type=Path, help="write every run and the summary here")
+    parser.add_argument("harness_args", nargs=argparse.REMAINDER, help="-- then run.py's")
+    args = parser.parse_args()
+    passed = args.harness_args[1:] if args.harness_args[:1] == ["--"] else args.harness_args
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    runs = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index in range(args.runs):
+            print(f"run {index + 1} of {args.runs}", file=sys.stderr, flush=True)
+            runs.append(run_harness(args.harness, sys.executable, passed, Path(scratch) / "r.json"))
+    summary = summarise(runs)
+    print(markdown(summary, len(runs)))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
