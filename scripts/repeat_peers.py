@@ -50,44 +50,44 @@ def against_fastest_peer(run: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per project adapter and metric: its ratio over the lowest peer ratio of its
     backend in this run (> 1: slower than the fastest peer). Raw drivers are no peers."""
     backends = {name: result["backend"] for name, result in run["results"].items()}
+    fastest: dict[tuple[str, str], float] = {}
+    for name, ratios in run["ratios"].items():
+        if not name.startswith((OURS, RAW)):
+            for metric, ratio in ratios.items():
+                key = (backends[name], metric)
+                fastest[key] = min(ratio, fastest.get(key, ratio))
     found: dict[str, dict[str, float]] = {}
     for name, ratios in run["ratios"].items():
-        if not name.startswith(OURS):
-            continue
-        peers = [
-            other
-            for other in run["ratios"]
-            if backends[other] == backends[name] and not other.startswith((OURS, RAW))
-        ]
-        for metric, ratio in ratios.items():
-            best = [run["ratios"][p][metric] for p in peers if metric in run["ratios"][p]]
-            if best:
-                found.setdefault(name, {})[metric] = ratio / min(best)
+        if name.startswith(OURS):
+            for metric, ratio in ratios.items():
+                best = fastest.get((backends[name], metric))
+                if best is not None:
+                    found.setdefault(name, {})[metric] = ratio / best
     return found
+
+
+def _over_runs(tables: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Per adapter and metric: the value of each table (run) that has it, and their median."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for table in tables:
+        for name, metrics in table.items():
+            for metric, value in metrics.items():
+                values.setdefault(name, {}).setdefault(metric, []).append(value)
+    return {
+        name: {
+            metric: {"runs": found, "median": statistics.median(found)}
+            for metric, found in metrics.items()
+        }
+        for name, metrics in values.items()
+    }
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every run's ratios and the medians over runs, by adapter and metric."""
-    by_raw: dict[str, dict[str, list[float]]] = {}
-    by_peer: dict[str, dict[str, list[float]]] = {}
-    for run in runs:
-        for name, ratios in run["ratios"].items():
-            for metric, ratio in ratios.items():
-                by_raw.setdefault(name, {}).setdefault(metric, []).append(ratio)
-        for name, ratios in against_fastest_peer(run).items():
-            for metric, ratio in ratios.items():
-                by_peer.setdefault(name, {}).setdefault(metric, []).append(ratio)
-
-    def medians(table: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-        return {
-            name: {
-                metric: {"runs": values, "median": statistics.median(values)}
-                for metric, values in metrics.items()
-            }
-            for name, metrics in table.items()
-        }
-
-    return {"vs_raw": medians(by_raw), "vs_fastest_peer": medians(by_peer)}
+    return {
+        "vs_raw": _over_runs([run["ratios"] for run in runs]),
+        "vs_fastest_peer": _over_runs([against_fastest_peer(run) for run in runs]),
+    }
 
 
 def markdown(summary: dict[str, Any], runs: int) -> str:
