@@ -8,7 +8,8 @@ the thread's statements as much as the collector), so one run decides "ahead" or
 "behind" by which process drew the slow phase. This script runs the harness `--runs`
 times with the same arguments and reports, per adapter and workload, the ratio to the
 raw driver of each run (run.py's own `ratios`) and their median, and for each of this
-project's adapters its ratio to the fastest peer of its backend in each run.
+project's adapters its ratio to the fastest peer of its backend in each run and in how
+many runs it was ahead of that peer.
 
 Run it with an interpreter that has the peers' requirements; arguments after `--` go
 to run.py unchanged:
@@ -17,6 +18,9 @@ to run.py unchanged:
         --adapter-python persistence_=$(which python) \\
         --adapters raw_sqlite,agents_sqlite,persistence_sqlite --workloads w1,w2 \\
         --pg-url postgresql://postgres@127.0.0.1:5432/postgres
+
+`--from-json` summarises the runs that earlier `--json` files hold, together, without
+running the harness: two sets of runs of the same code give one set of medians.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +97,29 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any], runs: int) -> str:
     lines = [f"# The peer harness, {runs} runs: medians of the per-run ratios", ""]
-    for title, key in (
-        ("Slowdown against the raw driver (1.0 = raw, lower is faster)", "vs_raw"),
-        ("Against the fastest peer of the backend (< 1: ahead of it)", "vs_fastest_peer"),
-    ):
-        lines += [f"## {title}", "", "| adapter | metric | median | runs |", "|---|---|---|---|"]
-        for name, metrics in summary[key].items():
-            for metric, cell in metrics.items():
-                values = ", ".join(f"{value:.2f}" for value in cell["runs"])
-                lines.append(f"| {name} | {metric} | {cell['median']:.2f} | {values} |")
-        lines.append("")
+    lines += ["## Slowdown against the raw driver (1.0 = raw, lower is faster)", ""]
+    lines += ["| adapter | metric | median | runs |", "|---|---|---|---|"]
+    for name, metric, cell, values in _rows(summary["vs_raw"]):
+        lines.append(f"| {name} | {metric} | {cell['median']:.2f} | {values} |")
+    lines += ["", "## Against the fastest peer of the backend (< 1: ahead of it)", ""]
+    lines += ["| adapter | metric | median | ahead in | runs |", "|---|---|---|---|---|"]
+    for name, metric, cell, values in _rows(summary["vs_fastest_peer"]):
+        ahead = f"{sum(value < 1 for value in cell['runs'])} of {len(cell['runs'])}"
+        lines.append(f"| {name} | {metric} | {cell['median']:.2f} | {ahead} | {values} |")
+    lines.append("")
     return "\n".join(lines)
+
+
+def _rows(table: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any], str]]:
+    """Each adapter's metrics of a summary table, with the runs' values as text."""
+    for name, metrics in table.items():
+        for metric, cell in metrics.items():
+            yield name, metric, cell, ", ".join(f"{value:.2f}" for value in cell["runs"])
+
+
+def stored_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """The runs that files written by `--json` hold, in the order given."""
+    return [run for path in paths for run in json.loads(path.read_text())["runs"]]
 
 
 def main() -> None:
@@ -115,16 +132,29 @@ def main() -> None:
         help="the peer harness (default: ../shared/bench/run.py)",
     )
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="summarise the runs these --json files hold instead of running the harness",
+    )
     parser.add_argument("harness_args", nargs=argparse.REMAINDER, help="-- then run.py's")
     args = parser.parse_args()
     passed = args.harness_args[1:] if args.harness_args[:1] == ["--"] else args.harness_args
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    runs = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for index in range(args.runs):
-            print(f"run {index + 1} of {args.runs}", file=sys.stderr, flush=True)
-            runs.append(run_harness(args.harness, sys.executable, passed, Path(scratch) / "r.json"))
+    if args.from_json and passed:
+        parser.error("--from-json runs no harness: give it no harness arguments")
+    if args.from_json:
+        runs = stored_runs(args.from_json)
+    else:
+        runs = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for index in range(args.runs):
+                print(f"run {index + 1} of {args.runs}", file=sys.stderr, flush=True)
+                scratch_file = Path(scratch) / "r.json"
+                runs.append(run_harness(args.harness, sys.executable, passed, scratch_file))
     summary = summarise(runs)
     print(markdown(summary, len(runs)))
     if args.json:

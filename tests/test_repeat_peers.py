@@ -119,4 +119,33 @@ def test_runs_the_harness_with_the_arguments_after_the_separator(tmp_path: Path)
         2.0,
         2.0,
     ]
-    assert "| persistence_sqlite | w4_bulk | 2.00 | 2.00, 2.00 |" in completed.stdout
+    assert "| persistence_sqlite | w4_bulk | 2.00 | 0 of 2 | 2.00, 2.00 |" in completed.stdout
+
+
+def test_runs_stored_by_earlier_calls_are_summarised_together(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({"runs": RUNS[:1], "summary": {}}))
+    second.write_text(json.dumps({"runs": RUNS[1:], "summary": {}}))
+    script = [sys.executable, str(ROOT / "scripts" / "repeat_peers.py")]
+    combined = tmp_path / "combined.json"
+    command = [*script, "--from-json", str(first), str(second), "--json", str(combined)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    assert completed.returncode == 0, completed.stderr
+    written = json.loads(combined.read_text())
+    assert written["runs"] == RUNS
+    assert written["summary"] == _script().summarise(RUNS)
+    # Loads against the fastest peer: 0.8, 1.5 and 0.5, ahead in two of the three runs.
+    assert "| persistence_sqlite | w2_load_1000 | 0.80 | 2 of 3 | 0.80, 1.50, 0.50 |" in (
+        completed.stdout
+    )
+
+    refused = subprocess.run(
+        [*script, "--from-json", str(first), "--", "--workloads", "w2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "--from-json runs no harness" in refused.stderr
