@@ -13,6 +13,7 @@ import aiosqlite
 from sqlalchemy import URL, Dialect, event, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import PoolResetState
 
 from persistence.errors import InvalidDataError, StorageConnectionError
 from persistence.sql.types import json_dumps, json_loads
@@ -227,7 +228,19 @@ def sqlite_engine(
         hide_parameters=True,
         json_deserializer=json_loads,
         json_serializer=json_dumps,
+        # The pool's own reset rolls back every connection it takes back, a hop to the
+        # connection's thread even after a unit of work's COMMIT: `_reset` instead.
+        pool_reset_on_return=None,
     )
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _reset(dbapi_connection: Any, _record: Any, state: PoolResetState) -> None:
+        # Where the pool's reset would (not for a connection collected as garbage), and
+        # only when a transaction is open: sqlite3 answers that from its own state,
+        # without the connection's thread, which has no call of ours running by now.
+        sqlite = dbapi_connection.driver_connection._connection
+        if state.asyncio_safe and sqlite is not None and sqlite.in_transaction:
+            dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
