@@ -21,7 +21,7 @@ from persistence.sql.engines import (
 )
 from persistence.sql.errors import sql_errors
 from persistence.sql.replicas import replica_set
-from persistence.sql.runner import Work, run_on_asyncpg
+from persistence.sql.runner import Work, one_statement, run_on_asyncpg
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.standby import ReplicaSettings, ReplicaState
@@ -194,4 +194,6 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                     async with driver.transaction(isolation="repeatable_read", readonly=True):
                         return await run_on_asyncpg(driver, engine.dialect, work)
                 # A single statement needs no BEGIN / COMMIT round trips.
-                return await run_on_asyncpg(driver, engine.dialect, work)
+                return await run_on_asyncpg(
+                    driver, engine.dialect, one_statement(work) if write else work
+                )

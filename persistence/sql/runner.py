@@ -326,6 +326,33 @@ async def _copy_unless_lost(
     return built[0] if built else meanwhile()
 
 
+def one_statement(work: Work[T]) -> Work[T]:
+    """`work`, stopped with an error before a second statement or an `ExecuteMany`.
+
+    For a write sent without BEGIN / COMMIT around it (PostgreSQL): one statement is
+    atomic on its own, with its cascades and triggers, and more would not be.
+
+    Raises:
+        RuntimeError: `work` sends more than one statement.
+    """
+    sent = False
+    reply: Any = None
+    try:
+        while True:
+            request = work.send(reply)
+            if not isinstance(request, WhichDialect):
+                if sent or isinstance(request, ExecuteMany):
+                    raise RuntimeError(
+                        "a write run as one statement sent more than one: it needs a transaction"
+                    )
+                sent = True
+            reply = yield request
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        work.close()
+
+
 async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
     """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
 

@@ -266,12 +266,18 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def delete_session(self, session_id: str) -> bool:
+        # One DELETE: its messages go by ON DELETE CASCADE, their terms by a trigger.
         return await self._run(
-            repositories.delete_session(session_id), "delete session", write=True
+            repositories.delete_session(session_id), "delete session", write=True, single=True
         )
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
-        await self._run(repositories.write_file_record(file_record), "save file record", write=True)
+        await self._run(
+            repositories.write_file_record(file_record),
+            "save file record",
+            write=True,
+            single=True,
+        )
         return True
 
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
@@ -287,7 +293,10 @@ class SqlSessionStorage(SessionStorage):
 
     async def delete_expired_files(self) -> int:
         return await self._run(
-            repositories.delete_files_expired_by(utc_now()), "delete expired files", write=True
+            repositories.delete_files_expired_by(utc_now()),
+            "delete expired files",
+            write=True,
+            single=True,
         )
 
     async def search_messages(
@@ -387,7 +396,10 @@ class SqlSessionStorage(SessionStorage):
 
     async def expire_sessions(self, updated_before: datetime) -> int:
         return await self._run(
-            repositories.expire_sessions_before(updated_before), "expire sessions", write=True
+            repositories.expire_sessions_before(updated_before),
+            "expire sessions",
+            write=True,
+            single=True,
         )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosqlite
+import asyncpg
 import pytest
 from sqlalchemy import text
 
-from persistence import ChatSession, SessionStorage, SQLiteSessionStorage
+from persistence import (
+    ChatSession,
+    PostgreSQLSessionStorage,
+    SessionStorage,
+    SQLiteSessionStorage,
+    UploadedFileRecord,
+)
 from persistence.sql.backend import SqlSessionStorage
-from persistence.sql.runner import traced
+from persistence.sql.repositories import DELETE_SESSION
+from persistence.sql.runner import Execute, WhichDialect, Work, one_statement, traced
 
 
 @contextmanager
@@ -164,3 +173,79 @@ async def test_a_sqlite_unit_of_work_of_one_save_is_two_hops_to_the_thread(
     assert len(hops) == 2
     loaded = await sqlite_storage.load_session(session.session_id)
     assert loaded is not None and [m.content for m in loaded.messages] == ["one"]
+
+
+async def test_one_statement_writes_run_without_begin_or_commit_on_postgresql(
+    postgresql_storage: PostgreSQLSessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file record's save, a session's delete (its messages by cascade, their terms
+    by a trigger), the expiry of files and of sessions: one statement each, atomic
+    without a transaction around it, so one round trip instead of three."""
+    storage = postgresql_storage
+    session = await _session_with(storage, 3)
+    now = datetime.now(UTC)
+    record = UploadedFileRecord(
+        file_id=f"f-{session.session_id}",
+        gemini_file_name="files/x",
+        gemini_file_uri="https://example.invalid/x",
+        display_name="x.txt",
+        size=1,
+        mime_type="text/plain",
+        uploaded_at=now - timedelta(hours=2),
+        expires_at=now - timedelta(hours=1),
+        metadata={},
+    )
+    begun: list[object] = []
+    start = asyncpg.transaction.Transaction.start
+
+    async def counted(self: Any) -> None:
+        begun.append(self)
+        await start(self)
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted)
+    with statements(storage) as seen:
+        assert await storage.save_file_record(record)
+        assert await storage.delete_expired_files() >= 1
+        assert await storage.expire_sessions(now - timedelta(days=365)) >= 0
+        assert await storage.delete_session(session.session_id)
+    monkeypatch.undo()
+
+    assert begun == []
+    assert len(seen) == 4
+    assert await storage.load_file_record(record.file_id) is None
+    assert await storage.load_session(session.session_id) is None
+    async with storage.engine.connect() as connection:
+        left = await connection.execute(
+            text("SELECT count(*) FROM chat_messages WHERE session_id = :id"),
+            {"id": session.session_id},
+        )
+        assert left.scalar_one() == 0
+
+
+def test_a_write_run_as_one_statement_is_stopped_before_a_second() -> None:
+    closed: list[bool] = []
+
+    def two_writes() -> Work[int]:
+        try:
+            yield Execute(DELETE_SESSION, {"session_id": "a"})
+            yield Execute(DELETE_SESSION, {"session_id": "b"})
+            return 2
+        finally:
+            closed.append(True)
+
+    work = one_statement(two_writes())
+    assert isinstance(next(work), Execute)
+    with pytest.raises(RuntimeError, match="needs a transaction"):
+        work.send(1)
+    assert closed == [True]
+
+    def one_write() -> Work[int]:
+        assert (yield WhichDialect()) == "postgresql"
+        return int((yield Execute(DELETE_SESSION, {"session_id": "a"})))
+
+    work = one_statement(one_write())
+    assert isinstance(next(work), WhichDialect)
+    assert isinstance(work.send("postgresql"), Execute)
+    with pytest.raises(StopIteration) as stopped:
+        work.send(1)
+    assert stopped.value.value == 1
