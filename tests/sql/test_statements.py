@@ -12,16 +12,11 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
-from persistence import (
-    ChatSession,
-    PostgreSQLSessionStorage,
-    SessionStorage,
-    SQLiteSessionStorage,
-    UploadedFileRecord,
-)
+from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.repositories import DELETE_SESSION
 from persistence.sql.runner import Execute, WhichDialect, Work, one_statement, traced
+from tests.factories import file_record
 
 
 @contextmanager
@@ -184,17 +179,7 @@ async def test_one_statement_writes_run_without_begin_or_commit_on_postgresql(
     storage = postgresql_storage
     session = await _session_with(storage, 3)
     now = datetime.now(UTC)
-    record = UploadedFileRecord(
-        file_id=f"f-{session.session_id}",
-        gemini_file_name="files/x",
-        gemini_file_uri="https://example.invalid/x",
-        display_name="x.txt",
-        size=1,
-        mime_type="text/plain",
-        uploaded_at=now - timedelta(hours=2),
-        expires_at=now - timedelta(hours=1),
-        metadata={},
-    )
+    record = file_record(expires_in=-timedelta(hours=1))
     begun: list[object] = []
     start = asyncpg.transaction.Transaction.start
 
