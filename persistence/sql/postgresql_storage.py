@@ -45,7 +45,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     """
 
     backend_name: BackendName = "postgresql"
-    _one_statement_appends = True
+    _one_statement_saves = True
     _one_statement_loads = True
 
     def __init__(

@@ -68,8 +68,9 @@ class SqlSessionStorage(SessionStorage):
     def _where(self) -> str:
         """Names the database in errors (never with its password)."""
 
-    # Whether an appends-only save is one statement (PostgreSQL's data-modifying CTE).
-    _one_statement_appends = False
+    # Whether a save that is one statement goes without a transaction around it: an
+    # append (PostgreSQL's data-modifying CTE), a new session without messages.
+    _one_statement_saves = False
     # Whether a load is one statement (PostgreSQL: a UNION of the row and the history).
     _one_statement_loads = False
 
@@ -191,12 +192,18 @@ class SqlSessionStorage(SessionStorage):
                 raise SessionDeletedError(session.session_id)
             return True
         try:
-            if self._one_statement_appends and writes.appends_alone(plan):
+            saved: writes.Saved | None = None
+            if self._one_statement_saves and writes.appends_alone(plan):
                 # One statement: no BEGIN / COMMIT round trips around it.
                 saved = await self._run(
                     writes.append_in_one_statement(plan), "save session", write=True, single=True
                 )
-            else:
+            elif self._one_statement_saves and writes.creates_alone(plan):
+                # One statement too, unless the id is taken: then the merge below.
+                saved = await self._run(
+                    writes.create_row(plan), "save session", write=True, single=True
+                )
+            if saved is None:
                 work = writes.write_plan(plan, force=force)
                 left = self._left_pending
                 if left >= indexing.SAVES_INDEX_AT:

@@ -493,6 +493,29 @@ def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
     return Saved(revision + 1, rows[0][1], exact)
 
 
+def creates_alone(plan: SavePlan) -> bool:
+    """Whether the plan creates a session without messages: one statement (`create_row`)
+    while its id is free, so on PostgreSQL no transaction around it."""
+    return plan.is_new and not plan.appends
+
+
+def create_row(plan: SavePlan) -> Work[Saved | None]:
+    """The new session's row, if its id is free; None, with nothing written, if taken
+    (the object is then merged into the stored session: `write_plan`)."""
+    incarnation = uuid.uuid4().hex
+    rows = yield Fetch(
+        INSERT_NEW,
+        _field_values(plan, plan.metadata)
+        | {
+            "message_count": len(plan.appends),
+            "next_position": len(plan.appends),
+            "revision": 1,
+            "incarnation": incarnation,
+        },
+    )
+    return Saved(1, incarnation, exact=True) if rows else None
+
+
 def _create_or_merge(plan: SavePlan) -> Work[Saved]:
     """Creates the session of a new object, or merges the object into the stored one.
 
@@ -500,20 +523,10 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
     carry are kept; only messages the store lacks are added.
     """
     for _ in range(_CREATE_ATTEMPTS):
-        incarnation = uuid.uuid4().hex
-        rows = yield Fetch(
-            INSERT_NEW,
-            _field_values(plan, plan.metadata)
-            | {
-                "message_count": len(plan.appends),
-                "next_position": len(plan.appends),
-                "revision": 1,
-                "incarnation": incarnation,
-            },
-        )
-        if rows:
+        created = yield from create_row(plan)
+        if created is not None:
             yield from _insert(plan.session_id, plan.appends, 0)
-            return Saved(1, incarnation, exact=True)
+            return created
         rows = yield Fetch(LOCK, {"session_id": plan.session_id})
         if not rows:
             continue

@@ -525,6 +525,28 @@ async def test_a_new_object_under_a_stored_id_adds_to_it(storage: SessionStorage
     assert loaded.message_count == 3
 
 
+async def test_a_new_object_without_messages_under_a_stored_id_keeps_its_history(
+    storage: SessionStorage,
+) -> None:
+    """The save of a new empty object tries the session's row alone (one statement on
+    PostgreSQL); the id is taken, so it merges as any new object does."""
+    session = await _stored(storage, turns=2, metadata={"a": 1, "b": 2})
+    newcomer = ChatSession.create("other-model", session_id=session.session_id)
+    newcomer.metadata = {"b": 3}
+    await storage.save_session(newcomer)
+
+    loaded = await _load(storage, session.session_id)
+    assert loaded.model == "other-model"
+    assert loaded.metadata == {"a": 1, "b": 3}
+    assert [m.content for m in loaded.messages] == [m.content for m in session.messages]
+    # The object saves on from what it merged into.
+    newcomer.add_message("user", "after the merge")
+    await storage.save_session(newcomer)
+    again = await _load(storage, session.session_id)
+    assert again.message_count == 3
+    assert again.messages[-1].content == "after the merge"
+
+
 async def test_load_last_returns_the_newest_messages_with_the_full_count(
     storage: SessionStorage,
 ) -> None:

@@ -173,9 +173,10 @@ async def test_a_sqlite_unit_of_work_of_one_save_is_two_hops_to_the_thread(
 async def test_one_statement_writes_run_without_begin_or_commit_on_postgresql(
     postgresql_storage: PostgreSQLSessionStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file record's save, a session's delete (its messages by cascade, their terms
-    by a trigger), the expiry of files and of sessions: one statement each, atomic
-    without a transaction around it, so one round trip instead of three."""
+    """A new session's save while its id is free, a file record's save, a session's
+    delete (its messages by cascade, their terms by a trigger), the expiry of files and
+    of sessions: one statement each, atomic without a transaction around it, so one
+    round trip instead of three."""
     storage = postgresql_storage
     session = await _session_with(storage, 3)
     now = datetime.now(UTC)
@@ -188,7 +189,9 @@ async def test_one_statement_writes_run_without_begin_or_commit_on_postgresql(
         await start(self)
 
     monkeypatch.setattr(asyncpg.transaction.Transaction, "start", counted)
+    created = ChatSession.create("m", metadata={"title": "new"})
     with statements(storage) as seen:
+        assert await storage.save_session(created)
         assert await storage.save_file_record(record)
         assert await storage.delete_expired_files() >= 1
         assert await storage.expire_sessions(now - timedelta(days=365)) >= 0
@@ -196,7 +199,9 @@ async def test_one_statement_writes_run_without_begin_or_commit_on_postgresql(
     monkeypatch.undo()
 
     assert begun == []
-    assert len(seen) == 4
+    assert len(seen) == 5
+    stored = await storage.load_session(created.session_id)
+    assert stored is not None and stored.metadata == {"title": "new"}
     assert await storage.load_file_record(record.file_id) is None
     assert await storage.load_session(session.session_id) is None
     async with storage.engine.connect() as connection:
