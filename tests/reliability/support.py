@@ -9,7 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,16 +294,33 @@ class Probe:
             return [tuple(row) for row in self._sqlite.execute(query, args)]
         return [tuple(row) for row in await self._pg.fetch(query, *args)]
 
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[None]:
+        """One read transaction around the reads inside: a save still landing (a
+        cancelled SQLite save runs on in the connection's thread) is seen whole or not
+        at all, never between two of them."""
+        if self._sqlite is not None:
+            self._sqlite.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._sqlite.execute("COMMIT")
+            return
+        async with self._pg.transaction(isolation="repeatable_read", readonly=True):
+            yield
+
     async def session(self, session_id: str) -> tuple[int | None, list[str]]:
-        """Returns (message_count or None if absent, message ids in position order)."""
-        count = await self._fetch(
-            "SELECT message_count FROM chat_sessions WHERE session_id = $1", session_id
-        )
-        rows = await self._fetch(
-            "SELECT message_id, position FROM chat_messages WHERE session_id = $1"
-            " ORDER BY position",
-            session_id,
-        )
+        """Returns (message_count or None if absent, message ids in position order),
+        read in one snapshot."""
+        async with self._snapshot():
+            count = await self._fetch(
+                "SELECT message_count FROM chat_sessions WHERE session_id = $1", session_id
+            )
+            rows = await self._fetch(
+                "SELECT message_id, position FROM chat_messages WHERE session_id = $1"
+                " ORDER BY position",
+                session_id,
+            )
         assert [row[1] for row in rows] == list(range(len(rows))), rows
         return (count[0][0] if count else None), [row[0] for row in rows]
 
