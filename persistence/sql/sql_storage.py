@@ -193,16 +193,10 @@ class SqlSessionStorage(SessionStorage):
             return True
         try:
             saved: writes.Saved | None = None
-            if self._one_statement_saves and writes.appends_alone(plan):
+            alone = writes.one_statement_save(plan) if self._one_statement_saves else None
+            if alone is not None:
                 # One statement: no BEGIN / COMMIT round trips around it.
-                saved = await self._run(
-                    writes.append_in_one_statement(plan), "save session", write=True, single=True
-                )
-            elif self._one_statement_saves and writes.creates_alone(plan):
-                # One statement too, unless the id is taken: then the merge below.
-                saved = await self._run(
-                    writes.create_row(plan), "save session", write=True, single=True
-                )
+                saved = await self._run(alone, "save session", write=True, single=True)
             if saved is None:
                 work = writes.write_plan(plan, force=force)
                 left = self._left_pending

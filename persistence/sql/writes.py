@@ -493,10 +493,15 @@ def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
     return Saved(revision + 1, rows[0][1], exact)
 
 
-def creates_alone(plan: SavePlan) -> bool:
-    """Whether the plan creates a session without messages: one statement (`create_row`)
-    while its id is free, so on PostgreSQL no transaction around it."""
-    return plan.is_new and not plan.appends
+def one_statement_save(plan: SavePlan) -> Work[Saved | None] | None:
+    """The save of `plan` as one PostgreSQL statement, to send without a transaction:
+    an append (`appends_alone`), or the row of a new session without messages, which
+    is None when the id is taken (then `write_plan` merges). None: no such form."""
+    if appends_alone(plan):
+        return append_in_one_statement(plan)
+    if plan.is_new and not plan.appends:
+        return create_row(plan)
+    return None
 
 
 def create_row(plan: SavePlan) -> Work[Saved | None]:
