@@ -14,6 +14,7 @@ from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     DateTime,
     Integer,
@@ -26,11 +27,14 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    true,
     union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import ColumnElement
 
+from persistence.garbage_collection import collection_paused
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.search import parse_query
 from persistence.sql.mapping import (
@@ -155,9 +159,47 @@ _UNION_KEYS = [placed.key for placed in _SESSION_IN_UNION]
 _UNION_MESSAGE_COUNT = _UNION_KEYS.index("message_count")
 # The session's row of those statements, reordered as SESSION_COLUMNS.
 _session_row_of_union = itemgetter(*(_UNION_KEYS.index(column.key) for column in SESSION_COLUMNS))
-SELECT_SESSIONS_IN = Statement(
-    select(*SESSION_COLUMNS).where(sessions.c.session_id.in_(bindparam("ids", expanding=True)))
-)
+
+
+def _listed(column: ColumnElement[str]) -> ColumnElement[bool]:
+    """SQLite: `column` is one of :ids, a JSON array bound as one parameter, read by
+    json_each; each id is looked up through the column's index.
+
+    An expanding `IN (...)` bound a parameter per id: its SQL was rendered again on
+    every call and had to go in chunks of IN_CHUNK, a statement each.
+    """
+    listed = func.json_each(bindparam("ids", type_=JSON())).table_valued("value")
+    return column.in_(select(listed.c.value))
+
+
+def _ids_array() -> Any:
+    """PostgreSQL: :ids as rows, one text array bound as one parameter (cast to unbounded
+    text: VARCHAR(255)[] would cut a longer id to one that may exist)."""
+    return func.unnest(bindparam("ids", type_=postgresql.ARRAY(String())))
+
+
+def _sessions_in(dialect: str) -> Any:
+    """The rows of the sessions among :ids (in no particular order).
+
+    On PostgreSQL each id is looked up through the primary key, in a LATERAL subquery
+    that OFFSET 0 keeps the planner from turning into a join: as a join, or as
+    `session_id = ANY(:ids)`, 1,000 ids were planned as a scan of the whole table
+    (15-20 ms at 100,000 sessions, growing with the store) instead of 1,000 lookups
+    (about 5 ms whatever its size).
+    """
+    if dialect != "postgresql":
+        return select(*SESSION_COLUMNS).where(_listed(sessions.c.session_id))
+    ids = _ids_array().table_valued("id").render_derived(name="ids")
+    found = (
+        select(*SESSION_COLUMNS)
+        .where(sessions.c.session_id == ids.c.id)
+        .offset(literal_column("0"))
+        .lateral("s")
+    )
+    return select(*found.c).select_from(ids.join(found, true()))
+
+
+SELECT_SESSIONS_IN = Statement(_sessions_in)
 
 
 def _messages_in(dialect: str) -> Any:
@@ -171,14 +213,10 @@ def _messages_in(dialect: str) -> Any:
     if dialect != "postgresql":
         return (
             select(*MESSAGE_COLUMNS)
-            .where(messages.c.session_id.in_(bindparam("ids", expanding=True)))
+            .where(_listed(messages.c.session_id))
             .order_by(messages.c.session_id, messages.c.position)
         )
-    ids = (
-        func.unnest(bindparam("ids", type_=postgresql.ARRAY(messages.c.session_id.type)))
-        .table_valued("id", with_ordinality="ord")
-        .render_derived(name="ids")
-    )
+    ids = _ids_array().table_valued("id", with_ordinality="ord").render_derived(name="ids")
     return (
         select(*MESSAGE_COLUMNS)
         .select_from(ids.join(messages, messages.c.session_id == ids.c.id))
@@ -289,20 +327,18 @@ def read_sessions(
     session_ids: Sequence[str], token: str, with_messages: bool = True
 ) -> Work[list[ChatSession]]:
     """Returns the sessions that exist, in the order of `session_ids`."""
-    found: dict[str, Any] = {}
+    ids = list(session_ids)
+    found = {row[0]: row for row in (yield Fetch(SELECT_SESSIONS_IN, {"ids": ids}))}
     history: dict[str, list[ChatMessage]] = {}
-    for chunk in chunks(list(session_ids)):
-        for row in (yield Fetch(SELECT_SESSIONS_IN, {"ids": list(chunk)})):
-            found[row[0]] = row
-        if with_messages:
-            rows = yield Fetch(SELECT_MESSAGES_IN, {"ids": list(chunk)})
-            for message in messages_from_rows(rows):
-                history.setdefault(message.session_id, []).append(message)
-    return [
-        session_from_row(found[sid], history.get(sid, []) if with_messages else None, token)
-        for sid in session_ids
-        if sid in found
-    ]
+    if with_messages and found:
+        for message in messages_from_rows((yield Fetch(SELECT_MESSAGES_IN, {"ids": ids}))):
+            history.setdefault(message.session_id, []).append(message)
+    with collection_paused():
+        return [
+            session_from_row(found[sid], history.get(sid, []) if with_messages else None, token)
+            for sid in ids
+            if sid in found
+        ]
 
 
 def read_session_page(

@@ -49,6 +49,32 @@ async def test_iter_file_records_and_load_sessions(storage: SessionStorage) -> N
     assert loaded == [sessions[2], sessions[0]]
 
 
+async def test_load_sessions_takes_any_number_of_ids_in_their_order(
+    storage: SessionStorage,
+) -> None:
+    sessions = [conversation(turns) for turns in (1, 2, 3)]
+    for session in sessions:
+        await storage.save_session(session)
+    ids = [f"missing-{index}" for index in range(1200)]
+    ids[1199], ids[0], ids[600] = (session.session_id for session in sessions)
+
+    loaded = await storage.load_sessions(ids)
+
+    assert loaded == [sessions[1], sessions[2], sessions[0]]
+
+
+async def test_load_sessions_matches_each_id_exactly(storage: SessionStorage) -> None:
+    stored = conversation(2, session_id="s" * 255)
+    await storage.save_session(stored)
+
+    loaded = await storage.load_sessions(
+        [stored.session_id, stored.session_id + "-longer", "s" * 254, "S" * 255]
+    )
+
+    assert loaded == [stored]
+    assert [m.message_id for m in loaded[0].messages] == [m.message_id for m in stored.messages]
+
+
 async def test_count_happens_in_the_database(storage: SessionStorage) -> None:
     for status, turns in [("active", 2), ("active", 1), ("archived", 3), ("expired", 0)]:
         session = conversation(turns)

@@ -14,7 +14,8 @@ from sqlalchemy import text
 
 from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
 from persistence.sql.backend import SqlSessionStorage
-from persistence.sql.repositories import DELETE_SESSION
+from persistence.sql.checkout import driver_connection
+from persistence.sql.repositories import DELETE_SESSION, SELECT_SESSIONS_IN
 from persistence.sql.runner import Execute, WhichDialect, Work, one_statement, traced
 from tests.factories import file_record
 
@@ -101,6 +102,46 @@ async def test_list_sessions_is_one_statement_whatever_the_store_size(
     assert len(page) == 2
     assert len([s for s in small if "chat_sessions" in s]) == 1
     assert small == large
+
+
+async def test_load_sessions_of_many_ids_is_two_statements(sql_storage: SessionStorage) -> None:
+    """The ids go as one parameter, not one each in chunks of 500: the sessions' rows
+    and their messages are a statement each, however many ids are asked for."""
+    stored = [await _session_with(sql_storage, 2) for _ in range(3)]
+    ids = [f"missing-{index}" for index in range(1200)]
+    ids[0], ids[700], ids[1199] = (session.session_id for session in stored)
+
+    with statements(sql_storage) as seen:
+        loaded = await sql_storage.load_sessions(ids)
+
+    assert [session.session_id for session in loaded] == [ids[0], ids[700], ids[1199]]
+    assert [s.split("FROM", 1)[0].count("chat_messages.") > 0 for s in seen] == [False, True]
+
+
+async def test_load_sessions_looks_each_id_up_on_postgresql(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """1,000 of 3,000 sessions (analysed): each through the primary key, where
+    `session_id = ANY(...)` and an IN list were planned as a scan of the whole table."""
+    storage = postgresql_storage
+    batch = [ChatSession.create("m") for _ in range(3000)]
+    assert await storage.insert_sessions(batch)
+    async with storage.engine.begin() as connection:
+        await connection.execute(text("ANALYZE chat_sessions"))
+    wanted = {"ids": [session.session_id for session in batch[::3]]}
+    sql, values = SELECT_SESSIONS_IN.compile(storage.engine.dialect).bind(wanted)
+    async with driver_connection(storage.engine) as driver:
+        plan = await driver.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *values)
+
+    def rows_examined(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "chat_sessions":
+            own = (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node[
+                "Actual Loops"
+            ]
+        return own + sum(rows_examined(child) for child in node.get("Plans", ()))
+
+    assert rows_examined(plan[0]["Plan"]) == 1000
 
 
 async def test_search_uses_the_full_text_index(sql_storage: SessionStorage) -> None:
