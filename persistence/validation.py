@@ -45,6 +45,18 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
+def storable_text(value: str) -> bool:
+    """Whether `value` passes check_text: no backend holds text that does not, so an id
+    that does not names nothing stored."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
     """Refuses metadata that some backend could not return unchanged.
 

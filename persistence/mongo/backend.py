@@ -52,9 +52,10 @@ from persistence.storage import (
     check_last,
     check_page,
     check_role,
-    check_session_ids,
     check_status,
+    lookup_ids,
 )
+from persistence.validation import storable_text
 
 _SCHEMES = ("mongodb://", "mongodb+srv://")
 # MongoDB's rules for database names: these characters, and fewer than 64 bytes.
@@ -391,6 +392,8 @@ class MongoDBSessionStorage(SessionStorage):
 
     async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
         check_last(last)
+        if not storable_text(session_id):
+            return None
         with mongo_errors("load session"):
             return await repositories.read_session(
                 self.docs, None, session_id, token=self._token, last=last
@@ -398,7 +401,9 @@ class MongoDBSessionStorage(SessionStorage):
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
         with mongo_errors("load sessions"):
-            return await repositories.read_sessions(self.docs, None, session_ids, token=self._token)
+            return await repositories.read_sessions(
+                self.docs, None, lookup_ids(session_ids), token=self._token
+            )
 
     async def list_sessions(
         self, status: str | None = None, limit: int = 100, offset: int = 0
@@ -412,6 +417,8 @@ class MongoDBSessionStorage(SessionStorage):
                 )
 
     async def delete_session(self, session_id: str) -> bool:
+        if not storable_text(session_id):
+            return False
         with mongo_errors("delete session"):
             async with self._writing() as client_session:
                 return await repositories.delete_session_document(
@@ -425,6 +432,8 @@ class MongoDBSessionStorage(SessionStorage):
         return True
 
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
+        if not storable_text(file_id):
+            return None
         with mongo_errors("load file record"):
             return await repositories.read_file_record(self.docs, None, file_id)
 
@@ -512,13 +521,13 @@ class MongoDBSessionStorage(SessionStorage):
                 )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
-        check_session_ids(session_ids)
+        ids = lookup_ids(session_ids)
         checked = check_status(status)
         assert checked is not None
         with mongo_errors("set session status"):
             async with self._writing() as client_session:
                 return await repositories.set_sessions_status(
-                    self.docs, client_session, session_ids, checked
+                    self.docs, client_session, ids, checked
                 )
 
     async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
@@ -533,7 +542,9 @@ class MongoDBSessionStorage(SessionStorage):
 
     async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
         with mongo_errors("load file records"):
-            return await repositories.read_file_records(self.docs, None, file_ids)
+            return await repositories.read_file_records(
+                self.docs, None, lookup_ids(file_ids, "file_ids")
+            )
 
     async def copy_to_file(self, target: Path) -> bool:
         """MongoDB has no native single-file copy: the caller falls back to the export."""

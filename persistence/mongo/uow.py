@@ -23,6 +23,7 @@ from persistence.mongo.documents import DocumentSet
 from persistence.mongo.errors import mongo_errors
 from persistence.mongo.updates import Saved, Write
 from persistence.storage import UnitOfWork
+from persistence.validation import storable_text
 
 _Write = Callable[[AsyncClientSession], Awaitable[Any]]
 
@@ -43,6 +44,8 @@ class _MongoSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
+        if not storable_text(session_id):
+            return None
         uow = self._uow
         client_session = uow.client_session()
         if session_id in uow.deleted_sessions:
@@ -64,6 +67,8 @@ class _MongoSessions:
         uow.hold_save(session, session.plan_save(uow.token))
 
     async def delete(self, session_id: str) -> bool:
+        if not storable_text(session_id):
+            return False
         uow = self._uow
         docs = uow.docs
         client_session = uow.client_session()
@@ -87,6 +92,8 @@ class _MongoFiles:
         self._uow = uow
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
+        if not storable_text(file_id):
+            return None
         uow = self._uow
         client_session = uow.client_session()
         if file_id in uow.deleted_files:
@@ -108,6 +115,8 @@ class _MongoFiles:
         uow.added_files[record.file_id] = record
 
     async def delete(self, file_id: str) -> bool:
+        if not storable_text(file_id):
+            return False
         uow = self._uow
         docs = uow.docs
         client_session = uow.client_session()

@@ -38,9 +38,10 @@ from persistence.storage import (
     check_last,
     check_page,
     check_role,
-    check_session_ids,
     check_status,
+    lookup_ids,
 )
+from persistence.validation import storable_text
 
 T = TypeVar("T")
 
@@ -234,6 +235,8 @@ class SqlSessionStorage(SessionStorage):
 
     async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
         check_last(last)
+        if not storable_text(session_id):
+            return None
         if self._one_statement_loads:
             # Its own snapshot: no transaction around it.
             return await self._run(
@@ -250,7 +253,7 @@ class SqlSessionStorage(SessionStorage):
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
         return await self._run(
-            repositories.read_sessions(session_ids, self.token),
+            repositories.read_sessions(lookup_ids(session_ids), self.token),
             "load sessions",
             write=False,
             snapshot=True,
@@ -267,6 +270,8 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def delete_session(self, session_id: str) -> bool:
+        if not storable_text(session_id):
+            return False
         # One DELETE: its messages go by ON DELETE CASCADE, their terms by a trigger.
         return await self._run(
             repositories.delete_session(session_id), "delete session", write=True, single=True
@@ -282,6 +287,8 @@ class SqlSessionStorage(SessionStorage):
         return True
 
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
+        if not storable_text(file_id):
+            return None
         return await self._run(
             repositories.read_file_record(file_id), "load file record", write=False
         )
@@ -404,11 +411,11 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
-        check_session_ids(session_ids)
+        ids = lookup_ids(session_ids)
         checked = check_status(status)
         assert checked is not None
         return await self._run(
-            repositories.set_sessions_status(session_ids, checked),
+            repositories.set_sessions_status(ids, checked),
             "set session status",
             write=True,
         )
@@ -429,7 +436,9 @@ class SqlSessionStorage(SessionStorage):
 
     async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
         return await self._run(
-            repositories.read_file_records(file_ids), "load file records", write=False
+            repositories.read_file_records(lookup_ids(file_ids, "file_ids")),
+            "load file records",
+            write=False,
         )
 
     async def copy_to_file(self, target: Path) -> bool:

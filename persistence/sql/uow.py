@@ -25,6 +25,7 @@ from persistence.sql.runner import (
 )
 from persistence.sql.writes import Saved
 from persistence.storage import UnitOfWork
+from persistence.validation import storable_text
 
 T = TypeVar("T")
 
@@ -43,6 +44,8 @@ class _SqlSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
+        if not storable_text(session_id):
+            return None
         return await self._uow.run(
             repositories.read_session(session_id, self._uow.token, None), "load session"
         )
@@ -63,6 +66,8 @@ class _SqlSessions:
         uow.saved_until_rollback(session, plan, saved)
 
     async def delete(self, session_id: str) -> bool:
+        if not storable_text(session_id):
+            return False
         return await self._uow.run(repositories.delete_session(session_id), "delete session")
 
 
@@ -71,12 +76,16 @@ class _SqlFiles:
         self._uow = uow
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
+        if not storable_text(file_id):
+            return None
         return await self._uow.run(repositories.read_file_record(file_id), "load file record")
 
     async def add(self, record: UploadedFileRecord) -> None:
         await self._uow.run(repositories.write_file_record(record), "save file record")
 
     async def delete(self, file_id: str) -> bool:
+        if not storable_text(file_id):
+            return False
         return await self._uow.run(repositories.delete_file_record(file_id), "delete file record")
 
 

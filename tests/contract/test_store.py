@@ -147,3 +147,42 @@ async def test_close_twice_is_harmless_and_a_closed_storage_refuses_use(
         await storage.load_session("x")
     with pytest.raises(PersistenceError, match="closed"):
         await storage.initialize()
+
+
+@pytest.mark.parametrize("unstorable", ["nul\x00inside", "lone \ud800 surrogate"])
+async def test_ids_no_backend_can_store_name_nothing(
+    storage: SessionStorage, unstorable: str
+) -> None:
+    """Text with a NUL or a lone surrogate is refused on every write, so as an id it names
+    nothing: each lookup answers so, as for any id not stored, and a unit of work goes on
+    after one (on PostgreSQL a refused statement would end its transaction)."""
+    stored = conversation(1)
+    await storage.save_session(stored)
+    record = file_record()
+    await storage.save_file_record(record)
+
+    assert await storage.load_session(unstorable) is None
+    assert await storage.load_session(unstorable, last=1) is None
+    assert await storage.load_sessions([unstorable, stored.session_id]) == [stored]
+    assert await storage.delete_session(unstorable) is False
+    assert await storage.set_status([unstorable], "archived") == 0
+    assert await storage.load_file_record(unstorable) is None
+    assert await storage.load_file_records([unstorable, record.file_id]) == [record]
+    later = conversation(1)
+    async with storage.unit_of_work() as uow:
+        assert await uow.sessions.get(unstorable) is None
+        assert await uow.sessions.delete(unstorable) is False
+        assert await uow.files.get(unstorable) is None
+        assert await uow.files.delete(unstorable) is False
+        await uow.sessions.add(later)
+        await uow.commit()
+    assert await storage.load_session(later.session_id) == later
+
+
+async def test_lookups_by_many_refuse_one_id_given_as_a_string(storage: SessionStorage) -> None:
+    session = conversation(1, session_id="abc")
+    await storage.save_session(session)
+
+    for lookup in (storage.load_sessions, storage.load_file_records):
+        with pytest.raises(InvalidDataError, match="expected a sequence of ids"):
+            await lookup("abc")  # type: ignore[arg-type]
