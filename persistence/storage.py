@@ -37,28 +37,20 @@ def check_status(status: str | None) -> Status | None:
     return status
 
 
-def check_session_ids(session_ids: Sequence[str], field: str = "session_ids") -> Sequence[str]:
-    """Returns `session_ids` if it is a sequence of ids, not one id given as a string.
-
-    Raises:
-        InvalidDataError: for a str or bytes (whose characters would pass as ids).
-    """
-    if isinstance(session_ids, str | bytes):
-        raise InvalidDataError(
-            f"{field}: expected a sequence of ids, got one string {session_ids!r}"
-            f" (wrap it in a list: [{field[:-1]}])"
-        )
-    return session_ids
-
-
 def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:
     """The ids of a lookup by many (sessions, file records) that something stored may
     carry: the others (a NUL, a lone surrogate) name nothing, on every backend.
 
     Raises:
-        InvalidDataError: for a str or bytes instead of a sequence of ids.
+        InvalidDataError: for a str or bytes instead of a sequence of ids (whose
+            characters would pass as ids).
     """
-    return [identifier for identifier in check_session_ids(ids, field) if storable_text(identifier)]
+    if isinstance(ids, str | bytes):
+        raise InvalidDataError(
+            f"{field}: expected a sequence of ids, got one string {ids!r}"
+            f" (wrap it in a list: [{ids!r}])"
+        )
+    return [identifier for identifier in ids if storable_text(identifier)]
 
 
 def check_last(last: int | None) -> None:

@@ -48,11 +48,9 @@ def check_text(value: str, field: str) -> str:
 def storable_text(value: str) -> bool:
     """Whether `value` passes check_text: no backend holds text that does not, so an id
     that does not names nothing stored."""
-    if "\x00" in value:
-        return False
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
+        check_text(value, "")
+    except InvalidDataError:
         return False
     return True
 

@@ -328,6 +328,8 @@ def read_sessions(
 ) -> Work[list[ChatSession]]:
     """Returns the sessions that exist, in the order of `session_ids`."""
     ids = list(session_ids)
+    if not ids:
+        return []
     found = {row[0]: row for row in (yield Fetch(SELECT_SESSIONS_IN, {"ids": ids}))}
     history: dict[str, list[ChatMessage]] = {}
     if with_messages and found:
