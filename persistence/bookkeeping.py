@@ -61,7 +61,8 @@ class Bookkeeping:
         loaded = private["_loaded"]
         if loaded is not None:
             private["_loaded"] = None
-            private["_bases"].setdefault(loaded[0], Base(*loaded[1:]))
+            token, base_of, source, synced, foreign_at = loaded
+            private["_bases"].setdefault(token, base_of(source, synced, foreign_at))
         bases: dict[str, Base] = private["_bases"]
         return bases
 

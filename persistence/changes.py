@@ -12,10 +12,10 @@ the store confirms it, the `Base` that plan leads to.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, SupportsIndex, overload
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeVar, overload
 
 if TYPE_CHECKING:
     from persistence.models import ChatMessage
@@ -185,6 +185,12 @@ class Base:
 
     def copy(self) -> Base:
         return replace(self, edits=dict(self.edits), removed=dict(self.removed))
+
+
+Source = TypeVar("Source")
+# Makes the base of a loaded session from what its storage read, when first needed:
+# base_of(source, synced, foreign_at) (ChatSession.from_store).
+BaseOf = Callable[[Source, int, int], Base]
 
 
 # Log entries: ("edit", index, old, new) and ("cut", index, removed messages).

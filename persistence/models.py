@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from persistence.bookkeeping import Bookkeeping
-from persistence.changes import Base, LogEntry, MessageList, Snapshot
+from persistence.changes import Base, BaseOf, LogEntry, MessageList, Source
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.identifiers import random_hex_id
@@ -153,8 +153,9 @@ class ChatSession(_DomainModel, Bookkeeping):
     # Per storage token: what that storage held when this object last loaded or saved.
     # Lambdas, not `dict`/`list`: pydantic inspects a builtin factory on every construct.
     _bases: dict[str, Base] = PrivateAttr(default_factory=lambda: {})
-    # A base recorded by from_store as the arguments of Base, made on first use (_known).
-    _loaded: tuple[Any, ...] | None = PrivateAttr(default=None)
+    # A base recorded by from_store as (token, base_of, source, synced, foreign_at),
+    # made on first use (_known).
+    _loaded: tuple[str, BaseOf[Any], Any, int, int] | None = PrivateAttr(default=None)
     # Edits and cuts since the oldest base, with their absolute log positions.
     _log: list[LogEntry] = PrivateAttr(default_factory=lambda: [])
     _log_start: int = PrivateAttr(default=0)
@@ -219,35 +220,28 @@ class ChatSession(_DomainModel, Bookkeeping):
         values: dict[str, Any],
         token: str,
         revision: int,
-        incarnation: str,
-        metadata: Snapshot,
+        base_of: BaseOf[Source],
+        source: Source,
     ) -> Self:
         """A session as storage `token` holds it, from values the store guarantees valid.
 
         Builds it as `model_construct` would, with the bookkeeping of that load, without
         pydantic's per-attribute machinery: a page of sessions is built on every list.
         `values["messages"]` is a MessageList of the messages loaded (a listing: none).
+        The storage's base is `base_of(source, synced, foreign_at)`, made on first use:
+        most listed or loaded sessions are never saved. `source` must not change after
+        (a row, or values copied apart from the object's own).
         """
         messages: MessageList = values["messages"]
         session = cls.__new__(cls)
         set_dict(session, values)
         set_fields_set(session, _SESSION_FIELDS)
         set_extra(session, None)
-        # The base is made on first use: most listed or loaded sessions are never saved.
-        loaded = (token, revision, incarnation, True, True, values["model"], values["status"])
         set_private(
             session,
             {
                 "_bases": {},
-                "_loaded": (
-                    *loaded,
-                    values["created_at"],
-                    values["updated_at"],
-                    metadata,
-                    len(messages),
-                    0,
-                    messages.foreign_changes,
-                ),
+                "_loaded": (token, base_of, source, len(messages), messages.foreign_changes),
                 "_log": [],
                 "_log_start": 0,
                 "_omitted": values["message_count"] - len(messages),

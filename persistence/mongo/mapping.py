@@ -11,7 +11,7 @@ import pickle
 import uuid
 from typing import Any
 
-from persistence.changes import MessageList, Snapshot
+from persistence.changes import Base, MessageList, Snapshot
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.mongo.documents import FileRecordView, MessageDocument, SessionSummary, SessionView
 from persistence.search import search_document
@@ -104,8 +104,28 @@ def session_from_view(view: SessionSummary, token: str) -> ChatSession:
         },
         token,
         view.revision,
-        view.incarnation,
-        metadata_snapshot(view.metadata),
+        _base_of_view,
+        (view, metadata_snapshot(view.metadata)),
+    )
+
+
+def _base_of_view(source: tuple[SessionSummary, Snapshot], synced: int, foreign_at: int) -> Base:
+    """The base session_from_view records: the view as read, with the snapshot of its
+    metadata taken at the load (the loaded object holds the view's own dict)."""
+    view, metadata = source
+    return Base(
+        revision=view.revision,
+        incarnation=view.incarnation,
+        exact=True,
+        certain=True,
+        model=view.model,
+        status=view.status,
+        created_at=view.created_at,
+        updated_at=view.updated_at,
+        metadata=metadata,
+        synced=synced,
+        log_at=0,
+        foreign_at=foreign_at,
     )
 
 

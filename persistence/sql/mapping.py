@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel
 from sqlalchemy import Text, cast
 
-from persistence.changes import MessageList, Snapshot
+from persistence.changes import Base, MessageList, Snapshot
 from persistence.garbage_collection import collection_paused
 from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
@@ -149,7 +149,6 @@ def session_from_row(
     `messages` None means a listing (no history); fewer messages than the row's count
     means a partial load (`last=`): `message_count` is always the stored count.
     """
-    text = row[5]
     return ChatSession.from_store(
         {
             "session_id": row[0],
@@ -158,13 +157,32 @@ def session_from_row(
             "updated_at": row[3],
             "message_count": row[4],
             "messages": MessageList() if messages is None else MessageList(messages),
-            "metadata": json_loads(text),
+            "metadata": json_loads(row[5]),
             "status": row[6],
         },
         token,
         row[7],
-        row[8],
-        Snapshot(text=text),
+        _base_of_row,
+        row,
+    )
+
+
+def _base_of_row(row: Sequence[Any], synced: int, foreign_at: int) -> Base:
+    """The base session_from_row records: the row as read (its metadata's JSON text is
+    the snapshot, parsed only if a save needs it)."""
+    return Base(
+        revision=row[7],
+        incarnation=row[8],
+        exact=True,
+        certain=True,
+        model=row[1],
+        status=row[6],
+        created_at=row[2],
+        updated_at=row[3],
+        metadata=Snapshot(text=row[5]),
+        synced=synced,
+        log_at=0,
+        foreign_at=foreign_at,
     )
 
 

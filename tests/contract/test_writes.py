@@ -65,6 +65,35 @@ async def test_a_save_with_nothing_changed_writes_nothing(storage: SessionStorag
     assert loaded.revision == revision and loaded.message_count == 2
 
 
+async def test_every_read_records_exactly_what_the_store_held(
+    storage: SessionStorage,
+) -> None:
+    # Every field away from its default: a read's record of the store (made when first
+    # needed) must hold each as read, or the holder sees changes it never made.
+    session = await _stored(storage, model="m-recorded", metadata={"title": "t", "n": [1]})
+    session.status = "archived"
+    session.created_at -= timedelta(days=3)
+    await storage.save_session(session)
+    sid = session.session_id
+
+    page = await storage.list_sessions(status="archived")
+    partial = await storage.load_session(sid, last=1)
+    assert partial is not None
+    for read in (
+        await _load(storage, sid),
+        partial,
+        *await storage.load_sessions([sid]),
+        *[listed for listed in page if listed.session_id == sid],
+    ):
+        assert not storage.has_unsaved_changes(read)
+        revision = read.revision
+        assert await storage.save_session(read) is True
+        assert read.revision == revision  # nothing to write
+        read.metadata["title"] = "changed"
+        assert storage.has_unsaved_changes(read)
+    assert (await _load(storage, sid)).revision == session.revision
+
+
 async def test_a_stale_copy_keeps_what_another_writer_set(
     storage: SessionStorage, reopen: Reopen
 ) -> None:
