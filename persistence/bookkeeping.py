@@ -23,11 +23,14 @@ from persistence.changes import (
     merge_metadata,
     metadata_changes,
     replay,
+    resolve_unconfirmed,
     same_value,
 )
 from persistence.errors import InvalidDataError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from persistence.models import ChatMessage, ChatSession, Status
 
 
@@ -168,6 +171,7 @@ class Bookkeeping:
             log_at=log_at,
             foreign_at=messages.foreign_changes,
             epoch=private["_epoch"],
+            unconfirmed=tuple(base.unconfirmed.values()),
         )
 
     def saved_to(
@@ -189,9 +193,9 @@ class Bookkeeping:
         private = self._private()
         private["_revision"] = revision
         if plan.epoch != private["_epoch"]:
-            # Rebased while this save was in flight: the plan no longer describes the
-            # list. It landed, so the rebased base is behind: the next save checks.
-            self.save_failed(token)
+            # Rebased or rolled back while this save was in flight: the plan no longer
+            # describes the list. It landed, so the base is behind: the next save checks.
+            self.save_failed(token, plan.appends)
             return
         self._known()[token] = Base(
             revision=revision,
@@ -223,7 +227,8 @@ class Bookkeeping:
         Raises:
             InvalidDataError: if `messages` was changed in a way the model cannot express.
         """
-        plan = self.plan_save(token)
+        stored_ids = {message.message_id for message in fresh.messages}
+        plan = resolve_unconfirmed(self.plan_save(token), stored_ids)
         base = fresh._known()[token].copy()
         removed_ids = {message.message_id for message in plan.removals}
         edited = {edit.current.message_id: edit.current for edit in plan.edits}
@@ -236,7 +241,6 @@ class Bookkeeping:
             if current is not None:
                 base.edits[message.message_id] = Edit(message, current)
             kept.append(current or message)
-        stored_ids = {message.message_id for message in fresh.messages}
         appends = [m for m in plan.appends if m.message_id not in stored_ids]
         values = {name: fresh.__dict__[name] for name in TRACKED_FIELDS}
         values.update({name: new for name, (_old, new) in plan.field_changes.items()})
@@ -267,17 +271,27 @@ class Bookkeeping:
         return None if base is None else base.copy()
 
     def restore_base(self, token: str, base: Base | None) -> None:
-        """Puts back a base from `base_for`: the writes since were rolled back."""
+        """Puts back a base from `base_for`: the writes since were rolled back.
+
+        A save of this object planned from the base rolled back (another task's, in
+        flight) no longer describes the store: its success records an uncertain base.
+        """
         if base is None:
             self._known().pop(token, None)
         else:
             self._known()[token] = base
+        self._private()["_epoch"] += 1
 
-    def save_failed(self, token: str) -> None:
-        """Records that a save to `token` may or may not have landed: the next one checks."""
+    def save_failed(self, token: str, sent: Iterable[ChatMessage] = ()) -> None:
+        """Records that a save to `token` may or may not have landed: the next one checks.
+
+        `sent` are the new messages it sent: the next save learns which the store holds
+        (changes.resolve_unconfirmed), whatever this object did with them meanwhile.
+        """
         base = self._known().get(token)
         if base is not None:
             base.certain = False
+            base.unconfirmed.update((message.message_id, message) for message in sent)
 
     def has_changes_for(self, token: str) -> bool:
         """Whether storage `token` lacks something of this object (True if it never held it)."""

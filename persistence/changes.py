@@ -12,7 +12,7 @@ the store confirms it, the `Base` that plan leads to.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeVar, overload
@@ -182,9 +182,17 @@ class Base:
     foreign_at: int
     edits: dict[str, Edit] = field(default_factory=dict)
     removed: dict[str, ChatMessage] = field(default_factory=dict)
+    # New messages, as sent, by saves whose outcome is unknown (the base not certain):
+    # any of them may be stored, and the holder may have edited or removed it since.
+    unconfirmed: dict[str, ChatMessage] = field(default_factory=dict)
 
     def copy(self) -> Base:
-        return replace(self, edits=dict(self.edits), removed=dict(self.removed))
+        return replace(
+            self,
+            edits=dict(self.edits),
+            removed=dict(self.removed),
+            unconfirmed=dict(self.unconfirmed),
+        )
 
 
 Source = TypeVar("Source")
@@ -223,6 +231,8 @@ class SavePlan:
     log_at: int
     foreign_at: int
     epoch: int
+    # The base's unconfirmed messages (Base.unconfirmed): resolve_unconfirmed.
+    unconfirmed: tuple[ChatMessage, ...] = ()
 
     @property
     def is_new(self) -> bool:
@@ -236,6 +246,39 @@ class SavePlan:
     @property
     def writes_nothing(self) -> bool:
         return self.appends_only and not self.appends and not self.updated_at_changed
+
+
+def resolve_unconfirmed(plan: SavePlan, stored_ids: Collection[str]) -> SavePlan:
+    """`plan` once the store said which of its unconfirmed and new messages it holds.
+
+    A message an unconfirmed save sent and the store holds (`stored_ids`) is no longer
+    new: if the holder edited it since, the edit is sent (against the version sent);
+    if the holder removed it since, it is removed. New messages the store holds are
+    not sent again.
+    """
+    if not stored_ids:
+        return plan
+    sent = {message.message_id: message for message in plan.unconfirmed}
+    current = {message.message_id: message for message in plan.appends}
+    edits = [
+        Edit(sent[message_id], message)
+        for message_id, message in current.items()
+        if message_id in stored_ids
+        and message_id in sent
+        and not _same_message(sent[message_id], message)
+    ]
+    removals = [
+        message
+        for message_id, message in sent.items()
+        if message_id in stored_ids and message_id not in current
+    ]
+    return replace(
+        plan,
+        edits=(*plan.edits, *edits),
+        removals=(*plan.removals, *removals),
+        appends=tuple(m for m in plan.appends if m.message_id not in stored_ids),
+        unconfirmed=(),
+    )
 
 
 @dataclass(slots=True)

@@ -156,11 +156,20 @@ class SessionStorage(ABC):
 
     @property
     def token(self) -> str:
-        """Identifies this storage in each session's record of what it holds."""
+        """Identifies the store in each session's record of what it holds.
+
+        Once initialized, every storage opened on one store has the same token (the
+        backend's identity of the database, `_identified_as`): a session loaded through
+        one and saved through another is known there, not taken for a new object.
+        """
         token: str | None = self.__dict__.get("_bookkeeping_token")
         if token is None:
             token = self.__dict__["_bookkeeping_token"] = uuid.uuid4().hex
         return token
+
+    def _identified_as(self, identity: str) -> None:
+        """Takes `identity`, the store's, as this storage's token (when it opens)."""
+        self.__dict__["_bookkeeping_token"] = f"{self.backend_name}:{identity}"
 
     def has_unsaved_changes(self, session: ChatSession) -> bool:
         """Whether this store lacks something of `session` (True if it never held it)."""

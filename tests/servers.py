@@ -127,8 +127,8 @@ async def throwaway_mongodb(url: str) -> AsyncIterator[Any]:
 
 @asynccontextmanager
 async def second_holder(storage: Any) -> AsyncIterator[Any]:
-    """The same store through a storage of its own (its connections and bookkeeping),
-    as another server process would see it."""
+    """The same store through a storage of its own (its own connections), as another
+    server process would see it."""
     from persistence import PostgreSQLSessionStorage, SQLiteSessionStorage
 
     other: Any

@@ -55,6 +55,7 @@ from persistence.storage import (
     check_status,
     lookup_ids,
 )
+from persistence.turns import save_turn
 from persistence.validation import storable_text
 
 _SCHEMES = ("mongodb://", "mongodb+srv://")
@@ -214,7 +215,6 @@ class MongoDBSessionStorage(SessionStorage):
         self._closed = False
         self._reading_only = False
         self.supports_transactions = False
-        self._turns = writes.Turns()
 
     def _new_client(self) -> AsyncMongoClient[dict[str, Any]]:
         try:
@@ -281,6 +281,9 @@ class MongoDBSessionStorage(SessionStorage):
                     raise
                 hello = await client.admin.command("isMaster")
             self.supports_transactions = has_transactions(hello)
+            # The store as its connection string (without secrets) and database name it.
+            self._identified_as(f"{self._display_url}/{self.database_name}")
+            self._token = self.token
             database = client[self.database_name]
             if not create_indexes:
                 names = set(await database.list_collection_names())
@@ -364,7 +367,7 @@ class MongoDBSessionStorage(SessionStorage):
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
-        async with self._turns.of(session):
+        async with save_turn(self._token, session):
             return await self._save_session(session, force)
 
     async def _save_session(self, session: ChatSession, force: bool) -> bool:
@@ -385,7 +388,7 @@ class MongoDBSessionStorage(SessionStorage):
             raise  # refused before anything was written
         except BaseException:
             # Cut off, cancelled or failed: it may have landed, so the next save checks.
-            session.save_failed(self._token)
+            session.save_failed(self._token, plan.appends)
             raise
         session.saved_to(self._token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True

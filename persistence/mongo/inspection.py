@@ -14,7 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from persistence.changes import TRACKED_FIELDS, SavePlan, conflicts, merge_metadata, same_value
+from persistence.changes import (
+    TRACKED_FIELDS,
+    SavePlan,
+    conflicts,
+    merge_metadata,
+    resolve_unconfirmed,
+    same_value,
+)
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage
 from persistence.mongo.updates import Saved, Stored, Write, guarded, new_document
@@ -27,6 +34,7 @@ def _named_ids(plans: Sequence[SavePlan]) -> list[str]:
         *(message.message_id for plan in plans for message in plan.appends),
         *(edit.original.message_id for plan in plans for edit in plan.edits),
         *(message.message_id for plan in plans for message in plan.removals),
+        *(message.message_id for plan in plans for message in plan.unconfirmed),
     ]
 
 
@@ -144,6 +152,9 @@ def prepare(
         return _merge_new(plan, stored)
     if stored is None or stored.incarnation != plan.incarnation:
         raise SessionDeletedError(plan.session_id)
+    if not plan.certain:
+        # An earlier save's outcome is unknown: it may have stored some of its messages.
+        plan = resolve_unconfirmed(plan, stored.messages.keys())
     if not force:
         # Checked even at the revision the holder saw: a base that merged other writers'
         # work (not exact) does not know what they changed.
@@ -157,8 +168,7 @@ def prepare(
             f"message_id {here[0].message_id!r} is already stored in this session"
             " (saved through another copy of this object?)"
         )
-    # An earlier save whose outcome is unknown may have stored some: send only the rest.
-    appends = [message for message in plan.appends if message.message_id not in stored.messages]
+    appends = list(plan.appends)
     fields = {name: new for name, (_old, new) in plan.field_changes.items()}
     merged = merge_metadata(stored.metadata, plan.metadata_changes)
     # Exact again only if nobody wrote since an exact, certain base and the stored values

@@ -217,8 +217,8 @@ class MongoUnitOfWork(UnitOfWork):
                     await client_session.commit_transaction()
             except BaseException:
                 # The commit may have landed before the error: later saves must check.
-                for session, _plan, _saved in self._sent:
-                    session.save_failed(self.token)
+                for session, plan, _saved in self._sent:
+                    session.save_failed(self.token, plan.appends)
                 self._sent.clear()
                 raise
             for session, plan, saved in self._sent:
@@ -266,7 +266,7 @@ class MongoUnitOfWork(UnitOfWork):
         except BaseException:
             if not self.transactional:
                 # It may have landed; in a transaction nothing lands without the commit.
-                session.save_failed(self.token)
+                session.save_failed(self.token, plan.appends)
             raise
         if self.transactional:
             self._sent.append((session, plan, saved))

@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ReturnDocument
@@ -43,28 +42,6 @@ _BACKOFF = 0.0005
 # Plans and message ids per inspection: its command stays far below 16 MiB.
 _INSPECT_PLANS = 200
 _INSPECT_IDS = 5000
-
-
-class Turns:
-    """Saves of one object take turns: each plans from the base the previous one left."""
-
-    def __init__(self) -> None:
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def of(self, holder: object) -> AsyncIterator[None]:
-        key = id(holder)
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 def _sessions(docs: DocumentSet) -> AsyncCollection[dict[str, Any]]:

@@ -34,6 +34,23 @@ from persistence.storage import (
 T = TypeVar("T")
 
 
+async def database_identity(engine: AsyncEngine, fallback: str) -> str:
+    """The cluster's system identifier and the database's oid: one store through any URL,
+    pool or replica; another database (a dump restored elsewhere) differs. Where the
+    server does not tell its identifier (a privilege some hosts withhold), `fallback`."""
+    import asyncpg
+
+    async with driver_connection(engine) as driver:
+        oid = await driver.fetchval(
+            "SELECT oid FROM pg_database WHERE datname = current_database()"
+        )
+        try:
+            system = await driver.fetchval("SELECT system_identifier FROM pg_control_system()")
+        except asyncpg.PostgresError:
+            system = fallback
+    return f"{system}:{oid}"
+
+
 class PostgreSQLSessionStorage(SqlSessionStorage):
     """PostgreSQL through a pool of asyncpg connections (SQLAlchemy's pool).
 
@@ -122,6 +139,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
 
     async def _open(self, *, read_only: bool) -> None:
         await super()._open(read_only=read_only)
+        with sql_errors("open database"):
+            self._identified_as(await database_identity(self.engine, self._where))
         if self._replicas is not None:
             await self._replicas.start(self.engine, self._statement_timeout)
 

@@ -6,7 +6,6 @@ writes.py) through `_run`, which the dialect's subclass implements.
 
 from __future__ import annotations
 
-import asyncio
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
@@ -41,6 +40,7 @@ from persistence.storage import (
     check_status,
     lookup_ids,
 )
+from persistence.turns import save_turn
 from persistence.validation import storable_text
 
 T = TypeVar("T")
@@ -55,7 +55,6 @@ class SqlSessionStorage(SessionStorage):
         self._engine: AsyncEngine | None = None
         self._closed = False
         self._reading_only = False
-        self._saving: dict[int, tuple[asyncio.Lock, int]] = {}
         # Messages this storage's saves inserted since they last wrote pending search
         # documents (indexing.then_index; where inserts write them, that writes none).
         self._left_pending = 0
@@ -172,19 +171,8 @@ class SqlSessionStorage(SessionStorage):
         return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self.token)
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
-        # Saves of one object take turns: each plans from the base the previous one left.
-        key = id(session)
-        lock, users = self._saving.get(key) or (asyncio.Lock(), 0)
-        self._saving[key] = (lock, users + 1)
-        try:
-            async with lock:
-                return await self._save_session(session, force)
-        finally:
-            lock, users = self._saving[key]
-            if users == 1:
-                del self._saving[key]
-            else:
-                self._saving[key] = (lock, users - 1)
+        async with save_turn(self.token, session):
+            return await self._save_session(session, force)
 
     async def _save_session(self, session: ChatSession, force: bool) -> bool:
         plan = session.plan_save(self.token)
@@ -208,13 +196,13 @@ class SqlSessionStorage(SessionStorage):
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except PersistenceError as exc:
-            session.save_failed(self.token)
+            session.save_failed(self.token, plan.appends)
             if unique_violation(exc):
                 raise await self._duplicate_message(plan.session_id, plan.appends) from exc
             raise
         except BaseException:
             # Cancelled or cut off: it may have landed, so the next save checks.
-            session.save_failed(self.token)
+            session.save_failed(self.token, plan.appends)
             raise
         session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True

@@ -110,6 +110,10 @@ class SQLiteSessionStorage(SqlSessionStorage):
             opened, pragmas, uri = self._opened
             with sql_errors("open database"):
                 self._connection = await open_sqlite(opened, pragmas, self._busy_timeout, uri=uri)
+        # The file itself (through any symlink): another storage on it is the same store,
+        # a copy of it is another.
+        found = self.database_path.stat()
+        self._identified_as(f"{found.st_dev}:{found.st_ino}")
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

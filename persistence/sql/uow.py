@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.changes import Base, SavePlan
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.models import ChatSession, UploadedFileRecord
+from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
 from persistence.sql.checkout import driver_connection
 from persistence.sql.errors import connection_unusable, sql_errors, unique_violation
@@ -110,7 +110,9 @@ class SqlUnitOfWork(UnitOfWork):
         # What interrupted a call on the connection (a cancel, a lost connection): it is
         # then dropped, not ended, and its transaction dies with it.
         self._interrupted: BaseException | None = None
-        self._undo: dict[int, tuple[ChatSession, Base | None]] = {}
+        # Per object saved in this unit: the object, its base before the unit, and the
+        # new messages the unit sent for it.
+        self._undo: dict[int, tuple[ChatSession, Base | None, list[ChatMessage]]] = {}
         self._committed = False
         self._open: Token[frozenset[str]] | None = None
         self.sessions = _SqlSessions(self)
@@ -146,7 +148,8 @@ class SqlUnitOfWork(UnitOfWork):
     def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:
         """Takes the save as stored now; a rollback gives the object back its old base."""
         if id(session) not in self._undo:
-            self._undo[id(session)] = (session, session.base_for(self.token))
+            self._undo[id(session)] = (session, session.base_for(self.token), [])
+        self._undo[id(session)][2].extend(plan.appends)
         session.saved_to(
             self.token,
             plan,
@@ -161,9 +164,11 @@ class SqlUnitOfWork(UnitOfWork):
             with sql_errors("commit"):
                 await self._end("COMMIT")
         except BaseException as exc:
-            # The commit may have landed before the error: later saves must check.
-            for session, _base in self._undo.values():
-                session.save_failed(self.token)
+            # The commit may have landed before the error, or not: later saves send
+            # this unit's changes again, checking what the store holds.
+            for session, base, sent in self._undo.values():
+                session.restore_base(self.token, base)
+                session.save_failed(self.token, sent)
             self._undo.clear()
             await self._give_back(exc)
             raise
@@ -173,7 +178,7 @@ class SqlUnitOfWork(UnitOfWork):
 
     async def rollback(self) -> None:
         # The store holds none of this unit's changes: later saves must send them again.
-        for session, base in self._undo.values():
+        for session, base, _sent in self._undo.values():
             session.restore_base(self.token, base)
         self._undo.clear()
         try:

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ColumnElement
 
-from persistence.changes import SavePlan, conflicts, merge_metadata
+from persistence.changes import SavePlan, conflicts, merge_metadata, resolve_unconfirmed
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage
 from persistence.search import search_document
@@ -319,6 +319,28 @@ def _not_stored(session_id: str, candidates: Sequence[ChatMessage]) -> Work[list
     return [message for message in candidates if message.message_id not in owners]
 
 
+def _resolved(plan: SavePlan) -> Work[SavePlan]:
+    """`plan` with what the store holds of its new and unconfirmed messages resolved
+    (changes.resolve_unconfirmed).
+
+    Raises:
+        InvalidDataError: if a new message's id is already stored in another session.
+    """
+    candidates = {message.message_id: message for message in plan.unconfirmed}
+    candidates.update((message.message_id, message) for message in plan.appends)
+    if not candidates:
+        return plan
+    owners = yield from message_owners(list(candidates))
+    new_ids = {message.message_id for message in plan.appends}
+    for message_id, owner in owners.items():
+        if owner != plan.session_id and message_id in new_ids:
+            raise InvalidDataError(
+                f"message_id {message_id!r} is already stored in another session ({owner!r})"
+            )
+    here = {message_id for message_id, owner in owners.items() if owner == plan.session_id}
+    return resolve_unconfirmed(plan, here)
+
+
 STILL_THERE = Statement(
     select(sessions.c.incarnation).where(sessions.c.session_id == bindparam("session_id"))
 )
@@ -448,6 +470,9 @@ def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
         raise SessionDeletedError(plan.session_id)
     revision, _, model, status, created_at, metadata_text, count, next_position = rows[0]
     stored_metadata = json_loads(metadata_text)
+    if not plan.certain:
+        # An earlier save's outcome is unknown: it may have stored some of its messages.
+        plan = yield from _resolved(plan)
     if not force:
         # Checked even when the revision is the one the holder saw: a base that merged
         # other writers' work (not exact) does not know what they changed.
@@ -457,8 +482,6 @@ def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
         if found:
             raise SessionConflictError(plan.session_id, found)
     appends: Sequence[ChatMessage] = plan.appends
-    if not plan.certain and appends:
-        appends = yield from _not_stored(plan.session_id, appends)
     removed = yield from _remove(plan)
     yield from _edit(plan)
     yield from _insert(plan.session_id, appends, next_position)

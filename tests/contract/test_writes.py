@@ -1,7 +1,7 @@
 """Several holders of one session: revisions, merges, conflicts, deletes and edits.
 
 Each test has a second holder open the same store through its own storage (its own
-connections and bookkeeping), as another server process would.
+connections), as another server process would; objects keep their own bookkeeping.
 """
 
 from __future__ import annotations
@@ -92,6 +92,69 @@ async def test_every_read_records_exactly_what_the_store_held(
         read.metadata["title"] = "changed"
         assert storage.has_unsaved_changes(read)
     assert (await _load(storage, sid)).revision == session.revision
+
+
+async def test_a_session_loaded_through_one_storage_is_known_to_another_on_the_store(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    # A service that opens its storage again (a reconnect, a second pool) or hands a
+    # loaded session to another storage of the same store: the save must still write
+    # edits and removals, see conflicts, and never re-insert a deleted session.
+    session = await _stored(storage, turns=4)
+    sid = session.session_id
+    async with reopen(storage) as other:
+        assert other.token == storage.token
+        loaded = await _load(other, sid)
+        loaded.rewind(loaded.messages[1].message_id)
+        loaded.edit_message(loaded.messages[0].message_id, content="edited")
+        await storage.save_session(loaded)
+        assert not storage.has_unsaved_changes(loaded)
+        assert [m.content for m in (await _load(other, sid)).messages] == ["edited", "message 1"]
+
+        stale = await _load(other, sid)
+        fresh = await _load(storage, sid)
+        fresh.metadata["k"] = "theirs"
+        await storage.save_session(fresh)
+        stale.metadata["k"] = "mine"
+        with pytest.raises(SessionConflictError):
+            await storage.save_session(stale)
+
+        held = await _load(other, sid)
+        assert await other.delete_session(sid)
+        held.add_message("user", "after the delete")
+        with pytest.raises(SessionDeletedError):
+            await storage.save_session(held)
+    assert await storage.load_session(sid) is None
+
+
+async def test_a_save_planned_inside_a_unit_of_work_that_rolls_back_loses_nothing(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    # Another task saves the object the unit of work holds: it plans from what the
+    # unit wrote, then the unit rolls back. The unit's message must not be lost.
+    session = await _stored(storage, turns=1)
+    go = asyncio.Event()
+
+    async def save_beside() -> bool:
+        await go.wait()
+        return await storage.save_session(session)
+
+    beside = asyncio.create_task(save_beside())  # before the unit: not inside it
+    session.add_message("user", "in the unit")
+    async with storage.unit_of_work() as uow:
+        await uow.sessions.add(session)
+        session.add_message("user", "saved beside it")
+        go.set()
+        await asyncio.sleep(0.2)  # it plans now, then waits for the unit's lock
+    assert await beside is True
+    await storage.save_session(session)
+    assert not storage.has_unsaved_changes(session)
+    async with reopen(storage) as other:
+        stored = await _load(other, session.session_id)
+    assert sorted(m.content for m in stored.messages) == sorted(
+        ["message 0", "in the unit", "saved beside it"]
+    )
+    assert stored.message_count == 3
 
 
 async def test_a_stale_copy_keeps_what_another_writer_set(

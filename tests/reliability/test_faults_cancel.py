@@ -159,6 +159,50 @@ async def test_cancelled_save_session_is_all_or_nothing_and_leaks_no_connection(
     figures["leaked_connections"] = 0
 
 
+@pytest.mark.parametrize("change", ["edit", "pop"])
+async def test_a_change_to_a_message_a_cancelled_save_sent_is_saved_whether_it_landed_or_not(
+    sql_storage: SessionStorage, probe: Probe, scale: Scale, figures: Figures, change: str
+) -> None:
+    # A cancelled save may have landed (on SQLite the connection's thread finishes it).
+    # Its message then counts as unsaved in the holder, which edits or removes it: the
+    # retry must store that, not skip the message because its id is stored.
+    landed = 0
+
+    async def prepare(steps: int) -> Callable[[], Awaitable[Any]]:
+        session = ChatSession.create("cancel", session_id=f"sent-{steps}")
+        session.add_message("user", "stored before")
+        await sql_storage.save_session(session)
+        session.add_message("assistant", "in flight")
+        session.metadata["title"] = "with it"
+        sessions[steps] = session
+        return lambda: sql_storage.save_session(session)
+
+    async def check(steps: int, done: bool) -> None:
+        nonlocal landed
+        session = sessions[steps]
+        if done:
+            return
+        _count, stored = await probe.session(f"sent-{steps}")
+        landed += stored == [m.message_id for m in session.messages]
+        if change == "edit":
+            session.edit_message(session.messages[-1].message_id, content="edited after")
+        else:
+            session.pop_message()
+        await sql_storage.save_session(session)
+        reread = await sql_storage.load_session(session.session_id)
+        assert reread is not None
+        assert [m.content for m in reread.messages] == [m.content for m in session.messages]
+        assert reread.message_count == len(session.messages)
+        assert reread.metadata == {"title": "with it"}
+
+    sessions: dict[int, ChatSession] = {}
+    cancelled, finished = await _sweep(sql_storage, scale, probe, prepare, check)
+    await _whole_store_is_consistent(sql_storage)
+    figures["cancel_points_tried"] = cancelled + finished
+    figures["cancelled_after_landing"] = landed
+    assert landed > 0, "no cancelled save landed: the sweep missed the case"
+
+
 async def test_cancelled_unit_of_work_is_all_or_nothing_and_leaks_no_connection(
     sql_storage: SessionStorage, probe: Probe, scale: Scale, figures: Figures
 ) -> None:

@@ -219,8 +219,9 @@ async def test_a_save_whose_acknowledgement_was_lost_is_retried_without_duplicat
     assert loaded.message_count == 4
 
 
+@pytest.mark.parametrize("then", ["append", "pop"])
 async def test_a_unit_of_work_whose_commit_ack_was_lost_is_retried_without_duplicates(
-    make_postgresql: MakeStorage, postgresql_url: str
+    make_postgresql: MakeStorage, postgresql_url: str, then: str
 ) -> None:
     storage, proxy = await _through_proxy(make_postgresql, postgresql_url)
     try:
@@ -235,7 +236,11 @@ async def test_a_unit_of_work_whose_commit_ack_was_lost_is_retried_without_dupli
                 await uow.commit()
         landed = await _stored_message_ids(postgresql_url, session.session_id)
         assert landed == [m.message_id for m in session.messages]
-        session.add_message("user", "third")
+        if then == "append":
+            session.add_message("user", "third")
+        else:
+            # The message it stored, removed before the retry: removed from the store.
+            session.pop_message()
         async with storage.unit_of_work() as uow:
             await uow.sessions.add(session)
             await uow.commit()
@@ -243,8 +248,41 @@ async def test_a_unit_of_work_whose_commit_ack_was_lost_is_retried_without_dupli
     finally:
         await proxy.close()
     assert loaded is not None
-    assert [m.content for m in loaded.messages] == ["first", "landed, ack lost", "third"]
-    assert loaded.message_count == 3
+    expected = ["first", "landed, ack lost", "third"] if then == "append" else ["first"]
+    assert [m.content for m in loaded.messages] == expected
+    assert loaded.message_count == len(expected)
+
+
+async def test_a_unit_of_work_whose_commit_failed_is_sent_again_by_the_next_save(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> None:
+    # The link is cut before the COMMIT: nothing of the unit landed. What it wrote must
+    # not count as stored: the next save sends it (and later changes) again.
+    storage, proxy = await _through_proxy(make_postgresql, postgresql_url)
+    try:
+        session = ChatSession.create("faults")
+        session.add_message("user", "first")
+        await storage.save_session(session)
+        session.add_message("user", "in the failed unit")
+        session.metadata["title"] = "set in the failed unit"
+        with pytest.raises(StorageConnectionError):
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(session)
+                await proxy.cut()
+                await uow.commit()
+        await proxy.restore()
+        assert await _stored_message_ids(postgresql_url, session.session_id) == [
+            session.messages[0].message_id
+        ]
+        assert storage.has_unsaved_changes(session)
+        session.add_message("user", "third")
+        await storage.save_session(session)
+        loaded = await storage.load_session(session.session_id)
+    finally:
+        await proxy.close()
+    assert loaded is not None
+    assert [m.content for m in loaded.messages] == ["first", "in the failed unit", "third"]
+    assert loaded.metadata == {"title": "set in the failed unit"}
 
 
 async def test_a_unit_of_work_whose_connection_was_killed_between_works_commits_nothing(

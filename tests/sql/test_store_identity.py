@@ -1,0 +1,77 @@
+"""Which storages are one store: the token a session's bookkeeping is kept under.
+
+Storages opened on one store share it, however they reach the store; a copy of a
+store (another file, another database) has its own. A session loaded through one
+storage and saved through another of the same store is then known there
+(tests/contract/test_writes.py), while a copy never takes it for its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url
+
+from persistence import ChatSession, PostgreSQLSessionStorage, SQLiteSessionStorage
+from tests import servers
+
+
+@pytest.mark.sqlite
+async def test_a_sqlite_file_is_one_store_through_any_path_and_a_copy_is_another(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    async with SQLiteSessionStorage(path) as storage:
+        session = ChatSession.create("m")
+        session.add_message("user", "hello")
+        await storage.save_session(session)
+    (tmp_path / "link.db").symlink_to(path)
+    shutil.copyfile(path, tmp_path / "copy.db")
+
+    async with (
+        SQLiteSessionStorage(path) as first,
+        SQLiteSessionStorage(tmp_path / "link.db") as linked,
+        SQLiteSessionStorage(tmp_path / "sub" / ".." / "store.db") as dotted,
+        SQLiteSessionStorage(tmp_path / "copy.db") as copied,
+    ):
+        reader = SQLiteSessionStorage(path)
+        await reader.open_for_reading()
+        try:
+            assert first.token == linked.token == dotted.token == reader.token
+        finally:
+            await reader.close()
+        assert copied.token != first.token
+        loaded = await first.load_session(session.session_id)
+        assert loaded is not None
+        assert not linked.has_unsaved_changes(loaded)
+        assert copied.has_unsaved_changes(loaded)
+
+
+@pytest.fixture
+def other_postgresql_url(postgresql_admin_url: str) -> Iterator[str]:
+    with servers.throwaway_postgresql_database(postgresql_admin_url) as url:
+        yield url
+
+
+@pytest.mark.postgresql
+async def test_a_postgresql_database_is_one_store_through_any_url_and_another_is_not(
+    postgresql_url: str, other_postgresql_url: str
+) -> None:
+    url = make_url(postgresql_url)
+    forms = [
+        postgresql_url,
+        url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False),
+        url.set(host="localhost").render_as_string(hide_password=False),
+    ]
+    tokens = set()
+    for form in forms:
+        async with PostgreSQLSessionStorage(form, min_pool_size=1, max_pool_size=1) as storage:
+            tokens.add(storage.token)
+    assert len(tokens) == 1
+    async with PostgreSQLSessionStorage(
+        other_postgresql_url, min_pool_size=1, max_pool_size=1
+    ) as other:
+        assert other.token not in tokens
