@@ -10,6 +10,7 @@ are moved to our table by the next upgrade.
 from __future__ import annotations
 
 import functools
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy.pool import NullPool
 
 from persistence.errors import MigrationError, SchemaVersionError
 from persistence.sql.tables import Base
@@ -47,6 +49,10 @@ class SchemaState:
     """Our revision(s) the database is at; empty for an empty database."""
     legacy: bool = False
     """The revision sits in `alembic_version`, not yet in our own version table."""
+
+
+# The tables every revision of ours has (0001 created them).
+_CORE_TABLES = frozenset({"chat_sessions", "chat_messages", "uploaded_files"})
 
 
 def _heads(connection: Connection, version_table: str) -> tuple[str, ...]:
@@ -90,13 +96,16 @@ def examine(
         return SchemaState(heads)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
         heads = _heads(connection, LEGACY_VERSION_TABLE)
-        if heads and all(head in known for head in heads):
+        # Our revision ids are short (0001...): another application's may be the same,
+        # so its tables must be ours too (every revision has them).
+        if heads and all(head in known for head in heads) and names >= _CORE_TABLES:
             return SchemaState(heads, legacy=True)
         raise MigrationError(
             f"{where} holds tables of another application: its {LEGACY_VERSION_TABLE}"
             f" is at revision {', '.join(heads) or '(none)'}, which is not a persistence"
-            " revision; persistence neither reads nor changes it (use a database of its"
-            " own, or create persistence's tables beside it with `alembic upgrade head`)"
+            " store's (not a revision of ours, or without our tables); persistence neither"
+            " reads nor changes it (use a database of its own, or create persistence's"
+            " tables beside it with `alembic upgrade head`)"
         )
     if names:
         raise MigrationError(
@@ -180,3 +189,23 @@ def upgrade_to_head(
             version_table=version_table,
         )
         env.run_migrations()
+
+
+def examine_sqlite_file(
+    target: str, *, version_table: str = VERSION_TABLE, where: str = "the database"
+) -> SchemaState:
+    """`examine` on a SQLite file opened read-only (`target`, a `file:` URI), blocking.
+
+    Our connections set the file's journal mode when they open, a change that stays
+    in the file: a file of another application is refused before that.
+    """
+    engine = create_engine(
+        "sqlite://",
+        creator=lambda: sqlite3.connect(target, uri=True),
+        poolclass=NullPool,
+    )
+    try:
+        with engine.connect() as connection:
+            return examine(connection, script_directory(), version_table=version_table, where=where)
+    finally:
+        engine.dispose()

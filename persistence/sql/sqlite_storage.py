@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +32,7 @@ from persistence.sql.runner import (
     run_in_thread,
     run_unless_locked,
 )
-from persistence.sql.schema import VERSION_TABLE
+from persistence.sql.schema import VERSION_TABLE, examine_sqlite_file
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.uow import open_units_of_work
 from persistence.storage import (
@@ -97,7 +98,16 @@ class SQLiteSessionStorage(SqlSessionStorage):
                     reading_pragmas(self._pragmas),
                     True,
                 )
-            elif not exists:
+            elif exists:
+                # Refused, reading only, before our connections set the journal mode.
+                with sql_errors("open database"):
+                    await asyncio.to_thread(
+                        examine_sqlite_file,
+                        sqlite_reading_target(self.database_path),
+                        version_table=self.version_table,
+                        where=self._where,
+                    )
+            else:
                 try:
                     self.database_path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:

@@ -74,21 +74,30 @@ def alembic(url: str, *args: str) -> None:
     )
 
 
-async def _other_application(url: str, *, its_alembic: bool) -> None:
+async def _other_application(url: str, *, its_alembic: str | None) -> None:
     statements = ["CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)"]
     statements.append("INSERT INTO orders VALUES (1, 'tea')")
     if its_alembic:
         statements.append("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
-        statements.append("INSERT INTO alembic_version VALUES ('abc123def')")
+        statements.append(f"INSERT INTO alembic_version VALUES ('{its_alembic}')")
     await _execute(url, *statements)
 
 
-@pytest.mark.parametrize("its_alembic", [False, True], ids=["tables", "alembic_version"])
+def _file_bytes(url: str) -> bytes | None:
+    """A SQLite file's bytes (its journal mode is in its header), None on PostgreSQL."""
+    return Path(url.removeprefix("sqlite:///")).read_bytes() if url.startswith("sqlite") else None
+
+
+# Another application's alembic_version may hold an id of ours: 0002 is a common one.
+@pytest.mark.parametrize(
+    "its_alembic", [None, "abc123def", "0002"], ids=["tables", "alembic_version", "our_ids"]
+)
 async def test_another_applications_database_is_refused_and_left_as_it_was(
-    fresh_url: str, its_alembic: bool
+    fresh_url: str, its_alembic: str | None
 ) -> None:
     await _other_application(fresh_url, its_alembic=its_alembic)
     before = await _tables(fresh_url)
+    file_before = _file_bytes(fresh_url)
 
     for opening in ("initialize", "open_for_reading"):
         storage = _storage(fresh_url)
@@ -98,13 +107,14 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
         assert not isinstance(caught.value, SchemaVersionError)
         assert "newer version" not in str(caught.value)
         if its_alembic:
-            assert "abc123def" in str(caught.value)
+            assert its_alembic in str(caught.value)
 
     assert await _tables(fresh_url) == before
+    assert _file_bytes(fresh_url) == file_before  # not even its journal mode
 
 
 async def test_persistence_shares_a_database_with_an_alembic_application(fresh_url: str) -> None:
-    await _other_application(fresh_url, its_alembic=True)
+    await _other_application(fresh_url, its_alembic="abc123def")
     alembic(fresh_url, "upgrade", "head")
 
     async with _storage(fresh_url) as storage:
