@@ -5,12 +5,17 @@ and the LAST `@`, so a password typed with a raw `@`, `/`, `?` or `#` (which dri
 misread) is still masked whole; a mask hides a little too much rather than too little.
 Query parameters whose name holds "password" (`?password=`, `sslpassword=`,
 `tlsCertificateKeyFilePassword=`) are masked too. SQLite URLs carry no secret.
+
+A PostgreSQL URL may carry libpq's query parameters (`?sslmode=require`,
+`application_name=`): `postgresql_query_problem` refuses the ones asyncpg cannot use,
+and `asyncpg_url` rewrites the others into what SQLAlchemy passes asyncpg.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, urlencode
 
 MASK = "***"
 # A URL scheme (RFC 3986): what comes before `://`.
@@ -19,6 +24,8 @@ SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _URL_START = re.compile(SCHEME.pattern + "://")
 # Characters that end a URL in free text (messages quote URLs or end them with a space).
 _URL_END = frozenset(" \t\r\n'\"`<>")
+# Characters after which a `scheme://` starts another URL (inside user info it does not).
+_URL_BEFORE = frozenset(" \t'\"`<>(),;=[")
 # Characters that end or split a URL's parts: they must be percent-encoded in user info.
 RESERVED_IN_USERINFO = {"@": "%40", "/": "%2F", "?": "%3F", "#": "%23"}
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -115,12 +122,19 @@ def mask_url(url: str, *, hide_user: bool = False) -> str:
 
 
 def mask_secrets(text: str, *, hide_user: bool = False) -> str:
-    """Masks the password of every URL in `text` (a URL ends at a space or a quote)."""
+    """Masks the password of every URL in `text`.
+
+    A URL's user info runs to the last `@` before the line or the next URL ends, so a
+    password typed raw with a space, a quote or a backtick is hidden whole; after the
+    `@`, the URL ends at a space or a quote.
+    """
     pieces: list[str] = []
     position = 0
     while (found := _URL_START.search(text, position)) is not None:
-        end = found.end()
-        while end < len(text) and text[end] not in _URL_END:
+        limit = _region_end(text, found.end())
+        at = text.rfind("@", found.end(), limit)
+        end = found.end() if at < 0 else at + 1
+        while end < limit and text[end] not in _URL_END:
             end += 1
         pieces += [
             text[position : found.start()],
@@ -129,3 +143,146 @@ def mask_secrets(text: str, *, hide_user: bool = False) -> str:
         position = end
     pieces.append(text[position:])
     return "".join(pieces)
+
+
+def _region_end(text: str, start: int) -> int:
+    """Where the URL whose `://` ends at `start` ends at the latest: the end of the line,
+    or the next URL that starts after a separator (not a `scheme://` inside a password)."""
+    end = len(text)
+    for character in "\r\n":
+        if (found := text.find(character, start, end)) >= 0:
+            end = found
+    for match in _URL_START.finditer(text, start, end):
+        if text[match.start() - 1] in _URL_BEFORE:
+            return match.start()
+    return end
+
+
+def port_problem(url: str) -> str | None:
+    """Why a port of `url` (each host's, for a list of hosts) is unusable, or None."""
+    parts = split_url(url)
+    if parts is None or parts.scheme.lower().startswith("sqlite"):
+        return None
+    hosts = re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
+    for host in hosts.split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" not in port:
+            continue
+        number = port.rpartition(":")[2]
+        if not number:
+            continue
+        if not number.isascii() or not number.isdigit():
+            return f"port {number!r} is not a number"
+        if not 1 <= int(number) <= 65535:
+            return f"port {number} is not between 1 and 65535"
+    return None
+
+
+# libpq's sslmode values, which asyncpg's `ssl` also takes.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# Parameters SQLAlchemy hands asyncpg.connect as they are (asyncpg's keyword names).
+_ASYNCPG_KEYWORDS = frozenset(
+    {
+        "host",
+        "port",
+        "user",
+        "password",
+        "database",
+        "passfile",
+        "ssl",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "command_timeout",
+        "statement_cache_size",
+        "max_cached_statement_lifetime",
+        "max_cacheable_statement_size",
+        "prepared_statement_cache_size",
+    }
+)
+# libpq's names of asyncpg keywords.
+_RENAMED = {"sslmode": "ssl", "dbname": "database"}
+# libpq parameters asyncpg reads only from a DSN: passed in `dsn=postgresql://?...`,
+# which asyncpg parses under its keyword arguments (application_name and options
+# become startup parameters).
+_DSN_ONLY = (
+    "application_name",
+    "options",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+)
+# What to write instead of a libpq parameter the library sets another way.
+_INSTEAD = {
+    "connect_timeout": "set the storage option connect_timeout",
+    "timeout": "set the storage option connect_timeout",
+    "statement_timeout": "set the storage option statement_timeout",
+    "sslpassword": "decrypt the key file, or use an SSL key without a password",
+    "dsn": "write the parameters in the URL itself",
+}
+_TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+KNOWN_POSTGRESQL_PARAMETERS = sorted({*_ASYNCPG_KEYWORDS, *_RENAMED, *_DSN_ONLY})
+
+
+def _query(url: str) -> list[tuple[str, str]]:
+    parts = split_url(url)
+    query = "" if parts is None else parts.rest.partition("#")[0].partition("?")[2]
+    return parse_qsl(query, keep_blank_values=True)
+
+
+def postgresql_query_problem(url: str) -> str | None:
+    """Why a query parameter of the PostgreSQL URL `url` cannot be used, or None.
+
+    Names the parameter; never repeats a password.
+    """
+    pairs = _query(url)
+    names = [name for name, _ in pairs]
+    if "ssl" in names and "sslmode" in names:
+        return "query parameters ssl and sslmode say the same thing: give one"
+    for name, value in pairs:
+        if names.count(name) > 1:
+            return f"query parameter {name} is given more than once"
+        if name in _INSTEAD:
+            return f"query parameter {name} is not supported in the URL: {_INSTEAD[name]}"
+        if name not in _ASYNCPG_KEYWORDS and name not in _RENAMED and name not in _DSN_ONLY:
+            return (
+                f"unknown query parameter {name!r}"
+                f" (known: {', '.join(KNOWN_POSTGRESQL_PARAMETERS)})"
+            )
+        if name in ("ssl", "sslmode") and value not in SSL_MODES:
+            return f"query parameter {name}={value!r} is not one of {', '.join(SSL_MODES)}"
+        if name == "target_session_attrs" and value not in _TARGET_SESSION_ATTRS:
+            return (
+                f"query parameter target_session_attrs={value!r} is not one of"
+                f" {', '.join(_TARGET_SESSION_ATTRS)}"
+            )
+        if name == "port" and (problem := port_problem(f"postgresql://h:{value}")):
+            return f"query parameter {problem}"
+    return None
+
+
+def asyncpg_url(url: str) -> str:
+    """The PostgreSQL URL `url` with libpq's query parameters as asyncpg takes them
+    (through SQLAlchemy): `sslmode` as `ssl`, `dbname` as `database`, and those asyncpg
+    reads only from a DSN in `dsn=postgresql://?...`. Other URLs are returned as they are.
+    """
+    parts = split_url(url)
+    if parts is None or "?" not in parts.rest:
+        return url
+    path, _, query = parts.rest.partition("?")
+    query, hash_, fragment = query.partition("#")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not any(name in _RENAMED or name in _DSN_ONLY for name, _ in pairs):
+        return url
+    kept = [(_RENAMED.get(name, name), value) for name, value in pairs if name not in _DSN_ONLY]
+    through_dsn = [(name, value) for name, value in pairs if name in _DSN_ONLY]
+    if through_dsn:
+        kept.append(("dsn", "postgresql://?" + urlencode(through_dsn, quote_via=quote)))
+    userinfo = "" if parts.userinfo is None else f"{parts.userinfo}@"
+    rebuilt = f"{parts.scheme}://{userinfo}{path}"
+    if kept:
+        rebuilt += "?" + urlencode(kept, quote_via=quote)
+    return rebuilt + hash_ + fragment

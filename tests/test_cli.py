@@ -176,7 +176,17 @@ def test_cleanup_expires_idle_sessions(tmp_path: Path) -> None:
     assert result["expired_sessions"] == 1
     assert json.loads(ok("stats", "--json", "--url", url).stdout)["expired_sessions"] == 1
     assert "Expired 0 session(s)" in ok("cleanup", "--url", url).stdout
-    assert "expiry_hours" in failed("cleanup", "--expiry-hours", "0", "--url", url)
+    assert "--expiry-hours" in failed("cleanup", "--expiry-hours", "0", "--url", url)
+
+
+@pytest.mark.sqlite
+def test_cleanup_refuses_expiry_hours_no_date_can_reach(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok("demo", "--url", url)
+    for hours in ("inf", "1e308", "nan", "-1", "10000001"):
+        line = failed("cleanup", "--expiry-hours", hours, "--url", url)
+        assert line.startswith("error: --expiry-hours: must be more than 0 and at most"), line
+    assert "Expired 0 session(s)" in ok("cleanup", "--expiry-hours", "1e7", "--url", url).stdout
 
 
 @pytest.mark.sqlite
@@ -211,6 +221,39 @@ def test_wrong_configuration_is_one_line(tmp_path: Path, monkeypatch: pytest.Mon
     assert "scheme mysql://" in failed("stats", "--url", "mysql://u@h/db")
     monkeypatch.setenv("STORAGE_BACKEND", "oracle")
     assert "STORAGE_BACKEND" in failed("demo")
+
+
+def test_a_bad_port_query_parameter_or_path_is_one_line_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    for url, expected in (
+        (f"postgresql://app:{SECRET}@127.0.0.1:99999/app", "port 99999 is not between"),
+        ("postgresql://app@127.0.0.1:5432/app?sslmode=requir", "sslmode='requir' is not one"),
+        ("postgresql://app@127.0.0.1:5432/app?sslmod=require", "query parameter 'sslmod'"),
+        ("postgresql://app@127.0.0.1:5432/app?connect_timeout=3", "connect_timeout"),
+    ):
+        line = failed("stats", "--url", url)
+        assert "connection_string (from the URL)" in line and expected in line, line
+        assert SECRET not in line
+    config = tmp_path / "nul.yaml"
+    config.write_text('storage:\n  database_path: "a\\0b.db"\n', encoding="utf-8")
+    for command in (["demo"], ["stats"], ["upgrade"]):
+        line = failed("--config", str(config), *command)
+        assert "storage setting database_path (from config file" in line, line
+        assert "NUL byte" in line
+
+
+@pytest.mark.postgresql
+def test_libpq_query_parameters_work_on_the_command_line(postgresql_url: str) -> None:
+    ok("upgrade", "--url", postgresql_url)
+    database = postgresql_url.rpartition("/")[2]
+    for query in (
+        "sslmode=disable",
+        "sslmode=prefer&application_name=persistence%20cli",
+        f"dbname={database}&target_session_attrs=any",
+    ):
+        result = ok("stats", "--json", "--url", f"{postgresql_url}?{query}")
+        assert json.loads(result.stdout)["backend"] == "postgresql"
 
 
 @pytest.mark.postgresql

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import typer
 from sqlalchemy import make_url
 from typer.testing import CliRunner
 
 from persistence import ConfigError, InvalidDataError, PostgreSQLSessionStorage
 from persistence.cli import app
+from persistence.cli.output import fail
 from persistence.config import StorageConfig, config_from_url, load_config, mask_secrets, mask_url
 from persistence.config.masking import MaskingFormatter
 
@@ -67,6 +70,66 @@ def test_masking_keeps_what_is_not_a_secret() -> None:
     assert mask_url("sqlite:///srv/a@b.db") == "sqlite:///srv/a@b.db"
     # The raw password's @, / and ? are inside the user info: up to the LAST @.
     assert mask_url("postgresql://u:p@ss/w?rd#x@host/db") == "postgresql://u:***@host/db"
+
+
+# Characters a URL in free text used to end at: typed raw in a password, allowed.
+SPACED_PASSWORDS = ["Sec ret1", "Sec'ret1", 'Sec"ret1', "Sec`ret1", "Sec \t'\"`ret1"]
+
+
+@pytest.mark.parametrize("password", SPACED_PASSWORDS)
+def test_a_raw_password_with_a_space_quote_or_backtick_is_masked_whole(password: str) -> None:
+    url = f"postgresql://app:{password}@db.example:5432/app"
+    for text in (
+        mask_url(url),
+        mask_secrets(f"error: cannot reach {url} (timeout)"),
+        mask_secrets(f"got {url!r}; and more"),
+        mask_secrets(shlex.join(["persistence", "--url", url, "stats"])),
+        mask_secrets(f"run `{url}`"),
+    ):
+        assert_hidden(text, ("Sec", "ret1"))
+        assert "app:***@db.example:5432/app" in text
+
+
+def test_masking_free_text_stops_at_the_line_and_at_the_next_url() -> None:
+    assert mask_secrets("copy postgresql://a:p 1@h1/db to postgresql://b:p2@h2/db, done") == (
+        "copy postgresql://a:***@h1/db to postgresql://b:***@h2/db, done"
+    )
+    assert mask_secrets("postgresql://a:p1@h1/db,postgresql://b:p 2@h2/db") == (
+        "postgresql://a:***@h1/db,postgresql://b:***@h2/db"
+    )
+    assert mask_secrets("at postgresql://h/db\nmail ops@example.com") == (
+        "at postgresql://h/db\nmail ops@example.com"
+    )
+    assert mask_secrets("sqlite:///a.db to postgresql://u:p w@h/db") == (
+        "sqlite:///a.db to postgresql://u:***@h/db"
+    )
+
+
+@pytest.mark.parametrize("password", SPACED_PASSWORDS)
+def test_an_error_line_quoting_a_raw_password_with_a_space_masks_it(
+    password: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(typer.Exit):
+        fail(f"cannot reach 'postgresql://app:{password}@db.example/app' (timeout)")
+    error = capsys.readouterr().err
+    assert_hidden(error, ("Sec", "ret1"))
+    assert "app:***@db.example/app" in error
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("password", SPACED_PASSWORDS[:4])
+def test_demo_with_a_raw_password_holding_a_space_or_quote_prints_it_masked(
+    postgresql_url: str, password: str
+) -> None:
+    # Trust authentication: the server takes any password for this user.
+    template = make_url(postgresql_url).set(password="PLACEHOLDER")
+    url = template.render_as_string(hide_password=False).replace("PLACEHOLDER", password)
+    for level in ([], ["-vv"]):
+        code, text = _run(["--url", url, "demo", *level])
+        assert code == 0, text
+        assert_hidden(text, ("Sec", "ret1"))
+        masked = url.replace(password, "***")
+        assert f"persistence --url {shlex.quote(masked)} sessions list" in text
 
 
 @pytest.mark.parametrize("url", RAW_URLS)

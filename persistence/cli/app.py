@@ -19,11 +19,13 @@ from persistence.cli.output import (
     UrlOption,
     VerboseOption,
     echo_json,
+    fail,
     out,
     run,
 )
 from persistence.clock import utc_now
 from persistence.config import StorageConfig
+from persistence.config.settings import MAX_EXPIRY_HOURS
 from persistence.manager import SessionManager
 from persistence.models import UploadedFileRecord
 from persistence.storage import SessionStorage
@@ -136,6 +138,14 @@ def cleanup(
 ) -> None:
     """Mark idle active sessions expired and delete expired file records."""
 
+    def check_hours() -> None:
+        # Not nan, inf or a span no date can be that far back from: one line naming it.
+        if expiry_hours is not None and not 0 < expiry_hours <= MAX_EXPIRY_HOURS:
+            fail(
+                f"--expiry-hours: must be more than 0 and at most {MAX_EXPIRY_HOURS:,},"
+                f" got {expiry_hours:g}"
+            )
+
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         hours = cfg.expiry_hours if expiry_hours is None else expiry_hours
         manager = SessionManager(storage, auto_save_enabled=False, expiry_hours=hours)
@@ -149,7 +159,7 @@ def cleanup(
             f" deleted {files} expired file record(s)."
         )
 
-    run(ctx, (config, url, verbose), work, must_exist=True)
+    run(ctx, (config, url, verbose), work, must_exist=True, check_first=check_hours)
 
 
 DEMO_CONVERSATION = (

@@ -24,6 +24,7 @@ from persistence.config import (
     create_storage,
     load_config,
     mask_secrets,
+    mask_url,
 )
 from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
@@ -83,7 +84,8 @@ class Target:
         if self.config_file is not None:
             words += ["--config", str(self.config_file)]
         if self.url is not None:
-            words += ["--url", self.url if reveal else mask_secrets(self.url)]
+            # mask_url: the whole option is one URL, whatever its password holds.
+            words += ["--url", self.url if reveal else mask_url(self.url)]
         return shlex.join(words)
 
 

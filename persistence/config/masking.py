@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import logging
 
-from persistence.urls import mask_secrets, mask_url, userinfo_problem
+from persistence.urls import (
+    mask_secrets,
+    mask_url,
+    port_problem,
+    postgresql_query_problem,
+    userinfo_problem,
+)
 
-__all__ = ["MaskingFormatter", "mask_secrets", "mask_url", "userinfo_problem"]
+__all__ = [
+    "MaskingFormatter",
+    "mask_secrets",
+    "mask_url",
+    "port_problem",
+    "postgresql_query_problem",
+    "userinfo_problem",
+]
 
 
 class MaskingFormatter(logging.Formatter):

@@ -22,7 +22,13 @@ from pydantic import (
     model_validator,
 )
 
-from persistence.config.masking import mask_secrets, mask_url, userinfo_problem
+from persistence.config.masking import (
+    mask_secrets,
+    mask_url,
+    port_problem,
+    postgresql_query_problem,
+    userinfo_problem,
+)
 from persistence.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +37,8 @@ Backend = Literal["sqlite", "postgresql", "mongodb"]
 DEFAULT_DATABASE_PATH = Path("gemini_sessions.db")
 DEFAULT_MIN_POOL_SIZE = 5
 DEFAULT_MAX_POOL_SIZE = 20
+# About 1,100 years: the cut-off of an expiry (now minus this) stays a valid date.
+MAX_EXPIRY_HOURS = 10_000_000
 SCHEMES: dict[str, tuple[str, ...]] = {
     "sqlite": ("sqlite", "sqlite+aiosqlite"),
     "postgresql": ("postgresql", "postgresql+asyncpg", "postgres"),
@@ -108,7 +116,9 @@ def _check_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"])
-        raise _SettingError(f"options.{name}", f"{error['msg']}, got {error['input']!r}") from None
+        value = error["input"]
+        shown = repr(_shown(value)) if isinstance(value, str) else repr(value)
+        raise _SettingError(f"options.{name}", f"{error['msg']}, got {shown}") from None
     return checked.model_dump(include=set(options))
 
 
@@ -132,7 +142,7 @@ class StorageConfig(BaseModel):
     min_pool_size: int = Field(DEFAULT_MIN_POOL_SIZE, ge=0)
     max_pool_size: int = Field(DEFAULT_MAX_POOL_SIZE, ge=1)
     auto_save: bool = True
-    expiry_hours: float = Field(72, gt=0, allow_inf_nan=False)
+    expiry_hours: float = Field(72, gt=0, le=MAX_EXPIRY_HOURS, allow_inf_nan=False)
     options: dict[str, Any] = Field(default_factory=dict)
 
     def __init__(self, **data: Any) -> None:
@@ -194,13 +204,15 @@ class StorageConfig(BaseModel):
                 )
             if self.backend == "sqlite":
                 object.__setattr__(self, "database_path", _sqlite_path(url))
-            elif (problem := userinfo_problem(url)) is not None:
+            elif (problem := _url_problem(self.backend, url)) is not None:
                 raise _SettingError("connection_string", problem)
         elif self.backend != "sqlite":
             raise _SettingError("connection_string", f"required for backend {self.backend}")
         self._check_read_replicas()
         if str(self.database_path) in ("", ":memory:"):
             raise _SettingError("database_path", "must name a file")
+        if "\0" in str(self.database_path):
+            raise _SettingError("database_path", "holds a NUL byte, which no file name can")
         object.__setattr__(self, "database_path", self.database_path.expanduser())
         if self.min_pool_size > self.max_pool_size:
             raise _SettingError(
@@ -230,7 +242,7 @@ class StorageConfig(BaseModel):
                     f"item {index}: {got} is not PostgreSQL"
                     " (use postgresql://, postgres:// or postgresql+asyncpg://)",
                 )
-            if (problem := userinfo_problem(url.get_secret_value())) is not None:
+            if (problem := _url_problem("postgresql", url.get_secret_value())) is not None:
                 raise _SettingError("read_replicas", f"item {index}: {problem}")
 
     def __repr_args__(self) -> Any:
@@ -255,6 +267,15 @@ class StorageConfig(BaseModel):
         return OPTION_MODELS[self.backend](**self.options)
 
 
+def _url_problem(backend: str, url: str) -> str | None:
+    """Why the PostgreSQL or MongoDB URL `url` cannot be used, or None (never repeats
+    the password)."""
+    problem = userinfo_problem(url) or port_problem(url)
+    if problem is None and backend == "postgresql":
+        problem = postgresql_query_problem(url)
+    return problem
+
+
 def _sqlite_path(url: str) -> Path:
     rest = url.partition("://")[2]
     if not rest.startswith("/"):
@@ -262,6 +283,8 @@ def _sqlite_path(url: str) -> Path:
     path = rest[1:].partition("?")[0]
     if not path or path == ":memory:":
         raise _SettingError("connection_string", "a SQLite URL must name a file (sqlite:///path)")
+    if "\0" in path:
+        raise _SettingError("connection_string", "the path holds a NUL byte, which no file can")
     return Path(path)
 
 
@@ -277,11 +300,18 @@ def _describe(exc: ValidationError) -> str:
             problem = error["msg"]
             if setting.split(".")[0] not in ("connection_string", "storage"):
                 value = error.get("input")
-                problem += f", got {str(value)[:80]!r}" if isinstance(value, str) else ""
+                # Masked whole before it is cut: a cut URL may have lost its `@`.
+                problem += f", got {_shown(value)!r}" if isinstance(value, str) else ""
         source = sources.get(setting) or sources.get(setting.split(".")[0])
         where = f" (from {source})" if source else ""
-        problems.append(f"storage setting {setting}{where}: {problem}")
-    return mask_secrets("; ".join(problems))
+        problems.append(mask_secrets(f"storage setting {setting}{where}: {problem}"))
+    return "; ".join(problems)
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """A setting's value for an error message: passwords masked, then cut to `limit`."""
+    masked = mask_secrets(value)
+    return masked if len(masked) <= limit else masked[: limit - 3] + "..."
 
 
 def backend_of(url: str) -> str | None:

@@ -17,24 +17,31 @@ from sqlalchemy.pool import PoolResetState
 
 from persistence.errors import InvalidDataError, StorageConnectionError
 from persistence.sql.types import json_dumps, json_loads
-from persistence.urls import mask_url, userinfo_problem
+from persistence.urls import (
+    asyncpg_url,
+    mask_url,
+    postgresql_query_problem,
+    userinfo_problem,
+)
 
 _POSTGRESQL_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
 _SQLITE_SCHEMES = {"sqlite", "sqlite+aiosqlite"}
 
 
 def postgresql_url(connection_string: str) -> URL:
-    """Accepts `postgresql://`, `postgres://` and `postgresql+asyncpg://`; returns asyncpg's.
+    """Accepts `postgresql://`, `postgres://` and `postgresql+asyncpg://`; returns asyncpg's,
+    with libpq's query parameters (`sslmode`, `application_name`...) as asyncpg takes them.
 
     Raises:
-        InvalidDataError: for any other scheme, or a user name or password that is not
-            percent-encoded (the password is never repeated).
+        InvalidDataError: for any other scheme, a user name or password that is not
+            percent-encoded (the password is never repeated), or a query parameter
+            asyncpg cannot use.
     """
-    problem = userinfo_problem(connection_string)
+    problem = userinfo_problem(connection_string) or postgresql_query_problem(connection_string)
     if problem is not None:
         raise InvalidDataError(f"connection_string: {problem}")
     try:
-        url = make_url(connection_string)
+        url = make_url(asyncpg_url(connection_string))
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise InvalidDataError(
             "connection_string: not a database URL (expected postgresql://user@host/db)"

@@ -1,0 +1,184 @@
+"""Database URLs as operators write them: libpq's query parameters, ports, NUL bytes,
+and setting values repeated in errors (masked before they are cut)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+
+from persistence import ConfigError, InvalidDataError, PostgreSQLSessionStorage
+from persistence.config import (
+    StorageConfig,
+    config_from_url,
+    create_storage,
+    load_config,
+    sql_url,
+)
+from persistence.sql.engines import postgresql_url, replica_connect_args
+
+# An empty current directory and no STORAGE_* variable or config file: a fresh machine.
+pytestmark = pytest.mark.usefixtures("workdir")
+
+LONG_SECRET = "VeryLongSecretPassw0rdThatIsLongEnoughToPassTheEightyCharacterCut1234"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("STORAGE_BACKEND", f"postgresql://app:{LONG_SECRET}@db.example:5432/app"),
+        ("STORAGE_BACKEND", "postgresql://app:Sec ret1@db/app"),
+        ("STORAGE_BACKEND", "postgresql://app:Sec'ret1@db/app"),
+        ("STORAGE_OPTIONS__SYNCHRONOUS", f"postgresql://app:{LONG_SECRET}@db.example/app"),
+        ("STORAGE_EXPIRY_HOURS", f"postgresql://app:Sec ret1{LONG_SECRET}@db.example/app"),
+    ],
+)
+def test_a_settings_value_in_an_error_is_masked_before_it_is_cut(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    message = str(caught.value)
+    for piece in (LONG_SECRET[:8], LONG_SECRET[-12:], "Sec", "ret1"):
+        assert piece.lower() not in message.lower()
+    assert "app:***@" in message.lower() and variable in message
+
+
+def test_a_nul_byte_in_database_path_is_an_error_naming_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "app.yaml"
+    path.write_text('storage:\n  database_path: "a\\0b.db"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"database_path \(from config file .*app\.yaml.*NUL"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"database_path.*NUL"):
+        StorageConfig(database_path=Path("a\0b.db"))
+    with pytest.raises(ConfigError, match=r"URL: .*NUL"):
+        config_from_url("sqlite:///a\0b.db")
+    with pytest.raises(ConfigError, match=r"connection_string.*NUL"):
+        StorageConfig(connection_string="sqlite:///a\0b.db")
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"connection_string": "postgresql://u:pw@h:99999/db"}, r"connection_string: port 99999"),
+        ({"connection_string": "postgresql://u@h:0/db"}, r"port 0 is not between 1 and 65535"),
+        ({"connection_string": "postgresql://u@h:5x/db"}, r"port '5x' is not a number"),
+        ({"connection_string": "postgresql://u@[::1]:70000/db"}, r"port 70000"),
+        ({"connection_string": "mongodb://h1:27017,h2:99999/db"}, r"port 99999"),
+        ({"connection_string": "postgresql://u@h/db?port=65536"}, r"query parameter port 65536"),
+        (
+            {"connection_string": "postgresql://u@h/db", "read_replicas": ["postgres://r:1e9/db"]},
+            r"read_replicas: item 1: port '1e9'",
+        ),
+    ],
+)
+def test_a_bad_port_is_a_config_error_naming_the_setting(
+    settings: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected) as caught:
+        StorageConfig(**settings)  # type: ignore[arg-type]
+    assert "pw" not in str(caught.value)
+
+
+def test_ports_and_hosts_that_are_fine_pass() -> None:
+    for url in (
+        "postgresql://u@h:65535/db",
+        "postgresql://u@[::1]:5432/db",
+        "postgresql://u@[::1]/db",
+        "postgresql://u@h1:5432,h2:5433/db",
+        "postgresql://u@%2Fvar%2Frun%2Fpostgresql/db",
+        "postgresql:///db?host=/var/run/postgresql&port=5433",
+        "mongodb+srv://cluster.example/",
+    ):
+        assert StorageConfig(connection_string=url).connection_string is not None
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("foo=1", r"unknown query parameter 'foo' \(known: application_name, command_timeout"),
+        ("sslmode=requir", r"sslmode='requir' is not one of disable, allow, prefer, require"),
+        ("ssl=true", r"ssl='true' is not one of"),
+        ("ssl=require&sslmode=require", r"ssl and sslmode say the same thing"),
+        ("sslmode=require&sslmode=disable", r"sslmode is given more than once"),
+        ("connect_timeout=5", r"connect_timeout is not supported.*option connect_timeout"),
+        ("sslpassword=pw", r"sslpassword is not supported"),
+        ("target_session_attrs=main", r"target_session_attrs='main' is not one of"),
+    ],
+)
+def test_an_unusable_query_parameter_is_a_config_error_naming_it(query: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=f"connection_string: .*{expected}"):
+        StorageConfig(connection_string=f"postgresql://u@h/db?{query}")
+    with pytest.raises(ConfigError, match=f"read_replicas: item 2: .*{expected}"):
+        StorageConfig(
+            connection_string="postgresql://u@h/db",
+            read_replicas=["postgresql://u@r1/db", f"postgresql://u@r2/db?{query}"],
+        )
+
+
+def test_libpq_parameters_are_written_as_asyncpg_takes_them() -> None:
+    from persistence.urls import asyncpg_url
+
+    assert asyncpg_url("postgresql://u:p%20w@h/db?sslmode=require&dbname=x") == (
+        "postgresql://u:p%20w@h/db?ssl=require&database=x"
+    )
+    rewritten = asyncpg_url("postgresql://u@h/db?application_name=my app&sslrootcert=/ca.pem")
+    query = make_url(rewritten).query
+    assert query == {"dsn": "postgresql://?application_name=my%20app&sslrootcert=%2Fca.pem"}
+    unchanged = "postgresql://u@h/db?ssl=prefer&statement_cache_size=0"
+    assert asyncpg_url(unchanged) == unchanged
+    assert asyncpg_url("mongodb://h/db?w=1") == "mongodb://h/db?w=1"
+    config = StorageConfig(connection_string="postgres://u@h/db?sslmode=verify-full")
+    assert sql_url(config) == "postgresql://u@h/db?sslmode=verify-full"
+    # The engines take it as asyncpg does, whoever gives the URL (config, alembic -x, code).
+    assert dict(postgresql_url(sql_url(config)).query) == {"ssl": "verify-full"}
+    with pytest.raises(InvalidDataError, match="unknown query parameter 'sslmodes'"):
+        postgresql_url("postgresql://u@h/db?sslmodes=require")
+    # What the user wrote is what messages show.
+    assert config.display_url == "postgres://u@h/db?sslmode=verify-full"
+
+
+@pytest.mark.postgresql
+async def test_libpq_parameters_reach_the_connection(postgresql_url: str) -> None:
+    from persistence.urls import asyncpg_url
+
+    url = (
+        f"{postgresql_url}?sslmode=disable&application_name=fix%20c"
+        "&options=-c%20lock_timeout%3D1234"
+    )
+    config = config_from_url(url)
+    async with create_storage(config) as storage:
+        assert isinstance(storage, PostgreSQLSessionStorage)
+        async with storage.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    text(
+                        "SELECT current_setting('application_name'),"
+                        " current_setting('lock_timeout'),"
+                        " (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())"
+                    )
+                )
+            ).one()
+    assert tuple(row) == ("fix c", "1234ms", False)
+    # A read replica connects with the same parameters.
+    options = replica_connect_args(
+        make_url(asyncpg_url(url)).set(drivername="postgresql+asyncpg"),
+        PGDialect_asyncpg(),
+        statement_timeout=None,
+        connect_timeout=5,
+    )
+    connection = await asyncpg.connect(**options)
+    try:
+        assert await connection.fetchval("SELECT current_setting('application_name')") == "fix c"
+    finally:
+        await connection.close()
+
+
+def test_expiry_hours_are_bounded_so_a_cut_off_stays_a_date() -> None:
+    with pytest.raises(ConfigError, match=r"expiry_hours.*less than or equal to 10000000"):
+        StorageConfig(expiry_hours=1e308)
+    assert StorageConfig(expiry_hours=10_000_000).expiry_hours == 10_000_000
