@@ -191,21 +191,37 @@ def upgrade_to_head(
         env.run_migrations()
 
 
-def examine_sqlite_file(
+def refuse_foreign_sqlite_file(
     target: str, *, version_table: str = VERSION_TABLE, where: str = "the database"
-) -> SchemaState:
-    """`examine` on a SQLite file opened read-only (`target`, a `file:` URI), blocking.
+) -> None:
+    """Refuses, reading only, a SQLite file (`target`, a `file:` URI) that holds another
+    application's tables; blocking.
 
-    Our connections set the file's journal mode when they open, a change that stays
-    in the file: a file of another application is refused before that.
+    Our connections set the file's journal mode when they open, a change that stays in
+    the file: a file of another application is refused before that. An empty file or
+    one with our version table passes at once (`upgrade_to_head` examines it then).
+
+    Raises:
+        MigrationError: the file holds tables of another application.
     """
+    connection = sqlite3.connect(target, uri=True)
+    try:
+        names = {
+            row[0]
+            for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
+                " AND name NOT LIKE 'sqlite!_%' ESCAPE '!'"
+            )
+        }
+    finally:
+        connection.close()
+    if not names or version_table in names:
+        return
     engine = create_engine(
-        "sqlite://",
-        creator=lambda: sqlite3.connect(target, uri=True),
-        poolclass=NullPool,
+        "sqlite://", creator=lambda: sqlite3.connect(target, uri=True), poolclass=NullPool
     )
     try:
-        with engine.connect() as connection:
-            return examine(connection, script_directory(), version_table=version_table, where=where)
+        with engine.connect() as connection_:
+            examine(connection_, script_directory(), version_table=version_table, where=where)
     finally:
         engine.dispose()

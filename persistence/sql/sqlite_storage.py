@@ -32,7 +32,7 @@ from persistence.sql.runner import (
     run_in_thread,
     run_unless_locked,
 )
-from persistence.sql.schema import VERSION_TABLE, examine_sqlite_file
+from persistence.sql.schema import VERSION_TABLE, refuse_foreign_sqlite_file
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.uow import open_units_of_work
 from persistence.storage import (
@@ -102,7 +102,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 # Refused, reading only, before our connections set the journal mode.
                 with sql_errors("open database"):
                     await asyncio.to_thread(
-                        examine_sqlite_file,
+                        refuse_foreign_sqlite_file,
                         sqlite_reading_target(self.database_path),
                         version_table=self.version_table,
                         where=self._where,
