@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from persistence.changes import (
+    MISSING,
     TRACKED_FIELDS,
     Base,
     Edit,
@@ -29,8 +30,6 @@ from persistence.changes import (
 from persistence.errors import InvalidDataError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from persistence.models import ChatMessage, ChatSession, Status
 
 
@@ -143,13 +142,19 @@ class Bookkeeping:
         pending = replay(base, log[base.log_at - log_start :])
         appends = tuple(messages[pending.synced :])
         _check_new_messages(self.session_id, appends)
+        # What a save of unknown outcome sent may be stored: written again as held now.
+        sent = None if base.certain else base.unconfirmed
         field_changes = {
             name: (getattr(base, name), self.__dict__[name])
             for name in TRACKED_FIELDS
-            if getattr(base, name) != self.__dict__[name]
+            if getattr(base, name) != self.__dict__[name] or (sent and name in sent.fields)
         }
         stored_metadata = base.metadata.value()
         changes = metadata_changes(stored_metadata, self.metadata)
+        for key in sent.metadata if sent else ():
+            changes.setdefault(
+                key, (stored_metadata.get(key, MISSING), self.metadata.get(key, MISSING))
+            )
         return SavePlan(
             session_id=self.session_id,
             revision=base.revision,
@@ -171,7 +176,7 @@ class Bookkeeping:
             log_at=log_at,
             foreign_at=messages.foreign_changes,
             epoch=private["_epoch"],
-            unconfirmed=tuple(base.unconfirmed.values()),
+            unconfirmed=None if sent is None else sent.copy(),
         )
 
     def saved_to(
@@ -195,7 +200,7 @@ class Bookkeeping:
         if plan.epoch != private["_epoch"]:
             # Rebased or rolled back while this save was in flight: the plan no longer
             # describes the list. It landed, so the base is behind: the next save checks.
-            self.save_failed(token, plan.appends)
+            self.save_failed(token, plan)
             return
         self._known()[token] = Base(
             revision=revision,
@@ -282,16 +287,17 @@ class Bookkeeping:
             self._known()[token] = base
         self._private()["_epoch"] += 1
 
-    def save_failed(self, token: str, sent: Iterable[ChatMessage] = ()) -> None:
+    def save_failed(self, token: str, *sent: SavePlan) -> None:
         """Records that a save to `token` may or may not have landed: the next one checks.
 
-        `sent` are the new messages it sent: the next save learns which the store holds
-        (changes.resolve_unconfirmed), whatever this object did with them meanwhile.
+        `sent` are the plans it sent: the next save takes what they wrote for this
+        object's own (changes.Unconfirmed), whatever the object did with it meanwhile.
         """
         base = self._known().get(token)
         if base is not None:
             base.certain = False
-            base.unconfirmed.update((message.message_id, message) for message in sent)
+            for plan in sent:
+                base.unconfirmed.add(plan)
 
     def has_changes_for(self, token: str) -> bool:
         """Whether storage `token` lacks something of this object (True if it never held it)."""

@@ -162,6 +162,45 @@ class Edit:
 
 
 @dataclass(slots=True)
+class Unconfirmed:
+    """What saves whose outcome is unknown sent since a base: any of it may be stored.
+
+    Per field, metadata key and message, every value such a save sent (a message's
+    versions: as appended or as edited), so the next save takes each of them for this
+    holder's own work, not another writer's, and writes what the holder holds now.
+    """
+
+    fields: dict[str, list[Any]] = field(default_factory=dict)
+    metadata: dict[str, list[Any]] = field(default_factory=dict)
+    # Messages sent as new (they may be stored or not), and versions sent as edits.
+    appended: dict[str, list[ChatMessage]] = field(default_factory=dict)
+    edited: dict[str, list[ChatMessage]] = field(default_factory=dict)
+
+    def add(self, plan: SavePlan) -> None:
+        for name, (_old, new) in plan.field_changes.items():
+            self.fields.setdefault(name, []).append(new)
+        for key, (_old, new) in plan.metadata_changes.items():
+            self.metadata.setdefault(key, []).append(new)
+        for message in plan.appends:
+            self.appended.setdefault(message.message_id, []).append(message)
+        for edit in plan.edits:
+            versions = self.appended if edit.current.message_id in self.appended else self.edited
+            versions.setdefault(edit.current.message_id, []).append(edit.current)
+
+    def copy(self) -> Unconfirmed:
+        return Unconfirmed(
+            {name: list(values) for name, values in self.fields.items()},
+            {key: list(values) for key, values in self.metadata.items()},
+            {key: list(values) for key, values in self.appended.items()},
+            {key: list(values) for key, values in self.edited.items()},
+        )
+
+    def versions(self, message_id: str) -> list[ChatMessage]:
+        """The versions of a message these saves sent (none: they did not touch it)."""
+        return self.appended.get(message_id, []) + self.edited.get(message_id, [])
+
+
+@dataclass(slots=True)
 class Base:
     """What one storage held of a session when this object last loaded or saved it there."""
 
@@ -182,16 +221,15 @@ class Base:
     foreign_at: int
     edits: dict[str, Edit] = field(default_factory=dict)
     removed: dict[str, ChatMessage] = field(default_factory=dict)
-    # New messages, as sent, by saves whose outcome is unknown (the base not certain):
-    # any of them may be stored, and the holder may have edited or removed it since.
-    unconfirmed: dict[str, ChatMessage] = field(default_factory=dict)
+    # What saves whose outcome is unknown sent since (the base is then not certain).
+    unconfirmed: Unconfirmed = field(default_factory=Unconfirmed)
 
     def copy(self) -> Base:
         return replace(
             self,
             edits=dict(self.edits),
             removed=dict(self.removed),
-            unconfirmed=dict(self.unconfirmed),
+            unconfirmed=self.unconfirmed.copy(),
         )
 
 
@@ -231,8 +269,8 @@ class SavePlan:
     log_at: int
     foreign_at: int
     epoch: int
-    # The base's unconfirmed messages (Base.unconfirmed): resolve_unconfirmed.
-    unconfirmed: tuple[ChatMessage, ...] = ()
+    # What saves whose outcome is unknown sent since the base (None: the base is certain).
+    unconfirmed: Unconfirmed | None = None
 
     @property
     def is_new(self) -> bool:
@@ -249,27 +287,28 @@ class SavePlan:
 
 
 def resolve_unconfirmed(plan: SavePlan, stored_ids: Collection[str]) -> SavePlan:
-    """`plan` once the store said which of its unconfirmed and new messages it holds.
+    """`plan` once the store said which of its new and unconfirmed messages it holds.
 
-    A message an unconfirmed save sent and the store holds (`stored_ids`) is no longer
-    new: if the holder edited it since, the edit is sent (against the version sent);
-    if the holder removed it since, it is removed. New messages the store holds are
-    not sent again.
+    A message an unconfirmed save sent as new and the store holds (`stored_ids`) is no
+    longer new: the holder's version is sent as an edit (unless it is every version
+    sent), or, if the holder removed it since, it is removed. New messages the store
+    holds otherwise are not sent again. `conflicts` takes any version an unconfirmed
+    save sent for this holder's own.
     """
-    if not stored_ids:
+    unconfirmed = plan.unconfirmed
+    if not stored_ids or unconfirmed is None:
         return plan
-    sent = {message.message_id: message for message in plan.unconfirmed}
     current = {message.message_id: message for message in plan.appends}
     edits = [
-        Edit(sent[message_id], message)
+        Edit(sent[0], message)
         for message_id, message in current.items()
         if message_id in stored_ids
-        and message_id in sent
-        and not _same_message(sent[message_id], message)
+        and (sent := unconfirmed.appended.get(message_id))
+        and not all(_same_message(version, message) for version in sent)
     ]
     removals = [
-        message
-        for message_id, message in sent.items()
+        sent[0]
+        for message_id, sent in unconfirmed.appended.items()
         if message_id in stored_ids and message_id not in current
     ]
     return replace(
@@ -277,7 +316,6 @@ def resolve_unconfirmed(plan: SavePlan, stored_ids: Collection[str]) -> SavePlan
         edits=(*plan.edits, *edits),
         removals=(*plan.removals, *removals),
         appends=tuple(m for m in plan.appends if m.message_id not in stored_ids),
-        unconfirmed=(),
     )
 
 
@@ -358,23 +396,26 @@ def conflicts(
     `stored_messages` holds the stored versions of the edited and removed messages
     (absent: removed by another writer).
     """
+    sent = plan.unconfirmed or Unconfirmed()
     found: list[str] = []
     for name, (old, new) in plan.field_changes.items():
-        if stored_fields[name] not in (old, new):
+        if stored_fields[name] not in (old, new, *sent.fields.get(name, ())):
             found.append(name)
     for key, (old, new) in plan.metadata_changes.items():
         value = stored_metadata.get(key, MISSING)
-        if not (same_value(value, old) or same_value(value, new)):
+        if not any(same_value(value, ours) for ours in (old, new, *sent.metadata.get(key, ()))):
             found.append(f"metadata[{key!r}]")
     for edit in plan.edits:
         stored = stored_messages.get(edit.original.message_id)
+        ours = (edit.original, edit.current, *sent.versions(edit.original.message_id))
         if stored is None:
             found.append(f"message {edit.original.message_id!r} (removed by another writer)")
-        elif not (_same_message(stored, edit.original) or _same_message(stored, edit.current)):
+        elif not any(_same_message(stored, version) for version in ours):
             found.append(f"message {edit.original.message_id!r} (edited by another writer)")
     for original in plan.removals:
         stored = stored_messages.get(original.message_id)
-        if stored is not None and not _same_message(stored, original):
+        ours = (original, *sent.versions(original.message_id))
+        if stored is not None and not any(_same_message(stored, version) for version in ours):
             found.append(f"message {original.message_id!r} (edited by another writer)")
     return found
 

@@ -388,7 +388,7 @@ class MongoDBSessionStorage(SessionStorage):
             raise  # refused before anything was written
         except BaseException:
             # Cut off, cancelled or failed: it may have landed, so the next save checks.
-            session.save_failed(self._token, plan.appends)
+            session.save_failed(self._token, plan)
             raise
         session.saved_to(self._token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True

@@ -218,7 +218,7 @@ class MongoUnitOfWork(UnitOfWork):
             except BaseException:
                 # The commit may have landed before the error: later saves must check.
                 for session, plan, _saved in self._sent:
-                    session.save_failed(self.token, plan.appends)
+                    session.save_failed(self.token, plan)
                 self._sent.clear()
                 raise
             for session, plan, saved in self._sent:
@@ -266,7 +266,7 @@ class MongoUnitOfWork(UnitOfWork):
         except BaseException:
             if not self.transactional:
                 # It may have landed; in a transaction nothing lands without the commit.
-                session.save_failed(self.token, plan.appends)
+                session.save_failed(self.token, plan)
             raise
         if self.transactional:
             self._sent.append((session, plan, saved))

@@ -196,13 +196,13 @@ class SqlSessionStorage(SessionStorage):
         except (InvalidDataError, SessionConflictError, SessionDeletedError):
             raise  # refused before anything was written
         except PersistenceError as exc:
-            session.save_failed(self.token, plan.appends)
+            session.save_failed(self.token, plan)
             if unique_violation(exc):
                 raise await self._duplicate_message(plan.session_id, plan.appends) from exc
             raise
         except BaseException:
             # Cancelled or cut off: it may have landed, so the next save checks.
-            session.save_failed(self.token, plan.appends)
+            session.save_failed(self.token, plan)
             raise
         session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True

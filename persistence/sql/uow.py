@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.changes import Base, SavePlan
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
+from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
 from persistence.sql.checkout import driver_connection
 from persistence.sql.errors import connection_unusable, sql_errors, unique_violation
@@ -111,8 +111,8 @@ class SqlUnitOfWork(UnitOfWork):
         # then dropped, not ended, and its transaction dies with it.
         self._interrupted: BaseException | None = None
         # Per object saved in this unit: the object, its base before the unit, and the
-        # new messages the unit sent for it.
-        self._undo: dict[int, tuple[ChatSession, Base | None, list[ChatMessage]]] = {}
+        # plans the unit sent for it.
+        self._undo: dict[int, tuple[ChatSession, Base | None, list[SavePlan]]] = {}
         self._committed = False
         self._open: Token[frozenset[str]] | None = None
         self.sessions = _SqlSessions(self)
@@ -149,7 +149,7 @@ class SqlUnitOfWork(UnitOfWork):
         """Takes the save as stored now; a rollback gives the object back its old base."""
         if id(session) not in self._undo:
             self._undo[id(session)] = (session, session.base_for(self.token), [])
-        self._undo[id(session)][2].extend(plan.appends)
+        self._undo[id(session)][2].append(plan)
         session.saved_to(
             self.token,
             plan,
@@ -168,7 +168,7 @@ class SqlUnitOfWork(UnitOfWork):
             # this unit's changes again, checking what the store holds.
             for session, base, sent in self._undo.values():
                 session.restore_base(self.token, base)
-                session.save_failed(self.token, sent)
+                session.save_failed(self.token, *sent)
             self._undo.clear()
             await self._give_back(exc)
             raise

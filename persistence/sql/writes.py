@@ -326,8 +326,9 @@ def _resolved(plan: SavePlan) -> Work[SavePlan]:
     Raises:
         InvalidDataError: if a new message's id is already stored in another session.
     """
-    candidates = {message.message_id: message for message in plan.unconfirmed}
-    candidates.update((message.message_id, message) for message in plan.appends)
+    candidates = {message.message_id for message in plan.appends}
+    if plan.unconfirmed is not None:
+        candidates.update(plan.unconfirmed.appended)
     if not candidates:
         return plan
     owners = yield from message_owners(list(candidates))

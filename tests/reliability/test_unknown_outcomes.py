@@ -1,0 +1,105 @@
+"""Saves whose outcome the holder never learns: what the next saves make of them.
+
+A save cut off after its transaction committed ("landed") or before anything was sent
+("lost") raises, and the object cannot tell which happened. Here each outcome is
+made exactly: the storage's own runner does the work, then raises CancelledError, as
+a cancel arriving just after the commit does (tests/reliability/test_faults_cancel.py
+finds the same cases by cancelling at every step). Whatever the object does after,
+the next save leaves the store holding what the object holds, and takes nothing it
+sent itself for another writer's work (no SessionConflictError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from persistence import ChatSession, SessionStorage
+
+
+def _outcomes(storage: Any, *outcomes: str) -> None:
+    """The next saves of `storage` land then raise ("landed") or raise unsent ("lost")."""
+    run = type(storage)._run.__get__(storage)
+    pending = list(outcomes)
+
+    async def _run(work: Any, action: str, **options: Any) -> Any:
+        if options.get("write") and action == "save session" and pending:
+            if pending.pop(0) == "lost":
+                work.close()
+                raise asyncio.CancelledError
+            await run(work, action, **options)
+            raise asyncio.CancelledError
+        return await run(work, action, **options)
+
+    storage._run = _run
+
+
+async def _save_unknown(storage: SessionStorage, session: ChatSession) -> None:
+    with pytest.raises(asyncio.CancelledError):
+        await storage.save_session(session)
+
+
+async def _stored_as_held(storage: SessionStorage, session: ChatSession) -> None:
+    assert await storage.save_session(session) is True
+    assert not storage.has_unsaved_changes(session)
+    stored = await storage.load_session(session.session_id)
+    assert stored is not None
+    assert [(m.message_id, m.content) for m in stored.messages] == [
+        (m.message_id, m.content) for m in session.messages
+    ]
+    assert stored.message_count == len(session.messages)
+    assert (stored.metadata, stored.status) == (session.metadata, session.status)
+
+
+async def _stored_session(storage: SessionStorage) -> ChatSession:
+    session = ChatSession.create("unknown")
+    session.add_message("user", "stored")
+    await storage.save_session(session)
+    return session
+
+
+@pytest.mark.parametrize("first", ["landed", "lost"])
+async def test_a_message_sent_then_edited_by_a_save_that_was_lost_is_stored_edited(
+    sql_storage: SessionStorage, first: str
+) -> None:
+    session = await _stored_session(sql_storage)
+    sent = session.add_message("assistant", "first draft")
+    _outcomes(sql_storage, first, "lost")
+    await _save_unknown(sql_storage, session)
+    session.edit_message(sent.message_id, content="second draft")
+    await _save_unknown(sql_storage, session)
+    session.edit_message(sent.message_id, content="third draft")
+    await _stored_as_held(sql_storage, session)
+
+
+@pytest.mark.parametrize("first", ["landed", "lost"])
+async def test_changing_again_what_a_save_of_unknown_outcome_sent_is_no_conflict(
+    sql_storage: SessionStorage, first: str
+) -> None:
+    session = await _stored_session(sql_storage)
+    stored = session.messages[0]
+    session.metadata["title"] = "one"
+    session.status = "archived"
+    session.edit_message(stored.message_id, content="edited once")
+    _outcomes(sql_storage, first)
+    await _save_unknown(sql_storage, session)
+    session.metadata["title"] = "two"
+    session.status = "active"
+    session.edit_message(stored.message_id, content="edited twice")
+    await _stored_as_held(sql_storage, session)
+
+
+@pytest.mark.parametrize("first", ["landed", "lost"])
+async def test_what_a_save_of_unknown_outcome_sent_is_undone_when_the_holder_undoes_it(
+    sql_storage: SessionStorage, first: str
+) -> None:
+    session = await _stored_session(sql_storage)
+    session.metadata["title"] = "one"
+    session.add_message("assistant", "to be popped")
+    _outcomes(sql_storage, first)
+    await _save_unknown(sql_storage, session)
+    del session.metadata["title"]
+    session.pop_message()
+    await _stored_as_held(sql_storage, session)
