@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections import deque
 from dataclasses import dataclass
+from itertools import pairwise
 
 import regex  # type: ignore[import-untyped]  # ships no type stubs
 
@@ -179,16 +180,74 @@ def _begins_a_word(word: str, text: str) -> bool:
     return False
 
 
-def _implied(word: QueryWord, others: Iterable[QueryWord]) -> bool:
-    """True when another query word matching implies that `word` matches."""
-    for other in others:
-        if other.text == word.text or len(other.text) <= len(word.text):
-            continue
-        if word.anywhere and word.text in other.text:
-            return True
-        if not word.anywhere and not other.anywhere and other.text.startswith(word.text):
-            return True
-    return False
+def _prefixes_of_others(texts: list[str]) -> set[str]:
+    """The distinct `texts` that begin another of them: in sorted order, a text that
+    begins any other begins the one right after it."""
+    ordered = sorted(texts)
+    return {text for text, after in pairwise(ordered) if after.startswith(text)}
+
+
+def _inside_others(texts: list[str]) -> set[str]:
+    """The distinct `texts` that occur inside another of them.
+
+    Aho-Corasick: one trie of all the texts, each text then read through it once,
+    so the work grows with their total length, not with the number of pairs.
+    """
+    # The trie: children by character, the index of the text a node ends (or -1).
+    children: list[dict[str, int]] = [{}]
+    ends = [-1]
+    for index, text in enumerate(texts):
+        node = 0
+        for char in text:
+            child = children[node].get(char)
+            if child is None:
+                child = len(children)
+                children[node][char] = child
+                children.append({})
+                ends.append(-1)
+            node = child
+        ends[node] = index
+    # fail: the node of the longest proper suffix in the trie; found: the nearest node
+    # along the fail links (itself excluded) that ends a text, or -1.
+    fail = [0] * len(children)
+    found = [-1] * len(children)
+    queue = deque(children[0].values())  # their fail links are the root's, 0
+    while queue:
+        node = queue.popleft()
+        for char, child in children[node].items():
+            queue.append(child)
+            link = fail[node]
+            while link and char not in children[link]:
+                link = fail[link]
+            target = children[link].get(char, 0)
+            fail[child] = target
+            found[child] = target if ends[target] >= 0 else found[target]
+    # Every text ending at a node is marked with the texts along its `found` links,
+    # so a walk stops at the first marked one: each node is marked once.
+    marked = [False] * len(children)
+    for index, text in enumerate(texts):
+        node = 0
+        for char in text:
+            while node and char not in children[node]:
+                node = fail[node]
+            node = children[node].get(char, 0)
+            hit = node if ends[node] >= 0 else found[node]
+            if hit >= 0 and ends[hit] == index:  # the text itself, read to its end
+                hit = found[hit]
+            while hit >= 0 and not marked[hit]:
+                marked[hit] = True
+                hit = found[hit]
+    return {texts[ends[node]] for node, is_marked in enumerate(marked) if is_marked}
+
+
+def _implied(found: list[QueryWord]) -> set[str]:
+    """The query words another query word implies: a match of the other is a match of
+    them. A word that must begin a message's word is implied by a longer one that
+    begins with it; a word that may match anywhere, by a longer one that holds it (which
+    then holds its script without spaces, so may match anywhere too)."""
+    beginning = [word.text for word in found if not word.anywhere]
+    anywhere = [word.text for word in found if word.anywhere]
+    return _prefixes_of_others(beginning) | _inside_others(anywhere)
 
 
 def parse_query(query: str) -> SearchQuery | None:
@@ -198,8 +257,9 @@ def parse_query(query: str) -> SearchQuery | None:
     to words of letters, marks and digits.
     """
     found = [QueryWord(word, is_spaceless(word)) for word in words(query)]
+    implied = _implied(found)
     kept = sorted(
-        (word for word in found if not _implied(word, found)),
+        (word for word in found if word.text not in implied),
         key=lambda word: (-len(word.text), word.text),
     )
     if not kept:
