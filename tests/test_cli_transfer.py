@@ -379,6 +379,43 @@ def test_backup_refuses_a_symlink_or_a_file_as_its_directory(tmp_path: Path) -> 
     assert a_file.read_text() == "x"
 
 
+@pytest.mark.sqlite
+def test_restoring_a_backup_of_a_newer_version_names_it_and_leaves_no_store(
+    tmp_path: Path,
+) -> None:
+    source = _filled(tmp_path, sessions=1)
+    result = ok("backup", str(tmp_path / "backups"), "--url", source, "--json")
+    backup = Path(json.loads(result.stdout)["path"])
+    with sqlite3.connect(backup) as db:
+        db.execute("UPDATE persistence_alembic_version SET version_num = '0010_future'")
+    db.close()
+    before = sorted(os.listdir(backup.parent))
+    store = tmp_path / "restored" / "new.db"
+    store.parent.mkdir()
+
+    line = failed("restore", str(backup), "--url", f"sqlite:///{store}")
+
+    assert line.startswith(f"error: {backup}: the schema is at revision 0010_future")
+    assert "newer version" in line
+    assert "persistence-restore-" not in line
+    assert os.listdir(store.parent) == []
+    assert sorted(os.listdir(backup.parent)) == before
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("command", ["backup", "export-all", "import", "restore"])
+def test_an_empty_path_is_refused_in_one_line_writing_nothing(
+    workdir: Path, tmp_path: Path, command: str
+) -> None:
+    source = _filled(tmp_path, sessions=1)
+    stored = counts(source)
+
+    failed(command, "", "--url", source)
+
+    assert os.listdir(workdir) == []
+    assert counts(source) == stored
+
+
 def _pending_documents(url: str) -> int:
     connection = sqlite3.connect(url.removeprefix("sqlite:///"))
     try:

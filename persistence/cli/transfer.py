@@ -51,6 +51,7 @@ from persistence.transfer import (
     validate_backup_file,
     verify_migration,
 )
+from persistence.transfer.backups import backup_directory
 from persistence.transfer.exchange import open_input
 from persistence.transfer.exchange_format import DocumentSummary, validate_document
 
@@ -244,7 +245,8 @@ def migrate(
 
 def backup(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Directory for the timestamped file.")],
+    # A str, not a Path: Path("") would be the current directory, and "" is refused.
+    directory: Annotated[str, typer.Argument(help="Directory for the timestamped file.")],
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -264,7 +266,14 @@ def backup(
             f" ({result['kind']}, {result['bytes']} bytes)",
         )
 
-    run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
+    run(
+        ctx,
+        (config, url, verbose),
+        work,
+        must_exist=True,
+        read_only=True,
+        check_first=partial(backup_directory, directory),
+    )
 
 
 def restore(

@@ -10,8 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
 from persistence.clock import utc_now
-from persistence.errors import InvalidDataError
+from persistence.errors import InvalidDataError, MigrationError
 from persistence.storage import SessionStorage
 from persistence.transfer.exchange import (
     import_from_json,
@@ -38,6 +42,20 @@ async def _sqlite_file_counts(path: Path) -> dict[str, Any]:
         return counts_summary(await copy.count())
 
 
+def backup_directory(backup_dir: str | Path) -> Path:
+    """`backup_dir` as a path; refuses an empty one, which Path reads as the current
+    directory (give "." for that).
+
+    Raises:
+        MigrationError: if `backup_dir` is empty.
+    """
+    if isinstance(backup_dir, str) and not backup_dir:
+        raise MigrationError(
+            "the backup directory is an empty path: name a directory (. for the current one)"
+        )
+    return Path(backup_dir)
+
+
 async def backup_storage(
     storage: SessionStorage,
     backup_dir: str | Path,
@@ -56,11 +74,12 @@ async def backup_storage(
         "bytes", "created_at", "duration_seconds"}.
 
     Raises:
-        MigrationError: if the directory or file cannot be written.
+        MigrationError: if the directory is an empty path, or the directory or file
+            cannot be written.
         PersistenceError: if the store fails.
     """
     started = time.perf_counter()
-    directory = private_directory(Path(backup_dir))
+    directory = private_directory(backup_directory(backup_dir))
     now = utc_now()
     stem = f"persistence-{storage.backend_name}-{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z"
     with temp_file(directory, "backup") as temp:
@@ -108,21 +127,26 @@ def validate_backup_file(backup_path: str | Path) -> str:
     Raises:
         InvalidDataError: for a missing, corrupt, truncated or foreign file, as
             `restore_backup` would before writing.
+        SchemaVersionError: for a SQLite backup written by a newer version.
     """
     path = Path(backup_path)
     kind = _backup_kind(path)
     if kind == "json":
         validate_export_file(path)
     else:
-        _check_sqlite_backup(path, immutable=True)
+        _check_sqlite_backup(path, path, immutable=True)
     return kind
 
 
-def _check_sqlite_backup(path: Path, *, immutable: bool = False) -> None:
-    """Refuses a corrupt SQLite file, or one that is not a persistence store.
+def _check_sqlite_backup(path: Path, named: Path, *, immutable: bool = False) -> None:
+    """Refuses a corrupt SQLite file, one that is not a persistence store, or one at a
+    schema revision this version does not know; errors name `named` (the user's file,
+    where `path` is a copy of it).
 
     `immutable`: read the file as it is, creating no -wal or -shm beside it.
     """
+    from persistence.sql.schema import examine, script_directory
+
     uri = f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
         with sqlite3.connect(uri, uri=True) as db:
@@ -130,13 +154,26 @@ def _check_sqlite_backup(path: Path, *, immutable: bool = False) -> None:
             check = db.execute("PRAGMA quick_check").fetchone()
         db.close()
     except sqlite3.DatabaseError as exc:
-        raise InvalidDataError(f"not a readable SQLite backup: {exc}") from exc
+        raise InvalidDataError(f"{named}: not a readable SQLite backup: {exc}") from exc
     # Version table: our own, or alembic's default in stores made before it had one.
     versioned = bool(tables & {"persistence_alembic_version", "alembic_version"})
     if not versioned or not {"chat_sessions", "chat_messages"} <= tables:
-        raise InvalidDataError("a SQLite database, but not a persistence backup")
+        raise InvalidDataError(f"{named}: a SQLite database, but not a persistence backup")
     if check is None or check[0] != "ok":
-        raise InvalidDataError(f"the SQLite backup is corrupt: {check[0] if check else '?'}")
+        raise InvalidDataError(
+            f"{named}: the SQLite backup is corrupt: {check[0] if check else '?'}"
+        )
+    # A backup of a newer version: refused here, before the destination is opened.
+    engine = create_engine(
+        "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True), poolclass=NullPool
+    )
+    try:
+        with engine.connect() as connection:
+            examine(connection, script_directory(), where=str(named))
+    except (SQLAlchemyError, sqlite3.Error) as exc:
+        raise InvalidDataError(f"{named}: not a readable SQLite backup: {exc}") from exc
+    finally:
+        engine.dispose()
 
 
 async def _restore_sqlite(
@@ -151,7 +188,7 @@ async def _restore_sqlite(
             await asyncio.to_thread(shutil.copyfile, path, copy)
         except OSError as exc:
             raise file_error("cannot read", path, exc) from exc
-        _check_sqlite_backup(copy)
+        _check_sqlite_backup(copy, path)
         async with SQLiteSessionStorage(copy) as source:
             return await migrate_storage(source, storage, True, progress_callback)
 

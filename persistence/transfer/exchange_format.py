@@ -12,6 +12,11 @@ it looks at a single record; `counts` comes last, because a live store is export
 it is read and only the writer's own tally is exact. Reading uses ijson's C parser
 (yajl2_c): it yields one record at a time from a binary stream, so a file larger than
 memory is validated and imported without ever being held whole.
+
+Numbers are read as floats by the parser itself, the fast way, which refuses an
+integer beyond 2**63 - 1 in magnitude (-2**63 included). A read that fails starts
+again reading numbers as text (ints exact, the rest Decimal, turned into the same
+float): a file holding such an integer is read exactly, a corrupt one fails again.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import json
 import re
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
+from itertools import islice
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import ijson
 from pydantic import ValidationError
@@ -43,6 +50,8 @@ _SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "s
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SCAN_CHUNK = 1 << 20
 _OPENING = {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}
+
+_Item = TypeVar("_Item")
 
 
 def _timestamp(value: datetime) -> str:
@@ -216,10 +225,51 @@ def _structure(events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
         raise InvalidDataError("content after the end of the document")
 
 
-def _records(parser: Any, stream: IO[bytes], key: str, start: int) -> Iterator[Any]:
+def _records(parser: Any, stream: IO[bytes], key: str, start: int, exact: bool) -> Iterator[Any]:
     """The items of the top-level array `key`, each built whole by the parser."""
     stream.seek(start)
-    return iter(parser.items(stream, f"{key}.item", use_float=True))
+    if not exact:
+        return iter(parser.items(stream, f"{key}.item", use_float=True))
+    return map(_floats, parser.items(stream, f"{key}.item", use_float=False))
+
+
+def _floats(value: Any) -> Any:
+    """`value` with each Decimal in it replaced, in place, by the float it denotes."""
+    if isinstance(value, Decimal):
+        return float(value)
+    pending = [value]
+    while pending:
+        container = pending.pop()
+        if isinstance(container, dict):
+            entries: Iterable[tuple[Any, Any]] = container.items()
+        elif isinstance(container, list):
+            entries = enumerate(container)
+        else:
+            continue
+        for key, item in entries:
+            if isinstance(item, Decimal):
+                container[key] = float(item)
+            elif isinstance(item, dict | list):
+                pending.append(item)
+    return value
+
+
+def _read_exactly_if_need_be(read: Callable[[bool], Iterator[_Item]]) -> Iterator[_Item]:
+    """Yields what `read(False)` yields; if it fails, what `read(True)` yields after
+    the items already yielded (both read the same file, so hold the same items).
+
+    Raises:
+        ijson.JSONError: if `read(True)` fails too: the file is not valid JSON.
+    """
+    done = 0
+    try:
+        for item in read(False):
+            yield item
+            done += 1
+        return
+    except ijson.JSONError:
+        pass
+    yield from islice(read(True), done, None)
 
 
 @contextmanager
@@ -433,20 +483,30 @@ def validate_document(stream: IO[bytes]) -> DocumentSummary:
     """
     start = stream.tell()
     parser = _parser_for(stream)
+
+    def read(exact: bool) -> Iterator[tuple[bool, str, Any]]:
+        """(False, key, value) for each top-level field, then (True, key, record)."""
+        stream.seek(start)
+        events = iter(parser.basic_parse(stream, use_float=not exact))
+        present = []
+        for key, value in _structure(events):
+            yield False, key, _floats(value) if exact else value
+            if key in _RECORD_KEYS:
+                present.append(key)
+        for key in present:
+            for value in _records(parser, stream, key, start, exact):
+                yield True, key, value
+
     with tempfile.TemporaryDirectory(prefix="persistence-import-") as scratch:
         seen = _SeenIds(Path(scratch))
         try:
             validation = _Validation(seen)
             with _json_errors():
-                events = iter(parser.basic_parse(stream, use_float=True))
-                present = []
-                for key, value in _structure(events):
-                    validation.item(key, value)
-                    if key in _RECORD_KEYS:
-                        present.append(key)
-                for key in present:
-                    for value in _records(parser, stream, key, start):
+                for is_record, key, value in _read_exactly_if_need_be(read):
+                    if is_record:
                         validation.record(key, value)
+                    else:
+                        validation.item(key, value)
             return validation.summary()
         finally:
             seen.close()
@@ -460,8 +520,18 @@ def iter_records(stream: IO[bytes]) -> Iterator[ChatSession | UploadedFileRecord
     """
     start = stream.tell()
     parser = _parser_for(stream)
+
+    def read(exact: bool) -> Iterator[tuple[str, Any]]:
+        for key in _RECORD_KEYS:
+            for value in _records(parser, stream, key, start, exact):
+                yield key, value
+
+    counts = dict.fromkeys(_RECORD_KEYS, 0)
     with _json_errors():
-        for index, value in enumerate(_records(parser, stream, "sessions", start)):
-            yield session_from_document(value, index)
-        for index, value in enumerate(_records(parser, stream, "file_records", start)):
-            yield file_record_from_document(value, index)
+        for key, value in _read_exactly_if_need_be(read):
+            index = counts[key]
+            counts[key] += 1
+            if key == "sessions":
+                yield session_from_document(value, index)
+            else:
+                yield file_record_from_document(value, index)

@@ -20,6 +20,31 @@ METADATA = {
     "null": None,
     "unicode": UNICODE,
 }
+# Numbers at the edges of what validation accepts, which an export must give back as
+# they were: both ends of int64 (the C JSON parser refuses -2**63 as a float read), ints
+# past 2**53, 1 beside 1.0, the smallest subnormal and normal floats, the largest
+# integral float below the limit, and floats needing all 17 digits.
+EDGE_NUMBERS: dict[str, Any] = {
+    "int64_min": -(2**63),
+    "int64_max": 2**63 - 1,
+    "int64_min_plus_one": -(2**63) + 1,
+    "int64_max_negated": -(2**63 - 1),
+    "past_2_53": 2**53 + 1,
+    "int_one": 1,
+    "float_one": 1.0,
+    "int_zero": 0,
+    "float_zero": 0.0,
+    "tenth": 0.1,
+    "subnormal": 5e-324,
+    "negative_subnormal": -5e-324,
+    "smallest_normal": 2.2250738585072014e-308,
+    "small": 1e-7,
+    "largest_integral": 9999999999999998.0,
+    "negative_largest_integral": -9999999999999998.0,
+    "half_past_2_52": 4503599627370495.5,
+    "seventeen_digits": 0.30000000000000004,
+    "in_a_list": [-(2**63), 2**63 - 1, 1, 1.0, -0.5, {"deep": -(2**63)}],
+}
 # Ids whose order differs between byte order and linguistic collations.
 SESSION_IDS = ["a-b", "ab", "AB", "a_b", "Zz", "é", "s-0", "s 1", "s.2", "x" * 255]
 
@@ -60,6 +85,35 @@ def build_sessions() -> list[ChatSession]:
         session.message_count = len(session.messages)
         sessions.append(session)
     return sessions
+
+
+def build_edge_session() -> ChatSession:
+    """A session and a message whose metadata hold EDGE_NUMBERS."""
+    session = ChatSession.create("m", session_id="edge numbers", metadata=EDGE_NUMBERS)
+    session.add_message("user", "numbers", metadata=EDGE_NUMBERS)
+    return session
+
+
+def build_edge_file_record() -> UploadedFileRecord:
+    """A file record whose metadata hold EDGE_NUMBERS."""
+    return UploadedFileRecord(
+        file_id="edge numbers",
+        gemini_file_name="files/edge",
+        gemini_file_uri="https://example.invalid/files/edge",
+        display_name="edge.pdf",
+        size=2**63 - 1,
+        mime_type="application/pdf",
+        uploaded_at=_at(0),
+        expires_at=_at(60),
+        metadata=EDGE_NUMBERS,
+    )
+
+
+def edge_numbers_kept(session: ChatSession | None) -> bool:
+    """True when the session's and its message's metadata are EDGE_NUMBERS exactly."""
+    assert session is not None
+    expected = _exact(EDGE_NUMBERS)
+    return _exact(session.metadata) == expected == _exact(session.messages[0].metadata)
 
 
 def build_file_records() -> list[UploadedFileRecord]:

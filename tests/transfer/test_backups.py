@@ -16,12 +16,13 @@ import pytest
 from persistence import (
     ChatSession,
     InvalidDataError,
+    MigrationError,
     SchemaVersionError,
     SessionStorage,
     SQLiteSessionStorage,
 )
-from persistence.transfer import backup_storage, restore_backup
-from tests.transfer.data import populate, snapshot
+from persistence.transfer import backup_storage, restore_backup, validate_backup_file
+from tests.transfer.data import build_edge_session, edge_numbers_kept, populate, snapshot
 
 
 def _digest(path: Path) -> str:
@@ -82,6 +83,21 @@ async def test_postgresql_backup_is_an_export_file_restored_exactly(
     assert _mode(path) == 0o600
     assert once == await snapshot(postgresql_storage)
     assert await snapshot(sqlite_storage) == once
+
+
+async def test_numbers_at_the_edges_come_back_exactly_from_a_backup(
+    sql_pair: tuple[SessionStorage, SessionStorage], tmp_path: Path
+) -> None:
+    # SQLite -> PostgreSQL restores a native copy; PostgreSQL -> SQLite an export file.
+    source, destination = sql_pair
+    await source.save_session(build_edge_session())
+    backup = await backup_storage(source, tmp_path / "backups")
+
+    restored = await restore_backup(destination, backup["path"])
+
+    assert restored["messages_restored"] == 1
+    assert edge_numbers_kept(await destination.load_session("edge numbers"))
+    assert await snapshot(destination) == await snapshot(source)
 
 
 async def test_a_sqlite_backup_restores_into_sqlite_twice_as_one_copy(
@@ -218,6 +234,41 @@ async def test_restore_refuses_a_backup_from_a_newer_version(
         await restore_backup(postgresql_storage, backup)
 
     assert (await postgresql_storage.count()).total_sessions == 0
+
+
+async def test_a_backup_of_a_newer_version_is_refused_naming_it_not_a_copy(
+    sqlite_storage: SessionStorage,
+    other_sqlite: SessionStorage,
+    postgresql_storage: SessionStorage,
+    tmp_path: Path,
+) -> None:
+    await populate(sqlite_storage)
+    backup = Path((await backup_storage(sqlite_storage, tmp_path / "backups"))["path"])
+    with sqlite3.connect(backup) as db:
+        db.execute("UPDATE persistence_alembic_version SET version_num = 'from_the_future'")
+    db.close()
+    named = re.escape(f"{backup}: the schema is at revision from_the_future")
+
+    with pytest.raises(SchemaVersionError, match=named):
+        validate_backup_file(backup)
+    for destination in (other_sqlite, postgresql_storage):
+        with pytest.raises(SchemaVersionError, match=named):
+            await restore_backup(destination, backup)
+        assert (await destination.count()).total_sessions == 0
+    assert os.listdir(backup.parent) == [backup.name]
+
+
+async def test_backing_up_into_an_empty_path_is_refused(
+    sqlite_storage: SessionStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    current = tmp_path / "current"
+    current.mkdir()
+    monkeypatch.chdir(current)
+
+    with pytest.raises(MigrationError, match="empty path"):
+        await backup_storage(sqlite_storage, "")
+
+    assert os.listdir(current) == []
 
 
 async def test_restoring_a_missing_file_is_refused(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 import tracemalloc
@@ -20,7 +21,16 @@ from persistence.transfer import (
     import_from_json,
     validate_export_file,
 )
-from tests.transfer.data import build_sessions, populate, snapshot
+from tests.transfer.data import (
+    build_edge_file_record,
+    build_edge_session,
+    build_sessions,
+    edge_numbers_kept,
+    populate,
+    snapshot,
+)
+
+Pair = tuple[SessionStorage, SessionStorage]
 
 
 def _read_json(path: Path) -> Any:
@@ -49,6 +59,63 @@ async def test_export_then_import_is_exact_on_every_backend(
     assert result["sessions_imported"] == 10
     assert result["files_imported"] == 3
     assert result["format_version"] == 1
+
+
+async def test_numbers_at_the_edges_come_back_exactly_on_every_backend(
+    pair: Pair, tmp_path: Path
+) -> None:
+    source, destination = pair
+    await populate(source)
+    await source.save_session(build_edge_session())
+    await source.save_file_record(build_edge_file_record())
+    path = tmp_path / "edge.json"
+    await export_to_json(source, path)
+
+    # Small batches: the numbers are met after records already validated and written.
+    result = await import_from_json(destination, path, batch_size=2)
+
+    assert result["sessions_imported"] == 11
+    assert result["files_imported"] == 4
+    assert edge_numbers_kept(await destination.load_session("edge numbers"))
+    assert await snapshot(destination) == await snapshot(source)
+
+
+def _with_number(raw: bytes, number: str) -> bytes:
+    """The export with `number` as the value of the last message's metadata key "n"."""
+    document = json.loads(raw)
+    _last_message(document)["metadata"] = {"n": "placeholder"}
+    return json.dumps(document, ensure_ascii=False).replace('"placeholder"', number).encode()
+
+
+@pytest.mark.parametrize(
+    ("number", "error"),
+    [
+        (str(2**63), "integer 9223372036854775808 does not fit in 64 bits"),
+        (str(-(2**63) - 1), "integer -9223372036854775809 does not fit in 64 bits"),
+        ("1" + "0" * 40, "does not fit in 64 bits"),
+        ("1e400", "inf is not a JSON number"),
+        ("1e16", "would come back from PostgreSQL as an integer"),
+        ("-0.0", "-0.0 would come back from PostgreSQL"),
+    ],
+)
+def test_a_number_validation_refuses_is_named_not_reported_as_corruption(
+    exported: Path, tmp_path: Path, number: str, error: str
+) -> None:
+    bad = tmp_path / "bad.json"
+    _write_mutated(exported, bad, lambda raw: _with_number(raw, number))
+
+    with pytest.raises(InvalidDataError, match=re.escape(error)):
+        validate_export_file(bad)
+
+
+def test_a_truncated_file_holding_int64_min_is_still_reported_as_truncated(
+    exported: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.json"
+    _write_mutated(exported, bad, lambda raw: _with_number(raw, str(-(2**63)))[:-40])
+
+    with pytest.raises(InvalidDataError, match="not valid JSON"):
+        validate_export_file(bad)
 
 
 async def test_importing_twice_stores_one_copy(storage: SessionStorage, exported: Path) -> None:
