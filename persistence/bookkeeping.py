@@ -21,6 +21,7 @@ from persistence.changes import (
     MessageList,
     SavePlan,
     Snapshot,
+    Unconfirmed,
     merge_metadata,
     metadata_changes,
     replay,
@@ -143,7 +144,7 @@ class Bookkeeping:
         appends = tuple(messages[pending.synced :])
         _check_new_messages(self.session_id, appends)
         # What a save of unknown outcome sent may be stored: written again as held now.
-        sent = None if base.certain else base.unconfirmed
+        sent = None if base.certain else base.unconfirmed or Unconfirmed()
         field_changes = {
             name: (getattr(base, name), self.__dict__[name])
             for name in TRACKED_FIELDS
@@ -296,8 +297,10 @@ class Bookkeeping:
         base = self._known().get(token)
         if base is not None:
             base.certain = False
-            for plan in sent:
-                base.unconfirmed.add(plan)
+            if sent:
+                unconfirmed = base.unconfirmed = base.unconfirmed or Unconfirmed()
+                for plan in sent:
+                    unconfirmed.add(plan)
 
     def has_changes_for(self, token: str) -> bool:
         """Whether storage `token` lacks something of this object (True if it never held it)."""

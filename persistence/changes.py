@@ -221,15 +221,16 @@ class Base:
     foreign_at: int
     edits: dict[str, Edit] = field(default_factory=dict)
     removed: dict[str, ChatMessage] = field(default_factory=dict)
-    # What saves whose outcome is unknown sent since (the base is then not certain).
-    unconfirmed: Unconfirmed = field(default_factory=Unconfirmed)
+    # What saves whose outcome is unknown sent since (None: none did; made on the first,
+    # as a base is made on every save).
+    unconfirmed: Unconfirmed | None = None
 
     def copy(self) -> Base:
         return replace(
             self,
             edits=dict(self.edits),
             removed=dict(self.removed),
-            unconfirmed=self.unconfirmed.copy(),
+            unconfirmed=None if self.unconfirmed is None else self.unconfirmed.copy(),
         )
 
 
@@ -295,8 +296,8 @@ def resolve_unconfirmed(plan: SavePlan, stored_ids: Collection[str]) -> SavePlan
     holds otherwise are not sent again. `conflicts` takes any version an unconfirmed
     save sent for this holder's own.
     """
-    unconfirmed = plan.unconfirmed
-    if not stored_ids or unconfirmed is None:
+    unconfirmed = plan.unconfirmed or Unconfirmed()
+    if not stored_ids:
         return plan
     current = {message.message_id: message for message in plan.appends}
     edits = [

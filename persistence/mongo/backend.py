@@ -55,7 +55,7 @@ from persistence.storage import (
     check_status,
     lookup_ids,
 )
-from persistence.turns import save_turn
+from persistence.turns import SaveTurn
 from persistence.validation import storable_text
 
 _SCHEMES = ("mongodb://", "mongodb+srv://")
@@ -367,7 +367,7 @@ class MongoDBSessionStorage(SessionStorage):
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
-        async with save_turn(self._token, session):
+        async with SaveTurn(self._token, session):
             return await self._save_session(session, force)
 
     async def _save_session(self, session: ChatSession, force: bool) -> bool:
