@@ -217,11 +217,18 @@ def refuse_foreign_sqlite_file(
         connection.close()
     if not names or version_table in names:
         return
+    examine_sqlite_file(target, version_table=version_table, where=where)
+
+
+def examine_sqlite_file(
+    target: str, *, version_table: str = VERSION_TABLE, where: str = "the database"
+) -> SchemaState:
+    """`examine` on a SQLite file opened read-only (`target`, a `file:` URI); blocking."""
     engine = create_engine(
         "sqlite://", creator=lambda: sqlite3.connect(target, uri=True), poolclass=NullPool
     )
     try:
-        with engine.connect() as connection_:
-            examine(connection_, script_directory(), version_table=version_table, where=where)
+        with engine.connect() as connection:
+            return examine(connection, script_directory(), version_table=version_table, where=where)
     finally:
         engine.dispose()

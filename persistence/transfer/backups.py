@@ -10,10 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
-
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, MigrationError
 from persistence.storage import SessionStorage
@@ -145,7 +141,10 @@ def _check_sqlite_backup(path: Path, named: Path, *, immutable: bool = False) ->
 
     `immutable`: read the file as it is, creating no -wal or -shm beside it.
     """
-    from persistence.sql.schema import examine, script_directory
+    # Imported here: the CLI imports this module, and --help loads no database library.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from persistence.sql.schema import examine_sqlite_file
 
     uri = f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
@@ -164,16 +163,10 @@ def _check_sqlite_backup(path: Path, named: Path, *, immutable: bool = False) ->
             f"{named}: the SQLite backup is corrupt: {check[0] if check else '?'}"
         )
     # A backup of a newer version: refused here, before the destination is opened.
-    engine = create_engine(
-        "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True), poolclass=NullPool
-    )
     try:
-        with engine.connect() as connection:
-            examine(connection, script_directory(), where=str(named))
+        examine_sqlite_file(uri, where=str(named))
     except (SQLAlchemyError, sqlite3.Error) as exc:
         raise InvalidDataError(f"{named}: not a readable SQLite backup: {exc}") from exc
-    finally:
-        engine.dispose()
 
 
 async def _restore_sqlite(
