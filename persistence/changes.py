@@ -296,9 +296,9 @@ def resolve_unconfirmed(plan: SavePlan, stored_ids: Collection[str]) -> SavePlan
     holds otherwise are not sent again. `conflicts` takes any version an unconfirmed
     save sent for this holder's own.
     """
-    unconfirmed = plan.unconfirmed or Unconfirmed()
     if not stored_ids:
         return plan
+    unconfirmed = plan.unconfirmed or Unconfirmed()
     current = {message.message_id: message for message in plan.appends}
     edits = [
         Edit(sent[0], message)

@@ -199,8 +199,6 @@ class MongoDBSessionStorage(SessionStorage):
         self.connection_string = connection_string
         self.database_name = check_database_name(database_name)
         self._display_url = redact(connection_string)
-        # The bookkeeping token of SessionStorage, under the name the unit of work takes.
-        self._token = self.token
         # The client reads from the primary; the read preference routes stale reads only.
         self._client_url, self.read_preference = split_read_preference(
             connection_string, read_preference
@@ -283,7 +281,6 @@ class MongoDBSessionStorage(SessionStorage):
             self.supports_transactions = has_transactions(hello)
             # The store as its connection string (without secrets) and database name it.
             self._identified_as(f"{self._display_url}/{self.database_name}")
-            self._token = self.token
             database = client[self.database_name]
             if not create_indexes:
                 names = set(await database.list_collection_names())
@@ -363,15 +360,15 @@ class MongoDBSessionStorage(SessionStorage):
     def unit_of_work(self) -> MongoUnitOfWork:
         self._refuse_writes()
         return ObservedUnitOfWork(
-            self.client, self.docs, self._token, self.supports_transactions, self._clock
+            self.client, self.docs, self.token, self.supports_transactions, self._clock
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
-        async with SaveTurn(self._token, session):
+        async with SaveTurn(self.token, session):
             return await self._save_session(session, force)
 
     async def _save_session(self, session: ChatSession, force: bool) -> bool:
-        plan = session.plan_save(self._token)
+        plan = session.plan_save(self.token)
         docs = self.docs
         if plan.writes_nothing and plan.certain:
             with mongo_errors("save session"):
@@ -388,9 +385,9 @@ class MongoDBSessionStorage(SessionStorage):
             raise  # refused before anything was written
         except BaseException:
             # Cut off, cancelled or failed: it may have landed, so the next save checks.
-            session.save_failed(self._token, plan)
+            session.save_failed(self.token, plan)
             raise
-        session.saved_to(self._token, plan, saved.revision, saved.incarnation, exact=saved.exact)
+        session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
         return True
 
     async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
@@ -399,13 +396,13 @@ class MongoDBSessionStorage(SessionStorage):
             return None
         with mongo_errors("load session"):
             return await repositories.read_session(
-                self.docs, None, session_id, token=self._token, last=last
+                self.docs, None, session_id, token=self.token, last=last
             )
 
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
         with mongo_errors("load sessions"):
             return await repositories.read_sessions(
-                self.docs, None, lookup_ids(session_ids), token=self._token
+                self.docs, None, lookup_ids(session_ids), token=self.token
             )
 
     async def list_sessions(
@@ -416,7 +413,7 @@ class MongoDBSessionStorage(SessionStorage):
         with mongo_errors("list sessions"):
             async with self._stale_reading() as (docs, client_session):
                 return await repositories.read_session_page(
-                    docs, client_session, checked, limit, offset, token=self._token
+                    docs, client_session, checked, limit, offset, token=self.token
                 )
 
     async def delete_session(self, session_id: str) -> bool:
@@ -482,7 +479,7 @@ class MongoDBSessionStorage(SessionStorage):
                         client_session,
                         after,
                         batch_size,
-                        token=self._token,
+                        token=self.token,
                         with_messages=with_messages,
                     )
             if not batch:

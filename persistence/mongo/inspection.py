@@ -17,7 +17,6 @@ from typing import Any
 from persistence.changes import (
     TRACKED_FIELDS,
     SavePlan,
-    Unconfirmed,
     conflicts,
     merge_metadata,
     resolve_unconfirmed,
@@ -27,7 +26,6 @@ from persistence.errors import InvalidDataError, SessionConflictError, SessionDe
 from persistence.models import ChatMessage
 from persistence.mongo.updates import Saved, Stored, Write, guarded, new_document
 
-_NONE = Unconfirmed()
 _STORED_FIELDS = ("model", "status", "created_at", "metadata", "revision", "incarnation")
 
 
@@ -36,7 +34,12 @@ def _named_ids(plans: Sequence[SavePlan]) -> list[str]:
         *(message.message_id for plan in plans for message in plan.appends),
         *(edit.original.message_id for plan in plans for edit in plan.edits),
         *(message.message_id for plan in plans for message in plan.removals),
-        *(message_id for plan in plans for message_id in (plan.unconfirmed or _NONE).appended),
+        *(
+            message_id
+            for plan in plans
+            if plan.unconfirmed
+            for message_id in plan.unconfirmed.appended
+        ),
     ]
 
 

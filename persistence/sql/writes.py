@@ -18,7 +18,7 @@ A new object creates the row, or merges into the row stored under its id.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -304,19 +304,32 @@ def message_owners(message_ids: Sequence[str]) -> Work[dict[str, str]]:
     return owners
 
 
+def _stored_here(
+    session_id: str, new: Sequence[ChatMessage], others: Iterable[str] = ()
+) -> Work[set[str]]:
+    """Which of the ids of `new` and of `others` the session `session_id` stores.
+
+    Raises:
+        InvalidDataError: if a new message's id is already stored in another session.
+    """
+    new_ids = {message.message_id for message in new}
+    owners = yield from message_owners(list(new_ids.union(others)))
+    for message_id, owner in owners.items():
+        if owner != session_id and message_id in new_ids:
+            raise InvalidDataError(
+                f"message_id {message_id!r} is already stored in another session ({owner!r})"
+            )
+    return {message_id for message_id, owner in owners.items() if owner == session_id}
+
+
 def _not_stored(session_id: str, candidates: Sequence[ChatMessage]) -> Work[list[ChatMessage]]:
     """The candidates the store does not hold yet.
 
     Raises:
         InvalidDataError: if a message id is already stored in another session.
     """
-    owners = yield from message_owners([message.message_id for message in candidates])
-    for message_id, owner in owners.items():
-        if owner != session_id:
-            raise InvalidDataError(
-                f"message_id {message_id!r} is already stored in another session ({owner!r})"
-            )
-    return [message for message in candidates if message.message_id not in owners]
+    here = yield from _stored_here(session_id, candidates)
+    return [message for message in candidates if message.message_id not in here]
 
 
 def _resolved(plan: SavePlan) -> Work[SavePlan]:
@@ -326,19 +339,8 @@ def _resolved(plan: SavePlan) -> Work[SavePlan]:
     Raises:
         InvalidDataError: if a new message's id is already stored in another session.
     """
-    candidates = {message.message_id for message in plan.appends}
-    if plan.unconfirmed is not None:
-        candidates.update(plan.unconfirmed.appended)
-    if not candidates:
-        return plan
-    owners = yield from message_owners(list(candidates))
-    new_ids = {message.message_id for message in plan.appends}
-    for message_id, owner in owners.items():
-        if owner != plan.session_id and message_id in new_ids:
-            raise InvalidDataError(
-                f"message_id {message_id!r} is already stored in another session ({owner!r})"
-            )
-    here = {message_id for message_id, owner in owners.items() if owner == plan.session_id}
+    unconfirmed = () if plan.unconfirmed is None else plan.unconfirmed.appended
+    here = yield from _stored_here(plan.session_id, plan.appends, unconfirmed)
     return resolve_unconfirmed(plan, here)
 
 
