@@ -9,49 +9,40 @@
 
 `format` and `version` come first, so a reader refuses a foreign or newer file before
 it looks at a single record; `counts` comes last, because a live store is exported as
-it is read and only the writer's own tally is exact. Reading uses ijson's C parser
-(yajl2_c): it yields one record at a time from a binary stream, so a file larger than
-memory is validated and imported without ever being held whole.
-
-Numbers are read as floats by the parser itself, the fast way, which refuses an
-integer beyond 2**63 - 1 in magnitude (-2**63 included). A read that fails starts
-again reading numbers as text (ints exact, the rest Decimal, turned into the same
-float): a file holding such an integer is read exactly, a corrupt one fails again.
+it is read and only the writer's own tally is exact. The file is read as a stream, one
+record at a time (json_stream.py), so one larger than memory is validated and imported
+without ever being held whole.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
-from itertools import islice
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
-import ijson
 from pydantic import ValidationError
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
+from persistence.transfer.json_stream import (
+    exact_floats,
+    json_errors,
+    parser_for,
+    read_exactly_if_need_be,
+    record_items,
+    top_level,
+)
 
 FORMAT_NAME = "persistence-export"
 FORMAT_VERSION = 1
 _HEADER_KEYS = ("format", "version", "exported_at", "backend")
 _RECORD_KEYS = ("sessions", "file_records")
 _KNOWN_KEYS = frozenset({*_HEADER_KEYS, *_RECORD_KEYS, "counts"})
-_SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "string"})
-# A JSON escape of a UTF-16 surrogate; a false positive only costs the slower parser.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_SCAN_CHUNK = 1 << 20
-_OPENING = {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}
-
-_Item = TypeVar("_Item")
 
 
 def _timestamp(value: datetime) -> str:
@@ -143,148 +134,6 @@ class DocumentWriter:
 
     def finish(self) -> None:
         self._stream.write(f'\n],\n"counts": {json.dumps(self.counts.as_dict())}}}\n')
-
-
-def _parse_error(exc: Exception) -> InvalidDataError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return InvalidDataError(f"not valid JSON (truncated or corrupt file): {first_line}")
-
-
-def _build(events: Iterator[tuple[str, Any]], event: str, value: Any) -> Any:
-    """Builds the JSON value that starts with (`event`, `value`) from the event stream."""
-    if event in _SCALAR_EVENTS:
-        return value
-    builder = ijson.ObjectBuilder()
-    builder.event(event, value)
-    depth = 1
-    while depth:
-        event, value = next(events)
-        builder.event(event, value)
-        depth += _OPENING.get(event, 0)
-    return builder.value
-
-
-def _parser_for(stream: IO[bytes]) -> Any:
-    """Picks the ijson backend for this file, then rewinds it.
-
-    yajl (the fast C backend) turns an escaped lone surrogate such as \\ud800 into
-    "?", which would alter data silently. Only a file holding surrogate escapes is
-    read with the pure-Python backend, which keeps them so validation refuses them;
-    our own exports never contain any (they are written as UTF-8, not escaped).
-
-    Raises:
-        InvalidDataError: if the file is empty.
-    """
-    start = stream.tell()
-    tail = b""
-    found, empty = False, True
-    while chunk := stream.read(_SCAN_CHUNK):
-        empty = False
-        if _SURROGATE_ESCAPE.search(tail + chunk):
-            found = True
-            break
-        tail = chunk[-8:]
-    stream.seek(start)
-    if empty:
-        raise InvalidDataError("the file is empty")
-    return ijson.get_backend("python") if found else ijson
-
-
-def _structure(events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """Yields ("key", value) for top-level fields and (key, None) where a record array is.
-
-    The records themselves are skipped here, never built: `_records` builds them
-    in ijson's C code, which is several times faster than building them from events.
-    """
-    first = next(events, None)
-    if first is None:
-        raise InvalidDataError("not valid JSON (truncated file)")
-    if first[0] != "start_map":
-        raise InvalidDataError("not an export file: the document is not a JSON object")
-    arrays: set[str] = set()
-    for event, value in events:
-        if event == "end_map":
-            break
-        key = value
-        event, value = next(events)
-        if key in _RECORD_KEYS:
-            if event != "start_array":
-                raise InvalidDataError(f"{key}: not a JSON array")
-            if key in arrays:
-                raise InvalidDataError(f"{key!r} appears twice")
-            arrays.add(key)
-            yield key, None
-            depth = 1
-            for event, _ in events:
-                depth += _OPENING.get(event, 0)
-                if depth == 0:
-                    break
-        else:
-            yield key, _build(events, event, value)
-    for _ in events:
-        raise InvalidDataError("content after the end of the document")
-
-
-def _records(parser: Any, stream: IO[bytes], key: str, start: int, exact: bool) -> Iterator[Any]:
-    """The items of the top-level array `key`, each built whole by the parser."""
-    stream.seek(start)
-    if not exact:
-        return iter(parser.items(stream, f"{key}.item", use_float=True))
-    return map(_floats, parser.items(stream, f"{key}.item", use_float=False))
-
-
-def _floats(value: Any) -> Any:
-    """`value` with each Decimal in it replaced, in place, by the float it denotes."""
-    if isinstance(value, Decimal):
-        return float(value)
-    pending = [value]
-    while pending:
-        container = pending.pop()
-        if isinstance(container, dict):
-            entries: Iterable[tuple[Any, Any]] = container.items()
-        elif isinstance(container, list):
-            entries = enumerate(container)
-        else:
-            continue
-        for key, item in entries:
-            if isinstance(item, Decimal):
-                container[key] = float(item)
-            elif isinstance(item, dict | list):
-                pending.append(item)
-    return value
-
-
-def _read_exactly_if_need_be(read: Callable[[bool], Iterator[_Item]]) -> Iterator[_Item]:
-    """Yields what `read(False)` yields; if it fails, what `read(True)` yields after
-    the items already yielded (both read the same file, so hold the same items).
-
-    Raises:
-        ijson.JSONError: if `read(True)` fails too: the file is not valid JSON.
-    """
-    done = 0
-    try:
-        for item in read(False):
-            yield item
-            done += 1
-        return
-    except ijson.JSONError:
-        pass
-    yield from islice(read(True), done, None)
-
-
-@contextmanager
-def _json_errors() -> Iterator[None]:
-    """Turns the parser's errors into InvalidDataError.
-
-    Raises:
-        InvalidDataError: if the stream is not one complete JSON document.
-    """
-    try:
-        yield
-    except ijson.JSONError as exc:
-        raise _parse_error(exc) from exc
-    except StopIteration as exc:
-        raise InvalidDataError("not valid JSON (truncated file)") from exc
 
 
 def _describe(exc: ValidationError) -> str:
@@ -482,27 +331,27 @@ def validate_document(stream: IO[bytes]) -> DocumentSummary:
             format, a record that fails the domain validation, or a duplicate id.
     """
     start = stream.tell()
-    parser = _parser_for(stream)
+    parser = parser_for(stream)
 
     def read(exact: bool) -> Iterator[tuple[bool, str, Any]]:
         """(False, key, value) for each top-level field, then (True, key, record)."""
         stream.seek(start)
         events = iter(parser.basic_parse(stream, use_float=not exact))
         present = []
-        for key, value in _structure(events):
-            yield False, key, _floats(value) if exact else value
+        for key, value in top_level(events, _RECORD_KEYS):
+            yield False, key, exact_floats(value) if exact else value
             if key in _RECORD_KEYS:
                 present.append(key)
         for key in present:
-            for value in _records(parser, stream, key, start, exact):
+            for value in record_items(parser, stream, key, start, exact):
                 yield True, key, value
 
     with tempfile.TemporaryDirectory(prefix="persistence-import-") as scratch:
         seen = _SeenIds(Path(scratch))
         try:
             validation = _Validation(seen)
-            with _json_errors():
-                for is_record, key, value in _read_exactly_if_need_be(read):
+            with json_errors():
+                for is_record, key, value in read_exactly_if_need_be(read):
                     if is_record:
                         validation.record(key, value)
                     else:
@@ -519,16 +368,16 @@ def iter_records(stream: IO[bytes]) -> Iterator[ChatSession | UploadedFileRecord
         InvalidDataError: if the file changed since it was validated.
     """
     start = stream.tell()
-    parser = _parser_for(stream)
+    parser = parser_for(stream)
 
     def read(exact: bool) -> Iterator[tuple[str, Any]]:
         for key in _RECORD_KEYS:
-            for value in _records(parser, stream, key, start, exact):
+            for value in record_items(parser, stream, key, start, exact):
                 yield key, value
 
     counts = dict.fromkeys(_RECORD_KEYS, 0)
-    with _json_errors():
-        for key, value in _read_exactly_if_need_be(read):
+    with json_errors():
+        for key, value in read_exactly_if_need_be(read):
             index = counts[key]
             counts[key] += 1
             if key == "sessions":

@@ -1,0 +1,181 @@
+"""Reading one large JSON document as a stream, with ijson.
+
+Reading uses ijson's C parser (yajl2_c): it yields one record at a time from a binary
+stream, so a file larger than memory is validated and read without ever being held
+whole. A file holding an escaped lone surrogate is read by the pure-Python parser
+instead (`parser_for`).
+
+Numbers are read as floats by the parser itself, the fast way, which refuses an
+integer beyond 2**63 - 1 in magnitude (-2**63 included). A read that fails starts
+again reading numbers as text (ints exact, the rest Decimal, turned into the same
+float: `read_exactly_if_need_be`): a file holding such an integer is read exactly, a
+corrupt one fails again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from itertools import islice
+from typing import IO, Any, TypeVar
+
+import ijson
+
+from persistence.errors import InvalidDataError
+
+SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "string"})
+# A JSON escape of a UTF-16 surrogate; a false positive only costs the slower parser.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SCAN_CHUNK = 1 << 20
+DEPTH_CHANGE = {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}
+
+_Item = TypeVar("_Item")
+
+
+def parse_error(exc: Exception) -> InvalidDataError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InvalidDataError(f"not valid JSON (truncated or corrupt file): {first_line}")
+
+
+def build_value(events: Iterator[tuple[str, Any]], event: str, value: Any) -> Any:
+    """Builds the JSON value that starts with (`event`, `value`) from the event stream."""
+    if event in SCALAR_EVENTS:
+        return value
+    builder = ijson.ObjectBuilder()
+    builder.event(event, value)
+    depth = 1
+    while depth:
+        event, value = next(events)
+        builder.event(event, value)
+        depth += DEPTH_CHANGE.get(event, 0)
+    return builder.value
+
+
+def parser_for(stream: IO[bytes]) -> Any:
+    """Picks the ijson backend for this file, then rewinds it.
+
+    yajl (the fast C backend) turns an escaped lone surrogate such as \\ud800 into
+    "?", which would alter data silently. Only a file holding surrogate escapes is
+    read with the pure-Python backend, which keeps them so validation refuses them;
+    our own exports never contain any (they are written as UTF-8, not escaped).
+
+    Raises:
+        InvalidDataError: if the file is empty.
+    """
+    start = stream.tell()
+    tail = b""
+    found, empty = False, True
+    while chunk := stream.read(SCAN_CHUNK):
+        empty = False
+        if SURROGATE_ESCAPE.search(tail + chunk):
+            found = True
+            break
+        tail = chunk[-8:]
+    stream.seek(start)
+    if empty:
+        raise InvalidDataError("the file is empty")
+    return ijson.get_backend("python") if found else ijson
+
+
+def top_level(
+    events: Iterator[tuple[str, Any]], record_keys: Collection[str]
+) -> Iterator[tuple[str, Any]]:
+    """Yields ("key", value) for top-level fields and (key, None) where a record array is.
+
+    The records (the arrays under `record_keys`) are skipped here, never built:
+    `record_items` builds them in ijson's C code, several times faster than building
+    them from events.
+    """
+    first = next(events, None)
+    if first is None:
+        raise InvalidDataError("not valid JSON (truncated file)")
+    if first[0] != "start_map":
+        raise InvalidDataError("not an export file: the document is not a JSON object")
+    arrays: set[str] = set()
+    for event, value in events:
+        if event == "end_map":
+            break
+        key = value
+        event, value = next(events)
+        if key in record_keys:
+            if event != "start_array":
+                raise InvalidDataError(f"{key}: not a JSON array")
+            if key in arrays:
+                raise InvalidDataError(f"{key!r} appears twice")
+            arrays.add(key)
+            yield key, None
+            depth = 1
+            for event, _ in events:
+                depth += DEPTH_CHANGE.get(event, 0)
+                if depth == 0:
+                    break
+        else:
+            yield key, build_value(events, event, value)
+    for _ in events:
+        raise InvalidDataError("content after the end of the document")
+
+
+def record_items(
+    parser: Any, stream: IO[bytes], key: str, start: int, exact: bool
+) -> Iterator[Any]:
+    """The items of the top-level array `key`, each built whole by the parser."""
+    stream.seek(start)
+    if not exact:
+        return iter(parser.items(stream, f"{key}.item", use_float=True))
+    return map(exact_floats, parser.items(stream, f"{key}.item", use_float=False))
+
+
+def exact_floats(value: Any) -> Any:
+    """`value` with each Decimal in it replaced, in place, by the float it denotes."""
+    if isinstance(value, Decimal):
+        return float(value)
+    pending = [value]
+    while pending:
+        container = pending.pop()
+        if isinstance(container, dict):
+            entries: Iterable[tuple[Any, Any]] = container.items()
+        elif isinstance(container, list):
+            entries = enumerate(container)
+        else:
+            continue
+        for key, item in entries:
+            if isinstance(item, Decimal):
+                container[key] = float(item)
+            elif isinstance(item, dict | list):
+                pending.append(item)
+    return value
+
+
+def read_exactly_if_need_be(read: Callable[[bool], Iterator[_Item]]) -> Iterator[_Item]:
+    """Yields what `read(False)` yields; if it fails, what `read(True)` yields after
+    the items already yielded (both read the same file, so hold the same items).
+
+    Raises:
+        ijson.JSONError: if `read(True)` fails too: the file is not valid JSON.
+    """
+    done = 0
+    try:
+        for item in read(False):
+            yield item
+            done += 1
+        return
+    except ijson.JSONError:
+        pass
+    yield from islice(read(True), done, None)
+
+
+@contextmanager
+def json_errors() -> Iterator[None]:
+    """Turns the parser's errors into InvalidDataError.
+
+    Raises:
+        InvalidDataError: if the stream is not one complete JSON document.
+    """
+    try:
+        yield
+    except ijson.JSONError as exc:
+        raise parse_error(exc) from exc
+    except StopIteration as exc:
+        raise InvalidDataError("not valid JSON (truncated file)") from exc
