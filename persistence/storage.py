@@ -53,14 +53,32 @@ def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:
     return [identifier for identifier in ids if storable_text(identifier)]
 
 
-def check_last(last: int | None) -> None:
-    """Refuses a negative `last`.
+# The largest count a database column or parameter holds (a signed 64-bit integer).
+LARGEST_COUNT = 2**63 - 1
+
+
+def _check_count(name: str, value: object) -> None:
+    """Refuses a count that is not an int (a bool is not one) in 0..LARGEST_COUNT.
 
     Raises:
         InvalidDataError: naming the argument.
     """
-    if last is not None and last < 0:
-        raise InvalidDataError(f"last: must be >= 0, got {last}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidDataError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise InvalidDataError(f"{name}: must be >= 0, got {value}")
+    if value > LARGEST_COUNT:
+        raise InvalidDataError(f"{name}: must be at most 2**63 - 1, got {value}")
+
+
+def check_last(last: int | None) -> None:
+    """Refuses a `last` that is not None or a count (see _check_count).
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if last is not None:
+        _check_count("last", last)
 
 
 def check_role(role: str | None) -> Role | None:
@@ -75,15 +93,13 @@ def check_role(role: str | None) -> Role | None:
 
 
 def check_page(limit: int, offset: int = 0) -> None:
-    """Refuses a negative limit or offset.
+    """Refuses a limit or offset that is not a count (see _check_count).
 
     Raises:
         InvalidDataError: naming the argument.
     """
-    if limit < 0:
-        raise InvalidDataError(f"limit: must be >= 0, got {limit}")
-    if offset < 0:
-        raise InvalidDataError(f"offset: must be >= 0, got {offset}")
+    _check_count("limit", limit)
+    _check_count("offset", offset)
 
 
 @dataclass(frozen=True, slots=True)
