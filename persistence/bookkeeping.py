@@ -110,6 +110,14 @@ class Bookkeeping:
         log_start = private["_log_start"]
         log_at = log_start + len(log)
         if base is None:
+            if private["_omitted"]:
+                # The store does not hold it: it would take this object for the whole.
+                raise InvalidDataError(
+                    f"session {self.session_id!r} carries only its newest {len(messages)} of"
+                    f" {private['_omitted'] + len(messages)} messages (it was loaded with"
+                    " last=), and this store does not hold it: a save would store a"
+                    " shortened copy. Load it whole (without last=) to save it here"
+                )
             appends = tuple(messages)
             _check_new_messages(self.session_id, appends)
             return SavePlan(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from persistence import (
     SessionConflictError,
     SessionDeletedError,
     SessionStorage,
+    SQLiteSessionStorage,
 )
 from tests.contract.conftest import Reopen
 from tests.factories import conversation
@@ -810,3 +812,29 @@ async def test_a_holder_whose_save_merged_others_work_still_sees_their_edits_and
     loaded = await _load(storage, session.session_id)
     assert loaded.message_count == len(loaded.messages) == (await storage.count()).messages
     assert loaded.messages[0].content == "edited by A"
+
+
+async def test_a_partial_session_is_never_saved_as_a_shortened_copy_into_another_store(
+    storage: SessionStorage, tmp_path: Path
+) -> None:
+    # Loaded with last=, it carries the newest messages only; a store that does not hold
+    # the session would take it for the whole and store 2 of its 5 messages.
+    session = await _stored(storage, turns=5)
+    partial = await storage.load_session(session.session_id, last=2)
+    assert partial is not None and partial.omitted_messages == 3
+    async with SQLiteSessionStorage(tmp_path / "another.db") as another:
+        with pytest.raises(InvalidDataError, match="newest 2 of 5 messages"):
+            await another.save_session(partial)
+        with pytest.raises(InvalidDataError, match="newest 2 of 5 messages"):
+            async with another.unit_of_work() as uow:
+                await uow.sessions.add(partial)
+                await uow.commit()
+        assert await another.load_session(session.session_id) is None
+
+        # Loaded whole, the same session is copied whole; the partial one still saves
+        # where it came from.
+        await another.save_session(await _load(storage, session.session_id))
+        assert (await _load(another, session.session_id)).message_count == 5
+    partial.add_message("user", "after")
+    assert await storage.save_session(partial) is True
+    assert (await _load(storage, session.session_id)).message_count == 6
