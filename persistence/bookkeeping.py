@@ -338,6 +338,11 @@ class Bookkeeping:
         pending = replay(base, self._log[base.log_at - self._log_start :])
         return bool(pending.edits or pending.removed)
 
+    def has_unconfirmed_saves(self, token: str) -> bool:
+        """Whether a save to storage `token` whose outcome is unknown may have landed."""
+        base = self._known().get(token)
+        return base is not None and not base.certain
+
     def note_stored_status(self, token: str, status: Status) -> None:
         """Records a status the store set by itself (an expiry sweep), without a save.
 

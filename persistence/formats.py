@@ -1,4 +1,5 @@
-"""Renders a session as a JSON document, a markdown transcript or a plain-text transcript.
+"""Renders a session as a JSON document, a markdown transcript or a plain-text transcript,
+and writes an export to a file atomically.
 
 Transcripts write each message's content as given, except for the few lines that
 would otherwise change the transcript's structure (start a new section or swallow
@@ -12,8 +13,11 @@ every character exactly.
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from persistence.errors import InvalidDataError
@@ -213,3 +217,28 @@ def render(session: ChatSession, format: str = "json") -> str:
     if format == "text":
         return render_text(session)
     return render_json(session)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temp file in the same directory and a rename.
+
+    Raises:
+        OSError: if the directory cannot be written.
+    """
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        # Named after the caller's path, not the temp file it never asked for.
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
-from collections import OrderedDict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from persistence import formats
 from persistence.clock import utc_now
-from persistence.errors import PersistenceError, SessionConflictError, SessionDeletedError
+from persistence.errors import (
+    InvalidDataError,
+    PersistenceError,
+    SessionConflictError,
+    SessionDeletedError,
+)
 from persistence.models import ChatSession
+from persistence.session_cache import SessionCache
 from persistence.storage import SessionStorage
 
 logger = logging.getLogger(__name__)
@@ -24,7 +27,10 @@ class SessionManager:
     """The everyday front of a store: cached sessions, auto-save, expiry and exports.
 
     The cache keeps at most `max_cached_sessions` sessions, least recently used
-    first out; a session with unsaved changes is saved before it leaves.
+    first out; a session with unsaved changes is saved before it leaves. A session
+    that left the cache while a caller still holds it stays known to the manager
+    (weakly): `get_session` returns that same object again, and `shutdown()` saves
+    changes made to it since.
     """
 
     def __init__(
@@ -42,25 +48,24 @@ class SessionManager:
         self.auto_save_enabled = auto_save_enabled
         self.expiry_hours = expiry_hours
         self.max_cached_sessions = max_cached_sessions
-        self._cache: OrderedDict[str, ChatSession] = OrderedDict()
+        self._cache = SessionCache(max_cached_sessions)
         self._writing: dict[int, tuple[asyncio.Lock, int]] = {}
 
     @property
     def cached_session_ids(self) -> list[str]:
         """The ids in the cache, least recently used first."""
-        return list(self._cache)
+        return self._cache.ids()
 
     def has_unsaved_changes(self, session_id: str) -> bool:
-        """Whether the cached copy of the session holds changes the store lacks."""
-        session = self._cache.get(session_id)
-        return session is not None and self.storage.has_unsaved_changes(session)
+        """Whether the manager's copy of the session holds changes the store lacks."""
+        held = [self._cache.get(session_id), *self._cache.released(session_id)]
+        return any(session is not None and self._dirty(session) for session in held)
 
     def _dirty(self, session: ChatSession) -> bool:
         return self.storage.has_unsaved_changes(session)
 
     def _drop(self, session: ChatSession) -> None:
-        if self._cache.get(session.session_id) is session:
-            del self._cache[session.session_id]
+        self._cache.forget(session)
 
     async def _write(self, session: ChatSession) -> bool:
         """Saves the session, resolving conflicts; False if it was deleted meanwhile.
@@ -95,8 +100,14 @@ class SessionManager:
                 session.session_id,
                 ", ".join(exc.conflicts),
             )
-        # Edits need the messages they touch: reload the whole history for them.
-        whole = session.omitted_messages == 0 or session.has_history_changes(self.storage.token)
+        # Edits need the messages they touch, and messages a save of unknown outcome sent
+        # may be stored anywhere in the history: reload the whole history for them.
+        token = self.storage.token
+        whole = (
+            session.omitted_messages == 0
+            or session.has_history_changes(token)
+            or session.has_unconfirmed_saves(token)
+        )
         fresh = await self.storage.load_session(
             session.session_id, last=None if whole else len(session.messages)
         )
@@ -125,21 +136,30 @@ class SessionManager:
         return False
 
     async def _remember(self, session: ChatSession) -> None:
-        """Caches the session as most recently used, evicting (and saving) beyond the bound."""
-        cached = self._cache.get(session.session_id)
-        if cached is not None and cached is not session and self._dirty(cached):
-            # Another object of the same session: keep what it holds before replacing it.
-            await self._write(cached)
-        self._cache[session.session_id] = session
-        self._cache.move_to_end(session.session_id)
-        while len(self._cache) > self.max_cached_sessions:
-            victim_id, victim = next(iter(self._cache.items()))
-            if self._dirty(victim) and await self._write(victim):
+        """Caches the session as most recently used, evicting (and saving) beyond the bound.
+
+        Room is made before the session goes in, and nothing is awaited after: the
+        caller always gets back an object the cache holds. Other tasks use the cache
+        during the saves, so each step looks at it again.
+        """
+        session_id = session.session_id
+        while True:
+            cached = self._cache.get(session_id)
+            if cached is not None and cached is not session:
+                # Another object of the same session: keep what it holds before replacing it.
+                if self._dirty(cached):
+                    await self._write(cached)
+                    continue
+                self._cache.release(cached)
+            victim = self._cache.victim(sparing=session)
+            if victim is None:
+                break
+            if self._dirty(victim):
                 # Saved before it goes: on failure it stays cached and the error surfaces.
-                # Other tasks may use the cache during the save, so look again after it.
+                await self._write(victim)
                 continue
-            if self._cache.get(victim_id) is victim:
-                del self._cache[victim_id]
+            self._cache.release(victim)
+        self._cache.put(session)
 
     async def startup(self) -> dict[str, Any]:
         """Recovers after a restart: expiry sweep, expired file records, cache warm-up.
@@ -158,10 +178,7 @@ class SessionManager:
         loaded = await self.storage.load_sessions(wanted) if wanted else []
         # Each goes to the front, oldest last: the most recently updated is the least
         # likely to be evicted, and sessions already in use stay ahead of them all.
-        for session in loaded:
-            if session.session_id not in self._cache:
-                self._cache[session.session_id] = session
-                self._cache.move_to_end(session.session_id, last=False)
+        self._cache.put_oldest(loaded)
         # Per status only: counting messages would scan the whole store.
         by_status = await self.storage.count_sessions()
         result = {
@@ -205,8 +222,14 @@ class SessionManager:
         """
         cached = self._cache.get(session_id)
         if cached is not None and not self._too_short(cached, last):
-            self._cache.move_to_end(session_id)
+            self._cache.use(session_id)
             return cached
+        if cached is None:
+            # A copy that left the cache while a caller kept it: the same object again.
+            for released in reversed(self._cache.released(session_id)):
+                if not self._too_short(released, last):
+                    await self._remember(released)
+                    return released
         loaded = await self.storage.load_session(session_id, last=last)
         if loaded is None:
             if cached is not None and not self._dirty(cached):
@@ -215,7 +238,7 @@ class SessionManager:
         # Another task may have cached it while this one was loading.
         cached = self._cache.get(session_id)
         if cached is not None and not self._too_short(cached, last):
-            self._cache.move_to_end(session_id)
+            self._cache.use(session_id)
             return cached
         await self._remember(loaded)
         return loaded
@@ -251,11 +274,12 @@ class SessionManager:
         Raises:
             PersistenceError: if the backend fails.
         """
-        self._cache.pop(session_id, None)
+        self._cache.forget_id(session_id)
         return await self.storage.delete_session(session_id)
 
     async def auto_save(self, session: ChatSession) -> bool:
-        """Saves the session if auto-save is on; with auto-save off writes nothing.
+        """Saves the session if auto-save is on; with auto-save off it is not written now,
+        but held again (if it left the cache), so that eviction and `shutdown()` save it.
 
         Only what changed since the last load or save is written. If another writer
         changed the same field, metadata key or message meanwhile, the session is
@@ -270,10 +294,12 @@ class SessionManager:
             PersistenceError: if the backend fails.
         """
         if not self.auto_save_enabled:
+            # Held again, in case it left the cache: eviction and shutdown() save it.
+            await self._remember(session)
             return False
         cached = self._cache.get(session.session_id)
         if cached is session and not self._dirty(session):
-            self._cache.move_to_end(session.session_id)
+            self._cache.use(session.session_id)
             return True
         return await self.save_session(session)
 
@@ -312,7 +338,7 @@ class SessionManager:
         cutoff = utc_now() - timedelta(hours=self.expiry_hours)
         expired = await self.storage.expire_sessions(cutoff)
         token = self.storage.token
-        for session in self._cache.values():
+        for session in self._cache.held():
             stored = session.stored_updated_at(token)
             if session.status != "active" or stored is None or stored >= cutoff:
                 continue
@@ -334,6 +360,13 @@ class SessionManager:
         """
         formats.check_format(format)
         session = await self.get_session(session_id)
+        if session is not None and session.omitted_messages:
+            # get_session reloads a partial copy whole unless it holds unsaved changes.
+            raise InvalidDataError(
+                f"session {session_id!r}: the manager holds only its newest"
+                f" {len(session.messages)} of {session.message_count} messages (loaded with"
+                " last=), with unsaved changes; save it (save_session) to export it whole"
+            )
         return None if session is None else formats.render(session, format)
 
     async def export_to_file(
@@ -349,7 +382,7 @@ class SessionManager:
         rendered = await self.export_session(session_id, format)
         if rendered is None:
             return False
-        await asyncio.to_thread(write_atomically, Path(output_path), rendered)
+        await asyncio.to_thread(formats.write_atomically, Path(output_path), rendered)
         return True
 
     async def get_statistics(self) -> dict[str, Any]:
@@ -370,63 +403,38 @@ class SessionManager:
             "total_files": counts.files,
             "expired_files": counts.expired_files,
             "cached_sessions": len(self._cache),
-            "unsaved_sessions": sum(1 for session in self._cache.values() if self._dirty(session)),
+            "unsaved_sessions": sum(1 for session in self._cache.held() if self._dirty(session)),
             "auto_save_enabled": self.auto_save_enabled,
             "expiry_hours": self.expiry_hours,
         }
 
     async def _save_dirty(self) -> list[tuple[str, PersistenceError]]:
         failures: list[tuple[str, PersistenceError]] = []
-        for session_id, session in list(self._cache.items()):
+        for session in self._cache.held():
             if not self._dirty(session):
                 continue
             try:
                 await self._write(session)
             except PersistenceError as exc:
-                logger.error("could not save session %s: %s", session_id, exc)
-                failures.append((session_id, exc))
+                logger.error("could not save session %s: %s", session.session_id, exc)
+                failures.append((session.session_id, exc))
         return failures
 
     async def shutdown(self) -> None:
-        """Saves every cached session with changes, then empties the cache.
+        """Saves every session the manager holds with changes, then empties the cache.
 
-        Every save is attempted even when one fails; the sessions that failed stay
-        cached, so calling `shutdown()` again retries them.
+        That is every cached session, and every one that left the cache but is still
+        held by a caller. Every save is attempted even when one fails; the sessions that
+        failed stay held, so calling `shutdown()` again retries them.
 
         Raises:
             PersistenceError: after trying them all, if any session could not be saved.
         """
         failures = await self._save_dirty()
         failed = {session_id for session_id, _ in failures}
-        for session_id in [sid for sid in self._cache if sid not in failed]:
-            del self._cache[session_id]
+        self._cache.forget_all_but(failed)
         if failures:
             detail = "; ".join(f"{sid}: {exc}" for sid, exc in failures[:5])
             raise PersistenceError(
                 f"shutdown: {len(failures)} session(s) could not be saved ({detail})"
             ) from failures[0][1]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temp file in the same directory and a rename.
-
-    Raises:
-        OSError: if the directory cannot be written.
-    """
-    try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except OSError as exc:
-        Path(temp).unlink(missing_ok=True)
-        # Named after the caller's path, not the temp file it never asked for.
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
