@@ -7,12 +7,12 @@ migrated to any other.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from persistence.clock import truncate_to_millisecond, utc_now
+from persistence.clock import truncate_to_millisecond
 from persistence.errors import InvalidDataError
 
 MAX_ID_LENGTH = 255
@@ -110,13 +110,24 @@ def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
     return value
 
 
+# asyncpg, the PostgreSQL driver, sends this instant as '-infinity' (its encoder takes
+# the microseconds of datetime.min for it) and reads '-infinity' back naive.
+_FIRST_INSTANT = datetime(1, 1, 1, tzinfo=UTC)
+
+
 def _utc_millisecond(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("datetime must be timezone-aware (a naive datetime is ambiguous)")
     try:
-        return truncate_to_millisecond(value.astimezone(utc_now().tzinfo))
+        instant = truncate_to_millisecond(value.astimezone(UTC))
     except OverflowError:
         raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from None
+    if instant == _FIRST_INSTANT:
+        raise ValueError(
+            "0001-01-01T00:00:00Z would come back from PostgreSQL as a naive '-infinity';"
+            " the earliest instant stored is 0001-01-01T00:00:00.001Z"
+        )
+    return instant
 
 
 def _identifier(value: str) -> str:

@@ -63,6 +63,23 @@ async def test_datetimes_come_back_utc_to_the_millisecond(storage: SessionStorag
     assert loaded_record.uploaded_at == expected
 
 
+async def test_the_earliest_and_latest_instants_round_trip(storage: SessionStorage) -> None:
+    earliest = datetime(1, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)
+    latest = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    session = ChatSession.create("m")
+    session.created_at, session.updated_at = earliest, latest
+    session.add_message("user", "first")
+    session.updated_at = latest
+    record = file_record(uploaded_at=earliest, expires_at=latest)
+    await storage.save_session(session)
+    await storage.save_file_record(record)
+
+    loaded = await storage.load_session(session.session_id)
+    assert loaded == session
+    assert (loaded.created_at, loaded.updated_at) == (earliest, latest)
+    assert await storage.load_file_record(record.file_id) == record
+
+
 async def test_hostile_identifiers_round_trip(storage: SessionStorage) -> None:
     for session_id in ["../../etc/passwd", "a/b\\c", "'; DROP TABLE x; --", '"quoted"', "x" * 255]:
         session = ChatSession.create("m", session_id=session_id)
@@ -87,6 +104,12 @@ async def test_hostile_identifiers_round_trip(storage: SessionStorage) -> None:
         (lambda s: setattr(s, "status", "deleted"), "status"),
         (lambda s: setattr(s, "metadata", {"k\x00": 1}), "metadata"),
         (lambda s: setattr(s, "updated_at", datetime(2025, 1, 1)), "updated_at"),
+        # asyncpg writes it as '-infinity' and reads a naive datetime.min back.
+        (lambda s: setattr(s, "created_at", datetime(1, 1, 1, tzinfo=UTC)), "created_at"),
+        (
+            lambda s: setattr(s, "updated_at", datetime(1, 1, 1, 0, 0, 0, 999, tzinfo=UTC)),
+            "updated_at",
+        ),
         (lambda s: setattr(s, "model", ""), "model"),
     ],
 )
