@@ -141,3 +141,62 @@ def _write(directory: Path, text: str) -> Path:
     path = directory / f"example-{abs(hash(text))}.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.mark.parametrize(
+    "password", ["Tops3cret,9999", "Tops3cret,Xyzzy", "Tops3cret, part2", "a,postgresql:b"]
+)
+def test_a_raw_comma_in_a_password_does_not_cut_the_url(
+    monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", PRIMARY)
+    replica = f"postgresql://reader:{password}@replica1.example:5432/app"
+    monkeypatch.setenv("STORAGE_READ_REPLICAS", f"{replica}, {REPLICA_2}")
+    assert _urls(load_config()) == [replica, REPLICA_2]
+
+
+def test_a_percent_encoded_comma_reaches_the_driver_as_a_comma(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect
+
+    from persistence.sql.engines import postgresql_url, replica_connect_args
+
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", PRIMARY)
+    replica = "postgresql://reader:Tops3cret%2C9999@replica1.example:5432/app"
+    monkeypatch.setenv("STORAGE_READ_REPLICAS", f"{replica},{REPLICA_2}")
+    (first, _) = _urls(load_config())
+    arguments = replica_connect_args(
+        postgresql_url(first), dialect(), statement_timeout=None, connect_timeout=1
+    )
+    assert arguments["password"] == "Tops3cret,9999"
+
+
+def test_a_multi_host_replica_url_stays_one_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", PRIMARY)
+    replica = "postgresql://reader@replica1.example:5432,replica2.example:5433/app"
+    monkeypatch.setenv("STORAGE_READ_REPLICAS", f"{replica},{REPLICA_2}")
+    assert _urls(load_config()) == [replica, REPLICA_2]
+
+
+@pytest.mark.parametrize(
+    "replicas",
+    [
+        "postgresql://reader:Tops3cret",
+        "postgresql://reader:Tops3cret/app",
+        "postgresql://reader:Tops3cret,postgresql://reader:99999",
+        "postgresql://reader:70000",
+    ],
+)
+def test_an_error_about_a_replica_url_repeats_no_part_of_a_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, replicas: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", PRIMARY)
+    monkeypatch.setenv("STORAGE_READ_REPLICAS", replicas)
+    with pytest.raises(ConfigError) as refused:
+        load_config()
+    message = str(refused.value)
+    assert "read_replicas" in message and "port" in message
+    for secret in ("Tops3cret", "99999", "70000"):
+        assert secret not in message and secret not in caplog.text

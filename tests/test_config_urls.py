@@ -72,7 +72,7 @@ def test_a_nul_byte_in_database_path_is_an_error_naming_the_setting(tmp_path: Pa
         ({"connection_string": "postgresql://u@h/db?port=65536"}, r"query parameter port 65536"),
         (
             {"connection_string": "postgresql://u@h/db", "read_replicas": ["postgres://r:1e9/db"]},
-            r"read_replicas: item 1: port '1e9'",
+            r"read_replicas: item 1: the port is not a number",
         ),
     ],
 )

@@ -30,6 +30,7 @@ from persistence.config.masking import (
     userinfo_problem,
 )
 from persistence.errors import ConfigError
+from persistence.urls import split_url
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,7 @@ class StorageConfig(BaseModel):
     def _infer_backend(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("read_replicas"), str):
             # STORAGE_READ_REPLICAS: URLs separated by commas.
-            urls = [url.strip() for url in data["read_replicas"].split(",")]
-            data = {**data, "read_replicas": tuple(url for url in urls if url)}
+            data = {**data, "read_replicas": split_urls(data["read_replicas"])}
         if not isinstance(data, dict) or data.get("backend") is not None:
             return data
         url = data.get("connection_string")
@@ -267,13 +267,46 @@ class StorageConfig(BaseModel):
         return OPTION_MODELS[self.backend](**self.options)
 
 
+def split_urls(value: str) -> tuple[str, ...]:
+    """The URLs of a comma-separated list (STORAGE_READ_REPLICAS).
+
+    A URL ends only at a comma that the next `scheme://` (or the end) follows, so a
+    comma inside one (a raw `,` in a password, libpq's `host1:5432,host2:5432`) does
+    not cut it.
+    """
+    urls = (url.strip() for url in _NEXT_URL.split(value))
+    return tuple(url for url in urls if url)
+
+
+# Commas (and spaces) before `scheme://` or the end: where a URL of a list ends.
+_NEXT_URL = re.compile(r",[\s,]*(?=[A-Za-z][A-Za-z0-9+.-]*://|$)")
+
+
 def _url_problem(backend: str, url: str) -> str | None:
     """Why the PostgreSQL or MongoDB URL `url` cannot be used, or None (never repeats
-    the password)."""
-    problem = userinfo_problem(url) or port_problem(url)
+    the password, nor what may be one: see `_hidden_port_problem`)."""
+    problem = userinfo_problem(url) or _hidden_port_problem(url) or port_problem(url)
     if problem is None and backend == "postgresql":
         problem = postgresql_query_problem(url)
     return problem
+
+
+def _hidden_port_problem(url: str) -> str | None:
+    """A problem with the first port of a URL without `@`, told without the port.
+
+    There, `scheme://user:password` (its `@host` left out, or cut off at a raw comma)
+    reads as host and port: the "port" may be a password.
+    """
+    parts = split_url(url)
+    if parts is None or parts.userinfo is not None:
+        return None
+    first_host = re.split(r"[/?#,]", parts.rest, maxsplit=1)[0]
+    if port_problem(f"{parts.scheme}://{first_host}") is None:
+        return None
+    return (
+        "the port is not a number from 1 to 65535 (not repeated: in a URL without"
+        " `user:password@`, a password would read as a port)"
+    )
 
 
 def _sqlite_path(url: str) -> Path:
@@ -298,7 +331,7 @@ def _describe(exc: ValidationError) -> str:
         else:
             setting = ".".join(str(part) for part in error["loc"]) or "storage"
             problem = error["msg"]
-            if setting.split(".")[0] not in ("connection_string", "storage"):
+            if setting.split(".")[0] not in ("connection_string", "read_replicas", "storage"):
                 value = error.get("input")
                 # Masked whole before it is cut: a cut URL may have lost its `@`.
                 problem += f", got {_shown(value)!r}" if isinstance(value, str) else ""

@@ -20,6 +20,7 @@ from persistence.sql.engines import (
     postgresql_url,
 )
 from persistence.sql.errors import sql_errors
+from persistence.sql.identity import database_identity
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, one_statement, run_on_asyncpg
 from persistence.sql.schema import VERSION_TABLE
@@ -32,23 +33,6 @@ from persistence.storage import (
 )
 
 T = TypeVar("T")
-
-
-async def database_identity(engine: AsyncEngine, fallback: str) -> str:
-    """The cluster's system identifier and the database's oid: one store through any URL,
-    pool or replica; another database (a dump restored elsewhere) differs. Where the
-    server does not tell its identifier (a privilege some hosts withhold), `fallback`."""
-    import asyncpg
-
-    async with driver_connection(engine) as driver:
-        oid = await driver.fetchval(
-            "SELECT oid FROM pg_database WHERE datname = current_database()"
-        )
-        try:
-            system = await driver.fetchval("SELECT system_identifier FROM pg_control_system()")
-        except asyncpg.PostgresError:
-            system = fallback
-    return f"{system}:{oid}"
 
 
 class PostgreSQLSessionStorage(SqlSessionStorage):

@@ -11,6 +11,10 @@ one question to the primary for its WAL insert position, which lies at or after 
 commit of every write counted so far, and one to each replica for its replay
 position; reads go to a replica again once its replay position has passed it.
 No read ever waits for these questions.
+
+Identity: a replica serves reads only through connections that showed it to be a
+copy of the primary's database (the same system identifier, the same database oid;
+see standby.py); the primary's identity is asked once, when the replicas start.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from persistence.errors import InvalidDataError
 from persistence.sql.engines import displayed, postgresql_url, replica_connect_args
 from persistence.sql.errors import connection_unusable
+from persistence.sql.identity import Identity, identity_of
 from persistence.sql.runner import Work, run_on_asyncpg
 from persistence.sql.standby import (
     Replica,
@@ -96,6 +101,7 @@ class ReplicaSet:
         self._primary: AsyncEngine | None = None
         self._settling: asyncio.Task[None] | None = None
         self._next = 0
+        self._closed = False
 
     @property
     def displayed(self) -> list[str]:
@@ -109,6 +115,7 @@ class ReplicaSet:
         """Binds the replicas to the primary (just migrated) and checks each of them once."""
         self.clock.note_write()
         if self._primary is None:
+            expected = await self._primary_identity(primary)
             self._primary = primary
             dialect = primary.dialect
             self._replicas = [
@@ -122,6 +129,7 @@ class ReplicaSet:
                     ),
                     dialect,
                     self.settings,
+                    expected,
                 )
                 for url in self.urls
             ]
@@ -132,6 +140,19 @@ class ReplicaSet:
 
     def unit_of_work(self, engine: AsyncEngine, token: str) -> SqlUnitOfWork:
         return _NotedUnitOfWork(engine, token, self.clock.note_write)
+
+    @staticmethod
+    async def _primary_identity(primary: AsyncEngine) -> Identity:
+        """Which database the primary serves: what every replica must show it copies."""
+        async with primary.connect() as pooled:
+            driver = (await pooled.get_raw_connection()).driver_connection
+            assert driver is not None
+            try:
+                return await identity_of(driver)
+            except BaseException as exc:
+                if connection_unusable(exc):
+                    await pooled.invalidate()
+                raise
 
     async def _primary_position(self) -> int:
         assert self._primary is not None
@@ -183,6 +204,8 @@ class ReplicaSet:
 
     def _settle(self) -> None:
         """Asks, in the background, where the primary stands and how far each replica is."""
+        if self._closed:
+            return
         if self._settling is None or self._settling.done():
             self._settling = asyncio.get_running_loop().create_task(self._settle_now())
 
@@ -193,10 +216,17 @@ class ReplicaSet:
             # The primary's own failures reach callers through their reads.
             logger.debug("read replicas: the primary's WAL position is unknown (%r)", exc)
             return
-        behind = [r for r in self._replicas if r.up and not r.caught_up_with(position)]
+        behind = [
+            r
+            for r in self._replicas
+            if r.up and r.mismatch is None and not r.caught_up_with(position)
+        ]
         await asyncio.gather(*(replica.check() for replica in behind))
 
     async def close(self) -> None:
+        """Stops every background task; none starts afterwards (a read still running
+        reads from the primary, or fails as the primary's reads do once closed)."""
+        self._closed = True
         settling, self._settling = self._settling, None
         if settling is not None and not settling.done():
             settling.cancel()

@@ -9,7 +9,15 @@
   query that runs longer than `timeout` makes the standby prove it is alive on
   another connection; if it cannot, the hung connection is dropped (its socket
   closed: the server is never asked to cancel) and the read goes elsewhere.
-- Each change of state is logged once, the URL's password masked.
+- Identity: every connection made to a standby is first asked which cluster (the
+  system identifier) and which database (its oid, which physical replication keeps)
+  it serves; one that is not a copy of the primary's database (another database on
+  the same standby, a standby of another cluster, a server that will not tell) is
+  closed, the replica serves no reads and is asked again every `retry_interval`
+  seconds (its URL may come to name the right server). Connections are pooled, so
+  this costs one query per new connection, never one per read.
+- Each change of state is logged once, the URL's password masked (also in
+  `?password=`).
 """
 
 from __future__ import annotations
@@ -18,13 +26,16 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import URL, Dialect, text
 
+from persistence.sql.engines import displayed
 from persistence.sql.errors import connection_lost
+from persistence.sql.identity import Identity, NotThisDatabase, identity_of
+from persistence.sql.replica_connections import ReplicaConnections
 from persistence.sql.runner import Fetch, Work, run_on_asyncpg
 from persistence.sql.statements import Statement
 
@@ -48,6 +59,11 @@ SELECT pg_is_in_recovery(),
 """
     )
 )
+
+
+def seconds(value: float) -> str:
+    """A duration for a log line: 0.5 s stays 0.5 s, 5.0 s is 5 s."""
+    return f"{value:.3g} s"
 
 
 def fetch_one(statement: Statement) -> Work[Any]:
@@ -82,6 +98,9 @@ class ReplicaState:
     # Known to hold every write of this storage (else its reads go to the primary).
     holds_own_writes: bool = False
     reads_served: int = 0
+    # Why it is not known to be a copy of the primary's database (None: it is, or it
+    # has not been reached yet); such a replica serves no reads.
+    mismatch: str | None = None
 
 
 class Unavailable(Exception):
@@ -96,91 +115,41 @@ class _Adapted:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    from persistence.urls import mask_secrets
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = mask_secrets(text)[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class _Connections:
-    """A replica's own small pool of raw asyncpg connections.
-
-    Its own, not SQLAlchemy's: a connection to a replica that hangs must be closed
-    without a word to the server, and every idle one dropped when the replica goes
-    down, neither of which a pool that closes connections politely can do.
-    """
-
-    def __init__(self, connect: Callable[[], Awaitable[Any]], size: int) -> None:
-        self._connect = connect
-        self._size = size
-        self._idle: list[Any] = []
-        self._lent = 0
-        self._closed = False
-
-    def full(self) -> bool:
-        return self._lent >= self._size
-
-    async def take(self, within: float) -> Any:
-        """An idle connection, or a new one within `within` seconds."""
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.is_closed():
-                self._lent += 1
-                return connection
-        self._lent += 1
-        try:
-            async with asyncio.timeout(within):
-                return await self._connect()
-        except BaseException:
-            self._lent -= 1
-            raise
-
-    def give_back(self, connection: Any) -> None:
-        self._lent -= 1
-        if self._closed or connection.is_closed():
-            connection.terminate()
-        else:
-            self._idle.append(connection)
-
-    def drop(self, connection: Any) -> None:
-        """Closes the socket at once: nothing is sent, nothing awaited."""
-        self._lent -= 1
-        connection.terminate()
-
-    def drop_idle(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.terminate()
-
-    async def close(self, within: float) -> None:
-        self._closed = True
-        idle, self._idle = self._idle, []
-
-        async def close_one(connection: Any) -> None:
-            try:
-                await connection.close(timeout=within)
-            except (Exception, asyncio.CancelledError):
-                connection.terminate()
-
-        await asyncio.gather(*(close_one(connection) for connection in idle))
 
 
 class Replica:
     """One hot standby: its connections, what it last reported, whether it is up."""
 
     def __init__(
-        self, url: URL, connect_args: dict[str, Any], dialect: Dialect, settings: ReplicaSettings
+        self,
+        url: URL,
+        connect_args: dict[str, Any],
+        dialect: Dialect,
+        settings: ReplicaSettings,
+        expected: Identity,
     ) -> None:
-        self.url = url.render_as_string(hide_password=True)
+        self.url = displayed(url)
+        self._expected = expected
         self._settings = settings
         self._dialect = dialect
-        self._pool = _Connections(lambda: self._connect(connect_args), settings.max_connections)
+        self._pool = ReplicaConnections(
+            lambda: self._connect(connect_args), settings.max_connections
+        )
         self.up = True
         self.lagging = False
         self.lag: float | None = None
         self.replayed: int | None = None
         self.checked_at = -math.inf
         self.served = 0
+        self.mismatch: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._refused: set[str] = set()
+        self._closed = False
 
     async def _connect(self, connect_args: dict[str, Any]) -> Any:
         import asyncpg
@@ -191,59 +160,87 @@ class Replica:
             dialect: Any = self._dialect
             await dialect.setup_asyncpg_json_codec(_Adapted(connection))
             await dialect.setup_asyncpg_jsonb_codec(_Adapted(connection))
+            # Checked on every new connection: the URL may name another server by now.
+            mismatch = self._expected.mismatch(await identity_of(connection))
         except BaseException:
             connection.terminate()
             raise
+        if mismatch is not None:
+            connection.terminate()
+            raise NotThisDatabase(mismatch)
         return connection
 
     def state(self, position: int | None) -> ReplicaState:
         """What is known of the replica; `position`: of this storage's writes, if known."""
-        holds = position is not None and self.caught_up_with(position)
+        holds = position is not None and self.mismatch is None and self.caught_up_with(position)
         return ReplicaState(
-            self.url, self.up, self.lagging, self.lag, self.replayed, holds, self.served
+            self.url,
+            self.up,
+            self.lagging,
+            self.lag,
+            self.replayed,
+            holds,
+            self.served,
+            self.mismatch,
         )
 
     def serves(self) -> bool:
-        """Up, checked, and not too far behind when last checked."""
-        return self.up and not self.lagging and self.checked_at > -math.inf
+        """Up, a copy of the primary's database, checked, and not too far behind."""
+        return (
+            self.up
+            and self.mismatch is None
+            and not self.lagging
+            and self.checked_at > -math.inf
+            and not self._closed
+        )
 
     def caught_up_with(self, position: int) -> bool:
         return position == 0 or (self.replayed is not None and self.replayed >= position)
 
     def refresh_if_old(self) -> None:
         """Starts a background check when the last one is older than the check interval."""
-        if self.up and time.monotonic() - self.checked_at > self._settings.check_interval:
+        if self._usable() and time.monotonic() - self.checked_at > self._settings.check_interval:
             self._tend(check_first=True)
 
     def check_soon(self) -> None:
         """Starts a background check now (unless one runs): the replica is behind."""
-        if self.up:
+        if self._usable():
             self._tend(check_first=True)
+
+    def _usable(self) -> bool:
+        return self.up and self.mismatch is None
 
     def _tend(self, *, check_first: bool) -> None:
         """Runs the one background task of this replica, unless it runs already.
 
         It checks the replica (if asked), then, as long as the replica is down,
-        checks again every retry interval.
+        checks again every retry interval. Once the replica is closed, none starts.
         """
-        if self._task is not None and not self._task.done():
+        if self._closed or (self._task is not None and not self._task.done()):
             return
         self._task = asyncio.get_running_loop().create_task(self._background(check_first))
 
     async def _background(self, check_first: bool) -> None:
         if check_first:
             await self.check()
-        while not self.up:
+        while not self._closed and not self._usable():
             await asyncio.sleep(self._settings.retry_interval)
-            await self.check()
+            if not self._closed:
+                await self.check()
 
     async def check(self) -> bool:
         """Asks the replica how far it has replayed and how far behind it is.
 
-        Returns whether it answered; one that does not is marked down.
+        Returns whether it answered; one that does not is marked down, one that is
+        not a copy of the primary's database is marked so. A closed replica is not asked.
         """
+        if self._closed:
+            return False
         try:
             connection = await self._pool.take(self._settings.timeout)
+        except NotThisDatabase as exc:
+            self._mark_foreign(exc)
+            return True
         except Exception as exc:
             self._mark_down(exc)
             return False
@@ -259,7 +256,8 @@ class Replica:
                 return False
             raise
         self._pool.give_back(connection)
-        self._learn(bool(standby), replayed, lag)
+        if not self._closed:
+            self._learn(bool(standby), replayed, lag)
         return True
 
     def _learn(self, standby: bool, replayed: int | None, lag: float | None) -> None:
@@ -275,29 +273,54 @@ class Replica:
         if lagging and not self.lagging:
             behind = "an unknown time" if lag is None else f"{lag:.1f} s"
             logger.warning(
-                "read replica %s is %s behind (more than %.1f s): reads go to the primary"
+                "read replica %s is %s behind (more than %s): reads go to the primary"
                 " until it catches up",
                 self.url,
                 behind,
-                self._settings.max_lag,
+                seconds(self._settings.max_lag),
             )
         elif self.lagging and not lagging:
             logger.info("read replica %s has caught up: reads go to it again", self.url)
         self.lagging = lagging
+        if self.mismatch is not None:
+            self.mismatch = None
+            logger.info(
+                "read replica %s is now a copy of the primary's database: reads go to it",
+                self.url,
+            )
         if not self.up:
             self.up = True
             logger.info("read replica %s answers again: reads go to it again", self.url)
 
     def _mark_down(self, exc: BaseException) -> None:
         self._pool.drop_idle()
-        if not self.up:
+        if not self.up or self._closed:
             return
         self.up = False
         logger.warning(
-            "read replica %s is unreachable (%s): reads go to the primary; retrying every %.0f s",
+            "read replica %s is unreachable (%s): reads go to the primary; retrying every %s",
             self.url,
             _describe(exc),
-            self._settings.retry_interval,
+            seconds(self._settings.retry_interval),
+        )
+        self._tend(check_first=False)
+
+    def _mark_foreign(self, exc: NotThisDatabase) -> None:
+        """The server answers but is not a copy of the primary's database: no reads."""
+        self._pool.drop_idle()
+        self.up = True
+        self.replayed = None
+        self.lag = None
+        self.checked_at = -math.inf
+        if self._closed or self.mismatch == str(exc):
+            return
+        self.mismatch = str(exc)
+        logger.warning(
+            "read replica %s is not a copy of the primary's database: %s; reads go to the"
+            " primary; checking again every %s",
+            self.url,
+            self.mismatch,
+            seconds(self._settings.retry_interval),
         )
         self._tend(check_first=False)
 
@@ -314,7 +337,10 @@ class Replica:
             connection = await self._pool.take(self._settings.timeout)
         except Exception as exc:
             work.close()
-            self._mark_down(exc)
+            if isinstance(exc, NotThisDatabase):
+                self._mark_foreign(exc)
+            else:
+                self._mark_down(exc)
             raise Unavailable(_describe(exc)) from exc
         try:
             result = await self._watch(connection, self._execute(connection, work, snapshot))
@@ -376,6 +402,9 @@ class Replica:
         log("read replica %s refused a read (%s): read from the primary", self.url, _describe(exc))
 
     async def close(self) -> None:
+        """Stops the background task; none starts afterwards, not even when a read that
+        was running meanwhile finds the replica gone."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()

@@ -171,3 +171,37 @@ async def test_a_statement_cache_size_that_is_not_a_number_is_refused() -> None:
     with pytest.raises(InvalidDataError, match="statement_cache_size"):
         await storage.initialize()
     await storage.close()
+
+
+async def test_a_password_given_as_a_query_parameter_is_masked_everywhere(
+    emptied: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "S3cretPassw0rd"
+    replica = f"postgresql://reader@127.0.0.1:{closed_port()}/replica?password={secret}"
+    storage = PostgreSQLSessionStorage(
+        emptied, 1, 2, read_replicas=[replica], replica_retry_interval=0.05
+    )
+    async with storage:
+        await _check_no_penalty(storage)
+        (state,) = storage.replica_states()
+        assert not state.up
+        assert state.url.endswith("/replica?password=***")
+        shown = [repr(storage), repr(storage.replica_states()), str(state)]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "unreachable" in logged
+    for text in (*shown, logged, caplog.text):
+        assert secret not in text
+
+
+async def test_the_retry_interval_is_logged_as_given(
+    emptied: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    storage = PostgreSQLSessionStorage(
+        emptied, 1, 2, read_replicas=[replica_url(closed_port())], replica_retry_interval=0.5
+    )
+    async with storage:
+        await storage.list_sessions()
+    (warning,) = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert "retrying every 0.5 s" in warning.getMessage()

@@ -8,11 +8,13 @@ standby costs the caller neither an error nor a timeout per call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,7 @@ from tests import servers
 from tests.replication import (
     ReplicationPair,
     ReplicationUnavailable,
+    _execute,
     commits,
     commits_settled,
     fetchval,
@@ -36,15 +39,19 @@ OpenStorage = Callable[..., Awaitable[PostgreSQLSessionStorage]]
 LOGGER = "persistence.sql.replicas"
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[ReplicationPair]:
+def _started(what: str) -> Iterator[ReplicationPair]:
     with ExitStack() as stack:
         try:
             built = stack.enter_context(replication_pair())
         except ReplicationUnavailable as exc:
-            servers.unavailable("postgresql", f"cannot start a primary and standby pair: {exc}")
+            servers.unavailable("postgresql", f"cannot start {what}: {exc}")
             raise
         yield built
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[ReplicationPair]:
+    yield from _started("a primary and standby pair")
 
 
 @pytest.fixture
@@ -410,3 +417,239 @@ async def test_commits_counter_reads_the_test_database(pair: ReplicationPair) ->
     for _ in range(5):
         await fetchval(pair.primary.url(), "SELECT 1")
     assert await commits_settled(pair.primary, at_least=before + 5) >= before + 5
+
+
+# --- Identity: a replica is read only once it is known to copy this very database ---
+
+
+@pytest.fixture
+def other_pair() -> Iterator[ReplicationPair]:
+    """A second primary and standby: another cluster, another deployment's store."""
+    yield from _started("a second pair")
+
+
+async def _never_served(
+    storage: PostgreSQLSessionStorage, mine: set[str], foreign: set[str], seconds: float = 3.0
+) -> None:
+    """Lists and searches for `seconds`: always this store's sessions, never the others'."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert _ids(await storage.list_sessions()) == mine
+        assert {m.session_id for m in await storage.search_messages("identity")} == mine
+        assert (await storage.count()).total_sessions == len(mine)
+        assert not foreign & _ids(await storage.list_sessions())
+        await asyncio.sleep(0.05)
+    (state,) = storage.replica_states()
+    assert state.reads_served == 0 and not state.holds_own_writes
+
+
+def _mismatch_warnings(caplog: pytest.LogCaptureFixture, url_part: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if "not a copy of the primary's database" in r.getMessage()
+        and r.levelno == logging.WARNING
+        and url_part in r.getMessage()
+    ]
+
+
+async def test_a_replica_naming_another_database_of_the_standby_is_never_read(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    other_database = "fix_replica_other_app"
+    await _execute(pair.primary.url("postgres"), f"DROP DATABASE IF EXISTS {other_database}")
+    await _execute(pair.primary.url("postgres"), f"CREATE DATABASE {other_database}")
+    try:
+        async with PostgreSQLSessionStorage(pair.primary.url(other_database), 1, 2) as other:
+            foreign = _ids(await _seed(other, 3, "identity"))
+        mine = await open_storage(replicas=False)
+        await mine.close()
+        await wait_caught_up(pair)  # the other database exists on the standby
+        storage = PostgreSQLSessionStorage(
+            pair.primary.url(), 1, 2, read_replicas=[pair.standby.url(other_database)]
+        )
+        try:
+            await storage.initialize()
+            own = _ids(await _seed(storage, 1, "identity"))
+            await wait_caught_up(pair)
+            await _never_served(storage, own, foreign)
+            (state,) = storage.replica_states()
+            assert state.mismatch is not None and "another database" in state.mismatch
+            assert state.url.endswith(f"/{other_database}")
+        finally:
+            await storage.close()
+        (warning,) = _mismatch_warnings(caplog, f"{pair.standby.port}/{other_database}")
+        assert "oid" in warning
+    finally:
+        await _execute(
+            pair.primary.url("postgres"), f"DROP DATABASE IF EXISTS {other_database} WITH (FORCE)"
+        )
+
+
+async def test_a_standby_of_another_cluster_is_never_read(
+    pair: ReplicationPair,
+    other_pair: ReplicationPair,
+    open_storage: OpenStorage,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with PostgreSQLSessionStorage(other_pair.primary.url(), 1, 2) as other:
+        foreign = _ids(await _seed(other, 2, "identity"))
+    storage = await open_storage(replicas=False)
+    own = _ids(await _seed(storage, 1, "identity"))
+    # The other cluster's WAL runs ahead of this one's: a comparison of positions
+    # alone would take its standby for a replica holding every write of this storage.
+    ours = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+    while (
+        await fetchval(other_pair.primary.url(), ours)
+        <= await fetchval(pair.primary.url(), ours) + 2**24
+    ):
+        await _execute(
+            other_pair.primary.url("postgres"),
+            "CREATE TABLE IF NOT EXISTS fill(i int); INSERT INTO fill VALUES (1);"
+            " SELECT pg_switch_wal()",
+        )
+    await wait_caught_up(other_pair)
+    await storage.close()
+    reader = await open_storage(replicas=False)
+    await reader.close()
+    storage = PostgreSQLSessionStorage(
+        pair.primary.url(), 1, 2, read_replicas=[other_pair.standby.url()]
+    )
+    try:
+        await storage.initialize()
+        await _never_served(storage, own, foreign)
+        (state,) = storage.replica_states()
+        assert state.mismatch is not None and "another cluster" in state.mismatch
+    finally:
+        await storage.close()
+    assert len(_mismatch_warnings(caplog, str(other_pair.standby.port))) == 1
+
+
+async def test_a_replica_that_does_not_tell_its_system_identifier_is_not_read(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    primary = pair.primary.url("postgres")
+    await _execute(primary, "DROP ROLE IF EXISTS fix_replica_plain")
+    await _execute(primary, "CREATE ROLE fix_replica_plain LOGIN")
+    # Function privileges are the database's: withheld where the store lives.
+    await _execute(pair.primary.url(), "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    try:
+        await wait_caught_up(pair)
+        writer = await open_storage(replicas=False)
+        own = _ids(await _seed(writer, 1, "identity"))
+        await wait_caught_up(pair)
+        replica = pair.standby.url().replace("postgres@", "fix_replica_plain@")
+        storage = PostgreSQLSessionStorage(pair.primary.url(), 1, 2, read_replicas=[replica])
+        try:
+            await storage.initialize()
+            await _never_served(storage, own, set(), seconds=1.0)
+            (state,) = storage.replica_states()
+            assert state.mismatch is not None and "system identifier" in state.mismatch
+        finally:
+            await storage.close()
+        assert len(_mismatch_warnings(caplog, "fix_replica_plain@")) == 1
+    finally:
+        await _execute(
+            pair.primary.url(), "GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC"
+        )
+        await _execute(primary, "DROP ROLE IF EXISTS fix_replica_plain")
+
+
+# --- close() ---
+
+
+async def test_close_during_a_read_on_a_frozen_standby_leaves_nothing_running(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    writer = await open_storage(replicas=False)
+    await _seed(writer, 1, "closing")
+    storage = await open_storage(replica_retry_interval=0.2)
+    await wait_caught_up(pair)
+    await _routable(storage)
+    before = asyncio.all_tasks()
+    pair.freeze(pair.standby)
+    try:
+        read = asyncio.create_task(storage.list_sessions())
+        await asyncio.sleep(0.3)  # the read is running on the frozen standby
+        assert not read.done()
+        started = time.monotonic()
+        await storage.close()
+        assert time.monotonic() - started < 3.0
+        closed_at = len(caplog.records)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(read, 10)
+        await asyncio.sleep(1.0)  # five retry intervals
+        left = [
+            task
+            for task in asyncio.all_tasks() - before
+            if task is not asyncio.current_task() and not task.done()
+        ]
+        assert left == [], [task.get_coro() for task in left]
+        after_close = [r.getMessage() for r in caplog.records[closed_at:]]
+        assert not any("retrying" in message for message in after_close), after_close
+    finally:
+        pair.thaw(pair.standby)
+    await asyncio.sleep(0.5)
+    assert [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()] == []
+
+
+# --- a comma in a replica's password, from the environment to the server ---
+
+
+async def test_a_comma_in_a_replica_password_reaches_the_standby(
+    pair: ReplicationPair,
+    open_storage: OpenStorage,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from persistence.config import create_storage, load_config
+
+    password = "Tops3cret,9999"
+    primary = pair.primary.url("postgres")
+    await _execute(primary, "DROP ROLE IF EXISTS fix_replica_reader")
+    await _execute(primary, f"CREATE ROLE fix_replica_reader LOGIN PASSWORD '{password}'")
+    await _execute(pair.primary.url(), "GRANT SELECT ON ALL TABLES IN SCHEMA public TO PUBLIC")
+    hba = pair.standby.data / "pg_hba.conf"
+    original = hba.read_text()
+    # The standby alone asks this role for its password (the pair trusts everyone else).
+    hba.write_text(f"host all fix_replica_reader 127.0.0.1/32 scram-sha-256\n{original}")
+    try:
+        await fetchval(pair.standby.url("postgres"), "SELECT pg_reload_conf()")
+        writer = await open_storage(replicas=False)
+        own = _ids(await _seed(writer, 2, "comma"))
+        await wait_caught_up(pair)
+        where = f"127.0.0.1:{pair.standby.port}/persistence_test"
+        raw = f"postgresql://fix_replica_reader:{password}@{where}"
+        encoded = f"postgresql://fix_replica_reader:Tops3cret%2C9999@{where}"
+        wrong = f"postgresql://fix_replica_reader:Tops3cret@{where}"
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("STORAGE_CONNECTION_STRING", pair.primary.url())
+        monkeypatch.setenv("STORAGE_READ_REPLICAS", f"{raw},{encoded}, {wrong}")
+        config = load_config()
+        assert len(config.read_replicas) == 3
+        storage = create_storage(config)
+        assert isinstance(storage, PostgreSQLSessionStorage)
+        try:
+            await storage.initialize()
+            deadline = time.monotonic() + 10
+            while not all(s.reads_served for s in storage.replica_states()[:2]):
+                assert time.monotonic() < deadline, storage.replica_states()
+                assert _ids(await storage.list_sessions()) == own
+                await asyncio.sleep(0.02)
+            states = storage.replica_states()
+            assert [s.up for s in states] == [True, True, False]
+            for state in states:
+                assert "Tops3cret" not in repr(state) and "9999" not in state.url
+        finally:
+            await storage.close()
+    finally:
+        hba.write_text(original)
+        await fetchval(pair.standby.url("postgres"), "SELECT pg_reload_conf()")
+        await _execute(
+            pair.primary.url(), "REVOKE SELECT ON ALL TABLES IN SCHEMA public FROM PUBLIC"
+        )
+        await _execute(primary, "DROP ROLE IF EXISTS fix_replica_reader")

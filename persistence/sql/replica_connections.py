@@ -1,0 +1,70 @@
+"""A read replica's own small pool of raw asyncpg connections (persistence.sql.standby)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class ReplicaConnections:
+    """A replica's own small pool of raw asyncpg connections.
+
+    Its own, not SQLAlchemy's: a connection to a replica that hangs must be closed
+    without a word to the server, and every idle one dropped when the replica goes
+    down, neither of which a pool that closes connections politely can do.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[Any]], size: int) -> None:
+        self._connect = connect
+        self._size = size
+        self._idle: list[Any] = []
+        self._lent = 0
+        self._closed = False
+
+    def full(self) -> bool:
+        return self._lent >= self._size
+
+    async def take(self, within: float) -> Any:
+        """An idle connection, or a new one within `within` seconds."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.is_closed():
+                self._lent += 1
+                return connection
+        self._lent += 1
+        try:
+            async with asyncio.timeout(within):
+                return await self._connect()
+        except BaseException:
+            self._lent -= 1
+            raise
+
+    def give_back(self, connection: Any) -> None:
+        self._lent -= 1
+        if self._closed or connection.is_closed():
+            connection.terminate()
+        else:
+            self._idle.append(connection)
+
+    def drop(self, connection: Any) -> None:
+        """Closes the socket at once: nothing is sent, nothing awaited."""
+        self._lent -= 1
+        connection.terminate()
+
+    def drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.terminate()
+
+    async def close(self, within: float) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+
+        async def close_one(connection: Any) -> None:
+            try:
+                await connection.close(timeout=within)
+            except (Exception, asyncio.CancelledError):
+                connection.terminate()
+
+        await asyncio.gather(*(close_one(connection) for connection in idle))
