@@ -29,6 +29,7 @@ from persistence.changes import (
     same_value,
 )
 from persistence.errors import InvalidDataError
+from persistence.validation import check_json_object
 
 if TYPE_CHECKING:
     from persistence.models import ChatMessage, ChatSession, Status
@@ -120,6 +121,8 @@ class Bookkeeping:
                 )
             appends = tuple(messages)
             _check_new_messages(self.session_id, appends)
+            # Changed in place, the metadata skipped the model's validation.
+            check_json_object(self.metadata, "metadata")
             return SavePlan(
                 session_id=self.session_id,
                 revision=None,
@@ -160,6 +163,9 @@ class Bookkeeping:
         }
         stored_metadata = base.metadata.value()
         changes = metadata_changes(stored_metadata, self.metadata)
+        if changes:
+            # Changed in place, the metadata skipped the model's validation.
+            check_json_object(self.metadata, "metadata")
         for key in sent.metadata if sent else ():
             changes.setdefault(
                 key, (stored_metadata.get(key, MISSING), self.metadata.get(key, MISSING))

@@ -19,6 +19,7 @@ from persistence.errors import (
 from persistence.models import ChatSession
 from persistence.session_cache import SessionCache
 from persistence.storage import SessionStorage
+from persistence.turns import Turns
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class SessionManager:
         self.expiry_hours = expiry_hours
         self.max_cached_sessions = max_cached_sessions
         self._cache = SessionCache(max_cached_sessions)
-        self._writing: dict[int, tuple[asyncio.Lock, int]] = {}
+        # Saves of one object take turns (by id()), and loads of one session (by its id).
+        self._writing = Turns()
+        self._loading = Turns()
 
     @property
     def cached_session_ids(self) -> list[str]:
@@ -74,18 +77,8 @@ class SessionManager:
         applied over it (its values win for what it changed), then saved again. Saves
         of one object take turns here, so no save is in flight while it is rebased.
         """
-        key = id(session)
-        lock, users = self._writing.get(key) or (asyncio.Lock(), 0)
-        self._writing[key] = (lock, users + 1)
-        try:
-            async with lock:
-                return await self._write_resolving(session)
-        finally:
-            lock, users = self._writing[key]
-            if users == 1:
-                del self._writing[key]
-            else:
-                self._writing[key] = (lock, users - 1)
+        async with self._writing(id(session)):
+            return await self._write_resolving(session)
 
     async def _write_resolving(self, session: ChatSession) -> bool:
         try:
@@ -143,6 +136,8 @@ class SessionManager:
         during the saves, so each step looks at it again.
         """
         session_id = session.session_id
+        # Known from now on, if only weakly: a cancel during the saves below loses nothing.
+        self._cache.track(session)
         while True:
             cached = self._cache.get(session_id)
             if cached is not None and cached is not session:
@@ -154,12 +149,29 @@ class SessionManager:
             victim = self._cache.victim(sparing=session)
             if victim is None:
                 break
-            if self._dirty(victim):
-                # Saved before it goes: on failure it stays cached and the error surfaces.
-                await self._write(victim)
+            if self._dirty(victim) and await self._saved_before_release(victim):
                 continue
             self._cache.release(victim)
         self._cache.put(session)
+
+    async def _saved_before_release(self, victim: ChatSession) -> bool:
+        """Saves a session about to leave the cache; False if it may go unsaved.
+
+        A backend failure surfaces (the session stays cached). A session no save can
+        ever store (its `messages` list changed directly, say) may go: kept, it would
+        fail every caller's eviction from now on. Whoever holds it still gets the
+        error from their own save, and `shutdown()` reports it.
+        """
+        try:
+            await self._write(victim)
+        except InvalidDataError as exc:
+            logger.error(
+                "session %s cannot be saved (%s): it leaves the cache unsaved",
+                victim.session_id,
+                exc,
+            )
+            return False
+        return True
 
     async def startup(self) -> dict[str, Any]:
         """Recovers after a restart: expiry sweep, expired file records, cache warm-up.
@@ -174,11 +186,16 @@ class SessionManager:
         files_deleted = await self.storage.delete_expired_files()
         room = self.max_cached_sessions - len(self._cache)
         page = await self.storage.list_sessions(status="active", limit=max(room, 0))
-        wanted = [s.session_id for s in page if s.session_id not in self._cache]
-        loaded = await self.storage.load_sessions(wanted) if wanted else []
+        # A session a caller still holds is that object again, never a second copy.
+        held = {s.session_id: s for s in self._cache.held()}
+        wanted = [s.session_id for s in page if s.session_id not in held]
+        loaded = {s.session_id: s for s in await self.storage.load_sessions(wanted)}
         # Each goes to the front, oldest last: the most recently updated is the least
         # likely to be evicted, and sessions already in use stay ahead of them all.
-        self._cache.put_oldest(loaded)
+        # Other tasks may have filled the cache meanwhile: only the room left is used.
+        warm = [held.get(s.session_id) or loaded.get(s.session_id) for s in page]
+        room = self.max_cached_sessions - len(self._cache)
+        self._cache.put_oldest([s for s in warm if s is not None][: max(room, 0)])
         # Per status only: counting messages would scan the whole store.
         by_status = await self.storage.count_sessions()
         result = {
@@ -224,12 +241,20 @@ class SessionManager:
         if cached is not None and not self._too_short(cached, last):
             self._cache.use(session_id)
             return cached
-        if cached is None:
-            # A copy that left the cache while a caller kept it: the same object again.
-            for released in reversed(self._cache.released(session_id)):
-                if not self._too_short(released, last):
-                    await self._remember(released)
-                    return released
+        # One load of a session at a time: a second caller gets the first one's object.
+        async with self._loading(session_id):
+            return await self._get_uncached(session_id, last)
+
+    async def _get_uncached(self, session_id: str, last: int | None) -> ChatSession | None:
+        cached = self._cache.get(session_id)
+        if cached is not None and not self._too_short(cached, last):
+            self._cache.use(session_id)
+            return cached
+        # A copy that left the cache while a caller kept it: the same object again.
+        for released in reversed(self._cache.released(session_id)):
+            if released is not cached and not self._too_short(released, last):
+                await self._remember(released)
+                return released
         loaded = await self.storage.load_session(session_id, last=last)
         if loaded is None:
             if cached is not None and not self._dirty(cached):
@@ -316,9 +341,14 @@ class SessionManager:
         if cached is not None:
             cached.status = "archived"
             return await self._write(cached)
-        if await self.storage.set_status([session_id], "archived"):
-            return True
-        return await self.storage.load_session(session_id, last=0) is not None
+        archived = await self.storage.set_status([session_id], "archived")
+        if not archived and await self.storage.load_session(session_id, last=0) is None:
+            return False
+        # Copies that left the cache but are still held follow, as cached ones do.
+        for held in self._cache.released(session_id):
+            held.note_stored_status(self.storage.token, "archived")
+            held.status = "archived"
+        return True
 
     async def cleanup_expired_sessions(self) -> int:
         """Marks active sessions not updated for `expiry_hours` expired, in the store.
@@ -403,19 +433,21 @@ class SessionManager:
             "total_files": counts.files,
             "expired_files": counts.expired_files,
             "cached_sessions": len(self._cache),
-            "unsaved_sessions": sum(1 for session in self._cache.held() if self._dirty(session)),
+            "unsaved_sessions": len(
+                {session.session_id for session in self._cache.held() if self._dirty(session)}
+            ),
             "auto_save_enabled": self.auto_save_enabled,
             "expiry_hours": self.expiry_hours,
         }
 
-    async def _save_dirty(self) -> list[tuple[str, PersistenceError]]:
-        failures: list[tuple[str, PersistenceError]] = []
+    async def _save_dirty(self) -> list[tuple[str, Exception]]:
+        failures: list[tuple[str, Exception]] = []
         for session in self._cache.held():
             if not self._dirty(session):
                 continue
             try:
                 await self._write(session)
-            except PersistenceError as exc:
+            except Exception as exc:  # every save is tried; each failure is reported
                 logger.error("could not save session %s: %s", session.session_id, exc)
                 failures.append((session.session_id, exc))
         return failures

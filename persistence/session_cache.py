@@ -68,6 +68,11 @@ class SessionCache:
             return None
         return next(cached for cached in self._cached.values() if cached is not sparing)
 
+    def track(self, session: ChatSession) -> None:
+        """Knows `session` (weakly) before it goes in: it is on its way into the cache."""
+        if self._cached.get(session.session_id) is not session:
+            self._released[id(session)] = session
+
     def release(self, session: ChatSession) -> None:
         """Takes `session` out of the cache; it is still known while a caller holds it."""
         if self._cached.get(session.session_id) is session:

@@ -1,33 +1,49 @@
-"""Saves of one object to one store take turns, whichever storage object sends them.
+"""Turns: work on one key waits until no other work on that key is running.
 
-Each save plans from the base the previous one left (persistence.bookkeeping). Storages
-opened on one store share its token (SessionStorage.token), so the turns are kept per
-token and object, not per storage object.
+Saves of one object to one store take turns, whichever storage object sends them
+(`save_turn`): each save plans from the base the previous one left
+(persistence.bookkeeping), and storages opened on one store share its token
+(SessionStorage.token), so the turns are kept per token and object. A SessionManager
+keeps its own turns the same way: its saves per object, its loads per session id.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Hashable
 from types import TracebackType
 
-# (token, id of the object) -> its lock and how many saves hold or wait for it.
-_TURNS: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}
+
+class Turns:
+    """Locks by key, made when first needed and dropped once nothing holds or awaits them.
+
+    `async with turns(key):` waits until no other holder of `key` is inside.
+    """
+
+    __slots__ = ("_locks",)
+
+    def __init__(self) -> None:
+        # key -> its lock and how many hold or wait for it.
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    def __call__(self, key: Hashable) -> Turn:
+        return Turn(self._locks, key)
 
 
-class SaveTurn:
-    """`async with SaveTurn(token, holder)`: waits until no other save of `holder` to the
-    store `token` names is running. A class, not a generator-based context manager: it
-    is on every save's path (2 us against 7)."""
+class Turn:
+    """One wait for one key of a Turns. A class, not a generator-based context manager:
+    it is on every save's path (2 us against 7)."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_locks")
 
-    def __init__(self, token: str, holder: object) -> None:
-        self._key = (token, id(holder))
+    def __init__(self, locks: dict[Hashable, tuple[asyncio.Lock, int]], key: Hashable) -> None:
+        self._locks = locks
+        self._key = key
 
     async def __aenter__(self) -> None:
-        key = self._key
-        lock, users = _TURNS.get(key) or (asyncio.Lock(), 0)
-        _TURNS[key] = (lock, users + 1)
+        locks, key = self._locks, self._key
+        lock, users = locks.get(key) or (asyncio.Lock(), 0)
+        locks[key] = (lock, users + 1)
         try:
             await lock.acquire()
         except BaseException:
@@ -40,13 +56,22 @@ class SaveTurn:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _TURNS[self._key][0].release()
+        self._locks[self._key][0].release()
         self._leave()
 
     def _leave(self) -> None:
-        key = self._key
-        lock, users = _TURNS[key]
+        locks, key = self._locks, self._key
+        lock, users = locks[key]
         if users == 1:
-            del _TURNS[key]
+            del locks[key]
         else:
-            _TURNS[key] = (lock, users - 1)
+            locks[key] = (lock, users - 1)
+
+
+_SAVES = Turns()
+
+
+def save_turn(token: str, holder: object) -> Turn:
+    """`async with save_turn(token, holder)`: waits until no other save of `holder` to
+    the store `token` names is running."""
+    return _SAVES((token, id(holder)))

@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 
-from persistence import ChatSession, InvalidDataError, SessionManager, SessionStorage
+from persistence import (
+    ChatSession,
+    InvalidDataError,
+    PersistenceError,
+    SessionManager,
+    SessionStorage,
+)
 from tests import servers
 from tests.reliability.test_unknown_outcomes import _outcomes, _save_unknown
 
@@ -208,3 +214,141 @@ async def test_a_conflict_after_a_save_that_landed_unseen_is_resolved_on_a_parti
     assert [m.message_id for m in partial.messages] == [
         m.message_id for m in stored.messages[-len(partial.messages) :]
     ]
+
+
+def _slow_saves(storage: SessionStorage, monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+    save = storage.save_session
+
+    async def slow_save(session: ChatSession, **options: Any) -> bool:
+        await asyncio.sleep(delay)
+        return await save(session, **options)
+
+    monkeypatch.setattr(storage, "save_session", slow_save)
+
+
+async def test_concurrent_gets_of_one_session_share_one_object(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = await _stored(sql_storage), await _stored(sql_storage)
+    manager = SessionManager(sql_storage, auto_save_enabled=False, max_cached_sessions=1)
+    (await manager.get_session(first.session_id)).add_message("user", "dirty")
+    _slow_saves(sql_storage, monkeypatch, 0.05)  # the eviction's save lets the other get in
+
+    one, other = await asyncio.gather(
+        manager.get_session(second.session_id), manager.get_session(second.session_id)
+    )
+    assert one is other is await manager.get_session(second.session_id)
+
+
+async def test_startup_warms_the_cache_with_held_objects_within_its_bound(
+    sql_storage: SessionStorage,
+) -> None:
+    manager, held, second = await _left_the_cache(sql_storage)
+    held.add_message("user", "pending in held")
+    await manager.delete_session(second.session_id)  # frees the only place
+    others = [await _stored(sql_storage) for _ in range(3)]
+
+    await asyncio.gather(manager.startup(), *(manager.get_session(o.session_id) for o in others))
+
+    assert len(manager.cached_session_ids) <= 1
+    assert await manager.get_session(held.session_id) is held
+    await manager.shutdown()
+    assert await _contents(sql_storage, held.session_id) == ["pending in held"]
+
+
+async def test_a_clean_partial_copy_never_hides_a_held_whole_one(
+    sql_storage: SessionStorage,
+) -> None:
+    session = await _stored(sql_storage, messages=4)
+    manager = SessionManager(sql_storage, auto_save_enabled=False, max_cached_sessions=5)
+    partial = await manager.get_session(session.session_id, last=1)
+    whole = await manager.get_session(session.session_id)  # replaces the partial copy
+    await manager.auto_save(partial)  # the partial copy back in the cache; `whole` held
+    assert whole is not None
+    whole.add_message("user", "pending in whole")
+
+    assert await manager.get_session(session.session_id) is whole
+    rendered = await manager.export_session(session.session_id, "text")
+    assert rendered is not None and "pending in whole" in rendered
+
+
+async def test_a_session_no_save_can_store_does_not_block_the_manager(
+    sql_storage: SessionStorage,
+) -> None:
+    bad = await _stored(sql_storage, messages=2)
+    others = [await _stored(sql_storage) for _ in range(3)]
+    manager = SessionManager(sql_storage, auto_save_enabled=False, max_cached_sessions=2)
+    broken = await manager.get_session(bad.session_id)
+    assert broken is not None
+    broken.messages.reverse()  # a change a save cannot express
+    fine = await manager.get_session(others[0].session_id)
+    assert fine is not None
+    fine.add_message("user", "kept")
+
+    for other in others[1:]:  # each evicts: the broken one goes, unsaved
+        assert await manager.get_session(other.session_id) is not None
+    with pytest.raises(PersistenceError, match=bad.session_id):
+        await manager.shutdown()  # it is still held: reported
+    assert await _contents(sql_storage, others[0].session_id) == ["kept"]
+    assert await _contents(sql_storage, bad.session_id) == ["m0", "m1"]
+
+
+async def test_shutdown_saves_every_other_session_when_one_holds_bad_metadata(
+    sql_storage: SessionStorage,
+) -> None:
+    first, second = await _stored(sql_storage), await _stored(sql_storage)
+    manager = SessionManager(sql_storage, auto_save_enabled=False)
+    bad = await manager.get_session(first.session_id)
+    good = await manager.get_session(second.session_id)
+    assert bad is not None and good is not None
+    bad.metadata["tags"] = {"a", "b"}  # in place: no validation until the save
+    good.add_message("user", "saved anyway")
+
+    with pytest.raises(PersistenceError, match=r"metadata\.tags"):
+        await manager.shutdown()
+    assert await _contents(sql_storage, second.session_id) == ["saved anyway"]
+    assert (await manager.get_statistics())["unsaved_sessions"] == 1
+
+
+async def test_statistics_count_sessions_and_archive_reaches_held_copies(
+    sql_storage: SessionStorage,
+) -> None:
+    manager, held, second = await _left_the_cache(sql_storage)
+    cached = await manager.storage.load_session(held.session_id)
+    assert cached is not None
+    await manager.save_session(cached)  # a second object of the session, cached
+    held.add_message("user", "one")
+    cached.add_message("user", "two")
+    assert (await manager.get_statistics())["unsaved_sessions"] == 1
+
+    await manager.get_session(second.session_id)  # `cached` leaves too, saved
+    assert await manager.archive_session(held.session_id) is True
+    assert held.status == "archived"
+    await manager.shutdown()
+    stored = await sql_storage.load_session(held.session_id)
+    assert stored is not None and stored.status == "archived"
+    assert sorted(m.content for m in stored.messages) == ["one", "two"]
+
+
+async def test_a_cancelled_auto_save_still_leaves_the_session_known(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A session the manager never had, handed to auto_save (auto-save off), which is
+    # cancelled while it makes room: the caller still holds it, shutdown() saves it.
+    manager = SessionManager(sql_storage, auto_save_enabled=False, max_cached_sessions=1)
+    blocker = await manager.get_session((await _stored(sql_storage)).session_id)
+    assert blocker is not None
+    blocker.add_message("user", "makes the eviction save")
+    newcomer = await _stored(sql_storage)
+    newcomer.add_message("user", "answer")
+    _slow_saves(sql_storage, monkeypatch, 0.2)
+    saving = asyncio.create_task(manager.auto_save(newcomer))
+    await asyncio.sleep(0.05)  # inside the eviction's save
+    saving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await saving
+    monkeypatch.undo()
+
+    assert manager.has_unsaved_changes(newcomer.session_id)
+    await manager.shutdown()
+    assert await _contents(sql_storage, newcomer.session_id) == ["answer"]

@@ -55,7 +55,7 @@ from persistence.storage import (
     check_status,
     lookup_ids,
 )
-from persistence.turns import SaveTurn
+from persistence.turns import save_turn
 from persistence.validation import storable_text
 
 _SCHEMES = ("mongodb://", "mongodb+srv://")
@@ -364,7 +364,7 @@ class MongoDBSessionStorage(SessionStorage):
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
-        async with SaveTurn(self.token, session):
+        async with save_turn(self.token, session):
             return await self._save_session(session, force)
 
     async def _save_session(self, session: ChatSession, force: bool) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from persistence import ChatSession, SessionStorage
+from persistence import ChatSession, InvalidDataError, SessionStorage
 from tests.factories import file_record
 
 UNUSUAL_METADATA: dict[str, Any] = {
@@ -142,3 +142,24 @@ def test_an_id_longer_than_255_characters_is_refused() -> None:
 def test_negative_file_size_is_refused() -> None:
     with pytest.raises(ValidationError, match="size"):
         file_record(size=-1)
+
+
+@pytest.mark.parametrize("bad", [{1, 2}, "nul\x00", -0.0, float("nan"), 2**64])
+async def test_metadata_changed_in_place_is_checked_by_the_save(
+    storage: SessionStorage, bad: Any
+) -> None:
+    # Mutating the dict skips the model's validation; the save must not store what
+    # some backend would alter (or fail on with a raw error).
+    session = ChatSession.create("m", metadata={"kept": 1})
+    await storage.save_session(session)
+    session.metadata["k"] = bad
+    with pytest.raises(InvalidDataError, match=r"metadata\.k"):
+        await storage.save_session(session)
+    fresh = ChatSession.create("m")
+    fresh.metadata["k"] = bad
+    with pytest.raises(InvalidDataError, match=r"metadata\.k"):
+        await storage.save_session(fresh)
+
+    stored = await storage.load_session(session.session_id)
+    assert stored is not None and stored.metadata == {"kept": 1}
+    assert await storage.load_session(fresh.session_id) is None
