@@ -142,8 +142,7 @@ class SessionManager:
             cached = self._cache.get(session_id)
             if cached is not None and cached is not session:
                 # Another object of the same session: keep what it holds before replacing it.
-                if self._dirty(cached):
-                    await self._write(cached)
+                if self._dirty(cached) and await self._saved_before_release(cached):
                     continue
                 self._cache.release(cached)
             victim = self._cache.victim(sparing=session)

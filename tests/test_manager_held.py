@@ -352,3 +352,19 @@ async def test_a_cancelled_auto_save_still_leaves_the_session_known(
     assert manager.has_unsaved_changes(newcomer.session_id)
     await manager.shutdown()
     assert await _contents(sql_storage, newcomer.session_id) == ["answer"]
+
+
+async def test_a_broken_copy_does_not_block_saving_another_copy_of_its_session(
+    sql_storage: SessionStorage,
+) -> None:
+    session = await _stored(sql_storage, messages=2)
+    manager = SessionManager(sql_storage, auto_save_enabled=False)
+    broken = await manager.get_session(session.session_id)
+    assert broken is not None
+    broken.messages.reverse()
+    other = await sql_storage.load_session(session.session_id)
+    assert other is not None
+    other.add_message("user", "from the other copy")
+
+    assert await manager.save_session(other) is True
+    assert await _contents(sql_storage, session.session_id) == ["m0", "m1", "from the other copy"]
