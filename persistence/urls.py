@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote_plus, urlencode
 
 MASK = "***"
 # A URL scheme (RFC 3986): what comes before `://`.
@@ -93,12 +93,19 @@ def _mask_query(rest: str) -> str:
     for pair in query.split("&"):
         key, equals, _ = pair.partition("=")
         if equals:
-            hiding = "password" in key.lower() or key.lower() in ("pass", "pwd")
+            hiding = _secret_parameter(key)
             masked.append(f"{key}={MASK}" if hiding else pair)
         elif not hiding:
             masked.append(pair)
         # A piece without `=` right after a password is the rest of a raw `&` in it.
     return f"{path}?{'&'.join(masked)}"
+
+
+def _secret_parameter(key: str) -> bool:
+    """Whether a query parameter holds a password: its name as the driver decodes it
+    (`pass%77ord` is `password`)."""
+    name = unquote_plus(key).lower()
+    return "password" in name or name in ("pass", "pwd")
 
 
 def mask_url(url: str, *, hide_user: bool = False) -> str:
@@ -242,16 +249,24 @@ def postgresql_query_problem(url: str) -> str | None:
     names = [name for name, _ in pairs]
     if "ssl" in names and "sslmode" in names:
         return "query parameters ssl and sslmode say the same thing: give one"
+    after_password = False
     for name, value in pairs:
         if names.count(name) > 1:
             return f"query parameter {name} is given more than once"
         if name in _INSTEAD:
             return f"query parameter {name} is not supported in the URL: {_INSTEAD[name]}"
         if name not in _ASYNCPG_KEYWORDS and name not in _RENAMED and name not in _DSN_ONLY:
+            if after_password:
+                # Maybe the rest of a password with a raw `&` in it: not repeated.
+                return (
+                    "an unknown query parameter follows password= (not shown: a raw `&`"
+                    " in a password splits it; write it %26)"
+                )
             return (
                 f"unknown query parameter {name!r}"
                 f" (known: {', '.join(KNOWN_POSTGRESQL_PARAMETERS)})"
             )
+        after_password = after_password or _secret_parameter(name)
         if name in ("ssl", "sslmode") and value not in SSL_MODES:
             return f"query parameter {name}={value!r} is not one of {', '.join(SSL_MODES)}"
         if name == "target_session_attrs" and value not in _TARGET_SESSION_ATTRS:

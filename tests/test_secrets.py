@@ -45,6 +45,9 @@ ENCODED_URLS = [
     f"postgresql://u@db.example/app?password={ENCODED}",
     f"mongodb://u:{ENCODED}@h1.example,h2.example/app?tlsCertificateKeyFilePassword={ENCODED}",
     f"mongodb+srv://u:{ENCODED}@cluster.example/",
+    # The parameter's name percent-encoded: the driver decodes it to `password`.
+    f"postgresql://u@db.example/app?pass%77ord={ENCODED}",
+    f"postgresql://u@db.example/app?pass%77ord={ENCODED}&sslmode=require",
 ]
 
 
@@ -271,3 +274,15 @@ def test_a_password_expanded_from_the_environment_connects_and_stays_hidden(
     code, text = _run(["stats", "--json", "--config", str(config), "-vv"])
     assert code == 0, text
     assert_hidden(text)
+
+
+@pytest.mark.parametrize("setting", ["STORAGE_CONNECTION_STRING", "STORAGE_READ_REPLICAS"])
+def test_a_raw_ampersand_in_a_password_parameter_is_not_repeated_by_the_error(
+    monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "postgresql://u@db.example/app")
+    monkeypatch.setenv(setting, "postgresql://u@db.example/app?password=Zq7&Kx9")
+    with pytest.raises(ConfigError) as raised:
+        load_config()
+    assert "follows password=" in str(raised.value)
+    assert_hidden(str(raised.value), ("Zq7", "Kx9"))

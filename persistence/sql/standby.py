@@ -396,6 +396,8 @@ class Replica:
                 await asyncio.wait({task})
 
     def _note_refusal(self, exc: BaseException) -> None:
+        if self._closed:
+            return
         state = str(getattr(exc, "sqlstate", "") or type(exc).__name__)
         log = logger.debug if state in self._refused else logger.warning
         self._refused.add(state)

@@ -205,3 +205,20 @@ async def test_the_retry_interval_is_logged_as_given(
         await storage.list_sessions()
     (warning,) = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert "retrying every 0.5 s" in warning.getMessage()
+
+
+async def test_a_read_that_fails_after_close_logs_nothing(
+    emptied: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by attack: a read blocked on a standby, refused after close() returned,
+    # logged "refused a read ... read from the primary", a primary already closed.
+    storage = PostgreSQLSessionStorage(emptied, 1, 2, read_replicas=[replica_url(closed_port())])
+    async with storage:
+        await storage.list_sessions()
+        replicas = storage._replicas
+        assert replicas is not None
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    for replica in replicas._replicas:
+        replica._note_refusal(RuntimeError("canceling statement due to statement timeout"))
+    assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == []
