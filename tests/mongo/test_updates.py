@@ -202,7 +202,7 @@ def test_hostile_strings_are_never_read_as_expressions() -> None:
         session.messages[0].model_copy(update={"message_id": "$$at", "content": "$size"})
     )
     session.model = "$$CURRENT"
-    session.metadata["$ok"] = "$$REMOVE"
+    session.metadata["ok"] = "$$REMOVE"  # a "$ok" key is refused by the save itself
 
     write = updates.compare_and_set(session.plan_save(TOKEN))
 
