@@ -415,7 +415,8 @@ class UploadedFileRecord(_DomainModel):
     gemini_file_name: str
     gemini_file_uri: str
     display_name: str
-    size: Annotated[int, Field(ge=0, le=INT64_MAX)]
+    # Strict: True, 1.0 or "5" is not a byte count (pydantic's lax mode would take them).
+    size: Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]
     mime_type: str
     uploaded_at: UtcDatetime
     expires_at: UtcDatetime

@@ -139,9 +139,10 @@ def test_an_id_longer_than_255_characters_is_refused() -> None:
         ChatSession.create("m", session_id="x" * 10_000)
 
 
-def test_negative_file_size_is_refused() -> None:
+@pytest.mark.parametrize("size", [-1, 2**63, True, 1.0, "5", None])
+def test_a_file_size_that_is_not_a_byte_count_is_refused(size: Any) -> None:
     with pytest.raises(ValidationError, match="size"):
-        file_record(size=-1)
+        file_record(size=size)
 
 
 @pytest.mark.parametrize("bad", [{1, 2}, "nul\x00", -0.0, float("nan"), 2**64])
