@@ -128,6 +128,9 @@ def test_migrate_takes_the_configured_store_as_source(tmp_path: Path) -> None:
     ok("--url", source, "migrate", "--to", destination, "--no-verify", "--batch-size", "1")
     assert counts(destination) == (1, 4, 1)
     assert "same store" in failed("--url", source, "migrate", "--to", source)
+    linked = tmp_path / "linked.db"  # a hard link: another name, the same file
+    os.link(source.removeprefix("sqlite:///"), linked)
+    assert "same store" in failed("--url", source, "migrate", "--to", f"sqlite:///{linked}")
     assert "no database at" in failed("migrate", "--to", destination)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -156,7 +157,10 @@ def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
     if a.backend != b.backend:
         return False
     if a.backend == "sqlite":
-        return a.database_path.resolve() == b.database_path.resolve()
+        first, second = a.database_path, b.database_path
+        if first.exists() and second.exists():
+            return os.path.samefile(first, second)  # a hard link too
+        return first.resolve() == second.resolve()
     return a.display_url == b.display_url
 
 

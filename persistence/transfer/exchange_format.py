@@ -272,6 +272,8 @@ class _Validation:
             if "version" not in self.header or "format" not in self.header:
                 raise InvalidDataError("format and version must come before the records")
         elif key == "counts":
+            if self.declared is not None:
+                raise InvalidDataError("'counts' appears twice")
             self.declared = value
         else:
             if key in self.header:
@@ -343,7 +345,7 @@ def validate_document(stream: IO[bytes]) -> DocumentSummary:
             if key in _RECORD_KEYS:
                 present.append(key)
         for key in present:
-            for value in record_items(parser, stream, key, start, exact):
+            for value in record_items(parser, stream, key, start, exact, checked=True):
                 yield True, key, value
 
     with tempfile.TemporaryDirectory(prefix="persistence-import-") as scratch:

@@ -124,7 +124,12 @@ async def migrate_storage(
     if source is destination:
         raise InvalidDataError("source and destination are the same storage")
     started = time.perf_counter()
-    source_counts = await source.count()
+    source_counts = await source.count()  # opened: each storage knows its store now
+    if source.token == destination.token:
+        # The same store by another path (a symlink, a hard link) or URL form.
+        raise InvalidDataError(
+            f"source and destination are the same store ({source!r} and {destination!r})"
+        )
     before = await destination.count()
     progress = Progress(progress_callback, source_counts.total_sessions)
     try:

@@ -319,6 +319,27 @@ REFUSED: list[tuple[str, Callable[[bytes], bytes], str]] = [
         "duplicate file_id",
     ),
     ("sessions not a list", _edit(_set("sessions", {})), "not a JSON array"),
+    # Found by attack: the parser kept the last of two values of one key, silently.
+    (
+        "a message's key twice",
+        lambda raw: raw.replace(b'"content": ', b'"content": "EVIL", "content": ', 1),
+        r"sessions\[0\]: the key 'content' appears twice",
+    ),
+    (
+        "a metadata key twice",
+        lambda raw: raw.replace(b'"metadata": {', b'"metadata": {"float": 2, ', 1),
+        "the key 'float' appears twice",
+    ),
+    (
+        "a file record's key twice",
+        lambda raw: raw.replace(b'"size": ', b'"size": 1, "size": ', 1),
+        r"file_records\[0\]: the key 'size' appears twice",
+    ),
+    (
+        "counts twice",
+        lambda raw: raw.replace(b'"counts": ', b'"counts": {"sessions": 99},\n"counts": ', 1),
+        "'counts' appears twice",
+    ),
 ]
 
 

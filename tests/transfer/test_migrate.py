@@ -12,11 +12,13 @@ from persistence import (
     ChatMessage,
     ChatSession,
     InvalidDataError,
+    PostgreSQLSessionStorage,
     SessionStorage,
     SQLiteSessionStorage,
 )
 from persistence.sql.runner import traced
 from persistence.transfer import migrate_storage
+from tests.factories import conversation
 from tests.transfer.data import build_sessions, populate, snapshot
 
 Pair = tuple[SessionStorage, SessionStorage]
@@ -293,6 +295,28 @@ async def test_migration_refuses_the_same_storage_on_both_sides(
 ) -> None:
     with pytest.raises(InvalidDataError, match="same storage"):
         await migrate_storage(sqlite_storage, sqlite_storage)
+
+
+async def test_migration_refuses_one_store_reached_by_two_names(
+    sql_storage: SessionStorage, tmp_path: Path
+) -> None:
+    # Only `source is destination` was refused: the same store through another name
+    # was migrated into itself. (A hard link of the file is refused by the CLI before
+    # it opens anything: SQLite cannot open one file through two names at once.)
+    await sql_storage.save_session(conversation(2))
+    if isinstance(sql_storage, SQLiteSessionStorage):
+        linked = tmp_path / "linked.db"
+        linked.symlink_to(sql_storage.database_path)
+        other: SessionStorage = SQLiteSessionStorage(linked)
+    else:
+        assert isinstance(sql_storage, PostgreSQLSessionStorage)
+        # Another URL form of the same database: another host name, another scheme.
+        url = sql_storage.url.set(drivername="postgresql", host="localhost")
+        other = PostgreSQLSessionStorage(url.render_as_string(hide_password=False), 1, 2)
+    async with other:
+        with pytest.raises(InvalidDataError, match="same store"):
+            await migrate_storage(sql_storage, other)
+    assert (await sql_storage.count()).total_sessions == 1
 
 
 async def _migration_peak(directory: Path, sessions: int) -> int:
