@@ -81,6 +81,30 @@ def check_last(last: int | None) -> None:
         _check_count("last", last)
 
 
+def check_query(query: object) -> None:
+    """Refuses a search query that is not a string.
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if not isinstance(query, str):
+        raise InvalidDataError(f"query: must be a string, got {type(query).__name__}")
+
+
+def searchable_session(session_id: object) -> bool:
+    """Whether a search scoped to `session_id` (None: every session) may find anything:
+    an id no backend can store holds no session, as load_session answers None.
+
+    Raises:
+        InvalidDataError: if `session_id` is not a string.
+    """
+    if session_id is None:
+        return True
+    if not isinstance(session_id, str):
+        raise InvalidDataError(f"session_id: must be a string, got {type(session_id).__name__}")
+    return storable_text(session_id)
+
+
 def check_role(role: str | None) -> Role | None:
     """Returns `role` if it is one of ROLES (or None).
 

@@ -51,9 +51,11 @@ from persistence.storage import (
     StorageCounts,
     check_last,
     check_page,
+    check_query,
     check_role,
     check_status,
     lookup_ids,
+    searchable_session,
 )
 from persistence.turns import save_turn
 from persistence.validation import storable_text
@@ -457,8 +459,11 @@ class MongoDBSessionStorage(SessionStorage):
         session_id: str | None = None,
         role: str | None = None,
     ) -> list[ChatMessage]:
+        check_query(query)
         check_page(limit)
         checked = check_role(role)
+        if not searchable_session(session_id):
+            return []
         with mongo_errors("search messages"):
             async with self._stale_reading() as (docs, client_session):
                 return await repositories.search_messages(

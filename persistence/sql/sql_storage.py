@@ -36,9 +36,11 @@ from persistence.storage import (
     StorageCounts,
     check_last,
     check_page,
+    check_query,
     check_role,
     check_status,
     lookup_ids,
+    searchable_session,
 )
 from persistence.turns import save_turn
 from persistence.validation import storable_text
@@ -303,8 +305,11 @@ class SqlSessionStorage(SessionStorage):
         session_id: str | None = None,
         role: str | None = None,
     ) -> list[ChatMessage]:
+        check_query(query)
         check_page(limit)
         checked = check_role(role)
+        if not searchable_session(session_id):
+            return []
         search = partial(repositories.search_messages, query, limit, session_id, checked)
         may_index = self._may_index()
         found = await self._run_stale(partial(search, may_index=may_index), "search messages")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from persistence import ChatSession, InvalidDataError, SessionStorage
@@ -236,3 +238,24 @@ async def test_newest_first_across_sessions_and_the_limit(storage: SessionStorag
     found = await storage.search_messages("topic", limit=5)
 
     assert [m.message_id for m in found] == [m.message_id for m in reversed(kept)][:5]
+
+
+@pytest.mark.parametrize("query", [None, 123, b"hello", ["hello"]])
+async def test_a_query_that_is_not_a_string_is_refused(storage: SessionStorage, query: Any) -> None:
+    with pytest.raises(InvalidDataError, match="query: must be a string"):
+        await storage.search_messages(query)
+
+
+async def test_a_session_id_no_backend_can_store_finds_nothing_alike(
+    storage: SessionStorage,
+) -> None:
+    # Found by attack: PostgreSQL raised a driver error for a NUL, SQLite answered [].
+    session = ChatSession.create("m")
+    session.add_message("user", "hello there")
+    await storage.save_session(session)
+
+    for unstorable in ("\x00", "a\x00b", "\ud800", "x" * 256):
+        assert await storage.search_messages("hello", session_id=unstorable) == []
+    with pytest.raises(InvalidDataError, match="session_id: must be a string"):
+        await storage.search_messages("hello", session_id=123)  # type: ignore[arg-type]
+    assert len(await storage.search_messages("hello", session_id=session.session_id)) == 1

@@ -144,6 +144,25 @@ async def test_an_append_leaves_its_document_pending_and_a_search_finds_it(
     await _check_index(sql_storage)
 
 
+async def test_a_search_that_tested_long_pending_messages_writes_their_documents(
+    sql_storage: SessionStorage,
+) -> None:
+    # Found by attack: 15 pending messages of 1 MiB (one short of the count that makes
+    # a search write them) made every search take 2 s, none ever written. Two of
+    # 100,000 characters now weigh as much as 50 short ones.
+    session = ChatSession.create("m")
+    session.add_message("user", "l'été " * 16_000 + "zeppelin")
+    session.add_message("user", "déjà " * 20_000)
+    await sql_storage.save_session(session)
+    assert await _pending(sql_storage) == _if_deferred(sql_storage, 2)
+
+    found = await sql_storage.search_messages("zeppelin")
+
+    assert len(found) == 1
+    assert await _pending(sql_storage) == 0
+    await _check_index(sql_storage)
+
+
 async def test_saves_write_the_oldest_pending_documents_once_they_left_enough(
     sql_storage: SessionStorage,
 ) -> None:
