@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.transfer.json_stream import (
+    document_start,
     exact_floats,
     json_errors,
     parser_for,
@@ -332,7 +333,7 @@ def validate_document(stream: IO[bytes]) -> DocumentSummary:
         InvalidDataError: for a truncated or malformed file, a foreign or newer
             format, a record that fails the domain validation, or a duplicate id.
     """
-    start = stream.tell()
+    start = document_start(stream)
     parser = parser_for(stream)
 
     def read(exact: bool) -> Iterator[tuple[bool, str, Any]]:
@@ -369,7 +370,7 @@ def iter_records(stream: IO[bytes]) -> Iterator[ChatSession | UploadedFileRecord
     Raises:
         InvalidDataError: if the file changed since it was validated.
     """
-    start = stream.tell()
+    start = document_start(stream)
     parser = parser_for(stream)
 
     def read(exact: bool) -> Iterator[tuple[str, Any]]:

@@ -53,6 +53,20 @@ def build_value(events: Iterator[tuple[str, Any]], event: str, value: Any) -> An
     return builder.value
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def document_start(stream: IO[bytes]) -> int:
+    """Where the JSON document begins in `stream`, which is left there: past a UTF-8
+    byte order mark, which an editor may put first and JSON readers may ignore
+    (RFC 8259, 8.1). The parser would take it for corruption."""
+    start = stream.tell()
+    if stream.read(len(UTF8_BOM)) == UTF8_BOM:
+        return stream.tell()
+    stream.seek(start)
+    return start
+
+
 def parser_for(stream: IO[bytes]) -> Any:
     """Picks the ijson backend for this file, then rewinds it.
 

@@ -366,6 +366,19 @@ async def test_a_bad_file_is_refused_before_anything_is_written(
     assert await snapshot(sql_storage) == before
 
 
+async def test_a_file_an_editor_saved_with_a_byte_order_mark_imports(
+    sqlite_storage: SessionStorage, other_sqlite: SessionStorage, exported: Path, tmp_path: Path
+) -> None:
+    # Found by attack: it was refused as "not valid JSON (truncated or corrupt file)".
+    marked = tmp_path / "marked.json"
+    _write_mutated(exported, marked, lambda raw: b"\xef\xbb\xbf" + raw)
+
+    result = await import_from_json(sqlite_storage, marked)
+
+    assert result["sessions_imported"] == 10
+    assert await snapshot(sqlite_storage) == await snapshot(other_sqlite)
+
+
 async def test_importing_a_missing_file_is_refused(
     sqlite_storage: SessionStorage, tmp_path: Path
 ) -> None:
