@@ -24,6 +24,12 @@ from persistence.turns import Turns
 logger = logging.getLogger(__name__)
 
 
+def _cache_bound(bound: int) -> int:
+    if bound < 1:
+        raise ValueError(f"max_cached_sessions: must be >= 1, got {bound}")
+    return bound
+
+
 class SessionManager:
     """The everyday front of a store: cached sessions, auto-save, expiry and exports.
 
@@ -43,16 +49,23 @@ class SessionManager:
     ) -> None:
         if not expiry_hours > 0:
             raise ValueError(f"expiry_hours: must be > 0, got {expiry_hours}")
-        if max_cached_sessions < 1:
-            raise ValueError(f"max_cached_sessions: must be >= 1, got {max_cached_sessions}")
         self.storage = storage
         self.auto_save_enabled = auto_save_enabled
         self.expiry_hours = expiry_hours
-        self.max_cached_sessions = max_cached_sessions
-        self._cache = SessionCache(max_cached_sessions)
+        self._cache = SessionCache(_cache_bound(max_cached_sessions))
         # Saves of one object take turns (by id()), and loads of one session (by its id).
         self._writing = Turns()
         self._loading = Turns()
+
+    @property
+    def max_cached_sessions(self) -> int:
+        """How many sessions the cache keeps at most (the next one cached applies a new
+        bound)."""
+        return self._cache.bound
+
+    @max_cached_sessions.setter
+    def max_cached_sessions(self, bound: int) -> None:
+        self._cache.bound = _cache_bound(bound)
 
     @property
     def cached_session_ids(self) -> list[str]:
@@ -66,9 +79,6 @@ class SessionManager:
 
     def _dirty(self, session: ChatSession) -> bool:
         return self.storage.has_unsaved_changes(session)
-
-    def _drop(self, session: ChatSession) -> None:
-        self._cache.forget(session)
 
     async def _write(self, session: ChatSession) -> bool:
         """Saves the session, resolving conflicts; False if it was deleted meanwhile.
@@ -125,7 +135,7 @@ class SessionManager:
             "session %s was deleted by another writer; dropped from the cache, not saved",
             session.session_id,
         )
-        self._drop(session)
+        self._cache.forget(session)
         return False
 
     async def _remember(self, session: ChatSession) -> None:
@@ -236,19 +246,24 @@ class SessionManager:
             InvalidDataError: if `last` is negative.
             PersistenceError: if the backend fails.
         """
-        cached = self._cache.get(session_id)
-        if cached is not None and not self._too_short(cached, last):
-            self._cache.use(session_id)
+        if (cached := self._cached_enough(session_id, last)) is not None:
             return cached
         # One load of a session at a time: a second caller gets the first one's object.
         async with self._loading(session_id):
             return await self._get_uncached(session_id, last)
 
-    async def _get_uncached(self, session_id: str, last: int | None) -> ChatSession | None:
+    def _cached_enough(self, session_id: str, last: int | None) -> ChatSession | None:
+        """The cached copy, marked used, if it carries what the caller asks for."""
         cached = self._cache.get(session_id)
-        if cached is not None and not self._too_short(cached, last):
-            self._cache.use(session_id)
+        if cached is None or self._too_short(cached, last):
+            return None
+        self._cache.use(session_id)
+        return cached
+
+    async def _get_uncached(self, session_id: str, last: int | None) -> ChatSession | None:
+        if (cached := self._cached_enough(session_id, last)) is not None:
             return cached
+        cached = self._cache.get(session_id)
         # A copy that left the cache while a caller kept it: the same object again.
         for released in reversed(self._cache.released(session_id)):
             if released is not cached and not self._too_short(released, last):
@@ -257,12 +272,10 @@ class SessionManager:
         loaded = await self.storage.load_session(session_id, last=last)
         if loaded is None:
             if cached is not None and not self._dirty(cached):
-                self._drop(cached)
+                self._cache.forget(cached)
             return None
-        # Another task may have cached it while this one was loading.
-        cached = self._cache.get(session_id)
-        if cached is not None and not self._too_short(cached, last):
-            self._cache.use(session_id)
+        # Another object may have been cached while this one was loading (a save).
+        if (cached := self._cached_enough(session_id, last)) is not None:
             return cached
         await self._remember(loaded)
         return loaded

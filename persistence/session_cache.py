@@ -31,18 +31,12 @@ class SessionCache:
     def __len__(self) -> int:
         return len(self._cached)
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._cached
-
     def ids(self) -> list[str]:
         """The cached ids, least recently used first."""
         return list(self._cached)
 
     def get(self, session_id: str) -> ChatSession | None:
         return self._cached.get(session_id)
-
-    def cached(self) -> list[ChatSession]:
-        return list(self._cached.values())
 
     def use(self, session_id: str) -> None:
         """Marks the cached session the most recently used."""

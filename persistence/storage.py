@@ -81,14 +81,17 @@ def check_last(last: int | None) -> None:
         _check_count("last", last)
 
 
-def check_query(query: object) -> None:
-    """Refuses a search query that is not a string.
+def check_search(query: object, limit: int, role: str | None) -> Role | None:
+    """Refuses a search's query that is not a string, its limit that is not a count and
+    an unknown role; returns the role.
 
     Raises:
         InvalidDataError: naming the argument.
     """
     if not isinstance(query, str):
         raise InvalidDataError(f"query: must be a string, got {type(query).__name__}")
+    check_page(limit)
+    return check_role(role)
 
 
 def searchable_session(session_id: object) -> bool:

@@ -51,8 +51,7 @@ from persistence.storage import (
     StorageCounts,
     check_last,
     check_page,
-    check_query,
-    check_role,
+    check_search,
     check_status,
     lookup_ids,
     searchable_session,
@@ -459,9 +458,7 @@ class MongoDBSessionStorage(SessionStorage):
         session_id: str | None = None,
         role: str | None = None,
     ) -> list[ChatMessage]:
-        check_query(query)
-        check_page(limit)
-        checked = check_role(role)
+        checked = check_search(query, limit, role)
         if not searchable_session(session_id):
             return []
         with mongo_errors("search messages"):

@@ -28,6 +28,11 @@ class Identity:
     system: int | None
     oid: int
 
+    def token(self, fallback: str) -> str:
+        """The store's bookkeeping token (SessionStorage.token): one store through any
+        URL, pool or replica. `fallback` stands for an identifier the server withholds."""
+        return f"{fallback if self.system is None else self.system}:{self.oid}"
+
     def mismatch(self, replica: Identity) -> str | None:
         """What keeps `replica` from being known as a copy of this database, or None."""
         if self.system is None:
@@ -66,10 +71,7 @@ class NotThisDatabase(Exception):
     """The server is not a copy of the primary's database (the message says why)."""
 
 
-async def database_identity(engine: AsyncEngine, fallback: str) -> str:
-    """The store's token: the cluster's system identifier and the database's oid, one
-    store through any URL, pool or replica. Where the server does not tell its
-    identifier (a privilege some hosts withhold), `fallback` stands for it."""
+async def database_identity(engine: AsyncEngine) -> Identity:
+    """The identity of the database a pool's connections serve."""
     async with driver_connection(engine) as driver:
-        identity = await identity_of(driver)
-    return f"{fallback if identity.system is None else identity.system}:{identity.oid}"
+        return await identity_of(driver)

@@ -124,9 +124,10 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     async def _open(self, *, read_only: bool) -> None:
         await super()._open(read_only=read_only)
         with sql_errors("open database"):
-            self._identified_as(await database_identity(self.engine, self._where))
+            identity = await database_identity(self.engine)
+        self._identified_as(identity.token(self._where))
         if self._replicas is not None:
-            await self._replicas.start(self.engine, self._statement_timeout)
+            await self._replicas.start(self.engine, self._statement_timeout, identity)
 
     async def close(self) -> None:
         try:

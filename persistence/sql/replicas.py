@@ -14,7 +14,7 @@ No read ever waits for these questions.
 
 Identity: a replica serves reads only through connections that showed it to be a
 copy of the primary's database (the same system identifier, the same database oid;
-see standby.py); the primary's identity is asked once, when the replicas start.
+see standby.py); the primary's is the one its storage learnt when it opened.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from persistence.errors import InvalidDataError
 from persistence.sql.engines import displayed, postgresql_url, replica_connect_args
 from persistence.sql.errors import connection_unusable
-from persistence.sql.identity import Identity, identity_of
+from persistence.sql.identity import Identity
 from persistence.sql.runner import Work, run_on_asyncpg
 from persistence.sql.standby import (
     Replica,
@@ -111,11 +111,13 @@ class ReplicaSet:
         position = self.clock.known_position if self.clock.settled() else None
         return [replica.state(position) for replica in self._replicas]
 
-    async def start(self, primary: AsyncEngine, statement_timeout: float | None) -> None:
-        """Binds the replicas to the primary (just migrated) and checks each of them once."""
+    async def start(
+        self, primary: AsyncEngine, statement_timeout: float | None, expected: Identity
+    ) -> None:
+        """Binds the replicas to the primary (just migrated), whose database every replica
+        must show it copies (`expected`), and checks each of them once."""
         self.clock.note_write()
         if self._primary is None:
-            expected = await self._primary_identity(primary)
             self._primary = primary
             dialect = primary.dialect
             self._replicas = [
@@ -140,19 +142,6 @@ class ReplicaSet:
 
     def unit_of_work(self, engine: AsyncEngine, token: str) -> SqlUnitOfWork:
         return _NotedUnitOfWork(engine, token, self.clock.note_write)
-
-    @staticmethod
-    async def _primary_identity(primary: AsyncEngine) -> Identity:
-        """Which database the primary serves: what every replica must show it copies."""
-        async with primary.connect() as pooled:
-            driver = (await pooled.get_raw_connection()).driver_connection
-            assert driver is not None
-            try:
-                return await identity_of(driver)
-            except BaseException as exc:
-                if connection_unusable(exc):
-                    await pooled.invalidate()
-                raise
 
     async def _primary_position(self) -> int:
         assert self._primary is not None
@@ -216,11 +205,7 @@ class ReplicaSet:
             # The primary's own failures reach callers through their reads.
             logger.debug("read replicas: the primary's WAL position is unknown (%r)", exc)
             return
-        behind = [
-            r
-            for r in self._replicas
-            if r.up and r.mismatch is None and not r.caught_up_with(position)
-        ]
+        behind = [r for r in self._replicas if r.usable() and not r.caught_up_with(position)]
         await asyncio.gather(*(replica.check() for replica in behind))
 
     async def close(self) -> None:

@@ -38,6 +38,7 @@ from persistence.sql.identity import Identity, NotThisDatabase, identity_of
 from persistence.sql.replica_connections import ReplicaConnections
 from persistence.sql.runner import Fetch, Work, run_on_asyncpg
 from persistence.sql.statements import Statement
+from persistence.urls import mask_secrets
 
 T = TypeVar("T")
 logger = logging.getLogger("persistence.sql.replicas")
@@ -115,8 +116,6 @@ class _Adapted:
 
 
 def _describe(exc: BaseException) -> str:
-    from persistence.urls import mask_secrets
-
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = mask_secrets(text)[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -187,11 +186,7 @@ class Replica:
     def serves(self) -> bool:
         """Up, a copy of the primary's database, checked, and not too far behind."""
         return (
-            self.up
-            and self.mismatch is None
-            and not self.lagging
-            and self.checked_at > -math.inf
-            and not self._closed
+            self.usable() and not self.lagging and self.checked_at > -math.inf and not self._closed
         )
 
     def caught_up_with(self, position: int) -> bool:
@@ -199,15 +194,16 @@ class Replica:
 
     def refresh_if_old(self) -> None:
         """Starts a background check when the last one is older than the check interval."""
-        if self._usable() and time.monotonic() - self.checked_at > self._settings.check_interval:
+        if self.usable() and time.monotonic() - self.checked_at > self._settings.check_interval:
             self._tend(check_first=True)
 
     def check_soon(self) -> None:
         """Starts a background check now (unless one runs): the replica is behind."""
-        if self._usable():
+        if self.usable():
             self._tend(check_first=True)
 
-    def _usable(self) -> bool:
+    def usable(self) -> bool:
+        """Up, and not known to be another database (lag aside)."""
         return self.up and self.mismatch is None
 
     def _tend(self, *, check_first: bool) -> None:
@@ -223,7 +219,7 @@ class Replica:
     async def _background(self, check_first: bool) -> None:
         if check_first:
             await self.check()
-        while not self._closed and not self._usable():
+        while not self._closed and not self.usable():
             await asyncio.sleep(self._settings.retry_interval)
             if not self._closed:
                 await self.check()
@@ -238,12 +234,8 @@ class Replica:
             return False
         try:
             connection = await self._pool.take(self._settings.timeout)
-        except NotThisDatabase as exc:
-            self._mark_foreign(exc)
-            return True
         except Exception as exc:
-            self._mark_down(exc)
-            return False
+            return self._not_connected(exc)
         try:
             async with asyncio.timeout(self._settings.timeout):
                 standby, replayed, lag = await run_on_asyncpg(
@@ -305,6 +297,15 @@ class Replica:
         )
         self._tend(check_first=False)
 
+    def _not_connected(self, exc: Exception) -> bool:
+        """Marks the replica after a connection failed: not a copy of the primary's
+        database, or down. Returns whether the server answered."""
+        if isinstance(exc, NotThisDatabase):
+            self._mark_foreign(exc)
+            return True
+        self._mark_down(exc)
+        return False
+
     def _mark_foreign(self, exc: NotThisDatabase) -> None:
         """The server answers but is not a copy of the primary's database: no reads."""
         self._pool.drop_idle()
@@ -337,10 +338,7 @@ class Replica:
             connection = await self._pool.take(self._settings.timeout)
         except Exception as exc:
             work.close()
-            if isinstance(exc, NotThisDatabase):
-                self._mark_foreign(exc)
-            else:
-                self._mark_down(exc)
+            self._not_connected(exc)
             raise Unavailable(_describe(exc)) from exc
         try:
             result = await self._watch(connection, self._execute(connection, work, snapshot))

@@ -221,14 +221,20 @@ async def test_restore_refuses_a_file_that_is_not_a_backup(
     assert await snapshot(sql_storage) == before
 
 
-async def test_restore_refuses_a_backup_from_a_newer_version(
-    sqlite_storage: SessionStorage, postgresql_storage: SessionStorage, tmp_path: Path
-) -> None:
-    await populate(sqlite_storage)
-    backup = Path((await backup_storage(sqlite_storage, tmp_path / "backups"))["path"])
+async def _backup_from_the_future(storage: SessionStorage, directory: Path) -> Path:
+    """A SQLite backup of a populated store, its schema revision one this version lacks."""
+    await populate(storage)
+    backup = Path((await backup_storage(storage, directory / "backups"))["path"])
     with sqlite3.connect(backup) as db:
         db.execute("UPDATE persistence_alembic_version SET version_num = 'from_the_future'")
     db.close()
+    return backup
+
+
+async def test_restore_refuses_a_backup_from_a_newer_version(
+    sqlite_storage: SessionStorage, postgresql_storage: SessionStorage, tmp_path: Path
+) -> None:
+    backup = await _backup_from_the_future(sqlite_storage, tmp_path)
 
     with pytest.raises(SchemaVersionError):
         await restore_backup(postgresql_storage, backup)
@@ -242,11 +248,7 @@ async def test_a_backup_of_a_newer_version_is_refused_naming_it_not_a_copy(
     postgresql_storage: SessionStorage,
     tmp_path: Path,
 ) -> None:
-    await populate(sqlite_storage)
-    backup = Path((await backup_storage(sqlite_storage, tmp_path / "backups"))["path"])
-    with sqlite3.connect(backup) as db:
-        db.execute("UPDATE persistence_alembic_version SET version_num = 'from_the_future'")
-    db.close()
+    backup = await _backup_from_the_future(sqlite_storage, tmp_path)
     named = re.escape(f"{backup}: the schema is at revision from_the_future")
 
     with pytest.raises(SchemaVersionError, match=named):
