@@ -110,6 +110,10 @@ class SqlUnitOfWork(UnitOfWork):
         # What interrupted a call on the connection (a cancel, a lost connection): it is
         # then dropped, not ended, and its transaction dies with it.
         self._interrupted: BaseException | None = None
+        # The call that failed inside the transaction: what it began may be half done
+        # (SQLite keeps a failed statement's earlier ones; PostgreSQL aborts the whole
+        # transaction), so the unit can only be rolled back.
+        self._failed: str | None = None
         # Per object saved in this unit: the object, its base before the unit, and the
         # plans the unit sent for it.
         self._undo: dict[int, tuple[ChatSession, Base | None, list[SavePlan]]] = {}
@@ -126,6 +130,9 @@ class SqlUnitOfWork(UnitOfWork):
         if self._interrupted is not None:
             work.close()
             raise PersistenceError("unit of work interrupted: leave it and start a new one")
+        if self._failed is not None:
+            work.close()
+            raise self._failure()
         dialect = self._engine.dialect
         with sql_errors(action):
             begin = None
@@ -134,7 +141,7 @@ class SqlUnitOfWork(UnitOfWork):
                 self._driver = await lent.__aenter__()
                 self._lent = lent
                 begin = "BEGIN IMMEDIATE"
-            with self._noting_interruption():
+            with self._noting_interruption(action):
                 if dialect.name == "sqlite":
                     result: T = await run_in_thread(
                         self._driver, run_in_sqlite_thread, dialect, work, begin, False
@@ -160,6 +167,9 @@ class SqlUnitOfWork(UnitOfWork):
         )
 
     async def commit(self) -> None:
+        if self._failed is not None:
+            await self.rollback()
+            raise self._failure()
         try:
             with sql_errors("commit"):
                 await self._end("COMMIT")
@@ -204,14 +214,23 @@ class SqlUnitOfWork(UnitOfWork):
             elif self._engine.dialect.name == "sqlite":
                 await run_in_thread(self._driver, end_sqlite_transaction, verb)
 
+    def _failure(self) -> PersistenceError:
+        return PersistenceError(
+            f"unit of work failed at {self._failed!r}: nothing of it was committed; roll"
+            " it back (leave its block) and start a new one"
+        )
+
     @contextmanager
-    def _noting_interruption(self) -> Iterator[None]:
-        """Records an error that leaves the connection unusable (sql.errors)."""
+    def _noting_interruption(self, action: str | None = None) -> Iterator[None]:
+        """Records an error that leaves the connection unusable (sql.errors), and one
+        that `action`, a call inside the transaction, raised."""
         try:
             yield
         except BaseException as exc:
             if connection_unusable(exc):
                 self._interrupted = exc
+            elif action is not None:
+                self._failed = action
             raise
 
     async def _give_back(self, error: BaseException | None) -> None:

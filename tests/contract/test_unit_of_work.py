@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
-from persistence import PersistenceError, SessionStorage
+from persistence import InvalidDataError, PersistenceError, SessionStorage
 from tests.contract.conftest import Reopen
 from tests.factories import conversation, file_record
 
@@ -110,6 +112,44 @@ async def test_a_committed_unit_of_work_refuses_more_work(storage: SessionStorag
         await uow.commit()
         with pytest.raises(PersistenceError):
             await uow.sessions.add(conversation(1))
+
+
+async def test_a_unit_with_a_refused_session_commits_nothing_though_the_error_was_caught(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    """Found by attack: after `add` refused a session (a message id of another session)
+    and the caller went on to commit, SQLite committed half of the refused save (the
+    session's new count and metadata, not its messages) and PostgreSQL committed nothing
+    while commit() returned, the other session taken as saved: its message was lost."""
+    owner, good, bad = conversation(1), conversation(1), conversation(1)
+    for session in (owner, good, bad):
+        await storage.save_session(session)
+    good.add_message("user", "sent with the unit")
+    bad.add_message("user", "refused with the unit")
+    bad.metadata["title"] = "refused"
+    bad.messages.append(owner.messages[0].model_copy(update={"session_id": bad.session_id}))
+
+    # SQL refuses `bad` in add() and then the commit; MongoDB holds the writes and
+    # refuses the commit.
+    with pytest.raises(PersistenceError):
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(good)
+            with contextlib.suppress(InvalidDataError):
+                await uow.sessions.add(bad)
+            await uow.commit()
+
+    async with reopen(storage) as fresh:
+        stored_good = await fresh.load_session(good.session_id)
+        stored_bad = await fresh.load_session(bad.session_id)
+    assert stored_good is not None and stored_bad is not None
+    assert [m.content for m in stored_good.messages] == ["message 0"]
+    assert [m.content for m in stored_bad.messages] == ["message 0"]
+    assert (stored_bad.message_count, stored_bad.metadata) == (1, {})
+    assert storage.has_unsaved_changes(good)
+    await storage.save_session(good)
+    reloaded = await storage.load_session(good.session_id)
+    assert reloaded is not None
+    assert [m.content for m in reloaded.messages] == ["message 0", "sent with the unit"]
 
 
 async def test_a_rolled_back_unit_of_work_leaves_earlier_edits_pending(

@@ -52,3 +52,27 @@ async def test_a_duplicate_message_id_in_a_unit_of_work_is_invalid_data(
         with pytest.raises(InvalidDataError, match=owner.messages[0].message_id):
             await uow.sessions.add(thief)
     assert await sql_storage.load_session(thief.session_id) is None
+
+
+async def test_a_unit_refuses_more_work_and_its_commit_after_a_call_in_it_failed(
+    sql_storage: SessionStorage,
+) -> None:
+    """What the failed call began may be half done (SQLite) or its transaction aborted
+    (PostgreSQL): only a rollback is left."""
+    owner, bad, later = conversation(1), conversation(1), conversation(1)
+    await sql_storage.save_session(owner)
+    bad.messages.append(owner.messages[0].model_copy(update={"session_id": bad.session_id}))
+    async with sql_storage.unit_of_work() as uow:
+        with pytest.raises(InvalidDataError):
+            await uow.sessions.add(bad)
+        with pytest.raises(PersistenceError, match=r"failed at 'save session'.*roll"):
+            await uow.sessions.add(later)
+        with pytest.raises(PersistenceError, match="nothing of it was committed"):
+            await uow.commit()
+    assert await sql_storage.load_session(later.session_id) is None
+    assert await sql_storage.load_session(bad.session_id) is None
+    # A new unit of work on the same storage works.
+    async with sql_storage.unit_of_work() as uow:
+        await uow.sessions.add(later)
+        await uow.commit()
+    assert await sql_storage.load_session(later.session_id) is not None
