@@ -191,6 +191,53 @@ def upgrade_to_head(
         env.run_migrations()
 
 
+def migrate(
+    connection: Connection, *, version_table: str = VERSION_TABLE, where: str = "the database"
+) -> None:
+    """`upgrade_to_head` in a transaction of its own on `connection`, not yet begun.
+
+    On SQLite the revisions run with foreign keys off, as SQLite asks of any change that
+    rebuilds a table: a batch rebuild ends with a DROP TABLE, which with foreign keys
+    on first deletes every row and so fires ON DELETE CASCADE. Found by attack: a store
+    of revision 0001 with messages could not be upgraded (the cascade met the FTS
+    triggers: "database table is locked"), and without those triggers lost every
+    message. The pragma holds only outside a transaction; the revisions' result is
+    checked with `foreign_key_check` before the commit.
+
+    Raises:
+        MigrationError: as `upgrade_to_head`, or if the upgraded store holds a message of
+            no session (nothing is written then).
+    """
+    if connection.dialect.name != "sqlite":
+        with connection.begin():
+            upgrade_to_head(connection, version_table=version_table, where=where)
+        return
+    # On the driver's connection: SQLAlchemy's would begin a transaction first.
+    foreign_keys = functools.partial(_set_foreign_keys, connection.connection)
+    foreign_keys("OFF")
+    try:
+        with connection.begin():
+            upgrade_to_head(connection, version_table=version_table, where=where)
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchmany(3)
+            if broken:
+                raise MigrationError(
+                    f"{where}: after the schema upgrade rows refer to no row of their table"
+                    f" ({', '.join(f'{row[0]} row {row[1]}' for row in broken)}); nothing"
+                    " was changed"
+                )
+    finally:
+        if not connection.invalidated:
+            foreign_keys("ON")
+
+
+def _set_foreign_keys(driver_connection: Any, value: str) -> None:
+    cursor = driver_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA foreign_keys={value}")
+    finally:
+        cursor.close()
+
+
 def refuse_foreign_sqlite_file(
     target: str, *, version_table: str = VERSION_TABLE, where: str = "the database"
 ) -> None:

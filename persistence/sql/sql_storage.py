@@ -29,7 +29,7 @@ from persistence.sql.engines import (
 )
 from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.runner import Work
-from persistence.sql.schema import VERSION_TABLE, check_readable, upgrade_to_head
+from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
 from persistence.sql.uow import SqlUnitOfWork
 from persistence.storage import (
     SessionStorage,
@@ -143,10 +143,8 @@ class SqlSessionStorage(SessionStorage):
                             partial(check_readable, version_table=table, where=where)
                         )
                     return
-                async with self._engine.execution_options(**WRITE_OPTIONS).begin() as connection:
-                    await connection.run_sync(
-                        partial(upgrade_to_head, version_table=table, where=where)
-                    )
+                async with self._engine.execution_options(**WRITE_OPTIONS).connect() as connection:
+                    await connection.run_sync(partial(migrate, version_table=table, where=where))
         except BaseException:
             engine, self._engine = self._engine, None
             if engine is not None:

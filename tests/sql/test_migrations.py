@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -108,6 +109,56 @@ async def test_initialize_after_alembic_upgrade_changes_nothing(fresh_url: str) 
 
     async with _storage(fresh_url) as storage:
         assert (await storage.count()).total_sessions == 0
+
+
+async def test_initialize_upgrades_a_sqlite_store_of_the_first_revision_with_its_messages(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: revision 0002 rebuilds chat_sessions (batch mode), and its DROP
+    TABLE, with the library's foreign keys on, deleted every row first: the cascade met
+    the FTS triggers ("database table is locked"), and without them every message was
+    lost while the sessions still counted them."""
+    path = tmp_path / "first.db"
+    alembic(f"sqlite:///{path}", "upgrade", "0001")
+    stamp = "2025-01-02 03:04:05.123456+00:00"
+    with sqlite3.connect(path) as connection:
+        for number in range(3):
+            connection.execute(
+                "INSERT INTO chat_sessions (session_id, model, created_at, updated_at,"
+                " message_count, metadata, status) VALUES (?, 'm', ?, ?, 4, '{}', 'active')",
+                (f"s{number}", stamp, stamp),
+            )
+            connection.executemany(
+                "INSERT INTO chat_messages (message_id, session_id, position, role, content,"
+                " created_at, metadata) VALUES (?, ?, ?, 'user', ?, ?, '{}')",
+                [
+                    (f"s{number}-{p}", f"s{number}", p, f"zebra{number} turn {p}", stamp)
+                    for p in range(4)
+                ],
+            )
+    connection.close()
+
+    async with SQLiteSessionStorage(path) as storage:
+        # The migration's connection goes back to the pool with foreign keys on again.
+        async with storage.engine.connect() as pooled:
+            assert (await pooled.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+        loaded = await storage.load_session("s1")
+        assert loaded is not None
+        assert [m.content for m in loaded.messages] == [f"zebra1 turn {p}" for p in range(4)]
+        assert (await storage.count()).messages == 12
+        assert [m.message_id for m in await storage.search_messages("zebra2")] == [
+            f"s2-{p}" for p in reversed(range(4))
+        ]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM chat_messages").fetchone() == (12,)
+        assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+    connection.close()
+    async with SQLiteSessionStorage(path) as storage:
+        assert await storage.delete_session("s0")
+        assert (await storage.count()).messages == 8
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM chat_messages").fetchone() == (8,)
+    connection.close()
 
 
 def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:
