@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from persistence import ChatSession
 from persistence.cli import app, listing
 from persistence.sql.sqlite_storage import SQLiteSessionStorage
 
@@ -71,3 +73,23 @@ def test_streamed_json_is_the_same_array(store: str, pages: list[tuple[int, int,
     )
     assert streamed == whole
     assert json.loads(_ok("sessions", "list", "--json", "--offset", "7", "--url", store)) == []
+
+
+def test_json_rows_keep_line_separators_inside_values(tmp_path: Path) -> None:
+    """Found by attack: U+2028, U+2029 and U+0085 in a value came out as a line break
+    and an indent, so the output was no longer JSON."""
+    values = {"ls": "a\u2028b", "ps": "c\u2029d", "nel": "e\x85f"}
+    path = tmp_path / "separators.db"
+
+    async def store() -> None:
+        async with SQLiteSessionStorage(path) as storage:
+            session = ChatSession.create("model\u2028x", session_id="id\u2029y", metadata=values)
+            await storage.save_session(session)
+
+    asyncio.run(store())
+    [row] = json.loads(_ok("sessions", "list", "--json", "--url", f"sqlite:///{path}"))
+    assert (row["session_id"], row["model"], row["metadata"]) == (
+        "id\u2029y",
+        "model\u2028x",
+        values,
+    )

@@ -57,7 +57,9 @@ class JsonRows:
 
     def add(self, session: ChatSession) -> None:
         text = json.dumps(session_row(session), ensure_ascii=False, indent=2, default=str)
-        indented = "\n".join("  " + line for line in text.splitlines())
+        # Split at "\n" only: json.dumps escapes it inside strings but leaves U+2028,
+        # U+2029 and U+0085 raw, at which str.splitlines() would split a value.
+        indented = "\n".join("  " + line for line in text.split("\n"))
         typer.echo(("[\n" if self.count == 0 else ",\n") + indented, nl=False)
         self.count += 1
 
