@@ -51,8 +51,16 @@ class SchemaState:
     """The revision sits in `alembic_version`, not yet in our own version table."""
 
 
-# The tables every revision of ours has (0001 created them).
-_CORE_TABLES = frozenset({"chat_sessions", "chat_messages", "uploaded_files"})
+# The tables every revision of ours has, with the columns 0001 gave them (no later
+# revision drops one).
+_FIRST_COLUMNS = {
+    "chat_sessions": {"session_id", "model", "created_at", "updated_at", "message_count"}
+    | {"metadata", "status"},
+    "chat_messages": {"id", "message_id", "session_id", "position", "role", "content"}
+    | {"created_at", "metadata"},
+    "uploaded_files": {"file_id", "gemini_file_name", "gemini_file_uri", "display_name", "size"}
+    | {"mime_type", "uploaded_at", "expires_at", "metadata"},
+}
 
 
 def _heads(connection: Connection, version_table: str) -> tuple[str, ...]:
@@ -97,8 +105,10 @@ def examine(
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
         heads = _heads(connection, LEGACY_VERSION_TABLE)
         # Our revision ids are short (0001...): another application's may be the same,
-        # so its tables must be ours too (every revision has them).
-        if heads and all(head in known for head in heads) and names >= _CORE_TABLES:
+        # so its tables must be ours too, with our columns. Found by attack: another chat
+        # application with tables of our names and its alembic_version at 0007 was
+        # taken for a store of ours and migrated.
+        if heads and all(head in known for head in heads) and _ours(inspector, names):
             return SchemaState(heads, legacy=True)
         raise MigrationError(
             f"{where} holds tables of another application: its {LEGACY_VERSION_TABLE}"
@@ -115,6 +125,14 @@ def examine(
             " with `alembic upgrade head`)"
         )
     return SchemaState(())
+
+
+def _ours(inspector: Any, names: set[str]) -> bool:
+    """Whether every table of ours is there with at least the columns 0001 gave it."""
+    return all(
+        table in names and columns <= {c["name"] for c in inspector.get_columns(table)}
+        for table, columns in _FIRST_COLUMNS.items()
+    )
 
 
 def check_readable(

@@ -213,6 +213,39 @@ async def test_a_store_versioned_in_alembic_version_is_ours_and_moved_over(
     assert LEGACY_VERSION_TABLE not in await _tables(fresh_url)
 
 
+@pytest.mark.parametrize("revision", ["0002", "0007", HEAD])
+async def test_another_apps_tables_of_our_names_with_our_revision_ids_are_refused(
+    fresh_url: str, revision: str
+) -> None:
+    """Found by attack: another chat application's chat_sessions, chat_messages and
+    uploaded_files (its own columns), with its alembic_version at a short id of ours,
+    were taken for a store of ours and migrated (its alembic_version dropped)."""
+    await _execute(
+        fresh_url,
+        "CREATE TABLE chat_sessions (id INTEGER PRIMARY KEY, title TEXT)",
+        "CREATE TABLE chat_messages (id INTEGER PRIMARY KEY, chat_id INTEGER, body TEXT)",
+        "CREATE TABLE uploaded_files (id INTEGER PRIMARY KEY, path TEXT)",
+        "INSERT INTO chat_sessions VALUES (1, 'their chat')",
+        f"CREATE TABLE {LEGACY_VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)",
+        f"INSERT INTO {LEGACY_VERSION_TABLE} VALUES ('{revision}')",
+    )
+    before = await _tables(fresh_url)
+    journal = _sqlite_header(fresh_url)
+
+    with pytest.raises(MigrationError, match="another application"):
+        await _storage(fresh_url).initialize()
+
+    assert await _tables(fresh_url) == before
+    assert _sqlite_header(fresh_url) == journal
+
+
+def _sqlite_header(url: str) -> bytes:
+    """The file's first 20 bytes (its journal mode among them); b"" on PostgreSQL."""
+    if not url.startswith("sqlite"):
+        return b""
+    return Path(url.removeprefix("sqlite:///")).read_bytes()[:20]
+
+
 async def test_alembic_upgrade_head_moves_a_legacy_version_table_too(fresh_url: str) -> None:
     alembic(fresh_url, "-x", f"version_table={LEGACY_VERSION_TABLE}", "upgrade", "0003")
 
