@@ -90,6 +90,9 @@ def examine(
     """
     inspector = inspect(connection)
     names = set(inspector.get_table_names()) | set(inspector.get_view_names())
+    if connection.dialect.name == "postgresql":
+        # Found by attack: a database holding only a materialized view looked empty.
+        names |= set(inspector.get_materialized_view_names())
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
         heads = _heads(connection, version_table)

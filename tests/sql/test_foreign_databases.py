@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from persistence import (
 )
 from persistence.sql.engines import async_driver_url
 from persistence.sql.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, script_directory
+from tests import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = script_directory().get_current_head()
@@ -237,6 +239,25 @@ async def test_another_apps_tables_of_our_names_with_our_revision_ids_are_refuse
 
     assert await _tables(fresh_url) == before
     assert _sqlite_header(fresh_url) == journal
+
+
+@pytest.fixture
+def empty_postgresql_url(postgresql_admin_url: str) -> Iterator[str]:
+    with servers.throwaway_postgresql_database(postgresql_admin_url) as url:
+        yield url
+
+
+async def test_a_postgresql_database_holding_only_a_materialized_view_is_refused(
+    empty_postgresql_url: str,
+) -> None:
+    url = empty_postgresql_url
+    await _execute(url, "CREATE MATERIALIZED VIEW their_report AS SELECT 1 AS answer")
+
+    with pytest.raises(MigrationError, match="their_report"):
+        await _storage(url).initialize()
+
+    (tables,) = await _execute(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    assert tables == []
 
 
 def _sqlite_header(url: str) -> bytes:
