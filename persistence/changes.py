@@ -12,7 +12,7 @@ the store confirms it, the `Base` that plan leads to.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeVar, overload
@@ -390,21 +390,32 @@ def conflicts(
     stored_fields: Mapping[str, Any],
     stored_metadata: Mapping[str, Any],
     stored_messages: Mapping[str, ChatMessage],
+    stored_revision: int,
 ) -> list[str]:
     """What this holder and another writer both changed since the holder's base.
 
     A value another writer set to exactly what this holder sets is no conflict.
     `stored_messages` holds the stored versions of the edited and removed messages
     (absent: removed by another writer).
+
+    A field or metadata key that a save of unknown outcome sent, found back at its old
+    value after two or more writes, is a conflict too: that save may have landed and
+    another writer set the value back since (found by attack: the next save silently
+    undid that writer's change). After one write it is certain: had it been that save,
+    the value would be the one it sent.
     """
     sent = plan.unconfirmed or Unconfirmed()
+    undone = plan.revision is not None and stored_revision >= plan.revision + 2
     found: list[str] = []
     for name, (old, new) in plan.field_changes.items():
-        if stored_fields[name] not in (old, new, *sent.fields.get(name, ())):
+        value, values_sent = stored_fields[name], sent.fields.get(name, [])
+        if value not in (old, new, *values_sent) or (undone and _reverted(value, old, values_sent)):
             found.append(name)
     for key, (old, new) in plan.metadata_changes.items():
-        value = stored_metadata.get(key, MISSING)
-        if not any(same_value(value, ours) for ours in (old, new, *sent.metadata.get(key, ()))):
+        value, values_sent = stored_metadata.get(key, MISSING), sent.metadata.get(key, [])
+        if not any(same_value(value, mine) for mine in (old, new, *values_sent)) or (
+            undone and _reverted(value, old, values_sent)
+        ):
             found.append(f"metadata[{key!r}]")
     for edit in plan.edits:
         stored = stored_messages.get(edit.original.message_id)
@@ -419,6 +430,14 @@ def conflicts(
         if stored is not None and not any(_same_message(stored, version) for version in ours):
             found.append(f"message {original.message_id!r} (edited by another writer)")
     return found
+
+
+def _reverted(stored: Any, old: Any, sent: Sequence[Any]) -> bool:
+    """Whether `stored` is the base's `old` value that saves of unknown outcome replaced
+    (they sent values, none of them `old`)."""
+    return (
+        bool(sent) and same_value(stored, old) and not any(same_value(value, old) for value in sent)
+    )
 
 
 def _same_message(left: ChatMessage, right: ChatMessage) -> bool:

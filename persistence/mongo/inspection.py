@@ -163,7 +163,9 @@ def prepare(
     if not force:
         # Checked even at the revision the holder saw: a base that merged other writers'
         # work (not exact) does not know what they changed.
-        found = conflicts(plan, stored.fields, stored.metadata, _stored_messages(plan, stored))
+        found = conflicts(
+            plan, stored.fields, stored.metadata, _stored_messages(plan, stored), stored.revision
+        )
         if found:
             raise SessionConflictError(plan.session_id, found)
     _refuse_taken(plan, taken)

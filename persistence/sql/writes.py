@@ -481,7 +481,7 @@ def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
         # other writers' work (not exact) does not know what they changed.
         stored_fields = {"model": model, "status": status, "created_at": created_at}
         stored_messages = yield from _stored_versions(plan)
-        found = conflicts(plan, stored_fields, stored_metadata, stored_messages)
+        found = conflicts(plan, stored_fields, stored_metadata, stored_messages, revision)
         if found:
             raise SessionConflictError(plan.session_id, found)
     appends: Sequence[ChatMessage] = plan.appends

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from persistence import ChatSession, SessionStorage
+from persistence import ChatSession, SessionConflictError, SessionStorage
 
 
 def _outcomes(storage: Any, *outcomes: str) -> None:
@@ -103,3 +103,69 @@ async def test_what_a_save_of_unknown_outcome_sent_is_undone_when_the_holder_und
     del session.metadata["title"]
     session.pop_message()
     await _stored_as_held(sql_storage, session)
+
+
+async def test_a_value_a_landed_save_set_and_another_writer_set_back_is_a_conflict(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: the holder's next save took the old value it found for
+    "nobody changed it" and wrote its own again, undoing the other writer's change."""
+    session = await _stored_session(sql_storage)
+    session.status = "archived"
+    session.metadata["pinned"] = True
+    _outcomes(sql_storage, "landed")
+    await _save_unknown(sql_storage, session)
+    other = await sql_storage.load_session(session.session_id)
+    assert other is not None and (other.status, other.metadata) == ("archived", {"pinned": True})
+    other.status = "active"
+    del other.metadata["pinned"]
+    await sql_storage.save_session(other)
+
+    session.add_message("user", "only an append")
+    with pytest.raises(SessionConflictError) as raised:
+        await sql_storage.save_session(session)
+
+    assert raised.value.conflicts == ["status", "metadata['pinned']"]
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None
+    assert (stored.status, stored.metadata, stored.message_count) == ("active", {}, 1)
+
+
+@pytest.mark.parametrize("first", ["landed", "lost"])
+async def test_after_one_write_of_another_the_old_value_says_the_save_was_lost(
+    sql_storage: SessionStorage, first: str
+) -> None:
+    """One write since the base: had it been the holder's save, the value would be the
+    one it sent; so the old value found means that save was lost, and it is sent again."""
+    session = await _stored_session(sql_storage)
+    session.status = "archived"
+    _outcomes(sql_storage, first)
+    await _save_unknown(sql_storage, session)
+    if first == "lost":
+        other = await sql_storage.load_session(session.session_id)
+        assert other is not None
+        other.metadata["by"] = "another writer"
+        await sql_storage.save_session(other)
+        session.metadata["by"] = "another writer"  # the same value: no conflict either
+    await _stored_as_held(sql_storage, session)
+
+
+async def test_after_two_writes_of_others_the_old_value_cannot_tell_and_is_a_conflict(
+    sql_storage: SessionStorage,
+) -> None:
+    """The price of the rule above: a lost save, then two writes of others that left
+    the value alone, look like a landed save set back. The holder reloads."""
+    session = await _stored_session(sql_storage)
+    session.status = "archived"
+    _outcomes(sql_storage, "lost")
+    await _save_unknown(sql_storage, session)
+    for turn in range(2):
+        other = await sql_storage.load_session(session.session_id)
+        assert other is not None
+        other.add_message("user", f"another writer {turn}")
+        await sql_storage.save_session(other)
+
+    with pytest.raises(SessionConflictError, match="status"):
+        await sql_storage.save_session(session)
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None and stored.status == "active"
