@@ -419,6 +419,19 @@ def test_store_options_work_at_every_level_and_choices_ignore_case(tmp_path: Pat
     assert ok("search", "milk", "--role", "ASSISTANT", "--url", url).exit_code == 0
 
 
+@pytest.mark.sqlite
+def test_an_empty_url_is_refused_at_every_level(workdir: Path) -> None:
+    # `--url "$DATABASE_URL"` with the variable unset must not fall back to the default store.
+    for args in (
+        ["--url", "", "upgrade"],
+        ["upgrade", "--url", ""],
+        ["sessions", "--url", "", "list"],
+        ["sessions", "list", "--url", ""],
+    ):
+        assert "URL: no scheme" in failed(*args), args
+    assert os.listdir(workdir) == []
+
+
 DRIVERS = ("sqlalchemy", "alembic", "aiosqlite", "asyncpg", "pymongo", "beanie", "motor")
 # Runs `python -m persistence ARGS` in this process, then lists the drivers it loaded.
 LOADED_DRIVERS = f"""

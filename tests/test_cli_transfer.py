@@ -132,6 +132,12 @@ def test_migrate_takes_the_configured_store_as_source(tmp_path: Path) -> None:
     os.link(source.removeprefix("sqlite:///"), linked)
     assert "same store" in failed("--url", source, "migrate", "--to", f"sqlite:///{linked}")
     assert "no database at" in failed("migrate", "--to", destination)
+    configured = tmp_path / "work" / "gemini_sessions.db"
+    configured.write_bytes(Path(source.removeprefix("sqlite:///")).read_bytes())
+    fresh = tmp_path / "fresh.db"
+    # An empty --from (an unset variable) is refused, not read as the configured store.
+    assert "URL: no scheme" in failed("migrate", "--from", "", "--to", f"sqlite:///{fresh}")
+    assert not fresh.exists()
 
 
 @pytest.mark.postgresql

@@ -72,7 +72,12 @@ class Target:
     verbose: int = 0
 
     def merged(self, config_file: Path | None, url: str | None, verbose: int) -> Target:
-        return Target(config_file or self.config_file, url or self.url, verbose or self.verbose)
+        # `is not None`: an empty --url (an unset variable) is refused, not skipped.
+        return Target(
+            config_file or self.config_file,
+            url if url is not None else self.url,
+            verbose or self.verbose,
+        )
 
     def load(self) -> StorageConfig:
         # A --url is the store: the configured store's settings are not even read.

@@ -244,7 +244,8 @@ def migrate(
         if problem:
             fail(problem)
 
-    run(ctx, (config, source_url or url, verbose), work, must_exist=True, read_only=True)
+    source = source_url if source_url is not None else url
+    run(ctx, (config, source, verbose), work, must_exist=True, read_only=True)
 
 
 def backup(
