@@ -18,7 +18,12 @@ from persistence.config import (
     load_config,
     sql_url,
 )
-from persistence.sql.engines import postgresql_url, replica_connect_args
+from persistence.sql.engines import (
+    async_driver_url,
+    postgresql_url,
+    replica_connect_args,
+    sqlite_path_from_url,
+)
 
 # An empty current directory and no STORAGE_* variable or config file: a fresh machine.
 pytestmark = pytest.mark.usefixtures("workdir")
@@ -140,6 +145,31 @@ def test_libpq_parameters_are_written_as_asyncpg_takes_them() -> None:
         postgresql_url("postgresql://u@h/db?sslmodes=require")
     # What the user wrote is what messages show.
     assert config.display_url == "postgres://u@h/db?sslmode=verify-full"
+
+
+def test_url_schemes_are_read_whatever_their_case() -> None:
+    # RFC 3986: what the configuration accepts, the engine and alembic accept too.
+    for url in ("Postgres://u@h/db", "POSTGRESQL://u@h/db", "PostgreSQL+AsyncPG://u@h/db"):
+        config = config_from_url(url)
+        assert config.backend == "postgresql"
+        storage = create_storage(config)
+        assert isinstance(storage, PostgreSQLSessionStorage)
+        assert storage.url.drivername == "postgresql+asyncpg"
+        assert async_driver_url(sql_url(config)).drivername == "postgresql+asyncpg"
+    assert sqlite_path_from_url("SQLite:///x.db") == Path("x.db")
+    assert config_from_url("SQLITE+aiosqlite:///x.db").database_path == Path("x.db")
+
+
+@pytest.mark.postgresql
+def test_an_upper_case_scheme_works_on_the_command_line(postgresql_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from persistence.cli import app
+
+    url = "POSTGRES" + postgresql_url.removeprefix("postgresql")
+    for command in ("upgrade", "stats"):
+        result = CliRunner().invoke(app, [command, "--url", url])
+        assert result.exit_code == 0, result.output
 
 
 @pytest.mark.postgresql

@@ -76,7 +76,8 @@ class _Int64AsInt(TypeDecoder):
 
 
 def check_connection_string(connection_string: str) -> str:
-    """Accepts `mongodb://` and `mongodb+srv://` URLs.
+    """Accepts `mongodb://` and `mongodb+srv://` URLs, whatever the scheme's case;
+    returns the URL with its scheme in lower case, the only one pymongo takes.
 
     Raises:
         InvalidDataError: for any other scheme (the password is never repeated).
@@ -89,7 +90,8 @@ def check_connection_string(connection_string: str) -> str:
         raise InvalidDataError(
             f"connection_string: {shown} is not MongoDB (use mongodb:// or mongodb+srv://)"
         )
-    return connection_string
+    scheme, _, rest = connection_string.partition("://")
+    return f"{scheme.lower()}://{rest}"
 
 
 def check_database_name(name: str) -> str:
@@ -195,7 +197,7 @@ class MongoDBSessionStorage(SessionStorage):
         read_preference: str | None = None,
         driver_options: Mapping[str, Any] | None = None,
     ) -> None:
-        check_connection_string(connection_string)
+        connection_string = check_connection_string(connection_string)
         # Kept for tools that open the same store again; repr and errors show it redacted.
         self.connection_string = connection_string
         self.database_name = check_database_name(database_name)

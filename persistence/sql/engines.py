@@ -46,7 +46,8 @@ def postgresql_url(connection_string: str) -> URL:
         raise InvalidDataError(
             "connection_string: not a database URL (expected postgresql://user@host/db)"
         ) from None
-    if url.drivername not in _POSTGRESQL_SCHEMES:
+    # Schemes are case-insensitive (RFC 3986), as the configuration reads them.
+    if url.drivername.lower() not in _POSTGRESQL_SCHEMES:
         raise InvalidDataError(
             f"connection_string: scheme {url.drivername!r} is not PostgreSQL"
             " (use postgresql://, postgres:// or postgresql+asyncpg://)"
@@ -69,7 +70,7 @@ def sqlite_path_from_url(connection_string: str) -> Path:
         url = make_url(connection_string)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise InvalidDataError("connection_string: not a sqlite:///path URL") from None
-    if url.drivername not in _SQLITE_SCHEMES:
+    if url.drivername.lower() not in _SQLITE_SCHEMES:
         raise InvalidDataError(f"connection_string: scheme {url.drivername!r} is not SQLite")
     if not url.database or url.database == ":memory:":
         raise InvalidDataError("connection_string: a SQLite URL must name a file (sqlite:///path)")

@@ -21,6 +21,7 @@ UNREACHABLE = f"mongodb://admin:{SECRET}@127.0.0.1:1/"
         "mongodb://localhost",
         "mongodb://u:p@localhost:27017/app?authSource=admin",
         "mongodb://h1:27017,h2:27017/?replicaSet=rs0",
+        "MongoDB://localhost",  # schemes are case-insensitive (RFC 3986); pymongo's is not
         # SRV records are looked up when connecting, not here.
         "mongodb+srv://u:p@cluster0.example.invalid/?retryWrites=true",
     ],
@@ -28,6 +29,7 @@ UNREACHABLE = f"mongodb://admin:{SECRET}@127.0.0.1:1/"
 async def test_mongodb_and_srv_urls_are_accepted(url: str) -> None:
     storage = MongoDBSessionStorage(url)
     assert storage.backend_name == "mongodb"
+    assert storage.connection_string.startswith(("mongodb://", "mongodb+srv://"))
     assert storage.database_name == "gemini_mcp"
     await storage.close()
 
