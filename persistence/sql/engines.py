@@ -172,7 +172,8 @@ def sqlite_reading_target(path: Path) -> str:
     immutable, which needs neither.
     """
     absolute = path.absolute()
-    target = f"file:{quote(str(absolute))}?mode=ro"
+    # The file name's bytes, not its str: a name that is not UTF-8 holds surrogates.
+    target = f"file:{quote(os.fsencode(absolute))}?mode=ro"
     wal = absolute.with_name(absolute.name + "-wal")
     if not os.access(absolute.parent, os.W_OK) and not wal.exists():
         target += "&immutable=1"

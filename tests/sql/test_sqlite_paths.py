@@ -98,3 +98,19 @@ async def test_a_read_only_database_is_read_without_writing_it(tmp_path: Path) -
         directory.chmod(0o755)
         path.chmod(0o644)
     assert path.read_bytes() == before
+
+
+async def test_a_file_name_that_is_not_utf8_is_opened_again(tmp_path: Path) -> None:
+    # Linux file names are bytes: b"caf\xe9.db" (Latin-1) decodes with a surrogate.
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.db"))
+    async with SQLiteSessionStorage(path) as storage:
+        await storage.save_session(ChatSession.create("m"))
+    async with SQLiteSessionStorage(path) as storage:
+        assert (await storage.count()).total_sessions == 1
+    storage = SQLiteSessionStorage(path)
+    try:
+        await storage.open_for_reading()
+        assert (await storage.count()).total_sessions == 1
+    finally:
+        await storage.close()
+    assert all(name.startswith(b"caf\xe9.db") for name in os.listdir(os.fsencode(tmp_path)))
