@@ -138,6 +138,25 @@ def test_a_directory_url_says_so_in_one_line_without_a_thread_traceback(tmp_path
 
 
 @pytest.mark.sqlite
+def test_reading_commands_name_why_no_database_can_be_at_the_path(workdir: Path) -> None:
+    # Not "nothing stored yet (create one with persistence upgrade)": that advice fails.
+    (workdir / "loop1").symlink_to("loop2")
+    (workdir / "loop2").symlink_to("loop1")
+    (workdir / "dangling.db").symlink_to(workdir / "unmounted" / "sessions.db")
+    (workdir / "notes").write_text("mine")
+    reasons = {
+        "loop1": "cannot open loop1: Too many levels of symbolic links",
+        "dangling.db": "which does not exist: refusing to create a database through it",
+        "notes/x.db": "notes is a file, not a directory",
+    }
+    listing = sorted(os.listdir(workdir))
+    for path, reason in reasons.items():
+        for command in _reading_commands(workdir):
+            assert reason in failed(*command, "--url", f"sqlite:///{path}"), (path, command)
+    assert sorted(os.listdir(workdir)) == listing
+
+
+@pytest.mark.sqlite
 @pytest.mark.parametrize("command", ["import", "restore"])
 @pytest.mark.parametrize("content", [None, b'{"format": ', b"not json at all"])
 def test_a_failed_import_or_restore_leaves_no_database(

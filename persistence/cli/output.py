@@ -186,7 +186,7 @@ def _run(
             check_first()
         config = target.load()
         logger.info("store: %s", config.display_url)
-        if must_exist and config.backend == "sqlite" and not config.database_path.exists():
+        if must_exist and config.backend == "sqlite" and not _sqlite_file_exists(config):
             fail(
                 f"no database at {config.database_path}: nothing stored yet"
                 " (create one with `persistence upgrade` or `persistence demo`)"
@@ -205,6 +205,15 @@ def _run(
     except Exception as exc:
         logger.debug("unexpected error", exc_info=True)
         fail(f"unexpected {type(exc).__name__}: {exc} (run with -vv for the traceback)")
+
+
+def _sqlite_file_exists(config: StorageConfig) -> bool:
+    """Whether the SQLite file exists; a path no database can be at (a dangling symlink,
+    a symlink loop, a parent that is a file) is refused with its own reason."""
+    # Imported here: the SQL layer loads SQLAlchemy, which `persistence --help` must not.
+    from persistence.sql.engines import check_sqlite_path
+
+    return check_sqlite_path(config.database_path, must_exist=False)
 
 
 async def _open_and_run(
