@@ -371,6 +371,32 @@ def test_output_files_refuse_symlinks_and_write_through_devices(tmp_path: Path) 
 
 
 @pytest.mark.sqlite
+def test_no_output_replaces_the_sqlite_store_or_its_journals(tmp_path: Path) -> None:
+    source = _filled(tmp_path, sessions=1)
+    store = Path(source.removeprefix("sqlite:///"))
+    session_id = json.loads(ok("sessions", "list", "--json", "--url", source).stdout)[0][
+        "session_id"
+    ]
+    (tmp_path / "link.db").symlink_to(store)
+    before = store.read_bytes()
+    for name in ("source.db", "source.db-wal", "source.db-shm", "source.db-journal"):
+        output = str(tmp_path / name)
+        for url in (source, f"sqlite:///{tmp_path / 'link.db'}"):  # through a symlink too
+            for command in (["export-all", output], ["export", session_id, "-o", output]):
+                assert "refusing to write" in failed(*command, "--url", url), (name, command)
+    assert "--to names the wal file of the store" in failed(
+        "--url", source, "migrate", "--to", f"{source}-wal"
+    )
+    assert "is not a directory" in failed("backup", str(store), "--url", source)
+    assert store.read_bytes() == before
+    assert not Path(f"{store}-journal").exists()
+    # The default store, named as the operator would name the database to export.
+    ok("demo")
+    assert "it is the store gemini_sessions.db" in failed("export-all", "gemini_sessions.db")
+    assert stats(f"sqlite:///{Path.cwd() / 'gemini_sessions.db'}")["total_sessions"] == 1
+
+
+@pytest.mark.sqlite
 def test_backup_refuses_a_symlink_or_a_file_as_its_directory(tmp_path: Path) -> None:
     source = _filled(tmp_path, sessions=1)
     real = tmp_path / "real"

@@ -149,6 +149,42 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+# The files SQLite keeps for a database: the file itself and its journals.
+SQLITE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)  # through a symlink or a hard link too
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(first) == os.path.realpath(second)
+
+
+def store_file(path: Path, config: StorageConfig) -> str | None:
+    """Which file of the SQLite store `path` is (the store or one of its journals), or None.
+
+    The journals are beside the file a symlink stands for, so both places count.
+    """
+    if config.backend != "sqlite":
+        return None
+    store = config.database_path
+    for base in dict.fromkeys((store, Path(os.path.realpath(store)))):
+        for suffix in SQLITE_FILE_SUFFIXES:
+            if _same_file(path, base.with_name(base.name + suffix)):
+                return (
+                    f"the {suffix[1:]} file of the store {store}"
+                    if suffix
+                    else f"the store {store}"
+                )
+    return None
+
+
+def refuse_store_file(output: Path, config: StorageConfig) -> None:
+    """Fails if writing `output` would replace the SQLite store's file or a journal of it."""
+    if (what := store_file(output, config)) is not None:
+        fail(f"refusing to write {output}: it is {what} (give another file name)")
+
+
 def echo_json(value: Any, *, err: bool = False) -> None:
     typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str), err=err)
 

@@ -24,6 +24,7 @@ from persistence.cli.output import (
     VerboseOption,
     fail,
     out,
+    refuse_store_file,
     run,
 )
 from persistence.config import StorageConfig
@@ -210,6 +211,8 @@ def export(
     """Export one session as JSON, plain text or markdown."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        if output is not None and output != STDIO:
+            refuse_store_file(output, cfg)
         rendered = await SessionManager(storage, auto_save_enabled=False).export_session(
             session_id, format.value
         )

@@ -37,8 +37,10 @@ from persistence.cli.output import (
     echo_json,
     fail,
     out,
+    refuse_store_file,
     run,
     stdout_text,
+    store_file,
 )
 from persistence.config import StorageConfig, config_from_url, create_storage
 from persistence.storage import SessionStorage
@@ -212,6 +214,10 @@ def migrate(
         destination_config = config_from_url(destination_url, base=cfg)
         if _same_store(cfg, destination_config):
             fail("--from and --to name the same store")
+        # A copy written as the source's -wal file would be wiped when the source next opens.
+        taken = store_file(destination_config.database_path, cfg)
+        if destination_config.backend == "sqlite" and taken is not None:
+            fail(f"--to names {taken}")
         async with create_storage(destination_config) as destination:
             with progress_bar("Copying sessions", stopped=RESUMES) as update:
                 result = await migrate_storage(
@@ -322,6 +328,8 @@ def export_all(
     """Write every session, message and file record to one JSON export file."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        if output != STDIO:
+            refuse_store_file(output, cfg)
         if output == STDIO:
             # The document goes to stdout, so the summary goes to stderr.
             with (
