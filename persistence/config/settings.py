@@ -8,6 +8,7 @@ a user name or password that is not percent-encoded is refused (persistence.urls
 from __future__ import annotations
 
 import logging
+import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
@@ -203,6 +204,7 @@ class StorageConfig(BaseModel):
                     f"scheme {scheme}:// does not fit backend {self.backend} (use {allowed})",
                 )
             if self.backend == "sqlite":
+                self._check_one_sqlite_file(_sqlite_path(url))
                 object.__setattr__(self, "database_path", _sqlite_path(url))
             elif (problem := _url_problem(self.backend, url)) is not None:
                 raise _SettingError("connection_string", problem)
@@ -221,6 +223,25 @@ class StorageConfig(BaseModel):
             )
         object.__setattr__(self, "options", _check_options(self.backend, self.options))
         return self
+
+    def _check_one_sqlite_file(self, url_path: Path) -> None:
+        """Refuses a database_path given beside a SQLite URL that names another file.
+
+        load_config drops the file's one where the environment gives the other, so both
+        here come from one place: neither may silently win.
+        """
+        if "database_path" not in self.model_fields_set:
+            return
+        given = self.database_path
+        if os.path.abspath(given.expanduser()) == os.path.abspath(url_path.expanduser()):
+            return
+        source = (_SOURCES.get() or {}).get("database_path")
+        where = f" (from {source})" if source else ""
+        raise _SettingError(
+            "connection_string",
+            f"names the SQLite file {url_path}, but database_path{where} names {given}:"
+            " give one of them",
+        )
 
     def _check_read_replicas(self) -> None:
         if not self.read_replicas:
