@@ -1,7 +1,8 @@
 """Alembic environment: runs the packaged revisions on the configured database.
 
 The database is `-x url=...` when given, else the one the library's configuration
-names (STORAGE_* variables, then the config file, then the default SQLite file).
+names (STORAGE_* variables, then the config file, then the default SQLite file),
+read exactly as the library and the `persistence` CLI read it.
 The revision is kept in persistence's own version table (`-x version_table=...` names
 another), beside any other application's tables and `alembic_version`; a store whose
 `alembic_version` holds one of our revisions is moved to it first.
@@ -12,25 +13,33 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import Connection, pool
+from sqlalchemy import URL, Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
 from persistence.errors import MigrationError
-from persistence.sql.engines import async_driver_url
+from persistence.sql.engines import async_driver_url, check_sqlite_path, sqlite_url
 from persistence.sql.schema import VERSION_TABLE, adopt_legacy_version, examine, script_directory
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 
 _VERSION_TABLE = context.get_x_argument(as_dictionary=True).get("version_table", VERSION_TABLE)
 
 
-def _configured_url() -> str:
-    explicit = context.get_x_argument(as_dictionary=True).get("url")
-    if explicit:
-        return explicit
-    from persistence.config import load_config, sql_url
+def _configured_url(*, opening: bool) -> URL:
+    """The database's URL, read as the library and the CLI read it; with `opening`, a
+    SQLite path is checked as the library checks it before opening the file."""
+    from persistence.config import config_from_url, load_config, sql_url
 
-    return sql_url(load_config())
+    explicit = context.get_x_argument(as_dictionary=True).get("url")
+    # -x url= reads as the CLI's --url (no percent-decoding, `~` expanded); an empty one
+    # is refused, not taken for the configured store.
+    config = config_from_url(explicit) if explicit is not None else load_config()
+    if config.backend != "sqlite":
+        return async_driver_url(sql_url(config))
+    if opening:
+        check_sqlite_path(config.database_path, must_exist=False)
+    # The path as it is: a `sqlite:///` string of it would be cut at `?` and decoded.
+    return sqlite_url(config.database_path)
 
 
 def _include_object(
@@ -65,7 +74,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_online() -> None:
-    engine = create_async_engine(async_driver_url(_configured_url()), poolclass=pool.NullPool)
+    engine = create_async_engine(_configured_url(opening=True), poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)
@@ -75,7 +84,7 @@ async def _run_online() -> None:
 
 if context.is_offline_mode():
     context.configure(
-        url=async_driver_url(_configured_url()),
+        url=_configured_url(opening=False),
         target_metadata=Base.metadata,
         literal_binds=True,
         version_table=_VERSION_TABLE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -191,3 +192,55 @@ def test_revisions_ship_in_a_plain_install(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+def _alembic_upgrade(
+    *x_options: str, environment: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    options = [word for option in x_options for word in ("-x", option)]
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *options, "upgrade", "head"],
+        cwd=ROOT,
+        env={**clean_environment(), **(environment or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("name", ["app?v=2.db", "x%41y.db", "my%20data.db"])
+def test_alembic_migrates_the_sqlite_file_the_configuration_names(
+    tmp_path: Path, name: str
+) -> None:
+    # "app": another application's file, which "app?v=2.db" read as a URL would name.
+    other = tmp_path / "app"
+    other.write_bytes(b"")
+    done = _alembic_upgrade(environment={"STORAGE_DATABASE_PATH": str(tmp_path / name)})
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "app"])
+    assert other.read_bytes() == b""
+
+
+@pytest.mark.sqlite
+def test_alembic_reads_a_sqlite_url_as_the_cli_does(tmp_path: Path) -> None:
+    done = _alembic_upgrade(f"url=sqlite:///{tmp_path}/a%20b.db")
+    assert done.returncode == 0, done.stderr
+    done = _alembic_upgrade("url=sqlite:///~/home.db", environment={"HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a%20b.db", "home.db"]
+    # An empty URL (an unset variable) is refused, not taken for the configured store.
+    done = _alembic_upgrade("url=", environment={"STORAGE_DATABASE_PATH": str(tmp_path / "c.db")})
+    assert done.returncode != 0 and "URL: no scheme" in done.stderr
+    assert not (tmp_path / "c.db").exists()
+
+
+@pytest.mark.sqlite
+def test_alembic_refuses_what_the_library_refuses_to_open(tmp_path: Path) -> None:
+    (tmp_path / "dangling.db").symlink_to(tmp_path / "elsewhere" / "target.db")
+    os.mkfifo(tmp_path / "pipe")
+    for name, reason in (("dangling.db", "which does not exist"), ("pipe", "is a FIFO")):
+        done = _alembic_upgrade(environment={"STORAGE_DATABASE_PATH": str(tmp_path / name)})
+        assert done.returncode != 0
+        assert reason in done.stderr.strip().splitlines()[-1], done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["dangling.db", "pipe"]
