@@ -6,6 +6,12 @@ read exactly as the library and the `persistence` CLI read it.
 The revision is kept in persistence's own version table (`-x version_table=...` names
 another), beside any other application's tables and `alembic_version`; a store whose
 `alembic_version` holds one of our revisions is moved to it first.
+
+The whole run is one transaction, on SQLite too (the library's engine, whose BEGIN
+holds DDL, with foreign keys off as SQLite asks of table rebuilds): a run cut off or
+failing half way leaves the database as it was. Offline mode (`--sql`) is refused:
+the revisions read the database as they go. A refusal of the library is one line
+(alembic's "FAILED: ..."), not a traceback.
 """
 
 from __future__ import annotations
@@ -13,13 +19,28 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from alembic.util import CommandError
 from sqlalchemy import URL, Connection, pool
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from alembic import context
-from persistence.errors import MigrationError
-from persistence.sql.engines import async_driver_url, check_sqlite_path, sqlite_url
-from persistence.sql.schema import VERSION_TABLE, adopt_legacy_version, examine, script_directory
+from persistence.errors import MigrationError, PersistenceError
+from persistence.sql.engines import (
+    WRITE_OPTIONS,
+    async_driver_url,
+    check_sqlite_path,
+    sqlite_engine,
+    sqlite_url,
+)
+from persistence.sql.errors import sql_errors
+from persistence.sql.schema import (
+    VERSION_TABLE,
+    adopt_legacy_version,
+    check_references,
+    examine,
+    script_directory,
+    take_migration_lock,
+)
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 
 _VERSION_TABLE = context.get_x_argument(as_dictionary=True).get("version_table", VERSION_TABLE)
@@ -60,36 +81,50 @@ def _adopt_legacy_version(connection: Connection) -> None:
 
 def _run(connection: Connection) -> None:
     with connection.begin():
+        take_migration_lock(connection)
         _adopt_legacy_version(connection)
-    context.configure(
-        connection=connection,
-        target_metadata=Base.metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
-        include_object=_include_object,
-        compare_type=True,
-        version_table=_VERSION_TABLE,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+            include_object=_include_object,
+            compare_type=True,
+            version_table=_VERSION_TABLE,
+        )
+        # Inside the transaction begun above: alembic begins none of its own.
+        with context.begin_transaction():
+            context.run_migrations()
+        check_references(connection, "the database")
+
+
+def _engine(url: URL) -> AsyncEngine:
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, poolclass=pool.NullPool)
+    # Found by attack: through a plain engine each DDL statement committed on its own
+    # (Python's sqlite3 begins no transaction before DDL), so a run killed half way
+    # left a store neither alembic nor initialize() could upgrade, and a failed run
+    # left tables beside another application's. Foreign keys are off, as initialize()
+    # runs the revisions (schema.migrate); the journal mode is left as the file has it.
+    pragmas = {"foreign_keys": "OFF", "busy_timeout": 5000}
+    return sqlite_engine(url, pragmas, 5.0).execution_options(**WRITE_OPTIONS)
 
 
 async def _run_online() -> None:
-    engine = create_async_engine(_configured_url(opening=True), poolclass=pool.NullPool)
+    engine = _engine(_configured_url(opening=True))
     try:
-        async with engine.connect() as connection:
-            await connection.run_sync(_run)
+        with sql_errors("upgrade schema"):
+            async with engine.connect() as connection:
+                await connection.run_sync(_run)
     finally:
         await engine.dispose()
 
 
-if context.is_offline_mode():
-    context.configure(
-        url=_configured_url(opening=False),
-        target_metadata=Base.metadata,
-        literal_binds=True,
-        version_table=_VERSION_TABLE,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-else:
+try:
+    if context.is_offline_mode():
+        raise CommandError(
+            "offline mode (--sql) is not supported: the revisions read the database as"
+            " they go (batch rebuilds on SQLite, backfills); run them on the database"
+        )
     asyncio.run(_run_online())
+except PersistenceError as exc:
+    raise CommandError(str(exc)) from exc

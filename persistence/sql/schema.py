@@ -187,9 +187,7 @@ def upgrade_to_head(
         MigrationError: if the database holds another application's tables or
             version table (nothing is written then).
     """
-    if connection.dialect.name == "postgresql":
-        # Two processes initialising one fresh database must not both create tables.
-        connection.execute(text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
+    take_migration_lock(connection)
     script = script_directory()
     state = examine(connection, script, version_table=version_table, where=where)
     if state.legacy:
@@ -210,6 +208,32 @@ def upgrade_to_head(
             version_table=version_table,
         )
         env.run_migrations()
+
+
+def take_migration_lock(connection: Connection) -> None:
+    """PostgreSQL: waits for any other process migrating the database (the lock holds
+    until the transaction ends); two processes initialising one fresh database must not
+    both create tables. SQLite's write lock does the same from BEGIN IMMEDIATE on."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
+
+
+def check_references(connection: Connection, where: str) -> None:
+    """SQLite, after revisions ran with foreign keys off: every message still has its
+    session.
+
+    Raises:
+        MigrationError: naming the first rows that refer to nothing.
+    """
+    if connection.dialect.name != "sqlite":
+        return
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchmany(3)
+    if broken:
+        raise MigrationError(
+            f"{where}: after the schema upgrade rows refer to no row of their table"
+            f" ({', '.join(f'{row[0]} row {row[1]}' for row in broken)}); nothing"
+            " was changed"
+        )
 
 
 def migrate(
@@ -239,13 +263,7 @@ def migrate(
     try:
         with connection.begin():
             upgrade_to_head(connection, version_table=version_table, where=where)
-            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchmany(3)
-            if broken:
-                raise MigrationError(
-                    f"{where}: after the schema upgrade rows refer to no row of their table"
-                    f" ({', '.join(f'{row[0]} row {row[1]}' for row in broken)}); nothing"
-                    " was changed"
-                )
+            check_references(connection, where)
     finally:
         if not connection.invalidated:
             foreign_keys("ON")

@@ -112,8 +112,9 @@ async def test_initialize_after_alembic_upgrade_changes_nothing(fresh_url: str) 
         assert (await storage.count()).total_sessions == 0
 
 
-async def test_initialize_upgrades_a_sqlite_store_of_the_first_revision_with_its_messages(
-    tmp_path: Path,
+@pytest.mark.parametrize("upgrade", ["initialize", "alembic"])
+async def test_a_sqlite_store_of_the_first_revision_is_upgraded_with_its_messages(
+    tmp_path: Path, upgrade: str
 ) -> None:
     """Found by attack: revision 0002 rebuilds chat_sessions (batch mode), and its DROP
     TABLE, with the library's foreign keys on, deleted every row first: the cascade met
@@ -138,6 +139,8 @@ async def test_initialize_upgrades_a_sqlite_store_of_the_first_revision_with_its
                 ],
             )
     connection.close()
+    if upgrade == "alembic":
+        alembic(f"sqlite:///{path}", "upgrade", "head")
 
     async with SQLiteSessionStorage(path) as storage:
         # The migration's connection goes back to the pool with foreign keys on again.
@@ -208,6 +211,16 @@ def _alembic_upgrade(
     )
 
 
+def _failure(done: subprocess.CompletedProcess[str]) -> str:
+    """Alembic's one line for a refusal ("FAILED: ..." on stdout), without the prefix;
+    a traceback fails the test."""
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    *_, last = done.stdout.strip().splitlines() or [""]
+    assert last.startswith("FAILED: "), (done.stdout, done.stderr)
+    return last.removeprefix("FAILED: ")
+
+
 @pytest.mark.sqlite
 @pytest.mark.parametrize("name", ["app?v=2.db", "x%41y.db", "my%20data.db"])
 def test_alembic_migrates_the_sqlite_file_the_configuration_names(
@@ -231,7 +244,7 @@ def test_alembic_reads_a_sqlite_url_as_the_cli_does(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["a%20b.db", "home.db"]
     # An empty URL (an unset variable) is refused, not taken for the configured store.
     done = _alembic_upgrade("url=", environment={"STORAGE_DATABASE_PATH": str(tmp_path / "c.db")})
-    assert done.returncode != 0 and "URL: no scheme" in done.stderr
+    assert done.returncode != 0 and "URL: no scheme" in _failure(done)
     assert not (tmp_path / "c.db").exists()
 
 
@@ -242,5 +255,42 @@ def test_alembic_refuses_what_the_library_refuses_to_open(tmp_path: Path) -> Non
     for name, reason in (("dangling.db", "which does not exist"), ("pipe", "is a FIFO")):
         done = _alembic_upgrade(environment={"STORAGE_DATABASE_PATH": str(tmp_path / name)})
         assert done.returncode != 0
-        assert reason in done.stderr.strip().splitlines()[-1], done.stderr
+        assert reason in _failure(done)
     assert sorted(os.listdir(tmp_path)) == ["dangling.db", "pipe"]
+
+
+@pytest.mark.sqlite
+def test_a_failed_alembic_run_leaves_a_sqlite_file_as_it_was(tmp_path: Path) -> None:
+    """Found by attack: each DDL statement committed on its own, so a run that failed
+    (or was killed) half way left tables behind: here beside another application's
+    `uploaded_files`, whose columns are not ours."""
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE uploaded_files (id INTEGER PRIMARY KEY, path TEXT)")
+        connection.execute("INSERT INTO uploaded_files VALUES (1, '/srv/a.pdf')")
+    connection.close()
+    before = path.read_bytes()
+
+    done = _alembic_upgrade(f"url=sqlite:///{path}")
+
+    assert done.returncode != 0
+    assert _failure(done)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["theirs.db"]
+
+
+def test_alembic_offline_mode_is_refused_in_one_line(tmp_path: Path) -> None:
+    url = f"url=sqlite:///{tmp_path / 'x.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", url, "upgrade", "head", "--sql"],
+        cwd=ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert _failure(done) == (
+        "offline mode (--sql) is not supported: the revisions read the database as"
+        " they go (batch rebuilds on SQLite, backfills); run them on the database"
+    )
