@@ -248,6 +248,48 @@ def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path: Path) -> None:
+    """Found by attack: the last one silently won (TOML refuses it already)."""
+    path = _write(
+        tmp_path / "twice.yaml",
+        "storage:\n  database_path: a.db\n  busy_timeout: 3\n  database_path: b.db\n",
+    )
+    with pytest.raises(ConfigError, match=r"line 4, .*'database_path' is given twice"):
+        load_config(path)
+    nested = _write(
+        tmp_path / "nested.yaml",
+        "storage:\n  options:\n    cache_size: 1\n    cache_size: 2\n",
+    )
+    with pytest.raises(ConfigError, match="'cache_size' is given twice"):
+        load_config(nested)
+    # A merge key's values may be given again: that is what `<<` is for.
+    merged = _write(
+        tmp_path / "merged.yaml",
+        "base: &base\n  database_path: a.db\nstorage:\n  <<: *base\n  database_path: b.db\n",
+    )
+    assert load_config(merged).database_path == Path("b.db")
+
+
+def test_two_config_files_in_the_current_directory_are_refused() -> None:
+    """Found by attack: persistence.yaml silently won over persistence.toml."""
+    _write(Path("persistence.yaml"), "storage:\n  database_path: from-yaml.db\n")
+    _write(Path("persistence.toml"), '[storage]\ndatabase_path = "from-toml.db"\n')
+    with pytest.raises(ConfigError, match=r"persistence\.yaml and persistence\.toml are both"):
+        load_config()
+    Path("persistence.toml").unlink()
+    assert load_config().database_path == Path("from-yaml.db")
+
+
+def test_two_environment_variables_of_one_setting_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by attack: STORAGE_DATABASE_PATH and storage_database_path, one silently won."""
+    monkeypatch.setenv("STORAGE_DATABASE_PATH", "upper.db")
+    monkeypatch.setenv("storage_database_path", "lower.db")
+    with pytest.raises(ConfigError, match="name the same storage setting"):
+        load_config()
+
+
 def _secret_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Every text the library makes from a configuration holding the password."""
     config = StorageConfig(connection_string=PG_URL, options={"statement_timeout": 3})

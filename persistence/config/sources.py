@@ -64,6 +64,14 @@ def _check_names(known: Collection[str]) -> list[str]:
     """The STORAGE_* variables set; an unknown one is an error naming it."""
     names = [name for name in os.environ if name.upper().startswith(ENVIRONMENT_PREFIX)]
     allowed = [f"{ENVIRONMENT_PREFIX}{key.upper()}" for key in known]
+    by_setting: dict[str, str] = {}
+    for name in names:
+        if (other := by_setting.setdefault(name.upper(), name)) != name:
+            # Found by attack: one of the two silently won.
+            raise ConfigError(
+                f"environment variables {other} and {name} name the same storage setting"
+                " (names are read whatever their case): set one of them"
+            )
     for name in names:
         upper = name.upper()
         if upper in allowed or upper.startswith(f"{ENVIRONMENT_PREFIX}OPTIONS__"):
@@ -165,6 +173,28 @@ def _resolve(match: re.Match[str], where: str) -> str:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (found by attack:
+    the last one silently won; TOML and the JSON import files refuse it too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: its keys may be given again, on purpose
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:
+                continue  # unhashable: the base class refuses it
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
     """The file's `storage` section as written: `expand_file_values` expands its ${VAR}s
     (only those of the settings used, so an unset variable elsewhere is no error).
@@ -183,7 +213,9 @@ def read_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"config file {path}: cannot be read ({reason})") from None
     try:
-        document = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+        document = (
+            tomllib.loads(text) if suffix == ".toml" else yaml.load(text, _UniqueKeyLoader)  # noqa: S506  # a SafeLoader
+        )
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
     except yaml.YAMLError as exc:
@@ -232,7 +264,11 @@ def config_file_path(path: str | Path | None = None) -> Path | None:
     named = os.environ.get(CONFIG_FILE_VARIABLE)
     if named:
         return Path(named)
-    for candidate in DISCOVERED_FILES:
-        if Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    found = [Path(candidate) for candidate in DISCOVERED_FILES if Path(candidate).is_file()]
+    if len(found) > 1:
+        # Found by attack: the first silently won over the other.
+        raise ConfigError(
+            f"config files {' and '.join(map(str, found))} are both here: keep one, or name"
+            f" the one to read with --config or ${CONFIG_FILE_VARIABLE}"
+        )
+    return found[0] if found else None
