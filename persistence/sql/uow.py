@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections import Counter
+from collections.abc import Collection, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
-from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from weakref import WeakKeyDictionary
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,13 +32,19 @@ from persistence.validation import storable_text
 T = TypeVar("T")
 
 
-# The tokens of the storages whose unit of work the current task holds open.
-_OPEN: ContextVar[frozenset[str]] = ContextVar("_OPEN", default=frozenset())
+# Per task, the tokens of the storages whose units of work it holds open, and how many.
+# Kept by task, not in a context variable: a task started inside a unit of work copies
+# the context, and kept it open for itself for the rest of its life (found by attack:
+# its every write through the storage was refused).
+_OPEN: WeakKeyDictionary[asyncio.Task[Any], Counter[str]] = WeakKeyDictionary()
 
 
-def open_units_of_work() -> frozenset[str]:
+def open_units_of_work() -> Collection[str]:
     """Tokens of the storages with a unit of work open in the current task."""
-    return _OPEN.get()
+    if not _OPEN:
+        return ()
+    task = asyncio.current_task()
+    return () if task is None else _OPEN.get(task, ())
 
 
 class _SqlSessions:
@@ -118,7 +126,8 @@ class SqlUnitOfWork(UnitOfWork):
         # plans the unit sent for it.
         self._undo: dict[int, tuple[ChatSession, Base | None, list[SavePlan]]] = {}
         self._committed = False
-        self._open: Token[frozenset[str]] | None = None
+        # The task that entered the unit of work (see _OPEN).
+        self._owner: asyncio.Task[Any] | None = None
         self.sessions = _SqlSessions(self)
         self.files = _SqlFiles(self)
 
@@ -246,8 +255,29 @@ class SqlUnitOfWork(UnitOfWork):
                     await lent.__aexit__(type(error), error, error.__traceback__)
 
     async def __aenter__(self) -> Self:
-        self._open = _OPEN.set(_OPEN.get() | {self.token})
+        task = asyncio.current_task()
+        if task is not None:
+            held = _OPEN.setdefault(task, Counter())
+            if held[self.token] and self._engine.dialect.name == "sqlite":
+                raise PersistenceError(
+                    "unit_of_work(): this task already holds an open unit of work of the same"
+                    " SQLite storage, whose write lock it would wait for until the busy"
+                    " timeout; do the work in that one, or after it"
+                )
+            held[self.token] += 1
+            self._owner = task
         return self
+
+    def _leave(self) -> None:
+        task, self._owner = self._owner, None
+        held = None if task is None else _OPEN.get(task)
+        if task is None or held is None:
+            return
+        held[self.token] -= 1
+        if held[self.token] <= 0:
+            del held[self.token]
+        if not held:
+            del _OPEN[task]
 
     async def __aexit__(
         self,
@@ -265,8 +295,6 @@ class SqlUnitOfWork(UnitOfWork):
                     # The block's own error goes on: it says what failed. A rollback
                     # fails when the connection is gone, and its transaction with it.
         finally:
-            if self._open is not None:
-                _OPEN.reset(self._open)
-                self._open = None
+            self._leave()
             # Still lent only if the rollback itself was interrupted.
             await self._give_back(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -76,3 +77,45 @@ async def test_a_unit_refuses_more_work_and_its_commit_after_a_call_in_it_failed
         await uow.sessions.add(later)
         await uow.commit()
     assert await sql_storage.load_session(later.session_id) is not None
+
+
+async def test_a_task_started_inside_a_unit_of_work_writes_after_it(tmp_path: Path) -> None:
+    """Found by attack: the mark of the open unit of work lived in a context variable,
+    which a task started inside the unit copied; its every write was refused for the
+    rest of its life."""
+    async with SQLiteSessionStorage(tmp_path / "s.db") as storage:
+        committed = asyncio.Event()
+
+        async def worker() -> bool:
+            await committed.wait()
+            return await storage.save_session(conversation(1))
+
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(conversation(1))
+            task = asyncio.create_task(worker())
+            await uow.commit()
+        committed.set()
+        assert await task is True
+        assert (await storage.count()).total_sessions == 2
+
+
+async def test_a_second_unit_of_work_of_one_sqlite_storage_in_a_task_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: it waited the whole busy timeout for the first one's write lock,
+    then said another writer held it."""
+    async with SQLiteSessionStorage(tmp_path / "s.db", busy_timeout=5.0) as storage:
+        async with storage.unit_of_work() as outer:
+            await outer.sessions.add(conversation(1))
+            started = time.monotonic()
+            with pytest.raises(PersistenceError, match="already holds an open unit of work"):
+                async with storage.unit_of_work() as inner:
+                    await inner.sessions.add(conversation(1))
+            assert time.monotonic() - started < 1.0
+            await outer.commit()
+        # Both closed: the next ones open as usual, one after the other.
+        for _ in range(2):
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(conversation(1))
+                await uow.commit()
+        assert (await storage.count()).total_sessions == 3
