@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool
 from sqlalchemy.util import greenlet_spawn
 
 from persistence.sql.errors import connection_unusable
@@ -23,11 +24,7 @@ from persistence.sql.errors import connection_unusable
 async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
     """Yields a pooled asyncpg connection; one that was cut off or cancelled is dropped."""
     pool = engine.sync_engine.pool
-    dbapi_error = engine.dialect.loaded_dbapi.Error
-    try:
-        pooled = await greenlet_spawn(pool.connect)
-    except dbapi_error as exc:
-        raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+    pooled = await _live_connection(engine, pool)
     try:
         yield pooled.driver_connection
     except BaseException as exc:
@@ -36,5 +33,43 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
             await greenlet_spawn(pooled.invalidate)
         raise
     finally:
+        if engine.sync_engine.pool is not pool and pooled.is_valid:
+            # The storage closed meanwhile (its engine disposed of this pool): given back,
+            # the connection would never be closed. Found by attack: a unit of work
+            # running through close() kept a thread and its descriptors (SQLite) or a
+            # server connection (PostgreSQL) for the process's life.
+            await greenlet_spawn(pooled.invalidate)
         # Checkin may close the connection (overflow), which awaits: inside a hop too.
         await greenlet_spawn(pooled.close)
+
+
+async def _live_connection(engine: AsyncEngine, pool: Pool) -> Any:
+    """A pooled connection the driver does not already know to be closed.
+
+    asyncpg notices a connection the server closed while it sat in the pool (a restart,
+    a failover, an idle timeout): such a one is dropped for another, at no round trip.
+    Found by attack: each of them failed one call as "database unreachable".
+    """
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    # Past as many as the pool holds, the next is a new connection.
+    dead_left = _pool_size(pool)
+    while True:
+        try:
+            pooled = await greenlet_spawn(pool.connect)
+        except dbapi_error as exc:
+            raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+        is_closed = getattr(pooled.driver_connection, "is_closed", None)
+        if dead_left == 0 or is_closed is None or not is_closed():
+            return pooled
+        dead_left -= 1
+        await greenlet_spawn(_drop, pooled)
+
+
+def _pool_size(pool: Pool) -> int:
+    size = getattr(pool, "size", None)
+    return int(size()) if callable(size) else 1
+
+
+def _drop(pooled: Any) -> None:
+    pooled.invalidate()
+    pooled.close()

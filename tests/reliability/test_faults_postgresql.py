@@ -319,3 +319,67 @@ async def test_a_unit_of_work_whose_connection_was_killed_between_works_commits_
     await storage.save_session(first)
     loaded = await storage.load_session(first.session_id)
     assert loaded is not None and [m.content for m in loaded.messages] == ["in the unit"]
+
+
+async def test_connections_closed_by_the_server_while_idle_fail_no_call(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> None:
+    """Found by attack: after a restart, failover or idle timeout closed the pooled
+    connections, each failed one call as "database unreachable", though asyncpg knew
+    it was closed."""
+    storage = await make_postgresql(min_pool_size=4, max_pool_size=6)
+    session = ChatSession.create("faults")
+    await storage.save_session(session)
+    await asyncio.gather(*(storage.load_session(session.session_id) for _ in range(6)))
+    admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+    assert killed >= 4
+    await asyncio.sleep(0.2)  # the loop reads each socket's end
+
+    for turn in range(8):
+        session.add_message("user", f"after the restart {turn}")
+        assert await storage.save_session(session) is True
+    loaded = await asyncio.gather(*(storage.load_session(session.session_id) for _ in range(6)))
+    assert {len(found.messages) for found in loaded if found is not None} == {8}
+
+
+async def test_a_unit_of_work_running_through_close_keeps_no_connection(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> None:
+    """Found by attack: close() disposed of the pool while units of work held
+    connections; given back to that pool afterwards, they stayed open for the
+    process's life."""
+    storage = await make_postgresql(min_pool_size=2, max_pool_size=4)
+    database = make_url(postgresql_url).database
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def unit(number: int) -> None:
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(ChatSession.create("faults", session_id=f"unit-{number}"))
+            inside.set()
+            await release.wait()
+            await uow.commit()
+
+    units = [asyncio.ensure_future(unit(number)) for number in range(3)]
+    await inside.wait()
+    await asyncio.sleep(0.05)
+    await storage.close()
+    release.set()
+    await asyncio.gather(*units)
+
+    admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
+    try:
+        left = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await admin.close()
+    assert left == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -119,3 +120,33 @@ async def test_a_second_unit_of_work_of_one_sqlite_storage_in_a_task_fails_at_on
                 await uow.sessions.add(conversation(1))
                 await uow.commit()
         assert (await storage.count()).total_sessions == 3
+
+
+async def test_a_unit_of_work_running_through_close_keeps_no_thread(tmp_path: Path) -> None:
+    """Found by attack: given back to the pool that close() had disposed of, the unit's
+    connection was never closed: its thread and descriptors stayed for good."""
+    before = threading.active_count()
+    for round_ in range(3):
+        storage = SQLiteSessionStorage(tmp_path / f"s{round_}.db")
+        await storage.initialize()
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def unit(
+            target: SQLiteSessionStorage = storage,
+            *,
+            ready: asyncio.Event = inside,
+            go: asyncio.Event = release,
+        ) -> None:
+            async with target.unit_of_work() as uow:
+                await uow.sessions.add(conversation(1))
+                ready.set()
+                await go.wait()
+                await uow.commit()
+
+        task = asyncio.create_task(unit())
+        await inside.wait()
+        await storage.close()
+        release.set()
+        await task
+    await asyncio.sleep(0.1)
+    assert threading.active_count() == before
