@@ -126,6 +126,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
 
     async def close(self) -> None:
+        # Closed first: a call made while the connection closes is told so, not that the
+        # storage was never initialized (found by attack).
+        self._closed = True
         connection, self._connection = self._connection, None
         try:
             if connection is not None:
@@ -141,6 +144,8 @@ class SQLiteSessionStorage(SqlSessionStorage):
 
     def _opened_connection(self) -> aiosqlite.Connection:
         if self._connection is None:
+            if self._closed:
+                raise PersistenceError("sqlite storage is closed")
             raise PersistenceError("sqlite storage is not initialized: await initialize() first")
         return self._connection
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -147,6 +148,25 @@ async def test_close_twice_is_harmless_and_a_closed_storage_refuses_use(
         await storage.load_session("x")
     with pytest.raises(PersistenceError, match="closed"):
         await storage.initialize()
+
+
+async def test_calls_made_while_close_runs_are_told_it_is_closed(storage: SessionStorage) -> None:
+    """Found by attack: on SQLite they were told the storage was never initialized."""
+    session = conversation(1)
+    await storage.save_session(session)
+    closing = asyncio.create_task(storage.close())
+    await asyncio.sleep(0)  # close() has begun
+    calls = (
+        lambda: storage.load_session(session.session_id),
+        lambda: storage.save_session(conversation(1)),
+        lambda: storage.search_messages("message"),
+    )
+    for call in calls:
+        try:
+            await call()
+        except PersistenceError as exc:
+            assert "not initialized" not in str(exc)
+    await closing
 
 
 @pytest.mark.parametrize("unstorable", ["nul\x00inside", "lone \ud800 surrogate"])
