@@ -263,7 +263,7 @@ def backup(
     url: UrlOption = None,
     verbose: VerboseOption = 0,
 ) -> None:
-    """Write a consistent, timestamped backup file of the whole store into DIRECTORY."""
+    """Write a timestamped backup file of the whole store into DIRECTORY."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         with progress_bar("Backing up sessions", stopped=NOTHING_WRITTEN) as update:

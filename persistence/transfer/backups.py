@@ -1,4 +1,4 @@
-"""backup_storage and restore_backup: a timestamped, consistent file of the whole store."""
+"""backup_storage and restore_backup: a timestamped file of the whole store."""
 
 from __future__ import annotations
 
@@ -58,10 +58,13 @@ async def backup_storage(
     *,
     progress_callback: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    """Writes a consistent, timestamped backup file of the whole store into `backup_dir`.
+    """Writes a timestamped backup file of the whole store into `backup_dir`.
 
-    SQLite copies itself with its online backup API (consistent while writers run);
-    other backends write the export document. The directory is created 0700 if
+    SQLite copies itself with its online backup API: one consistent state while writers
+    run. Other backends write the export document, read in batches of sessions, each
+    batch one consistent state: a unit of work that commits between two batches may
+    show in one and not the other (found by attack; for one consistent PostgreSQL
+    state, use pg_dump). The directory is created 0700 if
     missing, the file is 0600, and an existing entry (a planted symlink included) is
     never overwritten or followed: the backup then takes the next free name.
 

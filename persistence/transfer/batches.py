@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from persistence.errors import SessionDeletedError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
 from persistence.transfer.verification import FILE_FIELDS, same_value
@@ -101,6 +102,12 @@ async def _save_in_one_unit(
     )
 
 
+# Plans a batch may take: a session the destination held when the batch read it and
+# that a writer of the destination deleted before the batch's write makes the batch
+# plan again (the session is then new there).
+PLANS = 3
+
+
 async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
     """Adds one batch of sessions to the destination, in one transaction.
 
@@ -112,6 +119,19 @@ async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSes
             holds in another session); nothing of the batch is written then.
         PersistenceError: if the destination fails; nothing of the batch is written.
     """
+    plans_left = PLANS
+    while True:
+        plans_left -= 1
+        try:
+            return await _write_planned(destination, sessions)
+        except SessionDeletedError:
+            # Found by attack: a live service deleting a session the batch was merging
+            # stopped the whole import, restore or migration.
+            if plans_left == 0:
+                raise
+
+
+async def _write_planned(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
     new, merges = await _plan(destination, sessions)
     if any(merge.save is not None for merge in merges):
         return await _save_in_one_unit(destination, new, merges)

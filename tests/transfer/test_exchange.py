@@ -145,6 +145,35 @@ async def test_import_keeps_what_the_store_holds(storage: SessionStorage, export
     assert (await storage.count()).total_sessions == 11
 
 
+async def test_a_session_a_writer_deletes_while_its_batch_merges_it_is_imported_new(
+    storage: SessionStorage, exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: the batch's save of its merge raised SessionDeletedError, and the
+    whole import (restore, migration) stopped. The batch now plans again."""
+    await import_from_json(storage, exported)
+    victim = await storage.load_session(build_sessions()[0].session_id)
+    assert victim is not None and victim.messages
+    victim.pop_message()  # the store lacks a message: the import merges the session
+    await storage.save_session(victim)
+    read = storage.load_sessions
+
+    async def read_then_delete(session_ids: Any, **options: Any) -> Any:
+        found = await read(session_ids, **options)
+        await storage.delete_session(victim.session_id)  # a live service, meanwhile
+        return found
+
+    monkeypatch.setattr(storage, "load_sessions", read_then_delete)
+    result = await import_from_json(storage, exported)
+    monkeypatch.undo()
+
+    assert result["sessions_imported"] == 1
+    stored = await storage.load_session(victim.session_id)
+    expected = next(s for s in build_sessions() if s.session_id == victim.session_id)
+    assert stored is not None
+    assert [m.message_id for m in stored.messages] == [m.message_id for m in expected.messages]
+    assert (await storage.count()).total_sessions == 10
+
+
 async def test_export_is_one_private_json_document_with_header_and_counts(
     other_sqlite: SessionStorage, exported: Path
 ) -> None:
