@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from persistence.errors import (
     ConfigError,
     InvalidDataError,
+    PersistenceError,
 )
 from persistence.models import ChatSession
 from persistence.sql.checkout import driver_connection
@@ -86,6 +88,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
         self._bulk_statistics = BulkLoadStatistics()
+        # The event loop the storage was opened in: its connections belong to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._replicas = replica_set(
             read_replicas,
             ReplicaSettings(
@@ -121,7 +125,27 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             pool_timeout=self._pool_timeout,
         )
 
+    @property
+    def engine(self) -> AsyncEngine:
+        engine = super().engine
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # outside any loop: a tool looking at the engine itself
+            loop = None
+        if loop is not None and loop is not self._loop:
+            # Found by attack: asyncpg's connections, and the pool's queue, belong to the
+            # loop that made them; from another one every call failed with a raw
+            # RuntimeError, or as "database unreachable", for good.
+            raise PersistenceError(
+                f"postgresql storage {self._where} was opened in another event loop: its"
+                " connections belong to that loop; open a new storage in this one (or use"
+                " one event loop for the storage's life)"
+            )
+        return engine
+
     async def _open(self, *, read_only: bool) -> None:
+        if self._engine is None:
+            self._loop = asyncio.get_running_loop()
         await super()._open(read_only=read_only)
         with sql_errors("open database"):
             identity = await database_identity(self.engine)
@@ -130,6 +154,12 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             await self._replicas.start(self.engine, self._statement_timeout, identity)
 
     async def close(self) -> None:
+        if self._engine is not None and asyncio.get_running_loop() is not self._loop:
+            # The connections cannot be closed from here: the pool lets go of them, and
+            # they go with their loop.
+            engine, self._engine, self._closed = self._engine, None, True
+            engine.sync_engine.dispose(close=False)
+            return
         try:
             if self._replicas is not None:
                 await self._replicas.close()

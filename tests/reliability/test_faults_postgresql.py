@@ -383,3 +383,33 @@ async def test_a_unit_of_work_running_through_close_keeps_no_connection(
     finally:
         await admin.close()
     assert left == 0
+
+
+def test_a_storage_used_from_another_event_loop_says_so(postgresql_url: str) -> None:
+    """Found by attack (a second asyncio.run, a reloaded server): asyncpg's connections
+    and the pool's queue belong to the loop that made them, and every call from another
+    one failed with a raw RuntimeError, or as "database unreachable", for good."""
+    storage = PostgreSQLSessionStorage(postgresql_url, min_pool_size=2, max_pool_size=4)
+    session = ChatSession.create("faults")
+
+    async def first() -> None:
+        await storage.initialize()
+        await storage.save_session(session)
+
+    async def second() -> list[BaseException | ChatSession | None]:
+        calls = [storage.load_session(session.session_id) for _ in range(4)]
+        found = await asyncio.gather(*calls, return_exceptions=True)
+        await storage.close()  # lets go of the first loop's connections
+        return found
+
+    asyncio.run(first())
+    found = asyncio.run(second())
+
+    assert all(isinstance(result, PersistenceError) for result in found), found
+    assert all("another event loop" in str(result) for result in found)
+
+    async def fresh() -> ChatSession | None:
+        async with PostgreSQLSessionStorage(postgresql_url, min_pool_size=1) as again:
+            return await again.load_session(session.session_id)
+
+    assert asyncio.run(fresh()) == session

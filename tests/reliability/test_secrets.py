@@ -173,18 +173,22 @@ async def test_killed_connection_and_exhausted_pool_errors_never_show_the_passwo
     try:
         session = ChatSession.create("secrets")
         await storage.save_session(session)
-        admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
-        try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                make_url(postgresql_url).database,
-            )
-        finally:
-            await admin.close()
         session.add_message("user", CONTENT_CANARY)
+        # Killed while a unit of work holds it: a connection that died idle in the pool
+        # is dropped for another at checkout, so no call would fail.
         with pytest.raises(StorageConnectionError) as killed:
-            await storage.save_session(session)
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.get(session.session_id)
+                admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
+                try:
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                        make_url(postgresql_url).database,
+                    )
+                finally:
+                    await admin.close()
+                await uow.sessions.add(session)
         errors.append(killed.value)
         async with storage.unit_of_work() as uow:
             await uow.sessions.get(session.session_id)
