@@ -44,6 +44,8 @@ from persistence.sql.schema import (
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 
 _VERSION_TABLE = context.get_x_argument(as_dictionary=True).get("version_table", VERSION_TABLE)
+# Seconds a run waits for another writer of a SQLite file.
+_BUSY_TIMEOUT = 5.0
 
 
 def _configured_url(*, opening: bool) -> URL:
@@ -105,8 +107,8 @@ def _engine(url: URL) -> AsyncEngine:
     # left a store neither alembic nor initialize() could upgrade, and a failed run
     # left tables beside another application's. Foreign keys are off, as initialize()
     # runs the revisions (schema.migrate); the journal mode is left as the file has it.
-    pragmas = {"foreign_keys": "OFF", "busy_timeout": 5000}
-    return sqlite_engine(url, pragmas, 5.0).execution_options(**WRITE_OPTIONS)
+    pragmas = {"foreign_keys": "OFF", "busy_timeout": int(_BUSY_TIMEOUT * 1000)}
+    return sqlite_engine(url, pragmas, _BUSY_TIMEOUT).execution_options(**WRITE_OPTIONS)
 
 
 async def _run_online() -> None:

@@ -153,9 +153,11 @@ def fail(message: str) -> NoReturn:
 SQLITE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
-def _same_file(first: Path, second: Path) -> bool:
+def same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file: through a symlink or a hard link too, and, for
+    a file not there yet, by the path it would have."""
     try:
-        return os.path.samefile(first, second)  # through a symlink or a hard link too
+        return os.path.samefile(first, second)
     except OSError:  # one of them does not exist (yet)
         return os.path.realpath(first) == os.path.realpath(second)
 
@@ -170,7 +172,7 @@ def store_file(path: Path, config: StorageConfig) -> str | None:
     store = config.database_path
     for base in dict.fromkeys((store, Path(os.path.realpath(store)))):
         for suffix in SQLITE_FILE_SUFFIXES:
-            if _same_file(path, base.with_name(base.name + suffix)):
+            if same_file(path, base.with_name(base.name + suffix)):
                 return (
                     f"the {suffix[1:]} file of the store {store}"
                     if suffix

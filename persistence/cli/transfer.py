@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from persistence.cli.output import (
     out,
     refuse_store_file,
     run,
+    same_file,
     stdout_text,
     store_file,
 )
@@ -159,10 +159,7 @@ def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
     if a.backend != b.backend:
         return False
     if a.backend == "sqlite":
-        first, second = a.database_path, b.database_path
-        if first.exists() and second.exists():
-            return os.path.samefile(first, second)  # a hard link too
-        return first.resolve() == second.resolve()
+        return same_file(a.database_path, b.database_path)
     return a.display_url == b.display_url
 
 
@@ -215,8 +212,9 @@ def migrate(
         if _same_store(cfg, destination_config):
             fail("--from and --to name the same store")
         # A copy written as the source's -wal file would be wiped when the source next opens.
-        taken = store_file(destination_config.database_path, cfg)
-        if destination_config.backend == "sqlite" and taken is not None:
+        if destination_config.backend == "sqlite" and (
+            taken := store_file(destination_config.database_path, cfg)
+        ):
             fail(f"--to names {taken}")
         async with create_storage(destination_config) as destination:
             with progress_bar("Copying sessions", stopped=RESUMES) as update:

@@ -51,18 +51,28 @@ async def _live_connection(engine: AsyncEngine, pool: Pool) -> Any:
     Found by attack: each of them failed one call as "database unreachable".
     """
     dbapi_error = engine.dialect.loaded_dbapi.Error
+    pooled = await _connect(pool, dbapi_error)
+    if not _known_closed(pooled):
+        return pooled
     # Past as many as the pool holds, the next is a new connection.
-    dead_left = _pool_size(pool)
-    while True:
-        try:
-            pooled = await greenlet_spawn(pool.connect)
-        except dbapi_error as exc:
-            raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
-        is_closed = getattr(pooled.driver_connection, "is_closed", None)
-        if dead_left == 0 or is_closed is None or not is_closed():
-            return pooled
-        dead_left -= 1
+    for _ in range(_pool_size(pool)):
         await greenlet_spawn(_drop, pooled)
+        pooled = await _connect(pool, dbapi_error)
+        if not _known_closed(pooled):
+            break
+    return pooled
+
+
+async def _connect(pool: Pool, dbapi_error: type[Exception]) -> Any:
+    try:
+        return await greenlet_spawn(pool.connect)
+    except dbapi_error as exc:
+        raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+
+
+def _known_closed(pooled: Any) -> bool:
+    is_closed = getattr(pooled.driver_connection, "is_closed", None)  # asyncpg's only
+    return is_closed is not None and bool(is_closed())
 
 
 def _pool_size(pool: Pool) -> int:

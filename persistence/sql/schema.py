@@ -258,15 +258,14 @@ def migrate(
             upgrade_to_head(connection, version_table=version_table, where=where)
         return
     # On the driver's connection: SQLAlchemy's would begin a transaction first.
-    foreign_keys = functools.partial(_set_foreign_keys, connection.connection)
-    foreign_keys("OFF")
+    _set_foreign_keys(connection.connection, "OFF")
     try:
         with connection.begin():
             upgrade_to_head(connection, version_table=version_table, where=where)
             check_references(connection, where)
     finally:
         if not connection.invalidated:
-            foreign_keys("ON")
+            _set_foreign_keys(connection.connection, "ON")
 
 
 def _set_foreign_keys(driver_connection: Any, value: str) -> None:

@@ -125,25 +125,20 @@ async def test_a_second_unit_of_work_of_one_sqlite_storage_in_a_task_fails_at_on
 async def test_a_unit_of_work_running_through_close_keeps_no_thread(tmp_path: Path) -> None:
     """Found by attack: given back to the pool that close() had disposed of, the unit's
     connection was never closed: its thread and descriptors stayed for good."""
+
+    async def unit(storage: SQLiteSessionStorage, inside: asyncio.Event, go: asyncio.Event) -> None:
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(conversation(1))
+            inside.set()
+            await go.wait()
+            await uow.commit()
+
     before = threading.active_count()
     for round_ in range(3):
         storage = SQLiteSessionStorage(tmp_path / f"s{round_}.db")
         await storage.initialize()
         inside, release = asyncio.Event(), asyncio.Event()
-
-        async def unit(
-            target: SQLiteSessionStorage = storage,
-            *,
-            ready: asyncio.Event = inside,
-            go: asyncio.Event = release,
-        ) -> None:
-            async with target.unit_of_work() as uow:
-                await uow.sessions.add(conversation(1))
-                ready.set()
-                await go.wait()
-                await uow.commit()
-
-        task = asyncio.create_task(unit())
+        task = asyncio.create_task(unit(storage, inside, release))
         await inside.wait()
         await storage.close()
         release.set()
