@@ -79,8 +79,11 @@ async def insert_documents(
 
     In a transaction where the server has them. On a standalone server the insert is
     ordered, so it stops at the first duplicate, and the documents it did insert
-    before it are deleted again: nothing of the batch stays (another reader may have
-    seen them meanwhile).
+    before it are deleted again, each only while no other writer has written to it
+    (`undo_filter`): nothing else of the batch stays, though another reader may have
+    seen them meanwhile, and a session another writer saved to meanwhile is its
+    (an acknowledged write is never deleted). A connection lost during the insert
+    leaves what it inserted.
     """
     collection = docs.sessions.get_pymongo_collection()
     client_session = client.start_session()
@@ -93,8 +96,8 @@ async def insert_documents(
             if client_session.in_transaction:
                 await client_session.abort_transaction()
             elif exc.details.get("nInserted"):
-                inserted = [document["_id"] for document in documents[: exc.details["nInserted"]]]
-                await collection.delete_many({"_id": {"$in": inserted}}, session=client_session)
+                inserted = documents[: exc.details["nInserted"]]
+                await collection.delete_many(undo_filter(inserted), session=client_session)
             if duplicate_only(exc):
                 return False
             raise
@@ -105,3 +108,15 @@ async def insert_documents(
         if client_session.in_transaction:
             await client_session.abort_transaction()
         await client_session.end_session()
+
+
+def undo_filter(inserted: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The documents of `inserted` that are still as inserted: at their first revision,
+    of the incarnation inserted (a write by another client moves the revision; a delete
+    and a new session of the same id draws another incarnation)."""
+    return {
+        "$or": [
+            {"_id": document["_id"], "revision": 1, "incarnation": document["incarnation"]}
+            for document in inserted
+        ]
+    }

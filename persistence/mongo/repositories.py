@@ -41,9 +41,10 @@ from persistence.storage import StorageCounts
 _IN_CHUNK = 1000
 # Above every character: `word` <= t < word + _LAST is "t begins with word".
 _LAST = "\U0010ffff"
-# The server refuses longer regular expressions (a word of a script without spaces
-# this long is looked for in no message).
-MAX_PATTERN_CHARS = 16_000
+# The server refuses regular expressions longer than 16,384 bytes of UTF-8 (32,764 before
+# 6.0): a word of a script without spaces whose escaped pattern is longer is looked for
+# in no message. Bytes, not characters: a Han or Thai character takes three.
+MAX_PATTERN_BYTES = 16_000
 _NEWEST_UPDATED = [("updated_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _NEWEST_UPLOADED = [("uploaded_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _BY_ID = [("_id", SortDirection.ASCENDING)]
@@ -358,6 +359,11 @@ def _holds(word: str) -> dict[str, Any]:
     return {"$regex": re.escape(word)}
 
 
+def _pattern_too_long(word: str) -> bool:
+    # At most 4 bytes a character: a word this short fits whatever its script.
+    return len(word) * 4 > MAX_PATTERN_BYTES and len(re.escape(word).encode()) > MAX_PATTERN_BYTES
+
+
 def session_filter(query: SearchQuery, session_id: str | None) -> dict[str, Any]:
     """Sessions holding every index term of `query`: what the index can find."""
     tokens = "messages.search_tokens"
@@ -402,7 +408,7 @@ async def search_messages(
     parsed = parse_query(query)
     if parsed is None or limit <= 0:
         return []
-    if any(word.anywhere and len(word.text) > MAX_PATTERN_CHARS for word in parsed.words):
+    if any(word.anywhere and _pattern_too_long(word.text) for word in parsed.words):
         return []
     rows = (
         await docs.sessions.find(session_filter(parsed, session_id), session=client_session)

@@ -152,7 +152,9 @@ class MongoUnitOfWork(UnitOfWork):
     On a replica set or a sharded cluster, all of it runs in one multi-document
     transaction: committed together or not at all, invisible to other readers until
     `commit()` returns, and a conflicting concurrent writer makes it fail (retry the
-    whole unit of work) rather than interleave.
+    whole unit of work) rather than interleave. A `commit()` that raises (a save
+    refused when sent, after others were) aborts the transaction, and the unit can
+    then only be rolled back: every later call raises PersistenceError, as on SQL.
 
     A standalone server has no transactions. There a refusal found by the checks
     raises with nothing written, so a unit of work (a migration batch) that holds one
@@ -177,6 +179,8 @@ class MongoUnitOfWork(UnitOfWork):
         # Saves sent inside the transaction: confirmed to their objects once it commits.
         self._sent: list[tuple[ChatSession, SavePlan, Saved]] = []
         self._committed = False
+        # What the commit that failed was doing: the unit can then only be rolled back.
+        self._failed: str | None = None
         # What this unit of work wrote but has not sent yet.
         self.added_sessions: dict[str, ChatSession] = {}
         self.deleted_sessions: set[str] = set()
@@ -190,6 +194,11 @@ class MongoUnitOfWork(UnitOfWork):
             raise PersistenceError("unit of work already committed: start a new one")
         if self._session is None:
             raise PersistenceError("unit of work not entered: use `async with`")
+        if self._failed is not None:
+            raise PersistenceError(
+                f"unit of work failed at {self._failed!r}: roll it back (leave its block)"
+                " and start a new one"
+            )
         return self._session
 
     def hold(self, held: _Held) -> None:
@@ -210,7 +219,14 @@ class MongoUnitOfWork(UnitOfWork):
     async def commit(self) -> None:
         client_session = self.client_session()
         held, self._held = self._held, []
-        await self._send(client_session, held)
+        try:
+            await self._send(client_session, held)
+        except BaseException:
+            # Writes sent before the error are in the transaction: aborted, none lands
+            # (a caller that caught the error cannot commit the rest).
+            self._failed = "commit"
+            await self._discard()
+            raise
         if self.transactional:
             try:
                 with mongo_errors("commit"):
@@ -275,7 +291,12 @@ class MongoUnitOfWork(UnitOfWork):
 
     async def rollback(self) -> None:
         await self._discard()
-        if self.transactional and self._session is not None and not self._committed:
+        if (
+            self.transactional
+            and self._session is not None
+            and not self._committed
+            and self._failed is None
+        ):
             # As on SQL, work after a rollback runs in a new transaction, not unguarded.
             with mongo_errors("rollback"):
                 await self._session.start_transaction(read_preference=ReadPreference.PRIMARY)

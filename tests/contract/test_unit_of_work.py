@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 
-from persistence import InvalidDataError, PersistenceError, SessionStorage
+from persistence import InvalidDataError, PersistenceError, SessionDeletedError, SessionStorage
 from tests.contract.conftest import Reopen
 from tests.factories import conversation, file_record
 
@@ -150,6 +150,39 @@ async def test_a_unit_with_a_refused_session_commits_nothing_though_the_error_wa
     reloaded = await storage.load_session(good.session_id)
     assert reloaded is not None
     assert [m.content for m in reloaded.messages] == ["message 0", "sent with the unit"]
+
+
+async def test_a_unit_whose_save_of_a_session_it_deleted_failed_commits_nothing_after(
+    storage: SessionStorage, reopen: Reopen
+) -> None:
+    """Found by review (MongoDB): a unit that saved one session, deleted a second and
+    then held a save of the second raised SessionDeletedError at commit() after the
+    first save and the delete were sent in its transaction; a caller that caught it
+    and called commit() again committed both. SQL refuses the save in add()."""
+    good, gone = conversation(1), conversation(1)
+    for session in (good, gone):
+        await storage.save_session(session)
+    good.add_message("user", "sent with the unit")
+    stale = await storage.load_session(gone.session_id)
+    assert stale is not None
+    stale.add_message("user", "to the session the unit deleted")
+
+    with pytest.raises(PersistenceError):
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(good)
+            assert await uow.sessions.delete(gone.session_id) is True
+            with contextlib.suppress(SessionDeletedError):
+                await uow.sessions.add(stale)
+                await uow.commit()
+            await uow.commit()
+
+    async with reopen(storage) as fresh:
+        stored_good = await fresh.load_session(good.session_id)
+        stored_gone = await fresh.load_session(gone.session_id)
+    assert stored_good is not None and stored_gone is not None
+    assert [m.content for m in stored_good.messages] == ["message 0"]
+    assert [m.content for m in stored_gone.messages] == ["message 0"]
+    assert storage.has_unsaved_changes(good)
 
 
 async def test_a_rolled_back_unit_of_work_leaves_earlier_edits_pending(

@@ -8,7 +8,13 @@ import pytest
 
 from persistence.models import ChatSession
 from persistence.mongo.mapping import document_from_message
-from persistence.mongo.repositories import _LAST, search_pipeline, session_filter
+from persistence.mongo.repositories import (
+    _LAST,
+    MAX_PATTERN_BYTES,
+    _pattern_too_long,
+    search_pipeline,
+    session_filter,
+)
 from persistence.search import parse_query, search_document
 
 HOSTILE = ['"unbalanced', "a -b", "NEAR(a b)", "x:y", "\\", "$where", '(* ")', "\x00null\x00"]
@@ -43,6 +49,16 @@ def test_any_typed_text_reduces_to_tokens_and_escaped_patterns(query: str) -> No
         else:
             assert condition == {"$elemMatch": {"$gte": word.text, "$lt": word.text + _LAST}}
     assert not any(key.startswith("$where") for key in str(session_filter(parsed, None)))
+
+
+def test_a_pattern_is_bounded_by_its_bytes_as_the_server_bounds_it() -> None:
+    """Found by review: the bound counted characters, and 6,000 Han characters (18,000
+    bytes) passed it, so the server refused the regular expression and search raised."""
+    han = "日" * (MAX_PATTERN_BYTES // 3)
+    assert len(han.encode()) <= MAX_PATTERN_BYTES and not _pattern_too_long(han)
+    assert _pattern_too_long(han + "日")
+    assert _pattern_too_long("日" * 6_000)
+    assert not _pattern_too_long("a" * MAX_PATTERN_BYTES)
 
 
 def test_index_terms_are_prefix_ranges_and_exact_grams() -> None:

@@ -14,6 +14,7 @@ import pytest
 from persistence.errors import InvalidDataError, SessionConflictError
 from persistence.models import ChatMessage, ChatSession
 from persistence.mongo.backend import MongoDBSessionStorage
+from persistence.mongo.bulk import documents_for_insert, undo_filter
 from persistence.mongo.documents import SESSIONS_COLLECTION
 from persistence.mongo.uow import MongoUnitOfWork
 from tests.mongo.test_server import _Commands, _conversation, _raw, _second
@@ -208,3 +209,25 @@ async def test_a_commit_sends_checked_writes_and_confirms_each_object(
     for name, count in (("existing", 2), ("fresh", 2)):
         raw = await _raw(mongo, name)
         assert raw is not None and raw["message_count"] == len(raw["messages"]) == count
+
+
+async def test_undoing_a_standalone_batch_deletes_only_documents_no_one_wrote_since(
+    mongo: MongoDBSessionStorage,
+) -> None:
+    """Found by review: the compensating delete of a half-inserted batch (standalone
+    server) took every inserted id, also a session another writer had appended to
+    meanwhile and been told it was saved."""
+    untouched, appended_to = _conversation(1), _conversation(1, "s-appended")
+    documents = documents_for_insert([untouched, appended_to])
+    await _collection(mongo).insert_many(documents)
+    other = await mongo.load_session("s-appended")
+    assert other is not None
+    other.add_message("assistant", "acknowledged meanwhile")
+    await mongo.save_session(other)
+
+    deleted = await _collection(mongo).delete_many(undo_filter(documents))
+
+    assert deleted.deleted_count == 1
+    assert await mongo.load_session(untouched.session_id) is None
+    kept = await mongo.load_session("s-appended")
+    assert kept is not None and kept.messages[-1].content == "acknowledged meanwhile"
