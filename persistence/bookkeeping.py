@@ -154,6 +154,8 @@ class Bookkeeping:
         pending = replay(base, log[base.log_at - log_start :])
         appends = tuple(messages[pending.synced :])
         _check_new_messages(self.session_id, appends)
+        for edit in pending.edits.values():
+            _check_message_metadata(edit.current)
         # What a save of unknown outcome sent may be stored: written again as held now.
         sent = None if base.certain else base.unconfirmed or Unconfirmed()
         field_changes = {
@@ -390,3 +392,12 @@ def _check_new_messages(session_id: str, messages: tuple[ChatMessage, ...]) -> N
         if message.message_id in seen:
             raise InvalidDataError(f"message_id {message.message_id!r} appears twice")
         seen.add(message.message_id)
+        _check_message_metadata(message)
+
+
+def _check_message_metadata(message: ChatMessage) -> None:
+    """Checks a message's metadata again: changed in place after `add_message` or
+    `edit_message`, it skipped the model's validation (a value no backend can keep
+    would reach the driver, or one backend would keep what another refuses)."""
+    if message.metadata:
+        check_json_object(message.metadata, f"message {message.message_id!r} metadata")

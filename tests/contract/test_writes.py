@@ -7,6 +7,7 @@ connections), as another server process would; objects keep their own bookkeepin
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -525,6 +526,39 @@ async def test_messages_appended_to_the_list_directly_are_saved(storage: Session
 
     loaded = await _load(storage, session.session_id)
     assert [m.message_id for m in loaded.messages][-1] == extra.message_id
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("big", 2**64), ("when", timedelta(seconds=1)), ("$set", 1), ("a.b", 1)],
+    ids=["int-beyond-64-bits", "not-json", "dollar-key", "dotted-key"],
+)
+async def test_message_metadata_changed_in_place_is_checked_as_add_message_checks_it(
+    storage: SessionStorage, key: str, value: object
+) -> None:
+    """Found by review: metadata changed in place after add_message or edit_message
+    skipped the model's validation. SQLite stored an int MongoDB cannot hold, and
+    raised a raw TypeError for a value JSON cannot hold; MongoDB raised OverflowError."""
+    session = await _stored(storage, turns=1)
+    added = session.add_message("user", "added")
+    added.metadata[key] = value
+    with pytest.raises(InvalidDataError, match=re.escape(key)):
+        await storage.save_session(session)
+    fresh = ChatSession.create("m")
+    fresh.add_message("user", "new").metadata[key] = value
+    with pytest.raises(InvalidDataError, match="metadata"):
+        await storage.save_session(fresh)
+    assert await storage.load_session(fresh.session_id) is None
+
+    session.pop_message()
+    await storage.save_session(session)
+    edited = session.edit_message(session.messages[0].message_id, content="edited")
+    edited.metadata[key] = value
+    with pytest.raises(InvalidDataError, match="metadata"):
+        await storage.save_session(session)
+    loaded = await _load(storage, session.session_id)
+    assert (loaded.message_count, loaded.messages[0].metadata) == (1, {})
+    assert loaded.messages[0].content != "edited"
 
 
 async def test_a_new_message_whose_id_another_session_stores_is_invalid_data(
