@@ -16,7 +16,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from persistence import PostgreSQLSessionStorage, SchemaVersionError, SQLiteSessionStorage
+from persistence import (
+    ChatSession,
+    PostgreSQLSessionStorage,
+    SchemaVersionError,
+    SQLiteSessionStorage,
+)
 from persistence.sql.engines import async_driver_url
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.tables import SEARCH_OBJECTS, Base
@@ -163,6 +168,34 @@ async def test_a_sqlite_store_of_the_first_revision_is_upgraded_with_its_message
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM chat_messages").fetchone() == (8,)
     connection.close()
+
+
+async def test_a_rewound_session_taken_down_to_the_first_revision_and_up_appends_in_order(
+    fresh_url: str,
+) -> None:
+    """Found by attack: revision 0002 set each session's next position to its message
+    count, but a rewind leaves positions unused: after `downgrade 0001` and `upgrade
+    head` an append took a position inside the history, and the next one collided."""
+    async with _storage(fresh_url) as storage:
+        session = ChatSession.create("m")
+        for number in range(5):
+            session.add_message("user", f"m{number}")
+        await storage.save_session(session)
+        session.rewind(session.messages[2].message_id)
+        session.add_message("user", "after the rewind")
+        await storage.save_session(session)
+    alembic(fresh_url, "downgrade", "0001")
+    alembic(fresh_url, "upgrade", "head")
+
+    async with _storage(fresh_url) as storage:
+        loaded = await storage.load_session(session.session_id)
+        assert loaded is not None
+        for content in ("A", "B"):
+            loaded.add_message("user", content)
+            await storage.save_session(loaded)
+        reread = await storage.load_session(session.session_id)
+    assert reread is not None
+    assert [m.content for m in reread.messages] == ["m0", "m1", "m2", "after the rewind", "A", "B"]
 
 
 def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:

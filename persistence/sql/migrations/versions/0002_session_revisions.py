@@ -39,9 +39,13 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("next_position", sa.BigInteger(), nullable=False, server_default="0")
         )
-    # Positions so far run 0 .. message_count - 1.
+    # Past the highest position stored, not the count: a store taken down to 0001 and
+    # up again holds sessions whose rewinds left gaps in their positions.
     op.execute(
-        "UPDATE chat_sessions SET next_position = message_count,"  # noqa: S608  # constant SQL
+        "UPDATE chat_sessions SET next_position = (SELECT CASE"  # noqa: S608  # constant SQL
+        " WHEN coalesce(max(m.position) + 1, 0) > chat_sessions.message_count"
+        " THEN coalesce(max(m.position) + 1, 0) ELSE chat_sessions.message_count END"
+        " FROM chat_messages m WHERE m.session_id = chat_sessions.session_id),"
         f" incarnation = {random_token}"
     )
     with op.batch_alter_table("chat_sessions", naming_convention=KEEP_NAMES) as batch:
