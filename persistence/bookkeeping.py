@@ -236,6 +236,11 @@ class Bookkeeping:
         if not keep_log:
             self._trim_log()
 
+    def settled(self) -> None:
+        """The saves a unit of work kept the log for (`keep_log`) are final: what only
+        the bases before them needed goes."""
+        self._trim_log()
+
     def rebase(self, token: str, fresh: ChatSession) -> list[str]:
         """Makes `fresh` (just loaded from storage `token`) this object's base, in place.
 

@@ -192,6 +192,10 @@ class SqlUnitOfWork(UnitOfWork):
             await self._give_back(exc)
             raise
         self._committed = True
+        # Found by attack: without this, a session saved only through units of work
+        # kept every edit, rewind and pop in its log for the object's life.
+        for session, _base, _sent in self._undo.values():
+            session.settled()
         self._undo.clear()
         await self._give_back(None)
 

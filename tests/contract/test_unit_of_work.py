@@ -200,3 +200,24 @@ async def test_a_rolled_back_unit_of_work_leaves_earlier_edits_pending(
     loaded = await storage.load_session(session.session_id)
     assert loaded is not None
     assert loaded.messages[0].content == "edited before the unit of work"
+
+
+async def test_a_session_saved_only_through_units_of_work_keeps_no_history_of_its_edits(
+    storage: SessionStorage,
+) -> None:
+    """Found by attack: a committed unit of work kept the object's log of edits,
+    rewinds and pops (each with the message it replaced) for a rollback that could no
+    longer come, so a long-lived session grew by every edit."""
+    session = conversation(1)
+    await storage.save_session(session)
+    for turn in range(5):
+        session.edit_message(session.messages[-1].message_id, content=f"edited {turn}")
+        session.add_message("user", f"turn {turn}")
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(session)
+            await uow.commit()
+    assert session._log == []  # the log a save trims: nothing left to reapply
+    loaded = await storage.load_session(session.session_id)
+    assert loaded is not None and [m.content for m in loaded.messages] == [
+        m.content for m in session.messages
+    ]
