@@ -17,10 +17,11 @@ the revisions read the database as they go. A refusal of the library is one line
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from alembic.util import CommandError
-from sqlalchemy import URL, Connection, pool
+from sqlalchemy import URL, Connection, inspect, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from alembic import context
@@ -44,6 +45,23 @@ from persistence.sql.schema import (
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 
 _VERSION_TABLE = context.get_x_argument(as_dictionary=True).get("version_table", VERSION_TABLE)
+# What the alembic commands that only read the database (`current`, `history -i`,
+# `check`) give the environment to run. Found by attack: `current` created a SQLite
+# file that did not exist and moved an older store's version table.
+_READING = {"display_version", "show_current", "_display_current_history", "retrieve_migrations"}
+
+
+def _command() -> str:
+    """The running command's function (upgrade, downgrade, do_stamp, display_version,
+    ...): alembic keeps it only in the options of the environment it runs."""
+    options = getattr(getattr(context, "_proxy", None), "context_opts", {})
+    return getattr(options.get("fn"), "__name__", "")
+
+
+def _only_reads() -> bool:
+    return _command() in _READING
+
+
 # Seconds a run waits for another writer of a SQLite file.
 _BUSY_TIMEOUT = 5.0
 
@@ -60,7 +78,7 @@ def _configured_url(*, opening: bool) -> URL:
     if config.backend != "sqlite":
         return async_driver_url(sql_url(config))
     if opening:
-        check_sqlite_path(config.database_path, must_exist=False)
+        check_sqlite_path(config.database_path, must_exist=_only_reads())
     # The path as it is: a `sqlite:///` string of it would be cut at `?` and decoded.
     return sqlite_url(config.database_path)
 
@@ -76,6 +94,11 @@ def _adopt_legacy_version(connection: Connection) -> None:
     try:
         state = examine(connection, script_directory(), version_table=_VERSION_TABLE)
     except MigrationError:
+        if _command() == "do_stamp" and _VERSION_TABLE not in inspect(connection).get_table_names():
+            # Found by attack: a stamp wrote our version table into another application's
+            # database, which initialize() then took for a store of ours. (A version
+            # table of ours that does not tell the truth may be stamped again.)
+            raise
         return  # tables of another application: ours are created beside them
     if state.legacy:
         adopt_legacy_version(connection, _VERSION_TABLE)
@@ -84,7 +107,8 @@ def _adopt_legacy_version(connection: Connection) -> None:
 def _run(connection: Connection) -> None:
     with connection.begin():
         take_migration_lock(connection)
-        _adopt_legacy_version(connection)
+        if not _only_reads():
+            _adopt_legacy_version(connection)
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,
@@ -106,8 +130,15 @@ def _engine(url: URL) -> AsyncEngine:
     # (Python's sqlite3 begins no transaction before DDL), so a run killed half way
     # left a store neither alembic nor initialize() could upgrade, and a failed run
     # left tables beside another application's. Foreign keys are off, as initialize()
-    # runs the revisions (schema.migrate); the journal mode is left as the file has it.
-    pragmas = {"foreign_keys": "OFF", "busy_timeout": int(_BUSY_TIMEOUT * 1000)}
+    # runs the revisions (schema.migrate). The journal mode of a file that holds
+    # something is left as the file has it; a new file is made WAL, as the library makes
+    # it. Found by attack: left in rollback mode, a storage opened while the run held the
+    # file failed at once (SQLite answers a change of journal mode with "busy" without
+    # waiting), where it waits for any writer of a WAL file.
+    pragmas: dict[str, Any] = {"foreign_keys": "OFF", "busy_timeout": int(_BUSY_TIMEOUT * 1000)}
+    path = Path(url.database or "")
+    if not path.exists() or path.stat().st_size == 0:
+        pragmas = {"journal_mode": "WAL", **pragmas}
     return sqlite_engine(url, pragmas, _BUSY_TIMEOUT).execution_options(**WRITE_OPTIONS)
 
 

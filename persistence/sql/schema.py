@@ -104,6 +104,16 @@ def examine(
                 f" {script.get_current_head()}); it was written by a newer version:"
                 " upgrade persistence"
             )
+        missing = _missing(inspector, names, heads)
+        if missing:
+            raise MigrationError(
+                f"{where}: {version_table} says the schema is at revision"
+                f" {', '.join(heads)}, but {_listed(missing)} of that revision are not"
+                " there (stamped without migrating, or changed by hand); persistence"
+                " neither reads nor changes it. If it was stamped by mistake, stamp the"
+                " revision its tables are at (`alembic stamp 0002`, say, or `alembic stamp"
+                " base` where it has none) and run `alembic upgrade head`"
+            )
         return SchemaState(heads)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
         heads = _heads(connection, LEGACY_VERSION_TABLE)
@@ -128,6 +138,38 @@ def examine(
             " with `alembic upgrade head`)"
         )
     return SchemaState(())
+
+
+# What a revision adds that its later ones keep: found at that revision or later, or
+# the version table does not tell the truth (`alembic stamp`).
+_ADDED_BY = (
+    ("0002", "chat_sessions", "next_position"),
+    ("0003", "chat_messages", "search_text"),
+    ("0004", "chat_session_counts", None),
+)
+
+
+def _missing(inspector: Any, names: set[str], heads: tuple[str, ...]) -> list[str]:
+    """What the version table's revisions imply and the database lacks.
+
+    Found by attack: `alembic stamp head` on an empty database, on another
+    application's, or on a store of an older revision, and initialize() took it
+    as a store at head (every call then failed on a missing table)."""
+    if not heads:
+        return []
+    expected = {table: set(columns) for table, columns in _FIRST_COLUMNS.items()}
+    newest = max(heads)
+    for revision, table, column in _ADDED_BY:
+        if newest >= revision:
+            expected.setdefault(table, set()).update([column] if column else [])
+    missing: list[str] = []
+    for table, columns in expected.items():
+        if table not in names:
+            missing.append(table)
+            continue
+        lacking = columns - {column["name"] for column in inspector.get_columns(table)}
+        missing += [f"{table}.{column}" for column in sorted(lacking)]
+    return missing
 
 
 def _ours(inspector: Any, names: set[str]) -> bool:

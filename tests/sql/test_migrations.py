@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from persistence import (
     ChatSession,
+    MigrationError,
     PostgreSQLSessionStorage,
     SchemaVersionError,
     SQLiteSessionStorage,
@@ -327,3 +328,83 @@ def test_alembic_offline_mode_is_refused_in_one_line(tmp_path: Path) -> None:
         "offline mode (--sql) is not supported: the revisions read the database as"
         " they go (batch rebuilds on SQLite, backfills); run them on the database"
     )
+
+
+def _alembic(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", *args],
+        cwd=ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+async def test_a_version_table_stamped_without_migrating_is_refused_and_can_be_stamped_back(
+    fresh_url: str,
+) -> None:
+    """Found by attack: after `alembic stamp head` on an empty database or a store of an
+    older revision, initialize() took it for a store at head: every call then failed on
+    a missing table, and the revisions it lacked never ran."""
+    assert _alembic(fresh_url, "stamp", "head").returncode == 0
+    with pytest.raises(MigrationError, match="stamped without migrating") as refused:
+        await _storage(fresh_url).initialize()
+    assert "chat_sessions" in str(refused.value)
+    assert _alembic(fresh_url, "stamp", "base").returncode == 0
+
+    alembic(fresh_url, "upgrade", "0002")
+    assert _alembic(fresh_url, "stamp", "head").returncode == 0
+    with pytest.raises(MigrationError, match="chat_session_counts"):
+        await _storage(fresh_url).initialize()
+    assert _alembic(fresh_url, "stamp", "0002").returncode == 0
+    async with _storage(fresh_url) as storage:
+        assert (await storage.count()).total_sessions == 0
+    assert await _on(fresh_url, _diff) == []
+
+
+@pytest.mark.sqlite
+def test_alembic_stamp_refuses_another_applications_database(tmp_path: Path) -> None:
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    connection.close()
+    done = _alembic(f"sqlite:///{path}", "stamp", "head")
+    assert "another application (invoices)" in _failure(done)
+    with sqlite3.connect(path) as connection:
+        tables = connection.execute("SELECT name FROM sqlite_master").fetchall()
+    connection.close()
+    assert tables == [("invoices",)]
+
+
+@pytest.mark.sqlite
+def test_alembic_current_writes_nothing(tmp_path: Path) -> None:
+    """Found by attack: `alembic current` created a SQLite file that did not exist, and
+    moved an older store's revision from `alembic_version` to our version table."""
+    missing = tmp_path / "missing.db"
+    assert "no database at" in _failure(_alembic(f"sqlite:///{missing}", "current"))
+    assert not missing.exists()
+
+    older = tmp_path / "older.db"
+    alembic(f"sqlite:///{older}", "upgrade", "head")
+    with sqlite3.connect(older) as connection:
+        connection.execute(f"ALTER TABLE {VERSION_TABLE} RENAME TO alembic_version")
+    connection.close()
+    done = _alembic(f"sqlite:///{older}", "current")
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(older) as connection:
+        names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    assert "alembic_version" in names and VERSION_TABLE not in names
+
+
+@pytest.mark.sqlite
+def test_a_sqlite_file_alembic_creates_is_in_wal_mode(tmp_path: Path) -> None:
+    """Found by attack: left in rollback-journal mode, a storage opened while alembic
+    held the new file failed at once (SQLite answers a change of journal mode with
+    "busy" without waiting) instead of waiting for the writer."""
+    path = tmp_path / "new.db"
+    alembic(f"sqlite:///{path}", "upgrade", "head")
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    connection.close()
