@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bson.errors import BSONError, InvalidDocument
+from pydantic import ValidationError
 from pymongo.errors import (
     ConfigurationError,
     ConnectionFailure,
@@ -57,8 +58,15 @@ def translate(exc: BaseException, action: str) -> PersistenceError:
     """Returns the library error for a PyMongo or BSON error (chain it with `from`)."""
     if isinstance(exc, DocumentTooLarge):
         return too_large(action)
-    if isinstance(exc, InvalidDocument):
+    if isinstance(exc, InvalidDocument | OverflowError):
+        # OverflowError: BSON's encoder, for an int beyond 64 bits.
         return InvalidDataError(f"{action}: MongoDB cannot store the value ({_detail(exc)})")
+    if isinstance(exc, ValidationError):
+        # Beanie building a model from a stored document (another version's, or edited).
+        return InvalidDataError(
+            f"{action}: a stored document does not read as this version's model"
+            f" ({exc.error_count()} errors, first: {_first_error(exc)})"
+        )
     if isinstance(exc, ConnectionFailure | OSError | TimeoutError):
         return StorageConnectionError(f"{action}: MongoDB unreachable ({_detail(exc)})")
     if isinstance(exc, ConfigurationError):
@@ -88,12 +96,19 @@ def mongo_errors(action: str) -> Iterator[None]:
 
     Raises:
         StorageConnectionError: the server cannot be reached or refused the credentials.
-        InvalidDataError: a value MongoDB cannot store (too large, too deep).
+        InvalidDataError: a value MongoDB cannot store (too large, too deep, an int
+            beyond 64 bits), or a stored document this version cannot read.
         PersistenceError: any other backend failure, with the driver's error chained.
     """
     try:
         yield
     except PersistenceError:
         raise
-    except (PyMongoError, BSONError, OSError, TimeoutError) as exc:
+    except (PyMongoError, BSONError, OSError, TimeoutError, OverflowError, ValidationError) as exc:
         raise translate(exc, action) from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"])
+    return redact(f"{location}: {error['msg']}")[:200]

@@ -134,3 +134,22 @@ def test_no_password_reaches_a_translated_message() -> None:
 def test_redact_hides_user_info_of_every_mongodb_url() -> None:
     text = f"a mongodb://u:{SECRET}@h/ and MONGODB+SRV://{SECRET}@c.example/ end"
     assert redact(text) == "a mongodb://***@h/ and MONGODB+SRV://***@c.example/ end"
+
+
+def test_an_int_beyond_64_bits_and_an_unreadable_stored_document_are_invalid_data() -> None:
+    """Found by review: BSON's OverflowError and the ValidationError Beanie raises for a
+    stored document the model cannot read reached the caller raw."""
+    from bson import encode
+    from pydantic import BaseModel, ValidationError
+
+    class Stored(BaseModel):
+        status: int
+
+    with pytest.raises(OverflowError) as overflow:
+        encode({"n": 2**64})
+    assert type(_raised(overflow.value)) is InvalidDataError
+    with pytest.raises(ValidationError) as invalid:  # as Beanie raises it
+        Stored.model_validate({"status": "bogus"})
+    error = _raised(invalid.value)
+    assert type(error) is InvalidDataError
+    assert "status" in str(error) and "stored document" in str(error)
