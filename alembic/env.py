@@ -37,6 +37,7 @@ from persistence.sql.schema import (
     VERSION_TABLE,
     adopt_legacy_version,
     check_references,
+    dangling_references,
     examine,
     script_directory,
     take_migration_lock,
@@ -85,6 +86,7 @@ def _run(connection: Connection) -> None:
     with connection.begin():
         take_migration_lock(connection)
         _adopt_legacy_version(connection)
+        before = dangling_references(connection)
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,
@@ -96,7 +98,7 @@ def _run(connection: Connection) -> None:
         # Inside the transaction begun above: alembic begins none of its own.
         with context.begin_transaction():
             context.run_migrations()
-        check_references(connection, "the database")
+        check_references(connection, "the database", before)
 
 
 def _engine(url: URL) -> AsyncEngine:
