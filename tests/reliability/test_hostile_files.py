@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,57 @@ async def test_an_empty_file_becomes_a_fresh_database(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     path.touch()
     assert await _every_operation(path) == []
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+async def test_a_file_moved_under_an_open_storage_takes_no_write(
+    tmp_path: Path, change: str
+) -> None:
+    """Found by attack: after `mv other.db live.db` under an open storage, its saves
+    reported success into the old, unlinked file (lost with it), and the -wal beside the
+    path left the new file corrupt."""
+    path, other = tmp_path / "live.db", tmp_path / "other.db"
+    async with SQLiteSessionStorage(other) as storage:
+        theirs = ChatSession.create("m", session_id="theirs")
+        theirs.add_message("user", "kept as it was")
+        await storage.save_session(theirs)
+    storage = SQLiteSessionStorage(path)
+    await storage.initialize()
+    try:
+        ours = ChatSession.create("m", session_id="ours")
+        ours.add_message("user", "before the move")
+        await storage.save_session(ours)
+        # Frames not yet checkpointed when a file is moved stay in the -wal beside the
+        # path, where SQLite reads them with the new file: no storage can undo that
+        # (SQLite names moving an open database as a way to corrupt it). Checkpointed
+        # here, the test sees only what the storage does after the move.
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        if change == "replaced":
+            os.replace(other, path)
+        else:
+            path.unlink()
+        ours.add_message("user", "after the move")
+        with pytest.raises(PersistenceError, match="replaced or removed while open") as caught:
+            await storage.save_session(ours)
+        assert str(path) in str(caught.value)
+        with pytest.raises(PersistenceError, match="replaced or removed while open"):
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(ChatSession.create("m", session_id="in-a-unit"))
+                await uow.commit()
+        with pytest.raises(PersistenceError, match="replaced or removed while open"):
+            await storage.load_session("ours")
+    finally:
+        await storage.close()
+    if change == "removed":
+        assert not path.exists()
+        return
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    connection.close()
+    async with SQLiteSessionStorage(path) as reopened:
+        assert [s.session_id for s in await reopened.list_sessions()] == ["theirs"]
+        loaded = await reopened.load_session("theirs")
+        assert loaded is not None
+        assert [m.content for m in loaded.messages] == ["kept as it was"]
