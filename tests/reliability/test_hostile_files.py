@@ -12,9 +12,11 @@ import pytest
 from persistence import (
     ChatSession,
     PersistenceError,
+    SessionManager,
     SQLiteSessionStorage,
     StorageConnectionError,
 )
+from persistence.transfer import export_to_json
 from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.sqlite
@@ -177,3 +179,53 @@ async def test_a_file_moved_under_an_open_storage_takes_no_write(
         loaded = await reopened.load_session("theirs")
         assert loaded is not None
         assert [m.content for m in loaded.messages] == ["kept as it was"]
+
+
+async def _edited(path: Path, *statements: str) -> None:
+    """Sessions s0 and s1 of three messages each, then `statements` run as a hand edit
+    in the sqlite3 shell would (CHECK constraints ignored)."""
+    async with SQLiteSessionStorage(path) as storage:
+        for index in range(2):
+            session = ChatSession.create("m", session_id=f"s{index}")
+            for turn in range(3):
+                session.add_message("user", f"hello {index} {turn}")
+            await storage.save_session(session)
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA ignore_check_constraints = 1")
+        for statement in statements:
+            connection.execute(statement)
+    connection.close()
+
+
+async def test_metadata_that_is_not_json_is_a_library_error_naming_the_row(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: one message's metadata edited to invalid JSON made loads,
+    searches, exports and SessionManager.startup raise a bare JSONDecodeError."""
+    path = tmp_path / "edited.db"
+    await _edited(
+        path,
+        "UPDATE chat_messages SET metadata = '{not json' WHERE session_id = 's1' AND position = 1",
+        "UPDATE chat_sessions SET metadata = '[oops' WHERE session_id = 's0'",
+    )
+    with sqlite3.connect(path) as connection:
+        (message_id,) = connection.execute(
+            "SELECT message_id FROM chat_messages WHERE session_id = 's1' AND position = 1"
+        ).fetchone()
+    connection.close()
+    async with SQLiteSessionStorage(path) as storage:
+        with pytest.raises(PersistenceError) as caught:
+            await storage.load_session("s1")
+        assert all(
+            name in str(caught.value) for name in ("'s1'", message_id, "chat_messages.metadata")
+        )
+        with pytest.raises(PersistenceError, match=r"'s1'.*chat_messages\.metadata"):
+            await storage.load_session("s1", last=2)
+        with pytest.raises(PersistenceError, match=message_id):
+            await storage.search_messages("hello")
+        with pytest.raises(PersistenceError, match=r"'s0'.*chat_sessions\.metadata"):
+            await storage.list_sessions()
+        with pytest.raises(PersistenceError, match="is not JSON"):
+            await export_to_json(storage, tmp_path / "all.json")
+        with pytest.raises(PersistenceError, match="is not JSON"):
+            await SessionManager(storage).startup()
