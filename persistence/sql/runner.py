@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 from sqlalchemy import Dialect
 
+from persistence.errors import PersistenceError
 from persistence.garbage_collection import collection_paused
 from persistence.sql import plans
 from persistence.sql.bulk import BulkInsert, copied_parts
@@ -124,12 +125,18 @@ def _sqlite_step(connection: sqlite3.Connection, dialect: Dialect) -> Callable[[
         _trace(sql)
         cursor = connection.execute(sql, params)
         if isinstance(request, Fetch):
+            rows = cursor.fetchall()
             try:
-                return compiled.decode(cursor.fetchall())
+                return compiled.decode(rows)
             except ValueError as exc:
-                # Only a damaged file holds a value its column cannot read back.
-                raise sqlite3.DatabaseError(
-                    "the database file is corrupt: a stored value cannot be read"
+                # A hand edit (or a damaged file) left a value its column cannot read
+                # back. Found by attack: an updated_at edited to '2026-13-45 99:00' was
+                # reported as a corrupt file, naming nothing, though integrity_check
+                # passed.
+                raise PersistenceError(
+                    f"a stored value cannot be read: {compiled.unreadable(rows)}; it was"
+                    " written outside persistence, or the file is damaged (PRAGMA"
+                    " integrity_check tells the two apart)"
                 ) from exc
         return cursor.rowcount
 

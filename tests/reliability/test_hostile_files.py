@@ -229,3 +229,21 @@ async def test_metadata_that_is_not_json_is_a_library_error_naming_the_row(
             await export_to_json(storage, tmp_path / "all.json")
         with pytest.raises(PersistenceError, match="is not JSON"):
             await SessionManager(storage).startup()
+
+
+async def test_a_stored_value_its_column_cannot_read_is_named_not_called_corruption(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: one updated_at edited to '2026-13-45 99:00' made every listing
+    say "the database file is corrupt", naming nothing, though integrity_check passed."""
+    path = tmp_path / "edited.db"
+    await _edited(
+        path, "UPDATE chat_sessions SET updated_at = '2026-13-45 99:00' WHERE session_id = 's1'"
+    )
+    async with SQLiteSessionStorage(path) as storage:
+        with pytest.raises(PersistenceError) as caught:
+            await storage.list_sessions()
+    message = str(caught.value)
+    assert "chat_sessions.updated_at holds '2026-13-45 99:00', which is not a timestamp" in message
+    assert "chat_sessions.session_id 's1'" in message
+    assert "corrupt" not in message
