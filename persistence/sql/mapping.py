@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy import Text, cast
 
 from persistence.changes import Base, MessageList, Snapshot
+from persistence.errors import PersistenceError
 from persistence.garbage_collection import collection_paused
 from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
@@ -125,16 +126,68 @@ def _message(
 def messages_from_rows(rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
     """The messages of `rows` (MESSAGE_COLUMNS first; a search's rows carry more), in
     order, built with the cyclic collector paused (persistence.garbage_collection: a
-    history is thousands of tracked objects)."""
-    with collection_paused():
-        return [_message(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
+    history is thousands of tracked objects).
+
+    Raises:
+        PersistenceError: a row's metadata is not JSON (written outside persistence).
+    """
+    try:
+        with collection_paused():
+            return [_message(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
+    except ValueError as exc:
+        raise _unreadable_message(rows, 5, None, exc) from exc
 
 
 def history_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
     """The messages of one session from rows of HISTORY_COLUMNS (more may follow), in
-    order, as messages_from_rows builds them; every message holds the one `session_id`."""
-    with collection_paused():
-        return [_message(row[0], session_id, row[1], row[2], row[3], row[4]) for row in rows]
+    order, as messages_from_rows builds them; every message holds the one `session_id`.
+
+    Raises:
+        PersistenceError: a row's metadata is not JSON (written outside persistence).
+    """
+    try:
+        with collection_paused():
+            return [_message(row[0], session_id, row[1], row[2], row[3], row[4]) for row in rows]
+    except ValueError as exc:
+        raise _unreadable_message(rows, 4, session_id, exc) from exc
+
+
+def _unreadable_message(
+    rows: Iterable[Sequence[Any]],
+    metadata: int,
+    session_id: str | None,
+    exc: ValueError,
+) -> PersistenceError:
+    """Names the first row whose metadata (column `metadata`) json_loads refuses, and
+    its session (`session_id`, else the row's second column).
+
+    Found by attack: one message whose metadata a hand edit left invalid made loads,
+    searches, exports and SessionManager.startup raise a bare JSONDecodeError naming
+    nothing. The rows are walked again only on that failure, so the hot path tries
+    nothing per row; rows given as an iterator are spent, and then no row is named.
+    """
+    where = "" if session_id is None else f"session {session_id!r}: "
+    for row in rows if isinstance(rows, Sequence) else ():
+        try:
+            json_loads(row[metadata])
+        except ValueError:
+            return PersistenceError(
+                f"session {session_id or row[1]!r}, message {row[0]!r}: the stored"
+                f" chat_messages.metadata is not JSON ({_shown(row[metadata])}); it was"
+                " written outside persistence"
+            )
+    return PersistenceError(
+        f"{where}a stored chat_messages.metadata is not JSON ({exc}); it was written outside"
+        " persistence"
+    )
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE else text[: _SHOWN_VALUE - 3] + "..."
+
+
+_SHOWN_VALUE = 60
 
 
 _new_message = ChatMessage.__new__
@@ -149,6 +202,14 @@ def session_from_row(
     `messages` None means a listing (no history); fewer messages than the row's count
     means a partial load (`last=`): `message_count` is always the stored count.
     """
+    try:
+        metadata = json_loads(row[5])
+    except ValueError as exc:
+        # A try costs nothing until it catches (Python 3.11), and a page is 100 rows.
+        raise PersistenceError(
+            f"session {row[0]!r}: the stored chat_sessions.metadata is not JSON"
+            f" ({_shown(row[5])}); it was written outside persistence"
+        ) from exc
     return ChatSession.from_store(
         {
             "session_id": row[0],
@@ -157,7 +218,7 @@ def session_from_row(
             "updated_at": row[3],
             "message_count": row[4],
             "messages": MessageList() if messages is None else MessageList(messages),
-            "metadata": json_loads(row[5]),
+            "metadata": metadata,
             "status": row[6],
         },
         token,

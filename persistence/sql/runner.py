@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 from sqlalchemy import Dialect
 
+from persistence.errors import PersistenceError
 from persistence.garbage_collection import collection_paused
 from persistence.sql import plans
 from persistence.sql.bulk import BulkInsert, copied_parts
@@ -124,12 +125,18 @@ def _sqlite_step(connection: sqlite3.Connection, dialect: Dialect) -> Callable[[
         _trace(sql)
         cursor = connection.execute(sql, params)
         if isinstance(request, Fetch):
+            rows = cursor.fetchall()
             try:
-                return compiled.decode(cursor.fetchall())
+                return compiled.decode(rows)
             except ValueError as exc:
-                # Only a damaged file holds a value its column cannot read back.
-                raise sqlite3.DatabaseError(
-                    "the database file is corrupt: a stored value cannot be read"
+                # A hand edit (or a damaged file) left a value its column cannot read
+                # back. Found by attack: an updated_at edited to '2026-13-45 99:00' was
+                # reported as a corrupt file, naming nothing, though integrity_check
+                # passed.
+                raise PersistenceError(
+                    f"a stored value cannot be read: {compiled.unreadable(rows)}; it was"
+                    " written outside persistence, or the file is damaged (PRAGMA"
+                    " integrity_check tells the two apart)"
                 ) from exc
         return cursor.rowcount
 
@@ -142,20 +149,35 @@ def run_in_sqlite_thread(
     work: Work[T],
     begin: str | None,
     end: bool = True,
+    check: Callable[[], None] | None = None,
 ) -> T:
     """Runs `work` synchronously; meant to run in the aiosqlite connection's thread.
 
     With `begin` (BEGIN IMMEDIATE for writes, BEGIN for reads) the work is one
     transaction: committed if it returns, rolled back if anything raises. Without
     `end` the transaction is left open (a unit of work's first work), for
-    end_sqlite_transaction.
+    end_sqlite_transaction. `check` runs once the transaction has begun, before the
+    work: if it raises, the transaction is rolled back and the work never runs.
     """
 
     if begin is not None:
         connection.execute(begin)
+        if check is not None:
+            _check_begun(connection, work, check)
         if end:
             return _finish_transaction(connection, dialect, work)
     return _finish(work, _sqlite_step(connection, dialect), dialect)
+
+
+def _check_begun(
+    connection: sqlite3.Connection, work: Work[Any], check: Callable[[], None]
+) -> None:
+    try:
+        check()
+    except BaseException:
+        work.close()
+        end_sqlite_transaction(connection, "ROLLBACK")
+        raise
 
 
 def end_sqlite_transaction(connection: sqlite3.Connection, verb: str) -> None:
@@ -165,7 +187,11 @@ def end_sqlite_transaction(connection: sqlite3.Connection, verb: str) -> None:
 
 
 def read_in_sqlite_thread(
-    connection: sqlite3.Connection, dialect: Dialect, work: Work[T], begin: str | None
+    connection: sqlite3.Connection,
+    dialect: Dialect,
+    work: Work[T],
+    begin: str | None,
+    check: Callable[[], None] | None = None,
 ) -> T:
     """run_in_sqlite_thread for a read, with the cyclic garbage collector paused.
 
@@ -177,7 +203,7 @@ def read_in_sqlite_thread(
     is one bounded transaction in this thread, so the pause ends with it.
     """
     with collection_paused():
-        return run_in_sqlite_thread(connection, dialect, work, begin)
+        return run_in_sqlite_thread(connection, dialect, work, begin, check=check)
 
 
 def _finish_transaction(connection: sqlite3.Connection, dialect: Dialect, work: Work[T]) -> T:
@@ -193,10 +219,15 @@ def _finish_transaction(connection: sqlite3.Connection, dialect: Dialect, work: 
 
 
 def run_unless_locked(
-    connection: sqlite3.Connection, dialect: Dialect, work: Work[T], busy_timeout_ms: int
+    connection: sqlite3.Connection,
+    dialect: Dialect,
+    work: Work[T],
+    busy_timeout_ms: int,
+    check: Callable[[], None] | None = None,
 ) -> tuple[bool, T | None]:
-    """Runs `work` as one write transaction, as run_in_sqlite_thread does, if the write
-    lock is free now; (False, None) without waiting when another writer holds it."""
+    """Runs `work` as one write transaction, as run_in_sqlite_thread does (`check`
+    included), if the write lock is free now; (False, None) without waiting when another
+    writer holds it."""
     connection.execute("PRAGMA busy_timeout = 0")
     try:
         connection.execute("BEGIN IMMEDIATE")
@@ -207,6 +238,8 @@ def run_unless_locked(
         return False, None
     finally:
         connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if check is not None:
+        _check_begun(connection, work, check)
     return True, _finish_transaction(connection, dialect, work)
 
 

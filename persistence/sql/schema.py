@@ -229,13 +229,30 @@ def upgrade_to_head(
         MigrationError: if the database holds another application's tables or
             version table (nothing is written then).
     """
+    if prepare_upgrade(connection, version_table=version_table, where=where):
+        run_revisions(connection, version_table)
+
+
+def prepare_upgrade(
+    connection: Connection, *, version_table: str = VERSION_TABLE, where: str = "the database"
+) -> bool:
+    """Locks and examines the database (adopting a legacy version table); says whether
+    revisions must run to bring it to head.
+
+    Raises:
+        as `upgrade_to_head`.
+    """
     take_migration_lock(connection)
     script = script_directory()
     state = examine(connection, script, version_table=version_table, where=where)
     if state.legacy:
         adopt_legacy_version(connection, version_table)
-    if state.heads == (script.get_current_head(),):
-        return
+    return state.heads != (script.get_current_head(),)
+
+
+def run_revisions(connection: Connection, version_table: str = VERSION_TABLE) -> None:
+    """Runs every revision from the database's to head in the connection's transaction."""
+    script = script_directory()
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
 
@@ -260,21 +277,42 @@ def take_migration_lock(connection: Connection) -> None:
         connection.execute(text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
 
 
-def check_references(connection: Connection, where: str) -> None:
-    """SQLite, after revisions ran with foreign keys off: every message still has its
-    session.
+def dangling_references(connection: Connection) -> int:
+    """SQLite: how many rows refer to no row of their table (a message of no session).
+
+    A store can hold some before any revision runs: the sqlite3 shell, where foreign
+    keys are off by default, deletes a session and leaves its messages.
+    """
+    if connection.dialect.name != "sqlite":
+        return 0
+    return int(
+        connection.exec_driver_sql("SELECT count(*) FROM pragma_foreign_key_check").scalar_one()
+    )
+
+
+def check_references(connection: Connection, where: str, before: int) -> None:
+    """SQLite, after revisions ran with foreign keys off: no row refers to nothing that
+    did not before (`before`, from `dangling_references`).
 
     Raises:
-        MigrationError: naming the first rows that refer to nothing.
+        MigrationError: naming the first such rows, or how many there are.
     """
     if connection.dialect.name != "sqlite":
         return
-    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchmany(3)
-    if broken:
+    if not before:
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchmany(3)
+        if broken:
+            raise MigrationError(
+                f"{where}: after the schema upgrade rows refer to no row of their table"
+                f" ({', '.join(f'{row[0]} row {row[1]}' for row in broken)}); nothing"
+                " was changed"
+            )
+        return
+    after = dangling_references(connection)
+    if after > before:
         raise MigrationError(
-            f"{where}: after the schema upgrade rows refer to no row of their table"
-            f" ({', '.join(f'{row[0]} row {row[1]}' for row in broken)}); nothing"
-            " was changed"
+            f"{where}: after the schema upgrade {after} rows refer to no row of their table,"
+            f" {before} before it; nothing was changed"
         )
 
 
@@ -289,11 +327,14 @@ def migrate(
     of revision 0001 with messages could not be upgraded (the cascade met the FTS
     triggers: "database table is locked"), and without those triggers lost every
     message. The pragma holds only outside a transaction; the revisions' result is
-    checked with `foreign_key_check` before the commit.
+    checked with `foreign_key_check` before the commit. Found by attack: that check ran
+    on every open, so a store at head holding messages of a session deleted in the
+    sqlite3 shell (foreign keys off there) could no longer be opened or upgraded; it
+    now runs only when revisions ran, and counts only rows they left dangling.
 
     Raises:
-        MigrationError: as `upgrade_to_head`, or if the upgraded store holds a message of
-            no session (nothing is written then).
+        MigrationError: as `upgrade_to_head`, or if the revisions left a message of no
+            session (nothing is written then).
     """
     if connection.dialect.name != "sqlite":
         with connection.begin():
@@ -303,8 +344,10 @@ def migrate(
     _set_foreign_keys(connection.connection, "OFF")
     try:
         with connection.begin():
-            upgrade_to_head(connection, version_table=version_table, where=where)
-            check_references(connection, where)
+            if prepare_upgrade(connection, version_table=version_table, where=where):
+                before = dangling_references(connection)
+                run_revisions(connection, version_table)
+                check_references(connection, where, before)
     finally:
         if not connection.invalidated:
             _set_foreign_keys(connection.connection, "ON")

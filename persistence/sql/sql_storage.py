@@ -60,6 +60,9 @@ class SqlSessionStorage(SessionStorage):
         # documents (indexing.then_index; where inserts write them, that writes none).
         self._left_pending = 0
         self.version_table = version_table
+        # SQLite: raises if the file at the path is no longer the one opened; run in
+        # each transaction just begun (sqlite_storage.same_file).
+        self._file_check: Callable[[], None] | None = None
 
     @abstractmethod
     def _create_engine(self) -> AsyncEngine: ...
@@ -167,7 +170,9 @@ class SqlSessionStorage(SessionStorage):
 
     def unit_of_work(self) -> SqlUnitOfWork:
         self._refuse_writes("unit of work")
-        return SqlUnitOfWork(self.engine.execution_options(**WRITE_OPTIONS), self.token)
+        return SqlUnitOfWork(
+            self.engine.execution_options(**WRITE_OPTIONS), self.token, self._file_check
+        )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         async with save_turn(self.token, session):

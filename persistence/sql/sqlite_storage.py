@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +42,31 @@ from persistence.storage import (
 )
 
 T = TypeVar("T")
+
+
+def same_file(path: Path, identity: tuple[int, int]) -> None:
+    """Refuses to go on when the file at `path` is no longer the one opened (`identity`:
+    its st_dev and st_ino); cheap enough for every transaction.
+
+    Found by attack: a store moved onto the path of an open storage (`mv other.db
+    live.db`, a backup restored while the service runs) took saves that reported
+    success into the old, unlinked file, lost with it, and the -wal they wrote beside
+    the path corrupted the new file. Run once each transaction has begun (a write's
+    BEGIN IMMEDIATE holds the write lock), so nothing is written, nor read from the old
+    file, after the file changed.
+
+    Raises:
+        PersistenceError: naming the path.
+    """
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        found = None
+    if found is None or (found.st_dev, found.st_ino) != identity:
+        raise PersistenceError(
+            f"{path}: the database file was replaced or removed while open: close and open"
+            " the storage again"
+        )
 
 
 class SQLiteSessionStorage(SqlSessionStorage):
@@ -124,6 +151,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # a copy of it is another.
         found = self.database_path.stat()
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
+        self._file_check = partial(same_file, self.database_path, (found.st_dev, found.st_ino))
 
     async def close(self) -> None:
         # Closed first: a call made while the connection closes is told so, not that the
@@ -161,6 +189,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 self.engine.dialect,
                 indexing.index_some(),
                 int(self._busy_timeout * 1000),
+                self._file_check,
             )
         return written if ran else None
 
@@ -188,7 +217,10 @@ class SQLiteSessionStorage(SqlSessionStorage):
         with sql_errors(action):
             result: T = await run_in_thread(
                 connection,
-                run_in_sqlite_thread if write else read_in_sqlite_thread,
+                partial(
+                    run_in_sqlite_thread if write else read_in_sqlite_thread,
+                    check=self._file_check,
+                ),
                 dialect,
                 work,
                 "BEGIN IMMEDIATE" if write else "BEGIN",

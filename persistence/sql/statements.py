@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Dialect
@@ -29,6 +30,8 @@ class Compiled:
     bind_processors: Mapping[str, Processor]
     plan: tuple[tuple[str, Processor], ...]
     processed_columns: tuple[tuple[int, Callable[[Any], Any]], ...]
+    described: tuple[tuple[str, str], ...]
+    """Each result column's name (table.column where known) and what it holds."""
 
     def bind(self, params: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
         """Returns the SQL and its positional parameters, processed for the driver."""
@@ -63,6 +66,30 @@ class Compiled:
         for index, process in self.processed_columns:
             columns[index] = map(process, columns[index])
         return list(zip(*columns, strict=True))
+
+    def unreadable(self, rows: Sequence[Sequence[Any]]) -> str:
+        """Names the first value that `decode` cannot read, walking `rows` again (only
+        once decoding failed); its row by its first column (a session's or message's id).
+        """
+        for row in rows:
+            for index, process in self.processed_columns:
+                try:
+                    process(row[index])
+                except ValueError:
+                    name, kind = self._described(index)
+                    text = repr(row[index])
+                    if len(text) > _SHOWN_VALUE:
+                        text = text[: _SHOWN_VALUE - 3] + "..."
+                    of_row = f" (the row of {self._described(0)[0]} {row[0]!r})" if index else ""
+                    return f"{name} holds {text}, which is not {kind}{of_row}"
+        return "a stored value cannot be read"
+
+    def _described(self, index: int) -> tuple[str, str]:
+        return (
+            self.described[index]
+            if index < len(self.described)
+            else (f"column {index}", "a valid value")
+        )
 
 
 class Statement:
@@ -115,7 +142,26 @@ def _compile(element: ClauseElement, dialect: Dialect) -> Compiled:
             for index, column in enumerate(columns)
             if (process := column.type.dialect_impl(dialect).result_processor(dialect, None))
         ),
+        described=tuple(_describe(column) for column in columns),
     )
+
+
+_SHOWN_VALUE = 60
+
+
+def _describe(column: Any) -> tuple[str, str]:
+    name = str(getattr(column, "name", None) or getattr(column, "key", None) or "a column")
+    table = getattr(getattr(column, "table", None), "name", None)
+    # A TypeDecorator (UtcDateTime) says only `object`: its implementation says more.
+    type_ = getattr(column.type, "impl_instance", column.type)
+    try:
+        python_type = type_.python_type
+    except NotImplementedError:
+        return (f"{table}.{name}" if table else name), "a valid value"
+    kind = {datetime: "a timestamp", dict: "JSON", int: "an integer"}.get(
+        python_type, f"a valid {python_type.__name__}"
+    )
+    return (f"{table}.{name}" if table else name), kind
 
 
 def _none_safe(process: Callable[[Any], Any]) -> Callable[[Any], Any]:

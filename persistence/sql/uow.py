@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -109,8 +109,12 @@ class SqlUnitOfWork(UnitOfWork):
     work in one hop), so a concurrent writer waits for it instead of failing half way.
     """
 
-    def __init__(self, engine: AsyncEngine, token: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, token: str, check: Callable[[], None] | None = None
+    ) -> None:
         self.token = token
+        # SQLite: run once the transaction has begun (run_in_sqlite_thread's `check`).
+        self._check = check
         self._engine = engine
         self._lent: AbstractAsyncContextManager[Any] | None = None
         self._driver: Any = None
@@ -153,7 +157,7 @@ class SqlUnitOfWork(UnitOfWork):
             with self._noting_interruption(action):
                 if dialect.name == "sqlite":
                     result: T = await run_in_thread(
-                        self._driver, run_in_sqlite_thread, dialect, work, begin, False
+                        self._driver, run_in_sqlite_thread, dialect, work, begin, False, self._check
                     )
                     return result
                 if begin is not None:

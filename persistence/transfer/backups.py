@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
 import tempfile
@@ -26,16 +27,38 @@ from persistence.transfer.migration import (
     elapsed,
     migrate_storage,
 )
-from persistence.transfer.verification import counts_summary
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-async def _sqlite_file_counts(path: Path) -> dict[str, Any]:
-    from persistence.sql.backend import SQLiteSessionStorage
+# What the copy holds, counted row by row: the stored message_count is what a session
+# says it has, which a hand edit can make wrong (found by attack: a backup reported the
+# sum of message_count instead of the rows it copied). A message of no session (left by
+# a delete in the sqlite3 shell) is no message of the store: restore skips it too.
+_COPIED = (
+    "SELECT (SELECT count(*) FROM chat_sessions),"
+    " (SELECT count(*) FROM chat_messages"
+    "  WHERE session_id IN (SELECT session_id FROM chat_sessions)),"
+    " (SELECT count(*) FROM uploaded_files)"
+)
 
-    async with SQLiteSessionStorage(path) as copy:
-        return counts_summary(await copy.count())
+
+def _sqlite_copy_counts(copy: Path, directory: Path) -> dict[str, Any]:
+    """Counts what a SQLite backup copy holds, reading it with sqlite3 (blocking); errors
+    name the backup directory, never the temp file.
+
+    Found by attack: the copy was counted by opening it as a storage, so an error there
+    (the store's own check refusing it) named `.backup.xxxx.tmp`.
+
+    Raises:
+        MigrationError: the copy cannot be read.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            sessions, messages, files = db.execute(_COPIED).fetchone()
+    except sqlite3.Error as exc:
+        raise MigrationError(f"cannot read back the backup written in {directory}: {exc}") from exc
+    return {"sessions": sessions, "messages": messages, "files": files}
 
 
 def backup_directory(backup_dir: str | Path) -> Path:
@@ -84,7 +107,7 @@ async def backup_storage(
     with temp_file(directory, "backup") as temp:
         if await storage.copy_to_file(temp):
             kind, suffix = "sqlite", ".sqlite3"
-            counts = await _sqlite_file_counts(temp)
+            counts = await asyncio.to_thread(_sqlite_copy_counts, temp, directory)
         else:
             kind, suffix = "json", ".json"
             try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,11 @@ import pytest
 from persistence import (
     ChatSession,
     PersistenceError,
+    SessionManager,
     SQLiteSessionStorage,
     StorageConnectionError,
 )
+from persistence.transfer import export_to_json
 from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.sqlite
@@ -121,3 +125,125 @@ async def test_an_empty_file_becomes_a_fresh_database(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     path.touch()
     assert await _every_operation(path) == []
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+async def test_a_file_moved_under_an_open_storage_takes_no_write(
+    tmp_path: Path, change: str
+) -> None:
+    """Found by attack: after `mv other.db live.db` under an open storage, its saves
+    reported success into the old, unlinked file (lost with it), and the -wal beside the
+    path left the new file corrupt."""
+    path, other = tmp_path / "live.db", tmp_path / "other.db"
+    async with SQLiteSessionStorage(other) as storage:
+        theirs = ChatSession.create("m", session_id="theirs")
+        theirs.add_message("user", "kept as it was")
+        await storage.save_session(theirs)
+    storage = SQLiteSessionStorage(path)
+    await storage.initialize()
+    try:
+        ours = ChatSession.create("m", session_id="ours")
+        ours.add_message("user", "before the move")
+        await storage.save_session(ours)
+        # Frames not yet checkpointed when a file is moved stay in the -wal beside the
+        # path, where SQLite reads them with the new file: no storage can undo that
+        # (SQLite names moving an open database as a way to corrupt it). Checkpointed
+        # here, the test sees only what the storage does after the move.
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        if change == "replaced":
+            os.replace(other, path)
+        else:
+            path.unlink()
+        ours.add_message("user", "after the move")
+        with pytest.raises(PersistenceError, match="replaced or removed while open") as caught:
+            await storage.save_session(ours)
+        assert str(path) in str(caught.value)
+        with pytest.raises(PersistenceError, match="replaced or removed while open"):
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(ChatSession.create("m", session_id="in-a-unit"))
+                await uow.commit()
+        with pytest.raises(PersistenceError, match="replaced or removed while open"):
+            await storage.load_session("ours")
+    finally:
+        await storage.close()
+    if change == "removed":
+        assert not path.exists()
+        return
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    connection.close()
+    async with SQLiteSessionStorage(path) as reopened:
+        assert [s.session_id for s in await reopened.list_sessions()] == ["theirs"]
+        loaded = await reopened.load_session("theirs")
+        assert loaded is not None
+        assert [m.content for m in loaded.messages] == ["kept as it was"]
+
+
+async def _edited(path: Path, *statements: str) -> None:
+    """Sessions s0 and s1 of three messages each, then `statements` run as a hand edit
+    in the sqlite3 shell would (CHECK constraints ignored)."""
+    async with SQLiteSessionStorage(path) as storage:
+        for index in range(2):
+            session = ChatSession.create("m", session_id=f"s{index}")
+            for turn in range(3):
+                session.add_message("user", f"hello {index} {turn}")
+            await storage.save_session(session)
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA ignore_check_constraints = 1")
+        for statement in statements:
+            connection.execute(statement)
+    connection.close()
+
+
+async def test_metadata_that_is_not_json_is_a_library_error_naming_the_row(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: one message's metadata edited to invalid JSON made loads,
+    searches, exports and SessionManager.startup raise a bare JSONDecodeError."""
+    path = tmp_path / "edited.db"
+    await _edited(
+        path,
+        "UPDATE chat_messages SET metadata = '{not json' WHERE session_id = 's1' AND position = 1",
+        "UPDATE chat_sessions SET metadata = '[oops' WHERE session_id = 's0'",
+    )
+    with sqlite3.connect(path) as connection:
+        (message_id,) = connection.execute(
+            "SELECT message_id FROM chat_messages WHERE session_id = 's1' AND position = 1"
+        ).fetchone()
+    connection.close()
+    async with SQLiteSessionStorage(path) as storage:
+        with pytest.raises(PersistenceError) as caught:
+            await storage.load_session("s1")
+        assert all(
+            name in str(caught.value) for name in ("'s1'", message_id, "chat_messages.metadata")
+        )
+        with pytest.raises(PersistenceError, match=r"'s1'.*chat_messages\.metadata"):
+            await storage.load_session("s1", last=2)
+        with pytest.raises(PersistenceError, match=message_id):
+            await storage.search_messages("hello")
+        with pytest.raises(PersistenceError, match=r"'s0'.*chat_sessions\.metadata"):
+            await storage.list_sessions()
+        with pytest.raises(PersistenceError, match="is not JSON"):
+            await export_to_json(storage, tmp_path / "all.json")
+        with pytest.raises(PersistenceError, match="is not JSON"):
+            await SessionManager(storage).startup()
+
+
+async def test_a_stored_value_its_column_cannot_read_is_named_not_called_corruption(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: one updated_at edited to '2026-13-45 99:00' made every listing
+    say "the database file is corrupt", naming nothing, though integrity_check passed."""
+    path = tmp_path / "edited.db"
+    await _edited(
+        path, "UPDATE chat_sessions SET updated_at = '2026-13-45 99:00' WHERE session_id = 's1'"
+    )
+    async with SQLiteSessionStorage(path) as storage:
+        with pytest.raises(PersistenceError) as caught:
+            await storage.list_sessions()
+    message = str(caught.value)
+    assert "chat_sessions.updated_at holds '2026-13-45 99:00', which is not a timestamp" in message
+    assert "chat_sessions.session_id 's1'" in message
+    assert "corrupt" not in message

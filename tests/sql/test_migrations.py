@@ -26,6 +26,7 @@ from persistence import (
 from persistence.sql.engines import async_driver_url
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.tables import SEARCH_OBJECTS, Base
+from persistence.transfer import backup_storage, export_to_json
 from tests.installs import clean_environment, fresh_install
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,6 +198,73 @@ async def test_a_rewound_session_taken_down_to_the_first_revision_and_up_appends
         reread = await storage.load_session(session.session_id)
     assert reread is not None
     assert [m.content for m in reread.messages] == ["m0", "m1", "m2", "after the rewind", "A", "B"]
+
+
+def _delete_in_the_sqlite_shell(path: Path, session_id: str) -> None:
+    # As the sqlite3 shell does: foreign keys off, so the session's messages stay.
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM chat_sessions WHERE session_id = ?", (session_id,))
+    connection.close()
+
+
+@pytest.mark.parametrize("upgrade", ["initialize", "alembic"])
+async def test_a_store_at_head_with_messages_of_a_deleted_session_opens_and_backs_up(
+    tmp_path: Path, upgrade: str
+) -> None:
+    """Found by attack: the check of what the revisions left ran on every open, so after
+    a session was deleted in the sqlite3 shell the service could not start, and neither
+    `persistence upgrade`, alembic nor a backup (which opens its copy) would run."""
+    path = tmp_path / "store.db"
+    async with SQLiteSessionStorage(path) as storage:
+        for session_id in ("kept", "gone"):
+            session = ChatSession.create("m", session_id=session_id)
+            session.add_message("user", f"{session_id} one")
+            session.add_message("assistant", f"{session_id} two")
+            await storage.save_session(session)
+    _delete_in_the_sqlite_shell(path, "gone")
+    if upgrade == "alembic":
+        alembic(f"sqlite:///{path}", "upgrade", "head")
+
+    async with SQLiteSessionStorage(path) as storage:
+        loaded = await storage.load_session("kept")
+        assert loaded is not None
+        assert [m.content for m in loaded.messages] == ["kept one", "kept two"]
+        assert [s.session_id for s in await storage.list_sessions()] == ["kept"]
+        backup = await backup_storage(storage, tmp_path / "backups")
+        assert backup["sessions"] == 1
+        exported = await export_to_json(storage, tmp_path / "all.json")
+        assert (exported["sessions"], exported["messages"]) == (1, 2)
+
+
+async def test_messages_of_no_session_before_the_upgrade_do_not_stop_it(tmp_path: Path) -> None:
+    """Only rows the revisions leave dangling refuse the upgrade, not those found before."""
+    path = tmp_path / "first.db"
+    alembic(f"sqlite:///{path}", "upgrade", "0001")
+    stamp = "2025-01-02 03:04:05.123456+00:00"
+    with sqlite3.connect(path) as connection:
+        for session_id in ("kept", "gone"):
+            connection.execute(
+                "INSERT INTO chat_sessions (session_id, model, created_at, updated_at,"
+                " message_count, metadata, status) VALUES (?, 'm', ?, ?, 1, '{}', 'active')",
+                (session_id, stamp, stamp),
+            )
+            connection.execute(
+                "INSERT INTO chat_messages (message_id, session_id, position, role, content,"
+                " created_at, metadata) VALUES (?, ?, 0, 'user', 'hello', ?, '{}')",
+                (f"{session_id}-0", session_id, stamp),
+            )
+    connection.close()
+    _delete_in_the_sqlite_shell(path, "gone")
+
+    async with SQLiteSessionStorage(path) as storage:
+        loaded = await storage.load_session("kept")
+        assert loaded is not None
+        assert [m.message_id for m in loaded.messages] == ["kept-0"]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM pragma_foreign_key_check").fetchone() == (
+            1,
+        )
+    connection.close()
 
 
 def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:

@@ -278,3 +278,27 @@ async def test_restoring_a_missing_file_is_refused(
 ) -> None:
     with pytest.raises(InvalidDataError, match="no such file"):
         await restore_backup(sqlite_storage, tmp_path / "missing.sqlite3")
+
+
+async def test_a_sqlite_backup_reports_the_rows_it_copied_not_the_stored_counts(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: a backup's summary was the sum of message_count, which a hand
+    edit can make wrong, not the rows copied; and a message of no session (a delete in
+    the sqlite3 shell) is one restore skips, so it is not counted either."""
+    path = tmp_path / "store.db"
+    async with SQLiteSessionStorage(path) as storage:
+        for session_id in ("s0", "s1", "s2"):
+            session = ChatSession.create("m", session_id=session_id)
+            for turn in range(3):
+                session.add_message("user", f"turn {turn}")
+            await storage.save_session(session)
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE chat_sessions SET message_count = 1 WHERE session_id = 's1'")
+        connection.execute("DELETE FROM chat_sessions WHERE session_id = 's2'")
+    connection.close()
+
+    async with SQLiteSessionStorage(path) as storage:
+        backup = await backup_storage(storage, tmp_path / "backups")
+
+    assert (backup["sessions"], backup["messages"], backup["files"]) == (2, 6, 0)
