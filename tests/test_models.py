@@ -36,6 +36,19 @@ def test_add_message_appends_counts_and_touches_updated_at() -> None:
     assert session.updated_at >= before and session.updated_at == message.created_at
 
 
+def test_add_message_never_moves_updated_at_backwards() -> None:
+    """Found by review: a clock stepped back set updated_at earlier, unlike the store
+    (which keeps the later one) and the other mutators."""
+    session = ChatSession.create("m")
+    ahead = session.updated_at + timedelta(hours=3)  # written by a clock 3 h fast
+    session.updated_at = ahead
+
+    message = session.add_message("user", "after the clock stepped back")
+
+    assert message.created_at < ahead
+    assert session.updated_at == ahead
+
+
 def test_a_message_is_immutable() -> None:
     message = ChatSession.create("m").add_message("user", "hi")
 
