@@ -127,6 +127,9 @@ def _utc_millisecond(value: datetime) -> datetime:
             "0001-01-01T00:00:00Z would come back from PostgreSQL as a naive '-infinity';"
             " the earliest instant stored is 0001-01-01T00:00:00.001Z"
         )
+    if type(instant) is not datetime:
+        # A subclass keeps its own methods (isoformat, ==) that the backends would call.
+        instant = datetime(*instant.timetuple()[:6], instant.microsecond, tzinfo=UTC)
     return instant
 
 

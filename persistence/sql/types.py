@@ -68,9 +68,10 @@ def _sqlite_text(value: datetime | None) -> str | None:
     last_value, last_text = _last_text
     if value == last_value:
         return last_text
-    # The models hold UTC already (persistence.validation): no conversion to make.
-    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
-    text = utc.isoformat(" ", "microseconds")
+    # The models hold plain UTC datetimes already (persistence.validation); datetime's
+    # own methods, unbound, as a subclass may override isoformat or astimezone.
+    utc = value if value.tzinfo is UTC else datetime.astimezone(value, UTC)
+    text = datetime.isoformat(utc, " ", "microseconds")
     _last_text = (value, text)
     return text
 
