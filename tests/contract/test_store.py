@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -113,6 +114,22 @@ async def test_expire_sessions_marks_only_stale_active_ones(storage: SessionStor
         fresh.session_id: "active",
         archived.session_id: "archived",
     }
+
+
+async def test_expire_sessions_takes_a_cutoff_after_a_dst_change_as_its_instant(
+    storage: SessionStorage,
+) -> None:
+    """Found by review: SQLite reused 01:30 (fold=0)'s text for 01:30 (fold=1), an hour
+    later, as the two compare equal."""
+    new_york = ZoneInfo("America/New_York")
+    updated = datetime(2024, 11, 3, 6, 0, tzinfo=UTC)
+    session = conversation(1)
+    session.updated_at = updated
+    await storage.save_session(session)
+
+    first = datetime(2024, 11, 3, 1, 30, tzinfo=new_york, fold=0)  # 05:30Z
+    assert await storage.expire_sessions(first) == 0
+    assert await storage.expire_sessions(first.replace(fold=1)) == 1  # 06:30Z
 
 
 async def test_set_status_changes_many_sessions_at_once(storage: SessionStorage) -> None:
