@@ -132,6 +132,22 @@ async def test_expire_sessions_takes_a_cutoff_after_a_dst_change_as_its_instant(
     assert await storage.expire_sessions(first.replace(fold=1)) == 1  # 06:30Z
 
 
+@pytest.mark.parametrize(
+    "cutoff", [datetime(2030, 1, 1), 1_700_000_000, "2030-01-01T00:00:00Z"], ids=repr
+)
+async def test_expire_sessions_refuses_a_cutoff_that_is_no_aware_datetime(
+    storage: SessionStorage, cutoff: object
+) -> None:
+    """Found by review: a naive cutoff was read as local time by SQLite, UTC by PostgreSQL."""
+    session = conversation(1)
+    await storage.save_session(session)
+
+    with pytest.raises(InvalidDataError, match="updated_before"):
+        await storage.expire_sessions(cutoff)  # type: ignore[arg-type]
+
+    assert (await storage.count_sessions())["active"] == 1
+
+
 async def test_set_status_changes_many_sessions_at_once(storage: SessionStorage) -> None:
     sessions = [conversation(1) for _ in range(3)]
     for session in sessions:
