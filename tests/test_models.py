@@ -61,6 +61,18 @@ def test_naive_datetimes_are_refused() -> None:
         ChatMessage(session_id="s", role="user", content="x", created_at=datetime(2025, 1, 1))
 
 
+@pytest.mark.parametrize("value", [0, 1.5, 1_700_000_000_123, "1700000000", " 17e8 ", b"0"])
+def test_numbers_are_refused_as_timestamps(value: object) -> None:
+    """Found by review: pydantic read them as Unix time, guessing seconds or milliseconds."""
+    with pytest.raises(ValidationError, match="Unix time is ambiguous"):
+        ChatMessage.model_validate(
+            {"session_id": "s", "role": "user", "content": "x", "created_at": value}
+        )
+    session = ChatSession.create("m")
+    with pytest.raises(ValidationError, match="Unix time is ambiguous"):
+        session.updated_at = value  # type: ignore[assignment]
+
+
 def test_datetimes_become_utc_truncated_to_the_millisecond() -> None:
     local = datetime(2025, 1, 1, 12, 0, 0, 999999, tzinfo=timezone(timedelta(hours=-3)))
 

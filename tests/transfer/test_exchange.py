@@ -345,6 +345,17 @@ REFUSED: list[tuple[str, Callable[[bytes], bytes], str]] = [
         _edit(lambda d: _last_message(d).__setitem__("created_at", "2026-01-01T00:00:00")),
         "timezone-aware",
     ),
+    # Found by review: numbers were read as Unix time, seconds or milliseconds guessed.
+    (
+        "a number as a time",
+        _edit(lambda d: _last_message(d).__setitem__("created_at", 1_700_000_000_123)),
+        "Unix time is ambiguous",
+    ),
+    (
+        "digits as a time",
+        _edit(lambda d: _last_session(d).__setitem__("updated_at", "1700000000")),
+        "Unix time is ambiguous",
+    ),
     ("nul in content", _edit(lambda d: _last_message(d).__setitem__("content", "a\x00b")), "NUL"),
     ("lone surrogate", lambda raw: raw.replace(b'"gemini-9"', b'"gemini-\\ud800"'), "unicode"),
     ("unknown session field", _edit(lambda d: _last_session(d).__setitem__("colour", 1)), "colour"),
