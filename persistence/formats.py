@@ -116,11 +116,19 @@ def _one_line(value: str) -> str:
     return visible(value.replace("\r", "\\r").replace("\n", "\\n"))
 
 
+def wall_time(value: datetime, timespec: str = "seconds") -> str:
+    """YYYY-MM-DD HH:MM:SS (or to `timespec`) of the value, without its offset.
+
+    isoformat pads the year to four digits; strftime does not on glibc (year 999).
+    """
+    return value.replace(tzinfo=None).isoformat(" ", timespec)
+
+
 def _clock(value: datetime, day: datetime) -> str:
     """HH:MM:SS, with the date in front when the message is not from the session's day."""
     if value.date() == day.date():
-        return value.strftime("%H:%M:%S")
-    return value.strftime("%Y-%m-%d %H:%M:%S")
+        return value.time().isoformat("seconds")
+    return wall_time(value)
 
 
 def _markdown_body(content: str) -> str:
@@ -161,7 +169,7 @@ def render_markdown(session: ChatSession) -> str:
         f"# Chat Session: {_one_line(session.session_id)}",
         "",
         f"**Model:** {_one_line(session.model)}",
-        f"**Created:** {session.created_at:%Y-%m-%d %H:%M:%S}",
+        f"**Created:** {wall_time(session.created_at)}",
         f"**Messages:** {len(session.messages)}",
         "",
         "---",
@@ -188,7 +196,7 @@ def render_text(session: ChatSession) -> str:
     parts = [
         f"Chat Session: {_one_line(session.session_id)}",
         f"Model: {_one_line(session.model)}",
-        f"Created: {session.created_at:%Y-%m-%d %H:%M:%S}",
+        f"Created: {wall_time(session.created_at)}",
         f"Messages: {len(session.messages)}",
         "",
         TEXT_RULE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -366,8 +366,9 @@ class SessionManager:
         """Marks active sessions not updated for `expiry_hours` expired, in the store.
 
         One statement in the database, whatever the size of the store; cached copies
-        follow. With auto-save on, cached changes are saved first so that a session in
-        use is judged by its latest activity.
+        the store expired follow (one read of the cached ones idle that long, as another
+        holder may have used them since). With auto-save on, cached changes are saved
+        first so that a session in use is judged by its latest activity.
 
         Returns:
             How many sessions this sweep expired.
@@ -380,18 +381,33 @@ class SessionManager:
         cutoff = utc_now() - timedelta(hours=self.expiry_hours)
         expired = await self.storage.expire_sessions(cutoff)
         token = self.storage.token
-        for session in self._cache.held():
-            stored = session.stored_updated_at(token)
-            if session.status != "active" or stored is None or stored >= cutoff:
-                continue
-            # The sweep expired it in the store; a copy used since keeps its own status,
-            # which its next save writes back.
-            session.note_stored_status(token, "expired")
-            if session.updated_at < cutoff:
-                session.status = "expired"
+        stale = [
+            session
+            for session in self._cache.held()
+            if session.status == "active"
+            and (stored := session.stored_updated_at(token)) is not None
+            and stored < cutoff
+        ]
+        if stale:
+            await self._follow_expiry(stale, cutoff)
         if expired:
             logger.info("expired %d sessions not updated since %s", expired, cutoff.isoformat())
         return expired
+
+    async def _follow_expiry(self, stale: list[ChatSession], cutoff: datetime) -> None:
+        """Marks the cached copies the store now holds expired as expired there."""
+        # Found by review: another holder may have used a session since this copy last
+        # saw the store, so the store, not the copy's last save, says what was expired.
+        token = self.storage.token
+        held = await self.storage.load_sessions([session.session_id for session in stale])
+        expired = {session.session_id for session in held if session.status == "expired"}
+        for session in stale:
+            if session.session_id not in expired:
+                continue
+            # A copy used since keeps its own status, which its next save writes back.
+            session.note_stored_status(token, "expired")
+            if session.updated_at < cutoff:
+                session.status = "expired"
 
     async def export_session(self, session_id: str, format: str = "json") -> str | None:
         """Renders the session as json, text or markdown; None if there is no such session.

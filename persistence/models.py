@@ -301,7 +301,7 @@ class ChatSession(_DomainModel, Bookkeeping):
     def add_message(
         self, role: str, content: str, metadata: dict[str, Any] | None = None
     ) -> ChatMessage:
-        """Appends a message, bumps `message_count` and sets `updated_at` to now.
+        """Appends a message, bumps `message_count` and moves `updated_at` forward to now.
 
         Raises:
             pydantic.ValidationError: if the role is unknown or a value cannot be stored.
@@ -310,7 +310,9 @@ class ChatSession(_DomainModel, Bookkeeping):
         self._messages().append(message)
         # Both values are valid by construction: skip validate_assignment on the hot path.
         self.__dict__["message_count"] = self.message_count + 1
-        self.__dict__["updated_at"] = message.created_at
+        # Never backwards, as the store keeps it (a clock stepped back by NTP).
+        if message.created_at > self.updated_at:
+            self.__dict__["updated_at"] = message.created_at
         return message
 
     def _index_of(self, message_id: str) -> int:

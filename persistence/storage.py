@@ -6,7 +6,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, Self
@@ -35,6 +35,22 @@ def check_status(status: str | None) -> Status | None:
     if status is not None and status not in STATUSES:
         raise InvalidDataError(f"status: {status!r} is not one of {', '.join(STATUSES)}")
     return status
+
+
+def check_instant(value: datetime, field: str) -> datetime:
+    """Returns `value` as a plain datetime in UTC.
+
+    Raises:
+        InvalidDataError: naming the argument, for anything but a timezone-aware
+            datetime (a naive one is read as local time by one backend, UTC by another).
+    """
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidDataError(f"{field}: expected a timezone-aware datetime, got {value!r}")
+    try:
+        utc = datetime.astimezone(value, UTC)
+    except OverflowError:
+        raise InvalidDataError(f"{field}: {value!r} is out of range in UTC") from None
+    return datetime(*utc.timetuple()[:6], utc.microsecond, tzinfo=UTC)
 
 
 def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:
@@ -405,7 +421,13 @@ class SessionStorage(ABC):
 
     @abstractmethod
     async def expire_sessions(self, updated_before: datetime) -> int:
-        """Marks active sessions last updated before the cutoff `expired`; returns how many."""
+        """Marks active sessions last updated before the cutoff `expired`; returns how many.
+
+        Raises:
+            InvalidDataError: if the cutoff is not a timezone-aware datetime; nothing
+                is written then.
+            PersistenceError: if the backend fails.
+        """
 
     @abstractmethod
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from persistence.clock import truncate_to_millisecond
 from persistence.errors import InvalidDataError
@@ -115,6 +116,29 @@ def check_json_object(value: dict[str, Any], field: str) -> dict[str, Any]:
 _FIRST_INSTANT = datetime(1, 1, 1, tzinfo=UTC)
 
 
+def _not_a_number(value: object) -> object:
+    # pydantic reads a number, or a string of one, as Unix time, guessing whether it
+    # counts seconds or milliseconds; the API takes timezone-aware datetimes only.
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, int | float | Decimal) or _numeric_text(value):
+        raise ValueError(
+            f"expected a timezone-aware datetime or ISO 8601 text, got the number {value!r}"
+            " (Unix time is ambiguous: seconds or milliseconds)"
+        )
+    return value
+
+
+def _numeric_text(value: object) -> bool:
+    if not isinstance(value, str | bytes | bytearray):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _utc_millisecond(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("datetime must be timezone-aware (a naive datetime is ambiguous)")
@@ -127,6 +151,9 @@ def _utc_millisecond(value: datetime) -> datetime:
             "0001-01-01T00:00:00Z would come back from PostgreSQL as a naive '-infinity';"
             " the earliest instant stored is 0001-01-01T00:00:00.001Z"
         )
+    if type(instant) is not datetime:
+        # A subclass keeps its own methods (isoformat, ==) that the backends would call.
+        instant = datetime(*instant.timetuple()[:6], instant.microsecond, tzinfo=UTC)
     return instant
 
 
@@ -138,5 +165,5 @@ def _identifier(value: str) -> str:
     return value
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_utc_millisecond)]
+UtcDatetime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_utc_millisecond)]
 Identifier = Annotated[str, AfterValidator(_identifier)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,19 @@ def test_json_rows_keep_line_separators_inside_values(tmp_path: Path) -> None:
         "model\u2028x",
         values,
     )
+
+
+def test_years_before_1000_are_padded_in_listings(tmp_path: Path) -> None:
+    """Found by review: strftime's year is not zero-padded on glibc (999, not 0999)."""
+    early = datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    path = tmp_path / "early.db"
+
+    async def store() -> None:
+        async with SQLiteSessionStorage(path) as storage:
+            session = ChatSession(model="m", session_id="early", created_at=early, updated_at=early)
+            await storage.save_session(session)
+
+    asyncio.run(store())
+    url = f"sqlite:///{path}"
+    assert "0999-12-31 23:59:59" in _ok("sessions", "list", "--url", url)
+    assert "0999-12-31 23:59:59 UTC" in _ok("sessions", "show", "early", "--url", url)

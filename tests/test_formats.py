@@ -166,3 +166,18 @@ def test_terminal_controls_are_written_visibly_in_transcripts_not_in_json() -> N
         assert "\\x1b[31mred\\x1b]0;title\\x07\\x01\\x7f\\x9b\tkept\nnext" in rendered
         assert not any(c in rendered for c in "\x1b\x07\x01\x7f\x9b")
     assert json.loads(render(session, "json"))["messages"][0]["content"] == content
+
+
+def test_years_before_1000_are_padded_to_four_digits() -> None:
+    """Found by review: strftime's year is not zero-padded on glibc (999, not 0999)."""
+    early = datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    session = ChatSession(session_id="old", model="m", created_at=early, updated_at=early)
+    session.messages.append(
+        ChatMessage(session_id="old", role="user", content="hi", created_at=_at(1, 1))
+    )
+    session.message_count = 1
+
+    assert "**Created:** 0999-12-31 23:59:59\n" in render_markdown(session)
+    assert "Created: 0999-12-31 23:59:59\n" in render_text(session)
+    later = _session(("user", "hi", datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC)))
+    assert "[0999-01-02 03:04:05] USER:" in render_text(later)

@@ -211,3 +211,33 @@ async def test_cleanup_expires_idle_cached_sessions_and_keeps_a_used_one_active(
     assert active.status == "active"
     await manager.save_session(active)
     assert (await _load(sql_storage, other.session_id)).status == "active"
+
+
+async def test_cleanup_leaves_a_copy_active_that_another_holder_kept_in_use(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by review: the sweep judged the cached copy by its own last save, marked it
+    expired although the store (another holder had used it since) did not expire it,
+    and the copy's next save expired it in the store."""
+    from datetime import timedelta
+
+    from persistence.clock import utc_now
+
+    shared = conversation(1)
+    shared.updated_at = utc_now() - timedelta(hours=100)
+    await sql_storage.save_session(shared)
+    manager = SessionManager(sql_storage, auto_save_enabled=True, expiry_hours=72)
+    cached = await manager.get_session(shared.session_id)
+    assert cached is not None
+    async with servers.second_holder(sql_storage) as other_storage:
+        in_use = await _load(other_storage, shared.session_id)
+        in_use.add_message("user", "still here")
+        assert await other_storage.save_session(in_use)
+
+    assert await manager.cleanup_expired_sessions() == 0
+
+    assert cached.status == "active"
+    cached.add_message("user", "a reply through the manager")
+    assert await manager.save_session(cached)
+    stored = await _load(sql_storage, shared.session_id)
+    assert (stored.status, len(stored.messages)) == ("active", 3)

@@ -36,6 +36,19 @@ def test_add_message_appends_counts_and_touches_updated_at() -> None:
     assert session.updated_at >= before and session.updated_at == message.created_at
 
 
+def test_add_message_never_moves_updated_at_backwards() -> None:
+    """Found by review: a clock stepped back set updated_at earlier, unlike the store
+    (which keeps the later one) and the other mutators."""
+    session = ChatSession.create("m")
+    ahead = session.updated_at + timedelta(hours=3)  # written by a clock 3 h fast
+    session.updated_at = ahead
+
+    message = session.add_message("user", "after the clock stepped back")
+
+    assert message.created_at < ahead
+    assert session.updated_at == ahead
+
+
 def test_a_message_is_immutable() -> None:
     message = ChatSession.create("m").add_message("user", "hi")
 
@@ -46,6 +59,18 @@ def test_a_message_is_immutable() -> None:
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(ValidationError, match="timezone-aware"):
         ChatMessage(session_id="s", role="user", content="x", created_at=datetime(2025, 1, 1))
+
+
+@pytest.mark.parametrize("value", [0, 1.5, 1_700_000_000_123, "1700000000", " 17e8 ", b"0"])
+def test_numbers_are_refused_as_timestamps(value: object) -> None:
+    """Found by review: pydantic read them as Unix time, guessing seconds or milliseconds."""
+    with pytest.raises(ValidationError, match="Unix time is ambiguous"):
+        ChatMessage.model_validate(
+            {"session_id": "s", "role": "user", "content": "x", "created_at": value}
+        )
+    session = ChatSession.create("m")
+    with pytest.raises(ValidationError, match="Unix time is ambiguous"):
+        session.updated_at = value  # type: ignore[assignment]
 
 
 def test_datetimes_become_utc_truncated_to_the_millisecond() -> None:

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from persistence import formats
 from persistence.cli import search as search_command
 from persistence.cli import sessions, transfer
 from persistence.cli.output import (
@@ -215,7 +216,7 @@ def demo(
         )
         console.print(
             f"  file record {record.file_id} ({record.display_name}, {record.size} bytes,"
-            f" expires {record.expires_at:%Y-%m-%d %H:%M} UTC)"
+            f" expires {formats.wall_time(record.expires_at, 'minutes')} UTC)"
         )
         console.print("Look at them with:")
         for command in (

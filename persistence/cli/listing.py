@@ -83,6 +83,6 @@ class TextRows:
         typer.echo(
             f"{visible(session.session_id):<36}  {visible(session.model):<24}"
             f"  {session.status:<8}  {session.message_count:>8}"
-            f"  {session.updated_at:%Y-%m-%d %H:%M:%S}"
+            f"  {formats.wall_time(session.updated_at)}"
         )
         self.count += 1

@@ -79,7 +79,7 @@ def search(
         table.add_column("Content")
         for message in found:
             table.add_row(
-                f"{message.created_at:%Y-%m-%d %H:%M:%S}",
+                formats.wall_time(message.created_at),
                 Text(visible(message.session_id)),
                 message.role,
                 Text(_excerpt(message.content)),

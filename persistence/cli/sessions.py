@@ -128,8 +128,8 @@ def sessions_show(
         fields = [
             ("Model", visible(session.model)),
             ("Status", session.status),
-            ("Created", f"{session.created_at:%Y-%m-%d %H:%M:%S} UTC"),
-            ("Updated", f"{session.updated_at:%Y-%m-%d %H:%M:%S} UTC"),
+            ("Created", f"{formats.wall_time(session.created_at)} UTC"),
+            ("Updated", f"{formats.wall_time(session.updated_at)} UTC"),
             ("Messages", str(session.message_count)),
         ]
         if session.metadata:
@@ -140,7 +140,7 @@ def sessions_show(
             console.print()
             console.print(
                 Text.assemble(
-                    (f"[{message.created_at:%Y-%m-%d %H:%M:%S}] ", "dim"),
+                    (f"[{formats.wall_time(message.created_at)}] ", "dim"),
                     (message.role.upper(), "bold cyan"),
                 )
             )

@@ -49,6 +49,7 @@ from persistence.storage import (
     BackendName,
     SessionStorage,
     StorageCounts,
+    check_instant,
     check_last,
     check_page,
     check_search,
@@ -519,11 +520,10 @@ class MongoDBSessionStorage(SessionStorage):
             return await repositories.count_sessions_by_status(self.docs, None)
 
     async def expire_sessions(self, updated_before: datetime) -> int:
+        cutoff = check_instant(updated_before, "updated_before")
         with mongo_errors("expire sessions"):
             async with self._writing() as client_session:
-                return await repositories.expire_sessions_before(
-                    self.docs, client_session, updated_before
-                )
+                return await repositories.expire_sessions_before(self.docs, client_session, cutoff)
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)

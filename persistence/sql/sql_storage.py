@@ -34,6 +34,7 @@ from persistence.sql.uow import SqlUnitOfWork
 from persistence.storage import (
     SessionStorage,
     StorageCounts,
+    check_instant,
     check_last,
     check_page,
     check_search,
@@ -396,8 +397,9 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def expire_sessions(self, updated_before: datetime) -> int:
+        cutoff = check_instant(updated_before, "updated_before")
         return await self._run(
-            repositories.expire_sessions_before(updated_before),
+            repositories.expire_sessions_before(cutoff),
             "expire sessions",
             write=True,
             single=True,

@@ -63,14 +63,17 @@ def _sqlite_text(value: datetime | None) -> str | None:
     global _last_text
     if value is None:
         return None
-    # A bulk insert's messages mostly share their millisecond: the last text is reused
-    # (equal aware datetimes are one instant, so one UTC text).
+    # datetime's own methods, unbound: a subclass may override isoformat or astimezone.
+    if value.tzinfo is not UTC or type(value) is not datetime:
+        # Only UTC values are reused: two datetimes sharing another tzinfo compare by
+        # wall time, ignoring fold (01:30 before and after a DST change are "equal").
+        return datetime.isoformat(datetime.astimezone(value, UTC), " ", "microseconds")
+    # A bulk insert's messages mostly share their millisecond: the last text is reused.
+    # The models hold plain UTC datetimes already (persistence.validation).
     last_value, last_text = _last_text
     if value == last_value:
         return last_text
-    # The models hold UTC already (persistence.validation): no conversion to make.
-    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
-    text = utc.isoformat(" ", "microseconds")
+    text = datetime.isoformat(value, " ", "microseconds")
     _last_text = (value, text)
     return text
 

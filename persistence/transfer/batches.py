@@ -3,9 +3,9 @@
 A batch of sessions costs a fixed number of round trips, whatever it holds: one
 read of what the destination already has of them, then one bulk insert of the
 sessions it lacks (`SessionStorage.insert_sessions`). Sessions the destination
-already holds are merged the careful way, in one unit of work: the destination
-keeps what it holds and gets only the messages it lacks, and keeps its own fields
-if it was updated after the incoming copy.
+already holds are merged the careful way, in one unit of work. A merge only adds:
+the destination keeps its own fields (model, status, created_at, the values of the
+metadata keys it holds) and gets only the messages and metadata keys it lacks.
 
 A batch is written in one transaction. Everything is counted as written only once
 its transaction has committed, and a session or file record the destination held
@@ -21,8 +21,6 @@ from persistence.errors import SessionDeletedError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
 from persistence.transfer.verification import FILE_FIELDS, same_value
-
-_SESSION_FIELDS = ("model", "created_at", "updated_at", "metadata", "status")
 
 
 @dataclass
@@ -49,21 +47,22 @@ class _Merge:
 
 
 def _merged(incoming: ChatSession, stored: ChatSession) -> _Merge:
-    """What to save for `incoming`, given the destination's copy."""
+    """What to save for `incoming`, given the destination's copy: only what it lacks."""
     known = {message.message_id for message in stored.messages}
     missing = [message for message in incoming.messages if message.message_id not in known]
     present = len(incoming.messages) - len(missing)
-    if stored.updated_at > incoming.updated_at:
-        if not missing:
-            return _Merge(None, [], present)
-        # `stored` was loaded from the destination, so its save sends only these.
-        stored.messages.extend(missing)
-        stored.message_count = len(stored.messages)
-        return _Merge(stored, missing, present)
-    same_fields = all(same_value(getattr(incoming, n), getattr(stored, n)) for n in _SESSION_FIELDS)
-    if same_fields and not missing:
+    # Found by review: deciding by updated_at let a second migration undo an archive or
+    # a model change made in the destination, as those do not move updated_at.
+    added_keys = {k: v for k, v in incoming.metadata.items() if k not in stored.metadata}
+    if not missing and not added_keys:
         return _Merge(None, [], present)
-    return _Merge(incoming, missing, present)
+    # `stored` was loaded from the destination, so its save sends only these.
+    stored.messages.extend(missing)
+    stored.message_count = len(stored.messages)
+    if added_keys:
+        stored.metadata = {**stored.metadata, **added_keys}
+    stored.updated_at = max(stored.updated_at, incoming.updated_at)
+    return _Merge(stored, missing, present)
 
 
 async def _plan(

@@ -4,8 +4,8 @@ Every path sees the backends only as `SessionStorage`: sessions stream out throu
 `iter_sessions` in batches and go in through `batches.write_sessions`, a fixed
 number of round trips per batch, so memory is bounded by `batch_size`, never by the
 size of the store, and a failure leaves whole batches behind. Writes are additive
-and idempotent: a session the destination already holds gets only the messages it
-lacks, and keeps its own fields if it was updated after the incoming copy.
+and idempotent: a session the destination already holds gets only the messages and
+metadata keys it lacks, and keeps its own fields.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ async def migrate_storage(
     """Copies every session, message and file record of `source` into `destination`.
 
     Additive and idempotent: what the destination holds is kept, running it twice
-    stores nothing twice, and a session on both sides gets the messages it lacks.
+    stores nothing twice, and a session on both sides gets the messages and metadata
+    keys it lacks, keeping its own fields (model, status, metadata values).
     Each batch of `batch_size` sessions is written in one transaction, the sessions
     the destination lacks as one bulk insert. `progress_callback(done, total)` sees
     each session once its batch has committed.

@@ -25,6 +25,8 @@ MISMATCH_LIMIT = 1000
 _SHOWN_CHARACTERS = 200
 
 SESSION_FIELDS = ("model", "created_at", "updated_at", "message_count", "metadata", "status")
+# What a destination session keeps of its own when a merge adds to it.
+_OWN_FIELDS = ("model", "created_at", "updated_at", "metadata", "status")
 MESSAGE_FIELDS = ("role", "content", "created_at", "metadata")
 FILE_FIELDS = (
     "gemini_file_name",
@@ -50,6 +52,7 @@ _RESULT_TOTALS = (
     "missing_files",
     "extra_files",
     "differing_files",
+    "sessions_with_own_fields",
 )
 _TOTAL_NAMES = {
     "missing": "missing",
@@ -145,6 +148,26 @@ class _Report:
         return differs
 
 
+def _compare_session_fields(
+    report: _Report, source: ChatSession, destination: ChatSession, *, additive: bool
+) -> None:
+    sid = source.session_id
+    if not additive:
+        if report.fields("session", sid, SESSION_FIELDS, source, destination):
+            report.tally("session", "different")
+        return
+    # A merge only adds: a session the destination held keeps its own fields and the
+    # values of its metadata keys, so only a metadata key it lacks is a failed copy.
+    lacking = [key for key in source.metadata if key not in destination.metadata]
+    if lacking:
+        report.tally("session", "different")
+        report.add("session", "different", sid, field="metadata", missing_keys=lacking)
+    elif any(
+        not same_value(getattr(source, name), getattr(destination, name)) for name in _OWN_FIELDS
+    ):
+        report.totals["sessions_with_own_fields"] += 1
+
+
 def _compare_sessions(
     report: _Report, source: ChatSession, destination: ChatSession, *, additive: bool
 ) -> None:
@@ -152,25 +175,13 @@ def _compare_sessions(
         map(_same_message, source.messages, destination.messages)
     ):
         # The usual case, checked without building sets: the same messages in order.
-        if not (additive and destination.updated_at > source.updated_at) and report.fields(
-            "session", source.session_id, SESSION_FIELDS, source, destination
-        ):
-            report.tally("session", "different")
+        _compare_session_fields(report, source, destination, additive=additive)
         return
     sid = source.session_id
     source_ids = {message.message_id for message in source.messages}
     stored = {message.message_id: message for message in destination.messages}
     extra = [message for message in destination.messages if message.message_id not in source_ids]
-
-    # Additive: a destination session updated later than the source's keeps its own fields.
-    if not (additive and destination.updated_at > source.updated_at):
-        expected = source
-        if additive and extra:
-            expected = source.model_copy(
-                update={"message_count": source.message_count + len(extra)}
-            )
-        if report.fields("session", sid, SESSION_FIELDS, expected, destination):
-            report.tally("session", "different")
+    _compare_session_fields(report, source, destination, additive=additive)
 
     for message in source.messages:
         found = stored.get(message.message_id)
@@ -291,9 +302,12 @@ async def verify_migration(
 
     `progress_callback(checked, total)` sees the source sessions checked so far.
 
-    With `additive=True` (what `migrate_storage` checks) records only the destination
-    holds, and the fields of a destination session updated after the source's, are
-    expected and do not make the result fail; they are still counted.
+    With `additive=True` (what `migrate_storage` checks) the destination may hold more
+    than the source, as a merge only adds: records only the destination holds, and the
+    fields and metadata values of a session it held already (a merge keeps them), do
+    not make the result fail; they are still counted ("extra_...",
+    "sessions_with_own_fields"). A missing session, message or metadata key, a message
+    that differs and messages out of order still do.
 
     Returns:
         {"ok", "mismatches" (at most MISMATCH_LIMIT entries, each with kind, problem,

@@ -63,6 +63,31 @@ async def test_datetimes_come_back_utc_to_the_millisecond(storage: SessionStorag
     assert loaded_record.uploaded_at == expected
 
 
+class _WallClockStamp(datetime):
+    """Some library's timestamp type, whose isoformat() prints local time without offset."""
+
+    def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+        return datetime.isoformat(self.replace(tzinfo=None), sep, timespec)
+
+
+async def test_a_datetime_subclass_is_stored_as_the_instant_it_names(
+    storage: SessionStorage,
+) -> None:
+    """Found by review: the model kept the subclass, and SQLite stored its isoformat()."""
+    stamp = _WallClockStamp(2024, 1, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    session = ChatSession(model="m", session_id="stamped", created_at=stamp, updated_at=stamp)
+    assert type(session.created_at) is datetime
+    record = file_record(uploaded_at=stamp, expires_at=stamp)
+    assert type(record.uploaded_at) is datetime
+    await storage.save_session(session)
+
+    loaded = await storage.load_session("stamped")
+
+    assert loaded is not None
+    assert loaded.created_at == datetime(2024, 1, 1, 10, 0, 0, 123000, tzinfo=UTC)
+    assert loaded == session
+
+
 async def test_the_earliest_and_latest_instants_round_trip(storage: SessionStorage) -> None:
     earliest = datetime(1, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)
     latest = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -113,6 +114,38 @@ async def test_expire_sessions_marks_only_stale_active_ones(storage: SessionStor
         fresh.session_id: "active",
         archived.session_id: "archived",
     }
+
+
+async def test_expire_sessions_takes_a_cutoff_after_a_dst_change_as_its_instant(
+    storage: SessionStorage,
+) -> None:
+    """Found by review: SQLite reused 01:30 (fold=0)'s text for 01:30 (fold=1), an hour
+    later, as the two compare equal."""
+    new_york = ZoneInfo("America/New_York")
+    updated = datetime(2024, 11, 3, 6, 0, tzinfo=UTC)
+    session = conversation(1)
+    session.updated_at = updated
+    await storage.save_session(session)
+
+    first = datetime(2024, 11, 3, 1, 30, tzinfo=new_york, fold=0)  # 05:30Z
+    assert await storage.expire_sessions(first) == 0
+    assert await storage.expire_sessions(first.replace(fold=1)) == 1  # 06:30Z
+
+
+@pytest.mark.parametrize(
+    "cutoff", [datetime(2030, 1, 1), 1_700_000_000, "2030-01-01T00:00:00Z"], ids=repr
+)
+async def test_expire_sessions_refuses_a_cutoff_that_is_no_aware_datetime(
+    storage: SessionStorage, cutoff: object
+) -> None:
+    """Found by review: a naive cutoff was read as local time by SQLite, UTC by PostgreSQL."""
+    session = conversation(1)
+    await storage.save_session(session)
+
+    with pytest.raises(InvalidDataError, match="updated_before"):
+        await storage.expire_sessions(cutoff)  # type: ignore[arg-type]
+
+    assert (await storage.count_sessions())["active"] == 1
 
 
 async def test_set_status_changes_many_sessions_at_once(storage: SessionStorage) -> None:

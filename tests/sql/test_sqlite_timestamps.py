@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -32,3 +33,11 @@ def test_every_value_gets_the_text_of_its_own_instant(
     for value in sequence:
         assert _sqlite_text(value) == value.astimezone(UTC).isoformat(" ", "microseconds")
     assert _sqlite_text(None) is None
+
+
+def test_times_a_dst_change_repeats_get_their_own_text() -> None:
+    new_york = ZoneInfo("America/New_York")
+    first = datetime(2024, 11, 3, 1, 30, tzinfo=new_york, fold=0)
+    second = first.replace(fold=1)  # equal to `first` by ==, an hour later
+    assert _sqlite_text(first) == "2024-11-03 05:30:00.000000+00:00"
+    assert _sqlite_text(second) == "2024-11-03 06:30:00.000000+00:00"

@@ -145,6 +145,27 @@ async def test_import_keeps_what_the_store_holds(storage: SessionStorage, export
     assert (await storage.count()).total_sessions == 11
 
 
+async def test_importing_again_keeps_the_stores_own_fields(
+    storage: SessionStorage, exported: Path
+) -> None:
+    """Found by review: a second import undid field changes made in the store since."""
+    await import_from_json(storage, exported)
+    expected = build_sessions()[0]
+    held = await storage.load_session(expected.session_id)
+    assert held is not None and held.messages
+    held.model = "changed-here"  # neither change moves updated_at
+    held.status = "expired" if held.status != "expired" else "active"
+    await storage.save_session(held)
+
+    result = await import_from_json(storage, exported)
+
+    stored = await storage.load_session(expected.session_id)
+    assert stored is not None
+    assert (stored.model, stored.status) == ("changed-here", held.status)
+    assert [m.message_id for m in stored.messages] == [m.message_id for m in expected.messages]
+    assert (result["sessions_imported"], result["sessions_already_present"]) == (0, 10)
+
+
 async def test_a_session_a_writer_deletes_while_its_batch_merges_it_is_imported_new(
     storage: SessionStorage, exported: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,6 +344,17 @@ REFUSED: list[tuple[str, Callable[[bytes], bytes], str]] = [
         "naive time",
         _edit(lambda d: _last_message(d).__setitem__("created_at", "2026-01-01T00:00:00")),
         "timezone-aware",
+    ),
+    # Found by review: numbers were read as Unix time, seconds or milliseconds guessed.
+    (
+        "a number as a time",
+        _edit(lambda d: _last_message(d).__setitem__("created_at", 1_700_000_000_123)),
+        "Unix time is ambiguous",
+    ),
+    (
+        "digits as a time",
+        _edit(lambda d: _last_session(d).__setitem__("updated_at", "1700000000")),
+        "Unix time is ambiguous",
     ),
     ("nul in content", _edit(lambda d: _last_message(d).__setitem__("content", "a\x00b")), "NUL"),
     ("lone surrogate", lambda raw: raw.replace(b'"gemini-9"', b'"gemini-\\ud800"'), "unicode"),

@@ -202,6 +202,38 @@ async def test_destination_session_updated_later_keeps_its_fields(pair: Pair) ->
     assert stored.message_count == 3
 
 
+async def test_a_second_migration_keeps_the_destinations_own_fields(pair: Pair) -> None:
+    """Found by review: an archive or a model change made in the destination (neither
+    moves updated_at) was undone by the next migration, which then failed to verify."""
+    source, destination = pair
+    session = ChatSession.create("gemini-a", session_id="s", metadata={"shared": "source"})
+    session.add_message("user", "first")
+    await source.save_session(session)
+    await migrate_storage(source, destination)
+    copy = await destination.load_session("s")
+    assert copy is not None
+    copy.status, copy.model = "archived", "gemini-b"
+    copy.metadata = {"shared": "destination"}
+    await destination.save_session(copy)
+    session.add_message("assistant", "second, only in the source")
+    session.metadata = {**session.metadata, "added": "in the source"}
+    await source.save_session(session)
+
+    result = await migrate_storage(source, destination)
+
+    stored = await destination.load_session("s")
+    assert stored is not None
+    assert (stored.status, stored.model) == ("archived", "gemini-b")
+    assert stored.created_at == copy.created_at
+    assert stored.metadata == {"shared": "destination", "added": "in the source"}
+    assert [m.content for m in stored.messages] == ["first", "second, only in the source"]
+    assert result["verified"] is True
+    assert result["verification"]["sessions_with_own_fields"] == 1
+    again = await migrate_storage(source, destination)
+    assert await destination.load_session("s") == stored
+    assert (again["sessions_migrated"], again["verified"]) == (0, True)
+
+
 async def test_progress_reports_every_session_once_its_batch_is_written(pair: Pair) -> None:
     source, destination = pair
     for index in range(23):

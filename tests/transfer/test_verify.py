@@ -208,6 +208,52 @@ async def test_verification_catches_tampering(
     assert matching, report["mismatches"]
 
 
+async def _lost_metadata_key(connection: AsyncConnection) -> None:
+    await connection.execute(
+        update(sessions).where(sessions.c.session_id == "é").values(metadata={"index": 0})
+    )
+
+
+# What a merge never leaves behind: the check a migration runs must still fail on it.
+FAILED_COPIES = {
+    "changed message content": (_changed_content, "differing_messages"),
+    "missing message": (_missing_message, "missing_messages"),
+    "swapped messages": (_swapped_messages, "misordered_sessions"),
+    "lost metadata key": (_lost_metadata_key, "differing_sessions"),
+}
+
+
+@pytest.mark.parametrize(("tamper", "total"), FAILED_COPIES.values(), ids=FAILED_COPIES.keys())
+async def test_the_additive_check_still_catches_a_failed_copy(
+    sql_pair: tuple[SessionStorage, SessionStorage], tamper: Tamper, total: str
+) -> None:
+    source, destination = sql_pair
+    await populate(source)
+    await migrate_storage(source, destination)
+    async with _engine_of(destination).begin() as connection:
+        await tamper(connection)
+
+    report = await verify_migration(source, destination, additive=True)
+
+    assert report["ok"] is False
+    assert report[total] == 1
+
+
+async def test_the_additive_check_accepts_the_fields_a_merge_keeps(
+    sql_pair: tuple[SessionStorage, SessionStorage],
+) -> None:
+    source, destination = sql_pair
+    await populate(source)
+    await migrate_storage(source, destination)
+    async with _engine_of(destination).begin() as connection:
+        await _changed_status(connection)
+
+    assert (await verify_migration(source, destination))["ok"] is False
+    report = await verify_migration(source, destination, additive=True)
+    assert report["ok"] is True
+    assert report["sessions_with_own_fields"] == 1
+
+
 async def test_verification_of_equal_stores_is_ok_and_counts_what_it_checked(
     pair: tuple[SessionStorage, SessionStorage],
 ) -> None:
