@@ -165,7 +165,12 @@ def _compare_session_fields(
     elif any(
         not same_value(getattr(source, name), getattr(destination, name)) for name in _OWN_FIELDS
     ):
-        report.totals["sessions_with_own_fields"] += 1
+        if (destination.revision or 1) > 1:
+            # Written since it was created (by a merge, or by its users): its own.
+            report.totals["sessions_with_own_fields"] += 1
+        elif report.fields("session", sid, SESSION_FIELDS, source, destination):
+            # Never written since the copy inserted it: a field copied wrongly.
+            report.tally("session", "different")
 
 
 def _compare_sessions(
@@ -304,9 +309,10 @@ async def verify_migration(
 
     With `additive=True` (what `migrate_storage` checks) the destination may hold more
     than the source, as a merge only adds: records only the destination holds, and the
-    fields and metadata values of a session it held already (a merge keeps them), do
-    not make the result fail; they are still counted ("extra_...",
-    "sessions_with_own_fields"). A missing session, message or metadata key, a message
+    fields and metadata values of a session written there since it was created (a merge
+    keeps them; revision above 1), do not make the result fail; they are still counted
+    ("extra_...", "sessions_with_own_fields"). A session never written since it was
+    inserted must hold the source's fields. A missing session, message or metadata key, a message
     that differs and messages out of order still do.
 
     Returns:

@@ -245,13 +245,31 @@ async def test_the_additive_check_accepts_the_fields_a_merge_keeps(
     source, destination = sql_pair
     await populate(source)
     await migrate_storage(source, destination)
-    async with _engine_of(destination).begin() as connection:
-        await _changed_status(connection)
+    held = await destination.load_session("é")
+    assert held is not None
+    held.status = "active"
+    await destination.save_session(held)
 
     assert (await verify_migration(source, destination))["ok"] is False
     report = await verify_migration(source, destination, additive=True)
     assert report["ok"] is True
     assert report["sessions_with_own_fields"] == 1
+
+
+async def test_the_additive_check_catches_a_field_copied_wrongly_into_a_new_session(
+    sql_pair: tuple[SessionStorage, SessionStorage],
+) -> None:
+    """A session the copy inserted and nobody wrote since (revision 1) must hold the
+    source's fields: a difference there is a failed copy, not the destination's own."""
+    source, destination = sql_pair
+    await populate(source)
+    await migrate_storage(source, destination)
+    async with _engine_of(destination).begin() as connection:
+        await _changed_status(connection)
+
+    report = await verify_migration(source, destination, additive=True)
+    assert report["ok"] is False
+    assert report["sessions_with_own_fields"] == 0
 
 
 async def test_verification_of_equal_stores_is_ok_and_counts_what_it_checked(
