@@ -21,7 +21,7 @@ from persistence.models import (
     Status,
     UploadedFileRecord,
 )
-from persistence.validation import storable_text
+from persistence.validation import plain, storable_text
 
 BackendName = Literal["sqlite", "postgresql", "mongodb"]
 
@@ -50,7 +50,7 @@ def check_instant(value: datetime, field: str) -> datetime:
         utc = datetime.astimezone(value, UTC)
     except OverflowError:
         raise InvalidDataError(f"{field}: {value!r} is out of range in UTC") from None
-    return datetime(*utc.timetuple()[:6], utc.microsecond, tzinfo=UTC)
+    return plain(utc)
 
 
 def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:

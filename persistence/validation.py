@@ -151,10 +151,15 @@ def _utc_millisecond(value: datetime) -> datetime:
             "0001-01-01T00:00:00Z would come back from PostgreSQL as a naive '-infinity';"
             " the earliest instant stored is 0001-01-01T00:00:00.001Z"
         )
-    if type(instant) is not datetime:
-        # A subclass keeps its own methods (isoformat, ==) that the backends would call.
-        instant = datetime(*instant.timetuple()[:6], instant.microsecond, tzinfo=UTC)
-    return instant
+    return plain(instant)
+
+
+def plain(instant: datetime) -> datetime:
+    """`instant` (in UTC) as a plain datetime: a subclass keeps its own methods
+    (isoformat, ==), which the backends would call."""
+    if type(instant) is datetime:
+        return instant
+    return datetime(*instant.timetuple()[:6], instant.microsecond, tzinfo=UTC)
 
 
 def _identifier(value: str) -> str:

@@ -23,6 +23,7 @@ from persistence.garbage_collection import collection_paused
 from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.search import search_document
+from persistence.sql.statements import shown_value
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.sql.types import json_loads
 
@@ -173,21 +174,13 @@ def _unreadable_message(
         except ValueError:
             return PersistenceError(
                 f"session {session_id or row[1]!r}, message {row[0]!r}: the stored"
-                f" chat_messages.metadata is not JSON ({_shown(row[metadata])}); it was"
+                f" chat_messages.metadata is not JSON ({shown_value(row[metadata])}); it was"
                 " written outside persistence"
             )
     return PersistenceError(
         f"{where}a stored chat_messages.metadata is not JSON ({exc}); it was written outside"
         " persistence"
     )
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOWN_VALUE else text[: _SHOWN_VALUE - 3] + "..."
-
-
-_SHOWN_VALUE = 60
 
 
 _new_message = ChatMessage.__new__
@@ -208,7 +201,7 @@ def session_from_row(
         # A try costs nothing until it catches (Python 3.11), and a page is 100 rows.
         raise PersistenceError(
             f"session {row[0]!r}: the stored chat_sessions.metadata is not JSON"
-            f" ({_shown(row[5])}); it was written outside persistence"
+            f" ({shown_value(row[5])}); it was written outside persistence"
         ) from exc
     return ChatSession.from_store(
         {

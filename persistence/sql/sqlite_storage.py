@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,6 +96,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._pragmas = sqlite_pragmas(synchronous.upper(), cache_size, busy_timeout)
         self._busy_timeout = busy_timeout
         self._connection: aiosqlite.Connection | None = None
+        # The connection's thread's entry points; with the file check once opened.
+        self._write_in_thread: Callable[..., Any] = run_in_sqlite_thread
+        self._read_in_thread: Callable[..., Any] = read_in_sqlite_thread
         # What the engine and the connection open: the file, or a read-only URI.
         self._opened: tuple[str | Path, dict[str, Any], bool] = (
             self.database_path,
@@ -152,6 +156,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
         found = self.database_path.stat()
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
         self._file_check = partial(same_file, self.database_path, (found.st_dev, found.st_ino))
+        # Made once: `_run` is every call.
+        self._write_in_thread = partial(run_in_sqlite_thread, check=self._file_check)
+        self._read_in_thread = partial(read_in_sqlite_thread, check=self._file_check)
 
     async def close(self) -> None:
         # Closed first: a call made while the connection closes is told so, not that the
@@ -217,10 +224,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         with sql_errors(action):
             result: T = await run_in_thread(
                 connection,
-                partial(
-                    run_in_sqlite_thread if write else read_in_sqlite_thread,
-                    check=self._file_check,
-                ),
+                self._write_in_thread if write else self._read_in_thread,
                 dialect,
                 work,
                 "BEGIN IMMEDIATE" if write else "BEGIN",

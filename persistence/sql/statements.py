@@ -77,9 +77,7 @@ class Compiled:
                     process(row[index])
                 except ValueError:
                     name, kind = self._described(index)
-                    text = repr(row[index])
-                    if len(text) > _SHOWN_VALUE:
-                        text = text[: _SHOWN_VALUE - 3] + "..."
+                    text = shown_value(row[index])
                     of_row = f" (the row of {self._described(0)[0]} {row[0]!r})" if index else ""
                     return f"{name} holds {text}, which is not {kind}{of_row}"
         return "a stored value cannot be read"
@@ -149,19 +147,26 @@ def _compile(element: ClauseElement, dialect: Dialect) -> Compiled:
 _SHOWN_VALUE = 60
 
 
+def shown_value(value: Any) -> str:
+    """A stored value for an error message: its repr, cut to a line."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE else text[: _SHOWN_VALUE - 3] + "..."
+
+
 def _describe(column: Any) -> tuple[str, str]:
     name = str(getattr(column, "name", None) or getattr(column, "key", None) or "a column")
     table = getattr(getattr(column, "table", None), "name", None)
     # A TypeDecorator (UtcDateTime) says only `object`: its implementation says more.
     type_ = getattr(column.type, "impl_instance", column.type)
+    named = f"{table}.{name}" if table else name
     try:
         python_type = type_.python_type
     except NotImplementedError:
-        return (f"{table}.{name}" if table else name), "a valid value"
+        return named, "a valid value"
     kind = {datetime: "a timestamp", dict: "JSON", int: "an integer"}.get(
         python_type, f"a valid {python_type.__name__}"
     )
-    return (f"{table}.{name}" if table else name), kind
+    return named, kind
 
 
 def _none_safe(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
