@@ -38,6 +38,7 @@ from persistence.sql.runner import (
 from persistence.sql.schema import VERSION_TABLE, refuse_foreign_sqlite_file
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.uow import open_units_of_work
+from persistence.sql.wal_reserve import reserve_wal
 from persistence.storage import (
     BackendName,
 )
@@ -151,6 +152,13 @@ class SQLiteSessionStorage(SqlSessionStorage):
             opened, pragmas, uri = self._opened
             with sql_errors("open database"):
                 self._connection = await open_sqlite(opened, pragmas, self._busy_timeout, uri=uri)
+                if not read_only:
+                    await run_in_thread(
+                        self._connection,
+                        reserve_wal,
+                        self.database_path,
+                        int(self._busy_timeout * 1000),
+                    )
         # The file itself (through any symlink): another storage on it is the same store,
         # a copy of it is another.
         found = self.database_path.stat()
