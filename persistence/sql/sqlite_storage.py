@@ -92,6 +92,11 @@ class SQLiteSessionStorage(SqlSessionStorage):
     ) -> None:
         super().__init__(version_table)
         self.database_path = Path(database_path)
+        # What is opened and checked: a relative path taken against the directory of the
+        # call, so a later chdir (a daemon's) neither fails the file check nor opens
+        # another file for the pool's next connection. Joined, not normalised: `..`
+        # after a symlink means what the system makes of it.
+        self._file = Path.cwd() / self.database_path
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise InvalidDataError(f"synchronous: {synchronous!r} is not FULL, NORMAL or EXTRA")
         self._pragmas = sqlite_pragmas(synchronous.upper(), cache_size, busy_timeout)
@@ -102,7 +107,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._read_in_thread: Callable[..., Any] = read_in_sqlite_thread
         # What the engine and the connection open: the file, or a read-only URI.
         self._opened: tuple[str | Path, dict[str, Any], bool] = (
-            self.database_path,
+            self._file,
             self._pragmas,
             False,
         )
@@ -116,17 +121,17 @@ class SQLiteSessionStorage(SqlSessionStorage):
 
     def _create_engine(self) -> AsyncEngine:
         target, pragmas, uri = self._opened
-        url = sqlite_url(self.database_path)
+        url = sqlite_url(self._file)
         return sqlite_engine(url, pragmas, self._busy_timeout, target=target, uri=uri)
 
     async def _open(self, *, read_only: bool) -> None:
         if self._closed:
             raise PersistenceError("sqlite storage is closed")
         if self._engine is None:
-            exists = check_sqlite_path(self.database_path, must_exist=read_only)
+            exists = check_sqlite_path(self._file, must_exist=read_only)
             if read_only:
                 self._opened = (
-                    sqlite_reading_target(self.database_path),
+                    sqlite_reading_target(self._file),
                     reading_pragmas(self._pragmas),
                     True,
                 )
@@ -135,13 +140,13 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 with sql_errors("open database"):
                     await asyncio.to_thread(
                         refuse_foreign_sqlite_file,
-                        sqlite_reading_target(self.database_path),
+                        sqlite_reading_target(self._file),
                         version_table=self.version_table,
                         where=self._where,
                     )
             else:
                 try:
-                    self.database_path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     raise StorageConnectionError(
                         f"cannot create {self.database_path}:"
@@ -156,14 +161,14 @@ class SQLiteSessionStorage(SqlSessionStorage):
                     await run_in_thread(
                         self._connection,
                         reserve_wal,
-                        self.database_path,
+                        self._file,
                         int(self._busy_timeout * 1000),
                     )
         # The file itself (through any symlink): another storage on it is the same store,
         # a copy of it is another.
-        found = self.database_path.stat()
+        found = self._file.stat()
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
-        self._file_check = partial(same_file, self.database_path, (found.st_dev, found.st_ino))
+        self._file_check = partial(same_file, self._file, (found.st_dev, found.st_ino))
         # Made once: `_run` is every call.
         self._write_in_thread = partial(run_in_sqlite_thread, check=self._file_check)
         self._read_in_thread = partial(read_in_sqlite_thread, check=self._file_check)
@@ -240,9 +245,18 @@ class SQLiteSessionStorage(SqlSessionStorage):
             return result
 
     async def copy_to_file(self, target: Path) -> bool:
-        """Copies the database with SQLite's online backup API (consistent under writers)."""
+        """Copies the database with SQLite's online backup API (consistent under writers).
+
+        Raises:
+            PersistenceError: the file was replaced or removed while open, before or during
+                the copy (found by attack: the copy was of the old, unlinked file).
+        """
         connection = self._opened_connection()
+        check = self._file_check
+        assert check is not None, "set when the connection opened"
+        check()
         with sql_errors("back up database"):
             async with aiosqlite.connect(target) as destination:
                 await connection.backup(destination)
+        check()
         return True

@@ -63,6 +63,42 @@ async def test_a_symlink_to_a_database_file_is_followed(tmp_path: Path) -> None:
     assert (tmp_path / "link.db").is_symlink()
 
 
+async def test_a_relative_path_keeps_its_file_after_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: opened as `rel.db`, then the process changed directory (as a
+    daemon does): every later call was refused as a file replaced while open, and the
+    pool's next connection would have opened `rel.db` in the new directory."""
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir()
+    later.mkdir()
+    monkeypatch.chdir(first)
+    storage = SQLiteSessionStorage("rel.db")
+    await storage.initialize()
+    try:
+        session = ChatSession.create("m", session_id="a")
+        session.add_message("user", "before the chdir")
+        await storage.save_session(session)
+        monkeypatch.chdir(later)
+        session.add_message("user", "after the chdir")
+        assert await storage.save_session(session)
+        assert await storage.load_session("a") == session
+        await storage.engine.dispose()  # the pool's next connection opens afresh
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(ChatSession.create("m", session_id="b"))
+            await uow.commit()
+        assert [m.content for m in await storage.search_messages("chdir")] == [
+            "after the chdir",
+            "before the chdir",
+        ]
+        assert storage.database_path == Path("rel.db")
+    finally:
+        await storage.close()
+    assert not (later / "rel.db").exists()
+    async with SQLiteSessionStorage(first / "rel.db") as reopened:
+        assert sorted(s.session_id for s in await reopened.list_sessions()) == ["a", "b"]
+
+
 async def test_reading_a_missing_file_creates_nothing(tmp_path: Path) -> None:
     await _refused_reading(tmp_path / "nothing.db")
     assert os.listdir(tmp_path) == []
