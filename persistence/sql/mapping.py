@@ -130,12 +130,13 @@ def messages_from_rows(rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
     history is thousands of tracked objects).
 
     Raises:
-        PersistenceError: a row's metadata is not JSON (written outside persistence).
+        PersistenceError: a row's metadata is not a JSON object (written outside
+            persistence).
     """
     try:
         with collection_paused():
             return [_message(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise _unreadable_message(rows, 5, None, exc) from exc
 
 
@@ -144,12 +145,13 @@ def history_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[Ch
     order, as messages_from_rows builds them; every message holds the one `session_id`.
 
     Raises:
-        PersistenceError: a row's metadata is not JSON (written outside persistence).
+        PersistenceError: a row's metadata is not a JSON object (written outside
+            persistence).
     """
     try:
         with collection_paused():
             return [_message(row[0], session_id, row[1], row[2], row[3], row[4]) for row in rows]
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise _unreadable_message(rows, 4, session_id, exc) from exc
 
 
@@ -157,7 +159,7 @@ def _unreadable_message(
     rows: Iterable[Sequence[Any]],
     metadata: int,
     session_id: str | None,
-    exc: ValueError,
+    exc: ValueError | TypeError,
 ) -> PersistenceError:
     """Names the first row whose metadata (column `metadata`) json_loads refuses, and
     its session (`session_id`, else the row's second column).
@@ -171,15 +173,15 @@ def _unreadable_message(
     for row in rows if isinstance(rows, Sequence) else ():
         try:
             json_loads(row[metadata])
-        except ValueError:
+        except (ValueError, TypeError):
             return PersistenceError(
                 f"session {session_id or row[1]!r}, message {row[0]!r}: the stored"
-                f" chat_messages.metadata is not JSON ({shown_value(row[metadata])}); it was"
-                " written outside persistence"
+                " chat_messages.metadata is not a JSON object"
+                f" ({shown_value(row[metadata])}); it was written outside persistence"
             )
     return PersistenceError(
-        f"{where}a stored chat_messages.metadata is not JSON ({exc}); it was written outside"
-        " persistence"
+        f"{where}a stored chat_messages.metadata is not a JSON object ({exc}); it was written"
+        " outside persistence"
     )
 
 
@@ -197,10 +199,10 @@ def session_from_row(
     """
     try:
         metadata = json_loads(row[5])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         # A try costs nothing until it catches (Python 3.11), and a page is 100 rows.
         raise PersistenceError(
-            f"session {row[0]!r}: the stored chat_sessions.metadata is not JSON"
+            f"session {row[0]!r}: the stored chat_sessions.metadata is not a JSON object"
             f" ({shown_value(row[5])}); it was written outside persistence"
         ) from exc
     return ChatSession.from_store(

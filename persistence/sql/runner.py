@@ -128,7 +128,7 @@ def _sqlite_step(connection: sqlite3.Connection, dialect: Dialect) -> Callable[[
             rows = cursor.fetchall()
             try:
                 return compiled.decode(rows)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 # A hand edit (or a damaged file) left a value its column cannot read
                 # back. Found by attack: an updated_at edited to '2026-13-45 99:00' was
                 # reported as a corrupt file, naming nothing, though integrity_check
@@ -180,10 +180,25 @@ def _check_begun(
         raise
 
 
-def end_sqlite_transaction(connection: sqlite3.Connection, verb: str) -> None:
-    """COMMIT or ROLLBACK the connection's open transaction, if it has one."""
-    if connection.in_transaction:
-        connection.execute(verb)
+def end_sqlite_transaction(
+    connection: sqlite3.Connection, verb: str, check: Callable[[], None] | None = None
+) -> None:
+    """COMMIT or ROLLBACK the connection's open transaction, if it has one.
+
+    Before a COMMIT, `check` (run_in_sqlite_thread's) runs again: if it raises, the
+    transaction is rolled back instead. Found by attack: a unit of work whose file was
+    replaced or removed after its first statement committed into the old, unlinked file
+    and reported success.
+    """
+    if not connection.in_transaction:
+        return
+    if verb == "COMMIT" and check is not None:
+        try:
+            check()
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+    connection.execute(verb)
 
 
 def read_in_sqlite_thread(

@@ -75,7 +75,7 @@ class Compiled:
             for index, process in self.processed_columns:
                 try:
                     process(row[index])
-                except ValueError:
+                except (ValueError, TypeError):
                     name, kind = self._described(index)
                     text = shown_value(row[index])
                     of_row = f" (the row of {self._described(0)[0]} {row[0]!r})" if index else ""

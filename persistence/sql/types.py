@@ -94,5 +94,16 @@ def json_dumps(value: Any) -> str:
 
 
 def json_loads(text: str) -> Any:
-    """json.loads, with the empty object of most metadata columns answered at once."""
-    return {} if text == "{}" else json.loads(text)
+    """json.loads of a metadata column, with its commonest value, `{}`, answered at once.
+
+    Raises:
+        ValueError: the text is not JSON, or not a JSON object (found by attack: a
+            hand-edited `[1, 2]` or `null` was loaded into the models, copied by
+            `migrate`, and written into exports that `import` then refused).
+    """
+    if text == "{}":
+        return {}
+    value = json.loads(text)
+    if type(value) is not dict:
+        raise ValueError(f"not a JSON object but {type(value).__name__}")
+    return value

@@ -229,7 +229,7 @@ class SqlUnitOfWork(UnitOfWork):
                 transaction, self._transaction = self._transaction, None
                 await (transaction.commit() if verb == "COMMIT" else transaction.rollback())
             elif self._engine.dialect.name == "sqlite":
-                await run_in_thread(self._driver, end_sqlite_transaction, verb)
+                await run_in_thread(self._driver, end_sqlite_transaction, verb, self._check)
 
     def _failure(self) -> PersistenceError:
         return PersistenceError(

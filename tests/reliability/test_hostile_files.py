@@ -16,7 +16,7 @@ from persistence import (
     SQLiteSessionStorage,
     StorageConnectionError,
 )
-from persistence.transfer import export_to_json
+from persistence.transfer import backup_storage, export_to_json
 from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.sqlite
@@ -181,6 +181,58 @@ async def test_a_file_moved_under_an_open_storage_takes_no_write(
         assert [m.content for m in loaded.messages] == ["kept as it was"]
 
 
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+async def test_a_unit_of_work_whose_file_moved_is_not_committed(
+    tmp_path: Path, change: str
+) -> None:
+    """Found by attack: the file check ran when the unit's transaction began, so a unit
+    whose file was replaced or removed after its first statement committed into the old,
+    unlinked file and reported success."""
+    path, other = tmp_path / "live.db", tmp_path / "other.db"
+    async with SQLiteSessionStorage(other) as storage:
+        await storage.save_session(ChatSession.create("m", session_id="theirs"))
+    async with SQLiteSessionStorage(path) as storage:
+        ours = ChatSession.create("m", session_id="ours")
+        await storage.save_session(ours)
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        with pytest.raises(PersistenceError, match="replaced or removed while open"):
+            async with storage.unit_of_work() as uow:
+                ours.add_message("user", "in the unit")
+                await uow.sessions.add(ours)
+                if change == "replaced":
+                    os.replace(other, path)
+                else:
+                    path.unlink()
+                await uow.commit()
+        # Nothing of it was taken as stored: the message is still to be sent.
+        assert ours.message_count == 1
+    if change == "replaced":
+        async with SQLiteSessionStorage(path) as reopened:
+            assert [s.session_id for s in await reopened.list_sessions()] == ["theirs"]
+
+
+async def test_a_backup_of_a_file_replaced_under_an_open_storage_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: every other call was refused, but a backup copied the old,
+    unlinked file and reported its sessions."""
+    path, other = tmp_path / "live.db", tmp_path / "other.db"
+    async with SQLiteSessionStorage(other) as storage:
+        await storage.save_session(ChatSession.create("m", session_id="theirs"))
+    async with SQLiteSessionStorage(path) as storage:
+        await storage.save_session(ChatSession.create("m", session_id="ours"))
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        os.replace(other, path)
+        backups = tmp_path / "backups"
+        with pytest.raises(PersistenceError, match="replaced or removed while open"):
+            await backup_storage(storage, backups)
+    assert not backups.exists() or not any(backups.iterdir())
+
+
 async def _edited(path: Path, *statements: str) -> None:
     """Sessions s0 and s1 of three messages each, then `statements` run as a hand edit
     in the sqlite3 shell would (CHECK constraints ignored)."""
@@ -197,16 +249,22 @@ async def _edited(path: Path, *statements: str) -> None:
     connection.close()
 
 
-async def test_metadata_that_is_not_json_is_a_library_error_naming_the_row(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("message_metadata", "session_metadata"), [("{not json", "[oops"), ("[1, 2]", "null")]
+)
+async def test_metadata_that_is_not_a_json_object_is_a_library_error_naming_the_row(
+    tmp_path: Path, message_metadata: str, session_metadata: str
 ) -> None:
     """Found by attack: one message's metadata edited to invalid JSON made loads,
-    searches, exports and SessionManager.startup raise a bare JSONDecodeError."""
+    searches, exports and SessionManager.startup raise a bare JSONDecodeError; edited to
+    JSON that is not an object (`[1, 2]`, `null`), it was loaded into the models, copied
+    by migrate and exported into a file that import refused."""
     path = tmp_path / "edited.db"
     await _edited(
         path,
-        "UPDATE chat_messages SET metadata = '{not json' WHERE session_id = 's1' AND position = 1",
-        "UPDATE chat_sessions SET metadata = '[oops' WHERE session_id = 's0'",
+        f"UPDATE chat_messages SET metadata = '{message_metadata}'"
+        " WHERE session_id = 's1' AND position = 1",
+        f"UPDATE chat_sessions SET metadata = '{session_metadata}' WHERE session_id = 's0'",
     )
     with sqlite3.connect(path) as connection:
         (message_id,) = connection.execute(
@@ -225,25 +283,27 @@ async def test_metadata_that_is_not_json_is_a_library_error_naming_the_row(
             await storage.search_messages("hello")
         with pytest.raises(PersistenceError, match=r"'s0'.*chat_sessions\.metadata"):
             await storage.list_sessions()
-        with pytest.raises(PersistenceError, match="is not JSON"):
+        with pytest.raises(PersistenceError, match="is not a JSON object"):
             await export_to_json(storage, tmp_path / "all.json")
-        with pytest.raises(PersistenceError, match="is not JSON"):
+        with pytest.raises(PersistenceError, match="is not a JSON object"):
             await SessionManager(storage).startup()
 
 
+@pytest.mark.parametrize(
+    ("edited", "shown"), [("'2026-13-45 99:00'", "'2026-13-45 99:00'"), ("0", "0")]
+)
 async def test_a_stored_value_its_column_cannot_read_is_named_not_called_corruption(
-    tmp_path: Path,
+    tmp_path: Path, edited: str, shown: str
 ) -> None:
     """Found by attack: one updated_at edited to '2026-13-45 99:00' made every listing
-    say "the database file is corrupt", naming nothing, though integrity_check passed."""
+    say "the database file is corrupt", naming nothing, though integrity_check passed;
+    edited to the number 0, every listing raised a bare TypeError."""
     path = tmp_path / "edited.db"
-    await _edited(
-        path, "UPDATE chat_sessions SET updated_at = '2026-13-45 99:00' WHERE session_id = 's1'"
-    )
+    await _edited(path, f"UPDATE chat_sessions SET updated_at = {edited} WHERE session_id = 's1'")
     async with SQLiteSessionStorage(path) as storage:
         with pytest.raises(PersistenceError) as caught:
             await storage.list_sessions()
     message = str(caught.value)
-    assert "chat_sessions.updated_at holds '2026-13-45 99:00', which is not a timestamp" in message
+    assert f"chat_sessions.updated_at holds {shown}, which is not a timestamp" in message
     assert "chat_sessions.session_id 's1'" in message
     assert "corrupt" not in message
