@@ -51,6 +51,7 @@ class Bookkeeping:
         _omitted: int
         _revision: int | None
         _epoch: int
+        _pins: list[int]
 
         def _messages(self) -> MessageList: ...
 
@@ -236,9 +237,10 @@ class Bookkeeping:
         if not keep_log:
             self._trim_log()
 
-    def settled(self) -> None:
+    def settled(self, held: Base | None) -> None:
         """The saves a unit of work kept the log for (`keep_log`) are final: what only
-        the bases before them needed goes."""
+        the bases before them needed goes. `held` is the base `base_for` gave it."""
+        self._unpin(held)
         self._trim_log()
 
     def rebase(self, token: str, fresh: ChatSession) -> list[str]:
@@ -293,9 +295,19 @@ class Bookkeeping:
         return None if base is None else base.updated_at
 
     def base_for(self, token: str) -> Base | None:
-        """A copy of what storage `token` held of this object (for a unit of work's undo)."""
+        """A copy of what storage `token` held of this object, for a unit of work's undo.
+
+        The log that base needs is kept until the unit gives it back (`restore_base`) or
+        ends (`settled`). Found by attack: a unit of work on another store that committed
+        meanwhile trimmed it, and this unit's rollback then restored a base whose edits
+        were gone: the next save to this store returned True without them.
+        """
         base = self._known().get(token)
-        return None if base is None else base.copy()
+        if base is None:
+            return None
+        held = base.copy()
+        self._private()["_pins"].append(held.log_at)
+        return held
 
     def restore_base(self, token: str, base: Base | None) -> None:
         """Puts back a base from `base_for`: the writes since were rolled back.
@@ -308,6 +320,7 @@ class Bookkeeping:
         else:
             self._known()[token] = base
         self._private()["_epoch"] += 1
+        self._unpin(base)
 
     def save_failed(self, token: str, *sent: SavePlan) -> None:
         """Records that a save to `token` may or may not have landed: the next one checks.
@@ -366,15 +379,20 @@ class Bookkeeping:
             base.status = status
             base.exact = False
 
+    def _unpin(self, held: Base | None) -> None:
+        pins: list[int] = self._private()["_pins"]
+        if held is not None and held.log_at in pins:
+            pins.remove(held.log_at)
+
     def _trim_log(self) -> None:
         private = self._private()
         log: list[LogEntry] = private["_log"]
-        bases = self._known()
-        if not bases:
+        needed = [base.log_at for base in self._known().values()] + private["_pins"]
+        if not needed:
             private["_log_start"] += len(log)
             log.clear()
             return
-        oldest = min(base.log_at for base in bases.values())
+        oldest = min(needed)
         drop = oldest - private["_log_start"]
         if drop > 0:
             del log[:drop]

@@ -164,6 +164,9 @@ class ChatSession(_DomainModel, Bookkeeping):
     _revision: int | None = PrivateAttr(default=None)
     # Incremented by `rebase`: a plan taken before it no longer describes the list.
     _epoch: int = PrivateAttr(default=0)
+    # Log positions an open unit of work may roll a base back to (`base_for`): the log
+    # from there on is kept until it ends.
+    _pins: list[int] = PrivateAttr(default_factory=lambda: [])
 
     def __eq__(self, other: object) -> bool:
         # Fields only: which storages hold the messages is bookkeeping, not data.
@@ -211,6 +214,7 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_omitted": source._omitted,
                 "_revision": source._revision,
                 "_epoch": source._epoch,
+                "_pins": [],
             },
         )
 
@@ -247,6 +251,7 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_omitted": values["message_count"] - len(messages),
                 "_revision": revision,
                 "_epoch": 0,
+                "_pins": [],
             },
         )
         return session
@@ -436,4 +441,5 @@ assert set(ChatSession.__private_attributes__) == {
     "_omitted",
     "_revision",
     "_epoch",
+    "_pins",
 }, "ChatSession.from_store must build every private attribute"

@@ -198,8 +198,8 @@ class SqlUnitOfWork(UnitOfWork):
         self._committed = True
         # Found by attack: without this, a session saved only through units of work
         # kept every edit, rewind and pop in its log for the object's life.
-        for session, _base, _sent in self._undo.values():
-            session.settled()
+        for session, base, _sent in self._undo.values():
+            session.settled(base)
         self._undo.clear()
         await self._give_back(None)
 

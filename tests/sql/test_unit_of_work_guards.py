@@ -145,3 +145,38 @@ async def test_a_unit_of_work_running_through_close_keeps_no_thread(tmp_path: Pa
         await task
     await asyncio.sleep(0.1)
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("elsewhere", ["unit of work", "save"])
+async def test_a_rolled_back_unit_keeps_the_edits_another_store_took_meanwhile(
+    tmp_path: Path, elsewhere: str
+) -> None:
+    """Found by attack: one object in a unit of work on store B while a unit of work (or
+    a plain save) on store A committed its edit. A's commit trimmed the object's log of
+    edits, B's rollback then gave back a base whose edit was gone, and the next save to
+    B returned True without it: B kept the old content for good."""
+    async with (
+        SQLiteSessionStorage(tmp_path / "a.db") as first,
+        SQLiteSessionStorage(tmp_path / "b.db") as second,
+    ):
+        session = conversation(2)
+        await first.save_session(session)
+        await second.save_session(session)
+        session.edit_message(session.messages[0].message_id, content="edited")
+        async with second.unit_of_work() as outer:
+            await outer.sessions.add(session)
+            if elsewhere == "save":
+                await first.save_session(session)
+            else:
+                async with first.unit_of_work() as inner:
+                    await inner.sessions.add(session)
+                    await inner.commit()
+            # left without commit: rolled back
+        assert second.has_unsaved_changes(session)
+        assert await second.save_session(session)
+        for storage in (first, second):
+            loaded = await storage.load_session(session.session_id)
+            assert loaded is not None
+            assert [m.content for m in loaded.messages] == ["edited", "message 1"]
+        # Once no unit of work can roll back, the log is trimmed as before.
+        assert session._log == []
