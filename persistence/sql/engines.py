@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import PoolResetState
 
 from persistence.errors import InvalidDataError, StorageConnectionError
-from persistence.sql.types import json_dumps, json_loads
+from persistence.sql.types import json_dumps, json_value_loads
 from persistence.urls import (
     asyncpg_url,
     mask_url,
@@ -235,7 +235,7 @@ def sqlite_engine(
         url,
         async_creator=connect,
         hide_parameters=True,
-        json_deserializer=json_loads,
+        json_deserializer=json_value_loads,
         json_serializer=json_dumps,
         # The pool's own reset rolls back every connection it takes back, a hop to the
         # connection's thread even after a unit of work's COMMIT: `_reset` instead.
@@ -338,7 +338,7 @@ def postgresql_engine(
         pool_timeout=pool_timeout,
         connect_args=connect_args,
         hide_parameters=True,
-        json_deserializer=json_loads,
+        json_deserializer=json_value_loads,
         json_serializer=json_dumps,
     )
 

@@ -243,6 +243,17 @@ def _base_of_row(row: Sequence[Any], synced: int, foreign_at: int) -> Base:
 
 
 def file_record_from_row(row: Sequence[Any]) -> UploadedFileRecord:
+    """A file record from a row of FILE_COLUMNS.
+
+    Raises:
+        PersistenceError: its metadata is JSON but not an object (written outside
+            persistence).
+    """
+    if type(row[8]) is not dict:
+        raise PersistenceError(
+            f"file {row[0]!r}: the stored uploaded_files.metadata is not a JSON object"
+            f" ({shown_value(row[8])}); it was written outside persistence"
+        )
     return _trusted(
         UploadedFileRecord,
         _FILE_FIELDS,

@@ -93,6 +93,13 @@ def json_dumps(value: Any) -> str:
     return "{}" if value == {} else json.dumps(value)
 
 
+def json_value_loads(text: str) -> Any:
+    """json.loads of any JSON value, with `{}` answered at once: the engines' decoder of
+    JSON columns and of the server's own JSON (PostgreSQL's `EXPLAIN (FORMAT JSON)` is a
+    list). The metadata columns are read as text and decoded by json_loads."""
+    return {} if text == "{}" else json.loads(text)
+
+
 def json_loads(text: str) -> Any:
     """json.loads of a metadata column, with its commonest value, `{}`, answered at once.
 

@@ -17,6 +17,7 @@ from persistence import (
     StorageConnectionError,
 )
 from persistence.transfer import backup_storage, export_to_json
+from tests.factories import file_record
 from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.sqlite
@@ -287,6 +288,28 @@ async def test_metadata_that_is_not_a_json_object_is_a_library_error_naming_the_
             await export_to_json(storage, tmp_path / "all.json")
         with pytest.raises(PersistenceError, match="is not a JSON object"):
             await SessionManager(storage).startup()
+
+
+@pytest.mark.parametrize("edited", ["[1, 2]", "null", "3"])
+async def test_file_metadata_that_is_not_a_json_object_is_a_library_error_naming_the_file(
+    tmp_path: Path, edited: str
+) -> None:
+    """Found by attack: a file record whose metadata a hand edit made `[1, 2]` was loaded
+    into the model as a list; the session columns had been guarded, the file's not."""
+    path = tmp_path / "edited.db"
+    async with SQLiteSessionStorage(path) as storage:
+        await storage.save_file_record(file_record(file_id="f1"))
+        await storage.save_file_record(file_record(file_id="f2"))
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"UPDATE uploaded_files SET metadata = '{edited}' WHERE file_id = 'f1'")
+    connection.close()
+    async with SQLiteSessionStorage(path) as storage:
+        with pytest.raises(PersistenceError, match=r"'f1'.*uploaded_files\.metadata.*not a JSON"):
+            await storage.load_file_record("f1")
+        with pytest.raises(PersistenceError, match=r"'f1'.*uploaded_files\.metadata"):
+            await storage.list_file_records()
+        loaded = await storage.load_file_record("f2")
+        assert loaded is not None and loaded.metadata == {"source": "upload"}
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from persistence import SQLiteSessionStorage
+from persistence.sql import wal_reserve
 from persistence.sql.wal_reserve import reserve_wal
 from tests.factories import conversation
 
@@ -151,3 +154,74 @@ async def test_a_process_killed_while_reserving_leaves_the_store_as_it_was(
         assert await storage.save_session(session)
     async with SQLiteSessionStorage(path) as storage:
         assert await storage.load_session(session.session_id) == session
+
+
+def _store(path: Path, page_size: int = 4096) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute(f"PRAGMA page_size = {page_size}")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("CREATE TABLE t (x)")
+    connection.execute("INSERT INTO t VALUES (1)")
+    return connection
+
+
+def test_large_pages_reserve_no_more_than_the_default_wal(tmp_path: Path) -> None:
+    """Found by attack: with 64 KiB pages the reserve was 66 MB and an open took ten
+    times as long."""
+    path = tmp_path / "s.db"
+    connection = _store(path, page_size=65536)
+    try:
+        assert reserve_wal(connection, path, 5000) > 0
+        # The cap, and a few frames for the table's schema and interior pages (not the
+        # 66 MB of 1,000 frames).
+        assert _wal(path).stat().st_size <= wal_reserve._MAX_RESERVE + 8 * (24 + 65536)
+        assert connection.execute("SELECT x FROM t").fetchall() == [(1,)]
+    finally:
+        connection.close()
+
+
+def test_a_nearly_full_disk_is_left_its_free_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: on a nearly full disk the reserve took the last free space, the
+    checkpoint could not grow the database, and the WAL was never emptied."""
+    path = tmp_path / "s.db"
+    connection = _store(path)
+    before = _wal(path).stat().st_size
+    wanted = _wanted(path)
+    try:
+        # Free space for the reserve but not the margin beyond it: nothing is written.
+        monkeypatch.setattr(wal_reserve, "_free_bytes", lambda directory: 2 * wanted)
+        assert reserve_wal(connection, path, 5000) == 0
+        assert _wal(path).stat().st_size == before
+        monkeypatch.setattr(
+            wal_reserve, "_free_bytes", lambda directory: wanted + wal_reserve._FREE_MARGIN
+        )
+        assert reserve_wal(connection, path, 5000) > 0
+    finally:
+        connection.close()
+
+
+def test_a_write_that_fails_half_way_leaves_the_wal_its_size(tmp_path: Path) -> None:
+    """A full disk half way through the reserve (here the database's page limit, which
+    fails the same way, SQLITE_FULL, after a few hundred frames were spilled): the file
+    is cut back under the write lock, and the store goes on as before."""
+    path = tmp_path / "s.db"
+    connection = _store(path)
+    try:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {pages + 300}")
+        before = _wal(path).stat().st_size
+        assert reserve_wal(connection, path, 5000) == 0
+        assert _wal(path).stat().st_size == before
+        assert not connection.in_transaction
+        connection.execute("INSERT INTO t VALUES (2)")
+        assert connection.execute("SELECT x FROM t").fetchall() == [(1,), (2,)]
+    finally:
+        connection.close()
+    other = sqlite3.connect(path)
+    try:
+        assert other.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert other.execute("SELECT x FROM t").fetchall() == [(1,), (2,)]
+    finally:
+        other.close()
