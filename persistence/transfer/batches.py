@@ -10,6 +10,12 @@ metadata keys it holds) and gets only the messages and metadata keys it lacks.
 A batch is written in one transaction. Everything is counted as written only once
 its transaction has committed, and a session or file record the destination held
 already, identical, is counted as present, not as written.
+
+Live service instances may write the destination between a batch's read and its
+write. A batch never writes over them: a save that finds the session changed
+(SessionConflictError), deleted (SessionDeletedError) or created (a session the batch
+read as absent) since its read rolls the whole batch back, and the batch reads again
+and merges against what the destination holds then.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from persistence.errors import SessionDeletedError
+from persistence.errors import SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
 from persistence.transfer.verification import FILE_FIELDS, same_value
@@ -86,11 +92,18 @@ async def _save_in_one_unit(
     destination: SessionStorage, new: Sequence[ChatSession], merges: Sequence[_Merge]
 ) -> Tally:
     """The careful path: every session saved through one unit of work."""
-    changes = [*new, *(merge.save for merge in merges if merge.save is not None)]
-    if changes:
+    saves = [merge.save for merge in merges if merge.save is not None]
+    if new or saves:
         async with destination.unit_of_work() as uow:
-            for change in changes:
-                await uow.sessions.add(change)
+            for session in new:
+                await uow.sessions.add(session)
+                if session.revision != 1:
+                    # Found by attack: created by another writer since the batch read
+                    # the destination, and the unit's create merged this copy over it,
+                    # its model, status and metadata values winning. Rolled back.
+                    raise _CreatedMeanwhile(session.session_id)
+            for save in saves:
+                await uow.sessions.add(save)
             await uow.commit()
     changed = [merge for merge in merges if merge.save is not None]
     return Tally(
@@ -101,10 +114,16 @@ async def _save_in_one_unit(
     )
 
 
-# Plans a batch may take: a session the destination held when the batch read it and
-# that a writer of the destination deleted before the batch's write makes the batch
-# plan again (the session is then new there).
-PLANS = 3
+class _CreatedMeanwhile(SessionConflictError):
+    """A session the batch read as absent was created by another writer before its write."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id, ["created by another writer"])
+
+
+# Plans a batch may take: a session that a writer of the destination changed, deleted
+# or created between the batch's read and its write makes the batch plan again.
+PLANS = 5
 
 
 async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
@@ -116,6 +135,9 @@ async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSes
     Raises:
         InvalidDataError: if the destination refuses a record (a message id it
             holds in another session); nothing of the batch is written then.
+        SessionConflictError, SessionDeletedError: if writers of the destination
+            changed the batch's sessions under it PLANS times in a row; nothing of the
+            batch is written then.
         PersistenceError: if the destination fails; nothing of the batch is written.
     """
     plans_left = PLANS
@@ -123,9 +145,10 @@ async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSes
         plans_left -= 1
         try:
             return await _write_planned(destination, sessions)
-        except SessionDeletedError:
-            # Found by attack: a live service deleting a session the batch was merging
-            # stopped the whole import, restore or migration.
+        except (SessionDeletedError, SessionConflictError):
+            # Found by attack: a live service deleting a session the batch was merging,
+            # or setting a metadata key the merge adds, stopped the whole import,
+            # restore or migration. Nothing of the batch was written: read again.
             if plans_left == 0:
                 raise
 

@@ -1,0 +1,237 @@
+"""Moving data into a store that live service instances are writing.
+
+The live writer is a second storage on the same store (another connection, as
+another service process would hold), writing between a batch's read of the
+destination and its write: the one moment a batch can be wrong about what the
+destination holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persistence import (
+    ChatSession,
+    PostgreSQLSessionStorage,
+    SessionConflictError,
+    SessionStorage,
+    SQLiteSessionStorage,
+)
+from persistence.transfer import export_to_json, import_from_json, migrate_storage
+
+
+@asynccontextmanager
+async def second_storage(storage: SessionStorage) -> AsyncIterator[SessionStorage]:
+    """Another storage on the same store: what another service instance holds."""
+    other: SessionStorage
+    if isinstance(storage, SQLiteSessionStorage):
+        other = SQLiteSessionStorage(storage.database_path)
+    else:
+        assert isinstance(storage, PostgreSQLSessionStorage)
+        other = PostgreSQLSessionStorage(storage.url.render_as_string(hide_password=False))
+    async with other:
+        yield other
+
+
+def write_between_read_and_write(
+    monkeypatch: pytest.MonkeyPatch,
+    destination: SessionStorage,
+    live_write: Callable[[], Awaitable[None]],
+) -> None:
+    """Runs `live_write` once, right after the first batch has read the destination."""
+    read = destination.load_sessions
+    done: list[bool] = []
+
+    async def read_then_live_write(session_ids: Any, **options: Any) -> Any:
+        found = await read(session_ids, **options)
+        if not done:
+            done.append(True)
+            await live_write()
+        return found
+
+    monkeypatch.setattr(destination, "load_sessions", read_then_live_write)
+
+
+def _source_sessions() -> list[ChatSession]:
+    sessions = []
+    for n in range(3):
+        session = ChatSession.create("source-model", session_id=f"live-{n}")
+        session.metadata = {"title": f"source title {n}", "origin": "source"}
+        session.add_message("user", f"hello {n}")
+        session.add_message("assistant", f"hi {n}")
+        sessions.append(session)
+    return sessions
+
+
+@pytest.fixture
+async def exported(sql_storage: SessionStorage, tmp_path: Path) -> Path:
+    """An export file of three sessions, made from a scratch SQLite store."""
+    async with SQLiteSessionStorage(tmp_path / "scratch.db") as scratch:
+        for session in _source_sessions():
+            await scratch.save_session(session)
+        path = tmp_path / "export.json"
+        await export_to_json(scratch, path)
+    return path
+
+
+async def test_a_live_write_of_a_key_the_merge_adds_makes_the_batch_plan_again(
+    sql_storage: SessionStorage, exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a service setting the metadata key a merge was adding, between
+    the batch's read and its write, raised SessionConflictError and stopped the import."""
+    destination = sql_storage
+    held = ChatSession.create("live-model", session_id="live-0")
+    held.add_message("user", "hello 0 (destination's own)")
+    await destination.save_session(held)
+
+    async with second_storage(destination) as service:
+
+        async def live_write() -> None:
+            mine = await service.load_session("live-0")
+            assert mine is not None
+            mine.metadata["title"] = "set by the service"
+            mine.add_message("user", "written live")
+            await service.save_session(mine)
+
+        write_between_read_and_write(monkeypatch, destination, live_write)
+        result = await import_from_json(destination, exported)
+        monkeypatch.undo()
+
+    stored = await destination.load_session("live-0")
+    assert stored is not None
+    assert stored.metadata == {"title": "set by the service", "origin": "source"}
+    assert stored.model == "live-model"
+    contents = [m.content for m in stored.messages]
+    assert contents[:2] == ["hello 0 (destination's own)", "written live"]
+    assert sorted(contents[2:]) == ["hello 0", "hi 0"]
+    assert (result["sessions_imported"], result["sessions_already_present"]) == (3, 0)
+    assert result["messages_imported"] == 6
+
+
+async def test_a_session_a_service_creates_meanwhile_keeps_its_fields(
+    sql_storage: SessionStorage, exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a session the batch read as absent, created by a service before
+    the batch wrote it, took the file's model, status and metadata values: the unit of
+    work's create merged the file's copy over the service's write."""
+    destination = sql_storage
+    touched = ChatSession.create("live-model", session_id="live-1")
+    touched.add_message("user", "something the file lacks")
+    await destination.save_session(touched)  # merged by the batch: its careful path
+
+    async with second_storage(destination) as service:
+
+        async def live_write() -> None:
+            created = ChatSession.create("service-model", session_id="live-2")
+            created.metadata = {"title": "the service's title"}
+            created.add_message("user", "the service's first message")
+            await service.save_session(created)
+
+        write_between_read_and_write(monkeypatch, destination, live_write)
+        result = await import_from_json(destination, exported)
+        monkeypatch.undo()
+
+    stored = await destination.load_session("live-2")
+    assert stored is not None
+    assert stored.model == "service-model"
+    assert stored.metadata == {"title": "the service's title", "origin": "source"}
+    assert [m.content for m in stored.messages] == [
+        "the service's first message",
+        "hello 2",
+        "hi 2",
+    ]
+    assert result["sessions_imported"] == 3
+    assert result["messages_imported"] == 6
+
+
+async def test_a_live_write_during_a_migration_is_kept_and_verified(
+    sql_pair: tuple[SessionStorage, SessionStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race through migrate_storage: the copy completes, keeps the service's
+    write, and its verification passes."""
+    source, destination = sql_pair
+    for session in _source_sessions():
+        await source.save_session(session)
+    held = ChatSession.create("live-model", session_id="live-0")
+    await destination.save_session(held)
+
+    async with second_storage(destination) as service:
+
+        async def live_write() -> None:
+            mine = await service.load_session("live-0")
+            assert mine is not None
+            mine.metadata["title"] = "set by the service"
+            await service.save_session(mine)
+
+        write_between_read_and_write(monkeypatch, destination, live_write)
+        result = await migrate_storage(source, destination)
+        monkeypatch.undo()
+
+    stored = await destination.load_session("live-0")
+    assert stored is not None
+    assert stored.metadata["title"] == "set by the service"
+    assert len(stored.messages) == 2
+    assert result["verified"] is True, result["verification"]
+    assert result["sessions_migrated"] == 3
+
+
+async def test_an_import_runs_beside_a_service_writing_the_same_sessions(
+    sql_storage: SessionStorage, tmp_path: Path
+) -> None:
+    """A service appending to and titling the sessions an import merges, all along:
+    the import completes and every write of the service stays."""
+    destination = sql_storage
+    async with SQLiteSessionStorage(tmp_path / "busy-source.db") as scratch:
+        for n in range(40):
+            session = ChatSession.create("source-model", session_id=f"busy-{n:02d}")
+            session.metadata = {"title": "from the file", "tag": n}
+            session.add_message("user", f"file {n}")
+            await scratch.save_session(session)
+        exported = tmp_path / "busy.json"
+        await export_to_json(scratch, exported)
+    for n in range(0, 40, 2):  # half of them held already: merged
+        await destination.save_session(ChatSession.create("live", session_id=f"busy-{n:02d}"))
+
+    written: dict[str, list[str]] = {}
+    stop = asyncio.Event()
+
+    async def service(ids: list[str]) -> None:
+        async with second_storage(destination) as mine:
+            turn = 0
+            while not stop.is_set():
+                for session_id in ids:
+                    while (held := await mine.load_session(session_id)) is not None:
+                        held.metadata["title"] = f"service {turn}"
+                        held.add_message("user", f"service {turn}")
+                        try:
+                            await mine.save_session(held)
+                        except SessionConflictError:
+                            continue  # the import merged a title first: reapply
+                        written.setdefault(session_id, []).append(f"service {turn}")
+                        break
+                turn += 1
+                await asyncio.sleep(0)
+
+    ids = [f"busy-{n:02d}" for n in range(40)]
+    tasks = [asyncio.create_task(service(ids[i::2])) for i in range(2)]
+    try:
+        for _ in range(3):
+            await import_from_json(destination, exported, batch_size=4)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    for session_id in ids:
+        stored = await destination.load_session(session_id)
+        assert stored is not None
+        contents = [m.content for m in stored.messages]
+        assert [c for c in contents if c.startswith("service")] == written.get(session_id, [])
+        assert contents.count(f"file {int(session_id[-2:])}") == 1
+        if session_id in written:
+            assert stored.metadata["title"] == written[session_id][-1]
