@@ -122,6 +122,26 @@ def test_progress_is_printed_as_lines_when_stderr_is_not_a_terminal(tmp_path: Pa
 
 
 @pytest.mark.sqlite
+def test_migrate_verifies_what_it_copied_into_a_store_that_held_sessions(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: the command verified with verify_migration, not what the library
+    function checks; a session the destination held (revision 1) with its own model
+    failed the command's verification."""
+    source = _filled(tmp_path, sessions=2)
+    destination = f"sqlite:///{tmp_path / 'held.db'}"
+    ok("migrate", "--from", source, "--to", destination, "--no-verify")
+    database = sqlite3.connect(tmp_path / "held.db")
+    with database:
+        database.execute("UPDATE chat_sessions SET model = 'the destination''s own'")
+    database.close()
+    result = json.loads(ok("migrate", "--from", source, "--to", destination, "--json").stdout)
+    assert result["verified"] is True, result["verification"]["mismatches"]
+    report = result["verification"]
+    assert (report["sessions_held"], report["sessions_with_own_fields"]) == (2, 2)
+
+
+@pytest.mark.sqlite
 def test_migrate_takes_the_configured_store_as_source(tmp_path: Path) -> None:
     source = _filled(tmp_path, sessions=1)
     destination = f"sqlite:///{tmp_path / 'copy.db'}"

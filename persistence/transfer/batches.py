@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from persistence.errors import SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
+from persistence.transfer.ledger import HELD, INSERTED, MERGED, Ledger
 from persistence.transfer.verification import FILE_FIELDS, same_value
 
 
@@ -47,6 +48,7 @@ class Tally:
 
 @dataclass
 class _Merge:
+    stored: ChatSession  # the destination's copy, as loaded (then merged, if saved)
     save: ChatSession | None  # None: the destination's copy already has it all
     added: list[ChatMessage]
     present: int
@@ -61,14 +63,14 @@ def _merged(incoming: ChatSession, stored: ChatSession) -> _Merge:
     # a model change made in the destination, as those do not move updated_at.
     added_keys = {k: v for k, v in incoming.metadata.items() if k not in stored.metadata}
     if not missing and not added_keys:
-        return _Merge(None, [], present)
+        return _Merge(stored, None, [], present)
     # `stored` was loaded from the destination, so its save sends only these.
     stored.messages.extend(missing)
     stored.message_count = len(stored.messages)
     if added_keys:
         stored.metadata = {**stored.metadata, **added_keys}
     stored.updated_at = max(stored.updated_at, incoming.updated_at)
-    return _Merge(stored, missing, present)
+    return _Merge(stored, stored, missing, present)
 
 
 async def _plan(
@@ -126,8 +128,13 @@ class _CreatedMeanwhile(SessionConflictError):
 PLANS = 5
 
 
-async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
+async def write_sessions(
+    destination: SessionStorage, sessions: Sequence[ChatSession], ledger: Ledger | None = None
+) -> Tally:
     """Adds one batch of sessions to the destination, in one transaction.
+
+    `ledger`, if given, records what became of each session once the batch committed
+    (what migrate_storage's verification checks).
 
     Returns:
         What was written and what the destination held already.
@@ -140,33 +147,51 @@ async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSes
             batch is written then.
         PersistenceError: if the destination fails; nothing of the batch is written.
     """
+    # Read first: a save through a unit of work sets an object's revision to the
+    # destination's.
+    read_at = {session.session_id: session.revision for session in sessions}
     plans_left = PLANS
     while True:
         plans_left -= 1
         try:
-            return await _write_planned(destination, sessions)
+            tally, new, merges = await _write_planned(destination, sessions)
         except (SessionDeletedError, SessionConflictError):
             # Found by attack: a live service deleting a session the batch was merging,
             # or setting a metadata key the merge adds, stopped the whole import,
             # restore or migration. Nothing of the batch was written: read again.
             if plans_left == 0:
                 raise
+            continue
+        if ledger is not None:
+            for session in new:
+                ledger.record(session.session_id, INSERTED, 1, read_at[session.session_id])
+            for merge in merges:
+                stored, outcome = merge.stored, HELD if merge.save is None else MERGED
+                ledger.record(
+                    stored.session_id, outcome, stored.revision, read_at[stored.session_id]
+                )
+        return tally
 
 
-async def _write_planned(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
+async def _write_planned(
+    destination: SessionStorage, sessions: Sequence[ChatSession]
+) -> tuple[Tally, list[ChatSession], list[_Merge]]:
+    """Writes the batch; returns the tally, the sessions inserted and the merges."""
     new, merges = await _plan(destination, sessions)
     if any(merge.save is not None for merge in merges):
-        return await _save_in_one_unit(destination, new, merges)
+        return await _save_in_one_unit(destination, new, merges), new, merges
     if new and not await destination.insert_sessions(new):
         # Another writer created one of them meanwhile, or one of their message ids
         # is taken: the careful path merges the one and names the other.
-        return await _save_in_one_unit(destination, *(await _plan(destination, sessions)))
-    return Tally(
+        new, merges = await _plan(destination, sessions)
+        return await _save_in_one_unit(destination, new, merges), new, merges
+    tally = Tally(
         sessions=len(new),
         messages=sum(len(session.messages) for session in new),
         sessions_present=len(merges),
         messages_present=sum(merge.present for merge in merges),
     )
+    return tally, new, merges
 
 
 async def write_file_records(

@@ -43,15 +43,18 @@ def write_between_read_and_write(
     monkeypatch: pytest.MonkeyPatch,
     destination: SessionStorage,
     live_write: Callable[[], Awaitable[None]],
+    *,
+    batch: int = 1,
 ) -> None:
-    """Runs `live_write` once, right after the first batch has read the destination."""
+    """Runs `live_write` once, right after batch number `batch` has read the destination
+    (the batches before it are written by then)."""
     read = destination.load_sessions
-    done: list[bool] = []
+    reads: list[bool] = []
 
     async def read_then_live_write(session_ids: Any, **options: Any) -> Any:
         found = await read(session_ids, **options)
-        if not done:
-            done.append(True)
+        reads.append(True)
+        if len(reads) == batch:
             await live_write()
         return found
 
@@ -235,3 +238,90 @@ async def test_an_import_runs_beside_a_service_writing_the_same_sessions(
         assert contents.count(f"file {int(session_id[-2:])}") == 1
         if session_id in written:
             assert stored.metadata["title"] == written[session_id][-1]
+
+
+async def test_a_second_migration_verifies_after_the_source_changed_a_field(
+    sql_pair: tuple[SessionStorage, SessionStorage],
+) -> None:
+    """Found by attack: a session the first migration inserted (revision 1 there) whose
+    model the source changed since was kept by the second migration, as a merge keeps
+    the destination's fields, and its verification then failed on that field."""
+    source, destination = sql_pair
+    for session in _source_sessions():
+        await source.save_session(session)
+    await migrate_storage(source, destination)
+    changed = await source.load_session("live-1")
+    assert changed is not None
+    changed.model = "changed-in-source"
+    await source.save_session(changed)
+
+    result = await migrate_storage(source, destination)
+
+    assert result["verified"] is True, result["verification"]["mismatches"]
+    report = result["verification"]
+    assert report["sessions_with_own_fields"] == 1
+    assert (report["sessions_checked"], report["sessions_compared"]) == (3, 3)
+    assert (await destination.load_session("live-1")).model == "source-model"  # type: ignore[union-attr]
+
+
+async def test_messages_added_to_the_source_during_the_copy_are_reported_not_failed(
+    sql_pair: tuple[SessionStorage, SessionStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a session gaining a message in the source after its batch was
+    copied (a live source) failed verification with a missing message, as did a session
+    created in the source behind the copy."""
+    source, destination = sql_pair
+    for session in _source_sessions():
+        await source.save_session(session)
+
+    async def source_written() -> None:
+        async with second_storage(source) as service:
+            copied = await service.load_session("live-0")
+            assert copied is not None
+            copied.add_message("user", "after its batch")
+            await service.save_session(copied)
+            await service.save_session(ChatSession.create("m", session_id="a-behind-the-copy"))
+
+    write_between_read_and_write(monkeypatch, destination, source_written, batch=2)
+    result = await migrate_storage(source, destination, batch_size=1)
+    monkeypatch.undo()
+
+    report = result["verification"]
+    assert result["verified"] is True, report["mismatches"]
+    assert result["sessions_migrated"] == 3
+    assert report["sessions_changed_in_source_since"] == 1
+    assert report["changed_in_source_since"] == ["live-0"]
+    assert report["source_sessions_not_copied"] == 1
+    assert report["sessions_compared"] == 2
+    stored = await destination.load_session("live-0")
+    assert stored is not None and len(stored.messages) == 2
+
+
+async def test_a_service_rewinding_a_copied_session_is_reported_not_failed(
+    sql_pair: tuple[SessionStorage, SessionStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a service rewinding a session the migration had just inserted
+    failed the migration's verification with missing messages, though nothing was lost
+    by the copy."""
+    source, destination = sql_pair
+    for session in _source_sessions():
+        await source.save_session(session)
+
+    async def service_rewinds() -> None:
+        async with second_storage(destination) as service:
+            copied = await service.load_session("live-0")
+            assert copied is not None
+            copied.rewind(None)
+            await service.save_session(copied)
+
+    write_between_read_and_write(monkeypatch, destination, service_rewinds, batch=2)
+    result = await migrate_storage(source, destination, batch_size=1)
+    monkeypatch.undo()
+
+    report = result["verification"]
+    assert result["verified"] is True, report["mismatches"]
+    assert report["sessions_written_since"] == 1
+    assert report["written_since"] == ["live-0"]
+    assert report["inserted"] == ["live-0", "live-1", "live-2"]
+    assert report["sessions_inserted"] == 3
+    assert (await destination.load_session("live-0")).messages == []  # type: ignore[union-attr]
