@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -388,6 +390,45 @@ def test_output_files_refuse_symlinks_and_write_through_devices(tmp_path: Path) 
         "export-all", str(tmp_path), "--url", source
     )
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _import_in_a_process(
+    tmp_path: Path, argument: str, stdin: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`persistence import` in its own process: a hang fails the test, not the run."""
+    command = [sys.executable, "-m", "persistence", "--url", f"sqlite:///{tmp_path / 'in.db'}"]
+    with open(stdin or os.devnull, "rb") as given:
+        return subprocess.run(
+            [*command, "import", argument],
+            stdin=given,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).parent.parent,
+        )
+
+
+@pytest.mark.sqlite
+def test_import_refuses_a_symlink_to_dev_zero_a_fifo_and_endless_stdin_at_once(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: `import` of a symlink to /dev/zero, or of `-` fed /dev/zero,
+    scanned its endless input for escapes forever; of a FIFO it waited for a writer,
+    then failed with a bare "[Errno 29] Illegal seek" (it reads its input twice)."""
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    for argument, stdin, expected in [
+        (str(zero), None, f"error: {zero}: not a regular file (a character device)"),
+        (str(fifo), None, f"error: {fifo}: not a regular file (a FIFO)"),
+        ("-", Path("/dev/zero"), "error: not valid JSON (corrupt file): it begins with"),
+    ]:
+        done = _import_in_a_process(tmp_path, argument, stdin)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(expected), done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "in.db").exists()
 
 
 @pytest.mark.sqlite

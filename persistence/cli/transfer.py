@@ -55,6 +55,7 @@ from persistence.transfer import (
 from persistence.transfer.backups import backup_directory
 from persistence.transfer.exchange import open_input
 from persistence.transfer.exchange_format import DocumentSummary, validate_document
+from persistence.transfer.json_stream import SCAN_CHUNK, check_head
 from persistence.transfer.migration import copy_storage, copy_summary, verify_copied
 
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
@@ -408,6 +409,10 @@ def _seekable_stdin() -> Iterator[IO[bytes]]:
         yield stdin
         return
     with tempfile.TemporaryFile() as spool:
+        # Checked before spooling: an endless input (`- < /dev/zero`) would fill the disk.
+        head = stdin.read(SCAN_CHUNK)
+        check_head(head)
+        spool.write(head)
         shutil.copyfileobj(stdin, spool)
         spool.seek(0)
         yield spool
