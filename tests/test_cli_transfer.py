@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -429,6 +432,53 @@ def test_import_refuses_a_symlink_to_dev_zero_a_fifo_and_endless_stdin_at_once(
         assert done.stderr.startswith(expected), done.stderr
         assert "Traceback" not in done.stderr
     assert not (tmp_path / "in.db").exists()
+
+
+def _stored_sessions(database: Path) -> int:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT count(*) FROM chat_sessions").fetchone()[0])
+    except sqlite3.Error:
+        return 0  # not created yet, or its schema not yet
+
+
+@pytest.mark.sqlite
+def test_an_import_killed_mid_way_then_run_again_holds_exactly_the_file(tmp_path: Path) -> None:
+    """SIGKILL between two batches' commits, then the same import again: every session
+    and message once, nothing duplicated, the summary counting what each run wrote."""
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    for _ in range(150):
+        ok("demo", "--url", source)
+    export = tmp_path / "all.json"
+    ok("export-all", str(export), "--url", source)
+    target = tmp_path / "target.db"
+    command = [sys.executable, "-m", "persistence", "--url", f"sqlite:///{target}"]
+    command += ["import", str(export), "--batch-size", "1"]
+    running = subprocess.Popen(
+        command,
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _stored_sessions(target) < 10 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        running.send_signal(signal.SIGKILL)
+        running.wait()
+    written = _stored_sessions(target)
+    assert 10 <= written < 150, written
+
+    result = json.loads(ok("import", str(export), "--json", "--url", f"sqlite:///{target}").stdout)
+
+    assert result["sessions_already_present"] + result["sessions_imported"] == 150
+    assert result["sessions_already_present"] == written
+    assert counts(f"sqlite:///{target}") == counts(source)
+    report = json.loads(
+        ok("migrate", "--from", source, "--to", f"sqlite:///{target}", "--json").stdout
+    )
+    assert report["sessions_migrated"] == 0 and report["verified"] is True
 
 
 @pytest.mark.sqlite
