@@ -9,7 +9,8 @@ metadata keys it holds) and gets only the messages and metadata keys it lacks.
 
 A batch is written in one transaction. Everything is counted as written only once
 its transaction has committed, and a session or file record the destination held
-already, identical, is counted as present, not as written.
+already is counted as present, not as written (a file record it holds keeps its
+values, as a session keeps its fields).
 
 Live service instances may write the destination between a batch's read and its
 write. A batch never writes over them: a save that finds the session changed
@@ -27,7 +28,6 @@ from persistence.errors import SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
 from persistence.transfer.ledger import HELD, INSERTED, MERGED, Ledger
-from persistence.transfer.verification import FILE_FIELDS, same_value
 
 
 @dataclass
@@ -195,22 +195,25 @@ async def _write_planned(
 
 
 async def write_file_records(
-    destination: SessionStorage, records: Sequence[UploadedFileRecord]
+    destination: SessionStorage, records: Sequence[UploadedFileRecord], ledger: Ledger | None = None
 ) -> Tally:
-    """Upserts the records the destination lacks or holds differently, in one unit of work."""
-    stored = {
-        record.file_id: record
+    """Adds the records the destination lacks, in one unit of work; keeps the others.
+
+    Found by attack: a record the destination held with other values (a service's
+    re-upload, with its new URI and expiry) was overwritten, so an older file put back
+    an expired upload. Like a session's fields, the destination's values are its own.
+    """
+    held = {
+        record.file_id
         for record in await destination.load_file_records([r.file_id for r in records])
     }
-    changed = [
-        record
-        for record in records
-        if (counterpart := stored.get(record.file_id)) is None
-        or not all(same_value(getattr(record, n), getattr(counterpart, n)) for n in FILE_FIELDS)
-    ]
-    if changed:
+    new = [record for record in records if record.file_id not in held]
+    if new:
         async with destination.unit_of_work() as uow:
-            for record in changed:
+            for record in new:
                 await uow.files.add(record)
             await uow.commit()
-    return Tally(files=len(changed), files_present=len(records) - len(changed))
+    if ledger is not None:
+        for record in records:
+            ledger.record_file(record.file_id, inserted=record.file_id not in held)
+    return Tally(files=len(new), files_present=len(records) - len(new))

@@ -17,10 +17,11 @@ from typing import Any
 from persistence.storage import SessionStorage
 from persistence.transfer.ledger import INSERTED, Ledger
 from persistence.transfer.verification import (
+    FILE_FIELDS,
     MISMATCH_LIMIT,
     Report,
-    compare_files,
     compare_sessions,
+    same_value,
 )
 
 # Sessions of the ledger in each of these states: counted as "sessions_<state>" and
@@ -46,6 +47,40 @@ class _States:
             self.named[state].append(session_id)
 
 
+async def _compare_files(
+    report: Report,
+    ledger: Ledger,
+    source: SessionStorage,
+    destination: SessionStorage,
+    batch_size: int,
+) -> tuple[int, int]:
+    """Compares the file records the copy read; returns how many each store holds.
+
+    File records have no revision: one the copy inserted must hold the source's values
+    (a service's change since fails the check), one the destination held keeps its own
+    (counted as "files_with_own_fields").
+    """
+    found = in_source = 0
+    for ids in ledger.batches(batch_size, files=True):
+        held_now = {r.file_id: r for r in await destination.load_file_records(ids)}
+        read_now = {r.file_id: r for r in await source.load_file_records(ids)}
+        found, in_source = found + len(held_now), in_source + len(read_now)
+        for file_id in ids:
+            report.totals["files_checked"] += 1
+            stored, read = held_now.get(file_id), read_now.get(file_id)
+            if stored is None:
+                report.tally("file", "missing")
+                report.add("file", "missing", file_id)
+            elif read is None:
+                continue  # deleted in the source since the copy read it
+            elif not ledger.files[file_id]:
+                if any(not same_value(getattr(read, n), getattr(stored, n)) for n in FILE_FIELDS):
+                    report.totals["files_with_own_fields"] += 1
+            elif report.fields("file", file_id, FILE_FIELDS, read, stored):
+                report.tally("file", "different")
+    return found, in_source
+
+
 async def verify_copy(
     ledger: Ledger,
     source: SessionStorage,
@@ -63,12 +98,14 @@ async def verify_copy(
     revision the copy read; otherwise counted as written there since. A session the copy
     wrote or found that the destination no longer holds is missing: deleted there since,
     or lost, which no revision can tell apart. Source sessions the copy never read
-    (created behind it) are counted as "source_sessions_not_copied".
+    (created behind it) are counted as "source_sessions_not_copied". File records: see
+    `_compare_files`.
 
     Returns:
         verify_migration's report (totals, "mismatches", "ok"), and per state in
         _STATES "sessions_<state>" and the ids "<state>" (the first MISMATCH_LIMIT),
-        "sessions_compared" and "source_sessions_not_copied".
+        "sessions_compared", "source_sessions_not_copied", "files_with_own_fields"
+        and "source_files_not_copied".
 
     Raises:
         PersistenceError: if either store fails.
@@ -111,7 +148,9 @@ async def verify_copy(
                 compare_sessions(report, read, stored, additive=held, held=held)
         if progress_callback is not None:
             progress_callback(report.totals["sessions_checked"], total)
-    found_files = await compare_files(report, source, destination, batch_size)
+    found_files, files_in_source = await _compare_files(
+        report, ledger, source, destination, batch_size
+    )
     source_counts, destination_counts = await source.count(), await destination.count()
     report.totals["extra_sessions"] += max(
         destination_counts.total_sessions - found_in_destination, 0
@@ -120,6 +159,8 @@ async def verify_copy(
     result = report.result(source_counts, destination_counts, started)
     result["sessions_compared"] = compared
     result["source_sessions_not_copied"] = max(source_counts.total_sessions - found_in_source, 0)
+    result["files_with_own_fields"] = report.totals["files_with_own_fields"]
+    result["source_files_not_copied"] = max(source_counts.files - files_in_source, 0)
     for state in _STATES:
         result[f"sessions_{state}"] = states.counts[state]
         result[state] = states.named[state]

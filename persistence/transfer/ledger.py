@@ -33,6 +33,9 @@ class Ledger:
         self._entries: dict[str, Entry] = {}
         # Most entries are alike: shared, not one tuple per session.
         self._shared: dict[Entry, Entry] = {}
+        # Per file id the copy read: True if it inserted the record, False if the
+        # destination held it (its values are then its own).
+        self.files: dict[str, bool] = {}
 
     def record(
         self,
@@ -44,16 +47,20 @@ class Ledger:
         entry = Entry(outcome, destination_revision, source_revision)
         self._entries[session_id] = self._shared.setdefault(entry, entry)
 
+    def record_file(self, file_id: str, *, inserted: bool) -> None:
+        self.files[file_id] = inserted
+
     def __len__(self) -> int:
         return len(self._entries)
 
     def __getitem__(self, session_id: str) -> Entry:
         return self._entries[session_id]
 
-    def batches(self, size: int) -> Iterator[list[str]]:
-        """The recorded session ids, `size` at a time, in the order they were recorded."""
+    def batches(self, size: int, *, files: bool = False) -> Iterator[list[str]]:
+        """The recorded session (or file) ids, `size` at a time, in the order they were
+        recorded."""
         batch: list[str] = []
-        for session_id in self._entries:
+        for session_id in self.files if files else self._entries:
             batch.append(session_id)
             if len(batch) == size:
                 yield batch

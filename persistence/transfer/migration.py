@@ -142,7 +142,7 @@ async def copy_storage(
     try:
         await copy_sessions(session_batches(source, batch_size), destination, progress, ledger)
         async for records in source.iter_file_records(batch_size):
-            progress.add(await write_file_records(destination, records))
+            progress.add(await write_file_records(destination, records, ledger))
     except BaseException as exc:
         # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
         progress.stopped(exc)
@@ -214,10 +214,10 @@ async def migrate_storage(
     Returns:
         {"sessions_migrated", "messages_migrated", "files_migrated" (what was
         written), "sessions_already_present", "messages_already_present",
-        "files_already_present" (what the destination held already, identical or
-        newer), "duration_seconds", "write_seconds", "verified", "verification" (the
-        verify_copy report, or None), "source_counts", "destination_counts_before",
-        "destination_counts"}.
+        "files_already_present" (what the destination held already: it keeps
+        its own fields and file records), "duration_seconds", "write_seconds",
+        "verified", "verification" (the verify_copy report, or None),
+        "source_counts", "destination_counts_before", "destination_counts"}.
 
     Raises:
         InvalidDataError: for a bad batch_size, the same store on both sides, or a

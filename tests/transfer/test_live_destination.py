@@ -24,6 +24,7 @@ from persistence import (
     SQLiteSessionStorage,
 )
 from persistence.transfer import export_to_json, import_from_json, migrate_storage
+from tests.transfer.data import _at, build_file_records
 
 
 @asynccontextmanager
@@ -325,3 +326,31 @@ async def test_a_service_rewinding_a_copied_session_is_reported_not_failed(
     assert report["inserted"] == ["live-0", "live-1", "live-2"]
     assert report["sessions_inserted"] == 3
     assert (await destination.load_session("live-0")).messages == []  # type: ignore[union-attr]
+
+
+async def test_a_file_record_the_destination_holds_keeps_its_values(
+    sql_pair: tuple[SessionStorage, SessionStorage], tmp_path: Path
+) -> None:
+    """Found by attack: import, restore and migrate wrote a file record the destination
+    held with other values over it (a service's re-upload: its new URI and expiry), so an
+    older file put back the expired upload; API.md: they keep what the store holds."""
+    source, destination = sql_pair
+    for record in build_file_records():
+        await source.save_file_record(record)
+    first = build_file_records()[0]
+    reuploaded = first.model_copy(
+        update={"gemini_file_uri": "https://example.invalid/again", "expires_at": _at(90)}
+    )
+    await destination.save_file_record(reuploaded)
+
+    result = await migrate_storage(source, destination)
+    path = tmp_path / "files.json"
+    await export_to_json(source, path)
+    imported = await import_from_json(destination, path)
+
+    assert await destination.load_file_record(first.file_id) == reuploaded
+    assert (result["files_migrated"], result["files_already_present"]) == (2, 1)
+    assert (imported["files_imported"], imported["files_already_present"]) == (0, 3)
+    report = result["verification"]
+    assert result["verified"] is True, report["mismatches"]
+    assert report["files_with_own_fields"] == 1
