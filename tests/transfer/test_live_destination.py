@@ -354,3 +354,53 @@ async def test_a_file_record_the_destination_holds_keeps_its_values(
     report = result["verification"]
     assert result["verified"] is True, report["mismatches"]
     assert report["files_with_own_fields"] == 1
+
+
+async def test_a_migration_beside_services_writing_both_stores_verifies_truthfully(
+    sql_pair: tuple[SessionStorage, SessionStorage],
+) -> None:
+    """Services append to sessions of the source and of the destination all along:
+    every migration completes, its check passes, and no service write is lost."""
+    source, destination = sql_pair
+    ids = [f"both-{n:02d}" for n in range(30)]
+    for session_id in ids:
+        session = ChatSession.create("m", session_id=session_id)
+        session.add_message("user", "first")
+        await source.save_session(session)
+    stop = asyncio.Event()
+    appended: dict[str, list[str]] = {}
+
+    async def service(storage: SessionStorage, name: str) -> None:
+        async with second_storage(storage) as mine:
+            turn = 0
+            while not stop.is_set():
+                for session_id in ids[turn % 3 :: 3]:
+                    held = await mine.load_session(session_id)
+                    if held is not None:
+                        held.add_message("user", f"{name} {turn}")
+                        await mine.save_session(held)  # appends never conflict
+                        appended.setdefault(name, []).append(session_id)
+                turn += 1
+                await asyncio.sleep(0)
+
+    tasks = [
+        asyncio.create_task(service(source, "source")),
+        asyncio.create_task(service(destination, "destination")),
+    ]
+    results = []
+    try:
+        for _ in range(3):
+            results.append(await migrate_storage(source, destination, batch_size=4))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    for result in results:
+        assert result["verified"] is True, result["verification"]["mismatches"]
+    for session_id in ids:
+        stored = await destination.load_session(session_id)
+        assert stored is not None
+        contents = [m.content for m in stored.messages]
+        assert contents.count("first") == 1
+        mine = appended.get("destination", []).count(session_id)
+        assert sum(c.startswith("destination") for c in contents) == mine
