@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +124,26 @@ def test_progress_is_printed_as_lines_when_stderr_is_not_a_terminal(tmp_path: Pa
     assert [line.split(":")[1].split()[0] for line in copying] == [f"{n}/10" for n in range(1, 11)]
     assert "s elapsed, about" in copying[0] and "left" in copying[0]
     assert verifying and verifying[-1].startswith("Verifying: 10/10 sessions (100%)")
+
+
+@pytest.mark.sqlite
+def test_migrate_verifies_what_it_copied_into_a_store_that_held_sessions(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: the command verified with verify_migration, not what the library
+    function checks; a session the destination held (revision 1) with its own model
+    failed the command's verification."""
+    source = _filled(tmp_path, sessions=2)
+    destination = f"sqlite:///{tmp_path / 'held.db'}"
+    ok("migrate", "--from", source, "--to", destination, "--no-verify")
+    database = sqlite3.connect(tmp_path / "held.db")
+    with database:
+        database.execute("UPDATE chat_sessions SET model = 'the destination''s own'")
+    database.close()
+    result = json.loads(ok("migrate", "--from", source, "--to", destination, "--json").stdout)
+    assert result["verified"] is True, result["verification"]["mismatches"]
+    report = result["verification"]
+    assert (report["sessions_held"], report["sessions_with_own_fields"]) == (2, 2)
 
 
 @pytest.mark.sqlite
@@ -368,6 +393,92 @@ def test_output_files_refuse_symlinks_and_write_through_devices(tmp_path: Path) 
         "export-all", str(tmp_path), "--url", source
     )
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _import_in_a_process(
+    tmp_path: Path, argument: str, stdin: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`persistence import` in its own process: a hang fails the test, not the run."""
+    command = [sys.executable, "-m", "persistence", "--url", f"sqlite:///{tmp_path / 'in.db'}"]
+    with open(stdin or os.devnull, "rb") as given:
+        return subprocess.run(
+            [*command, "import", argument],
+            stdin=given,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).parent.parent,
+        )
+
+
+@pytest.mark.sqlite
+def test_import_refuses_a_symlink_to_dev_zero_a_fifo_and_endless_stdin_at_once(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: `import` of a symlink to /dev/zero, or of `-` fed /dev/zero,
+    scanned its endless input for escapes forever; of a FIFO it waited for a writer,
+    then failed with a bare "[Errno 29] Illegal seek" (it reads its input twice)."""
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    for argument, stdin, expected in [
+        (str(zero), None, f"error: {zero}: not a regular file (a character device)"),
+        (str(fifo), None, f"error: {fifo}: not a regular file (a FIFO)"),
+        ("-", Path("/dev/zero"), "error: not valid JSON (corrupt file): it begins with"),
+    ]:
+        done = _import_in_a_process(tmp_path, argument, stdin)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(expected), done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "in.db").exists()
+
+
+def _stored_sessions(database: Path) -> int:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT count(*) FROM chat_sessions").fetchone()[0])
+    except sqlite3.Error:
+        return 0  # not created yet, or its schema not yet
+
+
+@pytest.mark.sqlite
+def test_an_import_killed_mid_way_then_run_again_holds_exactly_the_file(tmp_path: Path) -> None:
+    """SIGKILL between two batches' commits, then the same import again: every session
+    and message once, nothing duplicated, the summary counting what each run wrote."""
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    for _ in range(150):
+        ok("demo", "--url", source)
+    export = tmp_path / "all.json"
+    ok("export-all", str(export), "--url", source)
+    target = tmp_path / "target.db"
+    command = [sys.executable, "-m", "persistence", "--url", f"sqlite:///{target}"]
+    command += ["import", str(export), "--batch-size", "1"]
+    running = subprocess.Popen(
+        command,
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _stored_sessions(target) < 10 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        running.send_signal(signal.SIGKILL)
+        running.wait()
+    written = _stored_sessions(target)
+    assert 10 <= written < 150, written
+
+    result = json.loads(ok("import", str(export), "--json", "--url", f"sqlite:///{target}").stdout)
+
+    assert result["sessions_already_present"] + result["sessions_imported"] == 150
+    assert result["sessions_already_present"] == written
+    assert counts(f"sqlite:///{target}") == counts(source)
+    report = json.loads(
+        ok("migrate", "--from", source, "--to", f"sqlite:///{target}", "--json").stdout
+    )
+    assert report["sessions_migrated"] == 0 and report["verified"] is True
 
 
 @pytest.mark.sqlite

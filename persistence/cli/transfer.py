@@ -49,14 +49,14 @@ from persistence.transfer import (
     export_to_json,
     export_to_stream,
     import_from_stream,
-    migrate_storage,
     restore_backup,
     validate_backup_file,
-    verify_migration,
 )
 from persistence.transfer.backups import backup_directory
 from persistence.transfer.exchange import open_input
 from persistence.transfer.exchange_format import DocumentSummary, validate_document
+from persistence.transfer.json_stream import SCAN_CHUNK, check_head
+from persistence.transfer.migration import copy_storage, copy_summary, verify_copied
 
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
 
@@ -217,24 +217,18 @@ def migrate(
         ):
             fail(f"--to names {taken}")
         async with create_storage(destination_config) as destination:
+            # migrate_storage's own steps, each with its progress bar.
             with progress_bar("Copying sessions", stopped=RESUMES) as update:
-                result = await migrate_storage(
-                    source, destination, False, progress_callback=update, batch_size=batch_size
+                copy = await copy_storage(
+                    source, destination, progress_callback=update, batch_size=batch_size
                 )
-            result["indexed_for_search"] = await _index_for_search(destination)
+            indexed = await _index_for_search(destination)
+            report = None
             if verify:
                 with progress_bar("Verifying", stopped="the copy itself is complete") as update:
-                    report = await verify_migration(
-                        source,
-                        destination,
-                        additive=True,
-                        batch_size=batch_size,
-                        progress_callback=update,
-                    )
-                result["verification"], result["verified"] = report, report["ok"]
-                result["duration_seconds"] = round(
-                    result["duration_seconds"] + report["duration_seconds"], 3
-                )
+                    report = await verify_copied(copy, progress_callback=update)
+            result = await copy_summary(copy, report)
+            result["indexed_for_search"] = indexed
         problem = _verification_problem(result)
         if as_json:
             echo_json(result)
@@ -415,6 +409,10 @@ def _seekable_stdin() -> Iterator[IO[bytes]]:
         yield stdin
         return
     with tempfile.TemporaryFile() as spool:
+        # Checked before spooling: an endless input (`- < /dev/zero`) would fill the disk.
+        head = stdin.read(SCAN_CHUNK)
+        check_head(head)
+        spool.write(head)
         shutil.copyfileobj(stdin, spool)
         spool.seek(0)
         yield spool

@@ -9,7 +9,14 @@ metadata keys it holds) and gets only the messages and metadata keys it lacks.
 
 A batch is written in one transaction. Everything is counted as written only once
 its transaction has committed, and a session or file record the destination held
-already, identical, is counted as present, not as written.
+already is counted as present, not as written (a file record it holds keeps its
+values, as a session keeps its fields).
+
+Live service instances may write the destination between a batch's read and its
+write. A batch never writes over them: a save that finds the session changed
+(SessionConflictError), deleted (SessionDeletedError) or created (a session the batch
+read as absent) since its read rolls the whole batch back, and the batch reads again
+and merges against what the destination holds then.
 """
 
 from __future__ import annotations
@@ -17,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from persistence.errors import SessionDeletedError
+from persistence.errors import SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
-from persistence.transfer.verification import FILE_FIELDS, same_value
+from persistence.transfer.ledger import HELD, INSERTED, MERGED, Ledger
 
 
 @dataclass
@@ -41,6 +48,7 @@ class Tally:
 
 @dataclass
 class _Merge:
+    stored: ChatSession  # the destination's copy, as loaded (then merged, if saved)
     save: ChatSession | None  # None: the destination's copy already has it all
     added: list[ChatMessage]
     present: int
@@ -55,14 +63,14 @@ def _merged(incoming: ChatSession, stored: ChatSession) -> _Merge:
     # a model change made in the destination, as those do not move updated_at.
     added_keys = {k: v for k, v in incoming.metadata.items() if k not in stored.metadata}
     if not missing and not added_keys:
-        return _Merge(None, [], present)
+        return _Merge(stored, None, [], present)
     # `stored` was loaded from the destination, so its save sends only these.
     stored.messages.extend(missing)
     stored.message_count = len(stored.messages)
     if added_keys:
         stored.metadata = {**stored.metadata, **added_keys}
     stored.updated_at = max(stored.updated_at, incoming.updated_at)
-    return _Merge(stored, missing, present)
+    return _Merge(stored, stored, missing, present)
 
 
 async def _plan(
@@ -86,11 +94,18 @@ async def _save_in_one_unit(
     destination: SessionStorage, new: Sequence[ChatSession], merges: Sequence[_Merge]
 ) -> Tally:
     """The careful path: every session saved through one unit of work."""
-    changes = [*new, *(merge.save for merge in merges if merge.save is not None)]
-    if changes:
+    saves = [merge.save for merge in merges if merge.save is not None]
+    if new or saves:
         async with destination.unit_of_work() as uow:
-            for change in changes:
-                await uow.sessions.add(change)
+            for session in new:
+                await uow.sessions.add(session)
+                if session.revision != 1:
+                    # Found by attack: created by another writer since the batch read
+                    # the destination, and the unit's create merged this copy over it,
+                    # its model, status and metadata values winning. Rolled back.
+                    raise _CreatedMeanwhile(session.session_id)
+            for save in saves:
+                await uow.sessions.add(save)
             await uow.commit()
     changed = [merge for merge in merges if merge.save is not None]
     return Tally(
@@ -101,14 +116,25 @@ async def _save_in_one_unit(
     )
 
 
-# Plans a batch may take: a session the destination held when the batch read it and
-# that a writer of the destination deleted before the batch's write makes the batch
-# plan again (the session is then new there).
-PLANS = 3
+class _CreatedMeanwhile(SessionConflictError):
+    """A session the batch read as absent was created by another writer before its write."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id, ["created by another writer"])
 
 
-async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
+# Plans a batch may take: a session that a writer of the destination changed, deleted
+# or created between the batch's read and its write makes the batch plan again.
+PLANS = 5
+
+
+async def write_sessions(
+    destination: SessionStorage, sessions: Sequence[ChatSession], ledger: Ledger | None = None
+) -> Tally:
     """Adds one batch of sessions to the destination, in one transaction.
+
+    `ledger`, if given, records what became of each session once the batch committed
+    (what migrate_storage's verification checks).
 
     Returns:
         What was written and what the destination held already.
@@ -116,53 +142,78 @@ async def write_sessions(destination: SessionStorage, sessions: Sequence[ChatSes
     Raises:
         InvalidDataError: if the destination refuses a record (a message id it
             holds in another session); nothing of the batch is written then.
+        SessionConflictError, SessionDeletedError: if writers of the destination
+            changed the batch's sessions under it PLANS times in a row; nothing of the
+            batch is written then.
         PersistenceError: if the destination fails; nothing of the batch is written.
     """
+    # Read first: a save through a unit of work sets an object's revision to the
+    # destination's.
+    read_at = {session.session_id: session.revision for session in sessions}
     plans_left = PLANS
     while True:
         plans_left -= 1
         try:
-            return await _write_planned(destination, sessions)
-        except SessionDeletedError:
-            # Found by attack: a live service deleting a session the batch was merging
-            # stopped the whole import, restore or migration.
+            tally, new, merges = await _write_planned(destination, sessions)
+        except (SessionDeletedError, SessionConflictError):
+            # Found by attack: a live service deleting a session the batch was merging,
+            # or setting a metadata key the merge adds, stopped the whole import,
+            # restore or migration. Nothing of the batch was written: read again.
             if plans_left == 0:
                 raise
+            continue
+        if ledger is not None:
+            for session in new:
+                ledger.record(session.session_id, INSERTED, 1, read_at[session.session_id])
+            for merge in merges:
+                stored, outcome = merge.stored, HELD if merge.save is None else MERGED
+                ledger.record(
+                    stored.session_id, outcome, stored.revision, read_at[stored.session_id]
+                )
+        return tally
 
 
-async def _write_planned(destination: SessionStorage, sessions: Sequence[ChatSession]) -> Tally:
+async def _write_planned(
+    destination: SessionStorage, sessions: Sequence[ChatSession]
+) -> tuple[Tally, list[ChatSession], list[_Merge]]:
+    """Writes the batch; returns the tally, the sessions inserted and the merges."""
     new, merges = await _plan(destination, sessions)
     if any(merge.save is not None for merge in merges):
-        return await _save_in_one_unit(destination, new, merges)
+        return await _save_in_one_unit(destination, new, merges), new, merges
     if new and not await destination.insert_sessions(new):
         # Another writer created one of them meanwhile, or one of their message ids
         # is taken: the careful path merges the one and names the other.
-        return await _save_in_one_unit(destination, *(await _plan(destination, sessions)))
-    return Tally(
+        new, merges = await _plan(destination, sessions)
+        return await _save_in_one_unit(destination, new, merges), new, merges
+    tally = Tally(
         sessions=len(new),
         messages=sum(len(session.messages) for session in new),
         sessions_present=len(merges),
         messages_present=sum(merge.present for merge in merges),
     )
+    return tally, new, merges
 
 
 async def write_file_records(
-    destination: SessionStorage, records: Sequence[UploadedFileRecord]
+    destination: SessionStorage, records: Sequence[UploadedFileRecord], ledger: Ledger | None = None
 ) -> Tally:
-    """Upserts the records the destination lacks or holds differently, in one unit of work."""
-    stored = {
-        record.file_id: record
+    """Adds the records the destination lacks, in one unit of work; keeps the others.
+
+    Found by attack: a record the destination held with other values (a service's
+    re-upload, with its new URI and expiry) was overwritten, so an older file put back
+    an expired upload. Like a session's fields, the destination's values are its own.
+    """
+    held = {
+        record.file_id
         for record in await destination.load_file_records([r.file_id for r in records])
     }
-    changed = [
-        record
-        for record in records
-        if (counterpart := stored.get(record.file_id)) is None
-        or not all(same_value(getattr(record, n), getattr(counterpart, n)) for n in FILE_FIELDS)
-    ]
-    if changed:
+    new = [record for record in records if record.file_id not in held]
+    if new:
         async with destination.unit_of_work() as uow:
-            for record in changed:
+            for record in new:
                 await uow.files.add(record)
             await uow.commit()
-    return Tally(files=len(changed), files_present=len(records) - len(changed))
+    if ledger is not None:
+        for record in records:
+            ledger.record_file(record.file_id, inserted=record.file_id not in held)
+    return Tally(files=len(new), files_present=len(records) - len(new))

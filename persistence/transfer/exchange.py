@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,8 +33,36 @@ from persistence.transfer.migration import (
 )
 from persistence.transfer.streams import read_ahead
 
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
 
 def open_input(path: Path) -> IO[bytes]:
+    """Opens an input file, which must be a regular file (followed through symlinks).
+
+    Found by attack: a symlink to /dev/zero was scanned forever, and a FIFO waited for
+    a writer, then failed with a bare "Illegal seek": an import reads its input twice.
+
+    Raises:
+        InvalidDataError: no such file, or not a regular file.
+        MigrationError: naming `path`, if it cannot be read.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InvalidDataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise file_error("cannot read", path, exc) from exc
+    for is_kind, kind in _NOT_REGULAR:
+        if is_kind(mode):
+            raise InvalidDataError(
+                f"{path}: not a regular file ({kind}); an import reads its input twice:"
+                " give a file, or pipe it to standard input (-)"
+            )
     try:
         return open(path, "rb")
     except FileNotFoundError:

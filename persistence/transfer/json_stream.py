@@ -67,6 +67,30 @@ def document_start(stream: IO[bytes]) -> int:
     return start
 
 
+_WHITESPACE = b" \t\r\n"
+_VALUE_STARTS = frozenset(bytes([c]) for c in b'["-0123456789tfn')
+
+
+def check_head(head: bytes) -> None:
+    """Refuses a document whose first bytes (after a byte order mark) are not a JSON
+    object's opening: found by attack, an endless input (/dev/zero) was otherwise read
+    to its end, which never comes, before anything was said.
+
+    Raises:
+        InvalidDataError: if `head` holds something other than whitespace before "{".
+    """
+    if head.startswith(UTF8_BOM):
+        head = head[len(UTF8_BOM) :]
+    first = head.lstrip(_WHITESPACE)[:1]
+    if not first or first == b"{":
+        return
+    if first in _VALUE_STARTS:
+        raise InvalidDataError("not an export file: the document is not a JSON object")
+    raise InvalidDataError(
+        f"not valid JSON (corrupt file): it begins with {first!r}, not with a JSON object"
+    )
+
+
 def parser_for(stream: IO[bytes]) -> Any:
     """Picks the ijson backend for this file, then rewinds it.
 
@@ -82,6 +106,8 @@ def parser_for(stream: IO[bytes]) -> Any:
     tail = b""
     found, empty = False, True
     while chunk := stream.read(SCAN_CHUNK):
+        if empty:
+            check_head(chunk)
         empty = False
         if SURROGATE_ESCAPE.search(tail + chunk):
             found = True

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
-from persistence.storage import SessionStorage
+from persistence.storage import SessionStorage, StorageCounts
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
+from persistence.transfer.copy_check import verify_copy
+from persistence.transfer.ledger import Ledger
 from persistence.transfer.streams import read_ahead
-from persistence.transfer.verification import counts_summary, verify_migration
+from persistence.transfer.verification import counts_summary
 
 ProgressCallback = Callable[[int, int], object]
 DEFAULT_BATCH_SIZE = 500
@@ -85,10 +88,107 @@ class Progress:
 
 
 async def copy_sessions(
-    batches: AsyncIterator[Sequence[ChatSession]], destination: SessionStorage, progress: Progress
+    batches: AsyncIterator[Sequence[ChatSession]],
+    destination: SessionStorage,
+    progress: Progress,
+    ledger: Ledger | None = None,
 ) -> None:
     async for batch in batches:
-        progress.add(await write_sessions(destination, batch))
+        progress.add(await write_sessions(destination, batch, ledger))
+
+
+@dataclass
+class Copy:
+    """A finished copy of one store into another: what it wrote, and its ledger."""
+
+    source: SessionStorage
+    destination: SessionStorage
+    batch_size: int
+    progress: Progress
+    ledger: Ledger
+    started: float
+    write_seconds: float
+    source_counts: StorageCounts
+    destination_counts_before: StorageCounts
+
+
+async def copy_storage(
+    source: SessionStorage,
+    destination: SessionStorage,
+    *,
+    progress_callback: ProgressCallback | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Copy:
+    """The copy of migrate_storage, without its verification (`verify_copied` runs it).
+
+    The command line runs the two apart, to show each its own progress bar.
+
+    Raises:
+        InvalidDataError, PersistenceError: as migrate_storage.
+    """
+    check_batch_size(batch_size)
+    if source is destination:
+        raise InvalidDataError("source and destination are the same storage")
+    started = time.perf_counter()
+    source_counts = await source.count()  # opened: each storage knows its store now
+    if source.token == destination.token:
+        # The same store by another path (a symlink, a hard link) or URL form.
+        raise InvalidDataError(
+            f"source and destination are the same store ({source!r} and {destination!r})"
+        )
+    before = await destination.count()
+    progress = Progress(progress_callback, source_counts.total_sessions)
+    ledger = Ledger()
+    try:
+        await copy_sessions(session_batches(source, batch_size), destination, progress, ledger)
+        async for records in source.iter_file_records(batch_size):
+            progress.add(await write_file_records(destination, records, ledger))
+    except BaseException as exc:
+        # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
+        progress.stopped(exc)
+        raise
+    return Copy(
+        source,
+        destination,
+        batch_size,
+        progress,
+        ledger,
+        started,
+        elapsed(started),
+        source_counts,
+        before,
+    )
+
+
+async def verify_copied(
+    copy: Copy, progress_callback: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Checks what `copy` wrote (copy_check.verify_copy).
+
+    Raises:
+        PersistenceError: if either store fails.
+    """
+    return await verify_copy(
+        copy.ledger,
+        copy.source,
+        copy.destination,
+        batch_size=copy.batch_size,
+        progress_callback=progress_callback,
+    )
+
+
+async def copy_summary(copy: Copy, verification: dict[str, Any] | None) -> dict[str, Any]:
+    """migrate_storage's result for `copy` and its verification (None: not verified)."""
+    return {
+        **copy.progress.summary("migrated"),
+        "duration_seconds": elapsed(copy.started),
+        "write_seconds": copy.write_seconds,
+        "verified": bool(verification and verification["ok"]),
+        "verification": verification,
+        "source_counts": counts_summary(copy.source_counts),
+        "destination_counts_before": counts_summary(copy.destination_counts_before),
+        "destination_counts": counts_summary(await copy.destination.count()),
+    }
 
 
 async def migrate_storage(
@@ -107,13 +207,17 @@ async def migrate_storage(
     the destination lacks as one bulk insert. `progress_callback(done, total)` sees
     each session once its batch has committed.
 
+    The verification checks what this migration wrote or found, session by session
+    (copy_check.verify_copy): what live writers of either store changed since the copy
+    read or wrote a session is counted and named there, not compared.
+
     Returns:
         {"sessions_migrated", "messages_migrated", "files_migrated" (what was
         written), "sessions_already_present", "messages_already_present",
-        "files_already_present" (what the destination held already, identical or
-        newer), "duration_seconds", "write_seconds", "verified", "verification" (the
-        additive verify_migration report, or None), "source_counts",
-        "destination_counts_before", "destination_counts"}.
+        "files_already_present" (what the destination held already: it keeps
+        its own fields and file records), "duration_seconds", "write_seconds",
+        "verified", "verification" (the verify_copy report, or None),
+        "source_counts", "destination_counts_before", "destination_counts"}.
 
     Raises:
         InvalidDataError: for a bad batch_size, the same store on both sides, or a
@@ -121,39 +225,7 @@ async def migrate_storage(
         PersistenceError: if either store fails; batches already written stay, and
             the error's notes say how far it got.
     """
-    check_batch_size(batch_size)
-    if source is destination:
-        raise InvalidDataError("source and destination are the same storage")
-    started = time.perf_counter()
-    source_counts = await source.count()  # opened: each storage knows its store now
-    if source.token == destination.token:
-        # The same store by another path (a symlink, a hard link) or URL form.
-        raise InvalidDataError(
-            f"source and destination are the same store ({source!r} and {destination!r})"
-        )
-    before = await destination.count()
-    progress = Progress(progress_callback, source_counts.total_sessions)
-    try:
-        await copy_sessions(session_batches(source, batch_size), destination, progress)
-        async for records in source.iter_file_records(batch_size):
-            progress.add(await write_file_records(destination, records))
-    except BaseException as exc:
-        # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
-        progress.stopped(exc)
-        raise
-    written = elapsed(started)
-    verification = None
-    if verify:
-        verification = await verify_migration(
-            source, destination, additive=True, batch_size=batch_size
-        )
-    return {
-        **progress.summary("migrated"),
-        "duration_seconds": elapsed(started),
-        "write_seconds": written,
-        "verified": bool(verification and verification["ok"]),
-        "verification": verification,
-        "source_counts": counts_summary(source_counts),
-        "destination_counts_before": counts_summary(before),
-        "destination_counts": counts_summary(await destination.count()),
-    }
+    copy = await copy_storage(
+        source, destination, progress_callback=progress_callback, batch_size=batch_size
+    )
+    return await copy_summary(copy, await verify_copied(copy) if verify else None)

@@ -106,7 +106,9 @@ def _shown(value: Any) -> Any:
     return value
 
 
-class _Report:
+class Report:
+    """Mismatches (the first MISMATCH_LIMIT listed) and totals of one verification."""
+
     def __init__(self) -> None:
         self.mismatches: list[dict[str, Any]] = []
         self.mismatch_count = 0
@@ -118,6 +120,23 @@ class _Report:
             entry = {"kind": kind, "problem": problem, "id": identifier}
             entry.update({key: _shown(value) for key, value in details.items()})
             self.mismatches.append(entry)
+
+    def result(
+        self, source_counts: StorageCounts, destination_counts: StorageCounts, started: float
+    ) -> dict[str, Any]:
+        """The report as verify_migration returns it."""
+        result: dict[str, Any] = {
+            "ok": self.mismatch_count == 0,
+            "mismatch_count": self.mismatch_count,
+            "mismatches": self.mismatches,
+            "mismatches_truncated": self.mismatch_count > len(self.mismatches),
+        }
+        for name in _RESULT_TOTALS:
+            result[name] = self.totals[name]
+        result["source_counts"] = counts_summary(source_counts)
+        result["destination_counts"] = counts_summary(destination_counts)
+        result["duration_seconds"] = round(time.perf_counter() - started, 3)
+        return result
 
     def tally(self, kind: str, problem: str, amount: int = 1) -> None:
         self.totals[f"{_TOTAL_NAMES[problem]}_{kind}s"] += amount
@@ -149,7 +168,12 @@ class _Report:
 
 
 def _compare_session_fields(
-    report: _Report, source: ChatSession, destination: ChatSession, *, additive: bool
+    report: Report,
+    source: ChatSession,
+    destination: ChatSession,
+    *,
+    additive: bool,
+    held: bool = False,
 ) -> None:
     sid = source.session_id
     if not additive:
@@ -165,7 +189,7 @@ def _compare_session_fields(
     elif any(
         not same_value(getattr(source, name), getattr(destination, name)) for name in _OWN_FIELDS
     ):
-        if (destination.revision or 1) > 1:
+        if held or (destination.revision or 1) > 1:
             # Written since it was created (by a merge, or by its users): its own.
             report.totals["sessions_with_own_fields"] += 1
         elif report.fields("session", sid, SESSION_FIELDS, source, destination):
@@ -173,20 +197,27 @@ def _compare_session_fields(
             report.tally("session", "different")
 
 
-def _compare_sessions(
-    report: _Report, source: ChatSession, destination: ChatSession, *, additive: bool
+def compare_sessions(
+    report: Report,
+    source: ChatSession,
+    destination: ChatSession,
+    *,
+    additive: bool,
+    held: bool = False,
 ) -> None:
+    """Compares one session of both stores; `held`: the destination held it before the
+    copy, so (with `additive`) its own fields are its own whatever its revision."""
     if len(source.messages) == len(destination.messages) and all(
         map(_same_message, source.messages, destination.messages)
     ):
         # The usual case, checked without building sets: the same messages in order.
-        _compare_session_fields(report, source, destination, additive=additive)
+        _compare_session_fields(report, source, destination, additive=additive, held=held)
         return
     sid = source.session_id
     source_ids = {message.message_id for message in source.messages}
     stored = {message.message_id: message for message in destination.messages}
     extra = [message for message in destination.messages if message.message_id not in source_ids]
-    _compare_session_fields(report, source, destination, additive=additive)
+    _compare_session_fields(report, source, destination, additive=additive, held=held)
 
     for message in source.messages:
         found = stored.get(message.message_id)
@@ -215,7 +246,7 @@ def _compare_sessions(
 
 
 async def _compare_all_sessions(
-    report: _Report,
+    report: Report,
     source: SessionStorage,
     destination: SessionStorage,
     *,
@@ -245,13 +276,13 @@ async def _compare_all_sessions(
                 report.add("session", "missing", session.session_id, messages=len(session.messages))
             else:
                 found += 1
-                _compare_sessions(report, session, counterpart, additive=additive)
+                compare_sessions(report, session, counterpart, additive=additive)
         progress(report.totals["sessions_checked"])
     return found
 
 
 async def _find_extra_sessions(
-    report: _Report, source: SessionStorage, destination: SessionStorage, batch_size: int
+    report: Report, source: SessionStorage, destination: SessionStorage, batch_size: int
 ) -> None:
     async for batch in destination.iter_sessions(batch_size, with_messages=False):
         known = {s.session_id for s in await source.load_sessions([s.session_id for s in batch])}
@@ -262,8 +293,8 @@ async def _find_extra_sessions(
                 report.add("session", "extra", session.session_id, messages=session.message_count)
 
 
-async def _compare_files(
-    report: _Report, source: SessionStorage, destination: SessionStorage, batch_size: int
+async def compare_files(
+    report: Report, source: SessionStorage, destination: SessionStorage, batch_size: int
 ) -> int:
     found = 0
     async for batch in source.iter_file_records(batch_size):
@@ -285,7 +316,7 @@ async def _compare_files(
 
 
 async def _find_extra_files(
-    report: _Report, source: SessionStorage, destination: SessionStorage, batch_size: int
+    report: Report, source: SessionStorage, destination: SessionStorage, batch_size: int
 ) -> None:
     async for batch in destination.iter_file_records(batch_size):
         known = {r.file_id for r in await source.load_file_records([r.file_id for r in batch])}
@@ -307,7 +338,8 @@ async def verify_migration(
 
     `progress_callback(checked, total)` sees the source sessions checked so far.
 
-    With `additive=True` (what `migrate_storage` checks) the destination may hold more
+    With `additive=True` (what `migrate_storage` checked before it kept a ledger:
+    copy_check.verify_copy) the destination may hold more
     than the source, as a merge only adds: records only the destination holds, and the
     fields and metadata values of a session written there since it was created (a merge
     keeps them; revision above 1), do not make the result fail; they are still counted
@@ -329,7 +361,7 @@ async def verify_migration(
     if batch_size <= 0:
         raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
     started = time.perf_counter()
-    report = _Report()
+    report = Report()
     source_counts = await source.count()
     destination_counts = await destination.count()
 
@@ -343,7 +375,7 @@ async def verify_migration(
     found_sessions = await _compare_all_sessions(
         report, source, destination, additive=additive, batch_size=batch_size, progress=progress
     )
-    found_files = await _compare_files(report, source, destination, batch_size)
+    found_files = await compare_files(report, source, destination, batch_size)
     extra_sessions = destination_counts.total_sessions - found_sessions
     extra_files = destination_counts.files - found_files
     if additive:
@@ -355,15 +387,4 @@ async def verify_migration(
         if extra_files > 0:
             await _find_extra_files(report, source, destination, batch_size)
 
-    result: dict[str, Any] = {
-        "ok": report.mismatch_count == 0,
-        "mismatch_count": report.mismatch_count,
-        "mismatches": report.mismatches,
-        "mismatches_truncated": report.mismatch_count > len(report.mismatches),
-    }
-    for name in _RESULT_TOTALS:
-        result[name] = report.totals[name]
-    result["source_counts"] = counts_summary(source_counts)
-    result["destination_counts"] = counts_summary(destination_counts)
-    result["duration_seconds"] = round(time.perf_counter() - started, 3)
-    return result
+    return report.result(source_counts, destination_counts, started)

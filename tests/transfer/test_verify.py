@@ -13,6 +13,7 @@ from persistence import ChatSession, SessionStorage
 from persistence.sql.runner import traced
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.transfer import migrate_storage, verify_migration
+from persistence.transfer.migration import copy_storage, verify_copied
 from tests.transfer import data
 from tests.transfer.data import populate
 
@@ -237,6 +238,41 @@ async def test_the_additive_check_still_catches_a_failed_copy(
 
     assert report["ok"] is False
     assert report[total] == 1
+
+
+@pytest.mark.parametrize(("tamper", "total"), FAILED_COPIES.values(), ids=FAILED_COPIES.keys())
+async def test_the_check_a_migration_runs_still_catches_a_failed_copy(
+    sql_pair: tuple[SessionStorage, SessionStorage], tamper: Tamper, total: str
+) -> None:
+    """Comparing only what the copy wrote must not pass a copy that lost something: a
+    change behind the API's back keeps the revision the copy left."""
+    source, destination = sql_pair
+    await populate(source)
+    copy = await copy_storage(source, destination)
+    async with _engine_of(destination).begin() as connection:
+        await tamper(connection)
+
+    report = await verify_copied(copy)
+
+    assert report["ok"] is False
+    assert report[total] == 1
+    assert report["sessions_written_since"] == 0
+
+
+async def test_the_check_a_migration_runs_names_a_session_gone_from_the_destination(
+    sql_pair: tuple[SessionStorage, SessionStorage],
+) -> None:
+    source, destination = sql_pair
+    await populate(source)
+    copy = await copy_storage(source, destination)
+    async with _engine_of(destination).begin() as connection:
+        await connection.execute(delete(sessions).where(sessions.c.session_id == "é"))
+
+    report = await verify_copied(copy)
+
+    assert report["ok"] is False
+    assert report["missing_sessions"] == 1
+    assert [m["id"] for m in report["mismatches"]] == ["é"]
 
 
 async def test_the_additive_check_accepts_the_fields_a_merge_keeps(
