@@ -20,6 +20,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy import URL, Connection, inspect, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -30,10 +31,12 @@ from persistence.sql.engines import (
     WRITE_OPTIONS,
     async_driver_url,
     check_sqlite_path,
+    displayed,
     sqlite_engine,
     sqlite_url,
 )
 from persistence.sql.errors import sql_errors
+from persistence.sql.revision_marks import schema_revision
 from persistence.sql.schema import (
     VERSION_TABLE,
     adopt_legacy_version,
@@ -91,26 +94,48 @@ def _include_object(
     return not (name or "").startswith(tuple(SEARCH_OBJECTS))
 
 
-def _adopt_legacy_version(connection: Connection) -> None:
+def _where(url: URL) -> str:
+    """The database as messages name it: the SQLite file, or the URL without password."""
+    return (url.database or "") if url.get_backend_name() == "sqlite" else displayed(url)
+
+
+def _adopt_legacy_version(connection: Connection, where: str) -> None:
     try:
-        state = examine(connection, script_directory(), version_table=_VERSION_TABLE)
+        state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
     except MigrationError:
-        if _command() == "do_stamp" and _VERSION_TABLE not in inspect(connection).get_table_names():
+        ours = schema_revision(connection) is not None
+        versioned = _VERSION_TABLE in inspect(connection).get_table_names()
+        if _command() == "do_stamp":
             # Found by attack: a stamp wrote our version table into another application's
             # database, which initialize() then took for a store of ours. (A version
-            # table of ours that does not tell the truth may be stamped again.)
+            # table of ours that does not tell the truth may be stamped again, and tables
+            # of ours without one may be stamped: the refusals say to.)
+            if not (versioned or ours):
+                raise
+            return
+        # Found by attack: tables of ours with an empty, missing or wrong version row were
+        # migrated from base or from the wrong revision (failing on a table that exists,
+        # or worse). Only another application's tables, with no table of ours, get ours
+        # created beside them; so does an empty version table of ours alone (after
+        # `downgrade base`).
+        if ours or (versioned and _heads_of(connection, _VERSION_TABLE)):
             raise
-        return  # tables of another application: ours are created beside them
+        return
     if state.legacy:
         adopt_legacy_version(connection, _VERSION_TABLE)
 
 
-def _run(connection: Connection) -> None:
+def _heads_of(connection: Connection, table: str) -> tuple[str, ...]:
+    migration = MigrationContext.configure(connection, opts={"version_table": table})
+    return tuple(migration.get_current_heads())
+
+
+def _run(connection: Connection, where: str) -> None:
     with connection.begin():
         take_migration_lock(connection)
         reading = _only_reads()
         if not reading:
-            _adopt_legacy_version(connection)
+            _adopt_legacy_version(connection, where)
         before = 0 if reading else dangling_references(connection)
         context.configure(
             connection=connection,
@@ -124,7 +149,7 @@ def _run(connection: Connection) -> None:
         with context.begin_transaction():
             context.run_migrations()
         if not reading:
-            check_references(connection, "the database", before)
+            check_references(connection, where, before)
 
 
 def _engine(url: URL) -> AsyncEngine:
@@ -147,11 +172,13 @@ def _engine(url: URL) -> AsyncEngine:
 
 
 async def _run_online() -> None:
-    engine = _engine(_configured_url(opening=True))
+    url = _configured_url(opening=True)
+    where = _where(url)
+    engine = _engine(url)
     try:
-        with sql_errors("upgrade schema"):
+        with sql_errors(f"{where}: upgrade schema"):
             async with engine.connect() as connection:
-                await connection.run_sync(_run)
+                await connection.run_sync(_run, where)
     finally:
         await engine.dispose()
 
