@@ -9,7 +9,10 @@ another), beside any other application's tables and `alembic_version`; a store w
 
 The whole run is one transaction, on SQLite too (the library's engine, whose BEGIN
 holds DDL, with foreign keys off as SQLite asks of table rebuilds): a run cut off or
-failing half way leaves the database as it was. Offline mode (`--sql`) is refused:
+failing half way leaves the database as it was. The commands that only read
+(`current`, `history -i`, `check`) write nothing: a SQLite file is opened read-only
+(`mode=ro`), a PostgreSQL transaction is READ ONLY, no lock is awaited, and the run is
+rolled back. Offline mode (`--sql`) is refused:
 the revisions read the database as they go. A refusal of the library is one line
 (alembic's "FAILED: ..."), not a traceback.
 """
@@ -33,11 +36,13 @@ from persistence.sql.engines import (
     check_sqlite_path,
     displayed,
     sqlite_engine,
+    sqlite_reading_target,
     sqlite_url,
 )
 from persistence.sql.errors import sql_errors
 from persistence.sql.revision_marks import schema_revision
 from persistence.sql.schema import (
+    LEGACY_VERSION_TABLE,
     VERSION_TABLE,
     adopt_legacy_version,
     check_references,
@@ -50,9 +55,16 @@ from persistence.sql.tables import SEARCH_OBJECTS, Base
 
 _VERSION_TABLE = context.get_x_argument(as_dictionary=True).get("version_table", VERSION_TABLE)
 # What the alembic commands that only read the database (`current`, `history -i`,
-# `check`) give the environment to run. Found by attack: `current` created a SQLite
-# file that did not exist and moved an older store's version table.
-_READING = {"display_version", "show_current", "_display_current_history", "retrieve_migrations"}
+# `history -r current:`, `show current`, `edit current`, `check`, `revision
+# --autogenerate`) give the environment to run. Found by attack: `current` created a
+# SQLite file that did not exist and moved an older store's version table.
+_READING = {
+    "display_version",
+    "show_current",
+    "edit_current",
+    "_display_current_history",
+    "retrieve_migrations",
+}
 
 
 def _command() -> str:
@@ -130,12 +142,37 @@ def _heads_of(connection: Connection, table: str) -> tuple[str, ...]:
     return tuple(migration.get_current_heads())
 
 
+def _read_version_table(connection: Connection, where: str) -> str:
+    """The version table a reading command reports: ours, or the `alembic_version` a
+    store made before ours had its own name keeps its revision in (reported as such,
+    never moved: that is the next upgrade's work)."""
+    try:
+        state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
+    except MigrationError:
+        return _VERSION_TABLE
+    if not state.legacy:
+        return _VERSION_TABLE
+    context.config.print_stdout(
+        f"{where}: the revision is in {LEGACY_VERSION_TABLE}, where persistence kept it"
+        f" before {_VERSION_TABLE}; the next `alembic upgrade head` moves it"
+    )
+    return LEGACY_VERSION_TABLE
+
+
 def _run(connection: Connection, where: str) -> None:
-    with connection.begin():
-        take_migration_lock(connection)
-        reading = _only_reads()
-        if not reading:
+    reading = _only_reads()
+    transaction = connection.begin()
+    try:
+        if reading:
+            # Found by attack: `current` and `check` committed their transaction; a read
+            # now runs read-only and is rolled back (a SQLite file is opened `mode=ro`).
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            version_table = _read_version_table(connection, where)
+        else:
+            take_migration_lock(connection)
             _adopt_legacy_version(connection, where)
+            version_table = _VERSION_TABLE
         before = 0 if reading else dangling_references(connection)
         context.configure(
             connection=connection,
@@ -143,13 +180,22 @@ def _run(connection: Connection, where: str) -> None:
             render_as_batch=connection.dialect.name == "sqlite",
             include_object=_include_object,
             compare_type=True,
-            version_table=_VERSION_TABLE,
+            version_table=version_table,
+            # `alembic check` would create a missing version table (alembic's
+            # `current` and `history` pass this themselves).
+            dont_mutate=reading,
         )
         # Inside the transaction begun above: alembic begins none of its own.
         with context.begin_transaction():
             context.run_migrations()
-        if not reading:
-            check_references(connection, where, before)
+        if reading:
+            transaction.rollback()
+            return
+        check_references(connection, where, before)
+    except BaseException:
+        transaction.rollback()
+        raise
+    transaction.commit()
 
 
 def _engine(url: URL) -> AsyncEngine:
@@ -166,6 +212,10 @@ def _engine(url: URL) -> AsyncEngine:
     # waiting), where it waits for any writer of a WAL file.
     pragmas: dict[str, Any] = {"foreign_keys": "OFF", "busy_timeout": int(_BUSY_TIMEOUT * 1000)}
     path = Path(url.database or "")
+    if _only_reads():
+        # Found by attack: `current` made a 0-byte file a WAL database of 4,096 bytes.
+        target = sqlite_reading_target(path)
+        return sqlite_engine(url, pragmas, _BUSY_TIMEOUT, target=target, uri=True)
     if not path.exists() or path.stat().st_size == 0:
         pragmas = {"journal_mode": "WAL", **pragmas}
     return sqlite_engine(url, pragmas, _BUSY_TIMEOUT).execution_options(**WRITE_OPTIONS)
@@ -175,8 +225,9 @@ async def _run_online() -> None:
     url = _configured_url(opening=True)
     where = _where(url)
     engine = _engine(url)
+    action = "read the schema revision" if _only_reads() else "migrate the schema"
     try:
-        with sql_errors(f"{where}: upgrade schema"):
+        with sql_errors(f"{where}: {action}"):
             async with engine.connect() as connection:
                 await connection.run_sync(_run, where)
     finally:
