@@ -111,16 +111,16 @@ def examine(
             f"{where} holds tables of another application: its {LEGACY_VERSION_TABLE}"
             f" is at revision {', '.join(heads) or '(none)'}, which is not a persistence"
             " store's (not a revision of ours, or without our tables); persistence neither"
-            " reads nor changes it (use a database of its own, or create persistence's"
-            f" tables beside it with {_alembic('upgrade head')})"
+            " reads nor changes it: use a database of its own, or create persistence's"
+            f" tables beside it with {_alembic('upgrade head')}"
         )
     if names:
         _refuse_unstamped(connection, f"it has no {version_table}", where)
         raise MigrationError(
             f"{where} holds tables of another application ({_listed(list(names))}) and no"
             f" persistence schema ({version_table}); persistence neither reads nor changes"
-            " it (use a database of its own, or create persistence's tables beside them"
-            f" with {_alembic('upgrade head')})"
+            " it: use a database of its own, or create persistence's tables beside them"
+            f" with {_alembic('upgrade head')}"
         )
     return SchemaState(())
 
@@ -128,7 +128,7 @@ def examine(
 def _alembic(*commands: str) -> str:
     """The alembic commands to run, from persistence's source tree, on the database."""
     return " and ".join(f"`alembic -x url=URL {command}`" for command in commands) + (
-        " (URL naming this database)"
+        ", URL naming this database"
     )
 
 
@@ -174,13 +174,13 @@ def _refuse_base(connection: Connection, others: set[str], version_table: str, w
         raise MigrationError(
             f"{where} holds tables of another application ({_listed(list(others))}) and an"
             f" empty {version_table} (stamped or downgraded to base); persistence neither"
-            " reads nor changes it (use a database of its own, or create persistence's"
-            f" tables beside them with {_alembic('upgrade head')})"
+            " reads nor changes it: use a database of its own, or create persistence's"
+            f" tables beside them with {_alembic('upgrade head')}"
         )
     raise MigrationError(
         f"{where}: its {version_table} is empty (stamped or downgraded to base) and no"
         " persistence table is there; persistence neither reads nor changes it: create"
-        f" the schema with {_alembic('upgrade head')}, or drop the empty {version_table}"
+        f" the schema with {_alembic('upgrade head')}; or drop the empty {version_table}"
     )
 
 
@@ -407,7 +407,8 @@ def refuse_foreign_sqlite_file(
 
     Our connections set the file's journal mode when they open, a change that stays in
     the file: a file of another application is refused before that. An empty file or
-    one with our version table passes at once (`upgrade_to_head` examines it then).
+    one whose version table of ours holds a revision passes at once (`upgrade_to_head`
+    examines it then).
 
     Raises:
         MigrationError: the file holds tables of another application.
@@ -421,9 +422,14 @@ def refuse_foreign_sqlite_file(
                 " AND name NOT LIKE 'sqlite!_%' ESCAPE '!'"
             )
         }
+        # Found by attack: an empty version table passed, and the file was made WAL
+        # before examine() refused it.
+        versioned = version_table in names and connection.execute(
+            f'SELECT EXISTS (SELECT 1 FROM "{version_table}")'  # noqa: S608
+        ).fetchone() == (1,)
     finally:
         connection.close()
-    if not names or version_table in names:
+    if not names or versioned:
         return
     examine_sqlite_file(target, version_table=version_table, where=where)
 

@@ -95,6 +95,11 @@ async def _schema(url: str) -> list[tuple[object, ...]]:
     return rows
 
 
+def _file_bytes(url: str) -> bytes | None:
+    """A SQLite file's bytes (its journal mode is in its header), None on PostgreSQL."""
+    return Path(url.removeprefix("sqlite:///")).read_bytes() if url.startswith("sqlite") else None
+
+
 def _told(url: str, revision: str) -> str:
     """The revision the tables are told to be at: on SQLite 0006 to 0009 change
     nothing, so a store at 0005 has head's schema there."""
@@ -235,6 +240,7 @@ async def test_an_empty_version_table_beside_another_applications_tables_is_refu
         f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)",
     )
     before = await _schema(fresh_url)
+    file_before = _file_bytes(fresh_url)
 
     for opening in ("initialize", "open_for_reading"):
         storage = _storage(fresh_url)
@@ -244,6 +250,7 @@ async def test_an_empty_version_table_beside_another_applications_tables_is_refu
         assert f"empty {VERSION_TABLE}" in str(refused.value)
 
     assert await _schema(fresh_url) == before
+    assert _file_bytes(fresh_url) == file_before  # not even its journal mode
 
 
 async def test_an_empty_alembic_version_beside_another_applications_tables_is_refused(
