@@ -29,7 +29,7 @@ from sqlalchemy import URL, Connection, inspect, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from alembic import context
-from persistence.errors import MigrationError, PersistenceError
+from persistence.errors import MigrationError, PersistenceError, StorageConnectionError
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     async_driver_url,
@@ -94,9 +94,23 @@ def _configured_url(*, opening: bool) -> URL:
     if config.backend != "sqlite":
         return async_driver_url(sql_url(config))
     if opening:
-        check_sqlite_path(config.database_path, must_exist=_only_reads())
+        exists = check_sqlite_path(config.database_path, must_exist=_only_reads())
+        if not exists:
+            _create_parents(config.database_path)
     # The path as it is: a `sqlite:///` string of it would be cut at `?` and decoded.
     return sqlite_url(config.database_path)
+
+
+def _create_parents(path: Path) -> None:
+    """Creates the directories of a new SQLite file, as the library does. Found by
+    attack: `alembic upgrade head` failed on a path `persistence upgrade` created
+    ("unable to open database file")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageConnectionError(
+            f"cannot create {path}: {exc.strerror or type(exc).__name__} ({exc.filename})"
+        ) from None
 
 
 def _include_object(

@@ -257,3 +257,21 @@ def test_a_percent_encoded_password_with_at_slash_query_and_hash_migrates(
     missing = _failure(_alembic(f"postgresql://{role}:{_ENCODED}@{server}/no_such_db", "current"))
     assert f"{server}/no_such_db" in missing
     assert "ss%2F" not in missing and "ss/?#w" not in missing
+
+
+@pytest.mark.sqlite
+def test_alembic_upgrade_creates_the_directories_of_a_new_file_as_the_library_does(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: `alembic upgrade head` failed ("unable to open database file")
+    on a path whose directories `persistence upgrade` creates."""
+    path = tmp_path / "new" / "deeper" / "store.db"
+
+    _ran(f"sqlite:///{path}", "upgrade", "head")
+
+    assert _ran(f"sqlite:///{path}", "current").strip() == f"{HEAD} (head)"
+    # A reading command creates nothing.
+    assert "no database at" in _failure(
+        _alembic(f"sqlite:///{tmp_path / 'other' / 'x.db'}", "current")
+    )
+    assert sorted(os.listdir(tmp_path)) == ["new"]
