@@ -3,6 +3,7 @@ wrong is refused, naming the revision to stamp, and nothing is changed."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+from typer.testing import CliRunner
 
 from persistence import (
     ChatSession,
@@ -17,6 +19,7 @@ from persistence import (
     PostgreSQLSessionStorage,
     SQLiteSessionStorage,
 )
+from persistence.cli import app
 from persistence.sql.engines import async_driver_url
 from persistence.sql.revision_marks import MARKS, REVISIONS, missing_at, schema_revision
 from persistence.sql.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, script_directory
@@ -301,3 +304,26 @@ async def test_a_database_downgraded_to_base_is_refused_until_alembic_upgrades_i
     _ran(fresh_url, "upgrade", "head")
     async with _storage(fresh_url) as storage:
         await storage.save_session(ChatSession.create("m"))
+
+
+@pytest.mark.sqlite
+def test_the_cli_refuses_a_store_without_its_version_table_and_names_the_revision(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    _ran(f"sqlite:///{path}", "upgrade", "0004")
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"DROP TABLE {VERSION_TABLE}")
+    connection.close()
+    before = path.read_bytes()
+
+    for command in (["upgrade"], ["stats"], ["sessions", "list"]):
+        result = CliRunner().invoke(app, [*command, "--url", f"sqlite:///{path}"])
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith(f"error: {path} holds persistence's tables")
+        assert "`alembic -x url=URL stamp 0004`" in result.stderr
+
+    assert path.read_bytes() == before
+    # A reader of a WAL file may leave the -wal and -shm any reader needs; nothing in them.
+    wal = tmp_path / "store.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
