@@ -327,3 +327,21 @@ def test_the_cli_refuses_a_store_without_its_version_table_and_names_the_revisio
     # A reader of a WAL file may leave the -wal and -shm any reader needs; nothing in them.
     wal = tmp_path / "store.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+async def test_a_legacy_version_table_past_its_tables_revision_is_refused_naming_it(
+    fresh_url: str,
+) -> None:
+    """Found by attack: a store versioned in alembic_version was checked for 0001's
+    tables only: at 0004 with alembic_version at head, it was moved over and opened as
+    a store at head."""
+    _ran(fresh_url, "-x", f"version_table={LEGACY_VERSION_TABLE}", "upgrade", "0004")
+    await _execute(fresh_url, f"UPDATE {LEGACY_VERSION_TABLE} SET version_num = '{HEAD}'")
+    before = await _schema(fresh_url)
+
+    with pytest.raises(MigrationError, match=f"{LEGACY_VERSION_TABLE} says") as refused:
+        await _storage(fresh_url).initialize()
+    assert "its tables are at revision 0004" in str(refused.value)
+    assert "stamp 0004`" in _failure(_alembic(fresh_url, "upgrade", "head"))
+
+    assert await _schema(fresh_url) == before
