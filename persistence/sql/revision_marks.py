@@ -152,6 +152,20 @@ def missing_at(connection: Connection, revision: str) -> list[str]:
     return missing
 
 
+def present_after(connection: Connection, revision: str) -> list[str]:
+    """What revisions later than `revision` leave that the database has, oldest first:
+    a store at `revision` has none of it."""
+    look = _Look(connection)
+    dialect = connection.dialect.name
+    return [
+        mark.shown()
+        for later in REVISIONS
+        if later > revision
+        for mark in _marks(dialect, later)
+        if not look.lacks(mark)
+    ]
+
+
 def schema_revision(connection: Connection) -> str | None:
     """The revision the tables are at, by their marks; None when not even 0001's tables
     are there with their columns.

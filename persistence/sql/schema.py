@@ -23,7 +23,7 @@ from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
 from persistence.errors import MigrationError, SchemaVersionError
-from persistence.sql.revision_marks import missing_at, schema_revision
+from persistence.sql.revision_marks import missing_at, present_after, schema_revision
 from persistence.sql.tables import Base
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -138,8 +138,8 @@ def _at(heads: tuple[str, ...]) -> str:
 
 def _adopt(revision: str) -> str:
     return (
-        "if it is a persistence store, record the revision its tables are at, then"
-        f" upgrade: {_alembic(f'stamp {revision}', 'upgrade head')}"
+        "record the revision its tables are at, then upgrade:"
+        f" {_alembic(f'stamp {revision}', 'upgrade head')}"
     )
 
 
@@ -153,7 +153,8 @@ def _refuse_unstamped(connection: Connection, version: str, where: str) -> None:
     if detected is not None:
         raise MigrationError(
             f"{where} holds persistence's tables, at revision {detected} by their"
-            f" columns, but {version}; persistence neither reads nor changes it: {_adopt(detected)}"
+            f" columns, but {version}; persistence neither reads nor changes it: if it is a"
+            f" persistence store, {_adopt(detected)}"
         )
 
 
@@ -187,7 +188,7 @@ def _refuse_base(connection: Connection, others: set[str], version_table: str, w
 def _check_marks(
     connection: Connection, heads: tuple[str, ...], version_table: str, where: str
 ) -> None:
-    """Refuses a version table whose revision the tables are not at.
+    """Refuses a version table whose revision the tables are not at (behind or ahead).
 
     Found by attack: `alembic stamp head` on an empty database, on another
     application's, or on a store of an older revision, and initialize() took it
@@ -198,18 +199,29 @@ def _check_marks(
     """
     missing = missing_at(connection, max(heads))
     if not missing:
-        return
+        ahead = present_after(connection, max(heads))
+        if not ahead:
+            return
+        # Found by attack: a store at head stamped 0002 was migrated from there, and
+        # failed on "duplicate column name: search_text", naming no database.
+        tables_at = schema_revision(connection) or max(heads)
+        raise MigrationError(
+            f"{where}: {version_table} says the schema is at revision {', '.join(heads)},"
+            f" but {_listed(ahead, ordered=True)} of later revisions are there (its tables"
+            f" are at revision {tables_at}); persistence neither reads nor changes it. If it"
+            f" was stamped by mistake, {_adopt(tables_at)}"
+        )
     detected = schema_revision(connection)
     at = (
-        f"its tables are at revision {detected}: {_adopt(detected)}"
+        f"(its tables are at revision {detected}), {_adopt(detected)}"
         if detected is not None
-        else f"no persistence table is complete: {_alembic('stamp base', 'upgrade head')}"
+        else f"(no persistence table is complete), run {_alembic('stamp base', 'upgrade head')}"
     )
     raise MigrationError(
         f"{where}: {version_table} says the schema is at revision {', '.join(heads)}, but"
         f" {_listed(missing, ordered=True)} of that revision are not there (stamped without"
         " migrating, or changed by hand); persistence neither reads nor changes it. If it"
-        f" was stamped by mistake, {at}"
+        f" was stamped by mistake {at}"
     )
 
 

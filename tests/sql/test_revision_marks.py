@@ -345,3 +345,34 @@ async def test_a_legacy_version_table_past_its_tables_revision_is_refused_naming
     assert "stamp 0004`" in _failure(_alembic(fresh_url, "upgrade", "head"))
 
     assert await _schema(fresh_url) == before
+
+
+@pytest.mark.parametrize("stamped", ["0002", "0004"])
+async def test_a_store_stamped_before_its_revision_is_refused_naming_it(
+    fresh_url: str, stamped: str
+) -> None:
+    """Found by attack: a store at head stamped 0002 was migrated from there and failed
+    half way ("duplicate column name: search_text"), naming no database."""
+    _ran(fresh_url, "upgrade", "head")
+    _ran(fresh_url, "stamp", stamped)
+    before = await _schema(fresh_url)
+
+    with pytest.raises(MigrationError, match="of later revisions are there") as refused:
+        await _storage(fresh_url).initialize()
+    assert f"its tables are at revision {HEAD}" in str(refused.value)
+    assert f"`alembic -x url=URL stamp {HEAD}`" in str(refused.value)
+    assert f"stamp {HEAD}`" in _failure(_alembic(fresh_url, "upgrade", "head"))
+    assert await _schema(fresh_url) == before
+
+
+@pytest.mark.sqlite
+async def test_a_sqlite_store_stamped_at_a_revision_of_the_same_schema_opens(
+    tmp_path: Path,
+) -> None:
+    """0006 to 0009 change nothing on SQLite: a store at head stamped 0005 is at 0005."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    _ran(url, "upgrade", "head")
+    _ran(url, "stamp", "0005")
+
+    async with _storage(url) as storage:
+        assert (await storage.count()).total_sessions == 0
