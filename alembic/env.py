@@ -9,7 +9,10 @@ another), beside any other application's tables and `alembic_version`; a store w
 
 The whole run is one transaction, on SQLite too (the library's engine, whose BEGIN
 holds DDL, with foreign keys off as SQLite asks of table rebuilds): a run cut off or
-failing half way leaves the database as it was. Offline mode (`--sql`) is refused:
+failing half way leaves the database as it was. The commands that only read
+(`current`, `history -i`, `check`) write nothing: a SQLite file is opened read-only
+(`mode=ro`), a PostgreSQL transaction is READ ONLY, no lock is awaited, and the run is
+rolled back. Offline mode (`--sql`) is refused:
 the revisions read the database as they go. A refusal of the library is one line
 (alembic's "FAILED: ..."), not a traceback.
 """
@@ -20,21 +23,26 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy import URL, Connection, inspect, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from alembic import context
-from persistence.errors import MigrationError, PersistenceError
+from persistence.errors import MigrationError, PersistenceError, StorageConnectionError
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     async_driver_url,
     check_sqlite_path,
+    displayed,
     sqlite_engine,
+    sqlite_reading_target,
     sqlite_url,
 )
 from persistence.sql.errors import sql_errors
+from persistence.sql.revision_marks import schema_revision
 from persistence.sql.schema import (
+    LEGACY_VERSION_TABLE,
     VERSION_TABLE,
     adopt_legacy_version,
     check_references,
@@ -47,9 +55,16 @@ from persistence.sql.tables import SEARCH_OBJECTS, Base
 
 _VERSION_TABLE = context.get_x_argument(as_dictionary=True).get("version_table", VERSION_TABLE)
 # What the alembic commands that only read the database (`current`, `history -i`,
-# `check`) give the environment to run. Found by attack: `current` created a SQLite
-# file that did not exist and moved an older store's version table.
-_READING = {"display_version", "show_current", "_display_current_history", "retrieve_migrations"}
+# `history -r current:`, `show current`, `edit current`, `check`, `revision
+# --autogenerate`) give the environment to run. Found by attack: `current` created a
+# SQLite file that did not exist and moved an older store's version table.
+_READING = {
+    "display_version",
+    "show_current",
+    "edit_current",
+    "_display_current_history",
+    "retrieve_migrations",
+}
 
 
 def _command() -> str:
@@ -79,9 +94,23 @@ def _configured_url(*, opening: bool) -> URL:
     if config.backend != "sqlite":
         return async_driver_url(sql_url(config))
     if opening:
-        check_sqlite_path(config.database_path, must_exist=_only_reads())
+        exists = check_sqlite_path(config.database_path, must_exist=_only_reads())
+        if not exists:
+            _create_parents(config.database_path)
     # The path as it is: a `sqlite:///` string of it would be cut at `?` and decoded.
     return sqlite_url(config.database_path)
+
+
+def _create_parents(path: Path) -> None:
+    """Creates the directories of a new SQLite file, as the library does. Found by
+    attack: `alembic upgrade head` failed on a path `persistence upgrade` created
+    ("unable to open database file")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageConnectionError(
+            f"cannot create {path}: {exc.strerror or type(exc).__name__} ({exc.filename})"
+        ) from None
 
 
 def _include_object(
@@ -91,26 +120,73 @@ def _include_object(
     return not (name or "").startswith(tuple(SEARCH_OBJECTS))
 
 
-def _adopt_legacy_version(connection: Connection) -> None:
+def _where(url: URL) -> str:
+    """The database as messages name it: the SQLite file, or the URL without password."""
+    return (url.database or "") if url.get_backend_name() == "sqlite" else displayed(url)
+
+
+def _adopt_legacy_version(connection: Connection, where: str) -> None:
     try:
-        state = examine(connection, script_directory(), version_table=_VERSION_TABLE)
+        state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
     except MigrationError:
-        if _command() == "do_stamp" and _VERSION_TABLE not in inspect(connection).get_table_names():
+        ours = schema_revision(connection) is not None
+        versioned = _VERSION_TABLE in inspect(connection).get_table_names()
+        if _command() == "do_stamp":
             # Found by attack: a stamp wrote our version table into another application's
             # database, which initialize() then took for a store of ours. (A version
-            # table of ours that does not tell the truth may be stamped again.)
+            # table of ours that does not tell the truth may be stamped again, and tables
+            # of ours without one may be stamped: the refusals say to.)
+            if not (versioned or ours):
+                raise
+            return
+        # Found by attack: tables of ours with an empty, missing or wrong version row were
+        # migrated from base or from the wrong revision (failing on a table that exists,
+        # or worse). Only another application's tables, with no table of ours, get ours
+        # created beside them; so does an empty version table of ours alone (after
+        # `downgrade base`).
+        if ours or (versioned and _heads_of(connection, _VERSION_TABLE)):
             raise
-        return  # tables of another application: ours are created beside them
+        return
     if state.legacy:
         adopt_legacy_version(connection, _VERSION_TABLE)
 
 
-def _run(connection: Connection) -> None:
-    with connection.begin():
-        take_migration_lock(connection)
-        reading = _only_reads()
-        if not reading:
-            _adopt_legacy_version(connection)
+def _heads_of(connection: Connection, table: str) -> tuple[str, ...]:
+    migration = MigrationContext.configure(connection, opts={"version_table": table})
+    return tuple(migration.get_current_heads())
+
+
+def _read_version_table(connection: Connection, where: str) -> str:
+    """The version table a reading command reports: ours, or the `alembic_version` a
+    store made before ours had its own name keeps its revision in (reported as such,
+    never moved: that is the next upgrade's work)."""
+    try:
+        state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
+    except MigrationError:
+        return _VERSION_TABLE
+    if not state.legacy:
+        return _VERSION_TABLE
+    context.config.print_stdout(
+        f"{where}: the revision is in {LEGACY_VERSION_TABLE}, where persistence kept it"
+        f" before {_VERSION_TABLE}; the next `alembic upgrade head` moves it"
+    )
+    return LEGACY_VERSION_TABLE
+
+
+def _run(connection: Connection, where: str) -> None:
+    reading = _only_reads()
+    transaction = connection.begin()
+    try:
+        if reading:
+            # Found by attack: `current` and `check` committed their transaction; a read
+            # now runs read-only and is rolled back (a SQLite file is opened `mode=ro`).
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            version_table = _read_version_table(connection, where)
+        else:
+            take_migration_lock(connection)
+            _adopt_legacy_version(connection, where)
+            version_table = _VERSION_TABLE
         before = 0 if reading else dangling_references(connection)
         context.configure(
             connection=connection,
@@ -118,13 +194,22 @@ def _run(connection: Connection) -> None:
             render_as_batch=connection.dialect.name == "sqlite",
             include_object=_include_object,
             compare_type=True,
-            version_table=_VERSION_TABLE,
+            version_table=version_table,
+            # `alembic check` would create a missing version table (alembic's
+            # `current` and `history` pass this themselves).
+            dont_mutate=reading,
         )
         # Inside the transaction begun above: alembic begins none of its own.
         with context.begin_transaction():
             context.run_migrations()
-        if not reading:
-            check_references(connection, "the database", before)
+        if reading:
+            transaction.rollback()
+            return
+        check_references(connection, where, before)
+    except BaseException:
+        transaction.rollback()
+        raise
+    transaction.commit()
 
 
 def _engine(url: URL) -> AsyncEngine:
@@ -141,17 +226,24 @@ def _engine(url: URL) -> AsyncEngine:
     # waiting), where it waits for any writer of a WAL file.
     pragmas: dict[str, Any] = {"foreign_keys": "OFF", "busy_timeout": int(_BUSY_TIMEOUT * 1000)}
     path = Path(url.database or "")
+    if _only_reads():
+        # Found by attack: `current` made a 0-byte file a WAL database of 4,096 bytes.
+        target = sqlite_reading_target(path)
+        return sqlite_engine(url, pragmas, _BUSY_TIMEOUT, target=target, uri=True)
     if not path.exists() or path.stat().st_size == 0:
         pragmas = {"journal_mode": "WAL", **pragmas}
     return sqlite_engine(url, pragmas, _BUSY_TIMEOUT).execution_options(**WRITE_OPTIONS)
 
 
 async def _run_online() -> None:
-    engine = _engine(_configured_url(opening=True))
+    url = _configured_url(opening=True)
+    where = _where(url)
+    engine = _engine(url)
+    action = "read the schema revision" if _only_reads() else "migrate the schema"
     try:
-        with sql_errors("upgrade schema"):
+        with sql_errors(f"{where}: {action}"):
             async with engine.connect() as connection:
-                await connection.run_sync(_run)
+                await connection.run_sync(_run, where)
     finally:
         await engine.dispose()
 

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
 from persistence.errors import MigrationError, SchemaVersionError
+from persistence.sql.revision_marks import missing_at, present_after, schema_revision
 from persistence.sql.tables import Base
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -51,25 +52,13 @@ class SchemaState:
     """The revision sits in `alembic_version`, not yet in our own version table."""
 
 
-# The tables every revision of ours has, with the columns 0001 gave them (no later
-# revision drops one).
-_FIRST_COLUMNS = {
-    "chat_sessions": {"session_id", "model", "created_at", "updated_at", "message_count"}
-    | {"metadata", "status"},
-    "chat_messages": {"id", "message_id", "session_id", "position", "role", "content"}
-    | {"created_at", "metadata"},
-    "uploaded_files": {"file_id", "gemini_file_name", "gemini_file_uri", "display_name", "size"}
-    | {"mime_type", "uploaded_at", "expires_at", "metadata"},
-}
-
-
 def _heads(connection: Connection, version_table: str) -> tuple[str, ...]:
     context = MigrationContext.configure(connection, opts={"version_table": version_table})
     return tuple(context.get_current_heads())
 
 
-def _listed(names: list[str] | tuple[str, ...]) -> str:
-    shown = ", ".join(sorted(names)[:_SHOWN_TABLES])
+def _listed(names: list[str] | tuple[str, ...], *, ordered: bool = False) -> str:
+    shown = ", ".join((names if ordered else sorted(names))[:_SHOWN_TABLES])
     return shown + (f" and {len(names) - _SHOWN_TABLES} more" if len(names) > _SHOWN_TABLES else "")
 
 
@@ -104,16 +93,9 @@ def examine(
                 f" {script.get_current_head()}); it was written by a newer version:"
                 " upgrade persistence"
             )
-        missing = _missing(inspector, names, heads)
-        if missing:
-            raise MigrationError(
-                f"{where}: {version_table} says the schema is at revision"
-                f" {', '.join(heads)}, but {_listed(missing)} of that revision are not"
-                " there (stamped without migrating, or changed by hand); persistence"
-                " neither reads nor changes it. If it was stamped by mistake, stamp the"
-                " revision its tables are at (`alembic stamp 0002`, say, or `alembic stamp"
-                " base` where it has none) and run `alembic upgrade head`"
-            )
+        if not heads:
+            _refuse_base(connection, names - {version_table}, version_table, where)
+        _check_marks(connection, heads, version_table, where)
         return SchemaState(heads)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
         heads = _heads(connection, LEGACY_VERSION_TABLE)
@@ -121,63 +103,131 @@ def examine(
         # so its tables must be ours too, with our columns. Found by attack: another chat
         # application with tables of our names and its alembic_version at 0007 was
         # taken for a store of ours and migrated.
-        if heads and all(head in known for head in heads) and _ours(inspector, names):
+        if heads and all(head in known for head in heads) and _ours(connection):
+            _check_marks(connection, heads, LEGACY_VERSION_TABLE, where)
             return SchemaState(heads, legacy=True)
+        _refuse_unstamped(connection, f"its {LEGACY_VERSION_TABLE} is {_at(heads)}", where)
         raise MigrationError(
             f"{where} holds tables of another application: its {LEGACY_VERSION_TABLE}"
             f" is at revision {', '.join(heads) or '(none)'}, which is not a persistence"
             " store's (not a revision of ours, or without our tables); persistence neither"
-            " reads nor changes it (use a database of its own, or create persistence's"
-            " tables beside it with `alembic upgrade head`)"
+            " reads nor changes it: use a database of its own, or create persistence's"
+            f" tables beside it with {_alembic('upgrade head')}"
         )
     if names:
+        _refuse_unstamped(connection, f"it has no {version_table}", where)
         raise MigrationError(
             f"{where} holds tables of another application ({_listed(list(names))}) and no"
             f" persistence schema ({version_table}); persistence neither reads nor changes"
-            " it (use a database of its own, or create persistence's tables beside them"
-            " with `alembic upgrade head`)"
+            " it: use a database of its own, or create persistence's tables beside them"
+            f" with {_alembic('upgrade head')}"
         )
     return SchemaState(())
 
 
-# What a revision adds that its later ones keep: found at that revision or later, or
-# the version table does not tell the truth (`alembic stamp`).
-_ADDED_BY = (
-    ("0002", "chat_sessions", "next_position"),
-    ("0003", "chat_messages", "search_text"),
-    ("0004", "chat_session_counts", None),
-)
+def _alembic(*commands: str) -> str:
+    """The alembic commands to run, from persistence's source tree, on the database."""
+    return " and ".join(f"`alembic -x url=URL {command}`" for command in commands) + (
+        ", URL naming this database"
+    )
 
 
-def _missing(inspector: Any, names: set[str], heads: tuple[str, ...]) -> list[str]:
-    """What the version table's revisions imply and the database lacks.
+def _at(heads: tuple[str, ...]) -> str:
+    return f"at revision {', '.join(heads)}" if heads else "empty"
+
+
+def _adopt(revision: str) -> str:
+    return (
+        "record the revision its tables are at, then upgrade:"
+        f" {_alembic(f'stamp {revision}', 'upgrade head')}"
+    )
+
+
+def _refuse_unstamped(connection: Connection, version: str, where: str) -> None:
+    """Refuses, naming what to run, tables of ours without a version row of ours.
+
+    Raises:
+        MigrationError: if persistence's tables are there (found by their marks).
+    """
+    detected = schema_revision(connection)
+    if detected is not None:
+        raise MigrationError(
+            f"{where} holds persistence's tables, at revision {detected} by their"
+            f" columns, but {version}; persistence neither reads nor changes it: if it is a"
+            f" persistence store, {_adopt(detected)}"
+        )
+
+
+def _refuse_base(connection: Connection, others: set[str], version_table: str, where: str) -> None:
+    """Refuses a database whose version table of ours is empty (stamped at base, or
+    downgraded to it): nothing says it is an empty store of ours.
+
+    Found by attack: initialize() took such a table beside another application's tables
+    for an empty store of ours and created its tables there.
+
+    Raises:
+        MigrationError: always, naming what to run.
+    """
+    _refuse_unstamped(
+        connection, f"its {version_table} is empty (stamped or downgraded to base)", where
+    )
+    if others:
+        raise MigrationError(
+            f"{where} holds tables of another application ({_listed(list(others))}) and an"
+            f" empty {version_table} (stamped or downgraded to base); persistence neither"
+            " reads nor changes it: use a database of its own, or create persistence's"
+            f" tables beside them with {_alembic('upgrade head')}"
+        )
+    raise MigrationError(
+        f"{where}: its {version_table} is empty (stamped or downgraded to base) and no"
+        " persistence table is there; persistence neither reads nor changes it: create"
+        f" the schema with {_alembic('upgrade head')}; or drop the empty {version_table}"
+    )
+
+
+def _check_marks(
+    connection: Connection, heads: tuple[str, ...], version_table: str, where: str
+) -> None:
+    """Refuses a version table whose revision the tables are not at (behind or ahead).
 
     Found by attack: `alembic stamp head` on an empty database, on another
     application's, or on a store of an older revision, and initialize() took it
-    as a store at head (every call then failed on a missing table)."""
-    if not heads:
-        return []
-    expected = {table: set(columns) for table, columns in _FIRST_COLUMNS.items()}
-    newest = max(heads)
-    for revision, table, column in _ADDED_BY:
-        if newest >= revision:
-            expected.setdefault(table, set()).update([column] if column else [])
-    missing: list[str] = []
-    for table, columns in expected.items():
-        if table not in names:
-            missing.append(table)
-            continue
-        lacking = columns - {column["name"] for column in inspector.get_columns(table)}
-        missing += [f"{table}.{column}" for column in sorted(lacking)]
-    return missing
+    as a store at head (every call then failed on a missing table).
 
-
-def _ours(inspector: Any, names: set[str]) -> bool:
-    """Whether every table of ours is there with at least the columns 0001 gave it."""
-    return all(
-        table in names and columns <= {c["name"] for c in inspector.get_columns(table)}
-        for table, columns in _FIRST_COLUMNS.items()
+    Raises:
+        MigrationError: naming what is missing and what to run.
+    """
+    missing = missing_at(connection, max(heads))
+    if not missing:
+        ahead = present_after(connection, max(heads))
+        if not ahead:
+            return
+        # Found by attack: a store at head stamped 0002 was migrated from there, and
+        # failed on "duplicate column name: search_text", naming no database.
+        tables_at = schema_revision(connection) or max(heads)
+        raise MigrationError(
+            f"{where}: {version_table} says the schema is at revision {', '.join(heads)},"
+            f" but {_listed(ahead, ordered=True)} of later revisions are there (its tables"
+            f" are at revision {tables_at}); persistence neither reads nor changes it. If it"
+            f" was stamped by mistake, {_adopt(tables_at)}"
+        )
+    detected = schema_revision(connection)
+    at = (
+        f"(its tables are at revision {detected}), {_adopt(detected)}"
+        if detected is not None
+        else f"(no persistence table is complete), run {_alembic('stamp base', 'upgrade head')}"
     )
+    raise MigrationError(
+        f"{where}: {version_table} says the schema is at revision {', '.join(heads)}, but"
+        f" {_listed(missing, ordered=True)} of that revision are not there (stamped without"
+        " migrating, or changed by hand); persistence neither reads nor changes it. If it"
+        f" was stamped by mistake {at}"
+    )
+
+
+def _ours(connection: Connection) -> bool:
+    """Whether every table of ours is there with at least the columns 0001 gave it."""
+    return schema_revision(connection) is not None
 
 
 def check_readable(
@@ -369,7 +419,8 @@ def refuse_foreign_sqlite_file(
 
     Our connections set the file's journal mode when they open, a change that stays in
     the file: a file of another application is refused before that. An empty file or
-    one with our version table passes at once (`upgrade_to_head` examines it then).
+    one whose version table of ours holds a revision passes at once (`upgrade_to_head`
+    examines it then).
 
     Raises:
         MigrationError: the file holds tables of another application.
@@ -383,9 +434,14 @@ def refuse_foreign_sqlite_file(
                 " AND name NOT LIKE 'sqlite!_%' ESCAPE '!'"
             )
         }
+        # Found by attack: an empty version table passed, and the file was made WAL
+        # before examine() refused it.
+        versioned = version_table in names and connection.execute(
+            f'SELECT EXISTS (SELECT 1 FROM "{version_table}")'  # noqa: S608
+        ).fetchone() == (1,)
     finally:
         connection.close()
-    if not names or version_table in names:
+    if not names or versioned:
         return
     examine_sqlite_file(target, version_table=version_table, where=where)
 

@@ -1,0 +1,381 @@
+"""A store's revision is told by its tables; a version row that is missing, empty or
+wrong is refused, naming the revision to stamp, and nothing is changed."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from typer.testing import CliRunner
+
+from persistence import (
+    ChatSession,
+    MigrationError,
+    PostgreSQLSessionStorage,
+    SQLiteSessionStorage,
+)
+from persistence.cli import app
+from persistence.sql.engines import async_driver_url
+from persistence.sql.revision_marks import MARKS, REVISIONS, missing_at, schema_revision
+from persistence.sql.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, script_directory
+from tests.installs import clean_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAD = script_directory().get_current_head()
+# Oldest first.
+ALL_REVISIONS = [revision.revision for revision in script_directory().walk_revisions()][::-1]
+
+
+def _storage(url: str) -> SQLiteSessionStorage | PostgreSQLSessionStorage:
+    if url.startswith("sqlite"):
+        return SQLiteSessionStorage(url.removeprefix("sqlite:///"))
+    return PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=2)
+
+
+def _alembic(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", *args],
+        cwd=ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _ran(url: str, *args: str) -> None:
+    done = _alembic(url, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _failure(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    *_, last = done.stdout.strip().splitlines() or [""]
+    assert last.startswith("FAILED: "), (done.stdout, done.stderr)
+    return last.removeprefix("FAILED: ")
+
+
+async def _execute(url: str, *statements: str) -> list[list[tuple[object, ...]]]:
+    engine = create_async_engine(async_driver_url(url))
+    results = []
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                result = await connection.execute(text(statement))
+                results.append([tuple(row) for row in result] if result.returns_rows else [])
+    finally:
+        await engine.dispose()
+    return results
+
+
+async def _read(url: str, reading: object) -> object:
+    engine = create_async_engine(async_driver_url(url))
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(reading)  # type: ignore[arg-type]
+    finally:
+        await engine.dispose()
+
+
+async def _schema(url: str) -> list[tuple[object, ...]]:
+    """Every schema object and version row: what a change to the database would change."""
+    if url.startswith("sqlite"):
+        listing = "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+    else:
+        listing = (
+            "SELECT 'table', table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' UNION ALL"
+            " SELECT 'function', proname, prosrc FROM pg_proc"
+            " WHERE pronamespace = 'public'::regnamespace ORDER BY 1, 2, 3"
+        )
+    (rows,) = await _execute(url, listing)
+    return rows
+
+
+def _file_bytes(url: str) -> bytes | None:
+    """A SQLite file's bytes (its journal mode is in its header), None on PostgreSQL."""
+    return Path(url.removeprefix("sqlite:///")).read_bytes() if url.startswith("sqlite") else None
+
+
+def _told(url: str, revision: str) -> str:
+    """The revision the tables are told to be at: on SQLite 0006 to 0009 change
+    nothing, so a store at 0005 has head's schema there."""
+    if url.startswith("sqlite") and revision >= "0005":
+        return HEAD
+    return revision
+
+
+def test_every_revision_has_marks_on_the_dialects_it_changes() -> None:
+    """A new revision without marks fails here: add its marks to revision_marks.py."""
+    assert list(REVISIONS) == ALL_REVISIONS
+    assert {mark.revision for mark in MARKS if "postgresql" in mark.dialects} == set(ALL_REVISIONS)
+    # 0006 to 0009 change only PostgreSQL's functions and tables.
+    assert {mark.revision for mark in MARKS if "sqlite" in mark.dialects} == set(ALL_REVISIONS[:5])
+
+
+@pytest.mark.parametrize("revision", ALL_REVISIONS)
+async def test_the_tables_of_each_revision_tell_it(fresh_url: str, revision: str) -> None:
+    """Found by attack: the marks stopped at 0004, so a store at 0005 to 0009 without
+    a usable version row was told to be at 0004."""
+    _ran(fresh_url, "upgrade", revision)
+    await _execute(fresh_url, f"DROP TABLE {VERSION_TABLE}")
+
+    assert await _read(fresh_url, schema_revision) == _told(fresh_url, revision)
+    assert await _read(fresh_url, lambda c: missing_at(c, revision)) == []
+    later = [r for r in ALL_REVISIONS if r > _told(fresh_url, revision)]
+    if later:
+        assert await _read(fresh_url, lambda c: missing_at(c, later[0])) != []
+
+
+async def test_an_empty_database_is_at_no_revision(fresh_url: str) -> None:
+    await _execute(fresh_url, "CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+
+    assert await _read(fresh_url, schema_revision) is None
+    missing = await _read(fresh_url, lambda c: missing_at(c, HEAD))
+    assert isinstance(missing, list)
+    assert missing[:3] == ["chat_sessions", "chat_messages", "uploaded_files"]
+
+
+@pytest.mark.parametrize("revision", ["0004", "0005", "0006", "0007", "0008"])
+async def test_a_store_stamped_past_its_revision_is_refused_naming_it(
+    fresh_url: str, revision: str
+) -> None:
+    """Found by attack: a store at 0004 stamped at head opened as a store at head (its
+    `search_text` still NOT NULL); on PostgreSQL so did one at 0005 to 0008, without the
+    append function or the terms table every call then needs."""
+    _ran(fresh_url, "upgrade", revision)
+    _ran(fresh_url, "stamp", HEAD)
+    before = await _schema(fresh_url)
+    told = _told(fresh_url, revision)
+
+    if told == HEAD:
+        # SQLite at 0005 or later: the same schema as head's.
+        async with _storage(fresh_url) as storage:
+            assert (await storage.count()).total_sessions == 0
+        return
+    with pytest.raises(MigrationError, match="stamped without migrating") as refused:
+        await _storage(fresh_url).initialize()
+    assert f"its tables are at revision {revision}" in str(refused.value)
+    assert f"stamp {revision}" in str(refused.value)
+    assert f"revision {HEAD}" in str(refused.value)
+    refused_by_alembic = _failure(_alembic(fresh_url, "upgrade", "head"))
+    assert f"stamp {revision}" in refused_by_alembic
+    assert await _schema(fresh_url) == before
+
+    _ran(fresh_url, "stamp", revision)
+    _ran(fresh_url, "upgrade", "head")
+    async with _storage(fresh_url) as storage:
+        assert (await storage.count()).total_sessions == 0
+
+
+async def _store_with_a_session(url: str, revision: str) -> None:
+    _ran(url, "upgrade", revision)
+    await _execute(
+        url,
+        "INSERT INTO chat_sessions (session_id, model, created_at, updated_at,"
+        " message_count, metadata, status"
+        + (", next_position, revision, incarnation" if revision >= "0002" else "")
+        + ") VALUES ('kept', 'm', '2026-01-01', '2026-01-01', 0, '{}', 'active'"
+        + (", 0, 1, ''" if revision >= "0002" else "")
+        + ")",
+    )
+
+
+@pytest.mark.parametrize("revision", ["0003", "0007", HEAD])
+async def test_a_store_without_its_version_table_is_refused_naming_the_revision_to_stamp(
+    fresh_url: str, revision: str
+) -> None:
+    """Found by attack: a store whose version table was lost was refused as "tables of
+    another application", without a word on how to adopt it."""
+    await _store_with_a_session(fresh_url, revision)
+    await _execute(fresh_url, f"DROP TABLE {VERSION_TABLE}")
+    before = await _schema(fresh_url)
+    told = _told(fresh_url, revision)
+
+    for opening in ("initialize", "open_for_reading"):
+        storage = _storage(fresh_url)
+        with pytest.raises(MigrationError) as refused:
+            await getattr(storage, opening)()
+        await storage.close()
+        message = str(refused.value)
+        assert f"persistence's tables, at revision {told}" in message
+        assert f"`alembic -x url=URL stamp {told}`" in message
+        assert "upgrade head" in message
+    assert "stamp" in _failure(_alembic(fresh_url, "upgrade", "head"))
+    assert await _schema(fresh_url) == before
+
+    # What the message says to run works.
+    _ran(fresh_url, "stamp", told)
+    _ran(fresh_url, "upgrade", "head")
+    async with _storage(fresh_url) as storage:
+        assert await storage.load_session("kept") is not None
+
+
+@pytest.mark.parametrize("revision", ["0002", HEAD])
+async def test_a_store_stamped_at_base_is_refused_naming_the_revision_to_stamp(
+    fresh_url: str, revision: str
+) -> None:
+    await _store_with_a_session(fresh_url, revision)
+    _ran(fresh_url, "stamp", "base")
+    before = await _schema(fresh_url)
+
+    with pytest.raises(
+        MigrationError, match="empty \\(stamped or downgraded to base\\)"
+    ) as refused:
+        await _storage(fresh_url).initialize()
+    assert f"stamp {_told(fresh_url, revision)}`" in str(refused.value)
+    assert "stamp" in _failure(_alembic(fresh_url, "upgrade", "head"))
+    assert await _schema(fresh_url) == before
+
+
+async def test_an_empty_version_table_beside_another_applications_tables_is_refused(
+    fresh_url: str,
+) -> None:
+    """Found by attack: initialize() took an empty version table of ours beside another
+    application's tables for an empty store and created persistence's tables there."""
+    await _execute(
+        fresh_url,
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)",
+        "INSERT INTO orders VALUES (1, 'tea')",
+        f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)",
+    )
+    before = await _schema(fresh_url)
+    file_before = _file_bytes(fresh_url)
+
+    for opening in ("initialize", "open_for_reading"):
+        storage = _storage(fresh_url)
+        with pytest.raises(MigrationError, match="another application \\(orders\\)") as refused:
+            await getattr(storage, opening)()
+        await storage.close()
+        assert f"empty {VERSION_TABLE}" in str(refused.value)
+
+    assert await _schema(fresh_url) == before
+    assert _file_bytes(fresh_url) == file_before  # not even its journal mode
+
+
+async def test_an_empty_alembic_version_beside_another_applications_tables_is_refused(
+    fresh_url: str,
+) -> None:
+    await _execute(
+        fresh_url,
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)",
+        f"CREATE TABLE {LEGACY_VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)",
+    )
+    before = await _schema(fresh_url)
+
+    with pytest.raises(MigrationError, match="another application"):
+        await _storage(fresh_url).initialize()
+
+    assert await _schema(fresh_url) == before
+
+
+async def test_an_empty_alembic_version_beside_a_store_names_the_revision_to_stamp(
+    fresh_url: str,
+) -> None:
+    await _store_with_a_session(fresh_url, "0004")
+    await _execute(
+        fresh_url,
+        f"DROP TABLE {VERSION_TABLE}",
+        f"CREATE TABLE {LEGACY_VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)",
+    )
+    before = await _schema(fresh_url)
+
+    with pytest.raises(MigrationError, match=f"its {LEGACY_VERSION_TABLE} is empty") as refused:
+        await _storage(fresh_url).initialize()
+    assert "stamp 0004`" in str(refused.value)
+    assert await _schema(fresh_url) == before
+
+
+async def test_a_database_downgraded_to_base_is_refused_until_alembic_upgrades_it(
+    fresh_url: str,
+) -> None:
+    """An empty version table says nothing of whose the database is: initialize() asks
+    for the one command that creates the schema from base."""
+    _ran(fresh_url, "upgrade", "head")
+    _ran(fresh_url, "downgrade", "base")
+
+    with pytest.raises(MigrationError, match="no persistence table is there") as refused:
+        await _storage(fresh_url).initialize()
+    assert "`alembic -x url=URL upgrade head`" in str(refused.value)
+
+    _ran(fresh_url, "upgrade", "head")
+    async with _storage(fresh_url) as storage:
+        await storage.save_session(ChatSession.create("m"))
+
+
+@pytest.mark.sqlite
+def test_the_cli_refuses_a_store_without_its_version_table_and_names_the_revision(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    _ran(f"sqlite:///{path}", "upgrade", "0004")
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"DROP TABLE {VERSION_TABLE}")
+    connection.close()
+    before = path.read_bytes()
+
+    for command in (["upgrade"], ["stats"], ["sessions", "list"]):
+        result = CliRunner().invoke(app, [*command, "--url", f"sqlite:///{path}"])
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith(f"error: {path} holds persistence's tables")
+        assert "`alembic -x url=URL stamp 0004`" in result.stderr
+
+    assert path.read_bytes() == before
+    # A reader of a WAL file may leave the -wal and -shm any reader needs; nothing in them.
+    wal = tmp_path / "store.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+
+
+async def test_a_legacy_version_table_past_its_tables_revision_is_refused_naming_it(
+    fresh_url: str,
+) -> None:
+    """Found by attack: a store versioned in alembic_version was checked for 0001's
+    tables only: at 0004 with alembic_version at head, it was moved over and opened as
+    a store at head."""
+    _ran(fresh_url, "-x", f"version_table={LEGACY_VERSION_TABLE}", "upgrade", "0004")
+    await _execute(fresh_url, f"UPDATE {LEGACY_VERSION_TABLE} SET version_num = '{HEAD}'")
+    before = await _schema(fresh_url)
+
+    with pytest.raises(MigrationError, match=f"{LEGACY_VERSION_TABLE} says") as refused:
+        await _storage(fresh_url).initialize()
+    assert "its tables are at revision 0004" in str(refused.value)
+    assert "stamp 0004`" in _failure(_alembic(fresh_url, "upgrade", "head"))
+
+    assert await _schema(fresh_url) == before
+
+
+@pytest.mark.parametrize("stamped", ["0002", "0004"])
+async def test_a_store_stamped_before_its_revision_is_refused_naming_it(
+    fresh_url: str, stamped: str
+) -> None:
+    """Found by attack: a store at head stamped 0002 was migrated from there and failed
+    half way ("duplicate column name: search_text"), naming no database."""
+    _ran(fresh_url, "upgrade", "head")
+    _ran(fresh_url, "stamp", stamped)
+    before = await _schema(fresh_url)
+
+    with pytest.raises(MigrationError, match="of later revisions are there") as refused:
+        await _storage(fresh_url).initialize()
+    assert f"its tables are at revision {HEAD}" in str(refused.value)
+    assert f"`alembic -x url=URL stamp {HEAD}`" in str(refused.value)
+    assert f"stamp {HEAD}`" in _failure(_alembic(fresh_url, "upgrade", "head"))
+    assert await _schema(fresh_url) == before
+
+
+@pytest.mark.sqlite
+async def test_a_sqlite_store_stamped_at_a_revision_of_the_same_schema_opens(
+    tmp_path: Path,
+) -> None:
+    """0006 to 0009 change nothing on SQLite: a store at head stamped 0005 is at 0005."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    _ran(url, "upgrade", "head")
+    _ran(url, "stamp", "0005")
+
+    async with _storage(url) as storage:
+        assert (await storage.count()).total_sessions == 0
