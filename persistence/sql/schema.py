@@ -95,6 +95,7 @@ def examine(
             )
         if not heads:
             _refuse_base(connection, names - {version_table}, version_table, where)
+            return SchemaState(())
         _check_marks(connection, heads, version_table, where)
         return SchemaState(heads)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
@@ -160,13 +161,15 @@ def _refuse_unstamped(connection: Connection, version: str, where: str) -> None:
 
 def _refuse_base(connection: Connection, others: set[str], version_table: str, where: str) -> None:
     """Refuses a database whose version table of ours is empty (stamped at base, or
-    downgraded to it): nothing says it is an empty store of ours.
+    downgraded to it) unless nothing else is there: `alembic downgrade base` leaves
+    exactly that, an empty schema, which initialize() brings to head (API.md).
 
     Found by attack: initialize() took such a table beside another application's tables
     for an empty store of ours and created its tables there.
 
     Raises:
-        MigrationError: always, naming what to run.
+        MigrationError: persistence's tables (`alembic stamp base`) or another
+            application's are there, naming what to run.
     """
     _refuse_unstamped(
         connection, f"its {version_table} is empty (stamped or downgraded to base)", where
@@ -178,11 +181,6 @@ def _refuse_base(connection: Connection, others: set[str], version_table: str, w
             " reads nor changes it: use a database of its own, or create persistence's"
             f" tables beside them with {_alembic('upgrade head')}"
         )
-    raise MigrationError(
-        f"{where}: its {version_table} is empty (stamped or downgraded to base) and no"
-        " persistence table is there; persistence neither reads nor changes it: create"
-        f" the schema with {_alembic('upgrade head')}; or drop the empty {version_table}"
-    )
 
 
 def _check_marks(
