@@ -23,7 +23,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy import URL, Connection, inspect, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -50,6 +49,7 @@ from persistence.sql.schema import (
     examine,
     script_directory,
     take_migration_lock,
+    version_heads,
 )
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 
@@ -144,16 +144,11 @@ def _adopt_legacy_version(connection: Connection, where: str) -> None:
         # or worse). Only another application's tables, with no table of ours, get ours
         # created beside them; so does an empty version table of ours alone (after
         # `downgrade base`).
-        if ours or (versioned and _heads_of(connection, _VERSION_TABLE)):
+        if ours or (versioned and version_heads(connection, _VERSION_TABLE)):
             raise
         return
     if state.legacy:
         adopt_legacy_version(connection, _VERSION_TABLE)
-
-
-def _heads_of(connection: Connection, table: str) -> tuple[str, ...]:
-    migration = MigrationContext.configure(connection, opts={"version_table": table})
-    return tuple(migration.get_current_heads())
 
 
 def _read_version_table(connection: Connection, where: str) -> str:

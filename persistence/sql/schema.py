@@ -52,7 +52,8 @@ class SchemaState:
     """The revision sits in `alembic_version`, not yet in our own version table."""
 
 
-def _heads(connection: Connection, version_table: str) -> tuple[str, ...]:
+def version_heads(connection: Connection, version_table: str) -> tuple[str, ...]:
+    """The revisions `version_table` holds (empty if it is empty or missing)."""
     context = MigrationContext.configure(connection, opts={"version_table": version_table})
     return tuple(context.get_current_heads())
 
@@ -84,7 +85,7 @@ def examine(
         names |= set(inspector.get_materialized_view_names())
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
-        heads = _heads(connection, version_table)
+        heads = version_heads(connection, version_table)
         unknown = [head for head in heads if head not in known]
         if unknown:
             raise SchemaVersionError(
@@ -99,7 +100,7 @@ def examine(
         _check_marks(connection, heads, version_table, where)
         return SchemaState(heads)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
-        heads = _heads(connection, LEGACY_VERSION_TABLE)
+        heads = version_heads(connection, LEGACY_VERSION_TABLE)
         # Our revision ids are short (0001...): another application's may be the same,
         # so its tables must be ours too, with our columns. Found by attack: another chat
         # application with tables of our names and its alembic_version at 0007 was
@@ -258,7 +259,7 @@ def adopt_legacy_version(connection: Connection, version_table: str = VERSION_TA
 
     Only called when `alembic_version` holds nothing but our revision ids.
     """
-    heads = _heads(connection, LEGACY_VERSION_TABLE)
+    heads = version_heads(connection, LEGACY_VERSION_TABLE)
     context = MigrationContext.configure(connection, opts={"version_table": version_table})
     script = script_directory()
     for head in heads:

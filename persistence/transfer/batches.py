@@ -48,8 +48,8 @@ class Tally:
 
 @dataclass
 class _Merge:
-    stored: ChatSession  # the destination's copy, as loaded (then merged, if saved)
-    save: ChatSession | None  # None: the destination's copy already has it all
+    stored: ChatSession  # the destination's copy, as loaded (then merged, if changed)
+    changed: bool  # False: the destination's copy already has it all
     added: list[ChatMessage]
     present: int
 
@@ -63,14 +63,14 @@ def _merged(incoming: ChatSession, stored: ChatSession) -> _Merge:
     # a model change made in the destination, as those do not move updated_at.
     added_keys = {k: v for k, v in incoming.metadata.items() if k not in stored.metadata}
     if not missing and not added_keys:
-        return _Merge(stored, None, [], present)
+        return _Merge(stored, False, [], present)
     # `stored` was loaded from the destination, so its save sends only these.
     stored.messages.extend(missing)
     stored.message_count = len(stored.messages)
     if added_keys:
         stored.metadata = {**stored.metadata, **added_keys}
     stored.updated_at = max(stored.updated_at, incoming.updated_at)
-    return _Merge(stored, stored, missing, present)
+    return _Merge(stored, True, missing, present)
 
 
 async def _plan(
@@ -94,7 +94,7 @@ async def _save_in_one_unit(
     destination: SessionStorage, new: Sequence[ChatSession], merges: Sequence[_Merge]
 ) -> Tally:
     """The careful path: every session saved through one unit of work."""
-    saves = [merge.save for merge in merges if merge.save is not None]
+    saves = [merge.stored for merge in merges if merge.changed]
     if new or saves:
         async with destination.unit_of_work() as uow:
             for session in new:
@@ -107,7 +107,7 @@ async def _save_in_one_unit(
             for save in saves:
                 await uow.sessions.add(save)
             await uow.commit()
-    changed = [merge for merge in merges if merge.save is not None]
+    changed = [merge for merge in merges if merge.changed]
     return Tally(
         sessions=len(new) + len(changed),
         messages=sum(len(s.messages) for s in new) + sum(len(m.added) for m in changed),
@@ -166,7 +166,7 @@ async def write_sessions(
             for session in new:
                 ledger.record(session.session_id, INSERTED, 1, read_at[session.session_id])
             for merge in merges:
-                stored, outcome = merge.stored, HELD if merge.save is None else MERGED
+                stored, outcome = merge.stored, MERGED if merge.changed else HELD
                 ledger.record(
                     stored.session_id, outcome, stored.revision, read_at[stored.session_id]
                 )
@@ -178,7 +178,7 @@ async def _write_planned(
 ) -> tuple[Tally, list[ChatSession], list[_Merge]]:
     """Writes the batch; returns the tally, the sessions inserted and the merges."""
     new, merges = await _plan(destination, sessions)
-    if any(merge.save is not None for merge in merges):
+    if any(merge.changed for merge in merges):
         return await _save_in_one_unit(destination, new, merges), new, merges
     if new and not await destination.insert_sessions(new):
         # Another writer created one of them meanwhile, or one of their message ids
