@@ -222,12 +222,15 @@ def migrate(
                 copy = await copy_storage(
                     source, destination, progress_callback=update, batch_size=batch_size
                 )
-            indexed = await _index_for_search(destination)
-            report = None
-            if verify:
-                with progress_bar("Verifying", stopped="the copy itself is complete") as update:
-                    report = await verify_copied(copy, progress_callback=update)
-            result = await copy_summary(copy, report)
+            try:
+                indexed = await _index_for_search(destination)
+                report = None
+                if verify:
+                    with progress_bar("Verifying", stopped="the copy itself is complete") as update:
+                        report = await verify_copied(copy, progress_callback=update)
+                result = await copy_summary(copy, report)
+            finally:
+                copy.close()
             result["indexed_for_search"] = indexed
         problem = _verification_problem(result)
         if as_json:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from persistence.errors import SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
-from persistence.transfer.ledger import HELD, INSERTED, MERGED, Ledger
+from persistence.transfer.ledger import HELD, INSERTED, MERGED, Entry, Ledger
 
 
 @dataclass
@@ -163,13 +163,23 @@ async def write_sessions(
                 raise
             continue
         if ledger is not None:
-            for session in new:
-                ledger.record(session.session_id, INSERTED, 1, read_at[session.session_id])
-            for merge in merges:
-                stored, outcome = merge.stored, MERGED if merge.changed else HELD
-                ledger.record(
-                    stored.session_id, outcome, stored.revision, read_at[stored.session_id]
-                )
+            ledger.record_sessions(
+                [
+                    (session.session_id, Entry(INSERTED, 1, read_at[session.session_id]))
+                    for session in new
+                ]
+                + [
+                    (
+                        merge.stored.session_id,
+                        Entry(
+                            MERGED if merge.changed else HELD,
+                            merge.stored.revision,
+                            read_at[merge.stored.session_id],
+                        ),
+                    )
+                    for merge in merges
+                ]
+            )
         return tally
 
 
@@ -214,6 +224,5 @@ async def write_file_records(
                 await uow.files.add(record)
             await uow.commit()
     if ledger is not None:
-        for record in records:
-            ledger.record_file(record.file_id, inserted=record.file_id not in held)
+        ledger.record_files([(record.file_id, record.file_id not in held) for record in records])
     return Tally(files=len(new), files_present=len(records) - len(new))

@@ -61,11 +61,12 @@ async def _compare_files(
     (counted as "files_with_own_fields").
     """
     found = in_source = 0
-    for ids in ledger.batches(batch_size, files=True):
+    for batch in ledger.file_batches(batch_size):
+        ids = [file_id for file_id, _ in batch]
         held_now = {r.file_id: r for r in await destination.load_file_records(ids)}
         read_now = {r.file_id: r for r in await source.load_file_records(ids)}
         found, in_source = found + len(held_now), in_source + len(read_now)
-        for file_id in ids:
+        for file_id, inserted in batch:
             report.totals["files_checked"] += 1
             stored, read = held_now.get(file_id), read_now.get(file_id)
             if stored is None:
@@ -73,7 +74,7 @@ async def _compare_files(
                 report.add("file", "missing", file_id)
             elif read is None:
                 continue  # deleted in the source since the copy read it
-            elif not ledger.files[file_id]:
+            elif not inserted:
                 if any(not same_value(getattr(read, n), getattr(stored, n)) for n in FILE_FIELDS):
                     report.totals["files_with_own_fields"] += 1
             elif report.fields("file", file_id, FILE_FIELDS, read, stored):
@@ -117,13 +118,13 @@ async def verify_copy(
     found_in_source = found_in_destination = compared = 0
     if progress_callback is not None:
         progress_callback(0, total)
-    for ids in ledger.batches(batch_size):
+    for batch in ledger.batches(batch_size):
+        ids = [session_id for session_id, _ in batch]
         held_now = {s.session_id: s for s in await destination.load_sessions(ids)}
         read_now = {s.session_id: s for s in await source.load_sessions(ids)}
         found_in_source += len(read_now)
         found_in_destination += len(held_now)
-        for session_id in ids:
-            entry = ledger[session_id]
+        for session_id, entry in batch:
             report.totals["sessions_checked"] += 1
             stored, read = held_now.get(session_id), read_now.get(session_id)
             states.add(entry.outcome, session_id)

@@ -6,16 +6,47 @@ destination session at the revision the copy left it holds exactly what the copy
 wrote (or found) there, and a source session at the revision the copy read holds
 what the copy read. Only those pairs can be compared truthfully.
 
-This is the one piece of a migration that grows with the store: one entry per
-session (README "Moving data" gives the measured cost).
+The ledger holds one entry per session and per file record, so it lives in a private
+temporary SQLite database (`sqlite3.connect("")`): SQLite keeps it in its page cache
+(PRAGMA cache_size, 2 MB by default) and moves the rest to a temporary file, which
+it deletes when the connection closes. Memory stays flat however large the store;
+a dict of the entries took about 106 bytes per session (README "Moving data").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+import sqlite3
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 INSERTED, MERGED, HELD = "inserted", "merged", "held"
+
+_SCHEMA = """
+CREATE TABLE sessions (
+    seq INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL UNIQUE,
+    outcome TEXT NOT NULL,
+    destination_revision INTEGER,
+    source_revision INTEGER
+);
+CREATE TABLE files (
+    seq INTEGER PRIMARY KEY,
+    file_id TEXT NOT NULL UNIQUE,
+    inserted INTEGER NOT NULL
+);
+"""
+# A session or file recorded again keeps its place (the order it was first read in)
+# and takes its latest outcome.
+_RECORD_SESSION = (
+    "INSERT INTO sessions (session_id, outcome, destination_revision, source_revision)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET outcome = excluded.outcome,"
+    " destination_revision = excluded.destination_revision,"
+    " source_revision = excluded.source_revision"
+)
+_RECORD_FILE = (
+    "INSERT INTO files (file_id, inserted) VALUES (?, ?)"
+    " ON CONFLICT (file_id) DO UPDATE SET inserted = excluded.inserted"
+)
 
 
 class Entry(NamedTuple):
@@ -27,43 +58,60 @@ class Entry(NamedTuple):
 
 
 class Ledger:
-    """Per session id the copy read, in the order it read them: an `Entry`."""
+    """Per session id the copy read, in the order it read them: an `Entry`; per file
+    id: whether the copy inserted the record (False: the destination held it, and its
+    values are its own).
+
+    `close()` deletes its temporary file (so does the connection's garbage collection).
+    """
 
     def __init__(self) -> None:
-        self._entries: dict[str, Entry] = {}
-        # Most entries are alike: shared, not one tuple per session.
-        self._shared: dict[Entry, Entry] = {}
-        # Per file id the copy read: True if it inserted the record, False if the
-        # destination held it (its values are then its own).
-        self.files: dict[str, bool] = {}
+        # Autocommit: each batch's executemany is its own statement transaction. Calls
+        # come one at a time, but a copy and its check may run on different threads.
+        self._db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+        # A scratch database: nothing in it must survive a crash.
+        self._db.execute("PRAGMA journal_mode = OFF")
+        self._db.execute("PRAGMA synchronous = OFF")
+        self._db.executescript(_SCHEMA)
 
-    def record(
-        self,
-        session_id: str,
-        outcome: str,
-        destination_revision: int | None,
-        source_revision: int | None,
-    ) -> None:
-        entry = Entry(outcome, destination_revision, source_revision)
-        self._entries[session_id] = self._shared.setdefault(entry, entry)
+    def record_sessions(self, entries: Sequence[tuple[str, Entry]]) -> None:
+        """Records what became of each session id of a batch."""
+        self._db.executemany(
+            _RECORD_SESSION, [(session_id, *entry) for session_id, entry in entries]
+        )
 
-    def record_file(self, file_id: str, *, inserted: bool) -> None:
-        self.files[file_id] = inserted
+    def record_files(self, entries: Sequence[tuple[str, bool]]) -> None:
+        """Records, per file id of a batch, whether the copy inserted its record."""
+        self._db.executemany(_RECORD_FILE, entries)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        (count,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
+        return int(count)
 
-    def __getitem__(self, session_id: str) -> Entry:
-        return self._entries[session_id]
+    def batches(self, size: int) -> Iterator[list[tuple[str, Entry]]]:
+        """The recorded sessions and their entries, `size` at a time, in the order
+        they were first recorded."""
+        query = "SELECT seq, session_id, outcome, destination_revision, source_revision"
+        for rows in self._pages(f"{query} FROM sessions", size):
+            yield [(row[1], Entry(*row[2:])) for row in rows]
 
-    def batches(self, size: int, *, files: bool = False) -> Iterator[list[str]]:
-        """The recorded session (or file) ids, `size` at a time, in the order they were
-        recorded."""
-        batch: list[str] = []
-        for session_id in self.files if files else self._entries:
-            batch.append(session_id)
-            if len(batch) == size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+    def file_batches(self, size: int) -> Iterator[list[tuple[str, bool]]]:
+        """The recorded file ids and whether the copy inserted them, `size` at a time,
+        in the order they were first recorded."""
+        for rows in self._pages("SELECT seq, file_id, inserted FROM files", size):
+            yield [(file_id, bool(inserted)) for _, file_id, inserted in rows]
+
+    def _pages(self, select: str, size: int) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of `select` (its first column `seq`), `size` at a time, by `seq`."""
+        after = 0
+        while True:
+            rows = self._db.execute(
+                f"{select} WHERE seq > ? ORDER BY seq LIMIT ?", (after, size)
+            ).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield rows
+
+    def close(self) -> None:
+        self._db.close()

@@ -111,6 +111,10 @@ class Copy:
     source_counts: StorageCounts
     destination_counts_before: StorageCounts
 
+    def close(self) -> None:
+        """Deletes the ledger's temporary file; `verify_copied` needs it until then."""
+        self.ledger.close()
+
 
 async def copy_storage(
     source: SessionStorage,
@@ -144,6 +148,7 @@ async def copy_storage(
         async for records in source.iter_file_records(batch_size):
             progress.add(await write_file_records(destination, records, ledger))
     except BaseException as exc:
+        ledger.close()
         # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
         progress.stopped(exc)
         raise
@@ -228,4 +233,7 @@ async def migrate_storage(
     copy = await copy_storage(
         source, destination, progress_callback=progress_callback, batch_size=batch_size
     )
-    return await copy_summary(copy, await verify_copied(copy) if verify else None)
+    try:
+        return await copy_summary(copy, await verify_copied(copy) if verify else None)
+    finally:
+        copy.close()
