@@ -106,6 +106,8 @@ def _message(
     # The hottest builder (a history is thousands of them), so _trusted is inlined; a
     # frozen model never changes its fields-set, so every message may share one.
     # `metadata` is the column's JSON text.
+    if content.__class__ is not str:
+        raise TypeError(_NOT_TEXT)  # named by _unreadable_message
     message = _new_message(ChatMessage)
     set_dict(
         message,
@@ -130,14 +132,14 @@ def messages_from_rows(rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
     history is thousands of tracked objects).
 
     Raises:
-        PersistenceError: a row's metadata is not a JSON object (written outside
-            persistence).
+        PersistenceError: a row's content is not text or its metadata is not a JSON
+            object (written outside persistence).
     """
     try:
         with collection_paused():
             return [_message(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
     except (ValueError, TypeError) as exc:
-        raise _unreadable_message(rows, 5, None, exc) from exc
+        raise _unreadable_message(rows, 3, None, exc) from exc
 
 
 def history_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
@@ -145,46 +147,62 @@ def history_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[Ch
     order, as messages_from_rows builds them; every message holds the one `session_id`.
 
     Raises:
-        PersistenceError: a row's metadata is not a JSON object (written outside
-            persistence).
+        PersistenceError: a row's content is not text or its metadata is not a JSON
+            object (written outside persistence).
     """
     try:
         with collection_paused():
             return [_message(row[0], session_id, row[1], row[2], row[3], row[4]) for row in rows]
     except (ValueError, TypeError) as exc:
-        raise _unreadable_message(rows, 4, session_id, exc) from exc
+        raise _unreadable_message(rows, 2, session_id, exc) from exc
 
 
 def _unreadable_message(
     rows: Iterable[Sequence[Any]],
-    metadata: int,
+    content: int,
     session_id: str | None,
     exc: ValueError | TypeError,
 ) -> PersistenceError:
-    """Names the first row whose metadata (column `metadata`) json_loads refuses, and
+    """Names the first row whose content (column `content`) is not text or whose
+    metadata (the column after it, as json_loads reads it) is not a JSON object, and
     its session (`session_id`, else the row's second column).
 
     Found by attack: one message whose metadata a hand edit left invalid made loads,
     searches, exports and SessionManager.startup raise a bare JSONDecodeError naming
-    nothing. The rows are walked again only on that failure, so the hot path tries
-    nothing per row; rows given as an iterator are spent, and then no row is named.
+    nothing; content a hand edit set to a BLOB (sqlite3's readfile() makes one) loaded
+    as bytes, and searches and exports then raised a bare TypeError. The rows are
+    walked again only on that failure, so the hot path tries nothing per row; rows
+    given as an iterator are spent, and then no row is named.
     """
     where = "" if session_id is None else f"session {session_id!r}: "
+    metadata = content + 2  # created_at lies between them
     for row in rows if isinstance(rows, Sequence) else ():
-        try:
-            json_loads(row[metadata])
-        except (ValueError, TypeError):
-            return PersistenceError(
-                f"session {session_id or row[1]!r}, message {row[0]!r}: the stored"
-                " chat_messages.metadata is not a JSON object"
-                f" ({shown_value(row[metadata])}); it was written outside persistence"
+        problem = None
+        if not isinstance(row[content], str):
+            problem = (
+                f"the stored chat_messages.content is not text ({shown_value(row[content])});"
+                " CAST(content AS TEXT) makes it text again"
             )
+        else:
+            try:
+                json_loads(row[metadata])
+            except (ValueError, TypeError):
+                problem = (
+                    "the stored chat_messages.metadata is not a JSON object"
+                    f" ({shown_value(row[metadata])})"
+                )
+        if problem is not None:
+            return PersistenceError(
+                f"session {session_id or row[1]!r}, message {row[0]!r}: {problem}; it was"
+                " written outside persistence"
+            )
+    column = "content is not text" if str(exc) == _NOT_TEXT else "metadata is not a JSON object"
     return PersistenceError(
-        f"{where}a stored chat_messages.metadata is not a JSON object ({exc}); it was written"
-        " outside persistence"
+        f"{where}a stored chat_messages.{column} ({exc}); it was written outside persistence"
     )
 
 
+_NOT_TEXT = "a BLOB"
 _new_message = ChatMessage.__new__
 _MESSAGE_FIELDS_SET = set(ChatMessage.model_fields)
 

@@ -45,7 +45,7 @@ from persistence.search import (
     QueryWord,
     SearchQuery,
 )
-from persistence.sql.indexing import defers
+from persistence.sql.indexing import defers, readable_content
 from persistence.sql.mapping import messages_from_rows
 from persistence.sql.runner import Fetch, WhichDialect, Work
 from persistence.sql.statements import Statement
@@ -424,7 +424,7 @@ def _pending_matches(
             if _sort_key(row) <= floor:
                 return matched, tested
             tested += 1 + len(row[3]) // TESTED_CHARS
-            if query.matches_content(row[3]):
+            if query.matches_content(readable_content(row[3])):
                 matched.append(row)
         if len(rows) < PENDING_BATCH:
             break

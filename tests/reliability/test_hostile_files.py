@@ -290,6 +290,51 @@ async def test_metadata_that_is_not_a_json_object_is_a_library_error_naming_the_
             await SessionManager(storage).startup()
 
 
+@pytest.mark.parametrize("pending", [False, True], ids=["indexed", "pending"])
+async def test_content_edited_to_a_blob_is_named_and_blocks_no_save(
+    tmp_path: Path, pending: bool
+) -> None:
+    """Found by attack: content a hand edit set to a BLOB (as sqlite3's readfile()
+    stores a file) loaded as bytes; searches and exports raised a bare TypeError, and
+    while its search document was pending, so did every later save of the store."""
+    path = tmp_path / "edited.db"
+    documents = ", search_text = NULL" if pending else ""
+    await _edited(
+        path,
+        f"UPDATE chat_messages SET content = CAST('hello blob' AS BLOB){documents}"
+        " WHERE session_id = 's1' AND position = 1",
+    )
+    with sqlite3.connect(path) as connection:
+        (message_id,) = connection.execute(
+            "SELECT message_id FROM chat_messages WHERE session_id = 's1' AND position = 1"
+        ).fetchone()
+    connection.close()
+    named = rf"'s1', message '{message_id}': the stored chat_messages\.content is not text"
+    async with SQLiteSessionStorage(path) as storage:
+        with pytest.raises(PersistenceError, match=named):
+            await storage.load_session("s1")
+        with pytest.raises(PersistenceError, match=r"'s1'.*chat_messages\.content is not text"):
+            await storage.load_session("s1", last=2)
+        with pytest.raises(PersistenceError, match=named):
+            await storage.search_messages("hello")
+        with pytest.raises(PersistenceError, match=named):
+            await export_to_json(storage, tmp_path / "all.json")
+        # The store's other sessions stay usable, saves and all.
+        assert len((await storage.load_session("s0")).messages) == 3
+        session = ChatSession.create("m", session_id="s2")
+        session.add_message("user", "written after the edit")
+        await storage.save_session(session)
+        found = await storage.search_messages("written")
+        assert [m.session_id for m in found] == ["s2"]
+    # The advice of the error works: cast back, the message is text again and found.
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE chat_messages SET content = CAST(content AS TEXT)")
+    connection.close()
+    async with SQLiteSessionStorage(path) as storage:
+        assert (await storage.load_session("s1")).messages[1].content == "hello blob"
+        assert message_id in [m.message_id for m in await storage.search_messages("blob")]
+
+
 @pytest.mark.parametrize("edited", ["[1, 2]", "null", "3"])
 async def test_file_metadata_that_is_not_a_json_object_is_a_library_error_naming_the_file(
     tmp_path: Path, edited: str
