@@ -98,6 +98,32 @@ def upgrade(
 
 
 @app.command()
+def stamp(
+    ctx: typer.Context,
+    revision: Annotated[
+        str, typer.Argument(help="The revision the tables are at (as a refusal names it), or head.")
+    ],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    verbose: VerboseOption = 0,
+) -> None:
+    """Record the revision the store's tables are at (as `alembic stamp` does), after
+    checking that they are; then `persistence upgrade` brings it to head."""
+
+    async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        from persistence.sql.sql_storage import SqlSessionStorage
+
+        if not isinstance(storage, SqlSessionStorage):
+            await storage.close()
+            fail(f"{cfg.display_url}: MongoDB has no schema revision to stamp")
+        before, now = await storage.stamp_schema(revision)
+        was = ", ".join(before) or "none"
+        out().print(f"{cfg.display_url}: schema revision recorded as {now} (was {was})")
+
+    run(ctx, (config, url, verbose), work, must_exist=True, unopened=True)
+
+
+@app.command()
 def stats(
     ctx: typer.Context,
     as_json: JsonOption = False,

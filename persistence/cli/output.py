@@ -199,17 +199,19 @@ def run(
     must_exist: bool = False,
     read_only: bool = False,
     check_first: Callable[[], object] | None = None,
+    unopened: bool = False,
 ) -> T:
     """Runs `work` on the configured store, turning every expected error into one line.
 
     With `read_only`, the store is opened without writing (no schema is created or
     migrated), and must already be a persistence store at head. `check_first` runs
     before the store is opened (validating an input file), so that a bad input
-    leaves no new database behind.
+    leaves no new database behind. With `unopened`, `work` gets the storage as
+    created, not opened (`stamp`: a store initialize() refuses).
     """
     target = (ctx.find_object(Target) or Target()).merged(*options)
     with _logging(target.verbose):
-        return _run(target, work, must_exist, read_only, check_first)
+        return _run(target, work, must_exist, read_only, check_first, unopened)
 
 
 def _run(
@@ -218,6 +220,7 @@ def _run(
     must_exist: bool,
     read_only: bool = False,
     check_first: Callable[[], object] | None = None,
+    unopened: bool = False,
 ) -> T:
     try:
         if check_first is not None:
@@ -230,7 +233,7 @@ def _run(
                 " (create one with `persistence upgrade` or `persistence demo`)"
             )
         storage = create_storage(config)
-        return asyncio.run(_open_and_run(storage, config, target, work, read_only))
+        return asyncio.run(_open_and_run(storage, config, target, work, read_only, unopened))
     except typer.Exit:
         raise
     except (PersistenceError, ValueError) as exc:
@@ -260,7 +263,10 @@ async def _open_and_run(
     target: Target,
     work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
     read_only: bool = False,
+    unopened: bool = False,
 ) -> T:
+    if unopened:
+        return await work(storage, config, target)
     if not read_only:
         async with storage:
             return await work(storage, config, target)

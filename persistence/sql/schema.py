@@ -58,7 +58,7 @@ def version_heads(connection: Connection, version_table: str) -> tuple[str, ...]
     return tuple(context.get_current_heads())
 
 
-def _listed(names: list[str] | tuple[str, ...], *, ordered: bool = False) -> str:
+def listed(names: list[str] | tuple[str, ...], *, ordered: bool = False) -> str:
     shown = ", ".join((names if ordered else sorted(names))[:_SHOWN_TABLES])
     return shown + (f" and {len(names) - _SHOWN_TABLES} more" if len(names) > _SHOWN_TABLES else "")
 
@@ -119,7 +119,7 @@ def examine(
     if names:
         _refuse_unstamped(connection, f"it has no {version_table}", where)
         raise MigrationError(
-            f"{where} holds tables of another application ({_listed(list(names))}) and no"
+            f"{where} holds tables of another application ({listed(list(names))}) and no"
             f" persistence schema ({version_table}); persistence neither reads nor changes"
             " it: use a database of its own, or create persistence's tables beside them"
             f" with {_alembic('upgrade head')}"
@@ -139,9 +139,12 @@ def _at(heads: tuple[str, ...]) -> str:
 
 
 def _adopt(revision: str) -> str:
+    # Found by review: only alembic's commands were named, and alembic's command line
+    # needs persistence's source tree, which an installed package does not have.
     return (
         "record the revision its tables are at, then upgrade:"
-        f" {_alembic(f'stamp {revision}', 'upgrade head')}"
+        f" `persistence stamp {revision} --url URL` and `persistence upgrade --url URL`"
+        f" (or {_alembic(f'stamp {revision}', 'upgrade head')})"
     )
 
 
@@ -177,7 +180,7 @@ def _refuse_base(connection: Connection, others: set[str], version_table: str, w
     )
     if others:
         raise MigrationError(
-            f"{where} holds tables of another application ({_listed(list(others))}) and an"
+            f"{where} holds tables of another application ({listed(list(others))}) and an"
             f" empty {version_table} (stamped or downgraded to base); persistence neither"
             " reads nor changes it: use a database of its own, or create persistence's"
             f" tables beside them with {_alembic('upgrade head')}"
@@ -206,7 +209,7 @@ def _check_marks(
         tables_at = schema_revision(connection) or max(heads)
         raise MigrationError(
             f"{where}: {version_table} says the schema is at revision {', '.join(heads)},"
-            f" but {_listed(ahead, ordered=True)} of later revisions are there (its tables"
+            f" but {listed(ahead, ordered=True)} of later revisions are there (its tables"
             f" are at revision {tables_at}); persistence neither reads nor changes it. If it"
             f" was stamped by mistake, {_adopt(tables_at)}"
         )
@@ -218,7 +221,7 @@ def _check_marks(
     )
     raise MigrationError(
         f"{where}: {version_table} says the schema is at revision {', '.join(heads)}, but"
-        f" {_listed(missing, ordered=True)} of that revision are not there (stamped without"
+        f" {listed(missing, ordered=True)} of that revision are not there (stamped without"
         " migrating, or changed by hand); persistence neither reads nor changes it. If it"
         f" was stamped by mistake {at}"
     )

@@ -30,6 +30,7 @@ from persistence.sql.engines import (
 from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.runner import Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
+from persistence.sql.stamping import stamp
 from persistence.sql.uow import SqlUnitOfWork
 from persistence.storage import (
     SessionStorage,
@@ -155,6 +156,37 @@ class SqlSessionStorage(SessionStorage):
                 with sql_errors("close"):
                     await engine.dispose()
             raise
+
+    async def stamp_schema(self, revision: str) -> tuple[tuple[str, ...], str]:
+        """Records the revision the store's tables are at (`persistence stamp`), for a
+        store initialize() refuses because its version table says another; only on a
+        storage not opened.
+
+        Returns:
+            The revisions the version table held before, and the one it holds now.
+
+        Raises:
+            MigrationError: a revision not of ours, or tables not at it (stamping.stamp).
+            PersistenceError: the storage is open or closed, or the database fails.
+        """
+        if self._closed or self._engine is not None:
+            raise PersistenceError(f"stamp schema: give a {self.backend_name} storage not opened")
+        engine = self._create_engine()
+        try:
+            with sql_errors("stamp schema"):
+                async with engine.execution_options(**WRITE_OPTIONS).begin() as connection:
+                    return await connection.run_sync(
+                        partial(
+                            stamp,
+                            revision=revision,
+                            version_table=self.version_table,
+                            where=self._where,
+                        )
+                    )
+        finally:
+            self._closed = True
+            with sql_errors("close"):
+                await engine.dispose()
 
     def _refuse_writes(self, action: str) -> None:
         if self._reading_only:

@@ -3,6 +3,7 @@ wrong is refused, naming the revision to stamp, and nothing is changed."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -376,3 +377,84 @@ async def test_a_sqlite_store_stamped_at_a_revision_of_the_same_schema_opens(
 
     async with _storage(url) as storage:
         assert (await storage.count()).total_sessions == 0
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+async def _cli_apart(*args: str) -> tuple[int, str, str]:
+    """_cli from a test's event loop: the command runs its own, in a thread."""
+    return await asyncio.to_thread(_cli, *args)
+
+
+@pytest.mark.parametrize("revision", ["0003", "0007", HEAD])
+async def test_persistence_stamp_adopts_a_store_its_refusal_names(
+    fresh_url: str, revision: str
+) -> None:
+    """Found by review: the refusals named only `alembic ... stamp`, whose command line
+    needs the source tree; an operator with the installed package had no way to follow
+    them. `persistence stamp` does what they say, with the package alone."""
+    await _store_with_a_session(fresh_url, revision)
+    await _execute(fresh_url, f"DROP TABLE {VERSION_TABLE}")
+    told = _told(fresh_url, revision)
+    with pytest.raises(MigrationError) as refused:
+        await _storage(fresh_url).initialize()
+    assert f"`persistence stamp {told} --url URL` and `persistence upgrade --url URL`" in str(
+        refused.value
+    )
+
+    code, stdout, stderr = await _cli_apart("stamp", told, "--url", fresh_url)
+    assert code == 0, stderr
+    assert f"schema revision recorded as {told} (was none)" in stdout
+    code, stdout, stderr = await _cli_apart("upgrade", "--url", fresh_url)
+    assert code == 0, stderr
+    assert f"schema is at head (revision {HEAD})" in stdout
+    async with _storage(fresh_url) as storage:
+        assert await storage.load_session("kept") is not None
+        await storage.save_session(ChatSession.create("m", session_id="after-stamp"))
+
+
+@pytest.mark.parametrize("wrong", ["0002", "0009"])
+async def test_persistence_stamp_refuses_a_revision_the_tables_are_not_at(
+    fresh_url: str, wrong: str
+) -> None:
+    """Unlike `alembic stamp`, which records any revision (and so made the stores the
+    other tests here refuse), it checks the tables first and writes nothing."""
+    await _store_with_a_session(fresh_url, "0004")
+    await _execute(fresh_url, f"DELETE FROM {VERSION_TABLE}")
+    if fresh_url.startswith("sqlite") and wrong == "0009":
+        wrong = "0005"  # 0005 to 0009 are one schema on SQLite
+    before = await _schema(fresh_url)
+
+    code, _, stderr = await _cli_apart("stamp", wrong, "--url", fresh_url)
+    assert code == 1
+    assert f"its tables are not at revision {wrong}" in stderr
+    assert "they are at revision 0004 by their columns (nothing was written)" in stderr
+    assert ("of that revision are not there" if wrong > "0004" else "of later revisions") in stderr
+    code, _, stderr = await _cli_apart("stamp", "base", "--url", fresh_url)
+    assert code == 1 and "stamp 0004 instead" in stderr
+    assert await _schema(fresh_url) == before
+
+
+@pytest.mark.sqlite
+def test_persistence_stamp_refuses_what_it_cannot_stamp(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    code, _, stderr = _cli("stamp", HEAD, "--url", f"sqlite:///{path}")
+    assert code == 1 and f"no database at {path}" in stderr
+    assert not path.exists()
+
+    _ran(f"sqlite:///{path}", "upgrade", "head")
+    before = path.read_bytes()
+    code, _, stderr = _cli("stamp", "0010x", "--url", f"sqlite:///{path}")
+    assert code == 1
+    assert "'0010x' is not a revision of persistence: give head, base or one of 0001" in stderr
+    assert path.read_bytes() == before
+
+    code, stdout, stderr = _cli("stamp", "head", "--url", f"sqlite:///{path}")
+    assert code == 0, stderr
+    assert f"recorded as {HEAD} (was {HEAD})" in stdout
+
+    code, _, stderr = _cli("stamp", "head", "--url", "mongodb://127.0.0.1:1/db")
+    assert code == 1 and "MongoDB has no schema revision to stamp" in stderr

@@ -1,0 +1,79 @@
+"""`persistence stamp`: records the revision a store's tables are at, as `alembic
+stamp` does, from an installed package (alembic's command line needs the source tree).
+
+initialize() refuses a store whose version table does not say the revision its tables
+are at, and names the revision to record. Unlike `alembic stamp`, this one checks the
+tables first: it records a revision only if the tables are at it, so a wrong stamp
+cannot make the next upgrade run revisions over tables that already have them.
+"""
+
+from __future__ import annotations
+
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection
+
+from persistence.errors import MigrationError
+from persistence.sql.revision_marks import missing_at, present_after, schema_revision
+from persistence.sql.schema import (
+    VERSION_TABLE,
+    listed,
+    script_directory,
+    take_migration_lock,
+    version_heads,
+)
+
+BASE = "base"
+
+
+def stamp(
+    connection: Connection,
+    revision: str,
+    *,
+    version_table: str = VERSION_TABLE,
+    where: str = "the database",
+) -> tuple[tuple[str, ...], str]:
+    """Records `revision` ("head", "base" or a revision id) in the version table, in the
+    connection's transaction.
+
+    Returns:
+        The revisions the version table held before, and the one it holds now ("base":
+        none).
+
+    Raises:
+        MigrationError: for a revision that is not one of ours, or tables that are not
+            at it (naming the revision they are at); nothing is written then.
+    """
+    script = script_directory()
+    known = [script_revision.revision for script_revision in script.walk_revisions()]
+    wanted = script.get_current_head() if revision == "head" else revision
+    if wanted != BASE and wanted not in known:
+        raise MigrationError(
+            f"{revision!r} is not a revision of persistence: give head, base or one of"
+            f" {', '.join(sorted(known))}"
+        )
+    take_migration_lock(connection)
+    tables_at = schema_revision(connection)
+    if wanted == BASE:
+        if tables_at is not None:
+            raise MigrationError(
+                f"{where} holds persistence's tables, at revision {tables_at} by their"
+                f" columns: stamping it base would make an upgrade create them again;"
+                f" stamp {tables_at} instead (nothing was written)"
+            )
+    else:
+        missing, later = missing_at(connection, wanted), present_after(connection, wanted)
+        if missing or later:
+            at = f"revision {tables_at}" if tables_at else "no revision (0001's are incomplete)"
+            why = (
+                f"{listed(missing, ordered=True)} of that revision are not there"
+                if missing
+                else f"{listed(later, ordered=True)} of later revisions are there"
+            )
+            raise MigrationError(
+                f"{where}: its tables are not at revision {wanted}: {why}; they are at {at}"
+                " by their columns (nothing was written)"
+            )
+    before = version_heads(connection, version_table)
+    context = MigrationContext.configure(connection, opts={"version_table": version_table})
+    context.stamp(script, wanted)
+    return before, wanted
