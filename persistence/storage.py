@@ -456,6 +456,21 @@ class SessionStorage(ABC):
         """
 
     @abstractmethod
+    async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:
+        """Inserts the records whose file id the store does not hold, in one go; keeps
+        the ones it holds as they are (where `save_file_record` replaces them).
+
+        The file path of migrations and imports: a record a service wrote between the
+        copy's look and its write is the service's, and stays.
+
+        Returns:
+            The file ids inserted, in the order of `records`.
+
+        Raises:
+            PersistenceError: if the backend fails (nothing is inserted on SQL backends).
+        """
+
+    @abstractmethod
     async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
         """Returns the file records among `file_ids` that exist, in one round trip per chunk."""
 

@@ -545,6 +545,13 @@ class MongoDBSessionStorage(SessionStorage):
                 self.client, self.docs, documents, transactional=self.supports_transactions
             )
 
+    async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:
+        with mongo_errors("insert file records"):
+            async with self._writing() as client_session:
+                return await repositories.insert_absent_file_records(
+                    self.docs, client_session, records
+                )
+
     async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
         with mongo_errors("load file records"):
             return await repositories.read_file_records(

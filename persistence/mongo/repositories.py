@@ -15,6 +15,7 @@ from typing import Any
 
 from beanie import SortDirection
 from beanie.odm.utils.projection import get_projection
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.results import UpdateResult
 
@@ -168,6 +169,27 @@ async def write_file_record(
     await docs.files.find_one({"_id": record.file_id}, session=client_session).update(
         {"$set": fields}, session=client_session, upsert=True
     )
+
+
+async def insert_absent_file_records(
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    records: Sequence[UploadedFileRecord],
+) -> list[str]:
+    """Inserts the records whose file id is not stored (an upsert that sets its fields
+    only on insert, `$setOnInsert`); returns the ids inserted, from the bulk write's
+    `upserted_ids` (operation index -> _id)."""
+    operations = []
+    for record in records:
+        fields = document_from_file_record(record)
+        del fields["_id"]
+        operations.append(UpdateOne({"_id": record.file_id}, {"$setOnInsert": fields}, upsert=True))
+    if not operations:
+        return []
+    result = await docs.files.get_pymongo_collection().bulk_write(
+        operations, ordered=True, session=client_session
+    )
+    return [records[index].file_id for index in sorted(result.upserted_ids or {})]
 
 
 async def read_file_record(

@@ -66,13 +66,16 @@ def _binds(table: Table, *names: str) -> dict[str, Any]:
     return {name: bindparam(name, type_=table.c[name].type) for name in names}
 
 
-def _upsert(table: Table, key: str) -> Statement:
-    """INSERT ... ON CONFLICT DO UPDATE: the same SQL on SQLite and PostgreSQL."""
+def _upsert(table: Table, key: str, *, update: bool = True) -> Statement:
+    """INSERT ... ON CONFLICT DO UPDATE (without `update`: DO NOTHING): the same SQL on
+    SQLite and PostgreSQL."""
     names = [column.name for column in table.columns if column.name != "id"]
 
     def build(dialect: str) -> Any:
         statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
         statement = statement.values(_binds(table, *names))
+        if not update:
+            return statement.on_conflict_do_nothing(index_elements=[table.c[key]])
         updates = {name: statement.excluded[name] for name in names if name != key}
         return statement.on_conflict_do_update(index_elements=[table.c[key]], set_=updates)
 
@@ -275,6 +278,7 @@ COUNT_FILES = Statement(
 )
 
 UPSERT_FILE = _upsert(files, "file_id")
+INSERT_ABSENT_FILE = _upsert(files, "file_id", update=False)
 SELECT_FILE = Statement(select(*FILE_COLUMNS).where(files.c.file_id == bindparam("file_id")))
 SELECT_FILES_IN = Statement(
     select(*FILE_COLUMNS).where(files.c.file_id.in_(bindparam("ids", expanding=True)))
@@ -371,6 +375,15 @@ def delete_session(session_id: str) -> Work[bool]:
 
 def write_file_record(record: UploadedFileRecord) -> Work[None]:
     yield Execute(UPSERT_FILE, row_from_file_record(record))
+
+
+def insert_absent_file_records(records: Sequence[UploadedFileRecord]) -> Work[list[str]]:
+    """Inserts the records whose file id is not stored; returns the ids inserted."""
+    inserted = []
+    for record in records:
+        if (yield Execute(INSERT_ABSENT_FILE, row_from_file_record(record))):
+            inserted.append(record.file_id)
+    return inserted
 
 
 def read_file_record(file_id: str) -> Work[UploadedFileRecord | None]:

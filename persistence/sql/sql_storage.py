@@ -461,6 +461,13 @@ class SqlSessionStorage(SessionStorage):
             raise
         return True
 
+    async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:
+        if not records:
+            return []
+        return await self._run(
+            repositories.insert_absent_file_records(records), "insert file records", write=True
+        )
+
     async def load_file_records(self, file_ids: Sequence[str]) -> list[UploadedFileRecord]:
         return await self._run(
             repositories.read_file_records(lookup_ids(file_ids, "file_ids")),

@@ -207,7 +207,7 @@ async def _write_planned(
 async def write_file_records(
     destination: SessionStorage, records: Sequence[UploadedFileRecord], ledger: Ledger | None = None
 ) -> Tally:
-    """Adds the records the destination lacks, in one unit of work; keeps the others.
+    """Adds the records the destination lacks, in one transaction; keeps the others.
 
     Found by attack: a record the destination held with other values (a service's
     re-upload, with its new URI and expiry) was overwritten, so an older file put back
@@ -218,11 +218,9 @@ async def write_file_records(
         for record in await destination.load_file_records([r.file_id for r in records])
     }
     new = [record for record in records if record.file_id not in held]
-    if new:
-        async with destination.unit_of_work() as uow:
-            for record in new:
-                await uow.files.add(record)
-            await uow.commit()
+    # Found by attack: the records were saved (upserts), so a record a service wrote
+    # between the look above and this write was replaced by the source's older one.
+    inserted = set(await destination.insert_file_records(new))
     if ledger is not None:
-        ledger.record_files([(record.file_id, record.file_id not in held) for record in records])
-    return Tally(files=len(new), files_present=len(records) - len(new))
+        ledger.record_files([(record.file_id, record.file_id in inserted) for record in records])
+    return Tally(files=len(inserted), files_present=len(records) - len(inserted))

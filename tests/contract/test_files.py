@@ -1,4 +1,4 @@
-"""File records: upsert, load, list, expiry."""
+"""File records: upsert, insert if absent, load, list, expiry."""
 
 from __future__ import annotations
 
@@ -26,6 +26,27 @@ async def test_saving_a_file_record_again_replaces_it(storage: SessionStorage) -
 
     assert await storage.load_file_record(record.file_id) == changed
     assert (await storage.count()).files == 1
+
+
+async def test_inserting_file_records_keeps_those_the_store_holds(
+    storage: SessionStorage,
+) -> None:
+    held = file_record(file_id="held", display_name="the store's.pdf")
+    await storage.save_file_record(held)
+    records = [
+        file_record(file_id="new-b", metadata={"n": 2}),
+        held.model_copy(update={"display_name": "the copy's.pdf", "size": 1}),
+        file_record(file_id="new-a"),
+    ]
+
+    assert await storage.insert_file_records(records) == ["new-b", "new-a"]
+    assert await storage.insert_file_records(records) == []
+    assert await storage.insert_file_records([]) == []
+
+    assert await storage.load_file_record("held") == held
+    assert await storage.load_file_record("new-b") == records[0]
+    assert await storage.load_file_record("new-a") == records[2]
+    assert (await storage.count()).files == 3
 
 
 async def test_list_file_records_newest_upload_first(storage: SessionStorage) -> None:

@@ -22,6 +22,7 @@ from persistence import (
     SessionConflictError,
     SessionStorage,
     SQLiteSessionStorage,
+    UploadedFileRecord,
 )
 from persistence.transfer import export_to_json, import_from_json, migrate_storage
 from tests.transfer.data import _at, build_file_records
@@ -328,6 +329,20 @@ async def test_a_service_rewinding_a_copied_session_is_reported_not_failed(
     assert (await destination.load_session("live-0")).messages == []  # type: ignore[union-attr]
 
 
+async def _files_and_a_reupload(
+    source: SessionStorage,
+) -> tuple[UploadedFileRecord, UploadedFileRecord]:
+    """Saves three file records in the source; returns the first, and the same file as
+    a service re-uploads it (a new URI and expiry)."""
+    for record in build_file_records():
+        await source.save_file_record(record)
+    first = build_file_records()[0]
+    reuploaded = first.model_copy(
+        update={"gemini_file_uri": "https://example.invalid/again", "expires_at": _at(90)}
+    )
+    return first, reuploaded
+
+
 async def test_a_file_record_the_destination_holds_keeps_its_values(
     sql_pair: tuple[SessionStorage, SessionStorage], tmp_path: Path
 ) -> None:
@@ -335,12 +350,7 @@ async def test_a_file_record_the_destination_holds_keeps_its_values(
     held with other values over it (a service's re-upload: its new URI and expiry), so an
     older file put back the expired upload; API.md: they keep what the store holds."""
     source, destination = sql_pair
-    for record in build_file_records():
-        await source.save_file_record(record)
-    first = build_file_records()[0]
-    reuploaded = first.model_copy(
-        update={"gemini_file_uri": "https://example.invalid/again", "expires_at": _at(90)}
-    )
+    first, reuploaded = await _files_and_a_reupload(source)
     await destination.save_file_record(reuploaded)
 
     result = await migrate_storage(source, destination)
@@ -354,6 +364,35 @@ async def test_a_file_record_the_destination_holds_keeps_its_values(
     report = result["verification"]
     assert result["verified"] is True, report["mismatches"]
     assert report["files_with_own_fields"] == 1
+
+
+async def test_a_file_record_a_service_writes_meanwhile_keeps_its_values(
+    sql_pair: tuple[SessionStorage, SessionStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: the copy looked up which file records the destination held, then
+    saved the others (upserts); a record a service wrote between the two was replaced by
+    the source's older one."""
+    source, destination = sql_pair
+    first, reuploaded = await _files_and_a_reupload(source)
+    look = destination.load_file_records
+
+    async def look_then_service_writes(file_ids: Any) -> Any:
+        held = await look(file_ids)
+        async with second_storage(destination) as service:
+            await service.save_file_record(reuploaded)
+        return held
+
+    monkeypatch.setattr(destination, "load_file_records", look_then_service_writes)
+    result = await migrate_storage(source, destination)
+    monkeypatch.undo()
+
+    assert await destination.load_file_record(first.file_id) == reuploaded
+    assert (result["files_migrated"], result["files_already_present"]) == (2, 1)
+    report = result["verification"]
+    assert result["verified"] is True, report["mismatches"]
+    assert report["files_with_own_fields"] == 1
+    for record in build_file_records()[1:]:
+        assert await destination.load_file_record(record.file_id) == record
 
 
 async def test_a_migration_beside_services_writing_both_stores_verifies_truthfully(
