@@ -69,6 +69,10 @@ class SqlSessionStorage(SessionStorage):
     @abstractmethod
     def _create_engine(self) -> AsyncEngine: ...
 
+    def _create_stamping_engine(self) -> AsyncEngine:
+        """The engine `stamp_schema` writes through."""
+        return self._create_engine()
+
     @property
     @abstractmethod
     def _where(self) -> str:
@@ -171,7 +175,7 @@ class SqlSessionStorage(SessionStorage):
         """
         if self._closed or self._engine is not None:
             raise PersistenceError(f"stamp schema: give a {self.backend_name} storage not opened")
-        engine = self._create_engine()
+        engine = self._create_stamping_engine()
         try:
             with sql_errors("stamp schema"):
                 async with engine.execution_options(**WRITE_OPTIONS).begin() as connection:

@@ -124,6 +124,19 @@ class SQLiteSessionStorage(SqlSessionStorage):
         url = sqlite_url(self._file)
         return sqlite_engine(url, pragmas, self._busy_timeout, target=target, uri=uri)
 
+    def _create_stamping_engine(self) -> AsyncEngine:
+        # An existing file only, and without setting the journal mode: a file that is no
+        # store of ours is refused as it was (WAL mode is written into the file).
+        check_sqlite_path(self._file, must_exist=True)
+        target, pragmas, uri = self._opened
+        return sqlite_engine(
+            sqlite_url(self._file),
+            reading_pragmas(pragmas),
+            self._busy_timeout,
+            target=target,
+            uri=uri,
+        )
+
     async def _open(self, *, read_only: bool) -> None:
         if self._closed:
             raise PersistenceError("sqlite storage is closed")

@@ -74,6 +74,7 @@ def stamp(
                 " by their columns (nothing was written)"
             )
     before = version_heads(connection, version_table)
-    context = MigrationContext.configure(connection, opts={"version_table": version_table})
-    context.stamp(script, wanted)
+    if wanted != BASE or before:  # base where no version row is: nothing to write
+        context = MigrationContext.configure(connection, opts={"version_table": version_table})
+        context.stamp(script, wanted)
     return before, wanted

@@ -456,5 +456,18 @@ def test_persistence_stamp_refuses_what_it_cannot_stamp(tmp_path: Path) -> None:
     assert code == 0, stderr
     assert f"recorded as {HEAD} (was {HEAD})" in stdout
 
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    connection.close()
+    before = other.read_bytes()
+    code, _, stderr = _cli("stamp", "head", "--url", f"sqlite:///{other}")
+    assert code == 1
+    assert f"its tables are not at revision {HEAD}: chat_sessions" in stderr
+    assert "they are at no revision" in stderr
+    code, stdout, stderr = _cli("stamp", "base", "--url", f"sqlite:///{other}")
+    assert code == 0 and "recorded as base (was none)" in stdout, stderr
+    assert other.read_bytes() == before
+
     code, _, stderr = _cli("stamp", "head", "--url", "mongodb://127.0.0.1:1/db")
     assert code == 1 and "MongoDB has no schema revision to stamp" in stderr
