@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
+
+from persistence.errors import PersistenceError
 
 INSERTED, MERGED, HELD = "inserted", "merged", "held"
 
@@ -66,26 +69,24 @@ class Ledger:
     """
 
     def __init__(self) -> None:
-        # Autocommit: each batch's executemany is its own statement transaction. Calls
-        # come one at a time, but a copy and its check may run on different threads.
-        self._db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
-        # A scratch database: nothing in it must survive a crash.
-        self._db.execute("PRAGMA journal_mode = OFF")
-        self._db.execute("PRAGMA synchronous = OFF")
-        self._db.executescript(_SCHEMA)
+        with _ledger_errors():
+            self._db = _open()
 
     def record_sessions(self, entries: Sequence[tuple[str, Entry]]) -> None:
         """Records what became of each session id of a batch."""
-        self._db.executemany(
-            _RECORD_SESSION, [(session_id, *entry) for session_id, entry in entries]
-        )
+        with _ledger_errors():
+            self._db.executemany(
+                _RECORD_SESSION, [(session_id, *entry) for session_id, entry in entries]
+            )
 
     def record_files(self, entries: Sequence[tuple[str, bool]]) -> None:
         """Records, per file id of a batch, whether the copy inserted its record."""
-        self._db.executemany(_RECORD_FILE, entries)
+        with _ledger_errors():
+            self._db.executemany(_RECORD_FILE, entries)
 
     def __len__(self) -> int:
-        (count,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
+        with _ledger_errors():
+            (count,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
         return int(count)
 
     def batches(self, size: int) -> Iterator[list[tuple[str, Entry]]]:
@@ -105,9 +106,10 @@ class Ledger:
         """The rows of `select` (its first column `seq`), `size` at a time, by `seq`."""
         after = 0
         while True:
-            rows = self._db.execute(
-                f"{select} WHERE seq > ? ORDER BY seq LIMIT ?", (after, size)
-            ).fetchall()
+            with _ledger_errors():
+                rows = self._db.execute(
+                    f"{select} WHERE seq > ? ORDER BY seq LIMIT ?", (after, size)
+                ).fetchall()
             if not rows:
                 return
             after = rows[-1][0]
@@ -115,3 +117,29 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _open() -> sqlite3.Connection:
+    """A private temporary database with the ledger's tables."""
+    # Autocommit: each batch's executemany is its own statement transaction. Calls
+    # come one at a time, but a copy and its check may run on different threads.
+    db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+    # A scratch database: nothing in it must survive a crash, but a statement that
+    # fails (a full disk) still rolls back, from a journal kept in memory.
+    db.execute("PRAGMA journal_mode = MEMORY")
+    db.execute("PRAGMA synchronous = OFF")
+    db.executescript(_SCHEMA)
+    return db
+
+
+@contextmanager
+def _ledger_errors() -> Iterator[None]:
+    """SQLite's errors as the library's: a ledger that cannot write its temporary file
+    (a full disk) stops the copy with an error that says so."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise PersistenceError(
+            f"the migration's ledger failed: {exc} (SQLite writes its temporary file to"
+            " SQLITE_TMPDIR, TMPDIR or /var/tmp)"
+        ) from exc

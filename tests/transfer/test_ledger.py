@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gc
-import sqlite3
 import sys
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
+from persistence import PersistenceError
 from persistence.transfer.ledger import HELD, INSERTED, MERGED, Entry, Ledger
 
 
@@ -50,8 +50,19 @@ def test_ids_of_any_text_come_back_unchanged() -> None:
 def test_a_closed_ledger_is_refused() -> None:
     ledger = Ledger()
     ledger.close()
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(PersistenceError, match="the migration's ledger failed"):
         len(ledger)
+
+
+def test_a_ledger_that_cannot_write_stops_the_copy_with_a_library_error() -> None:
+    """Its temporary file on a full disk: SQLite says so, and the copy stops with a
+    PersistenceError naming the ledger, not a bare sqlite3 error."""
+    ledger = Ledger()
+    ledger._db.execute("PRAGMA max_page_count = 4")  # a disk that holds 4 pages
+    entries = [(f"{i:036d}", Entry(INSERTED, 1, 1)) for i in range(1_000)]
+    with pytest.raises(PersistenceError, match="ledger failed: database or disk is full"):
+        ledger.record_sessions(entries)
+    ledger.close()
 
 
 def _rss_bytes() -> int:
