@@ -52,6 +52,16 @@ def stamp(
             f" {', '.join(sorted(known))}"
         )
     take_migration_lock(connection)
+    before = version_heads(connection, version_table)
+    newer = [head for head in before if head not in known]
+    if newer:
+        # Found by attack: a store a newer version migrated was stamped back to this
+        # version's head, and each version would then take the other's schema for its own.
+        raise MigrationError(
+            f"{where} is at schema revision {', '.join(newer)}, which this version of"
+            " persistence does not know: a newer version wrote it; stamp it with that"
+            " version (nothing was written)"
+        )
     tables_at = schema_revision(connection)
     if wanted == BASE:
         if tables_at is not None:
@@ -73,7 +83,6 @@ def stamp(
                 f"{where}: its tables are not at revision {wanted}: {why}; they are at {at}"
                 " by their columns (nothing was written)"
             )
-    before = version_heads(connection, version_table)
     if wanted != BASE or before:  # base where no version row is: nothing to write
         context = MigrationContext.configure(connection, opts={"version_table": version_table})
         context.stamp(script, wanted)

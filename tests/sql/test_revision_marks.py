@@ -313,9 +313,7 @@ def test_the_cli_refuses_a_store_without_its_version_table_and_names_the_revisio
 ) -> None:
     path = tmp_path / "store.db"
     _ran(f"sqlite:///{path}", "upgrade", "0004")
-    with sqlite3.connect(path) as connection:
-        connection.execute(f"DROP TABLE {VERSION_TABLE}")
-    connection.close()
+    _sqlite_shell(path, f"DROP TABLE {VERSION_TABLE}")
     before = path.read_bytes()
 
     for command in (["upgrade"], ["stats"], ["sessions", "list"]):
@@ -377,6 +375,13 @@ async def test_a_sqlite_store_stamped_at_a_revision_of_the_same_schema_opens(
 
     async with _storage(url) as storage:
         assert (await storage.count()).total_sessions == 0
+
+
+def _sqlite_shell(path: Path, statement: str) -> None:
+    """Runs `statement` on the file as the sqlite3 shell would, and closes it."""
+    with sqlite3.connect(path) as connection:
+        connection.execute(statement)
+    connection.close()
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -457,9 +462,7 @@ def test_persistence_stamp_refuses_what_it_cannot_stamp(tmp_path: Path) -> None:
     assert f"recorded as {HEAD} (was {HEAD})" in stdout
 
     other = tmp_path / "other.db"
-    with sqlite3.connect(other) as connection:
-        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
-    connection.close()
+    _sqlite_shell(other, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
     before = other.read_bytes()
     code, _, stderr = _cli("stamp", "head", "--url", f"sqlite:///{other}")
     assert code == 1
@@ -468,6 +471,16 @@ def test_persistence_stamp_refuses_what_it_cannot_stamp(tmp_path: Path) -> None:
     code, stdout, stderr = _cli("stamp", "base", "--url", f"sqlite:///{other}")
     assert code == 0 and "recorded as base (was none)" in stdout, stderr
     assert other.read_bytes() == before
+
+    newer = tmp_path / "newer.db"
+    _ran(f"sqlite:///{newer}", "upgrade", "head")
+    _sqlite_shell(newer, f"UPDATE {VERSION_TABLE} SET version_num = '0010'")
+    before = newer.read_bytes()
+    for revision in ("head", "base"):
+        code, _, stderr = _cli("stamp", revision, "--url", f"sqlite:///{newer}")
+        assert code == 1
+        assert "at schema revision 0010, which this version of persistence does not" in stderr
+    assert newer.read_bytes() == before
 
     code, _, stderr = _cli("stamp", "head", "--url", "mongodb://127.0.0.1:1/db")
     assert code == 1 and "MongoDB has no schema revision to stamp" in stderr
