@@ -120,22 +120,18 @@ class SQLiteSessionStorage(SqlSessionStorage):
         return str(self.database_path)
 
     def _create_engine(self) -> AsyncEngine:
-        target, pragmas, uri = self._opened
-        url = sqlite_url(self._file)
-        return sqlite_engine(url, pragmas, self._busy_timeout, target=target, uri=uri)
+        return self._engine_with(self._opened[1])
 
     def _create_stamping_engine(self) -> AsyncEngine:
         # An existing file only, and without setting the journal mode: a file that is no
         # store of ours is refused as it was (WAL mode is written into the file).
         check_sqlite_path(self._file, must_exist=True)
-        target, pragmas, uri = self._opened
-        return sqlite_engine(
-            sqlite_url(self._file),
-            reading_pragmas(pragmas),
-            self._busy_timeout,
-            target=target,
-            uri=uri,
-        )
+        return self._engine_with(reading_pragmas(self._opened[1]))
+
+    def _engine_with(self, pragmas: dict[str, Any]) -> AsyncEngine:
+        target, _, uri = self._opened
+        url = sqlite_url(self._file)
+        return sqlite_engine(url, pragmas, self._busy_timeout, target=target, uri=uri)
 
     async def _open(self, *, read_only: bool) -> None:
         if self._closed:

@@ -163,24 +163,21 @@ async def write_sessions(
                 raise
             continue
         if ledger is not None:
-            ledger.record_sessions(
-                [
-                    (session.session_id, Entry(INSERTED, 1, read_at[session.session_id]))
-                    for session in new
-                ]
-                + [
-                    (
-                        merge.stored.session_id,
-                        Entry(
-                            MERGED if merge.changed else HELD,
-                            merge.stored.revision,
-                            read_at[merge.stored.session_id],
-                        ),
-                    )
-                    for merge in merges
-                ]
-            )
+            ledger.record_sessions(_outcomes(new, merges, read_at))
         return tally
+
+
+def _outcomes(
+    new: Sequence[ChatSession], merges: Sequence[_Merge], read_at: dict[str, int | None]
+) -> list[tuple[str, Entry]]:
+    """What a committed batch did with each session, as the ledger records it."""
+    entries = [
+        (session.session_id, Entry(INSERTED, 1, read_at[session.session_id])) for session in new
+    ]
+    for merge in merges:
+        session_id, outcome = merge.stored.session_id, MERGED if merge.changed else HELD
+        entries.append((session_id, Entry(outcome, merge.stored.revision, read_at[session_id])))
+    return entries
 
 
 async def _write_planned(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from persistence.storage import SessionStorage
-from persistence.transfer.ledger import INSERTED, Ledger
+from persistence.transfer.ledger import HELD, INSERTED, MERGED, Ledger
 from persistence.transfer.verification import (
     FILE_FIELDS,
     MISMATCH_LIMIT,
@@ -27,9 +27,9 @@ from persistence.transfer.verification import (
 # Sessions of the ledger in each of these states: counted as "sessions_<state>" and
 # named (the first MISMATCH_LIMIT) as "<state>".
 _STATES = (
-    "inserted",  # ledger outcomes
-    "merged",
-    "held",
+    INSERTED,  # ledger outcomes
+    MERGED,
+    HELD,
     "written_since",  # in the destination by another writer since the copy: not compared
     "changed_in_source_since",  # in the source since the copy read it: not compared
     "deleted_in_source_since",  # from the source since the copy read it: not compared

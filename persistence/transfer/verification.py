@@ -293,7 +293,7 @@ async def _find_extra_sessions(
                 report.add("session", "extra", session.session_id, messages=session.message_count)
 
 
-async def compare_files(
+async def _compare_files(
     report: Report, source: SessionStorage, destination: SessionStorage, batch_size: int
 ) -> int:
     found = 0
@@ -375,7 +375,7 @@ async def verify_migration(
     found_sessions = await _compare_all_sessions(
         report, source, destination, additive=additive, batch_size=batch_size, progress=progress
     )
-    found_files = await compare_files(report, source, destination, batch_size)
+    found_files = await _compare_files(report, source, destination, batch_size)
     extra_sessions = destination_counts.total_sessions - found_sessions
     extra_files = destination_counts.files - found_files
     if additive:

@@ -41,26 +41,34 @@ async def second_storage(storage: SessionStorage) -> AsyncIterator[SessionStorag
         yield other
 
 
-def write_between_read_and_write(
+@asynccontextmanager
+async def service_writes_between_read_and_write(
     monkeypatch: pytest.MonkeyPatch,
     destination: SessionStorage,
-    live_write: Callable[[], Awaitable[None]],
+    live_write: Callable[[SessionStorage], Awaitable[None]],
     *,
     batch: int = 1,
-) -> None:
-    """Runs `live_write` once, right after batch number `batch` has read the destination
-    (the batches before it are written by then)."""
+    on: SessionStorage | None = None,
+) -> AsyncIterator[None]:
+    """Inside the block, a service (a second storage on `on`, the destination unless
+    given) runs `live_write(service)` once, right after batch number `batch` has read
+    the destination (the batches before it are written by then)."""
     read = destination.load_sessions
     reads: list[bool] = []
+    async with second_storage(on or destination) as service:
 
-    async def read_then_live_write(session_ids: Any, **options: Any) -> Any:
-        found = await read(session_ids, **options)
-        reads.append(True)
-        if len(reads) == batch:
-            await live_write()
-        return found
+        async def read_then_live_write(session_ids: Any, **options: Any) -> Any:
+            found = await read(session_ids, **options)
+            reads.append(True)
+            if len(reads) == batch:
+                await live_write(service)
+            return found
 
-    monkeypatch.setattr(destination, "load_sessions", read_then_live_write)
+        monkeypatch.setattr(destination, "load_sessions", read_then_live_write)
+        try:
+            yield
+        finally:
+            monkeypatch.undo()
 
 
 def _source_sessions() -> list[ChatSession]:
@@ -95,18 +103,15 @@ async def test_a_live_write_of_a_key_the_merge_adds_makes_the_batch_plan_again(
     held.add_message("user", "hello 0 (destination's own)")
     await destination.save_session(held)
 
-    async with second_storage(destination) as service:
+    async def live_write(service: SessionStorage) -> None:
+        mine = await service.load_session("live-0")
+        assert mine is not None
+        mine.metadata["title"] = "set by the service"
+        mine.add_message("user", "written live")
+        await service.save_session(mine)
 
-        async def live_write() -> None:
-            mine = await service.load_session("live-0")
-            assert mine is not None
-            mine.metadata["title"] = "set by the service"
-            mine.add_message("user", "written live")
-            await service.save_session(mine)
-
-        write_between_read_and_write(monkeypatch, destination, live_write)
+    async with service_writes_between_read_and_write(monkeypatch, destination, live_write):
         result = await import_from_json(destination, exported)
-        monkeypatch.undo()
 
     stored = await destination.load_session("live-0")
     assert stored is not None
@@ -130,17 +135,14 @@ async def test_a_session_a_service_creates_meanwhile_keeps_its_fields(
     touched.add_message("user", "something the file lacks")
     await destination.save_session(touched)  # merged by the batch: its careful path
 
-    async with second_storage(destination) as service:
+    async def live_write(service: SessionStorage) -> None:
+        created = ChatSession.create("service-model", session_id="live-2")
+        created.metadata = {"title": "the service's title"}
+        created.add_message("user", "the service's first message")
+        await service.save_session(created)
 
-        async def live_write() -> None:
-            created = ChatSession.create("service-model", session_id="live-2")
-            created.metadata = {"title": "the service's title"}
-            created.add_message("user", "the service's first message")
-            await service.save_session(created)
-
-        write_between_read_and_write(monkeypatch, destination, live_write)
+    async with service_writes_between_read_and_write(monkeypatch, destination, live_write):
         result = await import_from_json(destination, exported)
-        monkeypatch.undo()
 
     stored = await destination.load_session("live-2")
     assert stored is not None
@@ -166,17 +168,14 @@ async def test_a_live_write_during_a_migration_is_kept_and_verified(
     held = ChatSession.create("live-model", session_id="live-0")
     await destination.save_session(held)
 
-    async with second_storage(destination) as service:
+    async def live_write(service: SessionStorage) -> None:
+        mine = await service.load_session("live-0")
+        assert mine is not None
+        mine.metadata["title"] = "set by the service"
+        await service.save_session(mine)
 
-        async def live_write() -> None:
-            mine = await service.load_session("live-0")
-            assert mine is not None
-            mine.metadata["title"] = "set by the service"
-            await service.save_session(mine)
-
-        write_between_read_and_write(monkeypatch, destination, live_write)
+    async with service_writes_between_read_and_write(monkeypatch, destination, live_write):
         result = await migrate_storage(source, destination)
-        monkeypatch.undo()
 
     stored = await destination.load_session("live-0")
     assert stored is not None
@@ -276,17 +275,17 @@ async def test_messages_added_to_the_source_during_the_copy_are_reported_not_fai
     for session in _source_sessions():
         await source.save_session(session)
 
-    async def source_written() -> None:
-        async with second_storage(source) as service:
-            copied = await service.load_session("live-0")
-            assert copied is not None
-            copied.add_message("user", "after its batch")
-            await service.save_session(copied)
-            await service.save_session(ChatSession.create("m", session_id="a-behind-the-copy"))
+    async def source_written(service: SessionStorage) -> None:
+        copied = await service.load_session("live-0")
+        assert copied is not None
+        copied.add_message("user", "after its batch")
+        await service.save_session(copied)
+        await service.save_session(ChatSession.create("m", session_id="a-behind-the-copy"))
 
-    write_between_read_and_write(monkeypatch, destination, source_written, batch=2)
-    result = await migrate_storage(source, destination, batch_size=1)
-    monkeypatch.undo()
+    async with service_writes_between_read_and_write(
+        monkeypatch, destination, source_written, batch=2, on=source
+    ):
+        result = await migrate_storage(source, destination, batch_size=1)
 
     report = result["verification"]
     assert result["verified"] is True, report["mismatches"]
@@ -309,16 +308,16 @@ async def test_a_service_rewinding_a_copied_session_is_reported_not_failed(
     for session in _source_sessions():
         await source.save_session(session)
 
-    async def service_rewinds() -> None:
-        async with second_storage(destination) as service:
-            copied = await service.load_session("live-0")
-            assert copied is not None
-            copied.rewind(None)
-            await service.save_session(copied)
+    async def service_rewinds(service: SessionStorage) -> None:
+        copied = await service.load_session("live-0")
+        assert copied is not None
+        copied.rewind(None)
+        await service.save_session(copied)
 
-    write_between_read_and_write(monkeypatch, destination, service_rewinds, batch=2)
-    result = await migrate_storage(source, destination, batch_size=1)
-    monkeypatch.undo()
+    async with service_writes_between_read_and_write(
+        monkeypatch, destination, service_rewinds, batch=2
+    ):
+        result = await migrate_storage(source, destination, batch_size=1)
 
     report = result["verification"]
     assert result["verified"] is True, report["mismatches"]
