@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Where the time of the hot paths goes: round trips, statements and a cProfile top list.
 
-For W1 (append to a session of 1,000 messages), W2 (load 1,000 messages) and W3
-(list 100 of 10,000 sessions), on SQLite and PostgreSQL, through the public API:
+For W1 (append to a session of 1,000 messages), W2 (load 1,000 messages), W3 (list
+100 of 10,000 sessions) and W8 (search for a word in one message of 1,000), on SQLite
+and PostgreSQL, through the public API:
 
 - driver round trips per call: aiosqlite thread hops (every `Connection._execute`),
   asyncpg messages written to the server socket (each one waits for its answer);
@@ -35,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit.common import Texts
+from benchkit.common import RARE_WORD, Texts
 from benchkit.library import Library
 from benchkit.sqlplan import captured_sql
 from benchkit.stores import fresh_store
@@ -110,6 +111,7 @@ async def hot_paths(target: Library, texts: Texts) -> dict[str, Call]:
         "W1 append to 1,000": append,
         "W2 load 1,000": lambda: target.load(loading),
         "W3 list 100 of 10,000": lambda: target.list_page(100),
+        "W8 search a rare word": lambda: target.search(RARE_WORD, 50),
     }
 
 
@@ -180,7 +182,7 @@ def main() -> None:
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--only", help="W1, W2 or W3: profile that hot path only")
+    parser.add_argument("--only", help="W1, W2, W3 or W8: profile that hot path only")
     parser.add_argument(
         "--sample",
         type=float,

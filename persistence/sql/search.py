@@ -32,7 +32,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 from sqlalchemy import ARRAY, BigInteger, Boolean, Text, bindparam, column, text
@@ -94,21 +94,69 @@ def _filters(shape: Shape) -> list[str]:
     return [*where, "m.role = :role"] if shape.role else where
 
 
-def _tests(dialect: str, prefix: str = "") -> list[str]:
-    """The rule as SQL: every word of :starts begins a word, every one of :contains occurs.
+@dataclass(frozen=True, slots=True)
+class Arity:
+    """How a statement takes the words it tests, of each kind (those that must begin a
+    word, those that may occur anywhere): that many bound one by one, or AS_ARRAY."""
+
+    starts: int
+    contains: int
+
+
+# The words of a kind go as one array (json_each / unnest) when there are more than
+# INLINE_WORDS of them, else bound one by one: the array is read again for every row
+# a statement tests (on SQLite a JSON parse), and took 50 of the 113 us a probe of 128
+# rows for one rare word cost; bound one by one the words cost about nothing.
+INLINE_WORDS = 4
+AS_ARRAY = -1
+
+
+def word_parameters(
+    dialect: str, starts: list[str], contains: list[str], prefix: str = ""
+) -> tuple[Arity, dict[str, Any]]:
+    """The statement parameters of the words `starts` and `contains` (named with
+    `prefix`), and the arity of the statement that takes them."""
+    params: dict[str, Any] = {}
+    counts = []
+    for kind, words in (("starts", starts), ("contains", contains)):
+        name = f"{prefix}{kind}"
+        if len(words) > INLINE_WORDS:
+            counts.append(AS_ARRAY)
+            params[name] = words if dialect == "postgresql" else json.dumps(words)
+        else:
+            counts.append(len(words))
+            params.update({f"{name}_{n}": word for n, word in enumerate(words)})
+    return Arity(*counts), params
+
+
+def _tests(dialect: str, arity: Arity, prefix: str = "") -> list[str]:
+    """The rule as SQL: every word of starts begins a word, every one of contains occurs,
+    the words bound as `arity` says (word_parameters).
 
     With `prefix` "recheck_", the words the index terms do not decide alone.
     """
     if dialect == "postgresql":
-        words, value, find = "unnest(CAST(:{} AS text[])) AS w", "w", "strpos"
+        words, value, one, find = (
+            "unnest(CAST(:{} AS text[])) AS w",
+            "w",
+            "CAST(:{} AS text)",
+            "strpos",
+        )
     else:
-        words, value, find = "json_each(:{}) AS w", "w.value", "instr"
-    starts, contains = words.format(f"{prefix}starts"), words.format(f"{prefix}contains")
-    return [
-        f"NOT EXISTS (SELECT 1 FROM {starts}"
-        f" WHERE {find}(' ' || m.search_text, ' ' || {value}) = 0)",
-        f"NOT EXISTS (SELECT 1 FROM {contains} WHERE {find}(m.search_text, {value}) = 0)",
-    ]
+        words, value, one, find = "json_each(:{}) AS w", "w.value", ":{}", "instr"
+    tests = []
+    for kind, count, test in (
+        ("starts", arity.starts, f"{find}(' ' || m.search_text, ' ' || {{}})"),
+        ("contains", arity.contains, f"{find}(m.search_text, {{}})"),
+    ):
+        name = f"{prefix}{kind}"
+        if count == AS_ARRAY:
+            tests.append(
+                f"NOT EXISTS (SELECT 1 FROM {words.format(name)} WHERE {test.format(value)} = 0)"
+            )
+        else:
+            tests += [f"{test.format(one.format(f'{name}_{n}'))} > 0" for n in range(count)]
+    return tests
 
 
 def _edge(shape: Shape) -> str:
@@ -139,7 +187,7 @@ _LOWEST_EDGE = (
 )
 
 
-def _scan(shape: Shape, dialect: str) -> str:
+def _scan(shape: Shape, dialect: str, words: Arity) -> str:
     """The matches among the `:skip + 1` newest rows at or below :below, newest first.
 
     Each row also carries the edge of that window (-1 when it reached the first row).
@@ -149,15 +197,24 @@ def _scan(shape: Shape, dialect: str) -> str:
     edge = f"coalesce({_edge(shape)}, -1)"
     where = [f"{shape.key} <= :below", f"{shape.key} >= {edge}", *_filters(shape)]
     # A pending message (no document yet) is tested by _pending_matches instead.
-    where += ["m.search_text IS NOT NULL", *_tests(dialect)]
+    where += ["m.search_text IS NOT NULL", *_tests(dialect, words)]
     return (
         f"SELECT {_COLUMNS}, {shape.key} AS sort_key, {edge} AS edge FROM chat_messages AS m"
         f" WHERE {' AND '.join(where)} ORDER BY {shape.key} DESC LIMIT :limit"
     )
 
 
-def _index(shape: Shape, dialect: str, pending: bool = False, asking: bool = False) -> str:
-    """The matches below :edge, found through the index, newest first.
+def _index(
+    shape: Shape,
+    dialect: str,
+    words: Arity,
+    recheck: Arity,
+    pending: bool = False,
+    asking: bool = False,
+) -> str:
+    """The matches below :edge, found through the index, newest first; the words
+    `recheck` (of them) are tested on each, and on PostgreSQL all the query's `words` on
+    a document indexed as OVERFLOW.
 
     Without :edge, below the edge of the window a scan with the same :below and :skip
     read (a scan that matched nothing does not say where it stopped). PostgreSQL: with
@@ -166,13 +223,13 @@ def _index(shape: Shape, dialect: str, pending: bool = False, asking: bool = Fal
     """
     below = f"< coalesce(CAST(:edge AS BIGINT), {_edge(shape)})"
     if dialect == "postgresql":
-        return _index_postgresql(shape, below, pending, asking)
+        return _index_postgresql(shape, below, words, recheck, pending, asking)
     if shape.session:
         where = [
             "m.id IN (SELECT rowid FROM chat_messages_fts WHERE chat_messages_fts MATCH :match)",
             f"m.position {below}",
             *_filters(shape),
-            *_tests(dialect, "recheck_"),
+            *_tests(dialect, recheck, "recheck_"),
         ]
         source, order = "chat_messages AS m", "m.position DESC"
     else:
@@ -182,7 +239,7 @@ def _index(shape: Shape, dialect: str, pending: bool = False, asking: bool = Fal
             "chat_messages_fts MATCH :match",
             f"chat_messages_fts.rowid {below}",
             *_filters(shape),
-            *_tests(dialect, "recheck_"),
+            *_tests(dialect, recheck, "recheck_"),
         ]
         source = "chat_messages_fts JOIN chat_messages AS m ON m.id = chat_messages_fts.rowid"
         order = "chat_messages_fts.rowid DESC"
@@ -196,12 +253,14 @@ def _index(shape: Shape, dialect: str, pending: bool = False, asking: bool = Fal
 _TERMS_PENDING = "EXISTS (SELECT 1 FROM chat_terms_pending)"
 
 
-def _index_postgresql(shape: Shape, below: str, pending: bool, asking: bool) -> str:
+def _index_postgresql(
+    shape: Shape, below: str, words: Arity, recheck: Arity, pending: bool, asking: bool
+) -> str:
     """PostgreSQL's index: the terms table's GIN index, read by a function that never
     scans the table (revision 0009); with `pending`, also the rows whose terms are
     still pending, tested against their documents."""
     # A document indexed as OVERFLOW holds only that term: it is tested word by word.
-    everything = " AND ".join(_tests("postgresql"))
+    everything = " AND ".join(_tests("postgresql", words))
     # Bounded by an expression, so the planner probes the rows the GIN index found
     # instead of walking the primary key: the probe found these words rare among the
     # newest.
@@ -209,7 +268,7 @@ def _index_postgresql(shape: Shape, below: str, pending: bool, asking: bool) -> 
         f"({shape.key} + 0) {below}",
         *_filters(shape),
         f"(NOT t.overflowed OR ({everything}))",
-        *_tests("postgresql", "recheck_"),
+        *_tests("postgresql", recheck, "recheck_"),
     ]
     asked = f", {_TERMS_PENDING} AS terms_pending" if asking else ""
     sql = (
@@ -265,18 +324,30 @@ def _statement(
     return Statement(element)
 
 
-_PARAMETER = re.compile(r"(?<!:):([a-z_]+)")
+_PARAMETER = re.compile(r"(?<!:):([a-z_][a-z_0-9]*)")
 _SHAPES = [Shape(session, role) for session in (False, True) for role in (False, True)]
-_SCAN = {shape: _statement(_scan, shape, edge=True) for shape in _SHAPES}
-_INDEX = {shape: _statement(_index, shape) for shape in _SHAPES}
-# PostgreSQL, where a search may not write the pending terms (replicas, stores opened
-# for reading), or where one that may found some pending: the rows are tested too.
-_INDEX_AND_PENDING = {shape: _statement(partial(_index, pending=True), shape) for shape in _SHAPES}
-# PostgreSQL, where a search may write pending terms: each row also says whether any
-# are pending (no round trip of its own unless no row came back).
-_INDEX_ASKING = {
-    shape: _statement(partial(_index, asking=True), shape, asking=True) for shape in _SHAPES
-}
+# Statements by shape and arity, made when first asked for: a few dozen in practice
+# (each kind of word bound one by one up to INLINE_WORDS), bounded all the same.
+_STATEMENTS = 512
+
+
+@lru_cache(maxsize=_STATEMENTS)
+def _scan_statement(shape: Shape, words: Arity) -> Statement:
+    return _statement(partial(_scan, words=words), shape, edge=True)
+
+
+@lru_cache(maxsize=_STATEMENTS)
+def _index_statement(
+    shape: Shape, words: Arity, recheck: Arity, pending: bool = False, asking: bool = False
+) -> Statement:
+    """_index's statement. PostgreSQL: `pending` where a search may not write the pending
+    terms (replicas, stores opened for reading), or where one that may found some: the
+    rows are tested too; `asking` where a search may write them: each row also says
+    whether any are pending (no round trip of its own unless no row came back)."""
+    build = partial(_index, words=words, recheck=recheck, pending=pending, asking=asking)
+    return _statement(build, shape, asking=asking)
+
+
 _PENDING = {shape: _statement(_pending, shape) for shape in _SHAPES}
 
 
@@ -318,26 +389,26 @@ def _index_terms(word: QueryWord, dialect: str) -> str:
     return " AND ".join(f'"{term}"' for term in terms)
 
 
-def _index_parameters(dialect: str, words: list[QueryWord], chosen: QueryWord) -> dict[str, Any]:
+def _index_parameters(
+    dialect: str, words: list[QueryWord], chosen: QueryWord
+) -> tuple[Arity, dict[str, Any]]:
     """The index finds `chosen`; the recheck decides every other word, and `chosen` too
-    where its terms alone do not."""
+    where its terms alone do not. Returns the recheck's arity and the parameters."""
     starts = [word.text for word in words if not word.anywhere and word != chosen]
     contains = [word.text for word in words if word.anywhere and word != chosen]
     if chosen.anywhere and chosen.prefix_term() is None:
         contains.append(chosen.text)
+    if dialect == "postgresql" and not chosen.anywhere and len(chosen.text) > POSTGRESQL_TERM_CHARS:
+        starts.append(chosen.text)
+    recheck, params = word_parameters(dialect, starts, contains, "recheck_")
     if dialect == "postgresql":
-        if not chosen.anywhere and len(chosen.text) > POSTGRESQL_TERM_CHARS:
-            starts.append(chosen.text)
-        return {
+        params |= {
             "match": f"({_index_terms(chosen, dialect)}) | '{OVERFLOW_TERM}'",
             "overflow": f"'{OVERFLOW_TERM}'",
-            "recheck_starts": starts,
-            "recheck_contains": contains,
         }
-    return {
-        "match": _index_terms(chosen, dialect),
-        **_arrays(dialect, recheck_starts=starts, recheck_contains=contains),
-    }
+    else:
+        params["match"] = _index_terms(chosen, dialect)
+    return recheck, params
 
 
 def _arrays(dialect: str, **words: list[str]) -> dict[str, Any]:
@@ -447,17 +518,19 @@ def _indexed_matches(
     caller writes them (persistence.sql.indexing) and asks again.
     """
     common: dict[str, Any] = {"session_id": session_id, "role": role}
-    common |= _arrays(
+    arity, tested = word_parameters(
         dialect,
-        starts=[word.text for word in query.words if not word.anywhere],
-        contains=[word.text for word in query.words if word.anywhere],
+        [word.text for word in query.words if not word.anywhere],
+        [word.text for word in query.words if word.anywhere],
     )
+    common |= tested
+    scan = _scan_statement(shape, arity)
     found: list[Sequence[Any]] = []
     below, scanned, budget = _TOP, 0, PROBE_ROWS
     edge: int | None = None
     while True:
         params = {**common, "below": below, "skip": budget - 1, "limit": limit - len(found)}
-        rows = yield Fetch(_SCAN[shape], params)
+        rows = yield Fetch(scan, params)
         found += rows
         edge = rows[0][-1] if rows else None
         if len(found) >= limit or edge == -1:
@@ -490,16 +563,17 @@ def _indexed_matches(
         hits = {word: counts[("starts", n)] for n, word in enumerate(starts)}
         hits |= {word: counts[("contains", n)] for n, word in enumerate(contains)}
         chosen = min(candidates, key=lambda word: (hits[word], -len(word.text)))
+    recheck, index_params = _index_parameters(dialect, list(query.words), chosen)
     params = {**common, "below": below, "skip": budget - 1, "edge": edge}
-    params |= {"limit": limit - len(found), **_index_parameters(dialect, list(query.words), chosen)}
+    params |= {"limit": limit - len(found), **index_params}
     if dialect != "postgresql":
-        found += yield Fetch(_INDEX[shape], params)
+        found += yield Fetch(_index_statement(shape, arity, recheck), params)
     elif not may_index:
         # A search that may not write pending terms tests their rows' documents.
-        found += yield Fetch(_INDEX_AND_PENDING[shape], params)
+        found += yield Fetch(_index_statement(shape, arity, recheck, pending=True), params)
     else:
         # One that may writes them first (the caller does, then asks again).
-        rows = yield Fetch(_INDEX_ASKING[shape], params)
+        rows = yield Fetch(_index_statement(shape, arity, recheck, asking=True), params)
         if rows[0][-1] if rows else (yield Fetch(_ANY_PENDING_TERMS, {}))[0][0]:
             return None
         found += rows

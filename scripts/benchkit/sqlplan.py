@@ -52,23 +52,22 @@ async def explain_search(engine: AsyncEngine, call: Awaitable[Any], words: list[
     dialect = engine.dialect.name
     shape = module.Shape(session=False, role=False)
     word = words[0].lower()
+    arity, bound = module.word_parameters(dialect, [word], [])
+    recheck, rechecked = module.word_parameters(dialect, [], [], "recheck_")
     if dialect == "postgresql":
-        arrays: dict[str, Any] = {"starts": [word], "contains": []}
-        arrays |= {"recheck_starts": [], "recheck_contains": []}
         match, prefix = f"'{word}':* | '\u00a7\u00a7'", "EXPLAIN "
     else:
-        arrays = {"starts": f'["{word}"]', "contains": "[]"}
-        arrays |= {"recheck_starts": "[]", "recheck_contains": "[]"}
         match, prefix = f'"{word}"*', "EXPLAIN QUERY PLAN "
     plans = []
     window = {"below": 2**62, "skip": module.PROBE_ROWS - 1, "limit": 50}
+    index = {**window, "edge": None, "match": match}
     async with engine.connect() as connection:
         for name, statement, params in (
-            ("scan", module._SCAN[shape], window),
-            ("index", module._INDEX[shape], {**window, "edge": None, "match": match}),
+            ("scan", module._scan_statement(shape, arity), window),
+            ("index", module._index_statement(shape, arity, recheck), index),
         ):
             sql = str(statement.compile(engine.dialect).compiled.statement)
-            params = {**params, **arrays, "overflow": "'\u00a7\u00a7'"}
+            params = {**params, **bound, **rechecked, "overflow": "'\u00a7\u00a7'"}
             rows = (await connection.execute(text(prefix + sql), params)).fetchall()
             plans.append(f"{name}: " + " | ".join(" ".join(str(v) for v in r) for r in rows))
     return "\n".join(plans)

@@ -13,16 +13,26 @@ from persistence.search import QueryWord, parse_query
 from persistence.sql import search as search_module
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.runner import traced
-from persistence.sql.search import _INDEX, _SCAN, PROBE_ROWS, Shape
+from persistence.sql.search import (
+    INLINE_WORDS,
+    PROBE_ROWS,
+    Shape,
+    _index_statement,
+    _scan_statement,
+    word_parameters,
+)
 from tests import servers
 from tests.search.test_parity import OVERFLOW_TEXT
 
 
-async def _fill(storage: SessionStorage, count: int, rare_every: int = 0) -> ChatSession:
+async def _fill(
+    storage: SessionStorage, count: int, rare_every: int = 0, rare: str = "zeppelin"
+) -> ChatSession:
+    """Messages "common words in message N", every `rare_every`-th followed by `rare`."""
     session = ChatSession.create("m")
     for n in range(count):
-        rare = " zeppelin" if rare_every and n % rare_every == 0 else ""
-        session.add_message("user", f"common words in message {n}{rare}")
+        tail = f" {rare}" if rare_every and n % rare_every == 0 else ""
+        session.add_message("user", f"common words in message {n}{tail}")
     async with storage.unit_of_work() as uow:
         await uow.sessions.add(session)
         await uow.commit()
@@ -86,7 +96,9 @@ async def test_the_index_looks_for_the_rarest_word_of_the_query(
     chosen: list[str] = []
     choose = search_module._index_parameters
 
-    def spy(dialect: str, words: list[QueryWord], word: QueryWord) -> dict[str, object]:
+    def spy(
+        dialect: str, words: list[QueryWord], word: QueryWord
+    ) -> tuple[object, dict[str, object]]:
         chosen.append(word.text)
         return choose(dialect, words, word)
 
@@ -96,6 +108,42 @@ async def test_the_index_looks_for_the_rarest_word_of_the_query(
     assert len(found) == 4
     # Shorter than "message" but the rarest: the index reads its few entries only.
     assert chosen == ["zeppelin"]
+
+
+@pytest.mark.parametrize(
+    ("query", "hits"),
+    [
+        # The index finds "zeppelin"; four words are rechecked, each bound on its own.
+        ("zeppelin common words in message", [300, 200, 100, 0]),
+        # Six words to test, five to recheck: more than INLINE_WORDS, bound as arrays.
+        ("zeppelin common words in message 100", [100]),
+        ("zeppelin common words in message 101", []),
+    ],
+)
+async def test_queries_of_many_words_find_what_the_rule_says_through_the_index(
+    sql_storage: SessionStorage, query: str, hits: list[int]
+) -> None:
+    await _fill(sql_storage, 3 * PROBE_ROWS, rare_every=100)
+    sent: list[str] = []
+    with traced(sent.append):
+        found = await sql_storage.search_messages(query, limit=50)
+
+    assert [m.content for m in found] == [f"common words in message {n} zeppelin" for n in hits]
+    assert "index" in _statements(sent)
+
+
+@pytest.mark.parametrize("words", [2, INLINE_WORDS + 2])
+async def test_many_words_of_scripts_without_spaces_find_what_the_rule_says(
+    sql_storage: SessionStorage, words: int
+) -> None:
+    cities = ["東京", "北京", "上海", "大阪", "京都", "奈良"][:words]
+    await _fill(sql_storage, 3 * PROBE_ROWS, rare_every=100, rare="、".join(cities))
+
+    found = await sql_storage.search_messages(" ".join(reversed(cities)), limit=50)
+    missing = await sql_storage.search_messages(" ".join([*cities, "名古屋"]), limit=50)
+
+    assert [m.content.split()[4] for m in found] == ["300", "200", "100", "0"]
+    assert missing == []
 
 
 async def _plan(storage: SessionStorage, sql: str, params: dict[str, object]) -> str:
@@ -117,24 +165,20 @@ def _compiled(storage: SessionStorage, statement: object) -> str:
 async def test_the_plans_read_newest_first_and_the_index(sql_storage: SessionStorage) -> None:
     await _fill(sql_storage, 2000, rare_every=500)
     dialect = "postgresql" if isinstance(sql_storage, PostgreSQLSessionStorage) else "sqlite"
-    arrays: dict[str, object] = (
-        {"starts": ["zeppelin"], "contains": [], "recheck_starts": [], "recheck_contains": []}
-        if dialect == "postgresql"
-        else {"starts": '["zeppelin"]', "contains": "[]", "recheck_starts": "[]"}
-        | {"recheck_contains": "[]"}
-    )
+    arity, words = word_parameters(dialect, ["zeppelin"], [])
+    recheck, rechecked = word_parameters(dialect, [], [], "recheck_")
     shape = Shape(session=False, role=False)
     scan = await _plan(
         sql_storage,
-        _compiled(sql_storage, _SCAN[shape]),
-        {"below": 2**62, "skip": PROBE_ROWS - 1, "limit": 50, **arrays},
+        _compiled(sql_storage, _scan_statement(shape, arity)),
+        {"below": 2**62, "skip": PROBE_ROWS - 1, "limit": 50, **words},
     )
     match = "'zeppelin':* | '§§'" if dialect == "postgresql" else '"zeppelin"*'
     index = await _plan(
         sql_storage,
-        _compiled(sql_storage, _INDEX[shape]),
+        _compiled(sql_storage, _index_statement(shape, arity, recheck)),
         {"below": 2**62, "skip": PROBE_ROWS - 1, "edge": None, "limit": 50, "match": match}
-        | {"overflow": "'§§'", **arrays},
+        | {"overflow": "'§§'", **words, **rechecked},
     )
 
     if dialect == "sqlite":

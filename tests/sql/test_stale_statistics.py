@@ -81,18 +81,19 @@ async def test_a_search_in_the_session_reads_its_newest_window_only(
     one_connection: PostgreSQLSessionStorage, grown: ChatSession
 ) -> None:
     shape = search.Shape(session=True, role=False)
+    arity, words = search.word_parameters("postgresql", ["common"], [])
     params = {
         "session_id": grown.session_id,
         "role": None,
         "below": search._TOP,
         "skip": search.PROBE_ROWS - 1,
         "limit": 50,
-        "starts": ["common"],
-        "contains": [],
+        **words,
     }
+    scan = search._scan_statement(shape, arity)
     # The first window's edge read all 3,000 rows before the bound; now the window and
     # its edge are about PROBE_ROWS each.
-    assert await _rows_read(one_connection, search._SCAN[shape], params) <= 3 * search.PROBE_ROWS
+    assert await _rows_read(one_connection, scan, params) <= 3 * search.PROBE_ROWS
 
     found = await one_connection.search_messages("zebra", session_id=grown.session_id)
     assert [m.content.split()[1] for m in found] == [
