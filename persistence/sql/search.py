@@ -122,7 +122,7 @@ def word_parameters(
         name = f"{prefix}{kind}"
         if len(words) > INLINE_WORDS:
             counts.append(AS_ARRAY)
-            params[name] = words if dialect == "postgresql" else json.dumps(words)
+            params |= _arrays(dialect, **{name: words})
         else:
             counts.append(len(words))
             params.update({f"{name}_{n}": word for n, word in enumerate(words)})
@@ -412,6 +412,7 @@ def _index_parameters(
 
 
 def _arrays(dialect: str, **words: list[str]) -> dict[str, Any]:
+    """Lists of words as array parameters: PostgreSQL's text[], SQLite's JSON text."""
     if dialect == "postgresql":
         return dict(words)
     return {name: json.dumps(value) for name, value in words.items()}
