@@ -53,7 +53,7 @@ from persistence.sql.runner import Execute, Fetch, Work
 from persistence.sql.search import Found, find_messages
 from persistence.sql.statements import Statement
 from persistence.sql.tables import FileRow, MessageRow, SessionCountRow, SessionRow
-from persistence.sql.writes import chunks
+from persistence.sql.write_statements import chunks
 from persistence.storage import StorageCounts
 
 sessions = cast(Table, SessionRow.__table__)

@@ -23,7 +23,7 @@ from persistence.errors import (
     SessionDeletedError,
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.sql import indexing, new_sessions, repositories, writes
+from persistence.sql import indexing, message_owners, new_sessions, repositories, writes
 from persistence.sql.engines import (
     WRITE_OPTIONS,
 )
@@ -253,7 +253,7 @@ class SqlSessionStorage(SessionStorage):
     ) -> PersistenceError:
         """Names the new message whose id the store already holds (a unique violation)."""
         owners = await self._run(
-            writes.message_owners([message.message_id for message in appended]),
+            message_owners.message_owners([message.message_id for message in appended]),
             "save session",
             write=False,
         )

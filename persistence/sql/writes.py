@@ -18,42 +18,35 @@ A new object creates the row, or merges into the row stored under its id.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
-
-from sqlalchemy import (
-    BigInteger,
-    String,
-    Table,
-    Text,
-    bindparam,
-    delete,
-    func,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql import ColumnElement
+from typing import Any
 
 from persistence.changes import SavePlan, conflicts, merge_metadata, resolve_unconfirmed
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage
 from persistence.search import search_document
-from persistence.sql.bulk import BulkInsert
 from persistence.sql.indexing import documents_now
-from persistence.sql.mapping import SESSION_METADATA_TEXT, MessageRows, rows_from_messages
+from persistence.sql.mapping import MessageRows, rows_from_messages
+from persistence.sql.message_owners import not_stored, stored_here
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, WhichDialect, Work
-from persistence.sql.statements import Statement
-from persistence.sql.tables import MessageRow, SessionRow
 from persistence.sql.types import json_dumps, json_loads
+from persistence.sql.write_statements import (
+    APPEND,
+    APPEND_IN_ONE_STATEMENT,
+    APPENDED_COLUMNS,
+    COMPARE_AND_SET,
+    DELETE_MESSAGES,
+    EDIT_MESSAGE,
+    INSERT_MESSAGES,
+    INSERT_NEW,
+    LOCK,
+    OVERWRITE,
+    SESSION_MESSAGES,
+    STILL_THERE,
+    chunks,
+)
 
-sessions = cast(Table, SessionRow.__table__)
-messages = cast(Table, MessageRow.__table__)
-
-# Bound parameters per statement stay well under SQLite's and asyncpg's limits.
-IN_CHUNK = 500
 # A new object whose row vanishes between its insert and its merge tries again.
 _CREATE_ATTEMPTS = 3
 
@@ -65,186 +58,6 @@ class Saved:
     revision: int
     incarnation: str
     exact: bool
-
-
-def _bind(table: Table, name: str) -> Any:
-    return bindparam(name, type_=table.c[name].type)
-
-
-def _later(dialect: str) -> ColumnElement[Any]:
-    """updated_at never moves backwards: the later of the stored and the given one."""
-    function = func.greatest if dialect == "postgresql" else func.max
-    return cast(
-        ColumnElement[Any],
-        function(sessions.c.updated_at, _bind(sessions, "updated_at")),
-    )
-
-
-_FIELDS = ("model", "status", "created_at")
-_RETURNED = (sessions.c.next_position, sessions.c.revision)
-
-
-def _insert_new(dialect: str) -> Any:
-    names = [column.name for column in sessions.columns]
-    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(sessions)
-    return (
-        statement.values({name: _bind(sessions, name) for name in names})
-        .on_conflict_do_nothing(index_elements=[sessions.c.session_id])
-        .returning(sessions.c.revision)
-    )
-
-
-def _append(dialect: str) -> Any:
-    return (
-        update(sessions)
-        .where(
-            sessions.c.session_id == bindparam("session_id"),
-            sessions.c.incarnation == bindparam("incarnation"),
-        )
-        .values(
-            updated_at=_later(dialect),
-            message_count=sessions.c.message_count + bindparam("added"),
-            next_position=sessions.c.next_position + bindparam("added"),
-            revision=sessions.c.revision + 1,
-        )
-        .returning(*_RETURNED)
-    )
-
-
-def _compare_and_set(dialect: str) -> Any:
-    return (
-        update(sessions)
-        .where(
-            sessions.c.session_id == bindparam("session_id"),
-            sessions.c.incarnation == bindparam("incarnation"),
-            sessions.c.revision == bindparam("revision"),
-        )
-        .values(
-            {name: _bind(sessions, name) for name in _FIELDS}
-            | {
-                "metadata": _bind(sessions, "metadata"),
-                "updated_at": _later(dialect),
-                "message_count": sessions.c.message_count
-                + bindparam("added")
-                - bindparam("removed"),
-                "next_position": sessions.c.next_position + bindparam("added"),
-                "revision": sessions.c.revision + 1,
-            }
-        )
-        .returning(*_RETURNED)
-    )
-
-
-def _overwrite(dialect: str) -> Any:
-    return (
-        update(sessions)
-        .where(sessions.c.session_id == bindparam("session_id"))
-        .values(
-            {
-                name: _bind(sessions, name)
-                for name in (*_FIELDS, "metadata", "message_count", "next_position", "revision")
-            }
-            | {"updated_at": _later(dialect)}
-        )
-    )
-
-
-INSERT_NEW = Statement(_insert_new)
-APPEND = Statement(_append)
-COMPARE_AND_SET = Statement(_compare_and_set)
-OVERWRITE = Statement(_overwrite)
-LOCK = Statement(
-    select(
-        sessions.c.revision,
-        sessions.c.incarnation,
-        sessions.c.model,
-        sessions.c.status,
-        sessions.c.created_at,
-        SESSION_METADATA_TEXT,
-        sessions.c.message_count,
-        sessions.c.next_position,
-    )
-    .where(sessions.c.session_id == bindparam("session_id"))
-    .with_for_update()
-)
-# One multi-row statement however many messages a save carries (bulk.py).
-INSERT_MESSAGES = BulkInsert(messages)
-EDIT_MESSAGE = Statement(
-    update(messages)
-    .where(
-        messages.c.session_id == bindparam("session_id"),
-        messages.c.message_id == bindparam("message_id"),
-    )
-    .values(
-        content=_bind(messages, "content"),
-        metadata=_bind(messages, "metadata"),
-        search_text=_bind(messages, "search_text"),
-    )
-)
-DELETE_MESSAGES = Statement(
-    delete(messages).where(
-        messages.c.session_id == bindparam("session_id"),
-        messages.c.message_id.in_(bindparam("ids", expanding=True)),
-    )
-)
-SESSION_MESSAGES = Statement(
-    select(messages.c.message_id, messages.c.content, messages.c.metadata).where(
-        messages.c.session_id == bindparam("session_id"),
-        messages.c.message_id.in_(bindparam("ids", expanding=True)),
-    )
-)
-MESSAGE_OWNERS = Statement(
-    select(messages.c.message_id, messages.c.session_id).where(
-        messages.c.message_id.in_(bindparam("ids", expanding=True))
-    )
-)
-
-
-# The message columns `persistence_append` takes (revision 0007), in its order.
-_APPENDED_COLUMNS = ("message_id", "role", "content", "created_at", "metadata", "search_text")
-
-
-def _append_in_one_statement(dialect: str) -> Any:
-    """PostgreSQL: the session row's update and the messages' insert as one statement.
-
-    `persistence_append` (revision 0007) runs the UPDATE (guarded by the incarnation),
-    which yields the positions, and the INSERT of the messages, taken from arrays, one
-    per column; its statements keep their plans. One statement is atomic without
-    BEGIN/COMMIT, so an append costs one round trip.
-    """
-    assert dialect == "postgresql", dialect
-    columns = [name for name in _message_row_keys() if name not in ("session_id", "position")]
-    # A column added to the message rows needs a revision that replaces the function.
-    assert tuple(columns) == _APPENDED_COLUMNS, columns
-    binds = []
-    for name in columns:
-        column = messages.c[name]
-        json = isinstance(column.type.dialect_impl(_POSTGRESQL), postgresql.JSONB)
-        binds.append(bindparam(f"c_{name}", type_=postgresql.ARRAY(Text if json else column.type)))
-    return (
-        text(
-            "SELECT next_position, revision FROM persistence_append(:session_id, :incarnation,"
-            " :updated_at, :added, :c_message_id, :c_role, :c_content, :c_created_at,"
-            " :c_metadata, :c_search_text)"
-        )
-        .bindparams(
-            bindparam("updated_at", type_=sessions.c.updated_at.type),
-            bindparam("added", type_=BigInteger()),
-            bindparam("session_id", type_=String()),
-            bindparam("incarnation", type_=String()),
-            *binds,
-        )
-        .columns(sessions.c.next_position, sessions.c.revision)
-    )
-
-
-def _message_row_keys() -> list[str]:
-    sample = ChatMessage(session_id="s", role="user", content="")
-    return list(rows_from_messages("s", [sample], 0, documents=True)[0])
-
-
-_POSTGRESQL = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
-APPEND_IN_ONE_STATEMENT = Statement(_append_in_one_statement)
 
 
 # From this many messages on, an append to a stored session goes by COPY, in parts built
@@ -279,7 +92,7 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
         "updated_at": plan.updated_at,
         "added": len(plan.appends),
     }
-    for name in _APPENDED_COLUMNS:
+    for name in APPENDED_COLUMNS:
         values = [row[name] for row in rows]
         if isinstance(values[0], dict):
             values = [json_dumps(value) for value in values]
@@ -291,47 +104,6 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
     return Saved(revision, plan.incarnation, plan.exact and revision == plan.revision + 1)
 
 
-def chunks(items: Sequence[str]) -> list[Sequence[str]]:
-    return [items[i : i + IN_CHUNK] for i in range(0, len(items), IN_CHUNK)]
-
-
-def message_owners(message_ids: Sequence[str]) -> Work[dict[str, str]]:
-    """Which session stores each of `message_ids` (ids not stored are absent)."""
-    owners: dict[str, str] = {}
-    for chunk in chunks(message_ids):
-        rows = yield Fetch(MESSAGE_OWNERS, {"ids": list(chunk)})
-        owners.update({row[0]: row[1] for row in rows})
-    return owners
-
-
-def _stored_here(
-    session_id: str, new: Sequence[ChatMessage], others: Iterable[str] = ()
-) -> Work[set[str]]:
-    """Which of the ids of `new` and of `others` the session `session_id` stores.
-
-    Raises:
-        InvalidDataError: if a new message's id is already stored in another session.
-    """
-    new_ids = {message.message_id for message in new}
-    owners = yield from message_owners(list(new_ids.union(others)))
-    for message_id, owner in owners.items():
-        if owner != session_id and message_id in new_ids:
-            raise InvalidDataError(
-                f"message_id {message_id!r} is already stored in another session ({owner!r})"
-            )
-    return {message_id for message_id, owner in owners.items() if owner == session_id}
-
-
-def _not_stored(session_id: str, candidates: Sequence[ChatMessage]) -> Work[list[ChatMessage]]:
-    """The candidates the store does not hold yet.
-
-    Raises:
-        InvalidDataError: if a message id is already stored in another session.
-    """
-    here = yield from _stored_here(session_id, candidates)
-    return [message for message in candidates if message.message_id not in here]
-
-
 def _resolved(plan: SavePlan) -> Work[SavePlan]:
     """`plan` with what the store holds of its new and unconfirmed messages resolved
     (changes.resolve_unconfirmed).
@@ -340,13 +112,8 @@ def _resolved(plan: SavePlan) -> Work[SavePlan]:
         InvalidDataError: if a new message's id is already stored in another session.
     """
     unconfirmed = () if plan.unconfirmed is None else plan.unconfirmed.appended
-    here = yield from _stored_here(plan.session_id, plan.appends, unconfirmed)
+    here = yield from stored_here(plan.session_id, plan.appends, unconfirmed)
     return resolve_unconfirmed(plan, here)
-
-
-STILL_THERE = Statement(
-    select(sessions.c.incarnation).where(sessions.c.session_id == bindparam("session_id"))
-)
 
 
 def still_there(plan: SavePlan) -> Work[bool]:
@@ -562,7 +329,7 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
         if not rows:
             continue
         revision, stored_incarnation, _, _, _, metadata_text, count, next_position = rows[0]
-        appends = yield from _not_stored(plan.session_id, plan.appends)
+        appends = yield from not_stored(plan.session_id, plan.appends)
         yield from _insert(plan.session_id, appends, next_position)
         merged = {**json_loads(metadata_text), **plan.metadata}
         yield Execute(

@@ -48,7 +48,8 @@ async def explain_search(engine: AsyncEngine, call: Awaitable[Any], words: list[
     are shown, with the parameters the library binds for the first word.
     """
     await call
-    module = importlib.import_module("persistence.sql.search")
+    search = importlib.import_module("persistence.sql.search")
+    module = importlib.import_module("persistence.sql.search_statements")
     dialect = engine.dialect.name
     shape = module.Shape(session=False, role=False)
     word = words[0].lower()
@@ -59,12 +60,12 @@ async def explain_search(engine: AsyncEngine, call: Awaitable[Any], words: list[
     else:
         match, prefix = f'"{word}"*', "EXPLAIN QUERY PLAN "
     plans = []
-    window = {"below": 2**62, "skip": module.PROBE_ROWS - 1, "limit": 50}
+    window = {"below": 2**62, "skip": search.PROBE_ROWS - 1, "limit": 50}
     index = {**window, "edge": None, "match": match}
     async with engine.connect() as connection:
         for name, statement, params in (
-            ("scan", module._scan_statement(shape, arity), window),
-            ("index", module._index_statement(shape, arity, recheck), index),
+            ("scan", module.scan_statement(shape, arity), window),
+            ("index", module.index_statement(shape, arity, recheck), index),
         ):
             sql = str(statement.compile(engine.dialect).compiled.statement)
             params = {**params, **bound, **rechecked, "overflow": "'\u00a7\u00a7'"}

@@ -8,7 +8,8 @@ import pytest
 from pymongo.errors import ServerSelectionTimeoutError
 
 from persistence.errors import InvalidDataError, PersistenceError, StorageConnectionError
-from persistence.mongo.backend import MongoDBSessionStorage, client_options, has_transactions
+from persistence.mongo.backend import MongoDBSessionStorage
+from persistence.mongo.connection import client_options, has_transactions
 
 SECRET = "s3cr3t-Pa55"
 # Port 1 on loopback: nothing listens, so the connection is refused at once.

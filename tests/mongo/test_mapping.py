@@ -9,7 +9,7 @@ import bson
 from bson.codec_options import CodecOptions
 
 from persistence.models import ChatSession, UploadedFileRecord
-from persistence.mongo.backend import client_options
+from persistence.mongo.connection import client_options
 from persistence.mongo.documents import FileRecordView, SessionSummary, SessionView
 from persistence.mongo.mapping import (
     document_from_file_record,

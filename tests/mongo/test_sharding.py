@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from persistence.mongo.backend import indexes_to_create
+from persistence.mongo.connection import indexes_to_create
 from persistence.mongo.documents import FILE_INDEXES, SESSION_INDEXES
 
 

@@ -13,12 +13,12 @@ from persistence.search import QueryWord, parse_query
 from persistence.sql import search as search_module
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.runner import traced
-from persistence.sql.search import (
+from persistence.sql.search import PROBE_ROWS
+from persistence.sql.search_statements import (
     INLINE_WORDS,
-    PROBE_ROWS,
     Shape,
-    _index_statement,
-    _scan_statement,
+    index_statement,
+    scan_statement,
     word_parameters,
 )
 from tests import servers
@@ -94,7 +94,7 @@ async def test_the_index_looks_for_the_rarest_word_of_the_query(
 ) -> None:
     await _fill(sql_storage, 3 * PROBE_ROWS, rare_every=100)
     chosen: list[str] = []
-    choose = search_module._index_parameters
+    choose = search_module.index_parameters
 
     def spy(
         dialect: str, words: list[QueryWord], word: QueryWord
@@ -102,7 +102,7 @@ async def test_the_index_looks_for_the_rarest_word_of_the_query(
         chosen.append(word.text)
         return choose(dialect, words, word)
 
-    monkeypatch.setattr(search_module, "_index_parameters", spy)
+    monkeypatch.setattr(search_module, "index_parameters", spy)
     found = await sql_storage.search_messages("message zeppelin words", limit=50)
 
     assert len(found) == 4
@@ -170,13 +170,13 @@ async def test_the_plans_read_newest_first_and_the_index(sql_storage: SessionSto
     shape = Shape(session=False, role=False)
     scan = await _plan(
         sql_storage,
-        _compiled(sql_storage, _scan_statement(shape, arity)),
+        _compiled(sql_storage, scan_statement(shape, arity)),
         {"below": 2**62, "skip": PROBE_ROWS - 1, "limit": 50, **words},
     )
     match = "'zeppelin':* | '§§'" if dialect == "postgresql" else '"zeppelin"*'
     index = await _plan(
         sql_storage,
-        _compiled(sql_storage, _index_statement(shape, arity, recheck)),
+        _compiled(sql_storage, index_statement(shape, arity, recheck)),
         {"below": 2**62, "skip": PROBE_ROWS - 1, "edge": None, "limit": 50, "match": match}
         | {"overflow": "'§§'", **words, **rechecked},
     )

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from persistence import ChatSession, PostgreSQLSessionStorage
-from persistence.sql import repositories, search
+from persistence.sql import repositories, search, search_statements
 from persistence.sql.checkout import driver_connection
 from persistence.sql.statements import Statement
 
@@ -80,17 +80,17 @@ async def test_a_partial_load_reads_from_the_newest_end(
 async def test_a_search_in_the_session_reads_its_newest_window_only(
     one_connection: PostgreSQLSessionStorage, grown: ChatSession
 ) -> None:
-    shape = search.Shape(session=True, role=False)
-    arity, words = search.word_parameters("postgresql", ["common"], [])
+    shape = search_statements.Shape(session=True, role=False)
+    arity, words = search_statements.word_parameters("postgresql", ["common"], [])
     params = {
         "session_id": grown.session_id,
         "role": None,
-        "below": search._TOP,
+        "below": search_statements.TOP,
         "skip": search.PROBE_ROWS - 1,
         "limit": 50,
         **words,
     }
-    scan = search._scan_statement(shape, arity)
+    scan = search_statements.scan_statement(shape, arity)
     # The first window's edge read all 3,000 rows before the bound; now the window and
     # its edge are about PROBE_ROWS each.
     assert await _rows_read(one_connection, scan, params) <= 3 * search.PROBE_ROWS
