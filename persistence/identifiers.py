@@ -8,7 +8,12 @@ was formatted from an integer). The ids are the same kind: 122 random bits from 
 OS's cryptographic source, with uuid4's version and variant bits.
 
 A forked child starts with an empty pool, so parent and child never hand out the
-same ids; list `pop` and `extend` are atomic, so threads never share one either.
+same ids; list `pop` and `extend` are atomic, so threads never share one either. A
+fork made in C that runs none of Python's at-fork hooks (uWSGI's workers unless
+`--py-call-osafterfork`) keeps the rest of the parent's batch: the two processes then
+hand out up to POOL - 1 same ids, which a save refuses (the message id is unique) where
+the store enforces it. Asking the process id for every id would cost 0.2 us each
+(measured: 0.38 us an id now).
 """
 
 from __future__ import annotations

@@ -275,7 +275,13 @@ def postgresql_connect_args(
     *, statement_timeout: float | None, command_timeout: float | None, connect_timeout: float
 ) -> dict[str, Any]:
     """Keyword arguments of `asyncpg.connect` shared by the primary and the replicas."""
-    connect_args: dict[str, Any] = {"timeout": connect_timeout}
+    from persistence.sql.bound_connections import ProcessBoundConnection
+
+    # A fork's child never closes them: the parent's sockets and epoll set (forks.py).
+    connect_args: dict[str, Any] = {
+        "timeout": connect_timeout,
+        "connection_class": ProcessBoundConnection,
+    }
     if command_timeout is not None:
         connect_args["command_timeout"] = command_timeout
     # asyncpg prepares and caches every statement. A generic plan made while a table

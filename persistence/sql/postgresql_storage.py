@@ -154,6 +154,10 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             await self._replicas.start(self.engine, self._statement_timeout, identity)
 
     async def close(self) -> None:
+        if self._carried_into_child():
+            # Its connections close only in the process that opened them (forks.py).
+            self._let_go()
+            return
         if self._engine is not None and asyncio.get_running_loop() is not self._loop:
             # The connections cannot be closed from here: the pool lets go of them, and
             # they go with their loop.

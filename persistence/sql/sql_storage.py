@@ -28,6 +28,7 @@ from persistence.sql.engines import (
     WRITE_OPTIONS,
 )
 from persistence.sql.errors import sql_errors, unique_violation
+from persistence.sql.forks import Opener
 from persistence.sql.runner import Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
 from persistence.sql.stamping import stamp
@@ -56,6 +57,8 @@ class SqlSessionStorage(SessionStorage):
         if not version_table.isidentifier():
             raise InvalidDataError(f"version_table: {version_table!r} is not a plain table name")
         self._engine: AsyncEngine | None = None
+        # The process that opened it: in a fork's child the storage is refused (forks.py).
+        self._opener: Opener | None = None
         self._closed = False
         self._reading_only = False
         # Messages this storage's saves inserted since they last wrote pending search
@@ -125,7 +128,18 @@ class SqlSessionStorage(SessionStorage):
             raise PersistenceError(
                 f"{self.backend_name} storage is not initialized: await initialize() first"
             )
+        self._check_process()
         return self._engine
+
+    def _check_process(self) -> None:
+        """Raises:
+        PersistenceError: this process is a fork's child of the one that opened it."""
+        if self._opener is not None:
+            self._opener.check(self.backend_name, self._where)
+
+    def _carried_into_child(self) -> bool:
+        """Whether this process is a fork's child of the one that opened the storage."""
+        return self._opener is not None and not self._opener.here()
 
     async def initialize(self) -> None:
         await self._open(read_only=False)
@@ -136,12 +150,14 @@ class SqlSessionStorage(SessionStorage):
     async def _open(self, *, read_only: bool) -> None:
         if self._closed:
             raise PersistenceError(f"{self.backend_name} storage is closed")
+        self._check_process()
         if self._engine is not None and self._reading_only and not read_only:
             raise PersistenceError(
                 f"{self.backend_name} storage was opened for reading: open another to write"
             )
         if self._engine is None:
             self._engine = self._create_engine()
+            self._opener = Opener()
             self._reading_only = read_only
         where, table = self._where, self.version_table
         try:
@@ -200,10 +216,18 @@ class SqlSessionStorage(SessionStorage):
             )
 
     async def close(self) -> None:
+        if self._carried_into_child():
+            self._let_go()
+            return
         engine, self._engine, self._closed = self._engine, None, True
         if engine is not None:
             with sql_errors("close"):
                 await engine.dispose()
+
+    def _let_go(self) -> None:
+        """close() in a fork's child: the storage is closed there, and what it held is
+        dropped without a word to the parent's database (forks.py)."""
+        self._engine, self._closed = None, True
 
     def unit_of_work(self) -> SqlUnitOfWork:
         self._refuse_writes("unit of work")

@@ -183,6 +183,11 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._read_in_thread = partial(read_in_sqlite_thread, check=self._file_check)
 
     async def close(self) -> None:
+        if self._carried_into_child():
+            # Its thread is the parent's: closing would wait for it for good.
+            self._connection = None
+            self._let_go()
+            return
         # Closed first: a call made while the connection closes is told so, not that the
         # storage was never initialized (found by attack).
         self._closed = True
@@ -204,6 +209,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
             if self._closed:
                 raise PersistenceError("sqlite storage is closed")
             raise PersistenceError("sqlite storage is not initialized: await initialize() first")
+        self._check_process()
         return self._connection
 
     async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:

@@ -167,10 +167,11 @@ async def test_loads_writes_and_units_of_work_use_the_primary(
 async def test_a_storage_reads_its_own_writes_while_the_standby_replay_is_paused(
     pair: ReplicationPair, open_storage: OpenStorage
 ) -> None:
-    # What is read where, not the lag bound (tested below): a slow machine must not
-    # push the paused standby past it.
-    mine = await open_storage(max_replica_lag=3600)
-    other = await open_storage(max_replica_lag=3600)
+    # What is read where, not the lag bound or the timeout (tested below): a slow or
+    # busy machine must not push the paused standby past either (a replica read that
+    # took over 1 s under load once sent `other` to the primary).
+    mine = await open_storage(max_replica_lag=3600, replica_timeout=30)
+    other = await open_storage(max_replica_lag=3600, replica_timeout=30)
     kept, gone = await _seed(mine, 2, "seeded")
     await wait_caught_up(pair)
     assert len(await other.list_sessions()) == 2
