@@ -82,6 +82,7 @@ class Bookkeeping:
         self._omitted = omitted
         self._revision = revision
         self._known()[token] = Base(
+            session_id=self.session_id,
             revision=revision,
             incarnation=incarnation,
             exact=True,
@@ -145,6 +146,14 @@ class Bookkeeping:
                 log_at=log_at,
                 foreign_at=messages.foreign_changes,
                 epoch=private["_epoch"],
+            )
+        if base.session_id != self.session_id:
+            # Found by audit: the save looked for the new id's row, found none, and said
+            # the session had been deleted.
+            raise InvalidDataError(
+                f"session_id: this object was loaded or saved as {base.session_id!r} and now"
+                f" says {self.session_id!r}; a session's id never changes (create a new"
+                " session under the other id)"
             )
         if messages.foreign_changes != base.foreign_at:
             raise InvalidDataError(
@@ -221,6 +230,7 @@ class Bookkeeping:
             self.save_failed(token, plan)
             return
         self._known()[token] = Base(
+            session_id=plan.session_id,
             revision=revision,
             incarnation=incarnation,
             exact=exact,

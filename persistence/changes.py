@@ -204,6 +204,8 @@ class Unconfirmed:
 class Base:
     """What one storage held of a session when this object last loaded or saved it there."""
 
+    # The id it was loaded or saved under: a session's id never changes.
+    session_id: str
     revision: int
     incarnation: str
     # The fields equal the store's at `revision` (False after a save merged others' work).

@@ -36,3 +36,7 @@ def utc_now() -> datetime:
     now = _EPOCH + timedelta(milliseconds=milliseconds)
     _last = (milliseconds, now)
     return now
+
+
+# About 1,100 years: the cut-off of an expiry (now minus this) stays a valid date.
+MAX_EXPIRY_HOURS = 10_000_000

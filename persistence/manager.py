@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from persistence import formats
-from persistence.clock import utc_now
+from persistence.clock import MAX_EXPIRY_HOURS, utc_now
 from persistence.errors import (
     InvalidDataError,
     PersistenceError,
@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def _cache_bound(bound: int) -> int:
-    if bound < 1:
-        raise ValueError(f"max_cached_sessions: must be >= 1, got {bound}")
+    if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
+        raise InvalidDataError(f"max_cached_sessions: must be a whole number >= 1, got {bound!r}")
     return bound
 
 
@@ -47,8 +47,15 @@ class SessionManager:
         expiry_hours: float = 72,
         max_cached_sessions: int = 1000,
     ) -> None:
-        if not expiry_hours > 0:
-            raise ValueError(f"expiry_hours: must be > 0, got {expiry_hours}")
+        if (
+            isinstance(expiry_hours, bool)
+            or not isinstance(expiry_hours, int | float)
+            or not 0 < expiry_hours <= MAX_EXPIRY_HOURS
+        ):
+            raise InvalidDataError(
+                f"expiry_hours: must be a number more than 0 and at most {MAX_EXPIRY_HOURS:,},"
+                f" got {expiry_hours!r}"
+            )
         self.storage = storage
         self.auto_save_enabled = auto_save_enabled
         self.expiry_hours = expiry_hours

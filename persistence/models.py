@@ -397,10 +397,21 @@ class ChatSession(_DomainModel, Bookkeeping):
         """Removes the last message (the next save removes it from the store).
 
         Returns:
-            The removed message, or None if the object carries none.
+            The removed message, or None if the session has none.
+
+        Raises:
+            InvalidDataError: the object carries none of the messages the session has (it
+                was loaded with `last=0`, or listed): the last one is not here to remove.
         """
         messages = self._messages()
         if not messages:
+            if self._omitted:
+                # Found by audit: None said the session was empty.
+                raise InvalidDataError(
+                    f"pop_message(): this object carries none of the session's"
+                    f" {self._omitted} messages (loaded with last= or listed); load it with"
+                    " its messages to remove the last one"
+                )
             return None
         return self._cut(len(messages) - 1)[0]
 

@@ -21,7 +21,7 @@ from persistence.models import (
     Status,
     UploadedFileRecord,
 )
-from persistence.validation import plain, storable_text
+from persistence.validation import lookup_id, plain, storable_text
 
 BackendName = Literal["sqlite", "postgresql", "mongodb"]
 
@@ -59,14 +59,14 @@ def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:
 
     Raises:
         InvalidDataError: for a str or bytes instead of a sequence of ids (whose
-            characters would pass as ids).
+            characters would pass as ids), or an id that is not a string.
     """
     if isinstance(ids, str | bytes):
         raise InvalidDataError(
             f"{field}: expected a sequence of ids, got one string {ids!r}"
             f" (wrap it in a list: [{ids!r}])"
         )
-    return [identifier for identifier in ids if storable_text(identifier)]
+    return [identifier for identifier in ids if lookup_id(identifier, field)]
 
 
 # The largest count a database column or parameter holds (a signed 64-bit integer).

@@ -46,6 +46,27 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
+def lookup_id(value: str, field: str) -> bool:
+    """Whether `value`, an id given to look something up, may name something stored
+    (storable_text).
+
+    Raises:
+        InvalidDataError: it is not a string, naming `field` (found by attack: None or a
+            number gave a bare TypeError from deep inside).
+    """
+    if not isinstance(value, str):
+        raise InvalidDataError(f"{field}: must be a string, got {type(value).__name__}")
+    return storable_text(value)
+
+
+def check_instance(value: object, kind: type, field: str) -> None:
+    """Raises:
+    InvalidDataError: `value` is not a `kind`, naming `field` (found by attack: a dict
+        given to a save raised a bare AttributeError)."""
+    if not isinstance(value, kind):
+        raise InvalidDataError(f"{field}: expected {kind.__name__}, got {type(value).__name__}")
+
+
 def storable_text(value: str) -> bool:
     """Whether `value` passes check_text: no backend holds text that does not, so an id
     that does not names nothing stored."""

@@ -230,11 +230,20 @@ def test_import_refuses_a_truncated_or_foreign_file_before_writing(tmp_path: Pat
     truncated = tmp_path / "truncated.json"
     truncated.write_bytes(export.read_bytes()[: export.stat().st_size // 2])
     target = f"sqlite:///{tmp_path / 'target.db'}"
-    assert failed("import", str(truncated), "--url", target)
     foreign = tmp_path / "foreign.json"
     foreign.write_text('{"hello": "world"}')
-    assert failed("import", str(foreign), "--url", target)
-    assert failed("import", str(tmp_path / "missing.json"), "--url", target)
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    # Each error names the file (found by audit: "the file is empty" named none).
+    for bad, problem in [
+        (truncated, "not valid JSON"),
+        (foreign, "unexpected top-level key 'hello'"),
+        (empty, "the file is empty"),
+        (tmp_path / "missing.json", "missing.json"),
+    ]:
+        line = failed("import", str(bad), "--url", target)
+        assert line.startswith(f"error: {bad}"), line
+        assert problem in line, line
     assert not (tmp_path / "target.db").exists()  # checked before the store is opened
 
 
@@ -425,7 +434,7 @@ def test_import_refuses_a_symlink_to_dev_zero_a_fifo_and_endless_stdin_at_once(
     for argument, stdin, expected in [
         (str(zero), None, f"error: {zero}: not a regular file (a character device)"),
         (str(fifo), None, f"error: {fifo}: not a regular file (a FIFO)"),
-        ("-", Path("/dev/zero"), "error: not valid JSON (corrupt file): it begins with"),
+        ("-", Path("/dev/zero"), "error: standard input: not valid JSON (corrupt file): it begins"),
     ]:
         done = _import_in_a_process(tmp_path, argument, stdin)
         assert done.returncode == 1, done.stderr

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from persistence import ChatMessage, ChatSession, PersistenceError, UploadedFileRecord
+from persistence import (
+    ChatMessage,
+    ChatSession,
+    InvalidDataError,
+    PersistenceError,
+    UploadedFileRecord,
+)
 from persistence.clock import utc_now
 from persistence.manager import SessionManager
 from persistence.sql.runner import traced
@@ -371,7 +377,12 @@ def test_bad_settings_are_refused(sqlite_path: Path) -> None:
     from persistence import SQLiteSessionStorage
 
     storage = SQLiteSessionStorage(sqlite_path)
-    with pytest.raises(ValueError, match="max_cached_sessions"):
-        SessionManager(storage, max_cached_sessions=0)
-    with pytest.raises(ValueError, match="expiry_hours"):
-        SessionManager(storage, expiry_hours=0)
+    # InvalidDataError, a ValueError and a PersistenceError, as every bad input is
+    # (found by audit: plain ValueErrors, and a TypeError for a value of another type).
+    for bound in (0, -1, "10", 2.5, True, None):
+        with pytest.raises(InvalidDataError, match="max_cached_sessions"):
+            SessionManager(storage, max_cached_sessions=bound)  # type: ignore[arg-type]
+    for hours in (0, -1.5, float("nan"), float("inf"), 10_000_001, "24", True, None):
+        with pytest.raises(InvalidDataError, match="expiry_hours"):
+            SessionManager(storage, expiry_hours=hours)  # type: ignore[arg-type]
+    assert SessionManager(storage, max_cached_sessions=1, expiry_hours=0.5) is not None

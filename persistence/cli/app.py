@@ -24,9 +24,8 @@ from persistence.cli.output import (
     out,
     run,
 )
-from persistence.clock import utc_now
+from persistence.clock import MAX_EXPIRY_HOURS, utc_now
 from persistence.config import StorageConfig
-from persistence.config.settings import MAX_EXPIRY_HOURS
 from persistence.manager import SessionManager
 from persistence.models import UploadedFileRecord
 from persistence.storage import SessionStorage

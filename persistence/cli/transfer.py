@@ -43,6 +43,7 @@ from persistence.cli.output import (
     store_file,
 )
 from persistence.config import StorageConfig, config_from_url, create_storage
+from persistence.errors import InvalidDataError
 from persistence.storage import SessionStorage
 from persistence.transfer import (
     backup_storage,
@@ -378,7 +379,13 @@ def import_file(
         stream = inputs.enter_context(
             _seekable_stdin() if input_file == STDIO else open_input(input_file)
         )
-        checked.append((stream, validate_document(stream)))
+        try:
+            summary = validate_document(stream)
+        except InvalidDataError as exc:
+            # Found by audit: "the file is empty" named no file.
+            source = "standard input" if input_file == STDIO else str(input_file)
+            raise InvalidDataError(f"{source}: {exc}") from exc
+        checked.append((stream, summary))
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         ((stream, summary),) = checked

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from persistence.clock import MAX_EXPIRY_HOURS
 from persistence.config.masking import (
     mask_secrets,
     mask_url,
@@ -39,8 +40,6 @@ Backend = Literal["sqlite", "postgresql", "mongodb"]
 DEFAULT_DATABASE_PATH = Path("gemini_sessions.db")
 DEFAULT_MIN_POOL_SIZE = 5
 DEFAULT_MAX_POOL_SIZE = 20
-# About 1,100 years: the cut-off of an expiry (now minus this) stays a valid date.
-MAX_EXPIRY_HOURS = 10_000_000
 SCHEMES: dict[str, tuple[str, ...]] = {
     "sqlite": ("sqlite", "sqlite+aiosqlite"),
     "postgresql": ("postgresql", "postgresql+asyncpg", "postgres"),

@@ -62,7 +62,7 @@ from persistence.storage import (
     searchable_session,
 )
 from persistence.turns import save_turn
-from persistence.validation import storable_text
+from persistence.validation import check_instance, lookup_id
 
 _COMMAND_NOT_FOUND = 59
 
@@ -280,6 +280,7 @@ class MongoDBSessionStorage(SessionStorage):
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+        check_instance(session, ChatSession, "session")
         async with save_turn(self.token, session):
             return await self._save_session(session, force)
 
@@ -308,7 +309,7 @@ class MongoDBSessionStorage(SessionStorage):
 
     async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
         check_last(last)
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return None
         with mongo_errors("load session"):
             return await repositories.read_session(
@@ -333,7 +334,7 @@ class MongoDBSessionStorage(SessionStorage):
                 )
 
     async def delete_session(self, session_id: str) -> bool:
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return False
         with mongo_errors("delete session"):
             async with self._writing() as client_session:
@@ -342,13 +343,14 @@ class MongoDBSessionStorage(SessionStorage):
                 )
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
+        check_instance(file_record, UploadedFileRecord, "file_record")
         with mongo_errors("save file record"):
             async with self._writing() as client_session:
                 await repositories.write_file_record(self.docs, client_session, file_record)
         return True
 
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
-        if not storable_text(file_id):
+        if not lookup_id(file_id, "file_id"):
             return None
         with mongo_errors("load file record"):
             return await repositories.read_file_record(self.docs, None, file_id)

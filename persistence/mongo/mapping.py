@@ -114,6 +114,7 @@ def _base_of_view(source: tuple[SessionSummary, Snapshot], synced: int, foreign_
     metadata taken at the load (the loaded object holds the view's own dict)."""
     view, metadata = source
     return Base(
+        session_id=view.session_id,
         revision=view.revision,
         incarnation=view.incarnation,
         exact=True,

@@ -23,7 +23,7 @@ from persistence.mongo.documents import DocumentSet
 from persistence.mongo.errors import mongo_errors
 from persistence.mongo.updates import Saved, Write
 from persistence.storage import UnitOfWork
-from persistence.validation import storable_text
+from persistence.validation import check_instance, lookup_id
 
 _Write = Callable[[AsyncClientSession], Awaitable[Any]]
 
@@ -44,7 +44,7 @@ class _MongoSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return None
         uow = self._uow
         client_session = uow.client_session()
@@ -61,13 +61,14 @@ class _MongoSessions:
             )
 
     async def add(self, session: ChatSession) -> None:
+        check_instance(session, ChatSession, "session")
         uow = self._uow
         uow.client_session()
         # Bad input is refused here, although the write itself waits for commit().
         uow.hold_save(session, session.plan_save(uow.token))
 
     async def delete(self, session_id: str) -> bool:
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return False
         uow = self._uow
         docs = uow.docs
@@ -92,7 +93,7 @@ class _MongoFiles:
         self._uow = uow
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
-        if not storable_text(file_id):
+        if not lookup_id(file_id, "file_id"):
             return None
         uow = self._uow
         client_session = uow.client_session()
@@ -104,6 +105,7 @@ class _MongoFiles:
             return await repositories.read_file_record(uow.docs, client_session, file_id)
 
     async def add(self, record: UploadedFileRecord) -> None:
+        check_instance(record, UploadedFileRecord, "record")
         uow = self._uow
         docs = uow.docs
 
@@ -115,7 +117,7 @@ class _MongoFiles:
         uow.added_files[record.file_id] = record
 
     async def delete(self, file_id: str) -> bool:
-        if not storable_text(file_id):
+        if not lookup_id(file_id, "file_id"):
             return False
         uow = self._uow
         docs = uow.docs

@@ -245,6 +245,7 @@ def _base_of_row(row: Sequence[Any], synced: int, foreign_at: int) -> Base:
     """The base session_from_row records: the row as read (its metadata's JSON text is
     the snapshot, parsed only if a save needs it)."""
     return Base(
+        session_id=row[0],
         revision=row[7],
         incarnation=row[8],
         exact=True,

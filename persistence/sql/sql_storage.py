@@ -45,7 +45,7 @@ from persistence.storage import (
     searchable_session,
 )
 from persistence.turns import save_turn
-from persistence.validation import storable_text
+from persistence.validation import check_instance, lookup_id
 
 T = TypeVar("T")
 
@@ -236,6 +236,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+        check_instance(session, ChatSession, "session")
         async with save_turn(self.token, session):
             return await self._save_session(session, force)
 
@@ -288,7 +289,7 @@ class SqlSessionStorage(SessionStorage):
 
     async def load_session(self, session_id: str, *, last: int | None = None) -> ChatSession | None:
         check_last(last)
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return None
         if self._one_statement_loads:
             # Its own snapshot: no transaction around it.
@@ -323,7 +324,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def delete_session(self, session_id: str) -> bool:
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return False
         # One DELETE: its messages go by ON DELETE CASCADE, their terms by a trigger.
         return await self._run(
@@ -331,6 +332,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
+        check_instance(file_record, UploadedFileRecord, "file_record")
         await self._run(
             repositories.write_file_record(file_record),
             "save file record",
@@ -340,7 +342,7 @@ class SqlSessionStorage(SessionStorage):
         return True
 
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
-        if not storable_text(file_id):
+        if not lookup_id(file_id, "file_id"):
             return None
         return await self._run(
             repositories.read_file_record(file_id), "load file record", write=False

@@ -71,6 +71,9 @@ def same_file(path: Path, identity: tuple[int, int]) -> None:
         )
 
 
+_URL_SCHEMES = ("sqlite:", "sqlite+", "file:")
+
+
 class SQLiteSessionStorage(SqlSessionStorage):
     """The embedded default: one SQLite file, WAL, foreign keys on, busy timeout.
 
@@ -91,6 +94,12 @@ class SQLiteSessionStorage(SqlSessionStorage):
         version_table: str = VERSION_TABLE,
     ) -> None:
         super().__init__(version_table)
+        if str(database_path).lower().startswith(_URL_SCHEMES):
+            # Found by audit: it made a directory named `sqlite:` and a store in it.
+            raise InvalidDataError(
+                f"database_path: {str(database_path)!r} is a URL; give SQLiteSessionStorage"
+                " the file's path, or the URL to create_storage, StorageConfig or --url"
+            )
         self.database_path = Path(database_path)
         # What is opened and checked: a relative path taken against the directory of the
         # call, so a later chdir (a daemon's) neither fails the file check nor opens

@@ -27,7 +27,7 @@ from persistence.sql.runner import (
 )
 from persistence.sql.writes import Saved
 from persistence.storage import UnitOfWork
-from persistence.validation import storable_text
+from persistence.validation import check_instance, lookup_id
 
 T = TypeVar("T")
 
@@ -52,13 +52,14 @@ class _SqlSessions:
         self._uow = uow
 
     async def get(self, session_id: str) -> ChatSession | None:
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return None
         return await self._uow.run(
             repositories.read_session(session_id, self._uow.token, None), "load session"
         )
 
     async def add(self, session: ChatSession) -> None:
+        check_instance(session, ChatSession, "session")
         uow = self._uow
         plan = session.plan_save(uow.token)
         try:
@@ -74,7 +75,7 @@ class _SqlSessions:
         uow.saved_until_rollback(session, plan, saved)
 
     async def delete(self, session_id: str) -> bool:
-        if not storable_text(session_id):
+        if not lookup_id(session_id, "session_id"):
             return False
         return await self._uow.run(repositories.delete_session(session_id), "delete session")
 
@@ -84,15 +85,16 @@ class _SqlFiles:
         self._uow = uow
 
     async def get(self, file_id: str) -> UploadedFileRecord | None:
-        if not storable_text(file_id):
+        if not lookup_id(file_id, "file_id"):
             return None
         return await self._uow.run(repositories.read_file_record(file_id), "load file record")
 
     async def add(self, record: UploadedFileRecord) -> None:
+        check_instance(record, UploadedFileRecord, "record")
         await self._uow.run(repositories.write_file_record(record), "save file record")
 
     async def delete(self, file_id: str) -> bool:
-        if not storable_text(file_id):
+        if not lookup_id(file_id, "file_id"):
             return False
         return await self._uow.run(repositories.delete_file_record(file_id), "delete file record")
 

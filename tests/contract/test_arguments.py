@@ -1,4 +1,8 @@
-"""Counts given to reads: anything but an int in 0..2**63-1 is refused, alike everywhere."""
+"""Arguments of the wrong kind are refused alike everywhere, naming the argument.
+
+Counts given to reads: anything but an int in 0..2**63-1. Ids given to look something
+up: anything but a string. Objects given to saves: anything but the model itself.
+"""
 
 from __future__ import annotations
 
@@ -48,3 +52,48 @@ async def test_the_largest_counts_are_taken(storage: SessionStorage) -> None:
     assert len(await storage.list_sessions(limit=2**63 - 1)) == 1
     assert await storage.list_sessions(limit=1, offset=2**63 - 1) == []
     assert await storage.list_file_records(limit=2**63 - 1) == []
+
+
+# Found by audit: None or a number as an id raised a bare TypeError from deep inside, and
+# a dict given to a save a bare AttributeError; neither named the argument.
+NOT_IDS: list[Any] = [None, 5, b"s1", ["s1"]]
+
+
+@pytest.mark.parametrize("value", NOT_IDS)
+async def test_lookups_refuse_an_id_that_is_not_a_string(
+    storage: SessionStorage, value: Any
+) -> None:
+    with pytest.raises(InvalidDataError, match="session_id: must be a string"):
+        await storage.load_session(value)
+    with pytest.raises(InvalidDataError, match="session_id: must be a string"):
+        await storage.delete_session(value)
+    with pytest.raises(InvalidDataError, match="file_id: must be a string"):
+        await storage.load_file_record(value)
+    with pytest.raises(InvalidDataError, match="session_ids: must be a string"):
+        await storage.load_sessions(["s1", value])
+    with pytest.raises(InvalidDataError, match="file_ids: must be a string"):
+        await storage.load_file_records([value])
+    async with storage.unit_of_work() as uow:
+        with pytest.raises(InvalidDataError, match="session_id: must be a string"):
+            await uow.sessions.get(value)
+        with pytest.raises(InvalidDataError, match="file_id: must be a string"):
+            await uow.files.get(value)
+
+
+async def test_saves_refuse_what_is_not_the_model(storage: SessionStorage) -> None:
+    session = conversation(1)
+    as_dict = session.model_dump()
+    record = {"file_id": "f1"}
+
+    with pytest.raises(InvalidDataError, match="session: expected ChatSession, got dict"):
+        await storage.save_session(as_dict)  # type: ignore[arg-type]
+    with pytest.raises(InvalidDataError, match="file_record: expected UploadedFileRecord"):
+        await storage.save_file_record(record)  # type: ignore[arg-type]
+    async with storage.unit_of_work() as uow:
+        with pytest.raises(InvalidDataError, match="session: expected ChatSession, got dict"):
+            await uow.sessions.add(as_dict)  # type: ignore[arg-type]
+        with pytest.raises(InvalidDataError, match="record: expected UploadedFileRecord, got dict"):
+            await uow.files.add(record)  # type: ignore[arg-type]
+
+    assert await storage.list_sessions() == []
+    assert await storage.list_file_records() == []

@@ -872,3 +872,47 @@ async def test_a_partial_session_is_never_saved_as_a_shortened_copy_into_another
     partial.add_message("user", "after")
     assert await storage.save_session(partial) is True
     assert (await _load(storage, session.session_id)).message_count == 6
+
+
+@pytest.mark.parametrize("other_id_stored", [False, True])
+async def test_a_loaded_session_given_another_id_is_refused(
+    storage: SessionStorage, other_id_stored: bool
+) -> None:
+    """Found by audit: the save looked for the new id's row and said the session had been
+    deleted, where it had not (and SessionManager then dropped the caller's changes)."""
+    session = await _stored(storage, turns=2)
+    other = await _stored(storage, turns=1) if other_id_stored else None
+    loaded = await _load(storage, session.session_id)
+    loaded.add_message("user", "under another id")
+    loaded.session_id = other.session_id if other is not None else "never-stored"
+
+    with pytest.raises(InvalidDataError, match="a session's id never changes"):
+        await storage.save_session(loaded)
+
+    assert (await _load(storage, session.session_id)).message_count == 2
+    if other is None:
+        assert await storage.load_session("never-stored") is None
+    else:
+        assert (await _load(storage, other.session_id)).message_count == 1
+
+
+async def test_pop_message_on_an_object_carrying_none_of_the_history_is_refused(
+    storage: SessionStorage,
+) -> None:
+    """Found by audit: it returned None, as if the session had no messages."""
+    session = await _stored(storage, turns=3)
+    for carrying_none in (
+        await storage.load_session(session.session_id, last=0),
+        (await storage.list_sessions())[0],
+    ):
+        assert carrying_none is not None and carrying_none.message_count == 3
+        with pytest.raises(InvalidDataError, match="carries none of the session's 3 messages"):
+            carrying_none.pop_message()
+        assert carrying_none.message_count == 3
+
+    tail = await storage.load_session(session.session_id, last=1)
+    assert tail is not None
+    popped = tail.pop_message()
+    assert popped is not None and popped.content == "message 2"
+    await storage.save_session(tail)
+    assert (await _load(storage, session.session_id)).message_count == 2

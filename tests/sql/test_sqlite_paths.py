@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from persistence import ChatSession, SQLiteSessionStorage, StorageConnectionError
+from persistence import (
+    ChatSession,
+    InvalidDataError,
+    SQLiteSessionStorage,
+    StorageConnectionError,
+)
 
 pytestmark = pytest.mark.sqlite
 
@@ -150,3 +155,18 @@ async def test_a_file_name_that_is_not_utf8_is_opened_again(tmp_path: Path) -> N
     finally:
         await storage.close()
     assert all(name.startswith(b"caf\xe9.db") for name in os.listdir(os.fsencode(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///sessions.db", "SQLite+aiosqlite:///sessions.db", "file:sessions.db"]
+)
+def test_a_url_given_as_the_path_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Found by audit: it made a directory named `sqlite:` and a store inside it."""
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(InvalidDataError, match="is a URL; give SQLiteSessionStorage the file"):
+        SQLiteSessionStorage(url)
+
+    assert list(tmp_path.iterdir()) == []
