@@ -244,6 +244,9 @@ class Bookkeeping:
             log_at=plan.log_at,
             foreign_at=plan.foreign_at,
         )
+        # What the store counts (found by audit: messages appended to `messages` directly
+        # were stored, and the object went on counting without them).
+        self.__dict__["message_count"] = private["_omitted"] + len(self._messages())
         if not keep_log:
             self._trim_log()
 

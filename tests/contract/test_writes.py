@@ -526,6 +526,8 @@ async def test_messages_appended_to_the_list_directly_are_saved(storage: Session
 
     loaded = await _load(storage, session.session_id)
     assert [m.message_id for m in loaded.messages][-1] == extra.message_id
+    # The object counts what the store counts (found by audit: it went on saying 1).
+    assert loaded.message_count == session.message_count == 2
 
 
 @pytest.mark.parametrize(
