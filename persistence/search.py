@@ -38,6 +38,10 @@ MAX_SEARCHABLE_CHARS = 1 << 20
 MAX_INDEXED_WORDS = 32
 # Substrings of this length index the words of scripts written without spaces.
 GRAM = 2
+# Gram terms an index looks up for one word: a message holding them all is a candidate,
+# and the word itself decides (found by attack: the 117,000 pieces of one long word
+# overflowed PostgreSQL's tsquery; SQLite took 4 s to AND them).
+MAX_GRAM_TERMS = 64
 # Marks gram tokens: a separator (category Po), so never inside a word, and not ASCII,
 # so SQLite FTS5's ascii tokenizer keeps it inside the token.
 GRAM_MARK = "\u00a7"
@@ -55,6 +59,9 @@ def normalise(text: str) -> str:
 
     The result is stable: normalising it again changes nothing.
     """
+    if text.__class__ is not str:
+        # Found by attack: a str subclass's own isascii() or lower() decided its words.
+        text = str.__str__(text)
     if text.isascii():
         return text.lower()
     folded = unicodedata.normalize("NFKC", text).casefold()
@@ -125,12 +132,14 @@ class QueryWord:
         return GRAM_MARK + self.text if len(self.text) <= GRAM else None
 
     def gram_terms(self) -> list[str]:
-        """Exact gram terms every match holds (a word longer than GRAM), else none."""
+        """Exact gram terms every match holds (a word longer than GRAM), else none: its
+        first MAX_GRAM_TERMS distinct ones."""
         if not self.anywhere or len(self.text) <= GRAM:
             return []
-        return list(
-            dict.fromkeys(GRAM_MARK + self.text[i : i + GRAM] for i in range(len(self.text) - 1))
+        terms = dict.fromkeys(
+            GRAM_MARK + self.text[i : i + GRAM] for i in range(len(self.text) - 1)
         )
+        return list(terms)[:MAX_GRAM_TERMS]
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,10 @@ from persistence.sql.tables import MessageRow
 # PostgreSQL cuts index terms to this many characters (revision 0003's
 # persistence_search_terms), and indexes a document whose terms pass 1 MB as OVERFLOW.
 POSTGRESQL_TERM_CHARS = 200
+# FTS5 cuts every token, stored or queried, to 32,768 bytes: a longer word that must
+# begin a message's word is rechecked, as one past PostgreSQL's cut is (found by attack:
+# it matched every word with the same first 32,768 bytes). Bytes, with a margin.
+SQLITE_TERM_BYTES = 32_000
 OVERFLOW_TERM = GRAM_MARK * 2
 # Above every row id and position.
 TOP = 2**62
@@ -358,6 +362,13 @@ def _index_terms(word: QueryWord, dialect: str) -> str:
     return " AND ".join(f'"{term}"' for term in terms)
 
 
+def _cut_by_the_index(dialect: str, word: str) -> bool:
+    if dialect == "postgresql":
+        return len(word) > POSTGRESQL_TERM_CHARS
+    # At most 4 bytes a character: a word this short fits whatever its script.
+    return len(word) * 4 > SQLITE_TERM_BYTES and len(word.encode()) > SQLITE_TERM_BYTES
+
+
 def index_parameters(
     dialect: str, words: list[QueryWord], chosen: QueryWord
 ) -> tuple[Arity, dict[str, Any]]:
@@ -367,7 +378,7 @@ def index_parameters(
     contains = [word.text for word in words if word.anywhere and word != chosen]
     if chosen.anywhere and chosen.prefix_term() is None:
         contains.append(chosen.text)
-    if dialect == "postgresql" and not chosen.anywhere and len(chosen.text) > POSTGRESQL_TERM_CHARS:
+    if not chosen.anywhere and _cut_by_the_index(dialect, chosen.text):
         starts.append(chosen.text)
     recheck, params = word_parameters(dialect, starts, contains, "recheck_")
     if dialect == "postgresql":

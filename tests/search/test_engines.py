@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import AsyncIterator
 
@@ -280,6 +281,56 @@ async def test_a_megabyte_of_distinct_words_is_stored_and_searchable_to_its_end(
     for query in (words[-1], words[80_000], "w1", words[-1] + " " + words[0]):
         found = await sql_storage.search_messages(query)
         assert [m.message_id for m in found] == [message.message_id], query
+
+
+async def _behind_newer_rows(storage: SessionStorage, *contents: str) -> list[str]:
+    """Stores `contents`, then more newer messages than the first probe reads, so a
+    search of them goes to the index; returns their message ids."""
+    old = ChatSession.create("m")
+    ids = [old.add_message("user", content).message_id for content in contents]
+    await storage.save_session(old)
+    newer = ChatSession.create("m")
+    for _ in range(PROBE_ROWS + 2):
+        newer.add_message("user", "x")
+    await storage.save_session(newer)
+    return ids
+
+
+async def test_a_query_word_past_fts5s_token_cut_finds_only_words_it_begins(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: FTS5 cuts tokens, stored and queried, to 32,768 bytes, and the
+    index's word was not rechecked on SQLite (it is on PostgreSQL past its own cut): a
+    query word longer than that matched every word with its first 32,768 bytes, and
+    only once a first search had indexed the messages."""
+    stem = "a" * 32_768
+    (ending_c,) = await _behind_newer_rows(sql_storage, stem + "c")
+
+    for _ in range(2):  # pending rows are tested in Python; then through the index
+        assert await sql_storage.search_messages(stem + "b") == []
+        found = await sql_storage.search_messages(stem + "c")
+        assert [m.message_id for m in found] == [ending_c]
+    assert [m.message_id for m in await sql_storage.search_messages(stem)] == [ending_c]
+
+
+async def test_a_word_of_a_script_without_spaces_of_any_length_is_found(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: each two-character piece of such a word was an index term, and
+    past about 117,000 distinct pieces PostgreSQL refused the query ("value is too big in
+    tsquery"); SQLite took 4 s. The index now looks up at most MAX_GRAM_TERMS of them,
+    and the recheck decides the word."""
+    shuffled = random.Random(0)
+    word = "".join(chr(shuffled.randrange(0x4E00, 0x9FA5)) for _ in range(120_000))
+    assert len({word[i : i + 2] for i in range(len(word) - 1)}) > 117_000
+    whole, half = await _behind_newer_rows(sql_storage, word, word[:60_000])
+
+    for _ in range(2):
+        found = await sql_storage.search_messages(word)
+        assert [m.message_id for m in found] == [whole]
+        found = await sql_storage.search_messages(word[:60_000])
+        assert [m.message_id for m in found] == [half, whole]
+    assert await sql_storage.search_messages(word[:1000] + word[2000:3000]) == []
 
 
 def test_every_query_reduces_to_terms_no_engine_reads_as_syntax() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from persistence.search import (
     GRAM_MARK,
+    MAX_GRAM_TERMS,
     MAX_INDEXED_WORDS,
     MAX_SEARCHABLE_CHARS,
     QueryWord,
@@ -151,3 +152,31 @@ def test_matching_a_long_ascii_content_looks_only_as_far_as_its_document() -> No
     assert parsed.matches_content("2zebra zebrafish") is True
     assert parsed.matches_content("2zebra") is False
     assert parsed.matches_content("snake_zebra") is True
+
+
+def test_a_str_subclass_is_read_as_its_text() -> None:
+    """Found by attack: a subclass's own isascii() or lower() decided its words."""
+
+    class Sneaky(str):
+        __slots__ = ()
+
+        def isascii(self) -> bool:
+            return False
+
+        def lower(self) -> str:
+            return "nothing"
+
+        def casefold(self) -> str:
+            return "nothing"
+
+    assert words(Sneaky("Abc DÉF")) == words("Abc DÉF") == ["abc", "def"]
+    assert parse_query(Sneaky("Abc")) == parse_query("Abc")
+
+
+def test_a_long_spaceless_word_gives_at_most_max_gram_terms() -> None:
+    word = "".join(chr(0x4E00 + n) for n in range(1000))
+    parsed = parse_query(word)
+    assert parsed is not None
+    assert parsed.gram_terms == tuple(GRAM_MARK + word[i : i + 2] for i in range(MAX_GRAM_TERMS))
+    assert parsed.matches(search_document("前" + word + "後"))
+    assert not parsed.matches(search_document(word[:999]))
