@@ -147,14 +147,7 @@ class Bookkeeping:
                 foreign_at=messages.foreign_changes,
                 epoch=private["_epoch"],
             )
-        if base.session_id != self.session_id:
-            # Found by audit: the save looked for the new id's row, found none, and said
-            # the session had been deleted.
-            raise InvalidDataError(
-                f"session_id: this object was loaded or saved as {base.session_id!r} and now"
-                f" says {self.session_id!r}; a session's id never changes (create a new"
-                " session under the other id)"
-            )
+        _refuse_changed_id(base, self.session_id)
         if messages.foreign_changes != base.foreign_at:
             raise InvalidDataError(
                 f"session {self.session_id!r}: {messages.first_foreign} directly in"
@@ -244,8 +237,9 @@ class Bookkeeping:
             log_at=plan.log_at,
             foreign_at=plan.foreign_at,
         )
-        # What the store counts (found by audit: messages appended to `messages` directly
-        # were stored, and the object went on counting without them).
+        # What this object knows of the store: its omitted messages and those it carries
+        # (found by audit: messages appended to `messages` directly were stored, and the
+        # object went on counting without them). Others' appends it merged are not here.
         self.__dict__["message_count"] = private["_omitted"] + len(self._messages())
         if not keep_log:
             self._trim_log()
@@ -349,10 +343,19 @@ class Bookkeeping:
                 for plan in sent:
                     unconfirmed.add(plan)
 
+    def refuse_changed_id(self) -> None:
+        """Refuses an object given another id than it was loaded or saved under.
+
+        Raises:
+            InvalidDataError: naming both ids.
+        """
+        for base in self._known().values():
+            _refuse_changed_id(base, self.session_id)
+
     def has_changes_for(self, token: str) -> bool:
         """Whether storage `token` lacks something of this object (True if it never held it)."""
         base = self._known().get(token)
-        if base is None or not base.certain:
+        if base is None or not base.certain or base.session_id != self.session_id:
             return True
         messages = self._messages()
         if (
@@ -437,3 +440,14 @@ def _check_message_metadata(message: ChatMessage) -> None:
     would reach the driver, or one backend would keep what another refuses)."""
     if message.metadata:
         check_json_object(message.metadata, f"message {message.message_id!r} metadata")
+
+
+def _refuse_changed_id(base: Base, session_id: str) -> None:
+    if base.session_id != session_id:
+        # Found by audit: the save looked for the new id's row, found none, and said the
+        # session had been deleted (and SessionManager cached it under the new id).
+        raise InvalidDataError(
+            f"session_id: this object was loaded or saved as {base.session_id!r} and now"
+            f" says {session_id!r}; a session's id never changes (create a new session"
+            " under the other id)"
+        )

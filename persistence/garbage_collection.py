@@ -31,9 +31,10 @@ _process = os.getpid()
 def collection_paused() -> Iterator[None]:
     """Holds off cyclic garbage collection inside the block (nestable, thread-safe)."""
     global _pauses, _resume
+    if _process != os.getpid():
+        # A fork made in C, with no hook run: the lock may be one another thread held.
+        _after_fork_in_child()
     with _lock:
-        if _process != os.getpid():
-            _forget_the_parents()
         if _pauses == 0:
             _resume = gc.isenabled()
             gc.disable()

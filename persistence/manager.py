@@ -20,8 +20,20 @@ from persistence.models import ChatSession
 from persistence.session_cache import SessionCache
 from persistence.storage import SessionStorage
 from persistence.turns import Turns
+from persistence.validation import check_instance, lookup_id
 
 logger = logging.getLogger(__name__)
+
+
+def _check_session(session: ChatSession) -> None:
+    """Refuses what is not a ChatSession, or one given another id than it had.
+
+    Raises:
+        InvalidDataError: naming the problem (found by review: a dict raised a bare
+            AttributeError, and a renamed object was cached under its new id).
+    """
+    check_instance(session, ChatSession, "session")
+    session.refuse_changed_id()
 
 
 def _cache_bound(bound: int) -> int:
@@ -253,6 +265,7 @@ class SessionManager:
             InvalidDataError: if `last` is negative.
             PersistenceError: if the backend fails.
         """
+        lookup_id(session_id, "session_id")
         if (cached := self._cached_enough(session_id, last)) is not None:
             return cached
         # One load of a session at a time: a second caller gets the first one's object.
@@ -306,6 +319,7 @@ class SessionManager:
                 changed in a way the model cannot express.
             PersistenceError: if the backend fails.
         """
+        _check_session(session)
         await self._remember(session)
         return await self._write(session)
 
@@ -318,6 +332,7 @@ class SessionManager:
         Raises:
             PersistenceError: if the backend fails.
         """
+        lookup_id(session_id, "session_id")
         self._cache.forget_id(session_id)
         return await self.storage.delete_session(session_id)
 
@@ -337,6 +352,7 @@ class SessionManager:
         Raises:
             PersistenceError: if the backend fails.
         """
+        _check_session(session)
         if not self.auto_save_enabled:
             # Held again, in case it left the cache: eviction and shutdown() save it.
             await self._remember(session)
@@ -356,6 +372,7 @@ class SessionManager:
         Raises:
             PersistenceError: if the backend fails.
         """
+        lookup_id(session_id, "session_id")
         cached = self._cache.get(session_id)
         if cached is not None:
             cached.status = "archived"

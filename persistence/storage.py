@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +66,8 @@ def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:
             f"{field}: expected a sequence of ids, got one string {ids!r}"
             f" (wrap it in a list: [{ids!r}])"
         )
+    if not isinstance(ids, Iterable):
+        raise InvalidDataError(f"{field}: expected a sequence of ids, got {type(ids).__name__}")
     return [identifier for identifier in ids if lookup_id(identifier, field)]
 
 
@@ -300,8 +302,9 @@ class SessionStorage(ABC):
                 message since this object's last load or save (nothing written; never
                 with `force`).
             SessionDeletedError: the session was deleted since (nothing written).
-            InvalidDataError: a change the model cannot express, or a message that
-                belongs to another session or repeats an id (nothing written).
+            InvalidDataError: a change the model cannot express, a message that belongs
+                to another session or repeats an id, an id changed since the load, or
+                `session` not a ChatSession (nothing written).
             PersistenceError: if the backend fails.
         """
 
@@ -313,12 +316,16 @@ class SessionStorage(ABC):
         `message_count` still the full count.
 
         Raises:
-            InvalidDataError: if `last` is negative.
+            InvalidDataError: if `last` is not a count, or `session_id` not a string.
         """
 
     @abstractmethod
     async def load_sessions(self, session_ids: Sequence[str]) -> list[ChatSession]:
-        """Returns the sessions among `session_ids` that exist, with their messages."""
+        """Returns the sessions among `session_ids` that exist, with their messages.
+
+        Raises:
+            InvalidDataError: `session_ids` is not a sequence of strings.
+        """
 
     @abstractmethod
     async def list_sessions(
@@ -328,15 +335,27 @@ class SessionStorage(ABC):
 
     @abstractmethod
     async def delete_session(self, session_id: str) -> bool:
-        """Removes the session and its messages; False if it did not exist."""
+        """Removes the session and its messages; False if it did not exist.
+
+        Raises:
+            InvalidDataError: `session_id` is not a string.
+        """
 
     @abstractmethod
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
-        """Upserts a file record."""
+        """Upserts a file record.
+
+        Raises:
+            InvalidDataError: `file_record` is not an UploadedFileRecord.
+        """
 
     @abstractmethod
     async def load_file_record(self, file_id: str) -> UploadedFileRecord | None:
-        """Returns the file record, or None."""
+        """Returns the file record, or None.
+
+        Raises:
+            InvalidDataError: `file_id` is not a string.
+        """
 
     @abstractmethod
     async def list_file_records(self, limit: int = 100) -> list[UploadedFileRecord]:

@@ -7,6 +7,7 @@ migrated to any other.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
@@ -60,11 +61,31 @@ def lookup_id(value: str, field: str) -> bool:
 
 
 def check_instance(value: object, kind: type, field: str) -> None:
-    """Raises:
-    InvalidDataError: `value` is not a `kind`, naming `field` (found by attack: a dict
-        given to a save raised a bare AttributeError)."""
+    """Refuses what is not a `kind` (API.md: bad input raises a ValueError subclass).
+
+    Raises:
+        InvalidDataError: naming `field` (found by audit: a dict given to a save raised a
+            bare AttributeError).
+    """
     if not isinstance(value, kind):
         raise InvalidDataError(f"{field}: expected {kind.__name__}, got {type(value).__name__}")
+
+
+def check_instances(values: object, kind: type, field: str) -> None:
+    """Refuses a collection of which an element is not a `kind`, or no collection.
+
+    Raises:
+        InvalidDataError: naming `field` and the first element that is not.
+    """
+    if isinstance(values, str | bytes | dict) or not isinstance(values, Collection):
+        raise InvalidDataError(
+            f"{field}: expected a list of {kind.__name__}, got {type(values).__name__}"
+        )
+    for index, value in enumerate(values):
+        if not isinstance(value, kind):
+            raise InvalidDataError(
+                f"{field}[{index}]: expected {kind.__name__}, got {type(value).__name__}"
+            )
 
 
 def storable_text(value: str) -> bool:

@@ -386,3 +386,37 @@ def test_bad_settings_are_refused(sqlite_path: Path) -> None:
         with pytest.raises(InvalidDataError, match="expiry_hours"):
             SessionManager(storage, expiry_hours=hours)  # type: ignore[arg-type]
     assert SessionManager(storage, max_cached_sessions=1, expiry_hours=0.5) is not None
+
+
+async def test_bad_arguments_are_refused_before_the_cache(sqlite_path: Path) -> None:
+    """Found by review: a dict given to save_session or auto_save raised a bare
+    AttributeError, a list as an id a TypeError from the cache; a loaded session given
+    another id was cached under it."""
+    from persistence import SQLiteSessionStorage
+
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    manager = SessionManager(storage)
+    try:
+        for call in (manager.save_session, manager.auto_save):
+            with pytest.raises(InvalidDataError, match="session: expected ChatSession"):
+                await call({"session_id": "s"})  # type: ignore[arg-type]
+        for call in (manager.get_session, manager.delete_session, manager.archive_session):
+            with pytest.raises(InvalidDataError, match="session_id: must be a string"):
+                await call(["s"])  # type: ignore[arg-type]
+
+        session = await manager.create_session("m")
+        session.add_message("user", "hello")
+        await manager.save_session(session)
+        first_id = session.session_id
+        session.session_id = "another-id"
+        for call in (manager.save_session, manager.auto_save):
+            with pytest.raises(InvalidDataError, match="a session's id never changes"):
+                await call(session)
+        assert await manager.get_session("another-id") is None
+        stored = await storage.load_session(first_id)
+        assert stored is not None and stored.message_count == 1
+        session.session_id = first_id  # else shutdown() cannot save it, and says so
+    finally:
+        await manager.shutdown()
+        await storage.close()

@@ -62,7 +62,7 @@ from persistence.storage import (
     searchable_session,
 )
 from persistence.turns import save_turn
-from persistence.validation import check_instance, lookup_id
+from persistence.validation import check_instance, check_instances, lookup_id
 
 _COMMAND_NOT_FOUND = 59
 
@@ -449,6 +449,7 @@ class MongoDBSessionStorage(SessionStorage):
                 )
 
     async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        check_instances(sessions, ChatSession, "sessions")
         documents = bulk.documents_for_insert(sessions)
         if not documents:
             return True
@@ -459,6 +460,7 @@ class MongoDBSessionStorage(SessionStorage):
             )
 
     async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:
+        check_instances(records, UploadedFileRecord, "records")
         with mongo_errors("insert file records"):
             async with self._writing() as client_session:
                 return await repositories.insert_absent_file_records(

@@ -38,8 +38,11 @@ class Opener:
         return self.pid == os.getpid()
 
     def check(self, backend: str, where: str) -> None:
-        """Raises:
-        PersistenceError: this is another process (a fork's child), naming both."""
+        """Refuses any process but the opener.
+
+        Raises:
+            PersistenceError: this is another process (a fork's child), naming both.
+        """
         now = os.getpid()
         if now != self.pid:
             raise PersistenceError(

@@ -45,7 +45,7 @@ from persistence.storage import (
     searchable_session,
 )
 from persistence.turns import save_turn
-from persistence.validation import check_instance, lookup_id
+from persistence.validation import check_instance, check_instances, lookup_id
 
 T = TypeVar("T")
 
@@ -132,8 +132,11 @@ class SqlSessionStorage(SessionStorage):
         return self._engine
 
     def _check_process(self) -> None:
-        """Raises:
-        PersistenceError: this process is a fork's child of the one that opened it."""
+        """Refuses a fork's child the storage its parent opened (forks.py).
+
+        Raises:
+            PersistenceError: this process is not the one that opened it.
+        """
         if self._opener is not None:
             self._opener.check(self.backend_name, self._where)
 
@@ -171,7 +174,8 @@ class SqlSessionStorage(SessionStorage):
                 async with self._engine.execution_options(**WRITE_OPTIONS).connect() as connection:
                     await connection.run_sync(partial(migrate, version_table=table, where=where))
         except BaseException:
-            engine, self._engine = self._engine, None
+            # Not opened: a fork's child may open it (found by review: refused for good).
+            engine, self._engine, self._opener = self._engine, None, None
             if engine is not None:
                 with sql_errors("close"):
                     await engine.dispose()
@@ -478,6 +482,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
+        check_instances(sessions, ChatSession, "sessions")
         new_sessions.check_new_sessions(sessions)
         if not sessions:
             return True
@@ -492,6 +497,7 @@ class SqlSessionStorage(SessionStorage):
         return True
 
     async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:
+        check_instances(records, UploadedFileRecord, "records")
         if not records:
             return []
         return await self._run(

@@ -97,3 +97,22 @@ async def test_saves_refuse_what_is_not_the_model(storage: SessionStorage) -> No
 
     assert await storage.list_sessions() == []
     assert await storage.list_file_records() == []
+
+
+async def test_bulk_inserts_and_lookups_refuse_what_is_not_a_list_of_their_kind(
+    storage: SessionStorage,
+) -> None:
+    """Found by review: a dict among the sessions raised a bare AttributeError, None as
+    the list of ids a bare TypeError."""
+    session = conversation(1)
+    with pytest.raises(InvalidDataError, match=r"sessions\[1\]: expected ChatSession"):
+        await storage.insert_sessions([session, session.model_dump()])  # type: ignore[list-item]
+    with pytest.raises(InvalidDataError, match=r"records\[0\]: expected UploadedFileRecord"):
+        await storage.insert_file_records([{"file_id": "f"}])  # type: ignore[list-item]
+    with pytest.raises(InvalidDataError, match="sessions: expected a list of ChatSession"):
+        await storage.insert_sessions(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidDataError, match="session_ids: expected a sequence of ids"):
+        await storage.load_sessions(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidDataError, match="file_ids: expected a sequence of ids"):
+        await storage.load_file_records(5)  # type: ignore[arg-type]
+    assert await storage.list_sessions() == []

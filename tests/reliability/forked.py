@@ -2,13 +2,16 @@
 
     python forked.py sqlite|postgresql TARGET use|drop FORK
     python forked.py gc - pause FORK
+    python forked.py sqlite TARGET failed FORK
 
 TARGET is a SQLite file or a PostgreSQL URL; FORK is `os` (os.fork) or `libc` (libc's
 fork() through ctypes, which runs none of Python's at-fork hooks, as uWSGI's workers).
 
 - use: the child calls the inherited storage on a loop of its own and closes it;
 - drop: the child lets go of it (the garbage collector) without a call;
-- pause: the child is forked while another thread holds collection_paused().
+- pause: the child is forked while another thread holds collection_paused();
+- failed: the parent's initialize() fails after its engine was made, and the child
+  opens the same storage.
 
 The child then exits through the interpreter's own shutdown (`os`), and the parent
 saves and loads through its storage after the child has gone. One JSON object is
@@ -22,6 +25,7 @@ import ctypes
 import gc
 import json
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -29,6 +33,7 @@ from typing import Any
 
 from persistence import ChatSession, PostgreSQLSessionStorage, SQLiteSessionStorage
 from persistence.garbage_collection import collection_paused
+from persistence.sql.schema import VERSION_TABLE
 from persistence.storage import SessionStorage
 
 WAIT = 10.0
@@ -112,6 +117,51 @@ def storage_then_fork(backend: str, target: str, mode: str, how: str) -> dict[st
     return {"child": child, "child_status": status, "parent": parent}
 
 
+async def _open_save_load(storage: SessionStorage) -> str:
+    await storage.initialize()
+    session = ChatSession.create("m")
+    session.add_message("user", "from the child")
+    await storage.save_session(session)
+    loaded = await storage.load_session(session.session_id)
+    await storage.close()
+    return "ok" if loaded is not None and loaded.message_count == 1 else "not stored"
+
+
+def failed_open_then_fork(target: str, how: str) -> dict[str, Any]:
+    """The parent's initialize() fails after its engine was made (the store's version
+    row names a revision this version does not know); the child puts the row right and
+    opens the same storage object."""
+    asyncio.run(_open_save_load(SQLiteSessionStorage(target)))
+    with sqlite3.connect(target) as connection:
+        (head,) = connection.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()
+        connection.execute(f"UPDATE {VERSION_TABLE} SET version_num = '9999'")
+    connection.close()
+    storage = SQLiteSessionStorage(target)
+    try:
+        asyncio.run(storage.initialize())
+        parent = "opened"
+    except Exception as exc:
+        parent = type(exc).__name__
+    read_end, write_end = os.pipe()
+    pid = _fork(how)
+    if pid == 0:
+        os.close(read_end)
+        with sqlite3.connect(target) as connection:
+            connection.execute(f"UPDATE {VERSION_TABLE} SET version_num = ?", (head,))
+        connection.close()
+        try:
+            child = asyncio.run(_open_save_load(storage))
+        except Exception as exc:
+            child = f"{type(exc).__name__}: {exc}"
+        _report_from_child(write_end, {"open": child})
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        report = json.loads(pipe.read() or "{}")
+    os.waitpid(pid, 0)
+    return {"parent": parent, "child": report}
+
+
 def pause_then_fork(how: str) -> dict[str, Any]:
     held, release = threading.Event(), threading.Event()
 
@@ -152,6 +202,8 @@ def main() -> None:
     backend, target, mode, how = sys.argv[1:5]
     if mode == "pause":
         print(json.dumps(pause_then_fork(how)))
+    elif mode == "failed":
+        print(json.dumps(failed_open_then_fork(target, how)))
     else:
         print(json.dumps(storage_then_fork(backend, target, mode, how)))
 

@@ -77,3 +77,14 @@ def test_a_child_forked_during_a_pause_collects_again(fork: str) -> None:
     assert result["child"]["could pause"] is True
     assert result["child"]["enabled after"] is True
     assert result["parent enabled"] is True
+
+
+@pytest.mark.parametrize("fork", FORKS)
+def test_a_storage_whose_open_failed_in_the_parent_opens_in_a_child(
+    tmp_path: Path, fork: str
+) -> None:
+    """Found by review: the failed open left the storage the parent's, so every forked
+    worker of a service whose database was down at start-up was refused for good."""
+    result = _run("sqlite", str(tmp_path / "sessions.db"), "failed", fork)
+
+    assert result == {"parent": "SchemaVersionError", "child": {"open": "ok"}}
