@@ -37,16 +37,11 @@ class Opener:
     def here(self) -> bool:
         return self.pid == os.getpid()
 
-    def check(self, backend: str, where: str) -> None:
-        """Refuses any process but the opener.
-
-        Raises:
-            PersistenceError: this is another process (a fork's child), naming both.
-        """
-        now = os.getpid()
-        if now != self.pid:
-            raise PersistenceError(
-                f"{backend} storage {where} was opened in process {self.pid} and is used in"
-                f" process {now}, a fork of it: its connections belong to that process;"
-                " open a new storage in this one (this one is left to the parent)"
-            )
+    def refusal(self, backend: str, where: str) -> PersistenceError:
+        """The error for a call made in another process than the opener (a fork's
+        child), naming both."""
+        return PersistenceError(
+            f"{backend} storage {where} was opened in process {self.pid} and is used in"
+            f" process {os.getpid()}, a fork of it: its connections belong to that process;"
+            " open a new storage in this one (this one is left to the parent)"
+        )
