@@ -139,7 +139,8 @@ class SqlSessionStorage(SessionStorage):
         """
         # `_where` only on refusal: naming a PostgreSQL URL without its password takes
         # 3.4 us, which every call paid until a profile of appends showed it.
-        if self._opener is not None and not self._opener.here():
+        if self._carried_into_child():
+            assert self._opener is not None
             raise self._opener.refusal(self.backend_name, self._where)
 
     def _carried_into_child(self) -> bool:

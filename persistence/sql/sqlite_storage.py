@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.errors import (
@@ -214,23 +215,28 @@ class SQLiteSessionStorage(SqlSessionStorage):
         return super()._may_index() and self.token not in open_units_of_work()
 
     def _opened_connection(self) -> aiosqlite.Connection:
-        if self._connection is None:
-            if self._closed:
-                raise PersistenceError("sqlite storage is closed")
+        return self._connection_and_dialect()[0]
+
+    def _connection_and_dialect(self) -> tuple[aiosqlite.Connection, Dialect]:
+        """The connection and the engine's dialect, with the storage's checks made once
+        (a call's hot path: `engine` would make them again)."""
+        if self._closed:
+            raise PersistenceError("sqlite storage is closed")
+        if self._connection is None or self._engine is None:
             raise PersistenceError("sqlite storage is not initialized: await initialize() first")
         self._check_process()
-        return self._connection
+        return self._connection, self._engine.dialect
 
     async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:
         if wait:
             return await super()._index_batch(wait=True)
         # Without waiting for the write lock: a search never queues behind a writer.
-        connection = self._opened_connection()
+        connection, dialect = self._connection_and_dialect()
         with sql_errors("index messages"):
             ran, written = await run_in_thread(
                 connection,
                 run_unless_locked,
-                self.engine.dialect,
+                dialect,
                 indexing.index_some(),
                 int(self._busy_timeout * 1000),
                 self._file_check,
@@ -247,8 +253,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         single: bool = False,
     ) -> T:
         # Reads too run in a transaction: it costs nothing within the one thread hop.
-        dialect = self.engine.dialect
-        connection = self._opened_connection()
+        connection, dialect = self._connection_and_dialect()
         if write:
             self._refuse_writes(action)
         if write and self.token in open_units_of_work():
