@@ -25,7 +25,7 @@ from persistence.errors import (
 )
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo import bulk, repositories, writes
-from persistence.mongo.backfill import backfill_search_tokens
+from persistence.mongo.backfill import backfill_search_tokens, drop_retired_indexes
 from persistence.mongo.connection import (
     check_connection_string,
     check_database_name,
@@ -217,6 +217,7 @@ class MongoDBSessionStorage(SessionStorage):
                     indexes_to_create(indexes, sharded_cluster=router)
                 )
             if create_indexes:
+                await drop_retired_indexes(database)
                 await backfill_search_tokens(database)
             reading = docs
             if self.read_preference is not None:
@@ -456,7 +457,11 @@ class MongoDBSessionStorage(SessionStorage):
         self._refuse_writes()
         with mongo_errors("insert sessions"):
             return await bulk.insert_documents(
-                self.client, self.docs, documents, transactional=self.supports_transactions
+                self.client,
+                self.docs,
+                documents,
+                transactional=self.supports_transactions,
+                clock=self._clock,
             )
 
     async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:

@@ -51,6 +51,25 @@ def token_update(document: dict[str, Any]) -> UpdateOne | None:
     return UpdateOne(guard, {"$set": tokens})
 
 
+# Before its own search rule (issue 12), the backend searched through a `$text` index on
+# every message's content. Kept, it made every write to `messages` tokenize the whole
+# history again for an index nothing reads (found by review).
+RETIRED_SESSION_INDEXES = ("tx_chat_sessions_content",)
+
+
+async def drop_retired_indexes(database: Any) -> list[str]:
+    """Drops the indexes earlier versions created that nothing reads; returns their names.
+
+    `database` is a PyMongo AsyncDatabase of the store.
+    """
+    sessions = database[SESSIONS_COLLECTION]
+    names = await sessions.index_information()
+    retired = [name for name in RETIRED_SESSION_INDEXES if name in names]
+    for name in retired:
+        await sessions.drop_index(name)
+    return retired
+
+
 async def backfill_search_tokens(database: Any, batch_size: int = BATCH_SIZE) -> int:
     """Sets missing search tokens; returns how many sessions it updated.
 

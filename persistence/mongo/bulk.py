@@ -8,7 +8,7 @@ transaction where the server has them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bson
 from bson import ObjectId
@@ -20,6 +20,9 @@ from persistence.models import ChatSession
 from persistence.mongo.documents import DocumentSet
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
 from persistence.mongo.mapping import document_from_session
+
+if TYPE_CHECKING:
+    from persistence.mongo.reads import CausalClock
 
 _DUPLICATE_KEY = 11000
 
@@ -74,6 +77,7 @@ async def insert_documents(
     documents: list[dict[str, Any]],
     *,
     transactional: bool,
+    clock: CausalClock | None = None,
 ) -> bool:
     """Inserts the documents all or nothing; False if one of their ids is already stored.
 
@@ -83,10 +87,12 @@ async def insert_documents(
     (`undo_filter`): nothing else of the batch stays, though another reader may have
     seen them meanwhile, and a session another writer saved to meanwhile is its
     (an acknowledged write is never deleted). A connection lost during the insert
-    leaves what it inserted.
+    leaves what it inserted. `clock` (the storage's, where reads are routed) observes
+    the insert, so that the storage's routed reads come after it (found by review: a
+    list or a search right after an import or a migrate could miss it).
     """
     collection = docs.sessions.get_pymongo_collection()
-    client_session = client.start_session()
+    client_session = client.start_session() if clock is None else clock.session(client)
     try:
         if transactional:
             await client_session.start_transaction(read_preference=ReadPreference.PRIMARY)
@@ -107,6 +113,8 @@ async def insert_documents(
     finally:
         if client_session.in_transaction:
             await client_session.abort_transaction()
+        if clock is not None:
+            clock.observe(client_session)
         await client_session.end_session()
 
 

@@ -98,13 +98,23 @@ def has_transactions(hello: Mapping[str, Any]) -> bool:
 
 
 def indexes_to_create(indexes: Sequence[IndexModel], *, sharded_cluster: bool) -> list[IndexModel]:
-    """The indexes to create; on a sharded cluster, no unique one.
+    """The indexes to create; on a sharded cluster, each unique one as a plain index.
 
     MongoDB keeps a unique index on a sharded collection only where the shard key
     prefixes it, so the one on message ids would stop `chat_sessions` being sharded
     by `_id`. There a message id stays unique within its session through the saves'
-    own guard; across sessions nothing enforces it (ids are random UUIDs).
+    own guard; across sessions nothing enforces it (ids are random UUIDs). The index
+    stays, not unique (`ix_` for `ux_`): found by review, without it every save's look
+    for the message ids it adds scanned the whole collection on every shard.
     """
     if not sharded_cluster:
         return list(indexes)
-    return [index for index in indexes if not index.document.get("unique")]
+    return [_not_unique(index) if index.document.get("unique") else index for index in indexes]
+
+
+def _not_unique(index: IndexModel) -> IndexModel:
+    document = dict(index.document)
+    keys = list(document.pop("key").items())
+    document.pop("unique")
+    name = document.pop("name")
+    return IndexModel(keys, name="ix_" + name.removeprefix("ux_"), **document)

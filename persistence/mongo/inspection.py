@@ -99,9 +99,12 @@ class Inspection:
                 taken[message.message_id] = holder
         return taken
 
-    def prepare(self, plan: SavePlan, incarnation: str, *, force: bool = False) -> Write:
-        """`prepare` for one of the plans this inspection was run for."""
-        stored = self.stored(plan.session_id)
+    def prepare(
+        self, plan: SavePlan, incarnation: str, *, force: bool = False, absent: bool = False
+    ) -> Write:
+        """`prepare` for one of the plans this inspection was run for; with `absent`, as
+        if its session were not stored (it is deleted before the write)."""
+        stored = None if absent else self.stored(plan.session_id)
         return prepare(plan, stored, self.taken(plan), incarnation, force=force)
 
 

@@ -69,7 +69,11 @@ def split_read_preference(
 
     Returns the URL without `readPreference`, `readPreferenceTags` and
     `maxStalenessSeconds`, and the read preference of the routed reads: `mode` if
-    given, else the URL's; None where it is the primary (nothing to route).
+    given, else the URL's; None where it is the primary (nothing to route). Routed
+    reads keep secondaries more than MIN_MAX_STALENESS seconds behind out unless the
+    URL sets `maxStalenessSeconds` (-1: no limit): found by review, without it a read
+    landed on a far-behind secondary and waited for it to apply this storage's writes,
+    where API.md skips a replica lagging too far.
 
     Raises:
         InvalidDataError: for an unknown mode, malformed tags or a bad staleness.
@@ -78,7 +82,7 @@ def split_read_preference(
     kept: list[str] = []
     url_mode: str | None = None
     tag_sets: list[dict[str, str]] = []
-    staleness = -1
+    staleness: int | None = None
     for part in query.split("&") if query else []:
         pairs = parse_qsl(part, keep_blank_values=True)
         key, value = pairs[0] if pairs else (part, "")
@@ -98,7 +102,7 @@ def split_read_preference(
                 ) from None
     url = base + ("?" + "&".join(kept) if kept else "")
     chosen = mode if mode is not None else url_mode
-    if chosen is None and not tag_sets and staleness == -1:
+    if chosen is None and not tag_sets and staleness is None:
         return url, None
     lowered_mode = (chosen or "primary").lower()
     kind = _MODES.get(lowered_mode)
@@ -108,11 +112,13 @@ def split_read_preference(
             " secondary, secondaryPreferred, nearest"
         )
     if kind is None:
-        if tag_sets or staleness != -1:
+        if tag_sets or staleness not in (None, -1):
             raise InvalidDataError(
                 "read_preference: primary takes no readPreferenceTags or maxStalenessSeconds"
             )
         return url, None
+    if staleness is None:
+        staleness = MIN_MAX_STALENESS
     if staleness != -1 and staleness < MIN_MAX_STALENESS:
         raise InvalidDataError(
             f"connection_string: maxStalenessSeconds must be -1 or at least"

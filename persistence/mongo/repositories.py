@@ -36,7 +36,7 @@ from persistence.mongo.mapping import (
     session_from_view,
 )
 from persistence.search import SearchQuery, parse_query
-from persistence.storage import StorageCounts
+from persistence.storage import LARGEST_COUNT, StorageCounts
 
 # Ids per `$in`: commands stay far below the 16 MiB message limit.
 _IN_CHUNK = 1000
@@ -46,9 +46,14 @@ _LAST = "\U0010ffff"
 # 6.0): a word of a script without spaces whose escaped pattern is longer is looked for
 # in no message. Bytes, not characters: a Han or Thai character takes three.
 MAX_PATTERN_BYTES = 16_000
+_NEWEST_MESSAGES = {"messages.created_at": -1, "messages.seq": -1, "position": -1}
 _NEWEST_UPDATED = [("updated_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _NEWEST_UPLOADED = [("uploaded_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _BY_ID = [("_id", SortDirection.ASCENDING)]
+# The server reads `$slice` as a 32-bit int: a larger count, sent as a 64-bit one, kept
+# only its low 32 bits (found by review: `last=2**32 - 1` gave the oldest message, which
+# a pop then deleted). No session holds more messages than this.
+_MAX_SLICE = 2**31 - 1
 
 
 def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
@@ -57,6 +62,17 @@ def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
 
 # The newest `last` messages only: `$slice` keeps a partial load flat in history length.
 _SUMMARY_PROJECTION = get_projection(SessionSummary)
+
+
+def newest_messages_projection(last: int) -> dict[str, Any]:
+    """A session's summary and its newest `last` messages (`last` > 0)."""
+    return {**(_SUMMARY_PROJECTION or {}), "messages": {"$slice": -min(last, _MAX_SLICE)}}
+
+
+def page_limit(limit: int, offset: int) -> int:
+    """The limit a page is asked with: mongos refuses a skip and limit whose sum passes a
+    64-bit int (found by review), and no page reaches past the last possible row."""
+    return min(limit, LARGEST_COUNT - offset)
 
 
 async def read_session(
@@ -79,7 +95,7 @@ async def read_session(
     else:
         row = await docs.sessions.get_pymongo_collection().find_one(
             {"_id": session_id},
-            {**(_SUMMARY_PROJECTION or {}), "messages": {"$slice": -last}},
+            newest_messages_projection(last),
             session=client_session,
         )
         view = None if row is None else SessionView.model_validate(row)
@@ -114,6 +130,7 @@ async def read_session_page(
     *,
     token: str,
 ) -> list[ChatSession]:
+    limit = page_limit(limit, offset)
     if limit == 0:
         return []
     query = {} if status is None else {"status": status}
@@ -397,8 +414,11 @@ def session_filter(query: SearchQuery, session_id: str | None) -> dict[str, Any]
     return found
 
 
-def search_pipeline(query: SearchQuery, limit: int, role: str | None) -> list[dict[str, Any]]:
-    """Stages after the sessions' match: their messages that match, newest first.
+def search_pipeline(
+    query: SearchQuery, limit: int, role: str | None, *, in_session: bool = False
+) -> list[dict[str, Any]]:
+    """Stages after the sessions' match: their messages that match, newest first; in
+    one session (`in_session`), by position, as the SQL backends order them.
 
     Each message is tested against every query word, exactly as the rule says.
     """
@@ -412,7 +432,9 @@ def search_pipeline(query: SearchQuery, limit: int, role: str | None) -> list[di
         {"$project": {"messages": 1}},
         {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}},
         {"$match": {"$and": tests}},
-        {"$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}},
+        # Found by review: one session's matches were ordered by time, so messages given
+        # older timestamps (an import, a migrate) came out of their places.
+        {"$sort": {"position": -1} if in_session else _NEWEST_MESSAGES},
         {"$limit": limit},
         {"$project": {"messages.search_tokens": 0}},
     ]
@@ -434,7 +456,10 @@ async def search_messages(
         return []
     rows = (
         await docs.sessions.find(session_filter(parsed, session_id), session=client_session)
-        .aggregate(search_pipeline(parsed, limit, role), session=client_session)
+        .aggregate(
+            search_pipeline(parsed, limit, role, in_session=session_id is not None),
+            session=client_session,
+        )
         .to_list()
     )
     return [

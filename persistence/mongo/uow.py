@@ -238,6 +238,9 @@ class MongoUnitOfWork(UnitOfWork):
                 for session, plan, _saved in self._sent:
                     session.save_failed(self.token, plan)
                 self._sent.clear()
+                # Found by review: PyMongo ends the transaction even when its commit
+                # fails, so a unit used on would write outside any transaction.
+                self._failed = "commit"
                 raise
             for session, plan, saved in self._sent:
                 session.saved_to(
@@ -249,19 +252,26 @@ class MongoUnitOfWork(UnitOfWork):
     async def _send(self, client_session: AsyncClientSession, held: list[_Held]) -> None:
         """Checks every held save, then sends the held writes in order."""
         deleted: set[str] = set()
-        checked: list[_Held] = []
+        saves: list[_Held] = []
+        after_delete: list[bool] = []
         for item in held:
             if item.plan is None:
                 if item.session_id is not None:
                     deleted.add(item.session_id)
-            elif item.session_id not in deleted:
-                # A save after a delete of its session in this unit is checked when sent.
-                checked.append(item)
+            else:
+                # A save after a delete of its session in this unit is checked as one of a
+                # session not stored: found by review, it was checked only when sent, so
+                # on a standalone server its refusal came after the writes before it.
+                saves.append(item)
+                after_delete.append(item.session_id in deleted)
         with mongo_errors("commit"):
             prepared = await writes.prepare_all(
-                self.docs, client_session, [item.plan for item in checked if item.plan is not None]
+                self.docs,
+                client_session,
+                [item.plan for item in saves if item.plan is not None],
+                after_delete=after_delete,
             )
-        ready = {id(item): write for item, write in zip(checked, prepared, strict=True)}
+        ready = {id(item): write for item, write in zip(saves, prepared, strict=True)}
         for item in held:
             if item.plan is not None and item.session is not None:
                 await self._send_save(client_session, item.session, item.plan, ready.get(id(item)))

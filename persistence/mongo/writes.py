@@ -226,17 +226,28 @@ def _chunks(plans: Sequence[SavePlan]) -> list[list[SavePlan]]:
 
 
 async def prepare_all(
-    docs: DocumentSet, client_session: AsyncClientSession | None, plans: Sequence[SavePlan]
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    plans: Sequence[SavePlan],
+    *,
+    after_delete: Sequence[bool] = (),
 ) -> list[Write]:
     """Checks every plan against the store and prepares its write, sending nothing.
+
+    A plan marked in `after_delete` (its session is deleted before it is sent) is
+    checked as one of a session not stored: a new object's becomes an insert, any
+    other is refused.
 
     Raises:
         SessionConflictError, SessionDeletedError, InvalidDataError: as `write_plan`,
             for the first plan refused; also if two plans add one message id.
     """
     inspection.refuse_shared_ids(plans)
+    absent = iter(after_delete or [False] * len(plans))
     prepared: list[Write] = []
     for chunk in _chunks(plans):
         seen = await inspect(docs, client_session, chunk)
-        prepared.extend(seen.prepare(plan, new_incarnation()) for plan in chunk)
+        prepared.extend(
+            seen.prepare(plan, new_incarnation(), absent=next(absent)) for plan in chunk
+        )
     return prepared

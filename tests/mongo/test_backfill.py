@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 
-from persistence.mongo.backfill import MARKER_ID, META_COLLECTION, token_update
+from persistence.mongo.backfill import (
+    MARKER_ID,
+    META_COLLECTION,
+    RETIRED_SESSION_INDEXES,
+    token_update,
+)
 from persistence.mongo.documents import SESSIONS_COLLECTION
 from persistence.search import search_document
 
@@ -81,6 +86,32 @@ async def test_initialize_backfills_a_store_written_before_search(mongodb_url: s
         hits = await storage.search_messages("capit", limit=1000)
         assert len(hits) == 450
         assert await database[META_COLLECTION].find_one({"_id": MARKER_ID}) is not None
+    finally:
+        await storage.client.drop_database(name)
+        await storage.close()
+
+
+@pytest.mark.mongodb
+async def test_initialize_drops_the_text_index_of_the_first_version(mongodb_url: str) -> None:
+    """Found by review: the `$text` index the first version created stayed, and every
+    write to `messages` tokenized the whole history again for it."""
+    import uuid
+
+    from pymongo import TEXT, IndexModel
+
+    from persistence.mongo.backend import MongoDBSessionStorage
+
+    name = f"persistence_retired_{uuid.uuid4().hex[:10]}"
+    storage = MongoDBSessionStorage(mongodb_url, database_name=name)
+    try:
+        sessions: Any = storage.client[name][SESSIONS_COLLECTION]
+        await sessions.create_indexes(
+            [IndexModel([("messages.content", TEXT)], name=RETIRED_SESSION_INDEXES[0])]
+        )
+        await storage.initialize()
+        names = set(await sessions.index_information())
+        assert RETIRED_SESSION_INDEXES[0] not in names
+        assert "ix_chat_sessions_search_tokens" in names
     finally:
         await storage.client.drop_database(name)
         await storage.close()

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
-from persistence.mongo import updates
+from persistence.mongo import repositories, updates
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
 from persistence.validation import MAX_METADATA_DEPTH
 
@@ -84,3 +84,33 @@ def test_metadata_nested_deeper_than_mongodb_keeps_is_refused() -> None:
 def test_integers_beyond_int64_are_refused() -> None:
     with pytest.raises((InvalidDataError, ValidationError), match="64 bits"):
         ChatSession.create("gemini-pro", metadata={"n": 2**63})
+
+
+@pytest.mark.parametrize(
+    ("last", "sent"),
+    [
+        (1, -1),
+        (20, -20),
+        (2**31 - 1, -(2**31 - 1)),
+        (2**32 - 1, -(2**31 - 1)),
+        (2**63 - 1, -(2**31 - 1)),
+    ],
+)
+def test_the_newest_messages_are_asked_for_in_a_32_bit_slice(last: int, sent: int) -> None:
+    """Found by review: the server reads `$slice` as a 32-bit int, keeping a 64-bit
+    count's low 32 bits: `last=2**32 - 1` asked for the oldest message, `2**32` for none.
+    A 32-bit count, encoded as BSON int32, goes as it is."""
+    projection = repositories.newest_messages_projection(last)
+    assert projection["messages"] == {"$slice": sent}
+    assert bson.decode(bson.encode({"s": sent}))["s"] == sent
+    assert -sent < 2**31
+
+
+@pytest.mark.parametrize(
+    ("limit", "offset", "asked"),
+    [(100, 0, 100), (0, 5, 0), (1, 2**63 - 1, 0), (2**63 - 1, 1, 2**63 - 2), (5, 2**63 - 3, 2)],
+)
+def test_a_page_never_asks_past_a_64_bit_count(limit: int, offset: int, asked: int) -> None:
+    """Found by review: mongos refuses a skip and limit whose sum passes 2**63 - 1."""
+    assert repositories.page_limit(limit, offset) == asked
+    assert offset + asked <= 2**63 - 1

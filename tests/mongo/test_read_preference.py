@@ -50,9 +50,23 @@ URL = f"mongodb://app:{SECRET}@127.0.0.1:1/?replicaSet=rs0"
             "&readPreferenceTags=dc:ny,rack:1&readPreferenceTags=",
             None,
             "mongodb+srv://c.example.invalid/",
-            Secondary(tag_sets=[{"dc": "ny", "rack": "1"}, {}]),
+            Secondary(tag_sets=[{"dc": "ny", "rack": "1"}, {}], max_staleness=90),
         ),
-        ("mongodb://h/?readPreference=secondary", "nearest", "mongodb://h/", Nearest()),
+        (
+            "mongodb://h/?readPreference=secondary",
+            "nearest",
+            "mongodb://h/",
+            Nearest(max_staleness=90),
+        ),
+        # Found by review: without a bound a routed read could wait on a secondary far
+        # behind; -1 is the URL's way to ask for none.
+        (
+            "mongodb://h/?readPreference=secondary&maxStalenessSeconds=-1",
+            None,
+            "mongodb://h/",
+            Secondary(),
+        ),
+        ("mongodb://h/?maxStalenessSeconds=-1", None, "mongodb://h/", None),
         ("mongodb://h/?readPreference=secondary", "primary", "mongodb://h/", None),
     ],
 )
@@ -102,7 +116,7 @@ def test_the_configured_read_preference_reaches_the_storage_not_the_client_url()
     config = StorageConfig(connection_string=URL, options={"read_preference": "secondaryPreferred"})
     storage = create_storage(config)
     assert isinstance(storage, MongoDBSessionStorage)
-    assert storage.read_preference == SecondaryPreferred()
+    assert storage.read_preference == SecondaryPreferred(max_staleness=90)
     assert storage.client.read_preference == Primary()
 
 

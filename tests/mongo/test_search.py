@@ -79,6 +79,9 @@ def test_pipeline_tests_every_word_filters_the_role_and_keeps_tokens_out() -> No
     assert {"messages.search_tokens": {"$regex": "テキスト"}} in match
     assert {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}} in pipeline
     assert pipeline[3] == {"$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}}
+    assert search_pipeline(_parsed("alpha"), 7, None, in_session=True)[3] == {
+        "$sort": {"position": -1}
+    }
     assert pipeline[4] == {"$limit": 7}
     assert pipeline[-1] == {"$project": {"messages.search_tokens": 0}}
     assert pipeline[0] == {"$project": {"messages": 1}}
