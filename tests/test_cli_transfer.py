@@ -270,6 +270,34 @@ def test_backup_and_restore_on_sqlite_and_postgresql(tmp_path: Path, pg_url: str
     assert "not a backup" in failed("restore", str(not_a_backup), "--url", restored)
 
 
+@pytest.mark.sqlite
+def test_a_restore_whose_verification_fails_says_so_and_fails(tmp_path: Path) -> None:
+    """Found by attack: restore dropped the verification's report, said "Restored" and
+    exited 0, where migrate of the same file failed naming the mismatch."""
+    source = _filled(tmp_path)
+    backup = json.loads(ok("backup", str(tmp_path / "backups"), "--url", source, "--json").stdout)
+    with contextlib.closing(sqlite3.connect(backup["path"])) as db, db:
+        db.execute(
+            "UPDATE chat_sessions SET message_count = message_count + 5,"
+            " next_position = next_position + 5"
+        )
+
+    result = CliRunner().invoke(
+        app, ["restore", backup["path"], "--url", f"sqlite:///{tmp_path / 'one.db'}"]
+    )
+    assert result.exit_code == 1
+    assert "Restored 3 session(s)" in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: verification found 3 mismatch(es); first: ")
+    assert "field=message_count" in last
+    result = CliRunner().invoke(
+        app, ["restore", backup["path"], "--url", f"sqlite:///{tmp_path / 'two.db'}", "--json"]
+    )
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["verified"] is False and report["verification"]["mismatch_count"] == 3
+
+
 def test_data_moving_commands_have_help() -> None:
     for command in ("migrate", "backup", "restore", "export-all", "import"):
         result = ok(command, "--help")

@@ -297,14 +297,17 @@ def restore(
         with progress_bar("Restoring sessions", stopped=RESUMES) as update:
             result = await restore_backup(storage, backup_file, progress_callback=update)
         result["indexed_for_search"] = await _index_for_search(storage)
+        problem = _verification_problem(result)
         if as_json:
             echo_json(result)
-            return
-        checked = "; verified" if result.get("verified") else ""
-        out().print(
-            f"Restored {_written(result, 'restored')} from {backup_file}"
-            f" into {cfg.display_url}{checked}{_indexed(result)}",
-        )
+        else:
+            checked = "; verified" if result.get("verified") else ""
+            out().print(
+                f"Restored {_written(result, 'restored')} from {backup_file}"
+                f" into {cfg.display_url}{checked}{_indexed(result)}",
+            )
+        if problem:
+            fail(problem)
 
     run(ctx, (config, url, verbose), work, check_first=partial(validate_backup_file, backup_file))
 

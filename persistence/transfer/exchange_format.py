@@ -34,6 +34,7 @@ from persistence.transfer.json_stream import (
     exact_floats,
     json_errors,
     parser_for,
+    pass_parser,
     read_exactly_if_need_be,
     record_items,
     top_level,
@@ -163,6 +164,11 @@ def session_from_document(value: Any, index: int) -> ChatSession:
     label = _label("sessions", index, value, "session_id")
     if not isinstance(value, dict):
         raise InvalidDataError(f"{label}: not a JSON object")
+    _refuse_missing(label, value, ChatSession.model_fields)
+    messages = value.get("messages")
+    for position, message in enumerate(messages if isinstance(messages, list) else ()):
+        if isinstance(message, dict):
+            _refuse_missing(f"{label}: messages[{position}]", message, ChatMessage.model_fields)
     try:
         session = ChatSession.model_validate(value)
     except ValidationError as exc:
@@ -189,10 +195,25 @@ def file_record_from_document(value: Any, index: int) -> UploadedFileRecord:
     label = _label("file_records", index, value, "file_id")
     if not isinstance(value, dict):
         raise InvalidDataError(f"{label}: not a JSON object")
+    _refuse_missing(label, value, UploadedFileRecord.model_fields)
     try:
         return UploadedFileRecord.model_validate(value)
     except ValidationError as exc:
         raise InvalidDataError(f"{label}: {_describe(exc)}") from None
+
+
+def _refuse_missing(label: str, value: dict[str, Any], fields: Iterable[str]) -> None:
+    """Refuses a record that lacks a field: an export writes every one.
+
+    Found by attack: the models' defaults filled them in, a new random message id or
+    session id and the time of the import, so importing one file again added its
+    messages and sessions again.
+    """
+    missing = [name for name in fields if name not in value]
+    if missing:
+        raise InvalidDataError(
+            f"{label}: {', '.join(missing)} missing (an export file holds every field)"
+        )
 
 
 class _SeenIds:
@@ -339,14 +360,15 @@ def validate_document(stream: IO[bytes]) -> DocumentSummary:
     def read(exact: bool) -> Iterator[tuple[bool, str, Any]]:
         """(False, key, value) for each top-level field, then (True, key, record)."""
         stream.seek(start)
-        events = iter(parser.basic_parse(stream, use_float=not exact))
+        reader = pass_parser(parser, exact)
+        events = iter(reader.basic_parse(stream, use_float=not exact))
         present = []
         for key, value in top_level(events, _RECORD_KEYS):
             yield False, key, exact_floats(value) if exact else value
             if key in _RECORD_KEYS:
                 present.append(key)
         for key in present:
-            for value in record_items(parser, stream, key, start, exact, checked=True):
+            for value in record_items(reader, stream, key, start, exact, checked=True):
                 yield True, key, value
 
     with tempfile.TemporaryDirectory(prefix="persistence-import-") as scratch:
@@ -374,8 +396,9 @@ def iter_records(stream: IO[bytes]) -> Iterator[ChatSession | UploadedFileRecord
     parser = parser_for(stream)
 
     def read(exact: bool) -> Iterator[tuple[str, Any]]:
+        reader = pass_parser(parser, exact)
         for key in _RECORD_KEYS:
-            for value in record_items(parser, stream, key, start, exact):
+            for value in record_items(reader, stream, key, start, exact):
                 yield key, value
 
     counts = dict.fromkeys(_RECORD_KEYS, 0)

@@ -9,7 +9,10 @@ Numbers are read as floats by the parser itself, the fast way, which refuses an
 integer beyond 2**63 - 1 in magnitude (-2**63 included). A read that fails starts
 again reading numbers as text (ints exact, the rest Decimal, turned into the same
 float: `read_exactly_if_need_be`): a file holding such an integer is read exactly, a
-corrupt one fails again.
+corrupt one fails again. That second pass reads with the pure-Python parser
+(`pass_parser`): found by attack, yajl's C code, asked for an integer past Python's
+4,300-digit limit, raised a SystemError at 5,000 digits and crashed the process at
+1,000,000.
 """
 
 from __future__ import annotations
@@ -24,19 +27,37 @@ from typing import IO, Any, TypeVar
 import ijson
 
 from persistence.errors import InvalidDataError
+from persistence.validation import MAX_METADATA_DEPTH
 
 SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "string"})
 # A JSON escape of a UTF-16 surrogate; a false positive only costs the slower parser.
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 SCAN_CHUNK = 1 << 20
 DEPTH_CHANGE = {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}
+# How deep a record of an export may nest inside its array: a message's metadata sits
+# four levels down (the session, its messages, the message, the metadata), and keeps
+# at most MAX_METADATA_DEPTH levels. Found by attack: the C parser, building a record
+# nested 32,000 levels deep (a 64 KB file), took 2.5 GB; 200,000 levels exhausted the
+# machine's memory.
+MAX_RECORD_DEPTH = MAX_METADATA_DEPTH + 8
+# The parser's messages quote the input: a 5,000-digit number was one error line.
+_SHOWN_ERROR = 200
+PYTHON_PARSER = ijson.get_backend("python")
 
 _Item = TypeVar("_Item")
 
 
 def parse_error(exc: Exception) -> InvalidDataError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(first_line) > _SHOWN_ERROR:
+        first_line = first_line[:_SHOWN_ERROR] + "..."
     return InvalidDataError(f"not valid JSON (truncated or corrupt file): {first_line}")
+
+
+def pass_parser(parser: Any, exact: bool) -> Any:
+    """The parser of a pass: `parser` for the fast one, the pure-Python one for the
+    exact one (see the module's docstring)."""
+    return PYTHON_PARSER if exact else parser
 
 
 def build_value(events: Iterator[tuple[str, Any]], event: str, value: Any) -> Any:
@@ -151,6 +172,11 @@ def top_level(
                 depth += DEPTH_CHANGE.get(event, 0)
                 if depth == 0:
                     break
+                if depth > MAX_RECORD_DEPTH:
+                    raise InvalidDataError(
+                        f"{key}: a record nests deeper than {MAX_RECORD_DEPTH - 1} levels"
+                        f" (metadata keeps at most {MAX_METADATA_DEPTH})"
+                    )
         else:
             yield key, build_value(events, event, value)
     for _ in events:

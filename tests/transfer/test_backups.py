@@ -34,6 +34,11 @@ def _head(path: Path) -> bytes:
         return stream.read(16)
 
 
+def _as_an_editor_saves(source: Path, target: Path) -> None:
+    """`source` with a UTF-8 byte order mark and blank lines before it."""
+    target.write_bytes(b"\xef\xbb\xbf" + b"\n" * 40 + source.read_bytes())
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
@@ -302,3 +307,42 @@ async def test_a_sqlite_backup_reports_the_rows_it_copied_not_the_stored_counts(
         backup = await backup_storage(storage, tmp_path / "backups")
 
     assert (backup["sessions"], backup["messages"], backup["files"]) == (2, 6, 0)
+
+
+@pytest.mark.sqlite
+async def test_a_sqlite_file_whose_wal_holds_writes_is_refused_naming_it(
+    sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: the restore copied the main file alone, so the sessions a program
+    with the file open still had in its -wal were left out, and the check passed."""
+    live_path = tmp_path / "live.db"
+    async with SQLiteSessionStorage(live_path) as live:
+        await populate(live)
+        assert (tmp_path / "live.db-wal").stat().st_size > 0
+        before = await snapshot(sqlite_storage)
+
+        with pytest.raises(InvalidDataError, match=r"live\.db: its -wal file holds writes"):
+            validate_backup_file(live_path)
+        with pytest.raises(InvalidDataError, match="persistence backup"):
+            await restore_backup(sqlite_storage, live_path)
+
+        assert await snapshot(sqlite_storage) == before
+        # What the error says to do works, with the program still running.
+        backup = await backup_storage(live, tmp_path / "backups")
+    await restore_backup(sqlite_storage, backup["path"])
+    assert (await sqlite_storage.count()).total_sessions == 10
+
+
+async def test_a_json_backup_an_editor_saved_with_a_bom_and_blank_lines_restores(
+    postgresql_storage: SessionStorage, sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: `import` took such a file and `restore` called it not a backup."""
+    await populate(postgresql_storage)
+    backup = await backup_storage(postgresql_storage, tmp_path / "backups")
+    edited = tmp_path / "edited.json"
+    _as_an_editor_saves(Path(backup["path"]), edited)
+
+    assert validate_backup_file(edited) == "json"
+    await restore_backup(sqlite_storage, edited)
+
+    assert await snapshot(sqlite_storage) == await snapshot(postgresql_storage)

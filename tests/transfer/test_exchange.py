@@ -21,6 +21,7 @@ from persistence.transfer import (
     import_from_json,
     validate_export_file,
 )
+from persistence.validation import MAX_METADATA_DEPTH
 from tests.transfer.data import (
     build_edge_file_record,
     build_edge_session,
@@ -380,6 +381,33 @@ REFUSED: list[tuple[str, Callable[[bytes], bytes], str]] = [
         "duplicate file_id",
     ),
     ("sessions not a list", _edit(_set("sessions", {})), "not a JSON array"),
+    # Found by attack: defaults filled in a missing id or time, a new one each import.
+    (
+        "a message without its id",
+        _edit(lambda d: _last_message(d).pop("message_id")),
+        r"messages\[\d+\]: message_id missing",
+    ),
+    ("a session without its id", _edit(lambda d: _last_session(d).pop("session_id")), "missing"),
+    (
+        "a session without status and times",
+        _edit(lambda d: [_last_session(d).pop(key) for key in ("status", "updated_at")]),
+        "updated_at, status missing",
+    ),
+    (
+        "a file record without its upload time",
+        _edit(lambda d: d["file_records"][-1].pop("uploaded_at")),
+        "uploaded_at missing",
+    ),
+    # Found by attack: the exact re-read of a number past 64 bits gave yajl's C code an
+    # integer past Python's 4,300-digit limit: a SystemError, then a crashed process.
+    ("a number of 5,000 digits", lambda raw: _with_number(raw, "1" + "0" * 5_000), "JSON"),
+    ("a number of a million digits", lambda raw: _with_number(raw, "9" * 1_000_000), "JSON"),
+    # Found by attack: 32,000 levels (64 KB) took 2.5 GB to build, 200,000 all memory.
+    (
+        "metadata nested 200,000 levels",
+        lambda raw: _with_number(raw, "[" * 200_000 + "]" * 200_000),
+        "a record nests deeper than 71 levels",
+    ),
     # Found by attack: the parser kept the last of two values of one key, silently.
     (
         "a message's key twice",
@@ -425,6 +453,25 @@ async def test_a_bad_file_is_refused_before_anything_is_written(
         await import_from_json(sql_storage, bad)
 
     assert await snapshot(sql_storage) == before
+
+
+async def test_metadata_as_deep_as_a_message_keeps_it_imports(
+    other_sqlite: SessionStorage, storage: SessionStorage, tmp_path: Path
+) -> None:
+    """The bound on a record's depth (json_stream.MAX_RECORD_DEPTH) leaves room for the
+    deepest metadata a message or a session keeps."""
+    deepest: Any = 1
+    for _ in range(MAX_METADATA_DEPTH - 1):  # under the metadata object itself
+        deepest = [deepest]
+    session = ChatSession.create("m", session_id="deep", metadata={"k": deepest})
+    session.add_message("user", "deep", metadata={"k": deepest})
+    await other_sqlite.save_session(session)
+    path = tmp_path / "deep.json"
+    await export_to_json(other_sqlite, path)
+
+    await import_from_json(storage, path)
+
+    assert await snapshot(storage) == await snapshot(other_sqlite)
 
 
 async def test_a_file_an_editor_saved_with_a_byte_order_mark_imports(
