@@ -182,7 +182,11 @@ def validate_backup_file(backup_path: str | Path) -> str:
     path = Path(backup_path)
     kind = _backup_kind(path)
     if kind == "json":
-        validate_export_file(path)
+        try:
+            validate_export_file(path)
+        except InvalidDataError as exc:
+            # As `import` names its file; found by attack: restore's errors named none.
+            raise InvalidDataError(f"{path}: {exc}") from exc
     else:
         _check_sqlite_backup(path, path, immutable=True)
     return kind

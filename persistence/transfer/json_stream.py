@@ -277,5 +277,12 @@ def json_errors() -> Iterator[None]:
         yield
     except ijson.JSONError as exc:
         raise parse_error(exc) from exc
+    except UnicodeDecodeError as exc:
+        # Found by attack: bytes yajl passes through (an encoded surrogate, an overlong
+        # form) failed their decoding with a bare UnicodeDecodeError.
+        bad = exc.object[exc.start : exc.end]
+        raise InvalidDataError(
+            f"not valid JSON (corrupt file): a string is not UTF-8 ({exc.reason}: {bad!r})"
+        ) from exc
     except StopIteration as exc:
         raise InvalidDataError("not valid JSON (truncated file)") from exc

@@ -69,10 +69,17 @@ class Progress:
                 self._callback(done, total)
 
     def stopped(self, exc: BaseException) -> None:
+        # Found by attack: a session the destination refuses (a message id it holds in
+        # another session) stops every run at the same place, which "resumes" hid.
+        again = (
+            "running it again stops at the same session until the data it names is mended"
+            if isinstance(exc, InvalidDataError)
+            else "running the same transfer again resumes safely"
+        )
         exc.add_note(
             f"{self.sessions_done} of {self.total} sessions were copied"
             f" ({self.tally.sessions} written, {self.tally.sessions_present} already present)"
-            " before it stopped; running the same transfer again resumes safely"
+            f" before it stopped; {again}"
         )
 
     def summary(self, verb: str) -> dict[str, int]:

@@ -167,6 +167,29 @@ async def test_importing_again_keeps_the_stores_own_fields(
     assert (result["sessions_imported"], result["sessions_already_present"]) == (0, 10)
 
 
+async def test_a_message_id_the_store_holds_elsewhere_stops_the_import_saying_it_will_again(
+    sql_storage: SessionStorage, other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: every run stopped at the same session, and its note said that
+    running it again resumes safely."""
+    held = ChatSession.create("m", session_id="held-here")
+    taken = held.add_message("user", "mine")
+    await sql_storage.save_session(held)
+    clash = ChatSession.create("m", session_id="from-file")
+    clash.add_message("user", "hello")
+    clash.messages.append(taken.model_copy(update={"session_id": "from-file"}))
+    await other_sqlite.save_session(clash)
+    path = tmp_path / "clash.json"
+    await export_to_json(other_sqlite, path)
+
+    for _ in range(2):
+        with pytest.raises(InvalidDataError, match="already stored") as stopped:
+            await import_from_json(sql_storage, path)
+        (note,) = stopped.value.__notes__
+        assert note.endswith("stops at the same session until the data it names is mended")
+    assert await sql_storage.load_session("from-file") is None
+
+
 async def test_a_session_a_writer_deletes_while_its_batch_merges_it_is_imported_new(
     storage: SessionStorage, exported: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,6 +355,17 @@ REFUSED: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("a json array", lambda raw: b"[]", "not a JSON object"),
     ("trailing garbage", lambda raw: raw + b"{}", "not valid JSON"),
     ("invalid utf-8", lambda raw: raw.replace(b'"gemini-9"', b'"gemini-\xff"'), "JSON"),
+    # Found by attack: these passed the parser and failed as a bare UnicodeDecodeError.
+    (
+        "an encoded surrogate",
+        lambda raw: raw.replace(b'"gemini-9"', b'"gemini-\xed\xa0\x80"'),
+        r"a string is not UTF-8 \(invalid continuation byte: b'\\xed'\)",
+    ),
+    (
+        "an overlong encoding",
+        lambda raw: raw.replace(b'"gemini-9"', b'"gemini-\xc0\xaf"'),
+        "a string is not UTF-8",
+    ),
     ("foreign format", _edit(_set("format", "something-else")), "not an export file"),
     ("future version", _edit(_set("version", 2)), "newer"),
     ("version as text", _edit(_set("version", "1")), "version"),
