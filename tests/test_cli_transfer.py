@@ -271,9 +271,40 @@ def test_backup_and_restore_on_sqlite_and_postgresql(tmp_path: Path, pg_url: str
 
 
 @pytest.mark.sqlite
-def test_a_restore_whose_verification_fails_says_so_and_fails(tmp_path: Path) -> None:
+def test_a_restore_whose_verification_fails_says_so_and_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Found by attack: restore dropped the verification's report, said "Restored" and
-    exited 0, where migrate of the same file failed naming the mismatch."""
+    exited 0, where migrate of the same file failed naming the mismatch. (A backup
+    whose rows disagree is now refused before writing, below; a mismatch comes from a
+    writer meanwhile, which this stands in for.)"""
+    import persistence.cli.transfer as commands
+
+    source = _filled(tmp_path)
+    backup = json.loads(ok("backup", str(tmp_path / "backups"), "--url", source, "--json").stdout)
+    restore = commands.restore_backup
+
+    async def meanwhile_changed(*args: object, **options: object) -> dict[str, object]:
+        result = await restore(*args, **options)  # type: ignore[arg-type]
+        mismatch = {"kind": "session", "problem": "different", "field": "model"}
+        report = {"ok": False, "mismatch_count": 1, "mismatches": [mismatch]}
+        return {**result, "verified": False, "verification": report}
+
+    monkeypatch.setattr(commands, "restore_backup", meanwhile_changed)
+    result = CliRunner().invoke(
+        app, ["restore", backup["path"], "--url", f"sqlite:///{tmp_path / 'one.db'}"]
+    )
+    assert result.exit_code == 1
+    assert "Restored 3 session(s)" in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: verification found 1 mismatch(es); first: kind=session, problem=different,"
+        " field=model"
+    )
+
+
+@pytest.mark.sqlite
+def test_a_sqlite_backup_whose_rows_disagree_is_refused_before_writing(tmp_path: Path) -> None:
     source = _filled(tmp_path)
     backup = json.loads(ok("backup", str(tmp_path / "backups"), "--url", source, "--json").stdout)
     with contextlib.closing(sqlite3.connect(backup["path"])) as db, db:
@@ -281,21 +312,13 @@ def test_a_restore_whose_verification_fails_says_so_and_fails(tmp_path: Path) ->
             "UPDATE chat_sessions SET message_count = message_count + 5,"
             " next_position = next_position + 5"
         )
+    destination = f"sqlite:///{tmp_path / 'one.db'}"
 
-    result = CliRunner().invoke(
-        app, ["restore", backup["path"], "--url", f"sqlite:///{tmp_path / 'one.db'}"]
-    )
-    assert result.exit_code == 1
-    assert "Restored 3 session(s)" in result.stdout
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: verification found 3 mismatch(es); first: ")
-    assert "field=message_count" in last
-    result = CliRunner().invoke(
-        app, ["restore", backup["path"], "--url", f"sqlite:///{tmp_path / 'two.db'}", "--json"]
-    )
-    assert result.exit_code == 1
-    report = json.loads(result.stdout)
-    assert report["verified"] is False and report["verification"]["mismatch_count"] == 3
+    line = failed("restore", backup["path"], "--url", destination)
+
+    assert line.startswith(f"error: {backup['path']}: sessions[0] (")
+    assert "message_count is 9 but the session carries 4 messages; nothing was restored" in line
+    assert counts(destination) == (0, 0, 0)
 
 
 def test_data_moving_commands_have_help() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, MigrationError
 from persistence.storage import SessionStorage
+from persistence.transfer.backup_rows import check_backup_rows
 from persistence.transfer.exchange import (
     import_from_json,
     open_input,
@@ -241,6 +242,7 @@ async def _restore_sqlite(
             raise file_error("cannot read", path, exc) from exc
         _check_sqlite_backup(copy, path)
         async with SQLiteSessionStorage(copy) as source:
+            await check_backup_rows(source, path)
             return await migrate_storage(source, storage, True, progress_callback)
 
 

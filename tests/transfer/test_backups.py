@@ -346,3 +346,55 @@ async def test_a_json_backup_an_editor_saved_with_a_bom_and_blank_lines_restores
     await restore_backup(sqlite_storage, edited)
 
     assert await snapshot(sqlite_storage) == await snapshot(postgresql_storage)
+
+
+# Edits a hand or another tool can make to a SQLite backup, and what the refusal names.
+# The session edited is the last one read (session ids sort), after the others passed.
+HAND_EDITS = [
+    (
+        "UPDATE chat_messages SET content = 'a' || char(0) || 'b' WHERE id = (SELECT max(id)"
+        " FROM chat_messages)",
+        "NUL characters cannot be stored",
+    ),
+    (
+        "UPDATE chat_messages SET created_at = '2024-05-01 12:00:00.123456+00:00'"
+        " WHERE id = (SELECT max(id) FROM chat_messages)",
+        "a part below the millisecond",
+    ),
+    ("UPDATE chat_sessions SET updated_at = 'yesterday'", "a row cannot be read"),
+    ("UPDATE chat_sessions SET metadata = '{\"k\": NaN}'", "nan is not a JSON number"),
+    (
+        "PRAGMA ignore_check_constraints = 1; UPDATE chat_sessions SET status = 'deleted'",
+        "status",
+    ),
+    ("UPDATE uploaded_files SET metadata = '{\"$k\": 1}'", "starts with '$'"),
+]
+
+
+@pytest.mark.parametrize(("edit", "named"), HAND_EDITS)
+async def test_a_sqlite_backup_holding_a_row_the_models_refuse_restores_nothing(
+    other_sqlite: SessionStorage,
+    sql_storage: SessionStorage,
+    tmp_path: Path,
+    edit: str,
+    named: str,
+) -> None:
+    """Found by attack: rows were restored as they were (a NUL, NaN, microseconds), or
+    the restore stopped at the first unreadable one after the batches before it."""
+    await populate(other_sqlite)
+    backup = Path((await backup_storage(other_sqlite, tmp_path / "backups"))["path"])
+    await asyncio.to_thread(_edit_file, backup, edit)
+    before = await snapshot(sql_storage)
+
+    with pytest.raises(InvalidDataError, match=re.escape(named)) as refused:
+        await restore_backup(sql_storage, backup)
+
+    assert str(refused.value).startswith(f"{backup}: ")
+    assert str(refused.value).endswith("nothing was restored")
+    assert await snapshot(sql_storage) == before
+
+
+def _edit_file(path: Path, script: str) -> None:
+    with sqlite3.connect(path) as db:
+        db.executescript(script)
+    db.close()

@@ -1,0 +1,76 @@
+"""Checks every row of a SQLite backup as an import checks an export's records.
+
+A SQLite file holds what its rows hold: a hand edit, or a store written by a tool
+other than persistence, can leave values the domain models refuse (a NUL in content,
+NaN in metadata, an id longer than 255 characters, a timestamp with microseconds)
+or cannot read at all. Reading builds models without validating them (they came
+from the store), so a restore wrote such rows as they were, or stopped at the first
+unreadable one after the batches before it were written (found by attack). Restoring
+a backup now reads it whole first, each session through the export's record
+validation, and writes nothing when one fails.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from persistence.errors import InvalidDataError, PersistenceError
+from persistence.models import UploadedFileRecord
+from persistence.storage import SessionStorage
+from persistence.transfer.exchange_format import (
+    file_record_document,
+    file_record_from_document,
+    session_document,
+    session_from_document,
+)
+
+_BATCH = 500
+
+
+async def check_backup_rows(source: SessionStorage, named: Path) -> None:
+    """Refuses a backup (`source`, opened on a copy of the file `named`) holding a row
+    that an export of it could not import unchanged.
+
+    Raises:
+        InvalidDataError: naming the file, the record and the field.
+    """
+    index = 0
+    try:
+        async for sessions in source.iter_sessions(_BATCH):
+            for session in sessions:
+                times = [session.created_at, session.updated_at]
+                times += [message.created_at for message in session.messages]
+                _refuse_sub_milliseconds(f"sessions[{index}] ({session.session_id!r})", times)
+                session_from_document(session_document(session), index)
+                index += 1
+        index = 0
+        async for records in source.iter_file_records(_BATCH):
+            for record in records:
+                _check_file_record(record, index)
+                index += 1
+    except InvalidDataError as exc:
+        raise InvalidDataError(f"{named}: {exc}; nothing was restored") from exc
+    except (PersistenceError, RecursionError) as exc:
+        # A value the store cannot read back, or metadata nested past the parser's
+        # reach: the backup holds rows persistence did not write.
+        problem = "nested too deep to read" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidDataError(
+            f"{named}: a row cannot be read ({problem}); nothing was restored"
+        ) from exc
+
+
+def _check_file_record(record: UploadedFileRecord, index: int) -> None:
+    label = f"file_records[{index}] ({record.file_id!r})"
+    _refuse_sub_milliseconds(label, [record.uploaded_at, record.expires_at])
+    file_record_from_document(file_record_document(record), index)
+
+
+def _refuse_sub_milliseconds(label: str, times: list[datetime]) -> None:
+    # The models keep milliseconds; an export would drop the rest without a word.
+    for value in times:
+        if value.microsecond % 1000:
+            raise InvalidDataError(
+                f"{label}: the timestamp {value.isoformat()} has a part below the"
+                " millisecond, which persistence never writes"
+            )
