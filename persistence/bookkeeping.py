@@ -9,6 +9,7 @@ feed the log that `plan_save` replays (see changes.py).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from persistence.changes import (
     resolve_unconfirmed,
     same_value,
 )
-from persistence.errors import InvalidDataError
+from persistence.errors import InvalidDataError, SessionDeletedError
 from persistence.validation import check_json_object
 
 if TYPE_CHECKING:
@@ -244,6 +245,35 @@ class Bookkeeping:
         if not keep_log:
             self._trim_log()
 
+    def change_mark(self) -> tuple[Any, ...]:
+        """A value that moves with every change made through the model: a message added,
+        edited or removed, a field or the metadata set (not metadata changed in place)."""
+        messages = self._messages()
+        return (
+            self._log_start + len(self._log),
+            len(messages),
+            messages.foreign_changes,
+            self.updated_at,
+            *(self.__dict__[name] for name in TRACKED_FIELDS),
+            id(self.metadata),
+        )
+
+    def caught_up(self, token: str, plan: SavePlan) -> None:
+        """Records that storage `token` still holds the session as its base says and
+        `plan` writes nothing (say, a message added and popped again): the base moves to
+        the plan's place in the log, its revision and contents unchanged.
+
+        Found by attack: such an object stayed unsaved for good, and a SessionManager
+        evicting it saved it again and again, never returning.
+        """
+        base = self._known().get(token)
+        if base is None or plan.epoch != self._private()["_epoch"]:
+            return
+        self._known()[token] = replace(
+            base, synced=plan.messages_sent, log_at=plan.log_at, foreign_at=plan.foreign_at
+        )
+        self._trim_log()
+
     def settled(self, held: Base | None) -> None:
         """The saves a unit of work kept the log for (`keep_log`) are final: what only
         the bases before them needed goes. `held` is the base `base_for` gave it."""
@@ -262,10 +292,17 @@ class Bookkeeping:
 
         Raises:
             InvalidDataError: if `messages` was changed in a way the model cannot express.
+            SessionDeletedError: `fresh` is another session under the same id (the one
+                this object knew was deleted and created again); nothing changes.
         """
+        held = self._known().get(token)
+        base = fresh._known()[token].copy()
+        if held is not None and held.incarnation != base.incarnation:
+            # Found by attack: a manager resolving a conflict reloaded a session deleted
+            # and created again meanwhile, and wrote its changes into the new one.
+            raise SessionDeletedError(self.session_id)
         stored_ids = {message.message_id for message in fresh.messages}
         plan = resolve_unconfirmed(self.plan_save(token), stored_ids)
-        base = fresh._known()[token].copy()
         removed_ids = {message.message_id for message in plan.removals}
         edited = {edit.current.message_id: edit.current for edit in plan.edits}
         kept: list[ChatMessage] = []

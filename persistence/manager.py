@@ -18,7 +18,7 @@ from persistence.errors import (
 )
 from persistence.models import ChatSession
 from persistence.session_cache import SessionCache
-from persistence.storage import SessionStorage
+from persistence.storage import SessionStorage, check_last
 from persistence.turns import Turns
 from persistence.validation import check_instance, lookup_id
 
@@ -135,7 +135,10 @@ class SessionManager:
         )
         if fresh is None:
             return self._deleted(session)
-        dropped = session.rebase(self.storage.token, fresh)
+        try:
+            dropped = session.rebase(self.storage.token, fresh)
+        except SessionDeletedError:
+            return self._deleted(session)
         if dropped:
             logger.warning(
                 "session %s: edits of messages another writer removed were dropped: %s",
@@ -167,20 +170,40 @@ class SessionManager:
         session_id = session.session_id
         # Known from now on, if only weakly: a cancel during the saves below loses nothing.
         self._cache.track(session)
+        # A leaving session is saved again only if it changed since its last save here.
+        # Found by attack: one that still looked unsaved after its save (a value whose ==
+        # is never True) was saved again and again, and the caller never got its session.
+        saved: dict[int, tuple[Any, ...]] = {}
         while True:
             cached = self._cache.get(session_id)
             if cached is not None and cached is not session:
                 # Another object of the same session: keep what it holds before replacing it.
-                if self._dirty(cached) and await self._saved_before_release(cached):
+                if self._must_save(cached, saved) and await self._saved_before_release(cached):
                     continue
                 self._cache.release(cached)
             victim = self._cache.victim(sparing=session)
             if victim is None:
                 break
-            if self._dirty(victim) and await self._saved_before_release(victim):
+            if self._must_save(victim, saved) and await self._saved_before_release(victim):
                 continue
             self._cache.release(victim)
         self._cache.put(session)
+
+    def _must_save(self, leaving: ChatSession, saved: dict[int, tuple[Any, ...]]) -> bool:
+        """Whether a session leaving the cache needs a save first: unsaved, and changed
+        since it was saved while this room was made (tasks change it meanwhile)."""
+        if not self._dirty(leaving):
+            return False
+        mark = leaving.change_mark()
+        if saved.get(id(leaving)) == mark:
+            logger.warning(
+                "session %s still differs from what its save stored, unchanged since: it"
+                " leaves the cache; whoever holds it saves it",
+                leaving.session_id,
+            )
+            return False
+        saved[id(leaving)] = mark
+        return True
 
     async def _saved_before_release(self, victim: ChatSession) -> bool:
         """Saves a session about to leave the cache; False if it may go unsaved.
@@ -266,6 +289,9 @@ class SessionManager:
             PersistenceError: if the backend fails.
         """
         lookup_id(session_id, "session_id")
+        # Checked here, not only by the load: found by attack, a cached session was
+        # returned for `last=-1` and `last="3"` raised a bare TypeError.
+        check_last(last)
         if (cached := self._cached_enough(session_id, last)) is not None:
             return cached
         # One load of a session at a time: a second caller gets the first one's object.
@@ -333,8 +359,11 @@ class SessionManager:
             PersistenceError: if the backend fails.
         """
         lookup_id(session_id, "session_id")
-        self._cache.forget_id(session_id)
-        return await self.storage.delete_session(session_id)
+        # After any load of it in flight, which would cache what it read (found by
+        # attack: a get_session racing this one cached the deleted session for good).
+        async with self._loading(session_id):
+            self._cache.forget_id(session_id)
+            return await self.storage.delete_session(session_id)
 
     async def auto_save(self, session: ChatSession) -> bool:
         """Saves the session if auto-save is on; with auto-save off it is not written now,
@@ -357,10 +386,9 @@ class SessionManager:
             # Held again, in case it left the cache: eviction and shutdown() save it.
             await self._remember(session)
             return False
-        cached = self._cache.get(session.session_id)
-        if cached is session and not self._dirty(session):
-            self._cache.use(session.session_id)
-            return True
+        # Even with nothing to write: the save then asks the store whether the session
+        # is still there (found by attack: a clean copy another instance deleted was
+        # said saved, and stayed cached).
         return await self.save_session(session)
 
     async def archive_session(self, session_id: str) -> bool:

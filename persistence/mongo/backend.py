@@ -294,6 +294,7 @@ class MongoDBSessionStorage(SessionStorage):
                     found = await writes.still_there(docs, client_session, plan)
                 if not found:
                     raise SessionDeletedError(session.session_id)
+            session.caught_up(self.token, plan)
             return True
         try:
             with mongo_errors("save session"):

@@ -252,6 +252,7 @@ class SqlSessionStorage(SessionStorage):
         if plan.writes_nothing and plan.certain:
             if not await self._run(writes.still_there(plan), "save session", write=False):
                 raise SessionDeletedError(session.session_id)
+            session.caught_up(self.token, plan)
             return True
         try:
             saved: writes.Saved | None = None

@@ -1,0 +1,162 @@
+"""SessionManager against what an attack on it found: saves that never end, a deleted
+session written into again, cached again, or said saved."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from persistence import ChatSession, InvalidDataError, SessionStorage
+from persistence.clock import utc_now
+from persistence.manager import SessionManager
+from tests import servers
+
+
+async def _stored(storage: SessionStorage, session_id: str) -> ChatSession:
+    session = ChatSession.create("m", session_id=session_id)
+    session.add_message("user", "hello")
+    await storage.save_session(session)
+    return session
+
+
+async def test_a_change_undone_before_its_save_leaves_nothing_unsaved_and_eviction_ends(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: a message added and popped again, with `updated_at` where it
+    was (the store's is ahead of this clock), stayed unsaved for good; a manager
+    evicting it saved it again and again, and get_session of another never returned."""
+    manager = SessionManager(sql_storage, max_cached_sessions=1)
+    session = await manager.create_session("m")
+    session.updated_at = utc_now().replace(year=utc_now().year + 1)  # a clock ahead
+    assert await manager.auto_save(session)
+    session.add_message("assistant", "draft")
+    session.pop_message()
+
+    assert await manager.auto_save(session)
+    assert not manager.has_unsaved_changes(session.session_id)
+    other = await _stored(sql_storage, "other")
+    assert await asyncio.wait_for(manager.get_session(other.session_id), 10) is not None
+
+
+class _NeverEqual(str):
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+async def test_a_session_that_never_looks_saved_is_saved_once_on_eviction(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: a metadata value whose == is never True made every save look
+    unfinished, and eviction saved it about 2,000 times a second, for good."""
+    manager = SessionManager(sql_storage, max_cached_sessions=1)
+    session = await manager.create_session("m")
+    session.metadata = {"title": _NeverEqual("odd")}
+    assert await manager.auto_save(session)
+    revision = session.revision
+    assert revision is not None
+
+    other = await _stored(sql_storage, "other")
+    assert await asyncio.wait_for(manager.get_session(other.session_id), 10) is not None
+    assert session.revision is not None and session.revision <= revision + 1
+
+
+async def test_conflict_resolution_never_writes_into_a_session_created_again(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: between the conflict and the reload another instance deleted the
+    session and created a new one under its id; the manager wrote its changes into it."""
+    shared = await _stored(sql_storage, "shared")
+    async with servers.second_holder(sql_storage) as other_storage:
+        manager = SessionManager(sql_storage)
+        held = await manager.get_session("shared")
+        assert held is not None
+        theirs = await other_storage.load_session("shared")
+        assert theirs is not None
+        theirs.metadata = {"owner": "them"}
+        await other_storage.save_session(theirs)
+        load = sql_storage.load_session
+
+        async def created_again_first(session_id: str, **options: Any) -> ChatSession | None:
+            # The other instance, between this manager's conflict and its reload.
+            assert await other_storage.delete_session(session_id)
+            fresh = ChatSession.create("new-model", session_id=session_id)
+            fresh.add_message("user", "a new conversation")
+            await other_storage.save_session(fresh)
+            return await load(session_id, **options)
+
+        monkeypatch.setattr(sql_storage, "load_session", created_again_first)
+        held.metadata = {"owner": "us"}
+        held.add_message("user", "ours")
+
+        assert await manager.auto_save(held) is False
+        monkeypatch.undo()
+
+    stored = await sql_storage.load_session(shared.session_id)
+    assert stored is not None
+    assert (stored.model, stored.metadata) == ("new-model", {})
+    assert [m.content for m in stored.messages] == ["a new conversation"]
+    assert manager.cached_session_ids == []
+
+
+async def test_a_load_in_flight_when_the_manager_deletes_the_session_does_not_cache_it(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: get_session racing the same manager's delete_session cached the
+    deleted session, and served it from then on."""
+    await _stored(sql_storage, "doomed")
+    manager = SessionManager(sql_storage)
+    reading, go_on = asyncio.Event(), asyncio.Event()
+    load = sql_storage.load_session
+
+    async def slow_load(session_id: str, **options: Any) -> ChatSession | None:
+        found = await load(session_id, **options)
+        reading.set()
+        await go_on.wait()
+        return found
+
+    monkeypatch.setattr(sql_storage, "load_session", slow_load)
+    getting = asyncio.create_task(manager.get_session("doomed"))
+    await reading.wait()
+    deleting = asyncio.create_task(manager.delete_session("doomed"))
+    await asyncio.sleep(0.01)
+    go_on.set()
+    await getting
+    assert await deleting is True
+    monkeypatch.undo()
+
+    assert manager.cached_session_ids == []
+    assert await manager.get_session("doomed") is None
+
+
+async def test_a_cached_session_is_asked_for_with_a_valid_last_too(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: only a load checked `last`; a cached copy came back for -1."""
+    await _stored(sql_storage, "s")
+    manager = SessionManager(sql_storage)
+    assert await manager.get_session("s") is not None
+    for bad in (-1, 1.5, True, 2**64, "3"):
+        with pytest.raises(InvalidDataError, match="last"):
+            await manager.get_session("s", last=bad)  # type: ignore[arg-type]
+
+
+async def test_auto_save_of_an_unchanged_copy_another_instance_deleted_says_so(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: auto_save of a clean cached copy returned True without asking the
+    store, and the deleted session stayed cached."""
+    await _stored(sql_storage, "gone")
+    async with servers.second_holder(sql_storage) as other_storage:
+        manager = SessionManager(sql_storage)
+        session = await manager.get_session("gone")
+        assert session is not None
+        assert await other_storage.delete_session("gone")
+
+        assert await manager.auto_save(session) is False
+    assert manager.cached_session_ids == []
