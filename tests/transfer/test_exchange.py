@@ -489,6 +489,21 @@ async def test_a_bad_file_is_refused_before_anything_is_written(
     assert await snapshot(sql_storage) == before
 
 
+def test_a_key_twice_is_reported_at_the_record_that_holds_it(
+    exported: Path, tmp_path: Path
+) -> None:
+    """Found by attack: the parser builds records a buffer ahead, and a key twice in
+    sessions[1500] was reported at sessions[1480] (here: the last at the first)."""
+    document = _read_json(exported)
+    last = len(document["sessions"]) - 1
+    document["sessions"][last]["metadata"] = {"AAAA": 1, "BBBB": 2}
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(json.dumps(document).encode().replace(b'"BBBB"', b'"AAAA"'))
+
+    with pytest.raises(InvalidDataError, match=re.escape(f"sessions[{last}]: the key 'AAAA'")):
+        validate_export_file(bad)
+
+
 async def test_metadata_as_deep_as_a_message_keeps_it_imports(
     other_sqlite: SessionStorage, storage: SessionStorage, tmp_path: Path
 ) -> None:
