@@ -346,6 +346,9 @@ class SessionManager:
             PersistenceError: if the backend fails.
         """
         _check_session(session)
+        return await self._save(session)
+
+    async def _save(self, session: ChatSession) -> bool:
         await self._remember(session)
         return await self._write(session)
 
@@ -389,7 +392,7 @@ class SessionManager:
         # Even with nothing to write: the save then asks the store whether the session
         # is still there (found by attack: a clean copy another instance deleted was
         # said saved, and stayed cached).
-        return await self.save_session(session)
+        return await self._save(session)
 
     async def archive_session(self, session_id: str) -> bool:
         """Marks the session archived in the store (and in the cache).

@@ -12,11 +12,11 @@ from persistence import ChatSession, InvalidDataError, SessionStorage
 from persistence.clock import utc_now
 from persistence.manager import SessionManager
 from tests import servers
+from tests.factories import conversation
 
 
 async def _stored(storage: SessionStorage, session_id: str) -> ChatSession:
-    session = ChatSession.create("m", session_id=session_id)
-    session.add_message("user", "hello")
+    session = conversation(1, session_id=session_id)
     await storage.save_session(session)
     return session
 

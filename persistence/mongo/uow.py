@@ -252,26 +252,24 @@ class MongoUnitOfWork(UnitOfWork):
     async def _send(self, client_session: AsyncClientSession, held: list[_Held]) -> None:
         """Checks every held save, then sends the held writes in order."""
         deleted: set[str] = set()
-        saves: list[_Held] = []
-        after_delete: list[bool] = []
+        saves: list[tuple[_Held, SavePlan]] = []
+        after_delete: set[int] = set()
         for item in held:
             if item.plan is None:
                 if item.session_id is not None:
                     deleted.add(item.session_id)
-            else:
-                # A save after a delete of its session in this unit is checked as one of a
-                # session not stored: found by review, it was checked only when sent, so
-                # on a standalone server its refusal came after the writes before it.
-                saves.append(item)
-                after_delete.append(item.session_id in deleted)
+                continue
+            saves.append((item, item.plan))
+            if item.session_id in deleted:
+                # Checked as a save of a session not stored: found by review, it was checked
+                # only when sent, so on a standalone server its refusal came after the writes
+                # before it.
+                after_delete.add(id(item.plan))
         with mongo_errors("commit"):
             prepared = await writes.prepare_all(
-                self.docs,
-                client_session,
-                [item.plan for item in saves if item.plan is not None],
-                after_delete=after_delete,
+                self.docs, client_session, [plan for _, plan in saves], after_delete=after_delete
             )
-        ready = {id(item): write for item, write in zip(saves, prepared, strict=True)}
+        ready = {id(item): write for (item, _), write in zip(saves, prepared, strict=True)}
         for item in held:
             if item.plan is not None and item.session is not None:
                 await self._send_save(client_session, item.session, item.plan, ready.get(id(item)))

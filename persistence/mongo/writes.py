@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from pymongo import ReturnDocument
@@ -230,11 +230,11 @@ async def prepare_all(
     client_session: AsyncClientSession | None,
     plans: Sequence[SavePlan],
     *,
-    after_delete: Sequence[bool] = (),
+    after_delete: Collection[int] = (),
 ) -> list[Write]:
     """Checks every plan against the store and prepares its write, sending nothing.
 
-    A plan marked in `after_delete` (its session is deleted before it is sent) is
+    A plan in `after_delete` (by `id`: its session is deleted before it is sent) is
     checked as one of a session not stored: a new object's becomes an insert, any
     other is refused.
 
@@ -243,11 +243,10 @@ async def prepare_all(
             for the first plan refused; also if two plans add one message id.
     """
     inspection.refuse_shared_ids(plans)
-    absent = iter(after_delete or [False] * len(plans))
     prepared: list[Write] = []
     for chunk in _chunks(plans):
         seen = await inspect(docs, client_session, chunk)
         prepared.extend(
-            seen.prepare(plan, new_incarnation(), absent=next(absent)) for plan in chunk
+            seen.prepare(plan, new_incarnation(), absent=id(plan) in after_delete) for plan in chunk
         )
     return prepared

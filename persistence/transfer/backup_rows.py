@@ -24,8 +24,7 @@ from persistence.transfer.exchange_format import (
     session_document,
     session_from_document,
 )
-
-_BATCH = 500
+from persistence.transfer.migration import DEFAULT_BATCH_SIZE
 
 
 async def check_backup_rows(source: SessionStorage, named: Path) -> None:
@@ -37,7 +36,7 @@ async def check_backup_rows(source: SessionStorage, named: Path) -> None:
     """
     index = 0
     try:
-        async for sessions in source.iter_sessions(_BATCH):
+        async for sessions in source.iter_sessions(DEFAULT_BATCH_SIZE):
             for session in sessions:
                 times = [session.created_at, session.updated_at]
                 times += [message.created_at for message in session.messages]
@@ -45,7 +44,7 @@ async def check_backup_rows(source: SessionStorage, named: Path) -> None:
                 session_from_document(session_document(session), index)
                 index += 1
         index = 0
-        async for records in source.iter_file_records(_BATCH):
+        async for records in source.iter_file_records(DEFAULT_BATCH_SIZE):
             for record in records:
                 _check_file_record(record, index)
                 index += 1
