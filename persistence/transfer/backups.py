@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import shutil
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from persistence.transfer.migration import (
     elapsed,
     migrate_storage,
 )
+from persistence.transfer.scratch import scratch_directory
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -234,8 +234,8 @@ async def _restore_sqlite(
     from persistence.sql.backend import SQLiteSessionStorage
 
     # Opening a database may bring its schema to head: work on a copy, never the backup.
-    with tempfile.TemporaryDirectory(prefix="persistence-restore-") as scratch:
-        copy = Path(scratch) / "backup.sqlite3"
+    with scratch_directory("persistence-restore-") as scratch:
+        copy = scratch / "backup.sqlite3"
         try:
             await asyncio.to_thread(shutil.copyfile, path, copy)
         except OSError as exc:

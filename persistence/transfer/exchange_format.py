@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import IO, Any
 
 from pydantic import ValidationError
@@ -226,10 +224,16 @@ def _refuse_missing(label: str, value: dict[str, Any], fields: tuple[str, ...]) 
 
 
 class _SeenIds:
-    """Ids met so far, in a scratch SQLite file: memory stays flat however big the file."""
+    """Ids met so far, in a private temporary SQLite database: memory stays flat however
+    big the file.
 
-    def __init__(self, directory: Path) -> None:
-        self._db = sqlite3.connect(directory / "ids.db", isolation_level=None)
+    SQLite removes such a database's file from its directory as it creates it, so
+    nothing is left behind by a process killed mid-way (found by attack: each import
+    killed with SIGKILL left a `persistence-import-*` directory holding its ids).
+    """
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("", isolation_level=None)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("CREATE TABLE seen (kind TEXT, id TEXT, PRIMARY KEY (kind, id))")
@@ -380,19 +384,18 @@ def validate_document(stream: IO[bytes]) -> DocumentSummary:
             for value in record_items(reader, stream, key, start, exact, checked=True):
                 yield True, key, value
 
-    with tempfile.TemporaryDirectory(prefix="persistence-import-") as scratch:
-        seen = _SeenIds(Path(scratch))
-        try:
-            validation = _Validation(seen)
-            with json_errors():
-                for is_record, key, value in read_exactly_if_need_be(read):
-                    if is_record:
-                        validation.record(key, value)
-                    else:
-                        validation.item(key, value)
-            return validation.summary()
-        finally:
-            seen.close()
+    seen = _SeenIds()
+    try:
+        validation = _Validation(seen)
+        with json_errors():
+            for is_record, key, value in read_exactly_if_need_be(read):
+                if is_record:
+                    validation.record(key, value)
+                else:
+                    validation.item(key, value)
+        return validation.summary()
+    finally:
+        seen.close()
 
 
 def iter_records(stream: IO[bytes]) -> Iterator[ChatSession | UploadedFileRecord]:

@@ -14,13 +14,13 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Literal
 
 from persistence.errors import MigrationError
+from persistence.transfer.scratch import partial_file
 
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
@@ -153,26 +153,18 @@ def private_directory(directory: Path) -> Path:
 
 @contextmanager
 def temp_file(directory: Path, prefix: str) -> Iterator[Path]:
-    """Creates an empty 0600 temp file in `directory`; removes it unless it was renamed.
+    """Creates an empty 0600 temp file in `directory` (scratch.partial_file); removes it
+    unless it was renamed.
 
     Raises:
         MigrationError: if the directory cannot hold a new file.
     """
-    try:
-        fd, name = tempfile.mkstemp(dir=directory, prefix=f".{prefix}.", suffix=".tmp")
-    except OSError as exc:
-        raise file_error("cannot create a file in", directory, exc) from exc
-    os.close(fd)
-    path = Path(name)
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(partial_file(directory, prefix))
+        except OSError as exc:
+            raise file_error("cannot create a file in", directory, exc) from exc
         yield path
-    finally:
-        for leftover in (
-            path,
-            *(path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm")),
-        ):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
 
 
 def sync_file(path: Path) -> None:

@@ -1,0 +1,197 @@
+"""Scratch files of transfers killed with SIGKILL: none is left for good.
+
+A process killed with SIGKILL runs no clean-up. Found by attack: each import killed so
+left a `persistence-import-*` directory, each restore a `persistence-restore-*` one
+holding a full copy of its backup, each export a hidden partial file beside its
+destination. The children here kill themselves at a set point of the work.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from persistence import ChatSession, SQLiteSessionStorage
+from persistence.transfer import backup_storage, export_to_json, restore_backup
+from persistence.transfer.scratch import partial_file, scratch_directory
+from tests.factories import conversation
+from tests.reliability.support import child_env
+
+pytestmark = pytest.mark.sqlite
+
+# Runs a transfer and kills itself with SIGKILL at the first step it reports.
+_KILLED = """
+import asyncio, os, signal, sys
+from persistence import SQLiteSessionStorage
+from persistence.transfer import export_to_json, import_from_json, restore_backup
+from persistence.transfer import exchange_format
+
+mode, store, path = sys.argv[1:]
+
+def die(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "import":  # killed while the file is validated, ids half recorded
+    add = exchange_format._SeenIds.add
+    calls = []
+    def add_then_die(self, kind, identifier):
+        calls.append(1)
+        if len(calls) == 20:
+            die()
+        return add(self, kind, identifier)
+    exchange_format._SeenIds.add = add_then_die
+
+async def main():
+    async with SQLiteSessionStorage(store) as storage:
+        if mode == "import":
+            await import_from_json(storage, path)
+        elif mode == "restore":
+            await restore_backup(storage, path, progress_callback=die)
+        else:
+            await export_to_json(storage, path, progress_callback=die, batch_size=5)
+
+asyncio.run(main())
+"""
+
+# Holds a scratch directory and a partial file until its stdin closes.
+_HOLDER = """
+import sys
+from pathlib import Path
+from persistence.transfer.scratch import partial_file, scratch_directory
+
+with scratch_directory("persistence-restore-") as held, partial_file(Path(sys.argv[1]), "out.json"):
+    print(held, flush=True)
+    sys.stdin.read()
+"""
+
+
+def _run_killed(mode: str, store: Path, path: Path, temporary: Path) -> None:
+    env = child_env() | {"TMPDIR": str(temporary)}
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED, mode, str(store), str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+async def _store_of(path: Path, sessions: int = 30) -> list[ChatSession]:
+    made = [conversation(turns=3) for _ in range(sessions)]
+    async with SQLiteSessionStorage(path) as storage:
+        for session in made:
+            await storage.save_session(session)
+    return made
+
+
+@pytest.fixture
+def temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary directory of this process and of the children."""
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+async def test_an_import_killed_while_validating_leaves_nothing_behind(
+    tmp_path: Path, temporary: Path
+) -> None:
+    await _store_of(tmp_path / "source.db")
+    exported = tmp_path / "all.json"
+    async with SQLiteSessionStorage(tmp_path / "source.db") as source:
+        await export_to_json(source, exported)
+
+    _run_killed("import", tmp_path / "destination.db", exported, temporary)
+
+    assert _names(temporary) == []
+
+
+async def test_a_killed_restores_copy_is_removed_by_the_next_restore(
+    tmp_path: Path, temporary: Path
+) -> None:
+    made = await _store_of(tmp_path / "source.db")
+    async with SQLiteSessionStorage(tmp_path / "source.db") as source:
+        backup = Path((await backup_storage(source, tmp_path / "backups"))["path"])
+
+    _run_killed("restore", tmp_path / "destination.db", backup, temporary)
+    (left,) = _names(temporary)
+    assert left.startswith("persistence-restore-")
+    assert "backup.sqlite3" in _names(temporary / left)
+
+    async with SQLiteSessionStorage(tmp_path / "destination.db") as destination:
+        restored = await restore_backup(destination, backup)
+        stored = {s.session_id for s in await destination.list_sessions(limit=100)}
+    assert restored["sessions_restored"] == len(made)
+    assert stored == {session.session_id for session in made}
+    assert _names(temporary) == []
+
+
+async def test_a_killed_exports_partial_file_is_removed_by_the_next_export(
+    tmp_path: Path, temporary: Path
+) -> None:
+    await _store_of(tmp_path / "source.db")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    target = exports / "all.json"
+
+    _run_killed("export", tmp_path / "source.db", target, temporary)
+    (left,) = _names(exports)
+    assert left.startswith(".all.json.") and left.endswith(".partial")
+
+    async with SQLiteSessionStorage(tmp_path / "source.db") as source:
+        summary = await export_to_json(source, target)
+    assert summary["sessions"] == 30
+    assert _names(exports) == ["all.json"]
+
+
+def test_a_live_process_scratch_is_kept_and_removed_once_it_is_killed(
+    tmp_path: Path, temporary: Path
+) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    # Look-alikes not made by a scratch_directory: no lock file, a symlink.
+    (temporary / "persistence-restore-by-hand").mkdir()
+    (temporary / "persistence-restore-link").symlink_to(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(exports)],
+        env=child_env() | {"TMPDIR": str(temporary)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        held = Path(holder.stdout.readline().strip())
+        (partial,) = exports.iterdir()
+
+        with scratch_directory("persistence-restore-"), partial_file(exports, "out.json"):
+            assert held.is_dir() and partial.exists()
+        assert held.is_dir() and partial.exists()
+
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with scratch_directory("persistence-restore-") as mine:
+            with partial_file(exports, "out.json") as other:
+                assert not held.exists() and not partial.exists()
+                assert sorted(p.name for p in exports.iterdir()) == [other.name]
+            left = sorted(p.name for p in temporary.iterdir())
+        assert left == sorted(
+            [mine.name, "persistence-restore-by-hand", "persistence-restore-link"]
+        )
+        assert tmp_path.is_dir()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate(timeout=30)
+    assert not os.path.exists(mine)
