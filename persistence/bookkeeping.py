@@ -30,6 +30,7 @@ from persistence.changes import (
     same_value,
 )
 from persistence.errors import InvalidDataError, SessionDeletedError
+from persistence.identifiers import new_incarnation
 from persistence.validation import check_json_object
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class Bookkeeping:
         messages = self._messages()
         self._omitted = omitted
         self._revision = revision
+        self._private()["_creations"].pop(token, None)
         self._known()[token] = Base(
             session_id=self.session_id,
             revision=revision,
@@ -126,11 +128,14 @@ class Bookkeeping:
             _check_new_messages(self.session_id, appends)
             # Changed in place, the metadata skipped the model's validation.
             check_json_object(self.metadata, "metadata")
+            # The incarnation the session is created with; an earlier creation of unknown
+            # outcome sent one, and the save must tell whether it landed (not certain).
+            earlier = private["_creations"].get(token)
             return SavePlan(
                 session_id=self.session_id,
                 revision=None,
-                incarnation=None,
-                certain=True,
+                incarnation=new_incarnation() if earlier is None else earlier,
+                certain=earlier is None,
                 exact=False,
                 model=self.model,
                 status=self.status,
@@ -223,6 +228,7 @@ class Bookkeeping:
             # describes the list. It landed, so the base is behind: the next save checks.
             self.save_failed(token, plan)
             return
+        private["_creations"].pop(token, None)
         self._known()[token] = Base(
             session_id=plan.session_id,
             revision=revision,
@@ -373,7 +379,11 @@ class Bookkeeping:
         object's own (changes.Unconfirmed), whatever the object did with it meanwhile.
         """
         base = self._known().get(token)
-        if base is not None:
+        if base is None:
+            for plan in sent:
+                if plan.is_new and plan.incarnation is not None:
+                    self._private()["_creations"].setdefault(token, plan.incarnation)
+        else:
             base.certain = False
             if sent:
                 unconfirmed = base.unconfirmed = base.unconfirmed or Unconfirmed()

@@ -19,6 +19,7 @@ the store enforces it. Asking the process id for every id would cost 0.2 us each
 from __future__ import annotations
 
 import os
+import uuid
 
 POOL = 256
 # uuid4's fixed bits, set in the raw bytes of all POOL ids at once (C loops):
@@ -47,3 +48,12 @@ def random_hex_id() -> str:
 
 
 os.register_at_fork(after_in_child=_pool.clear)
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation for a session being created: a uuid4 as 32 hex digits.
+
+    Drawn by the object that creates the session, before it sends the creation: a
+    creation of unknown outcome is retried with the same one (persistence.bookkeeping).
+    """
+    return uuid.uuid4().hex

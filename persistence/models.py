@@ -167,6 +167,9 @@ class ChatSession(_DomainModel, Bookkeeping):
     # Log positions an open unit of work may roll a base back to (`base_for`): the log
     # from there on is kept until it ends.
     _pins: list[int] = PrivateAttr(default_factory=lambda: [])
+    # Per storage token: the incarnation a creation of unknown outcome sent (it may have
+    # landed); the next save creates the session with it, or finds it deleted.
+    _creations: dict[str, str] = PrivateAttr(default_factory=lambda: {})
 
     def __eq__(self, other: object) -> bool:
         # Fields only: which storages hold the messages is bookkeeping, not data.
@@ -215,6 +218,7 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_revision": source._revision,
                 "_epoch": source._epoch,
                 "_pins": [],
+                "_creations": dict(source._creations),
             },
         )
 
@@ -252,6 +256,7 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_revision": revision,
                 "_epoch": 0,
                 "_pins": [],
+                "_creations": {},
             },
         )
         return session
@@ -453,4 +458,5 @@ assert set(ChatSession.__private_attributes__) == {
     "_revision",
     "_epoch",
     "_pins",
+    "_creations",
 }, "ChatSession.from_store must build every private attribute"

@@ -33,6 +33,7 @@ from persistence.mongo.connection import (
     has_transactions,
     indexes_to_create,
 )
+from persistence.mongo.deletions import create_collection as create_deletions_collection
 from persistence.mongo.documents import (
     FILES_COLLECTION,
     SESSIONS_COLLECTION,
@@ -217,6 +218,7 @@ class MongoDBSessionStorage(SessionStorage):
                     indexes_to_create(indexes, sharded_cluster=router)
                 )
             if create_indexes:
+                await create_deletions_collection(database)
                 await drop_retired_indexes(database)
                 await backfill_search_tokens(database)
             reading = docs

@@ -8,10 +8,10 @@ bookkeeping of that load (revision, incarnation, a snapshot of the metadata).
 from __future__ import annotations
 
 import pickle
-import uuid
 from typing import Any
 
 from persistence.changes import Base, MessageList, Snapshot
+from persistence.identifiers import new_incarnation
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.mongo.documents import FileRecordView, MessageDocument, SessionSummary, SessionView
 from persistence.search import search_document
@@ -41,7 +41,7 @@ def document_from_session(session: ChatSession, incarnation: str | None = None) 
         "message_count": len(session.messages),
         "messages": [document_from_message(message) for message in session.messages],
         "revision": 1,
-        "incarnation": uuid.uuid4().hex if incarnation is None else incarnation,
+        "incarnation": new_incarnation() if incarnation is None else incarnation,
     }
 
 

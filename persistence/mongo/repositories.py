@@ -20,6 +20,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.results import UpdateResult
 
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
+from persistence.mongo.deletions import record_deletion
 from persistence.mongo.documents import (
     LEGACY_INCARNATION,
     LEGACY_REVISION,
@@ -166,10 +167,20 @@ async def read_session_batch_after(
 async def delete_session_document(
     docs: DocumentSet, client_session: AsyncClientSession | None, session_id: str
 ) -> bool:
-    result = await docs.sessions.find_one({"_id": session_id}, session=client_session).delete_one(
-        session=client_session
-    )
-    return bool(result is not None and result.deleted_count)
+    """Deletes the session's document, its incarnation recorded first
+    (persistence.mongo.deletions); False if there is none."""
+    sessions = docs.sessions.get_pymongo_collection()
+    row = await sessions.find_one({"_id": session_id}, {"incarnation": 1}, session=client_session)
+    if row is None:
+        return False
+    incarnation = row.get("incarnation", LEGACY_INCARNATION)
+    query: dict[str, Any] = {"_id": session_id}
+    if incarnation != LEGACY_INCARNATION:
+        await record_deletion(docs, client_session, session_id, incarnation)
+        # Only the incarnation recorded: one created meanwhile is another session.
+        query["incarnation"] = incarnation
+    result = await sessions.delete_one(query, session=client_session)
+    return bool(result.deleted_count)
 
 
 async def session_exists(

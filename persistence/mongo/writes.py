@@ -3,7 +3,8 @@
 The work takes a `SavePlan` (what the holder changed since its last load or save) and
 sends the cheapest command that keeps every guarantee (API.md, Writes):
 
-- a new object: one insert of the whole document (revision 1, a fresh incarnation);
+- a new object: one insert of the whole document (revision 1, the incarnation its
+  bookkeeping drew; a retried creation of unknown outcome takes the checked path);
 - appends only: one `findAndModify` that pushes them, guarded by the incarnation;
 - other changes from a holder whose base is exact: one update guarded by the revision
   it saw (compare-and-set);
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -31,7 +31,9 @@ from pymongo.errors import DuplicateKeyError
 
 from persistence.changes import SavePlan
 from persistence.errors import InvalidDataError, PersistenceError
+from persistence.identifiers import new_incarnation
 from persistence.mongo import inspection, updates
+from persistence.mongo.deletions import refuse_deleted_creations
 from persistence.mongo.documents import LEGACY_INCARNATION, DocumentSet
 from persistence.mongo.updates import Saved, Write
 
@@ -52,8 +54,11 @@ def in_transaction(client_session: AsyncClientSession | None) -> bool:
     return client_session is not None and client_session.in_transaction
 
 
-def new_incarnation() -> str:
-    return uuid.uuid4().hex
+def creating(plan: SavePlan) -> str:
+    """The incarnation a plan's session gets if the plan creates it: a new object's own
+    (drawn by its bookkeeping, kept for a retry), else a fresh one (unused: only new
+    objects create)."""
+    return new_incarnation() if plan.incarnation is None or not plan.is_new else plan.incarnation
 
 
 async def still_there(
@@ -91,7 +96,7 @@ async def write_plan(
             session would cross the 16 MiB document limit.
         PersistenceError: other writers won the race `ATTEMPTS` times (nothing written).
     """
-    if not in_transaction(client_session):
+    if not in_transaction(client_session) and (plan.certain or not plan.is_new):
         saved = await _direct(docs, client_session, plan)
         if saved is not None:
             return saved
@@ -105,7 +110,7 @@ async def _direct(
     collection = _sessions(docs)
     try:
         if plan.is_new:
-            incarnation = new_incarnation()
+            incarnation = creating(plan)
             document = updates.new_document(plan, incarnation)
             await collection.insert_one(document, session=client_session)
             return Saved(1, incarnation, exact=True)
@@ -161,12 +166,13 @@ async def write_checked(
     force: bool = False,
 ) -> Saved:
     """The checked path: read, refuse or merge, write guarded by what was read; repeat."""
+    await refuse_deleted_creations(docs, client_session, [plan])
     for attempt in range(ATTEMPTS):
         if attempt:
             # Lost the race (appenders move the revision too): back off a little, at random.
             await asyncio.sleep(random.uniform(0, _BACKOFF * 2**attempt))  # noqa: S311
         seen = await inspect(docs, client_session, [plan])
-        write = seen.prepare(plan, new_incarnation(), force=force)
+        write = seen.prepare(plan, creating(plan), force=force)
         try:
             if await send(docs, client_session, write):
                 return write.saved
@@ -243,10 +249,11 @@ async def prepare_all(
             for the first plan refused; also if two plans add one message id.
     """
     inspection.refuse_shared_ids(plans)
+    await refuse_deleted_creations(docs, client_session, plans)
     prepared: list[Write] = []
     for chunk in _chunks(plans):
         seen = await inspect(docs, client_session, chunk)
         prepared.extend(
-            seen.prepare(plan, new_incarnation(), absent=id(plan) in after_delete) for plan in chunk
+            seen.prepare(plan, creating(plan), absent=id(plan) in after_delete) for plan in chunk
         )
     return prepared

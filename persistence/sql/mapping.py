@@ -8,7 +8,6 @@ them, without its per-call overhead (tests/sql/test_mapping.py holds the two equ
 
 from __future__ import annotations
 
-import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
@@ -20,6 +19,7 @@ from sqlalchemy import Text, cast
 from persistence.changes import Base, MessageList, Snapshot
 from persistence.errors import PersistenceError
 from persistence.garbage_collection import collection_paused
+from persistence.identifiers import new_incarnation
 from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.search import search_document
@@ -307,7 +307,7 @@ def row_from_session(session: ChatSession, message_count: int) -> dict[str, Any]
         "metadata": session.metadata,
         "status": session.status,
         # Drawn when the row is created: a session deleted and created again is another.
-        "incarnation": uuid.uuid4().hex,
+        "incarnation": new_incarnation(),
     }
 
 

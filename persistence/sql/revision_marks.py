@@ -74,6 +74,7 @@ MARKS = (
     Mark("0007", "function", _APPEND_FUNCTION, dialects=POSTGRESQL),
     Mark("0008", "source", "varchar(200)[]", dialects=POSTGRESQL),
     Mark("0009", "table", "chat_message_terms", dialects=POSTGRESQL),
+    Mark("0010", "table", "chat_session_deletions"),
 )
 REVISIONS = tuple(dict.fromkeys(mark.revision for mark in MARKS))
 

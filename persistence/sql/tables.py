@@ -103,6 +103,17 @@ class SessionCountRow(Base):
     sessions: Mapped[int] = mapped_column(BigInteger)
 
 
+class SessionDeletionRow(Base):
+    """A deleted session's id and incarnation, written by a trigger (revision 0010): a
+    save retrying a creation of unknown outcome tells by it a session deleted since."""
+
+    __tablename__ = "chat_session_deletions"
+
+    session_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    incarnation: Mapped[str] = mapped_column(String(32), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class FileRow(Base):
     __tablename__ = "uploaded_files"
 

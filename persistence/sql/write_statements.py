@@ -29,10 +29,11 @@ from persistence.models import ChatMessage
 from persistence.sql.bulk import BulkInsert
 from persistence.sql.mapping import SESSION_METADATA_TEXT, rows_from_messages
 from persistence.sql.statements import Statement
-from persistence.sql.tables import MessageRow, SessionRow
+from persistence.sql.tables import MessageRow, SessionDeletionRow, SessionRow
 
 sessions = cast(Table, SessionRow.__table__)
 messages = cast(Table, MessageRow.__table__)
+deletions = cast(Table, SessionDeletionRow.__table__)
 
 # Bound parameters per statement stay well under SQLite's and asyncpg's limits.
 IN_CHUNK = 500
@@ -173,6 +174,14 @@ MESSAGE_OWNERS = Statement(
 
 STILL_THERE = Statement(
     select(sessions.c.incarnation).where(sessions.c.session_id == bindparam("session_id"))
+)
+
+# Whether that incarnation of the session was deleted (revision 0010's record).
+WAS_DELETED = Statement(
+    select(deletions.c.incarnation).where(
+        deletions.c.session_id == bindparam("session_id"),
+        deletions.c.incarnation == bindparam("incarnation"),
+    )
 )
 
 

@@ -17,7 +17,6 @@ A new object creates the row, or merges into the row stored under its id.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,7 @@ from persistence.sql.write_statements import (
     OVERWRITE,
     SESSION_MESSAGES,
     STILL_THERE,
+    WAS_DELETED,
     chunks,
 )
 
@@ -292,7 +292,7 @@ def one_statement_save(plan: SavePlan) -> Work[Saved | None] | None:
     is None when the id is taken (then `write_plan` merges). None: no such form."""
     if appends_alone(plan):
         return append_in_one_statement(plan)
-    if plan.is_new and not plan.appends:
+    if plan.is_new and plan.certain and not plan.appends:
         return create_row(plan)
     return None
 
@@ -300,7 +300,8 @@ def one_statement_save(plan: SavePlan) -> Work[Saved | None] | None:
 def create_row(plan: SavePlan) -> Work[Saved | None]:
     """The new session's row, if its id is free; None, with nothing written, if taken
     (the object is then merged into the stored session: `write_plan`)."""
-    incarnation = uuid.uuid4().hex
+    incarnation = plan.incarnation
+    assert incarnation is not None, "a new object's plan carries the incarnation it creates"
     rows = yield Fetch(
         INSERT_NEW,
         _field_values(plan, plan.metadata)
@@ -319,7 +320,13 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
 
     A new object's values win for the fields it carries; metadata keys it does not
     carry are kept; only messages the store lacks are added.
+
+    Raises:
+        SessionDeletedError: an earlier creation of this object, of unknown outcome,
+            landed and the session was deleted since.
     """
+    if not plan.certain:
+        yield from _refuse_deleted_creation(plan)
     for _ in range(_CREATE_ATTEMPTS):
         created = yield from create_row(plan)
         if created is not None:
@@ -347,3 +354,22 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
         f"session {plan.session_id!r}: created and deleted by other writers"
         f" {_CREATE_ATTEMPTS} times during this save; nothing was written"
     )
+
+
+def _refuse_deleted_creation(plan: SavePlan) -> Work[None]:
+    """Raises if the session an earlier creation of unknown outcome made is deleted.
+
+    The row is locked first: a delete in flight (PostgreSQL) is waited for, and its
+    record is then read by the next statement.
+
+    Raises:
+        SessionDeletedError: the creation landed, and the session was deleted since.
+    """
+    rows = yield Fetch(LOCK, {"session_id": plan.session_id})
+    if rows and rows[0][1] == plan.incarnation:
+        return  # it landed and is still there: merged into, as any stored session
+    deleted = yield Fetch(
+        WAS_DELETED, {"session_id": plan.session_id, "incarnation": plan.incarnation}
+    )
+    if deleted:
+        raise SessionDeletedError(plan.session_id)

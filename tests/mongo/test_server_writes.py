@@ -7,6 +7,7 @@ update pipeline on the server, and the unit of work without transactions.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -231,3 +232,41 @@ async def test_undoing_a_standalone_batch_deletes_only_documents_no_one_wrote_si
     assert await mongo.load_session(untouched.session_id) is None
     kept = await mongo.load_session("s-appended")
     assert kept is not None and kept.messages[-1].content == "acknowledged meanwhile"
+
+
+@pytest.mark.parametrize("messages", [0, 2])
+async def test_a_creation_that_landed_and_was_deleted_meanwhile_stays_deleted(
+    mongo: MongoDBSessionStorage,
+    mongodb_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    messages: int,
+) -> None:
+    """As tests/reliability/test_unknown_outcomes.py on SQL: the save lands, then is
+    cancelled; another writer deletes the session; the next save refuses."""
+    from persistence.errors import SessionDeletedError
+    from persistence.mongo import backend, deletions
+
+    session = ChatSession.create("unknown")
+    for turn in range(messages):
+        session.add_message("user", f"turn {turn}")
+    write_plan = backend.writes.write_plan
+
+    async def landed_then_cut_off(*args: Any, **kwargs: Any) -> Any:
+        await write_plan(*args, **kwargs)
+        raise asyncio.CancelledError  # as a cancel arriving just after the write
+
+    monkeypatch.setattr(backend.writes, "write_plan", landed_then_cut_off)
+    with pytest.raises(asyncio.CancelledError):
+        await mongo.save_session(session)
+    monkeypatch.setattr(backend.writes, "write_plan", write_plan)
+    async with _second(mongodb_url, mongo.database_name) as other:
+        assert await other.delete_session(session.session_id) is True
+    recorded = await mongo.client[mongo.database_name][deletions.DELETIONS_COLLECTION].find_one(
+        {"session_id": session.session_id}
+    )
+    assert recorded is not None
+
+    session.add_message("user", "after the delete")
+    with pytest.raises(SessionDeletedError):
+        await mongo.save_session(session)
+    assert await mongo.load_session(session.session_id) is None

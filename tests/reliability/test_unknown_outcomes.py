@@ -15,8 +15,10 @@ import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
-from persistence import ChatSession, SessionConflictError, SessionStorage
+from persistence import ChatSession, SessionConflictError, SessionDeletedError, SessionStorage
+from tests.servers import second_holder
 
 
 def _outcomes(storage: Any, *outcomes: str) -> None:
@@ -169,3 +171,130 @@ async def test_after_two_writes_of_others_the_old_value_cannot_tell_and_is_a_con
         await sql_storage.save_session(session)
     stored = await sql_storage.load_session(session.session_id)
     assert stored is not None and stored.status == "active"
+
+
+def _new_session(messages: int) -> ChatSession:
+    session = ChatSession.create("unknown")
+    for turn in range(messages):
+        session.add_message("user", f"turn {turn}")
+    return session
+
+
+@pytest.mark.parametrize("messages", [0, 2])
+async def test_a_creation_that_landed_and_was_deleted_meanwhile_stays_deleted(
+    sql_storage: SessionStorage, messages: int
+) -> None:
+    """Found by attack: the next save found no row and created the session again."""
+    session = _new_session(messages)
+    _outcomes(sql_storage, "landed")
+    await _save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        assert await other.delete_session(session.session_id) is True
+
+    session.add_message("user", "after the delete")
+    with pytest.raises(SessionDeletedError):
+        await sql_storage.save_session(session)
+    assert await sql_storage.load_session(session.session_id) is None
+    # The refusal is for good, as for any holder of a deleted session.
+    with pytest.raises(SessionDeletedError):
+        await sql_storage.save_session(session)
+
+
+async def test_a_creation_that_landed_is_not_confused_with_a_new_session_of_its_id(
+    sql_storage: SessionStorage,
+) -> None:
+    """Deleted, then created again by another writer: this object's session is gone,
+    and the other's new one is left as it was."""
+    session = _new_session(1)
+    _outcomes(sql_storage, "landed")
+    await _save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        assert await other.delete_session(session.session_id) is True
+        again = ChatSession.create("another", session_id=session.session_id)
+        again.add_message("user", "another writer's")
+        await other.save_session(again)
+
+    with pytest.raises(SessionDeletedError):
+        await sql_storage.save_session(session)
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None
+    assert (stored.model, [m.content for m in stored.messages]) == (
+        "another",
+        ["another writer's"],
+    )
+
+
+@pytest.mark.parametrize("first", ["landed", "lost"])
+async def test_a_creation_of_unknown_outcome_is_completed_by_the_next_save(
+    sql_storage: SessionStorage, first: str
+) -> None:
+    session = _new_session(2)
+    _outcomes(sql_storage, first)
+    await _save_unknown(sql_storage, session)
+    session.add_message("user", "after")
+    await _stored_as_held(sql_storage, session)
+
+
+async def test_a_lost_creation_merges_into_a_session_another_writer_created_under_its_id(
+    sql_storage: SessionStorage,
+) -> None:
+    """Never landed: the object is a new object under an id the store holds (merged),
+    whoever deleted what before."""
+    session = _new_session(1)
+    _outcomes(sql_storage, "lost")
+    await _save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        first = ChatSession.create("another", session_id=session.session_id)
+        await other.save_session(first)
+        assert await other.delete_session(session.session_id) is True
+        await other.save_session(ChatSession.create("another", session_id=session.session_id))
+
+    assert await sql_storage.save_session(session) is True
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None
+    assert [m.message_id for m in stored.messages] == [m.message_id for m in session.messages]
+
+
+async def test_every_delete_of_a_session_row_is_recorded(sql_storage: SessionStorage) -> None:
+    """By the library's deletes and by hand (the trigger of revision 0010)."""
+    kept = _new_session(0)
+    by_library, by_hand = _new_session(1), _new_session(1)
+    for session in (kept, by_library, by_hand):
+        await sql_storage.save_session(session)
+    assert await sql_storage.delete_session(by_library.session_id) is True
+    storage: Any = sql_storage
+    async with storage.engine.begin() as connection:
+        await connection.execute(
+            text("DELETE FROM chat_sessions WHERE session_id = :id"), {"id": by_hand.session_id}
+        )
+        recorded = {
+            row[0]
+            for row in await connection.execute(
+                text("SELECT session_id FROM chat_session_deletions")
+            )
+        }
+    ours = {kept.session_id, by_library.session_id, by_hand.session_id}
+    assert recorded & ours == {by_library.session_id, by_hand.session_id}
+
+
+async def test_a_delete_in_flight_when_the_creation_is_retried_is_waited_for(
+    sql_storage: SessionStorage,
+) -> None:
+    """The retry locks the row first: a delete not yet committed (holding the row on
+    PostgreSQL, the write lock on SQLite) is waited for, and its record then read."""
+    session = _new_session(1)
+    _outcomes(sql_storage, "landed")
+    await _save_unknown(sql_storage, session)
+    storage: Any = sql_storage
+    async with storage.engine.connect() as deleting:
+        transaction = await deleting.begin()
+        await deleting.execute(
+            text("DELETE FROM chat_sessions WHERE session_id = :id"), {"id": session.session_id}
+        )
+        retry = asyncio.ensure_future(sql_storage.save_session(session))
+        await asyncio.sleep(0.5)
+        assert not retry.done(), "the retry did not wait for the delete"
+        await transaction.commit()
+    with pytest.raises(SessionDeletedError):
+        await retry
+    assert await sql_storage.load_session(session.session_id) is None
