@@ -23,6 +23,7 @@ from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
 from persistence.errors import MigrationError, SchemaVersionError
+from persistence.sql.encoding import check_server_encoding
 from persistence.sql.revision_marks import missing_at, present_after, schema_revision
 from persistence.sql.tables import Base
 
@@ -390,6 +391,7 @@ def migrate(
     """
     if connection.dialect.name != "sqlite":
         with connection.begin():
+            check_server_encoding(connection, where)
             upgrade_to_head(connection, version_table=version_table, where=where)
         return
     # On the driver's connection: SQLAlchemy's would begin a transaction first.
