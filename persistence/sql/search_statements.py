@@ -189,8 +189,9 @@ def _index(
     `recheck` (of them) are tested on each, and on PostgreSQL all the query's `words` on
     a document indexed as OVERFLOW.
 
-    Without :edge, below the edge of the window a scan with the same :below and :skip
-    read (a scan that matched nothing does not say where it stopped). PostgreSQL: with
+    find_messages passes the edge the last scan returned, or, when it matched nothing
+    (and so did not say where it stopped), its window's top; without :edge, below the
+    edge of the window a scan with the same :below and :skip read. PostgreSQL: with
     `pending`, also the rows whose terms are still pending; with `asking`, a last column
     says whether any are.
     """
