@@ -246,6 +246,19 @@ async def test_a_query_that_is_not_a_string_is_refused(storage: SessionStorage, 
         await storage.search_messages(query)
 
 
+async def test_a_query_of_more_words_than_a_search_takes_is_refused_alike(
+    storage: SessionStorage,
+) -> None:
+    session = ChatSession.create("m")
+    words = [f"term{n:02d}" for n in range(64)]
+    session.add_message("user", " ".join(words))
+    await storage.save_session(session)
+
+    assert len(await storage.search_messages(" ".join(words))) == 1
+    with pytest.raises(InvalidDataError, match="65 distinct words"):
+        await storage.search_messages(" ".join([*words, "extra"]))
+
+
 async def test_a_session_id_no_backend_can_store_finds_nothing_alike(
     storage: SessionStorage,
 ) -> None:

@@ -9,10 +9,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from persistence.errors import InvalidDataError
 from persistence.search import (
     GRAM_MARK,
     MAX_GRAM_TERMS,
     MAX_INDEXED_WORDS,
+    MAX_QUERY_WORDS,
     MAX_SEARCHABLE_CHARS,
     QueryWord,
     normalise,
@@ -101,12 +103,23 @@ def test_a_query_without_words_is_none(query: str) -> None:
 
 
 def test_only_the_longest_words_become_index_terms() -> None:
-    query = " ".join(f"w{n:03d}" + "x" * (n % 7) for n in range(100))
+    query = " ".join(f"w{n:03d}" + "x" * (n % 7) for n in range(MAX_QUERY_WORDS))
     parsed = parse_query(query)
     assert parsed is not None
-    assert len(parsed.words) == 100
+    assert len(parsed.words) == MAX_QUERY_WORDS
     assert len(parsed.prefix_terms) == MAX_INDEXED_WORDS
     assert min(map(len, parsed.prefix_terms)) >= max(len(w.text) for w in parsed.words[32:])
+
+
+def test_a_query_of_more_distinct_words_than_a_search_takes_is_refused() -> None:
+    """Found by attack: each word is tested on every candidate, so a pasted vocabulary
+    of 3,000 words took seconds. Words another word implies do not count."""
+    words = [f"word{n:03d}" for n in range(MAX_QUERY_WORDS)]
+    implied = [word[:-1] for word in words]  # each begins a word of the query
+    parsed = parse_query(" ".join(words + implied))
+    assert parsed is not None and len(parsed.words) == MAX_QUERY_WORDS
+    with pytest.raises(InvalidDataError, match="65 distinct words; a search takes at most 64"):
+        parse_query(" ".join([*words, "another"]))
 
 
 # Texts whose words often meet: a few ASCII words, look-alikes and other scripts.
