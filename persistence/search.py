@@ -61,9 +61,14 @@ _SPACELESS = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}]")
 # a longer run is broken by U+034F COMBINING GRAPHEME JOINER every 30. Python's
 # normalisation sorts a run of marks by insertion, in time quadratic in its length:
 # found by attack, a message of 80,000 marks took 8.7 s to save on PostgreSQL and its
-# first search on SQLite 18 s, holding other writers' saves meanwhile.
+# first search on SQLite 18 s, holding other writers' saves meanwhile. Counted with the
+# marks: U+FF9E and U+FF9F, letters that NFKC makes marks (the only characters outside
+# category M whose decomposition is marks alone; found by attack, runs of 30 marks
+# between them made one long run inside NFKC).
 _MARK_RUN = 30
-_LONG_MARK_RUN = regex.compile(rf"[\p{{M}}--\u034f]{{{_MARK_RUN + 1},}}", flags=regex.V1)
+_LONG_MARK_RUN = regex.compile(
+    rf"[[\p{{M}}\uff9e\uff9f]--\u034f]{{{_MARK_RUN + 1},}}", flags=regex.V1
+)
 _GRAPHEME_JOINER = "\u034f"
 
 
