@@ -228,7 +228,9 @@ class Bookkeeping:
             # describes the list. It landed, so the base is behind: the next save checks.
             self.save_failed(token, plan)
             return
-        private["_creations"].pop(token, None)
+        # `_creations` keeps a creation of unknown outcome's incarnation: a unit of
+        # work's rollback may take this base back (found by attack: forgotten here, the
+        # next save created the session again after another writer's delete).
         self._known()[token] = Base(
             session_id=plan.session_id,
             revision=revision,

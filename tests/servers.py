@@ -105,7 +105,8 @@ async def emptied_postgresql(url: str) -> AsyncIterator[Any]:
         async with storage.engine.begin() as connection:
             await connection.execute(
                 text(
-                    "TRUNCATE chat_messages, chat_sessions, uploaded_files RESTART IDENTITY CASCADE"
+                    "TRUNCATE chat_messages, chat_sessions, uploaded_files,"
+                    " chat_session_deletions, chat_session_merges RESTART IDENTITY CASCADE"
                 )
             )
         yield storage

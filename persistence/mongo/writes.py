@@ -33,7 +33,7 @@ from persistence.changes import SavePlan
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.identifiers import new_incarnation
 from persistence.mongo import inspection, updates
-from persistence.mongo.deletions import refuse_deleted_creations
+from persistence.mongo.deletions import record_merge, refuse_deleted_creations
 from persistence.mongo.documents import LEGACY_INCARNATION, DocumentSet
 from persistence.mongo.updates import Saved, Write
 
@@ -173,6 +173,7 @@ async def write_checked(
             await asyncio.sleep(random.uniform(0, _BACKOFF * 2**attempt))  # noqa: S311
         seen = await inspect(docs, client_session, [plan])
         write = seen.prepare(plan, creating(plan), force=force)
+        await record_merge(docs, client_session, plan, write)
         try:
             if await send(docs, client_session, write):
                 return write.saved
@@ -194,6 +195,7 @@ async def send_prepared(
 ) -> Saved:
     """Sends a write prepared earlier; if the store changed since, saves the plan anew."""
     if write is not None:
+        await record_merge(docs, client_session, plan, write)
         try:
             if await send(docs, client_session, write):
                 return write.saved
@@ -249,7 +251,7 @@ async def prepare_all(
             for the first plan refused; also if two plans add one message id.
     """
     inspection.refuse_shared_ids(plans)
-    await refuse_deleted_creations(docs, client_session, plans)
+    await refuse_deleted_creations(docs, client_session, plans, after_delete=after_delete)
     prepared: list[Write] = []
     for chunk in _chunks(plans):
         seen = await inspect(docs, client_session, chunk)

@@ -75,6 +75,7 @@ MARKS = (
     Mark("0008", "source", "varchar(200)[]", dialects=POSTGRESQL),
     Mark("0009", "table", "chat_message_terms", dialects=POSTGRESQL),
     Mark("0010", "table", "chat_session_deletions"),
+    Mark("0010", "table", "chat_session_merges"),
 )
 REVISIONS = tuple(dict.fromkeys(mark.revision for mark in MARKS))
 

@@ -114,6 +114,17 @@ class SessionDeletionRow(Base):
     deleted_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class SessionMergeRow(Base):
+    """A new object's creation merged into the stored session of its id (revision
+    0010): the delete of that session records the creation's incarnation deleted too."""
+
+    __tablename__ = "chat_session_merges"
+
+    session_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    incarnation: Mapped[str] = mapped_column(String(32), primary_key=True)
+    into_incarnation: Mapped[str] = mapped_column(String(32))
+
+
 class FileRow(Base):
     __tablename__ = "uploaded_files"
 

@@ -176,6 +176,15 @@ STILL_THERE = Statement(
     select(sessions.c.incarnation).where(sessions.c.session_id == bindparam("session_id"))
 )
 
+# A new object's creation merged into the stored session (revision 0010): its delete
+# then records the creation's incarnation deleted too.
+RECORD_MERGE = Statement(
+    text(
+        "INSERT INTO chat_session_merges (session_id, incarnation, into_incarnation)"
+        " VALUES (:session_id, :incarnation, :into_incarnation) ON CONFLICT DO NOTHING"
+    )
+)
+
 # Whether that incarnation of the session was deleted (revision 0010's record).
 WAS_DELETED = Statement(
     select(deletions.c.incarnation).where(

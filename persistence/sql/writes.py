@@ -41,6 +41,7 @@ from persistence.sql.write_statements import (
     INSERT_NEW,
     LOCK,
     OVERWRITE,
+    RECORD_MERGE,
     SESSION_MESSAGES,
     STILL_THERE,
     WAS_DELETED,
@@ -336,6 +337,15 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
         if not rows:
             continue
         revision, stored_incarnation, _, _, _, metadata_text, count, next_position = rows[0]
+        if stored_incarnation != plan.incarnation:
+            yield Execute(
+                RECORD_MERGE,
+                {
+                    "session_id": plan.session_id,
+                    "incarnation": plan.incarnation,
+                    "into_incarnation": stored_incarnation,
+                },
+            )
         appends = yield from not_stored(plan.session_id, plan.appends)
         yield from _insert(plan.session_id, appends, next_position)
         merged = {**json_loads(metadata_text), **plan.metadata}

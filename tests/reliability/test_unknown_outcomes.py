@@ -298,3 +298,62 @@ async def test_a_delete_in_flight_when_the_creation_is_retried_is_waited_for(
     with pytest.raises(SessionDeletedError):
         await retry
     assert await sql_storage.load_session(session.session_id) is None
+
+
+async def test_a_retry_rolled_back_in_a_unit_of_work_still_knows_its_creation(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: the rollback took the object back to new and forgot the
+    incarnation it had sent, so the save after another writer's delete created it."""
+    session = _new_session(1)
+    _outcomes(sql_storage, "landed")
+    await _save_unknown(sql_storage, session)
+    with pytest.raises(RuntimeError, match="rolled back"):
+        async with sql_storage.unit_of_work() as uow:
+            await uow.sessions.add(session)
+            raise RuntimeError("rolled back")
+    async with second_holder(sql_storage) as other:
+        assert await other.delete_session(session.session_id) is True
+
+    with pytest.raises(SessionDeletedError):
+        await sql_storage.save_session(session)
+    assert await sql_storage.load_session(session.session_id) is None
+
+
+async def test_a_creation_merged_into_a_stored_session_stays_deleted_with_it(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: the creation merged into another writer's session of its id
+    (README), landed, and that session was deleted; the retry found no record of its
+    own incarnation and created the session again."""
+    async with second_holder(sql_storage) as other:
+        theirs = ChatSession.create("m", session_id="shared")
+        theirs.add_message("user", "theirs")
+        await other.save_session(theirs)
+        mine = ChatSession.create("m", session_id="shared")
+        mine.add_message("user", "mine")
+        _outcomes(sql_storage, "landed")
+        await _save_unknown(sql_storage, mine)
+        stored = await other.load_session("shared")
+        assert stored is not None and [m.content for m in stored.messages] == ["theirs", "mine"]
+        assert await other.delete_session("shared") is True
+
+    mine.add_message("user", "mine again")
+    with pytest.raises(SessionDeletedError):
+        await sql_storage.save_session(mine)
+    assert await sql_storage.load_session("shared") is None
+
+
+async def test_a_truncate_is_recorded_as_the_delete_of_every_session(
+    postgresql_storage: SessionStorage,
+) -> None:
+    """Found by attack: TRUNCATE fires no row trigger (PostgreSQL)."""
+    session = _new_session(1)
+    _outcomes(postgresql_storage, "landed")
+    await _save_unknown(postgresql_storage, session)
+    storage: Any = postgresql_storage
+    async with storage.engine.begin() as connection:
+        await connection.execute(text("TRUNCATE chat_sessions CASCADE"))
+
+    with pytest.raises(SessionDeletedError):
+        await postgresql_storage.save_session(session)
