@@ -420,7 +420,7 @@ def test_output_files_refuse_symlinks_and_write_through_devices(tmp_path: Path) 
     for command in (["export-all", str(link)], ["export", session_id, "-o", str(link)]):
         error = failed(*command, "--url", source)
         assert f"{link}: it is a symbolic link" in error, error
-        assert ".tmp" not in error and ".partial" not in error
+        assert ".tmp" not in error and "persistence-partial" not in error
     assert link.is_symlink() and outside.read_text() == "untouched"
 
     # A full device: the system's reason, naming the device; never "Exported".

@@ -90,7 +90,7 @@ def _open_new(path: str, flags: int) -> int:
 
 
 @contextmanager
-def output_file(target: Path) -> Iterator[IO[str]]:
+def output_file(target: Path, *, sweep: bool = True) -> Iterator[IO[str]]:
     """Yields a text stream for `target`: atomically replaced, or written through.
 
     A regular or new file is written to a 0600 temp file beside it, which takes the
@@ -107,7 +107,7 @@ def output_file(target: Path) -> Iterator[IO[str]]:
         except OSError as exc:
             raise file_error("cannot write", target, exc) from exc
         return
-    with temp_file(target.parent, target.name) as temp:
+    with temp_file(target.parent, target.name, sweep=sweep) as temp:
         try:
             with open(temp, "w", encoding="utf-8", newline="", opener=_open_new) as stream:
                 yield stream
@@ -117,12 +117,13 @@ def output_file(target: Path) -> Iterator[IO[str]]:
 
 
 def write_text(target: Path, text: str) -> None:
-    """Writes `text` to `target` as `output_file` does.
+    """Writes `text` to `target` as `output_file` does, without looking for abandoned
+    temp files (a file per session may go into one directory).
 
     Raises:
         MigrationError: naming `target`, if it cannot be written.
     """
-    with output_file(target) as stream:
+    with output_file(target, sweep=False) as stream:
         stream.write(text)
 
 
@@ -152,16 +153,16 @@ def private_directory(directory: Path) -> Path:
 
 
 @contextmanager
-def temp_file(directory: Path, prefix: str) -> Iterator[Path]:
-    """Creates an empty 0600 temp file in `directory` (scratch.partial_file); removes it
-    unless it was renamed.
+def temp_file(directory: Path, prefix: str, *, sweep: bool = True) -> Iterator[Path]:
+    """Creates an empty 0600 temp file in `directory` (scratch.partial_file, which with
+    `sweep` removes the abandoned ones first); removes it unless it was renamed.
 
     Raises:
         MigrationError: if the directory cannot hold a new file.
     """
     with contextlib.ExitStack() as stack:
         try:
-            path = stack.enter_context(partial_file(directory, prefix))
+            path = stack.enter_context(partial_file(directory, prefix, sweep=sweep))
         except OSError as exc:
             raise file_error("cannot create a file in", directory, exc) from exc
         yield path
