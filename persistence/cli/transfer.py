@@ -382,12 +382,16 @@ def import_file(
         stream = inputs.enter_context(
             _seekable_stdin() if input_file == STDIO else open_input(input_file)
         )
+        # Standard input may be a file read part way (`{ read -r header; ...; } < file`):
+        # the document starts where it stands, for the check and the writing alike.
+        start = stream.tell()
         try:
             summary = validate_document(stream)
         except InvalidDataError as exc:
             # Found by audit: "the file is empty" named no file.
             source = "standard input" if input_file == STDIO else str(input_file)
             raise InvalidDataError(f"{source}: {exc}") from exc
+        stream.seek(start)
         checked.append((stream, summary))
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:

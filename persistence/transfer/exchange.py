@@ -214,22 +214,25 @@ async def import_from_stream(
     batch_size: int = DEFAULT_BATCH_SIZE,
     checked: DocumentSummary | None = None,
 ) -> dict[str, Any]:
-    """`import_from_json` from an open, seekable binary stream (read twice: checked, then written).
+    """`import_from_json` from an open, seekable binary stream (read twice: checked, then
+    written), from where it stands: the document need not start at byte 0.
 
     `checked` is the stream's `validate_document` summary where the caller has already
-    checked it (the command line does, before it opens the store): it is not checked
-    again.
+    checked it (the command line does, before it opens the store), the stream put back
+    where that check started: it is not checked again.
 
     Raises:
         InvalidDataError, PersistenceError: as `import_from_json`.
     """
     check_batch_size(batch_size)
     started = time.perf_counter()
-    # One open file for both passes: the second reads what the first validated.
+    # One open file for both passes: the second reads what the first validated, from
+    # the same offset (found by attack: a seek to 0 wrote what stdin held before it).
+    start = stream.tell()
     summary = checked
     if summary is None:
         summary = await asyncio.to_thread(_validate_document, stream)
-    stream.seek(0)
+    stream.seek(start)
     progress = Progress(progress_callback, summary.counts.sessions)
     try:
         async for sessions, records in read_ahead(_file_batches(stream, batch_size)):

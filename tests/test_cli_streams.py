@@ -1,0 +1,88 @@
+"""Standard input and output of `persistence` as a shell gives them: a file read part
+way, a pipe whose reader goes away, a closed descriptor. Each command runs in its own
+process, with the `persistence` this test imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+import persistence
+
+pytestmark = pytest.mark.usefixtures("workdir")
+
+# The tree whose `persistence` the test imports: the child must run the same one.
+SOURCE_ROOT = str(Path(persistence.__file__).resolve().parent.parent)
+
+
+def run(
+    *args: str, stdin: IO[bytes] | int | None = subprocess.DEVNULL
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "persistence", *args],
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def ok(*args: str, stdin: IO[bytes] | None = None) -> str:
+    done = run(*args, stdin=stdin if stdin is not None else subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _export(tmp_path: Path, name: str, sessions: int) -> tuple[Path, set[str]]:
+    """An export file of a new store of `sessions` demo sessions, and their ids."""
+    url = f"sqlite:///{tmp_path / name}.db"
+    for _ in range(sessions):
+        ok("--url", url, "demo")
+    export = tmp_path / f"{name}.json"
+    ok("--url", url, "export-all", str(export))
+    return export, _session_ids(url)
+
+
+def _session_ids(url: str) -> set[str]:
+    return {row["session_id"] for row in json.loads(ok("--url", url, "sessions", "list", "--json"))}
+
+
+@pytest.mark.sqlite
+def test_import_of_stdin_read_part_way_writes_the_document_it_checked(tmp_path: Path) -> None:
+    """Found by attack: the check read stdin from where it stood, the writing from byte 0,
+    so a header line the caller had read made a checked import fail half-way (a new store
+    left behind), and stdin at the second of two exports wrote the first, unchecked."""
+    small, small_ids = _export(tmp_path, "small", 1)
+    other, other_ids = _export(tmp_path, "other", 2)
+
+    header = b"# bundle v1\n"
+    bundle = tmp_path / "bundle.txt"
+    bundle.write_bytes(header + small.read_bytes())
+    with open(bundle, "rb") as given:
+        given.seek(len(header))  # as `{ read -r header; persistence import -; } < bundle.txt`
+        ok("--url", "sqlite:///a.db", "import", "-", stdin=given)
+    assert _session_ids("sqlite:///a.db") == small_ids
+
+    both = tmp_path / "both.json"
+    both.write_bytes(other.read_bytes() + small.read_bytes())
+    with open(both, "rb") as given:
+        given.seek(other.stat().st_size)
+        ok("--url", "sqlite:///b.db", "import", "-", stdin=given)
+    assert _session_ids("sqlite:///b.db") == small_ids
+
+    # At the first of the two: the content after it is refused, and no store is left.
+    with open(both, "rb") as given:
+        refused = run("--url", "sqlite:///c.db", "import", "-", stdin=given)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.startswith("error: standard input: "), refused.stderr
+    assert not Path("c.db").exists()
+    assert other_ids.isdisjoint(small_ids)
