@@ -218,6 +218,30 @@ def test_a_raw_password_on_the_command_line_is_one_masked_error_line() -> None:
     assert_hidden(text)
 
 
+@pytest.mark.parametrize("url", [RAW_URLS[0], ENCODED_URLS[0]], ids=["raw", "encoded"])
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["stats", "{url}"], "Got unexpected extra argument(s) ({masked})"),
+        (["--url=", "{url}", "stats"], "No such command '{masked}'."),
+        (["migrate", "--to", "sqlite:///x.db", "{url}"], "unexpected extra argument(s) ({masked})"),
+        (["sessions", "list", "--status", "{url}"], "'{masked}' is not one of 'active',"),
+        (["export", "x", "--format", "{url}"], "'{masked}' is not one of 'json',"),
+    ],
+    ids=["extra-argument", "as-command", "migrate-extra", "status", "format"],
+)
+def test_a_usage_error_repeats_a_url_with_its_password_masked(
+    args: list[str], problem: str, url: str
+) -> None:
+    """Found by attack: click's own usage errors repeated the words typed, password
+    and all (`persistence stats postgresql://app:secret@db/app`)."""
+    code, text = _run([arg.format(url=url) for arg in args], env={"COLUMNS": "300", "TERM": "dumb"})
+    assert code == 2, text
+    assert_hidden(text)
+    assert problem.format(masked=mask_url(url)) in text, text
+    assert "Usage: persistence" in text
+
+
 @pytest.mark.postgresql
 def test_every_command_and_log_level_hides_an_encoded_password(
     postgresql_url: str, tmp_path: Path

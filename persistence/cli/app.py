@@ -24,6 +24,7 @@ from persistence.cli.output import (
     out,
     run,
 )
+from persistence.cli.usage import MaskingGroup
 from persistence.clock import MAX_EXPIRY_HOURS, utc_now
 from persistence.config import StorageConfig
 from persistence.manager import SessionManager
@@ -32,6 +33,7 @@ from persistence.storage import SessionStorage
 
 app = typer.Typer(
     name="persistence",
+    cls=MaskingGroup,
     help="Chat sessions, messages and file records on SQLite, PostgreSQL or MongoDB.",
     no_args_is_help=True,
     add_completion=False,

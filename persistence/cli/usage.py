@@ -1,0 +1,43 @@
+"""Usage errors (click's own: an unknown command, an extra argument, a bad choice)
+with every URL's password masked, as in every other message of the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from typer.core import TyperGroup
+
+from persistence.config import mask_secrets
+
+try:
+    # Recent typer runs its own copy of click, whose errors derive from this.
+    from typer import TyperException as ClickError
+except ImportError:  # older typer runs click itself
+    from click import ClickException as ClickError  # type: ignore[assignment]  # same fields
+
+
+@contextmanager
+def _masked_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except ClickError as exc:
+        # Found by attack: click repeats the words it refuses as they were typed
+        # (`persistence stats postgresql://app:secret@db/app`). It keeps them in
+        # `message`; the rest of its text (an option's name) is our declarations'.
+        exc.message = mask_secrets(exc.message)
+        raise
+
+
+class MaskingGroup(TyperGroup):
+    """The application's command group: parsing and running it (the subcommands and
+    their own parsing included) raise usage errors with URL passwords masked."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _masked_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Any:
+        with _masked_usage_errors():
+            return super().invoke(*args, **kwargs)
