@@ -8,6 +8,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,87 @@ def test_reading_commands_on_an_empty_sqlite_file_ask_for_an_upgrade(workdir: Pa
     for command in READING:
         assert "persistence upgrade" in failed(*command, "--url", f"sqlite:///{empty}")
     assert empty.read_bytes() == b""
+
+
+CHANGING = [["sessions", "delete", "abc"], ["sessions", "archive", "abc"], ["cleanup"]]
+
+
+@contextmanager
+def _sql_database(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database (a SQLite file not there yet)."""
+    if backend == "sqlite":
+        (tmp_path / "store").mkdir()
+        yield f"sqlite:///{tmp_path / 'store' / 'store.db'}"
+        return
+    with servers.throwaway_postgresql_database(
+        request.getfixturevalue("postgresql_admin_url")
+    ) as url:
+        yield url
+
+
+def _state(url: str) -> object:
+    """Everything a command could have written: the bytes of the SQLite files that hold
+    data (not the readers' -shm index, nor an empty -wal, which `stats` leaves too), or
+    the PostgreSQL tables and the revision its version table holds."""
+    if url.startswith("sqlite:///"):
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        files = [path for path in sorted(folder.iterdir()) if not path.name.endswith("-shm")]
+        return {path.name: path.read_bytes() for path in files if path.stat().st_size}
+    tables = asyncio.run(_pg_tables(url))
+    if "persistence_alembic_version" not in tables:
+        return tables
+    return tables, asyncio.run(
+        _pg_value(url, "SELECT version_num FROM persistence_alembic_version")
+    )
+
+
+async def _pg_value(url: str, query: str) -> object:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        return await connection.fetchval(query)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("sqlite", marks=pytest.mark.sqlite),
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+    ],
+)
+def test_commands_that_change_sessions_refuse_an_older_or_empty_store_writing_nothing(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, workdir: Path
+) -> None:
+    """Found by attack: `sessions delete` and `archive` (even of an id not there, exit 1)
+    and `cleanup` brought a store at revision 0004 to head, and created the schema in
+    an empty database, where `stats` refuses both."""
+    with _sql_database(backend, request, tmp_path) as url:
+        if backend == "sqlite":
+            sqlite3.connect(url.removeprefix("sqlite:///")).close()
+        for command in CHANGING:
+            line = failed(*command, "--url", url)
+            assert "has no persistence schema: create it with `persistence upgrade`" in line
+        assert _state(url) in ({}, [])
+
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "0004"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        before = _state(url)
+        for command in CHANGING:
+            line = failed(*command, "--url", url)
+            assert "is at schema revision 0004" in line, line
+            assert line.endswith("run `persistence upgrade` first"), line
+            assert _state(url) == before, command
+
+        assert invoke("upgrade", "--url", url).exit_code == 0
+        result = invoke("cleanup", "--url", url)
+        assert result.exit_code == 0, result.output
 
 
 @pytest.mark.sqlite

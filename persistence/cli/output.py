@@ -203,8 +203,11 @@ def run(
 ) -> T:
     """Runs `work` on the configured store, turning every expected error into one line.
 
-    With `read_only`, the store is opened without writing (no schema is created or
-    migrated), and must already be a persistence store at head. `check_first` runs
+    With `must_exist`, the store must already be a persistence store at head (a SQLite
+    file is not created, no schema is created or migrated). With `read_only`, it is
+    opened without writing; without, it is checked without writing, then opened to
+    write. Otherwise the store is created if need be, its schema brought to head.
+    `check_first` runs
     before the store is opened (validating an input file), so that a bad input
     leaves no new database behind. With `unopened`, `work` gets the storage as
     created, not opened (`stamp`: a store initialize() refuses).
@@ -233,7 +236,9 @@ def _run(
                 " (create one with `persistence upgrade` or `persistence demo`)"
             )
         storage = create_storage(config)
-        return asyncio.run(_open_and_run(storage, config, target, work, read_only, unopened))
+        return asyncio.run(
+            _open_and_run(storage, config, target, work, read_only, unopened, must_exist)
+        )
     except typer.Exit:
         raise
     except (PersistenceError, ValueError) as exc:
@@ -264,10 +269,20 @@ async def _open_and_run(
     work: Callable[[SessionStorage, StorageConfig, Target], Awaitable[T]],
     read_only: bool = False,
     unopened: bool = False,
+    must_exist: bool = False,
 ) -> T:
     if unopened:
         return await work(storage, config, target)
     if not read_only:
+        if must_exist:
+            # Found by attack: `sessions delete` (even of an id not there) migrated an
+            # older store to head, where `stats` refuses it. Checked as a reading
+            # command checks it, writing nothing; then opened to write.
+            checked = create_storage(config)
+            try:
+                await checked.open_for_reading()
+            finally:
+                await checked.close()
         async with storage:
             return await work(storage, config, target)
     try:
