@@ -3,6 +3,7 @@ and setting values repeated in errors (masked before they are cut)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import asyncpg
@@ -123,6 +124,48 @@ def test_an_unusable_query_parameter_is_a_config_error_naming_it(query: str, exp
             connection_string="postgresql://u@h/db",
             read_replicas=["postgresql://u@r1/db", f"postgresql://u@r2/db?{query}"],
         )
+
+
+@pytest.mark.parametrize(
+    ("url", "query"),
+    [
+        ("sqlite:///store.db?mode=ro", "?mode=ro"),
+        (
+            "sqlite+aiosqlite:///store.db?mode=ro&immutable=1&bogus=1",
+            "?mode=ro&immutable=1&bogus=1",
+        ),
+        ("sqlite:///reports?2024.db", "?2024.db"),
+        ("sqlite:///store.db?", "?"),
+    ],
+)
+def test_a_query_string_on_a_sqlite_url_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, workdir: Path, url: str, query: str
+) -> None:
+    """Found by attack: it was dropped without a word (`?mode=ro` did not stop `demo`
+    writing store.db; `reports?2024.db` created a file named `reports`)."""
+    refused = f"a SQLite URL takes no query string, got {query!r}"
+    with pytest.raises(ConfigError, match=re.escape(f"URL: {refused}")):
+        config_from_url(url)
+    with pytest.raises(ConfigError, match=re.escape(f"connection_string: {refused}")):
+        StorageConfig(connection_string=url)
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", url)
+    with pytest.raises(ConfigError, match="environment variable STORAGE_CONNECTION_STRING"):
+        load_config()
+    monkeypatch.delenv("STORAGE_CONNECTION_STRING")
+
+    from typer.testing import CliRunner
+
+    from persistence.cli import app
+
+    for command in (["demo"], ["upgrade"]):
+        result = CliRunner().invoke(app, ["--url", url, *command])
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith(f"error: URL: {refused}"), result.stderr
+        assert "database_path (STORAGE_DATABASE_PATH" in result.stderr
+    assert list(workdir.iterdir()) == []
+    # What the message advises names the file whose name holds the `?`.
+    monkeypatch.setenv("STORAGE_DATABASE_PATH", "reports?2024.db")
+    assert load_config().database_path == Path("reports?2024.db")
 
 
 def test_libpq_parameters_are_written_as_asyncpg_takes_them() -> None:

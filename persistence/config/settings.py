@@ -333,7 +333,18 @@ def _sqlite_path(url: str) -> Path:
     rest = url.partition("://")[2]
     if not rest.startswith("/"):
         raise _SettingError("connection_string", "a SQLite URL is sqlite:///path")
-    path = rest[1:].partition("?")[0]
+    path, question, query = rest[1:].partition("?")
+    if question:
+        # Found by attack: the query was dropped without a word (`?mode=ro` did not
+        # stop a write; `reports?2024.db` named the file `reports`).
+        raise _SettingError(
+            "connection_string",
+            f"a SQLite URL takes no query string, got {_shown('?' + query)!r} (SQLite is"
+            " tuned with the storage options synchronous, cache_size and busy_timeout);"
+            " a sqlite:/// URL's path is read as written, so a file whose name holds '?'"
+            " is named with database_path (STORAGE_DATABASE_PATH, or"
+            " storage.database_path in a config file)",
+        )
     if not path or path == ":memory:":
         raise _SettingError("connection_string", "a SQLite URL must name a file (sqlite:///path)")
     if "\0" in path:
