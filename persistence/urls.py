@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote_plus, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 MASK = "***"
 # A URL scheme (RFC 3986): what comes before `://`.
@@ -104,7 +104,7 @@ def _mask_query(rest: str) -> str:
 def _secret_parameter(key: str) -> bool:
     """Whether a query parameter holds a password: its name as the driver decodes it
     (`pass%77ord` is `password`)."""
-    name = unquote_plus(key).lower()
+    name = unquote(key).lower()
     return "password" in name or name in ("pass", "pwd")
 
 
@@ -234,10 +234,24 @@ _TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-wr
 KNOWN_POSTGRESQL_PARAMETERS = sorted({*_ASYNCPG_KEYWORDS, *_RENAMED, *_DSN_ONLY})
 
 
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    """A URL query's `name=value` pairs as libpq reads them: percent-decoded only.
+
+    Found by attack: urllib's parse_qsl (and SQLAlchemy's, which uses it) turns `+`
+    into a space, so `?application_name=a+b` and `?password=pa+ss` changed.
+    """
+    pairs = []
+    for piece in query.split("&"):
+        if piece:
+            name, _, value = piece.partition("=")
+            pairs.append((unquote(name), unquote(value)))
+    return pairs
+
+
 def _query(url: str) -> list[tuple[str, str]]:
     parts = split_url(url)
     query = "" if parts is None else parts.rest.partition("#")[0].partition("?")[2]
-    return parse_qsl(query, keep_blank_values=True)
+    return _query_pairs(query)
 
 
 def postgresql_query_problem(url: str) -> str | None:
@@ -282,15 +296,17 @@ def postgresql_query_problem(url: str) -> str | None:
 def asyncpg_url(url: str) -> str:
     """The PostgreSQL URL `url` with libpq's query parameters as asyncpg takes them
     (through SQLAlchemy): `sslmode` as `ssl`, `dbname` as `database`, and those asyncpg
-    reads only from a DSN in `dsn=postgresql://?...`. Other URLs are returned as they are.
+    reads only from a DSN in `dsn=postgresql://?...`, every value percent-encoded (a `+`
+    as %2B: SQLAlchemy would read a raw one as a space). Other URLs are returned as
+    they are.
     """
     parts = split_url(url)
     if parts is None or "?" not in parts.rest:
         return url
     path, _, query = parts.rest.partition("?")
     query, hash_, fragment = query.partition("#")
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if not any(name in _RENAMED or name in _DSN_ONLY for name, _ in pairs):
+    pairs = _query_pairs(query)
+    if "+" not in query and not any(name in _RENAMED or name in _DSN_ONLY for name, _ in pairs):
         return url
     kept = [(_RENAMED.get(name, name), value) for name, value in pairs if name not in _DSN_ONLY]
     through_dsn = [(name, value) for name, value in pairs if name in _DSN_ONLY]

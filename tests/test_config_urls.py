@@ -251,6 +251,48 @@ async def test_libpq_parameters_reach_the_connection(postgresql_url: str) -> Non
         await connection.close()
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("password=pa+ss&user=a+b", {"password": "pa+ss", "user": "a+b"}),
+        ("password=pa%2Bss+x&sslmode=disable", {"password": "pa+ss+x", "ssl": "disable"}),
+        ("password=pa%20ss", {"password": "pa ss"}),
+        ("application_name=a+b", {"dsn": "postgresql://?application_name=a%2Bb"}),
+    ],
+)
+def test_a_plus_in_a_postgresql_query_stays_a_plus_as_in_libpq(
+    query: str, expected: dict[str, str]
+) -> None:
+    """Found by attack: `?application_name=a+b` and `?password=pa+ss` reached asyncpg
+    with a space (urllib's query parsing), where libpq only percent-decodes."""
+    url = postgresql_url(f"postgresql://h/db?{query}")
+    _, arguments = PGDialect_asyncpg().create_connect_args(url)
+    assert {key: arguments[key] for key in expected} == expected
+
+
+@pytest.mark.postgresql
+async def test_a_plus_in_application_name_reaches_the_server(postgresql_url: str) -> None:
+    from persistence.urls import asyncpg_url
+
+    url = f"{postgresql_url}?application_name=a+b%2Bc%20d"
+    async with create_storage(config_from_url(url)) as storage:
+        assert isinstance(storage, PostgreSQLSessionStorage)
+        async with storage.engine.connect() as connection:
+            name = await connection.scalar(text("SELECT current_setting('application_name')"))
+    assert name == "a+b+c d"
+    options = replica_connect_args(
+        make_url(asyncpg_url(url)).set(drivername="postgresql+asyncpg"),
+        PGDialect_asyncpg(),
+        statement_timeout=None,
+        connect_timeout=5,
+    )
+    connection = await asyncpg.connect(**options)
+    try:
+        assert await connection.fetchval("SELECT current_setting('application_name')") == name
+    finally:
+        await connection.close()
+
+
 def test_expiry_hours_are_bounded_so_a_cut_off_stays_a_date() -> None:
     with pytest.raises(ConfigError, match=r"expiry_hours.*less than or equal to 10000000"):
         StorageConfig(expiry_hours=1e308)
