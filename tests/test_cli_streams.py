@@ -4,6 +4,7 @@ process, with the `persistence` this test imported."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -86,3 +87,87 @@ def test_import_of_stdin_read_part_way_writes_the_document_it_checked(tmp_path: 
     assert refused.stderr.startswith("error: standard input: "), refused.stderr
     assert not Path("c.db").exists()
     assert other_ids.isdisjoint(small_ids)
+
+
+async def _many_sessions(path: Path, count: int) -> None:
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    async with SQLiteSessionStorage(path) as storage:
+        batch = [ChatSession.create("gemini-2.5-flash") for _ in range(count)]
+        for session in batch:
+            session.add_message("user", "a message long enough to fill a pipe quickly " * 4)
+        assert await storage.insert_sessions(batch)
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A store whose listing, search and export are each far beyond a pipe's 64 KiB."""
+    path = tmp_path_factory.mktemp("big") / "big.db"
+    asyncio.run(_many_sessions(path, 3000))
+    return f"sqlite:///{path}"
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["PYTHONUNBUFFERED", "buffered"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sessions", "list", "--limit", "100000"],
+        ["sessions", "list", "--limit", "100000", "--json"],
+        ["search", "message", "--limit", "100000"],
+        ["search", "message", "--limit", "100000", "--json"],
+        ["export-all", "-"],
+    ],
+    ids=lambda command: " ".join(command[:2]) + (" --json" if "--json" in command else ""),
+)
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_status_1(
+    big_store: str, command: list[str], unbuffered: str
+) -> None:
+    """Found by attack: `sessions list | head -1` said "error: [Errno 32] Broken pipe";
+    with PYTHONUNBUFFERED, `search --json | head -c 100` exited 0, its output cut."""
+    env = dict(os.environ, PYTHONPATH=SOURCE_ROOT, PYTHONUNBUFFERED=unbuffered)
+    with subprocess.Popen(
+        [sys.executable, "-m", "persistence", "--url", big_store, *command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as running:
+        assert running.stdout is not None and running.stderr is not None
+        assert running.stdout.readline()  # what `head -1` reads, then it exits
+        running.stdout.close()
+        errors = running.stderr.read().decode()
+        status = running.wait(timeout=120)
+    assert (status, errors) == (1, "")
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    ("command", "closing", "expected"),
+    [
+        (["sessions", "list"], ">&-", "error: standard output is closed: nowhere to write"),
+        (["export-all", "-"], ">&-", "error: standard output is closed: nowhere to write"),
+        (["import", "-"], "<&-", "error: standard input is closed: nothing to import"),
+    ],
+)
+def test_a_closed_standard_stream_is_an_error_naming_it(
+    big_store: str, tmp_path: Path, command: list[str], closing: str, expected: str
+) -> None:
+    """Found by attack: `sessions list >&-` printed nothing and exited 0; `export-all - >&-`
+    and `import - <&-` said "unexpected AttributeError: 'NoneType' object ..."."""
+    url = big_store if command[0] != "import" else f"sqlite:///{tmp_path / 'new.db'}"
+    env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
+    shell = ["sh", "-c", f'exec "$0" "$@" {closing}', sys.executable]
+    done = subprocess.run(
+        [*shell, "-m", "persistence", "--url", url, *command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(expected) and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not (tmp_path / "new.db").exists()

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from persistence.cli.streams import whole_writes
 from persistence.config import (
     StorageConfig,
     create_storage,
@@ -213,7 +214,7 @@ def run(
     created, not opened (`stamp`: a store initialize() refuses).
     """
     target = (ctx.find_object(Target) or Target()).merged(*options)
-    with _logging(target.verbose):
+    with _logging(target.verbose), whole_writes():
         return _run(target, work, must_exist, read_only, check_first, unopened)
 
 
@@ -226,6 +227,9 @@ def _run(
     unopened: bool = False,
 ) -> T:
     try:
+        if sys.stdout is None:
+            # Found by attack: `sessions list >&-` printed nothing and exited 0.
+            fail("standard output is closed: nowhere to write the result (send it to /dev/null)")
         if check_first is not None:
             check_first()
         config = target.load()
@@ -244,6 +248,10 @@ def _run(
     except (PersistenceError, ValueError) as exc:
         # Notes say how far a long operation got before it stopped.
         fail("; ".join([str(exc), *getattr(exc, "__notes__", [])]))
+    except BrokenPipeError:
+        # The output's reader went away (`| head`): typer ends the command quietly with
+        # status 1, as rich does for what it prints. Not an error line (found by attack).
+        raise
     except OSError as exc:
         fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except KeyboardInterrupt:

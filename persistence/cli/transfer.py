@@ -421,6 +421,9 @@ def _seekable_stdin() -> Iterator[IO[bytes]]:
 
     An import reads its file twice (checked whole, then written).
     """
+    if sys.stdin is None:
+        # Found by attack: `import - <&-` said "unexpected AttributeError".
+        fail("standard input is closed: nothing to import (give a file, or - < FILE)")
     stdin = sys.stdin.buffer
     if stdin.seekable():
         yield stdin
