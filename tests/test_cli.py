@@ -170,12 +170,12 @@ def test_cleanup_expires_idle_sessions(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     ok("demo", "--url", url)
     result = json.loads(ok("cleanup", "--json", "--url", url).stdout)
-    assert result == {"expired_sessions": 0, "expired_files_deleted": 0}
+    assert result == {"database": url, "expired_sessions": 0, "expired_files_deleted": 0}
     # Any session is idle for longer than a millisecond.
     result = json.loads(ok("cleanup", "--json", "--expiry-hours", "0.0000001", "--url", url).stdout)
     assert result["expired_sessions"] == 1
     assert json.loads(ok("stats", "--json", "--url", url).stdout)["expired_sessions"] == 1
-    assert "Expired 0 session(s)" in ok("cleanup", "--url", url).stdout
+    assert f"Expired 0 session(s) of {url} not updated" in ok("cleanup", "--url", url).stdout
     assert "--expiry-hours" in failed("cleanup", "--expiry-hours", "0", "--url", url)
 
 
@@ -381,14 +381,19 @@ def test_console_script_demo_in_a_fresh_venv(tmp_path: Path) -> None:
 def test_sessions_archive_and_delete(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     kept, gone = (_demo_session_id(ok("demo", "--url", url).stdout) for _ in range(2))
-    assert f"Archived session {kept}." in ok("sessions", "archive", kept, "--url", url).stdout
-    assert "already archived" in ok("sessions", "archive", kept, "--url", url).stdout
+    # Each names the store it changed (found by attack: a STORAGE_* variable left in
+    # the shell could point a command at another store than the one meant).
+    archived = ok("sessions", "archive", kept, "--url", url).stdout
+    assert archived == f"Archived session {kept} in {url}.\n"
+    again = ok("sessions", "archive", kept, "--url", url).stdout
+    assert again == f"Session {kept} in {url} was already archived.\n"
     archived = json.loads(
         ok("sessions", "list", "--status", "archived", "--json", "--url", url).stdout
     )
     assert [s["session_id"] for s in archived] == [kept]
 
-    assert f"Deleted session {gone}" in ok("sessions", "delete", gone, "--url", url).stdout
+    deleted = ok("sessions", "delete", gone, "--url", url).stdout
+    assert deleted == f"Deleted session {gone} and its messages from {url}.\n"
     assert "not found" in failed("sessions", "delete", gone, "--url", url)
     assert "not found" in failed("sessions", "archive", gone, "--url", url)
     listed = json.loads(ok("sessions", "list", "--json", "--url", url).stdout)

@@ -271,6 +271,11 @@ def test_every_command_and_log_level_hides_an_encoded_password(
         assert_hidden(text)
     code, text = _run(["stats", "--json", "--url", url])
     assert json.loads(text)["database"].startswith("postgresql://postgres:***@")
+    # The commands that change sessions name the store they changed, masked.
+    code, text = _run(["cleanup", "--url", url])
+    assert f"session(s) of {mask_url(url)} not updated" in text, text
+    code, text = _run(["sessions", "delete", "nothing-here", "--url", url])
+    assert code == 1 and f"not found in {mask_url(url)}: nothing deleted" in text, text
     # The same store through a config file and through the environment.
     config = tmp_path / "persistence.yaml"
     config.write_text(f"storage:\n  connection_string: '{url}'\n", encoding="utf-8")

@@ -27,6 +27,7 @@ from persistence.cli.output import (
 from persistence.cli.usage import MaskingGroup
 from persistence.clock import MAX_EXPIRY_HOURS, utc_now
 from persistence.config import StorageConfig
+from persistence.formats import visible
 from persistence.manager import SessionManager
 from persistence.models import UploadedFileRecord
 from persistence.storage import SessionStorage
@@ -180,12 +181,19 @@ def cleanup(
         expired = await manager.cleanup_expired_sessions()
         files = await storage.delete_expired_files()
         if as_json:
-            echo_json({"expired_sessions": expired, "expired_files_deleted": files})
+            echo_json(
+                {
+                    "database": cfg.display_url,
+                    "expired_sessions": expired,
+                    "expired_files_deleted": files,
+                }
+            )
             return
-        out().print(
-            f"Expired {expired} session(s) not updated for {hours:g} hours;"
+        line = (
+            f"Expired {expired} session(s) of {cfg.display_url} not updated for {hours:g} hours;"
             f" deleted {files} expired file record(s)."
         )
+        out().print(Text(visible(line)))
 
     run(ctx, (config, url, verbose), work, must_exist=True, check_first=check_hours)
 
