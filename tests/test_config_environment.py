@@ -105,6 +105,85 @@ def test_storage_backend_sqlite_switches_a_files_postgresql_store(
     assert "pw" not in warnings
 
 
+def test_the_settings_the_environment_overrides_in_a_named_file_are_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by attack: STORAGE_DATABASE_PATH left in the shell beat `--config
+    staging.yaml` without a word. The precedence stays; it is said, values unshown."""
+    text = (
+        "storage:\n  connection_string: postgresql://app:Sekr1t@db.example/app\n"
+        "  expiry_hours: 5\n  options: {statement_timeout: 5, command_timeout: 9}\n"
+    )
+    path = _file(tmp_path, text)
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "postgresql://app:Other2@db2.example/app")
+    monkeypatch.setenv("STORAGE_OPTIONS__STATEMENT_TIMEOUT", "7")
+    monkeypatch.setenv("STORAGE_OPTIONS__COMMAND_TIMEOUT", "")
+    with caplog.at_level(logging.WARNING, logger="persistence"):
+        config = load_config(path)
+    assert config.display_url == "postgresql://app:***@db2.example/app"
+    assert [record.getMessage() for record in caplog.records] == [
+        f"storage setting {key} from config file {path} overridden by {variable}"
+        for key, variable in [
+            ("connection_string", "environment variable STORAGE_CONNECTION_STRING"),
+            (
+                "options.statement_timeout",
+                "environment variable STORAGE_OPTIONS__STATEMENT_TIMEOUT",
+            ),
+            (
+                "options.command_timeout",
+                "empty environment variable STORAGE_OPTIONS__COMMAND_TIMEOUT",
+            ),
+        ]
+    ]
+    # A file found in the current directory, not named: the precedence as before, quietly.
+    caplog.clear()
+    Path("persistence.yaml").write_text(text, encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="persistence"):
+        assert load_config() == config
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("in_file", "variable", "value"),
+    [
+        ("connection_string: sqlite:///file.db", "STORAGE_DATABASE_PATH", "env.db"),
+        ("database_path: file.db", "STORAGE_CONNECTION_STRING", "sqlite:///env.db"),
+    ],
+)
+def test_a_named_files_sqlite_file_overridden_either_way_is_logged(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    in_file: str,
+    variable: str,
+    value: str,
+) -> None:
+    # A SQLite file is one setting, however each side writes it.
+    path = _file(tmp_path, f"storage:\n  {in_file}\n")
+    monkeypatch.setenv(variable, value)
+    with caplog.at_level(logging.WARNING, logger="persistence"):
+        assert load_config(path).database_path == Path("env.db")
+    setting = in_file.partition(":")[0]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"storage setting {setting} from config file {path} overridden by"
+        f" environment variable {variable}"
+    ]
+
+
+def test_the_command_line_says_which_settings_of_its_config_file_the_environment_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _file(tmp_path, f"storage:\n  database_path: {tmp_path / 'staging.db'}\n")
+    monkeypatch.setenv("STORAGE_DATABASE_PATH", str(tmp_path / "production.db"))
+    result = CliRunner().invoke(app, ["--config", str(path), "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        f"WARNING persistence.config.loading: storage setting database_path from config"
+        f" file {path} overridden by environment variable STORAGE_DATABASE_PATH\n"
+    )
+    assert f"sqlite:///{tmp_path / 'production.db'}: schema is at head" in result.stdout
+
+
 def test_storage_backend_sqlite_gets_past_an_unset_variable_of_the_dropped_url(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,8 @@ The environment overrides the file completely where it speaks:
   STORAGE_CONNECTION_STRING), the file's settings that belong to another backend (its
   connection string, its read replicas, options the chosen backend does not have) are
   dropped with a warning.
+Where the caller names the file (`--config`), each of its settings the environment
+replaces or clears is logged as a warning too, naming the variable.
 With `url` (the command line's --url) the URL is the store: the backend, connection
 string, database path and read replicas of the file and the environment are not read
 at all (an unset ${VAR} there is no error); the file's options the URL's backend does
@@ -27,6 +29,7 @@ from persistence.config.settings import (
     url_settings,
 )
 from persistence.config.sources import (
+    Environment,
     config_file_path,
     expand_file_values,
     read_environment,
@@ -53,6 +56,8 @@ def load_config(path: str | Path | None = None, *, url: str | None = None) -> St
     file_values: dict[str, Any] = {}
     if file_path is not None:
         file_values = read_file(file_path, StorageConfig.model_fields)
+        if path is not None:
+            _say_overridden(file_values, environment, file_path, by_url=url is not None)
         # The environment's word is final: the file's value is neither expanded nor used.
         for key in [*env_values, *environment.cleared]:
             if key != "options" and not key.startswith("options."):
@@ -88,6 +93,49 @@ def load_config(path: str | Path | None = None, *, url: str | None = None) -> St
     config = build_config(values, sources)
     logger.debug("configuration: %r (file: %s)", config, file_path or "none")
     return config
+
+
+def _say_overridden(
+    file_values: dict[str, Any], environment: Environment, file_path: Path, *, by_url: bool
+) -> None:
+    """Logs a warning for each setting of a file the caller named that the environment
+    replaces or clears. Found by attack: a STORAGE_* variable left in the shell beat
+    `--config staging.yaml` without a word."""
+    where = f"config file {file_path}"
+    replaced = {key: key for key in [*environment.values, *environment.cleared]}
+    # A SQLite file is one setting, whichever way each side writes it.
+    if "database_path" in replaced and _sqlite_url(file_values.get("connection_string")):
+        replaced["connection_string"] = "database_path"
+    if _sqlite_url(environment.values.get("connection_string")):
+        replaced["database_path"] = "connection_string"
+    for key in file_values:
+        if key == "options" or (by_url and key in STORE_SETTINGS) or key not in replaced:
+            continue
+        variable = environment.sources[replaced[key]]
+        logger.warning("storage setting %s from %s overridden by %s", key, where, variable)
+    options = file_values.get("options")
+    if not isinstance(options, dict):
+        return
+    if "options" in environment.cleared and options:
+        logger.warning(
+            "storage setting options from %s overridden by %s",
+            where,
+            environment.sources["options"],
+        )
+        return
+    replaced_options = {f"options.{key}" for key in environment.values.get("options", {})}
+    for key in (f"options.{name}" for name in options):
+        if key in replaced_options or key in environment.cleared:
+            logger.warning(
+                "storage setting %s from %s overridden by %s",
+                key,
+                where,
+                environment.sources[key],
+            )
+
+
+def _sqlite_url(value: object) -> bool:
+    return isinstance(value, str) and backend_of(value) == "sqlite"
 
 
 def _clear_options(file_values: dict[str, Any], cleared: set[str]) -> None:
