@@ -205,13 +205,12 @@ def run(
     """Runs `work` on the configured store, turning every expected error into one line.
 
     With `must_exist`, the store must already be a persistence store at head (a SQLite
-    file is not created, no schema is created or migrated). With `read_only`, it is
-    opened without writing; without, it is checked without writing, then opened to
-    write. Otherwise the store is created if need be, its schema brought to head.
-    `check_first` runs
-    before the store is opened (validating an input file), so that a bad input
-    leaves no new database behind. With `unopened`, `work` gets the storage as
-    created, not opened (`stamp`: a store initialize() refuses).
+    file is not created, no schema is created or migrated): with `read_only` it is
+    opened without writing, else checked without writing, then opened to write.
+    Without `must_exist`, the store is created if need be, its schema brought to
+    head. `check_first` runs before the store is opened (validating an input file),
+    so that a bad input leaves no new database behind. With `unopened`, `work` gets
+    the storage as created, not opened (`stamp`: a store initialize() refuses).
     """
     target = (ctx.find_object(Target) or Target()).merged(*options)
     with _logging(target.verbose), whole_writes():
