@@ -1,4 +1,5 @@
-"""search_messages with any text: never raises, never matches by accident of syntax.
+"""search_messages with any text: never matches by accident of syntax, and raises only
+for a query of more than MAX_QUERY_WORDS distinct words.
 
 The corpus is built from a small vocabulary that includes the operators of FTS5 and
 tsquery as plain words (and, or, not, near) and words that extend others (alphabet,
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persistence import ChatSession
+from persistence import ChatSession, InvalidDataError
+from persistence.search import MAX_QUERY_WORDS, parse_query, words
 from tests.reliability.conftest import Figures, Scale
 from tests.reliability.hostile import SYNTAX, any_text
 from tests.reliability.support import Backends
@@ -75,10 +77,10 @@ queries = st.lists(
 ).flatmap(lambda parts: st.sampled_from(["", " "]).map(lambda sep: sep.join(parts)))
 
 
-def test_any_query_never_raises_and_matches_exactly_the_messages_with_its_words(
+def test_any_query_matches_exactly_the_messages_with_its_words(
     backends: Backends, corpus: dict[str, frozenset[str]], scale: Scale, figures: Figures
 ) -> None:
-    tried = 0
+    tried = refused = 0
 
     @settings(
         max_examples=scale.n(100, 3000),
@@ -88,15 +90,24 @@ def test_any_query_never_raises_and_matches_exactly_the_messages_with_its_words(
     )
     @given(queries)
     def check(query: str) -> None:
-        nonlocal tried
+        nonlocal tried, refused
         tried += 1
+        try:
+            parse_query(query)
+        except InvalidDataError:
+            # More than MAX_QUERY_WORDS distinct words: refused alike, the only refusal.
+            for storage in backends.storages:
+                with pytest.raises(InvalidDataError, match="distinct words"):
+                    backends.run(storage.search_messages(query))
+            refused += 1
+            return
         expected = _expected(corpus, query)
         assert _search_both(backends, query) == {"sqlite": expected, "postgresql": expected}, query
 
     check()
     figures["queries_tried"] = tried
-    figures["checked_exactly"] = tried
-    figures["raised"] = 0
+    figures["checked_exactly"] = tried - refused
+    figures["refused_for_too_many_words"] = refused
     figures["matched_by_syntax"] = 0
 
 
@@ -137,13 +148,23 @@ def test_operator_and_prefix_syntax_is_read_as_plain_words(
     assert _search_both(backends, query) == {"sqlite": expected, "postgresql": expected}
 
 
-def test_a_megabyte_query_never_raises_and_keeps_its_meaning(
+def test_a_megabyte_query_keeps_its_meaning_or_is_refused_alike(
     backends: Backends, corpus: dict[str, frozenset[str]]
 ) -> None:
+    """The only refusal: more than MAX_QUERY_WORDS distinct words, on both backends."""
     rng = random.Random(3)
     garbage = "".join(rng.choice(SYNTAX) for _ in range(200_000))
-    expected = _expected(corpus, garbage)
-    assert _search_both(backends, garbage) == {"sqlite": expected, "postgresql": expected}
+    parsed = [word for word in words(garbage) if word]
+    assert len(parsed) > MAX_QUERY_WORDS  # the syntax holds more words than that
+    refusals = []
+    for storage in backends.storages:
+        with pytest.raises(InvalidDataError, match="distinct words") as refused:
+            backends.run(storage.search_messages(garbage))
+        refusals.append(str(refused.value))
+    assert refusals[0] == refusals[1]
+    few = "".join(rng.choice(SYNTAX[:4]) for _ in range(200_000))
+    expected = _expected(corpus, few)
+    assert _search_both(backends, few) == {"sqlite": expected, "postgresql": expected}
     expected = _expected(corpus, "alpha")
     found = _search_both(backends, "alpha " * 200_000)
     assert found == {"sqlite": expected, "postgresql": expected}
