@@ -50,6 +50,25 @@ class UrlParts:
         return self.userinfo.partition(":")[2]
 
 
+# A URL's scheme, as it stands at the start of a path once pathlib has made its "//"
+# one "/" (`postgresql:/app:secret@db/app`); two characters at least, so that a
+# Windows drive (`C:/`) is a path.
+_SCHEME_AT_START = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def url_scheme_of_path(path: object) -> str | None:
+    """The scheme of a URL given where a file path was expected, else None.
+
+    Found by attack: `--config postgresql://app:secret@db/app`, `restore URL` and
+    `backup URL` named the "file" in their errors, password and all (pathlib turns
+    "://" into ":/", which masking does not take for a URL), and `backup` made
+    directories named with the password. A path starting `scheme:/` is refused
+    instead, naming only the scheme.
+    """
+    found = _SCHEME_AT_START.match(str(path))
+    return found.group(1) if found else None
+
+
 def split_url(url: str) -> UrlParts | None:
     """Cuts `url` into scheme, user info and the rest; None if it is not `scheme://...`."""
     head, separator, tail = url.partition("://")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -494,6 +495,27 @@ def test_import_refuses_a_symlink_to_dev_zero_a_fifo_and_endless_stdin_at_once(
     assert not (tmp_path / "in.db").exists()
 
 
+@pytest.mark.sqlite
+def test_import_refuses_endless_blank_stdin_before_spooling_it(tmp_path: Path) -> None:
+    """Found by attack: `yes '' | persistence import -` copied 3.6 GB of newlines to the
+    temporary directory in 8 s; blank space is what a JSON document may begin with."""
+    store = tmp_path / "in.db"
+    persistence = f"{shlex.quote(sys.executable)} -m persistence"
+    command = f"yes '' | {persistence} --url sqlite:///{store} import -"
+    done = subprocess.run(
+        ["sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(
+        "error: standard input: not an export file: its first 1,048,576 bytes are blank"
+    ), done.stderr
+    assert not store.exists()
+
+
 def _stored_sessions(database: Path) -> int:
     try:
         with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
@@ -502,15 +524,22 @@ def _stored_sessions(database: Path) -> int:
         return 0  # not created yet, or its schema not yet
 
 
+def _exported(tmp_path: Path, demos: int) -> Path:
+    """An export file of `demos` demo sessions, from a SQLite store of its own."""
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    for _ in range(demos):
+        ok("demo", "--url", source)
+    export = tmp_path / "all.json"
+    ok("export-all", str(export), "--url", source)
+    return export
+
+
 @pytest.mark.sqlite
 def test_an_import_killed_mid_way_then_run_again_holds_exactly_the_file(tmp_path: Path) -> None:
     """SIGKILL between two batches' commits, then the same import again: every session
     and message once, nothing duplicated, the summary counting what each run wrote."""
+    export = _exported(tmp_path, 150)
     source = f"sqlite:///{tmp_path / 'source.db'}"
-    for _ in range(150):
-        ok("demo", "--url", source)
-    export = tmp_path / "all.json"
-    ok("export-all", str(export), "--url", source)
     target = tmp_path / "target.db"
     command = [sys.executable, "-m", "persistence", "--url", f"sqlite:///{target}"]
     command += ["import", str(export), "--batch-size", "1"]
@@ -655,3 +684,23 @@ def test_loading_commands_leave_no_search_document_pending(tmp_path: Path) -> No
         assert _pending_documents(url) == 0
         found = json.loads(ok("search", "urgent", "--url", url, "--json").stdout)
         assert len(found) == 10
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("stderr", ["closed", "/dev/full"])
+def test_an_import_goes_on_when_its_progress_cannot_be_written(tmp_path: Path, stderr: str) -> None:
+    """Found by attack: with stderr closed or full, the first progress line raised and
+    the import stopped after one batch, saying nothing (it could not)."""
+    export = _exported(tmp_path, 12)
+    target = tmp_path / "target.db"
+    redirect = "2>&-" if stderr == "closed" else f"2>{stderr}"
+    persistence = f"{shlex.quote(sys.executable)} -m persistence --url sqlite:///{target}"
+    done = subprocess.run(
+        ["sh", "-c", f"{persistence} import {shlex.quote(str(export))} --batch-size 2 {redirect}"],
+        capture_output=False,
+        stdout=subprocess.DEVNULL,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0
+    assert _stored_sessions(target) == 12

@@ -23,6 +23,7 @@ from persistence.cli.output import (
     UrlOption,
     VerboseOption,
     fail,
+    file_path,
     out,
     refuse_store_file,
     run,
@@ -206,6 +207,7 @@ def export(
             "-o",
             help="Write to this file (atomically; a FIFO or device is written through,"
             " a symlink refused), not stdout; - is stdout.",
+            callback=file_path,
         ),
     ] = None,
     config: ConfigOption = None,

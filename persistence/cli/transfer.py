@@ -35,6 +35,7 @@ from persistence.cli.output import (
     VerboseOption,
     echo_json,
     fail,
+    file_path,
     out,
     refuse_store_file,
     run,
@@ -117,11 +118,22 @@ def progress_bar(description: str, *, stopped: str) -> Iterator[Callable[[int, i
         task = progress.add_task(description, total=None)
         lines = None if console.is_terminal else _Lines(console, description)
 
+        shown = True
+
         def update(done: int, total: int) -> None:
+            nonlocal shown
             phase.done, phase.total = done, total
-            progress.update(task, completed=done, total=total)
-            if lines is not None:
-                lines.update(done, total)
+            if not shown:
+                return
+            try:
+                progress.update(task, completed=done, total=total)
+                if lines is not None:
+                    lines.update(done, total)
+            except OSError:
+                # Found by attack: with stderr closed or full (`2>&-`, `2>/dev/full`) the
+                # first progress line raised, and the import stopped after one batch
+                # without a word. Progress is a courtesy: the work goes on without it.
+                shown = False
 
         try:
             yield update
@@ -253,7 +265,9 @@ def migrate(
 def backup(
     ctx: typer.Context,
     # A str, not a Path: Path("") would be the current directory, and "" is refused.
-    directory: Annotated[str, typer.Argument(help="Directory for the timestamped file.")],
+    directory: Annotated[
+        str, typer.Argument(help="Directory for the timestamped file.", callback=file_path)
+    ],
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -285,7 +299,9 @@ def backup(
 
 def restore(
     ctx: typer.Context,
-    backup_file: Annotated[Path, typer.Argument(help="A file written by `persistence backup`.")],
+    backup_file: Annotated[
+        Path, typer.Argument(help="A file written by `persistence backup`.", callback=file_path)
+    ],
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
@@ -316,7 +332,9 @@ def export_all(
     ctx: typer.Context,
     output: Annotated[
         Path,
-        typer.Argument(help="The JSON file to write (atomically); - for standard output."),
+        typer.Argument(
+            help="The JSON file to write (atomically); - for standard output.", callback=file_path
+        ),
     ],
     batch_size: BatchOption = 500,
     as_json: JsonOption = False,
@@ -362,7 +380,10 @@ def import_file(
     ctx: typer.Context,
     input_file: Annotated[
         Path,
-        typer.Argument(help="A file written by `persistence export-all`; - for standard input."),
+        typer.Argument(
+            help="A file written by `persistence export-all`; - for standard input.",
+            callback=file_path,
+        ),
     ],
     batch_size: BatchOption = 500,
     as_json: JsonOption = False,
@@ -431,7 +452,10 @@ def _seekable_stdin() -> Iterator[IO[bytes]]:
     with tempfile.TemporaryFile() as spool:
         # Checked before spooling: an endless input (`- < /dev/zero`) would fill the disk.
         head = stdin.read(SCAN_CHUNK)
-        check_head(head)
+        try:
+            check_head(head)
+        except InvalidDataError as exc:
+            raise InvalidDataError(f"standard input: {exc}") from exc
         spool.write(head)
         shutil.copyfileobj(stdin, spool)
         spool.seek(0)

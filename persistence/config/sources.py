@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from persistence.errors import ConfigError
-from persistence.urls import SCHEME
+from persistence.urls import SCHEME, url_scheme_of_path
 
 CONFIG_FILE_VARIABLE = "PERSISTENCE_CONFIG"
 DISCOVERED_FILES = ("persistence.yaml", "persistence.yml", "persistence.toml")
@@ -260,10 +260,10 @@ def config_file_path(path: str | Path | None = None) -> Path | None:
     """The config file load_config reads: `path`, else $PERSISTENCE_CONFIG, else one
     of ./persistence.yaml, ./persistence.yml, ./persistence.toml if present."""
     if path is not None:
-        return Path(path)
+        return _not_a_url(path, "--config")
     named = os.environ.get(CONFIG_FILE_VARIABLE)
     if named:
-        return Path(named)
+        return _not_a_url(named, f"${CONFIG_FILE_VARIABLE}")
     found = [Path(candidate) for candidate in DISCOVERED_FILES if Path(candidate).is_file()]
     if len(found) > 1:
         # Found by attack: the first silently won over the other.
@@ -272,3 +272,18 @@ def config_file_path(path: str | Path | None = None) -> Path | None:
             f" the one to read with --config or ${CONFIG_FILE_VARIABLE}"
         )
     return found[0] if found else None
+
+
+def _not_a_url(path: str | Path, given: str) -> Path:
+    """`path`, refused if it is a URL (persistence.urls.url_scheme_of_path).
+
+    Raises:
+        ConfigError: naming the scheme only.
+    """
+    scheme = url_scheme_of_path(path)
+    if scheme is not None:
+        raise ConfigError(
+            f"{given} names a config file, and this is a {scheme}: URL (not shown: it may"
+            " hold a password); give a store's URL with --url or STORAGE_* variables"
+        )
+    return Path(path)
