@@ -56,8 +56,9 @@ class UrlParts:
 _SCHEME_AT_START = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")
 
 
-def url_scheme_of_path(path: object) -> str | None:
-    """The scheme of a URL given where a file path was expected, else None.
+def url_given_as_path(path: object) -> str | None:
+    """What to call a URL given where a file path was expected ("a postgresql: URL
+    (not shown: ...)"), else None: the caller refuses it with that.
 
     Found by attack: `--config postgresql://app:secret@db/app`, `restore URL` and
     `backup URL` named the "file" in their errors, password and all (pathlib turns
@@ -66,7 +67,9 @@ def url_scheme_of_path(path: object) -> str | None:
     instead, naming only the scheme.
     """
     found = _SCHEME_AT_START.match(str(path))
-    return found.group(1) if found else None
+    if found is None:
+        return None
+    return f"a {found.group(1)}: URL (not shown: it may hold a password)"
 
 
 def split_url(url: str) -> UrlParts | None:

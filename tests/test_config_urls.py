@@ -238,15 +238,20 @@ async def test_libpq_parameters_reach_the_connection(postgresql_url: str) -> Non
             ).one()
     assert tuple(row) == ("fix c", "1234ms", False)
     # A read replica connects with the same parameters.
+    assert await _replica_application_name(asyncpg_url(url)) == "fix c"
+
+
+async def _replica_application_name(url: str) -> str:
+    """The application name a read replica's connection of `url` (asyncpg's form) has."""
     options = replica_connect_args(
-        make_url(asyncpg_url(url)).set(drivername="postgresql+asyncpg"),
+        make_url(url).set(drivername="postgresql+asyncpg"),
         PGDialect_asyncpg(),
         statement_timeout=None,
         connect_timeout=5,
     )
     connection = await asyncpg.connect(**options)
     try:
-        assert await connection.fetchval("SELECT current_setting('application_name')") == "fix c"
+        return str(await connection.fetchval("SELECT current_setting('application_name')"))
     finally:
         await connection.close()
 
@@ -280,17 +285,7 @@ async def test_a_plus_in_application_name_reaches_the_server(postgresql_url: str
         async with storage.engine.connect() as connection:
             name = await connection.scalar(text("SELECT current_setting('application_name')"))
     assert name == "a+b+c d"
-    options = replica_connect_args(
-        make_url(asyncpg_url(url)).set(drivername="postgresql+asyncpg"),
-        PGDialect_asyncpg(),
-        statement_timeout=None,
-        connect_timeout=5,
-    )
-    connection = await asyncpg.connect(**options)
-    try:
-        assert await connection.fetchval("SELECT current_setting('application_name')") == name
-    finally:
-        await connection.close()
+    assert await _replica_application_name(asyncpg_url(url)) == name
 
 
 def test_expiry_hours_are_bounded_so_a_cut_off_stays_a_date() -> None:

@@ -31,7 +31,7 @@ from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
 from persistence.formats import visible
 from persistence.storage import SessionStorage
-from persistence.urls import url_scheme_of_path
+from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
 logger = logging.getLogger("persistence.cli")
@@ -41,13 +41,10 @@ P = TypeVar("P", Path, str, Path | None)
 
 def file_path(value: P) -> P:
     """The typer callback of every parameter that takes a file path: refuses a URL,
-    naming only its scheme (persistence.urls.url_scheme_of_path)."""
-    scheme = None if value is None else url_scheme_of_path(value)
-    if scheme is not None:
-        raise typer.BadParameter(
-            f"takes a file path, and this is a {scheme}: URL (not shown: it may hold a"
-            " password); name a store with --url"
-        )
+    naming only its scheme (persistence.urls.url_given_as_path)."""
+    url = None if value is None else url_given_as_path(value)
+    if url is not None:
+        raise typer.BadParameter(f"takes a file path, and this is {url}; name a store with --url")
     return value
 
 

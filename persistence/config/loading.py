@@ -101,7 +101,15 @@ def _say_overridden(
     """Logs a warning for each setting of a file the caller named that the environment
     replaces or clears. Found by attack: a STORAGE_* variable left in the shell beat
     `--config staging.yaml` without a word."""
-    where = f"config file {file_path}"
+
+    def overridden(setting: str, source: str) -> None:
+        logger.warning(
+            "storage setting %s from config file %s overridden by %s",
+            setting,
+            file_path,
+            environment.sources[source],
+        )
+
     replaced = {key: key for key in [*environment.values, *environment.cleared]}
     # A SQLite file is one setting, whichever way each side writes it.
     if "database_path" in replaced and _sqlite_url(file_values.get("connection_string")):
@@ -111,27 +119,17 @@ def _say_overridden(
     for key in file_values:
         if key == "options" or (by_url and key in STORE_SETTINGS) or key not in replaced:
             continue
-        variable = environment.sources[replaced[key]]
-        logger.warning("storage setting %s from %s overridden by %s", key, where, variable)
+        overridden(key, replaced[key])
     options = file_values.get("options")
     if not isinstance(options, dict):
         return
     if "options" in environment.cleared and options:
-        logger.warning(
-            "storage setting options from %s overridden by %s",
-            where,
-            environment.sources["options"],
-        )
+        overridden("options", "options")
         return
     replaced_options = {f"options.{key}" for key in environment.values.get("options", {})}
     for key in (f"options.{name}" for name in options):
         if key in replaced_options or key in environment.cleared:
-            logger.warning(
-                "storage setting %s from %s overridden by %s",
-                key,
-                where,
-                environment.sources[key],
-            )
+            overridden(key, key)
 
 
 def _sqlite_url(value: object) -> bool:

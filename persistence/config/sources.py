@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from persistence.errors import ConfigError
-from persistence.urls import SCHEME, url_scheme_of_path
+from persistence.urls import SCHEME, url_given_as_path
 
 CONFIG_FILE_VARIABLE = "PERSISTENCE_CONFIG"
 DISCOVERED_FILES = ("persistence.yaml", "persistence.yml", "persistence.toml")
@@ -275,15 +275,15 @@ def config_file_path(path: str | Path | None = None) -> Path | None:
 
 
 def _not_a_url(path: str | Path, given: str) -> Path:
-    """`path`, refused if it is a URL (persistence.urls.url_scheme_of_path).
+    """`path`, refused if it is a URL (persistence.urls.url_given_as_path).
 
     Raises:
         ConfigError: naming the scheme only.
     """
-    scheme = url_scheme_of_path(path)
-    if scheme is not None:
+    url = url_given_as_path(path)
+    if url is not None:
         raise ConfigError(
-            f"{given} names a config file, and this is a {scheme}: URL (not shown: it may"
-            " hold a password); give a store's URL with --url or STORAGE_* variables"
+            f"{given} names a config file, and this is {url}; give a store's URL with --url"
+            " or STORAGE_* variables"
         )
     return Path(path)

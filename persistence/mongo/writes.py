@@ -31,7 +31,6 @@ from pymongo.errors import DuplicateKeyError
 
 from persistence.changes import SavePlan
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.identifiers import new_incarnation
 from persistence.mongo import inspection, updates
 from persistence.mongo.deletions import record_merge, refuse_deleted_creations
 from persistence.mongo.documents import LEGACY_INCARNATION, DocumentSet
@@ -55,10 +54,11 @@ def in_transaction(client_session: AsyncClientSession | None) -> bool:
 
 
 def creating(plan: SavePlan) -> str:
-    """The incarnation a plan's session gets if the plan creates it: a new object's own
-    (drawn by its bookkeeping, kept for a retry), else a fresh one (unused: only new
-    objects create)."""
-    return new_incarnation() if plan.incarnation is None or not plan.is_new else plan.incarnation
+    """The incarnation a plan's session gets if the plan creates it: a new object's own,
+    drawn by its bookkeeping and kept for a retry (only a new object's plan creates; any
+    other carries its base's, which `inspection.prepare` does not use)."""
+    assert plan.incarnation is not None, "every plan carries an incarnation"
+    return plan.incarnation
 
 
 async def still_there(
