@@ -17,6 +17,7 @@ from persistence.changes import (
     MISSING,
     TRACKED_FIELDS,
     Base,
+    Creation,
     Edit,
     LogEntry,
     MessageList,
@@ -130,11 +131,11 @@ class Bookkeeping:
             check_json_object(self.metadata, "metadata")
             # The incarnation the session is created with; an earlier creation of unknown
             # outcome sent one, and the save must tell whether it landed (not certain).
-            earlier = private["_creations"].get(token)
+            earlier: Creation | None = private["_creations"].get(token)
             return SavePlan(
                 session_id=self.session_id,
                 revision=None,
-                incarnation=new_incarnation() if earlier is None else earlier,
+                incarnation=new_incarnation() if earlier is None else earlier.incarnation,
                 certain=earlier is None,
                 exact=False,
                 model=self.model,
@@ -152,6 +153,7 @@ class Bookkeeping:
                 log_at=log_at,
                 foreign_at=messages.foreign_changes,
                 epoch=private["_epoch"],
+                unconfirmed=None if earlier is None else earlier.unconfirmed(appends),
             )
         _refuse_changed_id(base, self.session_id)
         if messages.foreign_changes != base.foreign_at:
@@ -382,9 +384,11 @@ class Bookkeeping:
         """
         base = self._known().get(token)
         if base is None:
+            creations: dict[str, Creation] = self._private()["_creations"]
             for plan in sent:
                 if plan.is_new and plan.incarnation is not None:
-                    self._private()["_creations"].setdefault(token, plan.incarnation)
+                    earlier = creations.get(token) or Creation(plan.incarnation, frozenset())
+                    creations[token] = earlier.plus(plan)
         else:
             base.certain = False
             if sent:

@@ -200,6 +200,26 @@ class Unconfirmed:
         return self.appended.get(message_id, []) + self.edited.get(message_id, [])
 
 
+@dataclass(frozen=True, slots=True)
+class Creation:
+    """A creation of unknown outcome in one storage: it may have landed."""
+
+    # The incarnation it sent; every later attempt creates the session with it too.
+    incarnation: str
+    # The ids of the messages it and the later attempts sent (any may be stored).
+    sent: frozenset[str]
+
+    def plus(self, plan: SavePlan) -> Creation:
+        """With what one more attempt of unknown outcome, `plan`, sent."""
+        return Creation(self.incarnation, self.sent | {m.message_id for m in plan.appends})
+
+    def unconfirmed(self, appends: Sequence[ChatMessage]) -> Unconfirmed:
+        """The messages of `appends` these attempts sent, as a plan carries them."""
+        return Unconfirmed(
+            appended={m.message_id: [m] for m in appends if m.message_id in self.sent}
+        )
+
+
 @dataclass(slots=True)
 class Base:
     """What one storage held of a session when this object last loaded or saved it there."""
@@ -404,7 +424,8 @@ def conflicts(
     value after two or more writes, is a conflict too: that save may have landed and
     another writer set the value back since (found by attack: the next save silently
     undid that writer's change). After one write it is certain: had it been that save,
-    the value would be the one it sent.
+    the value would be the one it sent. So is a message such a save sent that the store
+    lacks (`maybe_removed`).
     """
     sent = plan.unconfirmed or Unconfirmed()
     undone = plan.revision is not None and stored_revision >= plan.revision + 2
@@ -431,7 +452,30 @@ def conflicts(
         ours = (original, *sent.versions(original.message_id))
         if stored is not None and not any(_same_message(stored, version) for version in ours):
             found.append(f"message {original.message_id!r} (edited by another writer)")
+    if plan.revision is not None:
+        found += maybe_removed(plan, stored_revision - plan.revision)
     return found
+
+
+def maybe_removed(plan: SavePlan, writes: int) -> list[str]:
+    """The messages saves of unknown outcome sent that the store lacks, once `writes`
+    writes since the base leave it unknown whether they landed: one may have, and
+    another writer removed them since; sending them again would bring them back.
+
+    `plan` is resolved (`resolve_unconfirmed`): its appends are the messages the store
+    lacks. After one write it is certain they never landed: had that write been such a
+    save, it would hold them. The price, as for fields, is a conflict where the save
+    was lost and two other writes came meanwhile.
+    """
+    if writes < 2 or plan.unconfirmed is None:
+        return []
+    sent = plan.unconfirmed.appended
+    return [
+        f"message {message.message_id!r} (sent by a save of unknown outcome, not stored:"
+        " another writer may have removed it)"
+        for message in plan.appends
+        if message.message_id in sent
+    ]
 
 
 def _reverted(stored: Any, old: Any, sent: Sequence[Any]) -> bool:

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from persistence.bookkeeping import Bookkeeping
-from persistence.changes import Base, BaseOf, LogEntry, MessageList, Source
+from persistence.changes import Base, BaseOf, Creation, LogEntry, MessageList, Source
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.identifiers import random_hex_id
@@ -167,9 +167,9 @@ class ChatSession(_DomainModel, Bookkeeping):
     # Log positions an open unit of work may roll a base back to (`base_for`): the log
     # from there on is kept until it ends.
     _pins: list[int] = PrivateAttr(default_factory=lambda: [])
-    # Per storage token: the incarnation a creation of unknown outcome sent (it may have
-    # landed); the next save creates the session with it, or finds it deleted.
-    _creations: dict[str, str] = PrivateAttr(default_factory=lambda: {})
+    # Per storage token: a creation of unknown outcome (it may have landed); the next
+    # save creates the session with its incarnation, or finds it deleted.
+    _creations: dict[str, Creation] = PrivateAttr(default_factory=lambda: {})
 
     def __eq__(self, other: object) -> bool:
         # Fields only: which storages hold the messages is bookkeeping, not data.

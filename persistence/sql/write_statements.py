@@ -177,11 +177,13 @@ STILL_THERE = Statement(
 )
 
 # A new object's creation merged into the stored session (revision 0010): its delete
-# then records the creation's incarnation deleted too.
+# then records the creation's incarnation deleted too. No row back: an earlier merge of
+# the same creation landed.
 RECORD_MERGE = Statement(
     text(
         "INSERT INTO chat_session_merges (session_id, incarnation, into_incarnation)"
         " VALUES (:session_id, :incarnation, :into_incarnation) ON CONFLICT DO NOTHING"
+        " RETURNING incarnation"
     )
 )
 

@@ -18,10 +18,16 @@ A new object creates the row, or merges into the row stored under its id.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from persistence.changes import SavePlan, conflicts, merge_metadata, resolve_unconfirmed
+from persistence.changes import (
+    SavePlan,
+    conflicts,
+    maybe_removed,
+    merge_metadata,
+    resolve_unconfirmed,
+)
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage
 from persistence.search import search_document
@@ -138,7 +144,7 @@ def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
         InvalidDataError: a new message's id is stored in another session.
     """
     if plan.is_new:
-        return (yield from _create_or_merge(plan))
+        return (yield from _create_or_merge(plan, force))
     assert plan.revision is not None and plan.incarnation is not None
     if appends_alone(plan) and (yield WhichDialect()) == "postgresql":
         return (yield from append_in_one_statement(plan))
@@ -316,7 +322,7 @@ def create_row(plan: SavePlan) -> Work[Saved | None]:
     return Saved(1, incarnation, exact=True) if rows else None
 
 
-def _create_or_merge(plan: SavePlan) -> Work[Saved]:
+def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
     """Creates the session of a new object, or merges the object into the stored one.
 
     A new object's values win for the fields it carries; metadata keys it does not
@@ -325,6 +331,9 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
     Raises:
         SessionDeletedError: an earlier creation of this object, of unknown outcome,
             landed and the session was deleted since.
+        SessionConflictError: a message earlier saves of unknown outcome sent is not
+            stored, and one of them landed, or may have, before writes of others: they
+            may have removed it (not with `force`).
     """
     if not plan.certain:
         yield from _refuse_deleted_creation(plan)
@@ -337,8 +346,11 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
         if not rows:
             continue
         revision, stored_incarnation, _, _, _, metadata_text, count, next_position = rows[0]
+        # Writes since this object's creation or merge may have landed: the first makes
+        # revision 1; an earlier merge of it landed if its record is there.
+        writes = revision
         if stored_incarnation != plan.incarnation:
-            yield Execute(
+            recorded = yield Fetch(
                 RECORD_MERGE,
                 {
                     "session_id": plan.session_id,
@@ -346,7 +358,12 @@ def _create_or_merge(plan: SavePlan) -> Work[Saved]:
                     "into_incarnation": stored_incarnation,
                 },
             )
+            writes = 0 if recorded else 2
         appends = yield from not_stored(plan.session_id, plan.appends)
+        if not (plan.certain or force):
+            found = maybe_removed(replace(plan, appends=tuple(appends)), writes)
+            if found:
+                raise SessionConflictError(plan.session_id, found)
         yield from _insert(plan.session_id, appends, next_position)
         merged = {**json_loads(metadata_text), **plan.metadata}
         yield Execute(

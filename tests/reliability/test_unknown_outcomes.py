@@ -18,93 +18,59 @@ import pytest
 from sqlalchemy import text
 
 from persistence import ChatSession, SessionConflictError, SessionDeletedError, SessionStorage
+from tests.reliability.unknown_outcomes import (
+    new_session,
+    outcomes,
+    save_unknown,
+    stored_as_held,
+    stored_session,
+)
 from tests.servers import second_holder
-
-
-def _outcomes(storage: Any, *outcomes: str) -> None:
-    """The next saves of `storage` land then raise ("landed") or raise unsent ("lost")."""
-    run = type(storage)._run.__get__(storage)
-    pending = list(outcomes)
-
-    async def _run(work: Any, action: str, **options: Any) -> Any:
-        if options.get("write") and action == "save session" and pending:
-            if pending.pop(0) == "lost":
-                work.close()
-                raise asyncio.CancelledError
-            await run(work, action, **options)
-            raise asyncio.CancelledError
-        return await run(work, action, **options)
-
-    storage._run = _run
-
-
-async def _save_unknown(storage: SessionStorage, session: ChatSession) -> None:
-    with pytest.raises(asyncio.CancelledError):
-        await storage.save_session(session)
-
-
-async def _stored_as_held(storage: SessionStorage, session: ChatSession) -> None:
-    assert await storage.save_session(session) is True
-    assert not storage.has_unsaved_changes(session)
-    stored = await storage.load_session(session.session_id)
-    assert stored is not None
-    assert [(m.message_id, m.content) for m in stored.messages] == [
-        (m.message_id, m.content) for m in session.messages
-    ]
-    assert stored.message_count == len(session.messages)
-    assert (stored.metadata, stored.status) == (session.metadata, session.status)
-
-
-async def _stored_session(storage: SessionStorage) -> ChatSession:
-    session = ChatSession.create("unknown")
-    session.add_message("user", "stored")
-    await storage.save_session(session)
-    return session
 
 
 @pytest.mark.parametrize("first", ["landed", "lost"])
 async def test_a_message_sent_then_edited_by_a_save_that_was_lost_is_stored_edited(
     sql_storage: SessionStorage, first: str
 ) -> None:
-    session = await _stored_session(sql_storage)
+    session = await stored_session(sql_storage)
     sent = session.add_message("assistant", "first draft")
-    _outcomes(sql_storage, first, "lost")
-    await _save_unknown(sql_storage, session)
+    outcomes(sql_storage, first, "lost")
+    await save_unknown(sql_storage, session)
     session.edit_message(sent.message_id, content="second draft")
-    await _save_unknown(sql_storage, session)
+    await save_unknown(sql_storage, session)
     session.edit_message(sent.message_id, content="third draft")
-    await _stored_as_held(sql_storage, session)
+    await stored_as_held(sql_storage, session)
 
 
 @pytest.mark.parametrize("first", ["landed", "lost"])
 async def test_changing_again_what_a_save_of_unknown_outcome_sent_is_no_conflict(
     sql_storage: SessionStorage, first: str
 ) -> None:
-    session = await _stored_session(sql_storage)
+    session = await stored_session(sql_storage)
     stored = session.messages[0]
     session.metadata["title"] = "one"
     session.status = "archived"
     session.edit_message(stored.message_id, content="edited once")
-    _outcomes(sql_storage, first)
-    await _save_unknown(sql_storage, session)
+    outcomes(sql_storage, first)
+    await save_unknown(sql_storage, session)
     session.metadata["title"] = "two"
     session.status = "active"
     session.edit_message(stored.message_id, content="edited twice")
-    await _stored_as_held(sql_storage, session)
+    await stored_as_held(sql_storage, session)
 
 
 @pytest.mark.parametrize("first", ["landed", "lost"])
 async def test_what_a_save_of_unknown_outcome_sent_is_undone_when_the_holder_undoes_it(
     sql_storage: SessionStorage, first: str
 ) -> None:
-    session = await _stored_session(sql_storage)
+    session = await stored_session(sql_storage)
     session.metadata["title"] = "one"
     session.add_message("assistant", "to be popped")
-    _outcomes(sql_storage, first)
-    await _save_unknown(sql_storage, session)
+    outcomes(sql_storage, first)
+    await save_unknown(sql_storage, session)
     del session.metadata["title"]
     session.pop_message()
-    await _stored_as_held(sql_storage, session)
+    await stored_as_held(sql_storage, session)
 
 
 async def test_a_value_a_landed_save_set_and_another_writer_set_back_is_a_conflict(
@@ -112,11 +78,11 @@ async def test_a_value_a_landed_save_set_and_another_writer_set_back_is_a_confli
 ) -> None:
     """Found by attack: the holder's next save took the old value it found for
     "nobody changed it" and wrote its own again, undoing the other writer's change."""
-    session = await _stored_session(sql_storage)
+    session = await stored_session(sql_storage)
     session.status = "archived"
     session.metadata["pinned"] = True
-    _outcomes(sql_storage, "landed")
-    await _save_unknown(sql_storage, session)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
     other = await sql_storage.load_session(session.session_id)
     assert other is not None and (other.status, other.metadata) == ("archived", {"pinned": True})
     other.status = "active"
@@ -139,17 +105,17 @@ async def test_after_one_write_of_another_the_old_value_says_the_save_was_lost(
 ) -> None:
     """One write since the base: had it been the holder's save, the value would be the
     one it sent; so the old value found means that save was lost, and it is sent again."""
-    session = await _stored_session(sql_storage)
+    session = await stored_session(sql_storage)
     session.status = "archived"
-    _outcomes(sql_storage, first)
-    await _save_unknown(sql_storage, session)
+    outcomes(sql_storage, first)
+    await save_unknown(sql_storage, session)
     if first == "lost":
         other = await sql_storage.load_session(session.session_id)
         assert other is not None
         other.metadata["by"] = "another writer"
         await sql_storage.save_session(other)
         session.metadata["by"] = "another writer"  # the same value: no conflict either
-    await _stored_as_held(sql_storage, session)
+    await stored_as_held(sql_storage, session)
 
 
 async def test_after_two_writes_of_others_the_old_value_cannot_tell_and_is_a_conflict(
@@ -157,10 +123,10 @@ async def test_after_two_writes_of_others_the_old_value_cannot_tell_and_is_a_con
 ) -> None:
     """The price of the rule above: a lost save, then two writes of others that left
     the value alone, look like a landed save set back. The holder reloads."""
-    session = await _stored_session(sql_storage)
+    session = await stored_session(sql_storage)
     session.status = "archived"
-    _outcomes(sql_storage, "lost")
-    await _save_unknown(sql_storage, session)
+    outcomes(sql_storage, "lost")
+    await save_unknown(sql_storage, session)
     for turn in range(2):
         other = await sql_storage.load_session(session.session_id)
         assert other is not None
@@ -173,21 +139,14 @@ async def test_after_two_writes_of_others_the_old_value_cannot_tell_and_is_a_con
     assert stored is not None and stored.status == "active"
 
 
-def _new_session(messages: int) -> ChatSession:
-    session = ChatSession.create("unknown")
-    for turn in range(messages):
-        session.add_message("user", f"turn {turn}")
-    return session
-
-
 @pytest.mark.parametrize("messages", [0, 2])
 async def test_a_creation_that_landed_and_was_deleted_meanwhile_stays_deleted(
     sql_storage: SessionStorage, messages: int
 ) -> None:
     """Found by attack: the next save found no row and created the session again."""
-    session = _new_session(messages)
-    _outcomes(sql_storage, "landed")
-    await _save_unknown(sql_storage, session)
+    session = new_session(messages)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
     async with second_holder(sql_storage) as other:
         assert await other.delete_session(session.session_id) is True
 
@@ -205,9 +164,9 @@ async def test_a_creation_that_landed_is_not_confused_with_a_new_session_of_its_
 ) -> None:
     """Deleted, then created again by another writer: this object's session is gone,
     and the other's new one is left as it was."""
-    session = _new_session(1)
-    _outcomes(sql_storage, "landed")
-    await _save_unknown(sql_storage, session)
+    session = new_session(1)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
     async with second_holder(sql_storage) as other:
         assert await other.delete_session(session.session_id) is True
         again = ChatSession.create("another", session_id=session.session_id)
@@ -228,11 +187,11 @@ async def test_a_creation_that_landed_is_not_confused_with_a_new_session_of_its_
 async def test_a_creation_of_unknown_outcome_is_completed_by_the_next_save(
     sql_storage: SessionStorage, first: str
 ) -> None:
-    session = _new_session(2)
-    _outcomes(sql_storage, first)
-    await _save_unknown(sql_storage, session)
+    session = new_session(2)
+    outcomes(sql_storage, first)
+    await save_unknown(sql_storage, session)
     session.add_message("user", "after")
-    await _stored_as_held(sql_storage, session)
+    await stored_as_held(sql_storage, session)
 
 
 async def test_a_lost_creation_merges_into_a_session_another_writer_created_under_its_id(
@@ -240,9 +199,9 @@ async def test_a_lost_creation_merges_into_a_session_another_writer_created_unde
 ) -> None:
     """Never landed: the object is a new object under an id the store holds (merged),
     whoever deleted what before."""
-    session = _new_session(1)
-    _outcomes(sql_storage, "lost")
-    await _save_unknown(sql_storage, session)
+    session = new_session(1)
+    outcomes(sql_storage, "lost")
+    await save_unknown(sql_storage, session)
     async with second_holder(sql_storage) as other:
         first = ChatSession.create("another", session_id=session.session_id)
         await other.save_session(first)
@@ -257,8 +216,8 @@ async def test_a_lost_creation_merges_into_a_session_another_writer_created_unde
 
 async def test_every_delete_of_a_session_row_is_recorded(sql_storage: SessionStorage) -> None:
     """By the library's deletes and by hand (the trigger of revision 0010)."""
-    kept = _new_session(0)
-    by_library, by_hand = _new_session(1), _new_session(1)
+    kept = new_session(0)
+    by_library, by_hand = new_session(1), new_session(1)
     for session in (kept, by_library, by_hand):
         await sql_storage.save_session(session)
     assert await sql_storage.delete_session(by_library.session_id) is True
@@ -282,9 +241,9 @@ async def test_a_delete_in_flight_when_the_creation_is_retried_is_waited_for(
 ) -> None:
     """The retry locks the row first: a delete not yet committed (holding the row on
     PostgreSQL, the write lock on SQLite) is waited for, and its record then read."""
-    session = _new_session(1)
-    _outcomes(sql_storage, "landed")
-    await _save_unknown(sql_storage, session)
+    session = new_session(1)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
     storage: Any = sql_storage
     async with storage.engine.connect() as deleting:
         transaction = await deleting.begin()
@@ -305,9 +264,9 @@ async def test_a_retry_rolled_back_in_a_unit_of_work_still_knows_its_creation(
 ) -> None:
     """Found by attack: the rollback took the object back to new and forgot the
     incarnation it had sent, so the save after another writer's delete created it."""
-    session = _new_session(1)
-    _outcomes(sql_storage, "landed")
-    await _save_unknown(sql_storage, session)
+    session = new_session(1)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
     with pytest.raises(RuntimeError, match="rolled back"):
         async with sql_storage.unit_of_work() as uow:
             await uow.sessions.add(session)
@@ -332,8 +291,8 @@ async def test_a_creation_merged_into_a_stored_session_stays_deleted_with_it(
         await other.save_session(theirs)
         mine = ChatSession.create("m", session_id="shared")
         mine.add_message("user", "mine")
-        _outcomes(sql_storage, "landed")
-        await _save_unknown(sql_storage, mine)
+        outcomes(sql_storage, "landed")
+        await save_unknown(sql_storage, mine)
         stored = await other.load_session("shared")
         assert stored is not None and [m.content for m in stored.messages] == ["theirs", "mine"]
         assert await other.delete_session("shared") is True
@@ -348,9 +307,9 @@ async def test_a_truncate_is_recorded_as_the_delete_of_every_session(
     postgresql_storage: SessionStorage,
 ) -> None:
     """Found by attack: TRUNCATE fires no row trigger (PostgreSQL)."""
-    session = _new_session(1)
-    _outcomes(postgresql_storage, "landed")
-    await _save_unknown(postgresql_storage, session)
+    session = new_session(1)
+    outcomes(postgresql_storage, "landed")
+    await save_unknown(postgresql_storage, session)
     storage: Any = postgresql_storage
     async with storage.engine.begin() as connection:
         await connection.execute(text("TRUNCATE chat_sessions CASCADE"))

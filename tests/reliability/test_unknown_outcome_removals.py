@@ -1,0 +1,196 @@
+"""A message a save of unknown outcome sent, removed since by another writer.
+
+The holder cannot tell a message its save stored and another writer removed from one
+its save never stored. Before, the next save sent it again: the removal was undone.
+Now, after two or more writes since the holder's base (one could be that save), a
+message sent and not stored is a SessionConflictError and nothing is written; after one
+write it is certain the save was lost, and the message is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from persistence import ChatSession, SessionConflictError, SessionManager, SessionStorage
+from tests.reliability.unknown_outcomes import (
+    new_session,
+    outcomes,
+    save_unknown,
+    stored_as_held,
+    stored_session,
+)
+from tests.servers import second_holder
+
+
+async def _contents(storage: SessionStorage, session_id: str) -> list[str]:
+    stored = await storage.load_session(session_id)
+    assert stored is not None
+    assert stored.message_count == len(stored.messages)
+    return [message.content for message in stored.messages]
+
+
+async def _rewind_elsewhere(storage: SessionStorage, session_id: str, keep: int) -> None:
+    async with second_holder(storage) as other:
+        theirs = await other.load_session(session_id)
+        assert theirs is not None
+        theirs.rewind(theirs.messages[keep - 1].message_id if keep else None)
+        await other.save_session(theirs)
+
+
+async def test_a_message_a_landed_save_sent_and_another_writer_removed_stays_removed(
+    sql_storage: SessionStorage,
+) -> None:
+    session = await stored_session(sql_storage)
+    sent = session.add_message("assistant", "regenerated elsewhere")
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
+    await _rewind_elsewhere(sql_storage, session.session_id, keep=1)
+
+    session.add_message("user", "next question")
+    with pytest.raises(SessionConflictError) as raised:
+        await sql_storage.save_session(session)
+
+    assert raised.value.conflicts == [
+        f"message {sent.message_id!r} (sent by a save of unknown outcome, not stored:"
+        " another writer may have removed it)"
+    ]
+    assert await _contents(sql_storage, session.session_id) == ["stored"]
+    # Reloaded, the holder sees the removal and goes on from it.
+    reloaded = await sql_storage.load_session(session.session_id)
+    assert reloaded is not None
+    reloaded.add_message("user", "next question")
+    assert await sql_storage.save_session(reloaded) is True
+    assert await _contents(sql_storage, session.session_id) == ["stored", "next question"]
+
+
+async def test_a_save_that_was_lost_then_one_other_write_sends_its_message_again(
+    sql_storage: SessionStorage,
+) -> None:
+    """One write since the base: had it been the lost save, it would hold the message."""
+    session = await stored_session(sql_storage)
+    session.add_message("assistant", "lost once")
+    outcomes(sql_storage, "lost")
+    await save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        theirs = await other.load_session(session.session_id)
+        assert theirs is not None
+        theirs.metadata["title"] = "another writer"
+        await other.save_session(theirs)
+    session.metadata["title"] = "another writer"
+
+    await stored_as_held(sql_storage, session)
+
+
+async def test_a_lost_save_then_two_other_writes_cannot_tell_and_is_a_conflict(
+    sql_storage: SessionStorage,
+) -> None:
+    """The price, as for fields: the holder reloads and adds its message again."""
+    session = await stored_session(sql_storage)
+    sent = session.add_message("assistant", "lost")
+    outcomes(sql_storage, "lost")
+    await save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        for turn in range(2):
+            theirs = await other.load_session(session.session_id)
+            assert theirs is not None
+            theirs.metadata["turn"] = turn
+            await other.save_session(theirs)
+
+    with pytest.raises(SessionConflictError, match=sent.message_id):
+        await sql_storage.save_session(session)
+    assert await _contents(sql_storage, session.session_id) == ["stored"]
+
+
+@pytest.mark.parametrize("first", ["landed", "lost"])
+async def test_with_no_other_writer_the_message_is_stored_once(
+    sql_storage: SessionStorage, first: str
+) -> None:
+    """Two saves of unknown outcome of the holder's own are no other writer's writes."""
+    session = await stored_session(sql_storage)
+    session.add_message("assistant", "one")
+    outcomes(sql_storage, first, "landed")
+    await save_unknown(sql_storage, session)
+    session.add_message("assistant", "two")
+    await save_unknown(sql_storage, session)
+    session.add_message("assistant", "three")
+    await stored_as_held(sql_storage, session)
+
+
+async def test_a_creation_that_landed_does_not_bring_back_a_message_removed_since(
+    sql_storage: SessionStorage,
+) -> None:
+    session = new_session(2)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
+    await _rewind_elsewhere(sql_storage, session.session_id, keep=1)
+
+    with pytest.raises(SessionConflictError, match=session.messages[1].message_id):
+        await sql_storage.save_session(session)
+    assert await _contents(sql_storage, session.session_id) == ["turn 0"]
+
+
+async def test_a_creation_that_landed_alone_is_completed_with_what_it_lacks(
+    sql_storage: SessionStorage,
+) -> None:
+    """Only the creation wrote: what it lacks was added after it, and is sent."""
+    session = new_session(1)
+    outcomes(sql_storage, "landed", "lost")
+    await save_unknown(sql_storage, session)
+    session.add_message("user", "after the creation")
+    await save_unknown(sql_storage, session)
+    await stored_as_held(sql_storage, session)
+
+
+async def test_a_creation_merged_into_another_session_does_not_bring_back_its_message(
+    sql_storage: SessionStorage,
+) -> None:
+    """The creation merged into another writer's session of its id, landed, and its
+    message was removed there: the merge record says a merge of it landed."""
+    async with second_holder(sql_storage) as other:
+        theirs = ChatSession.create("m", session_id="shared")
+        theirs.add_message("user", "theirs")
+        await other.save_session(theirs)
+    mine = ChatSession.create("m", session_id="shared")
+    sent = mine.add_message("user", "mine")
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, mine)
+    await _rewind_elsewhere(sql_storage, "shared", keep=1)
+
+    with pytest.raises(SessionConflictError, match=sent.message_id):
+        await sql_storage.save_session(mine)
+    assert await _contents(sql_storage, "shared") == ["theirs"]
+
+
+async def test_force_sends_the_message_again(sql_storage: SessionStorage) -> None:
+    """With `force` the holder's values win: what it cannot tell it sends."""
+    session = await stored_session(sql_storage)
+    session.add_message("assistant", "mine win")
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
+    await _rewind_elsewhere(sql_storage, session.session_id, keep=1)
+
+    assert await sql_storage.save_session(session, force=True) is True
+    assert await _contents(sql_storage, session.session_id) == ["stored", "mine win"]
+
+
+async def test_a_manager_resends_its_message_and_says_so(
+    sql_storage: SessionStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SessionManager resolves the conflict for its caller (its values win, README),
+    logging the message it sends again at WARNING."""
+    manager = SessionManager(sql_storage)
+    session = await manager.create_session("m")
+    session.add_message("user", "asked")
+    await manager.save_session(session)
+    sent = session.add_message("assistant", "answered")
+    outcomes(sql_storage, "landed")
+    with pytest.raises(BaseException):
+        await manager.save_session(session)
+    await _rewind_elsewhere(sql_storage, session.session_id, keep=1)
+
+    with caplog.at_level(logging.WARNING, logger="persistence"):
+        await manager.save_session(session)
+    assert sent.message_id in caplog.text
+    assert await _contents(sql_storage, session.session_id) == ["asked", "answered"]
