@@ -9,11 +9,12 @@ OS's cryptographic source, with uuid4's version and variant bits.
 
 A forked child starts with an empty pool, so parent and child never hand out the
 same ids; list `pop` and `extend` are atomic, so threads never share one either. A
-fork made in C that runs none of Python's at-fork hooks (uWSGI's workers unless
-`--py-call-osafterfork`) keeps the rest of the parent's batch: the two processes then
-hand out up to POOL - 1 same ids, which a save refuses (the message id is unique) where
-the store enforces it. Asking the process id for every id would cost 0.2 us each
-(measured: 0.38 us an id now).
+fork made in C runs none of Python's at-fork hooks (uWSGI's workers unless
+`--py-call-osafterfork`) and keeps the rest of the parent's batch; such a child cannot
+use a storage the parent opened (sql/forks.py), so every storage opened calls
+`forget_inherited_ids`, which empties a pool another process drew. Ids a child draws
+before it opens a storage can still repeat the parent's. Asking the process id for
+every id would cost 0.18 us each (the id costs 0.24).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _VERSION = bytes((value & 0x0F) | 0x40 for value in range(256))
 _VARIANT = bytes((value & 0x3F) | 0x80 for value in range(256))
 
 _pool: list[str] = []
+# The process that drew the pool's ids.
+_drawn_by = os.getpid()
 
 
 def _draw(count: int) -> list[str]:
@@ -43,8 +46,16 @@ def random_hex_id() -> str:
     try:
         return _pool.pop()
     except IndexError:
+        global _drawn_by
+        _drawn_by = os.getpid()
         _pool.extend(_draw(POOL))
         return _pool.pop()
+
+
+def forget_inherited_ids() -> None:
+    """Empties the pool if another process drew it: this one is a child forked in C."""
+    if _drawn_by != os.getpid():
+        _pool.clear()
 
 
 os.register_at_fork(after_in_child=_pool.clear)

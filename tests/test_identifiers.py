@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import json
 import multiprocessing
 import os
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
-from persistence import identifiers
+from persistence import SQLiteSessionStorage, identifiers
 from persistence.identifiers import POOL, random_hex_id
 
 
@@ -78,3 +82,33 @@ def test_a_forked_child_does_not_repeat_the_parents_ids() -> None:
     assert child.exitcode == 0
     from_parent = [random_hex_id() for _ in range(POOL)]
     assert not set(from_child) & (inherited | set(from_parent))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_in_c_draws_its_own_ids_once_it_opens_a_storage(tmp_path: Path) -> None:
+    """libc's fork() runs no at-fork hook (uWSGI's workers): the child kept the
+    parent's batch and handed out the same ids until it opened a storage, which now
+    empties a batch another process drew."""
+    random_hex_id()
+    if not identifiers._pool:
+        random_hex_id()
+    inherited = set(identifiers._pool)
+    read_end, write_end = os.pipe()
+    pid = int(ctypes.CDLL(None).fork())
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        drawn: list[str] = []
+        try:
+            os.close(read_end)
+            storage = SQLiteSessionStorage(tmp_path / "child.db")
+            asyncio.run(storage.initialize())
+            drawn = [random_hex_id() for _ in range(POOL)]
+            asyncio.run(storage.close())
+        finally:
+            os.write(write_end, json.dumps(drawn).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        from_child = json.loads(pipe.read() or "[]")
+    os.waitpid(pid, 0)
+    assert len(from_child) == POOL
+    assert not set(from_child) & inherited

@@ -23,6 +23,7 @@ from persistence.errors import (
     SessionConflictError,
     SessionDeletedError,
 )
+from persistence.identifiers import forget_inherited_ids
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo import bulk, repositories, writes
 from persistence.mongo.backfill import backfill_search_tokens, drop_retired_indexes
@@ -186,6 +187,7 @@ class MongoDBSessionStorage(SessionStorage):
         await self._connect(create_indexes=False)
 
     async def _connect(self, *, create_indexes: bool) -> None:
+        forget_inherited_ids()
         client = self.client
         with mongo_errors("initialize"):
             try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 
 from persistence.errors import PersistenceError
+from persistence.identifiers import forget_inherited_ids
 
 
 class Opener:
@@ -33,6 +34,7 @@ class Opener:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
+        forget_inherited_ids()
 
     def here(self) -> bool:
         return self.pid == os.getpid()
