@@ -40,3 +40,6 @@ def utc_now() -> datetime:
 
 # About 1,100 years: the cut-off of an expiry (now minus this) stays a valid date.
 MAX_EXPIRY_HOURS = 10_000_000
+# How long `persistence cleanup` keeps the record of a deleted session by default: a
+# save that retries a creation of unknown outcome is never that old in practice.
+DELETION_RECORD_DAYS = 30.0

@@ -449,6 +449,21 @@ class SessionStorage(ABC):
         """
 
     @abstractmethod
+    async def forget_deletions(self, deleted_before: datetime) -> int:
+        """Removes the records of sessions deleted before the cutoff; returns how many.
+
+        Every delete leaves the session's id and incarnation behind (about 100 bytes), so
+        that a save retrying a creation of unknown outcome finds its session deleted
+        rather than creating it again. A retry from before the cutoff, of a creation
+        whose session was then deleted, creates it again once the record is gone.
+
+        Raises:
+            InvalidDataError: if the cutoff is not a timezone-aware datetime; nothing
+                is written then.
+            PersistenceError: if the backend fails.
+        """
+
+    @abstractmethod
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         """Sets the status of the given sessions in one statement; returns how many changed."""
 

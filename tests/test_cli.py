@@ -170,13 +170,41 @@ def test_cleanup_expires_idle_sessions(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     ok("demo", "--url", url)
     result = json.loads(ok("cleanup", "--json", "--url", url).stdout)
-    assert result == {"database": url, "expired_sessions": 0, "expired_files_deleted": 0}
+    assert result == {
+        "database": url,
+        "expired_sessions": 0,
+        "expired_files_deleted": 0,
+        "deletion_records_forgotten": 0,
+    }
     # Any session is idle for longer than a millisecond.
     result = json.loads(ok("cleanup", "--json", "--expiry-hours", "0.0000001", "--url", url).stdout)
     assert result["expired_sessions"] == 1
     assert json.loads(ok("stats", "--json", "--url", url).stdout)["expired_sessions"] == 1
     assert f"Expired 0 session(s) of {url} not updated" in ok("cleanup", "--url", url).stdout
     assert "--expiry-hours" in failed("cleanup", "--expiry-hours", "0", "--url", url)
+
+
+@pytest.mark.sqlite
+def test_cleanup_forgets_the_records_of_old_deletions(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok("demo", "--url", url)
+    [session_id] = [
+        row["session_id"]
+        for row in json.loads(ok("sessions", "list", "--json", "--url", url).stdout)
+    ]
+    ok("sessions", "delete", session_id, "--url", url)
+
+    result = json.loads(ok("cleanup", "--json", "--url", url).stdout)
+    assert result["deletion_records_forgotten"] == 0
+    result = json.loads(
+        ok("cleanup", "--json", "--deletion-record-days", "1e-9", "--url", url).stdout
+    )
+    assert result["deletion_records_forgotten"] == 1
+    with sqlite3.connect(tmp_path / "x.db") as connection:
+        assert connection.execute("SELECT count(*) FROM chat_session_deletions").fetchone() == (0,)
+    for days in ("0", "-1", "nan", "inf", "1e300"):
+        line = failed("cleanup", "--deletion-record-days", days, "--url", url)
+        assert line.startswith("error: --deletion-record-days: must be more than 0"), line
 
 
 @pytest.mark.sqlite

@@ -25,7 +25,7 @@ from persistence.cli.output import (
     run,
 )
 from persistence.cli.usage import MaskingGroup
-from persistence.clock import MAX_EXPIRY_HOURS, utc_now
+from persistence.clock import DELETION_RECORD_DAYS, MAX_EXPIRY_HOURS, utc_now
 from persistence.config import StorageConfig
 from persistence.formats import visible
 from persistence.manager import SessionManager
@@ -160,19 +160,33 @@ def cleanup(
         float | None,
         typer.Option(help="Expire active sessions idle this many hours (default: config)."),
     ] = None,
+    deletion_record_days: Annotated[
+        float,
+        typer.Option(
+            help="Forget the records of sessions deleted more than this many days ago"
+            " (a save retrying a creation of unknown outcome older than that could bring"
+            " such a session back)."
+        ),
+    ] = DELETION_RECORD_DAYS,
     as_json: JsonOption = False,
     config: ConfigOption = None,
     url: UrlOption = None,
     verbose: VerboseOption = 0,
 ) -> None:
-    """Mark idle active sessions expired and delete expired file records."""
+    """Mark idle active sessions expired, delete expired file records and forget old
+    deletions."""
 
-    def check_hours() -> None:
+    def check_spans() -> None:
         # Not nan, inf or a span no date can be that far back from: one line naming it.
         if expiry_hours is not None and not 0 < expiry_hours <= MAX_EXPIRY_HOURS:
             fail(
                 f"--expiry-hours: must be more than 0 and at most {MAX_EXPIRY_HOURS:,},"
                 f" got {expiry_hours:g}"
+            )
+        if not 0 < deletion_record_days <= MAX_EXPIRY_HOURS / 24:
+            fail(
+                "--deletion-record-days: must be more than 0 and at most"
+                f" {MAX_EXPIRY_HOURS / 24:,.0f}, got {deletion_record_days:g}"
             )
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
@@ -180,22 +194,25 @@ def cleanup(
         manager = SessionManager(storage, auto_save_enabled=False, expiry_hours=hours)
         expired = await manager.cleanup_expired_sessions()
         files = await storage.delete_expired_files()
+        forgotten = await storage.forget_deletions(utc_now() - timedelta(days=deletion_record_days))
         if as_json:
             echo_json(
                 {
                     "database": cfg.display_url,
                     "expired_sessions": expired,
                     "expired_files_deleted": files,
+                    "deletion_records_forgotten": forgotten,
                 }
             )
             return
         line = (
             f"Expired {expired} session(s) of {cfg.display_url} not updated for {hours:g} hours;"
-            f" deleted {files} expired file record(s)."
+            f" deleted {files} expired file record(s); forgot {forgotten} record(s) of"
+            f" sessions deleted more than {deletion_record_days:g} days ago."
         )
         out().print(Text(visible(line)))
 
-    run(ctx, (config, url, verbose), work, must_exist=True, check_first=check_hours)
+    run(ctx, (config, url, verbose), work, must_exist=True, check_first=check_spans)
 
 
 DEMO_CONVERSATION = (

@@ -35,6 +35,7 @@ from persistence.mongo.connection import (
     indexes_to_create,
 )
 from persistence.mongo.deletions import create_collection as create_deletions_collection
+from persistence.mongo.deletions import forget_deletions_before
 from persistence.mongo.documents import (
     FILES_COLLECTION,
     SESSIONS_COLLECTION,
@@ -443,6 +444,12 @@ class MongoDBSessionStorage(SessionStorage):
         with mongo_errors("expire sessions"):
             async with self._writing() as client_session:
                 return await repositories.expire_sessions_before(self.docs, client_session, cutoff)
+
+    async def forget_deletions(self, deleted_before: datetime) -> int:
+        cutoff = check_instant(deleted_before, "deleted_before")
+        with mongo_errors("forget deletions"):
+            async with self._writing() as client_session:
+                return await forget_deletions_before(self.docs, client_session, cutoff)
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)

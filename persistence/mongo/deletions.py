@@ -26,6 +26,7 @@ unrecorded: no creation retried today can have made them.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from datetime import datetime
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -69,6 +70,16 @@ async def record_deletion(
         {"$set": {"deleted_at": now}},
         session=client_session,
     )
+
+
+async def forget_deletions_before(
+    docs: DocumentSet, client_session: AsyncClientSession | None, cutoff: datetime
+) -> int:
+    """Removes the records of deletions before `cutoff` (merges of live sessions stay)."""
+    result = await deletions(docs).delete_many(
+        {"deleted_at": {"$lt": cutoff}}, session=client_session
+    )
+    return int(result.deleted_count)
 
 
 async def record_merge(

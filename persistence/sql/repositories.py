@@ -53,7 +53,8 @@ from persistence.sql.runner import Execute, Fetch, Work
 from persistence.sql.search import Found, find_messages
 from persistence.sql.statements import Statement
 from persistence.sql.tables import FileRow, MessageRow, SessionCountRow, SessionRow
-from persistence.sql.write_statements import chunks
+from persistence.sql.types import UtcDateTime
+from persistence.sql.write_statements import chunks, deletions
 from persistence.storage import StorageCounts
 
 sessions = cast(Table, SessionRow.__table__)
@@ -254,6 +255,9 @@ EXPIRE_SESSIONS = Statement(
     .where(sessions.c.status == "active", sessions.c.updated_at < bindparam("cutoff"))
     .values(status="expired", revision=sessions.c.revision + 1)
 )
+FORGET_DELETIONS = Statement(
+    delete(deletions).where(deletions.c.deleted_at < bindparam("cutoff", type_=UtcDateTime))
+)
 SET_STATUS = Statement(
     update(sessions)
     .where(
@@ -439,6 +443,10 @@ def count_store(now: datetime) -> Work[StorageCounts]:
 
 def expire_sessions_before(cutoff: datetime) -> Work[int]:
     return int((yield Execute(EXPIRE_SESSIONS, {"cutoff": cutoff})))
+
+
+def forget_deletions_before(cutoff: datetime) -> Work[int]:
+    return int((yield Execute(FORGET_DELETIONS, {"cutoff": cutoff})))
 
 
 def set_sessions_status(session_ids: Sequence[str], status: Status) -> Work[int]:

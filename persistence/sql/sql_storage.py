@@ -475,6 +475,15 @@ class SqlSessionStorage(SessionStorage):
             single=True,
         )
 
+    async def forget_deletions(self, deleted_before: datetime) -> int:
+        cutoff = check_instant(deleted_before, "deleted_before")
+        return await self._run(
+            repositories.forget_deletions_before(cutoff),
+            "forget deletions",
+            write=True,
+            single=True,
+        )
+
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)
         checked = check_status(status)

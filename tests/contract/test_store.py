@@ -148,6 +148,35 @@ async def test_expire_sessions_refuses_a_cutoff_that_is_no_aware_datetime(
     assert (await storage.count_sessions())["active"] == 1
 
 
+async def test_forget_deletions_removes_the_records_of_deletes_before_the_cutoff(
+    storage: SessionStorage,
+) -> None:
+    kept, deleted = conversation(1), [conversation(1) for _ in range(2)]
+    for session in (kept, *deleted):
+        await storage.save_session(session)
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    for session in deleted:
+        assert await storage.delete_session(session.session_id) is True
+
+    assert await storage.forget_deletions(before) == 0
+    assert await storage.forget_deletions(datetime.now(UTC) + timedelta(minutes=1)) == 2
+    assert await storage.forget_deletions(datetime.now(UTC) + timedelta(minutes=1)) == 0
+    assert [s.session_id for s in await storage.list_sessions()] == [kept.session_id]
+
+
+@pytest.mark.parametrize("cutoff", [datetime(2030, 1, 1), "2030-01-01T00:00:00Z"], ids=repr)
+async def test_forget_deletions_refuses_a_cutoff_that_is_no_aware_datetime(
+    storage: SessionStorage, cutoff: object
+) -> None:
+    session = conversation(1)
+    await storage.save_session(session)
+    await storage.delete_session(session.session_id)
+
+    with pytest.raises(InvalidDataError, match="deleted_before"):
+        await storage.forget_deletions(cutoff)  # type: ignore[arg-type]
+    assert await storage.forget_deletions(datetime.now(UTC) + timedelta(minutes=1)) == 1
+
+
 async def test_set_status_changes_many_sessions_at_once(storage: SessionStorage) -> None:
     sessions = [conversation(1) for _ in range(3)]
     for session in sessions:

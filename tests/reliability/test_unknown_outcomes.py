@@ -12,6 +12,7 @@ sent itself for another writer's work (no SessionConflictError).
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -316,3 +317,19 @@ async def test_a_truncate_is_recorded_as_the_delete_of_every_session(
 
     with pytest.raises(SessionDeletedError):
         await postgresql_storage.save_session(session)
+
+
+async def test_a_forgotten_deletion_no_longer_stops_the_retried_creation(
+    sql_storage: SessionStorage,
+) -> None:
+    """The price of `forget_deletions`, as its documentation says: the record was what
+    told the retry its session was deleted."""
+    session = new_session(1)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        assert await other.delete_session(session.session_id) is True
+        assert await other.forget_deletions(datetime.now(UTC) + timedelta(minutes=1)) == 1
+
+    assert await sql_storage.save_session(session) is True
+    assert await sql_storage.load_session(session.session_id) is not None
