@@ -132,7 +132,7 @@ class Bookkeeping:
             # The incarnation the session is created with; an earlier creation of unknown
             # outcome sent one, and the save must tell whether it landed (not certain).
             earlier: Creation | None = private["_creations"].get(token)
-            return SavePlan(
+            plan = SavePlan(
                 session_id=self.session_id,
                 revision=None,
                 incarnation=new_incarnation() if earlier is None else earlier.incarnation,
@@ -153,7 +153,12 @@ class Bookkeeping:
                 log_at=log_at,
                 foreign_at=messages.foreign_changes,
                 epoch=private["_epoch"],
-                unconfirmed=None if earlier is None else earlier.unconfirmed(appends),
+            )
+            if earlier is None:
+                return plan
+            attempted = earlier.sent()
+            return replace(
+                plan, unconfirmed=attempted, if_landed=earlier.if_landed(plan, attempted)
             )
         _refuse_changed_id(base, self.session_id)
         if messages.foreign_changes != base.foreign_at:
@@ -387,7 +392,7 @@ class Bookkeeping:
             creations: dict[str, Creation] = self._private()["_creations"]
             for plan in sent:
                 if plan.is_new and plan.incarnation is not None:
-                    earlier = creations.get(token) or Creation(plan.incarnation, frozenset())
+                    earlier = creations.get(token) or Creation(plan.incarnation, ())
                     creations[token] = earlier.plus(plan)
         else:
             base.certain = False

@@ -12,14 +12,12 @@ in between is overwritten: that write simply does not match, and the save reads 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from persistence.changes import (
     TRACKED_FIELDS,
     SavePlan,
     conflicts,
-    maybe_removed,
     merge_metadata,
     resolve_unconfirmed,
     same_value,
@@ -159,7 +157,10 @@ def prepare(
         _refuse_taken(plan, taken)
         if stored is None:
             return Write(Saved(1, incarnation, exact=True), insert=new_document(plan, incarnation))
-        return _merge_new(plan, stored, force)
+        if plan.if_landed is not None and stored.incarnation == plan.incarnation:
+            # An earlier creation of unknown outcome landed: saved as its holder does.
+            return prepare(plan.if_landed, stored, taken, incarnation, force=force)
+        return _merge_new(plan, stored)
     if stored is None or stored.incarnation != plan.incarnation:
         raise SessionDeletedError(plan.session_id)
     if not plan.certain:
@@ -198,20 +199,10 @@ def prepare(
     return guarded(plan, stored, fields, metadata, appends, exact)
 
 
-def _merge_new(plan: SavePlan, stored: Stored, force: bool) -> Write:
-    """A new object under a stored id: its values win; keys and messages it lacks stay.
-
-    Raises:
-        SessionConflictError: the stored session is this object's creation of unknown
-            outcome, written to again since, and lacks a message such a save sent
-            (`maybe_removed`; not with `force`).
-    """
+def _merge_new(plan: SavePlan, stored: Stored) -> Write:
+    """A new object under a stored id: its values win; keys and messages it lacks stay."""
     merged = {**stored.metadata, **plan.metadata}
     appends = [message for message in plan.appends if message.message_id not in stored.messages]
-    if not (plan.certain or force) and stored.incarnation == plan.incarnation:
-        found = maybe_removed(replace(plan, appends=tuple(appends)), stored.revision)
-        if found:
-            raise SessionConflictError(plan.session_id, found)
     fields = {name: getattr(plan, name) for name in TRACKED_FIELDS}
     # Messages it shares with the stored session may differ there: never exact.
     return guarded(plan, stored, fields, merged, appends, exact=False)

@@ -24,7 +24,6 @@ from typing import Any
 from persistence.changes import (
     SavePlan,
     conflicts,
-    maybe_removed,
     merge_metadata,
     resolve_unconfirmed,
 )
@@ -255,7 +254,15 @@ def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
         # other writers' work (not exact) does not know what they changed.
         stored_fields = {"model": model, "status": status, "created_at": created_at}
         stored_messages = yield from _stored_versions(plan)
-        found = conflicts(plan, stored_fields, stored_metadata, stored_messages, revision)
+        found = conflicts(
+            plan,
+            stored_fields,
+            stored_metadata,
+            stored_messages,
+            revision,
+            # Positions are never reused: none missing, no message was ever removed.
+            anything_removed=next_position > count,
+        )
         if found:
             raise SessionConflictError(plan.session_id, found)
     appends: Sequence[ChatMessage] = plan.appends
@@ -326,17 +333,20 @@ def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
     """Creates the session of a new object, or merges the object into the stored one.
 
     A new object's values win for the fields it carries; metadata keys it does not
-    carry are kept; only messages the store lacks are added.
+    carry are kept; only messages the store lacks are added. An object retrying a
+    creation of unknown outcome that landed (or a merge of it that did) saves as the
+    holder of that session does instead (`SavePlan.if_landed`).
 
     Raises:
         SessionDeletedError: an earlier creation of this object, of unknown outcome,
             landed and the session was deleted since.
-        SessionConflictError: a message earlier saves of unknown outcome sent is not
-            stored, and one of them landed, or may have, before writes of others: they
-            may have removed it (not with `force`).
+        SessionConflictError: that creation or merge landed, and another writer
+            changed since what this object changes, or may have removed a message it
+            sent (not with `force`).
     """
-    if not plan.certain:
-        yield from _refuse_deleted_creation(plan)
+    if not plan.certain and (yield from _creation_landed(plan)):
+        assert plan.if_landed is not None
+        return (yield from _locked_write(plan.if_landed, force))
     for _ in range(_CREATE_ATTEMPTS):
         created = yield from create_row(plan)
         if created is not None:
@@ -346,29 +356,25 @@ def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
         if not rows:
             continue
         revision, stored_incarnation, _, _, _, metadata_text, count, next_position = rows[0]
-        # Writes since this object's creation or merge may have landed: the first makes
-        # revision 1; an earlier merge of it landed if its record is there.
-        writes = revision
-        if stored_incarnation != plan.incarnation:
-            recorded = yield Fetch(
-                RECORD_MERGE,
-                {
-                    "session_id": plan.session_id,
-                    "incarnation": plan.incarnation,
-                    "into_incarnation": stored_incarnation,
-                },
-            )
-            writes = 0 if recorded else 2
+        recorded = yield Fetch(
+            RECORD_MERGE,
+            {
+                "session_id": plan.session_id,
+                "incarnation": plan.incarnation,
+                "into_incarnation": stored_incarnation,
+            },
+        )
+        if not (recorded or plan.certain):
+            # An earlier merge of this object into the stored session landed.
+            assert plan.if_landed is not None
+            merged = replace(plan.if_landed, incarnation=stored_incarnation)
+            return (yield from _locked_write(merged, force))
         appends = yield from not_stored(plan.session_id, plan.appends)
-        if not (plan.certain or force):
-            found = maybe_removed(replace(plan, appends=tuple(appends)), writes)
-            if found:
-                raise SessionConflictError(plan.session_id, found)
         yield from _insert(plan.session_id, appends, next_position)
-        merged = {**json_loads(metadata_text), **plan.metadata}
+        merged_metadata = {**json_loads(metadata_text), **plan.metadata}
         yield Execute(
             OVERWRITE,
-            _field_values(plan, merged)
+            _field_values(plan, merged_metadata)
             | {
                 "message_count": count + len(appends),
                 "next_position": next_position + len(appends),
@@ -383,8 +389,8 @@ def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
     )
 
 
-def _refuse_deleted_creation(plan: SavePlan) -> Work[None]:
-    """Raises if the session an earlier creation of unknown outcome made is deleted.
+def _creation_landed(plan: SavePlan) -> Work[bool]:
+    """Whether the session an earlier creation of unknown outcome made is stored.
 
     The row is locked first: a delete in flight (PostgreSQL) is waited for, and its
     record is then read by the next statement.
@@ -394,9 +400,10 @@ def _refuse_deleted_creation(plan: SavePlan) -> Work[None]:
     """
     rows = yield Fetch(LOCK, {"session_id": plan.session_id})
     if rows and rows[0][1] == plan.incarnation:
-        return  # it landed and is still there: merged into, as any stored session
+        return True
     deleted = yield Fetch(
         WAS_DELETED, {"session_id": plan.session_id, "incarnation": plan.incarnation}
     )
     if deleted:
         raise SessionDeletedError(plan.session_id)
+    return False

@@ -3,8 +3,9 @@
 The holder cannot tell a message its save stored and another writer removed from one
 its save never stored. Before, the next save sent it again: the removal was undone.
 Now, after two or more writes since the holder's base (one could be that save), a
-message sent and not stored is a SessionConflictError and nothing is written; after one
-write it is certain the save was lost, and the message is sent again.
+message sent and not stored is a SessionConflictError and nothing is written, unless
+no message of the session was ever removed (SQL); after one write it is certain the
+save was lost, and the message is sent again.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ async def test_a_save_that_was_lost_then_one_other_write_sends_its_message_again
     await stored_as_held(sql_storage, session)
 
 
-async def test_a_lost_save_then_two_other_writes_cannot_tell_and_is_a_conflict(
+async def test_a_lost_save_then_two_other_writes_and_a_removal_is_a_conflict(
     sql_storage: SessionStorage,
 ) -> None:
     """The price, as for fields: the holder reloads and adds its message again."""
@@ -92,15 +93,43 @@ async def test_a_lost_save_then_two_other_writes_cannot_tell_and_is_a_conflict(
     outcomes(sql_storage, "lost")
     await save_unknown(sql_storage, session)
     async with second_holder(sql_storage) as other:
-        for turn in range(2):
-            theirs = await other.load_session(session.session_id)
-            assert theirs is not None
-            theirs.metadata["turn"] = turn
-            await other.save_session(theirs)
+        theirs = await other.load_session(session.session_id)
+        assert theirs is not None
+        theirs.add_message("assistant", "another writer's draft")
+        await other.save_session(theirs)
+        theirs.pop_message()
+        await other.save_session(theirs)
 
     with pytest.raises(SessionConflictError, match=sent.message_id):
         await sql_storage.save_session(session)
     assert await _contents(sql_storage, session.session_id) == ["stored"]
+
+
+async def test_a_lost_save_in_a_session_nothing_was_ever_removed_from_is_sent_again(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by the faults test (writers appending to one session, connections
+    killed): every lost save conflicted. Positions are never reused, so a session whose
+    next position is its message count never lost a message: the save was lost."""
+    session = await stored_session(sql_storage)
+    session.add_message("assistant", "lost")
+    outcomes(sql_storage, "lost")
+    await save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        for turn in range(3):
+            theirs = await other.load_session(session.session_id)
+            assert theirs is not None
+            theirs.add_message("user", f"another writer {turn}")
+            await other.save_session(theirs)
+
+    assert await sql_storage.save_session(session) is True
+    assert await _contents(sql_storage, session.session_id) == [
+        "stored",
+        "another writer 0",
+        "another writer 1",
+        "another writer 2",
+        "lost",
+    ]
 
 
 @pytest.mark.parametrize("first", ["landed", "lost"])
@@ -194,3 +223,88 @@ async def test_a_manager_resends_its_message_and_says_so(
         await manager.save_session(session)
     assert sent.message_id in caplog.text
     assert await _contents(sql_storage, session.session_id) == ["asked", "answered"]
+
+
+@pytest.mark.parametrize("first", ["landed", "lost"])
+async def test_edits_and_removals_after_a_creation_of_unknown_outcome_are_stored(
+    sql_storage: SessionStorage, first: str
+) -> None:
+    """Found by attack: the retry merged as a new object does and returned True, but the
+    store kept the old content and the popped message (no other writer)."""
+    session = new_session(2)
+    outcomes(sql_storage, first)
+    await save_unknown(sql_storage, session)
+    session.edit_message(session.messages[0].message_id, content="edited after")
+    session.pop_message()
+    session.metadata["title"] = "set after"
+
+    await stored_as_held(sql_storage, session)
+
+
+async def test_a_retried_creation_does_not_undo_what_another_writer_changed_since(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: the retry put status and a metadata key back to the values it
+    had sent, silently. Now the fields and keys it sent are its own only as it sent
+    them: another writer's values since are a conflict, and nothing is written."""
+    session = new_session(1)
+    session.metadata["title"] = "creator's"
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        theirs = await other.load_session(session.session_id)
+        assert theirs is not None
+        theirs.status = "archived"
+        theirs.metadata["title"] = "another writer's"
+        await other.save_session(theirs)
+
+    with pytest.raises(SessionConflictError) as raised:
+        await sql_storage.save_session(session)
+    assert raised.value.conflicts == ["status", "metadata['title']"]
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None
+    assert (stored.status, stored.metadata) == ("archived", {"title": "another writer's"})
+
+
+async def test_a_retried_creation_keeps_what_another_writer_added_since(
+    sql_storage: SessionStorage,
+) -> None:
+    session = new_session(1)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        theirs = await other.load_session(session.session_id)
+        assert theirs is not None
+        theirs.metadata["tag"] = "theirs"
+        theirs.add_message("assistant", "another writer's")
+        await other.save_session(theirs)
+    session.add_message("user", "the creator's next")
+
+    assert await sql_storage.save_session(session) is True
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None
+    assert stored.metadata == {"tag": "theirs"}
+    assert [m.content for m in stored.messages] == [
+        "turn 0",
+        "another writer's",
+        "the creator's next",
+    ]
+    assert stored.message_count == 3
+
+
+async def test_a_retried_merge_that_landed_keeps_the_holders_edits(
+    sql_storage: SessionStorage,
+) -> None:
+    """The same for a creation that merged into another writer's session of its id."""
+    async with second_holder(sql_storage) as other:
+        theirs = ChatSession.create("m", session_id="shared")
+        theirs.add_message("user", "theirs")
+        await other.save_session(theirs)
+    mine = ChatSession.create("m", session_id="shared")
+    sent = mine.add_message("user", "mine")
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, mine)
+    mine.edit_message(sent.message_id, content="mine, edited")
+
+    assert await sql_storage.save_session(mine) is True
+    assert await _contents(sql_storage, "shared") == ["theirs", "mine, edited"]
