@@ -23,7 +23,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -264,10 +264,42 @@ async def run_in_thread(connection: aiosqlite.Connection, fn: Any, *args: Any) -
     aiosqlite runs every call of its API as one such function on its thread; its
     `_execute` lets a whole transaction be one of them (SQLAlchemy's aiosqlite
     adapter queues functions on the same thread in the same way).
+
+    A cancel does not leave the call behind: one still queued never runs, and one
+    running is waited for, so whatever it writes has landed or never will once the
+    CancelledError is raised. Found by attack: a cancelled save, still queued behind
+    another call, committed after the caller's next save through another storage had
+    been acknowledged, and brought back the message that save removed.
     """
-    return await connection._execute(  # type: ignore[no-untyped-call]  # untyped in aiosqlite
-        lambda: fn(connection._conn, *args)
-    )
+    dropped = False
+
+    def call() -> Any:
+        if dropped:
+            raise _Dropped
+        return fn(connection._conn, *args)
+
+    running = asyncio.ensure_future(connection._execute(call))  # type: ignore[no-untyped-call]
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        if running.done() and not running.cancelled():
+            raise
+        dropped = True
+        await _outlive(running)
+        raise
+
+
+class _Dropped(Exception):
+    """A call cancelled before it ran: it never does."""
+
+
+async def _outlive(running: asyncio.Future[Any]) -> None:
+    """Waits for `running` to end, through any further cancels; its outcome is dropped."""
+    while not running.done():
+        with suppress(asyncio.CancelledError):
+            await asyncio.wait([running])
+    if not running.cancelled():
+        running.exception()  # retrieved: never reported as unretrieved
 
 
 async def _finish_async(
