@@ -23,13 +23,16 @@ SOURCE_ROOT = str(Path(persistence.__file__).resolve().parent.parent)
 
 
 def run(
-    *args: str, stdin: IO[bytes] | int | None = subprocess.DEVNULL
+    *args: str,
+    stdin: IO[bytes] | int | None = subprocess.DEVNULL,
+    stdout: IO[bytes] | int | None = subprocess.PIPE,
 ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
     return subprocess.run(
         [sys.executable, "-m", "persistence", *args],
         stdin=stdin,
-        capture_output=True,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         timeout=120,
@@ -171,3 +174,25 @@ def test_a_closed_standard_stream_is_an_error_naming_it(
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith(expected) and len(done.stderr.splitlines()) == 1, done.stderr
     assert not (tmp_path / "new.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        [],
+        ["stats", "--help"],
+        ["sessions"],
+        ["sessions", "list", "--help"],
+    ],
+    ids=lambda args: " ".join(args) or "no arguments",
+)
+def test_help_and_version_on_a_full_disk_are_one_error_line_with_status_1(
+    args: list[str],
+) -> None:
+    """Found by attack: `persistence --help > /dev/full` printed a traceback, where every
+    command says "error: [Errno 28] No space left on device" and exits 1."""
+    with open("/dev/full", "wb") as full:
+        done = run(*args, stdout=full)
+    assert (done.returncode, done.stderr) == (1, "error: [Errno 28] No space left on device\n")

@@ -164,6 +164,11 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError as an error line says it: its reason, and the file it names if any."""
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+
+
 # The files SQLite keeps for a database: the file itself and its journals.
 SQLITE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
@@ -266,7 +271,7 @@ def _run(
         # status 1, as rich does for what it prints. Not an error line (found by attack).
         raise
     except OSError as exc:
-        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        fail(os_error_line(exc))
     except KeyboardInterrupt:
         fail("interrupted")
     except Exception as exc:

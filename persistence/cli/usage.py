@@ -1,5 +1,6 @@
 """Usage errors (click's own: an unknown command, an extra argument, a bad choice)
-with every URL's password masked, as in every other message of the command line."""
+with every URL's password masked, as in every other message of the command line; and
+help or version text that cannot be written, one error line as for every command."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from typer.core import TyperGroup
 
+from persistence.cli.output import fail, os_error_line
 from persistence.config import mask_secrets
 
 try:
@@ -30,14 +32,27 @@ def _masked_usage_errors() -> Iterator[None]:
         raise
 
 
+@contextmanager
+def _unwritable_output() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise  # click ends the command quietly with status 1
+    except OSError as exc:
+        # Found by attack: `persistence --help > /dev/full` printed a traceback. click
+        # prints --help and --version itself, outside every command's own `run`.
+        fail(os_error_line(exc))
+
+
 class MaskingGroup(TyperGroup):
     """The application's command group: parsing and running it (the subcommands and
-    their own parsing included) raise usage errors with URL passwords masked."""
+    their own parsing included) raise usage errors with URL passwords masked, and
+    output that cannot be written (their help) is one error line with status 1."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
-        with _masked_usage_errors():
+        with _masked_usage_errors(), _unwritable_output():
             return super().make_context(*args, **kwargs)
 
     def invoke(self, *args: Any, **kwargs: Any) -> Any:
-        with _masked_usage_errors():
+        with _masked_usage_errors(), _unwritable_output():
             return super().invoke(*args, **kwargs)
