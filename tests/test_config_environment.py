@@ -184,6 +184,34 @@ def test_the_command_line_says_which_settings_of_its_config_file_the_environment
     assert f"sqlite:///{tmp_path / 'production.db'}: schema is at head" in result.stdout
 
 
+def test_an_overriding_variable_is_named_as_it_is_set_whatever_its_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: `storage_database_path` (read, as pydantic-settings reads names
+    whatever their case) was named STORAGE_DATABASE_PATH, a variable not set."""
+    text = f"storage:\n  database_path: {tmp_path / 'staging.db'}\n  options: {{busy_timeout: 5}}\n"
+    path = _file(tmp_path, text)
+    monkeypatch.setenv("storage_database_path", str(tmp_path / "production.db"))
+    monkeypatch.setenv("Storage_Options__Busy_Timeout", "7")
+    result = CliRunner().invoke(app, ["--config", str(path), "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "".join(
+        f"WARNING persistence.config.loading: storage setting {setting} from config"
+        f" file {path} overridden by environment variable {variable}\n"
+        for setting, variable in [
+            ("database_path", "storage_database_path"),
+            ("options.busy_timeout", "Storage_Options__Busy_Timeout"),
+        ]
+    )
+    monkeypatch.setenv("Storage_Options__Busy_Timeout", "never")
+    with pytest.raises(ConfigError, match="environment variable Storage_Options__Busy_Timeout"):
+        load_config(path)
+    monkeypatch.delenv("Storage_Options__Busy_Timeout")
+    monkeypatch.setenv("storage_Options", "[1]")
+    with pytest.raises(ConfigError, match=r"variable storage_Options\): not a JSON"):
+        load_config(path)
+
+
 def test_storage_backend_sqlite_gets_past_an_unset_variable_of_the_dropped_url(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

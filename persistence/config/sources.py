@@ -92,19 +92,27 @@ def read_environment() -> Environment:
         ConfigError: for an unknown STORAGE_* variable, or STORAGE_OPTIONS not JSON.
     """
     names = _check_names(_EnvironmentSettings.model_fields)
+    # Found by attack: a warning named STORAGE_DATABASE_PATH for `storage_database_path`,
+    # a variable `env | grep STORAGE_` does not show. Each is named as it is set.
+    as_set = {name.upper(): name for name in names}
+
+    def variable(upper: str) -> str:
+        return as_set.get(upper, upper)
+
+    options = variable(f"{ENVIRONMENT_PREFIX}OPTIONS")
     try:
         raw = _EnvironmentSettings().model_dump(exclude_none=True)
     except (ValidationError, SettingsError):
         raise ConfigError(
-            "storage setting options (from environment variable STORAGE_OPTIONS): not a JSON object"
+            f"storage setting options (from environment variable {options}): not a JSON object"
         ) from None
     environment = Environment(values=raw)
-    upper_names = {name.upper() for name in names}
-    environment.sources = {key: f"environment variable STORAGE_{key.upper()}" for key in raw}
+    environment.sources = {
+        key: f"environment variable {variable(ENVIRONMENT_PREFIX + key.upper())}" for key in raw
+    }
     for key in raw.get("options", {}):
-        nested = f"STORAGE_OPTIONS__{key.upper()}"
-        variable = nested if nested in upper_names else "STORAGE_OPTIONS"
-        environment.sources[f"options.{key}"] = f"environment variable {variable}"
+        nested = as_set.get(f"{ENVIRONMENT_PREFIX}OPTIONS__{key.upper()}", options)
+        environment.sources[f"options.{key}"] = f"environment variable {nested}"
     for name in names:
         if os.environ[name] == "":
             key = name[len(ENVIRONMENT_PREFIX) :].lower().replace("options__", "options.", 1)
