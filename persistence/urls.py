@@ -4,7 +4,9 @@ The user info of `scheme://user:password@host/db?query` is everything between `:
 and the LAST `@`, so a password typed with a raw `@`, `/`, `?` or `#` (which drivers
 misread) is still masked whole; a mask hides a little too much rather than too little.
 Query parameters whose name holds "password" (`?password=`, `sslpassword=`,
-`tlsCertificateKeyFilePassword=`) are masked too. SQLite URLs carry no secret.
+`tlsCertificateKeyFilePassword=`) are masked too, and so are the password parameters of
+libpq's key=value connection strings (`host=db password=s3cret`). SQLite URLs carry no
+secret.
 
 A PostgreSQL URL may carry libpq's query parameters (`?sslmode=require`,
 `application_name=`): `postgresql_query_problem` refuses the ones asyncpg cannot use,
@@ -14,6 +16,7 @@ and `asyncpg_url` rewrites the others into what SQLAlchemy passes asyncpg.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlencode
 
@@ -29,6 +32,17 @@ _URL_BEFORE = frozenset(" \t'\"`<>(),;=[")
 # Characters that end or split a URL's parts: they must be percent-encoded in user info.
 RESERVED_IN_USERINFO = {"@": "%40", "/": "%2F", "?": "%3F", "#": "%23"}
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# A URL's text up to a `scheme://` inside its password: `user:pass`, no `@` yet, the `:`
+# not a port's (`host:5432/db, next://`).
+_PASSWORD_SO_FAR = re.compile(r"[^@]*?:(?!\d*(?:[/?#,\s]|$))[^@]*")
+# A password parameter of a libpq key=value connection string in free text, and its
+# value: quoted ('s3 cret', with \' and \\ escapes; unterminated, to the end) or up to
+# the next space. Its name starts a word: after `?` or `&` it is a URL's, masked with it.
+_CONNINFO_SECRET = re.compile(
+    r"(?:^|(?<=[\s'\"`(\[,;]))((?:[A-Za-z_]*password[A-Za-z_]*|pass|pwd)[ \t]*=[ \t]*)"
+    r"(?:'(?:[^'\\]|\\[\s\S])*'?|\S+)",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 @dataclass(frozen=True)
@@ -151,16 +165,44 @@ def mask_url(url: str, *, hide_user: bool = False) -> str:
 
 
 def mask_secrets(text: str, *, hide_user: bool = False) -> str:
-    """Masks the password of every URL in `text`.
+    """Masks the password of every URL, and of every libpq key=value connection string,
+    in `text`.
 
     A URL's user info runs to the last `@` before the line or the next URL ends, so a
     password typed raw with a space, a quote or a backtick is hidden whole; after the
     `@`, the URL ends at a space or a quote.
     """
+    return _CONNINFO_SECRET.sub(lambda found: found.group(1) + MASK, _mask_urls(text, hide_user))
+
+
+def mask_typed_words(text: str, words: Iterable[str]) -> str:
+    """Masks `text`, a message that may quote some of `words` (a command line's
+    arguments) as they were typed, or as Python's repr writes them.
+
+    Each such word is masked whole first (a URL as one URL, whatever its password
+    holds: a `://`, a new line), then the rest as mask_secrets masks it.
+    """
+    for word in sorted(set(words), key=len, reverse=True):
+        masked = _mask_word(word)
+        if masked != word:
+            text = text.replace(word, masked).replace(repr(word)[1:-1], repr(masked)[1:-1])
+    return mask_secrets(text)
+
+
+def _mask_word(word: str) -> str:
+    """One word of a command line, its secrets masked: a URL, or `--option=URL`, as one
+    URL; anything else as free text."""
+    option, equals, value = word.partition("=")
+    if equals and option.startswith("-") and split_url(value) is not None:
+        return f"{option}={mask_url(value)}"
+    return mask_url(word) if split_url(word) is not None else mask_secrets(word)
+
+
+def _mask_urls(text: str, hide_user: bool) -> str:
     pieces: list[str] = []
     position = 0
     while (found := _URL_START.search(text, position)) is not None:
-        limit = _region_end(text, found.end())
+        limit = _region_end(text, found)
         at = text.rfind("@", found.end(), limit)
         end = found.end() if at < 0 else at + 1
         while end < limit and text[end] not in _URL_END:
@@ -174,15 +216,24 @@ def mask_secrets(text: str, *, hide_user: bool = False) -> str:
     return "".join(pieces)
 
 
-def _region_end(text: str, start: int) -> int:
-    """Where the URL whose `://` ends at `start` ends at the latest: the end of the line,
-    or the next URL that starts after a separator (not a `scheme://` inside a password)."""
-    end = len(text)
+def _region_end(text: str, found: re.Match[str]) -> int:
+    """Where the URL `found` starts ends at the latest: the end of the line,
+    or the next URL that starts after a separator (not a `scheme://` inside a password).
+
+    Found by attack: a raw password holding `,x://` or ` x://` (`postgresql://u:a,b://c@h`)
+    was cut there, and printed. A URL whose text so far reads `user:pass` (no `@` yet,
+    a `:` not a port's) goes on: a password cannot have ended there.
+    """
+    start, end = found.end(), len(text)
     for character in "\r\n":
-        if (found := text.find(character, start, end)) >= 0:
-            end = found
+        if (line_end := text.find(character, start, end)) >= 0:
+            end = line_end
+    sqlite = found.group().lower().startswith("sqlite")  # no password to go on with
     for match in _URL_START.finditer(text, start, end):
-        if text[match.start() - 1] in _URL_BEFORE:
+        so_far = text[start : match.start()]
+        if text[match.start() - 1] in _URL_BEFORE and (
+            sqlite or not _PASSWORD_SO_FAR.fullmatch(so_far)
+        ):
             return match.start()
     return end
 
@@ -295,8 +346,8 @@ def postgresql_query_problem(url: str) -> str | None:
             if after_password:
                 # Maybe the rest of a password with a raw `&` in it: not repeated.
                 return (
-                    "an unknown query parameter follows password= (not shown: a raw `&`"
-                    " in a password splits it; write it %26)"
+                    "an unknown query parameter follows a password parameter (not shown: a"
+                    " raw `&` in a password splits it; write it %26)"
                 )
             return (
                 f"unknown query parameter {name!r}"

@@ -242,6 +242,61 @@ def test_a_usage_error_repeats_a_url_with_its_password_masked(
     assert "Usage: persistence" in text
 
 
+# Secrets free text cannot cut out as a URL's: libpq key=value strings, and raw
+# passwords holding `x://` after a separator (which could start a second URL).
+TYPED_SECRETS = [
+    "host=db.example user=u password=Zq7Kx9 dbname=app",
+    "host=db.example password='Zq7 Kx9' dbname=app",
+    "postgresql://u:Zq7,x://Kx9@db.example/app",
+    "postgresql://u:Zq7 x://Kx9@db.example/app",
+    "postgresql://u:Zq7'x://Kx9@db.example/app",
+    "postgresql://u:Zq7=x://Kx9@db.example/app",
+    "postgresql://u:Zq7@Kx9,x://Wm4@db.example/app",
+]
+
+
+@pytest.mark.parametrize("secret", TYPED_SECRETS)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stats", "{secret}"],
+        ["--url=", "{secret}", "stats"],
+        ["migrate", "--to", "sqlite:///x.db", "{secret}"],
+        ["sessions", "list", "--status", "{secret}"],
+        ["export", "x", "--format", "{secret}"],
+    ],
+    ids=["extra-argument", "as-command", "migrate-extra", "status", "format"],
+)
+def test_a_usage_error_repeats_no_libpq_password_nor_one_holding_a_scheme(
+    args: list[str], secret: str
+) -> None:
+    """Found by attack: usage errors repeated `password=s3cret` of a libpq string, and a
+    raw password holding `,x://` (masking took it for a second URL)."""
+    typed = [arg.format(secret=secret) for arg in args]
+    code, text = _run(typed, env={"COLUMNS": "300", "TERM": "dumb"})
+    assert code == 2, text
+    assert_hidden(text, ("Zq7", "Kx9", "Wm4"))
+    assert "Usage: persistence" in text
+    assert ("password=***" if "host=" in secret else "postgresql://u:***@db.example/app") in text
+
+
+def test_free_text_masks_libpq_passwords_and_raw_ones_holding_a_scheme() -> None:
+    assert mask_secrets("could not use host=db password=Zq7 dbname=app; sslpassword = 'a b'") == (
+        "could not use host=db password=*** dbname=app; sslpassword = ***"
+    )
+    for secret in TYPED_SECRETS[2:6]:
+        assert mask_secrets(f"cannot reach {secret} (timeout)") == (
+            "cannot reach postgresql://u:***@db.example/app (timeout)"
+        )
+    # What is not a secret stays: a URL's query, and a port before the next URL.
+    assert mask_secrets("postgresql://h/db?password=x&sslmode=require") == (
+        "postgresql://h/db?password=***&sslmode=require"
+    )
+    assert mask_secrets("copy postgresql://h:5432/db, to postgresql://u:p@h2/db") == (
+        "copy postgresql://h:5432/db, to postgresql://u:***@h2/db"
+    )
+
+
 @pytest.mark.postgresql
 def test_every_command_and_log_level_hides_an_encoded_password(
     postgresql_url: str, tmp_path: Path
@@ -313,7 +368,7 @@ def test_a_raw_ampersand_in_a_password_parameter_is_not_repeated_by_the_error(
     monkeypatch.setenv(setting, "postgresql://u@db.example/app?password=Zq7&Kx9")
     with pytest.raises(ConfigError) as raised:
         load_config()
-    assert "follows password=" in str(raised.value)
+    assert "follows a password parameter" in str(raised.value)
     assert_hidden(str(raised.value), ("Zq7", "Kx9"))
 
 

@@ -4,14 +4,14 @@ help or version text that cannot be written, one error line as for every command
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from typer.core import TyperGroup
 
 from persistence.cli.output import fail, os_error_line
-from persistence.config import mask_secrets
+from persistence.config.masking import mask_typed_words
 
 try:
     # Recent typer runs its own copy of click, whose errors derive from this.
@@ -21,14 +21,16 @@ except ImportError:  # older typer runs click itself
 
 
 @contextmanager
-def _masked_usage_errors() -> Iterator[None]:
+def _masked_usage_errors(typed: Sequence[str]) -> Iterator[None]:
     try:
         yield
     except ClickError as exc:
         # Found by attack: click repeats the words it refuses as they were typed
         # (`persistence stats postgresql://app:secret@db/app`). It keeps them in
         # `message`; the rest of its text (an option's name) is our declarations'.
-        exc.message = mask_secrets(exc.message)
+        # Each typed word is masked whole: a password holding `://` or a new line
+        # cannot be told from two URLs in free text.
+        exc.message = mask_typed_words(exc.message, typed)
         raise
 
 
@@ -49,10 +51,15 @@ class MaskingGroup(TyperGroup):
     their own parsing included) raise usage errors with URL passwords masked, and
     output that cannot be written (their help) is one error line with status 1."""
 
-    def make_context(self, *args: Any, **kwargs: Any) -> Any:
-        with _masked_usage_errors(), _unwritable_output():
-            return super().make_context(*args, **kwargs)
+    typed: tuple[str, ...] = ()  # the command line's words, as make_context got them
+
+    def make_context(
+        self, info_name: str | None, args: list[str], *rest: Any, **kwargs: Any
+    ) -> Any:
+        self.typed = tuple(args)
+        with _masked_usage_errors(self.typed), _unwritable_output():
+            return super().make_context(info_name, args, *rest, **kwargs)
 
     def invoke(self, *args: Any, **kwargs: Any) -> Any:
-        with _masked_usage_errors(), _unwritable_output():
+        with _masked_usage_errors(self.typed), _unwritable_output():
             return super().invoke(*args, **kwargs)

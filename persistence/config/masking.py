@@ -10,6 +10,7 @@ import logging
 
 from persistence.urls import (
     mask_secrets,
+    mask_typed_words,
     mask_url,
     port_problem,
     postgresql_query_problem,
@@ -19,6 +20,7 @@ from persistence.urls import (
 __all__ = [
     "MaskingFormatter",
     "mask_secrets",
+    "mask_typed_words",
     "mask_url",
     "port_problem",
     "postgresql_query_problem",
