@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -294,3 +295,47 @@ def test_a_missing_driver_names_the_extra_to_install(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert f"pip install 'persistence[{extra}]'" in result.stdout
+
+
+def _removed_right_after(monkeypatch: pytest.MonkeyPatch, store: Path, check: str) -> None:
+    """Removes the SQLite store (and its journals) right after `check`, the last check
+    before the file is opened, passes: as another process would, in between."""
+    from persistence.sql import sqlite_storage
+
+    checked = getattr(sqlite_storage, check)
+
+    def check_then_remove(*args: Any, **kwargs: Any) -> Any:
+        result = checked(*args, **kwargs)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            store.with_name(store.name + suffix).unlink(missing_ok=True)
+        return result
+
+    monkeypatch.setattr(sqlite_storage, check, check_then_remove)
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    ("command", "check"),
+    [
+        # Writing commands: the file is checked, then checked as a store, then opened.
+        (["cleanup"], "refuse_foreign_sqlite_file"),
+        (["sessions", "delete", "abc"], "refuse_foreign_sqlite_file"),
+        (["stamp", "head"], "check_sqlite_path"),
+        (["stats"], "check_sqlite_path"),
+    ],
+    ids=["cleanup", "sessions delete", "stamp", "stats"],
+)
+def test_a_store_removed_between_its_check_and_its_opening_is_not_created_again(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, command: list[str], check: str
+) -> None:
+    """Found by attack: `cleanup` checked that the file was there, then opened its path;
+    removed in between, SQLite created a new empty store there, migrated to head."""
+    store = workdir / "sessions.db"
+    assert invoke("demo", "--url", f"sqlite:///{store}").exit_code == 0
+    listing = sorted(name for name in os.listdir(workdir) if not name.startswith("sessions.db"))
+    _removed_right_after(monkeypatch, store, check)
+
+    error = failed(*command, "--url", f"sqlite:///{store}")
+
+    assert error.startswith(f"error: no database at {store}: the file was removed"), error
+    assert sorted(os.listdir(workdir)) == listing

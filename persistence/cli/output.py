@@ -257,7 +257,8 @@ def _run(
                 f"no database at {config.database_path}: nothing stored yet"
                 " (create one with `persistence upgrade` or `persistence demo`)"
             )
-        storage = create_storage(config)
+        # Opened, too, only if there: it may be removed after the check.
+        storage = create_storage(config, must_exist=must_exist)
         return asyncio.run(
             _open_and_run(storage, config, target, work, read_only, unopened, must_exist)
         )

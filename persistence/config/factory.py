@@ -42,8 +42,12 @@ def _mongodb_url(url: str, config: StorageConfig) -> str:
     return base + "?" + "&".join(part for part in [query, *added] if part)
 
 
-def create_storage(config: StorageConfig) -> SessionStorage:
+def create_storage(config: StorageConfig, *, must_exist: bool = False) -> SessionStorage:
     """Builds the configured backend (not yet initialized).
+
+    With `must_exist`, a SQLite store's initialize() opens its file only if it is there,
+    never creating one, as open_for_reading() does (the command line's writing commands
+    on a store that must exist).
 
     Raises:
         ConfigError: if the backend's driver is not installed (names the extra).
@@ -57,6 +61,7 @@ def create_storage(config: StorageConfig) -> SessionStorage:
             synchronous=sqlite.synchronous,
             cache_size=sqlite.cache_size,
             busy_timeout=sqlite.busy_timeout,
+            must_exist=must_exist,
         )
     assert config.connection_string is not None
     url = config.connection_string.get_secret_value()

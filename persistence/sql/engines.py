@@ -172,12 +172,25 @@ def sqlite_reading_target(path: Path) -> str:
     immutable, which needs neither.
     """
     absolute = path.absolute()
-    # The file name's bytes, not its str: a name that is not UTF-8 holds surrogates.
-    target = f"file:{quote(os.fsencode(absolute))}?mode=ro"
+    target = _file_uri(absolute, "ro")
     wal = absolute.with_name(absolute.name + "-wal")
     if not os.access(absolute.parent, os.W_OK) and not wal.exists():
         target += "&immutable=1"
     return target
+
+
+def sqlite_writing_target(path: Path) -> str:
+    """The URI that opens an existing file to write (`mode=rw`), never creating one.
+
+    Found by attack: `cleanup` checked that the file was there, then opened its path;
+    removed in between, SQLite created a new empty database there.
+    """
+    return _file_uri(path.absolute(), "rw")
+
+
+def _file_uri(absolute: Path, mode: str) -> str:
+    # The file name's bytes, not its str: a name that is not UTF-8 holds surrogates.
+    return f"file:{quote(os.fsencode(absolute))}?mode={mode}"
 
 
 async def connect_sqlite(

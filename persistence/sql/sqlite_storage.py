@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from persistence.sql.engines import (
     sqlite_pragmas,
     sqlite_reading_target,
     sqlite_url,
+    sqlite_writing_target,
 )
 from persistence.sql.errors import sql_errors
 from persistence.sql.runner import (
@@ -93,6 +95,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         cache_size: int | None = None,
         busy_timeout: float = 30.0,
         version_table: str = VERSION_TABLE,
+        must_exist: bool = False,
     ) -> None:
         super().__init__(version_table)
         if str(database_path).lower().startswith(_URL_SCHEMES):
@@ -111,6 +114,8 @@ class SQLiteSessionStorage(SqlSessionStorage):
             raise InvalidDataError(f"synchronous: {synchronous!r} is not FULL, NORMAL or EXTRA")
         self._pragmas = sqlite_pragmas(synchronous.upper(), cache_size, busy_timeout)
         self._busy_timeout = busy_timeout
+        # initialize() opens only a file that is there, as open_for_reading() does.
+        self._must_exist = must_exist
         self._connection: aiosqlite.Connection | None = None
         # The connection's thread's entry points; with the file check once opened.
         self._write_in_thread: Callable[..., Any] = run_in_sqlite_thread
@@ -132,11 +137,19 @@ class SQLiteSessionStorage(SqlSessionStorage):
     def _create_engine(self) -> AsyncEngine:
         return self._engine_with(self._opened[1])
 
-    def _create_stamping_engine(self) -> AsyncEngine:
-        # An existing file only, and without setting the journal mode: a file that is no
-        # store of ours is refused as it was (WAL mode is written into the file).
+    async def stamp_schema(self, revision: str) -> tuple[tuple[str, ...], str]:
+        # An existing file only.
         check_sqlite_path(self._file, must_exist=True)
-        return self._engine_with(reading_pragmas(self._opened[1]))
+        with self._there_when_opened(must_exist=True):
+            return await super().stamp_schema(revision)
+
+    def _create_stamping_engine(self) -> AsyncEngine:
+        # Without setting the journal mode: a file that is no store of ours is refused
+        # as it was (WAL mode is written into the file).
+        url = sqlite_url(self._file)
+        target = sqlite_writing_target(self._file)
+        pragmas = reading_pragmas(self._pragmas)
+        return sqlite_engine(url, pragmas, self._busy_timeout, target=target, uri=True)
 
     def _engine_with(self, pragmas: dict[str, Any]) -> AsyncEngine:
         target, _, uri = self._opened
@@ -146,8 +159,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
     async def _open(self, *, read_only: bool) -> None:
         if self._closed:
             raise PersistenceError("sqlite storage is closed")
+        must_exist = read_only or self._must_exist
         if self._engine is None:
-            exists = check_sqlite_path(self._file, must_exist=read_only)
+            exists = check_sqlite_path(self._file, must_exist=must_exist)
             if read_only:
                 self._opened = (
                     sqlite_reading_target(self._file),
@@ -155,8 +169,10 @@ class SQLiteSessionStorage(SqlSessionStorage):
                     True,
                 )
             elif exists:
+                if must_exist:
+                    self._opened = (sqlite_writing_target(self._file), self._pragmas, True)
                 # Refused, reading only, before our connections set the journal mode.
-                with sql_errors("open database"):
+                with self._there_when_opened(must_exist), sql_errors("open database"):
                     await asyncio.to_thread(
                         refuse_foreign_sqlite_file,
                         sqlite_reading_target(self._file),
@@ -171,26 +187,43 @@ class SQLiteSessionStorage(SqlSessionStorage):
                         f"cannot create {self.database_path}:"
                         f" {exc.strerror or type(exc).__name__} ({exc.filename})"
                     ) from None
-        await super()._open(read_only=read_only)
-        if self._connection is None:
-            opened, pragmas, uri = self._opened
-            with sql_errors("open database"):
-                self._connection = await open_sqlite(opened, pragmas, self._busy_timeout, uri=uri)
-                if not read_only:
-                    await run_in_thread(
-                        self._connection,
-                        reserve_wal,
-                        self._file,
-                        int(self._busy_timeout * 1000),
+        with self._there_when_opened(must_exist):
+            await super()._open(read_only=read_only)
+            if self._connection is None:
+                opened, pragmas, uri = self._opened
+                with sql_errors("open database"):
+                    self._connection = await open_sqlite(
+                        opened, pragmas, self._busy_timeout, uri=uri
                     )
-        # The file itself (through any symlink): another storage on it is the same store,
-        # a copy of it is another.
-        found = self._file.stat()
+                    if not read_only:
+                        await run_in_thread(
+                            self._connection,
+                            reserve_wal,
+                            self._file,
+                            int(self._busy_timeout * 1000),
+                        )
+            # The file itself (through any symlink): another storage on it is the same
+            # store, a copy of it is another.
+            found = self._file.stat()
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
         self._file_check = partial(same_file, self._file, (found.st_dev, found.st_ino))
         # Made once: `_run` is every call.
         self._write_in_thread = partial(run_in_sqlite_thread, check=self._file_check)
         self._read_in_thread = partial(read_in_sqlite_thread, check=self._file_check)
+
+    @contextmanager
+    def _there_when_opened(self, must_exist: bool) -> Iterator[None]:
+        """A file that must exist, checked, then gone when opened (`mode=ro` or `rw`
+        refuses it, creating nothing): one error naming it."""
+        try:
+            yield
+        except (PersistenceError, FileNotFoundError) as exc:
+            if not must_exist or self._file.exists():
+                raise
+            raise StorageConnectionError(
+                f"no database at {self._where}: the file was removed while it was being"
+                " opened (nothing was created)"
+            ) from exc
 
     async def close(self) -> None:
         if self._carried_into_child():
