@@ -25,7 +25,7 @@ from persistence import (
     SessionStorage,
 )
 from tests import servers
-from tests.reliability.test_unknown_outcomes import _outcomes, _save_unknown
+from tests.reliability.unknown_outcomes import outcomes, save_unknown
 
 
 async def _stored(storage: SessionStorage, messages: int = 0) -> ChatSession:
@@ -190,8 +190,8 @@ async def test_a_conflict_after_a_save_that_landed_unseen_is_resolved_on_a_parti
     partial = await manager.get_session(session.session_id, last=2)
     assert partial is not None
     partial.add_message("user", "X")
-    _outcomes(sql_storage, "landed")
-    await _save_unknown(sql_storage, partial)
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, partial)
     async with servers.second_holder(sql_storage) as other:
         theirs = await other.load_session(session.session_id)
         assert theirs is not None

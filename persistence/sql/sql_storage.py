@@ -29,6 +29,7 @@ from persistence.sql.engines import (
 )
 from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.forks import Opener
+from persistence.sql.held_sessions import any_held, wait_for_units
 from persistence.sql.runner import Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
 from persistence.sql.stamping import stamp
@@ -248,6 +249,8 @@ class SqlSessionStorage(SessionStorage):
             return await self._save_session(session, force)
 
     async def _save_session(self, session: ChatSession, force: bool) -> bool:
+        if any_held():
+            await wait_for_units(self.token, session)
         plan = session.plan_save(self.token)
         if plan.writes_nothing and plan.certain:
             if not await self._run(writes.still_there(plan), "save session", write=False):

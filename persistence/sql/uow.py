@@ -18,6 +18,7 @@ from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
 from persistence.sql.checkout import driver_connection
 from persistence.sql.errors import connection_unusable, sql_errors, unique_violation
+from persistence.sql.held_sessions import hold, release, wait_for_units
 from persistence.sql.runner import (
     Work,
     end_sqlite_transaction,
@@ -61,6 +62,7 @@ class _SqlSessions:
     async def add(self, session: ChatSession) -> None:
         check_instance(session, ChatSession, "session")
         uow = self._uow
+        await wait_for_units(uow.token, session)
         plan = session.plan_save(uow.token)
         try:
             saved = await uow.run(writes.write_plan(plan), "save session")
@@ -134,6 +136,7 @@ class SqlUnitOfWork(UnitOfWork):
         self._committed = False
         # The task that entered the unit of work (see _OPEN).
         self._owner: asyncio.Task[Any] | None = None
+        self._held: list[tuple[str, int]] = []
         self.sessions = _SqlSessions(self)
         self.files = _SqlFiles(self)
 
@@ -168,9 +171,11 @@ class SqlUnitOfWork(UnitOfWork):
                 return await run_on_asyncpg(self._driver, dialect, work)
 
     def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:
-        """Takes the save as stored now; a rollback gives the object back its old base."""
+        """Takes the save as stored now; a rollback gives the object back its old base.
+        Until this unit ends, other tasks' saves of the object wait (held_sessions)."""
         if id(session) not in self._undo:
             self._undo[id(session)] = (session, session.base_for(self.token), [])
+            self._held.append(hold(self.token, session, self._owner or asyncio.current_task()))
         self._undo[id(session)][2].append(plan)
         session.saved_to(
             self.token,
@@ -254,7 +259,10 @@ class SqlUnitOfWork(UnitOfWork):
 
     async def _give_back(self, error: BaseException | None) -> None:
         """Returns the connection to the pool; after `error`, one that may be unusable
-        (lost, or cancelled mid-call) is dropped instead (sql/checkout.py)."""
+        (lost, or cancelled mid-call) is dropped instead (sql/checkout.py). The objects
+        it held are released first: their bases are final."""
+        release(self._held)
+        self._held = []
         lent, self._lent, self._driver, self._transaction = self._lent, None, None, None
         error = self._interrupted or error
         if lent is not None:
