@@ -117,14 +117,8 @@ class Bookkeeping:
         log_start = private["_log_start"]
         log_at = log_start + len(log)
         if base is None:
-            if private["_omitted"]:
-                # The store does not hold it: it would take this object for the whole.
-                raise InvalidDataError(
-                    f"session {self.session_id!r} carries only its newest {len(messages)} of"
-                    f" {private['_omitted'] + len(messages)} messages (it was loaded with"
-                    " last=), and this store does not hold it: a save would store a"
-                    " shortened copy. Load it whole (without last=) to save it here"
-                )
+            # The store does not hold it: it would take this object for the whole.
+            self.refuse_shortened("save")
             appends = tuple(messages)
             _check_new_messages(self.session_id, appends)
             # Changed in place, the metadata skipped the model's validation.
@@ -400,6 +394,23 @@ class Bookkeeping:
                 unconfirmed = base.unconfirmed = base.unconfirmed or Unconfirmed()
                 for plan in sent:
                     unconfirmed.add(plan)
+
+    def refuse_shortened(self, action: str) -> None:
+        """Refuses to write into a store that does not hold it an object loaded with
+        `last=`: the store would take it for the whole session.
+
+        Raises:
+            InvalidDataError: naming how many messages it carries of how many.
+        """
+        omitted = self._private()["_omitted"]
+        if omitted:
+            carried = len(self._messages())
+            raise InvalidDataError(
+                f"session {self.session_id!r} carries only its newest {carried} of"
+                f" {omitted + carried} messages (it was loaded with last=), and this store"
+                f" does not hold it: a {action} would store a shortened copy. Load it whole"
+                " (without last=) to write it here"
+            )
 
     def refuse_changed_id(self) -> None:
         """Refuses an object given another id than it was loaded or saved under.

@@ -34,7 +34,8 @@ def documents_for_insert(sessions: Sequence[ChatSession]) -> list[dict[str, Any]
 
     Raises:
         InvalidDataError: if a message names another session, an id repeats in the
-            batch, or a session crosses MongoDB's 16 MiB document limit.
+            batch, a session was loaded with `last=`, or a session crosses MongoDB's
+            16 MiB document limit.
     """
     session_ids: set[str] = set()
     message_ids: set[str] = set()
@@ -43,6 +44,7 @@ def documents_for_insert(sessions: Sequence[ChatSession]) -> list[dict[str, Any]
         if session.session_id in session_ids:
             raise InvalidDataError(f"session_id {session.session_id!r} appears twice")
         session_ids.add(session.session_id)
+        session.refuse_shortened("bulk insert")
         for message in session.messages:
             if message.session_id != session.session_id:
                 raise InvalidDataError(

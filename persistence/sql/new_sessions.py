@@ -51,7 +51,8 @@ def check_new_sessions(batch: Sequence[ChatSession]) -> None:
     """Refuses, before any I/O, a batch whose messages could never be stored as given.
 
     Raises:
-        InvalidDataError: if a message names another session, or an id repeats.
+        InvalidDataError: if a message names another session, an id repeats, or a
+            session was loaded with `last=` (found by attack: stored shortened).
     """
     session_ids: set[str] = set()
     message_ids: set[str] = set()
@@ -59,6 +60,7 @@ def check_new_sessions(batch: Sequence[ChatSession]) -> None:
         if session.session_id in session_ids:
             raise InvalidDataError(f"session_id {session.session_id!r} appears twice")
         session_ids.add(session.session_id)
+        session.refuse_shortened("bulk insert")
         for message in session.messages:
             if message.session_id != session.session_id:
                 raise InvalidDataError(
