@@ -14,7 +14,7 @@ from persistence.errors import (
     PersistenceError,
 )
 from persistence.models import ChatSession
-from persistence.sql.checkout import driver_connection
+from persistence.sql.checkout import lent_connection
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     displayed,
@@ -24,7 +24,7 @@ from persistence.sql.engines import (
 from persistence.sql.errors import sql_errors
 from persistence.sql.identity import database_identity
 from persistence.sql.replicas import replica_set
-from persistence.sql.runner import Work, one_statement, run_on_asyncpg
+from persistence.sql.runner import Work, one_statement, read_on_asyncpg, run_on_asyncpg
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.standby import ReplicaSettings, ReplicaState
@@ -224,14 +224,17 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     ) -> T:
         engine = self.engine
         with sql_errors(action):
-            async with driver_connection(engine) as driver:
+            async with lent_connection(engine) as lent:
+                # Each transaction's BEGIN, and a read's first statement, are sent again
+                # on a fresh connection if the server had ended the pooled one
+                # (checkout.py); never a write sent without BEGIN: it may have landed.
                 if write and not single:
-                    async with driver.transaction():
-                        return await run_on_asyncpg(driver, engine.dialect, work)
+                    async with lent.transaction():
+                        return await run_on_asyncpg(lent.driver, engine.dialect, work)
                 if snapshot:
-                    async with driver.transaction(isolation="repeatable_read", readonly=True):
-                        return await run_on_asyncpg(driver, engine.dialect, work)
+                    async with lent.transaction(isolation="repeatable_read", readonly=True):
+                        return await run_on_asyncpg(lent.driver, engine.dialect, work)
+                if not write:
+                    return await read_on_asyncpg(lent, engine.dialect, work)
                 # A single statement needs no BEGIN / COMMIT round trips.
-                return await run_on_asyncpg(
-                    driver, engine.dialect, one_statement(work) if write else work
-                )
+                return await run_on_asyncpg(lent.driver, engine.dialect, one_statement(work))

@@ -25,6 +25,7 @@ from collections.abc import (
 )
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -34,6 +35,7 @@ from persistence.errors import PersistenceError
 from persistence.garbage_collection import collection_paused
 from persistence.sql import plans
 from persistence.sql.bulk import BulkInsert, copied_parts
+from persistence.sql.checkout import Lent
 from persistence.sql.statements import Statement
 
 T = TypeVar("T")
@@ -433,31 +435,51 @@ def one_statement(work: Work[T]) -> Work[T]:
         work.close()
 
 
+async def _answer(connection: Any, dialect: Dialect, request: Query) -> Any:
+    """Answers one query of a work on a raw asyncpg connection."""
+    if (
+        isinstance(request, ExecuteMany)
+        and isinstance(request.statement, BulkInsert)
+        and request.statement.copies(dialect, request.rows)
+    ):
+        # A COPY in parts for all the rows (see bulk.py), not one statement per row.
+        step = partial(_answer, connection, dialect)
+        await _copy(step, connection, dialect, request.statement, request.rows)
+        return None
+    compiled = request.statement.compile(dialect)
+    if isinstance(request, ExecuteMany):
+        _trace(compiled.sql)
+        await connection.executemany(compiled.sql, [compiled.values(row) for row in request.rows])
+        return None
+    sql, params = compiled.bind(request.params)
+    _trace(sql)
+    if isinstance(request, Fetch):
+        return compiled.decode(await connection.fetch(sql, *params))
+    # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
+    status = await connection.execute(sql, *params)
+    return int(status.rsplit(" ", 1)[-1])
+
+
 async def run_on_asyncpg(connection: Any, dialect: Dialect, work: Work[T]) -> T:
     """Runs `work` on a raw asyncpg connection, in the caller's transaction if any."""
+    return await _finish_async(work, partial(_answer, connection, dialect), dialect)
+
+
+async def read_on_asyncpg(lent: Lent, dialect: Dialect, work: Work[T]) -> T:
+    """Runs a read's `work` on a lent asyncpg connection, outside a transaction.
+
+    Its first statement, if it finds the connection ended by the server, is sent again
+    on a fresh one (Lent.first): a read commits nothing, and the work, still waiting
+    for that statement's rows, goes on as if nothing happened.
+    """
+    sent = False
 
     async def step(request: Query) -> Any:
-        if (
-            isinstance(request, ExecuteMany)
-            and isinstance(request.statement, BulkInsert)
-            and request.statement.copies(dialect, request.rows)
-        ):
-            # A COPY in parts for all the rows (see bulk.py), not one statement per row.
-            await _copy(step, connection, dialect, request.statement, request.rows)
-            return None
-        compiled = request.statement.compile(dialect)
-        if isinstance(request, ExecuteMany):
-            _trace(compiled.sql)
-            await connection.executemany(
-                compiled.sql, [compiled.values(row) for row in request.rows]
-            )
-            return None
-        sql, params = compiled.bind(request.params)
-        _trace(sql)
-        if isinstance(request, Fetch):
-            return compiled.decode(await connection.fetch(sql, *params))
-        # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
-        status = await connection.execute(sql, *params)
-        return int(status.rsplit(" ", 1)[-1])
+        nonlocal sent
+        if not sent:
+            sent = True
+            if isinstance(request, Fetch):
+                return await lent.first(lambda driver: _answer(driver, dialect, request))
+        return await _answer(lent.driver, dialect, request)
 
     return await _finish_async(work, step, dialect)

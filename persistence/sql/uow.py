@@ -16,7 +16,7 @@ from persistence.changes import Base, SavePlan
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
-from persistence.sql.checkout import driver_connection
+from persistence.sql.checkout import Lent, begin, lent_connection
 from persistence.sql.errors import connection_unusable, sql_errors, unique_violation
 from persistence.sql.held_sessions import hold, release, wait_for_units
 from persistence.sql.runner import (
@@ -120,7 +120,7 @@ class SqlUnitOfWork(UnitOfWork):
         # SQLite: run once the transaction has begun (run_in_sqlite_thread's `check`).
         self._check = check
         self._engine = engine
-        self._lent: AbstractAsyncContextManager[Any] | None = None
+        self._lent: AbstractAsyncContextManager[Lent] | None = None
         self._driver: Any = None
         self._transaction: Any = None  # asyncpg's, on PostgreSQL
         # What interrupted a call on the connection (a cancel, a lost connection): it is
@@ -153,21 +153,29 @@ class SqlUnitOfWork(UnitOfWork):
             raise self._failure()
         dialect = self._engine.dialect
         with sql_errors(action):
-            begin = None
+            sqlite_begin = None
+            lent = None
             if self._driver is None:
-                lent = driver_connection(self._engine)
-                self._driver = await lent.__aenter__()
-                self._lent = lent
-                begin = "BEGIN IMMEDIATE"
+                opened = lent_connection(self._engine)
+                lent = await opened.__aenter__()
+                self._lent, self._driver = opened, lent.driver
+                sqlite_begin = "BEGIN IMMEDIATE"
             with self._noting_interruption(action):
                 if dialect.name == "sqlite":
                     result: T = await run_in_thread(
-                        self._driver, run_in_sqlite_thread, dialect, work, begin, False, self._check
+                        self._driver,
+                        run_in_sqlite_thread,
+                        dialect,
+                        work,
+                        sqlite_begin,
+                        False,
+                        self._check,
                     )
                     return result
-                if begin is not None:
-                    self._transaction = self._driver.transaction()
-                    await self._transaction.start()
+                if lent is not None:
+                    # Sent again on a fresh connection if the server had ended this one.
+                    self._transaction = await lent.first(begin)
+                    self._driver = lent.driver
                 return await run_on_asyncpg(self._driver, dialect, work)
 
     def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:

@@ -9,7 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,7 @@ class TcpProxy:
     the link before the server's answer reaches the client: a commit that landed but
     whose acknowledgement was lost. `lose_next_answer()` does the same to whatever the
     client sends next (a single-statement write, which needs no COMMIT).
+    `sever_quietly()` ends every link's server side and tells the clients nothing.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -184,6 +185,9 @@ class TcpProxy:
         self._lose_commit_ack = False
         self._lose_answer = False
         self.connections = 0
+        # Client side -> server side of each link, and the clients of links severed.
+        self._upstream: dict[asyncio.StreamWriter, asyncio.StreamWriter] = {}
+        self._severed: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -194,6 +198,14 @@ class TcpProxy:
 
     def lose_next_answer(self) -> None:
         self._lose_answer = True
+
+    def sever_quietly(self) -> None:
+        """Ends the server side of every open link, and says nothing to the clients:
+        each learns it only when it next sends (the link is reset, nothing forwarded),
+        as a client of a server host that went away and came back does."""
+        for client, upstream in self._upstream.items():
+            self._severed.add(client)
+            upstream.transport.abort()
 
     async def cut(self) -> None:
         """Stops listening and resets every open link, as a network failure would."""
@@ -222,6 +234,7 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._links.update((writer, up_writer))
+        self._upstream[writer] = up_writer
         for source, sink, client in ((reader, up_writer, writer), (up_reader, writer, None)):
             task = asyncio.ensure_future(self._pipe(source, sink, client))
             self._tasks.add(task)
@@ -235,6 +248,9 @@ class TcpProxy:
     ) -> None:
         try:
             while data := await source.read(65536):
+                if client is not None and client in self._severed:
+                    client.transport.abort()
+                    return
                 sink.write(data)
                 await sink.drain()
                 if client is not None and (
@@ -248,8 +264,24 @@ class TcpProxy:
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._links.discard(sink)
-            sink.transport.abort()
+            if sink not in self._severed:
+                # A severed link's client hears nothing until it sends.
+                self._links.discard(sink)
+                sink.transport.abort()
+
+
+async def through_proxy(
+    make_postgresql: Callable[..., Awaitable[Any]], postgresql_url: str, **options: Any
+) -> tuple[Any, TcpProxy]:
+    """A PostgreSQL storage (`make_postgresql(url, **options)`) reaching the server of
+    `postgresql_url` through a TcpProxy of its own, started."""
+    from sqlalchemy import make_url
+
+    target = make_url(postgresql_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    return await make_postgresql(url, **options), proxy
 
 
 @contextlib.contextmanager

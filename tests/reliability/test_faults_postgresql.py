@@ -22,7 +22,7 @@ from persistence import (
     StorageConnectionError,
 )
 from tests.reliability.conftest import Figures, Scale
-from tests.reliability.support import TcpProxy, postgresql_state
+from tests.reliability.support import TcpProxy, postgresql_state, through_proxy
 from tests.servers import plain_postgresql_url
 
 pytestmark = pytest.mark.postgresql
@@ -174,11 +174,7 @@ async def test_server_cut_off_and_restored_fails_cleanly_and_the_pool_recovers(
 async def _through_proxy(
     make_postgresql: MakeStorage, postgresql_url: str
 ) -> tuple[PostgreSQLSessionStorage, TcpProxy]:
-    target = make_url(postgresql_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    return await make_postgresql(url, min_pool_size=1, max_pool_size=2), proxy
+    return await through_proxy(make_postgresql, postgresql_url, min_pool_size=1, max_pool_size=2)
 
 
 async def _stored_message_ids(url: str, session_id: str) -> list[str]:
