@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from persistence.sql.checkout import known_closed
+
 
 class ReplicaConnections:
     """A replica's own small pool of raw asyncpg connections.
@@ -29,9 +31,10 @@ class ReplicaConnections:
         """An idle connection, or a new one within `within` seconds."""
         while self._idle:
             connection = self._idle.pop()
-            if not connection.is_closed():
+            if not known_closed(connection):
                 self._lent += 1
                 return connection
+            connection.terminate()
         self._lent += 1
         try:
             async with asyncio.timeout(within):

@@ -32,11 +32,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy import URL, Dialect, text
 
+from persistence.sql.checkout import Lent
 from persistence.sql.engines import displayed
 from persistence.sql.errors import connection_lost
 from persistence.sql.identity import Identity, NotThisDatabase, identity_of
 from persistence.sql.replica_connections import ReplicaConnections
-from persistence.sql.runner import Fetch, Work, run_on_asyncpg
+from persistence.sql.runner import Fetch, Work, read_on_asyncpg, run_on_asyncpg
 from persistence.sql.statements import Statement
 from persistence.urls import mask_secrets
 
@@ -340,11 +341,17 @@ class Replica:
             work.close()
             self._not_connected(exc)
             raise Unavailable(_describe(exc)) from exc
+        # Its first call, if the replica had ended this connection, is sent again on a
+        # fresh one (checkout.Lent) rather than the replica taken for down.
+        lent = Lent(connection, self._replace)
         try:
-            result = await self._watch(connection, self._execute(connection, work, snapshot))
+            result = await self._watch(lent, self._execute(lent, work, snapshot))
         except BaseException as exc:
+            connection = lent.driver
             lost = not isinstance(exc, Exception) or connection_lost(exc)
-            if lost or connection.is_closed():
+            if connection is None:
+                pass  # dropped by _replace, which made no other
+            elif lost or connection.is_closed():
                 self._pool.drop(connection)
             else:
                 self._pool.give_back(connection)
@@ -359,19 +366,34 @@ class Replica:
             raise
         self.served += 1
         if self.up:
-            self._pool.give_back(connection)
+            self._pool.give_back(lent.driver)
         else:
             # Marked down meanwhile: its idle connections were dropped, and so is this one.
-            self._pool.drop(connection)
+            self._pool.drop(lent.driver)
         return result
 
-    async def _execute(self, connection: Any, work: Work[T], snapshot: bool) -> T:
-        if snapshot:
-            async with connection.transaction(isolation="repeatable_read", readonly=True):
-                return await run_on_asyncpg(connection, self._dialect, work)
-        return await run_on_asyncpg(connection, self._dialect, work)
+    async def _replace(self, ended: Any, exc: BaseException) -> Any:
+        """A fresh connection for a read whose first call found `ended` closed by the
+        replica, which likely ended its other idle ones too (a restart): all dropped.
 
-    async def _watch(self, connection: Any, query: Coroutine[Any, Any, T]) -> T:
+        Raises:
+            Unavailable: no new connection (the replica is marked down or foreign).
+        """
+        self._pool.drop(ended)
+        self._pool.drop_idle()
+        try:
+            return await self._pool.take(self._settings.timeout)
+        except Exception as failed:
+            self._not_connected(failed)
+            raise Unavailable(_describe(failed)) from failed
+
+    async def _execute(self, lent: Lent, work: Work[T], snapshot: bool) -> T:
+        if snapshot:
+            async with lent.transaction(isolation="repeatable_read", readonly=True):
+                return await run_on_asyncpg(lent.driver, self._dialect, work)
+        return await read_on_asyncpg(lent, self._dialect, work)
+
+    async def _watch(self, lent: Lent, query: Coroutine[Any, Any, T]) -> T:
         """Awaits `query`; while it runs past the timeout, the replica must prove it lives.
 
         A slow query on a live replica goes on; one on a replica that no longer
@@ -389,7 +411,8 @@ class Replica:
                     raise TimeoutError("the replica stopped answering")
         finally:
             if not task.done():
-                connection.terminate()
+                if lent.driver is not None:
+                    lent.driver.terminate()
                 task.cancel()
                 await asyncio.wait({task})
 

@@ -8,6 +8,7 @@ standby costs the caller neither an error nor a timeout per call.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import random
@@ -21,6 +22,7 @@ import pytest
 from persistence import ChatSession, PostgreSQLSessionStorage
 from persistence.sql.runner import traced
 from tests import servers
+from tests.reliability.support import TcpProxy
 from tests.replication import (
     ReplicationPair,
     ReplicationUnavailable,
@@ -410,6 +412,60 @@ async def test_reads_go_on_from_the_primary_when_the_standby_is_shut_down(
     await _served_by_the_standby_again(pair, storage, writer)
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(unreachable) == 1
+
+
+def _end_standby_connections(pair: ReplicationPair) -> int:
+    """Ends every client connection of the standby's test database, and returns once
+    those backends have exited, without letting the caller's event loop run meanwhile
+    (asyncpg cannot know before its next call)."""
+    ended = (
+        "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        count = pool.submit(asyncio.run, fetchval(pair.standby.url(), ended)).result()
+    time.sleep(0.05)
+    return int(count)
+
+
+@pytest.mark.parametrize("how", ["ended", "severed"])
+async def test_standby_connections_ended_while_idle_cost_no_read_and_no_fallback(
+    pair: ReplicationPair,
+    open_storage: OpenStorage,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    """The standby ended its idle connections (`pg_terminate_backend`, a restart), or
+    went away without a word (a proxy severs them quietly): the next reads are still
+    the standby's, and it is not taken for down."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 3, "ended"))
+    await wait_caught_up(pair)
+    proxy = TcpProxy("127.0.0.1", pair.standby.port)
+    await proxy.start()
+    replica = pair.standby.url()
+    if how == "severed":
+        replica = replica.replace(f":{pair.standby.port}/", f":{proxy.port}/")
+    storage = PostgreSQLSessionStorage(pair.primary.url(), 1, 5, read_replicas=[replica])
+    try:
+        await storage.initialize()
+        await _routable(storage)
+        await asyncio.gather(*(storage.list_sessions() for _ in range(3)))
+        served = storage.replica_states()[0].reads_served
+        if how == "ended":
+            assert _end_standby_connections(pair) >= 1
+        else:
+            proxy.sever_quietly()
+
+        assert _ids(await storage.list_sessions()) == expected
+        assert (await storage.count()).total_sessions == 3
+        state = storage.replica_states()[0]
+        assert state.up and state.reads_served == served + 2
+    finally:
+        await storage.close()
+        await proxy.close()
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
 
 
 async def test_commits_counter_reads_the_test_database(pair: ReplicationPair) -> None:
