@@ -11,6 +11,8 @@ rule is implemented once:
   a query word holding a letter of a script written without spaces (Han, Hiragana,
   Katakana, Thai) matches anywhere inside a word.
 - The first MAX_SEARCHABLE_CHARS characters of a message are searchable.
+- A query takes at most MAX_QUERY_WORDS distinct words, holding at most MAX_QUERY_BYTES
+  bytes of UTF-8 in all (normalised); parse_query refuses more, for every backend.
 
 At write time a message gets its *search document* (`search_document`): its distinct
 normalised words in order of first appearance, then, for each word that holds a letter
@@ -42,6 +44,17 @@ MAX_INDEXED_WORDS = 32
 # every candidate message. Found by attack: a query pasting a 3,000-word vocabulary
 # that 130 messages of 27 KB shared took 6.5 s on SQLite and 14 s on PostgreSQL.
 MAX_QUERY_WORDS = 64
+# UTF-8 bytes a query's words may hold in all (those MAX_QUERY_WORDS counts, normalised).
+# PostgreSQL's strpos (Boyer-Moore-Horspool, compared backwards byte by byte), SQLite's
+# instr (memcmp at every character) and MongoDB's regular expressions take time that
+# grows with a message's length times a word's, where the message holds a long run of
+# the word's letters. Found by attack: a word of 300,000 Han characters against a
+# message of one 1 MiB word took 23 s on SQLite and over 6 minutes on PostgreSQL (the
+# server went on after the client gave up). At this bound, against a message of 2^20
+# four-byte letters, one word took at most 0.7 s on PostgreSQL and 0.02 s on SQLite;
+# four words, all matching, up to 1.7 s on PostgreSQL, less than 64 one-letter words
+# take there (2.4-2.9 s): the words' number, not their length, then decides.
+MAX_QUERY_BYTES = 512
 # Substrings of this length index the words of scripts written without spaces.
 GRAM = 2
 # Gram terms an index looks up for one word: a message holding them all is a candidate,
@@ -301,9 +314,15 @@ def parse_query(query: str) -> SearchQuery | None:
     letters, marks and digits.
 
     Raises:
-        InvalidDataError: the query has more than MAX_QUERY_WORDS distinct words.
+        InvalidDataError: the query has more than MAX_QUERY_WORDS distinct words, or
+            they hold more than MAX_QUERY_BYTES bytes of UTF-8 (normalised).
     """
     found = [QueryWord(word, is_spaceless(word)) for word in words(query)]
+    # A word past the bound is refused before _implied reads it (0.5 s for 300,000
+    # characters): every query word is kept or implied by a kept word at least as long.
+    longest = max((len(word.text.encode()) for word in found), default=0)
+    if longest > MAX_QUERY_BYTES:
+        raise _too_long(f"a word of {longest} bytes")
     implied = _implied(found)
     kept = sorted(
         (word for word in found if word.text not in implied),
@@ -316,6 +335,9 @@ def parse_query(query: str) -> SearchQuery | None:
             f"query: {len(kept)} distinct words; a search takes at most {MAX_QUERY_WORDS}"
             " (every word is tested on every message it could match)"
         )
+    size = sum(len(word.text.encode()) for word in kept)
+    if size > MAX_QUERY_BYTES:
+        raise _too_long(f"{len(kept)} words of {size} bytes in all")
     indexed = kept[:MAX_INDEXED_WORDS]
     prefix_terms = [term for word in indexed if (term := word.prefix_term()) is not None]
     gram_terms = [term for word in indexed for term in word.gram_terms()]
@@ -323,4 +345,12 @@ def parse_query(query: str) -> SearchQuery | None:
         words=tuple(kept),
         prefix_terms=tuple(prefix_terms),
         gram_terms=tuple(dict.fromkeys(gram_terms)),
+    )
+
+
+def _too_long(what: str) -> InvalidDataError:
+    return InvalidDataError(
+        f"query: {what} (UTF-8, normalised); a search takes at most {MAX_QUERY_BYTES} bytes"
+        " of words (each word is compared with a message in time that grows with the"
+        " word's length times the message's)"
     )

@@ -84,9 +84,7 @@ class MongoDBSessionStorage(SessionStorage):
         document limit bounds it: the save that would cross it is refused with
         InvalidDataError and nothing of that save is written.
         Search follows the one rule of persistence.search through each message's
-        `search_tokens`; a query word of a script without spaces longer than
-        16,000 bytes of UTF-8 (5,333 Han characters) matches nothing (the server's
-        regular expressions are bounded).
+        `search_tokens`.
         A message's tokens count towards its session's 16 MiB.
         The unit of work is transactional on a replica set or sharded cluster only;
         see MongoUnitOfWork for what a standalone server guarantees.

@@ -44,8 +44,8 @@ _IN_CHUNK = 1000
 # Above every character: `word` <= t < word + _LAST is "t begins with word".
 _LAST = "\U0010ffff"
 # The server refuses regular expressions longer than 16,384 bytes of UTF-8 (32,764 before
-# 6.0): a word of a script without spaces whose escaped pattern is longer is looked for
-# in no message. Bytes, not characters: a Han or Thai character takes three.
+# 6.0). A query word's pattern is the word itself (re.escape leaves letters, marks and
+# digits as they are), and parse_query refuses words of more than MAX_QUERY_BYTES.
 MAX_PATTERN_BYTES = 16_000
 _NEWEST_MESSAGES = {"messages.created_at": -1, "messages.seq": -1, "position": -1}
 _NEWEST_UPDATED = [("updated_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
@@ -409,11 +409,6 @@ def _holds(word: str) -> dict[str, Any]:
     return {"$regex": re.escape(word)}
 
 
-def _pattern_too_long(word: str) -> bool:
-    # At most 4 bytes a character: a word this short fits whatever its script.
-    return len(word) * 4 > MAX_PATTERN_BYTES and len(re.escape(word).encode()) > MAX_PATTERN_BYTES
-
-
 def session_filter(query: SearchQuery, session_id: str | None) -> dict[str, Any]:
     """Sessions holding every index term of `query`: what the index can find."""
     tokens = "messages.search_tokens"
@@ -462,8 +457,6 @@ async def search_messages(
 ) -> list[ChatMessage]:
     parsed = parse_query(query)
     if parsed is None or limit <= 0:
-        return []
-    if any(word.anywhere and _pattern_too_long(word.text) for word in parsed.words):
         return []
     rows = (
         await docs.sessions.find(session_filter(parsed, session_id), session=client_session)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from persistence import ChatSession, InvalidDataError, SessionStorage
+from persistence.search import MAX_QUERY_BYTES
 
 HOSTILE = [
     "",
@@ -36,7 +37,7 @@ HOSTILE = [
     "foo\x00bar",
     "\ud800",
     "🙂",
-    "x" * 10_000,
+    "x" * MAX_QUERY_BYTES,  # the longest word a search takes
     " ".join(["word"] * 500),
 ]
 
@@ -257,6 +258,28 @@ async def test_a_query_of_more_words_than_a_search_takes_is_refused_alike(
     assert len(await storage.search_messages(" ".join(words))) == 1
     with pytest.raises(InvalidDataError, match="65 distinct words"):
         await storage.search_messages(" ".join([*words, "extra"]))
+
+
+async def test_a_query_of_longer_words_than_a_search_takes_is_refused_alike(
+    storage: SessionStorage,
+) -> None:
+    """Found by attack: a word of 300,000 Han characters against a message of one 1 MiB
+    word took 23 s on SQLite and over 6 minutes on PostgreSQL."""
+    han = "東京" * (MAX_QUERY_BYTES // 6)  # 170 characters, 510 bytes
+    latin = "z" * MAX_QUERY_BYTES
+    session = ChatSession.create("m")
+    session.add_message("user", f"日本{han}語 and ok")
+    session.add_message("user", f"{latin}z")
+    await storage.save_session(session)
+
+    # At the bound: found (past PostgreSQL's 200-character terms, inside a longer word).
+    found = await storage.search_messages(f"{han} OK")
+    assert [m.message_id for m in found] == [session.messages[0].message_id]
+    found = await storage.search_messages(latin.upper())
+    assert [m.message_id for m in found] == [session.messages[1].message_id]
+    for query in (f"{han} and", f"{latin}z", "漢" * 300_000):
+        with pytest.raises(InvalidDataError, match=f"a search takes at most {MAX_QUERY_BYTES}"):
+            await storage.search_messages(query)
 
 
 async def test_a_session_id_no_backend_can_store_finds_nothing_alike(

@@ -6,16 +6,16 @@ import re
 
 import pytest
 
+from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
 from persistence.mongo.mapping import document_from_message
 from persistence.mongo.repositories import (
     _LAST,
     MAX_PATTERN_BYTES,
-    _pattern_too_long,
     search_pipeline,
     session_filter,
 )
-from persistence.search import parse_query, search_document
+from persistence.search import MAX_QUERY_BYTES, parse_query, search_document
 
 HOSTILE = ['"unbalanced', "a -b", "NEAR(a b)", "x:y", "\\", "$where", '(* ")', "\x00null\x00"]
 HOSTILE += ["\ud800lone", "🙂", "a.b*c?d+e[f]g{h}i|j^k$l"]
@@ -51,14 +51,17 @@ def test_any_typed_text_reduces_to_tokens_and_escaped_patterns(query: str) -> No
     assert not any(key.startswith("$where") for key in str(session_filter(parsed, None)))
 
 
-def test_a_pattern_is_bounded_by_its_bytes_as_the_server_bounds_it() -> None:
-    """Found by review: the bound counted characters, and 6,000 Han characters (18,000
-    bytes) passed it, so the server refused the regular expression and search raised."""
-    han = "日" * (MAX_PATTERN_BYTES // 3)
-    assert len(han.encode()) <= MAX_PATTERN_BYTES and not _pattern_too_long(han)
-    assert _pattern_too_long(han + "日")
-    assert _pattern_too_long("日" * 6_000)
-    assert not _pattern_too_long("a" * MAX_PATTERN_BYTES)
+def test_every_pattern_a_search_takes_fits_the_servers_bound() -> None:
+    """Found by review: 6,000 Han characters (18,000 bytes) made a pattern the server
+    refused. parse_query now refuses words of more than MAX_QUERY_BYTES, on every
+    backend, and a word's pattern is the word itself."""
+    assert MAX_QUERY_BYTES <= MAX_PATTERN_BYTES
+    for longest in ("日" * (MAX_QUERY_BYTES // 3), "\U00020000" * (MAX_QUERY_BYTES // 4)):
+        (condition,) = search_pipeline(_parsed(longest), 10, None)[2]["$match"]["$and"]
+        pattern = condition["messages.search_tokens"]["$regex"]
+        assert pattern == longest and len(pattern.encode()) <= MAX_PATTERN_BYTES
+    with pytest.raises(InvalidDataError, match="a search takes at most"):
+        parse_query("日" * 6_000)
 
 
 def test_index_terms_are_prefix_ranges_and_exact_grams() -> None:

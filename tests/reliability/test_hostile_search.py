@@ -1,5 +1,6 @@
 """search_messages with any text: never matches by accident of syntax, and raises only
-for a query of more than MAX_QUERY_WORDS distinct words.
+for a query of more than MAX_QUERY_WORDS distinct words, or words of more than
+MAX_QUERY_BYTES bytes.
 
 The corpus is built from a small vocabulary that includes the operators of FTS5 and
 tsquery as plain words (and, or, not, near) and words that extend others (alphabet,
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from persistence import ChatSession, InvalidDataError
-from persistence.search import MAX_QUERY_WORDS, parse_query, words
+from persistence.search import MAX_QUERY_BYTES, MAX_QUERY_WORDS, parse_query, words
 from tests.reliability.conftest import Figures, Scale
 from tests.reliability.hostile import SYNTAX, any_text
 from tests.reliability.support import Backends
@@ -66,6 +67,9 @@ def _search_both(backends: Backends, query: str, limit: int = 50) -> dict[str, s
     return result
 
 
+# parse_query's two refusals: too many distinct words, or words too long in all.
+_REFUSED = f"distinct words|a search takes at most {MAX_QUERY_BYTES} bytes"
+
 queries = st.lists(
     st.one_of(
         st.sampled_from(VOCABULARY).map(lambda w: w.upper()),
@@ -95,9 +99,9 @@ def test_any_query_matches_exactly_the_messages_with_its_words(
         try:
             parse_query(query)
         except InvalidDataError:
-            # More than MAX_QUERY_WORDS distinct words: refused alike, the only refusal.
+            # Too many words, or too long: refused alike, the only refusals.
             for storage in backends.storages:
-                with pytest.raises(InvalidDataError, match="distinct words"):
+                with pytest.raises(InvalidDataError, match=_REFUSED):
                     backends.run(storage.search_messages(query))
             refused += 1
             return
@@ -107,7 +111,7 @@ def test_any_query_matches_exactly_the_messages_with_its_words(
     check()
     figures["queries_tried"] = tried
     figures["checked_exactly"] = tried - refused
-    figures["refused_for_too_many_words"] = refused
+    figures["refused_for_too_many_or_too_long_words"] = refused
     figures["matched_by_syntax"] = 0
 
 
@@ -151,7 +155,8 @@ def test_operator_and_prefix_syntax_is_read_as_plain_words(
 def test_a_megabyte_query_keeps_its_meaning_or_is_refused_alike(
     backends: Backends, corpus: dict[str, frozenset[str]]
 ) -> None:
-    """The only refusal: more than MAX_QUERY_WORDS distinct words, on both backends."""
+    """Refused alike on both backends: more than MAX_QUERY_WORDS distinct words, or
+    words of more than MAX_QUERY_BYTES bytes."""
     rng = random.Random(3)
     garbage = "".join(rng.choice(SYNTAX) for _ in range(200_000))
     parsed = [word for word in words(garbage) if word]
@@ -168,3 +173,9 @@ def test_a_megabyte_query_keeps_its_meaning_or_is_refused_alike(
     expected = _expected(corpus, "alpha")
     found = _search_both(backends, "alpha " * 200_000)
     assert found == {"sqlite": expected, "postgresql": expected}
+    refusals = []
+    for storage in backends.storages:
+        with pytest.raises(InvalidDataError, match=_REFUSED) as refused:
+            backends.run(storage.search_messages("alpha" * 200_000))
+        refusals.append(str(refused.value))
+    assert refusals[0] == refusals[1]

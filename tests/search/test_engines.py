@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import text
 
-from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage
-from persistence.search import QueryWord, parse_query
+from persistence import ChatSession, InvalidDataError, PostgreSQLSessionStorage, SessionStorage
+from persistence.search import MAX_GRAM_TERMS, MAX_QUERY_BYTES, QueryWord, parse_query
 from persistence.sql import search as search_module
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.runner import traced
@@ -296,41 +296,50 @@ async def _behind_newer_rows(storage: SessionStorage, *contents: str) -> list[st
     return ids
 
 
-async def test_a_query_word_past_fts5s_token_cut_finds_only_words_it_begins(
+async def test_a_word_past_fts5s_token_cut_is_found_by_the_longest_query_word(
     sql_storage: SessionStorage,
 ) -> None:
     """Found by attack: FTS5 cuts tokens, stored and queried, to 32,768 bytes, and the
     index's word was not rechecked on SQLite (it is on PostgreSQL past its own cut): a
     query word longer than that matched every word with its first 32,768 bytes, and
-    only once a first search had indexed the messages."""
+    only once a first search had indexed the messages. Such a query word is now refused
+    (MAX_QUERY_BYTES); a stored word past the cut is found by its beginning."""
     stem = "a" * 32_768
     (ending_c,) = await _behind_newer_rows(sql_storage, stem + "c")
 
     for _ in range(2):  # pending rows are tested in Python; then through the index
-        assert await sql_storage.search_messages(stem + "b") == []
-        found = await sql_storage.search_messages(stem + "c")
+        for query in (stem + "b", stem + "c"):
+            with pytest.raises(InvalidDataError, match="a search takes at most"):
+                await sql_storage.search_messages(query)
+        found = await sql_storage.search_messages(stem[:MAX_QUERY_BYTES])
         assert [m.message_id for m in found] == [ending_c]
-    assert [m.message_id for m in await sql_storage.search_messages(stem)] == [ending_c]
+        assert await sql_storage.search_messages(stem[: MAX_QUERY_BYTES - 1] + "c") == []
 
 
-async def test_a_word_of_a_script_without_spaces_of_any_length_is_found(
+async def test_a_long_word_of_a_script_without_spaces_is_found_by_its_pieces(
     sql_storage: SessionStorage,
 ) -> None:
     """Found by attack: each two-character piece of such a word was an index term, and
     past about 117,000 distinct pieces PostgreSQL refused the query ("value is too big in
-    tsquery"); SQLite took 4 s. The index now looks up at most MAX_GRAM_TERMS of them,
-    and the recheck decides the word."""
+    tsquery"); SQLite took 4 s. Such a query word is now refused (MAX_QUERY_BYTES); the
+    index looks up at most MAX_GRAM_TERMS pieces of the longest it takes, and the
+    recheck decides the word."""
     shuffled = random.Random(0)
     word = "".join(chr(shuffled.randrange(0x4E00, 0x9FA5)) for _ in range(120_000))
     assert len({word[i : i + 2] for i in range(len(word) - 1)}) > 117_000
     whole, half = await _behind_newer_rows(sql_storage, word, word[:60_000])
+    longest = MAX_QUERY_BYTES // 3  # 3 bytes of UTF-8 each
+    assert longest - 1 > MAX_GRAM_TERMS
 
     for _ in range(2):
-        found = await sql_storage.search_messages(word)
+        with pytest.raises(InvalidDataError, match="a search takes at most"):
+            await sql_storage.search_messages(word)
+        found = await sql_storage.search_messages(word[-longest:])
         assert [m.message_id for m in found] == [whole]
-        found = await sql_storage.search_messages(word[:60_000])
+        found = await sql_storage.search_messages(word[1000 : 1000 + longest])
         assert [m.message_id for m in found] == [half, whole]
-    assert await sql_storage.search_messages(word[:1000] + word[2000:3000]) == []
+    half_and_half = word[1000 : 1000 + longest // 2] + word[3000 : 3000 + longest // 2]
+    assert await sql_storage.search_messages(half_and_half) == []
 
 
 def test_every_query_reduces_to_terms_no_engine_reads_as_syntax() -> None:

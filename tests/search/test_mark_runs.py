@@ -15,8 +15,8 @@ import random
 import pytest
 import regex  # type: ignore[import-untyped]  # ships no type stubs
 
-from persistence import ChatSession, SessionStorage
-from persistence.search import normalise, parse_query, search_document, words
+from persistence import ChatSession, InvalidDataError, SessionStorage
+from persistence.search import MAX_QUERY_BYTES, normalise, parse_query, search_document, words
 
 _MARKS = regex.compile(r"[[\p{M}\uff9e\uff9f]--\u034f]+", flags=regex.V1)
 # Marks of several combining classes, marks that decompose into two (U+0344, U+0F73),
@@ -51,6 +51,10 @@ def test_no_run_of_more_than_30_marks_reaches_the_normalisation(text: str) -> No
     assert _longest_run(normalise(text)) <= 30
     document = search_document(text)
     assert _longest_run(document) <= 30
+    if len("".join(words(text)).encode()) > MAX_QUERY_BYTES:  # a word of 100,000 marks
+        with pytest.raises(InvalidDataError, match="a search takes at most"):
+            parse_query(text)
+        return
     found = parse_query(text)
     assert found is not None and [word.text for word in found.words] == words(text)
 

@@ -14,6 +14,7 @@ from persistence.search import (
     GRAM_MARK,
     MAX_GRAM_TERMS,
     MAX_INDEXED_WORDS,
+    MAX_QUERY_BYTES,
     MAX_QUERY_WORDS,
     MAX_SEARCHABLE_CHARS,
     QueryWord,
@@ -122,6 +123,29 @@ def test_a_query_of_more_distinct_words_than_a_search_takes_is_refused() -> None
         parse_query(" ".join([*words, "another"]))
 
 
+def test_a_query_whose_words_pass_the_bytes_a_search_takes_is_refused() -> None:
+    """Found by attack: a word of 300,000 Han characters against a message of one 1 MiB
+    word took 23 s on SQLite and over 6 minutes on PostgreSQL. The bound counts the
+    normalised words' UTF-8, those another word implies left out."""
+    han = "漢" * (MAX_QUERY_BYTES // 3)  # 3 bytes each
+    parsed = parse_query(f"{han} {han[:-1]} {han[1:]} {'ﬁ' * (MAX_QUERY_BYTES % 3 // 2)}")
+    assert parsed is not None
+    assert sum(len(word.text.encode()) for word in parsed.words) == MAX_QUERY_BYTES
+    with pytest.raises(InvalidDataError, match=r"a word of 513 bytes \(UTF-8, normalised\)"):
+        parse_query("x" * (MAX_QUERY_BYTES + 1))
+    with pytest.raises(InvalidDataError, match="a word of 900000 bytes"):
+        parse_query("漢" * 300_000)
+    many = " ".join(f"{n:02d}" + "y" * 14 for n in range(MAX_QUERY_BYTES // 16))
+    assert parse_query(many) is not None
+    with pytest.raises(
+        InvalidDataError, match=f"33 words of 528 bytes in all.*at most {MAX_QUERY_BYTES} bytes"
+    ):
+        parse_query(f"{many} z{'y' * 15}")
+    # Counted after normalising: U+337F (3 bytes) is 株式会社 (12), so 43 of them hold 516.
+    with pytest.raises(InvalidDataError, match="a word of 516 bytes"):
+        parse_query("\u337f" * 43)
+
+
 # Texts whose words often meet: a few ASCII words, look-alikes and other scripts.
 _PIECES = st.sampled_from(
     [
@@ -187,9 +211,9 @@ def test_a_str_subclass_is_read_as_its_text() -> None:
 
 
 def test_a_long_spaceless_word_gives_at_most_max_gram_terms() -> None:
-    word = "".join(chr(0x4E00 + n) for n in range(1000))
+    word = "".join(chr(0x4E00 + n) for n in range(MAX_QUERY_BYTES // 3))
     parsed = parse_query(word)
     assert parsed is not None
     assert parsed.gram_terms == tuple(GRAM_MARK + word[i : i + 2] for i in range(MAX_GRAM_TERMS))
     assert parsed.matches(search_document("前" + word + "後"))
-    assert not parsed.matches(search_document(word[:999]))
+    assert not parsed.matches(search_document(word[:-1]))
