@@ -228,13 +228,25 @@ class SearchQuery:
 
 def _begins_a_word(word: str, text: str) -> bool:
     """True when `word` occurs in the ASCII `text` right after a non-alphanumeric (or
-    at its start). A word of another script never does (an ASCII text lacks it)."""
+    at its start). A word of another script never does (an ASCII text lacks it).
+
+    An occurrence after a letter or digit is inside a run of them, and so is every
+    later one that starts in that run: the search goes on past the run's end, so it
+    reads the text about once (found by measuring: going on one character at a time, a
+    word of 512 letters took 5.9 s on `"b" + "a" * 2**20`, a pending message's test).
+    """
     start = text.find(word)
     while start != -1:
         if start == 0 or not text[start - 1].isalnum():
             return True
-        start = text.find(word, start + 1)
+        after = _ASCII_SEPARATOR.search(text, start)
+        if after is None:
+            return False
+        start = text.find(word, after.end())
     return False
+
+
+_ASCII_SEPARATOR = re.compile(r"[^a-z0-9]")
 
 
 def _prefixes_of_others(texts: list[str]) -> set[str]:

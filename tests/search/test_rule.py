@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 from hypothesis import assume, given, settings
@@ -189,6 +190,20 @@ def test_matching_a_long_ascii_content_looks_only_as_far_as_its_document() -> No
     assert parsed.matches_content("2zebra zebrafish") is True
     assert parsed.matches_content("2zebra") is False
     assert parsed.matches_content("snake_zebra") is True
+
+
+def test_matching_a_long_ascii_content_reads_it_about_once() -> None:
+    """Found by measuring: after each occurrence that followed a letter the search went
+    on one character on, so a word of 512 letters took 5.9 s on a pending message of
+    2^20 letters (an 8-letter word 0.5 s)."""
+    parsed = parse_query("A" * MAX_QUERY_BYTES)
+    assert parsed is not None
+    content = "b" + "a" * (MAX_SEARCHABLE_CHARS - 1)
+    start = time.perf_counter()
+    assert parsed.matches_content(content) is False
+    assert time.perf_counter() - start < 0.5  # 0.01 s here
+    assert parsed.matches_content(content[: MAX_SEARCHABLE_CHARS // 2] + " " + "a" * 512)
+    assert parsed.matches_content(("a" * 511 + "_") * 4 + "1" + "a" * 600) is False
 
 
 def test_a_str_subclass_is_read_as_its_text() -> None:
