@@ -282,6 +282,24 @@ async def test_a_query_of_longer_words_than_a_search_takes_is_refused_alike(
             await storage.search_messages(query)
 
 
+async def test_letters_newer_than_pythons_unicode_are_found_as_typed(
+    storage: SessionStorage,
+) -> None:
+    """`regex` classifies with a newer Unicode than Python's unicodedata normalises with
+    (README, "Search"): such letters are words, found as typed on every backend."""
+    garay = "\U00010d50\U00010d51\U00010d52"  # capitals, Unicode 16.0
+    han = "\U00031350\U00031351\U00031352"  # CJK Extension H, Unicode 15.0
+    kawi = "\U00011f04\U00011f05"  # Unicode 15.0
+    session = ChatSession.create("m")
+    session.add_message("user", f"{garay} x{han}y {kawi}")
+    await storage.save_session(session)
+
+    for query in (garay, garay[:2], han[1:], kawi, f"{kawi[0]} X"):
+        found = await storage.search_messages(query)
+        assert [m.message_id for m in found] == [session.messages[0].message_id], query
+    assert await storage.search_messages(garay[1:]) == []
+
+
 async def test_a_session_id_no_backend_can_store_finds_nothing_alike(
     storage: SessionStorage,
 ) -> None:
