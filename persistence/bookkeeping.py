@@ -311,7 +311,11 @@ class Bookkeeping:
             # and created again meanwhile, and wrote its changes into the new one.
             raise SessionDeletedError(self.session_id)
         stored_ids = {message.message_id for message in fresh.messages}
-        plan = resolve_unconfirmed(self.plan_save(token), stored_ids)
+        planned = self.plan_save(token)
+        # A creation of unknown outcome is rebased as the save of the session it made
+        # (found by attack: the new object's plan carries no field or key changes, so
+        # the manager's own values were dropped).
+        plan = resolve_unconfirmed(planned.if_landed or planned, stored_ids)
         removed_ids = {message.message_id for message in plan.removals}
         edited = {edit.current.message_id: edit.current for edit in plan.edits}
         kept: list[ChatMessage] = []

@@ -477,12 +477,14 @@ def conflicts(
     found: list[str] = []
     for name, (old, new) in plan.field_changes.items():
         value, values_sent = stored_fields[name], sent.fields.get(name, [])
-        if value not in (old, new, *values_sent) or (undone and _reverted(value, old, values_sent)):
+        if value not in (old, new, *values_sent) or (
+            undone and _reverted(value, old, new, values_sent)
+        ):
             found.append(name)
     for key, (old, new) in plan.metadata_changes.items():
         value, values_sent = stored_metadata.get(key, MISSING), sent.metadata.get(key, [])
         if not any(same_value(value, mine) for mine in (old, new, *values_sent)) or (
-            undone and _reverted(value, old, values_sent)
+            undone and _reverted(value, old, new, values_sent)
         ):
             found.append(f"metadata[{key!r}]")
     for edit in plan.edits:
@@ -524,12 +526,18 @@ def maybe_removed(plan: SavePlan, writes: int) -> list[str]:
     ]
 
 
-def _reverted(stored: Any, old: Any, sent: Sequence[Any]) -> bool:
-    """Whether `stored` is the base's `old` value that saves of unknown outcome replaced
-    (they sent values, none of them `old`)."""
-    return (
-        bool(sent) and same_value(stored, old) and not any(same_value(value, old) for value in sent)
-    )
+def _reverted(stored: Any, old: Any, new: Any, sent: Sequence[Any]) -> bool:
+    """Whether `stored` may be a value saves of unknown outcome replaced, set back by
+    another writer: the base's `old` value, which they replaced (none of them sent
+    it), or one of theirs that a later one replaced (not the last they sent).
+
+    Found by attack: a creation's attempts sent "a" then "b", both landed, and another
+    writer set "a" back; "a" was taken for the holder's own and the next save wrote
+    "b" over it.
+    """
+    if not sent or same_value(stored, sent[-1]) or same_value(stored, new):
+        return False
+    return same_value(stored, old) or any(same_value(stored, value) for value in sent[:-1])
 
 
 def _same_message(left: ChatMessage, right: ChatMessage) -> bool:

@@ -202,9 +202,11 @@ def test_cleanup_forgets_the_records_of_old_deletions(tmp_path: Path) -> None:
     assert result["deletion_records_forgotten"] == 1
     with sqlite3.connect(tmp_path / "x.db") as connection:
         assert connection.execute("SELECT count(*) FROM chat_session_deletions").fetchone() == (0,)
-    for days in ("0", "-1", "nan", "inf", "1e300"):
+    for days in ("0", "-1", "nan", "inf", "1e300", "416667"):
         line = failed("cleanup", "--deletion-record-days", days, "--url", url)
         assert line.startswith("error: --deletion-record-days: must be more than 0"), line
+        assert "at most 416,666," in line  # the bound it names is accepted
+    ok("cleanup", "--deletion-record-days", "416666", "--url", url)
 
 
 @pytest.mark.sqlite

@@ -183,10 +183,10 @@ def cleanup(
                 f"--expiry-hours: must be more than 0 and at most {MAX_EXPIRY_HOURS:,},"
                 f" got {expiry_hours:g}"
             )
-        if not 0 < deletion_record_days <= MAX_EXPIRY_HOURS / 24:
+        if not 0 < deletion_record_days <= MAX_EXPIRY_HOURS // 24:
             fail(
                 "--deletion-record-days: must be more than 0 and at most"
-                f" {MAX_EXPIRY_HOURS / 24:,.0f}, got {deletion_record_days:g}"
+                f" {MAX_EXPIRY_HOURS // 24:,}, got {deletion_record_days:g}"
             )
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:

@@ -308,3 +308,54 @@ async def test_a_retried_merge_that_landed_keeps_the_holders_edits(
 
     assert await sql_storage.save_session(mine) is True
     assert await _contents(sql_storage, "shared") == ["theirs", "mine, edited"]
+
+
+async def test_a_manager_keeps_its_values_over_a_retried_creation(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: rebasing a retried creation took the new object's plan, which
+    carries no field or key changes, and dropped the manager's title and status."""
+    manager = SessionManager(sql_storage, auto_save_enabled=False)
+    session = await manager.create_session("m", metadata={"title": "t0"})
+    session.add_message("user", "q")
+    outcomes(sql_storage, "landed")
+    with pytest.raises(BaseException):
+        await manager.save_session(session)
+    session.metadata["title"] = "manager's"
+    session.status = "archived"
+    session.add_message("user", "next")
+    async with second_holder(sql_storage) as other:
+        theirs = await other.load_session(session.session_id)
+        assert theirs is not None
+        theirs.metadata["title"] = "another writer's"
+        await other.save_session(theirs)
+
+    assert await manager.save_session(session) is True
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None
+    assert (stored.metadata, stored.status) == ({"title": "manager's"}, "archived")
+    assert [m.content for m in stored.messages] == ["q", "next"]
+
+
+async def test_a_value_an_earlier_attempt_sent_set_back_by_another_writer_is_a_conflict(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: the creation sent "a", its retry "b", both landed; another
+    writer set "a" back, and the next save wrote "b" over it, silently."""
+    session = new_session(1)
+    session.metadata["title"] = "a"
+    outcomes(sql_storage, "landed", "landed")
+    await save_unknown(sql_storage, session)
+    session.metadata["title"] = "b"
+    await save_unknown(sql_storage, session)
+    async with second_holder(sql_storage) as other:
+        theirs = await other.load_session(session.session_id)
+        assert theirs is not None and theirs.metadata == {"title": "b"}
+        theirs.metadata["title"] = "a"
+        await other.save_session(theirs)
+
+    session.add_message("user", "more")
+    with pytest.raises(SessionConflictError, match="title"):
+        await sql_storage.save_session(session)
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None and stored.metadata == {"title": "a"}
