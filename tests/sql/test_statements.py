@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy import text
 
 from persistence import ChatSession, PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
+from persistence.sql import uow as uow_module
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.checkout import driver_connection
 from persistence.sql.repositories import DELETE_SESSION, SELECT_SESSIONS_IN
-from persistence.sql.runner import Execute, WhichDialect, Work, one_statement, traced
+from persistence.sql.runner import Execute, WhichDialect, Work, one_statement, run_in_thread, traced
 from tests.factories import file_record
 
 
@@ -199,7 +200,13 @@ async def test_a_sqlite_unit_of_work_of_one_save_is_two_hops_to_the_thread(
         hops.append(fn)
         return await execute(self, fn, *args, **kwargs)
 
+    async def counted_here(connection: aiosqlite.Connection, fn: Any, *args: Any) -> Any:
+        # The library queues its own calls (runner.run_in_thread), not through _execute.
+        hops.append(fn)
+        return await run_in_thread(connection, fn, *args)
+
     monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    monkeypatch.setattr(uow_module, "run_in_thread", counted_here)
     session.add_message("user", "one")
     async with sqlite_storage.unit_of_work() as uow:
         await uow.sessions.add(session)
