@@ -51,24 +51,34 @@ def counted_round_trips() -> Iterator[Counter[str]]:
 
     import aiosqlite
 
+    from persistence.sql import runner, sqlite_storage, uow
+
     hops: Counter[str] = Counter()
     original_execute = aiosqlite.Connection._execute
+    original_run_in_thread = runner.run_in_thread
     original_write = selector_events._SelectorSocketTransport.write
 
     async def execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         hops[f"aiosqlite {getattr(fn, '__name__', repr(fn))}"] += 1
         return await original_execute(self, fn, *args, **kwargs)
 
+    async def run_in_thread(connection: Any, fn: Any, *args: Any) -> Any:
+        # The library queues its own calls on the thread, not through _execute.
+        hops[f"aiosqlite {getattr(fn, '__name__', repr(fn))}"] += 1
+        return await original_run_in_thread(connection, fn, *args)
+
     def write(self: Any, data: Any) -> None:
         hops[f"asyncpg message {bytes(data[:1]).decode('latin-1')!r}"] += 1
         original_write(self, data)
 
     aiosqlite.Connection._execute = execute  # type: ignore[method-assign]
+    sqlite_storage.run_in_thread = uow.run_in_thread = run_in_thread
     selector_events._SelectorSocketTransport.write = write  # type: ignore[method-assign]
     try:
         yield hops
     finally:
         aiosqlite.Connection._execute = original_execute  # type: ignore[method-assign]
+        sqlite_storage.run_in_thread = uow.run_in_thread = original_run_in_thread
         selector_events._SelectorSocketTransport.write = original_write  # type: ignore[method-assign]
 
 
