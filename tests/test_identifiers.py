@@ -94,7 +94,7 @@ def test_a_child_forked_in_c_draws_its_own_ids_once_it_opens_a_storage(tmp_path:
         random_hex_id()
     inherited = set(identifiers._pool)
     read_end, write_end = os.pipe()
-    pid = int(ctypes.CDLL(None).fork())
+    pid = int(ctypes.PyDLL(None).fork())
     if pid == 0:  # pragma: no cover - the child reports through the pipe
         drawn: list[str] = []
         try:

@@ -41,7 +41,10 @@ WAIT = 10.0
 
 def _fork(how: str) -> int:
     if how == "libc":
-        return int(ctypes.CDLL(None).fork())
+        # PyDLL keeps the GIL through the call, as a fork made in C does: CDLL let
+        # another thread (aiosqlite's) take it, and the child, forked holding none,
+        # waited for it for good (found as a child left sleeping after a failed run).
+        return int(ctypes.PyDLL(None).fork())
     return os.fork()
 
 
