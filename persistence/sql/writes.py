@@ -240,8 +240,13 @@ def _stored_versions(plan: SavePlan) -> Work[dict[str, ChatMessage]]:
     return found
 
 
-def _locked_write(plan: SavePlan, force: bool) -> Work[Saved]:
-    rows = yield Fetch(LOCK, {"session_id": plan.session_id})
+def _locked_write(
+    plan: SavePlan, force: bool, locked: Sequence[tuple[Any, ...]] = ()
+) -> Work[Saved]:
+    """Saves `plan` under the session row's lock, checking for conflicts (not with
+    `force`). `locked`: the row LOCK returned in this transaction, if the caller has
+    just read it; otherwise it is locked and read here."""
+    rows = locked or (yield Fetch(LOCK, {"session_id": plan.session_id}))
     if not rows or rows[0][1] != plan.incarnation:
         raise SessionDeletedError(plan.session_id)
     revision, _, model, status, created_at, metadata_text, count, next_position = rows[0]
@@ -344,9 +349,11 @@ def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
             changed since what this object changes, or may have removed a message it
             sent (not with `force`).
     """
-    if not plan.certain and (yield from _creation_landed(plan)):
-        assert plan.if_landed is not None
-        return (yield from _locked_write(plan.if_landed, force))
+    if not plan.certain:
+        landed = yield from _creation_landed(plan)
+        if landed:
+            assert plan.if_landed is not None
+            return (yield from _locked_write(plan.if_landed, force, landed))
     for _ in range(_CREATE_ATTEMPTS):
         created = yield from create_row(plan)
         if created is not None:
@@ -368,7 +375,7 @@ def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
             # An earlier merge of this object into the stored session landed.
             assert plan.if_landed is not None
             merged = replace(plan.if_landed, incarnation=stored_incarnation)
-            return (yield from _locked_write(merged, force))
+            return (yield from _locked_write(merged, force, rows))
         appends = yield from not_stored(plan.session_id, plan.appends)
         yield from _insert(plan.session_id, appends, next_position)
         merged_metadata = {**json_loads(metadata_text), **plan.metadata}
@@ -389,8 +396,9 @@ def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
     )
 
 
-def _creation_landed(plan: SavePlan) -> Work[bool]:
-    """Whether the session an earlier creation of unknown outcome made is stored.
+def _creation_landed(plan: SavePlan) -> Work[Sequence[tuple[Any, ...]]]:
+    """The locked row of the session an earlier creation of unknown outcome made, if
+    it is stored; otherwise empty.
 
     The row is locked first: a delete in flight (PostgreSQL) is waited for, and its
     record is then read by the next statement.
@@ -398,12 +406,12 @@ def _creation_landed(plan: SavePlan) -> Work[bool]:
     Raises:
         SessionDeletedError: the creation landed, and the session was deleted since.
     """
-    rows = yield Fetch(LOCK, {"session_id": plan.session_id})
+    rows: list[tuple[Any, ...]] = yield Fetch(LOCK, {"session_id": plan.session_id})
     if rows and rows[0][1] == plan.incarnation:
-        return True
+        return rows
     deleted = yield Fetch(
         WAS_DELETED, {"session_id": plan.session_id, "incarnation": plan.incarnation}
     )
     if deleted:
         raise SessionDeletedError(plan.session_id)
-    return False
+    return ()
