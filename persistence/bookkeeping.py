@@ -204,6 +204,7 @@ class Bookkeeping:
             foreign_at=messages.foreign_changes,
             epoch=private["_epoch"],
             unconfirmed=None if sent is None else sent.copy(),
+            base_removals=base.removals,
         )
 
     def saved_to(
@@ -215,8 +216,12 @@ class Bookkeeping:
         *,
         exact: bool,
         keep_log: bool = False,
+        removals: int = 0,
     ) -> None:
         """Records that storage `token` confirmed `plan` at `revision`.
+
+        `removals`: how many messages the store had removed from the session by then,
+        or fewer (`Base.removals`).
 
         Changes made while the save was in flight stay pending: the new base is the
         object as the plan saw it. `keep_log` keeps what an older base needs (a unit of
@@ -246,6 +251,7 @@ class Bookkeeping:
             synced=plan.messages_sent,
             log_at=plan.log_at,
             foreign_at=plan.foreign_at,
+            removals=removals,
         )
         # What this object knows of the store: its omitted messages and those it carries
         # (found by audit: messages appended to `messages` directly were stored, and the

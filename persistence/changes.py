@@ -284,6 +284,10 @@ class Base:
     # What saves whose outcome is unknown sent since (None: none did; made on the first,
     # as a base is made on every save).
     unconfirmed: Unconfirmed | None = None
+    # How many messages the store had removed from the session by `revision` (SQL: its
+    # next position less its count), or fewer: never more, which would hide a removal
+    # another writer made since (`conflicts`).
+    removals: int = 0
 
     def copy(self) -> Base:
         return replace(
@@ -336,6 +340,8 @@ class SavePlan:
     # session that creation made (`Creation.if_landed`), for the store to write if it
     # holds that session.
     if_landed: SavePlan | None = None
+    # The base's `removals`.
+    base_removals: int = 0
 
     @property
     def is_new(self) -> bool:
@@ -469,8 +475,9 @@ def conflicts(
     another writer set the value back since (found by attack: the next save silently
     undid that writer's change). After one write it is certain: had it been that save,
     the value would be the one it sent. So is a message such a save sent that the store
-    lacks (`maybe_removed`), unless no message of the session was ever removed
-    (`anything_removed` False: the store's next position is its message count).
+    lacks (`maybe_removed`), unless no message of the session was removed since the base
+    (`anything_removed` False: SQL counts the removals, its next position less its
+    message count, and the count is the base's).
     """
     sent = plan.unconfirmed or Unconfirmed()
     undone = plan.revision is not None and stored_revision >= plan.revision + 2
@@ -513,7 +520,8 @@ def maybe_removed(plan: SavePlan, writes: int) -> list[str]:
     lacks. After one write it is certain they never landed: had that write been such a
     save, it would hold them. The price, as for fields, is a conflict where the save
     was lost and two other writes came meanwhile, one of them a removal on SQL (found
-    by the faults test: in a session others append to, every lost save conflicted).
+    by the faults test: in a session others append to, every lost save conflicted), or
+    a removal by one of the holder's own saves of unknown outcome that landed.
     """
     if writes < 2 or plan.unconfirmed is None:
         return []

@@ -40,6 +40,7 @@ SESSION_COLUMNS = (
     SessionRow.status,
     SessionRow.revision,
     SessionRow.incarnation,
+    SessionRow.next_position,
 )
 # A message's metadata too: on PostgreSQL the driver's JSONB codec called a Python
 # function per row; json_loads answers the empty object of most messages at once.
@@ -258,6 +259,8 @@ def _base_of_row(row: Sequence[Any], synced: int, foreign_at: int) -> Base:
         synced=synced,
         log_at=0,
         foreign_at=foreign_at,
+        # Positions are never reused: those the count lacks were removed.
+        removals=row[9] - row[4],
     )
 
 

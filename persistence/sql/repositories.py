@@ -115,6 +115,7 @@ def _session_with_history(newest: bool, bounded: bool = False) -> Any:
         null().cast(Integer).label("message_count"),
         null().cast(BigInteger).label("revision"),
         null().cast(String).label("incarnation"),
+        null().cast(BigInteger).label("next_position"),
         messages.c.position.label("sort_position"),
     ).where(messages.c.session_id == bindparam("session_id"))
     if newest:
@@ -141,6 +142,7 @@ _SESSION_IN_UNION = (
     sessions.c.message_count,
     sessions.c.revision,
     sessions.c.incarnation,
+    sessions.c.next_position,
 )
 # The newest :last of a session lie at positions of at least message_count - :last:
 # its positions are distinct and never negative, so at most message_count - :last of

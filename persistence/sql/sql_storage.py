@@ -281,7 +281,14 @@ class SqlSessionStorage(SessionStorage):
             # Cancelled or cut off: it may have landed, so the next save checks.
             session.save_failed(self.token, plan)
             raise
-        session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
+        session.saved_to(
+            self.token,
+            plan,
+            saved.revision,
+            saved.incarnation,
+            exact=saved.exact,
+            removals=saved.removals,
+        )
         return True
 
     async def _duplicate_message(

@@ -192,6 +192,7 @@ class SqlUnitOfWork(UnitOfWork):
             saved.incarnation,
             exact=saved.exact,
             keep_log=True,
+            removals=saved.removals,
         )
 
     async def commit(self) -> None:

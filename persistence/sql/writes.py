@@ -64,6 +64,8 @@ class Saved:
     revision: int
     incarnation: str
     exact: bool
+    # The messages ever removed from the session by `revision`, or fewer (Base.removals).
+    removals: int
 
 
 # From this many messages on, an append to a stored session goes by COPY, in parts built
@@ -107,7 +109,13 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
     if not found:
         raise SessionDeletedError(plan.session_id)
     _, revision = found[0]
-    return Saved(revision, plan.incarnation, plan.exact and revision == plan.revision + 1)
+    return Saved(
+        revision,
+        plan.incarnation,
+        plan.exact and revision == plan.revision + 1,
+        # An append removes nothing; another writer's removals since are not counted.
+        plan.base_removals,
+    )
 
 
 def _resolved(plan: SavePlan) -> Work[SavePlan]:
@@ -161,7 +169,12 @@ def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
             raise SessionDeletedError(plan.session_id)
         next_position, revision = rows[0]
         yield from _insert(plan.session_id, plan.appends, next_position - len(plan.appends))
-        return Saved(revision, plan.incarnation, plan.exact and revision == plan.revision + 1)
+        return Saved(
+            revision,
+            plan.incarnation,
+            plan.exact and revision == plan.revision + 1,
+            plan.base_removals,
+        )
     if plan.certain and plan.exact:
         rows = yield Fetch(
             COMPARE_AND_SET,
@@ -178,7 +191,8 @@ def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
             yield from _remove(plan)
             yield from _edit(plan)
             yield from _insert(plan.session_id, plan.appends, next_position - len(plan.appends))
-            return Saved(revision, plan.incarnation, exact=True)
+            # The stored revision was the base's: the plan's removals are the only ones.
+            return Saved(revision, plan.incarnation, True, plan.base_removals + len(plan.removals))
     return (yield from _locked_write(plan, force))
 
 
@@ -265,8 +279,9 @@ def _locked_write(
             stored_metadata,
             stored_messages,
             revision,
-            # Positions are never reused: none missing, no message was ever removed.
-            anything_removed=next_position > count,
+            # Positions are never reused: as many missing as at the base, none was
+            # removed since.
+            anything_removed=next_position - count > plan.base_removals,
         )
         if found:
             raise SessionConflictError(plan.session_id, found)
@@ -302,7 +317,7 @@ def _locked_write(
         and values["status"] == plan.status
         and values["created_at"] == plan.created_at
     )
-    return Saved(revision + 1, rows[0][1], exact)
+    return Saved(revision + 1, rows[0][1], exact, next_position - count + removed)
 
 
 def one_statement_save(plan: SavePlan) -> Work[Saved | None] | None:
@@ -331,7 +346,7 @@ def create_row(plan: SavePlan) -> Work[Saved | None]:
             "incarnation": incarnation,
         },
     )
-    return Saved(1, incarnation, exact=True) if rows else None
+    return Saved(1, incarnation, exact=True, removals=0) if rows else None
 
 
 def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
@@ -389,7 +404,7 @@ def _create_or_merge(plan: SavePlan, force: bool) -> Work[Saved]:
             },
         )
         # Messages it shares with the stored session may differ there: not exact.
-        return Saved(revision + 1, stored_incarnation, exact=False)
+        return Saved(revision + 1, stored_incarnation, exact=False, removals=next_position - count)
     raise InvalidDataError(
         f"session {plan.session_id!r}: created and deleted by other writers"
         f" {_CREATE_ATTEMPTS} times during this save; nothing was written"

@@ -359,3 +359,97 @@ async def test_a_value_an_earlier_attempt_sent_set_back_by_another_writer_is_a_c
         await sql_storage.save_session(session)
     stored = await sql_storage.load_session(session.session_id)
     assert stored is not None and stored.metadata == {"title": "a"}
+
+
+async def _landed_landed_lost(storage: SessionStorage, session: ChatSession) -> None:
+    """Three saves of unknown outcome, each adding a message: two land, one is lost."""
+    outcomes(storage, "landed", "landed", "lost")
+    for turn in range(3):
+        session.add_message("assistant", f"unknown {turn}")
+        await save_unknown(storage, session)
+
+
+async def _drafted_and_popped(storage: SessionStorage) -> ChatSession:
+    """A stored session with a message saved, then popped (not saved yet)."""
+    session = await stored_session(storage)
+    session.add_message("assistant", "draft")
+    await storage.save_session(session)
+    session.pop_message()
+    return session
+
+
+async def _removed_once(storage: SessionStorage) -> ChatSession:
+    """A stored session a message was removed from, loaded afresh."""
+    session = await _drafted_and_popped(storage)
+    await storage.save_session(session)
+    loaded = await storage.load_session(session.session_id)
+    assert loaded is not None
+    return loaded
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["loaded", "saved"])
+async def test_own_saves_of_unknown_outcome_in_a_session_with_removals_are_no_conflict(
+    sql_storage: SessionStorage, fresh: bool
+) -> None:
+    """Found by attack: two of the holder's own saves landed and a third was lost, in a
+    session a message was once removed from; with no other writer, the next save
+    conflicted over the lost save's message. The removals the store counts at the
+    holder's base (positions are never reused) now tell: none since, so that message
+    was never stored and is sent again."""
+    session = await _removed_once(sql_storage)
+    if not fresh:
+        # The base a save made, not a load.
+        session.add_message("user", "saved base")
+        await sql_storage.save_session(session)
+    await _landed_landed_lost(sql_storage, session)
+
+    await stored_as_held(sql_storage, session)
+
+
+async def test_a_removal_by_another_writer_after_the_base_is_still_a_conflict(
+    sql_storage: SessionStorage,
+) -> None:
+    """With removals at the base, one more by another writer since is seen."""
+    session = await _removed_once(sql_storage)
+    sent = session.add_message("assistant", "landed")
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, session)
+    await _rewind_elsewhere(sql_storage, session.session_id, keep=1)
+
+    with pytest.raises(SessionConflictError, match=sent.message_id):
+        await sql_storage.save_session(session)
+    assert await _contents(sql_storage, session.session_id) == ["stored"]
+
+
+@pytest.mark.parametrize("through", ["save", "unit of work"])
+async def test_the_holders_own_removal_moves_its_base_count(
+    sql_storage: SessionStorage, through: str
+) -> None:
+    """A removal the holder saved (exactly, or in a unit of work) is counted in its new
+    base: saves of unknown outcome after it are no conflict with no other writer."""
+    session = await _drafted_and_popped(sql_storage)
+    if through == "save":
+        await sql_storage.save_session(session)
+    else:
+        async with sql_storage.unit_of_work() as uow:
+            await uow.sessions.add(session)
+            await uow.commit()
+    await _landed_landed_lost(sql_storage, session)
+
+    await stored_as_held(sql_storage, session)
+
+
+async def test_a_removal_by_the_holders_own_save_of_unknown_outcome_is_a_conflict(
+    sql_storage: SessionStorage,
+) -> None:
+    """The price left: a removal that one of the holder's own saves of unknown outcome
+    may have made is not told from another writer's."""
+    session = await _drafted_and_popped(sql_storage)
+    outcomes(sql_storage, "landed", "landed", "lost")
+    await save_unknown(sql_storage, session)
+    for turn in range(2):
+        session.add_message("assistant", f"unknown {turn}")
+        await save_unknown(sql_storage, session)
+
+    with pytest.raises(SessionConflictError, match="sent by a save of unknown outcome"):
+        await sql_storage.save_session(session)

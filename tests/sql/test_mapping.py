@@ -70,6 +70,8 @@ def test_a_session_built_from_a_row_behaves_like_a_validated_one() -> None:
         validated.status,
         7,
         "incarnation",
+        # next_position: two messages were removed.
+        2,
     ]
 
     built = session_from_row(values, [], "token")
@@ -80,6 +82,7 @@ def test_a_session_built_from_a_row_behaves_like_a_validated_one() -> None:
     assert built.message_count == 1
     plan = built.plan_save("token")
     assert [m.content for m in plan.appends] == ["still works"] and plan.appends_only
+    assert plan.base_removals == 2
 
 
 def test_a_file_record_built_from_a_row_equals_a_validated_one() -> None:
