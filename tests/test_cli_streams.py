@@ -176,7 +176,7 @@ def test_a_closed_standard_stream_is_an_error_naming_it(
     assert not (tmp_path / "new.db").exists()
 
 
-@pytest.mark.parametrize(
+_HELP_AND_VERSION = pytest.mark.parametrize(
     "args",
     [
         ["--help"],
@@ -188,6 +188,9 @@ def test_a_closed_standard_stream_is_an_error_naming_it(
     ],
     ids=lambda args: " ".join(args) or "no arguments",
 )
+
+
+@_HELP_AND_VERSION
 def test_help_and_version_on_a_full_disk_are_one_error_line_with_status_1(
     args: list[str],
 ) -> None:
@@ -196,3 +199,25 @@ def test_help_and_version_on_a_full_disk_are_one_error_line_with_status_1(
     with open("/dev/full", "wb") as full:
         done = run(*args, stdout=full)
     assert (done.returncode, done.stderr) == (1, "error: [Errno 28] No space left on device\n")
+
+
+@_HELP_AND_VERSION
+def test_help_and_version_on_a_closed_output_are_one_error_line_with_status_1(
+    args: list[str],
+) -> None:
+    """Found by attack: click's echo writes nothing to a closed standard output (Python's
+    sys.stdout is None), so `persistence --help >&-` printed nothing and exited 0."""
+    env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-m", "persistence", *args],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (
+        1,
+        "error: standard output is closed: nowhere to write the result (send it to /dev/null)\n",
+    )

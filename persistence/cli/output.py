@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from persistence.cli.streams import whole_writes
+from persistence.cli.streams import STDOUT_CLOSED, stdout_closed, whole_writes
 from persistence.config import (
     StorageConfig,
     create_storage,
@@ -245,9 +245,9 @@ def _run(
     unopened: bool = False,
 ) -> T:
     try:
-        if sys.stdout is None:
+        if stdout_closed():
             # Found by attack: `sessions list >&-` printed nothing and exited 0.
-            fail("standard output is closed: nowhere to write the result (send it to /dev/null)")
+            fail(STDOUT_CLOSED)
         if check_first is not None:
             check_first()
         config = target.load()

@@ -1,8 +1,10 @@
 """Standard output whose every write is done whole, or fails: so that a reader that
-goes away (`persistence search --json | head -c 100`) is noticed."""
+goes away (`persistence search --json | head -c 100`) is noticed; and a closed one
+that fails every write, as a full one does."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import sys
@@ -66,3 +68,41 @@ def whole_writes() -> Iterator[None]:
     finally:
         sys.stdout = stdout
         whole.detach()  # leaves the descriptor open: it is stdout's
+
+
+STDOUT_CLOSED = "standard output is closed: nowhere to write the result (send it to /dev/null)"
+
+
+class StdoutClosedError(OSError):
+    """A write to standard output closed when the command started (`>&-`)."""
+
+    def __str__(self) -> str:
+        return STDOUT_CLOSED
+
+
+class _ClosedStdout(io.TextIOBase):
+    """What sys.stdout is when standard output was closed at start (Python leaves it
+    None): every write raises StdoutClosedError."""
+
+    encoding = "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise StdoutClosedError(errno.EBADF, STDOUT_CLOSED)
+
+
+def closed_stdout_fails() -> None:
+    """Makes writes to a closed standard output fail, not vanish.
+
+    Found by attack: click's echo writes nothing to a None sys.stdout, so
+    `persistence --help >&-` printed nothing and exited 0.
+    """
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+
+
+def stdout_closed() -> bool:
+    """Whether standard output was closed when the command started."""
+    return sys.stdout is None or isinstance(sys.stdout, _ClosedStdout)

@@ -11,6 +11,7 @@ from typing import Any
 from typer.core import TyperGroup
 
 from persistence.cli.output import fail, os_error_line
+from persistence.cli.streams import closed_stdout_fails
 from persistence.config.masking import mask_typed_words
 
 try:
@@ -49,7 +50,8 @@ def _unwritable_output() -> Iterator[None]:
 class MaskingGroup(TyperGroup):
     """The application's command group: parsing and running it (the subcommands and
     their own parsing included) raise usage errors with URL passwords masked, and
-    output that cannot be written (their help) is one error line with status 1."""
+    output that cannot be written (their help; a closed standard output too) is one
+    error line with status 1."""
 
     typed: tuple[str, ...] = ()  # the command line's words, as make_context got them
 
@@ -57,6 +59,7 @@ class MaskingGroup(TyperGroup):
         self, info_name: str | None, args: list[str], *rest: Any, **kwargs: Any
     ) -> Any:
         self.typed = tuple(args)
+        closed_stdout_fails()
         with _masked_usage_errors(self.typed), _unwritable_output():
             return super().make_context(info_name, args, *rest, **kwargs)
 
