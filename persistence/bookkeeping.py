@@ -30,7 +30,7 @@ from persistence.changes import (
     resolve_unconfirmed,
     same_value,
 )
-from persistence.errors import InvalidDataError, SessionDeletedError
+from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.identifiers import new_incarnation
 from persistence.validation import check_json_object
 
@@ -107,9 +107,20 @@ class Bookkeeping:
         Raises:
             InvalidDataError: if `messages` was changed in a way the model cannot express,
                 or a new message belongs to another session or repeats an id.
+            SessionConflictError: the object was read in a unit of work that did not
+                commit, after that unit's own writes to the session (`void`).
         """
         messages = self._messages()
         base = self._known().get(token)
+        if base is not None and base.void:
+            raise SessionConflictError(
+                self.session_id,
+                [
+                    "everything (read in a unit of work after its own writes to the"
+                    " session, and the unit did not commit: what it holds may never"
+                    " have been stored)"
+                ],
+            )
         # Private attributes straight from pydantic's dict: each `self._x` would go
         # through BaseModel.__getattr__, and a save is on the hot path.
         private = self._private()
@@ -385,6 +396,22 @@ class Bookkeeping:
         self._private()["_epoch"] += 1
         self._unpin(base)
 
+    def void(self, token: str) -> None:
+        """Records that what storage `token` held of this object, as its base says, may
+        never have been stored: it was read inside a unit of work, after the unit's own
+        writes to the session, and the unit rolled back (or its commit's outcome is
+        unknown). Every later save to `token` is refused until the session is loaded
+        again.
+
+        Found by attack: such an object kept the rolled-back revision and removal count;
+        once another writer's saves brought the store to that revision, a save of it
+        overwrote that writer's metadata, and brought back a message it had removed.
+        """
+        base = self._known().get(token)
+        if base is not None:
+            self._known()[token] = replace(base, void=True)
+        self._private()["_epoch"] += 1
+
     def save_failed(self, token: str, *sent: SavePlan) -> None:
         """Records that a save to `token` may or may not have landed: the next one checks.
 
@@ -434,7 +461,7 @@ class Bookkeeping:
     def has_changes_for(self, token: str) -> bool:
         """Whether storage `token` lacks something of this object (True if it never held it)."""
         base = self._known().get(token)
-        if base is None or not base.certain or base.session_id != self.session_id:
+        if base is None or not base.certain or base.void or base.session_id != self.session_id:
             return True
         messages = self._messages()
         if (

@@ -288,6 +288,9 @@ class Base:
     # next position less its count), or fewer: never more, which would hide a removal
     # another writer made since (`conflicts`).
     removals: int = 0
+    # Read inside a unit of work, after its own writes to the session, and the unit did
+    # not commit: the base describes a state the store may never have held.
+    void: bool = False
 
     def copy(self) -> Base:
         return replace(

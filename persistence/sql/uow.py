@@ -55,15 +55,21 @@ class _SqlSessions:
     async def get(self, session_id: str) -> ChatSession | None:
         if not lookup_id(session_id, "session_id"):
             return None
-        return await self._uow.run(
-            repositories.read_session(session_id, self._uow.token, None), "load session"
+        uow = self._uow
+        session = await uow.run(
+            repositories.read_session(session_id, uow.token, None), "load session"
         )
+        if session is not None and session_id in uow.written:
+            # It holds this unit's writes: stored only if the unit commits.
+            uow.read_after_writes.append(session)
+        return session
 
     async def add(self, session: ChatSession) -> None:
         check_instance(session, ChatSession, "session")
         uow = self._uow
         await wait_for_units(uow.token, session)
         plan = session.plan_save(uow.token)
+        uow.written.add(session.session_id)
         try:
             saved = await uow.run(writes.write_plan(plan), "save session")
         except PersistenceError as exc:
@@ -79,6 +85,7 @@ class _SqlSessions:
     async def delete(self, session_id: str) -> bool:
         if not lookup_id(session_id, "session_id"):
             return False
+        self._uow.written.add(session_id)
         return await self._uow.run(repositories.delete_session(session_id), "delete session")
 
 
@@ -133,6 +140,11 @@ class SqlUnitOfWork(UnitOfWork):
         # Per object saved in this unit: the object, its base before the unit, and the
         # plans the unit sent for it.
         self._undo: dict[int, tuple[ChatSession, Base | None, list[SavePlan]]] = {}
+        # The ids of the sessions this unit wrote (saved or deleted), and the objects
+        # `sessions.get` read after such a write: if the unit does not commit, what they
+        # hold may never be stored (`ChatSession.void`).
+        self.written: set[str] = set()
+        self.read_after_writes: list[ChatSession] = []
         self._committed = False
         # The task that entered the unit of work (see _OPEN).
         self._owner: asyncio.Task[Any] | None = None
@@ -209,6 +221,7 @@ class SqlUnitOfWork(UnitOfWork):
                 session.restore_base(self.token, base)
                 session.save_failed(self.token, *sent)
             self._undo.clear()
+            self._void_reads()
             await self._give_back(exc)
             raise
         self._committed = True
@@ -217,6 +230,7 @@ class SqlUnitOfWork(UnitOfWork):
         for session, base, _sent in self._undo.values():
             session.settled(base)
         self._undo.clear()
+        self.read_after_writes.clear()
         await self._give_back(None)
 
     async def rollback(self) -> None:
@@ -224,6 +238,7 @@ class SqlUnitOfWork(UnitOfWork):
         for session, base, _sent in self._undo.values():
             session.restore_base(self.token, base)
         self._undo.clear()
+        self._void_reads()
         try:
             with sql_errors("rollback"):
                 await self._end("ROLLBACK")
@@ -231,6 +246,15 @@ class SqlUnitOfWork(UnitOfWork):
             await self._give_back(exc)
             raise
         await self._give_back(None)
+
+    def _void_reads(self) -> None:
+        """The objects read after this unit's writes to their sessions hold what the
+        store may never have held: their saves are refused until loaded again. Those
+        only read, before any write, hold what was committed, and stay as they are."""
+        for session in self.read_after_writes:
+            session.void(self.token)
+        self.read_after_writes.clear()
+        self.written.clear()
 
     async def _end(self, verb: str) -> None:
         """Commits or rolls back the transaction, if one was begun."""
