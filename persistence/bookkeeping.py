@@ -23,6 +23,7 @@ from persistence.changes import (
     MessageList,
     SavePlan,
     Snapshot,
+    Uncommitted,
     Unconfirmed,
     merge_metadata,
     metadata_changes,
@@ -396,20 +397,21 @@ class Bookkeeping:
         self._private()["_epoch"] += 1
         self._unpin(base)
 
-    def void(self, token: str) -> None:
-        """Records that what storage `token` held of this object, as its base says, may
-        never have been stored: it was read inside a unit of work, after the unit's own
-        writes to the session, and the unit rolled back (or its commit's outcome is
-        unknown). Every later save to `token` is refused until the session is loaded
-        again.
+    def read_uncommitted(self, token: str, mark: Uncommitted) -> None:
+        """Records that this object, just read from storage `token` inside a unit of
+        work, holds that unit's own writes to the session: stored only if it commits.
 
-        Found by attack: such an object kept the rolled-back revision and removal count;
-        once another writer's saves brought the store to that revision, a save of it
+        Once the unit ends without a commit (`mark.void`), every save of this object or
+        a copy of it to `token` is refused until the session is loaded again. Found by
+        attack: such an object kept the rolled-back revision and removal count; once
+        another writer's saves brought the store to that revision, a save of it
         overwrote that writer's metadata, and brought back a message it had removed.
         """
-        base = self._known().get(token)
-        if base is not None:
-            self._known()[token] = replace(base, void=True)
+        self._known()[token].uncommitted = mark
+
+    def unit_ended(self) -> None:
+        """A unit of work this object was read in ended: a save of it in flight, planned
+        before, records an uncertain base (as after `restore_base`)."""
         self._private()["_epoch"] += 1
 
     def save_failed(self, token: str, *sent: SavePlan) -> None:

@@ -258,6 +258,14 @@ class Creation:
         )
 
 
+@dataclass(slots=True, eq=False)
+class Uncommitted:
+    """Shared by the bases a unit of work's reads made from its own writes: `void` once
+    the unit ends without a commit (their state may never have been stored)."""
+
+    void: bool = False
+
+
 @dataclass(slots=True)
 class Base:
     """What one storage held of a session when this object last loaded or saved it there."""
@@ -288,9 +296,14 @@ class Base:
     # next position less its count), or fewer: never more, which would hide a removal
     # another writer made since (`conflicts`).
     removals: int = 0
-    # Read inside a unit of work, after its own writes to the session, and the unit did
-    # not commit: the base describes a state the store may never have held.
-    void: bool = False
+    # Read inside a unit of work from its own writes to the session (None: not so). Shared
+    # with the copies of the object: if the unit does not commit, none of them may save.
+    uncommitted: Uncommitted | None = None
+
+    @property
+    def void(self) -> bool:
+        """Whether the state it describes may never have been stored (`uncommitted`)."""
+        return self.uncommitted is not None and self.uncommitted.void
 
     def copy(self) -> Base:
         return replace(

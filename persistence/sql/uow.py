@@ -12,7 +12,7 @@ from weakref import WeakKeyDictionary
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from persistence.changes import Base, SavePlan
+from persistence.changes import Base, SavePlan, Uncommitted
 from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
@@ -61,6 +61,7 @@ class _SqlSessions:
         )
         if session is not None and session_id in uow.written:
             # It holds this unit's writes: stored only if the unit commits.
+            session.read_uncommitted(uow.token, uow.uncommitted)
             uow.read_after_writes.append(session)
         return session
 
@@ -141,10 +142,11 @@ class SqlUnitOfWork(UnitOfWork):
         # plans the unit sent for it.
         self._undo: dict[int, tuple[ChatSession, Base | None, list[SavePlan]]] = {}
         # The ids of the sessions this unit wrote (saved or deleted), and the objects
-        # `sessions.get` read after such a write: if the unit does not commit, what they
-        # hold may never be stored (`ChatSession.void`).
+        # `sessions.get` read after such a write, marked with `uncommitted`: if the unit
+        # does not commit, what they hold may never be stored (read_uncommitted).
         self.written: set[str] = set()
         self.read_after_writes: list[ChatSession] = []
+        self.uncommitted = Uncommitted()
         self._committed = False
         # The task that entered the unit of work (see _OPEN).
         self._owner: asyncio.Task[Any] | None = None
@@ -248,11 +250,13 @@ class SqlUnitOfWork(UnitOfWork):
         await self._give_back(None)
 
     def _void_reads(self) -> None:
-        """The objects read after this unit's writes to their sessions hold what the
-        store may never have held: their saves are refused until loaded again. Those
-        only read, before any write, hold what was committed, and stay as they are."""
+        """The objects read after this unit's writes to their sessions, and their
+        copies, hold what the store may never have held: their saves are refused until
+        loaded again. Those read before any write hold what was committed."""
+        self.uncommitted.void = True
+        self.uncommitted = Uncommitted()
         for session in self.read_after_writes:
-            session.void(self.token)
+            session.unit_ended()
         self.read_after_writes.clear()
         self.written.clear()
 

@@ -13,6 +13,7 @@ usable.
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 
@@ -142,6 +143,26 @@ async def test_every_ending_without_a_commit_voids_the_read(
                 await uow.commit()
     with pytest.raises(SessionConflictError, match="read in a unit of work"):
         await sql_storage.save_session(read)
+
+
+async def test_a_copy_made_inside_the_unit_is_refused_too(sql_storage: SessionStorage) -> None:
+    """A copy is another holder that knows what the read knew: the same base."""
+    session = await _stored(sql_storage)
+    async with sql_storage.unit_of_work() as uow:
+        writer = await uow.sessions.get(session.session_id)
+        assert writer is not None
+        writer.pop_message()
+        await uow.sessions.add(writer)
+        read = await uow.sessions.get(session.session_id)
+        assert read is not None
+        copied = copy.copy(read)
+    copied.metadata["note"] = "from the copy"
+    with pytest.raises(SessionConflictError, match="read in a unit of work"):
+        await sql_storage.save_session(copied)
+    assert await _contents(sql_storage, session.session_id) == (
+        ["a", "b", "c"],
+        {"title": "first"},
+    )
 
 
 async def test_a_read_before_the_units_write_and_a_committed_read_stay_usable(
