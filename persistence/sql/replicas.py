@@ -186,7 +186,7 @@ class ReplicaSet:
                 replica.check_soon()
                 continue
             try:
-                return (await replica.run(make_work(), snapshot),)
+                return (await replica.run(make_work(), snapshot, position),)
             except Unavailable:
                 continue
         return None

@@ -1,8 +1,11 @@
 """One PostgreSQL hot standby used for reads: its connections, health and lag.
 
 - Lag: the standby reports how far behind it is at most every `check_interval`
-  seconds (checked in the background); one beyond `max_lag` serves no reads until
-  it catches up.
+  seconds (checked in the background, when reads come); one beyond `max_lag` serves
+  no reads until it catches up, nor does one whose last report, grown by the time
+  since, could be beyond it (after an idle spell: its first read goes to the primary).
+- Progress: how far it has replayed, as its last report says (a new connection asks
+  again: a standby restarted after a crash can reopen behind where it was).
 - Health: a standby that refuses, cannot be reached or hangs (a partition, a frozen
   server) is marked down and serves no reads; a background task checks it again
   every `retry_interval` seconds. Connecting gives up after `timeout` seconds. A
@@ -162,12 +165,19 @@ class Replica:
             await dialect.setup_asyncpg_jsonb_codec(_Adapted(connection))
             # Checked on every new connection: the URL may name another server by now.
             mismatch = self._expected.mismatch(await identity_of(connection))
+            if mismatch is None:
+                # And how far it has replayed: a new connection may follow a restart,
+                # after which a standby can reopen behind where it was (found by attack:
+                # reads went on to it as if it held this storage's writes).
+                status = await run_on_asyncpg(connection, self._dialect, fetch_one(STATUS))
         except BaseException:
             connection.terminate()
             raise
         if mismatch is not None:
             connection.terminate()
             raise NotThisDatabase(mismatch)
+        if not self._closed:
+            self._learn(bool(status[0]), status[1], status[2], new_connection=True)
         return connection
 
     def state(self, position: int | None) -> ReplicaState:
@@ -185,10 +195,17 @@ class Replica:
         )
 
     def serves(self) -> bool:
-        """Up, a copy of the primary's database, checked, and not too far behind."""
-        return (
-            self.usable() and not self.lagging and self.checked_at > -math.inf and not self._closed
-        )
+        """Up, a copy of the primary's database, and known to be within `max_lag` now.
+
+        The lag it last reported grows, at most, by the time since: after that long
+        without a check it may be too far behind (found by attack: the first read after
+        a storage sat idle was served by a standby 8 s behind, `max_lag` 2 s). Reads
+        start a check once the last is older than `check_interval`.
+        """
+        if not self.usable() or self.lagging or self._closed:
+            return False
+        lag = self.lag or 0.0
+        return time.monotonic() - self.checked_at + lag <= self._settings.max_lag
 
     def caught_up_with(self, position: int) -> bool:
         return position == 0 or (self.replayed is not None and self.replayed >= position)
@@ -253,12 +270,21 @@ class Replica:
             self._learn(bool(standby), replayed, lag)
         return True
 
-    def _learn(self, standby: bool, replayed: int | None, lag: float | None) -> None:
+    def _learn(
+        self, standby: bool, replayed: int | None, lag: float | None, new_connection: bool = False
+    ) -> None:
+        """Records a report. Replay never goes back while the server runs, so the highest
+        position reported stands, unless the report came on a new connection: the
+        server may have restarted since the others were made."""
         self.checked_at = time.monotonic()
         # A server out of recovery (promoted, or the primary itself) cannot show that
         # it holds this storage's writes: it serves only reads that need none of them.
+        # A standby restarted after a crash can reopen behind where it was (found by
+        # attack: the highest position ever reported was kept, and it served reads as
+        # if it held this storage's writes). Within one run of the server, answers that
+        # arrive out of order must not set it back: reads would leave it for nothing.
         if standby and replayed is not None:
-            self.replayed = max(replayed, self.replayed or 0)
+            self.replayed = replayed if new_connection else max(replayed, self.replayed or 0)
         else:
             self.replayed = None
         self.lag = lag
@@ -326,8 +352,8 @@ class Replica:
         )
         self._tend(check_first=False)
 
-    async def run(self, work: Work[T], snapshot: bool) -> T:
-        """Runs `work` here.
+    async def run(self, work: Work[T], snapshot: bool, position: int = 0) -> T:
+        """Runs `work` here, if the replica has replayed `position` (this storage's writes).
 
         Raises:
             Unavailable: the replica cannot serve it (the caller reads from the primary).
@@ -341,9 +367,14 @@ class Replica:
             work.close()
             self._not_connected(exc)
             raise Unavailable(_describe(exc)) from exc
+        try:
+            self._still_serves(connection, position)
+        except Unavailable:
+            work.close()
+            raise
         # Its first call, if the replica had ended this connection, is sent again on a
         # fresh one (checkout.Lent) rather than the replica taken for down.
-        lent = Lent(connection, self._replace)
+        lent = Lent(connection, lambda ended, exc: self._replace(ended, exc, position))
         try:
             result = await self._watch(lent, self._execute(lent, work, snapshot))
         except BaseException as exc:
@@ -372,20 +403,33 @@ class Replica:
             self._pool.drop(lent.driver)
         return result
 
-    async def _replace(self, ended: Any, exc: BaseException) -> Any:
+    async def _replace(self, ended: Any, exc: BaseException, position: int) -> Any:
         """A fresh connection for a read whose first call found `ended` closed by the
         replica, which likely ended its other idle ones too (a restart): all dropped.
 
         Raises:
-            Unavailable: no new connection (the replica is marked down or foreign).
+            Unavailable: no new connection (the replica is marked down or foreign), or
+                the replica reopened behind `position` or `max_lag`.
         """
         self._pool.drop(ended)
         self._pool.drop_idle()
         try:
-            return await self._pool.take(self._settings.timeout)
+            connection = await self._pool.take(self._settings.timeout)
         except Exception as failed:
             self._not_connected(failed)
             raise Unavailable(_describe(failed)) from failed
+        self._still_serves(connection, position)
+        return connection
+
+    def _still_serves(self, connection: Any, position: int) -> None:
+        """Gives `connection` back and raises Unavailable unless the replica still
+        serves reads that need `position`: a new connection has just asked how far the
+        replica has replayed (`_connect`), which a restart can have set back.
+        """
+        if not (self.serves() and self.caught_up_with(position)):
+            self._pool.give_back(connection)
+            self.check_soon()
+            raise Unavailable("behind this storage's writes, or too far behind")
 
     async def _execute(self, lent: Lent, work: Work[T], snapshot: bool) -> T:
         if snapshot:

@@ -307,7 +307,13 @@ async def test_a_standby_lagging_beyond_the_bound_is_skipped_with_one_log_line(
         for _ in range(10):
             assert fresh.session_id in _ids(await reader.list_sessions())
             await asyncio.sleep(0.05)
-        assert reader.replica_states()[0].lagging
+        # Reads left the standby as soon as its last reported lag, grown by the time
+        # since, could pass the bound; a check reports it past the bound soon after.
+        deadline = time.monotonic() + 3
+        while not reader.replica_states()[0].lagging:
+            assert time.monotonic() < deadline, "the standby's lag was never reported"
+            assert fresh.session_id in _ids(await reader.list_sessions())
+            await asyncio.sleep(0.05)
     await wait_caught_up(pair)
     deadline = time.monotonic() + 3
     while reader.replica_states()[0].lagging:
@@ -710,3 +716,68 @@ async def test_a_comma_in_a_replica_password_reaches_the_standby(
             pair.primary.url(), "REVOKE SELECT ON ALL TABLES IN SCHEMA public FROM PUBLIC"
         )
         await _execute(primary, "DROP ROLE IF EXISTS fix_replica_reader")
+
+
+async def test_the_first_read_after_an_idle_spell_longer_than_the_bound_is_not_stale(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: a read routes on the last check, and nothing checks an idle
+    storage's standby, so after 6 idle seconds the first read was served by a standby
+    8 s behind (bound 2 s). A check's lag now counts as growing by the time since."""
+    writer = await open_storage(replicas=False)
+    reader = await open_storage(max_replica_lag=2)
+    await _routable(reader)
+    async with replay_paused(pair):
+        (fresh,) = await _seed(writer, 1, "idle")
+        await asyncio.sleep(3)  # longer than the bound, without a call
+
+        assert fresh.session_id in _ids(await reader.list_sessions())
+
+
+@pytest.fixture
+def own_pair() -> Iterator[ReplicationPair]:
+    yield from _started("a primary and standby pair of its own")
+
+
+async def test_a_standby_restarted_behind_this_storages_writes_serves_none_of_its_reads(
+    own_pair: ReplicationPair,
+) -> None:
+    """Found by attack: the storage kept the highest replay position the standby ever
+    reported, so a standby that reopened after a crash behind where it was (here made
+    certain with a recovery target before the storage's write) served its reads as if
+    it held that write. A new connection now asks how far it has replayed."""
+    pair = own_pair
+    storage = PostgreSQLSessionStorage(
+        pair.primary.url(),
+        1,
+        5,
+        read_replicas=[pair.standby.url()],
+        max_replica_lag=3600,
+        replica_timeout=30,
+    )
+    await storage.initialize()
+    try:
+        await _seed(storage, 2, "before")
+        before = await fetchval(pair.primary.url(), "SELECT pg_current_wal_insert_lsn()::text")
+        (mine,) = await _seed(storage, 1, "acknowledged")
+        await wait_caught_up(pair)
+        await _routable(storage)
+        pair.stop(pair.standby, "immediate")
+        with (pair.standby.data / "postgresql.auto.conf").open("a") as conf:
+            conf.write(
+                f"recovery_target_lsn = '{before}'\nrecovery_target_action = 'pause'\n"
+                "recovery_target_inclusive = off\n"
+            )
+        pair.start(pair.standby)
+        assert await fetchval(pair.standby.url(), "SELECT count(*) FROM chat_sessions") == 2
+
+        for _ in range(3):
+            assert mine.session_id in _ids(await storage.list_sessions())
+            assert (await storage.count()).total_sessions == 3
+            assert {m.session_id for m in await storage.search_messages("acknowledged")} == {
+                mine.session_id
+            }
+            await asyncio.sleep(1.2)
+        assert not storage.replica_states()[0].holds_own_writes
+    finally:
+        await storage.close()
