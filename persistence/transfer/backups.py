@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sqlite3
 import time
@@ -157,9 +158,13 @@ def _refuse_pending_wal(path: Path) -> None:
 
     Found by attack: the restore copied the main file alone, so what a program with the
     file open (or one that crashed) had in the -wal was lost, and the verification,
-    made against that copy, passed.
+    made against that copy, passed. The -wal is looked for beside the file a symlink
+    names, where SQLite keeps it (found by attack: through a symlink, the check looked
+    beside the link, and the restore dropped the -wal's sessions). A hard link cannot
+    be followed so: SQLite's own documentation warns against hard-linked databases.
     """
-    wal = path.with_name(path.name + "-wal")
+    real = Path(os.path.realpath(path))
+    wal = real.with_name(real.name + "-wal")
     try:
         pending = wal.stat().st_size > 0
     except OSError:

@@ -325,6 +325,15 @@ async def test_a_sqlite_file_whose_wal_holds_writes_is_refused_naming_it(
             validate_backup_file(live_path)
         with pytest.raises(InvalidDataError, match="persistence backup"):
             await restore_backup(sqlite_storage, live_path)
+        # Through a symlink too (found by attack: the check looked beside the link, and
+        # the restore dropped the sessions in the -wal).
+        link = tmp_path / "elsewhere" / "link.db"
+        link.parent.mkdir()
+        link.symlink_to(live_path)
+        with pytest.raises(InvalidDataError, match=r"link\.db: its -wal file holds writes"):
+            validate_backup_file(link)
+        with pytest.raises(InvalidDataError, match="persistence backup"):
+            await restore_backup(sqlite_storage, link)
 
         assert await snapshot(sqlite_storage) == before
         # What the error says to do works, with the program still running.
