@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.transfer.json_stream import (
+    READ_SIZE,
     document_start,
     exact_floats,
     json_errors,
@@ -374,7 +375,7 @@ def validate_document(stream: IO[bytes]) -> DocumentSummary:
         """(False, key, value) for each top-level field, then (True, key, record)."""
         stream.seek(start)
         reader = pass_parser(parser, exact)
-        events = iter(reader.basic_parse(stream, use_float=not exact))
+        events = iter(reader.basic_parse(stream, use_float=not exact, buf_size=READ_SIZE))
         present = []
         for key, value in top_level(events, _RECORD_KEYS):
             yield False, key, exact_floats(value) if exact else value

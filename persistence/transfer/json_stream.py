@@ -33,6 +33,12 @@ SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "st
 # A JSON escape of a UTF-16 surrogate; a false positive only costs the slower parser.
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 SCAN_CHUNK = 1 << 20
+# How much the parsers read at a time. yajl lexes a string cut by a read again from its
+# start with each read, so one string costs (its size / this) squared: found by attack,
+# with ijson's 64 KiB a 32 MB message took 13 s to import and a 300 MB one over 10
+# minutes; with 1 MiB, parsing a 32 / 128 MB string takes 0.19 / 2.4 s. Items are built
+# a read ahead: this bounds what that holds.
+READ_SIZE = 1 << 20
 DEPTH_CHANGE = {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}
 # How deep a record of an export may nest inside its array: a message's metadata sits
 # four levels down (the session, its messages, the message, the metadata), and keeps
@@ -202,7 +208,9 @@ def record_items(
     stream.seek(start)
     repeated: list[tuple[str, dict[str, Any]]] = []
     mapping = _once(repeated) if checked else dict
-    items = parser.items(stream, f"{key}.item", use_float=not exact, map_type=mapping)
+    items = parser.items(
+        stream, f"{key}.item", use_float=not exact, map_type=mapping, buf_size=READ_SIZE
+    )
     for index, item in enumerate(map(exact_floats, items) if exact else items):
         if repeated:
             # The parsers build items a buffer ahead of this loop (found by attack: a key
