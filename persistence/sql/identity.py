@@ -1,4 +1,5 @@
-"""Which database a PostgreSQL server serves: its cluster and the database in it.
+"""Which database a PostgreSQL server serves: its cluster, the database in it, and the
+schema the store's tables are in.
 
 A storage's bookkeeping token (persistence.turns) names the store by it, so one store
 is one store through any URL, pool or replica, and another database (a dump restored
@@ -16,22 +17,34 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from persistence.sql.checkout import driver_connection
 
 # The cluster's system identifier (a standby cloned from it keeps it) and the database's
-# oid (physical replication keeps it): what a copy of a database shares with it.
+# oid (physical replication keeps it): what a copy of a database shares with it. And the
+# schema unqualified names resolve to, where the store's tables are (a URL may choose
+# another, with `options=-c search_path=...`): one database can hold several stores.
 SYSTEM_IDENTIFIER = "SELECT system_identifier FROM pg_control_system()"
-DATABASE_OID = "SELECT oid FROM pg_database WHERE datname = current_database()"
+DATABASE_OID_AND_SCHEMA = (
+    "SELECT oid, current_schema() FROM pg_database WHERE datname = current_database()"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Which database a server serves: its cluster (None: not told) and its oid."""
+    """Which database a server serves: its cluster (None: not told), its oid, and the
+    schema of unqualified names (None: no schema of the search path exists)."""
 
     system: int | None
     oid: int
+    schema: str | None = None
 
     def token(self, fallback: str) -> str:
         """The store's bookkeeping token (SessionStorage.token): one store through any
-        URL, pool or replica. `fallback` stands for an identifier the server withholds."""
-        return f"{fallback if self.system is None else self.system}:{self.oid}"
+        URL, pool or replica. `fallback` stands for an identifier the server withholds.
+
+        Found by attack: two stores in two schemas of one database had one token, so
+        a session saved to one was refused by the other as deleted, and `migrate`
+        between them called them the same store.
+        """
+        system = fallback if self.system is None else self.system
+        return f"{system}:{self.oid}:{self.schema}"
 
     def mismatch(self, replica: Identity) -> str | None:
         """What keeps `replica` from being known as a copy of this database, or None."""
@@ -52,6 +65,11 @@ class Identity:
                 f"it is another database of the cluster (oid {replica.oid},"
                 f" the primary's database is oid {self.oid})"
             )
+        if replica.schema != self.schema:
+            return (
+                f"its search path reads schema {replica.schema!r}, the primary's"
+                f" {self.schema!r} (another store of the database)"
+            )
         return None
 
 
@@ -59,12 +77,12 @@ async def identity_of(connection: Any) -> Identity:
     """The identity of the database an asyncpg connection serves."""
     import asyncpg
 
-    oid = await connection.fetchval(DATABASE_OID)
+    oid, schema = await connection.fetchrow(DATABASE_OID_AND_SCHEMA)
     try:
         system = await connection.fetchval(SYSTEM_IDENTIFIER)
     except asyncpg.PostgresError:  # a privilege some hosts withhold
         system = None
-    return Identity(None if system is None else int(system), int(oid))
+    return Identity(None if system is None else int(system), int(oid), schema)
 
 
 class NotThisDatabase(Exception):

@@ -550,6 +550,37 @@ async def test_a_replica_naming_another_database_of_the_standby_is_never_read(
         )
 
 
+async def test_a_replica_reading_another_schema_is_never_read(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica URL whose search path names another schema reads another store of the
+    same database: the identity holds the schema too."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    mine = await open_storage(replicas=False)
+    await mine.close()
+    await _execute(pair.primary.url(), "DROP SCHEMA IF EXISTS other_store CASCADE")
+    await _execute(pair.primary.url(), "CREATE SCHEMA other_store")
+    schema_option = "?options=-c%20search_path%3Dother_store"
+    try:
+        async with PostgreSQLSessionStorage(pair.primary.url() + schema_option, 1, 2) as other:
+            foreign = _ids(await _seed(other, 3, "identity"))
+        await wait_caught_up(pair)
+        storage = PostgreSQLSessionStorage(
+            pair.primary.url(), 1, 2, read_replicas=[pair.standby.url() + schema_option]
+        )
+        try:
+            await storage.initialize()
+            own = _ids(await _seed(storage, 1, "identity"))
+            await wait_caught_up(pair)
+            await _never_served(storage, own, foreign)
+            (state,) = storage.replica_states()
+            assert state.mismatch is not None and "schema 'other_store'" in state.mismatch
+        finally:
+            await storage.close()
+    finally:
+        await _execute(pair.primary.url(), "DROP SCHEMA IF EXISTS other_store CASCADE")
+
+
 async def test_a_standby_of_another_cluster_is_never_read(
     pair: ReplicationPair,
     other_pair: ReplicationPair,

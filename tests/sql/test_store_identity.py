@@ -75,3 +75,34 @@ async def test_a_postgresql_database_is_one_store_through_any_url_and_another_is
         other_postgresql_url, min_pool_size=1, max_pool_size=1
     ) as other:
         assert other.token not in tokens
+
+
+@pytest.mark.postgresql
+async def test_two_schemas_of_one_database_are_two_stores(other_postgresql_url: str) -> None:
+    """Found by attack: a URL choosing another schema (`options=-c search_path=...`)
+    named another store under the same token, so a session saved to one was refused
+    by the other as deleted, and `migrate` between them called them one store."""
+    import asyncpg
+
+    plain = other_postgresql_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    connection = await asyncpg.connect(plain)
+    try:
+        await connection.execute("CREATE SCHEMA second_store")
+    finally:
+        await connection.close()
+    separator = "&" if "?" in other_postgresql_url else "?"
+    second_url = f"{other_postgresql_url}{separator}options=-c%20search_path%3Dsecond_store"
+    async with (
+        PostgreSQLSessionStorage(other_postgresql_url, min_pool_size=1, max_pool_size=1) as first,
+        PostgreSQLSessionStorage(second_url, min_pool_size=1, max_pool_size=1) as second,
+    ):
+        assert first.token != second.token
+        session = ChatSession.create("m")
+        session.add_message("user", "one")
+        await first.save_session(session)
+        session.add_message("user", "two")
+        assert await second.save_session(session) is True
+        stored = await second.load_session(session.session_id)
+        assert stored is not None and [m.content for m in stored.messages] == ["one", "two"]
+        in_first = await first.load_session(session.session_id)
+        assert in_first is not None and [m.content for m in in_first.messages] == ["one"]
