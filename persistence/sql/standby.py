@@ -202,9 +202,9 @@ class Replica:
         a storage sat idle was served by a standby 8 s behind, `max_lag` 2 s). Reads
         start a check once the last is older than `check_interval`.
         """
-        if not self.usable() or self.lagging or self._closed:
+        lag = self.lag
+        if lag is None or self.lagging or not self.usable() or self._closed:
             return False
-        lag = self.lag or 0.0
         return time.monotonic() - self.checked_at + lag <= self._settings.max_lag
 
     def caught_up_with(self, position: int) -> bool:

@@ -109,12 +109,16 @@ def append_in_one_statement(plan: SavePlan) -> Work[Saved]:
     if not found:
         raise SessionDeletedError(plan.session_id)
     _, revision = found[0]
+    return _appended(plan, revision)
+
+
+def _appended(plan: SavePlan, revision: int) -> Saved:
+    """What an append of `plan` that the store numbered `revision` confirms: exact if no
+    other writer wrote since an exact base. An append removes nothing; removals by
+    others since are not counted (Base.removals may be fewer)."""
+    assert plan.revision is not None and plan.incarnation is not None, "a stored session's"
     return Saved(
-        revision,
-        plan.incarnation,
-        plan.exact and revision == plan.revision + 1,
-        # An append removes nothing; another writer's removals since are not counted.
-        plan.base_removals,
+        revision, plan.incarnation, plan.exact and revision == plan.revision + 1, plan.base_removals
     )
 
 
@@ -169,12 +173,7 @@ def write_plan(plan: SavePlan, *, force: bool = False) -> Work[Saved]:
             raise SessionDeletedError(plan.session_id)
         next_position, revision = rows[0]
         yield from _insert(plan.session_id, plan.appends, next_position - len(plan.appends))
-        return Saved(
-            revision,
-            plan.incarnation,
-            plan.exact and revision == plan.revision + 1,
-            plan.base_removals,
-        )
+        return _appended(plan, revision)
     if plan.certain and plan.exact:
         rows = yield Fetch(
             COMPARE_AND_SET,

@@ -21,6 +21,7 @@ import pytest
 
 from persistence import ChatSession, PostgreSQLSessionStorage
 from persistence.sql.runner import traced
+from persistence.sql.standby import ReplicaState
 from tests import servers
 from tests.reliability.support import TcpProxy
 from tests.replication import (
@@ -506,6 +507,22 @@ async def _never_served(
     assert state.reads_served == 0 and not state.holds_own_writes
 
 
+async def _never_read(pair: ReplicationPair, replica_url: str, foreign: set[str]) -> ReplicaState:
+    """Opens a storage on the pair's primary with `replica_url` as its replica, writes a
+    session, checks the replica serves none of its reads (never `foreign`'s sessions),
+    and returns what the storage knows of the replica."""
+    storage = PostgreSQLSessionStorage(pair.primary.url(), 1, 2, read_replicas=[replica_url])
+    try:
+        await storage.initialize()
+        own = _ids(await _seed(storage, 1, "identity"))
+        await wait_caught_up(pair)
+        await _never_served(storage, own, foreign)
+        (state,) = storage.replica_states()
+        return state
+    finally:
+        await storage.close()
+
+
 def _mismatch_warnings(caplog: pytest.LogCaptureFixture, url_part: str) -> list[str]:
     return [
         r.getMessage()
@@ -529,19 +546,9 @@ async def test_a_replica_naming_another_database_of_the_standby_is_never_read(
         mine = await open_storage(replicas=False)
         await mine.close()
         await wait_caught_up(pair)  # the other database exists on the standby
-        storage = PostgreSQLSessionStorage(
-            pair.primary.url(), 1, 2, read_replicas=[pair.standby.url(other_database)]
-        )
-        try:
-            await storage.initialize()
-            own = _ids(await _seed(storage, 1, "identity"))
-            await wait_caught_up(pair)
-            await _never_served(storage, own, foreign)
-            (state,) = storage.replica_states()
-            assert state.mismatch is not None and "another database" in state.mismatch
-            assert state.url.endswith(f"/{other_database}")
-        finally:
-            await storage.close()
+        state = await _never_read(pair, pair.standby.url(other_database), foreign)
+        assert state.mismatch is not None and "another database" in state.mismatch
+        assert state.url.endswith(f"/{other_database}")
         (warning,) = _mismatch_warnings(caplog, f"{pair.standby.port}/{other_database}")
         assert "oid" in warning
     finally:
@@ -565,18 +572,8 @@ async def test_a_replica_reading_another_schema_is_never_read(
         async with PostgreSQLSessionStorage(pair.primary.url() + schema_option, 1, 2) as other:
             foreign = _ids(await _seed(other, 3, "identity"))
         await wait_caught_up(pair)
-        storage = PostgreSQLSessionStorage(
-            pair.primary.url(), 1, 2, read_replicas=[pair.standby.url() + schema_option]
-        )
-        try:
-            await storage.initialize()
-            own = _ids(await _seed(storage, 1, "identity"))
-            await wait_caught_up(pair)
-            await _never_served(storage, own, foreign)
-            (state,) = storage.replica_states()
-            assert state.mismatch is not None and "schema 'other_store'" in state.mismatch
-        finally:
-            await storage.close()
+        state = await _never_read(pair, pair.standby.url() + schema_option, foreign)
+        assert state.mismatch is not None and "schema 'other_store'" in state.mismatch
     finally:
         await _execute(pair.primary.url(), "DROP SCHEMA IF EXISTS other_store CASCADE")
 
