@@ -93,6 +93,20 @@ def _filled(tmp_path: Path, sessions: int = 3) -> str:
 
 
 @pytest.mark.sqlite
+def test_restoring_a_store_into_itself_says_so(tmp_path: Path) -> None:
+    url = _filled(tmp_path, sessions=1)
+    path = tmp_path / "source.db"
+
+    line = failed("restore", str(path), "--url", url)
+
+    assert line == (
+        f"error: {path}: this is the database file of the store being restored into; a store"
+        " holds everything its own file does, so there is nothing to restore"
+    )
+    assert counts(url) == (1, 4, 1)
+
+
+@pytest.mark.sqlite
 def test_migrate_sqlite_to_a_fresh_sqlite_file_twice(tmp_path: Path) -> None:
     source = _filled(tmp_path)
     destination = f"sqlite:///{tmp_path / 'new' / 'copy.db'}"

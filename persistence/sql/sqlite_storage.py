@@ -130,6 +130,14 @@ class SQLiteSessionStorage(SqlSessionStorage):
     def __repr__(self) -> str:
         return f"SQLiteSessionStorage({str(self.database_path)!r})"
 
+    def is_database_file(self, path: str | Path) -> bool:
+        """Whether `path` names this storage's database file: the same file, through any
+        symlink or hard link."""
+        try:
+            return os.path.samefile(self._file, path)
+        except OSError:
+            return False
+
     @property
     def _where(self) -> str:
         return str(self.database_path)

@@ -251,6 +251,22 @@ async def _restore_sqlite(
             return await migrate_storage(source, storage, True, progress_callback)
 
 
+def _refuse_own_file(storage: SessionStorage, path: Path) -> None:
+    """Refuses to restore a SQLite store's own database file into it.
+
+    Found by attack: it was refused as "a program has it open" (the program being the
+    caller, through `storage`), which sent the user to back the store up and restore
+    that copy: into itself, where it could only add nothing.
+    """
+    from persistence.sql.backend import SQLiteSessionStorage
+
+    if isinstance(storage, SQLiteSessionStorage) and storage.is_database_file(path):
+        raise InvalidDataError(
+            f"{path}: this is the database file of the store being restored into; a store"
+            " holds everything its own file does, so there is nothing to restore"
+        )
+
+
 async def restore_backup(
     storage: SessionStorage,
     backup_path: str | Path,
@@ -270,12 +286,14 @@ async def restore_backup(
         "duration_seconds"}.
 
     Raises:
-        InvalidDataError: for a missing, corrupt or foreign file; nothing is written.
+        InvalidDataError: for a missing, corrupt or foreign file, or the SQLite store's
+            own file; nothing is written.
         SchemaVersionError: for a SQLite backup written by a newer version.
         PersistenceError: if the store fails.
     """
     started = time.perf_counter()
     path = Path(backup_path)
+    _refuse_own_file(storage, path)
     kind = _backup_kind(path)
     if kind == "json":
         result = await import_from_json(storage, path, progress_callback=progress_callback)

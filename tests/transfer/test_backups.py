@@ -342,6 +342,34 @@ async def test_a_sqlite_file_whose_wal_holds_writes_is_refused_naming_it(
     assert (await sqlite_storage.count()).total_sessions == 10
 
 
+async def test_restoring_a_store_into_itself_is_refused_as_such(tmp_path: Path) -> None:
+    """Found by attack: a store's own file, restored into it, was refused as "a program
+    has it open" (the restore's own storage), and the error sent the user to back the
+    store up and restore that copy, into itself again."""
+    path = tmp_path / "store.db"
+    link = tmp_path / "elsewhere" / "link.db"
+    link.parent.mkdir()
+    link.symlink_to(path)
+    hard = tmp_path / "hard.db"
+    async with SQLiteSessionStorage(path) as storage:
+        await populate(storage)
+        os.link(path, hard)
+        before = await snapshot(storage)
+        for named in (path, link, hard):
+            with pytest.raises(InvalidDataError) as raised:
+                await restore_backup(storage, named)
+            assert str(raised.value) == (
+                f"{named}: this is the database file of the store being restored into; a"
+                " store holds everything its own file does, so there is nothing to restore"
+            )
+        assert await snapshot(storage) == before
+        # Another store's file is no such thing, even at the same name elsewhere.
+        async with SQLiteSessionStorage(tmp_path / "other" / "store.db") as other:
+            backup = await backup_storage(storage, tmp_path / "backups")
+            await restore_backup(other, backup["path"])
+            assert (await other.count()).total_sessions == 10
+
+
 async def test_a_json_backup_an_editor_saved_with_a_bom_and_blank_lines_restores(
     postgresql_storage: SessionStorage, sqlite_storage: SessionStorage, tmp_path: Path
 ) -> None:
