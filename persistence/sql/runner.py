@@ -286,11 +286,17 @@ async def run_in_thread(connection: aiosqlite.Connection, fn: Any, *args: Any) -
         return fn(sqlite_connection, *args)
 
     connection._tx.put_nowait((answer, call))
+    return await answer_of(connection, answer)
+
+
+async def answer_of(connection: aiosqlite.Connection, answer: asyncio.Future[T]) -> T:
+    """Awaits the answer to a call queued on the connection's thread; cancelled, returns
+    only once the call has ended or is sure never to run (see run_in_thread)."""
     try:
         return await answer
     except asyncio.CancelledError:
         if answer.cancelled():
-            await _after_queued(connection)
+            await after_queued(connection)
         raise
 
 
@@ -302,7 +308,7 @@ def _nothing() -> None:
     return None
 
 
-async def _after_queued(connection: aiosqlite.Connection) -> None:
+async def after_queued(connection: aiosqlite.Connection) -> None:
     """Returns, through any further cancels, once every call queued on the connection's
     thread so far has ended: the thread answers the calls in order."""
     if not connection._running:

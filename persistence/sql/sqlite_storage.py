@@ -34,7 +34,6 @@ from persistence.sql.errors import sql_errors
 from persistence.sql.runner import (
     Work,
     read_in_sqlite_thread,
-    run_in_sqlite_thread,
     run_in_thread,
     run_unless_locked,
 )
@@ -42,6 +41,7 @@ from persistence.sql.schema import VERSION_TABLE, refuse_foreign_sqlite_file
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.uow import open_units_of_work
 from persistence.sql.wal_reserve import reserve_wal
+from persistence.sql.write_groups import WriteGroups
 from persistence.storage import (
     BackendName,
 )
@@ -117,9 +117,10 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # initialize() opens only a file that is there, as open_for_reading() does.
         self._must_exist = must_exist
         self._connection: aiosqlite.Connection | None = None
-        # The connection's thread's entry points; with the file check once opened.
-        self._write_in_thread: Callable[..., Any] = run_in_sqlite_thread
+        # The connection's thread's entry point for reads, with the file check once
+        # opened; its writes, committed in groups (write_groups.py).
         self._read_in_thread: Callable[..., Any] = read_in_sqlite_thread
+        self._writes: WriteGroups | None = None
         # What the engine and the connection open: the file, or a read-only URI.
         self._opened: tuple[str | Path, dict[str, Any], bool] = (
             self._file,
@@ -216,8 +217,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
         self._file_check = partial(same_file, self._file, (found.st_dev, found.st_ino))
         # Made once: `_run` is every call.
-        self._write_in_thread = partial(run_in_sqlite_thread, check=self._file_check)
         self._read_in_thread = partial(read_in_sqlite_thread, check=self._file_check)
+        assert self._connection is not None and self._engine is not None
+        self._writes = WriteGroups(self._connection, self._engine.dialect, self._file_check)
 
     @contextmanager
     def _there_when_opened(self, must_exist: bool) -> Iterator[None]:
@@ -305,12 +307,12 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 " do it through the unit of work (uow.sessions / uow.files) or after it"
             )
         with sql_errors(action):
+            if write:
+                assert self._writes is not None, "set when the connection opened"
+                written: T = await self._writes.run(work)
+                return written
             result: T = await run_in_thread(
-                connection,
-                self._write_in_thread if write else self._read_in_thread,
-                dialect,
-                work,
-                "BEGIN IMMEDIATE" if write else "BEGIN",
+                connection, self._read_in_thread, dialect, work, "BEGIN"
             )
             return result
 
