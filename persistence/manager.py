@@ -72,9 +72,12 @@ class SessionManager:
         self.auto_save_enabled = auto_save_enabled
         self.expiry_hours = expiry_hours
         self._cache = SessionCache(_cache_bound(max_cached_sessions))
-        # Saves of one object take turns (by id()), and loads of one session (by its id).
+        # Saves of one object take turns (by id()), and loads of one session (by its id),
+        # with its deletes and archives.
         self._writing = Turns()
         self._loading = Turns()
+        # For each startup() warming the cache: the ids deleted or archived meanwhile.
+        self._warmups: list[set[str]] = []
 
     @property
     def max_cached_sessions(self) -> int:
@@ -235,16 +238,30 @@ class SessionManager:
         """
         expired = await self.cleanup_expired_sessions()
         files_deleted = await self.storage.delete_expired_files()
-        room = self.max_cached_sessions - len(self._cache)
-        page = await self.storage.list_sessions(status="active", limit=max(room, 0))
-        # A session a caller still holds is that object again, never a second copy.
-        held = {s.session_id: s for s in self._cache.held()}
-        wanted = [s.session_id for s in page if s.session_id not in held]
-        loaded = {s.session_id: s for s in await self.storage.load_sessions(wanted)}
+        # What the warm-up reads may be deleted or archived before it is cached: such
+        # sessions are left out (found by attack: a delete racing the warm-up returned
+        # True, and the deleted session stayed cached). Those being deleted or loaded
+        # now, and those deleted or archived from now on.
+        touched = {str(key) for key in self._loading.busy()}
+        self._warmups.append(touched)
+        try:
+            room = self.max_cached_sessions - len(self._cache)
+            page = await self.storage.list_sessions(status="active", limit=max(room, 0))
+            # A session a caller still holds is that object again, never a second copy.
+            held = {s.session_id: s for s in self._cache.held()}
+            wanted = [s.session_id for s in page if s.session_id not in held]
+            loaded = {s.session_id: s for s in await self.storage.load_sessions(wanted)}
+        finally:
+            self._warmups.remove(touched)
+        touched.update(str(key) for key in self._loading.busy())
         # Each goes to the front, oldest last: the most recently updated is the least
         # likely to be evicted, and sessions already in use stay ahead of them all.
         # Other tasks may have filled the cache meanwhile: only the room left is used.
-        warm = [held.get(s.session_id) or loaded.get(s.session_id) for s in page]
+        warm = [
+            held.get(s.session_id) or loaded.get(s.session_id)
+            for s in page
+            if s.session_id not in touched
+        ]
         room = self.max_cached_sessions - len(self._cache)
         self._cache.put_oldest([s for s in warm if s is not None][: max(room, 0)])
         # Per status only: counting messages would scan the whole store.
@@ -365,8 +382,18 @@ class SessionManager:
         # After any load of it in flight, which would cache what it read (found by
         # attack: a get_session racing this one cached the deleted session for good).
         async with self._loading(session_id):
+            self._touched(session_id)
+            deleted = await self.storage.delete_session(session_id)
+            # Only once the store has deleted it (found by attack: a delete that failed
+            # or was cancelled had dropped the cached copy's unsaved changes, and
+            # shutdown() then reported everything saved).
             self._cache.forget_id(session_id)
-            return await self.storage.delete_session(session_id)
+            return deleted
+
+    def _touched(self, session_id: str) -> None:
+        """Tells the warm-ups under way that `session_id` changed in the store."""
+        for touched in self._warmups:
+            touched.add(session_id)
 
     async def auto_save(self, session: ChatSession) -> bool:
         """Saves the session if auto-save is on; with auto-save off it is not written now,
@@ -404,10 +431,17 @@ class SessionManager:
             PersistenceError: if the backend fails.
         """
         lookup_id(session_id, "session_id")
-        cached = self._cache.get(session_id)
-        if cached is not None:
-            cached.status = "archived"
-            return await self._write(cached)
+        # After any load of it in flight (found by attack: a get_session racing an
+        # archive cached the active copy it had read, after the archive returned).
+        async with self._loading(session_id):
+            cached = self._cache.get(session_id)
+            if cached is None:
+                self._touched(session_id)
+                return await self._archive_uncached(session_id)
+        cached.status = "archived"
+        return await self._write(cached)
+
+    async def _archive_uncached(self, session_id: str) -> bool:
         archived = await self.storage.set_status([session_id], "archived")
         if not archived and await self.storage.load_session(session_id, last=0) is None:
             return False
@@ -523,9 +557,12 @@ class SessionManager:
             "expiry_hours": self.expiry_hours,
         }
 
-    async def _save_dirty(self) -> list[tuple[str, Exception]]:
+    async def _save_dirty(
+        self, sessions: list[ChatSession] | None = None
+    ) -> list[tuple[str, Exception]]:
+        """Saves the held sessions (or `sessions`) with changes; the failures."""
         failures: list[tuple[str, Exception]] = []
-        for session in self._cache.held():
+        for session in self._cache.held() if sessions is None else sessions:
             if not self._dirty(session):
                 continue
             try:
@@ -547,9 +584,34 @@ class SessionManager:
         """
         failures = await self._save_dirty()
         failed = {session_id for session_id, _ in failures}
+        # Other tasks run during the saves: what they changed or handed back meanwhile
+        # is saved too, before the cache is emptied (found by attack: an auto_save made
+        # during shutdown() was forgotten unsaved). A session that still looks unsaved
+        # right after its save (a value whose == is never True) is tried once more, then
+        # let go, as eviction lets it go.
+        tried: dict[int, tuple[Any, ...]] = {}
+        while late := self._changed_since(tried, failed):
+            failures += await self._save_dirty(late)
+            failed = {session_id for session_id, _ in failures}
         self._cache.forget_all_but(failed)
         if failures:
             detail = "; ".join(f"{sid}: {exc}" for sid, exc in failures[:5])
             raise PersistenceError(
                 f"shutdown: {len(failures)} session(s) could not be saved ({detail})"
             ) from failures[0][1]
+
+    def _changed_since(
+        self, tried: dict[int, tuple[Any, ...]], failed: set[str]
+    ) -> list[ChatSession]:
+        """The held sessions with changes not yet tried again since they were made (each
+        try noted by its change mark); none that failed."""
+        late = []
+        for session in self._cache.held():
+            if session.session_id in failed or not self._dirty(session):
+                continue
+            mark = session.change_mark()
+            if tried.get(id(session)) == mark:
+                continue
+            tried[id(session)] = mark
+            late.append(session)
+        return late

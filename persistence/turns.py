@@ -29,6 +29,10 @@ class Turns:
     def __call__(self, key: Hashable) -> Turn:
         return Turn(self._locks, key)
 
+    def busy(self) -> set[Hashable]:
+        """The keys some work holds or waits for now."""
+        return set(self._locks)
+
 
 class Turn:
     """One wait for one key of a Turns. A class, not a generator-based context manager:

@@ -4,11 +4,12 @@ session written into again, cached again, or said saved."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 
-from persistence import ChatSession, InvalidDataError, SessionStorage
+from persistence import ChatSession, InvalidDataError, PersistenceError, SessionStorage
 from persistence.clock import utc_now
 from persistence.manager import SessionManager
 from tests import servers
@@ -19,6 +20,43 @@ async def _stored(storage: SessionStorage, session_id: str) -> ChatSession:
     session = conversation(1, session_id=session_id)
     await storage.save_session(session)
     return session
+
+
+def _held_up(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> asyncio.Event:
+    """Makes `owner.name` wait, once it has done its work, until the returned event is
+    set; `owner.name.started` (an Event) tells that it got there."""
+    call = getattr(owner, name)
+    go_on, started = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **options: Any) -> Any:
+        result = await call(*args, **options)
+        started.set()
+        await go_on.wait()
+        return result
+
+    held.started = started  # type: ignore[attr-defined]
+    monkeypatch.setattr(owner, name, held)
+    return go_on
+
+
+async def _while_a_get_loads(
+    manager: SessionManager,
+    session_id: str,
+    call: Coroutine[Any, Any, bool],
+    monkeypatch: pytest.MonkeyPatch,
+) -> bool:
+    """Runs `call` while the manager's get_session of `session_id` has read the session
+    and not yet returned; its result."""
+    go_on = _held_up(monkeypatch, manager.storage, "load_session")
+    getting = asyncio.create_task(manager.get_session(session_id))
+    await manager.storage.load_session.started.wait()  # type: ignore[attr-defined]
+    calling = asyncio.create_task(call)
+    await asyncio.sleep(0.01)
+    go_on.set()
+    await getting
+    result = await calling
+    monkeypatch.undo()
+    return result
 
 
 async def test_a_change_undone_before_its_save_leaves_nothing_unsaved_and_eviction_ends(
@@ -111,24 +149,8 @@ async def test_a_load_in_flight_when_the_manager_deletes_the_session_does_not_ca
     deleted session, and served it from then on."""
     await _stored(sql_storage, "doomed")
     manager = SessionManager(sql_storage)
-    reading, go_on = asyncio.Event(), asyncio.Event()
-    load = sql_storage.load_session
-
-    async def slow_load(session_id: str, **options: Any) -> ChatSession | None:
-        found = await load(session_id, **options)
-        reading.set()
-        await go_on.wait()
-        return found
-
-    monkeypatch.setattr(sql_storage, "load_session", slow_load)
-    getting = asyncio.create_task(manager.get_session("doomed"))
-    await reading.wait()
-    deleting = asyncio.create_task(manager.delete_session("doomed"))
-    await asyncio.sleep(0.01)
-    go_on.set()
-    await getting
-    assert await deleting is True
-    monkeypatch.undo()
+    deleting = manager.delete_session("doomed")
+    assert await _while_a_get_loads(manager, "doomed", deleting, monkeypatch) is True
 
     assert manager.cached_session_ids == []
     assert await manager.get_session("doomed") is None
@@ -160,3 +182,101 @@ async def test_auto_save_of_an_unchanged_copy_another_instance_deleted_says_so(
 
         assert await manager.auto_save(session) is False
     assert manager.cached_session_ids == []
+
+
+async def test_a_session_deleted_while_startup_warms_the_cache_is_not_cached(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: delete_session returned True while the warm-up read the
+    session, and the warm-up cached it afterwards; get_session returned it."""
+    for session_id in ("kept", "doomed"):
+        await _stored(sql_storage, session_id)
+    manager = SessionManager(sql_storage)
+    go_on = _held_up(monkeypatch, sql_storage, "load_sessions")
+    warming = asyncio.create_task(manager.startup())
+    await sql_storage.load_sessions.started.wait()  # type: ignore[attr-defined]
+
+    assert await manager.delete_session("doomed") is True
+    go_on.set()
+    await warming
+    monkeypatch.undo()
+
+    assert manager.cached_session_ids == ["kept"]
+    assert await manager.get_session("doomed") is None
+
+
+async def test_changes_handed_to_the_manager_while_shutdown_saves_are_saved_too(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: with auto-save off, a session changed and handed back with
+    auto_save() while shutdown() saved another was forgotten unsaved."""
+    manager = SessionManager(sql_storage, auto_save_enabled=False)
+    late = await manager.create_session("late")
+    busy = await manager.create_session("busy")
+    for session in (late, busy):
+        await manager.save_session(session)
+    busy.add_message("user", "saved first")
+    go_on = _held_up(monkeypatch, sql_storage, "save_session")
+    shutting = asyncio.create_task(manager.shutdown())
+    await sql_storage.save_session.started.wait()  # type: ignore[attr-defined]
+
+    late.add_message("user", "must not be lost")
+    assert await manager.auto_save(late) is False
+    go_on.set()
+    await shutting
+    monkeypatch.undo()
+
+    assert manager.cached_session_ids == []
+    assert not manager.has_unsaved_changes(late.session_id)
+    for session in (late, busy):
+        stored = await sql_storage.load_session(session.session_id)
+        assert stored is not None
+        assert [m.content for m in stored.messages] == [m.content for m in session.messages]
+    assert [m.content for m in late.messages] == ["must not be lost"]
+
+
+@pytest.mark.parametrize("failure", ["error", "cancel"])
+async def test_a_delete_that_did_not_happen_keeps_the_unsaved_changes(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Found by attack: a delete that failed, or was cancelled before the store deleted
+    anything, had already dropped the cached copy; its changes were never saved and
+    shutdown() reported success."""
+    manager = SessionManager(sql_storage, auto_save_enabled=False)
+    session = await manager.create_session("m")
+    await manager.save_session(session)
+    session.add_message("user", "keep me")
+    assert await manager.auto_save(session) is False
+
+    async def failing(session_id: str) -> bool:
+        if failure == "error":
+            raise PersistenceError("delete session: the server went away")
+        await asyncio.Event().wait()  # until cancelled
+        return True
+
+    monkeypatch.setattr(sql_storage, "delete_session", failing)
+    with pytest.raises(PersistenceError if failure == "error" else TimeoutError):
+        await asyncio.wait_for(manager.delete_session(session.session_id), 0.2)
+    monkeypatch.undo()
+
+    assert manager.has_unsaved_changes(session.session_id)
+    await manager.shutdown()
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None
+    assert [m.content for m in stored.messages] == ["keep me"]
+
+
+async def test_a_session_archived_while_a_get_loads_it_is_archived_in_the_cache(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: an archive made while get_session loaded the session returned
+    True, and the load then cached the active copy it had read."""
+    await _stored(sql_storage, "shelved")
+    manager = SessionManager(sql_storage)
+    archiving = manager.archive_session("shelved")
+    assert await _while_a_get_loads(manager, "shelved", archiving, monkeypatch) is True
+
+    cached = await manager.get_session("shelved")
+    assert cached is not None and cached.status == "archived"
+    stored = await sql_storage.load_session("shelved", last=0)
+    assert stored is not None and stored.status == "archived"
