@@ -67,6 +67,37 @@ def test_a_nul_byte_in_database_path_is_an_error_naming_the_setting(tmp_path: Pa
         StorageConfig(connection_string="sqlite:///a\0b.db")
 
 
+def test_a_url_in_database_path_is_an_error_that_never_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: STORAGE_DATABASE_PATH=postgresql://app:secret@db/app made a
+    SQLite store under ./postgresql:/app:secret@db/ and printed the password (the
+    config's repr, the `store:` log line, the demo's output)."""
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql://app:Zq9sekret@127.0.0.1/app"
+    path = tmp_path / "app.yaml"
+    path.write_text(f'storage:\n  database_path: "{url}"\n', encoding="utf-8")
+    monkeypatch.setenv("STORAGE_DATABASE_PATH", url)
+    refusals = []
+    for make in (lambda: load_config(path), lambda: StorageConfig(database_path=Path(url))):
+        with pytest.raises(ConfigError) as refused:
+            make()
+        refusals.append(str(refused.value))
+    monkeypatch.delenv("STORAGE_DATABASE_PATH")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    refusals.append(str(refused.value))
+
+    assert "from environment variable STORAGE_DATABASE_PATH" in refusals[0]
+    assert "from config file" in refusals[2]
+    for refusal in refusals:
+        assert "a postgresql: URL (not shown: it may hold a password) is not a file path" in (
+            refusal
+        )
+        assert "Zq9sekret" not in refusal
+    assert not [made for made in tmp_path.rglob("*") if "postgresql" in made.name]
+
+
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [

@@ -32,7 +32,7 @@ from persistence.config.masking import (
     userinfo_problem,
 )
 from persistence.errors import ConfigError
-from persistence.urls import split_url
+from persistence.urls import split_url, url_given_as_path
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,13 @@ class StorageConfig(BaseModel):
         self._check_read_replicas()
         if str(self.database_path) in ("", ":memory:"):
             raise _SettingError("database_path", "must name a file")
+        if (url := url_given_as_path(self.database_path)) is not None:
+            # Found by attack: STORAGE_DATABASE_PATH=postgresql://app:secret@db/app made a
+            # SQLite store under ./postgresql:/app:secret@db/, and printed the password.
+            raise _SettingError(
+                "database_path",
+                f"{url} is not a file path; give a URL as connection_string",
+            )
         if "\0" in str(self.database_path):
             raise _SettingError("database_path", "holds a NUL byte, which no file name can")
         object.__setattr__(self, "database_path", self.database_path.expanduser())

@@ -82,8 +82,10 @@ def examine(
     inspector = inspect(connection)
     names = set(inspector.get_table_names()) | set(inspector.get_view_names())
     if connection.dialect.name == "postgresql":
-        # Found by attack: a database holding only a materialized view looked empty.
+        # Found by attack: a database holding only a materialized view, or a foreign
+        # table (file_fdw, postgres_fdw), looked empty.
         names |= set(inspector.get_materialized_view_names())
+        names |= set(inspector.get_foreign_table_names())  # type: ignore[attr-defined]
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
         heads = version_heads(connection, version_table)

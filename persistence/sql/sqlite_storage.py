@@ -45,6 +45,7 @@ from persistence.sql.write_groups import WriteGroups
 from persistence.storage import (
     BackendName,
 )
+from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
 
@@ -103,6 +104,11 @@ class SQLiteSessionStorage(SqlSessionStorage):
             raise InvalidDataError(
                 f"database_path: {str(database_path)!r} is a URL; give SQLiteSessionStorage"
                 " the file's path, or the URL to create_storage, StorageConfig or --url"
+            )
+        if (url := url_given_as_path(database_path)) is not None:
+            raise InvalidDataError(
+                f"database_path: {url} is not a file path; give SQLiteSessionStorage the"
+                " file's path, or the URL to create_storage, StorageConfig or --url"
             )
         self.database_path = Path(database_path)
         # What is opened and checked: a relative path taken against the directory of the

@@ -260,6 +260,26 @@ async def test_a_postgresql_database_holding_only_a_materialized_view_is_refused
     assert tables == []
 
 
+async def test_a_postgresql_database_holding_only_a_foreign_table_is_refused(
+    empty_postgresql_url: str,
+) -> None:
+    """Found by attack: another application's foreign table (file_fdw, postgres_fdw) was
+    not among the tables looked at, and the store's tables were created beside it."""
+    url = empty_postgresql_url
+    await _execute(
+        url,
+        "CREATE FOREIGN DATA WRAPPER their_wrapper",
+        "CREATE SERVER their_server FOREIGN DATA WRAPPER their_wrapper",
+        "CREATE FOREIGN TABLE their_orders (id integer) SERVER their_server",
+    )
+
+    with pytest.raises(MigrationError, match="their_orders"):
+        await _storage(url).initialize()
+
+    (tables,) = await _execute(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    assert tables == []
+
+
 def _sqlite_header(url: str) -> bytes:
     """The file's first 20 bytes (its journal mode among them); b"" on PostgreSQL."""
     if not url.startswith("sqlite"):

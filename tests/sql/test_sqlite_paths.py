@@ -170,3 +170,20 @@ def test_a_url_given_as_the_path_is_refused(
         SQLiteSessionStorage(url)
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_databases_url_given_as_the_path_is_refused_unshown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: it made a SQLite store under ./postgresql:/app:secret@db/."""
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(InvalidDataError) as refused:
+        SQLiteSessionStorage("postgresql://app:s3cret@db/app")
+
+    assert str(refused.value) == (
+        "database_path: a postgresql: URL (not shown: it may hold a password) is not a file"
+        " path; give SQLiteSessionStorage the file's path, or the URL to create_storage,"
+        " StorageConfig or --url"
+    )
+    assert list(tmp_path.iterdir()) == []
