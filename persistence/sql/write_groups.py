@@ -27,6 +27,7 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -67,7 +68,8 @@ class WriteGroups:
         """Runs `work` as a write transaction, or as part of one shared with the writes
         waiting beside it; returns its result once committed."""
         connection = self._connection
-        if not connection._running or connection._connection is None:
+        sqlite_connection = connection._connection
+        if not connection._running or sqlite_connection is None:
             raise ValueError("Connection closed")  # as aiosqlite's own calls say
         answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._lock:
@@ -75,11 +77,14 @@ class WriteGroups:
             queue_drain = not self._drain_queued
             self._drain_queued = True
         if queue_drain:
-            # No future: the drain answers each write itself.
-            connection._tx.put_nowait((None, self._drain))
+            # No future: the drain answers each write itself. The sqlite3 connection as
+            # it is now, as run_in_thread takes it (found by attack: a close() cancelled
+            # meanwhile let go of aiosqlite's reference before the drain ran, and the
+            # writes waiting failed with a bare ValueError).
+            connection._tx.put_nowait((None, partial(self._drain, sqlite_connection)))
         return await answer_of(connection, answer)
 
-    def _drain(self) -> None:
+    def _drain(self, sqlite_connection: sqlite3.Connection) -> None:
         """Runs every write waiting now as one group; in the connection's thread."""
         with self._lock:
             taken, self._waiting = self._waiting, []
@@ -92,12 +97,13 @@ class WriteGroups:
                 group.append((answer, work))
         if not group:
             return
-        sqlite_connection = self._connection._connection
         try:
-            if sqlite_connection is None:
-                raise ValueError("Connection closed")
             outcomes = run_write_group(
-                sqlite_connection, self._dialect, [work for _, work in group], self._check
+                sqlite_connection,
+                self._dialect,
+                [work for _, work in group],
+                self._check,
+                lambda index: not group[index][0].cancelled(),
             )
         except BaseException as exc:  # never leave a caller unanswered
             outcomes = [(False, exc)] * len(group)
@@ -120,9 +126,15 @@ def run_write_group(
     dialect: Dialect,
     works: list[Work[Any]],
     check: Callable[[], None] | None,
+    wanted: Callable[[int], bool] = lambda index: True,
 ) -> list[Outcome]:
     """Runs `works` in one write transaction, each in a savepoint; synchronous, in the
-    connection's thread. One work alone runs as run_in_sqlite_thread runs it."""
+    connection's thread. One work alone runs as run_in_sqlite_thread runs it.
+
+    `wanted(index)` is asked before each work of a group starts: a work no longer
+    wanted (its caller cancelled while the group waited for the write lock, or ran the
+    works before it) never runs.
+    """
     if len(works) == 1:
         try:
             result = run_in_sqlite_thread(connection, dialect, works[0], _BEGIN, check=check)
@@ -137,6 +149,11 @@ def run_write_group(
         return _all_failed(connection, works, exc)
     outcomes: list[Outcome] = []
     for index, work in enumerate(works):
+        if not wanted(index):
+            # Found by attack: a write cancelled while its group waited for the lock ran.
+            work.close()
+            outcomes.append((False, asyncio.CancelledError()))
+            continue
         try:
             connection.execute(f"SAVEPOINT {_SAVEPOINT}")
         except BaseException as exc:

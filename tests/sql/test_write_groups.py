@@ -195,6 +195,59 @@ async def test_a_write_cancelled_while_queued_never_runs_and_the_rest_land(
         ]
 
 
+async def test_a_write_cancelled_while_its_group_waits_for_the_lock_never_runs(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: another connection held the write lock, two saves waited for
+    it as one group, and the one cancelled meanwhile ran when the lock came."""
+    path = tmp_path / "store.db"
+    async with SQLiteSessionStorage(path) as storage:
+        first, second = await saved_sessions(storage, 2)
+        first.add_message("user", "lands")
+        second.add_message("user", "cancelled")
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        async with held_thread(storage):
+            tasks = await queued(storage.save_session(first), storage.save_session(second))
+        await asyncio.sleep(0.2)  # the group waits for the lock now
+        tasks[1].cancel()
+        await asyncio.sleep(0.1)
+        other.execute("COMMIT")
+        other.close()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert outcomes[0] is True
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    assert [m.content for m in (await stored(path, "s0")).messages] == ["first", "lands"]
+    assert [m.content for m in (await stored(path, "s1")).messages] == ["first"]
+
+
+async def test_writes_waiting_when_a_close_is_cancelled_still_land(tmp_path: Path) -> None:
+    """Found by attack: `wait_for(storage.close(), ...)` timing out let go of the
+    connection before the waiting writes ran; they failed with a bare ValueError."""
+    path = tmp_path / "store.db"
+    storage = SQLiteSessionStorage(path)
+    await storage.initialize()
+    sessions = await saved_sessions(storage, 2)
+    for session in sessions:
+        session.add_message("user", "second")
+    async with held_thread(storage):
+        tasks = await queued(*(storage.save_session(s) for s in sessions))
+        closing = asyncio.ensure_future(storage.close())
+        await asyncio.sleep(0.05)
+        closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert await asyncio.gather(*tasks) == [True, True]
+    await storage.close()
+
+    for session in sessions:
+        assert [m.content for m in (await stored(path, session.session_id)).messages] == [
+            "first",
+            "second",
+        ]
+
+
 async def test_a_group_whose_disk_fills_reports_only_what_landed(tmp_path: Path) -> None:
     """SQLITE_FULL in the middle of a group (a page limit set on the connection): each
     write either lands and says so, or raises and leaves nothing, whatever SQLite rolls
