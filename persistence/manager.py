@@ -36,6 +36,17 @@ def _check_session(session: ChatSession) -> None:
     session.refuse_changed_id()
 
 
+# How many times shutdown() saves again what other tasks change while it saves.
+_LATE_ROUNDS = 3
+
+
+def _change_mark(session: ChatSession) -> tuple[Any, ...]:
+    """A value that moves with every change to the session, its metadata changed in
+    place too (found by attack: such a change, made while shutdown() saved the session,
+    looked like a value whose == is never True, and was let go unsaved)."""
+    return (session.change_mark(), repr(session.metadata))
+
+
 def _cache_bound(bound: int) -> int:
     if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
         raise InvalidDataError(f"max_cached_sessions: must be a whole number >= 1, got {bound!r}")
@@ -76,8 +87,6 @@ class SessionManager:
         # with its deletes and archives.
         self._writing = Turns()
         self._loading = Turns()
-        # For each startup() warming the cache: the ids deleted or archived meanwhile.
-        self._warmups: list[set[str]] = []
 
     @property
     def max_cached_sessions(self) -> int:
@@ -197,7 +206,7 @@ class SessionManager:
         since it was saved while this room was made (tasks change it meanwhile)."""
         if not self._dirty(leaving):
             return False
-        mark = leaving.change_mark()
+        mark = _change_mark(leaving)
         if saved.get(id(leaving)) == mark:
             logger.warning(
                 "session %s still differs from what its save stored, unchanged since: it"
@@ -238,12 +247,13 @@ class SessionManager:
         """
         expired = await self.cleanup_expired_sessions()
         files_deleted = await self.storage.delete_expired_files()
-        # What the warm-up reads may be deleted or archived before it is cached: such
-        # sessions are left out (found by attack: a delete racing the warm-up returned
-        # True, and the deleted session stayed cached). Those being deleted or loaded
-        # now, and those deleted or archived from now on.
-        touched = {str(key) for key in self._loading.busy()}
-        self._warmups.append(touched)
+        # What the warm-up reads may change before it is cached: such sessions are left
+        # out (found by attack: a delete racing the warm-up returned True, and the
+        # deleted session stayed cached; then a copy loaded, saved, archived and evicted
+        # meanwhile). Those being deleted or loaded now, and those the cache takes in or
+        # lets go of, or the manager deletes or archives, from now on.
+        touched = self._cache.watch()
+        touched.update(str(key) for key in self._loading.busy())
         try:
             room = self.max_cached_sessions - len(self._cache)
             page = await self.storage.list_sessions(status="active", limit=max(room, 0))
@@ -252,7 +262,7 @@ class SessionManager:
             wanted = [s.session_id for s in page if s.session_id not in held]
             loaded = {s.session_id: s for s in await self.storage.load_sessions(wanted)}
         finally:
-            self._warmups.remove(touched)
+            self._cache.unwatch(touched)
         touched.update(str(key) for key in self._loading.busy())
         # Each goes to the front, oldest last: the most recently updated is the least
         # likely to be evicted, and sessions already in use stay ahead of them all.
@@ -382,18 +392,19 @@ class SessionManager:
         # After any load of it in flight, which would cache what it read (found by
         # attack: a get_session racing this one cached the deleted session for good).
         async with self._loading(session_id):
-            self._touched(session_id)
+            self._cache.touch(session_id)
+            # Copies holding unsaved changes go only once the store has deleted the
+            # session (found by attack: a delete that failed or was cancelled had dropped
+            # them, and shutdown() then reported everything saved); the others at once,
+            # so a cancel that comes after the delete landed leaves none to be served.
+            # A cancelled delete's unsaved copy stays: its next save says whether the
+            # session is gone.
+            for held in [self._cache.get(session_id), *self._cache.released(session_id)]:
+                if held is not None and not self._dirty(held):
+                    self._cache.forget(held)
             deleted = await self.storage.delete_session(session_id)
-            # Only once the store has deleted it (found by attack: a delete that failed
-            # or was cancelled had dropped the cached copy's unsaved changes, and
-            # shutdown() then reported everything saved).
             self._cache.forget_id(session_id)
             return deleted
-
-    def _touched(self, session_id: str) -> None:
-        """Tells the warm-ups under way that `session_id` changed in the store."""
-        for touched in self._warmups:
-            touched.add(session_id)
 
     async def auto_save(self, session: ChatSession) -> bool:
         """Saves the session if auto-save is on; with auto-save off it is not written now,
@@ -436,7 +447,7 @@ class SessionManager:
         async with self._loading(session_id):
             cached = self._cache.get(session_id)
             if cached is None:
-                self._touched(session_id)
+                self._cache.touch(session_id)
                 return await self._archive_uncached(session_id)
         cached.status = "archived"
         return await self._write(cached)
@@ -588,10 +599,25 @@ class SessionManager:
         # is saved too, before the cache is emptied (found by attack: an auto_save made
         # during shutdown() was forgotten unsaved). A session that still looks unsaved
         # right after its save (a value whose == is never True) is tried once more, then
-        # let go, as eviction lets it go.
+        # let go, as eviction lets it go. One still changed after a few rounds (a task
+        # that never leaves it alone) is reported, and held for the next shutdown().
         tried: dict[int, tuple[Any, ...]] = {}
-        while late := self._changed_since(tried, failed):
+        for _ in range(_LATE_ROUNDS):
+            late = self._changed_since(tried, failed)
+            if not late:
+                break
             failures += await self._save_dirty(late)
+            failed = {session_id for session_id, _ in failures}
+        else:
+            failures += [
+                (
+                    session.session_id,
+                    PersistenceError(
+                        f"changed again each time shutdown() saved it ({_LATE_ROUNDS} times)"
+                    ),
+                )
+                for session in self._changed_since(tried, failed)
+            ]
             failed = {session_id for session_id, _ in failures}
         self._cache.forget_all_but(failed)
         if failures:
@@ -609,7 +635,7 @@ class SessionManager:
         for session in self._cache.held():
             if session.session_id in failed or not self._dirty(session):
                 continue
-            mark = session.change_mark()
+            mark = _change_mark(session)
             if tried.get(id(session)) == mark:
                 continue
             tried[id(session)] = mark

@@ -27,6 +27,8 @@ class SessionCache:
         self._released: weakref.WeakValueDictionary[int, ChatSession] = (
             weakref.WeakValueDictionary()
         )
+        # Sets collecting the ids the cache takes in or lets go of (see `watch`).
+        self._watches: list[set[str]] = []
 
     def __len__(self) -> int:
         return len(self._cached)
@@ -42,8 +44,24 @@ class SessionCache:
         """Marks the cached session the most recently used."""
         self._cached.move_to_end(session_id)
 
+    def watch(self) -> set[str]:
+        """A set that collects, until `unwatch`, every session id the cache takes in or
+        lets go of, and every id `touch` names."""
+        ids: set[str] = set()
+        self._watches.append(ids)
+        return ids
+
+    def unwatch(self, ids: set[str]) -> None:
+        self._watches.remove(ids)
+
+    def touch(self, session_id: str) -> None:
+        """Tells the watches that `session_id` changed (in the cache or the store)."""
+        for ids in self._watches:
+            ids.add(session_id)
+
     def put(self, session: ChatSession) -> None:
         """Caches `session` as the most recently used (over the bound, if it is full)."""
+        self.touch(session.session_id)
         self._released.pop(id(session), None)
         self._cached[session.session_id] = session
         self._cached.move_to_end(session.session_id)
@@ -69,18 +87,21 @@ class SessionCache:
 
     def release(self, session: ChatSession) -> None:
         """Takes `session` out of the cache; it is still known while a caller holds it."""
+        self.touch(session.session_id)
         if self._cached.get(session.session_id) is session:
             del self._cached[session.session_id]
         self._released[id(session)] = session
 
     def forget(self, session: ChatSession) -> None:
         """Forgets this object, cached or released."""
+        self.touch(session.session_id)
         if self._cached.get(session.session_id) is session:
             del self._cached[session.session_id]
         self._released.pop(id(session), None)
 
     def forget_id(self, session_id: str) -> None:
         """Forgets every object of `session_id`."""
+        self.touch(session_id)
         self._cached.pop(session_id, None)
         for session in self.released(session_id):
             self._released.pop(id(session), None)

@@ -280,3 +280,107 @@ async def test_a_session_archived_while_a_get_loads_it_is_archived_in_the_cache(
     assert cached is not None and cached.status == "archived"
     stored = await sql_storage.load_session("shelved", last=0)
     assert stored is not None and stored.status == "archived"
+
+
+async def test_a_session_changed_in_the_cache_while_startup_reads_is_not_cached_stale(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: while the warm-up read, a session was loaded, saved, archived
+    and evicted; the warm-up then cached the copy it had read (active, one message)."""
+    for session_id in ("w", "v", "x"):
+        await _stored(sql_storage, session_id)
+    manager = SessionManager(sql_storage, max_cached_sessions=2)
+    go_on = _held_up(monkeypatch, sql_storage, "load_sessions")
+    warming = asyncio.create_task(manager.startup())
+    await sql_storage.load_sessions.started.wait()  # type: ignore[attr-defined]
+    x = await manager.get_session("x")
+    assert x is not None
+    x.add_message("user", "acknowledged")
+    assert await manager.auto_save(x)
+    assert await manager.archive_session("x")
+    for session_id in ("w", "v"):  # x leaves the cache
+        assert await manager.get_session(session_id) is not None
+    del x
+    assert await manager.delete_session("w")  # and makes room for the warm-up
+    go_on.set()
+    await warming
+    monkeypatch.undo()
+
+    cached = await manager.get_session("x")
+    assert cached is not None
+    assert (cached.status, cached.message_count) == ("archived", 2)
+
+
+async def test_a_cancelled_delete_that_landed_leaves_no_clean_copy_to_serve(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: the cancel of a delete came after the store had deleted the
+    session, and the cached copy was served by get_session from then on."""
+    await _stored(sql_storage, "doomed")
+    manager = SessionManager(sql_storage)
+    assert await manager.get_session("doomed") is not None
+    delete = sql_storage.delete_session
+
+    async def landed_then_slow(session_id: str) -> bool:
+        await delete(session_id)
+        await asyncio.Event().wait()  # until cancelled
+        return True
+
+    monkeypatch.setattr(sql_storage, "delete_session", landed_then_slow)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(manager.delete_session("doomed"), 0.2)
+    monkeypatch.undo()
+
+    assert manager.cached_session_ids == []
+    assert await manager.get_session("doomed") is None
+
+
+async def _changed_on_each_save(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch, until: float
+) -> tuple[SessionManager, ChatSession]:
+    """A manager (auto-save off) holding a session whose metadata another task of the
+    caller's changes in place each time a save of it returns, until its step is `until`."""
+    manager = SessionManager(sql_storage, auto_save_enabled=False)
+    session = await manager.create_session("m", metadata={"step": 0})
+    await manager.save_session(session)
+    session.metadata["step"] = 1
+    save = sql_storage.save_session
+
+    async def changed_meanwhile(saved: ChatSession, **options: Any) -> bool:
+        result = await save(saved, **options)
+        if saved is session and saved.metadata["step"] < until:
+            saved.metadata["step"] += 1
+        return result
+
+    monkeypatch.setattr(sql_storage, "save_session", changed_meanwhile)
+    return manager, session
+
+
+async def test_metadata_changed_in_place_while_shutdown_saves_it_is_saved(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a change of metadata in place, made while shutdown() saved the
+    session and again while it saved it once more, looked like a value whose == is never
+    True; the session was let go unsaved and shutdown() reported success."""
+    manager, session = await _changed_on_each_save(sql_storage, monkeypatch, until=3)
+    await manager.shutdown()
+    monkeypatch.undo()
+
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None and stored.metadata == {"step": 3} == session.metadata
+
+
+async def test_a_session_changed_on_every_save_of_shutdown_is_reported_and_kept(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a task changing a session between every save made shutdown()
+    save it again for as long as the task ran."""
+    manager, session = await _changed_on_each_save(sql_storage, monkeypatch, until=float("inf"))
+    with pytest.raises(PersistenceError, match="changed again each time shutdown"):
+        await asyncio.wait_for(manager.shutdown(), 10)
+    monkeypatch.undo()
+
+    assert manager.has_unsaved_changes(session.session_id)
+    await manager.shutdown()
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None and stored.metadata == session.metadata
