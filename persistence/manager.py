@@ -588,10 +588,12 @@ class SessionManager:
 
         That is every cached session, and every one that left the cache but is still
         held by a caller. Every save is attempted even when one fails; the sessions that
-        failed stay held, so calling `shutdown()` again retries them.
+        failed stay held, so calling `shutdown()` again retries them. What other tasks
+        change or hand back while it saves is saved too, for `_LATE_ROUNDS` rounds.
 
         Raises:
-            PersistenceError: after trying them all, if any session could not be saved.
+            PersistenceError: after trying them all, if any session could not be saved,
+                or was still changed after those rounds.
         """
         failures = await self._save_dirty()
         failed = {session_id for session_id, _ in failures}
