@@ -608,19 +608,20 @@ class SessionManager:
             late = self._changed_since(tried, failed)
             if not late:
                 break
-            failures += await self._save_dirty(late)
-            failed = {session_id for session_id, _ in failures}
+            late_failures = await self._save_dirty(late)
+            failures += late_failures
+            failed.update(session_id for session_id, _ in late_failures)
         else:
-            failures += [
-                (
-                    session.session_id,
-                    PersistenceError(
-                        f"changed again each time shutdown() saved it ({_LATE_ROUNDS} times)"
-                    ),
+            for session in self._changed_since(tried, failed):
+                failures.append(
+                    (
+                        session.session_id,
+                        PersistenceError(
+                            f"changed again each time shutdown() saved it ({_LATE_ROUNDS} times)"
+                        ),
+                    )
                 )
-                for session in self._changed_since(tried, failed)
-            ]
-            failed = {session_id for session_id, _ in failures}
+                failed.add(session.session_id)
         self._cache.forget_all_but(failed)
         if failures:
             detail = "; ".join(f"{sid}: {exc}" for sid, exc in failures[:5])

@@ -99,13 +99,12 @@ class SQLiteSessionStorage(SqlSessionStorage):
         must_exist: bool = False,
     ) -> None:
         super().__init__(version_table)
-        if str(database_path).lower().startswith(_URL_SCHEMES):
-            # Found by audit: it made a directory named `sqlite:` and a store in it.
-            raise InvalidDataError(
-                f"database_path: {str(database_path)!r} is a URL; give SQLiteSessionStorage"
-                " the file's path, or the URL to create_storage, StorageConfig or --url"
-            )
-        if (url := url_given_as_path(database_path)) is not None:
+        # Found by audit: `sqlite:///x.db` made a directory named `sqlite:` and a store in
+        # it; by attack: `postgresql://app:secret@db/app` one under ./postgresql:/.
+        url = url_given_as_path(database_path)
+        if url is None and str(database_path).lower().startswith(_URL_SCHEMES):
+            url = f"{str(database_path)!r} (a URL)"
+        if url is not None:
             raise InvalidDataError(
                 f"database_path: {url} is not a file path; give SQLiteSessionStorage the"
                 " file's path, or the URL to create_storage, StorageConfig or --url"

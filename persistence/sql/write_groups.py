@@ -42,7 +42,8 @@ from persistence.sql.runner import (
 
 T = TypeVar("T")
 
-# The savepoint each write of a group runs in.
+# How a group's transaction begins, and the savepoint each write of it runs in.
+_BEGIN = "BEGIN IMMEDIATE"
 _SAVEPOINT = "grouped_write"
 
 Outcome = tuple[bool, Any]  # (True, result) or (False, the exception raised)
@@ -184,9 +185,6 @@ def run_write_group(
             end_sqlite_transaction(connection, "ROLLBACK")
         return [(False, exc) if succeeded else (succeeded, value) for succeeded, value in outcomes]
     return outcomes
-
-
-_BEGIN = "BEGIN IMMEDIATE"
 
 
 def _all_failed(

@@ -166,7 +166,9 @@ def test_a_url_given_as_the_path_is_refused(
     """Found by audit: it made a directory named `sqlite:` and a store inside it."""
     monkeypatch.chdir(tmp_path)
 
-    with pytest.raises(InvalidDataError, match="is a URL; give SQLiteSessionStorage the file"):
+    with pytest.raises(
+        InvalidDataError, match="is not a file path; give SQLiteSessionStorage the file"
+    ):
         SQLiteSessionStorage(url)
 
     assert list(tmp_path.iterdir()) == []
