@@ -80,7 +80,17 @@ async def identity_of(connection: Any) -> Identity:
     oid, schema = await connection.fetchrow(DATABASE_OID_AND_SCHEMA)
     try:
         system = await connection.fetchval(SYSTEM_IDENTIFIER)
-    except asyncpg.PostgresError:  # a privilege some hosts withhold
+    except (
+        asyncpg.InsufficientPrivilegeError,
+        asyncpg.UndefinedFunctionError,
+        asyncpg.FeatureNotSupportedError,
+    ):
+        # A privilege some hosts withhold, or a function a server does not have. Only
+        # these: found by attack, a connection ended by the server during the query (a
+        # fast shutdown, pg_terminate_backend, a failover) was taken for a withheld
+        # identifier; the storage then opened under another token, and a save made
+        # through it of a session loaded through another storage of the same store
+        # wrote over that session's later changes.
         system = None
     return Identity(None if system is None else int(system), int(oid), schema)
 

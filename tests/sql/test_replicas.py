@@ -649,6 +649,34 @@ async def test_a_replica_that_does_not_tell_its_system_identifier_is_not_read(
         await _execute(primary, "DROP ROLE IF EXISTS fix_replica_plain")
 
 
+async def test_a_replica_connection_ended_while_it_is_identified_is_down_not_foreign(
+    pair: ReplicationPair, open_storage: OpenStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by attack: a standby whose connection the server ended during the system
+    identifier's query was reported as "not a copy of the primary's database". The
+    server ends it here itself: a function of the replica URL's schema, found before
+    pg_catalog's, terminates its own backend when asked for the identifier."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    writer = await open_storage(replicas=False)
+    await writer.close()
+    await _execute(pair.primary.url(), "DROP SCHEMA IF EXISTS cut CASCADE")
+    await _execute(
+        pair.primary.url(),
+        "CREATE SCHEMA cut; CREATE FUNCTION cut.pg_control_system()"
+        " RETURNS TABLE (system_identifier bigint) LANGUAGE sql"
+        " AS 'SELECT pg_terminate_backend(pg_backend_pid())::int::bigint'",
+    )
+    try:
+        await wait_caught_up(pair)
+        state = await _never_read(
+            pair, pair.standby.url() + "?options=-c%20search_path%3Dcut,pg_catalog", set()
+        )
+        assert state.mismatch is None and not state.up
+        assert _mismatch_warnings(caplog, str(pair.standby.port)) == []
+    finally:
+        await _execute(pair.primary.url(), "DROP SCHEMA IF EXISTS cut CASCADE")
+
+
 # --- close() ---
 
 

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
-from persistence import ChatSession, PostgreSQLSessionStorage, SQLiteSessionStorage
+from persistence import (
+    ChatSession,
+    PostgreSQLSessionStorage,
+    SQLiteSessionStorage,
+    StorageConnectionError,
+)
 from tests import servers
 
 
@@ -106,3 +111,49 @@ async def test_two_schemas_of_one_database_are_two_stores(other_postgresql_url: 
         assert stored is not None and [m.content for m in stored.messages] == ["one", "two"]
         in_first = await first.load_session(session.session_id)
         assert in_first is not None and [m.content for m in in_first.messages] == ["one"]
+
+
+@pytest.mark.postgresql
+async def test_a_connection_ended_while_the_store_is_identified_fails_the_open(
+    postgresql_url: str, other_postgresql_url: str
+) -> None:
+    """Found by attack: a connection the server ended during the system identifier's
+    query (a fast shutdown, pg_terminate_backend, a failover) was taken for a server
+    withholding the identifier. The storage opened under another token, and a save
+    through it of a session loaded elsewhere wrote over that session's later changes.
+
+    The server ends the connection itself here: a function of the URL's schema, found
+    before pg_catalog's, terminates its own backend when the identity asks for it.
+    """
+    import asyncpg
+
+    plain = other_postgresql_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    connection = await asyncpg.connect(plain)
+    try:
+        await connection.execute(
+            "CREATE SCHEMA cut;"
+            " CREATE FUNCTION cut.pg_control_system() RETURNS TABLE (system_identifier bigint)"
+            " LANGUAGE sql AS 'SELECT pg_terminate_backend(pg_backend_pid())::int::bigint'"
+        )
+    finally:
+        await connection.close()
+    separator = "&" if "?" in other_postgresql_url else "?"
+    cut_url = f"{other_postgresql_url}{separator}options=-c%20search_path%3Dcut,pg_catalog"
+
+    storage = PostgreSQLSessionStorage(cut_url, min_pool_size=1, max_pool_size=1)
+    with pytest.raises(StorageConnectionError):
+        await storage.initialize()
+    await storage.close()
+
+    async with PostgreSQLSessionStorage(
+        postgresql_url, min_pool_size=1, max_pool_size=1
+    ) as healthy:
+        system = healthy.token.split(":")[1]
+    assert system.isdigit()  # the cluster's identifier, as this server tells it
+    connection = await asyncpg.connect(plain)
+    try:
+        await connection.execute("DROP FUNCTION cut.pg_control_system()")
+    finally:
+        await connection.close()
+    async with PostgreSQLSessionStorage(cut_url, min_pool_size=1, max_pool_size=1) as reopened:
+        assert reopened.token.split(":")[1] == system
