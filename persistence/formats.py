@@ -111,8 +111,9 @@ def render_json(session: ChatSession) -> str:
     return json.dumps(session_document(session), ensure_ascii=False, indent=2) + "\n"
 
 
-def _one_line(value: str) -> str:
-    # A header value (an id, a model name) must not start a line of its own.
+def one_line(value: str) -> str:
+    """`value` as visible() writes it, its line breaks too (`\\n`, `\\r`): a header
+    value or a listing's field (an id, a model name) must not start a line of its own."""
     return visible(value.replace("\r", "\\r").replace("\n", "\\n"))
 
 
@@ -166,9 +167,9 @@ def _markdown_body(content: str) -> str:
 def render_markdown(session: ChatSession) -> str:
     """Renders the session as a markdown transcript, times in UTC."""
     parts = [
-        f"# Chat Session: {_one_line(session.session_id)}",
+        f"# Chat Session: {one_line(session.session_id)}",
         "",
-        f"**Model:** {_one_line(session.model)}",
+        f"**Model:** {one_line(session.model)}",
         f"**Created:** {wall_time(session.created_at)}",
         f"**Messages:** {len(session.messages)}",
         "",
@@ -185,7 +186,9 @@ def render_markdown(session: ChatSession) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _text_body(content: str) -> str:
+def text_body(content: str) -> str:
+    """A message's content for a plain-text transcript: as visible() writes it, and
+    a line that looks like a message header (`[10:00:02] ASSISTANT:`) indented."""
     lines, breaks = _split_lines(visible(content))
     escaped = [f"  {line}" if _TEXT_HEADER.match(line) else line for line in lines]
     return _join_lines(escaped, breaks)
@@ -194,8 +197,8 @@ def _text_body(content: str) -> str:
 def render_text(session: ChatSession) -> str:
     """Renders the session as a plain-text transcript, times in UTC."""
     parts = [
-        f"Chat Session: {_one_line(session.session_id)}",
-        f"Model: {_one_line(session.model)}",
+        f"Chat Session: {one_line(session.session_id)}",
+        f"Model: {one_line(session.model)}",
         f"Created: {wall_time(session.created_at)}",
         f"Messages: {len(session.messages)}",
         "",
@@ -203,7 +206,7 @@ def render_text(session: ChatSession) -> str:
     ]
     for message in session.messages:
         clock = _clock(message.created_at, session.created_at)
-        parts += ["", f"[{clock}] {message.role.upper()}:", _text_body(message.content)]
+        parts += ["", f"[{clock}] {message.role.upper()}:", text_body(message.content)]
     return "\n".join(parts) + "\n"
 
 

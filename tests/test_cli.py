@@ -548,3 +548,48 @@ def test_terminal_escapes_in_stored_text_print_visibly(tmp_path: Path) -> None:
     exported = json.loads(ok("export", session_id, "-f", "json", "--url", url).stdout)
     assert exported["messages"][0]["content"] == f"line one\n{HOSTILE}\ttab\r\nlast"
     assert exported["model"] == "model\x1b[5m"
+
+
+FORGED_ID = "00000000-dead-beef-0000-000000000000"
+
+
+@pytest.mark.sqlite
+def test_line_breaks_in_one_line_fields_cannot_forge_a_row_or_a_header(tmp_path: Path) -> None:
+    """Found by attack: a model name holding a line break printed a `sessions list` row
+    of its own, with a forged session id (a CR drew one over the real id), and a
+    message line shaped like `sessions show`'s headers printed as one."""
+    import asyncio
+
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    database = tmp_path / "x.db"
+    forged_row = f"{FORGED_ID}  gpt-4  archived  99  2020-01-01 00:00:00"
+
+    async def store() -> tuple[str, str]:
+        async with SQLiteSessionStorage(database) as storage:
+            first = ChatSession.create(f"gpt-4\n{forged_row}")
+            first.add_message("user", "hi\n\n[2026-12-05 11:00:00] ASSISTANT\nforged reply")
+            second = ChatSession.create(f"claude\r{FORGED_ID}", session_id=f"id\r\n{FORGED_ID}")
+            second.add_message("user", "hi again")
+            await storage.save_session(first)
+            await storage.save_session(second)
+            return first.session_id, second.session_id
+
+    first_id, second_id = asyncio.run(store())
+    url = f"sqlite:///{database}"
+    listing = ok("sessions", "list", "--url", url).stdout
+    rows = listing.splitlines()[2:]
+    assert len(rows) == 2 and "\r" not in listing
+    assert not any(row.startswith(FORGED_ID) for row in rows)
+    assert f"gpt-4\\n{forged_row}" in listing and f"claude\\r{FORGED_ID}" in listing
+    assert f"id\\r\\n{FORGED_ID}" in listing
+    shown = ok("sessions", "show", first_id, "--url", url).stdout
+    assert f"Model: gpt-4\\n{forged_row}" in shown
+    assert "\n  [2026-12-05 11:00:00] ASSISTANT\nforged reply" in shown
+    headers = [line for line in shown.splitlines() if line.startswith("[")]
+    assert len(headers) == 1 and headers[0].endswith("] USER")
+    shown = ok("sessions", "show", second_id, "--url", url).stdout
+    assert shown.splitlines()[0] == f"Session id\\r\\n{FORGED_ID}"
+    found = ok("search", "hi", "--url", url).stdout
+    assert "\r" not in found and FORGED_ID in found
+    assert all(f"\\n{FORGED_ID}" in line for line in found.splitlines() if FORGED_ID in line)

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from persistence import formats
-from persistence.formats import visible
+from persistence.formats import one_line
 from persistence.models import ChatSession, Status
 from persistence.storage import SessionStorage
 
@@ -78,10 +78,12 @@ class TextRows:
 
     def add(self, session: ChatSession) -> None:
         if self.count == 0:
-            typer.echo(visible(f"Sessions in {self.where}"))
+            typer.echo(one_line(f"Sessions in {self.where}"))
             typer.echo(self.HEADER)
         typer.echo(
-            f"{visible(session.session_id):<36}  {visible(session.model):<24}"
+            # One line a session (found by attack: a model name holding a line break
+            # printed a row of its own, a forged session id in it).
+            f"{one_line(session.session_id):<36}  {one_line(session.model):<24}"
             f"  {session.status:<8}  {session.message_count:>8}"
             f"  {formats.wall_time(session.updated_at)}"
         )

@@ -80,7 +80,7 @@ def search(
         for message in found:
             table.add_row(
                 formats.wall_time(message.created_at),
-                Text(visible(message.session_id)),
+                Text(formats.one_line(message.session_id)),
                 message.role,
                 Text(_excerpt(message.content)),
             )

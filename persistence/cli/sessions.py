@@ -125,9 +125,11 @@ def sessions_show(
             typer.echo(formats.render_json(session), nl=False)
             return
         console = out()
-        console.print(Text(f"Session {visible(session.session_id)}", style="bold"))
+        # Found by attack: line breaks in the model and message lines shaped like this
+        # command's own headers printed as they were, a forged session or reply.
+        console.print(Text(f"Session {formats.one_line(session.session_id)}", style="bold"))
         fields = [
-            ("Model", visible(session.model)),
+            ("Model", formats.one_line(session.model)),
             ("Status", session.status),
             ("Created", f"{formats.wall_time(session.created_at)} UTC"),
             ("Updated", f"{formats.wall_time(session.updated_at)} UTC"),
@@ -145,7 +147,7 @@ def sessions_show(
                     (message.role.upper(), "bold cyan"),
                 )
             )
-            console.print(Text(visible(message.content)))
+            console.print(Text(formats.text_body(message.content)))
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
