@@ -19,6 +19,7 @@ from persistence.errors import (
 from persistence.models import ChatSession
 from persistence.session_cache import SessionCache
 from persistence.storage import SessionStorage, check_last
+from persistence.store_files import refuse_own_file
 from persistence.turns import Turns
 from persistence.validation import check_instance, lookup_id
 
@@ -533,10 +534,12 @@ class SessionManager:
         """Writes the export atomically (temp file + rename); False if there is no such session.
 
         Raises:
-            InvalidDataError: for an unknown format.
+            InvalidDataError: for an unknown format, or a path that is one of the
+                store's own files (a SQLite store's database or journals).
             OSError: if the file cannot be written.
             PersistenceError: if the backend fails.
         """
+        refuse_own_file(self.storage, output_path)
         rendered = await self.export_session(session_id, format)
         if rendered is None:
             return False

@@ -232,6 +232,12 @@ class SessionStorage(ABC):
         """Takes `identity`, the store's, as this storage's token (when it opens)."""
         self.__dict__["_bookkeeping_token"] = f"{self.backend_name}:{identity}"
 
+    def own_file(self, path: str | Path) -> str | None:
+        """Which of this store's own files `path` names ("the store X", "the wal file of
+        the store X"), or None: a file that writing would replace the store by. Only a
+        SQLite store has files of its own."""
+        return None
+
     def has_unsaved_changes(self, session: ChatSession) -> bool:
         """Whether this store lacks something of `session` (True if it never held it)."""
         return session.has_changes_for(self.token)

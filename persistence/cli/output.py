@@ -31,6 +31,7 @@ from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
 from persistence.formats import visible
 from persistence.storage import SessionStorage
+from persistence.store_files import sqlite_file_role
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
@@ -169,36 +170,10 @@ def os_error_line(exc: OSError) -> str:
     return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
 
 
-# The files SQLite keeps for a database: the file itself and its journals.
-SQLITE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
-
-
-def same_file(first: Path, second: Path) -> bool:
-    """Whether two paths name one file: through a symlink or a hard link too, and, for
-    a file not there yet, by the path it would have."""
-    try:
-        return os.path.samefile(first, second)
-    except OSError:  # one of them does not exist (yet)
-        return os.path.realpath(first) == os.path.realpath(second)
-
-
 def store_file(path: Path, config: StorageConfig) -> str | None:
-    """Which file of the SQLite store `path` is (the store or one of its journals), or None.
-
-    The journals are beside the file a symlink stands for, so both places count.
-    """
-    if config.backend != "sqlite":
-        return None
-    store = config.database_path
-    for base in dict.fromkeys((store, Path(os.path.realpath(store)))):
-        for suffix in SQLITE_FILE_SUFFIXES:
-            if same_file(path, base.with_name(base.name + suffix)):
-                return (
-                    f"the {suffix[1:]} file of the store {store}"
-                    if suffix
-                    else f"the store {store}"
-                )
-    return None
+    """Which file of the configured SQLite store `path` is (the store or one of its
+    journals), or None."""
+    return None if config.backend != "sqlite" else sqlite_file_role(path, config.database_path)
 
 
 def refuse_store_file(output: Path, config: StorageConfig) -> None:

@@ -39,13 +39,13 @@ from persistence.cli.output import (
     out,
     refuse_store_file,
     run,
-    same_file,
     stdout_text,
     store_file,
 )
 from persistence.config import StorageConfig, config_from_url, create_storage
 from persistence.errors import InvalidDataError
 from persistence.storage import SessionStorage
+from persistence.store_files import same_file
 from persistence.transfer import (
     backup_storage,
     export_to_json,

@@ -45,6 +45,7 @@ from persistence.sql.write_groups import WriteGroups
 from persistence.storage import (
     BackendName,
 )
+from persistence.store_files import sqlite_file_role
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
@@ -143,6 +144,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
             return os.path.samefile(self._file, path)
         except OSError:
             return False
+
+    def own_file(self, path: str | Path) -> str | None:
+        return sqlite_file_role(path, self._file)
 
     @property
     def _where(self) -> str:

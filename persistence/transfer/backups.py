@@ -146,34 +146,58 @@ def _backup_kind(path: Path) -> str:
     with open_input(path) as stream:
         head = stream.read(_KIND_HEAD)
     if head.startswith(_SQLITE_MAGIC):
-        _refuse_pending_wal(path)
+        _refuse_pending_journals(path)
         return "sqlite"
     if head.removeprefix(UTF8_BOM).lstrip(b" \t\r\n")[:1] == b"{":
         return "json"
     raise InvalidDataError(f"{path}: not a backup (neither a SQLite database nor an export file)")
 
 
-def _refuse_pending_wal(path: Path) -> None:
-    """Refuses a SQLite file whose -wal beside it holds writes.
+# A rollback journal's header begins with this while it holds a transaction not yet
+# committed or rolled back (a "hot" journal); SQLite zeroes it or deletes the file after.
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def _refuse_pending_journals(path: Path) -> None:
+    """Refuses a SQLite file whose -wal beside it holds writes, or whose -journal holds
+    a transaction that was never committed.
 
     Found by attack: the restore copied the main file alone, so what a program with the
     file open (or one that crashed) had in the -wal was lost, and the verification,
-    made against that copy, passed. The -wal is looked for beside the file a symlink
-    names, where SQLite keeps it (found by attack: through a symlink, the check looked
-    beside the link, and the restore dropped the -wal's sessions). A hard link cannot
-    be followed so: SQLite's own documentation warns against hard-linked databases.
+    made against that copy, passed. The journals are looked for beside the file a
+    symlink names, where SQLite keeps them (found by attack: through a symlink, the
+    check looked beside the link, and the restore dropped the -wal's sessions). A hard
+    link cannot be followed so: SQLite's own documentation warns against hard-linked
+    databases.
+
+    Found by attack: a store in rollback-journal mode whose writer was killed before
+    its COMMIT holds pages of that transaction in the main file, which SQLite rolls
+    back from the -journal when it next opens it; the restore copied the main file
+    alone and restored the uncommitted changes, and reported them verified.
     """
     real = Path(os.path.realpath(path))
-    wal = real.with_name(real.name + "-wal")
     try:
-        pending = wal.stat().st_size > 0
+        pending_wal = real.with_name(real.name + "-wal").stat().st_size > 0
     except OSError:
-        return
-    if pending:
+        pending_wal = False
+    if pending_wal:
         raise InvalidDataError(
             f"{path}: its -wal file holds writes the file does not (a program has it open,"
             " or one that had it open stopped): back it up with `persistence backup"
             " DIRECTORY --url sqlite:///PATH`, which reads both, and restore that copy"
+        )
+    try:
+        with open(real.with_name(real.name + "-journal"), "rb") as journal:
+            hot = journal.read(len(_JOURNAL_MAGIC)) == _JOURNAL_MAGIC
+    except OSError:
+        hot = False
+    if hot:
+        raise InvalidDataError(
+            f"{path}: its -journal file holds a transaction that was not committed (a"
+            " program is writing the file, or one that was stopped mid-write), and the"
+            " file holds part of it: open it once with a program that writes SQLite files"
+            " (`sqlite3 PATH 'PRAGMA quick_check'`), which rolls that transaction back,"
+            " then restore it"
         )
 
 
@@ -286,8 +310,9 @@ async def restore_backup(
         "duration_seconds"}.
 
     Raises:
-        InvalidDataError: for a missing, corrupt or foreign file, or the SQLite store's
-            own file; nothing is written.
+        InvalidDataError: for a missing, corrupt or foreign file, the SQLite store's
+            own file, or a SQLite file whose -wal or -journal holds writes the file
+            does not; nothing is written.
         SchemaVersionError: for a SQLite backup written by a newer version.
         PersistenceError: if the store fails.
     """

@@ -14,6 +14,7 @@ from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage
+from persistence.store_files import refuse_own_file
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
 from persistence.transfer.exchange_format import (
     DocumentCounts,
@@ -131,11 +132,14 @@ async def export_to_json(
     Raises:
         MigrationError: naming `output_path`, if it cannot be written (a file is
             then left as it was).
+        InvalidDataError: if `output_path` is one of the store's own files (a SQLite
+            store's database or journals).
         PersistenceError: if the store fails.
     """
     check_batch_size(batch_size)
     target = Path(output_path)
     output_kind(target)  # refuses a symlink or a directory before reading the store
+    refuse_own_file(storage, target)
     started = time.perf_counter()
     with output_file(target) as stream:
         counts, exported_at, size = await write_document(

@@ -342,6 +342,68 @@ async def test_a_sqlite_file_whose_wal_holds_writes_is_refused_naming_it(
     assert (await sqlite_storage.count()).total_sessions == 10
 
 
+# A writer of a rollback-journal file that changes every session in one transaction,
+# with a page cache of one page so its changes reach the main file before any COMMIT;
+# it waits there to be killed.
+_KILLED_WRITER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=1")
+db.execute("BEGIN")
+db.execute("UPDATE chat_sessions SET model = 'uncommitted'")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.sqlite
+async def test_a_sqlite_file_whose_journal_holds_an_unfinished_transaction_is_refused(
+    sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: a file in rollback-journal mode whose writer was killed before
+    its COMMIT holds pages of that transaction, which SQLite rolls back from the
+    -journal when it next opens the file. The restore copied the main file alone,
+    restored the uncommitted changes, and reported them verified."""
+    import signal
+    import sys
+
+    path = tmp_path / "journaled.db"
+    async with SQLiteSessionStorage(path) as storage:
+        await populate(storage)
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    connection.close()
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_WRITER, str(path), stdout=asyncio.subprocess.PIPE
+    )
+    assert writer.stdout is not None and await writer.stdout.readline() == b"ready\n"
+    writer.send_signal(signal.SIGKILL)
+    await writer.wait()
+    before = await snapshot(sqlite_storage)
+
+    with pytest.raises(InvalidDataError, match=r"journaled\.db: its -journal file holds a"):
+        validate_backup_file(path)
+    with pytest.raises(InvalidDataError, match="PRAGMA quick_check"):
+        await restore_backup(sqlite_storage, path)
+    assert await snapshot(sqlite_storage) == before
+
+    # What the error says to do: SQLite rolls the transaction back on a writable open.
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA quick_check").fetchone() == ("ok",)
+    connection.close()
+    # The journal is now deleted, or left with its header zeroed (journal_mode=PERSIST):
+    # a journal that holds nothing is no reason to refuse.
+    connection = sqlite3.connect(path, isolation_level=None)
+    assert connection.execute("PRAGMA journal_mode=PERSIST").fetchone() == ("persist",)
+    connection.execute("PRAGMA user_version = 7")  # a write, committed
+    connection.close()
+    assert (tmp_path / "journaled.db-journal").stat().st_size > 0
+    result = await restore_backup(sqlite_storage, path)
+    assert result["verified"] is True and result["sessions_restored"] == 10
+    restored = await sqlite_storage.list_sessions(limit=100)
+    assert len(restored) == 10 and "uncommitted" not in {s.model for s in restored}
+
+
 async def test_restoring_a_store_into_itself_is_refused_as_such(tmp_path: Path) -> None:
     """Found by attack: a store's own file, restored into it, was refused as "a program
     has it open" (the restore's own storage), and the error sent the user to back the

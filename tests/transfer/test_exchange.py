@@ -275,6 +275,35 @@ async def test_export_refuses_a_symlink_and_leaves_it_and_its_target_alone(
     assert sorted(p.name for p in out.iterdir()) == ["export.json"]
 
 
+@pytest.mark.sqlite
+async def test_export_into_the_stores_own_files_is_refused(tmp_path: Path) -> None:
+    """Found by attack: export_to_json into the SQLite store's own file replaced the
+    database with the export and reported success; into its -wal it wrote over that.
+    SessionManager.export_to_file's rename did the same. The CLI refused both."""
+    from persistence import SessionManager, SQLiteSessionStorage
+
+    path = tmp_path / "store.db"
+    hard = tmp_path / "hard.db"
+    async with SQLiteSessionStorage(path) as storage:
+        session = ChatSession.create("m")
+        session.add_message("user", "keep me")
+        await storage.save_session(session)
+        os.link(path, hard)
+        (tmp_path / "sub").mkdir()
+        named = [path, hard, tmp_path / "sub" / ".." / "store.db", Path(f"{path}-wal")]
+        for target in named:
+            with pytest.raises(InvalidDataError, match=r"refusing to write .*: it is the"):
+                await export_to_json(storage, target)
+        manager = SessionManager(storage, auto_save_enabled=False)
+        for target in (path, Path(f"{path}-journal")):
+            with pytest.raises(InvalidDataError, match=r"refusing to write .*: it is the"):
+                await manager.export_to_file(session.session_id, target, "text")
+        assert (await export_to_json(storage, tmp_path / "export.json"))["sessions"] == 1
+    async with SQLiteSessionStorage(path) as reopened:
+        loaded = await reopened.load_session(session.session_id)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["keep me"]
+
+
 async def test_export_writes_through_a_fifo(other_sqlite: SessionStorage, tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -1,0 +1,53 @@
+"""Which of a SQLite store's own files a path names: the database or a journal of it.
+
+Writing there (an export, a rendering, a migration's copy) would replace the store, or
+be wiped by it. The journals are beside the file a symlink stands for, so both places
+count; a path is the file through any symlink or hard link.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from persistence.errors import InvalidDataError
+
+if TYPE_CHECKING:
+    from persistence.storage import SessionStorage
+
+# The files SQLite keeps for a database: the file itself and its journals.
+SQLITE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file: through a symlink or a hard link too, and, for
+    a file not there yet, by the path it would have."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(first) == os.path.realpath(second)
+
+
+def sqlite_file_role(path: str | Path, store: Path) -> str | None:
+    """Which file of the SQLite store at `store` `path` is ("the store X", "the wal
+    file of the store X"), or None."""
+    for base in dict.fromkeys((store, Path(os.path.realpath(store)))):
+        for suffix in SQLITE_FILE_SUFFIXES:
+            if same_file(Path(path), base.with_name(base.name + suffix)):
+                what = f"the {suffix[1:]} file of the store" if suffix else "the store"
+                return f"{what} {store}"
+    return None
+
+
+def refuse_own_file(storage: SessionStorage, path: str | Path) -> None:
+    """Refuses to write `path` if it is one of `storage`'s own files.
+
+    Found by attack: export_to_json into the store's own file replaced the database
+    with the export and reported success (the CLI refused it; the library did not).
+
+    Raises:
+        InvalidDataError: naming the file and what it is.
+    """
+    if (role := storage.own_file(path)) is not None:
+        raise InvalidDataError(f"refusing to write {path}: it is {role} (give another file name)")
