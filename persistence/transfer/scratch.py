@@ -63,14 +63,16 @@ def scratch_directory(prefix: str) -> Iterator[Path]:
 def partial_file(directory: Path, prefix: str, *, sweep: bool = True) -> Iterator[Path]:
     """A new empty 0600 file in `directory`, named `.{prefix}.XXXXXXXX` and LOCKED,
     locked while the block runs; removed at its end unless it was renamed. With `sweep`,
-    files of that pattern their processes abandoned (killed) are removed first, which
-    lists the directory (found by attack: 25 ms a file in one of 50,000 entries, so a
-    caller writing a file per session passes False).
+    the files of that pattern, whatever their prefix, that their processes abandoned
+    (killed) are removed first, which lists the directory (found by attack: 25 ms a
+    file in one of 50,000 entries, so a caller writing a file per session passes
+    False). Found by attack: only those of the same prefix were, so a killed export's
+    file stayed through exports and backups to other names in its directory.
 
     Raises:
         OSError: if the directory cannot hold a new file.
     """
-    for candidate in _matching(directory, f".{prefix}.", f"{'[!.]' * 8}{LOCKED}") if sweep else ():
+    for candidate in _matching(directory, ".", f"*.{'[!.]' * 8}{LOCKED}") if sweep else ():
         if _ours(candidate, stat.S_ISREG) and _abandoned(candidate):
             _remove_with_sidecars(candidate)
     descriptor, name = tempfile.mkstemp(dir=directory, prefix=f".{prefix}.", suffix=UNLOCKED)

@@ -155,6 +155,27 @@ async def test_a_killed_exports_partial_file_is_removed_by_the_next_export(
     assert _names(exports) == ["all.json"]
 
 
+async def test_a_killed_exports_partial_file_is_removed_by_the_next_output_of_any_name(
+    tmp_path: Path, temporary: Path
+) -> None:
+    """Found by attack: only an export to the same name removed it; an export to another
+    name and a backup into the directory left it."""
+    await _store_of(tmp_path / "source.db")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+
+    _run_killed("export", tmp_path / "source.db", exports / "all.json", temporary)
+    (left,) = _names(exports)
+    assert left.startswith(".all.json.") and left.endswith(".persistence-partial")
+    async with SQLiteSessionStorage(tmp_path / "source.db") as source:
+        await export_to_json(source, exports / "other.json")
+        assert _names(exports) == ["other.json"]
+        _run_killed("export", tmp_path / "source.db", exports / "third.json", temporary)
+        assert len(_names(exports)) == 2
+        backup = await backup_storage(source, exports)
+    assert _names(exports) == sorted(["other.json", Path(backup["path"]).name])
+
+
 def test_a_live_process_scratch_is_kept_and_removed_once_it_is_killed(
     tmp_path: Path, temporary: Path
 ) -> None:
