@@ -33,11 +33,25 @@ _SQLITE_DESCRIPTIONS = {
 _PG_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
 
 
+# Extended result codes said more exactly than their base code. Found by attack: a file
+# whose -journal held a transaction its writer never finished (killed mid-write, in
+# rollback-journal mode) was "read-only" to every open, which reads it first read-only.
+_SQLITE_EXTENDED_DESCRIPTIONS = {
+    sqlite3.SQLITE_READONLY_ROLLBACK: (
+        "the file's -journal holds a transaction a program did not finish (it was stopped"
+        " mid-write), which opening it read-only cannot roll back: open it once with a"
+        " program that writes SQLite files (`sqlite3 PATH 'PRAGMA quick_check'`)"
+    ),
+}
+
+
 def _driver_detail(exc: BaseException) -> str:
     """Names the driver's error without its SQL or parameters (never a password)."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     code = getattr(orig, "sqlite_errorcode", None)
     if code is not None:
+        if code in _SQLITE_EXTENDED_DESCRIPTIONS:
+            return _SQLITE_EXTENDED_DESCRIPTIONS[code]
         base = code & 0xFF
         return _SQLITE_DESCRIPTIONS.get(base, f"{type(orig).__name__}: {orig}")
     first_line = str(orig).strip().splitlines()[0] if str(orig).strip() else ""

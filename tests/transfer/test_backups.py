@@ -17,6 +17,7 @@ from persistence import (
     ChatSession,
     InvalidDataError,
     MigrationError,
+    PersistenceError,
     SchemaVersionError,
     SessionStorage,
     SQLiteSessionStorage,
@@ -386,6 +387,15 @@ async def test_a_sqlite_file_whose_journal_holds_an_unfinished_transaction_is_re
     with pytest.raises(InvalidDataError, match="PRAGMA quick_check"):
         await restore_backup(sqlite_storage, path)
     assert await snapshot(sqlite_storage) == before
+
+    # Opening it as a store says the same, not "read-only" (found by attack), and
+    # alters nothing: each open reads it read-only first.
+    for opening in ("initialize", "open_for_reading"):
+        journaled = SQLiteSessionStorage(path)
+        with pytest.raises(PersistenceError, match="-journal holds a transaction a program"):
+            await getattr(journaled, opening)()
+        await journaled.close()
+    assert (tmp_path / "journaled.db-journal").stat().st_size > 0
 
     # What the error says to do: SQLite rolls the transaction back on a writable open.
     with sqlite3.connect(path) as connection:
