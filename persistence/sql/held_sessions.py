@@ -9,6 +9,11 @@ message; after the rollback the older one was appended after it, out of order. A
 of an object held so, from any task but the unit's own, now waits until the unit has
 committed or rolled back, as a writer waits for a lock. A task that awaits, inside
 its unit of work, another task saving the same object therefore waits for good.
+
+Found by attack: two units of work adding the same two objects in opposite order
+waited for each other for good (on PostgreSQL, whose deadlock detector never saw it:
+they locked different rows). A wait that would close such a circle raises instead,
+as a database's deadlock detection does.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from persistence.errors import PersistenceError
 from persistence.models import ChatSession
 
 
@@ -51,10 +57,50 @@ def any_held() -> bool:
     return bool(_HELD)
 
 
+# By task: the hold it waits for to end.
+_WAITING: dict[asyncio.Task[Any], _Hold] = {}
+
+
+def held_by_another(token: str, session: ChatSession) -> bool:
+    """Whether another task's unit of work of storage `token` holds `session` now."""
+    held = _HELD.get((token, id(session))) if _HELD else None
+    return held is not None and held.owner is not asyncio.current_task()
+
+
 async def wait_for_units(token: str, session: ChatSession) -> None:
-    """Returns once no other task's unit of work of storage `token` holds `session`."""
+    """Returns once no other task's unit of work of storage `token` holds `session`.
+
+    Raises:
+        PersistenceError: the unit holding it waits, itself or through others, for one
+            this task's unit holds (a deadlock); nothing waited for is changed.
+    """
+    current = asyncio.current_task()
     while _HELD:
         held = _HELD.get((token, id(session)))
-        if held is None or held.owner is asyncio.current_task():
+        if held is None or held.owner is current:
             return
-        await held.ended.wait()
+        _refuse_circle(held, current, session)
+        if current is None:
+            await held.ended.wait()
+            continue
+        _WAITING[current] = held
+        try:
+            await held.ended.wait()
+        finally:
+            del _WAITING[current]
+
+
+def _refuse_circle(held: _Hold, current: asyncio.Task[Any] | None, session: ChatSession) -> None:
+    """Raises if waiting for `held` would wait, through other waits, for `current`."""
+    owner, seen = held.owner, set()
+    while owner is not None and owner not in seen:
+        if owner is current:
+            raise PersistenceError(
+                f"session {session.session_id!r} is held by another task's unit of work,"
+                " which waits for a session this task's unit of work holds (a deadlock):"
+                " roll this unit of work back and run it again (units that add their"
+                " sessions in one order, say sorted by id, never meet so)"
+            )
+        seen.add(owner)
+        waited = _WAITING.get(owner)
+        owner = None if waited is None else waited.owner

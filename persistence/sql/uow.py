@@ -18,7 +18,7 @@ from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
 from persistence.sql.checkout import Lent, begin, lent_connection
 from persistence.sql.errors import connection_unusable, sql_errors, unique_violation
-from persistence.sql.held_sessions import hold, release, wait_for_units
+from persistence.sql.held_sessions import held_by_another, hold, release, wait_for_units
 from persistence.sql.runner import (
     Work,
     end_sqlite_transaction,
@@ -28,9 +28,16 @@ from persistence.sql.runner import (
 )
 from persistence.sql.writes import Saved
 from persistence.storage import UnitOfWork
+from persistence.turns import save_turn
 from persistence.validation import check_instance, lookup_id
 
 T = TypeVar("T")
+
+
+def _nothing() -> Work[None]:
+    """Work of no statement: running it begins the transaction."""
+    return
+    yield
 
 
 # Per task, the tokens of the storages whose units of work it holds open, and how many.
@@ -68,20 +75,31 @@ class _SqlSessions:
     async def add(self, session: ChatSession) -> None:
         check_instance(session, ChatSession, "session")
         uow = self._uow
-        await wait_for_units(uow.token, session)
-        plan = session.plan_save(uow.token)
-        uow.written.add(session.session_id)
-        try:
-            saved = await uow.run(writes.write_plan(plan), "save session")
-        except PersistenceError as exc:
-            if unique_violation(exc):
-                ids = ", ".join(repr(message.message_id) for message in plan.appends[:3])
-                raise InvalidDataError(
-                    f"session {session.session_id!r}: a new message's id is already stored"
-                    f" (one of {ids}); roll this unit of work back"
-                ) from exc
-            raise
-        uow.saved_until_rollback(session, plan, saved)
+        # Planned only once the transaction has begun (on SQLite, with the write lock),
+        # and in the object's save turn: found by attack, a unit planned its save, then
+        # waited for the lock another unit held, which added the same object and
+        # committed; the stale plan then landed, undoing that unit's newer values, and
+        # the object's base lost that unit's messages.
+        await uow.begin()
+        while True:
+            await wait_for_units(uow.token, session)
+            async with save_turn(uow.token, session):
+                if held_by_another(uow.token, session):
+                    continue  # taken by another unit while this one waited for the turn
+                plan = session.plan_save(uow.token)
+                uow.written.add(session.session_id)
+                try:
+                    saved = await uow.run(writes.write_plan(plan), "save session")
+                except PersistenceError as exc:
+                    if unique_violation(exc):
+                        ids = ", ".join(repr(message.message_id) for message in plan.appends[:3])
+                        raise InvalidDataError(
+                            f"session {session.session_id!r}: a new message's id is already"
+                            f" stored (one of {ids}); roll this unit of work back"
+                        ) from exc
+                    raise
+                uow.saved_until_rollback(session, plan, saved)
+                return
 
     async def delete(self, session_id: str) -> bool:
         if not lookup_id(session_id, "session_id"):
@@ -191,6 +209,11 @@ class SqlUnitOfWork(UnitOfWork):
                     self._transaction = await lent.first(begin)
                     self._driver = lent.driver
                 return await run_on_asyncpg(self._driver, dialect, work)
+
+    async def begin(self) -> None:
+        """Begins the transaction now if no work has begun it yet."""
+        if self._driver is None:
+            await self.run(_nothing(), "begin")
 
     def saved_until_rollback(self, session: ChatSession, plan: SavePlan, saved: Saved) -> None:
         """Takes the save as stored now; a rollback gives the object back its old base.
