@@ -252,20 +252,34 @@ SESSION_IDS_AFTER = Statement(
     .limit(bindparam("limit"))
 )
 DELETE_SESSION = Statement(delete(sessions).where(sessions.c.session_id == bindparam("session_id")))
+
+
+def _in_id_order(*conditions: Any) -> Any:
+    """The sessions matching `conditions`, locked in session id order (PostgreSQL; SQLite
+    has one writer at a time and no row locks): a statement changing many sessions
+    locks them as every other such statement does. Found by attack: expiry sweeps
+    (in updated_at order) and status changes (in id order) beside each other
+    deadlocked, each holding rows the other wanted."""
+    chosen = select(sessions.c.session_id).where(*conditions).order_by(sessions.c.session_id)
+    return sessions.c.session_id.in_(chosen.with_for_update())
+
+
+_EXPIRED = (sessions.c.status == "active", sessions.c.updated_at < bindparam("cutoff"))
 EXPIRE_SESSIONS = Statement(
     update(sessions)
-    .where(sessions.c.status == "active", sessions.c.updated_at < bindparam("cutoff"))
+    .where(_in_id_order(*_EXPIRED), *_EXPIRED)
     .values(status="expired", revision=sessions.c.revision + 1)
 )
 FORGET_DELETIONS = Statement(
     delete(deletions).where(deletions.c.deleted_at < bindparam("cutoff", type_=UtcDateTime))
 )
+_CHANGED_STATUS = (
+    sessions.c.session_id.in_(bindparam("ids", expanding=True)),
+    sessions.c.status != bindparam("status"),
+)
 SET_STATUS = Statement(
     update(sessions)
-    .where(
-        sessions.c.session_id.in_(bindparam("ids", expanding=True)),
-        sessions.c.status != bindparam("status"),
-    )
+    .where(_in_id_order(*_CHANGED_STATUS), *_CHANGED_STATUS)
     .values(status=bindparam("status"), revision=sessions.c.revision + 1)
 )
 # Kept by triggers (revision 0004): a few rows to sum, whatever the size of the store.

@@ -36,10 +36,12 @@ class Mark:
     columns: frozenset[str] = frozenset()
     """A table's columns as the revision made them."""
     dialects: frozenset[str] = BOTH
+    function: str = _TERMS_FUNCTION
+    """For `source`, the function whose body holds `name`."""
 
     def shown(self) -> str:
         if self.kind == "source":
-            return f"{_TERMS_FUNCTION} as revision {self.revision} defines it"
+            return f"{self.function} as revision {self.revision} defines it"
         return self.name
 
 
@@ -76,6 +78,13 @@ MARKS = (
     Mark("0009", "table", "chat_message_terms", dialects=POSTGRESQL),
     Mark("0010", "table", "chat_session_deletions"),
     Mark("0010", "table", "chat_session_merges"),
+    Mark(
+        "0011",
+        "source",
+        "pg_advisory_xact_lock",
+        dialects=POSTGRESQL,
+        function="chat_session_counts_add(text, text, bigint)",
+    ),
 )
 REVISIONS = tuple(dict.fromkeys(mark.revision for mark in MARKS))
 
@@ -88,6 +97,7 @@ class _Look:
     inspector: Any = None
     tables: set[str] = field(default_factory=set)
     functions: tuple[str | None, bool] | None = None
+    sources: dict[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.inspector = inspect(self.connection)
@@ -124,10 +134,19 @@ class _Look:
                 index["name"] == part for index in self.inspector.get_indexes(table)
             )
             return [] if found else [mark.name]
-        source, append = self._functions()
         if mark.kind == "function":
-            return [] if append else [mark.shown()]
+            return [] if self._functions()[1] else [mark.shown()]
+        source = self._functions()[0] if mark.function == _TERMS_FUNCTION else self._source(mark)
         return [] if source is not None and mark.name in source else [mark.shown()]
+
+    def _source(self, mark: Mark) -> str | None:
+        """The body of `mark.function`, None if there is no such function."""
+        if mark.function not in self.sources:
+            self.sources[mark.function] = self.connection.execute(
+                text("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(:function)"),
+                {"function": mark.function},
+            ).scalar()
+        return self.sources[mark.function]
 
 
 def _marks(dialect: str, revision: str) -> list[Mark]:
