@@ -67,12 +67,20 @@ def held_by_another(token: str, session: ChatSession) -> bool:
     return held is not None and held.owner is not asyncio.current_task()
 
 
-async def wait_for_units(token: str, session: ChatSession) -> None:
+# How long a unit of work waits for another one's object before it gives up: the other
+# may be waiting for this unit's rows in the database, a circle no one detector sees.
+UNIT_WAIT_SECONDS = 30.0
+
+
+async def wait_for_units(token: str, session: ChatSession, *, in_unit: bool = False) -> None:
     """Returns once no other task's unit of work of storage `token` holds `session`.
+    `in_unit`: the caller is a unit of work, whose transaction may hold rows the
+    holder waits for; it waits UNIT_WAIT_SECONDS at most.
 
     Raises:
         PersistenceError: the unit holding it waits, itself or through others, for one
-            this task's unit holds (a deadlock); nothing waited for is changed.
+            this task's unit holds (a deadlock), or (`in_unit`) it held the session
+            past UNIT_WAIT_SECONDS; nothing waited for is changed.
     """
     current = asyncio.current_task()
     while _HELD:
@@ -80,14 +88,26 @@ async def wait_for_units(token: str, session: ChatSession) -> None:
         if held is None or held.owner is current:
             return
         _refuse_circle(held, current, session)
-        if current is None:
-            await held.ended.wait()
-            continue
-        _WAITING[current] = held
+        if current is not None:
+            _WAITING[current] = held
         try:
-            await held.ended.wait()
+            if in_unit:
+                await asyncio.wait_for(held.ended.wait(), UNIT_WAIT_SECONDS)
+            else:
+                await held.ended.wait()
+        except TimeoutError:
+            # Found by attack: a unit waiting here for a session another unit held,
+            # while that unit waited in the database for a row this one had written,
+            # waited for good.
+            raise PersistenceError(
+                f"session {session.session_id!r} is held by another task's unit of work,"
+                f" still after {UNIT_WAIT_SECONDS:g} s; it may be waiting for rows this"
+                " unit of work wrote (a deadlock through the database): roll this unit"
+                " of work back and run it again"
+            ) from None
         finally:
-            del _WAITING[current]
+            if current is not None:
+                del _WAITING[current]
 
 
 def _refuse_circle(held: _Hold, current: asyncio.Task[Any] | None, session: ChatSession) -> None:
@@ -103,4 +123,6 @@ def _refuse_circle(held: _Hold, current: asyncio.Task[Any] | None, session: Chat
             )
         seen.add(owner)
         waited = _WAITING.get(owner)
-        owner = None if waited is None else waited.owner
+        # A hold that has ended no longer holds its waiter back, though the waiter may
+        # not have run since (found by attack: a false deadlock was reported so).
+        owner = None if waited is None or waited.ended.is_set() else waited.owner

@@ -81,7 +81,7 @@ MARKS = (
     Mark(
         "0011",
         "source",
-        "pg_advisory_xact_lock",
+        "chat_session_counts_slot()",
         dialects=POSTGRESQL,
         function="chat_session_counts_add(text, text, bigint)",
     ),

@@ -82,7 +82,7 @@ class _SqlSessions:
         # the object's base lost that unit's messages.
         await uow.begin()
         while True:
-            await wait_for_units(uow.token, session)
+            await wait_for_units(uow.token, session, in_unit=True)
             async with save_turn(uow.token, session):
                 if held_by_another(uow.token, session):
                     continue  # taken by another unit while this one waited for the turn

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -186,9 +187,14 @@ def _refuse_pending_journals(path: Path) -> None:
             " or one that had it open stopped): back it up with `persistence backup"
             " DIRECTORY --url sqlite:///PATH`, which reads both, and restore that copy"
         )
+    journal_path = real.with_name(real.name + "-journal")
     try:
-        with open(real.with_name(real.name + "-journal"), "rb") as journal:
-            hot = journal.read(len(_JOURNAL_MAGIC)) == _JOURNAL_MAGIC
+        # A regular file only: opening a FIFO would wait for a writer for good (found
+        # by attack: the event loop froze).
+        hot = stat.S_ISREG(journal_path.stat().st_mode)
+        if hot:
+            with open(journal_path, "rb") as journal:
+                hot = journal.read(len(_JOURNAL_MAGIC)) == _JOURNAL_MAGIC
     except OSError:
         hot = False
     if hot:

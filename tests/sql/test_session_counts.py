@@ -125,6 +125,47 @@ async def test_many_writers_inserting_and_changing_sessions_in_batches_never_dea
     assert sum(counts.values()) == 960
 
 
+async def test_a_postgresql_count_change_never_waits_for_another_transactions_slot(
+    postgresql_storage: PostgreSQLSessionStorage, postgresql_url: str
+) -> None:
+    """Found by attack: revision 0011's first version made a transaction wait for the
+    advisory lock of its slot (txid % 16) when another held it, so a count change could
+    wait, while holding session rows, for a transaction waiting for those rows (a
+    deadlock), or for one waiting in the library for a unit of work (a hang for good).
+    Here the second transaction's own slot is the one the first holds: it takes
+    another without waiting, within a lock timeout of 2 s."""
+    import asyncpg
+
+    plain = postgresql_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    first, second, burner = [await asyncpg.connect(plain) for _ in range(3)]
+    insert = (
+        "INSERT INTO chat_sessions (session_id, model, created_at, updated_at, message_count,"
+        " metadata, status, revision, incarnation, next_position)"
+        " VALUES ($1, 'm', now(), now(), 0, '{}', 'active', 1, 'i', 0)"
+    )
+    try:
+        await first.execute("BEGIN")
+        await first.execute(insert, "first")
+        held = await burner.fetchval(
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+            first.get_server_pid(),
+        )
+        while (await burner.fetchval("SELECT txid_current()") + 1) % 16 != held:
+            pass  # each call uses one transaction id: the next one draws `held`
+        await second.execute("BEGIN")
+        await second.execute("SET LOCAL lock_timeout = '2s'")
+        await second.execute(insert, "second")
+        assert await second.fetchval("SELECT txid_current() % 16") == held
+        await second.execute("COMMIT")
+        await first.execute("COMMIT")
+    finally:
+        for connection in (first, second, burner):
+            await connection.close()
+
+    assert await postgresql_storage.count_sessions() == {**EMPTY, "active": 2}
+    assert await _counted_by_scan(postgresql_storage) == {**EMPTY, "active": 2}
+
+
 async def test_postgresql_truncate_empties_the_counts(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:

@@ -414,6 +414,21 @@ async def test_a_sqlite_file_whose_journal_holds_an_unfinished_transaction_is_re
     assert len(restored) == 10 and "uncommitted" not in {s.model for s in restored}
 
 
+@pytest.mark.sqlite
+async def test_a_journal_that_is_a_fifo_does_not_stop_a_restore(
+    sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: the journal check opened a `-journal` that was a FIFO, which
+    waits for a writer for good, and froze the event loop. Only a regular file is
+    read; a FIFO holds no transaction of the file's."""
+    path = tmp_path / "store.db"
+    async with SQLiteSessionStorage(path) as storage:
+        await populate(storage)
+    os.mkfifo(tmp_path / "store.db-journal")
+    restored = await asyncio.wait_for(restore_backup(sqlite_storage, path), timeout=30)
+    assert restored["sessions_restored"] == 10 and restored["verified"] is True
+
+
 async def test_restoring_a_store_into_itself_is_refused_as_such(tmp_path: Path) -> None:
     """Found by attack: a store's own file, restored into it, was refused as "a program
     has it open" (the restore's own storage), and the error sent the user to back the
