@@ -184,11 +184,13 @@ async def test_message_count_always_equals_rows_stored(
     assert rows == count == counts.messages
 
 
-async def test_a_sqlite_unit_of_work_of_one_save_is_two_hops_to_the_thread(
+async def test_a_sqlite_unit_of_work_of_one_save_is_three_hops_to_the_thread(
     sqlite_storage: SQLiteSessionStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """BEGIN IMMEDIATE with the first work, then the COMMIT; the pool takes the
-    connection back without a rollback of its own (test_sqlite_pool_reset.py)."""
+    """BEGIN IMMEDIATE before the save is planned (found by attack: a save planned
+    before the unit held the write lock could land stale), the save, then the COMMIT;
+    the pool takes the connection back without a rollback of its own
+    (test_sqlite_pool_reset.py)."""
     session = ChatSession.create("m")
     await sqlite_storage.save_session(session)
     async with sqlite_storage.unit_of_work() as uow:  # the pool's connection is opened
@@ -213,7 +215,7 @@ async def test_a_sqlite_unit_of_work_of_one_save_is_two_hops_to_the_thread(
         await uow.commit()
     monkeypatch.undo()
 
-    assert len(hops) == 2
+    assert len(hops) == 3
     loaded = await sqlite_storage.load_session(session.session_id)
     assert loaded is not None and [m.content for m in loaded.messages] == ["one"]
 
