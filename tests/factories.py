@@ -1,4 +1,4 @@
-"""Small builders of domain objects for tests."""
+"""Small builders of domain objects for tests, and a load that must find its session."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from persistence import ChatSession, UploadedFileRecord
+from persistence import ChatSession, SessionStorage, UploadedFileRecord
 
 
 def conversation(turns: int = 2, model: str = "gemini-2.5-flash", **fields: Any) -> ChatSession:
@@ -31,3 +31,10 @@ def file_record(expires_in: timedelta = timedelta(hours=48), **fields: Any) -> U
     }
     values.update(fields)
     return UploadedFileRecord(**values)
+
+
+async def stored(storage: SessionStorage, session_id: str) -> ChatSession:
+    """The session `storage` holds under `session_id`; asserts that it holds one."""
+    loaded = await storage.load_session(session_id)
+    assert loaded is not None
+    return loaded

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from persistence.errors import PersistenceError
 from persistence.models import ChatSession
+from persistence.turns import Turn, save_turn
 
 
 @dataclass
@@ -50,11 +52,6 @@ def release(keys: list[tuple[str, int]]) -> None:
         held = _HELD.pop(key, None)
         if held is not None:
             held.ended.set()
-
-
-def any_held() -> bool:
-    """Whether any unit of work holds an object now (a save's fast path asks first)."""
-    return bool(_HELD)
 
 
 # By task: the hold it waits for to end.
@@ -126,3 +123,42 @@ def _refuse_circle(held: _Hold, current: asyncio.Task[Any] | None, session: Chat
         # A hold that has ended no longer holds its waiter back, though the waiter may
         # not have run since (found by attack: a false deadlock was reported so).
         owner = None if waited is None or waited.ended.is_set() else waited.owner
+
+
+class UnheldTurn:
+    """`async with UnheldTurn(token, session):` the object's save turn, taken once no
+    other task's unit of work holds it. The wait for units comes first, outside the
+    turn: a unit holding the object takes the turn again to add it again. What a plain
+    save and a unit's `add` both take. A class, not a generator-based context manager:
+    it is on every save's path (persistence.turns.Turn).
+    """
+
+    __slots__ = ("_in_unit", "_session", "_token", "_turn")
+
+    def __init__(self, token: str, session: ChatSession, *, in_unit: bool = False) -> None:
+        self._token = token
+        self._session = session
+        self._in_unit = in_unit
+        self._turn: Turn | None = None
+
+    async def __aenter__(self) -> None:
+        token, session = self._token, self._session
+        while True:
+            if _HELD:
+                await wait_for_units(token, session, in_unit=self._in_unit)
+            turn = save_turn(token, session)
+            await turn.__aenter__()
+            if not held_by_another(token, session):
+                self._turn = turn
+                return
+            # A unit of work took it while this one waited for the turn.
+            await turn.__aexit__(None, None, None)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._turn is not None, "entered"
+        await self._turn.__aexit__(exc_type, exc, tb)

@@ -29,7 +29,7 @@ from persistence.sql.engines import (
 )
 from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.forks import Opener
-from persistence.sql.held_sessions import any_held, held_by_another, wait_for_units
+from persistence.sql.held_sessions import UnheldTurn
 from persistence.sql.runner import Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
 from persistence.sql.stamping import stamp
@@ -45,7 +45,6 @@ from persistence.storage import (
     lookup_ids,
     searchable_session,
 )
-from persistence.turns import save_turn
 from persistence.validation import check_instance, check_instances, lookup_id
 
 T = TypeVar("T")
@@ -245,15 +244,8 @@ class SqlSessionStorage(SessionStorage):
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         check_instance(session, ChatSession, "session")
-        while True:
-            # Waited for outside the turn: a unit of work holding the object takes the
-            # turn again to add it again (held_sessions).
-            if any_held():
-                await wait_for_units(self.token, session)
-            async with save_turn(self.token, session):
-                if any_held() and held_by_another(self.token, session):
-                    continue  # a unit of work took it while this save waited for the turn
-                return await self._save_session(session, force)
+        async with UnheldTurn(self.token, session):
+            return await self._save_session(session, force)
 
     async def _save_session(self, session: ChatSession, force: bool) -> bool:
         plan = session.plan_save(self.token)

@@ -18,7 +18,7 @@ from persistence.models import ChatSession, UploadedFileRecord
 from persistence.sql import repositories, writes
 from persistence.sql.checkout import Lent, begin, lent_connection
 from persistence.sql.errors import connection_unusable, sql_errors, unique_violation
-from persistence.sql.held_sessions import held_by_another, hold, release, wait_for_units
+from persistence.sql.held_sessions import UnheldTurn, hold, release
 from persistence.sql.runner import (
     Work,
     end_sqlite_transaction,
@@ -28,7 +28,6 @@ from persistence.sql.runner import (
 )
 from persistence.sql.writes import Saved
 from persistence.storage import UnitOfWork
-from persistence.turns import save_turn
 from persistence.validation import check_instance, lookup_id
 
 T = TypeVar("T")
@@ -81,25 +80,20 @@ class _SqlSessions:
         # committed; the stale plan then landed, undoing that unit's newer values, and
         # the object's base lost that unit's messages.
         await uow.begin()
-        while True:
-            await wait_for_units(uow.token, session, in_unit=True)
-            async with save_turn(uow.token, session):
-                if held_by_another(uow.token, session):
-                    continue  # taken by another unit while this one waited for the turn
-                plan = session.plan_save(uow.token)
-                uow.written.add(session.session_id)
-                try:
-                    saved = await uow.run(writes.write_plan(plan), "save session")
-                except PersistenceError as exc:
-                    if unique_violation(exc):
-                        ids = ", ".join(repr(message.message_id) for message in plan.appends[:3])
-                        raise InvalidDataError(
-                            f"session {session.session_id!r}: a new message's id is already"
-                            f" stored (one of {ids}); roll this unit of work back"
-                        ) from exc
-                    raise
-                uow.saved_until_rollback(session, plan, saved)
-                return
+        async with UnheldTurn(uow.token, session, in_unit=True):
+            plan = session.plan_save(uow.token)
+            uow.written.add(session.session_id)
+            try:
+                saved = await uow.run(writes.write_plan(plan), "save session")
+            except PersistenceError as exc:
+                if unique_violation(exc):
+                    ids = ", ".join(repr(message.message_id) for message in plan.appends[:3])
+                    raise InvalidDataError(
+                        f"session {session.session_id!r}: a new message's id is already stored"
+                        f" (one of {ids}); roll this unit of work back"
+                    ) from exc
+                raise
+            uow.saved_until_rollback(session, plan, saved)
 
     async def delete(self, session_id: str) -> bool:
         if not lookup_id(session_id, "session_id"):

@@ -23,18 +23,13 @@ from persistence import (
 )
 from tests.contract.conftest import Reopen
 from tests.factories import conversation
+from tests.factories import stored as _load
 
 
 async def _stored(storage: SessionStorage, turns: int = 2, **fields: object) -> ChatSession:
     session = conversation(turns, **fields)  # type: ignore[arg-type]
     await storage.save_session(session)
     return session
-
-
-async def _load(storage: SessionStorage, session_id: str) -> ChatSession:
-    loaded = await storage.load_session(session_id)
-    assert loaded is not None
-    return loaded
 
 
 async def test_every_write_increments_the_revision_and_the_holder_remembers_it(

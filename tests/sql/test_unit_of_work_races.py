@@ -14,16 +14,11 @@ import pytest
 
 from persistence import ChatSession, PersistenceError, SessionStorage
 from tests.factories import conversation
+from tests.factories import stored as _stored
 
 
 def _contents(session: ChatSession) -> list[str]:
     return [message.content for message in session.messages]
-
-
-async def _stored(storage: SessionStorage, session_id: str) -> ChatSession:
-    stored = await storage.load_session(session_id)
-    assert stored is not None
-    return stored
 
 
 async def test_a_unit_plans_an_objects_save_only_once_it_can_write(
