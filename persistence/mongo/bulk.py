@@ -30,7 +30,7 @@ _DUPLICATE_KEY = 11000
 def documents_for_insert(sessions: Sequence[ChatSession]) -> list[dict[str, Any]]:
     """The documents of new sessions, checked before anything is sent.
 
-    Each message gets the `seq` a save gives it (search orders equal timestamps by it).
+    Each message gets the `seq` a save gives it (search orders messages by it).
 
     Raises:
         InvalidDataError: if a message names another session, an id repeats in the

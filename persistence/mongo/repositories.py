@@ -47,7 +47,14 @@ _LAST = "\U0010ffff"
 # 6.0). A query word's pattern is the word itself (re.escape leaves letters, marks and
 # digits as they are), and parse_query refuses words of more than MAX_QUERY_BYTES.
 MAX_PATTERN_BYTES = 16_000
-_NEWEST_MESSAGES = {"messages.created_at": -1, "messages.seq": -1, "position": -1}
+# Stored order, newest first, as the SQL backends' row ids give it. Found by review: the
+# messages were sorted by `created_at` first, the time `add_message` ran, not the save:
+# a session saved after another, its messages made before the other's, came out behind
+# them, and a search's limit kept other messages than on SQL. `seq` is drawn when a
+# write is sent (an ObjectId: seconds, then this process, then its counter), so one
+# process's saves sort as they were stored; two processes' saves within one second, by
+# process.
+_NEWEST_MESSAGES = {"messages.seq": -1, "position": -1}
 _NEWEST_UPDATED = [("updated_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _NEWEST_UPLOADED = [("uploaded_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)]
 _BY_ID = [("_id", SortDirection.ASCENDING)]

@@ -82,8 +82,8 @@ def _literal(value: Any) -> dict[str, Any]:
 
 
 def pushed_message(message: ChatMessage) -> dict[str, Any]:
-    """A new message as stored: `seq` orders equal timestamps by when they were stored,
-    as the SQL backends' row ids do (search sorts by it); it never leaves the store."""
+    """A new message as stored: `seq` orders messages by when they were stored, as the
+    SQL backends' row ids do (search sorts by it); it never leaves the store."""
     return {**document_from_message(message), "seq": ObjectId()}
 
 

@@ -241,6 +241,24 @@ async def test_newest_first_across_sessions_and_the_limit(storage: SessionStorag
     assert [m.message_id for m in found] == [m.message_id for m in reversed(kept)][:5]
 
 
+async def test_newest_first_is_the_order_stored_not_the_order_made(
+    storage: SessionStorage,
+) -> None:
+    # Found by review: MongoDB sorted by the time add_message ran, so a session saved
+    # after another, its messages made first, came out behind the other's.
+    made_first, made_second = ChatSession.create("m"), ChatSession.create("m")
+    early = made_first.add_message("user", "topic early")
+    late = made_second.add_message("user", "topic late")
+    await storage.save_session(made_second)
+    await storage.save_session(made_first)
+
+    found = await storage.search_messages("topic", limit=1)
+    both = await storage.search_messages("topic")
+
+    assert [m.message_id for m in found] == [early.message_id]
+    assert [m.message_id for m in both] == [early.message_id, late.message_id]
+
+
 @pytest.mark.parametrize("query", [None, 123, b"hello", ["hello"]])
 async def test_a_query_that_is_not_a_string_is_refused(storage: SessionStorage, query: Any) -> None:
     with pytest.raises(InvalidDataError, match="query: must be a string"):

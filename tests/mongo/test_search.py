@@ -81,7 +81,7 @@ def test_pipeline_tests_every_word_filters_the_role_and_keeps_tokens_out() -> No
     assert {"messages.role": "user"} in match
     assert {"messages.search_tokens": {"$regex": "テキスト"}} in match
     assert {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}} in pipeline
-    assert pipeline[3] == {"$sort": {"messages.created_at": -1, "messages.seq": -1, "position": -1}}
+    assert pipeline[3] == {"$sort": {"messages.seq": -1, "position": -1}}
     assert search_pipeline(_parsed("alpha"), 7, None, in_session=True)[3] == {
         "$sort": {"position": -1}
     }
