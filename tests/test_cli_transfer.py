@@ -125,6 +125,25 @@ def test_migrate_sqlite_to_a_fresh_sqlite_file_twice(tmp_path: Path) -> None:
 
 
 @pytest.mark.sqlite
+def test_migrate_refuses_two_sources(tmp_path: Path) -> None:
+    # Found by attack: `--url a --from b` copied from b without a word about a.
+    source = _filled(tmp_path, sessions=1)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    ok("demo", "--url", other)
+    destination = tmp_path / "copy.db"
+
+    result = CliRunner().invoke(
+        app, ["migrate", "--url", other, "--from", source, "--to", f"sqlite:///{destination}"]
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "--url and --from both name the source: give one" in result.output
+    assert not destination.exists()
+    same = ok("migrate", "--url", source, "--from", source, "--to", f"sqlite:///{destination}")
+    assert "Migrated 1 session(s)" in same.stdout
+
+
+@pytest.mark.sqlite
 def test_progress_is_printed_as_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
     source = f"sqlite:///{tmp_path / 'source.db'}"
     for _ in range(10):

@@ -22,6 +22,7 @@ from persistence.config import (
     load_config,
     sql_url,
 )
+from persistence.sql.engines import postgresql_connect_args
 from tests import servers
 
 # An empty current directory and no STORAGE_* variable or config file: a fresh machine.
@@ -385,6 +386,68 @@ async def test_postgresql_options_reach_the_connection(postgresql_url: str) -> N
         assert isinstance(storage, PostgreSQLSessionStorage)
         async with storage.engine.connect() as connection:
             assert (await connection.execute(text("SHOW statement_timeout"))).scalar() == "1500ms"
+
+
+@pytest.mark.parametrize(("seconds", "sent"), [(0.0009, "1"), (0.0004, "1"), (1.5, "1500")])
+def test_a_timeout_under_a_millisecond_is_one_not_none(seconds: float, sent: str) -> None:
+    # Found by attack: 0.0009 s was sent as statement_timeout=0, PostgreSQL's "none".
+    # (The server's reading of "1500" as 1500ms: test_postgresql_options_reach_the_connection.)
+    args = postgresql_connect_args(
+        statement_timeout=seconds, command_timeout=None, connect_timeout=10
+    )
+    assert args["server_settings"]["statement_timeout"] == sent
+
+
+async def test_a_busy_timeout_under_a_millisecond_is_one_not_none(tmp_path: Path) -> None:
+    config = StorageConfig(database_path=tmp_path / "t.db", options={"busy_timeout": 0.0004})
+    async with create_storage(config) as storage:
+        assert isinstance(storage, SQLiteSessionStorage)
+        async with storage.engine.connect() as connection:
+            assert (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 1
+
+
+@pytest.mark.parametrize("option", ["statement_timeout", "busy_timeout"])
+def test_a_timeout_past_what_the_engines_take_is_refused(option: str) -> None:
+    backend = {"connection_string": PG_URL} if option == "statement_timeout" else {}
+    with pytest.raises(ConfigError, match=rf"options.{option}.*less than or equal to 2147483"):
+        StorageConfig(**backend, options={option: 1e300})
+    StorageConfig(**backend, options={option: 2_147_483})
+
+
+@pytest.mark.parametrize("bound", ["max_pool_size", "min_pool_size"])
+@pytest.mark.parametrize("written", ["3.0", 3.0, "30.0"])
+def test_one_pool_bound_moves_the_other_however_it_is_written(bound: str, written: object) -> None:
+    # Found by attack: STORAGE_MAX_POOL_SIZE=3.0 kept the default minimum 5 and was refused.
+    size = int(float(str(written)))
+    if (bound == "max_pool_size") != (size < 5):
+        pytest.skip("this size moves nothing")
+    config = StorageConfig(connection_string=PG_URL, **{bound: written})
+    assert (config.min_pool_size, config.max_pool_size) == (size, size)
+
+
+@pytest.mark.parametrize("path", ["~old.db", "~no-such-user-here/chat.db"])
+def test_a_tilde_that_names_no_home_is_a_config_error(path: str) -> None:
+    # Found by attack: a bare RuntimeError ("Could not determine home directory").
+    with pytest.raises(ConfigError, match=rf"database_path: {path} begins with ~.*full path"):
+        StorageConfig(database_path=path)
+    with pytest.raises(ConfigError, match="names no home directory"):
+        config_from_url(f"sqlite:///{path}")
+    full = Path.cwd() / path
+    assert StorageConfig(database_path=full).database_path == full
+
+
+@pytest.mark.parametrize("name", ["reports?2024.db", "b%20c.db", "x#y.db", "ü n.db"])
+def test_sql_url_names_the_configured_file(tmp_path: Path, name: str) -> None:
+    # Found by attack: `?` cut the URL and `%20` was decoded: another file was named.
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "d" / name
+    engine = create_engine(sql_url(StorageConfig(database_path=path)))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE t (x INTEGER)"))
+    finally:
+        engine.dispose()
+    assert [p.name for p in (tmp_path / "d").iterdir()] == [name]
 
 
 def _has_mongo_backend() -> bool:

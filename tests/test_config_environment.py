@@ -424,3 +424,31 @@ def test_url_ignores_the_environments_store_but_keeps_same_backend_options(
     assert (config.backend, config.options) == ("sqlite", {"synchronous": "NORMAL"})
     with pytest.raises(ConfigError, match="scheme mysql://"):
         load_config(url="mysql://app@db/app")
+
+
+def test_url_drops_the_environments_options_of_another_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by attack: a PostgreSQL deployment's STORAGE_OPTIONS__STATEMENT_TIMEOUT made
+    # `--url sqlite:///old.db` fail as an unknown option, where the file's was dropped.
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", "postgresql://app@db.invalid/app")
+    monkeypatch.setenv("STORAGE_OPTIONS__STATEMENT_TIMEOUT", "30")
+    monkeypatch.setenv("STORAGE_OPTIONS__BUSY_TIMEOUT", "7")
+    with caplog.at_level(logging.INFO, logger="persistence.config.loading"):
+        config = load_config(url=f"sqlite:///{tmp_path / 'old.db'}")
+    assert (config.backend, config.options) == ("sqlite", {"busy_timeout": 7.0})
+    assert (
+        "storage option statement_timeout from environment variable"
+        " STORAGE_OPTIONS__STATEMENT_TIMEOUT ignored: the store is sqlite (--url)"
+    ) in caplog.messages
+    assert load_config(url="postgresql://app@db.invalid/app").options == {"statement_timeout": 30.0}
+
+
+def test_a_nested_option_variable_is_named_as_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by attack: the error named STORAGE_OPTIONS, a variable not set.
+    monkeypatch.setenv("STORAGE_OPTIONS__SYNCHRONOUS__X", "1")
+    with pytest.raises(
+        ConfigError,
+        match=r"options.synchronous \(from environment variable STORAGE_OPTIONS__SYNCHRONOUS__X\)",
+    ):
+        load_config()

@@ -258,6 +258,9 @@ def migrate(
         if problem:
             fail(problem)
 
+    if source_url is not None and url is not None and source_url != url:
+        # Found by attack: `--url a.db --from b.db` copied from b.db without a word.
+        raise typer.BadParameter("--url and --from both name the source: give one", ctx)
     source = source_url if source_url is not None else url
     run(ctx, (config, source, verbose), work, must_exist=True, read_only=True)
 

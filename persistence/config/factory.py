@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from urllib.parse import quote
 
 from persistence.config.settings import (
     MongoDBOptions,
@@ -22,7 +23,9 @@ def sql_url(config: StorageConfig) -> str:
         ConfigError: for a MongoDB configuration.
     """
     if config.backend == "sqlite":
-        return f"sqlite:///{config.database_path}"
+        # Quoted: a `sqlite:///` URL is cut at `?` and percent-decoded (found by attack:
+        # the file `reports?2024.db` was given as a URL of the file `reports`).
+        return "sqlite:///" + quote(str(config.database_path), safe="/")
     if config.backend == "postgresql":
         assert config.connection_string is not None
         url = config.connection_string.get_secret_value()

@@ -11,8 +11,8 @@ Where the caller names the file (`--config`), each of its settings the environme
 replaces or clears is logged as a warning too, naming the variable.
 With `url` (the command line's --url) the URL is the store: the backend, connection
 string, database path and read replicas of the file and the environment are not read
-at all (an unset ${VAR} there is no error); the file's options the URL's backend does
-not have are dropped.
+at all (an unset ${VAR} there is no error); the file's and the environment's options
+the URL's backend does not have are dropped.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def load_config(path: str | Path | None = None, *, url: str | None = None) -> St
             env_values.pop(key, None)
             sources.pop(key, None)
         chosen: str | None = located["backend"]
+        _drop_other_environment_options(env_values, sources, located["backend"])
     else:
         chosen = _environment_backend(env_values)
     where = f"config file {file_path}"
@@ -167,6 +168,27 @@ def _drop_other_sqlite_file(
     env_url = env_values.get("connection_string")
     if isinstance(env_url, str) and backend_of(env_url) == "sqlite":
         file_values.pop("database_path", None)
+
+
+def _drop_other_environment_options(
+    env_values: dict[str, Any], sources: dict[str, str], chosen: str
+) -> None:
+    """Drops the environment's options the --url's backend does not have, as the file's
+    are. Found by attack: STORAGE_OPTIONS__STATEMENT_TIMEOUT, set for the configured
+    PostgreSQL store, made `--url sqlite:///old.db` (and `migrate --from` it) fail."""
+    options = env_values.get("options")
+    if not isinstance(options, dict):
+        return
+    known = OPTION_MODELS[chosen].model_fields
+    dropped = [key for key in options if key not in known]
+    if not dropped:
+        return
+    env_values["options"] = {key: value for key, value in options.items() if key in known}
+    for key in dropped:
+        where = sources.pop(f"options.{key}", "the environment")
+        logger.info(
+            "storage option %s from %s ignored: the store is %s (--url)", key, where, chosen
+        )
 
 
 def _drop_other_backend(

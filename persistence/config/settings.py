@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     model_validator,
 )
@@ -67,10 +68,19 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# How the pool size fields read a value.
+_POOL_SIZE = TypeAdapter(int)
+
+# The longest timeout the engines take: a C int of milliseconds (about 24.8 days).
+# Found by attack: statement_timeout=1e300 passed here and failed only at the connection,
+# with a server error quoting a 300-digit number.
+LONGEST_TIMEOUT = 2_147_483.0
+
+
 class SQLiteOptions(_Options):
     synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     cache_size: int | None = None
-    busy_timeout: float = Field(30.0, gt=0, allow_inf_nan=False)
+    busy_timeout: float = Field(30.0, gt=0, le=LONGEST_TIMEOUT, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -81,7 +91,7 @@ class SQLiteOptions(_Options):
 
 
 class PostgreSQLOptions(_Options):
-    statement_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    statement_timeout: float | None = Field(None, gt=0, le=LONGEST_TIMEOUT, allow_inf_nan=False)
     command_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     connect_timeout: float = Field(10.0, gt=0, allow_inf_nan=False)
     pool_timeout: float = Field(30.0, gt=0, allow_inf_nan=False)
@@ -161,8 +171,10 @@ class StorageConfig(BaseModel):
             return data
         given = "min_pool_size" if "min_pool_size" in data else "max_pool_size"
         try:
-            size = int(data[given])
-        except (TypeError, ValueError):
+            # As the field reads it (found by attack: int("3.0") failed here, so
+            # STORAGE_MAX_POOL_SIZE=3.0 kept the default minimum 5 and was refused).
+            size = _POOL_SIZE.validate_python(data[given])
+        except ValidationError:
             return data  # the field's own check names the problem
         if given == "max_pool_size" and 1 <= size < DEFAULT_MIN_POOL_SIZE:
             return {**data, "min_pool_size": size}
@@ -221,7 +233,7 @@ class StorageConfig(BaseModel):
             )
         if "\0" in str(self.database_path):
             raise _SettingError("database_path", "holds a NUL byte, which no file name can")
-        object.__setattr__(self, "database_path", self.database_path.expanduser())
+        object.__setattr__(self, "database_path", _home_expanded(self.database_path))
         if self.min_pool_size > self.max_pool_size:
             raise _SettingError(
                 "min_pool_size",
@@ -239,7 +251,7 @@ class StorageConfig(BaseModel):
         if "database_path" not in self.model_fields_set:
             return
         given = self.database_path
-        if os.path.abspath(given.expanduser()) == os.path.abspath(url_path.expanduser()):
+        if os.path.abspath(_home_expanded(given)) == os.path.abspath(_home_expanded(url_path)):
             return
         source = (_SOURCES.get() or {}).get("database_path")
         where = f" (from {source})" if source else ""
@@ -357,6 +369,23 @@ def _sqlite_path(url: str) -> Path:
     if "\0" in path:
         raise _SettingError("connection_string", "the path holds a NUL byte, which no file can")
     return Path(path)
+
+
+def _home_expanded(path: Path) -> Path:
+    """`path` with a leading ~ or ~user expanded, as the shell would.
+
+    Raises:
+        _SettingError: the ~ names no home directory (found by attack: `~old.db` raised
+            a bare RuntimeError, naming no setting).
+    """
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise _SettingError(
+            "database_path",
+            f"{path} begins with ~, which names no home directory here (a file whose name"
+            " begins with ~ is named by its full path)",
+        ) from None
 
 
 def _describe(exc: ValidationError) -> str:

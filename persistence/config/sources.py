@@ -111,7 +111,15 @@ def read_environment() -> Environment:
         key: f"environment variable {variable(ENVIRONMENT_PREFIX + key.upper())}" for key in raw
     }
     for key in raw.get("options", {}):
-        nested = as_set.get(f"{ENVIRONMENT_PREFIX}OPTIONS__{key.upper()}", options)
+        # Found by attack: STORAGE_OPTIONS__SYNCHRONOUS__X was reported as STORAGE_OPTIONS,
+        # a variable not set: a deeper name is a part of the option too.
+        prefix = f"{ENVIRONMENT_PREFIX}OPTIONS__{key.upper()}"
+        setting = sorted(
+            name
+            for upper, name in as_set.items()
+            if upper == prefix or upper.startswith(prefix + "__")
+        )
+        nested = ", ".join(setting) or options
         environment.sources[f"options.{key}"] = f"environment variable {nested}"
     for name in names:
         if os.environ[name] == "":

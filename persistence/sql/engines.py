@@ -81,12 +81,19 @@ def sqlite_url(path: Path) -> URL:
     return URL.create("sqlite+aiosqlite", database=str(path))
 
 
+def milliseconds(seconds: float) -> int:
+    """A timeout in whole milliseconds, never 0 for a positive one: SQLite's busy_timeout
+    and PostgreSQL's statement_timeout read 0 as "no timeout" (found by attack: 0.0009 s
+    was sent as 0, and a statement ran unbounded)."""
+    return max(1, round(seconds * 1000))
+
+
 def sqlite_pragmas(synchronous: str, cache_size: int | None, busy_timeout: float) -> dict[str, Any]:
     """The settings of every connection to the file, in the order they are applied."""
     pragmas: dict[str, Any] = {
         "journal_mode": "WAL",
         "foreign_keys": "ON",
-        "busy_timeout": int(busy_timeout * 1000),
+        "busy_timeout": milliseconds(busy_timeout),
         "synchronous": synchronous,
     }
     if cache_size is not None:
@@ -303,7 +310,7 @@ def postgresql_connect_args(
     # Sent in the startup packet, so it costs no round trip.
     server_settings = {"plan_cache_mode": "force_custom_plan"}
     if statement_timeout is not None:
-        server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
+        server_settings["statement_timeout"] = str(milliseconds(statement_timeout))
     connect_args["server_settings"] = server_settings
     return connect_args
 
