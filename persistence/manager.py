@@ -119,6 +119,9 @@ class SessionManager:
         applied over it (its values win for what it changed), then saved again. Saves
         of one object take turns here, so no save is in flight while it is rebased.
         """
+        # Before the turn: a save this task's own unit of work would hold back must not
+        # wait in it, holding back other tasks' saves that wait for that unit (for good).
+        self.storage.check_plain_save(session)
         async with self._writing(id(session)):
             return await self._write_resolving(session)
 

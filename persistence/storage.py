@@ -238,6 +238,17 @@ class SessionStorage(ABC):
         SQLite store has files of its own."""
         return None
 
+    def check_plain_save(self, session: ChatSession) -> None:
+        """Raises if a save of `session` outside a unit of work, from this task, could
+        only wait for a unit of work this task holds open. SessionManager asks before
+        it queues a save; a backend whose units of work hold nothing until they commit
+        has nothing to refuse.
+
+        Raises:
+            PersistenceError: naming the unit of work that stands in the way.
+        """
+        return None
+
     def has_unsaved_changes(self, session: ChatSession) -> bool:
         """Whether this store lacks something of `session` (True if it never held it)."""
         return session.has_changes_for(self.token)

@@ -64,6 +64,12 @@ def held_by_another(token: str, session: ChatSession) -> bool:
     return held is not None and held.owner is not asyncio.current_task()
 
 
+def held_by_this_task(token: str, session: ChatSession) -> bool:
+    """Whether a unit of work of storage `token` that this task runs holds `session`."""
+    held = _HELD.get((token, id(session))) if _HELD else None
+    return held is not None and held.owner is asyncio.current_task()
+
+
 # How long a unit of work waits for another one's object before it gives up: the other
 # may be waiting for this unit's rows in the database, a circle no one detector sees.
 UNIT_WAIT_SECONDS = 30.0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import TypeVar
 
+from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.errors import (
@@ -14,7 +16,7 @@ from persistence.errors import (
     PersistenceError,
 )
 from persistence.models import ChatSession
-from persistence.sql.checkout import lent_connection
+from persistence.sql.checkout import Lent, lent_connection
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     displayed,
@@ -22,6 +24,7 @@ from persistence.sql.engines import (
     postgresql_url,
 )
 from persistence.sql.errors import sql_errors
+from persistence.sql.held_sessions import UnheldTurn
 from persistence.sql.identity import database_identity
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, one_statement, read_on_asyncpg, run_on_asyncpg
@@ -29,12 +32,16 @@ from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.standby import ReplicaSettings, ReplicaState
 from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
-from persistence.sql.uow import SqlUnitOfWork
+from persistence.sql.uow import SqlUnitOfWork, open_units_of_work
 from persistence.storage import (
     BackendName,
 )
+from persistence.validation import check_instance
 
 T = TypeVar("T")
+
+# The connection a plain save lent before its turn: its statements run on it.
+_SAVING_ON: ContextVar[tuple[AsyncEngine, Lent] | None] = ContextVar("_SAVING_ON", default=None)
 
 
 class PostgreSQLSessionStorage(SqlSessionStorage):
@@ -219,22 +226,78 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             work, action, write=write, snapshot=snapshot, single=single
         )
 
+    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+        """A plain save lends its connection before it takes the object's save turn,
+        the order a unit of work takes them in (it has begun before its `add` takes the
+        turn). Found by attack: with max_pool_size=1, a unit holding the connection
+        waited for the turn, held by a save waiting for the connection, until the pool
+        timeout failed the save."""
+        check_instance(session, ChatSession, "session")
+        self.check_plain_save(session)
+        engine = self.engine
+        with sql_errors("save session"):
+            self._refuse_second_connection("save session")
+            async with lent_connection(engine) as lent:
+                turn = UnheldTurn(self.token, session)
+                try:
+                    await turn.__aenter__()
+                except BaseException as exc:
+                    # Cancelled (or refused) while it waited: nothing was sent on the
+                    # connection, which goes back to the pool rather than being dropped.
+                    waited: BaseException = exc
+                else:
+                    pinned = _SAVING_ON.set((engine, lent))
+                    try:
+                        return await self._save_session(session, force)
+                    finally:
+                        _SAVING_ON.reset(pinned)
+                        await turn.__aexit__(None, None, None)
+            raise waited
+
     async def _run_on_primary(
         self, work: Work[T], action: str, *, write: bool, snapshot: bool, single: bool
     ) -> T:
+        saving_on = _SAVING_ON.get()
+        if saving_on is not None and saving_on[0] is self._engine:
+            # A statement of a plain save (save_session): on the connection it lent.
+            with sql_errors(action):
+                return await _run_lent(
+                    saving_on[1], self._engine.dialect, work, write, snapshot, single
+                )
         engine = self.engine
         with sql_errors(action):
+            self._refuse_second_connection(action)
             async with lent_connection(engine) as lent:
-                # Each transaction's BEGIN, and a read's first statement, are sent again
-                # on a fresh connection if the server had ended the pooled one
-                # (checkout.py); never a write sent without BEGIN: it may have landed.
-                if write and not single:
-                    async with lent.transaction():
-                        return await run_on_asyncpg(lent.driver, engine.dialect, work)
-                if snapshot:
-                    async with lent.transaction(isolation="repeatable_read", readonly=True):
-                        return await run_on_asyncpg(lent.driver, engine.dialect, work)
-                if not write:
-                    return await read_on_asyncpg(lent, engine.dialect, work)
-                # A single statement needs no BEGIN / COMMIT round trips.
-                return await run_on_asyncpg(lent.driver, engine.dialect, one_statement(work))
+                return await _run_lent(lent, engine.dialect, work, write, snapshot, single)
+
+    def _refuse_second_connection(self, action: str) -> None:
+        """Refuses a call that would wait for the pool's only connection, held by this
+        task's own unit of work. Found by attack: it waited the pool timeout, then
+        failed as "pool exhausted"."""
+        if self.max_pool_size == 1 and self.token in open_units_of_work():
+            raise PersistenceError(
+                f"{action}: called while this task holds an open unit_of_work() of the same"
+                " PostgreSQL storage, whose pool has one connection (max_pool_size=1), the"
+                " unit's; do it through the unit of work (uow.sessions / uow.files) or after"
+                " it, or allow the pool more connections"
+            )
+
+
+async def _run_lent(
+    lent: Lent, dialect: Dialect, work: Work[T], write: bool, snapshot: bool, single: bool
+) -> T:
+    """Runs `work` on a lent connection: a transaction for a write of several statements,
+    a snapshot's read-only one, else a read or a single statement as it is."""
+    # Each transaction's BEGIN, and a read's first statement, are sent again on a fresh
+    # connection if the server had ended the pooled one (checkout.py); never a write
+    # sent without BEGIN: it may have landed.
+    if write and not single:
+        async with lent.transaction():
+            return await run_on_asyncpg(lent.driver, dialect, work)
+    if snapshot:
+        async with lent.transaction(isolation="repeatable_read", readonly=True):
+            return await run_on_asyncpg(lent.driver, dialect, work)
+    if not write:
+        return await read_on_asyncpg(lent, dialect, work)
+    # A single statement needs no BEGIN / COMMIT round trips.
+    return await run_on_asyncpg(lent.driver, dialect, one_statement(work))

@@ -29,7 +29,7 @@ from persistence.sql.engines import (
 )
 from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.forks import Opener
-from persistence.sql.held_sessions import UnheldTurn
+from persistence.sql.held_sessions import UnheldTurn, held_by_this_task
 from persistence.sql.runner import Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
 from persistence.sql.stamping import stamp
@@ -242,8 +242,21 @@ class SqlSessionStorage(SessionStorage):
             self.engine.execution_options(**WRITE_OPTIONS), self.token, self._file_check
         )
 
+    def check_plain_save(self, session: ChatSession) -> None:
+        # Found by attack: inside its unit of work, a task saved through SessionManager a
+        # session the unit held, while another task's manager save of it waited for the
+        # unit with the manager's turn: both waited for good.
+        if held_by_this_task(self.token, session):
+            raise PersistenceError(
+                f"save session: session {session.session_id!r} is held by this task's open"
+                " unit_of_work(), which wrote it; a save outside the unit would wait for the"
+                " unit to end (on PostgreSQL, for the row it locked: for good). Add it to the"
+                " unit again (uow.sessions.add) or save it after the unit ends"
+            )
+
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         check_instance(session, ChatSession, "session")
+        self.check_plain_save(session)
         async with UnheldTurn(self.token, session):
             return await self._save_session(session, force)
 

@@ -9,10 +9,18 @@ appended after it, out of order.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from persistence import ChatSession, SessionStorage
+from persistence import (
+    ChatSession,
+    PersistenceError,
+    PostgreSQLSessionStorage,
+    SessionManager,
+    SessionStorage,
+)
+from tests.factories import file_record
 from tests.servers import second_holder
 
 
@@ -58,3 +66,85 @@ async def test_a_save_beside_an_open_unit_of_work_waits_for_it(
     held = [message.content for message in session.messages]
     assert acknowledged == [held]
     assert await _contents(sql_storage, session.session_id) == held
+
+
+async def test_a_manager_save_of_what_its_own_unit_holds_fails_at_once(
+    sql_storage: SessionStorage,
+) -> None:
+    # Found by attack: another task's manager save of the session waited for the unit,
+    # holding the manager's turn; the unit's own task then saved it through the manager
+    # and waited for that turn: both waited for good.
+    manager = SessionManager(sql_storage)
+    session = await manager.create_session("m")
+    beside: asyncio.Task[bool] | None = None
+    async with sql_storage.unit_of_work() as uow:
+        session.add_message("user", "in the unit")
+        await uow.sessions.add(session)
+        session.add_message("user", "from another request")
+        beside = asyncio.create_task(manager.auto_save(session))
+        await asyncio.sleep(0.1)
+        assert not beside.done(), "the save beside did not wait for the unit"
+        with pytest.raises(PersistenceError, match="held by this task's open unit_of_work"):
+            async with asyncio.timeout(10):  # in this task: wait_for would start another
+                await manager.auto_save(session)
+        await uow.commit()
+    assert await asyncio.wait_for(beside, 10) is True
+    assert await _contents(sql_storage, session.session_id) == [
+        "in the unit",
+        "from another request",
+    ]
+
+
+def _one_connection(storage: PostgreSQLSessionStorage) -> PostgreSQLSessionStorage:
+    return PostgreSQLSessionStorage(
+        storage.url.render_as_string(hide_password=False),
+        min_pool_size=1,
+        max_pool_size=1,
+        pool_timeout=5,
+    )
+
+
+@pytest.mark.postgresql
+async def test_one_connection_a_unit_and_a_save_of_its_object_both_go_on(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    # Found by attack: the unit held the pool's only connection and waited for the
+    # object's save turn; a plain save held the turn and waited for a connection, until
+    # the pool timeout failed it as "pool exhausted".
+    async with _one_connection(postgresql_storage) as storage:
+        manager = SessionManager(storage)
+        session = await manager.create_session("m")
+        started = time.monotonic()
+        async with storage.unit_of_work() as uow:
+            await uow.files.add(file_record(file_id="f"))
+            session.add_message("user", "from another request")
+            beside = asyncio.create_task(manager.auto_save(session))
+            await asyncio.sleep(0.05)
+            session.add_message("user", "from the unit")
+            await uow.sessions.add(session)
+            await uow.commit()
+        assert await beside is True
+        assert time.monotonic() - started < 4, "they waited for the pool timeout"
+        assert await _contents(storage, session.session_id) == [
+            "from another request",
+            "from the unit",
+        ]
+
+
+@pytest.mark.postgresql
+async def test_one_connection_a_call_beside_the_tasks_own_unit_fails_at_once(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    # Found by attack: it waited the pool timeout, then failed as "pool exhausted".
+    async with _one_connection(postgresql_storage) as storage:
+        session = ChatSession.create("m")
+        await storage.save_session(session)
+        started = time.monotonic()
+        async with storage.unit_of_work() as uow:
+            await uow.files.add(file_record(file_id="f"))
+            for call in (storage.load_session(session.session_id), storage.save_session(session)):
+                with pytest.raises(PersistenceError, match=r"max_pool_size=1\), the unit's"):
+                    await call
+            await uow.commit()
+        assert time.monotonic() - started < 4
+        assert await storage.load_file_record("f") is not None
