@@ -37,6 +37,7 @@ from sqlalchemy.sql import ColumnElement
 from persistence.garbage_collection import collection_paused
 from persistence.models import STATUSES, ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.search import parse_query
+from persistence.sql.code_point_order import code_point_order
 from persistence.sql.mapping import (
     FILE_COLUMNS,
     HISTORY_COLUMNS,
@@ -231,7 +232,7 @@ def _messages_in(dialect: str) -> Any:
 
 
 SELECT_MESSAGES_IN = Statement(_messages_in)
-_NEWEST_FIRST = (sessions.c.updated_at.desc(), sessions.c.session_id.desc())
+_NEWEST_FIRST = (sessions.c.updated_at.desc(), code_point_order(sessions.c.session_id).desc())
 SESSION_PAGE = Statement(
     select(*SESSION_COLUMNS)
     .order_by(*_NEWEST_FIRST)
@@ -305,7 +306,7 @@ SELECT_FILES_IN = Statement(
 )
 FILE_PAGE = Statement(
     select(*FILE_COLUMNS)
-    .order_by(files.c.uploaded_at.desc(), files.c.file_id.desc())
+    .order_by(files.c.uploaded_at.desc(), code_point_order(files.c.file_id).desc())
     .limit(bindparam("limit"))
 )
 FILES_AFTER = Statement(
