@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from urllib.parse import quote
 
 from persistence.config.settings import (
     MongoDBOptions,
@@ -15,6 +14,8 @@ from persistence.config.settings import (
 from persistence.errors import ConfigError
 from persistence.storage import SessionStorage
 
+_URL_ESCAPES = str.maketrans({"%": "%25", "?": "%3F", "#": "%23"})
+
 
 def sql_url(config: StorageConfig) -> str:
     """The SQLAlchemy URL of a SQLite or PostgreSQL configuration, password included.
@@ -23,9 +24,11 @@ def sql_url(config: StorageConfig) -> str:
         ConfigError: for a MongoDB configuration.
     """
     if config.backend == "sqlite":
-        # Quoted: a `sqlite:///` URL is cut at `?` and percent-decoded (found by attack:
-        # the file `reports?2024.db` was given as a URL of the file `reports`).
-        return "sqlite:///" + quote(str(config.database_path), safe="/")
+        # SQLAlchemy cuts a `sqlite:///` URL at `?` and percent-decodes it (found by
+        # attack: the file `reports?2024.db` was given as a URL of the file `reports`).
+        # Only what it would misread is escaped: `--url` and STORAGE_CONNECTION_STRING
+        # read the path as written, and read back any other name as SQLAlchemy does.
+        return "sqlite:///" + str(config.database_path).translate(_URL_ESCAPES)
     if config.backend == "postgresql":
         assert config.connection_string is not None
         url = config.connection_string.get_secret_value()

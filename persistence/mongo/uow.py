@@ -107,6 +107,7 @@ class _MongoFiles:
     async def add(self, record: UploadedFileRecord) -> None:
         check_instance(record, UploadedFileRecord, "record")
         uow = self._uow
+        uow.client_session()  # refuses a unit that ended, committed or failed, as add does
         docs = uow.docs
 
         async def write(client_session: AsyncClientSession) -> None:
@@ -183,6 +184,9 @@ class MongoUnitOfWork(UnitOfWork):
         self._committed = False
         # What the commit that failed was doing: the unit can then only be rolled back.
         self._failed: str | None = None
+        # Its `async with` block has been left (its client session ended): found by
+        # attack on SQL, a call through the unit after that still ran.
+        self._ended = False
         # What this unit of work wrote but has not sent yet.
         self.added_sessions: dict[str, ChatSession] = {}
         self.deleted_sessions: set[str] = set()
@@ -194,6 +198,11 @@ class MongoUnitOfWork(UnitOfWork):
     def client_session(self) -> AsyncClientSession:
         if self._committed:
             raise PersistenceError("unit of work already committed: start a new one")
+        if self._ended:
+            raise PersistenceError(
+                "unit of work ended with its `async with` block (rolled back unless"
+                " committed): start a new one"
+            )
         if self._session is None:
             raise PersistenceError("unit of work not entered: use `async with`")
         if self._failed is not None:
@@ -341,6 +350,7 @@ class MongoUnitOfWork(UnitOfWork):
             if not self._committed:
                 await self._discard()
         finally:
+            self._ended = True
             if self._session is not None:
                 with mongo_errors("close unit of work"):
                     await self._session.end_session()

@@ -32,7 +32,7 @@ from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.standby import ReplicaSettings, ReplicaState
 from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
-from persistence.sql.uow import SqlUnitOfWork, open_units_of_work
+from persistence.sql.uow import SqlUnitOfWork, lending_units_of_work
 from persistence.storage import (
     BackendName,
 )
@@ -227,14 +227,25 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
-        """A plain save lends its connection before it takes the object's save turn,
-        the order a unit of work takes them in (it has begun before its `add` takes the
-        turn). Found by attack: with max_pool_size=1, a unit holding the connection
-        waited for the turn, held by a save waiting for the connection, until the pool
-        timeout failed the save."""
+        """A plain save takes the object's turn holding no connection, and lends one
+        only once the pool has one free: found by attack, with max_pool_size=1 a unit
+        of work holding the connection waited for the turn, held by a save waiting for
+        a connection, until the pool timeout failed the save. Where the pool has none
+        free, the save gives the turn back, waits for a connection, and takes the turn
+        with it (the order a unit of work takes them in). Holding a connection while
+        it waited for the turn, every save queued on a busy object held one, and other
+        work found the pool exhausted (found by attack on the first version)."""
         check_instance(session, ChatSession, "session")
         self.check_plain_save(session)
         engine = self.engine
+        turn = UnheldTurn(self.token, session)
+        await turn.__aenter__()
+        try:
+            if _free_connections(engine) > 0:
+                # The save's first call claims one before any other task runs.
+                return await self._save_session(session, force)
+        finally:
+            await turn.__aexit__(None, None, None)
         with sql_errors("save session"):
             self._refuse_second_connection("save session")
             async with lent_connection(engine) as lent:
@@ -274,7 +285,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         """Refuses a call that would wait for the pool's only connection, held by this
         task's own unit of work. Found by attack: it waited the pool timeout, then
         failed as "pool exhausted"."""
-        if self.max_pool_size == 1 and self.token in open_units_of_work():
+        if self.max_pool_size == 1 and self.token in lending_units_of_work():
             raise PersistenceError(
                 f"{action}: called while this task holds an open unit_of_work() of the same"
                 " PostgreSQL storage, whose pool has one connection (max_pool_size=1), the"
@@ -301,3 +312,15 @@ async def _run_lent(
         return await read_on_asyncpg(lent, dialect, work)
     # A single statement needs no BEGIN / COMMIT round trips.
     return await run_on_asyncpg(lent.driver, dialect, one_statement(work))
+
+
+def _free_connections(engine: AsyncEngine) -> int:
+    """How many connections the engine's pool could lend now without waiting: idle
+    ones, and new ones it may still open. A checkout that follows with no await between
+    claims one (SQLAlchemy's queue pool counts it before it connects)."""
+    pool = engine.sync_engine.pool
+    size = getattr(pool, "size", None)
+    overflow = getattr(pool, "_max_overflow", None)
+    if not callable(size) or not isinstance(overflow, int):
+        return 1  # not a queue pool: never waits
+    return int(size()) + overflow - int(pool.checkedout())  # type: ignore[attr-defined]

@@ -19,7 +19,6 @@ from persistence.errors import (
     PersistenceError,
     StorageConnectionError,
 )
-from persistence.models import ChatSession
 from persistence.sql import indexing
 from persistence.sql.engines import (
     check_sqlite_path,
@@ -50,14 +49,6 @@ from persistence.store_files import sqlite_file_role
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
-
-
-def _inside_unit(action: str) -> PersistenceError:
-    return PersistenceError(
-        f"{action}: called while this task holds an open unit_of_work() of the same"
-        " SQLite storage, whose write lock it would wait for until the busy timeout;"
-        " do it through the unit of work (uow.sessions / uow.files) or after it"
-    )
 
 
 def same_file(path: Path, identity: tuple[int, int]) -> None:
@@ -270,11 +261,6 @@ class SQLiteSessionStorage(SqlSessionStorage):
         finally:
             await super().close()
 
-    def check_plain_save(self, session: ChatSession) -> None:
-        super().check_plain_save(session)
-        if self.token in open_units_of_work():
-            raise _inside_unit("save session")
-
     def _may_index(self) -> bool:
         # A task holding a unit of work holds the write lock: its searches test pending
         # messages one by one, and leave the indexing to a later search.
@@ -324,7 +310,11 @@ class SQLiteSessionStorage(SqlSessionStorage):
             self._refuse_writes(action)
         if write and self.token in open_units_of_work():
             work.close()
-            raise _inside_unit(action)
+            raise PersistenceError(
+                f"{action}: called while this task holds an open unit_of_work() of the same"
+                " SQLite storage, whose write lock it would wait for until the busy timeout;"
+                " do it through the unit of work (uow.sessions / uow.files) or after it"
+            )
         with sql_errors(action):
             if write:
                 assert self._writes is not None, "set when the connection opened"

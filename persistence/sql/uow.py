@@ -46,6 +46,36 @@ def _nothing() -> Work[None]:
 _OPEN: WeakKeyDictionary[asyncio.Task[Any], Counter[str]] = WeakKeyDictionary()
 
 
+# Per task, the tokens of the storages whose units of work, run by it, hold a pooled
+# connection now: another call of that storage from the task needs another connection.
+_LENDING: WeakKeyDictionary[asyncio.Task[Any], Counter[str]] = WeakKeyDictionary()
+
+
+def lending_units_of_work() -> Collection[str]:
+    """Tokens of the storages whose units of work the current task runs hold a pooled
+    connection now (from their first work until they end)."""
+    if not _LENDING:
+        return ()
+    task = asyncio.current_task()
+    return () if task is None else _LENDING.get(task, ())
+
+
+def _count(
+    registry: WeakKeyDictionary[asyncio.Task[Any], Counter[str]],
+    task: asyncio.Task[Any] | None,
+    token: str,
+    step: int,
+) -> None:
+    if task is None:
+        return
+    counts = registry.setdefault(task, Counter())
+    counts[token] += step
+    if counts[token] <= 0:
+        del counts[token]
+    if not counts:
+        del registry[task]
+
+
 def open_units_of_work() -> Collection[str]:
     """Tokens of the storages with a unit of work open in the current task."""
     if not _OPEN:
@@ -160,9 +190,15 @@ class SqlUnitOfWork(UnitOfWork):
         self.read_after_writes: list[ChatSession] = []
         self.uncommitted = Uncommitted()
         self._committed = False
+        # Its `async with` block has been left. Found by attack: a call through the unit
+        # after that began a transaction nothing ended, on a connection never given back
+        # (on SQLite holding the write lock: every later write failed at the busy timeout).
+        self._ended = False
         # The task that entered the unit of work (see _OPEN).
         self._owner: asyncio.Task[Any] | None = None
         self._held: list[tuple[str, int]] = []
+        # The task counted in _LENDING while the unit holds a connection.
+        self._lending: asyncio.Task[Any] | None = None
         self.sessions = _SqlSessions(self)
         self.files = _SqlFiles(self)
 
@@ -171,6 +207,9 @@ class SqlUnitOfWork(UnitOfWork):
         if self._committed:
             work.close()
             raise PersistenceError("unit of work already committed: start a new one")
+        if self._ended:
+            work.close()
+            raise _ended_error()
         if self._interrupted is not None:
             work.close()
             raise PersistenceError("unit of work interrupted: leave it and start a new one")
@@ -185,6 +224,8 @@ class SqlUnitOfWork(UnitOfWork):
                 opened = lent_connection(self._engine)
                 lent = await opened.__aenter__()
                 self._lent, self._driver = opened, lent.driver
+                self._lending = self._owner or asyncio.current_task()
+                _count(_LENDING, self._lending, self.token, 1)
                 sqlite_begin = "BEGIN IMMEDIATE"
             with self._noting_interruption(action):
                 if dialect.name == "sqlite":
@@ -227,6 +268,8 @@ class SqlUnitOfWork(UnitOfWork):
         )
 
     async def commit(self) -> None:
+        if self._ended and not self._committed:
+            raise _ended_error()
         if self._failed is not None:
             await self.rollback()
             raise self._failure()
@@ -318,6 +361,9 @@ class SqlUnitOfWork(UnitOfWork):
         release(self._held)
         self._held = []
         lent, self._lent, self._driver, self._transaction = self._lent, None, None, None
+        lending, self._lending = self._lending, None
+        if lent is not None:
+            _count(_LENDING, lending, self.token, -1)
         error = self._interrupted or error
         if lent is not None:
             with sql_errors("close unit of work"):
@@ -342,14 +388,8 @@ class SqlUnitOfWork(UnitOfWork):
 
     def _leave(self) -> None:
         task, self._owner = self._owner, None
-        held = None if task is None else _OPEN.get(task)
-        if task is None or held is None:
-            return
-        held[self.token] -= 1
-        if held[self.token] <= 0:
-            del held[self.token]
-        if not held:
-            del _OPEN[task]
+        if task is not None and task in _OPEN:
+            _count(_OPEN, task, self.token, -1)
 
     async def __aexit__(
         self,
@@ -367,6 +407,14 @@ class SqlUnitOfWork(UnitOfWork):
                     # The block's own error goes on: it says what failed. A rollback
                     # fails when the connection is gone, and its transaction with it.
         finally:
+            self._ended = True
             self._leave()
             # Still lent only if the rollback itself was interrupted.
             await self._give_back(exc)
+
+
+def _ended_error() -> PersistenceError:
+    return PersistenceError(
+        "unit of work ended with its `async with` block (rolled back unless committed):"
+        " start a new one"
+    )

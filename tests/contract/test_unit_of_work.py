@@ -114,6 +114,28 @@ async def test_a_committed_unit_of_work_refuses_more_work(storage: SessionStorag
             await uow.sessions.add(conversation(1))
 
 
+async def test_a_unit_of_work_after_its_block_refuses_more_work(storage: SessionStorage) -> None:
+    # Found by attack: a call after the block began a transaction that nothing ended,
+    # on a connection never given back; on SQLite every later write then failed at the
+    # busy timeout, and `add` and `commit` after the block wrote to the store.
+    kept = conversation()
+    await storage.save_session(kept)
+    async with storage.unit_of_work() as uow:
+        pass
+    late = conversation()
+    for call in (
+        lambda: uow.sessions.get(kept.session_id),
+        lambda: uow.sessions.add(late),
+        lambda: uow.files.add(file_record()),
+        uow.commit,
+    ):
+        with pytest.raises(PersistenceError, match="ended with its `async with` block"):
+            await call()
+    other = conversation()
+    assert await storage.save_session(other) is True
+    assert await storage.load_session(late.session_id) is None
+
+
 async def test_a_unit_with_a_refused_session_commits_nothing_though_the_error_was_caught(
     storage: SessionStorage, reopen: Reopen
 ) -> None:
