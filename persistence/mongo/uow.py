@@ -309,6 +309,8 @@ class MongoUnitOfWork(UnitOfWork):
             session.saved_to(self.token, plan, saved.revision, saved.incarnation, exact=saved.exact)
 
     async def rollback(self) -> None:
+        if self._committed or self._ended:
+            self.client_session()  # raises, naming which
         await self._discard()
         if (
             self.transactional

@@ -24,7 +24,7 @@ from persistence.sql.engines import (
     postgresql_url,
 )
 from persistence.sql.errors import sql_errors
-from persistence.sql.held_sessions import UnheldTurn
+from persistence.sql.held_sessions import UnheldTurn, held_by_another
 from persistence.sql.identity import database_identity
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, one_statement, read_on_asyncpg, run_on_asyncpg
@@ -36,6 +36,7 @@ from persistence.sql.uow import SqlUnitOfWork, lending_units_of_work
 from persistence.storage import (
     BackendName,
 )
+from persistence.turns import save_turn
 from persistence.validation import check_instance
 
 T = TypeVar("T")
@@ -227,43 +228,50 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
-        """A plain save takes the object's turn holding no connection, and lends one
-        only once the pool has one free: found by attack, with max_pool_size=1 a unit
-        of work holding the connection waited for the turn, held by a save waiting for
-        a connection, until the pool timeout failed the save. Where the pool has none
-        free, the save gives the turn back, waits for a connection, and takes the turn
-        with it (the order a unit of work takes them in). Holding a connection while
-        it waited for the turn, every save queued on a busy object held one, and other
-        work found the pool exhausted (found by attack on the first version)."""
+        """A plain save waits for the object's turn (and for units of work holding the
+        object) holding no connection, and lends one only once the pool has one free.
+        Where the pool has none free, it gives the turn back, waits for a connection,
+        and takes the turn with it, the order a unit of work takes them in; if a unit
+        of work took the object meanwhile, it gives the connection back and waits again.
+
+        Found by attack: with max_pool_size=1, a unit of work holding the connection
+        waited for the turn, held by a save waiting for a connection, until the pool
+        timeout failed the save. Then, on the first fixes: saves queued on a busy
+        object, or on an object a long unit of work held, each held a connection, and
+        other work found the pool exhausted.
+        """
         check_instance(session, ChatSession, "session")
         self.check_plain_save(session)
         engine = self.engine
-        turn = UnheldTurn(self.token, session)
-        await turn.__aenter__()
-        try:
-            if _free_connections(engine) > 0:
-                # The save's first call claims one before any other task runs.
-                return await self._save_session(session, force)
-        finally:
-            await turn.__aexit__(None, None, None)
-        with sql_errors("save session"):
-            self._refuse_second_connection("save session")
-            async with lent_connection(engine) as lent:
-                turn = UnheldTurn(self.token, session)
-                try:
-                    await turn.__aenter__()
-                except BaseException as exc:
-                    # Cancelled (or refused) while it waited: nothing was sent on the
-                    # connection, which goes back to the pool rather than being dropped.
-                    waited: BaseException = exc
-                else:
-                    pinned = _SAVING_ON.set((engine, lent))
+        while True:
+            async with UnheldTurn(self.token, session):
+                if _free_connections(engine) > 0:
+                    # Its first call claims one before any other task runs.
+                    return await self._save_session(session, force)
+            with sql_errors("save session"):
+                self._refuse_second_connection("save session")
+                async with lent_connection(engine) as lent:
+                    turn = save_turn(self.token, session)
                     try:
-                        return await self._save_session(session, force)
-                    finally:
-                        _SAVING_ON.reset(pinned)
-                        await turn.__aexit__(None, None, None)
-            raise waited
+                        await turn.__aenter__()
+                    except BaseException as exc:
+                        # Cancelled while it waited: nothing was sent on the connection,
+                        # which goes back to the pool rather than being dropped.
+                        waited: BaseException | None = exc
+                    else:
+                        waited = None
+                        try:
+                            if not held_by_another(self.token, session):
+                                pinned = _SAVING_ON.set((engine, lent))
+                                try:
+                                    return await self._save_session(session, force)
+                                finally:
+                                    _SAVING_ON.reset(pinned)
+                        finally:
+                            await turn.__aexit__(None, None, None)
+            if waited is not None:
+                raise waited
+            # A unit of work took the object meanwhile: wait for it holding nothing.
 
     async def _run_on_primary(
         self, work: Work[T], action: str, *, write: bool, snapshot: bool, single: bool

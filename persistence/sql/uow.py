@@ -296,6 +296,12 @@ class SqlUnitOfWork(UnitOfWork):
         await self._give_back(None)
 
     async def rollback(self) -> None:
+        # Found by attack: a rollback after the commit marked the unit's reads as never
+        # committed, and their later saves were refused as conflicts.
+        if self._committed:
+            raise PersistenceError("unit of work already committed: start a new one")
+        if self._ended:
+            raise _ended_error()
         # The store holds none of this unit's changes: later saves must send them again.
         for session, base, _sent in self._undo.values():
             session.restore_base(self.token, base)

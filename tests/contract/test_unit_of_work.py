@@ -131,9 +131,32 @@ async def test_a_unit_of_work_after_its_block_refuses_more_work(storage: Session
     ):
         with pytest.raises(PersistenceError, match="ended with its `async with` block"):
             await call()
+    with pytest.raises(PersistenceError, match="ended with its `async with` block"):
+        await uow.rollback()
     other = conversation()
     assert await storage.save_session(other) is True
     assert await storage.load_session(late.session_id) is None
+
+
+async def test_a_rollback_after_the_commit_is_refused_and_undoes_nothing(
+    storage: SessionStorage,
+) -> None:
+    # Found by attack: it marked what the unit read after its writes as never committed,
+    # and the saves of those objects were refused as conflicts.
+    session = conversation()
+    await storage.save_session(session)
+    async with storage.unit_of_work() as uow:
+        session.add_message("user", "in the unit")
+        await uow.sessions.add(session)
+        read = await uow.sessions.get(session.session_id)
+        await uow.commit()
+        with pytest.raises(PersistenceError, match="already committed"):
+            await uow.rollback()
+    with pytest.raises(PersistenceError, match="already committed"):
+        await uow.rollback()
+    assert read is not None
+    read.add_message("user", "after the unit")
+    assert await storage.save_session(read) is True
 
 
 async def test_a_unit_with_a_refused_session_commits_nothing_though_the_error_was_caught(

@@ -97,13 +97,16 @@ async def test_a_manager_save_of_what_its_own_unit_holds_fails_at_once(
     ]
 
 
+def _pooled(
+    storage: PostgreSQLSessionStorage, least: int, most: int, pool_timeout: float
+) -> PostgreSQLSessionStorage:
+    """The store of `storage` through a pool of its own."""
+    url = storage.url.render_as_string(hide_password=False)
+    return PostgreSQLSessionStorage(url, least, most, pool_timeout=pool_timeout)
+
+
 def _one_connection(storage: PostgreSQLSessionStorage) -> PostgreSQLSessionStorage:
-    return PostgreSQLSessionStorage(
-        storage.url.render_as_string(hide_password=False),
-        min_pool_size=1,
-        max_pool_size=1,
-        pool_timeout=5,
-    )
+    return _pooled(storage, 1, 1, pool_timeout=5)
 
 
 @pytest.mark.postgresql
@@ -165,11 +168,11 @@ async def test_saves_waiting_for_one_object_hold_no_connection(
     # Found by attack on the first fix of the test above: saves lent their connection
     # before they took the object's turn, so saves queued on a busy object held every
     # connection, and a load of another session found the pool exhausted.
-    url = postgresql_storage.url.render_as_string(hide_password=False)
-    async with PostgreSQLSessionStorage(url, 0, 2, pool_timeout=1) as storage:
+    async with _pooled(postgresql_storage, 0, 2, pool_timeout=1) as storage:
         hot, other = ChatSession.create("m"), ChatSession.create("m")
         await storage.save_session(hot)
         await storage.save_session(other)
+        url = postgresql_storage.url.render_as_string(hide_password=False)
         locker = await asyncpg.connect(servers.plain_postgresql_url(url))
         try:
             async with locker.transaction():
@@ -209,3 +212,63 @@ async def test_a_clean_save_of_another_session_beside_a_unit_goes_on(
         assert await sql_storage.save_session(untouched) is True
         assert await manager.auto_save(untouched) is True
         await uow.commit()
+
+
+@pytest.mark.postgresql
+async def test_a_save_that_waited_for_a_connection_gives_it_back_to_wait_for_a_unit(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    # Found by attack on the second fix: a save that found the pool full took a
+    # connection, then waited with it for a unit of work that had added the object
+    # meanwhile; the unit's own load then found the pool exhausted.
+    async with _pooled(postgresql_storage, 2, 2, pool_timeout=2) as storage:
+        hot, x, y = [await _saved(storage, text) for text in ("q", "x", "y")]
+        c_lends, d_lends, b_waits = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def unit_c() -> None:  # holds a connection, then commits on its own
+            async with storage.unit_of_work() as uow:
+                y.add_message("user", "y2")
+                await uow.sessions.add(y)
+                c_lends.set()
+                await b_waits.wait()
+                await asyncio.sleep(0.5)
+                await uow.commit()
+
+        async def unit_d() -> float:  # holds the other one, then adds the hot session
+            await c_lends.wait()
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.get(x.session_id)
+                d_lends.set()
+                await b_waits.wait()
+                await asyncio.sleep(0.1)
+                hot.add_message("assistant", "from the unit")
+                await uow.sessions.add(hot)
+                await asyncio.sleep(1.0)  # C has committed, B has its connection
+                started = time.monotonic()
+                assert await storage.load_session(x.session_id) is not None
+                waited = time.monotonic() - started
+                await uow.commit()
+            return waited
+
+        async def save_b() -> bool:  # finds the pool full
+            await d_lends.wait()
+            hot.add_message("user", "from a plain save")
+            b_waits.set()
+            return await storage.save_session(hot)
+
+        async with asyncio.timeout(30):
+            _, waited, saved = await asyncio.gather(unit_c(), unit_d(), save_b())
+        assert waited < 0.5 and saved is True
+        assert await _contents(storage, hot.session_id) == [
+            "q",
+            "from a plain save",
+            "from the unit",
+        ]
+        assert storage.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def _saved(storage: SessionStorage, text: str) -> ChatSession:
+    session = ChatSession.create("m")
+    session.add_message("user", text)
+    await storage.save_session(session)
+    return session
