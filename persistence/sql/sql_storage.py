@@ -7,7 +7,7 @@ writes.py) through `_run`, which the dialect's subclass implements.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -33,7 +33,7 @@ from persistence.sql.held_sessions import UnheldTurn, held_by_this_task
 from persistence.sql.runner import Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
 from persistence.sql.stamping import stamp
-from persistence.sql.uow import SqlUnitOfWork
+from persistence.sql.uow import SqlUnitOfWork, sessions_written_in_this_task
 from persistence.storage import (
     SessionStorage,
     StorageCounts,
@@ -253,6 +253,24 @@ class SqlSessionStorage(SessionStorage):
                 " unit to end (on PostgreSQL, for the row it locked: for good). Add it to the"
                 " unit again (uow.sessions.add) or save it after the unit ends"
             )
+        self._refuse_rows_of_own_units([session.session_id], "save session")
+
+    def _refuse_rows_of_own_units(self, session_ids: Iterable[str] | None, action: str) -> None:
+        """Refuses a write of sessions (None: any) that this task's open units of work
+        wrote: their rows stay locked until the units end. Found by attack: on
+        PostgreSQL a delete, a status change, an expiry sweep or a save of another copy
+        from the unit's own task waited for that lock for good."""
+        written = sessions_written_in_this_task(self.token)
+        if not written:
+            return
+        clashing = written if session_ids is None else written.intersection(session_ids)
+        if clashing:
+            raise PersistenceError(
+                f"{action}: session {min(clashing)!r} was written by this task's open"
+                " unit_of_work(), whose transaction holds its row until the unit ends; a"
+                " write outside the unit would wait for it (on PostgreSQL, for good): do it"
+                " through the unit of work (uow.sessions) or after it"
+            )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         check_instance(session, ChatSession, "session")
@@ -354,6 +372,7 @@ class SqlSessionStorage(SessionStorage):
     async def delete_session(self, session_id: str) -> bool:
         if not lookup_id(session_id, "session_id"):
             return False
+        self._refuse_rows_of_own_units([session_id], "delete session")
         # One DELETE: its messages go by ON DELETE CASCADE, their terms by a trigger.
         return await self._run(
             repositories.delete_session(session_id), "delete session", write=True, single=True
@@ -488,6 +507,7 @@ class SqlSessionStorage(SessionStorage):
 
     async def expire_sessions(self, updated_before: datetime) -> int:
         cutoff = check_instant(updated_before, "updated_before")
+        self._refuse_rows_of_own_units(None, "expire sessions")
         return await self._run(
             repositories.expire_sessions_before(cutoff),
             "expire sessions",
@@ -508,6 +528,7 @@ class SqlSessionStorage(SessionStorage):
         ids = lookup_ids(session_ids)
         checked = check_status(status)
         assert checked is not None
+        self._refuse_rows_of_own_units(ids, "set session status")
         return await self._run(
             repositories.set_sessions_status(ids, checked),
             "set session status",

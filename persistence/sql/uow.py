@@ -46,18 +46,30 @@ def _nothing() -> Work[None]:
 _OPEN: WeakKeyDictionary[asyncio.Task[Any], Counter[str]] = WeakKeyDictionary()
 
 
-# Per task, the tokens of the storages whose units of work, run by it, hold a pooled
-# connection now: another call of that storage from the task needs another connection.
-_LENDING: WeakKeyDictionary[asyncio.Task[Any], Counter[str]] = WeakKeyDictionary()
+# Per task, its units of work that hold a pooled connection now (from their first work
+# until they end): another call of that storage from the task needs another connection,
+# and waits for any row those units wrote.
+_LENDING: WeakKeyDictionary[asyncio.Task[Any], list[SqlUnitOfWork]] = WeakKeyDictionary()
 
 
 def lending_units_of_work() -> Collection[str]:
     """Tokens of the storages whose units of work the current task runs hold a pooled
-    connection now (from their first work until they end)."""
+    connection now."""
     if not _LENDING:
         return ()
     task = asyncio.current_task()
-    return () if task is None else _LENDING.get(task, ())
+    units = None if task is None else _LENDING.get(task)
+    return () if not units else {unit.token for unit in units}
+
+
+def sessions_written_in_this_task(token: str) -> set[str]:
+    """The ids of the sessions that the current task's open units of work of storage
+    `token` wrote (saved or deleted): their rows are locked until the units end."""
+    if not _LENDING:
+        return set()
+    task = asyncio.current_task()
+    units = None if task is None else _LENDING.get(task)
+    return set().union(*(unit.written for unit in units or () if unit.token == token))
 
 
 def _count(
@@ -225,7 +237,8 @@ class SqlUnitOfWork(UnitOfWork):
                 lent = await opened.__aenter__()
                 self._lent, self._driver = opened, lent.driver
                 self._lending = self._owner or asyncio.current_task()
-                _count(_LENDING, self._lending, self.token, 1)
+                if self._lending is not None:
+                    _LENDING.setdefault(self._lending, []).append(self)
                 sqlite_begin = "BEGIN IMMEDIATE"
             with self._noting_interruption(action):
                 if dialect.name == "sqlite":
@@ -368,8 +381,11 @@ class SqlUnitOfWork(UnitOfWork):
         self._held = []
         lent, self._lent, self._driver, self._transaction = self._lent, None, None, None
         lending, self._lending = self._lending, None
-        if lent is not None:
-            _count(_LENDING, lending, self.token, -1)
+        units = None if lending is None else _LENDING.get(lending)
+        if units is not None and self in units:
+            units.remove(self)
+            if not units:
+                del _LENDING[lending]  # type: ignore[arg-type]
         error = self._interrupted or error
         if lent is not None:
             with sql_errors("close unit of work"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -272,3 +273,34 @@ async def _saved(storage: SessionStorage, text: str) -> ChatSession:
     session.add_message("user", text)
     await storage.save_session(session)
     return session
+
+
+async def test_a_write_of_a_row_its_own_unit_wrote_fails_at_once(
+    sql_storage: SessionStorage,
+) -> None:
+    # Found by attack: on PostgreSQL a save of another copy of the session, a delete, a
+    # status change or an expiry sweep from the unit's own task waited for the row the
+    # unit had locked, for good (its deadlock detector never saw the wait in asyncio).
+    session = await _saved(sql_storage, "q")
+    copy = await sql_storage.load_session(session.session_id)
+    assert copy is not None
+    async with sql_storage.unit_of_work() as uow:
+        held = await uow.sessions.get(session.session_id)
+        assert held is not None
+        held.add_message("user", "in the unit")
+        await uow.sessions.add(held)
+        copy.metadata["k"] = "v"
+        for call in (
+            lambda: sql_storage.save_session(copy),
+            lambda: sql_storage.delete_session(session.session_id),
+            lambda: sql_storage.set_status([session.session_id], "archived"),
+            lambda: sql_storage.expire_sessions(datetime.now(UTC)),
+        ):
+            with pytest.raises(PersistenceError, match="written by this task's open unit_of_work"):
+                async with asyncio.timeout(10):
+                    await call()
+        await uow.commit()
+    assert await sql_storage.save_session(copy) is True
+    stored = await sql_storage.load_session(session.session_id)
+    assert stored is not None and stored.metadata == {"k": "v"}
+    assert [m.content for m in stored.messages] == ["q", "in the unit"]
