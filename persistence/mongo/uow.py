@@ -348,6 +348,8 @@ class MongoUnitOfWork(UnitOfWork):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._ended:
+            return  # left twice: the first exit ended it
         try:
             if not self._committed:
                 await self._discard()

@@ -419,6 +419,8 @@ class SqlUnitOfWork(UnitOfWork):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._ended:
+            return  # left twice: the first exit ended it
         try:
             if not self._committed:
                 try:
