@@ -37,7 +37,6 @@ from persistence.storage import (
     BackendName,
 )
 from persistence.turns import save_turn
-from persistence.validation import check_instance
 
 T = TypeVar("T")
 
@@ -227,7 +226,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             work, action, write=write, snapshot=snapshot, single=single
         )
 
-    async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
+    async def _save_in_turn(self, session: ChatSession, force: bool) -> bool:
         """A plain save waits for the object's turn (and for units of work holding the
         object) holding no connection, and lends one only once the pool has one free.
         Where the pool has none free, it gives the turn back, waits for a connection,
@@ -240,38 +239,44 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         object, or on an object a long unit of work held, each held a connection, and
         other work found the pool exhausted.
         """
-        check_instance(session, ChatSession, "session")
-        self.check_plain_save(session)
         engine = self.engine
         while True:
             async with UnheldTurn(self.token, session):
                 if _free_connections(engine) > 0:
                     # Its first call claims one before any other task runs.
                     return await self._save_session(session, force)
-            with sql_errors("save session"):
-                self._refuse_second_connection("save session")
-                async with lent_connection(engine) as lent:
-                    turn = save_turn(self.token, session)
-                    try:
-                        await turn.__aenter__()
-                    except BaseException as exc:
-                        # Cancelled while it waited: nothing was sent on the connection,
-                        # which goes back to the pool rather than being dropped.
-                        waited: BaseException | None = exc
-                    else:
-                        waited = None
-                        try:
-                            if not held_by_another(self.token, session):
-                                pinned = _SAVING_ON.set((engine, lent))
-                                try:
-                                    return await self._save_session(session, force)
-                                finally:
-                                    _SAVING_ON.reset(pinned)
-                        finally:
-                            await turn.__aexit__(None, None, None)
-            if waited is not None:
-                raise waited
+            saved = await self._save_with_a_connection(engine, session, force)
+            if saved is not None:
+                return saved
             # A unit of work took the object meanwhile: wait for it holding nothing.
+
+    async def _save_with_a_connection(
+        self, engine: AsyncEngine, session: ChatSession, force: bool
+    ) -> bool | None:
+        """Waits for a connection, then for the object's turn holding it, and saves on
+        it; None, the connection given back, if a unit of work holds the object then."""
+        with sql_errors("save session"):
+            self._refuse_second_connection("save session")
+            async with lent_connection(engine) as lent:
+                turn = save_turn(self.token, session)
+                try:
+                    await turn.__aenter__()
+                except BaseException as exc:
+                    # Cancelled while it waited: nothing was sent on the connection,
+                    # which goes back to the pool rather than being dropped.
+                    waited = exc
+                else:
+                    try:
+                        if held_by_another(self.token, session):
+                            return None
+                        pinned = _SAVING_ON.set((engine, lent))
+                        try:
+                            return await self._save_session(session, force)
+                        finally:
+                            _SAVING_ON.reset(pinned)
+                    finally:
+                        await turn.__aexit__(None, None, None)
+        raise waited
 
     async def _run_on_primary(
         self, work: Work[T], action: str, *, write: bool, snapshot: bool, single: bool

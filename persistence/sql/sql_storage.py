@@ -275,6 +275,11 @@ class SqlSessionStorage(SessionStorage):
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
         check_instance(session, ChatSession, "session")
         self.check_plain_save(session)
+        return await self._save_in_turn(session, force)
+
+    async def _save_in_turn(self, session: ChatSession, force: bool) -> bool:
+        """Saves in the object's save turn, taken once no other task's unit of work
+        holds the object."""
         async with UnheldTurn(self.token, session):
             return await self._save_session(session, force)
 

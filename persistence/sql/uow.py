@@ -52,40 +52,23 @@ _OPEN: WeakKeyDictionary[asyncio.Task[Any], Counter[str]] = WeakKeyDictionary()
 _LENDING: WeakKeyDictionary[asyncio.Task[Any], list[SqlUnitOfWork]] = WeakKeyDictionary()
 
 
+def _lending_units() -> list[SqlUnitOfWork]:
+    if not _LENDING:
+        return []
+    task = asyncio.current_task()
+    return [] if task is None else _LENDING.get(task, [])
+
+
 def lending_units_of_work() -> Collection[str]:
     """Tokens of the storages whose units of work the current task runs hold a pooled
     connection now."""
-    if not _LENDING:
-        return ()
-    task = asyncio.current_task()
-    units = None if task is None else _LENDING.get(task)
-    return () if not units else {unit.token for unit in units}
+    return {unit.token for unit in _lending_units()}
 
 
 def sessions_written_in_this_task(token: str) -> set[str]:
     """The ids of the sessions that the current task's open units of work of storage
     `token` wrote (saved or deleted): their rows are locked until the units end."""
-    if not _LENDING:
-        return set()
-    task = asyncio.current_task()
-    units = None if task is None else _LENDING.get(task)
-    return set().union(*(unit.written for unit in units or () if unit.token == token))
-
-
-def _count(
-    registry: WeakKeyDictionary[asyncio.Task[Any], Counter[str]],
-    task: asyncio.Task[Any] | None,
-    token: str,
-    step: int,
-) -> None:
-    if task is None:
-        return
-    counts = registry.setdefault(task, Counter())
-    counts[token] += step
-    if counts[token] <= 0:
-        del counts[token]
-    if not counts:
-        del registry[task]
+    return set().union(*(unit.written for unit in _lending_units() if unit.token == token))
 
 
 def open_units_of_work() -> Collection[str]:
@@ -410,8 +393,14 @@ class SqlUnitOfWork(UnitOfWork):
 
     def _leave(self) -> None:
         task, self._owner = self._owner, None
-        if task is not None and task in _OPEN:
-            _count(_OPEN, task, self.token, -1)
+        held = None if task is None else _OPEN.get(task)
+        if task is None or held is None:
+            return
+        held[self.token] -= 1
+        if held[self.token] <= 0:
+            del held[self.token]
+        if not held:
+            del _OPEN[task]
 
     async def __aexit__(
         self,
