@@ -122,14 +122,17 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
     """Refuses a path SQLite must not open or create; returns whether the file exists.
 
     A symlink to a regular file is followed (SQLite keeps its journal beside the
-    target); anything that is not a regular file is refused, never replaced.
+    target); anything that is not a regular file is refused, never replaced. So is a
+    file with several hard links (found by attack: two storages through two names of one
+    file each kept their own -wal, and the store was corrupt after 1,600 saves).
 
     Raises:
         StorageConnectionError: for a directory, a FIFO, device or socket, a dangling
-            symlink, a parent that is not a directory, or (with `must_exist`) no file.
+            symlink, a file with several hard links, a parent that is not a directory,
+            or (with `must_exist`) no file.
     """
     try:
-        mode = os.stat(path).st_mode
+        found = os.stat(path)
     except FileNotFoundError:
         if path.is_symlink():
             raise StorageConnectionError(
@@ -153,6 +156,7 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
         raise StorageConnectionError(
             f"cannot open {path}: {exc.strerror or type(exc).__name__}"
         ) from None
+    mode = found.st_mode
     if stat.S_ISDIR(mode):
         raise StorageConnectionError(
             f"{path} is a directory, not a database file (name a file: sqlite:///dir/name.db)"
@@ -168,6 +172,12 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
             else "not a regular file"
         )
         raise StorageConnectionError(f"{path} is {kind}, not a database file: refusing to open it")
+    if found.st_nlink > 1:
+        raise StorageConnectionError(
+            f"{path} has {found.st_nlink} hard links: SQLite keeps a database's -wal and"
+            " -shm files beside the name it was opened by, so writers through two names"
+            " corrupt it; give the file one name (a symlink to it is fine)"
+        )
     return True
 
 

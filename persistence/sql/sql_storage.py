@@ -167,7 +167,7 @@ class SqlSessionStorage(SessionStorage):
             self._reading_only = read_only
         where, table = self._where, self.version_table
         try:
-            with sql_errors("open database" if read_only else "initialize schema"):
+            with sql_errors(f"open {where}" if read_only else f"initialize schema of {where}"):
                 if read_only:
                     async with self._engine.connect() as connection:
                         await connection.run_sync(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from persistence.sql.engines import (
     sqlite_writing_target,
 )
 from persistence.sql.errors import sql_errors
+from persistence.sql.opened_files import OpenedFiles
 from persistence.sql.runner import (
     Work,
     read_in_sqlite_thread,
@@ -49,31 +51,6 @@ from persistence.store_files import sqlite_file_role
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
-
-
-def same_file(path: Path, identity: tuple[int, int]) -> None:
-    """Refuses to go on when the file at `path` is no longer the one opened (`identity`:
-    its st_dev and st_ino); cheap enough for every transaction.
-
-    Found by attack: a store moved onto the path of an open storage (`mv other.db
-    live.db`, a backup restored while the service runs) took saves that reported
-    success into the old, unlinked file, lost with it, and the -wal they wrote beside
-    the path corrupted the new file. Run once each transaction has begun (a write's
-    BEGIN IMMEDIATE holds the write lock), so nothing is written, nor read from the old
-    file, after the file changed.
-
-    Raises:
-        PersistenceError: naming the path.
-    """
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        found = None
-    if found is None or (found.st_dev, found.st_ino) != identity:
-        raise PersistenceError(
-            f"{path}: the database file was replaced or removed while open: close and open"
-            " the storage again"
-        )
 
 
 _URL_SCHEMES = ("sqlite:", "sqlite+", "file:")
@@ -127,6 +104,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # opened; its writes, committed in groups (write_groups.py).
         self._read_in_thread: Callable[..., Any] = read_in_sqlite_thread
         self._writes: WriteGroups | None = None
+        self._opened_files: OpenedFiles | None = None
         # What the engine and the connection open: the file, or a read-only URI.
         self._opened: tuple[str | Path, dict[str, Any], bool] = (
             self._file,
@@ -190,7 +168,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 if must_exist:
                     self._opened = (sqlite_writing_target(self._file), self._pragmas, True)
                 # Refused, reading only, before our connections set the journal mode.
-                with self._there_when_opened(must_exist), sql_errors("open database"):
+                with self._there_when_opened(must_exist), sql_errors(f"open {self._where}"):
                     await asyncio.to_thread(
                         refuse_foreign_sqlite_file,
                         sqlite_reading_target(self._file),
@@ -205,11 +183,18 @@ class SQLiteSessionStorage(SqlSessionStorage):
                         f"cannot create {self.database_path}:"
                         f" {exc.strerror or type(exc).__name__} ({exc.filename})"
                     ) from None
+                if not _may_create_in(self._file.parent):
+                    # Found by attack: SQLite's own "unable to open database file"
+                    # named neither the file nor the cause.
+                    raise StorageConnectionError(
+                        f"cannot create {self.database_path}: permission denied (its"
+                        f" directory {self._file.parent} is not writable)"
+                    )
         with self._there_when_opened(must_exist):
             await super()._open(read_only=read_only)
             if self._connection is None:
                 opened, pragmas, uri = self._opened
-                with sql_errors("open database"):
+                with sql_errors(f"open {self._where}"):
                     self._connection = await open_sqlite(
                         opened, pragmas, self._busy_timeout, uri=uri
                     )
@@ -224,7 +209,8 @@ class SQLiteSessionStorage(SqlSessionStorage):
             # store, a copy of it is another.
             found = self._file.stat()
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
-        self._file_check = partial(same_file, self._file, (found.st_dev, found.st_ino))
+        self._opened_files = OpenedFiles(self._file, found, writing=not read_only)
+        self._file_check = self._opened_files
         # Made once: `_run` is every call.
         self._read_in_thread = partial(read_in_sqlite_thread, check=self._file_check)
         assert self._connection is not None and self._engine is not None
@@ -257,6 +243,8 @@ class SQLiteSessionStorage(SqlSessionStorage):
         try:
             if connection is not None:
                 with sql_errors("close"):
+                    if self._opened_files is not None and self._opened_files.database_replaced():
+                        await _empty_the_wal(connection)
                     await connection.close()
         finally:
             await super().close()
@@ -341,3 +329,21 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 await connection.backup(destination)
         check()
         return True
+
+
+async def _empty_the_wal(connection: aiosqlite.Connection) -> None:
+    """Copies the -wal into the replaced (unlinked) database and empties it, before the
+    connection closes. Found by attack: SQLite does not checkpoint a database that is
+    no longer linked when its last connection closes, so it left its -wal beside the
+    path, and the next open applied the old store's pages to the file moved there (a
+    backup restored with `mv`): it read as the old store. An empty -wal is ignored."""
+    # Where another connection to the old file still reads, it cannot finish, and leaves
+    # the -wal as it was; closing matters more (the file check refuses every call).
+    with suppress(sqlite3.Error):
+        await connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _may_create_in(directory: Path) -> bool:
+    """Whether this process may create files in `directory` (by its effective ids)."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(directory, os.W_OK | os.X_OK, effective_ids=effective)

@@ -299,6 +299,7 @@ async def test_export_into_the_stores_own_files_is_refused(tmp_path: Path) -> No
             with pytest.raises(InvalidDataError, match=r"refusing to write .*: it is the"):
                 await manager.export_to_file(session.session_id, target, "text")
         assert (await export_to_json(storage, tmp_path / "export.json"))["sessions"] == 1
+    hard.unlink()  # a file of two names is refused at open
     async with SQLiteSessionStorage(path) as reopened:
         loaded = await reopened.load_session(session.session_id)
         assert loaded is not None and [m.content for m in loaded.messages] == ["keep me"]

@@ -1,0 +1,141 @@
+"""A SQLite store's -wal and -shm changed under it, a file of two names, a file it cannot
+create: refused with an error naming the file, never acknowledged and lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from persistence import ChatSession, PersistenceError, SQLiteSessionStorage, StorageConnectionError
+
+pytestmark = pytest.mark.sqlite
+
+
+def _session(session_id: str, text: str) -> ChatSession:
+    session = ChatSession.create("m", session_id=session_id)
+    session.add_message("user", text)
+    return session
+
+
+async def _stored(path: Path) -> dict[str, list[str]]:
+    async with SQLiteSessionStorage(path) as storage:
+        found = {}
+        for summary in await storage.list_sessions():
+            loaded = await storage.load_session(summary.session_id)
+            assert loaded is not None
+            found[loaded.session_id] = [message.content for message in loaded.messages]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    connection.close()
+    return found
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+async def test_a_removed_wal_or_shm_takes_no_write_and_closing_keeps_what_was_saved(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Found by attack: with the -wal removed, saves went on reporting success into the
+    unlinked file, and after a kill all were gone; with the -shm removed, a second
+    process indexed the -wal apart and the store was corrupt."""
+    path = tmp_path / "live.db"
+    storage = SQLiteSessionStorage(path)
+    await storage.initialize()
+    try:
+        await storage.save_session(_session("before", "saved before the removal"))
+        os.unlink(f"{path}{suffix}")
+        after = _session("after", "never acknowledged")
+        with pytest.raises(PersistenceError, match=f"its {suffix} file .* replaced or removed"):
+            await storage.save_session(after)
+        with pytest.raises(PersistenceError, match=f"its {suffix} file"):
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(_session("in-a-unit", "never acknowledged"))
+                await uow.commit()
+    finally:
+        await storage.close()
+    # Closing copied the -wal it still held into the database.
+    assert await _stored(path) == {"before": ["saved before the removal"]}
+
+
+async def test_a_store_moved_over_an_open_one_reads_as_itself_after_the_close(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: SQLite does not checkpoint an unlinked database when it closes,
+    so the open storage's -wal stayed beside the path, and the store moved there (a
+    backup restored with `mv`) read as the old one at the next open."""
+    path, backup = tmp_path / "live.db", tmp_path / "backup.db"
+    async with SQLiteSessionStorage(backup) as storage:
+        await storage.save_session(_session("restored", "from the backup"))
+    storage = SQLiteSessionStorage(path)
+    await storage.initialize()
+    try:
+        await storage.save_session(_session("live", "in the -wal only"))
+        os.replace(backup, path)
+        with pytest.raises(PersistenceError, match="replaced or removed while open"):
+            await storage.save_session(_session("late", "never acknowledged"))
+    finally:
+        await storage.close()
+    assert await _stored(path) == {"restored": ["from the backup"]}
+
+
+async def test_a_file_with_two_names_is_refused_by_either(tmp_path: Path) -> None:
+    """Found by attack: two storages through two hard links of one file each kept a -wal
+    of their own; after 1,600 acknowledged saves `integrity_check` failed. In one
+    process the second open failed as "disk I/O error"."""
+    path, link = tmp_path / "live.db", tmp_path / "link.db"
+    async with SQLiteSessionStorage(path) as storage:
+        await storage.save_session(_session("kept", "one name"))
+        os.link(path, link)
+        for name in (link, path):
+            with pytest.raises(StorageConnectionError, match=f"{name} has 2 hard links"):
+                await SQLiteSessionStorage(name).initialize()
+        # The storage opened before the link keeps working.
+        await storage.save_session(_session("later", "still one writer"))
+    link.unlink()
+    assert await _stored(path) == {"kept": ["one name"], "later": ["still one writer"]}
+
+
+async def test_a_file_that_is_not_a_database_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("not a database\n" * 200)
+    for reading in (False, True):
+        storage = SQLiteSessionStorage(path)
+        with pytest.raises(PersistenceError, match=f"{path} failed: the file is not a SQLite"):
+            await (storage.open_for_reading() if reading else storage.initialize())
+        await storage.close()
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None,
+    reason="root creates files anywhere, and setpriv (to drop that) is not installed",
+)
+def test_a_store_that_cannot_be_created_names_the_directory(tmp_path: Path) -> None:
+    """Found by attack: SQLite's "unable to open database file" named neither."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    path = folder / "new.db"
+    script = (
+        "import asyncio, sys\n"
+        "from persistence import SQLiteSessionStorage, StorageConnectionError\n"
+        "try:\n"
+        "    asyncio.run(SQLiteSessionStorage(sys.argv[1]).initialize())\n"
+        "except StorageConnectionError as exc:\n"
+        "    print(exc)\n"
+    )
+    # Root may write anywhere: the capability that allows it is dropped for the child.
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    command = [*(drop if os.geteuid() == 0 else []), sys.executable, "-c", script, str(path)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        folder.chmod(0o755)
+    assert done.stdout.strip() == (
+        f"cannot create {path}: permission denied (its directory {folder} is not writable)"
+    ), done.stderr
+    assert not path.exists()
