@@ -4,8 +4,9 @@ A version table can be wrong (`alembic stamp`), empty (stamped or downgraded to 
 or missing (a store copied without it): the marks say which revision the tables are
 really at. Each revision has at least one mark on the dialects it changes; a revision
 that changes nothing on a dialect (0006 to 0009 on SQLite) has none there, and its
-schema there is its predecessor's. Found by attack: the marks stopped at 0004, so a
-store at 0004 stamped 0009 was taken for one at head.
+schema there is its predecessor's, as is a revision that changes only data (0012).
+Found by attack: the marks stopped at 0004, so a store at 0004 stamped 0009 was taken
+for one at head.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ MARKS = (
         function="chat_session_counts_add(text, text, bigint)",
     ),
 )
-REVISIONS = tuple(dict.fromkeys(mark.revision for mark in MARKS))
+# Revisions that change data only: their tables are their predecessor's.
+DATA_REVISIONS = ("0012",)
+REVISIONS = tuple(sorted({*(mark.revision for mark in MARKS), *DATA_REVISIONS}))
 
 
 @dataclass

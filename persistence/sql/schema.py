@@ -33,6 +33,8 @@ LEGACY_VERSION_TABLE = "alembic_version"
 # Any constant works: it only has to be the same for every process of this library.
 _PG_MIGRATION_LOCK = 7_274_551_337
 _SHOWN_TABLES = 5
+# The tables of the first revision, kept by every later one.
+_FIRST_TABLES = frozenset({"chat_sessions", "chat_messages", "uploaded_files"})
 
 
 @functools.cache
@@ -424,9 +426,9 @@ def refuse_foreign_sqlite_file(
     application's tables; blocking.
 
     Our connections set the file's journal mode when they open, a change that stays in
-    the file: a file of another application is refused before that. An empty file or
-    one whose version table of ours holds a revision passes at once (`upgrade_to_head`
-    examines it then).
+    the file: a file of another application is refused before that. An empty file, or
+    one whose version table of ours holds a revision beside our first tables, passes at
+    once (`upgrade_to_head` examines it then).
 
     Raises:
         MigrationError: the file holds tables of another application.
@@ -447,7 +449,9 @@ def refuse_foreign_sqlite_file(
         ).fetchone() == (1,)
     finally:
         connection.close()
-    if not names or versioned:
+    # Found by attack: a version table of ours beside another application's tables
+    # alone passed, and the file was made WAL before examine() refused it.
+    if not names or (versioned and names >= _FIRST_TABLES):
         return
     examine_sqlite_file(target, version_table=version_table, where=where)
 

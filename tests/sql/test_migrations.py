@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -170,6 +171,56 @@ async def test_a_sqlite_store_of_the_first_revision_is_upgraded_with_its_message
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM chat_messages").fetchone() == (8,)
     connection.close()
+
+
+@pytest.mark.parametrize("upgrade", ["initialize", "alembic"])
+async def test_timestamps_the_first_release_wrote_on_sqlite_read_back_in_utc(
+    tmp_path: Path, upgrade: str
+) -> None:
+    """Found by attack: the first releases wrote SQLite timestamps without their offset
+    (SQLAlchemy's default text), and no revision rewrote them; after the upgrade they
+    loaded without a zone, and the next save raised a raw TypeError."""
+    path = tmp_path / "first.db"
+    alembic(f"sqlite:///{path}", "upgrade", "0001")
+    naive, later = "2026-11-24 17:28:54.074000", "2026-11-24 17:28:54.075000+00:00"
+    with sqlite3.connect(path) as connection:
+        connection.executemany(
+            "INSERT INTO chat_sessions (session_id, model, created_at, updated_at,"
+            " message_count, metadata, status) VALUES (?, 'm', ?, ?, 1, '{}', 'active')",
+            [("old", naive, naive), ("new", later, later)],
+        )
+        connection.executemany(
+            "INSERT INTO chat_messages (message_id, session_id, position, role, content,"
+            " created_at, metadata) VALUES (?, ?, 0, 'user', 'hello', ?, '{}')",
+            [("m-old", "old", naive), ("m-new", "new", later)],
+        )
+        connection.execute(
+            "INSERT INTO uploaded_files (file_id, gemini_file_name, gemini_file_uri,"
+            " display_name, size, mime_type, uploaded_at, expires_at, metadata)"
+            " VALUES ('f', 'files/f', 'uri', 'f.txt', 1, 'text/plain', ?, ?, '{}')",
+            (naive, naive),
+        )
+    connection.close()
+    if upgrade == "alembic":
+        alembic(f"sqlite:///{path}", "upgrade", "head")
+
+    instant = datetime(2026, 11, 24, 17, 28, 54, 74000, tzinfo=UTC)
+    async with SQLiteSessionStorage(path) as storage:
+        old = await storage.load_session("old")
+        assert old is not None
+        assert (old.created_at, old.updated_at, old.messages[0].created_at) == (instant,) * 3
+        assert all(value.utcoffset() == timedelta(0) for value in (old.created_at, old.updated_at))
+        record = await storage.load_file_record("f")
+        assert record is not None and (record.uploaded_at, record.expires_at) == (instant,) * 2
+        old.add_message("assistant", "saved after the upgrade")
+        assert await storage.save_session(old)
+        assert [s.session_id for s in await storage.list_sessions()] == ["old", "new"]
+    with sqlite3.connect(path) as connection:
+        texts = connection.execute(
+            "SELECT created_at FROM chat_sessions WHERE session_id = 'new'"
+        ).fetchone()
+    connection.close()
+    assert texts == (later,)  # text of the present shape is left as it is
 
 
 async def test_a_rewound_session_taken_down_to_the_first_revision_and_up_appends_in_order(

@@ -22,7 +22,13 @@ from persistence import (
 )
 from persistence.cli import app
 from persistence.sql.engines import async_driver_url
-from persistence.sql.revision_marks import MARKS, REVISIONS, missing_at, schema_revision
+from persistence.sql.revision_marks import (
+    DATA_REVISIONS,
+    MARKS,
+    REVISIONS,
+    missing_at,
+    schema_revision,
+)
 from persistence.sql.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, script_directory
 from tests.installs import clean_environment
 
@@ -107,18 +113,22 @@ def _file_bytes(url: str) -> bytes | None:
 def _told(url: str, revision: str) -> str:
     """The revision the tables are told to be at: on SQLite 0006 to 0009 and 0011
     change nothing, so a store at 0005 has 0009's schema there, and one at 0010 has
-    0011's."""
+    0012's; 0012 changes only data, so a store at 0011 has its schema everywhere."""
     if url.startswith("sqlite") and "0005" <= revision <= "0009":
         return "0009"
     if url.startswith("sqlite") and revision == "0010":
-        return "0011"
+        return "0012"
+    if revision == "0011":
+        return "0012"
     return revision
 
 
 def test_every_revision_has_marks_on_the_dialects_it_changes() -> None:
     """A new revision without marks fails here: add its marks to revision_marks.py."""
     assert list(REVISIONS) == ALL_REVISIONS
-    assert {mark.revision for mark in MARKS if "postgresql" in mark.dialects} == set(ALL_REVISIONS)
+    assert {mark.revision for mark in MARKS if "postgresql" in mark.dialects} == set(
+        ALL_REVISIONS
+    ) - set(DATA_REVISIONS)
     # 0006 to 0009 and 0011 change only PostgreSQL's functions and tables.
     assert {mark.revision for mark in MARKS if "sqlite" in mark.dialects} == set(
         ALL_REVISIONS[:5] + ALL_REVISIONS[9:10]
@@ -256,6 +266,31 @@ async def test_an_empty_version_table_beside_another_applications_tables_is_refu
             await getattr(storage, opening)()
         await storage.close()
         assert f"empty {VERSION_TABLE}" in str(refused.value)
+
+    assert await _schema(fresh_url) == before
+    assert _file_bytes(fresh_url) == file_before  # not even its journal mode
+
+
+async def test_a_revision_of_ours_beside_only_another_applications_tables_is_refused(
+    fresh_url: str,
+) -> None:
+    """Found by attack: a version table of ours at head beside another application's
+    tables (and none of ours) passed the first check, and the SQLite file was made WAL
+    before initialize() refused it."""
+    await _execute(
+        fresh_url,
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
+        f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)",
+        f"INSERT INTO {VERSION_TABLE} VALUES ('{HEAD}')",
+    )
+    before = await _schema(fresh_url)
+    file_before = _file_bytes(fresh_url)
+
+    for opening in ("initialize", "open_for_reading"):
+        storage = _storage(fresh_url)
+        with pytest.raises(MigrationError, match=f"revision {HEAD}, but chat_sessions"):
+            await getattr(storage, opening)()
+        await storage.close()
 
     assert await _schema(fresh_url) == before
     assert _file_bytes(fresh_url) == file_before  # not even its journal mode
