@@ -46,17 +46,39 @@ _MD_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 # A plain-text line that looks like a message header: indented so that it cannot be one.
 _TEXT_HEADER = re.compile(r"^\[(?:\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}\] ")
 _LINE_BREAK = re.compile(r"(\r\n|\n|\r)")
+# The explicit bidirectional formatting characters (embeddings, overrides, isolates):
+# they reorder what a terminal shows (found by attack: an id `user-\u202etxt.exe`
+# showed as `user-exe.txt`). The marks (LRM, RLM, ALM) reorder nothing past their
+# neighbours, and right-to-left text holds them: they stay.
+_BIDI = "\u202a-\u202e\u2066-\u2069"
 # What a terminal acts on rather than prints; tabs and line breaks (LF, CR, CRLF) stay.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}]")
+# What json.dumps(ensure_ascii=False) leaves raw that a terminal acts on: DEL, the C1
+# controls (found by attack: U+009B, the 8-bit CSI), the bidirectional controls, and
+# the line and paragraph separators (JSON allows them raw, JavaScript did not).
+_RAW_IN_JSON = re.compile(f"[\x7f-\x9f{_BIDI}\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def visible(text: str) -> str:
-    """Returns `text` with terminal control characters written as `\\x1b`-style escapes.
+    """Returns `text` with terminal control characters written as `\\x1b`-style escapes
+    (`\\u202e` beyond U+00FF).
 
     ESC (colours, `ESC]0;title BEL`), BEL, backspace, the other C0 and C1 controls,
-    and DEL; tabs and line breaks (LF, CR, CRLF) are kept.
+    DEL, and the bidirectional controls; tabs and line breaks (LF, CR, CRLF) are kept.
     """
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return _CONTROL.sub(_escaped, text)
+
+
+def json_text(value: Any, *, indent: int | None = 2) -> str:
+    """`value` as JSON that shows every character a terminal would act on as a `\\u`
+    escape: the same document to a JSON reader, nothing for a terminal to obey."""
+    text = json.dumps(value, ensure_ascii=False, indent=indent, default=str)
+    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def _split_lines(content: str) -> tuple[list[str], list[str]]:
@@ -108,7 +130,7 @@ def session_document(session: ChatSession) -> dict[str, Any]:
 
 def render_json(session: ChatSession) -> str:
     """Renders the session as an indented JSON document."""
-    return json.dumps(session_document(session), ensure_ascii=False, indent=2) + "\n"
+    return json_text(session_document(session)) + "\n"
 
 
 def one_line(value: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from persistence import formats
-from persistence.formats import one_line
+from persistence.formats import json_text, one_line
 from persistence.models import ChatSession, Status
 from persistence.storage import SessionStorage
 
@@ -56,7 +56,7 @@ class JsonRows:
         self.count = 0
 
     def add(self, session: ChatSession) -> None:
-        text = json.dumps(session_row(session), ensure_ascii=False, indent=2, default=str)
+        text = json_text(session_row(session))
         # Split at "\n" only: json.dumps escapes it inside strings but leaves U+2028,
         # U+2029 and U+0085 raw, at which str.splitlines() would split a value.
         indented = "\n".join("  " + line for line in text.split("\n"))

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import IO, Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -29,7 +31,7 @@ from persistence.config import (
 )
 from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
-from persistence.formats import visible
+from persistence.formats import json_text, visible
 from persistence.storage import SessionStorage
 from persistence.store_files import sqlite_file_role
 from persistence.urls import url_given_as_path
@@ -158,11 +160,11 @@ def stdout_text() -> Iterator[IO[str]]:
         stream.detach()  # leaves sys.stdout open
 
 
-def fail(message: str) -> NoReturn:
-    """Prints one error line on stderr and exits with status 1."""
+def fail(message: str, status: int = 1) -> NoReturn:
+    """Prints one error line on stderr and exits with `status`."""
     line = visible(" ".join(mask_secrets(message).splitlines()))
     Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(status)
 
 
 def os_error_line(exc: OSError) -> str:
@@ -183,7 +185,7 @@ def refuse_store_file(output: Path, config: StorageConfig) -> None:
 
 
 def echo_json(value: Any, *, err: bool = False) -> None:
-    typer.echo(json.dumps(value, ensure_ascii=False, indent=2, default=str), err=err)
+    typer.echo(json_text(value), err=err)
 
 
 def run(
@@ -207,8 +209,42 @@ def run(
     the storage as created, not opened (`stamp`: a store initialize() refuses).
     """
     target = (ctx.find_object(Target) or Target()).merged(*options)
-    with _logging(target.verbose), whole_writes():
-        return _run(target, work, must_exist, read_only, check_first, unopened)
+    with _logging(target.verbose), whole_writes(), _terminated_as_interrupted() as terminated:
+        try:
+            return _run(target, work, must_exist, read_only, check_first, unopened)
+        except KeyboardInterrupt:
+            # What a shell reports of a process its signal stopped: 128 + its number.
+            if terminated:
+                fail("terminated", 128 + signal.SIGTERM)
+            fail("interrupted", 128 + signal.SIGINT)
+
+
+@contextmanager
+def _terminated_as_interrupted() -> Iterator[list[bool]]:
+    """SIGTERM (`kill`, a service manager stopping a job) stops a command as Ctrl-C
+    does: its clean-up runs, and it says how far it got. Found by attack: `export-all
+    FILE` killed so left its temp file, and a listing stopped with nothing said.
+    Yields a list that holds True once SIGTERM came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    terminated: list[bool] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        terminated.append(True)
+        interrupt = signal.getsignal(signal.SIGINT)
+        if callable(interrupt):
+            # asyncio.run's handler while it runs: it cancels the main task, and raises
+            # KeyboardInterrupt once that task has ended. Else Python's, which raises it.
+            interrupt(signal.SIGINT, frame)
+            return
+        raise KeyboardInterrupt  # SIGINT ignored (a job started without job control)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(
@@ -249,7 +285,7 @@ def _run(
     except OSError as exc:
         fail(os_error_line(exc))
     except KeyboardInterrupt:
-        fail("interrupted")
+        raise  # run() says which signal stopped it
     except Exception as exc:
         logger.debug("unexpected error", exc_info=True)
         fail(f"unexpected {type(exc).__name__}: {exc} (run with -vv for the traceback)")

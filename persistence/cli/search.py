@@ -37,8 +37,10 @@ class RoleChoice(StrEnum):
 
 
 def _excerpt(content: str) -> str:
+    # "...", not "…": found by attack, an output that is not UTF-8 (PYTHONIOENCODING=ascii,
+    # the C locale) failed on the ellipsis though every stored character was ASCII.
     line = visible(" ".join(content.split()))
-    return line if len(line) <= _EXCERPT else line[: _EXCERPT - 1] + "…"
+    return line if len(line) <= _EXCERPT else line[: _EXCERPT - 3] + "..."
 
 
 def search(
@@ -73,10 +75,12 @@ def search(
             out().print("No messages found.")
             return
         table = Table(title=visible(f"Messages matching {query!r}"), title_justify="left")
-        table.add_column("Created (UTC)", no_wrap=True)
-        table.add_column("Session ID", no_wrap=True)
-        table.add_column("Role")
-        table.add_column("Content")
+        # Long values fold onto more lines, and no column is squeezed out: found by
+        # attack, one id of 151 characters left Role and Content no width in every row.
+        table.add_column("Created (UTC)", no_wrap=True, min_width=19)
+        table.add_column("Session ID", overflow="fold", max_width=36)
+        table.add_column("Role", min_width=9)
+        table.add_column("Content", overflow="fold", min_width=20)
         for message in found:
             table.add_row(
                 formats.wall_time(message.created_at),

@@ -1,0 +1,139 @@
+"""The CLI's output with hostile values in it, and the CLI stopped by a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from persistence import ChatSession, SQLiteSessionStorage
+from tests.test_cli_streams import SOURCE_ROOT, _many_sessions, run
+
+pytestmark = pytest.mark.sqlite
+
+OVERRIDE = "user-\u202etxt.exe"  # shows as "user-exe.txt" where a terminal does bidi
+CSI = "\x9b2J"  # the 8-bit CSI: "clear the screen" to a terminal that obeys C1 controls
+
+
+async def _hostile_store(path: Path) -> None:
+    async with SQLiteSessionStorage(path) as storage:
+        session = ChatSession.create("m", session_id=OVERRIDE, metadata={"note": CSI})
+        session.add_message("user", f"pay the invoice {OVERRIDE} {CSI} \u2066isolated\u2069")
+        await storage.save_session(session)
+        wide = ChatSession.create("m", session_id="team-" + "x" * 150)
+        wide.add_message("user", "refund the invoice " + "word " * 40)
+        await storage.save_session(wide)
+
+
+@pytest.fixture
+def hostile_url(tmp_path: Path) -> str:
+    path = tmp_path / "hostile.db"
+    asyncio.run(_hostile_store(path))
+    return f"sqlite:///{path}"
+
+
+_RAW = ("\u202e", "\u2066", "\u2069", "\x9b")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sessions", "list"],
+        ["sessions", "show", OVERRIDE],
+        ["search", "invoice"],
+        ["export", OVERRIDE, "-f", "text"],
+        ["export", OVERRIDE, "-f", "markdown"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_text_outputs_show_bidirectional_and_c1_controls_escaped(
+    hostile_url: str, command: list[str]
+) -> None:
+    """Found by attack: bidirectional controls went raw into every text output."""
+    done = run(*command, "--url", hostile_url)
+    assert done.returncode == 0, done.stderr
+    assert not [raw for raw in _RAW if raw in done.stdout], done.stdout
+    assert "\\u202e" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sessions", "list", "--json"],
+        ["sessions", "show", OVERRIDE, "--json"],
+        ["search", "invoice", "--json"],
+        ["export", OVERRIDE],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_json_outputs_escape_what_a_terminal_obeys_and_read_back_exactly(
+    hostile_url: str, command: list[str]
+) -> None:
+    """Found by attack: `--json` printed C1 controls (U+009B, the 8-bit CSI) and DEL raw,
+    though the text outputs escaped them."""
+    done = run(*command, "--url", hostile_url)
+    assert done.returncode == 0, done.stderr
+    assert not [raw for raw in _RAW if raw in done.stdout], done.stdout
+    assert "\\u009b2J" in done.stdout
+    assert OVERRIDE in json.dumps(json.loads(done.stdout), ensure_ascii=False)
+
+
+def test_search_shows_every_column_beside_a_long_id_on_an_ascii_output(hostile_url: str) -> None:
+    """Found by attack: one id of 151 characters gave Role and Content no width in any
+    row, and an output that is not UTF-8 failed on the excerpt's ellipsis."""
+    env = dict(os.environ, PYTHONPATH=SOURCE_ROOT, PYTHONIOENCODING="ascii", COLUMNS="120")
+    done = subprocess.run(
+        [sys.executable, "-m", "persistence", "search", "invoice", "--url", hostile_url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refund the invoice" in done.stdout and "pay the invoice" in done.stdout
+    assert "..." in done.stdout  # the excerpt's end
+    assert "x" * 30 in done.stdout  # the id folds, whole, onto several lines
+
+
+@pytest.mark.parametrize(
+    ("stop", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_signal_stops_an_export_cleanly_with_the_shells_status(
+    tmp_path: Path, stop: signal.Signals, status: int, said: str
+) -> None:
+    """Found by attack: SIGTERM (kill, timeout, a service manager) killed `export-all
+    FILE` without its clean-up, leaving its temp file, and said nothing; Ctrl-C exited
+    with status 1, as any error does."""
+    asyncio.run(_many_sessions(tmp_path / "big.db", 20_000))
+    out = tmp_path / "out"
+    out.mkdir()
+    # SIGINT as a terminal's Ctrl-C finds it, whatever this process inherited.
+    command = [
+        sys.executable,
+        "-c",
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+        " runpy.run_module('persistence', run_name='__main__', alter_sys=True)",
+        "export-all",
+        str(out / "all.json"),
+        "--url",
+        f"sqlite:///{tmp_path / 'big.db'}",
+    ]
+    env = dict(os.environ, PYTHONPATH=SOURCE_ROOT)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    assert process.stderr is not None
+    first = process.stderr.readline()  # its progress: the export is under way
+    assert first, "no progress line"
+    process.send_signal(stop)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == status, rest
+    assert rest.rstrip().endswith(f"error: {said}"), rest
+    assert list(out.iterdir()) == []
