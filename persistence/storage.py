@@ -21,7 +21,7 @@ from persistence.models import (
     Status,
     UploadedFileRecord,
 )
-from persistence.validation import lookup_id, plain, storable_text
+from persistence.validation import check_instance, lookup_id, plain, storable_text
 
 BackendName = Literal["sqlite", "postgresql", "mongodb"]
 
@@ -145,6 +145,18 @@ def check_page(limit: int, offset: int = 0) -> None:
     """
     _check_count("limit", limit)
     _check_count("offset", offset)
+
+
+def page_cursor(after: ChatSession | None) -> tuple[datetime, str] | None:
+    """Where a page that follows `after` starts: its (updated_at, session_id).
+
+    Raises:
+        InvalidDataError: `after` is not a ChatSession.
+    """
+    if after is None:
+        return None
+    check_instance(after, ChatSession, "after")
+    return after.updated_at, after.session_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,9 +358,25 @@ class SessionStorage(ABC):
 
     @abstractmethod
     async def list_sessions(
-        self, status: str | None = None, limit: int = 100, offset: int = 0
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        *,
+        after: ChatSession | None = None,
     ) -> list[ChatSession]:
-        """Returns a page of sessions, newest `updated_at` first, without messages."""
+        """Returns a page of sessions, newest `updated_at` first, without messages.
+
+        With `after` (the last session of the page before), the page of those that
+        follow it in that order, `offset` counted from there: a listing that goes on
+        so neither repeats nor skips a session that stays as it was, while others are
+        written (a session written meanwhile moves to the top, ahead of the listing),
+        and each page costs what the first does.
+
+        Raises:
+            InvalidDataError: a status, limit or offset out of range, or an `after`
+                that is not a ChatSession.
+        """
 
     @abstractmethod
     async def delete_session(self, session_id: str) -> bool:

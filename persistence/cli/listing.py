@@ -1,14 +1,14 @@
 """`sessions list` streamed: rows are printed page by page as they are read.
 
 The first page is small, so the first line appears at once however long the listing;
-later pages are larger, so a long listing costs few queries. Pages follow each other
-by offset in the newest-first order: a session updated while the listing runs may
-appear twice or not at all, as with any paged listing of a live store.
+later pages are larger, so a long listing costs few queries. Each page follows the
+last session shown (list_sessions' `after`): a session that stays as it was appears
+once; one written while the listing runs moves to the top, ahead of it, and appears
+where the listing had already shown it, or not at all.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,15 +26,23 @@ PAGE = 1000
 async def newest_first(
     storage: SessionStorage, status: Status | None, limit: int, offset: int
 ) -> AsyncIterator[list[ChatSession] | bool]:
-    """Yields pages of at most `limit` sessions in all, then whether more follow."""
-    shown, size = 0, FIRST_PAGE
+    """Yields pages of at most `limit` sessions in all, then whether more follow.
+
+    Each page after the first follows the last session shown (list_sessions' `after`).
+    Found by attack: paged by offset, a listing of 3,000 sessions of which 50 older
+    ones were written meanwhile showed 50 sessions twice and never showed those 50.
+    """
+    shown, size, last = 0, FIRST_PAGE, None
     while True:
         want = min(size, limit - shown)
         # One more than asked: "more follow" only when there is more.
-        page = await storage.list_sessions(status=status, limit=want + 1, offset=offset + shown)
+        page = await storage.list_sessions(
+            status=status, limit=want + 1, offset=offset if last is None else 0, after=last
+        )
         more = len(page) > want
         if page[:want]:
             yield page[:want]
+            last = page[min(len(page), want) - 1]
         shown += min(len(page), want)
         if not more or shown >= limit:
             yield more

@@ -62,6 +62,7 @@ from persistence.storage import (
     check_search,
     check_status,
     lookup_ids,
+    page_cursor,
     searchable_session,
 )
 from persistence.turns import save_turn
@@ -328,14 +329,20 @@ class MongoDBSessionStorage(SessionStorage):
             )
 
     async def list_sessions(
-        self, status: str | None = None, limit: int = 100, offset: int = 0
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        *,
+        after: ChatSession | None = None,
     ) -> list[ChatSession]:
         checked = check_status(status)
         check_page(limit, offset)
+        cursor = page_cursor(after)
         with mongo_errors("list sessions"):
             async with self._stale_reading() as (docs, client_session):
                 return await repositories.read_session_page(
-                    docs, client_session, checked, limit, offset, token=self.token
+                    docs, client_session, checked, limit, offset, token=self.token, after=cursor
                 )
 
     async def delete_session(self, session_id: str) -> bool:

@@ -137,11 +137,20 @@ async def read_session_page(
     offset: int,
     *,
     token: str,
+    after: tuple[datetime, str] | None = None,
 ) -> list[ChatSession]:
     limit = page_limit(limit, offset)
     if limit == 0:
         return []
-    query = {} if status is None else {"status": status}
+    query: dict[str, Any] = {} if status is None else {"status": status}
+    if after is not None:
+        # What follows `after` in the page order. Strings compare by their UTF-8
+        # bytes, in code point order, as on SQL.
+        updated, session_id = after
+        query["$or"] = [
+            {"updated_at": {"$lt": updated}},
+            {"updated_at": updated, "_id": {"$lt": session_id}},
+        ]
     views = await docs.sessions.find(
         query,
         projection_model=SessionSummary,

@@ -20,12 +20,14 @@ from sqlalchemy import (
     Integer,
     String,
     Table,
+    and_,
     bindparam,
     case,
     delete,
     func,
     literal_column,
     null,
+    or_,
     select,
     true,
     union_all,
@@ -246,6 +248,29 @@ SESSION_PAGE_BY_STATUS = Statement(
     .limit(bindparam("limit"))
     .offset(bindparam("offset"))
 )
+# The page after a session listed before (keyset): what follows it in the page order.
+_AFTER_UPDATED = bindparam("after_updated", type_=UtcDateTime)
+_FOLLOWING = or_(
+    sessions.c.updated_at < _AFTER_UPDATED,
+    and_(
+        sessions.c.updated_at == _AFTER_UPDATED,
+        code_point_order(sessions.c.session_id) < bindparam("after_id"),
+    ),
+)
+SESSION_PAGE_AFTER = Statement(
+    select(*SESSION_COLUMNS)
+    .where(_FOLLOWING)
+    .order_by(*_NEWEST_FIRST)
+    .limit(bindparam("limit"))
+    .offset(bindparam("offset"))
+)
+SESSION_PAGE_AFTER_BY_STATUS = Statement(
+    select(*SESSION_COLUMNS)
+    .where(sessions.c.status == bindparam("status"), _FOLLOWING)
+    .order_by(*_NEWEST_FIRST)
+    .limit(bindparam("limit"))
+    .offset(bindparam("offset"))
+)
 SESSION_IDS_AFTER = Statement(
     select(sessions.c.session_id)
     .where(sessions.c.session_id > bindparam("after"))
@@ -369,13 +394,23 @@ def read_sessions(
 
 
 def read_session_page(
-    status: Status | None, limit: int, offset: int, token: str
+    status: Status | None,
+    limit: int,
+    offset: int,
+    token: str,
+    after: tuple[datetime, str] | None = None,
 ) -> Work[list[ChatSession]]:
+    """A page newest first; with `after` (updated_at, session_id), of those after it."""
     params: dict[str, Any] = {"limit": limit, "offset": offset}
-    if status is None:
-        rows = yield Fetch(SESSION_PAGE, params)
+    if after is not None:
+        params |= {"after_updated": after[0], "after_id": after[1]}
+        page, by_status = SESSION_PAGE_AFTER, SESSION_PAGE_AFTER_BY_STATUS
     else:
-        rows = yield Fetch(SESSION_PAGE_BY_STATUS, {**params, "status": status})
+        page, by_status = SESSION_PAGE, SESSION_PAGE_BY_STATUS
+    if status is None:
+        rows = yield Fetch(page, params)
+    else:
+        rows = yield Fetch(by_status, {**params, "status": status})
     return [session_from_row(row, None, token) for row in rows]
 
 

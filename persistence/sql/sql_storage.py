@@ -43,6 +43,7 @@ from persistence.storage import (
     check_search,
     check_status,
     lookup_ids,
+    page_cursor,
     searchable_session,
 )
 from persistence.validation import check_instance, check_instances, lookup_id
@@ -365,12 +366,18 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def list_sessions(
-        self, status: str | None = None, limit: int = 100, offset: int = 0
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        *,
+        after: ChatSession | None = None,
     ) -> list[ChatSession]:
         checked = check_status(status)
         check_page(limit, offset)
+        cursor = page_cursor(after)
         return await self._run_stale(
-            partial(repositories.read_session_page, checked, limit, offset, self.token),
+            partial(repositories.read_session_page, checked, limit, offset, self.token, cursor),
             "list sessions",
         )
 

@@ -261,6 +261,60 @@ async def test_list_sessions_breaks_ties_by_session_id_so_pages_are_stable(
     assert ids == [f"s-{i}" for i in reversed(range(6))]
 
 
+async def test_pages_after_a_session_follow_it_in_the_page_order(storage: SessionStorage) -> None:
+    """`after`: the page that follows a session listed before; ties in updated_at go by
+    session_id across the pages, with a status too, and `offset` counts from there."""
+    moment = datetime(2025, 1, 1, tzinfo=UTC)
+    for index in range(9):
+        session = conversation(0, session_id=f"s-{index}")
+        session.updated_at = moment + timedelta(minutes=index // 3)  # three at a time
+        session.status = "archived" if index % 2 else "active"
+        await storage.save_session(session)
+
+    for status in (None, "active", "archived"):
+        whole = [s.session_id for s in await storage.list_sessions(status=status)]
+        walked: list[str] = []
+        page = await storage.list_sessions(status=status, limit=2)
+        while page:
+            walked += [s.session_id for s in page]
+            page = await storage.list_sessions(status=status, limit=2, after=page[-1])
+        assert walked == whole and len(set(walked)) == len(walked)
+    first = (await storage.list_sessions(limit=1))[0]
+    skipped = await storage.list_sessions(limit=2, offset=2, after=first)
+    assert [s.session_id for s in skipped] == ["s-5", "s-4"]
+
+
+async def test_pages_after_a_session_neither_repeat_nor_skip_what_stays_while_others_change(
+    storage: SessionStorage,
+) -> None:
+    """Found by attack: paged by offset, sessions written during a listing moved to
+    its top and pushed others back, which were listed twice; a deletion pulls them
+    forward, past the next page's start."""
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    for index in range(8):
+        session = conversation(1, session_id=f"s-{index}")
+        session.updated_at = base + timedelta(minutes=index)
+        await storage.save_session(session)
+
+    first = await storage.list_sessions(limit=3)
+    assert [s.session_id for s in first] == ["s-7", "s-6", "s-5"]
+    touched = await storage.load_session("s-1")
+    assert touched is not None
+    touched.add_message("user", "written during the listing")
+    await storage.save_session(touched)  # now the newest
+    assert await storage.delete_session("s-6")
+    rest = await storage.list_sessions(limit=10, after=first[-1])
+
+    assert [s.session_id for s in rest] == ["s-4", "s-3", "s-2", "s-0"]
+
+
+async def test_list_sessions_refuses_an_after_that_is_not_a_session(
+    storage: SessionStorage,
+) -> None:
+    with pytest.raises(InvalidDataError, match="after"):
+        await storage.list_sessions(after="s-1")  # type: ignore[arg-type]
+
+
 async def test_list_sessions_filters_by_status(storage: SessionStorage) -> None:
     active, archived = conversation(1), conversation(1)
     archived.status = "archived"
