@@ -36,6 +36,7 @@ from persistence.cli.output import (
     echo_json,
     fail,
     file_path,
+    os_error_line,
     out,
     refuse_store_file,
     run,
@@ -352,13 +353,21 @@ def export_all(
             refuse_store_file(output, cfg)
         if output == STDIO:
             # The document goes to stdout, so the summary goes to stderr.
-            with (
-                progress_bar("Exporting sessions", stopped="the output is incomplete") as update,
-                stdout_text() as stream,
-            ):
-                result = await export_to_stream(
-                    storage, stream, progress_callback=update, batch_size=batch_size
-                )
+            try:
+                with (
+                    progress_bar(
+                        "Exporting sessions", stopped="the output is incomplete"
+                    ) as update,
+                    stdout_text() as stream,
+                ):
+                    result = await export_to_stream(
+                        storage, stream, progress_callback=update, batch_size=batch_size
+                    )
+            except BrokenPipeError:
+                raise  # its reader went away: a quiet end (output.run)
+            except OSError as exc:
+                # Found by attack: a full device said only "[Errno 28] No space left ...".
+                fail(f"cannot write standard output: {os_error_line(exc)}")
             result = {"path": "-", **result}
             where, console = "standard output", Console(stderr=True, highlight=False)
         else:

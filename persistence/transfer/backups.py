@@ -23,7 +23,7 @@ from persistence.transfer.exchange import (
     write_document,
 )
 from persistence.transfer.files import file_error, link_new_name, private_directory, temp_file
-from persistence.transfer.json_stream import UTF8_BOM
+from persistence.transfer.json_stream import SCAN_CHUNK, UTF8_BOM
 from persistence.transfer.migration import (
     DEFAULT_BATCH_SIZE,
     ProgressCallback,
@@ -138,9 +138,9 @@ async def backup_storage(
 
 
 # How far into a file its kind is looked for: an export may begin with a byte order mark
-# and whitespace, which `import` skips too (found by attack: restore refused such a
-# file as "not a backup" from 16 bytes of whitespace on).
-_KIND_HEAD = 64 * 1024
+# and whitespace, which `import` skips too, as far (found by attack: restore refused
+# such a file as "not a backup" from 16 bytes of whitespace on, then from 64 KiB on).
+_KIND_HEAD = SCAN_CHUNK
 
 
 def _backup_kind(path: Path) -> str:

@@ -36,6 +36,7 @@ from persistence.transfer.json_stream import (
     pass_parser,
     read_exactly_if_need_be,
     record_items,
+    shown,
     top_level,
 )
 
@@ -262,10 +263,10 @@ class DocumentSummary:
 def _check_header(header: dict[str, Any]) -> None:
     name = header.get("format")
     if name != FORMAT_NAME:
-        raise InvalidDataError(f"not an export file: format is {name!r}, not {FORMAT_NAME!r}")
+        raise InvalidDataError(f"not an export file: format is {shown(name)}, not {FORMAT_NAME!r}")
     version = header.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise InvalidDataError(f"version: {version!r} is not a format version")
+        raise InvalidDataError(f"version: {shown(version)} is not a format version")
     if version > FORMAT_VERSION:
         raise InvalidDataError(
             f"version: the file has format version {version}, written by a newer"
@@ -281,7 +282,7 @@ def _exported_at(value: Any) -> datetime:
     except ValueError:
         parsed = None
     if parsed is None or parsed.tzinfo is None:
-        raise InvalidDataError(f"exported_at: {value!r} is not a timezone-aware ISO timestamp")
+        raise InvalidDataError(f"exported_at: {shown(value)} is not a timezone-aware ISO timestamp")
     return parsed
 
 
@@ -294,7 +295,7 @@ class _Validation:
 
     def _unique(self, kind: str, identifier: str, where: str) -> None:
         if not self.seen.add(kind, identifier):
-            raise InvalidDataError(f"{where}: duplicate {kind} {identifier!r} in the file")
+            raise InvalidDataError(f"{where}: duplicate {kind} {shown(identifier)} in the file")
 
     def item(self, key: str, value: Any) -> None:
         if key == "session_id":
@@ -303,7 +304,7 @@ class _Validation:
                 " export ID`); import takes a file written by `persistence export-all`"
             )
         if key not in _KNOWN_KEYS:
-            raise InvalidDataError(f"unexpected top-level key {key!r}")
+            raise InvalidDataError(f"unexpected top-level key {shown(key)}")
         if key in _RECORD_KEYS:
             if "version" not in self.header or "format" not in self.header:
                 raise InvalidDataError("format and version must come before the records")
@@ -346,7 +347,7 @@ class _Validation:
             raise InvalidDataError("'counts' is missing (truncated file?)")
         if self.declared != self.counts.as_dict():
             raise InvalidDataError(
-                f"counts: the file declares {self.declared!r} but holds"
+                f"counts: the file declares {shown(self.declared)} but holds"
                 f" {self.counts.as_dict()!r} (truncated or edited file)"
             )
         backend = self.header.get("backend")

@@ -17,7 +17,9 @@ corrupt one fails again. That second pass reads with the pure-Python parser
 
 from __future__ import annotations
 
+import json
 import re
+import reprlib
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -53,7 +55,20 @@ PYTHON_PARSER = ijson.get_backend("python")
 _Item = TypeVar("_Item")
 
 
+# The pure-Python parser's words for a number it cannot convert: past Python's 4,300
+# digits for an int, or past Decimal's exponents (`1e99999999999999999999`).
+_UNCONVERTED = re.compile(r"Unexpected symbol '(-?[0-9][0-9.eE+-]*)' at (\d+)")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
 def parse_error(exc: Exception) -> InvalidDataError:
+    unconverted = _UNCONVERTED.fullmatch(str(exc).strip())
+    if unconverted and _JSON_NUMBER.fullmatch(symbol := unconverted.group(1)):
+        # Valid JSON (found by attack: it was called a corrupt file).
+        return InvalidDataError(
+            f"the number at byte {unconverted.group(2)} ({shown(symbol)}, {len(symbol):,}"
+            " characters) is out of the range any store keeps"
+        )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if len(first_line) > _SHOWN_ERROR:
         first_line = first_line[:_SHOWN_ERROR] + "..."
@@ -66,17 +81,47 @@ def pass_parser(parser: Any, exact: bool) -> Any:
     return PYTHON_PARSER if exact else parser
 
 
-def build_value(events: Iterator[tuple[str, Any]], event: str, value: Any) -> Any:
-    """Builds the JSON value that starts with (`event`, `value`) from the event stream."""
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut short, for an error line: found by attack, a header value of
+    5 MB was quoted whole, and one nested 1,000 levels deep raised RecursionError."""
+    return _SHOWN.repr(value)
+
+
+class _KeysOnce(dict[str, Any]):
+    """A JSON object of the header: a key given twice makes the file ambiguous (found
+    by attack: the last of two values in `counts` was taken)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self:
+            raise InvalidDataError(f"the key {shown(key)} appears twice in one object")
+        super().__setitem__(key, value)
+
+
+def build_value(events: Iterator[tuple[str, Any]], event: str, value: Any, key: str) -> Any:
+    """Builds the JSON value of the top-level `key` that starts with (`event`, `value`)
+    from the event stream.
+
+    Raises:
+        InvalidDataError: if it nests deeper than a record may (found by attack: 20,000
+            levels, a 39 KB file, took 1 GB in the record passes that read it after),
+            or an object of it holds a key twice.
+    """
     if event in SCALAR_EVENTS:
         return value
-    builder = ijson.ObjectBuilder()
+    builder = ijson.ObjectBuilder(map_type=_KeysOnce)
     builder.event(event, value)
     depth = 1
     while depth:
         event, value = next(events)
         builder.event(event, value)
         depth += DEPTH_CHANGE.get(event, 0)
+        if depth > MAX_RECORD_DEPTH:
+            raise InvalidDataError(f"{shown(key)}: nests deeper than {MAX_RECORD_DEPTH} levels")
     return builder.value
 
 
@@ -191,7 +236,7 @@ def top_level(
                         f" (metadata keeps at most {MAX_METADATA_DEPTH})"
                     )
         else:
-            yield key, build_value(events, event, value)
+            yield key, build_value(events, event, value, key)
     for _ in events:
         raise InvalidDataError("content after the end of the document")
 
@@ -311,6 +356,14 @@ def json_errors() -> Iterator[None]:
         yield
     except ijson.JSONError as exc:
         raise parse_error(exc) from exc
+    except json.JSONDecodeError as exc:
+        # The pure-Python parser's, from json's own string scanner (found by attack: a
+        # raw TAB in a string came out bare); its position counts from the string.
+        what = exc.msg.removesuffix(" at").lower()
+        raise InvalidDataError(
+            f"not valid JSON (corrupt file): {what} in a string (control characters"
+            " must be escaped, as \\t or \\u0009)"
+        ) from exc
     except UnicodeDecodeError as exc:
         # Found by attack: bytes yajl passes through (an encoded surrogate, an overlong
         # form) failed their decoding with a bare UnicodeDecodeError.
