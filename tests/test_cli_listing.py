@@ -31,34 +31,40 @@ def store(tmp_path: Path) -> str:
     return url
 
 
+Call = tuple[int, int, str, str | None]
+
+
 @pytest.fixture
-def pages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
-    """Each list_sessions call: (limit, offset, what stdout held when it was made)."""
+def pages(monkeypatch: pytest.MonkeyPatch) -> list[Call]:
+    """Each list_sessions call: (limit, offset, what stdout held when it was made, the
+    id of the session the page follows)."""
     monkeypatch.setattr(listing, "FIRST_PAGE", 2)
     monkeypatch.setattr(listing, "PAGE", 3)
-    calls: list[tuple[int, int, str]] = []
+    calls: list[Call] = []
     original = SQLiteSessionStorage.list_sessions
 
     async def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
         sys.stdout.flush()
         written = sys.stdout.buffer.getvalue().decode()  # type: ignore[attr-defined]
-        calls.append((kwargs["limit"], kwargs["offset"], written))
+        after = kwargs.get("after")
+        calls.append((kwargs["limit"], kwargs["offset"], written, after and after.session_id))
         return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(SQLiteSessionStorage, "list_sessions", recording)
     return calls
 
 
-def test_rows_are_printed_before_the_next_page_is_read(
-    store: str, pages: list[tuple[int, int, str]]
-) -> None:
+def test_rows_are_printed_before_the_next_page_is_read(store: str, pages: list[Call]) -> None:
     listed = json.loads(_ok("sessions", "list", "--json", "--url", store))
     everything = [row["session_id"] for row in listed]
     pages.clear()
     output = _ok("sessions", "list", "--limit", "6", "--url", store)
 
-    assert [(limit, offset) for limit, offset, _ in pages] == [(3, 0), (4, 2), (2, 5)]
-    _, _, before_second = pages[1]
+    # Each page after the first follows the last session shown (found by attack: paged
+    # by offset, sessions written meanwhile pushed others back into the next page).
+    assert [(limit, offset) for limit, offset, _, _ in pages] == [(3, 0), (4, 0), (2, 0)]
+    assert [after for _, _, _, after in pages] == [None, everything[1], everything[4]]
+    _, _, before_second, _ = pages[1]
     assert everything[0] in before_second and everything[1] in before_second
     assert everything[2] not in before_second
     assert all(session_id in output for session_id in everything[:6])
@@ -66,7 +72,7 @@ def test_rows_are_printed_before_the_next_page_is_read(
     assert "More follow: --offset 6" in output
 
 
-def test_streamed_json_is_the_same_array(store: str, pages: list[tuple[int, int, str]]) -> None:
+def test_streamed_json_is_the_same_array(store: str, pages: list[Call]) -> None:
     streamed = json.loads(_ok("sessions", "list", "--json", "--limit", "7", "--url", store))
     assert len(streamed) == 7 and len(pages) == 3  # pages of 2, 3 and the last 2
     whole = json.loads(

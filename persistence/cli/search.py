@@ -27,6 +27,8 @@ from persistence.storage import SessionStorage
 
 # Characters of a message shown in the table; --json prints the whole content.
 _EXCERPT = 120
+# The longest session id the table keeps on one line (a uuid has 36 characters).
+_WHOLE_ID = 48
 
 
 class RoleChoice(StrEnum):
@@ -75,16 +77,20 @@ def search(
             out().print("No messages found.")
             return
         table = Table(title=visible(f"Messages matching {query!r}"), title_justify="left")
-        # Long values fold onto more lines, and no column is squeezed out: found by
-        # attack, one id of 151 characters left Role and Content no width in every row.
-        table.add_column("Created (UTC)", no_wrap=True, min_width=19)
-        table.add_column("Session ID", overflow="fold", max_width=36)
-        table.add_column("Role", min_width=9)
-        table.add_column("Content", overflow="fold", min_width=20)
-        for message in found:
+        ids = [formats.one_line(message.session_id) for message in found]
+        # Ids of up to _WHOLE_ID characters on one line; longer ones fold. Found by
+        # attack: one id of 151 characters left Role and Content no width in any row.
+        whole = max(map(len, ids)) <= _WHOLE_ID
+        table.add_column("Created (UTC)", no_wrap=True)
+        table.add_column(
+            "Session ID", no_wrap=whole, overflow="fold", max_width=None if whole else _WHOLE_ID
+        )
+        table.add_column("Role")
+        table.add_column("Content", overflow="fold")
+        for message, shown_id in zip(found, ids, strict=True):
             table.add_row(
                 formats.wall_time(message.created_at),
-                Text(formats.one_line(message.session_id)),
+                Text(shown_id),
                 message.role,
                 Text(_excerpt(message.content)),
             )
