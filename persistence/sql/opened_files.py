@@ -72,7 +72,3 @@ class OpenedFiles:
                     " while open, so what this storage wrote would be lost or corrupt the"
                     " store: nothing more is written; close and open the storage again"
                 )
-
-    def database_replaced(self) -> bool:
-        """Whether the path no longer names the database opened."""
-        return _identity(str(self._path)) != self._database

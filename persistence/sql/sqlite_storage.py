@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -104,7 +103,6 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # opened; its writes, committed in groups (write_groups.py).
         self._read_in_thread: Callable[..., Any] = read_in_sqlite_thread
         self._writes: WriteGroups | None = None
-        self._opened_files: OpenedFiles | None = None
         # What the engine and the connection open: the file, or a read-only URI.
         self._opened: tuple[str | Path, dict[str, Any], bool] = (
             self._file,
@@ -209,8 +207,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
             # store, a copy of it is another.
             found = self._file.stat()
         self._identified_as(f"{found.st_dev}:{found.st_ino}")
-        self._opened_files = OpenedFiles(self._file, found, writing=not read_only)
-        self._file_check = self._opened_files
+        self._file_check = OpenedFiles(self._file, found, writing=not read_only)
         # Made once: `_run` is every call.
         self._read_in_thread = partial(read_in_sqlite_thread, check=self._file_check)
         assert self._connection is not None and self._engine is not None
@@ -243,8 +240,6 @@ class SQLiteSessionStorage(SqlSessionStorage):
         try:
             if connection is not None:
                 with sql_errors("close"):
-                    if self._opened_files is not None and self._opened_files.database_replaced():
-                        await _empty_the_wal(connection)
                     await connection.close()
         finally:
             await super().close()
@@ -329,18 +324,6 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 await connection.backup(destination)
         check()
         return True
-
-
-async def _empty_the_wal(connection: aiosqlite.Connection) -> None:
-    """Copies the -wal into the replaced (unlinked) database and empties it, before the
-    connection closes. Found by attack: SQLite does not checkpoint a database that is
-    no longer linked when its last connection closes, so it left its -wal beside the
-    path, and the next open applied the old store's pages to the file moved there (a
-    backup restored with `mv`): it read as the old store. An empty -wal is ignored."""
-    # Where another connection to the old file still reads, it cannot finish, and leaves
-    # the -wal as it was; closing matters more (the file check refuses every call).
-    with suppress(sqlite3.Error):
-        await connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _may_create_in(directory: Path) -> bool:

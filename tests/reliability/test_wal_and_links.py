@@ -62,27 +62,6 @@ async def test_a_removed_wal_or_shm_takes_no_write_and_closing_keeps_what_was_sa
     assert await _stored(path) == {"before": ["saved before the removal"]}
 
 
-async def test_a_store_moved_over_an_open_one_reads_as_itself_after_the_close(
-    tmp_path: Path,
-) -> None:
-    """Found by attack: SQLite does not checkpoint an unlinked database when it closes,
-    so the open storage's -wal stayed beside the path, and the store moved there (a
-    backup restored with `mv`) read as the old one at the next open."""
-    path, backup = tmp_path / "live.db", tmp_path / "backup.db"
-    async with SQLiteSessionStorage(backup) as storage:
-        await storage.save_session(_session("restored", "from the backup"))
-    storage = SQLiteSessionStorage(path)
-    await storage.initialize()
-    try:
-        await storage.save_session(_session("live", "in the -wal only"))
-        os.replace(backup, path)
-        with pytest.raises(PersistenceError, match="replaced or removed while open"):
-            await storage.save_session(_session("late", "never acknowledged"))
-    finally:
-        await storage.close()
-    assert await _stored(path) == {"restored": ["from the backup"]}
-
-
 async def test_a_file_with_two_names_is_refused_by_either(tmp_path: Path) -> None:
     """Found by attack: two storages through two hard links of one file each kept a -wal
     of their own; after 1,600 acknowledged saves `integrity_check` failed. In one
