@@ -223,6 +223,34 @@ async def test_timestamps_the_first_release_wrote_on_sqlite_read_back_in_utc(
     assert texts == (later,)  # text of the present shape is left as it is
 
 
+async def test_a_store_that_lost_its_version_table_is_told_a_revision_whose_upgrade_fixes_it(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: a store at 0011 without its version table was told to stamp
+    0012 (a data revision, whose tables are 0011's); stamped so, its upgrade skipped
+    0012's rewrite, and its first-release timestamps still loaded without a zone."""
+    path = tmp_path / "lost.db"
+    alembic(f"sqlite:///{path}", "upgrade", "0011")
+    naive = "2026-11-24 17:28:54.074000"
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "INSERT INTO chat_sessions (session_id, model, created_at, updated_at,"
+            " message_count, metadata, status, revision, incarnation, next_position)"
+            " VALUES ('old', 'm', ?, ?, 0, '{}', 'active', 1, 'i', 0)",
+            (naive, naive),
+        )
+        connection.execute(f"DROP TABLE {VERSION_TABLE}")
+    connection.close()
+
+    with pytest.raises(MigrationError, match="stamp 0011`") as refused:
+        await SQLiteSessionStorage(path).initialize()
+    assert "stamp 0012" not in str(refused.value)
+    alembic(f"sqlite:///{path}", "stamp", "0011")
+    async with SQLiteSessionStorage(path) as storage:
+        old = await storage.load_session("old")
+    assert old is not None and old.updated_at.tzinfo is UTC
+
+
 async def test_a_rewound_session_taken_down_to_the_first_revision_and_up_appends_in_order(
     fresh_url: str,
 ) -> None:
