@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -170,6 +171,9 @@ class ChatSession(_DomainModel, Bookkeeping):
     # Per storage token: a creation of unknown outcome (it may have landed); the next
     # save creates the session with its incarnation, or finds it deleted.
     _creations: dict[str, Creation] = PrivateAttr(default_factory=lambda: {})
+    # Where a listing returned it, (updated_at, session_id) as stored then: the place
+    # a page after it (list_sessions' `after`) starts, whatever was saved since.
+    _listed: tuple[datetime, str] | None = PrivateAttr(default=None)
 
     def __eq__(self, other: object) -> bool:
         # Fields only: which storages hold the messages is bookkeeping, not data.
@@ -219,6 +223,7 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_epoch": source._epoch,
                 "_pins": [],
                 "_creations": dict(source._creations),
+                "_listed": source._listed,
             },
         )
 
@@ -257,9 +262,18 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_epoch": 0,
                 "_pins": [],
                 "_creations": {},
+                "_listed": None,
             },
         )
         return session
+
+    def listed_at(self) -> tuple[datetime, str]:
+        """Where a page that follows this session starts (list_sessions' `after`): where
+        a listing returned it, else where it is now: (updated_at, session_id)."""
+        listed = self._listed
+        if listed is not None and listed[1] == self.session_id:
+            return listed
+        return self.updated_at, self.session_id
 
     @classmethod
     def create(
@@ -459,4 +473,5 @@ assert set(ChatSession.__private_attributes__) == {
     "_epoch",
     "_pins",
     "_creations",
+    "_listed",
 }, "ChatSession.from_store must build every private attribute"

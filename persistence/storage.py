@@ -148,7 +148,9 @@ def check_page(limit: int, offset: int = 0) -> None:
 
 
 def page_cursor(after: ChatSession | None) -> tuple[datetime, str] | None:
-    """Where a page that follows `after` starts: its (updated_at, session_id).
+    """Where a page that follows `after` starts: (updated_at, session_id) where a
+    listing returned it (found by attack: a walk that saved each listed session
+    restarted at the top with each page, and never ended), else where it is now.
 
     Raises:
         InvalidDataError: `after` is not a ChatSession.
@@ -156,7 +158,7 @@ def page_cursor(after: ChatSession | None) -> tuple[datetime, str] | None:
     if after is None:
         return None
     check_instance(after, ChatSession, "after")
-    return after.updated_at, after.session_id
+    return after.listed_at()
 
 
 @dataclass(frozen=True, slots=True)

@@ -308,6 +308,30 @@ async def test_pages_after_a_session_neither_repeat_nor_skip_what_stays_while_ot
     assert [s.session_id for s in rest] == ["s-4", "s-3", "s-2", "s-0"]
 
 
+async def test_a_walk_that_saves_each_listed_session_lists_each_once(
+    storage: SessionStorage,
+) -> None:
+    """Found by attack: the page after a session started where it was then, not where
+    it was listed, so a walk that saved each session it listed restarted at the top
+    with every page and never ended."""
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    for index in range(9):
+        session = conversation(0, session_id=f"s-{index}")
+        session.updated_at = base + timedelta(minutes=index)
+        await storage.save_session(session)
+
+    walked: list[str] = []
+    page = await storage.list_sessions(limit=3)
+    while page and len(walked) < 30:
+        walked += [s.session_id for s in page]
+        for listed in page:
+            listed.add_message("system", "seen by the walk")
+            await storage.save_session(listed)
+        page = await storage.list_sessions(limit=3, after=page[-1])
+
+    assert walked == [f"s-{index}" for index in reversed(range(9))]
+
+
 async def test_list_sessions_refuses_an_after_that_is_not_a_session(
     storage: SessionStorage,
 ) -> None:
