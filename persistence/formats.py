@@ -77,7 +77,14 @@ def visible(text: str) -> str:
 def json_text(value: Any, *, indent: int | None = 2) -> str:
     """`value` as JSON that shows every character a terminal would act on as a `\\u`
     escape: the same document to a JSON reader, nothing for a terminal to obey."""
-    text = json.dumps(value, ensure_ascii=False, indent=indent, default=str)
+    return escape_raw_json(json.dumps(value, ensure_ascii=False, indent=indent, default=str))
+
+
+def escape_raw_json(text: str) -> str:
+    """JSON `text` (from json.dumps(ensure_ascii=False)) with every character a terminal
+    would act on written as a `\\u` escape: the same document to a JSON reader."""
+    if text.isascii():
+        return text.replace("\x7f", "\\u007f")
     return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 

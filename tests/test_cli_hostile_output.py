@@ -69,6 +69,7 @@ def test_text_outputs_show_bidirectional_and_c1_controls_escaped(
         ["sessions", "show", OVERRIDE, "--json"],
         ["search", "invoice", "--json"],
         ["export", OVERRIDE],
+        ["export-all", "-"],
     ],
     ids=lambda command: " ".join(command[:2]),
 )

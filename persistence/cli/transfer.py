@@ -361,7 +361,11 @@ def export_all(
                     stdout_text() as stream,
                 ):
                     result = await export_to_stream(
-                        storage, stream, progress_callback=update, batch_size=batch_size
+                        storage,
+                        stream,
+                        progress_callback=update,
+                        batch_size=batch_size,
+                        escape_controls=True,
                     )
             except BrokenPipeError:
                 raise  # its reader went away: a quiet end (output.run)

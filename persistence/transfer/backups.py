@@ -139,8 +139,9 @@ async def backup_storage(
 
 # How far into a file its kind is looked for: an export may begin with a byte order mark
 # and whitespace, which `import` skips too, as far (found by attack: restore refused
-# such a file as "not a backup" from 16 bytes of whitespace on, then from 64 KiB on).
-_KIND_HEAD = SCAN_CHUNK
+# such a file as "not a backup" from 16 bytes of whitespace on, then from 64 KiB on,
+# then with a byte order mark from 1 MiB less 3 bytes on).
+_KIND_HEAD = len(UTF8_BOM) + SCAN_CHUNK
 
 
 def _backup_kind(path: Path) -> str:

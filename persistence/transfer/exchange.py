@@ -89,6 +89,8 @@ async def write_document(
     stream: IO[str],
     batch_size: int,
     progress_callback: ProgressCallback | None,
+    *,
+    escape_controls: bool = False,
 ) -> tuple[DocumentCounts, str, int]:
     """Streams the store into an export document on `stream`.
 
@@ -102,6 +104,7 @@ async def write_document(
         counting,  # type: ignore[arg-type]
         backend=storage.backend_name,
         exported_at=exported_at,
+        escape_controls=escape_controls,
     )
     async for batch in session_batches(storage, batch_size):
         writer.write_sessions(batch)
@@ -160,8 +163,13 @@ async def export_to_stream(
     *,
     progress_callback: ProgressCallback | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    escape_controls: bool = False,
 ) -> dict[str, Any]:
     """Writes the whole store as one JSON export document to an open text stream.
+
+    With `escape_controls` (a terminal may read it), DEL, the C1 controls, the
+    bidirectional embeddings, overrides and isolates and U+2028/U+2029 are written as
+    `\\u` escapes: the same document to a JSON reader.
 
     Returns:
         {"sessions", "messages", "files", "bytes", "exported_at", "duration_seconds"}.
@@ -172,7 +180,9 @@ async def export_to_stream(
     """
     check_batch_size(batch_size)
     started = time.perf_counter()
-    counts, exported_at, size = await write_document(storage, stream, batch_size, progress_callback)
+    counts, exported_at, size = await write_document(
+        storage, stream, batch_size, progress_callback, escape_controls=escape_controls
+    )
     return {
         **counts.as_dict(),
         "bytes": size,

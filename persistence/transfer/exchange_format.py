@@ -26,6 +26,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from persistence.errors import InvalidDataError
+from persistence.formats import escape_raw_json
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.transfer.json_stream import (
     READ_SIZE,
@@ -102,8 +103,18 @@ class DocumentCounts:
 class DocumentWriter:
     """Writes one export document to a text stream, a batch of records at a time."""
 
-    def __init__(self, stream: IO[str], *, backend: str, exported_at: datetime) -> None:
+    def __init__(
+        self,
+        stream: IO[str],
+        *,
+        backend: str,
+        exported_at: datetime,
+        escape_controls: bool = False,
+    ) -> None:
         self._stream = stream
+        # For a terminal: what it would act on (DEL, C1 and bidirectional controls) as
+        # \u escapes (found by attack: `export-all -` printed them raw).
+        self._escaped = escape_raw_json if escape_controls else _as_it_is
         self.counts = DocumentCounts()
         header = {
             "format": FORMAT_NAME,
@@ -111,12 +122,14 @@ class DocumentWriter:
             "exported_at": _timestamp(exported_at),
             "backend": backend,
         }
-        stream.write(json.dumps(header, ensure_ascii=False)[:-1] + ',\n"sessions": [')
+        stream.write(
+            self._escaped(json.dumps(header, ensure_ascii=False))[:-1] + ',\n"sessions": ['
+        )
         self._first = True
 
     def _record(self, document: dict[str, Any]) -> None:
         self._stream.write("\n" if self._first else ",\n")
-        self._stream.write(json.dumps(document, ensure_ascii=False, allow_nan=False))
+        self._stream.write(self._escaped(json.dumps(document, ensure_ascii=False, allow_nan=False)))
         self._first = False
 
     def write_sessions(self, sessions: Iterable[ChatSession]) -> None:
@@ -136,6 +149,10 @@ class DocumentWriter:
 
     def finish(self) -> None:
         self._stream.write(f'\n],\n"counts": {json.dumps(self.counts.as_dict())}}}\n')
+
+
+def _as_it_is(text: str) -> str:
+    return text
 
 
 def _describe(exc: ValidationError) -> str:
@@ -269,11 +286,11 @@ def _check_header(header: dict[str, Any]) -> None:
         raise InvalidDataError(f"version: {shown(version)} is not a format version")
     if version > FORMAT_VERSION:
         raise InvalidDataError(
-            f"version: the file has format version {version}, written by a newer"
+            f"version: the file has format version {shown(version)}, written by a newer"
             f" persistence; this one reads version {FORMAT_VERSION}"
         )
     if version != FORMAT_VERSION:
-        raise InvalidDataError(f"version: unknown format version {version}")
+        raise InvalidDataError(f"version: unknown format version {shown(version)}")
 
 
 def _exported_at(value: Any) -> datetime:

@@ -65,9 +65,10 @@ def parse_error(exc: Exception) -> InvalidDataError:
     unconverted = _UNCONVERTED.fullmatch(str(exc).strip())
     if unconverted and _JSON_NUMBER.fullmatch(symbol := unconverted.group(1)):
         # Valid JSON (found by attack: it was called a corrupt file).
+        # The parser counts characters, not bytes (found by attack on "byte").
         return InvalidDataError(
-            f"the number at byte {unconverted.group(2)} ({shown(symbol)}, {len(symbol):,}"
-            " characters) is out of the range any store keeps"
+            f"the number at character {unconverted.group(2)} ({shown(symbol)},"
+            f" {len(symbol):,} characters) is out of the range any store keeps"
         )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if len(first_line) > _SHOWN_ERROR:
@@ -360,9 +361,11 @@ def json_errors() -> Iterator[None]:
         # The pure-Python parser's, from json's own string scanner (found by attack: a
         # raw TAB in a string came out bare); its position counts from the string.
         what = exc.msg.removesuffix(" at").lower()
+        # The hint only where it helps (found by attack: it came with a bad \escape).
+        hint = " (control characters must be escaped, as \\t or \\u0009)"
         raise InvalidDataError(
-            f"not valid JSON (corrupt file): {what} in a string (control characters"
-            " must be escaped, as \\t or \\u0009)"
+            f"not valid JSON (corrupt file): {what} in a string"
+            f"{hint if 'control character' in what else ''}"
         ) from exc
     except UnicodeDecodeError as exc:
         # Found by attack: bytes yajl passes through (an encoded surrogate, an overlong

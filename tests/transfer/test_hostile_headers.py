@@ -89,13 +89,34 @@ def test_a_valid_number_no_store_keeps_is_not_called_corrupt(tmp_path: Path, num
     assert "corrupt" not in str(refused.value)
 
 
-def test_restore_takes_the_leading_blanks_import_takes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mark", "blanks"), [("", 100_000), ("\ufeff", (1 << 20) - 1)], ids=["100 KiB", "BOM, 1 MiB"]
+)
+def test_restore_takes_the_leading_blanks_import_takes(
+    tmp_path: Path, mark: str, blanks: int
+) -> None:
     """Found by attack: 100 KiB of whitespace before the document, which `import`
-    skips, made `restore` call the file "not a backup"."""
-    text = " " * 100_000 + "{" + ", ".join([_HEADER, _EMPTY, _COUNTS]) + "}"
+    skips, made `restore` call the file "not a backup"; then a byte order mark and
+    1 MiB less a byte."""
+    text = mark + " " * blanks + "{" + ", ".join([_HEADER, _EMPTY, _COUNTS]) + "}"
     path = _file(tmp_path, text)
     assert validate_export_file(path)["sessions"] == 0
     assert validate_backup_file(path) == "json"
+
+
+@pytest.mark.parametrize("version", ["9" * 4300, "-" + "9" * 4300])
+def test_a_huge_version_is_quoted_short(tmp_path: Path, version: str) -> None:
+    text = "{" + _HEADER.replace('"version": 1', f'"version": {version}') + "}"
+    with pytest.raises(InvalidDataError, match="version") as refused:
+        validate_export_file(_file(tmp_path, text))
+    assert len(str(refused.value)) < 300
+
+
+def test_a_bad_escape_is_not_called_a_control_character(tmp_path: Path) -> None:
+    text = "{" + _HEADER.replace('"persistence-export"', '"persistence\\xexport"') + "}"
+    with pytest.raises(InvalidDataError, match="escape in a string") as refused:
+        validate_export_file(_file(tmp_path, text))
+    assert "control character" not in str(refused.value)
 
 
 def test_a_key_twice_in_the_counts_is_refused(tmp_path: Path) -> None:
