@@ -3,6 +3,7 @@ create: refused with an error naming the file, never acknowledged and lost."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sqlite3
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from persistence import ChatSession, PersistenceError, SQLiteSessionStorage, StorageConnectionError
+from persistence.sql.opened_files import WAL_CHECK_SECONDS
 
 pytestmark = pytest.mark.sqlite
 
@@ -49,6 +51,8 @@ async def test_a_removed_wal_or_shm_takes_no_write_and_closing_keeps_what_was_sa
     try:
         await storage.save_session(_session("before", "saved before the removal"))
         os.unlink(f"{path}{suffix}")
+        # The -shm is checked by every transaction, the -wal at most every 0.1 s.
+        await asyncio.sleep(WAL_CHECK_SECONDS)
         after = _session("after", "never acknowledged")
         with pytest.raises(PersistenceError, match=f"its {suffix} file .* replaced or removed"):
             await storage.save_session(after)
