@@ -235,6 +235,7 @@ class ChatSession(_DomainModel, Bookkeeping):
         revision: int,
         base_of: BaseOf[Source],
         source: Source,
+        listed: tuple[datetime, str] | None = None,
     ) -> Self:
         """A session as storage `token` holds it, from values the store guarantees valid.
 
@@ -243,7 +244,8 @@ class ChatSession(_DomainModel, Bookkeeping):
         `values["messages"]` is a MessageList of the messages loaded (a listing: none).
         The storage's base is `base_of(source, synced, foreign_at)`, made on first use:
         most listed or loaded sessions are never saved. `source` must not change after
-        (a row, or values copied apart from the object's own).
+        (a row, or values copied apart from the object's own). `listed`: where a
+        listing returned it (list_sessions' `after`).
         """
         messages: MessageList = values["messages"]
         session = cls.__new__(cls)
@@ -262,7 +264,7 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_epoch": 0,
                 "_pins": [],
                 "_creations": {},
-                "_listed": None,
+                "_listed": listed,
             },
         )
         return session

@@ -91,7 +91,7 @@ def session_from_view(view: SessionSummary, token: str) -> ChatSession:
     messages (`last=`): `message_count` is always the stored count.
     """
     history = view.messages if isinstance(view, SessionView) else []
-    session = ChatSession.from_store(
+    return ChatSession.from_store(
         {
             "session_id": view.session_id,
             "model": view.model,
@@ -106,10 +106,8 @@ def session_from_view(view: SessionSummary, token: str) -> ChatSession:
         view.revision,
         _base_of_view,
         (view, metadata_snapshot(view.metadata)),
+        None if isinstance(view, SessionView) else (view.updated_at, view.session_id),
     )
-    if not isinstance(view, SessionView):
-        session.__pydantic_private__["_listed"] = (view.updated_at, view.session_id)  # type: ignore[index]
-    return session
 
 
 def _base_of_view(source: tuple[SessionSummary, Snapshot], synced: int, foreign_at: int) -> Base:

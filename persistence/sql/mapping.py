@@ -224,7 +224,7 @@ def session_from_row(
             f"session {row[0]!r}: the stored chat_sessions.metadata is not a JSON object"
             f" ({shown_value(row[5])}); it was written outside persistence"
         ) from exc
-    session = ChatSession.from_store(
+    return ChatSession.from_store(
         {
             "session_id": row[0],
             "model": row[1],
@@ -239,10 +239,8 @@ def session_from_row(
         row[7],
         _base_of_row,
         row,
+        (row[3], row[0]) if messages is None else None,
     )
-    if messages is None:
-        session.__pydantic_private__["_listed"] = (row[3], row[0])  # type: ignore[index]
-    return session
 
 
 def _base_of_row(row: Sequence[Any], synced: int, foreign_at: int) -> Base:

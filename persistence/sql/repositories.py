@@ -249,11 +249,14 @@ SESSION_PAGE_BY_STATUS = Statement(
     .offset(bindparam("offset"))
 )
 # The page after a session listed before (keyset): what follows it in the page order.
+# The bound on updated_at alone comes first, so that the index seeks to it: with only
+# the OR, both engines walked the index from the newest session (a page at 99,000 of
+# 100,000 took 10.7 ms on SQLite and 9.6 ms on PostgreSQL).
 _AFTER_UPDATED = bindparam("after_updated", type_=UtcDateTime)
-_FOLLOWING = or_(
-    sessions.c.updated_at < _AFTER_UPDATED,
-    and_(
-        sessions.c.updated_at == _AFTER_UPDATED,
+_FOLLOWING = and_(
+    sessions.c.updated_at <= _AFTER_UPDATED,
+    or_(
+        sessions.c.updated_at < _AFTER_UPDATED,
         code_point_order(sessions.c.session_id) < bindparam("after_id"),
     ),
 )
