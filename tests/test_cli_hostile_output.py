@@ -138,3 +138,13 @@ def test_a_signal_stops_an_export_cleanly_with_the_shells_status(
     assert process.wait(timeout=60) == status, rest
     assert rest.rstrip().endswith(f"error: {said}"), rest
     assert list(out.iterdir()) == []
+
+
+def test_export_all_to_a_full_standard_output_names_it(hostile_url: str) -> None:
+    """Found by attack: it said only "[Errno 28] No space left on device"."""
+    with open("/dev/full", "w") as full:
+        done = run("export-all", "-", "--url", hostile_url, stdout=full)
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("error: cannot write standard output:")
+    ), done.stderr
