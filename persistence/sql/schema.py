@@ -24,7 +24,7 @@ from sqlalchemy.pool import NullPool
 
 from persistence.errors import MigrationError, SchemaVersionError
 from persistence.sql.encoding import check_server_encoding
-from persistence.sql.revision_marks import missing_at, present_after, schema_revision
+from persistence.sql.revision_marks import MARKS, Mark, missing_at, present_after, schema_revision
 from persistence.sql.tables import Base
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -33,8 +33,8 @@ LEGACY_VERSION_TABLE = "alembic_version"
 # Any constant works: it only has to be the same for every process of this library.
 _PG_MIGRATION_LOCK = 7_274_551_337
 _SHOWN_TABLES = 5
-# The tables of the first revision, kept by every later one.
-_FIRST_TABLES = frozenset({"chat_sessions", "chat_messages", "uploaded_files"})
+# The tables of the first revision with their columns, kept by every later one.
+_FIRST_TABLES = tuple(mark for mark in MARKS if mark.revision == "0001" and mark.kind == "table")
 
 
 @functools.cache
@@ -447,13 +447,23 @@ def refuse_foreign_sqlite_file(
         versioned = version_table in names and connection.execute(
             f'SELECT EXISTS (SELECT 1 FROM "{version_table}")'  # noqa: S608
         ).fetchone() == (1,)
+        # Found by attack: a version table of ours beside another application's tables
+        # alone passed, then beside tables of our first tables' names with other
+        # columns, and the file was made WAL before examine() refused it.
+        ours = versioned and all(_has_columns(connection, mark) for mark in _FIRST_TABLES)
     finally:
         connection.close()
-    # Found by attack: a version table of ours beside another application's tables
-    # alone passed, and the file was made WAL before examine() refused it.
-    if not names or (versioned and names >= _FIRST_TABLES):
+    if not names or ours:
         return
     examine_sqlite_file(target, version_table=version_table, where=where)
+
+
+def _has_columns(connection: sqlite3.Connection, mark: Mark) -> bool:
+    """Whether the table `mark` names is there with at least the columns it gives it."""
+    found = {
+        row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (mark.name,))
+    }
+    return mark.columns <= found
 
 
 def examine_sqlite_file(

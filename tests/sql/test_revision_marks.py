@@ -299,6 +299,28 @@ async def test_a_revision_of_ours_beside_only_another_applications_tables_is_ref
     assert _file_bytes(fresh_url) == file_before  # not even its journal mode
 
 
+@pytest.mark.sqlite
+async def test_tables_of_our_names_with_other_columns_are_refused_unchanged(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: a version row of ours beside tables named as ours, with other
+    columns, passed the first check, and the file was made WAL before it was refused."""
+    path = tmp_path / "other.db"
+    connection = sqlite3.connect(path)
+    for table in ("chat_sessions", "chat_messages", "uploaded_files"):
+        connection.execute(f"CREATE TABLE {table} (a)")
+    connection.execute(f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)")
+    connection.execute(f"INSERT INTO {VERSION_TABLE} VALUES ('{HEAD}')")
+    connection.commit()
+    connection.close()
+    before = path.read_bytes()
+
+    with pytest.raises(MigrationError, match=r"chat_sessions\.created_at"):
+        await SQLiteSessionStorage(path).initialize()
+
+    assert path.read_bytes() == before  # not even its journal mode
+
+
 async def test_an_empty_alembic_version_beside_another_applications_tables_is_refused(
     fresh_url: str,
 ) -> None:
