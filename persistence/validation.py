@@ -7,6 +7,7 @@ migrated to any other.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Collection
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -214,3 +215,15 @@ def _identifier(value: str) -> str:
 
 UtcDatetime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_utc_millisecond)]
 Identifier = Annotated[str, AfterValidator(_identifier)]
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """A value for an error line: its repr, cut short however long or deep the value.
+    Found by attack: a header value of 5 MB was quoted whole, and one nested 1,000
+    levels deep raised RecursionError."""
+    return _SHOWN.repr(value)

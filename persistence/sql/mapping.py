@@ -23,9 +23,9 @@ from persistence.identifiers import new_incarnation
 from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.search import search_document
-from persistence.sql.statements import shown_value
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
 from persistence.sql.types import json_loads
+from persistence.validation import shown
 
 # Metadata comes as its JSON text: the object parses it, and its bookkeeping keeps the
 # text as the stored snapshot, so a load copies nothing for it.
@@ -181,7 +181,7 @@ def _unreadable_message(
         problem = None
         if not isinstance(row[content], str):
             problem = (
-                f"the stored chat_messages.content is not text ({shown_value(row[content])});"
+                f"the stored chat_messages.content is not text ({shown(row[content])});"
                 " CAST(content AS TEXT) makes it text again"
             )
         else:
@@ -190,7 +190,7 @@ def _unreadable_message(
             except (ValueError, TypeError):
                 problem = (
                     "the stored chat_messages.metadata is not a JSON object"
-                    f" ({shown_value(row[metadata])})"
+                    f" ({shown(row[metadata])})"
                 )
         if problem is not None:
             return PersistenceError(
@@ -222,7 +222,7 @@ def session_from_row(
         # A try costs nothing until it catches (Python 3.11), and a page is 100 rows.
         raise PersistenceError(
             f"session {row[0]!r}: the stored chat_sessions.metadata is not a JSON object"
-            f" ({shown_value(row[5])}); it was written outside persistence"
+            f" ({shown(row[5])}); it was written outside persistence"
         ) from exc
     return ChatSession.from_store(
         {
@@ -275,7 +275,7 @@ def file_record_from_row(row: Sequence[Any]) -> UploadedFileRecord:
     if type(row[8]) is not dict:
         raise PersistenceError(
             f"file {row[0]!r}: the stored uploaded_files.metadata is not a JSON object"
-            f" ({shown_value(row[8])}); it was written outside persistence"
+            f" ({shown(row[8])}); it was written outside persistence"
         )
     return _trusted(
         UploadedFileRecord,

@@ -50,10 +50,11 @@ def _identity(path: str) -> tuple[int, int] | None:
 class OpenedFiles:
     """`check()`: PersistenceError unless the store's files are those it opened."""
 
-    __slots__ = ("_database", "_path", "_shm", "_wal", "_wal_checked")
+    __slots__ = ("_database", "_path", "_path_text", "_shm", "_wal", "_wal_checked")
 
     def __init__(self, path: Path, database: os.stat_result, *, writing: bool) -> None:
         self._path = path
+        self._path_text = str(path)  # a stat of text: no Path conversion each transaction
         self._database = (database.st_dev, database.st_ino)
         # SQLite names them after the file itself, through any symlink. Only a writing
         # storage checks them: a reader may not hold the -shm (a read-only file or
@@ -70,7 +71,7 @@ class OpenedFiles:
 
     def __call__(self) -> None:
         """Raises PersistenceError, naming the path, if a file was replaced or removed."""
-        if _identity(str(self._path)) != self._database:
+        if _identity(self._path_text) != self._database:
             raise PersistenceError(
                 f"{self._path}: the database file was replaced or removed while open: close"
                 " and open the storage again"

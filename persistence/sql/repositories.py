@@ -235,19 +235,6 @@ def _messages_in(dialect: str) -> Any:
 
 SELECT_MESSAGES_IN = Statement(_messages_in)
 _NEWEST_FIRST = (sessions.c.updated_at.desc(), code_point_order(sessions.c.session_id).desc())
-SESSION_PAGE = Statement(
-    select(*SESSION_COLUMNS)
-    .order_by(*_NEWEST_FIRST)
-    .limit(bindparam("limit"))
-    .offset(bindparam("offset"))
-)
-SESSION_PAGE_BY_STATUS = Statement(
-    select(*SESSION_COLUMNS)
-    .where(sessions.c.status == bindparam("status"))
-    .order_by(*_NEWEST_FIRST)
-    .limit(bindparam("limit"))
-    .offset(bindparam("offset"))
-)
 # The page after a session listed before (keyset): what follows it in the page order.
 # The bound on updated_at alone comes first, so that the index seeks to it: with only
 # the OR, both engines walked the index from the newest session (a page at 99,000 of
@@ -260,20 +247,28 @@ _FOLLOWING = and_(
         code_point_order(sessions.c.session_id) < bindparam("after_id"),
     ),
 )
-SESSION_PAGE_AFTER = Statement(
-    select(*SESSION_COLUMNS)
-    .where(_FOLLOWING)
-    .order_by(*_NEWEST_FIRST)
-    .limit(bindparam("limit"))
-    .offset(bindparam("offset"))
-)
-SESSION_PAGE_AFTER_BY_STATUS = Statement(
-    select(*SESSION_COLUMNS)
-    .where(sessions.c.status == bindparam("status"), _FOLLOWING)
-    .order_by(*_NEWEST_FIRST)
-    .limit(bindparam("limit"))
-    .offset(bindparam("offset"))
-)
+_WITH_STATUS = sessions.c.status == bindparam("status")
+
+
+def _session_page(*conditions: ColumnElement[bool]) -> Statement:
+    """A page of the sessions matching `conditions`, newest first."""
+    return Statement(
+        select(*SESSION_COLUMNS)
+        .where(*conditions)
+        .order_by(*_NEWEST_FIRST)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+
+
+# By (a status asked, after a session).
+SESSION_PAGES = {
+    (False, False): _session_page(),
+    (True, False): _session_page(_WITH_STATUS),
+    (False, True): _session_page(_FOLLOWING),
+    (True, True): _session_page(_WITH_STATUS, _FOLLOWING),
+}
+SESSION_PAGE = SESSION_PAGES[False, False]
 SESSION_IDS_AFTER = Statement(
     select(sessions.c.session_id)
     .where(sessions.c.session_id > bindparam("after"))
@@ -405,15 +400,11 @@ def read_session_page(
 ) -> Work[list[ChatSession]]:
     """A page newest first; with `after` (updated_at, session_id), of those after it."""
     params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if status is not None:
+        params["status"] = status
     if after is not None:
-        params |= {"after_updated": after[0], "after_id": after[1]}
-        page, by_status = SESSION_PAGE_AFTER, SESSION_PAGE_AFTER_BY_STATUS
-    else:
-        page, by_status = SESSION_PAGE, SESSION_PAGE_BY_STATUS
-    if status is None:
-        rows = yield Fetch(page, params)
-    else:
-        rows = yield Fetch(by_status, {**params, "status": status})
+        params["after_updated"], params["after_id"] = after
+    rows = yield Fetch(SESSION_PAGES[status is not None, after is not None], params)
     return [session_from_row(row, None, token) for row in rows]
 
 

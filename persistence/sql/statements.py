@@ -16,6 +16,8 @@ from sqlalchemy import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from persistence.validation import shown
+
 Processor = Callable[[Any], Any] | None
 
 
@@ -77,7 +79,7 @@ class Compiled:
                     process(row[index])
                 except (ValueError, TypeError):
                     name, kind = self._described(index)
-                    text = shown_value(row[index])
+                    text = shown(row[index])
                     of_row = f" (the row of {self._described(0)[0]} {row[0]!r})" if index else ""
                     return f"{name} holds {text}, which is not {kind}{of_row}"
         return "a stored value cannot be read"
@@ -142,15 +144,6 @@ def _compile(element: ClauseElement, dialect: Dialect) -> Compiled:
         ),
         described=tuple(_describe(column) for column in columns),
     )
-
-
-_SHOWN_VALUE = 60
-
-
-def shown_value(value: Any) -> str:
-    """A stored value for an error message: its repr, cut to a line."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN_VALUE else text[: _SHOWN_VALUE - 3] + "..."
 
 
 def _describe(column: Any) -> tuple[str, str]:

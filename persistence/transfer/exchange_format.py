@@ -37,9 +37,9 @@ from persistence.transfer.json_stream import (
     pass_parser,
     read_exactly_if_need_be,
     record_items,
-    shown,
     top_level,
 )
+from persistence.validation import shown
 
 FORMAT_NAME = "persistence-export"
 FORMAT_VERSION = 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import reprlib
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -29,7 +28,7 @@ from typing import IO, Any, TypeVar
 import ijson
 
 from persistence.errors import InvalidDataError
-from persistence.validation import MAX_METADATA_DEPTH
+from persistence.validation import MAX_METADATA_DEPTH, shown
 
 SCALAR_EVENTS = frozenset({"null", "boolean", "integer", "double", "number", "string"})
 # A JSON escape of a UTF-16 surrogate; a false positive only costs the slower parser.
@@ -80,17 +79,6 @@ def pass_parser(parser: Any, exact: bool) -> Any:
     """The parser of a pass: `parser` for the fast one, the pure-Python one for the
     exact one (see the module's docstring)."""
     return PYTHON_PARSER if exact else parser
-
-
-_SHOWN = reprlib.Repr()
-_SHOWN.maxstring = _SHOWN.maxother = 80
-_SHOWN.maxlevel = 3
-
-
-def shown(value: Any) -> str:
-    """`repr(value)` cut short, for an error line: found by attack, a header value of
-    5 MB was quoted whole, and one nested 1,000 levels deep raised RecursionError."""
-    return _SHOWN.repr(value)
 
 
 class _KeysOnce(dict[str, Any]):
