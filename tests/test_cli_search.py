@@ -75,3 +75,36 @@ def test_search_on_a_missing_database_creates_nothing(workdir: Path) -> None:
     line = failed("search", "anything")
     assert "no database" in line
     assert list(workdir.iterdir()) == []
+
+
+def test_search_prints_each_match_on_one_line_of_its_own(tmp_path: Path) -> None:
+    """Found by attack: the matches were one rich table, built whole before its first
+    line (40,000 took 16 s and 310 MB), whose long contents wrapped onto many lines."""
+    sessions = [ChatSession.create("m") for _ in range(3)]
+    for n, session in enumerate(sessions):
+        for k in range(400):
+            session.add_message("user", f"needle {n} {k} " + "hay " * 60)
+
+    async def save() -> None:
+        async with SQLiteSessionStorage(tmp_path / "s.db") as storage:
+            for session in sessions:
+                await storage.save_session(session)
+
+    asyncio.run(save())
+    url = f"sqlite:///{tmp_path / 's.db'}"
+
+    lines = ok("search", "needle", "--limit", "1200", "--url", url).stdout.splitlines()
+    many = json.loads(ok("search", "needle", "--limit", "1100", "--json", "--url", url).stdout)
+
+    title, header, *rows = lines
+    assert title == "Messages matching 'needle'" and header.split() == [
+        "Created", "(UTC)", "Session", "ID", "Role", "Content"
+    ]  # fmt: skip
+    assert len(rows) == 1200
+    assert [row.split()[2] for row in rows] == [
+        s.session_id for s in reversed(sessions) for _ in range(400)
+    ]
+    assert all(row.split()[3:5] == ["user", "needle"] and row.endswith("...") for row in rows)
+    assert [m["content"].split()[1:3] for m in many] == [
+        [str(n), str(k)] for n in (2, 1, 0) for k in range(399, -1, -1)
+    ][:1100]

@@ -9,8 +9,8 @@ where the listing had already shown it, or not at all.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import typer
 
@@ -21,6 +21,8 @@ from persistence.storage import SessionStorage
 
 FIRST_PAGE = 100
 PAGE = 1000
+
+T = TypeVar("T")
 
 
 async def newest_first(
@@ -57,42 +59,56 @@ def session_row(session: ChatSession) -> dict[str, Any]:
     return document
 
 
-class JsonRows:
-    """A JSON array written element by element (the same text `json.dumps(indent=2)` gives)."""
+class JsonRows(Generic[T]):
+    """A JSON array written a page at a time (the same text `json.dumps(indent=2)` gives
+    of the whole), each element the document `to_document` makes of an item."""
 
-    def __init__(self) -> None:
+    def __init__(self, to_document: Callable[[T], Any]) -> None:
+        self.to_document = to_document
         self.count = 0
 
-    def add(self, session: ChatSession) -> None:
-        text = json_text(session_row(session))
-        # Split at "\n" only: json.dumps escapes it inside strings but leaves U+2028,
-        # U+2029 and U+0085 raw, at which str.splitlines() would split a value.
-        indented = "\n".join("  " + line for line in text.split("\n"))
-        typer.echo(("[\n" if self.count == 0 else ",\n") + indented, nl=False)
-        self.count += 1
+    def add(self, page: Sequence[T]) -> None:
+        if not page:
+            return
+        # The page's array without its brackets: "[\n" + elements + "\n]". One dumps a
+        # page, not one an element: 40,000 messages took 1.5 s whole, 2.1 s one by one.
+        elements = json_text([self.to_document(item) for item in page])[2:-2]
+        typer.echo(("[\n" if self.count == 0 else ",\n") + elements, nl=False)
+        self.count += len(page)
 
     def close(self) -> None:
         typer.echo("[]" if self.count == 0 else "\n]")
 
 
-class TextRows:
-    """Aligned plain-text rows under a heading, control characters shown visibly."""
+class TextRows(Generic[T]):
+    """A line an item under a title and a header, written a page at a time."""
 
-    HEADER = f"{'Session ID':<36}  {'Model':<24}  {'Status':<8}  {'Messages':>8}  Updated (UTC)"
-
-    def __init__(self, where: str) -> None:
-        self.where = where
+    def __init__(self, title: str, header: str, line: Callable[[T], str]) -> None:
+        self.title = title
+        self.header = header
+        self.line = line
         self.count = 0
 
-    def add(self, session: ChatSession) -> None:
+    def add(self, page: Sequence[T]) -> None:
+        if not page:
+            return
+        lines = [self.line(item) for item in page]
         if self.count == 0:
-            typer.echo(one_line(f"Sessions in {self.where}"))
-            typer.echo(self.HEADER)
-        typer.echo(
-            # One line a session (found by attack: a model name holding a line break
-            # printed a row of its own, a forged session id in it).
-            f"{one_line(session.session_id):<36}  {one_line(session.model):<24}"
-            f"  {session.status:<8}  {session.message_count:>8}"
-            f"  {formats.wall_time(session.updated_at)}"
-        )
-        self.count += 1
+            lines[:0] = [one_line(self.title), self.header]
+        typer.echo("\n".join(lines))
+        self.count += len(page)
+
+
+SESSIONS_HEADER = (
+    f"{'Session ID':<36}  {'Model':<24}  {'Status':<8}  {'Messages':>8}  Updated (UTC)"
+)
+
+
+def session_line(session: ChatSession) -> str:
+    """A listed session on one line, control characters shown visibly (found by attack:
+    a model name holding a line break printed a row of its own, a forged id in it)."""
+    return (
+        f"{one_line(session.session_id):<36}  {one_line(session.model):<24}"
+        f"  {session.status:<8}  {session.message_count:>8}"
+        f"  {formats.wall_time(session.updated_at)}"
+    )

@@ -12,7 +12,14 @@ import typer
 from rich.text import Text
 
 from persistence import formats
-from persistence.cli.listing import JsonRows, TextRows, newest_first
+from persistence.cli.listing import (
+    SESSIONS_HEADER,
+    JsonRows,
+    TextRows,
+    newest_first,
+    session_line,
+    session_row,
+)
 from persistence.cli.output import (
     MAX_LIMIT,
     MAX_OFFSET,
@@ -31,6 +38,7 @@ from persistence.cli.output import (
 from persistence.config import StorageConfig
 from persistence.formats import visible
 from persistence.manager import SessionManager
+from persistence.models import ChatSession
 from persistence.storage import SessionStorage
 from persistence.transfer.files import write_text
 
@@ -86,7 +94,11 @@ def sessions_list(
     """List sessions, most recently updated first."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        rows = JsonRows() if as_json else TextRows(cfg.display_url)
+        rows: JsonRows[ChatSession] | TextRows[ChatSession] = (
+            JsonRows(session_row)
+            if as_json
+            else TextRows(f"Sessions in {cfg.display_url}", SESSIONS_HEADER, session_line)
+        )
         more = False
         async for page in newest_first(
             storage, status.value if status else None, limit=limit, offset=offset
@@ -94,8 +106,7 @@ def sessions_list(
             if isinstance(page, bool):
                 more = page  # the last item
                 continue
-            for session in page:
-                rows.add(session)
+            rows.add(page)
         if isinstance(rows, JsonRows):
             rows.close()
         elif rows.count == 0:
