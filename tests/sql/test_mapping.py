@@ -17,6 +17,7 @@ from persistence.sql.mapping import (
     rows_from_messages,
     session_from_row,
 )
+from persistence.sql.types import json_loads
 
 MOMENT = datetime(2025, 10, 16, 10, 0, 1, 123000, tzinfo=UTC)
 
@@ -123,3 +124,29 @@ def test_message_rows_build_any_slice_as_rows_from_messages_does() -> None:
     with pytest.raises(IndexError):
         MessageRows(histories, documents=True)[13]
     assert len(MessageRows([], documents=True)) == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"title": "t", "n": [1, 2.5, -0.0, 1e308, 12345678901234567890], "x": null}',
+        '{"a": {"b": {"c": [true, false, "\\u00e9\\ud83d\\ude00"]}}}',
+        '{"a": NaN, "b": Infinity}',
+        '{"a": 1, "a": 2}',
+        '{"s": "\\ud800"}',
+        '{"a": 1} ',
+        ' {"a": 1}',
+    ],
+)
+def test_a_metadata_column_reads_as_json_loads_reads_it(text: str) -> None:
+    """json_loads calls json's C scanner directly; whatever it accepts, json.loads must."""
+    assert repr(json_loads(text)) == repr(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1}x', '{"a": 1}{"b": 2}', "{", '{"a": }', "[1, 2]", "null", '"{}"', "\ufeff{}"],
+)
+def test_a_metadata_column_that_is_not_one_object_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        json_loads(text)
