@@ -37,6 +37,19 @@ def check_status(status: str | None) -> Status | None:
     return status
 
 
+def check_new_status(status: str) -> Status:
+    """Returns `status` if it is one of STATUSES.
+
+    Raises:
+        InvalidDataError: naming the argument (found by attack: None failed an
+            assertion, and under `python -O` changed nothing and said so).
+    """
+    checked = check_status(status)
+    if checked is None:
+        raise InvalidDataError(f"status: must be one of {', '.join(STATUSES)}, got None")
+    return checked
+
+
 def check_instant(value: datetime, field: str) -> datetime:
     """Returns `value` as a plain datetime in UTC.
 
@@ -87,6 +100,19 @@ def _check_count(name: str, value: object) -> None:
         raise InvalidDataError(f"{name}: must be >= 0, got {value}")
     if value > LARGEST_COUNT:
         raise InvalidDataError(f"{name}: must be at most 2**63 - 1, got {value}")
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Refuses a batch size that is not a count above 0 (see _check_count).
+
+    Raises:
+        InvalidDataError: naming the argument. Found by attack: 2**70 reached the
+            drivers, SQLite's as OverflowError, and on PostgreSQL left the pooled
+            connection broken for every later snapshot read; "2" a TypeError.
+    """
+    _check_count("batch_size", batch_size)
+    if batch_size == 0:
+        raise InvalidDataError("batch_size: must be > 0, got 0")
 
 
 def check_last(last: int | None) -> None:

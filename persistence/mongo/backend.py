@@ -56,8 +56,10 @@ from persistence.storage import (
     BackendName,
     SessionStorage,
     StorageCounts,
+    check_batch_size,
     check_instant,
     check_last,
+    check_new_status,
     check_page,
     check_search,
     check_status,
@@ -399,8 +401,7 @@ class MongoDBSessionStorage(SessionStorage):
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True
     ) -> AsyncIterator[list[ChatSession]]:
-        if batch_size <= 0:
-            raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+        check_batch_size(batch_size)
         after: str | None = None
         while True:
             with mongo_errors("iterate sessions"):
@@ -421,8 +422,7 @@ class MongoDBSessionStorage(SessionStorage):
     async def iter_file_records(
         self, batch_size: int = 500
     ) -> AsyncIterator[list[UploadedFileRecord]]:
-        if batch_size <= 0:
-            raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+        check_batch_size(batch_size)
         after: str | None = None
         while True:
             with mongo_errors("iterate file records"):
@@ -458,8 +458,7 @@ class MongoDBSessionStorage(SessionStorage):
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)
-        checked = check_status(status)
-        assert checked is not None
+        checked = check_new_status(status)
         with mongo_errors("set session status"):
             async with self._writing() as client_session:
                 return await repositories.set_sessions_status(

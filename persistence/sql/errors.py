@@ -67,6 +67,7 @@ try:
         CrashShutdownError,
         InternalClientError,
     )
+    from asyncpg.exceptions import DataError as _AsyncpgDataError
     from asyncpg.exceptions import PostgresConnectionError as _PostgresConnectionError
     from asyncpg.exceptions import UniqueViolationError as _AsyncpgUniqueViolation
 
@@ -86,8 +87,9 @@ try:
         CannotConnectNowError,
         InternalClientError,
     )
+    _ASYNCPG_DATA: tuple[type[BaseException], ...] = (_AsyncpgDataError,)
 except ImportError:  # asyncpg is the optional postgresql extra
-    _ASYNCPG_ERRORS = _ASYNCPG_LOST = _UNIQUE_VIOLATIONS = ()
+    _ASYNCPG_ERRORS = _ASYNCPG_LOST = _UNIQUE_VIOLATIONS = _ASYNCPG_DATA = ()
 
 _SQLITE_UNIQUE = {sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY}
 
@@ -123,7 +125,17 @@ def connection_lost(exc: BaseException) -> bool:
 def connection_unusable(exc: BaseException) -> bool:
     """True if, after `exc`, the connection it came from must be dropped, never lent
     again: it was lost, or a cancel (or another BaseException) stopped a call midway."""
-    return connection_lost(exc) or not isinstance(exc, Exception)
+    return connection_lost(exc) or not isinstance(exc, Exception) or _left_unsynced(exc)
+
+
+def _left_unsynced(exc: BaseException) -> bool:
+    """True for an argument asyncpg could not encode: the server never answered it
+    (no severity), and asyncpg (0.32) had sent the statement's parse without a Sync,
+    so the connection stays inside an implicit transaction that the next statement
+    joins. Found by attack: after one such error, every snapshot read on that pooled
+    connection failed ("SET TRANSACTION ISOLATION LEVEL must be called before any
+    query")."""
+    return isinstance(exc, _ASYNCPG_DATA) and getattr(exc, "severity", None) is None
 
 
 def _unreachable(exc: BaseException) -> bool:

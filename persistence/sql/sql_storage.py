@@ -37,8 +37,10 @@ from persistence.sql.uow import SqlUnitOfWork, sessions_written_in_this_task
 from persistence.storage import (
     SessionStorage,
     StorageCounts,
+    check_batch_size,
     check_instant,
     check_last,
+    check_new_status,
     check_page,
     check_search,
     check_status,
@@ -474,8 +476,7 @@ class SqlSessionStorage(SessionStorage):
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True
     ) -> AsyncIterator[list[ChatSession]]:
-        if batch_size <= 0:
-            raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+        check_batch_size(batch_size)
         after = ""
         while True:
             batch_work = partial(
@@ -494,8 +495,7 @@ class SqlSessionStorage(SessionStorage):
     async def iter_file_records(
         self, batch_size: int = 500
     ) -> AsyncIterator[list[UploadedFileRecord]]:
-        if batch_size <= 0:
-            raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+        check_batch_size(batch_size)
         after = ""
         while True:
             batch = await self._run_stale(
@@ -538,8 +538,7 @@ class SqlSessionStorage(SessionStorage):
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)
-        checked = check_status(status)
-        assert checked is not None
+        checked = check_new_status(status)
         self._refuse_rows_of_own_units(ids, "set session status")
         return await self._run(
             repositories.set_sessions_status(ids, checked),

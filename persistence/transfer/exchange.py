@@ -13,7 +13,7 @@ from typing import IO, Any
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession, UploadedFileRecord
-from persistence.storage import SessionStorage
+from persistence.storage import SessionStorage, check_batch_size
 from persistence.store_files import refuse_own_file
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
 from persistence.transfer.exchange_format import (
@@ -28,7 +28,6 @@ from persistence.transfer.migration import (
     DEFAULT_BATCH_SIZE,
     Progress,
     ProgressCallback,
-    check_batch_size,
     elapsed,
     session_batches,
 )

@@ -17,7 +17,7 @@ from typing import Any
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
-from persistence.storage import SessionStorage, StorageCounts
+from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
 from persistence.transfer.copy_check import verify_copy
 from persistence.transfer.ledger import Ledger
@@ -26,11 +26,6 @@ from persistence.transfer.verification import counts_summary
 
 ProgressCallback = Callable[[int, int], object]
 DEFAULT_BATCH_SIZE = 500
-
-
-def check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise InvalidDataError(f"batch_size: must be a positive integer, got {batch_size!r}")
 
 
 def elapsed(started: float) -> float:

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession
-from persistence.storage import SessionStorage, StorageCounts
+from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.streams import read_ahead
 
 # The report lists at most this many mismatches one by one; the totals count them all.
@@ -358,8 +357,7 @@ async def verify_migration(
         InvalidDataError: if batch_size is not positive.
         PersistenceError: if either store fails.
     """
-    if batch_size <= 0:
-        raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
+    check_batch_size(batch_size)
     started = time.perf_counter()
     report = Report()
     source_counts = await source.count()

@@ -43,6 +43,27 @@ async def test_pages_refuse_a_limit_or_offset_that_is_not_a_count(
         await storage.search_messages("word", limit=value)
 
 
+@pytest.mark.parametrize("value", [0, *NOT_COUNTS])
+async def test_batch_sizes_that_are_not_counts_above_0_are_refused_and_nothing_breaks(
+    storage: SessionStorage, value: Any
+) -> None:
+    """Found by attack: 2**70 reached the drivers (SQLite's OverflowError; on PostgreSQL
+    a pooled connection left broken for every later snapshot read), "2" a TypeError."""
+    session = conversation(2)
+    await storage.save_session(session)
+
+    with pytest.raises(InvalidDataError, match="batch_size"):
+        [batch async for batch in storage.iter_sessions(value)]
+    with pytest.raises(InvalidDataError, match="batch_size"):
+        [batch async for batch in storage.iter_file_records(value)]
+    with pytest.raises(InvalidDataError, match="status"):
+        await storage.set_status([session.session_id], None)  # type: ignore[arg-type]
+
+    batches = [batch async for batch in storage.iter_sessions(1)]
+    assert [[s.session_id for s in batch] for batch in batches] == [[session.session_id]]
+    assert (await storage.count()).total_sessions == 1
+
+
 async def test_the_largest_counts_are_taken(storage: SessionStorage) -> None:
     session = conversation(3)
     await storage.save_session(session)

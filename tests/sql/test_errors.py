@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from persistence import (
     SQLiteSessionStorage,
     StorageConnectionError,
 )
+from persistence.sql import repositories
 
 
 async def test_an_unreachable_postgresql_server_fails_fast_without_the_password() -> None:
@@ -100,3 +102,23 @@ async def test_a_connection_that_cannot_be_opened_mid_life_is_a_library_error(
     finally:
         await storage.close()
         await servers._admin(postgresql_admin_url, f'DROP DATABASE IF EXISTS "{name}"')
+
+
+async def test_an_argument_asyncpg_cannot_encode_leaves_no_broken_connection(
+    one_connection: PostgreSQLSessionStorage,
+) -> None:
+    """Found by attack: asyncpg (0.32) refuses such an argument after sending the
+    statement's parse without a Sync, so the server keeps an implicit transaction open;
+    the pooled connection then failed every snapshot read ("SET TRANSACTION ISOLATION
+    LEVEL must be called before any query"). The library's checks keep such values
+    out; this is the net under them: the connection is dropped."""
+    storage = one_connection
+    await storage.save_session(ChatSession.create("m", session_id="s1"))
+
+    with pytest.raises(PersistenceError, match="invalid input for query argument"):
+        await storage._run_stale(
+            partial(repositories.read_file_record_batch, "", 2**70), "iterate file records"
+        )
+
+    assert [[s.session_id for s in batch] async for batch in storage.iter_sessions(10)] == [["s1"]]
+    assert (await storage.count()).total_sessions == 1
