@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
@@ -207,6 +208,21 @@ class ChatSession(_DomainModel, Bookkeeping):
         copied.__dict__["metadata"] = copy.deepcopy(self.metadata)
         object.__setattr__(copied, "__pydantic_private__", None)
         copied._adopt_bookkeeping(self)
+        return copied
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy as `copy.copy` makes it (deep: `copy.deepcopy`), then `update` applied.
+
+        `messages` in `update` is assigned as `copied.messages = ...` is, so that a save
+        refuses a list that does not start with the old messages. Found by attack:
+        pydantic wrote it into the copy unseen, and the save of a history cut so
+        returned True, the store keeping every message.
+        """
+        if not update or "messages" not in update:
+            return super().model_copy(update=update, deep=deep)
+        rest = {name: value for name, value in update.items() if name != "messages"}
+        copied = super().model_copy(update=rest, deep=deep)
+        copied.messages = update["messages"]
         return copied
 
     def _adopt_bookkeeping(self, source: ChatSession) -> None:

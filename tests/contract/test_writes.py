@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -498,14 +499,19 @@ async def test_a_message_replaced_directly_is_refused_and_nothing_is_written(
         lambda s: s.messages.clear(),
         lambda s: setattr(s, "messages", list(reversed(s.messages))),
         lambda s: s.messages.__delitem__(slice(0, 1)),
+        # Found by attack: pydantic's update wrote the list into the copy unseen.
+        lambda s: s.model_copy(update={"messages": s.messages[:1]}),
+        lambda s: s.model_copy(update={"messages": s.messages[1:], "status": "archived"}),
+        lambda s: s.model_copy(update={"messages": []}, deep=True),
     ],
-    ids=["reverse", "insert", "list-pop", "clear", "reassign", "del"],
+    ids=["reverse", "insert", "list-pop", "clear", "reassign", "del", "copy", "copy-2", "deep"],
 )
 async def test_a_history_reordered_or_cut_directly_is_refused(
-    storage: SessionStorage, change: object
+    storage: SessionStorage, change: Callable[[ChatSession], object]
 ) -> None:
     session = await _stored(storage, turns=3)
-    change(session)  # type: ignore[operator]
+    changed = change(session)
+    session = changed if isinstance(changed, ChatSession) else session
 
     with pytest.raises(InvalidDataError, match="directly in `messages`"):
         await storage.save_session(session)
