@@ -6,6 +6,7 @@ writes.py) through `_run`, which the dialect's subclass implements.
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
@@ -51,6 +52,7 @@ from persistence.storage import (
 from persistence.validation import check_instance, check_instances, lookup_id
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class SqlSessionStorage(SessionStorage):
@@ -441,7 +443,12 @@ class SqlSessionStorage(SessionStorage):
             # Many pending messages were tested one by one: write their documents, so the
             # next searches use the index (unless another writer holds the store). Fewer
             # cost less to test than a write transaction; the saves write those.
-            await self._index_pending(wait=False)
+            try:
+                await self._index_pending(wait=False)
+            except PersistenceError as exc:
+                # Only later searches' speed is lost: this one tests them one by one.
+                # Found by attack: on a full disk every search failed, though it reads.
+                logger.warning("search messages: pending messages not indexed: %s", exc)
         if found is None:
             # Too many to test one by one: search again, through what is indexed now.
             found = await self._run_stale(partial(search, may_index=False), "search messages")

@@ -22,7 +22,7 @@ from persistence import (
     SQLiteSessionStorage,
 )
 from persistence.sql.indexing import BATCH, SAVE_BATCH, SAVES_INDEX_AT
-from persistence.sql.runner import traced
+from persistence.sql.runner import run_in_thread, traced
 from persistence.sql.search import PENDING_BATCH
 from persistence.sql.sql_storage import SqlSessionStorage
 from tests.search.conftest import same_store
@@ -243,6 +243,33 @@ async def test_many_pending_messages_are_indexed_before_the_search(
     assert len(writes) == _if_deferred(sql_storage, 3)  # a batch per transaction
     assert await _pending(sql_storage) == 0
     await _check_index(sql_storage)
+
+
+async def test_a_search_answers_when_its_indexing_cannot_be_written(
+    sqlite_storage: SQLiteSessionStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by attack: on a full disk every search of a store with many pending
+    messages failed ("index messages failed: the disk is full"), its matches found.
+    SQLite's max_page_count makes the store full without filling the disk."""
+    count = BATCH * 2 + 1
+    await _bulk(sqlite_storage, _numbered(count))
+    connection = sqlite_storage._opened_connection()
+
+    def cap(raw: sqlite3.Connection, pages: int | None) -> None:
+        if pages is None:
+            pages = raw.execute("PRAGMA page_count").fetchone()[0]
+        raw.execute(f"PRAGMA max_page_count = {pages}")
+
+    await run_in_thread(connection, cap, None)
+    found = await sqlite_storage.search_messages("number1000")
+
+    assert [m.content for m in found] == ["common message number1000"]
+    assert "pending messages not indexed" in caplog.text and "full" in caplog.text
+    assert await _pending(sqlite_storage) == count
+    await run_in_thread(connection, cap, 1 << 30)
+    assert len(await sqlite_storage.search_messages("number1000")) == 1
+    assert await _pending(sqlite_storage) == 0
+    await _check_index(sqlite_storage)
 
 
 async def test_pending_and_indexed_matches_merge_newest_first(sql_storage: SessionStorage) -> None:
