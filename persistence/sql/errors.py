@@ -45,6 +45,25 @@ _SQLITE_EXTENDED_DESCRIPTIONS = {
 }
 
 
+# I/O errors that a full disk (or a file size limit) also gives: SQLite reports its
+# own call that failed, not the system's reason. Found by attack: a store reopened on
+# a full disk said only "a disk I/O error occurred" (it could not grow its -shm).
+_IO_ERRORS_OF_A_FULL_DISK = {
+    "SQLITE_IOERR_WRITE",
+    "SQLITE_IOERR_FSYNC",
+    "SQLITE_IOERR_TRUNCATE",
+    "SQLITE_IOERR_SHMSIZE",
+    "SQLITE_IOERR_SHMMAP",
+}
+
+
+def _io_error(name: str) -> str:
+    said = f"a disk I/O error occurred ({name})" if name else "a disk I/O error occurred"
+    if name in _IO_ERRORS_OF_A_FULL_DISK:
+        return f"{said}: is the disk full, or the file at its size limit?"
+    return said
+
+
 def _driver_detail(exc: BaseException) -> str:
     """Names the driver's error without its SQL or parameters (never a password)."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -53,6 +72,8 @@ def _driver_detail(exc: BaseException) -> str:
         if code in _SQLITE_EXTENDED_DESCRIPTIONS:
             return _SQLITE_EXTENDED_DESCRIPTIONS[code]
         base = code & 0xFF
+        if base == sqlite3.SQLITE_IOERR:
+            return _io_error(getattr(orig, "sqlite_errorname", ""))
         return _SQLITE_DESCRIPTIONS.get(base, f"{type(orig).__name__}: {orig}")
     first_line = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
     return f"{type(orig).__name__}: {first_line[:200]}" if first_line else type(orig).__name__

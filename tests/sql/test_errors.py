@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 from functools import partial
@@ -18,6 +19,7 @@ from persistence import (
     StorageConnectionError,
 )
 from persistence.sql import repositories
+from persistence.sql.errors import translate
 
 
 async def test_an_unreachable_postgresql_server_fails_fast_without_the_password() -> None:
@@ -122,3 +124,22 @@ async def test_an_argument_asyncpg_cannot_encode_leaves_no_broken_connection(
 
     assert [[s.session_id for s in batch] async for batch in storage.iter_sessions(10)] == [["s1"]]
     assert (await storage.count()).total_sessions == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "said"),
+    [
+        ("SQLITE_IOERR_SHMSIZE", 4874, "(SQLITE_IOERR_SHMSIZE): is the disk full"),
+        ("SQLITE_IOERR_WRITE", 778, "(SQLITE_IOERR_WRITE): is the disk full"),
+        ("SQLITE_IOERR_READ", 266, "a disk I/O error occurred (SQLITE_IOERR_READ)"),
+    ],
+)
+def test_a_sqlite_io_error_names_sqlites_call_and_a_full_disk_where_it_may_be_one(
+    name: str, code: int, said: str
+) -> None:
+    """Found by attack: a store reopened on a full disk (its -shm could not grow) said
+    only "a disk I/O error occurred"."""
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode, error.sqlite_errorname = code, name  # as sqlite3 sets them
+    assert said in str(translate(error, "open s.db"))
+    assert (code & 0xFF) == sqlite3.SQLITE_IOERR
