@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeVar, overload
 
+from persistence.frozen_metadata import FrozenDict, FrozenList
+
 if TYPE_CHECKING:
     from persistence.models import ChatMessage
 
@@ -435,9 +437,14 @@ def replay(base: Base, entries: Iterable[LogEntry]) -> Pending:
     return Pending(synced, edits, removed)
 
 
+_PLAIN: dict[type, type] = {FrozenDict: dict, FrozenList: list}
+
+
 def same_value(left: Any, right: Any) -> bool:
-    """JSON equality that tells 1, 1.0 and True apart, as every backend stores them."""
-    if type(left) is not type(right):
+    """JSON equality that tells 1, 1.0 and True apart, as every backend stores them (a
+    message's frozen metadata is the same value as the plain one read back)."""
+    left_type, right_type = type(left), type(right)
+    if _PLAIN.get(left_type, left_type) is not _PLAIN.get(right_type, right_type):
         return False
     if isinstance(left, dict):
         return left.keys() == right.keys() and all(same_value(left[k], right[k]) for k in left)

@@ -25,6 +25,7 @@ from persistence.bookkeeping import Bookkeeping
 from persistence.changes import Base, BaseOf, Creation, LogEntry, MessageList, Source
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
+from persistence.frozen_metadata import EMPTY, freeze
 from persistence.identifiers import random_hex_id
 from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.validation import (
@@ -72,6 +73,12 @@ class ChatMessage(_DomainModel):
     created_at: UtcDatetime = Field(default_factory=utc_now)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("metadata", mode="after")
+    @classmethod
+    def _frozen(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # After _faithful's checks (persistence.frozen_metadata says why).
+        return freeze(value)
+
 
 # The fields add_message gives the model (the others are defaults). Shared by every
 # message it builds: a frozen model never changes its fields-set.
@@ -96,8 +103,8 @@ def _appended_message(
     ):
         try:
             check_text(content, "content")
-            # Validation copies the dict (not its values): so does this.
-            copied = {} if metadata is None else check_json_object(dict(metadata), "metadata")
+            # Checked as validation checks it, then frozen (a deep copy) as it freezes it.
+            copied = EMPTY if not metadata else freeze(check_json_object(metadata, "metadata"))
         except InvalidDataError:
             pass  # the model raises it, as a ValidationError
         else:

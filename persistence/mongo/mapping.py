@@ -11,6 +11,7 @@ import pickle
 from typing import Any
 
 from persistence.changes import Base, MessageList, Snapshot
+from persistence.frozen_metadata import freeze
 from persistence.identifiers import new_incarnation
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.mongo.documents import FileRecordView, MessageDocument, SessionSummary, SessionView
@@ -80,7 +81,7 @@ def message_from_document(session_id: str, document: MessageDocument) -> ChatMes
         role=document.role,
         content=document.content,
         created_at=document.created_at,
-        metadata=document.metadata,
+        metadata=freeze(document.metadata),
     )
 
 

@@ -24,7 +24,7 @@ from persistence.model_slots import set_dict, set_extra, set_fields_set, set_pri
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.search import search_document
 from persistence.sql.tables import FileRow, MessageRow, SessionRow
-from persistence.sql.types import json_loads
+from persistence.sql.types import frozen_json_loads, json_loads
 from persistence.validation import shown
 
 # Metadata comes as its JSON text: the object parses it, and its bookkeeping keeps the
@@ -118,7 +118,7 @@ def _message(
             "role": role,
             "content": content,
             "created_at": created_at,
-            "metadata": json_loads(metadata),
+            "metadata": frozen_json_loads(metadata),
         },
     )
     set_fields_set(message, _MESSAGE_FIELDS_SET)

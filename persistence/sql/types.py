@@ -13,6 +13,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeEngine
 
+from persistence.frozen_metadata import EMPTY, FrozenDict, freeze, freeze_arrays
+
 JsonObject: Any = JSON().with_variant(JSONB(), "postgresql")
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
@@ -101,8 +103,44 @@ def json_value_loads(text: str) -> Any:
     return {} if text == "{}" else json.loads(text)
 
 
-# typeshed types make_scanner's argument as a scanner; it takes the decoder whose settings it uses.
+# The C scanner json.loads ends in, called directly: 0.35 us where json.loads takes
+# 1.0 for a small object, a tenth of a page of 100 sessions' building. typeshed types
+# make_scanner's argument as a scanner; it takes the decoder whose settings it uses.
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+# Objects decoded straight into FrozenDict: a message's metadata (frozen_metadata).
+_scan_frozen = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=FrozenDict))  # type: ignore[arg-type]
+_NOT_ONE = object()
+
+
+def _one_object(scan: Callable[[str, int], tuple[Any, int]], text: str) -> Any:
+    """What `scan` decodes of `text` if the text is one JSON object and nothing else
+    (as our writers store it), else _NOT_ONE: json.loads then decides."""
+    if type(text) is str and text[:1] == "{":
+        try:
+            value, end = scan(text, 0)
+        except StopIteration:
+            return _NOT_ONE
+        if end == len(text):
+            return value
+    return _NOT_ONE
+
+
+def frozen_json_loads(text: str) -> FrozenDict:
+    """A message's metadata column as frozen metadata, as `freeze(json_loads(text))`.
+
+    Decoded with its objects built frozen, then its arrays frozen where the text holds
+    one: 0.8 us for a flat object of three keys, against 1.2 for json.loads alone and
+    3.8 for freezing what json.loads gives (2.8 / 1.6 / 9.3 with a nested array).
+
+    Raises:
+        ValueError: as json_loads.
+    """
+    if text == "{}":
+        return EMPTY
+    value = _one_object(_scan_frozen, text)
+    if value is _NOT_ONE:
+        return freeze(json_loads(text))
+    return freeze_arrays(value) if "[" in text else value
 
 
 def json_loads(text: str) -> Any:
@@ -115,17 +153,9 @@ def json_loads(text: str) -> Any:
     """
     if text == "{}":
         return {}
-    if type(text) is str and text[:1] == "{":
-        # The C scanner json.loads ends in, called directly: 0.35 us where json.loads
-        # takes 1.0 for a small object, a tenth of a page of 100 sessions' building.
-        # Anything but one object filling the text is left to json.loads.
-        try:
-            value, end = _scan_once(text, 0)
-        except StopIteration:
-            pass
-        else:
-            if end == len(text):
-                return value
+    value = _one_object(_scan_once, text)
+    if value is not _NOT_ONE:
+        return value
     value = json.loads(text)
     if type(value) is not dict:
         raise ValueError(f"not a JSON object but {type(value).__name__}")

@@ -7,7 +7,6 @@ connections), as another server process would; objects keep their own bookkeepin
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from persistence import (
+    ChatMessage,
     ChatSession,
     InvalidDataError,
     SessionConflictError,
@@ -532,36 +532,50 @@ async def test_messages_appended_to_the_list_directly_are_saved(storage: Session
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
-    [("big", 2**64), ("when", timedelta(seconds=1)), ("$set", 1), ("a.b", 1)],
-    ids=["int-beyond-64-bits", "not-json", "dollar-key", "dotted-key"],
+    "change",
+    [
+        lambda m: m.metadata.__setitem__("k", 2),
+        lambda m: m.metadata.update(k=2),
+        lambda m: m.metadata.pop("k"),
+        lambda m: m.metadata.clear(),
+        lambda m: m.metadata.setdefault("new", 1),
+        lambda m: m.metadata["nested"]["list"].append(3),
+        lambda m: m.metadata["nested"]["list"].__setitem__(0, 9),
+        lambda m: m.metadata["nested"].__delitem__("list"),
+        lambda m: m.metadata["nested"]["list"].sort(reverse=True),
+    ],
+    ids=["set", "update", "pop", "clear", "setdefault", "append", "item", "del", "sort"],
 )
-async def test_message_metadata_changed_in_place_is_checked_as_add_message_checks_it(
-    storage: SessionStorage, key: str, value: object
+async def test_message_metadata_cannot_be_changed_in_place(
+    storage: SessionStorage, change: Callable[[ChatMessage], object]
 ) -> None:
-    """Found by review: metadata changed in place after add_message or edit_message
-    skipped the model's validation. SQLite stored an int MongoDB cannot hold, and
-    raised a raw TypeError for a value JSON cannot hold; MongoDB raised OverflowError."""
-    session = await _stored(storage, turns=1)
-    added = session.add_message("user", "added")
-    added.metadata[key] = value
-    with pytest.raises(InvalidDataError, match=re.escape(key)):
-        await storage.save_session(session)
-    fresh = ChatSession.create("m")
-    fresh.add_message("user", "new").metadata[key] = value
-    with pytest.raises(InvalidDataError, match="metadata"):
-        await storage.save_session(fresh)
-    assert await storage.load_session(fresh.session_id) is None
-
-    session.pop_message()
+    """Found by attack: a stored message's metadata changed in place was saved by no
+    save (it returned True, the store kept the old value); and one added or edited
+    then changed in place skipped add_message's checks (found by review). Every
+    message's metadata now refuses the change at once; edit_message makes it."""
+    metadata = {"k": 1, "nested": {"list": [1, 2]}}
+    session = ChatSession.create("m")
+    stored = session.add_message("user", "stored", metadata=metadata)
     await storage.save_session(session)
-    edited = session.edit_message(session.messages[0].message_id, content="edited")
-    edited.metadata[key] = value
-    with pytest.raises(InvalidDataError, match="metadata"):
-        await storage.save_session(session)
     loaded = await _load(storage, session.session_id)
-    assert (loaded.message_count, loaded.messages[0].metadata) == (1, {})
-    assert loaded.messages[0].content != "edited"
+    added = loaded.add_message("user", "added", metadata=metadata)
+    edited = loaded.edit_message(stored.message_id, content="edited", metadata=metadata)
+    found = (await storage.search_messages("stored"))[0]
+
+    for message in (stored, loaded.messages[0], added, edited, found):
+        with pytest.raises(TypeError, match="edit_message"):
+            change(message)
+        assert message.metadata == metadata
+    metadata["nested"]["list"].append(4)  # the caller's dict stays the caller's
+    assert added.metadata["nested"]["list"] == [1, 2]
+
+    await storage.save_session(loaded)
+    again = await _load(storage, session.session_id)
+    assert [m.metadata for m in again.messages] == [{"k": 1, "nested": {"list": [1, 2]}}] * 2
+    changed = dict(again.messages[0].metadata) | {"k": 2}
+    again.edit_message(again.messages[0].message_id, metadata=changed)
+    await storage.save_session(again)
+    assert (await _load(storage, session.session_id)).messages[0].metadata["k"] == 2
 
 
 async def test_a_new_message_whose_id_another_session_stores_is_invalid_data(

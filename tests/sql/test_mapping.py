@@ -49,13 +49,16 @@ def test_a_message_built_from_a_row_equals_a_validated_one() -> None:
         assert message.model_fields_set == validated.model_fields_set
 
 
-def test_messages_with_empty_metadata_each_get_their_own_dict() -> None:
+def test_messages_with_empty_metadata_share_one_that_nothing_changes() -> None:
+    """Once each got its own dict, so that changing one left the others as they were;
+    now no message's metadata changes in place (persistence.frozen_metadata)."""
     rows = [[f"m{n}", "s1", "user", "hi", MOMENT, "{}"] for n in range(2)]
 
     first, second = messages_from_rows(rows)
-    first.metadata["mine"] = 1
+    with pytest.raises(TypeError, match="edit_message"):
+        first.metadata["mine"] = 1
 
-    assert second.metadata == {}
+    assert first.metadata is second.metadata and second.metadata == {}
     assert history_from_rows("s1", [row[:1] + row[2:] for row in rows])[1].metadata == {}
 
 
