@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol, Self
+from typing import Literal, Protocol, Self, cast
 
 from persistence.errors import InvalidDataError
 from persistence.models import (
@@ -21,9 +21,38 @@ from persistence.models import (
     Status,
     UploadedFileRecord,
 )
-from persistence.validation import check_instance, lookup_id, plain, storable_text
+from persistence.validation import (
+    check_instance,
+    check_instances,
+    check_json_object,
+    lookup_id,
+    plain,
+    storable_text,
+)
 
 BackendName = Literal["sqlite", "postgresql", "mongodb"]
+
+
+def check_file_records(records: object, field: str) -> None:
+    """Refuses a collection of which an element is not a file record, or one whose
+    metadata some backend could not give back unchanged.
+
+    Raises:
+        InvalidDataError: naming `field`, the record and the offending value. Found by
+            attack: metadata changed in place after the record was made skipped its
+            validation; SQLite stored NUL and NaN (a migration to PostgreSQL then
+            failed), PostgreSQL raised a server error, sets a raw TypeError.
+    """
+    check_instances(records, UploadedFileRecord, field)
+    for record in cast(Collection[UploadedFileRecord], records):
+        check_json_object(record.metadata, f"file record {record.file_id!r} metadata")
+
+
+def check_file_record(record: object, field: str) -> None:
+    """As check_file_records, for one record."""
+    check_instance(record, UploadedFileRecord, field)
+    assert isinstance(record, UploadedFileRecord)
+    check_json_object(record.metadata, f"file record {record.file_id!r} metadata")
 
 
 def check_status(status: str | None) -> Status | None:
@@ -110,9 +139,9 @@ def check_batch_size(batch_size: int) -> None:
             drivers, SQLite's as OverflowError, and on PostgreSQL left the pooled
             connection broken for every later snapshot read; "2" a TypeError.
     """
+    if type(batch_size) is int and batch_size <= 0:
+        raise InvalidDataError(f"batch_size: must be > 0, got {batch_size}")
     _check_count("batch_size", batch_size)
-    if batch_size == 0:
-        raise InvalidDataError("batch_size: must be > 0, got 0")
 
 
 def check_last(last: int | None) -> None:

@@ -57,6 +57,8 @@ from persistence.storage import (
     SessionStorage,
     StorageCounts,
     check_batch_size,
+    check_file_record,
+    check_file_records,
     check_instant,
     check_last,
     check_new_status,
@@ -357,7 +359,7 @@ class MongoDBSessionStorage(SessionStorage):
                 )
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
-        check_instance(file_record, UploadedFileRecord, "file_record")
+        check_file_record(file_record, "file_record")
         with mongo_errors("save file record"):
             async with self._writing() as client_session:
                 await repositories.write_file_record(self.docs, client_session, file_record)
@@ -481,7 +483,7 @@ class MongoDBSessionStorage(SessionStorage):
             )
 
     async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:
-        check_instances(records, UploadedFileRecord, "records")
+        check_file_records(records, "records")
         with mongo_errors("insert file records"):
             async with self._writing() as client_session:
                 return await repositories.insert_absent_file_records(

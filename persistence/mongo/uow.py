@@ -22,7 +22,7 @@ from persistence.mongo import repositories, writes
 from persistence.mongo.documents import DocumentSet
 from persistence.mongo.errors import mongo_errors
 from persistence.mongo.updates import Saved, Write
-from persistence.storage import UnitOfWork
+from persistence.storage import UnitOfWork, check_file_record
 from persistence.validation import check_instance, lookup_id
 
 _Write = Callable[[AsyncClientSession], Awaitable[Any]]
@@ -105,7 +105,7 @@ class _MongoFiles:
             return await repositories.read_file_record(uow.docs, client_session, file_id)
 
     async def add(self, record: UploadedFileRecord) -> None:
-        check_instance(record, UploadedFileRecord, "record")
+        check_file_record(record, "record")
         uow = self._uow
         uow.client_session()  # refuses a unit that ended, committed or failed, as add does
         docs = uow.docs

@@ -39,6 +39,8 @@ from persistence.storage import (
     SessionStorage,
     StorageCounts,
     check_batch_size,
+    check_file_record,
+    check_file_records,
     check_instant,
     check_last,
     check_new_status,
@@ -395,7 +397,7 @@ class SqlSessionStorage(SessionStorage):
         )
 
     async def save_file_record(self, file_record: UploadedFileRecord) -> bool:
-        check_instance(file_record, UploadedFileRecord, "file_record")
+        check_file_record(file_record, "file_record")
         await self._run(
             repositories.write_file_record(file_record),
             "save file record",
@@ -569,7 +571,7 @@ class SqlSessionStorage(SessionStorage):
         return True
 
     async def insert_file_records(self, records: Sequence[UploadedFileRecord]) -> list[str]:
-        check_instances(records, UploadedFileRecord, "records")
+        check_file_records(records, "records")
         if not records:
             return []
         return await self._run(

@@ -27,7 +27,7 @@ from persistence.sql.runner import (
     run_on_asyncpg,
 )
 from persistence.sql.writes import Saved
-from persistence.storage import UnitOfWork
+from persistence.storage import UnitOfWork, check_file_record
 from persistence.validation import check_instance, lookup_id
 
 T = TypeVar("T")
@@ -137,7 +137,7 @@ class _SqlFiles:
         return await self._uow.run(repositories.read_file_record(file_id), "load file record")
 
     async def add(self, record: UploadedFileRecord) -> None:
-        check_instance(record, UploadedFileRecord, "record")
+        check_file_record(record, "record")
         await self._uow.run(repositories.write_file_record(record), "save file record")
 
     async def delete(self, file_id: str) -> bool:

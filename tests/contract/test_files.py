@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
-from persistence import SessionStorage
+import pytest
+
+from persistence import InvalidDataError, SessionStorage
 from tests.factories import file_record
 
 
@@ -71,3 +74,36 @@ async def test_delete_expired_files_removes_only_expired(storage: SessionStorage
     assert await storage.delete_expired_files() == 0
 
     assert [r.file_id for r in await storage.list_file_records()] == [fresh.file_id]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("nul", "a\x00b"),
+        ("nan", float("nan")),
+        ("big", 2**64),
+        ("surrogate", "\ud800"),
+        ("set", {1}),
+        ("bytes", b"x"),
+        ("$dollar", 1),
+    ],
+)
+async def test_file_record_metadata_changed_in_place_is_checked_by_every_save(
+    storage: SessionStorage, key: str, value: object
+) -> None:
+    """Found by attack: metadata changed after the record was made skipped its
+    validation. SQLite stored NUL and NaN (a migration to PostgreSQL then failed),
+    PostgreSQL raised a server error, a set a raw TypeError."""
+    record = file_record(file_id="f1", metadata={"ok": 1})
+    record.metadata[key] = value
+
+    with pytest.raises(InvalidDataError, match=re.escape(key)):
+        await storage.save_file_record(record)
+    with pytest.raises(InvalidDataError, match=re.escape(key)):
+        await storage.insert_file_records([file_record(file_id="f0"), record])
+    with pytest.raises(InvalidDataError, match=re.escape(key)):
+        async with storage.unit_of_work() as uow:
+            await uow.files.add(record)
+            await uow.commit()
+
+    assert await storage.list_file_records() == []
