@@ -140,10 +140,16 @@ def render_json(session: ChatSession) -> str:
     return json_text(session_document(session)) + "\n"
 
 
+_ONE_LINE = str.maketrans({"\r": "\\r", "\n": "\\n", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def one_line(value: str) -> str:
-    """`value` as visible() writes it, its line breaks too (`\\n`, `\\r`): a header
-    value or a listing's field (an id, a model name) must not start a line of its own."""
-    return visible(value.replace("\r", "\\r").replace("\n", "\\n"))
+    """`value` as visible() writes it, its line breaks too (`\\n`, `\\r`, `\\u2028`,
+    `\\u2029`): a header value or a listing's field (an id, a model name) must not start
+    a line of its own. Found by attack: an id holding U+2028 made a forged row for
+    readers that split lines as str.splitlines() does (the other breaks it knows,
+    U+0085 and U+001C-U+001E, are controls that visible() escapes)."""
+    return visible(value.translate(_ONE_LINE))
 
 
 def wall_time(value: datetime, timespec: str = "seconds") -> str:

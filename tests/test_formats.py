@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from persistence import ChatMessage, ChatSession, InvalidDataError
-from persistence.formats import render, render_json, render_markdown, render_text
+from persistence.formats import one_line, render, render_json, render_markdown, render_text
 
 
 def _session(*messages: tuple[str, str, datetime]) -> ChatSession:
@@ -181,3 +181,14 @@ def test_years_before_1000_are_padded_to_four_digits() -> None:
     assert "Created: 0999-12-31 23:59:59\n" in render_text(session)
     later = _session(("user", "hi", datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC)))
     assert "[0999-01-02 03:04:05] USER:" in render_text(later)
+
+
+def test_no_character_makes_a_one_line_field_two_lines() -> None:
+    """Found by attack: U+2028 in a session id made a forged row of `sessions list`
+    and `search` for readers that split lines as str.splitlines() does."""
+    splitting = [
+        hex(code)
+        for code in range(0x110000)
+        if not 0xD800 <= code <= 0xDFFF and len(one_line(f"a{chr(code)}b").splitlines()) != 1
+    ]
+    assert splitting == []
