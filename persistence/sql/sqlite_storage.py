@@ -55,6 +55,25 @@ T = TypeVar("T")
 _URL_SCHEMES = ("sqlite:", "sqlite+", "file:")
 
 
+def full_filesystem(directory: Path) -> str | None:
+    """What is full in the filesystem holding `directory` (no free space, or no free
+    inode for the -wal and -shm files), None if neither or unknown.
+
+    Found by attack: opening a store on a filesystem out of inodes failed as "database
+    unreachable (unable to open database file)", naming neither.
+    """
+    try:
+        found = os.statvfs(directory)
+    except OSError:
+        return None
+    # A filesystem that does not count inodes or blocks reports 0 of them.
+    if found.f_files > 0 and found.f_favail == 0:
+        return f"the filesystem holding {directory} has no free inodes left"
+    if found.f_blocks > 0 and found.f_bavail == 0:
+        return f"the filesystem holding {directory} is full"
+    return None
+
+
 class SQLiteSessionStorage(SqlSessionStorage):
     """The embedded default: one SQLite file, WAL, foreign keys on, busy timeout.
 
@@ -216,12 +235,16 @@ class SQLiteSessionStorage(SqlSessionStorage):
     @contextmanager
     def _there_when_opened(self, must_exist: bool) -> Iterator[None]:
         """A file that must exist, checked, then gone when opened (`mode=ro` or `rw`
-        refuses it, creating nothing): one error naming it."""
+        refuses it, creating nothing): one error naming it. An opening that failed on
+        a full filesystem says so."""
         try:
             yield
         except (PersistenceError, FileNotFoundError) as exc:
             if not must_exist or self._file.exists():
-                raise
+                full = full_filesystem(self._file.parent)
+                if full is None or type(exc) not in (PersistenceError, StorageConnectionError):
+                    raise
+                raise type(exc)(f"{exc}; {full}") from exc.__cause__
             raise StorageConnectionError(
                 f"no database at {self._where}: the file was removed while it was being"
                 " opened (nothing was created)"

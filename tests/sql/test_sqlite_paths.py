@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from persistence import (
     ChatSession,
     InvalidDataError,
+    PersistenceError,
     SQLiteSessionStorage,
     StorageConnectionError,
 )
@@ -189,3 +193,44 @@ def test_another_databases_url_given_as_the_path_is_refused_unshown(
         " StorageConfig or --url"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 8 MB and 4 inodes (root only; skipped where it cannot be mounted)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=4", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+async def test_a_store_on_a_filesystem_out_of_inodes_says_so(
+    tiny_filesystem: Path, tmp_path: Path
+) -> None:
+    """Found by attack: it failed as "unable to open database file", naming neither
+    the cause nor the filesystem (SQLite could not create the -wal and -shm)."""
+    made = tmp_path / "made.db"
+    async with SQLiteSessionStorage(made) as storage:
+        await storage.save_session(ChatSession.create("m", session_id="s1"))
+    copied = tiny_filesystem / "s.db"
+    shutil.copyfile(made, copied)
+    filler = 0
+    while True:  # the last free inodes
+        try:
+            (tiny_filesystem / f"filler-{filler}").touch()
+        except OSError:
+            break
+        filler += 1
+
+    with pytest.raises(PersistenceError, match="has no free inodes left"):
+        async with SQLiteSessionStorage(copied) as storage:
+            await storage.list_sessions()
