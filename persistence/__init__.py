@@ -16,6 +16,7 @@ from persistence.errors import (
     SessionDeletedError,
     StorageConnectionError,
 )
+from persistence.frozen_metadata import thaw
 from persistence.manager import SessionManager
 from persistence.models import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage, StorageCounts, UnitOfWork
@@ -86,5 +87,6 @@ __all__ = [
     "import_from_json",
     "migrate_storage",
     "restore_backup",
+    "thaw",
     "verify_migration",
 ]

@@ -32,6 +32,7 @@ from persistence.changes import (
     same_value,
 )
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
+from persistence.frozen_metadata import FrozenDict, freeze
 from persistence.identifiers import new_incarnation
 from persistence.validation import check_json_object
 
@@ -543,11 +544,18 @@ def _check_new_messages(session_id: str, messages: tuple[ChatMessage, ...]) -> N
 
 
 def _check_message_metadata(message: ChatMessage) -> None:
-    """Checks a message's metadata again: changed in place after `add_message` or
-    `edit_message`, it skipped the model's validation (a value no backend can keep
-    would reach the driver, or one backend would keep what another refuses)."""
-    if message.metadata:
-        check_json_object(message.metadata, f"message {message.message_id!r} metadata")
+    """Checks a message's metadata again, and freezes it where it is not frozen.
+
+    A message made past the model's validation (`model_construct`, `model_copy`'s
+    `update`) carries its metadata unchecked and changeable: checked, a value no
+    backend can keep never reaches the driver; frozen, no change made in place after
+    this save is silently left unsaved (found by attack).
+    """
+    metadata = message.metadata
+    if metadata:
+        check_json_object(metadata, f"message {message.message_id!r} metadata")
+    if type(metadata) is not FrozenDict:
+        message.__dict__["metadata"] = freeze(metadata)
 
 
 def _refuse_changed_id(base: Base, session_id: str) -> None:

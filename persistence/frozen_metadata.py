@@ -10,18 +10,19 @@ naming the way that works (`edit_message`).
 
 FrozenDict and FrozenList are a dict and a list: equal to plain ones, written as JSON,
 BSON and pickles as plain ones are, copied by `dict(...)`, `list(...)`, `.copy()` or
-`|` into plain ones that may change. `copy.copy` and `copy.deepcopy` give the object
-itself: nothing in it can change.
+`|` into plain ones that may change, and by `thaw` into a plain deep copy.
+`copy.copy` and `copy.deepcopy` give the object itself: nothing in it can change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 REFUSAL = (
     "message metadata cannot be changed in place (a message is an immutable record);"
     " use session.edit_message(message_id, metadata=...) with a new dict"
+    " (persistence.thaw(message.metadata) is a copy that may change)"
 )
 
 
@@ -32,9 +33,21 @@ def _refuse(self: object, *args: object, **kwargs: object) -> NoReturn:
 class FrozenDict(dict[str, Any]):
     """A JSON object of a message's metadata: a dict that refuses changes."""
 
-    __slots__ = ()
+    __slots__ = ("_sealed",)
     __setitem__ = __delitem__ = __ior__ = _refuse
     clear = pop = popitem = setdefault = update = _refuse
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Found by attack: `__init__` called again filled the EMPTY every message
+        # without metadata shares.
+        if getattr(self, "_sealed", False):
+            _refuse(self)
+        super().__init__(*args, **kwargs)
+        self._sealed = True
+
+    @classmethod
+    def fromkeys(cls, keys: Iterable[str], value: Any = None) -> FrozenDict:  # type: ignore[override]
+        return cls(dict.fromkeys(keys, value))
 
     def __copy__(self) -> FrozenDict:
         return self
@@ -49,9 +62,15 @@ class FrozenDict(dict[str, Any]):
 class FrozenList(list[Any]):
     """A JSON array of a message's metadata: a list that refuses changes."""
 
-    __slots__ = ()
+    __slots__ = ("_sealed",)
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __init__(self, *args: Any) -> None:
+        if getattr(self, "_sealed", False):
+            _refuse(self)
+        super().__init__(*args)
+        self._sealed = True
 
     def __copy__(self) -> FrozenList:
         return self
@@ -65,6 +84,7 @@ class FrozenList(list[Any]):
 
 # The metadata of most messages: one object serves them all, as nothing changes it.
 EMPTY = FrozenDict()
+_FROZEN = (FrozenDict, FrozenList)
 
 
 def freeze(metadata: dict[str, Any]) -> FrozenDict:
@@ -76,36 +96,46 @@ def freeze(metadata: dict[str, Any]) -> FrozenDict:
         return EMPTY
     if not any(isinstance(value, dict | list) for value in metadata.values()):
         return FrozenDict(metadata)  # flat, the commonest: one copy
-    # Each container is built empty and filled once its children are frozen.
-    frozen: dict[int, Any] = {}
-    stack: list[tuple[Any, bool]] = [(metadata, False)]
+    frozen: FrozenDict = _rebuilt(metadata, FrozenDict, FrozenList, keep=_FROZEN)
+    return frozen
+
+
+def thaw(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A plain deep copy of (frozen) metadata, every dict and list in it a plain one
+    that may change: to build the metadata given to `edit_message` from a message's."""
+    thawed: dict[str, Any] = _rebuilt(metadata, dict, list, keep=())
+    return thawed
+
+
+def _rebuilt(value: Any, as_dict: type, as_list: type, keep: tuple[type, ...]) -> Any:
+    """A deep copy of `value` with its dicts made `as_dict` and its lists `as_list`,
+    except those whose type is in `keep` (taken as they are), built iteratively."""
+    # Each container is built once its children are; `done` maps id() to the copy.
+    done: dict[int, Any] = {}
+
+    def copied(child: Any) -> Any:
+        if isinstance(child, dict | list) and type(child) not in keep:
+            return done[id(child)]
+        return child
+
+    stack: list[tuple[Any, bool]] = [(value, False)]
     while stack:
-        value, children_done = stack.pop()
+        item, children_done = stack.pop()
         if children_done:
-            frozen[id(value)] = (
-                FrozenDict((key, _frozen(child, frozen)) for key, child in value.items())
-                if isinstance(value, dict)
-                else FrozenList(_frozen(child, frozen) for child in value)
+            done[id(item)] = (
+                as_dict((key, copied(child)) for key, child in item.items())
+                if isinstance(item, dict)
+                else as_list(copied(child) for child in item)
             )
             continue
-        stack.append((value, True))
-        children = value.values() if isinstance(value, dict) else value
+        stack.append((item, True))
+        children = item.values() if isinstance(item, dict) else item
         stack.extend(
             (child, False)
             for child in children
-            if isinstance(child, dict | list) and type(child) not in _FROZEN
+            if isinstance(child, dict | list) and type(child) not in keep
         )
-    result: FrozenDict = frozen[id(metadata)]
-    return result
-
-
-_FROZEN = (FrozenDict, FrozenList)
-
-
-def _frozen(value: Any, frozen: dict[int, Any]) -> Any:
-    if isinstance(value, dict | list) and type(value) not in _FROZEN:
-        return frozen[id(value)]
-    return value
+    return done[id(value)]
 
 
 # The plain types' own setters, which the frozen ones refuse to run.

@@ -71,7 +71,9 @@ class ChatMessage(_DomainModel):
     role: Role
     content: str
     created_at: UtcDatetime = Field(default_factory=utc_now)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    # Defaults skip validators: the frozen EMPTY, not a dict (found by attack: a message
+    # made without metadata had a plain one, whose change in place no save wrote).
+    metadata: dict[str, Any] = Field(default_factory=lambda: EMPTY)
 
     @field_validator("metadata", mode="after")
     @classmethod
@@ -229,6 +231,9 @@ class ChatSession(_DomainModel, Bookkeeping):
             return super().model_copy(update=update, deep=deep)
         rest = {name: value for name, value in update.items() if name != "messages"}
         copied = super().model_copy(update=rest, deep=deep)
+        # Measured against this object's messages, which a deep copy copied anew (found
+        # by attack: a deep copy's unchanged history was refused, its first differing).
+        copied.__dict__["messages"] = copy.copy(self._messages())
         copied.messages = update["messages"]
         return copied
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from persistence import ChatMessage, ChatSession
+from persistence import ChatMessage, ChatSession, thaw
 from persistence.frozen_metadata import EMPTY, FrozenDict, FrozenList, freeze
 from persistence.sql.types import frozen_json_loads
 
@@ -129,3 +129,40 @@ def test_a_stored_metadata_column_reads_frozen_as_json_reads_it(text: str) -> No
 def test_a_stored_metadata_column_that_is_not_one_object_is_refused(text: str) -> None:
     with pytest.raises(ValueError):
         frozen_json_loads(text)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ChatMessage(session_id="s", role="user", content="hi"),
+        lambda: ChatMessage.model_validate({"session_id": "s", "role": "user", "content": "hi"}),
+        lambda: ChatSession.create("m").add_message("user", "hi"),
+    ],
+    ids=["constructor", "validate", "add_message"],
+)
+def test_a_message_made_without_metadata_has_the_frozen_empty_one(
+    make: Callable[[], ChatMessage],
+) -> None:
+    """Found by attack: defaults skip validators, so the default was a plain dict."""
+    message = make()
+    assert message.metadata is EMPTY
+    with pytest.raises(TypeError):
+        message.metadata["k"] = 1
+
+
+def test_calling_init_again_is_refused_and_the_shared_empty_stays_empty() -> None:
+    """Found by attack: `EMPTY.__init__({"k": 1})` gave every message without metadata
+    (other sessions', later loads') that key."""
+    frozen = freeze(METADATA)
+    for value, args in ((EMPTY, ({"k": 1},)), (frozen, ({"k": 2},)), (frozen["tool_calls"], ([],))):
+        with pytest.raises(TypeError, match="edit_message"):
+            value.__init__(*args)
+    assert EMPTY == {} and frozen == METADATA
+    assert FrozenDict.fromkeys(["a", "b"], 0) == {"a": 0, "b": 0}
+
+
+def test_thaw_gives_a_plain_deep_copy_that_may_change() -> None:
+    thawed = thaw(freeze(METADATA))
+    thawed["tool_calls"][0]["args"]["x"][1].append(3)
+    assert type(thawed) is dict and type(thawed["tool_calls"]) is list
+    assert thawed != METADATA and freeze(METADATA) == METADATA

@@ -518,6 +518,51 @@ async def test_a_history_reordered_or_cut_directly_is_refused(
     assert (await _load(storage, session.session_id)).message_count == 3
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda sid: ChatMessage(session_id=sid, role="user", content="x"),
+        lambda sid: ChatMessage.model_construct(
+            session_id=sid, role="user", content="x", metadata={"k": [1]}
+        ),
+        lambda sid: ChatMessage(session_id=sid, role="user", content="x").model_copy(
+            update={"metadata": {"k": [1]}}
+        ),
+    ],
+    ids=["default", "model_construct", "model_copy"],
+)
+async def test_a_message_made_past_validation_is_checked_and_frozen_by_its_save(
+    storage: SessionStorage, make: Callable[[str], ChatMessage]
+) -> None:
+    """Found by attack: such a message, appended and saved, kept a plain metadata dict
+    whose changes in place the next save returned True for and never wrote."""
+    session = await _stored(storage, turns=1)
+    message = make(session.session_id)
+    session.messages = [*session.messages, message]
+    await storage.save_session(session)
+
+    with pytest.raises(TypeError, match="edit_message"):
+        message.metadata["k"] = 2
+    stored = (await _load(storage, session.session_id)).messages[-1]
+    assert (stored.metadata == message.metadata and "k" not in stored.metadata) or (
+        stored.metadata["k"] == [1]
+    )
+
+
+async def test_a_deep_copy_with_its_history_given_again_saves(storage: SessionStorage) -> None:
+    """Found by attack: `model_copy(update={"messages": ...}, deep=True)` of an
+    unchanged or appended history was refused, the copy's first message differing."""
+    session = await _stored(storage, turns=2)
+    extra = conversation(1).messages[0].model_copy(update={"session_id": session.session_id})
+    same = session.model_copy(update={"messages": list(session.messages)}, deep=True)
+    longer = session.model_copy(update={"messages": [*session.messages, extra]}, deep=True)
+
+    await storage.save_session(same)
+    await storage.save_session(longer)
+
+    assert (await _load(storage, session.session_id)).message_count == len(session.messages) + 1
+
+
 async def test_messages_appended_to_the_list_directly_are_saved(storage: SessionStorage) -> None:
     session = await _stored(storage, turns=1)
     extra = conversation(1).messages[0].model_copy(update={"session_id": session.session_id})
