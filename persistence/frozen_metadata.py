@@ -17,7 +17,7 @@ BSON and pickles as plain ones are, copied by `dict(...)`, `list(...)`, `.copy()
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 REFUSAL = (
     "message metadata cannot be changed in place (a message is an immutable record);"
@@ -31,23 +31,17 @@ def _refuse(self: object, *args: object, **kwargs: object) -> NoReturn:
 
 
 class FrozenDict(dict[str, Any]):
-    """A JSON object of a message's metadata: a dict that refuses changes."""
+    """A JSON object of a message's metadata: a dict that refuses changes. Made by
+    `frozen_dict` (the class itself refuses to be called: `__init__` is a mutator,
+    found by attack: called again, it refilled the EMPTY all messages share)."""
 
-    __slots__ = ("_sealed",)
-    __setitem__ = __delitem__ = __ior__ = _refuse
+    __slots__ = ()
+    __init__ = __setitem__ = __delitem__ = __ior__ = _refuse
     clear = pop = popitem = setdefault = update = _refuse
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Found by attack: `__init__` called again filled the EMPTY every message
-        # without metadata shares.
-        if getattr(self, "_sealed", False):
-            _refuse(self)
-        super().__init__(*args, **kwargs)
-        self._sealed = True
 
     @classmethod
     def fromkeys(cls, keys: Iterable[str], value: Any = None) -> FrozenDict:  # type: ignore[override]
-        return cls(dict.fromkeys(keys, value))
+        return frozen_dict(dict.fromkeys(keys, value))
 
     def __copy__(self) -> FrozenDict:
         return self
@@ -55,22 +49,17 @@ class FrozenDict(dict[str, Any]):
     def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
         return self
 
-    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
-        return FrozenDict, (dict(self),)
+    def __reduce__(self) -> tuple[Callable[..., FrozenDict], tuple[dict[str, Any]]]:
+        return frozen_dict, (dict(self),)
 
 
 class FrozenList(list[Any]):
-    """A JSON array of a message's metadata: a list that refuses changes."""
+    """A JSON array of a message's metadata: a list that refuses changes. Made by
+    `frozen_list`."""
 
-    __slots__ = ("_sealed",)
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    __slots__ = ()
+    __init__ = __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
-
-    def __init__(self, *args: Any) -> None:
-        if getattr(self, "_sealed", False):
-            _refuse(self)
-        super().__init__(*args)
-        self._sealed = True
 
     def __copy__(self) -> FrozenList:
         return self
@@ -78,25 +67,49 @@ class FrozenList(list[Any]):
     def __deepcopy__(self, memo: dict[int, Any]) -> FrozenList:
         return self
 
-    def __reduce__(self) -> tuple[type[FrozenList], tuple[list[Any]]]:
-        return FrozenList, (list(self),)
+    def __reduce__(self) -> tuple[Callable[..., FrozenList], tuple[list[Any]]]:
+        return frozen_list, (list(self),)
+
+
+# The plain types' own constructors and setters, which the frozen ones refuse to run:
+# called directly they cost no Python frame (a load makes thousands of these).
+_new_dict: Callable[[type[FrozenDict]], FrozenDict] = dict.__new__
+_fill_dict: Callable[..., None] = dict.__init__
+_new_list: Callable[[type[FrozenList]], FrozenList] = list.__new__
+_fill_list: Callable[..., None] = list.__init__
+_set_in_dict: Callable[[dict[str, Any], str, Any], None] = dict.__setitem__
+_set_in_list: Callable[[list[Any], int, Any], None] = list.__setitem__
+
+
+def frozen_dict(*args: Any, **kwargs: Any) -> FrozenDict:
+    """A FrozenDict of what `dict(...)` takes (its values as they are)."""
+    made = _new_dict(FrozenDict)
+    _fill_dict(made, *args, **kwargs)
+    return made
+
+
+def frozen_list(items: Iterable[Any] = ()) -> FrozenList:
+    """A FrozenList of `items` (as they are)."""
+    made = _new_list(FrozenList)
+    _fill_list(made, items)
+    return made
 
 
 # The metadata of most messages: one object serves them all, as nothing changes it.
-EMPTY = FrozenDict()
+EMPTY = frozen_dict()
 _FROZEN = (FrozenDict, FrozenList)
 
 
 def freeze(metadata: dict[str, Any]) -> FrozenDict:
     """`metadata` as a FrozenDict, every dict and list in it frozen too: a deep copy,
     except of what is frozen already. Walks iteratively (metadata may nest deeply)."""
-    if type(metadata) is FrozenDict:
-        return metadata
+    if isinstance(metadata, FrozenDict):
+        return cast(FrozenDict, metadata)
     if not metadata:
         return EMPTY
     if not any(isinstance(value, dict | list) for value in metadata.values()):
-        return FrozenDict(metadata)  # flat, the commonest: one copy
-    frozen: FrozenDict = _rebuilt(metadata, FrozenDict, FrozenList, keep=_FROZEN)
+        return frozen_dict(metadata)  # flat, the commonest: one copy
+    frozen: FrozenDict = _rebuilt(metadata, frozen_dict, frozen_list, keep=_FROZEN)
     return frozen
 
 
@@ -107,7 +120,9 @@ def thaw(metadata: dict[str, Any]) -> dict[str, Any]:
     return thawed
 
 
-def _rebuilt(value: Any, as_dict: type, as_list: type, keep: tuple[type, ...]) -> Any:
+def _rebuilt(
+    value: Any, as_dict: Callable[..., Any], as_list: Callable[..., Any], keep: tuple[type, ...]
+) -> Any:
     """A deep copy of `value` with its dicts made `as_dict` and its lists `as_list`,
     except those whose type is in `keep` (taken as they are), built iteratively."""
     # Each container is built once its children are; `done` maps id() to the copy.
@@ -138,29 +153,29 @@ def _rebuilt(value: Any, as_dict: type, as_list: type, keep: tuple[type, ...]) -
     return done[id(value)]
 
 
-# The plain types' own setters, which the frozen ones refuse to run.
-_set_in_dict: Callable[[dict[str, Any], str, Any], None] = dict.__setitem__
-_set_in_list: Callable[[list[Any], int, Any], None] = list.__setitem__
-
-
 def freeze_arrays(value: FrozenDict) -> FrozenDict:
     """`value`, decoded with its objects frozen (object_pairs_hook), with each of its
     arrays frozen in place: this module's own setting of what nothing else may set."""
-    stack: list[FrozenDict | FrozenList] = [value]
+    stack: list[Any] = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, FrozenDict):
-            for key, child in list(item.items()):
-                if type(child) is list:
-                    child = FrozenList(child)
+        if type(item) is FrozenDict:
+            # Values replaced, no key added: iterating meanwhile is safe.
+            for key, child in item.items():
+                kind = type(child)
+                if kind is list:
+                    child = frozen_list(child)
                     _set_in_dict(item, key, child)
-                if type(child) in _FROZEN:
+                    stack.append(child)
+                elif kind is FrozenDict:
                     stack.append(child)
         else:
             for index, child in enumerate(item):
-                if type(child) is list:
-                    child = FrozenList(child)
+                kind = type(child)
+                if kind is list:
+                    child = frozen_list(child)
                     _set_in_list(item, index, child)
-                if type(child) in _FROZEN:
+                    stack.append(child)
+                elif kind is FrozenDict:
                     stack.append(child)
     return value

@@ -156,7 +156,7 @@ def test_calling_init_again_is_refused_and_the_shared_empty_stays_empty() -> Non
     frozen = freeze(METADATA)
     for value, args in ((EMPTY, ({"k": 1},)), (frozen, ({"k": 2},)), (frozen["tool_calls"], ([],))):
         with pytest.raises(TypeError, match="edit_message"):
-            value.__init__(*args)
+            value.__init__(*args)  # type: ignore[misc]
     assert EMPTY == {} and frozen == METADATA
     assert FrozenDict.fromkeys(["a", "b"], 0) == {"a": 0, "b": 0}
 

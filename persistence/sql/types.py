@@ -13,7 +13,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeEngine
 
-from persistence.frozen_metadata import EMPTY, FrozenDict, freeze, freeze_arrays
+from persistence.frozen_metadata import EMPTY, FrozenDict, freeze, freeze_arrays, frozen_dict
 
 JsonObject: Any = JSON().with_variant(JSONB(), "postgresql")
 
@@ -108,7 +108,7 @@ def json_value_loads(text: str) -> Any:
 # make_scanner's argument as a scanner; it takes the decoder whose settings it uses.
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 # Objects decoded straight into FrozenDict: a message's metadata (frozen_metadata).
-_scan_frozen = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=FrozenDict))  # type: ignore[arg-type]
+_scan_frozen = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=frozen_dict))  # type: ignore[arg-type]
 _NOT_ONE = object()
 
 
