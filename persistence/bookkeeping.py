@@ -552,6 +552,13 @@ def _check_message_metadata(message: ChatMessage) -> None:
     this save is silently left unsaved (found by attack).
     """
     metadata = message.metadata
+    if not isinstance(metadata, dict):
+        # Found by attack: model_construct(metadata=[1]) failed with an AttributeError
+        # naming nothing, and [] or 0 were stored as {}.
+        raise InvalidDataError(
+            f"message {message.message_id!r} metadata: expected a JSON object, got"
+            f" {type(metadata).__name__}"
+        )
     if metadata:
         check_json_object(metadata, f"message {message.message_id!r} metadata")
     if type(metadata) is not FrozenDict:

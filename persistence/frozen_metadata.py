@@ -17,7 +17,7 @@ BSON and pickles as plain ones are, copied by `dict(...)`, `list(...)`, `.copy()
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 REFUSAL = (
     "message metadata cannot be changed in place (a message is an immutable record);"
@@ -31,17 +31,28 @@ def _refuse(self: object, *args: object, **kwargs: object) -> NoReturn:
 
 
 class FrozenDict(dict[str, Any]):
-    """A JSON object of a message's metadata: a dict that refuses changes. Made by
-    `frozen_dict` (the class itself refuses to be called: `__init__` is a mutator,
-    found by attack: called again, it refilled the EMPTY all messages share)."""
+    """A JSON object of a message's metadata: a dict that refuses changes.
 
-    __slots__ = ()
-    __init__ = __setitem__ = __delitem__ = __ior__ = _refuse
+    Every FrozenDict is non-empty but EMPTY, so `__init__` refuses any but a new one
+    (found by attack: called again, it refilled the EMPTY all messages share), and a
+    new one freezes what it is given (`dataclasses.asdict` rebuilds dicts by calling
+    their class). The library makes them by `frozen_dict`, without a Python call.
+    """
+
+    __slots__ = ("_made",)
+    __setitem__ = __delitem__ = __ior__ = _refuse
     clear = pop = popitem = setdefault = update = _refuse
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if self or self is EMPTY or getattr(self, "_made", False):
+            _refuse(self)
+        _fill_dict(self, freeze(dict(*args, **kwargs)))
+        self._made = True
 
     @classmethod
     def fromkeys(cls, keys: Iterable[str], value: Any = None) -> FrozenDict:  # type: ignore[override]
-        return frozen_dict(dict.fromkeys(keys, value))
+        # Found by attack: a plain list given as the value stayed plain inside it.
+        return freeze(dict.fromkeys(keys, value))
 
     def __copy__(self) -> FrozenDict:
         return self
@@ -54,12 +65,18 @@ class FrozenDict(dict[str, Any]):
 
 
 class FrozenList(list[Any]):
-    """A JSON array of a message's metadata: a list that refuses changes. Made by
-    `frozen_list`."""
+    """A JSON array of a message's metadata: a list that refuses changes. Every one is
+    non-empty but EMPTY_LIST; `__init__` as FrozenDict's."""
 
-    __slots__ = ()
-    __init__ = __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    __slots__ = ("_made",)
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __init__(self, items: Iterable[Any] = ()) -> None:
+        if self or self is EMPTY_LIST or getattr(self, "_made", False):
+            _refuse(self)
+        _fill_list(self, freeze({"items": list(items)})["items"])
+        self._made = True
 
     def __copy__(self) -> FrozenList:
         return self
@@ -82,21 +99,24 @@ _set_in_list: Callable[[list[Any], int, Any], None] = list.__setitem__
 
 
 def frozen_dict(*args: Any, **kwargs: Any) -> FrozenDict:
-    """A FrozenDict of what `dict(...)` takes (its values as they are)."""
+    """A FrozenDict of what `dict(...)` takes, its values taken as they are (frozen
+    already, or frozen after: the JSON decoder's arrays); EMPTY if it is empty."""
     made = _new_dict(FrozenDict)
     _fill_dict(made, *args, **kwargs)
-    return made
+    return made if made else EMPTY
 
 
 def frozen_list(items: Iterable[Any] = ()) -> FrozenList:
-    """A FrozenList of `items` (as they are)."""
+    """A FrozenList of `items`, taken as they are; EMPTY_LIST if there are none."""
     made = _new_list(FrozenList)
     _fill_list(made, items)
-    return made
+    return made if made else EMPTY_LIST
 
 
-# The metadata of most messages: one object serves them all, as nothing changes it.
-EMPTY = frozen_dict()
+# The metadata of most messages: one object serves them all, as nothing changes it;
+# and every empty object or array in metadata.
+EMPTY: FrozenDict = _new_dict(FrozenDict)
+EMPTY_LIST: FrozenList = _new_list(FrozenList)
 _FROZEN = (FrozenDict, FrozenList)
 
 
@@ -104,7 +124,7 @@ def freeze(metadata: dict[str, Any]) -> FrozenDict:
     """`metadata` as a FrozenDict, every dict and list in it frozen too: a deep copy,
     except of what is frozen already. Walks iteratively (metadata may nest deeply)."""
     if isinstance(metadata, FrozenDict):
-        return cast(FrozenDict, metadata)
+        return metadata
     if not metadata:
         return EMPTY
     if not any(isinstance(value, dict | list) for value in metadata.values()):
@@ -133,6 +153,10 @@ def _rebuilt(
             return done[id(child)]
         return child
 
+    # Containers being built: met again among their own descendants, a cycle (found
+    # by attack: thaw of a dict holding itself never ended). One met again once built
+    # is shared (a child stack entry is done before the next is taken).
+    building: set[int] = set()
     stack: list[tuple[Any, bool]] = [(value, False)]
     while stack:
         item, children_done = stack.pop()
@@ -142,7 +166,13 @@ def _rebuilt(
                 if isinstance(item, dict)
                 else as_list(copied(child) for child in item)
             )
+            building.discard(id(item))
             continue
+        if id(item) in done:
+            continue
+        if id(item) in building:
+            raise ValueError("metadata holds itself (a reference cycle): it is not JSON")
+        building.add(id(item))
         stack.append((item, True))
         children = item.values() if isinstance(item, dict) else item
         stack.extend(

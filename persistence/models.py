@@ -25,7 +25,7 @@ from persistence.bookkeeping import Bookkeeping
 from persistence.changes import Base, BaseOf, Creation, LogEntry, MessageList, Source
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
-from persistence.frozen_metadata import EMPTY, freeze
+from persistence.frozen_metadata import EMPTY, FrozenDict, freeze
 from persistence.identifiers import random_hex_id
 from persistence.model_slots import set_dict, set_extra, set_fields_set, set_private
 from persistence.validation import (
@@ -74,6 +74,13 @@ class ChatMessage(_DomainModel):
     # Defaults skip validators: the frozen EMPTY, not a dict (found by attack: a message
     # made without metadata had a plain one, whose change in place no save wrote).
     metadata: dict[str, Any] = Field(default_factory=lambda: EMPTY)
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        # A pickle of a release before frozen metadata holds a plain dict (found by
+        # attack: its change in place was then silently left unsaved).
+        super().__setstate__(state)
+        if type(self.__dict__.get("metadata")) is not FrozenDict:
+            self.__dict__["metadata"] = freeze(self.__dict__["metadata"])
 
     @field_validator("metadata", mode="after")
     @classmethod

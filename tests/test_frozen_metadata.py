@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pickle
 from collections.abc import Callable
@@ -166,3 +167,37 @@ def test_thaw_gives_a_plain_deep_copy_that_may_change() -> None:
     thawed["tool_calls"][0]["args"]["x"][1].append(3)
     assert type(thawed) is dict and type(thawed["tool_calls"]) is list
     assert thawed != METADATA and freeze(METADATA) == METADATA
+
+
+def test_what_the_second_attack_got_past_is_closed() -> None:
+    """Found by attack on the frozen metadata: fromkeys kept a plain list inside;
+    dataclasses.asdict (which calls the class) was refused; a FrozenDict made empty
+    could be filled by calling __init__ again; thaw of a cycle never ended; a pickle of
+    the release before (plain metadata) unpickled changeable."""
+    template = freeze({"k": 1}).fromkeys(["tags"], [])
+    with pytest.raises(TypeError):
+        template["tags"].append("x")
+
+    @dataclasses.dataclass
+    class Holder:
+        metadata: dict[str, Any]
+
+    assert dataclasses.asdict(Holder(freeze(METADATA))) == {"metadata": METADATA}
+    made = FrozenDict({"q": [1]})
+    assert _all_frozen(made)
+    empty = FrozenDict()
+    with pytest.raises(TypeError):
+        empty.__init__({"k": 1})  # type: ignore[misc]
+    assert empty == {}
+
+    cycle: dict[str, Any] = {}
+    cycle["self"] = cycle
+    with pytest.raises(ValueError, match="cycle"):
+        thaw(cycle)
+
+    message = ChatSession.create("m").add_message("user", "hi", metadata=METADATA)
+    state = message.__getstate__()
+    state["__dict__"] = {**state["__dict__"], "metadata": copy.deepcopy(METADATA)}
+    old = ChatMessage.__new__(ChatMessage)
+    old.__setstate__(state)
+    assert _all_frozen(old.metadata) and old.metadata == METADATA

@@ -139,7 +139,7 @@ def messages_from_rows(rows: Iterable[Sequence[Any]]) -> list[ChatMessage]:
     try:
         with collection_paused():
             return [_message(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise _unreadable_message(rows, 3, None, exc) from exc
 
 
@@ -154,7 +154,7 @@ def history_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[Ch
     try:
         with collection_paused():
             return [_message(row[0], session_id, row[1], row[2], row[3], row[4]) for row in rows]
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise _unreadable_message(rows, 2, session_id, exc) from exc
 
 
@@ -162,7 +162,7 @@ def _unreadable_message(
     rows: Iterable[Sequence[Any]],
     content: int,
     session_id: str | None,
-    exc: ValueError | TypeError,
+    exc: ValueError | TypeError | RecursionError,
 ) -> PersistenceError:
     """Names the first row whose content (column `content`) is not text or whose
     metadata (the column after it, as json_loads reads it) is not a JSON object, and
@@ -187,7 +187,7 @@ def _unreadable_message(
         else:
             try:
                 json_loads(row[metadata])
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):
                 problem = (
                     "the stored chat_messages.metadata is not a JSON object"
                     f" ({shown(row[metadata])})"
@@ -218,7 +218,7 @@ def session_from_row(
     """
     try:
         metadata = json_loads(row[5])
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         # A try costs nothing until it catches (Python 3.11), and a page is 100 rows.
         raise PersistenceError(
             f"session {row[0]!r}: the stored chat_sessions.metadata is not a JSON object"

@@ -549,6 +549,24 @@ async def test_a_message_made_past_validation_is_checked_and_frozen_by_its_save(
     )
 
 
+@pytest.mark.parametrize("metadata", [[1], "text", 0, []])
+async def test_a_message_made_past_validation_with_metadata_not_an_object_is_refused(
+    storage: SessionStorage, metadata: object
+) -> None:
+    """Found by attack: a list failed the save with an AttributeError naming nothing,
+    and [] or 0 were stored as {}."""
+    session = await _stored(storage, turns=1)
+    stored = len(session.messages)
+    odd = ChatMessage.model_construct(
+        session_id=session.session_id, role="user", content="x", metadata=metadata
+    )
+    session.messages = [*session.messages, odd]
+
+    with pytest.raises(InvalidDataError, match="expected a JSON object"):
+        await storage.save_session(session)
+    assert (await _load(storage, session.session_id)).message_count == stored
+
+
 async def test_a_deep_copy_with_its_history_given_again_saves(storage: SessionStorage) -> None:
     """Found by attack: `model_copy(update={"messages": ...}, deep=True)` of an
     unchanged or appended history was refused, the copy's first message differing."""

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from persistence import ChatMessage, ChatSession, UploadedFileRecord
+from persistence import ChatMessage, ChatSession, PersistenceError, UploadedFileRecord
 from persistence.sql.mapping import (
     MessageRows,
     file_record_from_row,
@@ -153,3 +153,12 @@ def test_a_metadata_column_reads_as_json_loads_reads_it(text: str) -> None:
 def test_a_metadata_column_that_is_not_one_object_is_refused(text: str) -> None:
     with pytest.raises(ValueError):
         json_loads(text)
+
+
+def test_a_stored_metadata_nested_past_the_interpreters_depth_is_named() -> None:
+    """Found by attack: a hand-edited row nested 5,000 levels made loads raise a bare
+    RecursionError naming nothing."""
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    rows = [["m1", "s1", "user", "hi", MOMENT, deep]]
+    with pytest.raises(PersistenceError, match=r"message 'm1'.*metadata is not a JSON object"):
+        messages_from_rows(rows)
