@@ -75,7 +75,7 @@ class FrozenList(list[Any]):
     def __init__(self, items: Iterable[Any] = ()) -> None:
         if self or self is EMPTY_LIST or getattr(self, "_made", False):
             _refuse(self)
-        _fill_list(self, freeze({"items": list(items)})["items"])
+        _fill_list(self, _rebuilt(list(items), frozen_dict, frozen_list, keep=_FROZEN))
         self._made = True
 
     def __copy__(self) -> FrozenList:
@@ -189,23 +189,22 @@ def freeze_arrays(value: FrozenDict) -> FrozenDict:
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
+        # Values replaced, no key or item added: iterating meanwhile is safe.
+        places: Iterable[tuple[Any, Any]]
+        set_in: Callable[[Any, Any, Any], None]
         if type(item) is FrozenDict:
-            # Values replaced, no key added: iterating meanwhile is safe.
-            for key, child in item.items():
-                kind = type(child)
-                if kind is list:
-                    child = frozen_list(child)
-                    _set_in_dict(item, key, child)
-                    stack.append(child)
-                elif kind is FrozenDict:
-                    stack.append(child)
+            places = item.items()
+            set_in = _set_in_dict
         else:
-            for index, child in enumerate(item):
-                kind = type(child)
-                if kind is list:
-                    child = frozen_list(child)
-                    _set_in_list(item, index, child)
-                    stack.append(child)
-                elif kind is FrozenDict:
-                    stack.append(child)
+            places = enumerate(item)
+            set_in = _set_in_list
+        place: Any
+        for place, child in places:
+            kind = type(child)
+            if kind is list:
+                child = frozen_list(child)
+                set_in(item, place, child)
+                stack.append(child)
+            elif kind is FrozenDict:
+                stack.append(child)
     return value

@@ -45,13 +45,16 @@ def check_file_records(records: object, field: str) -> None:
     """
     check_instances(records, UploadedFileRecord, field)
     for record in cast(Collection[UploadedFileRecord], records):
-        check_json_object(record.metadata, f"file record {record.file_id!r} metadata")
+        _check_record_metadata(record)
 
 
 def check_file_record(record: object, field: str) -> None:
     """As check_file_records, for one record."""
     check_instance(record, UploadedFileRecord, field)
-    assert isinstance(record, UploadedFileRecord)
+    _check_record_metadata(cast(UploadedFileRecord, record))
+
+
+def _check_record_metadata(record: UploadedFileRecord) -> None:
     check_json_object(record.metadata, f"file record {record.file_id!r} metadata")
 
 
