@@ -9,6 +9,7 @@ feed the log that `plan_save` replays (see changes.py).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -51,12 +52,12 @@ class Bookkeeping:
         updated_at: datetime
         message_count: int
         metadata: dict[str, Any]
-        _log: list[LogEntry]
+        _log: Sequence[LogEntry]
         _log_start: int
         _omitted: int
         _revision: int | None
         _epoch: int
-        _pins: list[int]
+        _pins: Sequence[int]
 
         def _messages(self) -> MessageList: ...
 
@@ -64,6 +65,15 @@ class Bookkeeping:
         """pydantic's dict of this object's private attributes (`_log`, `_epoch`...)."""
         private: dict[str, Any] = self.__pydantic_private__  # type: ignore[attr-defined]
         return private
+
+    def _growing(self, name: str) -> list[Any]:
+        """The private sequence `name` (`_log`, `_pins`) as a list of its own, to grow:
+        each starts as the shared empty tuple, and most sessions never grow one."""
+        private = self._private()
+        items = private[name]
+        if type(items) is not list:
+            items = private[name] = list(items)
+        return items
 
     def _known(self) -> dict[str, Base]:
         """The bases per storage token (making the one `from_store` recorded, if any)."""
@@ -382,7 +392,7 @@ class Bookkeeping:
         if base is None:
             return None
         held = base.copy()
-        self._private()["_pins"].append(held.log_at)
+        self._growing("_pins").append(held.log_at)
         return held
 
     def restore_base(self, token: str, base: Base | None) -> None:
@@ -505,22 +515,22 @@ class Bookkeeping:
             base.exact = False
 
     def _unpin(self, held: Base | None) -> None:
-        pins: list[int] = self._private()["_pins"]
-        if held is not None and held.log_at in pins:
-            pins.remove(held.log_at)
+        if held is not None and held.log_at in self._private()["_pins"]:
+            self._growing("_pins").remove(held.log_at)
 
     def _trim_log(self) -> None:
         private = self._private()
-        log: list[LogEntry] = private["_log"]
-        needed = [base.log_at for base in self._known().values()] + private["_pins"]
+        log: Sequence[LogEntry] = private["_log"]
+        needed = [base.log_at for base in self._known().values()]
+        needed += private["_pins"]
         if not needed:
             private["_log_start"] += len(log)
-            log.clear()
+            private["_log"] = ()
             return
         oldest = min(needed)
         drop = oldest - private["_log_start"]
         if drop > 0:
-            del log[:drop]
+            del self._growing("_log")[:drop]
             private["_log_start"] = oldest
 
 

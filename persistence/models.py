@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
@@ -174,8 +174,10 @@ class ChatSession(_DomainModel, Bookkeeping):
     # A base recorded by from_store as (token, base_of, source, synced, foreign_at),
     # made on first use (_known).
     _loaded: tuple[str, BaseOf[Any], Any, int, int] | None = PrivateAttr(default=None)
-    # Edits and cuts since the oldest base, with their absolute log positions.
-    _log: list[LogEntry] = PrivateAttr(default_factory=lambda: [])
+    # Edits and cuts since the oldest base, with their absolute log positions. This and
+    # `_pins` start as the shared (), a list once they grow (bookkeeping's `_growing`):
+    # two lists less per session a page builds, for the collector to track.
+    _log: Sequence[LogEntry] = PrivateAttr(default=())
     _log_start: int = PrivateAttr(default=0)
     # Stored messages older than the first one this object carries (a partial load).
     _omitted: int = PrivateAttr(default=0)
@@ -184,7 +186,7 @@ class ChatSession(_DomainModel, Bookkeeping):
     _epoch: int = PrivateAttr(default=0)
     # Log positions an open unit of work may roll a base back to (`base_for`): the log
     # from there on is kept until it ends.
-    _pins: list[int] = PrivateAttr(default_factory=lambda: [])
+    _pins: Sequence[int] = PrivateAttr(default=())
     # Per storage token: a creation of unknown outcome (it may have landed); the next
     # save creates the session with its incarnation, or finds it deleted.
     _creations: dict[str, Creation] = PrivateAttr(default_factory=lambda: {})
@@ -256,7 +258,7 @@ class ChatSession(_DomainModel, Bookkeeping):
                 "_omitted": source._omitted,
                 "_revision": source._revision,
                 "_epoch": source._epoch,
-                "_pins": [],
+                "_pins": (),
                 "_creations": dict(source._creations),
                 "_listed": source._listed,
             },
@@ -292,12 +294,12 @@ class ChatSession(_DomainModel, Bookkeeping):
             {
                 "_bases": {},
                 "_loaded": (token, base_of, source, len(messages), messages.foreign_changes),
-                "_log": [],
+                "_log": (),
                 "_log_start": 0,
                 "_omitted": values["message_count"] - len(messages),
                 "_revision": revision,
                 "_epoch": 0,
-                "_pins": [],
+                "_pins": (),
                 "_creations": {},
                 "_listed": listed,
             },
@@ -357,7 +359,7 @@ class ChatSession(_DomainModel, Bookkeeping):
 
     def _log_entry(self, entry: LogEntry) -> None:
         if self._known():
-            self._log.append(entry)
+            self._growing("_log").append(entry)
 
     def add_message(
         self, role: str, content: str, metadata: dict[str, Any] | None = None

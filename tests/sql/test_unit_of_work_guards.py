@@ -182,4 +182,4 @@ async def test_a_rolled_back_unit_keeps_the_edits_another_store_took_meanwhile(
             assert loaded is not None
             assert [m.content for m in loaded.messages] == ["edited", "message 1"]
         # Once no unit of work can roll back, the log is trimmed as before.
-        assert session._log == []
+        assert len(session._log) == 0
