@@ -135,6 +135,10 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     @property
     def engine(self) -> AsyncEngine:
         engine = super().engine
+        self._refuse_another_loop()
+        return engine
+
+    def _refuse_another_loop(self) -> None:
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # outside any loop: a tool looking at the engine itself
@@ -148,11 +152,14 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 " connections belong to that loop; open a new storage in this one (or use"
                 " one event loop for the storage's life)"
             )
-        return engine
 
     async def _open(self, *, read_only: bool) -> None:
         if self._engine is None:
             self._loop = asyncio.get_running_loop()
+        else:
+            # Found by attack: initialize() again from another loop failed with a raw
+            # RuntimeError, and its failure let go of the first loop's connections.
+            self._refuse_another_loop()
         await super()._open(read_only=read_only)
         with sql_errors("open database"):
             identity = await database_identity(self.engine)
@@ -189,7 +196,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         if self._replicas is None:
             return super().unit_of_work()
         engine = self.engine.execution_options(**WRITE_OPTIONS)
-        return self._replicas.unit_of_work(engine, self.token)
+        return self._replicas.unit_of_work(engine, self.token, self._refuse_closed)
 
     async def _run_stale(
         self, make_work: Callable[[], Work[T]], action: str, *, snapshot: bool = False

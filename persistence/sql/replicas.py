@@ -140,8 +140,10 @@ class ReplicaSet:
     def note_write(self) -> None:
         self.clock.note_write()
 
-    def unit_of_work(self, engine: AsyncEngine, token: str) -> SqlUnitOfWork:
-        return _NotedUnitOfWork(engine, token, self.clock.note_write)
+    def unit_of_work(
+        self, engine: AsyncEngine, token: str, refuse_closed: Callable[[], None]
+    ) -> SqlUnitOfWork:
+        return _NotedUnitOfWork(engine, token, refuse_closed, self.clock.note_write)
 
     async def _primary_position(self) -> int:
         assert self._primary is not None
@@ -223,8 +225,14 @@ class ReplicaSet:
 class _NotedUnitOfWork(SqlUnitOfWork):
     """A unit of work whose commit counts as a write of its storage."""
 
-    def __init__(self, engine: AsyncEngine, token: str, note: Callable[[], None]) -> None:
-        super().__init__(engine, token)
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        token: str,
+        refuse_closed: Callable[[], None],
+        note: Callable[[], None],
+    ) -> None:
+        super().__init__(engine, token, refuse_closed)
         self._note = note
 
     async def commit(self) -> None:

@@ -129,14 +129,17 @@ class SqlSessionStorage(SessionStorage):
         Raises:
             PersistenceError: if the storage is closed or not initialized.
         """
-        if self._closed:
-            raise PersistenceError(f"{self.backend_name} storage is closed")
+        self._refuse_closed()
         if self._engine is None:
             raise PersistenceError(
                 f"{self.backend_name} storage is not initialized: await initialize() first"
             )
         self._check_process()
         return self._engine
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise PersistenceError(f"{self.backend_name} storage is closed")
 
     def _check_process(self) -> None:
         """Refuses a fork's child the storage its parent opened (forks.py).
@@ -246,7 +249,10 @@ class SqlSessionStorage(SessionStorage):
     def unit_of_work(self) -> SqlUnitOfWork:
         self._refuse_writes("unit of work")
         return SqlUnitOfWork(
-            self.engine.execution_options(**WRITE_OPTIONS), self.token, self._file_check
+            self.engine.execution_options(**WRITE_OPTIONS),
+            self.token,
+            self._refuse_closed,
+            self._file_check,
         )
 
     def check_plain_save(self, session: ChatSession) -> None:

@@ -159,9 +159,17 @@ class SqlUnitOfWork(UnitOfWork):
     """
 
     def __init__(
-        self, engine: AsyncEngine, token: str, check: Callable[[], None] | None = None
+        self,
+        engine: AsyncEngine,
+        token: str,
+        refuse_closed: Callable[[], None],
+        check: Callable[[], None] | None = None,
     ) -> None:
         self.token = token
+        # Raises once the storage is closed: a unit entered before close() borrows no
+        # connection after it. Found by attack: it borrowed one from the disposed
+        # engine's new pool, committed, and the connection was kept, owned by nobody.
+        self._refuse_closed = refuse_closed
         # SQLite: run once the transaction has begun (run_in_sqlite_thread's `check`).
         self._check = check
         self._engine = engine
@@ -216,6 +224,11 @@ class SqlUnitOfWork(UnitOfWork):
             sqlite_begin = None
             lent = None
             if self._driver is None:
+                try:
+                    self._refuse_closed()
+                except PersistenceError:
+                    work.close()
+                    raise
                 opened = lent_connection(self._engine)
                 lent = await opened.__aenter__()
                 self._lent, self._driver = opened, lent.driver

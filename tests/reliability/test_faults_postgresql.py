@@ -345,6 +345,51 @@ async def test_connections_closed_by_the_server_while_idle_fail_no_call(
     assert {len(found.messages) for found in loaded if found is not None} == {8}
 
 
+def test_initialize_again_from_another_event_loop_says_so(postgresql_url: str) -> None:
+    """Found by attack: initialize() again from a second loop (a startup hook run per
+    loop) failed with a raw RuntimeError, and its failure let go of the engine, so the
+    close() after it closed none of the first loop's connections."""
+    storage = PostgreSQLSessionStorage(postgresql_url, min_pool_size=2, max_pool_size=4)
+
+    async def first() -> int:
+        await storage.initialize()
+        await storage.save_session(ChatSession.create("faults"))
+        return await _backends(postgresql_url)
+
+    async def second() -> None:
+        with pytest.raises(PersistenceError, match="another event loop"):
+            await storage.initialize()
+
+    async def third() -> None:
+        await storage.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(first()) >= 1
+        asyncio.run(second())
+        loop.run_until_complete(third())  # the loop that opened it closes its connections
+        assert loop.run_until_complete(_backends(postgresql_url)) == 0
+    finally:
+        loop.close()
+
+
+async def test_a_unit_of_work_entered_before_close_borrows_no_connection_after_it(
+    make_postgresql: MakeStorage, postgresql_url: str
+) -> None:
+    """Found by attack: a unit of work entered before close(), whose first statement
+    came after it, borrowed a connection from the disposed engine's new pool, committed
+    into the closed storage, and kept that server connection, owned by nobody."""
+    storage = await make_postgresql(min_pool_size=1, max_pool_size=3)
+    session = ChatSession.create("faults")
+    async with storage.unit_of_work() as uow:
+        await storage.close()
+        with pytest.raises(PersistenceError, match="postgresql storage is closed"):
+            await uow.sessions.add(session)
+    assert await _backends(postgresql_url) == 0
+    async with PostgreSQLSessionStorage(postgresql_url, min_pool_size=1) as again:
+        assert await again.load_session(session.session_id) is None
+
+
 async def test_a_unit_of_work_running_through_close_keeps_no_connection(
     make_postgresql: MakeStorage, postgresql_url: str
 ) -> None:
@@ -352,7 +397,6 @@ async def test_a_unit_of_work_running_through_close_keeps_no_connection(
     connections; given back to that pool afterwards, they stayed open for the
     process's life."""
     storage = await make_postgresql(min_pool_size=2, max_pool_size=4)
-    database = make_url(postgresql_url).database
     inside = asyncio.Event()
     release = asyncio.Event()
 
@@ -370,15 +414,7 @@ async def test_a_unit_of_work_running_through_close_keeps_no_connection(
     release.set()
     await asyncio.gather(*units)
 
-    admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
-    try:
-        left = await admin.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            database,
-        )
-    finally:
-        await admin.close()
-    assert left == 0
+    assert await _backends(postgresql_url) == 0
 
 
 def test_a_storage_used_from_another_event_loop_says_so(postgresql_url: str) -> None:
@@ -409,3 +445,18 @@ def test_a_storage_used_from_another_event_loop_says_so(postgresql_url: str) -> 
             return await again.load_session(session.session_id)
 
     assert asyncio.run(fresh()) == session
+
+
+async def _backends(postgresql_url: str) -> int:
+    """The server connections to the test's database, but the one asking."""
+    admin = await asyncpg.connect(plain_postgresql_url(postgresql_url))
+    try:
+        return int(
+            await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                make_url(postgresql_url).database,
+            )
+        )
+    finally:
+        await admin.close()
