@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, Self, cast
 
+from persistence.clock import truncate_to_millisecond
 from persistence.errors import InvalidDataError
 from persistence.models import (
     ROLES,
@@ -83,7 +84,10 @@ def check_new_status(status: str) -> Status:
 
 
 def check_instant(value: datetime, field: str) -> datetime:
-    """Returns `value` as a plain datetime in UTC.
+    """Returns `value` as a plain datetime in UTC, truncated to the millisecond as every
+    stored time is. Found by attack: a cutoff with microseconds (`expiry_hours=1/7`)
+    expired on SQL a session updated in the cutoff's own millisecond, which MongoDB
+    (BSON keeps milliseconds) would have left active.
 
     Raises:
         InvalidDataError: naming the argument, for anything but a timezone-aware
@@ -95,7 +99,7 @@ def check_instant(value: datetime, field: str) -> datetime:
         utc = datetime.astimezone(value, UTC)
     except OverflowError:
         raise InvalidDataError(f"{field}: {value!r} is out of range in UTC") from None
-    return plain(utc)
+    return plain(truncate_to_millisecond(utc))
 
 
 def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import bson
-from bson import ObjectId
 from pymongo import AsyncMongoClient, ReadPreference
 from pymongo.errors import BulkWriteError
 
@@ -20,6 +19,7 @@ from persistence.models import ChatSession
 from persistence.mongo.documents import DocumentSet
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
 from persistence.mongo.mapping import document_from_session
+from persistence.mongo.sequence import next_seq
 
 if TYPE_CHECKING:
     from persistence.mongo.reads import CausalClock
@@ -56,7 +56,7 @@ def documents_for_insert(sessions: Sequence[ChatSession]) -> list[dict[str, Any]
             message_ids.add(message.message_id)
         document = document_from_session(session)
         for embedded in document["messages"]:
-            embedded["seq"] = ObjectId()
+            embedded["seq"] = next_seq()
         size = len(bson.encode(document))
         if size > MAX_DOCUMENT_BYTES:
             raise InvalidDataError(

@@ -51,7 +51,7 @@ MAX_PATTERN_BYTES = 16_000
 # messages were sorted by `created_at` first, the time `add_message` ran, not the save:
 # a session saved after another, its messages made before the other's, came out behind
 # them, and a search's limit kept other messages than on SQL. `seq` is drawn when a
-# write is sent (an ObjectId: seconds, then this process, then its counter), so one
+# write is sent (sequence.next_seq: above the one before in this process), so one
 # process's saves sort as they were stored; two processes' saves within one second, by
 # process.
 _NEWEST_MESSAGES = {"messages.seq": -1, "position": -1}

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
-from bson import ObjectId
 
 from persistence.changes import SavePlan
 from persistence.errors import InvalidDataError
@@ -31,6 +30,7 @@ from persistence.models import ChatMessage
 from persistence.mongo.documents import LEGACY_INCARNATION, LEGACY_REVISION
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
 from persistence.mongo.mapping import document_from_message
+from persistence.mongo.sequence import next_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +84,7 @@ def _literal(value: Any) -> dict[str, Any]:
 def pushed_message(message: ChatMessage) -> dict[str, Any]:
     """A new message as stored: `seq` orders messages by when they were stored, as the
     SQL backends' row ids do (search sorts by it); it never leaves the store."""
-    return {**document_from_message(message), "seq": ObjectId()}
+    return {**document_from_message(message), "seq": next_seq()}
 
 
 def check_size(session_id: str, content: Mapping[str, Any]) -> None:

@@ -132,6 +132,19 @@ async def test_expire_sessions_takes_a_cutoff_after_a_dst_change_as_its_instant(
     assert await storage.expire_sessions(first.replace(fold=1)) == 1  # 06:30Z
 
 
+async def test_expire_sessions_reads_a_cutoff_to_the_millisecond(storage: SessionStorage) -> None:
+    """Found by attack: a cutoff with microseconds (`expiry_hours=1/7`) expired on SQL a
+    session updated in the cutoff's own millisecond; MongoDB, whose BSON keeps
+    milliseconds, would have left it active. Every stored time is to the millisecond,
+    and so is the cutoff now, on every backend."""
+    session = conversation(1)
+    session.updated_at = datetime(2024, 1, 1, 12, 0, 0, 285_000, tzinfo=UTC)
+    await storage.save_session(session)
+
+    assert await storage.expire_sessions(session.updated_at.replace(microsecond=285_714)) == 0
+    assert await storage.expire_sessions(session.updated_at.replace(microsecond=286_000)) == 1
+
+
 @pytest.mark.parametrize(
     "cutoff", [datetime(2030, 1, 1), 1_700_000_000, "2030-01-01T00:00:00Z"], ids=repr
 )

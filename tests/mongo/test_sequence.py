@@ -1,0 +1,48 @@
+"""MongoDB's stored order (`seq`) never goes down in one process: no server needed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from bson import ObjectId
+
+from persistence.mongo import sequence
+
+
+def _drawn(*hexes: str) -> Iterator[ObjectId]:
+    return iter(ObjectId(value) for value in hexes)
+
+
+@pytest.mark.parametrize(
+    "draws",
+    [
+        # The counter wraps within one second.
+        ("6b149940a950c52215ffffff", "6b149940a950c52215000000"),
+        # The clock steps back an hour.
+        ("6b149940a950c52215000001", "6b148b30a950c52215000002"),
+    ],
+    ids=["counter wrap", "clock back"],
+)
+def test_each_seq_is_above_the_one_before(
+    monkeypatch: pytest.MonkeyPatch, draws: tuple[str, ...]
+) -> None:
+    """Found by attack (by reading): `seq` was a plain ObjectId, which goes down at its
+    counter's wrap and after the clock stepped back, so a search's newest first put the
+    message stored later behind the one stored before it."""
+    drawn = _drawn(*draws)
+    monkeypatch.setattr(
+        sequence, "ObjectId", lambda *args: next(drawn) if not args else ObjectId(*args)
+    )
+    monkeypatch.setattr(sequence, "_last", 0)
+    first, second = sequence.next_seq(), sequence.next_seq()
+    assert first == ObjectId(draws[0])
+    assert second > first
+
+
+def test_seq_follows_the_clock_when_it_is_ahead() -> None:
+    before = sequence.next_seq()
+    later = ObjectId()
+    drawn = sequence.next_seq()
+    assert drawn > before
+    assert drawn.generation_time >= later.generation_time
