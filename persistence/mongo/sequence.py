@@ -7,11 +7,14 @@ down at the counter's wrap within one second (about one draw in 16.7 million: a 
 import of millions of messages meets it), and after the system clock stepped back.
 Found by attack (by reading, no server runs here): a search's newest first then put
 the later message behind the earlier one. Each draw is now above the one before it in
-this process; two processes' draws within one second still sort by process.
+this process; two processes' draws within one second still sort by process. A fork's
+child starts afresh (found by attack: it went on from its parent's last draw, so the
+two drew the same values), with a lock of its own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 from bson import ObjectId
@@ -28,3 +31,11 @@ def next_seq() -> ObjectId:
         _last = max(drawn, _last + 1)
         value = _last
     return ObjectId(value.to_bytes(12, "big"))
+
+
+def _after_fork_in_child() -> None:
+    global _last, _lock
+    _last, _lock = 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -177,6 +177,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             # they go with their loop.
             engine, self._engine, self._closed = self._engine, None, True
             engine.sync_engine.dispose(close=False)
+            if self._replicas is not None:
+                self._replicas.let_go()
             return
         try:
             if self._replicas is not None:

@@ -210,6 +210,15 @@ class ReplicaSet:
         behind = [r for r in self._replicas if r.usable() and not r.caught_up_with(position)]
         await asyncio.gather(*(replica.check() for replica in behind))
 
+    def let_go(self) -> None:
+        """close() from another event loop than the one that opened the storage: the
+        replicas' connections and tasks belong to that loop, so they are only dropped
+        (they go with their loop), and none starts afterwards. Found by attack: they
+        stayed, and replica_states() reported the replicas up, after such a close()."""
+        self._closed = True
+        self._settling = None
+        self._replicas = []
+
     async def close(self) -> None:
         """Stops every background task; none starts afterwards (a read still running
         reads from the primary, or fails as the primary's reads do once closed)."""

@@ -177,14 +177,16 @@ class SqlSessionStorage(SessionStorage):
             self._reading_only = read_only
         where, table = self._where, self.version_table
         try:
+            # Opened again from another loop, SQLite's engine of that loop.
+            engine = self.engine
             with sql_errors(f"open {where}" if read_only else f"initialize schema of {where}"):
                 if read_only:
-                    async with self._engine.connect() as connection:
+                    async with engine.connect() as connection:
                         await connection.run_sync(
                             partial(check_readable, version_table=table, where=where)
                         )
                     return
-                async with self._engine.execution_options(**WRITE_OPTIONS).connect() as connection:
+                async with engine.execution_options(**WRITE_OPTIONS).connect() as connection:
                     await connection.run_sync(partial(migrate, version_table=table, where=where))
         except BaseException:
             # Not opened: a fork's child may open it (found by review: refused for good).

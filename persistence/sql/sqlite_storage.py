@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from persistence.sql.engines import (
     sqlite_writing_target,
 )
 from persistence.sql.errors import sql_errors
+from persistence.sql.loop_engines import LoopEngines
 from persistence.sql.opened_files import OpenedFiles
 from persistence.sql.runner import (
     Work,
@@ -75,22 +75,11 @@ def full_filesystem(directory: Path) -> str | None:
     return None
 
 
-logger = logging.getLogger(__name__)
-
-
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:  # outside any loop: a tool looking at the engine itself
         return None
-
-
-async def _dispose(engine: AsyncEngine) -> None:
-    """Closes the pooled connections of an engine no longer used (see `engine`)."""
-    try:
-        await engine.dispose()
-    except Exception:  # its connections then go with the garbage
-        logger.warning("closing the connections of a SQLite engine failed", exc_info=True)
 
 
 class SQLiteSessionStorage(SqlSessionStorage):
@@ -147,10 +136,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
             self._pragmas,
             False,
         )
-        # The event loop the engine was made in, and the disposals of engines made in
-        # loops used before (see `engine`).
+        # The event loop the engine was made in; the engines of other loops (`engine`).
         self._engine_loop: asyncio.AbstractEventLoop | None = None
-        self._disposals: set[asyncio.Task[None]] = set()
+        self._loop_engines = LoopEngines(self._engine_of_store)
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStorage({str(self.database_path)!r})"
@@ -172,27 +160,21 @@ class SQLiteSessionStorage(SqlSessionStorage):
 
     def _create_engine(self) -> AsyncEngine:
         self._engine_loop = _running_loop()
+        return self._engine_of_store()
+
+    def _engine_of_store(self) -> AsyncEngine:
+        """An engine opening what the storage opened (the file, or a read-only URI)."""
         return self._engine_with(self._opened[1])
 
     @property
     def engine(self) -> AsyncEngine:
-        """The engine of units of work and migrations, made anew in each event loop the
-        storage is used from: its pool's queue belongs to the loop that first waited on
-        it, while the connection of every other call works from any loop. Found by
-        attack: once units of work had queued for a pooled connection in one
-        `asyncio.run`, each that queued in the next failed with a raw RuntimeError
-        ("bound to a different event loop"). The engine of the loop before is disposed
-        of in the new one (its connections' threads work from any loop)."""
+        """The engine of units of work and migrations: in a loop other than the one that
+        opened the storage, that loop's own (loop_engines.py)."""
         engine = super().engine
         loop = _running_loop()
         if loop is None or loop is self._engine_loop:
             return engine
-        retired, engine = engine, self._create_engine()
-        self._engine = engine
-        disposal = loop.create_task(_dispose(retired))
-        self._disposals.add(disposal)
-        disposal.add_done_callback(self._disposals.discard)
-        return engine
+        return self._loop_engines.of(loop)
 
     async def stamp_schema(self, revision: str) -> tuple[tuple[str, ...], str]:
         # An existing file only.
@@ -252,8 +234,6 @@ class SQLiteSessionStorage(SqlSessionStorage):
                         f" directory {self._file.parent} is not writable)"
                     )
         with self._there_when_opened(must_exist):
-            if self._engine is not None:
-                self.engine  # noqa: B018 - the engine of this loop, before opening again
             await super()._open(read_only=read_only)
             if self._connection is None:
                 opened, pragmas, uri = self._opened
@@ -311,9 +291,10 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 with sql_errors("close"):
                     await connection.close()
         finally:
-            loop = _running_loop()
-            await asyncio.gather(*(d for d in self._disposals if d.get_loop() is loop))
-            await super().close()
+            try:
+                await self._loop_engines.close()
+            finally:
+                await super().close()
 
     def _may_index(self) -> bool:
         # A task holding a unit of work holds the write lock: its searches test pending

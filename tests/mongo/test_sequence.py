@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -46,3 +47,25 @@ def test_seq_follows_the_clock_when_it_is_ahead() -> None:
     drawn = sequence.next_seq()
     assert drawn > before
     assert drawn.generation_time >= later.generation_time
+
+
+def test_a_forks_child_draws_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by attack (by reading): a fork's child went on from its parent's last
+    draw, so parent and child drew the same values (a plain ObjectId never does: bson
+    draws new process bytes in the child)."""
+    monkeypatch.setattr(sequence, "_last", 2**95)  # far above any ObjectId of today
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its draw, through the pipe
+        try:
+            os.write(writing, sequence.next_seq().binary)
+        finally:
+            os._exit(0)
+    os.close(writing)
+    drawn = os.read(reading, 12)
+    os.close(reading)
+    os.waitpid(pid, 0)
+    parents = sequence.next_seq()
+    child = ObjectId(drawn)
+    assert child != parents
+    assert int.from_bytes(child.binary, "big") < 2**95  # a fresh ObjectId, not the parent's

@@ -7,6 +7,7 @@ recovers, and nothing is half written: every save either landed whole or not at 
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -371,6 +372,27 @@ def test_initialize_again_from_another_event_loop_says_so(postgresql_url: str) -
         assert loop.run_until_complete(_backends(postgresql_url)) == 0
     finally:
         loop.close()
+
+
+def test_close_from_another_event_loop_lets_go_of_the_replicas_too(postgresql_url: str) -> None:
+    """Found by attack: close() from another loop let go of the primary's pool but not
+    of the read replicas': their connections stayed, held by the closed storage, and
+    replica_states() reported them up. (The same server stands in for a standby.)"""
+    storage = PostgreSQLSessionStorage(postgresql_url, read_replicas=[postgresql_url])
+
+    async def first() -> None:
+        await storage.initialize()
+        await storage.save_session(ChatSession.create("faults"))
+        for _ in range(5):  # reads go to the replica once it holds this storage's writes
+            await storage.list_sessions()
+            await asyncio.sleep(0.05)
+
+    asyncio.run(first())
+    asyncio.run(storage.close())
+    gc.collect()
+
+    assert storage.replica_states() == []
+    assert asyncio.run(_backends(postgresql_url)) == 0
 
 
 async def test_a_unit_of_work_entered_before_close_borrows_no_connection_after_it(

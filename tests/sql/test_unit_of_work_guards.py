@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from persistence import (
-    ChatSession,
     InvalidDataError,
     PersistenceError,
     SessionStorage,
@@ -175,41 +174,6 @@ async def test_a_unit_of_work_entered_before_close_borrows_no_connection_after_i
     assert set(threading.enumerate()) - before == set()
     async with SQLiteSessionStorage(tmp_path / "store.db") as again:
         assert await again.load_session(session.session_id) is None
-
-
-def test_units_of_work_queue_for_connections_in_a_second_event_loop(tmp_path: Path) -> None:
-    """Found by attack: once units of work had queued for a pooled connection in one
-    `asyncio.run`, every one that queued in the next failed with a raw RuntimeError
-    ("bound to a different event loop"); the README says a SQLite storage works from
-    another loop. More units run at once than the pool holds (5 and 10 more)."""
-    storage = SQLiteSessionStorage(tmp_path / "store.db")
-    sessions = [conversation(1) for _ in range(20)]
-
-    async def burst() -> list[BaseException | None]:
-        async def one(session: ChatSession) -> None:
-            async with storage.unit_of_work() as uow:
-                await uow.sessions.add(session)
-                await asyncio.sleep(0.01)
-                await uow.commit()
-
-        return await asyncio.gather(*(one(s) for s in sessions), return_exceptions=True)
-
-    async def first() -> list[BaseException | None]:
-        await storage.initialize()
-        return await burst()
-
-    async def second() -> tuple[list[BaseException | None], int]:
-        try:
-            for session in sessions:
-                session.add_message("user", "from the second loop")
-            return await burst(), (await storage.count()).messages
-        finally:
-            await storage.close()
-
-    assert asyncio.run(first()) == [None] * 20
-    outcomes, messages = asyncio.run(second())
-    assert outcomes == [None] * 20
-    assert messages == 40
 
 
 @pytest.mark.parametrize("elsewhere", ["unit of work", "save"])

@@ -1,0 +1,157 @@
+"""A SQLite storage used from several event loops: one after another, and at once.
+
+Its own connection answers any loop; its units of work use an engine per loop
+(persistence/sql/loop_engines.py), each disposed of by close() at the latest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persistence import ChatSession, SQLiteSessionStorage
+from persistence.sql import engines
+from tests.factories import conversation
+
+
+def _descriptors_on(path: Path) -> int:
+    """How many of this process's file descriptors are open on the store's files."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    return found
+
+
+async def _units(storage: SQLiteSessionStorage, sessions: list[ChatSession]) -> None:
+    async def one(session: ChatSession) -> None:
+        session.add_message("user", "in a unit of work")
+        async with storage.unit_of_work() as uow:
+            await uow.sessions.add(session)
+            await asyncio.sleep(0.01)
+            await uow.commit()
+
+    await asyncio.gather(*(one(session) for session in sessions))
+
+
+def test_units_of_work_queue_for_connections_in_a_second_event_loop(tmp_path: Path) -> None:
+    """Found by attack: once units of work had queued for a pooled connection in one
+    `asyncio.run`, every one that queued in the next failed with a raw RuntimeError
+    ("bound to a different event loop"); the README says a SQLite storage works from
+    another loop. More units run at once than the pool holds (5 and 10 more)."""
+    storage = SQLiteSessionStorage(tmp_path / "store.db")
+    sessions = [conversation(1) for _ in range(20)]
+
+    async def burst() -> list[BaseException | None]:
+        async def one(session: ChatSession) -> None:
+            async with storage.unit_of_work() as uow:
+                await uow.sessions.add(session)
+                await asyncio.sleep(0.01)
+                await uow.commit()
+
+        return await asyncio.gather(*(one(s) for s in sessions), return_exceptions=True)
+
+    async def first() -> list[BaseException | None]:
+        await storage.initialize()
+        return await burst()
+
+    async def second() -> tuple[list[BaseException | None], int]:
+        try:
+            for session in sessions:
+                session.add_message("user", "from the second loop")
+            return await burst(), (await storage.count()).messages
+        finally:
+            await storage.close()
+
+    assert asyncio.run(first()) == [None] * 20
+    outcomes, messages = asyncio.run(second())
+    assert outcomes == [None] * 20
+    assert messages == 40
+
+
+def test_close_disposes_of_the_engines_of_loops_that_ended(tmp_path: Path) -> None:
+    """Found by attack: the engine of a loop before was disposed of in a task of the next
+    loop, cancelled when that loop ended; nothing disposed of it again, and close() left
+    its connections' threads and descriptors open."""
+    path = tmp_path / "store.db"
+    before = set(threading.enumerate())
+    storage = SQLiteSessionStorage(path)
+    sessions = [conversation(1) for _ in range(5)]
+
+    async def first() -> None:
+        await storage.initialize()
+        await _units(storage, sessions)
+
+    async def nothing() -> None:
+        async with storage.unit_of_work():
+            pass  # a loop that ends as soon as its unit of work has taken its engine
+
+    asyncio.run(first())
+    asyncio.run(_units(storage, sessions))  # a second loop's engine, connections pooled
+    asyncio.run(nothing())
+    asyncio.run(storage.close())
+
+    assert set(threading.enumerate()) - before == set()
+    assert _descriptors_on(path) == 0
+
+
+def test_two_threads_loops_at_once_keep_an_engine_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: with an engine made at each change of loop, two threads' loops
+    made one for nearly every unit of work (new connections and threads each time), and
+    two changes at once left an engine, with its pool, that nothing disposed of."""
+    path = tmp_path / "store.db"
+    opened: list[Any] = []
+    connect = engines.connect_sqlite
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        connection = await connect(*args, **kwargs)
+        opened.append(connection)
+        return connection
+
+    monkeypatch.setattr(engines, "connect_sqlite", counted)
+    before = set(threading.enumerate())
+    storage = SQLiteSessionStorage(path)
+    asyncio.run(storage.initialize())
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        sessions = [conversation(1) for _ in range(4)]
+        try:
+            asyncio.run(_many(storage, sessions))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counts = asyncio.run(_count_and_close(storage))
+
+    assert errors == []
+    assert counts == 2 * 4 * (1 + 40)  # each session's first message, then one a unit
+    # One engine per loop: its pool's connections (5 and 10 more at most), not one
+    # engine and its connections per unit of work.
+    assert len(opened) <= 3 * 15
+    assert set(threading.enumerate()) - before == set()
+    assert _descriptors_on(path) == 0
+
+
+async def _many(storage: SQLiteSessionStorage, sessions: list[ChatSession]) -> None:
+    for _ in range(40):
+        await _units(storage, sessions)
+
+
+async def _count_and_close(storage: SQLiteSessionStorage) -> int:
+    try:
+        return (await storage.count()).messages
+    finally:
+        await storage.close()
