@@ -171,7 +171,8 @@ class SqlSessionStorage(SessionStorage):
             raise PersistenceError(
                 f"{self.backend_name} storage was opened for reading: open another to write"
             )
-        if self._engine is None:
+        opening = self._engine is None
+        if opening:
             self._engine = self._create_engine()
             self._opener = Opener()
             self._reading_only = read_only
@@ -189,11 +190,15 @@ class SqlSessionStorage(SessionStorage):
                 async with engine.execution_options(**WRITE_OPTIONS).connect() as connection:
                     await connection.run_sync(partial(migrate, version_table=table, where=where))
         except BaseException:
+            if not opening:
+                # Found by attack: a failed call again (the write lock held past the busy
+                # timeout) closed a storage that other tasks and loops were using.
+                raise
             # Not opened: a fork's child may open it (found by review: refused for good).
-            engine, self._engine, self._opener = self._engine, None, None
-            if engine is not None:
+            made, self._engine, self._opener = self._engine, None, None
+            if made is not None:
                 with sql_errors("close"):
-                    await engine.dispose()
+                    await made.dispose()
             raise
 
     async def stamp_schema(self, revision: str) -> tuple[tuple[str, ...], str]:
