@@ -341,9 +341,16 @@ class SessionManager:
         if (cached := self._cached_enough(session_id, last)) is not None:
             return cached
         cached = self._cache.get(session_id)
-        # A copy that left the cache while a caller kept it: the same object again.
+        # A copy that left the cache while a caller kept it: the same object again, unless
+        # the cached copy is newer. Found by attack: a partial copy took the place of the
+        # whole one, saved a message, and was asked for the whole again: the old whole
+        # copy came back without that message (and so did export_session).
         for released in reversed(self._cache.released(session_id)):
-            if released is not cached and not self._too_short(released, last):
+            if (
+                released is not cached
+                and not self._too_short(released, last)
+                and not _older(released, cached)
+            ):
                 await self._remember(released)
                 return released
         loaded = await self.storage.load_session(session_id, last=last)
@@ -650,3 +657,10 @@ class SessionManager:
             tried[id(session)] = mark
             late.append(session)
         return late
+
+
+def _older(session: ChatSession, than: ChatSession | None) -> bool:
+    """Whether `session` was last loaded or saved at an older revision than `than`."""
+    if than is None or session.revision is None or than.revision is None:
+        return False
+    return session.revision < than.revision

@@ -182,6 +182,34 @@ async def test_export_of_a_partial_copy_is_whole_or_refused(sql_storage: Session
     assert rendered is not None and "m0" in rendered and "unsaved" in rendered
 
 
+async def test_a_held_whole_copy_older_than_the_cached_partial_one_is_not_served_again(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: a partial copy, then the whole one (loaded again: the partial
+    one left the cache, still held); the partial copy saved a message and came back to
+    the cache; asked for the whole again, the manager served the old whole copy, which
+    lacked that message, and so did export_session. A rewind through it left the
+    message behind the rewind point."""
+    session = await _stored(sql_storage, messages=6)
+    manager = SessionManager(sql_storage)
+    tail = await manager.get_session(session.session_id, last=2)
+    whole = await manager.get_session(session.session_id)
+    assert tail is not None and whole is not None and whole is not tail
+    tail.add_message("user", "new")
+    assert await manager.auto_save(tail)
+
+    again = await manager.get_session(session.session_id)
+    assert again is not None and again is not whole
+    expected = [f"m{turn}" for turn in range(6)] + ["new"]
+    assert [m.content for m in again.messages] == expected
+    exported = await manager.export_session(session.session_id, "text")
+    assert exported is not None and "new" in exported
+    again.rewind(again.messages[3].message_id)
+    assert await manager.auto_save(again)
+    assert await _contents(sql_storage, session.session_id) == ["m0", "m1", "m2", "m3"]
+    await manager.shutdown()
+
+
 async def test_a_conflict_after_a_save_that_landed_unseen_is_resolved_on_a_partial_copy(
     sql_storage: SessionStorage,
 ) -> None:
