@@ -181,7 +181,12 @@ def test_loops_dropped_without_closing_keep_no_connections(tmp_path: Path) -> No
         loop = asyncio.new_event_loop()
         loop.run_until_complete(_units(storage, sessions))
         del loop
-    asyncio.run(_units(storage, sessions))  # the next new loop disposes of the others'
+
+    async def last() -> None:
+        await _units(storage, sessions)
+        await asyncio.sleep(0.5)  # while this loop disposes of the others' engines
+
+    asyncio.run(last())
 
     # At most the pools of the opening loop's engine and of the last loop's.
     assert len(_threads_left(before)) <= 2 * 15
