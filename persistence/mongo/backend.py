@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,8 @@ class MongoDBSessionStorage(SessionStorage):
         self._closed = False
         self._reading_only = False
         self.supports_transactions = False
+        # The event loop the client was first used in: PyMongo binds it there (4.12+).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _new_client(self) -> AsyncMongoClient[dict[str, Any]]:
         try:
@@ -157,14 +160,32 @@ class MongoDBSessionStorage(SessionStorage):
         Raises:
             PersistenceError: if the storage is closed.
         """
+        self._refuse_closed()
+        assert self._client is not None, "set until closed"
+        self._refuse_another_loop()
+        return self._client
+
+    def _refuse_closed(self) -> None:
         if self._closed or self._client is None:
             raise PersistenceError("mongodb storage is closed")
-        return self._client
+
+    def _refuse_another_loop(self) -> None:
+        """Found by review (PyMongo 4.12+ binds AsyncMongoClient to the loop of its
+        first use): from another loop every call raised a raw RuntimeError. As on
+        PostgreSQL, it is refused naming the cause."""
+        loop = _running_loop()
+        if loop is not None and self._loop is not None and loop is not self._loop:
+            raise PersistenceError(
+                f"mongodb storage {self._display_url} was opened in another event loop:"
+                " its client belongs to that loop; open a new storage in this one (or use"
+                " one event loop for the storage's life)"
+            )
 
     @property
     def docs(self) -> DocumentSet:
         if self._closed:
             raise PersistenceError("mongodb storage is closed")
+        self._refuse_another_loop()
         if self._docs is None:
             raise PersistenceError("mongodb storage is not initialized: await initialize() first")
         return self._docs
@@ -186,13 +207,34 @@ class MongoDBSessionStorage(SessionStorage):
             StorageConnectionError: if the server cannot be reached within the timeout.
             MigrationError: if the database holds no persistence collections.
         """
-        if self._docs is None:
-            self._reading_only = True
+        opening = self._docs is None
         await self._connect(create_indexes=False)
+        if opening:
+            # Only once opened (found by review: a failed opening left the storage
+            # refusing every write after a successful initialize()).
+            self._reading_only = True
 
     async def _connect(self, *, create_indexes: bool) -> None:
         forget_inherited_ids()
         client = self.client
+        opening = self._docs is None
+        if opening:
+            self._loop = asyncio.get_running_loop()
+        try:
+            await self._connect_with(client, create_indexes=create_indexes)
+        except BaseException:
+            if opening and not self._closed:
+                # Not opened: a new client, bound to no loop yet, so the next attempt may
+                # come from another one (found by review: the failed attempt's loop kept
+                # the client, and every retry from a new loop raised a raw RuntimeError).
+                self._client, self._loop = self._new_client(), None
+                with suppress(PersistenceError), mongo_errors("close"):
+                    await client.close()
+            raise
+
+    async def _connect_with(
+        self, client: AsyncMongoClient[dict[str, Any]], *, create_indexes: bool
+    ) -> None:
         with mongo_errors("initialize"):
             try:
                 hello = await client.admin.command("hello")
@@ -261,9 +303,13 @@ class MongoDBSessionStorage(SessionStorage):
     async def close(self) -> None:
         client, self._client, self._closed = self._client, None, True
         self._docs = self._reading = None
-        if client is not None:
-            with mongo_errors("close"):
-                await client.close()
+        loop = _running_loop()
+        if client is None or (self._loop is not None and loop is not self._loop):
+            # From another loop the client cannot close (PyMongo raised a raw
+            # RuntimeError, found by review): it is let go of, and goes with its loop.
+            return
+        with mongo_errors("close"):
+            await client.close()
 
     async def drop_database(self) -> None:
         """Drops this storage's database (tests and tools only); works after close() too.
@@ -285,7 +331,12 @@ class MongoDBSessionStorage(SessionStorage):
     def unit_of_work(self) -> MongoUnitOfWork:
         self._refuse_writes()
         return ObservedUnitOfWork(
-            self.client, self.docs, self.token, self.supports_transactions, self._clock
+            self.client,
+            self.docs,
+            self.token,
+            self.supports_transactions,
+            self._clock,
+            self._refuse_closed,
         )
 
     async def save_session(self, session: ChatSession, *, force: bool = False) -> bool:
@@ -499,3 +550,10 @@ class MongoDBSessionStorage(SessionStorage):
     async def copy_to_file(self, target: Path) -> bool:
         """MongoDB has no native single-file copy: the caller falls back to the export."""
         return False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # outside any loop: a tool looking at the client itself
+        return None

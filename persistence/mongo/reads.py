@@ -16,7 +16,7 @@ operation time; there every read goes to the one server anyway.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -172,8 +172,11 @@ class ObservedUnitOfWork(MongoUnitOfWork):
         token: str,
         transactional: bool,
         clock: CausalClock | None,
+        refuse_closed: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(client, docs, token, transactional=transactional)
+        super().__init__(
+            client, docs, token, transactional=transactional, refuse_closed=refuse_closed
+        )
         self._clock = clock
 
     async def commit(self) -> None:

@@ -21,11 +21,16 @@ from bson import ObjectId
 
 _lock = threading.Lock()
 _last = 0
+_pid = os.getpid()
 
 
 def next_seq() -> ObjectId:
     """An ObjectId above every one this process drew before."""
     global _last
+    if _pid != os.getpid():
+        # A fork made in C runs no at-fork hook (libc fork(), uWSGI): bson's ObjectId
+        # looks at the process id the same way (found by review).
+        _after_fork_in_child()
     drawn = int.from_bytes(ObjectId().binary, "big")
     with _lock:
         _last = max(drawn, _last + 1)
@@ -34,8 +39,8 @@ def next_seq() -> ObjectId:
 
 
 def _after_fork_in_child() -> None:
-    global _last, _lock
-    _last, _lock = 0, threading.Lock()
+    global _last, _lock, _pid
+    _last, _lock, _pid = 0, threading.Lock(), os.getpid()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,6 +25,8 @@ from persistence.mongo.errors import mongo_errors
 from persistence.mongo.updates import Saved, Write
 from persistence.storage import UnitOfWork, check_file_record
 from persistence.validation import check_instance, lookup_id
+
+logger = logging.getLogger(__name__)
 
 _Write = Callable[[AsyncClientSession], Awaitable[Any]]
 
@@ -171,12 +174,22 @@ class MongoUnitOfWork(UnitOfWork):
     """
 
     def __init__(
-        self, client: AsyncMongoClient[Any], docs: DocumentSet, token: str, *, transactional: bool
+        self,
+        client: AsyncMongoClient[Any],
+        docs: DocumentSet,
+        token: str,
+        *,
+        transactional: bool,
+        refuse_closed: Callable[[], None] | None = None,
     ) -> None:
         self.docs = docs
         self.token = token
         self.transactional = transactional
         self._client = client
+        # Raises once the storage is closed (as on SQL, found by review: a unit entered
+        # before close() took its sessions, and only its first read said so, as a
+        # failed load).
+        self._refuse_closed = refuse_closed
         self._session: AsyncClientSession | None = None
         self._held: list[_Held] = []
         # Saves sent inside the transaction: confirmed to their objects once it commits.
@@ -196,6 +209,8 @@ class MongoUnitOfWork(UnitOfWork):
         self.files = _MongoFiles(self)
 
     def client_session(self) -> AsyncClientSession:
+        if self._refuse_closed is not None:
+            self._refuse_closed()
         if self._committed:
             raise PersistenceError("unit of work already committed: start a new one")
         if self._ended:
@@ -236,7 +251,7 @@ class MongoUnitOfWork(UnitOfWork):
             # Writes sent before the error are in the transaction: aborted, none lands
             # (a caller that caught the error cannot commit the rest).
             self._failed = "commit"
-            await self._discard()
+            await self._discard_keeping_the_error()
             raise
         if self.transactional:
             try:
@@ -321,6 +336,15 @@ class MongoUnitOfWork(UnitOfWork):
             # As on SQL, work after a rollback runs in a new transaction, not unguarded.
             with mongo_errors("rollback"):
                 await self._session.start_transaction(read_preference=ReadPreference.PRIMARY)
+
+    async def _discard_keeping_the_error(self) -> None:
+        """_discard after a failure: its own failure is logged, and the failure that
+        led to it reaches the caller (found by review: a commit on a closed client
+        raised "rollback failed", its own error only the context)."""
+        try:
+            await self._discard()
+        except PersistenceError as exc:
+            logger.warning("unit of work: the rollback after a failed commit failed: %s", exc)
 
     async def _discard(self) -> None:
         # Nothing held was confirmed to its object: later saves send it again.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,49 @@ def test_transactions_are_used_only_where_the_server_has_them(
     hello: dict[str, object], expected: bool
 ) -> None:
     assert has_transactions(hello) is expected
+
+
+def test_a_failed_first_initialize_may_be_tried_again_from_another_loop() -> None:
+    """Found by review: PyMongo binds a client to the loop of its first use (4.12+), so
+    after a first initialize() failed, every retry from a new loop (a service retrying
+    its start-up in a new asyncio.run, a test framework's loop per test) raised a raw
+    RuntimeError. A failed opening now leaves a new client behind."""
+    storage = MongoDBSessionStorage(UNREACHABLE, server_selection_timeout=0.3)
+    for _ in range(2):
+        with pytest.raises(StorageConnectionError):
+            asyncio.run(storage.initialize())
+    asyncio.run(storage.close())
+
+
+async def test_a_failed_open_for_reading_leaves_the_storage_able_to_write() -> None:
+    """Found by review: a failed open_for_reading() left the storage refusing every
+    write, even after a successful initialize()."""
+    storage = MongoDBSessionStorage(UNREACHABLE, server_selection_timeout=0.3)
+    with pytest.raises(StorageConnectionError):
+        await storage.open_for_reading()
+    with pytest.raises(PersistenceError, match="not initialized"):
+        storage.unit_of_work()
+    await storage.close()
+
+
+def test_a_storage_used_from_another_loop_says_so_and_close_lets_go() -> None:
+    """Found by review: from a loop other than the one its client was first used in,
+    every call raised PyMongo's raw RuntimeError, and close() from there raised it too
+    and closed nothing. The storage records the loop it opened in (as an initialize()
+    that reached the server would)."""
+    storage = MongoDBSessionStorage(UNREACHABLE, server_selection_timeout=0.3)
+
+    async def opened_here() -> None:
+        storage._loop = asyncio.get_running_loop()
+
+    async def from_another_loop() -> None:
+        with pytest.raises(PersistenceError, match="another event loop"):
+            await storage.load_session("x")
+        with pytest.raises(PersistenceError, match="another event loop"):
+            storage.unit_of_work()
+        await storage.close()  # lets go of the client, raising nothing
+
+    asyncio.run(opened_here())
+    asyncio.run(from_another_loop())
+    with pytest.raises(PersistenceError, match="closed"):
+        asyncio.run(storage.initialize())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 
@@ -49,13 +50,15 @@ def test_seq_follows_the_clock_when_it_is_ahead() -> None:
     assert drawn.generation_time >= later.generation_time
 
 
-def test_a_forks_child_draws_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fork", ["os.fork", "libc fork"])
+def test_a_forks_child_draws_afresh(monkeypatch: pytest.MonkeyPatch, fork: str) -> None:
     """Found by attack (by reading): a fork's child went on from its parent's last
     draw, so parent and child drew the same values (a plain ObjectId never does: bson
-    draws new process bytes in the child)."""
+    draws new process bytes in the child). libc's fork() runs no at-fork hook (uWSGI's
+    workers): the draw itself looks at the process id."""
     monkeypatch.setattr(sequence, "_last", 2**95)  # far above any ObjectId of today
     reading, writing = os.pipe()
-    pid = os.fork()
+    pid = os.fork() if fork == "os.fork" else int(ctypes.PyDLL(None).fork())
     if pid == 0:  # the child: its draw, through the pipe
         try:
             os.write(writing, sequence.next_seq().binary)
