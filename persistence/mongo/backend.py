@@ -136,8 +136,12 @@ class MongoDBSessionStorage(SessionStorage):
         self._closed = False
         self._reading_only = False
         self.supports_transactions = False
-        # The event loop the client was first used in: PyMongo binds it there (4.12+).
+        # The event loop the storage opened in; PyMongo binds the client to the loop of
+        # its first use of any kind (4.12+), which `_client_loop` reads.
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Openings in flight, and the mode the first one that succeeded opened in.
+        self._attempts = 0
+        self._opened_for_reading: bool | None = None
 
     def _new_client(self) -> AsyncMongoClient[dict[str, Any]]:
         try:
@@ -169,16 +173,22 @@ class MongoDBSessionStorage(SessionStorage):
         if self._closed or self._client is None:
             raise PersistenceError("mongodb storage is closed")
 
+    def _client_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the client is bound to: PyMongo's own record (its `_loop`, set by
+        any first use, a tool's or drop_database's too), else the opening's."""
+        bound = getattr(self._client, "_loop", None)
+        return bound if isinstance(bound, asyncio.AbstractEventLoop) else self._loop
+
     def _refuse_another_loop(self) -> None:
         """Found by review (PyMongo 4.12+ binds AsyncMongoClient to the loop of its
         first use): from another loop every call raised a raw RuntimeError. As on
         PostgreSQL, it is refused naming the cause."""
-        loop = _running_loop()
-        if loop is not None and self._loop is not None and loop is not self._loop:
+        loop, bound = _running_loop(), self._client_loop()
+        if loop is not None and bound is not None and loop is not bound:
             raise PersistenceError(
-                f"mongodb storage {self._display_url} was opened in another event loop:"
-                " its client belongs to that loop; open a new storage in this one (or use"
-                " one event loop for the storage's life)"
+                f"mongodb storage {self._display_url} was opened (or its client first"
+                " used) in another event loop: the client belongs to that loop; open a new"
+                " storage in this one (or use one event loop for the storage's life)"
             )
 
     @property
@@ -199,6 +209,9 @@ class MongoDBSessionStorage(SessionStorage):
         if self._docs is not None and self._reading_only:
             raise PersistenceError("mongodb storage was opened for reading: open another to write")
         await self._connect(create_indexes=True)
+        if self._opened_for_reading:
+            # An open_for_reading() that finished first decided it.
+            raise PersistenceError("mongodb storage was opened for reading: open another to write")
 
     async def open_for_reading(self) -> None:
         """Connects to a database that holds a store, creating nothing (not even indexes).
@@ -207,12 +220,7 @@ class MongoDBSessionStorage(SessionStorage):
             StorageConnectionError: if the server cannot be reached within the timeout.
             MigrationError: if the database holds no persistence collections.
         """
-        opening = self._docs is None
         await self._connect(create_indexes=False)
-        if opening:
-            # Only once opened (found by review: a failed opening left the storage
-            # refusing every write after a successful initialize()).
-            self._reading_only = True
 
     async def _connect(self, *, create_indexes: bool) -> None:
         forget_inherited_ids()
@@ -220,17 +228,42 @@ class MongoDBSessionStorage(SessionStorage):
         opening = self._docs is None
         if opening:
             self._loop = asyncio.get_running_loop()
+        self._attempts += 1
         try:
             await self._connect_with(client, create_indexes=create_indexes)
         except BaseException:
-            if opening and not self._closed:
-                # Not opened: a new client, bound to no loop yet, so the next attempt may
-                # come from another one (found by review: the failed attempt's loop kept
-                # the client, and every retry from a new loop raised a raw RuntimeError).
+            if (
+                self._attempts == 1
+                and self._docs is None
+                and self._client is client
+                and not self._closed
+            ):
+                # No opening succeeded nor is in flight (found by review: a failed one
+                # closed the client a concurrent one had opened with): a new client,
+                # bound to no loop, so the next attempt may come from another one (the
+                # failed attempt's loop kept the client, and every retry from a new
+                # loop raised a raw RuntimeError).
                 self._client, self._loop = self._new_client(), None
-                with suppress(PersistenceError), mongo_errors("close"):
-                    await client.close()
+                await self._let_go(client)
             raise
+        finally:
+            self._attempts -= 1
+        if self._opened_for_reading is None:
+            # The first opening that succeeded decides; only once opened (found by
+            # review: a failed open_for_reading() left the storage refusing every write
+            # after a successful initialize(), and one racing initialize() won).
+            self._opened_for_reading = self._reading_only = not create_indexes
+
+    async def _let_go(self, client: AsyncMongoClient[dict[str, Any]]) -> None:
+        """Closes a client no longer used from its own loop; from another, lets go of it
+        (found by review: PyMongo's close() there waited for good while that loop was
+        open), to go with its loop."""
+        bound = getattr(client, "_loop", None)
+        if bound is not None and bound is not _running_loop():
+            return
+        with suppress(PersistenceError, TimeoutError), mongo_errors("close"):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await client.close()
 
     async def _connect_with(
         self, client: AsyncMongoClient[dict[str, Any]], *, create_indexes: bool
@@ -303,10 +336,12 @@ class MongoDBSessionStorage(SessionStorage):
     async def close(self) -> None:
         client, self._client, self._closed = self._client, None, True
         self._docs = self._reading = None
-        loop = _running_loop()
-        if client is None or (self._loop is not None and loop is not self._loop):
-            # From another loop the client cannot close (PyMongo raised a raw
-            # RuntimeError, found by review): it is let go of, and goes with its loop.
+        if client is None:
+            return
+        bound = getattr(client, "_loop", None)
+        if bound is not None and bound is not _running_loop():
+            # From another loop PyMongo's close() waits for good while the client's loop
+            # is open (found by review): the client is let go of, to go with its loop.
             return
         with mongo_errors("close"):
             await client.close()
@@ -317,6 +352,8 @@ class MongoDBSessionStorage(SessionStorage):
         Raises:
             StorageConnectionError: if the server cannot be reached.
         """
+        if not self._closed:
+            self._refuse_another_loop()
         client = self._client if not self._closed and self._client is not None else None
         with mongo_errors("drop database"):
             if client is not None:
@@ -550,6 +587,10 @@ class MongoDBSessionStorage(SessionStorage):
     async def copy_to_file(self, target: Path) -> bool:
         """MongoDB has no native single-file copy: the caller falls back to the export."""
         return False
+
+
+# How long a close() of a client waits for its connections when an opening failed.
+CLOSE_SECONDS = 5.0
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -326,7 +326,7 @@ class MongoUnitOfWork(UnitOfWork):
     async def rollback(self) -> None:
         if self._committed or self._ended:
             self.client_session()  # raises, naming which
-        await self._discard()
+        await self._discard_keeping_the_error()
         if (
             self.transactional
             and self._session is not None
@@ -338,9 +338,10 @@ class MongoUnitOfWork(UnitOfWork):
                 await self._session.start_transaction(read_preference=ReadPreference.PRIMARY)
 
     async def _discard_keeping_the_error(self) -> None:
-        """_discard after a failure: its own failure is logged, and the failure that
-        led to it reaches the caller (found by review: a commit on a closed client
-        raised "rollback failed", its own error only the context)."""
+        """_discard after a failure, or asked for: its own failure is logged, and the
+        failure that led to it reaches the caller (found by review: a commit on a closed
+        client raised "rollback failed", its own error only the context). A transaction
+        not aborted never commits: it ends with its session, or the server's timeout."""
         try:
             await self._discard()
         except PersistenceError as exc:
@@ -359,6 +360,8 @@ class MongoUnitOfWork(UnitOfWork):
                 await self._session.abort_transaction()
 
     async def __aenter__(self) -> Self:
+        if self._refuse_closed is not None:
+            self._refuse_closed()
         with mongo_errors("begin unit of work"):
             self._session = self._client.start_session()
             if self.transactional:
@@ -376,9 +379,19 @@ class MongoUnitOfWork(UnitOfWork):
             return  # left twice: the first exit ended it
         try:
             if not self._committed:
-                await self._discard()
+                if exc is None:
+                    await self._discard()
+                else:
+                    # The error that ended the block is the one to tell (found by review:
+                    # "rollback failed" on a closed client hid "storage is closed").
+                    await self._discard_keeping_the_error()
         finally:
             self._ended = True
             if self._session is not None:
-                with mongo_errors("close unit of work"):
-                    await self._session.end_session()
+                try:
+                    with mongo_errors("close unit of work"):
+                        await self._session.end_session()
+                except PersistenceError:
+                    if exc is None:
+                        raise
+                    logger.warning("unit of work: ending its session failed", exc_info=True)

@@ -221,3 +221,24 @@ def test_a_storage_used_from_another_loop_says_so_and_close_lets_go() -> None:
     asyncio.run(from_another_loop())
     with pytest.raises(PersistenceError, match="closed"):
         asyncio.run(storage.initialize())
+
+
+def test_a_client_first_used_in_a_loop_still_open_is_refused_elsewhere_and_let_go() -> None:
+    """Found by review: PyMongo binds the client at its first use of any kind (here a
+    drop_database() that failed), which the storage did not know: initialize() from
+    another loop then raised a raw RuntimeError, and its failure, or a close() from
+    there, waited for good on PyMongo's close() while the first loop stayed open."""
+    storage = MongoDBSessionStorage(UNREACHABLE, server_selection_timeout=0.3)
+    first = asyncio.new_event_loop()
+    try:
+        with pytest.raises(StorageConnectionError):
+            first.run_until_complete(storage.drop_database())
+
+        async def elsewhere() -> None:
+            with pytest.raises(PersistenceError, match="another event loop"):
+                await asyncio.wait_for(storage.initialize(), 10)
+            await asyncio.wait_for(storage.close(), 10)  # lets go: returns at once
+
+        asyncio.run(elsewhere())
+    finally:
+        first.close()
