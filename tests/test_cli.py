@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner, Result
 
+from persistence import ChatSession, SQLiteSessionStorage
 from persistence.cli import app
+from tests.factories import file_record
 from tests.installs import clean_environment, fresh_install
 
 # An empty current directory and no STORAGE_* variable or config file: a fresh machine.
@@ -92,6 +96,33 @@ def test_demo_on_a_fresh_machine_then_look_at_it(workdir: Path) -> None:
     stats = json.loads(ok("stats", "--json").stdout)
     assert stats["backend"] == "sqlite"
     assert (stats["total_sessions"], stats["total_messages"], stats["total_files"]) == (1, 4, 1)
+
+
+@pytest.mark.sqlite
+def test_demo_on_an_existing_store_only_adds(tmp_path: Path) -> None:
+    """Found by attack: the demo ran startup(), whose expiry sweep expired an idle
+    session and deleted an expired file record of the store it was pointed at,
+    saying nothing of it."""
+    path = tmp_path / "store.db"
+    old = ChatSession.create("m")
+    old.add_message("user", "from January")
+    old.updated_at = datetime(2026, 1, 1, tzinfo=UTC)
+    record = file_record(file_id="old-file", expires_in=-timedelta(days=30))
+
+    async def seed() -> None:
+        async with SQLiteSessionStorage(path) as storage:
+            await storage.save_session(old)
+            await storage.save_file_record(record)
+
+    asyncio.run(seed())
+    ok("--url", f"sqlite:///{path}", "demo")
+
+    async def look() -> tuple[str | None, bool]:
+        async with SQLiteSessionStorage(path) as storage:
+            kept = await storage.load_session(old.session_id)
+            return kept and kept.status, await storage.load_file_record("old-file") is not None
+
+    assert asyncio.run(look()) == ("active", True)
 
 
 @pytest.mark.sqlite

@@ -226,7 +226,7 @@ def test_unreadable_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"config file .*missing\.yaml: not found"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "dir.yaml").mkdir()
-    with pytest.raises(ConfigError, match=r"dir\.yaml: cannot be read"):
+    with pytest.raises(ConfigError, match=r"dir\.yaml: not a regular file"):
         load_config(tmp_path / "dir.yaml")
     bad_toml = _write(tmp_path / "bad.toml", "[storage\nbackend = 1\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
@@ -236,6 +236,22 @@ def test_unreadable_missing_and_malformed_files(tmp_path: Path) -> None:
     _write(tmp_path / "binary.yaml", "").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match=r"binary\.yaml: cannot be read \(not UTF-8"):
         load_config(tmp_path / "binary.yaml")
+
+
+def test_a_config_path_that_is_no_regular_file_or_too_large_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: a config path that was /dev/zero (through a symlink) was read
+    until the kernel killed the process at 23 GB, and a FIFO waited for good."""
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"zero\.yaml: not a regular file"):
+        load_config(tmp_path / "zero.yaml")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(ConfigError, match=r"fifo\.yaml: not a regular file"):
+        load_config(tmp_path / "fifo.yaml")
+    large = _write(tmp_path / "large.yaml", "# " + "x" * (1024 * 1024) + "\n")
+    with pytest.raises(ConfigError, match=r"large\.yaml: larger than 1048576 bytes"):
+        load_config(large)
 
 
 def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:

@@ -233,10 +233,11 @@ def demo(
     """Store a short conversation and a file record, then show how to look at them."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
+        # No startup(): found by attack, its expiry sweep and deletion of expired file
+        # records changed the store the demo was pointed at, saying nothing of it.
         manager = SessionManager(
             storage, auto_save_enabled=cfg.auto_save, expiry_hours=cfg.expiry_hours
         )
-        await manager.startup()
         session = await manager.create_session(
             "gemini-2.5-flash", metadata={"source": "persistence demo"}
         )

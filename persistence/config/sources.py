@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -211,6 +212,37 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# A config file is a few lines; the bound keeps a wrong path from reading for good.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _config_text(path: Path) -> str:
+    """The file's text, if it is a regular file of at most MAX_CONFIG_BYTES.
+
+    Found by attack: a config path that was /dev/zero (through a symlink) was read until
+    the kernel killed the process at 23 GB, and a FIFO waited for a writer for good.
+
+    Raises:
+        ConfigError: for anything but a regular file, or one too large.
+        OSError, UnicodeDecodeError: as reading it raises them.
+    """
+    # Without blocking: opening a FIFO to read waits for a writer.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ConfigError(f"config file {path}: not a regular file")
+        os.set_blocking(descriptor, True)
+        handle = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    return data.decode("utf-8")
+
+
 def read_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
     """The file's `storage` section as written: `expand_file_values` expands its ${VAR}s
     (only those of the settings used, so an unset variable elsewhere is no error).
@@ -222,7 +254,7 @@ def read_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
     if suffix not in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"config file {path}: unknown type (use .yaml, .yml or .toml)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _config_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -217,7 +217,7 @@ class SqlSessionStorage(SessionStorage):
             raise PersistenceError(f"stamp schema: give a {self.backend_name} storage not opened")
         engine = self._create_stamping_engine()
         try:
-            with sql_errors("stamp schema"):
+            with sql_errors(f"stamp schema of {self._where}"):
                 async with engine.execution_options(**WRITE_OPTIONS).begin() as connection:
                     return await connection.run_sync(
                         partial(

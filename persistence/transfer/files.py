@@ -55,9 +55,10 @@ def output_kind(target: Path) -> Literal["new", "file", "stream"]:
         mode = os.lstat(target).st_mode
     except FileNotFoundError:
         if not target.parent.is_dir():
-            raise MigrationError(
-                f"cannot write {target}: {target.parent} is not a directory"
-            ) from None
+            # Found by attack: a missing directory was called "not a directory".
+            missing = not target.parent.exists()
+            what = "no such directory" if missing else "not a directory"
+            raise MigrationError(f"cannot write {target}: {target.parent}: {what}") from None
         return "new"
     except OSError as exc:
         raise file_error("cannot write", target, exc) from exc

@@ -156,7 +156,7 @@ async def test_an_export_into_a_missing_directory_is_a_clear_error(
     sql_storage: SessionStorage, tmp_path: Path
 ) -> None:
     before = _tree(tmp_path)
-    with pytest.raises(MigrationError, match="is not a directory"):
+    with pytest.raises(MigrationError, match="missing: no such directory"):
         await export_to_json(sql_storage, tmp_path / "missing" / "all.json")
     assert _tree(tmp_path) == before
 

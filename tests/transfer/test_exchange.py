@@ -335,7 +335,7 @@ async def test_export_to_a_directory_is_refused(
 async def test_export_into_a_missing_directory_is_refused(
     other_sqlite: SessionStorage, tmp_path: Path
 ) -> None:
-    with pytest.raises(MigrationError, match="not a directory"):
+    with pytest.raises(MigrationError, match="nowhere: no such directory"):
         await export_to_json(other_sqlite, tmp_path / "nowhere" / "export.json")
 
 
