@@ -254,6 +254,24 @@ def test_a_config_path_that_is_no_regular_file_or_too_large_is_refused_at_once(
         load_config(large)
 
 
+def test_a_yaml_file_whose_aliases_expand_too_far_is_refused(tmp_path: Path) -> None:
+    """Found by attack: nine lines of nested aliases stood for 10^9 replica URLs, which
+    validation walked until the process was killed."""
+    lines = ['a0: &a0 ["postgresql://u@h/db"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = _write(
+        tmp_path / "laughs.yaml", "\n".join([*lines, "storage:", "  read_replicas: *a8", ""])
+    )
+    with pytest.raises(ConfigError, match="aliases expand it past 100,000 values"):
+        load_config(path)
+    # Aliases within the bound, and merge keys, still work.
+    merged = _write(
+        tmp_path / "merged.yaml",
+        "base: &base\n  backend: sqlite\nstorage:\n  <<: *base\n  expiry_hours: 12\n",
+    )
+    assert load_config(merged).expiry_hours == 12
+
+
 def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = _write(

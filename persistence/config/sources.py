@@ -190,9 +190,27 @@ def _resolve(match: re.Match[str], where: str) -> str:
     )
 
 
+# Values a config file may expand to, aliases counted each time they are used.
+MAX_CONFIG_VALUES = 100_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (found by attack:
-    the last one silently won; TOML and the JSON import files refuse it too)."""
+    the last one silently won; TOML and the JSON import files refuse it too), and a
+    document whose aliases expand it past MAX_CONFIG_VALUES values (found by attack: a
+    few lines of nested aliases, `read_replicas: *a8`, stood for 10^9 values, which
+    validation walked until killed)."""
+
+    def compose_document(self) -> yaml.Node | None:
+        document: yaml.Node | None = super().compose_document()
+        if document is not None and _expanded_size(document, {}) > MAX_CONFIG_VALUES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"its aliases expand it past {MAX_CONFIG_VALUES:,} values",
+                document.start_mark,
+            )
+        return document
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -210,6 +228,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for, each alias's counted where it is used (the
+    size of a node reached again is remembered, not walked again)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = size
+    return size
 
 
 # A config file is a few lines; the bound keeps a wrong path from reading for good.
