@@ -24,6 +24,7 @@ from persistence.errors import (
     SessionConflictError,
     SessionDeletedError,
 )
+from persistence.event_loops import refuse_another_loop, running_loop
 from persistence.identifiers import forget_inherited_ids
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo import bulk, repositories, writes
@@ -173,28 +174,19 @@ class MongoDBSessionStorage(SessionStorage):
         if self._closed or self._client is None:
             raise PersistenceError("mongodb storage is closed")
 
-    def _client_loop(self) -> asyncio.AbstractEventLoop | None:
-        """The loop the client is bound to: PyMongo's own record (its `_loop`, set by
-        any first use, a tool's or drop_database's too), else the opening's."""
-        bound = getattr(self._client, "_loop", None)
-        return bound if isinstance(bound, asyncio.AbstractEventLoop) else self._loop
-
     def _refuse_another_loop(self) -> None:
         """Found by review (PyMongo 4.12+ binds AsyncMongoClient to the loop of its
         first use): from another loop every call raised a raw RuntimeError. As on
         PostgreSQL, it is refused naming the cause."""
-        loop, bound = _running_loop(), self._client_loop()
-        if loop is not None and bound is not None and loop is not bound:
-            raise PersistenceError(
-                f"mongodb storage {self._display_url} was opened (or its client first"
-                " used) in another event loop: the client belongs to that loop; open a new"
-                " storage in this one (or use one event loop for the storage's life)"
-            )
+        refuse_another_loop(
+            _bound_loop(self._client) or self._loop,
+            f"mongodb storage {self._display_url}",
+            "its client (bound at its first use) belongs",
+        )
 
     @property
     def docs(self) -> DocumentSet:
-        if self._closed:
-            raise PersistenceError("mongodb storage is closed")
+        self._refuse_closed()
         self._refuse_another_loop()
         if self._docs is None:
             raise PersistenceError("mongodb storage is not initialized: await initialize() first")
@@ -258,8 +250,7 @@ class MongoDBSessionStorage(SessionStorage):
         """Closes a client no longer used from its own loop; from another, lets go of it
         (found by review: PyMongo's close() there waited for good while that loop was
         open), to go with its loop."""
-        bound = getattr(client, "_loop", None)
-        if bound is not None and bound is not _running_loop():
+        if _bound_elsewhere(client):
             return
         with suppress(PersistenceError, TimeoutError), mongo_errors("close"):
             async with asyncio.timeout(CLOSE_SECONDS):
@@ -336,15 +327,11 @@ class MongoDBSessionStorage(SessionStorage):
     async def close(self) -> None:
         client, self._client, self._closed = self._client, None, True
         self._docs = self._reading = None
-        if client is None:
-            return
-        bound = getattr(client, "_loop", None)
-        if bound is not None and bound is not _running_loop():
-            # From another loop PyMongo's close() waits for good while the client's loop
-            # is open (found by review): the client is let go of, to go with its loop.
-            return
-        with mongo_errors("close"):
-            await client.close()
+        # From another loop PyMongo's close() waits for good while the client's loop is
+        # open (found by review): the client is let go of, to go with its loop.
+        if client is not None and not _bound_elsewhere(client):
+            with mongo_errors("close"):
+                await client.close()
 
     async def drop_database(self) -> None:
         """Drops this storage's database (tests and tools only); works after close() too.
@@ -593,8 +580,14 @@ class MongoDBSessionStorage(SessionStorage):
 CLOSE_SECONDS = 5.0
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:  # outside any loop: a tool looking at the client itself
-        return None
+def _bound_loop(client: AsyncMongoClient[Any] | None) -> asyncio.AbstractEventLoop | None:
+    """The loop PyMongo bound the client to at its first use of any kind (a tool's or
+    drop_database's too), by its own record; None while unused."""
+    bound = getattr(client, "_loop", None)
+    return bound if isinstance(bound, asyncio.AbstractEventLoop) else None
+
+
+def _bound_elsewhere(client: AsyncMongoClient[Any]) -> bool:
+    """Whether the client is bound to a loop other than the running one."""
+    bound = _bound_loop(client)
+    return bound is not None and bound is not running_loop()

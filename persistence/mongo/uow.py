@@ -345,7 +345,7 @@ class MongoUnitOfWork(UnitOfWork):
         try:
             await self._discard()
         except PersistenceError as exc:
-            logger.warning("unit of work: the rollback after a failed commit failed: %s", exc)
+            logger.warning("unit of work: its rollback failed: %s", exc)
 
     async def _discard(self) -> None:
         # Nothing held was confirmed to its object: later saves send it again.

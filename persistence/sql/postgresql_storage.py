@@ -15,6 +15,7 @@ from persistence.errors import (
     InvalidDataError,
     PersistenceError,
 )
+from persistence.event_loops import refuse_another_loop
 from persistence.models import ChatSession
 from persistence.sql.checkout import Lent, lent_connection
 from persistence.sql.engines import (
@@ -139,19 +140,12 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         return engine
 
     def _refuse_another_loop(self) -> None:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # outside any loop: a tool looking at the engine itself
-            loop = None
-        if loop is not None and loop is not self._loop:
-            # Found by attack: asyncpg's connections, and the pool's queue, belong to the
-            # loop that made them; from another one every call failed with a raw
-            # RuntimeError, or as "database unreachable", for good.
-            raise PersistenceError(
-                f"postgresql storage {self._where} was opened in another event loop: its"
-                " connections belong to that loop; open a new storage in this one (or use"
-                " one event loop for the storage's life)"
-            )
+        # Found by attack: asyncpg's connections, and the pool's queue, belong to the
+        # loop that made them; from another one every call failed with a raw
+        # RuntimeError, or as "database unreachable", for good.
+        refuse_another_loop(
+            self._loop, f"postgresql storage {self._where}", "its connections belong"
+        )
 
     async def _open(self, *, read_only: bool) -> None:
         if self._engine is None:

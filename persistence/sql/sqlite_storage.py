@@ -19,6 +19,7 @@ from persistence.errors import (
     PersistenceError,
     StorageConnectionError,
 )
+from persistence.event_loops import running_loop
 from persistence.sql import indexing
 from persistence.sql.engines import (
     check_sqlite_path,
@@ -73,13 +74,6 @@ def full_filesystem(directory: Path) -> str | None:
     if found.f_blocks > 0 and found.f_bavail == 0:
         return f"the filesystem holding {directory} is full"
     return None
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:  # outside any loop: a tool looking at the engine itself
-        return None
 
 
 class SQLiteSessionStorage(SqlSessionStorage):
@@ -159,7 +153,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         return str(self.database_path)
 
     def _create_engine(self) -> AsyncEngine:
-        self._engine_loop = _running_loop()
+        self._engine_loop = running_loop()
         return self._engine_of_store()
 
     def _engine_of_store(self) -> AsyncEngine:
@@ -171,7 +165,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         """The engine of units of work and migrations: in a loop other than the one that
         opened the storage, that loop's own (loop_engines.py)."""
         engine = super().engine
-        loop = _running_loop()
+        loop = running_loop()
         if loop is None or loop is self._engine_loop:
             return engine
         return self._loop_engines.of(loop)
