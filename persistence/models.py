@@ -194,6 +194,19 @@ class ChatSession(_DomainModel, Bookkeeping):
     # a page after it (list_sessions' `after`) starts, whatever was saved since.
     _listed: tuple[datetime, str] | None = PrivateAttr(default=None)
 
+    def __getstate__(self) -> dict[Any, Any]:
+        # The release before the shared () grows `_log` and `_pins` in place: a pickle
+        # holds lists, for a cache shared with it in a rolling deploy (found by review).
+        state: dict[Any, Any] = super().__getstate__()
+        private = state.get("__pydantic_private__")
+        if private:
+            state["__pydantic_private__"] = {
+                **private,
+                "_log": list(private["_log"]),
+                "_pins": list(private["_pins"]),
+            }
+        return state
+
     def __eq__(self, other: object) -> bool:
         # Fields only: which storages hold the messages is bookkeeping, not data.
         if not isinstance(other, ChatSession):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -108,3 +109,18 @@ def test_equality_ignores_where_a_session_is_stored() -> None:
 
     assert copy == session
     assert session.revision == 3 and copy.revision is None
+
+
+def test_a_pickle_holds_the_lists_the_release_before_grows_in_place() -> None:
+    """Found by review: this release starts `_log` and `_pins` as the shared (); the
+    release before appends to them, so a pickle it reads must hold lists."""
+    session = ChatSession(model="m")
+    session.add_message("user", "hello")
+    private = session.__getstate__()["__pydantic_private__"]
+    assert type(private["_log"]) is list and type(private["_pins"]) is list
+    private["_log"].append(("edit", 0, None, None))  # what the release before does
+    assert session._private()["_log"] == ()  # the object itself is not changed
+    copy = pickle.loads(pickle.dumps(session))
+    assert copy == session
+    copy.add_message("assistant", "hi")
+    assert [m.content for m in copy.messages] == ["hello", "hi"]
