@@ -51,6 +51,45 @@ def new_id() -> str:
 class _DomainModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # pydantic's two ways past validation validate here (found by attack: a message
+    # or record made through them reached the driver with its other fields unchecked:
+    # SQLite kept a NUL or an int `content` that PostgreSQL refused, a naive time was
+    # read as UTC, a size of 1.5 became 1 on PostgreSQL). Loads build from the store's
+    # values without either (`trusted`, persistence.sql.mapping).
+
+    # pydantic's mypy plugin declares model_construct per model, with its fields.
+    @classmethod  # type: ignore[no-redef]
+    def model_construct(  # type: ignore[override]
+        cls, _fields_set: set[str] | None = None, **values: Any
+    ) -> Self:
+        """Validated, as `cls(**values)` is.
+
+        Raises:
+            ValidationError: naming the field.
+        """
+        made = cls.model_validate(values)
+        if _fields_set is not None:
+            set_fields_set(made, set(_fields_set))
+        return made
+
+    @classmethod
+    def trusted(cls, **values: Any) -> Self:
+        """Built from values a store guarantees valid, unchecked (pydantic's
+        `model_construct`)."""
+        return super().model_construct(**values)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (deep: of every value too) with `update` validated, as a new model's
+        values are.
+
+        Raises:
+            ValidationError: naming the field.
+        """
+        copied = super().model_copy(deep=deep)
+        if not update:
+            return copied
+        return self.model_validate({**copied.__dict__, **update})
+
     @field_validator("*", mode="after")
     @classmethod
     def _faithful(cls, value: Any, info: Any) -> Any:
@@ -242,17 +281,20 @@ class ChatSession(_DomainModel, Bookkeeping):
         return copied
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """A copy as `copy.copy` makes it (deep: `copy.deepcopy`), then `update` applied.
+        """A copy as `copy.copy` makes it (deep: `copy.deepcopy`), then `update` assigned
+        (validated, as an assignment is).
 
         `messages` in `update` is assigned as `copied.messages = ...` is, so that a save
         refuses a list that does not start with the old messages. Found by attack:
         pydantic wrote it into the copy unseen, and the save of a history cut so
         returned True, the store keeping every message.
         """
+        copied = BaseModel.model_copy(self, deep=deep)
+        for name, value in (update or {}).items():
+            if name != "messages":
+                setattr(copied, name, value)  # validated (validate_assignment)
         if not update or "messages" not in update:
-            return super().model_copy(update=update, deep=deep)
-        rest = {name: value for name, value in update.items() if name != "messages"}
-        copied = super().model_copy(update=rest, deep=deep)
+            return copied
         # Measured against this object's messages, which a deep copy copied anew (found
         # by attack: a deep copy's unchanged history was refused, its first differing).
         copied.__dict__["messages"] = copy.copy(self._messages())

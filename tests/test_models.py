@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
 
-from persistence import ChatMessage, ChatSession
+from persistence import ChatMessage, ChatSession, UploadedFileRecord
 from persistence.changes import Snapshot
+from tests.factories import file_record
 
 
 def test_create_starts_an_empty_active_session() -> None:
@@ -124,3 +126,61 @@ def test_a_pickle_holds_the_lists_the_release_before_grows_in_place() -> None:
     assert copy == session
     copy.add_message("assistant", "hi")
     assert [m.content for m in copy.messages] == ["hello", "hi"]
+
+
+_AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("make", "update"),
+    [
+        (lambda: ChatMessage(session_id="s", role="user", content="x"), {"content": "a\x00b"}),
+        (lambda: ChatMessage(session_id="s", role="user", content="x"), {"content": "\ud800"}),
+        (lambda: ChatMessage(session_id="s", role="user", content="x"), {"content": 5}),
+        (lambda: ChatMessage(session_id="s", role="user", content="x"), {"message_id": 7}),
+        (lambda: ChatMessage(session_id="s", role="user", content="x"), {"message_id": "m" * 300}),
+        (lambda: ChatMessage(session_id="s", role="user", content="x"), {"role": "boss"}),
+        (
+            lambda: ChatMessage(session_id="s", role="user", content="x"),
+            {"created_at": datetime(2026, 1, 1)},  # naive on purpose
+        ),
+        (lambda: ChatMessage(session_id="s", role="user", content="x"), {"unknown": 1}),
+        (lambda: ChatSession(model="m"), {"model": "gpt\x00"}),
+        (lambda: ChatSession(model="m"), {"session_id": "s" * 300}),
+        (lambda: ChatSession(model="m"), {"status": "bogus"}),
+        (lambda: ChatSession(model="m"), {"created_at": "not a time"}),
+        (file_record, {"size": 1.5}),
+        (file_record, {"size": 2**64}),
+        (file_record, {"display_name": "a\x00b"}),
+        (file_record, {"mime_type": "\ud800"}),
+        (file_record, {"expires_at": datetime(2026, 1, 1)}),
+    ],
+)
+def test_model_copy_and_model_construct_validate_what_they_are_given(
+    make: Callable[[], ChatMessage | ChatSession | UploadedFileRecord], update: dict[str, object]
+) -> None:
+    """Found by attack: both were ways past validation, so a save met values the
+    backends disagree on (SQLite kept a NUL PostgreSQL refused; a size of 1.5 became 1
+    on PostgreSQL; a naive time was read as UTC). Both validate now, as `cls(...)` does."""
+    model = make()
+    with pytest.raises(ValueError, match=next(iter(update))):
+        model.model_copy(update=update)
+    values = {**model.__dict__, **update}
+    with pytest.raises(ValueError, match=next(iter(update))):
+        type(model).model_construct(**values)
+
+
+def test_model_copy_and_model_construct_keep_what_they_always_made() -> None:
+    message = ChatMessage(session_id="s", role="user", content="x", metadata={"k": [1]})
+    edited = message.model_copy(update={"content": "y", "created_at": _AT})
+    assert (edited.content, edited.created_at, edited.message_id) == ("y", _AT, message.message_id)
+    assert edited.metadata == {"k": [1]}
+    with pytest.raises(TypeError, match="edit_message"):
+        edited.metadata["k"] = 2  # type: ignore[index]
+    built = ChatMessage.model_construct(**message.__dict__)
+    assert built == message
+    session = ChatSession(model="m")
+    session.add_message("user", "hi")
+    archived = session.model_copy(update={"status": "archived"})
+    assert archived.status == "archived" and archived.messages == session.messages
+    assert file_record().model_copy(update={"size": 2}).size == 2

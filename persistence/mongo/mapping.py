@@ -75,7 +75,7 @@ def metadata_snapshot(metadata: dict[str, Any]) -> Snapshot:
 
 
 def message_from_document(session_id: str, document: MessageDocument) -> ChatMessage:
-    return ChatMessage.model_construct(
+    return ChatMessage.trusted(
         message_id=document.message_id,
         session_id=session_id,
         role=document.role,
@@ -147,7 +147,7 @@ def document_from_file_record(record: UploadedFileRecord) -> dict[str, Any]:
 
 
 def file_record_from_view(view: FileRecordView) -> UploadedFileRecord:
-    return UploadedFileRecord.model_construct(
+    return UploadedFileRecord.trusted(
         file_id=view.file_id,
         gemini_file_name=view.gemini_file_name,
         gemini_file_uri=view.gemini_file_uri,

@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from persistence import (
     ChatMessage,
@@ -554,10 +555,13 @@ async def test_a_message_made_past_validation_with_metadata_not_an_object_is_ref
     storage: SessionStorage, metadata: object
 ) -> None:
     """Found by attack: a list failed the save with an AttributeError naming nothing,
-    and [] or 0 were stored as {}."""
+    and [] or 0 were stored as {}. (`model_construct` validates now; what a store
+    builds unchecked, `trusted`, is still checked by the save.)"""
+    with pytest.raises(ValidationError, match="metadata"):
+        ChatMessage.model_construct(session_id="s", role="user", content="x", metadata=metadata)
     session = await _stored(storage, turns=1)
     stored = len(session.messages)
-    odd = ChatMessage.model_construct(
+    odd = ChatMessage.trusted(
         session_id=session.session_id, role="user", content="x", metadata=metadata
     )
     session.messages = [*session.messages, odd]
