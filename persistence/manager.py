@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from persistence import formats
+from persistence.arguments import path_argument
 from persistence.clock import MAX_EXPIRY_HOURS, utc_now
 from persistence.errors import (
     InvalidDataError,
@@ -549,11 +550,12 @@ class SessionManager:
             OSError: if the file cannot be written.
             PersistenceError: if the backend fails.
         """
-        refuse_own_file(self.storage, output_path)
+        target = path_argument(output_path, "output_path")
+        refuse_own_file(self.storage, target)
         rendered = await self.export_session(session_id, format)
         if rendered is None:
             return False
-        await asyncio.to_thread(formats.write_atomically, Path(output_path), rendered)
+        await asyncio.to_thread(formats.write_atomically, target, rendered)
         return True
 
     async def get_statistics(self) -> dict[str, Any]:

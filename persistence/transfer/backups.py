@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from persistence.arguments import callback_argument, path_argument, storage_argument
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, MigrationError
 from persistence.storage import SessionStorage
@@ -76,7 +77,7 @@ def backup_directory(backup_dir: str | Path) -> Path:
         raise MigrationError(
             "the backup directory is an empty path: name a directory (. for the current one)"
         )
-    return Path(backup_dir)
+    return path_argument(backup_dir, "backup_dir")
 
 
 async def backup_storage(
@@ -104,6 +105,8 @@ async def backup_storage(
             cannot be written.
         PersistenceError: if the store fails.
     """
+    storage_argument(storage, "storage")
+    callback_argument(progress_callback)
     started = time.perf_counter()
     directory = private_directory(backup_directory(backup_dir))
     now = utc_now()
@@ -216,7 +219,7 @@ def validate_backup_file(backup_path: str | Path) -> str:
             `restore_backup` would before writing.
         SchemaVersionError: for a SQLite backup written by a newer version.
     """
-    path = Path(backup_path)
+    path = path_argument(backup_path, "backup_path")
     kind = _backup_kind(path)
     if kind == "json":
         try:
@@ -323,8 +326,10 @@ async def restore_backup(
         SchemaVersionError: for a SQLite backup written by a newer version.
         PersistenceError: if the store fails.
     """
+    storage_argument(storage, "storage")
+    callback_argument(progress_callback)
     started = time.perf_counter()
-    path = Path(backup_path)
+    path = path_argument(backup_path, "backup_path")
     _refuse_own_file(storage, path)
     kind = _backup_kind(path)
     if kind == "json":

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from persistence.arguments import callback_argument, path_argument, storage_argument
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession, UploadedFileRecord
@@ -138,8 +139,10 @@ async def export_to_json(
             store's database or journals).
         PersistenceError: if the store fails.
     """
+    storage_argument(storage, "storage")
+    callback_argument(progress_callback)
     check_batch_size(batch_size)
-    target = Path(output_path)
+    target = path_argument(output_path, "output_path")
     output_kind(target)  # refuses a symlink or a directory before reading the store
     refuse_own_file(storage, target)
     started = time.perf_counter()
@@ -177,6 +180,8 @@ async def export_to_stream(
         OSError: if the stream fails.
         PersistenceError: if the store fails.
     """
+    storage_argument(storage, "storage")
+    callback_argument(progress_callback)
     check_batch_size(batch_size)
     started = time.perf_counter()
     counts, exported_at, size = await write_document(
@@ -212,8 +217,10 @@ async def import_from_json(
             is written then.
         PersistenceError: if the store fails; batches already written stay.
     """
+    storage_argument(storage, "storage")
+    callback_argument(progress_callback)
     check_batch_size(batch_size)
-    with open_input(Path(input_path)) as stream:
+    with open_input(path_argument(input_path, "input_path")) as stream:
         return await import_from_stream(
             storage, stream, progress_callback=progress_callback, batch_size=batch_size
         )
@@ -237,6 +244,8 @@ async def import_from_stream(
     Raises:
         InvalidDataError, PersistenceError: as `import_from_json`.
     """
+    storage_argument(storage, "storage")
+    callback_argument(progress_callback)
     check_batch_size(batch_size)
     started = time.perf_counter()
     # One open file for both passes: the second reads what the first validated, from

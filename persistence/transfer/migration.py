@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from persistence.arguments import callback_argument, storage_argument
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
@@ -132,6 +133,9 @@ async def copy_storage(
     Raises:
         InvalidDataError, PersistenceError: as migrate_storage.
     """
+    storage_argument(source, "source")
+    storage_argument(destination, "destination")
+    callback_argument(progress_callback)
     check_batch_size(batch_size)
     if source is destination:
         raise InvalidDataError("source and destination are the same storage")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from persistence.arguments import callback_argument, storage_argument
 from persistence.models import ChatMessage, ChatSession
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.streams import read_ahead
@@ -357,6 +358,9 @@ async def verify_migration(
         InvalidDataError: if batch_size is not positive.
         PersistenceError: if either store fails.
     """
+    storage_argument(source, "source")
+    storage_argument(destination, "destination")
+    callback_argument(progress_callback)
     check_batch_size(batch_size)
     started = time.perf_counter()
     report = Report()

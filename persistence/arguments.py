@@ -1,0 +1,57 @@
+"""Checks of the arguments that name files, stores and callbacks, before any I/O.
+
+Found by attack: a path of None or 5 reached `Path()` (a TypeError naming nothing), a
+NUL in one reached the operating system ("embedded null byte"), and a callback of 5
+failed after the first batch was written. Each now raises InvalidDataError naming the
+argument (API.md: bad input raises a ValueError subclass before anything is written).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from persistence.errors import InvalidDataError
+from persistence.storage import SessionStorage
+
+
+def path_argument(value: object, name: str) -> Path:
+    """`value` as a Path: a str or an os.PathLike of one, not empty, without NUL.
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str):
+        raise InvalidDataError(
+            f"{name}: expected a path (str or os.PathLike), got {type(value).__name__}"
+        )
+    if not text:
+        raise InvalidDataError(f"{name}: the path is empty")
+    if "\x00" in text:
+        raise InvalidDataError(f"{name}: a path cannot hold a NUL character")
+    return Path(text)
+
+
+def storage_argument(value: object, name: str) -> SessionStorage:
+    """`value`, a SessionStorage.
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if not isinstance(value, SessionStorage):
+        raise InvalidDataError(f"{name}: expected a SessionStorage, got {type(value).__name__}")
+    return value
+
+
+def callback_argument(value: object, name: str = "progress_callback") -> Callable[..., Any] | None:
+    """`value`, None or callable.
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    if value is not None and not callable(value):
+        raise InvalidDataError(f"{name}: expected a callable or None, got {type(value).__name__}")
+    return value
