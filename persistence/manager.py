@@ -87,8 +87,14 @@ class SessionManager:
         self._cache = SessionCache(_cache_bound(max_cached_sessions))
         # Saves of one object take turns (by id()), and loads of one session (by its id),
         # with its deletes and archives.
-        self._writing = Turns()
-        self._loading = Turns()
+        self._writing = Turns(
+            "this SessionManager is saving this session object in another event loop"
+            " (another thread): a manager's session is worked on from one loop at a time"
+        )
+        self._loading = Turns(
+            "this SessionManager is working on session {key!r} in another event loop"
+            " (another thread): a manager's session is worked on from one loop at a time"
+        )
 
     @property
     def max_cached_sessions(self) -> int:

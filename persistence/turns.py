@@ -10,44 +10,62 @@ keeps its own turns the same way: its saves per object, its loads per session id
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Hashable
 from types import TracebackType
+
+from persistence.errors import PersistenceError
 
 
 class Turns:
     """Locks by key, made when first needed and dropped once nothing holds or awaits them.
 
-    `async with turns(key):` waits until no other holder of `key` is inside.
+    `async with turns(key):` waits until no other holder of `key` is inside. A key is
+    waited for in one event loop at a time: an asyncio lock belongs to one loop and one
+    thread. Found by attack: saves of one object (or a SessionManager's work on one
+    session) from loops in several threads failed with a raw RuntimeError ("bound to a
+    different event loop"), and one of them then waited for good, woken from another
+    thread. Work on a key in another loop now raises `refusal`.
     """
 
-    __slots__ = ("_locks",)
+    __slots__ = ("_locks", "_refusal")
 
-    def __init__(self) -> None:
-        # key -> its lock and how many hold or wait for it.
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+    def __init__(self, refusal: str) -> None:
+        # key -> its lock, how many hold or wait for it, and the loop they run in.
+        self._locks: dict[Hashable, _Entry] = {}
+        self._refusal = refusal
 
     def __call__(self, key: Hashable) -> Turn:
-        return Turn(self._locks, key)
+        return Turn(self, key)
 
     def busy(self) -> set[Hashable]:
         """The keys some work holds or waits for now."""
         return set(self._locks)
 
 
+_Entry = tuple[asyncio.Lock, int, asyncio.AbstractEventLoop]
+# Loops in several threads may share one Turns: each change of its dict takes this.
+_GUARD = threading.Lock()
+
+
 class Turn:
     """One wait for one key of a Turns. A class, not a generator-based context manager:
     it is on every save's path (2 us against 7)."""
 
-    __slots__ = ("_key", "_locks")
+    __slots__ = ("_key", "_turns")
 
-    def __init__(self, locks: dict[Hashable, tuple[asyncio.Lock, int]], key: Hashable) -> None:
-        self._locks = locks
+    def __init__(self, turns: Turns, key: Hashable) -> None:
+        self._turns = turns
         self._key = key
 
     async def __aenter__(self) -> None:
-        locks, key = self._locks, self._key
-        lock, users = locks.get(key) or (asyncio.Lock(), 0)
-        locks[key] = (lock, users + 1)
+        loop = asyncio.get_running_loop()
+        locks, key = self._turns._locks, self._key
+        with _GUARD:
+            lock, users, owner = locks.get(key) or (asyncio.Lock(), 0, loop)
+            if owner is not loop:
+                raise PersistenceError(self._turns._refusal.format(key=key))
+            locks[key] = (lock, users + 1, owner)
         try:
             await lock.acquire()
         except BaseException:
@@ -60,19 +78,23 @@ class Turn:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._locks[self._key][0].release()
+        self._turns._locks[self._key][0].release()
         self._leave()
 
     def _leave(self) -> None:
-        locks, key = self._locks, self._key
-        lock, users = locks[key]
-        if users == 1:
-            del locks[key]
-        else:
-            locks[key] = (lock, users - 1)
+        locks, key = self._turns._locks, self._key
+        with _GUARD:
+            lock, users, owner = locks[key]
+            if users == 1:
+                del locks[key]
+            else:
+                locks[key] = (lock, users - 1, owner)
 
 
-_SAVES = Turns()
+_SAVES = Turns(
+    "this session object is being saved in another event loop (another thread): an"
+    " object is saved from one loop at a time; load a copy of the session in each loop"
+)
 
 
 def save_turn(token: str, holder: object) -> Turn:

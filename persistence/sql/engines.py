@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import PoolResetState
 
 from persistence.errors import InvalidDataError, StorageConnectionError
+from persistence.sql.thread_answers import answer_safely
 from persistence.sql.types import json_dumps, json_value_loads
 from persistence.urls import (
     asyncpg_url,
@@ -218,8 +219,9 @@ async def connect_sqlite(
     isolation_level=None: the library, not the sqlite3 module, begins transactions.
     """
     connection = aiosqlite.connect(target, isolation_level=None, timeout=busy_timeout, uri=uri)
-    # Like SQLAlchemy's own aiosqlite adapter: a forgotten connection never blocks exit.
-    connection._thread.daemon = True
+    # Its thread a daemon, like SQLAlchemy's own aiosqlite adapter's (a forgotten
+    # connection never blocks exit), that survives a closed loop (thread_answers).
+    answer_safely(connection)
     try:
         return await connection
     except BaseException:

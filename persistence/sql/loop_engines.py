@@ -8,16 +8,18 @@ failed with a raw RuntimeError ("bound to a different event loop").
 
 So each loop other than the one that opened the storage gets an engine of its own,
 kept while the loop runs (two loops in two threads at once keep theirs). When a new
-loop comes, the engines of loops that are not running are disposed of in it: closed,
-or dropped without closing (found by attack: each such loop kept its pool's threads
+loop comes, the engines of loops that are not running are disposed of: closed, or
+dropped without closing (found by attack: each such loop kept its pool's threads
 and descriptors, and itself, for the storage's life; its engine refers to it, so it
 is never collected), or only between two runs (it gets a new engine if it runs
-again). Whatever was not disposed of by then (a disposal cancelled when its loop
-ended) is disposed of by `close()`: aiosqlite's connection threads close from any
-loop. Found by attack on the first version, which made a new engine at each change of
-loop: two threads' loops made one for nearly every unit of work, two of them at once
-left one orphaned, and a disposal cancelled with its loop left its connections open
-after `close()`.
+again). They are disposed of in a thread of their own, in its own loop
+(aiosqlite's connection threads close from any loop): found by attack, a disposal run
+as a task of the new loop was cancelled when that loop ended at once, and SQLAlchemy
+logged each connection it was closing at ERROR. `close()` waits for those threads.
+Found by attack on the first version, which made a new engine at each change of loop:
+two threads' loops made one for nearly every unit of work, two of them at once left
+one orphaned. The lookup takes the lock (found by review: unlocked, a loop starting
+again could get the engine another thread was retiring as not running).
 """
 
 from __future__ import annotations
@@ -39,50 +41,43 @@ class LoopEngines:
         self._make = make
         self._lock = threading.Lock()  # loops in other threads share the storage
         self._engines: dict[asyncio.AbstractEventLoop, AsyncEngine] = {}
-        # Engines of loops not running, until disposed of; those being disposed of.
-        self._retired: list[AsyncEngine] = []
-        self._disposing: set[AsyncEngine] = set()
-        self._disposals: set[asyncio.Task[None]] = set()
+        self._disposers: list[threading.Thread] = []
 
     def of(self, loop: asyncio.AbstractEventLoop) -> AsyncEngine:
         """The engine of `loop`, made on its first use there."""
-        engine = self._engines.get(loop)
-        if engine is not None:
-            return engine
         with self._lock:
             engine = self._engines.get(loop)
             if engine is not None:
                 return engine
             engine = self._engines[loop] = self._make()
-            for other in [other for other in self._engines if not other.is_running()]:
-                self._retired.append(self._engines.pop(other))
-            due = [old for old in self._retired if old not in self._disposing]
-            self._disposing.update(due)
-        for old in due:
-            disposal = loop.create_task(self._retire(old))
-            self._disposals.add(disposal)
-            disposal.add_done_callback(self._disposals.discard)
+            retired = [
+                self._engines.pop(other) for other in list(self._engines) if not other.is_running()
+            ]
+            if retired:
+                disposer = threading.Thread(
+                    target=asyncio.run,
+                    args=(_dispose_all(retired),),
+                    name="persistence-sqlite-engine-disposal",
+                    daemon=True,
+                )
+                disposer.start()
+                self._disposers = [*(t for t in self._disposers if t.is_alive()), disposer]
         return engine
 
-    async def _retire(self, engine: AsyncEngine) -> None:
-        # Cancelled (its loop ended first), the engine stays retired: the next new loop
-        # or close() disposes of it.
-        try:
-            await _dispose(engine)
-        finally:
-            with self._lock:
-                self._disposing.discard(engine)
-        with self._lock:
-            while engine in self._retired:
-                self._retired.remove(engine)
-
     async def close(self) -> None:
-        """Disposes of every engine made, from the loop of the call."""
+        """Disposes of every engine made, from the loop of the call, once the disposals
+        under way have ended."""
         with self._lock:
-            engines = {*self._engines.values(), *self._retired}
+            engines = list(self._engines.values())
             self._engines.clear()
-            self._retired.clear()
-        await asyncio.gather(*(_dispose(engine) for engine in engines))
+            disposers, self._disposers = self._disposers, []
+        await _dispose_all(engines)
+        for disposer in disposers:
+            await asyncio.to_thread(disposer.join)
+
+
+async def _dispose_all(engines: list[AsyncEngine]) -> None:
+    await asyncio.gather(*(_dispose(engine) for engine in engines))
 
 
 async def _dispose(engine: AsyncEngine) -> None:

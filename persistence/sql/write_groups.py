@@ -39,6 +39,7 @@ from persistence.sql.runner import (
     end_sqlite_transaction,
     run_in_sqlite_thread,
 )
+from persistence.sql.thread_answers import answer_from_thread
 
 T = TypeVar("T")
 
@@ -108,18 +109,11 @@ class WriteGroups:
             )
         except BaseException as exc:  # never leave a caller unanswered
             outcomes = [(False, exc)] * len(group)
-        for (answer, _), outcome in zip(group, outcomes, strict=True):
-            answer.get_loop().call_soon_threadsafe(_answer, answer, outcome)
-
-
-def _answer(answer: asyncio.Future[Any], outcome: Outcome) -> None:
-    if answer.done():  # cancelled meanwhile: its caller waits for the thread, not it
-        return
-    succeeded, value = outcome
-    if succeeded:
-        answer.set_result(value)
-    else:
-        answer.set_exception(value)
+        # Every caller answered, whichever loop has closed (found by attack: one
+        # caller's closed loop left the callers after it unanswered, their writes
+        # committed).
+        for (answer, _), (succeeded, value) in zip(group, outcomes, strict=True):
+            answer_from_thread(answer, succeeded, value)
 
 
 def run_write_group(

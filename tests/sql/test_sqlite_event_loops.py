@@ -231,3 +231,141 @@ def test_a_failed_initialize_again_leaves_the_storage_open(tmp_path: Path) -> No
 
     asyncio.run(first())
     assert asyncio.run(second()) == 2
+
+
+def _in_threads(count: int, main: Any, timeout: float = 20.0) -> list[str]:
+    """Runs `asyncio.run(main())` in `count` threads at once; what each ended with.
+    Fails the test if any is still running after `timeout` (a hang)."""
+    outcomes: list[str] = []
+    barrier = threading.Barrier(count)
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            asyncio.run(main())
+            outcomes.append("ok")
+        except PersistenceError as exc:
+            outcomes.append(f"PersistenceError: {exc}")
+        except BaseException as exc:
+            outcomes.append(f"raw {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"hung: {outcomes}"
+    return outcomes
+
+
+@pytest.mark.parametrize("through", ["storage", "manager"])
+def test_one_object_from_loops_in_several_threads_is_refused_clearly_never_hangs(
+    tmp_path: Path, through: str
+) -> None:
+    """Found by attack: an asyncio lock taking turns per object (and a SessionManager's
+    per session) was shared by loops in several threads: raw RuntimeErrors ("bound to
+    a different event loop"), then one thread waited for good."""
+    from persistence import SessionManager
+
+    storage = SQLiteSessionStorage(tmp_path / "store.db")
+    session = conversation(1)
+    asyncio.run(storage.initialize())
+    asyncio.run(storage.save_session(session))
+    manager = SessionManager(storage)
+
+    async def save() -> None:
+        for _ in range(20):
+            if through == "manager":
+                held = await manager.get_session(session.session_id)
+                assert held is not None
+                held.add_message("user", "again")
+                await manager.auto_save(held)
+            else:
+                session.add_message("user", "again")
+                await storage.save_session(session)
+
+    try:
+        for _ in range(5):
+            outcomes = _in_threads(4, save)
+            assert all(
+                outcome == "ok" or "in another event loop" in outcome for outcome in outcomes
+            ), outcomes
+    finally:
+        asyncio.run(storage.close())
+
+
+def test_a_loop_closed_with_a_call_in_flight_leaves_the_storage_working(tmp_path: Path) -> None:
+    """Found by attack: aiosqlite's thread answered the call's closed loop, which raised,
+    and the thread died: every later call from every loop, and close(), waited for
+    good (under wait_for too)."""
+    storage = SQLiteSessionStorage(tmp_path / "store.db")
+
+    async def fill() -> None:
+        await storage.initialize()
+        for _ in range(50):
+            await storage.save_session(conversation(10))
+
+    asyncio.run(fill())
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        pending = loop.create_task(storage.list_sessions(limit=1000))
+        loop.run_until_complete(asyncio.sleep(0))  # the read is queued on the thread
+        assert not pending.done()
+        loop.close()  # before its answer
+
+    async def use() -> None:
+        assert len(await asyncio.wait_for(storage.list_sessions(limit=100), 10)) == 50
+        await asyncio.wait_for(storage.close(), 10)
+
+    assert _in_threads(1, use) == ["ok"]
+
+
+def test_a_write_group_answers_every_caller_when_one_callers_loop_has_closed(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: answering a closed loop's write raised, and the writes after it in
+    the same group were committed but never answered."""
+    storage = SQLiteSessionStorage(tmp_path / "store.db")
+    asyncio.run(storage.initialize())
+    # Keeps the connection's thread busy, so both saves wait in one write group.
+    storage._connection._tx.put_nowait((None, lambda: time.sleep(0.5)))  # type: ignore[union-attr]
+    loop = asyncio.new_event_loop()
+    pending = loop.create_task(storage.save_session(conversation(1)))
+    loop.run_until_complete(asyncio.sleep(0.05))  # its save waits in the group
+    assert not pending.done()
+    loop.close()
+
+    async def save() -> None:
+        assert await storage.save_session(conversation(1)) is True
+        assert len(await storage.list_sessions()) == 2
+        await storage.close()
+
+    assert _in_threads(1, save) == ["ok"]
+
+
+def test_short_lived_loops_dispose_of_engines_without_errors_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by attack: the engine of the loop before was disposed of as a task of the
+    new loop; a loop that ended at once cancelled it, and SQLAlchemy logged each
+    connection it was closing at ERROR, with a CancelledError traceback."""
+    storage = SQLiteSessionStorage(tmp_path / "store.db")
+    asyncio.run(storage.initialize())
+    session = conversation(1)
+    asyncio.run(storage.save_session(session))
+
+    async def unit(read: bool) -> None:
+        async with storage.unit_of_work() as uow:
+            if read:
+                await uow.sessions.get(session.session_id)
+            await uow.commit()
+
+    before = set(threading.enumerate())
+    for index in range(60):
+        asyncio.run(unit(index % 2 == 0))  # every other loop ends at once
+    asyncio.run(storage.close())
+    assert not [
+        r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("sqlalchemy")
+    ]
+    assert not _threads_left(before)
+    assert _descriptors_on(tmp_path) == 0
