@@ -8,8 +8,13 @@ backends bound to a loop refuse calls from another one with the same error.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from contextlib import suppress
+from typing import Any, TypeVar
 
 from persistence.errors import PersistenceError
+
+T = TypeVar("T")
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -32,3 +37,23 @@ def refuse_another_loop(bound: asyncio.AbstractEventLoop | None, storage: str, h
             f"{storage} was opened in another event loop: {held} to that loop; open a new"
             " storage in this one (or use one event loop for the storage's life)"
         )
+
+
+async def to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Awaits `work` run as a task of its own; a cancel of the caller lets it end first
+    (through any further cancels), then is raised.
+
+    For work whose own cleanup a cancel would cut short: found by attack, a SQLite
+    `initialize()` cancelled mid-migration left its connection, cancelled while it
+    closed, holding the file's write lock past `close()` until garbage collection.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancel is what the caller asked for
+        raise

@@ -23,6 +23,7 @@ from persistence.errors import (
     SessionConflictError,
     SessionDeletedError,
 )
+from persistence.event_loops import to_the_end
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.sql import indexing, message_owners, new_sessions, repositories, writes
 from persistence.sql.engines import (
@@ -187,8 +188,7 @@ class SqlSessionStorage(SessionStorage):
                             partial(check_readable, version_table=table, where=where)
                         )
                     return
-                async with engine.execution_options(**WRITE_OPTIONS).connect() as connection:
-                    await connection.run_sync(partial(migrate, version_table=table, where=where))
+                await to_the_end(_migrate(engine, table, where))
         except BaseException:
             if not opening:
                 # Found by attack: a failed call again (the write lock held past the busy
@@ -600,3 +600,8 @@ class SqlSessionStorage(SessionStorage):
 
     async def copy_to_file(self, target: Path) -> bool:
         return False
+
+
+async def _migrate(engine: AsyncEngine, version_table: str, where: str) -> None:
+    async with engine.execution_options(**WRITE_OPTIONS).connect() as connection:
+        await connection.run_sync(partial(migrate, version_table=version_table, where=where))

@@ -12,11 +12,12 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from persistence import ChatSession, SessionStorage, UploadedFileRecord
+from persistence import ChatSession, SessionStorage, SQLiteSessionStorage, UploadedFileRecord
 from persistence.clock import utc_now
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.runner import traced
@@ -303,3 +304,43 @@ async def test_cancelled_load_session_never_pins_the_wal(
     figures["cancelled"] = cancelled
     figures["checkpoints_blocked"] = blocked
     assert cancelled and blocked == 0
+
+
+def _write_lock_free(path: Path) -> bool:
+    connection = sqlite3.connect(path, timeout=0)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        connection.close()
+
+
+async def test_a_cancelled_sqlite_initialize_holds_no_write_lock_after_close(
+    tmp_path: Path, scale: Scale, figures: Figures
+) -> None:
+    """Found by attack: initialize() cancelled mid-migration, then close(), left a
+    connection holding the file's write lock (and its descriptors) until garbage
+    collection: every other writer, a second storage's initialize() too, got "database
+    is locked". The migration now ends (or fails) before the cancel goes on."""
+    tried = cancelled = in_a_row = 0
+    for steps in _steps(scale):
+        path = tmp_path / f"store-{steps}.db"
+        storage = SQLiteSessionStorage(path)
+        done = await _cancel_after(steps, storage.initialize)
+        await storage.close()
+        tried += 1
+        cancelled += not done
+        assert _write_lock_free(path), f"cancelled after {steps} steps: write lock held"
+        again = SQLiteSessionStorage(path)
+        await again.initialize()  # an interrupted migration is taken up again
+        await again.save_session(ChatSession.create("m"))
+        await again.close()
+        in_a_row = in_a_row + 1 if done else 0
+        if in_a_row >= _DONE_IN_A_ROW:
+            break
+    figures["cancel_points_tried"] = tried
+    figures["cancelled"] = cancelled
+    assert cancelled
