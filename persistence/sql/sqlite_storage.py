@@ -19,7 +19,7 @@ from persistence.errors import (
     PersistenceError,
     StorageConnectionError,
 )
-from persistence.event_loops import running_loop
+from persistence.event_loops import running_loop, to_the_end
 from persistence.sql import indexing
 from persistence.sql.engines import (
     check_sqlite_path,
@@ -205,12 +205,16 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 if must_exist:
                     self._opened = (sqlite_writing_target(self._file), self._pragmas, True)
                 # Refused, reading only, before our connections set the journal mode.
+                # Its thread may make the file's -wal: a cancel waits for it (found by
+                # attack: a restore's scratch directory met it being removed).
                 with self._there_when_opened(must_exist), sql_errors(f"open {self._where}"):
-                    await asyncio.to_thread(
-                        refuse_foreign_sqlite_file,
-                        sqlite_reading_target(self._file),
-                        version_table=self.version_table,
-                        where=self._where,
+                    await to_the_end(
+                        asyncio.to_thread(
+                            refuse_foreign_sqlite_file,
+                            sqlite_reading_target(self._file),
+                            version_table=self.version_table,
+                            where=self._where,
+                        )
                     )
             else:
                 try:
@@ -366,10 +370,17 @@ class SQLiteSessionStorage(SqlSessionStorage):
         assert check is not None, "set when the connection opened"
         check()
         with sql_errors("back up database"):
-            async with aiosqlite.connect(target) as destination:
-                await connection.backup(destination)
+            # The copy runs in threads a cancel cannot stop: it waits for them (found by
+            # attack: the caller removed the partial file, which the copy made again or
+            # kept open, its descriptor held until garbage collection).
+            await to_the_end(_back_up(connection, target))
         check()
         return True
+
+
+async def _back_up(connection: aiosqlite.Connection, target: Path) -> None:
+    async with aiosqlite.connect(target) as destination:
+        await connection.backup(destination)
 
 
 def _may_create_in(directory: Path) -> bool:

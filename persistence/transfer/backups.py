@@ -15,6 +15,7 @@ from typing import Any
 from persistence.arguments import callback_argument, path_argument, storage_argument
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, MigrationError
+from persistence.event_loops import to_the_end
 from persistence.storage import SessionStorage
 from persistence.transfer.backup_rows import check_backup_rows
 from persistence.transfer.exchange import (
@@ -114,7 +115,7 @@ async def backup_storage(
     with temp_file(directory, "backup") as temp:
         if await storage.copy_to_file(temp):
             kind, suffix = "sqlite", ".sqlite3"
-            counts = await asyncio.to_thread(_sqlite_copy_counts, temp, directory)
+            counts = await to_the_end(asyncio.to_thread(_sqlite_copy_counts, temp, directory))
         else:
             kind, suffix = "json", ".json"
             try:
@@ -273,16 +274,24 @@ async def _restore_sqlite(
     from persistence.sql.backend import SQLiteSessionStorage
 
     # Opening a database may bring its schema to head: work on a copy, never the backup.
+    # Nothing may write into the scratch directory once its block ends: a cancel waits
+    # for the copy's thread and the copy's storage to close (found by attack: the
+    # directory's removal met their files, and its OSError replaced the CancelledError,
+    # the directory left for good).
     with scratch_directory("persistence-restore-") as scratch:
         copy = scratch / "backup.sqlite3"
         try:
-            await asyncio.to_thread(shutil.copyfile, path, copy)
+            await to_the_end(asyncio.to_thread(shutil.copyfile, path, copy))
         except OSError as exc:
             raise file_error("cannot read", path, exc) from exc
         _check_sqlite_backup(copy, path)
-        async with SQLiteSessionStorage(copy) as source:
+        source = SQLiteSessionStorage(copy)
+        try:
+            await source.initialize()
             await check_backup_rows(source, path)
             return await migrate_storage(source, storage, True, progress_callback)
+        finally:
+            await to_the_end(source.close())
 
 
 def _refuse_own_file(storage: SessionStorage, path: Path) -> None:

@@ -9,7 +9,10 @@ transaction (or SQLite's write lock) open, and a retry completes the save.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +24,7 @@ from persistence import ChatSession, SessionStorage, SQLiteSessionStorage, Uploa
 from persistence.clock import utc_now
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.runner import traced
+from persistence.transfer import backup_storage, restore_backup
 from tests.reliability.conftest import Figures, Scale
 from tests.reliability.support import Probe, postgresql_state, sqlite_state
 
@@ -344,3 +348,54 @@ async def test_a_cancelled_sqlite_initialize_holds_no_write_lock_after_close(
     figures["cancel_points_tried"] = tried
     figures["cancelled"] = cancelled
     assert cancelled
+
+
+def _scratch_directories() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("persistence-restore-*"))
+
+
+def _open_descriptors_under(directory: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)) or "persistence-restore-" in target:
+                found.append(target)
+    return found
+
+
+async def test_a_cancelled_sqlite_backup_or_restore_leaves_no_file_and_raises_the_cancel(
+    sqlite_storage: SessionStorage, tmp_path: Path, figures: Figures
+) -> None:
+    """Found by attack: a restore cancelled while it copied the backup into its scratch
+    directory, or while it opened that copy, raised OSError ("Directory not empty")
+    instead of the CancelledError, its directory left in /tmp for good; a cancelled
+    backup left a hidden partial file in the backup directory and its descriptor open
+    until garbage collection. Threads a cancel cannot stop are now waited for."""
+    for index in range(40):
+        session = ChatSession.create("m", session_id=f"s{index}")
+        for turn in range(3):
+            session.add_message("user", f"message {index} {turn}")
+        await sqlite_storage.save_session(session)
+    backups = tmp_path / "backups"
+    backup = Path((await backup_storage(sqlite_storage, backups))["path"])
+    scratch = _scratch_directories()
+    destination = SQLiteSessionStorage(tmp_path / "destination.db")
+    await destination.initialize()
+    cancelled = 0
+    try:
+        for _ in range(5):
+            for steps in range(40):
+                cancelled += not await _cancel_after(
+                    steps, lambda: restore_backup(destination, backup)
+                )
+                cancelled += not await _cancel_after(
+                    steps, lambda: backup_storage(sqlite_storage, backups)
+                )
+    finally:
+        await destination.close()
+    figures["cancelled"] = cancelled
+    assert cancelled
+    assert _scratch_directories() == scratch
+    assert not [path.name for path in backups.iterdir() if path.name.startswith(".")]
+    assert not _open_descriptors_under(backups)
