@@ -8,6 +8,7 @@ argument (API.md: bad input raises a ValueError subclass before anything is writ
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -54,4 +55,12 @@ def callback_argument(value: object, name: str = "progress_callback") -> Callabl
     """
     if value is not None and not callable(value):
         raise InvalidDataError(f"{name}: expected a callable or None, got {type(value).__name__}")
+    if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(
+        getattr(value, "__call__", None)  # noqa: B004  # an object with an async __call__
+    ):
+        # Found by attack: called, never awaited, it reported nothing.
+        raise InvalidDataError(
+            f"{name}: an async function is not awaited here; give a plain function"
+            " (it may schedule a task)"
+        )
     return value

@@ -233,9 +233,16 @@ class ChatSession(_DomainModel, Bookkeeping):
     # a page after it (list_sessions' `after`) starts, whatever was saved since.
     _listed: tuple[datetime, str] | None = PrivateAttr(default=None)
 
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        # The base a listing recorded is made first: found by attack, a PostgreSQL
+        # listing's (an asyncpg row) could be neither deep-copied nor pickled.
+        self._known()
+        return super().__deepcopy__(memo)
+
     def __getstate__(self) -> dict[Any, Any]:
         # The release before the shared () grows `_log` and `_pins` in place: a pickle
         # holds lists, for a cache shared with it in a rolling deploy (found by review).
+        self._known()  # found by attack: a PostgreSQL listing's row (asyncpg's) in it
         state: dict[Any, Any] = super().__getstate__()
         private = state.get("__pydantic_private__")
         if private:

@@ -52,7 +52,7 @@ class Turn:
     """One wait for one key of a Turns. A class, not a generator-based context manager:
     it is on every save's path (2 us against 7)."""
 
-    __slots__ = ("_key", "_turns")
+    __slots__ = ("_key", "_lock", "_turns")
 
     def __init__(self, turns: Turns, key: Hashable) -> None:
         self._turns = turns
@@ -62,10 +62,16 @@ class Turn:
         loop = asyncio.get_running_loop()
         locks, key = self._turns._locks, self._key
         with _GUARD:
-            lock, users, owner = locks.get(key) or (asyncio.Lock(), 0, loop)
-            if owner is not loop:
-                raise PersistenceError(self._turns._refusal.format(key=key))
+            entry = locks.get(key)
+            if entry is not None and entry[2] is not loop:
+                if not entry[2].is_closed():
+                    raise PersistenceError(self._turns._refusal.format(key=key))
+                # Found by attack: a loop closed in the middle of its work (its task
+                # never ended) kept the key for good; nothing there will release it.
+                entry = None
+            lock, users, owner = entry or (asyncio.Lock(), 0, loop)
             locks[key] = (lock, users + 1, owner)
+        self._lock = lock
         try:
             await lock.acquire()
         except BaseException:
@@ -78,13 +84,16 @@ class Turn:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._turns._locks[self._key][0].release()
+        self._lock.release()
         self._leave()
 
     def _leave(self) -> None:
         locks, key = self._turns._locks, self._key
         with _GUARD:
-            lock, users, owner = locks[key]
+            entry = locks.get(key)
+            if entry is None or entry[0] is not self._lock:
+                return  # its closed loop's entry, taken over since
+            lock, users, owner = entry
             if users == 1:
                 del locks[key]
             else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import pickle
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -362,3 +364,23 @@ async def test_list_sessions_refuses_bad_arguments(
 ) -> None:
     with pytest.raises(ValueError, match=named):
         await storage.list_sessions(**arguments)  # type: ignore[arg-type]
+
+
+async def test_a_listed_session_deep_copies_and_pickles_and_saves(storage: SessionStorage) -> None:
+    """Found by attack: a session from a PostgreSQL listing kept asyncpg's row for its
+    bookkeeping until first used, so `copy.deepcopy`, `model_copy(deep=True)` and
+    pickling raised a raw TypeError naming asyncpg's Record."""
+    session = conversation(1)
+    await storage.save_session(session)
+    for make in (
+        copy.deepcopy,
+        lambda listed: listed.model_copy(deep=True),
+        lambda listed: pickle.loads(pickle.dumps(listed)),  # our own bytes
+    ):
+        (listed,) = [s for s in await storage.list_sessions() if s.session_id == session.session_id]
+        copied = make(listed)
+        assert copied == listed
+        copied.add_message("user", "from the copy")
+        assert await storage.save_session(copied) is True
+    stored = await storage.load_session(session.session_id)
+    assert stored is not None and stored.message_count == len(session.messages) + 3

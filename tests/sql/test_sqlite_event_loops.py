@@ -369,3 +369,54 @@ def test_short_lived_loops_dispose_of_engines_without_errors_logged(
     ]
     assert not _threads_left(before)
     assert _descriptors_on(tmp_path) == 0
+
+
+@pytest.mark.parametrize("through", ["storage", "manager"])
+def test_a_loop_closed_in_the_middle_of_a_save_leaves_the_object_to_the_next_loop(
+    tmp_path: Path, through: str
+) -> None:
+    """Found by attack: a loop closed with a save (or a manager's load) of the object in
+    flight kept its turn for good: every later loop was refused as "in another event
+    loop". A closed loop's turn is taken over; the store then holds each message once."""
+    from persistence import SessionManager
+    from persistence.turns import _SAVES
+
+    storage = SQLiteSessionStorage(tmp_path / "store.db")
+    asyncio.run(storage.initialize())
+    manager = SessionManager(storage)
+    session = ChatSession.create("m")
+    for index in range(20_000):
+        session.add_message("user", f"message {index}")
+    if through == "manager":  # a long load to be in the middle of
+        asyncio.run(storage.save_session(session))
+    dead = asyncio.new_event_loop()
+    if through == "manager":
+        busy = manager._loading.busy
+        task = dead.create_task(manager.get_session(session.session_id))
+    else:
+        busy = _SAVES.busy
+        task = dead.create_task(storage.save_session(session))
+    for _ in range(4000):  # until the work holds its turn
+        dead.run_until_complete(asyncio.sleep(0.0005))
+        if busy():
+            break
+    assert busy() and not task.done()
+    dead.close()  # in the middle of it
+
+    async def again() -> None:
+        await asyncio.sleep(0.5)  # the thread has ended the closed loop's write by now
+        if through == "manager":
+            held = await manager.get_session(session.session_id)
+            assert held is not None
+            held.add_message("user", "after")
+            assert await manager.auto_save(held)
+        else:
+            session.add_message("user", "after")
+            assert await storage.save_session(session) is True
+        stored = await storage.load_session(session.session_id)
+        assert stored is not None
+        contents = [message.content for message in stored.messages]
+        assert len(contents) == len(set(contents)) == stored.message_count
+        await storage.close()
+
+    assert _in_threads(1, again) == ["ok"]

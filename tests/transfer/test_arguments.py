@@ -88,3 +88,23 @@ async def test_a_callback_or_storage_of_the_wrong_kind_is_refused_before_anythin
             await export_to_json("sqlite:///x.db", tmp_path / "y.json")  # type: ignore[arg-type]
     finally:
         await destination.close()
+
+
+async def test_an_async_progress_callback_is_refused_by_name(
+    sqlite_storage: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: called and never awaited, it reported nothing (a RuntimeWarning
+    at most)."""
+
+    async def report(done: int, total: int) -> None:
+        return None
+
+    class Reporter:
+        async def __call__(self, done: int, total: int) -> None:
+            return None
+
+    await populate(sqlite_storage)
+    for callback in (report, Reporter()):
+        with pytest.raises(InvalidDataError, match="progress_callback: an async function"):
+            await export_to_json(sqlite_storage, tmp_path / "x.json", progress_callback=callback)
+    assert not (tmp_path / "x.json").exists()
