@@ -221,5 +221,11 @@ def _indexed_matches(
         rows = yield Fetch(index_statement(shape, arity, recheck, asking=True), params)
         if rows[0][-1] if rows else (yield Fetch(ANY_PENDING_TERMS, {}))[0][0]:
             return None
+        if not rows:
+            # No terms pending now, though there may have been when the index was read
+            # (a statement, a snapshot): found by attack, another process wrote those
+            # between the two, and a pending match was found by neither. Read again:
+            # every row pending then has its terms now.
+            rows = yield Fetch(index_statement(shape, arity, recheck, pending=True), params)
         found += rows
     return found

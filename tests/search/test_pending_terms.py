@@ -252,3 +252,46 @@ async def test_an_edit_racing_the_search_that_writes_terms_keeps_the_new_terms(
     old_words = await postgresql_storage.search_messages("common words", limit=BULK)
     assert len(old_words) == BULK - 1
     assert found[0].message_id not in {m.message_id for m in old_words}
+
+
+async def test_terms_written_by_another_process_between_two_statements_of_a_search_are_found(
+    postgresql_storage: PostgreSQLSessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: the search read the index (the pending match had no terms yet),
+    another process wrote the pending terms, then the search asked whether any were
+    pending (none now) in a new snapshot, and returned without the match."""
+    import threading
+
+    from persistence.sql import search
+
+    session = ChatSession.create("m")
+    session.add_message("user", "the zebrafish swims")  # the oldest: below the newest rows
+    for n in range(BULK):
+        session.add_message("user", f"filler message {n}")
+    assert await postgresql_storage.insert_sessions([session])
+    assert await _pending_ranges(postgresql_storage) > 0
+    url = _url(postgresql_storage)
+    write_terms, ranges = WRITE_PENDING_TERMS.compile(postgresql_storage.engine.dialect).bind(
+        {"ranges": 64}
+    )
+
+    async def catch_up() -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.fetch(write_terms, *ranges)
+        finally:
+            await connection.close()
+
+    fetch = search.Fetch
+
+    def fetch_after_another_catch_up(statement: object, params: dict[str, object]) -> object:
+        if statement is search.ANY_PENDING_TERMS:  # another process, right now
+            other = threading.Thread(target=asyncio.run, args=(catch_up(),))
+            other.start()
+            other.join()
+        return fetch(statement, params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search, "Fetch", fetch_after_another_catch_up)
+    found = await postgresql_storage.search_messages("zebrafish")
+    assert [m.content for m in found] == ["the zebrafish swims"]
+    assert await _pending_ranges(postgresql_storage) == 0
