@@ -346,16 +346,19 @@ class Bookkeeping:
         # the manager's own values were dropped).
         plan = resolve_unconfirmed(planned.if_landed or planned, stored_ids)
         removed_ids = {message.message_id for message in plan.removals}
-        edited = {edit.current.message_id: edit.current for edit in plan.edits}
+        edited = {edit.current.message_id: edit for edit in plan.edits}
         kept: list[ChatMessage] = []
         for message in fresh.messages:
             if message.message_id in removed_ids:
                 base.removed[message.message_id] = message
                 continue
-            current = edited.pop(message.message_id, None)
-            if current is not None:
-                base.edits[message.message_id] = Edit(message, current)
-            kept.append(current or message)
+            edit = edited.pop(message.message_id, None)
+            if edit is None:
+                kept.append(message)
+                continue
+            current = _reapplied(edit, message)
+            base.edits[message.message_id] = Edit(message, current)
+            kept.append(current)
         appends = [m for m in plan.appends if m.message_id not in stored_ids]
         values = {name: fresh.__dict__[name] for name in TRACKED_FIELDS}
         values.update({name: new for name, (_old, new) in plan.field_changes.items()})
@@ -532,6 +535,21 @@ class Bookkeeping:
         if drop > 0:
             del self._growing("_log")[:drop]
             private["_log_start"] = oldest
+
+
+def _reapplied(edit: Edit, stored: ChatMessage) -> ChatMessage:
+    """`stored` with what this holder changed of it: its content, its metadata, or both.
+
+    Found by attack: a manager resolving a conflict wrote back the metadata another
+    writer had changed, of a message it had edited only the content of.
+    """
+    if edit.content_changed and edit.metadata_changed:
+        return edit.current
+    if edit.content_changed:
+        return stored.model_copy(update={"content": edit.current.content})
+    if edit.metadata_changed:
+        return stored.model_copy(update={"metadata": edit.current.metadata})
+    return stored
 
 
 def _check_new_messages(session_id: str, messages: tuple[ChatMessage, ...]) -> None:

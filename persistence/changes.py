@@ -162,6 +162,14 @@ class Edit:
     original: ChatMessage
     current: ChatMessage
 
+    @property
+    def content_changed(self) -> bool:
+        return self.current.content != self.original.content
+
+    @property
+    def metadata_changed(self) -> bool:
+        return self.current.metadata != self.original.metadata
+
 
 @dataclass(slots=True)
 class Unconfirmed:

@@ -24,7 +24,7 @@ from typing import Any
 
 import bson
 
-from persistence.changes import SavePlan
+from persistence.changes import Edit, SavePlan
 from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage
 from persistence.mongo.documents import LEGACY_INCARNATION, LEGACY_REVISION
@@ -250,8 +250,10 @@ def _pipeline_write(
     exact: bool,
 ) -> Write:
     removed = [message.message_id for message in plan.removals]
-    # The whole edited message: $mergeObjects keeps only its store sequence.
-    edited = [document_from_message(edit.current) for edit in plan.edits]
+    # What the holder changed of each edited message: $mergeObjects keeps the rest
+    # (found by attack on SQL: a forced save of a content edit wrote back the metadata
+    # another writer had changed).
+    edited = [edited_parts(edit) for edit in plan.edits]
     appended = [pushed_message(message) for message in appends]
     check_size(plan.session_id, {**fields, "metadata": metadata, "messages": edited + appended})
     pipeline = update_pipeline(
@@ -266,3 +268,14 @@ def _pipeline_write(
     )
     query = _no_duplicates({"_id": plan.session_id, **guard}, appends)
     return Write(Saved(revision + 1, incarnation, exact), query=query, pipeline=pipeline)
+
+
+def edited_parts(edit: Edit) -> dict[str, Any]:
+    """The parts of an edited message's embedded form that this holder changed."""
+    document = document_from_message(edit.current)
+    parts = {"message_id": document["message_id"]}
+    if edit.content_changed:
+        parts |= {"content": document["content"], "search_tokens": document["search_tokens"]}
+    if edit.metadata_changed:
+        parts["metadata"] = document["metadata"]
+    return parts

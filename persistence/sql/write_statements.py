@@ -141,18 +141,23 @@ LOCK = Statement(
 )
 # One multi-row statement however many messages a save carries (bulk.py).
 INSERT_MESSAGES = BulkInsert(messages)
+_EDITED = update(messages).where(
+    messages.c.session_id == bindparam("session_id"),
+    messages.c.message_id == bindparam("message_id"),
+)
+# An edit writes what the holder changed of a message, no more (found by attack: a
+# forced save of a content edit wrote back the metadata another writer had changed).
 EDIT_MESSAGE = Statement(
-    update(messages)
-    .where(
-        messages.c.session_id == bindparam("session_id"),
-        messages.c.message_id == bindparam("message_id"),
-    )
-    .values(
+    _EDITED.values(
         content=_bind(messages, "content"),
         metadata=_bind(messages, "metadata"),
         search_text=_bind(messages, "search_text"),
     )
 )
+EDIT_CONTENT = Statement(
+    _EDITED.values(content=_bind(messages, "content"), search_text=_bind(messages, "search_text"))
+)
+EDIT_METADATA = Statement(_EDITED.values(metadata=_bind(messages, "metadata")))
 DELETE_MESSAGES = Statement(
     delete(messages).where(
         messages.c.session_id == bindparam("session_id"),

@@ -41,7 +41,9 @@ from persistence.sql.write_statements import (
     APPENDED_COLUMNS,
     COMPARE_AND_SET,
     DELETE_MESSAGES,
+    EDIT_CONTENT,
     EDIT_MESSAGE,
+    EDIT_METADATA,
     INSERT_MESSAGES,
     INSERT_NEW,
     LOCK,
@@ -223,20 +225,33 @@ def _remove(plan: SavePlan) -> Work[int]:
 
 
 def _edit(plan: SavePlan) -> Work[None]:
-    if plan.edits:
-        yield ExecuteMany(
-            EDIT_MESSAGE,
-            [
-                {
-                    "session_id": plan.session_id,
-                    "message_id": edit.current.message_id,
-                    "content": edit.current.content,
-                    "metadata": edit.current.metadata,
-                    "search_text": search_document(edit.current.content),
-                }
-                for edit in plan.edits
-            ],
-        )
+    """Writes of each edited message what this holder changed: its content (and search
+    document), its metadata, or both."""
+    both: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] = []
+    metadata: list[dict[str, Any]] = []
+    for edit in plan.edits:
+        row: dict[str, Any] = {"session_id": plan.session_id, "message_id": edit.current.message_id}
+        if edit.content_changed:
+            row |= {
+                "content": edit.current.content,
+                "search_text": search_document(edit.current.content),
+            }
+        if edit.metadata_changed:
+            row["metadata"] = edit.current.metadata
+        if edit.content_changed and edit.metadata_changed:
+            both.append(row)
+        elif edit.content_changed:
+            content.append(row)
+        elif edit.metadata_changed:
+            metadata.append(row)
+    for statement, rows in (
+        (EDIT_MESSAGE, both),
+        (EDIT_CONTENT, content),
+        (EDIT_METADATA, metadata),
+    ):
+        if rows:
+            yield ExecuteMany(statement, rows)
 
 
 def _stored_versions(plan: SavePlan) -> Work[dict[str, ChatMessage]]:

@@ -20,6 +20,7 @@ from persistence import (
     InvalidDataError,
     SessionConflictError,
     SessionDeletedError,
+    SessionManager,
     SessionStorage,
     SQLiteSessionStorage,
 )
@@ -898,6 +899,46 @@ async def test_a_forced_save_makes_this_holders_values_win(
     assert loaded.metadata == {"title": "B"}
     assert loaded.status == "archived"  # B did not change it
     assert [m.content for m in loaded.messages] == ["B's first", "B's edit", "message 2"]
+
+
+@pytest.mark.parametrize("through", ["force", "manager"])
+@pytest.mark.parametrize("mine", ["content", "metadata"])
+async def test_a_forced_edit_of_one_half_of_a_message_keeps_anothers_edit_of_the_other(
+    storage: SessionStorage, reopen: Reopen, through: str, mine: str
+) -> None:
+    """Found by attack: a forced save (and a manager resolving a conflict) of a message
+    whose content alone this holder edited wrote back the metadata it had loaded, over
+    another writer's acknowledged edit of it: its values win for what it changed only."""
+    session = await _stored(storage, turns=1)
+    target = session.messages[0].message_id
+    manager = SessionManager(storage)
+    if through == "manager":
+        session = await manager.get_session(session.session_id)  # type: ignore[assignment]
+    async with reopen(storage) as other:
+        copy = await _load(other, session.session_id)
+        if mine == "content":
+            copy.edit_message(target, metadata={"by": "other"})
+        else:
+            copy.edit_message(target, content="the other's content")
+        await other.save_session(copy)
+
+    if mine == "content":
+        session.edit_message(target, content="my content")
+    else:
+        session.edit_message(target, metadata={"by": "me"})
+    if through == "manager":
+        assert await manager.auto_save(session) is True
+    else:
+        await storage.save_session(session, force=True)
+
+    stored = (await _load(storage, session.session_id)).messages[0]
+    if mine == "content":
+        assert (stored.content, stored.metadata) == ("my content", {"by": "other"})
+    else:
+        assert (stored.content, stored.metadata) == ("the other's content", {"by": "me"})
+    if through == "manager":  # its copy now holds what the store holds
+        held = session.messages[0]
+        assert (held.content, held.metadata) == (stored.content, stored.metadata)
 
 
 async def test_a_holder_whose_save_merged_others_work_still_sees_their_edits_and_removals(

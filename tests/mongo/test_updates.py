@@ -183,9 +183,11 @@ def test_edits_removals_and_appends_go_in_one_pipeline_update() -> None:
     assert replace["vars"]["at"]["$indexOfArray"][0] == {"$literal": [first.message_id]}
     kept, edited = replace["in"]["$cond"][1:]
     assert kept == "$$m"
-    # The whole edited message over the stored one: only its store sequence stays.
+    # What the holder changed of the message over the stored one (its content: not its
+    # metadata, which another writer may have changed meanwhile).
+    document = document_from_message(session.messages[0])
     assert edited["$mergeObjects"][1]["$arrayElemAt"][0] == {
-        "$literal": [document_from_message(session.messages[0])]
+        "$literal": [{name: document[name] for name in ("message_id", "content", "search_tokens")}]
     }
     # message_count is counted after the history changed, in a stage of its own.
     assert count_stage == {"$set": {"message_count": {"$size": "$messages"}}}
