@@ -159,6 +159,19 @@ def _left_unsynced(exc: BaseException) -> bool:
     return isinstance(exc, _ASYNCPG_DATA) and getattr(exc, "severity", None) is None
 
 
+def lock_not_available(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is PostgreSQL's lock timeout."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        found = seen.orig if isinstance(seen, DBAPIError) else seen
+        if getattr(found, "sqlstate", None) == "55P03":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError | PoolTimeoutError | InterfaceError):
         return True

@@ -119,10 +119,19 @@ class Indexed:
     more: bool
 
 
-def index_some() -> Work[Indexed]:
+# How long a search's own catch-up on PostgreSQL waits for a row another transaction
+# holds: found by attack, it waited on the terms an open unit of work's edit had
+# written for as long as that unit stayed open. SQLite's never waits (run_unless_locked).
+SEARCH_LOCK_WAIT = Statement(text("SELECT set_config('lock_timeout', '100ms', true)"))
+
+
+def index_some(*, wait: bool = True) -> Work[Indexed]:
     """Writes the documents (SQLite) or terms (PostgreSQL) of a batch of the oldest
-    pending messages."""
+    pending messages. Without `wait`, PostgreSQL gives up on a row another transaction
+    holds after SEARCH_LOCK_WAIT (a lock timeout: errors.lock_not_available)."""
     if (yield WhichDialect()) == "postgresql":
+        if not wait:
+            yield Fetch(SEARCH_LOCK_WAIT, {})
         ranges, written = (yield Fetch(WRITE_PENDING_TERMS, {"ranges": TERMS_RANGES}))[0]
         return Indexed(int(written), more=ranges == TERMS_RANGES)
     written = yield from _write_documents(BATCH)

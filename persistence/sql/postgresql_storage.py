@@ -17,6 +17,7 @@ from persistence.errors import (
 )
 from persistence.event_loops import refuse_another_loop
 from persistence.models import ChatSession
+from persistence.sql import indexing
 from persistence.sql.checkout import Lent, lent_connection
 from persistence.sql.engines import (
     WRITE_OPTIONS,
@@ -24,7 +25,7 @@ from persistence.sql.engines import (
     postgresql_engine,
     postgresql_url,
 )
-from persistence.sql.errors import sql_errors
+from persistence.sql.errors import lock_not_available, sql_errors
 from persistence.sql.held_sessions import UnheldTurn, held_by_another
 from persistence.sql.identity import database_identity
 from persistence.sql.replicas import replica_set
@@ -205,6 +206,18 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             if found is not None:
                 return found[0]
         return await self._run(make_work(), action, write=False, snapshot=snapshot)
+
+    async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:
+        if wait:
+            return await super()._index_batch(wait=True)
+        # A search's catch-up: given up on a row another transaction holds (None), the
+        # search tests the pending rows itself.
+        try:
+            return await self._run(indexing.index_some(wait=False), "index messages", write=True)
+        except PersistenceError as exc:
+            if lock_not_available(exc):
+                return None
+            raise
 
     async def _run(
         self,

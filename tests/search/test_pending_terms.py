@@ -295,3 +295,42 @@ async def test_terms_written_by_another_process_between_two_statements_of_a_sear
     found = await postgresql_storage.search_messages("zebrafish")
     assert [m.content for m in found] == ["the zebrafish swims"]
     assert await _pending_ranges(postgresql_storage) == 0
+
+
+async def test_a_search_does_not_wait_for_a_unit_of_work_holding_a_pending_rows_terms(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """Found by attack: a search's catch-up of the pending terms waited on the terms row
+    an open unit of work's edit had written, for as long as that unit stayed open (an
+    LLM call, say); SQLite's search never waits for a writer. It gives up after a short
+    lock wait and tests the pending rows itself."""
+    session = ChatSession.create("m")
+    session.add_message("user", "the zebrafish swims")
+    for n in range(BULK):
+        session.add_message("user", f"filler message {n}")
+    assert await postgresql_storage.insert_sessions([session])
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_a_unit_of_work() -> None:
+        async with postgresql_storage.unit_of_work() as uow:
+            loaded = await uow.sessions.get(session.session_id)
+            assert loaded is not None
+            loaded.edit_message(loaded.messages[1].message_id, content="edited filler")
+            await uow.sessions.add(loaded)
+            held.set()
+            await release.wait()
+            await uow.commit()
+
+    holder = asyncio.ensure_future(hold_a_unit_of_work())
+    await held.wait()
+    async with servers.second_holder(postgresql_storage) as searcher:
+        try:
+            found = await asyncio.wait_for(searcher.search_messages("zebrafish"), 5)
+        finally:
+            release.set()
+            await holder
+    assert [m.content for m in found] == ["the zebrafish swims"]
+    # The next search writes the terms, the unit of work committed.
+    assert [m.content for m in await postgresql_storage.search_messages("edited")] == [
+        "edited filler"
+    ]
