@@ -8,7 +8,7 @@ backends bound to a loop refuse calls from another one with the same error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -57,3 +57,9 @@ async def to_the_end(work: Coroutine[Any, Any, T]) -> T:
         if not task.cancelled():
             task.exception()  # retrieved: the cancel is what the caller asked for
         raise
+
+
+async def in_thread_to_the_end(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` in a thread (`asyncio.to_thread`), which a cancel cannot
+    stop: the cancel waits for it (`to_the_end`), so nothing it does comes after."""
+    return await to_the_end(asyncio.to_thread(fn, *args, **kwargs))

@@ -85,10 +85,10 @@ class _DomainModel(BaseModel):
         Raises:
             ValidationError: naming the field.
         """
-        copied = super().model_copy(deep=deep)
         if not update:
-            return copied
-        return self.model_validate({**copied.__dict__, **update})
+            return super().model_copy(deep=deep)
+        values = copy.deepcopy(self.__dict__) if deep else self.__dict__
+        return self.model_validate({**values, **update})
 
     @field_validator("*", mode="after")
     @classmethod

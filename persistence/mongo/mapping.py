@@ -26,8 +26,13 @@ def document_from_message(message: ChatMessage) -> dict[str, Any]:
         "content": message.content,
         "created_at": message.created_at,
         "metadata": message.metadata,
-        "search_tokens": search_document(message.content).split(),
+        "search_tokens": search_tokens(message.content),
     }
+
+
+def search_tokens(content: str) -> list[str]:
+    """A message's search document as the tokens its embedded form holds."""
+    return search_document(content).split()
 
 
 def document_from_session(session: ChatSession, incarnation: str | None = None) -> dict[str, Any]:

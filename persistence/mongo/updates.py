@@ -29,7 +29,7 @@ from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage
 from persistence.mongo.documents import LEGACY_INCARNATION, LEGACY_REVISION
 from persistence.mongo.errors import MAX_DOCUMENT_BYTES
-from persistence.mongo.mapping import document_from_message
+from persistence.mongo.mapping import document_from_message, search_tokens
 from persistence.mongo.sequence import next_seq
 
 
@@ -272,10 +272,11 @@ def _pipeline_write(
 
 def edited_parts(edit: Edit) -> dict[str, Any]:
     """The parts of an edited message's embedded form that this holder changed."""
-    document = document_from_message(edit.current)
-    parts = {"message_id": document["message_id"]}
+    message = edit.current
+    parts: dict[str, Any] = {"message_id": message.message_id}
     if edit.content_changed:
-        parts |= {"content": document["content"], "search_tokens": document["search_tokens"]}
+        parts["content"] = message.content
+        parts["search_tokens"] = search_tokens(message.content)
     if edit.metadata_changed:
-        parts["metadata"] = document["metadata"]
+        parts["metadata"] = message.metadata
     return parts

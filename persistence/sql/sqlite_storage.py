@@ -19,7 +19,7 @@ from persistence.errors import (
     PersistenceError,
     StorageConnectionError,
 )
-from persistence.event_loops import running_loop, to_the_end
+from persistence.event_loops import in_thread_to_the_end, running_loop, to_the_end
 from persistence.sql import indexing
 from persistence.sql.engines import (
     check_sqlite_path,
@@ -208,13 +208,11 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 # Its thread may make the file's -wal: a cancel waits for it (found by
                 # attack: a restore's scratch directory met it being removed).
                 with self._there_when_opened(must_exist), sql_errors(f"open {self._where}"):
-                    await to_the_end(
-                        asyncio.to_thread(
-                            refuse_foreign_sqlite_file,
-                            sqlite_reading_target(self._file),
-                            version_table=self.version_table,
-                            where=self._where,
-                        )
+                    await in_thread_to_the_end(
+                        refuse_foreign_sqlite_file,
+                        sqlite_reading_target(self._file),
+                        version_table=self.version_table,
+                        where=self._where,
                     )
             else:
                 try:

@@ -34,6 +34,7 @@ from persistence.sql.indexing import documents_now
 from persistence.sql.mapping import MessageRows, rows_from_messages
 from persistence.sql.message_owners import not_stored, stored_here
 from persistence.sql.runner import Execute, ExecuteMany, Fetch, WhichDialect, Work
+from persistence.sql.statements import Statement
 from persistence.sql.types import json_dumps, json_loads
 from persistence.sql.write_statements import (
     APPEND,
@@ -227,31 +228,23 @@ def _remove(plan: SavePlan) -> Work[int]:
 def _edit(plan: SavePlan) -> Work[None]:
     """Writes of each edited message what this holder changed: its content (and search
     document), its metadata, or both."""
-    both: list[dict[str, Any]] = []
-    content: list[dict[str, Any]] = []
-    metadata: list[dict[str, Any]] = []
+    rows: dict[Statement, list[dict[str, Any]]] = {}
     for edit in plan.edits:
+        content, metadata = edit.content_changed, edit.metadata_changed
+        if not (content or metadata):
+            continue
         row: dict[str, Any] = {"session_id": plan.session_id, "message_id": edit.current.message_id}
-        if edit.content_changed:
-            row |= {
-                "content": edit.current.content,
-                "search_text": search_document(edit.current.content),
-            }
-        if edit.metadata_changed:
+        if content:
+            row["content"] = edit.current.content
+            row["search_text"] = search_document(edit.current.content)
+        if metadata:
             row["metadata"] = edit.current.metadata
-        if edit.content_changed and edit.metadata_changed:
-            both.append(row)
-        elif edit.content_changed:
-            content.append(row)
-        elif edit.metadata_changed:
-            metadata.append(row)
-    for statement, rows in (
-        (EDIT_MESSAGE, both),
-        (EDIT_CONTENT, content),
-        (EDIT_METADATA, metadata),
-    ):
-        if rows:
-            yield ExecuteMany(statement, rows)
+        statement = (
+            EDIT_MESSAGE if content and metadata else EDIT_CONTENT if content else EDIT_METADATA
+        )
+        rows.setdefault(statement, []).append(row)
+    for statement, changed in rows.items():
+        yield ExecuteMany(statement, changed)
 
 
 def _stored_versions(plan: SavePlan) -> Work[dict[str, ChatMessage]]:

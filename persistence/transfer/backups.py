@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -15,7 +14,7 @@ from typing import Any
 from persistence.arguments import callback_argument, path_argument, storage_argument
 from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, MigrationError
-from persistence.event_loops import to_the_end
+from persistence.event_loops import in_thread_to_the_end, to_the_end
 from persistence.storage import SessionStorage
 from persistence.transfer.backup_rows import check_backup_rows
 from persistence.transfer.exchange import (
@@ -115,7 +114,7 @@ async def backup_storage(
     with temp_file(directory, "backup") as temp:
         if await storage.copy_to_file(temp):
             kind, suffix = "sqlite", ".sqlite3"
-            counts = await to_the_end(asyncio.to_thread(_sqlite_copy_counts, temp, directory))
+            counts = await in_thread_to_the_end(_sqlite_copy_counts, temp, directory)
         else:
             kind, suffix = "json", ".json"
             try:
@@ -281,7 +280,7 @@ async def _restore_sqlite(
     with scratch_directory("persistence-restore-") as scratch:
         copy = scratch / "backup.sqlite3"
         try:
-            await to_the_end(asyncio.to_thread(shutil.copyfile, path, copy))
+            await in_thread_to_the_end(shutil.copyfile, path, copy)
         except OSError as exc:
             raise file_error("cannot read", path, exc) from exc
         _check_sqlite_backup(copy, path)
