@@ -176,6 +176,24 @@ async def test_startup_sweeps_deletes_expired_files_and_warms_the_cache(
     assert warmed is not None and [m.content for m in warmed.messages] == ["m0"]
 
 
+async def test_startup_warms_no_more_messages_than_its_budget(
+    sql_storage: SessionStorage,
+) -> None:
+    small = await _stored_session(sql_storage, hours_ago=3, messages=3)
+    long = await _stored_session(sql_storage, hours_ago=2, messages=40)
+    newest = await _stored_session(sql_storage, hours_ago=1, messages=4)
+    manager = SessionManager(sql_storage, max_cached_sessions=5)
+    manager.warm_up_messages = 10
+
+    result = await manager.startup()
+
+    assert sorted(manager.cached_session_ids) == sorted([small.session_id, newest.session_id])
+    assert result["cached_sessions"] == 2
+    # The long one is loaded whole on first use.
+    loaded = await manager.get_session(long.session_id)
+    assert loaded is not None and len(loaded.messages) == 40 and loaded.message_count == 40
+
+
 async def test_startup_cost_does_not_grow_with_the_store(sql_storage: SessionStorage) -> None:
     for _ in range(5):
         await _stored_session(sql_storage, hours_ago=1)
