@@ -87,23 +87,11 @@ SET_DOCUMENTS = Statement(
 
 
 # PostgreSQL: the oldest pending ranges, taken (SKIP LOCKED: two searches at once take
-# different ones), and the terms of the rows they hold that still have a document, read
-# range by range through the primary key (OFFSET 0 keeps the planner from joining the
-# ranges to a scan of the whole table: 200 ms for 16 ranges at 50,000 rows, not 26). A row
-# of another writer inside a range and not yet visible has a range of its own, or got its
-# terms in its own statement; an edited row's terms are already written (DO NOTHING).
+# different ones), and the terms of the rows they hold that still have a document,
+# written in a snapshot taken after the ranges are locked, so that a removal of those
+# rows waits for this commit and then deletes the terms (revision 0013).
 WRITE_PENDING_TERMS = Statement(
-    text(
-        "WITH taken AS (DELETE FROM chat_terms_pending WHERE pending IN"
-        " (SELECT pending FROM chat_terms_pending ORDER BY pending LIMIT :ranges"
-        " FOR UPDATE SKIP LOCKED) RETURNING first_id, last_id),"
-        " written AS (INSERT INTO chat_message_terms (id, terms)"
-        " SELECT m.id, persistence_search_terms(m.search_text) FROM taken CROSS JOIN LATERAL"
-        " (SELECT m.id, m.search_text FROM chat_messages AS m"
-        " WHERE m.id BETWEEN taken.first_id AND taken.last_id AND m.search_text IS NOT NULL"
-        " OFFSET 0) AS m ON CONFLICT (id) DO NOTHING RETURNING 1)"
-        " SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM written)"
-    )
+    text("SELECT taken, written FROM persistence_write_pending_terms(:ranges)")
 )
 # Pending ranges a statement takes: a bulk insert records one per part of at most 256
 # rows (persistence.sql.bulk), so about 4,000 rows.
@@ -123,6 +111,9 @@ class Indexed:
 # holds: found by attack, it waited on the terms an open unit of work's edit had
 # written for as long as that unit stayed open. SQLite's never waits (run_unless_locked).
 SEARCH_LOCK_WAIT = Statement(text("SELECT set_config('lock_timeout', '100ms', true)"))
+# How long `index_for_search()` on PostgreSQL waits before it tries again, after such
+# a lock wait ran out.
+LOCKED_RETRY = 0.05
 
 
 def index_some(*, wait: bool = True) -> Work[Indexed]:

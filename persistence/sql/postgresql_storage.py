@@ -208,16 +208,22 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         return await self._run(make_work(), action, write=False, snapshot=snapshot)
 
     async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:
-        if wait:
-            return await super()._index_batch(wait=True)
-        # A search's catch-up: given up on a row another transaction holds (None), the
-        # search tests the pending rows itself.
-        try:
-            return await self._run(indexing.index_some(wait=False), "index messages", write=True)
-        except PersistenceError as exc:
-            if lock_not_available(exc):
+        # Always with a short lock wait. A removal of rows a batch holds waits for the
+        # batch's commit (revision 0013); a batch that then waited on the removal's
+        # unit of work (for the terms its edit wrote) would deadlock, and PostgreSQL
+        # could abort the unit. The batch gives up first, and tries again.
+        while True:
+            try:
+                return await self._run(
+                    indexing.index_some(wait=False), "index messages", write=True
+                )
+            except PersistenceError as exc:
+                if not lock_not_available(exc):
+                    raise
+            if not wait:
+                # A search's catch-up: the search tests the pending rows itself.
                 return None
-            raise
+            await asyncio.sleep(indexing.LOCKED_RETRY)
 
     async def _run(
         self,

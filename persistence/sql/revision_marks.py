@@ -3,8 +3,9 @@
 A version table can be wrong (`alembic stamp`), empty (stamped or downgraded to base)
 or missing (a store copied without it): the marks say which revision the tables are
 really at. Each revision has at least one mark on the dialects it changes; a revision
-that changes nothing on a dialect (0006 to 0009 on SQLite) has none there, and its
-schema there is its predecessor's, as is a revision that changes only data (0012).
+that changes nothing on a dialect (0006 to 0009, 0011 and 0013 on SQLite) has none
+there, and its schema there is its predecessor's, as is a revision that changes only
+data (0012).
 Found by attack: the marks stopped at 0004, so a store at 0004 stamped 0009 was taken
 for one at head.
 """
@@ -85,6 +86,16 @@ MARKS = (
         "chat_session_counts_slot()",
         dialects=POSTGRESQL,
         function="chat_session_counts_add(text, text, bigint)",
+    ),
+    Mark(
+        "0013",
+        "source",
+        "chat_terms_pending",
+        dialects=POSTGRESQL,
+        function="persistence_write_pending_terms(integer)",
+    ),
+    Mark(
+        "0013", "source", "FOR SHARE", dialects=POSTGRESQL, function="persistence_terms_deleted()"
     ),
 )
 # Revisions that change data only (their tables are their predecessor's): a store is
@@ -198,13 +209,18 @@ def schema_revision(connection: Connection) -> str | None:
     are there with their columns.
 
     Where later revisions change nothing on the dialect, the newest of them: its schema
-    is the same, so `alembic stamp` of it is right.
+    is the same, so `alembic stamp` of it is right. Never past a data revision, though:
+    a store stamped past one would skip it (0013 changes nothing on SQLite, where a
+    store at 0011 is told 0011, not 0013, so that its upgrade runs 0012).
     """
     look = _Look(connection)
     dialect = connection.dialect.name
     found: str | None = None
     for revision in REVISIONS:
-        if any(look.lacks(mark) for mark in _marks(dialect, revision)):
+        marks = _marks(dialect, revision)
+        if any(look.lacks(mark) for mark in marks):
+            break
+        if not marks and found and any(found < data < revision for data in DATA_REVISIONS):
             break
         found = revision
     return found

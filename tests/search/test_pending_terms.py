@@ -334,3 +334,117 @@ async def test_a_search_does_not_wait_for_a_unit_of_work_holding_a_pending_rows_
     assert [m.content for m in await postgresql_storage.search_messages("edited")] == [
         "edited filler"
     ]
+
+
+async def _two_sessions_in_one_pending_range(storage: PostgreSQLSessionStorage) -> None:
+    """Sessions `kept` and `removed`, inserted in one statement of more rows than the
+    insert trigger indexes itself: their terms are pending, in one range."""
+    kept, removed = (
+        ChatSession.create("m", session_id="kept"),
+        ChatSession.create("m", session_id="removed"),
+    )
+    for n in range(20):
+        kept.add_message("user", f"kept zeppelin {n}")
+        removed.add_message("user", f"removed zeppelin {n}")
+    assert await storage.insert_sessions([kept, removed])
+    assert await _pending_ranges(storage) == 1
+    assert await _terms(storage) == 0
+
+
+@pytest.mark.parametrize("first", ["catch-up", "removal"])
+async def test_a_removal_racing_a_catch_up_leaves_no_terms_behind(
+    postgresql_storage: PostgreSQLSessionStorage, first: str
+) -> None:
+    """Found by attack: a session deleted while another process's catch-up wrote the
+    pending terms of its rows kept those terms for good; the delete trigger could not
+    see them, uncommitted. Now the removal waits for the catch-up's commit (catch-up
+    first), or the catch-up skips the range the removal holds (removal first)."""
+    await _two_sessions_in_one_pending_range(postgresql_storage)
+    url = _url(postgresql_storage)
+    indexer, remover = await asyncpg.connect(url), await asyncpg.connect(url)
+    write_terms, ranges = WRITE_PENDING_TERMS.compile(postgresql_storage.engine.dialect).bind(
+        {"ranges": 64}
+    )
+    remove = "DELETE FROM chat_sessions WHERE session_id = 'removed'"
+    try:
+        for connection in (indexer, remover):
+            await connection.execute("BEGIN")
+        if first == "catch-up":
+            assert tuple(await indexer.fetchrow(write_terms, *ranges)) == (1, 40)
+            removal = asyncio.ensure_future(remover.execute(remove))
+            await asyncio.sleep(0.3)
+            assert not removal.done()  # waits for the catch-up's commit
+            await indexer.execute("COMMIT")
+            await removal
+        else:
+            await remover.execute(remove)
+            # The range the removal holds is skipped, not waited for.
+            taken = await asyncio.wait_for(indexer.fetchrow(write_terms, *ranges), 5)
+            assert tuple(taken) == (0, 0)
+            await indexer.execute("COMMIT")
+        await remover.execute("COMMIT")
+    finally:
+        await indexer.close()
+        await remover.close()
+
+    await postgresql_storage.index_for_search()
+    assert await _pending_ranges(postgresql_storage) == 0
+    await _check_index(postgresql_storage)  # no terms of a removed row among them
+    assert await _terms(postgresql_storage) == 20
+    found = await postgresql_storage.search_messages("zeppelin", limit=100)
+    assert sorted(m.content for m in found) == sorted(f"kept zeppelin {n}" for n in range(20))
+
+
+async def test_index_for_search_gives_way_to_a_unit_of_work_that_removes_rows_it_holds(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """The removal waits for a catch-up that took its rows' range; a catch-up that in
+    turn waited for the removal's unit of work (on the terms its edit wrote) would
+    deadlock, and PostgreSQL could abort the unit. `index_for_search()` gives up first
+    and tries again."""
+    await _two_sessions_in_one_pending_range(postgresql_storage)
+    edited, waiting = asyncio.Event(), asyncio.Event()
+
+    async def edit_then_remove() -> None:
+        async with postgresql_storage.unit_of_work() as uow:
+            kept = await uow.sessions.get("kept")
+            assert kept is not None
+            kept.edit_message(kept.messages[0].message_id, content="kept quagga")
+            await uow.sessions.add(kept)
+            edited.set()
+            await waiting.wait()  # the catch-up holds the range, waits on the edit
+            assert await uow.sessions.delete("removed")
+            await uow.commit()
+
+    async def catch_up_waits_on_a_lock() -> None:
+        watcher = await asyncpg.connect(_url(postgresql_storage))
+        try:
+            for _ in range(5000):
+                if await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                ):
+                    break
+                await asyncio.sleep(0.002)
+        finally:
+            await watcher.close()
+        waiting.set()
+
+    unit = asyncio.ensure_future(edit_then_remove())
+    await edited.wait()
+    async with servers.second_holder(postgresql_storage) as indexer:
+        watch = asyncio.ensure_future(catch_up_waits_on_a_lock())
+        written = await asyncio.wait_for(indexer.index_for_search(), 10)
+        await watch
+    await asyncio.wait_for(unit, 10)  # committed: no deadlock aborted it
+    # What a removal still held was skipped: the next catch-up writes it.
+    written += await postgresql_storage.index_for_search()
+
+    assert written == 19  # the kept session's other rows; the edit wrote its own
+    assert await _pending_ranges(postgresql_storage) == 0
+    await _check_index(postgresql_storage)
+    found = await postgresql_storage.search_messages("zeppelin", limit=100)
+    assert sorted(m.content for m in found) == sorted(f"kept zeppelin {n}" for n in range(1, 20))
+    assert [m.content for m in await postgresql_storage.search_messages("quagga")] == [
+        "kept quagga"
+    ]

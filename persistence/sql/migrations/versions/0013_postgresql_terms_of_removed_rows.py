@@ -1,0 +1,103 @@
+"""PostgreSQL: a message removed while another transaction writes its pending terms
+leaves no terms behind.
+
+Found by attack: a search's catch-up (persistence.sql.indexing) took a pending range
+and wrote the terms of the rows it held; a session deleted (or rewound) meanwhile by
+another process ran the delete trigger of 0009, which could not see those terms,
+uncommitted, and removed none. The catch-up then committed terms of messages that no
+longer exist: results stayed right (a search joins the messages), but the terms table
+kept them for good. Two changes close it:
+
+- The catch-up is one function, `persistence_write_pending_terms(ranges)`, of two
+  statements: the first takes the ranges (their rows locked until commit), the second
+  reads the messages in a snapshot taken after the locks are held. A removal committed
+  before the ranges were taken is seen there, and its messages get no terms.
+- The delete trigger first locks, FOR SHARE, the pending ranges that reach the removed
+  rows. A catch-up that took one holds it: the trigger waits for its commit, then
+  deletes the terms in a new snapshot, which holds them. A range not taken yet stays
+  locked until the removal commits, so a catch-up skips it (SKIP LOCKED) and a later
+  one reads the messages gone.
+
+SQLite is unchanged (its documents live in the message rows).
+
+Revision ID: 0013
+Revises: 0012
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+UPGRADE = [
+    # Each statement of a plpgsql function takes its own snapshot (READ COMMITTED).
+    # OFFSET 0 keeps the planner from joining the ranges to a scan of the whole table
+    # (200 ms for 16 ranges at 50,000 rows, not 26). A row of another writer inside a
+    # range and not yet visible has a range of its own, or got its terms in its own
+    # statement; an edited row's terms are already written (DO NOTHING).
+    """CREATE FUNCTION persistence_write_pending_terms(
+        ranges integer, OUT taken bigint, OUT written bigint)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        firsts bigint[];
+        lasts bigint[];
+    BEGIN
+        WITH took AS (DELETE FROM chat_terms_pending WHERE pending IN
+            (SELECT pending FROM chat_terms_pending ORDER BY pending LIMIT ranges
+             FOR UPDATE SKIP LOCKED) RETURNING first_id, last_id)
+        SELECT coalesce(array_agg(first_id), '{}'), coalesce(array_agg(last_id), '{}'),
+            count(*)
+        INTO firsts, lasts, taken FROM took;
+        INSERT INTO chat_message_terms (id, terms)
+        SELECT m.id, persistence_search_terms(m.search_text)
+        FROM unnest(firsts, lasts) AS r(first_id, last_id) CROSS JOIN LATERAL
+            (SELECT m.id, m.search_text FROM chat_messages AS m
+             WHERE m.id BETWEEN r.first_id AND r.last_id AND m.search_text IS NOT NULL
+             OFFSET 0) AS m
+        ON CONFLICT (id) DO NOTHING;
+        GET DIAGNOSTICS written = ROW_COUNT;
+    END $$""",
+    """CREATE OR REPLACE FUNCTION persistence_terms_deleted() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        first_removed bigint;
+        last_removed bigint;
+    BEGIN
+        SELECT min(id), max(id) INTO first_removed, last_removed FROM removed;
+        IF first_removed IS NULL THEN
+            RETURN NULL;
+        END IF;
+        -- Waits for a catch-up writing terms of these rows (0013).
+        PERFORM 1 FROM chat_terms_pending
+        WHERE first_id <= last_removed AND last_id >= first_removed FOR SHARE;
+        DELETE FROM chat_message_terms AS t USING removed WHERE t.id = removed.id;
+        RETURN NULL;
+    END $$""",
+]
+
+DOWNGRADE = [
+    """CREATE OR REPLACE FUNCTION persistence_terms_deleted() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM chat_message_terms AS t USING removed WHERE t.id = removed.id;
+        RETURN NULL;
+    END $$""",
+    "DROP FUNCTION persistence_write_pending_terms(integer)",
+]
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        for statement in UPGRADE:
+            op.execute(statement)
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        for statement in DOWNGRADE:
+            op.execute(statement)
