@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from sqlalchemy import URL, Dialect, text
 
 from persistence.sql.checkout import Lent
-from persistence.sql.engines import displayed
+from persistence.sql.engines import asyncpg_connect, displayed
 from persistence.sql.errors import connection_lost
 from persistence.sql.identity import Identity, NotThisDatabase, identity_of
 from persistence.sql.replica_connections import ReplicaConnections
@@ -155,9 +155,7 @@ class Replica:
         self._closed = False
 
     async def _connect(self, connect_args: dict[str, Any]) -> Any:
-        import asyncpg
-
-        connection = await asyncpg.connect(**connect_args)
+        connection = await asyncpg_connect(**connect_args)
         try:
             # The primary's engine decodes JSON this way: rows must not differ by server.
             dialect: Any = self._dialect

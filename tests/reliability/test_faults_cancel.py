@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import sqlite3
 import tempfile
@@ -308,6 +309,40 @@ async def test_cancelled_load_session_never_pins_the_wal(
     figures["cancelled"] = cancelled
     figures["checkpoints_blocked"] = blocked
     assert cancelled and blocked == 0
+
+
+@pytest.mark.postgresql
+async def test_cancelled_postgresql_reads_leave_no_unretrieved_error_behind(
+    postgresql_storage: SessionStorage, scale: Scale, figures: Figures
+) -> None:
+    """Found by attack: a read cancelled mid-query drops its connection, and the next
+    checkout connects; a cancel during that connect's TLS negotiation (asyncpg's sslmode
+    `prefer`) left a future holding "unexpected connection_lost() call" that nothing
+    read, logged at ERROR as "Future exception was never retrieved"."""
+    session = ChatSession.create("cancel", session_id="long")
+    for index in range(500):
+        session.add_message("user", f"message {index} " + "z" * 200)
+    await postgresql_storage.save_session(session)
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    before = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    cancelled = in_a_row = 0
+    try:
+        for steps in _steps(scale):
+            done = await _cancel_after(steps, lambda: postgresql_storage.load_session("long"))
+            cancelled += not done
+            in_a_row = in_a_row + 1 if done else 0
+            if in_a_row >= _DONE_IN_A_ROW:
+                break
+        loaded = await postgresql_storage.load_session("long")
+        await asyncio.sleep(0.1)  # connections made for cancelled callers are closed
+        gc.collect()
+    finally:
+        loop.set_exception_handler(before)
+    figures["cancelled"] = cancelled
+    assert cancelled and loaded is not None and len(loaded.messages) == 500
+    assert [context.get("message") for context in reported] == []
 
 
 def _write_lock_free(path: Path) -> bool:
