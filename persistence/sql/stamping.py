@@ -13,7 +13,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
 from persistence.errors import MigrationError
-from persistence.sql.revision_marks import missing_at, present_after, schema_revision
+from persistence.sql.revision_marks import (
+    DATA_REVISIONS,
+    missing_at,
+    present_after,
+    schema_revision,
+)
 from persistence.sql.schema import (
     VERSION_TABLE,
     listed,
@@ -82,6 +87,22 @@ def stamp(
             raise MigrationError(
                 f"{where}: its tables are not at revision {wanted}: {why}; they are at {at}"
                 " by their columns (nothing was written)"
+            )
+        # A data revision the stamp would record as done, where neither the tables nor
+        # the version table say it ran. Found by attack: `stamp head` on a SQLite store
+        # at 0011 (0013 changes nothing there) recorded 0013, and 0012's rewrite never
+        # ran: the next save failed.
+        unproven = [
+            data
+            for data in DATA_REVISIONS
+            if tables_at and tables_at < data <= wanted and all(head < data for head in before)
+        ]
+        if unproven:
+            raise MigrationError(
+                f"{where}: its tables are at revision {tables_at}, and revision"
+                f" {', '.join(unproven)} changes only data, which the tables do not show:"
+                f" stamp {tables_at}, and the upgrade runs {', '.join(unproven)} (again,"
+                " if it ran: that changes nothing) (nothing was written)"
             )
     if wanted != BASE or before:  # base where no version row is: nothing to write
         context = MigrationContext.configure(connection, opts={"version_table": version_table})

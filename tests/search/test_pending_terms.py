@@ -210,8 +210,9 @@ async def test_rows_written_outside_the_library_are_found(
 async def test_an_edit_racing_the_search_that_writes_terms_keeps_the_new_terms(
     postgresql_storage: PostgreSQLSessionStorage, first: str
 ) -> None:
-    """The search's write and the edit's meet on the terms' primary key: whichever
-    commits second sees the other's row, and only the edit overwrites one."""
+    """The edit locks its row's pending range (revision 0013): a catch-up that took it
+    first is waited for, and the edit's terms then overwrite the catch-up's; one that
+    comes second skips the range, which a later catch-up takes."""
     await _bulk(postgresql_storage, _with_rare_word(BULK), session_id="raced")
     url = _url(postgresql_storage)
     indexer, editor = await asyncpg.connect(url), await asyncpg.connect(url)
@@ -227,17 +228,25 @@ async def test_an_edit_racing_the_search_that_writes_terms_keeps_the_new_terms(
         indexer: lambda: indexer.fetch(write_terms, *ranges),  # reads the old document
         editor: lambda: editor.execute(edit),
     }
-    first_to_write, second = (indexer, editor) if first == "search" else (editor, indexer)
     try:
         for connection in (indexer, editor):
             await connection.execute("BEGIN")
-        await statements[first_to_write]()
-        waiting = asyncio.ensure_future(statements[second]())
-        await asyncio.sleep(0.3)
-        assert not waiting.done()  # waits on the other's uncommitted terms
-        await first_to_write.execute("COMMIT")
-        await waiting
-        await second.execute("COMMIT")
+        if first == "search":
+            await statements[indexer]()
+            waiting = asyncio.ensure_future(statements[editor]())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # waits for the catch-up's commit
+            await indexer.execute("COMMIT")
+            await waiting
+            await editor.execute("COMMIT")
+        else:
+            await statements[editor]()
+            # The range the edit holds is skipped, not waited for; the others are taken.
+            await asyncio.wait_for(statements[indexer](), 5)
+            await indexer.execute("COMMIT")
+            await editor.execute("COMMIT")
+            assert await _pending_ranges(postgresql_storage) == 1
+            await postgresql_storage.index_for_search()
     finally:
         await indexer.close()
         await editor.close()
@@ -351,31 +360,42 @@ async def _two_sessions_in_one_pending_range(storage: PostgreSQLSessionStorage) 
     assert await _terms(storage) == 0
 
 
+# Removals of the `removed` session's terms: its delete, and UPDATEs from outside the
+# library that clear its documents or move its rows' ids.
+REMOVALS = {
+    "delete": "DELETE FROM chat_sessions WHERE session_id = 'removed'",
+    "documents cleared": "UPDATE chat_messages SET search_text = NULL WHERE session_id = 'removed'",
+    "ids moved": "UPDATE chat_messages SET id = -id WHERE session_id = 'removed'",
+}
+
+
+@pytest.mark.parametrize("removal", list(REMOVALS))
 @pytest.mark.parametrize("first", ["catch-up", "removal"])
 async def test_a_removal_racing_a_catch_up_leaves_no_terms_behind(
-    postgresql_storage: PostgreSQLSessionStorage, first: str
+    postgresql_storage: PostgreSQLSessionStorage, first: str, removal: str
 ) -> None:
     """Found by attack: a session deleted while another process's catch-up wrote the
     pending terms of its rows kept those terms for good; the delete trigger could not
-    see them, uncommitted. Now the removal waits for the catch-up's commit (catch-up
-    first), or the catch-up skips the range the removal holds (removal first)."""
+    see them, uncommitted (so did an UPDATE clearing the documents or moving the ids).
+    Now the removal waits for the catch-up's commit (catch-up first), or the catch-up
+    skips the range the removal holds (removal first)."""
     await _two_sessions_in_one_pending_range(postgresql_storage)
     url = _url(postgresql_storage)
     indexer, remover = await asyncpg.connect(url), await asyncpg.connect(url)
     write_terms, ranges = WRITE_PENDING_TERMS.compile(postgresql_storage.engine.dialect).bind(
         {"ranges": 64}
     )
-    remove = "DELETE FROM chat_sessions WHERE session_id = 'removed'"
+    remove = REMOVALS[removal]
     try:
         for connection in (indexer, remover):
             await connection.execute("BEGIN")
         if first == "catch-up":
             assert tuple(await indexer.fetchrow(write_terms, *ranges)) == (1, 40)
-            removal = asyncio.ensure_future(remover.execute(remove))
+            removing = asyncio.ensure_future(remover.execute(remove))
             await asyncio.sleep(0.3)
-            assert not removal.done()  # waits for the catch-up's commit
+            assert not removing.done()  # waits for the catch-up's commit
             await indexer.execute("COMMIT")
-            await removal
+            await removing
         else:
             await remover.execute(remove)
             # The range the removal holds is skipped, not waited for.
@@ -390,20 +410,27 @@ async def test_a_removal_racing_a_catch_up_leaves_no_terms_behind(
     await postgresql_storage.index_for_search()
     assert await _pending_ranges(postgresql_storage) == 0
     await _check_index(postgresql_storage)  # no terms of a removed row among them
-    assert await _terms(postgresql_storage) == 20
-    found = await postgresql_storage.search_messages("zeppelin", limit=100)
-    assert sorted(m.content for m in found) == sorted(f"kept zeppelin {n}" for n in range(20))
+    if removal == "ids moved":
+        assert await _terms(postgresql_storage) == 40  # under their new ids
+    else:
+        assert await _terms(postgresql_storage) == 20
+        kept_only = (
+            "SELECT count(*) FROM chat_message_terms AS t WHERE NOT EXISTS (SELECT 1"
+            " FROM chat_messages AS m WHERE m.id = t.id AND m.session_id = 'kept')"
+        )
+        assert await _scalar(postgresql_storage, kept_only) == 0
 
 
-async def test_index_for_search_gives_way_to_a_unit_of_work_that_removes_rows_it_holds(
+async def test_a_catch_up_never_waits_for_a_unit_of_work_that_edited_in_its_range(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
-    """The removal waits for a catch-up that took its rows' range; a catch-up that in
-    turn waited for the removal's unit of work (on the terms its edit wrote) would
-    deadlock, and PostgreSQL could abort the unit. `index_for_search()` gives up first
-    and tries again."""
+    """Found by attack: a unit of work edited a pending row, then deleted a session in
+    its range while `index_for_search()` held the range; the delete waited for the
+    catch-up, the catch-up for the edit's terms, and PostgreSQL aborted the unit as a
+    deadlock. The edit now holds its row's range, so no catch-up takes it: nothing
+    waits for the unit, and the unit waits for nothing."""
     await _two_sessions_in_one_pending_range(postgresql_storage)
-    edited, waiting = asyncio.Event(), asyncio.Event()
+    edited, indexed = asyncio.Event(), asyncio.Event()
 
     async def edit_then_remove() -> None:
         async with postgresql_storage.unit_of_work() as uow:
@@ -412,35 +439,22 @@ async def test_index_for_search_gives_way_to_a_unit_of_work_that_removes_rows_it
             kept.edit_message(kept.messages[0].message_id, content="kept quagga")
             await uow.sessions.add(kept)
             edited.set()
-            await waiting.wait()  # the catch-up holds the range, waits on the edit
-            assert await uow.sessions.delete("removed")
+            await indexed.wait()
+            assert await asyncio.wait_for(uow.sessions.delete("removed"), 5)
             await uow.commit()
-
-    async def catch_up_waits_on_a_lock() -> None:
-        watcher = await asyncpg.connect(_url(postgresql_storage))
-        try:
-            for _ in range(5000):
-                if await watcher.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                ):
-                    break
-                await asyncio.sleep(0.002)
-        finally:
-            await watcher.close()
-        waiting.set()
 
     unit = asyncio.ensure_future(edit_then_remove())
     await edited.wait()
     async with servers.second_holder(postgresql_storage) as indexer:
-        watch = asyncio.ensure_future(catch_up_waits_on_a_lock())
-        written = await asyncio.wait_for(indexer.index_for_search(), 10)
-        await watch
-    await asyncio.wait_for(unit, 10)  # committed: no deadlock aborted it
-    # What a removal still held was skipped: the next catch-up writes it.
-    written += await postgresql_storage.index_for_search()
+        try:
+            # The range is the unit's: skipped at once, nothing written.
+            assert await asyncio.wait_for(indexer.index_for_search(), 5) == 0
+        finally:
+            indexed.set()
+            await unit
+    assert await _pending_ranges(postgresql_storage) == 1
 
-    assert written == 19  # the kept session's other rows; the edit wrote its own
+    assert await postgresql_storage.index_for_search() == 19  # the edit wrote its own
     assert await _pending_ranges(postgresql_storage) == 0
     await _check_index(postgresql_storage)
     found = await postgresql_storage.search_messages("zeppelin", limit=100)

@@ -509,6 +509,28 @@ async def test_persistence_stamp_refuses_a_revision_the_tables_are_not_at(
 
 
 @pytest.mark.sqlite
+def test_persistence_stamp_never_records_a_data_revision_the_tables_cannot_show(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: `persistence stamp head` on a SQLite store at 0011 (0013 changes
+    nothing there) recorded 0013, so 0012's rewrite of first-release timestamps never
+    ran, and the next save of such a session failed with a raw TypeError."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    _ran(url, "upgrade", "0011")
+    _sqlite_shell(tmp_path / "store.db", f"DROP TABLE {VERSION_TABLE}")
+
+    for revision in ("head", "0012"):
+        code, _, stderr = _cli("stamp", revision, "--url", url)
+        assert code == 1
+        assert "revision 0012 changes only data" in stderr and "stamp 0011" in stderr
+    code, stdout, stderr = _cli("stamp", "0011", "--url", url)
+    assert code == 0, stderr
+    _ran(url, "upgrade", "head")
+    code, stdout, stderr = _cli("stamp", "head", "--url", url)  # the version table says it
+    assert code == 0 and f"recorded as {HEAD} (was {HEAD})" in stdout, stderr
+
+
+@pytest.mark.sqlite
 def test_persistence_stamp_refuses_what_it_cannot_stamp(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     code, _, stderr = _cli("stamp", HEAD, "--url", f"sqlite:///{path}")

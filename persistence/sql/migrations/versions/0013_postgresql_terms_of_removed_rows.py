@@ -1,3 +1,4 @@
+# ruff: noqa: S608  # the one formatted statement takes a constant
 """PostgreSQL: a message removed while another transaction writes its pending terms
 leaves no terms behind.
 
@@ -13,10 +14,19 @@ kept them for good. Two changes close it:
   reads the messages in a snapshot taken after the locks are held. A removal committed
   before the ranges were taken is seen there, and its messages get no terms.
 - The delete trigger first locks, FOR SHARE, the pending ranges that reach the removed
-  rows. A catch-up that took one holds it: the trigger waits for its commit, then
-  deletes the terms in a new snapshot, which holds them. A range not taken yet stays
-  locked until the removal commits, so a catch-up skips it (SKIP LOCKED) and a later
-  one reads the messages gone.
+  rows (those between the first and the last of them). A catch-up that took one holds
+  it: the trigger waits for its commit, then deletes the terms in a new snapshot,
+  which holds them. A range not taken yet stays locked until the removal commits, so a
+  catch-up skips it (SKIP LOCKED) and a later one reads the messages gone.
+- The update trigger (an edit's new terms) locks the range of the row it changes the
+  same way, before it writes: an UPDATE that cleared a document or changed a row's id
+  left the catch-up's terms behind too (found by attack). And a catch-up can no longer
+  wait for a transaction that waits for it: its only waits are on terms rows a
+  transaction wrote, which in a pending range only the update trigger writes, holding
+  the range, which the catch-up then skips. Found by attack: a unit of work that edited
+  a pending row, then deleted a session in its range while a catch-up held it, was
+  aborted as a deadlock when the catch-up reached the edited row within the second
+  PostgreSQL waits before it looks for one.
 
 SQLite is unchanged (its documents live in the message rows).
 
@@ -33,6 +43,26 @@ revision = "0013"
 down_revision = "0012"
 branch_labels = None
 depends_on = None
+
+
+def _terms_changed(lock: str) -> str:
+    """The update trigger's function: 0009's, `lock` first."""
+    return f"""CREATE OR REPLACE FUNCTION persistence_terms_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN{lock}
+        IF NEW.search_text IS NULL THEN
+            DELETE FROM chat_message_terms WHERE id = NEW.id;
+        ELSE
+            INSERT INTO chat_message_terms (id, terms)
+            VALUES (NEW.id, persistence_search_terms(NEW.search_text))
+            ON CONFLICT (id) DO UPDATE SET terms = EXCLUDED.terms;
+        END IF;
+        IF NEW.id <> OLD.id THEN
+            DELETE FROM chat_message_terms WHERE id = OLD.id;
+        END IF;
+        RETURN NULL;
+    END $$"""
+
 
 UPGRADE = [
     # Each statement of a plpgsql function takes its own snapshot (READ COMMITTED).
@@ -78,9 +108,17 @@ UPGRADE = [
         DELETE FROM chat_message_terms AS t USING removed WHERE t.id = removed.id;
         RETURN NULL;
     END $$""",
+    _terms_changed(
+        """
+        -- Waits for a catch-up writing terms of this row (0013).
+        PERFORM 1 FROM chat_terms_pending
+        WHERE first_id <= greatest(NEW.id, OLD.id) AND last_id >= least(NEW.id, OLD.id)
+        FOR SHARE;"""
+    ),
 ]
 
 DOWNGRADE = [
+    _terms_changed(""),
     """CREATE OR REPLACE FUNCTION persistence_terms_deleted() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
