@@ -63,32 +63,3 @@ async def in_thread_to_the_end(fn: Callable[..., T], /, *args: Any, **kwargs: An
     """`fn(*args, **kwargs)` in a thread (`asyncio.to_thread`), which a cancel cannot
     stop: the cancel waits for it (`to_the_end`), so nothing it does comes after."""
     return await to_the_end(asyncio.to_thread(fn, *args, **kwargs))
-
-
-# Work `made_or_discarded` goes on with after its caller was cancelled.
-_unawaited: set[asyncio.Task[Any]] = set()
-
-
-async def made_or_discarded(work: Coroutine[Any, Any, T], discard: Callable[[T], None]) -> T:
-    """Awaits `work` run as a task of its own, which a cancel of the caller does not
-    interrupt: the cancel is raised at once, and what `work` then makes is given to
-    `discard` (its error, if any, is read and dropped).
-
-    For work that a cancel leaves in a state nobody cleans up: found by attack, a cancel
-    during asyncpg's connect (its TLS negotiation, sslmode `prefer` by default) left a
-    future holding "unexpected connection_lost() call" that nothing read, logged at
-    ERROR as "Future exception was never retrieved".
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        _unawaited.add(task)
-        task.add_done_callback(lambda done: _discarded(done, discard))
-        raise
-
-
-def _discarded(task: asyncio.Task[T], discard: Callable[[T], None]) -> None:
-    _unawaited.discard(task)
-    if not task.cancelled() and task.exception() is None:
-        discard(task.result())

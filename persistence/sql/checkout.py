@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
 from sqlalchemy.util import greenlet_spawn
 
+from persistence.event_loops import to_the_end
 from persistence.sql.errors import connection_unusable
 
 T = TypeVar("T")
@@ -153,7 +154,7 @@ async def lent_connection(engine: AsyncEngine) -> AsyncIterator[Lent]:
             if closed(pooled.driver_connection):
                 await greenlet_spawn(_drop_every_older, pool, pooled, exc)
             else:
-                await greenlet_spawn(pooled.invalidate)
+                await to_the_end(greenlet_spawn(pooled.invalidate))
         raise
     finally:
         if pooled is not None:
@@ -162,9 +163,14 @@ async def lent_connection(engine: AsyncEngine) -> AsyncIterator[Lent]:
                 # back, the connection would never be closed. Found by attack: a unit of
                 # work running through close() kept a thread and its descriptors (SQLite)
                 # or a server connection (PostgreSQL) for the process's life.
-                await greenlet_spawn(pooled.invalidate)
-            # Checkin may close the connection (overflow), which awaits: inside a hop too.
-            await greenlet_spawn(pooled.close)
+                await to_the_end(greenlet_spawn(pooled.invalidate))
+            if _checkin_closes(pool):
+                # Checkin closes the connection (overflow), which awaits: to the end. Found
+                # by attack: a cancel arriving there had SQLAlchemy's pool log "Exception
+                # closing connection" at ERROR, with the CancelledError's traceback.
+                await to_the_end(greenlet_spawn(pooled.close))
+            else:
+                await greenlet_spawn(pooled.close)
 
 
 async def _live_connection(engine: AsyncEngine, pool: Pool) -> Any:
@@ -192,6 +198,15 @@ async def _connect(pool: Pool, dbapi_error: type[Exception]) -> Any:
         return await greenlet_spawn(pool.connect)
     except dbapi_error as exc:
         raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+
+
+def _checkin_closes(pool: Pool) -> bool:
+    """Whether a connection given back now is closed: the pool holds as many idle ones
+    as it keeps (QueuePool), or keeps none."""
+    checked_in, size = getattr(pool, "checkedin", None), getattr(pool, "size", None)
+    if not callable(checked_in) or not callable(size):
+        return True
+    return int(checked_in()) >= int(size())
 
 
 def _pool_size(pool: Pool) -> int:

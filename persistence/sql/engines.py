@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import PoolResetState
 
 from persistence.errors import InvalidDataError, StorageConnectionError
-from persistence.event_loops import made_or_discarded
+from persistence.sql.connects import Connects
 from persistence.sql.thread_answers import answer_safely
 from persistence.sql.types import json_dumps, json_value_loads
 from persistence.urls import (
@@ -360,6 +360,7 @@ def postgresql_engine(
     command_timeout: float | None,
     connect_timeout: float,
     pool_timeout: float,
+    connects: Connects,
 ) -> AsyncEngine:
     connect_args = postgresql_connect_args(
         statement_timeout=statement_timeout,
@@ -371,7 +372,7 @@ def postgresql_engine(
         url = url.difference_update_query(integers)
         connect_args.update(integers)
     # SQLAlchemy's asyncpg dialect connects through this (its `async_creator_fn`).
-    connect_args["async_creator_fn"] = asyncpg_connect
+    connect_args["async_creator_fn"] = connects
     return create_async_engine(
         url,
         pool_size=max(min_pool_size, 1),
@@ -382,18 +383,6 @@ def postgresql_engine(
         json_deserializer=json_value_loads,
         json_serializer=json_dumps,
     )
-
-
-async def asyncpg_connect(*args: Any, **kwargs: Any) -> Any:
-    """asyncpg's `connect`, which a cancel of the caller does not cut short: the
-    connection is made, then closed (event_loops.made_or_discarded)."""
-    import asyncpg
-
-    return await made_or_discarded(asyncpg.connect(*args, **kwargs), _terminate)
-
-
-def _terminate(connection: Any) -> None:
-    connection.terminate()
 
 
 def replica_connect_args(

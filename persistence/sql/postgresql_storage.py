@@ -19,6 +19,7 @@ from persistence.event_loops import refuse_another_loop
 from persistence.models import ChatSession
 from persistence.sql import indexing
 from persistence.sql.checkout import Lent, lent_connection
+from persistence.sql.connects import Connects
 from persistence.sql.engines import (
     WRITE_OPTIONS,
     displayed,
@@ -96,6 +97,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
+        # The pool's connects (connects.py).
+        self._connects = Connects()
         self._bulk_statistics = BulkLoadStatistics()
         # The event loop the storage was opened in: its connections belong to it.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,6 +135,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             command_timeout=self._command_timeout,
             connect_timeout=self._connect_timeout,
             pool_timeout=self._pool_timeout,
+            connects=self._connects,
         )
 
     @property
@@ -180,6 +184,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 await self._replicas.close()
         finally:
             await super().close()
+            # Connects whose callers were cancelled: their connections closed too.
+            await self._connects.settled()
 
     async def insert_sessions(self, sessions: Sequence[ChatSession]) -> bool:
         inserted = await super().insert_sessions(sessions)

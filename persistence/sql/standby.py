@@ -36,7 +36,8 @@ from typing import Any, TypeVar
 from sqlalchemy import URL, Dialect, text
 
 from persistence.sql.checkout import Lent
-from persistence.sql.engines import asyncpg_connect, displayed
+from persistence.sql.connects import Connects
+from persistence.sql.engines import displayed
 from persistence.sql.errors import connection_lost
 from persistence.sql.identity import Identity, NotThisDatabase, identity_of
 from persistence.sql.replica_connections import ReplicaConnections
@@ -140,6 +141,7 @@ class Replica:
         self._expected = expected
         self._settings = settings
         self._dialect = dialect
+        self._connects = Connects()
         self._pool = ReplicaConnections(
             lambda: self._connect(connect_args), settings.max_connections
         )
@@ -155,7 +157,7 @@ class Replica:
         self._closed = False
 
     async def _connect(self, connect_args: dict[str, Any]) -> Any:
-        connection = await asyncpg_connect(**connect_args)
+        connection = await self._connects(**connect_args)
         try:
             # The primary's engine decodes JSON this way: rows must not differ by server.
             dialect: Any = self._dialect
@@ -475,6 +477,7 @@ class Replica:
             task.cancel()
             await asyncio.wait({task})
         await self._pool.close(self._settings.timeout)
+        await self._connects.settled()
 
 
 def _refused_by_server(exc: BaseException) -> bool:

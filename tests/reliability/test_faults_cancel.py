@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import sqlite3
 import tempfile
@@ -21,7 +22,13 @@ from typing import Any
 
 import pytest
 
-from persistence import ChatSession, SessionStorage, SQLiteSessionStorage, UploadedFileRecord
+from persistence import (
+    ChatSession,
+    PostgreSQLSessionStorage,
+    SessionStorage,
+    SQLiteSessionStorage,
+    UploadedFileRecord,
+)
 from persistence.clock import utc_now
 from persistence.sql.backend import SqlSessionStorage
 from persistence.sql.runner import traced
@@ -343,6 +350,32 @@ async def test_cancelled_postgresql_reads_leave_no_unretrieved_error_behind(
     figures["cancelled"] = cancelled
     assert cancelled and loaded is not None and len(loaded.messages) == 500
     assert [context.get("message") for context in reported] == []
+
+
+@pytest.mark.postgresql
+async def test_cancelled_concurrent_postgresql_reads_log_no_error(
+    postgresql_storage: PostgreSQLSessionStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by attack: a cancel that came while a connection went back to the pool
+    past its size (overflow, which closes it, and awaits) had SQLAlchemy's pool log
+    "Exception closing connection" at ERROR with the CancelledError's traceback: 76
+    records for 40 rounds of 10 reads cancelled together."""
+    url = postgresql_storage.url.render_as_string(hide_password=False)
+    storage = PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=10)
+    await storage.initialize()
+    caplog.set_level(logging.WARNING)
+    try:
+        for steps in range(40):
+            reads = [asyncio.ensure_future(storage.list_sessions()) for _ in range(10)]
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+        assert await storage.list_sessions() == []
+    finally:
+        await storage.close()
+    assert [r.getMessage()[:60] for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def _write_lock_free(path: Path) -> bool:
