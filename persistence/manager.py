@@ -277,7 +277,10 @@ class SessionManager:
             # A session a caller still holds is that object again, never a second copy.
             held = {s.session_id: s for s in self._cache.held()}
             wanted = self._within_warm_up_budget([s for s in page if s.session_id not in held])
-            loaded = {s.session_id: s for s in await self.storage.load_sessions(wanted)}
+            read = {s.session_id: s for s in await self.storage.load_sessions(list(wanted))}
+            # Counted again as read (found by attack: a session that grew by 5,000
+            # messages between the listing and the load was cached whole).
+            loaded = self._within_warm_up_budget([read[i] for i in wanted if i in read])
         finally:
             self._cache.unwatch(touched)
         touched.update(str(key) for key in self._loading.busy())
@@ -304,15 +307,15 @@ class SessionManager:
         logger.info("startup: %s", result)
         return result
 
-    def _within_warm_up_budget(self, page: list[ChatSession]) -> list[str]:
-        """The ids of those sessions, in order, whose messages fit `warm_up_messages`."""
+    def _within_warm_up_budget(self, sessions: list[ChatSession]) -> dict[str, ChatSession]:
+        """Those sessions, by id in order, whose message counts fit `warm_up_messages`."""
         budget = self.warm_up_messages
-        wanted = []
-        for summary in page:
-            if summary.message_count <= budget:
-                budget -= summary.message_count
-                wanted.append(summary.session_id)
-        return wanted
+        fitting = {}
+        for session in sessions:
+            if session.message_count <= budget:
+                budget -= session.message_count
+                fitting[session.session_id] = session
+        return fitting
 
     async def create_session(
         self, model: str, metadata: dict[str, Any] | None = None

@@ -194,6 +194,32 @@ async def test_startup_warms_no_more_messages_than_its_budget(
     assert loaded is not None and len(loaded.messages) == 40 and loaded.message_count == 40
 
 
+async def test_startup_counts_the_budget_again_on_what_it_read(
+    sql_storage: SessionStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a session that grew between the warm-up's listing and its load
+    was cached whole, past the budget."""
+    grows = await _stored_session(sql_storage, hours_ago=2, messages=3)
+    small = await _stored_session(sql_storage, hours_ago=1, messages=4)
+    listed = sql_storage.list_sessions
+
+    async def list_then_grow(*args: object, **kwargs: object) -> list[ChatSession]:
+        page = await listed(*args, **kwargs)  # type: ignore[arg-type]
+        other = await sql_storage.load_session(grows.session_id)
+        assert other is not None
+        for n in range(20):
+            other.add_message("user", f"more {n}")
+        await sql_storage.save_session(other)
+        return page
+
+    monkeypatch.setattr(sql_storage, "list_sessions", list_then_grow)
+    manager = SessionManager(sql_storage, max_cached_sessions=5)
+    manager.warm_up_messages = 10
+    await manager.startup()
+
+    assert manager.cached_session_ids == [small.session_id]
+
+
 async def test_startup_cost_does_not_grow_with_the_store(sql_storage: SessionStorage) -> None:
     for _ in range(5):
         await _stored_session(sql_storage, hours_ago=1)
