@@ -30,7 +30,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
 from sqlalchemy.util import greenlet_spawn
 
-from persistence.event_loops import to_the_end
 from persistence.sql.errors import connection_unusable
 
 T = TypeVar("T")
@@ -154,7 +153,7 @@ async def lent_connection(engine: AsyncEngine) -> AsyncIterator[Lent]:
             if closed(pooled.driver_connection):
                 await greenlet_spawn(_drop_every_older, pool, pooled, exc)
             else:
-                await to_the_end(greenlet_spawn(pooled.invalidate))
+                await greenlet_spawn(pooled.invalidate)
         raise
     finally:
         if pooled is not None:
@@ -163,12 +162,15 @@ async def lent_connection(engine: AsyncEngine) -> AsyncIterator[Lent]:
                 # back, the connection would never be closed. Found by attack: a unit of
                 # work running through close() kept a thread and its descriptors (SQLite)
                 # or a server connection (PostgreSQL) for the process's life.
-                await to_the_end(greenlet_spawn(pooled.invalidate))
-            if _checkin_closes(pool):
-                # Checkin closes the connection (overflow), which awaits: to the end. Found
-                # by attack: a cancel arriving there had SQLAlchemy's pool log "Exception
-                # closing connection" at ERROR, with the CancelledError's traceback.
-                await to_the_end(greenlet_spawn(pooled.close))
+                await greenlet_spawn(pooled.invalidate)
+            if pooled.is_valid and _checkin_closes(pool):
+                # Checkin would close the connection (overflow) politely, with no time
+                # limit, and SQLAlchemy's pool logged a cancel arriving there at ERROR
+                # ("Exception closing connection", found by attack). Invalidated, it is
+                # closed as a dropped one is: politely within 2 s, else at once, and a
+                # cancel cuts that short quietly (found by attack: waiting for the polite
+                # close, a cancel hung for good on a server that stopped answering).
+                await greenlet_spawn(_drop, pooled)
             else:
                 await greenlet_spawn(pooled.close)
 

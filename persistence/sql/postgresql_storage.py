@@ -214,10 +214,10 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         return await self._run(make_work(), action, write=False, snapshot=snapshot)
 
     async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:
-        # Always with a short lock wait. A removal of rows a batch holds waits for the
-        # batch's commit (revision 0013); a batch that then waited on the removal's
-        # unit of work (for the terms its edit wrote) would deadlock, and PostgreSQL
-        # could abort the unit. The batch gives up first, and tries again.
+        # Always with a short lock wait. Since revision 0013 an edit holds its row's
+        # pending range, which a batch then skips, so a batch should never wait on a
+        # transaction that waits for it (found by attack: a unit of work was aborted as
+        # a deadlock). Should one wait all the same, it gives up first and tries again.
         while True:
             try:
                 return await self._run(

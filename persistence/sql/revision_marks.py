@@ -97,6 +97,13 @@ MARKS = (
     Mark(
         "0013", "source", "FOR SHARE", dialects=POSTGRESQL, function="persistence_terms_deleted()"
     ),
+    Mark(
+        "0013",
+        "table",
+        "chat_terms_recheck",
+        frozenset({"recheck", "first_id", "last_id", "settled_at"}),
+        dialects=POSTGRESQL,
+    ),
 )
 # Revisions that change data only (their tables are their predecessor's): a store is
 # never told to be at one, so that an upgrade from what it is told runs them (found by

@@ -28,18 +28,31 @@ pytestmark = pytest.mark.postgresql
 DELAY = 0.3
 
 
+# The message a client ends a connection with (PostgreSQL's Terminate).
+TERMINATE = b"X\x00\x00\x00\x04"
+
+
 @contextlib.contextmanager
-def _delaying_proxy(host: str, port: int, delay: list[float]) -> Iterator[int]:
+def _delaying_proxy(
+    host: str, port: int, delay: list[float], *, stall_at_terminate: bool = False
+) -> Iterator[int]:
     """A TCP proxy to host:port, in a thread of its own, that holds every chunk the
     server sends for `delay[0]` seconds (as it is when the chunk comes); yields its
-    port."""
+    port. With `stall_at_terminate`, a connection whose client says Terminate gets no
+    further byte either way, its sockets left open: a server that stopped answering."""
     loop = asyncio.new_event_loop()
 
     async def pipe(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delayed: bool
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        delayed: bool,
+        stalled: asyncio.Event,
     ) -> None:
         try:
             while data := await reader.read(65536):
+                if stall_at_terminate and (stalled.is_set() or data.endswith(TERMINATE)):
+                    stalled.set()
+                    await asyncio.Event().wait()  # until the proxy shuts down
                 if delayed and delay[0]:
                     await asyncio.sleep(delay[0])
                 writer.write(data)
@@ -53,8 +66,10 @@ def _delaying_proxy(host: str, port: int, delay: list[float]) -> Iterator[int]:
         client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
         server_reader, server_writer = await asyncio.open_connection(host, port)
+        stalled = asyncio.Event()
         await asyncio.gather(
-            pipe(client_reader, server_writer, False), pipe(server_reader, client_writer, True)
+            pipe(client_reader, server_writer, False, stalled),
+            pipe(server_reader, client_writer, True, stalled),
         )
 
     async def serve() -> int:
@@ -84,13 +99,15 @@ def _delaying_proxy(host: str, port: int, delay: list[float]) -> Iterator[int]:
 
 @contextlib.asynccontextmanager
 async def _behind_the_proxy(
-    storage: PostgreSQLSessionStorage, **options: float
+    storage: PostgreSQLSessionStorage, *, stall_at_terminate: bool = False, **options: float
 ) -> AsyncIterator[tuple[PostgreSQLSessionStorage, asyncpg.Connection, str]]:
     """A storage on `storage`'s database through the delaying proxy, a direct connection
     to the server (to count its connections), and the database's name."""
     url = storage.url
     delay = [0.0]
-    with _delaying_proxy(url.host or "127.0.0.1", url.port or 5432, delay) as port:
+    with _delaying_proxy(
+        url.host or "127.0.0.1", url.port or 5432, delay, stall_at_terminate=stall_at_terminate
+    ) as port:
         slow = PostgreSQLSessionStorage(
             url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False),
             **options,  # type: ignore[arg-type]
@@ -163,3 +180,30 @@ async def test_a_connect_its_caller_gave_up_on_ends_before_close_returns(
             seen = max(seen, await _connections(direct, database))
             await asyncio.sleep(0.05)
     assert seen == 0
+
+
+async def test_a_cancel_is_not_held_up_by_a_connection_closing_on_a_server_that_stopped(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """Found by attack: a connection given back past the pool's size is closed, and a
+    cancel arriving then waited for the polite close, which on a server that stopped
+    answering never ends: `wait_for(..., 1.0)` never returned; so did `close()`. A
+    polite close now gives up after 2 s, and a cancel cuts it short."""
+    async with _behind_the_proxy(
+        postgresql_storage, stall_at_terminate=True, min_pool_size=1, max_pool_size=3
+    ) as (slow, _, _):
+        started = time.monotonic()
+        reads = [asyncio.wait_for(slow.list_sessions(), 1.0) for _ in range(3)]
+        done = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 10)
+        # The timeout, and at most the 2 s a dropped connection's polite close is given.
+        assert time.monotonic() - started < 4.5
+        assert all(r == [] or isinstance(r, TimeoutError) for r in done)
+
+        started = time.monotonic()
+        reads = [slow.list_sessions() for _ in range(3)]
+        assert await asyncio.wait_for(asyncio.gather(*reads), 10) == [[], [], []]
+        assert time.monotonic() - started < 4.5
+
+        started = time.monotonic()
+        await asyncio.wait_for(slow.close(), 10)
+        assert time.monotonic() - started < 4.5

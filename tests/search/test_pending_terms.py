@@ -462,3 +462,58 @@ async def test_a_catch_up_never_waits_for_a_unit_of_work_that_edited_in_its_rang
     assert [m.content for m in await postgresql_storage.search_messages("quagga")] == [
         "kept quagga"
     ]
+
+
+async def test_terms_of_rows_removed_under_a_range_not_yet_committed_are_deleted_later(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """Found by attack: a range is recorded at its statement's commit, so a removal
+    whose trigger ran before then could neither see nor lock a range spanning its rows
+    (a slow INSERT ... SELECT beside another session's inserts). The catch-up took that
+    range while the removal stayed open, and wrote the removed rows' terms for good.
+    Now a catch-up once every transaction then running has ended deletes them."""
+    victim = ChatSession.create("m", session_id="victim")
+    for n in range(40):
+        victim.add_message("user", f"victim zeppelin {n}")
+    assert await postgresql_storage.insert_sessions([victim])
+    first_id, last_id = (
+        await _scalar(postgresql_storage, "SELECT min(id) FROM chat_messages"),
+        await _scalar(postgresql_storage, "SELECT max(id) FROM chat_messages"),
+    )
+    url = _url(postgresql_storage)
+    spanning, remover, indexer = [await asyncpg.connect(url) for _ in range(3)]
+    write_terms, ranges = WRITE_PENDING_TERMS.compile(postgresql_storage.engine.dialect).bind(
+        {"ranges": 64}
+    )
+    try:
+        # Another writer's statement spanning the victim's rows records its range,
+        # visible only at its commit (as a bulk INSERT's trigger does).
+        await spanning.execute("BEGIN")
+        await spanning.execute(
+            "INSERT INTO chat_terms_pending (first_id, last_id) VALUES ($1, $2)",
+            first_id - 1,
+            last_id + 1,
+        )
+        await remover.execute("BEGIN")
+        await remover.execute("DELETE FROM chat_sessions WHERE session_id = 'victim'")
+        await spanning.execute("COMMIT")
+        # The spanning range is free: its rows' terms are written, the victim's with them.
+        taken, written = await asyncio.wait_for(indexer.fetchrow(write_terms, *ranges), 5)
+        assert (taken, written) == (1, 40)
+        await remover.execute("COMMIT")
+    finally:
+        for connection in (spanning, remover, indexer):
+            await connection.close()
+    assert await _terms(postgresql_storage) == 40  # for now
+
+    # Once every transaction of the cluster running then has ended (another process's
+    # may still run a while: the next catch-up after it does the same).
+    for _ in range(100):
+        await postgresql_storage.index_for_search()
+        if await _terms(postgresql_storage) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await _pending_ranges(postgresql_storage) == 0
+    await _check_index(postgresql_storage)
+    assert await _terms(postgresql_storage) == 0
+    assert await postgresql_storage.search_messages("zeppelin") == []

@@ -28,6 +28,14 @@ kept them for good. Two changes close it:
   aborted as a deadlock when the catch-up reached the edited row within the second
   PostgreSQL waits before it looks for one.
 
+- A range is recorded with its rows, at its statement's commit: a removal whose
+  trigger ran before then cannot see, nor lock, a range that spans its rows (found by
+  attack: a slow INSERT ... SELECT spanning another session's rows, committed while a
+  unit of work deleting that session stayed open; the catch-up then wrote the terms of
+  all 40 deleted rows). So a catch-up records the ranges it wrote in
+  `chat_terms_recheck`, and a catch-up after every transaction then running has ended
+  deletes, in those ranges, the terms of rows gone or without a document.
+
 SQLite is unchanged (its documents live in the message rows).
 
 Revision ID: 0013
@@ -65,6 +73,13 @@ def _terms_changed(lock: str) -> str:
 
 
 UPGRADE = [
+    # The ranges a catch-up wrote, to look at again once every transaction running
+    # while it wrote has ended (`settled_at`: a transaction id; all below it ended).
+    """CREATE TABLE chat_terms_recheck (
+        recheck bigserial CONSTRAINT pk_chat_terms_recheck PRIMARY KEY,
+        first_id bigint NOT NULL,
+        last_id bigint NOT NULL,
+        settled_at bigint NOT NULL)""",
     # Each statement of a plpgsql function takes its own snapshot (READ COMMITTED).
     # OFFSET 0 keeps the planner from joining the ranges to a scan of the whole table
     # (200 ms for 16 ranges at 50,000 rows, not 26). A row of another writer inside a
@@ -77,6 +92,16 @@ UPGRADE = [
         firsts bigint[];
         lasts bigint[];
     BEGIN
+        -- Ranges written by catch-ups that every transaction then running has ended
+        -- since: terms of rows those removed or cleared go (a fresh snapshot sees them).
+        WITH settled AS (DELETE FROM chat_terms_recheck WHERE recheck IN
+            (SELECT recheck FROM chat_terms_recheck
+             WHERE settled_at <= txid_snapshot_xmin(txid_current_snapshot())
+             ORDER BY recheck LIMIT ranges FOR UPDATE SKIP LOCKED)
+            RETURNING first_id, last_id)
+        DELETE FROM chat_message_terms AS t USING settled AS r
+        WHERE t.id BETWEEN r.first_id AND r.last_id AND NOT EXISTS
+            (SELECT 1 FROM chat_messages AS m WHERE m.id = t.id AND m.search_text IS NOT NULL);
         WITH took AS (DELETE FROM chat_terms_pending WHERE pending IN
             (SELECT pending FROM chat_terms_pending ORDER BY pending LIMIT ranges
              FOR UPDATE SKIP LOCKED) RETURNING first_id, last_id)
@@ -91,6 +116,17 @@ UPGRADE = [
              OFFSET 0) AS m
         ON CONFLICT (id) DO NOTHING;
         GET DIAGNOSTICS written = ROW_COUNT;
+        IF taken > 0 THEN
+            INSERT INTO chat_terms_recheck (first_id, last_id, settled_at)
+            SELECT r.first_id, r.last_id, txid_snapshot_xmax(txid_current_snapshot())
+            FROM unnest(firsts, lasts) AS r(first_id, last_id);
+        END IF;
+    END $$""",
+    """CREATE OR REPLACE FUNCTION persistence_terms_truncated() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        TRUNCATE chat_message_terms, chat_terms_pending, chat_terms_recheck;
+        RETURN NULL;
     END $$""",
     """CREATE OR REPLACE FUNCTION persistence_terms_deleted() RETURNS trigger
     LANGUAGE plpgsql AS $$
@@ -125,7 +161,14 @@ DOWNGRADE = [
         DELETE FROM chat_message_terms AS t USING removed WHERE t.id = removed.id;
         RETURN NULL;
     END $$""",
+    """CREATE OR REPLACE FUNCTION persistence_terms_truncated() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        TRUNCATE chat_message_terms, chat_terms_pending;
+        RETURN NULL;
+    END $$""",
     "DROP FUNCTION persistence_write_pending_terms(integer)",
+    "DROP TABLE chat_terms_recheck",
 ]
 
 
