@@ -147,9 +147,11 @@ class FileRow(Base):
 # Created by the revisions with dialect-specific DDL, so the ORM does not declare them:
 # SQLite's FTS5 table (and its shadow tables), PostgreSQL's terms table with its GIN
 # index, its pending ranges, and the function that computes the terms (revision 0009;
-# before it, a generated tsvector column and its index).
+# before it, a generated tsvector column and its index), and the ranges a catch-up
+# wrote, to look at again (revision 0013).
 SEARCH_OBJECTS = frozenset(
     {"chat_messages_fts", "search_terms", "ix_chat_messages_search_terms"}
     | {"chat_message_terms", "chat_terms_pending", "ix_chat_message_terms_terms"}
+    | {"chat_terms_recheck"}
     | {f"chat_messages_fts_{suffix}" for suffix in ("data", "idx", "docsize", "config", "content")}
 )
