@@ -107,22 +107,21 @@ class Indexed:
     more: bool
 
 
-# How long a search's own catch-up on PostgreSQL waits for a row another transaction
-# holds: found by attack, it waited on the terms an open unit of work's edit had
-# written for as long as that unit stayed open. SQLite's never waits (run_unless_locked).
+# How long a catch-up on PostgreSQL waits for a row another transaction holds: found
+# by attack, a search's waited on the terms an open unit of work's edit had written for
+# as long as that unit stayed open. SQLite's never waits (run_unless_locked).
 SEARCH_LOCK_WAIT = Statement(text("SELECT set_config('lock_timeout', '100ms', true)"))
 # How long `index_for_search()` on PostgreSQL waits before it tries again, after such
 # a lock wait ran out.
 LOCKED_RETRY = 0.05
 
 
-def index_some(*, wait: bool = True) -> Work[Indexed]:
+def index_some() -> Work[Indexed]:
     """Writes the documents (SQLite) or terms (PostgreSQL) of a batch of the oldest
-    pending messages. Without `wait`, PostgreSQL gives up on a row another transaction
-    holds after SEARCH_LOCK_WAIT (a lock timeout: errors.lock_not_available)."""
+    pending messages. PostgreSQL gives up on a row another transaction holds after
+    SEARCH_LOCK_WAIT (a lock timeout: errors.lock_not_available)."""
     if (yield WhichDialect()) == "postgresql":
-        if not wait:
-            yield Fetch(SEARCH_LOCK_WAIT, {})
+        yield Fetch(SEARCH_LOCK_WAIT, {})
         ranges, written = (yield Fetch(WRITE_PENDING_TERMS, {"ranges": TERMS_RANGES}))[0]
         return Indexed(int(written), more=ranges == TERMS_RANGES)
     written = yield from _write_documents(BATCH)

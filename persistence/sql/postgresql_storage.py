@@ -220,9 +220,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         # a deadlock). Should one wait all the same, it gives up first and tries again.
         while True:
             try:
-                return await self._run(
-                    indexing.index_some(wait=False), "index messages", write=True
-                )
+                return await super()._index_batch(wait=wait)
             except PersistenceError as exc:
                 if not lock_not_available(exc):
                     raise
