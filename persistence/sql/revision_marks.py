@@ -3,7 +3,7 @@
 A version table can be wrong (`alembic stamp`), empty (stamped or downgraded to base)
 or missing (a store copied without it): the marks say which revision the tables are
 really at. Each revision has at least one mark on the dialects it changes; a revision
-that changes nothing on a dialect (0006 to 0009, 0011 and 0013 on SQLite) has none
+that changes nothing on a dialect (0006 to 0009, 0011, 0013 and 0014 on SQLite) has none
 there, and its schema there is its predecessor's, as is a revision that changes only
 data (0012).
 Found by attack: the marks stopped at 0004, so a store at 0004 stamped 0009 was taken
@@ -103,6 +103,13 @@ MARKS = (
         "chat_terms_recheck",
         frozenset({"recheck", "first_id", "last_id", "settled_at"}),
         dialects=POSTGRESQL,
+    ),
+    Mark(
+        "0014",
+        "source",
+        "EXCEPT ALL",
+        dialects=POSTGRESQL,
+        function="persistence_write_pending_terms(integer)",
     ),
 )
 # Revisions that change data only (their tables are their predecessor's): a store is

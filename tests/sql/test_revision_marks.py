@@ -114,11 +114,11 @@ def _told(url: str, revision: str) -> str:
     """The revision the tables are told to be at: on SQLite 0006 to 0009 and 0011
     change nothing, so a store at 0005 has 0009's schema there, and one at 0010 has
     0011's; 0012 changes only data, and a store at it is told 0011, whose upgrade runs
-    0012 again; so is one at 0013 on SQLite, where 0013 changes nothing (never told past
-    a data revision)."""
+    0012 again; so is one at 0013 or 0014 on SQLite, where they change nothing (never
+    told past a data revision)."""
     if url.startswith("sqlite") and "0005" <= revision <= "0009":
         return "0009"
-    if url.startswith("sqlite") and revision in ("0010", "0013"):
+    if url.startswith("sqlite") and revision in ("0010", "0013", "0014"):
         return "0011"
     if revision in DATA_REVISIONS:
         return "0011"
