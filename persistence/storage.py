@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol, Self, cast
+from typing import Literal, Protocol, Self, TypeVar, cast
 
 from persistence.clock import truncate_to_millisecond
 from persistence.errors import InvalidDataError
@@ -120,6 +120,9 @@ def lookup_ids(ids: Sequence[str], field: str = "session_ids") -> list[str]:
     return [identifier for identifier in ids if lookup_id(identifier, field)]
 
 
+# A search's place in stored order, of the backend's kind (search_batches).
+K = TypeVar("K")
+
 # The largest count a database column or parameter holds (a signed 64-bit integer).
 LARGEST_COUNT = 2**63 - 1
 
@@ -172,6 +175,39 @@ def check_search(query: object, limit: int, role: str | None) -> Role | None:
         raise InvalidDataError(f"query: must be a string, got {type(query).__name__}")
     check_page(limit)
     return check_role(role)
+
+
+def check_search_batches(
+    query: object, batch_size: int, limit: int | None, role: str | None
+) -> Role | None:
+    """check_search for iter_search_messages, and its batch size; returns the role.
+
+    Raises:
+        InvalidDataError: naming the argument.
+    """
+    checked = check_search(query, 0 if limit is None else limit, role)
+    check_batch_size(batch_size)
+    return checked
+
+
+async def search_batches(
+    page: Callable[[int, K | None], Awaitable[tuple[list[ChatMessage], K | None]]],
+    batch_size: int,
+    limit: int | None,
+) -> AsyncIterator[list[ChatMessage]]:
+    """iter_search_messages' batches, each `page(size, below)`: the newest `size` matches
+    below the key `below` (None: the newest of all), and the key of its last match."""
+    below: K | None = None
+    left = limit
+    while left is None or left > 0:
+        want = batch_size if left is None else min(batch_size, left)
+        messages, last = await page(want, below)
+        if messages:
+            yield messages
+        if len(messages) < want or last is None:
+            return
+        below = last
+        left = None if left is None else left - len(messages)
 
 
 def searchable_session(session_id: object) -> bool:
@@ -502,6 +538,35 @@ class SessionStorage(ABC):
 
         Raises:
             InvalidDataError: for a negative limit or an unknown role.
+            PersistenceError: if the backend fails.
+        """
+
+    @abstractmethod
+    def iter_search_messages(
+        self,
+        query: str,
+        batch_size: int = 500,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[list[ChatMessage]]:
+        """Yields the messages that match `query`, newest first, in batches (keyset paging).
+
+        The rule and the order are search_messages'; each batch is one search that
+        begins below the last message of the batch before, so a long result is never
+        held whole and no message appears twice. A message stored while the iteration
+        runs is newer than where it stands, and is left out (on MongoDB, within one
+        session, a place is an index in the session: one appended after a rewind can
+        take a place not reached yet).
+
+        Args:
+            batch_size: at most this many messages per batch (> 0).
+            limit: at most this many messages in all (None: every match).
+
+        Raises:
+            InvalidDataError: for a batch size that is not a count above 0, a negative
+                limit, an unknown role, or a query that is not a string.
             PersistenceError: if the backend fails.
         """
 

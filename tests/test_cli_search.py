@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from persistence import ChatSession, SQLiteSessionStorage
+from persistence.cli import app
+from persistence.cli import search as cli_search
+from persistence.sql.sql_storage import SqlSessionStorage
 from tests.test_cli import failed, invoke, ok  # fixture: a fresh machine
 
 # On a fresh machine: an empty current directory, no STORAGE_* variable.
@@ -108,3 +114,46 @@ def test_search_prints_each_match_on_one_line_of_its_own(tmp_path: Path) -> None
     assert [m["content"].split()[1:3] for m in many] == [
         [str(n), str(k)] for n in (2, 1, 0) for k in range(399, -1, -1)
     ][:1100]
+
+
+def test_search_prints_each_batch_before_it_reads_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by measuring: every match up to the limit was read before the first line
+    (the issue: the CLI streams long listings, the first line before the last row)."""
+    path = tmp_path / "many.db"
+    session = ChatSession.create("m")
+    for number in range(8):
+        session.add_message("user", f"deploy number{number}")
+
+    async def save() -> None:
+        async with SQLiteSessionStorage(path) as storage:
+            await storage.save_session(session)
+
+    asyncio.run(save())
+    monkeypatch.setattr(cli_search, "_PAGE", 3)
+    printed_before: list[str] = []
+    original = SqlSessionStorage._search_page
+
+    async def recording(self: SqlSessionStorage, *args: Any) -> Any:
+        sys.stdout.flush()
+        printed_before.append(sys.stdout.buffer.getvalue().decode())  # type: ignore[attr-defined]
+        return await original(self, *args)
+
+    monkeypatch.setattr(SqlSessionStorage, "_search_page", recording)
+    url = f"sqlite:///{path}"
+
+    result = CliRunner().invoke(app, ["search", "deploy", "--limit", "7", "--url", url])
+
+    assert result.exit_code == 0, result.output
+    newest_first = [f"number{n}" for n in range(7, -1, -1)]
+    assert [word for word in newest_first if word in result.stdout] == newest_first[:7]
+    assert "More may match: --limit 14" in result.stdout
+    # Batches of 3, 3, then the 1 shown and the 1 that says more match.
+    assert len(printed_before) == 3
+    assert "number5" in printed_before[1] and "number4" not in printed_before[1]
+    assert "number2" in printed_before[2] and "number1" not in printed_before[2]
+    streamed = CliRunner().invoke(app, ["search", "deploy", "--json", "--url", url])
+    assert [m["content"] for m in json.loads(streamed.stdout)] == [
+        f"deploy {word}" for word in newest_first
+    ]

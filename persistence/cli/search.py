@@ -76,19 +76,23 @@ def search(
     """Search message content, newest first (the rule of the README's Search section)."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        found = await storage.search_messages(
-            query, limit + 1, session_id=session, role=role.value if role else None
-        )
-        more, found = len(found) > limit, found[:limit]
-        # Lines, a page at a time, as `sessions list` prints. Found by attack: a rich
-        # table of 40,000 matches took 16 s and 310 MB before its first line.
+        # Lines, a page at a time as each is found (iter_search_messages), as `sessions
+        # list` prints. Found by attack: a rich table of 40,000 matches took 16 s and
+        # 310 MB before its first line; then all matches were read before the first.
         rows: JsonRows[ChatMessage] | TextRows[ChatMessage] = (
             JsonRows(formats.message_document)
             if as_json
             else TextRows(f"Messages matching {query!r}", FOUND_HEADER, found_line)
         )
-        for start in range(0, len(found), _PAGE):
-            rows.add(found[start : start + _PAGE])
+        # One more than asked: "more may match" only when there is more.
+        pages = storage.iter_search_messages(
+            query, _PAGE, session_id=session, role=role.value if role else None, limit=limit + 1
+        )
+        more = False
+        async for page in pages:
+            shown = page[: limit - rows.count]
+            more = len(shown) < len(page)
+            rows.add(shown)
         if isinstance(rows, JsonRows):
             rows.close()
         elif rows.count == 0:

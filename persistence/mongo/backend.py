@@ -54,6 +54,7 @@ from persistence.mongo.reads import (
     writing,
 )
 from persistence.mongo.uow import MongoUnitOfWork
+from persistence.search import parse_query
 from persistence.storage import (
     BackendName,
     SessionStorage,
@@ -66,9 +67,11 @@ from persistence.storage import (
     check_new_status,
     check_page,
     check_search,
+    check_search_batches,
     check_status,
     lookup_ids,
     page_cursor,
+    search_batches,
     searchable_session,
 )
 from persistence.turns import save_turn
@@ -474,6 +477,39 @@ class MongoDBSessionStorage(SessionStorage):
                 return await repositories.search_messages(
                     docs, client_session, query, limit, session_id=session_id, role=checked
                 )
+
+    async def iter_search_messages(
+        self,
+        query: str,
+        batch_size: int = 500,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[list[ChatMessage]]:
+        checked = check_search_batches(query, batch_size, limit, role)
+        parsed = parse_query(query)
+        if parsed is None or not searchable_session(session_id):
+            return
+        in_session = session_id is not None
+
+        async def page(size: int, below: Any) -> tuple[list[ChatMessage], Any]:
+            with mongo_errors("search messages"):
+                async with self._stale_reading() as (docs, client_session):
+                    rows = await repositories.search_rows(
+                        docs,
+                        client_session,
+                        parsed,
+                        size,
+                        session_id=session_id,
+                        role=checked,
+                        below=below,
+                    )
+            last = repositories.search_key(rows[-1], in_session=in_session) if rows else None
+            return [repositories.found_message(row) for row in rows], last
+
+        async for batch in search_batches(page, batch_size, limit):
+            yield batch
 
     async def iter_sessions(
         self, batch_size: int = 500, *, with_messages: bool = True

@@ -437,10 +437,17 @@ def session_filter(query: SearchQuery, session_id: str | None) -> dict[str, Any]
 
 
 def search_pipeline(
-    query: SearchQuery, limit: int, role: str | None, *, in_session: bool = False
+    query: SearchQuery,
+    limit: int,
+    role: str | None,
+    *,
+    in_session: bool = False,
+    below: Any = None,
 ) -> list[dict[str, Any]]:
     """Stages after the sessions' match: their messages that match, newest first; in
-    one session (`in_session`), by position, as the SQL backends order them.
+    one session (`in_session`), by position, as the SQL backends order them. With
+    `below`, only those older than it: a `seq` (every session) or a position (one);
+    search_key gives the key of a found row.
 
     Each message is tested against every query word, exactly as the rule says.
     """
@@ -450,6 +457,8 @@ def search_pipeline(
     ]
     if role is not None:
         tests.append({"messages.role": role})
+    if below is not None:
+        tests.append({"position" if in_session else "messages.seq": {"$lt": below}})
     return [
         {"$project": {"messages": 1}},
         {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}},
@@ -460,6 +469,41 @@ def search_pipeline(
         {"$limit": limit},
         {"$project": {"messages.search_tokens": 0}},
     ]
+
+
+def search_key(row: dict[str, Any], *, in_session: bool) -> Any:
+    """Where a found row stands in stored order: search_pipeline's `below` for the rows
+    after it."""
+    return row["position"] if in_session else row["messages"]["seq"]
+
+
+async def search_rows(
+    docs: DocumentSet,
+    client_session: AsyncClientSession | None,
+    parsed: SearchQuery,
+    limit: int,
+    *,
+    session_id: str | None = None,
+    role: str | None = None,
+    below: Any = None,
+) -> list[dict[str, Any]]:
+    """The newest `limit` matches of `parsed` older than `below`, as search_pipeline's
+    rows."""
+    in_session = session_id is not None
+    rows: list[dict[str, Any]] = (
+        await docs.sessions.find(session_filter(parsed, session_id), session=client_session)
+        .aggregate(
+            search_pipeline(parsed, limit, role, in_session=in_session, below=below),
+            session=client_session,
+        )
+        .to_list()
+    )
+    return rows
+
+
+def found_message(row: dict[str, Any]) -> ChatMessage:
+    """The message of a search_pipeline row."""
+    return message_from_document(row["_id"], MessageDocument.model_validate(row["messages"]))
 
 
 async def search_messages(
@@ -474,15 +518,5 @@ async def search_messages(
     parsed = parse_query(query)
     if parsed is None or limit <= 0:
         return []
-    rows = (
-        await docs.sessions.find(session_filter(parsed, session_id), session=client_session)
-        .aggregate(
-            search_pipeline(parsed, limit, role, in_session=session_id is not None),
-            session=client_session,
-        )
-        .to_list()
-    )
-    return [
-        message_from_document(row["_id"], MessageDocument.model_validate(row["messages"]))
-        for row in rows
-    ]
+    rows = await search_rows(docs, client_session, parsed, limit, session_id=session_id, role=role)
+    return [found_message(row) for row in rows]

@@ -509,10 +509,12 @@ def search_messages(
     role: str | None,
     *,
     may_index: bool,
+    top: int,
 ) -> Work[Found | None]:
-    """The newest `limit` messages matching `query` (persistence.search), newest first
-    (None: index the pending messages first; see find_messages)."""
+    """The newest `limit` messages matching `query` (persistence.search) whose stored-order
+    key is at most `top`, newest first (None: index the pending messages first; see
+    find_messages)."""
     parsed = parse_query(query)
     if parsed is None or limit <= 0:
         return Found([], 0)
-    return (yield from find_messages(parsed, limit, session_id, role, may_index=may_index))
+    return (yield from find_messages(parsed, limit, session_id, role, may_index=may_index, top=top))

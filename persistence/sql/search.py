@@ -60,11 +60,28 @@ MAX_SCAN_ROWS = 2048
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """A search's page, and how much testing of pending messages it did, in messages
-    (a long one counts for more: TESTED_CHARS)."""
+    """A search's page, how much testing of pending messages it did, in messages (a
+    long one counts for more: TESTED_CHARS), and the stored-order key of its last
+    message (None: none found), below which the next page begins."""
 
     messages: list[ChatMessage]
     pending: int
+    last_key: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """The messages a search looks at: of one session or all, of one role or all, and
+    whose stored-order key is at most `top` (a later page's: below the last shown)."""
+
+    shape: Shape
+    session_id: str | None
+    role: str | None
+    top: int
+
+    @property
+    def filters(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "role": self.role}
 
 
 # A pending message tested one by one counts as one more for every this many characters
@@ -80,8 +97,10 @@ def find_messages(
     role: str | None,
     *,
     may_index: bool,
+    top: int = TOP,
 ) -> Work[Found | None]:
-    """The newest `limit` messages matching `query`, newest first (stored order).
+    """The newest `limit` messages matching `query` whose stored-order key (row id; in
+    one session, position) is at most `top`, newest first (stored order).
 
     None when `may_index` and more than a batch of pending messages would have to be
     tested one by one (SQLite), or the index is needed while terms are pending
@@ -89,18 +108,20 @@ def find_messages(
     """
     dialect = yield WhichDialect()
     shape = Shape(session=session_id is not None, role=role is not None)
-    indexed = yield from _indexed_matches(dialect, shape, query, limit, session_id, role, may_index)
+    scope = Scope(shape, session_id, role, top)
+    indexed = yield from _indexed_matches(dialect, scope, query, limit, may_index)
     if indexed is None:
         return None
-    if not defers(dialect):
-        return Found(messages_from_rows(indexed), 0)
-    pending = yield from _pending_matches(shape, query, limit, session_id, role, indexed, may_index)
-    if pending is None:
-        return None
-    matched, tested = pending
-    if matched:
-        indexed = sorted([*indexed, *matched], key=_sort_key, reverse=True)[:limit]
-    return Found(messages_from_rows(indexed), tested)
+    tested = 0
+    if defers(dialect):
+        pending = yield from _pending_matches(scope, query, limit, indexed, may_index)
+        if pending is None:
+            return None
+        matched, tested = pending
+        if matched:
+            indexed = sorted([*indexed, *matched], key=_sort_key, reverse=True)[:limit]
+    last_key = _sort_key(indexed[-1]) if indexed else None
+    return Found(messages_from_rows(indexed), tested, last_key)
 
 
 def _sort_key(row: Sequence[Any]) -> int:
@@ -113,11 +134,9 @@ PENDING_BATCH = 500
 
 
 def _pending_matches(
-    shape: Shape,
+    scope: Scope,
     query: SearchQuery,
     limit: int,
-    session_id: str | None,
-    role: str | None,
     indexed: list[Sequence[Any]],
     may_index: bool,
 ) -> Work[tuple[list[Sequence[Any]], int] | None]:
@@ -125,11 +144,12 @@ def _pending_matches(
     many were tested (None: a full batch, and `may_index`)."""
     # Only messages newer than the page's oldest indexed match can enter a full page.
     floor = _sort_key(indexed[limit - 1]) if len(indexed) >= limit else -1
-    params: dict[str, Any] = {"session_id": session_id, "role": role, "limit": PENDING_BATCH}
-    below, tested = TOP, 0
+    params: dict[str, Any] = {**scope.filters, "limit": PENDING_BATCH}
+    # PENDING reads the keys below :below; the scope holds those at most its top.
+    below, tested = scope.top + 1, 0
     matched: list[Sequence[Any]] = []
     while len(matched) < limit:
-        rows = yield Fetch(PENDING[shape], {**params, "below": below})
+        rows = yield Fetch(PENDING[scope.shape], {**params, "below": below})
         if may_index and len(rows) == PENDING_BATCH:
             return None
         for row in rows:
@@ -146,11 +166,9 @@ def _pending_matches(
 
 def _indexed_matches(
     dialect: str,
-    shape: Shape,
+    scope: Scope,
     query: SearchQuery,
     limit: int,
-    session_id: str | None,
-    role: str | None,
     may_index: bool,
 ) -> Work[list[Sequence[Any]] | None]:
     """The newest `limit` indexed messages matching `query`, as rows, newest first.
@@ -158,7 +176,7 @@ def _indexed_matches(
     None when the index is needed, `may_index`, and PostgreSQL holds pending terms: the
     caller writes them (persistence.sql.indexing) and asks again.
     """
-    common: dict[str, Any] = {"session_id": session_id, "role": role}
+    shape, common = scope.shape, scope.filters
     arity, tested = word_parameters(
         dialect,
         [word.text for word in query.words if not word.anywhere],
@@ -167,7 +185,7 @@ def _indexed_matches(
     common |= tested
     scan = scan_statement(shape, arity)
     found: list[Sequence[Any]] = []
-    below, scanned, budget = TOP, 0, PROBE_ROWS
+    below, scanned, budget = scope.top, 0, PROBE_ROWS
     edge: int | None = None
     while True:
         params = {**common, "below": below, "skip": budget - 1, "limit": limit - len(found)}
@@ -192,7 +210,7 @@ def _indexed_matches(
     if len(candidates) > 1:
         starts = [word for word in candidates if not word.anywhere]
         contains = [word for word in candidates if word.anywhere]
-        params = {"session_id": session_id, "below": TOP, "skip": scanned - 1}
+        params = {"session_id": scope.session_id, "below": scope.top, "skip": scanned - 1}
         params |= arrays(
             dialect,
             starts=[word.text for word in starts],

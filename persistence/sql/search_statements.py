@@ -326,8 +326,9 @@ PENDING = {shape: _statement(_pending, shape) for shape in _SHAPES}
 
 
 def _counts(shape: Shape, dialect: str) -> str:
-    """How many of the `:skip + 1` newest rows each word of :starts and :contains matches."""
-    where = [f"{shape.key} >= coalesce({_edge(shape)}, -1)"]
+    """How many of the `:skip + 1` newest rows at or below :below each word of :starts
+    and :contains matches."""
+    where = [f"{shape.key} <= :below", f"{shape.key} >= coalesce({_edge(shape)}, -1)"]
     if shape.session:
         where.append("m.session_id = :session_id")
     if dialect == "postgresql":

@@ -34,6 +34,8 @@ from persistence.sql.forks import Opener
 from persistence.sql.held_sessions import UnheldTurn, held_by_this_task
 from persistence.sql.runner import Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
+from persistence.sql.search import Found
+from persistence.sql.search_statements import TOP
 from persistence.sql.stamping import stamp
 from persistence.sql.uow import SqlUnitOfWork, sessions_written_in_this_task
 from persistence.storage import (
@@ -47,9 +49,11 @@ from persistence.storage import (
     check_new_status,
     check_page,
     check_search,
+    check_search_batches,
     check_status,
     lookup_ids,
     page_cursor,
+    search_batches,
     searchable_session,
 )
 from persistence.validation import check_instance, check_instances, lookup_id
@@ -451,7 +455,35 @@ class SqlSessionStorage(SessionStorage):
         checked = check_search(query, limit, role)
         if not searchable_session(session_id):
             return []
-        search = partial(repositories.search_messages, query, limit, session_id, checked)
+        found = await self._search_page(query, limit, session_id, checked, TOP)
+        return found.messages
+
+    async def iter_search_messages(
+        self,
+        query: str,
+        batch_size: int = 500,
+        *,
+        session_id: str | None = None,
+        role: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[list[ChatMessage]]:
+        checked = check_search_batches(query, batch_size, limit, role)
+        if not searchable_session(session_id):
+            return
+
+        async def page(size: int, below: int | None) -> tuple[list[ChatMessage], int | None]:
+            top = TOP if below is None else below - 1
+            found = await self._search_page(query, size, session_id, checked, top)
+            return found.messages, found.last_key
+
+        async for batch in search_batches(page, batch_size, limit):
+            yield batch
+
+    async def _search_page(
+        self, query: str, limit: int, session_id: str | None, role: str | None, top: int
+    ) -> Found:
+        """The newest `limit` matches whose stored-order key is at most `top`."""
+        search = partial(repositories.search_messages, query, limit, session_id, role, top=top)
         may_index = self._may_index()
         found = await self._run_stale(partial(search, may_index=may_index), "search messages")
         if may_index and (found is None or found.pending >= indexing.SAVES_INDEX_AT):
@@ -468,7 +500,7 @@ class SqlSessionStorage(SessionStorage):
             # Too many to test one by one: search again, through what is indexed now.
             found = await self._run_stale(partial(search, may_index=False), "search messages")
         assert found is not None  # a search that may not index always finds
-        return found.messages
+        return found
 
     async def index_for_search(self) -> int:
         self._refuse_writes("index for search")

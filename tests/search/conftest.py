@@ -113,6 +113,21 @@ class Stores:
         found: dict[str, list[str]] = self.run(search_all())
         return found
 
+    def pages(self, query: str, batch_size: int, **options: Any) -> dict[str, list[list[str]]]:
+        """Each backend's batches of iter_search_messages, as message ids in order."""
+
+        async def page(storage: SessionStorage) -> list[list[str]]:
+            return [
+                [m.message_id for m in batch]
+                async for batch in storage.iter_search_messages(query, batch_size, **options)
+            ]
+
+        async def page_all() -> dict[str, list[list[str]]]:
+            return {storage.backend_name: await page(storage) for storage in self.searchers}
+
+        found: dict[str, list[list[str]]] = self.run(page_all())
+        return found
+
     def close(self) -> None:
         async def close_all() -> None:
             for storage in self.searchers[:2]:

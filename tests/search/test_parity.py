@@ -281,6 +281,26 @@ def test_session_filter_and_limit_agree_with_the_rule(
     assert found == {name: expected for name in found}
 
 
+@pytest.mark.parametrize("query", ["capit", "e", "日本語", "x", "3", "beyondthelimit"])
+@pytest.mark.parametrize("session_id", [None, "parity-1"])
+@pytest.mark.parametrize(("batch_size", "limit"), [(1, None), (2, 5), (7, None), (500, 3)])
+def test_batches_of_a_search_agree_with_the_rule(
+    stores: Stores,
+    corpus: Corpus,
+    query: str,
+    session_id: str | None,
+    batch_size: int,
+    limit: int | None,
+) -> None:
+    expected = corpus.expected(query, limit=limit or len(corpus.ids), session_id=session_id)
+
+    found = stores.pages(query, batch_size, session_id=session_id, limit=limit)
+
+    for name, batches in found.items():
+        assert [m for batch in batches for m in batch] == expected, name
+        assert all(0 < len(batch) <= batch_size for batch in batches), name
+
+
 def test_the_corpus_exercises_what_the_issue_found_missed(corpus: Corpus) -> None:
     # The oracle agrees with the examples of shared/API.md and issue 12, so the
     # comparisons above test the rule, not an accident of the oracle.
