@@ -555,3 +555,55 @@ async def test_the_cleanup_of_settled_ranges_reads_only_those_ranges(
     assert cleaned == min(settled, 64)
     assert scans == 0
     await _check_index(postgresql_storage)
+
+
+async def test_the_cleanup_keeps_the_terms_of_a_row_moved_onto_a_stale_id(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """Found by attack: stale terms of a gone row X in a settled range; an UPDATE from
+    outside the library moved a live row's id onto X (its trigger rewrote X's terms)
+    and committed while the cleanup's delete waited on that terms row. The delete tested
+    only the id again, and removed the live row's new terms: search never found it.
+    Now the cleanup locks its candidates, then tests them in a snapshot taken after."""
+    session = ChatSession.create("m", session_id="moved")
+    for n in range(500):
+        session.add_message("user", f"common words {n}")
+    assert await postgresql_storage.insert_sessions([session])
+    await postgresql_storage.index_for_search()
+    url = _url(postgresql_storage)
+    cleaner, mover = await asyncpg.connect(url), await asyncpg.connect(url)
+    write_terms, ranges = WRITE_PENDING_TERMS.compile(postgresql_storage.engine.dialect).bind(
+        {"ranges": 64}
+    )
+    try:
+        first = await cleaner.fetchval("SELECT min(id) FROM chat_messages")
+        stale, live = first + 10, first + 90
+        # X's terms left behind, as a removal under a range it could not lock leaves
+        # them, in a range written by a catch-up that has settled.
+        await cleaner.execute("DELETE FROM chat_terms_recheck")
+        await cleaner.execute("ALTER TABLE chat_messages DISABLE TRIGGER chat_message_terms_delete")
+        await cleaner.execute("DELETE FROM chat_messages WHERE id = $1", stale)
+        await cleaner.execute("ALTER TABLE chat_messages ENABLE TRIGGER chat_message_terms_delete")
+        await cleaner.execute(
+            "INSERT INTO chat_terms_recheck (first_id, last_id, settled_at) VALUES ($1, $2, 0)",
+            first,
+            first + 99,
+        )
+        move = mover.transaction()
+        await move.start()
+        await mover.execute(
+            "UPDATE chat_messages SET id = $1, content = 'quokka', search_text = 'quokka'"
+            " WHERE id = $2",
+            stale,
+            live,
+        )
+        cleanup = asyncio.create_task(cleaner.fetchrow(write_terms, *ranges))
+        await asyncio.sleep(0.5)
+        assert not cleanup.done()  # waiting on the terms row the move rewrote
+        await move.commit()
+        await asyncio.wait_for(cleanup, 5)
+    finally:
+        await cleaner.close()
+        await mover.close()
+    await _check_index(postgresql_storage)
+    assert [m.content for m in await postgresql_storage.search_messages("quokka")] == ["quokka"]
