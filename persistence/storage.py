@@ -555,10 +555,12 @@ class SessionStorage(ABC):
 
         The rule and the order are search_messages'; each batch is one search that
         begins below the last message of the batch before, so a long result is never
-        held whole and no message appears twice. A message stored while the iteration
-        runs is newer than where it stands, and is left out (on MongoDB, within one
-        session, a place is an index in the session: one appended after a rewind can
-        take a place not reached yet).
+        held whole. Messages that stay where they are come once each; one stored while
+        the iteration runs is newer than where it stands, and is left out, except where
+        a place is taken again (README, Search): SQLite's reused row ids after its
+        newest messages are deleted, a session created again under its id (with
+        `session_id`), a PostgreSQL transaction committed after the batches passed its
+        row ids, MongoDB's order across processes within a second.
 
         Args:
             batch_size: at most this many messages per batch (> 0).
