@@ -558,9 +558,10 @@ class SessionStorage(ABC):
         held whole. Messages that stay where they are come once each; one stored while
         the iteration runs is newer than where it stands, and is left out, except where
         a place is taken again (README, Search): SQLite's reused row ids after its
-        newest messages are deleted, a session created again under its id (with
-        `session_id`), a PostgreSQL transaction committed after the batches passed its
-        row ids, MongoDB's order across processes within a second.
+        newest messages are deleted, a PostgreSQL transaction committed after the
+        batches passed its row ids, MongoDB's order across processes within a second.
+        With `session_id`, the batches end when the session is created again under
+        its id.
 
         Args:
             batch_size: at most this many messages per batch (> 0).

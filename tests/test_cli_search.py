@@ -135,10 +135,10 @@ def test_search_prints_each_batch_before_it_reads_the_next(
     printed_before: list[str] = []
     original = SqlSessionStorage._search_page
 
-    async def recording(self: SqlSessionStorage, *args: Any) -> Any:
+    async def recording(self: SqlSessionStorage, *args: Any, **kwargs: Any) -> Any:
         sys.stdout.flush()
         printed_before.append(sys.stdout.buffer.getvalue().decode())  # type: ignore[attr-defined]
-        return await original(self, *args)
+        return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(SqlSessionStorage, "_search_page", recording)
     url = f"sqlite:///{path}"

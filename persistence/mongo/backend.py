@@ -492,6 +492,9 @@ class MongoDBSessionStorage(SessionStorage):
         if parsed is None or not searchable_session(session_id):
             return
         in_session = session_id is not None
+        # Within one session, positions start again in a session deleted and created
+        # again under its id: the batches end when its incarnation changes.
+        incarnation: list[Any] = []  # the first page's
 
         async def page(size: int, below: Any) -> tuple[list[ChatMessage], Any]:
             with mongo_errors("search messages"):
@@ -505,6 +508,11 @@ class MongoDBSessionStorage(SessionStorage):
                         role=checked,
                         below=below,
                     )
+            if in_session and rows:
+                if not incarnation:
+                    incarnation.append(rows[0].get("incarnation"))
+                elif rows[0].get("incarnation") != incarnation[0]:
+                    return [], None
             last = repositories.search_key(rows[-1], in_session=in_session) if rows else None
             return [repositories.found_message(row) for row in rows], last
 

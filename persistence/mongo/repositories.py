@@ -460,7 +460,9 @@ def search_pipeline(
     if below is not None:
         tests.append({"position" if in_session else "messages.seq": {"$lt": below}})
     return [
-        {"$project": {"messages": 1}},
+        # The incarnation, read with the messages (one document): search_batches ends a
+        # session's batches when it changes.
+        {"$project": {"messages": 1, "incarnation": 1}},
         {"$unwind": {"path": "$messages", "includeArrayIndex": "position"}},
         {"$match": {"$and": tests}},
         # Found by review: one session's matches were ordered by time, so messages given

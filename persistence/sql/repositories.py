@@ -9,6 +9,7 @@ exactly the same statements.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from operator import itemgetter
 from typing import Any, cast
@@ -323,6 +324,9 @@ COUNT_FILES = Statement(
 
 UPSERT_FILE = _upsert(files, "file_id")
 INSERT_ABSENT_FILE = _upsert(files, "file_id", update=False)
+SESSION_INCARNATION = Statement(
+    select(sessions.c.incarnation).where(sessions.c.session_id == bindparam("session_id"))
+)
 SELECT_FILE = Statement(select(*FILE_COLUMNS).where(files.c.file_id == bindparam("file_id")))
 SELECT_FILES_IN = Statement(
     select(*FILE_COLUMNS).where(files.c.file_id.in_(bindparam("ids", expanding=True)))
@@ -510,11 +514,18 @@ def search_messages(
     *,
     may_index: bool,
     top: int,
+    incarnation: bool = False,
 ) -> Work[Found | None]:
     """The newest `limit` messages matching `query` (persistence.search) whose stored-order
     key is at most `top`, newest first (None: index the pending messages first; see
-    find_messages)."""
+    find_messages). With `incarnation`, Found.incarnation is that of the session
+    `session_id` (None: no such session), read first: in a snapshot, the messages'."""
+    held = None
+    if incarnation and session_id is not None:
+        rows = yield Fetch(SESSION_INCARNATION, {"session_id": session_id})
+        held = str(rows[0][0]) if rows else None
     parsed = parse_query(query)
     if parsed is None or limit <= 0:
-        return Found([], 0)
-    return (yield from find_messages(parsed, limit, session_id, role, may_index=may_index, top=top))
+        return Found([], 0, incarnation=held)
+    found = yield from find_messages(parsed, limit, session_id, role, may_index=may_index, top=top)
+    return None if found is None else replace(found, incarnation=held)

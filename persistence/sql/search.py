@@ -61,12 +61,14 @@ MAX_SCAN_ROWS = 2048
 @dataclass(frozen=True, slots=True)
 class Found:
     """A search's page, how much testing of pending messages it did, in messages (a
-    long one counts for more: TESTED_CHARS), and the stored-order key of its last
-    message (None: none found), below which the next page begins."""
+    long one counts for more: TESTED_CHARS), the stored-order key of its last message
+    (None: none found), below which the next page begins, and, when asked, the
+    incarnation of the session searched (repositories.search_messages)."""
 
     messages: list[ChatMessage]
     pending: int
     last_key: int | None = None
+    incarnation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -471,21 +471,51 @@ class SqlSessionStorage(SessionStorage):
         if not searchable_session(session_id):
             return
 
+        # Within one session, positions start again in a session deleted and created
+        # again under its id (found by attack: the batches went on into the new
+        # session's messages): the batches end when its incarnation changes.
+        incarnation: list[str | None] = []  # the first page's
+
         async def page(size: int, below: int | None) -> tuple[list[ChatMessage], int | None]:
             top = TOP if below is None else below - 1
-            found = await self._search_page(query, size, session_id, checked, top)
+            found = await self._search_page(
+                query, size, session_id, checked, top, in_one_incarnation=session_id is not None
+            )
+            if session_id is not None:
+                if not incarnation:
+                    incarnation.append(found.incarnation)
+                elif found.incarnation != incarnation[0]:
+                    return [], None
             return found.messages, found.last_key
 
         async for batch in search_batches(page, batch_size, limit):
             yield batch
 
     async def _search_page(
-        self, query: str, limit: int, session_id: str | None, role: str | None, top: int
+        self,
+        query: str,
+        limit: int,
+        session_id: str | None,
+        role: str | None,
+        top: int,
+        *,
+        in_one_incarnation: bool = False,
     ) -> Found:
-        """The newest `limit` matches whose stored-order key is at most `top`."""
-        search = partial(repositories.search_messages, query, limit, session_id, role, top=top)
+        """The newest `limit` matches whose stored-order key is at most `top`; with
+        `in_one_incarnation`, read in one snapshot with the session's incarnation."""
+        search = partial(
+            repositories.search_messages,
+            query,
+            limit,
+            session_id,
+            role,
+            top=top,
+            incarnation=in_one_incarnation,
+        )
         may_index = self._may_index()
-        found = await self._run_stale(partial(search, may_index=may_index), "search messages")
+        found = await self._run_stale(
+            partial(search, may_index=may_index), "search messages", snapshot=in_one_incarnation
+        )
         if may_index and (found is None or found.pending >= indexing.SAVES_INDEX_AT):
             # Many pending messages were tested one by one: write their documents, so the
             # next searches use the index (unless another writer holds the store). Fewer
@@ -498,7 +528,9 @@ class SqlSessionStorage(SessionStorage):
                 logger.warning("search messages: pending messages not indexed: %s", exc)
         if found is None:
             # Too many to test one by one: search again, through what is indexed now.
-            found = await self._run_stale(partial(search, may_index=False), "search messages")
+            found = await self._run_stale(
+                partial(search, may_index=False), "search messages", snapshot=in_one_incarnation
+            )
         assert found is not None  # a search that may not index always finds
         return found
 

@@ -122,3 +122,23 @@ async def test_bad_arguments_are_named(
     with pytest.raises(InvalidDataError, match=named):
         async for _ in storage.iter_search_messages(**call):
             pass
+
+
+async def test_batches_of_a_session_end_when_it_is_created_again(
+    storage: SessionStorage, stored: list[tuple[str, str, str]]
+) -> None:
+    """Found by attack: a session deleted and created again under its id starts its
+    positions again, and the batches went on into the new session's messages."""
+    seen: list[str] = []
+    async for batch in storage.iter_search_messages("common", 100, session_id="s3"):
+        seen += [m.message_id for m in batch]
+        if len(seen) == 100:
+            assert await storage.delete_session("s3")
+            again = ChatSession.create("m", session_id="s3")
+            for number in range(PER_SESSION):
+                again.add_message("user", f"common again {number}")
+            await storage.save_session(again)
+
+    assert seen == _expected(stored, "common", "s3")[:100]
+    again_found = await storage.search_messages("again", 1000, session_id="s3")
+    assert len(again_found) == PER_SESSION
