@@ -342,7 +342,11 @@ async def _run_lent(
     # connection if the server had ended the pooled one (checkout.py); never a write
     # sent without BEGIN: it may have landed.
     if write and not single:
-        async with lent.transaction():
+        # READ COMMITTED whatever the database's default: the writes are built on a
+        # snapshot per statement (revision 0013's catch-up locks, then reads). Found by
+        # attack: under `default_transaction_isolation = 'repeatable read'` a catch-up
+        # that waited on a row another writer changed failed with a serialization error.
+        async with lent.transaction(isolation="read_committed"):
             return await run_on_asyncpg(lent.driver, dialect, work)
     if snapshot:
         async with lent.transaction(isolation="repeatable_read", readonly=True):

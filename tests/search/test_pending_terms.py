@@ -557,6 +557,20 @@ async def test_the_cleanup_of_settled_ranges_reads_only_those_ranges(
     await _check_index(postgresql_storage)
 
 
+async def _stale_terms_at(connection: asyncpg.Connection, stale: int, first: int) -> None:
+    """Leaves the terms of the row `stale` behind it, gone, in a settled recheck range
+    from `first`: as a removal under a range it could not lock leaves them."""
+    await connection.execute("DELETE FROM chat_terms_recheck")
+    await connection.execute("ALTER TABLE chat_messages DISABLE TRIGGER chat_message_terms_delete")
+    await connection.execute("DELETE FROM chat_messages WHERE id = $1", stale)
+    await connection.execute("ALTER TABLE chat_messages ENABLE TRIGGER chat_message_terms_delete")
+    await connection.execute(
+        "INSERT INTO chat_terms_recheck (first_id, last_id, settled_at) VALUES ($1, $2, 0)",
+        first,
+        first + 99,
+    )
+
+
 async def test_the_cleanup_keeps_the_terms_of_a_row_moved_onto_a_stale_id(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
@@ -578,17 +592,7 @@ async def test_the_cleanup_keeps_the_terms_of_a_row_moved_onto_a_stale_id(
     try:
         first = await cleaner.fetchval("SELECT min(id) FROM chat_messages")
         stale, live = first + 10, first + 90
-        # X's terms left behind, as a removal under a range it could not lock leaves
-        # them, in a range written by a catch-up that has settled.
-        await cleaner.execute("DELETE FROM chat_terms_recheck")
-        await cleaner.execute("ALTER TABLE chat_messages DISABLE TRIGGER chat_message_terms_delete")
-        await cleaner.execute("DELETE FROM chat_messages WHERE id = $1", stale)
-        await cleaner.execute("ALTER TABLE chat_messages ENABLE TRIGGER chat_message_terms_delete")
-        await cleaner.execute(
-            "INSERT INTO chat_terms_recheck (first_id, last_id, settled_at) VALUES ($1, $2, 0)",
-            first,
-            first + 99,
-        )
+        await _stale_terms_at(cleaner, stale, first)
         move = mover.transaction()
         await move.start()
         await mover.execute(
@@ -604,6 +608,85 @@ async def test_the_cleanup_keeps_the_terms_of_a_row_moved_onto_a_stale_id(
         await asyncio.wait_for(cleanup, 5)
     finally:
         await cleaner.close()
+        await mover.close()
+    await _check_index(postgresql_storage)
+    assert [m.content for m in await postgresql_storage.search_messages("quokka")] == ["quokka"]
+
+
+async def test_a_bulk_insert_onto_a_stale_id_gets_its_own_terms(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """Found by attack: a bulk insert from outside the library (a restore keeping its ids)
+    gave a row the id of a gone row whose terms the cleanup had not removed yet; the
+    catch-up's insert did nothing on the conflict, and the row kept the gone row's terms
+    for good: found by words it does not hold, not by its own."""
+    session = ChatSession.create("m", session_id="bulk")
+    for n in range(500):
+        session.add_message("user", f"common words {n}")
+    assert await postgresql_storage.insert_sessions([session])
+    await postgresql_storage.index_for_search()
+    connection = await asyncpg.connect(_url(postgresql_storage))
+    try:
+        first = await connection.fetchval("SELECT min(id) FROM chat_messages")
+        last = await connection.fetchval("SELECT max(id) FROM chat_messages")
+        await _stale_terms_at(connection, first + 10, first)
+        # 40 rows with their ids, one of them the gone row's: more than 32 in one
+        # statement, so their terms are left pending.
+        await connection.execute(
+            "INSERT INTO chat_messages (id, message_id, session_id, position, role, content,"
+            " created_at, metadata, search_text)"
+            " SELECT id, 'restored-' || id, 'bulk', 1000 + id, 'user', 'quokka r' || id,"
+            " now(), '{}', 'quokka r' || id FROM unnest(array_prepend($1::bigint,"
+            " ARRAY(SELECT generate_series($2::bigint + 1, $2::bigint + 39)))) AS id",
+            first + 10,
+            last,
+        )
+    finally:
+        await connection.close()
+    await postgresql_storage.index_for_search()
+
+    await _check_index(postgresql_storage)
+    assert len(await postgresql_storage.search_messages("quokka", limit=100)) == 40
+    assert [m.content for m in await postgresql_storage.search_messages("words 10")] == [
+        f"common words {n}" for n in range(109, 99, -1)
+    ]
+
+
+async def test_a_catch_up_on_a_repeatable_read_database_waits_as_on_read_committed(
+    postgresql_storage: PostgreSQLSessionStorage,
+) -> None:
+    """Found by attack: with `default_transaction_isolation = 'repeatable read'` on the
+    database, a catch-up that waited on a terms row another writer changed failed with
+    a serialization error (its statements are built to see what committed meanwhile).
+    The library's write transactions are READ COMMITTED whatever the default."""
+    session = ChatSession.create("m", session_id="moved")
+    for n in range(500):
+        session.add_message("user", f"common words {n}")
+    assert await postgresql_storage.insert_sessions([session])
+    await postgresql_storage.index_for_search()
+    url = _url(postgresql_storage)
+    mover = await asyncpg.connect(url)
+    try:
+        database = await mover.fetchval("SELECT current_database()")
+        await mover.execute(
+            f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'"
+        )
+        first = await mover.fetchval("SELECT min(id) FROM chat_messages")
+        await _stale_terms_at(mover, first + 10, first)
+        async with _same_store(postgresql_storage, reading=False) as other:
+            move = mover.transaction()
+            await move.start()
+            await mover.execute(
+                "UPDATE chat_messages SET id = $1, content = 'quokka', search_text = 'quokka'"
+                " WHERE id = $2",
+                first + 10,
+                first + 90,
+            )
+            catch_up = asyncio.create_task(other.index_for_search())
+            await asyncio.sleep(0.5)
+            await move.commit()
+            await asyncio.wait_for(catch_up, 10)
+    finally:
         await mover.close()
     await _check_index(postgresql_storage)
     assert [m.content for m in await postgresql_storage.search_messages("quokka")] == ["quokka"]
