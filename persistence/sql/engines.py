@@ -321,7 +321,16 @@ def postgresql_connect_args(
     # was nearly empty keeps scanning it whole once it is large, until ANALYZE runs
     # (never, with autovacuum off): a bulk load into a fresh database went quadratic.
     # Sent in the startup packet, so it costs no round trip.
-    server_settings = {"plan_cache_mode": "force_custom_plan"}
+    # READ COMMITTED whatever the database's default: the writes are built on a snapshot
+    # per statement (revision 0013's catch-up locks, then reads; a conflict waits and
+    # goes on). Found by attack: under `default_transaction_isolation = 'repeatable read'`
+    # or 'serializable' a catch-up that waited on a row another writer changed, a
+    # delete beside a catch-up, and two units of work appending to one session failed
+    # with a serialization error. A snapshot's read still asks for REPEATABLE READ.
+    server_settings = {
+        "plan_cache_mode": "force_custom_plan",
+        "default_transaction_isolation": "read committed",
+    }
     if statement_timeout is not None:
         server_settings["statement_timeout"] = str(milliseconds(statement_timeout))
     connect_args["server_settings"] = server_settings

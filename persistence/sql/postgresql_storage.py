@@ -342,11 +342,7 @@ async def _run_lent(
     # connection if the server had ended the pooled one (checkout.py); never a write
     # sent without BEGIN: it may have landed.
     if write and not single:
-        # READ COMMITTED whatever the database's default: the writes are built on a
-        # snapshot per statement (revision 0013's catch-up locks, then reads). Found by
-        # attack: under `default_transaction_isolation = 'repeatable read'` a catch-up
-        # that waited on a row another writer changed failed with a serialization error.
-        async with lent.transaction(isolation="read_committed"):
+        async with lent.transaction():
             return await run_on_asyncpg(lent.driver, dialect, work)
     if snapshot:
         async with lent.transaction(isolation="repeatable_read", readonly=True):

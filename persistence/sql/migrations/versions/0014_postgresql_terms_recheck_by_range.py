@@ -14,10 +14,7 @@ And the candidates are locked before they are deleted, then tested again in a sn
 taken after: found by attack on the first version of this revision (0013 had it too),
 a live row moved onto a gone row's id by an UPDATE from outside the library,
 committed while the delete waited on the terms row the move's trigger rewrote, lost
-its new terms, and no search found it. And the catch-up's insert replaces a row's terms
-where they differ from its document's, not only where there are none: found by the
-same attack, a bulk insert from outside that gave a row a gone row's id kept the gone
-row's terms for good.
+its new terms, and no search found it.
 
 SQLite is unchanged.
 
@@ -37,9 +34,8 @@ depends_on = None
 
 
 # Revision 0013's catch-up, its first statement `cleanup` (the terms of rows gone from
-# the settled ranges), with the further `variables` it declares, and what its insert
-# of terms does `on_conflict`.
-def _write_pending_terms(cleanup: str, variables: str = "", on_conflict: str = "DO NOTHING") -> str:
+# the settled ranges), with the further `variables` it declares.
+def _write_pending_terms(cleanup: str, variables: str = "") -> str:
     return f"""CREATE OR REPLACE FUNCTION persistence_write_pending_terms(
         ranges integer, OUT taken bigint, OUT written bigint)
     LANGUAGE plpgsql AS $$
@@ -67,7 +63,7 @@ def _write_pending_terms(cleanup: str, variables: str = "", on_conflict: str = "
             (SELECT m.id, m.search_text FROM chat_messages AS m
              WHERE m.id BETWEEN r.first_id AND r.last_id AND m.search_text IS NOT NULL
              OFFSET 0) AS m
-        ON CONFLICT (id) {on_conflict};
+        ON CONFLICT (id) DO NOTHING;
         GET DIAGNOSTICS written = ROW_COUNT;
         IF taken > 0 THEN
             INSERT INTO chat_terms_recheck (first_id, last_id, settled_at)
@@ -100,15 +96,7 @@ _BY_RANGE = """        SELECT coalesce(array_agg(g.id), '{}') INTO gone FROM set
 _ANTI_JOIN = """        DELETE FROM chat_message_terms AS t USING settled AS r
         WHERE t.id BETWEEN r.first_id AND r.last_id AND NOT EXISTS
             (SELECT 1 FROM chat_messages AS m WHERE m.id = t.id AND m.search_text IS NOT NULL);"""
-# A row's terms already there are replaced where they differ from its document's: an
-# edit's are the same (it holds its range until it commits, and the catch-up reads the
-# rows after); a gone row's, left for the cleanup, are not. Found by attack: a bulk
-# insert from outside the library (a restore with its ids) gave a row such an id
-# before the cleanup ran, and DO NOTHING kept the gone row's terms for good: a search
-# found it by words it does not hold, and not by its own.
-_REPLACE_OTHERS = """DO UPDATE SET terms = EXCLUDED.terms
-            WHERE chat_message_terms.terms IS DISTINCT FROM EXCLUDED.terms"""
-UPGRADE = _write_pending_terms(_BY_RANGE, "\n        gone bigint[];", _REPLACE_OTHERS)
+UPGRADE = _write_pending_terms(_BY_RANGE, "\n        gone bigint[];")
 DOWNGRADE = _write_pending_terms(_ANTI_JOIN)
 
 
