@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from bson import ObjectId
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
@@ -12,6 +13,7 @@ from persistence.mongo.mapping import document_from_message
 from persistence.mongo.repositories import (
     _LAST,
     MAX_PATTERN_BYTES,
+    search_key,
     search_pipeline,
     session_filter,
 )
@@ -87,7 +89,19 @@ def test_pipeline_tests_every_word_filters_the_role_and_keeps_tokens_out() -> No
     }
     assert pipeline[4] == {"$limit": 7}
     assert pipeline[-1] == {"$project": {"messages.search_tokens": 0}}
-    assert pipeline[0] == {"$project": {"messages": 1}}
+    assert pipeline[0] == {"$project": {"messages": 1, "incarnation": 1}}
+
+
+def test_a_later_batch_starts_below_the_last_match_of_the_one_before() -> None:
+    below = ObjectId()
+    everywhere = search_pipeline(_parsed("alpha"), 7, None, below=below)
+    in_session = search_pipeline(_parsed("alpha"), 7, None, in_session=True, below=12)
+
+    assert {"messages.seq": {"$lt": below}} in everywhere[2]["$match"]["$and"]
+    assert {"position": {"$lt": 12}} in in_session[2]["$match"]["$and"]
+    row = {"_id": "s", "incarnation": "i", "position": 3, "messages": {"seq": below}}
+    assert search_key(row, in_session=False) == below
+    assert search_key(row, in_session=True) == 3
 
 
 def test_a_prefix_range_holds_exactly_the_words_that_begin_with_it() -> None:

@@ -5,6 +5,8 @@ writes them, and edits, removals and writes from outside the library keep them e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import asyncpg
@@ -667,12 +669,31 @@ async def test_a_catch_up_on_a_repeatable_read_database_waits_as_on_read_committ
     assert await postgresql_storage.insert_sessions([session])
     await postgresql_storage.index_for_search()
     url = _url(postgresql_storage)
-    mover = await asyncpg.connect(url)
+    async with _repeatable_read_by_default(url):
+        await _catch_up_and_units_of_work(postgresql_storage, url)
+
+
+@asynccontextmanager
+async def _repeatable_read_by_default(url: str) -> AsyncIterator[None]:
+    """The database's `default_transaction_isolation` 'repeatable read' meanwhile (the
+    fixture's database serves the tests after)."""
+    admin = await asyncpg.connect(url)
+    database = await admin.fetchval("SELECT current_database()")
     try:
-        database = await mover.fetchval("SELECT current_database()")
-        await mover.execute(
+        await admin.execute(
             f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'"
         )
+        yield
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_isolation')
+        await admin.close()
+
+
+async def _catch_up_and_units_of_work(
+    postgresql_storage: PostgreSQLSessionStorage, url: str
+) -> None:
+    mover = await asyncpg.connect(url)
+    try:
         first = await mover.fetchval("SELECT min(id) FROM chat_messages")
         await _stale_terms_at(mover, first + 10, first)
         async with _same_store(postgresql_storage, reading=False) as other:
