@@ -191,17 +191,29 @@ def check_search_batches(
 
 
 async def search_batches(
-    page: Callable[[int, K | None], Awaitable[tuple[list[ChatMessage], K | None]]],
+    page: Callable[[int, K | None], Awaitable[tuple[list[ChatMessage], K | None, str | None]]],
     batch_size: int,
     limit: int | None,
 ) -> AsyncIterator[list[ChatMessage]]:
     """iter_search_messages' batches, each `page(size, below)`: the newest `size` matches
-    below the key `below` (None: the newest of all), and the key of its last match."""
+    below the key `below` (None: the newest of all), the key of its last match, and the
+    incarnation of the session searched (None: every session).
+
+    The batches end when that incarnation changes: a session deleted and created again
+    under its id starts its positions again (found by attack: the batches went on into
+    the new session's messages).
+    """
     below: K | None = None
     left = limit
+    first = True
+    incarnation: str | None = None
     while left is None or left > 0:
         want = batch_size if left is None else min(batch_size, left)
-        messages, last = await page(want, below)
+        messages, last, held = await page(want, below)
+        if first:
+            first, incarnation = False, held
+        elif messages and held != incarnation:
+            return
         if messages:
             yield messages
         if len(messages) < want or last is None:

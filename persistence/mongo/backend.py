@@ -492,11 +492,8 @@ class MongoDBSessionStorage(SessionStorage):
         if parsed is None or not searchable_session(session_id):
             return
         in_session = session_id is not None
-        # Within one session, positions start again in a session deleted and created
-        # again under its id: the batches end when its incarnation changes.
-        incarnation: list[Any] = []  # the first page's
 
-        async def page(size: int, below: Any) -> tuple[list[ChatMessage], Any]:
+        async def page(size: int, below: Any) -> tuple[list[ChatMessage], Any, str | None]:
             with mongo_errors("search messages"):
                 async with self._stale_reading() as (docs, client_session):
                     rows = await repositories.search_rows(
@@ -508,13 +505,11 @@ class MongoDBSessionStorage(SessionStorage):
                         role=checked,
                         below=below,
                     )
-            if in_session and rows:
-                if not incarnation:
-                    incarnation.append(rows[0].get("incarnation"))
-                elif rows[0].get("incarnation") != incarnation[0]:
-                    return [], None
-            last = repositories.search_key(rows[-1], in_session=in_session) if rows else None
-            return [repositories.found_message(row) for row in rows], last
+            if not rows:
+                return [], None, None
+            held = rows[0].get("incarnation") if in_session else None
+            last = repositories.search_key(rows[-1], in_session=in_session)
+            return [repositories.found_message(row) for row in rows], last, held
 
         async for batch in search_batches(page, batch_size, limit):
             yield batch

@@ -471,22 +471,14 @@ class SqlSessionStorage(SessionStorage):
         if not searchable_session(session_id):
             return
 
-        # Within one session, positions start again in a session deleted and created
-        # again under its id (found by attack: the batches went on into the new
-        # session's messages): the batches end when its incarnation changes.
-        incarnation: list[str | None] = []  # the first page's
-
-        async def page(size: int, below: int | None) -> tuple[list[ChatMessage], int | None]:
+        async def page(
+            size: int, below: int | None
+        ) -> tuple[list[ChatMessage], int | None, str | None]:
             top = TOP if below is None else below - 1
             found = await self._search_page(
                 query, size, session_id, checked, top, in_one_incarnation=session_id is not None
             )
-            if session_id is not None:
-                if not incarnation:
-                    incarnation.append(found.incarnation)
-                elif found.incarnation != incarnation[0]:
-                    return [], None
-            return found.messages, found.last_key
+            return found.messages, found.last_key, found.incarnation
 
         async for batch in search_batches(page, batch_size, limit):
             yield batch

@@ -561,6 +561,15 @@ async def test_the_cleanup_of_settled_ranges_reads_only_those_ranges(
     await _check_index(postgresql_storage)
 
 
+async def _indexed_session(storage: PostgreSQLSessionStorage, session_id: str) -> None:
+    """A session of 500 messages, bulk-inserted, its terms written."""
+    session = ChatSession.create("m", session_id=session_id)
+    for n in range(500):
+        session.add_message("user", f"common words {n}")
+    assert await storage.insert_sessions([session])
+    await storage.index_for_search()
+
+
 async def _stale_terms_at(connection: asyncpg.Connection, stale: int, first: int) -> None:
     """Leaves the terms of the row `stale` behind it, gone, in a settled recheck range
     from `first`: as a removal under a range it could not lock leaves them."""
@@ -583,11 +592,7 @@ async def test_the_cleanup_keeps_the_terms_of_a_row_moved_onto_a_stale_id(
     and committed while the cleanup's delete waited on that terms row. The delete tested
     only the id again, and removed the live row's new terms: search never found it.
     Now the cleanup locks its candidates, then tests them in a snapshot taken after."""
-    session = ChatSession.create("m", session_id="moved")
-    for n in range(500):
-        session.add_message("user", f"common words {n}")
-    assert await postgresql_storage.insert_sessions([session])
-    await postgresql_storage.index_for_search()
+    await _indexed_session(postgresql_storage, "moved")
     url = _url(postgresql_storage)
     cleaner, mover = await asyncpg.connect(url), await asyncpg.connect(url)
     write_terms, ranges = WRITE_PENDING_TERMS.compile(postgresql_storage.engine.dialect).bind(
@@ -663,11 +668,7 @@ async def test_a_catch_up_on_a_repeatable_read_database_waits_as_on_read_committ
     a serialization error (its statements are built to see what committed meanwhile).
     So did a delete beside a catch-up, and the second of two units of work appending to
     one session. The library's connections use READ COMMITTED whatever the default."""
-    session = ChatSession.create("m", session_id="moved")
-    for n in range(500):
-        session.add_message("user", f"common words {n}")
-    assert await postgresql_storage.insert_sessions([session])
-    await postgresql_storage.index_for_search()
+    await _indexed_session(postgresql_storage, "moved")
     url = _url(postgresql_storage)
     async with _repeatable_read_by_default(url):
         await _catch_up_and_units_of_work(postgresql_storage, url)
