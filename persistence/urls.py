@@ -341,6 +341,20 @@ def _query(url: str) -> list[tuple[str, str]]:
     return _query_pairs(query)
 
 
+def postgresql_url_problem(url: str) -> str | None:
+    """Why the PostgreSQL URL `url` cannot be used beyond its user info and ports: a
+    list of hosts, or a query parameter asyncpg cannot use; None if neither."""
+    parts = split_url(url)
+    if parts is not None and "," in re.split(r"[/?#]", parts.rest, maxsplit=1)[0]:
+        # Found by attack: libpq's `host1:5432,host2:5433` passed the configuration's
+        # checks, and the storage then said "not a database URL", naming no source.
+        return (
+            "several hosts in one URL (host1,host2) are not supported: give one URL per"
+            " server (read_replicas takes a list)"
+        )
+    return postgresql_query_problem(url)
+
+
 def postgresql_query_problem(url: str) -> str | None:
     """Why a query parameter of the PostgreSQL URL `url` cannot be used, or None.
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persistence.sql.replicas import PRIMARY_POSITION_SQL
+
 DATABASE = "persistence_test"
 # Time any one server command may take before the pair is declared broken.
 _COMMAND_TIMEOUT = 60
@@ -261,15 +263,14 @@ async def fetchval(url: str, query: str) -> Any:
 
 
 async def wait_caught_up(pair: ReplicationPair, within: float = 20.0) -> None:
-    """Waits until the standby has replayed everything the primary has written."""
-    target = await fetchval(
-        pair.primary.url("postgres"), "SELECT pg_current_wal_insert_lsn()::text"
-    )
+    """Waits until the standby has replayed everything the primary has written (to
+    where a standby's replay stops when the WAL ends on a page boundary)."""
+    target = await fetchval(pair.primary.url("postgres"), PRIMARY_POSITION_SQL)
     deadline = time.monotonic() + within
     while True:
         caught_up = await fetchval(
             pair.standby.url("postgres"),
-            f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn",
+            f"SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint >= {target}",
         )
         if caught_up:
             return

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from persistence import ConfigError, PostgreSQLSessionStorage
+from persistence import ConfigError, InvalidDataError, PostgreSQLSessionStorage
 from persistence.config import StorageConfig, config_from_url, create_storage, load_config
 
 # An empty current directory and no STORAGE_* variable or config file: a fresh machine.
@@ -172,11 +172,27 @@ def test_a_percent_encoded_comma_reaches_the_driver_as_a_comma(
     assert arguments["password"] == "Tops3cret,9999"
 
 
-def test_a_multi_host_replica_url_stays_one_url(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_multi_host_url_is_refused_as_one_item_naming_its_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by attack: libpq's list of hosts passed load_config(), and the storage
+    then refused it as "not a database URL", naming no source. It is one item (the
+    list is not cut at its commas), refused here; so is a primary's."""
     monkeypatch.setenv("STORAGE_CONNECTION_STRING", PRIMARY)
     replica = "postgresql://reader@replica1.example:5432,replica2.example:5433/app"
-    monkeypatch.setenv("STORAGE_READ_REPLICAS", f"{replica},{REPLICA_2}")
-    assert _urls(load_config()) == [replica, REPLICA_2]
+    monkeypatch.setenv("STORAGE_READ_REPLICAS", f"{REPLICA_2},{replica}")
+    with pytest.raises(ConfigError) as refused:
+        load_config()
+    assert "read_replicas (from environment variable STORAGE_READ_REPLICAS): item 2:" in str(
+        refused.value
+    )
+    assert "several hosts in one URL" in str(refused.value)
+    monkeypatch.setenv("STORAGE_READ_REPLICAS", REPLICA_2)
+    monkeypatch.setenv("STORAGE_CONNECTION_STRING", replica)
+    with pytest.raises(ConfigError, match=r"connection_string .*several hosts in one URL"):
+        load_config()
+    with pytest.raises(InvalidDataError, match="several hosts in one URL"):
+        PostgreSQLSessionStorage(replica)
 
 
 @pytest.mark.parametrize(

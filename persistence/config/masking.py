@@ -13,7 +13,7 @@ from persistence.urls import (
     mask_typed_words,
     mask_url,
     port_problem,
-    postgresql_query_problem,
+    postgresql_url_problem,
     userinfo_problem,
 )
 
@@ -23,7 +23,7 @@ __all__ = [
     "mask_typed_words",
     "mask_url",
     "port_problem",
-    "postgresql_query_problem",
+    "postgresql_url_problem",
     "userinfo_problem",
 ]
 

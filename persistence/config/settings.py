@@ -29,7 +29,7 @@ from persistence.config.masking import (
     mask_secrets,
     mask_url,
     port_problem,
-    postgresql_query_problem,
+    postgresql_url_problem,
     userinfo_problem,
 )
 from persistence.errors import ConfigError
@@ -326,7 +326,7 @@ def _url_problem(backend: str, url: str) -> str | None:
     the password, nor what may be one: see `_hidden_port_problem`)."""
     problem = userinfo_problem(url) or _hidden_port_problem(url) or port_problem(url)
     if problem is None and backend == "postgresql":
-        problem = postgresql_query_problem(url)
+        problem = postgresql_url_problem(url)
     return problem
 
 

@@ -22,7 +22,7 @@ from persistence.sql.types import json_dumps, json_value_loads
 from persistence.urls import (
     asyncpg_url,
     mask_url,
-    postgresql_query_problem,
+    postgresql_url_problem,
     userinfo_problem,
 )
 
@@ -39,7 +39,7 @@ def postgresql_url(connection_string: str) -> URL:
             percent-encoded (the password is never repeated), or a query parameter
             asyncpg cannot use.
     """
-    problem = userinfo_problem(connection_string) or postgresql_query_problem(connection_string)
+    problem = userinfo_problem(connection_string) or postgresql_url_problem(connection_string)
     if problem is not None:
         raise InvalidDataError(f"connection_string: {problem}")
     try:

@@ -21,30 +21,32 @@ class ReplicaConnections:
         self._connect = connect
         self._size = size
         self._idle: list[Any] = []
-        self._lent = 0
+        self._lent: set[Any] = set()
+        self._connecting = 0
         self._closed = False
 
     def full(self) -> bool:
-        return self._lent >= self._size
+        return len(self._lent) + self._connecting >= self._size
 
     async def take(self, within: float) -> Any:
         """An idle connection, or a new one within `within` seconds."""
         while self._idle:
             connection = self._idle.pop()
             if not known_closed(connection):
-                self._lent += 1
+                self._lent.add(connection)
                 return connection
             connection.terminate()
-        self._lent += 1
+        self._connecting += 1
         try:
             async with asyncio.timeout(within):
-                return await self._connect()
-        except BaseException:
-            self._lent -= 1
-            raise
+                connection = await self._connect()
+        finally:
+            self._connecting -= 1
+        self._lent.add(connection)
+        return connection
 
     def give_back(self, connection: Any) -> None:
-        self._lent -= 1
+        self._lent.discard(connection)
         if self._closed or connection.is_closed():
             connection.terminate()
         else:
@@ -52,12 +54,18 @@ class ReplicaConnections:
 
     def drop(self, connection: Any) -> None:
         """Closes the socket at once: nothing is sent, nothing awaited."""
-        self._lent -= 1
+        self._lent.discard(connection)
         connection.terminate()
 
     def drop_idle(self) -> None:
         idle, self._idle = self._idle, []
         for connection in idle:
+            connection.terminate()
+
+    def end_lent(self) -> None:
+        """Closes the socket of every connection lent out: each read on one fails at
+        once as a lost connection (its holder then drops or gives it back)."""
+        for connection in list(self._lent):
             connection.terminate()
 
     async def close(self, within: float) -> None:

@@ -47,7 +47,17 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 # At or after the end of every commit so far, also of one not yet flushed to disk.
-PRIMARY_POSITION = Statement(text("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"))
+# Where the WAL ends on a page boundary, the insert position stands past the next
+# page's header (24 bytes; 40 on a segment's first page), which a standby that has
+# replayed everything never reports: it replays to the boundary. Found by attack: a
+# storage whose last write ended on one read from the primary until someone wrote.
+PRIMARY_POSITION_SQL = """
+SELECT p - CASE WHEN p % pg_size_bytes(current_setting('wal_segment_size')) = 40 THEN 40
+                WHEN p % current_setting('wal_block_size')::bigint = 24 THEN 24
+                ELSE 0 END
+FROM (SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS p) AS wal
+"""
+PRIMARY_POSITION = Statement(text(PRIMARY_POSITION_SQL))
 
 
 class WriteClock:

@@ -10,8 +10,11 @@
   server) is marked down and serves no reads; a background task checks it again
   every `retry_interval` seconds. Connecting gives up after `timeout` seconds. A
   query that runs longer than `timeout` makes the standby prove it is alive on
-  another connection; if it cannot, the hung connection is dropped (its socket
-  closed: the server is never asked to cancel) and the read goes elsewhere.
+  another connection: one proof at a time, which every read that runs past the
+  timeout meanwhile awaits, and reads that start meanwhile go to the primary. If it
+  cannot, or a connection to it times out, every connection lent out is dropped (its
+  socket closed: the server is never asked to cancel), and the reads on them go
+  elsewhere at once.
 - Identity: every connection made to a standby is first asked which cluster (the
   system identifier) and which database (its oid, which physical replication keeps)
   it serves; one that is not a copy of the primary's database (another database on
@@ -153,6 +156,8 @@ class Replica:
         self.served = 0
         self.mismatch: str | None = None
         self._task: asyncio.Task[None] | None = None
+        # The proof of life a read that ran past the timeout asked for (_proves_alive).
+        self._proof: asyncio.Task[bool] | None = None
         self._refused: set[str] = set()
         self._closed = False
 
@@ -200,10 +205,13 @@ class Replica:
         The lag it last reported grows, at most, by the time since: after that long
         without a check it may be too far behind (found by attack: the first read after
         a storage sat idle was served by a standby 8 s behind, `max_lag` 2 s). Reads
-        start a check once the last is older than `check_interval`.
+        start a check once the last is older than `check_interval`. While a read that
+        ran past the timeout has the replica prove it lives, none starts here.
         """
         lag = self.lag
         if lag is None or self.lagging or not self.usable() or self._closed:
+            return False
+        if self._proof is not None and not self._proof.done():
             return False
         return time.monotonic() - self.checked_at + lag <= self._settings.max_lag
 
@@ -313,6 +321,9 @@ class Replica:
 
     def _mark_down(self, exc: BaseException) -> None:
         self._pool.drop_idle()
+        if isinstance(exc, TimeoutError):
+            # It does not answer: the reads still waiting on it would wait in vain.
+            self._pool.end_lent()
         if not self.up or self._closed:
             return
         self.up = False
@@ -413,6 +424,9 @@ class Replica:
         """
         self._pool.drop(ended)
         self._pool.drop_idle()
+        if not self.up:
+            # Found down meanwhile (its lent connections were ended so): not asked again.
+            raise Unavailable("the replica stopped answering")
         try:
             connection = await self._pool.take(self._settings.timeout)
         except Exception as failed:
@@ -451,7 +465,14 @@ class Replica:
                 done, _ = await asyncio.wait({task}, timeout=self._settings.timeout)
                 if done:
                     return task.result()
-                if not await self.check():
+                proof = self._proof_of_life()
+                if proof is not None:
+                    # The query may end first: its connection ended by a failed check.
+                    either: set[asyncio.Task[Any]] = {task, proof}
+                    done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    if task in done:
+                        return task.result()
+                if proof is None or proof.cancelled() or not proof.result():
                     raise TimeoutError("the replica stopped answering")
         finally:
             if not task.done():
@@ -459,6 +480,22 @@ class Replica:
                     lent.driver.terminate()
                 task.cancel()
                 await asyncio.wait({task})
+
+    def _proof_of_life(self) -> asyncio.Task[bool] | None:
+        """The check that the replica answers on another connection, None if it is down.
+
+        Found by attack: each read that ran past the timeout checked on its own, paying
+        a second timeout, and reads went on starting on a frozen standby until one such
+        check failed: with a read every 0.1 s, 14 of 25 paid 1-2 s. One check now
+        serves every read waiting meanwhile, reads that start meanwhile go to the
+        primary (`serves`), and a check or connect that times out ends every read
+        still on the replica (`_mark_down`).
+        """
+        if not self.up or self._closed:
+            return None
+        if self._proof is None or self._proof.done():
+            self._proof = asyncio.get_running_loop().create_task(self.check())
+        return self._proof
 
     def _note_refusal(self, exc: BaseException) -> None:
         if self._closed:
@@ -472,10 +509,11 @@ class Replica:
         """Stops the background task; none starts afterwards, not even when a read that
         was running meanwhile finds the replica gone."""
         self._closed = True
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+        for task in (self._task, self._proof):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        self._task = self._proof = None
         await self._pool.close(self._settings.timeout)
         await self._connects.settled()
 

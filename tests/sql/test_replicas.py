@@ -378,6 +378,71 @@ async def test_reads_go_on_from_the_primary_when_the_standby_is_frozen(
     assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
 
 
+async def test_a_standby_that_freezes_under_a_stream_of_reads_costs_only_those_on_it(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: each read that ran past the timeout proved the standby alive on
+    its own, paying a second timeout, and new reads went on starting on the frozen
+    standby until one such proof failed: with a read every 0.1 s, 14 of 25 paid 1-2 s,
+    up to 1.3 s after the freeze. One proof now serves every read waiting, reads that
+    start meanwhile go to the primary, and a check or connect that times out ends every
+    read on it."""
+    timeout = 1.0
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 3, "stream"))
+    # The default pool (20 connections to the standby): a smaller one, once full,
+    # sends reads to the primary on its own.
+    storage = PostgreSQLSessionStorage(
+        pair.primary.url(),
+        read_replicas=[pair.standby.url()],
+        replica_timeout=timeout,
+        replica_retry_interval=30,
+    )
+    await storage.initialize()
+    try:
+        await _a_stream_of_reads_on_a_freezing_standby(pair, storage, expected, timeout)
+    finally:
+        await storage.close()
+
+
+async def _a_stream_of_reads_on_a_freezing_standby(
+    pair: ReplicationPair,
+    storage: PostgreSQLSessionStorage,
+    expected: set[str],
+    replica_timeout: float,
+) -> None:
+    timeout = replica_timeout
+    await wait_caught_up(pair)
+    await _routable(storage)
+    await asyncio.gather(*(storage.list_sessions() for _ in range(4)))  # idle connections
+    costs: list[tuple[float, float]] = []
+
+    async def read(frozen_at: float) -> None:
+        started = time.monotonic()
+        assert _ids(await storage.list_sessions()) == expected
+        costs.append((started - frozen_at, time.monotonic() - started))
+
+    pair.freeze(pair.standby)
+    try:
+        frozen_at = time.monotonic()
+        reads = []
+        for _ in range(30):
+            reads.append(asyncio.create_task(read(frozen_at)))
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*reads)
+    finally:
+        pair.thaw(pair.standby)
+    shown = [(round(start, 2), round(cost, 2)) for start, cost in sorted(costs)]
+    print(f"frozen under a stream of reads (start, seconds): {shown}")
+    # The first read to run past the timeout has the standby proved at about `timeout`;
+    # every read that starts after that goes to the primary.
+    late = [(start, cost) for start, cost in costs if start > timeout + 0.3]
+    assert late and all(cost < 0.5 for _, cost in late), shown
+    # Those already on it end when a check or connect times out: within two timeouts
+    # of the freeze.
+    assert all(cost < 0.5 or start + cost < 2 * timeout + 0.6 for start, cost in costs), shown
+
+
 async def test_a_storage_opened_while_the_standby_is_frozen_starts_and_reads_quickly(
     pair: ReplicationPair, open_storage: OpenStorage
 ) -> None:
@@ -837,3 +902,40 @@ async def test_a_standby_restarted_behind_this_storages_writes_serves_none_of_it
         assert not storage.replica_states()[0].holds_own_writes
     finally:
         await storage.close()
+
+
+async def _end_wal_on_a_page_boundary(url: str) -> int:
+    """Pads the WAL with logical messages until it ends on a page boundary; returns the
+    primary's insert position then (24 or 40 bytes past the boundary: the next header)."""
+    for _ in range(50):
+        at = int(await fetchval(url, "SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint"))
+        room = 8192 - at % 8192
+        size = room - 60 if room - 60 >= 300 else room - 60 + 8192 - 24
+        await fetchval(url, f"SELECT pg_logical_emit_message(false, 'pad', repeat('a', {size}))")
+        after = int(await fetchval(url, "SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint"))
+        if after % 8192 in (24, 40):
+            return after
+    raise AssertionError("could not end the WAL on a page boundary")
+
+
+async def test_a_standby_that_replayed_a_wal_ending_on_a_page_boundary_serves_reads(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: where the WAL ends on a page boundary, the primary's insert
+    position stands past the next page's header, and a standby that replayed everything
+    reports the boundary: with nothing written after, it never counted as holding this
+    storage's writes, and every read went to the primary."""
+    storage = await open_storage()
+    await _seed(storage, 1, "boundary")
+    position = await _end_wal_on_a_page_boundary(pair.primary.url())
+    await wait_caught_up(pair)
+    replayed = await fetchval(
+        pair.standby.url(), "SELECT (pg_last_wal_replay_lsn() - '0/0')::bigint"
+    )
+    assert replayed < position  # the boundary, before the header the insert position counts
+
+    deadline = time.monotonic() + 5
+    while not storage.replica_states()[0].reads_served:
+        assert time.monotonic() < deadline, f"never served: {storage.replica_states()}"
+        await storage.list_sessions()
+        await asyncio.sleep(0.05)
