@@ -491,6 +491,28 @@ def test_output_files_refuse_symlinks_and_write_through_devices(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.sqlite
+@pytest.mark.skipif(not Path("/dev/stdout").is_symlink(), reason="/dev/stdout is no link here")
+def test_dev_stdout_is_written_as_standard_output(tmp_path: Path) -> None:
+    """Found by attack: `export-all /dev/stdout`, the README's example, was refused as
+    a symbolic link. It is standard output, as `-` is: the document alone on stdout,
+    the summary on stderr."""
+    source = _filled(tmp_path, sessions=1)
+    session_id = json.loads(ok("sessions", "list", "--json", "--url", source).stdout)[0][
+        "session_id"
+    ]
+    command = [sys.executable, "-m", "persistence", "--url", source]
+    summaries = []
+    for arguments in (["export-all", "/dev/stdout"], ["export", session_id, "-o", "/dev/stdout"]):
+        done = subprocess.run(
+            [*command, *arguments], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        json.loads(done.stdout)  # the document, and nothing else
+        summaries.append(done.stderr)
+    assert "to standard output" in summaries[0], summaries
+
+
 def _import_in_a_process(
     tmp_path: Path, argument: str, stdin: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -146,6 +146,19 @@ def out() -> Console:
 
 
 STDIO = Path("-")
+# The names of the process's own standard output, written as `-` is.
+_STDOUT_NAMES = frozenset(map(Path, ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")))
+
+
+def output_path(value: P) -> P:
+    """The typer callback of an output file: file_path's checks, and standard output's
+    own names taken for `-` (found by attack: `export-all /dev/stdout`, the README's
+    example, was refused as a symbolic link; written through, its summary line would
+    have joined the document)."""
+    value = file_path(value)
+    if isinstance(value, Path) and value in _STDOUT_NAMES:
+        return STDIO
+    return value
 
 
 @contextmanager

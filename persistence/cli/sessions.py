@@ -30,8 +30,8 @@ from persistence.cli.output import (
     UrlOption,
     VerboseOption,
     fail,
-    file_path,
     out,
+    output_path,
     refuse_store_file,
     run,
 )
@@ -220,7 +220,7 @@ def export(
             "-o",
             help="Write to this file (atomically; a FIFO or device is written through,"
             " a symlink refused), not stdout; - is stdout.",
-            callback=file_path,
+            callback=output_path,
         ),
     ] = None,
     config: ConfigOption = None,

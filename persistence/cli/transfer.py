@@ -38,6 +38,7 @@ from persistence.cli.output import (
     file_path,
     os_error_line,
     out,
+    output_path,
     refuse_store_file,
     run,
     stdout_text,
@@ -337,7 +338,8 @@ def export_all(
     output: Annotated[
         Path,
         typer.Argument(
-            help="The JSON file to write (atomically); - for standard output.", callback=file_path
+            help="The JSON file to write (atomically); - for standard output.",
+            callback=output_path,
         ),
     ],
     batch_size: BatchOption = 500,

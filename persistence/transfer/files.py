@@ -48,8 +48,9 @@ def output_kind(target: Path) -> Literal["new", "file", "stream"]:
     """What writing to `target` means: a new file, replacing a regular file, or a stream.
 
     Raises:
-        MigrationError: for a symlink (refused, never followed or replaced), a
-            directory, a socket or block device, or a missing parent directory.
+        MigrationError: for a symlink (refused, never followed or replaced, unless it
+            leads to a FIFO or character device), a directory, a socket or block
+            device, or a missing parent directory.
     """
     try:
         mode = os.lstat(target).st_mode
@@ -63,7 +64,15 @@ def output_kind(target: Path) -> Literal["new", "file", "stream"]:
     except OSError as exc:
         raise file_error("cannot write", target, exc) from exc
     if stat.S_ISLNK(mode):
-        raise _symlink_refused(target, "to")
+        try:
+            mode = os.stat(target).st_mode
+        except OSError:
+            mode = 0
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            raise _symlink_refused(target, "to")
+        # A link to a FIFO or device (/dev/stderr, a tty's alias) holds no file to
+        # replace: written through, as a shell's `>` would.
+        return "stream"
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
@@ -74,8 +83,9 @@ def output_kind(target: Path) -> Literal["new", "file", "stream"]:
 
 
 def _open_through(target: Path) -> IO[str]:
-    """Opens an existing FIFO or character device for writing, never creating a file."""
-    fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+    """Opens an existing FIFO or character device for writing, never creating a file
+    (a link to one is followed: what it opens is checked before a byte is written)."""
+    fd = os.open(target, os.O_WRONLY | os.O_NOCTTY)
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
@@ -96,7 +106,7 @@ def output_file(target: Path, *, sweep: bool = True) -> Iterator[IO[str]]:
 
     A regular or new file is written to a 0600 temp file beside it, which takes the
     name only once complete (nothing is left behind on failure); a FIFO or character
-    device is written directly; a symlink is refused.
+    device (or a link to one) is written directly; any other symlink is refused.
 
     Raises:
         MigrationError: naming `target` and the reason, if it cannot be written.

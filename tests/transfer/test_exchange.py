@@ -318,6 +318,25 @@ async def test_export_writes_through_a_fifo(other_sqlite: SessionStorage, tmp_pa
     assert result["bytes"] == len(received[0])
 
 
+async def test_export_writes_through_a_symlink_to_a_fifo_and_leaves_both(
+    other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: a link to a FIFO or device (/dev/stdout, /dev/stderr) was
+    refused as a symlink; there is no file to replace, so it is written through."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.json"
+    link.symlink_to(fifo)
+    received: list[bytes] = []
+    # A daemon: if the export fails, the reader blocked on the FIFO stops no one.
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    await export_to_json(other_sqlite, link)
+    reader.join(timeout=30)
+    assert link.is_symlink() and stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert json.loads(received[0])["format"] == FORMAT_NAME
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
 async def test_export_to_a_full_device_fails_naming_it(other_sqlite: SessionStorage) -> None:
     with pytest.raises(MigrationError, match="cannot write /dev/full: No space left on device"):
