@@ -345,7 +345,12 @@ def postgresql_url_problem(url: str) -> str | None:
     """Why the PostgreSQL URL `url` cannot be used beyond its user info and ports: a
     list of hosts, or a query parameter asyncpg cannot use; None if neither."""
     parts = split_url(url)
-    if parts is not None and "," in re.split(r"[/?#]", parts.rest, maxsplit=1)[0]:
+    listed = parts is not None and "," in re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
+    # Or in the query (`?host=h1,h2&port=p1,p2`), which asyncpg reads as a list too.
+    listed = listed or any(
+        name in ("host", "hostaddr", "port") and "," in value for name, value in _query(url)
+    )
+    if listed:
         # Found by attack: libpq's `host1:5432,host2:5433` passed the configuration's
         # checks, and the storage then said "not a database URL", naming no source.
         return (
@@ -394,6 +399,26 @@ def postgresql_query_problem(url: str) -> str | None:
     return None
 
 
+def _socket_host_in_query(url: str) -> str:
+    """`url` with a socket directory given as its host (`postgresql://u@%2Fvar%2Frun%2F
+    postgresql/db`, as libpq reads it) moved to `?host=` (and its port to `?port=`),
+    where asyncpg reads one; other URLs as they are. Found by attack: the directory
+    was looked up as a host name."""
+    parts = split_url(url)
+    if parts is None:
+        return url
+    hostport = re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
+    host, colon, port = hostport.partition(":")
+    if not unquote(host).startswith("/") or "host" in dict(_query(url)):
+        return url
+    rest, hash_, fragment = parts.rest[len(hostport) :].partition("#")
+    path, _, query = rest.partition("?")
+    moved = [("host", unquote(host))] + ([("port", port)] if colon else [])
+    query = "&".join(filter(None, [urlencode(moved, quote_via=quote), query]))
+    userinfo = "" if parts.userinfo is None else f"{parts.userinfo}@"
+    return f"{parts.scheme}://{userinfo}{path or '/'}?{query}{hash_}{fragment}"
+
+
 def asyncpg_url(url: str) -> str:
     """The PostgreSQL URL `url` with libpq's query parameters as asyncpg takes them
     (through SQLAlchemy): `sslmode` as `ssl`, `dbname` as `database`, and those asyncpg
@@ -401,6 +426,7 @@ def asyncpg_url(url: str) -> str:
     as %2B: SQLAlchemy would read a raw one as a space). Other URLs are returned as
     they are.
     """
+    url = _socket_host_in_query(url)
     parts = split_url(url)
     if parts is None or "?" not in parts.rest:
         return url

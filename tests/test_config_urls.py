@@ -3,6 +3,8 @@ and setting values repeated in errors (masked before they are cut)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from pathlib import Path
 
@@ -223,6 +225,34 @@ def test_libpq_parameters_are_written_as_asyncpg_takes_them() -> None:
         postgresql_url("postgresql://u@h/db?sslmodes=require")
     # What the user wrote is what messages show.
     assert config.display_url == "postgres://u@h/db?sslmode=verify-full"
+    # A socket directory as the host, as libpq reads it, is where asyncpg reads one.
+    assert asyncpg_url("postgresql://u@%2Frun%2Fpg:5433/db?sslmode=disable") == (
+        "postgresql://u@/db?host=%2Frun%2Fpg&port=5433&ssl=disable"
+    )
+
+
+@pytest.mark.postgresql
+async def test_a_socket_directory_given_as_the_host_reaches_the_server(
+    postgresql_url: str,
+) -> None:
+    """Found by attack: `postgresql://u@%2Fvar%2Frun%2Fpostgresql/db` passed the
+    checks, and the directory was then looked up as a host name (gaierror)."""
+    given = make_url(postgresql_url)
+    connection = await asyncpg.connect(postgresql_url.replace("+asyncpg", ""))
+    try:
+        directory = (await connection.fetchval("SHOW unix_socket_directories")).split(",")[0]
+    finally:
+        await connection.close()
+    if not directory or not await asyncio.to_thread(os.path.isdir, directory.strip()):
+        pytest.skip(f"the server's socket directory {directory!r} is not on this machine")
+    host = directory.strip().replace("/", "%2F")
+    url = f"postgresql://{given.username}@{host}:{given.port or 5432}/{given.database}"
+    storage = PostgreSQLSessionStorage(url)
+    try:
+        await storage.initialize()
+        assert (await storage.count()).total_sessions == 0
+    finally:
+        await storage.close()
 
 
 def test_url_schemes_are_read_whatever_their_case() -> None:

@@ -47,7 +47,9 @@ class ReplicaConnections:
 
     def give_back(self, connection: Any) -> None:
         self._lent.discard(connection)
-        if self._closed or connection.is_closed():
+        # Beyond the size (a check made one while every other was lent out): closed.
+        kept = len(self._idle) + len(self._lent) + self._connecting
+        if self._closed or connection.is_closed() or kept >= self._size:
             connection.terminate()
         else:
             self._idle.append(connection)

@@ -158,6 +158,8 @@ class Replica:
         self._task: asyncio.Task[None] | None = None
         # The proof of life a read that ran past the timeout asked for (_proves_alive).
         self._proof: asyncio.Task[bool] | None = None
+        # Marked down because it did not answer in time (not for a lost connection).
+        self._unanswered = False
         self._refused: set[str] = set()
         self._closed = False
 
@@ -285,6 +287,7 @@ class Replica:
         position reported stands, unless the report came on a new connection: the
         server may have restarted since the others were made."""
         self.checked_at = time.monotonic()
+        self._unanswered = False
         # A server out of recovery (promoted, or the primary itself) cannot show that
         # it holds this storage's writes: it serves only reads that need none of them.
         # A standby restarted after a crash can reopen behind where it was (found by
@@ -321,8 +324,12 @@ class Replica:
 
     def _mark_down(self, exc: BaseException) -> None:
         self._pool.drop_idle()
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, TimeoutError) and not self._closed:
             # It does not answer: the reads still waiting on it would wait in vain.
+            # Not for one lost connection (found by attack: a backend ended on a live
+            # standby aborted every slow read on it), nor at close (the reads on a
+            # live replica may still finish).
+            self._unanswered = True
             self._pool.end_lent()
         if not self.up or self._closed:
             return
@@ -460,12 +467,18 @@ class Replica:
         for a server that does not answer.
         """
         task = asyncio.ensure_future(query)
+        closing = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self._settings.timeout)
                 if done:
                     return task.result()
                 proof = self._proof_of_life()
+                if proof is None and self._closed and not closing:
+                    # Closed meanwhile: nothing checks, and the primary takes no reads
+                    # now; the query has one more timeout to finish.
+                    closing = True
+                    continue
                 if proof is not None:
                     # The query may end first: its connection ended by a failed check.
                     either: set[asyncio.Task[Any]] = {task, proof}
@@ -482,7 +495,9 @@ class Replica:
                 await asyncio.wait({task})
 
     def _proof_of_life(self) -> asyncio.Task[bool] | None:
-        """The check that the replica answers on another connection, None if it is down.
+        """The check that the replica answers on another connection; None once it was
+        found not answering (or closed). One marked down for another reason (a lost
+        connection) is checked as well: it may answer.
 
         Found by attack: each read that ran past the timeout checked on its own, paying
         a second timeout, and reads went on starting on a frozen standby until one such
@@ -491,7 +506,7 @@ class Replica:
         primary (`serves`), and a check or connect that times out ends every read
         still on the replica (`_mark_down`).
         """
-        if not self.up or self._closed:
+        if self._unanswered or self._closed:
             return None
         if self._proof is None or self._proof.done():
             self._proof = asyncio.get_running_loop().create_task(self.check())

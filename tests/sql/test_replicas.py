@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from persistence import ChatSession, PostgreSQLSessionStorage
@@ -938,4 +939,127 @@ async def test_a_standby_that_replayed_a_wal_ending_on_a_page_boundary_serves_re
     while not storage.replica_states()[0].reads_served:
         assert time.monotonic() < deadline, f"never served: {storage.replica_states()}"
         await storage.list_sessions()
+        await asyncio.sleep(0.05)
+
+
+# --- reads that wait on a live standby (a lock the primary holds, replayed there) ---
+
+
+@contextlib.asynccontextmanager
+async def _standby_reads_wait(pair: ReplicationPair) -> AsyncIterator[None]:
+    """While inside, reads of chat_sessions on the (live) standby wait for a lock."""
+    locker = await asyncpg.connect(pair.primary.url())
+    try:
+        await locker.execute("BEGIN; LOCK TABLE chat_sessions IN ACCESS EXCLUSIVE MODE")
+        # Another client's commit flushes the WAL, the lock's record with it.
+        await fetchval(pair.primary.url("postgres"), "SELECT txid_current()")
+        deadline = time.monotonic() + 10
+        while not await fetchval(
+            pair.standby.url("postgres"),
+            "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
+            " AND relation IS NOT NULL",
+        ):
+            assert time.monotonic() < deadline, "the standby never replayed the lock"
+            await asyncio.sleep(0.02)
+        yield
+    finally:
+        await locker.execute("COMMIT")
+        await locker.close()
+
+
+async def _waiting_on_the_standby(pair: ReplicationPair, count: int) -> list[int]:
+    deadline = time.monotonic() + 10
+    while True:
+        connection = await asyncpg.connect(pair.standby.url("postgres"))
+        try:
+            pids = [
+                row[0]
+                for row in await connection.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = 'persistence_test'"
+                    " AND wait_event_type = 'Lock'"
+                )
+            ]
+        finally:
+            await connection.close()
+        if len(pids) >= count:
+            return pids
+        assert time.monotonic() < deadline, f"{len(pids)} reads wait on the standby"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_lost_connection_does_not_abort_the_slow_reads_on_a_live_standby(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack on the shared proof of life: one read's connection ended on the
+    standby (pg_terminate_backend) marked it down, and a slow read waiting there was
+    then taken for a read on a frozen standby, aborted and run again on the primary."""
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 3, "slow"))
+    storage = await open_storage(replica_timeout=0.5, replica_retry_interval=30)
+    await wait_caught_up(pair)
+    await _routable(storage)
+
+    async def every_session() -> set[str]:
+        # A snapshot read: its connection lost after BEGIN marks the standby down.
+        return {s.session_id async for batch in storage.iter_sessions(10) for s in batch}
+
+    async with _standby_reads_wait(pair):
+        ended = asyncio.create_task(every_session())
+        (pid,) = await _waiting_on_the_standby(pair, 1)
+        slow = asyncio.create_task(storage.list_sessions())
+        await _waiting_on_the_standby(pair, 2)
+        await fetchval(pair.standby.url("postgres"), f"SELECT pg_terminate_backend({pid})")
+        await asyncio.sleep(1.5)  # three of the slow read's timeouts
+    assert await ended == expected
+    assert _ids(await slow) == expected
+    # The slow read's proof found the standby answering: it stays in use (an aborted
+    # read marked it down for the retry interval, 30 s).
+    assert storage.replica_states()[0].up, storage.replica_states()
+
+
+async def test_reads_waiting_on_a_live_standby_at_close_finish(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: close() made the read that ran past its timeout on a live
+    standby fail ("storage is closed", from the primary it fell back to), and the
+    shared proof's end of every lent connection failed the others too."""
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 3, "closing"))
+    storage = await open_storage(replica_timeout=1.0)
+    await wait_caught_up(pair)
+    await _routable(storage)
+    async with _standby_reads_wait(pair):
+        first = asyncio.create_task(storage.list_sessions())
+        await _waiting_on_the_standby(pair, 1)
+        await asyncio.sleep(0.6)
+        second = asyncio.create_task(storage.list_sessions())
+        await _waiting_on_the_standby(pair, 2)
+        await storage.close()
+        await asyncio.sleep(0.6)  # the first read's timeout passes; the lock then goes
+    assert _ids(await first) == expected
+    assert _ids(await second) == expected
+
+
+async def test_a_replica_keeps_no_more_idle_connections_than_the_pool_size(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: with every connection lent out to slow reads, the proof of life
+    opened one more, and all were kept idle after: more than max_pool_size."""
+    writer = await open_storage(replicas=False)
+    await _seed(writer, 1, "pool")
+    storage = await open_storage(replica_timeout=0.5)  # a pool of 5
+    await wait_caught_up(pair)
+    await _routable(storage)
+    async with _standby_reads_wait(pair):
+        reads = [asyncio.create_task(storage.list_sessions()) for _ in range(5)]
+        await _waiting_on_the_standby(pair, 5)
+        await asyncio.sleep(0.8)  # past the timeout: the proof needs a fourth
+    await asyncio.gather(*reads)
+    deadline = time.monotonic() + 5
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'persistence_test'"
+        " AND backend_type = 'client backend'"
+    )
+    while (count := await fetchval(pair.standby.url("postgres"), query)) > 5:
+        assert time.monotonic() < deadline, f"{count} connections to the standby, pool of 5"
         await asyncio.sleep(0.05)
