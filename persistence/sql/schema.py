@@ -88,6 +88,8 @@ def examine(
         # table (file_fdw, postgres_fdw), looked empty.
         names |= set(inspector.get_materialized_view_names())
         names |= set(inspector.get_foreign_table_names())  # type: ignore[attr-defined]
+        # And a sequence of its own (found by attack: one looked like an empty database).
+        names |= _own_sequences(connection)
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
         heads = version_heads(connection, version_table)
@@ -129,7 +131,66 @@ def examine(
             " it: use a database of its own, or create persistence's tables beside them"
             f" with {_alembic('upgrade head')}"
         )
+    if connection.dialect.name == "postgresql":
+        _refuse_other_schemas(connection, version_table, where)
     return SchemaState(())
+
+
+# Relations of other schemas than the store's: tables, views, materialized views,
+# foreign tables and sequences of their own (not a table's), none of an extension.
+_ELSEWHERE = text(
+    r"""
+SELECT n.nspname || '.' || c.relname,
+       EXISTS (SELECT FROM pg_class v JOIN pg_namespace vn ON vn.oid = v.relnamespace
+               WHERE v.relname = :version_table AND v.relkind = 'r'
+                 AND vn.nspname IS DISTINCT FROM current_schema())
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+  AND n.nspname IS DISTINCT FROM current_schema()
+  AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+  AND NOT EXISTS (SELECT FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                    AND (d.deptype = 'e' OR (c.relkind = 'S' AND d.deptype IN ('a', 'i'))))
+ORDER BY 1
+LIMIT 6
+"""
+)
+
+
+def _refuse_other_schemas(connection: Connection, version_table: str, where: str) -> None:
+    """Refuses a database whose schema for the store is empty but whose other schemas
+    hold another application's tables, unless one of them holds a store of ours (two
+    stores in two schemas of one database are two stores).
+
+    Found by attack: a database holding its tables in a schema of its own (`billing`)
+    was taken for an empty one, and persistence's tables were created in its `public`.
+
+    Raises:
+        MigrationError: naming some of those tables and what to do.
+    """
+    rows = connection.execute(_ELSEWHERE, {"version_table": version_table}).all()
+    if not rows or rows[0][1]:
+        return
+    raise MigrationError(
+        f"{where} holds tables of another application in other schemas"
+        f" ({listed([row[0] for row in rows])}) and no persistence schema"
+        f" ({version_table}); persistence neither reads nor changes it: use a database of"
+        " its own, or create persistence's tables beside them (in the schema the URL's"
+        f" search_path names first) with {_alembic('upgrade head')}"
+    )
+
+
+def _own_sequences(connection: Connection) -> set[str]:
+    """The sequences of the store's schema that no table owns (nor an extension)."""
+    rows = connection.execute(
+        text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relkind = 'S' AND n.nspname = current_schema()"
+            " AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
+            " AND d.objid = c.oid AND d.deptype IN ('a', 'i', 'e'))"
+        )
+    )
+    return {row[0] for row in rows}
 
 
 def _alembic(*commands: str) -> str:

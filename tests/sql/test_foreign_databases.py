@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -278,6 +279,42 @@ async def test_a_postgresql_database_holding_only_a_foreign_table_is_refused(
 
     (tables,) = await _execute(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     assert tables == []
+
+
+async def test_a_postgresql_database_holding_its_tables_in_another_schema_is_refused(
+    empty_postgresql_url: str,
+) -> None:
+    """Found by attack: a database holding its tables in a schema of its own (and a
+    sequence of its own in `public`) looked empty, and the store's tables were created
+    in its `public`. A store of ours in another schema still allows a second one, and
+    `alembic upgrade head` still creates the tables beside them when asked."""
+    url = empty_postgresql_url
+    await _execute(url, "CREATE SEQUENCE public.their_counter")
+    with pytest.raises(MigrationError, match="their_counter"):
+        await _storage(url).initialize()
+    await _execute(
+        url,
+        "DROP SEQUENCE public.their_counter",
+        "CREATE SCHEMA billing",
+        "CREATE TABLE billing.invoices (id serial PRIMARY KEY)",
+    )
+    with pytest.raises(MigrationError, match=r"in other schemas \(billing\.invoices\)"):
+        await _storage(url).initialize()
+    (tables,) = await _execute(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    assert tables == []
+
+    # Another schema holding a store of ours: a second store, in its own schema.
+    await _execute(url, "CREATE SCHEMA first_store", "CREATE SCHEMA second_store")
+    separator = "&" if "?" in url else "?"
+    first = f"{url}{separator}options=-c%20search_path%3Dfirst_store"
+    second = f"{url}{separator}options=-c%20search_path%3Dsecond_store"
+    await asyncio.to_thread(alembic, first, "upgrade", "head")
+    async with PostgreSQLSessionStorage(second) as storage:
+        assert (await storage.count()).total_sessions == 0
+    (tables,) = await _execute(
+        url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'second_store'"
+    )
+    assert tables[0][0] > 0
 
 
 def _sqlite_header(url: str) -> bytes:
