@@ -343,7 +343,10 @@ def _query(url: str) -> list[tuple[str, str]]:
 
 def postgresql_url_problem(url: str) -> str | None:
     """Why the PostgreSQL URL `url` cannot be used beyond its user info and ports: a
-    list of hosts, or a query parameter asyncpg cannot use; None if neither."""
+    list of hosts, or a query parameter asyncpg cannot use; None if neither. A socket
+    directory given as the host is checked where it goes (`?host=`, `?port=`; found by
+    attack: a list of them, or a port that is no number, reached SQLAlchemy)."""
+    url = _socket_host_in_query(url)
     parts = split_url(url)
     listed = parts is not None and "," in re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
     # Or in the query (`?host=h1,h2&port=p1,p2`), which asyncpg reads as a list too.
@@ -409,11 +412,13 @@ def _socket_host_in_query(url: str) -> str:
         return url
     hostport = re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
     host, colon, port = hostport.partition(":")
-    if not unquote(host).startswith("/") or "host" in dict(_query(url)):
+    given = dict(_query(url))
+    if not unquote(host).startswith("/") or "host" in given:
         return url
     rest, hash_, fragment = parts.rest[len(hostport) :].partition("#")
     path, _, query = rest.partition("?")
-    moved = [("host", unquote(host))] + ([("port", port)] if colon else [])
+    # A `port=` in the query wins over the host's, as it does beside a host name.
+    moved = [("host", unquote(host))] + ([("port", port)] if colon and "port" not in given else [])
     query = "&".join(filter(None, [urlencode(moved, quote_via=quote), query]))
     userinfo = "" if parts.userinfo is None else f"{parts.userinfo}@"
     return f"{parts.scheme}://{userinfo}{path or '/'}?{query}{hash_}{fragment}"

@@ -512,6 +512,35 @@ def test_dev_stdout_is_written_as_standard_output(tmp_path: Path) -> None:
         summaries.append(done.stderr)
     assert "to standard output" in summaries[0], summaries
 
+    # Told by the file, not the name (found by attack: through a link of the user's,
+    # or `//dev/stdout`, the summary line joined the document).
+    link = tmp_path / "out.json"
+    link.symlink_to("/dev/stdout")
+    for name in (str(link), "//dev/stdout"):
+        done = subprocess.run(
+            [*command, "export-all", name], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        json.loads(done.stdout)
+        assert "to standard output" in done.stderr
+
+    # Standard output that is the store itself is refused, by any name (found by
+    # attack: `export-all /dev/stdout >> store.db` appended the export to the store).
+    store = Path(source.removeprefix("sqlite:///"))
+    size = store.stat().st_size
+    for arguments in (["export-all", "/dev/stdout"], ["export-all", "-"], ["export", session_id]):
+        with store.open("ab") as appended:
+            done = subprocess.run(
+                [*command, *arguments],
+                stdout=appended,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 1, done.stderr
+        assert "refusing to write standard output: it is the store" in done.stderr, done.stderr
+    assert store.stat().st_size == size
+
 
 def _import_in_a_process(
     tmp_path: Path, argument: str, stdin: Path | None = None

@@ -229,6 +229,18 @@ def test_libpq_parameters_are_written_as_asyncpg_takes_them() -> None:
     assert asyncpg_url("postgresql://u@%2Frun%2Fpg:5433/db?sslmode=disable") == (
         "postgresql://u@/db?host=%2Frun%2Fpg&port=5433&ssl=disable"
     )
+    # Checked where it goes (found by attack: these reached SQLAlchemy's ArgumentError).
+    assert asyncpg_url("postgresql://u@%2Frun%2Fpg:5432/db?port=5433") == (
+        "postgresql://u@/db?host=%2Frun%2Fpg&port=5433"
+    )
+    for url, problem in [
+        ("postgresql://u@%2Frun%2Fpg%2C%2Ftmp/db", "several hosts in one URL"),
+        ("postgresql://u@%2Frun%2Fpg:abc/db", "port 'abc' is not a number"),
+    ]:
+        with pytest.raises(InvalidDataError, match=problem):
+            PostgreSQLSessionStorage(url)
+        with pytest.raises(ConfigError, match=problem):
+            StorageConfig(connection_string=url)
 
 
 @pytest.mark.postgresql

@@ -146,19 +146,26 @@ def out() -> Console:
 
 
 STDIO = Path("-")
-# The names of the process's own standard output, written as `-` is.
-_STDOUT_NAMES = frozenset(map(Path, ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")))
 
 
 def output_path(value: P) -> P:
-    """The typer callback of an output file: file_path's checks, and standard output's
-    own names taken for `-` (found by attack: `export-all /dev/stdout`, the README's
-    example, was refused as a symbolic link; written through, its summary line would
-    have joined the document)."""
+    """The typer callback of an output file: file_path's checks, and a path to this
+    process's standard output taken for `-` (found by attack: `export-all /dev/stdout`,
+    the README's example, was refused as a symbolic link; written through, its summary
+    line would join the document). Told by the file, not the name: a link to
+    /dev/stdout, `//dev/stdout` or /proc/thread-self/fd/1 is standard output too."""
     value = file_path(value)
-    if isinstance(value, Path) and value in _STDOUT_NAMES:
+    if isinstance(value, Path) and value != STDIO and _is_standard_output(value):
         return STDIO
     return value
+
+
+def _is_standard_output(path: Path) -> bool:
+    try:
+        named, standard = os.stat(path), os.fstat(1)
+    except (OSError, ValueError):
+        return False
+    return (named.st_dev, named.st_ino) == (standard.st_dev, standard.st_ino)
 
 
 @contextmanager
@@ -192,9 +199,13 @@ def store_file(path: Path, config: StorageConfig) -> str | None:
 
 
 def refuse_store_file(output: Path, config: StorageConfig) -> None:
-    """Fails if writing `output` would replace the SQLite store's file or a journal of it."""
-    if (what := store_file(output, config)) is not None:
-        fail(f"refusing to write {output}: it is {what} (give another file name)")
+    """Fails if writing `output` would replace the SQLite store's file or a journal of
+    it; for `-`, if standard output is one (found by attack: `export-all /dev/stdout
+    >> store.db` appended the export to the store)."""
+    named = Path(f"/proc/{os.getpid()}/fd/1") if output == STDIO else output
+    if (what := store_file(named, config)) is not None:
+        shown = "standard output" if output == STDIO else output
+        fail(f"refusing to write {shown}: it is {what} (give another file name)")
 
 
 def echo_json(value: Any, *, err: bool = False) -> None:

@@ -230,8 +230,7 @@ def export(
     """Export one session as JSON, plain text or markdown."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        if output is not None and output != STDIO:
-            refuse_store_file(output, cfg)
+        refuse_store_file(output or STDIO, cfg)
         rendered = await SessionManager(storage, auto_save_enabled=False).export_session(
             session_id, format.value
         )

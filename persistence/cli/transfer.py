@@ -351,8 +351,7 @@ def export_all(
     """Write every session, message and file record to one JSON export file."""
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        if output != STDIO:
-            refuse_store_file(output, cfg)
+        refuse_store_file(output, cfg)
         if output == STDIO:
             # The document goes to stdout, so the summary goes to stderr.
             try:

@@ -90,6 +90,7 @@ def examine(
         names |= set(inspector.get_foreign_table_names())  # type: ignore[attr-defined]
         # And a sequence of its own (found by attack: one looked like an empty database).
         names |= _own_sequences(connection)
+        names -= _of_extensions(connection)
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
         heads = version_heads(connection, version_table)
@@ -137,22 +138,31 @@ def examine(
 
 
 # Relations of other schemas than the store's: tables, views, materialized views,
-# foreign tables and sequences of their own (not a table's), none of an extension.
+# foreign tables and sequences of their own (not a table's), none of an extension;
+# with their number, and whether another schema holds a store of ours (our version
+# table, or a store made before it had its own name: alembic_version beside our
+# tables). Temporary schemas (another session's temp tables) are not looked at.
 _ELSEWHERE = text(
     r"""
-SELECT n.nspname || '.' || c.relname,
-       EXISTS (SELECT FROM pg_class v JOIN pg_namespace vn ON vn.oid = v.relnamespace
-               WHERE v.relname = :version_table AND v.relkind = 'r'
-                 AND vn.nspname IS DISTINCT FROM current_schema())
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WITH schemas AS (
+    SELECT oid, nspname FROM pg_namespace
+    WHERE nspname IS DISTINCT FROM current_schema()
+      AND nspname <> 'information_schema' AND nspname NOT LIKE 'pg\_%'
+)
+SELECT s.nspname || '.' || c.relname, count(*) OVER (),
+       EXISTS (SELECT FROM pg_class v JOIN schemas vs ON vs.oid = v.relnamespace
+               WHERE v.relkind = 'r' AND (v.relname = :version_table
+                     OR (v.relname = 'alembic_version'
+                         AND EXISTS (SELECT FROM pg_class t
+                                     WHERE t.relnamespace = v.relnamespace
+                                       AND t.relname = 'chat_sessions'))))
+FROM pg_class c JOIN schemas s ON s.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-  AND n.nspname IS DISTINCT FROM current_schema()
-  AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
   AND NOT EXISTS (SELECT FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                     AND (d.deptype = 'e' OR (c.relkind = 'S' AND d.deptype IN ('a', 'i'))))
 ORDER BY 1
-LIMIT 6
+LIMIT 5
 """
 )
 
@@ -169,11 +179,13 @@ def _refuse_other_schemas(connection: Connection, version_table: str, where: str
         MigrationError: naming some of those tables and what to do.
     """
     rows = connection.execute(_ELSEWHERE, {"version_table": version_table}).all()
-    if not rows or rows[0][1]:
+    if not rows or rows[0][2]:
         return
+    shown = ", ".join(row[0] for row in rows)
+    more = rows[0][1] - len(rows)
     raise MigrationError(
         f"{where} holds tables of another application in other schemas"
-        f" ({listed([row[0] for row in rows])}) and no persistence schema"
+        f" ({shown}{f' and {more} more' if more else ''}) and no persistence schema"
         f" ({version_table}); persistence neither reads nor changes it: use a database of"
         " its own, or create persistence's tables beside them (in the schema the URL's"
         f" search_path names first) with {_alembic('upgrade head')}"
@@ -188,6 +200,20 @@ def _own_sequences(connection: Connection) -> set[str]:
             " WHERE c.relkind = 'S' AND n.nspname = current_schema()"
             " AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
             " AND d.objid = c.oid AND d.deptype IN ('a', 'i', 'e'))"
+        )
+    )
+    return {row[0] for row in rows}
+
+
+def _of_extensions(connection: Connection) -> set[str]:
+    """The relations of the store's schema that belong to an extension (found by
+    attack: pg_stat_statements' views in `public` made a fresh database another
+    application's)."""
+    rows = connection.execute(
+        text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid"
+            " WHERE n.nspname = current_schema() AND d.deptype = 'e'"
         )
     )
     return {row[0] for row in rows}

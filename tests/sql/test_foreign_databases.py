@@ -317,6 +317,46 @@ async def test_a_postgresql_database_holding_its_tables_in_another_schema_is_ref
     assert tables[0][0] > 0
 
 
+async def test_other_schemas_are_judged_by_what_they_hold(empty_postgresql_url: str) -> None:
+    """Found by attack on the refusal above: an extension's views in the store's schema
+    made a fresh database another application's; a store of ours in another schema that
+    keeps its revision in `alembic_version` was taken for another application's; another
+    session's temporary table of our version table's name passed for a store of ours;
+    and the refusal miscounted what it did not show."""
+    import asyncpg
+
+    url = empty_postgresql_url
+    plain = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    separator = "&" if "?" in url else "?"
+    (available,) = await _execute(
+        url, "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_stat_statements'"
+    )
+    if available[0][0]:
+        await _execute(url, "CREATE EXTENSION pg_stat_statements")
+        async with _storage(url) as storage:  # its views in `public` are the extension's
+            assert (await storage.count()).total_sessions == 0
+        await _execute(url, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
+
+    await _execute(
+        url, "CREATE SCHEMA app", *(f"CREATE TABLE app.t{i:02} (id int)" for i in range(20))
+    )
+    other = await asyncpg.connect(plain)
+    try:
+        await other.execute("CREATE TEMP TABLE persistence_alembic_version (x int)")
+        with pytest.raises(MigrationError, match=r"\(app\.t00, .*app\.t04 and 15 more\)"):
+            await _storage(url).initialize()
+    finally:
+        await other.close()
+
+    # The legacy store's own tables are the other schema's relations there.
+    await _execute(url, "DROP SCHEMA app CASCADE", "CREATE SCHEMA legacy", "CREATE SCHEMA second")
+    async with _storage(f"{url}{separator}options=-c%20search_path%3Dlegacy"):
+        pass
+    await _execute(url, "ALTER TABLE legacy.persistence_alembic_version RENAME TO alembic_version")
+    async with _storage(f"{url}{separator}options=-c%20search_path%3Dsecond") as second:
+        assert (await second.count()).total_sessions == 0
+
+
 def _sqlite_header(url: str) -> bytes:
     """The file's first 20 bytes (its journal mode among them); b"" on PostgreSQL."""
     if not url.startswith("sqlite"):
