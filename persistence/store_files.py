@@ -40,6 +40,25 @@ def sqlite_file_role(path: str | Path, store: Path) -> str | None:
     return None
 
 
+def sqlite_file_role_of_descriptor(descriptor: int, store: Path) -> str | None:
+    """Which file of the SQLite store at `store` the open file `descriptor` is, as
+    sqlite_file_role tells it of a path, or None (also if it cannot be told)."""
+    try:
+        opened = os.fstat(descriptor)
+    except (OSError, ValueError):
+        return None
+    for base in dict.fromkeys((store, Path(os.path.realpath(store)))):
+        for suffix in SQLITE_FILE_SUFFIXES:
+            try:
+                named = os.stat(base.with_name(base.name + suffix))
+            except OSError:
+                continue
+            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+                what = f"the {suffix[1:]} file of the store" if suffix else "the store"
+                return f"{what} {store}"
+    return None
+
+
 def refuse_own_file(storage: SessionStorage, path: str | Path) -> None:
     """Refuses to write `path` if it is one of `storage`'s own files.
 

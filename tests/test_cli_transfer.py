@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -539,6 +540,30 @@ def test_dev_stdout_is_written_as_standard_output(tmp_path: Path) -> None:
             )
         assert done.returncode == 1, done.stderr
         assert "refusing to write standard output: it is the store" in done.stderr, done.stderr
+    assert store.stat().st_size == size
+
+
+@pytest.mark.sqlite
+def test_standard_output_that_is_the_store_is_refused_in_a_pid_namespace(tmp_path: Path) -> None:
+    """Found by attack: the check named standard output by /proc/<pid>/fd/1, which in a
+    PID namespace (containers, `unshare -p`) is another process's: the export was
+    appended to the store. It now compares the open file itself."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here")
+    source = _filled(tmp_path, sessions=1)
+    store = Path(source.removeprefix("sqlite:///"))
+    size = store.stat().st_size
+    command = shlex.join([sys.executable, "-m", "persistence", "--url", source, "export-all", "-"])
+    done = subprocess.run(
+        ["unshare", "-p", "-f", "sh", "-c", f"{command} >> {shlex.quote(str(store))}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "unshare:" in done.stderr:
+        pytest.skip(f"no PID namespace here: {done.stderr.strip()}")
+    assert done.returncode == 1, done.stderr
+    assert "refusing to write standard output: it is the store" in done.stderr
     assert store.stat().st_size == size
 
 

@@ -33,7 +33,7 @@ from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
 from persistence.formats import json_text, visible
 from persistence.storage import SessionStorage
-from persistence.store_files import sqlite_file_role
+from persistence.store_files import sqlite_file_role, sqlite_file_role_of_descriptor
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
@@ -202,10 +202,18 @@ def refuse_store_file(output: Path, config: StorageConfig) -> None:
     """Fails if writing `output` would replace the SQLite store's file or a journal of
     it; for `-`, if standard output is one (found by attack: `export-all /dev/stdout
     >> store.db` appended the export to the store)."""
-    named = Path(f"/proc/{os.getpid()}/fd/1") if output == STDIO else output
-    if (what := store_file(named, config)) is not None:
-        shown = "standard output" if output == STDIO else output
-        fail(f"refusing to write {shown}: it is {what} (give another file name)")
+    if output == STDIO:
+        # By the open file itself (found by attack: a /proc path named another
+        # process's in a PID namespace, and none without /proc).
+        what = (
+            None
+            if config.backend != "sqlite"
+            else sqlite_file_role_of_descriptor(1, config.database_path)
+        )
+        if what is not None:
+            fail(f"refusing to write standard output: it is {what} (give another file name)")
+    elif (what := store_file(output, config)) is not None:
+        fail(f"refusing to write {output}: it is {what} (give another file name)")
 
 
 def echo_json(value: Any, *, err: bool = False) -> None:

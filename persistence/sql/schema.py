@@ -140,8 +140,10 @@ def examine(
 # Relations of other schemas than the store's: tables, views, materialized views,
 # foreign tables and sequences of their own (not a table's), none of an extension;
 # with their number, and whether another schema holds a store of ours (our version
-# table, or a store made before it had its own name: alembic_version beside our
-# tables). Temporary schemas (another session's temp tables) are not looked at.
+# table). Temporary schemas (another session's temp tables) are not looked at. A store
+# made before the version table had its own name counts once opened (which moves its
+# revision over): found by attack, `alembic_version` beside a `chat_sessions` table
+# let another chat application's schema pass for a store of ours.
 _ELSEWHERE = text(
     r"""
 WITH schemas AS (
@@ -151,11 +153,7 @@ WITH schemas AS (
 )
 SELECT s.nspname || '.' || c.relname, count(*) OVER (),
        EXISTS (SELECT FROM pg_class v JOIN schemas vs ON vs.oid = v.relnamespace
-               WHERE v.relkind = 'r' AND (v.relname = :version_table
-                     OR (v.relname = 'alembic_version'
-                         AND EXISTS (SELECT FROM pg_class t
-                                     WHERE t.relnamespace = v.relnamespace
-                                       AND t.relname = 'chat_sessions'))))
+               WHERE v.relkind = 'r' AND v.relname = :version_table)
 FROM pg_class c JOIN schemas s ON s.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
   AND NOT EXISTS (SELECT FROM pg_depend d

@@ -352,9 +352,32 @@ async def test_other_schemas_are_judged_by_what_they_hold(empty_postgresql_url: 
     await _execute(url, "DROP SCHEMA app CASCADE", "CREATE SCHEMA legacy", "CREATE SCHEMA second")
     async with _storage(f"{url}{separator}options=-c%20search_path%3Dlegacy"):
         pass
-    await _execute(url, "ALTER TABLE legacy.persistence_alembic_version RENAME TO alembic_version")
-    async with _storage(f"{url}{separator}options=-c%20search_path%3Dsecond") as second:
+    await _execute(
+        url,
+        "ALTER TABLE legacy.persistence_alembic_version RENAME TO alembic_version",
+        "ALTER TABLE legacy.alembic_version"
+        " RENAME CONSTRAINT persistence_alembic_version_pkc TO alembic_version_pkc",
+    )
+    # A store from before the version table had its own name counts once opened, which
+    # moves its revision over (found by attack: counting `alembic_version` beside a
+    # `chat_sessions` table let another chat application's schema pass for ours).
+    second_url = f"{url}{separator}options=-c%20search_path%3Dsecond"
+    with pytest.raises(MigrationError, match=r"legacy\.alembic_version"):
+        await _storage(second_url).initialize()
+    async with _storage(f"{url}{separator}options=-c%20search_path%3Dlegacy"):
+        pass
+    async with _storage(second_url) as second:
         assert (await second.count()).total_sessions == 0
+    await _execute(
+        url,
+        "CREATE SCHEMA chatapp",
+        "CREATE TABLE chatapp.alembic_version (version_num varchar(32) PRIMARY KEY)",
+        "INSERT INTO chatapp.alembic_version VALUES ('abc123def')",
+        "CREATE TABLE chatapp.chat_sessions (id serial PRIMARY KEY, title text)",
+    )
+    await _execute(url, "DROP SCHEMA legacy CASCADE", "DROP SCHEMA second CASCADE")
+    with pytest.raises(MigrationError, match=r"chatapp\.alembic_version"):
+        await _storage(url).initialize()
 
 
 def _sqlite_header(url: str) -> bytes:
