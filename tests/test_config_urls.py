@@ -259,12 +259,13 @@ async def test_a_socket_directory_given_as_the_host_reaches_the_server(
         pytest.skip(f"the server's socket directory {directory!r} is not on this machine")
     host = directory.strip().replace("/", "%2F")
     url = f"postgresql://{given.username}@{host}:{given.port or 5432}/{given.database}"
-    storage = PostgreSQLSessionStorage(url)
-    try:
-        await storage.initialize()
-        assert (await storage.count()).total_sessions == 0
-    finally:
-        await storage.close()
+    async with (
+        PostgreSQLSessionStorage(url) as through_socket,
+        PostgreSQLSessionStorage(postgresql_url) as through_tcp,
+    ):
+        # One store (the fixture's database is not emptied for this test).
+        assert through_socket.token == through_tcp.token
+        assert await through_socket.count() == await through_tcp.count()
 
 
 def test_url_schemes_are_read_whatever_their_case() -> None:

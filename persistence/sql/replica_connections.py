@@ -29,7 +29,13 @@ class ReplicaConnections:
         return len(self._lent) + self._connecting >= self._size
 
     async def take(self, within: float) -> Any:
-        """An idle connection, or a new one within `within` seconds."""
+        """An idle connection, or a new one within `within` seconds.
+
+        Raises:
+            ConnectionError: the pool is closed (none is made for it).
+        """
+        if self._closed:
+            raise ConnectionError("the replica's connections are closed")
         while self._idle:
             connection = self._idle.pop()
             if not known_closed(connection):

@@ -194,6 +194,8 @@ class ReplicaSet:
             return None
         position = self.clock.known_position
         for replica in candidates:
+            if self._closed:
+                return None  # closed while one was tried: none is tried after
             if not replica.caught_up_with(position):
                 replica.check_soon()
                 continue

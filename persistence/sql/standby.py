@@ -51,8 +51,12 @@ from persistence.urls import mask_secrets
 T = TypeVar("T")
 logger = logging.getLogger("persistence.sql.replicas")
 
-# A standby that has replayed all it received while its WAL receiver runs is current;
-# otherwise its lag is the age of the last transaction it replayed (NULL: unknown).
+# A standby that has replayed all it received while its WAL receiver runs is current
+# (after a restart it has received less than it replayed, from the start of the
+# segment it resumed at: found by attack, a standby restarted while the primary was
+# quiet counted as behind by the age of the last transaction, and served no read until
+# the primary wrote); otherwise its lag is the age of the last transaction it
+# replayed (NULL: unknown).
 # Positions are byte offsets in the WAL (pg_lsn as a number).
 STATUS = Statement(
     text(
@@ -61,7 +65,7 @@ SELECT pg_is_in_recovery(),
        (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint,
        CASE
          WHEN NOT pg_is_in_recovery() THEN 0.0
-         WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+         WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()
               AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0.0
          ELSE extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8
        END
@@ -474,18 +478,24 @@ class Replica:
                 if done:
                     return task.result()
                 proof = self._proof_of_life()
-                if proof is None and self._closed and not closing:
-                    # Closed meanwhile: nothing checks, and the primary takes no reads
-                    # now; the query has one more timeout to finish.
-                    closing = True
-                    continue
                 if proof is not None:
                     # The query may end first: its connection ended by a failed check.
                     either: set[asyncio.Task[Any]] = {task, proof}
                     done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                     if task in done:
                         return task.result()
-                if proof is None or proof.cancelled() or not proof.result():
+                    if proof.cancelled():
+                        proof = None  # by close()
+                if proof is None and self._closed and not closing:
+                    # Closed meanwhile: nothing checks, and the primary takes no reads
+                    # now; the query has one more timeout to finish (found by attack:
+                    # a check cancelled by close() failed a read on a live standby).
+                    closing = True
+                    continue
+                # Only a replica found not answering (a check or connect that timed
+                # out) abandons the query: one that refused the check's connection
+                # ("too many clients") or lost it still runs it (found by attack).
+                if proof is None or (not proof.result() and self._unanswered):
                     raise TimeoutError("the replica stopped answering")
         finally:
             if not task.done():

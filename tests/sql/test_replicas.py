@@ -1063,3 +1063,79 @@ async def test_a_replica_keeps_no_more_idle_connections_than_the_pool_size(
     while (count := await fetchval(pair.standby.url("postgres"), query)) > 5:
         assert time.monotonic() < deadline, f"{count} connections to the standby, pool of 5"
         await asyncio.sleep(0.05)
+
+
+async def test_a_read_on_a_live_standby_gets_its_extra_timeout_when_close_cancels_its_check(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: close() cancelled the check a slow read was waiting on, and the
+    read took that for a standby that stopped answering: it failed ("storage is
+    closed") where it would have finished on the live standby."""
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 3, "cancelled"))
+    storage = await open_storage(replica_timeout=0.5)
+    await wait_caught_up(pair)
+    await _routable(storage)
+    (replica,) = storage._replicas._replicas  # type: ignore[attr-defined]
+    served = replica.served
+    async with _standby_reads_wait(pair):
+        read = asyncio.create_task(storage.list_sessions())
+        deadline = time.monotonic() + 10
+        while replica._proof is None or replica._proof.done():
+            assert time.monotonic() < deadline, "the read never had the standby checked"
+            await asyncio.sleep(0.001)
+        await storage.close()
+    assert _ids(await read) == expected
+    assert replica.served == served + 1  # by the standby, not again by the primary
+
+
+async def test_a_standby_that_refuses_the_checks_connection_keeps_its_slow_reads(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: a live standby that refused the check's new connection ("too
+    many clients") was taken for one that stopped answering, and every slow read on
+    it was abandoned and run again on the primary."""
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 3, "refused"))
+    storage = await open_storage(replica_timeout=0.5, replica_retry_interval=30)
+    await wait_caught_up(pair)
+    await _routable(storage)
+    fillers = []
+    async with _standby_reads_wait(pair):
+        served = storage.replica_states()[0].reads_served
+        reads = [asyncio.create_task(storage.list_sessions()) for _ in range(5)]  # the pool
+        await _waiting_on_the_standby(pair, 5)
+        try:
+            while True:  # the standby's every slot taken: it refuses new connections
+                fillers.append(await asyncpg.connect(pair.standby.url("postgres")))
+        except asyncpg.TooManyConnectionsError:
+            pass
+        try:
+            await asyncio.sleep(1.2)  # two of the reads' timeouts: their checks refused
+        finally:
+            for filler in fillers:
+                await filler.close()
+    assert all(_ids(result) == expected for result in await asyncio.gather(*reads))
+    assert storage.replica_states()[0].reads_served == served + 5
+
+
+async def test_a_standby_restarted_while_the_primary_is_quiet_serves_reads(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: after a restart a standby has received less than it replayed
+    (streaming resumes at a segment's start), which counted as behind by the age of the
+    last transaction: with the primary quiet, it served no read until someone wrote."""
+    writer = await open_storage(replicas=False)
+    await _seed(writer, 1, "quiet")
+    storage = await open_storage(max_replica_lag=2, replica_retry_interval=0.3)
+    await wait_caught_up(pair)
+    await _routable(storage)
+    await asyncio.sleep(3)  # quiet for longer than the bound
+    await asyncio.to_thread(pair.stop, pair.standby, "fast")
+    await asyncio.to_thread(pair.start, pair.standby)
+    served = storage.replica_states()[0].reads_served
+    deadline = time.monotonic() + 8
+    while storage.replica_states()[0].reads_served == served:
+        assert time.monotonic() < deadline, f"never served: {storage.replica_states()}"
+        await storage.list_sessions()
+        await asyncio.sleep(0.1)

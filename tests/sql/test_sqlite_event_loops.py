@@ -307,6 +307,9 @@ def test_a_loop_closed_with_a_call_in_flight_leaves_the_storage_working(tmp_path
 
     asyncio.run(fill())
     for _ in range(3):
+        # Keeps the connection's thread busy, so the read is surely still queued (once,
+        # on a busy machine, it was answered within the loop's one step).
+        storage._connection._tx.put_nowait((None, lambda: time.sleep(0.2)))  # type: ignore[union-attr]
         loop = asyncio.new_event_loop()
         pending = loop.create_task(storage.list_sessions(limit=1000))
         loop.run_until_complete(asyncio.sleep(0))  # the read is queued on the thread
