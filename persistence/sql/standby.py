@@ -51,12 +51,13 @@ from persistence.urls import mask_secrets
 T = TypeVar("T")
 logger = logging.getLogger("persistence.sql.replicas")
 
-# A standby that has replayed all it received while its WAL receiver runs is current
-# (after a restart it has received less than it replayed, from the start of the
-# segment it resumed at: found by attack, a standby restarted while the primary was
-# quiet counted as behind by the age of the last transaction, and served no read until
-# the primary wrote); otherwise its lag is the age of the last transaction it
-# replayed (NULL: unknown).
+# A standby whose WAL receiver runs is current if it has replayed all it received, or
+# all the primary last said it has (`latest_end_lsn`, shown to superusers and
+# pg_read_all_stats): after a restart it receives again from the start of a segment,
+# below what it replayed (found by attack: with the primary quiet it counted as behind
+# by the age of the last transaction, and served nothing until the primary wrote; and
+# taking received < replayed for current passed a standby far behind for current).
+# Otherwise its lag is the age of the last transaction it replayed (NULL: unknown).
 # Positions are byte offsets in the WAL (pg_lsn as a number).
 STATUS = Statement(
     text(
@@ -65,8 +66,9 @@ SELECT pg_is_in_recovery(),
        (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint,
        CASE
          WHEN NOT pg_is_in_recovery() THEN 0.0
-         WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()
-              AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0.0
+         WHEN EXISTS (SELECT FROM pg_stat_wal_receiver
+                      WHERE pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+                         OR latest_end_lsn <= pg_last_wal_replay_lsn()) THEN 0.0
          ELSE extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8
        END
 """
@@ -326,13 +328,16 @@ class Replica:
             self.up = True
             logger.info("read replica %s answers again: reads go to it again", self.url)
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: BaseException, *, connecting: bool = False) -> None:
         self._pool.drop_idle()
-        if isinstance(exc, TimeoutError) and not self._closed:
-            # It does not answer: the reads still waiting on it would wait in vain.
-            # Not for one lost connection (found by attack: a backend ended on a live
-            # standby aborted every slow read on it), nor at close (the reads on a
-            # live replica may still finish).
+        silent = isinstance(exc, TimeoutError) or (connecting and isinstance(exc, OSError))
+        if silent and not self._closed:
+            # It does not answer (a timeout), or a new connection's host refuses or
+            # cannot be reached (found by attack: a read on a standby gone silent, whose
+            # new connections were refused, waited for good): the reads still on it
+            # would wait in vain. Not for a server that answered (a backend ended on a
+            # live standby, "too many clients": their slow reads were aborted), nor at
+            # close (the reads on a live replica may still finish).
             self._unanswered = True
             self._pool.end_lent()
         if not self.up or self._closed:
@@ -352,7 +357,7 @@ class Replica:
         if isinstance(exc, NotThisDatabase):
             self._mark_foreign(exc)
             return True
-        self._mark_down(exc)
+        self._mark_down(exc, connecting=True)
         return False
 
     def _mark_foreign(self, exc: NotThisDatabase) -> None:

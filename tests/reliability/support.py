@@ -207,6 +207,13 @@ class TcpProxy:
             self._severed.add(client)
             upstream.transport.abort()
 
+    async def stop_listening(self) -> None:
+        """Refuses new connections, leaving the open links as they are."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
     async def cut(self) -> None:
         """Stops listening and resets every open link, as a network failure would."""
         if self._server is not None:

@@ -1139,3 +1139,36 @@ async def test_a_standby_restarted_while_the_primary_is_quiet_serves_reads(
         assert time.monotonic() < deadline, f"never served: {storage.replica_states()}"
         await storage.list_sessions()
         await asyncio.sleep(0.1)
+
+
+async def test_a_read_on_a_silent_standby_whose_host_refuses_new_connections_ends(
+    pair: ReplicationPair, open_storage: OpenStorage
+) -> None:
+    """Found by attack: once only a timeout abandoned a read, a read on a standby gone
+    silent whose new connections were refused (its host going away) waited for good:
+    each check was refused at once, and none timed out."""
+    writer = await open_storage(replicas=False)
+    expected = _ids(await _seed(writer, 3, "silent"))
+    await wait_caught_up(pair)
+    proxy = TcpProxy("127.0.0.1", pair.standby.port)
+    await proxy.start()
+    replica = pair.standby.url().replace(f":{pair.standby.port}/", f":{proxy.port}/")
+    storage = PostgreSQLSessionStorage(
+        pair.primary.url(), 1, 5, read_replicas=[replica], replica_timeout=0.5
+    )
+    try:
+        await storage.initialize()
+        await _routable(storage)
+        pair.freeze(pair.standby)
+        try:
+            read = asyncio.create_task(storage.list_sessions())
+            await asyncio.sleep(0.1)  # on the standby, which will not answer
+            await proxy.stop_listening()
+            started = time.monotonic()
+            assert _ids(await asyncio.wait_for(read, 10)) == expected
+            assert time.monotonic() - started < 2.0
+        finally:
+            pair.thaw(pair.standby)
+    finally:
+        await storage.close()
+        await proxy.close()
