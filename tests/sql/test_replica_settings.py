@@ -6,7 +6,10 @@ answers, or are refused before any I/O. The primary is the tests' PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -222,3 +225,49 @@ async def test_a_read_that_fails_after_close_logs_nothing(
     for replica in replicas._replicas:
         replica._note_refusal(RuntimeError("canceling statement due to statement timeout"))
     assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == []
+
+
+async def test_this_processs_own_shortage_on_a_connect_leaves_the_replicas_reads_running(
+    emptied: str,
+) -> None:
+    """Found by attack: once a connect failing at the network ended every read on a
+    replica, an EMFILE (this process out of file descriptors) on one read's connect
+    ended a slow read running on a healthy replica. The primary serves as the replica
+    here: it answers reads that need none of this storage's writes."""
+    from sqlalchemy import text
+
+    from persistence.sql.runner import Fetch, Work
+    from persistence.sql.standby import Unavailable
+    from persistence.sql.statements import Statement
+
+    def slow() -> Work[int]:
+        rows = yield Fetch(Statement(text("SELECT pg_sleep(1.5), 42")), {})
+        return int(rows[0][1])
+
+    url = emptied.replace("+asyncpg", "")
+    storage = PostgreSQLSessionStorage(emptied, 1, 5, read_replicas=[url], replica_timeout=0.5)
+    await storage.initialize()
+    (replica,) = storage._replicas._replicas  # type: ignore[attr-defined]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        running = asyncio.ensure_future(replica.run(slow(), snapshot=False))
+        await asyncio.sleep(0.2)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        with pytest.raises((Unavailable, OSError)):
+            await replica.run(slow(), snapshot=False)  # its connect: EMFILE
+        for fd in held:
+            os.close(fd)
+        held = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert await running == 42
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await storage.close()
