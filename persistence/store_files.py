@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 from persistence.errors import InvalidDataError
 
 if TYPE_CHECKING:
@@ -29,14 +32,20 @@ def same_file(first: Path, second: Path) -> bool:
         return os.path.realpath(first) == os.path.realpath(second)
 
 
-def sqlite_file_role(path: str | Path, store: Path) -> str | None:
-    """Which file of the SQLite store at `store` `path` is ("the store X", "the wal
-    file of the store X"), or None."""
+def _store_files(store: Path) -> Iterator[tuple[Path, str]]:
+    """Each file of the SQLite store at `store` (beside its path and its realpath),
+    with what it is ("the store X", "the wal file of the store X")."""
     for base in dict.fromkeys((store, Path(os.path.realpath(store)))):
         for suffix in SQLITE_FILE_SUFFIXES:
-            if same_file(Path(path), base.with_name(base.name + suffix)):
-                what = f"the {suffix[1:]} file of the store" if suffix else "the store"
-                return f"{what} {store}"
+            what = f"the {suffix[1:]} file of the store" if suffix else "the store"
+            yield base.with_name(base.name + suffix), f"{what} {store}"
+
+
+def sqlite_file_role(path: str | Path, store: Path) -> str | None:
+    """Which file of the SQLite store at `store` `path` is, or None."""
+    for named, what in _store_files(store):
+        if same_file(Path(path), named):
+            return what
     return None
 
 
@@ -47,15 +56,12 @@ def sqlite_file_role_of_descriptor(descriptor: int, store: Path) -> str | None:
         opened = os.fstat(descriptor)
     except (OSError, ValueError):
         return None
-    for base in dict.fromkeys((store, Path(os.path.realpath(store)))):
-        for suffix in SQLITE_FILE_SUFFIXES:
-            try:
-                named = os.stat(base.with_name(base.name + suffix))
-            except OSError:
-                continue
-            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
-                what = f"the {suffix[1:]} file of the store" if suffix else "the store"
-                return f"{what} {store}"
+    for named, what in _store_files(store):
+        try:
+            if os.path.samestat(os.stat(named), opened):
+                return what
+        except OSError:
+            continue
     return None
 
 

@@ -87,6 +87,12 @@ def url_given_as_path(path: object) -> str | None:
     return f"a {found.group(1)}: URL (not shown: it may hold a password)"
 
 
+def _authority(rest: str) -> str:
+    """The hosts and ports of a URL's part after the user info (up to its path,
+    query or fragment)."""
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
+
+
 def split_url(url: str) -> UrlParts | None:
     """Cuts `url` into scheme, user info and the rest; None if it is not `scheme://...`."""
     head, separator, tail = url.partition("://")
@@ -257,7 +263,7 @@ def port_problem(url: str) -> str | None:
     parts = split_url(url)
     if parts is None or parts.scheme.lower().startswith("sqlite"):
         return None
-    hosts = re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
+    hosts = _authority(parts.rest)
     for host in hosts.split(","):
         port = host.rpartition("]")[2] if host.startswith("[") else host
         if ":" not in port:
@@ -348,7 +354,7 @@ def postgresql_url_problem(url: str) -> str | None:
     attack: a list of them, or a port that is no number, reached SQLAlchemy)."""
     url = _socket_host_in_query(url)
     parts = split_url(url)
-    listed = parts is not None and "," in re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
+    listed = parts is not None and "," in _authority(parts.rest)
     # Or in the query (`?host=h1,h2&port=p1,p2`), which asyncpg reads as a list too.
     listed = listed or any(
         name in ("host", "hostaddr", "port") and "," in value for name, value in _query(url)
@@ -410,7 +416,7 @@ def _socket_host_in_query(url: str) -> str:
     parts = split_url(url)
     if parts is None:
         return url
-    hostport = re.split(r"[/?#]", parts.rest, maxsplit=1)[0]
+    hostport = _authority(parts.rest)
     host, colon, port = hostport.partition(":")
     given = dict(_query(url))
     if not unquote(host).startswith("/") or "host" in given:

@@ -162,10 +162,9 @@ def output_path(value: P) -> P:
 
 def _is_standard_output(path: Path) -> bool:
     try:
-        named, standard = os.stat(path), os.fstat(1)
+        return os.path.samestat(os.stat(path), os.fstat(1))
     except (OSError, ValueError):
         return False
-    return (named.st_dev, named.st_ino) == (standard.st_dev, standard.st_ino)
 
 
 @contextmanager

@@ -89,8 +89,8 @@ def examine(
         names |= set(inspector.get_materialized_view_names())
         names |= set(inspector.get_foreign_table_names())  # type: ignore[attr-defined]
         # And a sequence of its own (found by attack: one looked like an empty database).
-        names |= _own_sequences(connection)
-        names -= _of_extensions(connection)
+        sequences, of_extensions = _sequences_and_extension_members(connection)
+        names = (names | sequences) - of_extensions
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
         heads = version_heads(connection, version_table)
@@ -190,31 +190,24 @@ def _refuse_other_schemas(connection: Connection, version_table: str, where: str
     )
 
 
-def _own_sequences(connection: Connection) -> set[str]:
-    """The sequences of the store's schema that no table owns (nor an extension)."""
-    rows = connection.execute(
-        text(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.relkind = 'S' AND n.nspname = current_schema()"
-            " AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
-            " AND d.objid = c.oid AND d.deptype IN ('a', 'i', 'e'))"
-        )
-    )
-    return {row[0] for row in rows}
-
-
-def _of_extensions(connection: Connection) -> set[str]:
-    """The relations of the store's schema that belong to an extension (found by
-    attack: pg_stat_statements' views in `public` made a fresh database another
+def _sequences_and_extension_members(connection: Connection) -> tuple[set[str], set[str]]:
+    """In one query, of the store's schema: the sequences no table owns (nor an
+    extension), and the relations that belong to an extension (found by attack:
+    pg_stat_statements' views in `public` made a fresh database another
     application's)."""
     rows = connection.execute(
         text(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid"
-            " WHERE n.nspname = current_schema() AND d.deptype = 'e'"
+            "SELECT c.relname, d.deptype = 'e' FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid"
+            " AND d.deptype IN ('a', 'i', 'e')"
+            " WHERE n.nspname = current_schema() AND (c.relkind = 'S' OR d.deptype = 'e')"
         )
-    )
-    return {row[0] for row in rows}
+    ).all()
+    members = {name for name, of_extension in rows if of_extension}
+    sequences = {name for name, _ in rows} - members
+    owned = {name for name, of_extension in rows if of_extension is False}
+    return sequences - owned, members
 
 
 def _alembic(*commands: str) -> str:

@@ -165,7 +165,7 @@ class Replica:
         self.served = 0
         self.mismatch: str | None = None
         self._task: asyncio.Task[None] | None = None
-        # The proof of life a read that ran past the timeout asked for (_proves_alive).
+        # The check a read that ran past the timeout asked for (_proof_of_life).
         self._proof: asyncio.Task[bool] | None = None
         # Marked down because it did not answer in time (not for a lost connection).
         self._unanswered = False

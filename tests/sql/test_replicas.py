@@ -108,11 +108,24 @@ async def _routable(storage: PostgreSQLSessionStorage) -> None:
     A read after new writes goes to the primary and has the standby's progress
     checked in the background; reads go to the standby once it is known.
     """
-    deadline = time.monotonic() + 10
-    while not all(state.holds_own_writes for state in storage.replica_states()):
-        assert time.monotonic() < deadline, f"never routable: {storage.replica_states()}"
+    await _read_until(
+        storage, lambda: all(s.holds_own_writes for s in storage.replica_states()), "routable"
+    )
+
+
+async def _read_until(
+    storage: PostgreSQLSessionStorage,
+    reached: Callable[[], bool],
+    what: str,
+    within: float = 10,
+    pause: float = 0.02,
+) -> None:
+    """Lists sessions until `reached()`, failing after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not reached():
+        assert time.monotonic() < deadline, f"never {what}: {storage.replica_states()}"
         await storage.list_sessions()
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(pause)
 
 
 async def test_list_search_count_and_exports_are_served_by_the_standby(
@@ -1134,11 +1147,9 @@ async def test_a_standby_restarted_while_the_primary_is_quiet_serves_reads(
     await asyncio.to_thread(pair.stop, pair.standby, "fast")
     await asyncio.to_thread(pair.start, pair.standby)
     served = storage.replica_states()[0].reads_served
-    deadline = time.monotonic() + 8
-    while storage.replica_states()[0].reads_served == served:
-        assert time.monotonic() < deadline, f"never served: {storage.replica_states()}"
-        await storage.list_sessions()
-        await asyncio.sleep(0.1)
+    await _read_until(
+        storage, lambda: storage.replica_states()[0].reads_served > served, "served", 8, 0.1
+    )
 
 
 async def test_a_read_on_a_silent_standby_whose_host_refuses_new_connections_ends(
