@@ -145,6 +145,50 @@ def test_migrate_refuses_two_sources(tmp_path: Path) -> None:
 
 
 @pytest.mark.sqlite
+def test_migrate_errors_name_the_option_of_the_store_that_failed(tmp_path: Path) -> None:
+    # Found by attack: an unreachable or malformed store's line did not say which side.
+    source = _filled(tmp_path, sessions=1)
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    fine = f"sqlite:///{tmp_path / 'copy.db'}"
+
+    assert failed("migrate", "--from", missing, "--to", fine).startswith(
+        "error: --from: no database at"
+    )
+    assert failed("migrate", "--url", "foo://bar", "--to", fine).startswith(
+        "error: --url: URL: scheme foo://"
+    )
+    assert failed("migrate", "--from", source, "--to", "postgresql://u@h:port/db").startswith(
+        "error: --to: storage setting connection_string"
+    )
+    under_a_file = failed("migrate", "--from", source, "--to", f"sqlite:///{a_file}/x.db")
+    assert under_a_file.startswith("error: --to: "), under_a_file
+    assert "a-file" in under_a_file
+    assert not (tmp_path / "copy.db").exists()
+    # What is not one store's fault names neither.
+    assert failed("migrate", "--from", source, "--to", source) == (
+        "error: --from and --to name the same store"
+    )
+    assert "Migrated 1 session(s)" in ok("migrate", "--from", source, "--to", fine).stdout
+
+
+@pytest.mark.sqlite
+def test_backup_refuses_standard_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by attack: `backup -` made a directory named `-` and wrote the backup there.
+    source = _filled(tmp_path, sessions=1)
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(app, ["backup", "--url", source, "-"])
+
+    assert result.exit_code == 2, result.output
+    assert "- is standard output" in " ".join(result.output.split())
+    assert not (tmp_path / "-").exists()
+    done = ok("backup", "--url", source, "./-")
+    assert len(list((tmp_path / "-").glob("persistence-sqlite-*.sqlite3"))) == 1, done.stdout
+
+
+@pytest.mark.sqlite
 def test_progress_is_printed_as_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
     source = f"sqlite:///{tmp_path / 'source.db'}"
     for _ in range(10):

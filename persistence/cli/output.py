@@ -10,9 +10,10 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import IO, Annotated, Any, NoReturn, TypeVar
@@ -219,6 +220,44 @@ def echo_json(value: Any, *, err: bool = False) -> None:
     typer.echo(json_text(value), err=err)
 
 
+# The attribute naming_store sets on an error: what the command line calls the store.
+_STORE_NAMED = "persistence_store_named"
+
+
+@contextmanager
+def naming_store(name: str | None) -> Iterator[None]:
+    """An error of a store's URL, checks or opening inside starts its error line with
+    `name`, the option that gave the store (`migrate`'s `--to`, `--from`): found by
+    attack, `error: initialize: MongoDB unreachable` did not say which side it was."""
+    try:
+        yield
+    except (PersistenceError, ValueError) as exc:
+        if name is not None and not hasattr(exc, _STORE_NAMED):
+            setattr(exc, _STORE_NAMED, name)
+        raise
+
+
+@asynccontextmanager
+async def opened_store(config: StorageConfig, name: str) -> AsyncIterator[SessionStorage]:
+    """The store of `config`, its schema brought to head, closed after; an error while
+    opening it names it as `name` (naming_store)."""
+    storage = create_storage(config)
+    try:
+        with naming_store(name):
+            await storage.initialize()
+        yield storage
+    finally:
+        await storage.close()
+
+
+def error_line(exc: BaseException) -> str:
+    """An expected error as its line says it: the store it names, its message, and the
+    notes that say how far a long operation got."""
+    line = "; ".join([str(exc), *getattr(exc, "__notes__", [])])
+    named = getattr(exc, _STORE_NAMED, None)
+    return line if named is None else f"{named}: {line}"
+
+
 def run(
     ctx: typer.Context,
     options: tuple[Path | None, str | None, int],
@@ -228,6 +267,7 @@ def run(
     read_only: bool = False,
     check_first: Callable[[], object] | None = None,
     unopened: bool = False,
+    store_named: str | None = None,
 ) -> T:
     """Runs `work` on the configured store, turning every expected error into one line.
 
@@ -238,11 +278,14 @@ def run(
     head. `check_first` runs before the store is opened (validating an input file),
     so that a bad input leaves no new database behind. With `unopened`, `work` gets
     the storage as created, not opened (`stamp`: a store initialize() refuses).
+    `store_named` starts the error line of a store that cannot be loaded or opened
+    (naming_store).
     """
     target = (ctx.find_object(Target) or Target()).merged(*options)
+    opening = partial(naming_store, store_named)
     with _logging(target.verbose), whole_writes(), _terminated_as_interrupted() as terminated:
         try:
-            return _run(target, work, must_exist, read_only, check_first, unopened)
+            return _run(target, work, must_exist, read_only, check_first, unopened, opening)
         except KeyboardInterrupt:
             # What a shell reports of a process its signal stopped: 128 + its number.
             if terminated:
@@ -285,6 +328,7 @@ def _run(
     read_only: bool = False,
     check_first: Callable[[], object] | None = None,
     unopened: bool = False,
+    opening: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> T:
     try:
         if stdout_closed():
@@ -292,23 +336,23 @@ def _run(
             fail(STDOUT_CLOSED)
         if check_first is not None:
             check_first()
-        config = target.load()
-        logger.info("store: %s", config.display_url)
-        if must_exist and config.backend == "sqlite" and not _sqlite_file_exists(config):
-            fail(
-                f"no database at {config.database_path}: nothing stored yet"
-                " (create one with `persistence upgrade` or `persistence demo`)"
-            )
-        # Opened, too, only if there: it may be removed after the check.
-        storage = create_storage(config, must_exist=must_exist)
+        with opening():
+            config = target.load()
+            logger.info("store: %s", config.display_url)
+            if must_exist and config.backend == "sqlite" and not _sqlite_file_exists(config):
+                raise PersistenceError(
+                    f"no database at {config.database_path}: nothing stored yet"
+                    " (create one with `persistence upgrade` or `persistence demo`)"
+                )
+            # Opened, too, only if there: it may be removed after the check.
+            storage = create_storage(config, must_exist=must_exist)
         return asyncio.run(
-            _open_and_run(storage, config, target, work, read_only, unopened, must_exist)
+            _open_and_run(storage, config, target, work, read_only, unopened, must_exist, opening)
         )
     except typer.Exit:
         raise
     except (PersistenceError, ValueError) as exc:
-        # Notes say how far a long operation got before it stopped.
-        fail("; ".join([str(exc), *getattr(exc, "__notes__", [])]))
+        fail(error_line(exc))
     except BrokenPipeError:
         # The output's reader went away (`| head`): typer ends the command quietly with
         # status 1, as rich does for what it prints. Not an error line (found by attack).
@@ -339,23 +383,26 @@ async def _open_and_run(
     read_only: bool = False,
     unopened: bool = False,
     must_exist: bool = False,
+    opening: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> T:
     if unopened:
         return await work(storage, config, target)
-    if not read_only:
-        if must_exist:
-            # Found by attack: `sessions delete` (even of an id not there) migrated an
-            # older store to head, where `stats` refuses it. Checked as a reading
-            # command checks it, writing nothing; then opened to write.
-            checked = create_storage(config)
-            try:
-                await checked.open_for_reading()
-            finally:
-                await checked.close()
-        async with storage:
-            return await work(storage, config, target)
     try:
-        await storage.open_for_reading()
+        with opening():
+            if read_only:
+                await storage.open_for_reading()
+            else:
+                if must_exist:
+                    # Found by attack: `sessions delete` (even of an id not there)
+                    # migrated an older store to head, where `stats` refuses it. Checked
+                    # as a reading command checks it, writing nothing; then opened to
+                    # write.
+                    checked = create_storage(config)
+                    try:
+                        await checked.open_for_reading()
+                    finally:
+                        await checked.close()
+                await storage.initialize()
         return await work(storage, config, target)
     finally:
         await storage.close()

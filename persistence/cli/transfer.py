@@ -36,6 +36,8 @@ from persistence.cli.output import (
     echo_json,
     fail,
     file_path,
+    naming_store,
+    opened_store,
     os_error_line,
     out,
     output_path,
@@ -44,7 +46,7 @@ from persistence.cli.output import (
     stdout_text,
     store_file,
 )
-from persistence.config import StorageConfig, config_from_url, create_storage
+from persistence.config import StorageConfig, config_from_url
 from persistence.errors import InvalidDataError
 from persistence.storage import SessionStorage
 from persistence.store_files import same_file
@@ -223,15 +225,16 @@ def migrate(
     """Copy every session, message and file record into another store (idempotent)."""
 
     async def work(source: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        destination_config = config_from_url(destination_url, base=cfg)
+        with naming_store("--to"):
+            destination_config = config_from_url(destination_url, base=cfg)
         if _same_store(cfg, destination_config):
-            fail("--from and --to name the same store")
+            fail(f"{source_named} and --to name the same store")
         # A copy written as the source's -wal file would be wiped when the source next opens.
         if destination_config.backend == "sqlite" and (
             taken := store_file(destination_config.database_path, cfg)
         ):
             fail(f"--to names {taken}")
-        async with create_storage(destination_config) as destination:
+        async with opened_store(destination_config, "--to") as destination:
             # migrate_storage's own steps, each with its progress bar.
             with progress_bar("Copying sessions", stopped=RESUMES) as update:
                 copy = await copy_storage(
@@ -264,14 +267,34 @@ def migrate(
         # Found by attack: `--url a.db --from b.db` copied from b.db without a word.
         raise typer.BadParameter("--url and --from both name the source: give one", ctx)
     source = source_url if source_url is not None else url
-    run(ctx, (config, source, verbose), work, must_exist=True, read_only=True)
+    source_named = "--from" if source_url is not None else "--url" if url is not None else "source"
+    run(
+        ctx,
+        (config, source, verbose),
+        work,
+        must_exist=True,
+        read_only=True,
+        store_named=source_named,
+    )
+
+
+def backup_path(value: str) -> str:
+    """The typer callback of backup's directory: file_path's checks, and `-` refused
+    (found by attack: `backup -` made a directory named `-`)."""
+    if value == "-":
+        raise typer.BadParameter(
+            "a backup is a file written into a directory, and - is standard output: name"
+            " a directory (./- for one called -), or use `export-all -` to write the store"
+            " to standard output"
+        )
+    return file_path(value)
 
 
 def backup(
     ctx: typer.Context,
     # A str, not a Path: Path("") would be the current directory, and "" is refused.
     directory: Annotated[
-        str, typer.Argument(help="Directory for the timestamped file.", callback=file_path)
+        str, typer.Argument(help="Directory for the timestamped file.", callback=backup_path)
     ],
     as_json: JsonOption = False,
     config: ConfigOption = None,
