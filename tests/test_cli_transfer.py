@@ -574,17 +574,43 @@ def test_dev_stdout_is_written_as_standard_output(tmp_path: Path) -> None:
     store = Path(source.removeprefix("sqlite:///"))
     size = store.stat().st_size
     for arguments in (["export-all", "/dev/stdout"], ["export-all", "-"], ["export", session_id]):
-        with store.open("ab") as appended:
-            done = subprocess.run(
-                [*command, *arguments],
-                stdout=appended,
-                stderr=subprocess.PIPE,
-                text=True,
-                timeout=60,
-            )
+        done = _appending_to(store, [*command, *arguments])
         assert done.returncode == 1, done.stderr
         assert "refusing to write standard output: it is the store" in done.stderr, done.stderr
     assert store.stat().st_size == size
+
+
+def _appending_to(path: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Runs `command` with its standard output appended to `path` (a shell's `>>`)."""
+    with path.open("ab") as appended:
+        return subprocess.run(
+            command, stdout=appended, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+
+
+@pytest.mark.sqlite
+def test_every_command_refuses_standard_output_into_the_store(tmp_path: Path) -> None:
+    """Found by attack: only the export commands checked it; `sessions list --json >>
+    store.db` appended the listing to the store, `demo >> store.db-wal` wrote its
+    session and then its summary into the store's journal."""
+    source = _filled(tmp_path, sessions=1)
+    store = Path(source.removeprefix("sqlite:///"))
+    before = counts(source)
+    command = [sys.executable, "-m", "persistence", "--url", source]
+    for name in (store.name, f"{store.name}-wal"):
+        for arguments in (["sessions", "list", "--json"], ["stats", "--json"], ["demo"]):
+            into = store.with_name(name)
+            into.touch()
+            size = store.stat().st_size, into.stat().st_size
+            done = _appending_to(into, [*command, *arguments])
+            assert done.returncode == 1, (arguments, done.stderr)
+            assert "refusing to write standard output: it is the" in done.stderr, done.stderr
+            assert (store.stat().st_size, into.stat().st_size) == size, arguments
+    assert counts(source) == before
+    # Into another file, as before.
+    with (tmp_path / "listing.json").open("ab") as elsewhere:
+        subprocess.run([*command, "sessions", "list", "--json"], stdout=elsewhere, check=True)
+    assert len(json.loads((tmp_path / "listing.json").read_text())) == 1
 
 
 @pytest.mark.sqlite

@@ -200,20 +200,22 @@ def store_file(path: Path, config: StorageConfig) -> str | None:
 
 def refuse_store_file(output: Path, config: StorageConfig) -> None:
     """Fails if writing `output` would replace the SQLite store's file or a journal of
-    it; for `-`, if standard output is one (found by attack: `export-all /dev/stdout
-    >> store.db` appended the export to the store)."""
-    if output == STDIO:
-        # By the open file itself (found by attack: a /proc path named another
-        # process's in a PID namespace, and none without /proc).
-        what = (
-            None
-            if config.backend != "sqlite"
-            else sqlite_file_role_of_descriptor(1, config.database_path)
-        )
-        if what is not None:
-            fail(f"refusing to write standard output: it is {what} (give another file name)")
-    elif (what := store_file(output, config)) is not None:
+    it (`-`: every command's _refuse_output_into_store has checked it)."""
+    if output != STDIO and (what := store_file(output, config)) is not None:
         fail(f"refusing to write {output}: it is {what} (give another file name)")
+
+
+def _refuse_output_into_store(config: StorageConfig) -> None:
+    """Fails, before the store is opened, if standard output is the SQLite store's file
+    or a journal of it: whatever a command prints would be appended to it. Found by
+    attack: `export-all /dev/stdout >> store.db` appended the export to the store, and
+    `sessions list --json >> store.db` its listing. Told by the open file itself (found
+    by attack: a /proc path named another process's in a PID namespace)."""
+    if config.backend != "sqlite":
+        return
+    what = sqlite_file_role_of_descriptor(1, config.database_path)
+    if what is not None:
+        fail(f"refusing to write standard output: it is {what} (redirect it elsewhere)")
 
 
 def echo_json(value: Any, *, err: bool = False) -> None:
@@ -339,6 +341,7 @@ def _run(
         with opening():
             config = target.load()
             logger.info("store: %s", config.display_url)
+            _refuse_output_into_store(config)
             if must_exist and config.backend == "sqlite" and not _sqlite_file_exists(config):
                 raise PersistenceError(
                     f"no database at {config.database_path}: nothing stored yet"
