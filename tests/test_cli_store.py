@@ -345,5 +345,5 @@ def test_a_failed_stamp_names_the_store_without_its_password() -> None:
     """Found by attack: `stamp` failures named no store ("stamp schema: database
     unreachable"), where every other command names it."""
     line = failed("--url", "postgresql://app:s3cret@127.0.0.1:1/nowhere", "stamp", "head")
-    assert "stamp schema of postgresql+asyncpg://app:***@127.0.0.1:1/nowhere" in line
+    assert "stamp schema of postgresql://app:***@127.0.0.1:1/nowhere" in line
     assert "s3cret" not in line

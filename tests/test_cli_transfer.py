@@ -139,6 +139,11 @@ def test_migrate_refuses_two_sources(tmp_path: Path) -> None:
 
     assert result.exit_code == 2, result.output
     assert "--url and --from both name the source: give one" in result.output
+    # Also the --url before the command (found by attack: it was not seen).
+    before_it = ["--url", other, "migrate", "--from", source, "--to", f"sqlite:///{destination}"]
+    result = CliRunner().invoke(app, before_it)
+    assert result.exit_code == 2, result.output
+    assert "--url and --from both name the source: give one" in result.output
     assert not destination.exists()
     same = ok("migrate", "--url", source, "--from", source, "--to", f"sqlite:///{destination}")
     assert "Migrated 1 session(s)" in same.stdout
@@ -161,6 +166,12 @@ def test_migrate_errors_name_the_option_of_the_store_that_failed(tmp_path: Path)
     )
     assert failed("migrate", "--from", source, "--to", "postgresql://u@h:port/db").startswith(
         "error: --to: storage setting connection_string"
+    )
+    assert failed("migrate", "--from", source, "--to", "postgresql://u:x@[::1/db").startswith(
+        "error: --to: connection_string"
+    )
+    assert failed("--url", missing, "migrate", "--to", fine).startswith(
+        "error: --url: no database at"
     )
     under_a_file = failed("migrate", "--from", source, "--to", f"sqlite:///{a_file}/x.db")
     assert under_a_file.startswith("error: --to: "), under_a_file
@@ -606,6 +617,31 @@ def test_every_command_refuses_standard_output_into_the_store(tmp_path: Path) ->
             assert done.returncode == 1, (arguments, done.stderr)
             assert "refusing to write standard output: it is the" in done.stderr, done.stderr
             assert (store.stat().st_size, into.stat().st_size) == size, arguments
+    # Standard error too (found by attack: `-v stats 2>> store.db` appended its log
+    # lines): its error line goes to standard output; with both there, nothing is said.
+    size = store.stat().st_size
+    for both in (False, True):
+        with store.open("ab") as appended:
+            done = subprocess.run(
+                [*command, "-v", "stats"],
+                stdout=appended if both else subprocess.PIPE,
+                stderr=appended,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 1
+        if not both:
+            assert done.stdout.startswith("error: refusing to write standard error: it is the")
+        assert store.stat().st_size == size
+    # And migrate's destination (found by attack: its summary was appended to it).
+    destination = tmp_path / "copy.db"
+    ok("upgrade", "--url", f"sqlite:///{destination}")
+    size = destination.stat().st_size
+    done = _appending_to(destination, [*command, "migrate", "--to", f"sqlite:///{destination}"])
+    assert done.returncode == 1, done.stderr
+    assert "refusing to write standard output: it is the store" in done.stderr, done.stderr
+    assert destination.stat().st_size == size
+    assert counts(f"sqlite:///{destination}") == (0, 0, 0)
     assert counts(source) == before
     # Into another file, as before.
     with (tmp_path / "listing.json").open("ab") as elsewhere:

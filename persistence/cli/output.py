@@ -205,17 +205,26 @@ def refuse_store_file(output: Path, config: StorageConfig) -> None:
         fail(f"refusing to write {output}: it is {what} (give another file name)")
 
 
-def _refuse_output_into_store(config: StorageConfig) -> None:
-    """Fails, before the store is opened, if standard output is the SQLite store's file
-    or a journal of it: whatever a command prints would be appended to it. Found by
-    attack: `export-all /dev/stdout >> store.db` appended the export to the store, and
-    `sessions list --json >> store.db` its listing. Told by the open file itself (found
-    by attack: a /proc path named another process's in a PID namespace)."""
+def refuse_output_into_store(config: StorageConfig) -> None:
+    """Fails, before the store is opened, if standard output or standard error is the
+    SQLite store's file or a journal of it: what a command prints, logs or reports
+    would be appended to it. Found by attack: `export-all /dev/stdout >> store.db`
+    appended the export to the store, `sessions list --json >> store.db` its listing,
+    `-v stats 2>> store.db` its log lines. Told by the open file itself (found by
+    attack: a /proc path named another process's in a PID namespace). Refused for
+    standard error, the error line goes to standard output (unless that is the store
+    too: then nothing is said, and the status is 1)."""
     if config.backend != "sqlite":
         return
-    what = sqlite_file_role_of_descriptor(1, config.database_path)
-    if what is not None:
-        fail(f"refusing to write standard output: it is {what} (redirect it elsewhere)")
+    into_output = sqlite_file_role_of_descriptor(1, config.database_path)
+    into_errors = sqlite_file_role_of_descriptor(2, config.database_path)
+    if into_errors is not None:
+        if into_output is None:
+            line = f"refusing to write standard error: it is {into_errors} (redirect it elsewhere)"
+            typer.echo(f"error: {visible(mask_secrets(line))}")
+        raise typer.Exit(1)
+    if into_output is not None:
+        fail(f"refusing to write standard output: it is {into_output} (redirect it elsewhere)")
 
 
 def echo_json(value: Any, *, err: bool = False) -> None:
@@ -243,7 +252,8 @@ def naming_store(name: str | None) -> Iterator[None]:
 async def opened_store(config: StorageConfig, name: str) -> AsyncIterator[SessionStorage]:
     """The store of `config`, its schema brought to head, closed after; an error while
     opening it names it as `name` (naming_store)."""
-    storage = create_storage(config)
+    with naming_store(name):
+        storage = create_storage(config)
     try:
         with naming_store(name):
             await storage.initialize()
@@ -340,8 +350,8 @@ def _run(
             check_first()
         with opening():
             config = target.load()
+            refuse_output_into_store(config)
             logger.info("store: %s", config.display_url)
-            _refuse_output_into_store(config)
             if must_exist and config.backend == "sqlite" and not _sqlite_file_exists(config):
                 raise PersistenceError(
                     f"no database at {config.database_path}: nothing stored yet"

@@ -41,6 +41,7 @@ from persistence.cli.output import (
     os_error_line,
     out,
     output_path,
+    refuse_output_into_store,
     refuse_store_file,
     run,
     stdout_text,
@@ -227,6 +228,7 @@ def migrate(
     async def work(source: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         with naming_store("--to"):
             destination_config = config_from_url(destination_url, base=cfg)
+        refuse_output_into_store(destination_config)
         if _same_store(cfg, destination_config):
             fail(f"{source_named} and --to name the same store")
         # A copy written as the source's -wal file would be wiped when the source next opens.
@@ -263,11 +265,16 @@ def migrate(
         if problem:
             fail(problem)
 
-    if source_url is not None and url is not None and source_url != url:
+    # The command's --url, else the one before the command (`persistence --url A migrate`).
+    given = ctx.find_object(Target)
+    url_named = url if url is not None else None if given is None else given.url
+    if source_url is not None and url_named is not None and source_url != url_named:
         # Found by attack: `--url a.db --from b.db` copied from b.db without a word.
         raise typer.BadParameter("--url and --from both name the source: give one", ctx)
     source = source_url if source_url is not None else url
-    source_named = "--from" if source_url is not None else "--url" if url is not None else "source"
+    source_named = (
+        "--from" if source_url is not None else "--url" if url_named is not None else "source"
+    )
     run(
         ctx,
         (config, source, verbose),

@@ -58,7 +58,11 @@ def postgresql_url(connection_string: str) -> URL:
 
 
 def displayed(url: URL) -> str:
-    """The URL for reprs and messages: password and `password=` parameters masked."""
+    """The URL for reprs and messages: password and `password=` parameters masked, and
+    the scheme as users write it (found by attack: error lines of a `postgresql://` URL
+    showed SQLAlchemy's `postgresql+asyncpg://`)."""
+    if url.drivername == "postgresql+asyncpg":
+        url = url.set(drivername="postgresql")
     return mask_url(url.render_as_string(hide_password=False))
 
 
