@@ -650,6 +650,60 @@ def test_every_command_refuses_standard_output_into_the_store(tmp_path: Path) ->
 
 
 @pytest.mark.sqlite
+def test_nothing_is_said_into_the_store_before_standard_error_is_checked(tmp_path: Path) -> None:
+    """Found by attack: a closed stdout's error line, an input file's error and the
+    source's log lines of `-v migrate` were written to a standard error appended to
+    the store (or migrate's destination) before it was checked."""
+    source = _filled(tmp_path, sessions=1)
+    store = Path(source.removeprefix("sqlite:///"))
+    destination = tmp_path / "copy.db"
+    ok("upgrade", "--url", f"sqlite:///{destination}")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    to = f"sqlite:///{destination}"
+    command = [sys.executable, "-m", "persistence"]
+    runs = [
+        (store, ["--url", source, "stats"], True),
+        (store, ["--url", source, "import", str(bad)], False),
+        (store, ["--url", source, "restore", str(bad)], False),
+        (destination, ["-v", "migrate", "--from", source, "--to", to], False),
+        (destination, ["migrate", "--from", missing, "--to", to], False),
+    ]
+    for into, arguments, stdout_closed in runs:
+        size = into.stat().st_size
+        with into.open("ab") as appended:
+            done = subprocess.run(
+                [*command, *arguments],
+                stdout=subprocess.DEVNULL if stdout_closed else subprocess.PIPE,
+                stderr=appended,
+                text=True,
+                timeout=60,
+                # A closed descriptor 1: the child opens nothing there.
+                preexec_fn=(lambda: os.close(1)) if stdout_closed else None,
+            )
+        assert done.returncode == 1, arguments
+        assert into.stat().st_size == size, arguments
+        if not stdout_closed:
+            assert done.stdout.startswith("error: refusing to write standard error"), done.stdout
+    assert counts(to) == (0, 0, 0)
+
+
+@pytest.mark.sqlite
+def test_one_source_spelled_two_ways_is_one_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by attack: `--url sqlite:///s.db migrate --from sqlite:///./s.db` was refused.
+    _filled(tmp_path, sessions=1)
+    monkeypatch.chdir(tmp_path)
+    done = ok(
+        "--url", "sqlite:///source.db", "migrate", "--from", "sqlite:///./source.db",
+        "--to", "sqlite:///copy.db",
+    )  # fmt: skip
+    assert "Migrated 1 session(s)" in done.stdout
+
+
+@pytest.mark.sqlite
 def test_standard_output_that_is_the_store_is_refused_in_a_pid_namespace(tmp_path: Path) -> None:
     """Found by attack: the check named standard output by /proc/<pid>/fd/1, which in a
     PID namespace (containers, `unshare -p`) is another process's: the export was

@@ -219,7 +219,7 @@ def refuse_output_into_store(config: StorageConfig) -> None:
     into_output = sqlite_file_role_of_descriptor(1, config.database_path)
     into_errors = sqlite_file_role_of_descriptor(2, config.database_path)
     if into_errors is not None:
-        if into_output is None:
+        if into_output is None and not stdout_closed():
             line = f"refusing to write standard error: it is {into_errors} (redirect it elsewhere)"
             typer.echo(f"error: {visible(mask_secrets(line))}")
         raise typer.Exit(1)
@@ -343,14 +343,17 @@ def _run(
     opening: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> T:
     try:
+        with opening():
+            config = target.load()
+        # Before anything is printed (found by attack: a closed stdout's error line and
+        # an input file's error went into a store that stderr was appended to).
+        refuse_output_into_store(config)
         if stdout_closed():
             # Found by attack: `sessions list >&-` printed nothing and exited 0.
             fail(STDOUT_CLOSED)
         if check_first is not None:
             check_first()
         with opening():
-            config = target.load()
-            refuse_output_into_store(config)
             logger.info("store: %s", config.display_url)
             if must_exist and config.backend == "sqlite" and not _sqlite_file_exists(config):
                 raise PersistenceError(

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,7 +48,7 @@ from persistence.cli.output import (
     store_file,
 )
 from persistence.config import StorageConfig, config_from_url
-from persistence.errors import InvalidDataError
+from persistence.errors import InvalidDataError, PersistenceError
 from persistence.storage import SessionStorage
 from persistence.store_files import same_file
 from persistence.transfer import (
@@ -173,6 +173,17 @@ def _written(result: dict[str, Any], verb: str) -> str:
     return written + (f" ({' and '.join(present)} already present)" if present else "")
 
 
+def _two_sources(source_url: str, url: str) -> bool:
+    """Whether --from and --url name two stores, not one spelled two ways (found by
+    attack: `--url sqlite:///s.db migrate --from sqlite:///./s.db` was refused)."""
+    if source_url == url:
+        return False
+    try:
+        return not _same_store(config_from_url(source_url), config_from_url(url))
+    except (PersistenceError, ValueError):
+        return True
+
+
 def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
     if a.backend != b.backend:
         return False
@@ -265,10 +276,14 @@ def migrate(
         if problem:
             fail(problem)
 
+    # The destination's outputs checked before the source is opened (found by attack:
+    # `-v migrate ... 2>> dst.db` appended the source's log lines to the destination).
+    with suppress(PersistenceError, ValueError):  # told once the source is loaded
+        refuse_output_into_store(config_from_url(destination_url))
     # The command's --url, else the one before the command (`persistence --url A migrate`).
     given = ctx.find_object(Target)
     url_named = url if url is not None else None if given is None else given.url
-    if source_url is not None and url_named is not None and source_url != url_named:
+    if source_url is not None and url_named is not None and _two_sources(source_url, url_named):
         # Found by attack: `--url a.db --from b.db` copied from b.db without a word.
         raise typer.BadParameter("--url and --from both name the source: give one", ctx)
     source = source_url if source_url is not None else url
