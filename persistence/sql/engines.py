@@ -13,7 +13,7 @@ import aiosqlite
 from sqlalchemy import URL, Dialect, event, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import PoolResetState
+from sqlalchemy.pool import NullPool, PoolResetState
 
 from persistence.errors import InvalidDataError, StorageConnectionError
 from persistence.sql.connects import Connects
@@ -374,7 +374,10 @@ def postgresql_engine(
     connect_timeout: float,
     pool_timeout: float,
     connects: Connects,
+    pooled: bool = True,
 ) -> AsyncEngine:
+    """The storage's engine; not `pooled`, one that opens a connection for each checkout
+    and closes it on return (NullPool), with the same settings."""
     connect_args = postgresql_connect_args(
         statement_timeout=statement_timeout,
         command_timeout=command_timeout,
@@ -386,11 +389,18 @@ def postgresql_engine(
         connect_args.update(integers)
     # SQLAlchemy's asyncpg dialect connects through this (its `async_creator_fn`).
     connect_args["async_creator_fn"] = connects
+    pool: dict[str, Any] = (
+        {
+            "pool_size": max(min_pool_size, 1),
+            "max_overflow": max_pool_size - max(min_pool_size, 1),
+            "pool_timeout": pool_timeout,
+        }
+        if pooled
+        else {"poolclass": NullPool}
+    )
     return create_async_engine(
         url,
-        pool_size=max(min_pool_size, 1),
-        max_overflow=max_pool_size - max(min_pool_size, 1),
-        pool_timeout=pool_timeout,
+        **pool,
         connect_args=connect_args,
         hide_parameters=True,
         json_deserializer=json_value_loads,

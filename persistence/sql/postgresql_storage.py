@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from contextvars import ContextVar
-from typing import TypeVar
+from functools import partial
+from typing import TypeVar, cast
 
 from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,8 +19,8 @@ from persistence.errors import (
     PersistenceError,
 )
 from persistence.event_loops import refuse_another_loop
-from persistence.models import ChatSession
-from persistence.sql import indexing
+from persistence.models import ChatSession, UploadedFileRecord
+from persistence.sql import indexing, repositories
 from persistence.sql.checkout import Lent, lent_connection
 from persistence.sql.connects import Connects
 from persistence.sql.engines import (
@@ -29,6 +32,7 @@ from persistence.sql.engines import (
 from persistence.sql.errors import lock_not_available, sql_errors
 from persistence.sql.held_sessions import UnheldTurn, held_by_another
 from persistence.sql.identity import database_identity
+from persistence.sql.one_state import NoConnectionOfItsOwn, OneStateReads, ReadAfter
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import Work, one_statement, read_on_asyncpg, run_on_asyncpg
 from persistence.sql.schema import VERSION_TABLE
@@ -36,12 +40,11 @@ from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.standby import ReplicaSettings, ReplicaState
 from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
 from persistence.sql.uow import SqlUnitOfWork, lending_units_of_work
-from persistence.storage import (
-    BackendName,
-)
+from persistence.storage import BackendName, check_batch_size
 from persistence.turns import save_turn
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # The connection a plain save lent before its turn: its statements run on it.
 _SAVING_ON: ContextVar[tuple[AsyncEngine, Lent] | None] = ContextVar("_SAVING_ON", default=None)
@@ -99,6 +102,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._pool_timeout = pool_timeout
         # The pool's connects (connects.py).
         self._connects = Connects()
+        self._one_state = OneStateReads(partial(self._create_engine, pooled=False))
         self._bulk_statistics = BulkLoadStatistics()
         # The event loop the storage was opened in: its connections belong to it.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,7 +130,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
     def _where(self) -> str:
         return displayed(self.url)
 
-    def _create_engine(self) -> AsyncEngine:
+    def _create_engine(self, *, pooled: bool = True) -> AsyncEngine:
         return postgresql_engine(
             self.url,
             self.min_pool_size,
@@ -136,6 +140,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             connect_timeout=self._connect_timeout,
             pool_timeout=self._pool_timeout,
             connects=self._connects,
+            pooled=pooled,
         )
 
     @property
@@ -170,12 +175,14 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         if self._carried_into_child():
             # Its connections close only in the process that opened them (forks.py).
             self._let_go()
+            self._one_state.let_go()
             return
         if self._engine is not None and asyncio.get_running_loop() is not self._loop:
             # The connections cannot be closed from here: the pool lets go of them, and
             # they go with their loop.
             engine, self._engine, self._closed = self._engine, None, True
             engine.sync_engine.dispose(close=False)
+            self._one_state.let_go()
             if self._replicas is not None:
                 self._replicas.let_go()
             return
@@ -183,7 +190,10 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             if self._replicas is not None:
                 await self._replicas.close()
         finally:
-            await super().close()
+            try:
+                await super().close()
+            finally:
+                await self._one_state.close()
             # Connects whose callers were cancelled: their connections closed too.
             await self._connects.settled()
 
@@ -212,6 +222,67 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             if found is not None:
                 return found[0]
         return await self._run(make_work(), action, write=False, snapshot=snapshot)
+
+    async def iter_sessions(
+        self, batch_size: int = 500, *, with_messages: bool = True
+    ) -> AsyncIterator[list[ChatSession]]:
+        """Every session in batches, all read in one state of the store, on a connection
+        of the iteration's own (one_state.py). With read replicas, or when the server has
+        no free slot for that connection, each batch apart, each one state: a standby
+        cancels a long transaction that holds back its replay."""
+        check_batch_size(batch_size)
+
+        def read(after: str) -> Work[tuple[list[str], list[ChatSession]]]:
+            return repositories.read_session_batch(after, batch_size, with_messages, self.token)
+
+        apart = super().iter_sessions(batch_size, with_messages=with_messages)
+        # Closed with this one, at once (a `break`, aclosing): its transaction ends then.
+        async with aclosing(self._in_one_state(read, "iterate sessions", apart)) as batches:
+            async for batch in batches:
+                yield batch
+
+    async def iter_file_records(
+        self, batch_size: int = 500
+    ) -> AsyncIterator[list[UploadedFileRecord]]:
+        """Every file record in batches, all read in one state, as iter_sessions reads
+        sessions (found by attack: records moved to another id during an export were
+        missing from it); a state of its own, not the sessions'."""
+        check_batch_size(batch_size)
+
+        def read(after: str) -> Work[tuple[list[str], list[UploadedFileRecord]]]:
+            records = yield from repositories.read_file_record_batch(after, batch_size)
+            return [record.file_id for record in records], records
+
+        apart = super().iter_file_records(batch_size)
+        async with aclosing(self._in_one_state(read, "iterate file records", apart)) as batches:
+            async for batch in batches:
+                yield batch
+
+    async def _in_one_state(
+        self, read: ReadAfter[T], action: str, apart: AsyncIterator[list[T]]
+    ) -> AsyncGenerator[list[T], None]:
+        """The batches of `read` in one state (one_state.py), else those of `apart`."""
+        if self._replicas is None:
+            try:
+                with sql_errors(action):
+                    one_state = self._one_state.batches(self.engine.dialect, read, self._check_open)
+                    async with aclosing(one_state) as batches:
+                        async for batch in batches:
+                            yield batch
+                return
+            except NoConnectionOfItsOwn as exc:
+                logger.warning(
+                    "%s: the server has no free connection slot for one of the iteration's"
+                    " own (%s): its batches are read apart, each one state",
+                    action,
+                    exc,
+                )
+        async with aclosing(cast(AsyncGenerator[list[T], None], apart)) as batches:
+            async for batch in batches:
+                yield batch
+
+    def _check_open(self) -> None:
+        self.engine  # noqa: B018  # raises if closed, not initialized, or of another loop
 
     async def _index_batch(self, *, wait: bool) -> indexing.Indexed | None:
         # Always with a short lock wait. Since revision 0013 an edit holds its row's
