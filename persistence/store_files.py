@@ -11,12 +11,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
 from persistence.errors import InvalidDataError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from persistence.storage import SessionStorage
 
 # The files SQLite keeps for a database: the file itself and its journals.
@@ -49,20 +48,30 @@ def sqlite_file_role(path: str | Path, store: Path) -> str | None:
     return None
 
 
-def sqlite_file_role_of_descriptor(descriptor: int, store: Path) -> str | None:
-    """Which file of the SQLite store at `store` the open file `descriptor` is, as
-    sqlite_file_role tells it of a path, or None (also if it cannot be told)."""
-    try:
-        opened = os.fstat(descriptor)
-    except (OSError, ValueError):
-        return None
+def sqlite_file_roles_of_descriptors(
+    descriptors: tuple[int, ...], store: Path
+) -> tuple[str | None, ...]:
+    """Which file of the SQLite store at `store` each open file of `descriptors` is, as
+    sqlite_file_role tells it of a path, or None (also if it cannot be told); the
+    store's files looked at once for all."""
+    opened: list[os.stat_result | None] = []
+    for descriptor in descriptors:
+        try:
+            opened.append(os.fstat(descriptor))
+        except (OSError, ValueError):
+            opened.append(None)
+    roles: list[str | None] = [None] * len(descriptors)
+    if not any(opened):
+        return tuple(roles)
     for named, what in _store_files(store):
         try:
-            if os.path.samestat(os.stat(named), opened):
-                return what
+            found = os.stat(named)
         except OSError:
             continue
-    return None
+        for index, stat in enumerate(opened):
+            if roles[index] is None and stat is not None and os.path.samestat(found, stat):
+                roles[index] = what
+    return tuple(roles)
 
 
 def refuse_own_file(storage: SessionStorage, path: str | Path) -> None:

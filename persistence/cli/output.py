@@ -11,9 +11,8 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import IO, Annotated, Any, NoReturn, TypeVar
@@ -34,7 +33,7 @@ from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
 from persistence.formats import json_text, visible
 from persistence.storage import SessionStorage
-from persistence.store_files import sqlite_file_role, sqlite_file_role_of_descriptor
+from persistence.store_files import sqlite_file_role, sqlite_file_roles_of_descriptors
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
@@ -216,8 +215,7 @@ def refuse_output_into_store(config: StorageConfig) -> None:
     too: then nothing is said, and the status is 1)."""
     if config.backend != "sqlite":
         return
-    into_output = sqlite_file_role_of_descriptor(1, config.database_path)
-    into_errors = sqlite_file_role_of_descriptor(2, config.database_path)
+    into_output, into_errors = sqlite_file_roles_of_descriptors((1, 2), config.database_path)
     if into_errors is not None:
         if into_output is None and not stdout_closed():
             line = f"refusing to write standard error: it is {into_errors} (redirect it elsewhere)"
@@ -294,10 +292,9 @@ def run(
     (naming_store).
     """
     target = (ctx.find_object(Target) or Target()).merged(*options)
-    opening = partial(naming_store, store_named)
     with _logging(target.verbose), whole_writes(), _terminated_as_interrupted() as terminated:
         try:
-            return _run(target, work, must_exist, read_only, check_first, unopened, opening)
+            return _run(target, work, must_exist, read_only, check_first, unopened, store_named)
         except KeyboardInterrupt:
             # What a shell reports of a process its signal stopped: 128 + its number.
             if terminated:
@@ -340,10 +337,10 @@ def _run(
     read_only: bool = False,
     check_first: Callable[[], object] | None = None,
     unopened: bool = False,
-    opening: Callable[[], AbstractContextManager[None]] = nullcontext,
+    store_named: str | None = None,
 ) -> T:
     try:
-        with opening():
+        with naming_store(store_named):
             config = target.load()
         # Before anything is printed (found by attack: a closed stdout's error line and
         # an input file's error went into a store that stderr was appended to).
@@ -353,7 +350,7 @@ def _run(
             fail(STDOUT_CLOSED)
         if check_first is not None:
             check_first()
-        with opening():
+        with naming_store(store_named):
             logger.info("store: %s", config.display_url)
             if must_exist and config.backend == "sqlite" and not _sqlite_file_exists(config):
                 raise PersistenceError(
@@ -363,7 +360,9 @@ def _run(
             # Opened, too, only if there: it may be removed after the check.
             storage = create_storage(config, must_exist=must_exist)
         return asyncio.run(
-            _open_and_run(storage, config, target, work, read_only, unopened, must_exist, opening)
+            _open_and_run(
+                storage, config, target, work, read_only, unopened, must_exist, store_named
+            )
         )
     except typer.Exit:
         raise
@@ -399,12 +398,12 @@ async def _open_and_run(
     read_only: bool = False,
     unopened: bool = False,
     must_exist: bool = False,
-    opening: Callable[[], AbstractContextManager[None]] = nullcontext,
+    store_named: str | None = None,
 ) -> T:
     if unopened:
         return await work(storage, config, target)
     try:
-        with opening():
+        with naming_store(store_named):
             if read_only:
                 await storage.open_for_reading()
             else:

@@ -239,7 +239,6 @@ def migrate(
     async def work(source: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         with naming_store("--to"):
             destination_config = config_from_url(destination_url, base=cfg)
-        refuse_output_into_store(destination_config)
         if _same_store(cfg, destination_config):
             fail(f"{source_named} and --to name the same store")
         # A copy written as the source's -wal file would be wiped when the source next opens.
@@ -277,7 +276,8 @@ def migrate(
             fail(problem)
 
     # The destination's outputs checked before the source is opened (found by attack:
-    # `-v migrate ... 2>> dst.db` appended the source's log lines to the destination).
+    # `-v migrate ... 2>> dst.db` appended the source's log lines to the destination, and
+    # `migrate --to dst.db >> dst.db` its summary).
     with suppress(PersistenceError, ValueError):  # told once the source is loaded
         refuse_output_into_store(config_from_url(destination_url))
     # The command's --url, else the one before the command (`persistence --url A migrate`).

@@ -41,11 +41,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from persistence.errors import StorageConnectionError
 from persistence.sql.checkout import begin, closed, lent_connection
 from persistence.sql.errors import connection_lost
-from persistence.sql.runner import Work, run_on_asyncpg
+from persistence.sql.runner import ReadAfter, run_on_asyncpg
 
 T = TypeVar("T")
-# A batch's work: read after this key, return the batch's keys and its items.
-ReadAfter = Callable[[str], Work[tuple[list[str], list[T]]]]
 
 
 class OneStateReads:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from contextvars import ContextVar
 from functools import partial
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,8 +19,8 @@ from persistence.errors import (
     PersistenceError,
 )
 from persistence.event_loops import refuse_another_loop
-from persistence.models import ChatSession, UploadedFileRecord
-from persistence.sql import indexing, repositories
+from persistence.models import ChatSession
+from persistence.sql import indexing
 from persistence.sql.checkout import Lent, lent_connection
 from persistence.sql.connects import Connects
 from persistence.sql.engines import (
@@ -32,15 +32,21 @@ from persistence.sql.engines import (
 from persistence.sql.errors import lock_not_available, sql_errors
 from persistence.sql.held_sessions import UnheldTurn, held_by_another
 from persistence.sql.identity import database_identity
-from persistence.sql.one_state import NoConnectionOfItsOwn, OneStateReads, ReadAfter
+from persistence.sql.one_state import NoConnectionOfItsOwn, OneStateReads
 from persistence.sql.replicas import replica_set
-from persistence.sql.runner import Work, one_statement, read_on_asyncpg, run_on_asyncpg
+from persistence.sql.runner import (
+    ReadAfter,
+    Work,
+    one_statement,
+    read_on_asyncpg,
+    run_on_asyncpg,
+)
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.sql_storage import SqlSessionStorage
 from persistence.sql.standby import ReplicaSettings, ReplicaState
 from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
 from persistence.sql.uow import SqlUnitOfWork, lending_units_of_work
-from persistence.storage import BackendName, check_batch_size
+from persistence.storage import BackendName
 from persistence.turns import save_turn
 
 T = TypeVar("T")
@@ -223,52 +229,21 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 return found[0]
         return await self._run(make_work(), action, write=False, snapshot=snapshot)
 
-    async def iter_sessions(
-        self, batch_size: int = 500, *, with_messages: bool = True
-    ) -> AsyncIterator[list[ChatSession]]:
-        """Every session in batches, all read in one state of the store, on a connection
-        of the iteration's own (one_state.py). With read replicas, or when the server has
-        no free slot for that connection, each batch apart, each one state: a standby
-        cancels a long transaction that holds back its replay."""
-        check_batch_size(batch_size)
-
-        def read(after: str) -> Work[tuple[list[str], list[ChatSession]]]:
-            return repositories.read_session_batch(after, batch_size, with_messages, self.token)
-
-        apart = super().iter_sessions(batch_size, with_messages=with_messages)
-        # Closed with this one, at once (a `break`, aclosing): its transaction ends then.
-        async with aclosing(self._in_one_state(read, "iterate sessions", apart)) as batches:
-            async for batch in batches:
-                yield batch
-
-    async def iter_file_records(
-        self, batch_size: int = 500
-    ) -> AsyncIterator[list[UploadedFileRecord]]:
-        """Every file record in batches, all read in one state, as iter_sessions reads
-        sessions (found by attack: records moved to another id during an export were
-        missing from it); a state of its own, not the sessions'."""
-        check_batch_size(batch_size)
-
-        def read(after: str) -> Work[tuple[list[str], list[UploadedFileRecord]]]:
-            records = yield from repositories.read_file_record_batch(after, batch_size)
-            return [record.file_id for record in records], records
-
-        apart = super().iter_file_records(batch_size)
-        async with aclosing(self._in_one_state(read, "iterate file records", apart)) as batches:
-            async for batch in batches:
-                yield batch
-
-    async def _in_one_state(
-        self, read: ReadAfter[T], action: str, apart: AsyncIterator[list[T]]
+    async def _pages(
+        self, read: ReadAfter[T], action: str, *, snapshot: bool
     ) -> AsyncGenerator[list[T], None]:
-        """The batches of `read` in one state (one_state.py), else those of `apart`."""
+        """Every page in one state of the store, on a connection of the iteration's own
+        (one_state.py): `iter_sessions` and `iter_file_records` read so. With read
+        replicas, or when the server has no free slot for that connection, each page
+        apart, as SqlSessionStorage reads them: a standby cancels a long transaction
+        that holds back its replay."""
         if self._replicas is None:
             try:
                 with sql_errors(action):
                     one_state = self._one_state.batches(self.engine.dialect, read, self._check_open)
-                    async with aclosing(one_state) as batches:
-                        async for batch in batches:
-                            yield batch
+                    async with aclosing(one_state) as pages:
+                        async for page in pages:
+                            yield page
                 return
             except NoConnectionOfItsOwn as exc:
                 logger.warning(
@@ -277,9 +252,9 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                     action,
                     exc,
                 )
-        async with aclosing(cast(AsyncGenerator[list[T], None], apart)) as batches:
-            async for batch in batches:
-                yield batch
+        async with aclosing(super()._pages(read, action, snapshot=snapshot)) as pages:
+            async for page in pages:
+                yield page
 
     def _check_open(self) -> None:
         self.engine  # noqa: B018  # raises if closed, not initialized, or of another loop

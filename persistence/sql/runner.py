@@ -74,6 +74,8 @@ class WhichDialect:
 Query = Fetch | Execute | ExecuteMany
 Request = Query | WhichDialect
 Work = Generator[Request, Any, T]
+# A page of keyset paging: read after this key, return the page's keys and its items.
+ReadAfter = Callable[[str], Work[tuple[list[str], list[T]]]]
 
 
 # Callbacks that see the SQL of every request the runners send (tests count statements).

@@ -204,10 +204,9 @@ def _sequences_and_extension_members(connection: Connection) -> tuple[set[str], 
             " WHERE n.nspname = current_schema() AND (c.relkind = 'S' OR d.deptype = 'e')"
         )
     ).all()
-    members = {name for name, of_extension in rows if of_extension}
-    sequences = {name for name, _ in rows} - members
-    owned = {name for name, of_extension in rows if of_extension is False}
-    return sequences - owned, members
+    # No dependency row (NULL): a sequence of its own; TRUE: an extension's relation.
+    own = {name for name, of_extension in rows if of_extension is None}
+    return own, {name for name, of_extension in rows if of_extension}
 
 
 def _alembic(*commands: str) -> str:

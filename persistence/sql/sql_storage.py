@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ from persistence.sql.engines import (
 from persistence.sql.errors import sql_errors, unique_violation
 from persistence.sql.forks import Opener
 from persistence.sql.held_sessions import UnheldTurn, held_by_this_task
-from persistence.sql.runner import Work
+from persistence.sql.runner import ReadAfter, Work
 from persistence.sql.schema import VERSION_TABLE, check_readable, migrate
 from persistence.sql.search import Found
 from persistence.sql.search_statements import TOP
@@ -555,35 +556,41 @@ class SqlSessionStorage(SessionStorage):
         self, batch_size: int = 500, *, with_messages: bool = True
     ) -> AsyncIterator[list[ChatSession]]:
         check_batch_size(batch_size)
-        after = ""
-        while True:
-            batch_work = partial(
-                repositories.read_session_batch, after, batch_size, with_messages, self.token
-            )
-            ids, batch = await self._run_stale(
-                batch_work,
-                "iterate sessions",
-                snapshot=True,
-            )
-            if not ids:
-                return
-            yield batch
-            after = ids[-1]
+
+        def read(after: str) -> Work[tuple[list[str], list[ChatSession]]]:
+            return repositories.read_session_batch(after, batch_size, with_messages, self.token)
+
+        # Closed with this one, at once (a `break`, aclosing).
+        async with aclosing(self._pages(read, "iterate sessions", snapshot=True)) as pages:
+            async for batch in pages:
+                yield batch
 
     async def iter_file_records(
         self, batch_size: int = 500
     ) -> AsyncIterator[list[UploadedFileRecord]]:
         check_batch_size(batch_size)
+
+        def read(after: str) -> Work[tuple[list[str], list[UploadedFileRecord]]]:
+            records = yield from repositories.read_file_record_batch(after, batch_size)
+            return [record.file_id for record in records], records
+
+        async with aclosing(self._pages(read, "iterate file records", snapshot=False)) as pages:
+            async for batch in pages:
+                yield batch
+
+    async def _pages(
+        self, read: ReadAfter[T], action: str, *, snapshot: bool
+    ) -> AsyncGenerator[list[T], None]:
+        """Keyset paging: the pages `read` returns after "", then after each page's last
+        key, until one is empty; each read apart (a replica's, if any), one state with
+        `snapshot` (a page of several statements)."""
         after = ""
         while True:
-            batch = await self._run_stale(
-                partial(repositories.read_file_record_batch, after, batch_size),
-                "iterate file records",
-            )
-            if not batch:
+            keys, page = await self._run_stale(partial(read, after), action, snapshot=snapshot)
+            if not keys:
                 return
-            yield batch
-            after = batch[-1].file_id
+            yield page
+            after = keys[-1]
 
     async def count(self) -> StorageCounts:
         return await self._run_stale(
