@@ -608,7 +608,10 @@ class SessionStorage(ABC):
         """Yields every session in batches, in `session_id` order (keyset paging).
 
         Each batch is read as one consistent state: a session's fields, count and
-        history always belong together, even while writers append.
+        history always belong together, even while writers append. On SQLite and
+        PostgreSQL every batch is of one state, read on a connection of the iteration's
+        own until it ends (closed early with `contextlib.aclosing`); with read replicas
+        and on MongoDB, each batch is its own.
         """
 
     @abstractmethod

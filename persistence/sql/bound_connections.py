@@ -30,7 +30,12 @@ class ProcessBoundConnection(asyncpg.Connection):  # type: ignore[misc]  # async
     # asyncpg's own signature, `timeout` included.
     async def close(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """asyncpg's polite close, for CLOSE_WAIT seconds at most (asyncpg's waits without
-        end), the socket then closed at once (asyncpg aborts the connection)."""
+        end), the socket then closed at once (asyncpg aborts the connection). Nothing in
+        a fork's child: found by attack, a child that let go of an iteration the parent
+        had begun sent the server a Terminate on the parent's socket (SQLAlchemy closes a
+        dropped connection so), and the parent's next batch waited for good."""
+        if self._opened_in != os.getpid():
+            return
         with suppress(TimeoutError):
             await super().close(timeout=CLOSE_WAIT if timeout is None else timeout)
 

@@ -31,6 +31,7 @@ which SQLAlchemy and asyncio log.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing, suppress
 from typing import Any, TypeVar
@@ -97,6 +98,7 @@ class OneStateReads:
         check: Callable[[], None],
     ) -> AsyncGenerator[list[T], None]:
         self._under_way.add(driver)
+        opened_in = os.getpid()
         try:
             after = ""
             while True:
@@ -113,7 +115,8 @@ class OneStateReads:
                 after = keys[-1]
         finally:
             self._under_way.discard(driver)
-            if not closed(driver):
+            # Not in a fork's child: its ROLLBACK would go down the parent's socket.
+            if not closed(driver) and os.getpid() == opened_in:
                 # Read-only: nothing to keep, and the connection is closed after.
                 with suppress(Exception):
                     await transaction.rollback()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ from persistence.sql.errors import sql_errors
 from persistence.sql.loop_engines import LoopEngines
 from persistence.sql.opened_files import OpenedFiles
 from persistence.sql.runner import (
+    ReadAfter,
     Work,
     read_in_sqlite_thread,
     run_in_thread,
@@ -42,6 +44,7 @@ from persistence.sql.runner import (
 )
 from persistence.sql.schema import VERSION_TABLE, refuse_foreign_sqlite_file
 from persistence.sql.sql_storage import SqlSessionStorage
+from persistence.sql.sqlite_one_state import NotInWalMode, SqliteOneStateReads
 from persistence.sql.uow import open_units_of_work
 from persistence.sql.wal_reserve import reserve_wal
 from persistence.sql.write_groups import WriteGroups
@@ -52,6 +55,7 @@ from persistence.store_files import sqlite_file_role
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 _URL_SCHEMES = ("sqlite:", "sqlite+", "file:")
@@ -133,6 +137,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # The event loop the engine was made in; the engines of other loops (`engine`).
         self._engine_loop: asyncio.AbstractEventLoop | None = None
         self._loop_engines = LoopEngines(self._engine_of_store)
+        self._one_state = SqliteOneStateReads(self._opened_for_reads, busy_timeout)
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStorage({str(self.database_path)!r})"
@@ -183,6 +188,15 @@ class SQLiteSessionStorage(SqlSessionStorage):
         target = sqlite_writing_target(self._file)
         pragmas = reading_pragmas(self._pragmas)
         return sqlite_engine(url, pragmas, self._busy_timeout, target=target, uri=True)
+
+    def _opened_for_reads(self) -> tuple[str | Path, dict[str, Any], bool]:
+        """What an iteration's own connection opens: what the storage opened, never
+        creating a file (found by attack: with the file removed, the iteration's connect
+        made an empty database at its path), and without setting the journal mode."""
+        target, pragmas, uri = self._opened
+        if not uri:
+            target, uri = sqlite_writing_target(self._file), True
+        return target, reading_pragmas(pragmas), uri
 
     def _engine_with(self, pragmas: dict[str, Any]) -> AsyncEngine:
         target, _, uri = self._opened
@@ -276,6 +290,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         if self._carried_into_child():
             # Its thread is the parent's: closing would wait for it for good.
             self._connection = None
+            self._one_state.let_go()
             self._let_go()
             return
         # Closed first: a call made while the connection closes is told so, not that the
@@ -283,6 +298,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._closed = True
         connection, self._connection = self._connection, None
         try:
+            await self._one_state.close()
             if connection is not None:
                 with sql_errors("close"):
                     await connection.close()
@@ -296,6 +312,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # A task holding a unit of work holds the write lock: its searches test pending
         # messages one by one, and leave the indexing to a later search.
         return super()._may_index() and self.token not in open_units_of_work()
+
+    def _check_open(self) -> None:
+        self._connection_and_dialect()
 
     def _opened_connection(self) -> aiosqlite.Connection:
         return self._connection_and_dialect()[0]
@@ -355,6 +374,28 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 connection, self._read_in_thread, dialect, work, "BEGIN"
             )
             return result
+
+    async def _pages(
+        self, read: ReadAfter[T], action: str, *, snapshot: bool
+    ) -> AsyncGenerator[list[T], None]:
+        """Every page in one state of the store, on a connection of the iteration's own
+        (sqlite_one_state.py): `iter_sessions` and `iter_file_records` read so. A file
+        not in WAL mode has each page read apart, as SqlSessionStorage reads them."""
+        dialect = self._connection_and_dialect()[1]
+        check = self._file_check
+        assert check is not None, "set when the connection opened"
+        try:
+            with sql_errors(action):
+                one_state = self._one_state.batches(dialect, read, self._check_open, check)
+                async with aclosing(one_state) as pages:
+                    async for page in pages:
+                        yield page
+            return
+        except NotInWalMode as exc:
+            logger.warning("%s: %s: its batches are read apart, each one state", action, exc)
+        async with aclosing(super()._pages(read, action, snapshot=snapshot)) as pages:
+            async for page in pages:
+                yield page
 
     async def copy_to_file(self, target: Path) -> bool:
         """Copies the database with SQLite's online backup API (consistent under writers).

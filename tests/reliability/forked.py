@@ -1,6 +1,6 @@
 """A storage opened, then the process forked (run as a script, never collected).
 
-    python forked.py sqlite|postgresql TARGET use|drop FORK
+    python forked.py sqlite|postgresql TARGET use|drop|iterate FORK
     python forked.py gc - pause FORK
     python forked.py sqlite TARGET failed FORK
 
@@ -9,6 +9,8 @@ fork() through ctypes, which runs none of Python's at-fork hooks, as uWSGI's wor
 
 - use: the child calls the inherited storage on a loop of its own and closes it;
 - drop: the child lets go of it (the garbage collector) without a call;
+- iterate: the parent has read the first batch of `iter_sessions(1)`; the child
+  resumes that iteration on a loop of its own, then lets go of it and of the storage;
 - pause: the child is forked while another thread holds collection_paused();
 - failed: the parent's initialize() fails after its engine was made, and the child
   opens the same storage.
@@ -87,6 +89,12 @@ def storage_then_fork(backend: str, target: str, mode: str, how: str) -> dict[st
     session = ChatSession.create("m")
     session.add_message("user", "first words")
     loop.run_until_complete(storage.save_session(session))
+    iteration = None
+    iterated: list[str] = []
+    if mode == "iterate":
+        loop.run_until_complete(storage.save_session(ChatSession.create("m")))
+        iteration = storage.iter_sessions(1)
+        iterated = [s.session_id for s in loop.run_until_complete(anext(iteration))]
 
     read_end, write_end = os.pipe()
     pid = _fork(how)
@@ -95,7 +103,9 @@ def storage_then_fork(backend: str, target: str, mode: str, how: str) -> dict[st
         report: dict[str, Any] = {}
         if mode == "use":
             report = asyncio.run(_child_use(storage, session.session_id))
-        storage = None
+        if iteration is not None:
+            report = {"resume": asyncio.run(_outcome(anext(iteration)))}
+        storage = iteration = None
         gc.collect()
         _report_from_child(write_end, report)
         if how == "libc":
@@ -108,8 +118,14 @@ def storage_then_fork(backend: str, target: str, mode: str, how: str) -> dict[st
         child = json.loads(pipe.read() or "{}")
     _, status = os.waitpid(pid, 0)
 
+    if iteration is not None:
+        rest = loop.run_until_complete(_outcome(_read_on(iteration, iterated)))
+        every: list[str] = []
+        loop.run_until_complete(_read_on(storage.iter_sessions(), every))
+        iterated = [rest, *iterated, "of", *every]
     session.add_message("assistant", "second words")
-    parent = {
+    parent: dict[str, Any] = {
+        "iterated": iterated,
         "save": loop.run_until_complete(_outcome(storage.save_session(session))),
         "load": loop.run_until_complete(_outcome(storage.load_session(session.session_id))),
     }
@@ -118,6 +134,11 @@ def storage_then_fork(backend: str, target: str, mode: str, how: str) -> dict[st
     loop.run_until_complete(storage.close())
     loop.close()
     return {"child": child, "child_status": status, "parent": parent}
+
+
+async def _read_on(iteration: Any, into: list[str]) -> None:
+    async for batch in iteration:
+        into.extend(s.session_id for s in batch)
 
 
 async def _open_save_load(storage: SessionStorage) -> str:

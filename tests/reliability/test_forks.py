@@ -46,13 +46,21 @@ def _check(result: dict[str, Any], backend: str, mode: str) -> None:
             assert "a fork of it" in child[call] and "open a new storage in this one" in child[call]
         assert child["close"].startswith("ok"), child
         assert child["after close"] == f"PersistenceError: {backend} storage is closed"
+    if mode == "iterate":
+        resumed = child["resume"]
+        assert resumed.startswith("PersistenceError: ") and "a fork of it" in resumed, child
     parent = result["parent"]
+    if mode == "iterate":
+        # Read to its end in the parent, whatever the child did with it.
+        rest, *iterated = parent["iterated"]
+        split = iterated.index("of")
+        assert rest.startswith("ok") and iterated[:split] == iterated[split + 1 :], parent
     assert parent["save"].startswith("ok") and parent["load"].startswith("ok"), parent
     assert parent["stored"] == ["first words", "second words"]
 
 
 @pytest.mark.parametrize("fork", FORKS)
-@pytest.mark.parametrize("mode", ["use", "drop"])
+@pytest.mark.parametrize("mode", ["use", "drop", "iterate"])
 def test_sqlite_storage_in_a_forked_child(tmp_path: Path, mode: str, fork: str) -> None:
     path = tmp_path / "sessions.db"
 
@@ -63,7 +71,7 @@ def test_sqlite_storage_in_a_forked_child(tmp_path: Path, mode: str, fork: str) 
 
 
 @pytest.mark.parametrize("fork", FORKS)
-@pytest.mark.parametrize("mode", ["use", "drop"])
+@pytest.mark.parametrize("mode", ["use", "drop", "iterate"])
 def test_postgresql_storage_in_a_forked_child(postgresql_url: str, mode: str, fork: str) -> None:
     _check(_run("postgresql", postgresql_url, mode, fork), "postgresql", mode)
 

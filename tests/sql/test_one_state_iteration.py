@@ -1,11 +1,13 @@
-"""PostgreSQL's iter_sessions reads every batch in one state of the store.
+"""iter_sessions and iter_file_records read every batch in one state of the store.
 
 Found by attack: each batch was read in a transaction of its own, so a unit of work
 that committed between two batches (a session moved from one id to another: deleted,
 and created under an id later in the order) showed in one batch and not the other, and
 `migrate`, `backup` and `export-all` copied both sessions. The batches are now read in
-one read-only REPEATABLE READ transaction, on a connection of the iteration's own
-(persistence/sql/one_state.py).
+one read transaction, on a connection of the iteration's own: read-only REPEATABLE READ
+on PostgreSQL (persistence/sql/one_state.py), a WAL snapshot on SQLite
+(persistence/sql/sqlite_one_state.py, whose own cases are in
+test_sqlite_one_state_iteration.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import asyncpg
@@ -22,39 +23,14 @@ import pytest
 from sqlalchemy import make_url, text
 
 from persistence import (
-    ChatSession,
     PersistenceError,
     PostgreSQLSessionStorage,
+    SessionStorage,
     StorageConnectionError,
 )
 from tests.factories import file_record
 from tests.servers import plain_postgresql_url
-
-pytestmark = pytest.mark.postgresql
-
-
-async def _stored(storage: PostgreSQLSessionStorage, *session_ids: str) -> None:
-    for session_id in session_ids:
-        session = ChatSession.create("m", session_id=session_id)
-        session.add_message("user", f"in {session_id}")
-        await storage.save_session(session)
-
-
-async def _moved(storage: PostgreSQLSessionStorage, old: str, new: str) -> None:
-    """Moves session `old` to id `new` in one unit of work."""
-    async with storage.unit_of_work() as uow:
-        moving = await uow.sessions.get(old)
-        assert moving is not None
-        await uow.sessions.delete(old)
-        moved = ChatSession.create("m", session_id=new)
-        for message in moving.messages:
-            moved.add_message(message.role, message.content)
-        await uow.sessions.add(moved)
-        await uow.commit()
-
-
-async def _ids(batches: AsyncIterator[list[ChatSession]]) -> list[str]:
-    return [session.session_id async for batch in batches for session in batch]
+from tests.sql.moved_sessions import ids, moved, stored
 
 
 async def _idle_in_transaction(storage: PostgreSQLSessionStorage) -> int:
@@ -69,26 +45,26 @@ async def _idle_in_transaction(storage: PostgreSQLSessionStorage) -> int:
 
 
 async def test_a_session_moved_between_two_batches_is_read_once(
-    postgresql_storage: PostgreSQLSessionStorage,
+    sql_storage: SessionStorage,
 ) -> None:
-    storage = postgresql_storage
-    await _stored(storage, "a-first", "m-middle")
+    storage = sql_storage
+    await stored(storage, "a-first", "m-middle")
     batches = storage.iter_sessions(1)
     first = await anext(batches)
     assert [s.session_id for s in first] == ["a-first"]
 
-    await _moved(storage, "a-first", "z-last")
+    await moved(storage, "a-first", "z-last")
 
     # Before: ["m-middle", "z-last"] here, so the copy held the session twice.
-    assert await _ids(batches) == ["m-middle"]
-    assert await _ids(storage.iter_sessions(1)) == ["m-middle", "z-last"]
+    assert await ids(batches) == ["m-middle"]
+    assert await ids(storage.iter_sessions(1)) == ["m-middle", "z-last"]
 
 
 async def test_saves_between_batches_land_and_the_batches_keep_their_state(
-    postgresql_storage: PostgreSQLSessionStorage,
+    sql_storage: SessionStorage,
 ) -> None:
-    storage = postgresql_storage
-    await _stored(storage, "s1", "s2", "s3")
+    storage = sql_storage
+    await stored(storage, "s1", "s2", "s3")
     seen = []
     async for batch in storage.iter_sessions(1):
         for session in batch:
@@ -100,11 +76,12 @@ async def test_saves_between_batches_land_and_the_batches_keep_their_state(
     assert counts == [2, 2, 2]
 
 
+@pytest.mark.postgresql
 async def test_a_loop_left_early_ends_its_transaction(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
     storage = postgresql_storage
-    await _stored(storage, "s1", "s2", "s3")
+    await stored(storage, "s1", "s2", "s3")
     for _ in range(3):
         async with aclosing(storage.iter_sessions(1)) as batches:
             async for batch in batches:
@@ -133,6 +110,7 @@ async def _opened(
     return other
 
 
+@pytest.mark.postgresql
 @pytest.mark.parametrize("pool", [1, 2])
 async def test_iterations_leave_the_pool_to_the_callers_own_calls(
     postgresql_storage: PostgreSQLSessionStorage, pool: int
@@ -140,7 +118,7 @@ async def test_iterations_leave_the_pool_to_the_callers_own_calls(
     """Found by attack: each iteration held a pooled connection, so two of them on a pool
     of two, each saving between batches, waited for the pool and failed. An iteration
     reads on a connection of its own, outside the pool."""
-    await _stored(postgresql_storage, "s1", "s2", "s3")
+    await stored(postgresql_storage, "s1", "s2", "s3")
     storage = await _opened(postgresql_storage, min_pool_size=1, max_pool_size=pool)
     try:
 
@@ -160,18 +138,19 @@ async def test_iterations_leave_the_pool_to_the_callers_own_calls(
         # And one state all the same.
         batches = storage.iter_sessions(1)
         assert [s.session_id for s in await anext(batches)] == ["s1"]
-        await _moved(storage, "s1", "z-last")
-        assert await _ids(batches) == ["s2", "s3"]
+        await moved(storage, "s1", "z-last")
+        assert await ids(batches) == ["s2", "s3"]
     finally:
         await storage.close()
 
 
+@pytest.mark.postgresql
 async def test_close_ends_an_iteration_under_way(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
     """Found by attack: an iteration paused between two batches kept its connection,
     idle in transaction, after close(), and went on reading from the closed storage."""
-    await _stored(postgresql_storage, "s1", "s2")
+    await stored(postgresql_storage, "s1", "s2")
     storage = await _opened(postgresql_storage)
     batches = storage.iter_sessions(1)
     assert [s.session_id for s in await anext(batches)] == ["s1"]
@@ -182,12 +161,13 @@ async def test_close_ends_an_iteration_under_way(
     assert await _idle_in_transaction(postgresql_storage) == 0
 
 
+@pytest.mark.postgresql
 async def test_an_iteration_whose_connection_the_server_ended_closes_quietly(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
     """Found by attack: closing it raised "database unreachable" (a COMMIT on the
     ended connection), which hid the error that stopped its caller."""
-    await _stored(postgresql_storage, "s1", "s2")
+    await stored(postgresql_storage, "s1", "s2")
     batches = postgresql_storage.iter_sessions(1)
     await anext(batches)
     async with postgresql_storage.engine.connect() as connection:
@@ -199,13 +179,14 @@ async def test_an_iteration_whose_connection_the_server_ended_closes_quietly(
         )
         assert ended.scalars().all() == [True]
     await batches.aclose()
-    assert await _ids(postgresql_storage.iter_sessions(1)) == ["s1", "s2"]
+    assert await ids(postgresql_storage.iter_sessions(1)) == ["s1", "s2"]
 
 
+@pytest.mark.postgresql
 async def test_a_transaction_the_server_ends_between_batches_says_so(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
-    await _stored(postgresql_storage, "s1", "s2")
+    await stored(postgresql_storage, "s1", "s2")
     # %20, not the + SQLAlchemy renders: libpq (and asyncpg) read a + as it is.
     timeout = "options=-c%20idle_in_transaction_session_timeout%3D200"
     storage = await _opened(postgresql_storage, timeout)
@@ -218,21 +199,22 @@ async def test_a_transaction_the_server_ends_between_batches_says_so(
         assert "after session 's1'" in str(raised.value)
         assert "idle_in_transaction_session_timeout" in str(raised.value)
         # The storage goes on: the next iteration reads on another connection.
-        assert await _ids(storage.iter_sessions(1)) == ["s1", "s2"]
+        assert await ids(storage.iter_sessions(1)) == ["s1", "s2"]
     finally:
         await storage.close()
 
 
+@pytest.mark.postgresql
 async def test_close_during_a_batch_says_closed(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
     """Found by attack: a close() while a batch was read (migrate and export read one
     ahead) was reported as the server ending the connection, or as unreachable."""
-    await _stored(postgresql_storage, *(f"s{n:03}" for n in range(40)))
+    await stored(postgresql_storage, *(f"s{n:03}" for n in range(40)))
     storage = await _opened(postgresql_storage)
     batches = storage.iter_sessions(1)
     await anext(batches)
-    reading = asyncio.ensure_future(_ids(batches))
+    reading = asyncio.ensure_future(ids(batches))
     await asyncio.sleep(0.02)
     await storage.close()
     with pytest.raises(PersistenceError, match="storage is closed"):
@@ -241,11 +223,11 @@ async def test_close_during_a_batch_says_closed(
 
 
 async def test_file_records_moved_between_two_batches_are_read_once(
-    postgresql_storage: PostgreSQLSessionStorage,
+    sql_storage: SessionStorage,
 ) -> None:
     """Found by attack: file records moved to another id during an export were missing
     from it (read a batch at a time, each in a transaction of its own)."""
-    storage = postgresql_storage
+    storage = sql_storage
     for file_id in ("a-first", "m-middle"):
         await storage.save_file_record(file_record(file_id=file_id))
     batches = storage.iter_file_records(1)
@@ -258,6 +240,7 @@ async def test_file_records_moved_between_two_batches_are_read_once(
     assert [r.file_id async for batch in batches for r in batch] == ["m-middle"]
 
 
+@pytest.mark.postgresql
 async def test_a_server_without_a_free_slot_reads_the_batches_apart(
     postgresql_admin_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -273,13 +256,13 @@ async def test_a_server_without_a_free_slot_reads_the_batches_apart(
     storage = PostgreSQLSessionStorage(url.render_as_string(hide_password=False))
     try:
         await storage.initialize()
-        await _stored(storage, "a-first", "m-middle")
+        await stored(storage, "a-first", "m-middle")
         held = await admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", role
         )
         await admin.execute(f"ALTER DATABASE {role} CONNECTION LIMIT {held}")
         caplog.set_level(logging.WARNING, logger="persistence.sql")
-        assert await _ids(storage.iter_sessions(1)) == ["a-first", "m-middle"]
+        assert await ids(storage.iter_sessions(1)) == ["a-first", "m-middle"]
         assert any("no free connection slot" in r.getMessage() for r in caplog.records)
     finally:
         await storage.close()

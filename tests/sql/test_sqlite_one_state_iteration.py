@@ -1,0 +1,180 @@
+"""SQLite's iter_sessions and iter_file_records read every batch in one WAL snapshot.
+
+The cases both SQL backends share are in test_one_state_iteration.py; these are
+SQLite's own (persistence/sql/sqlite_one_state.py): the iteration's read transaction,
+on a connection of its own, holds back checkpoints while it lasts and no longer; other
+storages and processes write meanwhile; a file replaced under it, a closed storage and
+a file not in WAL mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import sqlite3
+import time
+from contextlib import aclosing, closing
+from pathlib import Path
+
+import pytest
+
+from persistence import PersistenceError, SQLiteSessionStorage
+from tests.sql.moved_sessions import ids, moved, stored
+
+pytestmark = pytest.mark.sqlite
+
+
+def _reader_holds_the_wal(path: Path) -> bool:
+    """Whether a reader keeps a checkpoint from starting the -wal over (TRUNCATE
+    reports busy), asked without waiting."""
+    with closing(sqlite3.connect(path, timeout=0)) as connection:
+        busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return bool(busy)
+
+
+async def test_an_iteration_holds_back_checkpoints_only_while_it_lasts(
+    sqlite_storage: SQLiteSessionStorage, sqlite_path: Path
+) -> None:
+    storage = sqlite_storage
+    await stored(storage, "s1", "s2", "s3")
+    assert not _reader_holds_the_wal(sqlite_path)
+    async with aclosing(storage.iter_sessions(1)) as batches:
+        async for batch in batches:
+            assert [s.session_id for s in batch] == ["s1"]
+            await stored(storage, "s4")  # a commit after the iteration's state
+            assert _reader_holds_the_wal(sqlite_path)
+            break
+    assert not _reader_holds_the_wal(sqlite_path)
+    # Without aclosing, once the loop lets go of it (the event loop closes it).
+    async for _batch in storage.iter_sessions(1):
+        await stored(storage, "s5")
+        break
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while _reader_holds_the_wal(sqlite_path):
+        assert time.monotonic() < deadline, "the iteration's read never ended"
+        await asyncio.sleep(0.01)
+    # To the end, it ends its read as well.
+    assert await ids(storage.iter_sessions(2)) == ["s1", "s2", "s3", "s4", "s5"]
+    await stored(storage, "s6")
+    assert not _reader_holds_the_wal(sqlite_path)
+
+
+async def test_another_storage_moving_a_session_between_batches_is_not_seen(
+    sqlite_storage: SQLiteSessionStorage, sqlite_path: Path
+) -> None:
+    """As another process of the service would: through its own connections."""
+    await stored(sqlite_storage, "a-first", "m-middle")
+    other = SQLiteSessionStorage(sqlite_path)
+    await other.initialize()
+    try:
+        batches = sqlite_storage.iter_sessions(1)
+        assert [s.session_id for s in await anext(batches)] == ["a-first"]
+        await moved(other, "a-first", "z-last")
+        await stored(other, "b-second")
+        assert await ids(batches) == ["m-middle"]
+        assert await ids(sqlite_storage.iter_sessions(1)) == [
+            "b-second",
+            "m-middle",
+            "z-last",
+        ]
+    finally:
+        await other.close()
+
+
+async def test_iterations_at_once_with_saves_between_their_batches(
+    sqlite_storage: SQLiteSessionStorage,
+) -> None:
+    """Two iterations, each saving between its batches, wait for nothing."""
+    storage = sqlite_storage
+    await stored(storage, "s1", "s2", "s3")
+
+    async def each_saved() -> list[int]:
+        counts = []
+        async for batch in storage.iter_sessions(1):
+            session = batch[0]
+            counts.append(session.message_count)
+            session.add_message("assistant", "a reply")
+            await storage.save_session(session)
+            await asyncio.sleep(0)
+        return counts
+
+    done = await asyncio.wait_for(asyncio.gather(each_saved(), each_saved()), 20)
+    # Each read the state it began in: the other's replies are not in it.
+    assert done == [[1, 1, 1], [1, 1, 1]]
+    counts = [s.message_count async for batch in storage.iter_sessions() for s in batch]
+    assert counts == [3, 3, 3]
+
+
+async def test_close_ends_an_iteration_under_way(sqlite_path: Path) -> None:
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    await stored(storage, "s1", "s2")
+    batches = storage.iter_sessions(1)
+    assert [s.session_id for s in await anext(batches)] == ["s1"]
+    await storage.close()
+    with pytest.raises(PersistenceError, match="closed"):
+        await anext(batches)
+    await batches.aclose()
+    assert not _reader_holds_the_wal(sqlite_path)
+
+
+async def test_a_file_replaced_between_batches_says_so(
+    sqlite_storage: SQLiteSessionStorage, sqlite_path: Path, tmp_path: Path
+) -> None:
+    """The iteration's connection reads the file it opened: once the path names another
+    store, the next batch says so, as every call of the storage does."""
+    await stored(sqlite_storage, "s1", "s2")
+    replacement = SQLiteSessionStorage(tmp_path / "other.db")
+    await replacement.initialize()
+    await stored(replacement, "x1", "x2")
+    await replacement.close()
+    batches = sqlite_storage.iter_sessions(1)
+    assert [s.session_id for s in await anext(batches)] == ["s1"]
+    (tmp_path / "other.db").replace(sqlite_path)
+    with pytest.raises(PersistenceError, match="replaced or removed"):
+        await anext(batches)
+    await batches.aclose()
+
+
+async def test_a_file_not_in_wal_mode_is_read_a_batch_at_a_time(
+    sqlite_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader of a file in rollback-journal mode makes its writers wait: such a file
+    (a copy opened for reading) has its batches read apart, and a warning says so."""
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    await stored(storage, "s1", "s2", "s3")
+    await storage.close()
+    with closing(sqlite3.connect(sqlite_path)) as connection:
+        assert connection.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    reader = SQLiteSessionStorage(sqlite_path)
+    await reader.open_for_reading()
+    try:
+        caplog.set_level(logging.WARNING, logger="persistence.sql")
+        batches = reader.iter_sessions(1)
+        assert [s.session_id for s in await anext(batches)] == ["s1"]
+        # Between two batches a writer waits for nothing.
+        with closing(sqlite3.connect(sqlite_path, timeout=0)) as writer:
+            writer.execute("UPDATE chat_sessions SET model = 'n' WHERE session_id = 's3'")
+            writer.commit()
+        assert [s.model async for batch in batches for s in batch] == ["m", "n"]
+        assert any("not wal" in r.getMessage() for r in caplog.records)
+    finally:
+        await reader.close()
+
+
+async def test_an_iteration_of_a_removed_file_names_it_and_creates_nothing(
+    sqlite_storage: SQLiteSessionStorage, sqlite_path: Path
+) -> None:
+    """Found by attack: the iteration's own connection opened the path as the storage
+    first had, which creates a file: an empty database appeared where the store had
+    been, and the iteration warned that its journal was not WAL."""
+    await stored(sqlite_storage, "s1")
+    for name in (sqlite_path, Path(f"{sqlite_path}-wal"), Path(f"{sqlite_path}-shm")):
+        name.unlink(missing_ok=True)
+    with pytest.raises(PersistenceError, match="replaced or removed"):
+        await ids(sqlite_storage.iter_sessions(1))
+    assert sqlite_path.name not in os.listdir(sqlite_path.parent)
