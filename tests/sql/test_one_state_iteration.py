@@ -98,14 +98,9 @@ async def test_a_loop_left_early_ends_its_transaction(
     assert len(await storage.list_sessions()) == 3
 
 
-async def _opened(
-    storage: PostgreSQLSessionStorage, query: str = "", **options: int
-) -> PostgreSQLSessionStorage:
-    """Another storage of the same database, with these pool options and URL query."""
-    url = storage.url.render_as_string(hide_password=False)
-    if query:
-        url = f"{url}{'&' if '?' in url else '?'}{query}"
-    other = PostgreSQLSessionStorage(url, **options)
+async def _opened(storage: PostgreSQLSessionStorage, **options: int) -> PostgreSQLSessionStorage:
+    """Another storage of the same database, with these pool options."""
+    other = PostgreSQLSessionStorage(storage.url.render_as_string(hide_password=False), **options)
     await other.initialize()
     return other
 
@@ -187,12 +182,20 @@ async def test_a_transaction_the_server_ends_between_batches_says_so(
     postgresql_storage: PostgreSQLSessionStorage,
 ) -> None:
     await stored(postgresql_storage, "s1", "s2")
-    # %20, not the + SQLAlchemy renders: libpq (and asyncpg) read a + as it is.
-    timeout = "options=-c%20idle_in_transaction_session_timeout%3D200"
-    storage = await _opened(postgresql_storage, timeout)
+    storage = await _opened(postgresql_storage)
+    # The database's setting for new sessions, so only the iteration's own connection
+    # has it: given in the storage's URL, it ended initialize()'s transactions too on a
+    # busy machine (a pause of 200 ms between two of its statements).
+    setting = f'ALTER DATABASE "{storage.url.database}" {{}} idle_in_transaction_session_timeout'
     try:
-        batches = storage.iter_sessions(1)
-        assert [s.session_id for s in await anext(batches)] == ["s1"]
+        async with postgresql_storage.engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(text(setting.format("SET") + " = 200"))
+            try:
+                batches = storage.iter_sessions(1)
+                assert [s.session_id for s in await anext(batches)] == ["s1"]
+            finally:
+                await autocommit.execute(text(setting.format("RESET")))
         await asyncio.sleep(1)  # the server ends the idle transaction, and its connection
         with pytest.raises(StorageConnectionError) as raised:
             await anext(batches)
