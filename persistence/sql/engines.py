@@ -94,6 +94,14 @@ def milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+# The size a -wal file is cut back to when a checkpoint starts it over. SQLite keeps a
+# -wal at the largest it ever grew to while any connection is open: a long read (an
+# iteration's one state, sqlite_one_state.py) lets it grow by every commit meanwhile,
+# about 32 KiB an append, and a service kept that space for its whole life. Four times
+# the file wal_reserve.py grows once, so an ordinary store's -wal is never cut.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+
 def sqlite_pragmas(synchronous: str, cache_size: int | None, busy_timeout: float) -> dict[str, Any]:
     """The settings of every connection to the file, in the order they are applied."""
     pragmas: dict[str, Any] = {
@@ -101,6 +109,7 @@ def sqlite_pragmas(synchronous: str, cache_size: int | None, busy_timeout: float
         "foreign_keys": "ON",
         "busy_timeout": milliseconds(busy_timeout),
         "synchronous": synchronous,
+        "journal_size_limit": WAL_SIZE_LIMIT,
     }
     if cache_size is not None:
         pragmas["cache_size"] = int(cache_size)

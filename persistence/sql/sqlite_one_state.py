@@ -17,8 +17,9 @@ connection the iteration opens for itself:
   connection, which ends its transaction.
 
 Its cost: while it lasts, no checkpoint copies what is written after its state into the
-database, so the `-wal` file grows by every commit meanwhile; the first checkpoint after
-it starts the file over. A file not in WAL mode (a copy opened for reading) would make
+database, so the `-wal` file grows by every commit meanwhile (about 32 KiB an append of
+a 300-character message); the first checkpoint after it starts the file over and cuts it
+back to WAL_SIZE_LIMIT (engines.py). A file not in WAL mode (a copy opened for reading) would make
 every writer wait for such a reader: its batches are read apart (NotInWalMode).
 """
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from persistence import PersistenceError, SQLiteSessionStorage
+from persistence import ChatSession, PersistenceError, SQLiteSessionStorage
+from persistence.sql.engines import WAL_SIZE_LIMIT
 from tests.sql.moved_sessions import ids, moved, stored
 
 pytestmark = pytest.mark.sqlite
@@ -32,6 +33,10 @@ def _reader_holds_the_wal(path: Path) -> bool:
     with closing(sqlite3.connect(path, timeout=0)) as connection:
         busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     return bool(busy)
+
+
+def _wal_size(path: Path) -> int:
+    return Path(f"{path}-wal").stat().st_size
 
 
 async def test_an_iteration_holds_back_checkpoints_only_while_it_lasts(
@@ -178,3 +183,26 @@ async def test_an_iteration_of_a_removed_file_names_it_and_creates_nothing(
     with pytest.raises(PersistenceError, match="replaced or removed"):
         await ids(sqlite_storage.iter_sessions(1))
     assert sqlite_path.name not in os.listdir(sqlite_path.parent)
+
+
+async def test_the_wal_an_iteration_let_grow_is_cut_back_once_it_ends(
+    sqlite_storage: SQLiteSessionStorage, sqlite_path: Path
+) -> None:
+    """While an iteration lasts, every commit grows the -wal; SQLite kept it at that size
+    for as long as a connection was open. The first checkpoint after the iteration cuts
+    it back to WAL_SIZE_LIMIT."""
+    session = ChatSession.create("m")
+    await sqlite_storage.save_session(session)
+    async with aclosing(sqlite_storage.iter_sessions(1)) as batches:
+        await anext(batches)
+        for _ in range(60):
+            session.add_message("user", "x" * 500_000)
+            await sqlite_storage.save_session(session)
+        grown = _wal_size(sqlite_path)
+    assert grown > 2 * WAL_SIZE_LIMIT
+    for _ in range(20):  # past wal_autocheckpoint's 1,000 pages: a checkpoint runs
+        session.add_message("user", "x" * 500_000)
+        await sqlite_storage.save_session(session)
+    assert _wal_size(sqlite_path) <= WAL_SIZE_LIMIT
+    loaded = await sqlite_storage.load_session(session.session_id)
+    assert loaded is not None and loaded.message_count == 80
