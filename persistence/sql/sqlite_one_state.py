@@ -17,18 +17,31 @@ connection the iteration opens for itself:
   connection, which ends its transaction.
 
 Its cost: while it lasts, no checkpoint copies what is written after its state into the
-database, so the `-wal` file grows by every commit meanwhile (about 32 KiB an append of
-a 300-character message); the first checkpoint after it starts the file over and cuts it
-back to WAL_SIZE_LIMIT (engines.py). A file not in WAL mode (a copy opened for reading) would make
-every writer wait for such a reader: its batches are read apart (NotInWalMode).
+database, so the `-wal` file grows by every commit meanwhile (32-42 KiB an append of a
+short message), and appends were about 1.3x slower; the first checkpoint after it starts
+the file over and cuts it back to WAL_SIZE_LIMIT (engines.py). Found by attack: on a
+nearly full filesystem that -wal took the last free space, and a checkpoint could then
+not grow the database: every save failed, after the iteration and after a reopen too.
+So a thread of the iteration's own looks every WATCH_SECONDS, while the iteration is
+paused too (and its loop busy, or blocked on a full pipe): where the filesystem has less
+than FREE_MARGIN free beyond the -wal's size (what a checkpoint may need to grow the
+database by), it ends the iteration's read, and the batches after it are each read in
+a state of their own, with a warning.
+
+A file not in WAL mode (a copy opened for reading) would make every writer wait for
+such a reader: its batches are read apart (NotInWalMode).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sqlite3
+import threading
 from collections.abc import AsyncGenerator, Callable
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +54,12 @@ from persistence.sql.engines import open_sqlite
 from persistence.sql.runner import ReadAfter, Work, run_in_sqlite_thread, run_in_thread
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+# The free space, beyond the -wal's size, below which an iteration lets its state go,
+# and how often its thread looks.
+FREE_MARGIN = 64 * 1024 * 1024
+WATCH_SECONDS = 0.25
 
 # What the iteration's connection opens: the target, its pragmas, and whether the
 # target is a URI (the storage's own `_opened`).
@@ -54,7 +73,8 @@ class NotInWalMode(PersistenceError):
 class SqliteOneStateReads:
     """The one-state iterations of a SQLite storage, on connections of their own."""
 
-    def __init__(self, opened: Callable[[], Opened], busy_timeout: float) -> None:
+    def __init__(self, database: Path, opened: Callable[[], Opened], busy_timeout: float) -> None:
+        self._database = database
         self._opened = opened
         self._busy_timeout = busy_timeout
         self._under_way: set[aiosqlite.Connection] = set()
@@ -86,18 +106,28 @@ class SqliteOneStateReads:
             journal = await run_in_thread(connection, _journal_mode, check_files)
             if journal != "wal":
                 raise NotInWalMode(f"the file's journal mode is {journal}, not wal")
-            after = ""
-            begin: str | None = "BEGIN"  # the first batch begins the read transaction
-            while True:
-                check_open()
-                keys, batch = await run_in_thread(
-                    connection, _read_on, dialect, read(after), begin, check_files
-                )
-                begin = None
-                if not keys:
-                    return
-                yield batch
-                after = keys[-1]
+            watch = _SpaceWatch(connection, self._database)
+            try:
+                after = ""
+                while True:
+                    check_open()
+                    renewed, (keys, batch) = await run_in_thread(
+                        connection, _read_on, dialect, read(after), watch.apart, check_files
+                    )
+                    if renewed and after and watch.warn():
+                        logger.warning(
+                            "an iteration of %s let go of the one state it read in (%s):"
+                            " its later batches are each read in a state of their own, so"
+                            " a session moved meanwhile may be read twice or not at all",
+                            self._database,
+                            watch.reason,
+                        )
+                    if not keys:
+                        return
+                    yield batch
+                    after = keys[-1]
+            finally:
+                watch.stop()
         finally:
             self._under_way.discard(connection)
             # Closing ends the read transaction; a connection closed already is left so.
@@ -119,6 +149,73 @@ class SqliteOneStateReads:
         self._under_way.clear()
 
 
+class _SpaceWatch:
+    """Ends an iteration's read where the filesystem runs short of space (FREE_MARGIN),
+    from a thread of its own, through the connection's queue: the iteration may be
+    paused, and its loop busy or blocked."""
+
+    def __init__(self, connection: aiosqlite.Connection, database: Path) -> None:
+        self._connection = connection
+        self._database = database
+        self._stopped = threading.Event()
+        self._warned = False
+        self.reason: str | None = None
+        threading.Thread(target=self._run, name="persistence-space-watch", daemon=True).start()
+
+    def apart(self) -> bool:
+        """Whether the read was let go: each batch's read then ends with the batch."""
+        return self.reason is not None
+
+    def warn(self) -> bool:
+        """True once, after the read was let go."""
+        if self.reason is None or self._warned:
+            return False
+        self._warned = True
+        return True
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(WATCH_SECONDS):
+            reason = space_left_short(self._database)
+            if reason is None:
+                continue
+            self.reason = reason
+            sqlite_connection = self._connection._connection
+            if self._connection._running and sqlite_connection is not None:
+                # Queued: the connection's thread runs it between two of its calls.
+                self._connection._tx.put_nowait((None, partial(_end_read, sqlite_connection)))
+            return
+
+
+def space_left_short(database: Path) -> str | None:
+    """What is short, if the filesystem holding `database` has less than FREE_MARGIN
+    free beyond its -wal's size; None if not, or if it cannot tell."""
+    real = os.path.realpath(database)
+    try:
+        wal = os.stat(real + "-wal").st_size
+    except OSError:
+        wal = 0
+    free = _free_bytes(os.path.dirname(real))
+    if free is None or free >= FREE_MARGIN + wal:
+        return None
+    mib = 1024 * 1024
+    return f"its -wal holds {wal / mib:.0f} MiB and the filesystem has {free / mib:.0f} MiB free"
+
+
+def _free_bytes(directory: str) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _end_read(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")
+
+
 def _journal_mode(connection: sqlite3.Connection, check_files: Callable[[], None]) -> str:
     """The journal mode of the file the connection opened, once it is the store's."""
     check_files()
@@ -129,13 +226,18 @@ def _read_on(
     connection: sqlite3.Connection,
     dialect: Dialect,
     work: Work[T],
-    begin: str | None,
+    apart: Callable[[], bool],
     check_files: Callable[[], None],
-) -> T:
-    """A batch's read in the connection's thread, in the read transaction that `begin`
-    begins (the first batch) and that is left open for the next."""
+) -> tuple[bool, T]:
+    """A batch's read in the connection's thread, in the read transaction left open by the
+    batch before, or in a new one (the first batch's, or once the read was let go:
+    returned True). Once `apart()`, the transaction ends with the batch."""
     with collection_paused():
-        if begin is not None:
-            connection.execute(begin)
+        renewed = not connection.in_transaction
+        if renewed:
+            connection.execute("BEGIN")
         check_files()
-        return run_in_sqlite_thread(connection, dialect, work, None)
+        result = run_in_sqlite_thread(connection, dialect, work, None)
+        if apart():
+            _end_read(connection)
+        return renewed, result

@@ -137,7 +137,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         # The event loop the engine was made in; the engines of other loops (`engine`).
         self._engine_loop: asyncio.AbstractEventLoop | None = None
         self._loop_engines = LoopEngines(self._engine_of_store)
-        self._one_state = SqliteOneStateReads(self._opened_for_reads, busy_timeout)
+        self._one_state = SqliteOneStateReads(self._file, self._opened_for_reads, busy_timeout)
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStorage({str(self.database_path)!r})"

@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 
 from persistence import ChatSession, PersistenceError, SQLiteSessionStorage
+from persistence.sql import sqlite_one_state
 from persistence.sql.engines import WAL_SIZE_LIMIT
+from persistence.sql.runner import run_in_thread
+from persistence.sql.sqlite_one_state import WATCH_SECONDS
 from tests.sql.moved_sessions import ids, moved, stored
 
 pytestmark = pytest.mark.sqlite
@@ -206,3 +209,69 @@ async def test_the_wal_an_iteration_let_grow_is_cut_back_once_it_ends(
     assert _wal_size(sqlite_path) <= WAL_SIZE_LIMIT
     loaded = await sqlite_storage.load_session(session.session_id)
     assert loaded is not None and loaded.message_count == 80
+
+
+@pytest.mark.parametrize("loop", ["running", "blocked"])
+async def test_short_space_ends_a_paused_iteration_s_read(
+    sqlite_storage: SQLiteSessionStorage,
+    sqlite_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    loop: str,
+) -> None:
+    """Found by attack: on a nearly full filesystem, the -wal that a paused iteration let
+    grow took the last free space; the checkpoint could then not grow the database, and
+    every save failed, after the iteration and after a reopen too. Where the filesystem
+    runs short, the iteration's own thread ends its read, while the iteration is paused
+    and its loop blocked too (a command's output waiting on a full pipe); the batches
+    after it are read apart, and a warning says so."""
+    await stored(sqlite_storage, "s1", "s2", "s3")
+    caplog.set_level(logging.WARNING, logger="persistence.sql")
+    async with aclosing(sqlite_storage.iter_sessions(1)) as batches:
+        assert [s.session_id for s in await anext(batches)] == ["s1"]
+        await stored(sqlite_storage, "s4")
+        assert _reader_holds_the_wal(sqlite_path)
+        monkeypatch.setattr(sqlite_one_state, "_free_bytes", lambda directory: 1024 * 1024)
+        if loop == "blocked":
+            time.sleep(10 * WATCH_SECONDS)  # noqa: ASYNC251  # the loop blocked, on purpose
+        else:
+            await asyncio.sleep(10 * WATCH_SECONDS)
+        assert not _reader_holds_the_wal(sqlite_path)
+        assert [s.session_id for s in await anext(batches)] == ["s2"]
+        # Read apart from here on: the batch before left no reader behind.
+        assert not _reader_holds_the_wal(sqlite_path)
+        await stored(sqlite_storage, "s5")
+        rest = [s.session_id async for batch in batches for s in batch]
+    assert rest == ["s3", "s4", "s5"]
+    warnings = [r.getMessage() for r in caplog.records if "let go" in r.getMessage()]
+    assert len(warnings) == 1 and "1 MiB free" in warnings[0]
+
+
+@pytest.mark.parametrize(("page_size", "limit"), [(4096, WAL_SIZE_LIMIT), (65536, 131_120_000)])
+async def test_the_wal_size_limit_is_never_below_a_checkpoint_s_cycle(
+    sqlite_path: Path, page_size: int, limit: int
+) -> None:
+    """Found by attack: with 64 KiB pages a checkpoint's cycle grows the -wal to 65 MB,
+    which a limit of 16 MiB cut at every cycle, to be grown again (appends 22% slower).
+    Every connection of the storage, its own and its units of work's, sets twice that."""
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    await storage.close()
+    with closing(sqlite3.connect(sqlite_path, isolation_level=None)) as connection:
+        connection.execute("PRAGMA journal_mode=DELETE")
+        connection.execute(f"PRAGMA page_size={page_size}")
+        connection.execute("VACUUM")
+        connection.execute("PRAGMA journal_mode=WAL")
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    try:
+        own = await run_in_thread(
+            storage._opened_connection(),
+            lambda c: c.execute("PRAGMA journal_size_limit").fetchone()[0],
+        )
+        async with storage.engine.connect() as connection:
+            found = await connection.exec_driver_sql("PRAGMA journal_size_limit")
+            units = found.scalar_one()
+        assert own == units == limit
+    finally:
+        await storage.close()
