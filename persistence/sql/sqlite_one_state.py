@@ -56,8 +56,8 @@ from persistence.sql.runner import ReadAfter, Work, run_in_sqlite_thread, run_in
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-# The free space, beyond the -wal's size, below which an iteration lets its state go,
-# and how often its thread looks.
+# The free space, beyond the -wal's size, below which an iteration lets its state go (at
+# most an eighth of the filesystem), and how often its thread looks.
 FREE_MARGIN = 64 * 1024 * 1024
 WATCH_SECONDS = 0.25
 
@@ -129,19 +129,27 @@ class SqliteOneStateReads:
             finally:
                 watch.stop()
         finally:
-            self._under_way.discard(connection)
-            # Closing ends the read transaction; a connection closed already is left so.
-            # In a fork's child the connection's thread is the parent's: a close would
-            # wait for it for good (found by attack), so the child lets it go.
+            # Closing ends the read transaction. In a fork's child the connection's
+            # thread is the parent's: a close would wait for it for good (found by
+            # attack), so the child lets it go.
             if os.getpid() == opened_in:
-                with suppress(Exception):
-                    await connection.close()
+                await self._close(connection)
 
     async def close(self) -> None:
         """Closes the connections of iterations under way (each ends its read)."""
         for connection in list(self._under_way):
-            with suppress(Exception):
-                await connection.close()
+            await self._close(connection)
+
+    async def _close(self, connection: aiosqlite.Connection) -> None:
+        """Closes `connection` once, whoever asks first: found by attack, `export-all -`
+        whose reader went away waited for good when the iteration (cancelled mid-batch)
+        and the storage's close() closed it at once, since aiosqlite queued the second
+        close's stop behind the first's, on a thread that had ended."""
+        if connection not in self._under_way:
+            return
+        self._under_way.discard(connection)
+        with suppress(Exception):
+            await connection.close()
 
     def let_go(self) -> None:
         """Drops the iterations' connections without closing them (a fork's child: their
@@ -178,6 +186,10 @@ class _SpaceWatch:
 
     def _run(self) -> None:
         while not self._stopped.wait(WATCH_SECONDS):
+            if not self._connection._running:
+                # Closed (the storage's close(), found by attack: the watches of
+                # iterations left half-read looked on for the process's life).
+                return
             reason = space_left_short(self._database)
             if reason is None:
                 continue
@@ -190,25 +202,32 @@ class _SpaceWatch:
 
 
 def space_left_short(database: Path) -> str | None:
-    """What is short, if the filesystem holding `database` has less than FREE_MARGIN
-    free beyond its -wal's size; None if not, or if it cannot tell."""
+    """What is short, if the filesystem holding `database` has less free than its -wal's
+    size and a margin: FREE_MARGIN, or an eighth of a smaller filesystem (found by
+    attack: on a filesystem of less than 64 MiB no iteration kept its state); None if
+    not, or if it cannot tell."""
     real = os.path.realpath(database)
     try:
         wal = os.stat(real + "-wal").st_size
     except OSError:
         wal = 0
-    free = _free_bytes(os.path.dirname(real))
-    if free is None or free >= FREE_MARGIN + wal:
+    space = _space(os.path.dirname(real))
+    if space is None:
+        return None
+    free, total = space
+    if free >= min(FREE_MARGIN, total // 8) + wal:
         return None
     mib = 1024 * 1024
     return f"its -wal holds {wal / mib:.0f} MiB and the filesystem has {free / mib:.0f} MiB free"
 
 
-def _free_bytes(directory: str) -> int | None:
+def _space(directory: str) -> tuple[int, int] | None:
+    """The free and the total bytes of the filesystem holding `directory`."""
     try:
-        return shutil.disk_usage(directory).free
+        usage = shutil.disk_usage(directory)
     except OSError:
         return None
+    return usage.free, usage.total
 
 
 def _end_read(connection: sqlite3.Connection) -> None:

@@ -14,6 +14,9 @@ import gc
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from contextlib import aclosing, closing
 from pathlib import Path
@@ -231,7 +234,7 @@ async def test_short_space_ends_a_paused_iteration_s_read(
         assert [s.session_id for s in await anext(batches)] == ["s1"]
         await stored(sqlite_storage, "s4")
         assert _reader_holds_the_wal(sqlite_path)
-        monkeypatch.setattr(sqlite_one_state, "_free_bytes", lambda directory: 1024 * 1024)
+        monkeypatch.setattr(sqlite_one_state, "_space", lambda directory: (2**20, 2**40))
         if loop == "blocked":
             time.sleep(10 * WATCH_SECONDS)  # noqa: ASYNC251  # the loop blocked, on purpose
         else:
@@ -275,3 +278,84 @@ async def test_the_wal_size_limit_is_never_below_a_checkpoint_s_cycle(
         assert own == units == limit
     finally:
         await storage.close()
+
+
+# Run as a script of its own: under pytest the abandoned iteration stays referenced (by
+# the test's frames), where the command's was finalised at once, as here.
+_EXPORT_TO_A_READER_THAT_GOES = """
+import asyncio, io, os, sys, threading
+from persistence import SQLiteSessionStorage
+from persistence.transfer.exchange import export_to_stream
+
+def take_100_bytes_and_go(descriptor):
+    os.read(descriptor, 100)
+    os.close(descriptor)
+
+async def export_once(path):
+    storage = SQLiteSessionStorage(path)
+    await storage.open_for_reading()
+    read, write = os.pipe()
+    reader = threading.Thread(target=take_100_bytes_and_go, args=(read,))
+    reader.start()
+    stream = io.TextIOWrapper(io.FileIO(write, "w"), write_through=True)
+    try:
+        await export_to_stream(storage, stream, batch_size=500)
+    except BrokenPipeError:
+        print("broken pipe")
+    finally:
+        await storage.close()
+        try:
+            stream.close()
+        except BrokenPipeError:
+            pass
+        reader.join()
+
+for _ in range(5):
+    asyncio.run(export_once(sys.argv[1]))
+print("done")
+"""
+
+
+async def test_an_export_whose_reader_went_away_closes(sqlite_path: Path) -> None:
+    """Found by attack: `export-all - | head -c 100` waited for good. The export, its
+    reader gone, left the read-ahead's batch cancelled mid-read; the iteration's clean-up
+    and the storage's close() then both closed its connection, and aiosqlite queued the
+    second close's stop behind the first's, on a thread that had ended."""
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    async with storage.unit_of_work() as uow:
+        for n in range(3000):  # an export some times larger than a pipe's buffer
+            session = ChatSession.create("m", session_id=f"s{n:04d}")
+            session.add_message("user", "x" * 300)
+            await uow.sessions.add(session)
+        await uow.commit()
+    await storage.close()
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _EXPORT_TO_A_READER_THAT_GOES, str(sqlite_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["broken", "pipe"] * 5 + ["done"]
+
+
+async def test_a_half_read_iteration_s_watch_ends_with_the_storage(sqlite_path: Path) -> None:
+    """Found by attack: the watch threads of iterations left half-read, and still
+    referenced, looked on after the storage's close() for the process's life."""
+    storage = SQLiteSessionStorage(sqlite_path)
+    await storage.initialize()
+    await stored(storage, "s1", "s2")
+    before = threading.active_count()
+    half_read = [storage.iter_sessions(1) for _ in range(5)]
+    for batches in half_read:
+        await anext(batches)
+    assert threading.active_count() >= before + 10  # a connection's thread and a watch
+    await storage.close()
+    deadline = time.monotonic() + 10 * WATCH_SECONDS
+    while threading.active_count() > before - 1:  # the storage's own thread ended too
+        assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
+        await asyncio.sleep(WATCH_SECONDS / 5)
+    assert half_read  # still referenced
