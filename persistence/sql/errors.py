@@ -57,6 +57,11 @@ _IO_ERRORS_OF_A_FULL_DISK = {
 }
 
 
+class ReadApart(PersistenceError):
+    """An iteration cannot read one state of the store here (its message says why): its
+    batches are read apart, each one state (SqlSessionStorage._pages)."""
+
+
 def _io_error(name: str) -> str:
     said = f"a disk I/O error occurred ({name})" if name else "a disk I/O error occurred"
     if name in _IO_ERRORS_OF_A_FULL_DISK:

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.errors import StorageConnectionError
 from persistence.sql.checkout import begin, closed, lent_connection
-from persistence.sql.errors import connection_lost
+from persistence.sql.errors import ReadApart, connection_lost
 from persistence.sql.runner import ReadAfter, run_on_asyncpg
 
 T = TypeVar("T")
@@ -86,7 +86,10 @@ class OneStateReads:
             check()
             refusal = None if connected else _no_free_slot(exc)
             if refusal is not None:
-                raise NoConnectionOfItsOwn(str(refusal)) from exc
+                raise NoConnectionOfItsOwn(
+                    "the server has no free connection slot for one of the iteration's own"
+                    f" ({refusal})"
+                ) from exc
             raise
 
     async def _read_all(
@@ -137,7 +140,7 @@ class OneStateReads:
             engine.sync_engine.dispose(close=False)
 
 
-class NoConnectionOfItsOwn(StorageConnectionError):
+class NoConnectionOfItsOwn(StorageConnectionError, ReadApart):
     """The server had no free slot for an iteration's own connection."""
 
 

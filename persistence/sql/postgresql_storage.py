@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextlib import aclosing
 from contextvars import ContextVar
 from functools import partial
 from typing import TypeVar
@@ -32,7 +31,7 @@ from persistence.sql.engines import (
 from persistence.sql.errors import lock_not_available, sql_errors
 from persistence.sql.held_sessions import UnheldTurn, held_by_another
 from persistence.sql.identity import database_identity
-from persistence.sql.one_state import NoConnectionOfItsOwn, OneStateReads
+from persistence.sql.one_state import OneStateReads
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import (
     ReadAfter,
@@ -229,32 +228,12 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 return found[0]
         return await self._run(make_work(), action, write=False, snapshot=snapshot)
 
-    async def _pages(
-        self, read: ReadAfter[T], action: str, *, snapshot: bool
-    ) -> AsyncGenerator[list[T], None]:
-        """Every page in one state of the store, on a connection of the iteration's own
-        (one_state.py): `iter_sessions` and `iter_file_records` read so. With read
-        replicas, or when the server has no free slot for that connection, each page
-        apart, as SqlSessionStorage reads them: a standby cancels a long transaction
-        that holds back its replay."""
-        if self._replicas is None:
-            try:
-                with sql_errors(action):
-                    one_state = self._one_state.batches(self.engine.dialect, read, self._check_open)
-                    async with aclosing(one_state) as pages:
-                        async for page in pages:
-                            yield page
-                return
-            except NoConnectionOfItsOwn as exc:
-                logger.warning(
-                    "%s: the server has no free connection slot for one of the iteration's"
-                    " own (%s): its batches are read apart, each one state",
-                    action,
-                    exc,
-                )
-        async with aclosing(super()._pages(read, action, snapshot=snapshot)) as pages:
-            async for page in pages:
-                yield page
+    def _one_state_pages(self, read: ReadAfter[T]) -> AsyncGenerator[list[T], None] | None:
+        """On a connection of the iteration's own (one_state.py). With read replicas, each
+        page apart: a standby cancels a long transaction that holds back its replay."""
+        if self._replicas is not None:
+            return None
+        return self._one_state.batches(self.engine.dialect, read, self._check_open)
 
     def _check_open(self) -> None:
         self.engine  # noqa: B018  # raises if closed, not initialized, or of another loop

@@ -30,7 +30,7 @@ from persistence.sql import indexing, message_owners, new_sessions, repositories
 from persistence.sql.engines import (
     WRITE_OPTIONS,
 )
-from persistence.sql.errors import sql_errors, unique_violation
+from persistence.sql.errors import ReadApart, sql_errors, unique_violation
 from persistence.sql.forks import Opener
 from persistence.sql.held_sessions import UnheldTurn, held_by_this_task
 from persistence.sql.runner import ReadAfter, Work
@@ -582,8 +582,20 @@ class SqlSessionStorage(SessionStorage):
         self, read: ReadAfter[T], action: str, *, snapshot: bool
     ) -> AsyncGenerator[list[T], None]:
         """Keyset paging: the pages `read` returns after "", then after each page's last
-        key, until one is empty; each read apart (a replica's, if any), one state with
-        `snapshot` (a page of several statements)."""
+        key, until one is empty. All in one state of the store where the backend reads
+        so (`_one_state_pages`); else, or where it says it cannot (ReadApart, with a
+        warning), each read apart (a replica's, if any), one state with `snapshot` (a
+        page of several statements)."""
+        try:
+            with sql_errors(action):
+                one_state = self._one_state_pages(read)
+                if one_state is not None:
+                    async with aclosing(one_state) as pages:
+                        async for page in pages:
+                            yield page
+                    return
+        except ReadApart as exc:
+            logger.warning("%s: %s: its batches are read apart, each one state", action, exc)
         after = ""
         while True:
             keys, page = await self._run_stale(partial(read, after), action, snapshot=snapshot)
@@ -591,6 +603,15 @@ class SqlSessionStorage(SessionStorage):
                 return
             yield page
             after = keys[-1]
+
+    def _one_state_pages(self, read: ReadAfter[T]) -> AsyncGenerator[list[T], None] | None:
+        """The pages of `read` all in one state, on a connection of the iteration's own,
+        or None where they are read apart (the default).
+
+        Raises (while iterated, before any page):
+            ReadApart: the backend cannot read one state here.
+        """
+        return None
 
     async def count(self) -> StorageCounts:
         return await self._run_stale(

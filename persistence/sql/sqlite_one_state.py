@@ -48,10 +48,17 @@ from typing import Any, TypeVar
 import aiosqlite
 from sqlalchemy import Dialect
 
-from persistence.errors import PersistenceError
 from persistence.garbage_collection import collection_paused
 from persistence.sql.engines import open_sqlite
-from persistence.sql.runner import ReadAfter, Work, run_in_sqlite_thread, run_in_thread
+from persistence.sql.errors import ReadApart
+from persistence.sql.runner import (
+    ReadAfter,
+    Work,
+    end_sqlite_transaction,
+    run_in_sqlite_thread,
+    run_in_thread,
+)
+from persistence.sql.wal_reserve import file_size
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -66,7 +73,7 @@ WATCH_SECONDS = 0.25
 Opened = tuple[str | Path, dict[str, Any], bool]
 
 
-class NotInWalMode(PersistenceError):
+class NotInWalMode(ReadApart):
     """The file's journal is not WAL: a long read would make its writers wait."""
 
 
@@ -77,7 +84,8 @@ class SqliteOneStateReads:
         self._database = database
         self._opened = opened
         self._busy_timeout = busy_timeout
-        self._under_way: set[aiosqlite.Connection] = set()
+        # The connections of iterations under way, and the process that opened each.
+        self._under_way: dict[aiosqlite.Connection, int] = {}
 
     async def batches(
         self,
@@ -100,8 +108,7 @@ class SqliteOneStateReads:
         except Exception:
             check_files()  # a file removed or replaced says so, as a batch would
             raise
-        opened_in = os.getpid()
-        self._under_way.add(connection)
+        self._under_way[connection] = os.getpid()
         try:
             journal = await run_in_thread(connection, _journal_mode, check_files)
             if journal != "wal":
@@ -109,12 +116,14 @@ class SqliteOneStateReads:
             watch = _SpaceWatch(connection, self._database)
             try:
                 after = ""
+                warned = False
                 while True:
                     check_open()
                     renewed, (keys, batch) = await run_in_thread(
                         connection, _read_on, dialect, read(after), watch.apart, check_files
                     )
-                    if renewed and after and watch.warn():
+                    if renewed and after and not warned:  # the watch let the state go
+                        warned = True
                         logger.warning(
                             "an iteration of %s let go of the one state it read in (%s):"
                             " its later batches are each read in a state of their own, so"
@@ -129,11 +138,7 @@ class SqliteOneStateReads:
             finally:
                 watch.stop()
         finally:
-            # Closing ends the read transaction. In a fork's child the connection's
-            # thread is the parent's: a close would wait for it for good (found by
-            # attack), so the child lets it go.
-            if os.getpid() == opened_in:
-                await self._close(connection)
+            await self._close(connection)  # which ends the read transaction
 
     async def close(self) -> None:
         """Closes the connections of iterations under way (each ends its read)."""
@@ -141,13 +146,14 @@ class SqliteOneStateReads:
             await self._close(connection)
 
     async def _close(self, connection: aiosqlite.Connection) -> None:
-        """Closes `connection` once, whoever asks first: found by attack, `export-all -`
-        whose reader went away waited for good when the iteration (cancelled mid-batch)
-        and the storage's close() closed it at once, since aiosqlite queued the second
-        close's stop behind the first's, on a thread that had ended."""
-        if connection not in self._under_way:
+        """Closes `connection` once, whoever asks first, and only in the process that
+        opened it. Found by attack: `export-all -` whose reader went away waited for good
+        when the iteration (cancelled mid-batch) and the storage's close() closed it at
+        once, since aiosqlite queued the second close's stop behind the first's, on a
+        thread that had ended; and in a fork's child the connection's thread is the
+        parent's, so a close there waited for good too."""
+        if self._under_way.pop(connection, None) != os.getpid():
             return
-        self._under_way.discard(connection)
         with suppress(Exception):
             await connection.close()
 
@@ -164,22 +170,15 @@ class _SpaceWatch:
 
     def __init__(self, connection: aiosqlite.Connection, database: Path) -> None:
         self._connection = connection
-        self._database = database
+        # Through any symlink, once: SQLite names the -wal after the file itself.
+        self._database = os.path.realpath(database)
         self._stopped = threading.Event()
-        self._warned = False
         self.reason: str | None = None
         threading.Thread(target=self._run, name="persistence-space-watch", daemon=True).start()
 
     def apart(self) -> bool:
         """Whether the read was let go: each batch's read then ends with the batch."""
         return self.reason is not None
-
-    def warn(self) -> bool:
-        """True once, after the read was let go."""
-        if self.reason is None or self._warned:
-            return False
-        self._warned = True
-        return True
 
     def stop(self) -> None:
         self._stopped.set()
@@ -197,21 +196,18 @@ class _SpaceWatch:
             sqlite_connection = self._connection._connection
             if self._connection._running and sqlite_connection is not None:
                 # Queued: the connection's thread runs it between two of its calls.
-                self._connection._tx.put_nowait((None, partial(_end_read, sqlite_connection)))
+                end = partial(end_sqlite_transaction, sqlite_connection, "ROLLBACK")
+                self._connection._tx.put_nowait((None, end))
             return
 
 
-def space_left_short(database: Path) -> str | None:
-    """What is short, if the filesystem holding `database` has less free than its -wal's
-    size and a margin: FREE_MARGIN, or an eighth of a smaller filesystem (found by
-    attack: on a filesystem of less than 64 MiB no iteration kept its state); None if
-    not, or if it cannot tell."""
-    real = os.path.realpath(database)
-    try:
-        wal = os.stat(real + "-wal").st_size
-    except OSError:
-        wal = 0
-    space = _space(os.path.dirname(real))
+def space_left_short(database: str) -> str | None:
+    """What is short, if the filesystem holding `database` (a real path) has less free
+    than its -wal's size and a margin: FREE_MARGIN, or an eighth of a smaller filesystem
+    (found by attack: on a filesystem of less than 64 MiB no iteration kept its state);
+    None if not, or if it cannot tell."""
+    wal = file_size(Path(database + "-wal"))
+    space = _space(os.path.dirname(database))
     if space is None:
         return None
     free, total = space
@@ -228,11 +224,6 @@ def _space(directory: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return usage.free, usage.total
-
-
-def _end_read(connection: sqlite3.Connection) -> None:
-    if connection.in_transaction:
-        connection.execute("ROLLBACK")
 
 
 def _journal_mode(connection: sqlite3.Connection, check_files: Callable[[], None]) -> str:
@@ -258,5 +249,5 @@ def _read_on(
         check_files()
         result = run_in_sqlite_thread(connection, dialect, work, None)
         if apart():
-            _end_read(connection)
+            end_sqlite_transaction(connection, "ROLLBACK")
         return renewed, result

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +43,7 @@ from persistence.sql.runner import (
 )
 from persistence.sql.schema import VERSION_TABLE, refuse_foreign_sqlite_file
 from persistence.sql.sql_storage import SqlSessionStorage
-from persistence.sql.sqlite_one_state import NotInWalMode, SqliteOneStateReads
+from persistence.sql.sqlite_one_state import SqliteOneStateReads
 from persistence.sql.uow import open_units_of_work
 from persistence.sql.wal_reserve import reserve_wal
 from persistence.sql.write_groups import WriteGroups
@@ -55,7 +54,6 @@ from persistence.store_files import sqlite_file_role
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
 
 
 _URL_SCHEMES = ("sqlite:", "sqlite+", "file:")
@@ -375,27 +373,12 @@ class SQLiteSessionStorage(SqlSessionStorage):
             )
             return result
 
-    async def _pages(
-        self, read: ReadAfter[T], action: str, *, snapshot: bool
-    ) -> AsyncGenerator[list[T], None]:
-        """Every page in one state of the store, on a connection of the iteration's own
-        (sqlite_one_state.py): `iter_sessions` and `iter_file_records` read so. A file
-        not in WAL mode has each page read apart, as SqlSessionStorage reads them."""
+    def _one_state_pages(self, read: ReadAfter[T]) -> AsyncGenerator[list[T], None] | None:
+        """On a connection of the iteration's own (sqlite_one_state.py)."""
         dialect = self._connection_and_dialect()[1]
         check = self._file_check
         assert check is not None, "set when the connection opened"
-        try:
-            with sql_errors(action):
-                one_state = self._one_state.batches(dialect, read, self._check_open, check)
-                async with aclosing(one_state) as pages:
-                    async for page in pages:
-                        yield page
-            return
-        except NotInWalMode as exc:
-            logger.warning("%s: %s: its batches are read apart, each one state", action, exc)
-        async with aclosing(super()._pages(read, action, snapshot=snapshot)) as pages:
-            async for page in pages:
-                yield page
+        return self._one_state.batches(dialect, read, self._check_open, check)
 
     async def copy_to_file(self, target: Path) -> bool:
         """Copies the database with SQLite's online backup API (consistent under writers).

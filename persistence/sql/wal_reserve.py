@@ -61,10 +61,10 @@ def _reserve(connection: sqlite3.Connection, wal: Path, busy_timeout_ms: int) ->
     frames = connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     frame = _FRAME_HEADER + page_size
     wanted = min(_WAL_HEADER + frames * frame, _MAX_RESERVE)
-    if frames <= 0 or _size(wal) >= wanted or connection.in_transaction:
+    if frames <= 0 or file_size(wal) >= wanted or connection.in_transaction:
         return 0
     database = wal.with_name(wal.name.removesuffix("-wal"))
-    if _free_bytes(wal.parent) < wanted + max(_FREE_MARGIN, _size(database)):
+    if _free_bytes(wal.parent) < wanted + max(_FREE_MARGIN, file_size(database)):
         return 0
     cache_size = connection.execute("PRAGMA cache_size").fetchone()[0]
     connection.execute(f"PRAGMA cache_size = {_SPILL_CACHE_PAGES}")
@@ -74,7 +74,7 @@ def _reserve(connection: sqlite3.Connection, wal: Path, busy_timeout_ms: int) ->
         connection.execute("BEGIN IMMEDIATE")
         try:
             # Measured under the write lock: no commit grows the file from here.
-            before = _size(wal)
+            before = file_size(wal)
             connection.execute("CREATE TABLE persistence_wal_reserve (page BLOB)")
             # One row a page (a blob of three quarters of a page never shares one), and
             # the pages the cache keeps, which never reach the WAL.
@@ -95,7 +95,7 @@ def _reserve(connection: sqlite3.Connection, wal: Path, busy_timeout_ms: int) ->
     finally:
         connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         connection.execute(f"PRAGMA cache_size = {int(cache_size)}")
-    return max(_size(wal) - before, 0)
+    return max(file_size(wal) - before, 0)
 
 
 def _free_bytes(directory: Path) -> int:
@@ -107,13 +107,14 @@ def _free_bytes(directory: Path) -> int:
 
 def _truncate(path: Path, size: int) -> None:
     try:
-        if _size(path) > size:
+        if file_size(path) > size:
             os.truncate(path, size)
     except OSError:
         pass
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
+    """The size of the file at `path`, 0 if there is none (or it cannot be told)."""
     try:
         return path.stat().st_size
     except OSError:
