@@ -101,12 +101,17 @@ async def test_iterations_at_once_with_saves_between_their_batches(
     """Two iterations, each saving between its batches, wait for nothing."""
     storage = sqlite_storage
     await stored(storage, "s1", "s2", "s3")
+    # Both have read their first batch (so begun their state) before either saves: found
+    # in a full run, the second's connect could end after the first's first save.
+    both_begun = asyncio.Barrier(2)
 
     async def each_saved() -> list[int]:
         counts = []
         async for batch in storage.iter_sessions(1):
             session = batch[0]
             counts.append(session.message_count)
+            if len(counts) == 1:
+                await both_begun.wait()
             session.add_message("assistant", "a reply")
             await storage.save_session(session)
             await asyncio.sleep(0)
