@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING
 
 from persistence.errors import InvalidDataError
@@ -72,6 +73,70 @@ def sqlite_file_roles_of_descriptors(
             if roles[index] is None and stat is not None and os.path.samestat(found, stat):
                 roles[index] = what
     return tuple(roles)
+
+
+# How each SQLite file that text written into would damage begins (its first bytes), and
+# what it is: a database, a write-ahead log (either byte order of its checksums), a hot
+# rollback journal.
+_SQLITE_HEADS = (
+    (b"SQLite format 3\x00", "database"),
+    (bytes.fromhex("377f0682"), "write-ahead log"),
+    (bytes.fromhex("377f0683"), "write-ahead log"),
+    (bytes.fromhex("d9d505f920a163d7"), "rollback journal"),
+)
+
+
+def sqlite_kind_of_descriptor(descriptor: int) -> str | None:
+    """What SQLite file the open file `descriptor` is, told by how it begins: "the
+    SQLite database PATH" (or "a SQLite database" where its path cannot be told), or
+    None: not a regular file, not such a file, or it cannot be read.
+
+    Any store's, not only the configured one's: the command line checks its standard
+    output and error with it before it parses its arguments, when it does not know the
+    store yet (found by attack: a usage error, `--help` or `--version` appended to a
+    store by `2>> store.db` or `>> store.db`).
+    """
+    try:
+        opened = os.fstat(descriptor)
+    except (OSError, ValueError):
+        return None
+    if not S_ISREG(opened.st_mode) or opened.st_size < 4:
+        return None
+    head = _head_of(descriptor, opened)
+    for magic, kind in _SQLITE_HEADS:
+        if head.startswith(magic):
+            path = _path_of(descriptor, opened)
+            return f"a SQLite {kind}" if path is None else f"the SQLite {kind} {path}"
+    return None
+
+
+def _head_of(descriptor: int, opened: os.stat_result) -> bytes:
+    """The first 16 bytes of the regular file open as `descriptor`; b"" if unreadable.
+
+    A shell's `>>` opens it for writing only: then the file is opened again, for
+    reading, through /proc, and kept only if it is the same file (a /proc of another
+    PID namespace names another process's).
+    """
+    try:
+        return os.pread(descriptor, 16, 0)
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/self/fd/{descriptor}", "rb") as again:
+            if os.path.samestat(os.fstat(again.fileno()), opened):
+                return again.read(16)
+    except OSError:
+        pass
+    return b""
+
+
+def _path_of(descriptor: int, opened: os.stat_result) -> str | None:
+    """The path of the file open as `descriptor`, if /proc names it and it is that file."""
+    try:
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        return path if os.path.samestat(os.stat(path), opened) else None
+    except OSError:
+        return None
 
 
 def refuse_own_file(storage: SessionStorage, path: str | Path) -> None:

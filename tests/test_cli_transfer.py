@@ -587,7 +587,8 @@ def test_dev_stdout_is_written_as_standard_output(tmp_path: Path) -> None:
     for arguments in (["export-all", "/dev/stdout"], ["export-all", "-"], ["export", session_id]):
         done = _appending_to(store, [*command, *arguments])
         assert done.returncode == 1, done.stderr
-        assert "refusing to write standard output: it is the store" in done.stderr, done.stderr
+        said = f"refusing to write standard output: it is the SQLite database {store.resolve()}"
+        assert said in done.stderr, done.stderr
     assert store.stat().st_size == size
 
 
@@ -639,7 +640,8 @@ def test_every_command_refuses_standard_output_into_the_store(tmp_path: Path) ->
     size = destination.stat().st_size
     done = _appending_to(destination, [*command, "migrate", "--to", f"sqlite:///{destination}"])
     assert done.returncode == 1, done.stderr
-    assert "refusing to write standard output: it is the store" in done.stderr, done.stderr
+    said = f"refusing to write standard output: it is the SQLite database {destination.resolve()}"
+    assert said in done.stderr, done.stderr
     assert destination.stat().st_size == size
     assert counts(f"sqlite:///{destination}") == (0, 0, 0)
     assert counts(source) == before
@@ -690,6 +692,93 @@ def test_nothing_is_said_into_the_store_before_standard_error_is_checked(tmp_pat
 
 
 @pytest.mark.sqlite
+def test_usage_errors_help_and_version_are_never_written_into_a_sqlite_file(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: a usage error (`sessions lst 2>> store.db`), `--help` or
+    `--version` went to a standard error or output appended to the store: click says
+    them before any store is named. Told by how the file begins, so any SQLite
+    database or write-ahead log is refused, the store's or another's."""
+    source = _filled(tmp_path, sessions=1)
+    store = Path(source.removeprefix("sqlite:///"))
+    before = counts(source)
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as database:
+        database.execute("CREATE TABLE t (x)")
+        database.commit()
+    # A write-ahead log with its frames, kept by a connection left open.
+    held = sqlite3.connect(tmp_path / "held.db")
+    held.execute("PRAGMA journal_mode=WAL")
+    held.execute("CREATE TABLE t (x)")
+    held.commit()
+    wal = tmp_path / "held.db-wal"
+    command = [sys.executable, "-m", "persistence", "--url", source]
+    runs = [
+        (["sessions", "lst"], "error"),
+        (["sessions", "list", "--limit", "many"], "error"),
+        (["--help"], "output"),
+        (["sessions", "--help"], "output"),
+        (["sessions"], "output"),  # a group's help, printed for want of a command
+        (["--version"], "output"),
+    ]
+    try:
+        assert wal.stat().st_size > 0
+        targets = [(store, "database"), (other, "database"), (wal, "write-ahead log")]
+        for into, kind in targets:
+            for arguments, stream in runs:
+                # `>>` (write only: the file is read again to tell it) and `<>` (read
+                # and write, from byte 0: the header itself would be overwritten).
+                for mode in ("ab", "r+b"):
+                    content = into.read_bytes()
+                    with into.open(mode) as opened:
+                        done = subprocess.run(
+                            [*command, *arguments],
+                            stdout=opened if stream == "output" else subprocess.PIPE,
+                            stderr=opened if stream == "error" else subprocess.PIPE,
+                            text=True,
+                            timeout=60,
+                        )
+                    assert done.returncode == 1, (into, arguments, mode)
+                    assert into.read_bytes() == content, (into, arguments, mode)
+                    said = done.stdout if stream == "error" else done.stderr
+                    named = f"it is the SQLite {kind} {into.resolve()}"
+                    assert f"refusing to write standard {stream}: {named}" in said, said
+    finally:
+        held.close()
+    # An error of the configuration, said before a store is known, and a command's
+    # output into a database of no store it names.
+    runs = [
+        ([sys.executable, "-m", "persistence", "--url", "nosuch://x", "stats"], "error"),
+        ([*command, "sessions", "list", "--json"], "output"),
+    ]
+    for arguments, stream in runs:
+        content = other.read_bytes()
+        with other.open("ab") as appended:
+            done = subprocess.run(
+                arguments,
+                stdout=appended if stream == "output" else subprocess.PIPE,
+                stderr=appended if stream == "error" else subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 1, arguments
+        assert other.read_bytes() == content, arguments
+        said = done.stdout if stream == "error" else done.stderr
+        named = f"it is the SQLite database {other.resolve()}"
+        assert f"refusing to write standard {stream}: {named}" in said, said
+    assert counts(source) == before
+    # Into any other file, as before.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("SQLite notes\n")
+    with notes.open("ab") as appended:
+        subprocess.run([*command, "--help"], stdout=appended, check=True, timeout=60)
+    with notes.open("ab") as appended:
+        done = subprocess.run([*command, "sessions", "lst"], stderr=appended, timeout=60)
+    assert done.returncode == 2
+    assert "Usage:" in notes.read_text() and "No such command" in notes.read_text()
+
+
+@pytest.mark.sqlite
 def test_one_source_spelled_two_ways_is_one_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -723,7 +812,10 @@ def test_standard_output_that_is_the_store_is_refused_in_a_pid_namespace(tmp_pat
     if "unshare:" in done.stderr:
         pytest.skip(f"no PID namespace here: {done.stderr.strip()}")
     assert done.returncode == 1, done.stderr
-    assert "refusing to write standard output: it is the store" in done.stderr
+    # Named too: the kernel resolves /proc/self in /proc's own namespace, and the
+    # path is kept only where it is the open file.
+    said = f"refusing to write standard output: it is the SQLite database {store.resolve()}"
+    assert said in done.stderr, done.stderr
     assert store.stat().st_size == size
 
 

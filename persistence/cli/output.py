@@ -33,7 +33,11 @@ from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
 from persistence.formats import json_text, visible
 from persistence.storage import SessionStorage
-from persistence.store_files import sqlite_file_role, sqlite_file_roles_of_descriptors
+from persistence.store_files import (
+    sqlite_file_role,
+    sqlite_file_roles_of_descriptors,
+    sqlite_kind_of_descriptor,
+)
 from persistence.urls import url_given_as_path
 
 T = TypeVar("T")
@@ -210,12 +214,29 @@ def refuse_output_into_store(config: StorageConfig) -> None:
     would be appended to it. Found by attack: `export-all /dev/stdout >> store.db`
     appended the export to the store, `sessions list --json >> store.db` its listing,
     `-v stats 2>> store.db` its log lines. Told by the open file itself (found by
-    attack: a /proc path named another process's in a PID namespace). Refused for
-    standard error, the error line goes to standard output (unless that is the store
-    too: then nothing is said, and the status is 1)."""
+    attack: a /proc path named another process's in a PID namespace). A store file
+    that already holds a database was refused before the arguments were parsed
+    (refuse_output_into_sqlite_files); this also tells an empty one, or its -shm."""
     if config.backend != "sqlite":
         return
     into_output, into_errors = sqlite_file_roles_of_descriptors((1, 2), config.database_path)
+    _refuse_outputs(into_output, into_errors)
+
+
+def refuse_output_into_sqlite_files() -> None:
+    """Fails if standard output or standard error is any SQLite database, write-ahead
+    log or rollback journal, told by how the file begins: checked before the arguments
+    are parsed, since a usage error, help or version text is said before any store is
+    known (found by attack: `sessions lst 2>> store.db` and `--help >> store.db` were
+    appended to the store), and nothing a command prints belongs in any database."""
+    _refuse_outputs(sqlite_kind_of_descriptor(1), sqlite_kind_of_descriptor(2))
+
+
+def _refuse_outputs(into_output: str | None, into_errors: str | None) -> None:
+    """Fails if standard output or error is the file named (what it is), else nothing.
+
+    Refused for standard error, the error line goes to standard output (unless that is
+    such a file too, or closed: then nothing is said, and the status is 1)."""
     if into_errors is not None:
         if into_output is None and not stdout_closed():
             line = f"refusing to write standard error: it is {into_errors} (redirect it elsewhere)"

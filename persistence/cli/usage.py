@@ -1,6 +1,8 @@
 """Usage errors (click's own: an unknown command, an extra argument, a bad choice)
-with every URL's password masked, as in every other message of the command line; and
-help or version text that cannot be written, one error line as for every command."""
+with every URL's password masked, as in every other message of the command line; help
+or version text that cannot be written, one error line as for every command; and
+none of them written into a SQLite database or journal standing as standard output or
+error."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 from typer.core import TyperGroup
 
-from persistence.cli.output import fail, os_error_line
+from persistence.cli.output import fail, os_error_line, refuse_output_into_sqlite_files
 from persistence.cli.streams import closed_stdout_fails
 from persistence.config.masking import mask_typed_words
 
@@ -60,6 +62,9 @@ class MaskingGroup(TyperGroup):
     ) -> Any:
         self.typed = tuple(args)
         closed_stdout_fails()
+        # Before anything is said: usage errors, help and version text come while the
+        # arguments are parsed, before any store is known.
+        refuse_output_into_sqlite_files()
         with _masked_usage_errors(self.typed), _unwritable_output():
             return super().make_context(info_name, args, *rest, **kwargs)
 
