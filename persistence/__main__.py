@@ -1,5 +1,5 @@
 """`python -m persistence`: the same command line as the `persistence` script."""
 
-from persistence.cli import app
+from persistence.cli import main
 
-app(prog_name="persistence")
+main()

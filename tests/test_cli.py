@@ -375,7 +375,7 @@ def test_demo_and_friends_on_postgresql(postgresql_url: str) -> None:
 
 def test_python_dash_m_and_the_console_script_run_the_same_app(workdir: Path) -> None:
     (script,) = entry_points(group="console_scripts", name="persistence")
-    assert script.value == "persistence.cli:app"
+    assert script.value == "persistence.cli:main"
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STORAGE_")}
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(

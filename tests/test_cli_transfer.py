@@ -766,6 +766,25 @@ def test_usage_errors_help_and_version_are_never_written_into_a_sqlite_file(
         said = done.stdout if stream == "error" else done.stderr
         named = f"it is the SQLite database {other.resolve()}"
         assert f"refusing to write standard {stream}: {named}" in said, said
+    # Found by attack on the first form of the check: typer's shell-completion hook
+    # printed before any command's parsing; and with standard output unwritable, the
+    # refusal's own line failed and Python's traceback went to standard error, the
+    # database (`2<>`: over its header).
+    for environment, stdout in (({"_PERSISTENCE_COMPLETE": "bash_source"}, None), ({}, "full")):
+        content = store.read_bytes()
+        with (
+            store.open("r+b") as over,
+            open(os.devnull if stdout is None else "/dev/full", "wb") as out,
+        ):
+            done = subprocess.run(
+                [*command, "sessions", "lst"],
+                stdout=out,
+                stderr=over,
+                env={**os.environ, **environment},
+                timeout=60,
+            )
+        assert done.returncode == 1, environment
+        assert store.read_bytes() == content, environment
     assert counts(source) == before
     # Into any other file, as before.
     notes = tmp_path / "notes.txt"

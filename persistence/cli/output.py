@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -240,7 +240,12 @@ def _refuse_outputs(into_output: str | None, into_errors: str | None) -> None:
     if into_errors is not None:
         if into_output is None and not stdout_closed():
             line = f"refusing to write standard error: it is {into_errors} (redirect it elsewhere)"
-            typer.echo(f"error: {visible(mask_secrets(line))}")
+            # Straight to the descriptor, and let go if it fails: a failed write through
+            # sys.stdout would leave its text buffered, and Python reports that at exit
+            # on standard error (found by attack: with stdout /dev/full, a traceback of
+            # 1.7 KB went into the database, which `2<>` destroyed).
+            with suppress(OSError):
+                os.write(1, f"error: {visible(mask_secrets(line))}\n".encode())
         raise typer.Exit(1)
     if into_output is not None:
         fail(f"refusing to write standard output: it is {into_output} (redirect it elsewhere)")
