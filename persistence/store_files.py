@@ -78,18 +78,29 @@ def sqlite_file_roles_of_descriptors(
 # How each SQLite file that text written into would damage begins (its first bytes), and
 # what it is: a database, a write-ahead log (either byte order of its checksums), a hot
 # rollback journal.
+_DATABASE_HEAD = b"SQLite format 3\x00"
 _SQLITE_HEADS = (
-    (b"SQLite format 3\x00", "database"),
+    (_DATABASE_HEAD, "database"),
     (bytes.fromhex("377f0682"), "write-ahead log"),
     (bytes.fromhex("377f0683"), "write-ahead log"),
     (bytes.fromhex("d9d505f920a163d7"), "rollback journal"),
 )
+# The journals SQLite keeps beside a database, by the suffix of their names.
+_JOURNAL_SUFFIXES = (
+    ("-wal", "write-ahead log"),
+    ("-journal", "rollback journal"),
+    ("-shm", "shared-memory index"),
+)
 
 
 def sqlite_kind_of_descriptor(descriptor: int) -> str | None:
-    """What SQLite file the open file `descriptor` is, told by how it begins: "the
-    SQLite database PATH" (or "a SQLite database" where its path cannot be told), or
-    None: not a regular file, not such a file, or it cannot be read.
+    """What SQLite file the open file `descriptor` is: "the SQLite database PATH" (or
+    "a SQLite database" where its path cannot be told), or None: not a regular file,
+    not such a file, or it cannot be read.
+
+    Told by how it begins (a database, a write-ahead log, a hot rollback journal), else
+    by its name beside a database: `-wal`, `-journal`, `-shm` (found by attack: the
+    journal of a transaction under way begins with zeros until its commit).
 
     Any store's, not only the configured one's: the command line checks its standard
     output and error with it before it parses its arguments, when it does not know the
@@ -100,13 +111,16 @@ def sqlite_kind_of_descriptor(descriptor: int) -> str | None:
         opened = os.fstat(descriptor)
     except (OSError, ValueError):
         return None
-    if not S_ISREG(opened.st_mode) or opened.st_size < 4:
+    if not S_ISREG(opened.st_mode):
         return None
+    path = _path_of(descriptor, opened)
     head = _head_of(descriptor, opened)
     for magic, kind in _SQLITE_HEADS:
         if head.startswith(magic):
-            path = _path_of(descriptor, opened)
             return f"a SQLite {kind}" if path is None else f"the SQLite {kind} {path}"
+    for suffix, kind in _JOURNAL_SUFFIXES:
+        if path is not None and path.endswith(suffix) and _is_database(path[: -len(suffix)]):
+            return f"the SQLite {kind} {path}"
     return None
 
 
@@ -128,6 +142,15 @@ def _head_of(descriptor: int, opened: os.stat_result) -> bytes:
     except OSError:
         pass
     return b""
+
+
+def _is_database(path: str) -> bool:
+    """Whether the file at `path` begins as a SQLite database."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(16) == _DATABASE_HEAD
+    except OSError:
+        return False
 
 
 def _path_of(descriptor: int, opened: os.stat_result) -> str | None:

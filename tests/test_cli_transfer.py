@@ -712,6 +712,12 @@ def test_usage_errors_help_and_version_are_never_written_into_a_sqlite_file(
     held.execute("CREATE TABLE t (x)")
     held.commit()
     wal = tmp_path / "held.db-wal"
+    # The rollback journal of a transaction under way: zeros where its header will be.
+    busy = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+    busy.execute("CREATE TABLE t (x)")
+    busy.execute("BEGIN")
+    busy.execute("INSERT INTO t VALUES (1)")
+    journal = tmp_path / "busy.db-journal"
     command = [sys.executable, "-m", "persistence", "--url", source]
     runs = [
         (["sessions", "lst"], "error"),
@@ -723,7 +729,12 @@ def test_usage_errors_help_and_version_are_never_written_into_a_sqlite_file(
     ]
     try:
         assert wal.stat().st_size > 0
+        assert journal.read_bytes()[:8] == bytes(8)
         targets = [(store, "database"), (other, "database"), (wal, "write-ahead log")]
+        targets.append((journal, "rollback journal"))
+        targets.append((tmp_path / "held.db-shm", "shared-memory index"))
+        (tmp_path / "other.db-wal").touch()  # empty: told by its name beside the database
+        targets.append((tmp_path / "other.db-wal", "write-ahead log"))
         for into, kind in targets:
             for arguments, stream in runs:
                 # `>>` (write only: the file is read again to tell it) and `<>` (read
@@ -745,6 +756,7 @@ def test_usage_errors_help_and_version_are_never_written_into_a_sqlite_file(
                     assert f"refusing to write standard {stream}: {named}" in said, said
     finally:
         held.close()
+        busy.close()
     # An error of the configuration, said before a store is known, and a command's
     # output into a database of no store it names.
     runs = [
