@@ -810,6 +810,41 @@ def test_usage_errors_help_and_version_are_never_written_into_a_sqlite_file(
 
 
 @pytest.mark.sqlite
+def test_a_database_whose_path_is_not_utf8_is_refused_cleanly(tmp_path: Path) -> None:
+    """Found by attack: the refusal's line, written straight to descriptor 1, could not
+    encode the surrogate that stands for a byte of a path that is not UTF-8; Python's
+    traceback went to standard error, the database (`2<>`: over its header), and the
+    error line into a store file still empty."""
+    plain = tmp_path / "plain.db"
+    with contextlib.closing(sqlite3.connect(plain)) as database:
+        database.execute("CREATE TABLE t (x)")
+        database.commit()
+    named = os.fsdecode(os.fsencode(tmp_path) + b"/store\xff.db")
+    shutil.copyfile(plain, named)
+    empty = os.fsdecode(os.fsencode(tmp_path) + b"/empty\xff.db")
+    Path(empty).touch()
+    runs = [
+        (named, ["--help"]),
+        (named, ["sessionz"]),
+        (empty, ["--url", f"sqlite:///{empty}", "stats"]),
+    ]
+    for into, arguments in runs:
+        content = Path(into).read_bytes()
+        with open(into, "r+b") as over:
+            done = subprocess.run(
+                [sys.executable, "-m", "persistence", *arguments],
+                stdout=subprocess.PIPE,
+                stderr=over,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 1, arguments
+        assert Path(into).read_bytes() == content, arguments
+        assert done.stdout.startswith("error: refusing to write standard error: it is the")
+        assert "\\udcff.db" in done.stdout, done.stdout
+
+
+@pytest.mark.sqlite
 def test_one_source_spelled_two_ways_is_one_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -243,9 +243,11 @@ def _refuse_outputs(into_output: str | None, into_errors: str | None) -> None:
             # Straight to the descriptor, and let go if it fails: a failed write through
             # sys.stdout would leave its text buffered, and Python reports that at exit
             # on standard error (found by attack: with stdout /dev/full, a traceback of
-            # 1.7 KB went into the database, which `2<>` destroyed).
+            # 1.7 KB went into the database, which `2<>` destroyed). A path that is not
+            # UTF-8 holds surrogates: escaped, never an error (found by attack too).
+            text = f"error: {visible(mask_secrets(line))}\n"
             with suppress(OSError):
-                os.write(1, f"error: {visible(mask_secrets(line))}\n".encode())
+                os.write(1, text.encode("utf-8", "backslashreplace"))
         raise typer.Exit(1)
     if into_output is not None:
         fail(f"refusing to write standard output: it is {into_output} (redirect it elsewhere)")
