@@ -145,12 +145,22 @@ def _head_of(descriptor: int, opened: os.stat_result) -> bytes:
 
 
 def _is_database(path: str) -> bool:
-    """Whether the file at `path` begins as a SQLite database."""
+    """Whether the file at `path` is a regular file that begins as a SQLite database.
+
+    Opened without blocking: a FIFO of that name would wait for a writer for good.
+    """
     try:
-        with open(path, "rb") as file:
-            return file.read(16) == _DATABASE_HEAD
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
+    try:
+        return S_ISREG(os.fstat(descriptor).st_mode) and os.pread(descriptor, 16, 0) == (
+            _DATABASE_HEAD
+        )
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
 
 
 def _path_of(descriptor: int, opened: os.stat_result) -> str | None:

@@ -845,6 +845,25 @@ def test_a_database_whose_path_is_not_utf8_is_refused_cleanly(tmp_path: Path) ->
 
 
 @pytest.mark.sqlite
+def test_a_fifo_named_as_the_database_beside_an_output_does_not_block(tmp_path: Path) -> None:
+    """Found by looking at 772a9ec: an output named `x.db-wal` had its database `x.db`
+    opened to read its header, and a FIFO of that name waited for a writer for good."""
+    os.mkfifo(tmp_path / "x.db")
+    output = tmp_path / "x.db-wal"
+    output.write_text("notes\n")
+    with output.open("ab") as appended:
+        done = subprocess.run(
+            [sys.executable, "-m", "persistence", "--version"],
+            stdout=appended,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    assert output.read_text().startswith("notes\npersistence")
+
+
+@pytest.mark.sqlite
 def test_one_source_spelled_two_ways_is_one_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
