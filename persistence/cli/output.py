@@ -185,9 +185,15 @@ def stdout_text() -> Iterator[IO[str]]:
 
 def fail(message: str, status: int = 1) -> NoReturn:
     """Prints one error line on stderr and exits with `status`."""
-    line = visible(" ".join(mask_secrets(message).splitlines()))
+    line = _one_line(message)
     Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
     raise typer.Exit(status)
+
+
+def _one_line(message: str) -> str:
+    """An error message as its line shows it: secrets masked, line breaks joined,
+    controls made visible."""
+    return visible(" ".join(mask_secrets(message).splitlines()))
 
 
 def os_error_line(exc: OSError) -> str:
@@ -245,7 +251,7 @@ def _refuse_outputs(into_output: str | None, into_errors: str | None) -> None:
             # on standard error (found by attack: with stdout /dev/full, a traceback of
             # 1.7 KB went into the database, which `2<>` destroyed). A path that is not
             # UTF-8 holds surrogates: escaped, never an error (found by attack too).
-            text = f"error: {visible(mask_secrets(line))}\n"
+            text = f"error: {_one_line(line)}\n"
             with suppress(OSError):
                 os.write(1, text.encode("utf-8", "backslashreplace"))
         raise typer.Exit(1)
