@@ -134,31 +134,31 @@ def _head_of(descriptor: int, opened: os.stat_result) -> bytes:
     try:
         return os.pread(descriptor, 16, 0)
     except OSError:
-        pass
-    try:
-        with open(f"/proc/self/fd/{descriptor}", "rb") as again:
-            if os.path.samestat(os.fstat(again.fileno()), opened):
-                return again.read(16)
-    except OSError:
-        pass
-    return b""
+        return _head_at(f"/proc/self/fd/{descriptor}", opened)
 
 
 def _is_database(path: str) -> bool:
-    """Whether the file at `path` is a regular file that begins as a SQLite database.
+    """Whether the file at `path` is a regular file that begins as a SQLite database."""
+    return _head_at(path) == _DATABASE_HEAD
 
-    Opened without blocking: a FIFO of that name would wait for a writer for good.
-    """
+
+def _head_at(path: str, same_as: os.stat_result | None = None) -> bytes:
+    """The first 16 bytes of the regular file at `path` (if `same_as`, only if it is
+    that file); b"" if there is none or it cannot be read. Opened without blocking: a
+    FIFO of that name would wait for a writer for good."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return False
+        return b""
     try:
-        return S_ISREG(os.fstat(descriptor).st_mode) and os.pread(descriptor, 16, 0) == (
-            _DATABASE_HEAD
-        )
+        found = os.fstat(descriptor)
+        if not S_ISREG(found.st_mode) or (
+            same_as is not None and not os.path.samestat(found, same_as)
+        ):
+            return b""
+        return os.pread(descriptor, 16, 0)
     except OSError:
-        return False
+        return b""
     finally:
         os.close(descriptor)
 

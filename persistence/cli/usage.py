@@ -6,10 +6,12 @@ error."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import typer
 from typer.core import TyperGroup
 
 from persistence.cli.output import fail, os_error_line, refuse_output_into_sqlite_files
@@ -57,14 +59,24 @@ class MaskingGroup(TyperGroup):
 
     typed: tuple[str, ...] = ()  # the command line's words, as make_context got them
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the command line, standard output and error checked before anything is
+        said: typer's shell-completion hook, usage errors, help and version text come
+        before any store is known (found by attack: `_PERSISTENCE_COMPLETE=bash_source
+        persistence 2>> store.db`, `persistence sessions lst 2>> store.db`)."""
+        try:
+            refuse_output_into_sqlite_files()
+        except typer.Exit as exc:
+            if not kwargs.get("standalone_mode", True):
+                return exc.exit_code
+            sys.exit(exc.exit_code)
+        return super().main(*args, **kwargs)
+
     def make_context(
         self, info_name: str | None, args: list[str], *rest: Any, **kwargs: Any
     ) -> Any:
         self.typed = tuple(args)
         closed_stdout_fails()
-        # Before anything is said: usage errors, help and version text come while the
-        # arguments are parsed, before any store is known.
-        refuse_output_into_sqlite_files()
         with _masked_usage_errors(self.typed), _unwritable_output():
             return super().make_context(info_name, args, *rest, **kwargs)
 
