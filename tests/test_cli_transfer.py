@@ -977,6 +977,25 @@ def _stored_sessions(database: Path) -> int:
         return 0  # not created yet, or its schema not yet
 
 
+def killed_once_stored(arguments: list[str], database: Path, sessions: int) -> int:
+    """Runs `persistence ARGUMENTS` in a process of its own and kills it (SIGKILL) once
+    the SQLite `database` holds `sessions` sessions; returns how many it holds then."""
+    running = subprocess.Popen(
+        [sys.executable, "-m", "persistence", *arguments],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _stored_sessions(database) < sessions and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        running.send_signal(signal.SIGKILL)
+        running.wait()
+    return _stored_sessions(database)
+
+
 def _exported(tmp_path: Path, demos: int) -> Path:
     """An export file of `demos` demo sessions, from a SQLite store of its own."""
     source = f"sqlite:///{tmp_path / 'source.db'}"
@@ -994,22 +1013,9 @@ def test_an_import_killed_mid_way_then_run_again_holds_exactly_the_file(tmp_path
     export = _exported(tmp_path, 150)
     source = f"sqlite:///{tmp_path / 'source.db'}"
     target = tmp_path / "target.db"
-    command = [sys.executable, "-m", "persistence", "--url", f"sqlite:///{target}"]
-    command += ["import", str(export), "--batch-size", "1"]
-    running = subprocess.Popen(
-        command,
-        cwd=Path(__file__).parent.parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    written = killed_once_stored(
+        ["--url", f"sqlite:///{target}", "import", str(export), "--batch-size", "1"], target, 10
     )
-    try:
-        deadline = time.monotonic() + 60
-        while _stored_sessions(target) < 10 and time.monotonic() < deadline:
-            time.sleep(0.005)
-    finally:
-        running.send_signal(signal.SIGKILL)
-        running.wait()
-    written = _stored_sessions(target)
     assert 10 <= written < 150, written
 
     result = json.loads(ok("import", str(export), "--json", "--url", f"sqlite:///{target}").stdout)

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from persistence import formats
 from persistence.cli import search as search_command
-from persistence.cli import sessions, transfer
+from persistence.cli import sessions, transfer, verify
 from persistence.cli.output import (
     ConfigOption,
     JsonOption,
@@ -287,4 +287,5 @@ def demo(
 
 sessions.register(app)
 transfer.register(app)
+verify.register(app)
 search_command.register(app)

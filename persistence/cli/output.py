@@ -281,14 +281,17 @@ def naming_store(name: str | None) -> Iterator[None]:
 
 
 @asynccontextmanager
-async def opened_store(config: StorageConfig, name: str) -> AsyncIterator[SessionStorage]:
+async def opened_store(
+    config: StorageConfig, name: str, *, read_only: bool = False
+) -> AsyncIterator[SessionStorage]:
     """The store of `config`, its schema brought to head, closed after; an error while
-    opening it names it as `name` (naming_store)."""
+    opening it names it as `name` (naming_store). With `read_only`, a store that is
+    already a persistence store at head, opened without writing (open_for_reading)."""
     with naming_store(name):
         storage = create_storage(config)
     try:
         with naming_store(name):
-            await storage.initialize()
+            await (storage.open_for_reading() if read_only else storage.initialize())
         yield storage
     finally:
         await storage.close()

@@ -66,6 +66,10 @@ from persistence.transfer.json_stream import SCAN_CHUNK, check_head
 from persistence.transfer.migration import copy_storage, copy_summary, verify_copied
 
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
+FromOption = Annotated[
+    str | None,
+    typer.Option("--from", help="Source URL (default: the configured store).", show_default=False),
+]
 
 
 class _Lines:
@@ -184,6 +188,36 @@ def _two_sources(source_url: str, url: str) -> bool:
         return True
 
 
+def source_option(
+    ctx: typer.Context, source_url: str | None, url: str | None
+) -> tuple[str | None, str]:
+    """The source a command comparing two stores reads (`--from`, else `--url`, else the
+    configured store), and what its errors call it.
+
+    Raises:
+        typer.BadParameter: --from and a --url (the command's, or the one before it:
+            `persistence --url A migrate`) name two stores.
+    """
+    given = ctx.find_object(Target)
+    url_named = url if url is not None else None if given is None else given.url
+    if source_url is not None and url_named is not None and _two_sources(source_url, url_named):
+        # Found by attack: `--url a.db --from b.db` copied from b.db without a word.
+        raise typer.BadParameter("--url and --from both name the source: give one", ctx)
+    source = source_url if source_url is not None else url
+    named = "--from" if source_url is not None else "--url" if url_named is not None else "source"
+    return source, named
+
+
+def other_store(destination_url: str, cfg: StorageConfig, source_named: str) -> StorageConfig:
+    """The store `--to` names, its options based on the source's `cfg`; an error in its
+    URL names `--to`, and the source's own store is refused."""
+    with naming_store("--to"):
+        destination = config_from_url(destination_url, base=cfg)
+    if _same_store(cfg, destination):
+        fail(f"{source_named} and --to name the same store")
+    return destination
+
+
 def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
     if a.backend != b.backend:
         return False
@@ -219,12 +253,7 @@ def migrate(
     destination_url: Annotated[
         str, typer.Option("--to", help="Destination URL; its schema is brought to head first.")
     ],
-    source_url: Annotated[
-        str | None,
-        typer.Option(
-            "--from", help="Source URL (default: the configured store).", show_default=False
-        ),
-    ] = None,
+    source_url: FromOption = None,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare both stores afterwards.")
     ] = True,
@@ -237,10 +266,7 @@ def migrate(
     """Copy every session, message and file record into another store (idempotent)."""
 
     async def work(source: SessionStorage, cfg: StorageConfig, target: Target) -> None:
-        with naming_store("--to"):
-            destination_config = config_from_url(destination_url, base=cfg)
-        if _same_store(cfg, destination_config):
-            fail(f"{source_named} and --to name the same store")
+        destination_config = other_store(destination_url, cfg, source_named)
         # A copy written as the source's -wal file would be wiped when the source next opens.
         if destination_config.backend == "sqlite" and (
             taken := store_file(destination_config.database_path, cfg)
@@ -280,16 +306,7 @@ def migrate(
     # `migrate --to dst.db >> dst.db` its summary).
     with suppress(PersistenceError, ValueError):  # told once the source is loaded
         refuse_output_into_store(config_from_url(destination_url))
-    # The command's --url, else the one before the command (`persistence --url A migrate`).
-    given = ctx.find_object(Target)
-    url_named = url if url is not None else None if given is None else given.url
-    if source_url is not None and url_named is not None and _two_sources(source_url, url_named):
-        # Found by attack: `--url a.db --from b.db` copied from b.db without a word.
-        raise typer.BadParameter("--url and --from both name the source: give one", ctx)
-    source = source_url if source_url is not None else url
-    source_named = (
-        "--from" if source_url is not None else "--url" if url_named is not None else "source"
-    )
+    source, source_named = source_option(ctx, source_url, url)
     run(
         ctx,
         (config, source, verbose),
