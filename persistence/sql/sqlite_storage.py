@@ -360,8 +360,9 @@ class SQLiteSessionStorage(SqlSessionStorage):
             work.close()
             raise PersistenceError(
                 f"{action}: called while this task holds an open unit_of_work() of the same"
-                " SQLite storage, whose write lock it would wait for until the busy timeout;"
-                " do it through the unit of work (uow.sessions / uow.files) or after it"
+                " SQLite store (through this storage or another of the same file), whose"
+                " write lock it would wait for until the busy timeout; do it through the"
+                " unit of work (uow.sessions / uow.files) or after it"
             )
         with sql_errors(action):
             if write:

@@ -397,8 +397,9 @@ class SqlUnitOfWork(UnitOfWork):
             if held[self.token] and self._engine.dialect.name == "sqlite":
                 raise PersistenceError(
                     "unit_of_work(): this task already holds an open unit of work of the same"
-                    " SQLite storage, whose write lock it would wait for until the busy"
-                    " timeout; do the work in that one, or after it"
+                    " SQLite store (through this storage or another of the same file), whose"
+                    " write lock it would wait for until the busy timeout; do the work in that"
+                    " one, or after it"
                 )
             held[self.token] += 1
             self._owner = task

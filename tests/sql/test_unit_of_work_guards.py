@@ -20,7 +20,8 @@ from tests.factories import conversation
 
 async def test_a_save_inside_an_open_unit_of_work_fails_at_once(tmp_path: Path) -> None:
     storage = SQLiteSessionStorage(tmp_path / "s.db", busy_timeout=5.0)
-    async with storage:
+    other = SQLiteSessionStorage(tmp_path / "s.db", busy_timeout=5.0)
+    async with storage, other:
         session = conversation(1)
         await storage.save_session(session)
         async with storage.unit_of_work() as uow:
@@ -35,6 +36,13 @@ async def test_a_save_inside_an_open_unit_of_work_fails_at_once(tmp_path: Path) 
                 await storage.save_session(session)
             with pytest.raises(PersistenceError, match="open unit_of_work"):
                 await storage.delete_session(session.session_id)
+            # Another storage of the same file waits for the same lock: the error says
+            # store, not storage (found by attack: it read as if only this object's).
+            with pytest.raises(PersistenceError, match="another of the same file"):
+                await other.save_session(conversation(1))
+            with pytest.raises(PersistenceError, match="another of the same file"):
+                async with other.unit_of_work() as inner:
+                    await inner.sessions.add(conversation(1))
             assert time.monotonic() - started < 1.0
             # Reads are fine: they see what was committed before the unit of work.
             outside = await storage.load_session(session.session_id)
