@@ -230,3 +230,51 @@ def test_a_hostile_id_is_one_escaped_line(tmp_path: Path) -> None:
     assert result.stdout == (
         "session 'a\\u2028b\\x1b]0;title\\x07\\nc': missing from the destination\n"
     )
+
+
+@pytest.mark.sqlite
+def test_emoji_codes_and_a_hostile_directory_print_as_they_are(tmp_path: Path) -> None:
+    """Found by attack: rich wrote `:warning:` in an id or a value as an emoji (so the
+    line named an id that does not exist), and a summary line printed the store's path
+    raw: a directory named with `ESC]0;...` set the terminal's title, its line break
+    forged a line."""
+    source = tmp_path / "source.db"
+    hostile = tmp_path / "x\x1b]0;PWNED\x07\nVerified: forged"
+    hostile.mkdir()
+    copy = f"sqlite:///{hostile / 'copy.db'}"
+
+    async def fill() -> None:
+        async with SQLiteSessionStorage(source) as storage:
+            session = ChatSession.create(model="m", session_id="invoice:warning:2024")
+            session.add_message("user", ":warning: :smile:")
+            await storage.save_session(session)
+
+    asyncio.run(fill())
+    ok("migrate", "--from", f"sqlite:///{source}", "--to", copy)
+    agree = verify("--from", f"sqlite:///{source}", "--to", copy)
+    ok("sessions", "delete", "invoice:warning:2024", "--url", copy)
+    differ = verify("--from", f"sqlite:///{source}", "--to", copy)
+    gone = CliRunner().invoke(app, ["sessions", "delete", "invoice:warning:2024", "--url", copy])
+
+    assert agree.exit_code == 0, agree.output
+    assert agree.stdout.count("\n") == 1 and "\x1b" not in agree.stdout
+    assert "/x\\x1b]0;PWNED\\x07\\nVerified: forged/copy.db holds what" in agree.stdout
+    assert differ.stdout == "session 'invoice:warning:2024': missing from the destination\n"
+    assert _error_line(gone).startswith("error: session 'invoice:warning:2024' not found in ")
+
+
+@pytest.mark.postgresql
+def test_one_postgresql_database_by_another_spelling_is_not_verified_against_itself(
+    pg_url: str,  # noqa: F811
+) -> None:
+    ok("demo", "--url", pg_url)
+    url = make_url(pg_url)
+    spellings = [
+        url.set(drivername="postgres", port=url.port or 5432),
+        url.set(host="localhost" if url.host != "localhost" else "127.0.0.1"),
+        url.update_query_dict({"application_name": "verify"}),
+    ]
+    for other in spellings:
+        result = verify("--from", pg_url, "--to", other.render_as_string(hide_password=False))
+        assert result.exit_code == 1, (other, result.output)
+        assert "error: source and destination are the same store (" in _error_line(result)

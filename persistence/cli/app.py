@@ -23,11 +23,11 @@ from persistence.cli.output import (
     fail,
     out,
     run,
+    say,
 )
 from persistence.cli.usage import MaskingGroup
 from persistence.clock import DELETION_RECORD_DAYS, MAX_EXPIRY_HOURS, utc_now
 from persistence.config import StorageConfig
-from persistence.formats import visible
 from persistence.manager import SessionManager
 from persistence.models import UploadedFileRecord
 from persistence.storage import SessionStorage
@@ -89,12 +89,12 @@ def upgrade(
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         if cfg.backend == "mongodb":
-            out().print(f"{cfg.display_url}: collections and indexes are in place")
+            say(f"{cfg.display_url}: collections and indexes are in place")
             return
         from persistence.sql.schema import script_directory
 
         head = script_directory().get_current_head()
-        out().print(f"{cfg.display_url}: schema is at head (revision {head})")
+        say(f"{cfg.display_url}: schema is at head (revision {head})")
 
     run(ctx, (config, url, verbose), work)
 
@@ -120,7 +120,7 @@ def stamp(
             fail(f"{cfg.display_url}: MongoDB has no schema revision to stamp")
         before, now = await storage.stamp_schema(revision)
         was = ", ".join(before) or "none"
-        out().print(f"{cfg.display_url}: schema revision recorded as {now} (was {was})")
+        say(f"{cfg.display_url}: schema revision recorded as {now} (was {was})")
 
     run(ctx, (config, url, verbose), work, must_exist=True, unopened=True)
 
@@ -210,7 +210,7 @@ def cleanup(
             f" deleted {files} expired file record(s); forgot {forgotten} record(s) of"
             f" sessions deleted more than {deletion_record_days:g} days ago."
         )
-        out().print(Text(visible(line)))
+        say(line)
 
     run(ctx, (config, url, verbose), work, must_exist=True, check_first=check_spans)
 

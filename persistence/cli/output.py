@@ -31,7 +31,7 @@ from persistence.config import (
 )
 from persistence.config.masking import MaskingFormatter
 from persistence.errors import PersistenceError
-from persistence.formats import json_text, visible
+from persistence.formats import json_text, one_line, visible
 from persistence.storage import SessionStorage
 from persistence.store_files import (
     sqlite_file_role,
@@ -141,12 +141,21 @@ def _logging(verbose: int) -> Iterator[None]:
 
 
 def out() -> Console:
-    """The console for results on stdout: no markup, so stored text prints as it is."""
-    console = Console(highlight=False, soft_wrap=True, markup=False)
+    """The console for results on stdout: no markup and no emoji codes (found by attack:
+    rich wrote the id `invoice:warning:2024` as `invoice\u26a02024`), so stored text prints
+    as it is."""
+    console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         # Piped output: room for full session ids instead of rich's 80 columns.
         console.width = 160
     return console
+
+
+def say(line: str, console: Console | None = None) -> None:
+    """Prints a summary line on stdout (or `console`) as one line: the URLs, paths and
+    ids in it may hold line breaks and terminal controls (found by attack: a directory
+    named with `ESC]0;...` set the terminal's title, and its line break forged a line)."""
+    (console or out()).print(one_line(line), markup=False, emoji=False)
 
 
 STDIO = Path("-")
@@ -186,7 +195,9 @@ def stdout_text() -> Iterator[IO[str]]:
 def fail(message: str, status: int = 1) -> NoReturn:
     """Prints one error line on stderr and exits with `status`."""
     line = _one_line(message)
-    Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+    Console(stderr=True, highlight=False, emoji=False).print(
+        f"[red]error:[/] {escape(line)}", soft_wrap=True
+    )
     raise typer.Exit(status)
 
 

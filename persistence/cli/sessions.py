@@ -34,6 +34,7 @@ from persistence.cli.output import (
     output_path,
     refuse_store_file,
     run,
+    say,
 )
 from persistence.config import StorageConfig
 from persistence.formats import visible
@@ -176,9 +177,7 @@ def sessions_delete(
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         if not await storage.delete_session(session_id):
             fail(f"session {session_id!r} not found in {cfg.display_url}: nothing deleted")
-        out().print(
-            Text(visible(f"Deleted session {session_id} and its messages from {cfg.display_url}."))
-        )
+        say(f"Deleted session {session_id} and its messages from {cfg.display_url}.")
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 
@@ -195,14 +194,12 @@ def sessions_archive(
 
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         if await storage.set_status([session_id], "archived"):
-            out().print(Text(visible(f"Archived session {session_id} in {cfg.display_url}.")))
+            say(f"Archived session {session_id} in {cfg.display_url}.")
             return
         # Nothing changed: already archived, or no such session.
         if await storage.load_session(session_id, last=0) is None:
             fail(f"session {session_id!r} not found in {cfg.display_url}")
-        out().print(
-            Text(visible(f"Session {session_id} in {cfg.display_url} was already archived."))
-        )
+        say(f"Session {session_id} in {cfg.display_url} was already archived.")
 
     run(ctx, (config, url, verbose), work, must_exist=True)
 

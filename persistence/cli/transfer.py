@@ -44,6 +44,7 @@ from persistence.cli.output import (
     refuse_output_into_store,
     refuse_store_file,
     run,
+    say,
     stdout_text,
     store_file,
 )
@@ -110,7 +111,7 @@ def progress_bar(description: str, *, stopped: str) -> Iterator[Callable[[int, i
     On a terminal, a bar with an estimate of the time left; otherwise a line at each
     tenth. If the user interrupts (Ctrl-C), says how far it got, then `stopped`.
     """
-    console = Console(stderr=True)
+    console = Console(stderr=True, emoji=False)
     phase = Phase(description)
     with Progress(
         SpinnerColumn(),
@@ -229,7 +230,7 @@ def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
 async def _index_for_search(storage: SessionStorage) -> int:
     """Writes the search documents the load left pending (SessionStorage.index_for_search),
     so that searches of the store, even opened for reading, use the index at once."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, emoji=False)
     with console.status("Indexing for search") if console.is_terminal else nullcontext():
         return await storage.index_for_search()
 
@@ -293,7 +294,7 @@ def migrate(
             echo_json(result)
         else:
             checked = "; verified" if result["verified"] else ""
-            out().print(
+            say(
                 f"Migrated {_written(result, 'migrated')} from {cfg.display_url}"
                 f" to {destination_config.display_url} in {result['duration_seconds']:.1f} s"
                 f"{checked}{_indexed(result)}",
@@ -349,7 +350,7 @@ def backup(
             echo_json(result)
             return
         counts = _counts(result["sessions"], result["messages"], result["files"])
-        out().print(
+        say(
             f"Backed up {counts} of {cfg.display_url} to {result['path']}"
             f" ({result['kind']}, {result['bytes']} bytes)",
         )
@@ -385,7 +386,7 @@ def restore(
             echo_json(result)
         else:
             checked = "; verified" if result.get("verified") else ""
-            out().print(
+            say(
                 f"Restored {_written(result, 'restored')} from {backup_file}"
                 f" into {cfg.display_url}{checked}{_indexed(result)}",
             )
@@ -436,7 +437,7 @@ def export_all(
                 # Found by attack: a full device said only "[Errno 28] No space left ...".
                 fail(f"cannot write standard output: {os_error_line(exc)}")
             result = {"path": "-", **result}
-            where, console = "standard output", Console(stderr=True, highlight=False)
+            where, console = "standard output", Console(stderr=True, highlight=False, emoji=False)
         else:
             with progress_bar("Exporting sessions", stopped=NOTHING_WRITTEN) as update:
                 result = await export_to_json(
@@ -447,10 +448,7 @@ def export_all(
             echo_json(result, err=output == STDIO)
             return
         counts = _counts(result["sessions"], result["messages"], result["files"])
-        console.print(
-            f"Exported {counts} of {cfg.display_url} to {where} ({result['bytes']} bytes)",
-            markup=False,
-        )
+        say(f"Exported {counts} of {cfg.display_url} to {where} ({result['bytes']} bytes)", console)
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
@@ -505,10 +503,9 @@ def import_file(
             echo_json(result)
             return
         source = "standard input" if input_file == STDIO else input_file
-        out().print(
+        say(
             f"Imported {_written(result, 'imported')} from {source} into {cfg.display_url}"
-            f"{_indexed(result)}",
-            markup=False,
+            f"{_indexed(result)}"
         )
 
     with inputs:

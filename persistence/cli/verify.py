@@ -21,8 +21,8 @@ from persistence.cli.output import (
     echo_json,
     fail,
     opened_store,
-    out,
     run,
+    say,
 )
 from persistence.cli.transfer import FromOption, other_store, progress_bar, source_option
 from persistence.config import StorageConfig
@@ -135,17 +135,17 @@ def verify(
         if as_json:
             echo_json(report)
         elif report["ok"]:
-            out().print(
+            say(
                 f"Verified: {destination_config.display_url} holds what {cfg.display_url}"
                 f" holds, {_checked(report)} compared in {report['duration_seconds']:.1f} s"
                 f"{_extra(report)}",
             )
         else:
             for entry in report["mismatches"][:SHOWN_MISMATCHES]:
-                out().print(mismatch_line(entry))
+                say(mismatch_line(entry))
             if report["mismatch_count"] > SHOWN_MISMATCHES:
                 listed = len(report["mismatches"])
-                out().print(
+                say(
                     f"... and {report['mismatch_count'] - SHOWN_MISMATCHES:,} more"
                     f" (--json lists {listed:,})"
                 )

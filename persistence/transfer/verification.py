@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from persistence.arguments import callback_argument, storage_argument
+from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.streams import read_ahead
@@ -355,7 +356,8 @@ async def verify_migration(
         "duration_seconds"}.
 
     Raises:
-        InvalidDataError: if batch_size is not positive.
+        InvalidDataError: if batch_size is not positive, or both sides are one store
+            (by any path or URL).
         PersistenceError: if either store fails.
     """
     storage_argument(source, "source")
@@ -364,8 +366,16 @@ async def verify_migration(
     check_batch_size(batch_size)
     started = time.perf_counter()
     report = Report()
+    if source is destination:
+        raise InvalidDataError("source and destination are the same storage")
     source_counts = await source.count()
-    destination_counts = await destination.count()
+    destination_counts = await destination.count()  # opened: each knows its store now
+    if source.token == destination.token:
+        # Found by attack: the same PostgreSQL database by another host name, port or
+        # scheme was "verified" against itself, a copy that need not exist.
+        raise InvalidDataError(
+            f"source and destination are the same store ({source!r} and {destination!r})"
+        )
 
     total = source_counts.total_sessions
 

@@ -17,7 +17,7 @@ from persistence import (
     SQLiteSessionStorage,
 )
 from persistence.sql.runner import traced
-from persistence.transfer import migrate_storage
+from persistence.transfer import migrate_storage, verify_migration
 from tests.factories import conversation
 from tests.transfer.data import build_sessions, populate, snapshot
 
@@ -327,6 +327,8 @@ async def test_migration_refuses_the_same_storage_on_both_sides(
 ) -> None:
     with pytest.raises(InvalidDataError, match="same storage"):
         await migrate_storage(sqlite_storage, sqlite_storage)
+    with pytest.raises(InvalidDataError, match="same storage"):
+        await verify_migration(sqlite_storage, sqlite_storage)
 
 
 async def test_migration_refuses_one_store_reached_by_two_names(
@@ -348,6 +350,10 @@ async def test_migration_refuses_one_store_reached_by_two_names(
     async with other:
         with pytest.raises(InvalidDataError, match="same store"):
             await migrate_storage(sql_storage, other)
+        # Found by attack: verify_migration "verified" such a store against itself.
+        for first, second in ((sql_storage, other), (other, sql_storage)):
+            with pytest.raises(InvalidDataError, match="same store"):
+                await verify_migration(first, second)
     assert (await sql_storage.count()).total_sessions == 1
 
 
