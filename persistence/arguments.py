@@ -31,9 +31,25 @@ def path_argument(value: object, name: str) -> Path:
         )
     if not text:
         raise InvalidDataError(f"{name}: the path is empty")
-    if "\x00" in text:
-        raise InvalidDataError(f"{name}: a path cannot hold a NUL character")
+    if (problem := unnamable(text)) is not None:
+        raise InvalidDataError(f"{name}: the path {problem}")
     return Path(text)
+
+
+def unnamable(path: str) -> str | None:
+    """Why no file can have the name `path` (None: one can).
+
+    Found by attack: a config file's `database_path: "chats-\\ud83d\\ude00.db"` (an
+    emoji as JSON escapes, which YAML reads as two lone surrogates) was accepted, then
+    opening the store raised a bare UnicodeEncodeError naming nothing.
+    """
+    if "\x00" in path:
+        return "holds a NUL byte, which no file name can"
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        return f"holds a lone surrogate character, which no file name can ({path!a})"
+    return None
 
 
 def storage_argument(value: object, name: str) -> SessionStorage:

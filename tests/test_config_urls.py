@@ -13,7 +13,12 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
-from persistence import ConfigError, InvalidDataError, PostgreSQLSessionStorage
+from persistence import (
+    ConfigError,
+    InvalidDataError,
+    PostgreSQLSessionStorage,
+    SQLiteSessionStorage,
+)
 from persistence.config import (
     StorageConfig,
     config_from_url,
@@ -67,6 +72,26 @@ def test_a_nul_byte_in_database_path_is_an_error_naming_the_setting(tmp_path: Pa
         config_from_url("sqlite:///a\0b.db")
     with pytest.raises(ConfigError, match=r"connection_string.*NUL"):
         StorageConfig(connection_string="sqlite:///a\0b.db")
+
+
+def test_a_lone_surrogate_in_a_sqlite_path_is_an_error_naming_the_setting(tmp_path: Path) -> None:
+    """Found by attack: an emoji written as JSON escapes (`\\ud83d\\ude00`), which YAML
+    reads as two lone surrogates, was accepted; opening the store then raised a bare
+    UnicodeEncodeError that named neither the setting nor the file."""
+    path = tmp_path / "app.yaml"
+    path.write_text('storage:\n  database_path: "chats-\\ud83d\\ude00.db"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"database_path \(from config file .*lone surrogate"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"database_path.*lone surrogate.*chats-\\ud83d"):
+        StorageConfig(database_path=Path("chats-\ud83d\ude00.db"))
+    with pytest.raises(ConfigError, match=r"connection_string.*lone surrogate"):
+        StorageConfig(connection_string="sqlite:///chats-\ud83d.db")
+    with pytest.raises(InvalidDataError, match=r"^database_path: the path holds a lone surrogate"):
+        SQLiteSessionStorage("chats-\ud83d.db")
+    # What an undecodable byte of a file name becomes (surrogateescape) names that file.
+    assert StorageConfig(database_path=Path("chats-\udcff.db")).database_path.name == (
+        "chats-\udcff.db"
+    )
 
 
 def test_a_url_in_database_path_is_an_error_that_never_shows_it(

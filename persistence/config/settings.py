@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from persistence.arguments import unnamable
 from persistence.clock import MAX_EXPIRY_HOURS
 from persistence.config.masking import (
     mask_secrets,
@@ -231,8 +232,8 @@ class StorageConfig(BaseModel):
                 "database_path",
                 f"{url} is not a file path; give a URL as connection_string",
             )
-        if "\0" in str(self.database_path):
-            raise _SettingError("database_path", "holds a NUL byte, which no file name can")
+        if (problem := unnamable(str(self.database_path))) is not None:
+            raise _SettingError("database_path", problem)
         object.__setattr__(self, "database_path", _home_expanded(self.database_path))
         if self.min_pool_size > self.max_pool_size:
             raise _SettingError(
@@ -366,8 +367,8 @@ def _sqlite_path(url: str) -> Path:
         )
     if not path or path == ":memory:":
         raise _SettingError("connection_string", "a SQLite URL must name a file (sqlite:///path)")
-    if "\0" in path:
-        raise _SettingError("connection_string", "the path holds a NUL byte, which no file can")
+    if (problem := unnamable(path)) is not None:
+        raise _SettingError("connection_string", problem)
     return Path(path)
 
 

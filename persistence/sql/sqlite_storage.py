@@ -14,6 +14,7 @@ import aiosqlite
 from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from persistence.arguments import path_argument
 from persistence.errors import (
     InvalidDataError,
     PersistenceError,
@@ -99,6 +100,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         must_exist: bool = False,
     ) -> None:
         super().__init__(version_table)
+        path_argument(database_path, "database_path")
         # Found by audit: `sqlite:///x.db` made a directory named `sqlite:` and a store in
         # it; by attack: `postgresql://app:secret@db/app` one under ./postgresql:/.
         url = url_given_as_path(database_path)
