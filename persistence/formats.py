@@ -52,7 +52,9 @@ _LINE_BREAK = re.compile(r"(\r\n|\n|\r)")
 # neighbours, and right-to-left text holds them: they stay.
 _BIDI = "\u202a-\u202e\u2066-\u2069"
 # What a terminal acts on rather than prints; tabs and line breaks (LF, CR, CRLF) stay.
-_CONTROL = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}]")
+# And lone surrogates (a file name's undecodable bytes: found by attack, a summary
+# naming one failed the command after its work, where stdout encodes strictly).
+_CONTROL = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}\ud800-\udfff]")
 # What json.dumps(ensure_ascii=False) leaves raw that a terminal acts on: DEL, the C1
 # controls (found by attack: U+009B, the 8-bit CSI), the bidirectional controls, and
 # the line and paragraph separators (JSON allows them raw, JavaScript did not).

@@ -352,6 +352,12 @@ class SessionStorage(ABC):
             token = self.__dict__["_bookkeeping_token"] = uuid.uuid4().hex
         return token
 
+    async def running_instance(self) -> str | None:
+        """Which running server answers for the store, where copies of one store can run
+        apart under its token (None: a store cannot). Read-only comparisons tell such
+        copies apart by it; anything that writes goes by the token alone."""
+        return None
+
     def _identified_as(self, identity: str) -> None:
         """Takes `identity`, the store's, as this storage's token (when it opens)."""
         self.__dict__["_bookkeeping_token"] = f"{self.backend_name}:{identity}"

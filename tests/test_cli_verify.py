@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from typer.testing import CliRunner, Result
 from persistence import ChatSession, SQLiteSessionStorage
 from persistence.cli import app
 from persistence.config import config_from_url, create_storage
+from persistence.sql.schema import script_directory
 from tests.test_cli_transfer import (  # noqa: F401 (pg_url: a fixture)
     _filled,
     counts,
@@ -278,3 +282,51 @@ def test_one_postgresql_database_by_another_spelling_is_not_verified_against_its
         result = verify("--from", pg_url, "--to", other.render_as_string(hide_password=False))
         assert result.exit_code == 1, (other, result.output)
         assert "error: source and destination are the same store (" in _error_line(result)
+
+
+def _persistence(*args: str, **environment: str) -> subprocess.CompletedProcess[bytes]:
+    """`python -m persistence ARGS` in a process of its own (stdout and stderr pipes, not
+    terminals), without COLUMNS."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | environment
+    return subprocess.run(
+        [sys.executable, "-m", "persistence", *args],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+
+
+@pytest.mark.sqlite
+def test_every_summary_is_one_line_however_its_path_is_named(tmp_path: Path) -> None:
+    """Found by attack, after say(): `export-all -` wrapped its summary on stderr at 80
+    columns, `demo` and `stats` printed a path's ESC and line break raw, and a file name
+    that is not UTF-8 failed `upgrade` after its work, printing the summary where stdout
+    encodes strictly."""
+    long = tmp_path / ("a-rather-long-directory-name-" + "x" * 60) / "chat.db"
+    long.parent.mkdir()
+    hostile = tmp_path / "d-\x1b]0;PWNED\x07-\nForged line" / "x.db"
+    hostile.parent.mkdir()
+    not_utf8 = tmp_path / os.fsdecode(b"st-\xff\xfe.db")
+
+    assert _persistence("--url", f"sqlite:///{long}", "demo").returncode == 0
+    exported = _persistence("--url", f"sqlite:///{long}", "export-all", "-")
+    results = [_persistence("--url", f"sqlite:///{hostile}", c) for c in ("demo", "stats")]
+    upgraded = _persistence(
+        "--url", f"sqlite:///{not_utf8}", "upgrade", PYTHONIOENCODING="utf-8:strict"
+    )
+
+    assert exported.returncode == 0, exported.stderr
+    summary = [s for s in exported.stderr.decode().splitlines() if s.startswith("Exported ")]
+    assert len(summary) == 1 and summary[0].endswith(
+        f"{long} to standard output ({len(exported.stdout)} bytes)"
+    ), exported.stderr
+    for result in results:
+        assert result.returncode == 0, result.stderr
+        assert b"\x1b" not in result.stdout and b"\nForged line" not in result.stdout
+        assert b"\\x1b]0;PWNED\\x07-\\nForged line" in result.stdout
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.decode().endswith(
+        "/st-\\udcff\\udcfe.db: schema is at head"
+        f" (revision {script_directory().get_current_head()})\n"
+    )

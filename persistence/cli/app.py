@@ -147,7 +147,7 @@ def stats(
         table.add_column("What")
         table.add_column("Value", justify="right")
         for key, value in statistics.items():
-            table.add_row(key.replace("_", " "), Text(str(value)))
+            table.add_row(key.replace("_", " "), Text(formats.one_line(str(value))))
         out().print(table)
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
@@ -262,7 +262,7 @@ def demo(
         prefix = target.command_prefix()
         sid = shlex.quote(session.session_id)
         console = out()
-        console.print(f"Stored in {cfg.backend} at {where}:")
+        say(f"Stored in {cfg.backend} at {where}:", console)
         console.print(
             f"  session {session.session_id} (model {session.model})"
             f" with {len(session.messages)} messages"
@@ -278,7 +278,7 @@ def demo(
             f"export {sid} --format markdown",
             "stats --json",
         ):
-            console.print(f"  {prefix} {command}")
+            say(f"  {prefix} {command}", console)
         if prefix != target.command_prefix(reveal=True):
             console.print("  (*** stands for the password of --url)")
 

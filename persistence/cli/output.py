@@ -155,7 +155,7 @@ def say(line: str, console: Console | None = None) -> None:
     """Prints a summary line on stdout (or `console`) as one line: the URLs, paths and
     ids in it may hold line breaks and terminal controls (found by attack: a directory
     named with `ESC]0;...` set the terminal's title, and its line break forged a line)."""
-    (console or out()).print(one_line(line), markup=False, emoji=False)
+    (console or out()).print(one_line(line), markup=False, emoji=False, soft_wrap=True)
 
 
 STDIO = Path("-")

@@ -21,6 +21,9 @@ from persistence.sql.checkout import driver_connection
 # schema unqualified names resolve to, where the store's tables are (a URL may choose
 # another, with `options=-c search_path=...`): one database can hold several stores.
 SYSTEM_IDENTIFIER = "SELECT system_identifier FROM pg_control_system()"
+# When the server started: a physical copy of the cluster (a promoted standby, a clone)
+# keeps the identity above, but runs apart from it, started at another moment.
+SERVER_STARTED = "SELECT pg_postmaster_start_time()::text"
 DATABASE_OID_AND_SCHEMA = (
     "SELECT oid, current_schema() FROM pg_database WHERE datname = current_database()"
 )
@@ -93,6 +96,12 @@ async def identity_of(connection: Any) -> Identity:
         # wrote over that session's later changes.
         system = None
     return Identity(None if system is None else int(system), int(oid), schema)
+
+
+async def server_started(engine: AsyncEngine) -> str:
+    """When the server a pool's connections reach started (SERVER_STARTED)."""
+    async with driver_connection(engine) as driver:
+        return str(await driver.fetchval(SERVER_STARTED))
 
 
 class NotThisDatabase(Exception):

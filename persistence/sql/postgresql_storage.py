@@ -30,7 +30,7 @@ from persistence.sql.engines import (
 )
 from persistence.sql.errors import lock_not_available, sql_errors
 from persistence.sql.held_sessions import UnheldTurn, held_by_another
-from persistence.sql.identity import database_identity
+from persistence.sql.identity import database_identity, server_started
 from persistence.sql.one_state import OneStateReads
 from persistence.sql.replicas import replica_set
 from persistence.sql.runner import (
@@ -175,6 +175,12 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._identified_as(identity.token(self._where))
         if self._replicas is not None:
             await self._replicas.start(self.engine, self._statement_timeout, identity)
+
+    async def running_instance(self) -> str | None:
+        """When the primary started: a physical copy of its cluster (a promoted standby,
+        a clone) has its identity, so its token, but started at another moment."""
+        with sql_errors("read when the server started"):
+            return await server_started(self.engine)
 
     async def close(self) -> None:
         if self._carried_into_child():

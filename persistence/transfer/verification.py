@@ -370,9 +370,13 @@ async def verify_migration(
         raise InvalidDataError("source and destination are the same storage")
     source_counts = await source.count()
     destination_counts = await destination.count()  # opened: each knows its store now
-    if source.token == destination.token:
+    if source.token == destination.token and (
+        await source.running_instance() == await destination.running_instance()
+    ):
         # Found by attack: the same PostgreSQL database by another host name, port or
-        # scheme was "verified" against itself, a copy that need not exist.
+        # scheme was "verified" against itself, a copy that need not exist. And by the
+        # next attack: a physical copy of the cluster (its token), running apart, was
+        # refused as the same store; this only reads, so it compares them.
         raise InvalidDataError(
             f"source and destination are the same store ({source!r} and {destination!r})"
         )
