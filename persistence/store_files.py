@@ -118,9 +118,19 @@ def sqlite_kind_of_descriptor(descriptor: int) -> str | None:
     for magic, kind in _SQLITE_HEADS:
         if head.startswith(magic):
             return f"a SQLite {kind}" if path is None else f"the SQLite {kind} {path}"
+    if path is not None and (journal := journal_beside_a_database(path)) is not None:
+        return f"the SQLite {journal[0]} {path}"
+    return None
+
+
+def journal_beside_a_database(path: str | Path) -> tuple[str, str] | None:
+    """(what it is, the database's path) if `path` is named as a journal of a SQLite
+    database beside it (`X-wal`, `X-journal`, `X-shm` beside a regular file `X` that
+    begins as a database), else None. Such a file may be empty or not there yet."""
+    name = os.fspath(path)
     for suffix, kind in _JOURNAL_SUFFIXES:
-        if path is not None and path.endswith(suffix) and _is_database(path[: -len(suffix)]):
-            return f"the SQLite {kind} {path}"
+        if name.endswith(suffix) and _is_database(name[: -len(suffix)]):
+            return kind, name[: -len(suffix)]
     return None
 
 

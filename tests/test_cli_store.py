@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
+from persistence import SQLiteSessionStorage, StorageConnectionError
 from persistence.cli import app
 from tests import servers
 
@@ -347,3 +348,39 @@ def test_a_failed_stamp_names_the_store_without_its_password() -> None:
     line = failed("--url", "postgresql://app:s3cret@127.0.0.1:1/nowhere", "stamp", "head")
     assert "stamp schema of postgresql://app:***@127.0.0.1:1/nowhere" in line
     assert "s3cret" not in line
+
+
+@pytest.mark.sqlite
+def test_a_journal_of_a_database_is_never_opened_as_a_store(tmp_path: Path) -> None:
+    """Found by attack: a reading command leaves an empty `store.db-wal` (README), and
+    `--url sqlite:///store.db-wal demo` wrote a whole database into it, which the next
+    open of store.db threw away, demo session and all."""
+    store = tmp_path / "store.db"
+    assert invoke("demo", "--url", f"sqlite:///{store}").exit_code == 0
+    assert invoke("stats", "--url", f"sqlite:///{store}").exit_code == 0
+    assert (tmp_path / "store.db-wal").stat().st_size == 0  # what a reader leaves
+    before = store.read_bytes()
+
+    for suffix, kind in (
+        ("-wal", "write-ahead log"),
+        ("-shm", "shared-memory index"),
+        ("-journal", "rollback journal"),
+    ):
+        journal = f"{store}{suffix}"
+        for command in (["demo"], ["upgrade"], ["stats"], ["sessions", "list"]):
+            assert failed(*command, "--url", f"sqlite:///{journal}") == (
+                f"error: {journal} is named as the {kind} of the SQLite database {store}:"
+                " refusing to open it as a database (give the database's own path)"
+            ), (suffix, command)
+    assert not (tmp_path / "store.db-journal").exists()
+    assert (tmp_path / "store.db-wal").stat().st_size == 0
+    assert store.read_bytes() == before
+    listed = invoke("sessions", "list", "--json", "--url", f"sqlite:///{store}")
+    assert len(json.loads(listed.stdout)) == 1
+
+    async def open_journal() -> None:
+        async with SQLiteSessionStorage(f"{store}-wal"):
+            pass
+
+    with pytest.raises(StorageConnectionError, match="is named as the write-ahead log"):
+        asyncio.run(open_journal())

@@ -21,6 +21,7 @@ from persistence.sql.connects import Connects
 from persistence.sql.runner import run_in_thread
 from persistence.sql.thread_answers import answer_safely
 from persistence.sql.types import json_dumps, json_value_loads
+from persistence.store_files import journal_beside_a_database
 from persistence.urls import (
     asyncpg_url,
     mask_url,
@@ -176,6 +177,14 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
             symlink, a file with several hard links, a parent that is not a directory,
             or (with `must_exist`) no file.
     """
+    if (journal := journal_beside_a_database(path)) is not None:
+        # Found by attack: a leftover empty `store.db-wal` given as the store got a whole
+        # database written into it, which the next open of store.db threw away.
+        kind, database = journal
+        raise StorageConnectionError(
+            f"{path} is named as the {kind} of the SQLite database {database}: refusing"
+            " to open it as a database (give the database's own path)"
+        )
     try:
         found = os.stat(path)
     except FileNotFoundError:
