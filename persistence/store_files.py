@@ -124,13 +124,31 @@ def sqlite_kind_of_descriptor(descriptor: int) -> str | None:
 
 
 def journal_beside_a_database(path: str | Path) -> tuple[str, str] | None:
-    """(what it is, the database's path) if `path` is named as a journal of a SQLite
-    database beside it (`X-wal`, `X-journal`, `X-shm` beside a regular file `X` that
-    begins as a database), else None. Such a file may be empty or not there yet."""
-    name = os.fspath(path)
+    """(what it is, the database's path) if the file `path` stands for is named as a
+    journal of a SQLite database beside it (`X-wal`, `X-journal`, `X-shm` beside a
+    regular file `X` that begins as a database), else None. Such a file may be empty or
+    not there yet.
+
+    Where the file is, not the name given: SQLite keeps a database's journals beside
+    the file a symlink stands for (found by attack: a symlink to `X-wal` was taken, and
+    `lnk-wal` beside a symlink `lnk` to a database elsewhere was refused).
+    """
+    name = os.path.realpath(path)
     for suffix, kind in _JOURNAL_SUFFIXES:
-        if name.endswith(suffix) and _is_database(name[: -len(suffix)]):
+        if name.endswith(suffix) and _is_database(name[: -len(suffix)], follow=False):
             return kind, name[: -len(suffix)]
+    return None
+
+
+def database_in_a_journals_place(path: str | Path) -> tuple[str, str] | None:
+    """(which journal, its path) if a SQLite database stands where the database `path`
+    keeps a journal (`path-wal`, `-journal`, `-shm`), else None: SQLite would take it
+    for that journal and throw it away when it opens `path` (found by attack: a store
+    named `foo-wal` was deleted, its sessions with it, when a store `foo` was opened)."""
+    name = os.path.realpath(path)
+    for suffix, kind in _JOURNAL_SUFFIXES:
+        if _is_database(name + suffix, follow=False):
+            return kind, name + suffix
     return None
 
 
@@ -147,17 +165,20 @@ def _head_of(descriptor: int, opened: os.stat_result) -> bytes:
         return _head_at(f"/proc/self/fd/{descriptor}", opened)
 
 
-def _is_database(path: str) -> bool:
-    """Whether the file at `path` is a regular file that begins as a SQLite database."""
-    return _head_at(path) == _DATABASE_HEAD
+def _is_database(path: str, *, follow: bool = True) -> bool:
+    """Whether the file at `path` is a regular file that begins as a SQLite database
+    (without `follow`, not through a symlink)."""
+    return _head_at(path, follow=follow) == _DATABASE_HEAD
 
 
-def _head_at(path: str, same_as: os.stat_result | None = None) -> bytes:
+def _head_at(path: str, same_as: os.stat_result | None = None, *, follow: bool = True) -> bytes:
     """The first 16 bytes of the regular file at `path` (if `same_as`, only if it is
-    that file); b"" if there is none or it cannot be read. Opened without blocking: a
-    FIFO of that name would wait for a writer for good."""
+    that file; without `follow`, not through a symlink); b"" if there is none or it
+    cannot be read. Opened without blocking: a FIFO of that name would wait for a writer
+    for good."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        descriptor = os.open(path, flags)
     except OSError:
         return b""
     try:

@@ -384,3 +384,39 @@ def test_a_journal_of_a_database_is_never_opened_as_a_store(tmp_path: Path) -> N
 
     with pytest.raises(StorageConnectionError, match="is named as the write-ahead log"):
         asyncio.run(open_journal())
+
+
+@pytest.mark.sqlite
+def test_journal_names_are_told_where_the_files_are(tmp_path: Path) -> None:
+    """Found by attack on the check above: a symlink to `store.db-wal` got past it; a
+    store named `foo-wal` was deleted, sessions and all, when a store `foo` was opened
+    beside it; and `lnk-wal` beside a symlink `lnk` to a database elsewhere (whose
+    journals SQLite keeps beside that database) was refused."""
+    store = tmp_path / "store.db"
+    assert invoke("demo", "--url", f"sqlite:///{store}").exit_code == 0
+    (tmp_path / "link.db").symlink_to(tmp_path / "store.db-wal")
+    assert failed("demo", "--url", f"sqlite:///{tmp_path / 'link.db'}") == (
+        f"error: {tmp_path / 'link.db'} (a link to {store}-wal) is named as the write-ahead"
+        f" log of the SQLite database {store}: refusing to open it as a database (give the"
+        " database's own path)"
+    )
+    assert (
+        not (tmp_path / "store.db-wal").exists() or not (tmp_path / "store.db-wal").stat().st_size
+    )
+
+    foo = tmp_path / "foo"
+    assert invoke("demo", "--url", f"sqlite:///{foo}-wal").exit_code == 0  # no foo beside it
+    kept = Path(f"{foo}-wal").read_bytes()
+    assert failed("stats", "--url", f"sqlite:///{foo}") == (
+        f"error: {foo}-wal is a SQLite database where {foo} keeps its write-ahead log:"
+        " SQLite would take it for that and throw it away; refusing to open the store (move"
+        " or rename that database first)"
+    )
+    assert failed("demo", "--url", f"sqlite:///{foo}").startswith(f"error: {foo}-wal is a")
+    assert not foo.exists() and Path(f"{foo}-wal").read_bytes() == kept
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "lnk").symlink_to(store)
+    assert invoke("demo", "--url", f"sqlite:///{elsewhere / 'lnk-wal'}").exit_code == 0
+    assert invoke("stats", "--url", f"sqlite:///{elsewhere / 'lnk'}").exit_code == 0

@@ -21,7 +21,7 @@ from persistence.sql.connects import Connects
 from persistence.sql.runner import run_in_thread
 from persistence.sql.thread_answers import answer_safely
 from persistence.sql.types import json_dumps, json_value_loads
-from persistence.store_files import journal_beside_a_database
+from persistence.store_files import database_in_a_journals_place, journal_beside_a_database
 from persistence.urls import (
     asyncpg_url,
     mask_url,
@@ -181,9 +181,18 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
         # Found by attack: a leftover empty `store.db-wal` given as the store got a whole
         # database written into it, which the next open of store.db threw away.
         kind, database = journal
+        real = os.path.realpath(path)
+        shown = path if os.path.abspath(path) == real else f"{path} (a link to {real})"
         raise StorageConnectionError(
-            f"{path} is named as the {kind} of the SQLite database {database}: refusing"
+            f"{shown} is named as the {kind} of the SQLite database {database}: refusing"
             " to open it as a database (give the database's own path)"
+        )
+    if (taken := database_in_a_journals_place(path)) is not None:
+        kind, database = taken
+        raise StorageConnectionError(
+            f"{database} is a SQLite database where {path} keeps its {kind}: SQLite would"
+            " take it for that and throw it away; refusing to open the store (move or"
+            " rename that database first)"
         )
     try:
         found = os.stat(path)
