@@ -140,15 +140,19 @@ def journal_beside_a_database(path: str | Path) -> tuple[str, str] | None:
     return None
 
 
-def database_in_a_journals_place(path: str | Path) -> tuple[str, str] | None:
-    """(which journal, its path) if a SQLite database stands where the database `path`
-    keeps a journal (`path-wal`, `-journal`, `-shm`), else None: SQLite would take it
-    for that journal and throw it away when it opens `path` (found by attack: a store
-    named `foo-wal` was deleted, its sessions with it, when a store `foo` was opened)."""
+def database_in_a_journals_place(path: str | Path) -> tuple[str, str, str] | None:
+    """(which journal, its path, what stands there) if a SQLite database or a symlink
+    stands where the database `path` keeps a journal (`path-wal`, `-journal`, `-shm`),
+    else None: SQLite would take it for that journal and throw it away when it opens
+    `path` (found by attack: a store named `foo-wal` was deleted, its sessions with it,
+    when a store `foo` was opened; then, a symlink named so was deleted, or failed the
+    open as "database unreachable")."""
     name = os.path.realpath(path)
     for suffix, kind in _JOURNAL_SUFFIXES:
+        if os.path.islink(name + suffix):
+            return kind, name + suffix, "a symbolic link"
         if _is_database(name + suffix, follow=False):
-            return kind, name + suffix
+            return kind, name + suffix, "a SQLite database"
     return None
 
 

@@ -410,10 +410,22 @@ def test_journal_names_are_told_where_the_files_are(tmp_path: Path) -> None:
     assert failed("stats", "--url", f"sqlite:///{foo}") == (
         f"error: {foo}-wal is a SQLite database where {foo} keeps its write-ahead log:"
         " SQLite would take it for that and throw it away; refusing to open the store (move"
-        " or rename that database first)"
+        " or rename it first)"
     )
     assert failed("demo", "--url", f"sqlite:///{foo}").startswith(f"error: {foo}-wal is a")
     assert not foo.exists() and Path(f"{foo}-wal").read_bytes() == kept
+    # A symlink there too: SQLite deleted it, or failed the open naming nothing.
+    for suffix in ("-journal", "-shm"):
+        link = tmp_path / f"bar{suffix}"
+        link.symlink_to(foo.with_name("foo-wal"))
+        assert failed("demo", "--url", f"sqlite:///{tmp_path / 'bar'}") == (
+            f"error: {link} is a symbolic link where {tmp_path / 'bar'} keeps its"
+            f" {'rollback journal' if suffix == '-journal' else 'shared-memory index'}:"
+            " SQLite would take it for that and throw it away; refusing to open the store"
+            " (move or rename it first)"
+        )
+        assert link.is_symlink() and not (tmp_path / "bar").exists()
+        link.unlink()
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

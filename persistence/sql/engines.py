@@ -177,10 +177,10 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
             symlink, a file with several hard links, a parent that is not a directory,
             or (with `must_exist`) no file.
     """
-    if (journal := journal_beside_a_database(path)) is not None:
+    if (named := journal_beside_a_database(path)) is not None:
         # Found by attack: a leftover empty `store.db-wal` given as the store got a whole
         # database written into it, which the next open of store.db threw away.
-        kind, database = journal
+        kind, database = named
         real = os.path.realpath(path)
         shown = path if os.path.abspath(path) == real else f"{path} (a link to {real})"
         raise StorageConnectionError(
@@ -188,11 +188,10 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
             " to open it as a database (give the database's own path)"
         )
     if (taken := database_in_a_journals_place(path)) is not None:
-        kind, database = taken
+        kind, journal, what = taken
         raise StorageConnectionError(
-            f"{database} is a SQLite database where {path} keeps its {kind}: SQLite would"
-            " take it for that and throw it away; refusing to open the store (move or"
-            " rename that database first)"
+            f"{journal} is {what} where {path} keeps its {kind}: SQLite would take it for"
+            " that and throw it away; refusing to open the store (move or rename it first)"
         )
     try:
         found = os.stat(path)
