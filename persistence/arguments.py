@@ -63,6 +63,31 @@ def storage_argument(value: object, name: str) -> SessionStorage:
     return value
 
 
+async def refuse_one_store(
+    source: SessionStorage, destination: SessionStorage, *, reading: bool = False
+) -> None:
+    """Refuses two sides that are one store: one storage, or two of one store by any path
+    or URL (their tokens, so both must be open). With `reading` (a comparison, which
+    writes nothing), copies of a store running apart under its token (a physical copy of
+    a PostgreSQL cluster: running_instance) are two stores.
+
+    Raises:
+        InvalidDataError: naming both.
+    """
+    if source is destination:
+        raise InvalidDataError("source and destination are the same storage")
+    if source.token != destination.token:
+        return
+    if reading and await source.running_instance() != await destination.running_instance():
+        # Found by attack: a physical copy running apart was refused as the same store.
+        return
+    # Found by attack: the same store by a symlink, a hard link or another URL form was
+    # migrated into itself, and "verified" against itself.
+    raise InvalidDataError(
+        f"source and destination are the same store ({source!r} and {destination!r})"
+    )
+
+
 def callback_argument(value: object, name: str = "progress_callback") -> Callable[..., Any] | None:
     """`value`, None or callable.
 

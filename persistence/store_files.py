@@ -135,7 +135,7 @@ def journal_beside_a_database(path: str | Path) -> tuple[str, str] | None:
     """
     name = os.path.realpath(path)
     for suffix, kind in _JOURNAL_SUFFIXES:
-        if name.endswith(suffix) and _is_database(name[: -len(suffix)], follow=False):
+        if name.endswith(suffix) and _is_database(name[: -len(suffix)]):
             return kind, name[: -len(suffix)]
     return None
 
@@ -151,7 +151,7 @@ def database_in_a_journals_place(path: str | Path) -> tuple[str, str, str] | Non
     for suffix, kind in _JOURNAL_SUFFIXES:
         if os.path.islink(name + suffix):
             return kind, name + suffix, "a symbolic link"
-        if _is_database(name + suffix, follow=False):
+        if _is_database(name + suffix):
             return kind, name + suffix, "a SQLite database"
     return None
 
@@ -169,10 +169,9 @@ def _head_of(descriptor: int, opened: os.stat_result) -> bytes:
         return _head_at(f"/proc/self/fd/{descriptor}", opened)
 
 
-def _is_database(path: str, *, follow: bool = True) -> bool:
-    """Whether the file at `path` is a regular file that begins as a SQLite database
-    (without `follow`, not through a symlink)."""
-    return _head_at(path, follow=follow) == _DATABASE_HEAD
+def _is_database(path: str) -> bool:
+    """Whether `path` is a regular file (not a symlink) that begins as a SQLite database."""
+    return _head_at(path, follow=False) == _DATABASE_HEAD
 
 
 def _head_at(path: str, same_as: os.stat_result | None = None, *, follow: bool = True) -> bytes:

@@ -100,7 +100,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
         must_exist: bool = False,
     ) -> None:
         super().__init__(version_table)
-        path_argument(database_path, "database_path")
+        path = path_argument(database_path, "database_path")
         # Found by audit: `sqlite:///x.db` made a directory named `sqlite:` and a store in
         # it; by attack: `postgresql://app:secret@db/app` one under ./postgresql:/.
         url = url_given_as_path(database_path)
@@ -111,7 +111,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 f"database_path: {url} is not a file path; give SQLiteSessionStorage the"
                 " file's path, or the URL to create_storage, StorageConfig or --url"
             )
-        self.database_path = Path(database_path)
+        self.database_path = path
         # What is opened and checked: a relative path taken against the directory of the
         # call, so a later chdir (a daemon's) neither fails the file check nor opens
         # another file for the pool's next connection. Joined, not normalised: `..`

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from persistence.arguments import callback_argument, storage_argument
+from persistence.arguments import callback_argument, refuse_one_store, storage_argument
 from persistence.errors import InvalidDataError
 from persistence.models import ChatSession
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
@@ -137,15 +137,9 @@ async def copy_storage(
     storage_argument(destination, "destination")
     callback_argument(progress_callback)
     check_batch_size(batch_size)
-    if source is destination:
-        raise InvalidDataError("source and destination are the same storage")
     started = time.perf_counter()
     source_counts = await source.count()  # opened: each storage knows its store now
-    if source.token == destination.token:
-        # The same store by another path (a symlink, a hard link) or URL form.
-        raise InvalidDataError(
-            f"source and destination are the same store ({source!r} and {destination!r})"
-        )
+    await refuse_one_store(source, destination)
     before = await destination.count()
     progress = Progress(progress_callback, source_counts.total_sessions)
     ledger = Ledger()

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from persistence.arguments import callback_argument, storage_argument
-from persistence.errors import InvalidDataError
+from persistence.arguments import callback_argument, refuse_one_store, storage_argument
 from persistence.models import ChatMessage, ChatSession
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.streams import read_ahead
@@ -366,20 +365,9 @@ async def verify_migration(
     check_batch_size(batch_size)
     started = time.perf_counter()
     report = Report()
-    if source is destination:
-        raise InvalidDataError("source and destination are the same storage")
-    source_counts = await source.count()
-    destination_counts = await destination.count()  # opened: each knows its store now
-    if source.token == destination.token and (
-        await source.running_instance() == await destination.running_instance()
-    ):
-        # Found by attack: the same PostgreSQL database by another host name, port or
-        # scheme was "verified" against itself, a copy that need not exist. And by the
-        # next attack: a physical copy of the cluster (its token), running apart, was
-        # refused as the same store; this only reads, so it compares them.
-        raise InvalidDataError(
-            f"source and destination are the same store ({source!r} and {destination!r})"
-        )
+    source_counts = await source.count()  # opened: each storage knows its store now
+    await refuse_one_store(source, destination, reading=True)
+    destination_counts = await destination.count()
 
     total = source_counts.total_sessions
 
