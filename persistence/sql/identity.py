@@ -27,16 +27,21 @@ SERVER_STARTED = "SELECT pg_postmaster_start_time()::text"
 DATABASE_OID_AND_SCHEMA = (
     "SELECT oid, current_schema() FROM pg_database WHERE datname = current_database()"
 )
+# The id the store drew when it was made (revision 0015), in the schema of unqualified
+# names: read where the server withholds its system identifier.
+STORE_ID = "SELECT value FROM persistence_store WHERE name = 'store_id'"
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Which database a server serves: its cluster (None: not told), its oid, and the
-    schema of unqualified names (None: no schema of the search path exists)."""
+    schema of unqualified names (None: no schema of the search path exists); and, where
+    the cluster is not told, the id the store there drew (None: none found)."""
 
     system: int | None
     oid: int
     schema: str | None = None
+    store: str | None = None
 
     def token(self, fallback: str) -> str:
         """The store's bookkeeping token (SessionStorage.token): one store through any
@@ -45,9 +50,19 @@ class Identity:
         Found by attack: two stores in two schemas of one database had one token, so
         a session saved to one was refused by the other as deleted, and `migrate`
         between them called them the same store.
+
+        Where the cluster is not told, the store's own id stands for it: the fallback
+        (a URL as displayed) made two spellings of one database two stores, and a save
+        through one of a session loaded through the other wrote over another writer's
+        later changes. A copy of the database (a dump restored elsewhere) keeps the id,
+        as a physical copy keeps the cluster's: copies are told apart by
+        running_instance, as physical ones are.
         """
-        system = fallback if self.system is None else self.system
-        return f"{system}:{self.oid}:{self.schema}"
+        if self.system is not None:
+            return f"{self.system}:{self.oid}:{self.schema}"
+        if self.store is not None:
+            return f"store {self.store}:{self.oid}:{self.schema}"
+        return f"{fallback}:{self.oid}:{self.schema}"
 
     def mismatch(self, replica: Identity) -> str | None:
         """What keeps `replica` from being known as a copy of this database, or None."""
@@ -95,7 +110,21 @@ async def identity_of(connection: Any) -> Identity:
         # through it of a session loaded through another storage of the same store
         # wrote over that session's later changes.
         system = None
-    return Identity(None if system is None else int(system), int(oid), schema)
+    if system is not None:
+        return Identity(int(system), int(oid), schema)
+    return Identity(None, int(oid), schema, await _store_id(connection))
+
+
+async def _store_id(connection: Any) -> str | None:
+    """The store's id (STORE_ID), None where there is none to read: a database not at
+    revision 0015 (a replica not caught up), or one whose role may not read it."""
+    import asyncpg
+
+    try:
+        value = await connection.fetchval(STORE_ID)
+    except (asyncpg.UndefinedTableError, asyncpg.InsufficientPrivilegeError):
+        return None
+    return None if value is None else str(value)
 
 
 async def server_started(engine: AsyncEngine) -> str:

@@ -111,6 +111,7 @@ MARKS = (
         dialects=POSTGRESQL,
         function="persistence_write_pending_terms(integer)",
     ),
+    Mark("0015", "table", "persistence_store", frozenset({"name", "value"})),
 )
 # Revisions that change data only (their tables are their predecessor's): a store is
 # never told to be at one, so that an upgrade from what it is told runs them (found by
@@ -235,6 +236,6 @@ def schema_revision(connection: Connection) -> str | None:
         if any(look.lacks(mark) for mark in marks):
             break
         if not marks and found and any(found < data < revision for data in DATA_REVISIONS):
-            break
+            continue  # a later revision's marks may still tell it (0015 on SQLite)
         found = revision
     return found

@@ -125,6 +125,16 @@ class SessionMergeRow(Base):
     into_incarnation: Mapped[str] = mapped_column(String(32))
 
 
+class StoreRow(Base):
+    """A fact about the store itself, by name (revision 0015). `store_id`: drawn when the
+    table is made, the store's own identity wherever it is reached from."""
+
+    __tablename__ = "persistence_store"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 class FileRow(Base):
     __tablename__ = "uploaded_files"
 

@@ -131,9 +131,9 @@ def test_every_revision_has_marks_on_the_dialects_it_changes() -> None:
     assert {mark.revision for mark in MARKS if "postgresql" in mark.dialects} == set(
         ALL_REVISIONS
     ) - set(DATA_REVISIONS)
-    # 0006 to 0009 and 0011 change only PostgreSQL's functions and tables.
+    # 0006 to 0009, 0011, 0013 and 0014 change only PostgreSQL's functions and tables.
     assert {mark.revision for mark in MARKS if "sqlite" in mark.dialects} == set(
-        ALL_REVISIONS[:5] + ALL_REVISIONS[9:10]
+        ALL_REVISIONS[:5] + ALL_REVISIONS[9:10] + ALL_REVISIONS[14:15]
     )
 
 
@@ -514,12 +514,13 @@ def test_persistence_stamp_never_records_a_data_revision_the_tables_cannot_show(
 ) -> None:
     """Found by attack: `persistence stamp head` on a SQLite store at 0011 (0013 changes
     nothing there) recorded 0013, so 0012's rewrite of first-release timestamps never
-    ran, and the next save of such a session failed with a raw TypeError."""
+    ran, and the next save of such a session failed with a raw TypeError. (Head, 0015,
+    now has a table on SQLite: 0014 is the newest revision those tables look like.)"""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     _ran(url, "upgrade", "0011")
     _sqlite_shell(tmp_path / "store.db", f"DROP TABLE {VERSION_TABLE}")
 
-    for revision in ("head", "0012"):
+    for revision in ("0014", "0012"):
         code, _, stderr = _cli("stamp", revision, "--url", url)
         assert code == 1
         assert "revision 0012 changes only data" in stderr and "stamp 0011" in stderr

@@ -157,3 +157,99 @@ async def test_a_connection_ended_while_the_store_is_identified_fails_the_open(
         await connection.close()
     async with PostgreSQLSessionStorage(cut_url, min_pool_size=1, max_pool_size=1) as reopened:
         assert reopened.token.split(":")[1] == system
+
+
+@pytest.fixture
+def withheld_identifier_urls(postgresql_admin_url: str) -> Iterator[tuple[str, str, str]]:
+    """A throwaway database owned by a plain role, on a server that withholds its system
+    identifier from it (as some hosts do): the database by two URL spellings, and a
+    second such database, all as that role."""
+    import asyncio
+    import uuid
+
+    role = f"persistence_plain_{uuid.uuid4().hex[:10]}"
+    admin = servers.plain_postgresql_url(postgresql_admin_url)
+    asyncio.run(servers._admin(admin, f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        with (
+            servers.throwaway_postgresql_database(postgresql_admin_url) as first,
+            servers.throwaway_postgresql_database(postgresql_admin_url) as second,
+        ):
+            plain = []
+            for url in (first, second):
+                database = make_url(url).database
+                asyncio.run(servers._admin(admin, f'ALTER DATABASE "{database}" OWNER TO "{role}"'))
+                # Function privileges are the database's own.
+                asyncio.run(
+                    servers._admin(
+                        url, "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC"
+                    )
+                )
+                plain.append(make_url(url).set(username=role))
+            yield (
+                plain[0].render_as_string(hide_password=False),
+                plain[0].set(host="localhost").render_as_string(hide_password=False),
+                plain[1].render_as_string(hide_password=False),
+            )
+    finally:
+        asyncio.run(servers._admin(admin, f'DROP ROLE IF EXISTS "{role}"'))
+
+
+@pytest.mark.postgresql
+async def test_a_database_withholding_its_cluster_is_one_store_through_any_url(
+    withheld_identifier_urls: tuple[str, str, str],
+) -> None:
+    """Left by the twenty-ninth round's attacks: where the server withholds
+    pg_control_system(), a storage's token held its URL as displayed, so two spellings
+    of one database were two stores. A session loaded through one and saved, stale,
+    through the other was taken for a new object there: it wrote the other writer's
+    status and metadata back over its later changes."""
+    first_url, other_spelling, another_database = withheld_identifier_urls
+    async with (
+        PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=2) as first,
+        PostgreSQLSessionStorage(other_spelling, min_pool_size=1, max_pool_size=2) as second,
+        PostgreSQLSessionStorage(another_database, min_pool_size=1, max_pool_size=2) as other,
+    ):
+        assert first.token == second.token
+        assert other.token != first.token
+
+        session = ChatSession.create("m", metadata={"topic": "start"})
+        session.add_message("user", "one")
+        await first.save_session(session)
+        stale = await first.load_session(session.session_id)
+        assert stale is not None
+
+        writer = await first.load_session(session.session_id)
+        assert writer is not None
+        writer.status = "archived"
+        writer.metadata = {**writer.metadata, "topic": "moved on"}
+        writer.add_message("assistant", "two")
+        assert await first.save_session(writer) is True
+
+        stale.add_message("user", "three")
+        assert await second.save_session(stale) is True
+        stored = await first.load_session(session.session_id)
+        assert stored is not None
+        assert [m.content for m in stored.messages] == ["one", "two", "three"]
+        assert stored.status == "archived"
+        assert stored.metadata == {"topic": "moved on"}
+        assert stored.message_count == 3
+
+
+@pytest.mark.postgresql
+async def test_a_migration_between_two_spellings_of_a_withholding_database_is_refused(
+    withheld_identifier_urls: tuple[str, str, str],
+) -> None:
+    """Before, the two were two stores: `migrate` copied the database into itself, and
+    `verify_migration` compared it with itself."""
+    from persistence import InvalidDataError, migrate_storage, verify_migration
+
+    first_url, other_spelling, _ = withheld_identifier_urls
+    async with (
+        PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=2) as first,
+        PostgreSQLSessionStorage(other_spelling, min_pool_size=1, max_pool_size=2) as second,
+    ):
+        with pytest.raises(InvalidDataError, match="same store"):
+            await migrate_storage(first, second)
+        with pytest.raises(InvalidDataError, match="same store"):
+            await verify_migration(first, second)
