@@ -662,6 +662,25 @@ class SessionStorage(ABC):
         """
 
     @abstractmethod
+    async def read_notes(self) -> dict[str, str]:
+        """The notes the store keeps about itself, by name (the transfer tools': a copy
+        into it not finished yet). Not the store's id, which no note may replace.
+
+        Raises:
+            PersistenceError: if the backend fails.
+        """
+
+    @abstractmethod
+    async def write_note(self, name: str, value: str | None) -> None:
+        """Sets the note `name` (None: removes it), committed at once.
+
+        Raises:
+            InvalidDataError: for a name that is not a note's (`store_id`, or more than
+                64 characters).
+            PersistenceError: if the backend fails.
+        """
+
+    @abstractmethod
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         """Sets the status of the given sessions in one statement; returns how many changed."""
 

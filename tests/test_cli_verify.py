@@ -72,7 +72,9 @@ async def _change(url: str) -> str:
 @pytest.mark.sqlite
 def test_verify_names_what_a_killed_migrate_left_out_until_it_runs_again(tmp_path: Path) -> None:
     """A migrate killed (SIGKILL) between two batches leaves a destination that looks
-    like a smaller store; `verify` names each session and file record it lacks."""
+    like a smaller store; `verify` names each session and file record it lacks. The
+    destination notes the copy unfinished (left by the twenty-ninth round: nothing in
+    it did), which `stats` and `verify` show, until the copy runs again."""
     source = _filled(tmp_path, sessions=60)
     target = tmp_path / "copy.db"
     destination = f"sqlite:///{target}"
@@ -80,10 +82,19 @@ def test_verify_names_what_a_killed_migrate_left_out_until_it_runs_again(tmp_pat
         ["migrate", "--from", source, "--to", destination, "--batch-size", "1"], target, 5
     )
     assert 5 <= written < 60, written
+    shown = f"SQLiteSessionStorage({str(tmp_path / 'source.db')!r})"
+    stats = CliRunner().invoke(app, ["--url", destination, "stats", "--json"])
+    assert stats.exit_code == 0, stats.output
+    [unfinished] = json.loads(stats.stdout)["unfinished_copies"]
+    assert unfinished["source"] == shown
+    text_stats = CliRunner().invoke(app, ["--url", destination, "stats"])
+    assert f"warning: {destination}: a copy from {shown}, begun 20" in text_stats.stderr
+    assert text_stats.stderr.rstrip().endswith(", has not finished")
 
     result = verify("--from", source, "--to", destination)
 
     assert result.exit_code == 1, result.output
+    assert f"warning: {destination}: a copy from {shown}, begun " in result.stderr
     lines = result.stdout.splitlines()
     assert all(line.endswith(": missing from the destination") for line in lines[:-1])
     assert lines[-1] == f"... and {60 - written + 60 - 20} more (--json lists {120 - written})"
@@ -98,6 +109,9 @@ def test_verify_names_what_a_killed_migrate_left_out_until_it_runs_again(tmp_pat
         f"Verified: {destination} holds what {source} holds, 60 session(s), 240 message(s) and"
         " 60 file record(s) compared in "
     )
+    assert "warning" not in again.stderr
+    stats = CliRunner().invoke(app, ["--url", destination, "stats", "--json"])
+    assert json.loads(stats.stdout)["unfinished_copies"] == []
 
 
 @pytest.mark.sqlite

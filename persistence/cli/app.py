@@ -24,6 +24,7 @@ from persistence.cli.output import (
     out,
     run,
     say,
+    warn,
 )
 from persistence.cli.usage import MaskingGroup
 from persistence.clock import DELETION_RECORD_DAYS, MAX_EXPIRY_HOURS, utc_now
@@ -31,6 +32,7 @@ from persistence.config import StorageConfig
 from persistence.manager import SessionManager
 from persistence.models import UploadedFileRecord
 from persistence.storage import SessionStorage
+from persistence.transfer.unfinished import copy_json, unfinished_copies
 
 app = typer.Typer(
     name="persistence",
@@ -140,8 +142,9 @@ def stats(
         statistics = {"database": cfg.display_url, **statistics}
         for key in ("cached_sessions", "unsaved_sessions", "auto_save_enabled", "expiry_hours"):
             statistics.pop(key, None)
+        unfinished = await unfinished_copies(storage)
         if as_json:
-            echo_json(statistics)
+            echo_json({**statistics, "unfinished_copies": [copy_json(c) for c in unfinished]})
             return
         table = Table(title="Store statistics", title_justify="left", show_header=False)
         table.add_column("What")
@@ -149,6 +152,8 @@ def stats(
         for key, value in statistics.items():
             table.add_row(key.replace("_", " "), Text(formats.one_line(str(value))))
         out().print(table)
+        for copy in unfinished:
+            warn(f"{cfg.display_url}: {copy.shown()}")
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 

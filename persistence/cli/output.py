@@ -158,6 +158,11 @@ def say(line: str, console: Console | None = None) -> None:
     (console or out()).print(one_line(line), markup=False, emoji=False, soft_wrap=True)
 
 
+def warn(line: str) -> None:
+    """Prints a warning line on stderr, as `say` prints a summary line."""
+    say(f"warning: {line}", Console(stderr=True, highlight=False, emoji=False))
+
+
 STDIO = Path("-")
 
 

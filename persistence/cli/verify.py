@@ -23,11 +23,13 @@ from persistence.cli.output import (
     opened_store,
     run,
     say,
+    warn,
 )
 from persistence.cli.transfer import FromOption, other_store, progress_bar, source_option
 from persistence.config import StorageConfig
 from persistence.formats import one_line
 from persistence.storage import SessionStorage
+from persistence.transfer.unfinished import copy_json, unfinished_copies
 from persistence.transfer.verification import verify_migration
 
 # Mismatches listed one by one on the terminal; --json lists up to MISMATCH_LIMIT.
@@ -132,8 +134,9 @@ def verify(
                     batch_size=batch_size,
                     progress_callback=update,
                 )
+            unfinished = await unfinished_copies(destination)
         if as_json:
-            echo_json(report)
+            echo_json({**report, "unfinished_copies": [copy_json(c) for c in unfinished]})
         elif report["ok"]:
             say(
                 f"Verified: {destination_config.display_url} holds what {cfg.display_url}"
@@ -149,6 +152,8 @@ def verify(
                     f"... and {report['mismatch_count'] - SHOWN_MISMATCHES:,} more"
                     f" (--json lists {listed:,})"
                 )
+        for copy in () if as_json else unfinished:
+            warn(f"{destination_config.display_url}: {copy.shown()}")
         if not report["ok"]:
             fail(
                 f"{destination_config.display_url} differs from {cfg.display_url}:"

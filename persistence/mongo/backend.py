@@ -28,7 +28,7 @@ from persistence.event_loops import refuse_another_loop, running_loop
 from persistence.identifiers import forget_inherited_ids
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
 from persistence.mongo import bulk, repositories, writes
-from persistence.mongo.backfill import backfill_search_tokens, drop_retired_indexes
+from persistence.mongo.backfill import META_COLLECTION, backfill_search_tokens, drop_retired_indexes
 from persistence.mongo.connection import (
     check_connection_string,
     check_database_name,
@@ -74,6 +74,7 @@ from persistence.storage import (
     search_batches,
     searchable_session,
 )
+from persistence.store_notes import check_note_name, check_note_value
 from persistence.turns import save_turn
 from persistence.validation import check_instance, check_instances, lookup_id
 
@@ -572,6 +573,23 @@ class MongoDBSessionStorage(SessionStorage):
             async with self._writing() as client_session:
                 return await forget_deletions_before(self.docs, client_session, cutoff)
 
+    async def read_notes(self) -> dict[str, str]:
+        with mongo_errors("read the store's notes"):
+            found = _notes(self.docs).find({"_id": {"$regex": f"^{_NOTE}"}})
+            return {str(note["_id"])[len(_NOTE) :]: str(note["value"]) async for note in found}
+
+    async def write_note(self, name: str, value: str | None) -> None:
+        checked, text = check_note_name(name), check_note_value(value)
+        with mongo_errors("write a note"):
+            async with self._writing() as client_session:
+                notes, key = _notes(self.docs), f"{_NOTE}{checked}"
+                if text is None:
+                    await notes.delete_one({"_id": key}, session=client_session)
+                else:
+                    await notes.replace_one(
+                        {"_id": key}, {"value": text}, upsert=True, session=client_session
+                    )
+
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)
         checked = check_new_status(status)
@@ -630,3 +648,12 @@ def _bound_elsewhere(client: AsyncMongoClient[Any]) -> bool:
     """Whether the client is bound to a loop other than the running one."""
     bound = _bound_loop(client)
     return bound is not None and bound is not running_loop()
+
+
+# The store's notes (persistence.store_notes) are documents of persistence_meta, beside
+# the search tokens' marker, each `_id` the note's name after this prefix.
+_NOTE = "note "
+
+
+def _notes(docs: DocumentSet) -> Any:
+    return docs.sessions.get_pymongo_collection().database[META_COLLECTION]

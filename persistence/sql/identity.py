@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from persistence.errors import PersistenceError
 from persistence.sql.checkout import driver_connection
 
 # The cluster's system identifier (a standby cloned from it keeps it) and the database's
@@ -42,27 +43,31 @@ class Identity:
     oid: int
     schema: str | None = None
     store: str | None = None
+    unread: str | None = None
+    """Why `store` is None where the cluster is not told (a privilege, a missing row)."""
 
-    def token(self, fallback: str) -> str:
+    def token(self) -> str:
         """The store's bookkeeping token (SessionStorage.token): one store through any
-        URL, pool or replica. `fallback` stands for an identifier the server withholds.
+        URL, pool or replica.
 
         Found by attack: two stores in two schemas of one database had one token, so
         a session saved to one was refused by the other as deleted, and `migrate`
         between them called them the same store.
 
-        Where the cluster is not told, the store's own id stands for it: the fallback
-        (a URL as displayed) made two spellings of one database two stores, and a save
+        Where the cluster is not told, the store's own id stands for it. The URL as
+        displayed did, which made two spellings of one database two stores: a save
         through one of a session loaded through the other wrote over another writer's
         later changes. A copy of the database (a dump restored elsewhere) keeps the id,
-        as a physical copy keeps the cluster's: copies are told apart by
-        running_instance, as physical ones are.
+        as a physical copy keeps the cluster's.
+
+        Raises:
+            PersistenceError: where neither can be read (check `unread` first).
         """
         if self.system is not None:
             return f"{self.system}:{self.oid}:{self.schema}"
-        if self.store is not None:
-            return f"store {self.store}:{self.oid}:{self.schema}"
-        return f"{fallback}:{self.oid}:{self.schema}"
+        if self.store is None:
+            raise PersistenceError(f"the store's id cannot be read: {self.unread}")
+        return f"store {self.store}:{self.oid}:{self.schema}"
 
     def mismatch(self, replica: Identity) -> str | None:
         """What keeps `replica` from being known as a copy of this database, or None."""
@@ -112,19 +117,29 @@ async def identity_of(connection: Any) -> Identity:
         system = None
     if system is not None:
         return Identity(int(system), int(oid), schema)
-    return Identity(None, int(oid), schema, await _store_id(connection))
+    store, unread = await _store_id(connection)
+    return Identity(None, int(oid), schema, store, unread)
 
 
-async def _store_id(connection: Any) -> str | None:
-    """The store's id (STORE_ID), None where there is none to read: a database not at
-    revision 0015 (a replica not caught up), or one whose role may not read it."""
+async def _store_id(connection: Any) -> tuple[str | None, str | None]:
+    """The store's id (STORE_ID), or None and why there is none to read: a database not
+    at revision 0015 (a replica not caught up), a role that may not read it, a row
+    deleted by hand."""
     import asyncpg
 
     try:
         value = await connection.fetchval(STORE_ID)
-    except (asyncpg.UndefinedTableError, asyncpg.InsufficientPrivilegeError):
-        return None
-    return None if value is None else str(value)
+    except asyncpg.UndefinedTableError:
+        return None, "there is no table persistence_store (revision 0015)"
+    except asyncpg.InsufficientPrivilegeError:
+        return None, "this role may not read the table persistence_store (grant it SELECT)"
+    if value is None:
+        return None, (
+            "persistence_store holds no store_id row (deleted by hand? put one back:"
+            " INSERT INTO persistence_store (name, value) VALUES"
+            " ('store_id', md5(random()::text || clock_timestamp()::text)))"
+        )
+    return str(value), None
 
 
 async def server_started(engine: AsyncEngine) -> str:

@@ -169,10 +169,26 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
             # Found by attack: initialize() again from another loop failed with a raw
             # RuntimeError, and its failure let go of the first loop's connections.
             self._refuse_another_loop()
+        opening = self._engine is None
         await super()._open(read_only=read_only)
-        with sql_errors("open database"):
-            identity = await database_identity(self.engine)
-        self._identified_as(identity.token(self._where))
+        try:
+            with sql_errors("open database"):
+                identity = await database_identity(self.engine)
+            if identity.system is None and identity.store is None:
+                # Found by attack: the token fell back to the URL as displayed, and two
+                # spellings of one database were two stores (persistence.sql.identity).
+                raise PersistenceError(
+                    f"{self._where}: the server withholds its system identifier"
+                    f" (pg_control_system()) and {identity.unread}; without either,"
+                    " storages reaching this database by other URLs could not know it is"
+                    " one store"
+                )
+        except BaseException:
+            if opening:
+                # Unidentified, it would have kept a token of its own (found by attack).
+                await self._unopen()
+            raise
+        self._identified_as(identity.token())
         if self._replicas is not None:
             await self._replicas.start(self.engine, self._statement_timeout, identity)
 

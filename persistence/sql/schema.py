@@ -66,6 +66,11 @@ def listed(names: list[str] | tuple[str, ...], *, ordered: bool = False) -> str:
     return shown + (f" and {len(names) - _SHOWN_TABLES} more" if len(names) > _SHOWN_TABLES else "")
 
 
+def are(names: list[str] | tuple[str, ...]) -> str:
+    """The verb after `listed(names)`."""
+    return "is" if len(names) == 1 else "are"
+
+
 def examine(
     connection: Connection,
     script: ScriptDirectory,
@@ -291,7 +296,7 @@ def _check_marks(
         tables_at = schema_revision(connection) or max(heads)
         raise MigrationError(
             f"{where}: {version_table} says the schema is at revision {', '.join(heads)},"
-            f" but {listed(ahead, ordered=True)} of later revisions are there (its tables"
+            f" but {listed(ahead, ordered=True)} of later revisions {are(ahead)} there (its tables"
             f" are at revision {tables_at}); persistence neither reads nor changes it. If it"
             f" was stamped by mistake, {_adopt(tables_at)}"
         )
@@ -303,8 +308,9 @@ def _check_marks(
     )
     raise MigrationError(
         f"{where}: {version_table} says the schema is at revision {', '.join(heads)}, but"
-        f" {listed(missing, ordered=True)} of that revision are not there (stamped without"
-        " migrating, or changed by hand); persistence neither reads nor changes it. If it"
+        f" {listed(missing, ordered=True)} of that revision {are(missing)} not there"
+        " (stamped without migrating, or changed by hand); persistence neither reads nor"
+        " changes it. If it"
         f" was stamped by mistake {at}"
     )
 

@@ -26,7 +26,7 @@ from persistence.errors import (
 )
 from persistence.event_loops import to_the_end
 from persistence.models import ChatMessage, ChatSession, Status, UploadedFileRecord
-from persistence.sql import indexing, message_owners, new_sessions, repositories, writes
+from persistence.sql import indexing, message_owners, new_sessions, notes, repositories, writes
 from persistence.sql.engines import (
     WRITE_OPTIONS,
 )
@@ -57,6 +57,7 @@ from persistence.storage import (
     search_batches,
     searchable_session,
 )
+from persistence.store_notes import check_note_name, check_note_value
 from persistence.validation import check_instance, check_instances, lookup_id
 
 T = TypeVar("T")
@@ -199,12 +200,16 @@ class SqlSessionStorage(SessionStorage):
                 # Found by attack: a failed call again (the write lock held past the busy
                 # timeout) closed a storage that other tasks and loops were using.
                 raise
-            # Not opened: a fork's child may open it (found by review: refused for good).
-            made, self._engine, self._opener = self._engine, None, None
-            if made is not None:
-                with sql_errors("close"):
-                    await made.dispose()
+            await self._unopen()
             raise
+
+    async def _unopen(self) -> None:
+        """Lets go of the engine an open that failed made."""
+        # Not opened: a fork's child may open it (found by review: refused for good).
+        made, self._engine, self._opener = self._engine, None, None
+        if made is not None:
+            with sql_errors("close"):
+                await made.dispose()
 
     async def stamp_schema(self, revision: str) -> tuple[tuple[str, ...], str]:
         """Records the revision the store's tables are at (`persistence stamp`), for a
@@ -641,6 +646,13 @@ class SqlSessionStorage(SessionStorage):
             write=True,
             single=True,
         )
+
+    async def read_notes(self) -> dict[str, str]:
+        return await self._run(notes.read_notes(), "read the store's notes", write=False)
+
+    async def write_note(self, name: str, value: str | None) -> None:
+        checked = check_note_name(name), check_note_value(value)
+        await self._run(notes.write_note(*checked), "write a note", write=True, single=True)
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)

@@ -21,6 +21,7 @@ from persistence.sql.revision_marks import (
 )
 from persistence.sql.schema import (
     VERSION_TABLE,
+    are,
     listed,
     script_directory,
     take_migration_lock,
@@ -80,9 +81,9 @@ def stamp(
         if missing or later:
             at = f"revision {tables_at}" if tables_at else "no revision (0001's are incomplete)"
             why = (
-                f"{listed(missing, ordered=True)} of that revision are not there"
+                f"{listed(missing, ordered=True)} of that revision {are(missing)} not there"
                 if missing
-                else f"{listed(later, ordered=True)} of later revisions are there"
+                else f"{listed(later, ordered=True)} of later revisions {are(later)} there"
             )
             raise MigrationError(
                 f"{where}: its tables are not at revision {wanted}: {why}; they are at {at}"

@@ -2,7 +2,8 @@
 
 The public functions of API.md "Moving data", gathered from their modules:
 `migration` (batches, migrate_storage), `verification`, `exchange` and
-`exchange_format` (the JSON file), `backups`, `files` (atomic writes).
+`exchange_format` (the JSON file), `backups`, `files` (atomic writes), and
+`unfinished` (a copy into a store begun and not finished, noted there).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from persistence.transfer.exchange import (
 )
 from persistence.transfer.exchange_format import FORMAT_NAME, FORMAT_VERSION
 from persistence.transfer.migration import DEFAULT_BATCH_SIZE, ProgressCallback, migrate_storage
+from persistence.transfer.unfinished import UnfinishedCopy, unfinished_copies
 from persistence.transfer.verification import verify_migration
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "ProgressCallback",
+    "UnfinishedCopy",
     "backup_storage",
     "export_to_json",
     "export_to_stream",
@@ -31,6 +34,7 @@ __all__ = [
     "import_from_stream",
     "migrate_storage",
     "restore_backup",
+    "unfinished_copies",
     "validate_backup_file",
     "validate_export_file",
     "verify_migration",

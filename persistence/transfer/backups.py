@@ -28,10 +28,11 @@ from persistence.transfer.json_stream import SCAN_CHUNK, UTF8_BOM
 from persistence.transfer.migration import (
     DEFAULT_BATCH_SIZE,
     ProgressCallback,
+    copy_and_verify,
     elapsed,
-    migrate_storage,
 )
 from persistence.transfer.scratch import scratch_directory
+from persistence.transfer.unfinished import CopySource
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -288,7 +289,10 @@ async def _restore_sqlite(
         try:
             await source.initialize()
             await check_backup_rows(source, path)
-            return await migrate_storage(source, storage, True, progress_callback)
+            # Noted by the backup, not the scratch copy: a restore run again takes it over.
+            real = await in_thread_to_the_end(os.path.realpath, path)
+            noted = CopySource(f"the backup {path}", f"backup {real}")
+            return await copy_and_verify(source, storage, True, progress_callback, noted_as=noted)
         finally:
             await to_the_end(source.close())
 

@@ -23,6 +23,7 @@ from persistence.transfer.batches import Tally, write_file_records, write_sessio
 from persistence.transfer.copy_check import verify_copy
 from persistence.transfer.ledger import Ledger
 from persistence.transfer.streams import read_ahead
+from persistence.transfer.unfinished import CopySource, copy_begins, copy_finished
 from persistence.transfer.verification import counts_summary
 
 ProgressCallback = Callable[[int, int], object]
@@ -125,10 +126,13 @@ async def copy_storage(
     *,
     progress_callback: ProgressCallback | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    noted_as: CopySource | None = None,
 ) -> Copy:
     """The copy of migrate_storage, without its verification (`verify_copied` runs it).
 
-    The command line runs the two apart, to show each its own progress bar.
+    The command line runs the two apart, to show each its own progress bar. The
+    destination notes the copy unfinished until its last batch commits
+    (persistence.transfer.unfinished), naming the source as `noted_as` says, if given.
 
     Raises:
         InvalidDataError, PersistenceError: as migrate_storage.
@@ -144,9 +148,12 @@ async def copy_storage(
     progress = Progress(progress_callback, source_counts.total_sessions)
     ledger = Ledger()
     try:
+        noted = noted_as or CopySource.of(source)
+        await copy_begins(noted, destination)
         await copy_sessions(session_batches(source, batch_size), destination, progress, ledger)
         async for records in source.iter_file_records(batch_size):
             progress.add(await write_file_records(destination, records, ledger))
+        await copy_finished(noted, destination)
     except BaseException as exc:
         ledger.close()
         # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
@@ -230,8 +237,25 @@ async def migrate_storage(
         PersistenceError: if either store fails; batches already written stay, and
             the error's notes say how far it got.
     """
+    return await copy_and_verify(source, destination, verify, progress_callback, batch_size)
+
+
+async def copy_and_verify(
+    source: SessionStorage,
+    destination: SessionStorage,
+    verify: bool = True,
+    progress_callback: ProgressCallback | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    noted_as: CopySource | None = None,
+) -> dict[str, Any]:
+    """migrate_storage, naming its source in the destination's note of an unfinished
+    copy as `noted_as` says (copy_storage)."""
     copy = await copy_storage(
-        source, destination, progress_callback=progress_callback, batch_size=batch_size
+        source,
+        destination,
+        progress_callback=progress_callback,
+        batch_size=batch_size,
+        noted_as=noted_as,
     )
     try:
         return await copy_summary(copy, await verify_copied(copy) if verify else None)

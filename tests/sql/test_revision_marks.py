@@ -4,6 +4,7 @@ wrong is refused, naming the revision to stamp, and nothing is changed."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
@@ -418,7 +419,7 @@ async def test_a_store_stamped_before_its_revision_is_refused_naming_it(
     _ran(fresh_url, "stamp", stamped)
     before = await _schema(fresh_url)
 
-    with pytest.raises(MigrationError, match="of later revisions are there") as refused:
+    with pytest.raises(MigrationError, match=r"of later revisions (is|are) there") as refused:
         await _storage(fresh_url).initialize()
     # Told the newest revision of its tables, never past a data revision (on SQLite
     # 0011): stamped so, its upgrade runs 0012 again.
@@ -502,7 +503,8 @@ async def test_persistence_stamp_refuses_a_revision_the_tables_are_not_at(
     assert code == 1
     assert f"its tables are not at revision {wrong}" in stderr
     assert "they are at revision 0004 by their columns (nothing was written)" in stderr
-    assert ("of that revision are not there" if wrong > "0004" else "of later revisions") in stderr
+    expected = r"of that revision (is|are) not there" if wrong > "0004" else "of later revisions"
+    assert re.search(expected, stderr), stderr
     code, _, stderr = await _cli_apart("stamp", "base", "--url", fresh_url)
     assert code == 1 and "stamp 0004 instead" in stderr
     assert await _schema(fresh_url) == before

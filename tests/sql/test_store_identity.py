@@ -17,6 +17,7 @@ from sqlalchemy import make_url
 
 from persistence import (
     ChatSession,
+    PersistenceError,
     PostgreSQLSessionStorage,
     SQLiteSessionStorage,
     StorageConnectionError,
@@ -253,3 +254,41 @@ async def test_a_migration_between_two_spellings_of_a_withholding_database_is_re
             await migrate_storage(first, second)
         with pytest.raises(InvalidDataError, match="same store"):
             await verify_migration(first, second)
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("REVOKE SELECT ON persistence_store FROM {role}", "grant it SELECT"),
+        ("DELETE FROM persistence_store WHERE name = 'store_id'", "holds no store_id row"),
+    ],
+)
+async def test_a_withholding_database_whose_store_id_cannot_be_read_is_refused(
+    withheld_identifier_urls: tuple[str, str, str], damage: str, named: str
+) -> None:
+    """Found by attack: a role that may not read persistence_store, or a store_id row
+    deleted by hand, brought back the URL as the token, and with it two stores in one
+    database: a stale save through the other spelling undid a later write. The open is
+    refused now, naming the problem, and the storage stays unopened."""
+    import asyncpg
+
+    first_url, other_spelling, _ = withheld_identifier_urls
+    async with PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=1):
+        pass  # made at head by its own role
+    role = make_url(first_url).username
+    admin = make_url(first_url).set(username="postgres")
+    connection = await asyncpg.connect(servers.plain_postgresql_url(admin.render_as_string()))
+    try:
+        await connection.execute(damage.format(role=f'"{role}"'))
+    finally:
+        await connection.close()
+
+    for url in (first_url, other_spelling):
+        storage = PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=1)
+        with pytest.raises(PersistenceError, match=named) as refused:
+            await storage.initialize()
+        assert "withholds its system identifier" in str(refused.value)
+        with pytest.raises(PersistenceError):
+            await storage.load_session("anything")
+        await storage.close()

@@ -23,6 +23,7 @@ from persistence import (
     SQLiteSessionStorage,
 )
 from persistence.transfer import backup_storage, restore_backup, validate_backup_file
+from persistence.transfer.unfinished import unfinished_copies
 from tests.transfer.data import build_edge_session, edge_numbers_kept, populate, snapshot
 
 
@@ -522,3 +523,33 @@ def _edit_file(path: Path, script: str) -> None:
     with sqlite3.connect(path) as db:
         db.executescript(script)
     db.close()
+
+
+async def test_a_restore_stopped_half_way_is_noted_by_its_backup_until_run_again(
+    sqlite_storage: SessionStorage, other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    """A restore reads a scratch copy of its backup, another file each time: its note
+    of an unfinished copy names the backup, so that the restore run again (by another
+    spelling of its path too) takes the note over and removes it."""
+    for start in range(0, 30, 10):
+        await sqlite_storage.insert_sessions(
+            [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(start, start + 10)]
+        )
+    backup = await backup_storage(sqlite_storage, tmp_path / "backups")
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        if done:
+            raise Stop
+
+    with pytest.raises(Stop):
+        await restore_backup(other_sqlite, backup["path"], progress_callback=stop)
+    [unfinished] = await unfinished_copies(other_sqlite)
+    assert unfinished.source == f"the backup {backup['path']}"
+
+    os.symlink(backup["path"], tmp_path / "linked")
+    await restore_backup(other_sqlite, tmp_path / "linked")
+    assert await unfinished_copies(other_sqlite) == []
+    assert await snapshot(other_sqlite) == await snapshot(sqlite_storage)

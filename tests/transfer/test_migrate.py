@@ -18,6 +18,7 @@ from persistence import (
 )
 from persistence.sql.runner import traced
 from persistence.transfer import migrate_storage, verify_migration
+from persistence.transfer.unfinished import unfinished_copies
 from tests.factories import conversation
 from tests.transfer.data import build_sessions, populate, snapshot
 
@@ -139,9 +140,13 @@ async def test_an_interrupted_migration_says_how_far_it_got_and_resumes(pair: Pa
 
     note = " ".join(raised.value.__notes__)
     assert "of 30 sessions were copied" in note and "resumes" in note
+    # The destination says so itself (a copy killed outright runs no code of ours).
+    [unfinished] = await unfinished_copies(destination)
+    assert unfinished.source == repr(source) and unfinished.started_at is not None
     result = await migrate_storage(source, destination, batch_size=10)
     assert result["sessions_migrated"] + result["sessions_already_present"] == 30
     assert result["verified"] is True
+    assert await unfinished_copies(destination) == []
 
 
 async def test_migration_keeps_destination_content_and_appends_missing_messages(

@@ -9,10 +9,9 @@ and saved through the other wrote another writer's later changes over (left by t
 twenty-ninth round's attacks). The id drawn here, in the database, is the same by any
 URL, and another database (or schema) draws its own.
 
-The id is drawn by the server, in the statement that stores it: a script rendered
-offline (`alembic upgrade head --sql`) and run on several databases gives each its own.
-SQLite has the table too (one set of tables); its token is the file's, so it does not
-read it.
+The id is drawn by the server, in the statement that stores it. SQLite has the table
+too (one set of tables); its token is the file's, so it does not read it. Both keep
+their notes there too (persistence.store_notes): a copy into the store not finished.
 
 Revision ID: 0015
 Revises: 0014

@@ -1,0 +1,37 @@
+"""The store's notes in `persistence_store` (persistence.store_notes), as units of work."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import Table, bindparam, delete, select, text
+
+from persistence.sql.runner import Execute, Fetch, Work
+from persistence.sql.statements import Statement
+from persistence.sql.tables import StoreRow
+from persistence.store_notes import STORE_ID
+
+_notes = cast(Table, StoreRow.__table__)
+READ_NOTES = Statement(
+    select(_notes.c.name, _notes.c.value).where(_notes.c.name != STORE_ID).order_by(_notes.c.name)
+)
+DELETE_NOTE = Statement(delete(_notes).where(_notes.c.name == bindparam("name")))
+# One statement, so two writers of one note never collide on its key.
+SET_NOTE = Statement(
+    text(
+        "INSERT INTO persistence_store (name, value) VALUES (:name, :value)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+    )
+)
+
+
+def read_notes() -> Work[dict[str, str]]:
+    rows = yield Fetch(READ_NOTES, {})
+    return {str(name): str(value) for name, value in rows}
+
+
+def write_note(name: str, value: str | None) -> Work[None]:
+    if value is None:
+        yield Execute(DELETE_NOTE, {"name": name})
+    else:
+        yield Execute(SET_NOTE, {"name": name, "value": value})

@@ -1,0 +1,48 @@
+"""The notes a store keeps about itself (persistence.store_notes): what the transfer
+tools write there (a copy begun and not finished), beside the store's id."""
+
+from __future__ import annotations
+
+import pytest
+
+from persistence import InvalidDataError, SessionStorage
+
+
+async def test_a_note_is_written_read_replaced_and_removed(storage: SessionStorage) -> None:
+    before = await storage.read_notes()
+    assert "store_id" not in before
+    try:
+        await storage.write_note("copy from x", '{"a": 1}')
+        await storage.write_note("other", "two\\nlines \\u2028 and \\x1b")
+        assert await storage.read_notes() == {
+            **before,
+            "copy from x": '{"a": 1}',
+            "other": "two\\nlines \\u2028 and \\x1b",
+        }
+        await storage.write_note("copy from x", "again")
+        assert (await storage.read_notes())["copy from x"] == "again"
+    finally:
+        await storage.write_note("copy from x", None)
+        await storage.write_note("other", None)
+    assert await storage.read_notes() == before
+    await storage.write_note("never written", None)  # removing what is not there: nothing
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("store_id", "mine", "the store's id"),
+        ("", "v", "non-empty str"),
+        ("n" * 65, "v", "at most 64"),
+        (7, "v", "non-empty str"),
+        ("fine", 7, "a str or None"),
+        ("fine", b"bytes", "a str or None"),
+    ],
+)
+async def test_a_note_that_is_not_one_is_refused_and_nothing_written(
+    storage: SessionStorage, name: object, value: object, problem: str
+) -> None:
+    before = await storage.read_notes()
+    with pytest.raises(InvalidDataError, match=problem):
+        await storage.write_note(name, value)  # type: ignore[arg-type]
+    assert await storage.read_notes() == before
