@@ -14,7 +14,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from persistence.errors import PersistenceError
 from persistence.sql.checkout import driver_connection
 
 # The cluster's system identifier (a standby cloned from it keeps it) and the database's
@@ -25,8 +24,15 @@ SYSTEM_IDENTIFIER = "SELECT system_identifier FROM pg_control_system()"
 # When the server started: a physical copy of the cluster (a promoted standby, a clone)
 # keeps the identity above, but runs apart from it, started at another moment.
 SERVER_STARTED = "SELECT pg_postmaster_start_time()::text"
+# And whether every role may read the identifier (PUBLIC may run pg_control_system()):
+# where some may not, no role's token holds it, so that one store is one token whatever
+# role reaches it (found by attack: an application role denied it and an administrator
+# allowed it were two stores of one database).
 DATABASE_OID_AND_SCHEMA = (
-    "SELECT oid, current_schema() FROM pg_database WHERE datname = current_database()"
+    "SELECT oid, current_schema(),"
+    " coalesce(has_function_privilege('public',"
+    " to_regprocedure('pg_catalog.pg_control_system()'), 'EXECUTE'), false)"
+    " FROM pg_database WHERE datname = current_database()"
 )
 # The id the store drew when it was made (revision 0015), in the schema of unqualified
 # names: read where the server withholds its system identifier.
@@ -42,31 +48,31 @@ class Identity:
     system: int | None
     oid: int
     schema: str | None = None
+    shared: bool = True
+    """Whether every role may read `system` (PUBLIC may run pg_control_system())."""
     store: str | None = None
+    """The store's id, read where `system` does not name the store (not `shared`)."""
     unread: str | None = None
-    """Why `store` is None where the cluster is not told (a privilege, a missing row)."""
+    """Why `store` is None there (a privilege, a missing row)."""
 
-    def token(self) -> str:
+    def token(self) -> str | None:
         """The store's bookkeeping token (SessionStorage.token): one store through any
-        URL, pool or replica.
+        URL, pool, replica or role; None where it cannot be known (`unread` says why).
 
         Found by attack: two stores in two schemas of one database had one token, so
         a session saved to one was refused by the other as deleted, and `migrate`
         between them called them the same store.
 
-        Where the cluster is not told, the store's own id stands for it. The URL as
-        displayed did, which made two spellings of one database two stores: a save
-        through one of a session loaded through the other wrote over another writer's
-        later changes. A copy of the database (a dump restored elsewhere) keeps the id,
-        as a physical copy keeps the cluster's.
-
-        Raises:
-            PersistenceError: where neither can be read (check `unread` first).
+        Where not every role may read the cluster's identifier, the store's own id
+        stands for it. The URL as displayed did, which made two spellings of one
+        database two stores: a save through one of a session loaded through the other
+        wrote over another writer's later changes. A copy of the database (a dump
+        restored elsewhere) keeps the id, as a physical copy keeps the cluster's.
         """
-        if self.system is not None:
+        if self.shared and self.system is not None:
             return f"{self.system}:{self.oid}:{self.schema}"
         if self.store is None:
-            raise PersistenceError(f"the store's id cannot be read: {self.unread}")
+            return None
         return f"store {self.store}:{self.oid}:{self.schema}"
 
     def mismatch(self, replica: Identity) -> str | None:
@@ -100,7 +106,7 @@ async def identity_of(connection: Any) -> Identity:
     """The identity of the database an asyncpg connection serves."""
     import asyncpg
 
-    oid, schema = await connection.fetchrow(DATABASE_OID_AND_SCHEMA)
+    oid, schema, shared = await connection.fetchrow(DATABASE_OID_AND_SCHEMA)
     try:
         system = await connection.fetchval(SYSTEM_IDENTIFIER)
     except (
@@ -115,10 +121,11 @@ async def identity_of(connection: Any) -> Identity:
         # through it of a session loaded through another storage of the same store
         # wrote over that session's later changes.
         system = None
-    if system is not None:
-        return Identity(int(system), int(oid), schema)
+    system = None if system is None else int(system)
+    if shared and system is not None:
+        return Identity(system, int(oid), schema)
     store, unread = await _store_id(connection)
-    return Identity(None, int(oid), schema, store, unread)
+    return Identity(system, int(oid), schema, bool(shared), store, unread)
 
 
 async def _store_id(connection: Any) -> tuple[str | None, str | None]:

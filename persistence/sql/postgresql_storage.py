@@ -174,21 +174,22 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         try:
             with sql_errors("open database"):
                 identity = await database_identity(self.engine)
-            if identity.system is None and identity.store is None:
+            token = identity.token()
+            if token is None:
                 # Found by attack: the token fell back to the URL as displayed, and two
                 # spellings of one database were two stores (persistence.sql.identity).
                 raise PersistenceError(
                     f"{self._where}: the server withholds its system identifier"
-                    f" (pg_control_system()) and {identity.unread}; without either,"
-                    " storages reaching this database by other URLs could not know it is"
-                    " one store"
+                    f" (pg_control_system()) from some roles and {identity.unread};"
+                    " without either, storages reaching this database by other URLs or"
+                    " roles could not know it is one store"
                 )
         except BaseException:
             if opening:
                 # Unidentified, it would have kept a token of its own (found by attack).
                 await self._unopen()
             raise
-        self._identified_as(identity.token())
+        self._identified_as(token)
         if self._replicas is not None:
             await self._replicas.start(self.engine, self._statement_timeout, identity)
 

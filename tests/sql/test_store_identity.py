@@ -206,10 +206,28 @@ async def test_a_database_withholding_its_cluster_is_one_store_through_any_url(
     through the other was taken for a new object there: it wrote the other writer's
     status and metadata back over its later changes."""
     first_url, other_spelling, another_database = withheld_identifier_urls
+    await _test_one_store_through(first_url, other_spelling, another_database)
+
+
+@pytest.mark.postgresql
+async def test_a_database_withholding_its_cluster_from_one_role_is_one_store_to_all(
+    withheld_identifier_urls: tuple[str, str, str],
+) -> None:
+    """Found by attack: the token held the cluster's identifier for a role that may read
+    it (an administrator, a superuser) and the store's id for one that may not, so one
+    database reached as the two was two stores, with the same lost write."""
+    first_url, _, another_database = withheld_identifier_urls
+    administrator = make_url(first_url).set(username="postgres")
+    await _test_one_store_through(
+        first_url, administrator.render_as_string(hide_password=False), another_database
+    )
+
+
+async def _test_one_store_through(first_url: str, second_url: str, another: str) -> None:
     async with (
         PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=2) as first,
-        PostgreSQLSessionStorage(other_spelling, min_pool_size=1, max_pool_size=2) as second,
-        PostgreSQLSessionStorage(another_database, min_pool_size=1, max_pool_size=2) as other,
+        PostgreSQLSessionStorage(second_url, min_pool_size=1, max_pool_size=2) as second,
+        PostgreSQLSessionStorage(another, min_pool_size=1, max_pool_size=2) as other,
     ):
         assert first.token == second.token
         assert other.token != first.token
@@ -242,18 +260,21 @@ async def test_a_migration_between_two_spellings_of_a_withholding_database_is_re
     withheld_identifier_urls: tuple[str, str, str],
 ) -> None:
     """Before, the two were two stores: `migrate` copied the database into itself, and
-    `verify_migration` compared it with itself."""
+    `verify_migration` compared it with itself (so too between two roles, found by
+    attack)."""
     from persistence import InvalidDataError, migrate_storage, verify_migration
 
     first_url, other_spelling, _ = withheld_identifier_urls
-    async with (
-        PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=2) as first,
-        PostgreSQLSessionStorage(other_spelling, min_pool_size=1, max_pool_size=2) as second,
-    ):
-        with pytest.raises(InvalidDataError, match="same store"):
-            await migrate_storage(first, second)
-        with pytest.raises(InvalidDataError, match="same store"):
-            await verify_migration(first, second)
+    administrator = make_url(first_url).set(username="postgres")
+    for second_url in (other_spelling, administrator.render_as_string(hide_password=False)):
+        async with (
+            PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=2) as first,
+            PostgreSQLSessionStorage(second_url, min_pool_size=1, max_pool_size=2) as second,
+        ):
+            with pytest.raises(InvalidDataError, match="same store"):
+                await migrate_storage(first, second)
+            with pytest.raises(InvalidDataError, match="same store"):
+                await verify_migration(first, second)
 
 
 @pytest.mark.postgresql
