@@ -661,6 +661,13 @@ class SessionStorage(ABC):
             PersistenceError: if the backend fails.
         """
 
+    async def source_key(self) -> str:
+        """What a copy from this store is known by in the destination's notes (see
+        persistence.transfer.unfinished): the store's token here; the SQL stores' own
+        id, which their copies and backups keep and another file reusing a deleted
+        one's inode does not (found by attack)."""
+        return f"store {self.token}"
+
     @abstractmethod
     async def read_notes(self) -> dict[str, str]:
         """The notes the store keeps about itself, by name (the transfer tools': a copy

@@ -8,6 +8,7 @@ that has begun and not finished. A note never replaces the store's id.
 from __future__ import annotations
 
 from persistence.errors import InvalidDataError
+from persistence.validation import check_text
 
 # The store's id (persistence.sql.identity reads it where a PostgreSQL server withholds
 # its cluster's): drawn when the store was made, never a note.
@@ -28,7 +29,7 @@ def check_note_name(name: object) -> str:
         raise InvalidDataError(f"note name: {STORE_ID!r} is the store's id, not a note")
     if len(name) > MAX_NOTE_NAME:
         raise InvalidDataError(f"note name: at most {MAX_NOTE_NAME} characters, got {len(name)}")
-    return name
+    return check_text(name, "note name")
 
 
 def check_note_value(value: object) -> str | None:
@@ -37,6 +38,8 @@ def check_note_value(value: object) -> str | None:
     Raises:
         InvalidDataError: naming the problem.
     """
-    if value is not None and type(value) is not str:
+    if value is None:
+        return None
+    if type(value) is not str:
         raise InvalidDataError(f"note value: expected a str or None, got {type(value).__name__}")
-    return value
+    return check_text(value, "note value")

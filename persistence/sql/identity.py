@@ -142,9 +142,10 @@ async def _store_id(connection: Any) -> tuple[str | None, str | None]:
         return None, "this role may not read the table persistence_store (grant it SELECT)"
     if value is None:
         return None, (
-            "persistence_store holds no store_id row (deleted by hand? put one back:"
-            " INSERT INTO persistence_store (name, value) VALUES"
-            " ('store_id', md5(random()::text || clock_timestamp()::text)))"
+            "persistence_store holds no store_id row (deleted by hand? put the old one"
+            " back; or a new one: INSERT INTO persistence_store (name, value) VALUES"
+            " ('store_id', md5(random()::text || clock_timestamp()::text)), then restart"
+            " every process that has this store open: their storages know the old one)"
         )
     return str(value), None
 

@@ -15,6 +15,7 @@ _notes = cast(Table, StoreRow.__table__)
 READ_NOTES = Statement(
     select(_notes.c.name, _notes.c.value).where(_notes.c.name != STORE_ID).order_by(_notes.c.name)
 )
+READ_STORE_ID = Statement(select(_notes.c.value).where(_notes.c.name == STORE_ID))
 DELETE_NOTE = Statement(delete(_notes).where(_notes.c.name == bindparam("name")))
 # One statement, so two writers of one note never collide on its key.
 SET_NOTE = Statement(
@@ -28,6 +29,11 @@ SET_NOTE = Statement(
 def read_notes() -> Work[dict[str, str]]:
     rows = yield Fetch(READ_NOTES, {})
     return {str(name): str(value) for name, value in rows}
+
+
+def read_store_id() -> Work[str | None]:
+    rows = yield Fetch(READ_STORE_ID, {})
+    return str(rows[0][0]) if rows else None
 
 
 def write_note(name: str, value: str | None) -> Work[None]:

@@ -111,6 +111,8 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         self._bulk_statistics = BulkLoadStatistics()
         # The event loop the storage was opened in: its connections belong to it.
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The store's identity (identity.py) as the first open read it.
+        self._identity: str | None = None
         self._replicas = replica_set(
             read_replicas,
             ReplicaSettings(
@@ -184,11 +186,20 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                     " without either, storages reaching this database by other URLs or"
                     " roles could not know it is one store"
                 )
+            if not opening and self._identity not in (None, token):
+                # Found by attack: a store_id deleted and drawn again, then initialize()
+                # again, moved this storage to another token than its sessions'.
+                raise PersistenceError(
+                    f"{self._where}: the store's identity changed since this storage"
+                    f" opened ({self._identity} then, {token} now): open a new storage,"
+                    " and reload the sessions loaded through this one"
+                )
         except BaseException:
             if opening:
                 # Unidentified, it would have kept a token of its own (found by attack).
                 await self._unopen()
             raise
+        self._identity = token
         self._identified_as(token)
         if self._replicas is not None:
             await self._replicas.start(self.engine, self._statement_timeout, identity)

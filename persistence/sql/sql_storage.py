@@ -647,6 +647,10 @@ class SqlSessionStorage(SessionStorage):
             single=True,
         )
 
+    async def source_key(self) -> str:
+        found = await self._run(notes.read_store_id(), "read the store's id", write=False)
+        return await super().source_key() if found is None else f"id {found}"
+
     async def read_notes(self) -> dict[str, str]:
         return await self._run(notes.read_notes(), "read the store's notes", write=False)
 

@@ -289,9 +289,9 @@ async def _restore_sqlite(
         try:
             await source.initialize()
             await check_backup_rows(source, path)
-            # Noted by the backup, not the scratch copy: a restore run again takes it over.
-            real = await in_thread_to_the_end(os.path.realpath, path)
-            noted = CopySource(f"the backup {path}", f"backup {real}")
+            # Named by the backup, keyed by the store it is a backup of: a restore run
+            # again, from that file by any path or name, takes the note over.
+            noted = CopySource(f"the backup {path}", await source.source_key())
             return await copy_and_verify(source, storage, True, progress_callback, noted_as=noted)
         finally:
             await to_the_end(source.close())

@@ -148,12 +148,12 @@ async def copy_storage(
     progress = Progress(progress_callback, source_counts.total_sessions)
     ledger = Ledger()
     try:
-        noted = noted_as or CopySource.of(source)
-        await copy_begins(noted, destination)
+        noted = noted_as or await CopySource.of(source)
+        note = await copy_begins(noted, destination)
         await copy_sessions(session_batches(source, batch_size), destination, progress, ledger)
         async for records in source.iter_file_records(batch_size):
             progress.add(await write_file_records(destination, records, ledger))
-        await copy_finished(noted, destination)
+        await copy_finished(noted, note, destination)
     except BaseException as exc:
         ledger.close()
         # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.

@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from persistence.clock import utc_now
+from persistence.identifiers import random_hex_id
 from persistence.storage import SessionStorage
 
-# A note per source store (by its token): a copy run again from it takes its note over.
+# A note's name: this, 24 hex digits of its source's key, a space, 16 of its run (51
+# characters). Each run has its own: a copy running beside another from the same
+# source keeps its note when the other finishes (found by attack).
 _COPY_NOTE = "copy from "
 
 
@@ -45,50 +48,79 @@ def copy_json(copy: UnfinishedCopy) -> dict[str, str | None]:
 
 @dataclass(frozen=True, slots=True)
 class CopySource:
-    """How a copy's note names its source: `shown` (the source storage as displayed,
-    or what it was read from: a restore's backup file) and the key its note is kept
-    under, so that the copy run again from it takes the note over."""
+    """How a copy's note names its source: `shown` (the source storage as displayed, or
+    what it was read from: a restore's backup file), and `key`, the source store's
+    (SessionStorage.source_key), by which a copy from it that finishes takes over the
+    notes of those from it begun before."""
 
     shown: str
     key: str
 
     @classmethod
-    def of(cls, source: SessionStorage) -> CopySource:
-        """`source` by its store (its token). A restore names its backup file instead:
-        it reads a scratch copy of it, another file each time."""
-        return cls(repr(source), f"store {source.token}")
+    async def of(cls, source: SessionStorage) -> CopySource:
+        return cls(repr(source), await source.source_key())
 
     @property
-    def note_name(self) -> str:
-        return _COPY_NOTE + hashlib.sha256(self.key.encode()).hexdigest()[:40]
+    def prefix(self) -> str:
+        return f"{_COPY_NOTE}{hashlib.sha256(self.key.encode()).hexdigest()[:24]} "
 
 
-async def copy_begins(source: CopySource, destination: SessionStorage) -> None:
+@dataclass(frozen=True, slots=True)
+class CopyNote:
+    """The note one copy wrote: its name, and when the copy began."""
+
+    name: str
+    started_at: datetime
+
+
+async def copy_begins(source: CopySource, destination: SessionStorage) -> CopyNote:
     """Notes in `destination` (open) that a copy from `source` has begun."""
-    note = {"source": source.shown, "started_at": utc_now().isoformat()}
-    await destination.write_note(source.note_name, json.dumps(note))
+    started = utc_now()
+    note = CopyNote(f"{source.prefix}{random_hex_id()[:16]}", started)
+    value = {"source": source.shown, "started_at": started.isoformat()}
+    await destination.write_note(note.name, json.dumps(value))
+    return note
 
 
-async def copy_finished(source: CopySource, destination: SessionStorage) -> None:
-    """Removes the note of `copy_begins`: every batch of the copy has committed."""
-    await destination.write_note(source.note_name, None)
+async def copy_finished(source: CopySource, note: CopyNote, destination: SessionStorage) -> None:
+    """Removes `note`: every batch of its copy has committed. And the notes of copies
+    from the same source begun before it (killed, stopped): this one, begun after them,
+    has written what they would have."""
+    for name, value in (await destination.read_notes()).items():
+        if name == note.name or (
+            name.startswith(source.prefix) and _began_before(value, note.started_at)
+        ):
+            await destination.write_note(name, None)
+
+
+def _began_before(value: str, moment: datetime) -> bool:
+    started = _read(value).started_at
+    return started is None or started < moment
 
 
 async def unfinished_copies(storage: SessionStorage) -> list[UnfinishedCopy]:
     """The copies into `storage` that began and have not finished, oldest first."""
-    found = []
-    for name, value in (await storage.read_notes()).items():
-        if name.startswith(_COPY_NOTE):
-            found.append(_read(value))
+    found = [
+        _read(value)
+        for name, value in (await storage.read_notes()).items()
+        if name.startswith(_COPY_NOTE)
+    ]
+    # Every legible time is aware and in UTC: as text they sort as they happened.
     return sorted(
-        found, key=lambda copy: (copy.started_at is None, copy.started_at or 0, copy.source)
+        found, key=lambda copy: (copy.started_at is None, str(copy.started_at), copy.source)
     )
 
 
 def _read(value: str) -> UnfinishedCopy:
-    """A note of `copy_begins`; one edited by hand into something else is still shown."""
+    """A note of `copy_begins`; one edited by hand into something else is still shown
+    (found by attack: a time without its offset, or JSON nested too deep, failed
+    `stats`)."""
     try:
         note = json.loads(value)
-        return UnfinishedCopy(str(note["source"]), datetime.fromisoformat(note["started_at"]))
-    except (ValueError, TypeError, KeyError):
+        started = datetime.fromisoformat(note["started_at"])
+        source = note["source"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         return UnfinishedCopy(value, None)
+    if started.tzinfo is None:
+        return UnfinishedCopy(str(source), None)
+    return UnfinishedCopy(str(source), started.astimezone(UTC))

@@ -313,3 +313,29 @@ async def test_a_withholding_database_whose_store_id_cannot_be_read_is_refused(
         with pytest.raises(PersistenceError):
             await storage.load_session("anything")
         await storage.close()
+
+
+@pytest.mark.postgresql
+async def test_an_open_storage_never_moves_to_another_identity(
+    withheld_identifier_urls: tuple[str, str, str],
+) -> None:
+    """Found by attack: the store_id deleted and a new one drawn (as the refusal said),
+    initialize() again on an open storage moved it to the new token, while the
+    sessions it had loaded kept the old one."""
+    import asyncpg
+
+    first_url, _, _ = withheld_identifier_urls
+    admin = make_url(first_url).set(username="postgres").render_as_string()
+    async with PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=1) as first:
+        token = first.token
+        connection = await asyncpg.connect(servers.plain_postgresql_url(admin))
+        try:
+            await connection.execute(
+                "UPDATE persistence_store SET value = md5(random()::text) WHERE name = 'store_id'"
+            )
+        finally:
+            await connection.close()
+        with pytest.raises(PersistenceError, match="identity changed since this storage opened"):
+            await first.initialize()
+        assert first.token == token
+        assert await first.load_session("anything") is None  # still open, as it was

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import re
+import shutil
 import sqlite3
 import stat
 from datetime import UTC, datetime
@@ -529,8 +530,10 @@ async def test_a_restore_stopped_half_way_is_noted_by_its_backup_until_run_again
     sqlite_storage: SessionStorage, other_sqlite: SessionStorage, tmp_path: Path
 ) -> None:
     """A restore reads a scratch copy of its backup, another file each time: its note
-    of an unfinished copy names the backup, so that the restore run again (by another
-    spelling of its path too) takes the note over and removes it."""
+    of an unfinished copy names the backup, and is kept by the store backed up, so that
+    the restore run again takes it over and removes it: from a symlink, a hard link or
+    a copy of the file too (found by attack: the note was kept by the backup's real
+    path, and a restore through a hard link left it for good)."""
     for start in range(0, 30, 10):
         await sqlite_storage.insert_sessions(
             [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(start, start + 10)]
@@ -549,7 +552,13 @@ async def test_a_restore_stopped_half_way_is_noted_by_its_backup_until_run_again
     [unfinished] = await unfinished_copies(other_sqlite)
     assert unfinished.source == f"the backup {backup['path']}"
 
-    os.symlink(backup["path"], tmp_path / "linked")
-    await restore_backup(other_sqlite, tmp_path / "linked")
-    assert await unfinished_copies(other_sqlite) == []
+    os.link(backup["path"], tmp_path / "hard")
+    os.symlink(tmp_path / "hard", tmp_path / "soft")
+    shutil.copyfile(backup["path"], tmp_path / "copied")
+    for again in ("hard", "soft", "copied"):
+        with pytest.raises(Stop):  # a note of its own, beside the first one's
+            await restore_backup(other_sqlite, backup["path"], progress_callback=stop)
+        assert await unfinished_copies(other_sqlite) != []
+        await restore_backup(other_sqlite, tmp_path / again)
+        assert await unfinished_copies(other_sqlite) == [], again
     assert await snapshot(other_sqlite) == await snapshot(sqlite_storage)

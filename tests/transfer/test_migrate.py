@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from persistence import (
 )
 from persistence.sql.runner import traced
 from persistence.transfer import migrate_storage, verify_migration
-from persistence.transfer.unfinished import unfinished_copies
+from persistence.transfer.unfinished import (
+    CopySource,
+    copy_begins,
+    copy_finished,
+    unfinished_copies,
+)
 from tests.factories import conversation
 from tests.transfer.data import build_sessions, populate, snapshot
 
@@ -391,3 +397,50 @@ async def test_migration_memory_does_not_grow_with_the_store(tmp_path: Path) -> 
     # 800 sessions carry about 8 MB of content; one batch of 20 about 200 kB.
     assert large < small * 1.5
     assert large < 4_000_000
+
+
+async def test_a_finished_copy_removes_its_note_and_older_ones_from_its_source_only(
+    sql_pair: Pair, tmp_path: Path
+) -> None:
+    """Each copy has a note of its own (found by attack: one note per source, so a copy
+    that finished removed the note of one still running beside it). A copy that
+    finishes removes its own, and those of copies from its source begun before it
+    (killed or stopped: it wrote what they would have), never one begun after it or
+    one from another store, also a SQLite file at the inode of a deleted source
+    (found by attack: the note was keyed by the file's inode)."""
+    source, destination = sql_pair
+    other = SQLiteSessionStorage(tmp_path / "other.db")
+    await other.initialize()
+    try:
+        assert await other.source_key() != await source.source_key()
+        by_source = await CopySource.of(source)
+        by_other = await CopySource.of(other)
+
+        first = await copy_begins(by_source, destination)
+        await asyncio.sleep(0.002)  # times are kept to the millisecond
+        second = await copy_begins(by_source, destination)
+        from_other = await copy_begins(by_other, destination)
+
+        await copy_finished(by_source, first, destination)
+        assert {c.started_at for c in await unfinished_copies(destination)} == {
+            second.started_at,
+            from_other.started_at,
+        }
+        again = await copy_begins(by_source, destination)
+        await copy_finished(by_source, again, destination)
+        assert [c.source for c in await unfinished_copies(destination)] == [repr(other)]
+        await copy_finished(by_other, from_other, destination)
+        assert await unfinished_copies(destination) == []
+    finally:
+        await other.close()
+
+
+@pytest.mark.sqlite
+async def test_a_copy_of_a_sqlite_store_is_the_same_source_to_the_notes(tmp_path: Path) -> None:
+    async with SQLiteSessionStorage(tmp_path / "store.db") as store:
+        await store.save_session(ChatSession.create("m"))
+        key = await store.source_key()
+    shutil.copyfile(tmp_path / "store.db", tmp_path / "copy.db")
+    async with SQLiteSessionStorage(tmp_path / "copy.db") as copy:
+        assert await copy.source_key() == key
+        assert copy.token != store.token
