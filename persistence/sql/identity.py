@@ -1,10 +1,10 @@
-"""Which database a PostgreSQL server serves: its cluster, the database in it, and the
-schema the store's tables are in.
+"""Which database a PostgreSQL server serves: its cluster, the database in it, the
+schema the store's tables are in, and the store's own id there.
 
-A storage's bookkeeping token (persistence.turns) names the store by it, so one store
-is one store through any URL, pool or replica, and another database (a dump restored
-elsewhere) is another; a read replica serves reads only while it shows the primary's
-(persistence.sql.standby).
+A storage's bookkeeping token (persistence.turns) names the store by its id, oid and
+schema, so one store is one store through any URL, pool, replica or role, and another
+database or schema is another; a read replica serves reads only while it shows the
+primary's cluster, database and schema (persistence.sql.standby).
 """
 
 from __future__ import annotations
@@ -24,18 +24,11 @@ SYSTEM_IDENTIFIER = "SELECT system_identifier FROM pg_control_system()"
 # When the server started: a physical copy of the cluster (a promoted standby, a clone)
 # keeps the identity above, but runs apart from it, started at another moment.
 SERVER_STARTED = "SELECT pg_postmaster_start_time()::text"
-# And whether every role may read the identifier (PUBLIC may run pg_control_system()):
-# where some may not, no role's token holds it, so that one store is one token whatever
-# role reaches it (found by attack: an application role denied it and an administrator
-# allowed it were two stores of one database).
 DATABASE_OID_AND_SCHEMA = (
-    "SELECT oid, current_schema(),"
-    " coalesce(has_function_privilege('public',"
-    " to_regprocedure('pg_catalog.pg_control_system()'), 'EXECUTE'), false)"
-    " FROM pg_database WHERE datname = current_database()"
+    "SELECT oid, current_schema() FROM pg_database WHERE datname = current_database()"
 )
 # The id the store drew when it was made (revision 0015), in the schema of unqualified
-# names: read where the server withholds its system identifier.
+# names: what a storage's token names the store by.
 STORE_ID = "SELECT value FROM persistence_store WHERE name = 'store_id'"
 
 
@@ -48,29 +41,28 @@ class Identity:
     system: int | None
     oid: int
     schema: str | None = None
-    shared: bool = True
-    """Whether every role may read `system` (PUBLIC may run pg_control_system())."""
     store: str | None = None
-    """The store's id, read where `system` does not name the store (not `shared`)."""
+    """The store's own id (None: the database holds none this role may read)."""
     unread: str | None = None
-    """Why `store` is None there (a privilege, a missing row)."""
+    """Why `store` is None (no table, a privilege, a missing row)."""
 
     def token(self) -> str | None:
         """The store's bookkeeping token (SessionStorage.token): one store through any
-        URL, pool, replica or role; None where it cannot be known (`unread` says why).
+        URL, pool, replica or role; None where the store's id cannot be read (`unread`
+        says why).
 
         Found by attack: two stores in two schemas of one database had one token, so
         a session saved to one was refused by the other as deleted, and `migrate`
         between them called them the same store.
 
-        Where not every role may read the cluster's identifier, the store's own id
-        stands for it. The URL as displayed did, which made two spellings of one
-        database two stores: a save through one of a session loaded through the other
-        wrote over another writer's later changes. A copy of the database (a dump
-        restored elsewhere) keeps the id, as a physical copy keeps the cluster's.
+        The store's own id, with the oid and schema, names it: not the cluster's
+        identifier, which some hosts withhold from some roles (found by attack: two
+        spellings of one database's URL, then two roles, then storages opened before
+        and after a REVOKE, were two stores, and a stale save through one wrote over
+        another writer's later changes). A copy of the database keeps the id, as a
+        physical copy keeps the cluster's identifier: a dump restored on another
+        server is one store with it to the bookkeeping, told apart by running_instance.
         """
-        if self.shared and self.system is not None:
-            return f"{self.system}:{self.oid}:{self.schema}"
         if self.store is None:
             return None
         return f"store {self.store}:{self.oid}:{self.schema}"
@@ -106,7 +98,7 @@ async def identity_of(connection: Any) -> Identity:
     """The identity of the database an asyncpg connection serves."""
     import asyncpg
 
-    oid, schema, shared = await connection.fetchrow(DATABASE_OID_AND_SCHEMA)
+    oid, schema = await connection.fetchrow(DATABASE_OID_AND_SCHEMA)
     try:
         system = await connection.fetchval(SYSTEM_IDENTIFIER)
     except (
@@ -121,11 +113,8 @@ async def identity_of(connection: Any) -> Identity:
         # through it of a session loaded through another storage of the same store
         # wrote over that session's later changes.
         system = None
-    system = None if system is None else int(system)
-    if shared and system is not None:
-        return Identity(system, int(oid), schema)
     store, unread = await _store_id(connection)
-    return Identity(system, int(oid), schema, bool(shared), store, unread)
+    return Identity(None if system is None else int(system), int(oid), schema, store, unread)
 
 
 async def _store_id(connection: Any) -> tuple[str | None, str | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from sqlalchemy import Table, bindparam, delete, select, text
+from sqlalchemy import Table, bindparam, delete, insert, select
 
 from persistence.sql.runner import Execute, Fetch, Work
 from persistence.sql.statements import Statement
@@ -17,13 +17,7 @@ READ_NOTES = Statement(
 )
 READ_STORE_ID = Statement(select(_notes.c.value).where(_notes.c.name == STORE_ID))
 DELETE_NOTE = Statement(delete(_notes).where(_notes.c.name == bindparam("name")))
-# One statement, so two writers of one note never collide on its key.
-SET_NOTE = Statement(
-    text(
-        "INSERT INTO persistence_store (name, value) VALUES (:name, :value)"
-        " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-    )
-)
+INSERT_NOTE = Statement(insert(_notes).values(name=bindparam("name"), value=bindparam("value")))
 
 
 def read_notes() -> Work[dict[str, str]]:
@@ -37,7 +31,8 @@ def read_store_id() -> Work[str | None]:
 
 
 def write_note(name: str, value: str | None) -> Work[None]:
-    if value is None:
-        yield Execute(DELETE_NOTE, {"name": name})
-    else:
-        yield Execute(SET_NOTE, {"name": name, "value": value})
+    """Sets or removes a note. Not an upsert: a copy's note is a new name each run
+    (persistence.transfer.unfinished), and a copy's statements never say ON CONFLICT."""
+    yield Execute(DELETE_NOTE, {"name": name})
+    if value is not None:
+        yield Execute(INSERT_NOTE, {"name": name, "value": value})

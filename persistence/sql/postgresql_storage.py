@@ -178,13 +178,12 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 identity = await database_identity(self.engine)
             token = identity.token()
             if token is None:
-                # Found by attack: the token fell back to the URL as displayed, and two
-                # spellings of one database were two stores (persistence.sql.identity).
+                # Found by attack: a token of the URL as displayed made two spellings of
+                # one database two stores (persistence.sql.identity).
                 raise PersistenceError(
-                    f"{self._where}: the server withholds its system identifier"
-                    f" (pg_control_system()) from some roles and {identity.unread};"
-                    " without either, storages reaching this database by other URLs or"
-                    " roles could not know it is one store"
+                    f"{self._where}: the store's id cannot be read: {identity.unread};"
+                    " without it, storages reaching this database by other URLs or roles"
+                    " could not know it is one store"
                 )
             if not opening and self._identity not in (None, token):
                 # Found by attack: a store_id deleted and drawn again, then initialize()

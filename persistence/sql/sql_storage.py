@@ -649,14 +649,16 @@ class SqlSessionStorage(SessionStorage):
 
     async def source_key(self) -> str:
         found = await self._run(notes.read_store_id(), "read the store's id", write=False)
-        return await super().source_key() if found is None else f"id {found}"
+        # The file's and the id both: a cp of a SQLite file keeps the id but diverges
+        # (found by attack), and a later file may take a deleted one's inode.
+        return f"store {self.token} id {found}"
 
     async def read_notes(self) -> dict[str, str]:
         return await self._run(notes.read_notes(), "read the store's notes", write=False)
 
     async def write_note(self, name: str, value: str | None) -> None:
         checked = check_note_name(name), check_note_value(value)
-        await self._run(notes.write_note(*checked), "write a note", write=True, single=True)
+        await self._run(notes.write_note(*checked), "write a note", write=True)
 
     async def set_status(self, session_ids: Sequence[str], status: Status) -> int:
         ids = lookup_ids(session_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import sqlite3
@@ -289,12 +290,22 @@ async def _restore_sqlite(
         try:
             await source.initialize()
             await check_backup_rows(source, path)
-            # Named by the backup, keyed by the store it is a backup of: a restore run
-            # again, from that file by any path or name, takes the note over.
-            noted = CopySource(f"the backup {path}", await source.source_key())
+            # Named by the backup, keyed by its content: a restore run again from that
+            # file, by any path, link or copy, takes the note over; another backup of
+            # the store (older, newer) does not (found by attack: keyed by the store,
+            # a finished restore of Monday's backup cleared the note of a stopped one
+            # of Tuesday's).
+            digest = await in_thread_to_the_end(_digest, copy)
+            noted = CopySource(f"the backup {path}", f"backup {digest}")
             return await copy_and_verify(source, storage, True, progress_callback, noted_as=noted)
         finally:
             await to_the_end(source.close())
+
+
+def _digest(path: Path) -> str:
+    """A digest of a file's content (BLAKE2b: 200 MB in 0.26 s here)."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "blake2b").hexdigest()
 
 
 def _refuse_own_file(storage: SessionStorage, path: Path) -> None:

@@ -67,17 +67,22 @@ class CopySource:
 
 @dataclass(frozen=True, slots=True)
 class CopyNote:
-    """The note one copy wrote: its name, and when the copy began."""
+    """The note one copy wrote: its name, and its run's number among the copies from
+    its source into the destination (each one more than the greatest noted there)."""
 
     name: str
-    started_at: datetime
+    run: int
 
 
 async def copy_begins(source: CopySource, destination: SessionStorage) -> CopyNote:
     """Notes in `destination` (open) that a copy from `source` has begun."""
-    started = utc_now()
-    note = CopyNote(f"{source.prefix}{random_hex_id()[:16]}", started)
-    value = {"source": source.shown, "started_at": started.isoformat()}
+    runs = [
+        _run_of(value)
+        for name, value in (await destination.read_notes()).items()
+        if name.startswith(source.prefix)
+    ]
+    note = CopyNote(f"{source.prefix}{random_hex_id()[:16]}", max(runs, default=0) + 1)
+    value = {"source": source.shown, "started_at": utc_now().isoformat(), "run": note.run}
     await destination.write_note(note.name, json.dumps(value))
     return note
 
@@ -85,17 +90,21 @@ async def copy_begins(source: CopySource, destination: SessionStorage) -> CopyNo
 async def copy_finished(source: CopySource, note: CopyNote, destination: SessionStorage) -> None:
     """Removes `note`: every batch of its copy has committed. And the notes of copies
     from the same source begun before it (killed, stopped): this one, begun after them,
-    has written what they would have."""
+    has written what they would have. Before, by their runs' numbers, not the clock
+    (found by attack: a clock stepped back between a killed copy and its rerun left the
+    killed one's note)."""
     for name, value in (await destination.read_notes()).items():
-        if name == note.name or (
-            name.startswith(source.prefix) and _began_before(value, note.started_at)
-        ):
+        if name == note.name or (name.startswith(source.prefix) and _run_of(value) < note.run):
             await destination.write_note(name, None)
 
 
-def _began_before(value: str, moment: datetime) -> bool:
-    started = _read(value).started_at
-    return started is None or started < moment
+def _run_of(value: str) -> int:
+    """A note's run number; 0 for an illegible one (superseded by any run)."""
+    try:
+        run = json.loads(value)["run"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        return 0
+    return run if type(run) is int else 0
 
 
 async def unfinished_copies(storage: SessionStorage) -> list[UnfinishedCopy]:

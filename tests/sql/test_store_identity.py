@@ -146,18 +146,13 @@ async def test_a_connection_ended_while_the_store_is_identified_fails_the_open(
         await storage.initialize()
     await storage.close()
 
-    async with PostgreSQLSessionStorage(
-        postgresql_url, min_pool_size=1, max_pool_size=1
-    ) as healthy:
-        system = healthy.token.split(":")[1]
-    assert system.isdigit()  # the cluster's identifier, as this server tells it
     connection = await asyncpg.connect(plain)
     try:
         await connection.execute("DROP FUNCTION cut.pg_control_system()")
     finally:
         await connection.close()
     async with PostgreSQLSessionStorage(cut_url, min_pool_size=1, max_pool_size=1) as reopened:
-        assert reopened.token.split(":")[1] == system
+        assert reopened.token.endswith(":cut")  # the store of schema cut, identified
 
 
 @pytest.fixture
@@ -309,7 +304,7 @@ async def test_a_withholding_database_whose_store_id_cannot_be_read_is_refused(
         storage = PostgreSQLSessionStorage(url, min_pool_size=1, max_pool_size=1)
         with pytest.raises(PersistenceError, match=named) as refused:
             await storage.initialize()
-        assert "withholds its system identifier" in str(refused.value)
+        assert "the store's id cannot be read" in str(refused.value)
         with pytest.raises(PersistenceError):
             await storage.load_session("anything")
         await storage.close()
@@ -339,3 +334,29 @@ async def test_an_open_storage_never_moves_to_another_identity(
             await first.initialize()
         assert first.token == token
         assert await first.load_session("anything") is None  # still open, as it was
+
+
+@pytest.mark.postgresql
+async def test_a_revoke_while_storages_are_open_leaves_one_store(
+    withheld_identifier_urls: tuple[str, str, str],
+) -> None:
+    """Found by attack: the token held the cluster's identifier while PUBLIC could read
+    it, the store's id once not, so storages opened before and after a REVOKE (a
+    hardening step on a running service) were two stores, and a stale save through the
+    later one undid a write through the earlier one. The store's id names it now."""
+    import asyncpg
+
+    first_url, other_spelling, another = withheld_identifier_urls
+    admin = make_url(first_url).set(username="postgres").render_as_string()
+    connection = await asyncpg.connect(servers.plain_postgresql_url(admin))
+    try:
+        await connection.execute("GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC")
+        async with PostgreSQLSessionStorage(first_url, min_pool_size=1, max_pool_size=2) as early:
+            await connection.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+            async with PostgreSQLSessionStorage(
+                other_spelling, min_pool_size=1, max_pool_size=2
+            ) as late:
+                assert early.token == late.token
+    finally:
+        await connection.close()
+    await _test_one_store_through(first_url, other_spelling, another)

@@ -562,3 +562,29 @@ async def test_a_restore_stopped_half_way_is_noted_by_its_backup_until_run_again
         await restore_backup(other_sqlite, tmp_path / again)
         assert await unfinished_copies(other_sqlite) == [], again
     assert await snapshot(other_sqlite) == await snapshot(sqlite_storage)
+
+
+async def test_a_restore_of_another_backup_of_the_store_leaves_a_stopped_ones_note(
+    sqlite_storage: SessionStorage, other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: keyed by the store backed up, a finished restore of Monday's
+    backup (1 session) cleared the note of a stopped restore of Tuesday's (30): the
+    destination lacked most of Tuesday's, and nothing said so."""
+    await sqlite_storage.save_session(ChatSession.create("m", session_id="monday"))
+    monday = await backup_storage(sqlite_storage, tmp_path / "monday")
+    await sqlite_storage.insert_sessions(
+        [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(29)]
+    )
+    tuesday = await backup_storage(sqlite_storage, tmp_path / "tuesday")
+
+    def stop(done: int, total: int) -> None:
+        if done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await restore_backup(other_sqlite, tuesday["path"], progress_callback=stop)
+    await restore_backup(other_sqlite, monday["path"])
+    [left] = await unfinished_copies(other_sqlite)
+    assert left.source == f"the backup {tuesday['path']}"
+    await restore_backup(other_sqlite, tuesday["path"])
+    assert await unfinished_copies(other_sqlite) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tracemalloc
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from persistence import (
     SessionStorage,
     SQLiteSessionStorage,
 )
+from persistence.clock import utc_now
 from persistence.sql.runner import traced
-from persistence.transfer import migrate_storage, verify_migration
+from persistence.transfer import migrate_storage, unfinished, verify_migration
 from persistence.transfer.unfinished import (
     CopySource,
     copy_begins,
@@ -400,32 +402,32 @@ async def test_migration_memory_does_not_grow_with_the_store(tmp_path: Path) -> 
 
 
 async def test_a_finished_copy_removes_its_note_and_older_ones_from_its_source_only(
-    sql_pair: Pair, tmp_path: Path
+    sql_pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each copy has a note of its own (found by attack: one note per source, so a copy
     that finished removed the note of one still running beside it). A copy that
     finishes removes its own, and those of copies from its source begun before it
-    (killed or stopped: it wrote what they would have), never one begun after it or
-    one from another store, also a SQLite file at the inode of a deleted source
-    (found by attack: the note was keyed by the file's inode)."""
+    (killed or stopped: it wrote what they would have), by their runs' numbers, not
+    the clock (found by attack: a clock stepped back left the killed copy's note);
+    never one begun after it, or one from another store: a copy of a SQLite file that
+    has diverged, or a file at the inode of a deleted source (found by attack)."""
     source, destination = sql_pair
     other = SQLiteSessionStorage(tmp_path / "other.db")
     await other.initialize()
     try:
-        assert await other.source_key() != await source.source_key()
         by_source = await CopySource.of(source)
         by_other = await CopySource.of(other)
+        assert by_source.prefix != by_other.prefix
 
         first = await copy_begins(by_source, destination)
-        await asyncio.sleep(0.002)  # times are kept to the millisecond
         second = await copy_begins(by_source, destination)
         from_other = await copy_begins(by_other, destination)
+        assert (first.run, second.run, from_other.run) == (1, 2, 1)
 
-        await copy_finished(by_source, first, destination)
-        assert {c.started_at for c in await unfinished_copies(destination)} == {
-            second.started_at,
-            from_other.started_at,
-        }
+        await copy_finished(by_source, first, destination)  # the second stays
+        assert len(await unfinished_copies(destination)) == 2
+        stepped_back = utc_now() - timedelta(hours=1)
+        monkeypatch.setattr(unfinished, "utc_now", lambda: stepped_back)
         again = await copy_begins(by_source, destination)
         await copy_finished(by_source, again, destination)
         assert [c.source for c in await unfinished_copies(destination)] == [repr(other)]
@@ -436,11 +438,12 @@ async def test_a_finished_copy_removes_its_note_and_older_ones_from_its_source_o
 
 
 @pytest.mark.sqlite
-async def test_a_copy_of_a_sqlite_store_is_the_same_source_to_the_notes(tmp_path: Path) -> None:
+async def test_a_copy_of_a_sqlite_store_is_another_source_to_the_notes(tmp_path: Path) -> None:
+    """Found by attack: keyed by the store's id alone, a finished copy from a diverged
+    `cp` of a store cleared the note of a stopped copy from the store itself."""
     async with SQLiteSessionStorage(tmp_path / "store.db") as store:
         await store.save_session(ChatSession.create("m"))
         key = await store.source_key()
     shutil.copyfile(tmp_path / "store.db", tmp_path / "copy.db")
     async with SQLiteSessionStorage(tmp_path / "copy.db") as copy:
-        assert await copy.source_key() == key
-        assert copy.token != store.token
+        assert await copy.source_key() != key

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,13 @@ def copies() -> Iterator[tuple[Cluster, Cluster]]:
         _as_postgres(f"{original.bin}/initdb -A trust -U postgres -D {original.directory}")
         original.start()
         _as_postgres(f"{original.bin}/createdb -h 127.0.0.1 -p {original.port} store")
+        # A store before the copy: the copy keeps its id (revision 0015), as it keeps the
+        # cluster's identifier.
+        subprocess.run(
+            [sys.executable, "-m", "persistence", "--url", original.url, "upgrade"],
+            check=True,
+            capture_output=True,
+        )
         original.stop()
         shutil.copytree(original.directory, copy.directory, symlinks=True)
         subprocess.run(["chown", "-R", "postgres", str(copy.directory)], check=True)
