@@ -286,17 +286,18 @@ async def _restore_sqlite(
         except OSError as exc:
             raise file_error("cannot read", path, exc) from exc
         _check_sqlite_backup(copy, path)
+        # Named by the backup, keyed by its content: a restore run again from that file,
+        # by any path, link or copy, takes the note over; another backup of the store
+        # (older, newer) does not (found by attack: keyed by the store, a finished
+        # restore of Monday's backup cleared the note of a stopped one of Tuesday's).
+        # Read before initialize(), which may bring the copy to head (an attack saw the
+        # digest survive that only because the upgrade stayed in the -wal).
+        digest = await in_thread_to_the_end(_digest, copy)
+        noted = CopySource(f"the backup {path}", f"backup {digest}")
         source = SQLiteSessionStorage(copy)
         try:
             await source.initialize()
             await check_backup_rows(source, path)
-            # Named by the backup, keyed by its content: a restore run again from that
-            # file, by any path, link or copy, takes the note over; another backup of
-            # the store (older, newer) does not (found by attack: keyed by the store,
-            # a finished restore of Monday's backup cleared the note of a stopped one
-            # of Tuesday's).
-            digest = await in_thread_to_the_end(_digest, copy)
-            noted = CopySource(f"the backup {path}", f"backup {digest}")
             return await copy_and_verify(source, storage, True, progress_callback, noted_as=noted)
         finally:
             await to_the_end(source.close())

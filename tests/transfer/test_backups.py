@@ -588,3 +588,32 @@ async def test_a_restore_of_another_backup_of_the_store_leaves_a_stopped_ones_no
     assert left.source == f"the backup {tuesday['path']}"
     await restore_backup(other_sqlite, tuesday["path"])
     assert await unfinished_copies(other_sqlite) == []
+
+
+async def test_a_backup_from_before_revision_0015_is_one_backup_to_the_notes(
+    sqlite_storage: SessionStorage, other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: a backup taken before revision 0015 (no store id) drew a new id
+    in each restore's scratch copy, so a key of the store's id never matched and the
+    stopped restore's note stayed. The key is the backup's content, read before the
+    scratch copy is brought to head."""
+    await sqlite_storage.insert_sessions(
+        [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(12)]
+    )
+    backup = await backup_storage(sqlite_storage, tmp_path / "backups")
+    old = sqlite3.connect(backup["path"])
+    with old:
+        old.execute("DROP TABLE persistence_store")
+        old.execute("UPDATE persistence_alembic_version SET version_num = '0014'")
+    old.close()  # the last connection: its -wal goes into the file
+    os.chmod(backup["path"], 0o400)
+
+    def stop(done: int, total: int) -> None:
+        if done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await restore_backup(other_sqlite, backup["path"], progress_callback=stop)
+    assert len(await unfinished_copies(other_sqlite)) == 1
+    await restore_backup(other_sqlite, backup["path"])
+    assert await unfinished_copies(other_sqlite) == []
