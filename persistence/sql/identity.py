@@ -60,8 +60,9 @@ class Identity:
         spellings of one database's URL, then two roles, then storages opened before
         and after a REVOKE, were two stores, and a stale save through one wrote over
         another writer's later changes). A copy of the database keeps the id, as a
-        physical copy keeps the cluster's identifier: a dump restored on another
-        server is one store with it to the bookkeeping, told apart by running_instance.
+        physical copy keeps the cluster's identifier: on another server, in a database
+        of the same oid, it is one store with it to the bookkeeping, told apart by
+        running_instance.
         """
         if self.store is None:
             return None
