@@ -663,9 +663,9 @@ class SessionStorage(ABC):
 
     async def source_key(self) -> str:
         """What a copy from this store is known by in the destination's notes (see
-        persistence.transfer.unfinished): the store's token; on SQL with the store's
-        own id, which another file reusing a deleted one's inode does not have (found
-        by attack)."""
+        persistence.transfer.unfinished): the store's token (on PostgreSQL it holds the
+        store's own id); on SQLite with the store's id, which another file reusing a
+        deleted one's inode does not have (found by attack)."""
         return f"store {self.token}"
 
     @abstractmethod

@@ -9,7 +9,7 @@ primary's cluster, database and schema (persistence.sql.standby).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -35,8 +35,8 @@ STORE_ID = "SELECT value FROM persistence_store WHERE name = 'store_id'"
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Which database a server serves: its cluster (None: not told), its oid, and the
-    schema of unqualified names (None: no schema of the search path exists); and, where
-    the cluster is not told, the id the store there drew (None: none found)."""
+    schema of unqualified names (None: no schema of the search path exists); and, for
+    the store's own database (database_identity), the id its store drew."""
 
     system: int | None
     oid: int
@@ -114,8 +114,7 @@ async def identity_of(connection: Any) -> Identity:
         # through it of a session loaded through another storage of the same store
         # wrote over that session's later changes.
         system = None
-    store, unread = await _store_id(connection)
-    return Identity(None if system is None else int(system), int(oid), schema, store, unread)
+    return Identity(None if system is None else int(system), int(oid), schema)
 
 
 async def _store_id(connection: Any) -> tuple[str | None, str | None]:
@@ -151,6 +150,9 @@ class NotThisDatabase(Exception):
 
 
 async def database_identity(engine: AsyncEngine) -> Identity:
-    """The identity of the database a pool's connections serve."""
+    """The identity of the database a pool's connections serve, with its store's id:
+    the token's (a replica's connections are checked by identity_of alone, without it)."""
     async with driver_connection(engine) as driver:
-        return await identity_of(driver)
+        identity = await identity_of(driver)
+        store, unread = await _store_id(driver)
+    return replace(identity, store=store, unread=unread)

@@ -647,12 +647,6 @@ class SqlSessionStorage(SessionStorage):
             single=True,
         )
 
-    async def source_key(self) -> str:
-        found = await self._run(notes.read_store_id(), "read the store's id", write=False)
-        # The file's and the id both: a cp of a SQLite file keeps the id but diverges
-        # (found by attack), and a later file may take a deleted one's inode.
-        return f"store {self.token} id {found}"
-
     async def read_notes(self) -> dict[str, str]:
         return await self._run(notes.read_notes(), "read the store's notes", write=False)
 

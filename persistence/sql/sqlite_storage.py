@@ -21,7 +21,7 @@ from persistence.errors import (
     StorageConnectionError,
 )
 from persistence.event_loops import in_thread_to_the_end, running_loop, to_the_end
-from persistence.sql import indexing
+from persistence.sql import indexing, notes
 from persistence.sql.engines import (
     check_sqlite_path,
     open_sqlite,
@@ -149,6 +149,12 @@ class SQLiteSessionStorage(SqlSessionStorage):
             return os.path.samefile(self._file, path)
         except OSError:
             return False
+
+    async def source_key(self) -> str:
+        # The file's token and the store's id both: a cp of the file keeps the id but
+        # diverges (found by attack), and a later file may take a deleted one's inode.
+        found = await self._run(notes.read_store_id(), "read the store's id", write=False)
+        return f"{await super().source_key()} id {found}"
 
     def own_file(self, path: str | Path) -> str | None:
         return sqlite_file_role(path, self._file)

@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from persistence.clock import utc_now
 from persistence.identifiers import random_hex_id
@@ -100,10 +101,7 @@ async def copy_finished(source: CopySource, note: CopyNote, destination: Session
 
 def _run_of(value: str) -> int:
     """A note's run number; 0 for an illegible one (superseded by any run)."""
-    try:
-        run = json.loads(value)["run"]
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
-        return 0
+    run = _parsed(value).get("run")
     return run if type(run) is int else 0
 
 
@@ -124,12 +122,21 @@ def _read(value: str) -> UnfinishedCopy:
     """A note of `copy_begins`; one edited by hand into something else is still shown
     (found by attack: a time without its offset, or JSON nested too deep, failed
     `stats`)."""
+    note = _parsed(value)
     try:
-        note = json.loads(value)
         started = datetime.fromisoformat(note["started_at"])
         source = note["source"]
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+    except (ValueError, TypeError, KeyError):
         return UnfinishedCopy(value, None)
     if started.tzinfo is None:
         return UnfinishedCopy(str(source), None)
     return UnfinishedCopy(str(source), started.astimezone(UTC))
+
+
+def _parsed(value: str) -> dict[str, Any]:
+    """A note's JSON object; empty where it is none (edited by hand)."""
+    try:
+        note = json.loads(value)
+    except (ValueError, RecursionError):
+        return {}
+    return note if isinstance(note, dict) else {}
