@@ -114,12 +114,34 @@ def sqlite_kind_of_descriptor(descriptor: int) -> str | None:
     if not S_ISREG(opened.st_mode):
         return None
     path = _path_of(descriptor, opened)
-    head = _head_of(descriptor, opened)
-    for magic, kind in _SQLITE_HEADS:
-        if head.startswith(magic):
-            return f"a SQLite {kind}" if path is None else f"the SQLite {kind} {path}"
+    if (kind := _kind_by_head(_head_of(descriptor, opened))) is not None:
+        return f"a SQLite {kind}" if path is None else f"the SQLite {kind} {path}"
     if path is not None and (journal := journal_beside_a_database(path)) is not None:
         return f"the SQLite {journal[0]} {path}"
+    return None
+
+
+def sqlite_kind_of_path(path: str | Path) -> str | None:
+    """What SQLite file `path` stands for, as sqlite_kind_of_descriptor tells an open
+    file: "a SQLite database" (a write-ahead log, a hot rollback journal) by how it
+    begins, "the write-ahead log of the SQLite database X" (or another journal) by its
+    name beside a database X; None if it is not there, not a regular file or neither.
+
+    Found by attack: `export-all other.db` replaced another store's database with the
+    export, and `export-all other.db-wal` wrote into its log; only the configured
+    store's own files were refused.
+    """
+    if (kind := _kind_by_head(_head_at(os.fspath(path)))) is not None:
+        return f"a SQLite {kind}"
+    if (journal := journal_beside_a_database(path)) is not None:
+        return f"the {journal[0]} of the SQLite database {journal[1]}"
+    return None
+
+
+def _kind_by_head(head: bytes) -> str | None:
+    for magic, kind in _SQLITE_HEADS:
+        if head.startswith(magic):
+            return kind
     return None
 
 
@@ -207,7 +229,8 @@ def _path_of(descriptor: int, opened: os.stat_result) -> str | None:
 
 
 def refuse_own_file(storage: SessionStorage, path: str | Path) -> None:
-    """Refuses to write `path` if it is one of `storage`'s own files.
+    """Refuses to write `path` if it is one of `storage`'s own files, or any other
+    SQLite database or journal (refuse_database_file).
 
     Found by attack: export_to_json into the store's own file replaced the database
     with the export and reported success (the CLI refused it; the library did not).
@@ -217,3 +240,15 @@ def refuse_own_file(storage: SessionStorage, path: str | Path) -> None:
     """
     if (role := storage.own_file(path)) is not None:
         raise InvalidDataError(f"refusing to write {path}: it is {role} (give another file name)")
+    refuse_database_file(path)
+
+
+def refuse_database_file(path: str | Path) -> None:
+    """Refuses to write an export or a rendering over `path` if it is a SQLite database
+    or journal (sqlite_kind_of_path): text written there destroys a database.
+
+    Raises:
+        InvalidDataError: naming the file and what it is.
+    """
+    if (kind := sqlite_kind_of_path(path)) is not None:
+        raise InvalidDataError(f"refusing to write {path}: it is {kind} (give another file name)")

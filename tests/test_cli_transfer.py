@@ -1056,6 +1056,43 @@ def test_no_output_replaces_the_sqlite_store_or_its_journals(tmp_path: Path) -> 
 
 
 @pytest.mark.sqlite
+def test_no_output_replaces_another_sqlite_database_or_its_journals(tmp_path: Path) -> None:
+    """Found by attack: only the configured store's own files were refused, so
+    `export-all other.db` replaced another store's database with the export, and
+    `export-all other.db-wal` wrote over its log: its last commits lost."""
+    source = _filled(tmp_path, sessions=1)
+    session_id = json.loads(ok("sessions", "list", "--json", "--url", source).stdout)[0][
+        "session_id"
+    ]
+    other = tmp_path / "other.db"
+    writer = sqlite3.connect(other)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")  # its commits stay in the -wal
+    writer.execute("CREATE TABLE kept (value TEXT)")
+    writer.execute("INSERT INTO kept VALUES ('in the log')")
+    writer.commit()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.db").symlink_to(other)
+    files = {name: (tmp_path / name) for name in ("other.db", "other.db-wal", "other.db-shm")}
+    before = {name: path.read_bytes() for name, path in files.items()}
+    named = [*files.values(), tmp_path / "other.db-journal", tmp_path / "elsewhere" / "link.db"]
+    for output in map(str, named):
+        for command in (["export-all", output], ["export", session_id, "-o", output]):
+            error = failed(*command, "--url", source)
+            assert "refusing to write" in error and "SQLite" in error, (output, command)
+    assert {name: path.read_bytes() for name, path in files.items()} == before
+    assert not (tmp_path / "other.db-journal").exists()
+    writer.close()
+    assert sqlite3.connect(other).execute("SELECT value FROM kept").fetchall() == [("in the log",)]
+    # A file of a journal's name beside no database, or beside a file that is not one,
+    # is an ordinary output.
+    (tmp_path / "notes.txt").write_text("not a database")
+    for output in (tmp_path / "x.db-wal", tmp_path / "notes.txt-wal", tmp_path / "notes.txt"):
+        ok("export-all", str(output), "--url", source)
+        assert json.loads(output.read_text())["sessions"][0]["session_id"] == session_id
+
+
+@pytest.mark.sqlite
 def test_backup_refuses_a_symlink_or_a_file_as_its_directory(tmp_path: Path) -> None:
     source = _filled(tmp_path, sessions=1)
     real = tmp_path / "real"

@@ -30,10 +30,11 @@ from persistence.config import (
     mask_url,
 )
 from persistence.config.masking import MaskingFormatter
-from persistence.errors import PersistenceError
+from persistence.errors import InvalidDataError, PersistenceError
 from persistence.formats import json_text, one_line, visible
 from persistence.storage import SessionStorage
 from persistence.store_files import (
+    refuse_database_file,
     sqlite_file_role,
     sqlite_file_roles_of_descriptors,
     sqlite_kind_of_descriptor,
@@ -225,9 +226,16 @@ def store_file(path: Path, config: StorageConfig) -> str | None:
 
 def refuse_store_file(output: Path, config: StorageConfig) -> None:
     """Fails if writing `output` would replace the SQLite store's file or a journal of
-    it (`-`: every command's _refuse_output_into_store has checked it)."""
-    if output != STDIO and (what := store_file(output, config)) is not None:
+    it, or any other SQLite database or journal (`-`: every command's
+    _refuse_output_into_store has checked it)."""
+    if output == STDIO:
+        return
+    if (what := store_file(output, config)) is not None:
         fail(f"refusing to write {output}: it is {what} (give another file name)")
+    try:
+        refuse_database_file(output)
+    except InvalidDataError as exc:
+        fail(str(exc))
 
 
 def refuse_output_into_store(config: StorageConfig) -> None:

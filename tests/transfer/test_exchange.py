@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sqlite3
 import stat
 import threading
 import tracemalloc
@@ -303,6 +305,31 @@ async def test_export_into_the_stores_own_files_is_refused(tmp_path: Path) -> No
     async with SQLiteSessionStorage(path) as reopened:
         loaded = await reopened.load_session(session.session_id)
         assert loaded is not None and [m.content for m in loaded.messages] == ["keep me"]
+
+
+async def test_export_over_another_sqlite_database_or_journal_is_refused(
+    other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: export_to_json and SessionManager.export_to_file refused only
+    the store's own files; over another database they replaced it with the export."""
+    from persistence import SessionManager
+
+    (tmp_path / "out").mkdir()
+    database = tmp_path / "out" / "another.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE t (x)")
+        connection.commit()
+    before = database.read_bytes()
+    manager = SessionManager(other_sqlite, auto_save_enabled=False)
+    session = ChatSession.create("m")
+    await other_sqlite.save_session(session)
+    for target in (database, Path(f"{database}-wal"), Path(f"{database}-journal")):
+        with pytest.raises(InvalidDataError, match=r"refusing to write .*: it is .*SQLite"):
+            await export_to_json(other_sqlite, target)
+        with pytest.raises(InvalidDataError, match=r"refusing to write .*: it is .*SQLite"):
+            await manager.export_to_file(session.session_id, target, "text")
+    assert database.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["another.db"]
 
 
 async def test_export_writes_through_a_fifo(other_sqlite: SessionStorage, tmp_path: Path) -> None:
