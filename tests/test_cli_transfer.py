@@ -419,7 +419,7 @@ def test_data_moving_commands_have_help() -> None:
         assert "--config" in result.output and "--url" in result.output
 
 
-async def _many_sessions(path: Path, count: int) -> None:
+async def _many_sessions(path: Path, count: int, text: str = "") -> None:
     from persistence import ChatSession, SQLiteSessionStorage
 
     async with SQLiteSessionStorage(path) as storage:
@@ -427,7 +427,7 @@ async def _many_sessions(path: Path, count: int) -> None:
             batch = [ChatSession.create("m") for _ in range(start, min(count, start + 500))]
             for session in batch:
                 for turn in range(5):
-                    session.add_message("user", f"turn {turn}")
+                    session.add_message("user", f"{text}turn {turn}")
             assert await storage.insert_sessions(batch)
 
 
@@ -473,6 +473,59 @@ def test_ctrl_c_during_migrate_says_how_far_it_got_and_a_rerun_resumes(tmp_path:
     assert result["verified"] is True
     assert result["sessions_already_present"] >= done
     assert result["sessions_migrated"] + result["sessions_already_present"] == 4000
+
+
+@pytest.mark.sqlite
+def test_ctrl_c_while_import_checks_its_file_says_interrupted(tmp_path: Path) -> None:
+    """Found by attack: Ctrl-C while `import` checked its file, inside ijson's parser
+    (C code calling back into Python), ended in `error: unexpected SystemError: <method
+    '__contains__' of 'dict' objects> returned a result with an exception set`, status
+    1. Each run is interrupted once it has opened the file, each a little later into the
+    check's parse; nothing is written before the check ends."""
+    import signal
+    import subprocess
+    import sys
+
+    asyncio.run(_many_sessions(tmp_path / "big.db", 3000, text="lorem ipsum dolor " * 12))
+    export = tmp_path / "big.json"
+    ok("export-all", str(export), "--url", f"sqlite:///{tmp_path / 'big.db'}")
+    into = tmp_path / "into.db"
+    ok("upgrade", "--url", f"sqlite:///{into}")
+    command = [
+        sys.executable,
+        "-c",
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+        " runpy.run_module('persistence', run_name='__main__', alter_sys=True)",
+        "import",
+        str(export),
+        "--url",
+        f"sqlite:///{into}",
+    ]
+    for attempt in range(24):  # about one in eight lands where it raised SystemError
+        process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        _wait_until_open(process.pid, export)
+        time.sleep(0.01 * attempt)  # somewhere else in the parse each time
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=60)
+        assert process.returncode == 130, (attempt, errors[-2000:])
+        assert errors.rstrip().endswith("error: interrupted"), errors[-2000:]
+        assert "unexpected" not in errors and "Traceback" not in errors
+    assert counts(f"sqlite:///{into}") == (0, 0, 0)
+
+
+def _wait_until_open(pid: int, path: Path) -> None:
+    """Waits until process `pid` has `path` open."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                        return
+        time.sleep(0.001)
+    raise AssertionError(f"{path} was never opened")
 
 
 @pytest.mark.sqlite

@@ -438,8 +438,26 @@ def _run(
     except KeyboardInterrupt:
         raise  # run() says which signal stopped it
     except Exception as exc:
+        if _interrupted(exc):
+            raise KeyboardInterrupt from exc
         logger.debug("unexpected error", exc_info=True)
         fail(f"unexpected {type(exc).__name__}: {exc} (run with -vv for the traceback)")
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` came of a KeyboardInterrupt (Ctrl-C, or SIGTERM: _terminated_as_
+    interrupted) raised inside C code that called back into Python and did not pass it
+    on as it was. Found by attack: Ctrl-C while `import` checked its file, in ijson's
+    parser, ended in `error: unexpected SystemError: <method '__contains__' of 'dict'
+    objects> returned a result with an exception set`, status 1, not `interrupted`."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _sqlite_file_exists(config: StorageConfig) -> bool:

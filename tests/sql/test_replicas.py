@@ -1110,7 +1110,10 @@ async def test_a_standby_that_refuses_the_checks_connection_keeps_its_slow_reads
     it was abandoned and run again on the primary."""
     writer = await open_storage(replicas=False)
     expected = _ids(await _seed(writer, 3, "refused"))
-    storage = await open_storage(replica_timeout=0.5, replica_retry_interval=30)
+    # A check that connects before the standby's slots are all taken must answer within
+    # the timeout: 1.5 s, as opening ~55 connections on a loaded machine slows every new
+    # one (the suite's run failed once with 0.5 s; alone it passed every time).
+    storage = await open_storage(replica_timeout=1.5, replica_retry_interval=30)
     await wait_caught_up(pair)
     await _routable(storage)
     fillers = []
@@ -1124,7 +1127,7 @@ async def test_a_standby_that_refuses_the_checks_connection_keeps_its_slow_reads
         except asyncpg.TooManyConnectionsError:
             pass
         try:
-            await asyncio.sleep(1.2)  # two of the reads' timeouts: their checks refused
+            await asyncio.sleep(3.2)  # two of the reads' timeouts: their checks refused
         finally:
             for filler in fillers:
                 await filler.close()
