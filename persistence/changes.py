@@ -168,7 +168,9 @@ class Edit:
 
     @property
     def metadata_changed(self) -> bool:
-        return self.current.metadata != self.original.metadata
+        # Not `!=`: Python takes 1, 1.0 and True for one value, the stores do not. Found
+        # by attack: an edit of {"k": 1} to {"k": True} was never written.
+        return not same_value(self.current.metadata, self.original.metadata)
 
 
 @dataclass(slots=True)

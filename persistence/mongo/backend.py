@@ -184,7 +184,7 @@ class MongoDBSessionStorage(SessionStorage):
         PostgreSQL, it is refused naming the cause."""
         refuse_another_loop(
             _bound_loop(self._client) or self._loop,
-            f"mongodb storage {self._display_url}",
+            lambda: f"mongodb storage {self._display_url}",
             "its client (bound at its first use) belongs",
         )
 

@@ -161,7 +161,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         # loop that made them; from another one every call failed with a raw
         # RuntimeError, or as "database unreachable", for good.
         refuse_another_loop(
-            self._loop, f"postgresql storage {self._where}", "its connections belong"
+            self._loop, lambda: f"postgresql storage {self._where}", "its connections belong"
         )
 
     async def _open(self, *, read_only: bool) -> None:

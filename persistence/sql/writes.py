@@ -26,6 +26,7 @@ from persistence.changes import (
     conflicts,
     merge_metadata,
     resolve_unconfirmed,
+    same_value,
 )
 from persistence.errors import InvalidDataError, SessionConflictError, SessionDeletedError
 from persistence.models import ChatMessage
@@ -319,7 +320,7 @@ def _locked_write(
         plan.exact
         and plan.certain
         and revision == plan.revision
-        and merged == plan.metadata
+        and same_value(merged, plan.metadata)
         and values["model"] == plan.model
         and values["status"] == plan.status
         and values["created_at"] == plan.created_at

@@ -395,6 +395,42 @@ async def test_edit_message_writes_the_edit_and_search_sees_the_new_text(
     assert loaded.messages[0].content == "You are kind. yakword"
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(1, True), (0, False), (1, 1.0), (2.0, 2), ([1], [1.0]), ({"x": True}, {"x": 1})],
+    ids=repr,
+)
+async def test_an_edit_that_changes_only_a_metadata_values_type_is_written(
+    storage: SessionStorage, reopen: Reopen, old: object, new: object
+) -> None:
+    """Found by attack: Python takes 1, 1.0 and True for one value, and an edit of
+    {"k": 1} to {"k": True} (or 1.0) was never written, though save_session returned
+    normally; the stores, and `verify`, tell them apart."""
+    session = await _stored(storage, turns=0)
+    message = session.add_message("user", "hi", metadata={"k": old})
+    await storage.save_session(session)
+    session.edit_message(message.message_id, metadata={"k": new})
+    await storage.save_session(session)
+    stored = (await _load(storage, session.session_id)).messages[0].metadata["k"]
+    assert repr(stored) == repr(new)
+    # Through a unit of work and the manager's auto-save, by another holder, and back.
+    async with reopen(storage) as other:
+        held = await _load(other, session.session_id)
+        held.edit_message(message.message_id, metadata={"k": old})
+        async with other.unit_of_work() as uow:
+            await uow.sessions.add(held)
+            await uow.commit()
+        stored = (await _load(storage, session.session_id)).messages[0].metadata["k"]
+        assert repr(stored) == repr(old)
+        manager = SessionManager(other)
+        managed = await manager.get_session(session.session_id)
+        assert managed is not None
+        managed.edit_message(message.message_id, metadata={"k": new})
+        assert await manager.save_session(managed)
+    stored = (await _load(storage, session.session_id)).messages[0].metadata["k"]
+    assert repr(stored) == repr(new)
+
+
 async def test_rewind_and_pop_remove_messages_from_the_store(storage: SessionStorage) -> None:
     session = await _stored(storage, turns=5)
     keep = session.messages[1]
