@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from math import copysign
 from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeVar, overload
 
 from persistence.frozen_metadata import FrozenDict, FrozenList
@@ -452,7 +453,9 @@ _PLAIN: dict[type, type] = {FrozenDict: dict, FrozenList: list}
 
 def same_value(left: Any, right: Any) -> bool:
     """JSON equality that tells 1, 1.0 and True apart, as every backend stores them (a
-    message's frozen metadata is the same value as the plain one read back)."""
+    message's frozen metadata is the same value as the plain one read back), and 0.0
+    from -0.0 (found by attack: -0.0 put in place of 0.0 was no change, so the save
+    neither wrote it nor refused it, as it refuses -0.0 anywhere else)."""
     left_type, right_type = type(left), type(right)
     if _PLAIN.get(left_type, left_type) is not _PLAIN.get(right_type, right_type):
         return False
@@ -460,6 +463,8 @@ def same_value(left: Any, right: Any) -> bool:
         return left.keys() == right.keys() and all(same_value(left[k], right[k]) for k in left)
     if isinstance(left, list):
         return len(left) == len(right) and all(map(same_value, left, right))
+    if left_type is float and left == 0.0:
+        return bool(right == 0.0 and copysign(1.0, left) == copysign(1.0, right))
     return bool(left == right)
 
 

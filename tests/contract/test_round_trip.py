@@ -170,6 +170,25 @@ def test_a_file_size_that_is_not_a_byte_count_is_refused(size: Any) -> None:
         file_record(size=size)
 
 
+@pytest.mark.parametrize("path", ["k", "a.0"])
+async def test_minus_zero_put_in_place_of_a_stored_zero_is_refused(
+    storage: SessionStorage, path: str
+) -> None:
+    """Found by attack: -0.0 == 0.0 in Python, so -0.0 put in place of a stored 0.0 was
+    no change: the save neither wrote it nor refused it (as it refuses -0.0 anywhere
+    else), and the holder's copy disagreed with the store, unsaid."""
+    session = ChatSession.create("m", metadata={"k": 0.0, "a": [0.0]})
+    await storage.save_session(session)
+    if path == "k":
+        session.metadata["k"] = -0.0
+    else:
+        session.metadata["a"][0] = -0.0
+    with pytest.raises(InvalidDataError, match=r"metadata\.(k|a\[0\]): -0\.0"):
+        await storage.save_session(session)
+    stored = await storage.load_session(session.session_id)
+    assert stored is not None and stored.metadata == {"k": 0.0, "a": [0.0]}
+
+
 @pytest.mark.parametrize("bad", [{1, 2}, "nul\x00", -0.0, float("nan"), 2**64])
 async def test_metadata_changed_in_place_is_checked_by_the_save(
     storage: SessionStorage, bad: Any
