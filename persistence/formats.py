@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 
 from persistence.errors import InvalidDataError
 from persistence.models import ChatMessage, ChatSession, Role
+from persistence.store_files import refuse_database_file
 
 ExportFormat = Literal["json", "text", "markdown"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -282,6 +283,8 @@ def write_atomically(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        # Checked again at the end: a database made there meanwhile is not replaced.
+        refuse_database_file(path)
         os.replace(temp, path)
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ count; a path is the file through any symlink or hard link.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from stat import S_ISREG
@@ -131,11 +132,36 @@ def sqlite_kind_of_path(path: str | Path) -> str | None:
     export, and `export-all other.db-wal` wrote into its log; only the configured
     store's own files were refused.
     """
+    if _unreadable(os.fspath(path)):
+        return "a file this process cannot read, which may be a SQLite database"
     if (kind := _kind_by_head(_head_at(os.fspath(path)))) is not None:
         return f"a SQLite {kind}"
     if (journal := journal_beside_a_database(path)) is not None:
         return f"the {journal[0]} of the SQLite database {journal[1]}"
+    name = os.path.realpath(path)
+    for suffix, kind in _JOURNAL_SUFFIXES:
+        if name.endswith(suffix) and _unreadable(name[: -len(suffix)], follow=False):
+            return (
+                f"named as the {kind} of {name[: -len(suffix)]}, which this process cannot"
+                " read, so it may be a SQLite database"
+            )
     return None
+
+
+def _unreadable(path: str, *, follow: bool = True) -> bool:
+    """Whether `path` is a regular file that this process may not open for reading: it
+    cannot be told from a database. Found by attack: another user's 0600 database in a
+    directory the caller may write was replaced by an export (the rename needs only
+    the directory), and an export named as its -wal made it unopenable."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        os.close(os.open(path, flags))
+    except PermissionError:
+        with contextlib.suppress(OSError):
+            return S_ISREG(os.stat(path, follow_symlinks=follow).st_mode)
+    except OSError:
+        pass
+    return False
 
 
 def _kind_by_head(head: bytes) -> str | None:

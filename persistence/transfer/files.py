@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from persistence.errors import MigrationError
+from persistence.store_files import refuse_database_file
 from persistence.transfer.scratch import partial_file
 
 FILE_MODE = 0o600
@@ -124,6 +125,8 @@ def output_file(target: Path, *, sweep: bool = True) -> Iterator[IO[str]]:
                 yield stream
         except OSError as exc:
             raise file_error("cannot write", target, exc) from exc
+        # Again: a database made there while the export ran would be replaced by it.
+        refuse_database_file(target)
         replace_with(temp, target)
 
 

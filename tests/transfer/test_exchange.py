@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import stat
 import threading
@@ -330,6 +331,86 @@ async def test_export_over_another_sqlite_database_or_journal_is_refused(
             await manager.export_to_file(session.session_id, target, "text")
     assert database.read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["another.db"]
+
+
+async def test_a_database_made_at_the_output_while_the_export_runs_is_not_replaced(
+    other_sqlite: SessionStorage, tmp_path: Path
+) -> None:
+    """Found by attack: the output was checked once, before the store was read, and the
+    temp file renamed over it at the end: a database made there meanwhile was lost."""
+    target = tmp_path / "out.db"
+    await other_sqlite.save_session(ChatSession.create("m"))
+
+    def made_meanwhile(done: int, total: int) -> None:
+        if not target.exists():
+            with contextlib.closing(sqlite3.connect(target)) as connection:
+                connection.execute("CREATE TABLE kept (x)")
+                connection.commit()
+
+    with pytest.raises(InvalidDataError, match=r"out\.db: it is a SQLite database"):
+        await export_to_json(other_sqlite, target, progress_callback=made_meanwhile)
+    with contextlib.closing(sqlite3.connect(target)) as connection:
+        assert connection.execute("SELECT count(*) FROM kept").fetchone() == (0,)
+    assert [name for name in os.listdir(tmp_path) if "partial" in name] == []
+
+
+_UNREADABLE_CHILD = """
+import asyncio, sys
+from persistence import ChatSession, SQLiteSessionStorage
+from persistence.transfer import export_to_json
+
+async def main():
+    async with SQLiteSessionStorage(sys.argv[1]) as storage:
+        await storage.save_session(ChatSession.create("m"))
+        for target in sys.argv[2:]:
+            try:
+                await export_to_json(storage, target)
+                print("written", target)
+            except Exception as exc:
+                print("refused", type(exc).__name__, exc)
+
+asyncio.run(main())
+"""
+
+
+def test_an_export_over_a_file_it_cannot_read_is_refused(tmp_path: Path) -> None:
+    """Found by attack: another user's 0600 database, in a directory the caller may
+    write, counted as "not a database" (its first bytes could not be read), and the
+    export's rename replaced it; an export named as its -wal made it unopenable. Run
+    as a process bound by file permissions: as root, with its capabilities dropped."""
+    import subprocess
+    import sys
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    other = shared / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as connection:
+        connection.execute("CREATE TABLE kept (value TEXT)")
+        connection.execute("INSERT INTO kept VALUES ('precious')")
+        connection.commit()
+    command = [sys.executable, "-c", _UNREADABLE_CHILD, str(tmp_path / "mine.db")]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop the capabilities")
+        os.chown(other, 65534, 65534)  # another user's (nobody's)
+        command = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *command]
+    other.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    before = other.read_bytes()
+    result = subprocess.run(
+        [*command, str(other), f"{other}-wal", f"{other}-journal"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("refused InvalidDataError") for line in lines), (
+        result.stdout + result.stderr
+    )
+    assert "cannot read" in lines[0] and "cannot read" in lines[1]
+    assert other.read_bytes() == before
+    assert sorted(p.name for p in shared.iterdir()) == ["other.db"]
 
 
 async def test_export_writes_through_a_fifo(other_sqlite: SessionStorage, tmp_path: Path) -> None:
