@@ -1146,6 +1146,31 @@ def test_no_output_replaces_another_sqlite_database_or_its_journals(tmp_path: Pa
 
 
 @pytest.mark.sqlite
+def test_an_export_into_a_directory_that_cannot_be_listed_succeeds(tmp_path: Path) -> None:
+    """Found by attack: into a directory the user may write but not read (mode 0300),
+    `export-all` put the whole export in place, then said "cannot write ...:
+    Permission denied" and exited 1 (the directory could not be opened to sync it)."""
+    source = _filled(tmp_path, sessions=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "persistence", "--url", source, "export-all"]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop the capabilities")
+        command = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *command]
+    out.chmod(0o300)
+    try:
+        result = subprocess.run(
+            [*command, str(out / "all.json")], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        out.chmod(0o700)
+    assert result.returncode == 0, result.stderr
+    assert "Exported 1 session(s)" in result.stdout
+    assert json.loads((out / "all.json").read_text())["sessions"][0]["messages"]
+
+
+@pytest.mark.sqlite
 def test_backup_refuses_a_symlink_or_a_file_as_its_directory(tmp_path: Path) -> None:
     source = _filled(tmp_path, sessions=1)
     real = tmp_path / "real"
