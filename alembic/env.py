@@ -20,6 +20,7 @@ the revisions read the database as they go. A refusal of the library is one line
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,12 @@ from persistence.sql.revision_marks import schema_revision
 from persistence.sql.schema import (
     LEGACY_VERSION_TABLE,
     VERSION_TABLE,
+    ForeignTablesError,
     adopt_legacy_version,
     check_references,
     dangling_references,
     examine,
+    examine_sqlite_file,
     script_directory,
     take_migration_lock,
     version_heads,
@@ -182,6 +185,14 @@ def _run(connection: Connection, where: str) -> None:
             take_migration_lock(connection)
             _adopt_legacy_version(connection, where)
             version_table = _VERSION_TABLE
+            if _command() == "upgrade" and connection.dialect.name == "postgresql":
+                # What a SQLite file is refused before it is opened (_engine), in the
+                # run's transaction: another application's table of our name gave a raw
+                # `relation "chat_sessions" already exists`.
+                with contextlib.suppress(ForeignTablesError):
+                    examine(
+                        connection, script_directory(), version_table=_VERSION_TABLE, where=where
+                    )
         before = 0 if reading else dangling_references(connection)
         context.configure(
             connection=connection,
@@ -227,7 +238,25 @@ def _engine(url: URL) -> AsyncEngine:
         return sqlite_engine(url, pragmas, _BUSY_TIMEOUT, target=target, uri=True)
     if not path.exists() or path.stat().st_size == 0:
         pragmas = {"journal_mode": "WAL", **pragmas}
+    elif _command() == "upgrade":
+        # Not before `stamp`: the refusal of a store stamped wrongly says to run it.
+        _refuse_what_alembic_cannot_migrate(path)
     return sqlite_engine(url, pragmas, _BUSY_TIMEOUT).execution_options(**WRITE_OPTIONS)
+
+
+def _refuse_what_alembic_cannot_migrate(path: Path) -> None:
+    """Examines a SQLite file reading only, before a connection that may write opens it,
+    and refuses it as the library does, except where the library's refusal says to run
+    this (another application's tables, none of our names: ours are made beside them).
+
+    Found by attack: beside another application's `chat_sessions` the run failed on
+    "table chat_sessions already exists", after its connection had rolled back the
+    file's hot journal (434 KB made 8 KB, its -journal gone).
+    """
+    with contextlib.suppress(ForeignTablesError), sql_errors(f"open {path}"):
+        examine_sqlite_file(
+            sqlite_reading_target(path), version_table=_VERSION_TABLE, where=str(path)
+        )
 
 
 async def _run_online() -> None:

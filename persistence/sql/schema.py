@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 from persistence.errors import MigrationError, SchemaVersionError
 from persistence.sql.encoding import check_server_encoding
 from persistence.sql.revision_marks import MARKS, Mark, missing_at, present_after, schema_revision
-from persistence.sql.tables import Base
+from persistence.sql.tables import SEARCH_OBJECTS, Base
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "persistence_alembic_version"
@@ -69,6 +69,50 @@ def listed(names: list[str] | tuple[str, ...], *, ordered: bool = False) -> str:
 def are(names: list[str] | tuple[str, ...]) -> str:
     """The verb after `listed(names)`."""
     return "is" if len(names) == 1 else "are"
+
+
+class ForeignTablesError(MigrationError):
+    """The database holds another application's tables, none of a name of ours: the
+    library refuses it, and `alembic upgrade head` may create persistence's tables
+    beside them (alembic/env.py lets this one error through, no other)."""
+
+
+# The names our revisions give tables and indexes, which another application's objects
+# must not hold for persistence's tables to be made beside them.
+_OUR_NAMES = (
+    frozenset(Base.metadata.tables)
+    | {
+        index.name
+        for table in Base.metadata.tables.values()
+        for index in table.indexes
+        if index.name
+    }
+    | SEARCH_OBJECTS
+)
+
+
+def _foreign(where: str, held: str, names: set[str]) -> MigrationError:
+    """The refusal of a database that holds another application's tables (`held` says
+    what else it holds): the advice to create ours beside them with alembic only where
+    none of `names` is one of ours. Found by attack: beside another application's
+    `chat_sessions` that advice ended in alembic's raw "table chat_sessions already
+    exists", after its connection had rolled back the file's hot journal."""
+    taken = sorted(names & _OUR_NAMES)
+    head = (
+        f"{where} holds tables of another application ({listed(list(names))}) and {held}"
+        if names
+        else f"{where} holds tables of another application: {held}"
+    )
+    if taken:
+        return MigrationError(
+            f"{head}; persistence neither reads nor changes it: use a database of its own"
+            f" (persistence's own tables are named {listed(taken)} too, so they cannot be"
+            " created beside them)"
+        )
+    return ForeignTablesError(
+        f"{head}; persistence neither reads nor changes it: use a database of its own, or"
+        f" create persistence's tables beside them with {_alembic('upgrade head')}"
+    )
 
 
 def examine(
@@ -122,21 +166,15 @@ def examine(
             _check_marks(connection, heads, LEGACY_VERSION_TABLE, where)
             return SchemaState(heads, legacy=True)
         _refuse_unstamped(connection, f"its {LEGACY_VERSION_TABLE} is {_at(heads)}", where)
-        raise MigrationError(
-            f"{where} holds tables of another application: its {LEGACY_VERSION_TABLE}"
-            f" is at revision {', '.join(heads) or '(none)'}, which is not a persistence"
-            " store's (not a revision of ours, or without our tables); persistence neither"
-            " reads nor changes it: use a database of its own, or create persistence's"
-            f" tables beside it with {_alembic('upgrade head')}"
+        raise _foreign(
+            where,
+            f"its {LEGACY_VERSION_TABLE} is at revision {', '.join(heads) or '(none)'}, which"
+            " is not a persistence store's (not a revision of ours, or without our tables)",
+            names - {LEGACY_VERSION_TABLE},
         )
     if names:
         _refuse_unstamped(connection, f"it has no {version_table}", where)
-        raise MigrationError(
-            f"{where} holds tables of another application ({listed(list(names))}) and no"
-            f" persistence schema ({version_table}); persistence neither reads nor changes"
-            " it: use a database of its own, or create persistence's tables beside them"
-            f" with {_alembic('upgrade head')}"
-        )
+        raise _foreign(where, f"no persistence schema ({version_table})", names)
     if connection.dialect.name == "postgresql":
         _refuse_other_schemas(connection, version_table, where)
     return SchemaState(())
@@ -186,7 +224,7 @@ def _refuse_other_schemas(connection: Connection, version_table: str, where: str
         return
     shown = ", ".join(row[0] for row in rows)
     more = rows[0][1] - len(rows)
-    raise MigrationError(
+    raise ForeignTablesError(
         f"{where} holds tables of another application in other schemas"
         f" ({shown}{f' and {more} more' if more else ''}) and no persistence schema"
         f" ({version_table}); persistence neither reads nor changes it: use a database of"
@@ -266,12 +304,7 @@ def _refuse_base(connection: Connection, others: set[str], version_table: str, w
         connection, f"its {version_table} is empty (stamped or downgraded to base)", where
     )
     if others:
-        raise MigrationError(
-            f"{where} holds tables of another application ({listed(list(others))}) and an"
-            f" empty {version_table} (stamped or downgraded to base); persistence neither"
-            " reads nor changes it: use a database of its own, or create persistence's"
-            f" tables beside them with {_alembic('upgrade head')}"
-        )
+        raise _foreign(where, f"an empty {version_table} (stamped or downgraded to base)", others)
 
 
 def _check_marks(
@@ -534,6 +567,8 @@ def refuse_foreign_sqlite_file(
         # alone passed, then beside tables of our first tables' names with other
         # columns, and the file was made WAL before examine() refused it.
         ours = versioned and all(_has_columns(connection, mark) for mark in _FIRST_TABLES)
+        if not names:
+            _refuse_claimed(connection, where)
     finally:
         connection.close()
     if not names or ours:
@@ -552,12 +587,42 @@ def _has_columns(connection: sqlite3.Connection, mark: Mark) -> bool:
 def examine_sqlite_file(
     target: str, *, version_table: str = VERSION_TABLE, where: str = "the database"
 ) -> SchemaState:
-    """`examine` on a SQLite file opened read-only (`target`, a `file:` URI); blocking."""
+    """`examine` on a SQLite file opened read-only (`target`, a `file:` URI); blocking.
+    A file without tables that another application has claimed is refused too
+    (_refuse_claimed)."""
     engine = create_engine(
         "sqlite://", creator=lambda: sqlite3.connect(target, uri=True), poolclass=NullPool
     )
     try:
         with engine.connect() as connection:
-            return examine(connection, script_directory(), version_table=version_table, where=where)
+            state = examine(
+                connection, script_directory(), version_table=version_table, where=where
+            )
+            if not state.heads:
+                _refuse_claimed(connection.connection.driver_connection, where)
+            return state
     finally:
         engine.dispose()
+
+
+def _refuse_claimed(connection: Any, where: str) -> None:
+    """Refuses a SQLite file without tables of ours that another application has
+    claimed, as SQLite's file format lets it: a non-zero `application_id` or
+    `user_version` in its header (persistence sets neither). Found by attack: such a
+    file, its application's tables not made yet, was taken for an empty database and
+    given persistence's schema.
+
+    Raises:
+        MigrationError: naming the values.
+    """
+    claims = [
+        f"{name} {value}"
+        for name in ("application_id", "user_version")
+        if (value := connection.execute(f"PRAGMA {name}").fetchone()[0])
+    ]
+    if claims:
+        raise MigrationError(
+            f"{where} holds no tables but is claimed by another application (its"
+            f" {' and '.join(claims)}); persistence neither reads nor changes it: use a"
+            " database of its own"
+        )

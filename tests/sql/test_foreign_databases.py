@@ -142,6 +142,94 @@ async def test_persistence_shares_a_database_with_an_alembic_application(fresh_u
     assert orders == [(1, "tea")]
 
 
+def _alembic_failure(url: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+async def test_another_applications_table_of_our_name_is_refused_by_alembic_too(
+    fresh_url: str,
+) -> None:
+    """Found by attack: the refusal of another application's `chat_sessions` said to
+    create persistence's tables beside it with alembic, which then failed on "table
+    chat_sessions already exists" (a raw driver error)."""
+    await _execute(
+        fresh_url,
+        "CREATE TABLE chat_sessions (id INTEGER PRIMARY KEY, title TEXT)",
+        "INSERT INTO chat_sessions VALUES (1, 'theirs')",
+    )
+    before = await _tables(fresh_url)
+    file_before = _file_bytes(fresh_url)
+    storage = _storage(fresh_url)
+    with pytest.raises(MigrationError, match="another application") as caught:
+        await storage.initialize()
+    await storage.close()
+    said = str(caught.value)
+    assert "alembic -x" not in said
+    assert "persistence's own tables are named chat_sessions too" in said
+    assert _alembic_failure(fresh_url) == f"FAILED: {said}"
+    assert await _tables(fresh_url) == before
+    assert _file_bytes(fresh_url) == file_before
+
+
+@pytest.mark.sqlite
+def test_alembic_leaves_another_applications_hot_journal_alone(tmp_path: Path) -> None:
+    """Found by attack: `alembic upgrade head` opened another application's file (its
+    own `chat_sessions`, a writer stopped mid-transaction) to write, so SQLite rolled
+    its -journal back (the file rewritten, the journal gone) before the run failed.
+    Now it is examined reading only first, as initialize() examines it."""
+    import shutil
+    import sqlite3
+
+    live = tmp_path / "live.db"
+    writer = sqlite3.connect(live, isolation_level=None)
+    writer.execute("CREATE TABLE chat_sessions (id INTEGER PRIMARY KEY, body TEXT)")
+    writer.execute("BEGIN")
+    writer.execute("INSERT INTO chat_sessions (body) VALUES (randomblob(200000))")
+    writer.execute("PRAGMA cache_size = 1")  # spill: the journal holds the pages now
+    writer.execute("INSERT INTO chat_sessions (body) VALUES (randomblob(200000))")
+    # A copy of the file and its journal mid-transaction: a writer stopped there.
+    other = tmp_path / "other.db"
+    shutil.copy(live, other)
+    shutil.copy(f"{live}-journal", f"{other}-journal")
+    writer.execute("ROLLBACK")
+    writer.close()
+    before = other.read_bytes(), Path(f"{other}-journal").read_bytes()
+    said = _alembic_failure(f"sqlite:///{other}")
+    assert said.startswith(f"FAILED: open {other} failed: the file's -journal holds"), said
+    assert (other.read_bytes(), Path(f"{other}-journal").read_bytes()) == before
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("claim", ["application_id = 1234", "user_version = 7"])
+async def test_a_sqlite_file_another_application_claimed_is_refused(
+    tmp_path: Path, claim: str
+) -> None:
+    """Found by attack: a file without tables whose header another application had
+    claimed (SQLite's `application_id`, `user_version`) was taken for an empty database
+    and given persistence's schema, by initialize() and alembic alike."""
+    import sqlite3
+
+    path = tmp_path / "claimed.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"PRAGMA {claim}")
+    before = path.read_bytes()
+    storage = SQLiteSessionStorage(path)
+    with pytest.raises(MigrationError, match="claimed by another application") as caught:
+        await storage.initialize()
+    await storage.close()
+    assert claim.replace(" = ", " ") in str(caught.value)
+    assert "claimed by another application" in _alembic_failure(f"sqlite:///{path}")
+    assert path.read_bytes() == before
+
+
 async def test_reading_an_empty_database_creates_nothing(fresh_url: str) -> None:
     if fresh_url.startswith("sqlite"):
         await _execute(fresh_url, "PRAGMA user_version = 0")  # an empty file that exists
