@@ -9,8 +9,10 @@ are moved to our table by the next upgrade.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
+from alembic import context as alembic_context
 from persistence.errors import MigrationError, SchemaVersionError
 from persistence.sql.encoding import check_server_encoding
 from persistence.sql.revision_marks import MARKS, Mark, missing_at, present_after, schema_revision
@@ -91,13 +94,23 @@ _OUR_NAMES = (
 )
 
 
-def _foreign(where: str, held: str, names: set[str]) -> MigrationError:
+def _foreign(connection: Connection, where: str, held: str, names: set[str]) -> MigrationError:
     """The refusal of a database that holds another application's tables (`held` says
     what else it holds): the advice to create ours beside them with alembic only where
-    none of `names` is one of ours. Found by attack: beside another application's
-    `chat_sessions` that advice ended in alembic's raw "table chat_sessions already
-    exists", after its connection had rolled back the file's hot journal."""
+    none of its tables (`names`), nor on SQLite its indexes and triggers, has a name of
+    ours. Found by attack: beside another application's `chat_sessions` that advice
+    ended in alembic's raw "table chat_sessions already exists", after its connection
+    had rolled back the file's hot journal; beside its index `ix_chat_messages_pending`
+    alembic dropped that UNIQUE index (revision 0005 drops and makes it again)."""
     taken = sorted(names & _OUR_NAMES)
+    if connection.dialect.name == "sqlite":
+        indexes_and_triggers = {
+            row[0]
+            for row in connection.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
+            )
+        }
+        taken = sorted({*taken, *(indexes_and_triggers & _sqlite_names_of_ours())})
     head = (
         f"{where} holds tables of another application ({listed(list(names))}) and {held}"
         if names
@@ -106,8 +119,8 @@ def _foreign(where: str, held: str, names: set[str]) -> MigrationError:
     if taken:
         return MigrationError(
             f"{head}; persistence neither reads nor changes it: use a database of its own"
-            f" (persistence's own tables are named {listed(taken)} too, so they cannot be"
-            " created beside them)"
+            f" (persistence's own tables, indexes or triggers are named {listed(taken)} too,"
+            " so they cannot be created beside them)"
         )
     return ForeignTablesError(
         f"{head}; persistence neither reads nor changes it: use a database of its own, or"
@@ -167,6 +180,7 @@ def examine(
             return SchemaState(heads, legacy=True)
         _refuse_unstamped(connection, f"its {LEGACY_VERSION_TABLE} is {_at(heads)}", where)
         raise _foreign(
+            connection,
             where,
             f"its {LEGACY_VERSION_TABLE} is at revision {', '.join(heads) or '(none)'}, which"
             " is not a persistence store's (not a revision of ours, or without our tables)",
@@ -174,7 +188,7 @@ def examine(
         )
     if names:
         _refuse_unstamped(connection, f"it has no {version_table}", where)
-        raise _foreign(where, f"no persistence schema ({version_table})", names)
+        raise _foreign(connection, where, f"no persistence schema ({version_table})", names)
     if connection.dialect.name == "postgresql":
         _refuse_other_schemas(connection, version_table, where)
     return SchemaState(())
@@ -304,7 +318,9 @@ def _refuse_base(connection: Connection, others: set[str], version_table: str, w
         connection, f"its {version_table} is empty (stamped or downgraded to base)", where
     )
     if others:
-        raise _foreign(where, f"an empty {version_table} (stamped or downgraded to base)", others)
+        raise _foreign(
+            connection, where, f"an empty {version_table} (stamped or downgraded to base)", others
+        )
 
 
 def _check_marks(
@@ -367,6 +383,10 @@ def check_readable(
     head = script.get_current_head()
     state = examine(connection, script, version_table=version_table, where=where)
     if not state.heads:
+        if connection.dialect.name == "sqlite" and not _first_row(connection, _ANY_TABLE):
+            # Found by attack: `stats` said to run `persistence upgrade`, which then
+            # refused the file as claimed.
+            _refuse_claimed(connection, where)
         raise MigrationError(
             f"{where} has no persistence schema: create it with `persistence upgrade`"
             " (or any command that writes)"
@@ -598,14 +618,55 @@ def examine_sqlite_file(
             state = examine(
                 connection, script_directory(), version_table=version_table, where=where
             )
-            if not state.heads:
-                _refuse_claimed(connection.connection.driver_connection, where)
+            if not state.heads and not _first_row(connection, _ANY_TABLE):
+                # Not a store of ours downgraded to base (its empty version table).
+                _refuse_claimed(connection, where)
             return state
     finally:
         engine.dispose()
 
 
-def _refuse_claimed(connection: Any, where: str) -> None:
+_ANY_TABLE = (
+    "SELECT 1 FROM sqlite_master WHERE type IN ('table', 'view')"
+    " AND name NOT LIKE 'sqlite!_%' ESCAPE '!' LIMIT 1"
+)
+
+
+def _first_row(connection: Connection | sqlite3.Connection, sql: str) -> Any:
+    if isinstance(connection, sqlite3.Connection):
+        return connection.execute(sql).fetchone()
+    return connection.exec_driver_sql(sql).fetchone()
+
+
+@functools.cache
+def _sqlite_names_of_ours() -> frozenset[str]:
+    """Every name the revisions give a SQLite store (tables, indexes, triggers), read off
+    a scratch store they build at head: once per process, where a database is refused."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "head.db"
+        engine = create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect(path), poolclass=NullPool
+        )
+        # Inside alembic's own run (its env.py refusing a file), the scratch run's
+        # environment replaces alembic's module proxy, and removes it when it ends.
+        outer = getattr(alembic_context, "_proxy", None)
+        try:
+            with engine.connect() as connection, connection.begin():
+                run_revisions(connection)
+        finally:
+            engine.dispose()
+            if outer is not None:
+                outer._install_proxy()
+        with contextlib.closing(sqlite3.connect(path)) as scratch_store:
+            return frozenset(
+                row[0]
+                for row in scratch_store.execute(
+                    "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite!_%' ESCAPE '!'"
+                )
+            )
+
+
+def _refuse_claimed(connection: Connection | sqlite3.Connection, where: str) -> None:
     """Refuses a SQLite file without tables of ours that another application has
     claimed, as SQLite's file format lets it: a non-zero `application_id` or
     `user_version` in its header (persistence sets neither). Found by attack: such a
@@ -618,7 +679,7 @@ def _refuse_claimed(connection: Any, where: str) -> None:
     claims = [
         f"{name} {value}"
         for name in ("application_id", "user_version")
-        if (value := connection.execute(f"PRAGMA {name}").fetchone()[0])
+        if (value := _first_row(connection, f"PRAGMA {name}")[0])
     ]
     if claims:
         raise MigrationError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -173,7 +174,7 @@ async def test_another_applications_table_of_our_name_is_refused_by_alembic_too(
     await storage.close()
     said = str(caught.value)
     assert "alembic -x" not in said
-    assert "persistence's own tables are named chat_sessions too" in said
+    assert "persistence's own tables, indexes or triggers are named chat_sessions too" in said
     assert _alembic_failure(fresh_url) == f"FAILED: {said}"
     assert await _tables(fresh_url) == before
     assert _file_bytes(fresh_url) == file_before
@@ -228,6 +229,66 @@ async def test_a_sqlite_file_another_application_claimed_is_refused(
     assert claim.replace(" = ", " ") in str(caught.value)
     assert "claimed by another application" in _alembic_failure(f"sqlite:///{path}")
     assert path.read_bytes() == before
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        "CREATE UNIQUE INDEX ix_chat_messages_pending ON orders (item)",
+        "CREATE INDEX ix_chat_sessions_updated ON orders (item)",
+        "CREATE TRIGGER chat_session_counts_insert AFTER INSERT ON orders BEGIN SELECT 1; END",
+    ],
+    ids=["unique_index", "index", "trigger"],
+)
+async def test_another_applications_index_or_trigger_of_our_name_is_refused(
+    tmp_path: Path, theirs: str
+) -> None:
+    """Found by attack: beside another application's UNIQUE index named
+    `ix_chat_messages_pending`, the refusal advised `alembic upgrade head`, which
+    dropped that index (revision 0005 drops and makes it again) and exited 0; an index
+    or trigger of another of our names ended the run in a raw "already exists"."""
+    import sqlite3
+
+    path = tmp_path / "theirs.db"
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+        connection.execute(theirs)
+        connection.commit()
+    before = path.read_bytes()
+    storage = SQLiteSessionStorage(path)
+    with pytest.raises(MigrationError, match="indexes or triggers are named") as caught:
+        await storage.initialize()
+    await storage.close()
+    assert "alembic -x" not in str(caught.value)
+    assert _alembic_failure(f"sqlite:///{path}") == f"FAILED: {caught.value}"
+    assert path.read_bytes() == before
+
+
+@pytest.mark.sqlite
+async def test_a_claimed_empty_file_is_named_so_by_reads_and_a_store_at_base_is_not(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: `stats` on a claimed empty file said to run `persistence
+    upgrade`, which refused it; and a store of ours downgraded to base (its version table
+    alone) whose user_version a tool had set was refused as holding no tables."""
+    import sqlite3
+
+    claimed = tmp_path / "claimed.db"
+    with contextlib.closing(sqlite3.connect(claimed)) as connection:
+        connection.execute("PRAGMA user_version = 7")
+    reader = SQLiteSessionStorage(claimed)
+    with pytest.raises(MigrationError, match="claimed by another application"):
+        await reader.open_for_reading()
+    await reader.close()
+
+    base = tmp_path / "base.db"
+    await asyncio.to_thread(alembic, f"sqlite:///{base}", "upgrade", "head")
+    await asyncio.to_thread(alembic, f"sqlite:///{base}", "downgrade", "base")
+    with contextlib.closing(sqlite3.connect(base)) as connection:
+        connection.execute("PRAGMA user_version = 3")
+    async with SQLiteSessionStorage(base) as storage:
+        assert (await storage.count()).total_sessions == 0
 
 
 async def test_reading_an_empty_database_creates_nothing(fresh_url: str) -> None:
