@@ -213,7 +213,9 @@ async def test_close_during_a_batch_says_closed(
 ) -> None:
     """Found by attack: a close() while a batch was read (migrate and export read one
     ahead) was reported as the server ending the connection, or as unreachable."""
-    await stored(postgresql_storage, *(f"s{n:03}" for n in range(40)))
+    # Enough batches that the reading cannot end before the close (found under a loaded
+    # suite's run: with 40 it had, and nothing was raised).
+    await stored(postgresql_storage, *(f"s{n:04}" for n in range(1000)))
     storage = await _opened(postgresql_storage)
     batches = storage.iter_sessions(1)
     await anext(batches)
