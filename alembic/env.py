@@ -45,12 +45,15 @@ from persistence.sql.schema import (
     LEGACY_VERSION_TABLE,
     VERSION_TABLE,
     ForeignTablesError,
+    SchemaState,
     adopt_legacy_version,
     check_references,
     dangling_references,
     examine,
     examine_sqlite_file,
+    refuse_if_claimed,
     script_directory,
+    sqlite_file_read,
     take_migration_lock,
     version_heads,
 )
@@ -129,11 +132,22 @@ def _where(url: URL) -> str:
 
 
 def _adopt_legacy_version(connection: Connection, where: str) -> None:
+    state = _examine(connection, where)
+    if state is not None and state.legacy:
+        adopt_legacy_version(connection, _VERSION_TABLE)
+
+
+def _examine(connection: Connection, where: str) -> SchemaState | None:
+    """examine(), with the refusals the running command may go past (None then)."""
     try:
         state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
     except MigrationError:
         ours = schema_revision(connection) is not None
         versioned = _VERSION_TABLE in inspect(connection).get_table_names()
+        if _command() == "downgrade" and not versioned:
+            # Found by attack: `downgrade base` wrote our version table into another
+            # application's database, which `stamp` and initialize() then took for ours.
+            raise
         if _command() == "do_stamp":
             # Found by attack: a stamp wrote our version table into another application's
             # database, which initialize() then took for a store of ours. (A version
@@ -141,7 +155,7 @@ def _adopt_legacy_version(connection: Connection, where: str) -> None:
             # of ours without one may be stamped: the refusals say to.)
             if not (versioned or ours):
                 raise
-            return
+            return None
         # Found by attack: tables of ours with an empty, missing or wrong version row were
         # migrated from base or from the wrong revision (failing on a table that exists,
         # or worse). Only another application's tables, with no table of ours, get ours
@@ -149,9 +163,10 @@ def _adopt_legacy_version(connection: Connection, where: str) -> None:
         # `downgrade base`).
         if ours or (versioned and version_heads(connection, _VERSION_TABLE)):
             raise
-        return
-    if state.legacy:
-        adopt_legacy_version(connection, _VERSION_TABLE)
+        return None
+    if connection.dialect.name == "sqlite":
+        refuse_if_claimed(connection, where)
+    return state
 
 
 def _read_version_table(connection: Connection, where: str) -> str:
@@ -238,25 +253,31 @@ def _engine(url: URL) -> AsyncEngine:
         return sqlite_engine(url, pragmas, _BUSY_TIMEOUT, target=target, uri=True)
     if not path.exists() or path.stat().st_size == 0:
         pragmas = {"journal_mode": "WAL", **pragmas}
-    elif _command() == "upgrade":
-        # Not before `stamp`: the refusal of a store stamped wrongly says to run it.
+    else:
         _refuse_what_alembic_cannot_migrate(path)
     return sqlite_engine(url, pragmas, _BUSY_TIMEOUT).execution_options(**WRITE_OPTIONS)
 
 
 def _refuse_what_alembic_cannot_migrate(path: Path) -> None:
     """Examines a SQLite file reading only, before a connection that may write opens it,
-    and refuses it as the library does, except where the library's refusal says to run
-    this (another application's tables, none of our names: ours are made beside them).
+    and refuses it as the run would refuse it on that connection.
 
-    Found by attack: beside another application's `chat_sessions` the run failed on
-    "table chat_sessions already exists", after its connection had rolled back the
-    file's hot journal (434 KB made 8 KB, its -journal gone).
+    An upgrade refuses it as the library does, except where the library's refusal says
+    to run this (another application's tables, none of our names: ours are made beside
+    them). Found by attack: beside another application's `chat_sessions` the run failed
+    on "table chat_sessions already exists", after its connection had rolled back the
+    file's hot journal (434 KB made 8 KB, its -journal gone). `stamp` and `downgrade`
+    refuse what _examine refuses: the refusal of a store stamped wrongly says to stamp
+    it. Found by attack: both opened another application's file to write first.
     """
-    with contextlib.suppress(ForeignTablesError), sql_errors(f"open {path}"):
-        examine_sqlite_file(
-            sqlite_reading_target(path), version_table=_VERSION_TABLE, where=str(path)
-        )
+    target = sqlite_reading_target(path)
+    with sql_errors(f"open {path}"):
+        if _command() != "upgrade":
+            with sqlite_file_read(target) as connection:
+                _examine(connection, str(path))
+            return
+        with contextlib.suppress(ForeignTablesError):
+            examine_sqlite_file(target, version_table=_VERSION_TABLE, where=str(path))
 
 
 async def _run_online() -> None:

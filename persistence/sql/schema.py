@@ -13,6 +13,7 @@ import contextlib
 import functools
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ class ForeignTablesError(MigrationError):
     """The database holds another application's tables, none of a name of ours: the
     library refuses it, and `alembic upgrade head` may create persistence's tables
     beside them (alembic/env.py lets this one error through, no other)."""
+
+
+class ClaimedFileError(MigrationError):
+    """A SQLite file without tables that another application has claimed in its header
+    (`application_id`, `user_version`): refused by every command, `alembic stamp`
+    and `downgrade` too."""
 
 
 # The names our revisions give tables and indexes, which another application's objects
@@ -383,10 +390,10 @@ def check_readable(
     head = script.get_current_head()
     state = examine(connection, script, version_table=version_table, where=where)
     if not state.heads:
-        if connection.dialect.name == "sqlite" and not _first_row(connection, _ANY_TABLE):
+        if connection.dialect.name == "sqlite":
             # Found by attack: `stats` said to run `persistence upgrade`, which then
             # refused the file as claimed.
-            _refuse_claimed(connection, where)
+            refuse_if_claimed(connection, where)
         raise MigrationError(
             f"{where} has no persistence schema: create it with `persistence upgrade`"
             " (or any command that writes)"
@@ -610,20 +617,30 @@ def examine_sqlite_file(
     """`examine` on a SQLite file opened read-only (`target`, a `file:` URI); blocking.
     A file without tables that another application has claimed is refused too
     (_refuse_claimed)."""
+    with sqlite_file_read(target) as connection:
+        state = examine(connection, script_directory(), version_table=version_table, where=where)
+        refuse_if_claimed(connection, where)
+        return state
+
+
+@contextlib.contextmanager
+def sqlite_file_read(target: str) -> Iterator[Connection]:
+    """A connection to a SQLite file opened read-only (`target`, a `file:` URI)."""
     engine = create_engine(
         "sqlite://", creator=lambda: sqlite3.connect(target, uri=True), poolclass=NullPool
     )
     try:
         with engine.connect() as connection:
-            state = examine(
-                connection, script_directory(), version_table=version_table, where=where
-            )
-            if not state.heads and not _first_row(connection, _ANY_TABLE):
-                # Not a store of ours downgraded to base (its empty version table).
-                _refuse_claimed(connection, where)
-            return state
+            yield connection
     finally:
         engine.dispose()
+
+
+def refuse_if_claimed(connection: Connection, where: str) -> None:
+    """_refuse_claimed, for a SQLite file without tables (an empty version table is a
+    store of ours downgraded to base)."""
+    if not _first_row(connection, _ANY_TABLE):
+        _refuse_claimed(connection, where)
 
 
 _ANY_TABLE = (
@@ -682,7 +699,7 @@ def _refuse_claimed(connection: Connection | sqlite3.Connection, where: str) -> 
         if (value := _first_row(connection, f"PRAGMA {name}")[0])
     ]
     if claims:
-        raise MigrationError(
+        raise ClaimedFileError(
             f"{where} holds no tables but is claimed by another application (its"
             f" {' and '.join(claims)}); persistence neither reads nor changes it: use a"
             " database of its own"

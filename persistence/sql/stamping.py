@@ -23,6 +23,7 @@ from persistence.sql.schema import (
     VERSION_TABLE,
     are,
     listed,
+    refuse_if_claimed,
     script_directory,
     take_migration_lock,
     version_heads,
@@ -59,6 +60,8 @@ def stamp(
         )
     take_migration_lock(connection)
     before = version_heads(connection, version_table)
+    if connection.dialect.name == "sqlite":
+        refuse_if_claimed(connection, where)
     newer = [head for head in before if head not in known]
     if newer:
         # Found by attack: a store a newer version migrated was stamped back to this

@@ -143,9 +143,12 @@ async def test_persistence_shares_a_database_with_an_alembic_application(fresh_u
     assert orders == [(1, "tea")]
 
 
-def _alembic_failure(url: str) -> str:
+_WRITING_COMMANDS = [("upgrade", "head"), ("downgrade", "base"), ("stamp", "head")]
+
+
+def _alembic_failure(url: str, command: tuple[str, str] = ("upgrade", "head")) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"],
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", *command],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -180,12 +183,32 @@ async def test_another_applications_table_of_our_name_is_refused_by_alembic_too(
     assert _file_bytes(fresh_url) == file_before
 
 
+@pytest.mark.parametrize("command", _WRITING_COMMANDS[1:], ids=" ".join)
+async def test_alembic_downgrade_and_stamp_refuse_another_applications_database(
+    fresh_url: str, command: tuple[str, str]
+) -> None:
+    """Found by attack: `alembic downgrade base` wrote persistence's version table into
+    another application's database, after which `alembic stamp head` passed and
+    initialize() took the database for a store of ours."""
+    await _other_application(fresh_url, its_alembic=None)
+    before = await _tables(fresh_url)
+    file_before = _file_bytes(fresh_url)
+    said = _alembic_failure(fresh_url, command)
+    assert said.startswith("FAILED: ") and "holds tables of another application" in said, said
+    assert await _tables(fresh_url) == before
+    assert _file_bytes(fresh_url) == file_before
+
+
 @pytest.mark.sqlite
-def test_alembic_leaves_another_applications_hot_journal_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", _WRITING_COMMANDS, ids=" ".join)
+def test_alembic_leaves_another_applications_hot_journal_alone(
+    tmp_path: Path, command: tuple[str, str]
+) -> None:
     """Found by attack: `alembic upgrade head` opened another application's file (its
     own `chat_sessions`, a writer stopped mid-transaction) to write, so SQLite rolled
-    its -journal back (the file rewritten, the journal gone) before the run failed.
-    Now it is examined reading only first, as initialize() examines it."""
+    its -journal back (the file rewritten, the journal gone) before the run failed;
+    later `downgrade` and `stamp` did the same. Now it is examined reading only first,
+    as initialize() examines it."""
     import shutil
     import sqlite3
 
@@ -203,7 +226,7 @@ def test_alembic_leaves_another_applications_hot_journal_alone(tmp_path: Path) -
     writer.execute("ROLLBACK")
     writer.close()
     before = other.read_bytes(), Path(f"{other}-journal").read_bytes()
-    said = _alembic_failure(f"sqlite:///{other}")
+    said = _alembic_failure(f"sqlite:///{other}", command)
     assert said.startswith(f"FAILED: open {other} failed: the file's -journal holds"), said
     assert (other.read_bytes(), Path(f"{other}-journal").read_bytes()) == before
 
@@ -227,7 +250,14 @@ async def test_a_sqlite_file_another_application_claimed_is_refused(
         await storage.initialize()
     await storage.close()
     assert claim.replace(" = ", " ") in str(caught.value)
-    assert "claimed by another application" in _alembic_failure(f"sqlite:///{path}")
+    for command in _WRITING_COMMANDS:
+        # Found by attack: `stamp` and `downgrade` wrote our version table into it.
+        said = _alembic_failure(f"sqlite:///{path}", command)
+        assert "claimed by another application" in said, (command, said)
+    for revision in ("head", "base"):
+        # Found by attack: `persistence stamp head` named missing tables, not the claim.
+        with pytest.raises(MigrationError, match="claimed by another application"):
+            await SQLiteSessionStorage(path).stamp_schema(revision)
     assert path.read_bytes() == before
 
 
