@@ -100,6 +100,63 @@ _OUR_NAMES = (
     | SEARCH_OBJECTS
 )
 
+# What else the revisions name in a PostgreSQL store's schema, where names are shared
+# by tables, indexes and sequences, and functions are matched by name alone (a test
+# checks it against a store at head).
+_POSTGRESQL_NAMES_OF_OURS = frozenset(
+    {"chat_messages_id_seq", "chat_terms_pending_pending_seq", "chat_terms_recheck_recheck_seq"}
+    | {"persistence_alembic_version_pkc", "uq_chat_messages_message_id"}
+    | {f"pk_{table}" for table in Base.metadata.tables}
+    | {"pk_chat_message_terms", "pk_chat_terms_pending", "pk_chat_terms_recheck"}
+    | {
+        "chat_session_counts_add",
+        "chat_session_counts_clear",
+        "chat_session_counts_deleted",
+        "chat_session_counts_inserted",
+        "chat_session_counts_slot",
+        "chat_session_counts_trigger",
+        "chat_session_deletions_record",
+        "chat_session_deletions_truncate",
+        "persistence_append",
+        "persistence_search_terms",
+        "persistence_terms_changed",
+        "persistence_terms_deleted",
+        "persistence_terms_inserted",
+        "persistence_terms_matching",
+        "persistence_terms_truncated",
+        "persistence_write_pending_terms",
+    }
+)
+
+# The names of the relations, functions and types in the store's schema.
+_POSTGRESQL_SCHEMA_NAMES = text(
+    """
+WITH store AS (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
+SELECT relname FROM pg_class WHERE relnamespace = (SELECT oid FROM store)
+UNION SELECT proname FROM pg_proc WHERE pronamespace = (SELECT oid FROM store)
+UNION SELECT typname FROM pg_type WHERE typnamespace = (SELECT oid FROM store)
+"""
+)
+
+
+def _names_taken(connection: Connection, tables: set[str]) -> list[str]:
+    """The names of ours that another application's `tables`, or its other objects
+    in the database (SQLite: indexes and triggers; PostgreSQL: indexes, sequences,
+    functions and types of the store's schema), already hold."""
+    taken = tables & _OUR_NAMES
+    if connection.dialect.name == "sqlite":
+        indexes_and_triggers = {
+            row[0]
+            for row in connection.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
+            )
+        }
+        taken |= indexes_and_triggers & _sqlite_names_of_ours()
+    else:
+        held = {row[0] for row in connection.execute(_POSTGRESQL_SCHEMA_NAMES)}
+        taken |= held & (_OUR_NAMES | _POSTGRESQL_NAMES_OF_OURS)
+    return sorted(taken)
+
 
 def _foreign(connection: Connection, where: str, held: str, names: set[str]) -> MigrationError:
     """The refusal of a database that holds another application's tables (`held` says
@@ -108,16 +165,10 @@ def _foreign(connection: Connection, where: str, held: str, names: set[str]) -> 
     ours. Found by attack: beside another application's `chat_sessions` that advice
     ended in alembic's raw "table chat_sessions already exists", after its connection
     had rolled back the file's hot journal; beside its index `ix_chat_messages_pending`
-    alembic dropped that UNIQUE index (revision 0005 drops and makes it again)."""
-    taken = sorted(names & _OUR_NAMES)
-    if connection.dialect.name == "sqlite":
-        indexes_and_triggers = {
-            row[0]
-            for row in connection.exec_driver_sql(
-                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
-            )
-        }
-        taken = sorted({*taken, *(indexes_and_triggers & _sqlite_names_of_ours())})
+    alembic dropped that UNIQUE index (revision 0005 drops and makes it again); beside
+    its PostgreSQL index or function of our names, alembic failed on a raw "already
+    exists"."""
+    taken = _names_taken(connection, names)
     head = (
         f"{where} holds tables of another application ({listed(list(names))}) and {held}"
         if names
@@ -126,7 +177,8 @@ def _foreign(connection: Connection, where: str, held: str, names: set[str]) -> 
     if taken:
         return MigrationError(
             f"{head}; persistence neither reads nor changes it: use a database of its own"
-            f" (persistence's own tables, indexes or triggers are named {listed(taken)} too,"
+            f" (persistence's own tables, indexes, triggers or functions are named"
+            f" {listed(taken)} too,"
             " so they cannot be created beside them)"
         )
     return ForeignTablesError(
@@ -197,6 +249,13 @@ def examine(
         _refuse_unstamped(connection, f"it has no {version_table}", where)
         raise _foreign(connection, where, f"no persistence schema ({version_table})", names)
     if connection.dialect.name == "postgresql":
+        if taken := _names_taken(connection, set()):
+            # Found by attack: a function of our name alone, taken for an empty database.
+            raise MigrationError(
+                f"{where} holds no tables but functions or types of another application"
+                f" named as persistence's own ({listed(taken)}); persistence neither reads"
+                " nor changes it: use a database of its own"
+            )
         _refuse_other_schemas(connection, version_table, where)
     return SchemaState(())
 

@@ -177,7 +177,7 @@ async def test_another_applications_table_of_our_name_is_refused_by_alembic_too(
     await storage.close()
     said = str(caught.value)
     assert "alembic -x" not in said
-    assert "persistence's own tables, indexes or triggers are named chat_sessions too" in said
+    assert "tables, indexes, triggers or functions are named chat_sessions too" in said
     assert _alembic_failure(fresh_url) == f"FAILED: {said}"
     assert await _tables(fresh_url) == before
     assert _file_bytes(fresh_url) == file_before
@@ -287,7 +287,7 @@ async def test_another_applications_index_or_trigger_of_our_name_is_refused(
         connection.commit()
     before = path.read_bytes()
     storage = SQLiteSessionStorage(path)
-    with pytest.raises(MigrationError, match="indexes or triggers are named") as caught:
+    with pytest.raises(MigrationError, match="triggers or functions are named") as caught:
         await storage.initialize()
     await storage.close()
     assert "alembic -x" not in str(caught.value)
@@ -574,3 +574,68 @@ async def test_alembic_upgrade_head_moves_a_legacy_version_table_too(fresh_url: 
     (versions,) = await _execute(fresh_url, f"SELECT version_num FROM {VERSION_TABLE}")
     assert versions == [(HEAD,)]
     assert LEGACY_VERSION_TABLE not in await _tables(fresh_url)
+
+
+_CATALOG = """
+SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind <> 'r'
+UNION SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+UNION SELECT typname FROM pg_type WHERE typnamespace = 'public'::regnamespace
+"""
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        "CREATE INDEX ix_chat_sessions_updated ON orders (item)",
+        "CREATE SEQUENCE chat_messages_id_seq",
+        "CREATE FUNCTION persistence_append(integer) RETURNS integer LANGUAGE sql AS 'SELECT 1'",
+        "CREATE TYPE chat_sessions AS ENUM ('open')",
+    ],
+    ids=["index", "sequence", "function", "type"],
+)
+async def test_another_applications_postgresql_objects_of_our_names_are_refused(
+    empty_postgresql_url: str, theirs: str
+) -> None:
+    """Found by attack: beside another application's index or function of one of our
+    names, the refusal said to run `alembic upgrade head`, which failed on a raw
+    "relation ... already exists"; a function of ours alone was taken for an empty
+    database (and a later revision's CREATE OR REPLACE would have replaced it)."""
+    url = empty_postgresql_url
+    name = theirs.split()[2].split("(")[0]
+    for tables in (["CREATE TABLE orders (id integer, item text)"], []):
+        if "ON orders" in theirs and not tables:
+            continue
+        await _execute(url, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
+        await _execute(url, *tables, theirs)
+        before = await _execute(url, _CATALOG), await _tables(url)
+        storage = _storage(url)
+        with pytest.raises(MigrationError, match="another application") as caught:
+            await storage.initialize()
+        await storage.close()
+        said = str(caught.value)
+        assert name in said and "alembic -x" not in said, said
+        assert _alembic_failure(url) == f"FAILED: {said}"
+        assert (await _execute(url, _CATALOG), await _tables(url)) == before
+
+
+async def test_the_postgresql_names_of_ours_are_those_of_a_store_at_head(
+    empty_postgresql_url: str,
+) -> None:
+    """The names a refusal looks for are every index, sequence and function the
+    revisions make (and no other), so none of them is left out as revisions are added."""
+    from persistence.sql.schema import _OUR_NAMES, _POSTGRESQL_NAMES_OF_OURS
+
+    alembic(empty_postgresql_url, "upgrade", "head")
+    (rows,) = await _execute(
+        empty_postgresql_url,
+        "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        " AND relkind <> 'r' UNION SELECT proname FROM pg_proc"
+        " WHERE pronamespace = 'public'::regnamespace",
+    )
+    names = {row[0] for row in rows}
+    assert names - _OUR_NAMES - _POSTGRESQL_NAMES_OF_OURS == set()
+    assert _POSTGRESQL_NAMES_OF_OURS - names == set()
+    (tables,) = await _execute(
+        empty_postgresql_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    )
+    assert {row[0] for row in tables} <= _OUR_NAMES | {VERSION_TABLE}
