@@ -34,7 +34,6 @@ from persistence.sql.engines import (
     WRITE_OPTIONS,
     async_driver_url,
     check_sqlite_path,
-    displayed,
     sqlite_engine,
     sqlite_reading_target,
     sqlite_url,
@@ -88,9 +87,11 @@ def _only_reads() -> bool:
 _BUSY_TIMEOUT = 5.0
 
 
-def _configured_url(*, opening: bool) -> URL:
-    """The database's URL, read as the library and the CLI read it; with `opening`, a
-    SQLite path is checked as the library checks it before opening the file."""
+def _configured_url(*, opening: bool) -> tuple[URL, str]:
+    """The database's URL, read as the library and the CLI read it, and the database as
+    messages name it (the SQLite file, or the URL as given, password masked: found by
+    attack, the driver's URL showed `options=` as `dsn=postgresql%3A...`); with
+    `opening`, a SQLite path is checked as the library checks it before opening it."""
     from persistence.config import config_from_url, load_config, sql_url
 
     explicit = context.get_x_argument(as_dictionary=True).get("url")
@@ -98,13 +99,13 @@ def _configured_url(*, opening: bool) -> URL:
     # is refused, not taken for the configured store.
     config = config_from_url(explicit) if explicit is not None else load_config()
     if config.backend != "sqlite":
-        return async_driver_url(sql_url(config))
+        return async_driver_url(sql_url(config)), config.display_url
     if opening:
         exists = check_sqlite_path(config.database_path, must_exist=_only_reads())
         if not exists:
             _create_parents(config.database_path)
     # The path as it is: a `sqlite:///` string of it would be cut at `?` and decoded.
-    return sqlite_url(config.database_path)
+    return sqlite_url(config.database_path), str(config.database_path)
 
 
 def _create_parents(path: Path) -> None:
@@ -124,11 +125,6 @@ def _include_object(
 ) -> bool:
     # Full-text search objects are dialect-specific DDL that the ORM does not declare.
     return not (name or "").startswith(tuple(SEARCH_OBJECTS))
-
-
-def _where(url: URL) -> str:
-    """The database as messages name it: the SQLite file, or the URL without password."""
-    return (url.database or "") if url.get_backend_name() == "sqlite" else displayed(url)
 
 
 def _adopt_legacy_version(connection: Connection, where: str) -> None:
@@ -281,8 +277,7 @@ def _refuse_what_alembic_cannot_migrate(path: Path) -> None:
 
 
 async def _run_online() -> None:
-    url = _configured_url(opening=True)
-    where = _where(url)
+    url, where = _configured_url(opening=True)
     engine = _engine(url)
     action = "read the schema revision" if _only_reads() else "migrate the schema"
     try:

@@ -7,6 +7,7 @@ repeating it): masking, reprs, config errors, log lines of every logger at -v an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shlex
@@ -19,7 +20,7 @@ import typer
 from sqlalchemy import make_url
 from typer.testing import CliRunner
 
-from persistence import ConfigError, InvalidDataError, PostgreSQLSessionStorage
+from persistence import ConfigError, InvalidDataError, PersistenceError, PostgreSQLSessionStorage
 from persistence.cli import app
 from persistence.cli.output import fail
 from persistence.config import StorageConfig, config_from_url, load_config, mask_secrets, mask_url
@@ -412,3 +413,46 @@ def test_a_url_in_persistence_config_is_refused_naming_only_its_scheme(
     with pytest.raises(ConfigError, match="--config names a config file") as raised:
         load_config("mongodb+srv://app:Sup3rS3cret@cluster.example/app")
     assert "Sup3rS3cret" not in str(raised.value)
+
+
+@pytest.mark.postgresql
+def test_errors_reprs_and_alembic_show_the_url_as_given_with_the_password_masked(
+    postgresql_admin_url: str,
+) -> None:
+    """Found by attack: messages showed the driver's URL, libpq's parameters rewritten
+    (`options=` as `dsn=postgresql%3A%2F%2F%3Foptions...`, `sslmode` as `ssl`)."""
+    import subprocess
+
+    base = make_url(postgresql_admin_url).set(database="persistence_no_such_database")
+    host = base.set(password=None).render_as_string(hide_password=False)
+    given = f"{host}?password={ENCODED}&options=-c%20search_path%3Dpublic&sslmode=disable"
+    shown = f"{host}?password=***&options=-c%20search_path%3Dpublic&sslmode=disable"
+    replica = f"postgresql://u:{ENCODED}@db.example/app?sslmode=require&options=-cx%3Dy"
+    storage = PostgreSQLSessionStorage(given, read_replicas=[replica])
+    assert repr(storage) == (
+        f"PostgreSQLSessionStorage({shown!r},"
+        " read_replicas=['postgresql://u:***@db.example/app?sslmode=require&options=-cx%3Dy'])"
+    )
+    failed = PostgreSQLSessionStorage(given)
+
+    async def initialize() -> None:
+        try:
+            await failed.initialize()
+        finally:
+            await failed.close()
+
+    with pytest.raises(PersistenceError) as caught:
+        asyncio.run(initialize())
+    assert f"of {shown} failed" in str(caught.value)
+    code, text = _run(["stats", "--url", given])
+    assert code == 1 and f"open {shown} failed" in text, text
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={given}", "current"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.stdout.startswith(f"FAILED: {shown}: "), done.stdout
+    for said in (repr(storage), str(caught.value), text, done.stdout + done.stderr):
+        assert_hidden(said)

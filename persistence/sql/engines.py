@@ -24,7 +24,6 @@ from persistence.sql.types import json_dumps, json_value_loads
 from persistence.store_files import database_in_a_journals_place, journal_beside_a_database
 from persistence.urls import (
     asyncpg_url,
-    mask_url,
     postgresql_url_problem,
     userinfo_problem,
 )
@@ -58,15 +57,6 @@ def postgresql_url(connection_string: str) -> URL:
             " (use postgresql://, postgres:// or postgresql+asyncpg://)"
         )
     return url.set(drivername="postgresql+asyncpg")
-
-
-def displayed(url: URL) -> str:
-    """The URL for reprs and messages: password and `password=` parameters masked, and
-    the scheme as users write it (found by attack: error lines of a `postgresql://` URL
-    showed SQLAlchemy's `postgresql+asyncpg://`)."""
-    if url.drivername == "postgresql+asyncpg":
-        url = url.set(drivername="postgresql")
-    return mask_url(url.render_as_string(hide_password=False))
 
 
 def sqlite_path_from_url(connection_string: str) -> Path:

@@ -24,7 +24,6 @@ from persistence.sql.checkout import Lent, lent_connection
 from persistence.sql.connects import Connects
 from persistence.sql.engines import (
     WRITE_OPTIONS,
-    displayed,
     postgresql_engine,
     postgresql_url,
 )
@@ -47,6 +46,7 @@ from persistence.sql.statistics import BulkLoadStatistics, analyze_tables
 from persistence.sql.uow import SqlUnitOfWork, lending_units_of_work
 from persistence.storage import BackendName
 from persistence.turns import save_turn
+from persistence.urls import mask_url
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
                 f" got {min_pool_size} and {max_pool_size}"
             )
         self.url = postgresql_url(connection_string)
+        # The URL as given, for reprs and messages. Found by attack: the driver's URL
+        # showed libpq's parameters rewritten (`options=` as `dsn=postgresql%3A...`).
+        self._shown = mask_url(connection_string)
         self.min_pool_size = min_pool_size
         self.max_pool_size = max_pool_size
         self._statement_timeout = statement_timeout
@@ -124,7 +127,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
         )
 
     def __repr__(self) -> str:
-        shown = repr(displayed(self.url))
+        shown = repr(self._shown)
         if self._replicas is not None:
             shown += f", read_replicas={self._replicas.displayed!r}"
         return f"PostgreSQLSessionStorage({shown})"
@@ -135,7 +138,7 @@ class PostgreSQLSessionStorage(SqlSessionStorage):
 
     @property
     def _where(self) -> str:
-        return displayed(self.url)
+        return self._shown
 
     def _create_engine(self, *, pooled: bool = True) -> AsyncEngine:
         return postgresql_engine(

@@ -29,7 +29,7 @@ from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.errors import InvalidDataError
-from persistence.sql.engines import displayed, postgresql_url, replica_connect_args
+from persistence.sql.engines import postgresql_url, replica_connect_args
 from persistence.sql.errors import connection_unusable
 from persistence.sql.identity import Identity
 from persistence.sql.runner import Work, run_on_asyncpg
@@ -42,6 +42,7 @@ from persistence.sql.standby import (
 )
 from persistence.sql.statements import Statement
 from persistence.sql.uow import SqlUnitOfWork
+from persistence.urls import mask_url
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -103,8 +104,12 @@ class WriteClock:
 class ReplicaSet:
     """The read replicas of one storage, used in turn."""
 
-    def __init__(self, urls: Sequence[URL], settings: ReplicaSettings) -> None:
+    def __init__(
+        self, urls: Sequence[URL], settings: ReplicaSettings, shown: Sequence[str]
+    ) -> None:
         self.urls = tuple(urls)
+        # The URLs as given, passwords masked (see postgresql_storage's `_shown`).
+        self.displayed = list(shown)
         self.settings = settings
         self.clock = WriteClock()
         self._replicas: list[Replica] = []
@@ -112,10 +117,6 @@ class ReplicaSet:
         self._settling: asyncio.Task[None] | None = None
         self._next = 0
         self._closed = False
-
-    @property
-    def displayed(self) -> list[str]:
-        return [displayed(url) for url in self.urls]
 
     def states(self) -> list[ReplicaState]:
         position = self.clock.known_position if self.clock.settled() else None
@@ -132,7 +133,7 @@ class ReplicaSet:
             dialect = primary.dialect
             self._replicas = [
                 Replica(
-                    url,
+                    shown,
                     replica_connect_args(
                         url,
                         dialect,
@@ -143,7 +144,7 @@ class ReplicaSet:
                     self.settings,
                     expected,
                 )
-                for url in self.urls
+                for url, shown in zip(self.urls, self.displayed, strict=True)
             ]
         await asyncio.gather(*(replica.check() for replica in self._replicas))
 
@@ -287,4 +288,4 @@ def replica_set(urls: Sequence[str], settings: ReplicaSettings) -> ReplicaSet | 
         except InvalidDataError as exc:
             problem = str(exc).removeprefix("connection_string: ")
             raise InvalidDataError(f"read_replicas[{index}]: {problem}") from None
-    return ReplicaSet(parsed, settings)
+    return ReplicaSet(parsed, settings, [mask_url(url) for url in urls])

@@ -39,11 +39,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import URL, Dialect, text
+from sqlalchemy import Dialect, text
 
 from persistence.sql.checkout import Lent
 from persistence.sql.connects import Connects
-from persistence.sql.engines import displayed
 from persistence.sql.errors import connection_lost
 from persistence.sql.identity import Identity, NotThisDatabase, identity_of
 from persistence.sql.replica_connections import ReplicaConnections
@@ -143,13 +142,13 @@ class Replica:
 
     def __init__(
         self,
-        url: URL,
+        url: str,
         connect_args: dict[str, Any],
         dialect: Dialect,
         settings: ReplicaSettings,
         expected: Identity,
     ) -> None:
-        self.url = displayed(url)
+        self.url = url  # as given, password masked
         self._expected = expected
         self._settings = settings
         self._dialect = dialect
