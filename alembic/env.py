@@ -83,6 +83,10 @@ def _only_reads() -> bool:
     return _command() in _READING
 
 
+# The writing commands that need a store of ours (its version table) to work on.
+_ON_A_STORE = {"downgrade": "downgrade", "do_stamp": "stamp"}
+
+
 # Seconds a run waits for another writer of a SQLite file.
 _BUSY_TIMEOUT = 5.0
 
@@ -101,7 +105,11 @@ def _configured_url(*, opening: bool) -> tuple[URL, str]:
     if config.backend != "sqlite":
         return async_driver_url(sql_url(config)), config.display_url
     if opening:
-        exists = check_sqlite_path(config.database_path, must_exist=_only_reads())
+        # Found by attack: `downgrade base` and `stamp base` made a database at a path
+        # mistyped.
+        exists = check_sqlite_path(
+            config.database_path, must_exist=_only_reads() or _command() in _ON_A_STORE
+        )
         if not exists:
             _create_parents(config.database_path)
     # The path as it is: a `sqlite:///` string of it would be cut at `?` and decoded.
@@ -148,8 +156,10 @@ def _examine(connection: Connection, where: str) -> SchemaState | None:
             # Found by attack: a stamp wrote our version table into another application's
             # database, which initialize() then took for a store of ours. (A version
             # table of ours that does not tell the truth may be stamped again, and tables
-            # of ours without one may be stamped: the refusals say to.)
-            if not (versioned or ours):
+            # of ours without one may be stamped: the refusals say to. Found by attack:
+            # an empty one beside another application's tables, as `downgrade base`
+            # leaves ours there, was stamped head.)
+            if not (ours or (versioned and version_heads(connection, _VERSION_TABLE))):
                 raise
             return None
         # Found by attack: tables of ours with an empty, missing or wrong version row were
@@ -162,6 +172,13 @@ def _examine(connection: Connection, where: str) -> SchemaState | None:
         return None
     if connection.dialect.name == "sqlite":
         refuse_if_claimed(connection, where)
+    verb = _ON_A_STORE.get(_command())
+    if verb and not state.heads and _VERSION_TABLE not in inspect(connection).get_table_names():
+        # Found by attack: both wrote our version table into an empty database.
+        raise MigrationError(
+            f"{where} holds no persistence schema (no {_VERSION_TABLE}): nothing to"
+            f" {verb} (nothing was written); create it with `alembic upgrade head`"
+        )
     return state
 
 
@@ -247,7 +264,7 @@ def _engine(url: URL) -> AsyncEngine:
         # Found by attack: `current` made a 0-byte file a WAL database of 4,096 bytes.
         target = sqlite_reading_target(path)
         return sqlite_engine(url, pragmas, _BUSY_TIMEOUT, target=target, uri=True)
-    if not path.exists() or path.stat().st_size == 0:
+    if _command() == "upgrade" and (not path.exists() or path.stat().st_size == 0):
         pragmas = {"journal_mode": "WAL", **pragmas}
     else:
         _refuse_what_alembic_cannot_migrate(path)

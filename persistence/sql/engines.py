@@ -238,14 +238,27 @@ def sqlite_reading_target(path: Path) -> str:
 
     A WAL database needs its -shm file: where the directory is read-only and the
     file has no -wal (so no writer can be at work in it), the file is opened as
-    immutable, which needs neither.
+    immutable, which needs neither; not where it has a -journal that is not empty
+    (found by attack: immutable, SQLite ignored a hot one, so reads saw the changes of
+    a transaction its writer never finished, and a check passed on them).
     """
     absolute = path.absolute()
     target = _file_uri(absolute, "ro")
     wal = absolute.with_name(absolute.name + "-wal")
-    if not os.access(absolute.parent, os.W_OK) and not wal.exists():
+    if (
+        not os.access(absolute.parent, os.W_OK)
+        and not wal.exists()
+        and not _file_size(absolute.with_name(absolute.name + "-journal"))
+    ):
         target += "&immutable=1"
     return target
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def sqlite_writing_target(path: Path) -> str:

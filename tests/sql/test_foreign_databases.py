@@ -146,7 +146,7 @@ async def test_persistence_shares_a_database_with_an_alembic_application(fresh_u
 _WRITING_COMMANDS = [("upgrade", "head"), ("downgrade", "base"), ("stamp", "head")]
 
 
-def _alembic_failure(url: str, command: tuple[str, str] = ("upgrade", "head")) -> str:
+def _alembic_failure(url: str, command: tuple[str, ...] = ("upgrade", "head")) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "alembic", "-x", f"url={url}", *command],
         cwd=ROOT,
@@ -632,10 +632,116 @@ async def test_the_postgresql_names_of_ours_are_those_of_a_store_at_head(
         " AND relkind <> 'r' UNION SELECT proname FROM pg_proc"
         " WHERE pronamespace = 'public'::regnamespace",
     )
-    names = {row[0] for row in rows}
+    names = {row[0] for row in rows} - {f"{VERSION_TABLE}_pkc"}
     assert names - _OUR_NAMES - _POSTGRESQL_NAMES_OF_OURS == set()
     assert _POSTGRESQL_NAMES_OF_OURS - names == set()
     (tables,) = await _execute(
         empty_postgresql_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
     )
     assert {row[0] for row in tables} <= _OUR_NAMES | {VERSION_TABLE}
+
+
+@contextlib.contextmanager
+def _unwritable(directory: Path) -> Iterator[None]:
+    """The directory made unwritable: `chattr +i` as root (whom modes do not stop),
+    else mode 0500."""
+    import os
+    import shutil
+
+    if os.geteuid() == 0:
+        chattr = shutil.which("chattr")
+        if chattr is None or subprocess.run([chattr, "+i", directory], check=False).returncode:
+            pytest.skip("root, and chattr +i is not available here: no unwritable directory")
+        try:
+            yield
+        finally:
+            subprocess.run([chattr, "-i", directory], check=True)
+        return
+    directory.chmod(0o500)
+    try:
+        yield
+    finally:
+        directory.chmod(0o700)
+
+
+@pytest.mark.sqlite
+def test_a_hot_journal_in_an_unwritable_directory_is_refused_not_read_through(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: in a directory that cannot be written, a file is read as
+    immutable, which ignores its -journal; a store with a hot one (a writer killed
+    mid-transaction) was read with that transaction's changes: `alembic current` said
+    its uncommitted revision, and `alembic stamp head` passed the check, then rolled the
+    journal back into the file and failed."""
+    import sqlite3
+
+    store = tmp_path / "store"
+    store.mkdir()
+    path = store / "s.db"
+    alembic(f"sqlite:///{path}", "upgrade", "head")
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA journal_mode = DELETE")
+    writer = (
+        "import os, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute('PRAGMA cache_size = 1')\n"
+        "c.execute('BEGIN')\n"
+        f"c.execute(\"UPDATE {VERSION_TABLE} SET version_num = '0003'\")\n"
+        "for i in range(300):\n"
+        "    c.execute('INSERT INTO persistence_store (name, value) VALUES (?, ?)',"
+        " (f'k{i}', 'x' * 3000))\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(path)], check=True)
+    journal = Path(f"{path}-journal")
+    assert journal.stat().st_size > 0
+    before = path.read_bytes(), journal.read_bytes()
+    with _unwritable(store):
+        for command in [("current",), ("stamp", "head"), ("downgrade", "base")]:
+            said = _alembic_failure(f"sqlite:///{path}", command)
+            assert "0003" not in said, (command, said)
+            assert "the file's -journal holds a transaction" in said, (command, said)
+        reader = SQLiteSessionStorage(path)
+        with pytest.raises(PersistenceError, match="-journal holds a transaction"):
+            asyncio.run(reader.open_for_reading())
+        asyncio.run(reader.close())
+        assert (path.read_bytes(), journal.read_bytes()) == before
+
+
+def _refused_on_a_path_mistyped_then_made_empty(url: str, command: tuple[str, str]) -> None:
+    path = Path(url.removeprefix("sqlite:///"))
+    missing = path.with_name("mistyped") / "store.db"
+    said = _alembic_failure(f"sqlite:///{missing}", command)
+    assert said.startswith("FAILED: ") and str(missing) in said, said
+    assert not missing.parent.exists()
+    path.touch()
+
+
+@pytest.mark.parametrize("command", [*_WRITING_COMMANDS[1:], ("stamp", "base")], ids=" ".join)
+async def test_alembic_downgrade_and_stamp_need_a_store_of_ours(
+    fresh_url: str, command: tuple[str, str]
+) -> None:
+    """Found by attack: on a SQLite path mistyped, an empty file or an empty PostgreSQL
+    database, `downgrade base` and `stamp` made a database holding our version table."""
+    if fresh_url.startswith("sqlite"):
+        _refused_on_a_path_mistyped_then_made_empty(fresh_url, command)
+    said = _alembic_failure(fresh_url, command)
+    assert "holds no persistence schema" in said and "nothing was written" in said, said
+    assert await _tables(fresh_url) == {}
+    assert _file_bytes(fresh_url) in (None, b"")
+
+
+@pytest.mark.parametrize("revision", ["head", "base"])
+async def test_alembic_stamp_refuses_our_empty_version_table_beside_another_application(
+    fresh_url: str, revision: str
+) -> None:
+    """Found by attack: what `upgrade head` then `downgrade base` leave beside another
+    application's tables (our version table, empty) was stamped head."""
+    await _other_application(fresh_url, its_alembic=None)
+    alembic(fresh_url, "upgrade", "head")
+    alembic(fresh_url, "downgrade", "base")
+    before = await _tables(fresh_url)
+    said = _alembic_failure(fresh_url, ("stamp", revision))
+    assert "holds tables of another application" in said, said
+    assert await _tables(fresh_url) == before
+    alembic(fresh_url, "upgrade", "head")  # as the refusal says
