@@ -50,6 +50,7 @@ from persistence.sql.schema import (
     dangling_references,
     examine,
     examine_sqlite_file,
+    is_version_table,
     refuse_if_claimed,
     script_directory,
     sqlite_file_read,
@@ -147,7 +148,7 @@ def _examine(connection: Connection, where: str) -> SchemaState | None:
         state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
     except MigrationError:
         ours = schema_revision(connection) is not None
-        versioned = _VERSION_TABLE in inspect(connection).get_table_names()
+        versioned = is_version_table(connection, _VERSION_TABLE)
         if _command() == "downgrade" and not versioned:
             # Found by attack: `downgrade base` wrote our version table into another
             # application's database, which `stamp` and initialize() then took for ours.
@@ -189,6 +190,10 @@ def _read_version_table(connection: Connection, where: str) -> str:
     try:
         state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
     except MigrationError:
+        inspector = inspect(connection)
+        held = _VERSION_TABLE in {*inspector.get_table_names(), *inspector.get_view_names()}
+        if held and not is_version_table(connection, _VERSION_TABLE):
+            raise  # another application's table or view of its name
         return _VERSION_TABLE
     if not state.legacy:
         return _VERSION_TABLE

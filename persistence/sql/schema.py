@@ -65,6 +65,15 @@ def version_heads(connection: Connection, version_table: str) -> tuple[str, ...]
     return tuple(context.get_current_heads())
 
 
+def is_version_table(connection: Connection, version_table: str) -> bool:
+    """Whether `version_table` is a table with alembic's `version_num` column: not a
+    view, nor another application's table of that name."""
+    inspector = inspect(connection)
+    return version_table in inspector.get_table_names() and any(
+        column["name"] == "version_num" for column in inspector.get_columns(version_table)
+    )
+
+
 def listed(names: list[str] | tuple[str, ...], *, ordered: bool = False) -> str:
     shown = ", ".join((names if ordered else sorted(names))[:_SHOWN_TABLES])
     return shown + (f" and {len(names) - _SHOWN_TABLES} more" if len(names) > _SHOWN_TABLES else "")
@@ -106,7 +115,7 @@ _OUR_NAMES = (
 # one of ours beside another application's tables (after `downgrade base`) is no clash.
 _POSTGRESQL_NAMES_OF_OURS = frozenset(
     {"chat_messages_id_seq", "chat_terms_pending_pending_seq", "chat_terms_recheck_recheck_seq"}
-    | {"uq_chat_messages_message_id"}
+    | {"uq_chat_messages_message_id", "ix_chat_messages_content_tsv"}  # 0001 to 0002
     | {f"pk_{table}" for table in Base.metadata.tables}
     | {"pk_chat_message_terms", "pk_chat_terms_pending", "pk_chat_terms_recheck"}
     | {
@@ -146,13 +155,8 @@ def _names_taken(connection: Connection, tables: set[str]) -> list[str]:
     functions and types of the store's schema), already hold."""
     taken = tables & _OUR_NAMES
     if connection.dialect.name == "sqlite":
-        indexes_and_triggers = {
-            row[0]
-            for row in connection.exec_driver_sql(
-                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
-            )
-        }
-        taken |= indexes_and_triggers & _sqlite_names_of_ours()
+        held = {row[0] for row in connection.exec_driver_sql("SELECT name FROM sqlite_master")}
+        taken |= held & _sqlite_names_of_ours()
     else:
         held = {row[0] for row in connection.execute(_POSTGRESQL_SCHEMA_NAMES)}
         taken |= held & (_OUR_NAMES | _POSTGRESQL_NAMES_OF_OURS)
@@ -215,6 +219,14 @@ def examine(
         names = (names | sequences) - of_extensions
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
+        if not is_version_table(connection, version_table):
+            # Found by attack: another application's table of that name gave alembic's
+            # raw "no such column", its view of it "written by a newer version".
+            raise MigrationError(
+                f"{where} holds a table or view named {version_table} that is not"
+                " persistence's version table (no version_num column, or a view);"
+                " persistence neither reads nor changes it: use a database of its own"
+            )
         heads = version_heads(connection, version_table)
         unknown = [head for head in heads if head not in known]
         if unknown:
@@ -717,13 +729,26 @@ def _first_row(connection: Connection | sqlite3.Connection, sql: str) -> Any:
 
 @functools.cache
 def _sqlite_names_of_ours() -> frozenset[str]:
-    """Every name the revisions give a SQLite store (tables, indexes, triggers), read off
-    a scratch store they build at head: once per process, where a database is refused."""
+    """Every name the revisions give a SQLite store (tables, indexes, triggers), seen
+    while they build a scratch store to head and read off it: once per process, where a
+    database is refused. Found by attack: the names of tables a revision makes and drops
+    or renames (`chat_messages_0005`, alembic's `_alembic_tmp_chat_sessions`) were not
+    among those of a store at head, and the run failed on "already exists"."""
+    created: set[str] = set()
+
+    def note(action: int, name: str | None, *_: str | None) -> int:
+        if action in _SQLITE_CREATIONS and name:
+            created.add(name)
+        return sqlite3.SQLITE_OK
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(path)
+        connection.set_authorizer(note)
+        return connection
+
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "head.db"
-        engine = create_engine(
-            "sqlite://", creator=lambda: sqlite3.connect(path), poolclass=NullPool
-        )
+        engine = create_engine("sqlite://", creator=connect, poolclass=NullPool)
         # Inside alembic's own run (its env.py refusing a file), the scratch run's
         # environment replaces alembic's module proxy, and removes it when it ends.
         outer = getattr(alembic_context, "_proxy", None)
@@ -735,12 +760,24 @@ def _sqlite_names_of_ours() -> frozenset[str]:
             if outer is not None:
                 outer._install_proxy()
         with contextlib.closing(sqlite3.connect(path)) as scratch_store:
-            return frozenset(
-                row[0]
-                for row in scratch_store.execute(
-                    "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite!_%' ESCAPE '!'"
-                )
+            created.update(
+                row[0] for row in scratch_store.execute("SELECT name FROM sqlite_master")
             )
+    # Not the version table: an empty one of ours beside another application's tables
+    # (after `downgrade base`) is no clash.
+    return frozenset(
+        name for name in created if not name.startswith("sqlite_") and name != VERSION_TABLE
+    )
+
+
+# The authorizer's actions that create a named object (the name is their first argument).
+_SQLITE_CREATIONS = {
+    sqlite3.SQLITE_CREATE_INDEX,
+    sqlite3.SQLITE_CREATE_TABLE,
+    sqlite3.SQLITE_CREATE_TRIGGER,
+    sqlite3.SQLITE_CREATE_VIEW,
+    sqlite3.SQLITE_CREATE_VTABLE,
+}
 
 
 def _refuse_claimed(connection: Connection | sqlite3.Connection, where: str) -> None:

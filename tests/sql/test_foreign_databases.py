@@ -268,8 +268,11 @@ async def test_a_sqlite_file_another_application_claimed_is_refused(
         "CREATE UNIQUE INDEX ix_chat_messages_pending ON orders (item)",
         "CREATE INDEX ix_chat_sessions_updated ON orders (item)",
         "CREATE TRIGGER chat_session_counts_insert AFTER INSERT ON orders BEGIN SELECT 1; END",
+        # Found by attack: tables a revision makes and drops or renames.
+        "CREATE TABLE chat_messages_0005 (id INTEGER)",
+        "CREATE TABLE _alembic_tmp_chat_sessions (id INTEGER)",
     ],
-    ids=["unique_index", "index", "trigger"],
+    ids=["unique_index", "index", "trigger", "rebuilt_table", "batch_table"],
 )
 async def test_another_applications_index_or_trigger_of_our_name_is_refused(
     tmp_path: Path, theirs: str
@@ -587,11 +590,13 @@ UNION SELECT typname FROM pg_type WHERE typnamespace = 'public'::regnamespace
     "theirs",
     [
         "CREATE INDEX ix_chat_sessions_updated ON orders (item)",
+        # Found by attack: an index revision 0001 makes and 0003 drops.
+        "CREATE INDEX ix_chat_messages_content_tsv ON orders (item)",
         "CREATE SEQUENCE chat_messages_id_seq",
         "CREATE FUNCTION persistence_append(integer) RETURNS integer LANGUAGE sql AS 'SELECT 1'",
         "CREATE TYPE chat_sessions AS ENUM ('open')",
     ],
-    ids=["index", "sequence", "function", "type"],
+    ids=["index", "dropped_index", "sequence", "function", "type"],
 )
 async def test_another_applications_postgresql_objects_of_our_names_are_refused(
     empty_postgresql_url: str, theirs: str
@@ -618,21 +623,26 @@ async def test_another_applications_postgresql_objects_of_our_names_are_refused(
         assert (await _execute(url, _CATALOG), await _tables(url)) == before
 
 
-async def test_the_postgresql_names_of_ours_are_those_of_a_store_at_head(
+async def test_the_postgresql_names_of_ours_are_those_the_revisions_make(
     empty_postgresql_url: str,
 ) -> None:
     """The names a refusal looks for are every index, sequence and function the
-    revisions make (and no other), so none of them is left out as revisions are added."""
+    revisions make (and no other), so none of them is left out as revisions are added:
+    read after each revision (found by attack: an index 0001 makes and 0003 drops was
+    left out)."""
     from persistence.sql.schema import _OUR_NAMES, _POSTGRESQL_NAMES_OF_OURS
 
-    alembic(empty_postgresql_url, "upgrade", "head")
-    (rows,) = await _execute(
-        empty_postgresql_url,
-        "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
-        " AND relkind <> 'r' UNION SELECT proname FROM pg_proc"
-        " WHERE pronamespace = 'public'::regnamespace",
-    )
-    names = {row[0] for row in rows} - {f"{VERSION_TABLE}_pkc"}
+    names: set[str] = set()
+    for script_revision in reversed(list(script_directory().walk_revisions())):
+        alembic(empty_postgresql_url, "upgrade", script_revision.revision)
+        (rows,) = await _execute(
+            empty_postgresql_url,
+            "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+            " AND relkind <> 'r' UNION SELECT proname FROM pg_proc"
+            " WHERE pronamespace = 'public'::regnamespace",
+        )
+        names |= {row[0] for row in rows}
+    names -= {f"{VERSION_TABLE}_pkc"}
     assert names - _OUR_NAMES - _POSTGRESQL_NAMES_OF_OURS == set()
     assert _POSTGRESQL_NAMES_OF_OURS - names == set()
     (tables,) = await _execute(
@@ -745,3 +755,29 @@ async def test_alembic_stamp_refuses_our_empty_version_table_beside_another_appl
     assert "holds tables of another application" in said, said
     assert await _tables(fresh_url) == before
     alembic(fresh_url, "upgrade", "head")  # as the refusal says
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        f"CREATE TABLE {VERSION_TABLE} (foo INTEGER)",
+        f"CREATE VIEW {VERSION_TABLE} AS SELECT 'zz' AS version_num",
+    ],
+    ids=["table", "view"],
+)
+async def test_another_applications_table_or_view_of_our_version_tables_name_is_refused(
+    fresh_url: str, theirs: str
+) -> None:
+    """Found by attack: another application's table named as our version table (other
+    columns) gave alembic's raw "no such column", a view of it "written by a newer
+    version: upgrade persistence"."""
+    await _execute(fresh_url, "CREATE TABLE orders (id INTEGER PRIMARY KEY)", theirs)
+    before = await _tables(fresh_url), _file_bytes(fresh_url)
+    storage = _storage(fresh_url)
+    with pytest.raises(MigrationError, match="not persistence's version table") as caught:
+        await storage.initialize()
+    await storage.close()
+    for command in [*_WRITING_COMMANDS, ("current",)]:
+        said = _alembic_failure(fresh_url, command)
+        assert said == f"FAILED: {caught.value}", (command, said)
+    assert (await _tables(fresh_url), _file_bytes(fresh_url)) == before
