@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISFIFO, S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
 from persistence.errors import InvalidDataError
@@ -86,6 +86,7 @@ _SQLITE_HEADS = (
     (bytes.fromhex("377f0683"), "write-ahead log"),
     (bytes.fromhex("d9d505f920a163d7"), "rollback journal"),
 )
+_JOURNAL_HEAD = bytes.fromhex("d9d505f920a163d7")
 # The journals SQLite keeps beside a database, by the suffix of their names.
 _JOURNAL_SUFFIXES = (
     ("-wal", "write-ahead log"),
@@ -202,6 +203,45 @@ def database_in_a_journals_place(path: str | Path) -> tuple[str, str, str] | Non
         if _is_database(name + suffix):
             return kind, name + suffix, "a SQLite database"
     return None
+
+
+def journal_not_a_file(path: str | Path) -> tuple[str, str, str] | None:
+    """(which journal, its path, what stands there) if a directory, a FIFO, a socket or
+    a device stands where the database `path` keeps a journal, else None. Found by
+    attack: a FIFO named `store.db-journal` made every read wait for good (SQLite opens
+    it to look for a hot journal), a directory gave "disk I/O error"."""
+    name = os.path.realpath(path)
+    for suffix, kind in _JOURNAL_SUFFIXES:
+        try:
+            mode = os.lstat(name + suffix).st_mode
+        except OSError:
+            continue
+        if not S_ISREG(mode) and not S_ISLNK(mode):
+            what = "a directory" if S_ISDIR(mode) else "a FIFO" if S_ISFIFO(mode) else "not a file"
+            return kind, name + suffix, what
+    return None
+
+
+def journal_is_hot(path: str | Path) -> bool:
+    """Whether the database `path` has a -journal that begins as a rollback journal
+    (one that a writer left or is writing: a finished one is deleted, truncated or its
+    header zeroed)."""
+    return _head_at(f"{os.path.realpath(path)}-journal")[:8] == _JOURNAL_HEAD
+
+
+def wal_mode_header(path: str | Path) -> bool:
+    """Whether the database file's header says WAL mode (bytes 18 and 19 are 2)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return False
+    try:
+        return os.pread(descriptor, 20, 0)[18:20] == b"\x02\x02"
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
 
 
 def _head_of(descriptor: int, opened: os.stat_result) -> bytes:

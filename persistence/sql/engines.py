@@ -21,7 +21,13 @@ from persistence.sql.connects import Connects
 from persistence.sql.runner import run_in_thread
 from persistence.sql.thread_answers import answer_safely
 from persistence.sql.types import json_dumps, json_value_loads
-from persistence.store_files import database_in_a_journals_place, journal_beside_a_database
+from persistence.store_files import (
+    database_in_a_journals_place,
+    journal_beside_a_database,
+    journal_is_hot,
+    journal_not_a_file,
+    wal_mode_header,
+)
 from persistence.urls import (
     asyncpg_url,
     postgresql_url_problem,
@@ -183,6 +189,12 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
             f"{journal} is {what} where {path} keeps its {kind}: SQLite would take it for"
             " that and throw it away; refusing to open the store (move or rename it first)"
         )
+    if (odd := journal_not_a_file(path)) is not None:
+        kind, journal, what = odd
+        raise StorageConnectionError(
+            f"{journal} is {what} where {path} keeps its {kind}: SQLite cannot use it;"
+            " refusing to open the store (move it away)"
+        )
     try:
         found = os.stat(path)
     except FileNotFoundError:
@@ -236,29 +248,27 @@ def check_sqlite_path(path: Path, *, must_exist: bool) -> bool:
 def sqlite_reading_target(path: Path) -> str:
     """The URI that opens the file read-only (`mode=ro`): nothing is ever written.
 
-    A WAL database needs its -shm file: where the directory is read-only and the
-    file has no -wal (so no writer can be at work in it), the file is opened as
-    immutable, which needs neither; not where it has a -journal that is not empty
-    (found by attack: immutable, SQLite ignored a hot one, so reads saw the changes of
-    a transaction its writer never finished, and a check passed on them).
+    A WAL database needs its -shm file: where the file's directory (a symlink's
+    target's: SQLite keeps the journals there) is read-only, a database in WAL mode
+    without a -wal is opened as immutable, which needs neither; no writer can be at work
+    in it (it would need to create a -wal there). Not one with a hot -journal, whose
+    unfinished transaction immutable would read, nor a database in rollback mode, which
+    needs no -shm and whose writers (TRUNCATE, PERSIST) can work there: those open
+    read-only with their locks. Found by attack: immutable was chosen by the symlink's
+    own directory (a committed -wal beside the target ignored: a backup lost a session),
+    and where a -journal was hot, or existed for a writer at work.
     """
     absolute = path.absolute()
     target = _file_uri(absolute, "ro")
-    wal = absolute.with_name(absolute.name + "-wal")
+    real = os.path.realpath(absolute)
     if (
-        not os.access(absolute.parent, os.W_OK)
-        and not wal.exists()
-        and not _file_size(absolute.with_name(absolute.name + "-journal"))
+        not os.access(os.path.dirname(real), os.W_OK)
+        and _no_wal_to_read(real)
+        and not journal_is_hot(real)
+        and wal_mode_header(real)
     ):
         target += "&immutable=1"
     return target
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def sqlite_writing_target(path: Path) -> str:
@@ -268,6 +278,18 @@ def sqlite_writing_target(path: Path) -> str:
     removed in between, SQLite created a new empty database there.
     """
     return _file_uri(path.absolute(), "rw")
+
+
+def _no_wal_to_read(real: str) -> bool:
+    """Whether the database `real` has no -wal, or an empty one and no -shm (so no
+    writer can be at work: it would need both)."""
+    try:
+        size = os.lstat(f"{real}-wal").st_size
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return size == 0 and not os.path.lexists(f"{real}-shm")
 
 
 def _file_uri(absolute: Path, mode: str) -> str:

@@ -24,6 +24,7 @@ from persistence import (
 from persistence.sql.engines import async_driver_url
 from persistence.sql.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, script_directory
 from tests import servers
+from tests.directories import unwritable
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = script_directory().get_current_head()
@@ -651,29 +652,6 @@ async def test_the_postgresql_names_of_ours_are_those_the_revisions_make(
     assert {row[0] for row in tables} <= _OUR_NAMES | {VERSION_TABLE}
 
 
-@contextlib.contextmanager
-def _unwritable(directory: Path) -> Iterator[None]:
-    """The directory made unwritable: `chattr +i` as root (whom modes do not stop),
-    else mode 0500."""
-    import os
-    import shutil
-
-    if os.geteuid() == 0:
-        chattr = shutil.which("chattr")
-        if chattr is None or subprocess.run([chattr, "+i", directory], check=False).returncode:
-            pytest.skip("root, and chattr +i is not available here: no unwritable directory")
-        try:
-            yield
-        finally:
-            subprocess.run([chattr, "-i", directory], check=True)
-        return
-    directory.chmod(0o500)
-    try:
-        yield
-    finally:
-        directory.chmod(0o700)
-
-
 @pytest.mark.sqlite
 def test_a_hot_journal_in_an_unwritable_directory_is_refused_not_read_through(
     tmp_path: Path,
@@ -706,7 +684,7 @@ def test_a_hot_journal_in_an_unwritable_directory_is_refused_not_read_through(
     journal = Path(f"{path}-journal")
     assert journal.stat().st_size > 0
     before = path.read_bytes(), journal.read_bytes()
-    with _unwritable(store):
+    with unwritable(store):
         for command in [("current",), ("stamp", "head"), ("downgrade", "base")]:
             said = _alembic_failure(f"sqlite:///{path}", command)
             assert "0003" not in said, (command, said)

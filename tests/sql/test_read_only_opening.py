@@ -1,0 +1,117 @@
+"""How a SQLite store is opened read-only (engines.sqlite_reading_target): what it reads
+is the committed state, through a symlink and in a directory that cannot be written."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from persistence import SQLiteSessionStorage
+from tests.directories import unwritable
+
+pytestmark = pytest.mark.sqlite
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Saves a session; with "leave", ends the process before any checkpoint, so the
+# session is committed in the -wal only.
+_SAVE = """
+import asyncio, os, sys
+from persistence import ChatSession, SQLiteSessionStorage
+
+async def main(path, session_id, leave):
+    storage = SQLiteSessionStorage(path)
+    await storage.initialize()
+    session = ChatSession.create("m", session_id=session_id)
+    session.add_message("user", "hello")
+    await storage.save_session(session)
+    if leave:
+        os._exit(0)
+    await storage.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] == "1"))
+"""
+
+
+def _save(path: Path, session_id: str, *, leave_in_the_wal: bool = False) -> None:
+    subprocess.run(
+        [sys.executable, "-c", _SAVE, str(path), session_id, str(int(leave_in_the_wal))],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _listed(path: Path) -> list[str]:
+    async def listing() -> list[str]:
+        storage = SQLiteSessionStorage(path)
+        await storage.open_for_reading()
+        try:
+            return sorted(session.session_id for session in await storage.list_sessions())
+        finally:
+            await storage.close()
+
+    return asyncio.run(listing())
+
+
+def test_a_symlink_in_an_unwritable_directory_reads_the_wal_beside_its_target(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: immutable was chosen by the symlink's own directory, so the
+    committed -wal beside its target was ignored: a session was missing from listings,
+    and `backup` through the link lost it and exited 0."""
+    data, links = tmp_path / "data", tmp_path / "links"
+    data.mkdir()
+    links.mkdir()
+    store = data / "s.db"
+    _save(store, "A")
+    _save(store, "B", leave_in_the_wal=True)
+    assert Path(f"{store}-wal").stat().st_size > 0
+    link = links / "s.db"
+    link.symlink_to(store)
+    with unwritable(links):
+        assert _listed(link) == ["A", "B"]
+
+
+def test_a_wal_store_in_an_unwritable_directory_with_a_finished_journal_is_read(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: any -journal that was not empty counted as hot, so a WAL store
+    beside one a PERSIST-mode writer had left (its header zeroed) could not be read."""
+    store = tmp_path / "store"
+    store.mkdir()
+    path = store / "s.db"
+    _save(path, "A")
+    assert not Path(f"{path}-wal").exists()
+    Path(f"{path}-journal").write_bytes(bytes(8720))
+    with unwritable(store):
+        assert _listed(path) == ["A"]
+
+
+@pytest.mark.parametrize("suffix", ["-journal", "-wal"])
+def test_a_fifo_or_directory_where_a_journal_goes_is_refused_at_once(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Found by attack: a FIFO named `s.db-journal` made every read wait for good
+    (SQLite opens it to look for a hot journal); a directory there gave "disk I/O error"."""
+    path = tmp_path / "s.db"
+    _save(path, "A")
+    for make, what in ((os.mkfifo, "a FIFO"), (os.mkdir, "a directory")):
+        journal = Path(f"{path}{suffix}")
+        make(journal)
+        done = subprocess.run(
+            [sys.executable, "-m", "persistence", "--url", f"sqlite:///{path}", "stats"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=ROOT,
+        )
+        assert done.returncode == 1, done
+        assert f"{journal} is {what} where {path} keeps its" in done.stderr, done.stderr
+        journal.rmdir() if journal.is_dir() else journal.unlink()
