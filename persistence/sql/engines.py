@@ -250,20 +250,22 @@ def sqlite_reading_target(path: Path) -> str:
 
     A WAL database needs its -shm file: where the file's directory (a symlink's
     target's: SQLite keeps the journals there) is read-only, a database in WAL mode
-    without a -wal is opened as immutable, which needs neither; no writer can be at work
-    in it (it would need to create a -wal there). Not one with a hot -journal, whose
-    unfinished transaction immutable would read, nor a database in rollback mode, which
-    needs no -shm and whose writers (TRUNCATE, PERSIST) can work there: those open
-    read-only with their locks. Found by attack: immutable was chosen by the symlink's
-    own directory (a committed -wal beside the target ignored: a backup lost a session),
-    and where a -journal was hot, or existed for a writer at work.
+    without a -wal is opened as immutable, which needs neither; no writer can be at
+    work in it (it would need to create a -wal there; found by attack: beside an empty
+    -wal, a writer in EXCLUSIVE locking mode needs no -shm). The choice holds while the
+    storage is open: a directory made writable meanwhile is not seen. Not a file with a
+    hot -journal, whose unfinished transaction immutable would read, nor a database in
+    rollback mode, which needs no -shm and whose writers (TRUNCATE, PERSIST) can work
+    there: those open read-only with their locks. Found by attack: immutable was
+    chosen by the symlink's own directory (a committed -wal beside the target ignored:
+    a backup lost a session), and where a -journal was hot, or a writer at work.
     """
     absolute = path.absolute()
     target = _file_uri(absolute, "ro")
     real = os.path.realpath(absolute)
     if (
         not os.access(os.path.dirname(real), os.W_OK)
-        and _no_wal_to_read(real)
+        and not os.path.lexists(f"{real}-wal")
         and not journal_is_hot(real)
         and wal_mode_header(real)
     ):
@@ -278,18 +280,6 @@ def sqlite_writing_target(path: Path) -> str:
     removed in between, SQLite created a new empty database there.
     """
     return _file_uri(path.absolute(), "rw")
-
-
-def _no_wal_to_read(real: str) -> bool:
-    """Whether the database `real` has no -wal, or an empty one and no -shm (so no
-    writer can be at work: it would need both)."""
-    try:
-        size = os.lstat(f"{real}-wal").st_size
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return size == 0 and not os.path.lexists(f"{real}-shm")
 
 
 def _file_uri(absolute: Path, mode: str) -> str:

@@ -10,7 +10,7 @@ cannot make the next upgrade run revisions over tables that already have them.
 from __future__ import annotations
 
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, inspect
 
 from persistence.errors import MigrationError
 from persistence.sql.revision_marks import (
@@ -22,6 +22,7 @@ from persistence.sql.revision_marks import (
 from persistence.sql.schema import (
     VERSION_TABLE,
     are,
+    examine,
     listed,
     refuse_if_claimed,
     script_directory,
@@ -72,6 +73,8 @@ def stamp(
             " version (nothing was written)"
         )
     tables_at = schema_revision(connection)
+    if tables_at is None and not before:
+        _refuse_what_is_no_store(connection, version_table, where)
     if wanted == BASE:
         if tables_at is not None:
             raise MigrationError(
@@ -112,3 +115,15 @@ def stamp(
         context = MigrationContext.configure(connection, opts={"version_table": version_table})
         context.stamp(script, wanted)
     return before, wanted
+
+
+def _refuse_what_is_no_store(connection: Connection, version_table: str, where: str) -> None:
+    """Refuses a database with neither tables of ours nor a revision, as `alembic stamp`
+    does: another application's (examine() says so) or an empty one. Found by attack:
+    `persistence stamp base` said "recorded as base" there (nothing was written)."""
+    examine(connection, script_directory(), version_table=version_table, where=where)
+    if version_table not in inspect(connection).get_table_names():
+        raise MigrationError(
+            f"{where} holds no persistence schema (no {version_table}): nothing to stamp"
+            " (nothing was written); create it with `persistence upgrade`"
+        )

@@ -759,3 +759,25 @@ async def test_another_applications_table_or_view_of_our_version_tables_name_is_
         said = _alembic_failure(fresh_url, command)
         assert said == f"FAILED: {caught.value}", (command, said)
     assert (await _tables(fresh_url), _file_bytes(fresh_url)) == before
+
+
+@pytest.mark.parametrize("revision", ["base", "head"])
+async def test_persistence_stamp_refuses_another_applications_or_an_empty_database(
+    fresh_url: str, revision: str
+) -> None:
+    """Found by attack: `persistence stamp base` said "recorded as base" on another
+    application's database and on an empty one (nothing was written), where `alembic
+    stamp` refuses both."""
+    if fresh_url.startswith("sqlite"):
+        _file_of(fresh_url).write_bytes(b"")
+    with pytest.raises(MigrationError, match="holds no persistence schema"):
+        await _storage(fresh_url).stamp_schema(revision)
+    await _other_application(fresh_url, its_alembic=None)
+    before = await _tables(fresh_url), _file_bytes(fresh_url)
+    with pytest.raises(MigrationError, match="holds tables of another application"):
+        await _storage(fresh_url).stamp_schema(revision)
+    assert (await _tables(fresh_url), _file_bytes(fresh_url)) == before
+
+
+def _file_of(url: str) -> Path:
+    return Path(url.removeprefix("sqlite:///"))

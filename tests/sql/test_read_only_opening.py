@@ -115,3 +115,22 @@ def test_a_fifo_or_directory_where_a_journal_goes_is_refused_at_once(
         assert done.returncode == 1, done
         assert f"{journal} is {what} where {path} keeps its" in done.stderr, done.stderr
         journal.rmdir() if journal.is_dir() else journal.unlink()
+
+
+def test_a_wal_that_is_there_even_empty_keeps_the_open_from_being_immutable(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: beside an empty -wal and no -shm, the file was opened immutable,
+    but a writer in EXCLUSIVE locking mode needs no -shm and committed into that -wal
+    unseen by the open reader."""
+    from persistence.sql.engines import sqlite_reading_target
+
+    store = tmp_path / "store"
+    store.mkdir()
+    path = store / "s.db"
+    _save(path, "A")
+    with unwritable(store):
+        assert "immutable=1" in sqlite_reading_target(path)
+    Path(f"{path}-wal").write_bytes(b"")
+    with unwritable(store):
+        assert "immutable=1" not in sqlite_reading_target(path)
