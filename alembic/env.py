@@ -20,7 +20,6 @@ the revisions read the database as they go. A refusal of the library is one line
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +48,9 @@ from persistence.sql.schema import (
     check_references,
     dangling_references,
     examine,
-    examine_sqlite_file,
     is_version_table,
     refuse_if_claimed,
+    refuse_without_version_table,
     script_directory,
     sqlite_file_read,
     take_migration_lock,
@@ -146,41 +145,48 @@ def _examine(connection: Connection, where: str) -> SchemaState | None:
     """examine(), with the refusals the running command may go past (None then)."""
     try:
         state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
-    except MigrationError:
-        ours = schema_revision(connection) is not None
-        versioned = is_version_table(connection, _VERSION_TABLE)
-        if _command() == "downgrade" and not versioned:
-            # Found by attack: `downgrade base` wrote our version table into another
-            # application's database, which `stamp` and initialize() then took for ours.
-            raise
-        if _command() == "do_stamp":
-            # Found by attack: a stamp wrote our version table into another application's
-            # database, which initialize() then took for a store of ours. (A version
-            # table of ours that does not tell the truth may be stamped again, and tables
-            # of ours without one may be stamped: the refusals say to. Found by attack:
-            # an empty one beside another application's tables, as `downgrade base`
-            # leaves ours there, was stamped head.)
-            if not (ours or (versioned and version_heads(connection, _VERSION_TABLE))):
-                raise
+    except MigrationError as refusal:
+        if _goes_past(connection, refusal):
             return None
-        # Found by attack: tables of ours with an empty, missing or wrong version row were
-        # migrated from base or from the wrong revision (failing on a table that exists,
-        # or worse). Only another application's tables, with no table of ours, get ours
-        # created beside them; so does an empty version table of ours alone (after
-        # `downgrade base`).
-        if ours or (versioned and version_heads(connection, _VERSION_TABLE)):
-            raise
-        return None
+        raise
     if connection.dialect.name == "sqlite":
         refuse_if_claimed(connection, where)
     verb = _ON_A_STORE.get(_command())
-    if verb and not state.heads and _VERSION_TABLE not in inspect(connection).get_table_names():
-        # Found by attack: both wrote our version table into an empty database.
-        raise MigrationError(
-            f"{where} holds no persistence schema (no {_VERSION_TABLE}): nothing to"
-            f" {verb} (nothing was written); create it with `alembic upgrade head`"
+    if verb and not state.heads:
+        refuse_without_version_table(
+            connection, _VERSION_TABLE, where, doing=verb, create_with="`alembic upgrade head`"
         )
     return state
+
+
+def _goes_past(connection: Connection, refusal: MigrationError) -> bool:
+    """Whether the running command may go past examine()'s `refusal`.
+
+    An upgrade, only another application's tables, none of a name of ours: ours are made
+    beside them. Found by attack: beside another application's table of our name the
+    upgrade failed on a raw "already exists" (after rolling back a SQLite file's hot
+    journal), and tables of ours with an empty, missing or wrong version row were
+    migrated from base or from the wrong revision.
+
+    A stamp, tables of ours or a version row of ours that does not tell the truth: the
+    refusals say to stamp them. Found by attack: a stamp wrote our version table into
+    another application's database, which initialize() then took for ours; so did an
+    empty one of ours beside another application's tables (what `downgrade base`
+    leaves there).
+
+    A downgrade, only our empty version table alone (after `downgrade base`). Found by
+    attack: `downgrade base` wrote our version table into another application's
+    database.
+    """
+    command = _command()
+    if command == "upgrade":
+        return isinstance(refusal, ForeignTablesError)
+    ours = schema_revision(connection) is not None
+    versioned = is_version_table(inspect(connection), _VERSION_TABLE)
+    revised = versioned and bool(version_heads(connection, _VERSION_TABLE))
+    if command == "do_stamp":
+        return ours or revised
+    return versioned and not ours and not revised
 
 
 def _read_version_table(connection: Connection, where: str) -> str:
@@ -192,7 +198,7 @@ def _read_version_table(connection: Connection, where: str) -> str:
     except MigrationError:
         inspector = inspect(connection)
         held = _VERSION_TABLE in {*inspector.get_table_names(), *inspector.get_view_names()}
-        if held and not is_version_table(connection, _VERSION_TABLE):
+        if held and not is_version_table(inspector, _VERSION_TABLE):
             raise  # another application's table or view of its name
         return _VERSION_TABLE
     if not state.legacy:
@@ -218,14 +224,6 @@ def _run(connection: Connection, where: str) -> None:
             take_migration_lock(connection)
             _adopt_legacy_version(connection, where)
             version_table = _VERSION_TABLE
-            if _command() == "upgrade" and connection.dialect.name == "postgresql":
-                # What a SQLite file is refused before it is opened (_engine), in the
-                # run's transaction: another application's table of our name gave a raw
-                # `relation "chat_sessions" already exists`.
-                with contextlib.suppress(ForeignTablesError):
-                    examine(
-                        connection, script_directory(), version_table=_VERSION_TABLE, where=where
-                    )
         before = 0 if reading else dangling_references(connection)
         context.configure(
             connection=connection,
@@ -278,24 +276,14 @@ def _engine(url: URL) -> AsyncEngine:
 
 def _refuse_what_alembic_cannot_migrate(path: Path) -> None:
     """Examines a SQLite file reading only, before a connection that may write opens it,
-    and refuses it as the run would refuse it on that connection.
-
-    An upgrade refuses it as the library does, except where the library's refusal says
-    to run this (another application's tables, none of our names: ours are made beside
-    them). Found by attack: beside another application's `chat_sessions` the run failed
-    on "table chat_sessions already exists", after its connection had rolled back the
-    file's hot journal (434 KB made 8 KB, its -journal gone). `stamp` and `downgrade`
-    refuse what _examine refuses: the refusal of a store stamped wrongly says to stamp
-    it. Found by attack: both opened another application's file to write first.
+    and refuses it as the run would refuse it on that connection (_examine). Found by
+    attack: beside another application's `chat_sessions` an upgrade failed on "table
+    chat_sessions already exists" after its connection had rolled back the file's hot
+    journal (434 KB made 8 KB, its -journal gone); `stamp` and `downgrade` opened
+    another application's file to write first.
     """
-    target = sqlite_reading_target(path)
-    with sql_errors(f"open {path}"):
-        if _command() != "upgrade":
-            with sqlite_file_read(target) as connection:
-                _examine(connection, str(path))
-            return
-        with contextlib.suppress(ForeignTablesError):
-            examine_sqlite_file(target, version_table=_VERSION_TABLE, where=str(path))
+    with sql_errors(f"open {path}"), sqlite_file_read(sqlite_reading_target(path)) as connection:
+        _examine(connection, str(path))
 
 
 async def _run_online() -> None:

@@ -80,13 +80,15 @@ def sqlite_file_roles_of_descriptors(
 # what it is: a database, a write-ahead log (either byte order of its checksums), a hot
 # rollback journal.
 _DATABASE_HEAD = b"SQLite format 3\x00"
+# A rollback journal begins so while it holds a transaction not yet committed or rolled
+# back (a "hot" one); SQLite zeroes it or deletes the file after.
+_JOURNAL_HEAD = bytes.fromhex("d9d505f920a163d7")
 _SQLITE_HEADS = (
     (_DATABASE_HEAD, "database"),
     (bytes.fromhex("377f0682"), "write-ahead log"),
     (bytes.fromhex("377f0683"), "write-ahead log"),
-    (bytes.fromhex("d9d505f920a163d7"), "rollback journal"),
+    (_JOURNAL_HEAD, "rollback journal"),
 )
-_JOURNAL_HEAD = bytes.fromhex("d9d505f920a163d7")
 # The journals SQLite keeps beside a database, by the suffix of their names.
 _JOURNAL_SUFFIXES = (
     ("-wal", "write-ahead log"),
@@ -223,25 +225,15 @@ def journal_not_a_file(path: str | Path) -> tuple[str, str, str] | None:
 
 
 def journal_is_hot(path: str | Path) -> bool:
-    """Whether the database `path` has a -journal that begins as a rollback journal
-    (one that a writer left or is writing: a finished one is deleted, truncated or its
-    header zeroed)."""
-    return _head_at(f"{os.path.realpath(path)}-journal")[:8] == _JOURNAL_HEAD
+    """Whether the database `path` (a symlink's target: SQLite keeps the journals there)
+    has a -journal, a regular file, that begins as a rollback journal (one that a writer
+    left or is writing: a finished one is deleted, truncated or its header zeroed)."""
+    return _head_at(f"{os.path.realpath(path)}-journal").startswith(_JOURNAL_HEAD)
 
 
 def wal_mode_header(path: str | Path) -> bool:
     """Whether the database file's header says WAL mode (bytes 18 and 19 are 2)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK
-    try:
-        descriptor = os.open(path, flags)
-    except OSError:
-        return False
-    try:
-        return os.pread(descriptor, 20, 0)[18:20] == b"\x02\x02"
-    except OSError:
-        return False
-    finally:
-        os.close(descriptor)
+    return _head_at(str(path), length=20)[18:20] == b"\x02\x02"
 
 
 def _head_of(descriptor: int, opened: os.stat_result) -> bytes:
@@ -262,8 +254,10 @@ def _is_database(path: str) -> bool:
     return _head_at(path, follow=False) == _DATABASE_HEAD
 
 
-def _head_at(path: str, same_as: os.stat_result | None = None, *, follow: bool = True) -> bytes:
-    """The first 16 bytes of the regular file at `path` (if `same_as`, only if it is
+def _head_at(
+    path: str, same_as: os.stat_result | None = None, *, follow: bool = True, length: int = 16
+) -> bytes:
+    """The first `length` bytes of the regular file at `path` (if `same_as`, only if it is
     that file; without `follow`, not through a symlink); b"" if there is none or it
     cannot be read. Opened without blocking: a FIFO of that name would wait for a writer
     for good."""
@@ -278,7 +272,7 @@ def _head_at(path: str, same_as: os.stat_result | None = None, *, follow: bool =
             same_as is not None and not os.path.samestat(found, same_as)
         ):
             return b""
-        return os.pread(descriptor, 16, 0)
+        return os.pread(descriptor, length, 0)
     except OSError:
         return b""
     finally:

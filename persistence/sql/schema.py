@@ -22,7 +22,7 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy import Connection, Inspector, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
 from alembic import context as alembic_context
@@ -65,13 +65,25 @@ def version_heads(connection: Connection, version_table: str) -> tuple[str, ...]
     return tuple(context.get_current_heads())
 
 
-def is_version_table(connection: Connection, version_table: str) -> bool:
+def is_version_table(inspector: Inspector, version_table: str) -> bool:
     """Whether `version_table` is a table with alembic's `version_num` column: not a
     view, nor another application's table of that name."""
-    inspector = inspect(connection)
     return version_table in inspector.get_table_names() and any(
         column["name"] == "version_num" for column in inspector.get_columns(version_table)
     )
+
+
+def refuse_without_version_table(
+    connection: Connection, version_table: str, where: str, *, doing: str, create_with: str
+) -> None:
+    """Refuses a database without `version_table` to a command that needs a store of
+    ours (`stamp`, `downgrade`). Found by attack: both wrote one into an empty database,
+    or said they had."""
+    if version_table not in inspect(connection).get_table_names():
+        raise MigrationError(
+            f"{where} holds no persistence schema (no {version_table}): nothing to {doing}"
+            f" (nothing was written); create it with {create_with}"
+        )
 
 
 def listed(names: list[str] | tuple[str, ...], *, ordered: bool = False) -> str:
@@ -219,7 +231,7 @@ def examine(
         names = (names | sequences) - of_extensions
     known = {rev.revision for rev in script.walk_revisions()}
     if version_table in names:
-        if not is_version_table(connection, version_table):
+        if not is_version_table(inspector, version_table):
             # Found by attack: another application's table of that name gave alembic's
             # raw "no such column", its view of it "written by a newer version".
             raise MigrationError(

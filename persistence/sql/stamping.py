@@ -10,7 +10,7 @@ cannot make the next upgrade run revisions over tables that already have them.
 from __future__ import annotations
 
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection
 
 from persistence.errors import MigrationError
 from persistence.sql.revision_marks import (
@@ -25,6 +25,7 @@ from persistence.sql.schema import (
     examine,
     listed,
     refuse_if_claimed,
+    refuse_without_version_table,
     script_directory,
     take_migration_lock,
     version_heads,
@@ -61,8 +62,6 @@ def stamp(
         )
     take_migration_lock(connection)
     before = version_heads(connection, version_table)
-    if connection.dialect.name == "sqlite":
-        refuse_if_claimed(connection, where)
     newer = [head for head in before if head not in known]
     if newer:
         # Found by attack: a store a newer version migrated was stamped back to this
@@ -119,11 +118,12 @@ def stamp(
 
 def _refuse_what_is_no_store(connection: Connection, version_table: str, where: str) -> None:
     """Refuses a database with neither tables of ours nor a revision, as `alembic stamp`
-    does: another application's (examine() says so) or an empty one. Found by attack:
-    `persistence stamp base` said "recorded as base" there (nothing was written)."""
+    does: a SQLite file another application claimed (found by attack: the refusal named
+    missing tables, not the claim), another application's (examine() says so), or an
+    empty one (found by attack: `persistence stamp base` said "recorded as base")."""
+    if connection.dialect.name == "sqlite":
+        refuse_if_claimed(connection, where)
     examine(connection, script_directory(), version_table=version_table, where=where)
-    if version_table not in inspect(connection).get_table_names():
-        raise MigrationError(
-            f"{where} holds no persistence schema (no {version_table}): nothing to stamp"
-            " (nothing was written); create it with `persistence upgrade`"
-        )
+    refuse_without_version_table(
+        connection, version_table, where, doing="stamp", create_with="`persistence upgrade`"
+    )

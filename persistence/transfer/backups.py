@@ -7,7 +7,6 @@ import hashlib
 import os
 import shutil
 import sqlite3
-import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from persistence.clock import utc_now
 from persistence.errors import InvalidDataError, MigrationError
 from persistence.event_loops import in_thread_to_the_end, to_the_end
 from persistence.storage import SessionStorage
+from persistence.store_files import journal_is_hot
 from persistence.transfer.backup_rows import check_backup_rows
 from persistence.transfer.exchange import (
     import_from_json,
@@ -160,11 +160,6 @@ def _backup_kind(path: Path) -> str:
     raise InvalidDataError(f"{path}: not a backup (neither a SQLite database nor an export file)")
 
 
-# A rollback journal's header begins with this while it holds a transaction not yet
-# committed or rolled back (a "hot" journal); SQLite zeroes it or deletes the file after.
-_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
-
-
 def _refuse_pending_journals(path: Path) -> None:
     """Refuses a SQLite file whose -wal beside it holds writes, or whose -journal holds
     a transaction that was never committed.
@@ -193,17 +188,9 @@ def _refuse_pending_journals(path: Path) -> None:
             " or one that had it open stopped): back it up with `persistence backup"
             " DIRECTORY --url sqlite:///PATH`, which reads both, and restore that copy"
         )
-    journal_path = real.with_name(real.name + "-journal")
-    try:
-        # A regular file only: opening a FIFO would wait for a writer for good (found
-        # by attack: the event loop froze).
-        hot = stat.S_ISREG(journal_path.stat().st_mode)
-        if hot:
-            with open(journal_path, "rb") as journal:
-                hot = journal.read(len(_JOURNAL_MAGIC)) == _JOURNAL_MAGIC
-    except OSError:
-        hot = False
-    if hot:
+    # A regular file only, opened without blocking: opening a FIFO would wait for a
+    # writer for good (found by attack: the event loop froze).
+    if journal_is_hot(real):
         raise InvalidDataError(
             f"{path}: its -journal file holds a transaction that was not committed (a"
             " program is writing the file, or one that was stopped mid-write), and the"
