@@ -263,14 +263,27 @@ def sqlite_reading_target(path: Path) -> str:
     absolute = path.absolute()
     target = _file_uri(absolute, "ro")
     real = os.path.realpath(absolute)
-    if (
-        not os.access(os.path.dirname(real), os.W_OK)
-        and not os.path.lexists(f"{real}-wal")
-        and not journal_is_hot(real)
-        and wal_mode_header(real)
-    ):
+    if os.access(os.path.dirname(real), os.W_OK):
+        return target
+    if os.path.lexists(f"{real}-wal"):
+        if not os.path.lexists(f"{real}-shm"):
+            raise _no_wal_index(path, real)
+    elif not journal_is_hot(real) and wal_mode_header(real):
         target += "&immutable=1"
     return target
+
+
+def _no_wal_index(path: Path, real: str) -> StorageConnectionError:
+    """SQLite reads a -wal through its -shm (the wal-index), which it cannot make in a
+    directory it cannot write. Found by attack: such a store, its -shm removed, gave
+    SQLite's "unable to open database file", naming neither file nor cause."""
+    shown = path if os.path.abspath(path) == real else f"{path} (a link to {real})"
+    return StorageConnectionError(
+        f"cannot read {shown}: it has a -wal, which SQLite reads through its -shm file,"
+        f" and {real}-shm is missing and cannot be made ({os.path.dirname(real)} is not"
+        " writable): open the store once where its directory can be written (that makes"
+        " the -shm), or copy the database with its -wal to a writable directory"
+    )
 
 
 def sqlite_writing_target(path: Path) -> str:

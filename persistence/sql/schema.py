@@ -219,6 +219,8 @@ def examine(
         MigrationError: the database holds tables of another application, or
             another application's `alembic_version`.
     """
+    if connection.dialect.name == "postgresql":
+        _refuse_without_schema(connection, where)
     inspector = inspect(connection)
     names = set(inspector.get_table_names()) | set(inspector.get_view_names())
     if connection.dialect.name == "postgresql":
@@ -283,6 +285,27 @@ def examine(
             )
         _refuse_other_schemas(connection, version_table, where)
     return SchemaState(())
+
+
+_SCHEMA_IN_USE = text("SELECT current_schema(), current_setting('search_path')")
+
+
+def _refuse_without_schema(connection: Connection, where: str) -> None:
+    """Refuses a PostgreSQL connection whose search_path names no schema that exists:
+    the store's tables would have nowhere to go, and none to be read from.
+
+    Found by attack: `options=-csearch_path=nosuch` (a typo, or a schema not made yet)
+    failed in the middle of the first revision with the server's "no schema has been
+    selected to create in".
+    """
+    schema, search_path = connection.execute(_SCHEMA_IN_USE).one()
+    if schema is None:
+        raise MigrationError(
+            f"{where}: its search_path ({search_path}) names no schema that exists in"
+            " this database (or that this role may use), so the store's tables have"
+            " nowhere to be: create the schema (CREATE SCHEMA name) or name an existing"
+            " one in the URL's options=-csearch_path=..."
+        )
 
 
 # Relations of other schemas than the store's: tables, views, materialized views,

@@ -500,6 +500,36 @@ async def test_a_postgresql_database_holding_its_tables_in_another_schema_is_ref
     assert tables[0][0] > 0
 
 
+async def test_a_search_path_naming_no_schema_that_exists_is_refused_by_name(
+    empty_postgresql_url: str,
+) -> None:
+    """Found by attack: a search_path naming a schema not made yet (or mistyped) failed
+    in the middle of the first revision, with the server's "no schema has been selected
+    to create in". Every command now names the search_path; once the schema exists the
+    same URL makes the store there."""
+    url = empty_postgresql_url
+    separator = "&" if "?" in url else "?"
+    unmade = f"{url}{separator}options=-c%20search_path%3Dnot_made_yet"
+    expected = r"search_path \(not_made_yet\) names no schema that exists"
+
+    with pytest.raises(MigrationError, match=expected):
+        await _storage(unmade).initialize()
+    said = await asyncio.to_thread(_alembic_failure, unmade)
+    assert "not_made_yet) names no schema that exists" in said, said
+    with pytest.raises(MigrationError, match=expected):
+        await _storage(unmade).stamp_schema("head")
+    (relations,) = await _execute(url, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chat%'")
+    assert relations == [(0,)]
+
+    await _execute(url, "CREATE SCHEMA not_made_yet")
+    async with _storage(unmade) as storage:
+        await storage.save_session(ChatSession.create(model="m"))
+    (tables,) = await _execute(
+        url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'not_made_yet'"
+    )
+    assert tables[0][0] > 0
+
+
 async def test_other_schemas_are_judged_by_what_they_hold(empty_postgresql_url: str) -> None:
     """Found by attack on the refusal above: an extension's views in the store's schema
     made a fresh database another application's; a store of ours in another schema that

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from persistence import SQLiteSessionStorage
+from persistence import SQLiteSessionStorage, StorageConnectionError
 from tests.directories import unwritable
 
 pytestmark = pytest.mark.sqlite
@@ -59,6 +59,18 @@ def _listed(path: Path) -> list[str]:
     return asyncio.run(listing())
 
 
+def _stats(path: Path) -> subprocess.CompletedProcess[str]:
+    """`persistence stats` of the store at `path`, run as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "persistence", "--url", f"sqlite:///{path}", "stats"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+
+
 def test_a_symlink_in_an_unwritable_directory_reads_the_wal_beside_its_target(
     tmp_path: Path,
 ) -> None:
@@ -104,14 +116,7 @@ def test_a_fifo_or_directory_where_a_journal_goes_is_refused_at_once(
     for make, what in ((os.mkfifo, "a FIFO"), (os.mkdir, "a directory")):
         journal = Path(f"{path}{suffix}")
         make(journal)
-        done = subprocess.run(
-            [sys.executable, "-m", "persistence", "--url", f"sqlite:///{path}", "stats"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            cwd=ROOT,
-        )
+        done = _stats(path)
         assert done.returncode == 1, done
         assert f"{journal} is {what} where {path} keeps its" in done.stderr, done.stderr
         journal.rmdir() if journal.is_dir() else journal.unlink()
@@ -132,5 +137,34 @@ def test_a_wal_that_is_there_even_empty_keeps_the_open_from_being_immutable(
     with unwritable(store):
         assert "immutable=1" in sqlite_reading_target(path)
     Path(f"{path}-wal").write_bytes(b"")
-    with unwritable(store):
-        assert "immutable=1" not in sqlite_reading_target(path)
+    with unwritable(store), pytest.raises(StorageConnectionError, match="-shm is missing"):
+        sqlite_reading_target(path)
+
+
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["file", "link"])
+def test_a_wal_without_its_shm_in_an_unwritable_directory_is_refused_by_name(
+    tmp_path: Path, through_a_link: bool
+) -> None:
+    """Found by attack: a store whose -wal holds commits, its -shm removed, in a
+    directory that cannot be written, gave SQLite's "unable to open database file"
+    (SQLite reads a -wal through the -shm, and cannot make one there). The error now
+    names the missing -shm and the directory; once the -shm is there, it is read."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "s.db"
+    _save(path, "A")
+    _save(path, "B", leave_in_the_wal=True)
+    shm = Path(f"{path}-shm")
+    shm.unlink(missing_ok=True)
+    opened = path
+    if through_a_link:
+        opened = tmp_path / "link.db"
+        opened.symlink_to(path)
+    with unwritable(data):
+        done = _stats(opened)
+    assert done.returncode == 1, done
+    assert f"{shm} is missing and cannot be made ({data} is not writable)" in done.stderr
+    assert f"cannot read {opened}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert Path(f"{path}-wal").stat().st_size > 0 and not shm.exists()
+    assert _listed(opened) == ["A", "B"]
