@@ -12,19 +12,13 @@ validation, and writes nothing when one fails.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.models import UploadedFileRecord
 from persistence.storage import SessionStorage
-from persistence.transfer.exchange_format import (
-    file_record_document,
-    file_record_from_document,
-    session_document,
-    session_from_document,
-)
+from persistence.transfer.exchange_format import session_document, session_from_document
 from persistence.transfer.migration import DEFAULT_BATCH_SIZE
+from persistence.transfer.stored_values import check_file_record, check_times
 
 
 async def check_backup_rows(source: SessionStorage, named: Path) -> None:
@@ -38,15 +32,15 @@ async def check_backup_rows(source: SessionStorage, named: Path) -> None:
     try:
         async for sessions in source.iter_sessions(DEFAULT_BATCH_SIZE):
             for session in sessions:
-                times = [session.created_at, session.updated_at]
-                times += [message.created_at for message in session.messages]
-                _refuse_sub_milliseconds(f"sessions[{index}] ({session.session_id!r})", times)
+                times = [(session.created_at, "created_at"), (session.updated_at, "updated_at")]
+                times += [(message.created_at, "created_at") for message in session.messages]
+                check_times(times, f"sessions[{index}] ({session.session_id!r})")
                 session_from_document(session_document(session), index)
                 index += 1
         index = 0
         async for records in source.iter_file_records(DEFAULT_BATCH_SIZE):
             for record in records:
-                _check_file_record(record, index)
+                check_file_record(record, index)
                 index += 1
     except InvalidDataError as exc:
         raise InvalidDataError(f"{named}: {exc}; nothing was restored") from exc
@@ -58,18 +52,3 @@ async def check_backup_rows(source: SessionStorage, named: Path) -> None:
             f"{named}: a row cannot be read ({problem}); nothing was restored"
         ) from exc
 
-
-def _check_file_record(record: UploadedFileRecord, index: int) -> None:
-    label = f"file_records[{index}] ({record.file_id!r})"
-    _refuse_sub_milliseconds(label, [record.uploaded_at, record.expires_at])
-    file_record_from_document(file_record_document(record), index)
-
-
-def _refuse_sub_milliseconds(label: str, times: list[datetime]) -> None:
-    # The models keep milliseconds; an export would drop the rest without a word.
-    for value in times:
-        if value.microsecond % 1000:
-            raise InvalidDataError(
-                f"{label}: the timestamp {value.isoformat()} has a part below the"
-                " millisecond, which persistence never writes"
-            )

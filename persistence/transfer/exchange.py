@@ -30,6 +30,7 @@ from persistence.transfer.migration import (
     Progress,
     ProgressCallback,
     elapsed,
+    file_record_batches,
     session_batches,
 )
 from persistence.transfer.streams import read_ahead
@@ -110,7 +111,7 @@ async def write_document(
         writer.write_sessions(batch)
         progress.add(Tally(sessions=len(batch), messages=sum(len(s.messages) for s in batch)))
     writer.start_file_records()
-    async for records in storage.iter_file_records(batch_size):
+    async for records in file_record_batches(storage, batch_size):
         writer.write_file_records(records)
     writer.finish()
     stream.flush()

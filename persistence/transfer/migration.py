@@ -17,11 +17,12 @@ from typing import Any
 
 from persistence.arguments import callback_argument, refuse_one_store, storage_argument
 from persistence.errors import InvalidDataError
-from persistence.models import ChatSession
+from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
 from persistence.transfer.copy_check import verify_copy
 from persistence.transfer.ledger import Ledger
+from persistence.transfer.stored_values import checked_file_records, checked_sessions
 from persistence.transfer.streams import read_ahead
 from persistence.transfer.unfinished import CopySource, copy_begins, copy_finished
 from persistence.transfer.verification import counts_summary
@@ -35,8 +36,24 @@ def elapsed(started: float) -> float:
 
 
 def session_batches(storage: SessionStorage, batch_size: int) -> AsyncIterator[list[ChatSession]]:
-    """Yields every session of the store in batches, each read as one consistent state."""
-    return read_ahead(storage.iter_sessions(batch_size, with_messages=True))
+    """Yields every session of the store in batches, each read as one consistent state
+    and checked by the models' rules (persistence.transfer.stored_values).
+
+    Raises:
+        InvalidDataError: a session holds what persistence never writes, named.
+    """
+    return checked_sessions(read_ahead(storage.iter_sessions(batch_size, with_messages=True)))
+
+
+def file_record_batches(
+    storage: SessionStorage, batch_size: int
+) -> AsyncIterator[list[UploadedFileRecord]]:
+    """Yields every file record of the store in batches, checked as session_batches'.
+
+    Raises:
+        InvalidDataError: a record holds what persistence never writes, named.
+    """
+    return checked_file_records(storage.iter_file_records(batch_size))
 
 
 class Progress:
@@ -151,7 +168,7 @@ async def copy_storage(
         noted = noted_as or await CopySource.of(source)
         note = await copy_begins(noted, destination)
         await copy_sessions(session_batches(source, batch_size), destination, progress, ledger)
-        async for records in source.iter_file_records(batch_size):
+        async for records in file_record_batches(source, batch_size):
             progress.add(await write_file_records(destination, records, ledger))
         await copy_finished(noted, note, destination)
     except BaseException as exc:
