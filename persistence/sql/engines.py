@@ -266,11 +266,23 @@ def sqlite_reading_target(path: Path) -> str:
     if os.access(os.path.dirname(real), os.W_OK):
         return target
     if os.path.lexists(f"{real}-wal"):
-        if not os.path.lexists(f"{real}-shm"):
+        # What SQLite reads through a -shm: a -wal that holds frames, or any -wal of a
+        # WAL database. A stray empty one beside a rollback database it reads without
+        # (found by attack: refusing that was a regression).
+        if not os.path.lexists(f"{real}-shm") and (
+            _size_of(f"{real}-wal") or wal_mode_header(real)
+        ):
             raise _no_wal_index(path, real)
     elif not journal_is_hot(real) and wal_mode_header(real):
         target += "&immutable=1"
     return target
+
+
+def _size_of(name: str) -> int:
+    try:
+        return os.stat(name).st_size
+    except OSError:
+        return 0
 
 
 def _no_wal_index(path: Path, real: str) -> StorageConnectionError:

@@ -87,6 +87,8 @@ class Identity:
                 f"it is another database of the cluster (oid {replica.oid},"
                 f" the primary's database is oid {self.oid})"
             )
+        if replica.schema is None:
+            return "its search_path names no schema that exists there (or that the role may use)"
         if replica.schema != self.schema:
             return (
                 f"its search path reads schema {replica.schema!r}, the primary's"

@@ -287,7 +287,10 @@ def examine(
     return SchemaState(())
 
 
-_SCHEMA_IN_USE = text("SELECT current_schema(), current_setting('search_path')")
+_SCHEMA_IN_USE = text(
+    "SELECT current_schema(), current_setting('search_path'),"
+    r" current_schema() LIKE 'pg\_%' OR current_schema() = 'information_schema'"
+)
 
 
 def _refuse_without_schema(connection: Connection, where: str) -> None:
@@ -298,7 +301,16 @@ def _refuse_without_schema(connection: Connection, where: str) -> None:
     failed in the middle of the first revision with the server's "no schema has been
     selected to create in".
     """
-    schema, search_path = connection.execute(_SCHEMA_IN_USE).one()
+    schema, search_path, of_the_system = connection.execute(_SCHEMA_IN_USE).one()
+    if of_the_system:
+        # Found by attack: with `search_path=pg_temp` revision 0001 made its tables in
+        # the connection's temporary schema, then failed on a function it could not find.
+        raise MigrationError(
+            f"{where}: its search_path ({search_path}) puts {schema} first, a schema of"
+            " the server's own (or the connection's temporary one, gone when it closes),"
+            " which cannot hold a store: name the store's schema first in the URL's"
+            " options=-csearch_path=..."
+        )
     if schema is None:
         raise MigrationError(
             f"{where}: its search_path ({search_path}) names no schema that exists in"

@@ -74,6 +74,13 @@ def check_session(session: ChatSession) -> None:
         _check_identifier(session.model, "model")
         if session.status not in STATUSES:
             raise InvalidDataError(f"status: {session.status!r} is not one of {STATUSES}")
+        if session.message_count != len(session.messages):
+            # Found by attack: a message deleted by hand was exported into a file that
+            # import refuses, and migrate blamed a partial load (`last=`) nobody made.
+            raise InvalidDataError(
+                f"message_count: the session row says {session.message_count}, but"
+                f" {len(session.messages)} messages are stored"
+            )
         check_times(((session.created_at, "created_at"), (session.updated_at, "updated_at")))
         check_json_object(session.metadata, "metadata")
         for message in session.messages:
@@ -81,7 +88,7 @@ def check_session(session: ChatSession) -> None:
             _check_identifier(message.message_id, "message_id")
             if message.role not in ROLES:
                 raise InvalidDataError(f"role: {message.role!r} is not one of {ROLES}")
-            check_text(message.content, "content")
+            _check_str(message.content, "content")
             check_times(((message.created_at, "created_at"),))
             if message.metadata:
                 check_json_object(message.metadata, "metadata")
@@ -97,6 +104,11 @@ def check_file_record(record: UploadedFileRecord, index: int) -> None:
         InvalidDataError: naming the record (`file_records[index]`) and the field.
     """
     label = f"file_records[{index}] ({record.file_id!r})"
+    for field in _FILE_TEXT_FIELDS:
+        try:
+            _check_str(getattr(record, field), field)
+        except InvalidDataError as exc:
+            raise InvalidDataError(f"{label}: {exc}") from None
     check_times(((record.uploaded_at, "uploaded_at"), (record.expires_at, "expires_at")), label)
     file_record_from_document(file_record_document(record), index)
 
@@ -121,8 +133,21 @@ def check_times(times: Iterable[tuple[datetime, str]], label: str = "") -> None:
             )
 
 
-def _check_identifier(value: str, field: str) -> None:
+# The text fields of a file record: pydantic's validation takes bytes for text (found by
+# attack: a BLOB written by hand was copied as it was, or failed the export's encoder).
+_FILE_TEXT_FIELDS = ("file_id", "gemini_file_name", "gemini_file_uri", "display_name", "mime_type")
+
+
+def _check_str(value: object, field: str) -> None:
+    # Found by attack: a BLOB written by hand into a text column (sqlite3's readfile()
+    # makes one) raised a bare TypeError, naming nothing.
+    if not isinstance(value, str):
+        raise InvalidDataError(f"{field}: {type(value).__name__} is not text (a BLOB?)")
     check_text(value, field)
+
+
+def _check_identifier(value: str, field: str) -> None:
+    _check_str(value, field)
     if not value or len(value) > MAX_ID_LENGTH:
         raise InvalidDataError(
             f"{field}: must be 1 to {MAX_ID_LENGTH} characters, got {len(value)}"

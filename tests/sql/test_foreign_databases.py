@@ -530,6 +530,22 @@ async def test_a_search_path_naming_no_schema_that_exists_is_refused_by_name(
     assert tables[0][0] > 0
 
 
+@pytest.mark.parametrize("first", ["pg_temp", "pg_catalog", "information_schema"])
+async def test_a_search_path_putting_a_system_schema_first_is_refused_by_name(
+    empty_postgresql_url: str, first: str
+) -> None:
+    """Found by attack: with `search_path=pg_temp` revision 0001 made the tables in the
+    connection's temporary schema, then failed on a function it could not find."""
+    url = empty_postgresql_url
+    separator = "&" if "?" in url else "?"
+    system = f"{url}{separator}options=-c%20search_path%3D{first}"
+
+    with pytest.raises(MigrationError, match=rf"search_path \({first}\) puts .* first"):
+        await _storage(system).initialize()
+    (relations,) = await _execute(url, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chat%'")
+    assert relations == [(0,)]
+
+
 async def test_other_schemas_are_judged_by_what_they_hold(empty_postgresql_url: str) -> None:
     """Found by attack on the refusal above: an extension's views in the store's schema
     made a fresh database another application's; a store of ours in another schema that

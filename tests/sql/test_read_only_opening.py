@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,19 @@ def test_a_wal_without_its_shm_in_an_unwritable_directory_is_refused_by_name(
     assert "Traceback" not in done.stderr
     assert Path(f"{path}-wal").stat().st_size > 0 and not shm.exists()
     assert _listed(opened) == ["A", "B"]
+
+
+def test_a_rollback_store_beside_a_stray_empty_wal_is_still_read(tmp_path: Path) -> None:
+    """Found by attack: once a -wal without a -shm was refused, a rollback-mode store
+    beside a stray empty -wal (which SQLite reads without a -shm) was refused too."""
+    store = tmp_path / "store"
+    store.mkdir()
+    path = store / "s.db"
+    _save(path, "A")
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    db.close()
+    Path(f"{path}-wal").write_bytes(b"")
+    assert not Path(f"{path}-shm").exists()
+    with unwritable(store):
+        assert _listed(path) == ["A"]

@@ -657,6 +657,15 @@ async def test_a_replica_reading_another_schema_is_never_read(
         await _execute(pair.primary.url(), "DROP SCHEMA IF EXISTS other_store CASCADE")
 
 
+def test_a_replica_whose_search_path_names_no_schema_is_said_to_be_so() -> None:
+    """Found by attack: the warning said "its search path reads schema None ...
+    (another store of the database)"."""
+    from persistence.sql.identity import Identity
+
+    said = Identity(system=7, oid=5, schema="public").mismatch(Identity(7, 5, schema=None))
+    assert said is not None and "search_path names no schema that exists" in said, said
+
+
 async def test_a_standby_of_another_cluster_is_never_read(
     pair: ReplicationPair,
     other_pair: ReplicationPair,

@@ -50,6 +50,13 @@ SQLITE_EDITS: list[Edit] = [
         "content: NUL characters cannot be stored",
     ),
     ("UPDATE uploaded_files SET metadata = '{\"$k\": 1}'", "starts with '$'"),
+    # Found by attack AA: a message deleted by hand was exported into a file import
+    # refuses, and migrate blamed a partial load; BLOBs in text columns raised a bare
+    # TypeError, or were copied as they were.
+    (f"DELETE FROM chat_messages {_LAST_MESSAGE}", "message_count: the session row says"),
+    ("UPDATE chat_sessions SET model = X'41'", "model: bytes is not text"),
+    (f"UPDATE chat_messages SET message_id = X'41' {_LAST_MESSAGE}", "message_id: bytes is not"),
+    ("UPDATE uploaded_files SET gemini_file_name = X'41'", "gemini_file_name: bytes is not"),
 ]
 
 
