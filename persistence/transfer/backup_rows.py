@@ -51,4 +51,3 @@ async def check_backup_rows(source: SessionStorage, named: Path) -> None:
         raise InvalidDataError(
             f"{named}: a row cannot be read ({problem}); nothing was restored"
         ) from exc
-
