@@ -255,6 +255,9 @@ def examine(
             return SchemaState(())
         _check_marks(connection, heads, version_table, where)
         return SchemaState(heads)
+    if connection.dialect.name == "postgresql":
+        # No store of ours where the search_path looks: tables would be made.
+        _refuse_a_system_schema_to_create_in(connection, where)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
         heads = version_heads(connection, LEGACY_VERSION_TABLE)
         # Our revision ids are short (0001...): another application's may be the same,
@@ -287,10 +290,31 @@ def examine(
     return SchemaState(())
 
 
-_SCHEMA_IN_USE = text(
-    "SELECT current_schema(), current_setting('search_path'),"
-    r" current_schema() LIKE 'pg\_%' OR current_schema() = 'information_schema'"
+_SCHEMA_IN_USE = text("SELECT current_schema(), current_setting('search_path')")
+_SYSTEM_SCHEMA_FIRST = text(
+    "SELECT current_schema(), current_setting('search_path')"
+    r" WHERE current_schema() LIKE 'pg\_%' OR current_schema() = 'information_schema'"
 )
+
+
+def _refuse_a_system_schema_to_create_in(connection: Connection, where: str) -> None:
+    """Refuses to make a store where the search_path puts a schema of the server's own
+    first: its tables would go there. A store the search_path finds after it (a known
+    hardening: `pg_catalog, public`) is opened as any other (found by attack: refusing
+    every open so was a regression).
+
+    Found by attack: with `search_path=pg_temp` revision 0001 made its tables in the
+    connection's temporary schema, then failed on a function it could not find.
+    """
+    row = connection.execute(_SYSTEM_SCHEMA_FIRST).first()
+    if row is not None:
+        schema, search_path = row
+        raise MigrationError(
+            f"{where}: its search_path ({search_path}) puts {schema} first, a schema of"
+            " the server's own (or the connection's temporary one, gone when it closes),"
+            " where the store's tables would be made: name the schema to hold them first"
+            " in the URL's options=-csearch_path=..."
+        )
 
 
 def _refuse_without_schema(connection: Connection, where: str) -> None:
@@ -301,16 +325,7 @@ def _refuse_without_schema(connection: Connection, where: str) -> None:
     failed in the middle of the first revision with the server's "no schema has been
     selected to create in".
     """
-    schema, search_path, of_the_system = connection.execute(_SCHEMA_IN_USE).one()
-    if of_the_system:
-        # Found by attack: with `search_path=pg_temp` revision 0001 made its tables in
-        # the connection's temporary schema, then failed on a function it could not find.
-        raise MigrationError(
-            f"{where}: its search_path ({search_path}) puts {schema} first, a schema of"
-            " the server's own (or the connection's temporary one, gone when it closes),"
-            " which cannot hold a store: name the store's schema first in the URL's"
-            " options=-csearch_path=..."
-        )
+    schema, search_path = connection.execute(_SCHEMA_IN_USE).one()
     if schema is None:
         raise MigrationError(
             f"{where}: its search_path ({search_path}) names no schema that exists in"

@@ -546,6 +546,29 @@ async def test_a_search_path_putting_a_system_schema_first_is_refused_by_name(
     assert relations == [(0,)]
 
 
+@pytest.mark.parametrize("first", ["pg_temp", "pg_catalog", "information_schema"])
+async def test_a_store_the_search_path_finds_after_a_system_schema_opens(
+    empty_postgresql_url: str, first: str
+) -> None:
+    """Found by attack: refusing a search_path that puts a system schema first refused
+    existing stores too (`pg_catalog, public` is a known hardening); only a store that
+    would be made there is refused."""
+    url = empty_postgresql_url
+    async with _storage(url) as storage:
+        await storage.save_session(ChatSession.create(model="m", session_id="kept"))
+    separator = "&" if "?" in url else "?"
+    hardened = f"{url}{separator}options=-c%20search_path%3D{first}%2Cpublic"
+
+    async with _storage(hardened) as storage:
+        assert [session.session_id for session in await storage.list_sessions()] == ["kept"]
+    reader = _storage(hardened)
+    await reader.open_for_reading()
+    try:
+        assert await reader.load_session("kept") is not None
+    finally:
+        await reader.close()
+
+
 async def test_other_schemas_are_judged_by_what_they_hold(empty_postgresql_url: str) -> None:
     """Found by attack on the refusal above: an extension's views in the store's schema
     made a fresh database another application's; a store of ours in another schema that
