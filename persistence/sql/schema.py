@@ -250,6 +250,9 @@ def examine(
                 f" {script.get_current_head()}); it was written by a newer version:"
                 " upgrade persistence"
             )
+        if heads != (script.get_current_head(),) and connection.dialect.name == "postgresql":
+            # Its upgrade makes tables, where the search_path puts them.
+            _refuse_a_system_schema_to_create_in(connection, where)
         if not heads:
             _refuse_base(connection, names - {version_table}, version_table, where)
             return SchemaState(())
@@ -298,10 +301,10 @@ _SYSTEM_SCHEMA_FIRST = text(
 
 
 def _refuse_a_system_schema_to_create_in(connection: Connection, where: str) -> None:
-    """Refuses to make a store where the search_path puts a schema of the server's own
-    first: its tables would go there. A store the search_path finds after it (a known
-    hardening: `pg_catalog, public`) is opened as any other (found by attack: refusing
-    every open so was a regression).
+    """Refuses to make a store, or upgrade an older one, where the search_path puts a
+    schema of the server's own first: new tables would go there. A store at head the
+    search_path finds after it (a known hardening: `pg_catalog, public`) is opened as
+    any other (found by attack: refusing every open so was a regression).
 
     Found by attack: with `search_path=pg_temp` revision 0001 made its tables in the
     connection's temporary schema, then failed on a function it could not find.
@@ -312,8 +315,8 @@ def _refuse_a_system_schema_to_create_in(connection: Connection, where: str) -> 
         raise MigrationError(
             f"{where}: its search_path ({search_path}) puts {schema} first, a schema of"
             " the server's own (or the connection's temporary one, gone when it closes),"
-            " where the store's tables would be made: name the schema to hold them first"
-            " in the URL's options=-csearch_path=..."
+            " where the store's tables would be made: name the store's schema first in"
+            " the URL's options=-csearch_path=..."
         )
 
 

@@ -569,6 +569,26 @@ async def test_a_store_the_search_path_finds_after_a_system_schema_opens(
         await reader.close()
 
 
+async def test_an_older_store_is_not_upgraded_into_a_system_schema(
+    empty_postgresql_url: str,
+) -> None:
+    """An upgrade makes tables where the search_path puts them first: an older store
+    reached through `pg_catalog, public` is refused, left at its revision."""
+    url = empty_postgresql_url
+    await asyncio.to_thread(alembic, url, "upgrade", "0014")
+    separator = "&" if "?" in url else "?"
+    hardened = f"{url}{separator}options=-c%20search_path%3Dpg_catalog%2Cpublic"
+
+    with pytest.raises(MigrationError, match=r"puts pg_catalog first"):
+        await _storage(hardened).initialize()
+    said = await asyncio.to_thread(_alembic_failure, hardened)
+    assert "puts pg_catalog first" in said, said
+    (version,) = await _execute(url, f"SELECT version_num FROM {VERSION_TABLE}")
+    assert version == [("0014",)]
+    async with _storage(url) as storage:
+        assert await storage.count() is not None
+
+
 async def test_other_schemas_are_judged_by_what_they_hold(empty_postgresql_url: str) -> None:
     """Found by attack on the refusal above: an extension's views in the store's schema
     made a fresh database another application's; a store of ours in another schema that
