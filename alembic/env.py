@@ -49,6 +49,7 @@ from persistence.sql.schema import (
     dangling_references,
     examine,
     is_version_table,
+    refuse_a_system_schema_first,
     refuse_if_claimed,
     refuse_without_version_table,
     script_directory,
@@ -222,6 +223,9 @@ def _run(connection: Connection, where: str) -> None:
             version_table = _read_version_table(connection, where)
         else:
             take_migration_lock(connection)
+            if connection.dialect.name == "postgresql" and _command() != "upgrade":
+                # An upgrade's examine() refuses it where the upgrade makes anything.
+                refuse_a_system_schema_first(connection, where)
             _adopt_legacy_version(connection, where)
             version_table = _VERSION_TABLE
         before = 0 if reading else dangling_references(connection)

@@ -252,7 +252,7 @@ def examine(
             )
         if heads != (script.get_current_head(),) and connection.dialect.name == "postgresql":
             # Its upgrade makes tables, where the search_path puts them.
-            _refuse_a_system_schema_to_create_in(connection, where)
+            refuse_a_system_schema_first(connection, where)
         if not heads:
             _refuse_base(connection, names - {version_table}, version_table, where)
             return SchemaState(())
@@ -260,7 +260,7 @@ def examine(
         return SchemaState(heads)
     if connection.dialect.name == "postgresql":
         # No store of ours where the search_path looks: tables would be made.
-        _refuse_a_system_schema_to_create_in(connection, where)
+        refuse_a_system_schema_first(connection, where)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
         heads = version_heads(connection, LEGACY_VERSION_TABLE)
         # Our revision ids are short (0001...): another application's may be the same,
@@ -300,14 +300,20 @@ _SYSTEM_SCHEMA_FIRST = text(
 )
 
 
-def _refuse_a_system_schema_to_create_in(connection: Connection, where: str) -> None:
-    """Refuses to make a store, or upgrade an older one, where the search_path puts a
-    schema of the server's own first: new tables would go there. A store at head the
-    search_path finds after it (a known hardening: `pg_catalog, public`) is opened as
-    any other (found by attack: refusing every open so was a regression).
+def refuse_a_system_schema_first(connection: Connection, where: str) -> None:
+    """Refuses to write a schema (make a store, upgrade or downgrade one, stamp one)
+    where the search_path puts a schema of the server's own first: what a revision or a
+    stamp makes (tables, functions, the version table) would go there. examine() calls
+    it where a store would be made or upgraded, alembic's downgrade and stamp and
+    `persistence stamp` always. A store at head the search_path finds after such a
+    schema (a known hardening: `pg_catalog, public`) is opened as any other (found by
+    attack: refusing every open so was a regression).
 
     Found by attack: with `search_path=pg_temp` revision 0001 made its tables in the
-    connection's temporary schema, then failed on a function it could not find.
+    connection's temporary schema, then failed on a function it could not find; an
+    upgrade through `pg_temp, public` recorded 0015 while its table went with the
+    connection, through `information_schema, public` split the store between two
+    schemas; a downgrade and a stamp wrote functions and the version table there.
     """
     row = connection.execute(_SYSTEM_SCHEMA_FIRST).first()
     if row is not None:
@@ -315,8 +321,8 @@ def _refuse_a_system_schema_to_create_in(connection: Connection, where: str) -> 
         raise MigrationError(
             f"{where}: its search_path ({search_path}) puts {schema} first, a schema of"
             " the server's own (or the connection's temporary one, gone when it closes),"
-            " where the store's tables would be made: name the store's schema first in"
-            " the URL's options=-csearch_path=..."
+            " where what a migration or a stamp makes would go: name the store's schema"
+            " first in the URL's options=-csearch_path=..."
         )
 
 

@@ -24,6 +24,7 @@ from persistence.sql.schema import (
     are,
     examine,
     listed,
+    refuse_a_system_schema_first,
     refuse_if_claimed,
     refuse_without_version_table,
     script_directory,
@@ -61,6 +62,8 @@ def stamp(
             f" {', '.join(sorted(known))}"
         )
     take_migration_lock(connection)
+    if connection.dialect.name == "postgresql":
+        refuse_a_system_schema_first(connection, where)
     before = version_heads(connection, version_table)
     newer = [head for head in before if head not in known]
     if newer:

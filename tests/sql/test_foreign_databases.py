@@ -569,6 +569,36 @@ async def test_a_store_the_search_path_finds_after_a_system_schema_opens(
         await reader.close()
 
 
+@pytest.mark.parametrize("first", ["pg_temp", "information_schema"])
+async def test_no_downgrade_or_stamp_writes_through_a_system_schema_first(
+    empty_postgresql_url: str, first: str
+) -> None:
+    """Found by attack: through `information_schema, public` a downgrade made its
+    functions there (the store's triggers then called the old ones and failed), and
+    `persistence stamp` and `alembic stamp` made the version table there (through
+    `pg_temp, public`, in the temporary schema: nothing was recorded). Both refuse."""
+    url = empty_postgresql_url
+    async with _storage(url):
+        pass
+    separator = "&" if "?" in url else "?"
+    hardened = f"{url}{separator}options=-c%20search_path%3D{first}%2Cpublic"
+    expected = f"puts {first if first != 'pg_temp' else 'pg_temp_'}"
+
+    for command in (("downgrade", "0012"), ("stamp", "0014")):
+        said = await asyncio.to_thread(_alembic_failure, hardened, command)
+        assert expected in said, (command, said)
+    with pytest.raises(MigrationError, match=expected):
+        await _storage(hardened).stamp_schema("0014")
+    (version,) = await _execute(url, f"SELECT version_num FROM {VERSION_TABLE}")
+    assert version == [(HEAD,)]
+    (outside,) = await _execute(
+        url,
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname <> 'public' AND c.relname LIKE 'persistence%'",
+    )
+    assert outside == [(0,)]
+
+
 async def test_an_older_store_is_not_upgraded_into_a_system_schema(
     empty_postgresql_url: str,
 ) -> None:
