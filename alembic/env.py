@@ -223,7 +223,7 @@ def _run(connection: Connection, where: str) -> None:
             version_table = _read_version_table(connection, where)
         else:
             take_migration_lock(connection)
-            if connection.dialect.name == "postgresql" and _command() != "upgrade":
+            if _command() != "upgrade":
                 # An upgrade's examine() refuses it where the upgrade makes anything.
                 refuse_a_system_schema_first(connection, where)
             _adopt_legacy_version(connection, where)

@@ -21,6 +21,7 @@ from persistence.sql.connects import Connects
 from persistence.sql.runner import run_in_thread
 from persistence.sql.thread_answers import answer_safely
 from persistence.sql.types import json_dumps, json_value_loads
+from persistence.sql.wal_reserve import file_size
 from persistence.store_files import (
     database_in_a_journals_place,
     journal_beside_a_database,
@@ -270,19 +271,12 @@ def sqlite_reading_target(path: Path) -> str:
         # WAL database. A stray empty one beside a rollback database it reads without
         # (found by attack: refusing that was a regression).
         if not os.path.lexists(f"{real}-shm") and (
-            _size_of(f"{real}-wal") or wal_mode_header(real)
+            file_size(Path(f"{real}-wal")) or wal_mode_header(real)
         ):
             raise _no_wal_index(path, real)
     elif not journal_is_hot(real) and wal_mode_header(real):
         target += "&immutable=1"
     return target
-
-
-def _size_of(name: str) -> int:
-    try:
-        return os.stat(name).st_size
-    except OSError:
-        return 0
 
 
 def _no_wal_index(path: Path, real: str) -> StorageConnectionError:

@@ -219,11 +219,10 @@ def examine(
         MigrationError: the database holds tables of another application, or
             another application's `alembic_version`.
     """
-    if connection.dialect.name == "postgresql":
-        _refuse_without_schema(connection, where)
+    search_path = _refuse_without_schema(connection, where)
     inspector = inspect(connection)
     names = set(inspector.get_table_names()) | set(inspector.get_view_names())
-    if connection.dialect.name == "postgresql":
+    if search_path is not None:  # PostgreSQL
         # Found by attack: a database holding only a materialized view, or a foreign
         # table (file_fdw, postgres_fdw), looked empty.
         names |= set(inspector.get_materialized_view_names())
@@ -250,17 +249,16 @@ def examine(
                 f" {script.get_current_head()}); it was written by a newer version:"
                 " upgrade persistence"
             )
-        if heads != (script.get_current_head(),) and connection.dialect.name == "postgresql":
+        if heads != (script.get_current_head(),):
             # Its upgrade makes tables, where the search_path puts them.
-            refuse_a_system_schema_first(connection, where)
+            refuse_a_system_schema_first(connection, where, search_path)
         if not heads:
             _refuse_base(connection, names - {version_table}, version_table, where)
             return SchemaState(())
         _check_marks(connection, heads, version_table, where)
         return SchemaState(heads)
-    if connection.dialect.name == "postgresql":
-        # No store of ours where the search_path looks: tables would be made.
-        refuse_a_system_schema_first(connection, where)
+    # No store of ours where the search_path looks: tables would be made.
+    refuse_a_system_schema_first(connection, where, search_path)
     if version_table != LEGACY_VERSION_TABLE and LEGACY_VERSION_TABLE in names:
         heads = version_heads(connection, LEGACY_VERSION_TABLE)
         # Our revision ids are short (0001...): another application's may be the same,
@@ -293,14 +291,34 @@ def examine(
     return SchemaState(())
 
 
-_SCHEMA_IN_USE = text("SELECT current_schema(), current_setting('search_path')")
-_SYSTEM_SCHEMA_FIRST = text(
-    "SELECT current_schema(), current_setting('search_path')"
-    r" WHERE current_schema() LIKE 'pg\_%' OR current_schema() = 'information_schema'"
+@dataclass(frozen=True, slots=True)
+class SearchPath:
+    """Where a PostgreSQL connection's unqualified names go."""
+
+    # The first schema of the search_path that exists (and the role may use), if any.
+    schema: str | None
+    setting: str
+    # That schema is the server's own (pg_catalog, information_schema, pg_temp_N).
+    of_the_server: bool
+
+
+_SEARCH_PATH = text(
+    "SELECT current_schema(), current_setting('search_path'),"
+    r" coalesce(current_schema() LIKE 'pg\_%' OR current_schema() = 'information_schema',"
+    " false)"
 )
 
 
-def refuse_a_system_schema_first(connection: Connection, where: str) -> None:
+def _search_path(connection: Connection) -> SearchPath | None:
+    """The connection's search path on PostgreSQL; None on SQLite, which has none."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return SearchPath(*connection.execute(_SEARCH_PATH).one())
+
+
+def refuse_a_system_schema_first(
+    connection: Connection, where: str, search_path: SearchPath | None = None
+) -> None:
     """Refuses to write a schema (make a store, upgrade or downgrade one, stamp one)
     where the search_path puts a schema of the server's own first: what a revision or a
     stamp makes (tables, functions, the version table) would go there. examine() calls
@@ -314,34 +332,37 @@ def refuse_a_system_schema_first(connection: Connection, where: str) -> None:
     upgrade through `pg_temp, public` recorded 0015 while its table went with the
     connection, through `information_schema, public` split the store between two
     schemas; a downgrade and a stamp wrote functions and the version table there.
+
+    `search_path`: as examine() read it, else read here. Nothing to refuse on SQLite.
     """
-    row = connection.execute(_SYSTEM_SCHEMA_FIRST).first()
-    if row is not None:
-        schema, search_path = row
+    found = search_path or _search_path(connection)
+    if found is not None and found.of_the_server:
         raise MigrationError(
-            f"{where}: its search_path ({search_path}) puts {schema} first, a schema of"
+            f"{where}: its search_path ({found.setting}) puts {found.schema} first, a schema of"
             " the server's own (or the connection's temporary one, gone when it closes),"
             " where what a migration or a stamp makes would go: name the store's schema"
             " first in the URL's options=-csearch_path=..."
         )
 
 
-def _refuse_without_schema(connection: Connection, where: str) -> None:
-    """Refuses a PostgreSQL connection whose search_path names no schema that exists:
-    the store's tables would have nowhere to go, and none to be read from.
+def _refuse_without_schema(connection: Connection, where: str) -> SearchPath | None:
+    """The connection's search path (None on SQLite); refuses a PostgreSQL connection
+    whose search_path names no schema that exists: the store's tables would have nowhere
+    to go, and none to be read from.
 
     Found by attack: `options=-csearch_path=nosuch` (a typo, or a schema not made yet)
     failed in the middle of the first revision with the server's "no schema has been
     selected to create in".
     """
-    schema, search_path = connection.execute(_SCHEMA_IN_USE).one()
-    if schema is None:
+    search_path = _search_path(connection)
+    if search_path is not None and search_path.schema is None:
         raise MigrationError(
-            f"{where}: its search_path ({search_path}) names no schema that exists in"
+            f"{where}: its search_path ({search_path.setting}) names no schema that exists in"
             " this database (or that this role may use), so the store's tables have"
             " nowhere to be: create the schema (CREATE SCHEMA name) or name an existing"
             " one in the URL's options=-csearch_path=..."
         )
+    return search_path
 
 
 # Relations of other schemas than the store's: tables, views, materialized views,

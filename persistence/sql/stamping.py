@@ -62,8 +62,7 @@ def stamp(
             f" {', '.join(sorted(known))}"
         )
     take_migration_lock(connection)
-    if connection.dialect.name == "postgresql":
-        refuse_a_system_schema_first(connection, where)
+    refuse_a_system_schema_first(connection, where)
     before = version_heads(connection, version_table)
     newer = [head for head in before if head not in known]
     if newer:
