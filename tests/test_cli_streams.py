@@ -221,3 +221,41 @@ def test_help_and_version_on_a_closed_output_are_one_error_line_with_status_1(
         1,
         "error: standard output is closed: nowhere to write the result (send it to /dev/null)\n",
     )
+
+
+@pytest.mark.sqlite
+def test_import_of_a_pipe_whose_copy_finds_no_room_names_the_temporary_directory(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: with TMPDIR full, `import -` from a pipe printed only
+    "error: [Errno 28] No space left on device" (its input is copied there first)."""
+    export, _ = _export(tmp_path, "small", 3)
+    given = export.read_bytes()
+    spool_directory = tmp_path / "tmp"
+    spool_directory.mkdir()
+    limit = len(given) // 2
+
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "persistence", "--url", "sqlite:///piped.db", "import", "-"],
+        input=given,
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=SOURCE_ROOT, TMPDIR=str(spool_directory)),
+        preexec_fn=limited,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.decode() == (
+        f"error: cannot copy standard input into a temporary file in {spool_directory}:"
+        " File too large (an import reads its input twice, so input from a pipe is copied"
+        " first: free room there, set TMPDIR to another directory, or give the file"
+        " itself)\n"
+    )
+    assert not Path("piped.db").exists()
+    assert list(spool_directory.iterdir()) == []

@@ -184,6 +184,94 @@ def test_migrate_errors_name_the_option_of_the_store_that_failed(tmp_path: Path)
     assert "Migrated 1 session(s)" in ok("migrate", "--from", source, "--to", fine).stdout
 
 
+def _last_error_line(*args: str) -> str:
+    """The error line of a command that failed after its progress lines."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 1, result.output
+    return result.stderr.strip().splitlines()[-1]
+
+
+async def _long_sessions(path: Path, sessions: int, text_size: int) -> None:
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    async with SQLiteSessionStorage(path) as storage:
+        for number in range(sessions):
+            session = ChatSession.create("m", session_id=f"s{number:03d}")
+            for turn in range(6):
+                session.add_message("user", f"turn {turn} " + "x" * text_size)
+            await storage.save_session(session)
+
+
+@pytest.mark.sqlite
+def test_migrate_errors_during_the_copy_name_the_store_they_came_from(tmp_path: Path) -> None:
+    """Found by attack: a destination that filled up said "insert sessions failed: the
+    disk is full", not which of the two stores."""
+    asyncio.run(_long_sessions(tmp_path / "source.db", 60, 4000))
+    source, destination = f"sqlite:///{tmp_path / 'source.db'}", tmp_path / "copy.db"
+    command = [sys.executable, "-m", "persistence", "migrate", "--from", source]
+    limit = 256 * 1024  # room for a new store's schema, not for the copy
+
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        [*command, "--to", f"sqlite:///{destination}"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+        preexec_fn=limited,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: --to: insert sessions failed: "), done.stderr
+    assert "SQLite's temporary files: SQLITE_TMPDIR, TMPDIR or /var/tmp" in done.stderr
+    assert "; 0 of 60 sessions were copied" in done.stderr
+    assert "verified" in ok("migrate", "--from", source, "--to", f"sqlite:///{destination}").stdout
+
+    # A row of the source that the models refuse names the source.
+    with contextlib.closing(sqlite3.connect(tmp_path / "source.db")) as db, db:
+        db.execute("UPDATE chat_sessions SET model = '' WHERE session_id = 's007'")
+    refused = _last_error_line(
+        "migrate", "--from", source, "--to", f"sqlite:///{tmp_path / 'x.db'}"
+    )
+    assert refused.startswith("error: --from: "), refused
+    assert "s007" in refused
+
+
+@pytest.mark.sqlite
+def test_migrate_whose_indexing_fails_says_that_the_copy_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: `migrate` onto a disk that filled up while it indexed the copy
+    for search said "index messages failed", not that the copy itself was complete nor
+    that nothing was verified."""
+    from persistence import PersistenceError, SQLiteSessionStorage
+
+    source = _filled(tmp_path, sessions=2)
+    destination = f"sqlite:///{tmp_path / 'copy.db'}"
+
+    async def full(self: SQLiteSessionStorage) -> int:
+        raise PersistenceError("index messages failed: the disk is full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SQLiteSessionStorage, "index_for_search", full)
+        line = _last_error_line("migrate", "--from", source, "--to", destination)
+
+    assert line == (
+        "error: --to: index messages failed: the disk is full; the copy itself is complete"
+        " and unverified: running the same migrate again indexes and verifies it"
+    )
+    assert counts(destination) == (2, 8, 2)
+    assert (
+        "; verified; 8 messages indexed for search"
+        in ok("migrate", "--from", source, "--to", destination).stdout
+    )
+
+
 @pytest.mark.sqlite
 def test_backup_refuses_standard_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Found by attack: `backup -` made a directory named `-` and wrote the backup there.

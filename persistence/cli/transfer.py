@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -64,7 +65,12 @@ from persistence.transfer.backups import backup_directory
 from persistence.transfer.exchange import open_input
 from persistence.transfer.exchange_format import DocumentSummary, validate_document
 from persistence.transfer.json_stream import SCAN_CHUNK, check_head
-from persistence.transfer.migration import copy_storage, copy_summary, verify_copied
+from persistence.transfer.migration import (
+    FAILED_STORE,
+    copy_storage,
+    copy_summary,
+    verify_copied,
+)
 
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
 FromOption = Annotated[
@@ -249,6 +255,33 @@ def _verification_problem(result: dict[str, Any]) -> str | None:
     return f"verification found {report.get('mismatch_count', '?')} mismatch(es); first: {detail}"
 
 
+@contextmanager
+def _naming_each_store(source_named: str) -> Iterator[None]:
+    """An error of `migrate`'s copy starts its line with the option that gave the store
+    it came from (migration.FAILED_STORE)."""
+    try:
+        yield
+    except PersistenceError as exc:
+        side = getattr(exc, FAILED_STORE, "")
+        with naming_store({"source": source_named, "destination": "--to"}.get(side)):
+            raise
+
+
+@contextmanager
+def _copied_when_it_failed() -> Iterator[None]:
+    """An error after the copy says that the copy itself is complete. Found by attack:
+    `migrate` whose indexing failed on a full disk did not say so, nor that nothing was
+    verified."""
+    try:
+        yield
+    except PersistenceError as exc:
+        exc.add_note(
+            "the copy itself is complete and unverified: running the same migrate again"
+            " indexes and verifies it"
+        )
+        raise
+
+
 def migrate(
     ctx: typer.Context,
     destination_url: Annotated[
@@ -275,12 +308,16 @@ def migrate(
             fail(f"--to names {taken}")
         async with opened_store(destination_config, "--to") as destination:
             # migrate_storage's own steps, each with its progress bar.
-            with progress_bar("Copying sessions", stopped=RESUMES) as update:
+            with (
+                progress_bar("Copying sessions", stopped=RESUMES) as update,
+                _naming_each_store(source_named),
+            ):
                 copy = await copy_storage(
                     source, destination, progress_callback=update, batch_size=batch_size
                 )
             try:
-                indexed = await _index_for_search(destination)
+                with naming_store("--to"), _copied_when_it_failed():
+                    indexed = await _index_for_search(destination)
                 report = None
                 if verify:
                     with progress_bar("Verifying", stopped="the copy itself is complete") as update:
@@ -525,17 +562,41 @@ def _seekable_stdin() -> Iterator[IO[bytes]]:
     if stdin.seekable():
         yield stdin
         return
-    with tempfile.TemporaryFile() as spool:
-        # Checked before spooling: an endless input (`- < /dev/zero`) would fill the disk.
-        head = stdin.read(SCAN_CHUNK)
+    # Checked before spooling: an endless input (`- < /dev/zero`) would fill the disk.
+    head = stdin.read(SCAN_CHUNK)
+    try:
+        check_head(head)
+    except InvalidDataError as exc:
+        raise InvalidDataError(f"standard input: {exc}") from exc
+    with ExitStack() as stack:
         try:
-            check_head(head)
-        except InvalidDataError as exc:
-            raise InvalidDataError(f"standard input: {exc}") from exc
-        spool.write(head)
-        shutil.copyfileobj(stdin, spool)
+            spool = stack.enter_context(tempfile.TemporaryFile())
+        except OSError as exc:
+            _spool_failed(exc)
+        try:
+            spool.write(head)
+            shutil.copyfileobj(stdin, spool)
+            spool.flush()
+        except OSError as exc:
+            with suppress(OSError):  # closing writes what it buffered: it fails again
+                spool.close()
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                fail(f"cannot read standard input: {exc.strerror or type(exc).__name__}")
+            _spool_failed(exc)
         spool.seek(0)
         yield spool
+
+
+def _spool_failed(exc: OSError) -> NoReturn:
+    """Names the temporary directory that standard input could not be copied into.
+    Found by attack: a full one made `import -` print only "[Errno 28] No space left
+    on device"."""
+    fail(
+        f"cannot copy standard input into a temporary file in {tempfile.gettempdir()}:"
+        f" {exc.strerror or type(exc).__name__} (an import reads its input twice, so"
+        " input from a pipe is copied first: free room there, set TMPDIR to another"
+        " directory, or give the file itself)"
+    )
 
 
 def register(app: typer.Typer) -> None:

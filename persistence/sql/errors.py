@@ -18,8 +18,15 @@ from persistence.errors import PersistenceError, StorageConnectionError
 
 # SQLite result codes that mean the file cannot be reached at all.
 _SQLITE_UNREACHABLE = {sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH}
+# Where a full disk may be: SQLite writes temporary files as well as the database's.
+# Found by attack: a full temporary directory was reported as the store's disk.
+_WHERE_SQLITE_WRITES = (
+    "the database's, or that of SQLite's temporary files: SQLITE_TMPDIR, TMPDIR or /var/tmp"
+)
 _SQLITE_DESCRIPTIONS = {
-    sqlite3.SQLITE_FULL: "the disk is full or the file size limit was reached",
+    sqlite3.SQLITE_FULL: (
+        f"the disk is full ({_WHERE_SQLITE_WRITES}) or the file size limit was reached"
+    ),
     sqlite3.SQLITE_NOTADB: "the file is not a SQLite database",
     sqlite3.SQLITE_CORRUPT: "the database file is corrupt",
     sqlite3.SQLITE_BUSY: "the database stayed locked by another writer past the busy timeout",
@@ -49,6 +56,8 @@ _SQLITE_EXTENDED_DESCRIPTIONS = {
 # own call that failed, not the system's reason. Found by attack: a store reopened on
 # a full disk said only "a disk I/O error occurred" (it could not grow its -shm).
 _IO_ERRORS_OF_A_FULL_DISK = {
+    # Not named more exactly: a virtual table's (FTS5's) failed write, found by attack.
+    "SQLITE_IOERR",
     "SQLITE_IOERR_WRITE",
     "SQLITE_IOERR_FSYNC",
     "SQLITE_IOERR_TRUNCATE",
@@ -65,7 +74,7 @@ class ReadApart(PersistenceError):
 def _io_error(name: str) -> str:
     said = f"a disk I/O error occurred ({name})" if name else "a disk I/O error occurred"
     if name in _IO_ERRORS_OF_A_FULL_DISK:
-        return f"{said}: is the disk full, or the file at its size limit?"
+        return f"{said}: is the disk full ({_WHERE_SQLITE_WRITES}), or a file at its size limit?"
     return said
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -184,7 +185,7 @@ class SQLiteSessionStorage(SqlSessionStorage):
     async def stamp_schema(self, revision: str) -> tuple[tuple[str, ...], str]:
         # An existing file only.
         check_sqlite_path(self._file, must_exist=True)
-        with self._there_when_opened(must_exist=True):
+        with self._there_when_opened(must_exist=True, writing=True):
             return await super().stamp_schema(revision)
 
     def _create_stamping_engine(self) -> AsyncEngine:
@@ -227,7 +228,10 @@ class SQLiteSessionStorage(SqlSessionStorage):
                 # Refused, reading only, before our connections set the journal mode.
                 # Its thread may make the file's -wal: a cancel waits for it (found by
                 # attack: a restore's scratch directory met it being removed).
-                with self._there_when_opened(must_exist), sql_errors(f"open {self._where}"):
+                with (
+                    self._there_when_opened(must_exist, writing=True),
+                    sql_errors(f"open {self._where}"),
+                ):
                     await in_thread_to_the_end(
                         refuse_foreign_sqlite_file,
                         sqlite_reading_target(self._file),
@@ -242,14 +246,14 @@ class SQLiteSessionStorage(SqlSessionStorage):
                         f"cannot create {self.database_path}:"
                         f" {exc.strerror or type(exc).__name__} ({exc.filename})"
                     ) from None
-                if not _may_create_in(self._file.parent):
+                if why := _unwritable(self._file.parent):
                     # Found by attack: SQLite's own "unable to open database file"
                     # named neither the file nor the cause.
                     raise StorageConnectionError(
-                        f"cannot create {self.database_path}: permission denied (its"
-                        f" directory {self._file.parent} is not writable)"
+                        f"cannot create {self.database_path}: its directory"
+                        f" {self._file.parent} {why}"
                     )
-        with self._there_when_opened(must_exist):
+        with self._there_when_opened(must_exist, writing=not read_only):
             await super()._open(read_only=read_only)
             if self._connection is None:
                 opened, pragmas, uri = self._opened
@@ -275,14 +279,25 @@ class SQLiteSessionStorage(SqlSessionStorage):
         self._writes = WriteGroups(self._connection, self._engine.dialect, self._file_check)
 
     @contextmanager
-    def _there_when_opened(self, must_exist: bool) -> Iterator[None]:
+    def _there_when_opened(self, must_exist: bool, writing: bool) -> Iterator[None]:
         """A file that must exist, checked, then gone when opened (`mode=ro` or `rw`
         refuses it, creating nothing): one error naming it. An opening that failed on
-        a full filesystem says so."""
+        a full filesystem says so, and one to write, in a directory this process may not
+        write, says that."""
         try:
             yield
         except (PersistenceError, FileNotFoundError) as exc:
             if not must_exist or self._file.exists():
+                why = _unwritable(self._file.parent) if writing else None
+                if why and _cannot_open_to_write(exc) and self._file.exists():
+                    # Found by attack: an existing store in a read-only directory was
+                    # "unreachable (unable to open database file)", or "read-only": SQLite
+                    # makes its -wal and -shm beside the database to write.
+                    raise StorageConnectionError(
+                        f"cannot write {self._where}: its directory {self._file.parent}"
+                        f" {why} (to write, SQLite makes the -wal and -shm files beside"
+                        " the database; it can still be opened for reading)"
+                    ) from exc.__cause__
                 full = full_filesystem(self._file.parent)
                 if full is None or type(exc) not in (PersistenceError, StorageConnectionError):
                     raise
@@ -412,6 +427,25 @@ class SQLiteSessionStorage(SqlSessionStorage):
 async def _back_up(connection: aiosqlite.Connection, target: Path) -> None:
     async with aiosqlite.connect(target) as destination:
         await connection.backup(destination)
+
+
+def _cannot_open_to_write(exc: BaseException) -> bool:
+    """Whether SQLite refused to open the file to write, or found it read-only."""
+    cause = exc.__cause__
+    code = getattr(getattr(cause, "orig", cause), "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY)
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why this process may not create files in `directory`, or None if it may."""
+    if _may_create_in(directory):
+        return None
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except OSError:
+        pass
+    return "is not writable"
 
 
 def _may_create_in(directory: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -13,7 +14,7 @@ from typing import Any
 
 from persistence.arguments import callback_argument, path_argument, storage_argument
 from persistence.clock import utc_now
-from persistence.errors import InvalidDataError, MigrationError
+from persistence.errors import InvalidDataError, MigrationError, PersistenceError
 from persistence.event_loops import in_thread_to_the_end, to_the_end
 from persistence.storage import SessionStorage
 from persistence.store_files import journal_is_hot
@@ -114,7 +115,13 @@ async def backup_storage(
     now = utc_now()
     stem = f"persistence-{storage.backend_name}-{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z"
     with temp_file(directory, "backup") as temp:
-        if await storage.copy_to_file(temp):
+        try:
+            native = await storage.copy_to_file(temp)
+        except PersistenceError as exc:
+            # Found by attack: "back up database failed: the disk is full" named no file.
+            exc.add_note(f"no backup was written into {directory}")
+            raise
+        if native:
             kind, suffix = "sqlite", ".sqlite3"
             counts = await in_thread_to_the_end(_sqlite_copy_counts, temp, directory)
         else:
@@ -271,7 +278,7 @@ async def _restore_sqlite(
         try:
             await in_thread_to_the_end(shutil.copyfile, path, copy)
         except OSError as exc:
-            raise file_error("cannot read", path, exc) from exc
+            raise _copy_error(path, scratch, exc) from exc
         _check_sqlite_backup(copy, path)
         # Named by the backup, keyed by its content: a restore run again from that file,
         # by any path, link or copy, takes the note over; another backup of the store
@@ -288,6 +295,27 @@ async def _restore_sqlite(
             return await copy_and_verify(source, storage, True, progress_callback, noted_as=noted)
         finally:
             await to_the_end(source.close())
+
+
+# What writing a file meets when its filesystem, the user's quota or the file size limit
+# is full.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _copy_error(path: Path, scratch: Path, exc: OSError) -> MigrationError:
+    """The error of copying the backup `path` into the directory `scratch`: reading it,
+    or (found by attack: a full temporary directory was "cannot read BACKUP") writing."""
+    if exc.errno not in _NO_ROOM:
+        return file_error("cannot read", path, exc)
+    try:
+        size = f"about {path.stat().st_size:,} bytes"
+    except OSError:
+        size = "the backup's size"
+    return MigrationError(
+        f"cannot copy the backup {path} into the temporary directory {scratch.parent}:"
+        f" {exc.strerror}; a restore works on a copy of the backup and needs {size} free"
+        " there (TMPDIR names another directory)"
+    )
 
 
 def _digest(path: Path) -> str:

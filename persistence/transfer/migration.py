@@ -11,12 +11,14 @@ metadata keys it lacks, and keeps its own fields.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 from persistence.arguments import callback_argument, refuse_one_store, storage_argument
-from persistence.errors import InvalidDataError
+from persistence.errors import InvalidDataError, PersistenceError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
@@ -29,6 +31,7 @@ from persistence.transfer.verification import counts_summary
 
 ProgressCallback = Callable[[int, int], object]
 DEFAULT_BATCH_SIZE = 500
+T = TypeVar("T")
 
 
 def elapsed(started: float) -> float:
@@ -108,14 +111,36 @@ class Progress:
         }
 
 
-async def copy_sessions(
-    batches: AsyncIterator[Sequence[ChatSession]],
-    destination: SessionStorage,
+# The attribute that names, on an error of a transfer, the store it came from ("source"
+# or "destination"), for callers that name the two (the command line's `--to`). Found by
+# attack: `migrate` onto a full disk said "insert sessions failed", not which store.
+FAILED_STORE = "persistence_failed_store"
+
+
+@contextmanager
+def failing_store(side: Literal["source", "destination"]) -> Iterator[None]:
+    """Marks an error raised inside as one of the transfer's `side` (FAILED_STORE)."""
+    try:
+        yield
+    except PersistenceError as exc:
+        if not hasattr(exc, FAILED_STORE):
+            setattr(exc, FAILED_STORE, side)
+        raise
+
+
+async def copy_batches(
+    batches: AsyncIterator[Sequence[T]],
+    write: Callable[[Sequence[T]], Awaitable[Tally]],
     progress: Progress,
-    ledger: Ledger | None = None,
 ) -> None:
-    async for batch in batches:
-        progress.add(await write_sessions(destination, batch, ledger))
+    """Writes each batch the source gives; an error says which side it came from."""
+    while True:
+        with failing_store("source"):
+            batch = await anext(batches, None)
+        if batch is None:
+            return
+        with failing_store("destination"):
+            progress.add(await write(batch))
 
 
 @dataclass
@@ -159,18 +184,30 @@ async def copy_storage(
     callback_argument(progress_callback)
     check_batch_size(batch_size)
     started = time.perf_counter()
-    source_counts = await source.count()  # opened: each storage knows its store now
+    with failing_store("source"):
+        source_counts = await source.count()  # opened: each storage knows its store now
     await refuse_one_store(source, destination)
-    before = await destination.count()
+    with failing_store("destination"):
+        before = await destination.count()
     progress = Progress(progress_callback, source_counts.total_sessions)
     ledger = Ledger()
     try:
-        noted = noted_as or await CopySource.of(source)
-        note = await copy_begins(noted, destination)
-        await copy_sessions(session_batches(source, batch_size), destination, progress, ledger)
-        async for records in file_record_batches(source, batch_size):
-            progress.add(await write_file_records(destination, records, ledger))
-        await copy_finished(noted, note, destination)
+        with failing_store("source"):
+            noted = noted_as or await CopySource.of(source)
+        with failing_store("destination"):
+            note = await copy_begins(noted, destination)
+        await copy_batches(
+            session_batches(source, batch_size),
+            partial(write_sessions, destination, ledger=ledger),
+            progress,
+        )
+        await copy_batches(
+            file_record_batches(source, batch_size),
+            partial(write_file_records, destination, ledger=ledger),
+            progress,
+        )
+        with failing_store("destination"):
+            await copy_finished(noted, note, destination)
     except BaseException as exc:
         ledger.close()
         # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.

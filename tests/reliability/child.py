@@ -177,7 +177,8 @@ async def exportfull(db: str, out: str, limit: str) -> None:
             try:
                 await attempt()
             except Exception as exc:
-                outcome[name] = [type(exc).__name__, str(exc), isinstance(exc, PersistenceError)]
+                said = "; ".join([str(exc), *getattr(exc, "__notes__", [])])
+                outcome[name] = [type(exc).__name__, said, isinstance(exc, PersistenceError)]
             else:
                 outcome[name] = None
     print(json.dumps(outcome), flush=True)

@@ -8,6 +8,7 @@ destination. The children here kill themselves at a set point of the work.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -259,3 +260,71 @@ def test_a_single_file_export_does_not_look_for_abandoned_files(tmp_path: Path) 
     assert abandoned.exists()
     with partial_file(tmp_path, "out.json"):
         assert not abandoned.exists()
+
+
+# Restores a backup into a store, under a file size limit set once the store is open.
+_RESTORED_AT_A_SIZE_LIMIT = """
+import asyncio, resource, sys
+from persistence import PersistenceError, SQLiteSessionStorage
+from persistence.transfer import restore_backup
+
+store, backup, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+async def main():
+    async with SQLiteSessionStorage(store) as storage:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        try:
+            await restore_backup(storage, backup)
+        except PersistenceError as exc:
+            print(exc)
+        print((await storage.count()).total_sessions)
+
+asyncio.run(main())
+"""
+
+
+async def _backup_of_30_long_sessions(tmp_path: Path) -> Path:
+    async with SQLiteSessionStorage(tmp_path / "source.db") as storage:
+        for _ in range(30):
+            session = ChatSession.create("m")
+            for turn in range(10):
+                session.add_message("user", f"turn {turn} " + "x" * 2000)
+            await storage.save_session(session)
+        return Path((await backup_storage(storage, tmp_path / "backups"))["path"])
+
+
+async def _restored_with_room(store: Path, backup: Path) -> tuple[bool, int]:
+    async with SQLiteSessionStorage(store) as storage:
+        verified = (await restore_backup(storage, backup))["verified"]
+        return verified, (await storage.count()).total_sessions
+
+
+def test_a_restore_whose_copy_of_the_backup_finds_no_room_names_that_not_the_backup(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: a full temporary directory made `restore` say "cannot read
+    BACKUP: No space left on device", of a backup that restores with room."""
+    backup = asyncio.run(_backup_of_30_long_sessions(tmp_path))
+    size = backup.stat().st_size
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
+    store = tmp_path / "restored.db"
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RESTORED_AT_A_SIZE_LIMIT, str(store), str(backup), str(size // 2)],
+        env={**child_env(), "TMPDIR": str(scratch_parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    error, count = done.stdout.strip().splitlines()
+    assert error == (
+        f"cannot copy the backup {backup} into the temporary directory {scratch_parent}:"
+        f" File too large; a restore works on a copy of the backup and needs about {size:,}"
+        " bytes free there (TMPDIR names another directory)"
+    )
+    assert count == "0"
+    assert list(scratch_parent.iterdir()) == []
+    assert asyncio.run(_restored_with_room(store, backup)) == (True, 30)

@@ -152,6 +152,8 @@ async def test_disk_full_during_exports_and_backups_leaves_no_partial_file(
         assert outcome[name] is not None, f"{name} succeeded past the file size limit"
         kind, message, library_error = outcome[name]
         assert library_error, f"{name}: {kind}: {message}"
+    # Found by attack: the backup's error ("back up database failed: ...") named no file.
+    assert outcome["backup_storage"][1].endswith(f"; no backup was written into {out / 'backups'}")
     # The manager's export_to_file documents OSError for a file it cannot write.
     assert outcome["export_to_file"] is not None
     assert outcome["export_to_file"][0] in ("OSError", "MigrationError"), outcome

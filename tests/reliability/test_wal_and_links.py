@@ -93,32 +93,69 @@ async def test_a_file_that_is_not_a_database_is_named(tmp_path: Path) -> None:
         await storage.close()
 
 
-@pytest.mark.skipif(
+_WITHOUT_ROOTS_OVERRIDE = pytest.mark.skipif(
     os.geteuid() == 0 and shutil.which("setpriv") is None,
     reason="root creates files anywhere, and setpriv (to drop that) is not installed",
 )
-def test_a_store_that_cannot_be_created_names_the_directory(tmp_path: Path) -> None:
-    """Found by attack: SQLite's "unable to open database file" named neither."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    path = folder / "new.db"
+
+
+def _opened_in_a_read_only_directory(path: Path) -> str:
+    """What initialize(), then open_for_reading(), of `path` say in a child process whose
+    directory it may not write (its error, or `opened`), one line each."""
     script = (
         "import asyncio, sys\n"
         "from persistence import SQLiteSessionStorage, StorageConnectionError\n"
-        "try:\n"
-        "    asyncio.run(SQLiteSessionStorage(sys.argv[1]).initialize())\n"
-        "except StorageConnectionError as exc:\n"
-        "    print(exc)\n"
+        "async def open_it(reading):\n"
+        "    storage = SQLiteSessionStorage(sys.argv[1])\n"
+        "    try:\n"
+        "        await (storage.open_for_reading() if reading else storage.initialize())\n"
+        "        print('opened')\n"
+        "    except StorageConnectionError as exc:\n"
+        "        print(exc)\n"
+        "    finally:\n"
+        "        await storage.close()\n"
+        "asyncio.run(open_it(False))\n"
+        "asyncio.run(open_it(True))\n"
     )
     # Root may write anywhere: the capability that allows it is dropped for the child.
     drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
     command = [*(drop if os.geteuid() == 0 else []), sys.executable, "-c", script, str(path)]
+    path.parent.chmod(0o555)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     finally:
-        folder.chmod(0o755)
-    assert done.stdout.strip() == (
-        f"cannot create {path}: permission denied (its directory {folder} is not writable)"
-    ), done.stderr
+        path.parent.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@_WITHOUT_ROOTS_OVERRIDE
+def test_a_store_that_cannot_be_created_names_the_directory(tmp_path: Path) -> None:
+    """Found by attack: SQLite's "unable to open database file" named neither."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    path = folder / "new.db"
+    said = _opened_in_a_read_only_directory(path).splitlines()
+    assert said[0] == f"cannot create {path}: its directory {folder} is not writable"
     assert not path.exists()
+
+
+@_WITHOUT_ROOTS_OVERRIDE
+async def test_a_store_in_a_directory_that_cannot_be_written_says_so_and_is_read(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: initialize() of an existing store there said "database
+    unreachable (OperationalError: unable to open database file)"."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    path = folder / "store.db"
+    async with SQLiteSessionStorage(path) as storage:
+        await storage.save_session(ChatSession.create("m", session_id="kept"))
+    said = _opened_in_a_read_only_directory(path).splitlines()
+    assert said == [
+        f"cannot write {path}: its directory {folder} is not writable (to write, SQLite"
+        " makes the -wal and -shm files beside the database; it can still be opened for"
+        " reading)",
+        "opened",
+    ]
+    assert sorted(p.name for p in folder.iterdir()) == ["store.db"]

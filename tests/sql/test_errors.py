@@ -131,6 +131,8 @@ async def test_an_argument_asyncpg_cannot_encode_leaves_no_broken_connection(
     [
         ("SQLITE_IOERR_SHMSIZE", 4874, "(SQLITE_IOERR_SHMSIZE): is the disk full"),
         ("SQLITE_IOERR_WRITE", 778, "(SQLITE_IOERR_WRITE): is the disk full"),
+        # FTS5's failed writes, found by attack at a file size limit of 32 KB.
+        ("SQLITE_IOERR", 10, "(SQLITE_IOERR): is the disk full"),
         ("SQLITE_IOERR_READ", 266, "a disk I/O error occurred (SQLITE_IOERR_READ)"),
     ],
 )
@@ -143,3 +145,19 @@ def test_a_sqlite_io_error_names_sqlites_call_and_a_full_disk_where_it_may_be_on
     error.sqlite_errorcode, error.sqlite_errorname = code, name  # as sqlite3 sets them
     assert said in str(translate(error, "open s.db"))
     assert (code & 0xFF) == sqlite3.SQLITE_IOERR
+
+
+@pytest.mark.parametrize(
+    ("name", "code"), [("SQLITE_FULL", sqlite3.SQLITE_FULL), ("SQLITE_IOERR_WRITE", 778)]
+)
+def test_a_full_disk_may_be_sqlites_temporary_directory(name: str, code: int) -> None:
+    """Found by attack: with SQLITE_TMPDIR on a full filesystem and the store's disk
+    nearly empty, the error said only that the disk was full."""
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode, error.sqlite_errorname = code, name
+    said = str(translate(error, "insert sessions"))
+    assert "disk full" in said or "disk is full" in said
+    assert (
+        "(the database's, or that of SQLite's temporary files: SQLITE_TMPDIR, TMPDIR or"
+        " /var/tmp)" in said
+    )

@@ -234,3 +234,40 @@ async def test_a_store_on_a_filesystem_out_of_inodes_says_so(
     with pytest.raises(PersistenceError, match="has no free inodes left"):
         async with SQLiteSessionStorage(copied) as storage:
             await storage.list_sessions()
+
+
+def _remount_read_only(mount: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+
+
+async def test_a_store_on_a_read_only_filesystem_says_so_and_is_read(
+    tiny_filesystem: Path, tmp_path: Path
+) -> None:
+    """Found by attack: an existing store there was "unreachable (unable to open
+    database file)", and a new one "permission denied"."""
+    made = tmp_path / "made.db"
+    async with SQLiteSessionStorage(made) as storage:
+        await storage.save_session(ChatSession.create("m", session_id="s1"))
+    copied = tiny_filesystem / "s.db"
+    shutil.copyfile(made, copied)
+    _remount_read_only(tiny_filesystem)
+
+    with pytest.raises(StorageConnectionError) as raised:
+        async with SQLiteSessionStorage(copied) as storage:
+            pass
+    assert str(raised.value).startswith(
+        f"cannot write {copied}: its directory {tiny_filesystem} is on a read-only file system"
+    )
+    with pytest.raises(StorageConnectionError) as raised:
+        async with SQLiteSessionStorage(tiny_filesystem / "new.db") as storage:
+            pass
+    assert str(raised.value) == (
+        f"cannot create {tiny_filesystem / 'new.db'}: its directory {tiny_filesystem} is on"
+        " a read-only file system"
+    )
+    reader = SQLiteSessionStorage(copied)
+    try:
+        await reader.open_for_reading()
+        assert [s.session_id for s in await reader.list_sessions()] == ["s1"]
+    finally:
+        await reader.close()
