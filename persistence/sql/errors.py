@@ -175,12 +175,22 @@ def _left_unsynced(exc: BaseException) -> bool:
 
 def lock_not_available(exc: BaseException) -> bool:
     """Whether `exc` (or what it was raised from) is PostgreSQL's lock timeout."""
+    return _sqlstate_in_chain(exc, "55P03")
+
+
+def deadlock_detected(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is PostgreSQL's deadlock_detected: the
+    server rolled the transaction back whole, so nothing of it landed."""
+    return _sqlstate_in_chain(exc, "40P01")
+
+
+def _sqlstate_in_chain(exc: BaseException, sqlstate: str) -> bool:
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
             return False
         found = seen.orig if isinstance(seen, DBAPIError) else seen
-        if getattr(found, "sqlstate", None) == "55P03":
+        if getattr(found, "sqlstate", None) == sqlstate:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
