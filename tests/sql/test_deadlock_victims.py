@@ -79,15 +79,21 @@ async def _contents(storage: PostgreSQLSessionStorage, session_id: str) -> list[
     return None if loaded is None else [message.content for message in loaded.messages]
 
 
-async def test_a_plain_save_picked_as_a_deadlock_victim_runs_again(
-    storage: PostgreSQLSessionStorage,
-) -> None:
+async def _saved_then_deadlocking(storage: PostgreSQLSessionStorage, times: int) -> ChatSession:
+    """A session saved with one message ("first"), then given a second ("second") to
+    save, whose first `times` attempts will fail as deadlocks."""
     session = ChatSession.create("m")
     session.add_message("user", "first")
     await storage.save_session(session)
-    await _deadlock_first(storage, "chat_messages", times=2)
-
+    await _deadlock_first(storage, "chat_messages", times=times)
     session.add_message("assistant", "second")
+    return session
+
+
+async def test_a_plain_save_picked_as_a_deadlock_victim_runs_again(
+    storage: PostgreSQLSessionStorage,
+) -> None:
+    session = await _saved_then_deadlocking(storage, times=2)
     assert await storage.save_session(session) is True
 
     assert await _attempts(storage) == 3
@@ -100,12 +106,7 @@ async def test_a_plain_save_picked_as_a_deadlock_victim_runs_again(
 async def test_a_save_that_stays_a_deadlock_victim_fails_after_three_attempts(
     storage: PostgreSQLSessionStorage,
 ) -> None:
-    session = ChatSession.create("m")
-    session.add_message("user", "first")
-    await storage.save_session(session)
-    await _deadlock_first(storage, "chat_messages", times=3)
-
-    session.add_message("assistant", "second")
+    session = await _saved_then_deadlocking(storage, times=3)
     with pytest.raises(PersistenceError, match="deadlock detected"):
         await storage.save_session(session)
 
