@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from persistence import PostgreSQLSessionStorage, SessionStorage, SQLiteSessionStorage
 from tests import servers
+from tests.filesystems import mounted_tmpfs
 
 BACKENDS = ["sqlite", "postgresql", "mongodb"]
 
@@ -65,6 +67,18 @@ def workdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     work.mkdir()
     monkeypatch.chdir(work)
     yield work
+
+
+@pytest.fixture
+def full_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a tmpfs of 64 KiB that a file fills but for 8 KiB (root only;
+    skipped where it cannot be mounted): writing more there fails with "No space left
+    on device". Not all of it: `tempfile` passes over a directory it cannot write a
+    test file in, for /tmp."""
+    with mounted_tmpfs(tmp_path / "full", "size=64k") as mount:
+        with contextlib.suppress(OSError), open(mount / "filler", "wb") as filler:
+            filler.write(b"\0" * 56 * 1024)
+        yield mount
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -223,6 +224,22 @@ def test_help_and_version_on_a_closed_output_are_one_error_line_with_status_1(
     )
 
 
+def _imported_from_a_pipe(given: bytes, before: Callable[[], None] | None, **env: str) -> str:
+    """What `import -` of `given` into piped.db says on stderr, failing; `before` runs in
+    the child before it starts, `env` is added to its environment."""
+    done = subprocess.run(
+        [sys.executable, "-m", "persistence", "--url", "sqlite:///piped.db", "import", "-"],
+        input=given,
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=SOURCE_ROOT, **env),
+        preexec_fn=before,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    return done.stderr.decode()
+
+
 @pytest.mark.sqlite
 def test_import_of_a_pipe_whose_copy_finds_no_room_names_the_temporary_directory(
     tmp_path: Path,
@@ -240,22 +257,36 @@ def test_import_of_a_pipe_whose_copy_finds_no_room_names_the_temporary_directory
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    done = subprocess.run(
-        [sys.executable, "-m", "persistence", "--url", "sqlite:///piped.db", "import", "-"],
-        input=given,
-        capture_output=True,
-        env=dict(os.environ, PYTHONPATH=SOURCE_ROOT, TMPDIR=str(spool_directory)),
-        preexec_fn=limited,
-        timeout=120,
-        check=False,
-    )
+    said = _imported_from_a_pipe(given, limited, TMPDIR=str(spool_directory))
 
-    assert done.returncode == 1, done.stderr
-    assert done.stderr.decode() == (
+    assert said == (
         f"error: cannot copy standard input into a temporary file in {spool_directory}:"
         " File too large (an import reads its input twice, so input from a pipe is copied"
-        " first: free room there, set TMPDIR to another directory, or give the file"
-        " itself)\n"
+        " first: this process's file size limit, `ulimit -f`, is below the input's size)\n"
     )
     assert not Path("piped.db").exists()
     assert list(spool_directory.iterdir()) == []
+
+
+@pytest.mark.sqlite
+def test_import_of_a_pipe_into_a_full_temporary_directory_names_it(
+    tmp_path: Path, full_filesystem: Path
+) -> None:
+    """Found by attack: `import -` printed only "error: [Errno 28] No space left on
+    device"."""
+    asyncio.run(_many_sessions(tmp_path / "many.db", 200))  # an export of about 140 KB
+    export = tmp_path / "many.json"
+    ok("--url", f"sqlite:///{tmp_path / 'many.db'}", "export-all", str(export))
+
+    # SQLite's own temporary files elsewhere.
+    said = _imported_from_a_pipe(
+        export.read_bytes(), None, TMPDIR=str(full_filesystem), SQLITE_TMPDIR=str(tmp_path)
+    )
+
+    assert said == (
+        f"error: cannot copy standard input into a temporary file in {full_filesystem}:"
+        " No space left on device (an import reads its input twice, so input from a pipe"
+        " is copied first: free room there, set TMPDIR to another directory, or give the"
+        " file itself)\n"
+    )
+    assert not Path("piped.db").exists()

@@ -243,13 +243,30 @@ def test_migrate_errors_during_the_copy_name_the_store_they_came_from(tmp_path: 
 
 
 @pytest.mark.sqlite
+def test_migrate_whose_own_ledger_fails_names_neither_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: the ledger (the copy's private scratch database, written in
+    SQLITE_TMPDIR) failing on a full disk was blamed on `--to`."""
+    from persistence.transfer import ledger
+
+    source = _filled(tmp_path, sessions=2)
+    # A statement the ledger's own SQLite refuses, as a full SQLITE_TMPDIR makes it.
+    monkeypatch.setattr(ledger, "_RECORD_SESSION", "INSERT INTO missing VALUES (?, ?, ?, ?)")
+
+    line = _last_error_line("migrate", "--from", source, "--to", f"sqlite:///{tmp_path / 'c.db'}")
+
+    assert line.startswith("error: the migration's ledger failed: no such table: missing"), line
+
+
+@pytest.mark.sqlite
 def test_migrate_whose_indexing_fails_says_that_the_copy_is_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by attack: `migrate` onto a disk that filled up while it indexed the copy
     for search said "index messages failed", not that the copy itself was complete nor
     that nothing was verified."""
-    from persistence import PersistenceError, SQLiteSessionStorage
+    from persistence import ChatSession, PersistenceError, SQLiteSessionStorage
 
     source = _filled(tmp_path, sessions=2)
     destination = f"sqlite:///{tmp_path / 'copy.db'}"
@@ -266,10 +283,32 @@ def test_migrate_whose_indexing_fails_says_that_the_copy_is_complete(
         " and unverified: running the same migrate again indexes and verifies it"
     )
     assert counts(destination) == (2, 8, 2)
+    with monkeypatch.context() as patched:
+        patched.setattr(SQLiteSessionStorage, "index_for_search", full)
+        unverified = _last_error_line(
+            "migrate", "--from", source, "--to", destination, "--no-verify"
+        )
+    assert unverified.endswith("running the same migrate again indexes it"), unverified
     assert (
         "; verified; 8 messages indexed for search"
         in ok("migrate", "--from", source, "--to", destination).stdout
     )
+
+    # An error while verifying names its store too: the copy loads the destination's
+    # sessions once (one batch), the verification next.
+    loads = []
+    load_sessions = SQLiteSessionStorage.load_sessions
+
+    async def lost(self: SQLiteSessionStorage, session_ids: list[str]) -> list[ChatSession]:
+        loads.append(session_ids)
+        if len(loads) > 1:
+            raise PersistenceError("load sessions failed: the disk went away")
+        return await load_sessions(self, session_ids)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SQLiteSessionStorage, "load_sessions", lost)
+        line = _last_error_line("migrate", "--from", source, "--to", destination)
+    assert line == "error: --to: load sessions failed: the disk went away", line
 
 
 @pytest.mark.sqlite

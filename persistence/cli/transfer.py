@@ -65,12 +65,8 @@ from persistence.transfer.backups import backup_directory
 from persistence.transfer.exchange import open_input
 from persistence.transfer.exchange_format import DocumentSummary, validate_document
 from persistence.transfer.json_stream import SCAN_CHUNK, check_head
-from persistence.transfer.migration import (
-    FAILED_STORE,
-    copy_storage,
-    copy_summary,
-    verify_copied,
-)
+from persistence.transfer.migration import copy_storage, copy_summary, verify_copied
+from persistence.transfer.sides import FAILED_STORE
 
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
 FromOption = Annotated[
@@ -258,7 +254,7 @@ def _verification_problem(result: dict[str, Any]) -> str | None:
 @contextmanager
 def _naming_each_store(source_named: str) -> Iterator[None]:
     """An error of `migrate`'s copy starts its line with the option that gave the store
-    it came from (migration.FAILED_STORE)."""
+    it came from (persistence.transfer.sides); the transfer's own ledger is neither."""
     try:
         yield
     except PersistenceError as exc:
@@ -268,7 +264,7 @@ def _naming_each_store(source_named: str) -> Iterator[None]:
 
 
 @contextmanager
-def _copied_when_it_failed() -> Iterator[None]:
+def _copied_when_it_failed(verify: bool) -> Iterator[None]:
     """An error after the copy says that the copy itself is complete. Found by attack:
     `migrate` whose indexing failed on a full disk did not say so, nor that nothing was
     verified."""
@@ -277,7 +273,7 @@ def _copied_when_it_failed() -> Iterator[None]:
     except PersistenceError as exc:
         exc.add_note(
             "the copy itself is complete and unverified: running the same migrate again"
-            " indexes and verifies it"
+            f" indexes{' and verifies' if verify else ''} it"
         )
         raise
 
@@ -316,11 +312,14 @@ def migrate(
                     source, destination, progress_callback=update, batch_size=batch_size
                 )
             try:
-                with naming_store("--to"), _copied_when_it_failed():
+                with naming_store("--to"), _copied_when_it_failed(verify):
                     indexed = await _index_for_search(destination)
                 report = None
                 if verify:
-                    with progress_bar("Verifying", stopped="the copy itself is complete") as update:
+                    with (
+                        progress_bar("Verifying", stopped="the copy itself is complete") as update,
+                        _naming_each_store(source_named),
+                    ):
                         report = await verify_copied(copy, progress_callback=update)
                 result = await copy_summary(copy, report)
             finally:
@@ -590,13 +589,15 @@ def _seekable_stdin() -> Iterator[IO[bytes]]:
 def _spool_failed(exc: OSError) -> NoReturn:
     """Names the temporary directory that standard input could not be copied into.
     Found by attack: a full one made `import -` print only "[Errno 28] No space left
-    on device"."""
-    fail(
+    on device"; and a file size limit was then said to want room."""
+    said = (
         f"cannot copy standard input into a temporary file in {tempfile.gettempdir()}:"
         f" {exc.strerror or type(exc).__name__} (an import reads its input twice, so"
-        " input from a pipe is copied first: free room there, set TMPDIR to another"
-        " directory, or give the file itself)"
+        " input from a pipe is copied first:"
     )
+    if exc.errno == errno.EFBIG:
+        fail(f"{said} this process's file size limit, `ulimit -f`, is below the input's size)")
+    fail(f"{said} free room there, set TMPDIR to another directory, or give the file itself)")
 
 
 def register(app: typer.Typer) -> None:

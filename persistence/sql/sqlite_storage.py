@@ -288,15 +288,15 @@ class SQLiteSessionStorage(SqlSessionStorage):
             yield
         except (PersistenceError, FileNotFoundError) as exc:
             if not must_exist or self._file.exists():
-                why = _unwritable(self._file.parent) if writing else None
-                if why and _cannot_open_to_write(exc) and self._file.exists():
+                stopped = _stopped_by_its_directory(self._file) if writing else None
+                if stopped and _cannot_open_to_write(exc):
                     # Found by attack: an existing store in a read-only directory was
                     # "unreachable (unable to open database file)", or "read-only": SQLite
                     # makes its -wal and -shm beside the database to write.
                     raise StorageConnectionError(
-                        f"cannot write {self._where}: its directory {self._file.parent}"
-                        f" {why} (to write, SQLite makes the -wal and -shm files beside"
-                        " the database; it can still be opened for reading)"
+                        f"cannot write {self._where}: its directory {stopped}"
+                        " (to write, SQLite makes the -wal and -shm files beside the"
+                        " database; it can still be opened for reading)"
                     ) from exc.__cause__
                 full = full_filesystem(self._file.parent)
                 if full is None or type(exc) not in (PersistenceError, StorageConnectionError):
@@ -436,13 +436,36 @@ def _cannot_open_to_write(exc: BaseException) -> bool:
     return code is not None and code & 0xFF in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY)
 
 
+_READ_ONLY_FILE_SYSTEM = "is on a read-only file system"
+
+
+def _stopped_by_its_directory(path: Path) -> str | None:
+    """The directory that stops SQLite writing the database `path`, and why (`D is not
+    writable`), or None when it is not the cause: only when this process may read and
+    write the file itself (through any symlink: SQLite keeps the journals beside the
+    file it stands for) and SQLite must make its -wal or -shm. Found by attack: the
+    directory was blamed for a file of mode 000, and for a -wal of mode 0444."""
+    try:
+        file = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    why = _unwritable(file.parent)
+    if why == _READ_ONLY_FILE_SYSTEM:
+        return f"{file.parent} {why}"  # the file's too
+    if why is None or not _may_access(file, os.R_OK | os.W_OK):
+        return None
+    if all(file.with_name(file.name + suffix).exists() for suffix in ("-wal", "-shm")):
+        return None
+    return f"{file.parent} {why}"
+
+
 def _unwritable(directory: Path) -> str | None:
     """Why this process may not create files in `directory`, or None if it may."""
     if _may_create_in(directory):
         return None
     try:
         if os.statvfs(directory).f_flag & os.ST_RDONLY:
-            return "is on a read-only file system"
+            return _READ_ONLY_FILE_SYSTEM
     except OSError:
         pass
     return "is not writable"
@@ -450,5 +473,9 @@ def _unwritable(directory: Path) -> str | None:
 
 def _may_create_in(directory: Path) -> bool:
     """Whether this process may create files in `directory` (by its effective ids)."""
+    return _may_access(directory, os.W_OK | os.X_OK)
+
+
+def _may_access(path: Path, mode: int) -> bool:
     effective = os.access in os.supports_effective_ids
-    return os.access(directory, os.W_OK | os.X_OK, effective_ids=effective)
+    return os.access(path, mode, effective_ids=effective)

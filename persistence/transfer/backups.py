@@ -311,10 +311,17 @@ def _copy_error(path: Path, scratch: Path, exc: OSError) -> MigrationError:
         size = f"about {path.stat().st_size:,} bytes"
     except OSError:
         size = "the backup's size"
+    said = f"cannot copy the backup {path} into the temporary directory {scratch.parent}"
+    if exc.errno == errno.EFBIG:
+        # Found by attack: a file size limit was said to be a lack of room, and TMPDIR,
+        # which cannot help, was suggested.
+        return MigrationError(
+            f"{said}: {exc.strerror}: this process may not write a file of {size}"
+            " (its file size limit, `ulimit -f`)"
+        )
     return MigrationError(
-        f"cannot copy the backup {path} into the temporary directory {scratch.parent}:"
-        f" {exc.strerror}; a restore works on a copy of the backup and needs {size} free"
-        " there (TMPDIR names another directory)"
+        f"{said}: {exc.strerror}; a restore works on a copy of the backup and needs {size}"
+        " free there (TMPDIR names another directory)"
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from persistence.storage import SessionStorage
 from persistence.transfer.ledger import HELD, INSERTED, MERGED, Ledger
+from persistence.transfer.sides import failing_store
 from persistence.transfer.verification import (
     FILE_FIELDS,
     MISMATCH_LIMIT,
@@ -63,8 +64,10 @@ async def _compare_files(
     found = in_source = 0
     for batch in ledger.file_batches(batch_size):
         ids = [file_id for file_id, _ in batch]
-        held_now = {r.file_id: r for r in await destination.load_file_records(ids)}
-        read_now = {r.file_id: r for r in await source.load_file_records(ids)}
+        with failing_store("destination"):
+            held_now = {r.file_id: r for r in await destination.load_file_records(ids)}
+        with failing_store("source"):
+            read_now = {r.file_id: r for r in await source.load_file_records(ids)}
         found, in_source = found + len(held_now), in_source + len(read_now)
         for file_id, inserted in batch:
             report.totals["files_checked"] += 1
@@ -120,8 +123,10 @@ async def verify_copy(
         progress_callback(0, total)
     for batch in ledger.batches(batch_size):
         ids = [session_id for session_id, _ in batch]
-        held_now = {s.session_id: s for s in await destination.load_sessions(ids)}
-        read_now = {s.session_id: s for s in await source.load_sessions(ids)}
+        with failing_store("destination"):
+            held_now = {s.session_id: s for s in await destination.load_sessions(ids)}
+        with failing_store("source"):
+            read_now = {s.session_id: s for s in await source.load_sessions(ids)}
         found_in_source += len(read_now)
         found_in_destination += len(held_now)
         for session_id, entry in batch:
@@ -152,7 +157,10 @@ async def verify_copy(
     found_files, files_in_source = await _compare_files(
         report, ledger, source, destination, batch_size
     )
-    source_counts, destination_counts = await source.count(), await destination.count()
+    with failing_store("source"):
+        source_counts = await source.count()
+    with failing_store("destination"):
+        destination_counts = await destination.count()
     report.totals["extra_sessions"] += max(
         destination_counts.total_sessions - found_in_destination, 0
     )

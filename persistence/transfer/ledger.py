@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from persistence.errors import PersistenceError
+from persistence.transfer.sides import failing_store
 
 INSERTED, MERGED, HELD = "inserted", "merged", "held"
 
@@ -136,10 +137,11 @@ def _open() -> sqlite3.Connection:
 def _ledger_errors() -> Iterator[None]:
     """SQLite's errors as the library's: a ledger that cannot write its temporary file
     (a full disk) stops the copy with an error that says so."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise PersistenceError(
-            f"the migration's ledger failed: {exc} (SQLite writes its temporary file to"
-            " SQLITE_TMPDIR, TMPDIR or /var/tmp)"
-        ) from exc
+    with failing_store("neither"):  # the transfer's own scratch database
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise PersistenceError(
+                f"the migration's ledger failed: {exc} (SQLite writes its temporary file to"
+                " SQLITE_TMPDIR, TMPDIR or /var/tmp)"
+            ) from exc

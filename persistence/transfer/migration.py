@@ -11,19 +11,19 @@ metadata keys it lacks, and keeps its own fields.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from persistence.arguments import callback_argument, refuse_one_store, storage_argument
-from persistence.errors import InvalidDataError, PersistenceError
+from persistence.errors import InvalidDataError
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
 from persistence.transfer.copy_check import verify_copy
 from persistence.transfer.ledger import Ledger
+from persistence.transfer.sides import failing_store
 from persistence.transfer.stored_values import checked_file_records, checked_sessions
 from persistence.transfer.streams import read_ahead
 from persistence.transfer.unfinished import CopySource, copy_begins, copy_finished
@@ -109,23 +109,6 @@ class Progress:
             "messages_already_present": tally.messages_present,
             "files_already_present": tally.files_present,
         }
-
-
-# The attribute that names, on an error of a transfer, the store it came from ("source"
-# or "destination"), for callers that name the two (the command line's `--to`). Found by
-# attack: `migrate` onto a full disk said "insert sessions failed", not which store.
-FAILED_STORE = "persistence_failed_store"
-
-
-@contextmanager
-def failing_store(side: Literal["source", "destination"]) -> Iterator[None]:
-    """Marks an error raised inside as one of the transfer's `side` (FAILED_STORE)."""
-    try:
-        yield
-    except PersistenceError as exc:
-        if not hasattr(exc, FAILED_STORE):
-            setattr(exc, FAILED_STORE, side)
-        raise
 
 
 async def copy_batches(

@@ -262,7 +262,8 @@ def test_a_single_file_export_does_not_look_for_abandoned_files(tmp_path: Path) 
         assert not abandoned.exists()
 
 
-# Restores a backup into a store, under a file size limit set once the store is open.
+# Restores a backup into a store, under a file size limit (if not -1) set once the store is
+# open.
 _RESTORED_AT_A_SIZE_LIMIT = """
 import asyncio, resource, sys
 from persistence import PersistenceError, SQLiteSessionStorage
@@ -272,7 +273,8 @@ store, backup, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 async def main():
     async with SQLiteSessionStorage(store) as storage:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        if limit >= 0:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         try:
             await restore_backup(storage, backup)
         except PersistenceError as exc:
@@ -299,6 +301,20 @@ async def _restored_with_room(store: Path, backup: Path) -> tuple[bool, int]:
         return verified, (await storage.count()).total_sessions
 
 
+def _restore_in_a_child(store: Path, backup: Path, limit: int, **env: str) -> list[str]:
+    """The lines a child restoring `backup` into `store` prints: its error (if any) and
+    the sessions the store holds after; `env` added to its environment."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RESTORED_AT_A_SIZE_LIMIT, str(store), str(backup), str(limit)],
+        env={**child_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()
+
+
 def test_a_restore_whose_copy_of_the_backup_finds_no_room_names_that_not_the_backup(
     tmp_path: Path,
 ) -> None:
@@ -310,21 +326,33 @@ def test_a_restore_whose_copy_of_the_backup_finds_no_room_names_that_not_the_bac
     scratch_parent.mkdir()
     store = tmp_path / "restored.db"
 
-    done = subprocess.run(
-        [sys.executable, "-c", _RESTORED_AT_A_SIZE_LIMIT, str(store), str(backup), str(size // 2)],
-        env={**child_env(), "TMPDIR": str(scratch_parent)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-    assert done.returncode == 0, done.stderr
-    error, count = done.stdout.strip().splitlines()
+    error, count = _restore_in_a_child(store, backup, size // 2, TMPDIR=str(scratch_parent))
     assert error == (
         f"cannot copy the backup {backup} into the temporary directory {scratch_parent}:"
-        f" File too large; a restore works on a copy of the backup and needs about {size:,}"
-        " bytes free there (TMPDIR names another directory)"
+        f" File too large: this process may not write a file of about {size:,} bytes (its"
+        " file size limit, `ulimit -f`)"
     )
     assert count == "0"
     assert list(scratch_parent.iterdir()) == []
     assert asyncio.run(_restored_with_room(store, backup)) == (True, 30)
+
+
+def test_a_restore_whose_temporary_directory_is_full_names_it_and_the_room_needed(
+    tmp_path: Path, full_filesystem: Path
+) -> None:
+    """Found by attack: a full temporary directory made `restore` say "cannot read
+    BACKUP: No space left on device"."""
+    backup = asyncio.run(_backup_of_30_long_sessions(tmp_path))
+    store = tmp_path / "restored.db"
+
+    # SQLite's own temporary files elsewhere: opening the store makes some.
+    error, count = _restore_in_a_child(
+        store, backup, -1, TMPDIR=str(full_filesystem), SQLITE_TMPDIR=str(tmp_path)
+    )
+    assert error == (
+        f"cannot copy the backup {backup} into the temporary directory {full_filesystem}:"
+        " No space left on device; a restore works on a copy of the backup and needs about"
+        f" {backup.stat().st_size:,} bytes free there (TMPDIR names another directory)"
+    )
+    assert count == "0"
+    assert sorted(p.name for p in full_filesystem.iterdir()) == ["filler"]

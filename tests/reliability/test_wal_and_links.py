@@ -99,19 +99,20 @@ _WITHOUT_ROOTS_OVERRIDE = pytest.mark.skipif(
 )
 
 
-def _opened_in_a_read_only_directory(path: Path) -> str:
-    """What initialize(), then open_for_reading(), of `path` say in a child process whose
-    directory it may not write (its error, or `opened`), one line each."""
+def _opened_in_a_read_only_directory(path: Path, directory: Path | None = None) -> str:
+    """What initialize(), then open_for_reading(), of `path` say in a child process that
+    may not write `directory` (by default the path's; its error, or `opened`), one line
+    each."""
     script = (
         "import asyncio, sys\n"
-        "from persistence import SQLiteSessionStorage, StorageConnectionError\n"
+        "from persistence import PersistenceError, SQLiteSessionStorage\n"
         "async def open_it(reading):\n"
         "    storage = SQLiteSessionStorage(sys.argv[1])\n"
         "    try:\n"
         "        await (storage.open_for_reading() if reading else storage.initialize())\n"
         "        print('opened')\n"
-        "    except StorageConnectionError as exc:\n"
-        "        print(exc)\n"
+        "    except PersistenceError as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
         "    finally:\n"
         "        await storage.close()\n"
         "asyncio.run(open_it(False))\n"
@@ -120,11 +121,12 @@ def _opened_in_a_read_only_directory(path: Path) -> str:
     # Root may write anywhere: the capability that allows it is dropped for the child.
     drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
     command = [*(drop if os.geteuid() == 0 else []), sys.executable, "-c", script, str(path)]
-    path.parent.chmod(0o555)
+    directory = directory or path.parent
+    directory.chmod(0o555)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     finally:
-        path.parent.chmod(0o755)
+        directory.chmod(0o755)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -136,7 +138,9 @@ def test_a_store_that_cannot_be_created_names_the_directory(tmp_path: Path) -> N
     folder.mkdir()
     path = folder / "new.db"
     said = _opened_in_a_read_only_directory(path).splitlines()
-    assert said[0] == f"cannot create {path}: its directory {folder} is not writable"
+    assert said[0] == (
+        f"StorageConnectionError cannot create {path}: its directory {folder} is not writable"
+    )
     assert not path.exists()
 
 
@@ -153,9 +157,47 @@ async def test_a_store_in_a_directory_that_cannot_be_written_says_so_and_is_read
         await storage.save_session(ChatSession.create("m", session_id="kept"))
     said = _opened_in_a_read_only_directory(path).splitlines()
     assert said == [
-        f"cannot write {path}: its directory {folder} is not writable (to write, SQLite"
+        f"StorageConnectionError cannot write {path}: its directory {folder} is not"
+        " writable (to write, SQLite"
         " makes the -wal and -shm files beside the database; it can still be opened for"
         " reading)",
         "opened",
     ]
     assert sorted(p.name for p in folder.iterdir()) == ["store.db"]
+
+
+@_WITHOUT_ROOTS_OVERRIDE
+async def test_the_directory_is_named_only_where_it_stops_the_writing(tmp_path: Path) -> None:
+    """Found by attack: the directory was blamed for a file of mode 000 (which cannot
+    be read either), and for a -wal of mode 0444 that SQLite need not make; and a store
+    reached through a symlink had the link's directory checked, not the file's."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    path = folder / "store.db"
+    async with SQLiteSessionStorage(path) as storage:
+        await storage.save_session(ChatSession.create("m", session_id="kept"))
+
+    path.chmod(0o000)
+    try:
+        said = _opened_in_a_read_only_directory(path)
+    finally:
+        path.chmod(0o644)
+    assert "its directory" not in said, said
+
+    # A writer killed with its -wal and -shm still there; the -wal read-only.
+    (folder / "store.db-wal").write_bytes(b"")
+    (folder / "store.db-shm").write_bytes(b"")
+    (folder / "store.db-wal").chmod(0o444)
+    said = _opened_in_a_read_only_directory(path)
+    assert "its directory" not in said, said
+    for sidecar in ("store.db-wal", "store.db-shm"):
+        (folder / sidecar).unlink()
+
+    # Through a symlink in a writable directory: the file's directory stops it.
+    link = tmp_path / "link.db"
+    link.symlink_to(path)
+    said = _opened_in_a_read_only_directory(link, directory=folder).splitlines()
+    assert said[0].startswith(
+        f"StorageConnectionError cannot write {link}: its directory {folder} is not writable"
+    )
+    assert said[1] == "opened"

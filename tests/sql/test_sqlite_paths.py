@@ -18,6 +18,7 @@ from persistence import (
     SQLiteSessionStorage,
     StorageConnectionError,
 )
+from tests.filesystems import mounted_tmpfs
 
 pytestmark = pytest.mark.sqlite
 
@@ -198,19 +199,8 @@ def test_another_databases_url_given_as_the_path_is_refused_unshown(
 @pytest.fixture
 def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of 8 MB and 4 inodes (root only; skipped where it cannot be mounted)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=4", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "size=8m,nr_inodes=4") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 async def test_a_store_on_a_filesystem_out_of_inodes_says_so(
