@@ -64,6 +64,7 @@ from persistence.transfer import (
 from persistence.transfer.backups import backup_directory
 from persistence.transfer.exchange import open_input
 from persistence.transfer.exchange_format import DocumentSummary, validate_document
+from persistence.transfer.files import NO_ROOM
 from persistence.transfer.json_stream import SCAN_CHUNK, check_head
 from persistence.transfer.migration import copy_storage, copy_summary, verify_copied
 from persistence.transfer.sides import FAILED_STORE
@@ -579,7 +580,7 @@ def _seekable_stdin() -> Iterator[IO[bytes]]:
         except OSError as exc:
             with suppress(OSError):  # closing writes what it buffered: it fails again
                 spool.close()
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if exc.errno not in NO_ROOM:
                 fail(f"cannot read standard input: {exc.strerror or type(exc).__name__}")
             _spool_failed(exc)
         spool.seek(0)

@@ -25,7 +25,13 @@ from persistence.transfer.exchange import (
     validate_export_file,
     write_document,
 )
-from persistence.transfer.files import file_error, link_new_name, private_directory, temp_file
+from persistence.transfer.files import (
+    NO_ROOM,
+    file_error,
+    link_new_name,
+    private_directory,
+    temp_file,
+)
 from persistence.transfer.json_stream import SCAN_CHUNK, UTF8_BOM
 from persistence.transfer.migration import (
     DEFAULT_BATCH_SIZE,
@@ -297,15 +303,10 @@ async def _restore_sqlite(
             await to_the_end(source.close())
 
 
-# What writing a file meets when its filesystem, the user's quota or the file size limit
-# is full.
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
 def _copy_error(path: Path, scratch: Path, exc: OSError) -> MigrationError:
     """The error of copying the backup `path` into the directory `scratch`: reading it,
     or (found by attack: a full temporary directory was "cannot read BACKUP") writing."""
-    if exc.errno not in _NO_ROOM:
+    if exc.errno not in NO_ROOM:
         return file_error("cannot read", path, exc)
     try:
         size = f"about {path.stat().st_size:,} bytes"

@@ -28,6 +28,11 @@ DIRECTORY_MODE = 0o700
 _MAX_NAME_ATTEMPTS = 100
 
 
+# What writing a file meets when its filesystem, the user's quota or the process's file
+# size limit (EFBIG) leaves no room.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def file_error(action: str, path: Path, exc: OSError) -> MigrationError:
     """Names the file and the system's reason, for an OSError met on `path`."""
     reason = exc.strerror or type(exc).__name__

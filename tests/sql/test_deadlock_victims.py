@@ -90,6 +90,17 @@ async def _saved_then_deadlocking(storage: PostgreSQLSessionStorage, times: int)
     return session
 
 
+async def _saved_empty_then_deadlocking(
+    storage: PostgreSQLSessionStorage, table: str
+) -> ChatSession:
+    """A session saved without messages, whose next write into `table` fails once as a
+    deadlock."""
+    session = ChatSession.create("m")
+    await storage.save_session(session)
+    await _deadlock_first(storage, table, times=1)
+    return session
+
+
 async def test_a_plain_save_picked_as_a_deadlock_victim_runs_again(
     storage: PostgreSQLSessionStorage,
 ) -> None:
@@ -120,9 +131,7 @@ async def test_a_save_that_stays_a_deadlock_victim_fails_after_three_attempts(
 async def test_a_delete_picked_as_a_deadlock_victim_runs_again(
     storage: PostgreSQLSessionStorage,
 ) -> None:
-    session = ChatSession.create("m")
-    await storage.save_session(session)
-    await _deadlock_first(storage, "chat_sessions", times=1)
+    session = await _saved_empty_then_deadlocking(storage, "chat_sessions")
 
     assert await storage.delete_session(session.session_id) is True
 
@@ -133,9 +142,7 @@ async def test_a_delete_picked_as_a_deadlock_victim_runs_again(
 async def test_a_unit_of_work_picked_as_a_deadlock_victim_is_the_callers_to_run_again(
     storage: PostgreSQLSessionStorage,
 ) -> None:
-    session = ChatSession.create("m")
-    await storage.save_session(session)
-    await _deadlock_first(storage, "chat_messages", times=1)
+    session = await _saved_empty_then_deadlocking(storage, "chat_messages")
 
     session.add_message("user", "in a unit")
     with pytest.raises(PersistenceError, match="deadlock detected"):
