@@ -64,7 +64,9 @@ _RAW_IN_JSON = re.compile(f"[\x7f-\x9f{_BIDI}\u2028\u2029]")
 
 def _escaped(match: re.Match[str]) -> str:
     code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def visible(text: str) -> str:
@@ -144,6 +146,19 @@ def render_json(session: ChatSession) -> str:
 
 
 _ONE_LINE = str.maketrans({"\r": "\\r", "\n": "\\n", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# What shows as nothing, or as a plain space, in an id or a model name, so that two
+# names would show alike (found by attack: `victim`, `vic\u200btim` and `vict\u2060im`
+# listed as three rows reading `victim`): Unicode's format characters (category Cf:
+# zero-width spaces and joiners, the marks, the tags), the other default-ignorable
+# code points (variation selectors, Hangul fillers) and the spaces other than U+0020.
+# In message content they stay: emoji sequences and Persian words hold joiners.
+_INVISIBLE = re.compile(
+    "[\u00a0\u00ad\u034f\u061c\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f"
+    "\u0600-\u0605\u06dd\u070f\u0890\u0891\u08e2"
+    "\u2000-\u200f\u202f\u205f-\u206f\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0"
+    "\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
 
 
 def one_line(value: str) -> str:
@@ -151,8 +166,10 @@ def one_line(value: str) -> str:
     `\\u2029`): a header value or a listing's field (an id, a model name) must not start
     a line of its own. Found by attack: an id holding U+2028 made a forged row for
     readers that split lines as str.splitlines() does (the other breaks it knows,
-    U+0085 and U+001C-U+001E, are controls that visible() escapes)."""
-    return visible(value.translate(_ONE_LINE))
+    U+0085 and U+001C-U+001E, are controls that visible() escapes). What would show as
+    nothing or as a space is escaped too (`\\u200b`), so that two names cannot show
+    alike by it."""
+    return _INVISIBLE.sub(_escaped, visible(value.translate(_ONE_LINE)))
 
 
 def wall_time(value: datetime, timespec: str = "seconds") -> str:

@@ -624,3 +624,34 @@ def test_line_breaks_in_one_line_fields_cannot_forge_a_row_or_a_header(tmp_path:
     found = ok("search", "hi", "--url", url).stdout
     assert "\r" not in found and FORGED_ID in found
     assert all(f"\\n{FORGED_ID}" in line for line in found.splitlines() if FORGED_ID in line)
+
+
+@pytest.mark.sqlite
+def test_ids_that_differ_by_an_invisible_character_list_apart(tmp_path: Path) -> None:
+    """Found by attack: `victim`, `vic\\u200btim` and `vict\\u2060im` listed as three rows
+    reading `victim`; `sessions delete victim` then took the one the operator had not
+    meant. The invisible characters of ids and models print as escapes."""
+    import asyncio
+
+    from persistence import ChatSession, SQLiteSessionStorage
+
+    database = tmp_path / "x.db"
+    ids = ["victim", "vic\u200btim", "vict\u2060im", "victim\u00a0", "\ufeffvictim"]
+
+    async def store() -> None:
+        async with SQLiteSessionStorage(database) as storage:
+            for session_id in ids:
+                session = ChatSession.create("gpt\u200d-4", session_id=session_id)
+                session.add_message("user", "look alike")
+                await storage.save_session(session)
+
+    asyncio.run(store())
+    url = f"sqlite:///{database}"
+    listing = ok("sessions", "list", "--url", url).stdout
+    shown_ids = {row.split()[0] for row in listing.splitlines()[2:]}
+    assert shown_ids == {"victim", "vic\\u200btim", "vict\\u2060im", "victim\\xa0", "\\ufeffvictim"}
+    assert "gpt\\u200d-4" in listing
+    found = ok("search", "alike", "--url", url).stdout
+    assert "vic\\u200btim" in found and "\u200b" not in found
+    shown = ok("sessions", "show", "vict\u2060im", "--url", url).stdout
+    assert shown.splitlines()[0] == "Session vict\\u2060im"

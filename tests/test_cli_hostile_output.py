@@ -148,3 +148,108 @@ def test_export_all_to_a_full_standard_output_names_it(hostile_url: str) -> None
     assert (
         done.stderr.strip().splitlines()[-1].startswith("error: cannot write standard output:")
     ), done.stderr
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_an_output_that_cannot_encode_a_character_escapes_it_and_never_fails(
+    tmp_path: Path, encoding: str
+) -> None:
+    """Found by attack: on an ASCII or Latin-1 stdout, `sessions delete caf\\u00e9-42`
+    deleted the session, then failed printing its summary (status 1 after the work);
+    `sessions show`, `search` and `export` of stored text failed. Text shows what it
+    cannot encode as backslash escapes; JSON as `\\u` escapes, read back exactly."""
+    path = tmp_path / "s.db"
+    content = "h\u00e9llo w\u00f6rld \u2603 \U0001f464"
+
+    async def store() -> None:
+        async with SQLiteSessionStorage(path) as storage:
+            for session_id in ("caf\u00e9-42", "caf\u00e9-43"):
+                session = ChatSession.create("m\u00f3del", session_id=session_id)
+                session.add_message("user", content)
+                await storage.save_session(session)
+
+    asyncio.run(store())
+    env = dict(os.environ, PYTHONPATH=SOURCE_ROOT, PYTHONIOENCODING=encoding)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "persistence", *args, "--url", f"sqlite:///{path}"],
+            capture_output=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+    shown = cli("sessions", "show", "caf\u00e9-42")
+    assert shown.returncode == 0, shown.stderr
+    assert "\\u2603 \\U0001f464" in shown.stdout.decode(encoding)
+    for command in (["search", "w\u00f6rld", "--json"], ["export", "caf\u00e9-42", "-f", "json"]):
+        done = cli(*command)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.isascii()
+        assert content in json.dumps(json.loads(done.stdout), ensure_ascii=False)
+    deleted = cli("sessions", "delete", "caf\u00e9-43")
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.decode(encoding).startswith(
+        "Deleted session caf\\xe9-43" if encoding == "ascii" else "Deleted session caf\u00e9-43"
+    )
+
+
+# A command run as `python -m stopped_at_start ...`: SIGTERM comes while the store is
+# being set up, raised in code that `exec` runs from a string (as dataclasses make their
+# methods at import), or in a finalizer, where Python ignores what it raises.
+_STOPPED_AT_START = """
+import os, signal, sys
+import persistence.cli.output as output
+from persistence.cli import main
+
+def terminated_here():
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10_000_000):
+        pass
+    raise AssertionError("SIGTERM was not handled")
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1_000_000):
+            pass
+
+real_create_storage = output.create_storage
+where = sys.argv.pop(1)
+
+def create_storage(*args, **kwargs):
+    if where == "exec":
+        exec("terminated_here()", {"terminated_here": terminated_here})
+    else:
+        Finalized()  # its __del__ runs here, and what it raises is ignored
+    return real_create_storage(*args, **kwargs)
+
+output.create_storage = create_storage
+main()
+"""
+
+
+@pytest.mark.parametrize("where", ["exec", "finalizer"])
+def test_sigterm_while_the_store_is_set_up_ends_the_command_as_terminated(
+    tmp_path: Path, where: str
+) -> None:
+    """Found by attack, SIGTERM a few tenths of a second after `python -m persistence`
+    started: raised in code `exec` ran, the command said `error: terminated` and then
+    died by SIGINT (130, not 143); raised in a callback whose exceptions Python ignores,
+    it was lost and the command ran to its end, exit 0."""
+    (tmp_path / "stopped_at_start.py").write_text(_STOPPED_AT_START)
+    asyncio.run(_hostile_store(tmp_path / "s.db"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SOURCE_ROOT, str(tmp_path)]))
+    command = ["-m", "stopped_at_start", where, "sessions", "list"]
+    done = subprocess.run(
+        [sys.executable, *command, "--url", f"sqlite:///{tmp_path / 's.db'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stderr.splitlines()[-1:]) == (143, ["error: terminated"])
+    assert done.stdout == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from datetime import UTC, datetime
 
 import pytest
@@ -192,3 +193,30 @@ def test_no_character_makes_a_one_line_field_two_lines() -> None:
         if not 0xD800 <= code <= 0xDFFF and len(one_line(f"a{chr(code)}b").splitlines()) != 1
     ]
     assert splitting == []
+
+
+def test_no_character_in_a_one_line_field_shows_as_nothing_or_as_a_space() -> None:
+    """Found by attack: `victim`, `vic\\u200btim` and `vict\\u2060im` listed as three
+    `sessions list` rows reading `victim`, so a delete of what was read took another
+    session. Every format character (category Cf) of this Python's Unicode, every space
+    but U+0020, and the default-ignorable fillers and selectors are written as escapes."""
+    invisible = [
+        code
+        for code in range(0x110000)
+        if unicodedata.category(chr(code)) in ("Cf", "Zs") and code != 0x20
+    ] + [0x034F, 0x115F, 0x1160, 0x17B4, 0x180B, 0x3164, 0xFE0F, 0xFFA0, 0xE0000, 0xE0100]
+    shown_raw = [hex(code) for code in invisible if chr(code) in one_line(f"a{chr(code)}b")]
+    assert shown_raw == []
+    assert one_line("vic\u200btim") == "vic\\u200btim"
+    assert one_line("tag\U000e0041") == "tag\\U000e0041"
+    shown = "caf\u00e9 \u0645\u0631\u062d\u0628\u0627"  # Latin and Arabic letters
+    assert one_line(shown) == shown
+
+
+def test_message_content_keeps_its_joiners_and_marks() -> None:
+    """Content is not a name: emoji sequences (ZWJ), Persian words (ZWNJ) and
+    right-to-left text (RLM) hold format characters, which print as they are."""
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    content = f"family \U0001f468\u200d\U0001f469 {persian} \u200f!"
+    session = _session(("user", content, _at(1)))
+    assert content in render_text(session) and content in render_markdown(session)

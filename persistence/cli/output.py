@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from persistence.cli.streams import STDOUT_CLOSED, stdout_closed, whole_writes
+from persistence.cli.streams import (
+    STDOUT_CLOSED,
+    carried_json,
+    stdout_closed,
+    whole_writes,
+)
 from persistence.config import (
     StorageConfig,
     create_storage,
@@ -284,7 +289,7 @@ def _refuse_outputs(into_output: str | None, into_errors: str | None) -> None:
 
 
 def echo_json(value: Any, *, err: bool = False) -> None:
-    typer.echo(json_text(value), err=err)
+    typer.echo(carried_json(json_text(value), sys.stderr if err else None), err=err)
 
 
 # The attribute naming_store sets on an error: what the command line calls the store.
@@ -355,12 +360,25 @@ def run(
     target = (ctx.find_object(Target) or Target()).merged(*options)
     with _logging(target.verbose), whole_writes(), _terminated_as_interrupted() as terminated:
         try:
-            return _run(target, work, must_exist, read_only, check_first, unopened, store_named)
+            return _run(
+                target, work, must_exist, read_only, check_first, unopened, store_named, terminated
+            )
         except KeyboardInterrupt:
+            _forget_interrupts_of_exec_code()
             # What a shell reports of a process its signal stopped: 128 + its number.
             if terminated:
                 fail("terminated", 128 + signal.SIGTERM)
             fail("interrupted", 128 + signal.SIGINT)
+
+
+def _forget_interrupts_of_exec_code() -> None:
+    """Clears CPython's mark of a KeyboardInterrupt that left code `exec` ran from a
+    string (dataclasses and namedtuples make their methods so, at import), which makes
+    `python -m` end by SIGINT at exit, after whatever status was asked for, even once
+    the interrupt was caught. Found by attack: SIGTERM at start-up ended `python -m
+    persistence` with `error: terminated` and then a death by SIGINT (a shell's 130,
+    not 143). exec clears the mark as it starts any string."""
+    exec("pass")  # noqa: S102
 
 
 @contextmanager
@@ -399,6 +417,7 @@ def _run(
     check_first: Callable[[], object] | None = None,
     unopened: bool = False,
     store_named: str | None = None,
+    terminated: list[bool] | None = None,
 ) -> T:
     try:
         with naming_store(store_named):
@@ -422,7 +441,15 @@ def _run(
             storage = create_storage(config, must_exist=must_exist)
         return asyncio.run(
             _open_and_run(
-                storage, config, target, work, read_only, unopened, must_exist, store_named
+                storage,
+                config,
+                target,
+                work,
+                read_only,
+                unopened,
+                must_exist,
+                store_named,
+                terminated or [],
             )
         )
     except typer.Exit:
@@ -478,7 +505,14 @@ async def _open_and_run(
     unopened: bool = False,
     must_exist: bool = False,
     store_named: str | None = None,
+    terminated: Sequence[bool] = (),
 ) -> T:
+    if terminated:
+        # SIGTERM came before the event loop ran, and the KeyboardInterrupt it raised
+        # was swallowed where Python ignores exceptions (an import lock's or a weakref's
+        # callback): found by attack, the command then ran to its end and exited 0.
+        # In the loop, SIGTERM cancels the work (asyncio.run's SIGINT handler).
+        raise KeyboardInterrupt
     if unopened:
         return await work(storage, config, target)
     try:

@@ -36,6 +36,7 @@ from persistence.cli.output import (
     run,
     say,
 )
+from persistence.cli.streams import carried_json
 from persistence.config import StorageConfig
 from persistence.formats import visible
 from persistence.manager import SessionManager
@@ -134,7 +135,7 @@ def sessions_show(
         if session is None:
             fail(f"session {session_id!r} not found in {cfg.display_url}")
         if as_json:
-            typer.echo(formats.render_json(session), nl=False)
+            typer.echo(carried_json(formats.render_json(session)), nl=False)
             return
         console = out()
         # Found by attack: line breaks in the model and message lines shaped like this
@@ -234,6 +235,8 @@ def export(
         if rendered is None:
             fail(f"session {session_id!r} not found in {cfg.display_url}")
         if output is None or output == STDIO:
+            if format == FormatChoice.json:
+                rendered = carried_json(rendered)
             typer.echo(rendered, nl=False)
             return
         await asyncio.to_thread(write_text, output, rendered)

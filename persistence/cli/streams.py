@@ -4,13 +4,16 @@ that fails every write, as a full one does."""
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
+import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -101,6 +104,40 @@ def closed_stdout_fails() -> None:
     """
     if sys.stdout is None:
         sys.stdout = _ClosedStdout()
+
+
+def escape_what_output_cannot_encode() -> None:
+    """Makes sys.stdout and sys.stderr write what their encoding cannot (an ASCII or
+    Latin-1 locale, PYTHONIOENCODING) as backslash escapes, not fail.
+
+    Found by attack: on such a stdout, `sessions delete caf\u00e9-42` deleted the
+    session, then failed printing its summary line (status 1 after the work was done),
+    and `sessions show`, `search` and `export` of stored text failed.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and not _carries_all_text(stream):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def carried_json(text: str, stream: IO[str] | None = None) -> str:
+    """JSON `text` as `stream` (standard output by default) can carry it: where its
+    encoding is not a UTF one, every non-ASCII character as a `\\u` escape, the same
+    document to a JSON reader (a backslash escape such as `\\xe9` would not be JSON)."""
+    if text.isascii() or _carries_all_text(sys.stdout if stream is None else stream):
+        return text
+    return _NON_ASCII.sub(lambda match: json.dumps(match.group())[1:-1], text)
+
+
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+
+
+def _carries_all_text(stream: IO[str] | None) -> bool:
+    """Whether `stream` encodes every character: a UTF encoding (or no stream)."""
+    encoding = getattr(stream, "encoding", None)
+    try:
+        return encoding is None or codecs.lookup(encoding).name.startswith("utf")
+    except LookupError:
+        return False
 
 
 def stdout_closed() -> bool:

@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from persistence.cli.output import fail, os_error_line, refuse_output_into_sqlite_files
-from persistence.cli.streams import closed_stdout_fails
+from persistence.cli.streams import closed_stdout_fails, escape_what_output_cannot_encode
 from persistence.config.masking import mask_typed_words
 
 try:
@@ -77,6 +77,7 @@ class MaskingGroup(TyperGroup):
     ) -> Any:
         self.typed = tuple(args)
         closed_stdout_fails()
+        escape_what_output_cannot_encode()
         with _masked_usage_errors(self.typed), _unwritable_output():
             return super().make_context(info_name, args, *rest, **kwargs)
 
