@@ -312,6 +312,57 @@ def test_migrate_whose_indexing_fails_says_that_the_copy_is_complete(
 
 
 @pytest.mark.sqlite
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (
+            "migrate",
+            "the copy itself is complete and unverified: running the same migrate again"
+            " indexes and verifies it",
+        ),
+        ("import", "the import itself is complete; the first search indexes the messages left"),
+        ("restore", "the restore itself is complete; the first search indexes the messages left"),
+    ],
+)
+def test_sigterm_while_a_transfer_indexes_for_search_says_what_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, said: str
+) -> None:
+    """Found by attack: `migrate` stopped by SIGTERM while it indexed its copy for search
+    (its unfinished-copy note already gone) said only `error: terminated`, nothing of
+    the copy being complete and unverified."""
+    from persistence import SQLiteSessionStorage
+
+    source = _filled(tmp_path, sessions=2)
+    destination = f"sqlite:///{tmp_path / 'copy.db'}"
+    given = {
+        "migrate": ["migrate", "--from", source, "--to", destination],
+        "import": ["import", str(tmp_path / "all.json"), "--url", destination],
+        "restore": ["restore", str(tmp_path / "backups"), "--url", destination],
+    }[command]
+    ok("export-all", str(tmp_path / "all.json"), "--url", source)
+    ok("backup", str(tmp_path / "backups"), "--url", source)
+    if command == "restore":
+        [backup] = (tmp_path / "backups").iterdir()
+        given[1] = str(backup)
+
+    async def terminated(self: SQLiteSessionStorage) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # as a service manager stops the command
+        await asyncio.sleep(30)
+        raise AssertionError("SIGTERM did not stop the indexing")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SQLiteSessionStorage, "index_for_search", terminated)
+        result = CliRunner().invoke(app, given)
+
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip().splitlines()[-2:] == [
+        f"Interrupted during indexing for search: {said}",
+        "error: terminated",
+    ]
+    assert counts(destination) == (2, 8, 2)
+
+
+@pytest.mark.sqlite
 def test_backup_refuses_standard_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Found by attack: `backup -` made a directory named `-` and wrote the backup there.
     source = _filled(tmp_path, sessions=1)

@@ -7,13 +7,14 @@ import errno
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Annotated, Any, NoReturn
+from typing import IO, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -69,6 +70,7 @@ from persistence.transfer.json_stream import SCAN_CHUNK, check_head
 from persistence.transfer.migration import copy_storage, copy_summary, verify_copied
 from persistence.transfer.sides import FAILED_STORE
 
+T = TypeVar("T")
 BatchOption = Annotated[int, typer.Option(min=1, help="Sessions per batch (one transaction).")]
 FromOption = Annotated[
     str | None,
@@ -230,12 +232,54 @@ def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
     return a.display_url == b.display_url
 
 
-async def _index_for_search(storage: SessionStorage) -> int:
+def _waited_for(function: Callable[[IO[bytes]], T], stream: IO[bytes]) -> T:
+    """`function(stream)` run in a thread of its own that this one waits for, so that
+    Ctrl-C and SIGTERM land in the wait, never in the C code it runs. Found by attack:
+    Ctrl-C inside ijson's parser, as `import` checked its file, was swallowed there
+    once in some hundred runs and the check went on to call the file invalid
+    (`sessions[0]: session_id missing`), status 1 instead of `interrupted`. Stopped,
+    the thread ends with the process (or at the stream's close: a read error)."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(function(stream))
+        except BaseException as exc:  # raised again in this thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="persistence-check-input", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+async def _index_for_search(storage: SessionStorage, *, done: str) -> int:
     """Writes the search documents the load left pending (SessionStorage.index_for_search),
-    so that searches of the store, even opened for reading, use the index at once."""
+    so that searches of the store, even opened for reading, use the index at once.
+
+    An error, or Ctrl-C or SIGTERM, while it indexes says what `done` says: that the
+    work before it is complete. Found by attack: `migrate` whose indexing failed on a
+    full disk said only "index messages failed"; stopped while it indexed, only
+    `error: terminated`, its unfinished-copy note already gone.
+    """
     console = Console(stderr=True, emoji=False)
-    with console.status("Indexing for search") if console.is_terminal else nullcontext():
-        return await storage.index_for_search()
+    try:
+        with console.status("Indexing for search") if console.is_terminal else nullcontext():
+            return await storage.index_for_search()
+    except PersistenceError as exc:
+        exc.add_note(done)
+        raise
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        line = f"Interrupted during indexing for search: {done}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise
+
+
+# What an import or a restore stopped while it indexes has done.
+_LOADED = "the {} itself is complete; the first search indexes the messages left"
 
 
 def _indexed(result: dict[str, Any]) -> str:
@@ -262,21 +306,6 @@ def _naming_each_store(source_named: str) -> Iterator[None]:
         side = getattr(exc, FAILED_STORE, "")
         with naming_store({"source": source_named, "destination": "--to"}.get(side)):
             raise
-
-
-@contextmanager
-def _copied_when_it_failed(verify: bool) -> Iterator[None]:
-    """An error after the copy says that the copy itself is complete. Found by attack:
-    `migrate` whose indexing failed on a full disk did not say so, nor that nothing was
-    verified."""
-    try:
-        yield
-    except PersistenceError as exc:
-        exc.add_note(
-            "the copy itself is complete and unverified: running the same migrate again"
-            f" indexes{' and verifies' if verify else ''} it"
-        )
-        raise
 
 
 def migrate(
@@ -313,8 +342,12 @@ def migrate(
                     source, destination, progress_callback=update, batch_size=batch_size
                 )
             try:
-                with naming_store("--to"), _copied_when_it_failed(verify):
-                    indexed = await _index_for_search(destination)
+                copied = (
+                    "the copy itself is complete and unverified: running the same migrate"
+                    f" again indexes{' and verifies' if verify else ''} it"
+                )
+                with naming_store("--to"):
+                    indexed = await _index_for_search(destination, done=copied)
                 report = None
                 if verify:
                     with (
@@ -417,7 +450,9 @@ def restore(
     async def work(storage: SessionStorage, cfg: StorageConfig, target: Target) -> None:
         with progress_bar("Restoring sessions", stopped=RESUMES) as update:
             result = await restore_backup(storage, backup_file, progress_callback=update)
-        result["indexed_for_search"] = await _index_for_search(storage)
+        result["indexed_for_search"] = await _index_for_search(
+            storage, done=_LOADED.format("restore")
+        )
         problem = _verification_problem(result)
         if as_json:
             echo_json(result)
@@ -521,7 +556,7 @@ def import_file(
         # the document starts where it stands, for the check and the writing alike.
         start = stream.tell()
         try:
-            summary = validate_document(stream)
+            summary = _waited_for(validate_document, stream)
         except InvalidDataError as exc:
             # Found by audit: "the file is empty" named no file.
             source = "standard input" if input_file == STDIO else str(input_file)
@@ -535,7 +570,9 @@ def import_file(
             result = await import_from_stream(
                 storage, stream, progress_callback=update, batch_size=batch_size, checked=summary
             )
-        result["indexed_for_search"] = await _index_for_search(storage)
+        result["indexed_for_search"] = await _index_for_search(
+            storage, done=_LOADED.format("import")
+        )
         if as_json:
             echo_json(result)
             return

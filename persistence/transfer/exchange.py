@@ -260,9 +260,9 @@ async def import_from_stream(
     try:
         async for sessions, records in read_ahead(_file_batches(stream, batch_size)):
             if sessions:
-                progress.add(await write_sessions(storage, sessions))
+                await progress.add_written(write_sessions(storage, sessions))
             if records:
-                progress.add(await write_file_records(storage, records))
+                await progress.add_written(write_file_records(storage, records))
     except BaseException as exc:
         # Also on Ctrl-C (KeyboardInterrupt, or the task cancelled): say how far it got.
         progress.stopped(exc)

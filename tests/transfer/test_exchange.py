@@ -25,6 +25,7 @@ from persistence.transfer import (
     validate_export_file,
 )
 from persistence.validation import MAX_METADATA_DEPTH
+from tests.transfer.cancelling import cancelled_in_the_second_batch
 from tests.transfer.data import (
     build_edge_file_record,
     build_edge_session,
@@ -63,6 +64,23 @@ async def test_export_then_import_is_exact_on_every_backend(
     assert result["sessions_imported"] == 10
     assert result["files_imported"] == 3
     assert result["format_version"] == 1
+
+
+async def test_an_import_cancelled_while_it_writes_a_batch_counts_what_it_wrote(
+    storage: SessionStorage, exported: Path
+) -> None:
+    """Found by attack: into SQLite, whose cancelled calls still commit, an import
+    stopped while it wrote a batch left that batch out of `N of M sessions were
+    copied`. The batch being written ends first, and is counted."""
+    reported, note = await cancelled_in_the_second_batch(
+        lambda progress: import_from_json(
+            storage, exported, batch_size=4, progress_callback=progress
+        ),
+        batch_size=4,
+    )
+
+    assert (await storage.count()).total_sessions == 8 == reported
+    assert "8 of 10 sessions were copied" in note
 
 
 async def test_numbers_at_the_edges_come_back_exactly_on_every_backend(

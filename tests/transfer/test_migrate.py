@@ -28,6 +28,7 @@ from persistence.transfer.unfinished import (
     unfinished_copies,
 )
 from tests.factories import conversation
+from tests.transfer.cancelling import cancelled_in_the_second_batch
 from tests.transfer.data import build_sessions, populate, snapshot
 
 Pair = tuple[SessionStorage, SessionStorage]
@@ -155,6 +156,27 @@ async def test_an_interrupted_migration_says_how_far_it_got_and_resumes(pair: Pa
     assert result["sessions_migrated"] + result["sessions_already_present"] == 30
     assert result["verified"] is True
     assert await unfinished_copies(destination) == []
+
+
+async def test_a_migration_cancelled_while_it_writes_a_batch_counts_what_it_wrote(
+    pair: Pair,
+) -> None:
+    """Found by attack: into SQLite, whose cancelled calls still commit, a migration
+    stopped while it wrote its second batch said `10 of 30 sessions were copied` where
+    20 were. The batch being written ends first, and is counted."""
+    source, destination = pair
+    await source.insert_sessions(
+        [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(30)]
+    )
+    reported, note = await cancelled_in_the_second_batch(
+        lambda progress: migrate_storage(
+            source, destination, progress_callback=progress, batch_size=10
+        ),
+        batch_size=10,
+    )
+
+    assert (await destination.count()).total_sessions == 20 == reported
+    assert "20 of 30 sessions were copied" in note
 
 
 async def test_migration_keeps_destination_content_and_appends_missing_messages(
