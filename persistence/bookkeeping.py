@@ -302,10 +302,15 @@ class Bookkeeping:
         the plan's place in the log, its revision and contents unchanged.
 
         Found by attack: such an object stayed unsaved for good, and a SessionManager
-        evicting it saved it again and again, never returning.
+        evicting it saved it again and again, never returning. Its `message_count` is
+        set to what it knows of the store, as after a save that wrote (found by attack:
+        a count assigned by hand stayed on the object, and in a manager's exports,
+        after a save that returned True).
         """
+        private = self._private()
+        self.__dict__["message_count"] = private["_omitted"] + len(self._messages())
         base = self._known().get(token)
-        if base is None or plan.epoch != self._private()["_epoch"]:
+        if base is None or plan.epoch != private["_epoch"]:
             return
         self._known()[token] = replace(
             base, synced=plan.messages_sent, log_at=plan.log_at, foreign_at=plan.foreign_at

@@ -86,6 +86,12 @@ class SessionManager:
                 f"expiry_hours: must be a number more than 0 and at most {MAX_EXPIRY_HOURS:,},"
                 f" got {expiry_hours!r}"
             )
+        if not isinstance(auto_save_enabled, bool):
+            # Found by attack: "false" (read from an environment variable or a form)
+            # turned auto-save on, by its truth value.
+            raise InvalidDataError(
+                f"auto_save_enabled: must be True or False, got {auto_save_enabled!r}"
+            )
         self.storage = storage
         self.auto_save_enabled = auto_save_enabled
         self.expiry_hours = expiry_hours

@@ -429,7 +429,12 @@ def test_bad_settings_are_refused(sqlite_path: Path) -> None:
     for hours in (0, -1.5, float("nan"), float("inf"), 10_000_001, "24", True, None):
         with pytest.raises(InvalidDataError, match="expiry_hours"):
             SessionManager(storage, expiry_hours=hours)  # type: ignore[arg-type]
+    # Found by attack: "false" turned auto-save on, by its truth value.
+    for flag in ("false", "0", 0, 1, None):
+        with pytest.raises(InvalidDataError, match="auto_save_enabled: must be True or False"):
+            SessionManager(storage, auto_save_enabled=flag)  # type: ignore[arg-type]
     assert SessionManager(storage, max_cached_sessions=1, expiry_hours=0.5) is not None
+    assert SessionManager(storage, auto_save_enabled=False).auto_save_enabled is False
 
 
 async def test_bad_arguments_are_refused_before_the_cache(sqlite_path: Path) -> None:

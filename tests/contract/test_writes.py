@@ -7,6 +7,7 @@ connections), as another server process would; objects keep their own bookkeepin
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +65,31 @@ async def test_a_save_with_nothing_changed_writes_nothing(storage: SessionStorag
 
     loaded = await _load(storage, session.session_id)
     assert loaded.revision == revision and loaded.message_count == 2
+
+
+async def test_a_count_assigned_by_hand_is_set_back_by_a_save_that_writes_nothing(
+    storage: SessionStorage,
+) -> None:
+    """Found by attack: `message_count = 99` on a stored session, saved with nothing
+    else changed, returned True and stayed on the object (and in a SessionManager's
+    exports of it), though the store kept 2. The count is derived: the save sets the
+    object's back to what it knows of the store, as a save that writes does."""
+    session = await _stored(storage)
+    partial = await storage.load_session(session.session_id, last=1)
+    assert partial is not None and partial.message_count == 2
+
+    for held in (session, partial):
+        held.message_count = 99
+        assert await storage.save_session(held) is True
+        assert held.message_count == 2
+    manager = SessionManager(storage)
+    managed = await manager.get_session(session.session_id)
+    assert managed is not None
+    managed.message_count = 50
+    assert await manager.auto_save(managed) is True
+    exported = await manager.export_session(session.session_id, "json")
+    assert exported is not None and json.loads(exported)["message_count"] == 2
+    assert (await _load(storage, session.session_id)).message_count == 2
 
 
 async def test_every_read_records_exactly_what_the_store_held(
