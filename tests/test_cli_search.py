@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from persistence import ChatSession, SQLiteSessionStorage
 from persistence.cli import app
 from persistence.cli import search as cli_search
+from persistence.formats import visible
 from persistence.sql.sql_storage import SqlSessionStorage
 from tests.test_cli import failed, invoke, ok  # fixture: a fresh machine
 
@@ -157,3 +159,35 @@ def test_search_prints_each_batch_before_it_reads_the_next(
     assert [m["content"] for m in json.loads(streamed.stdout)] == [
         f"deploy {word}" for word in newest_first
     ]
+
+
+def _whole_excerpt(content: str) -> str:
+    """The excerpt as it was made before, of the whole content: what it must equal."""
+    line = visible(" ".join(content.split()))
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def test_an_excerpt_is_made_of_a_prefix_and_equals_that_of_the_whole_content() -> None:
+    """Found by attack: the row of a 16 MB message took 212 MB and 1.3 s to make, as
+    every word of the whole message was split off to show 120 characters."""
+    contents = [
+        "",
+        "short",
+        "x" * 120,
+        "x" * 121,
+        " " * 5000 + "late words " * 30,
+        "\t\n" * 100_000 + "a",
+        "\x1b[31m" * 60 + "red",
+        ("word " * 40 + "\r\n" * 300) * 3,
+        "y" * 479 + " " + "z" * 5,
+    ]
+    for content in contents:
+        assert cli_search._excerpt(content) == _whole_excerpt(content), content[:40]
+    big = "lorem ipsum dolor sit amet " * 600_000  # 16 MB
+    tracemalloc.start()
+    try:
+        excerpt = cli_search._excerpt(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert excerpt == _whole_excerpt(big) and peak < 100_000, peak

@@ -18,6 +18,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    literal_column,
     select,
     text,
     update,
@@ -158,16 +159,30 @@ EDIT_CONTENT = Statement(
     _EDITED.values(content=_bind(messages, "content"), search_text=_bind(messages, "search_text"))
 )
 EDIT_METADATA = Statement(_EDITED.values(metadata=_bind(messages, "metadata")))
-DELETE_MESSAGES = Statement(
-    delete(messages).where(
-        messages.c.session_id == bindparam("session_id"),
+
+
+def _listed_in_session(dialect: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """The messages of a list of ids, in session `session_id`, found by the message id.
+
+    SQLite's planner, without statistics, takes three ids or more for more rows than the
+    session's index gives, and walked every message of the session once a chunk (found
+    by attack: a rewind of 10 messages took 45 ms in a session of 200,000, one of
+    100,000 of them 9.7 s, SQLite's write lock held all along); `+session_id` keeps the
+    session out of its choice. PostgreSQL's planner weighs both by its statistics.
+    """
+    session = (
+        literal_column("+session_id", String()) if dialect == "sqlite" else messages.c.session_id
+    )
+    return (
+        session == bindparam("session_id"),
         messages.c.message_id.in_(bindparam("ids", expanding=True)),
     )
-)
+
+
+DELETE_MESSAGES = Statement(lambda dialect: delete(messages).where(*_listed_in_session(dialect)))
 SESSION_MESSAGES = Statement(
-    select(messages.c.message_id, messages.c.content, messages.c.metadata).where(
-        messages.c.session_id == bindparam("session_id"),
-        messages.c.message_id.in_(bindparam("ids", expanding=True)),
+    lambda dialect: select(messages.c.message_id, messages.c.content, messages.c.metadata).where(
+        *_listed_in_session(dialect)
     )
 )
 MESSAGE_OWNERS = Statement(
