@@ -145,7 +145,9 @@ def render_json(session: ChatSession) -> str:
     return json_text(session_document(session)) + "\n"
 
 
-_ONE_LINE = str.maketrans({"\r": "\\r", "\n": "\\n", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+_ONE_LINE = str.maketrans(
+    {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
 # What shows as nothing, or as a plain space, in an id or a model name, so that two
 # names would show alike (found by attack: `victim`, `vic\u200btim` and `vict\u2060im`
 # listed as three rows reading `victim`): Unicode's format characters (category Cf:
@@ -166,10 +168,17 @@ def one_line(value: str) -> str:
     `\\u2029`): a header value or a listing's field (an id, a model name) must not start
     a line of its own. Found by attack: an id holding U+2028 made a forged row for
     readers that split lines as str.splitlines() does (the other breaks it knows,
-    U+0085 and U+001C-U+001E, are controls that visible() escapes). What would show as
-    nothing or as a space is escaped too (`\\u200b`), so that two names cannot show
-    alike by it."""
-    return _INVISIBLE.sub(_escaped, visible(value.translate(_ONE_LINE)))
+    U+0085 and U+001C-U+001E, are controls that visible() escapes). A tab (`\\t`), and
+    what would show as nothing or as a space, are escaped too (`\\u200b`), so that two
+    names cannot show alike by it (found by attack: `a<TAB>b` showed as `a` and spaces
+    and `b`)."""
+    return without_invisible(visible(value.translate(_ONE_LINE)))
+
+
+def without_invisible(text: str) -> str:
+    """`text` with what shows as nothing or as a space (but U+0020) written as escapes
+    (`\\u200b`): two names cannot show alike by it."""
+    return _INVISIBLE.sub(_escaped, text)
 
 
 def wall_time(value: datetime, timespec: str = "seconds") -> str:

@@ -253,3 +253,52 @@ def test_sigterm_while_the_store_is_set_up_ends_the_command_as_terminated(
     )
     assert (done.returncode, done.stderr.splitlines()[-1:]) == (143, ["error: terminated"])
     assert done.stdout == ""
+
+
+def test_summaries_and_error_lines_show_an_ids_invisible_characters(tmp_path: Path) -> None:
+    """Found by attack on this round's fixes: `export ID -o FILE` printed its summary
+    with the id's line break (a forged line) and U+200B raw; an error line kept U+034F
+    (repr() takes it for printable), so `session 'vic\\u034ftim' not found` read as
+    `victim`; a tab in an id showed as spaces."""
+    path = tmp_path / "s.db"
+
+    async def store() -> None:
+        async with SQLiteSessionStorage(path) as storage:
+            for session_id in ("vic\u200btim\nDeleted session x", "a\tb"):
+                session = ChatSession.create("m", session_id=session_id)
+                session.add_message("user", "hi")
+                await storage.save_session(session)
+
+    asyncio.run(store())
+    url = f"sqlite:///{path}"
+    target = tmp_path / "out.md"
+    wrote = run(
+        "export",
+        "vic\u200btim\nDeleted session x",
+        "-f",
+        "markdown",
+        "-o",
+        str(target),
+        "--url",
+        url,
+    )
+    assert wrote.returncode == 0, wrote.stderr
+    assert wrote.stdout.startswith("Wrote the markdown export of session vic\\u200btim\\nDeleted")
+    assert len(wrote.stdout.splitlines()) == 1
+    missing = run("sessions", "delete", "vic\u034ftim", "--url", url)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: session 'vic\\u034ftim' not found"), missing.stderr
+    assert "a\\tb " in run("sessions", "list", "--url", url).stdout
+
+
+def test_json_of_a_path_that_is_not_utf8_is_written_with_its_escapes(tmp_path: Path) -> None:
+    """Found by attack on this round's fixes: `backup DIR --json`, DIR's name not UTF-8,
+    wrote the backup, then failed printing its result (a lone surrogate) on a UTF-8
+    standard output."""
+    asyncio.run(_hostile_store(tmp_path / "s.db"))
+    directory = tmp_path / os.fsdecode(b"bk-\xff")
+    done = run("backup", str(directory), "--json", "--url", f"sqlite:///{tmp_path / 's.db'}")
+    assert done.returncode == 0, done.stderr
+    assert "bk-\\udcff" in done.stdout
+    [backup] = directory.iterdir()
+    assert os.fsencode(json.loads(done.stdout)["path"]) == os.fsencode(backup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from sqlalchemy import text
@@ -1456,3 +1458,34 @@ def test_an_import_goes_on_when_its_progress_cannot_be_written(tmp_path: Path, s
     )
     assert done.returncode == 0
     assert _stored_sessions(target) == 12
+
+
+def test_an_interrupted_input_check_stops_its_thread_before_the_interrupt_goes_on() -> None:
+    """Found by attack: `import` stopped while it checked its file (in a thread, so that
+    Ctrl-C never lands inside ijson's C code) exited with the thread still reading,
+    and Python aborted at exit (SIGABRT) once in 15 to 60 runs. The thread now stops at
+    its next read, and is waited for."""
+    import threading
+
+    from persistence.cli import transfer as cli_transfer
+
+    class Slow(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            time.sleep(0.005)
+            return super().read(1)
+
+    def check(stream: IO[bytes]) -> str:
+        while stream.read(1):
+            pass
+        return "read to the end"
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            cli_transfer._waited_for(check, Slow(b"x" * 100_000))
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert [t for t in threading.enumerate() if t.name == "persistence-check-input"] == []

@@ -36,7 +36,7 @@ from persistence.config import (
 )
 from persistence.config.masking import MaskingFormatter
 from persistence.errors import InvalidDataError, PersistenceError
-from persistence.formats import json_text, one_line, visible
+from persistence.formats import json_text, one_line, visible, without_invisible
 from persistence.storage import SessionStorage
 from persistence.store_files import (
     refuse_database_file,
@@ -214,8 +214,9 @@ def fail(message: str, status: int = 1) -> NoReturn:
 
 def _one_line(message: str) -> str:
     """An error message as its line shows it: secrets masked, line breaks joined,
-    controls made visible."""
-    return visible(" ".join(mask_secrets(message).splitlines()))
+    controls and what shows as nothing made visible (found by attack: `session
+    'vic\u034ftim' not found` read as `victim`, repr() keeping U+034F)."""
+    return without_invisible(visible(" ".join(mask_secrets(message).splitlines())))
 
 
 def os_error_line(exc: OSError) -> str:

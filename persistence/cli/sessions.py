@@ -240,9 +240,8 @@ def export(
             typer.echo(rendered, nl=False)
             return
         await asyncio.to_thread(write_text, output, rendered)
-        out().print(
-            Text(visible(f"Wrote the {format.value} export of session {session_id} to {output}"))
-        )
+        # One line, as every summary (found by attack: an id's line break forged a line).
+        say(f"Wrote the {format.value} export of session {session_id} to {output}")
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 

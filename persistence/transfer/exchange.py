@@ -260,7 +260,7 @@ async def import_from_stream(
     try:
         async for sessions, records in read_ahead(_file_batches(stream, batch_size)):
             if sessions:
-                await progress.add_written(write_sessions(storage, sessions))
+                await progress.add_written(write_sessions(storage, sessions), len(sessions))
             if records:
                 await progress.add_written(write_file_records(storage, records))
     except BaseException as exc:

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 from persistence.arguments import callback_argument, refuse_one_store, storage_argument
 from persistence.errors import InvalidDataError
-from persistence.event_loops import to_the_end
 from persistence.models import ChatSession, UploadedFileRecord
 from persistence.storage import SessionStorage, StorageCounts, check_batch_size
 from persistence.transfer.batches import Tally, write_file_records, write_sessions
@@ -32,6 +31,10 @@ from persistence.transfer.unfinished import CopySource, copy_begins, copy_finish
 from persistence.transfer.verification import counts_summary
 
 ProgressCallback = Callable[[int, int], object]
+# How long a cancelled transfer lets the batch it is writing end, to count it.
+BATCH_GRACE_SECONDS = 10.0
+# The attribute of a stopped transfer's exception: Progress.unconfirmed.
+UNCONFIRMED_SESSIONS = "persistence_unconfirmed_sessions"
 DEFAULT_BATCH_SIZE = 500
 T = TypeVar("T")
 
@@ -68,6 +71,8 @@ class Progress:
         self._callback = callback
         self.total = total
         self.tally = Tally()
+        # The sessions of a batch stopped while it wrote: stored or not, unknown.
+        self.unconfirmed = 0
         self.report()
 
     @property
@@ -87,18 +92,27 @@ class Progress:
             for done in range(before + 1, self.sessions_done + 1):
                 self._callback(done, total)
 
-    async def add_written(self, writing: Awaitable[Tally]) -> None:
-        """Adds the batch that `writing` commits. A cancel (Ctrl-C, SIGTERM) waits for
-        the batch to end (event_loops.to_the_end) and counts what it committed, then
-        stops: what a stopped transfer says was done is what was written (found by
-        attack: into SQLite, whose cancelled calls still commit, `Interrupted during
-        copying sessions: 2500 of 4000 sessions done` where 3,000 were)."""
+    async def add_written(self, writing: Awaitable[Tally], sessions: int = 0) -> None:
+        """Adds the batch that `writing` commits (of `sessions` sessions). A cancel
+        (Ctrl-C, SIGTERM) lets the batch end, for BATCH_GRACE_SECONDS at most, and
+        counts what it committed, then stops: what a stopped transfer says was done is
+        what was written (found by attack: into SQLite, whose cancelled calls still
+        commit, `2500 of 4000 sessions done` where 3,000 were). A batch that has not
+        ended by then (waiting on another connection's lock), or a second cancel,
+        stops it too, and the note says its sessions may be stored (found by attack:
+        waited for to its end, a cancel waited as long as a lock was held)."""
         write = asyncio.ensure_future(writing)
         try:
-            self.add(await to_the_end(write))
+            self.add(await asyncio.shield(write))
         except asyncio.CancelledError:
-            if not write.cancelled() and write.exception() is None:
-                self.add(write.result())
+            try:
+                await asyncio.wait([write], timeout=BATCH_GRACE_SECONDS)
+            finally:
+                if not write.done():
+                    write.cancel()
+                    self.unconfirmed = sessions
+                elif not write.cancelled() and write.exception() is None:
+                    self.add(write.result())
             raise
 
     def stopped(self, exc: BaseException) -> None:
@@ -112,8 +126,15 @@ class Progress:
         exc.add_note(
             f"{self.sessions_done} of {self.total} sessions were copied"
             f" ({self.tally.sessions} written, {self.tally.sessions_present} already present)"
-            f" before it stopped; {again}"
+            f"{self.unconfirmed_part()} before it stopped; {again}"
         )
+        setattr(exc, UNCONFIRMED_SESSIONS, self.unconfirmed)
+
+    def unconfirmed_part(self) -> str:
+        """What a stop says of the batch it stopped while that was writing, if any."""
+        if not self.unconfirmed:
+            return ""
+        return f", and perhaps the {self.unconfirmed} being written when it stopped"
 
     def summary(self, verb: str) -> dict[str, int]:
         tally = self.tally
@@ -131,6 +152,8 @@ async def copy_batches(
     batches: AsyncIterator[Sequence[T]],
     write: Callable[[Sequence[T]], Awaitable[Tally]],
     progress: Progress,
+    *,
+    of_sessions: bool,
 ) -> None:
     """Writes each batch the source gives; an error says which side it came from."""
     while True:
@@ -139,7 +162,7 @@ async def copy_batches(
         if batch is None:
             return
         with failing_store("destination"):
-            await progress.add_written(write(batch))
+            await progress.add_written(write(batch), len(batch) if of_sessions else 0)
 
 
 @dataclass
@@ -199,11 +222,13 @@ async def copy_storage(
             session_batches(source, batch_size),
             partial(write_sessions, destination, ledger=ledger),
             progress,
+            of_sessions=True,
         )
         await copy_batches(
             file_record_batches(source, batch_size),
             partial(write_file_records, destination, ledger=ledger),
             progress,
+            of_sessions=False,
         )
         with failing_store("destination"):
             await copy_finished(noted, note, destination)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import tracemalloc
 from datetime import timedelta
 from pathlib import Path
@@ -19,8 +20,9 @@ from persistence import (
     SQLiteSessionStorage,
 )
 from persistence.clock import utc_now
+from persistence.sql.checkout import driver_connection
 from persistence.sql.runner import traced
-from persistence.transfer import migrate_storage, unfinished, verify_migration
+from persistence.transfer import migrate_storage, migration, unfinished, verify_migration
 from persistence.transfer.unfinished import (
     CopySource,
     copy_begins,
@@ -177,6 +179,51 @@ async def test_a_migration_cancelled_while_it_writes_a_batch_counts_what_it_wrot
 
     assert (await destination.count()).total_sessions == 20 == reported
     assert "20 of 30 sessions were copied" in note
+
+
+async def test_a_cancel_stops_a_batch_that_waits_on_a_lock_after_a_grace(
+    sqlite_storage: SessionStorage,
+    postgresql_storage: PostgreSQLSessionStorage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by attack: a cancel (SIGTERM, asyncio.wait_for's timeout) of a migration
+    whose batch waited on another connection's lock waited as long as the lock was
+    held. The batch gets BATCH_GRACE_SECONDS to end; then it is stopped too, and the
+    note says that its sessions may be stored."""
+    monkeypatch.setattr(migration, "BATCH_GRACE_SECONDS", 0.5)
+    await sqlite_storage.insert_sessions(
+        [ChatSession.create("m", session_id=f"s{n:02d}") for n in range(30)]
+    )
+    first_batch = asyncio.Event()
+    reported = [0]
+
+    def progress(done: int, total: int) -> None:
+        reported.append(done)
+        if done >= 10:
+            first_batch.set()
+
+    task = asyncio.create_task(
+        migrate_storage(
+            sqlite_storage, postgresql_storage, progress_callback=progress, batch_size=10
+        )
+    )
+    async with driver_connection(postgresql_storage.engine) as locker:
+        await first_batch.wait()
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE chat_sessions IN ACCESS EXCLUSIVE MODE")
+            await asyncio.sleep(0.3)  # the second batch waits on the lock
+            started = time.monotonic()
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=10)
+            waited = time.monotonic() - started
+    assert done and waited < 5, waited
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+    note = " ".join(raised.value.__notes__)
+    copied = max(reported)  # 10, or 20 where the second batch took its lock first
+    assert f"{copied} of 30 sessions were copied" in note, note
+    assert "perhaps the 10 being written when it stopped" in note, note
+    assert (await postgresql_storage.count()).total_sessions == copied
 
 
 async def test_migration_keeps_destination_content_and_appends_missing_messages(
