@@ -8,7 +8,7 @@ backends bound to a loop refuse calls from another one with the same error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -45,7 +45,7 @@ def refuse_another_loop(
         )
 
 
-async def to_the_end(work: Awaitable[T]) -> T:
+async def to_the_end(work: Coroutine[Any, Any, T]) -> T:
     """Awaits `work` run as a task of its own; a cancel of the caller lets it end first
     (through any further cancels), then is raised.
 

@@ -241,7 +241,8 @@ def _same_store(a: StorageConfig, b: StorageConfig) -> bool:
 
 def _waited_for(function: Callable[[IO[bytes]], T], stream: IO[bytes]) -> T:
     """`function(stream)` run in a thread of its own that this one waits for, so that
-    Ctrl-C and SIGTERM land in the wait, never in the C code it runs. Found by attack:
+    Ctrl-C and SIGTERM land in the wait, never in the C code it runs. Found by a
+    flaky test run (test_ctrl_c_while_import_checks_its_file_says_interrupted):
     Ctrl-C inside ijson's parser, as `import` checked its file, was swallowed there
     once in some hundred runs and the check went on to call the file invalid
     (`sessions[0]: session_id missing`), status 1 instead of `interrupted`.

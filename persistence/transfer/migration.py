@@ -123,18 +123,17 @@ class Progress:
             if isinstance(exc, InvalidDataError)
             else "running the same transfer again resumes safely"
         )
+        being_written = (
+            f", and perhaps the {self.unconfirmed} being written when it stopped"
+            if self.unconfirmed
+            else ""
+        )
         exc.add_note(
             f"{self.sessions_done} of {self.total} sessions were copied"
             f" ({self.tally.sessions} written, {self.tally.sessions_present} already present)"
-            f"{self.unconfirmed_part()} before it stopped; {again}"
+            f"{being_written} before it stopped; {again}"
         )
         setattr(exc, UNCONFIRMED_SESSIONS, self.unconfirmed)
-
-    def unconfirmed_part(self) -> str:
-        """What a stop says of the batch it stopped while that was writing, if any."""
-        if not self.unconfirmed:
-            return ""
-        return f", and perhaps the {self.unconfirmed} being written when it stopped"
 
     def summary(self, verb: str) -> dict[str, int]:
         tally = self.tally
