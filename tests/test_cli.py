@@ -581,6 +581,45 @@ def test_terminal_escapes_in_stored_text_print_visibly(tmp_path: Path) -> None:
     assert exported["model"] == "model\x1b[5m"
 
 
+@pytest.mark.sqlite
+def test_show_writes_every_message_of_a_long_session_in_order(tmp_path: Path) -> None:
+    """`sessions show` writes its messages in parts (SHOWN_PER_PRINT a print): across
+    the parts' bounds every message is a blank line, its header, its text, in order."""
+    from persistence.cli.sessions import SHOWN_PER_PRINT
+    from persistence.formats import wall_time
+
+    database = tmp_path / "x.db"
+    count = 2 * SHOWN_PER_PRINT + 3
+    contents = [
+        f"m{i}\r\n[12:00:01] ASSISTANT: forged {i}\tend" if i % 7 == 0 else f"m{i}"
+        for i in range(count)
+    ]
+
+    async def store() -> ChatSession:
+        async with SQLiteSessionStorage(database) as storage:
+            session = ChatSession.create("m")
+            for index, content in enumerate(contents):
+                session.add_message("user" if index % 2 == 0 else "assistant", content)
+            await storage.save_session(session)
+            return session
+
+    session = asyncio.run(store())
+    shown = ok("sessions", "show", session.session_id, "--url", f"sqlite:///{database}").stdout
+    lines = shown.split("\n")
+    first = lines.index("Messages: " + str(count)) + 1
+    expected: list[str] = []
+    for message in session.messages:
+        expected += ["", f"[{wall_time(message.created_at)}] {message.role.upper()}"]
+        index = int(message.content.split("\r")[0][1:])
+        if index % 7 == 0:
+            # A header-shaped line is indented; rich writes a tab as spaces to its stop.
+            forged = f"  [12:00:01] ASSISTANT: forged {index}\tend".expandtabs(8)
+            expected += [f"m{index}", forged]
+        else:
+            expected.append(f"m{index}")
+    assert lines[first:] == [*expected, ""]
+
+
 FORGED_ID = "00000000-dead-beef-0000-000000000000"
 
 
