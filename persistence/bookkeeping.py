@@ -507,6 +507,22 @@ class Bookkeeping:
         pending = replay(base, self._log[base.log_at - self._log_start :])
         return bool(pending.edits or pending.removed)
 
+    def oldest_synced_id(self, token: str) -> str | None:
+        """The id of the oldest message this object carries as storage `token` held it
+        at its base; None if it carries none such.
+
+        Messages change only at the end (appends, rewinds, pops; other changes are
+        refused), and an edit keeps its message's place: whatever a save to `token` or
+        a rebase on it touches (edits, removals, what a save of unknown outcome sent)
+        lies at or after this message in the stored history.
+        """
+        base = self._known().get(token)
+        if base is None:
+            return None
+        pending = replay(base, self._log[base.log_at - self._log_start :])
+        messages = self._messages()
+        return messages[0].message_id if pending.synced and messages else None
+
     def has_unconfirmed_saves(self, token: str) -> bool:
         """Whether a save to storage `token` whose outcome is unknown may have landed."""
         base = self._known().get(token)

@@ -156,17 +156,7 @@ class SessionManager:
                 session.session_id,
                 ", ".join(exc.conflicts),
             )
-        # Edits need the messages they touch, and messages a save of unknown outcome sent
-        # may be stored anywhere in the history: reload the whole history for them.
-        token = self.storage.token
-        whole = (
-            session.omitted_messages == 0
-            or session.has_history_changes(token)
-            or session.has_unconfirmed_saves(token)
-        )
-        fresh = await self.storage.load_session(
-            session.session_id, last=None if whole else len(session.messages)
-        )
+        fresh = await self._reloaded(session)
         if fresh is None:
             return self._deleted(session)
         try:
@@ -185,6 +175,37 @@ class SessionManager:
         except SessionDeletedError:
             return self._deleted(session)
         return True
+
+    async def _reloaded(self, session: ChatSession) -> ChatSession | None:
+        """The session as the store holds it now, as much of it as `rebase` needs.
+
+        A whole copy is reloaded whole. A partial one (`last=`): its newest messages, as
+        many as it carries, when it holds only appends and field changes; holding edits,
+        removals or a save of unknown outcome, the newest back to the oldest message it
+        carries as stored (`oldest_synced_id`), where all of those lie. Found by attack:
+        such a copy of the newest 20 of 50,000 messages was reloaded whole, 396 ms
+        against 8.8 ms at 100, and carried all 50,000 after.
+        """
+        load, session_id = self.storage.load_session, session.session_id
+        token = self.storage.token
+        if session.omitted_messages == 0:
+            return await load(session_id)
+        last = len(session.messages)
+        if not (session.has_history_changes(token) or session.has_unconfirmed_saves(token)):
+            return await load(session_id, last=last)
+        anchor = session.oldest_synced_id(token)
+        if anchor is None:
+            return await load(session_id)
+        while True:
+            fresh = await load(session_id, last=last)
+            if fresh is None or fresh.omitted_messages == 0:
+                return fresh
+            if any(message.message_id == anchor for message in fresh.messages):
+                return fresh
+            # Pushed out by others' appends, or removed by another writer (then this ends
+            # with the whole history): reach back as far as the copy was loaded from,
+            # and at least twice as far as the last try.
+            last = max(2 * last, fresh.message_count - session.omitted_messages)
 
     def _deleted(self, session: ChatSession) -> bool:
         logger.warning(

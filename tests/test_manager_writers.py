@@ -181,6 +181,116 @@ async def test_get_session_last_gives_a_partial_session_that_saves(
     assert len(whole.messages) == 31 == whole.message_count
 
 
+async def _tail_of_300(
+    storage: SessionStorage,
+) -> tuple[SessionManager, ChatSession, ChatSession]:
+    """A manager, a stored session of 300 messages and the manager's copy of its last 5."""
+    shared = await _shared(storage, turns=300)
+    manager = SessionManager(storage)
+    mine = await manager.get_session(shared.session_id, last=5)
+    assert mine is not None
+    return manager, shared, mine
+
+
+async def _forty_appended_by_another_writer(storage: SessionStorage, session_id: str) -> None:
+    """Another writer sets metadata `k` to 1 and appends `theirs 0` to `theirs 39`: more
+    than a copy of the last 5 carries, so its oldest message is pushed out of them."""
+    async with servers.second_holder(storage) as other_storage:
+        theirs = await other_storage.load_session(session_id, last=1)
+        assert theirs is not None
+        theirs.metadata["k"] = 1
+        for index in range(40):
+            theirs.add_message("user", f"theirs {index}")
+        assert await other_storage.save_session(theirs)
+
+
+async def test_a_partial_copys_edit_and_rewind_resolve_a_conflict_from_its_own_part(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: a `last=` copy holding an edit or a rewind resolved a conflict
+    by reloading the whole history, and carried all of it after."""
+    manager, shared, mine = await _tail_of_300(sql_storage)
+    await _forty_appended_by_another_writer(sql_storage, shared.session_id)
+
+    mine.metadata["k"] = 2
+    mine.edit_message(mine.messages[1].message_id, content="edited")  # message 296
+    mine.rewind(mine.messages[2].message_id)  # removes messages 298 and 299
+    mine.add_message("user", "mine")
+    assert await manager.auto_save(mine)
+
+    stored = await _load(sql_storage, shared.session_id)
+    contents = [m.content for m in stored.messages]
+    assert contents == [
+        *(f"message {turn}" for turn in range(296)),
+        "edited",
+        "message 297",
+        *(f"theirs {index}" for index in range(40)),
+        "mine",
+    ]
+    assert stored.metadata == {"k": 2} and stored.message_count == 339
+    # The copy now carries from its oldest message on, and no more.
+    assert mine.omitted_messages == 295 and mine.message_count == 339
+    assert [m.message_id for m in mine.messages] == [m.message_id for m in stored.messages[295:]]
+    assert not manager.has_unsaved_changes(shared.session_id)
+
+
+async def test_a_partial_copys_edit_of_what_another_writer_rewound_is_dropped(
+    sql_storage: SessionStorage,
+) -> None:
+    """The copy's oldest message removed by another writer: the resolution reads back
+    until it knows (the whole history here), and brings nothing removed back."""
+    manager, shared, mine = await _tail_of_300(sql_storage)
+    async with servers.second_holder(sql_storage) as other_storage:
+        theirs = await other_storage.load_session(shared.session_id, last=100)
+        assert theirs is not None
+        theirs.rewind(theirs.messages[0].message_id)  # keeps messages 0-200
+        theirs.add_message("user", "theirs")
+        assert await other_storage.save_session(theirs)
+
+    mine.edit_message(mine.messages[2].message_id, content="edited")
+    mine.rewind(mine.messages[3].message_id)
+    mine.add_message("user", "mine")
+    assert await manager.auto_save(mine)
+
+    stored = await _load(sql_storage, shared.session_id)
+    assert [m.content for m in stored.messages] == [
+        *(f"message {turn}" for turn in range(201)),
+        "theirs",
+        "mine",
+    ]
+    assert stored.message_count == 203 == mine.omitted_messages + len(mine.messages)
+
+
+@pytest.mark.parametrize("outcome", ["landed", "lost"])
+async def test_a_partial_copys_save_of_unknown_outcome_resolves_from_its_own_part(
+    sql_storage: SessionStorage, outcome: str
+) -> None:
+    """What a save of unknown outcome sent lies after the copy's oldest message: the
+    resolution reads from there, and stores it once."""
+    from tests.reliability.unknown_outcomes import outcomes, save_unknown
+
+    manager, shared, mine = await _tail_of_300(sql_storage)
+    mine.add_message("user", "sent")
+    outcomes(sql_storage, outcome)
+    await save_unknown(sql_storage, mine)
+    await _forty_appended_by_another_writer(sql_storage, shared.session_id)
+
+    mine.metadata["k"] = 2
+    assert await manager.auto_save(mine)
+
+    stored = await _load(sql_storage, shared.session_id)
+    contents = [m.content for m in stored.messages]
+    theirs_contents = [f"theirs {index}" for index in range(40)]
+    turns = [f"message {turn}" for turn in range(300)]
+    if outcome == "landed":
+        assert contents == [*turns, "sent", *theirs_contents]
+    else:
+        assert contents == [*turns, *theirs_contents, "sent"]
+    assert stored.metadata == {"k": 2}
+    assert mine.omitted_messages == 295 and mine.message_count == 341
+    assert [m.message_id for m in mine.messages] == [m.message_id for m in stored.messages[295:]]
+
+
 async def test_cleanup_expires_idle_cached_sessions_and_keeps_a_used_one_active(
     sql_storage: SessionStorage,
 ) -> None:
