@@ -175,6 +175,13 @@ def one_line(value: str) -> str:
     return without_invisible(visible(value.translate(_ONE_LINE)))
 
 
+def shown_role(role: str) -> str:
+    """A message's role as a transcript's header writes it: upper case, one line. A role
+    is one of four words in every store; found by attack, one set by hand past the
+    CHECK constraint (`us\rer`, `x\x1b[31m`) was written raw to the terminal."""
+    return one_line(role.upper())
+
+
 def without_invisible(text: str) -> str:
     """`text` with what shows as nothing or as a space (but U+0020) written as escapes
     (`\\u200b`): two names cannot show alike by it."""
@@ -240,7 +247,7 @@ def render_markdown(session: ChatSession) -> str:
         "---",
     ]
     for message in session.messages:
-        title = _ROLE_TITLES[message.role]
+        title = _ROLE_TITLES.get(message.role) or shown_role(message.role)
         parts += [
             "",
             f"### {title} ({_clock(message.created_at, session.created_at)})",
@@ -270,7 +277,7 @@ def render_text(session: ChatSession) -> str:
     ]
     for message in session.messages:
         clock = _clock(message.created_at, session.created_at)
-        parts += ["", f"[{clock}] {message.role.upper()}:", text_body(message.content)]
+        parts += ["", f"[{clock}] {shown_role(message.role)}:", text_body(message.content)]
     return "\n".join(parts) + "\n"
 
 

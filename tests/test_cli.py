@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import sqlite3
 import subprocess
@@ -618,6 +619,65 @@ def test_show_writes_every_message_of_a_long_session_in_order(tmp_path: Path) ->
         else:
             expected.append(f"m{index}")
     assert lines[first:] == [*expected, ""]
+
+
+def test_show_bounds_each_print_by_lines_and_characters() -> None:
+    """Found by attack: 256 messages of 2,000 line breaks each, printed as one Text,
+    took 569 MB where one message at a time took 87. A print ends after the message
+    that brings it to its bound of lines or characters."""
+    from persistence.cli.sessions import (
+        SHOWN_CHARACTERS_PER_PRINT,
+        SHOWN_LINES_PER_PRINT,
+        _parts_shown,
+    )
+
+    session = ChatSession.create("m")
+    for _ in range(300):
+        session.add_message("tool", "line\n" * 200)
+    for _ in range(10):
+        session.add_message("tool", "x" * 100_000)
+    parts = [part.plain for part in _parts_shown(session.messages)]
+    assert "\n".join(parts).count("\nline") == 300 * 200
+    one_message = 3 + 200
+    for part in parts:
+        assert part.count("\n") + 1 < SHOWN_LINES_PER_PRINT + one_message
+        assert len(part) < SHOWN_CHARACTERS_PER_PRINT + 100_100
+
+
+@pytest.mark.sqlite
+def test_a_role_set_by_hand_shows_escaped_in_its_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a role past the CHECK constraint (`us\rer`) lost its CR in
+    rich, which moved the styles of every later header of `sessions show`; and its
+    escapes (`x\x1b[31m`) were written raw in `show` and text exports."""
+    database = tmp_path / "x.db"
+
+    async def store() -> str:
+        async with SQLiteSessionStorage(database) as storage:
+            session = ChatSession.create("m")
+            for content in ("a", "b", "c"):
+                session.add_message("user", content)
+            await storage.save_session(session)
+            return session.session_id
+
+    session_id = asyncio.run(store())
+    with sqlite3.connect(database) as connection:
+        connection.execute("PRAGMA ignore_check_constraints = 1")
+        for content, role in (("a", "us\rer"), ("b", "x\x1b[31m")):
+            connection.execute(
+                "UPDATE chat_messages SET role = ? WHERE content = ?", (role, content)
+            )
+    url = f"sqlite:///{database}"
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    shown = ok("sessions", "show", session_id, "--url", url).stdout
+    roles = re.findall(r"\x1b\[1;36m(.*?)\x1b\[0m\n(.)\n", shown)
+    assert roles == [("US\\rER", "a"), ("X\\x1b[31M", "b"), ("USER", "c")]
+    text = ok("export", session_id, "-f", "text", "--url", url).stdout
+    assert "] US\\rER:\n" in text and "] X\\x1b[31M:\n" in text and "\x1b" not in text
+    markdown = ok("export", session_id, "-f", "markdown", "--url", url).stdout
+    assert "### US\\rER (" in markdown and " User (" in markdown
 
 
 FORGED_ID = "00000000-dead-beef-0000-000000000000"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -121,8 +121,12 @@ def sessions_list(
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
-# Messages `sessions show` writes in one print.
+# A print of `sessions show` writes up to SHOWN_PER_PRINT messages, and ends after the
+# message that brings it to SHOWN_LINES_PER_PRINT lines or SHOWN_CHARACTERS_PER_PRINT
+# characters: rich holds a printed Text's every line at once (about 1 KB a line).
 SHOWN_PER_PRINT = 256
+SHOWN_LINES_PER_PRINT = 1024
+SHOWN_CHARACTERS_PER_PRINT = 1 << 18
 
 
 @sessions_app.command("show")
@@ -158,35 +162,46 @@ def sessions_show(
             fields.append(("Metadata", visible(json.dumps(session.metadata, ensure_ascii=False))))
         for name, value in fields:
             console.print(Text.assemble((f"{name}: ", "bold"), value))
-        messages = session.messages
-        for start in range(0, len(messages), SHOWN_PER_PRINT):
-            console.print(_messages_shown(messages[start : start + SHOWN_PER_PRINT]))
+        for part in _parts_shown(session.messages):
+            console.print(part)
 
     run(ctx, (config, url, verbose), work, must_exist=True, read_only=True)
 
 
-def _messages_shown(messages: Sequence[ChatMessage]) -> Text:
-    """One Text of `messages` as `sessions show` writes them: a blank line, the header
-    (its time dim, its role bold cyan), the text.
+def _parts_shown(messages: Sequence[ChatMessage]) -> Iterator[Text]:
+    """`messages` as `sessions show` writes them, a Text for each print: a blank line,
+    the header (its time dim, its role bold cyan), the text, for each message.
 
-    Built as one string and its styled spans, printed once: three prints a message, a
-    Text each, took 10.8 s for 20,000 messages, most of it rich's work per print and
-    per Text; this, 4.9 s, the same bytes. The control codes a Text drops (BEL, BS,
-    VT, FF, CR) are dropped first, so that the spans' offsets hold.
+    A Text is one string and its styled spans, printed once for many messages: three
+    prints a message, a Text each, took 10.8 s for 20,000 messages, most of it rich's
+    work per print and per Text; this, 4.9 s, the same bytes. The control codes a Text
+    drops (BEL, BS, VT, FF, CR) are dropped first, so that the spans' offsets hold.
+    A part is bounded in lines and characters too (found by attack: 256 messages of
+    2,000 line breaks each, held as one Text, took 569 MB where one message at a time
+    took 87).
     """
     pieces: list[str] = []
     spans: list[Span] = []
-    at = 0
+    at = lines = 0
     for message in messages:
         time = f"\n[{formats.wall_time(message.created_at)}] "
-        role = message.role.upper()
+        role = formats.shown_role(message.role)
         body = strip_control_codes(formats.text_body(message.content))
         spans.append(Span(at + 1, at + len(time), "dim"))
         at += len(time)
         spans.append(Span(at, at + len(role), "bold cyan"))
         at += len(role) + 1 + len(body) + 1
+        lines += 3 + body.count("\n")
         pieces += (time, role, "\n", body, "\n")
-    return Text("".join(pieces)[:-1], spans=spans)
+        if (
+            len(spans) >= 2 * SHOWN_PER_PRINT
+            or lines >= SHOWN_LINES_PER_PRINT
+            or at >= SHOWN_CHARACTERS_PER_PRINT
+        ):
+            yield Text("".join(pieces)[:-1], spans=spans)
+            pieces, spans, at, lines = [], [], 0, 0
+    if pieces:
+        yield Text("".join(pieces)[:-1], spans=spans)
 
 
 @sessions_app.command("delete")
