@@ -454,8 +454,10 @@ class Bookkeeping:
                     unconfirmed.add(plan)
 
     def refuse_shortened(self, action: str) -> None:
-        """Refuses to write into a store that does not hold it an object loaded with
-        `last=`: the store would take it for the whole session.
+        """Refuses to write an object loaded with `last=` into a store it was not loaded
+        from or saved to: the store would take it for the whole session. Found by
+        attack: the error said that store did not hold the session, also when a
+        migration had copied it there.
 
         Raises:
             InvalidDataError: naming how many messages it carries of how many.
@@ -465,9 +467,9 @@ class Bookkeeping:
             carried = len(self._messages())
             raise InvalidDataError(
                 f"session {self.session_id!r} carries only its newest {carried} of"
-                f" {omitted + carried} messages (it was loaded with last=), and this store"
-                f" does not hold it: a {action} would store a shortened copy. Load it whole"
-                " (without last=) to write it here"
+                f" {omitted + carried} messages (it was loaded with last=), and it was not"
+                f" loaded from or saved to this store: a {action} would store a shortened"
+                " copy. Load it whole (without last=) to write it here"
             )
 
     def refuse_changed_id(self) -> None:

@@ -1059,6 +1059,10 @@ async def test_a_partial_session_is_never_saved_as_a_shortened_copy_into_another
         # where it came from.
         await another.save_session(await _load(storage, session.session_id))
         assert (await _load(another, session.session_id)).message_count == 5
+        # Held there now (as after a migration), the partial object is still refused
+        # there, and the error says why (found by attack: "this store does not hold it").
+        with pytest.raises(InvalidDataError, match="not loaded from or saved to this store"):
+            await another.save_session(partial)
     partial.add_message("user", "after")
     assert await storage.save_session(partial) is True
     assert (await _load(storage, session.session_id)).message_count == 6
