@@ -509,21 +509,40 @@ class Bookkeeping:
         pending = replay(base, self._log[base.log_at - self._log_start :])
         return bool(pending.edits or pending.removed)
 
+    def edited_and_removed_ids(self, token: str) -> set[str]:
+        """The ids of the stored messages a save to storage `token` edits or removes.
+
+        Raises:
+            InvalidDataError, SessionConflictError: as plan_save.
+        """
+        plan = self.plan_save(token)
+        edited = {edit.current.message_id for edit in plan.edits}
+        return edited.union(message.message_id for message in plan.removals)
+
     def oldest_synced_id(self, token: str) -> str | None:
         """The id of the oldest message this object carries as storage `token` held it
-        at its base; None if it carries none such.
-
-        Messages change only at the end (appends, rewinds, pops; other changes are
-        refused), and an edit keeps its message's place: whatever a save to `token` or
-        a rebase on it touches (edits, removals, what a save of unknown outcome sent)
-        lies at or after this message in the stored history.
-        """
+        at its base; None if it carries none such (it removed all it loaded)."""
         base = self._known().get(token)
         if base is None:
             return None
         pending = replay(base, self._log[base.log_at - self._log_start :])
         messages = self._messages()
         return messages[0].message_id if pending.synced and messages else None
+
+    def touched_ids(self, token: str) -> set[str]:
+        """The ids of the stored messages a save to storage `token` touches: those it
+        edits or removes, and every one a save of unknown outcome sent (stored or not).
+        A rebase on a part of the history holding them all writes what a rebase on the
+        whole would.
+
+        Raises:
+            InvalidDataError, SessionConflictError: as plan_save.
+        """
+        touched = self.edited_and_removed_ids(token)
+        plan = self.plan_save(token)
+        if plan.unconfirmed is not None:
+            touched.update(plan.unconfirmed.appended, plan.unconfirmed.edited)
+        return touched
 
     def has_unconfirmed_saves(self, token: str) -> bool:
         """Whether a save to storage `token` whose outcome is unknown may have landed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 
@@ -192,6 +193,20 @@ async def _tail_of_300(
     return manager, shared, mine
 
 
+def _messages_read(manager: SessionManager) -> list[int]:
+    """The number of messages each load of `manager`'s storage returns, from now on."""
+    read: list[int] = []
+    load = manager.storage.load_session
+
+    async def counted(session_id: str, **options: Any) -> ChatSession | None:
+        loaded = await load(session_id, **options)
+        read.append(0 if loaded is None else len(loaded.messages))
+        return loaded
+
+    manager.storage.load_session = counted  # type: ignore[method-assign]
+    return read
+
+
 async def _forty_appended_by_another_writer(storage: SessionStorage, session_id: str) -> None:
     """Another writer sets metadata `k` to 1 and appends `theirs 0` to `theirs 39`: more
     than a copy of the last 5 carries, so its oldest message is pushed out of them."""
@@ -237,9 +252,12 @@ async def test_a_partial_copys_edit_and_rewind_resolve_a_conflict_from_its_own_p
 async def test_a_partial_copys_edit_of_what_another_writer_rewound_is_dropped(
     sql_storage: SessionStorage,
 ) -> None:
-    """The copy's oldest message removed by another writer: the resolution reads back
-    until it knows (the whole history here), and brings nothing removed back."""
+    """The messages the copy touched removed by another writer: the resolution reads
+    back as far as the copy was loaded from, then the whole history once, and brings
+    nothing removed back. Found by attack: a search for the copy's oldest message read
+    2.6 times the history in 16 loads."""
     manager, shared, mine = await _tail_of_300(sql_storage)
+    read = _messages_read(manager)
     async with servers.second_holder(sql_storage) as other_storage:
         theirs = await other_storage.load_session(shared.session_id, last=100)
         assert theirs is not None
@@ -251,6 +269,7 @@ async def test_a_partial_copys_edit_of_what_another_writer_rewound_is_dropped(
     mine.rewind(mine.messages[3].message_id)
     mine.add_message("user", "mine")
     assert await manager.auto_save(mine)
+    assert len(read) <= 3 and sum(read) <= 5 + 202  # what it carries, then the whole
 
     stored = await _load(sql_storage, shared.session_id)
     assert [m.content for m in stored.messages] == [
@@ -259,6 +278,68 @@ async def test_a_partial_copys_edit_of_what_another_writer_rewound_is_dropped(
         "mine",
     ]
     assert stored.message_count == 203 == mine.omitted_messages + len(mine.messages)
+
+
+async def test_a_partial_copys_conflict_finds_the_messages_another_writer_added_back(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: another writer rewound and appended the removed messages again,
+    in another order; a resolution that read only from the copy's oldest message on
+    missed the others, dropped the copy's edit and left its pop undone."""
+    session = conversation(10)
+    await sql_storage.save_session(session)
+    manager = SessionManager(sql_storage)
+    mine = await manager.get_session(session.session_id, last=4)  # messages 6-9
+    assert mine is not None
+    async with servers.second_holder(sql_storage) as other_storage:
+        theirs = await _load(other_storage, session.session_id)
+        removed = theirs.rewind(theirs.messages[5].message_id)
+        for index in (3, 2, 0, 1):  # messages 9, 8, 6, 7
+            theirs.messages.append(removed[index])
+        theirs.add_message("user", "theirs")
+        theirs.metadata["k"] = 1
+        assert await other_storage.save_session(theirs)
+
+    mine.metadata["k"] = 2
+    mine.edit_message(mine.messages[2].message_id, content="edited")  # message 8
+    mine.pop_message()  # message 9
+    assert await manager.auto_save(mine)
+
+    stored = await _load(sql_storage, session.session_id)
+    assert [m.content for m in stored.messages] == [
+        *(f"message {turn}" for turn in range(6)),
+        "edited",
+        "message 6",
+        "message 7",
+        "theirs",
+    ]
+    assert stored.metadata == {"k": 2}
+
+
+async def test_a_partial_copy_that_popped_all_it_carried_resolves_from_its_own_part(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: a copy of the last reply that regenerated it (pop, then add)
+    carried no stored message, and its conflict reloaded the whole history."""
+    shared = await _shared(sql_storage, turns=300)
+    manager = SessionManager(sql_storage)
+    mine = await manager.get_session(shared.session_id, last=1)
+    assert mine is not None
+    read = _messages_read(manager)
+    async with servers.second_holder(sql_storage) as other_storage:
+        theirs = await _load(other_storage, shared.session_id)
+        theirs.metadata["title"] = "theirs"
+        assert await other_storage.save_session(theirs)
+
+    mine.pop_message()
+    mine.add_message("assistant", "regenerated")
+    mine.metadata["title"] = "mine"
+    assert await manager.auto_save(mine)
+    assert read == [1] and mine.omitted_messages == 299
+
+    stored = await _load(sql_storage, shared.session_id)
+    assert [m.content for m in stored.messages][-2:] == ["message 298", "regenerated"]
+    assert stored.message_count == 300 and stored.metadata == {"title": "mine"}
 
 
 @pytest.mark.parametrize("outcome", ["landed", "lost"])
