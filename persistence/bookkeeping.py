@@ -509,26 +509,6 @@ class Bookkeeping:
         pending = replay(base, self._log[base.log_at - self._log_start :])
         return bool(pending.edits or pending.removed)
 
-    def edited_and_removed_ids(self, token: str) -> set[str]:
-        """The ids of the stored messages a save to storage `token` edits or removes.
-
-        Raises:
-            InvalidDataError, SessionConflictError: as plan_save.
-        """
-        plan = self.plan_save(token)
-        edited = {edit.current.message_id for edit in plan.edits}
-        return edited.union(message.message_id for message in plan.removals)
-
-    def oldest_synced_id(self, token: str) -> str | None:
-        """The id of the oldest message this object carries as storage `token` held it
-        at its base; None if it carries none such (it removed all it loaded)."""
-        base = self._known().get(token)
-        if base is None:
-            return None
-        pending = replay(base, self._log[base.log_at - self._log_start :])
-        messages = self._messages()
-        return messages[0].message_id if pending.synced and messages else None
-
     def touched_ids(self, token: str) -> set[str]:
         """The ids of the stored messages a save to storage `token` touches: those it
         edits or removes, and every one a save of unknown outcome sent (stored or not).
@@ -538,8 +518,9 @@ class Bookkeeping:
         Raises:
             InvalidDataError, SessionConflictError: as plan_save.
         """
-        touched = self.edited_and_removed_ids(token)
         plan = self.plan_save(token)
+        touched = {edit.current.message_id for edit in plan.edits}
+        touched.update(message.message_id for message in plan.removals)
         if plan.unconfirmed is not None:
             touched.update(plan.unconfirmed.appended, plan.unconfirmed.edited)
         return touched

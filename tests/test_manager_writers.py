@@ -346,8 +346,8 @@ async def test_a_partial_copy_that_popped_all_it_carried_resolves_from_its_own_p
 async def test_a_partial_copys_save_of_unknown_outcome_resolves_from_its_own_part(
     sql_storage: SessionStorage, outcome: str
 ) -> None:
-    """What a save of unknown outcome sent lies after the copy's oldest message: the
-    resolution reads from there, and stores it once."""
+    """Landed, what a save of unknown outcome sent is found among the newest messages,
+    and the copy stays partial; lost, only the whole history shows it missing."""
     from tests.reliability.unknown_outcomes import outcomes, save_unknown
 
     manager, shared, mine = await _tail_of_300(sql_storage)
@@ -367,9 +367,55 @@ async def test_a_partial_copys_save_of_unknown_outcome_resolves_from_its_own_par
         assert contents == [*turns, "sent", *theirs_contents]
     else:
         assert contents == [*turns, *theirs_contents, "sent"]
+    assert stored.metadata == {"k": 2} and mine.message_count == 341
+    carried_from = 295 if outcome == "landed" else 0
+    assert mine.omitted_messages == carried_from
+    assert [m.message_id for m in mine.messages] == [
+        m.message_id for m in stored.messages[carried_from:]
+    ]
+
+
+async def test_a_partial_copys_sent_message_appended_again_elsewhere_is_stored_once(
+    sql_storage: SessionStorage,
+) -> None:
+    """A message a landed save of unknown outcome sent, appended again by another writer
+    before the copy's oldest one, with as many messages before that one as at its load:
+    the newest messages back to there miss it, and only the whole history shows it
+    stored (on 41e63e2, a window taking it for lost sent it again, and the save failed:
+    `already stored in this session`)."""
+    from tests.reliability.unknown_outcomes import outcomes, save_unknown
+
+    session = conversation(10)
+    await sql_storage.save_session(session)
+    manager = SessionManager(sql_storage)
+    mine = await manager.get_session(session.session_id, last=4)  # messages 6-9
+    assert mine is not None
+    mine.add_message("user", "sent")
+    outcomes(sql_storage, "landed")
+    await save_unknown(sql_storage, mine)
+    async with servers.second_holder(sql_storage) as other_storage:
+        theirs = await _load(other_storage, session.session_id)
+        removed = {m.content: m for m in theirs.rewind(theirs.messages[3].message_id)}
+        theirs.messages.append(removed["sent"])
+        theirs.add_message("user", "X")
+        theirs.messages.append(removed["message 6"])  # 6 messages before it, as at load
+        for index in range(5):
+            theirs.add_message("user", f"Y{index}")
+        theirs.metadata["k"] = 1
+        assert await other_storage.save_session(theirs)
+
+    mine.metadata["k"] = 2
+    assert await manager.auto_save(mine)
+
+    stored = await _load(sql_storage, session.session_id)
+    assert [m.content for m in stored.messages] == [
+        *(f"message {turn}" for turn in range(4)),
+        "sent",
+        "X",
+        "message 6",
+        *(f"Y{index}" for index in range(5)),
+    ]
     assert stored.metadata == {"k": 2}
-    assert mine.omitted_messages == 295 and mine.message_count == 341
-    assert [m.message_id for m in mine.messages] == [m.message_id for m in stored.messages[295:]]
 
 
 async def test_cleanup_expires_idle_cached_sessions_and_keeps_a_used_one_active(
