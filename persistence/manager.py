@@ -183,7 +183,8 @@ class SessionManager:
         many as it carries, when it holds only appends and field changes. Holding edits,
         removals or a save of unknown outcome: the newest messages that hold every one
         it touches (`touched_ids`), as many as it carries, then back to where it was
-        loaded from, else the whole history (where a message is missing, only the whole
+        loaded from (if that is less than half the history), else the whole history
+        (where a message is missing, only the whole
         shows it removed or lost: found by attack, another writer had appended the
         copy's messages again, before its oldest one). Found by attack: such a copy of
         the newest 20 of 50,000 messages was reloaded whole, 396 ms against 8.8 ms at
@@ -205,7 +206,9 @@ class SessionManager:
             if touched.issubset(message.message_id for message in fresh.messages):
                 return fresh
             back_to_load = fresh.message_count - session.omitted_messages
-            if back_to_load <= last:
+            if back_to_load <= last or 2 * back_to_load > fresh.message_count:
+                # No further back, or most of the history: read it whole at once (found
+                # by attack: after others' 20,000 appends, 40,012 messages for 20,009).
                 break
             last = back_to_load
         return await load(session_id)

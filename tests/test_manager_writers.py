@@ -316,6 +316,36 @@ async def test_a_partial_copys_conflict_finds_the_messages_another_writer_added_
     assert stored.metadata == {"k": 2}
 
 
+async def test_a_partial_copys_conflict_reads_a_long_history_at_most_once(
+    sql_storage: SessionStorage,
+) -> None:
+    """Found by attack: the message the copy edited popped by another writer, who then
+    appended most of the history, was looked for back to the copy's load (all those
+    appends), then in the whole history: twice the history read."""
+    session = conversation(10)
+    await sql_storage.save_session(session)
+    manager = SessionManager(sql_storage)
+    mine = await manager.get_session(session.session_id, last=2)
+    assert mine is not None
+    read = _messages_read(manager)
+    async with servers.second_holder(sql_storage) as other_storage:
+        theirs = await _load(other_storage, session.session_id)
+        theirs.pop_message()
+        for index in range(300):
+            theirs.add_message("user", f"theirs {index}")
+        theirs.metadata["k"] = 1
+        assert await other_storage.save_session(theirs)
+
+    mine.edit_message(mine.messages[1].message_id, content="edited")
+    mine.metadata["k"] = 2
+    assert await manager.auto_save(mine)
+    assert read == [2, 309]  # what it carries, then the whole history
+
+    stored = await _load(sql_storage, session.session_id)
+    assert [m.content for m in stored.messages][8:10] == ["message 8", "theirs 0"]
+    assert stored.message_count == 309 and stored.metadata == {"k": 2}
+
+
 async def test_a_partial_copy_that_popped_all_it_carried_resolves_from_its_own_part(
     sql_storage: SessionStorage,
 ) -> None:
