@@ -184,11 +184,10 @@ class SessionManager:
         removals or a save of unknown outcome: the newest messages that hold every one
         it touches (`touched_ids`), as many as it carries, then back to where it was
         loaded from (if that is less than half the history), else the whole history
-        (where a message is missing, only the whole
-        shows it removed or lost: found by attack, another writer had appended the
-        copy's messages again, before its oldest one). Found by attack: such a copy of
-        the newest 20 of 50,000 messages was reloaded whole, 396 ms against 8.8 ms at
-        100, and carried all 50,000 after.
+        (where a message is missing, only the whole shows it removed or lost: found by
+        attack, another writer had appended the copy's messages again, before its oldest
+        one). Found by attack: such a copy of the newest 20 of 50,000 messages was
+        reloaded whole, 396 ms against 8.8 ms at 100, and carried all 50,000 after.
         """
         load, session_id = self.storage.load_session, session.session_id
         token = self.storage.token

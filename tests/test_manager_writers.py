@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -207,16 +208,32 @@ def _messages_read(manager: SessionManager) -> list[int]:
     return read
 
 
+async def _changed_by_another_writer(
+    storage: SessionStorage,
+    session_id: str,
+    change: Callable[[ChatSession], object],
+    *,
+    last: int | None = None,
+) -> None:
+    """Another writer loads the session (its newest `last` messages, or all of it),
+    applies `change` to its copy and saves it."""
+    async with servers.second_holder(storage) as other_storage:
+        theirs = await other_storage.load_session(session_id, last=last)
+        assert theirs is not None
+        change(theirs)
+        assert await other_storage.save_session(theirs)
+
+
 async def _forty_appended_by_another_writer(storage: SessionStorage, session_id: str) -> None:
     """Another writer sets metadata `k` to 1 and appends `theirs 0` to `theirs 39`: more
     than a copy of the last 5 carries, so its oldest message is pushed out of them."""
-    async with servers.second_holder(storage) as other_storage:
-        theirs = await other_storage.load_session(session_id, last=1)
-        assert theirs is not None
+
+    def append_forty(theirs: ChatSession) -> None:
         theirs.metadata["k"] = 1
         for index in range(40):
             theirs.add_message("user", f"theirs {index}")
-        assert await other_storage.save_session(theirs)
+
+    await _changed_by_another_writer(storage, session_id, append_forty, last=1)
 
 
 async def test_a_partial_copys_edit_and_rewind_resolve_a_conflict_from_its_own_part(
@@ -258,12 +275,12 @@ async def test_a_partial_copys_edit_of_what_another_writer_rewound_is_dropped(
     2.6 times the history in 16 loads."""
     manager, shared, mine = await _tail_of_300(sql_storage)
     read = _messages_read(manager)
-    async with servers.second_holder(sql_storage) as other_storage:
-        theirs = await other_storage.load_session(shared.session_id, last=100)
-        assert theirs is not None
+
+    def rewind_to_200(theirs: ChatSession) -> None:
         theirs.rewind(theirs.messages[0].message_id)  # keeps messages 0-200
         theirs.add_message("user", "theirs")
-        assert await other_storage.save_session(theirs)
+
+    await _changed_by_another_writer(sql_storage, shared.session_id, rewind_to_200, last=100)
 
     mine.edit_message(mine.messages[2].message_id, content="edited")
     mine.rewind(mine.messages[3].message_id)
@@ -291,14 +308,15 @@ async def test_a_partial_copys_conflict_finds_the_messages_another_writer_added_
     manager = SessionManager(sql_storage)
     mine = await manager.get_session(session.session_id, last=4)  # messages 6-9
     assert mine is not None
-    async with servers.second_holder(sql_storage) as other_storage:
-        theirs = await _load(other_storage, session.session_id)
+
+    def add_back_reordered(theirs: ChatSession) -> None:
         removed = theirs.rewind(theirs.messages[5].message_id)
         for index in (3, 2, 0, 1):  # messages 9, 8, 6, 7
             theirs.messages.append(removed[index])
         theirs.add_message("user", "theirs")
         theirs.metadata["k"] = 1
-        assert await other_storage.save_session(theirs)
+
+    await _changed_by_another_writer(sql_storage, session.session_id, add_back_reordered)
 
     mine.metadata["k"] = 2
     mine.edit_message(mine.messages[2].message_id, content="edited")  # message 8
@@ -328,13 +346,14 @@ async def test_a_partial_copys_conflict_reads_a_long_history_at_most_once(
     mine = await manager.get_session(session.session_id, last=2)
     assert mine is not None
     read = _messages_read(manager)
-    async with servers.second_holder(sql_storage) as other_storage:
-        theirs = await _load(other_storage, session.session_id)
+
+    def pop_and_append_300(theirs: ChatSession) -> None:
         theirs.pop_message()
         for index in range(300):
             theirs.add_message("user", f"theirs {index}")
         theirs.metadata["k"] = 1
-        assert await other_storage.save_session(theirs)
+
+    await _changed_by_another_writer(sql_storage, session.session_id, pop_and_append_300)
 
     mine.edit_message(mine.messages[1].message_id, content="edited")
     mine.metadata["k"] = 2
@@ -356,10 +375,9 @@ async def test_a_partial_copy_that_popped_all_it_carried_resolves_from_its_own_p
     mine = await manager.get_session(shared.session_id, last=1)
     assert mine is not None
     read = _messages_read(manager)
-    async with servers.second_holder(sql_storage) as other_storage:
-        theirs = await _load(other_storage, shared.session_id)
-        theirs.metadata["title"] = "theirs"
-        assert await other_storage.save_session(theirs)
+    await _changed_by_another_writer(
+        sql_storage, shared.session_id, lambda theirs: theirs.metadata.update(title="theirs")
+    )
 
     mine.pop_message()
     mine.add_message("assistant", "regenerated")
@@ -423,8 +441,8 @@ async def test_a_partial_copys_sent_message_appended_again_elsewhere_is_stored_o
     mine.add_message("user", "sent")
     outcomes(sql_storage, "landed")
     await save_unknown(sql_storage, mine)
-    async with servers.second_holder(sql_storage) as other_storage:
-        theirs = await _load(other_storage, session.session_id)
+
+    def add_back_sent_earlier(theirs: ChatSession) -> None:
         removed = {m.content: m for m in theirs.rewind(theirs.messages[3].message_id)}
         theirs.messages.append(removed["sent"])
         theirs.add_message("user", "X")
@@ -432,7 +450,8 @@ async def test_a_partial_copys_sent_message_appended_again_elsewhere_is_stored_o
         for index in range(5):
             theirs.add_message("user", f"Y{index}")
         theirs.metadata["k"] = 1
-        assert await other_storage.save_session(theirs)
+
+    await _changed_by_another_writer(sql_storage, session.session_id, add_back_sent_earlier)
 
     mine.metadata["k"] = 2
     assert await manager.auto_save(mine)

@@ -182,7 +182,7 @@ def _parts_shown(messages: Sequence[ChatMessage]) -> Iterator[Text]:
     """
     pieces: list[str] = []
     spans: list[Span] = []
-    at = lines = 0
+    at = lines = shown = 0
     for message in messages:
         time = f"\n[{formats.wall_time(message.created_at)}] "
         role = formats.shown_role(message.role)
@@ -193,13 +193,14 @@ def _parts_shown(messages: Sequence[ChatMessage]) -> Iterator[Text]:
         at += len(role) + 1 + len(body) + 1
         lines += 3 + body.count("\n")
         pieces += (time, role, "\n", body, "\n")
+        shown += 1
         if (
-            len(spans) >= 2 * SHOWN_PER_PRINT
+            shown >= SHOWN_PER_PRINT
             or lines >= SHOWN_LINES_PER_PRINT
             or at >= SHOWN_CHARACTERS_PER_PRINT
         ):
             yield Text("".join(pieces)[:-1], spans=spans)
-            pieces, spans, at, lines = [], [], 0, 0
+            pieces, spans, at, lines, shown = [], [], 0, 0, 0
     if pieces:
         yield Text("".join(pieces)[:-1], spans=spans)
 
