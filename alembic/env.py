@@ -39,6 +39,7 @@ from persistence.sql.engines import (
 )
 from persistence.sql.errors import sql_errors
 from persistence.sql.revision_marks import schema_revision
+from persistence.sql.revisions import version_heads
 from persistence.sql.schema import (
     LEGACY_VERSION_TABLE,
     VERSION_TABLE,
@@ -52,10 +53,8 @@ from persistence.sql.schema import (
     refuse_a_system_schema_first,
     refuse_if_claimed,
     refuse_without_version_table,
-    script_directory,
     sqlite_file_read,
     take_migration_lock,
-    version_heads,
 )
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 
@@ -145,7 +144,7 @@ def _adopt_legacy_version(connection: Connection, where: str) -> None:
 def _examine(connection: Connection, where: str) -> SchemaState | None:
     """examine(), with the refusals the running command may go past (None then)."""
     try:
-        state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
+        state = examine(connection, version_table=_VERSION_TABLE, where=where)
     except MigrationError as refusal:
         if _goes_past(connection, refusal):
             return None
@@ -195,7 +194,7 @@ def _read_version_table(connection: Connection, where: str) -> str:
     store made before ours had its own name keeps its revision in (reported as such,
     never moved: that is the next upgrade's work)."""
     try:
-        state = examine(connection, script_directory(), version_table=_VERSION_TABLE, where=where)
+        state = examine(connection, version_table=_VERSION_TABLE, where=where)
     except MigrationError:
         inspector = inspect(connection)
         held = _VERSION_TABLE in {*inspector.get_table_names(), *inspector.get_view_names()}

@@ -93,10 +93,9 @@ def upgrade(
         if cfg.backend == "mongodb":
             say(f"{cfg.display_url}: collections and indexes are in place")
             return
-        from persistence.sql.schema import script_directory
+        from persistence.sql.revisions import HEAD
 
-        head = script_directory().get_current_head()
-        say(f"{cfg.display_url}: schema is at head (revision {head})")
+        say(f"{cfg.display_url}: schema is at head (revision {HEAD})")
 
     run(ctx, (config, url, verbose), work)
 

@@ -16,20 +16,19 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic.config import Config
-from alembic.runtime.environment import EnvironmentContext
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Inspector, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
-from alembic import context as alembic_context
 from persistence.errors import MigrationError, SchemaVersionError
 from persistence.sql.encoding import check_server_encoding
 from persistence.sql.revision_marks import MARKS, Mark, missing_at, present_after, schema_revision
+from persistence.sql.revisions import HEAD, REVISIONS, version_heads
 from persistence.sql.tables import SEARCH_OBJECTS, Base
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "persistence_alembic_version"
@@ -43,7 +42,11 @@ _FIRST_TABLES = tuple(mark for mark in MARKS if mark.revision == "0001" and mark
 
 @functools.cache
 def script_directory() -> ScriptDirectory:
-    """Returns the revisions that ship inside the package."""
+    """Returns the revisions that ship inside the package (alembic is imported here, and
+    where revisions run: a store at head is opened without it, persistence.sql.revisions)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return ScriptDirectory.from_config(config)
@@ -57,12 +60,6 @@ class SchemaState:
     """Our revision(s) the database is at; empty for an empty database."""
     legacy: bool = False
     """The revision sits in `alembic_version`, not yet in our own version table."""
-
-
-def version_heads(connection: Connection, version_table: str) -> tuple[str, ...]:
-    """The revisions `version_table` holds (empty if it is empty or missing)."""
-    context = MigrationContext.configure(connection, opts={"version_table": version_table})
-    return tuple(context.get_current_heads())
 
 
 def is_version_table(inspector: Inspector, version_table: str) -> bool:
@@ -206,7 +203,6 @@ def _foreign(connection: Connection, where: str, held: str, names: set[str]) -> 
 
 def examine(
     connection: Connection,
-    script: ScriptDirectory,
     *,
     version_table: str = VERSION_TABLE,
     where: str = "the database",
@@ -230,7 +226,7 @@ def examine(
         # And a sequence of its own (found by attack: one looked like an empty database).
         sequences, of_extensions = _sequences_and_extension_members(connection)
         names = (names | sequences) - of_extensions
-    known = {rev.revision for rev in script.walk_revisions()}
+    known = set(REVISIONS)
     if version_table in names:
         if not is_version_table(inspector, version_table):
             # Found by attack: another application's table of that name gave alembic's
@@ -245,11 +241,10 @@ def examine(
         if unknown:
             raise SchemaVersionError(
                 f"{where}: the schema is at revision {', '.join(unknown)}, which this"
-                f" version of persistence does not know (known head:"
-                f" {script.get_current_head()}); it was written by a newer version:"
-                " upgrade persistence"
+                f" version of persistence does not know (known head: {HEAD}); it was"
+                " written by a newer version: upgrade persistence"
             )
-        if heads != (script.get_current_head(),):
+        if heads != (HEAD,):
             # Its upgrade makes tables, where the search_path puts them.
             refuse_a_system_schema_first(connection, where, search_path)
         if not heads:
@@ -550,9 +545,7 @@ def check_readable(
         MigrationError: the database is empty, older than this code, or another
             application's.
     """
-    script = script_directory()
-    head = script.get_current_head()
-    state = examine(connection, script, version_table=version_table, where=where)
+    state = examine(connection, version_table=version_table, where=where)
     if not state.heads:
         if connection.dialect.name == "sqlite":
             # Found by attack: `stats` said to run `persistence upgrade`, which then
@@ -562,10 +555,10 @@ def check_readable(
             f"{where} has no persistence schema: create it with `persistence upgrade`"
             " (or any command that writes)"
         )
-    if state.heads != (head,):
+    if state.heads != (HEAD,):
         raise MigrationError(
             f"{where} is at schema revision {', '.join(state.heads)} and this version of"
-            f" persistence reads revision {head}: run `persistence upgrade` first"
+            f" persistence reads revision {HEAD}: run `persistence upgrade` first"
         )
 
 
@@ -574,6 +567,8 @@ def adopt_legacy_version(connection: Connection, version_table: str = VERSION_TA
 
     Only called when `alembic_version` holds nothing but our revision ids.
     """
+    from alembic.runtime.migration import MigrationContext
+
     heads = version_heads(connection, LEGACY_VERSION_TABLE)
     context = MigrationContext.configure(connection, opts={"version_table": version_table})
     script = script_directory()
@@ -607,20 +602,22 @@ def prepare_upgrade(
         as `upgrade_to_head`.
     """
     take_migration_lock(connection)
-    script = script_directory()
-    state = examine(connection, script, version_table=version_table, where=where)
+    state = examine(connection, version_table=version_table, where=where)
     if state.legacy:
         adopt_legacy_version(connection, version_table)
-    return state.heads != (script.get_current_head(),)
+    return state.heads != (HEAD,)
 
 
 def run_revisions(connection: Connection, version_table: str = VERSION_TABLE) -> None:
     """Runs every revision from the database's to head in the connection's transaction."""
+    from alembic.config import Config
+    from alembic.runtime.environment import EnvironmentContext
+
     script = script_directory()
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
 
-    def upgrade(revision: Any, context: MigrationContext) -> Any:
+    def upgrade(revision: Any, context: Any) -> Any:
         return script._upgrade_revs("head", revision)
 
     with EnvironmentContext(config, script, fn=upgrade) as env:
@@ -782,7 +779,7 @@ def examine_sqlite_file(
     A file without tables that another application has claimed is refused too
     (_refuse_claimed)."""
     with sqlite_file_read(target) as connection:
-        state = examine(connection, script_directory(), version_table=version_table, where=where)
+        state = examine(connection, version_table=version_table, where=where)
         refuse_if_claimed(connection, where)
         return state
 
@@ -826,6 +823,8 @@ def _sqlite_names_of_ours() -> frozenset[str]:
     database is refused. Found by attack: the names of tables a revision makes and drops
     or renames (`chat_messages_0005`, alembic's `_alembic_tmp_chat_sessions`) were not
     among those of a store at head, and the run failed on "already exists"."""
+    from alembic import context as alembic_context
+
     created: set[str] = set()
 
     def note(action: int, name: str | None, *_: str | None) -> int:

@@ -9,7 +9,6 @@ cannot make the next upgrade run revisions over tables that already have them.
 
 from __future__ import annotations
 
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
 from persistence.errors import MigrationError
@@ -19,6 +18,7 @@ from persistence.sql.revision_marks import (
     present_after,
     schema_revision,
 )
+from persistence.sql.revisions import HEAD, REVISIONS, version_heads
 from persistence.sql.schema import (
     VERSION_TABLE,
     are,
@@ -29,7 +29,6 @@ from persistence.sql.schema import (
     refuse_without_version_table,
     script_directory,
     take_migration_lock,
-    version_heads,
 )
 
 BASE = "base"
@@ -53,18 +52,16 @@ def stamp(
         MigrationError: for a revision that is not one of ours, or tables that are not
             at it (naming the revision they are at); nothing is written then.
     """
-    script = script_directory()
-    known = [script_revision.revision for script_revision in script.walk_revisions()]
-    wanted = script.get_current_head() if revision == "head" else revision
-    if wanted != BASE and wanted not in known:
+    wanted = HEAD if revision == "head" else revision
+    if wanted != BASE and wanted not in REVISIONS:
         raise MigrationError(
             f"{revision!r} is not a revision of persistence: give head, base or one of"
-            f" {', '.join(sorted(known))}"
+            f" {', '.join(REVISIONS)}"
         )
     take_migration_lock(connection)
     refuse_a_system_schema_first(connection, where)
     before = version_heads(connection, version_table)
-    newer = [head for head in before if head not in known]
+    newer = [head for head in before if head not in REVISIONS]
     if newer:
         # Found by attack: a store a newer version migrated was stamped back to this
         # version's head, and each version would then take the other's schema for its own.
@@ -113,8 +110,10 @@ def stamp(
                 " if it ran: that changes nothing) (nothing was written)"
             )
     if wanted != BASE or before:  # base where no version row is: nothing to write
+        from alembic.runtime.migration import MigrationContext
+
         context = MigrationContext.configure(connection, opts={"version_table": version_table})
-        context.stamp(script, wanted)
+        context.stamp(script_directory(), wanted)
     return before, wanted
 
 
@@ -125,7 +124,7 @@ def _refuse_what_is_no_store(connection: Connection, version_table: str, where: 
     empty one (found by attack: `persistence stamp base` said "recorded as base")."""
     if connection.dialect.name == "sqlite":
         refuse_if_claimed(connection, where)
-    examine(connection, script_directory(), version_table=version_table, where=where)
+    examine(connection, version_table=version_table, where=where)
     refuse_without_version_table(
         connection, version_table, where, doing="stamp", create_with="`persistence upgrade`"
     )
