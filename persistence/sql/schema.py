@@ -13,6 +13,7 @@ import contextlib
 import functools
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ LEGACY_VERSION_TABLE = "alembic_version"
 # Any constant works: it only has to be the same for every process of this library.
 _PG_MIGRATION_LOCK = 7_274_551_337
 _SHOWN_TABLES = 5
+# alembic's `context` and `op` are proxies global to the process, set by each run of
+# revisions: runs in other threads (each with its own event loop) are taken one at a
+# time. Found by attack: eight threads initialising eight new SQLite files at once
+# failed with alembic's KeyError 'script', and once ran one store's revision on
+# another's connection ("table chat_sessions already exists"). Reentrant: a run that
+# refuses a file builds a scratch store to head inside it (_sqlite_names_of_ours).
+_REVISION_RUNS = threading.RLock()
 # The tables of the first revision with their columns, kept by every later one.
 _FIRST_TABLES = tuple(mark for mark in MARKS if mark.revision == "0001" and mark.kind == "table")
 
@@ -620,7 +628,7 @@ def run_revisions(connection: Connection, version_table: str = VERSION_TABLE) ->
     def upgrade(revision: Any, context: Any) -> Any:
         return script._upgrade_revs("head", revision)
 
-    with EnvironmentContext(config, script, fn=upgrade) as env:
+    with _REVISION_RUNS, EnvironmentContext(config, script, fn=upgrade) as env:
         env.configure(
             connection=connection,
             target_metadata=Base.metadata,

@@ -6,7 +6,10 @@ writes.py) through `_run`, which the dialect's subclass implements.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import weakref
 from abc import abstractmethod
 from collections.abc import (
     AsyncGenerator,
@@ -713,8 +716,30 @@ class SqlSessionStorage(SessionStorage):
 
 
 async def _migrate(engine: AsyncEngine, version_table: str, where: str) -> None:
-    async with engine.execution_options(**WRITE_OPTIONS).connect() as connection:
+    connecting = engine.execution_options(**WRITE_OPTIONS).connect()
+    async with connecting as connection, _migrations_of(asyncio.get_running_loop()):
         await connection.run_sync(partial(migrate, version_table=version_table, where=where))
+
+
+# One migration at a time in each event loop: alembic's `context` and `op` are proxies
+# global to the process, and a run of revisions waits on its connection, letting
+# another task's run replace them (schema._REVISION_RUNS does the same across threads).
+# Found by attack: asyncio.gather of eight stores' initialize() on new SQLite files
+# failed with alembic's KeyError 'config', and ran one store's revision on another's
+# connection ("table chat_sessions already exists"). Taken once connected: a server that
+# cannot be reached holds up no other store's initialize().
+_MIGRATIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_MIGRATIONS_GUARD = threading.Lock()
+
+
+def _migrations_of(loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
+    with _MIGRATIONS_GUARD:
+        lock = _MIGRATIONS.get(loop)
+        if lock is None:
+            lock = _MIGRATIONS[loop] = asyncio.Lock()
+        return lock
 
 
 # How many times a plain save or delete runs when PostgreSQL picks it as a deadlock's

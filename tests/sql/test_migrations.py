@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from persistence import (
     SQLiteSessionStorage,
 )
 from persistence.sql.engines import async_driver_url
+from persistence.sql.revisions import HEAD
 from persistence.sql.schema import VERSION_TABLE
 from persistence.sql.tables import SEARCH_OBJECTS, Base
 from persistence.transfer import backup_storage, export_to_json
@@ -553,3 +556,54 @@ def test_a_sqlite_file_alembic_creates_is_in_wal_mode(tmp_path: Path) -> None:
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     connection.close()
+
+
+def _at_head_with_our_tables(path: Path) -> bool:
+    with sqlite3.connect(path) as connection:
+        versions = connection.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall()
+        names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    return versions == [(HEAD,)] and names >= TABLES
+
+
+async def _initialized(paths: list[Path]) -> list[BaseException | None]:
+    """What initialize() of a storage on each of `paths` at once in this loop raised."""
+    stores = [SQLiteSessionStorage(path) for path in paths]
+    try:
+        return list(await asyncio.gather(*(s.initialize() for s in stores), return_exceptions=True))
+    finally:
+        for store in stores:
+            await store.close()
+
+
+@pytest.mark.sqlite
+async def test_new_stores_initialised_at_once_in_one_loop_each_get_their_own_schema(
+    tmp_path: Path,
+) -> None:
+    """Found by attack: alembic's proxies are global to the process; eight initialize()
+    at once failed (KeyError 'config') or ran one store's revision on another's file."""
+    paths = [tmp_path / f"s{n}.db" for n in range(8)]
+    assert await _initialized(paths) == [None] * 8
+    assert all(_at_head_with_our_tables(path) for path in paths)
+
+
+@pytest.mark.sqlite
+def test_new_stores_initialised_at_once_from_threads_each_get_their_own_schema(
+    tmp_path: Path,
+) -> None:
+    """The same from eight threads, each with its own event loop."""
+    outcomes: list[BaseException | None] = []
+    start = threading.Barrier(4)
+
+    def initialise(first: int) -> None:
+        paths = [tmp_path / f"s{first}.db", tmp_path / f"s{first + 4}.db"]
+        start.wait()
+        outcomes.extend(asyncio.run(_initialized(paths)))
+
+    threads = [threading.Thread(target=initialise, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert outcomes == [None] * 8
+    assert all(_at_head_with_our_tables(tmp_path / f"s{n}.db") for n in range(8))
